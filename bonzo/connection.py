@@ -1,0 +1,504 @@
+"""The Tornado side of a session: read, feed the protocol core, ask the handler, write.
+
+:class:`SMTPConnection` drives one client connection. It reads whatever the
+socket has (``read_bytes(partial=True)``), lets :class:`~bonzo.protocol.SMTPProtocol`
+split it into commands, asks a :class:`SessionHandler` for a verdict on each
+command that needs one, and writes the replies to a pipelined batch in one
+write. There is no future per line, and one timer per connection, re-armed
+only when it fires, enforces every timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from tornado.ioloop import IOLoop
+from tornado.iostream import IOStream, StreamClosedError
+from tornado.log import access_log, app_log, gen_log
+
+from . import errors
+from .protocol import (
+    CLOSED,
+    NEED_DATA,
+    Data,
+    DataChunk,
+    Helo,
+    Mail,
+    MessageComplete,
+    Rcpt,
+    Reset,
+    SMTPProtocol,
+    Unknown,
+)
+from .session import Envelope, Session, received_header
+from .settings import SMTPSettings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .server import SMTPServer
+
+__all__ = ["SMTPConnection", "SessionHandler", "HandlerTimeout"]
+
+
+class HandlerTimeout(Exception):
+    """A handler call took longer than ``handler_timeout``."""
+
+
+class SessionHandler:
+    """What a connection asks about each command; the base accepts everything.
+
+    Every method may be a plain function or return an awaitable (``async
+    def``); if it does, the connection waits for it, within
+    ``handler_timeout``. To refuse, raise a :class:`bonzo.errors.SMTPError`;
+    to accept, return ``None`` (the usual reply) or a string (the reply text).
+    Any other exception, or a timeout, answers ``451 4.3.0`` and is logged.
+    """
+
+    def on_connect(self, session: Session) -> Any:
+        """A client connected; raise to refuse it (the reply closes the connection)."""
+
+    def on_helo(self, session: Session, name: str, esmtp: bool) -> Any:
+        """HELO (``esmtp`` false) or EHLO."""
+
+    def ehlo_keywords(self, session: Session, keywords: list[str]) -> Any:
+        """Return the EHLO keywords to advertise (``None``: keep ``keywords``)."""
+
+    def on_mail(self, session: Session, envelope: Envelope) -> Any:
+        """MAIL FROM, with ``envelope.mail_from`` and ``mail_params`` filled in."""
+
+    def on_rcpt(self, session: Session, envelope: Envelope, address: str,
+                params: dict[str, str | None]) -> Any:
+        """RCPT TO; the recipient is added to ``envelope`` only if accepted."""
+
+    def on_data(self, session: Session, envelope: Envelope) -> Any:
+        """DATA, before the ``354``."""
+
+    def on_message(self, session: Session, envelope: Envelope) -> Any:
+        """The final dot arrived; the reply (``250`` unless this raises) waits
+        for it. The message must be stored or handed on before returning."""
+
+    def on_accepted(self, session: Session, envelope: Envelope) -> Any:
+        """After the ``250`` for a message has been sent; failures are only logged."""
+
+    def on_reset(self, session: Session) -> Any:
+        """RSET, or a transaction ended another way (notification)."""
+
+    def on_unknown(self, session: Session, verb: str, arg: str) -> Any:
+        """A verb the core does not know; return a reply
+        (``(code, text)`` or ``(code, enhanced, text)``) to handle it, or
+        ``None`` to answer "command not recognized"."""
+
+    def on_disconnect(self, session: Session) -> Any:
+        """The connection is closed (notification)."""
+
+
+def log_exception(exc: BaseException, session: Session | None, what: str) -> None:
+    """Log an exception raised while handling ``what``, the way the original
+    Bonzo did: an :class:`~bonzo.errors.SMTPError` with a ``log_message`` as a
+    warning on ``tornado.general``; anything else as ``Uncaught exception`` with
+    its traceback on ``tornado.application``."""
+    if isinstance(exc, errors.SMTPError):
+        if exc.log_message:
+            gen_log.warning(
+                "%d %s%s", exc.status_code, _summary(session, what), exc.log_message % exc.args
+            )
+    elif isinstance(exc, HandlerTimeout):
+        app_log.error("Timeout %s: %s", _summary(session, what), exc)
+    else:
+        app_log.error(
+            "Uncaught exception %s", _summary(session, what),
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
+
+
+def _summary(session: Session | None, what: str) -> str:
+    if session is None:
+        return what
+    return f"[{session.id} {session.remote_ip}] {what}: "
+
+
+class SMTPConnection:
+    """Handles a connection to an SMTP client, executing SMTP commands.
+
+    :arg stream: the client's :class:`tornado.iostream.IOStream`.
+    :arg address: the client's address as given by the socket.
+    :arg handler: a :class:`SessionHandler`.
+    :arg settings: :class:`~bonzo.settings.SMTPSettings`.
+    :arg server: the :class:`~bonzo.server.SMTPServer` that accepted it, if any.
+    """
+
+    def __init__(
+        self,
+        stream: IOStream,
+        address: Any,
+        handler: SessionHandler,
+        settings: SMTPSettings,
+        server: SMTPServer | None = None,
+    ) -> None:
+        self.stream = stream
+        self.address = address
+        self.handler = handler
+        self.settings = settings
+        self.server = server
+        if isinstance(address, tuple) and address:
+            self.remote_ip = str(address[0])
+            port = address[1] if len(address) > 1 else 0
+        else:
+            # Unix (or other) socket: there is no client address.
+            self.remote_ip, port = "0.0.0.0", 0
+        local_ip, local_port = "", 0
+        try:
+            sockname = stream.socket.getsockname()
+            if isinstance(sockname, tuple):
+                local_ip, local_port = sockname[0], sockname[1]
+        except OSError:  # pragma: no cover - socket already gone
+            pass
+        self.session = Session(self.remote_ip, port, local_ip, local_port)
+        self.protocol = SMTPProtocol(settings, self.remote_ip)
+        self.envelope: Envelope | None = None
+        self._close_callback: Callable[[], Any] | None = None
+        self._write_future: Awaitable[None] | None = None
+        self._waiting_input = False
+        self._line_started: float | None = None
+        self._shutting_down = False
+        self._loop = IOLoop.current()
+        now = self._loop.time()
+        self._last_activity = now
+        self._window_start = now
+        self._window_bytes = 0
+        self._timer: object | None = None
+        self._closed = False
+
+    # ---------------------------------------------------------------- API
+    def set_close_callback(self, callback: Callable[[], Any] | None) -> None:
+        """Sets a callback that will be run when the connection is closed."""
+        self._close_callback = callback
+
+    def close(self) -> None:
+        """Close the connection now."""
+        self.stream.close()
+
+    def shutdown(self) -> None:
+        """Ask the session to end: at once with ``421 4.3.2`` if it is waiting
+        for a command, else after the message in flight is answered."""
+        self._shutting_down = True
+        if self._waiting_input and not self.protocol.in_data:
+            self._final_reply(421, "Server shutting down", "4.3.2")
+
+    @property
+    def busy(self) -> bool:
+        """True while a message is being received or a handler is running."""
+        return not self._waiting_input or self.protocol.in_data
+
+    # ---------------------------------------------------------- main loop
+    async def run(self) -> None:
+        """Serve the session until it ends; never raises."""
+        try:
+            self._arm_timer(self._loop.time() + self._next_check_delay())
+            await self._serve()
+        except StreamClosedError:
+            pass
+        except Exception:
+            app_log.error("Unexpected error in session %s", self.session.id, exc_info=True)
+        finally:
+            await self._cleanup()
+
+    async def _serve(self) -> None:
+        proto = self.protocol
+        stream = self.stream
+        try:
+            result = await self._call(self.handler.on_connect, self.session, what="connect")
+        except Exception as exc:  # refused (or broken) at connect: close after the reply
+            error = self._error_reply(exc, "connect")
+            error.close = True
+            proto.send_error(error)
+        else:
+            proto.send_greeting(result if isinstance(result, str) else None)
+        backlog = self.settings.max_write_backlog
+        chunk_size = self.settings.read_chunk_size
+        loop = self._loop
+        while True:
+            event = proto.next_event()
+            if event is NEED_DATA:
+                self._flush()
+                if self._shutting_down and not proto.in_data:
+                    self._final_reply(421, "Server shutting down", "4.3.2")
+                    return
+                fut = self._write_future
+                if fut is not None and not fut.done():  # type: ignore[attr-defined]
+                    await fut  # the client is not reading: stop reading too
+                if not proto.in_data:
+                    if not proto.buffered:
+                        self._line_started = None
+                    elif self._line_started is None:
+                        self._line_started = loop.time()
+                self._waiting_input = True
+                try:
+                    chunk = await stream.read_bytes(chunk_size, partial=True)
+                finally:
+                    self._waiting_input = False
+                self._last_activity = loop.time()
+                self._window_bytes += len(chunk)
+                proto.receive_data(chunk)
+                continue
+            if event is CLOSED:
+                self._flush()
+                fut = self._write_future
+                if fut is not None:
+                    await fut
+                stream.close()
+                return
+            if type(event) is DataChunk:
+                if self.envelope is not None:
+                    self.envelope.write(event.data)
+                continue
+            await self._dispatch(event)
+            if proto.pending_output > backlog:
+                self._flush()
+                fut = self._write_future
+                if fut is not None and not fut.done():  # type: ignore[attr-defined]
+                    await fut
+
+    def _flush(self) -> None:
+        data = self.protocol.data_to_send()
+        if data and not self.stream.closed():
+            self._write_future = self.stream.write(data)
+
+    # ------------------------------------------------------------ dispatch
+    async def _dispatch(self, event: Any) -> None:
+        proto = self.protocol
+        session = self.session
+        handler = self.handler
+        kind = type(event)
+        try:
+            if kind is Mail:
+                envelope = Envelope(
+                    event.address, event.params,
+                    spool_threshold=self.settings.spool_threshold,
+                    spool_dir=self.settings.spool_dir,
+                )
+                result = await self._call(handler.on_mail, session, envelope, what="MAIL")
+                self.envelope = envelope
+                proto.accept(_text(result))
+            elif kind is Rcpt:
+                envelope = self.envelope
+                assert envelope is not None
+                result = await self._call(
+                    handler.on_rcpt, session, envelope, event.address, event.params, what="RCPT"
+                )
+                envelope.rcpt_tos.append(event.address)
+                envelope.rcpt_params.append(event.params)
+                proto.accept(_text(result))
+            elif kind is Data:
+                envelope = self.envelope
+                assert envelope is not None
+                result = await self._call(handler.on_data, session, envelope, what="DATA")
+                envelope.prepend_raw(
+                    received_header(session, envelope, self.settings.hostname)
+                )
+                self._window_start = self._loop.time()
+                self._window_bytes = 0
+                proto.accept(_text(result))
+            elif kind is MessageComplete:
+                await self._message_complete(event)
+            elif kind is Helo:
+                result = await self._call(
+                    handler.on_helo, session, event.name, event.esmtp, what="HELO"
+                )
+                self._end_transaction()
+                session.helo = event.name
+                session.esmtp = event.esmtp
+                keywords = None
+                if event.esmtp:
+                    keywords = proto.ehlo_keywords()
+                    extra = await self._call(
+                        handler.ehlo_keywords, session, keywords, what="EHLO keywords"
+                    )
+                    if extra is not None:
+                        keywords = list(extra)
+                proto.accept(_text(result), extensions=keywords)
+            elif kind is Reset:
+                self._end_transaction()
+                proto.accept()
+                try:
+                    await self._call(handler.on_reset, session, what="RSET")
+                except Exception as exc:
+                    log_exception(exc, session, "RSET")
+            elif kind is Unknown:
+                result = await self._call(
+                    handler.on_unknown, session, event.verb, event.arg, what=event.verb
+                )
+                if result is None:
+                    if proto.esmtp:
+                        proto.reject(errors.SMTPError(
+                            500, "Error: command not recognized", enhanced_code="5.5.2"
+                        ))
+                    else:
+                        proto.reject(errors.NotImplementedCommand(_printable(event.verb)))
+                else:
+                    code, *rest = result
+                    enhanced = rest[0] if len(rest) == 2 else None
+                    proto.reject(errors.SMTPError(code, rest[-1], enhanced_code=enhanced))
+            else:  # pragma: no cover - every event type is handled above
+                raise AssertionError(f"unexpected event {event!r}")
+        except Exception as exc:
+            if proto.pending_event is not None:
+                proto.reject(self._error_reply(exc, type(event).__name__))
+            else:  # pragma: no cover - defensive: an error after the reply
+                log_exception(exc, session, type(event).__name__)
+
+    async def _message_complete(self, event: MessageComplete) -> None:
+        proto = self.protocol
+        envelope = self.envelope
+        assert envelope is not None
+        if event.data:
+            envelope.write(event.data)
+        if event.error is not None:
+            self._end_transaction()
+            proto.reject(event.error)
+            return
+        try:
+            result = await self._call(
+                self.handler.on_message, self.session, envelope, what="message"
+            )
+        except Exception as exc:
+            self._end_transaction()
+            proto.reject(self._error_reply(exc, "message"))
+            return
+        self.envelope = None
+        self.session.messages += 1
+        proto.accept(_text(result) or ("Ok: queued as " + envelope.id if proto.esmtp else None))
+        self._flush()
+        access_log.info(
+            "%s %s from=<%s> to=%d size=%d id=%s", self.session.id, self.remote_ip,
+            envelope.mail_from, len(envelope.rcpt_tos), envelope.size, envelope.id,
+        )
+        try:
+            await self._call(self.handler.on_accepted, self.session, envelope, what="accepted")
+        except Exception as exc:
+            log_exception(exc, self.session, "accepted")
+        finally:
+            envelope.close()
+
+    def _end_transaction(self) -> None:
+        if self.envelope is not None:
+            self.envelope.close()
+            self.envelope = None
+
+    async def _call(self, method: Callable[..., Any], *args: Any, what: str) -> Any:
+        result = method(*args)
+        if result is not None and inspect.isawaitable(result):
+            try:
+                result = await asyncio.wait_for(
+                    _as_future(result), timeout=self.settings.handler_timeout
+                )
+            except asyncio.TimeoutError:
+                raise HandlerTimeout(
+                    f"{what} took longer than {self.settings.handler_timeout}s"
+                ) from None
+        return result
+
+    def _error_reply(self, exc: BaseException, what: str) -> errors.SMTPError:
+        """Log ``exc`` and return the reply for it: its own if it is an
+        SMTPError, else ``451 Internal confusion``."""
+        log_exception(exc, self.session, what)
+        if isinstance(exc, errors.SMTPError):
+            return exc
+        return errors.InternalConfusion()
+
+    # -------------------------------------------------------------- timers
+    def _next_check_delay(self) -> float:
+        s = self.settings
+        return min(s.idle_timeout, s.command_timeout, s.data_timeout, s.data_rate_window)
+
+    def _arm_timer(self, when: float) -> None:
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closed or self.stream.closed():
+            return
+        now = self._loop.time()
+        s = self.settings
+        proto = self.protocol
+        if proto.in_data:
+            if now - self._last_activity >= s.data_timeout:
+                return self._timeout("data_timeout")
+            elapsed = now - self._window_start
+            if elapsed >= s.data_rate_window:
+                if s.min_data_rate and self._window_bytes < s.min_data_rate * elapsed:
+                    return self._timeout("min_data_rate", "Data rate too low")
+                self._window_start = now
+                self._window_bytes = 0
+            deadline = min(self._last_activity + s.data_timeout,
+                           self._window_start + s.data_rate_window)
+        elif self._waiting_input:
+            if now - self._last_activity >= s.idle_timeout:
+                return self._timeout("idle_timeout")
+            started = self._line_started
+            if started is not None and now - started >= s.command_timeout:
+                return self._timeout("command_timeout")
+            deadline = self._last_activity + s.idle_timeout
+            if started is not None:
+                deadline = min(deadline, started + s.command_timeout)
+        else:
+            # A handler is running; its own timeout applies.
+            deadline = now + self._next_check_delay()
+        self._arm_timer(max(deadline, now + 0.01))
+
+    def _timeout(self, setting: str, text: str = "Timeout, closing connection") -> None:
+        gen_log.info("[%s %s] %s exceeded, closing", self.session.id, self.remote_ip, setting)
+        self._final_reply(421, text, "4.4.2")
+
+    def _final_reply(self, code: int, text: str, enhanced: str) -> None:
+        """Send a last reply and close, whatever the session is doing."""
+        self.protocol.close(code, text, enhanced)
+        data = self.protocol.data_to_send()
+        if self.stream.closed():
+            return
+        if data:
+            fut = self.stream.write(data)
+            fut.add_done_callback(lambda f: self.stream.close())
+        else:
+            self.stream.close()
+
+    # ------------------------------------------------------------- cleanup
+    async def _cleanup(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._loop.remove_timeout(self._timer)
+            self._timer = None
+        if self.envelope is not None:
+            self.envelope.close()
+            self.envelope = None
+        if not self.stream.closed():
+            self.stream.close()
+        callback, self._close_callback = self._close_callback, None
+        if callback is not None:
+            try:
+                callback()
+            except Exception:
+                app_log.error("Exception in close callback", exc_info=True)
+        try:
+            await self._call(self.handler.on_disconnect, self.session, what="disconnect")
+        except Exception as exc:
+            log_exception(exc, self.session, "disconnect")
+        if self.server is not None:
+            self.server._connection_closed(self)
+
+
+def _text(result: Any) -> str | None:
+    return result if isinstance(result, str) else None
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() and c != '"' else "?" for c in text[:64])
+
+
+async def _as_future(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+

@@ -1,0 +1,192 @@
+"""SMTP exceptions for response to the client.
+
+Raise one of these from a request callback, a :class:`~bonzo.smtp.RequestHandler`
+or a plugin hook to answer the current command with that reply. Anything else
+raised becomes ``451 Internal confusion`` (``451 4.3.0`` in an ESMTP session)
+and is logged with its traceback; exception text never reaches the client.
+
+The original classes keep their codes, texts and ``str()`` format. New in this
+version: an RFC 3463 enhanced status code (``enhanced_code``), multi-line text
+(a message containing newlines, or a list of lines), and ``close`` to end the
+connection after the reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "SMTPError",
+    "InternalConfusion",
+    "UnrecognisedCommand",
+    "BadArguments",
+    "NotImplementedCommand",
+    "BadSequence",
+    "TransientError",
+    "PermanentError",
+    "default_enhanced_code",
+]
+
+
+def default_enhanced_code(status_code: int) -> str:
+    """Return the RFC 3463 "undefined status" code for a basic reply code.
+
+    ``250`` → ``2.0.0``, ``451`` → ``4.0.0``, ``550`` → ``5.0.0``. Replies that
+    carry no enhanced code (``1xx``/``3xx``) give an empty string.
+    """
+    klass = status_code // 100
+    if klass in (2, 4, 5):
+        return f"{klass}.0.0"
+    return ""
+
+
+class SMTPError(Exception):
+    """An exception that will turn into an SMTP error response.
+
+    :arg int status_code: SMTP status code (e.g. ``550``).
+    :arg message: text written to the client after the code. A string with
+        newlines, or a sequence of strings, gives a multi-line reply.
+    :arg str log_message: message to be written to the log for this error
+        (never to the client). May contain ``%s``-style placeholders, which
+        are filled in with the remaining positional parameters.
+    :arg str enhanced_code: RFC 3463 code such as ``"5.7.1"``, used in ESMTP
+        sessions. Defaults to ``X.0.0`` for the class of ``status_code``.
+    :arg bool close: close the connection after sending the reply.
+
+    .. versionchanged:: 0.2
+       Added ``enhanced_code``, ``close`` and multi-line messages.
+    """
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str | Sequence[str],
+        log_message: str | None = None,
+        *args: Any,
+        enhanced_code: str | None = None,
+        close: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 200 <= status_code <= 599:
+            raise ValueError(f"SMTP status code out of range: {status_code!r}")
+        if enhanced_code is not None and enhanced_code[:1] != str(status_code)[0]:
+            raise ValueError(
+                f"enhanced code {enhanced_code!r} does not match status {status_code}"
+            )
+        self.status_code = status_code
+        self.message = message if isinstance(message, str) else "\n".join(message)
+        self.log_message = log_message
+        # As in the original API, ``args`` holds the log_message parameters.
+        self.args = args
+        self.enhanced_code = enhanced_code
+        self.close = close
+
+    @property
+    def lines(self) -> list[str]:
+        """The reply text as a list of lines (one for a single-line reply)."""
+        return self.message.split("\n")
+
+    def __str__(self) -> str:
+        message = "SMTP %d: %s" % (self.status_code, self.message)
+        if not self.log_message:
+            return message
+        return message + " (" + (self.log_message % self.args) + ")"
+
+
+class InternalConfusion(SMTPError):
+    """Used to return a ``451`` status code (``451 4.3.0`` with enhanced codes)."""
+
+    def __init__(self) -> None:
+        super().__init__(451, "Internal confusion", enhanced_code="4.3.0")
+
+
+class UnrecognisedCommand(SMTPError):
+    """Used to return a ``500`` status code."""
+
+    def __init__(self) -> None:
+        super().__init__(500, "Error: bad syntax", enhanced_code="5.5.2")
+
+
+class BadArguments(SMTPError):
+    """Used to return a ``501`` status code.
+
+    :arg str syntax: Syntax returned to the client.
+    """
+
+    def __init__(self, syntax: str) -> None:
+        super().__init__(501, "Syntax: %s" % syntax, enhanced_code="5.5.4")
+
+
+class NotImplementedCommand(SMTPError):
+    """Used to return a ``502`` status code.
+
+    :arg str command: Command not implemented for the server.
+    """
+
+    def __init__(self, command: str) -> None:
+        message = 'Error: command "%s" not implemented' % command
+        super().__init__(502, message, enhanced_code="5.5.1")
+
+
+class BadSequence(SMTPError):
+    """Used to return a ``503`` status code.
+
+    :arg str message: Message to be written to the stream and to response to
+        the client.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(503, message, enhanced_code="5.5.1")
+
+
+class TransientError(SMTPError):
+    """A temporary rejection (``4xx``): the client should try again later.
+
+    :arg str message: reply text.
+    :arg int status_code: a ``4xx`` code, ``451`` by default.
+    :arg str enhanced_code: defaults to ``4.0.0`` for the code's class.
+
+    .. versionadded:: 0.2
+    """
+
+    def __init__(
+        self,
+        message: str | Sequence[str] = "Try again later",
+        status_code: int = 451,
+        enhanced_code: str | None = None,
+        *,
+        close: bool = False,
+        log_message: str | None = None,
+    ) -> None:
+        if status_code // 100 != 4:
+            raise ValueError(f"TransientError needs a 4xx code, not {status_code}")
+        super().__init__(
+            status_code, message, log_message, enhanced_code=enhanced_code, close=close
+        )
+
+
+class PermanentError(SMTPError):
+    """A permanent rejection (``5xx``): the client must not retry as is.
+
+    :arg str message: reply text.
+    :arg int status_code: a ``5xx`` code, ``550`` by default.
+    :arg str enhanced_code: defaults to ``5.0.0`` for the code's class.
+
+    .. versionadded:: 0.2
+    """
+
+    def __init__(
+        self,
+        message: str | Sequence[str] = "Rejected",
+        status_code: int = 550,
+        enhanced_code: str | None = None,
+        *,
+        close: bool = False,
+        log_message: str | None = None,
+    ) -> None:
+        if status_code // 100 != 5:
+            raise ValueError(f"PermanentError needs a 5xx code, not {status_code}")
+        super().__init__(
+            status_code, message, log_message, enhanced_code=enhanced_code, close=close
+        )

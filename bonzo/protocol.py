@@ -1,0 +1,900 @@
+"""The SMTP protocol as a state machine with no I/O.
+
+:class:`SMTPProtocol` takes the bytes a client sends (:meth:`~SMTPProtocol.receive_data`)
+and hands back, one at a time, the events that need a decision
+(:meth:`~SMTPProtocol.next_event`); the caller answers each with
+:meth:`~SMTPProtocol.accept` or :meth:`~SMTPProtocol.reject`, and sends what
+:meth:`~SMTPProtocol.data_to_send` returns. It knows nothing of sockets,
+Tornado or plugins, which is what makes it testable byte for byte and fast:
+every complete line in a chunk is split in one pass, and the replies to a
+pipelined batch come out together.
+
+Everything that needs no policy is answered here: syntax errors, bad command
+order, limits, NOOP, HELP, VRFY, QUIT. Only the commands a policy may refuse
+(HELO/EHLO, MAIL, RCPT, DATA, RSET, the end of a message and unknown verbs)
+surface as events.
+
+A session that has not said EHLO gets the original Bonzo reply texts with no
+enhanced status codes; after EHLO every 2xx/4xx/5xx reply except the EHLO reply
+carries an RFC 3463 code.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final
+
+from .errors import SMTPError, default_enhanced_code
+from .settings import EXTENSION_ALLOWANCE, SMTPSettings
+
+__all__ = [
+    "SMTPProtocol",
+    "Event",
+    "Helo",
+    "Mail",
+    "Rcpt",
+    "Data",
+    "Reset",
+    "Unknown",
+    "DataChunk",
+    "MessageComplete",
+    "NEED_DATA",
+    "CLOSED",
+    "format_reply",
+    "parse_path",
+    "AddressError",
+]
+
+
+class _Sentinel:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+#: Returned by :meth:`SMTPProtocol.next_event` when it needs more input.
+NEED_DATA: Final = _Sentinel("NEED_DATA")
+#: Returned by :meth:`SMTPProtocol.next_event` once the session is over: send
+#: what :meth:`SMTPProtocol.data_to_send` returns, then close.
+CLOSED: Final = _Sentinel("CLOSED")
+
+
+class Event:
+    """Base class of the events that need an :meth:`~SMTPProtocol.accept` or
+    :meth:`~SMTPProtocol.reject`."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and all(
+            getattr(self, n) == getattr(other, n) for n in self.__slots__
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class Helo(Event):
+    """``HELO`` or ``EHLO`` (``esmtp`` is true for EHLO)."""
+
+    __slots__ = ("name", "esmtp")
+
+    def __init__(self, name: str, esmtp: bool) -> None:
+        self.name = name
+        self.esmtp = esmtp
+
+
+class Mail(Event):
+    """``MAIL FROM``: ``address`` is ``""`` for the null sender; ``params`` maps
+    upper-cased ESMTP keywords to their value (``None`` for a bare keyword)."""
+
+    __slots__ = ("address", "params")
+
+    def __init__(self, address: str, params: dict[str, str | None]) -> None:
+        self.address = address
+        self.params = params
+
+
+class Rcpt(Event):
+    """``RCPT TO``."""
+
+    __slots__ = ("address", "params")
+
+    def __init__(self, address: str, params: dict[str, str | None]) -> None:
+        self.address = address
+        self.params = params
+
+
+class Data(Event):
+    """``DATA``; accepting it answers ``354`` and starts reading the message."""
+
+    __slots__ = ()
+
+
+class Reset(Event):
+    """``RSET``; accepting it ends the transaction. Rejecting is not allowed:
+    RSET always succeeds (RFC 5321 4.1.1.5)."""
+
+    __slots__ = ()
+
+
+class Unknown(Event):
+    """A verb the core does not implement (``verb`` upper-cased)."""
+
+    __slots__ = ("verb", "arg")
+
+    def __init__(self, verb: str, arg: str) -> None:
+        self.verb = verb
+        self.arg = arg
+
+
+class DataChunk:
+    """A piece of message content, dot-unstuffed and with line ends handled;
+    needs no answer."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"DataChunk({self.data!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DataChunk) and other.data == self.data
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class MessageComplete(Event):
+    """The final dot arrived. ``data`` is the last piece of content. If
+    ``error`` is set the message broke a limit and must be rejected with it;
+    otherwise accept it (``250``) or reject it."""
+
+    __slots__ = ("data", "error")
+
+    def __init__(self, data: bytes, error: SMTPError | None = None) -> None:
+        self.data = data
+        self.error = error
+
+
+class AddressError(ValueError):
+    """A mailbox or path that does not parse; ``reply`` is what to answer."""
+
+    def __init__(self, reply: SMTPError) -> None:
+        super().__init__(reply.message)
+        self.reply = reply
+
+
+_COMMAND = 0
+_DATA = 1
+_DISCARD_BDAT = 2
+_CLOSED = 3
+
+_CTL = re.compile(r"[\x00-\x1f\x7f]")
+# RFC 5321 4.1.2 atext plus "." for dot-atoms; non-ASCII allowed for SMTPUTF8.
+_LOCAL_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+"
+                             r"(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+)*")
+_QUOTED_LOCAL = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"')
+_DOMAIN = re.compile(r"(?:[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]*"
+                     r"[A-Za-z0-9\u0080-\U0010ffff])?\.)*"
+                     r"[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]*"
+                     r"[A-Za-z0-9\u0080-\U0010ffff])?")
+_ADDRESS_LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]")
+_ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
+_SIZE_VALUE = re.compile(r"[0-9]{1,20}")
+
+_COMMANDS_HELP = "EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
+
+
+def format_reply(code: int, text: str | list[str], enhanced: str | None, esmtp: bool) -> bytes:
+    """Return the wire form of a reply: ``code[-| ][enhanced ]text`` per line.
+
+    The enhanced code is written only when ``esmtp`` is true and the code is a
+    2xx/4xx/5xx. Control characters in ``text`` are replaced, and each line is
+    cut so that it stays within 512 octets (RFC 5321 4.5.3.1.5).
+    """
+    lines = text.split("\n") if isinstance(text, str) else list(text)
+    prefix_enh = ""
+    if esmtp and code // 100 in (2, 4, 5):
+        prefix_enh = (enhanced or default_enhanced_code(code)) + " "
+    out = []
+    last = len(lines) - 1
+    for n, line in enumerate(lines):
+        if _CTL.search(line):
+            line = _CTL.sub("?", line)
+        sep = " " if n == last else "-"
+        wire = f"{code}{sep}{prefix_enh}{line}"
+        encoded = wire.encode("utf-8", "replace")
+        if len(encoded) > 510:
+            encoded = encoded[:510].decode("utf-8", "ignore").encode("utf-8")
+        out.append(encoded + b"\r\n")
+    return b"".join(out)
+
+
+def _addr_error(code: int, enhanced: str, text: str) -> AddressError:
+    return AddressError(SMTPError(code, text, enhanced_code=enhanced))
+
+
+def parse_path(
+    arg: str, *, sender: bool, smtputf8: bool = False
+) -> tuple[str, dict[str, str | None]]:
+    """Parse the argument of ``MAIL FROM:`` / ``RCPT TO:`` after the colon.
+
+    Returns the mailbox (``""`` for the null reverse-path) and the ESMTP
+    parameters, keywords upper-cased. Lenient like most servers: the angle
+    brackets may be missing when there are no parameters, and a source route
+    (``<@a,@b:user@c>``) is accepted and dropped (RFC 5321 4.1.1.3, C).
+    Raises :class:`AddressError` carrying the reply to give.
+    """
+    enh = "5.1.7" if sender else "5.1.3"
+    what = "sender" if sender else "recipient"
+    arg = arg.strip(" ")
+    if arg.startswith("<"):
+        end = _closing_bracket(arg)
+        if end < 0:
+            raise _addr_error(501, enh, f"Bad {what} address syntax")
+        path = arg[1:end]
+        rest = arg[end + 1 :]
+        if rest and not rest.startswith(" "):
+            raise _addr_error(501, enh, f"Bad {what} address syntax")
+    else:
+        path, _, rest = arg.partition(" ")
+    params = _parse_params(rest)
+    if path.startswith("@"):
+        # Source route: RFC 5321 says accept it and ignore the route.
+        colon = path.find(":")
+        if colon < 0:
+            raise _addr_error(501, enh, f"Bad {what} address syntax")
+        path = path[colon + 1 :]
+    if not path:
+        if sender and arg.startswith("<"):
+            return "", params
+        raise _addr_error(501, enh, f"Bad {what} address syntax")
+    if len(path) + 2 > 256:
+        raise _addr_error(501, enh, "Path too long")
+    if not path.isascii() and not smtputf8:
+        raise _addr_error(553, "5.6.7", f"Non-ASCII {what} address requires SMTPUTF8")
+    if not sender and path.lower() == "postmaster":
+        return path, params
+    at = path.rfind("@")
+    if at <= 0 or at == len(path) - 1:
+        raise _addr_error(501, enh, f"Bad {what} address syntax")
+    local, domain = path[:at], path[at + 1 :]
+    if len(local.encode("utf-8")) > 64:
+        raise _addr_error(501, enh, "Local part too long")
+    if len(domain.encode("utf-8")) > 255:
+        raise _addr_error(501, enh, "Domain too long")
+    if not (_LOCAL_DOT_ATOM.fullmatch(local) or _QUOTED_LOCAL.fullmatch(local)):
+        raise _addr_error(501, enh, f"Bad {what} address syntax")
+    if not (_DOMAIN.fullmatch(domain) or _ADDRESS_LITERAL.fullmatch(domain)):
+        raise _addr_error(501, enh, f"Bad {what} address syntax")
+    return path, params
+
+
+def _closing_bracket(arg: str) -> int:
+    """Index of the ``>`` closing a path, honouring quoted local parts."""
+    quoted = False
+    escaped = False
+    for i in range(1, len(arg)):
+        ch = arg[i]
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == ">" and not quoted:
+            return i
+    return -1
+
+
+def _parse_params(rest: str) -> dict[str, str | None]:
+    params: dict[str, str | None] = {}
+    for item in rest.split(" "):
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        if not _ESMTP_KEYWORD.fullmatch(key) or (eq and not value):
+            raise AddressError(SMTPError(501, "Bad parameter syntax", enhanced_code="5.5.4"))
+        key = key.upper()
+        if key in params:
+            raise AddressError(SMTPError(501, f"Duplicate parameter {key}", enhanced_code="5.5.4"))
+        params[key] = value if eq else None
+    return params
+
+
+class SMTPProtocol:
+    """One SMTP session, as a state machine with no I/O.
+
+    :arg SMTPSettings settings: limits and behaviour.
+    :arg str remote_ip: the client's address, for the HELO reply.
+
+    The caller loops: feed what the socket gives to :meth:`receive_data`,
+    call :meth:`next_event` until it returns :data:`NEED_DATA` (read more) or
+    :data:`CLOSED` (flush and close), answer each :class:`Event` with
+    :meth:`accept` or :meth:`reject`, store :class:`DataChunk` contents, and
+    write out :meth:`data_to_send`.
+    """
+
+    def __init__(self, settings: SMTPSettings, remote_ip: str = "") -> None:
+        self.settings = settings
+        self.remote_ip = remote_ip
+        #: The HELO/EHLO name once accepted, else ``None``.
+        self.helo: str | None = None
+        #: True once the client has said EHLO (enhanced codes in replies).
+        self.esmtp = False
+        #: The sender of the open transaction, ``None`` outside one.
+        self.mail_from: str | None = None
+        #: The transaction's MAIL parameters.
+        self.mail_params: dict[str, str | None] = {}
+        #: Recipients accepted in the open transaction.
+        self.rcpt_count = 0
+        #: Messages accepted on this connection.
+        self.messages = 0
+        #: Error replies given so far (counts toward ``max_errors``).
+        self.errors = 0
+        #: Unknown commands so far (counts toward ``max_unknown_commands``).
+        self.unknown_commands = 0
+        #: Size of the message being received, after unstuffing.
+        self.data_size = 0
+        #: Notes about the session for the log, e.g. ``"bare_lf"``.
+        self.notes: set[str] = set()
+        self._state = _COMMAND
+        self._buf = bytearray()
+        self._pos = 0
+        self._out: list[bytes] = []
+        self._pending: Event | None = None
+        self._discarding_line = False
+        # DATA state
+        self._line_start = True
+        self._data_error: SMTPError | None = None
+        self._bdat_left = 0
+        self._bare_mode = settings.bare_newline
+        self._max_line = settings.max_command_line
+        self._max_mail_line = settings.max_command_line + EXTENSION_ALLOWANCE
+        self._handlers = {
+            "HELO": self._cmd_helo,
+            "EHLO": self._cmd_ehlo,
+            "MAIL": self._cmd_mail,
+            "RCPT": self._cmd_rcpt,
+            "DATA": self._cmd_data,
+            "RSET": self._cmd_rset,
+            "NOOP": self._cmd_noop,
+            "QUIT": self._cmd_quit,
+            "VRFY": self._cmd_vrfy,
+            "HELP": self._cmd_help,
+            "BDAT": self._cmd_bdat,
+        }
+
+    # ------------------------------------------------------------------ I/O
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes received from the client."""
+        if self._state == _CLOSED:
+            return
+        if self._pos:
+            # bytearray deletes from the front in O(1) (it moves its start).
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def data_to_send(self) -> bytes:
+        """Return (and forget) the replies produced so far, as one block."""
+        if not self._out:
+            return b""
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    @property
+    def pending_output(self) -> int:
+        """Number of reply octets waiting in :meth:`data_to_send`."""
+        return sum(map(len, self._out))
+
+    @property
+    def buffered(self) -> int:
+        """Octets received but not yet consumed."""
+        return len(self._buf) - self._pos
+
+    @property
+    def in_data(self) -> bool:
+        """True while the message content is being received."""
+        return self._state == _DATA
+
+    @property
+    def in_transaction(self) -> bool:
+        """True between an accepted MAIL and the end of its message or RSET."""
+        return self.mail_from is not None
+
+    @property
+    def closed(self) -> bool:
+        """True once the session is over."""
+        return self._state == _CLOSED
+
+    @property
+    def pending_event(self) -> Event | None:
+        """The event waiting for :meth:`accept` or :meth:`reject`, if any."""
+        return self._pending
+
+    @property
+    def partial_line(self) -> bool:
+        """True when part of a command line has arrived but not its end."""
+        return self._state == _COMMAND and (
+            self._discarding_line or len(self._buf) > self._pos
+        )
+
+    # --------------------------------------------------------------- replies
+    def reply(
+        self,
+        code: int,
+        text: str | list[str],
+        enhanced: str | None = None,
+        legacy: str | None = None,
+    ) -> None:
+        """Queue a reply; ``legacy`` is the text for a session without EHLO."""
+        if self.esmtp or legacy is None:
+            self._out.append(format_reply(code, text, enhanced, self.esmtp))
+        else:
+            self._out.append(format_reply(code, legacy, None, False))
+
+    def send_greeting(self, text: str | None = None) -> None:
+        """Queue the ``220`` greeting (``text`` defaults to the settings' banner)."""
+        self._out.append(format_reply(220, text or self.settings.greeting, None, False))
+
+    def send_error(self, error: SMTPError) -> None:
+        """Queue ``error`` as a reply, outside any event (e.g. a refused
+        connection); closes the session if ``error.close`` or the code is 421."""
+        self._write_error(error)
+        if error.close or error.status_code == 421:
+            self._close()
+
+    def close(self, code: int = 421, text: str = "Service closing transmission channel",
+              enhanced: str = "4.4.2") -> None:
+        """Queue a final reply (``421`` by default) and end the session."""
+        if self._state == _CLOSED:
+            return
+        self.reply(code, text, enhanced)
+        self._close()
+
+    def _close(self) -> None:
+        self._state = _CLOSED
+        self._pending = None
+        self._buf.clear()
+        self._pos = 0
+
+    def _write_error(self, error: SMTPError) -> None:
+        self._out.append(
+            format_reply(error.status_code, error.message, error.enhanced_code, self.esmtp)
+        )
+
+    def _error(self, code: int, enhanced: str, text: str, legacy: str | None = None) -> None:
+        """Reply with an error to a command, counting it against ``max_errors``."""
+        self.errors += 1
+        if self.errors > self.settings.max_errors:
+            self.close(421, "Too many errors, closing connection", "4.7.0")
+            return
+        self.reply(code, text, enhanced, legacy)
+
+    # ------------------------------------------------------------ decisions
+    def accept(self, text: str | list[str] | None = None, *, extensions: list[str] | None = None
+               ) -> None:
+        """Accept the pending event with its usual positive reply.
+
+        :arg text: replaces the default reply text.
+        :arg extensions: for EHLO, the keywords to advertise (default
+            :meth:`ehlo_keywords`).
+        """
+        event = self._pending
+        if event is None:
+            raise RuntimeError("accept() without a pending event")
+        self._pending = None
+        if isinstance(event, Helo):
+            self._reset_transaction()
+            self.helo = event.name
+            self.esmtp = event.esmtp
+            if event.esmtp:
+                keywords = self.ehlo_keywords() if extensions is None else extensions
+                first = text if isinstance(text, str) else f"{self.settings.hostname} Hello {self.remote_ip}"
+                self._out.append(format_reply(250, [first, *keywords], None, False))
+            else:
+                self._out.append(
+                    format_reply(250, text or f"Hello {self.remote_ip}", None, False)
+                )
+        elif isinstance(event, Mail):
+            self.mail_from = event.address
+            self.mail_params = event.params
+            self.rcpt_count = 0
+            self.reply(250, text or "Ok", "2.1.0")
+        elif isinstance(event, Rcpt):
+            self.rcpt_count += 1
+            self.reply(250, text or "Ok", "2.1.5")
+        elif isinstance(event, Data):
+            self._state = _DATA
+            self._line_start = True
+            self._data_error = None
+            self.data_size = 0
+            self.reply(354, text or "End data with <CR><LF>.<CR><LF>")
+        elif isinstance(event, Reset):
+            self._reset_transaction()
+            self.reply(250, text or "Ok", "2.0.0")
+        elif isinstance(event, MessageComplete):
+            if event.error is not None:
+                raise RuntimeError("a message that broke a limit cannot be accepted")
+            self.messages += 1
+            self._reset_transaction()
+            self.reply(250, text or "Ok", "2.0.0")
+        else:
+            self.reply(250, text or "Ok", "2.0.0")
+
+    def reject(self, error: SMTPError) -> None:
+        """Answer the pending event with ``error``; the state does not change
+        (except that a finished message ends its transaction). Closes the
+        session when ``error.close`` is set or the code is 421."""
+        event = self._pending
+        if event is None:
+            raise RuntimeError("reject() without a pending event")
+        if isinstance(event, Reset):
+            raise RuntimeError("RSET cannot be rejected")
+        self._pending = None
+        if isinstance(event, MessageComplete):
+            self._reset_transaction()
+        if error.close or error.status_code == 421:
+            self._write_error(error)
+            self._close()
+            return
+        if isinstance(event, Unknown):
+            self.unknown_commands += 1
+            if self.unknown_commands > self.settings.max_unknown_commands:
+                self.close(421, "Too many unknown commands, closing connection", "4.7.0")
+                return
+        if error.status_code >= 400:
+            self.errors += 1
+            if self.errors > self.settings.max_errors:
+                self.close(421, "Too many errors, closing connection", "4.7.0")
+                return
+        self._write_error(error)
+
+    def ehlo_keywords(self) -> list[str]:
+        """The EHLO keywords the core implements, in advertising order."""
+        size = self.settings.max_message_size
+        keywords = ["PIPELINING", f"SIZE {size}" if size else "SIZE", "8BITMIME"]
+        if self.settings.smtputf8:
+            keywords.append("SMTPUTF8")
+        keywords += ["ENHANCEDSTATUSCODES", "HELP"]
+        return keywords
+
+    def _reset_transaction(self) -> None:
+        self.mail_from = None
+        self.mail_params = {}
+        self.rcpt_count = 0
+
+    # --------------------------------------------------------------- events
+    def next_event(self) -> Any:
+        """Return the next :class:`Event`, a :class:`DataChunk`,
+        :data:`NEED_DATA` or :data:`CLOSED`.
+
+        Lines that need no decision are answered on the way. Raises
+        :class:`RuntimeError` if the previous event is still unanswered.
+        """
+        if self._pending is not None:
+            raise RuntimeError(f"{self._pending!r} has not been accepted or rejected")
+        while True:
+            state = self._state
+            if state == _COMMAND:
+                event = self._next_command()
+            elif state == _DATA:
+                return self._next_data()
+            elif state == _DISCARD_BDAT:
+                event = self._discard_bdat()
+            else:
+                return CLOSED
+            if event is not None:
+                if isinstance(event, Event):
+                    self._pending = event
+                return event
+
+    def _next_command(self) -> Any:
+        buf = self._buf
+        pos = self._pos
+        nl = buf.find(b"\n", pos)
+        if nl < 0:
+            if len(buf) - pos > self._max_mail_line:
+                # Keep nothing of an overlong line; answer once it ends.
+                self._discarding_line = True
+                self._pos = len(buf)
+            return NEED_DATA
+        self._pos = nl + 1
+        if self._discarding_line:
+            self._discarding_line = False
+            self._error(500, "5.5.2", "Line too long", "Error: line too long")
+            return None
+        if nl > pos and buf[nl - 1] == 13:  # CRLF
+            raw = bytes(buf[pos : nl - 1])
+        else:
+            self.notes.add("bare_lf")
+            if self._bare_mode == "reject":
+                self._error(500, "5.5.2", "Bare LF received, lines must end with CRLF")
+                return None
+            raw = bytes(buf[pos:nl])
+        return self._handle_line(raw)
+
+    def _handle_line(self, raw: bytes) -> Any:
+        length = len(raw) + 2
+        if length > self._max_line:
+            verb = raw[:5].upper()
+            if length > self._max_mail_line or verb not in (b"MAIL ", b"RCPT "):
+                self._error(500, "5.5.2", "Line too long", "Error: line too long")
+                return None
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._error(500, "5.5.2", "Error: bad UTF-8 syntax")
+            return None
+        if _CTL.search(line):
+            self._error(501, "5.5.2", "Syntax error: control characters are not allowed")
+            return None
+        line = line.strip(" ")
+        if not line:
+            self._error(500, "5.5.2", "Error: bad syntax")
+            return None
+        verb, _, arg = line.partition(" ")
+        upper = verb.upper()
+        handler = self._handlers.get(upper)
+        if handler is None:
+            if not verb.isascii():
+                self._error(500, "5.5.2", "Error: bad syntax")
+                return None
+            return Unknown(upper, arg.strip(" "))
+        return handler(arg.strip(" "))
+
+    # ---------------------------------------------------------------- verbs
+    def _cmd_helo(self, arg: str) -> Any:
+        return self._greet(arg, "HELO")
+
+    def _cmd_ehlo(self, arg: str) -> Any:
+        return self._greet(arg, "EHLO")
+
+    def _greet(self, arg: str, verb: str) -> Any:
+        if not arg:
+            self._error(501, "5.5.4", f"Syntax: {verb} hostname")
+            return None
+        if not arg.isascii():
+            self._error(501, "5.5.4", f"Syntax: {verb} hostname")
+            return None
+        if verb == "HELO" and self.helo and not self.esmtp:
+            # The original Bonzo refused a repeated HELO; kept for HELO
+            # sessions. EHLO, and anything after EHLO, resets (RFC 5321 4.1.4).
+            self._error(503, "5.5.1", "Duplicate HELO/EHLO")
+            return None
+        return Helo(arg, verb == "EHLO")
+
+    def _cmd_mail(self, arg: str) -> Any:
+        if not self.helo:
+            self._error(503, "5.5.1", "Error: need HELO command")
+            return None
+        if self.mail_from is not None:
+            self._error(503, "5.5.1", "Error: nested MAIL command")
+            return None
+        if arg[:5].upper() != "FROM:" or not arg[5:].strip(" "):
+            self._error(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+            return None
+        if self.messages >= self.settings.max_messages_per_connection:
+            self._error(452, "4.5.3", "Too many messages for this connection")
+            return None
+        rest = arg[5:]
+        utf8 = False
+        if self.settings.smtputf8 and "SMTPUTF8" in rest.upper():
+            # Decide on SMTPUTF8 before judging the address (RFC 6531 3.4).
+            _, _, tail = rest.strip(" ").rpartition(">")
+            utf8 = "SMTPUTF8" in tail.upper().split(" ")
+        try:
+            address, params = parse_path(rest, sender=True, smtputf8=utf8)
+        except AddressError as exc:
+            self._reject_now(exc.reply)
+            return None
+        problem = self._check_mail_params(params)
+        if problem is not None:
+            self._reject_now(problem)
+            return None
+        return Mail(address, params)
+
+    def _check_mail_params(self, params: dict[str, str | None]) -> SMTPError | None:
+        if params and not self.esmtp:
+            return SMTPError(555, "MAIL parameters need EHLO", enhanced_code="5.5.4")
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not _SIZE_VALUE.fullmatch(value):
+                    return SMTPError(501, "Bad SIZE parameter", enhanced_code="5.5.4")
+                limit = self.settings.max_message_size
+                if limit and int(value) > limit:
+                    return SMTPError(
+                        552, "Message size exceeds fixed maximum message size",
+                        enhanced_code="5.3.4",
+                    )
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return SMTPError(501, "Bad BODY parameter", enhanced_code="5.5.4")
+            elif key == "SMTPUTF8" and self.settings.smtputf8:
+                if value is not None:
+                    return SMTPError(501, "SMTPUTF8 takes no value", enhanced_code="5.5.4")
+            else:
+                return SMTPError(555, f"Unsupported parameter {key}", enhanced_code="5.5.4")
+        return None
+
+    def _cmd_rcpt(self, arg: str) -> Any:
+        if self.mail_from is None:
+            self._error(503, "5.5.1", "Error: need MAIL command")
+            return None
+        if arg[:3].upper() != "TO:" or not arg[3:].strip(" "):
+            self._error(501, "5.5.4", "Syntax: RCPT TO:<address>")
+            return None
+        if self.rcpt_count >= self.settings.max_recipients:
+            self._error(452, "4.5.3", "Too many recipients")
+            return None
+        try:
+            address, params = parse_path(
+                arg[3:], sender=False, smtputf8="SMTPUTF8" in self.mail_params
+            )
+        except AddressError as exc:
+            self._reject_now(exc.reply)
+            return None
+        if params:
+            key = next(iter(params))
+            self._reject_now(
+                SMTPError(555, f"Unsupported parameter {key}", enhanced_code="5.5.4")
+            )
+            return None
+        return Rcpt(address, params)
+
+    def _cmd_data(self, arg: str) -> Any:
+        if not self.rcpt_count:
+            self._error(503, "5.5.1", "Error: need RCPT command")
+            return None
+        if arg:
+            self._error(501, "5.5.4", "Syntax: DATA")
+            return None
+        return Data()
+
+    def _cmd_rset(self, arg: str) -> Any:
+        if arg:
+            self._error(501, "5.5.4", "Syntax: RSET")
+            return None
+        return Reset()
+
+    def _cmd_noop(self, arg: str) -> Any:
+        if arg and not self.esmtp:
+            # Original Bonzo behaviour for HELO sessions; RFC 5321 4.1.1.9 says
+            # the argument should be ignored, which ESMTP sessions do.
+            self._error(501, "5.5.4", "Syntax: NOOP")
+            return None
+        self.reply(250, "Ok", "2.0.0")
+        return None
+
+    def _cmd_quit(self, arg: str) -> Any:
+        self.reply(221, "Bye", "2.0.0")
+        self._close()
+        return CLOSED
+
+    def _cmd_vrfy(self, arg: str) -> Any:
+        if not arg:
+            self._error(501, "5.5.4", "Syntax: VRFY <address>")
+            return None
+        self.reply(252, "Cannot VRFY user, but will accept message and attempt delivery", "2.0.0")
+        return None
+
+    def _cmd_help(self, arg: str) -> Any:
+        self.reply(214, f"Supported commands: {_COMMANDS_HELP}", "2.0.0")
+        return None
+
+    def _cmd_bdat(self, arg: str) -> Any:
+        # CHUNKING is not offered. Read and drop the announced octets so that
+        # chunk content is never run as commands (RFC 3030; cf. Postfix 521).
+        size, _, _ = arg.partition(" ")
+        if not _SIZE_VALUE.fullmatch(size):
+            self.close(421, "Bad BDAT command, closing connection", "4.7.0")
+            return CLOSED
+        self._bdat_left = int(size)
+        self._state = _DISCARD_BDAT
+        self._error(502, "5.5.1", "Error: CHUNKING not supported")
+        return None
+
+    def _discard_bdat(self) -> Any:
+        available = len(self._buf) - self._pos
+        take = min(available, self._bdat_left)
+        self._pos += take
+        self._bdat_left -= take
+        if self._bdat_left:
+            return NEED_DATA
+        if self._state == _DISCARD_BDAT:
+            self._state = _COMMAND
+        return None
+
+    def _reject_now(self, error: SMTPError) -> None:
+        if error.status_code >= 400:
+            self._error(error.status_code, error.enhanced_code or "", error.message)
+        else:  # pragma: no cover - only error replies come here
+            self._write_error(error)
+
+    # ----------------------------------------------------------------- DATA
+    def _next_data(self) -> Any:
+        buf = self._buf
+        pos = self._pos
+        if self._line_start and buf[pos : pos + 3] == b".\r\n":
+            end = pos
+            found = True
+        else:
+            end = buf.find(b"\r\n.\r\n", pos)
+            found = end >= 0
+            if found:
+                end += 2
+        if found:
+            block = bytes(buf[pos:end])
+            self._pos = end + 3
+            self._state = _COMMAND
+            data = self._process_block(block) if block else b""
+            error = self._data_error
+            self._data_error = None
+            event = MessageComplete(data, error)
+            self._pending = event
+            return event
+        last = buf.rfind(b"\r\n", pos)
+        if last < 0:
+            if len(buf) - pos > self.settings.max_data_line:
+                self._set_data_error(SMTPError(500, "Line too long", enhanced_code="5.5.2"))
+                # Keep the last octet: it may be the CR of the line's CRLF.
+                self._pos = len(buf) - 1
+                self._line_start = False
+            return NEED_DATA
+        block = bytes(buf[pos : last + 2])
+        self._pos = last + 2
+        data = self._process_block(block)
+        if data:
+            return DataChunk(data)
+        return NEED_DATA if self._pos >= len(buf) else self._next_data()
+
+    def _set_data_error(self, error: SMTPError) -> None:
+        # The first limit broken is the one reported.
+        if self._data_error is None:
+            self._data_error = error
+
+    def _process_block(self, block: bytes) -> bytes:
+        """Unstuff, check and normalise complete lines of content."""
+        line_start = self._line_start
+        self._line_start = True
+        if self._data_error is not None:
+            return b""
+        max_line = self.settings.max_data_line
+        if len(block) > max_line and max(map(len, block.split(b"\n"))) + 1 > max_line:
+            self._set_data_error(SMTPError(500, "Line too long", enhanced_code="5.5.2"))
+            return b""
+        if line_start and block[:1] == b".":
+            block = block[1:]
+        if b"\r\n." in block:
+            block = block.replace(b"\r\n.", b"\r\n")
+        mode = self._bare_mode
+        if mode != "allow":
+            crlf = block.count(b"\r\n")
+            if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
+                self.notes.add("bare_lf_data")
+                if mode == "reject":
+                    self._set_data_error(
+                        SMTPError(550, "Bare LF or CR in message content", enhanced_code="5.5.2")
+                    )
+                    return b""
+                block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        self.data_size += len(block)
+        limit = self.settings.max_message_size
+        if limit and self.data_size > limit:
+            self._set_data_error(
+                SMTPError(552, "Message size exceeds fixed maximum message size",
+                          enhanced_code="5.3.4")
+            )
+            return b""
+        return block

@@ -1,0 +1,285 @@
+"""What a session and a transaction know: :class:`Session` and :class:`Envelope`.
+
+A :class:`Session` lives as long as the connection; an :class:`Envelope` from
+MAIL to the end of its message (or RSET). Handlers and plugins read them and
+keep their own per-connection or per-transaction data in ``stash``; the core
+updates them itself after each accepted command.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.policy
+import itertools
+import os
+import shutil
+import tempfile
+import time
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.utils import format_datetime
+from typing import IO, Any
+
+__all__ = ["Session", "Envelope", "new_session_id", "received_header"]
+
+_counter = itertools.count(1)
+
+
+def new_session_id() -> str:
+    """Return a short id, unique within this host and process run, for logs
+    and the ``Received:`` header."""
+    return f"{int(time.time()):x}{os.getpid():x}{next(_counter):x}".upper()
+
+
+class Session:
+    """One client connection.
+
+    .. attribute:: id
+
+       Unique id of the session, used in logs and trace headers.
+
+    .. attribute:: remote_ip
+    .. attribute:: remote_port
+
+       The client's address.
+
+    .. attribute:: helo
+
+       The HELO/EHLO name once accepted, else ``None``.
+
+    .. attribute:: esmtp
+
+       True once the client has said EHLO.
+
+    .. attribute:: tls
+
+       A dict of TLS facts when TLS is active, else ``None``.
+
+    .. attribute:: auth
+
+       The authenticated identity, or ``None``.
+
+    .. attribute:: stash
+
+       A dict where plugins keep per-connection data, by their own key.
+    """
+
+    __slots__ = (
+        "id",
+        "remote_ip",
+        "remote_port",
+        "local_ip",
+        "local_port",
+        "helo",
+        "esmtp",
+        "tls",
+        "auth",
+        "stash",
+        "started",
+        "messages",
+    )
+
+    def __init__(
+        self,
+        remote_ip: str,
+        remote_port: int = 0,
+        local_ip: str = "",
+        local_port: int = 0,
+        session_id: str | None = None,
+    ) -> None:
+        self.id = session_id or new_session_id()
+        self.remote_ip = remote_ip
+        self.remote_port = remote_port
+        self.local_ip = local_ip
+        self.local_port = local_port
+        self.helo: str | None = None
+        self.esmtp = False
+        self.tls: dict[str, Any] | None = None
+        self.auth: str | None = None
+        self.stash: dict[str, Any] = {}
+        self.started = time.time()
+        self.messages = 0
+
+    @property
+    def protocol(self) -> str:
+        """The ``with`` keyword for the ``Received:`` header (RFC 3848)."""
+        name = "ESMTP" if self.esmtp else "SMTP"
+        if self.esmtp and self.tls is not None:
+            name += "S"
+        if self.esmtp and self.auth is not None:
+            name += "A"
+        return name
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} {self.remote_ip}:{self.remote_port} helo={self.helo!r}>"
+
+
+class Envelope:
+    """One mail transaction: sender, recipients and, after DATA, the message.
+
+    The message content is kept in memory up to a threshold and spooled to an
+    unlinked temporary file past it, so memory stays bounded for any size.
+    Headers added with :meth:`add_header` (the ``Received:`` trace header
+    first) are kept apart and put in front of the content when it is read.
+    """
+
+    def __init__(self, mail_from: str, mail_params: dict[str, str | None] | None = None,
+                 *, spool_threshold: int = 262144, spool_dir: str | None = None) -> None:
+        #: The reverse-path (``""`` for the null sender).
+        self.mail_from = mail_from
+        #: MAIL parameters (keywords upper-cased).
+        self.mail_params: dict[str, str | None] = mail_params or {}
+        #: Accepted recipients, in order.
+        self.rcpt_tos: list[str] = []
+        #: RCPT parameters, one dict per accepted recipient.
+        self.rcpt_params: list[dict[str, str | None]] = []
+        #: Per-transaction data for plugins.
+        self.stash: dict[str, Any] = {}
+        #: Id of the message, for logs and replies.
+        self.id = new_session_id()
+        self._headers: list[bytes] = []
+        self._spool: tempfile.SpooledTemporaryFile[bytes] | None = None
+        self._spool_threshold = spool_threshold
+        self._spool_dir = spool_dir
+        self._size = 0
+        self._message: EmailMessage | None = None
+
+    # ----------------------------------------------------------- content in
+    def write(self, data: bytes) -> None:
+        """Append message content (already unstuffed, CRLF line ends)."""
+        if self._spool is None:
+            self._spool = tempfile.SpooledTemporaryFile(
+                max_size=self._spool_threshold, dir=self._spool_dir
+            )
+        self._spool.write(data)
+        self._size += len(data)
+
+    def add_header(self, name: str, value: str) -> None:
+        """Put ``name: value`` in front of the message (after earlier ones).
+
+        Raises :class:`ValueError` for a bad name or a value with a line break
+        not followed by whitespace (which would start a new header).
+        """
+        if not name or not all(33 <= ord(c) <= 126 and c != ":" for c in name):
+            raise ValueError(f"bad header name {name!r}")
+        lines = value.replace("\r\n", "\n").split("\n")
+        if any(not line or line[0] not in " \t" for line in lines[1:]):
+            raise ValueError(f"header {name} has a line break that is not folding")
+        if any(ch in line for line in lines for ch in "\r\0"):
+            raise ValueError(f"header {name} has a control character")
+        self.prepend_raw(f"{name}: " + "\r\n".join(lines) + "\r\n")
+        self._message = None
+
+    def prepend_raw(self, header: str | bytes) -> None:
+        """Add an already formatted header block (ending in CRLF)."""
+        raw = header.encode("utf-8") if isinstance(header, str) else header
+        self._headers.append(raw)
+        self._message = None
+
+    # ---------------------------------------------------------- content out
+    @property
+    def size(self) -> int:
+        """Size of the content received from the client, in octets."""
+        return self._size
+
+    @property
+    def spooled(self) -> bool:
+        """True if the content went to a temporary file."""
+        return bool(self._spool is not None and getattr(self._spool, "_rolled", False))
+
+    @property
+    def header_bytes(self) -> bytes:
+        """The headers added by the server and plugins, trace header first."""
+        return b"".join(self._headers)
+
+    @property
+    def body(self) -> bytes:
+        """The content as the client sent it (unstuffed), without added headers."""
+        if self._spool is None:
+            return b""
+        self._spool.seek(0)
+        return self._spool.read()
+
+    @property
+    def content(self) -> bytes:
+        """The whole message: added headers, then the client's content.
+
+        This reads it all into memory; use :meth:`write_to` for large messages.
+        """
+        return self.header_bytes + self.body
+
+    def open_body(self) -> IO[bytes]:
+        """Return the content file positioned at the start (do not close it)."""
+        if self._spool is None:
+            self._spool = tempfile.SpooledTemporaryFile(max_size=self._spool_threshold)
+        self._spool.seek(0)
+        return self._spool  # type: ignore[return-value]
+
+    def write_to(self, fileobj: IO[bytes], chunk_size: int = 1 << 20) -> int:
+        """Write the whole message to ``fileobj`` in chunks; return its size."""
+        head = self.header_bytes
+        fileobj.write(head)
+        body = self.open_body()
+        shutil.copyfileobj(body, fileobj, chunk_size)
+        return len(head) + self._size
+
+    @property
+    def message(self) -> EmailMessage:
+        """The message parsed with :mod:`email` (modern policy), on first use."""
+        if self._message is None:
+            parser = BytesParser(policy=email.policy.default)
+            self._message = parser.parsebytes(self.content)  # type: ignore[assignment]
+        assert self._message is not None
+        return self._message
+
+    def close(self) -> None:
+        """Drop the content (removing any temporary file)."""
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<Envelope {self.id} from={self.mail_from!r} to={self.rcpt_tos!r} size={self._size}>"
+        )
+
+
+_SAFE = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:[]"
+)
+
+
+def _safe(text: str, limit: int = 255) -> str:
+    """Client-supplied text made safe for a header: only a small alphabet."""
+    return "".join(c if c in _SAFE else "?" for c in text[:limit])
+
+
+def received_header(session: Session, envelope: Envelope, hostname: str,
+                    when: float | None = None) -> str:
+    """Return the ``Received:`` trace header for a message (RFC 5321 4.4).
+
+    Client-supplied text (the HELO name) is reduced to a safe alphabet so it
+    cannot inject header lines or comments. The recipient is named only when
+    there is exactly one, so a copy does not reveal the others.
+    """
+    ip = session.remote_ip
+    literal = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+    helo = _safe(session.helo or "unknown")
+    parts = [f"Received: from {helo} ({literal})"]
+    with_ = f"\tby {hostname} (Bonzo) with {session.protocol} id {envelope.id}"
+    if session.tls:
+        version = _safe(str(session.tls.get("version", "")), 32)
+        cipher = _safe(str(session.tls.get("cipher", "")), 64)
+        with_ = (
+            f"\tby {hostname} (Bonzo) with {session.protocol}\r\n"
+            f"\t(version={version} cipher={cipher})\r\n\tid {envelope.id}"
+        )
+    if session.auth:
+        with_ += f"\r\n\t(authenticated as {_safe(session.auth, 128)})"
+    parts.append(with_)
+    stamp = format_datetime(datetime.datetime.fromtimestamp(when or time.time()).astimezone())
+    if len(envelope.rcpt_tos) == 1 and envelope.rcpt_tos[0].isascii():
+        parts.append(f"\tfor <{envelope.rcpt_tos[0]}>; {stamp}")
+    else:
+        parts.append(f"\t; {stamp}")
+    return "\r\n".join(parts) + "\r\n"

@@ -1,0 +1,199 @@
+"""Protocol and connection settings, with the defaults Bonzo ships.
+
+One :class:`SMTPSettings` object configures the protocol core, the connection
+driver and the server. Every field is a documented, validated setting; the
+TOML ``[limits]`` and ``[server]`` tables of the daemon map onto these names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["SMTPSettings", "BARE_NEWLINE_MODES"]
+
+BARE_NEWLINE_MODES = ("normalize", "reject", "allow")
+
+#: Extra octets a MAIL or RCPT line may carry for ESMTP parameters
+#: (SIZE=, BODY=, SMTPUTF8, AUTH=, RET=, ENVID=, NOTIFY=, ORCPT=): RFC 1870
+#: allows +26, RFC 6531 +10, RFC 4954 +500, RFC 3461 more; 512 covers them.
+EXTENSION_ALLOWANCE = 512
+
+
+@dataclass
+class SMTPSettings:
+    """Limits, timeouts and protocol behaviour of an SMTP server.
+
+    All sizes are in octets and all times in seconds. Invalid values raise
+    :class:`ValueError` naming the setting.
+    """
+
+    hostname: str = field(default_factory=socket.gethostname)
+    """Name the server gives in the EHLO reply and the ``Received:`` header
+    (default: the machine's host name, without any DNS lookup)."""
+
+    banner: str | None = None
+    """Text of the ``220`` greeting. ``None`` gives ``"<hostname> ESMTP"``
+    (no version, so the software version is not disclosed)."""
+
+    max_command_line: int = 512
+    """Longest command line, CRLF included (RFC 5321 4.5.3.1.4); MAIL and RCPT
+    lines may be 512 octets longer for ESMTP parameters. Longer lines get
+    ``500 5.5.2`` and the session continues."""
+
+    max_auth_line: int = 12288
+    """Longest AUTH response line (RFC 4954); longer gets ``500 5.5.6``."""
+
+    max_message_size: int = 33554432
+    """Largest message accepted, advertised in ``SIZE``. A declared ``SIZE=``
+    over it gets ``552 5.3.4`` at MAIL; a larger body is read to the end and
+    answered ``552 5.3.4`` after the final dot. ``0`` means no limit."""
+
+    max_data_line: int = 8192
+    """Longest line inside a message, CRLF included; a message with a longer
+    line is read to the end and refused with ``500 5.5.2``."""
+
+    max_recipients: int = 1000
+    """Recipients per message (never below 100, RFC 5321 4.5.3.1.8); more get
+    ``452 4.5.3``."""
+
+    max_messages_per_connection: int = 100
+    """Messages accepted on one connection; a further MAIL gets ``452 4.5.3``."""
+
+    max_unknown_commands: int = 10
+    """Unknown commands per session before ``421 4.7.0`` and close."""
+
+    max_errors: int = 20
+    """Error replies (4xx/5xx to commands) per session before ``421 4.7.0`` and close."""
+
+    max_connections: int = 1000
+    """Concurrent connections per server; one more gets ``421 4.7.0`` and is closed."""
+
+    max_connections_per_ip: int = 50
+    """Concurrent connections from one client address; more get ``421 4.7.0``."""
+
+    idle_timeout: float = 300.0
+    """Time to wait for the next command (RFC 5321 4.5.3.2.7); then ``421 4.4.2``."""
+
+    command_timeout: float = 300.0
+    """Time a single command line may take to arrive, however it trickles in;
+    then ``421 4.4.2``."""
+
+    data_timeout: float = 180.0
+    """Time without any byte during DATA (RFC 5321 4.5.3.2.6); then ``421 4.4.2``."""
+
+    min_data_rate: int = 500
+    """Minimum DATA rate in octets per second, measured over each
+    :attr:`data_rate_window`; a slower client gets ``421 4.4.2``. ``0`` disables."""
+
+    data_rate_window: float = 30.0
+    """Length of the window over which :attr:`min_data_rate` is measured."""
+
+    handler_timeout: float = 60.0
+    """Time a request callback or plugin hook call may take; then ``451 4.3.0``."""
+
+    shutdown_grace: float = 30.0
+    """On shutdown, time messages in flight get to finish before connections close."""
+
+    spool_threshold: int = 262144
+    """Message bodies larger than this are spooled to a temporary file rather
+    than kept in memory."""
+
+    spool_dir: str | None = None
+    """Directory for spooled bodies (default: the system temporary directory)."""
+
+    bare_newline: str = "normalize"
+    """What to do with a bare LF or CR in message content: ``normalize`` (treat
+    it as a line end and store CRLF), ``reject`` (``550 5.5.2`` after the data)
+    or ``allow`` (store verbatim). In no mode does a bare LF or CR end DATA."""
+
+    smtputf8: bool = True
+    """Offer SMTPUTF8 (RFC 6531): UTF-8 addresses with the ``SMTPUTF8`` parameter."""
+
+    read_chunk_size: int = 65536
+    """Octets read from the socket at a time."""
+
+    max_write_backlog: int = 262144
+    """Replies buffered for a client that does not read, before the server
+    stops reading its commands until the backlog drains."""
+
+    def __post_init__(self) -> None:
+        positive_ints = (
+            "max_command_line",
+            "max_auth_line",
+            "max_data_line",
+            "max_recipients",
+            "max_messages_per_connection",
+            "max_unknown_commands",
+            "max_errors",
+            "max_connections",
+            "max_connections_per_ip",
+            "spool_threshold",
+            "read_chunk_size",
+            "max_write_backlog",
+        )
+        for name in positive_ints:
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("max_message_size", self.max_message_size, minimum=0)
+        _check_int("min_data_rate", self.min_data_rate, minimum=0)
+        for name in (
+            "idle_timeout",
+            "command_timeout",
+            "data_timeout",
+            "data_rate_window",
+            "handler_timeout",
+            "shutdown_grace",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        if self.max_command_line < 512:
+            raise ValueError(
+                f"max_command_line must be at least 512 (RFC 5321), not {self.max_command_line}"
+            )
+        if self.max_command_line > 2048:
+            raise ValueError(f"max_command_line is capped at 2048, not {self.max_command_line}")
+        if self.max_recipients < 100:
+            raise ValueError(
+                f"max_recipients must be at least 100 (RFC 5321), not {self.max_recipients}"
+            )
+        if self.max_data_line < 1000:
+            raise ValueError(
+                f"max_data_line must be at least 1000 (RFC 5321), not {self.max_data_line}"
+            )
+        if self.bare_newline not in BARE_NEWLINE_MODES:
+            raise ValueError(
+                f"bare_newline must be one of {', '.join(BARE_NEWLINE_MODES)}, "
+                f"not {self.bare_newline!r}"
+            )
+        if not isinstance(self.hostname, str) or not _printable(self.hostname) or not self.hostname:
+            raise ValueError(f"hostname must be printable ASCII without spaces: {self.hostname!r}")
+        if self.banner is not None and (not isinstance(self.banner, str) or not _printable(
+            self.banner.replace(" ", "")
+        )):
+            raise ValueError(f"banner must be printable ASCII: {self.banner!r}")
+
+    @property
+    def greeting(self) -> str:
+        """The text after ``220`` in the greeting."""
+        return self.banner if self.banner is not None else f"{self.hostname} ESMTP"
+
+    def replace(self, **changes: Any) -> SMTPSettings:
+        """Return a copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Names of every setting, in declaration order."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, not {value!r}")
+
+
+def _printable(text: str) -> bool:
+    return text.isascii() and text.isprintable() and " " not in text

@@ -1,0 +1,172 @@
+"""The original Bonzo API, reply texts and behaviour, checked byte for byte."""
+
+from __future__ import annotations
+
+import email
+
+from tornado import gen
+from tornado.testing import ExpectLog
+
+from bonzo import errors, version
+from bonzo.smtp import Application, RequestHandler
+from bonzo.testing import AsyncSMTPTestCase
+
+
+class LegacyRepliesTest(AsyncSMTPTestCase):
+    def get_request_callback(self):
+        def request_callback(request):
+            request.finish()
+
+        return request_callback
+
+    def exchange(self, line: bytes) -> bytes:
+        self.stream.write(line + b"\r\n")
+        return self.read_response()
+
+    def test_greeting_names_the_version(self):
+        self.connect(read_response=False)
+        assert self.read_response() == f"220 Bonzo SMTP Server {version}\r\n".encode()
+        self.close()
+
+    def test_unknown_verbs_are_not_implemented(self):
+        self.connect()
+        for verb in (b"BADCOMMAND", b"unknown", b"Bonzo"):
+            assert self.exchange(verb) == b'502 Error: command "' + verb.upper() + b'" not implemented\r\n'
+        self.close()
+
+    def test_empty_lines_are_bad_syntax(self):
+        self.connect()
+        for line in (b"", b"  "):
+            assert self.exchange(line) == b"500 Error: bad syntax\r\n"
+        self.close()
+
+    def test_helo_and_its_errors(self):
+        self.connect()
+        assert self.exchange(b"HELO") == b"501 Syntax: HELO hostname\r\n"
+        assert self.exchange(b"HELO Client name") == b"250 Hello 127.0.0.1\r\n"
+        assert self.exchange(b"HELO Client name") == b"503 Duplicate HELO/EHLO\r\n"
+        self.close()
+
+    def test_noop_rset_quit(self):
+        self.connect()
+        assert self.exchange(b"NOOP") == b"250 Ok\r\n"
+        assert self.exchange(b"NOOP args") == b"501 Syntax: NOOP\r\n"
+        assert self.exchange(b"RSET") == b"250 Ok\r\n"
+        assert self.exchange(b"RSET args") == b"501 Syntax: RSET\r\n"
+        assert self.exchange(b"QUIT") == b"221 Bye\r\n"
+        self.close()
+
+    def test_mail_sequence_errors(self):
+        self.connect()
+        assert self.exchange(b"MAIL FROM:mail@example.com") == b"503 Error: need HELO command\r\n"
+        assert self.exchange(b"RCPT TO:mail@example.com") == b"503 Error: need MAIL command\r\n"
+        assert self.exchange(b"DATA") == b"503 Error: need RCPT command\r\n"
+        self.exchange(b"HELO NameClient")
+        assert self.exchange(b"MAIL FROM:") == b"501 Syntax: MAIL FROM:<address>\r\n"
+        assert self.exchange(b"MAIL FROM:mail@example.com") == b"250 Ok\r\n"
+        assert self.exchange(b"MAIL FROM:other@example.com") == b"503 Error: nested MAIL command\r\n"
+        assert self.exchange(b"DATA") == b"503 Error: need RCPT command\r\n"
+        assert self.exchange(b"RCPT TO:") == b"501 Syntax: RCPT TO:<address>\r\n"
+        assert self.exchange(b"RCPT TO:mail@example.com") == b"250 Ok\r\n"
+        assert self.exchange(b"RCPT TO:<mail@example.com>") == b"250 Ok\r\n"
+        assert self.exchange(b"DATA args") == b"501 Syntax: DATA\r\n"
+        assert self.exchange(b"DATA") == b"354 End data with <CR><LF>.<CR><LF>\r\n"
+        assert self.exchange(b"This is a message\r\n.") == b"250 Ok\r\n"
+        self.close()
+
+
+class RequestObjectTest(AsyncSMTPTestCase):
+    def get_request_callback(self):
+        def request_callback(request):
+            self.seen = request
+            request.finish()
+
+        return request_callback
+
+    def test_request_carries_the_envelope_and_data(self):
+        self.connect()
+        reply = self.send_mail("client", "mail@example.com",
+                               ["mail@example.com", "<another@example.com>"], "This is a message.")
+        assert reply == b"250 Ok\r\n"
+        assert self.seen.hostname == "client"
+        assert self.seen.mail == "mail@example.com"
+        assert self.seen.rcpt == ["mail@example.com", "another@example.com"]
+        assert self.seen.data == "This is a message."
+        assert self.seen.message.as_string() == email.message_from_string("This is a message.").as_string()
+        assert self.seen.envelope.content.startswith(b"Received: from client ([127.0.0.1])")
+        self.close()
+
+
+class CallbackErrorsTest(AsyncSMTPTestCase):
+    def get_request_callback(self):
+        def request_callback(request):
+            kind = request.rcpt[0].split("@")[0]
+            if kind == "boom":
+                raise Exception("This is a custom exception")
+            if kind == "full":
+                raise errors.SMTPError(452, "Insufficient system storage")
+            raise errors.SMTPError(452, "Insufficient system storage", "custom %s", "log text")
+
+        return request_callback
+
+    def test_exception_is_451_and_logged(self):
+        self.connect()
+        with ExpectLog("tornado.application", "Uncaught exception"):
+            reply = self.send_mail("client", "a@example.com", ["boom@example.com"], "hi")
+        assert reply == b"451 Internal confusion\r\n"
+        self.close()
+
+    def test_smtp_error_is_the_reply(self):
+        self.connect()
+        reply = self.send_mail("client", "a@example.com", ["full@example.com"], "hi")
+        assert reply == b"452 Insufficient system storage\r\n"
+        self.close()
+
+    def test_log_message_is_logged_not_sent(self):
+        self.connect()
+        with ExpectLog("tornado.general", r".*452 .*custom log text"):
+            reply = self.send_mail("client", "a@example.com", ["log@example.com"], "hi")
+        assert reply == b"452 Insufficient system storage\r\n"
+        self.close()
+
+
+class HandlerTest(AsyncSMTPTestCase):
+    def get_request_callback(self):
+        test = self
+
+        class Handler(RequestHandler):
+            @gen.coroutine
+            def helper(self):
+                return self.settings["answer"]
+
+            @gen.coroutine
+            def data(self):
+                mode = self.request.rcpt[0].split("@")[0]
+                if mode == "true":
+                    return True
+                if mode == "twice":
+                    self.finish()
+                    self.finish()
+                test.result = yield self.helper()
+
+        return Application(Handler, answer=42)
+
+    def test_coroutine_data(self):
+        self.connect()
+        assert self.send_mail("c", "a@example.com", ["ok@example.com"], "hi") == b"250 Ok\r\n"
+        assert self.result == 42
+        self.close()
+
+    def test_data_returning_a_value_is_an_error(self):
+        self.connect()
+        with ExpectLog("tornado.application", "Uncaught exception"):
+            assert self.send_mail("c", "a@example.com", ["true@example.com"], "hi") == (
+                b"451 Internal confusion\r\n"
+            )
+        self.close()
+
+    def test_finish_twice_still_answers_250(self):
+        self.connect()
+        with ExpectLog("tornado.application", "Uncaught exception"):
+            assert self.send_mail("c", "a@example.com", ["twice@example.com"], "hi") == b"250 Ok\r\n"
+        self.close()
