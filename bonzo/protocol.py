@@ -501,7 +501,11 @@ class SMTPProtocol:
             self.esmtp = event.esmtp
             if event.esmtp:
                 keywords = self.ehlo_keywords() if extensions is None else extensions
-                first = text if isinstance(text, str) else f"{self.settings.hostname} Hello {self.remote_ip}"
+                first = (
+                    text
+                    if isinstance(text, str)
+                    else f"{self.settings.hostname} Hello {self.remote_ip}"
+                )
                 self._out.append(format_reply(250, [first, *keywords], None, False))
             else:
                 self._out.append(
