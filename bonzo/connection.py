@@ -68,8 +68,9 @@ class SessionHandler:
     def on_mail(self, session: Session, envelope: Envelope) -> Any:
         """MAIL FROM, with ``envelope.mail_from`` and ``mail_params`` filled in."""
 
-    def on_rcpt(self, session: Session, envelope: Envelope, address: str,
-                params: dict[str, str | None]) -> Any:
+    def on_rcpt(
+        self, session: Session, envelope: Envelope, address: str, params: dict[str, str | None]
+    ) -> Any:
         """RCPT TO; the recipient is added to ``envelope`` only if accepted."""
 
     def on_data(self, session: Session, envelope: Envelope) -> Any:
@@ -108,7 +109,8 @@ def log_exception(exc: BaseException, session: Session | None, what: str) -> Non
         app_log.error("Timeout %s: %s", _summary(session, what), exc)
     else:
         app_log.error(
-            "Uncaught exception %s", _summary(session, what),
+            "Uncaught exception %s",
+            _summary(session, what),
             exc_info=(type(exc), exc, exc.__traceback__),
         )
 
@@ -275,7 +277,8 @@ class SMTPConnection:
         try:
             if kind is Mail:
                 envelope = Envelope(
-                    event.address, event.params,
+                    event.address,
+                    event.params,
                     spool_threshold=self.settings.spool_threshold,
                     spool_dir=self.settings.spool_dir,
                 )
@@ -295,9 +298,7 @@ class SMTPConnection:
                 envelope = self.envelope
                 assert envelope is not None
                 result = await self._call(handler.on_data, session, envelope, what="DATA")
-                envelope.prepend_raw(
-                    received_header(session, envelope, self.settings.hostname)
-                )
+                envelope.prepend_raw(received_header(session, envelope, self.settings.hostname))
                 self._window_start = self._loop.time()
                 self._window_bytes = 0
                 proto.accept(_text(result))
@@ -332,9 +333,11 @@ class SMTPConnection:
                 )
                 if result is None:
                     if proto.esmtp:
-                        proto.reject(errors.SMTPError(
-                            500, "Error: command not recognized", enhanced_code="5.5.2"
-                        ))
+                        proto.reject(
+                            errors.SMTPError(
+                                500, "Error: command not recognized", enhanced_code="5.5.2"
+                            )
+                        )
                     else:
                         proto.reject(errors.NotImplementedCommand(_printable(event.verb)))
                 else:
@@ -372,8 +375,13 @@ class SMTPConnection:
         proto.accept(_text(result) or ("Ok: queued as " + envelope.id if proto.esmtp else None))
         self._flush()
         access_log.info(
-            "%s %s from=<%s> to=%d size=%d id=%s", self.session.id, self.remote_ip,
-            envelope.mail_from, len(envelope.rcpt_tos), envelope.size, envelope.id,
+            "%s %s from=<%s> to=%d size=%d id=%s",
+            self.session.id,
+            self.remote_ip,
+            envelope.mail_from,
+            len(envelope.rcpt_tos),
+            envelope.size,
+            envelope.id,
         )
         try:
             await self._call(self.handler.on_accepted, self.session, envelope, what="accepted")
@@ -432,8 +440,9 @@ class SMTPConnection:
                     return self._timeout("min_data_rate", "Data rate too low")
                 self._window_start = now
                 self._window_bytes = 0
-            deadline = min(self._last_activity + s.data_timeout,
-                           self._window_start + s.data_rate_window)
+            deadline = min(
+                self._last_activity + s.data_timeout, self._window_start + s.data_rate_window
+            )
         elif self._waiting_input:
             if now - self._last_activity >= s.idle_timeout:
                 return self._timeout("idle_timeout")
@@ -501,4 +510,3 @@ def _printable(text: str) -> str:
 
 async def _as_future(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
-

@@ -71,9 +71,7 @@ class SMTPError(Exception):
         if not 200 <= status_code <= 599:
             raise ValueError(f"SMTP status code out of range: {status_code!r}")
         if enhanced_code is not None and enhanced_code[:1] != str(status_code)[0]:
-            raise ValueError(
-                f"enhanced code {enhanced_code!r} does not match status {status_code}"
-            )
+            raise ValueError(f"enhanced code {enhanced_code!r} does not match status {status_code}")
         self.status_code = status_code
         self.message = message if isinstance(message, str) else "\n".join(message)
         self.log_message = log_message

@@ -180,13 +180,17 @@ _CLOSED = 3
 
 _CTL = re.compile(r"[\x00-\x1f\x7f]")
 # RFC 5321 4.1.2 atext plus "." for dot-atoms; non-ASCII allowed for SMTPUTF8.
-_LOCAL_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+"
-                             r"(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+)*")
+_LOCAL_DOT_ATOM = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+"
+    r"(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+)*"
+)
 _QUOTED_LOCAL = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"')
-_DOMAIN = re.compile(r"(?:[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]*"
-                     r"[A-Za-z0-9\u0080-\U0010ffff])?\.)*"
-                     r"[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]*"
-                     r"[A-Za-z0-9\u0080-\U0010ffff])?")
+_DOMAIN = re.compile(
+    r"(?:[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]*"
+    r"[A-Za-z0-9\u0080-\U0010ffff])?\.)*"
+    r"[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]*"
+    r"[A-Za-z0-9\u0080-\U0010ffff])?"
+)
 _ADDRESS_LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]")
 _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
 _SIZE_VALUE = re.compile(r"[0-9]{1,20}")
@@ -426,9 +430,7 @@ class SMTPProtocol:
     @property
     def partial_line(self) -> bool:
         """True when part of a command line has arrived but not its end."""
-        return self._state == _COMMAND and (
-            self._discarding_line or len(self._buf) > self._pos
-        )
+        return self._state == _COMMAND and (self._discarding_line or len(self._buf) > self._pos)
 
     # --------------------------------------------------------------- replies
     def reply(
@@ -455,8 +457,12 @@ class SMTPProtocol:
         if error.close or error.status_code == 421:
             self._close()
 
-    def close(self, code: int = 421, text: str = "Service closing transmission channel",
-              enhanced: str = "4.4.2") -> None:
+    def close(
+        self,
+        code: int = 421,
+        text: str = "Service closing transmission channel",
+        enhanced: str = "4.4.2",
+    ) -> None:
         """Queue a final reply (``421`` by default) and end the session."""
         if self._state == _CLOSED:
             return
@@ -483,8 +489,9 @@ class SMTPProtocol:
         self.reply(code, text, enhanced, legacy)
 
     # ------------------------------------------------------------ decisions
-    def accept(self, text: str | list[str] | None = None, *, extensions: list[str] | None = None
-               ) -> None:
+    def accept(
+        self, text: str | list[str] | None = None, *, extensions: list[str] | None = None
+    ) -> None:
         """Accept the pending event with its usual positive reply.
 
         :arg text: replaces the default reply text.
@@ -508,9 +515,7 @@ class SMTPProtocol:
                 )
                 self._out.append(format_reply(250, [first, *keywords], None, False))
             else:
-                self._out.append(
-                    format_reply(250, text or f"Hello {self.remote_ip}", None, False)
-                )
+                self._out.append(format_reply(250, text or f"Hello {self.remote_ip}", None, False))
         elif isinstance(event, Mail):
             self.mail_from = event.address
             self.mail_params = event.params
@@ -719,7 +724,8 @@ class SMTPProtocol:
                 limit = self.settings.max_message_size
                 if limit and int(value) > limit:
                     return SMTPError(
-                        552, "Message size exceeds fixed maximum message size",
+                        552,
+                        "Message size exceeds fixed maximum message size",
                         enhanced_code="5.3.4",
                     )
             elif key == "BODY":
@@ -751,9 +757,7 @@ class SMTPProtocol:
             return None
         if params:
             key = next(iter(params))
-            self._reject_now(
-                SMTPError(555, f"Unsupported parameter {key}", enhanced_code="5.5.4")
-            )
+            self._reject_now(SMTPError(555, f"Unsupported parameter {key}", enhanced_code="5.5.4"))
             return None
         return Rcpt(address, params)
 
@@ -897,8 +901,9 @@ class SMTPProtocol:
         limit = self.settings.max_message_size
         if limit and self.data_size > limit:
             self._set_data_error(
-                SMTPError(552, "Message size exceeds fixed maximum message size",
-                          enhanced_code="5.3.4")
+                SMTPError(
+                    552, "Message size exceeds fixed maximum message size", enhanced_code="5.3.4"
+                )
             )
             return b""
         return block

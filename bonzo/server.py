@@ -130,9 +130,15 @@ class CallbackHandler(SessionHandler):
     async def on_message(self, session: Session, envelope: Envelope) -> None:
         connection = session.stash.get("bonzo.connection")
         request = SMTPRequest(
-            connection, session.remote_ip, "DATA", hostname=session.helo,
-            mail=envelope.mail_from, rcpt=list(envelope.rcpt_tos),
-            data=_legacy_data(envelope), envelope=envelope, session=session,
+            connection,
+            session.remote_ip,
+            "DATA",
+            hostname=session.helo,
+            mail=envelope.mail_from,
+            rcpt=list(envelope.rcpt_tos),
+            data=_legacy_data(envelope),
+            envelope=envelope,
+            session=session,
         )
         result = self.request_callback(request)
         if result is not None and hasattr(result, "__await__"):
@@ -264,4 +270,3 @@ class SMTPServer(TCPServer):
             for connection in list(self.connections):
                 connection.close()
             await asyncio.sleep(0)
-

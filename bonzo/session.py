@@ -123,8 +123,14 @@ class Envelope:
     first) are kept apart and put in front of the content when it is read.
     """
 
-    def __init__(self, mail_from: str, mail_params: dict[str, str | None] | None = None,
-                 *, spool_threshold: int = 262144, spool_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        mail_from: str,
+        mail_params: dict[str, str | None] | None = None,
+        *,
+        spool_threshold: int = 262144,
+        spool_dir: str | None = None,
+    ) -> None:
         #: The reverse-path (``""`` for the null sender).
         self.mail_from = mail_from
         #: MAIL parameters (keywords upper-cased).
@@ -244,9 +250,7 @@ class Envelope:
         )
 
 
-_SAFE = frozenset(
-    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:[]"
-)
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:[]")
 
 
 def _safe(text: str, limit: int = 255) -> str:
@@ -254,8 +258,9 @@ def _safe(text: str, limit: int = 255) -> str:
     return "".join(c if c in _SAFE else "?" for c in text[:limit])
 
 
-def received_header(session: Session, envelope: Envelope, hostname: str,
-                    when: float | None = None) -> str:
+def received_header(
+    session: Session, envelope: Envelope, hostname: str, when: float | None = None
+) -> str:
     """Return the ``Received:`` trace header for a message (RFC 5321 4.4).
 
     Client-supplied text (the HELO name) is reduced to a safe alphabet so it

@@ -170,9 +170,9 @@ class SMTPSettings:
             )
         if not isinstance(self.hostname, str) or not _printable(self.hostname) or not self.hostname:
             raise ValueError(f"hostname must be printable ASCII without spaces: {self.hostname!r}")
-        if self.banner is not None and (not isinstance(self.banner, str) or not _printable(
-            self.banner.replace(" ", "")
-        )):
+        if self.banner is not None and (
+            not isinstance(self.banner, str) or not _printable(self.banner.replace(" ", ""))
+        ):
             raise ValueError(f"banner must be printable ASCII: {self.banner!r}")
 
     @property

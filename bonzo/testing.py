@@ -59,9 +59,7 @@ class AsyncSMTPTestCase(AsyncTestCase):
         :arg bool read_response: read (and discard) the greeting at once.
         """
         self.stream = IOStream(socket.socket())
-        self.io_loop.run_sync(
-            lambda: self.stream.connect(("127.0.0.1", self.get_smtp_port()))
-        )
+        self.io_loop.run_sync(lambda: self.stream.connect(("127.0.0.1", self.get_smtp_port())))
         if read_response:
             self.read_response()
 

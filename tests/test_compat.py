@@ -31,7 +31,10 @@ class LegacyRepliesTest(AsyncSMTPTestCase):
     def test_unknown_verbs_are_not_implemented(self):
         self.connect()
         for verb in (b"BADCOMMAND", b"unknown", b"Bonzo"):
-            assert self.exchange(verb) == b'502 Error: command "' + verb.upper() + b'" not implemented\r\n'
+            assert (
+                self.exchange(verb)
+                == b'502 Error: command "' + verb.upper() + b'" not implemented\r\n'
+            )
         self.close()
 
     def test_empty_lines_are_bad_syntax(self):
@@ -64,7 +67,9 @@ class LegacyRepliesTest(AsyncSMTPTestCase):
         self.exchange(b"HELO NameClient")
         assert self.exchange(b"MAIL FROM:") == b"501 Syntax: MAIL FROM:<address>\r\n"
         assert self.exchange(b"MAIL FROM:mail@example.com") == b"250 Ok\r\n"
-        assert self.exchange(b"MAIL FROM:other@example.com") == b"503 Error: nested MAIL command\r\n"
+        assert (
+            self.exchange(b"MAIL FROM:other@example.com") == b"503 Error: nested MAIL command\r\n"
+        )
         assert self.exchange(b"DATA") == b"503 Error: need RCPT command\r\n"
         assert self.exchange(b"RCPT TO:") == b"501 Syntax: RCPT TO:<address>\r\n"
         assert self.exchange(b"RCPT TO:mail@example.com") == b"250 Ok\r\n"
@@ -85,14 +90,21 @@ class RequestObjectTest(AsyncSMTPTestCase):
 
     def test_request_carries_the_envelope_and_data(self):
         self.connect()
-        reply = self.send_mail("client", "mail@example.com",
-                               ["mail@example.com", "<another@example.com>"], "This is a message.")
+        reply = self.send_mail(
+            "client",
+            "mail@example.com",
+            ["mail@example.com", "<another@example.com>"],
+            "This is a message.",
+        )
         assert reply == b"250 Ok\r\n"
         assert self.seen.hostname == "client"
         assert self.seen.mail == "mail@example.com"
         assert self.seen.rcpt == ["mail@example.com", "another@example.com"]
         assert self.seen.data == "This is a message."
-        assert self.seen.message.as_string() == email.message_from_string("This is a message.").as_string()
+        assert (
+            self.seen.message.as_string()
+            == email.message_from_string("This is a message.").as_string()
+        )
         assert self.seen.envelope.content.startswith(b"Received: from client ([127.0.0.1])")
         self.close()
 
@@ -168,5 +180,7 @@ class HandlerTest(AsyncSMTPTestCase):
     def test_finish_twice_still_answers_250(self):
         self.connect()
         with ExpectLog("tornado.application", "Uncaught exception"):
-            assert self.send_mail("c", "a@example.com", ["twice@example.com"], "hi") == b"250 Ok\r\n"
+            assert (
+                self.send_mail("c", "a@example.com", ["twice@example.com"], "hi") == b"250 Ok\r\n"
+            )
         self.close()
