@@ -49,12 +49,17 @@ class HandlerTimeout(Exception):
 class SessionHandler:
     """What a connection asks about each command; the base accepts everything.
 
+    A handler that sets ``handles_timeouts = True`` enforces its own time
+    limits; otherwise each call is bounded by the ``handler_timeout`` setting.
+
     Every method may be a plain function or return an awaitable (``async
     def``); if it does, the connection waits for it, within
     ``handler_timeout``. To refuse, raise a :class:`bonzo.errors.SMTPError`;
     to accept, return ``None`` (the usual reply) or a string (the reply text).
     Any other exception, or a timeout, answers ``451 4.3.0`` and is logged.
     """
+
+    handles_timeouts = False
 
     def on_connect(self, session: Session) -> Any:
         """A client connected; raise to refuse it (the reply closes the connection)."""
@@ -172,6 +177,9 @@ class SMTPConnection:
         self._window_bytes = 0
         self._timer: object | None = None
         self._closed = False
+        # A handler that enforces its own time limits (per plugin) is awaited
+        # directly: no extra task per command.
+        self._handler_times_itself = bool(getattr(handler, "handles_timeouts", False))
 
     # ---------------------------------------------------------------- API
     def set_close_callback(self, callback: Callable[[], Any] | None) -> None:
@@ -398,6 +406,8 @@ class SMTPConnection:
     async def _call(self, method: Callable[..., Any], *args: Any, what: str) -> Any:
         result = method(*args)
         if result is not None and inspect.isawaitable(result):
+            if self._handler_times_itself:
+                return await result
             try:
                 result = await asyncio.wait_for(
                     _as_future(result), timeout=self.settings.handler_timeout

@@ -1,0 +1,263 @@
+"""The plugin contract: every hook Bonzo calls, with its exact semantics.
+
+Plugins implement hooks by name with :data:`hookimpl`::
+
+    from bonzo import Accept, errors, hookimpl
+
+    @hookimpl
+    def bonzo_rcpt(session, address):
+        if address.endswith("@example.org"):
+            return Accept()
+        # None: no opinion, the next plugin decides
+
+Rules shared by every hook:
+
+- **Keyword arguments.** An implementation names only the arguments it
+  needs, in any order; new arguments may be added in later versions without
+  breaking it. Naming an argument the hook does not have is an error at
+  startup.
+- **Order** is the order of ``enabled`` in the ``[plugins]`` table of the
+  configuration (``tryfirst``/``trylast`` move an implementation to the front
+  or back). ``bonzo plugins`` prints the effective order of every hook.
+- **Sync or async.** Any implementation may be ``def`` or ``async def`` (or
+  return any awaitable); Bonzo awaits each one before calling the next, within
+  the plugin's timeout. Hook wrappers are refused at startup.
+- **Decision hooks** (connect, helo, mail, rcpt, data, message, deliver,
+  unknown_command, auth): raising a :class:`bonzo.errors.SMTPError` rejects
+  with that reply and stops the chain; returning :class:`Accept` (or a string,
+  the reply text) accepts and stops it; returning ``None`` asks the next
+  plugin. When every plugin says ``None`` the command is accepted, except for
+  **rcpt** and **deliver**, which need an owner: a recipient nobody accepts is
+  refused (``550 5.7.1``), a message nobody delivers is not answered ``250``
+  (``451 4.3.0``). An empty configuration is therefore never an open relay and
+  never loses mail.
+- **Observer hooks** (startup, shutdown, ehlo_keywords, accepted, rset,
+  disconnect): every implementation runs; an exception in one is logged and
+  the others still run (except startup, where it stops the server).
+- **Fail closed.** An exception that is not an ``SMTPError``, a timeout, or a
+  return value of the wrong type answers ``451 4.3.0`` (via
+  :func:`bonzo_exception`), is logged with the plugin's name and traceback,
+  and never reaches the client.
+- **State.** Keep per-connection data in ``session.stash`` and per-message
+  data in ``envelope.stash``, under your plugin's name; never in globals.
+  Bonzo updates the envelope itself after each accepted command.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .errors import SMTPError
+    from .session import Envelope, Session
+
+__all__ = ["hookspec", "hookimpl", "Accept", "DECISION_HOOKS", "OBSERVER_HOOKS", "OWNER_HOOKS"]
+
+hookspec = pluggy.HookspecMarker("bonzo")
+#: Decorator marking a function or method as a hook implementation.
+hookimpl = pluggy.HookimplMarker("bonzo")
+
+
+class Accept:
+    """A positive verdict from a decision hook.
+
+    :arg str text: the reply text (the code is the command's usual ``2xx``);
+        ``None`` keeps the default text.
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str | None = None) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"Accept({self.text!r})"
+
+
+#: Hooks whose first verdict decides.
+DECISION_HOOKS = (
+    "bonzo_connect",
+    "bonzo_helo",
+    "bonzo_mail",
+    "bonzo_rcpt",
+    "bonzo_data",
+    "bonzo_message",
+    "bonzo_deliver",
+    "bonzo_unknown_command",
+)
+#: Decision hooks where "no opinion" from every plugin means refusal.
+OWNER_HOOKS = ("bonzo_rcpt", "bonzo_deliver")
+#: Hooks where every implementation runs.
+OBSERVER_HOOKS = (
+    "bonzo_startup",
+    "bonzo_shutdown",
+    "bonzo_ehlo_keywords",
+    "bonzo_accepted",
+    "bonzo_rset",
+    "bonzo_disconnect",
+)
+
+
+# ------------------------------------------------------------------ lifecycle
+@hookspec
+def bonzo_configure(config: dict[str, Any], app: Any) -> None:
+    """Receive this plugin's own ``[plugins.<name>]`` table, before anything listens.
+
+    Sync only. Validate it here: raise :class:`ValueError` (or
+    :class:`bonzo.config.ConfigError`) with a message naming the key, and
+    ``bonzo serve``/``bonzo check`` stop with that message, the file and the
+    table name. Secrets given as ``{"$env" = "NAME"}`` or
+    ``{"$file" = "/path"}`` arrive already resolved.
+
+    :arg config: the plugin's table (empty dict if there is none).
+    :arg app: the :class:`bonzo.app.MailApp`, or ``None`` when embedded.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def bonzo_startup(app: Any) -> None:
+    """The server is starting, in each worker process; may be async (open a
+    database pool here). An exception stops the server with the plugin's name.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def bonzo_shutdown(app: Any) -> None:
+    """The server is stopping, after the last session ended; may be async
+    (close pools here). Exceptions are logged.
+
+    .. versionadded:: 0.2
+    """
+
+
+# ----------------------------------------------------------------- connection
+@hookspec
+def bonzo_connect(session: Session) -> Any:
+    """A client connected (decision). Raise to refuse it: the reply is sent
+    and the connection closed. Return a string to replace the greeting text.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def bonzo_helo(session: Session, name: str, esmtp: bool) -> Any:
+    """HELO (``esmtp`` false) or EHLO with the client's ``name`` (decision).
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def bonzo_ehlo_keywords(session: Session, keywords: list[str]) -> None:
+    """Change the EHLO keyword list in place (observer): append an extension a
+    plugin implements (with :func:`bonzo_unknown_command`), or remove one.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def bonzo_unknown_command(session: Session, verb: str, arg: str) -> Any:
+    """A verb the core does not implement (decision). Return
+    ``(code, text)`` or ``(code, enhanced_code, text)`` to answer it, raise an
+    ``SMTPError``, or return ``None`` (``500 5.5.2`` if nobody handles it).
+
+    .. versionadded:: 0.2
+    """
+
+
+# ---------------------------------------------------------------- transaction
+@hookspec
+def bonzo_mail(session: Session, envelope: Envelope, address: str, params: dict[str, Any]) -> Any:
+    """MAIL FROM (decision). ``address`` is ``""`` for the null sender;
+    ``params`` holds the ESMTP parameters, keywords upper-cased.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def bonzo_rcpt(session: Session, envelope: Envelope, address: str, params: dict[str, Any]) -> Any:
+    """RCPT TO (decision, **needs an owner**): some plugin must return
+    :class:`Accept`, or the recipient is refused with ``550 5.7.1``. Accepted
+    recipients are added to ``envelope.rcpt_tos`` by Bonzo.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def bonzo_data(session: Session, envelope: Envelope) -> Any:
+    """DATA, before the ``354`` (decision).
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def bonzo_message(session: Session, envelope: Envelope) -> Any:
+    """The whole message has arrived; content filters run here, in order, before
+    any delivery (decision). Raise to refuse it; add headers with
+    ``envelope.add_header()``; return :class:`Accept` to skip the remaining
+    filters. ``envelope.content`` / ``envelope.message`` give the message.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def bonzo_deliver(session: Session, envelope: Envelope) -> Any:
+    """Store or hand on the message (decision, **needs an owner**). Return
+    :class:`Accept` only once the message is durable (fsync'd) or accepted
+    downstream: the client then gets ``250``. If no plugin accepts, the client
+    gets ``451 4.3.0`` and keeps the message. A storage error should raise a
+    ``4xx`` :class:`~bonzo.errors.SMTPError` (``452 4.3.1`` for a full disk).
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def bonzo_accepted(session: Session, envelope: Envelope) -> None:
+    """The client has been answered ``250`` for the message (observer).
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def bonzo_rset(session: Session) -> None:
+    """RSET: the transaction was discarded (observer).
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def bonzo_disconnect(session: Session) -> None:
+    """The connection closed, for whatever reason (observer).
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec(firstresult=True)
+def bonzo_exception(
+    session: Session | None, error: BaseException, hook: str, plugin: str | None
+) -> SMTPError | None:
+    """Map an unexpected exception to a reply (first result wins; sync only).
+
+    Called when a plugin (``plugin``, in ``hook``) raised something other than
+    an ``SMTPError`` or timed out. Return an ``SMTPError`` to send instead of
+    the default ``451 4.3.0``; a ``5xx`` here turns a local fault into a
+    permanent refusal, so think twice.
+
+    .. versionadded:: 0.2
+    """
