@@ -238,6 +238,53 @@ class Envelope:
         assert self._message is not None
         return self._message
 
+    def remove_header(self, name: str) -> int:
+        """Remove every ``name`` header (case-insensitive, with its folded
+        continuation lines) from the client's header section and from the
+        headers added so far; return how many were removed.
+
+        The body after the header section is copied as is, in chunks, so this
+        works for spooled messages of any size.
+        """
+        wanted = name.lower().encode("ascii", "replace") + b":"
+        removed = 0
+        kept_added = []
+        for block in self._headers:
+            if block.lower().startswith(wanted):
+                removed += 1
+            else:
+                kept_added.append(block)
+        self._headers = kept_added
+        if self._spool is None:
+            return removed
+        src = self.open_body()
+        out: list[bytes] = []
+        skipping = False
+        while True:
+            line = src.readline(65536)
+            if not line or line in (b"\r\n", b"\n"):
+                break
+            if line[:1] in (b" ", b"\t"):
+                if not skipping:
+                    out.append(line)
+                continue
+            skipping = line.lower().startswith(wanted)
+            if skipping:
+                removed += 1
+            else:
+                out.append(line)
+        if removed:
+            new = tempfile.SpooledTemporaryFile(max_size=self._spool_threshold, dir=self._spool_dir)
+            new.writelines(out)
+            if line:
+                new.write(line)
+                shutil.copyfileobj(src, new, 1 << 20)
+            self._spool.close()
+            self._spool = new
+            self._size = new.tell()
+        self._message = None
+        return removed
+
     def close(self) -> None:
         """Drop the content (removing any temporary file)."""
         if self._spool is not None:
