@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SMTPSettings", "BARE_NEWLINE_MODES"]
+__all__ = ["SMTPSettings", "SettingError", "BARE_NEWLINE_MODES"]
 
 BARE_NEWLINE_MODES = ("normalize", "reject", "allow")
 
@@ -20,6 +20,15 @@ BARE_NEWLINE_MODES = ("normalize", "reject", "allow")
 #: (SIZE=, BODY=, SMTPUTF8, AUTH=, RET=, ENVID=, NOTIFY=, ORCPT=): RFC 1870
 #: allows +26, RFC 6531 +10, RFC 4954 +500, RFC 3461 more; 512 covers them.
 EXTENSION_ALLOWANCE = 512
+
+
+class SettingError(ValueError):
+    """An invalid setting; ``setting`` is its name."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting} {message}")
+        self.setting = setting
+        self.detail = message
 
 
 @dataclass
@@ -148,32 +157,40 @@ class SMTPSettings:
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+                raise SettingError(name, f"must be a positive number of seconds, not {value!r}")
         if self.max_command_line < 512:
-            raise ValueError(
-                f"max_command_line must be at least 512 (RFC 5321), not {self.max_command_line}"
+            raise SettingError(
+                "max_command_line", f"must be at least 512 (RFC 5321), not {self.max_command_line}"
             )
         if self.max_command_line > 2048:
-            raise ValueError(f"max_command_line is capped at 2048, not {self.max_command_line}")
+            raise SettingError(
+                "max_command_line", f"is capped at 2048, not {self.max_command_line}"
+            )
         if self.max_recipients < 100:
-            raise ValueError(
-                f"max_recipients must be at least 100 (RFC 5321), not {self.max_recipients}"
+            raise SettingError(
+                "max_recipients", f"must be at least 100 (RFC 5321), not {self.max_recipients}"
             )
         if self.max_data_line < 1000:
-            raise ValueError(
-                f"max_data_line must be at least 1000 (RFC 5321), not {self.max_data_line}"
+            raise SettingError(
+                "max_data_line", f"must be at least 1000 (RFC 5321), not {self.max_data_line}"
             )
+        if not isinstance(self.smtputf8, bool):
+            raise SettingError("smtputf8", f"must be true or false, not {self.smtputf8!r}")
+        if self.spool_dir is not None and not isinstance(self.spool_dir, str):
+            raise SettingError("spool_dir", f"must be a directory path, not {self.spool_dir!r}")
         if self.bare_newline not in BARE_NEWLINE_MODES:
-            raise ValueError(
-                f"bare_newline must be one of {', '.join(BARE_NEWLINE_MODES)}, "
-                f"not {self.bare_newline!r}"
+            raise SettingError(
+                "bare_newline",
+                f"must be one of {', '.join(BARE_NEWLINE_MODES)}, not {self.bare_newline!r}",
             )
         if not isinstance(self.hostname, str) or not _printable(self.hostname) or not self.hostname:
-            raise ValueError(f"hostname must be printable ASCII without spaces: {self.hostname!r}")
+            raise SettingError(
+                "hostname", f"must be printable ASCII without spaces: {self.hostname!r}"
+            )
         if self.banner is not None and (
             not isinstance(self.banner, str) or not _printable(self.banner.replace(" ", ""))
         ):
-            raise ValueError(f"banner must be printable ASCII: {self.banner!r}")
+            raise SettingError("banner", f"must be printable ASCII: {self.banner!r}")
 
     @property
     def greeting(self) -> str:
@@ -192,7 +209,7 @@ class SMTPSettings:
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, not {value!r}")
+        raise SettingError(name, f"must be an integer >= {minimum}, not {value!r}")
 
 
 def _printable(text: str) -> bool:

@@ -1,0 +1,8 @@
+"""``python -m bonzo``: the same as the ``bonzo`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""A configured mail server: plugins, settings and listeners together.
+
+:class:`MailApp` turns a :class:`~bonzo.config.Config` into a running
+server: it finds and registers the enabled plugins in the configured order
+(entry points of the ``bonzo.plugins`` group, or dotted paths), hands each its
+``[plugins.<name>]`` table, runs their startup hooks, and serves
+:class:`~bonzo.hooks.PluginHandler` on the listeners.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import socket
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError, load_config
+from .hooks import PluginError, PluginHandler, PluginSet
+from .server import SMTPServer
+
+__all__ = ["MailApp", "InstalledPlugin", "installed_plugins", "resolve_plugin", "ENTRY_POINT_GROUP"]
+
+#: The entry-point group where plugins (bundled and third-party) are found.
+ENTRY_POINT_GROUP = "bonzo.plugins"
+
+log = logging.getLogger("bonzo.app")
+
+
+@dataclass
+class InstalledPlugin:
+    """A plugin found through the ``bonzo.plugins`` entry-point group."""
+
+    name: str
+    value: str
+    distribution: str
+    version: str
+    entry_point: Any = None
+
+
+def installed_plugins() -> dict[str, InstalledPlugin]:
+    """Every plugin installed in the ``bonzo.plugins`` group, by name."""
+    found: dict[str, InstalledPlugin] = {}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(ep, "dist", None)
+        found[ep.name] = InstalledPlugin(
+            ep.name,
+            ep.value,
+            dist.metadata["Name"] if dist is not None else "?",
+            dist.version if dist is not None else "?",
+            ep,
+        )
+    return found
+
+
+def _instantiate(obj: Any) -> Any:
+    # A class is instantiated once per server; a module or object is used as is.
+    return obj() if inspect.isclass(obj) else obj
+
+
+def resolve_plugin(name: str, installed: dict[str, InstalledPlugin] | None = None) -> Any:
+    """Return the plugin object for ``name``: an installed entry point, or a
+    dotted path (``package.module`` or ``package.module:attribute``). Raises
+    :class:`LookupError` with a helpful message."""
+    installed = installed_plugins() if installed is None else installed
+    if name in installed:
+        ep = installed[name].entry_point
+        try:
+            return _instantiate(ep.load())
+        except Exception as exc:
+            raise LookupError(f"plugin {name!r} ({ep.value}) failed to load: {exc!r}") from exc
+    if "." in name or ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise LookupError(f"plugin {name!r}: cannot import {module_name}: {exc}") from exc
+        except Exception as exc:
+            raise LookupError(f"plugin {name!r}: importing {module_name} failed: {exc!r}") from exc
+        if not attr:
+            return module
+        try:
+            obj = module
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            raise LookupError(f"plugin {name!r}: {module_name} has no {attr!r}") from None
+        return _instantiate(obj)
+    known = ", ".join(sorted(installed)) or "none"
+    raise LookupError(f"plugin {name!r} is not installed (installed plugins: {known})")
+
+
+class MailApp:
+    """A mail server built from a configuration.
+
+    :arg config: a :class:`~bonzo.config.Config` (default: the embedded one).
+    :arg extra_plugins: plugin objects to run after the configured ones, as
+        ``(name, object)`` pairs or bare objects (named after their class).
+
+    .. attribute:: base_dir
+
+       Directory against which plugins resolve relative paths (the config
+       file's directory).
+    """
+
+    def __init__(self, config: Config | None = None, extra_plugins: Iterable[Any] = ()) -> None:
+        self.config = config if config is not None else load_config(None)
+        self.settings = self.config.settings
+        self.base_dir: Path = self.config.base_dir
+        self.plugins = PluginSet(timeout=self.config.plugins.timeout)
+        self.server: SMTPServer | None = None
+        self._extra = list(extra_plugins)
+        self._started = False
+        self._load_plugins()
+
+    # ---------------------------------------------------------------- plugins
+    def _load_plugins(self) -> None:
+        config = self.config
+        pc = config.plugins
+        for path in pc.paths:
+            if path not in sys.path:
+                sys.path.insert(0, path)
+        installed = installed_plugins()
+        for name in pc.enabled:
+            try:
+                obj = resolve_plugin(name, installed)
+            except LookupError as exc:
+                raise config.error("plugins.enabled", str(exc)) from None
+            try:
+                self.plugins.register(obj, name, timeout=pc.timeouts.get(name))
+            except PluginError as exc:
+                raise config.error("plugins.enabled", str(exc)) from None
+        for item in self._extra:
+            name, obj = item if isinstance(item, tuple) else (type(item).__name__, item)
+            try:
+                self.plugins.register(obj, name)
+            except PluginError as exc:
+                raise config.error("", str(exc)) from None
+        for name in pc.tables:
+            if name not in pc.enabled:
+                if name in installed:
+                    log.warning(
+                        "%s: [plugins.%s] is configured but the plugin is not enabled",
+                        config.source,
+                        name,
+                    )
+                else:
+                    raise config.error(
+                        f"plugins.{name}",
+                        "table for a plugin that is neither enabled nor installed",
+                    )
+        for call in self.plugins.calls["bonzo_configure"]:
+            table = pc.tables.get(call.plugin, {})
+            args = (table, self)
+            try:
+                call.function(*[args[i] for i in call.indexes])
+            except (ValueError, TypeError, KeyError, ConfigError) as exc:
+                message = exc.message if isinstance(exc, ConfigError) else str(exc)
+                raise config.error(f"plugins.{call.plugin}", message) from None
+            except Exception as exc:
+                raise config.error(
+                    f"plugins.{call.plugin}", f"configuration failed: {exc!r}"
+                ) from None
+        for name in pc.enabled:
+            plugin = self.plugins.get(name)
+            if not self.plugins.hooks_of(name) and plugin is not None:
+                log.warning("plugin %r implements no hook", name)
+
+    def warnings(self) -> list[str]:
+        """Problems that do not stop the server but probably are mistakes."""
+        out = []
+        calls = self.plugins.calls
+        if not calls["bonzo_rcpt"]:
+            out.append(
+                "no enabled plugin accepts recipients (bonzo_rcpt): every recipient will be "
+                "refused; enable e.g. 'recipients'"
+            )
+        if not calls["bonzo_deliver"]:
+            out.append(
+                "no enabled plugin delivers messages (bonzo_deliver): every message will be "
+                "answered 451; enable e.g. 'maildir'"
+            )
+        return out
+
+    # ---------------------------------------------------------------- running
+    def bind(self) -> list[socket.socket]:
+        """Bind the listening sockets of every listener (before forking workers)."""
+        from tornado.netutil import bind_sockets
+
+        sockets: list[socket.socket] = []
+        for listener in self.config.listeners:
+            try:
+                sockets += bind_sockets(listener.port, listener.address or None, backlog=1024)
+            except OSError as exc:
+                for s in sockets:
+                    s.close()
+                raise OSError(
+                    exc.errno,
+                    f"cannot listen on {listener.address}:{listener.port}: {exc.strerror}",
+                ) from None
+        return sockets
+
+    async def start(self, sockets: Sequence[socket.socket] | None = None) -> SMTPServer:
+        """Run the plugins' startup hooks and start serving on ``sockets``
+        (default: bind the configured listeners now)."""
+        if self._started:
+            raise RuntimeError("MailApp already started")
+        await self.plugins.call_observers("bonzo_startup", self, strict=True)
+        server = SMTPServer(handler=PluginHandler(self.plugins), settings=self.settings)
+        server.add_sockets(list(sockets) if sockets is not None else self.bind())
+        self.server = server
+        self._started = True
+        return server
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop gracefully (see :meth:`SMTPServer.shutdown`), then run the
+        plugins' shutdown hooks."""
+        if self.server is not None:
+            await self.server.shutdown(grace)
+            self.server = None
+        if self._started:
+            self._started = False
+            await self.plugins.call_observers("bonzo_shutdown", self)
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The (address, port) pairs being served, once started."""
+        if self.server is None:
+            return []
+        out = []
+        for sock in self.server._sockets.values():
+            name = sock.getsockname()
+            out.append((name[0], name[1]))
+        return out

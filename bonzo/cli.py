@@ -1,0 +1,267 @@
+"""The ``bonzo`` command: run the daemon, check a configuration, list plugins.
+
+``bonzo serve [-c FILE]``
+    Run in the foreground until SIGTERM or SIGINT (graceful stop). With no
+    ``-c``, the embedded default configuration (``bonzo.toml.example``) runs.
+``bonzo check [-c FILE]``
+    Validate the configuration and load every enabled plugin; exit 0 if all
+    is well, 2 with a one-line message naming the file and key otherwise.
+``bonzo plugins [-c FILE]``
+    Installed and enabled plugins, their versions, the hooks each implements
+    and the effective order of every hook.
+``bonzo version``
+    Print the version.
+
+Exit status: 0 on success, 1 when the server fails at run time (e.g. the
+port is in use), 2 for a bad command line or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import version
+from .config import ConfigError, load_config
+
+__all__ = ["main"]
+
+log = logging.getLogger("bonzo.daemon")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bonzo`` console script; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        result: int = args.func(args)
+        return result
+    except ConfigError as exc:
+        print(f"bonzo: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # pragma: no cover - interactive only
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bonzo", description="Bonzo, the programmable SMTP server."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, func: Any, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    for name, func, text in (
+        ("serve", _serve, "run the server in the foreground"),
+        ("check", _check, "validate the configuration and its plugins"),
+        ("plugins", _plugins, "list installed and enabled plugins and hook order"),
+    ):
+        p = add(name, func, text)
+        p.add_argument(
+            "-c",
+            "--config",
+            metavar="FILE",
+            help="configuration file (default: the embedded default, bonzo.toml.example)",
+        )
+    add("version", _version, "print the version")
+    return parser
+
+
+def _version(args: argparse.Namespace) -> int:
+    print(f"bonzo {version}")
+    return 0
+
+
+def _load_app(args: argparse.Namespace) -> Any:
+    from .app import MailApp
+
+    config = load_config(args.config)
+    return MailApp(config)
+
+
+def _check(args: argparse.Namespace) -> int:
+    app = _load_app(args)
+    config = app.config
+    listeners = ", ".join(f"{ln.address or '*'}:{ln.port}" for ln in config.listeners)
+    print(f"{config.source}: OK")
+    print(f"  listeners: {listeners}")
+    print(f"  workers: {config.workers}")
+    print(f"  plugins: {', '.join(config.plugins.enabled) or 'none'}")
+    for warning in app.warnings():
+        print(f"  warning: {warning}")
+    return 0
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from .app import installed_plugins
+    from .hooks import hook_names
+
+    app = _load_app(args)
+    installed = installed_plugins()
+    enabled = app.config.plugins.enabled
+    print("Installed plugins (entry-point group bonzo.plugins):")
+    for name in sorted(installed):
+        info = installed[name]
+        state = f"enabled #{enabled.index(name) + 1}" if name in enabled else "not enabled"
+        print(f"  {name:<16} {info.distribution} {info.version:<10} {state:<12} {info.value}")
+    local = [n for n in enabled if n not in installed]
+    if local:
+        print("Enabled by dotted path:")
+        for name in local:
+            print(f"  {name}")
+    print("Enabled plugins and their hooks:")
+    for name in enabled:
+        print(f"  {name}: {', '.join(app.plugins.hooks_of(name)) or '(no hooks)'}")
+    print("Effective order per hook:")
+    for hook in hook_names():
+        calls = app.plugins.calls[hook]
+        if calls:
+            print(f"  {hook}: {' -> '.join(c.plugin for c in calls)}")
+    for warning in app.warnings():
+        print(f"warning: {warning}")
+    return 0
+
+
+# ------------------------------------------------------------------- serve
+def _setup_logging(config: Any) -> None:
+    level = getattr(logging, config.logging.level.upper())
+    handler: logging.Handler
+    if config.logging.file:
+        handler = logging.FileHandler(config.logging.file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("tornado.access").setLevel(
+        level if config.logging.access_log else logging.WARNING
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    _setup_logging(config)
+    from .app import MailApp
+
+    app = MailApp(config)
+    if config.source == "<default>":
+        log.info(
+            "No -c given: running the embedded default configuration (bonzo.toml.example); "
+            "paths are relative to %s",
+            config.base_dir,
+        )
+    for warning in app.warnings():
+        log.warning("%s", warning)
+    try:
+        sockets = app.bind()
+    except OSError as exc:
+        log.error("%s", exc.strerror or exc)
+        return 1
+    where = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in sockets)
+    log.info(
+        "bonzo %s listening on %s with %d worker(s); plugins in order: %s",
+        version,
+        where,
+        config.workers,
+        ", ".join(config.plugins.enabled) or "none",
+    )
+    if config.workers == 1:
+        return _run_worker(app, sockets)
+    return _supervise(app, sockets, config.workers)
+
+
+def _run_worker(app: Any, sockets: list[Any]) -> int:
+    async def run() -> int:
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        try:
+            await app.start(sockets)
+        except Exception as exc:
+            log.error("startup failed: %s", exc, exc_info=True)
+            return 1
+        log.info("ready (pid %d)", os.getpid())
+        await stopping.wait()
+        log.info("stopping: no new connections; finishing messages in flight")
+        await app.stop()
+        log.info("stopped")
+        return 0
+
+    return asyncio.run(run())
+
+
+def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
+    """Fork ``workers`` processes that share the listening sockets; restart
+    any that dies unexpectedly; forward SIGTERM/SIGINT for a graceful stop."""
+    children: dict[int, int] = {}
+    stopping = False
+    restarts: list[float] = []
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # child
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 1
+            try:
+                code = _run_worker(app, sockets)
+            finally:
+                os._exit(code)
+        children[pid] = slot
+
+    def on_signal(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for slot in range(workers):
+        spawn(slot)
+    status = 0
+    while children:
+        try:
+            pid, wait_status = os.wait()
+        except ChildProcessError:  # pragma: no cover - no children left
+            break
+        except InterruptedError:  # pragma: no cover - retried by Python
+            continue
+        slot = children.pop(pid, None)
+        if slot is None:
+            continue
+        code = os.waitstatus_to_exitcode(wait_status)
+        if stopping:
+            continue
+        log.error("worker %d (pid %d) exited with status %d; restarting", slot, pid, code)
+        now = time.monotonic()
+        restarts[:] = [t for t in restarts if now - t < 60] + [now]
+        if len(restarts) > 10 * workers:
+            log.error("workers keep dying (%d restarts in a minute); giving up", len(restarts))
+            on_signal(signal.SIGTERM, None)
+            status = 1
+            continue
+        spawn(slot)
+    for s in sockets:
+        s.close()
+    return status

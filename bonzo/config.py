@@ -1,0 +1,367 @@
+"""The ``bonzo.toml`` configuration: read, validated, and turned into objects.
+
+Every problem is a :class:`ConfigError` whose message names the file and the
+dotted key (``bonzo.toml: limits.max_recipients: must be at least 100``), and
+is found before anything listens. ``bonzo.toml.example`` at the root of the
+source tree documents every key; the same file is embedded as the default
+configuration (``bonzo serve`` with no ``-c``).
+
+Secrets need not be written in the file: anywhere in the configuration, a
+table ``{ "$env" = "NAME" }`` is replaced by the environment variable
+``NAME`` and ``{ "$file" = "/path" }`` by the contents of that file (without
+its final newline).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .settings import SettingError, SMTPSettings
+
+if sys.version_info >= (3, 11):  # pragma: no cover - depends on the interpreter
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ListenerConfig",
+    "LoggingConfig",
+    "PluginsConfig",
+    "load_config",
+    "parse_config",
+    "default_config_text",
+    "SETTING_SECTIONS",
+    "TOP_LEVEL_KEYS",
+]
+
+#: Which table of the file holds each :class:`~bonzo.settings.SMTPSettings` field.
+SETTING_SECTIONS: dict[str, str] = {
+    "hostname": "server",
+    "banner": "server",
+    "shutdown_grace": "server",
+    "spool_threshold": "server",
+    "spool_dir": "server",
+    "bare_newline": "protocol",
+    "smtputf8": "protocol",
+    "max_command_line": "limits",
+    "max_auth_line": "limits",
+    "max_message_size": "limits",
+    "max_data_line": "limits",
+    "max_recipients": "limits",
+    "max_messages_per_connection": "limits",
+    "max_unknown_commands": "limits",
+    "max_errors": "limits",
+    "max_connections": "limits",
+    "max_connections_per_ip": "limits",
+    "idle_timeout": "limits",
+    "command_timeout": "limits",
+    "data_timeout": "limits",
+    "min_data_rate": "limits",
+    "data_rate_window": "limits",
+    "handler_timeout": "limits",
+    "read_chunk_size": "limits",
+    "max_write_backlog": "limits",
+}
+
+#: Keys of each table that are not SMTPSettings fields.
+EXTRA_KEYS: dict[str, tuple[str, ...]] = {
+    "server": ("workers",),
+    "protocol": (),
+    "limits": (),
+}
+LISTENER_KEYS = ("address", "port")
+LOGGING_KEYS = ("level", "access_log", "file")
+PLUGINS_KEYS = ("enabled", "timeout", "timeouts", "paths")
+#: The tables allowed at the top level of the file.
+TOP_LEVEL_KEYS = ("server", "protocol", "limits", "listeners", "logging", "plugins")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``str()`` is the one-line message for the operator.
+
+    :arg source: the file name (or ``"<default>"``).
+    :arg key: the dotted key, e.g. ``"limits.max_recipients"``.
+    """
+
+    def __init__(self, source: str, key: str, message: str) -> None:
+        self.source = source
+        self.key = key
+        self.message = message
+        where = f"{source}: {key}: " if key else f"{source}: "
+        super().__init__(where + message)
+
+
+@dataclass
+class ListenerConfig:
+    """One ``[[listeners]]`` entry: where to accept connections."""
+
+    address: str = "127.0.0.1"
+    port: int = 2525
+
+
+@dataclass
+class LoggingConfig:
+    """The ``[logging]`` table."""
+
+    level: str = "info"
+    access_log: bool = True
+    file: str | None = None
+
+
+@dataclass
+class PluginsConfig:
+    """The ``[plugins]`` table: which plugins run, in which order, with which settings."""
+
+    enabled: list[str] = field(default_factory=list)
+    timeout: float = 60.0
+    timeouts: dict[str, float] = field(default_factory=dict)
+    paths: list[str] = field(default_factory=list)
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    """A validated configuration."""
+
+    source: str
+    base_dir: Path
+    settings: SMTPSettings
+    listeners: list[ListenerConfig]
+    workers: int = 1
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
+
+    def error(self, key: str, message: str) -> ConfigError:
+        """A :class:`ConfigError` for ``key`` of this configuration."""
+        return ConfigError(self.source, key, message)
+
+
+def default_config_text() -> str:
+    """The embedded default configuration (identical to ``bonzo.toml.example``)."""
+    return resources.files("bonzo").joinpath("default.toml").read_text("utf-8")
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate a configuration file; ``None`` gives the embedded default
+    (with paths relative to the current directory)."""
+    if path is None:
+        return parse_config(default_config_text(), source="<default>", base_dir=Path.cwd())
+    p = Path(path)
+    try:
+        text = p.read_text("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(p), "", "no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(p), "", f"cannot read: {exc}") from None
+    return parse_config(text, source=str(p), base_dir=p.resolve().parent)
+
+
+def parse_config(text: str, source: str = "<string>", base_dir: Path | None = None) -> Config:
+    """Parse and validate configuration text."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "", f"invalid TOML: {exc}") from None
+    data = _resolve_secrets(data, source, "")
+    return _build(data, source, base_dir or Path.cwd())
+
+
+def _resolve_secrets(value: Any, source: str, key: str) -> Any:
+    if isinstance(value, dict):
+        if len(value) == 1 and ("$env" in value or "$file" in value):
+            kind, ref = next(iter(value.items()))
+            if not isinstance(ref, str) or not ref:
+                raise ConfigError(source, key, f"{kind} needs a non-empty string")
+            if kind == "$env":
+                if ref not in os.environ:
+                    raise ConfigError(source, key, f"environment variable {ref} is not set")
+                return os.environ[ref]
+            try:
+                return Path(ref).read_text("utf-8").rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(source, key, f"cannot read secret file {ref}: {exc}") from None
+        return {
+            k: _resolve_secrets(v, source, f"{key}.{k}" if key else k) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_resolve_secrets(v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _table(data: dict[str, Any], name: str, source: str) -> dict[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(source, name, f"must be a table, not {_type(value)}")
+    return value
+
+
+def _type(value: Any) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
+    for key in data:
+        if key not in TOP_LEVEL_KEYS:
+            raise ConfigError(
+                source, key, f"unknown table (expected one of {', '.join(TOP_LEVEL_KEYS)})"
+            )
+    kwargs: dict[str, Any] = {}
+    workers = 1
+    for section in ("server", "protocol", "limits"):
+        table = _table(data, section, source)
+        allowed = [k for k, s in SETTING_SECTIONS.items() if s == section]
+        allowed += EXTRA_KEYS[section]
+        for key, value in table.items():
+            if key not in allowed:
+                raise ConfigError(
+                    source,
+                    f"{section}.{key}",
+                    f"unknown key (allowed in [{section}]: {', '.join(sorted(allowed))})",
+                )
+            if key == "workers":
+                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
+                    raise ConfigError(
+                        source, "server.workers", f"must be an integer 1..256, not {value!r}"
+                    )
+                workers = value
+            elif key == "spool_dir":
+                if not isinstance(value, str):
+                    raise ConfigError(
+                        source, "server.spool_dir", f"must be a string, not {_type(value)}"
+                    )
+                kwargs[key] = str((base_dir / value).resolve())
+            else:
+                kwargs[key] = value
+    try:
+        settings = SMTPSettings(**kwargs)
+    except SettingError as exc:
+        key = f"{SETTING_SECTIONS.get(exc.setting, 'server')}.{exc.setting}"
+        raise ConfigError(source, key, exc.detail) from None
+    except TypeError as exc:  # pragma: no cover - keys are checked above
+        raise ConfigError(source, "", str(exc)) from None
+    return Config(
+        source=source,
+        base_dir=base_dir,
+        settings=settings,
+        listeners=_listeners(data.get("listeners"), source),
+        workers=workers,
+        logging=_logging(_table(data, "logging", source), source),
+        plugins=_plugins(_table(data, "plugins", source), source, base_dir),
+    )
+
+
+def _listeners(value: Any, source: str) -> list[ListenerConfig]:
+    if value is None:
+        return [ListenerConfig()]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(
+            source, "listeners", "must be a non-empty array of tables ([[listeners]])"
+        )
+    out = []
+    seen = set()
+    for i, item in enumerate(value):
+        key = f"listeners[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(source, key, f"must be a table, not {_type(item)}")
+        for k in item:
+            if k not in LISTENER_KEYS:
+                raise ConfigError(
+                    source, f"{key}.{k}", f"unknown key (allowed: {', '.join(LISTENER_KEYS)})"
+                )
+        address = item.get("address", "127.0.0.1")
+        port = item.get("port", 2525)
+        if not isinstance(address, str):
+            raise ConfigError(source, f"{key}.address", f"must be a string, not {_type(address)}")
+        if address not in ("", "localhost"):
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ConfigError(
+                    source,
+                    f"{key}.address",
+                    f'must be an IP address (or "" for all), not {address!r}',
+                ) from None
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ConfigError(source, f"{key}.port", f"must be an integer 0..65535, not {port!r}")
+        if (address, port) in seen and port:
+            raise ConfigError(source, key, f"duplicate listener {address}:{port}")
+        seen.add((address, port))
+        out.append(ListenerConfig(address=address, port=port))
+    return out
+
+
+def _logging(table: dict[str, Any], source: str) -> LoggingConfig:
+    for k in table:
+        if k not in LOGGING_KEYS:
+            raise ConfigError(
+                source, f"logging.{k}", f"unknown key (allowed: {', '.join(LOGGING_KEYS)})"
+            )
+    level = table.get("level", "info")
+    if not isinstance(level, str) or level.lower() not in LOG_LEVELS:
+        raise ConfigError(
+            source, "logging.level", f"must be one of {', '.join(LOG_LEVELS)}, not {level!r}"
+        )
+    access = table.get("access_log", True)
+    if not isinstance(access, bool):
+        raise ConfigError(source, "logging.access_log", f"must be true or false, not {access!r}")
+    file = table.get("file")
+    if file is not None and not isinstance(file, str):
+        raise ConfigError(source, "logging.file", f"must be a string, not {_type(file)}")
+    return LoggingConfig(level=level.lower(), access_log=access, file=file)
+
+
+def _plugins(table: dict[str, Any], source: str, base_dir: Path) -> PluginsConfig:
+    config = PluginsConfig()
+    enabled = table.get("enabled", [])
+    if not isinstance(enabled, list) or not all(isinstance(n, str) and n for n in enabled):
+        raise ConfigError(source, "plugins.enabled", "must be an array of plugin names")
+    if len(set(enabled)) != len(enabled):
+        dup = next(n for n in enabled if enabled.count(n) > 1)
+        raise ConfigError(source, "plugins.enabled", f"plugin {dup!r} is listed twice")
+    config.enabled = list(enabled)
+    timeout = table.get("timeout", 60.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ConfigError(source, "plugins.timeout", f"must be a positive number, not {timeout!r}")
+    config.timeout = float(timeout)
+    timeouts = table.get("timeouts", {})
+    if not isinstance(timeouts, dict):
+        raise ConfigError(source, "plugins.timeouts", "must be a table of plugin = seconds")
+    for name, value in timeouts.items():
+        if name not in enabled:
+            raise ConfigError(source, f"plugins.timeouts.{name}", "names no enabled plugin")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(
+                source, f"plugins.timeouts.{name}", f"must be a positive number, not {value!r}"
+            )
+        config.timeouts[name] = float(value)
+    paths = table.get("paths", [])
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise ConfigError(source, "plugins.paths", "must be an array of directory paths")
+    config.paths = [str((base_dir / p).resolve()) for p in paths]
+    for key, value in table.items():
+        if key in PLUGINS_KEYS:
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(
+                source,
+                f"plugins.{key}",
+                f"unknown key (allowed: {', '.join(PLUGINS_KEYS)}, or a [plugins.<name>] table)",
+            )
+        config.tables[key] = value
+    return config
