@@ -21,3 +21,8 @@ version = get_version_string()
 """Current version of Bonzo."""
 
 __version__ = version
+
+# The names plugin authors need, importable as ``from bonzo import hookimpl``.
+from .hookspecs import Accept, hookimpl  # noqa: E402
+
+__all__ = ["Accept", "hookimpl", "version", "version_tuple", "get_version_string"]
