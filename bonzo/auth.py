@@ -29,6 +29,7 @@ __all__ = [
     "hash_password",
     "verify_password",
     "PasswordHashError",
+    "dummy_hash",
 ]
 
 
@@ -207,6 +208,14 @@ def verify_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(digest, expected)
 
 
-#: A hash of a random password, checked for unknown users so that an unknown
-#: user takes as long to refuse as a wrong password.
-DUMMY_HASH = hash_password(secrets.token_hex(16))
+_dummy_hash: str | None = None
+
+
+def dummy_hash() -> str:
+    """A hash of a random password (made once, on first use): check a password
+    against it for an unknown user, so that an unknown user takes as long to
+    refuse as a wrong password."""
+    global _dummy_hash
+    if _dummy_hash is None:
+        _dummy_hash = hash_password(secrets.token_hex(16))
+    return _dummy_hash

@@ -77,7 +77,7 @@ def make_server_context(
             if chosen is not None:
                 sock.context = chosen
 
-        ctx.sni_callback = choose  # type: ignore[assignment]
+        ctx.sni_callback = choose
     return ctx
 
 
