@@ -85,6 +85,8 @@ class PluginSet:
     """
 
     def __init__(self, timeout: float = 60.0) -> None:
+        if not _positive(timeout):
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         self.manager = _Manager("bonzo")
         self.manager.add_hookspecs(hookspecs)
         self.timeout = timeout
@@ -98,13 +100,18 @@ class PluginSet:
         unknown hook, a wrong argument name, or a hook wrapper."""
         if name in self.names:
             raise PluginError(f"plugin {name!r} is registered twice")
+        if timeout is not None and not _positive(timeout):
+            raise PluginError(f"plugin {name!r}: timeout must be a positive number of seconds")
         try:
             self.manager.register(plugin, name=name)
-        except pluggy.PluginValidationError as exc:
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            # pluggy validates while registering and leaves what it added so
+            # far behind: undo it, so a refused plugin leaves no trace (a later
+            # call list would otherwise name a plugin that is not in the set).
+            if self.manager.get_plugin(name) is plugin:
+                self.manager.unregister(name=name)
             detail = " ".join(str(exc).split())
             raise PluginError(f"plugin {name!r}: {detail}") from None
-        except ValueError as exc:
-            raise PluginError(f"plugin {name!r}: {exc}") from None
         for impl in self._impls_of(name):
             hook = impl.function.__name__ if impl.function else "?"
             hook_name = _hook_name(self.manager, impl)
@@ -211,22 +218,56 @@ class PluginSet:
         for call in self.calls[hook]:
             try:
                 result = await _invoke(call, args)
-            except errors.SMTPError:
-                raise
+            except errors.SMTPError as exc:
+                if exc.status_code >= 400:
+                    raise
+                # A "rejection" with a 2xx/3xx code would tell the client that
+                # all is well (for a message: that it was delivered): fail closed.
+                raise _Failure(
+                    call.plugin,
+                    hook,
+                    ValueError(f"raised an SMTPError with non-error code {exc.status_code}"),
+                ) from exc
             except Exception as exc:
                 raise _Failure(call.plugin, hook, exc) from exc
             if result is None:
                 continue
-            if isinstance(result, (Accept, str)) or (
-                hook == "bonzo_unknown_command" and isinstance(result, tuple)
-            ):
+            if isinstance(result, (Accept, str)):
                 return result
+            if hook == "bonzo_unknown_command" and isinstance(result, tuple):
+                problem = _reply_tuple_problem(result)
+                if problem is None:
+                    return result
+                raise _Failure(call.plugin, hook, ValueError(problem))
             raise _Failure(
                 call.plugin,
                 hook,
                 TypeError(f"returned {type(result).__name__}; expected Accept, str or None"),
             )
         return None
+
+
+def _positive(value: Any) -> bool:
+    return (
+        not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < float("inf")
+    )
+
+
+def _reply_tuple_problem(reply: tuple[Any, ...]) -> str | None:
+    """Why ``reply`` is not a valid ``(code, text)`` or ``(code, enhanced,
+    text)`` answer to an unknown command, or ``None`` if it is."""
+    if len(reply) not in (2, 3):
+        return f"returned a tuple of {len(reply)} items; expected (code, [enhanced,] text)"
+    code, text = reply[0], reply[-1]
+    if isinstance(code, bool) or not isinstance(code, int) or code // 100 not in (2, 4, 5):
+        return f"returned reply code {code!r}; expected an int 200..599 (not 3xx)"
+    if not isinstance(text, str):
+        return f"returned reply text of type {type(text).__name__}; expected str"
+    if len(reply) == 3:
+        enhanced = reply[1]
+        if enhanced is not None and (not isinstance(enhanced, str) or enhanced[:1] != str(code)[0]):
+            return f"returned enhanced code {enhanced!r}, which does not match {code}"
+    return None
 
 
 async def _invoke(call: HookCall, args: tuple[Any, ...]) -> Any:
@@ -289,8 +330,17 @@ class PluginHandler(SessionHandler):
             except Exception as exc:
                 _log_failure(session, "bonzo_exception", call.plugin, exc)
                 continue
-            if isinstance(reply, errors.SMTPError):
+            if isinstance(reply, errors.SMTPError) and reply.status_code >= 400:
                 return reply
+            if reply is not None:
+                # Anything but an error reply (a 2xx would tell the client
+                # that all is well) is ignored: fail closed.
+                app_log.error(
+                    "Plugin %r returned %r from bonzo_exception; expected a 4xx/5xx "
+                    "SMTPError or None",
+                    call.plugin,
+                    reply,
+                )
         return errors.InternalConfusion()
 
     @staticmethod

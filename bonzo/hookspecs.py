@@ -23,8 +23,8 @@ Rules shared by every hook:
   return any awaitable); Bonzo awaits each one before calling the next, within
   the plugin's timeout. Hook wrappers are refused at startup.
 - **Decision hooks** (connect, helo, mail, rcpt, data, message, deliver,
-  unknown_command, auth): raising a :class:`bonzo.errors.SMTPError` rejects
-  with that reply and stops the chain; returning :class:`Accept` (or a string,
+  unknown_command, auth): raising a :class:`bonzo.errors.SMTPError` (``4xx``
+  or ``5xx``) rejects with that reply and stops the chain; returning :class:`Accept` (or a string,
   the reply text) accepts and stops it; returning ``None`` asks the next
   plugin. When every plugin says ``None`` the command is accepted, except for
   **rcpt** and **deliver**, which need an owner: a recipient nobody accepts is
@@ -34,8 +34,8 @@ Rules shared by every hook:
 - **Observer hooks** (startup, shutdown, ehlo_keywords, accepted, rset,
   disconnect): every implementation runs; an exception in one is logged and
   the others still run (except startup, where it stops the server).
-- **Fail closed.** An exception that is not an ``SMTPError``, a timeout, or a
-  return value of the wrong type answers ``451 4.3.0`` (via
+- **Fail closed.** An exception that is not an ``SMTPError`` (or is one with
+  a ``2xx``/``3xx`` code), a timeout, or a return value of the wrong type answers ``451 4.3.0`` (via
   :func:`bonzo_exception`), is logged with the plugin's name and traceback,
   and never reaches the client.
 - **State.** Keep per-connection data in ``session.stash`` and per-message
@@ -166,8 +166,10 @@ def bonzo_ehlo_keywords(session: Session, keywords: list[str]) -> None:
 @hookspec
 def bonzo_unknown_command(session: Session, verb: str, arg: str) -> Any:
     """A verb the core does not implement (decision). Return
-    ``(code, text)`` or ``(code, enhanced_code, text)`` to answer it, raise an
-    ``SMTPError``, or return ``None`` (``500 5.5.2`` if nobody handles it).
+    ``(code, text)`` or ``(code, enhanced_code, text)`` to answer it (a
+    ``2xx``, ``4xx`` or ``5xx`` code; a malformed tuple answers ``451 4.3.0``),
+    :class:`Accept` for ``250``, raise an ``SMTPError``, or return ``None``
+    (``500 5.5.2`` if nobody handles it).
 
     .. versionadded:: 0.2
     """
@@ -255,8 +257,9 @@ def bonzo_exception(
     """Map an unexpected exception to a reply (first result wins; sync only).
 
     Called when a plugin (``plugin``, in ``hook``) raised something other than
-    an ``SMTPError`` or timed out. Return an ``SMTPError`` to send instead of
-    the default ``451 4.3.0``; a ``5xx`` here turns a local fault into a
+    an ``SMTPError`` or timed out. Return an ``SMTPError`` with a ``4xx`` or
+    ``5xx`` code to send instead of the default ``451 4.3.0`` (anything else is
+    logged and ignored); a ``5xx`` here turns a local fault into a
     permanent refusal, so think twice.
 
     .. versionadded:: 0.2
