@@ -36,7 +36,18 @@ _TCPSERVER_ARGS = ("ssl_options", "max_buffer_size", "read_chunk_size")
 class SMTPRequest:
     """A single SMTP request: one message and its envelope.
 
+    .. attribute:: connection
+
+       The :class:`~bonzo.connection.SMTPConnection` the message came on.
+
     .. attribute:: remote_ip
+
+       The client's IP address.
+
+    .. attribute:: command
+
+       Always ``"DATA"``.
+
     .. attribute:: hostname
 
        The HELO/EHLO name the client gave.

@@ -39,9 +39,20 @@ class Session:
        Unique id of the session, used in logs and trace headers.
 
     .. attribute:: remote_ip
+
+       The client's IP address (``"0.0.0.0"`` on a Unix socket).
+
     .. attribute:: remote_port
 
-       The client's address.
+       The client's port.
+
+    .. attribute:: local_ip
+
+       The server address the client connected to.
+
+    .. attribute:: local_port
+
+       The server port the client connected to.
 
     .. attribute:: helo
 
@@ -62,6 +73,14 @@ class Session:
     .. attribute:: stash
 
        A dict where plugins keep per-connection data, by their own key.
+
+    .. attribute:: started
+
+       When the client connected (:func:`time.time`).
+
+    .. attribute:: messages
+
+       Messages accepted on this connection so far.
     """
 
     __slots__ = (
