@@ -9,7 +9,8 @@ configuration (``bonzo serve`` with no ``-c``).
 Secrets need not be written in the file: anywhere in the configuration, a
 table ``{ "$env" = "NAME" }`` is replaced by the environment variable
 ``NAME`` and ``{ "$file" = "/path" }`` by the contents of that file (without
-its final newline).
+its final newline). Relative paths, here and in every path setting, are
+taken from the configuration file's directory.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ class ConfigError(Exception):
         self.key = key
         self.message = message
         where = f"{source}: {key}: " if key else f"{source}: "
-        super().__init__(where + message)
+        # One line for the operator, whatever a key or value in the file holds.
+        super().__init__("".join(c if c.isprintable() else ascii(c)[1:-1] for c in where + message))
 
 
 @dataclass
@@ -171,11 +173,12 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "", f"invalid TOML: {exc}") from None
-    data = _resolve_secrets(data, source, "")
-    return _build(data, source, base_dir or Path.cwd())
+    base_dir = base_dir or Path.cwd()
+    data = _resolve_secrets(data, source, "", base_dir)
+    return _build(data, source, base_dir)
 
 
-def _resolve_secrets(value: Any, source: str, key: str) -> Any:
+def _resolve_secrets(value: Any, source: str, key: str, base_dir: Path) -> Any:
     if isinstance(value, dict):
         if len(value) == 1 and ("$env" in value or "$file" in value):
             kind, ref = next(iter(value.items()))
@@ -183,18 +186,37 @@ def _resolve_secrets(value: Any, source: str, key: str) -> Any:
                 raise ConfigError(source, key, f"{kind} needs a non-empty string")
             if kind == "$env":
                 if ref not in os.environ:
-                    raise ConfigError(source, key, f"environment variable {ref} is not set")
+                    raise ConfigError(source, key, f"environment variable {ref!r} is not set")
                 return os.environ[ref]
+            path = _path(ref, source, key, base_dir)
             try:
-                return Path(ref).read_text("utf-8").rstrip("\r\n")
+                return Path(path).read_text("utf-8").rstrip("\r\n")
             except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigError(source, key, f"cannot read secret file {ref}: {exc}") from None
+                raise ConfigError(source, key, f"cannot read secret file {ref!r}: {exc}") from None
         return {
-            k: _resolve_secrets(v, source, f"{key}.{k}" if key else k) for k, v in value.items()
+            k: _resolve_secrets(v, source, f"{key}.{k}" if key else k, base_dir)
+            for k, v in value.items()
         }
     if isinstance(value, list):
-        return [_resolve_secrets(v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_resolve_secrets(v, source, f"{key}[{i}]", base_dir) for i, v in enumerate(value)]
     return value
+
+
+def _path(value: Any, source: str, key: str, base_dir: Path) -> str:
+    """``value`` as an absolute path, relative ones taken from ``base_dir``
+    (the configuration file's directory)."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(source, key, f"must be a non-empty path string, not {value!r}")
+    if "\0" in value:
+        raise ConfigError(source, key, f"must not contain a NUL character: {value!r}")
+    return str((base_dir / value).resolve())
+
+
+def _seconds(value: Any) -> bool:
+    """True for a positive, finite number of seconds."""
+    return (
+        not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < float("inf")
+    )
 
 
 def _table(data: dict[str, Any], name: str, source: str) -> dict[str, Any]:
@@ -241,11 +263,7 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
                     )
                 workers = value
             elif key == "spool_dir":
-                if not isinstance(value, str):
-                    raise ConfigError(
-                        source, "server.spool_dir", f"must be a string, not {_type(value)}"
-                    )
-                kwargs[key] = str((base_dir / value).resolve())
+                kwargs[key] = _path(value, source, "server.spool_dir", base_dir)
             else:
                 kwargs[key] = value
     try:
@@ -261,7 +279,7 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
         settings=settings,
         listeners=_listeners(data.get("listeners"), source),
         workers=workers,
-        logging=_logging(_table(data, "logging", source), source),
+        logging=_logging(_table(data, "logging", source), source, base_dir),
         plugins=_plugins(_table(data, "plugins", source), source, base_dir),
     )
 
@@ -306,7 +324,7 @@ def _listeners(value: Any, source: str) -> list[ListenerConfig]:
     return out
 
 
-def _logging(table: dict[str, Any], source: str) -> LoggingConfig:
+def _logging(table: dict[str, Any], source: str, base_dir: Path) -> LoggingConfig:
     for k in table:
         if k not in LOGGING_KEYS:
             raise ConfigError(
@@ -321,8 +339,8 @@ def _logging(table: dict[str, Any], source: str) -> LoggingConfig:
     if not isinstance(access, bool):
         raise ConfigError(source, "logging.access_log", f"must be true or false, not {access!r}")
     file = table.get("file")
-    if file is not None and not isinstance(file, str):
-        raise ConfigError(source, "logging.file", f"must be a string, not {_type(file)}")
+    if file is not None:
+        file = _path(file, source, "logging.file", base_dir)
     return LoggingConfig(level=level.lower(), access_log=access, file=file)
 
 
@@ -336,7 +354,7 @@ def _plugins(table: dict[str, Any], source: str, base_dir: Path) -> PluginsConfi
         raise ConfigError(source, "plugins.enabled", f"plugin {dup!r} is listed twice")
     config.enabled = list(enabled)
     timeout = table.get("timeout", 60.0)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+    if not _seconds(timeout):
         raise ConfigError(source, "plugins.timeout", f"must be a positive number, not {timeout!r}")
     config.timeout = float(timeout)
     timeouts = table.get("timeouts", {})
@@ -345,15 +363,15 @@ def _plugins(table: dict[str, Any], source: str, base_dir: Path) -> PluginsConfi
     for name, value in timeouts.items():
         if name not in enabled:
             raise ConfigError(source, f"plugins.timeouts.{name}", "names no enabled plugin")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        if not _seconds(value):
             raise ConfigError(
                 source, f"plugins.timeouts.{name}", f"must be a positive number, not {value!r}"
             )
         config.timeouts[name] = float(value)
     paths = table.get("paths", [])
-    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+    if not isinstance(paths, list):
         raise ConfigError(source, "plugins.paths", "must be an array of directory paths")
-    config.paths = [str((base_dir / p).resolve()) for p in paths]
+    config.paths = [_path(p, source, f"plugins.paths[{i}]", base_dir) for i, p in enumerate(paths)]
     for key, value in table.items():
         if key in PLUGINS_KEYS:
             continue
