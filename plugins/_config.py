@@ -1,0 +1,144 @@
+"""Small helpers the bundled plugins share: strict checks of a plugin's table,
+and the normalisation of domains and client addresses.
+
+Private to ``bonzo_plugins``; third-party plugins should not import it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "as_table",
+    "check_keys",
+    "get_bool",
+    "get_str",
+    "get_str_list",
+    "resolve_path",
+    "normalize_domain",
+    "parse_network",
+    "client_address",
+    "in_networks",
+    "describe",
+]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def describe(value: Any, limit: int = 60) -> str:
+    """A short ``repr`` of a configuration value for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def as_table(config: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The plugin's table (``None`` counts as empty); anything else is an error."""
+    if config is None:
+        return {}
+    if not isinstance(config, Mapping):
+        raise ValueError(f"expected a table, got {describe(config)}")
+    return config
+
+
+def check_keys(config: Mapping[str, Any], known: Iterable[str], where: str = "") -> None:
+    """Raise :class:`ValueError` naming the first key of ``config`` not in ``known``."""
+    allowed = tuple(known)
+    unknown = sorted(str(k) for k in config if k not in allowed)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ValueError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(allowed))})")
+
+
+def get_bool(config: Mapping[str, Any], key: str, default: bool) -> bool:
+    """``config[key]`` as a bool (a real TOML boolean, not 0/1 or "yes")."""
+    value = config.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}: expected true or false, got {describe(value)}")
+    return value
+
+
+def get_str(config: Mapping[str, Any], key: str, default: str, *, empty: bool = False) -> str:
+    """``config[key]`` as a string (non-empty unless ``empty``)."""
+    value = config.get(key, default)
+    if not isinstance(value, str):
+        raise ValueError(f"{key}: expected a string, got {describe(value)}")
+    if not empty and not value.strip():
+        raise ValueError(f"{key}: must not be empty")
+    return value
+
+
+def get_str_list(config: Mapping[str, Any], key: str) -> list[str]:
+    """``config[key]`` as a list of non-empty strings (default: empty)."""
+    value = config.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{key}: expected a list of strings, got {describe(value)}")
+    for item in value:
+        if not item.strip():
+            raise ValueError(f"{key}: empty string in the list")
+    return list(value)
+
+
+def resolve_path(value: str, app: Any) -> Path:
+    """``value`` as an absolute path: relative paths are resolved against
+    ``app.base_dir`` (the configuration file's directory), or the current
+    directory when there is no app."""
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        base = getattr(app, "base_dir", None) if app is not None else None
+        path = Path(base if base is not None else Path.cwd()) / path
+    return Path(os.path.abspath(path))
+
+
+def normalize_domain(domain: str) -> str:
+    """A domain in the form used for comparisons: lower case, no trailing dot,
+    internationalised names as A-labels (``xn--...``) when they convert."""
+    domain = domain.strip().rstrip(".").lower()
+    if domain.startswith("["):  # an address literal: [192.0.2.1], [IPv6:...]
+        return domain
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            pass  # compared in its Unicode form
+    return domain
+
+
+def parse_network(value: str, key: str) -> IPNetwork:
+    """A CIDR string (or a bare address, meaning a single host) as a network.
+
+    Host bits must be zero (``10.0.0.1/8`` is refused as a probable typo).
+    """
+    try:
+        return ipaddress.ip_network(value.strip(), strict=True)
+    except ValueError as exc:
+        raise ValueError(f"{key}: {describe(value)} is not a valid network: {exc}") from None
+
+
+def client_address(remote_ip: str) -> IPAddress | None:
+    """The client's address for network matching, or ``None`` if it does not
+    parse. An IPv4-mapped IPv6 address (``::ffff:192.0.2.1``) counts as IPv4
+    and a zone index (``fe80::1%eth0``) is ignored."""
+    text = remote_ip.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    text = text.split("%", 1)[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def in_networks(remote_ip: str, networks: Iterable[IPNetwork]) -> bool:
+    """True if the client's address is in one of ``networks``."""
+    address = client_address(remote_ip)
+    if address is None:
+        return False
+    return any(address.version == net.version and address in net for net in networks)

@@ -1,0 +1,213 @@
+"""Allow/deny rules on the client's network, HELO name, sender and recipients."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bonzo.errors import SMTPError
+from bonzo.hookspecs import hookimpl
+from bonzo.session import Session
+
+from .._config import (
+    IPNetwork,
+    as_table,
+    check_keys,
+    client_address,
+    describe,
+    get_str,
+    parse_network,
+)
+
+__all__ = ["AccessPlugin", "Reply", "Rule", "parse_reply"]
+
+log = logging.getLogger("bonzo.plugins.access")
+
+KEYS = ("rules", "default_reply")
+RULE_KEYS = ("stage", "match", "action", "reply")
+STAGES = ("connect", "helo", "mail", "rcpt")
+ACTIONS = ("allow", "deny")
+DEFAULT_REPLY = "554 5.7.1 Access denied"
+
+_LOOKS_ENHANCED = re.compile(r"[0-9]+\.[0-9.]*(?:\s|$)")
+_REPLY = re.compile(r"(\d{3})(?: ([0-9]\.[0-9]{1,3}\.[0-9]{1,3}))?(?: (.*))?", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A parsed reply such as ``554 5.7.1 Access denied``."""
+
+    code: int
+    enhanced: str | None
+    text: str
+
+    def error(self) -> SMTPError:
+        """The :class:`SMTPError` that gives this reply."""
+        return SMTPError(self.code, self.text, enhanced_code=self.enhanced)
+
+
+def parse_reply(value: Any, where: str) -> Reply:
+    """Parse ``"<4xx|5xx> [<enhanced code>] [text]"``; raise ValueError naming ``where``."""
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: expected a string, got {describe(value)}")
+    m = _REPLY.fullmatch(value.strip())
+    if m is None:
+        raise ValueError(
+            f"{where}: {describe(value)} is not a reply like '554 5.7.1 Access denied'"
+        )
+    code, enhanced, text = int(m.group(1)), m.group(2), (m.group(3) or "").strip()
+    if not 400 <= code <= 599:
+        raise ValueError(f"{where}: the code must be 4xx or 5xx, got {code}")
+    if enhanced is not None and enhanced[0] != str(code)[0]:
+        raise ValueError(f"{where}: enhanced code {enhanced} does not match the code {code}")
+    if enhanced is None and _LOOKS_ENHANCED.match(text):
+        raise ValueError(f"{where}: {describe(value)} is not a reply: bad enhanced code")
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError(f"{where}: the text must not contain control characters")
+    if len(text) > 400:
+        raise ValueError(f"{where}: the text is longer than 400 characters")
+    return Reply(code, enhanced, text or "Access denied")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One ``[[plugins.access.rules]]`` entry, compiled."""
+
+    index: int
+    stage: str
+    action: str
+    reply: Reply | None
+    networks: tuple[IPNetwork, ...] = ()
+    patterns: tuple[re.Pattern[str], ...] = ()
+
+    def matches(self, value: str) -> bool:
+        """True if the client's address (connect) or ``value`` matches the rule."""
+        if self.stage == "connect":
+            address = client_address(value)
+            return address is not None and any(
+                address.version == n.version and address in n for n in self.networks
+            )
+        return any(p.fullmatch(value) for p in self.patterns)
+
+
+def _compile_pattern(pattern: str, where: str) -> re.Pattern[str]:
+    if pattern.startswith("re:"):
+        try:
+            return re.compile(pattern[3:], re.IGNORECASE)
+        except re.error as exc:
+            raise ValueError(
+                f"{where}: bad regular expression {describe(pattern)}: {exc}"
+            ) from None
+    if pattern == "<>":  # the null sender
+        return re.compile("")
+    return re.compile(fnmatch.translate(pattern), re.IGNORECASE)
+
+
+def _compile_rule(index: int, entry: Any, default: Reply) -> Rule:
+    where = f"rules[{index}]"
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{where}: expected a table, got {describe(entry)}")
+    check_keys(entry, RULE_KEYS, where)
+    for key in ("stage", "match", "action"):
+        if key not in entry:
+            raise ValueError(f"{where}.{key}: missing (required)")
+    stage = entry["stage"]
+    if stage not in STAGES:
+        raise ValueError(
+            f"{where}.stage: expected one of {', '.join(STAGES)}, got {describe(stage)}"
+        )
+    action = entry["action"]
+    if action not in ACTIONS:
+        raise ValueError(f"{where}.action: expected allow or deny, got {describe(action)}")
+    raw = entry["match"]
+    items: Sequence[Any] = [raw] if isinstance(raw, str) else raw
+    if not isinstance(raw, (str, list)) or not items or not all(isinstance(i, str) for i in items):
+        raise ValueError(
+            f"{where}.match: expected a string or a non-empty list of strings, got {describe(raw)}"
+        )
+    if any(not item for item in items):
+        raise ValueError(f"{where}.match: empty pattern (the null sender is '<>')")
+    reply: Reply | None = None
+    if "reply" in entry:
+        if action != "deny":
+            raise ValueError(f"{where}.reply: only a deny rule has a reply")
+        reply = parse_reply(entry["reply"], f"{where}.reply")
+    elif action == "deny":
+        reply = default
+    if stage == "connect":
+        networks = tuple(parse_network(i, f"{where}.match") for i in items)
+        return Rule(index, stage, action, reply, networks=networks)
+    patterns = tuple(_compile_pattern(i, f"{where}.match") for i in items)
+    return Rule(index, stage, action, reply, patterns=patterns)
+
+
+class AccessPlugin:
+    """Applies the first matching allow/deny rule of each stage.
+
+    ``allow`` gives no verdict (the next plugin decides, and a recipient
+    still needs an owner such as ``recipients``); ``deny`` refuses with the
+    rule's reply.
+    """
+
+    def __init__(self) -> None:
+        self.rules: dict[str, list[Rule]] = {stage: [] for stage in STAGES}
+        self.default_reply = parse_reply(DEFAULT_REPLY, "default_reply")
+
+    @hookimpl
+    def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
+        """Validate the ``[plugins.access]`` table and compile its rules."""
+        table = as_table(config)
+        check_keys(table, KEYS)
+        default = parse_reply(get_str(table, "default_reply", DEFAULT_REPLY), "default_reply")
+        entries = table.get("rules", [])
+        if not isinstance(entries, list):
+            raise ValueError(f"rules: expected an array of tables, got {describe(entries)}")
+        rules: dict[str, list[Rule]] = {stage: [] for stage in STAGES}
+        for index, entry in enumerate(entries):
+            rule = _compile_rule(index, entry, default)
+            rules[rule.stage].append(rule)
+        self.rules = rules
+        self.default_reply = default
+
+    def check(self, session: Session, stage: str, value: str) -> None:
+        """Apply the rules of ``stage`` to ``value``: return on allow or no
+        match, raise the rule's :class:`SMTPError` on deny."""
+        for rule in self.rules[stage]:
+            if not rule.matches(value):
+                continue
+            if rule.action == "allow":
+                return
+            assert rule.reply is not None
+            log.info(
+                "[%s %s] %s %s denied by rules[%d]",
+                session.id,
+                session.remote_ip,
+                stage,
+                ascii(value),
+                rule.index,
+            )
+            raise rule.reply.error()
+
+    @hookimpl
+    def bonzo_connect(self, session: Session) -> None:
+        """Rules of stage ``connect`` on the client's address."""
+        self.check(session, "connect", session.remote_ip)
+
+    @hookimpl
+    def bonzo_helo(self, session: Session, name: str) -> None:
+        """Rules of stage ``helo`` on the HELO/EHLO name."""
+        self.check(session, "helo", name)
+
+    @hookimpl
+    def bonzo_mail(self, session: Session, address: str) -> None:
+        """Rules of stage ``mail`` on the sender (``""`` for the null sender)."""
+        self.check(session, "mail", address)
+
+    @hookimpl
+    def bonzo_rcpt(self, session: Session, address: str) -> None:
+        """Rules of stage ``rcpt`` on each recipient."""
+        self.check(session, "rcpt", address)

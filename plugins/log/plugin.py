@@ -1,0 +1,82 @@
+"""One log line per accepted message: who sent what to whom, never the content."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from bonzo.hookspecs import hookimpl
+from bonzo.session import Envelope, Session
+
+from .._config import as_table, check_keys, get_str
+
+__all__ = ["LogPlugin", "escape"]
+
+KEYS = ("level",)
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+#: Characters that separate fields of the log line; escaped inside values.
+_SEPARATORS = frozenset(' \\<>,"=')
+
+
+def escape(text: str | None, limit: int = 512) -> str:
+    """Client-supplied ``text`` made safe for one log line: every character
+    that is not printable (CR, LF, other controls, Unicode line separators,
+    bidirectional overrides) or that separates fields is written as a
+    ``\\xNN``/``\\uNNNN`` escape, so a client can neither end the line nor
+    forge another field. Longer than ``limit`` characters is cut, with ``...``."""
+    if text is None:
+        return "-"
+    out = []
+    for ch in text[:limit]:
+        if ch.isprintable() and ch not in _SEPARATORS:
+            out.append(ch)
+        elif ord(ch) <= 0xFF:
+            out.append(f"\\x{ord(ch):02x}")
+        elif ord(ch) <= 0xFFFF:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(f"\\U{ord(ch):08x}")
+    if len(text) > limit:
+        out.append("...")
+    return "".join(out)
+
+
+class LogPlugin:
+    """Logs each accepted message's envelope on ``bonzo.plugins.log``."""
+
+    def __init__(self) -> None:
+        self.logger = logging.getLogger("bonzo.plugins.log")
+        self.level = logging.INFO
+
+    @hookimpl
+    def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
+        """Validate the ``[plugins.log]`` table."""
+        table = as_table(config)
+        check_keys(table, KEYS)
+        name = get_str(table, "level", "info")
+        if name.lower() not in LEVELS:
+            raise ValueError(f"level: expected one of {', '.join(LEVELS)}, got {name!r}")
+        self.level = LEVELS[name.lower()]
+
+    def format(self, session: Session, envelope: Envelope) -> str:
+        """The log line for an accepted message."""
+        rcpts = ",".join(f"<{escape(r)}>" for r in envelope.rcpt_tos)
+        return (
+            f"accepted session={escape(session.id)} ip={escape(session.remote_ip)}"
+            f" helo={escape(session.helo, 255)} from=<{escape(envelope.mail_from)}>"
+            f" to={rcpts} nrcpt={len(envelope.rcpt_tos)} size={envelope.size}"
+            f" id={escape(envelope.id)}"
+        )
+
+    @hookimpl
+    def bonzo_accepted(self, session: Session, envelope: Envelope) -> None:
+        """Log the envelope and size of the message just accepted."""
+        if self.logger.isEnabledFor(self.level):
+            self.logger.log(self.level, "%s", self.format(session, envelope))

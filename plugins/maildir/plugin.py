@@ -1,0 +1,352 @@
+"""Durable delivery into Maildir folders (one catch-all, or one per recipient).
+
+A message is written to ``tmp/`` under a unique name, flushed and
+``fsync``'d, renamed into ``new/``, and ``new/`` itself is ``fsync``'d; only
+then is the message accepted. The file work runs in a thread of the loop's
+default executor so that it never blocks other sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from bonzo.errors import TransientError
+from bonzo.hookspecs import Accept, hookimpl
+from bonzo.session import Envelope, Session
+
+from .._config import (
+    as_table,
+    check_keys,
+    describe,
+    get_bool,
+    get_str,
+    normalize_domain,
+    resolve_path,
+)
+
+__all__ = ["MaildirPlugin", "DeliveryAborted", "maildir_component"]
+
+log = logging.getLogger("bonzo.plugins.maildir")
+
+KEYS = ("path", "per_recipient", "create", "mode")
+SUBDIRS = ("tmp", "new", "cur")
+DEFAULT_MODE = 0o600
+#: Errors that mean "no space": the client gets 452 4.3.1 (RFC 3463).
+NO_SPACE = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
+#: Folder for the bare ``postmaster`` recipient in per-recipient mode; no
+#: domain maps to it, since ``_`` is always escaped in domain folders.
+LOCAL_FOLDER = "_local"
+
+_SAFE_LOCAL = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._+=")
+_SAFE_DOMAIN = _SAFE_LOCAL - {"_", "+", "="}
+_MAX_COMPONENT = 200
+
+
+def maildir_component(text: str, *, domain: bool = False) -> str:
+    """``text`` as one safe path component: lower-cased, every octet outside a
+    small alphabet written ``%XX``, a leading dot escaped, so the result is
+    never empty, ``.``, ``..`` or anything containing ``/``. Distinct inputs
+    give distinct components (long ones end in a hash)."""
+    safe = _SAFE_DOMAIN if domain else _SAFE_LOCAL
+    out = []
+    for ch in text.lower():
+        if ch in safe:
+            out.append(ch)
+        else:
+            out.extend(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+    result = "".join(out)
+    if result.startswith("."):
+        result = "%2E" + result[1:]
+    if not result:
+        result = "%"
+    if len(result) > _MAX_COMPONENT:
+        digest = hashlib.sha256(result.encode("ascii")).hexdigest()[:16]
+        result = result[: _MAX_COMPONENT - 17] + "~" + digest
+    return result
+
+
+def _parse_mode(value: Any) -> int:
+    if isinstance(value, str) and value.strip():
+        try:
+            value = int(value.strip().removeprefix("0o"), 8)
+        except ValueError:
+            raise ValueError(
+                f"mode: expected an octal string such as '0640', got {value!r}"
+            ) from None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"mode: expected an integer such as 0o640, got {describe(value)}")
+    if not 0 <= value <= 0o777:
+        raise ValueError(f"mode: expected permission bits (0o000 to 0o777), got {oct(value)}")
+    if value & 0o600 != 0o600:
+        raise ValueError(f"mode: the owner must be able to read and write, got {oct(value)}")
+    if value & 0o002:
+        raise ValueError(f"mode: message files must not be world-writable, got {oct(value)}")
+    return value
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _host_part() -> str:
+    # Maildir names escape "/" and ":" in the host name; "," separates fields.
+    host = socket.gethostname() or "localhost"
+    host = host.replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
+    return "".join(c if c.isascii() and c.isprintable() and c != " " else "_" for c in host)
+
+
+class DeliveryAborted(Exception):
+    """The delivery was cancelled (the hook timed out) before it completed."""
+
+
+class MaildirPlugin:
+    """Delivers each message to Maildir folders and accepts it once durable."""
+
+    def __init__(self) -> None:
+        self.path = Path(os.path.abspath("Maildir"))
+        self.per_recipient = False
+        self.create = True
+        self.mode = DEFAULT_MODE
+        self._host = _host_part()
+        self._counter = itertools.count(1)
+        self._lock = threading.Lock()
+
+    @property
+    def dir_mode(self) -> int:
+        """Mode of the directories this plugin creates: the file mode plus
+        search permission wherever it grants read permission."""
+        return self.mode | ((self.mode & 0o444) >> 2)
+
+    # ------------------------------------------------------------ configure
+    @hookimpl
+    def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
+        """Validate the ``[plugins.maildir]`` table."""
+        table = as_table(config)
+        check_keys(table, KEYS)
+        raw = get_str(table, "path", "Maildir")
+        if "\0" in raw:
+            raise ValueError("path: must not contain a NUL character")
+        path = resolve_path(raw, app)
+        per_recipient = get_bool(table, "per_recipient", False)
+        create = get_bool(table, "create", True)
+        mode = _parse_mode(table.get("mode", DEFAULT_MODE))
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"path: {path} exists and is not a directory")
+        if not create:
+            if not path.is_dir():
+                raise ValueError(f"path: {path} does not exist (and create = false)")
+            if not per_recipient:
+                missing = [d for d in SUBDIRS if not (path / d).is_dir()]
+                if missing:
+                    raise ValueError(
+                        f"path: {path} is not a maildir (no {', '.join(missing)}; create = false)"
+                    )
+        self.path = path
+        self.per_recipient = per_recipient
+        self.create = create
+        self.mode = mode
+
+    @hookimpl
+    def bonzo_startup(self) -> None:
+        """Create the maildir (or the per-recipient root) before serving, so a
+        permission problem stops the server instead of deferring mail."""
+        if self.create:
+            if self.per_recipient:
+                self._makedirs(self.path)
+            else:
+                self._ensure_maildir(self.path)
+
+    # -------------------------------------------------------------- targets
+    def maildir_for(self, address: str) -> Path:
+        """The maildir of ``address`` in per-recipient mode; always inside ``path``."""
+        at = address.rfind("@")
+        if at <= 0:  # the bare "postmaster" (RFC 5321 4.5.1)
+            folder = self.path / LOCAL_FOLDER / maildir_component(address)
+        else:
+            domain = maildir_component(normalize_domain(address[at + 1 :]), domain=True)
+            folder = self.path / domain / maildir_component(address[:at])
+        # Defence in depth: the components cannot climb, but check anyway.
+        if os.path.commonpath([folder, self.path]) != str(self.path):
+            raise TransientError("Local error in processing", 451, "4.3.0")
+        return folder
+
+    def targets(self, envelope: Envelope) -> list[Path]:
+        """The maildirs the message goes to, each once, in recipient order."""
+        if not self.per_recipient:
+            return [self.path]
+        seen: dict[Path, None] = {}
+        for rcpt in envelope.rcpt_tos:
+            seen.setdefault(self.maildir_for(rcpt), None)
+        return list(seen)
+
+    # ------------------------------------------------------------- delivery
+    @hookimpl
+    async def bonzo_deliver(self, session: Session, envelope: Envelope) -> Accept | None:
+        """Write the message durably to every target maildir, then accept it."""
+        targets = self.targets(envelope)
+        if not targets:
+            return None
+        loop = asyncio.get_running_loop()
+        abort = threading.Event()
+        try:
+            await loop.run_in_executor(None, self.deliver, envelope, targets, abort)
+        except asyncio.CancelledError:
+            # The hook timed out (the client gets 451) but the thread runs on:
+            # tell it to remove what it wrote, so a retry makes no duplicate.
+            abort.set()
+            log.warning(
+                "[%s %s] maildir: delivery of message %s cancelled; its files are removed",
+                session.id,
+                session.remote_ip,
+                envelope.id,
+            )
+            raise
+        except OSError as exc:
+            where = exc.filename or (targets[0] if len(targets) == 1 else self.path)
+            log.error(
+                "[%s %s] maildir: message %s not delivered, %s: %s",
+                session.id,
+                session.remote_ip,
+                envelope.id,
+                where,
+                exc.strerror or type(exc).__name__,
+            )
+            if exc.errno in NO_SPACE:
+                raise TransientError("Insufficient system storage", 452, "4.3.1") from None
+            raise TransientError("Local error in processing", 451, "4.3.0") from None
+        return Accept(f"Ok: queued as {envelope.id}")
+
+    def deliver(
+        self, envelope: Envelope, targets: list[Path], abort: threading.Event | None = None
+    ) -> list[Path]:
+        """Blocking: store the message in each of ``targets`` and return the
+        paths of the new files. On any error, or if ``abort`` is set before
+        the end, nothing is left behind: the files written so far are
+        removed, and the error (:class:`DeliveryAborted`) is raised."""
+
+        def checkpoint() -> None:
+            if abort is not None and abort.is_set():
+                raise DeliveryAborted("delivery cancelled")
+
+        size = len(envelope.header_bytes) + envelope.size
+        moves: list[tuple[Path, Path]] = []
+        done: list[Path] = []
+        try:
+            first: Path | None = None
+            for maildir in targets:
+                name = self._unique_name(size)
+                tmp, new = maildir / "tmp" / name, maildir / "new" / name
+                if first is not None and self._link(maildir, first, tmp):
+                    moves.append((tmp, new))
+                    continue
+                fd = self._create(maildir, tmp)
+                moves.append((tmp, new))
+                self._write(fd, envelope)
+                first = tmp
+                checkpoint()
+            for tmp, new in moves:
+                os.rename(tmp, new)
+                done.append(new)
+            for new_dir in dict.fromkeys(new.parent for new in done):
+                _fsync_dir(new_dir)
+            checkpoint()
+        except BaseException:
+            for path in [tmp for tmp, _ in moves] + done:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            raise
+        return done
+
+    def _unique_name(self, size: int) -> str:
+        with self._lock:
+            n = next(self._counter)
+        now = time.time()
+        sec, usec = int(now), int((now % 1) * 1_000_000)
+        return f"{sec}.M{usec}P{os.getpid()}Q{n}.{self._host},S={size}"
+
+    def _create(self, maildir: Path, tmp: Path) -> int:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        flags |= getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(tmp, flags, self.mode)
+        except FileNotFoundError:
+            if not self.create:
+                raise
+            self._ensure_maildir(maildir)
+            fd = os.open(tmp, flags, self.mode)
+        try:
+            os.fchmod(fd, self.mode)  # exactly the configured mode, whatever the umask
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def _write(fd: int, envelope: Envelope) -> None:
+        with os.fdopen(fd, "wb") as f:
+            envelope.write_to(f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _link(self, maildir: Path, source: Path, tmp: Path) -> bool:
+        """Hard-link an already durable copy into ``tmp``; False if the
+        filesystem won't (another device, no hard links), so a copy is written."""
+        for attempt in (1, 2):
+            try:
+                os.link(source, tmp)
+                return True
+            except FileNotFoundError:
+                if attempt == 2 or not self.create:
+                    return False
+                self._ensure_maildir(maildir)
+            except OSError as exc:
+                if exc.errno in NO_SPACE:
+                    raise
+                return False
+        return False  # pragma: no cover - the loop always returns
+
+    def _ensure_maildir(self, maildir: Path) -> None:
+        self._makedirs(maildir)
+        created = False
+        for sub in SUBDIRS:
+            created |= self._mkdir(maildir / sub)
+        if created:
+            _fsync_dir(maildir)
+
+    def _makedirs(self, target: Path) -> None:
+        """Create ``target`` and its missing parents, each made durable."""
+        missing = []
+        current = target
+        while not current.is_dir() and current != current.parent:
+            missing.append(current)
+            current = current.parent
+        for path in reversed(missing):
+            if self._mkdir(path):
+                _fsync_dir(path.parent)
+
+    def _mkdir(self, path: Path) -> bool:
+        try:
+            os.mkdir(path, self.dir_mode)
+        except FileExistsError:
+            if not path.is_dir():
+                raise
+            return False
+        os.chmod(path, self.dir_mode)
+        return True

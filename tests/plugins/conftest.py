@@ -1,0 +1,22 @@
+"""Fixtures shared by the bundled plugins' tests."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _no_unexpected_errors(caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest):
+    """Fail a test that logs an ERROR it did not expect (mark it ``expect_errors``)."""
+    caplog.set_level(logging.DEBUG)
+    yield
+    if request.node.get_closest_marker("expect_errors"):
+        return
+    errors = [r for r in caplog.get_records("call") if r.levelno >= logging.ERROR]
+    assert not errors, "unexpected errors logged: " + "; ".join(r.getMessage() for r in errors)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "expect_errors: the test logs errors on purpose")

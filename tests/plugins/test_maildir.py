@@ -1,0 +1,504 @@
+"""The ``maildir`` plugin: durable delivery, path safety, faults, configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import re
+import stat
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from bonzo_plugins.maildir import MaildirPlugin
+from bonzo_plugins.maildir.plugin import maildir_component
+from bonzo_plugins.recipients import RecipientsPlugin
+from plugin_testing import make_envelope, make_session, serve
+
+from bonzo.errors import SMTPError
+from bonzo.hookspecs import Accept
+from bonzo.session import Envelope
+
+NAME = re.compile(r"\d+\.M\d+P\d+Q\d+\.[^/,:]+,S=(\d+)")
+
+
+def configured(tmp_path: Path, **table: object) -> MaildirPlugin:
+    plugin = MaildirPlugin()
+    plugin.bonzo_configure(config=table, app=SimpleNamespace(base_dir=tmp_path))
+    return plugin
+
+
+def deliver(plugin: MaildirPlugin, envelope: Envelope) -> Accept:
+    return asyncio.run(plugin.bonzo_deliver(session=make_session(), envelope=envelope))
+
+
+def refusal(plugin: MaildirPlugin, envelope: Envelope) -> tuple[int, str | None]:
+    with pytest.raises(SMTPError) as info:
+        deliver(plugin, envelope)
+    return info.value.status_code, info.value.enhanced_code
+
+
+def files(root: Path) -> list[Path]:
+    """Every regular file under ``root``."""
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+_open: list[Envelope] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_envelopes():
+    yield
+    while _open:
+        _open.pop().close()
+
+
+def message(rcpts: list[str] | None = None, body: bytes = b"Subject: hi\r\n\r\nHello\r\n"):
+    envelope = make_envelope(body, rcpt_tos=rcpts)
+    _open.append(envelope)
+    envelope.prepend_raw(b"Received: from client.example ([192.0.2.10])\r\n\tby mx.test\r\n")
+    return envelope
+
+
+# -------------------------------------------------------------- delivery
+def test_catch_all_delivery_lands_in_new_with_exact_content(tmp_path):
+    plugin = configured(tmp_path)
+    envelope = message()
+    result = deliver(plugin, envelope)
+    assert isinstance(result, Accept)
+    assert result.text == f"Ok: queued as {envelope.id}"
+    (path,) = files(tmp_path / "Maildir")
+    assert path.parent == tmp_path / "Maildir" / "new"
+    assert path.read_bytes() == envelope.content
+    m = NAME.fullmatch(path.name)
+    assert m is not None, path.name
+    assert int(m.group(1)) == len(envelope.content)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    for sub in ("tmp", "new", "cur"):
+        assert (tmp_path / "Maildir" / sub).is_dir()
+    assert not list((tmp_path / "Maildir" / "tmp").iterdir())
+
+
+def test_names_are_unique(tmp_path):
+    plugin = configured(tmp_path)
+    for _ in range(20):
+        deliver(plugin, message())
+    names = [p.name for p in files(tmp_path / "Maildir")]
+    assert len(set(names)) == 20
+
+
+def test_absolute_path_and_file_mode(tmp_path):
+    plugin = MaildirPlugin()
+    plugin.bonzo_configure(config={"path": str(tmp_path / "box"), "mode": 0o640}, app=None)
+    deliver(plugin, message())
+    (path,) = files(tmp_path / "box")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "box" / "new").stat().st_mode) == 0o750
+
+
+def test_octal_string_mode(tmp_path):
+    assert configured(tmp_path, mode="0644").mode == 0o644
+    assert configured(tmp_path, mode="0o660").mode == 0o660
+
+
+def test_relative_path_without_app_uses_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plugin = MaildirPlugin()
+    plugin.bonzo_configure(config={}, app=None)
+    assert plugin.path == tmp_path / "Maildir"
+
+
+def test_startup_creates_the_maildir(tmp_path):
+    plugin = configured(tmp_path, path="deep/er/Maildir")
+    plugin.bonzo_startup()
+    for sub in ("tmp", "new", "cur"):
+        assert (tmp_path / "deep/er/Maildir" / sub).is_dir()
+    per = configured(tmp_path, path="users", per_recipient=True)
+    per.bonzo_startup()
+    assert (tmp_path / "users").is_dir()
+
+
+def test_per_recipient_maildirs(tmp_path):
+    plugin = configured(tmp_path, per_recipient=True)
+    envelope = message(["alice@example.com", "Bob@Example.ORG", "ALICE@example.com", "postmaster"])
+    deliver(plugin, envelope)
+    root = tmp_path / "Maildir"
+    found = files(root)
+    assert [p.relative_to(root).parent for p in found] == [
+        Path("_local/postmaster/new"),
+        Path("example.com/alice/new"),
+        Path("example.org/bob/new"),
+    ]
+    for path in found:
+        assert path.read_bytes() == envelope.content
+    # Copies after the first are hard links when the filesystem allows it.
+    assert found[0].stat().st_nlink == 3
+
+
+def test_per_recipient_copies_when_links_fail(tmp_path, monkeypatch):
+    plugin = configured(tmp_path, per_recipient=True)
+
+    def no_link(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    envelope = message(["a@example.com", "b@example.com"])
+    deliver(plugin, envelope)
+    found = files(tmp_path / "Maildir")
+    assert len(found) == 2
+    assert all(p.read_bytes() == envelope.content and p.stat().st_nlink == 1 for p in found)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        '"../../../escape"@example.com',
+        '".."@example.com',
+        '"."@example.com',
+        '"a/../../b"@example.com',
+        '"/etc/passwd"@example.com',
+        "user@../../escape",
+        "user@..",
+        "user@a/b/../../..",
+        '"\\0"@example.com',
+        "x@" + "a" * 300,
+        "../postmaster",
+        '"_local"@example.com',
+    ],
+)
+def test_per_recipient_paths_cannot_escape(tmp_path, address):
+    root = tmp_path / "inside" / "Maildir"
+    plugin = MaildirPlugin()
+    plugin.bonzo_configure(config={"path": str(root), "per_recipient": True}, app=None)
+    folder = plugin.maildir_for(address)
+    assert folder.parent.parent == root
+    assert all(part not in ("", ".", "..") and "/" not in part for part in folder.parts[-2:])
+    deliver(plugin, message([address]))
+    (path,) = files(tmp_path)
+    assert path.is_relative_to(root)
+    assert path.parent == folder / "new"
+
+
+def test_components_are_distinct_for_distinct_addresses():
+    samples = ["a", "a%41", "a.b", "a%2Eb", ".a", "%2Ea", "a_b", "a+b", "ä", "%C3%A4", "a" * 300]
+    encoded = [maildir_component(s) for s in samples]
+    assert len(set(encoded)) == len(samples)
+    assert maildir_component("A") == maildir_component("a")
+    assert maildir_component("a_b", domain=True) != maildir_component("a%5Fb", domain=True)
+    assert maildir_component("_local", domain=True) != "_local"
+    assert len(maildir_component("a" * 300)) <= 200
+
+
+def test_recipients_mapping_to_one_folder_get_one_copy(tmp_path):
+    plugin = configured(tmp_path, per_recipient=True)
+    deliver(plugin, message(["a@example.com", "A@EXAMPLE.COM.", "a@example.com"]))
+    assert len(files(tmp_path / "Maildir")) == 1
+
+
+def test_no_recipients_means_no_verdict(tmp_path):
+    plugin = configured(tmp_path, per_recipient=True)
+    assert deliver(plugin, message([])) is None
+
+
+# --------------------------------------------------------------- durability
+def test_order_is_write_fsync_rename_fsync_directory(tmp_path, monkeypatch):
+    plugin = configured(tmp_path)
+    plugin.bonzo_startup()
+    events: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        kind = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        events.append(f"fsync-{kind}")
+        return real_fsync(fd)
+
+    def rename(src, dst):
+        events.append(f"rename {Path(src).parent.name}->{Path(dst).parent.name}")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    deliver(plugin, message())
+    assert events == ["fsync-file", "rename tmp->new", "fsync-dir"]
+
+
+def test_all_targets_are_durable_before_any_is_renamed(tmp_path, monkeypatch):
+    plugin = configured(tmp_path, per_recipient=True)
+    events: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        events.append("fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file")
+        return real_fsync(fd)
+
+    def rename(src, dst):
+        events.append("rename")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    plugin.bonzo_startup()
+    envelope = message(["a@example.com", "b@example.com"])
+    events.clear()
+    deliver(plugin, envelope)
+    first_rename = events.index("rename")
+    assert "fsync-file" in events[:first_rename]
+    assert events[-2:] == ["fsync-dir", "fsync-dir"]
+    assert events.count("rename") == 2
+
+
+# -------------------------------------------------------------------- faults
+@pytest.mark.expect_errors
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_full_disk_is_452_and_leaves_nothing(tmp_path, monkeypatch, caplog, code):
+    plugin = configured(tmp_path)
+    plugin.bonzo_startup()
+
+    def fsync(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert refusal(plugin, message(body=b"Subject: secret\r\n\r\nTOP-SECRET\r\n")) == (452, "4.3.1")
+    assert files(tmp_path) == []
+    (record,) = [r for r in caplog.records if r.name == "bonzo.plugins.maildir"]
+    text = record.getMessage()
+    assert str(tmp_path / "Maildir") in text
+    assert "TOP-SECRET" not in text
+
+
+@pytest.mark.expect_errors
+def test_full_disk_while_writing(tmp_path, monkeypatch):
+    plugin = configured(tmp_path)
+    real_write_to = Envelope.write_to
+
+    def write_to(self, fileobj, chunk_size=1 << 20):
+        fileobj.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Envelope, "write_to", write_to)
+    assert refusal(plugin, message()) == (452, "4.3.1")
+    assert files(tmp_path) == []
+    monkeypatch.setattr(Envelope, "write_to", real_write_to)
+    deliver(plugin, message())
+    assert len(files(tmp_path)) == 1
+
+
+@pytest.mark.parametrize("per_recipient", [False, True])
+def test_a_timed_out_delivery_leaves_nothing(tmp_path, monkeypatch, caplog, per_recipient):
+    plugin = configured(tmp_path, per_recipient=per_recipient)
+    plugin.bonzo_startup()
+    real_write_to = Envelope.write_to
+    release = threading.Event()
+
+    def slow_write_to(self, fileobj, chunk_size=1 << 20):
+        release.wait(5)
+        return real_write_to(self, fileobj, chunk_size)
+
+    monkeypatch.setattr(Envelope, "write_to", slow_write_to)
+    envelope = message(["a@example.com", "b@example.com"])
+
+    async def main():
+        coro = plugin.bonzo_deliver(session=make_session(), envelope=envelope)
+        task = asyncio.ensure_future(coro)
+        done, _ = await asyncio.wait([task], timeout=0.05)
+        assert not done
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+
+    asyncio.run(main())  # returns once the executor's thread has finished
+    assert files(tmp_path) == []
+    assert any("cancelled" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.expect_errors
+def test_path_inside_a_regular_file_is_451(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    plugin = MaildirPlugin()
+    plugin.bonzo_configure(config={"path": str(tmp_path / "file" / "Maildir")}, app=None)
+    assert refusal(plugin, message()) == (451, "4.3.0")
+    assert files(tmp_path) == [tmp_path / "file"]
+
+
+@pytest.mark.expect_errors
+def test_permission_denied_is_451_and_no_file(tmp_path, monkeypatch):
+    plugin = configured(tmp_path)
+    plugin.bonzo_startup()
+    real_open = os.open
+
+    def deny(path, flags, mode=0o777, *, dir_fd=None):
+        if str(path).startswith(str(tmp_path)) and flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", deny)
+    assert refusal(plugin, message()) == (451, "4.3.0")
+    assert files(tmp_path) == []
+
+
+@pytest.mark.expect_errors
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_directory_is_451(tmp_path):
+    plugin = configured(tmp_path)
+    plugin.bonzo_startup()
+    tmp_dir = tmp_path / "Maildir" / "tmp"
+    tmp_dir.chmod(0o500)
+    try:
+        assert refusal(plugin, message()) == (451, "4.3.0")
+    finally:
+        tmp_dir.chmod(0o700)
+    assert files(tmp_path) == []
+
+
+@pytest.mark.expect_errors
+def test_failure_on_a_later_target_removes_every_copy(tmp_path, monkeypatch):
+    plugin = configured(tmp_path, per_recipient=True)
+    real_rename = os.rename
+    calls = []
+
+    def rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "Input/output error", str(dst))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    assert refusal(plugin, message(["a@example.com", "b@example.com"])) == (451, "4.3.0")
+    assert files(tmp_path) == []
+
+
+@pytest.mark.expect_errors
+def test_failed_directory_fsync_removes_the_message(tmp_path, monkeypatch):
+    plugin = configured(tmp_path)
+    plugin.bonzo_startup()
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert refusal(plugin, message()) == (451, "4.3.0")
+    assert files(tmp_path) == []
+
+
+@pytest.mark.expect_errors
+def test_missing_recipient_maildir_without_create_is_451(tmp_path):
+    (tmp_path / "users").mkdir()
+    plugin = configured(tmp_path, path="users", per_recipient=True, create=False)
+    assert refusal(plugin, message(["a@example.com"])) == (451, "4.3.0")
+    assert files(tmp_path) == []
+
+
+def test_existing_maildir_without_create(tmp_path):
+    for sub in ("tmp", "new", "cur"):
+        (tmp_path / "box" / sub).mkdir(parents=True)
+    plugin = configured(tmp_path, path="box", create=False)
+    deliver(plugin, message())
+    assert len(files(tmp_path / "box" / "new")) == 1
+
+
+# ------------------------------------------------------------ validation
+@pytest.mark.parametrize(
+    ("table", "message_re"),
+    [
+        ({"paht": "x"}, r"^paht: unknown key"),
+        ({"path": 5}, r"^path: expected a string, got 5"),
+        ({"path": ""}, r"^path: must not be empty"),
+        ({"path": "a\0b"}, r"^path: must not contain a NUL"),
+        ({"per_recipient": "yes"}, r"^per_recipient: expected true or false"),
+        ({"create": 0}, r"^create: expected true or false"),
+        ({"mode": "rw-r-----"}, r"^mode: expected an octal string"),
+        ({"mode": 0o1777}, r"^mode: expected permission bits"),
+        ({"mode": -1}, r"^mode: expected permission bits"),
+        ({"mode": 0o400}, r"^mode: the owner must be able to read and write"),
+        ({"mode": 0o666}, r"^mode: message files must not be world-writable"),
+        ({"mode": 6.4}, r"^mode: expected an integer"),
+        ({"mode": True}, r"^mode: expected an integer"),
+        ({"path": "missing", "create": False}, r"^path: .*missing does not exist"),
+    ],
+)
+def test_configuration_errors_name_the_key(tmp_path, table, message_re):
+    with pytest.raises(ValueError, match=message_re):
+        configured(tmp_path, **table)
+
+
+def test_configuration_errors_about_the_filesystem(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"^path: .* exists and is not a directory"):
+        configured(tmp_path, path="file")
+    (tmp_path / "half" / "new").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"^path: .* is not a maildir \(no tmp, cur"):
+        configured(tmp_path, path="half", create=False)
+
+
+def test_configure_creates_nothing(tmp_path):
+    configured(tmp_path, path="a/b/Maildir")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------- end to end
+def recipients() -> RecipientsPlugin:
+    plugin = RecipientsPlugin()
+    plugin.bonzo_configure(config={"domains": ["example.com"]}, app=None)
+    return plugin
+
+
+def test_end_to_end_delivery(tmp_path):
+    plugin = configured(tmp_path, per_recipient=True)
+    body = b"Subject: e2e\r\nFrom: a@example.org\r\n\r\nHello\r\n.leading dot\r\n"
+    with serve(("recipients", recipients()), ("maildir", plugin)) as server:
+        with server.client() as client:
+            client.ehlo()
+            client.mail("a@example.org")
+            client.rcpt("alice@example.com")
+            client.rcpt("bob@example.com")
+            code, reply = client.data(body)
+    assert code == 250
+    assert re.fullmatch(rb"2\.0\.0 Ok: queued as \w+", reply), reply
+    found = files(tmp_path / "Maildir")
+    assert [p.relative_to(tmp_path / "Maildir").parts[:2] for p in found] == [
+        ("example.com", "alice"),
+        ("example.com", "bob"),
+    ]
+    content = found[0].read_bytes()
+    assert content.startswith(b"Received: from client.example ([127.0.0.1])")
+    assert content.endswith(b"\r\n\r\nHello\r\n.leading dot\r\n")
+    assert found[1].read_bytes() == content
+
+
+def test_end_to_end_large_message_is_intact(tmp_path):
+    plugin = configured(tmp_path)
+    line = b"".join(bytes([65 + i % 26]) * 76 + b"\r\n" for i in range(26))
+    body = b"Subject: big\r\n\r\n" + line * (6 * 1024 * 1024 // len(line))
+    assert len(body) > 5_000_000
+    with serve(("recipients", recipients()), ("maildir", plugin), spool_threshold=65536) as server:
+        with server.client() as client:
+            assert client.sendmail("a@example.org", ["alice@example.com"], body) == {}
+    (path,) = files(tmp_path / "Maildir")
+    content = path.read_bytes()
+    assert content.endswith(body)
+    head = content[: -len(body)]
+    assert head.startswith(b"Received: ") and head.count(b"\r\n") == 3
+    assert int(NAME.fullmatch(path.name).group(1)) == len(content)
+
+
+@pytest.mark.expect_errors
+def test_end_to_end_storage_fault_is_transient(tmp_path):
+    (tmp_path / "file").write_text("x")
+    plugin = MaildirPlugin()
+    plugin.bonzo_configure(config={"path": str(tmp_path / "file" / "Maildir")}, app=None)
+    with serve(("recipients", recipients()), ("maildir", plugin)) as server:
+        with server.client() as client:
+            client.ehlo()
+            client.mail("a@example.org")
+            client.rcpt("alice@example.com")
+            assert client.data(b"Subject: x\r\n\r\nx\r\n") == (
+                451,
+                b"4.3.0 Local error in processing",
+            )
+            assert client.rset()[0] == 250
