@@ -88,10 +88,11 @@ class HeadersPlugin:
         add = table.get("add", {})
         if not isinstance(add, Mapping):
             raise ValueError(f"add: expected a table of name = value, got {describe(add)}")
-        pairs = [
-            (_check_name(name, f"add.{name}"), _check_template(name, value))
-            for name, value in add.items()
-        ]
+        pairs = []
+        for name, value in add.items():
+            clean = isinstance(name, str) and name.isascii() and name.isprintable()
+            _check_name(name, f"add.{name}" if clean else f"add.{name!r}")
+            pairs.append((name, _check_template(name, value)))
         remove = [_check_name(n, "remove") for n in get_str_list(table, "remove")]
         for name in remove:
             if name.lower() in PROTECTED:

@@ -153,7 +153,7 @@ def test_nothing_configured_changes_nothing():
         ({"add": {"X A": "1"}}, r"^add\.X A: 'X A' is not a valid header name"),
         ({"add": {"X:A": "1"}}, r"^add\.X:A: .* is not a valid header name"),
         ({"add": {"": "1"}}, r"^add\.: expected a header name"),
-        ({"add": {"X\r\nB": "1"}}, r"is not a valid header name"),
+        ({"add": {"X\r\nB": "1"}}, r"^add\.'X\\r\\nB': .* is not a valid header name"),
         ({"add": {"X-A": "{nope}"}}, r"^add\.X-A: unknown placeholder \{nope\}"),
         ({"add": {"X-A": "{helo.__class__}"}}, r"^add\.X-A: unknown placeholder"),
         ({"add": {"X-A": "{helo!r}"}}, r"^add\.X-A: unknown placeholder \{helo!r\}"),
