@@ -20,7 +20,9 @@ def get_version_string() -> str:
 version = get_version_string()
 """Current version of Bonzo."""
 
-__version__ = version
+# A literal, so that packaging tools can read it without importing Bonzo;
+# a test checks that it agrees with version_tuple.
+__version__ = "0.2.0"
 
 # The names plugin authors need, importable as ``from bonzo import hookimpl``.
 from .hookspecs import Accept, hookimpl  # noqa: E402

@@ -184,3 +184,10 @@ class HandlerTest(AsyncSMTPTestCase):
                 self.send_mail("c", "a@example.com", ["twice@example.com"], "hi") == b"250 Ok\r\n"
             )
         self.close()
+
+
+def test_version_literal_matches_the_tuple():
+    import bonzo
+
+    assert bonzo.__version__ == bonzo.version == bonzo.get_version_string()
+    assert bonzo.version.startswith(".".join(str(p) for p in bonzo.version_tuple[:3]))
