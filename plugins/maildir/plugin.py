@@ -170,6 +170,11 @@ class MaildirPlugin:
                 self._makedirs(self.path)
             else:
                 self._ensure_maildir(self.path)
+        log.info(
+            "maildir: storing messages durably in %s%s",
+            self.path,
+            " (one maildir per recipient)" if self.per_recipient else "",
+        )
 
     # -------------------------------------------------------------- targets
     def maildir_for(self, address: str) -> Path:

@@ -114,6 +114,22 @@ class RecipientsPlugin:
         self.relay_networks = networks
         self.relay_authenticated = relay_authenticated
 
+    @hookimpl
+    def bonzo_startup(self) -> None:
+        """Say in the log what mail this server accepts."""
+        local = sorted(self.domains | set(self.users))
+        listed = sum(len(u) for u in self.users.values())
+        log.info(
+            "recipients: accepting mail for %s%s; relaying for %s",
+            ", ".join(local) or "no domain (postmaster only)",
+            f" ({listed} listed address(es))" if listed else "",
+            ", ".join(
+                [str(n) for n in self.relay_networks]
+                + (["authenticated sessions"] if self.relay_authenticated else [])
+            )
+            or "nobody",
+        )
+
     # ------------------------------------------------------------------ RCPT
     def is_local(self, domain: str) -> bool:
         """True if ``domain`` (any case, trailing dot or not) is a local domain."""
