@@ -262,7 +262,9 @@ def test_full_disk_is_452_and_leaves_nothing(tmp_path, monkeypatch, caplog, code
     monkeypatch.setattr(os, "fsync", fsync)
     assert refusal(plugin, message(body=b"Subject: secret\r\n\r\nTOP-SECRET\r\n")) == (452, "4.3.1")
     assert files(tmp_path) == []
-    (record,) = [r for r in caplog.records if r.name == "bonzo.plugins.maildir"]
+    (record,) = [
+        r for r in caplog.records if r.name == "bonzo.plugins.maildir" and r.levelname == "ERROR"
+    ]
     text = record.getMessage()
     assert str(tmp_path / "Maildir") in text
     assert "TOP-SECRET" not in text
