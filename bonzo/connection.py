@@ -129,6 +129,10 @@ class SMTPConnection:
     :arg handler: a :class:`SessionHandler`.
     :arg settings: :class:`~bonzo.settings.SMTPSettings`.
     :arg server: the :class:`~bonzo.server.SMTPServer` that accepted it, if any.
+
+    .. attribute:: bytes_received
+
+       Octets read from the client so far (for logs, stats and tests).
     """
 
     def __init__(
@@ -170,6 +174,7 @@ class SMTPConnection:
         self._last_activity = now
         self._window_start = now
         self._window_bytes = 0
+        self.bytes_received = 0
         self._timer: object | None = None
         self._closed = False
 
@@ -243,6 +248,7 @@ class SMTPConnection:
                     self._waiting_input = False
                 self._last_activity = loop.time()
                 self._window_bytes += len(chunk)
+                self.bytes_received += len(chunk)
                 proto.receive_data(chunk)
                 continue
             if event is CLOSED:
