@@ -176,6 +176,7 @@ class SMTPConnection:
         self._window_bytes = 0
         self.bytes_received = 0
         self._timer: object | None = None
+        self._timer_deadline = 0.0
         self._closed = False
 
     # ---------------------------------------------------------------- API
@@ -241,6 +242,7 @@ class SMTPConnection:
                         self._line_started = None
                     elif self._line_started is None:
                         self._line_started = loop.time()
+                        self._check_by(self._line_started + self.settings.command_timeout)
                 self._waiting_input = True
                 try:
                     chunk = await stream.read_bytes(chunk_size, partial=True)
@@ -305,8 +307,12 @@ class SMTPConnection:
                 assert envelope is not None
                 result = await self._call(handler.on_data, session, envelope, what="DATA")
                 envelope.prepend_raw(received_header(session, envelope, self.settings.hostname))
-                self._window_start = self._loop.time()
+                now = self._loop.time()
+                self._window_start = now
                 self._window_bytes = 0
+                self._check_by(
+                    now + min(self.settings.data_rate_window, self.settings.data_timeout)
+                )
                 proto.accept(_text(result))
             elif kind is MessageComplete:
                 await self._message_complete(event)
@@ -429,6 +435,23 @@ class SMTPConnection:
 
     def _arm_timer(self, when: float) -> None:
         self._timer = self._loop.call_at(when, self._on_timer)
+        self._timer_deadline = when
+
+    def _check_by(self, when: float) -> None:
+        """Make the timer fire no later than ``when``.
+
+        The timer is armed for the deadline of the state the session was in
+        when it last fired (e.g. ``idle_timeout``); a state with a shorter one
+        (a command line that started to trickle in, DATA) must pull it in, or
+        it would only be checked at the old deadline.
+        """
+        if self._closed:
+            return
+        if self._timer is not None:
+            if self._timer_deadline <= when:
+                return
+            self._loop.remove_timeout(self._timer)
+        self._arm_timer(when)
 
     def _on_timer(self) -> None:
         self._timer = None
