@@ -41,6 +41,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["SMTPConnection", "SessionHandler", "HandlerTimeout"]
 
+#: Longest wait, in seconds, for a client to take a last reply (``221``,
+#: ``421``) before the connection is closed anyway (also never longer than
+#: ``idle_timeout``).
+FINAL_REPLY_WAIT = 10.0
+
 
 class HandlerTimeout(Exception):
     """A handler call took longer than ``handler_timeout``."""
@@ -177,6 +182,11 @@ class SMTPConnection:
         self.bytes_received = 0
         self._timer: object | None = None
         self._timer_deadline = 0.0
+        # Since when the session has been waiting for the client to take its
+        # output (None when it is not), and when to close whatever happens
+        # once a last reply is queued (None before that).
+        self._output_since: float | None = None
+        self._drop_at: float | None = None
         self._closed = False
 
     # ---------------------------------------------------------------- API
@@ -236,7 +246,7 @@ class SMTPConnection:
                     return
                 fut = self._write_future
                 if fut is not None and not fut.done():  # type: ignore[attr-defined]
-                    await fut  # the client is not reading: stop reading too
+                    await self._wait_output(fut)  # the client is not reading: stop reading too
                 if not proto.in_data:
                     if not proto.buffered:
                         self._line_started = None
@@ -256,7 +266,8 @@ class SMTPConnection:
             if event is CLOSED:
                 self._flush()
                 fut = self._write_future
-                if fut is not None:
+                if fut is not None and not fut.done():  # type: ignore[attr-defined]
+                    self._drop_later()
                     await fut
                 stream.close()
                 return
@@ -269,7 +280,16 @@ class SMTPConnection:
                 self._flush()
                 fut = self._write_future
                 if fut is not None and not fut.done():  # type: ignore[attr-defined]
-                    await fut
+                    await self._wait_output(fut)
+
+    async def _wait_output(self, fut: Awaitable[None]) -> None:
+        """Wait for the client to take the replies written so far (the timer
+        drops a client that takes none for ``idle_timeout``)."""
+        self._output_since = self._loop.time()
+        try:
+            await fut
+        finally:
+            self._output_since = None
 
     def _flush(self) -> None:
         data = self.protocol.data_to_send()
@@ -460,6 +480,18 @@ class SMTPConnection:
         now = self._loop.time()
         s = self.settings
         proto = self.protocol
+        if self._drop_at is not None:
+            # A last reply is queued: nothing else matters now.
+            if now >= self._drop_at:
+                gen_log.info(
+                    "[%s %s] client did not take the last reply, closing",
+                    self.session.id,
+                    self.remote_ip,
+                )
+                self.stream.close()
+                return
+            self._arm_timer(self._drop_at)
+            return
         if proto.in_data:
             if now - self._last_activity >= s.data_timeout:
                 return self._timeout("data_timeout")
@@ -481,6 +513,18 @@ class SMTPConnection:
             deadline = self._last_activity + s.idle_timeout
             if started is not None:
                 deadline = min(deadline, started + s.command_timeout)
+        elif self._output_since is not None:
+            # The client does not read its replies (and so the server does
+            # not read its commands): it gets idle_timeout to take some.
+            if now - self._output_since >= s.idle_timeout:
+                gen_log.info(
+                    "[%s %s] idle_timeout exceeded waiting for the client to read, closing",
+                    self.session.id,
+                    self.remote_ip,
+                )
+                self.stream.close()
+                return
+            deadline = self._output_since + s.idle_timeout
         else:
             # A handler is running; its own timeout applies.
             deadline = now + self._next_check_delay()
@@ -498,9 +542,20 @@ class SMTPConnection:
             return
         if data:
             fut = self.stream.write(data)
-            fut.add_done_callback(lambda f: self.stream.close())
+            if fut.done():
+                self.stream.close()
+            else:
+                fut.add_done_callback(lambda f: self.stream.close())
+                self._drop_later()
         else:
             self.stream.close()
+
+    def _drop_later(self) -> None:
+        """Close the connection within a bounded time even if the client
+        never takes the last reply that is waiting to be sent."""
+        if self._drop_at is None:
+            self._drop_at = self._loop.time() + min(self.settings.idle_timeout, FINAL_REPLY_WAIT)
+            self._check_by(self._drop_at)
 
     # ------------------------------------------------------------- cleanup
     async def _cleanup(self) -> None:
