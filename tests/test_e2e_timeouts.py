@@ -8,6 +8,7 @@ a deadline.
 from __future__ import annotations
 
 import select
+import threading
 import time
 
 import pytest
@@ -120,3 +121,37 @@ def test_slow_but_steady_sender_completes(start_server):
         assert client.reply().startswith(b"250 2.0.0 Ok")
     (delivered,) = server.handler.messages
     assert delivered.body == line * 60
+
+
+def test_client_that_never_reads_is_dropped_after_idle_timeout(start_server):
+    """A client that writes commands and never reads its replies stops the
+    server reading (backpressure); it must not hold the connection forever."""
+    server = start_server(idle_timeout=0.5, read_chunk_size=4096)
+    client = RawClient(server.port, rcvbuf=4096)
+    try:
+        client.greet()
+        stop = threading.Event()
+
+        def flood() -> None:
+            client.sock.settimeout(0.1)
+            for _ in range(10_000):  # bounded
+                if stop.is_set():
+                    return
+                try:
+                    client.sock.send(b"HELP\r\n" * 1000)
+                except TimeoutError:
+                    continue
+                except OSError:  # the server dropped us
+                    return
+
+        writer = threading.Thread(target=flood, daemon=True)
+        writer.start()
+        started = time.monotonic()
+        server.wait_connections(0, timeout=5)
+        elapsed = time.monotonic() - started
+        stop.set()
+        writer.join(5)
+    finally:
+        client.close()
+    assert 0.4 <= elapsed < 3.0, elapsed
+    assert len(server.handler.disconnected) == 1
