@@ -198,6 +198,16 @@ class SMTPConnection:
         """Close the connection now."""
         self.stream.close()
 
+    def abort(
+        self, code: int = 421, text: str = "Server shutting down", enhanced: str = "4.3.2"
+    ) -> None:
+        """Send a last reply, as far as the socket takes it at once, and close
+        now, whatever the session is doing (used when a shutdown's grace
+        period is over)."""
+        if not self.stream.closed():
+            self._final_reply(code, text, enhanced)
+            self.stream.close()
+
     def shutdown(self) -> None:
         """Ask the session to end: at once with ``421 4.3.2`` if it is waiting
         for a command, else after the message in flight is answered."""
