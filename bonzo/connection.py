@@ -11,6 +11,7 @@ only when it fires, enforces every timeout.
 from __future__ import annotations
 
 import asyncio
+import errno
 import inspect
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -180,6 +181,7 @@ class SMTPConnection:
         self._window_start = now
         self._window_bytes = 0
         self.bytes_received = 0
+        self._store_error: OSError | None = None
         self._timer: object | None = None
         self._timer_deadline = 0.0
         # Since when the session has been waiting for the client to take its
@@ -282,8 +284,7 @@ class SMTPConnection:
                 stream.close()
                 return
             if type(event) is DataChunk:
-                if self.envelope is not None:
-                    self.envelope.write(event.data)
+                self._store(event.data)
                 continue
             await self._dispatch(event)
             if proto.pending_output > backlog:
@@ -399,10 +400,20 @@ class SMTPConnection:
         envelope = self.envelope
         assert envelope is not None
         if event.data:
-            envelope.write(event.data)
+            self._store(event.data)
+        store_error, self._store_error = self._store_error, None
         if event.error is not None:
             self._end_transaction()
             proto.reject(event.error)
+            return
+        if store_error is not None:
+            self._end_transaction()
+            if store_error.errno in (errno.ENOSPC, errno.EDQUOT):
+                proto.reject(
+                    errors.SMTPError(452, "Insufficient system storage", enhanced_code="4.3.1")
+                )
+            else:
+                proto.reject(errors.InternalConfusion())
             return
         try:
             result = await self._call(
@@ -431,6 +442,20 @@ class SMTPConnection:
             log_exception(exc, self.session, "accepted")
         finally:
             envelope.close()
+
+    def _store(self, data: bytes) -> None:
+        """Append message content to the envelope. A storage fault (say, the
+        spool directory is gone or the disk is full) is logged at once and
+        answered after the final dot; the rest of the content is read and
+        dropped, so the session stays in step and usable."""
+        envelope = self.envelope
+        if envelope is None or self._store_error is not None:
+            return
+        try:
+            envelope.write(data)
+        except OSError as exc:
+            self._store_error = exc
+            log_exception(exc, self.session, "storing the message")
 
     def _end_transaction(self) -> None:
         if self.envelope is not None:
