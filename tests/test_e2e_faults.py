@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import struct
+import tempfile
 import threading
 import time
 
@@ -338,3 +340,58 @@ def test_shutdown_with_no_connections_returns_at_once(server):
     started = time.monotonic()
     server.run(server.server.shutdown(5))
     assert time.monotonic() - started < 1
+
+
+# ----------------------------------------------------------- storage faults
+@pytest.mark.parametrize("greeting", ["EHLO", "HELO"])
+def test_spool_failure_is_451_after_the_data_and_the_session_goes_on(
+    start_server, tmp_path, log_watch, greeting
+):
+    # A spool directory that does not exist: the body cannot be spooled.
+    server = start_server(spool_dir=str(tmp_path / "missing"), spool_threshold=1024)
+    with RawClient(server.port) as client:
+        client.greet(ehlo=None)
+        assert client.command(f"{greeting} client.test").startswith(b"250")
+        assert client.command("MAIL FROM:<alice@example.com>").startswith(b"250")
+        assert client.command("RCPT TO:<bob@example.com>").startswith(b"250")
+        assert client.command("DATA").startswith(b"354")
+        # Two sends, the server reading the first before the second comes,
+        # so that the content arrives in more than one piece.
+        first = b"Subject: big\r\n\r\n" + b"spool me\r\n" * 2000
+        before = server.connections()[0].bytes_received
+        client.send(first)
+        wait_until(
+            lambda: server.connections()[0].bytes_received - before >= len(first),
+            message="the server to read the first part",
+        )
+        client.send(b"more\r\n" * 100 + b".\r\n")
+        reply = client.reply()
+        if greeting == "EHLO":
+            assert reply == b"451 4.3.0 Internal confusion\r\n"
+        else:
+            assert reply == b"451 Internal confusion\r\n"
+        log_watch.wait_for("Uncaught exception", logger="tornado.application")
+        assert client.command("RSET").startswith(b"250")
+        # A message small enough to stay in memory still goes through.
+        assert send_message(client).startswith(b"250")
+    assert [m.size for m in server.handler.messages] == [len(b"hi\r\n")]
+
+
+def test_full_disk_is_452_4_3_1(start_server, log_watch, monkeypatch):
+    import bonzo.session
+
+    class FullDisk(tempfile.SpooledTemporaryFile):
+        def rollover(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bonzo.session.tempfile, "SpooledTemporaryFile", FullDisk)
+    server = start_server(spool_threshold=1024)
+    with RawClient(server.port) as client:
+        client.greet()
+        assert client.command("MAIL FROM:<alice@example.com>").startswith(b"250")
+        assert client.command("RCPT TO:<bob@example.com>").startswith(b"250")
+        assert client.command("DATA").startswith(b"354")
+        client.send(b"Subject: big\r\n\r\n" + b"no room\r\n" * 1000 + b".\r\n")
+        assert client.reply() == b"452 4.3.1 Insufficient system storage\r\n"
+        log_watch.wait_for("Uncaught exception", logger="tornado.application")
+        assert client.command("RSET") == b"250 2.0.0 Ok\r\n"
