@@ -297,6 +297,34 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
+def _listens_on(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` has a listening TCP socket on ``port``
+    (``None`` where /proc cannot tell)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            return None
+        for row in rows:
+            fields = row.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{inode}]")
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 class _Output:
     """Collects a subprocess's stdout on a thread, so reads never block the test."""
 
@@ -331,7 +359,13 @@ def test_examples_hello(log_watch):
 
         def listening() -> bool:
             if proc.poll() is not None:
+                if "Address already in use" in output.text:
+                    pytest.skip(f"port {EXAMPLE_PORT} was taken before hello.py could listen")
                 raise AssertionError(f"hello.py exited early: {output.text}")
+            owns = _listens_on(proc.pid, EXAMPLE_PORT)
+            if owns is not None:
+                # Linux: make sure it is our process that listens, not another.
+                return owns
             try:
                 with RawClient(EXAMPLE_PORT, timeout=1.0) as probe:
                     return probe.reply().startswith(b"220 Bonzo SMTP Server")
