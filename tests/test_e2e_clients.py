@@ -395,3 +395,32 @@ def test_examples_hello(log_watch):
         output.join(5)
         proc.stdout.close()
     assert "Traceback" not in output.text, output.text
+
+
+def test_many_concurrent_aiosmtplib_clients(server):
+    clients, per_client = 25, 3
+
+    async def one(n: int) -> None:
+        async with aiosmtplib.SMTP(
+            hostname=HOST, port=server.port, timeout=TIMEOUT, start_tls=False
+        ) as client:
+            for m in range(per_client):
+                await client.sendmail(
+                    f"sender{n}@example.com",
+                    [f"rcpt{n}.{m}@example.com"],
+                    f"Subject: {n}.{m}\r\n\r\nfrom client {n}, message {m}\r\n",
+                )
+
+    async def all_clients() -> None:
+        await asyncio.wait_for(asyncio.gather(*(one(n) for n in range(clients))), 20)
+
+    asyncio.run(all_clients())
+    total = clients * per_client
+    wait_until(lambda: len(server.handler.messages) == total, message=f"{total} messages")
+    for delivered in server.handler.messages:
+        n, m = delivered.rcpt_tos[0][4:].split("@")[0].split(".")
+        assert delivered.mail_from == f"sender{n}@example.com"
+        expected = f"Subject: {n}.{m}\r\n\r\nfrom client {n}, message {m}\r\n"
+        assert delivered.body == expected.encode()
+    server.wait_connections(0)
+    assert len(server.handler.disconnected) == clients

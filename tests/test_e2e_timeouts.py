@@ -8,11 +8,12 @@ a deadline.
 from __future__ import annotations
 
 import select
+import socket
 import threading
 import time
 
 import pytest
-from e2e_support import RawClient
+from e2e_support import RawClient, RecordingHandler
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -154,4 +155,30 @@ def test_client_that_never_reads_is_dropped_after_idle_timeout(start_server):
     finally:
         client.close()
     assert 0.4 <= elapsed < 3.0, elapsed
+    assert len(server.handler.disconnected) == 1
+
+
+class SmallSendBuffer(RecordingHandler):
+    def on_connect(self, session):
+        super().on_connect(session)
+        stream = session.stash["bonzo.connection"].stream
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+
+def test_last_reply_not_read_does_not_keep_the_connection(start_server):
+    """The session ends (here: too many unknown commands) with replies the
+    client never reads; the connection is closed anyway, in bounded time."""
+    server = start_server(
+        handler=SmallSendBuffer(), idle_timeout=0.5, max_unknown_commands=2000, max_errors=5000
+    )
+    client = RawClient(server.port, rcvbuf=4096)
+    try:
+        client.greet()
+        client.send(b"XYZ\r\n" * 2500)
+        started = time.monotonic()
+        server.wait_connections(0, timeout=5)
+        elapsed = time.monotonic() - started
+    finally:
+        client.close()
+    assert elapsed < 3.0, elapsed
     assert len(server.handler.disconnected) == 1

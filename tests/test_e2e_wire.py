@@ -345,3 +345,18 @@ def test_client_that_does_not_read_cannot_make_the_server_buffer_unbounded_outpu
     assert replies[-1] == b"221 2.0.0 Bye\r\n"
     # Bounded: the backlog plus what one read's worth of commands can produce.
     assert handler.high_water <= backlog + 16 * chunk, handler.high_water
+
+
+def test_messages_per_connection_limit(start_server):
+    server = start_server(max_messages_per_connection=2)
+    with RawClient(server.port) as client:
+        client.greet()
+        for _ in range(2):
+            assert client.command("MAIL FROM:<a@example.com>") == b"250 2.1.0 Ok\r\n"
+            assert client.command("RCPT TO:<b@example.com>") == b"250 2.1.5 Ok\r\n"
+            assert client.command("DATA").startswith(b"354")
+            client.send(b"x\r\n.\r\n")
+            assert client.reply().startswith(b"250 2.0.0 Ok")
+        reply = client.command("MAIL FROM:<a@example.com>")
+        assert reply == b"452 4.5.3 Too many messages for this connection\r\n"
+    assert len(server.handler.messages) == 2
