@@ -315,14 +315,14 @@ class SMTPConnection:
         kind = type(event)
         try:
             if kind is Mail:
-                envelope = Envelope(
+                new_envelope = Envelope(
                     event.address,
                     event.params,
                     spool_threshold=self.settings.spool_threshold,
                     spool_dir=self.settings.spool_dir,
                 )
-                result = await self._call(handler.on_mail, session, envelope, what="MAIL")
-                self.envelope = envelope
+                result = await self._call(handler.on_mail, session, new_envelope, what="MAIL")
+                self.envelope = new_envelope
                 proto.accept(_text(result))
             elif kind is Rcpt:
                 envelope = self.envelope
