@@ -4,8 +4,10 @@
 socket has (``read_bytes(partial=True)``), lets :class:`~bonzo.protocol.SMTPProtocol`
 split it into commands, asks a :class:`SessionHandler` for a verdict on each
 command that needs one, and writes the replies to a pipelined batch in one
-write. There is no future per line, and one timer per connection, re-armed
-only when it fires, enforces every timeout.
+write. There is no future per line, and one timer per connection enforces
+every timeout: it is re-armed when it fires, and pulled in only when a state
+with a shorter deadline starts (a command line trickling in, DATA, a last
+reply), never per read.
 """
 
 from __future__ import annotations
@@ -295,7 +297,7 @@ class SMTPConnection:
 
     async def _wait_output(self, fut: Awaitable[None]) -> None:
         """Wait for the client to take the replies written so far (the timer
-        drops a client that takes none for ``idle_timeout``)."""
+        drops a client that has not within ``idle_timeout``)."""
         self._output_since = self._loop.time()
         try:
             await fut
@@ -550,7 +552,8 @@ class SMTPConnection:
                 deadline = min(deadline, started + s.command_timeout)
         elif self._output_since is not None:
             # The client does not read its replies (and so the server does
-            # not read its commands): it gets idle_timeout to take some.
+            # not read its commands): it gets idle_timeout to take what has
+            # been written (at most max_write_backlog plus one read's replies).
             if now - self._output_since >= s.idle_timeout:
                 gen_log.info(
                     "[%s %s] idle_timeout exceeded waiting for the client to read, closing",
