@@ -244,6 +244,13 @@ class SMTPConnection:
             result = await self._call(self.handler.on_connect, self.session, what="connect")
         except Exception as exc:  # refused (or broken) at connect: close after the reply
             error = self._error_reply(exc, "connect")
+            if not isinstance(exc, errors.SMTPError):
+                # A local fault: 451 is no greeting; 421 is (RFC 5321 3.1, 4.2.5).
+                error = errors.SMTPError(
+                    421,
+                    "Service not available, closing transmission channel",
+                    enhanced_code="4.3.0",
+                )
             error.close = True
             proto.send_error(error)
         else:
