@@ -360,3 +360,28 @@ def test_messages_per_connection_limit(start_server):
         reply = client.command("MAIL FROM:<a@example.com>")
         assert reply == b"452 4.5.3 Too many messages for this connection\r\n"
     assert len(server.handler.messages) == 2
+
+
+def test_content_split_at_every_octet_across_reads(start_server):
+    """The driver hands the core whatever each read returns; a message split
+    at any point (inside CRLF, around a stuffed dot, inside the final dot)
+    must be stored the same."""
+    server = start_server(max_messages_per_connection=1000)
+    wire = b"Subject: split\r\n\r\n..stuffed\r\n...\r\nplain\r\n..\r\n" + b".\r\n"
+    expected = b"Subject: split\r\n\r\n.stuffed\r\n..\r\nplain\r\n.\r\n"
+    with RawClient(server.port) as client:
+        client.greet()
+        client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for split in range(1, len(wire)):
+            assert client.command("MAIL FROM:<a@example.com>") == b"250 2.1.0 Ok\r\n"
+            assert client.command("RCPT TO:<b@example.com>") == b"250 2.1.5 Ok\r\n"
+            assert client.command("DATA").startswith(b"354")
+            before = _bytes_received(server)
+            client.send(wire[:split])
+            wait_until(
+                lambda: _bytes_received(server) - before >= split,  # noqa: B023
+                message="the first part to be read",
+            )
+            client.send(wire[split:])
+            assert client.reply().startswith(b"250 2.0.0 Ok"), split
+    assert [m.body for m in server.handler.messages] == [expected] * (len(wire) - 1)
