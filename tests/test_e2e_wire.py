@@ -362,13 +362,28 @@ def test_messages_per_connection_limit(start_server):
     assert len(server.handler.messages) == 2
 
 
-def test_content_split_at_every_octet_across_reads(start_server):
+@pytest.mark.parametrize(
+    "wire, expected",
+    [
+        (
+            b"Subject: split\r\n\r\n..stuffed\r\n...\r\nplain\r\n..\r\n.\r\n",
+            b"Subject: split\r\n\r\n.stuffed\r\n..\r\nplain\r\n.\r\n",
+        ),
+        (
+            # Lines are CRLF-delimited: the "." after "b\r\n" starts a line
+            # and is unstuffed; the others follow a bare LF/CR and are kept.
+            # Then bare LF/CR are normalised to CRLF.
+            b"Subject: smuggle\r\n\r\na\n.\nb\r\n.\nc\n.\r\nd\r.\r\n.\r\n",
+            b"Subject: smuggle\r\n\r\na\r\n.\r\nb\r\n\r\nc\r\n.\r\nd\r\n.\r\n",
+        ),
+    ],
+    ids=["dots", "smuggling"],
+)
+def test_content_split_at_every_octet_across_reads(start_server, wire, expected):
     """The driver hands the core whatever each read returns; a message split
-    at any point (inside CRLF, around a stuffed dot, inside the final dot)
-    must be stored the same."""
+    at any point (inside CRLF, around a stuffed dot, inside a fake or the real
+    final dot) must be stored the same."""
     server = start_server(max_messages_per_connection=1000)
-    wire = b"Subject: split\r\n\r\n..stuffed\r\n...\r\nplain\r\n..\r\n" + b".\r\n"
-    expected = b"Subject: split\r\n\r\n.stuffed\r\n..\r\nplain\r\n.\r\n"
     with RawClient(server.port) as client:
         client.greet()
         client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
