@@ -4,13 +4,16 @@
 socket has (``read_bytes(partial=True)``), lets :class:`~bonzo.protocol.SMTPProtocol`
 split it into commands, asks a :class:`SessionHandler` for a verdict on each
 command that needs one, and writes the replies to a pipelined batch in one
-write. There is no future per line, and one timer per connection, re-armed
-only when it fires, enforces every timeout.
+write. There is no future per line, and one timer per connection enforces
+every timeout: it is re-armed when it fires, and pulled in only when a state
+with a shorter deadline starts (a command line trickling in, DATA, a last
+reply), never per read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import inspect
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -40,6 +43,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from .server import SMTPServer
 
 __all__ = ["SMTPConnection", "SessionHandler", "HandlerTimeout"]
+
+#: Longest wait, in seconds, for a client to take a last reply (``221``,
+#: ``421``) before the connection is closed anyway (also never longer than
+#: ``idle_timeout``).
+FINAL_REPLY_WAIT = 10.0
 
 
 class HandlerTimeout(Exception):
@@ -134,6 +142,10 @@ class SMTPConnection:
     :arg handler: a :class:`SessionHandler`.
     :arg settings: :class:`~bonzo.settings.SMTPSettings`.
     :arg server: the :class:`~bonzo.server.SMTPServer` that accepted it, if any.
+
+    .. attribute:: bytes_received
+
+       Octets read from the client so far (for logs, stats and tests).
     """
 
     def __init__(
@@ -175,7 +187,15 @@ class SMTPConnection:
         self._last_activity = now
         self._window_start = now
         self._window_bytes = 0
+        self.bytes_received = 0
+        self._store_error: OSError | None = None
         self._timer: object | None = None
+        self._timer_deadline = 0.0
+        # Since when the session has been waiting for the client to take its
+        # output (None when it is not), and when to close whatever happens
+        # once a last reply is queued (None before that).
+        self._output_since: float | None = None
+        self._drop_at: float | None = None
         self._closed = False
         # A handler that enforces its own time limits (per plugin) is awaited
         # directly: no extra task per command.
@@ -189,6 +209,16 @@ class SMTPConnection:
     def close(self) -> None:
         """Close the connection now."""
         self.stream.close()
+
+    def abort(
+        self, code: int = 421, text: str = "Server shutting down", enhanced: str = "4.3.2"
+    ) -> None:
+        """Send a last reply, as far as the socket takes it at once, and close
+        now, whatever the session is doing (used when a shutdown's grace
+        period is over)."""
+        if not self.stream.closed():
+            self._final_reply(code, text, enhanced)
+            self.stream.close()
 
     def shutdown(self) -> None:
         """Ask the session to end: at once with ``421 4.3.2`` if it is waiting
@@ -222,6 +252,13 @@ class SMTPConnection:
             result = await self._call(self.handler.on_connect, self.session, what="connect")
         except Exception as exc:  # refused (or broken) at connect: close after the reply
             error = self._error_reply(exc, "connect")
+            if not isinstance(exc, errors.SMTPError):
+                # A local fault: 451 is no greeting; 421 is (RFC 5321 3.1, 4.2.5).
+                error = errors.SMTPError(
+                    421,
+                    "Service not available, closing transmission channel",
+                    enhanced_code="4.3.0",
+                )
             error.close = True
             proto.send_error(error)
         else:
@@ -238,12 +275,13 @@ class SMTPConnection:
                     return
                 fut = self._write_future
                 if fut is not None and not fut.done():  # type: ignore[attr-defined]
-                    await fut  # the client is not reading: stop reading too
+                    await self._wait_output(fut)  # the client is not reading: stop reading too
                 if not proto.in_data:
                     if not proto.buffered:
                         self._line_started = None
                     elif self._line_started is None:
                         self._line_started = loop.time()
+                        self._check_by(self._line_started + self.settings.command_timeout)
                 self._waiting_input = True
                 try:
                     chunk = await stream.read_bytes(chunk_size, partial=True)
@@ -251,25 +289,35 @@ class SMTPConnection:
                     self._waiting_input = False
                 self._last_activity = loop.time()
                 self._window_bytes += len(chunk)
+                self.bytes_received += len(chunk)
                 proto.receive_data(chunk)
                 continue
             if event is CLOSED:
                 self._flush()
                 fut = self._write_future
-                if fut is not None:
+                if fut is not None and not fut.done():  # type: ignore[attr-defined]
+                    self._drop_later()
                     await fut
                 stream.close()
                 return
             if type(event) is DataChunk:
-                if self.envelope is not None:
-                    self.envelope.write(event.data)
+                self._store(event.data)
                 continue
             await self._dispatch(event)
             if proto.pending_output > backlog:
                 self._flush()
                 fut = self._write_future
                 if fut is not None and not fut.done():  # type: ignore[attr-defined]
-                    await fut
+                    await self._wait_output(fut)
+
+    async def _wait_output(self, fut: Awaitable[None]) -> None:
+        """Wait for the client to take the replies written so far (the timer
+        drops a client that has not within ``idle_timeout``)."""
+        self._output_since = self._loop.time()
+        try:
+            await fut
+        finally:
+            self._output_since = None
 
     def _flush(self) -> None:
         data = self.protocol.data_to_send()
@@ -284,14 +332,14 @@ class SMTPConnection:
         kind = type(event)
         try:
             if kind is Mail:
-                envelope = Envelope(
+                new_envelope = Envelope(
                     event.address,
                     event.params,
                     spool_threshold=self.settings.spool_threshold,
                     spool_dir=self.settings.spool_dir,
                 )
-                result = await self._call(handler.on_mail, session, envelope, what="MAIL")
-                self.envelope = envelope
+                result = await self._call(handler.on_mail, session, new_envelope, what="MAIL")
+                self.envelope = new_envelope
                 proto.accept(_text(result))
             elif kind is Rcpt:
                 envelope = self.envelope
@@ -307,8 +355,12 @@ class SMTPConnection:
                 assert envelope is not None
                 result = await self._call(handler.on_data, session, envelope, what="DATA")
                 envelope.prepend_raw(received_header(session, envelope, self.settings.hostname))
-                self._window_start = self._loop.time()
+                now = self._loop.time()
+                self._window_start = now
                 self._window_bytes = 0
+                self._check_by(
+                    now + min(self.settings.data_rate_window, self.settings.data_timeout)
+                )
                 proto.accept(_text(result))
             elif kind is MessageComplete:
                 await self._message_complete(event)
@@ -365,10 +417,20 @@ class SMTPConnection:
         envelope = self.envelope
         assert envelope is not None
         if event.data:
-            envelope.write(event.data)
+            self._store(event.data)
+        store_error, self._store_error = self._store_error, None
         if event.error is not None:
             self._end_transaction()
             proto.reject(event.error)
+            return
+        if store_error is not None:
+            self._end_transaction()
+            if store_error.errno in (errno.ENOSPC, errno.EDQUOT):
+                proto.reject(
+                    errors.SMTPError(452, "Insufficient system storage", enhanced_code="4.3.1")
+                )
+            else:
+                proto.reject(errors.InternalConfusion())
             return
         try:
             result = await self._call(
@@ -397,6 +459,20 @@ class SMTPConnection:
             log_exception(exc, self.session, "accepted")
         finally:
             envelope.close()
+
+    def _store(self, data: bytes) -> None:
+        """Append message content to the envelope. A storage fault (say, the
+        spool directory is gone or the disk is full) is logged at once and
+        answered after the final dot; the rest of the content is read and
+        dropped, so the session stays in step and usable."""
+        envelope = self.envelope
+        if envelope is None or self._store_error is not None:
+            return
+        try:
+            envelope.write(data)
+        except OSError as exc:
+            self._store_error = exc
+            log_exception(exc, self.session, "storing the message")
 
     def _end_transaction(self) -> None:
         if self.envelope is not None:
@@ -433,6 +509,23 @@ class SMTPConnection:
 
     def _arm_timer(self, when: float) -> None:
         self._timer = self._loop.call_at(when, self._on_timer)
+        self._timer_deadline = when
+
+    def _check_by(self, when: float) -> None:
+        """Make the timer fire no later than ``when``.
+
+        The timer is armed for the deadline of the state the session was in
+        when it last fired (e.g. ``idle_timeout``); a state with a shorter one
+        (a command line that started to trickle in, DATA) must pull it in, or
+        it would only be checked at the old deadline.
+        """
+        if self._closed:
+            return
+        if self._timer is not None:
+            if self._timer_deadline <= when:
+                return
+            self._loop.remove_timeout(self._timer)
+        self._arm_timer(when)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -441,6 +534,18 @@ class SMTPConnection:
         now = self._loop.time()
         s = self.settings
         proto = self.protocol
+        if self._drop_at is not None:
+            # A last reply is queued: nothing else matters now.
+            if now >= self._drop_at:
+                gen_log.info(
+                    "[%s %s] client did not take the last reply, closing",
+                    self.session.id,
+                    self.remote_ip,
+                )
+                self.stream.close()
+                return
+            self._arm_timer(self._drop_at)
+            return
         if proto.in_data:
             if now - self._last_activity >= s.data_timeout:
                 return self._timeout("data_timeout")
@@ -462,6 +567,19 @@ class SMTPConnection:
             deadline = self._last_activity + s.idle_timeout
             if started is not None:
                 deadline = min(deadline, started + s.command_timeout)
+        elif self._output_since is not None:
+            # The client does not read its replies (and so the server does
+            # not read its commands): it gets idle_timeout to take what has
+            # been written (at most max_write_backlog plus one read's replies).
+            if now - self._output_since >= s.idle_timeout:
+                gen_log.info(
+                    "[%s %s] idle_timeout exceeded waiting for the client to read, closing",
+                    self.session.id,
+                    self.remote_ip,
+                )
+                self.stream.close()
+                return
+            deadline = self._output_since + s.idle_timeout
         else:
             # A handler is running; its own timeout applies.
             deadline = now + self._next_check_delay()
@@ -479,9 +597,20 @@ class SMTPConnection:
             return
         if data:
             fut = self.stream.write(data)
-            fut.add_done_callback(lambda f: self.stream.close())
+            if fut.done():
+                self.stream.close()
+            else:
+                fut.add_done_callback(lambda f: self.stream.close())
+                self._drop_later()
         else:
             self.stream.close()
+
+    def _drop_later(self) -> None:
+        """Close the connection within a bounded time even if the client
+        never takes the last reply that is waiting to be sent."""
+        if self._drop_at is None:
+            self._drop_at = self._loop.time() + min(self.settings.idle_timeout, FINAL_REPLY_WAIT)
+            self._check_by(self._drop_at)
 
     # ------------------------------------------------------------- cleanup
     async def _cleanup(self) -> None:

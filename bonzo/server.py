@@ -32,6 +32,10 @@ __all__ = ["SMTPServer", "SMTPConnection", "SMTPRequest", "CallbackHandler"]
 
 _TCPSERVER_ARGS = ("ssl_options", "max_buffer_size", "read_chunk_size")
 
+#: After a shutdown's grace period, how long to wait for the closed sessions
+#: to finish their cleanup before returning.
+_CLEANUP_WAIT = 1.0
+
 
 class SMTPRequest:
     """A single SMTP request: one message and its envelope.
@@ -264,7 +268,9 @@ class SMTPServer(TCPServer):
         """Stop gracefully: stop accepting, answer ``421 4.3.2`` to sessions
         waiting for a command, let messages in flight finish, and close what
         is left after ``grace`` seconds (default: the ``shutdown_grace``
-        setting)."""
+        setting), with a last ``421 4.3.2`` where the socket takes it.
+        Returns once the sessions are cleaned up (``on_disconnect`` called),
+        or shortly after the grace period for those that cannot be."""
         grace = self.settings.shutdown_grace if grace is None else grace
         self.stop()
         if not self.connections:
@@ -279,5 +285,12 @@ class SMTPServer(TCPServer):
                 "Shutdown grace period over; closing %d connection(s)", len(self.connections)
             )
             for connection in list(self.connections):
-                connection.close()
-            await asyncio.sleep(0)
+                connection.abort(421, "Server shutting down", "4.3.2")
+            # Let the sessions run their cleanup (and on_disconnect); one
+            # whose handler is still running is not waited for long.
+            try:
+                await asyncio.wait_for(self._idle_event.wait(), timeout=_CLEANUP_WAIT)
+            except asyncio.TimeoutError:
+                app_log.warning(
+                    "%d connection(s) still cleaning up after shutdown", len(self.connections)
+                )

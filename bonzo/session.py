@@ -238,7 +238,7 @@ class Envelope:
         if self._spool is None:
             self._spool = tempfile.SpooledTemporaryFile(max_size=self._spool_threshold)
         self._spool.seek(0)
-        return self._spool  # type: ignore[return-value]
+        return self._spool
 
     def write_to(self, fileobj: IO[bytes], chunk_size: int = 1 << 20) -> int:
         """Write the whole message to ``fileobj`` in chunks; return its size."""
@@ -253,7 +253,7 @@ class Envelope:
         """The message parsed with :mod:`email` (modern policy), on first use."""
         if self._message is None:
             parser = BytesParser(policy=email.policy.default)
-            self._message = parser.parsebytes(self.content)  # type: ignore[assignment]
+            self._message = parser.parsebytes(self.content)
         assert self._message is not None
         return self._message
 

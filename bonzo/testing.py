@@ -74,7 +74,8 @@ class AsyncSMTPTestCase(AsyncTestCase):
                 if line[3:4] != b"-":
                     return b"".join(lines)
 
-        return self.io_loop.run_sync(read, timeout=get_async_test_timeout())
+        reply: bytes = self.io_loop.run_sync(read, timeout=get_async_test_timeout())
+        return reply
 
     def send_mail(self, hostname: str, mail: str, rcpt: list[str], data: str) -> bytes:
         """Sends a coherent sequence of commands to send a message. Returns

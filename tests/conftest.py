@@ -1,0 +1,62 @@
+"""Fixtures shared by the test suite.
+
+* ``log_watch`` (autouse): fails a test that makes the ``tornado``, ``bonzo``
+  or ``asyncio`` loggers emit an ERROR record it did not declare with
+  ``log_watch.allow(pattern)`` or ``log_watch.wait_for(pattern)``.
+* ``start_server``: starts an :class:`~bonzo.server.SMTPServer` on an unused
+  port of 127.0.0.1, in a background thread with its own event loop, and
+  stops it after the test. ``start_server(handler=..., **settings)`` or
+  ``start_server(request_callback, **settings)``; with neither, a
+  :class:`~e2e_support.RecordingHandler` collects the delivered messages in
+  ``server.handler.messages``.
+* ``server``: ``start_server()`` with the default settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from e2e_support import LogWatch, ServerThread
+
+
+@pytest.fixture(autouse=True)
+def log_watch() -> Iterator[LogWatch]:
+    watch = LogWatch()
+    watch.install()
+    try:
+        yield watch
+    finally:
+        watch.uninstall()
+    unexpected = watch.unexpected()
+    if unexpected:
+        lines = "\n".join(f"  {r.name} {r.levelname}: {r.getMessage()}" for r in unexpected[:20])
+        pytest.fail(f"unexpected ERROR log records:\n{lines}", pytrace=False)
+
+
+@pytest.fixture
+def start_server(log_watch: LogWatch) -> Iterator[Callable[..., ServerThread]]:
+    servers: list[ServerThread] = []
+
+    def start(request_callback: Callable[..., Any] | None = None, **options: Any) -> ServerThread:
+        if "settings" not in options:
+            options.setdefault("hostname", "bonzo.test")
+        thread = ServerThread(request_callback, **options)
+        servers.append(thread)
+        return thread.start()
+
+    yield start
+    errors = []
+    for thread in reversed(servers):
+        try:
+            thread.stop()
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def server(start_server: Callable[..., ServerThread]) -> ServerThread:
+    return start_server()

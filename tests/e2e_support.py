@@ -1,0 +1,442 @@
+"""Helpers for the end-to-end tests: a server in a background thread, a
+recording handler, a raw socket client, a log watcher and a polling wait.
+
+Every server listens on 127.0.0.1 only, on a port the kernel picks; every wait
+has a deadline. The fixtures that use these live in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from tornado.testing import bind_unused_port
+
+from bonzo.connection import SessionHandler, SMTPConnection
+from bonzo.server import SMTPServer
+from bonzo.session import Envelope, Session
+
+HOST = "127.0.0.1"
+
+#: Default wait for anything in these tests, in seconds.
+TIMEOUT = 5.0
+
+
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = TIMEOUT,
+    interval: float = 0.005,
+    message: str = "condition",
+) -> Any:
+    """Poll ``predicate`` until it returns something true; return that.
+
+    Raises :class:`AssertionError` naming ``message`` after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------- handlers
+@dataclass
+class Delivered:
+    """A copy of what a handler saw of one accepted message."""
+
+    session_id: str
+    helo: str | None
+    esmtp: bool
+    mail_from: str
+    mail_params: dict[str, str | None]
+    rcpt_tos: list[str]
+    size: int
+    spooled: bool
+    digest: str
+    """SHA-256 of the body (the client's content, unstuffed)."""
+    header_bytes: bytes
+    body: bytes | None
+    """The body, unless it was larger than :data:`KEEP_BODY`."""
+
+    @property
+    def content(self) -> bytes:
+        assert self.body is not None, "body too large to keep; compare digest"
+        return self.header_bytes + self.body
+
+
+#: Bodies up to this size are copied into :class:`Delivered`.
+KEEP_BODY = 1 << 20
+
+
+def record(session: Session, envelope: Envelope) -> Delivered:
+    """Copy what matters of ``envelope`` without reading a large body into memory."""
+    digest = hashlib.sha256()
+    body = envelope.open_body()
+    while True:
+        block = body.read(65536)
+        if not block:
+            break
+        digest.update(block)
+    return Delivered(
+        session_id=session.id,
+        helo=session.helo,
+        esmtp=session.esmtp,
+        mail_from=envelope.mail_from,
+        mail_params=dict(envelope.mail_params),
+        rcpt_tos=list(envelope.rcpt_tos),
+        size=envelope.size,
+        spooled=envelope.spooled,
+        digest=digest.hexdigest(),
+        header_bytes=envelope.header_bytes,
+        body=envelope.body if envelope.size <= KEEP_BODY else None,
+    )
+
+
+class RecordingHandler(SessionHandler):
+    """Accepts everything and records messages, senders and disconnects.
+
+    Tests subclass it to refuse, fail or stall at one point. The lists are
+    appended to on the server's thread and read on the test's.
+    """
+
+    def __init__(self) -> None:
+        self.messages: list[Delivered] = []
+        self.connected: list[Session] = []
+        self.senders: list[str] = []
+        self.disconnected: list[Session] = []
+
+    def on_connect(self, session: Session) -> Any:
+        self.connected.append(session)
+
+    def on_mail(self, session: Session, envelope: Envelope) -> Any:
+        self.senders.append(envelope.mail_from)
+
+    def on_message(self, session: Session, envelope: Envelope) -> Any:
+        self.messages.append(record(session, envelope))
+
+    def on_disconnect(self, session: Session) -> Any:
+        self.disconnected.append(session)
+
+
+# ------------------------------------------------------------------ server
+class ServerThread:
+    """An :class:`SMTPServer` on 127.0.0.1, with its own event loop (and so
+    its own Tornado IOLoop) in a background thread.
+
+    Sync clients (smtplib, swaks, sockets) and async ones (aiosmtplib run in
+    the test's own ``asyncio.run``) talk to it alike; :meth:`call` and
+    :meth:`run` reach into the server's thread to look at its state.
+    """
+
+    def __init__(
+        self,
+        request_callback: Callable[..., Any] | None = None,
+        *,
+        handler: SessionHandler | None = None,
+        **options: Any,
+    ) -> None:
+        if request_callback is None and handler is None:
+            handler = RecordingHandler()
+        self.handler = handler
+        self.request_callback = request_callback
+        self.options = options
+        self.host = HOST
+        self.port = 0
+        self.server: SMTPServer | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._sock: socket.socket | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def start(self) -> ServerThread:
+        sock, self.port = bind_unused_port()
+        self._sock = sock
+        self._thread = threading.Thread(
+            target=self._thread_main, name=f"smtp-server-{self.port}", daemon=True
+        )
+        self._thread.start()
+        if not self._ready.wait(TIMEOUT):
+            raise RuntimeError("SMTP server thread did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _thread_main(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # pragma: no cover - reported to the test
+            self._error = exc
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            self.server = SMTPServer(self.request_callback, handler=self.handler, **self.options)
+            assert self._sock is not None
+            self.server.add_sockets([self._sock])
+        except BaseException as exc:
+            self._error = exc
+            if self._sock is not None:
+                self._sock.close()
+            self._ready.set()
+            return
+        self._ready.set()
+        await self._stop.wait()
+        server = self.server
+        server.stop()
+        for connection in list(server.connections):
+            connection.close()
+        # Let the sessions see the close and run their cleanup.
+        deadline = self.loop.time() + TIMEOUT
+        while server.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.005)
+
+    def call(self, fn: Callable[..., Any], *args: Any, timeout: float = TIMEOUT) -> Any:
+        """Run ``fn(*args)`` on the server's thread and return its result."""
+
+        async def wrapper() -> Any:
+            return fn(*args)
+
+        return self.run(wrapper(), timeout=timeout)
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = TIMEOUT) -> Any:
+        """Run a coroutine on the server's loop and return its result."""
+        return self.submit(coro).result(timeout)
+
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Start a coroutine on the server's loop; return a concurrent Future."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def connections(self) -> list[SMTPConnection]:
+        """The server's live connections (a snapshot)."""
+        assert self.server is not None
+        return self.call(lambda: list(self.server.connections))  # type: ignore[union-attr]
+
+    def wait_connections(self, count: int, timeout: float = TIMEOUT) -> None:
+        """Wait until the server has exactly ``count`` live connections."""
+        wait_until(
+            lambda: len(self.connections()) == count,
+            timeout,
+            message=f"{count} live connection(s)",
+        )
+
+    def stop(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        self._thread = None
+        if self.loop is not None and self._stop is not None and thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop.set)
+        thread.join(TIMEOUT * 2)
+        if thread.is_alive():  # pragma: no cover - a hung server is a failure
+            raise RuntimeError("SMTP server thread did not stop")
+        if self._error is not None:
+            raise self._error
+
+
+# ------------------------------------------------------------------ client
+_REPLY_END = re.compile(rb"^\d{3}(?: [^\r\n]*)?\r\n", re.M)
+
+
+class RawClient:
+    """A blocking socket client that speaks SMTP bytes, with timeouts.
+
+    Replies are read into a buffer and split into whole replies (every line
+    of a multi-line reply together).
+    """
+
+    def __init__(
+        self,
+        port: int,
+        host: str = HOST,
+        timeout: float = TIMEOUT,
+        rcvbuf: int | None = None,
+    ) -> None:
+        self.timeout = timeout
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            if rcvbuf is not None:
+                # Set before connect so the advertised window is small.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.settimeout(timeout)
+            sock.connect((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.buffer = b""
+        self.eof = False
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv_once(self, timeout: float | None = None) -> bytes:
+        """One ``recv`` call: whatever has arrived (b"" at EOF)."""
+        self.sock.settimeout(self.timeout if timeout is None else timeout)
+        data = self.sock.recv(1 << 20)
+        if not data:
+            self.eof = True
+        return data
+
+    def _fill(self, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no reply in time; have {self.buffer[-300:]!r}")
+        data = self.recv_once(left)
+        if not data:
+            raise ConnectionError(f"connection closed; have {self.buffer[-300:]!r}")
+        self.buffer += data
+
+    def _take_reply(self) -> bytes | None:
+        # A reply ends at the first line "ddd " (or "ddd") + CRLF.
+        for match in _REPLY_END.finditer(self.buffer):
+            end = match.end()
+            reply, self.buffer = self.buffer[:end], self.buffer[end:]
+            return reply
+        return None
+
+    def reply(self, timeout: float | None = None) -> bytes:
+        """Read one whole reply."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            reply = self._take_reply()
+            if reply is not None:
+                return reply
+            self._fill(deadline)
+
+    def replies(self, count: int, timeout: float | None = None) -> list[bytes]:
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        return [self.reply(max(deadline - time.monotonic(), 0.001)) for _ in range(count)]
+
+    def command(self, line: bytes | str, timeout: float | None = None) -> bytes:
+        """Send one command line (CRLF added) and read its reply."""
+        if isinstance(line, str):
+            line = line.encode()
+        self.send(line + b"\r\n")
+        return self.reply(timeout)
+
+    def read_to_eof(self, timeout: float | None = None) -> bytes:
+        """Read until the server closes; return everything not yet consumed."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while not self.eof:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"server did not close; have {self.buffer[-300:]!r}")
+            try:
+                data = self.recv_once(left)
+            except ConnectionResetError:
+                self.eof = True
+                break
+            self.buffer += data
+        data, self.buffer = self.buffer, b""
+        return data
+
+    def greet(self, ehlo: str | None = "client.test") -> bytes:
+        """Read the greeting and (by default) say EHLO; return the EHLO reply."""
+        greeting = self.reply()
+        assert greeting.startswith(b"220 "), greeting
+        if ehlo is None:
+            return greeting
+        reply = self.command(f"EHLO {ehlo}")
+        assert reply.startswith(b"250"), reply
+        return reply
+
+
+def codes(replies: list[bytes]) -> list[int]:
+    return [int(r[:3]) for r in replies]
+
+
+# --------------------------------------------------------------------- logs
+class LogWatch(logging.Handler):
+    """Collects records from the framework's loggers; ERROR records not
+    declared with :meth:`allow` (or found by :meth:`wait_for`) fail the test.
+    """
+
+    LOGGERS = ("tornado", "bonzo", "asyncio")
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._allowed: list[tuple[str, re.Pattern[str]]] = []
+        self._saved: list[tuple[logging.Logger, int]] = []
+
+    def install(self) -> None:
+        for name in self.LOGGERS:
+            logger = logging.getLogger(name)
+            self._saved.append((logger, logger.level))
+            logger.setLevel(logging.DEBUG)
+            logger.addHandler(self)
+
+    def uninstall(self) -> None:
+        for logger, level in self._saved:
+            logger.removeHandler(self)
+            logger.setLevel(level)
+        self._saved.clear()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def allow(self, pattern: str, logger: str = "") -> None:
+        """Declare ERROR records whose message matches ``pattern`` (from a logger
+        named ``logger`` or below it) as expected."""
+        self._allowed.append((logger, re.compile(pattern)))
+
+    def _is_allowed(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return any(
+            (not logger or record.name == logger or record.name.startswith(logger + "."))
+            and pattern.search(message)
+            for logger, pattern in self._allowed
+        )
+
+    def matching(self, pattern: str, logger: str = "") -> list[logging.LogRecord]:
+        regex = re.compile(pattern)
+        return [
+            r
+            for r in list(self.records)
+            if (not logger or r.name == logger or r.name.startswith(logger + "."))
+            and regex.search(r.getMessage())
+        ]
+
+    def wait_for(
+        self, pattern: str, logger: str = "", timeout: float = TIMEOUT
+    ) -> logging.LogRecord:
+        """Wait for a record matching ``pattern``, allow such records, return it."""
+        self.allow(pattern, logger)
+        found = wait_until(
+            lambda: self.matching(pattern, logger), timeout, message=f"log record {pattern!r}"
+        )
+        return found[0]
+
+    def unexpected(self) -> list[logging.LogRecord]:
+        return [
+            r for r in list(self.records) if r.levelno >= logging.ERROR and not self._is_allowed(r)
+        ]

@@ -1,0 +1,184 @@
+"""End to end with slow clients: idle, trickling commands, slow DATA.
+
+Small timeouts keep these fast. The sleeps here pace what the client sends
+(a slow client *is* a client that sleeps); conditions are always polled with
+a deadline.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+
+import pytest
+from e2e_support import RawClient, RecordingHandler
+
+pytestmark = pytest.mark.timeout(30)
+
+TIMEOUT_REPLY = b"421 4.4.2 Timeout, closing connection\r\n"
+
+
+def test_idle_client_gets_421_and_is_closed(start_server):
+    server = start_server(idle_timeout=0.5)
+    with RawClient(server.port) as client:
+        client.greet()
+        started = time.monotonic()
+        assert client.read_to_eof() == TIMEOUT_REPLY
+        elapsed = time.monotonic() - started
+    assert 0.4 <= elapsed < 2.0, elapsed
+    server.wait_connections(0)
+    assert len(server.handler.disconnected) == 1
+
+
+def test_idle_timeout_counts_from_the_last_command(start_server):
+    server = start_server(idle_timeout=0.6)
+    with RawClient(server.port) as client:
+        client.greet()
+        for _ in range(4):  # keep it alive past one idle_timeout
+            time.sleep(0.25)
+            assert client.command("NOOP") == b"250 2.0.0 Ok\r\n"
+        started = time.monotonic()
+        assert client.read_to_eof() == TIMEOUT_REPLY
+        assert 0.5 <= time.monotonic() - started < 2.0
+
+
+def trickle(client: RawClient, data: bytes, interval: float, limit: float) -> float:
+    """Send ``data`` a byte at a time until the server answers (or closes) or
+    ``limit`` seconds pass; return when the first byte was sent."""
+    started = time.monotonic()
+    for n in range(len(data)):
+        if time.monotonic() - started > limit or _readable(client):
+            break
+        try:
+            client.send(data[n : n + 1])
+        except OSError:  # the server closed the connection
+            break
+        time.sleep(interval)
+    return started
+
+
+def _readable(client: RawClient) -> bool:
+    return bool(select.select([client.sock], [], [], 0)[0])
+
+
+def test_command_trickled_a_byte_at_a_time_gets_421(start_server):
+    server = start_server(command_timeout=0.5, idle_timeout=10)
+    with RawClient(server.port) as client:
+        client.greet()
+        # Quiet for a moment first (well within idle_timeout), as a real
+        # client between commands would be.
+        time.sleep(0.6)
+        started = trickle(client, b"NOOP " + b"x" * 400, interval=0.02, limit=5)
+        assert client.read_to_eof() == TIMEOUT_REPLY
+        elapsed = time.monotonic() - started
+    assert 0.4 <= elapsed < 2.0, f"closed after {elapsed:.2f}s, command_timeout is 0.5s"
+
+
+def test_data_below_the_minimum_rate_gets_421(start_server):
+    server = start_server(min_data_rate=2000, data_rate_window=0.5, idle_timeout=10)
+    with RawClient(server.port) as client:
+        client.greet()
+        assert client.command("MAIL FROM:<a@example.com>").startswith(b"250")
+        assert client.command("RCPT TO:<b@example.com>").startswith(b"250")
+        time.sleep(0.6)  # a pause between commands, within idle_timeout
+        assert client.command("DATA").startswith(b"354")
+        # About 200 octets/s: ten times too slow.
+        started = trickle(client, b"Subject: slow\r\n\r\n" + b"y" * 2000, interval=0.005, limit=5)
+        assert client.read_to_eof() == b"421 4.4.2 Data rate too low\r\n"
+        elapsed = time.monotonic() - started
+    assert 0.4 <= elapsed < 2.0, f"closed after {elapsed:.2f}s, window is 0.5s"
+    assert server.handler.messages == []
+
+
+def test_data_timeout_without_any_byte(start_server):
+    server = start_server(data_timeout=0.5, min_data_rate=0, idle_timeout=10)
+    with RawClient(server.port) as client:
+        client.greet()
+        assert client.command("MAIL FROM:<a@example.com>").startswith(b"250")
+        assert client.command("RCPT TO:<b@example.com>").startswith(b"250")
+        assert client.command("DATA").startswith(b"354")
+        client.send(b"Subject: stalled\r\n")
+        started = time.monotonic()
+        assert client.read_to_eof() == TIMEOUT_REPLY
+        assert 0.4 <= time.monotonic() - started < 2.0
+
+
+def test_slow_but_steady_sender_completes(start_server):
+    server = start_server(min_data_rate=1000, data_rate_window=0.3, idle_timeout=10)
+    line = b"z" * 98 + b"\r\n"
+    with RawClient(server.port) as client:
+        client.greet()
+        assert client.command("MAIL FROM:<a@example.com>").startswith(b"250")
+        assert client.command("RCPT TO:<b@example.com>").startswith(b"250")
+        assert client.command("DATA").startswith(b"354")
+        # About 5000 octets/s, five times the minimum, for over a second:
+        # several rate windows.
+        for _ in range(60):
+            client.send(line)
+            time.sleep(0.02)
+        client.send(b".\r\n")
+        assert client.reply().startswith(b"250 2.0.0 Ok")
+    (delivered,) = server.handler.messages
+    assert delivered.body == line * 60
+
+
+def test_client_that_never_reads_is_dropped_after_idle_timeout(start_server):
+    """A client that writes commands and never reads its replies stops the
+    server reading (backpressure); it must not hold the connection forever."""
+    server = start_server(idle_timeout=0.5, read_chunk_size=4096)
+    client = RawClient(server.port, rcvbuf=4096)
+    try:
+        client.greet()
+        stop = threading.Event()
+
+        def flood() -> None:
+            client.sock.settimeout(0.1)
+            for _ in range(10_000):  # bounded
+                if stop.is_set():
+                    return
+                try:
+                    client.sock.send(b"HELP\r\n" * 1000)
+                except TimeoutError:
+                    continue
+                except OSError:  # the server dropped us
+                    return
+
+        writer = threading.Thread(target=flood, daemon=True)
+        writer.start()
+        started = time.monotonic()
+        server.wait_connections(0, timeout=5)
+        elapsed = time.monotonic() - started
+        stop.set()
+        writer.join(5)
+    finally:
+        client.close()
+    assert 0.4 <= elapsed < 3.0, elapsed
+    assert len(server.handler.disconnected) == 1
+
+
+class SmallSendBuffer(RecordingHandler):
+    def on_connect(self, session):
+        super().on_connect(session)
+        stream = session.stash["bonzo.connection"].stream
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+
+def test_last_reply_not_read_does_not_keep_the_connection(start_server):
+    """The session ends (here: too many unknown commands) with replies the
+    client never reads; the connection is closed anyway, in bounded time."""
+    server = start_server(
+        handler=SmallSendBuffer(), idle_timeout=0.5, max_unknown_commands=2000, max_errors=5000
+    )
+    client = RawClient(server.port, rcvbuf=4096)
+    try:
+        client.greet()
+        client.send(b"XYZ\r\n" * 2500)
+        started = time.monotonic()
+        server.wait_connections(0, timeout=5)
+        elapsed = time.monotonic() - started
+    finally:
+        client.close()
+    assert elapsed < 3.0, elapsed
+    assert len(server.handler.disconnected) == 1

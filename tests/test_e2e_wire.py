@@ -1,0 +1,402 @@
+"""End to end at the byte level: pipelining, framing, large messages, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import select
+import socket
+import threading
+import tracemalloc
+
+import pytest
+from e2e_support import TIMEOUT, RawClient, RecordingHandler, codes, wait_until
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def open_transaction(client: RawClient, rcpts: int = 1) -> None:
+    client.greet()
+    assert client.command("MAIL FROM:<alice@example.com>") == b"250 2.1.0 Ok\r\n"
+    for n in range(rcpts):
+        assert client.command(f"RCPT TO:<user{n}@example.com>") == b"250 2.1.5 Ok\r\n"
+    assert client.command("DATA").startswith(b"354 ")
+
+
+# --------------------------------------------------------------- pipelining
+class AsyncRecordingHandler(RecordingHandler):
+    async def on_rcpt(self, session, envelope, address, params):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("handler_class", [RecordingHandler, AsyncRecordingHandler])
+def test_pipelined_batch_replies_come_in_order_in_one_read(start_server, handler_class):
+    server = start_server(handler=handler_class())
+    with RawClient(server.port) as client:
+        client.greet(ehlo=None)
+        batch = (
+            b"EHLO client.test\r\n"
+            b"MAIL FROM:<alice@example.com>\r\n"
+            b"RCPT TO:<bob@example.com>\r\n"
+            b"RCPT TO:<bad address>\r\n"
+            b"NOOP\r\n"
+            b"RCPT TO:<carol@example.com>\r\n"
+            b"DATA\r\n"
+        )
+        client.send(batch)
+        # The replies to a pipelined batch are written together (RFC 2920):
+        # a single recv gets all of them.
+        first = client.recv_once()
+        assert first.count(b"\r\n") == 7 + 6, first  # 7 EHLO lines, 6 more replies
+        client.buffer = first
+        ehlo, *rest = client.replies(7)
+        assert ehlo.startswith(b"250-bonzo.test Hello 127.0.0.1\r\n")
+        assert rest == [
+            b"250 2.1.0 Ok\r\n",
+            b"250 2.1.5 Ok\r\n",
+            b"501 5.1.3 Bad recipient address syntax\r\n",
+            b"250 2.0.0 Ok\r\n",
+            b"250 2.1.5 Ok\r\n",
+            b"354 End data with <CR><LF>.<CR><LF>\r\n",
+        ]
+        client.send(b"Subject: pipelined\r\n\r\nhi\r\n.\r\nRSET\r\nQUIT\r\n")
+        tail = client.read_to_eof()
+    assert codes(_split(tail)) == [250, 250, 221]
+    (delivered,) = server.handler.messages
+    assert delivered.rcpt_tos == ["bob@example.com", "carol@example.com"]
+
+
+def _split(data: bytes) -> list[bytes]:
+    out = []
+    current = b""
+    for line in data.splitlines(keepends=True):
+        current += line
+        if line[3:4] != b"-":
+            out.append(current)
+            current = b""
+    assert not current
+    return out
+
+
+# ------------------------------------------------------------------ framing
+def test_dot_stuffing_end_to_end(server):
+    wire = b"..starts with one dot\r\n...two dots\r\n..\r\nmiddle . dot\r\n. space\r\nlast\r\n.\r\n"
+    expected = b".starts with one dot\r\n..two dots\r\n.\r\nmiddle . dot\r\n space\r\nlast\r\n"
+    with RawClient(server.port) as client:
+        open_transaction(client)
+        client.send(wire)
+        assert client.reply().startswith(b"250 2.0.0 Ok")
+    (delivered,) = server.handler.messages
+    assert delivered.body == expected
+
+
+def test_empty_message(server):
+    with RawClient(server.port) as client:
+        open_transaction(client)
+        client.send(b".\r\n")
+        assert client.reply().startswith(b"250 2.0.0 Ok")
+    (delivered,) = server.handler.messages
+    assert delivered.body == b""
+
+
+@pytest.mark.parametrize(
+    "fake_end",
+    [b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r\n.\r", b"\r.\r\n"],
+    ids=["LF.LF", "LF.CRLF", "CRLF.LF", "CR.CR", "CRLF.CR", "CR.CRLF"],
+)
+def test_smuggled_end_of_data_is_content(server, fake_end):
+    smuggled = (
+        b"MAIL FROM:<evil@example.net>\r\n"
+        b"RCPT TO:<victim@example.com>\r\n"
+        b"DATA\r\n"
+        b"Subject: smuggled\r\n\r\nsmuggled body\r\n"
+    )
+    with RawClient(server.port) as client:
+        open_transaction(client)
+        client.send(b"Subject: first\r\n\r\nfirst body" + fake_end + smuggled + b".\r\nNOOP\r\n")
+        replies = client.replies(2)
+        assert replies[0].startswith(b"250 2.0.0 Ok: queued as ")
+        assert replies[1] == b"250 2.0.0 Ok\r\n"
+        client.send(b"QUIT\r\n")
+        assert client.read_to_eof() == b"221 2.0.0 Bye\r\n"
+    # One message, whose content holds the would-be commands; only one MAIL ran.
+    assert server.handler.senders == ["alice@example.com"]
+    (delivered,) = server.handler.messages
+    assert b"MAIL FROM:<evil@example.net>" in delivered.body
+    assert delivered.body.endswith(b"smuggled body\r\n")
+    # normalize (the default) stores CRLF line ends only.
+    assert delivered.body.count(b"\n") == delivered.body.count(b"\r\n")
+    assert delivered.body.count(b"\r") == delivered.body.count(b"\r\n")
+
+
+# ---------------------------------------------------------- large messages
+def _big_message(size: int) -> tuple[bytes, bytes]:
+    """Return (wire bytes including the final dot, expected stored body)."""
+    lines = []
+    total = 0
+    n = 0
+    while total < size:
+        line = b"%08d " % n + b"x" * 60 + b"\r\n"
+        if n % 7 == 0:
+            line = b"." + line
+        lines.append(line)
+        total += len(line)
+        n += 1
+    body = b"".join(lines)
+    wire = b"".join(b"." + line if line.startswith(b".") else line for line in lines) + b".\r\n"
+    return wire, body
+
+
+def fds_under(path) -> list[str]:
+    """Open file descriptors of this process whose target is under ``path``."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith(str(path)):
+            found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_five_megabyte_message_is_spooled_and_intact(start_server, tmp_path):
+    server = start_server(spool_dir=str(tmp_path), spool_threshold=256 * 1024)
+    wire, body = _big_message(5 * 1024 * 1024)
+    view = memoryview(wire)
+    with RawClient(server.port, timeout=15) as client:
+        open_transaction(client)
+        tracemalloc.start()
+        try:
+            for start in range(0, len(wire), 65536):
+                client.send(view[start : start + 65536])
+            reply = client.reply()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert reply.startswith(b"250 2.0.0 Ok"), reply
+        assert client.command("NOOP") == b"250 2.0.0 Ok\r\n"
+    (delivered,) = server.handler.messages
+    assert delivered.spooled
+    assert delivered.size == len(body)
+    assert delivered.digest == hashlib.sha256(body).hexdigest()
+    # Memory stays bounded: far below the message size (client and server
+    # share this process, so this counts both sides).
+    assert peak < 2 * 1024 * 1024, f"peak traced memory {peak} bytes"
+    wait_until(lambda: not fds_under(tmp_path), message="the spool file to be closed")
+    assert os.listdir(tmp_path) == []
+
+
+def test_message_over_max_size_is_refused_after_the_final_dot(start_server):
+    limit = 100_000
+    server = start_server(max_message_size=limit)
+    wire, body = _big_message(3 * limit)
+    with RawClient(server.port) as client:
+        open_transaction(client)
+        head, dot = wire[:-3], wire[-3:]
+        before = _bytes_received(server)
+        client.send(head)
+        # Wait until the server has read all of it, then check it has said nothing.
+        wait_until(
+            lambda: _bytes_received(server) - before >= len(head),
+            message="the server to read the data",
+        )
+        readable, _, _ = select.select([client.sock], [], [], 0)
+        assert not readable, client.recv_once()
+        client.send(dot)
+        assert client.reply() == b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+        # The session is still usable.
+        assert client.command("RSET") == b"250 2.0.0 Ok\r\n"
+        assert client.command("MAIL FROM:<a@example.com>") == b"250 2.1.0 Ok\r\n"
+        assert client.command("RCPT TO:<b@example.com>") == b"250 2.1.5 Ok\r\n"
+        assert client.command("DATA").startswith(b"354")
+        client.send(b"small\r\n.\r\n")
+        assert client.reply().startswith(b"250 2.0.0 Ok")
+    (delivered,) = server.handler.messages
+    assert delivered.body == b"small\r\n"
+
+
+def _bytes_received(server) -> int:
+    (connection,) = server.connections()
+    return connection.bytes_received
+
+
+# ------------------------------------------------------------------- limits
+def test_max_connections(start_server):
+    server = start_server(max_connections=2)
+    with RawClient(server.port) as one, RawClient(server.port) as two:
+        one.greet()
+        two.greet()
+        with RawClient(server.port) as three:
+            assert three.read_to_eof() == b"421 4.7.0 Too many connections, try again later\r\n"
+        # The refused one does not count; closing one makes room.
+        server.wait_connections(2)
+        one.command("QUIT")
+        server.wait_connections(1)
+        with RawClient(server.port) as four:
+            four.greet()
+            assert four.command("NOOP") == b"250 2.0.0 Ok\r\n"
+        assert two.command("NOOP") == b"250 2.0.0 Ok\r\n"
+
+
+def test_max_connections_per_ip(start_server):
+    server = start_server(max_connections_per_ip=1)
+    with RawClient(server.port) as one:
+        one.greet()
+        with RawClient(server.port) as two:
+            assert two.read_to_eof() == b"421 4.7.0 Too many connections from your address\r\n"
+        assert one.command("NOOP") == b"250 2.0.0 Ok\r\n"
+        one.command("QUIT")
+    server.wait_connections(0)
+    with RawClient(server.port) as three:
+        three.greet()
+
+
+def test_unknown_command_budget_closes_and_drops_buffered_commands(start_server):
+    server = start_server(max_unknown_commands=3)
+    with RawClient(server.port) as client:
+        client.greet()
+        client.send(
+            b"".join(b"XCMD%d\r\n" % n for n in range(5))
+            + b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n"
+            b"Subject: should never arrive\r\n\r\n.\r\n"
+        )
+        rest = client.read_to_eof()
+    assert _split(rest) == [b"500 5.5.2 Error: command not recognized\r\n"] * 3 + [
+        b"421 4.7.0 Too many unknown commands, closing connection\r\n"
+    ]
+    assert server.handler.senders == []
+    assert server.handler.messages == []
+
+
+class SmallSendBuffer(RecordingHandler):
+    """Shrinks the server socket's send buffer and records, after every write,
+    how much output the connection holds in user space."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.high_water = 0
+
+    def on_connect(self, session):
+        super().on_connect(session)
+        connection = session.stash["bonzo.connection"]
+        stream = connection.stream
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        write = stream.write
+
+        def measured_write(data):
+            future = write(data)
+            pending = len(stream._write_buffer) + connection.protocol.pending_output
+            self.high_water = max(self.high_water, pending)
+            return future
+
+        stream.write = measured_write
+
+
+@pytest.mark.timeout(30)
+def test_client_that_does_not_read_cannot_make_the_server_buffer_unbounded_output(
+    start_server,
+):
+    chunk = 4096
+    backlog = 16384
+    handler = SmallSendBuffer()
+    server = start_server(handler=handler, read_chunk_size=chunk, max_write_backlog=backlog)
+    # A repeating group of commands, each with a known reply.
+    group = [
+        (b"NOOP\r\n", b"250 2.0.0 Ok\r\n"),
+        (b"HELP\r\n", None),
+        (b"MAIL FROM:<a@example.com>\r\n", b"250 2.1.0 Ok\r\n"),
+        (b"RCPT TO:<b@example.com>\r\n", b"250 2.1.5 Ok\r\n"),
+        (b"RSET\r\n", b"250 2.0.0 Ok\r\n"),
+        (b"VRFY someone\r\n", None),
+    ]
+    repeats = 3000
+    commands = b"".join(c for c, _ in group) * repeats
+    with RawClient(server.port, rcvbuf=4096) as client:
+        client.greet()
+        # Write everything without reading, from a thread (the server stops
+        # reading once it cannot write, so sendall blocks for a while).
+        errors: list[BaseException] = []
+
+        def writer():
+            try:
+                client.sock.sendall(commands + b"QUIT\r\n")
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        thread = threading.Thread(target=writer, daemon=True)
+        thread.start()
+        # Wait until the server is holding replies it cannot send.
+        wait_until(lambda: handler.high_water >= chunk, message="replies the server cannot send")
+        # ... and has stopped reading commands meanwhile.
+        assert _bytes_received(server) < len(commands) // 4
+        replies = _split(client.read_to_eof(timeout=20))
+        thread.join(TIMEOUT)
+        assert not thread.is_alive() and not errors, errors
+    assert len(replies) == repeats * len(group) + 1
+    for n, reply in enumerate(replies[:-1]):
+        _, expected = group[n % len(group)]
+        if expected is None:
+            assert reply[:3] in (b"214", b"252"), (n, reply)
+        else:
+            assert reply == expected, (n, reply)
+    assert replies[-1] == b"221 2.0.0 Bye\r\n"
+    # Bounded: the backlog plus what one read's worth of commands can produce.
+    assert handler.high_water <= backlog + 16 * chunk, handler.high_water
+
+
+def test_messages_per_connection_limit(start_server):
+    server = start_server(max_messages_per_connection=2)
+    with RawClient(server.port) as client:
+        client.greet()
+        for _ in range(2):
+            assert client.command("MAIL FROM:<a@example.com>") == b"250 2.1.0 Ok\r\n"
+            assert client.command("RCPT TO:<b@example.com>") == b"250 2.1.5 Ok\r\n"
+            assert client.command("DATA").startswith(b"354")
+            client.send(b"x\r\n.\r\n")
+            assert client.reply().startswith(b"250 2.0.0 Ok")
+        reply = client.command("MAIL FROM:<a@example.com>")
+        assert reply == b"452 4.5.3 Too many messages for this connection\r\n"
+    assert len(server.handler.messages) == 2
+
+
+@pytest.mark.parametrize(
+    "wire, expected",
+    [
+        (
+            b"Subject: split\r\n\r\n..stuffed\r\n...\r\nplain\r\n..\r\n.\r\n",
+            b"Subject: split\r\n\r\n.stuffed\r\n..\r\nplain\r\n.\r\n",
+        ),
+        (
+            # Lines are CRLF-delimited: the "." after "b\r\n" starts a line
+            # and is unstuffed; the others follow a bare LF/CR and are kept.
+            # Then bare LF/CR are normalised to CRLF.
+            b"Subject: smuggle\r\n\r\na\n.\nb\r\n.\nc\n.\r\nd\r.\r\n.\r\n",
+            b"Subject: smuggle\r\n\r\na\r\n.\r\nb\r\n\r\nc\r\n.\r\nd\r\n.\r\n",
+        ),
+    ],
+    ids=["dots", "smuggling"],
+)
+def test_content_split_at_every_octet_across_reads(start_server, wire, expected):
+    """The driver hands the core whatever each read returns; a message split
+    at any point (inside CRLF, around a stuffed dot, inside a fake or the real
+    final dot) must be stored the same."""
+    server = start_server(max_messages_per_connection=1000)
+    with RawClient(server.port) as client:
+        client.greet()
+        client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for split in range(1, len(wire)):
+            assert client.command("MAIL FROM:<a@example.com>") == b"250 2.1.0 Ok\r\n"
+            assert client.command("RCPT TO:<b@example.com>") == b"250 2.1.5 Ok\r\n"
+            assert client.command("DATA").startswith(b"354")
+            before = _bytes_received(server)
+            client.send(wire[:split])
+            wait_until(
+                lambda: _bytes_received(server) - before >= split,  # noqa: B023
+                message="the first part to be read",
+            )
+            client.send(wire[split:])
+            assert client.reply().startswith(b"250 2.0.0 Ok"), split
+    assert [m.body for m in server.handler.messages] == [expected] * (len(wire) - 1)
