@@ -22,13 +22,17 @@ from e2e_support import LogWatch, ServerThread
 
 
 @pytest.fixture(autouse=True)
-def log_watch() -> Iterator[LogWatch]:
+def log_watch(request: pytest.FixtureRequest) -> Iterator[LogWatch]:
+    """Fail a test that logs an ERROR it did not allow (``log_watch.allow(...)``)
+    or that is not marked ``expect_errors``."""
     watch = LogWatch()
     watch.install()
     try:
         yield watch
     finally:
         watch.uninstall()
+    if request.node.get_closest_marker("expect_errors"):
+        return
     unexpected = watch.unexpected()
     if unexpected:
         lines = "\n".join(f"  {r.name} {r.levelname}: {r.getMessage()}" for r in unexpected[:20])

@@ -17,6 +17,3 @@ def _no_unexpected_errors(caplog: pytest.LogCaptureFixture, request: pytest.Fixt
     errors = [r for r in caplog.get_records("call") if r.levelno >= logging.ERROR]
     assert not errors, "unexpected errors logged: " + "; ".join(r.getMessage() for r in errors)
 
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "expect_errors: the test logs errors on purpose")
