@@ -501,6 +501,9 @@ class SMTPProtocol:
         event = self._pending
         if event is None:
             raise RuntimeError("accept() without a pending event")
+        if isinstance(event, MessageComplete) and event.error is not None:
+            # Refuse before forgetting the event: it must still be rejected.
+            raise RuntimeError("a message that broke a limit cannot be accepted")
         self._pending = None
         if isinstance(event, Helo):
             self._reset_transaction()
@@ -534,8 +537,6 @@ class SMTPProtocol:
             self._reset_transaction()
             self.reply(250, text or "Ok", "2.0.0")
         elif isinstance(event, MessageComplete):
-            if event.error is not None:
-                raise RuntimeError("a message that broke a limit cannot be accepted")
             self.messages += 1
             self._reset_transaction()
             self.reply(250, text or "Ok", "2.0.0")
