@@ -252,18 +252,19 @@ def parse_path(
     else:
         path, _, rest = arg.partition(" ")
     params = _parse_params(rest)
-    if path.startswith("@"):
-        # Source route: RFC 5321 says accept it and ignore the route.
-        colon = path.find(":")
-        if colon < 0:
-            raise _addr_error(501, enh, f"Bad {what} address syntax")
-        path = path[colon + 1 :]
     if not path:
         if sender and arg.startswith("<"):
             return "", params
         raise _addr_error(501, enh, f"Bad {what} address syntax")
-    if len(path) + 2 > 256:
+    # The limit is on the whole path, route and brackets included, in octets.
+    if len(path.encode("utf-8", "surrogatepass")) + 2 > 256:
         raise _addr_error(501, enh, "Path too long")
+    if path.startswith("@"):
+        # Source route: RFC 5321 says accept it and ignore the route.
+        colon = path.find(":")
+        if colon < 0 or not _is_route(path[:colon]):
+            raise _addr_error(501, enh, f"Bad {what} address syntax")
+        path = path[colon + 1 :]
     if not path.isascii() and not smtputf8:
         raise _addr_error(553, "5.6.7", f"Non-ASCII {what} address requires SMTPUTF8")
     if not sender and path.lower() == "postmaster":
@@ -272,15 +273,24 @@ def parse_path(
     if at <= 0 or at == len(path) - 1:
         raise _addr_error(501, enh, f"Bad {what} address syntax")
     local, domain = path[:at], path[at + 1 :]
-    if len(local.encode("utf-8")) > 64:
+    if len(local.encode("utf-8", "surrogatepass")) > 64:
         raise _addr_error(501, enh, "Local part too long")
-    if len(domain.encode("utf-8")) > 255:
+    if len(domain.encode("utf-8", "surrogatepass")) > 255:
         raise _addr_error(501, enh, "Domain too long")
     if not (_LOCAL_DOT_ATOM.fullmatch(local) or _QUOTED_LOCAL.fullmatch(local)):
         raise _addr_error(501, enh, f"Bad {what} address syntax")
     if not (_DOMAIN.fullmatch(domain) or _ADDRESS_LITERAL.fullmatch(domain)):
         raise _addr_error(501, enh, f"Bad {what} address syntax")
     return path, params
+
+
+def _is_route(route: str) -> bool:
+    """True for an RFC 5321 A-d-l: ``@domain`` hops separated by commas."""
+    for hop in route.split(","):
+        domain = hop[1:]
+        if hop[:1] != "@" or not (_DOMAIN.fullmatch(domain) or _ADDRESS_LITERAL.fullmatch(domain)):
+            return False
+    return True
 
 
 def _closing_bracket(arg: str) -> int:
