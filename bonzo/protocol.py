@@ -178,7 +178,9 @@ _DATA = 1
 _DISCARD_BDAT = 2
 _CLOSED = 3
 
-_CTL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 controls, DEL and the C1 controls (U+0080-U+009F, valid UTF-8 but still
+# control characters that must not reach a header or a log line).
+_CTL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # RFC 5321 4.1.2 atext plus "." for dot-atoms; non-ASCII allowed for SMTPUTF8.
 _LOCAL_DOT_ATOM = re.compile(
     r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+"
