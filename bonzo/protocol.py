@@ -638,22 +638,22 @@ class SMTPProtocol:
             self._error(500, "5.5.2", "Line too long", "Error: line too long")
             return None
         if nl > pos and buf[nl - 1] == 13:  # CRLF
-            raw = bytes(buf[pos : nl - 1])
-        else:
-            self.notes.add("bare_lf")
-            if self._bare_mode == "reject":
-                self._error(500, "5.5.2", "Bare LF received, lines must end with CRLF")
-                return None
-            raw = bytes(buf[pos:nl])
-        return self._handle_line(raw)
+            return self._handle_line(bytes(buf[pos : nl - 1]))
+        self.notes.add("bare_lf")
+        return self._handle_line(bytes(buf[pos:nl]), bare_lf=True)
 
-    def _handle_line(self, raw: bytes) -> Any:
+    def _handle_line(self, raw: bytes, bare_lf: bool = False) -> Any:
         length = len(raw) + 2
         if length > self._max_line:
             verb = raw[:5].upper()
             if length > self._max_mail_line or verb not in (b"MAIL ", b"RCPT "):
                 self._error(500, "5.5.2", "Line too long", "Error: line too long")
                 return None
+        # After the length check, so that an overlong line gets the same reply
+        # whether it was discarded while arriving or seen whole.
+        if bare_lf and self._bare_mode == "reject":
+            self._error(500, "5.5.2", "Bare LF received, lines must end with CRLF")
+            return None
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
