@@ -865,7 +865,10 @@ class SMTPProtocol:
             event = MessageComplete(data, error)
             self._pending = event
             return event
-        last = buf.rfind(b"\r\n", pos)
+        # Hand over every complete line, whatever ends it: cutting only at
+        # CRLF would buffer bare-LF content without bound. A cut after a bare
+        # LF is not a line start for unstuffing or the final dot.
+        last = buf.rfind(b"\n", pos)
         if last < 0:
             if len(buf) - pos > self.settings.max_data_line:
                 self._set_data_error(SMTPError(500, "Line too long", enhanced_code="5.5.2"))
@@ -873,8 +876,8 @@ class SMTPProtocol:
                 self._pos = len(buf) - 1
                 self._line_start = False
             return NEED_DATA
-        block = bytes(buf[pos : last + 2])
-        self._pos = last + 2
+        block = bytes(buf[pos : last + 1])
+        self._pos = last + 1
         data = self._process_block(block)
         if data:
             return DataChunk(data)
@@ -888,7 +891,7 @@ class SMTPProtocol:
     def _process_block(self, block: bytes) -> bytes:
         """Unstuff, check and normalise complete lines of content."""
         line_start = self._line_start
-        self._line_start = True
+        self._line_start = block[-2:] == b"\r\n"
         if self._data_error is not None:
             return b""
         max_line = self.settings.max_data_line
