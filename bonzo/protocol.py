@@ -197,6 +197,20 @@ _ADDRESS_LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]")
 _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
 _SIZE_VALUE = re.compile(r"[0-9]{1,20}")
 
+# Limits a message can break, by the rank that decides which one is reported.
+_RANK_SIZE = 1
+_RANK_BARE = 2
+_RANK_LINE = 3
+
+
+def _data_error(rank: int) -> SMTPError:
+    if rank == _RANK_LINE:
+        return SMTPError(500, "Line too long", enhanced_code="5.5.2")
+    if rank == _RANK_BARE:
+        return SMTPError(550, "Bare LF or CR in message content", enhanced_code="5.5.2")
+    return SMTPError(552, "Message size exceeds fixed maximum message size", enhanced_code="5.3.4")
+
+
 _COMMANDS_HELP = "EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
 
 
@@ -372,6 +386,7 @@ class SMTPProtocol:
         # DATA state
         self._line_start = True
         self._data_error: SMTPError | None = None
+        self._data_rank = 0
         self._bdat_left = 0
         self._bare_mode = settings.bare_newline
         self._max_line = settings.max_command_line
@@ -543,6 +558,7 @@ class SMTPProtocol:
             self._state = _DATA
             self._line_start = True
             self._data_error = None
+            self._data_rank = 0
             self.data_size = 0
             self.reply(354, text or "End data with <CR><LF>.<CR><LF>")
         elif isinstance(event, Reset):
@@ -862,6 +878,7 @@ class SMTPProtocol:
             data = self._process_block(block) if block else b""
             error = self._data_error
             self._data_error = None
+            self._data_rank = 0
             event = MessageComplete(data, error)
             self._pending = event
             return event
@@ -871,7 +888,7 @@ class SMTPProtocol:
         last = buf.rfind(b"\n", pos)
         if last < 0:
             if len(buf) - pos > self.settings.max_data_line:
-                self._set_data_error(SMTPError(500, "Line too long", enhanced_code="5.5.2"))
+                self._set_data_error(_RANK_LINE)
                 # Keep the last octet: it may be the CR of the line's CRLF.
                 self._pos = len(buf) - 1
                 self._line_start = False
@@ -883,43 +900,47 @@ class SMTPProtocol:
             return DataChunk(data)
         return NEED_DATA if self._pos >= len(buf) else self._next_data()
 
-    def _set_data_error(self, error: SMTPError) -> None:
-        # The first limit broken is the one reported.
-        if self._data_error is None:
-            self._data_error = error
+    def _set_data_error(self, rank: int) -> None:
+        # Errors are ranked (long line > bare LF/CR > size) and the highest
+        # found is reported, so that the reply does not depend on how the
+        # bytes were cut into reads.
+        if rank > self._data_rank:
+            self._data_rank = rank
+            self._data_error = _data_error(rank)
 
     def _process_block(self, block: bytes) -> bytes:
         """Unstuff, check and normalise complete lines of content."""
         line_start = self._line_start
         self._line_start = block[-2:] == b"\r\n"
-        if self._data_error is not None:
-            return b""
+        rank = self._data_rank
+        if rank == _RANK_LINE:
+            return b""  # nothing outranks it: just look for the final dot
         max_line = self.settings.max_data_line
         if len(block) > max_line and max(map(len, block.split(b"\n"))) + 1 > max_line:
-            self._set_data_error(SMTPError(500, "Line too long", enhanced_code="5.5.2"))
+            self._set_data_error(_RANK_LINE)
             return b""
-        if line_start and block[:1] == b".":
-            block = block[1:]
-        if b"\r\n." in block:
-            block = block.replace(b"\r\n.", b"\r\n")
         mode = self._bare_mode
+        bare = False
         if mode != "allow":
+            # Unstuffing removes no CR or LF, so count on the raw block.
             crlf = block.count(b"\r\n")
             if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
                 self.notes.add("bare_lf_data")
                 if mode == "reject":
-                    self._set_data_error(
-                        SMTPError(550, "Bare LF or CR in message content", enhanced_code="5.5.2")
-                    )
+                    self._set_data_error(_RANK_BARE)
                     return b""
-                block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+                bare = True
+        if rank:
+            return b""  # a lower-ranked error only needs the checks above
+        if line_start and block[:1] == b".":
+            block = block[1:]
+        if b"\r\n." in block:
+            block = block.replace(b"\r\n.", b"\r\n")
+        if bare:
+            block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
         self.data_size += len(block)
         limit = self.settings.max_message_size
         if limit and self.data_size > limit:
-            self._set_data_error(
-                SMTPError(
-                    552, "Message size exceeds fixed maximum message size", enhanced_code="5.3.4"
-                )
-            )
+            self._set_data_error(_RANK_SIZE)
             return b""
         return block
