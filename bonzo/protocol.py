@@ -67,7 +67,7 @@ class Event:
     """Base class of the events that need an :meth:`~SMTPProtocol.accept` or
     :meth:`~SMTPProtocol.reject`."""
 
-    __slots__ = ()
+    __slots__: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
@@ -661,8 +661,8 @@ class SMTPProtocol:
     def _handle_line(self, raw: bytes, bare_lf: bool = False) -> Any:
         length = len(raw) + 2
         if length > self._max_line:
-            verb = raw[:5].upper()
-            if length > self._max_mail_line or verb not in (b"MAIL ", b"RCPT "):
+            head = raw[:5].upper()
+            if length > self._max_mail_line or head not in (b"MAIL ", b"RCPT "):
                 self._error(500, "5.5.2", "Line too long", "Error: line too long")
                 return None
         # After the length check, so that an overlong line gets the same reply
