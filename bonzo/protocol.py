@@ -67,7 +67,7 @@ class Event:
     """Base class of the events that need an :meth:`~SMTPProtocol.accept` or
     :meth:`~SMTPProtocol.reject`."""
 
-    __slots__ = ()
+    __slots__: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
@@ -178,7 +178,9 @@ _DATA = 1
 _DISCARD_BDAT = 2
 _CLOSED = 3
 
-_CTL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 controls, DEL and the C1 controls (U+0080-U+009F, valid UTF-8 but still
+# control characters that must not reach a header or a log line).
+_CTL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # RFC 5321 4.1.2 atext plus "." for dot-atoms; non-ASCII allowed for SMTPUTF8.
 _LOCAL_DOT_ATOM = re.compile(
     r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+"
@@ -194,6 +196,20 @@ _DOMAIN = re.compile(
 _ADDRESS_LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]")
 _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
 _SIZE_VALUE = re.compile(r"[0-9]{1,20}")
+
+# Limits a message can break, by the rank that decides which one is reported.
+_RANK_SIZE = 1
+_RANK_BARE = 2
+_RANK_LINE = 3
+
+
+def _data_error(rank: int) -> SMTPError:
+    if rank == _RANK_LINE:
+        return SMTPError(500, "Line too long", enhanced_code="5.5.2")
+    if rank == _RANK_BARE:
+        return SMTPError(550, "Bare LF or CR in message content", enhanced_code="5.5.2")
+    return SMTPError(552, "Message size exceeds fixed maximum message size", enhanced_code="5.3.4")
+
 
 _COMMANDS_HELP = "EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
 
@@ -252,18 +268,19 @@ def parse_path(
     else:
         path, _, rest = arg.partition(" ")
     params = _parse_params(rest)
-    if path.startswith("@"):
-        # Source route: RFC 5321 says accept it and ignore the route.
-        colon = path.find(":")
-        if colon < 0:
-            raise _addr_error(501, enh, f"Bad {what} address syntax")
-        path = path[colon + 1 :]
     if not path:
         if sender and arg.startswith("<"):
             return "", params
         raise _addr_error(501, enh, f"Bad {what} address syntax")
-    if len(path) + 2 > 256:
+    # The limit is on the whole path, route and brackets included, in octets.
+    if len(path.encode("utf-8", "surrogatepass")) + 2 > 256:
         raise _addr_error(501, enh, "Path too long")
+    if path.startswith("@"):
+        # Source route: RFC 5321 says accept it and ignore the route.
+        colon = path.find(":")
+        if colon < 0 or not _is_route(path[:colon]):
+            raise _addr_error(501, enh, f"Bad {what} address syntax")
+        path = path[colon + 1 :]
     if not path.isascii() and not smtputf8:
         raise _addr_error(553, "5.6.7", f"Non-ASCII {what} address requires SMTPUTF8")
     if not sender and path.lower() == "postmaster":
@@ -272,15 +289,24 @@ def parse_path(
     if at <= 0 or at == len(path) - 1:
         raise _addr_error(501, enh, f"Bad {what} address syntax")
     local, domain = path[:at], path[at + 1 :]
-    if len(local.encode("utf-8")) > 64:
+    if len(local.encode("utf-8", "surrogatepass")) > 64:
         raise _addr_error(501, enh, "Local part too long")
-    if len(domain.encode("utf-8")) > 255:
+    if len(domain.encode("utf-8", "surrogatepass")) > 255:
         raise _addr_error(501, enh, "Domain too long")
     if not (_LOCAL_DOT_ATOM.fullmatch(local) or _QUOTED_LOCAL.fullmatch(local)):
         raise _addr_error(501, enh, f"Bad {what} address syntax")
     if not (_DOMAIN.fullmatch(domain) or _ADDRESS_LITERAL.fullmatch(domain)):
         raise _addr_error(501, enh, f"Bad {what} address syntax")
     return path, params
+
+
+def _is_route(route: str) -> bool:
+    """True for an RFC 5321 A-d-l: ``@domain`` hops separated by commas."""
+    for hop in route.split(","):
+        domain = hop[1:]
+        if hop[:1] != "@" or not (_DOMAIN.fullmatch(domain) or _ADDRESS_LITERAL.fullmatch(domain)):
+            return False
+    return True
 
 
 def _closing_bracket(arg: str) -> int:
@@ -360,6 +386,7 @@ class SMTPProtocol:
         # DATA state
         self._line_start = True
         self._data_error: SMTPError | None = None
+        self._data_rank = 0
         self._bdat_left = 0
         self._bare_mode = settings.bare_newline
         self._max_line = settings.max_command_line
@@ -501,6 +528,9 @@ class SMTPProtocol:
         event = self._pending
         if event is None:
             raise RuntimeError("accept() without a pending event")
+        if isinstance(event, MessageComplete) and event.error is not None:
+            # Refuse before forgetting the event: it must still be rejected.
+            raise RuntimeError("a message that broke a limit cannot be accepted")
         self._pending = None
         if isinstance(event, Helo):
             self._reset_transaction()
@@ -528,14 +558,13 @@ class SMTPProtocol:
             self._state = _DATA
             self._line_start = True
             self._data_error = None
+            self._data_rank = 0
             self.data_size = 0
             self.reply(354, text or "End data with <CR><LF>.<CR><LF>")
         elif isinstance(event, Reset):
             self._reset_transaction()
             self.reply(250, text or "Ok", "2.0.0")
         elif isinstance(event, MessageComplete):
-            if event.error is not None:
-                raise RuntimeError("a message that broke a limit cannot be accepted")
             self.messages += 1
             self._reset_transaction()
             self.reply(250, text or "Ok", "2.0.0")
@@ -625,22 +654,22 @@ class SMTPProtocol:
             self._error(500, "5.5.2", "Line too long", "Error: line too long")
             return None
         if nl > pos and buf[nl - 1] == 13:  # CRLF
-            raw = bytes(buf[pos : nl - 1])
-        else:
-            self.notes.add("bare_lf")
-            if self._bare_mode == "reject":
-                self._error(500, "5.5.2", "Bare LF received, lines must end with CRLF")
-                return None
-            raw = bytes(buf[pos:nl])
-        return self._handle_line(raw)
+            return self._handle_line(bytes(buf[pos : nl - 1]))
+        self.notes.add("bare_lf")
+        return self._handle_line(bytes(buf[pos:nl]), bare_lf=True)
 
-    def _handle_line(self, raw: bytes) -> Any:
+    def _handle_line(self, raw: bytes, bare_lf: bool = False) -> Any:
         length = len(raw) + 2
         if length > self._max_line:
-            verb = raw[:5].upper()
-            if length > self._max_mail_line or verb not in (b"MAIL ", b"RCPT "):
+            head = raw[:5].upper()
+            if length > self._max_mail_line or head not in (b"MAIL ", b"RCPT "):
                 self._error(500, "5.5.2", "Line too long", "Error: line too long")
                 return None
+        # After the length check, so that an overlong line gets the same reply
+        # whether it was discarded while arriving or seen whole.
+        if bare_lf and self._bare_mode == "reject":
+            self._error(500, "5.5.2", "Bare LF received, lines must end with CRLF")
+            return None
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -849,61 +878,69 @@ class SMTPProtocol:
             data = self._process_block(block) if block else b""
             error = self._data_error
             self._data_error = None
+            self._data_rank = 0
             event = MessageComplete(data, error)
             self._pending = event
             return event
-        last = buf.rfind(b"\r\n", pos)
+        # Hand over every complete line, whatever ends it: cutting only at
+        # CRLF would buffer bare-LF content without bound. A cut after a bare
+        # LF is not a line start for unstuffing or the final dot.
+        last = buf.rfind(b"\n", pos)
         if last < 0:
             if len(buf) - pos > self.settings.max_data_line:
-                self._set_data_error(SMTPError(500, "Line too long", enhanced_code="5.5.2"))
+                self._set_data_error(_RANK_LINE)
                 # Keep the last octet: it may be the CR of the line's CRLF.
                 self._pos = len(buf) - 1
                 self._line_start = False
             return NEED_DATA
-        block = bytes(buf[pos : last + 2])
-        self._pos = last + 2
+        block = bytes(buf[pos : last + 1])
+        self._pos = last + 1
         data = self._process_block(block)
         if data:
             return DataChunk(data)
         return NEED_DATA if self._pos >= len(buf) else self._next_data()
 
-    def _set_data_error(self, error: SMTPError) -> None:
-        # The first limit broken is the one reported.
-        if self._data_error is None:
-            self._data_error = error
+    def _set_data_error(self, rank: int) -> None:
+        # Errors are ranked (long line > bare LF/CR > size) and the highest
+        # found is reported, so that the reply does not depend on how the
+        # bytes were cut into reads.
+        if rank > self._data_rank:
+            self._data_rank = rank
+            self._data_error = _data_error(rank)
 
     def _process_block(self, block: bytes) -> bytes:
         """Unstuff, check and normalise complete lines of content."""
         line_start = self._line_start
-        self._line_start = True
-        if self._data_error is not None:
-            return b""
+        self._line_start = block[-2:] == b"\r\n"
+        rank = self._data_rank
+        if rank == _RANK_LINE:
+            return b""  # nothing outranks it: just look for the final dot
         max_line = self.settings.max_data_line
         if len(block) > max_line and max(map(len, block.split(b"\n"))) + 1 > max_line:
-            self._set_data_error(SMTPError(500, "Line too long", enhanced_code="5.5.2"))
+            self._set_data_error(_RANK_LINE)
             return b""
-        if line_start and block[:1] == b".":
-            block = block[1:]
-        if b"\r\n." in block:
-            block = block.replace(b"\r\n.", b"\r\n")
         mode = self._bare_mode
+        bare = False
         if mode != "allow":
+            # Unstuffing removes no CR or LF, so count on the raw block.
             crlf = block.count(b"\r\n")
             if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
                 self.notes.add("bare_lf_data")
                 if mode == "reject":
-                    self._set_data_error(
-                        SMTPError(550, "Bare LF or CR in message content", enhanced_code="5.5.2")
-                    )
+                    self._set_data_error(_RANK_BARE)
                     return b""
-                block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+                bare = True
+        if rank:
+            return b""  # a lower-ranked error only needs the checks above
+        if line_start and block[:1] == b".":
+            block = block[1:]
+        if b"\r\n." in block:
+            block = block.replace(b"\r\n.", b"\r\n")
+        if bare:
+            block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
         self.data_size += len(block)
         limit = self.settings.max_message_size
         if limit and self.data_size > limit:
-            self._set_data_error(
-                SMTPError(
-                    552, "Message size exceeds fixed maximum message size", enhanced_code="5.3.4"
-                )
-            )
+            self._set_data_error(_RANK_SIZE)
             return b""
         return block

@@ -1,0 +1,176 @@
+"""A tiny synchronous driver for :class:`bonzo.protocol.SMTPProtocol`.
+
+Bytes in, reply bytes and events out, no event loop. Shared by the
+table-driven protocol tests and the property tests.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from bonzo.errors import NotImplementedCommand, SMTPError
+from bonzo.protocol import (
+    CLOSED,
+    NEED_DATA,
+    DataChunk,
+    Event,
+    MessageComplete,
+    SMTPProtocol,
+    Unknown,
+)
+from bonzo.settings import SMTPSettings
+
+HOST = "mx.example.org"
+IP = "192.0.2.1"
+SETTINGS = SMTPSettings(hostname=HOST)
+
+EHLO = b"EHLO client.example\r\n"
+HELO = b"HELO client.example\r\n"
+MAIL = b"MAIL FROM:<alice@example.org>\r\n"
+RCPT = b"RCPT TO:<bob@example.net>\r\n"
+TXN = MAIL + RCPT
+DATA = b"DATA\r\n"
+
+EHLO_REPLY = (
+    b"250-mx.example.org Hello 192.0.2.1\r\n"
+    b"250-PIPELINING\r\n"
+    b"250-SIZE 33554432\r\n"
+    b"250-8BITMIME\r\n"
+    b"250-SMTPUTF8\r\n"
+    b"250-ENHANCEDSTATUSCODES\r\n"
+    b"250 HELP\r\n"
+)
+HELO_REPLY = b"250 Hello 192.0.2.1\r\n"
+
+#: What the connection driver answers to an unknown verb.
+ESMTP_UNKNOWN = SMTPError(500, "Error: command not recognized", enhanced_code="5.5.2")
+
+Decision = Callable[[SMTPProtocol, Event], Any]
+
+
+def default_decision(proto: SMTPProtocol, event: Event) -> Any:
+    """Accept everything, like the driver with no plugins: unknown verbs are
+    refused the way the connection refuses them, and a message that broke a
+    limit is refused with the error the core found."""
+    if isinstance(event, Unknown):
+        return ESMTP_UNKNOWN if proto.esmtp else NotImplementedCommand(event.verb)
+    if isinstance(event, MessageComplete) and event.error is not None:
+        return event.error
+    return None
+
+
+class Client:
+    """Feeds bytes to one protocol instance and answers its events.
+
+    ``decide(proto, event)`` returns ``None`` to accept, a string to accept
+    with that text, or an :class:`SMTPError` to reject.
+    """
+
+    def __init__(
+        self,
+        settings: SMTPSettings | None = None,
+        decide: Decision | None = None,
+        **overrides: Any,
+    ) -> None:
+        settings = settings or SETTINGS
+        if overrides:
+            settings = settings.replace(**overrides)
+        self.proto = SMTPProtocol(settings, IP)
+        self.decide = decide or default_decision
+        #: Every event (not DataChunks), in order.
+        self.events: list[Event] = []
+        #: Content of each finished message (accepted or not), in order.
+        self.messages: list[bytes] = []
+        #: The limit error of each finished message (``None`` if none).
+        self.message_errors: list[SMTPError | None] = []
+        #: Number of DataChunk events seen.
+        self.chunks = 0
+        self._content = bytearray()
+
+    @property
+    def closed(self) -> bool:
+        return self.proto.closed
+
+    @property
+    def content(self) -> bytes:
+        """Content received so far for the message in progress."""
+        return bytes(self._content)
+
+    def send(self, *chunks: bytes) -> bytes:
+        """Feed each chunk in turn, handle every event, return the replies."""
+        for chunk in chunks:
+            self.proto.receive_data(chunk)
+            self.drain()
+        return self.proto.data_to_send()
+
+    def drain(self) -> None:
+        proto = self.proto
+        while True:
+            event = proto.next_event()
+            if event is NEED_DATA or event is CLOSED:
+                return
+            if type(event) is DataChunk:
+                assert event.data, "empty DataChunk"
+                self.chunks += 1
+                self._content += event.data
+                continue
+            self.events.append(event)
+            if isinstance(event, MessageComplete):
+                self._content += event.data
+                self.messages.append(bytes(self._content))
+                self.message_errors.append(event.error)
+                self._content.clear()
+            decision = self.decide(proto, event)
+            if decision is None:
+                proto.accept()
+            elif isinstance(decision, str):
+                proto.accept(decision)
+            else:
+                proto.reject(decision)
+
+
+def feed(*chunks: bytes, **kwargs: Any) -> tuple[bytes, Client]:
+    """One-shot: a fresh client fed ``chunks``; returns (replies, client)."""
+    client = Client(**kwargs)
+    return client.send(*chunks), client
+
+
+def reply_to(setup: bytes, command: bytes, **kwargs: Any) -> bytes:
+    """The replies to ``command`` (CRLF added) after ``setup`` was sent."""
+    client = Client(**kwargs)
+    client.send(setup)
+    return client.send(command + b"\r\n")
+
+
+_REPLY_END = re.compile(rb"^\d{3}(?: [^\r\n]*)?\r\n", re.M)
+
+
+def split_replies(data: bytes) -> list[bytes]:
+    """Split reply bytes into whole replies (multi-line ones kept together)."""
+    replies = []
+    start = 0
+    for match in _REPLY_END.finditer(data):
+        replies.append(data[start : match.end()])
+        start = match.end()
+    assert start == len(data), f"trailing partial reply: {data[start:]!r}"
+    return replies
+
+
+def codes(data: bytes) -> list[int]:
+    """The status code of each reply in ``data``."""
+    return [int(r[:3]) for r in split_replies(data)]
+
+
+def all_splits(data: bytes) -> Iterable[tuple[bytes, bytes]]:
+    """Every way of cutting ``data`` in two."""
+    for i in range(len(data) + 1):
+        yield data[:i], data[i:]
+
+
+def dot_stuff(body: bytes) -> bytes:
+    """What a client sends for ``body`` (CRLF text ending in CRLF or empty)."""
+    if body.startswith(b"."):
+        body = b"." + body
+    return body.replace(b"\r\n.", b"\r\n..")
