@@ -36,6 +36,9 @@ __all__ = [
     "Data",
     "Reset",
     "Unknown",
+    "StartTLS",
+    "Auth",
+    "AuthResponse",
     "DataChunk",
     "MessageComplete",
     "NEED_DATA",
@@ -135,6 +138,37 @@ class Unknown(Event):
         self.arg = arg
 
 
+class StartTLS(Event):
+    """``STARTTLS``; accepting it answers ``220`` and drops any input the
+    client pipelined after it. The caller then does the TLS handshake and
+    calls :meth:`SMTPProtocol.tls_started`."""
+
+    __slots__ = ()
+
+
+class Auth(Event):
+    """``AUTH mechanism [initial-response]`` (``initial`` is the base64 text,
+    ``"="`` for an empty response, ``None`` if absent). Answer with
+    :meth:`SMTPProtocol.auth_challenge`, :meth:`SMTPProtocol.auth_success`
+    or :meth:`SMTPProtocol.reject`."""
+
+    __slots__ = ("mechanism", "initial")
+
+    def __init__(self, mechanism: str, initial: str | None) -> None:
+        self.mechanism = mechanism
+        self.initial = initial
+
+
+class AuthResponse(Event):
+    """The client's base64 answer to a ``334`` challenge (``*`` never gets
+    here: the core answers it, cancelling the exchange)."""
+
+    __slots__ = ("line",)
+
+    def __init__(self, line: str) -> None:
+        self.line = line
+
+
 class DataChunk:
     """A piece of message content, dot-unstuffed and with line ends handled;
     needs no answer."""
@@ -177,6 +211,8 @@ _COMMAND = 0
 _DATA = 1
 _DISCARD_BDAT = 2
 _CLOSED = 3
+_AUTH = 4
+_TLS_WAIT = 5
 
 # C0 controls, DEL and the C1 controls (U+0080-U+009F, valid UTF-8 but still
 # control characters that must not reach a header or a log line).
@@ -388,6 +424,22 @@ class SMTPProtocol:
         self._data_error: SMTPError | None = None
         self._data_rank = 0
         self._bdat_left = 0
+        #: True when the session is encrypted (after STARTTLS, or implicit TLS).
+        self.tls_active = False
+        #: True when STARTTLS may be offered (the listener has a certificate).
+        self.starttls_available = False
+        #: Refuse MAIL with ``530 5.7.0`` until TLS is active.
+        self.require_tls = False
+        #: Refuse MAIL with ``530 5.7.0`` until the client has authenticated.
+        self.require_auth = False
+        #: AUTH mechanisms that may be offered (empty: no AUTH at all).
+        self.auth_mechanisms: tuple[str, ...] = ()
+        #: Offer AUTH on a connection without TLS.
+        self.auth_plaintext = False
+        #: The authenticated user name, once AUTH succeeded.
+        self.authenticated: str | None = None
+        #: Failed AUTH attempts so far.
+        self.auth_failures = 0
         self._bare_mode = settings.bare_newline
         self._max_line = settings.max_command_line
         self._max_mail_line = settings.max_command_line + EXTENSION_ALLOWANCE
@@ -403,6 +455,8 @@ class SMTPProtocol:
             "VRFY": self._cmd_vrfy,
             "HELP": self._cmd_help,
             "BDAT": self._cmd_bdat,
+            "STARTTLS": self._cmd_starttls,
+            "AUTH": self._cmd_auth,
         }
 
     # ------------------------------------------------------------------ I/O
@@ -568,6 +622,17 @@ class SMTPProtocol:
             self.messages += 1
             self._reset_transaction()
             self.reply(250, text or "Ok", "2.0.0")
+        elif isinstance(event, StartTLS):
+            self.reply(220, text or "Ready to start TLS", "2.0.0")
+            if self._pos < len(self._buf):
+                # RFC 3207 5 / CVE-2011-0411: plaintext pipelined after
+                # STARTTLS must never run inside the TLS session.
+                self.notes.add("starttls_pipelined")
+            self._buf.clear()
+            self._pos = 0
+            self._state = _TLS_WAIT
+        elif isinstance(event, (Auth, AuthResponse)):
+            raise RuntimeError("answer AUTH with auth_challenge(), auth_success() or reject()")
         else:
             self.reply(250, text or "Ok", "2.0.0")
 
@@ -583,6 +648,14 @@ class SMTPProtocol:
         self._pending = None
         if isinstance(event, MessageComplete):
             self._reset_transaction()
+        if isinstance(event, (Auth, AuthResponse)):
+            self._state = _COMMAND
+            if error.status_code == 535:
+                self.auth_failures += 1
+                if self.auth_failures >= self.settings.max_auth_failures:
+                    self._write_error(error)
+                    self.close(421, "Too many authentication failures", "4.7.0")
+                    return
         if error.close or error.status_code == 421:
             self._write_error(error)
             self._close()
@@ -606,7 +679,51 @@ class SMTPProtocol:
         if self.settings.smtputf8:
             keywords.append("SMTPUTF8")
         keywords += ["ENHANCEDSTATUSCODES", "HELP"]
+        if self.starttls_available and not self.tls_active:
+            keywords.append("STARTTLS")
+        if self.auth_offered:
+            keywords.append("AUTH " + " ".join(self.auth_mechanisms))
         return keywords
+
+    @property
+    def auth_offered(self) -> bool:
+        """True when AUTH may be used now: mechanisms exist, the connection is
+        encrypted (or plaintext AUTH is allowed) and nobody has logged in."""
+        return bool(
+            self.auth_mechanisms
+            and (self.tls_active or self.auth_plaintext)
+            and self.authenticated is None
+        )
+
+    def tls_started(self) -> None:
+        """The TLS handshake after STARTTLS succeeded: forget everything the
+        client said before it (RFC 3207 4.2) and wait for a new EHLO."""
+        if self._state != _TLS_WAIT:
+            raise RuntimeError("tls_started() without an accepted STARTTLS")
+        self.tls_active = True
+        self.helo = None
+        self.esmtp = False
+        self.authenticated = None
+        self._reset_transaction()
+        self._state = _COMMAND
+
+    def auth_challenge(self, challenge: str) -> None:
+        """Answer the pending AUTH step with ``334 <challenge>`` (base64) and
+        read the client's next line as an :class:`AuthResponse`."""
+        if not isinstance(self._pending, (Auth, AuthResponse)):
+            raise RuntimeError("auth_challenge() without a pending AUTH")
+        self._pending = None
+        self._out.append(f"334 {challenge}\r\n".encode("ascii"))
+        self._state = _AUTH
+
+    def auth_success(self, username: str) -> None:
+        """The credentials are good: ``235 2.7.0`` and remember ``username``."""
+        if not isinstance(self._pending, (Auth, AuthResponse)):
+            raise RuntimeError("auth_success() without a pending AUTH")
+        self._pending = None
+        self._state = _COMMAND
+        self.authenticated = username
+        self.reply(235, "Authentication successful", "2.7.0")
 
     def _reset_transaction(self) -> None:
         self.mail_from = None
@@ -631,6 +748,10 @@ class SMTPProtocol:
                 return self._next_data()
             elif state == _DISCARD_BDAT:
                 event = self._discard_bdat()
+            elif state == _AUTH:
+                event = self._next_auth_line()
+            elif state == _TLS_WAIT:
+                raise RuntimeError("STARTTLS accepted: do the handshake, then tls_started()")
             else:
                 return CLOSED
             if event is not None:
@@ -643,7 +764,7 @@ class SMTPProtocol:
         pos = self._pos
         nl = buf.find(b"\n", pos)
         if nl < 0:
-            if len(buf) - pos > self._max_mail_line:
+            if len(buf) - pos > self._max_partial_line():
                 # Keep nothing of an overlong line; answer once it ends.
                 self._discarding_line = True
                 self._pos = len(buf)
@@ -658,11 +779,43 @@ class SMTPProtocol:
         self.notes.add("bare_lf")
         return self._handle_line(bytes(buf[pos:nl]), bare_lf=True)
 
+    def _max_partial_line(self) -> int:
+        if self.auth_mechanisms:
+            return max(self._max_mail_line, self.settings.max_auth_line)
+        return self._max_mail_line
+
+    def _next_auth_line(self) -> Any:
+        buf = self._buf
+        pos = self._pos
+        nl = buf.find(b"\n", pos)
+        limit = self.settings.max_auth_line
+        if nl < 0:
+            if len(buf) - pos > limit:
+                self._discarding_line = True
+                self._pos = len(buf)
+            return NEED_DATA
+        self._pos = nl + 1
+        self._state = _COMMAND
+        end = nl - 1 if nl > pos and buf[nl - 1] == 13 else nl
+        if self._discarding_line or end - pos + 2 > limit:
+            self._discarding_line = False
+            self._error(500, "5.5.6", "Authentication exchange line is too long")
+            return None
+        line = bytes(buf[pos:end]).decode("ascii", "replace").strip(" ")
+        if line == "*":
+            self._error(501, "5.0.0", "Authentication cancelled")
+            return None
+        return AuthResponse(line)
+
     def _handle_line(self, raw: bytes, bare_lf: bool = False) -> Any:
         length = len(raw) + 2
         if length > self._max_line:
             head = raw[:5].upper()
-            if length > self._max_mail_line or head not in (b"MAIL ", b"RCPT "):
+            if head == b"AUTH " and self.auth_mechanisms:
+                if length > self.settings.max_auth_line:
+                    self._error(500, "5.5.6", "Authentication exchange line is too long")
+                    return None
+            elif length > self._max_mail_line or head not in (b"MAIL ", b"RCPT "):
                 self._error(500, "5.5.2", "Line too long", "Error: line too long")
                 return None
         # After the length check, so that an overlong line gets the same reply
@@ -723,6 +876,12 @@ class SMTPProtocol:
         if arg[:5].upper() != "FROM:" or not arg[5:].strip(" "):
             self._error(501, "5.5.4", "Syntax: MAIL FROM:<address>")
             return None
+        if self.require_tls and not self.tls_active:
+            self._error(530, "5.7.0", "Must issue a STARTTLS command first")
+            return None
+        if self.require_auth and self.authenticated is None:
+            self._error(530, "5.7.0", "Authentication required")
+            return None
         if self.messages >= self.settings.max_messages_per_connection:
             self._error(452, "4.5.3", "Too many messages for this connection")
             return None
@@ -763,6 +922,10 @@ class SMTPProtocol:
             elif key == "SMTPUTF8" and self.settings.smtputf8:
                 if value is not None:
                     return SMTPError(501, "SMTPUTF8 takes no value", enhanced_code="5.5.4")
+            elif key == "AUTH" and self.auth_mechanisms:
+                # RFC 4954 5: the original submitter; accepted and not trusted.
+                if value is None:
+                    return SMTPError(501, "Bad AUTH parameter", enhanced_code="5.5.4")
             else:
                 return SMTPError(555, f"Unsupported parameter {key}", enhanced_code="5.5.4")
         return None
@@ -829,6 +992,55 @@ class SMTPProtocol:
     def _cmd_help(self, arg: str) -> Any:
         self.reply(214, f"Supported commands: {_COMMANDS_HELP}", "2.0.0")
         return None
+
+    def _cmd_starttls(self, arg: str) -> Any:
+        if not self.starttls_available and not self.tls_active:
+            self._error(
+                502,
+                "5.5.1",
+                "Error: STARTTLS not available",
+                legacy='Error: command "STARTTLS" not implemented',
+            )
+            return None
+        if arg:
+            self._error(501, "5.5.4", "Syntax: STARTTLS")
+            return None
+        if self.tls_active:
+            self._error(554, "5.5.1", "Error: TLS already active")
+            return None
+        return StartTLS()
+
+    def _cmd_auth(self, arg: str) -> Any:
+        if not self.auth_mechanisms:
+            self._error(
+                502,
+                "5.5.1",
+                "Error: AUTH not available",
+                legacy='Error: command "AUTH" not implemented',
+            )
+            return None
+        if not self.esmtp:
+            self._error(503, "5.5.1", "Error: send EHLO first")
+            return None
+        if self.authenticated is not None:
+            self._error(503, "5.5.1", "Error: already authenticated")
+            return None
+        if self.mail_from is not None:
+            self._error(503, "5.5.1", "Error: AUTH not allowed during a mail transaction")
+            return None
+        if not (self.tls_active or self.auth_plaintext):
+            self._error(538, "5.7.11", "Encryption required for requested authentication mechanism")
+            return None
+        mechanism, _, initial = arg.partition(" ")
+        mechanism = mechanism.upper()
+        initial = initial.strip(" ")
+        if not mechanism or " " in initial:
+            self._error(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+            return None
+        if mechanism not in self.auth_mechanisms:
+            self._error(504, "5.5.4", "Unrecognized authentication type")
+            return None
+        return Auth(mechanism, initial or None)
 
     def _cmd_bdat(self, arg: str) -> Any:
         # CHUNKING is not offered. Read and drop the announced octets so that

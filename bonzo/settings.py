@@ -121,6 +121,16 @@ class SMTPSettings:
     smtputf8: bool = True
     """Offer SMTPUTF8 (RFC 6531): UTF-8 addresses with the ``SMTPUTF8`` parameter."""
 
+    tls_handshake_timeout: float = 30.0
+    """Time the TLS handshake (STARTTLS or implicit TLS) may take."""
+
+    max_auth_failures: int = 3
+    """Failed AUTH attempts per session; the last one is followed by
+    ``421 4.7.0`` and close."""
+
+    auth_failure_delay: float = 1.0
+    """Seconds to wait before answering a failed AUTH, to slow password guessing."""
+
     read_chunk_size: int = 65536
     """Octets read from the socket at a time."""
 
@@ -142,6 +152,7 @@ class SMTPSettings:
             "spool_threshold",
             "read_chunk_size",
             "max_write_backlog",
+            "max_auth_failures",
         )
         for name in positive_ints:
             _check_int(name, getattr(self, name), minimum=1)
@@ -154,6 +165,7 @@ class SMTPSettings:
             "data_rate_window",
             "handler_timeout",
             "shutdown_grace",
+            "tls_handshake_timeout",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -174,6 +186,9 @@ class SMTPSettings:
             raise SettingError(
                 "max_data_line", f"must be at least 1000 (RFC 5321), not {self.max_data_line}"
             )
+        delay = self.auth_failure_delay
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay < 0:
+            raise SettingError("auth_failure_delay", f"must be a number >= 0, not {delay!r}")
         if not isinstance(self.smtputf8, bool):
             raise SettingError("smtputf8", f"must be true or false, not {self.smtputf8!r}")
         if self.spool_dir is not None and not isinstance(self.spool_dir, str):
