@@ -68,6 +68,9 @@ SETTING_SECTIONS: dict[str, str] = {
     "min_data_rate": "limits",
     "data_rate_window": "limits",
     "handler_timeout": "limits",
+    "tls_handshake_timeout": "limits",
+    "max_auth_failures": "limits",
+    "auth_failure_delay": "limits",
     "read_chunk_size": "limits",
     "max_write_backlog": "limits",
 }

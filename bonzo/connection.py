@@ -23,9 +23,12 @@ from tornado.iostream import IOStream, StreamClosedError
 from tornado.log import access_log, app_log, gen_log
 
 from . import errors
+from .auth import MECHANISMS, Challenge, Mechanism, decode_response
 from .protocol import (
     CLOSED,
     NEED_DATA,
+    Auth,
+    AuthResponse,
     Data,
     DataChunk,
     Helo,
@@ -34,10 +37,12 @@ from .protocol import (
     Rcpt,
     Reset,
     SMTPProtocol,
+    StartTLS,
     Unknown,
 )
 from .session import Envelope, Session, received_header
-from .settings import SMTPSettings
+from .settings import ListenerSettings, SMTPSettings
+from .tls import tls_facts
 
 if TYPE_CHECKING:  # pragma: no cover
     from .server import SMTPServer
@@ -103,6 +108,14 @@ class SessionHandler:
         """A verb the core does not know; return a reply
         (``(code, text)`` or ``(code, enhanced, text)``) to handle it, or
         ``None`` to answer "command not recognized"."""
+
+    #: True if :meth:`on_auth` can check credentials (AUTH is offered only then).
+    auth_available = False
+
+    def on_auth(self, session: Session, credentials: Any) -> Any:
+        """Check AUTH :class:`~bonzo.auth.Credentials`: return a true value
+        (or an :class:`~bonzo.hookspecs.Accept`) to let the client in, ``None``
+        or ``False`` to refuse (``535 5.7.8``), or raise an SMTPError."""
 
     def on_disconnect(self, session: Session) -> Any:
         """The connection is closed (notification)."""
@@ -176,6 +189,17 @@ class SMTPConnection:
             pass
         self.session = Session(self.remote_ip, port, local_ip, local_port)
         self.protocol = SMTPProtocol(settings, self.remote_ip)
+        listener = server.listener if server is not None else ListenerSettings()
+        self.listener = listener
+        proto = self.protocol
+        proto.starttls_available = listener.tls_context is not None and not listener.implicit_tls
+        proto.tls_active = listener.implicit_tls
+        proto.require_tls = listener.require_tls
+        proto.require_auth = listener.require_auth
+        proto.auth_plaintext = listener.auth_plaintext
+        if getattr(handler, "auth_available", False):
+            proto.auth_mechanisms = listener.auth_mechanisms
+        self._mechanism: Mechanism | None = None
         self.envelope: Envelope | None = None
         self._close_callback: Callable[[], Any] | None = None
         self._write_future: Awaitable[None] | None = None
@@ -247,7 +271,9 @@ class SMTPConnection:
 
     async def _serve(self) -> None:
         proto = self.protocol
-        stream = self.stream
+        if self.listener.implicit_tls:
+            if not await self._handshake(self.stream.wait_for_handshake()):  # type: ignore[attr-defined]
+                return
         try:
             result = await self._call(self.handler.on_connect, self.session, what="connect")
         except Exception as exc:  # refused (or broken) at connect: close after the reply
@@ -284,7 +310,7 @@ class SMTPConnection:
                         self._check_by(self._line_started + self.settings.command_timeout)
                 self._waiting_input = True
                 try:
-                    chunk = await stream.read_bytes(chunk_size, partial=True)
+                    chunk = await self.stream.read_bytes(chunk_size, partial=True)
                 finally:
                     self._waiting_input = False
                 self._last_activity = loop.time()
@@ -298,7 +324,7 @@ class SMTPConnection:
                 if fut is not None and not fut.done():  # type: ignore[attr-defined]
                     self._drop_later()
                     await fut
-                stream.close()
+                self.stream.close()
                 return
             if type(event) is DataChunk:
                 self._store(event.data)
@@ -404,6 +430,10 @@ class SMTPConnection:
                     code, *rest = result
                     enhanced = rest[0] if len(rest) == 2 else None
                     proto.reject(errors.SMTPError(code, rest[-1], enhanced_code=enhanced))
+            elif kind is StartTLS:
+                await self._starttls()
+            elif kind is Auth or kind is AuthResponse:
+                await self._auth(event)
             else:  # pragma: no cover - every event type is handled above
                 raise AssertionError(f"unexpected event {event!r}")
         except Exception as exc:
@@ -411,6 +441,111 @@ class SMTPConnection:
                 proto.reject(self._error_reply(exc, type(event).__name__))
             else:  # pragma: no cover - defensive: an error after the reply
                 log_exception(exc, session, type(event).__name__)
+
+    # ------------------------------------------------------------ TLS, AUTH
+    async def _handshake(self, handshake: Awaitable[Any]) -> bool:
+        """Wait for a TLS handshake within ``tls_handshake_timeout``; on
+        success record the TLS facts on the session, else close."""
+        try:
+            result = await asyncio.wait_for(
+                _as_future(handshake), timeout=self.settings.tls_handshake_timeout
+            )
+        except asyncio.TimeoutError:
+            gen_log.info("[%s %s] TLS handshake timed out", self.session.id, self.remote_ip)
+            self.stream.close()
+            return False
+        except (StreamClosedError, OSError, ValueError) as exc:
+            gen_log.info(
+                "[%s %s] TLS handshake failed: %s",
+                self.session.id,
+                self.remote_ip,
+                getattr(exc, "real_error", None) or exc,
+            )
+            self.stream.close()
+            return False
+        if result is not None:
+            self.stream = result
+        self.session.tls = tls_facts(self.stream.socket)
+        return True
+
+    async def _starttls(self) -> None:
+        proto = self.protocol
+        context = self.listener.tls_context
+        assert context is not None
+        proto.accept()
+        if "starttls_pipelined" in proto.notes:
+            gen_log.warning(
+                "[%s %s] discarded plaintext pipelined after STARTTLS",
+                self.session.id,
+                self.remote_ip,
+            )
+        self._flush()
+        fut = self._write_future
+        if fut is not None and not fut.done():  # type: ignore[attr-defined]
+            await self._wait_output(fut)
+        # Tornado refuses to start TLS on a stream holding unread data: that
+        # is more plaintext after STARTTLS than the core dropped; refuse it.
+        started = self.stream.start_tls(server_side=True, ssl_options=context)
+        if not await self._handshake(started):
+            return
+        self._end_transaction()
+        self.session.helo = None
+        self.session.esmtp = False
+        self.session.auth = None
+        proto.tls_started()
+
+    async def _auth(self, event: Any) -> None:
+        proto = self.protocol
+        try:
+            if type(event) is Auth:
+                self._mechanism = MECHANISMS[event.mechanism]()
+                initial = None if event.initial is None else decode_response(event.initial)
+                step = self._mechanism.start(initial)
+            else:
+                assert self._mechanism is not None
+                step = self._mechanism.step(decode_response(event.line))
+        except errors.SMTPError as exc:
+            self._mechanism = None
+            proto.reject(exc)
+            return
+        if isinstance(step, Challenge):
+            proto.auth_challenge(step.encoded())
+            return
+        self._mechanism = None
+        try:
+            verdict = await self._call(self.handler.on_auth, self.session, step, what="AUTH")
+        except errors.SMTPError as exc:
+            proto.reject(exc)
+            return
+        except Exception as exc:
+            log_exception(exc, self.session, "AUTH")
+            proto.reject(
+                errors.SMTPError(454, "Temporary authentication failure", enhanced_code="4.7.0")
+            )
+            return
+        if verdict:
+            self.session.auth = step.username
+            proto.auth_success(step.username)
+            gen_log.info(
+                "[%s %s] authenticated as %r (%s)",
+                self.session.id,
+                self.remote_ip,
+                step.username,
+                step.mechanism,
+            )
+            return
+        gen_log.info(
+            "[%s %s] AUTH %s failed for %r",
+            self.session.id,
+            self.remote_ip,
+            step.mechanism,
+            step.username,
+        )
+        # Slow down guessing: the reply (and so the next try) waits.
+        await asyncio.sleep(self.settings.auth_failure_delay)
+        proto.reject(
+            errors.SMTPError(535, "Authentication credentials invalid", enhanced_code="5.7.8")
+        )
 
     async def _message_complete(self, event: MessageComplete) -> None:
         proto = self.protocol

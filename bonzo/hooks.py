@@ -113,7 +113,7 @@ class PluginSet:
             detail = " ".join(str(exc).split())
             raise PluginError(f"plugin {name!r}: {detail}") from None
         for impl in self._impls_of(name):
-            hook = impl.function.__name__ if impl.function else "?"
+            hook = getattr(impl.function, "__name__", "?")
             hook_name = _hook_name(self.manager, impl)
             if impl.hookwrapper or impl.wrapper:
                 self.manager.unregister(name=name)
@@ -144,7 +144,7 @@ class PluginSet:
 
     def _impls_of(self, name: str) -> list[pluggy.HookImpl]:
         plugin = self.manager.get_plugin(name)
-        out = []
+        out: list[pluggy.HookImpl] = []
         for caller in self.manager.get_hookcallers(plugin) or []:
             out.extend(i for i in caller.get_hookimpls() if i.plugin_name == name)
         return out
@@ -292,9 +292,10 @@ def _hook_name(manager: pluggy.PluginManager, impl: pluggy.HookImpl) -> str:
 
 
 def _log_failure(session: Session | None, hook: str, plugin: str, exc: BaseException) -> None:
-    where = f"[{session.id} {session.remote_ip}] " if session is not None else ""
+    where = f" [{session.id} {session.remote_ip}]" if session is not None else ""
+    # "Uncaught exception" first, as the original Bonzo logged it.
     app_log.error(
-        "%sPlugin %r failed in %s: %s",
+        "Uncaught exception%s in plugin %r (%s): %s",
         where,
         plugin,
         hook,
@@ -404,6 +405,26 @@ class PluginHandler(SessionHandler):
         if verdict is not None:
             return (250, self._text(verdict) or "Ok")
         return None
+
+    @property
+    def auth_available(self) -> bool:  # type: ignore[override]
+        """True when some plugin implements ``bonzo_auth``."""
+        return bool(self.plugins.calls["bonzo_auth"])
+
+    async def on_auth(self, session: Session, credentials: Any) -> Any:
+        try:
+            verdict = await self.plugins.decide(
+                "bonzo_auth",
+                session,
+                credentials.mechanism,
+                credentials.username,
+                credentials.password,
+                credentials.authzid,
+            )
+        except _Failure as failure:
+            _log_failure(session, "bonzo_auth", failure.plugin, failure.error)
+            raise errors.TransientError("Temporary authentication failure", 454, "4.7.0") from None
+        return verdict is not None
 
     async def on_disconnect(self, session: Session) -> Any:
         await self.plugins.call_observers("bonzo_disconnect", session, session=session)

@@ -86,6 +86,7 @@ DECISION_HOOKS = (
     "bonzo_message",
     "bonzo_deliver",
     "bonzo_unknown_command",
+    "bonzo_auth",
 )
 #: Decision hooks where "no opinion" from every plugin means refusal.
 OWNER_HOOKS = ("bonzo_rcpt", "bonzo_deliver")
@@ -221,6 +222,24 @@ def bonzo_deliver(session: Session, envelope: Envelope) -> Any:
     downstream: the client then gets ``250``. If no plugin accepts, the client
     gets ``451 4.3.0`` and keeps the message. A storage error should raise a
     ``4xx`` :class:`~bonzo.errors.SMTPError` (``452 4.3.1`` for a full disk).
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def bonzo_auth(session: Session, mechanism: str, username: str, password: str, authzid: str) -> Any:
+    """Check AUTH credentials (decision). Return :class:`Accept` if
+    ``username``/``password`` are good; ``None`` if this plugin cannot vouch
+    for them (when nobody accepts, the client gets ``535 5.7.8`` — the same
+    reply for an unknown user and a wrong password). Raise an ``SMTPError``
+    for another reply (``454 4.7.0`` for a temporary failure); an unexpected
+    exception or timeout also gives ``454 4.7.0``. May be async (LDAP, SQL,
+    HTTP). AUTH is offered only when some plugin implements this hook. Never
+    log ``password``.
+
+    :arg mechanism: ``"PLAIN"`` or ``"LOGIN"``.
+    :arg authzid: the identity to act as (PLAIN), usually ``""``.
 
     .. versionadded:: 0.2
     """

@@ -24,11 +24,20 @@ from tornado.tcpserver import TCPServer
 
 from . import version
 from .connection import SessionHandler, SMTPConnection, log_exception
+from .hooks import PluginHandler, PluginSet
+from .hookspecs import Accept
 from .protocol import format_reply
 from .session import Envelope, Session
-from .settings import SMTPSettings
+from .settings import ListenerSettings, SMTPSettings
 
-__all__ = ["SMTPServer", "SMTPConnection", "SMTPRequest", "CallbackHandler"]
+__all__ = [
+    "SMTPServer",
+    "SMTPConnection",
+    "SMTPRequest",
+    "CallbackHandler",
+    "CallbackPlugin",
+    "ConnectionCount",
+]
 
 _TCPSERVER_ARGS = ("ssl_options", "max_buffer_size", "read_chunk_size")
 
@@ -129,20 +138,23 @@ def _legacy_data(envelope: Envelope) -> str:
     return text[:-1] if text.endswith("\n") else text
 
 
-class CallbackHandler(SessionHandler):
-    """Adapts an original-style ``request_callback(request)`` to a handler.
+class CallbackPlugin:
+    """The original ``request_callback(request)`` as a plugin.
 
-    Every recipient is accepted (the callback sees the whole envelope); the
-    callback is called when the message is complete and the reply waits
-    until ``request.finish()`` is called. A callback may also return an
-    awaitable; an exception from it (or a missing ``finish()`` past
-    ``handler_timeout``) answers ``451`` and is logged.
+    It accepts every recipient (the callback sees the whole envelope) and
+    delivers by calling the callback when the message is complete; the reply
+    waits until ``request.finish()`` is called. A callback may also return an
+    awaitable. An exception from it (or no ``finish()`` within the hook
+    timeout) answers ``451`` and is logged.
     """
 
     def __init__(self, request_callback: Callable[[SMTPRequest], Any]) -> None:
         self.request_callback = request_callback
 
-    async def on_message(self, session: Session, envelope: Envelope) -> None:
+    def bonzo_rcpt(self) -> Accept:
+        return Accept()
+
+    async def bonzo_deliver(self, session: Session, envelope: Envelope) -> Accept:
         connection = session.stash.get("bonzo.connection")
         request = SMTPRequest(
             connection,
@@ -166,6 +178,40 @@ class CallbackHandler(SessionHandler):
                 # after that is the application's to see in the log.
                 log_exception(exc, session, "message")
         await request._finished
+        return Accept()
+
+
+class CallbackHandler(PluginHandler):
+    """Serves an original-style ``request_callback(request)`` on the plugin
+    machinery: a :class:`~bonzo.hooks.PluginHandler` running one
+    :class:`CallbackPlugin`, with ``handler_timeout`` as its hook timeout."""
+
+    def __init__(
+        self, request_callback: Callable[[SMTPRequest], Any], timeout: float = 60.0
+    ) -> None:
+        plugins = PluginSet(timeout=timeout)
+        plugins.register(CallbackPlugin(request_callback), "request_callback")
+        super().__init__(plugins)
+        self.request_callback = request_callback
+
+
+class ConnectionCount:
+    """Connections open across the servers (listeners) that share this
+    object, in all and per client address, for the connection limits."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.per_ip: Counter[str] = Counter()
+
+    def add(self, ip: str) -> None:
+        self.total += 1
+        self.per_ip[ip] += 1
+
+    def remove(self, ip: str) -> None:
+        self.total -= 1
+        self.per_ip[ip] -= 1
+        if self.per_ip[ip] <= 0:
+            del self.per_ip[ip]
 
 
 class SMTPServer(TCPServer):
@@ -208,6 +254,8 @@ class SMTPServer(TCPServer):
         *,
         handler: SessionHandler | None = None,
         settings: SMTPSettings | None = None,
+        listener: ListenerSettings | None = None,
+        count: ConnectionCount | None = None,
         **kwargs: Any,
     ) -> None:
         # io_loop is accepted (and ignored) for code written for Tornado < 5.
@@ -223,10 +271,15 @@ class SMTPServer(TCPServer):
         self.settings = base.replace(**kwargs) if kwargs else base
         self.request_callback = request_callback
         self.handler: SessionHandler = (
-            handler if handler is not None else CallbackHandler(request_callback)  # type: ignore[arg-type]
+            handler
+            if handler is not None
+            else CallbackHandler(request_callback, self.settings.handler_timeout)  # type: ignore[arg-type]
         )
+        self.listener = listener or ListenerSettings()
+        if self.listener.implicit_tls:
+            tcp_kwargs["ssl_options"] = self.listener.tls_context
         self.connections: set[SMTPConnection] = set()
-        self._per_ip: Counter[str] = Counter()
+        self.count = count or ConnectionCount()
         self._idle_event: asyncio.Event | None = None
         super().__init__(**tcp_kwargs)
 
@@ -234,16 +287,16 @@ class SMTPServer(TCPServer):
         """Start a session for a new connection (called by TCPServer)."""
         settings = self.settings
         ip = str(address[0]) if isinstance(address, tuple) and address else "0.0.0.0"
-        if len(self.connections) >= settings.max_connections:
+        if self.count.total >= settings.max_connections:
             self._refuse(stream, ip, "Too many connections, try again later")
             return
-        if self._per_ip[ip] >= settings.max_connections_per_ip:
+        if self.count.per_ip[ip] >= settings.max_connections_per_ip:
             self._refuse(stream, ip, "Too many connections from your address")
             return
         connection = SMTPConnection(stream, address, self.handler, settings, self)
         connection.session.stash["bonzo.connection"] = connection
         self.connections.add(connection)
-        self._per_ip[ip] += 1
+        self.count.add(ip)
         IOLoop.current().add_callback(connection.run)
 
     def _refuse(self, stream: IOStream, ip: str, text: str) -> None:
@@ -257,10 +310,7 @@ class SMTPServer(TCPServer):
     def _connection_closed(self, connection: SMTPConnection) -> None:
         if connection in self.connections:
             self.connections.discard(connection)
-            ip = connection.remote_ip
-            self._per_ip[ip] -= 1
-            if self._per_ip[ip] <= 0:
-                del self._per_ip[ip]
+            self.count.remove(connection.remote_ip)
         if not self.connections and self._idle_event is not None:
             self._idle_event.set()
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SMTPSettings", "SettingError", "BARE_NEWLINE_MODES"]
+__all__ = ["SMTPSettings", "ListenerSettings", "SettingError", "BARE_NEWLINE_MODES"]
 
 BARE_NEWLINE_MODES = ("normalize", "reject", "allow")
 
@@ -229,3 +230,47 @@ def _check_int(name: str, value: object, *, minimum: int) -> None:
 
 def _printable(text: str) -> bool:
     return text.isascii() and text.isprintable() and " " not in text
+
+
+@dataclass
+class ListenerSettings:
+    """What differs from one listening socket to another: TLS and AUTH policy.
+
+    The ``[[listeners]]`` tables of the daemon map onto these fields.
+    """
+
+    tls_context: ssl.SSLContext | None = None
+    """Server TLS context (see :func:`bonzo.tls.make_server_context`); with
+    it, STARTTLS is offered, or, with :attr:`implicit_tls`, every connection
+    starts with a TLS handshake."""
+
+    implicit_tls: bool = False
+    """TLS from the first byte (the port 465 "submissions" style, RFC 8314)."""
+
+    require_tls: bool = False
+    """Refuse MAIL with ``530 5.7.0`` until the session is encrypted."""
+
+    require_auth: bool = False
+    """Refuse MAIL with ``530 5.7.0`` until the client has authenticated (a
+    submission listener)."""
+
+    auth_plaintext: bool = False
+    """Offer AUTH on a connection that is not encrypted (passwords in clear
+    text: only for testing or a trusted network)."""
+
+    auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    """SASL mechanisms offered when a plugin implements ``bonzo_auth``."""
+
+    def __post_init__(self) -> None:
+        if self.implicit_tls and self.tls_context is None:
+            raise SettingError("implicit_tls", "needs a TLS certificate (tls_context)")
+        if self.require_tls and self.tls_context is None:
+            raise SettingError("require_tls", "needs a TLS certificate (tls_context)")
+        from .auth import MECHANISMS
+
+        for mech in self.auth_mechanisms:
+            if mech not in MECHANISMS:
+                raise SettingError(
+                    "auth_mechanisms",
+                    f"unknown mechanism {mech!r} (known: {', '.join(MECHANISMS)})",
+                )

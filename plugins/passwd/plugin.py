@@ -1,0 +1,168 @@
+"""Check AUTH credentials against a password file.
+
+The file has one ``user:hash`` line per user (``#`` comments and blank lines
+are ignored); hashes are :func:`bonzo.auth.hash_password` results, so only a
+slow, salted hash of each password is ever stored. ``bonzo adduser`` writes
+such lines. The file is read at startup and read again when it changes, so
+users can be added without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from bonzo import Accept, hookimpl
+from bonzo.auth import PasswordHashError, dummy_hash, hash_password, verify_password
+
+from .._config import as_table, check_keys, get_str, resolve_path
+
+__all__ = ["PasswdPlugin", "read_password_file", "add_user"]
+
+log = logging.getLogger("bonzo.plugins.passwd")
+
+KEYS = ("file",)
+
+
+def _check_user(user: str) -> str:
+    if not user or ":" in user or any(ord(c) < 33 or ord(c) == 127 for c in user):
+        raise ValueError(f"bad user name {user!r}: no colon, space or control character")
+    return user
+
+
+def read_password_file(path: Path) -> dict[str, str]:
+    """Parse a password file into ``{user: hash}``; raises :class:`ValueError`
+    naming the file and line for a malformed entry."""
+    users: dict[str, str] = {}
+    text = path.read_text("utf-8")
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, stored = line.partition(":")
+        if not sep or not stored:
+            raise ValueError(f"{path}: line {lineno}: expected user:hash")
+        try:
+            _check_user(user)
+        except ValueError as exc:
+            raise ValueError(f"{path}: line {lineno}: {exc}") from None
+        if not stored.startswith("scrypt$") or stored.count("$") != 5:
+            raise ValueError(f"{path}: line {lineno}: not a bonzo password hash")
+        if user in users:
+            raise ValueError(f"{path}: line {lineno}: user {user!r} is listed twice")
+        users[user] = stored
+    return users
+
+
+def add_user(path: Path, user: str, password: str) -> bool:
+    """Add ``user`` to the password file at ``path`` (creating it, mode 0600),
+    or replace the user's hash; return True if the user was new. The file is
+    replaced atomically, so a running server never reads half a file."""
+    _check_user(user)
+    if not password:
+        raise ValueError("empty password")
+    lines: list[str] = []
+    new = True
+    if path.exists():
+        read_password_file(path)  # refuse to rewrite a file we cannot parse
+        for line in path.read_text("utf-8").splitlines():
+            if line.partition(":")[0].strip() == user and not line.lstrip().startswith("#"):
+                new = False
+                continue
+            lines.append(line)
+    lines.append(f"{user}:{hash_password(password)}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return new
+
+
+class PasswdPlugin:
+    """Accepts AUTH credentials that match the password file.
+
+    An unknown user and a wrong password are treated alike (no opinion, so
+    the client gets ``535 5.7.8`` unless another plugin vouches for it), and
+    take the same time: an unknown user is checked against a dummy hash.
+    """
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.users: dict[str, str] = {}
+        self._stamp: tuple[int, int] | None = None
+
+    @hookimpl
+    def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
+        """Validate ``[plugins.passwd]`` and read the file once."""
+        table = as_table(config)
+        check_keys(table, KEYS)
+        name = get_str(table, "file", "")
+        if not name:
+            raise ValueError("file: the password file is required")
+        path = resolve_path(name, app)
+        try:
+            self.users = read_password_file(path)
+        except OSError as exc:
+            raise ValueError(f"file: cannot read {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"file: {path} is not UTF-8 text") from None
+        self.path = path
+        self._stamp = self._file_stamp()
+
+    @hookimpl
+    def bonzo_startup(self) -> None:
+        log.info("passwd: %d user(s) in %s", len(self.users), self.path)
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        assert self.path is not None
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def _reload_if_changed(self) -> None:
+        stamp = self._file_stamp()
+        if stamp is None or stamp == self._stamp:
+            return
+        assert self.path is not None
+        try:
+            self.users = read_password_file(self.path)
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            # Keep serving with the users we had; say why the new file is ignored.
+            log.error("passwd: not reloading %s: %s", self.path, exc)
+        else:
+            log.info("passwd: reloaded %s (%d user(s))", self.path, len(self.users))
+        self._stamp = stamp
+
+    @hookimpl
+    async def bonzo_auth(self, username: str, password: str) -> Accept | None:
+        """Verify the password off the event loop (scrypt is deliberately slow)."""
+        self._reload_if_changed()
+        stored = self.users.get(username)
+        loop = asyncio.get_running_loop()
+        try:
+            ok = await loop.run_in_executor(
+                None, verify_password, password, stored if stored is not None else dummy_hash()
+            )
+        except PasswordHashError as exc:
+            log.error(
+                "passwd: the hash of user %r in %s is malformed: %s", username, self.path, exc
+            )
+            return None
+        if ok and stored is not None:
+            return Accept()
+        return None
