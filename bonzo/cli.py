@@ -140,7 +140,12 @@ def _setup_logging(config: Any) -> None:
     level = getattr(logging, config.logging.level.upper())
     handler: logging.Handler
     if config.logging.file:
-        handler = logging.FileHandler(config.logging.file)
+        try:
+            handler = logging.FileHandler(config.logging.file)
+        except OSError as exc:
+            raise config.error(
+                "logging.file", f"cannot open {config.logging.file}: {exc.strerror or exc}"
+            ) from None
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
@@ -182,8 +187,13 @@ def _serve(args: argparse.Namespace) -> int:
         ", ".join(config.plugins.enabled) or "none",
     )
     if config.workers == 1:
-        return _run_worker(app, sockets)
+        return 1 if _run_worker(app, sockets) else 0
     return _supervise(app, sockets, config.workers)
+
+
+#: Exit status of a worker whose plugins failed to start: the supervisor
+#: stops the server instead of restarting it (it would only fail again).
+_STARTUP_FAILED = 3
 
 
 def _run_worker(app: Any, sockets: list[Any]) -> int:
@@ -196,7 +206,7 @@ def _run_worker(app: Any, sockets: list[Any]) -> int:
             await app.start(sockets)
         except Exception as exc:
             log.error("startup failed: %s", exc, exc_info=True)
-            return 1
+            return _STARTUP_FAILED
         log.info("ready (pid %d)", os.getpid())
         await stopping.wait()
         log.info("stopping: no new connections; finishing messages in flight")
@@ -247,11 +257,16 @@ def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
             break
         except InterruptedError:  # pragma: no cover - retried by Python
             continue
-        slot = children.pop(pid, None)
-        if slot is None:
+        if pid not in children:
             continue
+        slot = children.pop(pid)
         code = os.waitstatus_to_exitcode(wait_status)
         if stopping:
+            continue
+        if code == _STARTUP_FAILED:
+            log.error("worker %d (pid %d) failed to start; stopping", slot, pid)
+            on_signal(signal.SIGTERM, None)
+            status = 1
             continue
         log.error("worker %d (pid %d) exited with status %d; restarting", slot, pid, code)
         now = time.monotonic()
