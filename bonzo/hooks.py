@@ -284,6 +284,15 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
+def _ehlo_line(keyword: Any) -> bool:
+    return (
+        isinstance(keyword, str)
+        and keyword[:1].isalnum()
+        and keyword.isascii()
+        and keyword.isprintable()
+    )
+
+
 def _hook_name(manager: pluggy.PluginManager, impl: pluggy.HookImpl) -> str:
     for name, caller in vars(manager.hook).items():
         if isinstance(caller, pluggy.HookCaller) and impl in caller.get_hookimpls():
@@ -358,7 +367,18 @@ class PluginHandler(SessionHandler):
 
     async def ehlo_keywords(self, session: Session, keywords: list[str]) -> Any:
         await self.plugins.call_observers("bonzo_ehlo_keywords", session, keywords, session=session)
-        return keywords
+        # An EHLO line is "keyword [params]" in printable ASCII (RFC 5321
+        # 4.1.1.1); anything else (a non-string, a line break) would break the
+        # reply for every client, so it is dropped and logged.
+        good = [k for k in keywords if _ehlo_line(k)]
+        if len(good) != len(keywords):
+            app_log.error(
+                "[%s %s] bonzo_ehlo_keywords: dropped invalid keyword(s) %r",
+                session.id,
+                session.remote_ip,
+                [k for k in keywords if not _ehlo_line(k)],
+            )
+        return good
 
     async def on_mail(self, session: Session, envelope: Envelope) -> Any:
         return self._text(
