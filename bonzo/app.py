@@ -90,7 +90,10 @@ def resolve_plugin(name: str, installed: dict[str, InstalledPlugin] | None = Non
                 obj = getattr(obj, part)
         except AttributeError:
             raise LookupError(f"plugin {name!r}: {module_name} has no {attr!r}") from None
-        return _instantiate(obj)
+        try:
+            return _instantiate(obj)
+        except Exception as exc:
+            raise LookupError(f"plugin {name!r}: creating {attr} failed: {exc!r}") from exc
     known = ", ".join(sorted(installed)) or "none"
     raise LookupError(f"plugin {name!r} is not installed (installed plugins: {known})")
 
