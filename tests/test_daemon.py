@@ -95,6 +95,14 @@ class WrongArgument:
         return Accept()
 
 
+class BadInit:
+    def __init__(self):
+        raise RuntimeError("needs a database")
+
+    def bonzo_rcpt(self):
+        return Accept()
+
+
 class FailsAtStartup:
     def bonzo_startup(self):
         raise RuntimeError("database unreachable")
@@ -326,6 +334,7 @@ def test_check_warns_about_a_server_that_takes_no_mail(workdir, env):
         ("wrong argument", ["plugins.enabled: plugin 'daemonplug:WrongArgument'", "recipient"]),
         ("missing module", ["plugins.enabled: plugin 'nosuchmodule:Plugin': cannot import"]),
         ("missing class", ["plugins.enabled: plugin 'daemonplug:Nope'", "has no 'Nope'"]),
+        ("failing class", ["plugin 'daemonplug:BadInit': creating BadInit failed", "database"]),
     ],
 )
 def test_configuration_errors_exit_2_with_one_line(workdir, env, command, case, fragments):
@@ -335,6 +344,7 @@ def test_configuration_errors_exit_2_with_one_line(workdir, env, command, case, 
         "wrong argument": ["daemonplug:WrongArgument"],
         "missing module": ["nosuchmodule:Plugin"],
         "missing class": ["daemonplug:Nope"],
+        "failing class": ["daemonplug:BadInit"],
     }.get(case)
     config = write_config(workdir, port, enabled)
     text = config.read_text()

@@ -1085,6 +1085,21 @@ def test_ehlo_keywords_can_add_and_remove_keywords(log_watch, serve):
     assert failures(log_watch, "broken", "bonzo_ehlo_keywords")
 
 
+def test_invalid_ehlo_keywords_are_dropped_not_sent(log_watch, serve):
+    class Junk:
+        def bonzo_ehlo_keywords(self, keywords):
+            keywords += [5, "XOK", "BAD\r\n250 INJECTED", "", "-DASH"]
+
+    with raw(serve(plugin_set(("junk", Junk())))) as c:
+        c.reply()
+        reply = c.command("EHLO client.test")
+    assert reply.endswith(b"250-HELP\r\n250 XOK\r\n")
+    assert b"INJECTED" not in reply
+    log_watch.allow("bonzo_ehlo_keywords: dropped invalid keyword")
+    [record] = log_watch.matching("dropped invalid keyword")
+    assert "[5, 'BAD\\r\\n250 INJECTED', '', '-DASH']" in record.getMessage()
+
+
 def test_accepted_observers_all_run_after_the_250(log_watch, serve):
     log: list[Any] = []
 
