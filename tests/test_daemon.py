@@ -553,6 +553,26 @@ def test_two_workers_serve_mail_and_stop_cleanly(workdir, serve):
     assert "restarting" not in daemon.log
 
 
+def test_a_worker_that_dies_is_replaced(workdir, serve):
+    port = free_port()
+    daemon = serve(write_config(workdir, port, workers=2), port)
+    daemon.wait_ready(workers=2)
+    assert send(port) == {}
+    [victim] = {r["pid"] for r in daemon.records()}
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: "restarting" in daemon.log, what="the supervisor to notice")
+    assert f"(pid {victim}) exited with status -9; restarting" in daemon.log
+    wait_until(lambda: daemon.log.count("ready (pid") == 3, what="a new worker")
+    for _ in range(4):
+        assert send(port) == {}
+    pids = [r["pid"] for r in daemon.records()]
+    assert len(pids) == 5 and pids.count(victim) == 1
+    # SIGINT (Ctrl-C) stops it as gracefully as SIGTERM.
+    daemon.proc.send_signal(signal.SIGINT)
+    assert daemon.proc.wait(timeout=DEADLINE) == 0
+    assert daemon.log.count("stopped") == 2
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
