@@ -215,7 +215,7 @@ def _path(value: Any, source: str, key: str, base_dir: Path) -> str:
     return str((base_dir / value).resolve())
 
 
-def _seconds(value: Any) -> bool:
+def positive_seconds(value: Any) -> bool:
     """True for a positive, finite number of seconds."""
     return (
         not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < float("inf")
@@ -357,7 +357,7 @@ def _plugins(table: dict[str, Any], source: str, base_dir: Path) -> PluginsConfi
         raise ConfigError(source, "plugins.enabled", f"plugin {dup!r} is listed twice")
     config.enabled = list(enabled)
     timeout = table.get("timeout", 60.0)
-    if not _seconds(timeout):
+    if not positive_seconds(timeout):
         raise ConfigError(source, "plugins.timeout", f"must be a positive number, not {timeout!r}")
     config.timeout = float(timeout)
     timeouts = table.get("timeouts", {})
@@ -366,7 +366,7 @@ def _plugins(table: dict[str, Any], source: str, base_dir: Path) -> PluginsConfi
     for name, value in timeouts.items():
         if name not in enabled:
             raise ConfigError(source, f"plugins.timeouts.{name}", "names no enabled plugin")
-        if not _seconds(value):
+        if not positive_seconds(value):
             raise ConfigError(
                 source, f"plugins.timeouts.{name}", f"must be a positive number, not {value!r}"
             )

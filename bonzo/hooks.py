@@ -19,6 +19,7 @@ import pluggy
 from tornado.log import app_log
 
 from . import errors, hookspecs
+from .config import positive_seconds
 from .connection import SessionHandler
 from .hookspecs import DECISION_HOOKS, OBSERVER_HOOKS, OWNER_HOOKS, Accept
 from .session import Envelope, Session
@@ -85,7 +86,7 @@ class PluginSet:
     """
 
     def __init__(self, timeout: float = 60.0) -> None:
-        if not _positive(timeout):
+        if not positive_seconds(timeout):
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         self.manager = _Manager("bonzo")
         self.manager.add_hookspecs(hookspecs)
@@ -100,7 +101,7 @@ class PluginSet:
         unknown hook, a wrong argument name, or a hook wrapper."""
         if name in self.names:
             raise PluginError(f"plugin {name!r} is registered twice")
-        if timeout is not None and not _positive(timeout):
+        if timeout is not None and not positive_seconds(timeout):
             raise PluginError(f"plugin {name!r}: timeout must be a positive number of seconds")
         try:
             self.manager.register(plugin, name=name)
@@ -245,12 +246,6 @@ class PluginSet:
                 TypeError(f"returned {type(result).__name__}; expected Accept, str or None"),
             )
         return None
-
-
-def _positive(value: Any) -> bool:
-    return (
-        not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < float("inf")
-    )
 
 
 def _reply_tuple_problem(reply: tuple[Any, ...]) -> str | None:
