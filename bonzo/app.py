@@ -9,6 +9,7 @@ server: it finds and registers the enabled plugins in the configured order
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 import logging
@@ -20,9 +21,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, ListenerConfig, load_config
 from .hooks import PluginError, PluginHandler, PluginSet
-from .server import SMTPServer
+from .server import ConnectionCount, SMTPServer
 
 __all__ = ["MailApp", "InstalledPlugin", "installed_plugins", "resolve_plugin", "ENTRY_POINT_GROUP"]
 
@@ -117,6 +118,9 @@ class MailApp:
         self.base_dir: Path = self.config.base_dir
         self.plugins = PluginSet(timeout=self.config.plugins.timeout)
         self.server: SMTPServer | None = None
+        #: One server per listener, once started.
+        self.servers: list[SMTPServer] = []
+        self._bound: list[tuple[ListenerConfig, list[socket.socket]]] = []
         self._extra = list(extra_plugins)
         self._started = False
         self._load_plugins()
@@ -183,6 +187,18 @@ class MailApp:
                 "no enabled plugin accepts recipients (bonzo_rcpt): every recipient will be "
                 "refused; enable e.g. 'recipients'"
             )
+        for i, listener in enumerate(self.config.listeners):
+            ls = listener.settings
+            if ls.require_auth and not calls["bonzo_auth"]:
+                out.append(
+                    f"listeners[{i}] requires AUTH but no enabled plugin checks credentials "
+                    "(bonzo_auth): every MAIL will be refused; enable e.g. 'passwd'"
+                )
+            if calls["bonzo_auth"] and ls.tls_context is None and not ls.auth_plaintext:
+                out.append(
+                    f"listeners[{i}] has no TLS certificate and auth_plaintext is false: "
+                    "AUTH is not offered there"
+                )
         if not calls["bonzo_deliver"]:
             out.append(
                 "no enabled plugin delivers messages (bonzo_deliver): every message will be "
@@ -192,39 +208,59 @@ class MailApp:
 
     # ---------------------------------------------------------------- running
     def bind(self) -> list[socket.socket]:
-        """Bind the listening sockets of every listener (before forking workers)."""
+        """Bind the listening sockets of every listener (before forking
+        workers); :meth:`start` then serves them, each with its listener's
+        TLS and AUTH policy."""
         from tornado.netutil import bind_sockets
 
-        sockets: list[socket.socket] = []
+        bound: list[tuple[ListenerConfig, list[socket.socket]]] = []
         for listener in self.config.listeners:
             try:
-                sockets += bind_sockets(listener.port, listener.address or None, backlog=1024)
+                socks = bind_sockets(listener.port, listener.address or None, backlog=1024)
             except OSError as exc:
-                for s in sockets:
-                    s.close()
+                for _, done in bound:
+                    for s in done:
+                        s.close()
                 raise OSError(
                     exc.errno,
                     f"cannot listen on {listener.address}:{listener.port}: {exc.strerror}",
                 ) from None
-        return sockets
+            bound.append((listener, socks))
+        self._bound = bound
+        return [s for _, socks in bound for s in socks]
 
     async def start(self, sockets: Sequence[socket.socket] | None = None) -> SMTPServer:
-        """Run the plugins' startup hooks and start serving on ``sockets``
-        (default: bind the configured listeners now)."""
+        """Run the plugins' startup hooks and start serving: the sockets of
+        :meth:`bind` (bound now if it was not called), or ``sockets`` given
+        here, which are served with the first listener's policy. Returns the
+        first listener's server; :attr:`servers` has them all."""
         if self._started:
             raise RuntimeError("MailApp already started")
+        if sockets is not None:
+            groups = [(self.config.listeners[0], list(sockets))]
+        else:
+            if not self._bound:
+                self.bind()
+            groups = self._bound
         await self.plugins.call_observers("bonzo_startup", self, strict=True)
-        server = SMTPServer(handler=PluginHandler(self.plugins), settings=self.settings)
-        server.add_sockets(list(sockets) if sockets is not None else self.bind())
-        self.server = server
+        handler = PluginHandler(self.plugins)
+        count = ConnectionCount()
+        for listener, socks in groups:
+            server = SMTPServer(
+                handler=handler, settings=self.settings, listener=listener.settings, count=count
+            )
+            server.add_sockets(socks)
+            self.servers.append(server)
+        self.server = self.servers[0]
         self._started = True
-        return server
+        return self.server
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop gracefully (see :meth:`SMTPServer.shutdown`), then run the
         plugins' shutdown hooks."""
-        if self.server is not None:
-            await self.server.shutdown(grace)
+        if self.servers:
+            await asyncio.gather(*(server.shutdown(grace) for server in self.servers))
+            self.servers = []
             self.server = None
         if self._started:
             self._started = False
@@ -233,10 +269,9 @@ class MailApp:
     @property
     def addresses(self) -> list[tuple[str, int]]:
         """The (address, port) pairs being served, once started."""
-        if self.server is None:
-            return []
         out = []
-        for sock in self.server._sockets.values():
-            name = sock.getsockname()
-            out.append((name[0], name[1]))
+        for server in self.servers:
+            for sock in server._sockets.values():
+                name = sock.getsockname()
+                out.append((name[0], name[1]))
         return out

@@ -76,8 +76,38 @@ def _parser() -> argparse.ArgumentParser:
             metavar="FILE",
             help="configuration file (default: the embedded default, bonzo.toml.example)",
         )
+    p = add("adduser", _adduser, "add a user to a password file (for the passwd plugin)")
+    p.add_argument("-f", "--file", required=True, metavar="FILE", help="the password file")
+    p.add_argument("user", help="the user name (no colon, space or control character)")
+    p.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from standard input instead of prompting",
+    )
     add("version", _version, "print the version")
     return parser
+
+
+def _adduser(args: argparse.Namespace) -> int:
+    import getpass
+    from pathlib import Path
+
+    from bonzo_plugins.passwd import add_user
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"Password for {args.user}: ")
+        if password != getpass.getpass("Again: "):
+            print("bonzo: the passwords differ; nothing changed", file=sys.stderr)
+            return 2
+    try:
+        new = add_user(Path(args.file), args.user, password)
+    except (ValueError, OSError) as exc:
+        print(f"bonzo: {args.file}: {exc}", file=sys.stderr)
+        return 2
+    print(f"{'added' if new else 'changed the password of'} {args.user} in {args.file}")
+    return 0
 
 
 def _version(args: argparse.Namespace) -> int:
@@ -203,7 +233,7 @@ def _run_worker(app: Any, sockets: list[Any]) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
         try:
-            await app.start(sockets)
+            await app.start()
         except Exception as exc:
             log.error("startup failed: %s", exc, exc_info=True)
             return _STARTUP_FAILED

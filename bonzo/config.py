@@ -23,7 +23,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .settings import SettingError, SMTPSettings
+from .auth import MECHANISMS
+from .settings import ListenerSettings, SettingError, SMTPSettings
+from .tls import CertificatePair, TLSError, make_server_context
 
 if sys.version_info >= (3, 11):  # pragma: no cover - depends on the interpreter
     import tomllib
@@ -41,6 +43,8 @@ __all__ = [
     "default_config_text",
     "SETTING_SECTIONS",
     "TOP_LEVEL_KEYS",
+    "LISTENER_KEYS",
+    "TLS_KEYS",
 ]
 
 #: Which table of the file holds each :class:`~bonzo.settings.SMTPSettings` field.
@@ -81,7 +85,19 @@ EXTRA_KEYS: dict[str, tuple[str, ...]] = {
     "protocol": (),
     "limits": (),
 }
-LISTENER_KEYS = ("address", "port")
+LISTENER_KEYS = (
+    "address",
+    "port",
+    "tls",
+    "implicit_tls",
+    "require_tls",
+    "require_auth",
+    "auth_plaintext",
+    "auth_mechanisms",
+)
+#: Keys of a listener's ``tls`` table, and of each of its ``sni`` entries.
+TLS_KEYS = ("cert", "key", "sni")
+SNI_KEYS = ("cert", "key")
 LOGGING_KEYS = ("level", "access_log", "file")
 PLUGINS_KEYS = ("enabled", "timeout", "timeouts", "paths")
 #: The tables allowed at the top level of the file.
@@ -107,10 +123,12 @@ class ConfigError(Exception):
 
 @dataclass
 class ListenerConfig:
-    """One ``[[listeners]]`` entry: where to accept connections."""
+    """One ``[[listeners]]`` entry: where to accept connections, and its TLS
+    and AUTH policy (:attr:`settings`)."""
 
     address: str = "127.0.0.1"
     port: int = 2525
+    settings: ListenerSettings = field(default_factory=ListenerSettings)
 
 
 @dataclass
@@ -280,14 +298,81 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
         source=source,
         base_dir=base_dir,
         settings=settings,
-        listeners=_listeners(data.get("listeners"), source),
+        listeners=_listeners(data.get("listeners"), source, base_dir),
         workers=workers,
         logging=_logging(_table(data, "logging", source), source, base_dir),
         plugins=_plugins(_table(data, "plugins", source), source, base_dir),
     )
 
 
-def _listeners(value: Any, source: str) -> list[ListenerConfig]:
+def _bool(item: dict[str, Any], name: str, source: str, key: str) -> bool:
+    value = item.get(name, False)
+    if not isinstance(value, bool):
+        raise ConfigError(source, f"{key}.{name}", f"must be true or false, not {value!r}")
+    return value
+
+
+def _pair(
+    table: Any, source: str, key: str, base_dir: Path, allowed: tuple[str, ...]
+) -> CertificatePair:
+    if not isinstance(table, dict):
+        raise ConfigError(source, key, f"must be a table with cert and key, not {_type(table)}")
+    for k in table:
+        if k not in allowed:
+            raise ConfigError(source, f"{key}.{k}", f"unknown key (allowed: {', '.join(allowed)})")
+    paths = []
+    for k in ("cert", "key"):
+        value = table.get(k)
+        if not isinstance(value, str) or not value or "\0" in value:
+            raise ConfigError(source, f"{key}.{k}", "must be the path of a PEM file")
+        paths.append(str(base_dir / value))
+    return CertificatePair(paths[0], paths[1])
+
+
+def _listener_settings(
+    item: dict[str, Any], source: str, key: str, base_dir: Path
+) -> ListenerSettings:
+    context = None
+    tls = item.get("tls")
+    if tls is not None:
+        default = _pair(tls, source, f"{key}.tls", base_dir, TLS_KEYS)
+        sni_table = tls.get("sni", {})
+        if not isinstance(sni_table, dict):
+            raise ConfigError(source, f"{key}.tls.sni", "must be a table of name = {cert, key}")
+        sni = {
+            name: _pair(pair, source, f"{key}.tls.sni.{name}", base_dir, SNI_KEYS)
+            for name, pair in sni_table.items()
+        }
+        try:
+            context = make_server_context(default, sni)
+        except TLSError as exc:
+            raise ConfigError(source, f"{key}.tls", str(exc)) from None
+    mechanisms = item.get("auth_mechanisms", ["PLAIN", "LOGIN"])
+    if (
+        not isinstance(mechanisms, list)
+        or not mechanisms
+        or not all(isinstance(m, str) and m.upper() in MECHANISMS for m in mechanisms)
+    ):
+        raise ConfigError(
+            source,
+            f"{key}.auth_mechanisms",
+            f"must be a non-empty list of {', '.join(MECHANISMS)}, not {mechanisms!r}",
+        )
+    flags = {
+        name: _bool(item, name, source, key)
+        for name in ("implicit_tls", "require_tls", "require_auth", "auth_plaintext")
+    }
+    try:
+        return ListenerSettings(
+            tls_context=context,
+            auth_mechanisms=tuple(dict.fromkeys(m.upper() for m in mechanisms)),
+            **flags,
+        )
+    except SettingError as exc:
+        raise ConfigError(source, f"{key}.{exc.setting}", exc.detail) from None
+
+
+def _listeners(value: Any, source: str, base_dir: Path) -> list[ListenerConfig]:
     if value is None:
         return [ListenerConfig()]
     if not isinstance(value, list) or not value:
@@ -323,7 +408,8 @@ def _listeners(value: Any, source: str) -> list[ListenerConfig]:
         if (address, port) in seen and port:
             raise ConfigError(source, key, f"duplicate listener {address}:{port}")
         seen.add((address, port))
-        out.append(ListenerConfig(address=address, port=port))
+        settings = _listener_settings(item, source, key, base_dir)
+        out.append(ListenerConfig(address=address, port=port, settings=settings))
     return out
 
 
