@@ -54,7 +54,9 @@ def test_listener_tls_keys_build_a_context(certs):
         """
         [[listeners]]
         port = 2600
-        tls = { cert = "cert.pem", key = "key.pem", sni = { "other.test" = { cert = "other.pem", key = "other-key.pem" } } }
+        tls.cert = "cert.pem"
+        tls.key = "key.pem"
+        tls.sni."other.test" = { cert = "other.pem", key = "other-key.pem" }
         require_tls = true
         require_auth = true
         auth_mechanisms = ["plain"]
@@ -98,7 +100,8 @@ def test_listener_defaults_have_no_tls(certs):
         ('auth_mechanisms = ["CRAM-MD5"]', "listeners[0].auth_mechanisms", "PLAIN"),
         ("auth_mechanisms = []", "listeners[0].auth_mechanisms", "non-empty"),
         (
-            'tls = { cert = "cert.pem", key = "key.pem", sni = { "x.test" = { cert = "other.pem" } } }',
+            'tls = { cert = "cert.pem", key = "key.pem", '
+            'sni = { "x.test" = { cert = "other.pem" } } }',
             "listeners[0].tls.sni.x.test.key",
             "PEM file",
         ),
