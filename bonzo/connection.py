@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import inspect
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from tornado.ioloop import IOLoop
-from tornado.iostream import IOStream, StreamClosedError
+from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 from tornado.log import access_log, app_log, gen_log
+from tornado.netutil import ssl_wrap_socket
 
 from . import errors
 from .auth import MECHANISMS, Challenge, Mechanism, decode_response
@@ -436,6 +438,8 @@ class SMTPConnection:
                 await self._auth(event)
             else:  # pragma: no cover - every event type is handled above
                 raise AssertionError(f"unexpected event {event!r}")
+        except StreamClosedError:
+            raise  # the client is gone: the session ends, nothing to log
         except Exception as exc:
             if proto.pending_event is not None:
                 proto.reject(self._error_reply(exc, type(event).__name__))
@@ -483,10 +487,13 @@ class SMTPConnection:
         fut = self._write_future
         if fut is not None and not fut.done():  # type: ignore[attr-defined]
             await self._wait_output(fut)
-        # Tornado refuses to start TLS on a stream holding unread data: that
-        # is more plaintext after STARTTLS than the core dropped; refuse it.
-        started = self.stream.start_tls(server_side=True, ssl_options=context)
-        if not await self._handshake(started):
+        if self.stream.closed():
+            raise StreamClosedError()
+        self.stream = _wrap_tls(self.stream, context)
+        if not await self._handshake(self.stream.wait_for_handshake()):
+            # The session is over: nothing more can be said in plaintext.
+            proto.close()
+            proto.data_to_send()
             return
         self._end_transaction()
         self.session.helo = None
@@ -784,3 +791,27 @@ def _printable(text: str) -> str:
 
 async def _as_future(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
+
+
+def _wrap_tls(stream: IOStream, context: ssl.SSLContext) -> SSLIOStream:
+    """Put the server side of TLS on ``stream``'s socket and return the new
+    stream; the handshake starts on the next loop iteration.
+
+    This is :meth:`IOStream.start_tls` except that the caller holds the new
+    stream from the start, so a handshake that fails or times out can be
+    closed (``start_tls`` hides it until the handshake succeeds, and the old
+    stream cannot be closed once its socket is gone). It is only called with
+    no read or write in progress. Plaintext that Tornado has read but the
+    connection has not (more of what the client sent after STARTTLS) is
+    dropped with the old stream, as the protocol core drops what it had.
+    """
+    sock = stream.socket
+    stream.io_loop.remove_handler(sock)
+    stream.socket = None  # type: ignore[assignment]
+    tls_sock = ssl_wrap_socket(sock, context, server_side=True, do_handshake_on_connect=False)
+    return SSLIOStream(
+        tls_sock,
+        ssl_options=context,
+        max_buffer_size=stream.max_buffer_size,
+        read_chunk_size=stream.read_chunk_size,
+    )
