@@ -11,6 +11,10 @@ from typing import Any
 __all__ = ["TLSError", "CertificatePair", "make_server_context", "tls_facts"]
 
 
+#: Where the SNI callback leaves the server name on the TLS socket.
+_SNI_ATTR = "_bonzo_sni"
+
+
 class TLSError(ValueError):
     """A certificate or key that cannot be used; the message says which file and why."""
 
@@ -63,21 +67,23 @@ def make_server_context(
     certificate/key."""
     ctx = _context(default)
     by_name = {name.lower().rstrip("."): _context(pair) for name, pair in (sni or {}).items()}
-    if by_name:
 
-        def choose(
-            sock: ssl.SSLObject | ssl.SSLSocket, name: str | None, _ctx: ssl.SSLContext
-        ) -> None:
-            if not name:
-                return
-            name = name.lower().rstrip(".")
-            chosen = by_name.get(name)
-            if chosen is None and "." in name:
-                chosen = by_name.get("*." + name.split(".", 1)[1])
-            if chosen is not None:
-                sock.context = chosen
+    def choose(sock: ssl.SSLObject | ssl.SSLSocket, name: str | None, _ctx: ssl.SSLContext) -> None:
+        if not name:
+            return
+        name = name.lower().rstrip(".")
+        # On the server side ``server_hostname`` stays None: keep the name
+        # the client asked for, for tls_facts().
+        setattr(sock, _SNI_ATTR, name)
+        if not by_name:
+            return
+        chosen = by_name.get(name)
+        if chosen is None and "." in name:
+            chosen = by_name.get("*." + name.split(".", 1)[1])
+        if chosen is not None:
+            sock.context = chosen
 
-        ctx.sni_callback = choose
+    ctx.sni_callback = choose
     return ctx
 
 
@@ -90,7 +96,7 @@ def tls_facts(obj: ssl.SSLSocket | ssl.SSLObject | Any) -> dict[str, Any]:
         "version": obj.version() or "",
         "cipher": cipher[0],
         "bits": cipher[2],
-        "sni": getattr(obj, "server_hostname", None),
+        "sni": getattr(obj, _SNI_ATTR, None) or getattr(obj, "server_hostname", None),
         "peer_cert": None,
     }
     try:
