@@ -419,6 +419,7 @@ class SMTPProtocol:
         self._out: list[bytes] = []
         self._pending: Event | None = None
         self._discarding_line = False
+        self._discarding_auth = False
         # DATA state
         self._line_start = True
         self._data_error: SMTPError | None = None
@@ -765,14 +766,22 @@ class SMTPProtocol:
         nl = buf.find(b"\n", pos)
         if nl < 0:
             if len(buf) - pos > self._max_partial_line():
-                # Keep nothing of an overlong line; answer once it ends.
+                # Keep nothing of an overlong line; answer once it ends, as
+                # _handle_line would have answered it whole.
+                if not self._discarding_line:
+                    self._discarding_auth = bool(self.auth_mechanisms) and (
+                        buf[pos : pos + 5].upper() == b"AUTH "
+                    )
                 self._discarding_line = True
                 self._pos = len(buf)
             return NEED_DATA
         self._pos = nl + 1
         if self._discarding_line:
             self._discarding_line = False
-            self._error(500, "5.5.2", "Line too long", "Error: line too long")
+            if self._discarding_auth:
+                self._error(500, "5.5.6", "Authentication exchange line is too long")
+            else:
+                self._error(500, "5.5.2", "Line too long", "Error: line too long")
             return None
         if nl > pos and buf[nl - 1] == 13:  # CRLF
             return self._handle_line(bytes(buf[pos : nl - 1]))
