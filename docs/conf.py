@@ -30,6 +30,7 @@ extensions = [
     "sphinx.ext.intersphinx",
     "sphinx.ext.viewcode",
     "bonzo_settings",
+    "bonzo_config",
 ]
 
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]

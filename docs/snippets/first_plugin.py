@@ -1,0 +1,16 @@
+"""My first Bonzo plugin: no mail for noreply@ addresses, a header on the rest."""
+
+from bonzo import errors, hookimpl
+
+
+class FirstPlugin:
+    @hookimpl
+    def bonzo_rcpt(self, address):
+        local_part = address.rpartition("@")[0]
+        if local_part.lower() == "noreply":
+            raise errors.PermanentError("This address does not receive mail", 550, "5.1.1")
+        # Returning None means "no opinion": the next plugin (recipients) decides.
+
+    @hookimpl
+    def bonzo_message(self, session, envelope):
+        envelope.add_header("X-First-Plugin", f"seen from {session.remote_ip}")
