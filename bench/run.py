@@ -472,6 +472,7 @@ def run_source(server: RunningServer, params: dict[str, Any], quick: bool) -> di
         "msgs_per_s": messages / elapsed,
         "server_cpu_s": cpu1 - cpu0,
         "cpu_per_msg_s": (cpu1 - cpu0) / messages,
+        "server_busy": (cpu1 - cpu0) / elapsed,  # ~1.0: CPU-bound on one core
         "client_cpu_s": ccpu1 - ccpu0,
         "peak_delta_kib": server.hwm_kib() - rss0,
     }
@@ -640,6 +641,7 @@ def run_big(server: RunningServer, params: dict[str, Any], quick: bool) -> dict[
         "mib_per_s": size / MIB / elapsed,
         "server_cpu_s": cpu1 - cpu0,
         "cpu_per_msg_s": cpu1 - cpu0,
+        "server_busy": (cpu1 - cpu0) / elapsed,
         "peak_delta_kib": server.hwm_kib() - rss0,
         "hwm_reset": reset,
     }
@@ -706,7 +708,7 @@ def fmt_num(value: float, digits: int = 3) -> str:
 
 
 def fmt_ratio(value: float) -> str:
-    return f"{value:.2f}" if value >= 0.095 else f"{value:.2g}"
+    return f"{value:.2f}" if value >= 0.005 else "<0.01"
 
 
 def fmt_time(seconds: float) -> str:
