@@ -219,6 +219,7 @@ DAEMON_SPECS = [
 SERVER_SPECS.update((spec.name, spec) for spec in DAEMON_SPECS)
 
 DEFAULT_SERVERS = ["bonzo", "aiosmtpd", "smtp-sink"]
+OTHER_LOAD_WARNING = 0.15  # cores of foreign CPU use during measurements
 BASELINE = "aiosmtpd"
 
 
@@ -421,8 +422,41 @@ SCENARIO_BY_KEY = {s.key: s for s in SCENARIOS}
 
 
 def client_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    """CPU time of finished children (smtp-source) and of this process (the
+    Python clients of scenarios d and e)."""
+    total = 0.0
+    for who in (resource.RUSAGE_CHILDREN, resource.RUSAGE_SELF):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+def machine_busy_seconds() -> float:
+    """CPU time spent on the whole machine, including time the hypervisor
+    gave to other guests (steal), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+class CPUMeter:
+    """Server, client and foreign CPU time over one measurement. The foreign
+    part (everything else the machine did) shows whether the run was
+    disturbed."""
+
+    def __init__(self, server: RunningServer) -> None:
+        self.server = server
+        self.start = (server.cpu_seconds(), client_cpu_seconds(), machine_busy_seconds())
+
+    def stop(self, elapsed: float) -> dict[str, float]:
+        end = (self.server.cpu_seconds(), client_cpu_seconds(), machine_busy_seconds())
+        server, client, machine = (b - a for a, b in zip(self.start, end, strict=True))
+        return {
+            "server_cpu_s": server,
+            "server_busy": server / elapsed,  # ~1.0: CPU-bound on one core
+            "client_cpu_s": client,
+            "other_load": max(0.0, machine - server - client) / elapsed,  # in cores
+        }
 
 
 def smtp_source(
@@ -462,18 +496,16 @@ def run_source(server: RunningServer, params: dict[str, Any], quick: bool) -> di
     smtp_source(server, params, warmup, timeout)
     server.reset_hwm()
     rss0 = server.rss_kib()
-    cpu0, ccpu0 = server.cpu_seconds(), client_cpu_seconds()
+    meter = CPUMeter(server)
     elapsed = smtp_source(server, params, params["messages"], timeout)
-    cpu1, ccpu1 = server.cpu_seconds(), client_cpu_seconds()
+    cpu = meter.stop(elapsed)
     messages = params["messages"]
     return {
         "messages": messages,
         "elapsed_s": elapsed,
         "msgs_per_s": messages / elapsed,
-        "server_cpu_s": cpu1 - cpu0,
-        "cpu_per_msg_s": (cpu1 - cpu0) / messages,
-        "server_busy": (cpu1 - cpu0) / elapsed,  # ~1.0: CPU-bound on one core
-        "client_cpu_s": ccpu1 - ccpu0,
+        "cpu_per_msg_s": cpu["server_cpu_s"] / messages,
+        **cpu,
         "peak_delta_kib": server.hwm_kib() - rss0,
     }
 
@@ -632,16 +664,15 @@ def run_big(server: RunningServer, params: dict[str, Any], quick: bool) -> dict[
     time.sleep(0.2)
     reset = server.reset_hwm()
     rss0 = server.rss_kib()
-    cpu0 = server.cpu_seconds()
+    meter = CPUMeter(server)
     elapsed = smtp_session(server.port, size, deadline=time.monotonic() + (60 if quick else 300))
-    cpu1 = server.cpu_seconds()
+    cpu = meter.stop(elapsed)
     return {
         "size": size,
         "elapsed_s": elapsed,
         "mib_per_s": size / MIB / elapsed,
-        "server_cpu_s": cpu1 - cpu0,
-        "cpu_per_msg_s": cpu1 - cpu0,
-        "server_busy": (cpu1 - cpu0) / elapsed,
+        "cpu_per_msg_s": cpu["server_cpu_s"],
+        **cpu,
         "peak_delta_kib": server.hwm_kib() - rss0,
         "hwm_reset": reset,
     }
@@ -724,6 +755,17 @@ def fmt_mem(kib: float) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    other = meta.get("other_load")
+    warning = (
+        [
+            f"**The machine was not idle**: other processes (or other guests) used {other:.2f} "
+            "cores on average while messages were measured, so absolute rates are unreliable; "
+            "ratios from the same run less so, CPU per message least.",
+            "",
+        ]
+        if other is not None and other > OTHER_LOAD_WARNING
+        else []
+    )
     out = [
         f"### Bonzo benchmark ({meta['mode']}, {meta['repeat']} interleaved run(s), medians)",
         "",
@@ -731,8 +773,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Linux {meta['machine']['kernel']}, Python {meta['machine']['python']}; "
         "load generator and server share these cores. "
         f"× {BASELINE}: median of per-run ratios (throughput: higher is better; "
-        "memory: lower is better).",
+        "memory: lower is better); throughput is the median (min–max).",
         "",
+        *warning,
         f"| scenario | server | throughput | × {BASELINE} | server CPU/msg "
         f"| server memory | mem × {BASELINE} |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -742,10 +785,14 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         if row["failed"] and row["failed"] == row["runs"]:
             out.append("| " + " | ".join(cells + ["FAILED", "", "", "", ""]) + " |")
             continue
-        if "msgs_per_s" in row:
-            cells.append(f"{fmt_num(row['msgs_per_s'])} msg/s")
-        elif "mib_per_s" in row:
-            cells.append(f"{fmt_num(row['mib_per_s'])} MiB/s")
+        for key, unit in (("msgs_per_s", "msg/s"), ("mib_per_s", "MiB/s")):
+            if key in row:
+                text = f"{fmt_num(row[key])} {unit}"
+                values = row[key + "_all"]
+                if len(values) > 1:  # the spread shows how noisy the machine was
+                    text += f" ({fmt_num(min(values))}–{fmt_num(max(values))})"
+                cells.append(text)
+                break
         else:
             cells.append("—")
         cells.append(fmt_ratio(row["ratio"]) if "ratio" in row else "—")
@@ -883,6 +930,7 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": {s.key: s.params(args.quick) for s in scenarios},
         "machine": machine_info(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "loadavg_start": os.getloadavg(),
     }
     cells: list[dict[str, Any]] = []
     began = time.monotonic()
@@ -919,11 +967,15 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = summarize(cells, servers, scenarios, args.quick)
     meta["elapsed_s"] = time.monotonic() - began
-    print(markdown(rows, meta), flush=True)
+    meta["loadavg_end"] = os.getloadavg()
+    loads = [c["other_load"] for c in cells if "other_load" in c]
+    meta["other_load"] = statistics.mean(loads) if loads else None
+    # The JSON first: a closed stdout (| head) must not lose the results.
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = args.results / f"{stamp}-{meta['mode']}.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows, "cells": cells}, indent=2))
+    print(markdown(rows, meta), flush=True)
     print(f"\nJSON: {path} ({meta['elapsed_s']:.0f} s)", file=sys.stderr)
     failed = [c for c in cells if "error" in c]
     for cell in failed:
