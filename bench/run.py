@@ -1,0 +1,990 @@
+#!/usr/bin/env python3
+"""Bonzo's benchmark: Bonzo against aiosmtpd and Postfix's smtp-sink, side by side.
+
+    python bench/run.py            # full run, 3 interleaved repetitions (< 15 min)
+    python bench/run.py --quick    # smoke run: tiny counts, each scenario once (< 60 s)
+    python bench/run.py --list     # the servers and scenarios, and which can run here
+
+Every server listens on 127.0.0.1 only and is started and stopped by this
+script, fresh for every measurement. Load comes from Postfix's ``smtp-source``
+(scenarios a-c) or from small Python clients here (d, e). The report is a
+Markdown table on stdout; the raw numbers go to ``bench/results/*.json``.
+See bench/README.md for what each number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import re
+import resource
+import selectors
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+HOST = "127.0.0.1"  # all benchmark traffic stays on the loopback interface
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+SENDER = "bench@example.com"
+RECIPIENT = "sink@example.com"
+HELO_NAME = "bench.example"
+MIB = 1024 * 1024
+
+
+def find_tool(name: str) -> str | None:
+    """Postfix installs its test tools in /usr/sbin, which may not be on PATH."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
+
+
+# --------------------------------------------------------------------------- servers
+
+
+@dataclasses.dataclass
+class ServerSpec:
+    """How to run one benchmark target.
+
+    :arg command: given the port and a scratch directory (for configs, spools,
+        logs), returns the argv that starts the server in the foreground on
+        ``HOST:port``. The process it starts (and its descendants, for servers
+        that fork workers) is what CPU and memory are read from.
+    :arg available: returns ``None`` if the server can run here, else the reason.
+    """
+
+    name: str
+    description: str
+    command: Callable[[int, Path], list[str]]
+    available: Callable[[], str | None] = lambda: None
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    ready_timeout: float = 20.0
+
+
+# Limits raised for every Bonzo target, so that it measures speed rather than
+# refusing the load: smtp-source -d sends thousands of messages on one
+# connection, scenario d opens 2,000 connections from one address and
+# scenario e sends 100 MiB. aiosmtpd and smtp-sink have no such limits (the
+# aiosmtpd sink gets the same size limit).
+BONZO_BENCH_SETTINGS = {
+    "max_messages_per_connection": 1_000_000,
+    "max_connections": 10_000,
+    "max_connections_per_ip": 10_000,
+    "max_message_size": 200 * MIB,
+}
+
+
+def _python_env() -> dict[str, str]:
+    # Import Bonzo from this checkout, never from an installed copy.
+    path = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
+
+
+def _bonzo_sink_command(port: int, scratch: Path) -> list[str]:
+    argv = [sys.executable, str(BENCH / "servers" / "bonzo_sink.py"), "--port", str(port)]
+    settings = dict(BONZO_BENCH_SETTINGS, spool_dir=str(scratch))
+    for name, value in settings.items():
+        argv += ["--set", f"{name}={value}"]
+    return argv
+
+
+def _aiosmtpd_command(port: int, scratch: Path) -> list[str]:
+    return [
+        sys.executable,
+        str(BENCH / "servers" / "aiosmtpd_sink.py"),
+        "--port",
+        str(port),
+        "--data-size-limit",
+        str(BONZO_BENCH_SETTINGS["max_message_size"]),
+    ]
+
+
+def _aiosmtpd_available() -> str | None:
+    try:
+        import aiosmtpd  # noqa: F401
+    except ImportError:
+        return "aiosmtpd is not installed (pip install aiosmtpd, or run bench/install.sh)"
+    return None
+
+
+def _smtp_sink_command(port: int, scratch: Path) -> list[str]:
+    argv = [find_tool("smtp-sink") or "smtp-sink"]
+    if os.geteuid() == 0:
+        argv += ["-u", "nobody"]  # required when run as root
+    # -m: handle up to 10,000 connections at once (default 256) for scenario d.
+    return argv + ["-m", "10000", f"{HOST}:{port}", "1024"]
+
+
+def _smtp_sink_available() -> str | None:
+    return None if find_tool("smtp-sink") else "smtp-sink not found (run bench/install.sh)"
+
+
+SERVER_SPECS: dict[str, ServerSpec] = {
+    spec.name: spec
+    for spec in [
+        ServerSpec(
+            "bonzo",
+            "bonzo.server.SMTPServer + a discarding SessionHandler (bench/servers/bonzo_sink.py)",
+            _bonzo_sink_command,
+            env=_python_env(),
+        ),
+        ServerSpec(
+            "aiosmtpd",
+            "aiosmtpd SMTP + a discarding handle_DATA (bench/servers/aiosmtpd_sink.py)",
+            _aiosmtpd_command,
+            available=_aiosmtpd_available,
+        ),
+        ServerSpec(
+            "smtp-sink",
+            "Postfix smtp-sink, the C reference",
+            _smtp_sink_command,
+            available=_smtp_sink_available,
+        ),
+    ]
+}
+
+# ----------------------------------------------------------------------------
+# DAEMON SPECS — where `bonzo serve -c FILE` plugs in.
+#
+# The daemon is being built; until it exists these targets report themselves
+# unavailable and only run when named with --servers. When it lands:
+#   * check the command line and the config shape in bench/configs/*.toml;
+#   * make "bonzo-serve" part of DEFAULT_SERVERS (it measures the real
+#     product; "bonzo" above measures the library without plugins).
+# The harness copies each config into the scratch directory with the listener
+# port and the maildir path rewritten (see _daemon_config).
+# ----------------------------------------------------------------------------
+
+
+def _daemon_available() -> str | None:
+    if (ROOT / "bonzo" / "__main__.py").exists() or (ROOT / "bonzo" / "cli.py").exists():
+        return None
+    return "`bonzo serve` does not exist yet in this checkout"
+
+
+def _daemon_config(template: str, port: int, scratch: Path) -> Path:
+    text = (BENCH / "configs" / template).read_text()
+    text, count = re.subn(r"(?m)^(\s*port\s*=\s*)\d+", rf"\g<1>{port}", text)
+    if count != 1:
+        raise RuntimeError(f"{template}: expected exactly one listener `port = N` line")
+    text = text.replace("/tmp/bonzo-bench-maildir", str(scratch / "maildir"))
+    path = scratch / template
+    path.write_text(text)
+    return path
+
+
+def _daemon_command(template: str) -> Callable[[int, Path], list[str]]:
+    def command(port: int, scratch: Path) -> list[str]:
+        config = _daemon_config(template, port, scratch)
+        return [sys.executable, "-m", "bonzo", "serve", "-c", str(config)]
+
+    return command
+
+
+DAEMON_SPECS = [
+    ServerSpec(
+        "bonzo-serve",
+        "bonzo serve -c bench/configs/discard.toml (one discarding plugin)",
+        _daemon_command("discard.toml"),
+        available=_daemon_available,
+        env=_python_env(),
+    ),
+    ServerSpec(
+        "bonzo-chain",
+        "bonzo serve -c bench/configs/chain.toml (a typical chain of policy plugins, then discard)",
+        _daemon_command("chain.toml"),
+        available=_daemon_available,
+        env=_python_env(),
+    ),
+    ServerSpec(
+        "bonzo-maildir",
+        "bonzo serve -c bench/configs/maildir.toml (fsync'd maildir delivery)",
+        _daemon_command("maildir.toml"),
+        available=_daemon_available,
+        env=_python_env(),
+    ),
+]
+SERVER_SPECS.update((spec.name, spec) for spec in DAEMON_SPECS)
+
+DEFAULT_SERVERS = ["bonzo", "aiosmtpd", "smtp-sink"]
+OTHER_LOAD_WARNING = 0.15  # cores of foreign CPU use during measurements
+BASELINE = "aiosmtpd"
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+class RunningServer:
+    """One started server: readiness, CPU and memory from /proc, stop."""
+
+    def __init__(self, spec: ServerSpec, scratch: Path) -> None:
+        self.spec = spec
+        self.scratch = scratch
+        self.port = free_port()
+        self.log_path = scratch / f"{spec.name}.log"
+        env = dict(os.environ, **spec.env)
+        argv = spec.command(self.port, scratch)
+        self.argv = argv
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=scratch,
+                start_new_session=True,  # its own process group, stopped as one
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.spec.ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(
+                    f"{self.spec.name} exited with {self.proc.returncode}: {self.log_tail()}"
+                )
+            try:
+                with socket.create_connection((HOST, self.port), timeout=2) as sock:
+                    greeting = sock.recv(512)
+                    if greeting.startswith(b"220"):
+                        sock.sendall(b"QUIT\r\n")
+                        sock.recv(512)
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise ServerError(f"{self.spec.name} not ready after {self.spec.ready_timeout}s")
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def pids(self) -> list[int]:
+        """The server process and its descendants (workers of a forking daemon)."""
+        return [self.proc.pid, *descendants(self.proc.pid)]
+
+    def cpu_seconds(self) -> float:
+        total = 0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+        return total / CLK_TCK
+
+    def status_kib(self, key: str) -> int:
+        total = 0
+        for pid in self.pids():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith(key + ":"):
+                        total += int(line.split()[1])
+            except OSError:
+                continue
+        return total
+
+    def rss_kib(self) -> int:
+        return self.status_kib("VmRSS")
+
+    def hwm_kib(self) -> int:
+        return self.status_kib("VmHWM")
+
+    def reset_hwm(self) -> bool:
+        """Reset the peak-RSS counter (Linux >= 4.0: write 5 to clear_refs)."""
+        ok = True
+        for pid in self.pids():
+            try:
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+            except OSError:
+                ok = False
+        return ok
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=10)
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+# ------------------------------------------------------------------------- scenarios
+
+
+@dataclasses.dataclass
+class Scenario:
+    key: str
+    title: str
+    kind: str  # "source" (smtp-source), "idle" or "big"
+    full: dict[str, Any]
+    quick: dict[str, Any]
+
+    def params(self, quick: bool) -> dict[str, Any]:
+        return self.quick if quick else self.full
+
+    def describe(self, quick: bool) -> str:
+        params = self.params(quick)
+        return self.title.format(size_mib=params.get("size", 0) // MIB, **params)
+
+
+SCENARIOS = [
+    Scenario(
+        "a",
+        "1 KB, {sessions} sessions, 1 msg/connection",
+        "source",
+        full={"sessions": 20, "messages": 20_000, "length": 1024, "per_conn": False},
+        quick={"sessions": 20, "messages": 200, "length": 1024, "per_conn": False},
+    ),
+    Scenario(
+        "b",
+        "1 KB, {sessions} sessions, many msgs/connection",
+        "source",
+        full={"sessions": 20, "messages": 40_000, "length": 1024, "per_conn": True},
+        quick={"sessions": 20, "messages": 400, "length": 1024, "per_conn": True},
+    ),
+    Scenario(
+        "c",
+        "1 MB, {sessions} sessions",
+        "source",
+        full={"sessions": 4, "messages": 400, "length": MIB, "per_conn": False},
+        quick={"sessions": 4, "messages": 8, "length": MIB, "per_conn": False},
+    ),
+    Scenario(
+        "d",
+        "{connections:,} idle connections",
+        "idle",
+        full={"connections": 2000},
+        quick={"connections": 100},
+    ),
+    Scenario(
+        "e",
+        "one {size_mib} MB message",
+        "big",
+        full={"size": 100 * MIB},
+        quick={"size": 4 * MIB},
+    ),
+]
+SCENARIO_BY_KEY = {s.key: s for s in SCENARIOS}
+
+
+def client_cpu_seconds() -> float:
+    """CPU time of finished children (smtp-source) and of this process (the
+    Python clients of scenarios d and e)."""
+    total = 0.0
+    for who in (resource.RUSAGE_CHILDREN, resource.RUSAGE_SELF):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+def machine_busy_seconds() -> float:
+    """CPU time spent on the whole machine, including time the hypervisor
+    gave to other guests (steal), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+class CPUMeter:
+    """Server, client and foreign CPU time over one measurement. The foreign
+    part (everything else the machine did) shows whether the run was
+    disturbed."""
+
+    def __init__(self, server: RunningServer) -> None:
+        self.server = server
+        self.start = (server.cpu_seconds(), client_cpu_seconds(), machine_busy_seconds())
+
+    def stop(self, elapsed: float) -> dict[str, float]:
+        end = (self.server.cpu_seconds(), client_cpu_seconds(), machine_busy_seconds())
+        server, client, machine = (b - a for a, b in zip(self.start, end, strict=True))
+        return {
+            "server_cpu_s": server,
+            "server_busy": server / elapsed,  # ~1.0: CPU-bound on one core
+            "client_cpu_s": client,
+            "other_load": max(0.0, machine - server - client) / elapsed,  # in cores
+        }
+
+
+def smtp_source(
+    server: RunningServer, params: dict[str, Any], messages: int, timeout: float
+) -> float:
+    """Run smtp-source against the server; returns the wall time. Raises on any
+    failure (smtp-source exits non-zero on the first unexpected reply)."""
+    argv = [find_tool("smtp-source") or "smtp-source"]
+    if params["per_conn"]:
+        argv.append("-d")  # keep the connection for the next message
+    argv += [
+        "-s", str(params["sessions"]),
+        "-m", str(messages),
+        "-l", str(params["length"]),
+        "-f", SENDER,
+        "-t", RECIPIENT,
+        "-M", HELO_NAME,
+        f"{HOST}:{server.port}",
+    ]  # fmt: skip
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise ServerError(f"smtp-source did not finish within {timeout:.0f}s") from None
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0 or done.stderr.strip():
+        raise ServerError(
+            f"smtp-source exited {done.returncode}: {done.stderr.decode(errors='replace').strip()}"
+            f"\n--- server log ---\n{server.log_tail()}"
+        )
+    return elapsed
+
+
+def run_source(server: RunningServer, params: dict[str, Any], quick: bool) -> dict[str, Any]:
+    warmup = max(params["sessions"], min(200, params["messages"] // 10))
+    timeout = 60.0 if quick else 300.0
+    smtp_source(server, params, warmup, timeout)
+    server.reset_hwm()
+    rss0 = server.rss_kib()
+    meter = CPUMeter(server)
+    elapsed = smtp_source(server, params, params["messages"], timeout)
+    cpu = meter.stop(elapsed)
+    messages = params["messages"]
+    return {
+        "messages": messages,
+        "elapsed_s": elapsed,
+        "msgs_per_s": messages / elapsed,
+        "cpu_per_msg_s": cpu["server_cpu_s"] / messages,
+        **cpu,
+        "peak_delta_kib": server.hwm_kib() - rss0,
+    }
+
+
+def raise_nofile(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        try:  # only root may raise the hard limit
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
+            return
+        except (ValueError, OSError):
+            raise ServerError(
+                f"RLIMIT_NOFILE hard limit {hard} is below the {needed} descriptors needed"
+            ) from None
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+def open_idle_connections(port: int, count: int, deadline: float) -> list[socket.socket]:
+    """Open ``count`` connections that read the greeting and then idle.
+
+    Connections are opened in batches, each batch waiting for its greetings,
+    so the listen backlog never overflows."""
+    opened: list[socket.socket] = []
+    sel = selectors.DefaultSelector()
+    try:
+        for start in range(0, count, 100):
+            pending: dict[socket.socket, bytes] = {}
+            for _ in range(min(100, count - start)):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                opened.append(sock)
+                sock.setblocking(False)
+                sock.connect_ex((HOST, port))
+                sel.register(sock, selectors.EVENT_READ)
+                pending[sock] = b""
+            while pending:
+                if time.monotonic() > deadline:
+                    raise ServerError(f"{len(pending)} connections got no greeting in time")
+                for key, _ in sel.select(timeout=1.0):
+                    sock = key.fileobj  # type: ignore[assignment]
+                    data = sock.recv(1024)
+                    if not data:
+                        raise ServerError("server closed an idle connection before its greeting")
+                    buf = pending[sock] + data
+                    if b"\n" in buf:
+                        if not buf.startswith(b"220"):
+                            raise ServerError(f"unexpected greeting: {buf[:80]!r}")
+                        sel.unregister(sock)
+                        del pending[sock]
+                    else:
+                        pending[sock] = buf
+    except BaseException:
+        for sock in opened:
+            sock.close()
+        raise
+    finally:
+        sel.close()
+    return opened
+
+
+def run_idle(server: RunningServer, params: dict[str, Any], quick: bool) -> dict[str, Any]:
+    count = params["connections"]
+    # Warm up with one whole session, so lazily created state is there.
+    smtp_session(server.port, 1024, deadline=time.monotonic() + 30)
+    time.sleep(0.2)
+    rss0 = server.rss_kib()
+    socks = open_idle_connections(server.port, count, time.monotonic() + (30 if quick else 120))
+    try:
+        time.sleep(1.0)  # let the server settle (timers armed, buffers allocated)
+        rss1 = server.rss_kib()
+    finally:
+        for sock in socks:
+            sock.close()
+    return {
+        "connections": count,
+        "rss_before_kib": rss0,
+        "rss_after_kib": rss1,
+        "kib_per_conn": (rss1 - rss0) / count,
+    }
+
+
+class SMTPClientError(ServerError):
+    pass
+
+
+class LineReader:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def reply(self) -> tuple[int, bytes]:
+        """Read one (possibly multi-line) reply."""
+        lines = []
+        while True:
+            while b"\r\n" not in self.buf:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise SMTPClientError("connection closed while waiting for a reply")
+                self.buf += data
+            line, self.buf = self.buf.split(b"\r\n", 1)
+            lines.append(line)
+            if line[3:4] != b"-":
+                return int(line[:3]), b"\n".join(lines)
+
+
+def body_blocks(size: int) -> Iterator[bytes]:
+    """About ``size`` octets of message body as 78-character lines, in blocks
+    of 64 KiB made once (so the client never holds the message)."""
+    line = b"x" * 76 + b"\r\n"
+    block = line * (65536 // len(line))
+    sent = 0
+    while sent + len(block) <= size:
+        yield block
+        sent += len(block)
+    rest = (size - sent) // len(line)
+    if rest:
+        yield line * rest
+
+
+def smtp_session(port: int, size: int, deadline: float) -> float:
+    """Send one message of about ``size`` octets over raw SMTP; returns the
+    time from the start of the content to the reply to the final dot."""
+    with socket.create_connection((HOST, port), timeout=60) as sock:
+        reader = LineReader(sock)
+
+        def expect(command: bytes | None, code: int) -> None:
+            if time.monotonic() > deadline:
+                raise SMTPClientError("deadline passed")
+            if command is not None:
+                sock.sendall(command)
+            got, text = reader.reply()
+            if got != code:
+                raise SMTPClientError(f"{command!r}: expected {code}, got {text!r}")
+
+        expect(None, 220)
+        expect(b"EHLO " + HELO_NAME.encode() + b"\r\n", 250)
+        expect(f"MAIL FROM:<{SENDER}>\r\n".encode(), 250)
+        expect(f"RCPT TO:<{RECIPIENT}>\r\n".encode(), 250)
+        expect(b"DATA\r\n", 354)
+        start = time.perf_counter()
+        sock.sendall(f"From: <{SENDER}>\r\nTo: <{RECIPIENT}>\r\nSubject: big\r\n\r\n".encode())
+        for block in body_blocks(size):
+            if time.monotonic() > deadline:
+                raise SMTPClientError("deadline passed while sending the message")
+            sock.sendall(block)
+        expect(b".\r\n", 250)
+        elapsed = time.perf_counter() - start
+        expect(b"QUIT\r\n", 221)
+        return elapsed
+
+
+def run_big(server: RunningServer, params: dict[str, Any], quick: bool) -> dict[str, Any]:
+    size = params["size"]
+    smtp_session(server.port, 256 * 1024, deadline=time.monotonic() + 30)  # warm-up
+    time.sleep(0.2)
+    reset = server.reset_hwm()
+    rss0 = server.rss_kib()
+    meter = CPUMeter(server)
+    elapsed = smtp_session(server.port, size, deadline=time.monotonic() + (60 if quick else 300))
+    cpu = meter.stop(elapsed)
+    return {
+        "size": size,
+        "elapsed_s": elapsed,
+        "mib_per_s": size / MIB / elapsed,
+        "cpu_per_msg_s": cpu["server_cpu_s"],
+        **cpu,
+        "peak_delta_kib": server.hwm_kib() - rss0,
+        "hwm_reset": reset,
+    }
+
+
+RUNNERS = {"source": run_source, "idle": run_idle, "big": run_big}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def summarize(
+    cells: list[dict[str, Any]], servers: list[str], scenarios: list[Scenario], quick: bool
+) -> list[dict[str, Any]]:
+    """One row per scenario and server: medians, and the median of the
+    per-repetition ratios to the baseline measured in the same repetition."""
+    rows = []
+    by_key: dict[tuple[str, str, int], dict[str, Any]] = {
+        (c["scenario"], c["server"], c["rep"]): c for c in cells
+    }
+    for scenario in scenarios:
+        metric = {"source": "msgs_per_s", "idle": None, "big": "mib_per_s"}[scenario.kind]
+        memory = {"source": "peak_delta_kib", "idle": "kib_per_conn", "big": "peak_delta_kib"}[
+            scenario.kind
+        ]
+        for server in servers:
+            mine = [c for c in cells if c["scenario"] == scenario.key and c["server"] == server]
+            ok = [c for c in mine if "error" not in c]
+            row: dict[str, Any] = {
+                "scenario": scenario.key,
+                "title": scenario.describe(quick),
+                "server": server,
+                "runs": len(mine),
+                "failed": len(mine) - len(ok),
+                "errors": [c["error"] for c in mine if "error" in c],
+            }
+            for name in (metric, memory, "cpu_per_msg_s"):
+                if name and ok and name in ok[0]:
+                    values = [c[name] for c in ok]
+                    row[name] = median(values)
+                    row[name + "_all"] = values
+            for name, key in (("ratio", metric), ("memory_ratio", memory)):
+                if key is None or (key == "peak_delta_kib" and scenario.kind == "source"):
+                    continue  # peaks of small runs are too small to compare
+                ratios = []
+                for c in ok:
+                    base = by_key.get((scenario.key, BASELINE, c["rep"]))
+                    if base and "error" not in base and base.get(key):
+                        ratios.append(c[key] / base[key])
+                if ratios:
+                    row[name] = median(ratios)
+            rows.append(row)
+    return rows
+
+
+def fmt_num(value: float, digits: int = 3) -> str:
+    if value >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"
+
+
+def fmt_ratio(value: float) -> str:
+    return f"{value:.2f}" if value >= 0.005 else "<0.01"
+
+
+def fmt_time(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds * 1e6:.0f} µs"
+
+
+def fmt_mem(kib: float) -> str:
+    return f"{kib / 1024:.1f} MiB" if abs(kib) >= 1024 else f"{kib:.0f} KiB"
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    other = meta.get("other_load")
+    warning = (
+        [
+            f"**The machine was not idle**: other processes (or other guests) used {other:.2f} "
+            "cores on average while messages were measured, so absolute rates are unreliable; "
+            "ratios from the same run less so, CPU per message least.",
+            "",
+        ]
+        if other is not None and other > OTHER_LOAD_WARNING
+        else []
+    )
+    out = [
+        f"### Bonzo benchmark ({meta['mode']}, {meta['repeat']} interleaved run(s), medians)",
+        "",
+        f"Machine: {meta['machine']['nproc']} × {meta['machine']['cpu']}, "
+        f"Linux {meta['machine']['kernel']}, Python {meta['machine']['python']}; "
+        "load generator and server share these cores. "
+        f"× {BASELINE}: median of per-run ratios (throughput: higher is better; "
+        "memory: lower is better); throughput is the median (min–max).",
+        "",
+        *warning,
+        f"| scenario | server | throughput | × {BASELINE} | server CPU/msg "
+        f"| server memory | mem × {BASELINE} |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        cells = [f"{row['scenario']}. {row['title']}", row["server"]]
+        if row["failed"] and row["failed"] == row["runs"]:
+            out.append("| " + " | ".join(cells + ["FAILED", "", "", "", ""]) + " |")
+            continue
+        for key, unit in (("msgs_per_s", "msg/s"), ("mib_per_s", "MiB/s")):
+            if key in row:
+                text = f"{fmt_num(row[key])} {unit}"
+                values = row[key + "_all"]
+                if len(values) > 1:  # the spread shows how noisy the machine was
+                    text += f" ({fmt_num(min(values))}–{fmt_num(max(values))})"
+                cells.append(text)
+                break
+        else:
+            cells.append("—")
+        cells.append(fmt_ratio(row["ratio"]) if "ratio" in row else "—")
+        cells.append(fmt_time(row["cpu_per_msg_s"]) if "cpu_per_msg_s" in row else "—")
+        if "kib_per_conn" in row:
+            cells.append(f"{row['kib_per_conn']:.1f} KiB/conn")
+        elif "peak_delta_kib" in row:
+            cells.append("peak +" + fmt_mem(row["peak_delta_kib"]))
+        else:
+            cells.append("—")
+        cells.append(fmt_ratio(row["memory_ratio"]) if "memory_ratio" in row else "—")
+        if row["failed"]:
+            cells[-1] += f" ({row['failed']} of {row['runs']} runs FAILED)"
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions: dict[str, str] = {}
+    try:
+        import aiosmtpd
+
+        versions["aiosmtpd"] = aiosmtpd.__version__
+    except ImportError:
+        pass
+    try:
+        import tornado
+
+        versions["tornado"] = tornado.version
+    except ImportError:
+        pass
+    try:
+        done = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", "postfix"], capture_output=True, timeout=10
+        )
+        if done.returncode == 0:
+            versions["postfix"] = done.stdout.decode()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                timeout=10,
+            )
+            .stdout.decode()
+            .strip()
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "bonzo_commit": commit,
+    }
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Bonzo benchmark (see bench/README.md)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny counts, once")
+    parser.add_argument("--repeat", type=int, help="interleaved repetitions (default 3; quick 1)")
+    parser.add_argument("--servers", help=f"comma-separated (default {','.join(DEFAULT_SERVERS)})")
+    parser.add_argument("--scenarios", help="comma-separated keys (default: all of abcde)")
+    parser.add_argument(
+        "--results", type=Path, default=BENCH / "results", help="directory for the JSON results"
+    )
+    parser.add_argument("--list", action="store_true", help="list servers and scenarios")
+    args = parser.parse_args(argv)
+
+    if args.list:
+        for spec in SERVER_SPECS.values():
+            reason = spec.available()
+            print(
+                f"{spec.name:14} {'ok' if reason is None else 'n/a: ' + reason}\n"
+                f"{'':14} {spec.description}"
+            )
+        for sc in SCENARIOS:
+            print(f"{sc.key}. {sc.describe(False)}: {sc.full} (quick: {sc.quick})")
+        return 0
+
+    names = args.servers.split(",") if args.servers else list(DEFAULT_SERVERS)
+    unknown = [n for n in names if n not in SERVER_SPECS]
+    if unknown:
+        parser.error(f"unknown server(s): {', '.join(unknown)}; see --list")
+    keys = (
+        list(args.scenarios)
+        if args.scenarios and "," not in args.scenarios
+        else (args.scenarios.split(",") if args.scenarios else [s.key for s in SCENARIOS])
+    )
+    if any(k not in SCENARIO_BY_KEY for k in keys):
+        parser.error(f"unknown scenario in {args.scenarios!r}; see --list")
+    scenarios = [SCENARIO_BY_KEY[k] for k in keys]
+    repeat = args.repeat or (1 if args.quick else 3)
+    if not 1 <= repeat <= 20:
+        parser.error("--repeat must be between 1 and 20")
+
+    if any(s.kind == "source" for s in scenarios) and not find_tool("smtp-source"):
+        print(
+            "smtp-source not found: run bench/install.sh (Debian package postfix)", file=sys.stderr
+        )
+        return 2
+    servers = []
+    for name in names:
+        reason = SERVER_SPECS[name].available()
+        if reason is None:
+            servers.append(name)
+        else:
+            print(f"skipping {name}: {reason}", file=sys.stderr)
+    if not servers:
+        print("no server can run here", file=sys.stderr)
+        return 2
+
+    idle = max(s.params(args.quick).get("connections", 0) for s in scenarios)
+    raise_nofile(idle + 1024)  # inherited by the servers too
+
+    meta = {
+        "mode": "quick" if args.quick else "full",
+        "repeat": repeat,
+        "servers": servers,
+        "scenarios": {s.key: s.params(args.quick) for s in scenarios},
+        "machine": machine_info(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "loadavg_start": os.getloadavg(),
+    }
+    cells: list[dict[str, Any]] = []
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bonzo-bench-") as tmp:
+        for rep in range(repeat):
+            for scenario in scenarios:
+                params = scenario.params(args.quick)
+                # Rotate the order each repetition so no server always goes first.
+                shift = (rep + SCENARIOS.index(scenario)) % len(servers)
+                for name in servers[shift:] + servers[:shift]:
+                    scratch = Path(tmp) / f"{rep}-{scenario.key}-{name}"
+                    scratch.mkdir()
+                    os.chmod(scratch, 0o777)  # smtp-sink drops to nobody
+                    cell: dict[str, Any] = {"rep": rep, "scenario": scenario.key, "server": name}
+                    t0 = time.monotonic()
+                    server = None
+                    try:
+                        server = RunningServer(SERVER_SPECS[name], scratch)
+                        cell.update(RUNNERS[scenario.kind](server, params, args.quick))
+                    except (ServerError, OSError) as exc:
+                        cell["error"] = f"{type(exc).__name__}: {exc}"
+                    finally:
+                        if server is not None:
+                            server.stop()
+                    cell["wall_s"] = time.monotonic() - t0
+                    cells.append(cell)
+                    status = cell.get("error", "ok")
+                    print(
+                        f"[{time.monotonic() - began:6.1f}s] run {rep + 1}/{repeat} "
+                        f"{scenario.key} {name:10} {status.splitlines()[0]}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+
+    rows = summarize(cells, servers, scenarios, args.quick)
+    meta["elapsed_s"] = time.monotonic() - began
+    meta["loadavg_end"] = os.getloadavg()
+    loads = [c["other_load"] for c in cells if "other_load" in c]
+    meta["other_load"] = statistics.mean(loads) if loads else None
+    # The JSON first: a closed stdout (| head) must not lose the results.
+    args.results.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = args.results / f"{stamp}-{meta['mode']}.json"
+    path.write_text(json.dumps({"meta": meta, "rows": rows, "cells": cells}, indent=2))
+    print(markdown(rows, meta), flush=True)
+    print(f"\nJSON: {path} ({meta['elapsed_s']:.0f} s)", file=sys.stderr)
+    failed = [c for c in cells if "error" in c]
+    for cell in failed:
+        print(
+            f"FAILED run {cell['rep'] + 1} {cell['scenario']} {cell['server']}: {cell['error']}",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sink servers the benchmark starts: each discards every message it accepts."""
