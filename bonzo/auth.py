@@ -28,6 +28,7 @@ __all__ = [
     "decode_response",
     "hash_password",
     "verify_password",
+    "check_password_hash",
     "PasswordHashError",
     "dummy_hash",
 ]
@@ -160,6 +161,7 @@ class PasswordHashError(ValueError):
 _SCRYPT_N = 2**14
 _SCRYPT_R = 8
 _SCRYPT_P = 1
+_SCRYPT_MAXMEM = 256 * 1024 * 1024
 
 
 def hash_password(
@@ -181,10 +183,7 @@ def hash_password(
     )
 
 
-def verify_password(password: str, stored: str) -> bool:
-    """True if ``password`` matches ``stored`` (a :func:`hash_password` result).
-    Compares in constant time. Raises :class:`PasswordHashError` for a
-    malformed ``stored``."""
+def _parse_hash(stored: str) -> tuple[int, int, int, bytes, bytes]:
     try:
         scheme, n, r, p, salt_b64, digest_b64 = stored.split("$")
         if scheme != "scrypt":
@@ -194,17 +193,39 @@ def verify_password(password: str, stored: str) -> bool:
         n_, r_, p_ = int(n), int(r), int(p)
         if not (2 <= n_ <= 2**20 and 1 <= r_ <= 32 and 1 <= p_ <= 16 and expected):
             raise ValueError("scrypt parameters out of range")
+        if n_ & (n_ - 1):
+            raise ValueError("scrypt n must be a power of 2")
+        if 128 * r_ * (n_ + p_ + 2) > _SCRYPT_MAXMEM:
+            raise ValueError("scrypt parameters need too much memory")
     except (ValueError, binascii.Error) as exc:
         raise PasswordHashError(f"malformed password hash: {exc}") from None
-    digest = hashlib.scrypt(
-        password.encode("utf-8"),
-        salt=salt,
-        n=n_,
-        r=r_,
-        p=p_,
-        dklen=len(expected),
-        maxmem=256 * 1024 * 1024,
-    )
+    return n_, r_, p_, salt, expected
+
+
+def check_password_hash(stored: str) -> None:
+    """Raise :class:`PasswordHashError` if ``stored`` is not a
+    :func:`hash_password` result (cheap: nothing is hashed). For checking a
+    password file when it is read rather than at the first login."""
+    _parse_hash(stored)
+
+
+def verify_password(password: str, stored: str) -> bool:
+    """True if ``password`` matches ``stored`` (a :func:`hash_password` result).
+    Compares in constant time. Raises :class:`PasswordHashError` for a
+    malformed ``stored``."""
+    n_, r_, p_, salt, expected = _parse_hash(stored)
+    try:
+        digest = hashlib.scrypt(
+            password.encode("utf-8"),
+            salt=salt,
+            n=n_,
+            r=r_,
+            p=p_,
+            dklen=len(expected),
+            maxmem=_SCRYPT_MAXMEM,
+        )
+    except ValueError as exc:  # parameters OpenSSL refuses
+        raise PasswordHashError(f"malformed password hash: {exc}") from None
     return hmac.compare_digest(digest, expected)
 
 

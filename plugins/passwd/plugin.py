@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from bonzo import Accept, hookimpl
-from bonzo.auth import PasswordHashError, dummy_hash, hash_password, verify_password
+from bonzo.auth import (
+    PasswordHashError,
+    check_password_hash,
+    dummy_hash,
+    hash_password,
+    verify_password,
+)
 
 from .._config import as_table, check_keys, get_str, resolve_path
 
@@ -51,8 +57,10 @@ def read_password_file(path: Path) -> dict[str, str]:
             _check_user(user)
         except ValueError as exc:
             raise ValueError(f"{path}: line {lineno}: {exc}") from None
-        if not stored.startswith("scrypt$") or stored.count("$") != 5:
-            raise ValueError(f"{path}: line {lineno}: not a bonzo password hash")
+        try:
+            check_password_hash(stored)
+        except PasswordHashError as exc:
+            raise ValueError(f"{path}: line {lineno}: not a bonzo password hash ({exc})") from None
         if user in users:
             raise ValueError(f"{path}: line {lineno}: user {user!r} is listed twice")
         users[user] = stored
