@@ -110,7 +110,7 @@ class PasswdPlugin:
     def __init__(self) -> None:
         self.path: Path | None = None
         self.users: dict[str, str] = {}
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, ...] | None = None
 
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
@@ -121,26 +121,29 @@ class PasswdPlugin:
         if not name:
             raise ValueError("file: the password file is required")
         path = resolve_path(name, app)
+        self.path = path
+        # The stamp before the read: a change in between is seen at the next AUTH.
+        self._stamp = self._file_stamp()
         try:
             self.users = read_password_file(path)
         except OSError as exc:
             raise ValueError(f"file: cannot read {path}: {exc.strerror or exc}") from None
         except UnicodeDecodeError:
             raise ValueError(f"file: {path} is not UTF-8 text") from None
-        self.path = path
-        self._stamp = self._file_stamp()
 
     @hookimpl
     def bonzo_startup(self) -> None:
         log.info("passwd: %d user(s) in %s", len(self.users), self.path)
 
-    def _file_stamp(self) -> tuple[int, int] | None:
+    def _file_stamp(self) -> tuple[int, ...] | None:
         assert self.path is not None
         try:
             st = self.path.stat()
         except OSError:
             return None
-        return (st.st_mtime_ns, st.st_size)
+        # The inode too: a rewrite (add_user, most editors) is a new file, and
+        # a changed password is the same size, maybe within the same mtime tick.
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def _reload_if_changed(self) -> None:
         stamp = self._file_stamp()
