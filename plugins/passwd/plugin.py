@@ -99,6 +99,13 @@ def add_user(path: Path, user: str, password: str) -> bool:
     return new
 
 
+def _check(password: str, stored: str | None) -> bool:
+    """Check ``password`` against ``stored``, or against the dummy hash for an
+    unknown user (so that it takes as long); in a worker thread, where the
+    dummy hash is also made the first time."""
+    return verify_password(password, stored if stored is not None else dummy_hash())
+
+
 class PasswdPlugin:
     """Accepts AUTH credentials that match the password file.
 
@@ -166,9 +173,7 @@ class PasswdPlugin:
         stored = self.users.get(username)
         loop = asyncio.get_running_loop()
         try:
-            ok = await loop.run_in_executor(
-                None, verify_password, password, stored if stored is not None else dummy_hash()
-            )
+            ok = await loop.run_in_executor(None, _check, password, stored)
         except PasswordHashError as exc:
             log.error(
                 "passwd: the hash of user %r in %s is malformed: %s", username, self.path, exc
