@@ -203,7 +203,7 @@ DAEMON_SPECS = [
     ),
     ServerSpec(
         "bonzo-chain",
-        "bonzo serve -c bench/configs/chain.toml (a typical chain of policy plugins, then discard)",
+        "bonzo serve -c bench/configs/chain.toml (access, recipients, headers, discard)",
         _daemon_command("chain.toml"),
         available=_daemon_available,
         env=_python_env(),
@@ -218,7 +218,7 @@ DAEMON_SPECS = [
 ]
 SERVER_SPECS.update((spec.name, spec) for spec in DAEMON_SPECS)
 
-DEFAULT_SERVERS = ["bonzo", "aiosmtpd", "smtp-sink"]
+DEFAULT_SERVERS = ["bonzo-serve", "bonzo-chain", "bonzo-maildir", "aiosmtpd", "smtp-sink"]
 OTHER_LOAD_WARNING = 0.15  # cores of foreign CPU use during measurements
 BASELINE = "aiosmtpd"
 

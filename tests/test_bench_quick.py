@@ -24,7 +24,7 @@ except ImportError:  # Python < 3.11
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "bench" / "run.py"
 SCENARIOS = "abcde"
-SERVERS = ["bonzo", "aiosmtpd", "smtp-sink"]
+SERVERS = ["bonzo-serve", "bonzo-chain", "bonzo-maildir", "aiosmtpd", "smtp-sink"]
 
 
 def have(tool: str) -> bool:

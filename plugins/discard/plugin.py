@@ -1,0 +1,37 @@
+"""Take responsibility for every message by dropping it.
+
+For tests, benchmarks and sink servers only: a client told ``250`` by this
+plugin believes its message was delivered. It says so loudly at startup.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from bonzo import Accept, hookimpl
+
+from .._config import as_table, check_keys
+
+__all__ = ["DiscardPlugin"]
+
+log = logging.getLogger("bonzo.plugins.discard")
+
+_ACCEPT = Accept("Ok: discarded")
+
+
+class DiscardPlugin:
+    """Delivers every message to nowhere (``250 Ok: discarded``)."""
+
+    @hookimpl
+    def bonzo_configure(self, config: Mapping[str, Any] | None) -> None:
+        check_keys(as_table(config), ())
+
+    @hookimpl
+    def bonzo_startup(self) -> None:
+        log.warning("discard: every accepted message is thrown away (test/benchmark use only)")
+
+    @hookimpl(trylast=True)
+    def bonzo_deliver(self) -> Accept:
+        return _ACCEPT
