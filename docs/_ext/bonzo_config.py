@@ -148,6 +148,7 @@ class ConfigKeysDirective(SphinxDirective):
                 return f":tomlkey:`{sections[name]}.{name}`"
             return match.group(0)
 
+        line = line.replace("``None`` gives", "Not set, it is")  # no None in TOML
         return re.sub(r":attr:`~?(?:bonzo\.settings\.SMTPSettings\.)?(\w+)`", key, line)
 
 
