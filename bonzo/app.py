@@ -236,13 +236,15 @@ class MailApp:
         first listener's server; :attr:`servers` has them all."""
         if self._started:
             raise RuntimeError("MailApp already started")
+        # Plugins start before anything listens: a plugin that cannot start
+        # must not leave a bound socket (or a half-started server) behind.
+        await self.plugins.call_observers("bonzo_startup", self, strict=True)
         if sockets is not None:
             groups = [(self.config.listeners[0], list(sockets))]
         else:
             if not self._bound:
                 self.bind()
             groups = self._bound
-        await self.plugins.call_observers("bonzo_startup", self, strict=True)
         handler = PluginHandler(self.plugins)
         count = ConnectionCount()
         for listener, socks in groups:

@@ -211,41 +211,109 @@ class PluginSet:
                     raise PluginError(f"plugin {call.plugin!r} failed in {hook}: {exc}") from exc
                 _log_failure(session, hook, call.plugin, exc)
 
-    async def decide(self, hook: str, *args: Any) -> Any:
-        """Run a decision hook: the first verdict wins. Returns the
-        :class:`Accept` or reply string, or ``None`` when nobody had an
-        opinion. ``SMTPError`` from a plugin propagates as the reply;
-        anything else raises :class:`_Failure`."""
-        for call in self.calls[hook]:
+    def observe(self, hook: str, *args: Any, session: Session | None = None) -> Any:
+        """Run an observer hook from the connection path: ``None`` when every
+        implementation was synchronous (nothing to wait for), else an awaitable
+        that runs the rest, one at a time. Failures are logged."""
+        calls = self.calls[hook]
+        for i, call in enumerate(calls):
             try:
-                result = await _invoke(call, args)
-            except errors.SMTPError as exc:
-                if exc.status_code >= 400:
-                    raise
-                # A "rejection" with a 2xx/3xx code would tell the client that
-                # all is well (for a message: that it was delivered): fail closed.
-                raise _Failure(
-                    call.plugin,
-                    hook,
-                    ValueError(f"raised an SMTPError with non-error code {exc.status_code}"),
-                ) from exc
+                result = call.function(*[args[j] for j in call.indexes])
             except Exception as exc:
-                raise _Failure(call.plugin, hook, exc) from exc
+                _log_failure(session, hook, call.plugin, exc)
+                continue
+            if result is not None and inspect.isawaitable(result):
+                return self._observe_from(hook, args, i, result, session)
+        return None
+
+    async def _observe_from(
+        self, hook: str, args: tuple[Any, ...], index: int, pending: Any, session: Session | None
+    ) -> None:
+        calls = self.calls[hook]
+        try:
+            await _bounded(calls[index], pending)
+        except Exception as exc:
+            _log_failure(session, hook, calls[index].plugin, exc)
+        for call in calls[index + 1 :]:
+            try:
+                await _invoke(call, args)
+            except Exception as exc:
+                _log_failure(session, hook, call.plugin, exc)
+
+    def decide(self, hook: str, *args: Any) -> Any:
+        """Run a decision hook: the first verdict wins.
+
+        Returns the :class:`Accept` or reply string, ``None`` when nobody had
+        an opinion, or, as soon as an implementation is asynchronous, an
+        awaitable of one of those (so a chain of plain functions costs no
+        coroutine). ``SMTPError`` from a plugin propagates as the reply;
+        anything else raises :class:`_Failure`.
+        """
+        calls = self.calls[hook]
+        for i, call in enumerate(calls):
+            try:
+                result = call.function(*[args[j] for j in call.indexes])
+            except Exception as exc:
+                raise _failure(call, hook, exc) from exc
             if result is None:
                 continue
-            if isinstance(result, (Accept, str)):
+            kind = type(result)
+            if kind is Accept or kind is str:
                 return result
-            if hook == "bonzo_unknown_command" and isinstance(result, tuple):
-                problem = _reply_tuple_problem(result)
-                if problem is None:
-                    return result
-                raise _Failure(call.plugin, hook, ValueError(problem))
-            raise _Failure(
-                call.plugin,
-                hook,
-                TypeError(f"returned {type(result).__name__}; expected Accept, str or None"),
-            )
+            if inspect.isawaitable(result):
+                return self._decide_from(hook, args, i, result)
+            return _verdict(call, hook, result)
         return None
+
+    async def _decide_from(self, hook: str, args: tuple[Any, ...], index: int, pending: Any) -> Any:
+        calls = self.calls[hook]
+        call = calls[index]
+        try:
+            result = await _bounded(call, pending)
+        except Exception as exc:
+            raise _failure(call, hook, exc) from exc
+        if result is not None:
+            return _verdict(call, hook, result)
+        for call in calls[index + 1 :]:
+            try:
+                result = await _invoke(call, args)
+            except Exception as exc:
+                raise _failure(call, hook, exc) from exc
+            if result is not None:
+                return _verdict(call, hook, result)
+        return None
+
+
+def _failure(call: HookCall, hook: str, exc: BaseException) -> Exception:
+    """What to raise for an exception from a decision hook: an error reply
+    (4xx/5xx SMTPError) as is, anything else as a :class:`_Failure`."""
+    if isinstance(exc, errors.SMTPError):
+        if exc.status_code >= 400:
+            return exc
+        # A "rejection" with a 2xx/3xx code would tell the client that all is
+        # well (for a message: that it was delivered): fail closed.
+        return _Failure(
+            call.plugin,
+            hook,
+            ValueError(f"raised an SMTPError with non-error code {exc.status_code}"),
+        )
+    return _Failure(call.plugin, hook, exc)
+
+
+def _verdict(call: HookCall, hook: str, result: Any) -> Any:
+    """Check a non-None return value of a decision hook."""
+    if isinstance(result, (Accept, str)):
+        return result
+    if hook == "bonzo_unknown_command" and isinstance(result, tuple):
+        problem = _reply_tuple_problem(result)
+        if problem is None:
+            return result
+        raise _Failure(call.plugin, hook, ValueError(problem))
+    raise _Failure(
+        call.plugin,
+        hook,
+        TypeError(f"returned {type(result).__name__}; expected Accept, str or None"),
+    )
 
 
 def _reply_tuple_problem(reply: tuple[Any, ...]) -> str | None:
@@ -268,11 +336,16 @@ def _reply_tuple_problem(reply: tuple[Any, ...]) -> str | None:
 async def _invoke(call: HookCall, args: tuple[Any, ...]) -> Any:
     result = call.function(*[args[i] for i in call.indexes])
     if result is not None and inspect.isawaitable(result):
-        try:
-            result = await asyncio.wait_for(_await(result), timeout=call.timeout)
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"no answer within {call.timeout}s") from None
+        result = await _bounded(call, result)
     return result
+
+
+async def _bounded(call: HookCall, awaitable: Any) -> Any:
+    """Await a hook's result within the plugin's timeout."""
+    try:
+        return await asyncio.wait_for(_await(awaitable), timeout=call.timeout)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"no answer within {call.timeout}s") from None
 
 
 async def _await(awaitable: Any) -> Any:
@@ -320,12 +393,27 @@ class PluginHandler(SessionHandler):
     def __init__(self, plugins: PluginSet) -> None:
         self.plugins = plugins
 
-    async def _decide(self, session: Session | None, hook: str, *args: Any) -> Any:
+    def _decide(self, session: Session | None, hook: str, then: Any, *args: Any) -> Any:
+        """Run decision ``hook`` and pass its verdict to ``then``; returns
+        ``then``'s result, or an awaitable of it if a plugin was async."""
         try:
-            return await self.plugins.decide(hook, *args)
+            verdict = self.plugins.decide(hook, *args)
         except _Failure as failure:
-            _log_failure(session, hook, failure.plugin, failure.error)
-            raise self._map_exception(session, failure) from None
+            raise self._fail(session, failure) from None
+        if verdict is not None and type(verdict) is not Accept and inspect.isawaitable(verdict):
+            return self._decide_later(session, verdict, then)
+        return then(verdict)
+
+    async def _decide_later(self, session: Session | None, pending: Any, then: Any) -> Any:
+        try:
+            verdict = await pending
+        except _Failure as failure:
+            raise self._fail(session, failure) from None
+        return then(verdict)
+
+    def _fail(self, session: Session | None, failure: _Failure) -> errors.SMTPError:
+        _log_failure(session, failure.hook, failure.plugin, failure.error)
+        return self._map_exception(session, failure)
 
     def _map_exception(self, session: Session | None, failure: _Failure) -> errors.SMTPError:
         for call in self.plugins.calls["bonzo_exception"]:
@@ -354,14 +442,24 @@ class PluginHandler(SessionHandler):
             return verdict.text
         return verdict if isinstance(verdict, str) else None
 
-    async def on_connect(self, session: Session) -> Any:
-        return self._text(await self._decide(session, "bonzo_connect", session))
+    def on_connect(self, session: Session) -> Any:
+        return self._decide(session, "bonzo_connect", self._text, session)
 
-    async def on_helo(self, session: Session, name: str, esmtp: bool) -> Any:
-        return self._text(await self._decide(session, "bonzo_helo", session, name, esmtp))
+    def on_helo(self, session: Session, name: str, esmtp: bool) -> Any:
+        return self._decide(session, "bonzo_helo", self._text, session, name, esmtp)
 
-    async def ehlo_keywords(self, session: Session, keywords: list[str]) -> Any:
-        await self.plugins.call_observers("bonzo_ehlo_keywords", session, keywords, session=session)
+    def ehlo_keywords(self, session: Session, keywords: list[str]) -> Any:
+        pending = self.plugins.observe("bonzo_ehlo_keywords", session, keywords, session=session)
+        if pending is not None:
+            return self._keywords_later(session, keywords, pending)
+        return self._check_keywords(session, keywords)
+
+    async def _keywords_later(self, session: Session, keywords: list[str], pending: Any) -> Any:
+        await pending
+        return self._check_keywords(session, keywords)
+
+    @staticmethod
+    def _check_keywords(session: Session, keywords: list[str]) -> list[str]:
         # An EHLO line is "keyword [params]" in printable ASCII (RFC 5321
         # 4.1.1.1); anything else (a non-string, a line break) would break the
         # reply for every client, so it is dropped and logged.
@@ -375,46 +473,67 @@ class PluginHandler(SessionHandler):
             )
         return good
 
-    async def on_mail(self, session: Session, envelope: Envelope) -> Any:
-        return self._text(
-            await self._decide(
-                session, "bonzo_mail", session, envelope, envelope.mail_from, envelope.mail_params
-            )
+    def on_mail(self, session: Session, envelope: Envelope) -> Any:
+        return self._decide(
+            session,
+            "bonzo_mail",
+            self._text,
+            session,
+            envelope,
+            envelope.mail_from,
+            envelope.mail_params,
         )
 
-    async def on_rcpt(
+    def on_rcpt(
         self, session: Session, envelope: Envelope, address: str, params: dict[str, str | None]
     ) -> Any:
-        verdict = await self._decide(session, "bonzo_rcpt", session, envelope, address, params)
-        if verdict is None:
-            raise errors.PermanentError("Recipient address rejected", 550, "5.7.1")
-        return self._text(verdict)
+        return self._decide(
+            session, "bonzo_rcpt", _owned_recipient, session, envelope, address, params
+        )
 
-    async def on_data(self, session: Session, envelope: Envelope) -> Any:
-        return self._text(await self._decide(session, "bonzo_data", session, envelope))
+    def on_data(self, session: Session, envelope: Envelope) -> Any:
+        return self._decide(session, "bonzo_data", self._text, session, envelope)
 
-    async def on_message(self, session: Session, envelope: Envelope) -> Any:
-        await self._decide(session, "bonzo_message", session, envelope)
-        verdict = await self._decide(session, "bonzo_deliver", session, envelope)
-        if verdict is None:
-            app_log.error(
-                "[%s %s] No plugin delivered message %s (enable a delivery plugin such as "
-                "maildir); answered 451",
-                session.id,
-                session.remote_ip,
-                envelope.id,
-            )
-            raise errors.TransientError("Message not accepted, try again later", 451, "4.3.0")
-        return self._text(verdict)
+    def on_message(self, session: Session, envelope: Envelope) -> Any:
+        filtered = self._decide(session, "bonzo_message", _ignore, session, envelope)
+        if filtered is not None:  # a filter was async: deliver after it
+            return self._deliver_later(session, envelope, filtered)
+        return self._deliver(session, envelope)
 
-    async def on_accepted(self, session: Session, envelope: Envelope) -> Any:
-        await self.plugins.call_observers("bonzo_accepted", session, envelope, session=session)
+    async def _deliver_later(self, session: Session, envelope: Envelope, filtered: Any) -> Any:
+        await filtered
+        result = self._deliver(session, envelope)
+        if result is not None and inspect.isawaitable(result):
+            result = await result
+        return result
 
-    async def on_reset(self, session: Session) -> Any:
-        await self.plugins.call_observers("bonzo_rset", session, session=session)
+    def _deliver(self, session: Session, envelope: Envelope) -> Any:
+        def delivered(verdict: Any) -> str | None:
+            if verdict is None:
+                app_log.error(
+                    "[%s %s] No plugin delivered message %s (enable a delivery plugin such as "
+                    "maildir); answered 451",
+                    session.id,
+                    session.remote_ip,
+                    envelope.id,
+                )
+                raise errors.TransientError("Message not accepted, try again later", 451, "4.3.0")
+            return self._text(verdict)
 
-    async def on_unknown(self, session: Session, verb: str, arg: str) -> Any:
-        verdict = await self._decide(session, "bonzo_unknown_command", session, verb, arg)
+        return self._decide(session, "bonzo_deliver", delivered, session, envelope)
+
+    def on_accepted(self, session: Session, envelope: Envelope) -> Any:
+        return self.plugins.observe("bonzo_accepted", session, envelope, session=session)
+
+    def on_reset(self, session: Session) -> Any:
+        return self.plugins.observe("bonzo_rset", session, session=session)
+
+    def on_unknown(self, session: Session, verb: str, arg: str) -> Any:
+        return self._decide(
+            session, "bonzo_unknown_command", self._unknown_reply, session, verb, arg
+        )
+
+    def _unknown_reply(self, verdict: Any) -> Any:
         if isinstance(verdict, tuple):
             return verdict
         if verdict is not None:
@@ -426,9 +545,11 @@ class PluginHandler(SessionHandler):
         """True when some plugin implements ``bonzo_auth``."""
         return bool(self.plugins.calls["bonzo_auth"])
 
-    async def on_auth(self, session: Session, credentials: Any) -> Any:
+    def on_auth(self, session: Session, credentials: Any) -> Any:
+        # A fault while checking credentials is a temporary AUTH failure
+        # (454 4.7.0, RFC 4954), not a generic 451.
         try:
-            verdict = await self.plugins.decide(
+            verdict = self.plugins.decide(
                 "bonzo_auth",
                 session,
                 credentials.mechanism,
@@ -437,12 +558,36 @@ class PluginHandler(SessionHandler):
                 credentials.authzid,
             )
         except _Failure as failure:
-            _log_failure(session, "bonzo_auth", failure.plugin, failure.error)
-            raise errors.TransientError("Temporary authentication failure", 454, "4.7.0") from None
+            _log_failure(session, failure.hook, failure.plugin, failure.error)
+            raise _auth_fault() from None
+        if verdict is not None and type(verdict) is not Accept and inspect.isawaitable(verdict):
+            return self._auth_later(session, verdict)
         return verdict is not None
 
-    async def on_disconnect(self, session: Session) -> Any:
-        await self.plugins.call_observers("bonzo_disconnect", session, session=session)
+    async def _auth_later(self, session: Session, pending: Any) -> bool:
+        try:
+            verdict = await pending
+        except _Failure as failure:
+            _log_failure(session, failure.hook, failure.plugin, failure.error)
+            raise _auth_fault() from None
+        return verdict is not None
+
+    def on_disconnect(self, session: Session) -> Any:
+        return self.plugins.observe("bonzo_disconnect", session, session=session)
+
+
+def _ignore(verdict: Any) -> None:
+    return None
+
+
+def _owned_recipient(verdict: Any) -> str | None:
+    if verdict is None:
+        raise errors.PermanentError("Recipient address rejected", 550, "5.7.1")
+    return PluginHandler._text(verdict)
+
+
+def _auth_fault() -> errors.SMTPError:
+    return errors.TransientError("Temporary authentication failure", 454, "4.7.0")
 
 
 def hook_names() -> Iterable[str]:

@@ -84,8 +84,16 @@ def raw(server: ServerThread) -> RawClient:
     return RawClient(server.port, timeout=DEADLINE)
 
 
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
+def run(result: Any) -> Any:
+    """The outcome of a PluginHandler call: its value, or what its awaitable
+    gives (handlers answer synchronously when every plugin is synchronous)."""
+    if inspect.isawaitable(result):
+
+        async def wait() -> Any:
+            return await result
+
+        return asyncio.run(wait())
+    return result
 
 
 def failures(log_watch: Any, plugin: str, hook: str) -> list[logging.LogRecord]:
