@@ -16,7 +16,7 @@ from tornado.testing import AsyncTestCase, bind_unused_port, get_async_test_time
 
 from .server import SMTPServer
 
-__all__ = ["AsyncSMTPTestCase"]
+__all__ = ["AsyncSMTPTestCase", "PluginTestServer"]
 
 
 class AsyncSMTPTestCase(AsyncTestCase):
@@ -104,3 +104,132 @@ class AsyncSMTPTestCase(AsyncTestCase):
         # Let the sessions see the close and finish their cleanup.
         self.io_loop.run_sync(lambda: None)
         super().tearDown()
+
+
+class PluginTestServer:
+    """Serve plugins on an unused port of 127.0.0.1, in a background thread,
+    for the tests of a plugin.
+
+    ::
+
+        from bonzo.testing import PluginTestServer
+
+        def test_tags_invoices():
+            with PluginTestServer(("tagger", TaggerPlugin()),
+                                  config={"tagger": {"keywords": ["invoice"]}}) as server:
+                with smtplib.SMTP(server.host, server.port) as client:
+                    client.sendmail("a@example.org", ["b@example.com"],
+                                    "Subject: invoice\\r\\n\\r\\nHi\\r\\n")
+            assert server.messages[0].startswith(b"X-Bonzo-Tag: invoice\\r\\n")
+
+    :arg plugins: ``(name, plugin)`` pairs (or bare plugin objects), in the
+        order they run.
+    :arg config: each plugin's ``[plugins.<name>]`` table, by name, given to
+        its ``bonzo_configure``.
+    :arg capture: add, last, a plugin that accepts every recipient and
+        delivers by keeping the message in :attr:`messages` (set ``False``
+        when the plugins under test own recipients and delivery themselves).
+    :arg timeout: the hook timeout, in seconds.
+    :arg settings: :class:`~bonzo.settings.SMTPSettings` fields.
+
+    Startup and shutdown hooks run as in the daemon. The server runs its own
+    event loop, so the test may use blocking clients (smtplib, swaks).
+    """
+
+    def __init__(
+        self,
+        *plugins: Any,
+        config: dict[str, dict[str, Any]] | None = None,
+        capture: bool = True,
+        timeout: float = 10.0,
+        **settings: Any,
+    ) -> None:
+        import asyncio
+        import threading
+
+        from .hooks import PluginHandler, PluginSet
+        from .settings import SMTPSettings
+
+        self.host = "127.0.0.1"
+        self.port = 0
+        #: Messages delivered to the capturing plugin (whole, trace header first).
+        self.messages: list[bytes] = []
+        #: Their envelopes' ``(mail_from, rcpt_tos)``.
+        self.envelopes: list[tuple[str, list[str]]] = []
+        self.plugins = PluginSet(timeout=timeout)
+        for item in plugins:
+            name, plugin = item if isinstance(item, tuple) else (type(item).__name__, item)
+            self.plugins.register(plugin, name)
+        if capture:
+            self.plugins.register(_Capture(self), "bonzo.testing.capture")
+        tables = config or {}
+        unknown = set(tables) - set(self.plugins.names)
+        if unknown:
+            raise ValueError(f"config for unknown plugin(s): {', '.join(sorted(unknown))}")
+        for call in self.plugins.calls["bonzo_configure"]:
+            args = (tables.get(call.plugin, {}), None)
+            call.function(*[args[i] for i in call.indexes])
+        settings.setdefault("hostname", "bonzo.test")
+        self.settings = SMTPSettings(**settings)
+        self._handler = PluginHandler(self.plugins)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: SMTPServer | None = None
+
+    def _call(self, coro: Any, timeout: float = 30.0) -> Any:
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def start(self) -> PluginTestServer:
+        """Start serving (``with`` does this)."""
+        self._thread.start()
+
+        async def start() -> None:
+            await self.plugins.call_observers("bonzo_startup", None, strict=True)
+            sock, self.port = bind_unused_port()
+            self._server = SMTPServer(handler=self._handler, settings=self.settings)
+            self._server.add_sockets([sock])
+
+        self._call(start())
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and run the shutdown hooks (``with`` does this)."""
+
+        async def stop() -> None:
+            if self._server is not None:
+                await self._server.shutdown(grace=5.0)
+            await self.plugins.call_observers("bonzo_shutdown", None)
+
+        try:
+            self._call(stop())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop.close()
+
+    def __enter__(self) -> PluginTestServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+
+class _Capture:
+    """Accepts every recipient and keeps every message (runs last)."""
+
+    def __init__(self, server: PluginTestServer) -> None:
+        self.server = server
+
+    def bonzo_rcpt(self) -> Any:
+        from .hookspecs import Accept
+
+        return Accept()
+
+    def bonzo_deliver(self, envelope: Any) -> Any:
+        from .hookspecs import Accept
+
+        self.server.messages.append(envelope.content)
+        self.server.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
+        return Accept()
