@@ -8,6 +8,7 @@ TOML ``[limits]`` and ``[server]`` tables of the daemon map onto these names.
 from __future__ import annotations
 
 import dataclasses
+import math
 import socket
 import ssl
 from dataclasses import dataclass, field
@@ -102,7 +103,9 @@ class SMTPSettings:
     """Length of the window over which :attr:`min_data_rate` is measured."""
 
     handler_timeout: float = 60.0
-    """Time a request callback or plugin hook call may take; then ``451 4.3.0``."""
+    """Time a request callback (the original API) or a :class:`~bonzo.connection.SessionHandler`
+    call may take; then ``451 4.3.0``. Plugins have their own timeout (the
+    ``[plugins]`` table's ``timeout``)."""
 
     shutdown_grace: float = 30.0
     """On shutdown, time messages in flight get to finish before connections close."""
@@ -169,7 +172,7 @@ class SMTPSettings:
             "tls_handshake_timeout",
         ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            if not _finite_number(value) or value <= 0:
                 raise SettingError(name, f"must be a positive number of seconds, not {value!r}")
         if self.max_command_line < 512:
             raise SettingError(
@@ -188,7 +191,7 @@ class SMTPSettings:
                 "max_data_line", f"must be at least 1000 (RFC 5321), not {self.max_data_line}"
             )
         delay = self.auth_failure_delay
-        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay < 0:
+        if not _finite_number(delay) or delay < 0:
             raise SettingError("auth_failure_delay", f"must be a number >= 0, not {delay!r}")
         if not isinstance(self.smtputf8, bool):
             raise SettingError("smtputf8", f"must be true or false, not {self.smtputf8!r}")
@@ -221,6 +224,11 @@ class SMTPSettings:
     def field_names(cls) -> list[str]:
         """Names of every setting, in declaration order."""
         return [f.name for f in dataclasses.fields(cls)]
+
+
+def _finite_number(value: object) -> bool:
+    # NaN and infinity would silently disable a timeout.
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
