@@ -23,7 +23,7 @@ from tornado.log import app_log, gen_log
 from tornado.tcpserver import TCPServer
 
 from . import version
-from .connection import SessionHandler, SMTPConnection, log_exception
+from .connection import FINAL_REPLY_WAIT, SessionHandler, SMTPConnection, log_exception
 from .hooks import PluginHandler, PluginSet
 from .hookspecs import Accept
 from .protocol import format_reply
@@ -301,10 +301,24 @@ class SMTPServer(TCPServer):
 
     def _refuse(self, stream: IOStream, ip: str, text: str) -> None:
         gen_log.warning("Refused connection from %s: %s", ip, text)
+        # On an implicit-TLS listener the reply waits for the client's
+        # handshake, which may never come: close by a deadline regardless.
+        settings = self.settings
+        loop = IOLoop.current()
+        deadline = loop.call_later(
+            min(FINAL_REPLY_WAIT, settings.tls_handshake_timeout, settings.idle_timeout),
+            stream.close,
+        )
+
+        def written(fut: Future[None]) -> None:
+            fut.exception()  # a client already gone is no error to report
+            loop.remove_timeout(deadline)
+            stream.close()
+
         try:
-            fut = stream.write(format_reply(421, text, "4.7.0", True))
-            fut.add_done_callback(lambda f: stream.close())
+            stream.write(format_reply(421, text, "4.7.0", True)).add_done_callback(written)
         except Exception:  # pragma: no cover - the client is already gone
+            loop.remove_timeout(deadline)
             stream.close()
 
     def _connection_closed(self, connection: SMTPConnection) -> None:
