@@ -1,0 +1,322 @@
+"""The ``passwd`` plugin: the password file, reloading, timing, and AUTH end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import smtplib
+import ssl
+import stat
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import bonzo_plugins.passwd.plugin as passwd_module
+import pytest
+import trustme
+from bonzo_plugins.passwd import PasswdPlugin, add_user, read_password_file
+from e2e_support import HOST, TIMEOUT, wait_until
+
+from bonzo import Accept, hookimpl
+from bonzo.auth import dummy_hash, hash_password, verify_password
+from bonzo.errors import SMTPError
+from bonzo.hooks import PluginHandler, PluginSet
+from bonzo.session import Envelope, Session
+from bonzo.settings import ListenerSettings
+from bonzo.tls import CertificatePair, make_server_context
+
+pytestmark = pytest.mark.timeout(60)
+
+# Cheap hashes keep the tests fast; the format is the same.
+FAST = {"n": 2**4, "r": 1, "p": 1}
+
+
+@pytest.fixture(autouse=True)
+def fast_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fast_hash(password: str, **_: Any) -> str:
+        return hash_password(password, **FAST)
+
+    monkeypatch.setattr(passwd_module, "hash_password", fast_hash)
+
+
+def configured(path: Path, app: Any = None) -> PasswdPlugin:
+    plugin = PasswdPlugin()
+    plugin.bonzo_configure(config={"file": str(path)}, app=app)
+    return plugin
+
+
+def check(plugin: PasswdPlugin, user: str, password: str) -> bool:
+    return isinstance(asyncio.run(plugin.bonzo_auth(username=user, password=password)), Accept)
+
+
+# ---------------------------------------------------------------- add_user
+def test_add_user_creates_a_private_file(tmp_path):
+    path = tmp_path / "passwd"
+    assert add_user(path, "alice", "s3cret") is True
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    (line,) = path.read_text().splitlines()
+    user, _, stored = line.partition(":")
+    assert user == "alice"
+    assert stored.startswith("scrypt$") and "s3cret" not in line
+    assert verify_password("s3cret", stored)
+    assert not verify_password("S3cret", stored)
+    assert [p.name for p in tmp_path.iterdir()] == ["passwd"]  # no temporary left
+
+
+def test_add_user_replaces_a_user_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "passwd"
+    path.write_text("# staff\n\nbob:" + hash_password("bob-pw", **FAST) + "\n# end\n")
+    path.chmod(0o644)
+    assert add_user(path, "alice", "one") is True
+    assert add_user(path, "alice", "two") is False
+    lines = path.read_text().splitlines()
+    assert lines[:2] == ["# staff", ""]
+    assert "# end" in lines
+    assert sum(line.startswith("alice:") for line in lines) == 1
+    assert sum(line.startswith("bob:") for line in lines) == 1
+    users = read_password_file(path)
+    assert verify_password("two", users["alice"])
+    assert verify_password("bob-pw", users["bob"])
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_add_user_leaves_a_commented_out_user_alone(tmp_path):
+    path = tmp_path / "passwd"
+    path.write_text("#alice:old entry\n")
+    assert add_user(path, "alice", "pw") is True
+    assert path.read_text().splitlines()[0] == "#alice:old entry"
+
+
+@pytest.mark.parametrize("user", ["", "a:b", "a b", "tab\tuser", "nul\0"])
+def test_add_user_refuses_bad_names(tmp_path, user):
+    with pytest.raises(ValueError, match="bad user name"):
+        add_user(tmp_path / "passwd", user, "pw")
+    assert not (tmp_path / "passwd").exists()
+
+
+def test_add_user_refuses_an_empty_password(tmp_path):
+    with pytest.raises(ValueError, match="empty password"):
+        add_user(tmp_path / "passwd", "alice", "")
+
+
+def test_add_user_refuses_to_rewrite_a_broken_file(tmp_path):
+    path = tmp_path / "passwd"
+    path.write_text("garbage\n")
+    with pytest.raises(ValueError, match="line 1"):
+        add_user(path, "alice", "pw")
+    assert path.read_text() == "garbage\n"
+
+
+# ------------------------------------------------------------ file format
+@pytest.mark.parametrize(
+    ("content", "line", "why"),
+    [
+        ("alice\n", 1, "expected user:hash"),
+        ("# c\nalice:\n", 2, "expected user:hash"),
+        ("alice:plaintext\n", 1, "not a bonzo password hash"),
+        ("a b:scrypt$16$1$1$AAAA$AAAA\n", 1, "bad user name"),
+        (
+            "\n\nalice:scrypt$16$1$1$c2FsdA==$ZGlnZXN0\nalice:scrypt$16$1$1$c2FsdA==$ZGlnZXN0\n",
+            4,
+            "twice",
+        ),
+        ("alice:scrypt$16$1$1$!!!!$ZGlnZXN0\n", 1, "hash"),
+        ("alice:scrypt$sixteen$1$1$c2FsdA==$ZGlnZXN0\n", 1, "hash"),
+        ("alice:scrypt$16$1$1$c2FsdA==$\n", 1, "hash"),
+    ],
+)
+def test_malformed_lines_name_the_file_and_line(tmp_path, content, line, why):
+    path = tmp_path / "passwd"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"{path}: line {line}: .*{why}"):
+        read_password_file(path)
+    with pytest.raises(ValueError, match=f"{path}: line {line}"):
+        configured(path)
+
+
+def test_configuration_errors(tmp_path):
+    with pytest.raises(ValueError, match="file: "):
+        PasswdPlugin().bonzo_configure(config={}, app=None)
+    with pytest.raises(ValueError, match="unknown"):
+        PasswdPlugin().bonzo_configure(config={"file": "x", "files": "y"}, app=None)
+    missing = tmp_path / "missing"
+    with pytest.raises(ValueError, match=f"file: cannot read {missing}"):
+        configured(missing)
+    latin = tmp_path / "latin"
+    latin.write_bytes(b"\xe9l\xe8ve:x\n")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        configured(latin)
+
+
+def test_relative_path_is_relative_to_the_configuration(tmp_path):
+    add_user(tmp_path / "users", "alice", "pw")
+    plugin = configured(Path("users"), app=SimpleNamespace(base_dir=tmp_path))
+    assert plugin.path == tmp_path / "users"
+    assert list(plugin.users) == ["alice"]
+
+
+# ------------------------------------------------------------------ checks
+def test_good_and_bad_passwords(tmp_path):
+    path = tmp_path / "passwd"
+    add_user(path, "alice", "correct horse")
+    plugin = configured(path)
+    assert check(plugin, "alice", "correct horse")
+    assert not check(plugin, "alice", "correct horse ")
+    assert not check(plugin, "Alice", "correct horse")
+    assert not check(plugin, "mallory", "correct horse")
+
+
+def test_unknown_user_is_checked_against_the_dummy_hash(tmp_path, monkeypatch):
+    """An unknown user costs a hash check like a wrong password (no timing
+    oracle): the check runs, against the dummy hash."""
+    path = tmp_path / "passwd"
+    add_user(path, "alice", "pw")
+    plugin = configured(path)
+    calls: list[tuple[str, str]] = []
+
+    def spy(password: str, stored: str) -> bool:
+        calls.append((password, stored))
+        return verify_password(password, stored)
+
+    monkeypatch.setattr(passwd_module, "verify_password", spy)
+    assert not check(plugin, "mallory", "guess")
+    assert calls == [("guess", dummy_hash())]
+    calls.clear()
+    assert not check(plugin, "alice", "guess")
+    assert calls == [("guess", plugin.users["alice"])]
+
+
+def test_reload_when_the_file_changes(tmp_path, caplog):
+    path = tmp_path / "passwd"
+    add_user(path, "alice", "pw")
+    plugin = configured(path)
+    assert not check(plugin, "bob", "bob-pw")
+    add_user(path, "bob", "bob-pw")
+    assert check(plugin, "bob", "bob-pw")
+    assert any("reloaded" in r.getMessage() for r in caplog.records)
+    # Removing a user takes effect too.
+    path.write_text(path.read_text().replace("alice:", "#alice:"))
+    assert not check(plugin, "alice", "pw")
+
+
+def test_reload_sees_a_changed_password_with_coarse_timestamps(tmp_path):
+    """A new hash has the same length as the old one; on a filesystem with
+    coarse timestamps the file's mtime and size may not change at all."""
+    path = tmp_path / "passwd"
+    add_user(path, "alice", "old-password")
+    plugin = configured(path)
+    before = path.stat()
+    add_user(path, "alice", "new-password")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert check(plugin, "alice", "new-password")
+    assert not check(plugin, "alice", "old-password")
+
+
+@pytest.mark.expect_errors
+def test_a_broken_new_file_keeps_the_old_users(tmp_path, caplog):
+    path = tmp_path / "passwd"
+    add_user(path, "alice", "pw")
+    plugin = configured(path)
+    path.write_text(path.read_text() + "broken line\n")
+    assert check(plugin, "alice", "pw")
+    (record,) = [r for r in caplog.records if "not reloading" in r.getMessage()]
+    assert "line 2" in record.getMessage()
+    # Logged once, not at every AUTH.
+    assert check(plugin, "alice", "pw")
+    assert len([r for r in caplog.records if "not reloading" in r.getMessage()]) == 1
+
+
+def test_a_vanished_file_keeps_the_old_users(tmp_path):
+    path = tmp_path / "passwd"
+    add_user(path, "alice", "pw")
+    plugin = configured(path)
+    path.unlink()
+    assert check(plugin, "alice", "pw")
+
+
+def test_the_password_is_never_logged(tmp_path, caplog):
+    path = tmp_path / "passwd"
+    add_user(path, "alice", "pw")
+    plugin = configured(path)
+    plugin.bonzo_startup()
+    secret = "Very-Secret-Pw"
+    check(plugin, "alice", secret)
+    check(plugin, "nobody", secret)
+    add_user(path, "carol", secret)
+    check(plugin, "carol", secret)
+    assert caplog.records  # the startup and reload lines at least
+    for record in caplog.records:
+        assert secret not in record.getMessage()
+
+
+# ---------------------------------------------------------------- end to end
+class LocalRecipients:
+    """Like the recipients plugin: local domain for all, relay once authenticated."""
+
+    @hookimpl
+    def bonzo_rcpt(self, session: Session, address: str) -> Any:
+        if address.endswith("@example.com") or session.auth is not None:
+            return Accept()
+        raise SMTPError(554, "Relay access denied", enhanced_code="5.7.1")
+
+
+class Keep:
+    def __init__(self) -> None:
+        self.messages: list[tuple[str | None, list[str], bytes]] = []
+
+    @hookimpl
+    def bonzo_deliver(self, session: Session, envelope: Envelope) -> Any:
+        self.messages.append((session.auth, list(envelope.rcpt_tos), envelope.content))
+        return Accept()
+
+
+def test_smtplib_starttls_login_sendmail(tmp_path, start_server):
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    path = tmp_path / "passwd"
+    add_user(path, "alice", "correct horse")
+
+    keep = Keep()
+    plugins = PluginSet(timeout=TIMEOUT)
+    plugins.register(configured(path), "passwd")
+    plugins.register(LocalRecipients(), "recipients")
+    plugins.register(keep, "keep")
+    listener = ListenerSettings(
+        tls_context=make_server_context(CertificatePair(str(cert), str(key)))
+    )
+    # smtplib's login() tries PLAIN then LOGIN: two failures per call.
+    server = start_server(
+        handler=PluginHandler(plugins),
+        listener=listener,
+        auth_failure_delay=0,
+        max_auth_failures=5,
+    )
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    message = b"Subject: passwd\r\n\r\nHi.\r\n"
+    with smtplib.SMTP(HOST, server.port, local_hostname="client.test", timeout=TIMEOUT) as client:
+        client.starttls(context=client_ctx)
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            client.sendmail("alice@example.com", ["friend@elsewhere.test"], message)
+        client.rset()
+        with pytest.raises(smtplib.SMTPAuthenticationError) as info:
+            client.login("alice", "wrong")
+        assert info.value.smtp_code == 535
+        with pytest.raises(smtplib.SMTPAuthenticationError) as info:
+            client.login("mallory", "correct horse")
+        assert info.value.smtp_code == 535
+    with smtplib.SMTP(HOST, server.port, local_hostname="client.test", timeout=TIMEOUT) as client:
+        client.starttls(context=client_ctx)
+        assert client.login("alice", "correct horse")[0] == 235
+        client.sendmail("alice@example.com", ["friend@elsewhere.test"], message)
+    wait_until(lambda: keep.messages, message="the delivery")
+    ((who, rcpts, content),) = keep.messages
+    assert who == "alice"
+    assert rcpts == ["friend@elsewhere.test"]
+    assert b"with ESMTPSA" in content and b"(authenticated as alice)" in content
+    assert content.endswith(message)

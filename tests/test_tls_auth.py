@@ -1,0 +1,1250 @@
+"""STARTTLS, implicit TLS and AUTH, end to end (issue #4).
+
+Every server listens on 127.0.0.1; certificates come from a throwaway trustme
+CA made for this module. Clients are real: smtplib, aiosmtplib, swaks,
+``openssl s_client`` and raw sockets wrapped in TLS after ``220``. Every
+wait and every subprocess is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import select
+import shutil
+import smtplib
+import socket
+import ssl
+import subprocess
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+import trustme
+from e2e_support import HOST, TIMEOUT, RawClient, RecordingHandler, wait_until
+
+from bonzo import Accept, hookimpl
+from bonzo.auth import Credentials
+from bonzo.errors import SMTPError
+from bonzo.hooks import PluginHandler, PluginSet
+from bonzo.protocol import NEED_DATA, Auth, SMTPProtocol
+from bonzo.session import Envelope, Session
+from bonzo.settings import ListenerSettings, SMTPSettings
+from bonzo.tls import CertificatePair, TLSError, make_server_context
+
+pytestmark = pytest.mark.timeout(60)
+
+USER = "alice"
+PASSWORD = "correct horse battery staple"
+MESSAGE = b"From: alice@example.com\r\nTo: bob@example.com\r\nSubject: tls\r\n\r\nHello.\r\n"
+
+
+def b64(data: str | bytes) -> str:
+    raw = data.encode() if isinstance(data, str) else data
+    return base64.b64encode(raw).decode()
+
+
+PLAIN_OK = b64(f"\0{USER}\0{PASSWORD}")
+
+
+# ----------------------------------------------------------- certificates
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def certs(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> dict[str, CertificatePair]:
+    """Certificate/key files: the default one (127.0.0.1, localhost) and one
+    each for one.test, two.test and *.wild.test (for SNI)."""
+    base = tmp_path_factory.mktemp("certs")
+    names = {
+        "default": ("127.0.0.1", "localhost", "default.test"),
+        "one": ("one.test",),
+        "two": ("two.test",),
+        "wild": ("*.wild.test",),
+    }
+    pairs = {}
+    for label, hosts in names.items():
+        leaf = ca.issue_cert(*hosts)
+        cert, key = base / f"{label}.crt", base / f"{label}.key"
+        cert.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+        key.write_bytes(leaf.private_key_pem.bytes())
+        pairs[label] = CertificatePair(str(cert), str(key))
+    return pairs
+
+
+@pytest.fixture
+def client_ctx(ca: trustme.CA) -> ssl.SSLContext:
+    """A client context that trusts the test CA and checks host names."""
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
+
+
+def context(certs: dict[str, CertificatePair], sni: bool = False) -> ssl.SSLContext:
+    extra = {"one.test": certs["one"], "two.test": certs["two"], "*.wild.test": certs["wild"]}
+    return make_server_context(certs["default"], extra if sni else None)
+
+
+def tls_listener(certs: dict[str, CertificatePair], **options: Any) -> ListenerSettings:
+    sni = options.pop("sni", False)
+    return ListenerSettings(tls_context=context(certs, sni), **options)
+
+
+# ---------------------------------------------------------------- handlers
+class AuthHandler(RecordingHandler):
+    """Records like RecordingHandler; knows one user; notes what the session
+    looked like (auth, TLS facts, Received protocol) for every message."""
+
+    auth_available = True
+
+    def __init__(self, users: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.users = {USER: PASSWORD} if users is None else users
+        self.credentials: list[Credentials] = []
+        self.facts: list[dict[str, Any]] = []
+        self.tls_at_helo: list[dict[str, Any] | None] = []
+
+    def on_helo(self, session: Session, name: str, esmtp: bool) -> Any:
+        self.tls_at_helo.append(session.tls)
+
+    def on_auth(self, session: Session, credentials: Any) -> Any:
+        self.credentials.append(credentials)
+        return self.users.get(credentials.username) == credentials.password
+
+    def on_message(self, session: Session, envelope: Envelope) -> Any:
+        self.facts.append({"auth": session.auth, "tls": session.tls, "protocol": session.protocol})
+        return super().on_message(session, envelope)
+
+
+def start_auth_server(start_server: Any, listener: ListenerSettings, **settings: Any) -> Any:
+    settings.setdefault("auth_failure_delay", 0)
+    return start_server(handler=AuthHandler(), listener=listener, **settings)
+
+
+# ------------------------------------------------------------------ clients
+def starttls(
+    client: RawClient, ctx: ssl.SSLContext, server_hostname: str | None = HOST
+) -> ssl.SSLSocket:
+    """STARTTLS on a raw client, then the handshake over the same socket."""
+    reply = client.command("STARTTLS")
+    assert reply == b"220 2.0.0 Ready to start TLS\r\n", reply
+    # Nothing may follow the 220 in plaintext.
+    assert client.buffer == b""
+    tls = ctx.wrap_socket(client.sock, server_hostname=server_hostname)
+    client.sock = tls
+    return tls
+
+
+def handshake_over(sock: socket.socket, ctx: ssl.SSLContext) -> ssl.SSLObject:
+    """A client handshake through memory BIOs: the socket stays a plain one
+    that the RawClient closes, whatever happens (wrap_socket can leave an
+    unclosed SSLSocket behind when the peer has already reset)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=HOST)
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed during the handshake") from None
+            incoming.write(data)
+    sock.sendall(outgoing.read())
+    return tls
+
+
+def ehlo_keywords(reply: bytes) -> list[str]:
+    lines = reply.decode().split("\r\n")[1:-1]
+    return [line[4:] for line in lines]
+
+
+def smtp(server: Any, **kwargs: Any) -> smtplib.SMTP:
+    return smtplib.SMTP(HOST, server.port, local_hostname="client.test", timeout=TIMEOUT, **kwargs)
+
+
+def tls_client(server: Any, ctx: ssl.SSLContext, ehlo: bool = True) -> RawClient:
+    client = RawClient(server.port)
+    client.greet()
+    starttls(client, ctx)
+    if ehlo:
+        client.command("EHLO client.test")
+    return client
+
+
+# ================================================================ STARTTLS
+def test_starttls_is_not_offered_without_a_certificate(start_server):
+    server = start_server(handler=AuthHandler())
+    with RawClient(server.port) as client:
+        keywords = ehlo_keywords(client.greet())
+        assert "STARTTLS" not in keywords
+        # No TLS and no plaintext AUTH allowed: AUTH is not offered either.
+        assert not [k for k in keywords if k.startswith("AUTH")]
+        assert client.command("STARTTLS") == b"502 5.5.1 Error: STARTTLS not available\r\n"
+        assert client.command("AUTH PLAIN " + PLAIN_OK).startswith(b"538 5.7.11 ")
+
+
+def test_starttls_offered_then_not_after_tls(start_server, certs, client_ctx):
+    server = start_auth_server(start_server, tls_listener(certs))
+    with RawClient(server.port) as client:
+        keywords = ehlo_keywords(client.greet())
+        assert "STARTTLS" in keywords
+        assert not [k for k in keywords if k.startswith("AUTH")]
+        tls = starttls(client, client_ctx)
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        keywords = ehlo_keywords(client.command("EHLO client.test"))
+        assert "STARTTLS" not in keywords
+        assert "AUTH PLAIN LOGIN" in keywords
+        assert client.command("STARTTLS") == b"554 5.5.1 Error: TLS already active\r\n"
+        assert client.command("NOOP") == b"250 2.0.0 Ok\r\n"
+
+
+def test_starttls_with_an_argument_is_a_syntax_error(start_server, certs, client_ctx):
+    server = start_auth_server(start_server, tls_listener(certs))
+    with RawClient(server.port) as client:
+        client.greet()
+        assert client.command("STARTTLS now") == b"501 5.5.4 Syntax: STARTTLS\r\n"
+        # Still plaintext and still usable; a proper STARTTLS works.
+        starttls(client, client_ctx)
+        assert client.command("EHLO client.test").startswith(b"250-")
+
+
+def test_tls_1_1_is_refused(start_server, certs, log_watch):
+    server = start_auth_server(start_server, tls_listener(certs))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.1 is, on purpose
+        try:
+            ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_1
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+        except (ValueError, ssl.SSLError):  # pragma: no cover - depends on OpenSSL
+            pytest.skip("this OpenSSL cannot offer TLS 1.1")
+    with RawClient(server.port) as client:
+        client.greet()
+        with pytest.raises((ssl.SSLError, OSError)):
+            starttls(client, ctx)
+            client.command("EHLO client.test")
+    server.wait_connections(0)
+    log_watch.wait_for("TLS handshake failed")
+
+
+def test_everything_before_starttls_is_forgotten(start_server, certs, client_ctx):
+    server = start_auth_server(start_server, tls_listener(certs, auth_plaintext=True))
+    with RawClient(server.port) as client:
+        client.greet()
+        assert client.command("AUTH PLAIN " + PLAIN_OK).startswith(b"235 2.7.0 ")
+        assert client.command("MAIL FROM:<alice@example.com>").startswith(b"250 ")
+        starttls(client, client_ctx)
+        # HELO/EHLO forgotten: MAIL needs a new EHLO (and so the old
+        # transaction is gone too).
+        assert client.command("MAIL FROM:<alice@example.com>") == (
+            b"503 Error: need HELO command\r\n"
+        )
+        keywords = ehlo_keywords(client.command("EHLO client.test"))
+        # AUTH forgotten: offered again, and MAIL is not nested.
+        assert "AUTH PLAIN LOGIN" in keywords
+        assert client.command("MAIL FROM:<alice@example.com>").startswith(b"250 2.1.0")
+        assert client.command("RCPT TO:<bob@example.com>").startswith(b"250 2.1.5")
+        assert client.command("DATA").startswith(b"354 ")
+        assert client.command(MESSAGE + b".").startswith(b"250 2.0.0")
+        assert client.command("QUIT").startswith(b"221 ")
+    (facts,) = server.handler.facts
+    assert facts["auth"] is None
+    assert facts["protocol"] == "ESMTPS"
+    (delivered,) = server.handler.messages
+    assert b"with ESMTPS\r\n" in delivered.header_bytes
+
+
+# ------------------------------------------------- CVE-2011-0411 injection
+@pytest.mark.parametrize(
+    "pipelined",
+    [
+        b"RSET\r\n",
+        b"EHLO evil.test\r\nMAIL FROM:<x@y.test>\r\n",
+        b"MAIL FROM:<x@y.test>\r\nRCPT TO:<victim@example.com>\r\n",
+    ],
+)
+def test_plaintext_pipelined_after_starttls_is_never_run(
+    start_server, certs, client_ctx, log_watch, pipelined
+):
+    server = start_auth_server(start_server, tls_listener(certs))
+    with RawClient(server.port) as client:
+        client.greet()
+        client.send(b"STARTTLS\r\n" + pipelined)  # one write, one packet
+        assert client.reply() == b"220 2.0.0 Ready to start TLS\r\n"
+        assert client.buffer == b""
+        client.sock = client_ctx.wrap_socket(client.sock, server_hostname=HOST)
+        # The first reply inside TLS answers our own first command: had the
+        # injected EHLO run, MAIL would get 250 (or 503 nested).
+        assert client.command("MAIL FROM:<me@example.com>") == (b"503 Error: need HELO command\r\n")
+        assert client.command("HELP").startswith(b"214 ")
+        assert client.command("EHLO client.test").startswith(b"250-")
+        assert client.command("MAIL FROM:<me@example.com>").startswith(b"250 2.1.0")
+        assert client.command("QUIT").startswith(b"221 ")
+    assert server.handler.senders == ["me@example.com"]
+    log_watch.wait_for("discarded plaintext pipelined after STARTTLS")
+
+
+@pytest.mark.parametrize("read_chunk_size", [65536, 1024])
+def test_a_flood_after_starttls_closes_the_connection(
+    start_server, certs, client_ctx, read_chunk_size
+):
+    server = start_auth_server(start_server, tls_listener(certs), read_chunk_size=read_chunk_size)
+    flood = b"MAIL FROM:<x@y.test>\r\n" * 8000  # 176,000 octets: several reads
+    with RawClient(server.port) as client:
+        client.greet()
+        client.send(b"STARTTLS\r\n" + flood)
+        # Either the 220 arrives (and the handshake then fails on the
+        # plaintext) or the connection is gone: never a reply to MAIL.
+        try:
+            reply = client.reply()
+        except ConnectionError:
+            reply = b""
+        assert reply in (b"220 2.0.0 Ready to start TLS\r\n", b"")
+        assert client.buffer == b""
+        with pytest.raises((ssl.SSLError, OSError)):
+            handshake_over(client.sock, client_ctx)
+    server.wait_connections(0)
+    assert server.handler.senders == []
+
+
+def test_handshake_timeout_after_starttls(start_server, certs, log_watch):
+    server = start_auth_server(start_server, tls_listener(certs), tls_handshake_timeout=0.3)
+    with RawClient(server.port) as client:
+        client.greet()
+        assert client.command("STARTTLS").startswith(b"220 ")
+        started = time.monotonic()
+        assert client.read_to_eof(timeout=5) == b""  # no plaintext reply either
+        assert 0.25 <= time.monotonic() - started < 3
+    server.wait_connections(0)
+    log_watch.wait_for("TLS handshake timed out")
+    assert len(server.handler.disconnected) == 1
+
+
+def test_garbage_instead_of_a_handshake_closes(start_server, certs, log_watch):
+    server = start_auth_server(start_server, tls_listener(certs))
+    with RawClient(server.port) as client:
+        client.greet()
+        assert client.command("STARTTLS").startswith(b"220 ")
+        client.send(b"EHLO this is not a ClientHello\r\n" * 4)
+        assert client.read_to_eof() == b""
+    server.wait_connections(0)
+    log_watch.wait_for("TLS handshake failed")
+
+
+def test_client_gone_during_the_handshake(start_server, certs):
+    server = start_auth_server(start_server, tls_listener(certs))
+    with RawClient(server.port) as client:
+        client.greet()
+        assert client.command("STARTTLS").startswith(b"220 ")
+    server.wait_connections(0)
+    assert len(server.handler.disconnected) == 1
+
+
+# ------------------------------------------------------------- real clients
+def test_smtplib_starttls_login_sendmail(start_server, certs, client_ctx):
+    server = start_auth_server(start_server, tls_listener(certs))
+    with smtp(server) as client:
+        client.ehlo()
+        assert client.has_extn("starttls")
+        assert not client.has_extn("auth")
+        code, _ = client.starttls(context=client_ctx)
+        assert code == 220
+        client.ehlo()
+        assert client.esmtp_features["auth"].split() == ["PLAIN", "LOGIN"]
+        assert client.login(USER, PASSWORD)[0] == 235
+        assert client.sendmail("alice@example.com", ["bob@example.com"], MESSAGE) == {}
+    wait_until(lambda: server.handler.messages, message="the message")
+    (facts,) = server.handler.facts
+    assert facts["auth"] == USER
+    assert facts["protocol"] == "ESMTPSA"
+    tls = facts["tls"]
+    assert tls["version"] in ("TLSv1.2", "TLSv1.3")
+    assert tls["cipher"] and tls["bits"] >= 128
+    assert tls["sni"] is None  # no SNI for an IP address
+    (delivered,) = server.handler.messages
+    header = delivered.header_bytes.decode()
+    assert "with ESMTPSA" in header
+    assert f"(version={tls['version']} cipher={tls['cipher']})" in header
+    assert f"(authenticated as {USER})" in header
+    assert delivered.body == MESSAGE
+    (credentials,) = server.handler.credentials
+    assert credentials.mechanism == "PLAIN"
+
+
+def test_smtplib_auth_login_two_challenges(start_server, certs, client_ctx):
+    server = start_auth_server(start_server, tls_listener(certs))
+    with smtp(server) as client:
+        client.starttls(context=client_ctx)
+        client.ehlo()
+        client.user, client.password = USER, PASSWORD
+        code, _ = client.auth("LOGIN", client.auth_login, initial_response_ok=False)
+        assert code == 235
+    (credentials,) = server.handler.credentials
+    assert (credentials.mechanism, credentials.username) == ("LOGIN", USER)
+
+
+def test_smtplib_wrong_password(start_server, certs, client_ctx):
+    server = start_auth_server(start_server, tls_listener(certs))
+    with smtp(server) as client:
+        client.starttls(context=client_ctx)
+        with pytest.raises(smtplib.SMTPAuthenticationError) as info:
+            client.login(USER, "wrong")
+    # smtplib tries PLAIN, then LOGIN: both refused alike.
+    assert info.value.smtp_code == 535
+    assert info.value.smtp_error == b"5.7.8 Authentication credentials invalid"
+
+
+def test_aiosmtplib_starttls_login(start_server, certs, client_ctx):
+    server = start_auth_server(start_server, tls_listener(certs))
+
+    async def main() -> None:
+        client = aiosmtplib.SMTP(
+            hostname=HOST, port=server.port, tls_context=client_ctx, start_tls=False
+        )
+        async with client:
+            await client.starttls()
+            await client.login(USER, PASSWORD)
+            await client.sendmail("alice@example.com", ["bob@example.com"], MESSAGE)
+
+    asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+    wait_until(lambda: server.handler.messages, message="the message")
+    assert server.handler.facts[0]["protocol"] == "ESMTPSA"
+
+
+# ------------------------------------------------------------ swaks, openssl
+SWAKS = shutil.which("swaks")
+OPENSSL = shutil.which("openssl")
+needs_swaks = pytest.mark.skipif(SWAKS is None, reason="swaks is not installed")
+needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="openssl is not installed")
+
+
+def run_swaks(port: int, *extra: str) -> subprocess.CompletedProcess[str]:
+    assert SWAKS is not None
+    command = [
+        SWAKS,
+        "--server",
+        HOST,
+        "--port",
+        str(port),
+        "--helo",
+        "swaks.test",
+        "--from",
+        "alice@example.com",
+        "--to",
+        "bob@example.com",
+        "--body",
+        "Body line\n.dotted line",
+        "--timeout",
+        "10",
+        *extra,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+
+
+@needs_swaks
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+@pytest.mark.parametrize("mode", ["--tls", "--tlsc"])
+def test_swaks_tls_and_auth(start_server, certs, mechanism, mode):
+    implicit = mode == "--tlsc"
+    server = start_auth_server(start_server, tls_listener(certs, implicit_tls=implicit))
+    auth = ["--auth", mechanism, "--auth-user", USER, "--auth-password", PASSWORD]
+    result = run_swaks(server.port, mode, *auth)
+    assert result.returncode == 0, result.stdout + result.stderr
+    if not implicit:
+        assert "<-  220 2.0.0 Ready to start TLS" in result.stdout
+    assert "235 2.7.0 Authentication successful" in result.stdout
+    wait_until(lambda: server.handler.messages, message="the message")
+    (facts,) = server.handler.facts
+    assert facts["auth"] == USER and facts["protocol"] == "ESMTPSA"
+    (credentials,) = server.handler.credentials
+    assert credentials.mechanism == mechanism
+
+
+@needs_swaks
+def test_swaks_wrong_password_fails(start_server, certs):
+    server = start_auth_server(start_server, tls_listener(certs))
+    auth = ["--auth", "PLAIN", "--auth-user", USER, "--auth-password", "nope"]
+    result = run_swaks(server.port, "--tls", *auth)
+    assert result.returncode != 0
+    assert "535 5.7.8 Authentication credentials invalid" in result.stdout
+    assert server.handler.messages == []
+
+
+def run_s_client(args: list[str], script: bytes) -> str:
+    assert OPENSSL is not None
+    command = [OPENSSL, "s_client", *args, "-quiet", "-crlf", "-verify_quiet"]
+    result = subprocess.run(command, input=script, capture_output=True, timeout=30, check=False)
+    return result.stdout.decode("utf-8", "replace")
+
+
+def s_client_script() -> bytes:
+    lines = [
+        "EHLO openssl.test",
+        f"AUTH PLAIN {PLAIN_OK}",
+        "MAIL FROM:<alice@example.com>",
+        "RCPT TO:<bob@example.com>",
+        "DATA",
+        "Subject: s_client",
+        "",
+        "hello",
+        ".",
+        "QUIT",
+    ]
+    return "\n".join(lines).encode() + b"\n"
+
+
+@needs_openssl
+def test_openssl_s_client_starttls(start_server, certs, ca, tmp_path):
+    server = start_auth_server(start_server, tls_listener(certs))
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    args = ["-connect", f"{HOST}:{server.port}", "-starttls", "smtp", "-CAfile", str(ca_file)]
+    out = run_s_client(args, s_client_script())
+    assert "235 2.7.0 Authentication successful" in out, out
+    assert "250 2.0.0 Ok: queued as" in out, out
+    assert "221 2.0.0 Bye" in out, out
+    wait_until(lambda: server.handler.messages, message="the message")
+    assert server.handler.facts[0]["protocol"] == "ESMTPSA"
+
+
+@needs_openssl
+def test_openssl_s_client_implicit_tls(start_server, certs, ca, tmp_path):
+    server = start_auth_server(start_server, tls_listener(certs, implicit_tls=True))
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    args = ["-connect", f"{HOST}:{server.port}", "-CAfile", str(ca_file)]
+    out = run_s_client(args, s_client_script())
+    assert out.startswith("220 "), out
+    assert "235 2.7.0 Authentication successful" in out, out
+    assert "221 2.0.0 Bye" in out, out
+    wait_until(lambda: server.handler.messages, message="the message")
+    assert server.handler.facts[0]["protocol"] == "ESMTPSA"
+
+
+# ------------------------------------------------------------ require_tls
+def test_require_tls_refuses_mail_before_starttls(start_server, certs, client_ctx):
+    server = start_auth_server(start_server, tls_listener(certs, require_tls=True))
+    with RawClient(server.port) as client:
+        client.greet()
+        assert client.command("MAIL FROM:<alice@example.com>") == (
+            b"530 5.7.0 Must issue a STARTTLS command first\r\n"
+        )
+        starttls(client, client_ctx)
+        client.command("EHLO client.test")
+        assert client.command("MAIL FROM:<alice@example.com>").startswith(b"250 2.1.0")
+    assert server.handler.senders == ["alice@example.com"]
+
+
+def test_require_auth_refuses_mail_before_auth(start_server, certs, client_ctx):
+    # The submission profile: TLS first, then AUTH, then mail.
+    listener = tls_listener(certs, require_tls=True, require_auth=True)
+    server = start_auth_server(start_server, listener)
+    with tls_client(server, client_ctx) as client:
+        assert client.command("MAIL FROM:<alice@example.com>") == (
+            b"530 5.7.0 Authentication required\r\n"
+        )
+        assert client.command("AUTH PLAIN " + PLAIN_OK).startswith(b"235 ")
+        reply = client.command("MAIL FROM:<alice@example.com> AUTH=<>")
+        assert reply.startswith(b"250 2.1.0")
+    assert server.handler.senders == ["alice@example.com"]
+
+
+def test_smtplib_submission_profile(start_server, certs, client_ctx):
+    listener = tls_listener(certs, require_tls=True, require_auth=True)
+    server = start_auth_server(start_server, listener)
+    with smtp(server) as client:
+        with pytest.raises(smtplib.SMTPSenderRefused) as info:
+            client.sendmail("alice@example.com", ["bob@example.com"], MESSAGE)
+        assert info.value.smtp_code == 530
+    with smtp(server) as client:
+        client.starttls(context=client_ctx)
+        client.login(USER, PASSWORD)
+        client.sendmail("alice@example.com", ["bob@example.com"], MESSAGE)
+    wait_until(lambda: server.handler.messages, message="the message")
+
+
+# ===================================================================== AUTH
+@pytest.fixture
+def plain_auth_server(start_server):
+    """AUTH allowed without TLS (auth_plaintext), to test the exchange itself."""
+    return start_auth_server(start_server, ListenerSettings(auth_plaintext=True))
+
+
+def authed_client(server: Any) -> RawClient:
+    client = RawClient(server.port)
+    client.greet()
+    return client
+
+
+def test_auth_plain_with_initial_response(plain_auth_server):
+    with authed_client(plain_auth_server) as client:
+        assert client.command("AUTH PLAIN " + PLAIN_OK) == (
+            b"235 2.7.0 Authentication successful\r\n"
+        )
+        # After success: AUTH no longer offered and refused.
+        keywords = ehlo_keywords(client.command("EHLO client.test"))
+        assert not [k for k in keywords if k.startswith("AUTH")]
+        assert client.command("AUTH PLAIN " + PLAIN_OK) == (
+            b"503 5.5.1 Error: already authenticated\r\n"
+        )
+    (credentials,) = plain_auth_server.handler.credentials
+    assert (credentials.username, credentials.password, credentials.authzid) == (
+        USER,
+        PASSWORD,
+        "",
+    )
+
+
+def test_auth_plain_with_authzid(plain_auth_server):
+    with authed_client(plain_auth_server) as client:
+        blob = b64(f"boss\0{USER}\0{PASSWORD}")
+        assert client.command("auth plain " + blob).startswith(b"235 2.7.0 ")
+    (credentials,) = plain_auth_server.handler.credentials
+    assert credentials.authzid == "boss"
+
+
+def test_auth_plain_without_initial_response(plain_auth_server):
+    with authed_client(plain_auth_server) as client:
+        assert client.command("AUTH PLAIN") == b"334 \r\n"
+        assert client.command(PLAIN_OK) == b"235 2.7.0 Authentication successful\r\n"
+
+
+def test_auth_login_two_challenges(plain_auth_server):
+    with authed_client(plain_auth_server) as client:
+        assert client.command("AUTH LOGIN") == b"334 VXNlcm5hbWU6\r\n"  # Username:
+        assert client.command(b64(USER)) == b"334 UGFzc3dvcmQ6\r\n"  # Password:
+        assert client.command(b64(PASSWORD)) == b"235 2.7.0 Authentication successful\r\n"
+    (credentials,) = plain_auth_server.handler.credentials
+    assert (credentials.mechanism, credentials.username) == ("LOGIN", USER)
+
+
+def test_auth_login_with_initial_response(plain_auth_server):
+    with authed_client(plain_auth_server) as client:
+        assert client.command("AUTH LOGIN " + b64(USER)) == b"334 UGFzc3dvcmQ6\r\n"
+        assert client.command(b64(PASSWORD)).startswith(b"235 ")
+
+
+def test_auth_pipelined_lines_are_the_exchange(plain_auth_server):
+    with authed_client(plain_auth_server) as client:
+        client.send(f"AUTH LOGIN\r\n{b64(USER)}\r\n{b64(PASSWORD)}\r\nNOOP\r\n".encode())
+        assert client.replies(4) == [
+            b"334 VXNlcm5hbWU6\r\n",
+            b"334 UGFzc3dvcmQ6\r\n",
+            b"235 2.7.0 Authentication successful\r\n",
+            b"250 2.0.0 Ok\r\n",
+        ]
+
+
+def test_auth_empty_initial_response(plain_auth_server):
+    with authed_client(plain_auth_server) as client:
+        # "=" is an empty initial response: for PLAIN that is malformed.
+        assert client.command("AUTH PLAIN =") == b"501 5.5.2 Malformed PLAIN response\r\n"
+        assert client.command("AUTH LOGIN =") == b"501 5.5.2 Empty user name\r\n"
+        # The empty response to a challenge, too.
+        assert client.command("AUTH PLAIN") == b"334 \r\n"
+        assert client.command("=") == b"501 5.5.2 Malformed PLAIN response\r\n"
+        assert client.command("AUTH PLAIN " + PLAIN_OK).startswith(b"235 ")
+    assert len(plain_auth_server.handler.credentials) == 1
+
+
+@pytest.mark.parametrize("start", ["AUTH PLAIN", "AUTH LOGIN", "AUTH LOGIN " + b64(USER)])
+def test_auth_star_cancels(plain_auth_server, start):
+    with authed_client(plain_auth_server) as client:
+        assert client.command(start).startswith(b"334 ")
+        assert client.command("*") == b"501 5.0.0 Authentication cancelled\r\n"
+        # Back to commands; a new AUTH works.
+        assert client.command("NOOP") == b"250 2.0.0 Ok\r\n"
+        assert client.command("AUTH PLAIN " + PLAIN_OK).startswith(b"235 ")
+    assert [c.username for c in plain_auth_server.handler.credentials] == [USER]
+
+
+@pytest.mark.parametrize("bad", ["not*base64", "YWJj=ZGVm", "YWJjZA", "\u00e9t\u00e9"])
+def test_auth_bad_base64(plain_auth_server, bad):
+    with authed_client(plain_auth_server) as client:
+        assert client.command("AUTH PLAIN " + bad) == b"501 5.5.2 Invalid base64 data\r\n"
+        assert client.command("AUTH LOGIN") == b"334 VXNlcm5hbWU6\r\n"
+        assert client.command(bad) == b"501 5.5.2 Invalid base64 data\r\n"
+        assert client.command("NOOP") == b"250 2.0.0 Ok\r\n"
+    assert plain_auth_server.handler.credentials == []
+
+
+def test_auth_syntax_and_unknown_mechanism(plain_auth_server):
+    with authed_client(plain_auth_server) as client:
+        assert client.command("AUTH CRAM-MD5") == b"504 5.5.4 Unrecognized authentication type\r\n"
+        assert client.command("AUTH") == b"501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n"
+        assert client.command("AUTH PLAIN a b").startswith(b"501 5.5.4 ")
+
+
+def test_auth_needs_ehlo(plain_auth_server):
+    with RawClient(plain_auth_server.port) as client:
+        client.greet(ehlo=None)
+        assert client.command("AUTH PLAIN " + PLAIN_OK).startswith(b"503 ")
+        client.command("HELO client.test")
+        assert client.command("AUTH PLAIN " + PLAIN_OK).startswith(b"503 ")
+
+
+def test_auth_refused_during_a_transaction(plain_auth_server):
+    with authed_client(plain_auth_server) as client:
+        assert client.command("MAIL FROM:<a@example.com>").startswith(b"250 ")
+        assert client.command("AUTH PLAIN " + PLAIN_OK) == (
+            b"503 5.5.1 Error: AUTH not allowed during a mail transaction\r\n"
+        )
+        assert client.command("RSET").startswith(b"250 ")
+        assert client.command("AUTH PLAIN " + PLAIN_OK).startswith(b"235 ")
+
+
+def test_mail_auth_parameter(plain_auth_server):
+    with authed_client(plain_auth_server) as client:
+        client.command("AUTH PLAIN " + PLAIN_OK)
+        assert client.command("MAIL FROM:<a@example.com> AUTH=a@example.com").startswith(b"250 ")
+        client.command("RSET")
+        assert client.command("MAIL FROM:<a@example.com> AUTH").startswith(b"501 5.5.4 ")
+
+
+def test_auth_line_limit(plain_auth_server):
+    with authed_client(plain_auth_server) as client:
+        # A line of exactly 12,288 octets (CRLF included) is read and judged.
+        head = "AUTH PLAIN "
+        body = "A" * (12288 - len(head) - 2)
+        body = body[: len(body) // 4 * 4]
+        line = head + body + "=" * (12288 - 2 - len(head) - len(body))
+        assert len(line) + 2 == 12288
+        reply = client.command(line)
+        assert reply.startswith(b"501 5.5.2 "), reply  # bad content, not too long
+        assert client.command("AUTH PLAIN " + "A" * 12288) == (
+            b"500 5.5.6 Authentication exchange line is too long\r\n"
+        )
+        # The same limit for a response to a challenge.
+        assert client.command("AUTH LOGIN") == b"334 VXNlcm5hbWU6\r\n"
+        assert client.command("A" * 12288) == (
+            b"500 5.5.6 Authentication exchange line is too long\r\n"
+        )
+        assert client.command("AUTH LOGIN") == b"334 VXNlcm5hbWU6\r\n"
+        user = b64(USER)
+        padded = " " * (12288 - 2 - len(user)) + user  # long but within the limit
+        assert client.command(padded) == b"334 UGFzc3dvcmQ6\r\n"
+        assert client.command(b64(PASSWORD)).startswith(b"235 ")
+
+
+@pytest.mark.parametrize("start", [b"", b"AUTH LOGIN\r\n"])
+def test_an_overlong_line_trickled_in_is_bounded_by_command_timeout(start_server, start):
+    server = start_auth_server(
+        start_server, ListenerSettings(auth_plaintext=True), command_timeout=0.5
+    )
+    with RawClient(server.port) as client:
+        client.greet()
+        if start:
+            assert client.command(start.strip()).startswith(b"334 ")
+        # Past the 12,288-octet limit: the rest of the line is read and dropped.
+        started = time.monotonic()
+        client.send(b"AUTH PLAIN " + b"A" * 13000)
+        deadline = started + 5
+        while time.monotonic() < deadline:
+            try:
+                client.send(b"A")
+            except OSError:
+                break
+            if select.select([client.sock], [], [], 0.05)[0]:
+                break
+        assert client.read_to_eof() == b"421 4.4.2 Timeout, closing connection\r\n"
+        elapsed = time.monotonic() - started
+    assert 0.4 <= elapsed < 2.0, elapsed
+
+
+def test_overlong_auth_line_split_across_reads_gets_the_same_reply():
+    settings = SMTPSettings(hostname="bonzo.test")
+    replies = []
+    for cut in (None, 6000, 12289, 12500):
+        proto = SMTPProtocol(settings, "192.0.2.1")
+        proto.auth_mechanisms = ("PLAIN", "LOGIN")
+        proto.auth_plaintext = True
+        proto.receive_data(b"EHLO x\r\n")
+        event = proto.next_event()
+        proto.accept()
+        proto.data_to_send()
+        line = b"AUTH PLAIN " + b"A" * 13000 + b"\r\n"
+        pieces = [line] if cut is None else [line[:cut], line[cut:]]
+        for piece in pieces:
+            proto.receive_data(piece)
+            event = proto.next_event()
+        assert event is NEED_DATA
+        replies.append(proto.data_to_send())
+    assert replies == [b"500 5.5.6 Authentication exchange line is too long\r\n"] * 4
+
+
+def test_auth_not_offered_and_refused_without_tls(start_server, certs):
+    server = start_auth_server(start_server, tls_listener(certs))
+    with RawClient(server.port) as client:
+        keywords = ehlo_keywords(client.greet())
+        assert not [k for k in keywords if k.startswith("AUTH")]
+        assert client.command("AUTH PLAIN " + PLAIN_OK) == (
+            b"538 5.7.11 Encryption required for requested authentication mechanism\r\n"
+        )
+        assert client.command("AUTH LOGIN").startswith(b"538 5.7.11 ")
+    assert server.handler.credentials == []
+
+
+def test_auth_mechanisms_of_the_listener(start_server, certs, client_ctx):
+    listener = tls_listener(certs, auth_mechanisms=("PLAIN",))
+    server = start_auth_server(start_server, listener)
+    with tls_client(server, client_ctx, ehlo=False) as client:
+        assert "AUTH PLAIN" in ehlo_keywords(client.command("EHLO client.test"))
+        assert client.command("AUTH LOGIN").startswith(b"504 5.5.4 ")
+        assert client.command("AUTH PLAIN " + PLAIN_OK).startswith(b"235 ")
+
+
+def test_auth_not_offered_without_an_auth_handler(start_server, certs, client_ctx):
+    server = start_server(listener=tls_listener(certs))  # RecordingHandler: no on_auth
+    with tls_client(server, client_ctx, ehlo=False) as client:
+        keywords = ehlo_keywords(client.command("EHLO client.test"))
+        assert not [k for k in keywords if k.startswith("AUTH")]
+        assert client.command("AUTH PLAIN " + PLAIN_OK).startswith(b"502 5.5.1 ")
+
+
+def test_unknown_user_and_wrong_password_get_the_same_reply(start_server, certs, client_ctx):
+    server = start_auth_server(start_server, tls_listener(certs))
+    with tls_client(server, client_ctx) as client:
+        wrong = client.command("AUTH PLAIN " + b64(f"\0{USER}\0nope"))
+        unknown = client.command("AUTH PLAIN " + b64(f"\0mallory\0{PASSWORD}"))
+    assert wrong == unknown == b"535 5.7.8 Authentication credentials invalid\r\n"
+
+
+def test_failure_budget_and_delay(start_server, certs, client_ctx):
+    delay = 0.3
+    server = start_server(
+        handler=AuthHandler(),
+        listener=tls_listener(certs),
+        max_auth_failures=3,
+        auth_failure_delay=delay,
+    )
+    with tls_client(server, client_ctx) as client:
+        started = time.monotonic()
+        assert client.command("AUTH PLAIN " + b64("\0alice\0one")).startswith(b"535 5.7.8 ")
+        first = time.monotonic() - started
+        # A cancelled exchange or a syntax error is not a failure to count.
+        client.command("AUTH LOGIN")
+        assert client.command("*").startswith(b"501 ")
+        started = time.monotonic()
+        client.command("AUTH LOGIN")
+        client.command(b64(USER))
+        assert client.command(b64("two")).startswith(b"535 5.7.8 ")
+        second = time.monotonic() - started
+        started = time.monotonic()
+        client.send(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 'three')}\r\n".encode())
+        last = client.read_to_eof()
+        third = time.monotonic() - started
+    assert last == (
+        b"535 5.7.8 Authentication credentials invalid\r\n"
+        b"421 4.7.0 Too many authentication failures\r\n"
+    )
+    for elapsed in (first, second, third):
+        assert delay * 0.9 <= elapsed < delay + 2.0, (first, second, third)
+    server.wait_connections(0)
+
+
+def test_the_failure_delay_does_not_hold_up_other_sessions(start_server, certs, client_ctx):
+    server = start_server(
+        handler=AuthHandler(), listener=tls_listener(certs), auth_failure_delay=1.0
+    )
+    with tls_client(server, client_ctx) as slow, tls_client(server, client_ctx) as other:
+        slow.send(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 'bad')}\r\n".encode())
+        started = time.monotonic()
+        assert other.command("AUTH PLAIN " + PLAIN_OK).startswith(b"235 ")
+        assert time.monotonic() - started < 0.5
+        assert slow.reply().startswith(b"535 ")
+
+
+def test_success_after_failures_resets_nothing_but_works(start_server, certs, client_ctx):
+    server = start_auth_server(start_server, tls_listener(certs), max_auth_failures=3)
+    with tls_client(server, client_ctx) as client:
+        for _ in range(2):
+            assert client.command("AUTH PLAIN " + b64("\0alice\0x")).startswith(b"535 ")
+        assert client.command("AUTH PLAIN " + PLAIN_OK).startswith(b"235 ")
+        assert client.command("MAIL FROM:<a@example.com>").startswith(b"250 ")
+
+
+class FaultyAuth(AuthHandler):
+    def on_auth(self, session: Session, credentials: Any) -> Any:
+        raise RuntimeError("the user database is down")
+
+
+def test_handler_fault_is_454(start_server, certs, client_ctx, log_watch):
+    log_watch.allow("Uncaught exception")
+    server = start_server(handler=FaultyAuth(), listener=tls_listener(certs))
+    with tls_client(server, client_ctx) as client:
+        assert client.command("AUTH PLAIN " + PLAIN_OK) == (
+            b"454 4.7.0 Temporary authentication failure\r\n"
+        )
+        # Not a failure of the client's: the session goes on.
+        assert client.command("NOOP") == b"250 2.0.0 Ok\r\n"
+    log_watch.wait_for("Uncaught exception")
+
+
+class RefusingAuth(AuthHandler):
+    def on_auth(self, session: Session, credentials: Any) -> Any:
+        raise SMTPError(535, "Account locked", enhanced_code="5.7.8")
+
+
+def test_handler_may_refuse_with_its_own_reply(start_server, certs, client_ctx):
+    server = start_server(
+        handler=RefusingAuth(), listener=tls_listener(certs), auth_failure_delay=0
+    )
+    with tls_client(server, client_ctx) as client:
+        assert client.command("AUTH PLAIN " + PLAIN_OK) == b"535 5.7.8 Account locked\r\n"
+
+
+# --------------------------------------------------- plugins (bonzo_auth)
+class AsyncAuthPlugin:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str]] = []
+
+    @hookimpl
+    async def bonzo_auth(self, session: Session, mechanism: str, username: str, password: str):
+        await asyncio.sleep(0.01)
+        self.calls.append((session.id, mechanism, username))
+        return Accept() if (username, password) == (USER, PASSWORD) else None
+
+
+class BrokenAuthPlugin:
+    @hookimpl
+    def bonzo_auth(self, username: str) -> Any:
+        raise RuntimeError("LDAP is unreachable")
+
+
+class RelayPlugin:
+    """Recipients-like: local domain for everyone, anywhere once authenticated."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str | None, dict[str, Any] | None]] = []
+
+    @hookimpl
+    def bonzo_rcpt(self, session: Session, address: str) -> Any:
+        if address.endswith("@example.com") or session.auth is not None:
+            return Accept()
+        raise SMTPError(554, "Relay access denied", enhanced_code="5.7.1")
+
+    @hookimpl
+    def bonzo_deliver(self, session: Session, envelope: Envelope) -> Any:
+        self.seen.append((session.auth, session.tls))
+        return Accept()
+
+
+def plugin_handler(*plugins: tuple[str, object]) -> PluginHandler:
+    plugin_set = PluginSet(timeout=TIMEOUT)
+    for name, plugin in plugins:
+        plugin_set.register(plugin, name)
+    return PluginHandler(plugin_set)
+
+
+def test_async_bonzo_auth_plugin_and_session_auth(start_server, certs, client_ctx):
+    auth, relay = AsyncAuthPlugin(), RelayPlugin()
+    server = start_server(
+        handler=plugin_handler(("auth", auth), ("relay", relay)),
+        listener=tls_listener(certs),
+        auth_failure_delay=0,
+    )
+    with smtp(server) as client:
+        client.starttls(context=client_ctx)
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            client.sendmail("a@example.com", ["someone@elsewhere.test"], MESSAGE)
+        client.rset()
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            client.login(USER, "wrong")
+        client.login(USER, PASSWORD)
+        client.sendmail("a@example.com", ["someone@elsewhere.test"], MESSAGE)
+    wait_until(lambda: relay.seen, message="the delivery")
+    ((who, tls),) = relay.seen
+    assert who == USER
+    assert tls is not None and tls["version"]
+    assert [c[1:] for c in auth.calls][-1] == ("PLAIN", USER)
+
+
+def test_plugin_that_raises_gives_454(start_server, certs, client_ctx, log_watch):
+    log_watch.allow("LDAP is unreachable")
+    server = start_server(
+        handler=plugin_handler(("broken", BrokenAuthPlugin())), listener=tls_listener(certs)
+    )
+    with tls_client(server, client_ctx) as client:
+        assert client.command("AUTH PLAIN " + PLAIN_OK) == (
+            b"454 4.7.0 Temporary authentication failure\r\n"
+        )
+        assert client.command("NOOP").startswith(b"250 ")
+    log_watch.wait_for("LDAP is unreachable")
+
+
+class SlowAuthPlugin:
+    @hookimpl
+    async def bonzo_auth(self, username: str) -> Any:
+        await asyncio.sleep(30)
+
+
+def test_a_plugin_that_times_out_gives_454(start_server, certs, client_ctx, log_watch):
+    log_watch.allow("bonzo_auth")
+    plugin_set = PluginSet(timeout=0.3)
+    plugin_set.register(SlowAuthPlugin(), "slow")
+    server = start_server(handler=PluginHandler(plugin_set), listener=tls_listener(certs))
+    with tls_client(server, client_ctx) as client:
+        started = time.monotonic()
+        assert client.command("AUTH PLAIN " + PLAIN_OK) == (
+            b"454 4.7.0 Temporary authentication failure\r\n"
+        )
+        assert time.monotonic() - started < 3
+        assert client.command("NOOP").startswith(b"250 ")
+
+
+def test_without_an_auth_plugin_auth_is_not_offered(start_server, certs, client_ctx):
+    server = start_server(
+        handler=plugin_handler(("relay", RelayPlugin())), listener=tls_listener(certs)
+    )
+    with tls_client(server, client_ctx, ehlo=False) as client:
+        keywords = ehlo_keywords(client.command("EHLO client.test"))
+        assert not [k for k in keywords if k.startswith("AUTH")]
+
+
+# ----------------------------------------------------------------- secrets
+@pytest.fixture
+def all_records() -> Iterator[list[logging.LogRecord]]:
+    """Every log record of every logger, at DEBUG."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    root = logging.getLogger()
+    handler = Keep(logging.DEBUG)
+    saved = root.level
+    root.setLevel(logging.DEBUG)
+    root.addHandler(handler)
+    try:
+        yield records
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved)
+
+
+def test_secrets_never_logged(start_server, certs, client_ctx, all_records, log_watch):
+    log_watch.allow("Uncaught exception")
+    secret = "Sup3r-Secret-Passw0rd"
+    auth = AsyncAuthPlugin()
+    server = start_server(
+        handler=plugin_handler(("auth", auth), ("relay", RelayPlugin())),
+        listener=tls_listener(certs),
+        auth_failure_delay=0,
+        max_auth_failures=10,
+    )
+    secrets = [
+        secret,
+        b64(secret),
+        b64(f"\0{USER}\0{secret}"),
+        b64(f"\0nobody\0{secret}"),
+        PASSWORD,
+        b64(PASSWORD),
+        PLAIN_OK,
+    ]
+    with tls_client(server, client_ctx) as client:
+        assert client.command("AUTH PLAIN " + b64(f"\0{USER}\0{secret}")).startswith(b"535")
+        assert client.command("AUTH PLAIN " + b64(f"\0nobody\0{secret}")).startswith(b"535")
+        client.command("AUTH LOGIN")
+        client.command(b64(USER))
+        assert client.command(b64(secret)).startswith(b"535")
+        # Malformed and cancelled exchanges.
+        assert client.command("AUTH PLAIN " + b64(secret)).startswith(b"501")
+        client.command("AUTH PLAIN")
+        assert client.command(b64(f"{secret}\0\0")).startswith(b"501")
+        assert client.command("AUTH PLAIN " + b64(secret) + "!").startswith(b"501")
+        # A secret sent where a command is expected (a confused client).
+        assert client.command(b64(secret)).startswith(b"500")
+        assert client.command("AUTH PLAIN " + PLAIN_OK).startswith(b"235")
+        assert client.command("QUIT").startswith(b"221")
+    server.wait_connections(0)
+    assert any("authenticated as" in r.getMessage() for r in all_records)
+    for record in all_records:
+        text = record.getMessage() + repr(record.args) + str(record.exc_text or "")
+        for value in secrets:
+            assert value not in text, (record.name, text)
+
+
+# ---------------------------------------------------------------------- SNI
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("one.test", "one.test"),
+        ("two.test", "two.test"),
+        ("ONE.test", "one.test"),
+        ("mx.wild.test", "*.wild.test"),
+        ("unknown.test", "default.test"),
+        (None, "default.test"),
+    ],
+)
+def test_sni_selects_the_certificate(start_server, certs, ca, name, expected):
+    server = start_auth_server(start_server, tls_listener(certs, sni=True))
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    ctx.check_hostname = False  # the default certificate is not for the name asked
+    with RawClient(server.port) as client:
+        client.greet()
+        tls = starttls(client, ctx, server_hostname=name)
+        sans = {value for kind, value in tls.getpeercert()["subjectAltName"]}
+        assert expected in sans, sans
+        client.command("EHLO client.test")
+        client.command("QUIT")
+    wait_until(lambda: server.handler.disconnected, message="the disconnect")
+    (tls_facts,) = [t for t in server.handler.tls_at_helo if t is not None]
+    assert tls_facts["sni"] == (name.lower() if name else None)
+
+
+def test_sni_name_recorded_without_extra_certificates(start_server, certs, client_ctx):
+    server = start_auth_server(start_server, tls_listener(certs))
+    with RawClient(server.port) as client:
+        client.greet()
+        starttls(client, client_ctx, server_hostname="localhost")
+        client.command("EHLO client.test")
+        client.command("QUIT")
+    wait_until(lambda: server.handler.disconnected, message="the disconnect")
+    (tls_facts,) = [t for t in server.handler.tls_at_helo if t is not None]
+    assert tls_facts["sni"] == "localhost"
+
+
+# ------------------------------------------------------------ implicit TLS
+def test_implicit_tls_handshake_before_greeting(start_server, certs, client_ctx):
+    server = start_auth_server(start_server, tls_listener(certs, implicit_tls=True))
+    with smtplib.SMTP_SSL(
+        HOST, server.port, local_hostname="client.test", timeout=TIMEOUT, context=client_ctx
+    ) as client:
+        client.ehlo()
+        assert not client.has_extn("starttls")
+        assert client.has_extn("auth")
+        assert client.docmd("STARTTLS") == (554, b"5.5.1 Error: TLS already active")
+        client.login(USER, PASSWORD)
+        client.sendmail("alice@example.com", ["bob@example.com"], MESSAGE)
+    wait_until(lambda: server.handler.messages, message="the message")
+    (facts,) = server.handler.facts
+    assert facts["protocol"] == "ESMTPSA"
+    assert facts["tls"]["version"] in ("TLSv1.2", "TLSv1.3")
+    assert server.handler.tls_at_helo[0] is not None  # known before EHLO
+
+
+def test_implicit_tls_plaintext_client_gets_no_greeting(start_server, certs, log_watch):
+    server = start_auth_server(
+        start_server, tls_listener(certs, implicit_tls=True), tls_handshake_timeout=0.3
+    )
+    with RawClient(server.port) as client:
+        started = time.monotonic()
+        assert client.read_to_eof(timeout=5) == b""
+        assert 0.25 <= time.monotonic() - started < 3
+    with RawClient(server.port) as client:
+        client.send(b"EHLO client.test\r\n")
+        assert client.read_to_eof(timeout=5) == b""
+    server.wait_connections(0)
+    log_watch.wait_for("TLS handshake timed out")
+    assert server.handler.connected == []  # on_connect only after the handshake
+
+
+def test_implicit_tls_over_the_connection_limit(start_server, certs, client_ctx):
+    server = start_auth_server(
+        start_server,
+        tls_listener(certs, implicit_tls=True),
+        max_connections=1,
+        tls_handshake_timeout=0.5,
+    )
+    with RawClient(server.port) as first:
+        first.sock = client_ctx.wrap_socket(first.sock, server_hostname=HOST)
+        first.greet()
+        server.wait_connections(1)
+        # Over the limit, a TLS client gets its 421 inside TLS...
+        with RawClient(server.port) as second:
+            second.sock = client_ctx.wrap_socket(second.sock, server_hostname=HOST)
+            assert second.read_to_eof() == (b"421 4.7.0 Too many connections, try again later\r\n")
+        # ...and one that never starts TLS is not kept open.
+        with RawClient(server.port) as idle:
+            started = time.monotonic()
+            assert idle.read_to_eof(timeout=5) == b""
+            assert time.monotonic() - started < 3
+        assert first.command("NOOP").startswith(b"250 ")
+
+
+def test_implicit_tls_require_auth(start_server, certs, client_ctx):
+    listener = tls_listener(certs, implicit_tls=True, require_auth=True)
+    server = start_auth_server(start_server, listener)
+    with RawClient(server.port) as client:
+        client.sock = client_ctx.wrap_socket(client.sock, server_hostname=HOST)
+        client.greet()
+        assert client.command("MAIL FROM:<a@example.com>").startswith(b"530 5.7.0 ")
+        assert client.command("AUTH PLAIN " + PLAIN_OK).startswith(b"235 ")
+        assert client.command("MAIL FROM:<a@example.com>").startswith(b"250 ")
+
+
+# ---------------------------------------------------------- TLS unit tests
+def test_unreadable_certificate_file(tmp_path, certs):
+    missing = tmp_path / "nope.crt"
+    with pytest.raises(TLSError, match=f"cannot read {missing}"):
+        make_server_context(CertificatePair(str(missing), certs["default"].key))
+    with pytest.raises(TLSError, match="cannot read .*nope.key"):
+        make_server_context(CertificatePair(certs["default"].cert, str(tmp_path / "nope.key")))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_certificate_without_permission(tmp_path, certs):
+    locked = tmp_path / "locked.key"
+    locked.write_bytes(Path(certs["default"].key).read_bytes())
+    locked.chmod(0)
+    with pytest.raises(TLSError, match="cannot read .*locked.key: Permission denied"):
+        make_server_context(CertificatePair(certs["default"].cert, str(locked)))
+
+
+def test_mismatched_certificate_and_key(certs):
+    pair = CertificatePair(certs["one"].cert, certs["two"].key)
+    with pytest.raises(TLSError, match=r"key .*two\.key does not match certificate .*one\.crt"):
+        make_server_context(pair)
+
+
+def test_mismatched_pair_for_an_sni_name(certs):
+    with pytest.raises(TLSError, match="does not match"):
+        make_server_context(
+            certs["default"], {"one.test": CertificatePair(certs["one"].cert, certs["two"].key)}
+        )
+
+
+def test_not_a_certificate(tmp_path, certs):
+    junk = tmp_path / "junk.crt"
+    junk.write_text("this is not PEM\n")
+    with pytest.raises(TLSError, match=f"cannot load certificate {junk}"):
+        make_server_context(CertificatePair(str(junk), certs["default"].key))
+
+
+def test_server_context_refuses_old_tls(certs):
+    ctx = make_server_context(certs["default"])
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+def test_listener_settings_need_a_certificate():
+    with pytest.raises(ValueError, match="implicit_tls"):
+        ListenerSettings(implicit_tls=True)
+    with pytest.raises(ValueError, match="require_tls"):
+        ListenerSettings(require_tls=True)
+    with pytest.raises(ValueError, match="unknown mechanism 'CRAM-MD5'"):
+        ListenerSettings(auth_mechanisms=("CRAM-MD5",))
+
+
+def test_protocol_auth_event_shape():
+    proto = SMTPProtocol(SMTPSettings(hostname="bonzo.test"))
+    proto.auth_mechanisms = ("PLAIN",)
+    proto.auth_plaintext = True
+    proto.receive_data(b"EHLO x\r\nAUTH plain =\r\n")
+    proto.next_event()
+    proto.accept()
+    assert proto.next_event() == Auth("PLAIN", "=")
