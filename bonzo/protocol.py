@@ -661,7 +661,9 @@ class SMTPProtocol:
             self._write_error(error)
             self._close()
             return
-        if isinstance(event, Unknown):
+        if isinstance(event, Unknown) and error.status_code in (500, 502):
+            # "Not recognized"; a verb a plugin implements (any other reply)
+            # is not an unknown command.
             self.unknown_commands += 1
             if self.unknown_commands > self.settings.max_unknown_commands:
                 self.close(421, "Too many unknown commands, closing connection", "4.7.0")
