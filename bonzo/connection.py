@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import inspect
+import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -202,6 +204,10 @@ class SMTPConnection:
         if getattr(handler, "auth_available", False):
             proto.auth_mechanisms = listener.auth_mechanisms
         self._mechanism: Mechanism | None = None
+        # The socket, for direct sends, while the stream is a plain one.
+        self._plain_socket: socket.socket | None = (
+            stream.socket if type(stream) is IOStream else None
+        )
         self.envelope: Envelope | None = None
         self._close_callback: Callable[[], Any] | None = None
         self._write_future: Awaitable[None] | None = None
@@ -331,7 +337,9 @@ class SMTPConnection:
             if type(event) is DataChunk:
                 self._store(event.data)
                 continue
-            await self._dispatch(event)
+            pending = self._dispatch(event)
+            if pending is not None:
+                await pending
             if proto.pending_output > backlog:
                 self._flush()
                 fut = self._write_future
@@ -349,102 +357,201 @@ class SMTPConnection:
 
     def _flush(self) -> None:
         data = self.protocol.data_to_send()
-        if data and not self.stream.closed():
-            self._write_future = self.stream.write(data)
+        if not data:
+            return
+        stream = self.stream
+        sock = self._plain_socket
+        if sock is not None:
+            fut = self._write_future
+            if fut is None or fut.done():  # type: ignore[attr-defined]
+                # Nothing queued in the stream: send directly, which spares
+                # a future and Tornado's write machinery for the usual case
+                # of a reply that fits the socket buffer. Whatever does not
+                # fit (or an error) goes through the stream as usual.
+                try:
+                    sent = sock.send(data)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    sent = 0  # the stream's own write will see and report it
+                if sent == len(data):
+                    return
+                data = data[sent:]
+        if not stream.closed():
+            self._write_future = stream.write(data)
 
     # ------------------------------------------------------------ dispatch
-    async def _dispatch(self, event: Any) -> None:
+    def _dispatch(self, event: Any) -> Any:
+        """Answer ``event``. Returns ``None`` when that is done, or an
+        awaitable to wait for when a handler was asynchronous: a server whose
+        handlers are plain functions answers every command without creating a
+        coroutine."""
         proto = self.protocol
         session = self.session
         handler = self.handler
         kind = type(event)
         try:
             if kind is Mail:
-                new_envelope = Envelope(
+                envelope = Envelope(
                     event.address,
                     event.params,
                     spool_threshold=self.settings.spool_threshold,
                     spool_dir=self.settings.spool_dir,
                 )
-                result = await self._call(handler.on_mail, session, new_envelope, what="MAIL")
-                self.envelope = new_envelope
-                proto.accept(_text(result))
-            elif kind is Rcpt:
-                envelope = self.envelope
-                assert envelope is not None
-                result = await self._call(
-                    handler.on_rcpt, session, envelope, event.address, event.params, what="RCPT"
+                return self._then(
+                    handler.on_mail(session, envelope), self._mail_done, envelope, event, "MAIL"
                 )
-                envelope.rcpt_tos.append(event.address)
-                envelope.rcpt_params.append(event.params)
-                proto.accept(_text(result))
-            elif kind is Data:
-                envelope = self.envelope
-                assert envelope is not None
-                result = await self._call(handler.on_data, session, envelope, what="DATA")
-                envelope.prepend_raw(received_header(session, envelope, self.settings.hostname))
-                now = self._loop.time()
-                self._window_start = now
-                self._window_bytes = 0
-                self._check_by(
-                    now + min(self.settings.data_rate_window, self.settings.data_timeout)
+            if kind is Rcpt:
+                assert self.envelope is not None
+                return self._then(
+                    handler.on_rcpt(session, self.envelope, event.address, event.params),
+                    self._rcpt_done,
+                    event,
+                    event,
+                    "RCPT",
                 )
-                proto.accept(_text(result))
-            elif kind is MessageComplete:
-                await self._message_complete(event)
-            elif kind is Helo:
-                result = await self._call(
-                    handler.on_helo, session, event.name, event.esmtp, what="HELO"
+            if kind is Data:
+                assert self.envelope is not None
+                return self._then(
+                    handler.on_data(session, self.envelope), self._data_done, event, event, "DATA"
                 )
-                self._end_transaction()
-                session.helo = event.name
-                session.esmtp = event.esmtp
-                keywords = None
-                if event.esmtp:
-                    keywords = proto.ehlo_keywords()
-                    extra = await self._call(
-                        handler.ehlo_keywords, session, keywords, what="EHLO keywords"
-                    )
-                    if extra is not None:
-                        keywords = list(extra)
-                proto.accept(_text(result), extensions=keywords)
-            elif kind is Reset:
+            if kind is MessageComplete:
+                return self._message_complete(event)
+            if kind is Helo:
+                return self._helo(event)
+            if kind is Reset:
                 self._end_transaction()
                 proto.accept()
-                try:
-                    await self._call(handler.on_reset, session, what="RSET")
-                except Exception as exc:
-                    log_exception(exc, session, "RSET")
-            elif kind is Unknown:
-                result = await self._call(
-                    handler.on_unknown, session, event.verb, event.arg, what=event.verb
+                return self._observe(handler.on_reset(session), "RSET")
+            if kind is Unknown:
+                return self._then(
+                    handler.on_unknown(session, event.verb, event.arg),
+                    self._unknown_done,
+                    event,
+                    event,
+                    event.verb,
                 )
-                if result is None:
-                    if proto.esmtp:
-                        proto.reject(
-                            errors.SMTPError(
-                                500, "Error: command not recognized", enhanced_code="5.5.2"
-                            )
-                        )
-                    else:
-                        proto.reject(errors.NotImplementedCommand(_printable(event.verb)))
-                else:
-                    code, *rest = result
-                    enhanced = rest[0] if len(rest) == 2 else None
-                    proto.reject(errors.SMTPError(code, rest[-1], enhanced_code=enhanced))
-            elif kind is StartTLS:
-                await self._starttls()
-            elif kind is Auth or kind is AuthResponse:
-                await self._auth(event)
-            else:  # pragma: no cover - every event type is handled above
-                raise AssertionError(f"unexpected event {event!r}")
+            if kind is StartTLS:
+                return self._starttls()
+            if kind is Auth or kind is AuthResponse:
+                return self._auth(event)
+            raise AssertionError(f"unexpected event {event!r}")  # pragma: no cover
         except StreamClosedError:
             raise  # the client is gone: the session ends, nothing to log
         except Exception as exc:
-            if proto.pending_event is not None:
-                proto.reject(self._error_reply(exc, type(event).__name__))
-            else:  # pragma: no cover - defensive: an error after the reply
-                log_exception(exc, session, type(event).__name__)
+            self._fail(exc, event)
+            return None
+
+    def _then(
+        self, result: Any, done: Callable[[Any, Any], Any], arg: Any, event: Any, what: str
+    ) -> Any:
+        """Call ``done(result, arg)`` now, or once ``result`` is ready if it is
+        awaitable (then return the awaitable that does it)."""
+        if result is not None and type(result) is not str and inspect.isawaitable(result):
+            return self._then_later(result, done, arg, event, what)
+        return done(result, arg)
+
+    async def _then_later(
+        self, pending: Any, done: Callable[[Any, Any], Any], arg: Any, event: Any, what: str
+    ) -> None:
+        try:
+            result = await self._bounded(pending, what)
+            after = done(result, arg)
+            if after is not None:
+                await after
+        except StreamClosedError:
+            raise
+        except Exception as exc:
+            self._fail(exc, event)
+
+    def _fail(self, exc: BaseException, event: Any) -> None:
+        """A handler refused (or failed on) ``event``: answer it."""
+        proto = self.protocol
+        if type(event) is MessageComplete:
+            self._end_transaction()
+        if proto.pending_event is not None:
+            proto.reject(self._error_reply(exc, type(event).__name__))
+        else:  # pragma: no cover - defensive: an error after the reply
+            log_exception(exc, self.session, type(event).__name__)
+
+    def _observe(self, result: Any, what: str) -> Any:
+        """Wait for a notification handler if it is async; only log its failure."""
+        if result is not None and inspect.isawaitable(result):
+            return self._observe_later(result, what)
+        return None
+
+    async def _observe_later(self, pending: Any, what: str) -> None:
+        try:
+            await self._bounded(pending, what)
+        except Exception as exc:
+            log_exception(exc, self.session, what)
+
+    def _mail_done(self, result: Any, envelope: Envelope) -> None:
+        self._end_transaction()
+        self.envelope = envelope
+        self.protocol.accept(_text(result))
+
+    def _rcpt_done(self, result: Any, event: Rcpt) -> None:
+        envelope = self.envelope
+        assert envelope is not None
+        envelope.rcpt_tos.append(event.address)
+        envelope.rcpt_params.append(event.params)
+        self.protocol.accept(_text(result))
+
+    def _data_done(self, result: Any, event: Data) -> None:
+        envelope = self.envelope
+        assert envelope is not None
+        envelope.prepend_raw(received_header(self.session, envelope, self.settings.hostname))
+        now = self._loop.time()
+        self._window_start = now
+        self._window_bytes = 0
+        self._check_by(now + min(self.settings.data_rate_window, self.settings.data_timeout))
+        self.protocol.accept(_text(result))
+
+    def _unknown_done(self, result: Any, event: Unknown) -> None:
+        proto = self.protocol
+        if result is None:
+            if proto.esmtp:
+                proto.reject(
+                    errors.SMTPError(500, "Error: command not recognized", enhanced_code="5.5.2")
+                )
+            else:
+                proto.reject(errors.NotImplementedCommand(_printable(event.verb)))
+            return
+        code, *rest = result
+        enhanced = rest[0] if len(rest) == 2 else None
+        reply = errors.SMTPError(code, rest[-1], enhanced_code=enhanced)
+        if code < 400:
+            # A verb a plugin implements is answered, not counted as unknown.
+            proto.respond(reply)
+        else:
+            proto.reject(reply)
+
+    async def _helo(self, event: Helo) -> None:
+        proto = self.protocol
+        session = self.session
+        handler = self.handler
+        try:
+            result = await self._call(
+                handler.on_helo, session, event.name, event.esmtp, what="HELO"
+            )
+            keywords = None
+            if event.esmtp:
+                keywords = proto.ehlo_keywords()
+                extra = await self._call(
+                    handler.ehlo_keywords, session, keywords, what="EHLO keywords"
+                )
+                if extra is not None:
+                    keywords = list(extra)
+        except StreamClosedError:
+            raise
+        except Exception as exc:
+            self._fail(exc, event)
+            return
+        self._end_transaction()
+        session.helo = event.name
+        session.esmtp = event.esmtp
+        proto.accept(_text(result), extensions=keywords)
 
     # ------------------------------------------------------------ TLS, AUTH
     async def _handshake(self, handshake: Awaitable[Any]) -> bool:
@@ -469,6 +576,7 @@ class SMTPConnection:
             return False
         if result is not None:
             self.stream = result
+        self._plain_socket = None
         self.session.tls = tls_facts(self.stream.socket)
         return True
 
@@ -554,7 +662,7 @@ class SMTPConnection:
             errors.SMTPError(535, "Authentication credentials invalid", enhanced_code="5.7.8")
         )
 
-    async def _message_complete(self, event: MessageComplete) -> None:
+    def _message_complete(self, event: MessageComplete) -> Any:
         proto = self.protocol
         envelope = self.envelope
         assert envelope is not None
@@ -564,7 +672,7 @@ class SMTPConnection:
         if event.error is not None:
             self._end_transaction()
             proto.reject(event.error)
-            return
+            return None
         if store_error is not None:
             self._end_transaction()
             if store_error.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -573,30 +681,46 @@ class SMTPConnection:
                 )
             else:
                 proto.reject(errors.InternalConfusion())
-            return
+            return None
         try:
-            result = await self._call(
-                self.handler.on_message, self.session, envelope, what="message"
-            )
+            result = self.handler.on_message(self.session, envelope)
+        except StreamClosedError:
+            raise
         except Exception as exc:
-            self._end_transaction()
-            proto.reject(self._error_reply(exc, "message"))
-            return
+            self._fail(exc, event)
+            return None
+        return self._then(result, self._message_done, envelope, event, "message")
+
+    def _message_done(self, result: Any, envelope: Envelope) -> Any:
+        proto = self.protocol
         self.envelope = None
         self.session.messages += 1
         proto.accept(_text(result) or ("Ok: queued as " + envelope.id if proto.esmtp else None))
         self._flush()
-        access_log.info(
-            "%s %s from=<%s> to=%d size=%d id=%s",
-            self.session.id,
-            self.remote_ip,
-            envelope.mail_from,
-            len(envelope.rcpt_tos),
-            envelope.size,
-            envelope.id,
-        )
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "%s %s from=<%s> to=%d size=%d id=%s",
+                self.session.id,
+                self.remote_ip,
+                envelope.mail_from,
+                len(envelope.rcpt_tos),
+                envelope.size,
+                envelope.id,
+            )
         try:
-            await self._call(self.handler.on_accepted, self.session, envelope, what="accepted")
+            pending = self.handler.on_accepted(self.session, envelope)
+        except Exception as exc:
+            log_exception(exc, self.session, "accepted")
+            envelope.close()
+            return None
+        if pending is not None and inspect.isawaitable(pending):
+            return self._accepted_later(pending, envelope)
+        envelope.close()
+        return None
+
+    async def _accepted_later(self, pending: Any, envelope: Envelope) -> None:
+        try:
+            await self._bounded(pending, "accepted")
         except Exception as exc:
             log_exception(exc, self.session, "accepted")
         finally:
@@ -624,17 +748,22 @@ class SMTPConnection:
     async def _call(self, method: Callable[..., Any], *args: Any, what: str) -> Any:
         result = method(*args)
         if result is not None and inspect.isawaitable(result):
-            if self._handler_times_itself:
-                return await result
-            try:
-                result = await asyncio.wait_for(
-                    _as_future(result), timeout=self.settings.handler_timeout
-                )
-            except asyncio.TimeoutError:
-                raise HandlerTimeout(
-                    f"{what} took longer than {self.settings.handler_timeout}s"
-                ) from None
+            result = await self._bounded(result, what)
         return result
+
+    async def _bounded(self, pending: Any, what: str) -> Any:
+        """Await a handler's result, within ``handler_timeout`` unless the
+        handler enforces its own limits."""
+        if self._handler_times_itself:
+            return await pending
+        try:
+            return await asyncio.wait_for(
+                _as_future(pending), timeout=self.settings.handler_timeout
+            )
+        except asyncio.TimeoutError:
+            raise HandlerTimeout(
+                f"{what} took longer than {self.settings.handler_timeout}s"
+            ) from None
 
     def _error_reply(self, exc: BaseException, what: str) -> errors.SMTPError:
         """Log ``exc`` and return the reply for it: its own if it is an

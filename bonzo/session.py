@@ -324,6 +324,19 @@ def _safe(text: str, limit: int = 255) -> str:
     return "".join(c if c in _SAFE else "?" for c in text[:limit])
 
 
+_date_cache: tuple[int, str] = (-1, "")
+
+
+def _date(when: float) -> str:
+    """RFC 5322 date of ``when`` in local time, formatted once per second."""
+    global _date_cache
+    second = int(when)
+    if _date_cache[0] != second:
+        stamp = format_datetime(datetime.datetime.fromtimestamp(second).astimezone())
+        _date_cache = (second, stamp)
+    return _date_cache[1]
+
+
 def received_header(
     session: Session, envelope: Envelope, hostname: str, when: float | None = None
 ) -> str:
@@ -348,7 +361,7 @@ def received_header(
     if session.auth:
         with_ += f"\r\n\t(authenticated as {_safe(session.auth, 128)})"
     parts.append(with_)
-    stamp = format_datetime(datetime.datetime.fromtimestamp(when or time.time()).astimezone())
+    stamp = _date(when or time.time())
     if len(envelope.rcpt_tos) == 1 and envelope.rcpt_tos[0].isascii():
         parts.append(f"\tfor <{envelope.rcpt_tos[0]}>; {stamp}")
     else:

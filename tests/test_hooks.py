@@ -979,10 +979,6 @@ def test_unknown_command_nobody_handles_is_500_and_bad_tuples_451(log_watch, ser
     assert len(failures(log_watch, "bad", "bonzo_unknown_command")) == 3
 
 
-@pytest.mark.xfail(
-    reason="connection.py answers a plugin-implemented verb with protocol.reject(), which "
-    "counts it against max_unknown_commands: one more XFOO than that gets 421 and a close"
-)
 def test_a_plugin_implemented_verb_is_not_an_unknown_command(serve):
     class XFoo:
         def bonzo_unknown_command(self, verb):
