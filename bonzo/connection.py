@@ -520,12 +520,8 @@ class SMTPConnection:
             return
         code, *rest = result
         enhanced = rest[0] if len(rest) == 2 else None
-        reply = errors.SMTPError(code, rest[-1], enhanced_code=enhanced)
-        if code < 400:
-            # A verb a plugin implements is answered, not counted as unknown.
-            proto.respond(reply)
-        else:
-            proto.reject(reply)
+        # The core counts only "not recognized" replies as unknown commands.
+        proto.reject(errors.SMTPError(code, rest[-1], enhanced_code=enhanced))
 
     async def _helo(self, event: Helo) -> None:
         proto = self.protocol

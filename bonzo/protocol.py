@@ -711,15 +711,6 @@ class SMTPProtocol:
                 return
         self._write_error(error)
 
-    def respond(self, reply: SMTPError) -> None:
-        """Answer the pending :class:`Unknown` event with a positive reply
-        (a verb a plugin implements): unlike :meth:`reject`, nothing is
-        counted against the error budgets."""
-        if not isinstance(self._pending, Unknown):
-            raise RuntimeError("respond() answers a pending unknown command")
-        self._pending = None
-        self._write_error(reply)
-
     def ehlo_keywords(self) -> list[str]:
         """The EHLO keywords the core implements, in advertising order."""
         size = self.settings.max_message_size
