@@ -204,10 +204,22 @@ class SMTPConnection:
         if getattr(handler, "auth_available", False):
             proto.auth_mechanisms = listener.auth_mechanisms
         self._mechanism: Mechanism | None = None
-        # The socket, for direct sends, while the stream is a plain one.
-        self._plain_socket: socket.socket | None = (
-            stream.socket if type(stream) is IOStream else None
-        )
+        # The socket, for direct sends and reads, while the stream is a plain
+        # one. Reads then bypass IOStream: the socket stays registered with
+        # the event loop for the whole session (no re-registration and no
+        # IOStream machinery per command), and every close of the stream goes
+        # through _close_fd, which unregisters it first.
+        self._plain_socket: socket.socket | None = None
+        self._read_waiter: asyncio.Future[bytes] | None = None
+        self._watching = False
+        self._fd = -1
+        if type(stream) is IOStream:
+            self._plain_socket = stream.socket
+            self._fd = stream.socket.fileno()
+            # As much as the stream itself would read at a time.
+            self._recv_size = min(settings.read_chunk_size, stream.read_chunk_size)
+            self._stream_close_fd = stream.close_fd
+            stream.close_fd = self._close_fd  # type: ignore[method-assign]
         self.envelope: Envelope | None = None
         self._close_callback: Callable[[], Any] | None = None
         self._write_future: Awaitable[None] | None = None
@@ -215,6 +227,7 @@ class SMTPConnection:
         self._line_started: float | None = None
         self._shutting_down = False
         self._loop = IOLoop.current()
+        self._aloop: asyncio.AbstractEventLoop = self._loop.asyncio_loop  # type: ignore[attr-defined]
         now = self._loop.time()
         self._last_activity = now
         self._window_start = now
@@ -318,7 +331,10 @@ class SMTPConnection:
                         self._check_by(self._line_started + self.settings.command_timeout)
                 self._waiting_input = True
                 try:
-                    chunk = await self.stream.read_bytes(chunk_size, partial=True)
+                    if self._plain_socket is not None:
+                        chunk = await self._recv()
+                    else:
+                        chunk = await self.stream.read_bytes(chunk_size, partial=True)
                 finally:
                     self._waiting_input = False
                 self._last_activity = loop.time()
@@ -354,6 +370,56 @@ class SMTPConnection:
             await fut
         finally:
             self._output_since = None
+
+    def _recv(self) -> asyncio.Future[bytes]:
+        """A future of the next bytes from the plain socket (at most
+        ``read_chunk_size``); fails with StreamClosedError at the end."""
+        aloop = self._aloop
+        waiter = aloop.create_future()
+        self._read_waiter = waiter
+        if not self._watching:
+            aloop.add_reader(self._fd, self._on_readable)
+            self._watching = True
+        return waiter
+
+    def _on_readable(self) -> None:
+        waiter = self._read_waiter
+        if waiter is None or waiter.done():
+            # Nobody is reading (a handler is running): stop watching until
+            # the session asks again, or the loop would spin.
+            self._unwatch()
+            return
+        self._read_waiter = None
+        try:
+            data = self._plain_socket.recv(self._recv_size)  # type: ignore[union-attr]
+        except (BlockingIOError, InterruptedError):
+            self._read_waiter = waiter
+            return
+        except OSError as exc:
+            waiter.set_exception(StreamClosedError(real_error=exc))
+            self.stream.close()
+            return
+        if not data:
+            waiter.set_exception(StreamClosedError())
+            self.stream.close()
+            return
+        waiter.set_result(data)
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            self._watching = False
+            self._aloop.remove_reader(self._fd)
+
+    def _close_fd(self) -> None:
+        """Stand-in for the plain stream's ``close_fd``: unregister the
+        socket before it is closed, and end a read in progress."""
+        self._unwatch()
+        self._plain_socket = None
+        self._stream_close_fd()
+        waiter = self._read_waiter
+        self._read_waiter = None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(StreamClosedError())
 
     def _flush(self) -> None:
         data = self.protocol.data_to_send()
@@ -593,6 +659,9 @@ class SMTPConnection:
             await self._wait_output(fut)
         if self.stream.closed():
             raise StreamClosedError()
+        # TLS from here on: reads go through the (TLS) stream again.
+        self._unwatch()
+        self._plain_socket = None
         self.stream = _wrap_tls(self.stream, context)
         if not await self._handshake(self.stream.wait_for_handshake()):
             # The session is over: nothing more can be said in plaintext.
