@@ -261,6 +261,24 @@ _REPLY_CACHE: dict[tuple[int, str, str | None, bool], bytes] = {}
 _REPLY_CACHE_SIZE = 512
 
 
+def _has_long_line(block: bytes, limit: int) -> bool:
+    """True if a line of ``block`` (lines end in LF; the block ends with one)
+    is longer than ``limit`` octets, LF included.
+
+    Every window of ``limit`` octets starting at a line start must hold an
+    LF; jumping to the last LF of each window checks that in about
+    ``len(block) / limit`` C-speed searches instead of one Python step per line.
+    """
+    pos = 0
+    end = len(block)
+    while end - pos > limit:
+        nl = block.rfind(b"\n", pos, pos + limit)
+        if nl < 0:
+            return True
+        pos = nl + 1
+    return False
+
+
 def format_reply(code: int, text: str | list[str], enhanced: str | None, esmtp: bool) -> bytes:
     """Return the wire form of a reply: ``code[-| ][enhanced ]text`` per line.
 
@@ -1175,7 +1193,7 @@ class SMTPProtocol:
         if rank == _RANK_LINE:
             return b""  # nothing outranks it: just look for the final dot
         max_line = self.settings.max_data_line
-        if len(block) > max_line and max(map(len, block.split(b"\n"))) + 1 > max_line:
+        if len(block) > max_line and _has_long_line(block, max_line):
             self._set_data_error(_RANK_LINE)
             return b""
         mode = self._bare_mode
