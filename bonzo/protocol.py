@@ -1140,11 +1140,18 @@ class SMTPProtocol:
     def _next_data(self) -> Any:
         buf = self._buf
         pos = self._pos
+        dots = False
         if self._line_start and buf[pos : pos + 3] == b".\r\n":
             end = pos
             found = True
         else:
-            end = buf.find(b"\r\n.\r\n", pos)
+            # One search finds both the final dot and, usually, that no line
+            # starts with a dot (so there is nothing to unstuff); a second
+            # one runs only past a stuffed dot.
+            end = buf.find(b"\r\n.", pos)
+            if end >= 0 and buf[end + 3 : end + 5] != b"\r\n":
+                dots = True
+                end = buf.find(b"\r\n.\r\n", end + 1)
             found = end >= 0
             if found:
                 end += 2
@@ -1152,7 +1159,7 @@ class SMTPProtocol:
             block = bytes(buf[pos:end])
             self._pos = end + 3
             self._state = _COMMAND
-            data = self._process_block(block) if block else b""
+            data = self._process_block(block, dots) if block else b""
             error = self._data_error
             self._data_error = None
             self._data_rank = 0
@@ -1172,7 +1179,7 @@ class SMTPProtocol:
             return NEED_DATA
         block = bytes(buf[pos : last + 1])
         self._pos = last + 1
-        data = self._process_block(block)
+        data = self._process_block(block, dots)
         if data:
             return DataChunk(data)
         return NEED_DATA if self._pos >= len(buf) else self._next_data()
@@ -1185,8 +1192,9 @@ class SMTPProtocol:
             self._data_rank = rank
             self._data_error = _data_error(rank)
 
-    def _process_block(self, block: bytes) -> bytes:
-        """Unstuff, check and normalise complete lines of content."""
+    def _process_block(self, block: bytes, dots: bool = True) -> bytes:
+        """Unstuff, check and normalise complete lines of content; ``dots``
+        false means no line after the first starts with a dot."""
         line_start = self._line_start
         self._line_start = block[-2:] == b"\r\n"
         rank = self._data_rank
@@ -1211,7 +1219,7 @@ class SMTPProtocol:
             return b""  # a lower-ranked error only needs the checks above
         if line_start and block[:1] == b".":
             block = block[1:]
-        if b"\r\n." in block:
+        if dots:
             block = block.replace(b"\r\n.", b"\r\n")
         if bare:
             block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
