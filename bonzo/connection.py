@@ -484,7 +484,13 @@ class SMTPConnection:
             if kind is MessageComplete:
                 return self._message_complete(event)
             if kind is Helo:
-                return self._helo(event)
+                return self._then(
+                    handler.on_helo(session, event.name, event.esmtp),
+                    self._helo_keywords,
+                    event,
+                    event,
+                    "HELO",
+                )
             if kind is Reset:
                 self._end_transaction()
                 proto.accept()
@@ -589,31 +595,26 @@ class SMTPConnection:
         # The core counts only "not recognized" replies as unknown commands.
         proto.reject(errors.SMTPError(code, rest[-1], enhanced_code=enhanced))
 
-    async def _helo(self, event: Helo) -> None:
-        proto = self.protocol
-        session = self.session
-        handler = self.handler
-        try:
-            result = await self._call(
-                handler.on_helo, session, event.name, event.esmtp, what="HELO"
-            )
-            keywords = None
-            if event.esmtp:
-                keywords = proto.ehlo_keywords()
-                extra = await self._call(
-                    handler.ehlo_keywords, session, keywords, what="EHLO keywords"
-                )
-                if extra is not None:
-                    keywords = list(extra)
-        except StreamClosedError:
-            raise
-        except Exception as exc:
-            self._fail(exc, event)
-            return
+    def _helo_keywords(self, result: Any, event: Helo) -> Any:
+        """HELO/EHLO accepted by the handler: for EHLO, ask it for the keywords."""
+        if not event.esmtp:
+            return self._helo_done((result, None), event)
+        keywords = self.protocol.ehlo_keywords()
+        extra = self.handler.ehlo_keywords(self.session, keywords)
+        return self._then(
+            extra, self._helo_done_keywords, (result, keywords, event), event, "EHLO keywords"
+        )
+
+    def _helo_done_keywords(self, extra: Any, state: tuple[Any, list[str], Helo]) -> None:
+        result, keywords, event = state
+        self._helo_done((result, list(extra) if extra is not None else keywords), event)
+
+    def _helo_done(self, outcome: tuple[Any, list[str] | None], event: Helo) -> None:
+        result, keywords = outcome
         self._end_transaction()
-        session.helo = event.name
-        session.esmtp = event.esmtp
-        proto.accept(_text(result), extensions=keywords)
+        self.session.helo = event.name
+        self.session.esmtp = event.esmtp
+        self.protocol.accept(_text(result), extensions=keywords)
 
     # ------------------------------------------------------------ TLS, AUTH
     async def _handshake(self, handshake: Awaitable[Any]) -> bool:

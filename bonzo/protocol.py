@@ -257,7 +257,7 @@ def _data_error(rank: int) -> SMTPError:
 _COMMANDS_HELP = "EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
 
 
-_REPLY_CACHE: dict[tuple[int, str, str | None, bool], bytes] = {}
+_REPLY_CACHE: dict[tuple[int, Any, str | None, bool], bytes] = {}
 _REPLY_CACHE_SIZE = 512
 
 
@@ -295,6 +295,16 @@ def format_reply(code: int, text: str | list[str], enhanced: str | None, esmtp: 
             wire = _format_reply(code, text, enhanced, esmtp)
             if len(_REPLY_CACHE) < _REPLY_CACHE_SIZE:
                 _REPLY_CACHE[key] = wire
+        return wire
+    if len(text) <= 32:
+        # Multi-line replies (EHLO) repeat too; same bounded cache.
+        lines = tuple(text)
+        key2 = (code, lines, enhanced, esmtp)
+        wire = _REPLY_CACHE.get(key2)
+        if wire is None:
+            wire = _format_reply(code, list(lines), enhanced, esmtp)
+            if len(_REPLY_CACHE) < _REPLY_CACHE_SIZE:
+                _REPLY_CACHE[key2] = wire
         return wire
     return _format_reply(code, text, enhanced, esmtp)
 

@@ -45,8 +45,10 @@ class PrintSubjects:
 
     def bonzo_deliver(self, envelope):
         self.count += 1
-        print(f"message {self.count} from <{envelope.mail_from}>: {envelope.message['Subject']}",
-              flush=True)
+        print(
+            f"message {self.count} from <{envelope.mail_from}>: {envelope.message['Subject']}",
+            flush=True,
+        )
         return Accept()
 
 

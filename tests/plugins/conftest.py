@@ -16,4 +16,3 @@ def _no_unexpected_errors(caplog: pytest.LogCaptureFixture, request: pytest.Fixt
         return
     errors = [r for r in caplog.get_records("call") if r.levelno >= logging.ERROR]
     assert not errors, "unexpected errors logged: " + "; ".join(r.getMessage() for r in errors)
-
