@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import string
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 from bonzo.hookspecs import hookimpl
@@ -123,10 +123,14 @@ class HeadersPlugin:
             envelope.add_header(*TRACE_HEADER)
 
     @hookimpl
-    async def bonzo_message(self, session: Session, envelope: Envelope) -> None:
-        """Edit the headers; no verdict, so later filters still run."""
+    def bonzo_message(self, session: Session, envelope: Envelope) -> Awaitable[None] | None:
+        """Edit the headers; no verdict, so later filters still run.
+
+        A plain function, so the usual case costs the server no coroutine;
+        only removing headers from a spooled body (a file copy) returns an
+        awaitable that does the copy off the event loop.
+        """
         if self.remove and envelope.spooled:
-            # Removing rewrites a spooled body: do that copy off the event loop.
-            await asyncio.get_running_loop().run_in_executor(None, self.edit, session, envelope)
-        else:
-            self.edit(session, envelope)
+            return asyncio.get_running_loop().run_in_executor(None, self.edit, session, envelope)
+        self.edit(session, envelope)
+        return None
