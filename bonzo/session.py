@@ -12,6 +12,7 @@ import datetime
 import email.policy
 import itertools
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -20,9 +21,11 @@ from email.parser import BytesParser
 from email.utils import format_datetime
 from typing import IO, Any
 
-__all__ = ["Session", "Envelope", "new_session_id", "received_header"]
+__all__ = ["Session", "Envelope", "new_session_id", "received_header", "safe_text"]
 
 _counter = itertools.count(1)
+#: RFC 5322 2.2: printable ASCII except the colon.
+_HEADER_NAME = re.compile(r"[!-9;-~]+")
 
 
 def new_session_id() -> str:
@@ -185,8 +188,11 @@ class Envelope:
         Raises :class:`ValueError` for a bad name or a value with a line break
         not followed by whitespace (which would start a new header).
         """
-        if not name or not all(33 <= ord(c) <= 126 and c != ":" for c in name):
+        if not _HEADER_NAME.fullmatch(name):
             raise ValueError(f"bad header name {name!r}")
+        if "\n" not in value and "\r" not in value and "\0" not in value:
+            self.prepend_raw(f"{name}: {value}\r\n")
+            return
         lines = value.replace("\r\n", "\n").split("\n")
         if any(not line or line[0] not in " \t" for line in lines[1:]):
             raise ValueError(f"header {name} has a line break that is not folding")
@@ -316,12 +322,13 @@ class Envelope:
         )
 
 
-_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:[]")
+_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 
 
-def _safe(text: str, limit: int = 255) -> str:
-    """Client-supplied text made safe for a header: only a small alphabet."""
-    return "".join(c if c in _SAFE else "?" for c in text[:limit])
+def safe_text(text: str, limit: int = 255) -> str:
+    """Client-supplied text made safe for a header or a log line: at most
+    ``limit`` characters, each outside ``[A-Za-z0-9.-_:[]]`` replaced by ``?``."""
+    return _UNSAFE.sub("?", text[:limit])
 
 
 _date_cache: tuple[int, str] = (-1, "")
@@ -348,18 +355,18 @@ def received_header(
     """
     ip = session.remote_ip
     literal = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
-    helo = _safe(session.helo or "unknown")
+    helo = safe_text(session.helo or "unknown")
     parts = [f"Received: from {helo} ({literal})"]
     with_ = f"\tby {hostname} (Bonzo) with {session.protocol} id {envelope.id}"
     if session.tls:
-        version = _safe(str(session.tls.get("version", "")), 32)
-        cipher = _safe(str(session.tls.get("cipher", "")), 64)
+        version = safe_text(str(session.tls.get("version", "")), 32)
+        cipher = safe_text(str(session.tls.get("cipher", "")), 64)
         with_ = (
             f"\tby {hostname} (Bonzo) with {session.protocol}\r\n"
             f"\t(version={version} cipher={cipher})\r\n\tid {envelope.id}"
         )
     if session.auth:
-        with_ += f"\r\n\t(authenticated as {_safe(session.auth, 128)})"
+        with_ += f"\r\n\t(authenticated as {safe_text(session.auth, 128)})"
     parts.append(with_)
     stamp = _date(when or time.time())
     if len(envelope.rcpt_tos) == 1 and envelope.rcpt_tos[0].isascii():

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Mapping
 from typing import Any
 
 from bonzo.hookspecs import hookimpl
-from bonzo.session import Envelope, Session
+from bonzo.session import Envelope, Session, safe_text
 
 from .._config import as_table, check_keys, describe, get_bool, get_str_list
 
@@ -22,15 +22,13 @@ MAX_LINE = 998
 #: RFC 5321 4.4: a Received: line must never be changed or deleted.
 PROTECTED = ("received",)
 
-_SAFE = frozenset(string.ascii_letters + string.digits + ".-_:[]")
-
 
 def sanitize(text: str | None, limit: int = 255) -> str:
     """Client-supplied text reduced to ``[A-Za-z0-9.-_:[]]`` (others become
     ``?``), at most ``limit`` characters, so it can never break a header."""
     if not text:
         return "unknown"
-    return "".join(c if c in _SAFE else "?" for c in text[:limit])
+    return safe_text(text, limit)
 
 
 def _check_name(name: Any, where: str) -> str:
