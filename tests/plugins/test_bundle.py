@@ -159,3 +159,23 @@ def test_the_shipped_default_configuration_is_valid(tmp_path, monkeypatch):
     app = MailApp(load_config(None))
     assert list(tmp_path.iterdir()) == []  # loading creates nothing
     assert app.warnings() == []
+
+
+def test_every_bundled_plugin_package_is_in_the_distribution():
+    """A plain (non-editable) install ships only the packages pyproject lists."""
+    import sys
+    from pathlib import Path
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    listed = set(
+        tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    on_disk = {"bonzo", "bonzo_plugins"} | {
+        f"bonzo_plugins.{p.parent.name}" for p in (root / "plugins").glob("*/__init__.py")
+    }
+    assert on_disk <= listed, sorted(on_disk - listed)
