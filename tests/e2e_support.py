@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import re
 import socket
 import threading
@@ -440,3 +441,16 @@ class LogWatch(logging.Handler):
         return [
             r for r in list(self.records) if r.levelno >= logging.ERROR and not self._is_allowed(r)
         ]
+
+
+def fds_under(path) -> list[str]:
+    """Open file descriptors of this process whose target is under ``path``."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith(str(path)):
+            found.append(target)
+    return found

@@ -12,26 +12,13 @@ import threading
 import time
 
 import pytest
-from e2e_support import RawClient, RecordingHandler, wait_until
+from e2e_support import RawClient, RecordingHandler, fds_under, wait_until
 
 from bonzo import errors
 
 pytestmark = pytest.mark.timeout(30)
 
 SECRET = "s3cr3t-exception-text"
-
-
-def fds_under(path) -> list[str]:
-    """Open file descriptors of this process whose target is under ``path``."""
-    found = []
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-        if target.startswith(str(path)):
-            found.append(target)
-    return found
 
 
 def send_message(client: RawClient, rcpt: str = "bob@example.com", body: bytes = b"hi\r\n"):

@@ -11,7 +11,7 @@ import threading
 import tracemalloc
 
 import pytest
-from e2e_support import TIMEOUT, RawClient, RecordingHandler, codes, wait_until
+from e2e_support import TIMEOUT, RawClient, RecordingHandler, codes, fds_under, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -146,19 +146,6 @@ def _big_message(size: int) -> tuple[bytes, bytes]:
     body = b"".join(lines)
     wire = b"".join(b"." + line if line.startswith(b".") else line for line in lines) + b".\r\n"
     return wire, body
-
-
-def fds_under(path) -> list[str]:
-    """Open file descriptors of this process whose target is under ``path``."""
-    found = []
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-        if target.startswith(str(path)):
-            found.append(target)
-    return found
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
