@@ -312,7 +312,7 @@ class SMTPConnection:
             proto.send_greeting(result if isinstance(result, str) else None)
         backlog = self.settings.max_write_backlog
         chunk_size = self.settings.read_chunk_size
-        loop = self._loop
+        now = self._loop.time
         while True:
             event = proto.next_event()
             if event is NEED_DATA:
@@ -327,7 +327,7 @@ class SMTPConnection:
                     if not proto.buffered:
                         self._line_started = None
                     elif self._line_started is None:
-                        self._line_started = loop.time()
+                        self._line_started = now()
                         self._check_by(self._line_started + self.settings.command_timeout)
                 self._waiting_input = True
                 try:
@@ -337,7 +337,7 @@ class SMTPConnection:
                         chunk = await self.stream.read_bytes(chunk_size, partial=True)
                 finally:
                     self._waiting_input = False
-                self._last_activity = loop.time()
+                self._last_activity = now()
                 self._window_bytes += len(chunk)
                 self.bytes_received += len(chunk)
                 proto.receive_data(chunk)

@@ -215,7 +215,7 @@ class PluginSet:
         """Run an observer hook from the connection path: ``None`` when every
         implementation was synchronous (nothing to wait for), else an awaitable
         that runs the rest, one at a time. Failures are logged."""
-        calls = self.calls[hook]
+        calls = (self._calls or self.calls)[hook]
         for i, call in enumerate(calls):
             try:
                 result = call.function(*[args[j] for j in call.indexes])
@@ -249,7 +249,7 @@ class PluginSet:
         coroutine). ``SMTPError`` from a plugin propagates as the reply;
         anything else raises :class:`_Failure`.
         """
-        calls = self.calls[hook]
+        calls = (self._calls or self.calls)[hook]
         for i, call in enumerate(calls):
             try:
                 result = call.function(*[args[j] for j in call.indexes])

@@ -647,10 +647,22 @@ class SMTPProtocol:
         event = self._pending
         if event is None:
             raise RuntimeError("accept() without a pending event")
-        if isinstance(event, MessageComplete) and event.error is not None:
+        kind = type(event)
+        if kind is MessageComplete and event.error is not None:  # type: ignore[attr-defined]
             # Refuse before forgetting the event: it must still be rejected.
             raise RuntimeError("a message that broke a limit cannot be accepted")
         self._pending = None
+        # The commands of every message first (events are never subclassed).
+        if kind is Rcpt:
+            self.rcpt_count += 1
+            self.reply(250, text or "Ok", "2.1.5")
+            return
+        if kind is Mail:
+            self.mail_from = event.address  # type: ignore[attr-defined]
+            self.mail_params = event.params  # type: ignore[attr-defined]
+            self.rcpt_count = 0
+            self.reply(250, text or "Ok", "2.1.0")
+            return
         if isinstance(event, Helo):
             self._reset_transaction()
             self.helo = event.name
