@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import email.policy
+import io
 import itertools
 import os
 import re
@@ -136,6 +137,72 @@ class Session:
         return f"<Session {self.id} {self.remote_ip}:{self.remote_port} helo={self.helo!r}>"
 
 
+class _Spool:
+    """Message content: a list of chunks in memory, rolled over to an
+    unlinked temporary file once it passes ``threshold`` octets.
+
+    Lighter than :class:`tempfile.SpooledTemporaryFile` for the many small
+    messages (no buffer object, no copy per write); just as bounded.
+    """
+
+    __slots__ = ("_chunks", "_file", "size", "_threshold", "_dir")
+
+    def __init__(self, threshold: int, directory: str | None) -> None:
+        self._chunks: list[bytes] = []
+        self._file: IO[bytes] | None = None
+        self.size = 0
+        self._threshold = threshold
+        self._dir = directory
+
+    def write(self, data: bytes) -> int:
+        if self._file is not None:
+            self._file.write(data)
+        else:
+            self._chunks.append(data)
+            if self.size + len(data) > self._threshold:
+                self._roll()
+        self.size += len(data)
+        return len(data)
+
+    def writelines(self, lines: list[bytes]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def _roll(self) -> None:
+        # Unlinked at once (Linux): nothing is left behind, whatever happens.
+        spool = tempfile.TemporaryFile(dir=self._dir)
+        try:
+            spool.writelines(self._chunks)
+        except BaseException:
+            spool.close()
+            raise
+        self._file = spool
+        self._chunks = []
+
+    @property
+    def rolled(self) -> bool:
+        return self._file is not None
+
+    def read_all(self) -> bytes:
+        if self._file is not None:
+            self._file.seek(0)
+            return self._file.read()
+        chunks = self._chunks
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def open(self) -> IO[bytes]:
+        if self._file is not None:
+            self._file.seek(0)
+            return self._file
+        return io.BytesIO(self.read_all())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._chunks = []
+
+
 class Envelope:
     """One mail transaction: sender, recipients and, after DATA, the message.
 
@@ -166,7 +233,7 @@ class Envelope:
         #: Id of the message, for logs and replies.
         self.id = new_session_id()
         self._headers: list[bytes] = []
-        self._spool: tempfile.SpooledTemporaryFile[bytes] | None = None
+        self._spool: _Spool | None = None
         self._spool_threshold = spool_threshold
         self._spool_dir = spool_dir
         self._size = 0
@@ -176,9 +243,7 @@ class Envelope:
     def write(self, data: bytes) -> None:
         """Append message content (already unstuffed, CRLF line ends)."""
         if self._spool is None:
-            self._spool = tempfile.SpooledTemporaryFile(
-                max_size=self._spool_threshold, dir=self._spool_dir
-            )
+            self._spool = _Spool(self._spool_threshold, self._spool_dir)
         self._spool.write(data)
         self._size += len(data)
 
@@ -216,7 +281,7 @@ class Envelope:
     @property
     def spooled(self) -> bool:
         """True if the content went to a temporary file."""
-        return bool(self._spool is not None and getattr(self._spool, "_rolled", False))
+        return self._spool is not None and self._spool.rolled
 
     @property
     def header_bytes(self) -> bytes:
@@ -228,8 +293,7 @@ class Envelope:
         """The content as the client sent it (unstuffed), without added headers."""
         if self._spool is None:
             return b""
-        self._spool.seek(0)
-        return self._spool.read()
+        return self._spool.read_all()
 
     @property
     def content(self) -> bytes:
@@ -242,9 +306,8 @@ class Envelope:
     def open_body(self) -> IO[bytes]:
         """Return the content file positioned at the start (do not close it)."""
         if self._spool is None:
-            self._spool = tempfile.SpooledTemporaryFile(max_size=self._spool_threshold)
-        self._spool.seek(0)
-        return self._spool
+            return io.BytesIO()
+        return self._spool.open()
 
     def write_to(self, fileobj: IO[bytes], chunk_size: int = 1 << 20) -> int:
         """Write the whole message to ``fileobj`` in chunks; return its size."""
@@ -299,14 +362,18 @@ class Envelope:
             else:
                 out.append(line)
         if removed:
-            new = tempfile.SpooledTemporaryFile(max_size=self._spool_threshold, dir=self._spool_dir)
-            new.writelines(out)
-            if line:
-                new.write(line)
-                shutil.copyfileobj(src, new, 1 << 20)
+            new = _Spool(self._spool_threshold, self._spool_dir)
+            try:
+                new.writelines(out)
+                if line:
+                    new.write(line)
+                    shutil.copyfileobj(src, new, 1 << 20)
+            except BaseException:
+                new.close()
+                raise
             self._spool.close()
             self._spool = new
-            self._size = new.tell()
+            self._size = new.size
         self._message = None
         return removed
 

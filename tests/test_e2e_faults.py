@@ -372,11 +372,20 @@ def test_spool_failure_is_451_after_the_data_and_the_session_goes_on(
 def test_full_disk_is_452_4_3_1(start_server, log_watch, monkeypatch):
     import bonzo.session
 
-    class FullDisk(tempfile.SpooledTemporaryFile):
-        def rollover(self):
+    real_temporary_file = tempfile.TemporaryFile
+
+    def full_disk(*args, **kwargs):
+        """A spool file on a full disk: created, but every write fails."""
+        spool = real_temporary_file(*args, **kwargs)
+
+        def fail(*_):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(bonzo.session.tempfile, "SpooledTemporaryFile", FullDisk)
+        spool.write = fail
+        spool.writelines = fail
+        return spool
+
+    monkeypatch.setattr(bonzo.session.tempfile, "TemporaryFile", full_disk)
     server = start_server(spool_threshold=1024)
     with RawClient(server.port) as client:
         client.greet()
