@@ -77,6 +77,9 @@ def decode_response(line: str) -> bytes:
     """
     if line == "=":
         return b""
+    if line and (len(line) % 4 or line[0] == "="):
+        # Python 3.10's decoder lets "==" and unpadded text through.
+        raise _syntax()
     try:
         return base64.b64decode(line.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError, ValueError):
