@@ -1,10 +1,14 @@
 """The Tornado side of a session: read, feed the protocol core, ask the handler, write.
 
 :class:`SMTPConnection` drives one client connection. It reads whatever the
-socket has (``read_bytes(partial=True)``), lets :class:`~bonzo.protocol.SMTPProtocol`
+socket has, lets :class:`~bonzo.protocol.SMTPProtocol`
 split it into commands, asks a :class:`SessionHandler` for a verdict on each
 command that needs one, and writes the replies to a pipelined batch in one
-write. There is no future per line, and one timer per connection enforces
+write. On a plain (not TLS) connection it reads and sends on the socket
+itself, which stays registered with the event loop for the whole session;
+TLS connections go through Tornado's streams. There is no future per line,
+no coroutine per command when the handler answers synchronously, and one
+timer per connection enforces
 every timeout: it is re-armed when it fires, and pulled in only when a state
 with a shorter deadline starts (a command line trickling in, DATA, a last
 reply), never per read.
@@ -106,7 +110,7 @@ class SessionHandler:
         """After the ``250`` for a message has been sent; failures are only logged."""
 
     def on_reset(self, session: Session) -> Any:
-        """RSET, or a transaction ended another way (notification)."""
+        """RSET: the transaction was discarded (notification)."""
 
     def on_unknown(self, session: Session, verb: str, arg: str) -> Any:
         """A verb the core does not know; return a reply
@@ -271,11 +275,6 @@ class SMTPConnection:
         self._shutting_down = True
         if self._waiting_input and not self.protocol.in_data:
             self._final_reply(421, "Server shutting down", "4.3.2")
-
-    @property
-    def busy(self) -> bool:
-        """True while a message is being received or a handler is running."""
-        return not self._waiting_input or self.protocol.in_data
 
     # ---------------------------------------------------------- main loop
     async def run(self) -> None:
@@ -985,6 +984,7 @@ def _printable(text: str) -> str:
 
 
 async def _as_future(awaitable: Awaitable[Any]) -> Any:
+    """Any awaitable as a coroutine (what ``asyncio.wait_for`` takes)."""
     return await awaitable
 
 

@@ -20,7 +20,7 @@ from tornado.log import app_log
 
 from . import errors, hookspecs
 from .config import positive_seconds
-from .connection import SessionHandler
+from .connection import SessionHandler, _as_future
 from .hookspecs import DECISION_HOOKS, OBSERVER_HOOKS, OWNER_HOOKS, Accept
 from .session import Envelope, Session
 
@@ -42,14 +42,13 @@ class PluginError(Exception):
 class HookCall:
     """One implementation of one hook, resolved for fast calls."""
 
-    __slots__ = ("plugin", "function", "indexes", "timeout", "is_async")
+    __slots__ = ("plugin", "function", "indexes", "timeout")
 
     def __init__(self, plugin: str, function: Any, indexes: tuple[int, ...], timeout: float):
         self.plugin = plugin
         self.function = function
         self.indexes = indexes
         self.timeout = timeout
-        self.is_async = inspect.iscoroutinefunction(function)
 
     def __repr__(self) -> str:
         return f"<HookCall {self.plugin}.{getattr(self.function, '__name__', '?')}>"
@@ -343,13 +342,9 @@ async def _invoke(call: HookCall, args: tuple[Any, ...]) -> Any:
 async def _bounded(call: HookCall, awaitable: Any) -> Any:
     """Await a hook's result within the plugin's timeout."""
     try:
-        return await asyncio.wait_for(_await(awaitable), timeout=call.timeout)
+        return await asyncio.wait_for(_as_future(awaitable), timeout=call.timeout)
     except asyncio.TimeoutError:
         raise TimeoutError(f"no answer within {call.timeout}s") from None
-
-
-async def _await(awaitable: Any) -> Any:
-    return await awaitable
 
 
 def _ehlo_line(keyword: Any) -> bool:
