@@ -418,8 +418,17 @@ def test_aiosmtplib_starttls_login(start_server, certs, client_ctx):
             await client.starttls()
             await client.login(USER, PASSWORD)
             await client.sendmail("alice@example.com", ["bob@example.com"], MESSAGE)
+            assert client.transport is not None
+            sock = client.transport.get_extra_info("socket")
+        # The client's TLS shutdown ends when the server closes the connection
+        # after QUIT; wait for it, or the loop would end with the socket open.
+        for _ in range(int(TIMEOUT / 0.01)):
+            if sock.fileno() == -1:
+                break
+            await asyncio.sleep(0.01)
+        assert sock.fileno() == -1, "the server did not close the TLS connection after QUIT"
 
-    asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+    asyncio.run(asyncio.wait_for(main(), TIMEOUT + TIMEOUT))
     wait_until(lambda: server.handler.messages, message="the message")
     assert server.handler.facts[0]["protocol"] == "ESMTPSA"
 
