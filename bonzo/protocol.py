@@ -261,22 +261,75 @@ _REPLY_CACHE: dict[tuple[int, Any, str | None, bool], bytes] = {}
 _REPLY_CACHE_SIZE = 512
 
 
-def _has_long_line(block: bytes, limit: int) -> bool:
-    """True if a line of ``block`` (lines end in LF; the block ends with one)
-    is longer than ``limit`` octets, LF included.
+# Facts that scan_data reports about the content lines it went over.
+SCAN_DOTS: Final = 1  # a line at a line start begins with a dot (to unstuff)
+SCAN_BARE: Final = 2  # a CR not followed by LF, or an LF not preceded by CR
+SCAN_LONG: Final = 4  # a line longer than max_line octets, LF included
+
+
+def _has_long_line(buf: bytes | bytearray, start: int, end: int, limit: int) -> bool:
+    """True if a line of ``buf[start:end]`` (lines end in LF; the range ends
+    with one) is longer than ``limit`` octets, LF included.
 
     Every window of ``limit`` octets starting at a line start must hold an
     LF; jumping to the last LF of each window checks that in about
-    ``len(block) / limit`` C-speed searches instead of one Python step per line.
+    ``(end - start) / limit`` C-speed searches instead of one Python step per line.
     """
-    pos = 0
-    end = len(block)
+    pos = start
     while end - pos > limit:
-        nl = block.rfind(b"\n", pos, pos + limit)
+        nl = buf.rfind(b"\n", pos, pos + limit)
         if nl < 0:
             return True
         pos = nl + 1
     return False
+
+
+def _scan_data_py(
+    buf: bytes | bytearray, start: int, line_start: bool, max_line: int
+) -> tuple[int, int, int]:
+    """Scan message content in ``buf`` from ``start``, line by line.
+
+    Returns ``(end, cut, flags)``: ``end`` is the index of the dot of the
+    final ``.CRLF`` line (found only at a line start: after CRLF, or at
+    ``start`` when ``line_start``), or -1; ``cut`` is where the complete
+    lines before it end (``end`` if found, else just past the last LF); and
+    ``flags`` holds the ``SCAN_*`` facts about the lines in ``[start, cut)``.
+
+    This is the reference implementation; ``bonzo._speedups.scan_data`` does
+    the same in one pass of C. Here each fact is one C-speed search or count
+    over the whole range rather than a Python step per line.
+    """
+    if line_start and buf[start : start + 3] == b".\r\n":
+        return start, start, 0
+    # One search finds both the final dot and, usually, that no line starts
+    # with a dot (nothing to unstuff); a second one runs only past a stuffed dot.
+    first = buf.find(b"\r\n.", start)
+    end = first
+    if end >= 0 and buf[end + 3 : end + 5] != b"\r\n":
+        end = buf.find(b"\r\n.\r\n", end + 1)
+    if end >= 0:
+        end += 2
+        cut = end
+    else:
+        last = buf.rfind(b"\n", start)
+        cut = last + 1 if last >= 0 else start
+    flags = 0
+    if cut == start:
+        return end, cut, flags
+    if (line_start and buf[start] == 46) or 0 <= first < cut - 2:  # 46: "."
+        flags |= SCAN_DOTS
+    if cut - start > max_line and _has_long_line(buf, start, cut, max_line):
+        flags |= SCAN_LONG
+    crlf = buf.count(b"\r\n", start, cut)
+    if buf.count(b"\n", start, cut) != crlf or buf.count(b"\r", start, cut) != crlf:
+        flags |= SCAN_BARE
+    return end, cut, flags
+
+
+try:
+    from ._speedups import scan_data as _scan_data
+except ImportError:  # not built: the same in Python
+    _scan_data = _scan_data_py
 
 
 def format_reply(code: int, text: str | list[str], enhanced: str | None, esmtp: bool) -> bytes:
@@ -1162,26 +1215,11 @@ class SMTPProtocol:
     def _next_data(self) -> Any:
         buf = self._buf
         pos = self._pos
-        dots = False
-        if self._line_start and buf[pos : pos + 3] == b".\r\n":
-            end = pos
-            found = True
-        else:
-            # One search finds both the final dot and, usually, that no line
-            # starts with a dot (so there is nothing to unstuff); a second
-            # one runs only past a stuffed dot.
-            end = buf.find(b"\r\n.", pos)
-            if end >= 0 and buf[end + 3 : end + 5] != b"\r\n":
-                dots = True
-                end = buf.find(b"\r\n.\r\n", end + 1)
-            found = end >= 0
-            if found:
-                end += 2
-        if found:
-            block = bytes(buf[pos:end])
+        end, cut, flags = _scan_data(buf, pos, self._line_start, self.settings.max_data_line)
+        if end >= 0:
             self._pos = end + 3
             self._state = _COMMAND
-            data = self._process_block(block, dots) if block else b""
+            data = self._process_block(bytes(buf[pos:end]), flags) if end > pos else b""
             error = self._data_error
             self._data_error = None
             self._data_rank = 0
@@ -1191,17 +1229,15 @@ class SMTPProtocol:
         # Hand over every complete line, whatever ends it: cutting only at
         # CRLF would buffer bare-LF content without bound. A cut after a bare
         # LF is not a line start for unstuffing or the final dot.
-        last = buf.rfind(b"\n", pos)
-        if last < 0:
+        if cut == pos:
             if len(buf) - pos > self.settings.max_data_line:
                 self._set_data_error(_RANK_LINE)
                 # Keep the last octet: it may be the CR of the line's CRLF.
                 self._pos = len(buf) - 1
                 self._line_start = False
             return NEED_DATA
-        block = bytes(buf[pos : last + 1])
-        self._pos = last + 1
-        data = self._process_block(block, dots)
+        self._pos = cut
+        data = self._process_block(bytes(buf[pos:cut]), flags)
         if data:
             return DataChunk(data)
         return NEED_DATA if self._pos >= len(buf) else self._next_data()
@@ -1214,34 +1250,29 @@ class SMTPProtocol:
             self._data_rank = rank
             self._data_error = _data_error(rank)
 
-    def _process_block(self, block: bytes, dots: bool = True) -> bytes:
-        """Unstuff, check and normalise complete lines of content; ``dots``
-        false means no line after the first starts with a dot."""
+    def _process_block(self, block: bytes, flags: int) -> bytes:
+        """Unstuff, check and normalise complete lines of content, given the
+        facts :func:`_scan_data` found in them."""
         line_start = self._line_start
         self._line_start = block[-2:] == b"\r\n"
         rank = self._data_rank
         if rank == _RANK_LINE:
             return b""  # nothing outranks it: just look for the final dot
-        max_line = self.settings.max_data_line
-        if len(block) > max_line and _has_long_line(block, max_line):
+        if flags & SCAN_LONG:
             self._set_data_error(_RANK_LINE)
             return b""
-        mode = self._bare_mode
         bare = False
-        if mode != "allow":
-            # Unstuffing removes no CR or LF, so count on the raw block.
-            crlf = block.count(b"\r\n")
-            if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
-                self.notes.add("bare_lf_data")
-                if mode == "reject":
-                    self._set_data_error(_RANK_BARE)
-                    return b""
-                bare = True
+        if flags & SCAN_BARE and self._bare_mode != "allow":
+            self.notes.add("bare_lf_data")
+            if self._bare_mode == "reject":
+                self._set_data_error(_RANK_BARE)
+                return b""
+            bare = True
         if rank:
             return b""  # a lower-ranked error only needs the checks above
-        if line_start and block[:1] == b".":
-            block = block[1:]
-        if dots:
+        if flags & SCAN_DOTS:
+            if line_start and block[:1] == b".":
+                block = block[1:]
             block = block.replace(b"\r\n.", b"\r\n")
         if bare:
             block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")

@@ -10,15 +10,21 @@
   :class:`~e2e_support.RecordingHandler` collects the delivered messages in
   ``server.handler.messages``.
 * ``server``: ``start_server()`` with the default settings.
+* ``scan_implementation``: runs a module's tests once with the C DATA scan
+  (``bonzo._speedups``) and once with the pure-Python one; a module opts in
+  with ``pytestmark = pytest.mark.usefixtures("scan_implementation")``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from e2e_support import LogWatch, ServerThread
+
+import bonzo.protocol
 
 
 @pytest.fixture(autouse=True)
@@ -64,3 +70,22 @@ def start_server(log_watch: LogWatch) -> Iterator[Callable[..., ServerThread]]:
 @pytest.fixture
 def server(start_server: Callable[..., ServerThread]) -> ServerThread:
     return start_server()
+
+
+@pytest.fixture(scope="module", params=["c", "python"])
+def scan_implementation(request: pytest.FixtureRequest) -> Iterator[str]:
+    saved = bonzo.protocol._scan_data
+    if request.param == "c":
+        try:
+            from bonzo._speedups import scan_data
+        except ImportError:
+            if os.environ.get("BONZO_EXTENSION") == "1":
+                raise  # CI builds it: its absence is a failure there
+            pytest.skip("bonzo._speedups is not built")
+        bonzo.protocol._scan_data = scan_data
+    else:
+        bonzo.protocol._scan_data = bonzo.protocol._scan_data_py
+    try:
+        yield request.param
+    finally:
+        bonzo.protocol._scan_data = saved

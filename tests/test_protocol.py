@@ -46,6 +46,9 @@ from bonzo.protocol import (
     parse_path,
 )
 
+# Every test here runs with the C DATA scan and with the pure-Python one.
+pytestmark = pytest.mark.usefixtures("scan_implementation")
+
 OPEN = EHLO + TXN + DATA  # an ESMTP session with DATA accepted
 OPEN_REPLIES = (
     EHLO_REPLY + b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"

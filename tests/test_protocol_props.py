@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import warnings
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from protocol_helpers import (
@@ -26,6 +27,9 @@ from protocol_helpers import (
 
 from bonzo.errors import SMTPError
 from bonzo.protocol import AddressError, Data, MessageComplete, parse_path
+
+# Every test here runs with the C DATA scan and with the pure-Python one.
+pytestmark = pytest.mark.usefixtures("scan_implementation")
 
 PROPS = settings(
     max_examples=300,

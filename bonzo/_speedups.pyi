@@ -1,0 +1,3 @@
+def scan_data(
+    buf: bytes | bytearray, start: int, line_start: bool, max_line: int, /
+) -> tuple[int, int, int]: ...
