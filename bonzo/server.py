@@ -297,7 +297,7 @@ class SMTPServer(TCPServer):
         connection.session.stash["bonzo.connection"] = connection
         self.connections.add(connection)
         self.count.add(ip)
-        IOLoop.current().add_callback(connection.run)
+        connection._loop.add_callback(connection.run)
 
     def _refuse(self, stream: IOStream, ip: str, text: str) -> None:
         gen_log.warning("Refused connection from %s: %s", ip, text)

@@ -25,6 +25,17 @@ from typing import IO, Any
 __all__ = ["Session", "Envelope", "new_session_id", "received_header", "safe_text"]
 
 _counter = itertools.count(1)
+# getpid() is a system call on current glibc, and ids are made twice per
+# message: keep the pid, and refresh it in a forked worker.
+_pid_hex = f"{os.getpid():x}"
+
+
+def _refresh_pid() -> None:
+    global _pid_hex
+    _pid_hex = f"{os.getpid():x}"
+
+
+os.register_at_fork(after_in_child=_refresh_pid)
 #: RFC 5322 2.2: printable ASCII except the colon.
 _HEADER_NAME = re.compile(r"[!-9;-~]+")
 
@@ -32,7 +43,7 @@ _HEADER_NAME = re.compile(r"[!-9;-~]+")
 def new_session_id() -> str:
     """Return a short id, unique within this host and process run, for logs
     and the ``Received:`` header."""
-    return f"{int(time.time()):x}{os.getpid():x}{next(_counter):x}".upper()
+    return f"{int(time.time()):x}{_pid_hex}{next(_counter):x}".upper()
 
 
 class Session:
