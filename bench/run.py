@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -771,6 +772,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         f"Machine: {meta['machine']['nproc']} × {meta['machine']['cpu']}, "
         f"Linux {meta['machine']['kernel']}, Python {meta['machine']['python']}; "
+        f"Bonzo's DATA scan in {'C' if meta['machine'].get('bonzo_speedups') else 'Python'}; "
         "load generator and server share these cores. "
         f"× {BASELINE}: median of per-run ratios (throughput: higher is better; "
         "memory: lower is better); throughput is the median (min–max).",
@@ -808,6 +810,13 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             cells[-1] += f" ({row['failed']} of {row['runs']} runs FAILED)"
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+def _has_speedups() -> bool:
+    try:
+        return importlib.util.find_spec("bonzo._speedups") is not None
+    except ImportError:  # no bonzo at all: its servers will say so
+        return False
 
 
 def machine_info() -> dict[str, Any]:
@@ -859,6 +868,8 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "versions": versions,
         "bonzo_commit": commit,
+        # The servers run on this interpreter: the same import decides there.
+        "bonzo_speedups": _has_speedups(),
     }
 
 
