@@ -232,6 +232,8 @@ class SMTPConnection:
         self._shutting_down = False
         self._loop = IOLoop.current()
         self._aloop: asyncio.AbstractEventLoop = self._loop.asyncio_loop  # type: ignore[attr-defined]
+        #: The task running :meth:`run`, when the server started one.
+        self._task: asyncio.Task[None] | None = None
         now = self._loop.time()
         self._last_activity = now
         self._window_start = now

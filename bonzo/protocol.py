@@ -22,6 +22,7 @@ carries an RFC 3463 code.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Final
 
 from .errors import SMTPError, default_enhanced_code
@@ -561,21 +562,6 @@ class SMTPProtocol:
         self._bare_mode = settings.bare_newline
         self._max_line = settings.max_command_line
         self._max_mail_line = settings.max_command_line + EXTENSION_ALLOWANCE
-        self._handlers = {
-            "HELO": self._cmd_helo,
-            "EHLO": self._cmd_ehlo,
-            "MAIL": self._cmd_mail,
-            "RCPT": self._cmd_rcpt,
-            "DATA": self._cmd_data,
-            "RSET": self._cmd_rset,
-            "NOOP": self._cmd_noop,
-            "QUIT": self._cmd_quit,
-            "VRFY": self._cmd_vrfy,
-            "HELP": self._cmd_help,
-            "BDAT": self._cmd_bdat,
-            "STARTTLS": self._cmd_starttls,
-            "AUTH": self._cmd_auth,
-        }
 
     # ------------------------------------------------------------------ I/O
     def receive_data(self, data: bytes) -> None:
@@ -977,13 +963,13 @@ class SMTPProtocol:
             return None
         verb, _, arg = line.partition(" ")
         upper = verb.upper()
-        handler = self._handlers.get(upper)
+        handler = _VERBS.get(upper)
         if handler is None:
             if not verb.isascii():
                 self._error(500, "5.5.2", "Error: bad syntax")
                 return None
             return Unknown(upper, arg.strip(" "))
-        return handler(arg.strip(" "))
+        return handler(self, arg.strip(" "))
 
     # ---------------------------------------------------------------- verbs
     def _cmd_helo(self, arg: str) -> Any:
@@ -1282,3 +1268,21 @@ class SMTPProtocol:
             self._set_data_error(_RANK_SIZE)
             return b""
         return block
+
+
+# The commands the core knows, by verb: one table for every session.
+_VERBS: dict[str, Callable[[SMTPProtocol, str], Any]] = {
+    "HELO": SMTPProtocol._cmd_helo,
+    "EHLO": SMTPProtocol._cmd_ehlo,
+    "MAIL": SMTPProtocol._cmd_mail,
+    "RCPT": SMTPProtocol._cmd_rcpt,
+    "DATA": SMTPProtocol._cmd_data,
+    "RSET": SMTPProtocol._cmd_rset,
+    "NOOP": SMTPProtocol._cmd_noop,
+    "QUIT": SMTPProtocol._cmd_quit,
+    "VRFY": SMTPProtocol._cmd_vrfy,
+    "HELP": SMTPProtocol._cmd_help,
+    "BDAT": SMTPProtocol._cmd_bdat,
+    "STARTTLS": SMTPProtocol._cmd_starttls,
+    "AUTH": SMTPProtocol._cmd_auth,
+}

@@ -297,7 +297,9 @@ class SMTPServer(TCPServer):
         connection.session.stash["bonzo.connection"] = connection
         self.connections.add(connection)
         self.count.add(ip)
-        connection._loop.add_callback(connection.run)
+        # A task straight away (IOLoop.add_callback would take one more loop
+        # turn and a conversion); the connection keeps it referenced.
+        connection._task = connection._aloop.create_task(connection.run())
 
     def _refuse(self, stream: IOStream, ip: str, text: str) -> None:
         gen_log.warning("Refused connection from %s: %s", ip, text)
