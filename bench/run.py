@@ -813,6 +813,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def _has_speedups() -> bool:
+    if os.environ.get("BONZO_NO_EXTENSION"):  # the servers inherit it
+        return False
     try:
         return importlib.util.find_spec("bonzo._speedups") is not None
     except ImportError:  # no bonzo at all: its servers will say so

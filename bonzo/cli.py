@@ -30,6 +30,7 @@ from typing import Any
 
 from . import version
 from .config import ConfigError, load_config
+from .protocol import data_scan_in_c
 
 __all__ = ["main"]
 
@@ -219,6 +220,11 @@ def _serve(args: argparse.Namespace) -> int:
         config.workers,
         ", ".join(config.plugins.enabled) or "none",
     )
+    if not data_scan_in_c():
+        log.info(
+            "message content is scanned in pure Python (bonzo._speedups is not built, or "
+            "BONZO_NO_EXTENSION is set): about ten times more CPU per megabyte than in C"
+        )
     if config.workers == 1:
         return 1 if _run_worker(app, sockets) else 0
     return _supervise(app, sockets, config.workers)

@@ -21,6 +21,7 @@ carries an RFC 3463 code.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from typing import Any, Final
@@ -47,6 +48,7 @@ __all__ = [
     "format_reply",
     "parse_path",
     "AddressError",
+    "data_scan_in_c",
 ]
 
 
@@ -327,10 +329,21 @@ def _scan_data_py(
     return end, cut, flags
 
 
-try:
-    from ._speedups import scan_data as _scan_data
-except ImportError:  # not built: the same in Python
-    _scan_data = _scan_data_py
+_scan_data: Callable[[bytes | bytearray, int, bool, int], tuple[int, int, int]] = _scan_data_py
+# BONZO_NO_EXTENSION (any non-empty value) keeps the Python scan even when the
+# C module is built: to compare the two, or to rule the C one out.
+if not os.environ.get("BONZO_NO_EXTENSION"):
+    try:
+        from ._speedups import scan_data as _scan_data
+    except ImportError:  # not built: the same in Python
+        pass
+
+
+def data_scan_in_c() -> bool:
+    """True when message content is scanned by the C module
+    ``bonzo._speedups`` (built at install time when a C compiler is present),
+    False when by the pure-Python scan; both give the same results."""
+    return _scan_data is not _scan_data_py
 
 
 def format_reply(code: int, text: str | list[str], enhanced: str | None, esmtp: bool) -> bytes:

@@ -462,6 +462,30 @@ def test_serve_delivers_mail_from_smtplib_and_swaks_and_stops_on_sigterm(workdir
     assert "Traceback" not in daemon.log
 
 
+PYTHON_SCAN_NOTICE = "message content is scanned in pure Python"
+
+
+@pytest.mark.parametrize("no_extension", ["", "1"])
+def test_startup_log_says_when_content_is_scanned_in_python(workdir, env, serve, no_extension):
+    try:
+        import bonzo._speedups  # noqa: F401
+
+        built = True
+    except ImportError:
+        built = False
+    env["BONZO_NO_EXTENSION"] = no_extension
+    port = free_port()
+    daemon = serve(write_config(workdir, port), port)
+    daemon.wait_ready()
+    # Either scan takes the mail alike.
+    # smtplib stuffs the dot; the server must take it off again.
+    assert send(port, "scan@example.org", MESSAGE + ".dot\r\n") == {}
+    (record,) = wait_until(lambda: daemon.records() or None, what="the delivery")
+    assert record["content"].endswith("\r\n.dot\r\n")
+    assert daemon.stop() == 0
+    assert (PYTHON_SCAN_NOTICE in daemon.log) == (no_extension == "1" or not built)
+
+
 def test_swaks_is_installed_for_the_end_to_end_test():
     if not shutil.which("swaks"):
         pytest.skip("swaks is not installed (apt-get install swaks): its part of the test is off")
