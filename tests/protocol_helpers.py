@@ -6,6 +6,7 @@ table-driven protocol tests and the property tests.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -21,6 +22,21 @@ from bonzo.protocol import (
     Unknown,
 )
 from bonzo.settings import SMTPSettings
+
+ScanData = Callable[[bytes | bytearray, int, bool, int], tuple[int, int, int]]
+
+
+def c_scan_data() -> ScanData | None:
+    """``bonzo._speedups.scan_data``, or ``None`` when the module is not
+    built. CI builds it (``BONZO_EXTENSION=1``): there its absence raises."""
+    try:
+        from bonzo._speedups import scan_data
+    except ImportError:
+        if os.environ.get("BONZO_EXTENSION") == "1":
+            raise
+        return None
+    return scan_data
+
 
 HOST = "mx.example.org"
 IP = "192.0.2.1"

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from protocol_helpers import c_scan_data
 
 from bonzo import version
 from bonzo.app import installed_plugins
@@ -467,12 +468,7 @@ PYTHON_SCAN_NOTICE = "message content is scanned in pure Python"
 
 @pytest.mark.parametrize("no_extension", ["", "1"])
 def test_startup_log_says_when_content_is_scanned_in_python(workdir, env, serve, no_extension):
-    try:
-        import bonzo._speedups  # noqa: F401
-
-        built = True
-    except ImportError:
-        built = False
+    built = c_scan_data() is not None
     env["BONZO_NO_EXTENSION"] = no_extension
     port = free_port()
     daemon = serve(write_config(workdir, port), port)

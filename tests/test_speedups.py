@@ -8,27 +8,18 @@ fails; elsewhere the C half is skipped and Bonzo runs on the Python scan.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from protocol_helpers import ScanData, c_scan_data
 
 from bonzo.protocol import SCAN_BARE, SCAN_DOTS, SCAN_LONG, _scan_data_py
 
-try:
-    from bonzo._speedups import scan_data as c_scan_data
-except ImportError:  # pragma: no cover - CI always builds it
-    if os.environ.get("BONZO_EXTENSION") == "1":
-        raise
-    c_scan_data = None
-
-needs_c = pytest.mark.skipif(c_scan_data is None, reason="bonzo._speedups is not built")
-Scan = Callable[[bytes | bytearray, int, bool, int], tuple[int, int, int]]
+c_scan = c_scan_data()
+needs_c = pytest.mark.skipif(c_scan is None, reason="bonzo._speedups is not built")
 IMPLEMENTATIONS = [pytest.param(_scan_data_py, id="python")]
-if c_scan_data is not None:
-    IMPLEMENTATIONS.append(pytest.param(c_scan_data, id="c"))
+if c_scan is not None:
+    IMPLEMENTATIONS.append(pytest.param(c_scan, id="c"))
 
 
 @pytest.mark.parametrize("scan", IMPLEMENTATIONS)
@@ -56,7 +47,7 @@ if c_scan_data is not None:
         (b"junk", 4, True, (-1, 4, 0)),
     ],
 )
-def test_scan_examples(scan: Scan, data, start, line_start, expected):
+def test_scan_examples(scan: ScanData, data, start, line_start, expected):
     # max_line 6: "abcd\r\n" fits, "abcde\r\n" does not.
     assert scan(data, start, line_start, 6) == expected
     assert scan(bytearray(data), start, line_start, 6) == expected
@@ -75,7 +66,7 @@ content = st.lists(
 def test_c_scan_equals_python_scan(data, start, line_start, max_line):
     start = min(start, len(data))
     buf = bytearray(data)
-    assert c_scan_data(buf, start, line_start, max_line) == _scan_data_py(
+    assert c_scan(buf, start, line_start, max_line) == _scan_data_py(
         buf, start, line_start, max_line
     )
 
@@ -83,17 +74,17 @@ def test_c_scan_equals_python_scan(data, start, line_start, max_line):
 @needs_c
 def test_c_scan_refuses_a_start_out_of_range():
     with pytest.raises(ValueError, match="start is out of range"):
-        c_scan_data(b"abc", 4, True, 10)
+        c_scan(b"abc", 4, True, 10)
     with pytest.raises(ValueError, match="start is out of range"):
-        c_scan_data(b"abc", -1, True, 10)
+        c_scan(b"abc", -1, True, 10)
     with pytest.raises(TypeError):
-        c_scan_data("text", 0, True, 10)
+        c_scan("text", 0, True, 10)
 
 
 def test_protocol_uses_the_c_scan_when_built():
     import bonzo.protocol
 
-    if c_scan_data is None:
+    if c_scan is None:
         assert bonzo.protocol._scan_data is _scan_data_py
     else:
-        assert bonzo.protocol._scan_data is c_scan_data
+        assert bonzo.protocol._scan_data is c_scan
