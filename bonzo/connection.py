@@ -464,6 +464,7 @@ class SMTPConnection:
                     event.params,
                     spool_threshold=self.settings.spool_threshold,
                     spool_dir=self.settings.spool_dir,
+                    sender=event.mailbox,
                 )
                 return self._then(
                     handler.on_mail(session, envelope), self._mail_done, envelope, event, "MAIL"
@@ -569,6 +570,7 @@ class SMTPConnection:
         assert envelope is not None
         envelope.rcpt_tos.append(event.address)
         envelope.rcpt_params.append(event.params)
+        envelope.recipients.append(event.mailbox)
         self.protocol.accept(_text(result))
 
     def _data_done(self, result: Any, event: Data) -> None:

@@ -22,6 +22,7 @@ from . import errors, hookspecs
 from .config import positive_seconds
 from .connection import SessionHandler, _as_future
 from .hookspecs import DECISION_HOOKS, OBSERVER_HOOKS, OWNER_HOOKS, Accept
+from .address import Address
 from .session import Envelope, Session
 
 __all__ = ["PluginSet", "PluginHandler", "PluginError", "HookCall"]
@@ -477,13 +478,15 @@ class PluginHandler(SessionHandler):
             envelope,
             envelope.mail_from,
             envelope.mail_params,
+            envelope.sender,
         )
 
     def on_rcpt(
         self, session: Session, envelope: Envelope, address: str, params: dict[str, str | None]
     ) -> Any:
+        mailbox = Address.parse(address)
         return self._decide(
-            session, "bonzo_rcpt", _owned_recipient, session, envelope, address, params
+            session, "bonzo_rcpt", _owned_recipient, session, envelope, address, params, mailbox
         )
 
     def on_data(self, session: Session, envelope: Envelope) -> Any:

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .address import Address
     from .errors import SMTPError
     from .session import Envelope, Session
 
@@ -178,19 +179,29 @@ def bonzo_unknown_command(session: Session, verb: str, arg: str) -> Any:
 
 # ---------------------------------------------------------------- transaction
 @hookspec
-def bonzo_mail(session: Session, envelope: Envelope, address: str, params: dict[str, Any]) -> Any:
-    """MAIL FROM (decision). ``address`` is ``""`` for the null sender;
-    ``params`` holds the ESMTP parameters, keywords upper-cased.
+def bonzo_mail(
+    session: Session, envelope: Envelope, address: str, params: dict[str, Any], mailbox: Address
+) -> Any:
+    """MAIL FROM (decision). ``address`` is the sender as the client sent it
+    (``""`` for the null sender); ``mailbox`` is the same as an
+    :class:`~bonzo.address.Address`, whose ``canonical`` form is the one to
+    match policy on; ``params`` holds the ESMTP parameters, keywords
+    upper-cased.
 
     .. versionadded:: 0.2
     """
 
 
 @hookspec
-def bonzo_rcpt(session: Session, envelope: Envelope, address: str, params: dict[str, Any]) -> Any:
+def bonzo_rcpt(
+    session: Session, envelope: Envelope, address: str, params: dict[str, Any], mailbox: Address
+) -> Any:
     """RCPT TO (decision, **needs an owner**): some plugin must return
     :class:`Accept`, or the recipient is refused with ``550 5.7.1``. Accepted
-    recipients are added to ``envelope.rcpt_tos`` by Bonzo.
+    recipients are added to ``envelope.rcpt_tos`` (as sent) and
+    ``envelope.recipients`` (as :class:`~bonzo.address.Address`) by Bonzo.
+    ``mailbox`` is ``address`` as an :class:`~bonzo.address.Address`: match
+    and store on its ``canonical`` form, never on the text as sent.
 
     .. versionadded:: 0.2
     """

@@ -26,6 +26,7 @@ import re
 from collections.abc import Callable
 from typing import Any, Final
 
+from .address import Address
 from .errors import SMTPError, default_enhanced_code
 from .settings import EXTENSION_ALLOWANCE, SMTPSettings
 
@@ -101,21 +102,27 @@ class Mail(Event):
     """``MAIL FROM``: ``address`` is ``""`` for the null sender; ``params`` maps
     upper-cased ESMTP keywords to their value (``None`` for a bare keyword)."""
 
-    __slots__ = ("address", "params")
+    __slots__ = ("address", "params", "mailbox")
 
-    def __init__(self, address: str, params: dict[str, str | None]) -> None:
+    def __init__(
+        self, address: str, params: dict[str, str | None], mailbox: Address | None = None
+    ) -> None:
         self.address = address
         self.params = params
+        self.mailbox = mailbox if mailbox is not None else Address.parse(address)
 
 
 class Rcpt(Event):
     """``RCPT TO``."""
 
-    __slots__ = ("address", "params")
+    __slots__ = ("address", "params", "mailbox")
 
-    def __init__(self, address: str, params: dict[str, str | None]) -> None:
+    def __init__(
+        self, address: str, params: dict[str, str | None], mailbox: Address | None = None
+    ) -> None:
         self.address = address
         self.params = params
+        self.mailbox = mailbox if mailbox is not None else Address.parse(address)
 
 
 class Data(Event):
@@ -1039,7 +1046,12 @@ class SMTPProtocol:
         if problem is not None:
             self._reject_now(problem)
             return None
-        return Mail(address, params)
+        try:
+            mailbox = Address.parse(address)
+        except ValueError:
+            self._reject_now(SMTPError(501, "Bad sender address syntax", enhanced_code="5.1.7"))
+            return None
+        return Mail(address, params, mailbox)
 
     def _check_mail_params(self, params: dict[str, str | None]) -> SMTPError | None:
         if params and not self.esmtp:
@@ -1090,7 +1102,12 @@ class SMTPProtocol:
             key = next(iter(params))
             self._reject_now(SMTPError(555, f"Unsupported parameter {key}", enhanced_code="5.5.4"))
             return None
-        return Rcpt(address, params)
+        try:
+            mailbox = Address.parse(address)
+        except ValueError:
+            self._reject_now(SMTPError(501, "Bad recipient address syntax", enhanced_code="5.1.3"))
+            return None
+        return Rcpt(address, params, mailbox)
 
     def _cmd_data(self, arg: str) -> Any:
         if not self.rcpt_count:

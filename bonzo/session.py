@@ -22,6 +22,8 @@ from email.parser import BytesParser
 from email.utils import format_datetime
 from typing import IO, Any
 
+from .address import Address
+
 __all__ = ["Session", "Envelope", "new_session_id", "received_header", "safe_text"]
 
 _counter = itertools.count(1)
@@ -230,9 +232,16 @@ class Envelope:
         *,
         spool_threshold: int = 262144,
         spool_dir: str | None = None,
+        sender: Address | None = None,
     ) -> None:
-        #: The reverse-path (``""`` for the null sender).
+        #: The reverse-path (``""`` for the null sender), as the client sent it.
         self.mail_from = mail_from
+        #: The sender as an :class:`~bonzo.address.Address` (canonical form
+        #: beside the original).
+        self.sender: Address = sender if sender is not None else Address.parse(mail_from)
+        #: The accepted recipients as :class:`~bonzo.address.Address` objects,
+        #: in the order of :attr:`rcpt_tos`.
+        self.recipients: list[Address] = []
         #: MAIL parameters (keywords upper-cased).
         self.mail_params: dict[str, str | None] = mail_params or {}
         #: Accepted recipients, in order.

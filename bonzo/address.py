@@ -1,0 +1,148 @@
+"""Mail addresses in one canonical form, beside the form the client sent.
+
+Policy that compares addresses as the client spelled them can be bypassed by
+spelling: ``ceo@ｅｘａｍｐｌｅ.ｃｏｍ`` (full-width letters), ``ceo@example。com``
+(an ideographic full stop), ``ceo@exam<soft hyphen>ple.com`` and
+``"ceo"@example.com`` all reach the mailbox ``ceo@example.com``. The protocol
+core therefore gives every plugin an :class:`Address` for each sender and
+recipient, whose :attr:`~Address.canonical` form is the one to match, store
+and count on:
+
+- the domain goes through the IDNA mapping of UTS #46 (non-transitional,
+  STD3 rules, via the ``idna`` package) and is written in lower-case ASCII
+  (A-labels, ``xn--...``); address literals are normalised with
+  :mod:`ipaddress`;
+- the local part is unquoted where quoting is not needed (``"ceo"`` →
+  ``ceo``; ``"a b"`` stays quoted, with only the escapes it needs), and
+  non-ASCII local parts are in Unicode normal form C. Its case is kept: only
+  the receiving system knows whether ``Ceo`` and ``ceo`` differ (RFC 5321
+  2.4); plugins that fold case do it themselves;
+- ``postmaster`` without a domain is ``postmaster`` in any case.
+
+:attr:`~Address.original` keeps what the client sent, for replies, logs and
+the original Bonzo API.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import unicodedata
+from dataclasses import dataclass
+
+import idna
+
+__all__ = ["Address", "canonical_domain", "canonical_local", "NULL_SENDER"]
+
+# RFC 5321 4.1.2 atext, plus non-ASCII (RFC 6531 3.3), as dot-atoms.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+"
+_DOT_ATOM = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*")
+_ASCII_DOMAIN = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?"
+)
+_QUOTED_PAIR = re.compile(r"\\(.)")
+
+
+def canonical_domain(domain: str) -> str:
+    """The canonical form of a domain or address literal.
+
+    Raises :class:`ValueError` when a non-ASCII domain has no IDNA form (a
+    code point UTS #46 forbids, an empty label, a label that maps to ``@``).
+    """
+    if domain[:1] == "[":
+        return _canonical_literal(domain)
+    if domain.isascii():
+        return domain.lower()
+    try:
+        encoded = idna.encode(domain, uts46=True, std3_rules=True, transitional=False)
+    except idna.IDNAError as exc:
+        raise ValueError(f"domain has no IDNA form: {exc}") from None
+    ascii_domain = encoded.decode("ascii").lower()
+    if not _ASCII_DOMAIN.fullmatch(ascii_domain):  # pragma: no cover - idna checks labels
+        raise ValueError("domain has no IDNA form")
+    return ascii_domain
+
+
+def _canonical_literal(literal: str) -> str:
+    inner = literal[1:-1]
+    if inner[:5].upper() == "IPV6:":
+        try:
+            return f"[IPv6:{ipaddress.IPv6Address(inner[5:]).compressed}]"
+        except ValueError:
+            return literal
+    try:
+        return f"[{ipaddress.IPv4Address(inner)}]"
+    except ValueError:
+        # A general address literal (RFC 5321 4.1.3 tag:content): as sent.
+        return literal
+
+
+def canonical_local(local: str) -> str:
+    """The canonical form of a local part (see the module docs)."""
+    if local[:1] == '"':
+        text = _QUOTED_PAIR.sub(r"\1", local[1:-1])
+        if _DOT_ATOM.fullmatch(text) is None:
+            escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+            text = f'"{escaped}"'
+    else:
+        text = local
+    if not text.isascii():
+        text = unicodedata.normalize("NFC", text)
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A sender or recipient: what the client sent and its canonical form.
+
+    ``str(address)`` is :attr:`canonical`.
+    """
+
+    original: str
+    """The mailbox as the client sent it, without angle brackets or source
+    route (``""`` for the null sender)."""
+
+    local: str
+    """The canonical local part (``""`` for the null sender)."""
+
+    domain: str
+    """The canonical domain: lower-case ASCII, IDNA A-labels (``""`` for the
+    null sender and for ``postmaster`` without a domain)."""
+
+    @classmethod
+    def parse(cls, original: str) -> Address:
+        """Build the address of a mailbox that has already passed the syntax
+        checks of :func:`bonzo.protocol.parse_path` (``local@domain``,
+        ``postmaster``, or ``""``). Raises :class:`ValueError` for a domain
+        with no IDNA form."""
+        if not original:
+            return NULL_SENDER
+        at = original.rfind("@")
+        if at < 0:  # <postmaster> (RFC 5321 4.5.1), case-insensitive
+            return cls(original, "postmaster", "")
+        local = original[:at]
+        domain = original[at + 1 :]
+        # The usual case costs two checks and a lower().
+        if local[:1] != '"' and local.isascii() and domain.isascii() and domain[:1] != "[":
+            return cls(original, local, domain.lower())
+        return cls(original, canonical_local(local), canonical_domain(domain))
+
+    @property
+    def canonical(self) -> str:
+        """``local@domain`` in canonical form (``""`` for the null sender,
+        ``postmaster`` for the bare postmaster address)."""
+        if not self.domain:
+            return self.local
+        return f"{self.local}@{self.domain}"
+
+    @property
+    def is_null(self) -> bool:
+        """True for the null reverse-path ``<>``."""
+        return not self.original
+
+    def __str__(self) -> str:
+        return self.canonical
+
+
+#: The null reverse-path, ``MAIL FROM:<>``.
+NULL_SENDER = Address("", "", "")
