@@ -268,6 +268,13 @@ class MailApp:
             self._started = False
             await self.plugins.call_observers("bonzo_shutdown", self)
 
+    def force_stop(self) -> None:
+        """Stop at once (a second SIGTERM while :meth:`stop` waits): every
+        session is cancelled, plugin calls included; :meth:`stop` then
+        returns promptly and still runs the plugins' shutdown hooks."""
+        for server in self.servers:
+            server.force_stop()
+
     @property
     def addresses(self) -> list[tuple[str, int]]:
         """The (address, port) pairs being served, once started."""

@@ -330,6 +330,15 @@ class SMTPServer(TCPServer):
         if not self.connections and self._idle_event is not None:
             self._idle_event.set()
 
+    def force_stop(self) -> None:
+        """End every session now (a second SIGTERM): cancel what each is
+        doing, plugin calls included; their cleanup still runs."""
+        self.stop()
+        for connection in list(self.connections):
+            task = connection._task
+            if task is not None and not task.done():
+                task.cancel()
+
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop gracefully: stop accepting, answer ``421 4.3.2`` to sessions
         waiting for a command, let messages in flight finish, and close what
