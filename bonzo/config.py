@@ -64,6 +64,8 @@ SETTING_SECTIONS: dict[str, str] = {
     "max_messages_per_connection": "limits",
     "max_unknown_commands": "limits",
     "max_errors": "limits",
+    "max_junk_commands": "limits",
+    "max_session_time": "limits",
     "max_connections": "limits",
     "max_connections_per_ip": "limits",
     "idle_timeout": "limits",

@@ -79,6 +79,13 @@ class SMTPSettings:
     max_errors: int = 20
     """Error replies (4xx/5xx to commands) per session before ``421 4.7.0`` and close."""
 
+    max_junk_commands: int = 100
+    """Commands that do no mail work (NOOP, RSET, VRFY, HELP, and HELO/EHLO
+    repeated without a new TLS session) allowed between two accepted messages;
+    one more gets ``421 4.7.0`` and close (Postfix's
+    ``smtpd_junk_command_limit``). Without it a client could hold a
+    connection slot forever with NOOPs."""
+
     max_connections: int = 1000
     """Concurrent connections per server; one more gets ``421 4.7.0`` and is closed."""
 
@@ -106,6 +113,15 @@ class SMTPSettings:
     """Time a request callback (the original API) or a :class:`~bonzo.connection.SessionHandler`
     call may take; then ``451 4.3.0``. Plugins have their own timeout (the
     ``[plugins]`` table's ``timeout``)."""
+
+    max_session_time: float = 0.0
+    """Longest a session may last, in seconds, whatever it does; then
+    ``421 4.4.2`` and close at the next point where the server waits for the
+    client. ``0`` (the default) means no limit: the junk-command, error and
+    message limits with the timeouts already bound a session; set it (an
+    hour, say) on a server exposed to abusive clients.
+
+    .. versionadded:: 0.2"""
 
     shutdown_grace: float = 30.0
     """On shutdown, time messages in flight get to finish before connections close."""
@@ -151,6 +167,7 @@ class SMTPSettings:
             "max_messages_per_connection",
             "max_unknown_commands",
             "max_errors",
+            "max_junk_commands",
             "max_connections",
             "max_connections_per_ip",
             "spool_threshold",
@@ -189,6 +206,11 @@ class SMTPSettings:
         if self.max_data_line < 1000:
             raise SettingError(
                 "max_data_line", f"must be at least 1000 (RFC 5321), not {self.max_data_line}"
+            )
+        lifetime = self.max_session_time
+        if not _finite_number(lifetime) or lifetime < 0:
+            raise SettingError(
+                "max_session_time", f"must be a number of seconds >= 0, not {lifetime!r}"
             )
         delay = self.auth_failure_delay
         if not _finite_number(delay) or delay < 0:

@@ -133,6 +133,8 @@ SETTING_CASES: dict[str, tuple[Any, list[Any]]] = {
     "max_messages_per_connection": (5, [0, "5"]),
     "max_unknown_commands": (3, [0, 2.0]),
     "max_errors": (3, [0, False]),
+    "max_junk_commands": (5, [0, 1.5, "many"]),
+    "max_session_time": (3600.0, [-1, "long", float("inf")]),
     "max_connections": (10, [0, -1]),
     "max_connections_per_ip": (2, [0, [2]]),
     "idle_timeout": (10, [0, -1, "10", True]),
