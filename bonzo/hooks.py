@@ -19,10 +19,10 @@ import pluggy
 from tornado.log import app_log
 
 from . import errors, hookspecs
+from .address import Address
 from .config import positive_seconds
 from .connection import SessionHandler, _as_future
 from .hookspecs import DECISION_HOOKS, OBSERVER_HOOKS, OWNER_HOOKS, Accept
-from .address import Address
 from .session import Envelope, Session
 
 __all__ = ["PluginSet", "PluginHandler", "PluginError", "HookCall"]
