@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .auth import MECHANISMS
-from .settings import ListenerSettings, SettingError, SMTPSettings
+from .settings import ListenerSettings, SettingError, SMTPSettings, positive_seconds
 from .tls import CertificatePair, TLSError, make_server_context
 
 if sys.version_info >= (3, 11):  # pragma: no cover - depends on the interpreter
@@ -233,13 +233,6 @@ def _path(value: Any, source: str, key: str, base_dir: Path) -> str:
     if "\0" in value:
         raise ConfigError(source, key, f"must not contain a NUL character: {value!r}")
     return str((base_dir / value).resolve())
-
-
-def positive_seconds(value: Any) -> bool:
-    """True for a positive, finite number of seconds."""
-    return (
-        not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < float("inf")
-    )
 
 
 def _table(data: dict[str, Any], name: str, source: str) -> dict[str, Any]:

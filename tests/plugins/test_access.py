@@ -282,7 +282,8 @@ def test_end_to_end_stages():
     )
     with serve(("access", plugin), ("recipients", recipients())) as server:
         with server.client(helo="bad.example") as client:
-            assert client.ehlo() == (550, b"Bad")  # not ESMTP yet: no enhanced code
+            # Enhanced codes before EHLO succeeds too (RFC 2034 4).
+            assert client.ehlo() == (550, b"5.7.1 Bad")
         with server.client() as client:
             assert client.ehlo()[0] == 250
             assert client.mail("joe@spam.example") == (554, b"5.7.1 Access denied")
