@@ -909,6 +909,12 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         if other is not None and other > OTHER_LOAD_WARNING
         else []
     )
+    found = meta["machine"].get("versions") or {}
+    versions = (
+        ["Versions: " + ", ".join(f"{name} {found[name]}" for name in sorted(found)) + ".", ""]
+        if found
+        else []
+    )
     out = [
         f"### Bonzo benchmark ({meta['mode']}, {meta['repeat']} interleaved run(s), medians)",
         "",
@@ -919,6 +925,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"× {BASELINE}: median of per-run ratios (throughput: higher is better; "
         "memory: lower is better); throughput is the median (min–max).",
         "",
+        *versions,
         *warning,
         f"| scenario | server | throughput | × {BASELINE} | server CPU/msg "
         f"| server memory | mem × {BASELINE} |",
@@ -951,6 +958,10 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         if row["failed"]:
             cells[-1] += f" ({row['failed']} of {row['runs']} runs FAILED)"
         out.append("| " + " | ".join(cells) + " |")
+    skipped = meta.get("skipped") or {}
+    if skipped:
+        out += ["", "Not run (cannot run on this machine):", ""]
+        out += [f"- `{name}`: {reason}" for name, reason in skipped.items()]
     return "\n".join(out)
 
 
@@ -1071,11 +1082,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     servers = []
+    skipped: dict[str, str] = {}  # name -> why it cannot run here; noted in the report
     for name in names:
         reason = SERVER_SPECS[name].available()
         if reason is None:
             servers.append(name)
         else:
+            skipped[name] = reason
             print(f"skipping {name}: {reason}", file=sys.stderr)
     if not servers:
         print("no server can run here", file=sys.stderr)
@@ -1088,6 +1101,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "quick" if args.quick else "full",
         "repeat": repeat,
         "servers": servers,
+        "skipped": skipped,
         "scenarios": {s.key: s.params(args.quick) for s in scenarios},
         "machine": machine_info(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
