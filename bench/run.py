@@ -2,7 +2,7 @@
 """Bonzo's benchmark: Bonzo against its peers (aiosmtpd, a bare Tornado sink,
 Haraka, nodemailer's smtp-server and Postfix's smtp-sink), side by side.
 
-    python bench/run.py            # full run, 3 interleaved repetitions (< 15 min)
+    python bench/run.py            # full run, 3 interleaved repetitions (about 15 min)
     python bench/run.py --quick    # smoke run: tiny counts, each scenario once (< 60 s)
     python bench/run.py --list     # the servers and scenarios, and which can run here
 
