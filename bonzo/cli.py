@@ -235,12 +235,18 @@ def _serve(args: argparse.Namespace) -> int:
 _STARTUP_FAILED = 3
 
 
-def _run_worker(app: Any, sockets: list[Any]) -> int:
+def _run_worker(app: Any, sockets: list[Any], mask: set[int | signal.Signals] | None = None) -> int:
+    """Serve until SIGTERM or SIGINT; return the exit status. A worker forked
+    by the supervisor gets the signal mask to restore once its handlers are
+    in place as ``mask`` (the supervisor forks with these signals blocked)."""
+
     async def run() -> int:
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         try:
             await app.start()
         except Exception as exc:
@@ -258,64 +264,96 @@ def _run_worker(app: Any, sockets: list[Any]) -> int:
 
 def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
     """Fork ``workers`` processes that share the listening sockets; restart
-    any that dies unexpectedly; forward SIGTERM/SIGINT for a graceful stop."""
+    any that dies unexpectedly; pass SIGTERM/SIGINT on to them for a
+    graceful stop.
+
+    The supervisor keeps SIGTERM, SIGINT and SIGCHLD blocked and
+    takes them one at a time with :func:`signal.sigwait`: a signal is never
+    handled in the middle of a fork, so every worker is recorded before a
+    stop can be passed on, and none is started once the stop began."""
     children: dict[int, int] = {}
     stopping = False
     restarts: list[float] = []
+    status = 0
+    waited = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+    # A SIGCHLD that is caught (rather than ignored by default) is sure to
+    # stay pending while blocked, until sigwait() takes it.
+    signal.signal(signal.SIGCHLD, _ignore)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, waited)
 
     def spawn(slot: int) -> None:
         pid = os.fork()
-        if pid == 0:  # child
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if pid == 0:  # the worker, with the supervisor's signals still blocked
             code = 1
             try:
-                code = _run_worker(app, sockets)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                code = _run_worker(app, sockets, mask)
             finally:
                 os._exit(code)
         children[pid] = slot
 
-    def on_signal(signum: int, frame: Any) -> None:
+    def stop(signum: int | None = None) -> None:
         nonlocal stopping
+        if stopping:
+            return
         stopping = True
-        for pid in list(children):
+        if signum is not None:
+            log.info("%s: stopping the workers gracefully", signal.Signals(signum).name)
+        # No worker will be started again: let the port go as soon as the
+        # workers close theirs.
+        for s in sockets:
+            s.close()
+        for pid in children:
             try:
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
+            except ProcessLookupError:  # pragma: no cover - exited, not yet reaped
                 pass
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    def reap() -> None:
+        nonlocal status
+        while children:
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:  # pragma: no cover - reaped elsewhere
+                children.clear()
+                return
+            if pid == 0:
+                return
+            if pid not in children:  # pragma: no cover - not a worker
+                continue
+            slot = children.pop(pid)
+            code = os.waitstatus_to_exitcode(wait_status)
+            if stopping:
+                continue
+            if code == _STARTUP_FAILED:
+                log.error("worker %d (pid %d) failed to start; stopping", slot, pid)
+                stop()
+                status = 1
+                continue
+            log.error("worker %d (pid %d) exited with status %d; restarting", slot, pid, code)
+            now = time.monotonic()
+            restarts[:] = [t for t in restarts if now - t < 60] + [now]
+            if len(restarts) > 10 * workers:
+                log.error("workers keep dying (%d restarts in a minute); giving up", len(restarts))
+                stop()
+                status = 1
+                continue
+            spawn(slot)
+
     for slot in range(workers):
         spawn(slot)
-    status = 0
     while children:
-        try:
-            pid, wait_status = os.wait()
-        except ChildProcessError:  # pragma: no cover - no children left
-            break
-        except InterruptedError:  # pragma: no cover - retried by Python
-            continue
-        if pid not in children:
-            continue
-        slot = children.pop(pid)
-        code = os.waitstatus_to_exitcode(wait_status)
-        if stopping:
-            continue
-        if code == _STARTUP_FAILED:
-            log.error("worker %d (pid %d) failed to start; stopping", slot, pid)
-            on_signal(signal.SIGTERM, None)
-            status = 1
-            continue
-        log.error("worker %d (pid %d) exited with status %d; restarting", slot, pid, code)
-        now = time.monotonic()
-        restarts[:] = [t for t in restarts if now - t < 60] + [now]
-        if len(restarts) > 10 * workers:
-            log.error("workers keep dying (%d restarts in a minute); giving up", len(restarts))
-            on_signal(signal.SIGTERM, None)
-            status = 1
-            continue
-        spawn(slot)
+        signum = signal.sigwait(waited)
+        if signum == signal.SIGCHLD:
+            reap()
+        else:
+            stop(signum)
+    # The signals stay blocked: the process exits now, with this status, even
+    # if one more SIGTERM arrives.
     for s in sockets:
         s.close()
     return status
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    """A signal handler that does nothing (see :func:`_supervise`)."""

@@ -9,6 +9,7 @@ fixture kills whatever a test left running.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import smtplib
@@ -107,6 +108,23 @@ class BadInit:
 class FailsAtStartup:
     def bonzo_startup(self):
         raise RuntimeError("database unreachable")
+
+
+class SlowFork:
+    """Holds the supervisor between its first fork() and recording the child
+    (an os.register_at_fork callback), after leaving the file out/forked."""
+
+    def bonzo_configure(self, config):
+        out = Path(config["out"])
+        forks = []
+
+        def after_fork_in_parent():
+            forks.append(1)
+            if len(forks) == 1:
+                (out / "forked").write_text("")
+                time.sleep(float(config.get("sleep", 2.0)))
+
+        os.register_at_fork(after_in_parent=after_fork_in_parent)
 '''
 
 
@@ -640,3 +658,30 @@ def test_an_unwritable_log_file_is_a_configuration_error(workdir, env):
     config.write_text(text)
     result = bonzo("serve", "-c", str(config), env=env, cwd=workdir)
     one_line_error(result, f"bonzo: {config}: logging.file: cannot open", "no/such/dir/b.log")
+
+
+# ---------------------------------------------------- signals and the supervisor
+def ready_pids(daemon: Daemon) -> list[int]:
+    """The pids of the workers (or the single process) that logged ``ready``."""
+    return [int(m) for m in re.findall(r"ready \(pid (\d+)\)", daemon.log)]
+
+
+def plugin_table(workdir: Path, plugin: str, settings: str = "") -> str:
+    return f'\n[plugins."{plugin}"]\nout = "{workdir / "out"}"\n{settings}'
+
+
+def test_a_sigterm_while_the_supervisor_forks_still_stops_every_worker(workdir, serve):
+    # The SlowFork plugin holds the supervisor right after its first fork(),
+    # before it has recorded the child: the SIGTERM sent then used to stop
+    # nobody (the child was unknown, the second worker was started anyway),
+    # and the supervisor waited for them forever.
+    port = free_port()
+    plugins = [STORE, "daemonplug:SlowFork"]
+    extra = plugin_table(workdir, "daemonplug:SlowFork")
+    daemon = serve(write_config(workdir, port, plugins, workers=2, extra=extra), port)
+    wait_until(lambda: (workdir / "out" / "forked").exists(), what="the first fork")
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(timeout=DEADLINE) == 0
+    assert daemon.log.count("stopped") == 2
+    for pid in ready_pids(daemon):
+        wait_until(lambda pid=pid: not _alive(pid), what=f"worker {pid} to exit")
