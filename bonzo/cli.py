@@ -1,8 +1,9 @@
 """The ``bonzo`` command: run the daemon, check a configuration, list plugins.
 
 ``bonzo serve [-c FILE]``
-    Run in the foreground until SIGTERM or SIGINT (graceful stop). With no
-    ``-c``, the embedded default configuration (``bonzo.toml.example``) runs.
+    Run in the foreground until SIGTERM or SIGINT (graceful stop; a second
+    one forces it). With no ``-c``, the embedded default configuration
+    (``bonzo.toml.example``) runs.
 ``bonzo check [-c FILE]``
     Validate the configuration and load every enabled plugin; exit 0 if all
     is well, 2 with a one-line message naming the file and key otherwise.
@@ -235,16 +236,48 @@ def _serve(args: argparse.Namespace) -> int:
 _STARTUP_FAILED = 3
 
 
-def _run_worker(app: Any, sockets: list[Any], mask: set[int | signal.Signals] | None = None) -> int:
-    """Serve until SIGTERM or SIGINT; return the exit status. A worker forked
-    by the supervisor gets the signal mask to restore once its handlers are
-    in place as ``mask`` (the supervisor forks with these signals blocked)."""
+def _run_worker(
+    app: Any,
+    sockets: list[Any],
+    supervisor: int | None = None,
+    mask: set[int | signal.Signals] | None = None,
+) -> int:
+    """Serve until a stop signal; return the exit status.
+
+    The first SIGTERM (or SIGINT) stops gracefully, a second one forces the
+    stop (:meth:`MailApp.force_stop`). A worker forked by the supervisor gets
+    its pid as ``supervisor`` and the signal mask to restore once its
+    handlers are in place as ``mask`` (the supervisor forks with these
+    signals blocked). Such a worker ignores SIGINT, which Ctrl-C sends to the
+    whole process group: the supervisor passes it on as SIGTERM."""
 
     async def run() -> int:
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopping.set)
+        requests = 0
+        forced = False
+        stop_begun = False
+
+        def request_stop(why: str) -> None:
+            nonlocal requests, forced
+            requests += 1
+            if requests == 1:
+                stopping.set()
+            elif requests == 2:
+                log.warning("%s: forcing the stop", why)
+                forced = True
+                if stop_begun:
+                    app.force_stop()
+
+        def on_stop_signal(signum: int) -> None:
+            name = signal.Signals(signum).name
+            request_stop(f"second {name}" if requests else name)
+
+        loop.add_signal_handler(signal.SIGTERM, on_stop_signal, signal.SIGTERM)
+        if supervisor is None:
+            loop.add_signal_handler(signal.SIGINT, on_stop_signal, signal.SIGINT)
+        else:
+            loop.add_signal_handler(signal.SIGINT, lambda: None)
         if mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         try:
@@ -255,7 +288,11 @@ def _run_worker(app: Any, sockets: list[Any], mask: set[int | signal.Signals] | 
         log.info("ready (pid %d)", os.getpid())
         await stopping.wait()
         log.info("stopping: no new connections; finishing messages in flight")
-        await app.stop()
+        stop_begun = True
+        stopped = asyncio.ensure_future(app.stop())
+        if forced:  # forced before there was anything to force
+            app.force_stop()
+        await stopped
         log.info("stopped")
         return 0
 
@@ -264,15 +301,17 @@ def _run_worker(app: Any, sockets: list[Any], mask: set[int | signal.Signals] | 
 
 def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
     """Fork ``workers`` processes that share the listening sockets; restart
-    any that dies unexpectedly; pass SIGTERM/SIGINT on to them for a
-    graceful stop.
+    any that dies unexpectedly; pass SIGTERM/SIGINT on to them (the first
+    for a graceful stop, the second to force it).
 
     The supervisor keeps SIGTERM, SIGINT and SIGCHLD blocked and
     takes them one at a time with :func:`signal.sigwait`: a signal is never
     handled in the middle of a fork, so every worker is recorded before a
     stop can be passed on, and none is started once the stop began."""
+    supervisor = os.getpid()
     children: dict[int, int] = {}
-    stopping = False
+    stops = 0  # stop requests so far: 1 is graceful, 2 forces the stop
+    signals = 0  # stop signals received
     restarts: list[float] = []
     status = 0
     waited = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
@@ -287,22 +326,27 @@ def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
             code = 1
             try:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                code = _run_worker(app, sockets, mask)
+                code = _run_worker(app, sockets, supervisor, mask)
             finally:
                 os._exit(code)
         children[pid] = slot
 
     def stop(signum: int | None = None) -> None:
-        nonlocal stopping
-        if stopping:
+        nonlocal stops
+        stops += 1
+        name = signal.Signals(signum).name if signum is not None else ""
+        if stops == 1:
+            if name:
+                log.info("%s: stopping the workers gracefully", name)
+            # No worker will be started again: let the port go as soon as
+            # the workers close theirs.
+            for s in sockets:
+                s.close()
+        elif stops == 2:
+            log.warning("%s: forcing the stop", f"second {name}" if signals > 1 else name)
+        else:
+            log.info("%s: the stop is already forced", name)
             return
-        stopping = True
-        if signum is not None:
-            log.info("%s: stopping the workers gracefully", signal.Signals(signum).name)
-        # No worker will be started again: let the port go as soon as the
-        # workers close theirs.
-        for s in sockets:
-            s.close()
         for pid in children:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -323,7 +367,7 @@ def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
                 continue
             slot = children.pop(pid)
             code = os.waitstatus_to_exitcode(wait_status)
-            if stopping:
+            if stops:
                 continue
             if code == _STARTUP_FAILED:
                 log.error("worker %d (pid %d) failed to start; stopping", slot, pid)
@@ -347,6 +391,7 @@ def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
         if signum == signal.SIGCHLD:
             reap()
         else:
+            signals += 1
             stop(signum)
     # The signals stay blocked: the process exits now, with this status, even
     # if one more SIGTERM arrives.

@@ -110,6 +110,13 @@ class FailsAtStartup:
         raise RuntimeError("database unreachable")
 
 
+class Marked(Store):
+    """Store, and leave a mark when the plugins' shutdown hooks run."""
+
+    def bonzo_shutdown(self):
+        (self.out / f"shutdown-{os.getpid()}").write_text("")
+
+
 class SlowFork:
     """Holds the supervisor between its first fork() and recording the child
     (an os.register_at_fork callback), after leaving the file out/forked."""
@@ -670,6 +677,25 @@ def plugin_table(workdir: Path, plugin: str, settings: str = "") -> str:
     return f'\n[plugins."{plugin}"]\nout = "{workdir / "out"}"\n{settings}'
 
 
+def slow_client(port: int, result: dict[str, Any]) -> threading.Thread:
+    """A client sending one message to slow@example.org (whose delivery the
+    Store plugin delays), in a thread; the outcome lands in ``result``."""
+
+    def client() -> None:
+        try:
+            c = smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=DEADLINE)
+            try:
+                result["sendmail"] = c.sendmail("a@example.org", ["slow@example.org"], MESSAGE)
+            finally:
+                c.close()  # no QUIT: a server that is stopping answers it 421
+        except Exception as exc:  # reported by the test's assertions
+            result["error"] = exc
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    return thread
+
+
 def test_a_sigterm_while_the_supervisor_forks_still_stops_every_worker(workdir, serve):
     # The SlowFork plugin holds the supervisor right after its first fork(),
     # before it has recorded the child: the SIGTERM sent then used to stop
@@ -685,3 +711,72 @@ def test_a_sigterm_while_the_supervisor_forks_still_stops_every_worker(workdir, 
     assert daemon.log.count("stopped") == 2
     for pid in ready_pids(daemon):
         wait_until(lambda pid=pid: not _alive(pid), what=f"worker {pid} to exit")
+
+
+@pytest.mark.parametrize(
+    "workers, signum",
+    [(1, signal.SIGTERM), (1, signal.SIGINT), (2, signal.SIGTERM), (2, signal.SIGINT)],
+)
+def test_a_second_stop_signal_forces_the_stop(workdir, serve, workers, signum):
+    port = free_port()
+    # Graceful, the stop would wait a minute for the message in flight.
+    extra = plugin_table(workdir, "daemonplug:Marked", "delay = 60.0\n")
+    config = write_config(workdir, port, ["daemonplug:Marked"], workers=workers, extra=extra)
+    text = config.read_text().replace("shutdown_grace = 10.0", "shutdown_grace = 60.0")
+    config.write_text(text.replace("timeout = 15.0", "timeout = 120.0"))
+    daemon = serve(config, port)
+    daemon.wait_ready(workers=workers)
+    workers_pids = ready_pids(daemon)
+
+    result: dict[str, Any] = {}
+    thread = slow_client(port, result)
+    [delivering] = wait_until(
+        lambda: list(daemon.out.glob("*.delivering")), what="delivery to start"
+    )
+    busy = int(delivering.read_text())
+    daemon.proc.send_signal(signum)
+    wait_until(
+        lambda: daemon.log.count("stopping: no new connections") == workers,
+        what="the graceful stop to begin",
+    )
+    time.sleep(0.5)
+    assert daemon.proc.poll() is None  # waiting for the message in flight
+    started = time.monotonic()
+    daemon.proc.send_signal(signum)
+    assert daemon.proc.wait(timeout=DEADLINE) == 0
+    assert time.monotonic() - started < 5.0
+
+    thread.join(DEADLINE)
+    assert not thread.is_alive()
+    assert "sendmail" not in result  # cut off: never answered 250
+    assert daemon.records() == []
+    log = daemon.log
+    name = signal.Signals(signum).name
+    if workers == 1:
+        assert f"[{busy}] bonzo.daemon: second {name}: forcing the stop" in log
+    else:  # the supervisor passes it on to the workers as SIGTERM
+        assert f"[{daemon.proc.pid}] bonzo.daemon: second {name}: forcing the stop" in log
+        assert f"[{busy}] bonzo.daemon: second SIGTERM: forcing the stop" in log
+    # The plugins' shutdown hooks still ran, in every worker.
+    marks = sorted(int(p.name.split("-")[1]) for p in daemon.out.glob("shutdown-*"))
+    assert marks == sorted(workers_pids)
+    assert log.count("stopped") == workers
+
+
+def test_ctrl_c_reaching_every_process_stops_gracefully(workdir, serve):
+    # Ctrl-C signals the whole process group: the workers get SIGINT from the
+    # terminal and SIGTERM from the supervisor; that is one stop, not two.
+    port = free_port()
+    daemon = serve(write_config(workdir, port, workers=2, store="delay = 2.0\n"), port)
+    daemon.wait_ready(workers=2)
+    result: dict[str, Any] = {}
+    thread = slow_client(port, result)
+    wait_until(lambda: list(daemon.out.glob("*.delivering")), what="delivery to start")
+    os.killpg(daemon.proc.pid, signal.SIGINT)
+    thread.join(DEADLINE)
+    assert not thread.is_alive()
+    assert result == {"sendmail": {}}
+    assert [r["to"] for r in daemon.records()] == [["slow@example.org"]]
+    assert daemon.proc.wait(timeout=DEADLINE) == 0
+    assert "forcing" not in daemon.log
+    assert daemon.log.count("stopped") == 2
