@@ -26,7 +26,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import version
@@ -235,6 +235,10 @@ def _serve(args: argparse.Namespace) -> int:
 #: stops the server instead of restarting it (it would only fail again).
 _STARTUP_FAILED = 3
 
+#: How often a worker checks that its supervisor is still its parent: the
+#: fallback where the kernel cannot signal it (no ``PR_SET_PDEATHSIG``).
+_SUPERVISOR_CHECK_INTERVAL = 1.0
+
 
 def _run_worker(
     app: Any,
@@ -249,7 +253,8 @@ def _run_worker(
     its pid as ``supervisor`` and the signal mask to restore once its
     handlers are in place as ``mask`` (the supervisor forks with these
     signals blocked). Such a worker ignores SIGINT, which Ctrl-C sends to the
-    whole process group: the supervisor passes it on as SIGTERM."""
+    whole process group: the supervisor passes it on as SIGTERM. It stops
+    when its supervisor is gone."""
 
     async def run() -> int:
         loop = asyncio.get_running_loop()
@@ -269,7 +274,18 @@ def _run_worker(
                 if stop_begun:
                     app.force_stop()
 
+        def supervisor_gone() -> bool:
+            if supervisor is None or os.getppid() == supervisor:
+                return False
+            if requests == 0:
+                log.warning("the supervisor (pid %d) is gone: stopping", supervisor)
+                request_stop("supervisor gone")
+            return True
+
         def on_stop_signal(signum: int) -> None:
+            # The kernel's SIGTERM when the supervisor died (PR_SET_PDEATHSIG).
+            if requests == 0 and supervisor_gone():
+                return
             name = signal.Signals(signum).name
             request_stop(f"second {name}" if requests else name)
 
@@ -280,23 +296,64 @@ def _run_worker(
             loop.add_signal_handler(signal.SIGINT, lambda: None)
         if mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        watch = None
+        if supervisor is not None:
+            watch = asyncio.ensure_future(_watch_supervisor(supervisor, supervisor_gone))
         try:
-            await app.start()
-        except Exception as exc:
-            log.error("startup failed: %s", exc, exc_info=True)
-            return _STARTUP_FAILED
-        log.info("ready (pid %d)", os.getpid())
-        await stopping.wait()
-        log.info("stopping: no new connections; finishing messages in flight")
-        stop_begun = True
-        stopped = asyncio.ensure_future(app.stop())
-        if forced:  # forced before there was anything to force
-            app.force_stop()
-        await stopped
-        log.info("stopped")
-        return 0
+            try:
+                await app.start()
+            except Exception as exc:
+                log.error("startup failed: %s", exc, exc_info=True)
+                return _STARTUP_FAILED
+            log.info("ready (pid %d)", os.getpid())
+            await stopping.wait()
+            log.info("stopping: no new connections; finishing messages in flight")
+            stop_begun = True
+            stopped = asyncio.ensure_future(app.stop())
+            if forced:  # forced before there was anything to force
+                app.force_stop()
+            await stopped
+            log.info("stopped")
+            return 0
+        finally:
+            if watch is not None:
+                watch.cancel()
 
     return asyncio.run(run())
+
+
+async def _watch_supervisor(
+    supervisor: int, gone: Callable[[], object], interval: float = _SUPERVISOR_CHECK_INTERVAL
+) -> None:
+    """Call ``gone()`` once this process's parent is no longer ``supervisor``
+    (it died and the process was re-parented), checking every ``interval``
+    seconds."""
+    while os.getppid() == supervisor:
+        await asyncio.sleep(interval)
+    gone()
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """On Linux, a function that makes the kernel send SIGTERM to the calling
+    process when its parent dies (``prctl(PR_SET_PDEATHSIG)``), resolved
+    before forking for a worker to call right after; ``None`` elsewhere."""
+    if not sys.platform.startswith("linux"):  # pragma: no cover - Linux CI
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # pragma: no cover - no prctl in libc
+        return None
+    pr_set_pdeathsig = 1
+
+    def set_parent_death_signal() -> None:
+        zero = ctypes.c_ulong(0)
+        sig = ctypes.c_ulong(signal.SIGTERM)
+        if prctl(ctypes.c_int(pr_set_pdeathsig), sig, zero, zero, zero) != 0:  # pragma: no cover
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+
+    return set_parent_death_signal
 
 
 def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
@@ -309,6 +366,7 @@ def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
     handled in the middle of a fork, so every worker is recorded before a
     stop can be passed on, and none is started once the stop began."""
     supervisor = os.getpid()
+    die_with_parent = _parent_death_signal()
     children: dict[int, int] = {}
     stops = 0  # stop requests so far: 1 is graceful, 2 forces the stop
     signals = 0  # stop signals received
@@ -326,6 +384,10 @@ def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
             code = 1
             try:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                if die_with_parent is not None:
+                    die_with_parent()
+                if os.getppid() != supervisor:  # it died before prctl() above
+                    os._exit(0)
                 code = _run_worker(app, sockets, supervisor, mask)
             finally:
                 os._exit(code)

@@ -8,6 +8,7 @@ fixture kills whatever a test left running.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -264,12 +265,17 @@ def serve(workdir: Path, env: dict[str, str]) -> Iterator[Any]:
     started: list[subprocess.Popen[bytes]] = []
     logs: list[Any] = []
 
-    def start(config: Path, port: int) -> Daemon:
+    def start(config: Path, port: int, prelude: str = "") -> Daemon:
+        """``prelude``: Python code run before ``bonzo serve`` (in its process)."""
         log = workdir / f"daemon-{len(started)}.log"
         handle = open(log, "wb")
         logs.append(handle)
+        argv = [sys.executable, "-m", "bonzo", "serve", "-c", str(config)]
+        if prelude:
+            serve = f"sys.exit(bonzo.cli.main(['serve', '-c', {str(config)!r}]))"
+            argv = [sys.executable, "-c", f"import sys, bonzo.cli\n{prelude}\n{serve}"]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bonzo", "serve", "-c", str(config)],
+            argv,
             env=env,
             cwd=workdir,
             stdin=subprocess.DEVNULL,
@@ -780,3 +786,45 @@ def test_ctrl_c_reaching_every_process_stops_gracefully(workdir, serve):
     assert daemon.proc.wait(timeout=DEADLINE) == 0
     assert "forcing" not in daemon.log
     assert daemon.log.count("stopped") == 2
+
+
+@pytest.mark.parametrize("pdeathsig", [True, False], ids=["prctl", "polling"])
+def test_workers_die_with_their_supervisor(workdir, serve, pdeathsig):
+    port = free_port()
+    config = write_config(workdir, port, workers=2)
+    # Without prctl(PR_SET_PDEATHSIG), the workers notice by checking their parent.
+    prelude = "" if pdeathsig else "bonzo.cli._parent_death_signal = lambda: None"
+    daemon = serve(config, port, prelude)
+    daemon.wait_ready(workers=2)
+    workers = ready_pids(daemon)
+    assert len(workers) == 2 and daemon.proc.pid not in workers
+
+    daemon.proc.kill()
+    daemon.proc.wait(timeout=DEADLINE)
+    for pid in workers:
+        wait_until(lambda pid=pid: not _alive(pid), timeout=5.0, what=f"worker {pid} to exit")
+    assert daemon.log.count(f"the supervisor (pid {daemon.proc.pid}) is gone: stopping") == 2
+
+    # The port is free again: a new daemon starts and serves.
+    again = serve(config, port)
+    again.wait_ready(workers=2)
+    assert send(port) == {}
+    assert again.stop() == 0
+
+
+def test_a_worker_checks_that_its_supervisor_is_still_its_parent():
+    from bonzo.cli import _watch_supervisor
+
+    async def watch(supervisor: int, timeout: float) -> list[str]:
+        calls: list[str] = []
+        try:
+            await asyncio.wait_for(
+                _watch_supervisor(supervisor, lambda: calls.append("gone"), interval=0.01),
+                timeout,
+            )
+        except asyncio.TimeoutError:
+            calls.append("still watching")
+        return calls
+
+    assert asyncio.run(watch(os.getppid(), 0.2)) == ["still watching"]
+    assert asyncio.run(watch(os.getpid(), DEADLINE)) == ["gone"]  # not its own parent
