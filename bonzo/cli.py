@@ -2,8 +2,8 @@
 
 ``bonzo serve [-c FILE]``
     Run in the foreground until SIGTERM or SIGINT (graceful stop; a second
-    one forces it). With no ``-c``, the embedded default configuration
-    (``bonzo.toml.example``) runs.
+    one forces it). SIGHUP is logged and ignored. With no ``-c``, the
+    embedded default configuration (``bonzo.toml.example``) runs.
 ``bonzo check [-c FILE]``
     Validate the configuration and load every enabled plugin; exit 0 if all
     is well, 2 with a one-line message naming the file and key otherwise.
@@ -197,6 +197,7 @@ def _setup_logging(config: Any) -> None:
 def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _setup_logging(config)
+    signal.signal(signal.SIGHUP, _log_sighup)
     from .app import MailApp
 
     app = MailApp(config)
@@ -235,9 +236,16 @@ def _serve(args: argparse.Namespace) -> int:
 #: stops the server instead of restarting it (it would only fail again).
 _STARTUP_FAILED = 3
 
+#: Logged, in the supervisor and in workers, when SIGHUP arrives.
+_SIGHUP_IGNORED = "SIGHUP: configuration reload is not supported yet; ignored"
+
 #: How often a worker checks that its supervisor is still its parent: the
 #: fallback where the kernel cannot signal it (no ``PR_SET_PDEATHSIG``).
 _SUPERVISOR_CHECK_INTERVAL = 1.0
+
+
+def _log_sighup(*args: Any) -> None:
+    log.warning(_SIGHUP_IGNORED)
 
 
 def _run_worker(
@@ -249,12 +257,12 @@ def _run_worker(
     """Serve until a stop signal; return the exit status.
 
     The first SIGTERM (or SIGINT) stops gracefully, a second one forces the
-    stop (:meth:`MailApp.force_stop`). A worker forked by the supervisor gets
-    its pid as ``supervisor`` and the signal mask to restore once its
-    handlers are in place as ``mask`` (the supervisor forks with these
-    signals blocked). Such a worker ignores SIGINT, which Ctrl-C sends to the
-    whole process group: the supervisor passes it on as SIGTERM. It stops
-    when its supervisor is gone."""
+    stop (:meth:`MailApp.force_stop`); SIGHUP is logged and ignored. A worker
+    forked by the supervisor gets its pid as ``supervisor`` and the signal
+    mask to restore once its handlers are in place as ``mask`` (the
+    supervisor forks with these signals blocked). Such a worker ignores
+    SIGINT, which Ctrl-C sends to the whole process group: the supervisor
+    passes it on as SIGTERM. It stops when its supervisor is gone."""
 
     async def run() -> int:
         loop = asyncio.get_running_loop()
@@ -294,6 +302,7 @@ def _run_worker(
             loop.add_signal_handler(signal.SIGINT, on_stop_signal, signal.SIGINT)
         else:
             loop.add_signal_handler(signal.SIGINT, lambda: None)
+        loop.add_signal_handler(signal.SIGHUP, _log_sighup)
         if mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         watch = None
@@ -359,9 +368,9 @@ def _parent_death_signal() -> Callable[[], None] | None:
 def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
     """Fork ``workers`` processes that share the listening sockets; restart
     any that dies unexpectedly; pass SIGTERM/SIGINT on to them (the first
-    for a graceful stop, the second to force it).
+    for a graceful stop, the second to force it); log and ignore SIGHUP.
 
-    The supervisor keeps SIGTERM, SIGINT and SIGCHLD blocked and
+    The supervisor keeps SIGTERM, SIGINT, SIGHUP and SIGCHLD blocked and
     takes them one at a time with :func:`signal.sigwait`: a signal is never
     handled in the middle of a fork, so every worker is recorded before a
     stop can be passed on, and none is started once the stop began."""
@@ -372,7 +381,7 @@ def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
     signals = 0  # stop signals received
     restarts: list[float] = []
     status = 0
-    waited = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+    waited = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
     # A SIGCHLD that is caught (rather than ignored by default) is sure to
     # stay pending while blocked, until sigwait() takes it.
     signal.signal(signal.SIGCHLD, _ignore)
@@ -452,6 +461,8 @@ def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
         signum = signal.sigwait(waited)
         if signum == signal.SIGCHLD:
             reap()
+        elif signum == signal.SIGHUP:
+            log.warning(_SIGHUP_IGNORED)
         else:
             signals += 1
             stop(signum)

@@ -674,6 +674,9 @@ def test_an_unwritable_log_file_is_a_configuration_error(workdir, env):
 
 
 # ---------------------------------------------------- signals and the supervisor
+SIGHUP_IGNORED = "SIGHUP: configuration reload is not supported yet; ignored"
+
+
 def ready_pids(daemon: Daemon) -> list[int]:
     """The pids of the workers (or the single process) that logged ``ready``."""
     return [int(m) for m in re.findall(r"ready \(pid (\d+)\)", daemon.log)]
@@ -828,3 +831,27 @@ def test_a_worker_checks_that_its_supervisor_is_still_its_parent():
 
     assert asyncio.run(watch(os.getppid(), 0.2)) == ["still watching"]
     assert asyncio.run(watch(os.getpid(), DEADLINE)) == ["gone"]  # not its own parent
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_is_logged_and_ignored(workdir, serve, workers):
+    port = free_port()
+    daemon = serve(write_config(workdir, port, workers=workers, store="delay = 2.0\n"), port)
+    daemon.wait_ready(workers=workers)
+    result: dict[str, Any] = {}
+    thread = slow_client(port, result)
+    [delivering] = wait_until(
+        lambda: list(daemon.out.glob("*.delivering")), what="delivery to start"
+    )
+    daemon.proc.send_signal(signal.SIGHUP)
+    if workers > 1:  # and to the worker receiving the message
+        os.kill(int(delivering.read_text()), signal.SIGHUP)
+    thread.join(DEADLINE)
+    assert not thread.is_alive()
+    assert result == {"sendmail": {}}
+    assert [r["to"] for r in daemon.records()] == [["slow@example.org"]]
+    wait_until(lambda: daemon.log.count(SIGHUP_IGNORED) == workers, what="the SIGHUP lines")
+    assert daemon.proc.poll() is None
+    assert send(port) == {}
+    assert daemon.stop() == 0
+    assert "restarting" not in daemon.log
