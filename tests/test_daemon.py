@@ -111,6 +111,11 @@ class FailsAtStartup:
         raise RuntimeError("database unreachable")
 
 
+class DiesAtStartup:
+    def bonzo_startup(self):
+        os._exit(7)
+
+
 class Marked(Store):
     """Store, and leave a mark when the plugins' shutdown hooks run."""
 
@@ -622,6 +627,17 @@ def test_a_worker_that_dies_is_replaced(workdir, serve):
     daemon.proc.send_signal(signal.SIGINT)
     assert daemon.proc.wait(timeout=DEADLINE) == 0
     assert daemon.log.count("stopped") == 2
+
+
+def test_workers_that_keep_dying_make_the_supervisor_give_up(workdir, serve):
+    port = free_port()
+    plugins = [STORE, "daemonplug:DiesAtStartup"]
+    daemon = serve(write_config(workdir, port, plugins, workers=2), port)
+    assert daemon.proc.wait(timeout=DEADLINE) == 1
+    log = daemon.log
+    assert "exited with status 7; restarting" in log
+    assert "workers keep dying (21 restarts in a minute); giving up" in log
+    assert log.count("restarting") == 21
 
 
 def _alive(pid: int) -> bool:
