@@ -30,7 +30,6 @@ __all__ = [
     "DOTS",
     "config_domain",
     "envelope_recipients",
-    "normalize_domain",
     "parse_network",
     "client_address",
     "in_networks",
@@ -135,20 +134,6 @@ def envelope_recipients(envelope: Any) -> list[Address]:
     if len(recipients) == len(envelope.rcpt_tos):
         return recipients
     return [Address.parse(rcpt) for rcpt in envelope.rcpt_tos]
-
-
-def normalize_domain(domain: str) -> str:
-    """A domain in the form used for comparisons: lower case, no trailing dot,
-    internationalised names as A-labels (``xn--...``) when they convert."""
-    domain = domain.strip().rstrip(".").lower()
-    if domain.startswith("["):  # an address literal: [192.0.2.1], [IPv6:...]
-        return domain
-    if not domain.isascii():
-        try:
-            domain = domain.encode("idna").decode("ascii").lower()
-        except UnicodeError:
-            pass  # compared in its Unicode form
-    return domain
 
 
 def parse_network(value: str, key: str) -> IPNetwork:

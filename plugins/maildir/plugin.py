@@ -4,6 +4,10 @@ A message is written to ``tmp/`` under a unique name, flushed and
 ``fsync``'d, renamed into ``new/``, and ``new/`` itself is ``fsync``'d; only
 then is the message accepted. The file work runs in a thread of the loop's
 default executor so that it never blocks other sessions.
+
+Per-recipient folders are named after the canonical form of each recipient
+(:class:`bonzo.address.Address`), the form every other bundled plugin
+matches on.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bonzo.address import Address
 from bonzo.errors import TransientError
 from bonzo.hookspecs import Accept, hookimpl
 from bonzo.session import Envelope, Session
@@ -29,9 +34,9 @@ from .._config import (
     as_table,
     check_keys,
     describe,
+    envelope_recipients,
     get_bool,
     get_str,
-    normalize_domain,
     resolve_path,
 )
 
@@ -177,14 +182,18 @@ class MaildirPlugin:
         )
 
     # -------------------------------------------------------------- targets
-    def maildir_for(self, address: str) -> Path:
-        """The maildir of ``address`` in per-recipient mode; always inside ``path``."""
-        at = address.rfind("@")
-        if at <= 0:  # the bare "postmaster" (RFC 5321 4.5.1)
-            folder = self.path / LOCAL_FOLDER / maildir_component(address)
+    def maildir_for(self, recipient: Address | str) -> Path:
+        """The maildir of ``recipient`` in per-recipient mode, named after its
+        canonical form (:attr:`bonzo.address.Address.canonical`, a string is
+        parsed with :meth:`~bonzo.address.Address.parse`):
+        ``path/<domain>/<local part>``, or ``path/_local/postmaster`` for the
+        bare ``postmaster``. Always inside ``path``."""
+        mailbox = recipient if isinstance(recipient, Address) else Address.parse(recipient)
+        if not mailbox.domain:  # the bare "postmaster" (RFC 5321 4.5.1)
+            folder = self.path / LOCAL_FOLDER / maildir_component(mailbox.local)
         else:
-            domain = maildir_component(normalize_domain(address[at + 1 :]), domain=True)
-            folder = self.path / domain / maildir_component(address[:at])
+            domain = maildir_component(mailbox.domain, domain=True)
+            folder = self.path / domain / maildir_component(mailbox.local)
         # Defence in depth: the components cannot climb, but check anyway.
         if os.path.commonpath([folder, self.path]) != str(self.path):
             raise TransientError("Local error in processing", 451, "4.3.0")
@@ -194,9 +203,16 @@ class MaildirPlugin:
         """The maildirs the message goes to, each once, in recipient order."""
         if not self.per_recipient:
             return [self.path]
+        try:
+            recipients = envelope_recipients(envelope)
+        except ValueError as exc:  # only an envelope built by hand can get here
+            log.error(
+                "maildir: message %s has a recipient with no canonical form: %s", envelope.id, exc
+            )
+            raise TransientError("Local error in processing", 451, "4.3.0") from None
         seen: dict[Path, None] = {}
-        for rcpt in envelope.rcpt_tos:
-            seen.setdefault(self.maildir_for(rcpt), None)
+        for mailbox in recipients:
+            seen.setdefault(self.maildir_for(mailbox), None)
         return list(seen)
 
     # ------------------------------------------------------------- delivery

@@ -16,7 +16,9 @@ from bonzo_plugins.maildir import MaildirPlugin
 from bonzo_plugins.maildir.plugin import maildir_component
 from bonzo_plugins.recipients import RecipientsPlugin
 from plugin_testing import make_envelope, make_session, serve
+from spellings import parametrize
 
+from bonzo.address import Address
 from bonzo.errors import SMTPError
 from bonzo.hookspecs import Accept
 from bonzo.session import Envelope
@@ -193,8 +195,47 @@ def test_components_are_distinct_for_distinct_addresses():
 
 def test_recipients_mapping_to_one_folder_get_one_copy(tmp_path):
     plugin = configured(tmp_path, per_recipient=True)
-    deliver(plugin, message(["a@example.com", "A@EXAMPLE.COM.", "a@example.com"]))
-    assert len(files(tmp_path / "Maildir")) == 1
+    rcpts = ["a@example.com", "A@EXAMPLE.COM", '"a"@example.com', "a@ｅｘａｍｐｌｅ。com"]
+    deliver(plugin, message(rcpts))
+    (path,) = files(tmp_path / "Maildir")
+    assert path.parent == tmp_path / "Maildir" / "example.com" / "a" / "new"
+
+
+@parametrize("spelling", "ceo", "example.com")
+def test_every_spelling_is_stored_in_the_canonical_folder(tmp_path, spelling):
+    plugin = configured(tmp_path, per_recipient=True)
+    root = tmp_path / "Maildir"
+    assert plugin.maildir_for(Address.parse(spelling)) == root / "example.com" / "ceo"
+    assert plugin.maildir_for(spelling) == root / "example.com" / "ceo"
+    deliver(plugin, message([spelling]))
+    (path,) = files(root)
+    assert path.parent == root / "example.com" / "ceo" / "new"
+
+
+def test_internationalised_domains_are_stored_under_their_a_label(tmp_path):
+    plugin = configured(tmp_path, per_recipient=True)
+    deliver(plugin, message(["jörg@BÜCHER.example", "jörg@xn--bcher-kva.example"]))
+    (path,) = files(tmp_path / "Maildir")
+    assert path.relative_to(tmp_path / "Maildir").parts[:2] == (
+        "xn--bcher-kva.example",
+        "j%C3%B6rg",
+    )
+
+
+def test_folders_come_from_the_envelope_recipients(tmp_path):
+    """The core's Address objects decide, not a second parse of rcpt_tos."""
+    plugin = configured(tmp_path, per_recipient=True)
+    envelope = message(["ceo@ｅｘａｍｐｌｅ.ｃｏｍ"])
+    envelope.recipients.append(Address("ceo@ｅｘａｍｐｌｅ.ｃｏｍ", "ceo", "example.com"))
+    assert plugin.targets(envelope) == [tmp_path / "Maildir" / "example.com" / "ceo"]
+    envelope.recipients[0] = Address("ceo@ｅｘａｍｐｌｅ.ｃｏｍ", "other", "example.com")
+    assert plugin.targets(envelope) == [tmp_path / "Maildir" / "example.com" / "other"]
+
+
+def test_the_plugin_has_no_idna_of_its_own():
+    source = (Path(__file__).parents[2] / "plugins" / "maildir" / "plugin.py").read_text()
+    assert "idna" not in source.lower()
+    assert "normalize_domain" not in source
 
 
 def test_no_recipients_means_no_verdict(tmp_path):
