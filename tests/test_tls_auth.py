@@ -1314,3 +1314,32 @@ def test_protocol_auth_event_shape():
     proto.next_event()
     proto.accept()
     assert proto.next_event() == Auth("PLAIN", "=")
+
+
+@pytest.mark.parametrize("how", ["quit", "shutdown", "timeout"])
+def test_tls_sessions_end_with_a_close_notify(start_server, certs, client_ctx, how):
+    """The last reply is flushed, then TLS is closed properly: a client that
+    treats a missing close_notify as an error (suppress_ragged_eofs=False,
+    like openssl s_client or Exim) sees a clean end."""
+    server = start_auth_server(start_server, tls_listener(certs), idle_timeout=0.5)
+    with RawClient(server.port) as client:
+        client.greet()
+        assert client.command("STARTTLS").startswith(b"220 ")
+        tls = client_ctx.wrap_socket(client.sock, server_hostname=HOST, suppress_ragged_eofs=False)
+        client.sock = tls
+        assert client.command("EHLO client.test").startswith(b"250")
+        if how == "quit":
+            tls.sendall(b"QUIT\r\n")
+            expected = b"221 2.0.0 Bye\r\n"
+        elif how == "shutdown":
+            server.submit(server.server.shutdown(1.0))
+            expected = b"421 4.3.2 Server shutting down\r\n"
+        else:
+            expected = b"421 4.4.2 Timeout, closing connection\r\n"
+        data = b""
+        for _ in range(100):  # bounded
+            chunk = tls.recv(4096)  # raises SSLEOFError without a close_notify
+            if not chunk:
+                break
+            data += chunk
+        assert data == expected
