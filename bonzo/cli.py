@@ -261,8 +261,12 @@ def _run_worker(
     forked by the supervisor gets its pid as ``supervisor`` and the signal
     mask to restore once its handlers are in place as ``mask`` (the
     supervisor forks with these signals blocked). Such a worker ignores
-    SIGINT, which Ctrl-C sends to the whole process group: the supervisor
-    passes it on as SIGTERM. It stops when its supervisor is gone."""
+    SIGINT, which Ctrl-C sends to the whole process group, and takes the
+    supervisor's requests as their own signals: SIGUSR2 "stop gracefully"
+    (which never counts as a second request: under systemd's default
+    ``KillMode=control-group`` a worker gets systemd's SIGTERM *and* the
+    supervisor's request for the same stop) and SIGUSR1 "force the stop".
+    It stops when its supervisor is gone."""
 
     async def run() -> int:
         loop = asyncio.get_running_loop()
@@ -297,11 +301,21 @@ def _run_worker(
             name = signal.Signals(signum).name
             request_stop(f"second {name}" if requests else name)
 
+        def on_graceful_request() -> None:
+            if requests == 0:
+                request_stop("the supervisor's stop")
+
+        def on_force_request() -> None:
+            while not forced:
+                request_stop("the supervisor's second stop")
+
         loop.add_signal_handler(signal.SIGTERM, on_stop_signal, signal.SIGTERM)
         if supervisor is None:
             loop.add_signal_handler(signal.SIGINT, on_stop_signal, signal.SIGINT)
         else:
             loop.add_signal_handler(signal.SIGINT, lambda: None)
+            loop.add_signal_handler(signal.SIGUSR2, on_graceful_request)
+            loop.add_signal_handler(signal.SIGUSR1, on_force_request)
         loop.add_signal_handler(signal.SIGHUP, _log_sighup)
         if mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -367,8 +381,9 @@ def _parent_death_signal() -> Callable[[], None] | None:
 
 def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
     """Fork ``workers`` processes that share the listening sockets; restart
-    any that dies unexpectedly; pass SIGTERM/SIGINT on to them (the first
-    for a graceful stop, the second to force it); log and ignore SIGHUP.
+    any that dies unexpectedly; pass SIGTERM/SIGINT on to them (the first as
+    SIGUSR2, a graceful stop; the second as SIGUSR1, to force it); log and
+    ignore SIGHUP.
 
     The supervisor keeps SIGTERM, SIGINT, SIGHUP and SIGCHLD blocked and
     takes them one at a time with :func:`signal.sigwait`: a signal is never
@@ -385,7 +400,10 @@ def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
     # A SIGCHLD that is caught (rather than ignored by default) is sure to
     # stay pending while blocked, until sigwait() takes it.
     signal.signal(signal.SIGCHLD, _ignore)
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, waited)
+    # The requests to workers too, so that a worker inherits them blocked
+    # and takes none before its handlers are in place (their default action
+    # would kill it).
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, waited | {signal.SIGUSR1, signal.SIGUSR2})
 
     def spawn(slot: int) -> None:
         pid = os.fork()
@@ -418,9 +436,10 @@ def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
         else:
             log.info("%s: the stop is already forced", name)
             return
+        request = signal.SIGUSR2 if stops == 1 else signal.SIGUSR1
         for pid in children:
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, request)
             except ProcessLookupError:  # pragma: no cover - exited, not yet reaped
                 pass
 

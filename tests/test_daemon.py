@@ -779,25 +779,27 @@ def test_a_second_stop_signal_forces_the_stop(workdir, serve, workers, signum):
     name = signal.Signals(signum).name
     if workers == 1:
         assert f"[{busy}] bonzo.daemon: second {name}: forcing the stop" in log
-    else:  # the supervisor passes it on to the workers as SIGTERM
+    else:  # the supervisor passes it on to the workers (as SIGUSR1)
         assert f"[{daemon.proc.pid}] bonzo.daemon: second {name}: forcing the stop" in log
-        assert f"[{busy}] bonzo.daemon: second SIGTERM: forcing the stop" in log
+        assert f"[{busy}] bonzo.daemon: the supervisor's second stop: forcing the stop" in log
     # The plugins' shutdown hooks still ran, in every worker.
     marks = sorted(int(p.name.split("-")[1]) for p in daemon.out.glob("shutdown-*"))
     assert marks == sorted(workers_pids)
     assert log.count("stopped") == workers
 
 
-def test_ctrl_c_reaching_every_process_stops_gracefully(workdir, serve):
-    # Ctrl-C signals the whole process group: the workers get SIGINT from the
-    # terminal and SIGTERM from the supervisor; that is one stop, not two.
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "systemd"])
+def test_a_stop_signal_reaching_every_process_stops_gracefully(workdir, serve, signum):
+    # Ctrl-C signals the whole process group, and so does systemd's default
+    # KillMode=control-group with SIGTERM: the workers get the signal and the
+    # supervisor's request; that is one stop, not two.
     port = free_port()
     daemon = serve(write_config(workdir, port, workers=2, store="delay = 2.0\n"), port)
     daemon.wait_ready(workers=2)
     result: dict[str, Any] = {}
     thread = slow_client(port, result)
     wait_until(lambda: list(daemon.out.glob("*.delivering")), what="delivery to start")
-    os.killpg(daemon.proc.pid, signal.SIGINT)
+    os.killpg(daemon.proc.pid, signum)
     thread.join(DEADLINE)
     assert not thread.is_alive()
     assert result == {"sendmail": {}}
