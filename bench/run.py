@@ -319,12 +319,36 @@ def _daemon_config(template: str, port: int, scratch: Path) -> Path:
     return path
 
 
-def _daemon_command(template: str) -> Callable[[int, Path], list[str]]:
+def _daemon_command(
+    template: str, python: str = sys.executable
+) -> Callable[[int, Path], list[str]]:
     def command(port: int, scratch: Path) -> list[str]:
         config = _daemon_config(template, port, scratch)
-        return [sys.executable, "-m", "bonzo", "serve", "-c", str(config)]
+        return [python, "-m", "bonzo", "serve", "-c", str(config)]
 
     return command
+
+
+def add_baseline(python: str) -> list[str]:
+    """Add ``bonzo-serve-baseline`` and ``bonzo-chain-baseline``: the same
+    daemon configurations run by another interpreter, which has another
+    Bonzo installed (say, the code before a change, ``pip install``-ed into a
+    virtualenv), so that before and after are measured side by side in one
+    run. Returns their names."""
+    if not os.access(python, os.X_OK):
+        raise SystemExit(f"--baseline-python: {python} is not an executable")
+    names = []
+    for name, template in (("bonzo-serve", "discard.toml"), ("bonzo-chain", "chain.toml")):
+        spec = ServerSpec(
+            f"{name}-baseline",
+            f"{name} run by {python} (the Bonzo installed there)",
+            _daemon_command(template, python),
+            # Run from the scratch directory: never this checkout's Bonzo.
+            env={"PYTHONPATH": ""},
+        )
+        SERVER_SPECS[spec.name] = spec
+        names.append(spec.name)
+    return names
 
 
 DAEMON_SPECS = [
@@ -1047,7 +1071,14 @@ def main(argv: list[str] | None = None) -> int:
         "--results", type=Path, default=BENCH / "results", help="directory for the JSON results"
     )
     parser.add_argument("--list", action="store_true", help="list servers and scenarios")
+    parser.add_argument(
+        "--baseline-python",
+        metavar="PYTHON",
+        help="also run bonzo-serve and bonzo-chain with this interpreter's installed Bonzo "
+        "(e.g. a virtualenv holding the code before a change), as *-baseline",
+    )
     args = parser.parse_args(argv)
+    baseline = add_baseline(args.baseline_python) if args.baseline_python else []
 
     if args.list:
         for spec in SERVER_SPECS.values():
@@ -1061,6 +1092,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     names = args.servers.split(",") if args.servers else list(DEFAULT_SERVERS)
+    names += [n for n in baseline if n not in names]
     unknown = [n for n in names if n not in SERVER_SPECS]
     if unknown:
         parser.error(f"unknown server(s): {', '.join(unknown)}; see --list")

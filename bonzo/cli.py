@@ -342,6 +342,10 @@ def _run_worker(
             if watch is not None:
                 watch.cancel()
 
+    if app.config.loop == "uvloop":
+        import uvloop
+
+        return int(uvloop.run(run()))
     return asyncio.run(run())
 
 

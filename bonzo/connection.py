@@ -1,9 +1,10 @@
 """The session loop: one client connection, read → feed → dispatch → write.
 
 :class:`SMTPConnection` owns the client's socket through one
-:class:`tornado.iostream.IOStream`, from accept to close: every read and
-write goes through it, plain or TLS (TLS runs as a layer over the stream,
-:class:`bonzo.tls.TLSLayer`, so STARTTLS swaps nothing). Its loop is::
+:class:`SMTPStream` (a :class:`tornado.iostream.IOStream`), from accept to
+close: every read and write goes through it, plain or TLS (TLS runs as a
+layer over the stream, :class:`bonzo.tls.TLSLayer`, so STARTTLS swaps
+nothing). Its loop is::
 
     while the session lasts:
         event = core.next_event()
@@ -57,12 +58,17 @@ from .tls import TLSLayer
 if TYPE_CHECKING:  # pragma: no cover
     from asyncio import TimerHandle
 
-__all__ = ["SMTPConnection", "FINAL_REPLY_WAIT"]
+__all__ = ["SMTPConnection", "SMTPStream", "FINAL_REPLY_WAIT"]
 
 #: Longest wait, in seconds, for a client to take a last reply (``221``,
 #: ``421``) and TLS's ``close_notify`` before the connection is closed anyway
 #: (never longer than ``idle_timeout``).
 FINAL_REPLY_WAIT = 10.0
+
+#: Octets Tornado reads at a time while the client sends commands: its
+#: buffer for each read is made (and zeroed) anew, so a command-sized one
+#: costs much less than the ``read_chunk_size`` used for message content.
+COMMAND_CHUNK = 4096
 
 # What the session is doing, for the timer.
 _BUSY = 0  # the core or a plugin is working: plugins have their own timeouts
@@ -72,10 +78,39 @@ _HANDSHAKE = 3  # TLS handshake
 _CLOSING = 4  # last reply on its way
 
 
+class SMTPStream(IOStream):
+    """Tornado's :class:`~tornado.iostream.IOStream`, with one addition for
+    the many small replies of SMTP: :meth:`try_write`.
+
+    A reply to a client that waits for it (most clients) is a few dozen
+    octets that the socket takes at once. :meth:`IOStream.write
+    <tornado.iostream.BaseIOStream.write>` does that too, but first queues
+    the data and makes a future with a done-callback, which costs more than
+    the send itself (measured in ``bench/``). :meth:`try_write` sends
+    through the stream's own :meth:`write_to_fd` when nothing is queued, and
+    leaves whatever the socket does not take to :meth:`write`, so the stream
+    keeps owning the socket and its buffer and order are never bypassed.
+    """
+
+    def try_write(self, data: bytes) -> int:
+        """Send what the socket takes of ``data`` now, if nothing is queued
+        for it; return how many octets were sent (``0`` if none, or if the
+        stream has queued data or is closed). An error is not raised here:
+        :meth:`write` of the rest meets it and closes the stream as usual."""
+        if self.writing() or self.closed():
+            return 0
+        try:
+            return self.write_to_fd(memoryview(data))
+        except OSError:  # would block, or the connection is gone
+            return 0
+
+
 class SMTPConnection:
     """Handles a connection to an SMTP client, executing SMTP commands.
 
-    :arg stream: the client's :class:`tornado.iostream.IOStream`.
+    :arg stream: the client's :class:`SMTPStream` (a plain
+        :class:`~tornado.iostream.IOStream` works, without the shortcut for
+        small replies).
     :arg address: the client's address as given by the socket.
     :arg plugins: the :class:`~bonzo.hooks.PluginSet` that decides.
     :arg settings: :class:`~bonzo.settings.SMTPSettings`.
@@ -117,6 +152,8 @@ class SMTPConnection:
         on_close: Callable[[SMTPConnection], Any] | None = None,
     ) -> None:
         self.stream = stream
+        stream.read_chunk_size = min(COMMAND_CHUNK, settings.read_chunk_size)
+        self._try_write = stream.try_write if isinstance(stream, SMTPStream) else None
         self.address = address
         self.settings = settings
         self.listener = listener = listener or ListenerSettings()
@@ -206,7 +243,9 @@ class SMTPConnection:
     async def run(self) -> None:
         """Serve the session until it ends; never raises (but for
         cancellation, which still cleans up)."""
-        self._arm(self._loop.time() + self.settings.idle_timeout)
+        s = self.settings
+        first = min(s.idle_timeout, s.max_session_time or s.idle_timeout)
+        self._arm(self._loop.time() + first)
         try:
             await self._serve()
         except StreamClosedError:
@@ -228,6 +267,8 @@ class SMTPConnection:
             core.refuse(self.refusal, close=True)
         else:
             await dispatch.connect()
+        stream = self.stream
+        chunk_size = self.settings.read_chunk_size
         while True:
             event = core.next_event()
             kind = type(event)
@@ -236,7 +277,22 @@ class SMTPConnection:
                 if self._stopping and not core.receiving_content:
                     core.close(421, "Server shutting down", "4.3.2", limit="shutdown")
                     continue
-                await self._receive()
+                fut = self._write_future
+                if fut is not None and not fut.done():
+                    # The client is not reading its replies: stop reading its
+                    # commands too until it does.
+                    await self._wait_output(fut)
+                self._waiting()
+                if self._tls is None:
+                    data = await stream.read_bytes(chunk_size, partial=True)
+                else:
+                    data = await self._read_tls()
+                self._phase = _BUSY
+                self.bytes_received += len(data)
+                if self._in_content:
+                    self._last_byte = self._loop.time()
+                    self._window_bytes += len(data)
+                core.receive_data(data)
             elif kind is DataChunk:
                 dispatch.store(event.data)  # type: ignore[union-attr]
             elif kind is Paused:
@@ -251,48 +307,41 @@ class SMTPConnection:
                 self._phase = _BUSY
                 await dispatch.handle(event)  # type: ignore[arg-type]
 
-    async def _receive(self) -> None:
-        """Wait for the client's next bytes and feed them to the core."""
-        fut = self._write_future
-        if fut is not None and not fut.done():
-            # The client is not reading its replies: stop reading its
-            # commands too until it does.
-            await self._wait_output(fut)
+    def _waiting(self) -> None:
+        """The session is about to wait for the client: note the times the
+        deadlines run from, and pull the timer in when a shorter deadline
+        starts (a command trickling in, message content). Per read this is a
+        few attribute updates; the deadline itself is computed when the
+        timer fires (:meth:`_deadline`)."""
         core = self.protocol
         now = self._loop.time()
+        self._phase = _INPUT
         if core.receiving_content:
             if not self._in_content:
                 self._in_content = True
                 self._last_byte = self._window_start = now
                 self._window_bytes = 0
-        else:
-            self._in_content = False
-            if not core.partial_line:
-                # A command is complete: the idle time starts again (bytes
-                # that do not complete a command never restart it).
-                self._command_started = None
-                self._idle_since = now
-            elif self._command_started is None:
-                self._command_started = now
-        self._phase = _INPUT
-        when = self._deadline()[0]
-        if when < self._timer_at:
-            self._arm(when)
-        data = await self._read()
-        self._phase = _BUSY
-        self.bytes_received += len(data)
+                self.stream.read_chunk_size = self.settings.read_chunk_size
+                self._check_by(self._deadline()[0])
+            return
         if self._in_content:
-            self._last_byte = self._loop.time()
-            self._window_bytes += len(data)
-        core.receive_data(data)
+            self._in_content = False
+            self.stream.read_chunk_size = min(COMMAND_CHUNK, self.settings.read_chunk_size)
+        if not core.partial_line:
+            # A command is complete: the idle time starts again (bytes that
+            # do not complete a command never restart it).
+            self._command_started = None
+            self._idle_since = now
+        elif self._command_started is None:
+            self._command_started = now
+            self._check_by(self._deadline()[0])
 
-    async def _read(self) -> bytes:
-        """The next bytes from the client (plaintext, through TLS if on)."""
+    async def _read_tls(self) -> bytes:
+        """The next plaintext from the client through TLS."""
+        tls = self._tls
+        assert tls is not None
         stream = self.stream
         chunk_size = self.settings.read_chunk_size
-        tls = self._tls
-        if tls is None:
-            return await stream.read_bytes(chunk_size, partial=True)
         while True:
             data = tls.receive(await stream.read_bytes(chunk_size, partial=True))
             out = tls.data_to_send()
@@ -312,8 +361,15 @@ class SMTPConnection:
         if tls is not None:
             tls.send(data)
             data = tls.data_to_send()
+        stream = self.stream
+        if self._try_write is not None:
+            sent = self._try_write(data)
+            if sent == len(data):
+                self._write_future = None
+                return
+            data = data[sent:]
         try:
-            self._write_future = self.stream.write(data)
+            self._write_future = stream.write(data)
         except StreamClosedError:
             pass  # the loop notices at its next read
 
@@ -326,9 +382,7 @@ class SMTPConnection:
     async def _wait_output(self, fut: asyncio.Future[None]) -> None:
         self._phase = _OUTPUT
         self._since = self._loop.time()
-        when = self._since + self.settings.idle_timeout
-        if when < self._timer_at:
-            self._arm(when)
+        self._check_by(self._since + self.settings.idle_timeout)
         try:
             await fut
         finally:
@@ -362,9 +416,7 @@ class SMTPConnection:
         chunk_size = self.settings.read_chunk_size
         self._phase = _HANDSHAKE
         self._since = self._loop.time()
-        when = self._since + self.settings.tls_handshake_timeout
-        if when < self._timer_at:
-            self._arm(when)
+        self._check_by(self._since + self.settings.tls_handshake_timeout)
         early = b""
         try:
             while not tls.handshake_done:
@@ -430,6 +482,12 @@ class SMTPConnection:
             return self._since + min(s.idle_timeout, FINAL_REPLY_WAIT), "final"
         return math.inf, ""  # _BUSY: a plugin's own timeout applies
 
+    def _check_by(self, when: float) -> None:
+        """Make the timer fire no later than ``when`` (it is re-armed only for
+        an earlier deadline: a later one is found when it fires)."""
+        if when < self._timer_at:
+            self._arm(when)
+
     def _arm(self, when: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -451,8 +509,12 @@ class SMTPConnection:
                 self._window_bytes = 0
                 when, why = self._deadline()
         if now < when:
-            if when < math.inf:
-                self._arm(when)
+            if when == math.inf:
+                # Busy (a plugin runs; its own timeout applies): look again
+                # later, as the session will wait for the client again.
+                s = self.settings
+                when = now + min(s.idle_timeout, s.command_timeout, s.data_rate_window)
+            self._arm(when)
             return
         self._why = why
         if why in ("output", "final", "tls_handshake_timeout"):

@@ -212,7 +212,18 @@ class Dispatcher:
         except Exception as exc:
             self._refuse(event, exc)
             return
-        await self._apply(event, verdict)
+        finished = self._apply(event, verdict)
+        plugins = self.plugins
+        if finished is not None:
+            try:
+                # The message is someone's responsibility now, whatever happens
+                # to the connection: the observers run even if it was closed.
+                if plugins.calls["bonzo_accepted"]:
+                    await plugins.observe("bonzo_accepted", (self.session, finished), self.session)
+            finally:
+                finished.close()
+        elif kind is Reset and plugins.calls["bonzo_rset"]:
+            await plugins.observe("bonzo_rset", (self.session,), self.session)
 
     def store(self, data: bytes) -> None:
         """Append message content to the envelope. A storage fault (the spool
@@ -246,6 +257,7 @@ class Dispatcher:
         """Ask the plugins about ``event``; return what :meth:`_apply` needs.
         Raises the refusal or fault."""
         plugins = self.plugins
+        calls = plugins.calls
         session = self.session
         kind = type(event)
         if kind is Rcpt:
@@ -265,12 +277,16 @@ class Dispatcher:
                 spool_dir=self.settings.spool_dir,
                 sender=event.mailbox,  # type: ignore[attr-defined]
             )
-            verdict = await plugins.decide(
-                "bonzo_mail",
-                (session, envelope, event.address, event.params, event.mailbox),  # type: ignore[attr-defined]
-            )
+            verdict = None
+            if calls["bonzo_mail"]:  # (no coroutine for a hook nobody implements)
+                verdict = await plugins.decide(
+                    "bonzo_mail",
+                    (session, envelope, event.address, event.params, event.mailbox),  # type: ignore[attr-defined]
+                )
             return verdict, envelope
         if kind is Data:
+            if not calls["bonzo_data"]:
+                return None
             return await plugins.decide("bonzo_data", (session, self.envelope))
         if kind is MessageComplete:
             return await self._message(event)  # type: ignore[arg-type]
@@ -301,7 +317,8 @@ class Dispatcher:
         if self._stored is not None:
             raise _StorageFault(self._stored)
         session, envelope = self.session, self.envelope
-        await self.plugins.decide("bonzo_message", (session, envelope))
+        if self.plugins.calls["bonzo_message"]:
+            await self.plugins.decide("bonzo_message", (session, envelope))
         verdict = await self.plugins.decide("bonzo_deliver", (session, envelope))
         if verdict is None:
             assert envelope is not None
@@ -330,9 +347,10 @@ class Dispatcher:
         return good
 
     # ---------------------------------------------------------------- answers
-    async def _apply(self, event: Event, answer: Any) -> None:
+    def _apply(self, event: Event, answer: Any) -> Envelope | None:
         """Apply a positive verdict: the one place where an accepted command
-        changes the envelope and the core (and so the session)."""
+        changes the envelope and the core (and so the session). Returns the
+        envelope of a message just accepted (for its observers)."""
         core = self.core
         kind = type(event)
         if kind is Rcpt:
@@ -350,7 +368,7 @@ class Dispatcher:
             envelope.prepend_raw(received_header(self.session, envelope, self.settings.hostname))
             core.accept(_text(answer))
         elif kind is MessageComplete:
-            await self._accepted(answer)
+            return self._accepted(answer)
         elif kind is Helo:
             verdict, keywords = answer
             self.end_transaction()
@@ -358,12 +376,12 @@ class Dispatcher:
         elif kind is Reset:
             self.end_transaction()
             core.accept()
-            await self.plugins.observe("bonzo_rset", (self.session,), self.session)
         elif kind is Unknown:
             reply, by = self._unknown_reply(event, answer)  # type: ignore[arg-type]
             core.reject(reply, by=by)
+        return None
 
-    async def _accepted(self, verdict: tuple[str, Any]) -> None:
+    def _accepted(self, verdict: tuple[str, Any]) -> Envelope:
         envelope, self.envelope = self.envelope, None
         assert envelope is not None
         session, core = self.session, self.core
@@ -383,12 +401,7 @@ class Dispatcher:
                 envelope.id,
                 verdict[0],
             )
-        try:
-            # The message is someone's responsibility now, whatever happens to
-            # the connection: the observers run even if it was closed meanwhile.
-            await self.plugins.observe("bonzo_accepted", (session, envelope), session)
-        finally:
-            envelope.close()
+        return envelope
 
     def _unknown_reply(
         self, event: Unknown, verdict: tuple[str, Any] | None

@@ -115,7 +115,9 @@ class PluginSet:
         self.timeout = timeout
         self.names: list[str] = []
         self.timeouts: dict[str, float] = {}
-        self._calls: dict[str, list[HookCall]] | None = None
+        #: Every hook's implementations in call order, resolved at each
+        #: registration (never per call).
+        self.calls: dict[str, list[HookCall]] = self._resolve()
 
     def register(self, plugin: object, name: str, *, timeout: float | None = None) -> None:
         """Add ``plugin`` (a module or an object with hook methods) after those
@@ -163,7 +165,7 @@ class PluginSet:
         self.names.append(name)
         if timeout is not None:
             self.timeouts[name] = timeout
-        self._calls = None
+        self.calls = self._resolve()
 
     def _impls_of(self, name: str) -> list[pluggy.HookImpl]:
         plugin = self.manager.get_plugin(name)
@@ -175,13 +177,6 @@ class PluginSet:
     def get(self, name: str) -> object:
         """The registered plugin object called ``name``."""
         return self.manager.get_plugin(name)
-
-    @property
-    def calls(self) -> dict[str, list[HookCall]]:
-        """Every hook's implementations in call order (resolved once)."""
-        if self._calls is None:
-            self._calls = self._resolve()
-        return self._calls
 
     def _resolve(self) -> dict[str, list[HookCall]]:
         order = {name: i for i, name in enumerate(self.names)}

@@ -323,6 +323,11 @@ _ASCII_DOMAIN = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?"
 )
 _ADDRESS_LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]")
+# The usual path, <dot-atom@ascii-domain> with no parameters, in one match.
+_SIMPLE_PATH = re.compile(
+    r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+)*)@"
+    r"((?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?)>"
+)
 _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
 # Line ends in content whose bare CR and LF are normalised.
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
@@ -497,6 +502,11 @@ def parse_path(
     dropped (RFC 5321 4.1.1.3, C).
     Raises :class:`AddressError` carrying the reply to give.
     """
+    simple = _SIMPLE_PATH.fullmatch(arg)
+    if simple is not None and len(arg) <= 256 and simple.end(1) - 1 <= 64:
+        # The same checks as below, all passed in one match.
+        local, domain = simple.group(1, 2)
+        return Address(arg[1:-1], local, domain.lower()), {}
     enh = "5.1.7" if sender else "5.1.3"
     what = "sender" if sender else "recipient"
     arg = arg.strip(" ")
@@ -1212,7 +1222,7 @@ class SMTPProtocol:
             self.stage, self._arg = _safe_verb(raw), ""
             self._error(500, "5.5.2", "Error: bad UTF-8 syntax")
             return None
-        if _CTL.search(line):
+        if not line.isprintable() and _CTL.search(line):
             self.stage, self._arg = _safe_verb(raw), ""
             self._error(501, "5.5.2", "Syntax error: control characters are not allowed")
             return None

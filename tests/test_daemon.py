@@ -66,6 +66,7 @@ class Store:
             time.sleep(self.block)  # blocks this worker: the next client goes to another
         record = {
             "pid": os.getpid(),
+            "loop": type(asyncio.get_running_loop()).__module__,
             "from": envelope.mail_from,
             "to": envelope.rcpt_tos,
             "content": envelope.content.decode("utf-8", "replace"),
@@ -607,6 +608,22 @@ def test_two_workers_serve_mail_and_stop_cleanly(workdir, serve):
         wait_until(lambda pid=pid: not _alive(pid), what=f"worker {pid} to exit")
     assert daemon.log.count("stopped") == 2
     assert "restarting" not in daemon.log
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_on_uvloop(workdir, serve, workers):
+    pytest.importorskip("uvloop", reason="pip install 'bonzo[uvloop]'")
+    port = free_port()
+    config = write_config(workdir, port, workers=workers)
+    config.write_text(config.read_text().replace("[server]\n", '[server]\nloop = "uvloop"\n'))
+    daemon = serve(config, port)
+    daemon.wait_ready(workers=workers)
+    assert send(port) == {}
+    (record,) = wait_until(lambda: daemon.records() or None, what="the delivery")
+    assert record["to"] == ["b@example.org"]
+    # The worker really runs on uvloop (the Store plugin records the loop's type).
+    assert record["loop"].startswith("uvloop")
+    assert daemon.stop() == 0
 
 
 def test_a_worker_that_dies_is_replaced(workdir, serve):
