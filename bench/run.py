@@ -250,7 +250,7 @@ SERVER_SPECS: dict[str, ServerSpec] = {
     for spec in [
         ServerSpec(
             "bonzo",
-            "bonzo.server.SMTPServer + a discarding SessionHandler (bench/servers/bonzo_sink.py)",
+            "bonzo.server.SMTPServer + one discarding plugin (bench/servers/bonzo_sink.py)",
             _bonzo_sink_command,
             env=_python_env(),
         ),
@@ -290,14 +290,9 @@ SERVER_SPECS: dict[str, ServerSpec] = {
 }
 
 # ----------------------------------------------------------------------------
-# DAEMON SPECS — where `bonzo serve -c FILE` plugs in.
-#
-# The daemon is being built; until it exists these targets report themselves
-# unavailable and only run when named with --servers. When it lands:
-#   * check the command line and the config shape in bench/configs/*.toml;
-#   * make "bonzo-serve" part of DEFAULT_SERVERS (it measures the real
-#     product; "bonzo" above measures the library without plugins).
-# The harness copies each config into the scratch directory with the listener
+# The daemon: `bonzo serve -c FILE` with the configurations in bench/configs/
+# (the product as operators run it; "bonzo" above is the library alone). The
+# harness copies each config into the scratch directory with the listener
 # port and the maildir path rewritten (see _daemon_config).
 # ----------------------------------------------------------------------------
 
@@ -320,13 +315,23 @@ def _daemon_config(template: str, port: int, scratch: Path) -> Path:
 
 
 def _daemon_command(
-    template: str, python: str = sys.executable
+    template: str, python: str = sys.executable, loop: str | None = None
 ) -> Callable[[int, Path], list[str]]:
     def command(port: int, scratch: Path) -> list[str]:
         config = _daemon_config(template, port, scratch)
+        if loop is not None:
+            text = config.read_text()
+            config.write_text(text.replace("[server]\n", f'[server]\nloop = "{loop}"\n', 1))
         return [python, "-m", "bonzo", "serve", "-c", str(config)]
 
     return command
+
+
+def _uvloop_available() -> str | None:
+    reason = _daemon_available()
+    if reason is None and importlib.util.find_spec("uvloop") is None:
+        reason = "uvloop is not installed (pip install 'bonzo[uvloop]')"
+    return reason
 
 
 def add_baseline(python: str) -> list[str]:
@@ -360,6 +365,13 @@ DAEMON_SPECS = [
         env=_python_env(),
     ),
     ServerSpec(
+        "bonzo-uvloop",
+        "bonzo serve -c bench/configs/discard.toml on uvloop ([server] loop)",
+        _daemon_command("discard.toml", loop="uvloop"),
+        available=_uvloop_available,
+        env=_python_env(),
+    ),
+    ServerSpec(
         "bonzo-chain",
         "bonzo serve -c bench/configs/chain.toml (access, recipients, headers, discard)",
         _daemon_command("chain.toml"),
@@ -378,6 +390,7 @@ SERVER_SPECS.update((spec.name, spec) for spec in DAEMON_SPECS)
 
 DEFAULT_SERVERS = [
     "bonzo-serve",
+    "bonzo-uvloop",
     "bonzo-chain",
     "bonzo-maildir",
     "aiosmtpd",

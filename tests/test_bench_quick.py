@@ -33,6 +33,7 @@ RUN = ROOT / "bench" / "run.py"
 SCENARIOS = "abcde"
 SERVERS = [
     "bonzo-serve",
+    "bonzo-uvloop",
     "bonzo-chain",
     "bonzo-maildir",
     "aiosmtpd",
@@ -41,8 +42,9 @@ SERVERS = [
     "smtp-server",
     "smtp-sink",
 ]
-# Run when Node.js >= 20 and bench/node_modules (bench/install.sh) are there.
-NODE_PEERS = ["haraka", "smtp-server"]
+# Run when they can: Node.js >= 20 and bench/node_modules (bench/install.sh),
+# and when uvloop is installed (the test extra has it).
+OPTIONAL_SERVERS = ["haraka", "smtp-server", "bonzo-uvloop"]
 
 
 def have(tool: str) -> bool:
@@ -71,7 +73,7 @@ def test_quick_run(tmp_path: Path) -> None:
     pytest.importorskip("aiosmtpd")
     run = load_run()
     assert run.DEFAULT_SERVERS == SERVERS
-    missing = {name: run.SERVER_SPECS[name].available() for name in NODE_PEERS}
+    missing = {name: run.SERVER_SPECS[name].available() for name in OPTIONAL_SERVERS}
     missing = {name: reason for name, reason in missing.items() if reason is not None}
     servers = [name for name in SERVERS if name not in missing]
     done = subprocess.run(
@@ -101,7 +103,7 @@ def test_quick_run(tmp_path: Path) -> None:
     assert len(results) == 1
 
 
-@pytest.mark.parametrize("name", NODE_PEERS)
+@pytest.mark.parametrize("name", OPTIONAL_SERVERS)
 def test_node_peer_can_run(name: str) -> None:
     """Says, as a skip reason, why a Node.js peer is left out of the quick run
     (and of a full run) on this machine."""
