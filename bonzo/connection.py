@@ -1,10 +1,9 @@
 """The session loop: one client connection, read → feed → dispatch → write.
 
 :class:`SMTPConnection` owns the client's socket through one
-:class:`SMTPStream` (a :class:`tornado.iostream.IOStream`), from accept to
-close: every read and write goes through it, plain or TLS (TLS runs as a
-layer over the stream, :class:`bonzo.tls.TLSLayer`, so STARTTLS swaps
-nothing). Its loop is::
+:class:`tornado.iostream.IOStream`, from accept to close: every read and
+write goes through it, plain or TLS (TLS runs as a layer over the stream,
+:class:`bonzo.tls.TLSLayer`, so STARTTLS swaps nothing). Its loop is::
 
     while the session lasts:
         event = core.next_event()
@@ -58,7 +57,7 @@ from .tls import TLSLayer
 if TYPE_CHECKING:  # pragma: no cover
     from asyncio import TimerHandle
 
-__all__ = ["SMTPConnection", "SMTPStream", "FINAL_REPLY_WAIT"]
+__all__ = ["SMTPConnection", "try_write", "FINAL_REPLY_WAIT"]
 
 #: Longest wait, in seconds, for a client to take a last reply (``221``,
 #: ``421``) and TLS's ``close_notify`` before the connection is closed anyway
@@ -78,39 +77,35 @@ _HANDSHAKE = 3  # TLS handshake
 _CLOSING = 4  # last reply on its way
 
 
-class SMTPStream(IOStream):
-    """Tornado's :class:`~tornado.iostream.IOStream`, with one addition for
-    the many small replies of SMTP: :meth:`try_write`.
+def try_write(stream: IOStream, data: bytes) -> int:
+    """Send what the socket takes of ``data`` now, through ``stream``, if
+    nothing is queued in it; return how many octets were sent (``0`` if none,
+    or if the stream has queued data or is closed).
 
     A reply to a client that waits for it (most clients) is a few dozen
     octets that the socket takes at once. :meth:`IOStream.write
-    <tornado.iostream.BaseIOStream.write>` does that too, but first queues
-    the data and makes a future with a done-callback, which costs more than
-    the send itself (measured in ``bench/``). :meth:`try_write` sends
-    through the stream's own :meth:`write_to_fd` when nothing is queued, and
-    leaves whatever the socket does not take to :meth:`write`, so the stream
-    keeps owning the socket and its buffer and order are never bypassed.
+    <tornado.iostream.BaseIOStream.write>` sends them at once too, but first
+    queues them and makes a future with a done-callback, which costs more
+    than the send itself (measured in ``bench/``). This sends through the
+    stream's own :meth:`~tornado.iostream.IOStream.write_to_fd` when nothing
+    is queued, and the caller gives what the socket did not take to
+    :meth:`~tornado.iostream.BaseIOStream.write`: the stream keeps owning the
+    socket, and its buffer and order are never bypassed. An error is not
+    raised here: ``write()`` of the rest meets it and closes the stream as
+    usual.
     """
-
-    def try_write(self, data: bytes) -> int:
-        """Send what the socket takes of ``data`` now, if nothing is queued
-        for it; return how many octets were sent (``0`` if none, or if the
-        stream has queued data or is closed). An error is not raised here:
-        :meth:`write` of the rest meets it and closes the stream as usual."""
-        if self.writing() or self.closed():
-            return 0
-        try:
-            return self.write_to_fd(memoryview(data))
-        except OSError:  # would block, or the connection is gone
-            return 0
+    if stream.writing() or stream.closed():
+        return 0
+    try:
+        return stream.write_to_fd(memoryview(data))
+    except OSError:  # would block, or the connection is gone
+        return 0
 
 
 class SMTPConnection:
     """Handles a connection to an SMTP client, executing SMTP commands.
 
-    :arg stream: the client's :class:`SMTPStream` (a plain
-        :class:`~tornado.iostream.IOStream` works, without the shortcut for
-        small replies).
+    :arg stream: the client's :class:`~tornado.iostream.IOStream`.
     :arg address: the client's address as given by the socket.
     :arg plugins: the :class:`~bonzo.hooks.PluginSet` that decides.
     :arg settings: :class:`~bonzo.settings.SMTPSettings`.
@@ -153,7 +148,6 @@ class SMTPConnection:
     ) -> None:
         self.stream = stream
         stream.read_chunk_size = min(COMMAND_CHUNK, settings.read_chunk_size)
-        self._try_write = stream.try_write if isinstance(stream, SMTPStream) else None
         self.address = address
         self.settings = settings
         self.listener = listener = listener or ListenerSettings()
@@ -362,14 +356,12 @@ class SMTPConnection:
             tls.send(data)
             data = tls.data_to_send()
         stream = self.stream
-        if self._try_write is not None:
-            sent = self._try_write(data)
-            if sent == len(data):
-                self._write_future = None
-                return
-            data = data[sent:]
+        sent = try_write(stream, data)
+        if sent == len(data):
+            self._write_future = None
+            return
         try:
-            self._write_future = stream.write(data)
+            self._write_future = stream.write(data[sent:] if sent else data)
         except StreamClosedError:
             pass  # the loop notices at its next read
 
@@ -578,6 +570,12 @@ class SMTPConnection:
         try:
             if not stream.closed() and not self._forced:
                 self._send()
+                fut = self._write_future
+                if self._tls is None and (fut is None or fut.done()):
+                    # The usual end (QUIT answered, all of it sent): nothing
+                    # to wait for.
+                    stream.close()
+                    return
                 if self._phase != _CLOSING:
                     self._phase = _CLOSING
                     self._since = self._loop.time()

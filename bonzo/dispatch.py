@@ -213,17 +213,15 @@ class Dispatcher:
             self._refuse(event, exc)
             return
         finished = self._apply(event, verdict)
-        plugins = self.plugins
         if finished is not None:
             try:
                 # The message is someone's responsibility now, whatever happens
                 # to the connection: the observers run even if it was closed.
-                if plugins.calls["bonzo_accepted"]:
-                    await plugins.observe("bonzo_accepted", (self.session, finished), self.session)
+                await self.plugins.observe("bonzo_accepted", (self.session, finished), self.session)
             finally:
                 finished.close()
-        elif kind is Reset and plugins.calls["bonzo_rset"]:
-            await plugins.observe("bonzo_rset", (self.session,), self.session)
+        elif kind is Reset:
+            await self.plugins.observe("bonzo_rset", (self.session,), self.session)
 
     def store(self, data: bytes) -> None:
         """Append message content to the envelope. A storage fault (the spool
@@ -257,7 +255,6 @@ class Dispatcher:
         """Ask the plugins about ``event``; return what :meth:`_apply` needs.
         Raises the refusal or fault."""
         plugins = self.plugins
-        calls = plugins.calls
         session = self.session
         kind = type(event)
         if kind is Rcpt:
@@ -277,16 +274,12 @@ class Dispatcher:
                 spool_dir=self.settings.spool_dir,
                 sender=event.mailbox,  # type: ignore[attr-defined]
             )
-            verdict = None
-            if calls["bonzo_mail"]:  # (no coroutine for a hook nobody implements)
-                verdict = await plugins.decide(
-                    "bonzo_mail",
-                    (session, envelope, event.address, event.params, event.mailbox),  # type: ignore[attr-defined]
-                )
+            verdict = await plugins.decide(
+                "bonzo_mail",
+                (session, envelope, event.address, event.params, event.mailbox),  # type: ignore[attr-defined]
+            )
             return verdict, envelope
         if kind is Data:
-            if not calls["bonzo_data"]:
-                return None
             return await plugins.decide("bonzo_data", (session, self.envelope))
         if kind is MessageComplete:
             return await self._message(event)  # type: ignore[arg-type]
@@ -317,8 +310,7 @@ class Dispatcher:
         if self._stored is not None:
             raise _StorageFault(self._stored)
         session, envelope = self.session, self.envelope
-        if self.plugins.calls["bonzo_message"]:
-            await self.plugins.decide("bonzo_message", (session, envelope))
+        await self.plugins.decide("bonzo_message", (session, envelope))
         verdict = await self.plugins.decide("bonzo_deliver", (session, envelope))
         if verdict is None:
             assert envelope is not None

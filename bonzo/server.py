@@ -21,7 +21,7 @@ from tornado.log import app_log, gen_log
 from tornado.tcpserver import TCPServer
 
 from . import errors, version
-from .connection import SMTPConnection, SMTPStream
+from .connection import SMTPConnection
 from .hooks import PluginSet
 from .hookspecs import Accept
 from .session import Envelope, Session
@@ -305,13 +305,6 @@ class SMTPServer(TCPServer):
     def handle_stream(self, stream: IOStream, address: Any) -> None:
         """Start a session for a new connection (called by TCPServer)."""
         settings = self.settings
-        # The session's own stream on the accepted socket (the one TCPServer
-        # made is never used).
-        stream = SMTPStream(
-            stream.socket,
-            max_buffer_size=stream.max_buffer_size,
-            read_chunk_size=stream.read_chunk_size,
-        )
         ip = str(address[0]) if isinstance(address, tuple) and address else "0.0.0.0"
         refusal = limit = None
         if self.count.total >= settings.max_connections:

@@ -154,9 +154,7 @@ class MeasuredServer(SMTPServer):
         if self.sndbuf is not None:
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
         super().handle_stream(stream, address)
-        # The session has a stream of its own on the same socket.
-        connection = next(c for c in self.connections if c.stream.socket is stream.socket)
-        stream = connection.stream
+        connection = next(c for c in self.connections if c.stream is stream)
         write = stream.write
 
         def measured_write(data: bytes) -> Any:
