@@ -47,6 +47,7 @@ from .protocol import (
     NeedData,
     Paused,
     Policy,
+    Refusal,
     SMTPProtocol,
     StartTLS,
 )
@@ -611,35 +612,24 @@ class SMTPConnection:
             self._on_close(self)
 
     # ---------------------------------------------------------------- logs
-    def _log_refusal(
-        self,
-        stage: str,
-        code: int,
-        enhanced: str,
-        text: str,
-        arg: str,
-        by: str,
-        log_message: str | None,
-        limit: str | None,
-    ) -> None:
+    def _log_refusal(self, refusal: Refusal) -> None:
         """One line for every ``4xx``/``5xx`` reply: who was refused, at which
         stage, by whom, with what."""
-        text = text.replace("\n", " / ")
-        if len(arg) > 200:
-            arg = arg[:200] + "..."
-        if log_message:
+        text = refusal.text.replace("\n", " / ")
+        arg = refusal.arg if len(refusal.arg) <= 200 else refusal.arg[:200] + "..."
+        if refusal.log_message:
             # As the original Bonzo logged an SMTPError's log_message: the
             # code and the message first, on tornado.general.
             gen_log.warning(
                 "%d %s [%s %s] %s refused by %s: %d %s %s; arg=%r",
-                code,
-                log_message,
+                refusal.code,
+                refusal.log_message,
                 self.session.id,
                 self.remote_ip,
-                stage,
-                by,
-                code,
-                enhanced,
+                refusal.stage,
+                refusal.by,
+                refusal.code,
+                refusal.enhanced,
                 text,
                 arg,
             )
@@ -648,11 +638,11 @@ class SMTPConnection:
                 "[%s %s] %s refused by %s: %d %s %s; arg=%r%s",
                 self.session.id,
                 self.remote_ip,
-                stage,
-                by,
-                code,
-                enhanced,
+                refusal.stage,
+                refusal.by,
+                refusal.code,
+                refusal.enhanced,
                 text,
                 arg,
-                f" ({limit})" if limit else "",
+                f" ({refusal.limit})" if refusal.limit else "",
             )

@@ -34,7 +34,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final, Protocol, TypeAlias
+from typing import Any, ClassVar, Final, TypeAlias
 
 from .address import NULL_SENDER, Address
 from .errors import SMTPError, default_enhanced_code
@@ -62,7 +62,7 @@ __all__ = [
     "PAUSED",
     "CLOSED",
     "NextEvent",
-    "RefusalLogger",
+    "Refusal",
     "format_reply",
     "parse_path",
     "AddressError",
@@ -245,21 +245,26 @@ NextEvent: TypeAlias = (
 )
 
 
-class RefusalLogger(Protocol):
-    """Told of every ``4xx``/``5xx`` reply the core queues (see
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A ``4xx``/``5xx`` reply the core queued, for the log (see
     :class:`SMTPProtocol`'s ``on_refusal``)."""
 
-    def __call__(
-        self,
-        stage: str,
-        code: int,
-        enhanced: str,
-        text: str,
-        arg: str,
-        by: str,
-        log_message: str | None,
-        limit: str | None,
-    ) -> None: ...
+    stage: str
+    """The command's verb, ``"message"`` after the final dot, ``"connect"``
+    before the first command."""
+    code: int
+    enhanced: str
+    text: str
+    arg: str
+    """The command's argument (never an AUTH secret: only the mechanism)."""
+    by: str = "core"
+    """Who decided: ``"core"`` or the plugin :meth:`SMTPProtocol.reject` was
+    told of."""
+    log_message: str | None = None
+    """The error's ``log_message``, with its arguments."""
+    limit: str | None = None
+    """The limit or timeout that was hit, if any."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -626,13 +631,8 @@ class SMTPProtocol:
     :arg SMTPSettings settings: limits and behaviour.
     :arg str remote_ip: the client's address, for the HELO reply.
     :arg Policy policy: what the listener allows (TLS, AUTH, legacy texts).
-    :arg on_refusal: called for every ``4xx``/``5xx`` reply, with the stage
-        (the command's verb, ``"message"`` after the final dot, ``"connect"``
-        before the first command), the code, the enhanced code, the text,
-        the command's argument (never an AUTH secret), who decided
-        (``"core"`` or what :meth:`reject` was given), the error's
-        ``log_message`` (with its arguments) and the limit or timeout that
-        was hit, if any. The connection logs it.
+    :arg on_refusal: called with a :class:`Refusal` for every ``4xx``/``5xx``
+        reply; the connection logs it.
 
     The caller loops: feed what the socket gives to :meth:`receive_data`,
     call :meth:`next_event` until it returns :data:`NEED_DATA` (read more),
@@ -655,7 +655,7 @@ class SMTPProtocol:
         remote_ip: str = "",
         policy: Policy | None = None,
         *,
-        on_refusal: RefusalLogger | None = None,
+        on_refusal: Callable[[Refusal], None] | None = None,
     ) -> None:
         policy = policy if policy is not None else Policy()
         self.settings = settings
@@ -885,14 +885,16 @@ class SMTPProtocol:
     ) -> None:
         if self._on_refusal is not None:
             self._on_refusal(
-                self.stage,
-                code,
-                enhanced or default_enhanced_code(code),
-                text,
-                self._arg,
-                by,
-                log_message,
-                limit,
+                Refusal(
+                    self.stage,
+                    code,
+                    enhanced or default_enhanced_code(code),
+                    text,
+                    self._arg,
+                    by,
+                    log_message,
+                    limit,
+                )
             )
 
     def _error(self, code: int, enhanced: str, text: str, legacy: str | None = None) -> None:

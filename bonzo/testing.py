@@ -24,6 +24,7 @@ from .protocol import (
     DataChunk,
     Event,
     Policy,
+    Refusal,
     SMTPProtocol,
     StartTLS,
 )
@@ -314,18 +315,8 @@ class SessionTester:
             self.core, self.session, plugins, self.settings, send=lambda: None
         )
 
-    def _refused(
-        self,
-        stage: str,
-        code: int,
-        enhanced: str,
-        text: str,
-        arg: str,
-        by: str,
-        log_message: str | None,
-        limit: str | None,
-    ) -> None:
-        self.refusals.append((stage, code, enhanced, by))
+    def _refused(self, refusal: Refusal) -> None:
+        self.refusals.append((refusal.stage, refusal.code, refusal.enhanced, refusal.by))
 
     async def connect(self) -> bytes:
         """Run the connect hooks; return the greeting (or the refusal)."""

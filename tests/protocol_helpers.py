@@ -20,6 +20,7 @@ from bonzo.protocol import (
     Event,
     MessageComplete,
     Policy,
+    Refusal,
     SMTPProtocol,
     Unknown,
 )
@@ -116,18 +117,10 @@ class Client:
         self.paused = 0
         self._content = bytearray()
 
-    def _refused(
-        self,
-        stage: str,
-        code: int,
-        enhanced: str,
-        text: str,
-        arg: str,
-        by: str,
-        log_message: str | None,
-        limit: str | None,
-    ) -> None:
-        self.refusals.append((stage, code, enhanced, by, limit))
+    def _refused(self, refusal: Refusal) -> None:
+        self.refusals.append(
+            (refusal.stage, refusal.code, refusal.enhanced, refusal.by, refusal.limit)
+        )
 
     @property
     def closed(self) -> bool:

@@ -318,8 +318,8 @@ def test_every_refusal_is_reported_once_with_stage_and_decider():
 def test_a_refusal_report_never_holds_an_auth_secret():
     seen = []
 
-    def refused(stage, code, enhanced, text, arg, by, log_message, limit):
-        seen.append((stage, arg))
+    def refused(refusal):
+        seen.append((refusal.stage, refusal.arg))
 
     policy = Policy(auth_mechanisms=("PLAIN",), auth_plaintext=True)
     proto = SMTPProtocol(SETTINGS, "192.0.2.1", policy, on_refusal=refused)
