@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_support import DEADLINE, Daemon, daemon_env, daemons, free_port, wait_until
 from protocol_helpers import c_scan_data
 
 from bonzo import version
 from bonzo.app import installed_plugins
 
-ROOT = Path(__file__).resolve().parents[1]
 STORE = "daemonplug:Store"
-DEADLINE = 20.0
 MESSAGE = "From: a@example.org\r\nTo: b@example.org\r\nSubject: daemon test\r\n\r\nHello.\r\n"
 
 PLUGIN_SOURCE = '''
@@ -143,67 +142,10 @@ class SlowFork:
 
 
 # ---------------------------------------------------------------- helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(predicate: Any, timeout: float = DEADLINE, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-class Daemon:
-    """One ``python -m bonzo serve`` process and its log."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path, port: int, out: Path) -> None:
-        self.proc = proc
-        self.log_path = log
-        self.port = port
-        self.out = out
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text("utf-8", "replace")
-
-    def wait_ready(self, workers: int = 1) -> None:
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"bonzo exited with {self.proc.returncode}:\n{self.log}")
-            return self.log.count("ready (pid") >= workers
-
-        wait_until(ready, what="the daemon to be ready")
-        # And it answers: a greeting within the deadline.
-        with socket.create_connection(("127.0.0.1", self.port), timeout=DEADLINE) as s:
-            assert s.recv(512).startswith(b"220 ")
-            s.sendall(b"QUIT\r\n")
-
-    def stop(self, timeout: float = DEADLINE) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout)
-
-    def records(self) -> list[dict[str, Any]]:
-        import json
-
-        return [json.loads(p.read_text()) for p in sorted(self.out.glob("*.json"))]
-
-
 @pytest.fixture
 def env() -> dict[str, str]:
     """The environment of the subprocesses: this checkout's bonzo first."""
-    environ = dict(os.environ)
-    environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT), environ.get("PYTHONPATH", "")) if p
-    )
-    environ["PYTHONUNBUFFERED"] = "1"
-    return environ
+    return daemon_env()
 
 
 @pytest.fixture
@@ -268,43 +210,8 @@ def bonzo(*args: str, env: dict[str, str], cwd: Path, timeout: float = 60) -> An
 @pytest.fixture
 def serve(workdir: Path, env: dict[str, str]) -> Iterator[Any]:
     """Start ``bonzo serve -c CONFIG``; whatever is left running at the end is killed."""
-    started: list[subprocess.Popen[bytes]] = []
-    logs: list[Any] = []
-
-    def start(config: Path, port: int, prelude: str = "") -> Daemon:
-        """``prelude``: Python code run before ``bonzo serve`` (in its process)."""
-        log = workdir / f"daemon-{len(started)}.log"
-        handle = open(log, "wb")
-        logs.append(handle)
-        argv = [sys.executable, "-m", "bonzo", "serve", "-c", str(config)]
-        if prelude:
-            serve = f"sys.exit(bonzo.cli.main(['serve', '-c', {str(config)!r}]))"
-            argv = [sys.executable, "-c", f"import sys, bonzo.cli\n{prelude}\n{serve}"]
-        proc = subprocess.Popen(
-            argv,
-            env=env,
-            cwd=workdir,
-            stdin=subprocess.DEVNULL,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: workers included
-        )
-        started.append(proc)
-        return Daemon(proc, log, port, workdir / "out")
-
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=DEADLINE)
-        else:
-            # Workers of a daemon that already exited must be gone too.
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    for handle in logs:
-        handle.close()
+    with daemons(workdir, env, workdir / "out") as start:
+        yield start
 
 
 def send(port: int, rcpt: str = "b@example.org", message: str = MESSAGE) -> dict[str, Any]:

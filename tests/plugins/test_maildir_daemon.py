@@ -11,8 +11,6 @@ import os
 import signal
 import smtplib
 import socket
-import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -20,8 +18,8 @@ from pathlib import Path
 
 import pytest
 from bonzo_plugins.maildir.plugin import parse_tmp_name
+from daemon_support import Daemon, daemon_env, daemons, free_port
 
-ROOT = Path(__file__).resolve().parents[2]
 DEADLINE = 20.0
 #: Large, so that writing and fsync'ing it at the final dot takes a while.
 BODY_SIZE = 20 * 1024 * 1024
@@ -41,82 +39,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], object], what: str, timeout: float = DEADLINE) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-class Daemon:
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path, port: int) -> None:
-        self.proc = proc
-        self.log_path = log
-        self.port = port
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text("utf-8", "replace")
-
-    def wait_ready(self) -> None:
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"bonzo exited with {self.proc.returncode}:\n{self.log}")
-            return "ready (pid" in self.log
-
-        wait_until(ready, "the daemon to be ready")
-        with socket.create_connection(("127.0.0.1", self.port), timeout=DEADLINE) as s:
-            assert s.recv(512).startswith(b"220 ")
-            s.sendall(b"QUIT\r\n")
-
-    def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=DEADLINE)
-
-
 @pytest.fixture
 def start(tmp_path: Path) -> Iterator[Callable[[Path, int], Daemon]]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    started: list[subprocess.Popen[bytes]] = []
-    handles = []
-
-    def run(config: Path, port: int) -> Daemon:
-        log = tmp_path / f"daemon-{len(started)}.log"
-        handle = open(log, "wb")
-        handles.append(handle)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bonzo", "serve", "-c", str(config)],
-            env=env,
-            cwd=tmp_path,
-            stdin=subprocess.DEVNULL,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        started.append(proc)
-        return Daemon(proc, log, port)
-
-    yield run
-    for proc in started:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=DEADLINE)
-    for handle in handles:
-        handle.close()
+    with daemons(tmp_path, daemon_env()) as run:
+        yield run
 
 
 def write_config(tmp_path: Path, port: int) -> Path:
