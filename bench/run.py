@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Bonzo's benchmark: Bonzo against aiosmtpd and Postfix's smtp-sink, side by side.
+"""Bonzo's benchmark: Bonzo against its peers (aiosmtpd, a bare Tornado sink,
+Haraka, nodemailer's smtp-server and Postfix's smtp-sink), side by side.
 
-    python bench/run.py            # full run, 3 interleaved repetitions (< 15 min)
+    python bench/run.py            # full run, 3 interleaved repetitions (about 15 min)
     python bench/run.py --quick    # smoke run: tiny counts, each scenario once (< 60 s)
     python bench/run.py --list     # the servers and scenarios, and which can run here
 
@@ -132,12 +133,124 @@ def _smtp_sink_available() -> str | None:
     return None if find_tool("smtp-sink") else "smtp-sink not found (run bench/install.sh)"
 
 
+def _tornado_sink_command(port: int, scratch: Path) -> list[str]:
+    return [
+        sys.executable,
+        str(BENCH / "servers" / "tornado_sink.py"),
+        "--port",
+        str(port),
+        "--max-message-size",
+        str(BONZO_BENCH_SETTINGS["max_message_size"]),
+    ]
+
+
+# The Node.js peers: Haraka and nodemailer's smtp-server, pinned in
+# bench/package.json and bench/package-lock.json and installed by
+# bench/install.sh (npm ci) into bench/node_modules, which git ignores.
+NODE_MODULES = BENCH / "node_modules"
+NODE_MIN_MAJOR = 20  # Haraka 3.3 and smtp-server 3.21 need Node.js >= 20
+INSTALL = "run bash bench/install.sh"
+
+
+def find_node() -> str | None:
+    return shutil.which("node") or shutil.which("nodejs")
+
+
+_NODE_VERSION: dict[str, str | None] = {}
+
+
+def node_version() -> str | None:
+    """``node --version`` without the ``v`` (e.g. "20.20.2"), or None."""
+    if "node" not in _NODE_VERSION:
+        node = find_node()
+        version = None
+        if node:
+            try:
+                done = subprocess.run([node, "--version"], capture_output=True, timeout=20)
+                if done.returncode == 0:
+                    version = done.stdout.decode().strip().lstrip("v")
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        _NODE_VERSION["node"] = version
+    return _NODE_VERSION["node"]
+
+
+def npm_package_version(package: str) -> str | None:
+    """The version of ``package`` installed in bench/node_modules, or None."""
+    try:
+        return str(json.loads((NODE_MODULES / package / "package.json").read_text())["version"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def npm_package_pin(package: str) -> str | None:
+    """The version bench/package.json pins ``package`` to."""
+    try:
+        return str(json.loads((BENCH / "package.json").read_text())["dependencies"][package])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _node_package_available(package: str) -> Callable[[], str | None]:
+    def available() -> str | None:
+        if find_node() is None:
+            return f"node not found: install Node.js >= {NODE_MIN_MAJOR}, then {INSTALL}"
+        version = node_version()
+        try:
+            major = int((version or "").split(".")[0])
+        except ValueError:
+            return "`node --version` failed: Node.js is not working here"
+        if major < NODE_MIN_MAJOR:
+            return f"node {version} is too old: {package} needs Node.js >= {NODE_MIN_MAJOR}"
+        installed = npm_package_version(package)
+        if installed is None:
+            return f"missing: {INSTALL} ({package} is not in bench/node_modules)"
+        pin = npm_package_pin(package)
+        if pin is not None and installed != pin:
+            return f"outdated: {INSTALL} ({package} {installed} installed, {pin} pinned)"
+        return None
+
+    return available
+
+
+def _haraka_command(port: int, scratch: Path) -> list[str]:
+    """A Haraka install directory in the scratch directory, from the template
+    in bench/servers/haraka/ (see its config/ files for what each does)."""
+    root = scratch / "haraka"
+    shutil.copytree(BENCH / "servers" / "haraka", root)
+    smtp_ini = root / "config" / "smtp.ini"
+    text, count = re.subn(r"(?m)^listen=.*$", f"listen={HOST}:{port}", smtp_ini.read_text())
+    if count != 1:
+        raise RuntimeError("bench/servers/haraka/config/smtp.ini: expected one `listen=` line")
+    smtp_ini.write_text(text)
+    connection_ini = root / "config" / "connection.ini"
+    spool = scratch / "haraka-spool"
+    spool.mkdir()
+    text, count = re.subn(r"(?m)^spool_dir=.*$", f"spool_dir={spool}", connection_ini.read_text())
+    if count != 1:
+        raise RuntimeError("bench/servers/haraka/config/connection.ini: expected one `spool_dir=`")
+    connection_ini.write_text(text)
+    haraka = NODE_MODULES / "Haraka" / "bin" / "haraka"
+    return [find_node() or "node", str(haraka), "-c", str(root)]
+
+
+def _smtp_server_command(port: int, scratch: Path) -> list[str]:
+    return [
+        find_node() or "node",
+        str(BENCH / "servers" / "smtp_server_sink.js"),
+        "--port",
+        str(port),
+        "--size",
+        str(BONZO_BENCH_SETTINGS["max_message_size"]),
+    ]
+
+
 SERVER_SPECS: dict[str, ServerSpec] = {
     spec.name: spec
     for spec in [
         ServerSpec(
             "bonzo",
-            "bonzo.server.SMTPServer + a discarding SessionHandler (bench/servers/bonzo_sink.py)",
+            "bonzo.server.SMTPServer + one discarding plugin (bench/servers/bonzo_sink.py)",
             _bonzo_sink_command,
             env=_python_env(),
         ),
@@ -153,18 +266,33 @@ SERVER_SPECS: dict[str, ServerSpec] = {
             _smtp_sink_command,
             available=_smtp_sink_available,
         ),
+        ServerSpec(
+            "tornado-sink",
+            "bare Tornado TCPServer, one read_until per line, no checks (tornado_sink.py)",
+            _tornado_sink_command,
+        ),
+        ServerSpec(
+            "haraka",
+            "Haraka, one process, rcpt_to.in_host_list + queue/discard, no DNS "
+            "(bench/servers/haraka)",
+            _haraka_command,
+            available=_node_package_available("Haraka"),
+            # queue/discard drops a message only when told to.
+            env={"YES_REALLY_DO_DISCARD": "1"},
+        ),
+        ServerSpec(
+            "smtp-server",
+            "nodemailer smtp-server + a draining onData (bench/servers/smtp_server_sink.js)",
+            _smtp_server_command,
+            available=_node_package_available("smtp-server"),
+        ),
     ]
 }
 
 # ----------------------------------------------------------------------------
-# DAEMON SPECS — where `bonzo serve -c FILE` plugs in.
-#
-# The daemon is being built; until it exists these targets report themselves
-# unavailable and only run when named with --servers. When it lands:
-#   * check the command line and the config shape in bench/configs/*.toml;
-#   * make "bonzo-serve" part of DEFAULT_SERVERS (it measures the real
-#     product; "bonzo" above measures the library without plugins).
-# The harness copies each config into the scratch directory with the listener
+# The daemon: `bonzo serve -c FILE` with the configurations in bench/configs/
+# (the product as operators run it; "bonzo" above is the library alone). The
+# harness copies each config into the scratch directory with the listener
 # port and the maildir path rewritten (see _daemon_config).
 # ----------------------------------------------------------------------------
 
@@ -186,12 +314,46 @@ def _daemon_config(template: str, port: int, scratch: Path) -> Path:
     return path
 
 
-def _daemon_command(template: str) -> Callable[[int, Path], list[str]]:
+def _daemon_command(
+    template: str, python: str = sys.executable, loop: str | None = None
+) -> Callable[[int, Path], list[str]]:
     def command(port: int, scratch: Path) -> list[str]:
         config = _daemon_config(template, port, scratch)
-        return [sys.executable, "-m", "bonzo", "serve", "-c", str(config)]
+        if loop is not None:
+            text = config.read_text()
+            config.write_text(text.replace("[server]\n", f'[server]\nloop = "{loop}"\n', 1))
+        return [python, "-m", "bonzo", "serve", "-c", str(config)]
 
     return command
+
+
+def _uvloop_available() -> str | None:
+    reason = _daemon_available()
+    if reason is None and importlib.util.find_spec("uvloop") is None:
+        reason = "uvloop is not installed (pip install 'bonzo[uvloop]')"
+    return reason
+
+
+def add_baseline(python: str) -> list[str]:
+    """Add ``bonzo-serve-baseline`` and ``bonzo-chain-baseline``: the same
+    daemon configurations run by another interpreter, which has another
+    Bonzo installed (say, the code before a change, ``pip install``-ed into a
+    virtualenv), so that before and after are measured side by side in one
+    run. Returns their names."""
+    if not os.access(python, os.X_OK):
+        raise SystemExit(f"--baseline-python: {python} is not an executable")
+    names = []
+    for name, template in (("bonzo-serve", "discard.toml"), ("bonzo-chain", "chain.toml")):
+        spec = ServerSpec(
+            f"{name}-baseline",
+            f"{name} run by {python} (the Bonzo installed there)",
+            _daemon_command(template, python),
+            # Run from the scratch directory: never this checkout's Bonzo.
+            env={"PYTHONPATH": ""},
+        )
+        SERVER_SPECS[spec.name] = spec
+        names.append(spec.name)
+    return names
 
 
 DAEMON_SPECS = [
@@ -200,6 +362,13 @@ DAEMON_SPECS = [
         "bonzo serve -c bench/configs/discard.toml (one discarding plugin)",
         _daemon_command("discard.toml"),
         available=_daemon_available,
+        env=_python_env(),
+    ),
+    ServerSpec(
+        "bonzo-uvloop",
+        "bonzo serve -c bench/configs/discard.toml on uvloop ([server] loop)",
+        _daemon_command("discard.toml", loop="uvloop"),
+        available=_uvloop_available,
         env=_python_env(),
     ),
     ServerSpec(
@@ -219,7 +388,17 @@ DAEMON_SPECS = [
 ]
 SERVER_SPECS.update((spec.name, spec) for spec in DAEMON_SPECS)
 
-DEFAULT_SERVERS = ["bonzo-serve", "bonzo-chain", "bonzo-maildir", "aiosmtpd", "smtp-sink"]
+DEFAULT_SERVERS = [
+    "bonzo-serve",
+    "bonzo-uvloop",
+    "bonzo-chain",
+    "bonzo-maildir",
+    "aiosmtpd",
+    "tornado-sink",
+    "haraka",
+    "smtp-server",
+    "smtp-sink",
+]
 OTHER_LOAD_WARNING = 0.15  # cores of foreign CPU use during measurements
 BASELINE = "aiosmtpd"
 
@@ -767,6 +946,12 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         if other is not None and other > OTHER_LOAD_WARNING
         else []
     )
+    found = meta["machine"].get("versions") or {}
+    versions = (
+        ["Versions: " + ", ".join(f"{name} {found[name]}" for name in sorted(found)) + ".", ""]
+        if found
+        else []
+    )
     out = [
         f"### Bonzo benchmark ({meta['mode']}, {meta['repeat']} interleaved run(s), medians)",
         "",
@@ -777,6 +962,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"× {BASELINE}: median of per-run ratios (throughput: higher is better; "
         "memory: lower is better); throughput is the median (min–max).",
         "",
+        *versions,
         *warning,
         f"| scenario | server | throughput | × {BASELINE} | server CPU/msg "
         f"| server memory | mem × {BASELINE} |",
@@ -809,6 +995,10 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         if row["failed"]:
             cells[-1] += f" ({row['failed']} of {row['runs']} runs FAILED)"
         out.append("| " + " | ".join(cells) + " |")
+    skipped = meta.get("skipped") or {}
+    if skipped:
+        out += ["", "Not run (cannot run on this machine):", ""]
+        out += [f"- `{name}`: {reason}" for name, reason in skipped.items()]
     return "\n".join(out)
 
 
@@ -843,6 +1033,12 @@ def machine_info() -> dict[str, Any]:
         versions["tornado"] = tornado.version
     except ImportError:
         pass
+    if node_version():  # the Node.js peers' versions only where they can run
+        versions["node"] = node_version() or ""
+        for package in ("Haraka", "smtp-server"):
+            installed = npm_package_version(package)
+            if installed:
+                versions[package] = installed
     try:
         done = subprocess.run(
             ["dpkg-query", "-W", "-f=${Version}", "postfix"], capture_output=True, timeout=10
@@ -888,7 +1084,14 @@ def main(argv: list[str] | None = None) -> int:
         "--results", type=Path, default=BENCH / "results", help="directory for the JSON results"
     )
     parser.add_argument("--list", action="store_true", help="list servers and scenarios")
+    parser.add_argument(
+        "--baseline-python",
+        metavar="PYTHON",
+        help="also run bonzo-serve and bonzo-chain with this interpreter's installed Bonzo "
+        "(e.g. a virtualenv holding the code before a change), as *-baseline",
+    )
     args = parser.parse_args(argv)
+    baseline = add_baseline(args.baseline_python) if args.baseline_python else []
 
     if args.list:
         for spec in SERVER_SPECS.values():
@@ -902,6 +1105,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     names = args.servers.split(",") if args.servers else list(DEFAULT_SERVERS)
+    names += [n for n in baseline if n not in names]
     unknown = [n for n in names if n not in SERVER_SPECS]
     if unknown:
         parser.error(f"unknown server(s): {', '.join(unknown)}; see --list")
@@ -923,11 +1127,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     servers = []
+    skipped: dict[str, str] = {}  # name -> why it cannot run here; noted in the report
     for name in names:
         reason = SERVER_SPECS[name].available()
         if reason is None:
             servers.append(name)
         else:
+            skipped[name] = reason
             print(f"skipping {name}: {reason}", file=sys.stderr)
     if not servers:
         print("no server can run here", file=sys.stderr)
@@ -940,6 +1146,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "quick" if args.quick else "full",
         "repeat": repeat,
         "servers": servers,
+        "skipped": skipped,
         "scenarios": {s.key: s.params(args.quick) for s in scenarios},
         "machine": machine_info(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -4,7 +4,8 @@
 server: it finds and registers the enabled plugins in the configured order
 (entry points of the ``bonzo.plugins`` group, or dotted paths), hands each its
 ``[plugins.<name>]`` table, runs their startup hooks, and serves
-:class:`~bonzo.hooks.PluginHandler` on the listeners.
+:class:`~bonzo.server.SMTPServer` per listener, all deciding through the
+same :class:`~bonzo.hooks.PluginSet`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, ListenerConfig, load_config
-from .hooks import PluginError, PluginHandler, PluginSet
+from .hooks import PluginError, PluginSet
 from .server import ConnectionCount, SMTPServer
 
 __all__ = ["MailApp", "InstalledPlugin", "installed_plugins", "resolve_plugin", "ENTRY_POINT_GROUP"]
@@ -245,11 +246,13 @@ class MailApp:
             if not self._bound:
                 self.bind()
             groups = self._bound
-        handler = PluginHandler(self.plugins)
         count = ConnectionCount()
         for listener, socks in groups:
             server = SMTPServer(
-                handler=handler, settings=self.settings, listener=listener.settings, count=count
+                plugins=self.plugins,
+                settings=self.settings,
+                listener=listener.settings,
+                count=count,
             )
             server.add_sockets(socks)
             self.servers.append(server)

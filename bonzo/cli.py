@@ -1,8 +1,9 @@
 """The ``bonzo`` command: run the daemon, check a configuration, list plugins.
 
 ``bonzo serve [-c FILE]``
-    Run in the foreground until SIGTERM or SIGINT (graceful stop). With no
-    ``-c``, the embedded default configuration (``bonzo.toml.example``) runs.
+    Run in the foreground until SIGTERM or SIGINT (graceful stop; a second
+    one forces it). SIGHUP is logged and ignored. With no ``-c``, the
+    embedded default configuration (``bonzo.toml.example``) runs.
 ``bonzo check [-c FILE]``
     Validate the configuration and load every enabled plugin; exit 0 if all
     is well, 2 with a one-line message naming the file and key otherwise.
@@ -25,7 +26,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import version
@@ -196,6 +197,7 @@ def _setup_logging(config: Any) -> None:
 def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _setup_logging(config)
+    signal.signal(signal.SIGHUP, _log_sighup)
     from .app import MailApp
 
     app = MailApp(config)
@@ -234,88 +236,265 @@ def _serve(args: argparse.Namespace) -> int:
 #: stops the server instead of restarting it (it would only fail again).
 _STARTUP_FAILED = 3
 
+#: Logged, in the supervisor and in workers, when SIGHUP arrives.
+_SIGHUP_IGNORED = "SIGHUP: configuration reload is not supported yet; ignored"
 
-def _run_worker(app: Any, sockets: list[Any]) -> int:
+#: How often a worker checks that its supervisor is still its parent: the
+#: fallback where the kernel cannot signal it (no ``PR_SET_PDEATHSIG``).
+_SUPERVISOR_CHECK_INTERVAL = 1.0
+
+
+def _log_sighup(*args: Any) -> None:
+    log.warning(_SIGHUP_IGNORED)
+
+
+def _run_worker(
+    app: Any,
+    sockets: list[Any],
+    supervisor: int | None = None,
+    mask: set[int | signal.Signals] | None = None,
+) -> int:
+    """Serve until a stop signal; return the exit status.
+
+    The first SIGTERM (or SIGINT) stops gracefully, a second one forces the
+    stop (:meth:`MailApp.force_stop`); SIGHUP is logged and ignored. A worker
+    forked by the supervisor gets its pid as ``supervisor`` and the signal
+    mask to restore once its handlers are in place as ``mask`` (the
+    supervisor forks with these signals blocked). Such a worker ignores
+    SIGINT, which Ctrl-C sends to the whole process group, and takes the
+    supervisor's requests as their own signals: SIGUSR2 "stop gracefully"
+    (which never counts as a second request: under systemd's default
+    ``KillMode=control-group`` a worker gets systemd's SIGTERM *and* the
+    supervisor's request for the same stop) and SIGUSR1 "force the stop".
+    It stops when its supervisor is gone."""
+
     async def run() -> int:
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopping.set)
-        try:
-            await app.start()
-        except Exception as exc:
-            log.error("startup failed: %s", exc, exc_info=True)
-            return _STARTUP_FAILED
-        log.info("ready (pid %d)", os.getpid())
-        await stopping.wait()
-        log.info("stopping: no new connections; finishing messages in flight")
-        await app.stop()
-        log.info("stopped")
-        return 0
+        requests = 0
+        forced = False
+        stop_begun = False
 
+        def request_stop(why: str) -> None:
+            nonlocal requests, forced
+            requests += 1
+            if requests == 1:
+                stopping.set()
+            elif requests == 2:
+                log.warning("%s: forcing the stop", why)
+                forced = True
+                if stop_begun:
+                    app.force_stop()
+
+        def supervisor_gone() -> bool:
+            if supervisor is None or os.getppid() == supervisor:
+                return False
+            if requests == 0:
+                log.warning("the supervisor (pid %d) is gone: stopping", supervisor)
+                request_stop("supervisor gone")
+            return True
+
+        def on_stop_signal(signum: int) -> None:
+            # The kernel's SIGTERM when the supervisor died (PR_SET_PDEATHSIG).
+            if requests == 0 and supervisor_gone():
+                return
+            name = signal.Signals(signum).name
+            request_stop(f"second {name}" if requests else name)
+
+        def on_graceful_request() -> None:
+            if requests == 0:
+                request_stop("the supervisor's stop")
+
+        def on_force_request() -> None:
+            while not forced:
+                request_stop("the supervisor's second stop")
+
+        loop.add_signal_handler(signal.SIGTERM, on_stop_signal, signal.SIGTERM)
+        if supervisor is None:
+            loop.add_signal_handler(signal.SIGINT, on_stop_signal, signal.SIGINT)
+        else:
+            loop.add_signal_handler(signal.SIGINT, lambda: None)
+            loop.add_signal_handler(signal.SIGUSR2, on_graceful_request)
+            loop.add_signal_handler(signal.SIGUSR1, on_force_request)
+        loop.add_signal_handler(signal.SIGHUP, _log_sighup)
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        watch = None
+        if supervisor is not None:
+            watch = asyncio.ensure_future(_watch_supervisor(supervisor, supervisor_gone))
+        try:
+            try:
+                await app.start()
+            except Exception as exc:
+                log.error("startup failed: %s", exc, exc_info=True)
+                return _STARTUP_FAILED
+            log.info("ready (pid %d)", os.getpid())
+            await stopping.wait()
+            log.info("stopping: no new connections; finishing messages in flight")
+            stop_begun = True
+            stopped = asyncio.ensure_future(app.stop())
+            if forced:  # forced before there was anything to force
+                app.force_stop()
+            await stopped
+            log.info("stopped")
+            return 0
+        finally:
+            if watch is not None:
+                watch.cancel()
+
+    if app.config.loop == "uvloop":
+        import uvloop
+
+        return int(uvloop.run(run()))
     return asyncio.run(run())
+
+
+async def _watch_supervisor(
+    supervisor: int, gone: Callable[[], object], interval: float = _SUPERVISOR_CHECK_INTERVAL
+) -> None:
+    """Call ``gone()`` once this process's parent is no longer ``supervisor``
+    (it died and the process was re-parented), checking every ``interval``
+    seconds."""
+    while os.getppid() == supervisor:
+        await asyncio.sleep(interval)
+    gone()
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """On Linux, a function that makes the kernel send SIGTERM to the calling
+    process when its parent dies (``prctl(PR_SET_PDEATHSIG)``), resolved
+    before forking for a worker to call right after; ``None`` elsewhere."""
+    if not sys.platform.startswith("linux"):  # pragma: no cover - Linux CI
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # pragma: no cover - no prctl in libc
+        return None
+    pr_set_pdeathsig = 1
+
+    def set_parent_death_signal() -> None:
+        zero = ctypes.c_ulong(0)
+        sig = ctypes.c_ulong(signal.SIGTERM)
+        if prctl(ctypes.c_int(pr_set_pdeathsig), sig, zero, zero, zero) != 0:  # pragma: no cover
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+
+    return set_parent_death_signal
 
 
 def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
     """Fork ``workers`` processes that share the listening sockets; restart
-    any that dies unexpectedly; forward SIGTERM/SIGINT for a graceful stop."""
+    any that dies unexpectedly; pass SIGTERM/SIGINT on to them (the first as
+    SIGUSR2, a graceful stop; the second as SIGUSR1, to force it); log and
+    ignore SIGHUP.
+
+    The supervisor keeps SIGTERM, SIGINT, SIGHUP and SIGCHLD blocked and
+    takes them one at a time with :func:`signal.sigwait`: a signal is never
+    handled in the middle of a fork, so every worker is recorded before a
+    stop can be passed on, and none is started once the stop began."""
+    supervisor = os.getpid()
+    die_with_parent = _parent_death_signal()
     children: dict[int, int] = {}
-    stopping = False
+    stops = 0  # stop requests so far: 1 is graceful, 2 forces the stop
+    signals = 0  # stop signals received
     restarts: list[float] = []
+    status = 0
+    waited = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+    # A SIGCHLD that is caught (rather than ignored by default) is sure to
+    # stay pending while blocked, until sigwait() takes it.
+    signal.signal(signal.SIGCHLD, _ignore)
+    # The requests to workers too, so that a worker inherits them blocked
+    # and takes none before its handlers are in place (their default action
+    # would kill it).
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, waited | {signal.SIGUSR1, signal.SIGUSR2})
 
     def spawn(slot: int) -> None:
         pid = os.fork()
-        if pid == 0:  # child
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if pid == 0:  # the worker, with the supervisor's signals still blocked
             code = 1
             try:
-                code = _run_worker(app, sockets)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                if die_with_parent is not None:
+                    die_with_parent()
+                if os.getppid() != supervisor:  # it died before prctl() above
+                    os._exit(0)
+                code = _run_worker(app, sockets, supervisor, mask)
             finally:
                 os._exit(code)
         children[pid] = slot
 
-    def on_signal(signum: int, frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in list(children):
+    def stop(signum: int | None = None) -> None:
+        nonlocal stops
+        stops += 1
+        name = signal.Signals(signum).name if signum is not None else ""
+        if stops == 1:
+            if name:
+                log.info("%s: stopping the workers gracefully", name)
+            # No worker will be started again: let the port go as soon as
+            # the workers close theirs.
+            for s in sockets:
+                s.close()
+        elif stops == 2:
+            log.warning("%s: forcing the stop", f"second {name}" if signals > 1 else name)
+        else:
+            log.info("%s: the stop is already forced", name)
+            return
+        request = signal.SIGUSR2 if stops == 1 else signal.SIGUSR1
+        for pid in children:
             try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
+                os.kill(pid, request)
+            except ProcessLookupError:  # pragma: no cover - exited, not yet reaped
                 pass
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    def reap() -> None:
+        nonlocal status
+        while children:
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:  # pragma: no cover - reaped elsewhere
+                children.clear()
+                return
+            if pid == 0:
+                return
+            if pid not in children:  # pragma: no cover - not a worker
+                continue
+            slot = children.pop(pid)
+            code = os.waitstatus_to_exitcode(wait_status)
+            if stops:
+                continue
+            if code == _STARTUP_FAILED:
+                log.error("worker %d (pid %d) failed to start; stopping", slot, pid)
+                stop()
+                status = 1
+                continue
+            log.error("worker %d (pid %d) exited with status %d; restarting", slot, pid, code)
+            now = time.monotonic()
+            restarts[:] = [t for t in restarts if now - t < 60] + [now]
+            if len(restarts) > 10 * workers:
+                log.error("workers keep dying (%d restarts in a minute); giving up", len(restarts))
+                stop()
+                status = 1
+                continue
+            spawn(slot)
+
     for slot in range(workers):
         spawn(slot)
-    status = 0
     while children:
-        try:
-            pid, wait_status = os.wait()
-        except ChildProcessError:  # pragma: no cover - no children left
-            break
-        except InterruptedError:  # pragma: no cover - retried by Python
-            continue
-        if pid not in children:
-            continue
-        slot = children.pop(pid)
-        code = os.waitstatus_to_exitcode(wait_status)
-        if stopping:
-            continue
-        if code == _STARTUP_FAILED:
-            log.error("worker %d (pid %d) failed to start; stopping", slot, pid)
-            on_signal(signal.SIGTERM, None)
-            status = 1
-            continue
-        log.error("worker %d (pid %d) exited with status %d; restarting", slot, pid, code)
-        now = time.monotonic()
-        restarts[:] = [t for t in restarts if now - t < 60] + [now]
-        if len(restarts) > 10 * workers:
-            log.error("workers keep dying (%d restarts in a minute); giving up", len(restarts))
-            on_signal(signal.SIGTERM, None)
-            status = 1
-            continue
-        spawn(slot)
+        signum = signal.sigwait(waited)
+        if signum == signal.SIGCHLD:
+            reap()
+        elif signum == signal.SIGHUP:
+            log.warning(_SIGHUP_IGNORED)
+        else:
+            signals += 1
+            stop(signum)
+    # The signals stay blocked: the process exits now, with this status, even
+    # if one more SIGTERM arrives.
     for s in sockets:
         s.close()
     return status
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    """A signal handler that does nothing (see :func:`_supervise`)."""

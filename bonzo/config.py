@@ -15,6 +15,7 @@ taken from the configuration file's directory.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import sys
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .auth import MECHANISMS
-from .settings import ListenerSettings, SettingError, SMTPSettings
+from .settings import ListenerSettings, SettingError, SMTPSettings, positive_seconds
 from .tls import CertificatePair, TLSError, make_server_context
 
 if sys.version_info >= (3, 11):  # pragma: no cover - depends on the interpreter
@@ -83,7 +84,7 @@ SETTING_SECTIONS: dict[str, str] = {
 
 #: Keys of each table that are not SMTPSettings fields.
 EXTRA_KEYS: dict[str, tuple[str, ...]] = {
-    "server": ("workers",),
+    "server": ("workers", "loop"),
     "protocol": (),
     "limits": (),
 }
@@ -162,6 +163,8 @@ class Config:
     settings: SMTPSettings
     listeners: list[ListenerConfig]
     workers: int = 1
+    #: The event loop: ``"asyncio"`` (the standard library's) or ``"uvloop"``.
+    loop: str = "asyncio"
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
 
@@ -235,13 +238,6 @@ def _path(value: Any, source: str, key: str, base_dir: Path) -> str:
     return str((base_dir / value).resolve())
 
 
-def positive_seconds(value: Any) -> bool:
-    """True for a positive, finite number of seconds."""
-    return (
-        not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < float("inf")
-    )
-
-
 def _table(data: dict[str, Any], name: str, source: str) -> dict[str, Any]:
     value = data.get(name, {})
     if not isinstance(value, dict):
@@ -268,6 +264,7 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
             )
     kwargs: dict[str, Any] = {}
     workers = 1
+    loop = "asyncio"
     for section in ("server", "protocol", "limits"):
         table = _table(data, section, source)
         allowed = [k for k, s in SETTING_SECTIONS.items() if s == section]
@@ -285,6 +282,8 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
                         source, "server.workers", f"must be an integer 1..256, not {value!r}"
                     )
                 workers = value
+            elif key == "loop":
+                loop = _event_loop(value, source)
             elif key == "spool_dir":
                 kwargs[key] = _path(value, source, "server.spool_dir", base_dir)
             else:
@@ -302,9 +301,26 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
         settings=settings,
         listeners=_listeners(data.get("listeners"), source, base_dir),
         workers=workers,
+        loop=loop,
         logging=_logging(_table(data, "logging", source), source, base_dir),
         plugins=_plugins(_table(data, "plugins", source), source, base_dir),
     )
+
+
+#: The event loops ``[server] loop`` may name.
+EVENT_LOOPS = ("asyncio", "uvloop")
+
+
+def _event_loop(value: Any, source: str) -> str:
+    if value not in EVENT_LOOPS:
+        raise ConfigError(
+            source, "server.loop", f"must be one of {', '.join(EVENT_LOOPS)}, not {value!r}"
+        )
+    if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ConfigError(
+            source, "server.loop", "uvloop is not installed (pip install 'bonzo[uvloop]')"
+        )
+    return str(value)
 
 
 def _bool(item: dict[str, Any], name: str, source: str, key: str) -> bool:

@@ -1,168 +1,134 @@
-"""The Tornado side of a session: read, feed the protocol core, ask the handler, write.
+"""The session loop: one client connection, read → feed → dispatch → write.
 
-:class:`SMTPConnection` drives one client connection. It reads whatever the
-socket has, lets :class:`~bonzo.protocol.SMTPProtocol`
-split it into commands, asks a :class:`SessionHandler` for a verdict on each
-command that needs one, and writes the replies to a pipelined batch in one
-write. On a plain (not TLS) connection it reads and sends on the socket
-itself, which stays registered with the event loop for the whole session;
-TLS connections go through Tornado's streams. There is no future per line,
-no coroutine per command when the handler answers synchronously, and one
-timer per connection enforces
-every timeout: it is re-armed when it fires, and pulled in only when a state
-with a shorter deadline starts (a command line trickling in, DATA, a last
-reply), never per read.
+:class:`SMTPConnection` owns the client's socket through one
+:class:`tornado.iostream.IOStream`, from accept to close: every read and
+write goes through it, plain or TLS (TLS runs as a layer over the stream,
+:class:`bonzo.tls.TLSLayer`, so STARTTLS swaps nothing). Its loop is::
+
+    while the session lasts:
+        event = core.next_event()
+        NEED_DATA  → send the queued replies, read a chunk, feed it to the core
+        PAUSED     → send the queued replies, wait until the client took them
+        DataChunk  → store it in the envelope
+        STARTTLS   → 220, TLS handshake, tell the core
+        any event  → dispatcher.handle(event): ask the plugins, apply the verdict
+        CLOSED     → end
+
+The protocol core (:mod:`bonzo.protocol`) keeps all protocol state; the
+:class:`~bonzo.session.Session` plugins see is a view of it; the dispatcher
+(:mod:`bonzo.dispatch`) asks the plugins. What is left here is I/O and time:
+one timer per connection, armed for the deadline that the current state
+gives (idle, command, DATA progress and rate, the client taking its replies,
+the TLS handshake, the last reply, the session's lifetime) and re-armed only
+when it fires or an earlier deadline appears.
+
+Closing is done in order: the last reply is flushed, TLS sends its
+``close_notify``, the socket closes (each step bounded in time), then the
+envelope is dropped and the ``bonzo_disconnect`` observers run.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import inspect
-import logging
-import socket
+import math
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from tornado.ioloop import IOLoop
-from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
-from tornado.log import access_log, app_log, gen_log
-from tornado.netutil import ssl_wrap_socket
+from tornado.iostream import IOStream, StreamClosedError
+from tornado.log import app_log, gen_log
 
 from . import errors
-from .auth import MECHANISMS, Challenge, Mechanism, decode_response
+from .dispatch import Dispatcher
+from .hooks import PluginSet
 from .protocol import (
-    CLOSED,
-    NEED_DATA,
-    Auth,
-    AuthResponse,
-    Data,
+    Closed,
     DataChunk,
-    Helo,
-    Mail,
-    MessageComplete,
-    Rcpt,
-    Reset,
+    NeedData,
+    Paused,
+    Policy,
+    Refusal,
     SMTPProtocol,
     StartTLS,
-    Unknown,
 )
-from .session import Envelope, Session, received_header
+from .session import Session
 from .settings import ListenerSettings, SMTPSettings
-from .tls import tls_facts
+from .tls import TLSLayer
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .server import SMTPServer
+    from asyncio import TimerHandle
 
-__all__ = ["SMTPConnection", "SessionHandler", "HandlerTimeout"]
+__all__ = ["SMTPConnection", "try_write", "FINAL_REPLY_WAIT"]
 
 #: Longest wait, in seconds, for a client to take a last reply (``221``,
-#: ``421``) before the connection is closed anyway (also never longer than
-#: ``idle_timeout``).
+#: ``421``) and TLS's ``close_notify`` before the connection is closed anyway
+#: (never longer than ``idle_timeout``).
 FINAL_REPLY_WAIT = 10.0
 
+#: Octets Tornado reads at a time while the client sends commands: its
+#: buffer for each read is made (and zeroed) anew, so a command-sized one
+#: costs much less than the ``read_chunk_size`` used for message content.
+COMMAND_CHUNK = 4096
 
-class HandlerTimeout(Exception):
-    """A handler call took longer than ``handler_timeout``."""
+# What the session is doing, for the timer.
+_BUSY = 0  # the core or a plugin is working: plugins have their own timeouts
+_INPUT = 1  # waiting for the client to send
+_OUTPUT = 2  # waiting for the client to read what was written
+_HANDSHAKE = 3  # TLS handshake
+_CLOSING = 4  # last reply on its way
 
 
-class SessionHandler:
-    """What a connection asks about each command; the base accepts everything.
+def try_write(stream: IOStream, data: bytes) -> int:
+    """Send what the socket takes of ``data`` now, through ``stream``, if
+    nothing is queued in it; return how many octets were sent (``0`` if none,
+    or if the stream has queued data or is closed).
 
-    A handler that sets ``handles_timeouts = True`` enforces its own time
-    limits; otherwise each call is bounded by the ``handler_timeout`` setting.
-
-    Every method may be a plain function or return an awaitable (``async
-    def``); if it does, the connection waits for it, within
-    ``handler_timeout``. To refuse, raise a :class:`bonzo.errors.SMTPError`;
-    to accept, return ``None`` (the usual reply) or a string (the reply text).
-    Any other exception, or a timeout, answers ``451 4.3.0`` and is logged.
+    A reply to a client that waits for it (most clients) is a few dozen
+    octets that the socket takes at once. :meth:`IOStream.write
+    <tornado.iostream.BaseIOStream.write>` sends them at once too, but first
+    queues them and makes a future with a done-callback, which costs more
+    than the send itself (measured in ``bench/``). This sends through the
+    stream's own :meth:`~tornado.iostream.IOStream.write_to_fd` when nothing
+    is queued, and the caller gives what the socket did not take to
+    :meth:`~tornado.iostream.BaseIOStream.write`: the stream keeps owning the
+    socket, and its buffer and order are never bypassed. An error is not
+    raised here: ``write()`` of the rest meets it and closes the stream as
+    usual.
     """
-
-    handles_timeouts = False
-
-    def on_connect(self, session: Session) -> Any:
-        """A client connected; raise to refuse it (the reply closes the connection)."""
-
-    def on_helo(self, session: Session, name: str, esmtp: bool) -> Any:
-        """HELO (``esmtp`` false) or EHLO."""
-
-    def ehlo_keywords(self, session: Session, keywords: list[str]) -> Any:
-        """Return the EHLO keywords to advertise (``None``: keep ``keywords``)."""
-
-    def on_mail(self, session: Session, envelope: Envelope) -> Any:
-        """MAIL FROM, with ``envelope.mail_from`` and ``mail_params`` filled in."""
-
-    def on_rcpt(
-        self, session: Session, envelope: Envelope, address: str, params: dict[str, str | None]
-    ) -> Any:
-        """RCPT TO; the recipient is added to ``envelope`` only if accepted."""
-
-    def on_data(self, session: Session, envelope: Envelope) -> Any:
-        """DATA, before the ``354``."""
-
-    def on_message(self, session: Session, envelope: Envelope) -> Any:
-        """The final dot arrived; the reply (``250`` unless this raises) waits
-        for it. The message must be stored or handed on before returning."""
-
-    def on_accepted(self, session: Session, envelope: Envelope) -> Any:
-        """After the ``250`` for a message has been sent; failures are only logged."""
-
-    def on_reset(self, session: Session) -> Any:
-        """RSET: the transaction was discarded (notification)."""
-
-    def on_unknown(self, session: Session, verb: str, arg: str) -> Any:
-        """A verb the core does not know; return a reply
-        (``(code, text)`` or ``(code, enhanced, text)``) to handle it, or
-        ``None`` to answer "command not recognized"."""
-
-    #: True if :meth:`on_auth` can check credentials (AUTH is offered only then).
-    auth_available = False
-
-    def on_auth(self, session: Session, credentials: Any) -> Any:
-        """Check AUTH :class:`~bonzo.auth.Credentials`: return a true value
-        (or an :class:`~bonzo.hookspecs.Accept`) to let the client in, ``None``
-        or ``False`` to refuse (``535 5.7.8``), or raise an SMTPError."""
-
-    def on_disconnect(self, session: Session) -> Any:
-        """The connection is closed (notification)."""
-
-
-def log_exception(exc: BaseException, session: Session | None, what: str) -> None:
-    """Log an exception raised while handling ``what``, the way the original
-    Bonzo did: an :class:`~bonzo.errors.SMTPError` with a ``log_message`` as a
-    warning on ``tornado.general``; anything else as ``Uncaught exception`` with
-    its traceback on ``tornado.application``."""
-    if isinstance(exc, errors.SMTPError):
-        if exc.log_message:
-            gen_log.warning(
-                "%d %s%s", exc.status_code, _summary(session, what), exc.log_message % exc.args
-            )
-    elif isinstance(exc, HandlerTimeout):
-        app_log.error("Timeout %s: %s", _summary(session, what), exc)
-    else:
-        app_log.error(
-            "Uncaught exception %s",
-            _summary(session, what),
-            exc_info=(type(exc), exc, exc.__traceback__),
-        )
-
-
-def _summary(session: Session | None, what: str) -> str:
-    if session is None:
-        return what
-    return f"[{session.id} {session.remote_ip}] {what}: "
+    if stream.writing() or stream.closed():
+        return 0
+    try:
+        return stream.write_to_fd(memoryview(data))
+    except OSError:  # would block, or the connection is gone
+        return 0
 
 
 class SMTPConnection:
     """Handles a connection to an SMTP client, executing SMTP commands.
 
-    :arg stream: the client's :class:`tornado.iostream.IOStream`.
+    :arg stream: the client's :class:`~tornado.iostream.IOStream`.
     :arg address: the client's address as given by the socket.
-    :arg handler: a :class:`SessionHandler`.
+    :arg plugins: the :class:`~bonzo.hooks.PluginSet` that decides.
     :arg settings: :class:`~bonzo.settings.SMTPSettings`.
-    :arg server: the :class:`~bonzo.server.SMTPServer` that accepted it, if any.
+    :arg listener: the :class:`~bonzo.settings.ListenerSettings` of the
+        socket it came on (TLS and AUTH policy).
+    :arg legacy_replies: the original Bonzo API's reply texts (see
+        :class:`bonzo.protocol.Policy`).
+    :arg refusal: answer this (a ``421``) and close, asking no plugin (the
+        server is at its connection limit).
+    :arg on_close: called once the session is over and cleaned up.
+
+    .. attribute:: stream
+
+       The client's stream (the same for the whole session, TLS or not).
+
+    .. attribute:: address
+
+       The client's address as given by the socket.
+
+    .. attribute:: session
+
+       The :class:`~bonzo.session.Session`.
 
     .. attribute:: bytes_received
 
@@ -173,15 +139,19 @@ class SMTPConnection:
         self,
         stream: IOStream,
         address: Any,
-        handler: SessionHandler,
+        plugins: PluginSet,
         settings: SMTPSettings,
-        server: SMTPServer | None = None,
+        listener: ListenerSettings | None = None,
+        *,
+        legacy_replies: bool = False,
+        refusal: errors.SMTPError | None = None,
+        on_close: Callable[[SMTPConnection], Any] | None = None,
     ) -> None:
         self.stream = stream
+        stream.read_chunk_size = min(COMMAND_CHUNK, settings.read_chunk_size)
         self.address = address
-        self.handler = handler
         self.settings = settings
-        self.server = server
+        self.listener = listener = listener or ListenerSettings()
         if isinstance(address, tuple) and address:
             self.remote_ip = str(address[0])
             port = address[1] if len(address) > 1 else 0
@@ -195,62 +165,47 @@ class SMTPConnection:
                 local_ip, local_port = sockname[0], sockname[1]
         except OSError:  # pragma: no cover - socket already gone
             pass
-        self.session = Session(self.remote_ip, port, local_ip, local_port)
-        self.protocol = SMTPProtocol(settings, self.remote_ip)
-        listener = server.listener if server is not None else ListenerSettings()
-        self.listener = listener
-        proto = self.protocol
-        proto.starttls_available = listener.tls_context is not None and not listener.implicit_tls
-        proto.tls_active = listener.implicit_tls
-        proto.require_tls = listener.require_tls
-        proto.require_auth = listener.require_auth
-        proto.auth_plaintext = listener.auth_plaintext
-        if getattr(handler, "auth_available", False):
-            proto.auth_mechanisms = listener.auth_mechanisms
-        self._mechanism: Mechanism | None = None
-        # The socket, for direct sends and reads, while the stream is a plain
-        # one. Reads then bypass IOStream: the socket stays registered with
-        # the event loop for the whole session (no re-registration and no
-        # IOStream machinery per command), and every close of the stream goes
-        # through _close_fd, which unregisters it first.
-        self._plain_socket: socket.socket | None = None
-        self._read_waiter: asyncio.Future[bytes] | None = None
-        self._watching = False
-        self._fd = -1
-        if type(stream) is IOStream:
-            self._plain_socket = stream.socket
-            self._fd = stream.socket.fileno()
-            # As much as the stream itself would read at a time.
-            self._recv_size = min(settings.read_chunk_size, stream.read_chunk_size)
-            self._stream_close_fd = stream.close_fd
-            stream.close_fd = self._close_fd  # type: ignore[method-assign]
-        self.envelope: Envelope | None = None
+        policy = Policy(
+            tls_active=listener.implicit_tls,
+            starttls=listener.tls_context is not None and not listener.implicit_tls,
+            require_tls=listener.require_tls,
+            require_auth=listener.require_auth,
+            auth_mechanisms=listener.auth_mechanisms if plugins.calls["bonzo_auth"] else (),
+            auth_plaintext=listener.auth_plaintext,
+            legacy_replies=legacy_replies,
+        )
+        self.protocol = core = SMTPProtocol(
+            settings, self.remote_ip, policy, on_refusal=self._log_refusal
+        )
+        self.session = Session(self.remote_ip, port, local_ip, local_port, core=core)
+        self.dispatch = Dispatcher(core, self.session, plugins, settings, self._send)
+        self.plugins = plugins
+        self.bytes_received = 0
+        #: The reply a refused connection gets (no plugin is asked), else ``None``.
+        self.refusal = refusal
+        self._on_close = on_close
         self._close_callback: Callable[[], Any] | None = None
-        self._write_future: Awaitable[None] | None = None
-        self._waiting_input = False
-        self._line_started: float | None = None
-        self._shutting_down = False
-        self._loop = IOLoop.current()
-        self._aloop: asyncio.AbstractEventLoop = self._loop.asyncio_loop  # type: ignore[attr-defined]
-        #: The task running :meth:`run`, when the server started one.
-        self._task: asyncio.Task[None] | None = None
+        self._tls: TLSLayer | None = None
+        self._write_future: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._timer: TimerHandle | None = None
+        self._timer_at = math.inf
+        self._phase = _BUSY
         now = self._loop.time()
-        self._last_activity = now
+        self._started = now
+        self._idle_since = now
+        self._command_started: float | None = None
+        self._in_content = False
+        self._last_byte = now
         self._window_start = now
         self._window_bytes = 0
-        self.bytes_received = 0
-        self._store_error: OSError | None = None
-        self._timer: object | None = None
-        self._timer_deadline = 0.0
-        # Since when the session has been waiting for the client to take its
-        # output (None when it is not), and when to close whatever happens
-        # once a last reply is queued (None before that).
-        self._output_since: float | None = None
-        self._drop_at: float | None = None
-        self._closed = False
-        # A handler that enforces its own time limits (per plugin) is awaited
-        # directly: no extra task per command.
-        self._handler_times_itself = bool(getattr(handler, "handles_timeouts", False))
+        self._since = now  # start of an output wait, a handshake or a last reply
+        self._why = ""  # what ended the session, when the timer did
+        self._stopping = False
+        self._forced = False
+        self._ended = False
+        #: The task running :meth:`run`, once the server started one.
+        self.task: asyncio.Task[None] | None = None
 
     # ---------------------------------------------------------------- API
     def set_close_callback(self, callback: Callable[[], Any] | None) -> None:
@@ -261,756 +216,433 @@ class SMTPConnection:
         """Close the connection now."""
         self.stream.close()
 
-    def abort(
-        self, code: int = 421, text: str = "Server shutting down", enhanced: str = "4.3.2"
-    ) -> None:
-        """Send a last reply, as far as the socket takes it at once, and close
-        now, whatever the session is doing (used when a shutdown's grace
-        period is over)."""
-        if not self.stream.closed():
-            self._final_reply(code, text, enhanced)
-            self.stream.close()
-
     def shutdown(self) -> None:
         """Ask the session to end: at once with ``421 4.3.2`` if it is waiting
-        for a command, else after the message in flight is answered."""
-        self._shutting_down = True
-        if self._waiting_input and not self.protocol.in_data:
-            self._final_reply(421, "Server shutting down", "4.3.2")
+        for a command, else once the message in flight is answered."""
+        self._stopping = True
+        if self._phase == _INPUT and not self.protocol.receiving_content:
+            self._end(421, "Server shutting down", "4.3.2", "shutdown")
+
+    def abort(self) -> None:
+        """End the session now, whatever it is doing (a shutdown's grace
+        period is over): ``421 4.3.2`` if the client can still be told, then
+        close. A plugin call in flight finishes (each is bounded by its
+        timeout); what it decides is no longer sent."""
+        self._stopping = True
+        if self._phase == _HANDSHAKE:
+            self.stream.close()
+        else:
+            self._end(421, "Server shutting down", "4.3.2", "shutdown")
 
     # ---------------------------------------------------------- main loop
     async def run(self) -> None:
-        """Serve the session until it ends; never raises."""
+        """Serve the session until it ends; never raises (but for
+        cancellation, which still cleans up)."""
+        s = self.settings
+        first = min(s.idle_timeout, s.max_session_time or s.idle_timeout)
+        self._arm(self._loop.time() + first)
         try:
-            self._arm_timer(self._loop.time() + self._next_check_delay())
             await self._serve()
         except StreamClosedError:
             pass
+        except asyncio.CancelledError:
+            self._forced = True  # a forced stop: close at once
+            raise
         except Exception:
             app_log.error("Unexpected error in session %s", self.session.id, exc_info=True)
         finally:
-            await self._cleanup()
+            await self._finish()
 
     async def _serve(self) -> None:
-        proto = self.protocol
-        if self.listener.implicit_tls:
-            if not await self._handshake(self.stream.wait_for_handshake()):  # type: ignore[attr-defined]
-                return
-        try:
-            result = await self._call(self.handler.on_connect, self.session, what="connect")
-        except Exception as exc:  # refused (or broken) at connect: close after the reply
-            error = self._error_reply(exc, "connect")
-            if not isinstance(exc, errors.SMTPError):
-                # A local fault: 451 is no greeting; 421 is (RFC 5321 3.1, 4.2.5).
-                error = errors.SMTPError(
-                    421,
-                    "Service not available, closing transmission channel",
-                    enhanced_code="4.3.0",
-                )
-            error.close = True
-            proto.send_error(error)
+        core = self.protocol
+        dispatch = self.dispatch
+        if self.listener.implicit_tls and not await self._handshake():
+            return
+        if self.refusal is not None:
+            core.refuse(self.refusal, close=True)
         else:
-            proto.send_greeting(result if isinstance(result, str) else None)
-        backlog = self.settings.max_write_backlog
+            await dispatch.connect()
+        stream = self.stream
         chunk_size = self.settings.read_chunk_size
-        now = self._loop.time
         while True:
-            event = proto.next_event()
-            if event is NEED_DATA:
-                self._flush()
-                if self._shutting_down and not proto.in_data:
-                    self._final_reply(421, "Server shutting down", "4.3.2")
-                    return
+            event = core.next_event()
+            kind = type(event)
+            if kind is NeedData:
+                self._send()
+                if self._stopping and not core.receiving_content:
+                    core.close(421, "Server shutting down", "4.3.2", limit="shutdown")
+                    continue
                 fut = self._write_future
-                if fut is not None and not fut.done():  # type: ignore[attr-defined]
-                    await self._wait_output(fut)  # the client is not reading: stop reading too
-                if not proto.in_data:
-                    if not proto.buffered:
-                        self._line_started = None
-                    elif self._line_started is None:
-                        self._line_started = now()
-                        self._check_by(self._line_started + self.settings.command_timeout)
-                self._waiting_input = True
-                try:
-                    if self._plain_socket is not None:
-                        chunk = await self._recv()
-                    else:
-                        chunk = await self.stream.read_bytes(chunk_size, partial=True)
-                finally:
-                    self._waiting_input = False
-                self._last_activity = now()
-                self._window_bytes += len(chunk)
-                self.bytes_received += len(chunk)
-                proto.receive_data(chunk)
-                continue
-            if event is CLOSED:
-                self._flush()
-                fut = self._write_future
-                if fut is not None and not fut.done():  # type: ignore[attr-defined]
-                    self._drop_later()
-                    await fut
-                self.stream.close()
-                return
-            if type(event) is DataChunk:
-                self._store(event.data)
-                continue
-            pending = self._dispatch(event)
-            if pending is not None:
-                await pending
-            if proto.pending_output > backlog:
-                self._flush()
-                fut = self._write_future
-                if fut is not None and not fut.done():  # type: ignore[attr-defined]
+                if fut is not None and not fut.done():
+                    # The client is not reading its replies: stop reading its
+                    # commands too until it does.
                     await self._wait_output(fut)
+                self._waiting()
+                if self._tls is None:
+                    data = await stream.read_bytes(chunk_size, partial=True)
+                else:
+                    data = await self._read_tls()
+                self._phase = _BUSY
+                self.bytes_received += len(data)
+                if self._in_content:
+                    self._last_byte = self._loop.time()
+                    self._window_bytes += len(data)
+                core.receive_data(data)
+            elif kind is DataChunk:
+                dispatch.store(event.data)  # type: ignore[union-attr]
+            elif kind is Paused:
+                self._send()
+                await self._drain()
+            elif kind is StartTLS:
+                if not await self._starttls():
+                    return
+            elif kind is Closed:
+                return
+            else:
+                self._phase = _BUSY
+                await dispatch.handle(event)  # type: ignore[arg-type]
 
-    async def _wait_output(self, fut: Awaitable[None]) -> None:
-        """Wait for the client to take the replies written so far (the timer
-        drops a client that has not within ``idle_timeout``)."""
-        self._output_since = self._loop.time()
-        try:
-            await fut
-        finally:
-            self._output_since = None
-
-    def _recv(self) -> asyncio.Future[bytes]:
-        """A future of the next bytes from the plain socket (at most
-        ``read_chunk_size``); fails with StreamClosedError at the end."""
-        aloop = self._aloop
-        waiter = aloop.create_future()
-        self._read_waiter = waiter
-        if not self._watching:
-            aloop.add_reader(self._fd, self._on_readable)
-            self._watching = True
-        return waiter
-
-    def _on_readable(self) -> None:
-        waiter = self._read_waiter
-        if waiter is None or waiter.done():
-            # Nobody is reading (a handler is running): stop watching until
-            # the session asks again, or the loop would spin.
-            self._unwatch()
+    def _waiting(self) -> None:
+        """The session is about to wait for the client: note the times the
+        deadlines run from, and pull the timer in when a shorter deadline
+        starts (a command trickling in, message content). Per read this is a
+        few attribute updates; the deadline itself is computed when the
+        timer fires (:meth:`_deadline`)."""
+        core = self.protocol
+        now = self._loop.time()
+        self._phase = _INPUT
+        if core.receiving_content:
+            if not self._in_content:
+                self._in_content = True
+                self._last_byte = self._window_start = now
+                self._window_bytes = 0
+                self.stream.read_chunk_size = self.settings.read_chunk_size
+                self._check_by(self._deadline()[0])
             return
-        self._read_waiter = None
-        try:
-            data = self._plain_socket.recv(self._recv_size)  # type: ignore[union-attr]
-        except (BlockingIOError, InterruptedError):
-            self._read_waiter = waiter
-            return
-        except OSError as exc:
-            waiter.set_exception(StreamClosedError(real_error=exc))
-            self.stream.close()
-            return
-        if not data:
-            waiter.set_exception(StreamClosedError())
-            self.stream.close()
-            return
-        waiter.set_result(data)
+        if self._in_content:
+            self._in_content = False
+            self.stream.read_chunk_size = min(COMMAND_CHUNK, self.settings.read_chunk_size)
+        if not core.partial_line:
+            # A command is complete: the idle time starts again (bytes that
+            # do not complete a command never restart it).
+            self._command_started = None
+            self._idle_since = now
+        elif self._command_started is None:
+            self._command_started = now
+            self._check_by(self._deadline()[0])
 
-    def _unwatch(self) -> None:
-        if self._watching:
-            self._watching = False
-            self._aloop.remove_reader(self._fd)
+    async def _read_tls(self) -> bytes:
+        """The next plaintext from the client through TLS."""
+        tls = self._tls
+        assert tls is not None
+        stream = self.stream
+        chunk_size = self.settings.read_chunk_size
+        while True:
+            data = tls.receive(await stream.read_bytes(chunk_size, partial=True))
+            out = tls.data_to_send()
+            if out:
+                stream.write(out)
+            if data:
+                return data
+            if tls.peer_closed:
+                raise StreamClosedError()
 
-    def _close_fd(self) -> None:
-        """Stand-in for the plain stream's ``close_fd``: unregister the
-        socket before it is closed, and end a read in progress."""
-        self._unwatch()
-        self._plain_socket = None
-        self._stream_close_fd()
-        waiter = self._read_waiter
-        self._read_waiter = None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(StreamClosedError())
-
-    def _flush(self) -> None:
+    def _send(self) -> None:
+        """Write what the core has queued (never waits, never raises)."""
         data = self.protocol.data_to_send()
         if not data:
             return
+        tls = self._tls
+        if tls is not None:
+            tls.send(data)
+            data = tls.data_to_send()
         stream = self.stream
-        sock = self._plain_socket
-        if sock is not None:
-            fut = self._write_future
-            if fut is None or fut.done():  # type: ignore[attr-defined]
-                # Nothing queued in the stream: send directly, which spares
-                # a future and Tornado's write machinery for the usual case
-                # of a reply that fits the socket buffer. Whatever does not
-                # fit (or an error) goes through the stream as usual.
-                try:
-                    sent = sock.send(data)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError:
-                    sent = 0  # the stream's own write will see and report it
-                if sent == len(data):
-                    return
-                data = data[sent:]
-        if not stream.closed():
-            self._write_future = stream.write(data)
-
-    # ------------------------------------------------------------ dispatch
-    def _dispatch(self, event: Any) -> Any:
-        """Answer ``event``. Returns ``None`` when that is done, or an
-        awaitable to wait for when a handler was asynchronous: a server whose
-        handlers are plain functions answers every command without creating a
-        coroutine."""
-        proto = self.protocol
-        session = self.session
-        handler = self.handler
-        kind = type(event)
-        try:
-            if kind is Mail:
-                envelope = Envelope(
-                    event.address,
-                    event.params,
-                    spool_threshold=self.settings.spool_threshold,
-                    spool_dir=self.settings.spool_dir,
-                    sender=event.mailbox,
-                )
-                return self._then(
-                    handler.on_mail(session, envelope), self._mail_done, envelope, event, "MAIL"
-                )
-            if kind is Rcpt:
-                assert self.envelope is not None
-                return self._then(
-                    handler.on_rcpt(session, self.envelope, event.address, event.params),
-                    self._rcpt_done,
-                    event,
-                    event,
-                    "RCPT",
-                )
-            if kind is Data:
-                assert self.envelope is not None
-                return self._then(
-                    handler.on_data(session, self.envelope), self._data_done, event, event, "DATA"
-                )
-            if kind is MessageComplete:
-                return self._message_complete(event)
-            if kind is Helo:
-                return self._then(
-                    handler.on_helo(session, event.name, event.esmtp),
-                    self._helo_keywords,
-                    event,
-                    event,
-                    "HELO",
-                )
-            if kind is Reset:
-                self._end_transaction()
-                proto.accept()
-                return self._observe(handler.on_reset(session), "RSET")
-            if kind is Unknown:
-                return self._then(
-                    handler.on_unknown(session, event.verb, event.arg),
-                    self._unknown_done,
-                    event,
-                    event,
-                    event.verb,
-                )
-            if kind is StartTLS:
-                return self._starttls()
-            if kind is Auth or kind is AuthResponse:
-                return self._auth(event)
-            raise AssertionError(f"unexpected event {event!r}")  # pragma: no cover
-        except StreamClosedError:
-            raise  # the client is gone: the session ends, nothing to log
-        except Exception as exc:
-            self._fail(exc, event)
-            return None
-
-    def _then(
-        self, result: Any, done: Callable[[Any, Any], Any], arg: Any, event: Any, what: str
-    ) -> Any:
-        """Call ``done(result, arg)`` now, or once ``result`` is ready if it is
-        awaitable (then return the awaitable that does it)."""
-        if result is not None and type(result) is not str and inspect.isawaitable(result):
-            return self._then_later(result, done, arg, event, what)
-        return done(result, arg)
-
-    async def _then_later(
-        self, pending: Any, done: Callable[[Any, Any], Any], arg: Any, event: Any, what: str
-    ) -> None:
-        try:
-            result = await self._bounded(pending, what)
-            after = done(result, arg)
-            if after is not None:
-                await after
-        except StreamClosedError:
-            raise
-        except Exception as exc:
-            self._fail(exc, event)
-
-    def _fail(self, exc: BaseException, event: Any) -> None:
-        """A handler refused (or failed on) ``event``: answer it."""
-        proto = self.protocol
-        if type(event) is MessageComplete:
-            self._end_transaction()
-        if proto.pending_event is not None:
-            proto.reject(self._error_reply(exc, type(event).__name__))
-        else:  # pragma: no cover - defensive: an error after the reply
-            log_exception(exc, self.session, type(event).__name__)
-
-    def _observe(self, result: Any, what: str) -> Any:
-        """Wait for a notification handler if it is async; only log its failure."""
-        if result is not None and inspect.isawaitable(result):
-            return self._observe_later(result, what)
-        return None
-
-    async def _observe_later(self, pending: Any, what: str) -> None:
-        try:
-            await self._bounded(pending, what)
-        except Exception as exc:
-            log_exception(exc, self.session, what)
-
-    def _mail_done(self, result: Any, envelope: Envelope) -> None:
-        self._end_transaction()
-        self.envelope = envelope
-        self.protocol.accept(_text(result))
-
-    def _rcpt_done(self, result: Any, event: Rcpt) -> None:
-        envelope = self.envelope
-        assert envelope is not None
-        envelope.rcpt_tos.append(event.address)
-        envelope.rcpt_params.append(event.params)
-        envelope.recipients.append(event.mailbox)
-        self.protocol.accept(_text(result))
-
-    def _data_done(self, result: Any, event: Data) -> None:
-        envelope = self.envelope
-        assert envelope is not None
-        envelope.prepend_raw(received_header(self.session, envelope, self.settings.hostname))
-        now = self._loop.time()
-        self._window_start = now
-        self._window_bytes = 0
-        self._check_by(now + min(self.settings.data_rate_window, self.settings.data_timeout))
-        self.protocol.accept(_text(result))
-
-    def _unknown_done(self, result: Any, event: Unknown) -> None:
-        proto = self.protocol
-        if result is None:
-            if proto.esmtp:
-                proto.reject(
-                    errors.SMTPError(500, "Error: command not recognized", enhanced_code="5.5.2")
-                )
-            else:
-                proto.reject(errors.NotImplementedCommand(_printable(event.verb)))
+        sent = try_write(stream, data)
+        if sent == len(data):
+            self._write_future = None
             return
-        code, *rest = result
-        enhanced = rest[0] if len(rest) == 2 else None
-        # The core counts only "not recognized" replies as unknown commands.
-        proto.reject(errors.SMTPError(code, rest[-1], enhanced_code=enhanced))
-
-    def _helo_keywords(self, result: Any, event: Helo) -> Any:
-        """HELO/EHLO accepted by the handler: for EHLO, ask it for the keywords."""
-        if not event.esmtp:
-            return self._helo_done((result, None), event)
-        keywords = self.protocol.ehlo_keywords()
-        extra = self.handler.ehlo_keywords(self.session, keywords)
-        return self._then(
-            extra, self._helo_done_keywords, (result, keywords, event), event, "EHLO keywords"
-        )
-
-    def _helo_done_keywords(self, extra: Any, state: tuple[Any, list[str], Helo]) -> None:
-        result, keywords, event = state
-        self._helo_done((result, list(extra) if extra is not None else keywords), event)
-
-    def _helo_done(self, outcome: tuple[Any, list[str] | None], event: Helo) -> None:
-        result, keywords = outcome
-        self._end_transaction()
-        self.session.helo = event.name
-        self.session.esmtp = event.esmtp
-        self.protocol.accept(_text(result), extensions=keywords)
-
-    # ------------------------------------------------------------ TLS, AUTH
-    async def _handshake(self, handshake: Awaitable[Any]) -> bool:
-        """Wait for a TLS handshake within ``tls_handshake_timeout``; on
-        success record the TLS facts on the session, else close."""
         try:
-            result = await asyncio.wait_for(
-                _as_future(handshake), timeout=self.settings.tls_handshake_timeout
-            )
-        except asyncio.TimeoutError:
-            gen_log.info("[%s %s] TLS handshake timed out", self.session.id, self.remote_ip)
-            self.stream.close()
-            return False
-        except (StreamClosedError, OSError, ValueError) as exc:
-            gen_log.info(
-                "[%s %s] TLS handshake failed: %s",
-                self.session.id,
-                self.remote_ip,
-                getattr(exc, "real_error", None) or exc,
-            )
-            self.stream.close()
-            return False
-        if result is not None:
-            self.stream = result
-        self._plain_socket = None
-        self.session.tls = tls_facts(self.stream.socket)
-        return True
+            self._write_future = stream.write(data[sent:] if sent else data)
+        except StreamClosedError:
+            pass  # the loop notices at its next read
 
-    async def _starttls(self) -> None:
-        proto = self.protocol
-        context = self.listener.tls_context
-        assert context is not None
-        proto.accept()
-        if "starttls_pipelined" in proto.notes:
+    async def _drain(self) -> None:
+        """Wait until the client has taken everything written."""
+        fut = self._write_future
+        if fut is not None and not fut.done():
+            await self._wait_output(fut)
+
+    async def _wait_output(self, fut: asyncio.Future[None]) -> None:
+        self._phase = _OUTPUT
+        self._since = self._loop.time()
+        self._check_by(self._since + self.settings.idle_timeout)
+        try:
+            await fut
+        finally:
+            self._phase = _BUSY
+
+    # ------------------------------------------------------------------ TLS
+    async def _starttls(self) -> bool:
+        core = self.protocol
+        core.accept()
+        if "starttls_pipelined" in core.notes:
             gen_log.warning(
                 "[%s %s] discarded plaintext pipelined after STARTTLS",
                 self.session.id,
                 self.remote_ip,
             )
-        self._flush()
-        fut = self._write_future
-        if fut is not None and not fut.done():  # type: ignore[attr-defined]
-            await self._wait_output(fut)
-        if self.stream.closed():
-            raise StreamClosedError()
-        # TLS from here on: reads go through the (TLS) stream again.
-        self._unwatch()
-        self._plain_socket = None
-        self.stream = _wrap_tls(self.stream, context)
-        if not await self._handshake(self.stream.wait_for_handshake()):
-            # The session is over: nothing more can be said in plaintext.
-            proto.close()
-            proto.data_to_send()
-            return
-        self._end_transaction()
-        self.session.helo = None
-        self.session.esmtp = False
-        self.session.auth = None
-        proto.tls_started()
+        self._send()
+        await self._drain()
+        if not await self._handshake():
+            return False
+        self.dispatch.end_transaction()
+        core.tls_started()
+        return True
 
-    async def _auth(self, event: Any) -> None:
-        proto = self.protocol
+    async def _handshake(self) -> bool:
+        """Run the TLS handshake over the stream within
+        ``tls_handshake_timeout``; log a failure once, with the session id."""
+        context = self.listener.tls_context
+        assert context is not None
+        tls = self._tls = TLSLayer(context)
+        stream = self.stream
+        chunk_size = self.settings.read_chunk_size
+        self._phase = _HANDSHAKE
+        self._since = self._loop.time()
+        self._check_by(self._since + self.settings.tls_handshake_timeout)
+        early = b""
         try:
-            if type(event) is Auth:
-                self._mechanism = MECHANISMS[event.mechanism]()
-                initial = None if event.initial is None else decode_response(event.initial)
-                step = self._mechanism.start(initial)
-            else:
-                assert self._mechanism is not None
-                step = self._mechanism.step(decode_response(event.line))
-        except errors.SMTPError as exc:
-            self._mechanism = None
-            proto.reject(exc)
-            return
-        if isinstance(step, Challenge):
-            proto.auth_challenge(step.encoded())
-            return
-        self._mechanism = None
-        try:
-            verdict = await self._call(self.handler.on_auth, self.session, step, what="AUTH")
-        except errors.SMTPError as exc:
-            proto.reject(exc)
-            return
-        except Exception as exc:
-            log_exception(exc, self.session, "AUTH")
-            proto.reject(
-                errors.SMTPError(454, "Temporary authentication failure", enhanced_code="4.7.0")
-            )
-            return
-        if verdict:
-            self.session.auth = step.username
-            proto.auth_success(step.username)
+            while not tls.handshake_done:
+                early = tls.receive(await stream.read_bytes(chunk_size, partial=True))
+                out = tls.data_to_send()
+                if out:
+                    stream.write(out)
+        except ssl.SSLError as exc:
+            self._tls = None
             gen_log.info(
-                "[%s %s] authenticated as %r (%s)",
+                "[%s %s] TLS handshake failed: %s",
                 self.session.id,
                 self.remote_ip,
-                step.username,
-                step.mechanism,
+                getattr(exc, "reason", None) or exc,
             )
-            return
-        gen_log.info(
-            "[%s %s] AUTH %s failed for %r",
-            self.session.id,
-            self.remote_ip,
-            step.mechanism,
-            step.username,
-        )
-        # Slow down guessing: the reply (and so the next try) waits.
-        await asyncio.sleep(self.settings.auth_failure_delay)
-        proto.reject(
-            errors.SMTPError(535, "Authentication credentials invalid", enhanced_code="5.7.8")
-        )
-
-    def _message_complete(self, event: MessageComplete) -> Any:
-        proto = self.protocol
-        envelope = self.envelope
-        assert envelope is not None
-        if event.data:
-            self._store(event.data)
-        store_error, self._store_error = self._store_error, None
-        if event.error is not None:
-            self._end_transaction()
-            proto.reject(event.error)
-            return None
-        if store_error is not None:
-            self._end_transaction()
-            if store_error.errno in (errno.ENOSPC, errno.EDQUOT):
-                proto.reject(
-                    errors.SMTPError(452, "Insufficient system storage", enhanced_code="4.3.1")
-                )
-            else:
-                proto.reject(errors.InternalConfusion())
-            return None
-        try:
-            result = self.handler.on_message(self.session, envelope)
+            stream.close()
+            return False
         except StreamClosedError:
-            raise
-        except Exception as exc:
-            self._fail(exc, event)
-            return None
-        return self._then(result, self._message_done, envelope, event, "message")
-
-    def _message_done(self, result: Any, envelope: Envelope) -> Any:
-        proto = self.protocol
-        self.envelope = None
-        self.session.messages += 1
-        proto.accept(_text(result) or ("Ok: queued as " + envelope.id if proto.esmtp else None))
-        self._flush()
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                "%s %s from=<%s> to=%d size=%d id=%s",
-                self.session.id,
-                self.remote_ip,
-                envelope.mail_from,
-                len(envelope.rcpt_tos),
-                envelope.size,
-                envelope.id,
-            )
-        try:
-            pending = self.handler.on_accepted(self.session, envelope)
-        except Exception as exc:
-            log_exception(exc, self.session, "accepted")
-            envelope.close()
-            return None
-        if pending is not None and inspect.isawaitable(pending):
-            return self._accepted_later(pending, envelope)
-        envelope.close()
-        return None
-
-    async def _accepted_later(self, pending: Any, envelope: Envelope) -> None:
-        try:
-            await self._bounded(pending, "accepted")
-        except Exception as exc:
-            log_exception(exc, self.session, "accepted")
+            self._tls = None
+            if self._why != "tls_handshake_timeout":
+                gen_log.info(
+                    "[%s %s] client closed the connection during the TLS handshake",
+                    self.session.id,
+                    self.remote_ip,
+                )
+            return False
         finally:
-            envelope.close()
-
-    def _store(self, data: bytes) -> None:
-        """Append message content to the envelope. A storage fault (say, the
-        spool directory is gone or the disk is full) is logged at once and
-        answered after the final dot; the rest of the content is read and
-        dropped, so the session stays in step and usable."""
-        envelope = self.envelope
-        if envelope is None or self._store_error is not None:
-            return
-        try:
-            envelope.write(data)
-        except OSError as exc:
-            self._store_error = exc
-            log_exception(exc, self.session, "storing the message")
-
-    def _end_transaction(self) -> None:
-        if self.envelope is not None:
-            self.envelope.close()
-            self.envelope = None
-
-    async def _call(self, method: Callable[..., Any], *args: Any, what: str) -> Any:
-        result = method(*args)
-        if result is not None and inspect.isawaitable(result):
-            result = await self._bounded(result, what)
-        return result
-
-    async def _bounded(self, pending: Any, what: str) -> Any:
-        """Await a handler's result, within ``handler_timeout`` unless the
-        handler enforces its own limits."""
-        if self._handler_times_itself:
-            return await pending
-        try:
-            return await asyncio.wait_for(
-                _as_future(pending), timeout=self.settings.handler_timeout
-            )
-        except asyncio.TimeoutError:
-            raise HandlerTimeout(
-                f"{what} took longer than {self.settings.handler_timeout}s"
-            ) from None
-
-    def _error_reply(self, exc: BaseException, what: str) -> errors.SMTPError:
-        """Log ``exc`` and return the reply for it: its own if it is an
-        SMTPError, else ``451 Internal confusion``."""
-        log_exception(exc, self.session, what)
-        if isinstance(exc, errors.SMTPError):
-            return exc
-        return errors.InternalConfusion()
+            self._phase = _BUSY
+        self.protocol.tls_info = tls.facts()
+        if early:
+            # The client's first command came with the end of the handshake.
+            self.bytes_received += len(early)
+            self.protocol.receive_data(early)
+        return True
 
     # -------------------------------------------------------------- timers
-    def _next_check_delay(self) -> float:
+    def _deadline(self) -> tuple[float, str]:
+        """When the current state times out, and which limit that is: a pure
+        function of the state and the times recorded in it."""
+        phase = self._phase
         s = self.settings
-        return min(s.idle_timeout, s.command_timeout, s.data_timeout, s.data_rate_window)
-
-    def _arm_timer(self, when: float) -> None:
-        self._timer = self._loop.call_at(when, self._on_timer)
-        self._timer_deadline = when
+        if phase == _INPUT:
+            if self._in_content:
+                when, why = self._last_byte + s.data_timeout, "data_timeout"
+                if s.min_data_rate:
+                    window_end = self._window_start + s.data_rate_window
+                    if window_end < when:
+                        when, why = window_end, "min_data_rate"
+            elif self._command_started is not None:
+                when, why = self._command_started + s.command_timeout, "command_timeout"
+            else:
+                when, why = self._idle_since + s.idle_timeout, "idle_timeout"
+            if s.max_session_time:
+                end = self._started + s.max_session_time
+                if end < when:
+                    when, why = end, "max_session_time"
+            return when, why
+        if phase == _OUTPUT:
+            return self._since + s.idle_timeout, "output"
+        if phase == _HANDSHAKE:
+            return self._since + s.tls_handshake_timeout, "tls_handshake_timeout"
+        if phase == _CLOSING:
+            return self._since + min(s.idle_timeout, FINAL_REPLY_WAIT), "final"
+        return math.inf, ""  # _BUSY: a plugin's own timeout applies
 
     def _check_by(self, when: float) -> None:
-        """Make the timer fire no later than ``when``.
+        """Make the timer fire no later than ``when`` (it is re-armed only for
+        an earlier deadline: a later one is found when it fires)."""
+        if when < self._timer_at:
+            self._arm(when)
 
-        The timer is armed for the deadline of the state the session was in
-        when it last fired (e.g. ``idle_timeout``); a state with a shorter one
-        (a command line that started to trickle in, DATA) must pull it in, or
-        it would only be checked at the old deadline.
-        """
-        if self._closed:
-            return
+    def _arm(self, when: float) -> None:
         if self._timer is not None:
-            if self._timer_deadline <= when:
-                return
-            self._loop.remove_timeout(self._timer)
-        self._arm_timer(when)
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._closed or self.stream.closed():
-            return
-        now = self._loop.time()
-        s = self.settings
-        proto = self.protocol
-        if self._drop_at is not None:
-            # A last reply is queued: nothing else matters now.
-            if now >= self._drop_at:
-                gen_log.info(
-                    "[%s %s] client did not take the last reply, closing",
-                    self.session.id,
-                    self.remote_ip,
-                )
-                self.stream.close()
-                return
-            self._arm_timer(self._drop_at)
-            return
-        if proto.in_data:
-            if now - self._last_activity >= s.data_timeout:
-                return self._timeout("data_timeout")
-            elapsed = now - self._window_start
-            if elapsed >= s.data_rate_window:
-                if s.min_data_rate and self._window_bytes < s.min_data_rate * elapsed:
-                    return self._timeout("min_data_rate", "Data rate too low")
-                self._window_start = now
-                self._window_bytes = 0
-            deadline = min(
-                self._last_activity + s.data_timeout, self._window_start + s.data_rate_window
-            )
-        elif self._waiting_input:
-            if now - self._last_activity >= s.idle_timeout:
-                return self._timeout("idle_timeout")
-            started = self._line_started
-            if started is not None and now - started >= s.command_timeout:
-                return self._timeout("command_timeout")
-            deadline = self._last_activity + s.idle_timeout
-            if started is not None:
-                deadline = min(deadline, started + s.command_timeout)
-        elif self._output_since is not None:
-            # The client does not read its replies (and so the server does
-            # not read its commands): it gets idle_timeout to take what has
-            # been written (at most max_write_backlog plus one read's replies).
-            if now - self._output_since >= s.idle_timeout:
-                gen_log.info(
-                    "[%s %s] idle_timeout exceeded waiting for the client to read, closing",
-                    self.session.id,
-                    self.remote_ip,
-                )
-                self.stream.close()
-                return
-            deadline = self._output_since + s.idle_timeout
-        else:
-            # A handler is running; its own timeout applies.
-            deadline = now + self._next_check_delay()
-        self._arm_timer(max(deadline, now + 0.01))
-
-    def _timeout(self, setting: str, text: str = "Timeout, closing connection") -> None:
-        gen_log.info("[%s %s] %s exceeded, closing", self.session.id, self.remote_ip, setting)
-        self._final_reply(421, text, "4.4.2")
-
-    def _final_reply(self, code: int, text: str, enhanced: str) -> None:
-        """Send a last reply and close, whatever the session is doing."""
-        self.protocol.close(code, text, enhanced)
-        data = self.protocol.data_to_send()
+        self._timer_at = math.inf
         if self.stream.closed():
             return
-        if data:
-            fut = self.stream.write(data)
-            if fut.done():
-                self.stream.close()
-            else:
-                fut.add_done_callback(lambda f: self.stream.close())
-                self._drop_later()
-        else:
-            self.stream.close()
-
-    def _drop_later(self) -> None:
-        """Close the connection within a bounded time even if the client
-        never takes the last reply that is waiting to be sent."""
-        if self._drop_at is None:
-            self._drop_at = self._loop.time() + min(self.settings.idle_timeout, FINAL_REPLY_WAIT)
-            self._check_by(self._drop_at)
-
-    # ------------------------------------------------------------- cleanup
-    async def _cleanup(self) -> None:
-        if self._closed:
+        now = self._loop.time()
+        when, why = self._deadline()
+        if why == "min_data_rate" and now >= when:
+            s = self.settings
+            if self._window_bytes >= s.min_data_rate * (now - self._window_start):
+                # Fast enough over this window: measure the next one.
+                self._window_start = now
+                self._window_bytes = 0
+                when, why = self._deadline()
+        if now < when:
+            if when == math.inf:
+                # Busy (a plugin runs; its own timeout applies): look again
+                # later, as the session will wait for the client again.
+                s = self.settings
+                when = now + min(s.idle_timeout, s.command_timeout, s.data_rate_window)
+            self._arm(when)
             return
-        self._closed = True
-        if self._timer is not None:
-            self._loop.remove_timeout(self._timer)
-            self._timer = None
-        if self.envelope is not None:
-            self.envelope.close()
-            self.envelope = None
-        if not self.stream.closed():
+        self._why = why
+        if why in ("output", "final", "tls_handshake_timeout"):
+            # Nothing more can be said: the client does not read, or TLS is
+            # not up.
+            what = {
+                "output": "idle_timeout exceeded waiting for the client to read",
+                "final": "client did not take the last reply",
+                "tls_handshake_timeout": "TLS handshake timed out",
+            }[why]
+            gen_log.info("[%s %s] %s, closing", self.session.id, self.remote_ip, what)
             self.stream.close()
+        elif why == "min_data_rate":
+            self._end(421, "Data rate too low", "4.4.2", why)
+        elif why == "max_session_time":
+            self._end(421, "Session too long, closing connection", "4.4.2", why)
+        else:
+            self._end(421, "Timeout, closing connection", "4.4.2", why)
+
+    # ------------------------------------------------------------- closing
+    def _end(self, code: int, text: str, enhanced: str, why: str) -> None:
+        """Send a last reply and close, whatever the loop is doing (it sees
+        the stream closed at its next read or write)."""
+        if self._phase == _CLOSING or self.stream.closed():
+            return
+        self.protocol.close(code, text, enhanced, limit=why)
+        self._send()
+        self._phase = _CLOSING
+        self._since = self._loop.time()
+        self._arm(self._deadline()[0])
+        self._after_write(self._close_tls)
+
+    def _after_write(self, then: Callable[[], None]) -> None:
+        fut = self._write_future
+        if fut is None or fut.done():
+            then()
+        else:
+            fut.add_done_callback(lambda f: then())
+
+    def _close_tls(self) -> None:
+        """Send TLS's ``close_notify`` (if TLS is up), then close."""
+        tls, self._tls = self._tls, None
+        if tls is not None and not self.stream.closed():
+            alert = tls.close()
+            if alert:
+                try:
+                    self._write_future = self.stream.write(alert)
+                except StreamClosedError:
+                    return
+                self._after_write(self.stream.close)
+                return
+        self.stream.close()
+
+    async def _finish(self) -> None:
+        """The session is over: flush, close TLS and the socket (bounded),
+        then drop the envelope and run the disconnect observers."""
+        if self._ended:
+            return
+        self._ended = True
+        stream = self.stream
+        try:
+            if not stream.closed() and not self._forced:
+                self._send()
+                fut = self._write_future
+                if self._tls is None and (fut is None or fut.done()):
+                    # The usual end (QUIT answered, all of it sent): nothing
+                    # to wait for.
+                    stream.close()
+                    return
+                if self._phase != _CLOSING:
+                    self._phase = _CLOSING
+                    self._since = self._loop.time()
+                    self._arm(self._deadline()[0])
+                done: asyncio.Future[None] = self._loop.create_future()
+
+                def closed() -> None:
+                    if not done.done():
+                        done.set_result(None)
+
+                stream.set_close_callback(closed)
+                self._after_write(self._close_tls)
+                await done
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if not stream.closed():
+                stream.close()
+            self.dispatch.end_transaction()
+            await self._cleanup()
+
+    async def _cleanup(self) -> None:
         callback, self._close_callback = self._close_callback, None
         if callback is not None:
             try:
                 callback()
             except Exception:
                 app_log.error("Exception in close callback", exc_info=True)
-        try:
-            await self._call(self.handler.on_disconnect, self.session, what="disconnect")
-        except Exception as exc:
-            log_exception(exc, self.session, "disconnect")
-        if self.server is not None:
-            self.server._connection_closed(self)
+        if self.refusal is None:
+            await self.plugins.observe("bonzo_disconnect", (self.session,), self.session)
+        if self._on_close is not None:
+            self._on_close(self)
 
-
-def _text(result: Any) -> str | None:
-    return result if isinstance(result, str) else None
-
-
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() and c != '"' else "?" for c in text[:64])
-
-
-async def _as_future(awaitable: Awaitable[Any]) -> Any:
-    """Any awaitable as a coroutine (what ``asyncio.wait_for`` takes)."""
-    return await awaitable
-
-
-def _wrap_tls(stream: IOStream, context: ssl.SSLContext) -> SSLIOStream:
-    """Put the server side of TLS on ``stream``'s socket and return the new
-    stream; the handshake starts on the next loop iteration.
-
-    This is :meth:`IOStream.start_tls` except that the caller holds the new
-    stream from the start, so a handshake that fails or times out can be
-    closed (``start_tls`` hides it until the handshake succeeds, and the old
-    stream cannot be closed once its socket is gone). It is only called with
-    no read or write in progress. Plaintext that Tornado has read but the
-    connection has not (more of what the client sent after STARTTLS) is
-    dropped with the old stream, as the protocol core drops what it had.
-    """
-    sock = stream.socket
-    stream.io_loop.remove_handler(sock)
-    stream.socket = None  # type: ignore[assignment]
-    tls_sock = ssl_wrap_socket(sock, context, server_side=True, do_handshake_on_connect=False)
-    return SSLIOStream(
-        tls_sock,
-        ssl_options=context,
-        max_buffer_size=stream.max_buffer_size,
-        read_chunk_size=stream.read_chunk_size,
-    )
+    # ---------------------------------------------------------------- logs
+    def _log_refusal(self, refusal: Refusal) -> None:
+        """One line for every ``4xx``/``5xx`` reply: who was refused, at which
+        stage, by whom, with what."""
+        text = refusal.text.replace("\n", " / ")
+        arg = refusal.arg if len(refusal.arg) <= 200 else refusal.arg[:200] + "..."
+        if refusal.log_message:
+            # As the original Bonzo logged an SMTPError's log_message: the
+            # code and the message first, on tornado.general.
+            gen_log.warning(
+                "%d %s [%s %s] %s refused by %s: %d %s %s; arg=%r",
+                refusal.code,
+                refusal.log_message,
+                self.session.id,
+                self.remote_ip,
+                refusal.stage,
+                refusal.by,
+                refusal.code,
+                refusal.enhanced,
+                text,
+                arg,
+            )
+        else:
+            gen_log.info(
+                "[%s %s] %s refused by %s: %d %s %s; arg=%r%s",
+                self.session.id,
+                self.remote_ip,
+                refusal.stage,
+                refusal.by,
+                refusal.code,
+                refusal.enhanced,
+                text,
+                arg,
+                f" ({refusal.limit})" if refusal.limit else "",
+            )

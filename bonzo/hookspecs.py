@@ -66,14 +66,23 @@ class Accept:
 
     :arg str text: the reply text (the code is the command's usual ``2xx``);
         ``None`` keeps the default text.
+    :arg str authzid: for :func:`bonzo_auth` only: the authorization identity
+        the client asked to act as, when it differs from the user name and
+        this plugin allows it (RFC 4616 2). Without it such a request fails.
+
+    .. versionchanged:: 0.2
+       Added ``authzid``.
     """
 
-    __slots__ = ("text",)
+    __slots__ = ("text", "authzid")
 
-    def __init__(self, text: str | None = None) -> None:
+    def __init__(self, text: str | None = None, *, authzid: str | None = None) -> None:
         self.text = text
+        self.authzid = authzid
 
     def __repr__(self) -> str:
+        if self.authzid is not None:
+            return f"Accept({self.text!r}, authzid={self.authzid!r})"
         return f"Accept({self.text!r})"
 
 
@@ -243,11 +252,19 @@ def bonzo_auth(session: Session, mechanism: str, username: str, password: str, a
     """Check AUTH credentials (decision). Return :class:`Accept` if
     ``username``/``password`` are good; ``None`` if this plugin cannot vouch
     for them (when nobody accepts, the client gets ``535 5.7.8`` — the same
-    reply for an unknown user and a wrong password). Raise an ``SMTPError``
-    for another reply (``454 4.7.0`` for a temporary failure); an unexpected
-    exception or timeout also gives ``454 4.7.0``. May be async (LDAP, SQL,
-    HTTP). AUTH is offered only when some plugin implements this hook. Never
-    log ``password``.
+    reply for an unknown user and a wrong password). Only :class:`Accept`
+    authenticates: any other return value is a plugin fault (``454 4.7.0``).
+    Raise an ``SMTPError`` for another reply (``454 4.7.0`` for a temporary
+    failure); an unexpected exception or timeout also gives ``454 4.7.0``.
+    May be async (LDAP, SQL, HTTP). AUTH is offered only when some plugin
+    implements this hook. Never log ``password``.
+
+    When the client asks to act as someone else (PLAIN's ``authzid`` is
+    neither ``""`` nor ``username``), ``Accept()`` is not enough: the
+    session is authenticated only if the plugin returns
+    ``Accept(authzid=authzid)``, saying that ``username`` may act as
+    ``authzid`` (RFC 4616 2); the session then acts as ``authzid``.
+    Otherwise the client gets ``535 5.7.8``.
 
     :arg mechanism: ``"PLAIN"`` or ``"LOGIN"``.
     :arg authzid: the identity to act as (PLAIN), usually ``""``.

@@ -1,37 +1,48 @@
 """The SMTP protocol as a state machine with no I/O.
 
 :class:`SMTPProtocol` takes the bytes a client sends (:meth:`~SMTPProtocol.receive_data`)
-and hands back, one at a time, the events that need a decision
-(:meth:`~SMTPProtocol.next_event`); the caller answers each with
-:meth:`~SMTPProtocol.accept` or :meth:`~SMTPProtocol.reject`, and sends what
-:meth:`~SMTPProtocol.data_to_send` returns. It knows nothing of sockets,
-Tornado or plugins, which is what makes it testable byte for byte and fast:
-every complete line in a chunk is split in one pass, and the replies to a
-pipelined batch come out together.
+and hands back, one at a time, what needs the caller's attention
+(:meth:`~SMTPProtocol.next_event`): an :class:`Event` to answer with
+:meth:`~SMTPProtocol.accept` or :meth:`~SMTPProtocol.reject`, a
+:class:`DataChunk` of message content to store, or one of three states —
+:data:`NEED_DATA` (read more), :data:`PAUSED` (send what
+:meth:`~SMTPProtocol.data_to_send` returns and wait until the client has
+taken it) and :data:`CLOSED` (send it, then close). It knows nothing of
+sockets, Tornado or plugins (the h11 model), which is what makes it testable
+byte for byte and fast: every complete line in a chunk is split in one pass,
+and the replies to a pipelined batch come out together.
 
 Everything that needs no policy is answered here: syntax errors, bad command
 order, limits, NOOP, HELP, VRFY, QUIT. Only the commands a policy may refuse
-(HELO/EHLO, MAIL, RCPT, DATA, RSET, the end of a message and unknown verbs)
-surface as events.
+(HELO/EHLO, MAIL, RCPT, DATA, RSET, STARTTLS, AUTH, the end of a message and
+unknown verbs) surface as events.
 
-A session that has not said EHLO gets the original Bonzo reply texts with no
-enhanced status codes; after EHLO every 2xx/4xx/5xx reply except the EHLO reply
-carries an RFC 3463 code.
+Every reply after the greeting carries an RFC 3463 enhanced status code
+(RFC 2034 4: "regardless of whether or not EHLO is employed"), except the
+HELO/EHLO reply itself. The original Bonzo API's sessions
+(``legacy_replies=True``) keep that version's texts, without codes, until the
+client says EHLO.
+
+Verbs, ESMTP keywords and SASL mechanism names are compared as ASCII only:
+``ſTARTTLS`` is not STARTTLS (``"ſ".upper() == "S"`` in Python), and a
+non-ASCII verb is an unknown command.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
-from typing import Any, Final
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Final, TypeAlias
 
-from .address import Address
+from .address import NULL_SENDER, Address
 from .errors import SMTPError, default_enhanced_code
 from .settings import EXTENSION_ALLOWANCE, SMTPSettings
 
 __all__ = [
     "SMTPProtocol",
+    "Policy",
     "Event",
     "Helo",
     "Mail",
@@ -44,169 +55,19 @@ __all__ = [
     "AuthResponse",
     "DataChunk",
     "MessageComplete",
+    "NeedData",
+    "Paused",
+    "Closed",
     "NEED_DATA",
+    "PAUSED",
     "CLOSED",
+    "NextEvent",
+    "Refusal",
     "format_reply",
     "parse_path",
     "AddressError",
     "data_scan_in_c",
 ]
-
-
-class _Sentinel:
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-#: Returned by :meth:`SMTPProtocol.next_event` when it needs more input.
-NEED_DATA: Final = _Sentinel("NEED_DATA")
-#: Returned by :meth:`SMTPProtocol.next_event` once the session is over: send
-#: what :meth:`SMTPProtocol.data_to_send` returns, then close.
-CLOSED: Final = _Sentinel("CLOSED")
-
-
-class Event:
-    """Base class of the events that need an :meth:`~SMTPProtocol.accept` or
-    :meth:`~SMTPProtocol.reject`."""
-
-    __slots__: tuple[str, ...] = ()
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
-        return f"{type(self).__name__}({fields})"
-
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and all(
-            getattr(self, n) == getattr(other, n) for n in self.__slots__
-        )
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-class Helo(Event):
-    """``HELO`` or ``EHLO`` (``esmtp`` is true for EHLO)."""
-
-    __slots__ = ("name", "esmtp")
-
-    def __init__(self, name: str, esmtp: bool) -> None:
-        self.name = name
-        self.esmtp = esmtp
-
-
-class Mail(Event):
-    """``MAIL FROM``: ``address`` is ``""`` for the null sender; ``params`` maps
-    upper-cased ESMTP keywords to their value (``None`` for a bare keyword)."""
-
-    __slots__ = ("address", "params", "mailbox")
-
-    def __init__(
-        self, address: str, params: dict[str, str | None], mailbox: Address | None = None
-    ) -> None:
-        self.address = address
-        self.params = params
-        self.mailbox = mailbox if mailbox is not None else Address.parse(address)
-
-
-class Rcpt(Event):
-    """``RCPT TO``."""
-
-    __slots__ = ("address", "params", "mailbox")
-
-    def __init__(
-        self, address: str, params: dict[str, str | None], mailbox: Address | None = None
-    ) -> None:
-        self.address = address
-        self.params = params
-        self.mailbox = mailbox if mailbox is not None else Address.parse(address)
-
-
-class Data(Event):
-    """``DATA``; accepting it answers ``354`` and starts reading the message."""
-
-    __slots__ = ()
-
-
-class Reset(Event):
-    """``RSET``; accepting it ends the transaction. Rejecting is not allowed:
-    RSET always succeeds (RFC 5321 4.1.1.5)."""
-
-    __slots__ = ()
-
-
-class Unknown(Event):
-    """A verb the core does not implement (``verb`` upper-cased)."""
-
-    __slots__ = ("verb", "arg")
-
-    def __init__(self, verb: str, arg: str) -> None:
-        self.verb = verb
-        self.arg = arg
-
-
-class StartTLS(Event):
-    """``STARTTLS``; accepting it answers ``220`` and drops any input the
-    client pipelined after it. The caller then does the TLS handshake and
-    calls :meth:`SMTPProtocol.tls_started`."""
-
-    __slots__ = ()
-
-
-class Auth(Event):
-    """``AUTH mechanism [initial-response]`` (``initial`` is the base64 text,
-    ``"="`` for an empty response, ``None`` if absent). Answer with
-    :meth:`SMTPProtocol.auth_challenge`, :meth:`SMTPProtocol.auth_success`
-    or :meth:`SMTPProtocol.reject`."""
-
-    __slots__ = ("mechanism", "initial")
-
-    def __init__(self, mechanism: str, initial: str | None) -> None:
-        self.mechanism = mechanism
-        self.initial = initial
-
-
-class AuthResponse(Event):
-    """The client's base64 answer to a ``334`` challenge (``*`` never gets
-    here: the core answers it, cancelling the exchange)."""
-
-    __slots__ = ("line",)
-
-    def __init__(self, line: str) -> None:
-        self.line = line
-
-
-class DataChunk:
-    """A piece of message content, dot-unstuffed and with line ends handled;
-    needs no answer."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def __repr__(self) -> str:
-        return f"DataChunk({self.data!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, DataChunk) and other.data == self.data
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-class MessageComplete(Event):
-    """The final dot arrived. ``data`` is the last piece of content. If
-    ``error`` is set the message broke a limit and must be rejected with it;
-    otherwise accept it (``250``) or reject it."""
-
-    __slots__ = ("data", "error")
-
-    def __init__(self, data: bytes, error: SMTPError | None = None) -> None:
-        self.data = data
-        self.error = error
 
 
 class AddressError(ValueError):
@@ -217,12 +78,232 @@ class AddressError(ValueError):
         self.reply = reply
 
 
-_COMMAND = 0
-_DATA = 1
-_DISCARD_BDAT = 2
-_CLOSED = 3
-_AUTH = 4
-_TLS_WAIT = 5
+class NeedData:
+    """The type of :data:`NEED_DATA`."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+class Paused:
+    """The type of :data:`PAUSED`."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "PAUSED"
+
+
+class Closed:
+    """The type of :data:`CLOSED`."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "CLOSED"
+
+
+#: :meth:`SMTPProtocol.next_event` needs more input.
+NEED_DATA: Final = NeedData()
+#: More than ``max_write_backlog`` octets of replies are waiting: send them
+#: and wait until the client has read them before asking for the next event
+#: (h11's PAUSED). A client that pipelines without reading never makes the
+#: server hold more than that.
+PAUSED: Final = Paused()
+#: The session is over: send what :meth:`SMTPProtocol.data_to_send` returns,
+#: then close.
+CLOSED: Final = Closed()
+
+
+class Event:
+    """Base class of the events that need an :meth:`~SMTPProtocol.accept` or
+    :meth:`~SMTPProtocol.reject`. Events are immutable."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Helo(Event):
+    """``HELO`` or ``EHLO`` (``esmtp`` is true for EHLO)."""
+
+    name: str
+    esmtp: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Mail(Event):
+    """``MAIL FROM``: ``mailbox`` is the sender (:attr:`Address.original
+    <bonzo.address.Address.original>` is ``""`` for the null sender);
+    ``params`` maps upper-cased ESMTP keywords to their value (``None`` for a
+    bare keyword)."""
+
+    mailbox: Address
+    params: Mapping[str, str | None]
+
+    @property
+    def address(self) -> str:
+        """The sender as the client sent it."""
+        return self.mailbox.original
+
+
+@dataclass(frozen=True, slots=True)
+class Rcpt(Event):
+    """``RCPT TO``: ``mailbox`` is the recipient, ``params`` as for :class:`Mail`."""
+
+    mailbox: Address
+    params: Mapping[str, str | None]
+
+    @property
+    def address(self) -> str:
+        """The recipient as the client sent it."""
+        return self.mailbox.original
+
+
+@dataclass(frozen=True, slots=True)
+class Data(Event):
+    """``DATA``; accepting it answers ``354`` and starts reading the message."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reset(Event):
+    """``RSET``; accepting it ends the transaction. It cannot be rejected:
+    RSET always succeeds (RFC 5321 4.1.1.5)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unknown(Event):
+    """A verb the core does not implement: ``verb`` upper-cased (ASCII),
+    ``sent`` exactly as the client wrote it."""
+
+    verb: str
+    arg: str
+    sent: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLS(Event):
+    """``STARTTLS``; accepting it answers ``220`` and drops any input the
+    client pipelined after it. The caller then does the TLS handshake and
+    calls :meth:`SMTPProtocol.tls_started`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Auth(Event):
+    """``AUTH mechanism [initial-response]`` (``initial`` is the base64 text,
+    ``"="`` for an empty response, ``None`` if absent). Answer with
+    :meth:`SMTPProtocol.auth_challenge`, :meth:`SMTPProtocol.auth_success`
+    or :meth:`SMTPProtocol.reject`. ``repr()`` hides the response."""
+
+    mechanism: str
+    initial: str | None = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResponse(Event):
+    """The client's base64 answer to a ``334`` challenge (``*`` never gets
+    here: the core answers it, cancelling the exchange). ``repr()`` hides it."""
+
+    line: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class DataChunk:
+    """A piece of message content, dot-unstuffed and with line ends handled;
+    needs no answer."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MessageComplete(Event):
+    """The final dot arrived. ``data`` is the last piece of content. If
+    ``error`` is set the message broke a limit and must be rejected with it;
+    otherwise accept it (``250``) or reject it."""
+
+    data: bytes = field(repr=False)
+    error: SMTPError | None = None
+
+
+#: What :meth:`SMTPProtocol.next_event` returns.
+NextEvent: TypeAlias = (
+    Helo
+    | Mail
+    | Rcpt
+    | Data
+    | Reset
+    | Unknown
+    | StartTLS
+    | Auth
+    | AuthResponse
+    | MessageComplete
+    | DataChunk
+    | NeedData
+    | Paused
+    | Closed
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A ``4xx``/``5xx`` reply the core queued, for the log (see
+    :class:`SMTPProtocol`'s ``on_refusal``)."""
+
+    stage: str
+    """The command's verb, ``"message"`` after the final dot, ``"connect"``
+    before the first command."""
+    code: int
+    enhanced: str
+    text: str
+    arg: str
+    """The command's argument (never an AUTH secret: only the mechanism)."""
+    by: str = "core"
+    """Who decided: ``"core"`` or the plugin :meth:`SMTPProtocol.reject` was
+    told of."""
+    log_message: str | None = None
+    """The error's ``log_message``, with its arguments."""
+    limit: str | None = None
+    """The limit or timeout that was hit, if any."""
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What a listener allows, given to :class:`SMTPProtocol` at construction."""
+
+    tls_active: bool = False
+    """The session is encrypted from the start (implicit TLS)."""
+
+    starttls: bool = False
+    """STARTTLS may be offered (the listener has a certificate)."""
+
+    require_tls: bool = False
+    """Refuse MAIL with ``530 5.7.0`` until TLS is active."""
+
+    require_auth: bool = False
+    """Refuse MAIL with ``530 5.7.0`` until the client has authenticated."""
+
+    auth_mechanisms: tuple[str, ...] = ()
+    """SASL mechanisms that may be offered (empty: no AUTH at all)."""
+
+    auth_plaintext: bool = False
+    """Offer AUTH on a connection without TLS."""
+
+    legacy_replies: bool = False
+    """The original Bonzo API's texts, without enhanced codes, in sessions
+    that have not said EHLO."""
+
+
+def _ascii_upper(text: str) -> str:
+    """``text`` with only its ASCII letters upper-cased.
+
+    ``str.upper()`` maps ``ſ`` to ``S`` and ``ı`` to ``I``, so ``ſTARTTLS``
+    would match STARTTLS: every keyword comparison goes through this.
+    """
+    if text.isascii():
+        return text.upper()
+    return text.encode("utf-8", "surrogatepass").upper().decode("utf-8", "surrogatepass")
+
 
 # C0 controls, DEL and the C1 controls (U+0080-U+009F, valid UTF-8 but still
 # control characters that must not reach a header or a log line).
@@ -247,7 +328,14 @@ _ASCII_DOMAIN = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?"
 )
 _ADDRESS_LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]")
+# The usual path, <dot-atom@ascii-domain> with no parameters, in one match.
+_SIMPLE_PATH = re.compile(
+    r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+)*)@"
+    r"((?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?)>"
+)
 _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
+# Line ends in content whose bare CR and LF are normalised.
+_LINE_ENDS = re.compile(rb"\r\n|\r|\n")
 _SIZE_VALUE = re.compile(r"[0-9]{1,20}")
 
 # Limits a message can break, by the rank that decides which one is reported.
@@ -408,15 +496,22 @@ def _addr_error(code: int, enhanced: str, text: str) -> AddressError:
 
 def parse_path(
     arg: str, *, sender: bool, smtputf8: bool = False
-) -> tuple[str, dict[str, str | None]]:
+) -> tuple[Address, dict[str, str | None]]:
     """Parse the argument of ``MAIL FROM:`` / ``RCPT TO:`` after the colon.
 
-    Returns the mailbox (``""`` for the null reverse-path) and the ESMTP
-    parameters, keywords upper-cased. Lenient like most servers: the angle
-    brackets may be missing when there are no parameters, and a source route
-    (``<@a,@b:user@c>``) is accepted and dropped (RFC 5321 4.1.1.3, C).
+    Returns the mailbox as an :class:`~bonzo.address.Address` (with
+    :attr:`~bonzo.address.Address.original` ``""`` for the null
+    reverse-path) and the ESMTP parameters, keywords upper-cased. Lenient
+    like most servers: the angle brackets may be missing when there are no
+    parameters, and a source route (``<@a,@b:user@c>``) is accepted and
+    dropped (RFC 5321 4.1.1.3, C).
     Raises :class:`AddressError` carrying the reply to give.
     """
+    simple = _SIMPLE_PATH.fullmatch(arg)
+    if simple is not None and len(arg) <= 256 and simple.end(1) - 1 <= 64:
+        # The same checks as below, all passed in one match.
+        local, domain = simple.group(1, 2)
+        return Address(arg[1:-1], local, domain.lower()), {}
     enh = "5.1.7" if sender else "5.1.3"
     what = "sender" if sender else "recipient"
     arg = arg.strip(" ")
@@ -433,7 +528,7 @@ def parse_path(
     params = _parse_params(rest)
     if not path:
         if sender and arg.startswith("<"):
-            return "", params
+            return NULL_SENDER, params
         raise _addr_error(501, enh, f"Bad {what} address syntax")
     # The limit is on the whole path, route and brackets included, in octets.
     if len(path.encode("utf-8", "surrogatepass")) + 2 > 256:
@@ -446,8 +541,8 @@ def parse_path(
         path = path[colon + 1 :]
     if not path.isascii() and not smtputf8:
         raise _addr_error(553, "5.6.7", f"Non-ASCII {what} address requires SMTPUTF8")
-    if not sender and path.lower() == "postmaster":
-        return path, params
+    if not sender and path.isascii() and path.lower() == "postmaster":
+        return Address.parse(path), params
     at = path.rfind("@")
     if at <= 0 or at == len(path) - 1:
         raise _addr_error(501, enh, f"Bad {what} address syntax")
@@ -469,7 +564,10 @@ def parse_path(
         )
     ):
         raise _addr_error(501, enh, f"Bad {what} address syntax")
-    return path, params
+    try:
+        return Address.parse(path), params
+    except ValueError:  # a domain with no IDNA form
+        raise _addr_error(501, enh, f"Bad {what} address syntax") from None
 
 
 def _is_route(route: str) -> bool:
@@ -515,30 +613,65 @@ def _parse_params(rest: str) -> dict[str, str | None]:
     return params
 
 
+_COMMAND = 0
+_DATA = 1
+_DISCARD_BDAT = 2
+_CLOSED = 3
+_AUTH = 4
+_TLS_WAIT = 5
+
+#: A command's handler: called with the protocol and the argument text;
+#: returns an :class:`Event`, ``None`` (answered already) or :data:`CLOSED`.
+VerbHandler: TypeAlias = Callable[["SMTPProtocol", str], Any]
+
+
 class SMTPProtocol:
     """One SMTP session, as a state machine with no I/O.
 
     :arg SMTPSettings settings: limits and behaviour.
     :arg str remote_ip: the client's address, for the HELO reply.
+    :arg Policy policy: what the listener allows (TLS, AUTH, legacy texts).
+    :arg on_refusal: called with a :class:`Refusal` for every ``4xx``/``5xx``
+        reply; the connection logs it.
 
     The caller loops: feed what the socket gives to :meth:`receive_data`,
-    call :meth:`next_event` until it returns :data:`NEED_DATA` (read more) or
-    :data:`CLOSED` (flush and close), answer each :class:`Event` with
+    call :meth:`next_event` until it returns :data:`NEED_DATA` (read more),
+    :data:`PAUSED` (send, wait for the client to read, go on) or
+    :data:`CLOSED` (send and close), answer each :class:`Event` with
     :meth:`accept` or :meth:`reject`, store :class:`DataChunk` contents, and
     write out :meth:`data_to_send`.
+
+    The verbs it knows are the class's :attr:`VERBS` table, shared by every
+    instance until :meth:`add_verb` gives one instance a copy of its own; a
+    subclass (LMTP) extends the table it inherits.
     """
 
-    def __init__(self, settings: SMTPSettings, remote_ip: str = "") -> None:
+    #: Handlers by upper-case ASCII verb (filled in below the class).
+    VERBS: ClassVar[dict[str, VerbHandler]] = {}
+
+    def __init__(
+        self,
+        settings: SMTPSettings,
+        remote_ip: str = "",
+        policy: Policy | None = None,
+        *,
+        on_refusal: Callable[[Refusal], None] | None = None,
+    ) -> None:
+        policy = policy if policy is not None else Policy()
         self.settings = settings
         self.remote_ip = remote_ip
+        self.policy = policy
+        #: The verb table of this session (see :meth:`add_verb`).
+        self.verbs: dict[str, VerbHandler] = type(self).VERBS
+        self._on_refusal = on_refusal
         #: The HELO/EHLO name once accepted, else ``None``.
         self.helo: str | None = None
-        #: True once the client has said EHLO (enhanced codes in replies).
+        #: True once the client has said EHLO.
         self.esmtp = False
         #: The sender of the open transaction, ``None`` outside one.
-        self.mail_from: str | None = None
+        self.mail_from: Address | None = None
         #: The transaction's MAIL parameters.
-        self.mail_params: dict[str, str | None] = {}
+        self.mail_params: Mapping[str, str | None] = {}
         #: Recipients accepted in the open transaction.
         self.rcpt_count = 0
         #: Messages accepted on this connection.
@@ -547,41 +680,58 @@ class SMTPProtocol:
         self.errors = 0
         #: Unknown commands so far (counts toward ``max_unknown_commands``).
         self.unknown_commands = 0
+        #: Commands that did no mail work since the last accepted message
+        #: (counts toward ``max_junk_commands``).
+        self.junk_commands = 0
         #: Size of the message being received, after unstuffing.
         self.data_size = 0
         #: Notes about the session for the log, e.g. ``"bare_lf"``.
         self.notes: set[str] = set()
+        #: True when the session is encrypted (after STARTTLS, or implicit TLS).
+        self.tls_active = policy.tls_active
+        #: Facts about the TLS session (:func:`bonzo.tls.tls_facts`), set by
+        #: the driver once a handshake succeeded.
+        self.tls_info: dict[str, Any] | None = None
+        #: AUTH mechanisms that may be offered (empty: no AUTH at all).
+        self.auth_mechanisms = policy.auth_mechanisms
+        #: The authenticated identity, once AUTH succeeded.
+        self.authenticated: str | None = None
+        #: Failed AUTH attempts so far.
+        self.auth_failures = 0
+        #: The verb of the command being answered, for logs (``"connect"``
+        #: before the first command, ``"message"`` after the final dot).
+        self.stage = "connect"
+        self._arg = ""
         self._state = _COMMAND
         self._buf = bytearray()
         self._pos = 0
         self._out: list[bytes] = []
+        self._out_size = 0
         self._pending: Event | None = None
         self._discarding_line = False
         self._discarding_auth = False
-        # DATA state
+        # DATA state. _line_start: the next octet starts a line for framing
+        # (after CRLF: only CRLF.CRLF ends the data); _unstuff_start: it
+        # starts a line for dot-unstuffing (also after a bare LF when bare
+        # line ends are normalised, as a client that sends LF lines stuffs).
         self._line_start = True
+        self._unstuff_start = True
         self._data_error: SMTPError | None = None
         self._data_rank = 0
         self._bdat_left = 0
-        #: True when the session is encrypted (after STARTTLS, or implicit TLS).
-        self.tls_active = False
-        #: True when STARTTLS may be offered (the listener has a certificate).
-        self.starttls_available = False
-        #: Refuse MAIL with ``530 5.7.0`` until TLS is active.
-        self.require_tls = False
-        #: Refuse MAIL with ``530 5.7.0`` until the client has authenticated.
-        self.require_auth = False
-        #: AUTH mechanisms that may be offered (empty: no AUTH at all).
-        self.auth_mechanisms: tuple[str, ...] = ()
-        #: Offer AUTH on a connection without TLS.
-        self.auth_plaintext = False
-        #: The authenticated user name, once AUTH succeeded.
-        self.authenticated: str | None = None
-        #: Failed AUTH attempts so far.
-        self.auth_failures = 0
         self._bare_mode = settings.bare_newline
         self._max_line = settings.max_command_line
         self._max_mail_line = settings.max_command_line + EXTENSION_ALLOWANCE
+        self._backlog = settings.max_write_backlog
+
+    def add_verb(self, verb: str, handler: VerbHandler) -> None:
+        """Handle ``verb`` (ASCII, any case) with ``handler(protocol, arg)``
+        in this session only; the class's table is copied on first use."""
+        if not verb.isascii() or not verb.isalnum():
+            raise ValueError(f"a verb is ASCII letters and digits, not {verb!r}")
+        if self.verbs is type(self).VERBS:
+            self.verbs = dict(self.verbs)
+        self.verbs[verb.upper()] = handler
 
     # ------------------------------------------------------------------ I/O
     def receive_data(self, data: bytes) -> None:
@@ -596,16 +746,18 @@ class SMTPProtocol:
 
     def data_to_send(self) -> bytes:
         """Return (and forget) the replies produced so far, as one block."""
-        if not self._out:
+        out = self._out
+        if not out:
             return b""
-        out = b"".join(self._out)
-        self._out.clear()
-        return out
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self._out_size = 0
+        return data
 
     @property
     def pending_output(self) -> int:
         """Number of reply octets waiting in :meth:`data_to_send`."""
-        return sum(map(len, self._out))
+        return self._out_size
 
     @property
     def buffered(self) -> int:
@@ -614,8 +766,14 @@ class SMTPProtocol:
 
     @property
     def in_data(self) -> bool:
-        """True while the message content is being received."""
+        """True while message content is being received."""
         return self._state == _DATA
+
+    @property
+    def receiving_content(self) -> bool:
+        """True while octets of content arrive (DATA, or a BDAT chunk being
+        read): the DATA timeouts apply rather than the command ones."""
+        return self._state == _DATA or self._state == _DISCARD_BDAT
 
     @property
     def in_transaction(self) -> bool:
@@ -634,10 +792,23 @@ class SMTPProtocol:
 
     @property
     def partial_line(self) -> bool:
-        """True when part of a command line has arrived but not its end."""
-        return self._state == _COMMAND and (self._discarding_line or len(self._buf) > self._pos)
+        """True when part of a command line has arrived but not its end, also
+        while an overlong line is being discarded."""
+        return (self._state == _COMMAND or self._state == _AUTH) and (
+            self._discarding_line or len(self._buf) > self._pos
+        )
+
+    @property
+    def enhanced_codes(self) -> bool:
+        """True when replies carry RFC 3463 codes (always, except in a
+        ``legacy_replies`` session that has not said EHLO)."""
+        return self.esmtp or not self.policy.legacy_replies
 
     # --------------------------------------------------------------- replies
+    def _queue(self, wire: bytes) -> None:
+        self._out.append(wire)
+        self._out_size += len(wire)
+
     def reply(
         self,
         code: int,
@@ -645,21 +816,33 @@ class SMTPProtocol:
         enhanced: str | None = None,
         legacy: str | None = None,
     ) -> None:
-        """Queue a reply; ``legacy`` is the text for a session without EHLO."""
-        if self.esmtp or legacy is None:
-            self._out.append(format_reply(code, text, enhanced, self.esmtp))
+        """Queue a reply; ``legacy`` is the text for a ``legacy_replies``
+        session that has not said EHLO (default: ``text``)."""
+        if self.esmtp or not self.policy.legacy_replies:
+            self._queue(format_reply(code, text, enhanced, True))
         else:
-            self._out.append(format_reply(code, legacy, None, False))
+            self._queue(format_reply(code, text if legacy is None else legacy, None, False))
 
     def send_greeting(self, text: str | None = None) -> None:
         """Queue the ``220`` greeting (``text`` defaults to the settings' banner)."""
-        self._out.append(format_reply(220, text or self.settings.greeting, None, False))
+        self._queue(format_reply(220, text or self.settings.greeting, None, False))
 
-    def send_error(self, error: SMTPError) -> None:
-        """Queue ``error`` as a reply, outside any event (e.g. a refused
-        connection); closes the session if ``error.close`` or the code is 421."""
+    def refuse(
+        self,
+        error: SMTPError,
+        *,
+        by: str = "core",
+        close: bool = False,
+        limit: str | None = None,
+    ) -> None:
+        """Answer outside any event (a refused connection) with ``error``;
+        ends the session when ``close`` is true or the code is 421. ``limit``
+        names the limit that refused it, for the log."""
+        self._refused(
+            error.status_code, error.enhanced_code, error.message, by, _note(error), limit
+        )
         self._write_error(error)
-        if error.close or error.status_code == 421:
+        if close or error.status_code == 421:
             self._close()
 
     def close(
@@ -667,10 +850,16 @@ class SMTPProtocol:
         code: int = 421,
         text: str = "Service closing transmission channel",
         enhanced: str = "4.4.2",
+        *,
+        limit: str | None = None,
     ) -> None:
-        """Queue a final reply (``421`` by default) and end the session."""
+        """Queue a final reply (``421`` by default) and end the session;
+        ``limit`` names the limit or timeout that ended it, for the log. An
+        event still pending is abandoned: answering it later does nothing."""
         if self._state == _CLOSED:
             return
+        if code >= 400:
+            self._refused(code, enhanced, text, "core", None, limit)
         self.reply(code, text, enhanced)
         self._close()
 
@@ -681,17 +870,53 @@ class SMTPProtocol:
         self._pos = 0
 
     def _write_error(self, error: SMTPError) -> None:
-        self._out.append(
-            format_reply(error.status_code, error.message, error.enhanced_code, self.esmtp)
+        self._queue(
+            format_reply(error.status_code, error.message, error.enhanced_code, self.enhanced_codes)
         )
+
+    def _refused(
+        self,
+        code: int,
+        enhanced: str | None,
+        text: str,
+        by: str,
+        log_message: str | None,
+        limit: str | None,
+    ) -> None:
+        if self._on_refusal is not None:
+            self._on_refusal(
+                Refusal(
+                    self.stage,
+                    code,
+                    enhanced or default_enhanced_code(code),
+                    text,
+                    self._arg,
+                    by,
+                    log_message,
+                    limit,
+                )
+            )
 
     def _error(self, code: int, enhanced: str, text: str, legacy: str | None = None) -> None:
         """Reply with an error to a command, counting it against ``max_errors``."""
         self.errors += 1
         if self.errors > self.settings.max_errors:
-            self.close(421, "Too many errors, closing connection", "4.7.0")
+            self.close(421, "Too many errors, closing connection", "4.7.0", limit="max_errors")
             return
+        self._refused(code, enhanced, text, "core", None, None)
         self.reply(code, text, enhanced, legacy)
+
+    def _junk(self) -> bool:
+        """Count a command that does no mail work; False (and the session is
+        closed) past ``max_junk_commands``."""
+        self.junk_commands += 1
+        if self.junk_commands > self.settings.max_junk_commands:
+            self.close(
+                421, "Too many commands without mail, closing connection", "4.7.0",
+                limit="max_junk_commands",
+            )  # fmt: skip
+            return False
+        return True
 
     # ------------------------------------------------------------ decisions
     def accept(
@@ -702,9 +927,14 @@ class SMTPProtocol:
         :arg text: replaces the default reply text.
         :arg extensions: for EHLO, the keywords to advertise (default
             :meth:`ehlo_keywords`).
+
+        Does nothing once the session is closed (a shutdown or a timeout may
+        close it while a plugin decides).
         """
         event = self._pending
         if event is None:
+            if self._state == _CLOSED:
+                return
             raise RuntimeError("accept() without a pending event")
         kind = type(event)
         if kind is MessageComplete and event.error is not None:  # type: ignore[attr-defined]
@@ -715,50 +945,41 @@ class SMTPProtocol:
         if kind is Rcpt:
             self.rcpt_count += 1
             self.reply(250, text or "Ok", "2.1.5")
-            return
-        if kind is Mail:
-            self.mail_from = event.address  # type: ignore[attr-defined]
+        elif kind is Mail:
+            self.mail_from = event.mailbox  # type: ignore[attr-defined]
             self.mail_params = event.params  # type: ignore[attr-defined]
             self.rcpt_count = 0
             self.reply(250, text or "Ok", "2.1.0")
-            return
-        if isinstance(event, Helo):
+        elif kind is Data:
+            self._state = _DATA
+            self._line_start = self._unstuff_start = True
+            self._data_error = None
+            self._data_rank = 0
+            self.data_size = 0
+            self.reply(354, text or "End data with <CR><LF>.<CR><LF>")
+        elif kind is MessageComplete:
+            self.messages += 1
+            self.junk_commands = 0
             self._reset_transaction()
-            self.helo = event.name
-            self.esmtp = event.esmtp
-            if event.esmtp:
+            self.reply(250, text or "Ok", "2.0.0")
+        elif kind is Helo:
+            self._reset_transaction()
+            self.helo = event.name  # type: ignore[attr-defined]
+            self.esmtp = event.esmtp  # type: ignore[attr-defined]
+            if self.esmtp:
                 keywords = self.ehlo_keywords() if extensions is None else extensions
                 first = (
                     text
                     if isinstance(text, str)
                     else f"{self.settings.hostname} Hello {self.remote_ip}"
                 )
-                self._out.append(format_reply(250, [first, *keywords], None, False))
+                self._queue(format_reply(250, [first, *keywords], None, False))
             else:
-                self._out.append(format_reply(250, text or f"Hello {self.remote_ip}", None, False))
-        elif isinstance(event, Mail):
-            self.mail_from = event.address
-            self.mail_params = event.params
-            self.rcpt_count = 0
-            self.reply(250, text or "Ok", "2.1.0")
-        elif isinstance(event, Rcpt):
-            self.rcpt_count += 1
-            self.reply(250, text or "Ok", "2.1.5")
-        elif isinstance(event, Data):
-            self._state = _DATA
-            self._line_start = True
-            self._data_error = None
-            self._data_rank = 0
-            self.data_size = 0
-            self.reply(354, text or "End data with <CR><LF>.<CR><LF>")
-        elif isinstance(event, Reset):
+                self._queue(format_reply(250, text or f"Hello {self.remote_ip}", None, False))
+        elif kind is Reset:
             self._reset_transaction()
             self.reply(250, text or "Ok", "2.0.0")
-        elif isinstance(event, MessageComplete):
-            self.messages += 1
-            self._reset_transaction()
-            self.reply(250, text or "Ok", "2.0.0")
-        elif isinstance(event, StartTLS):
+        elif kind is StartTLS:
             self.reply(220, text or "Ready to start TLS", "2.0.0")
             if self._pos < len(self._buf):
                 # RFC 3207 5 / CVE-2011-0411: plaintext pipelined after
@@ -767,47 +988,63 @@ class SMTPProtocol:
             self._buf.clear()
             self._pos = 0
             self._state = _TLS_WAIT
-        elif isinstance(event, (Auth, AuthResponse)):
+        elif kind is Auth or kind is AuthResponse:
+            self._pending = event
             raise RuntimeError("answer AUTH with auth_challenge(), auth_success() or reject()")
         else:
             self.reply(250, text or "Ok", "2.0.0")
 
-    def reject(self, error: SMTPError) -> None:
+    def reject(self, error: SMTPError, *, by: str = "core", close: bool = False) -> None:
         """Answer the pending event with ``error``; the state does not change
-        (except that a finished message ends its transaction). Closes the
-        session when ``error.close`` is set or the code is 421."""
+        (except that a finished message ends its transaction). Ends the
+        session when ``close`` is true, ``error.close`` is set or the code is
+        421. ``by`` names who decided, for the log. Does nothing once the
+        session is closed."""
         event = self._pending
         if event is None:
+            if self._state == _CLOSED:
+                return
             raise RuntimeError("reject() without a pending event")
-        if isinstance(event, Reset):
+        if type(event) is Reset:
             raise RuntimeError("RSET cannot be rejected")
         self._pending = None
-        if isinstance(event, MessageComplete):
+        code = error.status_code
+        note = _note(error)
+        if type(event) is MessageComplete:
             self._reset_transaction()
-        if isinstance(event, (Auth, AuthResponse)):
+        elif type(event) is Auth or type(event) is AuthResponse:
             self._state = _COMMAND
-            if error.status_code == 535:
+            if code == 535:
                 self.auth_failures += 1
                 if self.auth_failures >= self.settings.max_auth_failures:
+                    self._refused(code, error.enhanced_code, error.message, by, note, None)
                     self._write_error(error)
-                    self.close(421, "Too many authentication failures", "4.7.0")
+                    self.close(
+                        421, "Too many authentication failures", "4.7.0",
+                        limit="max_auth_failures",
+                    )  # fmt: skip
                     return
-        if error.close or error.status_code == 421:
+        if close or error.close or code == 421:
+            self._refused(code, error.enhanced_code, error.message, by, note, None)
             self._write_error(error)
             self._close()
             return
-        if isinstance(event, Unknown) and error.status_code in (500, 502):
+        if type(event) is Unknown and (code == 500 or code == 502):
             # "Not recognized"; a verb a plugin implements (any other reply)
             # is not an unknown command.
             self.unknown_commands += 1
             if self.unknown_commands > self.settings.max_unknown_commands:
-                self.close(421, "Too many unknown commands, closing connection", "4.7.0")
+                self.close(
+                    421, "Too many unknown commands, closing connection", "4.7.0",
+                    limit="max_unknown_commands",
+                )  # fmt: skip
                 return
-        if error.status_code >= 400:
+        if code >= 400:
             self.errors += 1
             if self.errors > self.settings.max_errors:
-                self.close(421, "Too many errors, closing connection", "4.7.0")
+                self.close(421, "Too many errors, closing connection", "4.7.0", limit="max_errors")
                 return
+            self._refused(code, error.enhanced_code, error.message, by, note, None)
         self._write_error(error)
 
     def ehlo_keywords(self) -> list[str]:
@@ -817,7 +1054,7 @@ class SMTPProtocol:
         if self.settings.smtputf8:
             keywords.append("SMTPUTF8")
         keywords += ["ENHANCEDSTATUSCODES", "HELP"]
-        if self.starttls_available and not self.tls_active:
+        if self.policy.starttls and not self.tls_active:
             keywords.append("STARTTLS")
         if self.auth_offered:
             keywords.append("AUTH " + " ".join(self.auth_mechanisms))
@@ -829,7 +1066,7 @@ class SMTPProtocol:
         encrypted (or plaintext AUTH is allowed) and nobody has logged in."""
         return bool(
             self.auth_mechanisms
-            and (self.tls_active or self.auth_plaintext)
+            and (self.tls_active or self.policy.auth_plaintext)
             and self.authenticated is None
         )
 
@@ -849,18 +1086,22 @@ class SMTPProtocol:
         """Answer the pending AUTH step with ``334 <challenge>`` (base64) and
         read the client's next line as an :class:`AuthResponse`."""
         if not isinstance(self._pending, (Auth, AuthResponse)):
+            if self._state == _CLOSED:
+                return
             raise RuntimeError("auth_challenge() without a pending AUTH")
         self._pending = None
-        self._out.append(f"334 {challenge}\r\n".encode("ascii"))
+        self._queue(f"334 {challenge}\r\n".encode("ascii"))
         self._state = _AUTH
 
-    def auth_success(self, username: str) -> None:
-        """The credentials are good: ``235 2.7.0`` and remember ``username``."""
+    def auth_success(self, identity: str) -> None:
+        """The credentials are good: ``235 2.7.0``; the session acts as ``identity``."""
         if not isinstance(self._pending, (Auth, AuthResponse)):
+            if self._state == _CLOSED:
+                return
             raise RuntimeError("auth_success() without a pending AUTH")
         self._pending = None
         self._state = _COMMAND
-        self.authenticated = username
+        self.authenticated = identity
         self.reply(235, "Authentication successful", "2.7.0")
 
     def _reset_transaction(self) -> None:
@@ -869,21 +1110,24 @@ class SMTPProtocol:
         self.rcpt_count = 0
 
     # --------------------------------------------------------------- events
-    def next_event(self) -> Any:
+    def next_event(self) -> NextEvent:
         """Return the next :class:`Event`, a :class:`DataChunk`,
-        :data:`NEED_DATA` or :data:`CLOSED`.
+        :data:`NEED_DATA`, :data:`PAUSED` or :data:`CLOSED`.
 
         Lines that need no decision are answered on the way. Raises
         :class:`RuntimeError` if the previous event is still unanswered.
         """
         if self._pending is not None:
             raise RuntimeError(f"{self._pending!r} has not been accepted or rejected")
+        backlog = self._backlog
         while True:
+            if self._out_size > backlog:
+                return PAUSED
             state = self._state
             if state == _COMMAND:
                 event = self._next_command()
             elif state == _DATA:
-                return self._next_data()
+                return self._next_data()  # type: ignore[no-any-return]
             elif state == _DISCARD_BDAT:
                 event = self._discard_bdat()
             elif state == _AUTH:
@@ -895,7 +1139,7 @@ class SMTPProtocol:
             if event is not None:
                 if isinstance(event, Event):
                     self._pending = event
-                return event
+                return event  # type: ignore[no-any-return]
 
     def _next_command(self) -> Any:
         buf = self._buf
@@ -915,6 +1159,7 @@ class SMTPProtocol:
         self._pos = nl + 1
         if self._discarding_line:
             self._discarding_line = False
+            self.stage, self._arg = "AUTH" if self._discarding_auth else "?", ""
             if self._discarding_auth:
                 self._error(500, "5.5.6", "Authentication exchange line is too long")
             else:
@@ -942,6 +1187,7 @@ class SMTPProtocol:
             return NEED_DATA
         self._pos = nl + 1
         self._state = _COMMAND
+        self.stage, self._arg = "AUTH", ""
         end = nl - 1 if nl > pos and buf[nl - 1] == 13 else nl
         if self._discarding_line or end - pos + 2 > limit:
             self._discarding_line = False
@@ -959,58 +1205,80 @@ class SMTPProtocol:
             head = raw[:5].upper()
             if head == b"AUTH " and self.auth_mechanisms:
                 if length > self.settings.max_auth_line:
+                    self.stage, self._arg = "AUTH", ""
                     self._error(500, "5.5.6", "Authentication exchange line is too long")
                     return None
             elif length > self._max_mail_line or head not in (b"MAIL ", b"RCPT "):
+                self.stage, self._arg = _safe_verb(raw), ""
                 self._error(500, "5.5.2", "Line too long", "Error: line too long")
                 return None
-        # After the length check, so that an overlong line gets the same reply
-        # whether it was discarded while arriving or seen whole.
+        # After the length check, so that an overlong line gets the same
+        # reply whether it was discarded while arriving or seen whole.
         if bare_lf and self._bare_mode == "reject":
+            self.stage, self._arg = _safe_verb(raw), ""
             self._error(500, "5.5.2", "Bare LF received, lines must end with CRLF")
             return None
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
+            self.stage, self._arg = _safe_verb(raw), ""
             self._error(500, "5.5.2", "Error: bad UTF-8 syntax")
             return None
-        if _CTL.search(line):
+        if not line.isprintable() and _CTL.search(line):
+            self.stage, self._arg = _safe_verb(raw), ""
             self._error(501, "5.5.2", "Syntax error: control characters are not allowed")
             return None
         line = line.strip(" ")
+        verb, _, arg = line.partition(" ")
+        arg = arg.strip(" ")
+        key = verb.upper() if verb.isascii() else ""
+        self.stage = key or "?"
+        # Never an AUTH secret in a log line: only the mechanism.
+        self._arg = arg if key != "AUTH" else arg.partition(" ")[0]
         if not line:
             self._error(500, "5.5.2", "Error: bad syntax")
             return None
-        verb, _, arg = line.partition(" ")
-        upper = verb.upper()
-        handler = _VERBS.get(upper)
+        handler = self.verbs.get(key) if key else None
         if handler is None:
-            if not verb.isascii():
-                self._error(500, "5.5.2", "Error: bad syntax")
+            if not key:
+                # A non-ASCII verb never reaches a plugin: no verb is spelled so.
+                self._unknown_verb(verb)
                 return None
-            return Unknown(upper, arg.strip(" "))
-        return handler(self, arg.strip(" "))
+            return Unknown(key, arg, verb)
+        return handler(self, arg)
+
+    def _unknown_verb(self, verb: str) -> None:
+        self.unknown_commands += 1
+        if self.unknown_commands > self.settings.max_unknown_commands:
+            self.close(
+                421, "Too many unknown commands, closing connection", "4.7.0",
+                limit="max_unknown_commands",
+            )  # fmt: skip
+        elif self.enhanced_codes:
+            self._error(500, "5.5.2", "Error: command not recognized")
+        else:
+            self._error(502, "5.5.1", f'Error: command "{verb}" not implemented')
 
     # ---------------------------------------------------------------- verbs
     def _cmd_helo(self, arg: str) -> Any:
-        return self._greet(arg, "HELO")
+        return self._greet(arg, False)
 
     def _cmd_ehlo(self, arg: str) -> Any:
-        return self._greet(arg, "EHLO")
+        return self._greet(arg, True)
 
-    def _greet(self, arg: str, verb: str) -> Any:
-        if not arg:
+    def _greet(self, arg: str, esmtp: bool) -> Any:
+        verb = "EHLO" if esmtp else "HELO"
+        if not arg or not arg.isascii():
             self._error(501, "5.5.4", f"Syntax: {verb} hostname")
             return None
-        if not arg.isascii():
-            self._error(501, "5.5.4", f"Syntax: {verb} hostname")
-            return None
-        if verb == "HELO" and self.helo and not self.esmtp:
-            # The original Bonzo refused a repeated HELO; kept for HELO
-            # sessions. EHLO, and anything after EHLO, resets (RFC 5321 4.1.4).
+        if not esmtp and self.helo and not self.esmtp and self.policy.legacy_replies:
+            # The original Bonzo refused a repeated HELO; kept for its API.
+            # EHLO, and anything after EHLO, resets (RFC 5321 4.1.4).
             self._error(503, "5.5.1", "Duplicate HELO/EHLO")
             return None
-        return Helo(arg, verb == "EHLO")
+        if self.helo is not None and not self._junk():
+            return None
+        return Helo(arg, esmtp)
 
     def _cmd_mail(self, arg: str) -> Any:
         if not self.helo:
@@ -1019,13 +1287,13 @@ class SMTPProtocol:
         if self.mail_from is not None:
             self._error(503, "5.5.1", "Error: nested MAIL command")
             return None
-        if arg[:5].upper() != "FROM:" or not arg[5:].strip(" "):
+        if _ascii_upper(arg[:5]) != "FROM:" or not arg[5:].strip(" "):
             self._error(501, "5.5.4", "Syntax: MAIL FROM:<address>")
             return None
-        if self.require_tls and not self.tls_active:
+        if self.policy.require_tls and not self.tls_active:
             self._error(530, "5.7.0", "Must issue a STARTTLS command first")
             return None
-        if self.require_auth and self.authenticated is None:
+        if self.policy.require_auth and self.authenticated is None:
             self._error(530, "5.7.0", "Authentication required")
             return None
         if self.messages >= self.settings.max_messages_per_connection:
@@ -1033,12 +1301,14 @@ class SMTPProtocol:
             return None
         rest = arg[5:]
         utf8 = False
-        if self.settings.smtputf8 and "SMTPUTF8" in rest.upper():
-            # Decide on SMTPUTF8 before judging the address (RFC 6531 3.4).
-            _, _, tail = rest.strip(" ").rpartition(">")
-            utf8 = "SMTPUTF8" in tail.upper().split(" ")
+        if self.settings.smtputf8:
+            upper = _ascii_upper(rest)
+            if "SMTPUTF8" in upper:
+                # Decide on SMTPUTF8 before judging the address (RFC 6531 3.4).
+                _, _, tail = upper.strip(" ").rpartition(">")
+                utf8 = "SMTPUTF8" in tail.split(" ")
         try:
-            address, params = parse_path(rest, sender=True, smtputf8=utf8)
+            mailbox, params = parse_path(rest, sender=True, smtputf8=utf8)
         except AddressError as exc:
             self._reject_now(exc.reply)
             return None
@@ -1046,12 +1316,7 @@ class SMTPProtocol:
         if problem is not None:
             self._reject_now(problem)
             return None
-        try:
-            mailbox = Address.parse(address)
-        except ValueError:
-            self._reject_now(SMTPError(501, "Bad sender address syntax", enhanced_code="5.1.7"))
-            return None
-        return Mail(address, params, mailbox)
+        return Mail(mailbox, params)
 
     def _check_mail_params(self, params: dict[str, str | None]) -> SMTPError | None:
         if params and not self.esmtp:
@@ -1068,7 +1333,7 @@ class SMTPProtocol:
                         enhanced_code="5.3.4",
                     )
             elif key == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                if value is None or _ascii_upper(value) not in ("7BIT", "8BITMIME"):
                     return SMTPError(501, "Bad BODY parameter", enhanced_code="5.5.4")
             elif key == "SMTPUTF8" and self.settings.smtputf8:
                 if value is not None:
@@ -1085,14 +1350,14 @@ class SMTPProtocol:
         if self.mail_from is None:
             self._error(503, "5.5.1", "Error: need MAIL command")
             return None
-        if arg[:3].upper() != "TO:" or not arg[3:].strip(" "):
+        if _ascii_upper(arg[:3]) != "TO:" or not arg[3:].strip(" "):
             self._error(501, "5.5.4", "Syntax: RCPT TO:<address>")
             return None
         if self.rcpt_count >= self.settings.max_recipients:
             self._error(452, "4.5.3", "Too many recipients")
             return None
         try:
-            address, params = parse_path(
+            mailbox, params = parse_path(
                 arg[3:], sender=False, smtputf8="SMTPUTF8" in self.mail_params
             )
         except AddressError as exc:
@@ -1102,12 +1367,7 @@ class SMTPProtocol:
             key = next(iter(params))
             self._reject_now(SMTPError(555, f"Unsupported parameter {key}", enhanced_code="5.5.4"))
             return None
-        try:
-            mailbox = Address.parse(address)
-        except ValueError:
-            self._reject_now(SMTPError(501, "Bad recipient address syntax", enhanced_code="5.1.3"))
-            return None
-        return Rcpt(address, params, mailbox)
+        return Rcpt(mailbox, params)
 
     def _cmd_data(self, arg: str) -> Any:
         if not self.rcpt_count:
@@ -1122,15 +1382,18 @@ class SMTPProtocol:
         if arg:
             self._error(501, "5.5.4", "Syntax: RSET")
             return None
+        if not self._junk():
+            return None
         return Reset()
 
     def _cmd_noop(self, arg: str) -> Any:
-        if arg and not self.esmtp:
-            # Original Bonzo behaviour for HELO sessions; RFC 5321 4.1.1.9 says
-            # the argument should be ignored, which ESMTP sessions do.
+        if arg and self.policy.legacy_replies and not self.esmtp:
+            # Original Bonzo behaviour for its API; RFC 5321 4.1.1.9 says the
+            # argument should be ignored, which every other session does.
             self._error(501, "5.5.4", "Syntax: NOOP")
             return None
-        self.reply(250, "Ok", "2.0.0")
+        if self._junk():
+            self.reply(250, "Ok", "2.0.0")
         return None
 
     def _cmd_quit(self, arg: str) -> Any:
@@ -1142,15 +1405,19 @@ class SMTPProtocol:
         if not arg:
             self._error(501, "5.5.4", "Syntax: VRFY <address>")
             return None
-        self.reply(252, "Cannot VRFY user, but will accept message and attempt delivery", "2.0.0")
+        if self._junk():
+            self.reply(
+                252, "Cannot VRFY user, but will accept message and attempt delivery", "2.0.0"
+            )
         return None
 
     def _cmd_help(self, arg: str) -> Any:
-        self.reply(214, f"Supported commands: {_COMMANDS_HELP}", "2.0.0")
+        if self._junk():
+            self.reply(214, f"Supported commands: {_COMMANDS_HELP}", "2.0.0")
         return None
 
     def _cmd_starttls(self, arg: str) -> Any:
-        if not self.starttls_available and not self.tls_active:
+        if not self.policy.starttls and not self.tls_active:
             self._error(
                 502,
                 "5.5.1",
@@ -1184,11 +1451,11 @@ class SMTPProtocol:
         if self.mail_from is not None:
             self._error(503, "5.5.1", "Error: AUTH not allowed during a mail transaction")
             return None
-        if not (self.tls_active or self.auth_plaintext):
+        if not (self.tls_active or self.policy.auth_plaintext):
             self._error(538, "5.7.11", "Encryption required for requested authentication mechanism")
             return None
         mechanism, _, initial = arg.partition(" ")
-        mechanism = mechanism.upper()
+        mechanism = _ascii_upper(mechanism)
         initial = initial.strip(" ")
         if not mechanism or " " in initial:
             self._error(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
@@ -1203,7 +1470,7 @@ class SMTPProtocol:
         # chunk content is never run as commands (RFC 3030; cf. Postfix 521).
         size, _, _ = arg.partition(" ")
         if not _SIZE_VALUE.fullmatch(size):
-            self.close(421, "Bad BDAT command, closing connection", "4.7.0")
+            self.close(421, "Bad BDAT command, closing connection", "4.7.0", limit="BDAT syntax")
             return CLOSED
         self._bdat_left = int(size)
         self._state = _DISCARD_BDAT
@@ -1222,16 +1489,14 @@ class SMTPProtocol:
         return None
 
     def _reject_now(self, error: SMTPError) -> None:
-        if error.status_code >= 400:
-            self._error(error.status_code, error.enhanced_code or "", error.message)
-        else:  # pragma: no cover - only error replies come here
-            self._write_error(error)
+        self._error(error.status_code, error.enhanced_code or "", error.message)
 
     # ----------------------------------------------------------------- DATA
     def _next_data(self) -> Any:
         buf = self._buf
         pos = self._pos
-        end, cut, flags = _scan_data(buf, pos, self._line_start, self.settings.max_data_line)
+        max_line = self.settings.max_data_line
+        end, cut, flags = _scan_data(buf, pos, self._line_start, max_line)
         if end >= 0:
             self._pos = end + 3
             self._state = _COMMAND
@@ -1239,19 +1504,29 @@ class SMTPProtocol:
             error = self._data_error
             self._data_error = None
             self._data_rank = 0
+            self.stage, self._arg = "message", ""
             event = MessageComplete(data, error)
             self._pending = event
             return event
         # Hand over every complete line, whatever ends it: cutting only at
         # CRLF would buffer bare-LF content without bound. A cut after a bare
-        # LF is not a line start for unstuffing or the final dot.
+        # LF is not a line start for the final dot.
         if cut == pos:
-            if len(buf) - pos > self.settings.max_data_line:
+            if len(buf) - pos <= max_line:
+                return NEED_DATA
+            if self._bare_mode == "normalize":
+                # A bare CR ends a line too when line ends are normalised
+                # (the CR last in the buffer may be half of a CRLF: wait).
+                cr = buf.rfind(b"\r", pos, len(buf) - 1)
+                if cr >= 0:
+                    cut = cr + 1
+                    flags = SCAN_BARE
+            if cut == pos:
                 self._set_data_error(_RANK_LINE)
                 # Keep the last octet: it may be the CR of the line's CRLF.
                 self._pos = len(buf) - 1
-                self._line_start = False
-            return NEED_DATA
+                self._line_start = self._unstuff_start = False
+                return NEED_DATA
         self._pos = cut
         data = self._process_block(bytes(buf[pos:cut]), flags)
         if data:
@@ -1269,29 +1544,51 @@ class SMTPProtocol:
     def _process_block(self, block: bytes, flags: int) -> bytes:
         """Unstuff, check and normalise complete lines of content, given the
         facts :func:`_scan_data` found in them."""
-        line_start = self._line_start
-        self._line_start = block[-2:] == b"\r\n"
+        unstuff = self._unstuff_start
+        ends_crlf = block[-2:] == b"\r\n"
+        self._line_start = ends_crlf
+        self._unstuff_start = ends_crlf
         rank = self._data_rank
         if rank == _RANK_LINE:
             return b""  # nothing outranks it: just look for the final dot
+        bare = flags & SCAN_BARE and self._bare_mode != "allow"
+        if bare:
+            self.notes.add("bare_lf_data")
+            if self._bare_mode == "normalize":
+                return self._normalize(block, unstuff)
         if flags & SCAN_LONG:
             self._set_data_error(_RANK_LINE)
             return b""
-        bare = False
-        if flags & SCAN_BARE and self._bare_mode != "allow":
-            self.notes.add("bare_lf_data")
-            if self._bare_mode == "reject":
-                self._set_data_error(_RANK_BARE)
-                return b""
-            bare = True
+        if bare:  # reject mode
+            self._set_data_error(_RANK_BARE)
+            return b""
         if rank:
             return b""  # a lower-ranked error only needs the checks above
+        if unstuff and block[:1] == b".":
+            block = block[1:]
         if flags & SCAN_DOTS:
-            if line_start and block[:1] == b".":
-                block = block[1:]
             block = block.replace(b"\r\n.", b"\r\n")
-        if bare:
-            block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        return self._count(block)
+
+    def _normalize(self, block: bytes, unstuff: bool) -> bytes:
+        """Content with bare LF or CR, in ``normalize`` mode: each of CRLF, LF
+        and CR ends a line (for ``max_data_line`` too), a line after a bare LF
+        is unstuffed like one after CRLF (a client that sends LF line ends,
+        such as :mod:`smtplib` given bytes, stuffs dots after each LF), and
+        the lines are stored with CRLF."""
+        self._unstuff_start = block[-1:] == b"\n"
+        limit = self.settings.max_data_line - 2
+        if len(block) > limit and any(len(line) > limit for line in _LINE_ENDS.split(block)):
+            self._set_data_error(_RANK_LINE)
+            return b""
+        if self._data_rank:
+            return b""
+        if unstuff and block[:1] == b".":
+            block = block[1:]
+        block = block.replace(b"\n.", b"\n")
+        return self._count(_LINE_ENDS.sub(b"\r\n", block))
+
+    def _count(self, block: bytes) -> bytes:
         self.data_size += len(block)
         limit = self.settings.max_message_size
         if limit and self.data_size > limit:
@@ -1300,8 +1597,24 @@ class SMTPProtocol:
         return block
 
 
-# The commands the core knows, by verb: one table for every session.
-_VERBS: dict[str, Callable[[SMTPProtocol, str], Any]] = {
+def _note(error: SMTPError) -> str | None:
+    """An error's ``log_message`` with its arguments, for the log line."""
+    if not error.log_message:
+        return None
+    try:
+        return error.log_message % error.args if error.args else error.log_message
+    except (TypeError, ValueError):
+        return f"{error.log_message} {error.args!r}"
+
+
+def _safe_verb(raw: bytes) -> str:
+    """The verb of a line that could not be decoded, for the log."""
+    verb = raw[:16].partition(b" ")[0]
+    return verb.decode("ascii", "replace").upper() or "?"
+
+
+# The commands the core knows, by verb.
+SMTPProtocol.VERBS = {
     "HELO": SMTPProtocol._cmd_helo,
     "EHLO": SMTPProtocol._cmd_ehlo,
     "MAIL": SMTPProtocol._cmd_mail,

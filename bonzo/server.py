@@ -1,10 +1,10 @@
 """A non-blocking, single-threaded SMTP server.
 
 :class:`SMTPServer` accepts connections and runs an
-:class:`~bonzo.connection.SMTPConnection` for each. Give it either the
-original Bonzo ``request_callback`` (called with an :class:`SMTPRequest` for
-each message) or a :class:`~bonzo.connection.SessionHandler` that decides on
-every command.
+:class:`~bonzo.connection.SMTPConnection` for each. The plugins of a
+:class:`~bonzo.hooks.PluginSet` decide on every command; or, as in the
+original Bonzo, a ``request_callback`` gets an :class:`SMTPRequest` for each
+message (it is run as a plugin on the same machinery, :class:`CallbackPlugin`).
 """
 
 from __future__ import annotations
@@ -16,17 +16,14 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from tornado.concurrent import Future
-from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream
 from tornado.log import app_log, gen_log
 from tornado.tcpserver import TCPServer
 
-from . import version
-from .connection import FINAL_REPLY_WAIT, SessionHandler, SMTPConnection, log_exception
-from .hooks import PluginHandler, PluginSet
+from . import errors, version
+from .connection import SMTPConnection
+from .hooks import PluginSet
 from .hookspecs import Accept
-from .protocol import format_reply
 from .session import Envelope, Session
 from .settings import ListenerSettings, SMTPSettings
 
@@ -34,16 +31,11 @@ __all__ = [
     "SMTPServer",
     "SMTPConnection",
     "SMTPRequest",
-    "CallbackHandler",
     "CallbackPlugin",
     "ConnectionCount",
 ]
 
-_TCPSERVER_ARGS = ("ssl_options", "max_buffer_size", "read_chunk_size")
-
-#: After a shutdown's grace period, how long to wait for the closed sessions
-#: to finish their cleanup before returning.
-_CLEANUP_WAIT = 1.0
+_TCPSERVER_ARGS = ("max_buffer_size", "read_chunk_size")
 
 
 class SMTPRequest:
@@ -82,6 +74,10 @@ class SMTPRequest:
     .. attribute:: envelope
 
        The :class:`~bonzo.session.Envelope`, with the full stored message.
+
+    .. attribute:: session
+
+       The :class:`~bonzo.session.Session`.
     """
 
     def __init__(
@@ -106,7 +102,10 @@ class SMTPRequest:
         self.envelope = envelope
         self.session = session
         self._message: email.message.Message | None = None
-        self._finished: Future[None] = Future()
+        self._finished = False
+        # Made when the server starts waiting (a request can be built with
+        # no event loop running, as in Bonzo 0.1).
+        self._waiter: asyncio.Future[None] | None = None
 
     @property
     def message(self) -> email.message.Message:
@@ -118,19 +117,27 @@ class SMTPRequest:
 
     def finish(self) -> None:
         """Accept the message: the client gets ``250 Ok``."""
-        if self._finished.done():
+        if self._finished:
             raise RuntimeError("finish() called twice")
-        self._finished.set_result(None)
+        self._finished = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     @property
     def finished(self) -> bool:
         """True once :meth:`finish` was called."""
-        return self._finished.done()
+        return self._finished
+
+    async def _wait_finished(self) -> None:
+        if not self._finished:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
 
     def __repr__(self) -> str:
+        # Exactly as Bonzo 0.1 wrote it: every field quoted, whatever its type.
         attrs = ("remote_ip", "hostname", "mail", "rcpt")
-        args = ", ".join(f"{n}={getattr(self, n)!r}" for n in attrs)
-        return f"{self.__class__.__name__} ({args})"
+        args = ", ".join("%s='%s'" % (n, getattr(self, n)) for n in attrs)
+        return "%s (%s)" % (self.__class__.__name__, args)
 
 
 def _legacy_data(envelope: Envelope) -> str:
@@ -145,19 +152,27 @@ class CallbackPlugin:
     delivers by calling the callback when the message is complete; the reply
     waits until ``request.finish()`` is called. A callback may also return an
     awaitable. An exception from it (or no ``finish()`` within the hook
-    timeout) answers ``451`` and is logged.
+    timeout) answers ``451`` and is logged; an
+    :class:`~bonzo.errors.SMTPError` it raises is the reply.
+
+    :arg request_callback: the callback.
+    :arg server: the server, which tells the callback's request its
+        :attr:`SMTPRequest.connection`.
     """
 
-    def __init__(self, request_callback: Callable[[SMTPRequest], Any]) -> None:
+    def __init__(
+        self, request_callback: Callable[[SMTPRequest], Any], server: SMTPServer | None = None
+    ) -> None:
         self.request_callback = request_callback
+        self.server = server
 
     def bonzo_rcpt(self) -> Accept:
         return Accept()
 
     async def bonzo_deliver(self, session: Session, envelope: Envelope) -> Accept:
-        connection = session.stash.get("bonzo.connection")
+        server = self.server
         request = SMTPRequest(
-            connection,
+            server.connection_of(session) if server is not None else None,
             session.remote_ip,
             "DATA",
             hostname=session.helo,
@@ -171,28 +186,19 @@ class CallbackPlugin:
         if result is not None and hasattr(result, "__await__"):
             try:
                 await result
-            except Exception as exc:
+            except Exception:
                 if not request.finished:
                     raise
                 # The reply is already decided (finish() was called); an error
                 # after that is the application's to see in the log.
-                log_exception(exc, session, "message")
-        await request._finished
+                app_log.error(
+                    "Uncaught exception [%s %s] after finish()",
+                    session.id,
+                    session.remote_ip,
+                    exc_info=True,
+                )
+        await request._wait_finished()
         return Accept()
-
-
-class CallbackHandler(PluginHandler):
-    """Serves an original-style ``request_callback(request)`` on the plugin
-    machinery: a :class:`~bonzo.hooks.PluginHandler` running one
-    :class:`CallbackPlugin`, with ``handler_timeout`` as its hook timeout."""
-
-    def __init__(
-        self, request_callback: Callable[[SMTPRequest], Any], timeout: float = 60.0
-    ) -> None:
-        plugins = PluginSet(timeout=timeout)
-        plugins.register(CallbackPlugin(request_callback), "request_callback")
-        super().__init__(plugins)
-        self.request_callback = request_callback
 
 
 class ConnectionCount:
@@ -218,8 +224,8 @@ class SMTPServer(TCPServer):
     """A non-blocking, single-threaded SMTP server.
 
     A server is defined by a request callback that takes an instance of
-    :class:`SMTPRequest` as an argument, or by a
-    :class:`~bonzo.connection.SessionHandler`:
+    :class:`SMTPRequest` as an argument, or by the plugins that decide on
+    every command:
 
     .. code:: python
 
@@ -235,16 +241,26 @@ class SMTPServer(TCPServer):
         IOLoop.current().start()
 
     :arg request_callback: the original Bonzo callback, or ``None`` when
-        ``handler`` is given.
-    :arg handler: a :class:`~bonzo.connection.SessionHandler`.
+        ``plugins`` is given.
+    :arg plugins: a :class:`~bonzo.hooks.PluginSet`.
     :arg settings: :class:`~bonzo.settings.SMTPSettings`; other keyword
         arguments that name a setting override it (``SMTPServer(cb,
-        max_message_size=10_000_000)``). ``ssl_options``,
+        max_message_size=10_000_000)``). ``ssl_options`` makes every
+        connection start with TLS (implicit TLS, as with Tornado);
         ``max_buffer_size`` and ``read_chunk_size`` go to
         :class:`tornado.tcpserver.TCPServer`.
+    :arg listener: :class:`~bonzo.settings.ListenerSettings` (TLS and AUTH
+        policy).
+    :arg count: a :class:`ConnectionCount` shared with other servers, so that
+        the connection limits hold across listeners.
 
     Used with a request callback, the greeting is the original
-    ``220 Bonzo SMTP Server <version>``; otherwise it is the settings' banner.
+    ``220 Bonzo SMTP Server <version>`` and the original reply texts are
+    kept for clients that do not say EHLO; otherwise the greeting is the
+    settings' banner and every reply carries an enhanced status code.
+
+    .. versionchanged:: 0.2
+       ``plugins``, ``settings``, ``listener`` and ``count``.
     """
 
     def __init__(
@@ -252,16 +268,17 @@ class SMTPServer(TCPServer):
         request_callback: Callable[[SMTPRequest], Any] | None = None,
         io_loop: Any = None,
         *,
-        handler: SessionHandler | None = None,
+        plugins: PluginSet | None = None,
         settings: SMTPSettings | None = None,
         listener: ListenerSettings | None = None,
         count: ConnectionCount | None = None,
         **kwargs: Any,
     ) -> None:
         # io_loop is accepted (and ignored) for code written for Tornado < 5.
-        if (request_callback is None) == (handler is None):
-            raise TypeError("give exactly one of request_callback and handler")
+        if (request_callback is None) == (plugins is None):
+            raise TypeError("give exactly one of request_callback and plugins")
         tcp_kwargs = {k: kwargs.pop(k) for k in _TCPSERVER_ARGS if k in kwargs}
+        ssl_options = kwargs.pop("ssl_options", None)
         base = settings or SMTPSettings(
             banner=f"Bonzo SMTP Server {version}" if request_callback is not None else None
         )
@@ -270,102 +287,120 @@ class SMTPServer(TCPServer):
             raise TypeError(f"unknown SMTPServer option(s): {', '.join(sorted(unknown))}")
         self.settings = base.replace(**kwargs) if kwargs else base
         self.request_callback = request_callback
-        self.handler: SessionHandler = (
-            handler
-            if handler is not None
-            else CallbackHandler(request_callback, self.settings.handler_timeout)  # type: ignore[arg-type]
-        )
+        if plugins is None:
+            plugins = PluginSet(timeout=self.settings.handler_timeout)
+            plugins.register(CallbackPlugin(request_callback, self), "request_callback")  # type: ignore[arg-type]
+        #: The plugins that decide.
+        self.plugins = plugins
+        if ssl_options is not None and listener is None:
+            listener = ListenerSettings(tls_context=_context(ssl_options), implicit_tls=True)
         self.listener = listener or ListenerSettings()
-        if self.listener.implicit_tls:
-            tcp_kwargs["ssl_options"] = self.listener.tls_context
+        #: The open connections.
         self.connections: set[SMTPConnection] = set()
         self.count = count or ConnectionCount()
-        self._idle_event: asyncio.Event | None = None
+        self._by_session: dict[str, SMTPConnection] = {}
+        self._legacy = request_callback is not None
         super().__init__(**tcp_kwargs)
 
     def handle_stream(self, stream: IOStream, address: Any) -> None:
         """Start a session for a new connection (called by TCPServer)."""
         settings = self.settings
         ip = str(address[0]) if isinstance(address, tuple) and address else "0.0.0.0"
+        refusal = limit = None
         if self.count.total >= settings.max_connections:
-            self._refuse(stream, ip, "Too many connections, try again later")
-            return
-        if self.count.per_ip[ip] >= settings.max_connections_per_ip:
-            self._refuse(stream, ip, "Too many connections from your address")
-            return
-        connection = SMTPConnection(stream, address, self.handler, settings, self)
-        connection.session.stash["bonzo.connection"] = connection
-        self.connections.add(connection)
-        self.count.add(ip)
-        # A task straight away (IOLoop.add_callback would take one more loop
-        # turn and a conversion); the connection keeps it referenced.
-        connection._task = connection._aloop.create_task(connection.run())
-
-    def _refuse(self, stream: IOStream, ip: str, text: str) -> None:
-        gen_log.warning("Refused connection from %s: %s", ip, text)
-        # On an implicit-TLS listener the reply waits for the client's
-        # handshake, which may never come: close by a deadline regardless.
-        settings = self.settings
-        loop = IOLoop.current()
-        deadline = loop.call_later(
-            min(FINAL_REPLY_WAIT, settings.tls_handshake_timeout, settings.idle_timeout),
-            stream.close,
+            refusal, limit = "Too many connections, try again later", "max_connections"
+        elif self.count.per_ip[ip] >= settings.max_connections_per_ip:
+            refusal, limit = "Too many connections from your address", "max_connections_per_ip"
+        connection = SMTPConnection(
+            stream,
+            address,
+            self.plugins,
+            settings,
+            self.listener,
+            legacy_replies=self._legacy,
+            refusal=errors.SMTPError(421, refusal, enhanced_code="4.7.0", close=True)
+            if refusal
+            else None,
+            on_close=self._connection_closed,
         )
+        if limit is not None:
+            gen_log.warning("Refused connection from %s: %s (%s)", ip, refusal, limit)
+        else:
+            self.count.add(ip)
+        self.connections.add(connection)
+        self._by_session[connection.session.id] = connection
+        connection.task = asyncio.get_running_loop().create_task(connection.run())
 
-        def written(fut: Future[None]) -> None:
-            fut.exception()  # a client already gone is no error to report
-            loop.remove_timeout(deadline)
-            stream.close()
-
-        try:
-            stream.write(format_reply(421, text, "4.7.0", True)).add_done_callback(written)
-        except Exception:  # pragma: no cover - the client is already gone
-            loop.remove_timeout(deadline)
-            stream.close()
+    def connection_of(self, session: Session) -> SMTPConnection | None:
+        """The connection a session of this server runs on (for the original
+        API's :attr:`SMTPRequest.connection`; plugins never need it)."""
+        return self._by_session.get(session.id)
 
     def _connection_closed(self, connection: SMTPConnection) -> None:
         if connection in self.connections:
             self.connections.discard(connection)
-            self.count.remove(connection.remote_ip)
-        if not self.connections and self._idle_event is not None:
-            self._idle_event.set()
+            self._by_session.pop(connection.session.id, None)
+            if connection.refusal is None:
+                self.count.remove(connection.remote_ip)
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop gracefully: stop accepting, answer ``421 4.3.2`` to sessions
+        waiting for a command, let messages in flight finish for ``grace``
+        seconds (default: the ``shutdown_grace`` setting), then end every
+        session that is left with a last ``421 4.3.2`` where the client can
+        still take it. Returns once every session has ended and been cleaned
+        up (``bonzo_disconnect`` run): a plugin call in flight at the end of
+        the grace period is let finish (each is bounded by its timeout), so
+        nothing runs after this returns. :meth:`force_stop` ends them at once."""
+        grace = self.settings.shutdown_grace if grace is None else grace
+        self.stop()
+        if not self.connections:
+            return
+        for connection in list(self.connections):
+            connection.shutdown()
+        if await self._wait(grace):
+            return
+        app_log.warning(
+            "Shutdown grace period over; closing %d connection(s)", len(self.connections)
+        )
+        for connection in list(self.connections):
+            connection.abort()
+        while not await self._wait(5.0):
+            app_log.warning(
+                "waiting for %d session(s) to finish a plugin call (each is bounded by its "
+                "plugin's timeout; a second SIGTERM forces the stop)",
+                len(self.connections),
+            )
+
+    async def _wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every session to end."""
+        tasks = [c.task for c in self.connections if c.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        return not any(c.task is not None and not c.task.done() for c in self.connections)
 
     def force_stop(self) -> None:
         """End every session now (a second SIGTERM): cancel what each is
         doing, plugin calls included; their cleanup still runs."""
         self.stop()
         for connection in list(self.connections):
-            task = connection._task
+            task = connection.task
             if task is not None and not task.done():
                 task.cancel()
 
-    async def shutdown(self, grace: float | None = None) -> None:
-        """Stop gracefully: stop accepting, answer ``421 4.3.2`` to sessions
-        waiting for a command, let messages in flight finish, and close what
-        is left after ``grace`` seconds (default: the ``shutdown_grace``
-        setting), with a last ``421 4.3.2`` where the socket takes it.
-        Returns once the sessions are cleaned up (``on_disconnect`` called),
-        or shortly after the grace period for those that cannot be."""
-        grace = self.settings.shutdown_grace if grace is None else grace
-        self.stop()
-        if not self.connections:
-            return
-        self._idle_event = asyncio.Event()
+    async def close_all_connections(self) -> None:
+        """Close every connection now and wait for the sessions to clean up
+        (for tests, like :meth:`tornado.httpserver.HTTPServer.close_all_connections`)."""
         for connection in list(self.connections):
-            connection.shutdown()
-        try:
-            await asyncio.wait_for(self._idle_event.wait(), timeout=grace)
-        except asyncio.TimeoutError:
-            app_log.warning(
-                "Shutdown grace period over; closing %d connection(s)", len(self.connections)
-            )
-            for connection in list(self.connections):
-                connection.abort(421, "Server shutting down", "4.3.2")
-            # Let the sessions run their cleanup (and on_disconnect); one
-            # whose handler is still running is not waited for long.
-            try:
-                await asyncio.wait_for(self._idle_event.wait(), timeout=_CLEANUP_WAIT)
-            except asyncio.TimeoutError:
-                app_log.warning(
-                    "%d connection(s) still cleaning up after shutdown", len(self.connections)
-                )
+            connection.close()
+        await self._wait(30.0)
+
+
+def _context(ssl_options: Any) -> Any:
+    import ssl
+
+    from tornado.netutil import ssl_options_to_context
+
+    if isinstance(ssl_options, ssl.SSLContext):
+        return ssl_options
+    return ssl_options_to_context(ssl_options, server_side=True)

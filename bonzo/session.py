@@ -17,14 +17,24 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import format_datetime
 from typing import IO, Any
 
 from .address import Address
+from .protocol import SMTPProtocol
+from .settings import SMTPSettings
 
-__all__ = ["Session", "Envelope", "new_session_id", "received_header", "safe_text"]
+__all__ = [
+    "Session",
+    "Envelope",
+    "new_session_id",
+    "received_header",
+    "safe_text",
+    "with_keyword",
+]
 
 _counter = itertools.count(1)
 # getpid() is a system call on current glibc, and ids are made twice per
@@ -49,7 +59,13 @@ def new_session_id() -> str:
 
 
 class Session:
-    """One client connection.
+    """One client connection, as plugins see it.
+
+    What the protocol knows (HELO name, ESMTP, TLS, the authenticated
+    identity, messages accepted) is read from the session's protocol core
+    (:class:`~bonzo.protocol.SMTPProtocol`), the single source of truth:
+    these attributes are views and cannot be set. Tests that need a session
+    in a given state build one with :func:`bonzo.testing.make_session`.
 
     .. attribute:: id
 
@@ -71,22 +87,6 @@ class Session:
 
        The server port the client connected to.
 
-    .. attribute:: helo
-
-       The HELO/EHLO name once accepted, else ``None``.
-
-    .. attribute:: esmtp
-
-       True once the client has said EHLO.
-
-    .. attribute:: tls
-
-       A dict of TLS facts when TLS is active, else ``None``.
-
-    .. attribute:: auth
-
-       The authenticated identity, or ``None``.
-
     .. attribute:: stash
 
        A dict where plugins keep per-connection data, by their own key.
@@ -94,10 +94,6 @@ class Session:
     .. attribute:: started
 
        When the client connected (:func:`time.time`).
-
-    .. attribute:: messages
-
-       Messages accepted on this connection so far.
     """
 
     __slots__ = (
@@ -106,13 +102,9 @@ class Session:
         "remote_port",
         "local_ip",
         "local_port",
-        "helo",
-        "esmtp",
-        "tls",
-        "auth",
         "stash",
         "started",
-        "messages",
+        "_core",
     )
 
     def __init__(
@@ -122,32 +114,80 @@ class Session:
         local_ip: str = "",
         local_port: int = 0,
         session_id: str | None = None,
+        *,
+        core: SMTPProtocol | None = None,
     ) -> None:
         self.id = session_id or new_session_id()
         self.remote_ip = remote_ip
         self.remote_port = remote_port
         self.local_ip = local_ip
         self.local_port = local_port
-        self.helo: str | None = None
-        self.esmtp = False
-        self.tls: dict[str, Any] | None = None
-        self.auth: str | None = None
         self.stash: dict[str, Any] = {}
         self.started = time.time()
-        self.messages = 0
+        self._core = core if core is not None else SMTPProtocol(_STANDALONE, remote_ip)
+
+    @property
+    def helo(self) -> str | None:
+        """The HELO/EHLO name once accepted, else ``None``."""
+        return self._core.helo
+
+    @property
+    def esmtp(self) -> bool:
+        """True once the client has said EHLO."""
+        return self._core.esmtp
+
+    @property
+    def tls(self) -> dict[str, Any] | None:
+        """Facts about the TLS session (:func:`bonzo.tls.tls_facts`) when TLS
+        is active, else ``None``."""
+        core = self._core
+        return core.tls_info if core.tls_active else None
+
+    @property
+    def auth(self) -> str | None:
+        """The authenticated identity, or ``None``."""
+        return self._core.authenticated
+
+    @property
+    def messages(self) -> int:
+        """Messages accepted on this connection so far."""
+        return self._core.messages
 
     @property
     def protocol(self) -> str:
-        """The ``with`` keyword for the ``Received:`` header (RFC 3848)."""
-        name = "ESMTP" if self.esmtp else "SMTP"
-        if self.esmtp and self.tls is not None:
-            name += "S"
-        if self.esmtp and self.auth is not None:
-            name += "A"
-        return name
+        """The session's ``with`` keyword for the ``Received:`` header
+        (RFC 3848): ``SMTP``, ``ESMTP``, ``ESMTPS``, ``ESMTPA``, ``ESMTPSA``.
+        A message sent with ``SMTPUTF8`` uses :func:`with_keyword`."""
+        core = self._core
+        if not core.esmtp:
+            return "SMTP"
+        return _suffixed("ESMTP", core)
 
     def __repr__(self) -> str:
         return f"<Session {self.id} {self.remote_ip}:{self.remote_port} helo={self.helo!r}>"
+
+
+def _suffixed(base: str, core: SMTPProtocol) -> str:
+    if core.tls_active:
+        base += "S"
+    if core.authenticated is not None:
+        base += "A"
+    return base
+
+
+def with_keyword(session: Session, envelope: Envelope) -> str:
+    """The ``with`` keyword of a message's ``Received:`` header: the
+    session's :attr:`~Session.protocol`, or for a message sent with the
+    ``SMTPUTF8`` parameter ``UTF8SMTP``, ``UTF8SMTPS``, ``UTF8SMTPA`` or
+    ``UTF8SMTPSA`` (RFC 6531 4.3)."""
+    if "SMTPUTF8" in envelope.mail_params:
+        return _suffixed("UTF8SMTP", session._core)
+    return session.protocol
+
+
+#: Settings of the protocol core behind a :class:`Session` built on its own
+#: (in a test): only the default limits matter there.
+_STANDALONE = SMTPSettings(hostname="localhost")
 
 
 class _Spool:
@@ -210,10 +250,16 @@ class _Spool:
         return io.BytesIO(self.read_all())
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Drop the content; never raises. Closing the file flushes what its
+        buffer holds, which fails again after a write failed for a full disk;
+        the content is being thrown away, so that second failure is not news."""
+        file, self._file = self._file, None
         self._chunks = []
+        if file is not None:
+            try:
+                file.close()
+            except OSError:
+                pass
 
 
 class Envelope:
@@ -228,7 +274,7 @@ class Envelope:
     def __init__(
         self,
         mail_from: str,
-        mail_params: dict[str, str | None] | None = None,
+        mail_params: Mapping[str, str | None] | None = None,
         *,
         spool_threshold: int = 262144,
         spool_dir: str | None = None,
@@ -243,7 +289,7 @@ class Envelope:
         #: in the order of :attr:`rcpt_tos`.
         self.recipients: list[Address] = []
         #: MAIL parameters (keywords upper-cased).
-        self.mail_params: dict[str, str | None] = mail_params or {}
+        self.mail_params: dict[str, str | None] = dict(mail_params or {})
         #: Accepted recipients, in order.
         self.rcpt_tos: list[str] = []
         #: RCPT parameters, one dict per accepted recipient.
@@ -258,6 +304,12 @@ class Envelope:
         self._spool_dir = spool_dir
         self._size = 0
         self._message: EmailMessage | None = None
+
+    def add_recipient(self, mailbox: Address, params: Mapping[str, str | None]) -> None:
+        """Record an accepted recipient (Bonzo does this after RCPT)."""
+        self.rcpt_tos.append(mailbox.original)
+        self.rcpt_params.append(dict(params))
+        self.recipients.append(mailbox)
 
     # ----------------------------------------------------------- content in
     def write(self, data: bytes) -> None:
@@ -443,21 +495,26 @@ def received_header(
     ip = session.remote_ip
     literal = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
     helo = safe_text(session.helo or "unknown")
+    keyword = with_keyword(session, envelope)
     parts = [f"Received: from {helo} ({literal})"]
-    with_ = f"\tby {hostname} (Bonzo) with {session.protocol} id {envelope.id}"
-    if session.tls:
-        version = safe_text(str(session.tls.get("version", "")), 32)
-        cipher = safe_text(str(session.tls.get("cipher", "")), 64)
+    with_ = f"\tby {hostname} (Bonzo) with {keyword} id {envelope.id}"
+    tls = session.tls
+    if tls:
+        version = safe_text(str(tls.get("version", "")), 32)
+        cipher = safe_text(str(tls.get("cipher", "")), 64)
         with_ = (
-            f"\tby {hostname} (Bonzo) with {session.protocol}\r\n"
+            f"\tby {hostname} (Bonzo) with {keyword}\r\n"
             f"\t(version={version} cipher={cipher})\r\n\tid {envelope.id}"
         )
     if session.auth:
         with_ += f"\r\n\t(authenticated as {safe_text(session.auth, 128)})"
     parts.append(with_)
     stamp = _date(when or time.time())
-    if len(envelope.rcpt_tos) == 1 and envelope.rcpt_tos[0].isascii():
-        parts.append(f"\tfor <{envelope.rcpt_tos[0]}>; {stamp}")
+    # An address in the header must be ASCII, or UTF-8 in an SMTPUTF8 message
+    # (RFC 6532); the parser has refused control characters in it already.
+    rcpts = envelope.rcpt_tos
+    if len(rcpts) == 1 and (rcpts[0].isascii() or "SMTPUTF8" in envelope.mail_params):
+        parts.append(f"\tfor <{rcpts[0]}>; {stamp}")
     else:
-        parts.append(f"\t; {stamp}")
+        parts[-1] += f"; {stamp}"
     return "\r\n".join(parts) + "\r\n"

@@ -14,7 +14,13 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SMTPSettings", "ListenerSettings", "SettingError", "BARE_NEWLINE_MODES"]
+__all__ = [
+    "SMTPSettings",
+    "ListenerSettings",
+    "SettingError",
+    "BARE_NEWLINE_MODES",
+    "positive_seconds",
+]
 
 BARE_NEWLINE_MODES = ("normalize", "reject", "allow")
 
@@ -110,8 +116,8 @@ class SMTPSettings:
     """Length of the window over which :attr:`min_data_rate` is measured."""
 
     handler_timeout: float = 60.0
-    """Time a request callback (the original API) or a :class:`~bonzo.connection.SessionHandler`
-    call may take; then ``451 4.3.0``. Plugins have their own timeout (the
+    """Time a request callback of the original API may take to call
+    ``finish()``; then ``451 4.3.0``. Plugins have their own timeout (the
     ``[plugins]`` table's ``timeout``)."""
 
     max_session_time: float = 0.0
@@ -246,6 +252,13 @@ class SMTPSettings:
     def field_names(cls) -> list[str]:
         """Names of every setting, in declaration order."""
         return [f.name for f in dataclasses.fields(cls)]
+
+
+def positive_seconds(value: Any) -> bool:
+    """True for a positive, finite number of seconds."""
+    return (
+        not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < float("inf")
+    )
 
 
 def _finite_number(value: object) -> bool:

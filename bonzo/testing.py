@@ -14,9 +14,25 @@ from tornado.escape import utf8
 from tornado.iostream import IOStream
 from tornado.testing import AsyncTestCase, bind_unused_port, get_async_test_timeout
 
+from .dispatch import Dispatcher
+from .errors import SMTPError
+from .hooks import PluginSet
+from .protocol import (
+    CLOSED,
+    NEED_DATA,
+    PAUSED,
+    DataChunk,
+    Event,
+    Policy,
+    Refusal,
+    SMTPProtocol,
+    StartTLS,
+)
 from .server import SMTPServer
+from .session import Session
+from .settings import SMTPSettings
 
-__all__ = ["AsyncSMTPTestCase", "PluginTestServer"]
+__all__ = ["AsyncSMTPTestCase", "PluginTestServer", "SessionTester", "make_session"]
 
 
 class AsyncSMTPTestCase(AsyncTestCase):
@@ -99,10 +115,8 @@ class AsyncSMTPTestCase(AsyncTestCase):
 
     def tearDown(self) -> None:
         self.smtp_server.stop()
-        for connection in list(self.smtp_server.connections):
-            connection.close()
-        # Let the sessions see the close and finish their cleanup.
-        self.io_loop.run_sync(lambda: None)
+        # Close the sessions and let them finish their cleanup.
+        self.io_loop.run_sync(self.smtp_server.close_all_connections)
         super().tearDown()
 
 
@@ -147,7 +161,7 @@ class PluginTestServer:
         import asyncio
         import threading
 
-        from .hooks import PluginHandler, PluginSet
+        from .hooks import PluginSet
         from .settings import SMTPSettings
 
         self.host = "127.0.0.1"
@@ -171,7 +185,6 @@ class PluginTestServer:
             call.function(*[args[i] for i in call.indexes])
         settings.setdefault("hostname", "bonzo.test")
         self.settings = SMTPSettings(**settings)
-        self._handler = PluginHandler(self.plugins)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: SMTPServer | None = None
@@ -188,7 +201,7 @@ class PluginTestServer:
         async def start() -> None:
             await self.plugins.call_observers("bonzo_startup", None, strict=True)
             sock, self.port = bind_unused_port()
-            self._server = SMTPServer(handler=self._handler, settings=self.settings)
+            self._server = SMTPServer(plugins=self.plugins, settings=self.settings)
             self._server.add_sockets([sock])
 
         self._call(start())
@@ -233,3 +246,105 @@ class _Capture:
         self.server.messages.append(envelope.content)
         self.server.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
         return Accept()
+
+
+def make_session(
+    remote_ip: str = "192.0.2.1",
+    *,
+    helo: str | None = "client.example",
+    esmtp: bool = True,
+    auth: str | None = None,
+    tls: dict[str, Any] | None = None,
+    remote_port: int = 40000,
+    local_ip: str = "127.0.0.1",
+    local_port: int = 25,
+    settings: SMTPSettings | None = None,
+) -> Session:
+    """A :class:`~bonzo.session.Session` in a given state, to call a plugin's
+    hooks directly in a unit test: greeted as ``helo`` (with EHLO when
+    ``esmtp``), authenticated as ``auth``, over TLS with the facts ``tls``.
+
+    A session is a view of its protocol core, so the state is set there.
+    """
+    core = SMTPProtocol(settings or SMTPSettings(hostname="bonzo.test"), remote_ip)
+    core.helo = helo
+    core.esmtp = esmtp and helo is not None
+    core.authenticated = auth
+    if tls is not None:
+        core.tls_active = True
+        core.tls_info = tls
+    return Session(remote_ip, remote_port, local_ip, local_port, core=core)
+
+
+class SessionTester:
+    """Run plugins against SMTP bytes, with no socket and no server: the
+    protocol core and the same dispatcher a connection uses, driven by
+    :meth:`send`. For unit tests of plugins and of the hook contract::
+
+        tester = SessionTester(plugins)
+        assert await tester.connect() == b"220 bonzo.test ESMTP\\r\\n"
+        replies = await tester.send(b"EHLO client.example\\r\\nMAIL FROM:<a@example.org>\\r\\n")
+
+    :arg plugins: the :class:`~bonzo.hooks.PluginSet` to ask.
+    :arg settings: :class:`~bonzo.settings.SMTPSettings` (default: the
+        defaults, with host name ``bonzo.test``).
+    :arg policy: the listener's :class:`~bonzo.protocol.Policy`.
+    :arg remote_ip: the client's address.
+
+    STARTTLS is refused (``454``): TLS needs a connection. Every refusal the
+    core reports is kept in :attr:`refusals` as ``(stage, code, enhanced,
+    by)``.
+    """
+
+    def __init__(
+        self,
+        plugins: PluginSet,
+        *,
+        settings: SMTPSettings | None = None,
+        policy: Policy | None = None,
+        remote_ip: str = "192.0.2.1",
+    ) -> None:
+        self.settings = settings or SMTPSettings(hostname="bonzo.test")
+        self.plugins = plugins
+        #: ``(stage, code, enhanced, by)`` of every 4xx/5xx reply.
+        self.refusals: list[tuple[str, int, str, str]] = []
+        self.core = SMTPProtocol(self.settings, remote_ip, policy, on_refusal=self._refused)
+        #: The session the plugins see.
+        self.session = Session(remote_ip, 40000, "127.0.0.1", 25, core=self.core)
+        self.dispatcher = Dispatcher(
+            self.core, self.session, plugins, self.settings, send=lambda: None
+        )
+
+    def _refused(self, refusal: Refusal) -> None:
+        self.refusals.append((refusal.stage, refusal.code, refusal.enhanced, refusal.by))
+
+    async def connect(self) -> bytes:
+        """Run the connect hooks; return the greeting (or the refusal)."""
+        await self.dispatcher.connect()
+        return self.core.data_to_send()
+
+    async def send(self, data: bytes) -> bytes:
+        """Feed ``data``, answer every event through the plugins, return the
+        replies."""
+        core = self.core
+        core.receive_data(data)
+        out = []
+        while True:
+            event = core.next_event()
+            if event is NEED_DATA or event is CLOSED:
+                break
+            if event is PAUSED:
+                out.append(core.data_to_send())
+            elif isinstance(event, DataChunk):
+                self.dispatcher.store(event.data)
+            elif isinstance(event, StartTLS):
+                core.reject(SMTPError(454, "TLS not available", enhanced_code="4.7.0"))
+            elif isinstance(event, Event):
+                await self.dispatcher.handle(event)
+        out.append(core.data_to_send())
+        return b"".join(out)
+
+    async def close(self) -> None:
+        """End the session: drop the envelope, run the disconnect observers."""
+        self.dispatcher.end_transaction()
+        await self.plugins.observe("bonzo_disconnect", (self.session,), self.session)

@@ -1,5 +1,6 @@
-"""TLS for listeners: server contexts, certificates chosen by SNI, and the
-facts about a TLS session that plugins and the ``Received:`` header see.
+"""TLS for listeners: server contexts, certificates chosen by SNI, the TLS
+layer a connection runs over its one stream, and the facts about a TLS
+session that plugins and the ``Received:`` header see.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import ssl
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["TLSError", "CertificatePair", "make_server_context", "tls_facts"]
+__all__ = ["TLSError", "CertificatePair", "make_server_context", "tls_facts", "TLSLayer"]
 
 
 #: Where the SNI callback leaves the server name on the TLS socket.
@@ -38,7 +39,10 @@ def _context(pair: CertificatePair) -> ssl.SSLContext:
     # Mail clients rarely present certificates; ask for one without requiring
     # it would make some clients fail, so client certificates are not requested.
     ctx.verify_mode = ssl.CERT_NONE
+    # No renegotiation: a client-started one costs the server CPU for free
+    # (and the TLS layer below writes only between records of its own).
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     for path in (pair.cert, pair.key):
         try:
             with open(path, "rb"):
@@ -104,3 +108,89 @@ def tls_facts(obj: ssl.SSLSocket | ssl.SSLObject | Any) -> dict[str, Any]:
     except (ValueError, ssl.SSLError):  # pragma: no cover - no handshake yet
         pass
     return facts
+
+
+class TLSLayer:
+    """Server-side TLS as a transform, with no I/O: ciphertext from the client
+    in (:meth:`receive`), plaintext out; plaintext to send in
+    (:meth:`send`), ciphertext out (:meth:`data_to_send`).
+
+    A connection keeps its one :class:`tornado.iostream.IOStream` from accept
+    to close and runs TLS through this layer (over :class:`ssl.MemoryBIO`,
+    as asyncio does), instead of swapping the stream for an
+    :class:`~tornado.iostream.SSLIOStream` at STARTTLS. So nothing buffered
+    is lost or replayed at the switch, a handshake that stalls is closed by
+    the connection's own timer, a failed handshake is reported once (with
+    the session id), and the session ends with a TLS ``close_notify``
+    (:meth:`close`), which clients such as ``openssl s_client`` and Exim
+    expect.
+
+    :raises ssl.SSLError: from :meth:`receive` for a failed handshake or a
+        broken record; the connection is then over.
+    """
+
+    __slots__ = ("_incoming", "_outgoing", "_tls", "handshake_done", "peer_closed")
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        #: True once the handshake has completed.
+        self.handshake_done = False
+        #: True once the client has sent its ``close_notify``.
+        self.peer_closed = False
+
+    def receive(self, data: bytes) -> bytes:
+        """Take ``data`` from the client; return the plaintext it completes
+        (``b""`` while the handshake runs or a record is incomplete). Check
+        :meth:`data_to_send` afterwards: the handshake answers, and TLS 1.3
+        sends session tickets after it."""
+        self._incoming.write(data)
+        tls = self._tls
+        if not self.handshake_done:
+            try:
+                tls.do_handshake()
+            except ssl.SSLWantReadError:
+                return b""
+            self.handshake_done = True
+        chunks = []
+        while True:
+            try:
+                chunk = tls.read(65536)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                self.peer_closed = True
+                break
+            if not chunk:
+                self.peer_closed = True
+                break
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def send(self, data: bytes) -> None:
+        """Encrypt ``data``; the records are then in :meth:`data_to_send`."""
+        view = memoryview(data)
+        while view:
+            written = self._tls.write(view)
+            view = view[written:]
+
+    def data_to_send(self) -> bytes:
+        """Return (and forget) the ciphertext waiting to go to the client."""
+        return self._outgoing.read()
+
+    def close(self) -> bytes:
+        """Start the TLS shutdown: return the ``close_notify`` alert to send
+        (``b""`` if the handshake never completed). The client's own alert is
+        not waited for (RFC 8446 6.1 allows closing after sending ours)."""
+        if not self.handshake_done:
+            return b""
+        try:
+            self._tls.unwrap()
+        except (ssl.SSLError, OSError):
+            pass  # SSLWantReadError: our alert is written, the peer's is not in
+        return self._outgoing.read()
+
+    def facts(self) -> dict[str, Any]:
+        """:func:`tls_facts` of this session."""
+        return tls_facts(self._tls)

@@ -1,4 +1,4 @@
-"""A session handler: accept mail for local domains only and store each message.
+"""A plugin that accepts mail for local domains only and stores each message.
 
 Usage: ``python examples/store.py DIRECTORY``. Messages for other domains are
 refused with ``550 5.7.1``, so the server is not an open relay. Each accepted
@@ -11,24 +11,26 @@ import sys
 
 from tornado.ioloop import IOLoop
 
-from bonzo.connection import SessionHandler
+from bonzo import Accept
 from bonzo.errors import PermanentError
+from bonzo.hooks import PluginSet
 from bonzo.server import SMTPServer
 from bonzo.settings import SMTPSettings
 
 LOCAL_DOMAINS = {"example.org", "localhost"}
 
 
-class StoreHandler(SessionHandler):
+class StorePlugin:
     def __init__(self, directory):
         self.directory = directory
 
-    def on_rcpt(self, session, envelope, address, params):
-        domain = address.rpartition("@")[2].lower()
-        if address.lower() != "postmaster" and domain not in LOCAL_DOMAINS:
+    def bonzo_rcpt(self, mailbox):
+        # mailbox.domain is the canonical (lower-case, IDNA) domain: match on it.
+        if mailbox.canonical != "postmaster" and mailbox.domain not in LOCAL_DOMAINS:
             raise PermanentError("Relay access denied", 554, "5.7.1")
+        return Accept()
 
-    def on_message(self, session, envelope):
+    def bonzo_deliver(self, envelope):
         path = os.path.join(self.directory, envelope.id + ".eml")
         with open(path + ".tmp", "wb") as f:
             envelope.write_to(f)  # the Received: header, then the message
@@ -40,11 +42,17 @@ class StoreHandler(SessionHandler):
             os.fsync(fd)
         finally:
             os.close(fd)
-        return f"Ok: stored as {envelope.id}"
+        return Accept(f"Ok: stored as {envelope.id}")
+
+
+def make_server(directory):
+    plugins = PluginSet()
+    plugins.register(StorePlugin(directory), "store")
+    settings = SMTPSettings(max_message_size=10 * 1024 * 1024)
+    return SMTPServer(plugins=plugins, settings=settings)
 
 
 if __name__ == "__main__":
-    settings = SMTPSettings(max_message_size=10 * 1024 * 1024)
-    server = SMTPServer(handler=StoreHandler(sys.argv[1]), settings=settings)
+    server = make_server(sys.argv[1])
     server.listen(2525, "127.0.0.1")
     IOLoop.current().start()

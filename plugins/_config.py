@@ -1,5 +1,11 @@
 """Small helpers the bundled plugins share: strict checks of a plugin's table,
-and the normalisation of domains and client addresses.
+configured domains in canonical form, and client addresses.
+
+Mail addresses are never normalised here: the protocol core gives each
+plugin a :class:`bonzo.address.Address` whose ``canonical`` form is the one
+to match and store on, and configured domains go through the same
+:func:`bonzo.address.canonical_domain`, so that configuration and traffic
+compare in one form.
 
 Private to ``bonzo_plugins``; third-party plugins should not import it.
 """
@@ -12,6 +18,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from bonzo.address import Address, canonical_domain
+
 __all__ = [
     "as_table",
     "check_keys",
@@ -19,12 +27,18 @@ __all__ = [
     "get_str",
     "get_str_list",
     "resolve_path",
-    "normalize_domain",
+    "DOTS",
+    "config_domain",
+    "envelope_recipients",
     "parse_network",
     "client_address",
     "in_networks",
     "describe",
 ]
+
+#: The full stops that separate domain labels (UTS #46 maps the last three
+#: to the first): ASCII, ideographic, full-width and half-width ideographic.
+DOTS = ".\u3002\uff0e\uff61"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -94,18 +108,32 @@ def resolve_path(value: str, app: Any) -> Path:
     return Path(os.path.abspath(path))
 
 
-def normalize_domain(domain: str) -> str:
-    """A domain in the form used for comparisons: lower case, no trailing dot,
-    internationalised names as A-labels (``xn--...``) when they convert."""
-    domain = domain.strip().rstrip(".").lower()
-    if domain.startswith("["):  # an address literal: [192.0.2.1], [IPv6:...]
-        return domain
-    if not domain.isascii():
-        try:
-            domain = domain.encode("idna").decode("ascii").lower()
-        except UnicodeError:
-            pass  # compared in its Unicode form
-    return domain
+def config_domain(domain: str) -> str:
+    """A configured domain in the canonical form of :mod:`bonzo.address`
+    (IDNA/UTS 46 mapping, lower-case A-labels, normalised address literals),
+    without surrounding spaces or a trailing dot, so that it compares equal to
+    :attr:`bonzo.address.Address.domain` of every spelling of it.
+
+    Raises :class:`ValueError` when the domain has no IDNA form.
+    """
+    return canonical_domain(domain.strip().rstrip(DOTS))
+
+
+def envelope_recipients(envelope: Any) -> list[Address]:
+    """The envelope's recipients as :class:`~bonzo.address.Address` objects,
+    in the order of ``rcpt_tos``.
+
+    The core fills ``envelope.recipients`` beside ``envelope.rcpt_tos``; an
+    envelope built by hand (the original API, a test, an embedding
+    application) may have only ``rcpt_tos``, and then each is parsed here
+    with the same :meth:`Address.parse`, so the canonical form never depends
+    on who built the envelope. Raises :class:`ValueError` for a recipient
+    whose domain has no IDNA form (the core refuses those at ``RCPT``).
+    """
+    recipients = list(getattr(envelope, "recipients", None) or ())
+    if len(recipients) == len(envelope.rcpt_tos):
+        return recipients
+    return [Address.parse(rcpt) for rcpt in envelope.rcpt_tos]
 
 
 def parse_network(value: str, key: str) -> IPNetwork:

@@ -5,10 +5,11 @@
   ``log_watch.allow(pattern)`` or ``log_watch.wait_for(pattern)``.
 * ``start_server``: starts an :class:`~bonzo.server.SMTPServer` on an unused
   port of 127.0.0.1, in a background thread with its own event loop, and
-  stops it after the test. ``start_server(handler=..., **settings)`` or
-  ``start_server(request_callback, **settings)``; with neither, a
-  :class:`~e2e_support.RecordingHandler` collects the delivered messages in
-  ``server.handler.messages``.
+  stops it after the test. ``start_server(plugin=..., **settings)`` (one
+  plugin object), ``start_server(plugins=PluginSet, **settings)`` or
+  ``start_server(request_callback, **settings)``; with none, a
+  :class:`~e2e_support.RecordingPlugin` collects the delivered messages in
+  ``server.plugin.messages``.
 * ``server``: ``start_server()`` with the default settings.
 * ``scan_implementation``: runs a module's tests once with the C DATA scan
   (``bonzo._speedups``) and once with the pure-Python one; a module opts in

@@ -1,5 +1,5 @@
 """Helpers for the end-to-end tests: a server in a background thread, a
-recording handler, a raw socket client, a log watcher and a polling wait.
+recording plugin, a raw socket client, a log watcher and a polling wait.
 
 Every server listens on 127.0.0.1 only, on a port the kernel picks; every wait
 has a deadline. The fixtures that use these live in ``conftest.py``.
@@ -21,7 +21,9 @@ from typing import Any
 
 from tornado.testing import bind_unused_port
 
-from bonzo.connection import SessionHandler, SMTPConnection
+from bonzo.connection import SMTPConnection
+from bonzo.hooks import PluginSet
+from bonzo.hookspecs import Accept
 from bonzo.server import SMTPServer
 from bonzo.session import Envelope, Session
 
@@ -104,11 +106,13 @@ def record(session: Session, envelope: Envelope) -> Delivered:
     )
 
 
-class RecordingHandler(SessionHandler):
-    """Accepts everything and records messages, senders and disconnects.
+class RecordingPlugin:
+    """Accepts every recipient, delivers by recording each message, and
+    records senders, connects and disconnects.
 
-    Tests subclass it to refuse, fail or stall at one point. The lists are
-    appended to on the server's thread and read on the test's.
+    Tests subclass it to refuse, fail or stall at one point (override a
+    ``bonzo_*`` hook). The lists are appended to on the server's thread and
+    read on the test's.
     """
 
     def __init__(self) -> None:
@@ -117,20 +121,51 @@ class RecordingHandler(SessionHandler):
         self.senders: list[str] = []
         self.disconnected: list[Session] = []
 
-    def on_connect(self, session: Session) -> Any:
+    def bonzo_connect(self, session: Session) -> Any:
         self.connected.append(session)
 
-    def on_mail(self, session: Session, envelope: Envelope) -> Any:
+    def bonzo_mail(self, session: Session, envelope: Envelope) -> Any:
         self.senders.append(envelope.mail_from)
 
-    def on_message(self, session: Session, envelope: Envelope) -> Any:
-        self.messages.append(record(session, envelope))
+    def bonzo_rcpt(self) -> Any:
+        return Accept()
 
-    def on_disconnect(self, session: Session) -> Any:
+    def bonzo_deliver(self, session: Session, envelope: Envelope) -> Any:
+        self.messages.append(record(session, envelope))
+        return Accept()
+
+    def bonzo_disconnect(self, session: Session) -> Any:
         self.disconnected.append(session)
 
 
 # ------------------------------------------------------------------ server
+class MeasuredServer(SMTPServer):
+    """An SMTPServer that can shrink each connection's socket send buffer
+    (``sndbuf``) and records the most output a connection held in user space
+    at once (Tornado's write buffer plus the core's queued replies) in
+    :attr:`high_water`."""
+
+    def __init__(self, *args: Any, sndbuf: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sndbuf = sndbuf
+        self.high_water = 0
+
+    def handle_stream(self, stream: Any, address: Any) -> None:
+        if self.sndbuf is not None:
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
+        super().handle_stream(stream, address)
+        connection = next(c for c in self.connections if c.stream is stream)
+        write = stream.write
+
+        def measured_write(data: bytes) -> Any:
+            future = write(data)
+            held = len(stream._write_buffer) + connection.protocol.pending_output
+            self.high_water = max(self.high_water, held)
+            return future
+
+        stream.write = measured_write
+
+
 class ServerThread:
     """An :class:`SMTPServer` on 127.0.0.1, with its own event loop (and so
     its own Tornado IOLoop) in a background thread.
@@ -144,17 +179,23 @@ class ServerThread:
         self,
         request_callback: Callable[..., Any] | None = None,
         *,
-        handler: SessionHandler | None = None,
+        plugin: Any = None,
+        plugins: PluginSet | None = None,
         **options: Any,
     ) -> None:
-        if request_callback is None and handler is None:
-            handler = RecordingHandler()
-        self.handler = handler
+        if request_callback is None and plugin is None and plugins is None:
+            plugin = RecordingPlugin()
+        if plugin is not None:
+            plugins = PluginSet(timeout=options.pop("timeout", 60.0))
+            plugins.register(plugin, type(plugin).__name__)
+        self.plugin = plugin
+        self.plugins = plugins
         self.request_callback = request_callback
+        self.sndbuf = options.pop("sndbuf", None)
         self.options = options
         self.host = HOST
         self.port = 0
-        self.server: SMTPServer | None = None
+        self.server: MeasuredServer | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -190,7 +231,9 @@ class ServerThread:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         try:
-            self.server = SMTPServer(self.request_callback, handler=self.handler, **self.options)
+            self.server = MeasuredServer(
+                self.request_callback, plugins=self.plugins, sndbuf=self.sndbuf, **self.options
+            )
             assert self._sock is not None
             self.server.add_sockets([self._sock])
         except BaseException as exc:
@@ -203,12 +246,8 @@ class ServerThread:
         await self._stop.wait()
         server = self.server
         server.stop()
-        for connection in list(server.connections):
-            connection.close()
-        # Let the sessions see the close and run their cleanup.
-        deadline = self.loop.time() + TIMEOUT
-        while server.connections and self.loop.time() < deadline:
-            await asyncio.sleep(0.005)
+        # Close the sessions and let them run their cleanup.
+        await asyncio.wait_for(server.close_all_connections(), TIMEOUT)
 
     def call(self, fn: Callable[..., Any], *args: Any, timeout: float = TIMEOUT) -> Any:
         """Run ``fn(*args)`` on the server's thread and return its result."""

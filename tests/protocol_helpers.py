@@ -15,9 +15,12 @@ from bonzo.errors import NotImplementedCommand, SMTPError
 from bonzo.protocol import (
     CLOSED,
     NEED_DATA,
+    PAUSED,
     DataChunk,
     Event,
     MessageComplete,
+    Policy,
+    Refusal,
     SMTPProtocol,
     Unknown,
 )
@@ -71,7 +74,7 @@ def default_decision(proto: SMTPProtocol, event: Event) -> Any:
     refused the way the connection refuses them, and a message that broke a
     limit is refused with the error the core found."""
     if isinstance(event, Unknown):
-        return ESMTP_UNKNOWN if proto.esmtp else NotImplementedCommand(event.verb)
+        return ESMTP_UNKNOWN if proto.enhanced_codes else NotImplementedCommand(event.sent)
     if isinstance(event, MessageComplete) and event.error is not None:
         return event.error
     return None
@@ -88,12 +91,19 @@ class Client:
         self,
         settings: SMTPSettings | None = None,
         decide: Decision | None = None,
+        *,
+        legacy: bool = False,
+        policy: Policy | None = None,
         **overrides: Any,
     ) -> None:
         settings = settings or SETTINGS
         if overrides:
             settings = settings.replace(**overrides)
-        self.proto = SMTPProtocol(settings, IP)
+        if policy is None:
+            policy = Policy(legacy_replies=legacy)
+        #: Every refusal the core reported, as (stage, code, enhanced, by, limit).
+        self.refusals: list[tuple[str, int, str, str, str | None]] = []
+        self.proto = SMTPProtocol(settings, IP, policy, on_refusal=self._refused)
         self.decide = decide or default_decision
         #: Every event (not DataChunks), in order.
         self.events: list[Event] = []
@@ -103,7 +113,14 @@ class Client:
         self.message_errors: list[SMTPError | None] = []
         #: Number of DataChunk events seen.
         self.chunks = 0
+        #: Number of times the core said PAUSED.
+        self.paused = 0
         self._content = bytearray()
+
+    def _refused(self, refusal: Refusal) -> None:
+        self.refusals.append(
+            (refusal.stage, refusal.code, refusal.enhanced, refusal.by, refusal.limit)
+        )
 
     @property
     def closed(self) -> bool:
@@ -115,18 +132,28 @@ class Client:
         return bytes(self._content)
 
     def send(self, *chunks: bytes) -> bytes:
-        """Feed each chunk in turn, handle every event, return the replies."""
+        """Feed each chunk in turn, handle every event, return the replies
+        (a client that reads everything: PAUSED just means "send now")."""
+        out = []
         for chunk in chunks:
             self.proto.receive_data(chunk)
-            self.drain()
-        return self.proto.data_to_send()
+            out.append(self.drain())
+        out.append(self.proto.data_to_send())
+        return b"".join(out)
 
-    def drain(self) -> None:
+    def drain(self) -> bytes:
+        """Handle events until more input is needed; return replies sent on
+        the way (at each PAUSED)."""
         proto = self.proto
+        sent = []
         while True:
             event = proto.next_event()
             if event is NEED_DATA or event is CLOSED:
-                return
+                return b"".join(sent)
+            if event is PAUSED:
+                self.paused += 1
+                sent.append(proto.data_to_send())
+                continue
             if type(event) is DataChunk:
                 assert event.data, "empty DataChunk"
                 self.chunks += 1

@@ -1,8 +1,11 @@
 """The benchmark harness keeps working: ``python bench/run.py --quick`` runs
 every scenario against every server and reports a row for each.
 
-This checks the harness, not speed. CI installs smtp-source with
-bench/install.sh; elsewhere the test is skipped without it.
+This checks the harness, not speed. CI installs smtp-source, Haraka and
+smtp-server with bench/install.sh; elsewhere the quick run is skipped without
+smtp-source, and the Node.js peers are left out of it (with a note in the
+report, and a skipped test here saying why) when Node.js or the packages are
+missing.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,11 +31,37 @@ except ImportError:  # Python < 3.11
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "bench" / "run.py"
 SCENARIOS = "abcde"
-SERVERS = ["bonzo-serve", "bonzo-chain", "bonzo-maildir", "aiosmtpd", "smtp-sink"]
+SERVERS = [
+    "bonzo-serve",
+    "bonzo-uvloop",
+    "bonzo-chain",
+    "bonzo-maildir",
+    "aiosmtpd",
+    "tornado-sink",
+    "haraka",
+    "smtp-server",
+    "smtp-sink",
+]
+# Run when they can: Node.js >= 20 and bench/node_modules (bench/install.sh),
+# and when uvloop is installed (the test extra has it).
+OPTIONAL_SERVERS = ["haraka", "smtp-server", "bonzo-uvloop"]
 
 
 def have(tool: str) -> bool:
     return bool(shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/usr/local/sbin"))
+
+
+def load_run() -> Any:
+    """bench/run.py as a module (it is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("bonzo_bench_run", RUN)
+    assert spec is not None and spec.loader is not None
+    run = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = run  # dataclasses look the module up
+    try:
+        spec.loader.exec_module(run)
+    finally:
+        del sys.modules[spec.name]
+    return run
 
 
 @pytest.mark.timeout(240)
@@ -41,6 +71,11 @@ def have(tool: str) -> bool:
 )
 def test_quick_run(tmp_path: Path) -> None:
     pytest.importorskip("aiosmtpd")
+    run = load_run()
+    assert run.DEFAULT_SERVERS == SERVERS
+    missing = {name: run.SERVER_SPECS[name].available() for name in OPTIONAL_SERVERS}
+    missing = {name: reason for name, reason in missing.items() if reason is not None}
+    servers = [name for name in SERVERS if name not in missing]
     done = subprocess.run(
         [sys.executable, str(RUN), "--quick", "--results", str(tmp_path)],
         capture_output=True,
@@ -52,9 +87,12 @@ def test_quick_run(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [line for line in done.stdout.splitlines() if re.match(r"\| [a-e]\. ", line)]
     seen = {(line[2], line.split("|")[2].strip()) for line in rows}
-    assert seen == {(s, server) for s in SCENARIOS for server in SERVERS}, done.stdout
-    assert len(rows) == len(SCENARIOS) * len(SERVERS)
+    assert seen == {(s, server) for s in SCENARIOS for server in servers}, done.stdout
+    assert len(rows) == len(SCENARIOS) * len(servers)
     assert "FAILED" not in done.stdout
+    # A peer that cannot run here is named under the table, with the reason.
+    for name, reason in missing.items():
+        assert f"- `{name}`: {reason}" in done.stdout, done.stdout
     # Every row has a measurement, and aiosmtpd is the 1.00 baseline.
     for line in rows:
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -65,17 +103,55 @@ def test_quick_run(tmp_path: Path) -> None:
     assert len(results) == 1
 
 
+@pytest.mark.parametrize("name", OPTIONAL_SERVERS)
+def test_node_peer_can_run(name: str) -> None:
+    """Says, as a skip reason, why a Node.js peer is left out of the quick run
+    (and of a full run) on this machine."""
+    reason = load_run().SERVER_SPECS[name].available()
+    if reason is not None:
+        pytest.skip(f"{name} is not benchmarked here: {reason}")
+
+
+def test_unavailable_server_is_noted_in_the_report() -> None:
+    run = load_run()
+    meta = {
+        "mode": "quick",
+        "repeat": 1,
+        "machine": {"nproc": 2, "cpu": "cpu", "kernel": "k", "python": "3", "versions": {}},
+        "skipped": {"haraka": "missing: run bash bench/install.sh"},
+    }
+    report = run.markdown([], meta)
+    assert "- `haraka`: missing: run bash bench/install.sh" in report
+
+
+def test_haraka_config_is_local_and_quiet(tmp_path: Path) -> None:
+    """The Haraka install directory the harness writes listens on 127.0.0.1
+    only, runs one process, keeps its spool in the scratch directory and loads
+    no plugin that resolves names or delivers mail."""
+    argv = load_run().SERVER_SPECS["haraka"].command(2999, tmp_path)
+    root = Path(argv[argv.index("-c") + 1])
+    assert root.is_relative_to(tmp_path)
+    config = root / "config"
+    smtp_ini = (config / "smtp.ini").read_text()
+    assert re.findall(r"(?m)^listen=.*$", smtp_ini) == ["listen=127.0.0.1:2999"]
+    assert re.findall(r"(?m)^nodes=.*$", smtp_ini) == ["nodes=0"]
+    assert not re.search(r"(?m)^(user|group)=", smtp_ini)
+    spool = re.findall(r"(?m)^spool_dir=(.*)$", (config / "connection.ini").read_text())
+    assert spool == [str(tmp_path / "haraka-spool")]
+    plugins = [
+        line.strip()
+        for line in (config / "plugins").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert plugins == ["bench_rdns", "rcpt_to.in_host_list", "queue/discard"]
+    assert (root / "plugins" / "bench_rdns.js").exists()
+    assert (config / "host_list").read_text().split() == ["example.com"]
+
+
 def test_daemon_configs_parse_and_take_a_port(tmp_path: Path) -> None:
     """The best-guess daemon configs are valid TOML, and the harness can
     point their one listener at a port of its choosing."""
-    spec = importlib.util.spec_from_file_location("bonzo_bench_run", RUN)
-    assert spec is not None and spec.loader is not None
-    run = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = run  # dataclasses look the module up
-    try:
-        spec.loader.exec_module(run)
-    finally:
-        del sys.modules[spec.name]
+    run = load_run()
     for spec in run.DAEMON_SPECS:
         argv = spec.command(2999, tmp_path)
         config = tomllib.loads(Path(argv[-1]).read_text())

@@ -30,10 +30,11 @@ class LegacyRepliesTest(AsyncSMTPTestCase):
 
     def test_unknown_verbs_are_not_implemented(self):
         self.connect()
-        for verb in (b"BADCOMMAND", b"unknown", b"Bonzo"):
+        # The verb is echoed exactly as the client sent it, as in Bonzo 0.1.
+        for verb in (b"BADCOMMAND", b"unknown", b"Bonzo", b"xFoo bar"):
             assert (
                 self.exchange(verb)
-                == b'502 Error: command "' + verb.upper() + b'" not implemented\r\n'
+                == b'502 Error: command "' + verb.split(b" ")[0] + b'" not implemented\r\n'
             )
         self.close()
 
@@ -136,7 +137,9 @@ class CallbackErrorsTest(AsyncSMTPTestCase):
 
     def test_log_message_is_logged_not_sent(self):
         self.connect()
-        with ExpectLog("tornado.general", r".*452 .*custom log text"):
+        # As Bonzo 0.1 logged it: "<code> <log_message % args>" first, on
+        # tornado.general; the session's details come after.
+        with ExpectLog("tornado.general", r"^452 custom log text \[\w+ 127\.0\.0\.1\] "):
             reply = self.send_mail("client", "a@example.com", ["log@example.com"], "hi")
         assert reply == b"452 Insufficient system storage\r\n"
         self.close()
@@ -184,6 +187,22 @@ class HandlerTest(AsyncSMTPTestCase):
                 self.send_mail("c", "a@example.com", ["twice@example.com"], "hi") == b"250 Ok\r\n"
             )
         self.close()
+
+
+def test_request_repr_is_the_original_one():
+    from bonzo.server import SMTPRequest
+
+    request = SMTPRequest(
+        None, "127.0.0.1", "DATA", hostname="client", mail="a@b", rcpt=["a@b", "c@d"]
+    )
+    assert (
+        str(request)
+        == repr(request)
+        == (
+            "SMTPRequest (remote_ip='127.0.0.1', hostname='client', mail='a@b', "
+            "rcpt='['a@b', 'c@d']')"
+        )
+    )
 
 
 def test_version_literal_matches_the_tuple():

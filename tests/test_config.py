@@ -5,6 +5,7 @@ dotted key)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import re
@@ -210,6 +211,24 @@ def test_workers():
     assert parse(table("server", workers=256)).workers == 256
     for bad in (0, 257, -1, "2", True, 1.5):
         assert_error(table("server", workers=bad), "server.workers", "1..256")
+
+
+def test_event_loop(monkeypatch):
+    assert parse("").loop == "asyncio"
+    assert parse(table("server", loop="asyncio")).loop == "asyncio"
+    for bad in ("tokio", 1, True, "UVLOOP"):
+        assert_error(table("server", loop=bad), "server.loop", "asyncio, uvloop")
+    if importlib.util.find_spec("uvloop") is not None:
+        assert parse(table("server", loop="uvloop")).loop == "uvloop"
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "uvloop" else real_find_spec(name, *a),
+    )
+    assert_error(
+        table("server", loop="uvloop"), "server.loop", "uvloop is not installed", "bonzo[uvloop]"
+    )
 
 
 def test_spool_dir_is_resolved_against_the_file(tmp_path):

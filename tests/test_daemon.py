@@ -8,7 +8,9 @@ fixture kills whatever a test left running.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import shutil
 import signal
 import smtplib
@@ -23,14 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_support import DEADLINE, Daemon, daemon_env, daemons, free_port, wait_until
 from protocol_helpers import c_scan_data
 
 from bonzo import version
 from bonzo.app import installed_plugins
 
-ROOT = Path(__file__).resolve().parents[1]
 STORE = "daemonplug:Store"
-DEADLINE = 20.0
 MESSAGE = "From: a@example.org\r\nTo: b@example.org\r\nSubject: daemon test\r\n\r\nHello.\r\n"
 
 PLUGIN_SOURCE = '''
@@ -64,6 +65,7 @@ class Store:
             time.sleep(self.block)  # blocks this worker: the next client goes to another
         record = {
             "pid": os.getpid(),
+            "loop": type(asyncio.get_running_loop()).__module__,
             "from": envelope.mail_from,
             "to": envelope.rcpt_tos,
             "content": envelope.content.decode("utf-8", "replace"),
@@ -107,71 +109,43 @@ class BadInit:
 class FailsAtStartup:
     def bonzo_startup(self):
         raise RuntimeError("database unreachable")
+
+
+class DiesAtStartup:
+    def bonzo_startup(self):
+        os._exit(7)
+
+
+class Marked(Store):
+    """Store, and leave a mark when the plugins' shutdown hooks run."""
+
+    def bonzo_shutdown(self):
+        (self.out / f"shutdown-{os.getpid()}").write_text("")
+
+
+class SlowFork:
+    """Holds the supervisor between its first fork() and recording the child
+    (an os.register_at_fork callback), after leaving the file out/forked."""
+
+    def bonzo_configure(self, config):
+        out = Path(config["out"])
+        forks = []
+
+        def after_fork_in_parent():
+            forks.append(1)
+            if len(forks) == 1:
+                (out / "forked").write_text("")
+                time.sleep(float(config.get("sleep", 2.0)))
+
+        os.register_at_fork(after_in_parent=after_fork_in_parent)
 '''
 
 
 # ---------------------------------------------------------------- helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(predicate: Any, timeout: float = DEADLINE, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-class Daemon:
-    """One ``python -m bonzo serve`` process and its log."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path, port: int, out: Path) -> None:
-        self.proc = proc
-        self.log_path = log
-        self.port = port
-        self.out = out
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text("utf-8", "replace")
-
-    def wait_ready(self, workers: int = 1) -> None:
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"bonzo exited with {self.proc.returncode}:\n{self.log}")
-            return self.log.count("ready (pid") >= workers
-
-        wait_until(ready, what="the daemon to be ready")
-        # And it answers: a greeting within the deadline.
-        with socket.create_connection(("127.0.0.1", self.port), timeout=DEADLINE) as s:
-            assert s.recv(512).startswith(b"220 ")
-            s.sendall(b"QUIT\r\n")
-
-    def stop(self, timeout: float = DEADLINE) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout)
-
-    def records(self) -> list[dict[str, Any]]:
-        import json
-
-        return [json.loads(p.read_text()) for p in sorted(self.out.glob("*.json"))]
-
-
 @pytest.fixture
 def env() -> dict[str, str]:
     """The environment of the subprocesses: this checkout's bonzo first."""
-    environ = dict(os.environ)
-    environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT), environ.get("PYTHONPATH", "")) if p
-    )
-    environ["PYTHONUNBUFFERED"] = "1"
-    return environ
+    return daemon_env()
 
 
 @pytest.fixture
@@ -236,38 +210,8 @@ def bonzo(*args: str, env: dict[str, str], cwd: Path, timeout: float = 60) -> An
 @pytest.fixture
 def serve(workdir: Path, env: dict[str, str]) -> Iterator[Any]:
     """Start ``bonzo serve -c CONFIG``; whatever is left running at the end is killed."""
-    started: list[subprocess.Popen[bytes]] = []
-    logs: list[Any] = []
-
-    def start(config: Path, port: int) -> Daemon:
-        log = workdir / f"daemon-{len(started)}.log"
-        handle = open(log, "wb")
-        logs.append(handle)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bonzo", "serve", "-c", str(config)],
-            env=env,
-            cwd=workdir,
-            stdin=subprocess.DEVNULL,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: workers included
-        )
-        started.append(proc)
-        return Daemon(proc, log, port, workdir / "out")
-
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=DEADLINE)
-        else:
-            # Workers of a daemon that already exited must be gone too.
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    for handle in logs:
-        handle.close()
+    with daemons(workdir, env, workdir / "out") as start:
+        yield start
 
 
 def send(port: int, rcpt: str = "b@example.org", message: str = MESSAGE) -> dict[str, Any]:
@@ -573,6 +517,22 @@ def test_two_workers_serve_mail_and_stop_cleanly(workdir, serve):
     assert "restarting" not in daemon.log
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_on_uvloop(workdir, serve, workers):
+    pytest.importorskip("uvloop", reason="pip install 'bonzo[uvloop]'")
+    port = free_port()
+    config = write_config(workdir, port, workers=workers)
+    config.write_text(config.read_text().replace("[server]\n", '[server]\nloop = "uvloop"\n'))
+    daemon = serve(config, port)
+    daemon.wait_ready(workers=workers)
+    assert send(port) == {}
+    (record,) = wait_until(lambda: daemon.records() or None, what="the delivery")
+    assert record["to"] == ["b@example.org"]
+    # The worker really runs on uvloop (the Store plugin records the loop's type).
+    assert record["loop"].startswith("uvloop")
+    assert daemon.stop() == 0
+
+
 def test_a_worker_that_dies_is_replaced(workdir, serve):
     port = free_port()
     daemon = serve(write_config(workdir, port, workers=2), port)
@@ -591,6 +551,17 @@ def test_a_worker_that_dies_is_replaced(workdir, serve):
     daemon.proc.send_signal(signal.SIGINT)
     assert daemon.proc.wait(timeout=DEADLINE) == 0
     assert daemon.log.count("stopped") == 2
+
+
+def test_workers_that_keep_dying_make_the_supervisor_give_up(workdir, serve):
+    port = free_port()
+    plugins = [STORE, "daemonplug:DiesAtStartup"]
+    daemon = serve(write_config(workdir, port, plugins, workers=2), port)
+    assert daemon.proc.wait(timeout=DEADLINE) == 1
+    log = daemon.log
+    assert "exited with status 7; restarting" in log
+    assert "workers keep dying (21 restarts in a minute); giving up" in log
+    assert log.count("restarting") == 21
 
 
 def _alive(pid: int) -> bool:
@@ -640,3 +611,189 @@ def test_an_unwritable_log_file_is_a_configuration_error(workdir, env):
     config.write_text(text)
     result = bonzo("serve", "-c", str(config), env=env, cwd=workdir)
     one_line_error(result, f"bonzo: {config}: logging.file: cannot open", "no/such/dir/b.log")
+
+
+# ---------------------------------------------------- signals and the supervisor
+SIGHUP_IGNORED = "SIGHUP: configuration reload is not supported yet; ignored"
+
+
+def ready_pids(daemon: Daemon) -> list[int]:
+    """The pids of the workers (or the single process) that logged ``ready``."""
+    return [int(m) for m in re.findall(r"ready \(pid (\d+)\)", daemon.log)]
+
+
+def plugin_table(workdir: Path, plugin: str, settings: str = "") -> str:
+    return f'\n[plugins."{plugin}"]\nout = "{workdir / "out"}"\n{settings}'
+
+
+def slow_client(port: int, result: dict[str, Any]) -> threading.Thread:
+    """A client sending one message to slow@example.org (whose delivery the
+    Store plugin delays), in a thread; the outcome lands in ``result``."""
+
+    def client() -> None:
+        try:
+            c = smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=DEADLINE)
+            try:
+                result["sendmail"] = c.sendmail("a@example.org", ["slow@example.org"], MESSAGE)
+            finally:
+                c.close()  # no QUIT: a server that is stopping answers it 421
+        except Exception as exc:  # reported by the test's assertions
+            result["error"] = exc
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    return thread
+
+
+def test_a_sigterm_while_the_supervisor_forks_still_stops_every_worker(workdir, serve):
+    # The SlowFork plugin holds the supervisor right after its first fork(),
+    # before it has recorded the child: the SIGTERM sent then used to stop
+    # nobody (the child was unknown, the second worker was started anyway),
+    # and the supervisor waited for them forever.
+    port = free_port()
+    plugins = [STORE, "daemonplug:SlowFork"]
+    extra = plugin_table(workdir, "daemonplug:SlowFork")
+    daemon = serve(write_config(workdir, port, plugins, workers=2, extra=extra), port)
+    wait_until(lambda: (workdir / "out" / "forked").exists(), what="the first fork")
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(timeout=DEADLINE) == 0
+    assert daemon.log.count("stopped") == 2
+    for pid in ready_pids(daemon):
+        wait_until(lambda pid=pid: not _alive(pid), what=f"worker {pid} to exit")
+
+
+@pytest.mark.parametrize(
+    "workers, signum",
+    [(1, signal.SIGTERM), (1, signal.SIGINT), (2, signal.SIGTERM), (2, signal.SIGINT)],
+)
+def test_a_second_stop_signal_forces_the_stop(workdir, serve, workers, signum):
+    port = free_port()
+    # Graceful, the stop would wait a minute for the message in flight.
+    extra = plugin_table(workdir, "daemonplug:Marked", "delay = 60.0\n")
+    config = write_config(workdir, port, ["daemonplug:Marked"], workers=workers, extra=extra)
+    text = config.read_text().replace("shutdown_grace = 10.0", "shutdown_grace = 60.0")
+    config.write_text(text.replace("timeout = 15.0", "timeout = 120.0"))
+    daemon = serve(config, port)
+    daemon.wait_ready(workers=workers)
+    workers_pids = ready_pids(daemon)
+
+    result: dict[str, Any] = {}
+    thread = slow_client(port, result)
+    [delivering] = wait_until(
+        lambda: list(daemon.out.glob("*.delivering")), what="delivery to start"
+    )
+    busy = int(delivering.read_text())
+    daemon.proc.send_signal(signum)
+    wait_until(
+        lambda: daemon.log.count("stopping: no new connections") == workers,
+        what="the graceful stop to begin",
+    )
+    time.sleep(0.5)
+    assert daemon.proc.poll() is None  # waiting for the message in flight
+    started = time.monotonic()
+    daemon.proc.send_signal(signum)
+    assert daemon.proc.wait(timeout=DEADLINE) == 0
+    assert time.monotonic() - started < 5.0
+
+    thread.join(DEADLINE)
+    assert not thread.is_alive()
+    assert "sendmail" not in result  # cut off: never answered 250
+    assert daemon.records() == []
+    log = daemon.log
+    name = signal.Signals(signum).name
+    if workers == 1:
+        assert f"[{busy}] bonzo.daemon: second {name}: forcing the stop" in log
+    else:  # the supervisor passes it on to the workers (as SIGUSR1)
+        assert f"[{daemon.proc.pid}] bonzo.daemon: second {name}: forcing the stop" in log
+        assert f"[{busy}] bonzo.daemon: the supervisor's second stop: forcing the stop" in log
+    # The plugins' shutdown hooks still ran, in every worker.
+    marks = sorted(int(p.name.split("-")[1]) for p in daemon.out.glob("shutdown-*"))
+    assert marks == sorted(workers_pids)
+    assert log.count("stopped") == workers
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "systemd"])
+def test_a_stop_signal_reaching_every_process_stops_gracefully(workdir, serve, signum):
+    # Ctrl-C signals the whole process group, and so does systemd's default
+    # KillMode=control-group with SIGTERM: the workers get the signal and the
+    # supervisor's request; that is one stop, not two.
+    port = free_port()
+    daemon = serve(write_config(workdir, port, workers=2, store="delay = 2.0\n"), port)
+    daemon.wait_ready(workers=2)
+    result: dict[str, Any] = {}
+    thread = slow_client(port, result)
+    wait_until(lambda: list(daemon.out.glob("*.delivering")), what="delivery to start")
+    os.killpg(daemon.proc.pid, signum)
+    thread.join(DEADLINE)
+    assert not thread.is_alive()
+    assert result == {"sendmail": {}}
+    assert [r["to"] for r in daemon.records()] == [["slow@example.org"]]
+    assert daemon.proc.wait(timeout=DEADLINE) == 0
+    assert "forcing" not in daemon.log
+    assert daemon.log.count("stopped") == 2
+
+
+@pytest.mark.parametrize("pdeathsig", [True, False], ids=["prctl", "polling"])
+def test_workers_die_with_their_supervisor(workdir, serve, pdeathsig):
+    port = free_port()
+    config = write_config(workdir, port, workers=2)
+    # Without prctl(PR_SET_PDEATHSIG), the workers notice by checking their parent.
+    prelude = "" if pdeathsig else "bonzo.cli._parent_death_signal = lambda: None"
+    daemon = serve(config, port, prelude)
+    daemon.wait_ready(workers=2)
+    workers = ready_pids(daemon)
+    assert len(workers) == 2 and daemon.proc.pid not in workers
+
+    daemon.proc.kill()
+    daemon.proc.wait(timeout=DEADLINE)
+    for pid in workers:
+        wait_until(lambda pid=pid: not _alive(pid), timeout=5.0, what=f"worker {pid} to exit")
+    assert daemon.log.count(f"the supervisor (pid {daemon.proc.pid}) is gone: stopping") == 2
+
+    # The port is free again: a new daemon starts and serves.
+    again = serve(config, port)
+    again.wait_ready(workers=2)
+    assert send(port) == {}
+    assert again.stop() == 0
+
+
+def test_a_worker_checks_that_its_supervisor_is_still_its_parent():
+    from bonzo.cli import _watch_supervisor
+
+    async def watch(supervisor: int, timeout: float) -> list[str]:
+        calls: list[str] = []
+        try:
+            await asyncio.wait_for(
+                _watch_supervisor(supervisor, lambda: calls.append("gone"), interval=0.01),
+                timeout,
+            )
+        except asyncio.TimeoutError:
+            calls.append("still watching")
+        return calls
+
+    assert asyncio.run(watch(os.getppid(), 0.2)) == ["still watching"]
+    assert asyncio.run(watch(os.getpid(), DEADLINE)) == ["gone"]  # not its own parent
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_is_logged_and_ignored(workdir, serve, workers):
+    port = free_port()
+    daemon = serve(write_config(workdir, port, workers=workers, store="delay = 2.0\n"), port)
+    daemon.wait_ready(workers=workers)
+    result: dict[str, Any] = {}
+    thread = slow_client(port, result)
+    [delivering] = wait_until(
+        lambda: list(daemon.out.glob("*.delivering")), what="delivery to start"
+    )
+    daemon.proc.send_signal(signal.SIGHUP)
+    if workers > 1:  # and to the worker receiving the message
+        os.kill(int(delivering.read_text()), signal.SIGHUP)
+    thread.join(DEADLINE)
+    assert not thread.is_alive()
+    assert result == {"sendmail": {}}
+    assert [r["to"] for r in daemon.records()] == [["slow@example.org"]]
+    wait_until(lambda: daemon.log.count(SIGHUP_IGNORED) == workers, what="the SIGHUP lines")
+    assert daemon.proc.poll() is None
+    assert send(port) == {}
+    assert daemon.stop() == 0
+    assert "restarting" not in daemon.log

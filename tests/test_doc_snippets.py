@@ -3,7 +3,7 @@
 Each snippet is imported as it is shown and run against a real server on
 127.0.0.1: a :class:`~bonzo.hooks.PluginSet` with the snippet's plugin (and
 an in-memory owner of RCPT and delivery after it) behind an
-:class:`~bonzo.server.SMTPServer` with a :class:`~bonzo.hooks.PluginHandler`,
+:class:`~bonzo.server.SMTPServer` with a :class:`~bonzo.hooks.PluginSet`,
 or a whole :class:`~bonzo.app.MailApp` for the hooks only the application
 calls (configure, startup, shutdown). The server runs on an event loop in a
 thread of its own; the test talks to it with :mod:`smtplib`.
@@ -32,7 +32,7 @@ from bonzo import Accept
 from bonzo.app import MailApp
 from bonzo.auth import hash_password
 from bonzo.config import ConfigError, parse_config
-from bonzo.hooks import PluginHandler, PluginSet
+from bonzo.hooks import PluginSet
 from bonzo.server import SMTPServer
 from bonzo.settings import ListenerSettings, SMTPSettings
 
@@ -111,7 +111,7 @@ class Served:
         async def start() -> None:
             sock, self.port = bind_unused_port()
             self.server = SMTPServer(
-                handler=PluginHandler(self.plugins),
+                plugins=self.plugins,
                 settings=SMTPSettings(hostname="mx.test", auth_failure_delay=0.1),
                 listener=ListenerSettings(**listener),
             )
@@ -257,7 +257,7 @@ def test_connect_refuses_blocked_networks(serve: Callable[..., Served]) -> None:
         srv.smtp()
     assert (info.value.smtp_code, info.value.smtp_error) == (
         554,
-        b"Your network is not welcome here",
+        b"5.7.1 Your network is not welcome here",
     )
     other = serve(("gate", gate()))
     client = smtplib.SMTP(timeout=DEADLINE)
@@ -268,8 +268,10 @@ def test_connect_refuses_blocked_networks(serve: Callable[..., Served]) -> None:
 def test_helo_needs_a_fully_qualified_name(serve: Callable[..., Served]) -> None:
     srv = serve(("helo", snippet("hook_helo").RequireFqdnHelo()))
     with srv.smtp(helo="localhost") as client:
-        # No enhanced status code: the session is not ESMTP until an EHLO succeeds.
-        assert reply(client.ehlo()) == "504 Helo command rejected: need fully-qualified hostname"
+        # Enhanced status codes even before EHLO succeeds (RFC 2034 4).
+        assert reply(client.ehlo()) == (
+            "504 5.5.2 Helo command rejected: need fully-qualified hostname"
+        )
         assert client.helo("[127.0.0.1]")[0] == 250
         assert client.ehlo("mail.example.net")[0] == 250
 
@@ -277,7 +279,7 @@ def test_helo_needs_a_fully_qualified_name(serve: Callable[..., Served]) -> None
 def test_ehlo_keywords_and_unknown_command(serve: Callable[..., Served]) -> None:
     srv = serve(("clock", snippet("hook_unknown_command").ClockExtension()))
     with srv.smtp() as client:
-        assert reply(client.docmd("XCLOCK")) == "503 Say EHLO first"
+        assert reply(client.docmd("XCLOCK")) == "503 5.5.1 Say EHLO first"
         code, text = client.ehlo()
         keywords = text.decode().splitlines()[1:]
         assert "XCLOCK" in keywords and "HELP" not in keywords and "PIPELINING" in keywords

@@ -45,8 +45,8 @@ def test_smtplib_sendmail_to_several_recipients(server):
     with smtp_client(server) as client:
         refused = client.sendmail("alice@example.com", recipients, MESSAGE)
     assert refused == {}
-    wait_until(lambda: server.handler.messages, message="the message")
-    (delivered,) = server.handler.messages
+    wait_until(lambda: server.plugin.messages, message="the message")
+    (delivered,) = server.plugin.messages
     assert delivered.mail_from == "alice@example.com"
     assert delivered.rcpt_tos == recipients
     assert delivered.helo == "client.test"
@@ -74,8 +74,8 @@ def test_smtplib_smtputf8_addresses(server):
     body = "Subject: =?utf-8?q?h=C3=A9llo?=\r\n\r\nnaïve café\r\n".encode()
     with smtp_client(server) as client:
         client.sendmail(sender, recipients, body, mail_options=["SMTPUTF8", "BODY=8BITMIME"])
-    wait_until(lambda: server.handler.messages, message="the message")
-    (delivered,) = server.handler.messages
+    wait_until(lambda: server.plugin.messages, message="the message")
+    (delivered,) = server.plugin.messages
     assert delivered.mail_from == sender
     assert delivered.rcpt_tos == recipients
     assert "SMTPUTF8" in delivered.mail_params
@@ -101,8 +101,8 @@ def test_smtplib_8bit_body(server):
     )
     with smtp_client(server) as client:
         client.sendmail("a@example.com", ["b@example.com"], body, mail_options=["BODY=8BITMIME"])
-    wait_until(lambda: server.handler.messages, message="the message")
-    (delivered,) = server.handler.messages
+    wait_until(lambda: server.plugin.messages, message="the message")
+    (delivered,) = server.plugin.messages
     assert delivered.mail_params["BODY"] == "8BITMIME"
     assert delivered.body == body
 
@@ -155,8 +155,8 @@ def test_aiosmtplib_send_message(server):
     errors, reply = asyncio.run(send())
     assert errors == {}
     assert reply.startswith("2.0.0 Ok: queued as ")
-    wait_until(lambda: server.handler.messages, message="the message")
-    (delivered,) = server.handler.messages
+    wait_until(lambda: server.plugin.messages, message="the message")
+    (delivered,) = server.plugin.messages
     assert delivered.rcpt_tos == ["bob@example.com", "carol@example.com"]
     parsed = email.message_from_bytes(delivered.body)
     assert parsed["Subject"] == "async"
@@ -200,7 +200,7 @@ def test_asyncio_client_pipelined_mail_rcpt_batch(server):
     assert replies[2:22] == [b"250 2.1.5 Ok\r\n"] * 20
     assert replies[22].startswith(b"354 ")
     assert end.startswith(b"250 2.0.0 Ok: queued as ") and end.endswith(b"221 2.0.0 Bye\r\n")
-    (delivered,) = server.handler.messages
+    (delivered,) = server.plugin.messages
     assert delivered.rcpt_tos == [f"user{n}@example.com" for n in range(20)]
 
 
@@ -222,12 +222,12 @@ def test_aiosmtplib_many_messages_on_one_connection(server):
             await client.quit()
 
     asyncio.run(send_all())
-    wait_until(lambda: len(server.handler.messages) == count, message=f"{count} messages")
-    assert [m.rcpt_tos for m in server.handler.messages] == [
+    wait_until(lambda: len(server.plugin.messages) == count, message=f"{count} messages")
+    assert [m.rcpt_tos for m in server.plugin.messages] == [
         [f"user{n}@example.com"] for n in range(count)
     ]
-    assert len({m.session_id for m in server.handler.messages}) == 1
-    assert len(server.handler.connected) == 1
+    assert len({m.session_id for m in server.plugin.messages}) == 1
+    assert len(server.plugin.connected) == 1
 
 
 # -------------------------------------------------------------------- swaks
@@ -270,8 +270,8 @@ def test_swaks(server, pipeline):
     if pipeline:
         # swaks says when it pipelined (and would fail if it could not).
         assert "PIPELINING" in result.stdout
-    wait_until(lambda: server.handler.messages, message="the message")
-    (delivered,) = server.handler.messages
+    wait_until(lambda: server.plugin.messages, message="the message")
+    (delivered,) = server.plugin.messages
     assert delivered.helo == "swaks.test"
     assert delivered.mail_from == "sender@example.com"
     assert delivered.rcpt_tos == ["rcpt1@example.com", "rcpt2@example.com"]
@@ -416,11 +416,11 @@ def test_many_concurrent_aiosmtplib_clients(server):
 
     asyncio.run(all_clients())
     total = clients * per_client
-    wait_until(lambda: len(server.handler.messages) == total, message=f"{total} messages")
-    for delivered in server.handler.messages:
+    wait_until(lambda: len(server.plugin.messages) == total, message=f"{total} messages")
+    for delivered in server.plugin.messages:
         n, m = delivered.rcpt_tos[0][4:].split("@")[0].split(".")
         assert delivered.mail_from == f"sender{n}@example.com"
         expected = f"Subject: {n}.{m}\r\n\r\nfrom client {n}, message {m}\r\n"
         assert delivered.body == expected.encode()
     server.wait_connections(0)
-    assert len(server.handler.disconnected) == clients
+    assert len(server.plugin.disconnected) == clients

@@ -8,12 +8,11 @@ a deadline.
 from __future__ import annotations
 
 import select
-import socket
 import threading
 import time
 
 import pytest
-from e2e_support import RawClient, RecordingHandler
+from e2e_support import RawClient
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -29,7 +28,7 @@ def test_idle_client_gets_421_and_is_closed(start_server):
         elapsed = time.monotonic() - started
     assert 0.4 <= elapsed < 2.0, elapsed
     server.wait_connections(0)
-    assert len(server.handler.disconnected) == 1
+    assert len(server.plugin.disconnected) == 1
 
 
 def test_idle_timeout_counts_from_the_last_command(start_server):
@@ -89,7 +88,7 @@ def test_data_below_the_minimum_rate_gets_421(start_server):
         assert client.read_to_eof() == b"421 4.4.2 Data rate too low\r\n"
         elapsed = time.monotonic() - started
     assert 0.4 <= elapsed < 2.0, f"closed after {elapsed:.2f}s, window is 0.5s"
-    assert server.handler.messages == []
+    assert server.plugin.messages == []
 
 
 def test_data_timeout_without_any_byte(start_server):
@@ -120,14 +119,14 @@ def test_slow_but_steady_sender_completes(start_server):
             time.sleep(0.02)
         client.send(b".\r\n")
         assert client.reply().startswith(b"250 2.0.0 Ok")
-    (delivered,) = server.handler.messages
+    (delivered,) = server.plugin.messages
     assert delivered.body == line * 60
 
 
 def test_client_that_never_reads_is_dropped_after_idle_timeout(start_server):
     """A client that writes commands and never reads its replies stops the
     server reading (backpressure); it must not hold the connection forever."""
-    server = start_server(idle_timeout=0.5, read_chunk_size=4096)
+    server = start_server(idle_timeout=0.5, read_chunk_size=4096, max_junk_commands=10**9)
     client = RawClient(server.port, rcvbuf=4096)
     try:
         client.greet()
@@ -155,22 +154,13 @@ def test_client_that_never_reads_is_dropped_after_idle_timeout(start_server):
     finally:
         client.close()
     assert 0.4 <= elapsed < 3.0, elapsed
-    assert len(server.handler.disconnected) == 1
-
-
-class SmallSendBuffer(RecordingHandler):
-    def on_connect(self, session):
-        super().on_connect(session)
-        stream = session.stash["bonzo.connection"].stream
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    assert len(server.plugin.disconnected) == 1
 
 
 def test_last_reply_not_read_does_not_keep_the_connection(start_server):
     """The session ends (here: too many unknown commands) with replies the
     client never reads; the connection is closed anyway, in bounded time."""
-    server = start_server(
-        handler=SmallSendBuffer(), idle_timeout=0.5, max_unknown_commands=2000, max_errors=5000
-    )
+    server = start_server(sndbuf=4096, idle_timeout=0.5, max_unknown_commands=2000, max_errors=5000)
     client = RawClient(server.port, rcvbuf=4096)
     try:
         client.greet()
@@ -181,4 +171,67 @@ def test_last_reply_not_read_does_not_keep_the_connection(start_server):
     finally:
         client.close()
     assert elapsed < 3.0, elapsed
-    assert len(server.handler.disconnected) == 1
+    assert len(server.plugin.disconnected) == 1
+
+
+def test_overlong_command_sent_in_bursts_gets_421(start_server):
+    """The core discards an overlong line as it arrives (nothing is
+    buffered), yet the line's deadline runs from its first byte."""
+    server = start_server(command_timeout=0.5, idle_timeout=10)
+    with RawClient(server.port) as client:
+        client.greet()
+        started = trickle(client, b"NOOP " + b"x" * 5000, interval=0.0005, limit=5)
+        assert client.read_to_eof() == TIMEOUT_REPLY
+        elapsed = time.monotonic() - started
+    assert 0.4 <= elapsed < 2.0, f"closed after {elapsed:.2f}s, command_timeout is 0.5s"
+
+
+def test_a_huge_bdat_trickled_gets_421(start_server):
+    """BDAT's announced octets are content: the DATA rate applies to them."""
+    server = start_server(min_data_rate=1000, data_rate_window=0.5, idle_timeout=10)
+    with RawClient(server.port) as client:
+        client.greet()
+        assert client.command("BDAT 100000000").startswith(b"502")
+        started = trickle(client, b"z" * 1000, interval=0.05, limit=5)
+        assert client.read_to_eof() == b"421 4.4.2 Data rate too low\r\n"
+        elapsed = time.monotonic() - started
+    assert 0.4 <= elapsed < 2.0, f"closed after {elapsed:.2f}s, window is 0.5s"
+
+
+def test_bytes_that_complete_no_command_never_restart_the_idle_time(start_server):
+    server = start_server(idle_timeout=0.6, command_timeout=0.6)
+    with RawClient(server.port) as client:
+        client.greet()
+        started = trickle(client, b"NOOP" + b" " * 100, interval=0.05, limit=5)
+        assert client.read_to_eof() == TIMEOUT_REPLY
+        assert time.monotonic() - started < 2.0
+
+
+def test_session_lifetime(start_server):
+    server = start_server(max_session_time=0.8, idle_timeout=10)
+    with RawClient(server.port) as client:
+        client.greet()
+        started = time.monotonic()
+        for _ in range(100):  # bounded: a NOOP every 50 ms for at most 5 s
+            try:
+                reply = client.command("NOOP")
+            except (ConnectionError, OSError):
+                break
+            if not reply.startswith(b"250"):
+                assert reply == b"421 4.4.2 Session too long, closing connection\r\n"
+                break
+            time.sleep(0.05)
+        elapsed = time.monotonic() - started
+    assert 0.7 <= elapsed < 2.5, elapsed
+
+
+def test_junk_commands_are_limited(start_server):
+    server = start_server(max_junk_commands=5)
+    with RawClient(server.port) as client:
+        client.greet()
+        for _ in range(5):
+            assert client.command("NOOP") == b"250 2.0.0 Ok\r\n"
+        assert client.command("NOOP") == (
+            b"421 4.7.0 Too many commands without mail, closing connection\r\n"
+        )
+        assert client.read_to_eof() == b""

@@ -75,7 +75,6 @@ def test_callback(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_store(tmp_path: Path) -> None:
     namespace = load("store.py")
-    handler = namespace["StoreHandler"](str(tmp_path))
 
     def client(port: int) -> dict[str, Any]:
         with smtplib.SMTP("127.0.0.1", port) as smtp:
@@ -87,7 +86,7 @@ def test_store(tmp_path: Path) -> None:
             smtp.data(MESSAGE)  # raises unless 250
             return {"relay": relay, "local": local, "postmaster": postmaster}
 
-    replies = serve(SMTPServer(handler=handler), client)
+    replies = serve(namespace["make_server"](str(tmp_path)), client)
     assert replies["relay"] == (554, b"5.7.1 Relay access denied")
     assert replies["local"][0] == 250
     assert replies["postmaster"][0] == 250

@@ -4,7 +4,8 @@ Inline plugins (classes with ``bonzo_*`` methods) run on a fresh
 :class:`~bonzo.hooks.PluginSet`, either behind a real
 :class:`~bonzo.server.SMTPServer` on 127.0.0.1 (driven with smtplib or a raw
 socket from the test thread while the server runs in a thread of its own) or
-by calling :class:`~bonzo.hooks.PluginHandler` directly where that is clearer.
+with :class:`~bonzo.testing.SessionTester` (SMTP bytes through the protocol
+core and the dispatcher, no socket) where that is clearer.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ import pytest
 from e2e_support import RawClient, ServerThread, wait_until
 
 from bonzo import errors, hookspecs
+from bonzo.address import Address
 from bonzo.app import MailApp
 from bonzo.config import ConfigError, parse_config
-from bonzo.hooks import HOOK_ARGS, PluginError, PluginHandler, PluginSet
+from bonzo.hooks import HOOK_ARGS, PluginError, PluginSet
 from bonzo.hookspecs import DECISION_HOOKS, OBSERVER_HOOKS, OWNER_HOOKS, Accept, hookimpl
 from bonzo.session import Envelope, Session
 from bonzo.settings import ListenerSettings, SMTPSettings
+from bonzo.testing import SessionTester
 
 MESSAGE = "From: a@example.org\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nHello.\r\n"
 DEADLINE = 5.0
@@ -62,16 +65,14 @@ class Owner:
 
 @pytest.fixture
 def serve(start_server: Any) -> Any:
-    """``serve(plugin_set, **settings)``: an SMTPServer answering with a
-    PluginHandler on 127.0.0.1 (stopped after the test)."""
+    """``serve(plugin_set, **settings)``: an SMTPServer deciding with the
+    plugin set on 127.0.0.1 (stopped after the test)."""
 
     def start(
         plugins: PluginSet, listener: ListenerSettings | None = None, **settings: Any
     ) -> ServerThread:
         settings.setdefault("hostname", "mx.test")
-        return start_server(
-            handler=PluginHandler(plugins), settings=SMTPSettings(**settings), listener=listener
-        )
+        return start_server(plugins=plugins, settings=SMTPSettings(**settings), listener=listener)
 
     return start
 
@@ -85,8 +86,7 @@ def raw(server: ServerThread) -> RawClient:
 
 
 def run(result: Any) -> Any:
-    """The outcome of a PluginHandler call: its value, or what its awaitable
-    gives (handlers answer synchronously when every plugin is synchronous)."""
+    """The outcome of a call: its value, or what its awaitable gives."""
     if inspect.isawaitable(result):
 
         async def wait() -> Any:
@@ -94,6 +94,24 @@ def run(result: Any) -> Any:
 
         return asyncio.run(wait())
     return result
+
+
+def converse(plugins: PluginSet, *chunks: bytes) -> list[bytes]:
+    """Greeting and replies to each chunk, through a SessionTester."""
+
+    async def talk() -> list[bytes]:
+        tester = SessionTester(plugins)
+        replies = [await tester.connect()]
+        for chunk in chunks:
+            replies.append(await tester.send(chunk))
+        await tester.close()
+        return replies
+
+    return asyncio.run(talk())
+
+
+EHLO = b"EHLO client.test\r\n"
+FULL = EHLO + b"MAIL FROM:<x@example.org>\r\nRCPT TO:<y@example.org>\r\nDATA\r\nhi\r\n.\r\n"
 
 
 def failures(log_watch: Any, plugin: str, hook: str) -> list[logging.LogRecord]:
@@ -125,7 +143,7 @@ def test_operator_order_is_registration_order():
 
     ps = plugin_set(("first", P("first")), ("second", P("second")), ("third", P("third")))
     assert [c.plugin for c in ps.calls["bonzo_mail"]] == ["first", "second", "third"]
-    run(ps.decide("bonzo_mail", session(), Envelope("a@b"), "a@b", {}))
+    run(ps.decide("bonzo_mail", (session(), Envelope("a@b"), "a@b", {}, Address.parse("a@b"))))
     assert calls == ["first", "second", "third"]
 
 
@@ -346,14 +364,16 @@ def test_sync_and_async_implementations_are_awaited_one_at_a_time():
             log.append("accepted c")
             return future
 
-    ps = plugin_set(("a", AsyncA()), ("b", SyncB()), ("c", AwaitableC()))
-    handler = PluginHandler(ps)
-    s, env = session(), Envelope("x@example.org")
+    ps = plugin_set(("a", AsyncA()), ("b", SyncB()), ("c", AwaitableC()), ("owner", Owner()))
 
     async def both_sessions():
         # Two sessions at once: each one's chain still runs one at a time.
-        await asyncio.gather(handler.on_mail(s, env), asyncio.sleep(0))
-        await handler.on_accepted(s, env)
+        one, two = SessionTester(ps), SessionTester(ps)
+        await one.connect()
+        await two.connect()
+        await one.send(FULL)
+        assert log[-1] == "accepted c"
+        await asyncio.gather(two.send(EHLO), asyncio.sleep(0))
 
     run(both_sessions())
     assert log == [
@@ -591,7 +611,7 @@ def test_connect_rejection_closes_the_connection_after_its_reply(serve):
 
     srv = serve(plugin_set(("refuse", Refuse()), ("watch", Watch())))
     with raw(srv) as c:
-        assert c.reply() == b"554 No service for you\r\n"
+        assert c.reply() == b"554 5.7.1 No service for you\r\n"
         assert c.read_to_eof() == b""
         wait_until(lambda: seen == ["disconnect"])
 
@@ -607,8 +627,8 @@ def test_helo_and_ehlo_rejections(serve):
     srv = serve(plugin_set(("nohelo", NoHelo())))
     with raw(srv) as c:
         c.reply()
-        assert c.command("HELO bad.test") == b"550 Bad HELO\r\n"
-        assert c.command("EHLO bad.test") == b"550 Bad EHLO\r\n"
+        assert c.command("HELO bad.test") == b"550 5.7.1 Bad HELO\r\n"
+        assert c.command("EHLO bad.test") == b"550 5.7.1 Bad EHLO\r\n"
         assert c.command("MAIL FROM:<a@example.org>").startswith(b"503")
         assert c.command("HELO nice.test") == b"250 Nice to meet you\r\n"
         ehlo = c.command("EHLO nice.test")
@@ -755,9 +775,14 @@ def test_unexpected_exception_answers_451_names_the_plugin_and_leaks_nothing(log
 @pytest.mark.parametrize(
     "hook, failing_step, reply",
     [
-        # Before EHLO there are no enhanced status codes.
-        ("bonzo_connect", 0, b"451 Internal confusion\r\n"),
-        ("bonzo_helo", 1, b"451 Internal confusion\r\n"),
+        # A fault at connect is no greeting: 421, and the connection closes.
+        (
+            "bonzo_connect",
+            0,
+            b"421 4.3.0 Service not available, closing transmission channel\r\n",
+        ),
+        # Enhanced status codes even before EHLO (RFC 2034 4).
+        ("bonzo_helo", 1, b"451 4.3.0 Internal confusion\r\n"),
         ("bonzo_data", 4, b"451 4.3.0 Internal confusion\r\n"),
         ("bonzo_message", 5, b"451 4.3.0 Internal confusion\r\n"),
     ],
@@ -859,10 +884,8 @@ def test_the_set_default_timeout_applies_without_a_plugin_timeout(log_watch):
             await asyncio.sleep(30)
 
     ps = plugin_set(("slow", Slow()), timeout=0.1)
-    handler = PluginHandler(ps)
-    with pytest.raises(errors.SMTPError) as info:
-        run(handler.on_mail(session(), Envelope("a@example.org")))
-    assert (info.value.status_code, info.value.enhanced_code) == (451, "4.3.0")
+    replies = converse(ps, EHLO, b"MAIL FROM:<a@example.org>\r\n")
+    assert replies[-1] == b"451 4.3.0 Internal confusion\r\n"
     assert failures(log_watch, "slow", "bonzo_mail")[0].exc_info[0] is TimeoutError
 
 
@@ -920,10 +943,9 @@ def test_bonzo_exception_cannot_turn_a_fault_into_success(log_watch):
         def bonzo_exception(self):
             return errors.SMTPError(250, "All good")
 
-    handler = PluginHandler(plugin_set(("broken", Broken()), ("optimist", Optimist())))
-    with pytest.raises(errors.SMTPError) as info:
-        run(handler.on_mail(session(), Envelope("a@example.org")))
-    assert info.value.status_code == 451
+    ps = plugin_set(("broken", Broken()), ("optimist", Optimist()))
+    replies = converse(ps, EHLO, b"MAIL FROM:<a@example.org>\r\n")
+    assert replies[-1] == b"451 4.3.0 Internal confusion\r\n"
     assert failures(log_watch, "broken", "bonzo_mail")
     log_watch.allow("Plugin 'optimist' returned")
     assert log_watch.matching(r"Plugin 'optimist' returned .* from bonzo_exception")
@@ -1183,7 +1205,7 @@ def test_disconnect_observers_all_run(log_watch, serve):
     assert len(failures(log_watch, "broken", "bonzo_disconnect")) == 2
 
 
-def test_observer_failures_are_logged_and_the_rest_run_when_called_directly(log_watch):
+def test_observer_failures_are_logged_and_the_rest_run_without_a_socket(log_watch):
     log: list[str] = []
 
     class Broken:
@@ -1194,8 +1216,8 @@ def test_observer_failures_are_logged_and_the_rest_run_when_called_directly(log_
         def bonzo_rset(self):
             log.append("watch")
 
-    handler = PluginHandler(plugin_set(("broken", Broken()), ("watch", Watch())))
-    run(handler.on_reset(session()))
+    replies = converse(plugin_set(("broken", Broken()), ("watch", Watch())), EHLO + b"RSET\r\n")
+    assert replies[-1].endswith(b"250 2.0.0 Ok\r\n")
     assert log == ["watch"]
     assert failures(log_watch, "broken", "bonzo_rset")
 

@@ -28,6 +28,7 @@ from protocol_helpers import (
     split_replies,
 )
 
+from bonzo.address import Address
 from bonzo.errors import PermanentError, SMTPError, TransientError
 from bonzo.protocol import (
     CLOSED,
@@ -110,8 +111,9 @@ def test_format_reply_cuts_lines_at_512_octets():
 
 
 # ------------------------------------------------- every command, HELO style
-# (setup, command, reply): a session that never said EHLO keeps the original
-# Bonzo texts, with no enhanced status codes.
+# (setup, command, reply): a session of the original Bonzo API
+# (legacy_replies) that never said EHLO keeps that version's texts, with no
+# enhanced status codes.
 LEGACY = [
     (b"", b"NOOP", b"250 Ok\r\n"),
     (b"", b"NOOP args", b"501 Syntax: NOOP\r\n"),
@@ -128,7 +130,9 @@ LEGACY = [
     (b"", b"", b"500 Error: bad syntax\r\n"),
     (b"", b"   ", b"500 Error: bad syntax\r\n"),
     (b"", b"FOO", b'502 Error: command "FOO" not implemented\r\n'),
-    (b"", b"foo bar baz", b'502 Error: command "FOO" not implemented\r\n'),
+    # The verb is echoed as the client sent it, as Bonzo 0.1 did.
+    (b"", b"foo bar baz", b'502 Error: command "foo" not implemented\r\n'),
+    (b"", b"\xc3\xa9t\xc3\xa9", '502 Error: command "\u00e9t\u00e9" not implemented\r\n'.encode()),
     (b"", b"STARTTLS", b'502 Error: command "STARTTLS" not implemented\r\n'),
     (b"", b"VRFY", b"501 Syntax: VRFY <address>\r\n"),
     (
@@ -179,13 +183,13 @@ LEGACY = [
 
 @pytest.mark.parametrize("setup, command, expected", LEGACY)
 def test_legacy_replies(setup, command, expected):
-    assert reply_to(setup, command) == expected
+    assert reply_to(setup, command, legacy=True) == expected
 
 
 # ------------------------------------------------ every command, EHLO style
 ESMTP = [
     (b"", b"EHLO client.example", EHLO_REPLY),
-    (b"", b"EHLO", b"501 Syntax: EHLO hostname\r\n"),
+    (b"", b"EHLO", b"501 5.5.4 Syntax: EHLO hostname\r\n"),
     (EHLO, b"EHLO", b"501 5.5.4 Syntax: EHLO hostname\r\n"),
     (EHLO, b"HELO", b"501 5.5.4 Syntax: HELO hostname\r\n"),
     (EHLO, b"EHLO again.example", EHLO_REPLY),
@@ -196,7 +200,15 @@ ESMTP = [
     (EHLO, b"RSET args", b"501 5.5.4 Syntax: RSET\r\n"),
     (EHLO, b"", b"500 5.5.2 Error: bad syntax\r\n"),
     (EHLO, b"FOO", b"500 5.5.2 Error: command not recognized\r\n"),
-    (EHLO, b"\xc3\xa9t\xc3\xa9", b"500 5.5.2 Error: bad syntax\r\n"),
+    # A non-ASCII verb is an unknown command, never a known one (defect 2).
+    (EHLO, b"\xc3\xa9t\xc3\xa9", b"500 5.5.2 Error: command not recognized\r\n"),
+    (EHLO, "\u017fTARTTLS".encode(), b"500 5.5.2 Error: command not recognized\r\n"),
+    (
+        EHLO,
+        "MA\u0131L FROM:<a@example.org>".encode(),
+        b"500 5.5.2 Error: command not recognized\r\n",
+    ),
+    (EHLO, "R\u017fET".encode(), b"500 5.5.2 Error: command not recognized\r\n"),
     (EHLO, b"VRFY", b"501 5.5.4 Syntax: VRFY <address>\r\n"),
     (
         EHLO,
@@ -237,8 +249,8 @@ def test_esmtp_replies(setup, command, expected):
         (b"HELO client.example", Helo("client.example", False)),
         (b"ehlo   spaced.example  ", Helo("spaced.example", True)),
         (b"HELO [192.0.2.7]", Helo("[192.0.2.7]", False)),
-        (b"FOO", Unknown("FOO", "")),
-        (b"xclient  NAME=x  ADDR=y ", Unknown("XCLIENT", "NAME=x  ADDR=y")),
+        (b"FOO", Unknown("FOO", "", "FOO")),
+        (b"xclient  NAME=x  ADDR=y ", Unknown("XCLIENT", "NAME=x  ADDR=y", "xclient")),
         (b"RSET", Reset()),
     ],
 )
@@ -256,9 +268,9 @@ def test_transaction_events_and_message():
     )
     assert client.events == [
         Helo("client.example", True),
-        Mail("alice@example.org", {"SIZE": "42", "BODY": "8BITMIME"}),
-        Rcpt("bob@example.net", {}),
-        Rcpt("Postmaster", {}),
+        Mail(Address.parse("alice@example.org"), {"SIZE": "42", "BODY": "8BITMIME"}),
+        Rcpt(Address.parse("bob@example.net"), {}),
+        Rcpt(Address.parse("Postmaster"), {}),
         Data(),
         MessageComplete(b"Hello\r\n"),
     ]
@@ -292,7 +304,7 @@ def test_unknown_verb_accepted_by_a_plugin():
         return "Done" if isinstance(event, Unknown) else None
 
     replies, client = feed(EHLO, b"XFOO bar\r\n", decide=decide)
-    assert client.events[-1] == Unknown("XFOO", "bar")
+    assert client.events[-1] == Unknown("XFOO", "bar", "XFOO")
     assert replies.endswith(b"250 2.0.0 Done\r\n")
     assert client.proto.unknown_commands == 0
 
@@ -370,7 +382,9 @@ def test_rejected_ehlo_keeps_the_session_state():
 
 
 def test_helo_name_must_be_ascii():
-    assert reply_to(b"", "HELO h\u00f6st".encode()) == b"501 Syntax: HELO hostname\r\n"
+    helo = "HELO h\u00f6st".encode()
+    assert reply_to(b"", helo, legacy=True) == b"501 Syntax: HELO hostname\r\n"
+    assert reply_to(b"", helo) == b"501 5.5.4 Syntax: HELO hostname\r\n"
     assert reply_to(EHLO, "EHLO h\u00f6st".encode()) == b"501 5.5.4 Syntax: EHLO hostname\r\n"
 
 
@@ -618,7 +632,9 @@ def test_non_ascii_sender_needs_smtputf8():
         b"553 5.6.7 Non-ASCII sender address requires SMTPUTF8\r\n"
     )
     _, client = feed(EHLO + b"MAIL FROM:" + UTF8_ADDR + b" SMTPUTF8\r\n")
-    assert client.events[-1] == Mail("j\u00f6rg@\u00e9xample.org", {"SMTPUTF8": None})
+    assert client.events[-1] == Mail(
+        Address.parse("j\u00f6rg@\u00e9xample.org"), {"SMTPUTF8": None}
+    )
 
 
 def test_non_ascii_recipient_needs_smtputf8_on_mail():
@@ -630,8 +646,10 @@ def test_non_ascii_recipient_needs_smtputf8_on_mail():
 
 
 def test_smtputf8_in_a_helo_session_needs_ehlo():
-    reply = reply_to(HELO, b"MAIL FROM:" + UTF8_ADDR + b" SMTPUTF8")
+    reply = reply_to(HELO, b"MAIL FROM:" + UTF8_ADDR + b" SMTPUTF8", legacy=True)
     assert reply == b"555 MAIL parameters need EHLO\r\n"
+    reply = reply_to(HELO, b"MAIL FROM:" + UTF8_ADDR + b" SMTPUTF8")
+    assert reply == b"555 5.5.4 MAIL parameters need EHLO\r\n"
 
 
 def test_non_ascii_sender_when_smtputf8_is_off():
@@ -691,8 +709,11 @@ def test_c1_control_characters_are_501(ctl):
 
 
 def test_control_characters_in_legacy_session():
-    assert reply_to(b"", b"HELO a\x00b") == (
+    assert reply_to(b"", b"HELO a\x00b", legacy=True) == (
         b"501 Syntax error: control characters are not allowed\r\n"
+    )
+    assert reply_to(b"", b"HELO a\x00b") == (
+        b"501 5.5.2 Syntax error: control characters are not allowed\r\n"
     )
 
 
@@ -701,7 +722,8 @@ def test_command_line_limit_is_512_with_crlf():
     ok = b"NOOP " + b"x" * 505  # 510 + CRLF = 512
     assert reply_to(EHLO, ok) == b"250 2.0.0 Ok\r\n"
     assert reply_to(EHLO, ok + b"x") == b"500 5.5.2 Line too long\r\n"
-    assert reply_to(b"", ok + b"x") == b"500 Error: line too long\r\n"
+    assert reply_to(b"", ok + b"x", legacy=True) == b"500 Error: line too long\r\n"
+    assert reply_to(b"", ok + b"x") == b"500 5.5.2 Line too long\r\n"
 
 
 @pytest.mark.parametrize("verb", [b"MAIL FROM:", b"RCPT TO:"])
@@ -812,7 +834,7 @@ def test_message_size_zero_means_no_limit():
 
 
 def test_data_limits_in_a_legacy_session():
-    client = Client(max_message_size=10)
+    client = Client(max_message_size=10, legacy=True)
     client.send(HELO + TXN + DATA)
     assert client.send(b"x" * 20 + b"\r\n.\r\n") == (
         b"552 Message size exceeds fixed maximum message size\r\n"
@@ -901,7 +923,7 @@ def test_unknown_command_limit_closes_with_421():
 
 
 def test_unknown_command_limit_legacy_text():
-    replies, client = feed(b"XFOO\r\n" * 12, max_unknown_commands=2)
+    replies, client = feed(b"XFOO\r\n" * 12, max_unknown_commands=2, legacy=True)
     assert split_replies(replies) == [b'502 Error: command "XFOO" not implemented\r\n'] * 2 + [
         b"421 Too many unknown commands, closing connection\r\n"
     ]
@@ -967,7 +989,7 @@ def test_a_reject_with_close_closes_the_session():
         return default_decision(proto, event)
 
     replies, client = feed(EHLO + b"NOOP\r\n", decide=decide)
-    assert replies == b"554 Blocked\r\n"
+    assert replies == b"554 5.7.1 Blocked\r\n"
     assert client.closed and client.events == [Helo("client.example", True)]
 
 
@@ -984,7 +1006,7 @@ def test_ehlo_mid_transaction_resets_it():
 
 
 def test_helo_after_ehlo_resets_and_switches_to_legacy_replies():
-    client = Client()
+    client = Client(legacy=True)
     client.send(EHLO + TXN)
     assert client.send(HELO) == HELO_REPLY
     assert not client.proto.in_transaction and not client.proto.esmtp
@@ -1019,7 +1041,7 @@ def test_rset_cannot_be_rejected():
     with pytest.raises(RuntimeError):
         proto.reject(PermanentError("no"))
     proto.accept()
-    assert proto.data_to_send() == b"250 Ok\r\n"
+    assert proto.data_to_send() == b"250 2.0.0 Ok\r\n"
 
 
 def test_rejected_mail_leaves_no_transaction():
@@ -1116,7 +1138,7 @@ def test_replies_wait_for_the_pending_decision():
         proto.next_event()
     proto.accept()
     event = proto.next_event()
-    assert event == Mail("alice@example.org", {})
+    assert event == Mail(Address.parse("alice@example.org"), {})
     # The NOOP before the MAIL is answered; the one after it is not yet.
     assert proto.data_to_send() == EHLO_REPLY + b"250 2.0.0 Ok\r\n"
     proto.accept()
@@ -1141,7 +1163,7 @@ def test_pipelined_after_the_final_dot_runs_after_the_message_reply():
         b"221 2.0.0 Bye\r\n",
     ]
     assert client.messages == [b"Hello\r\n"]
-    assert client.events[-1] == Rcpt("d@example.net", {})
+    assert client.events[-1] == Rcpt(Address.parse("d@example.net"), {})
 
 
 def test_line_split_anywhere_gives_the_same_replies():
@@ -1156,14 +1178,14 @@ def test_partial_line_is_not_answered():
     assert client.send(b"NOO") == b""
     assert client.proto.partial_line
     assert client.send(b"P\r") == b""
-    assert client.send(b"\n") == b"250 Ok\r\n"
+    assert client.send(b"\n") == b"250 2.0.0 Ok\r\n"
     assert not client.proto.partial_line
 
 
 @pytest.mark.parametrize("mode", ["normalize", "allow"])
 def test_bare_lf_ends_a_command_line(mode):
     replies, client = feed(b"NOOP\nRSET\n", bare_newline=mode)
-    assert replies == b"250 Ok\r\n250 Ok\r\n"
+    assert replies == b"250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n"
     assert "bare_lf" in client.proto.notes
 
 
@@ -1274,19 +1296,21 @@ SMUGGLE_ENDS = [
 SMUGGLED = b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\nevil"
 
 # What normalize stores for each variant (bare CR / LF become CRLF, and a
-# dot after a *real* CRLF is unstuffed).
+# dot at the start of a line after CRLF or after a bare LF is unstuffed, as
+# a client that sends LF line ends stuffs it; a bare CR starts no line for
+# unstuffing). None of them ends the message.
 NORMALIZED = {
-    b"\n.\n": b"\r\n.\r\n",
-    b"\n.\r\n": b"\r\n.\r\n",
+    b"\n.\n": b"\r\n\r\n",
+    b"\n.\r\n": b"\r\n\r\n",
     b"\r\n.\n": b"\r\n\r\n",
     b"\r.\r": b"\r\n.\r\n",
     b"\r.\r\n": b"\r\n.\r\n",
     b"\r\n.\r": b"\r\n\r\n",
-    b"\n.\r": b"\r\n.\r\n",
+    b"\n.\r": b"\r\n\r\n",
     b"\r.\n": b"\r\n.\r\n",
     b"\r\n.\r\r\n": b"\r\n\r\n\r\n",
     b"\r\n \r\n.\r\r\n": b"\r\n \r\n\r\n\r\n",
-    b"\n..\n": b"\r\n..\r\n",
+    b"\n..\n": b"\r\n.\r\n",
     b"\r\r\n..\r\r\n": b"\r\n\r\n.\r\n\r\n",
 }
 
@@ -1473,11 +1497,11 @@ def test_a_message_that_broke_a_limit_cannot_be_accepted():
     )
 
 
-def test_close_and_send_error():
+def test_close_and_refuse():
     proto = SMTPProtocol(SETTINGS, "192.0.2.1")
-    proto.send_error(TransientError("Too busy", 421, "4.7.0"))
+    proto.refuse(TransientError("Too busy", 421, "4.7.0"))
     assert proto.closed and proto.next_event() is CLOSED
-    assert proto.data_to_send() == b"421 Too busy\r\n"
+    assert proto.data_to_send() == b"421 4.7.0 Too busy\r\n"
     proto.close()  # a second close says nothing
     assert proto.data_to_send() == b""
 

@@ -289,8 +289,14 @@ def test_parse_path_round_trips(local, dom, params, brackets, sender):
     text = f"<{address}>" if brackets else address
     text += "".join(f" {k}={v}" if v is not None else f" {k}" for k, v in params)
     got, got_params = parse_path(text, sender=sender)
-    assert got == address
+    assert got.original == address
     assert got_params == {k.upper(): v for k, v in params}
+    # The canonical form is a fixed point: parsing it gives it back.
+    canonical = got.canonical
+    again, _ = parse_path(f"<{canonical}>", sender=sender)
+    assert again.canonical == canonical
+    assert got.domain.isascii()
+    assert got.domain.startswith("[") or got.domain == got.domain.lower()
 
 
 @PROPS
@@ -302,10 +308,13 @@ def test_parse_path_raises_only_address_error(text, sender, utf8):
         assert 500 <= exc.reply.status_code < 600
         assert exc.reply.enhanced_code
     else:
-        assert isinstance(address, str) and isinstance(params, dict)
-        assert address or sender
-        assert len(address.encode()) <= 254
-        assert utf8 or address.isascii()
+        original = address.original
+        assert isinstance(original, str) and isinstance(params, dict)
+        assert original or sender
+        assert len(original.encode()) <= 254
+        assert utf8 or original.isascii()
+        # Whatever was accepted has a canonical form, with an ASCII domain.
+        assert address.domain.isascii()
 
 
 @PROPS
@@ -315,3 +324,34 @@ def test_parse_path_on_punctuation_soup(text, sender):
         parse_path(text, sender=sender, smtputf8=True)
     except AddressError as exc:
         assert exc.reply.status_code in (501, 553, 555)
+
+
+# Domains as people (and attackers) spell them: any mix of case, full-width
+# forms, ideographic full stops and soft hyphens maps to one canonical domain.
+_FULLWIDTH = {c: chr(ord(c) + 0xFEE0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"}
+
+
+@PROPS
+@given(
+    labels=st.lists(st.from_regex(r"[a-z][a-z0-9]{0,6}", fullmatch=True), min_size=2, max_size=4),
+    data=st.data(),
+)
+def test_domain_spellings_share_one_canonical_form(labels, data):
+    plain = ".".join(labels)
+    spelled = []
+    for i, label in enumerate(labels):
+        chars = []
+        for ch in label:
+            kind = data.draw(st.sampled_from(["same", "upper", "full", "shy"]))
+            if kind == "upper":
+                ch = ch.upper()
+            elif kind == "full":
+                ch = _FULLWIDTH[ch]
+            elif kind == "shy":
+                ch = ch + "\u00ad"
+            chars.append(ch)
+        spelled.append("".join(chars))
+        if i < len(labels) - 1:
+            spelled.append(data.draw(st.sampled_from([".", "\u3002", "\uff0e"])))
+    address, _ = parse_path(f"<ceo@{''.join(spelled)}>", sender=False, smtputf8=True)
+    assert address.canonical == f"ceo@{plain}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import unittest
 
-from bonzo.connection import SessionHandler
+from bonzo.hooks import PluginSet
 from bonzo.server import SMTPServer
 from bonzo.testing import AsyncSMTPTestCase
 
@@ -12,16 +12,19 @@ from bonzo.testing import AsyncSMTPTestCase
 def test_teardown_runs_session_cleanup_for_connections_left_open():
     disconnected = []
 
-    class Handler(SessionHandler):
-        async def on_disconnect(self, session):
+    class Watch:
+        async def bonzo_disconnect(self, session):
             disconnected.append(session.id)
+
+    plugins = PluginSet()
+    plugins.register(Watch(), "watch")
 
     class LeftOpen(AsyncSMTPTestCase):
         def get_request_callback(self):
             return None
 
         def get_smtp_server(self):
-            return SMTPServer(handler=Handler())
+            return SMTPServer(plugins=plugins)
 
         def test_left_open(self):
             self.connect()
@@ -35,6 +38,6 @@ def test_teardown_runs_session_cleanup_for_connections_left_open():
     case.run(result)
     assert result.wasSuccessful(), result.errors + result.failures
     assert case.servers_connections == 1
-    # tearDown closed the session and let it run on_disconnect.
+    # tearDown closed the session and let it run bonzo_disconnect.
     assert len(disconnected) == 1
     assert not case.smtp_server.connections

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import logging
 import os
+import re
 import select
 import shutil
 import smtplib
@@ -27,13 +28,13 @@ from typing import Any
 import aiosmtplib
 import pytest
 import trustme
-from e2e_support import HOST, TIMEOUT, RawClient, RecordingHandler, wait_until
+from e2e_support import HOST, TIMEOUT, RawClient, RecordingPlugin, wait_until
 
 from bonzo import Accept, hookimpl
 from bonzo.auth import Credentials
 from bonzo.errors import SMTPError
-from bonzo.hooks import PluginHandler, PluginSet
-from bonzo.protocol import NEED_DATA, Auth, SMTPProtocol
+from bonzo.hooks import PluginSet
+from bonzo.protocol import NEED_DATA, Auth, Policy, SMTPProtocol
 from bonzo.session import Envelope, Session
 from bonzo.settings import ListenerSettings, SMTPSettings
 from bonzo.tls import CertificatePair, TLSError, make_server_context
@@ -99,11 +100,9 @@ def tls_listener(certs: dict[str, CertificatePair], **options: Any) -> ListenerS
 
 
 # ---------------------------------------------------------------- handlers
-class AuthHandler(RecordingHandler):
-    """Records like RecordingHandler; knows one user; notes what the session
+class AuthHandler(RecordingPlugin):
+    """Records like RecordingPlugin; knows one user; notes what the session
     looked like (auth, TLS facts, Received protocol) for every message."""
-
-    auth_available = True
 
     def __init__(self, users: dict[str, str] | None = None) -> None:
         super().__init__()
@@ -112,21 +111,23 @@ class AuthHandler(RecordingHandler):
         self.facts: list[dict[str, Any]] = []
         self.tls_at_helo: list[dict[str, Any] | None] = []
 
-    def on_helo(self, session: Session, name: str, esmtp: bool) -> Any:
+    def bonzo_helo(self, session: Session) -> Any:
         self.tls_at_helo.append(session.tls)
 
-    def on_auth(self, session: Session, credentials: Any) -> Any:
-        self.credentials.append(credentials)
-        return self.users.get(credentials.username) == credentials.password
+    def bonzo_auth(
+        self, session: Session, mechanism: str, username: str, password: str, authzid: str
+    ) -> Any:
+        self.credentials.append(Credentials(username, password, authzid, mechanism))
+        return Accept() if self.users.get(username) == password else None
 
-    def on_message(self, session: Session, envelope: Envelope) -> Any:
+    def bonzo_deliver(self, session: Session, envelope: Envelope) -> Any:
         self.facts.append({"auth": session.auth, "tls": session.tls, "protocol": session.protocol})
-        return super().on_message(session, envelope)
+        return super().bonzo_deliver(session, envelope)
 
 
 def start_auth_server(start_server: Any, listener: ListenerSettings, **settings: Any) -> Any:
     settings.setdefault("auth_failure_delay", 0)
-    return start_server(handler=AuthHandler(), listener=listener, **settings)
+    return start_server(plugin=AuthHandler(), listener=listener, **settings)
 
 
 # ------------------------------------------------------------------ clients
@@ -183,7 +184,7 @@ def tls_client(server: Any, ctx: ssl.SSLContext, ehlo: bool = True) -> RawClient
 
 # ================================================================ STARTTLS
 def test_starttls_is_not_offered_without_a_certificate(start_server):
-    server = start_server(handler=AuthHandler())
+    server = start_server(plugin=AuthHandler())
     with RawClient(server.port) as client:
         keywords = ehlo_keywords(client.greet())
         assert "STARTTLS" not in keywords
@@ -238,6 +239,11 @@ def test_tls_1_1_is_refused(start_server, certs, log_watch):
             client.command("EHLO client.test")
     server.wait_connections(0)
     log_watch.wait_for("TLS handshake failed")
+    # Logged once, with the session id; nothing from Tornado's own streams.
+    failed = log_watch.matching("TLS handshake failed")
+    assert len(failed) == 1
+    assert re.match(r"\[\w+ 127\.0\.0\.1\] TLS handshake failed: ", failed[0].getMessage())
+    assert not log_watch.matching("SSL Error")
 
 
 def test_everything_before_starttls_is_forgotten(start_server, certs, client_ctx):
@@ -250,7 +256,7 @@ def test_everything_before_starttls_is_forgotten(start_server, certs, client_ctx
         # HELO/EHLO forgotten: MAIL needs a new EHLO (and so the old
         # transaction is gone too).
         assert client.command("MAIL FROM:<alice@example.com>") == (
-            b"503 Error: need HELO command\r\n"
+            b"503 5.5.1 Error: need HELO command\r\n"
         )
         keywords = ehlo_keywords(client.command("EHLO client.test"))
         # AUTH forgotten: offered again, and MAIL is not nested.
@@ -260,10 +266,10 @@ def test_everything_before_starttls_is_forgotten(start_server, certs, client_ctx
         assert client.command("DATA").startswith(b"354 ")
         assert client.command(MESSAGE + b".").startswith(b"250 2.0.0")
         assert client.command("QUIT").startswith(b"221 ")
-    (facts,) = server.handler.facts
+    (facts,) = server.plugin.facts
     assert facts["auth"] is None
     assert facts["protocol"] == "ESMTPS"
-    (delivered,) = server.handler.messages
+    (delivered,) = server.plugin.messages
     assert b"with ESMTPS\r\n" in delivered.header_bytes
 
 
@@ -288,12 +294,14 @@ def test_plaintext_pipelined_after_starttls_is_never_run(
         client.sock = client_ctx.wrap_socket(client.sock, server_hostname=HOST)
         # The first reply inside TLS answers our own first command: had the
         # injected EHLO run, MAIL would get 250 (or 503 nested).
-        assert client.command("MAIL FROM:<me@example.com>") == (b"503 Error: need HELO command\r\n")
+        assert client.command("MAIL FROM:<me@example.com>") == (
+            b"503 5.5.1 Error: need HELO command\r\n"
+        )
         assert client.command("HELP").startswith(b"214 ")
         assert client.command("EHLO client.test").startswith(b"250-")
         assert client.command("MAIL FROM:<me@example.com>").startswith(b"250 2.1.0")
         assert client.command("QUIT").startswith(b"221 ")
-    assert server.handler.senders == ["me@example.com"]
+    assert server.plugin.senders == ["me@example.com"]
     log_watch.wait_for("discarded plaintext pipelined after STARTTLS")
 
 
@@ -317,7 +325,7 @@ def test_a_flood_after_starttls_closes_the_connection(
         with pytest.raises((ssl.SSLError, OSError)):
             handshake_over(client.sock, client_ctx)
     server.wait_connections(0)
-    assert server.handler.senders == []
+    assert server.plugin.senders == []
 
 
 def test_handshake_timeout_after_starttls(start_server, certs, log_watch):
@@ -330,7 +338,7 @@ def test_handshake_timeout_after_starttls(start_server, certs, log_watch):
         assert 0.25 <= time.monotonic() - started < 3
     server.wait_connections(0)
     log_watch.wait_for("TLS handshake timed out")
-    assert len(server.handler.disconnected) == 1
+    assert len(server.plugin.disconnected) == 1
 
 
 def test_garbage_instead_of_a_handshake_closes(start_server, certs, log_watch):
@@ -350,7 +358,7 @@ def test_client_gone_during_the_handshake(start_server, certs):
         client.greet()
         assert client.command("STARTTLS").startswith(b"220 ")
     server.wait_connections(0)
-    assert len(server.handler.disconnected) == 1
+    assert len(server.plugin.disconnected) == 1
 
 
 # ------------------------------------------------------------- real clients
@@ -366,21 +374,21 @@ def test_smtplib_starttls_login_sendmail(start_server, certs, client_ctx):
         assert client.esmtp_features["auth"].split() == ["PLAIN", "LOGIN"]
         assert client.login(USER, PASSWORD)[0] == 235
         assert client.sendmail("alice@example.com", ["bob@example.com"], MESSAGE) == {}
-    wait_until(lambda: server.handler.messages, message="the message")
-    (facts,) = server.handler.facts
+    wait_until(lambda: server.plugin.messages, message="the message")
+    (facts,) = server.plugin.facts
     assert facts["auth"] == USER
     assert facts["protocol"] == "ESMTPSA"
     tls = facts["tls"]
     assert tls["version"] in ("TLSv1.2", "TLSv1.3")
     assert tls["cipher"] and tls["bits"] >= 128
     assert tls["sni"] is None  # no SNI for an IP address
-    (delivered,) = server.handler.messages
+    (delivered,) = server.plugin.messages
     header = delivered.header_bytes.decode()
     assert "with ESMTPSA" in header
     assert f"(version={tls['version']} cipher={tls['cipher']})" in header
     assert f"(authenticated as {USER})" in header
     assert delivered.body == MESSAGE
-    (credentials,) = server.handler.credentials
+    (credentials,) = server.plugin.credentials
     assert credentials.mechanism == "PLAIN"
 
 
@@ -392,7 +400,7 @@ def test_smtplib_auth_login_two_challenges(start_server, certs, client_ctx):
         client.user, client.password = USER, PASSWORD
         code, _ = client.auth("LOGIN", client.auth_login, initial_response_ok=False)
         assert code == 235
-    (credentials,) = server.handler.credentials
+    (credentials,) = server.plugin.credentials
     assert (credentials.mechanism, credentials.username) == ("LOGIN", USER)
 
 
@@ -429,8 +437,8 @@ def test_aiosmtplib_starttls_login(start_server, certs, client_ctx):
         assert sock.fileno() == -1, "the server did not close the TLS connection after QUIT"
 
     asyncio.run(asyncio.wait_for(main(), TIMEOUT + TIMEOUT))
-    wait_until(lambda: server.handler.messages, message="the message")
-    assert server.handler.facts[0]["protocol"] == "ESMTPSA"
+    wait_until(lambda: server.plugin.messages, message="the message")
+    assert server.plugin.facts[0]["protocol"] == "ESMTPSA"
 
 
 # ------------------------------------------------------------ swaks, openssl
@@ -475,10 +483,10 @@ def test_swaks_tls_and_auth(start_server, certs, mechanism, mode):
     if not implicit:
         assert "<-  220 2.0.0 Ready to start TLS" in result.stdout
     assert "235 2.7.0 Authentication successful" in result.stdout
-    wait_until(lambda: server.handler.messages, message="the message")
-    (facts,) = server.handler.facts
+    wait_until(lambda: server.plugin.messages, message="the message")
+    (facts,) = server.plugin.facts
     assert facts["auth"] == USER and facts["protocol"] == "ESMTPSA"
-    (credentials,) = server.handler.credentials
+    (credentials,) = server.plugin.credentials
     assert credentials.mechanism == mechanism
 
 
@@ -489,14 +497,21 @@ def test_swaks_wrong_password_fails(start_server, certs):
     result = run_swaks(server.port, "--tls", *auth)
     assert result.returncode != 0
     assert "535 5.7.8 Authentication credentials invalid" in result.stdout
-    assert server.handler.messages == []
+    assert server.plugin.messages == []
 
 
 def run_s_client(args: list[str], script: bytes) -> str:
+    """Run ``openssl s_client`` with ``script`` as its input; the session must
+    end cleanly: the server closes TLS with a close_notify, so s_client
+    exits 0 and reports no "unexpected eof"."""
     assert OPENSSL is not None
     command = [OPENSSL, "s_client", *args, "-quiet", "-crlf", "-verify_quiet"]
     result = subprocess.run(command, input=script, capture_output=True, timeout=30, check=False)
-    return result.stdout.decode("utf-8", "replace")
+    out = result.stdout.decode("utf-8", "replace")
+    err = result.stderr.decode("utf-8", "replace")
+    assert "unexpected eof" not in err, err
+    assert result.returncode == 0, (result.returncode, out, err)
+    return out
 
 
 def s_client_script() -> bytes:
@@ -525,8 +540,8 @@ def test_openssl_s_client_starttls(start_server, certs, ca, tmp_path):
     assert "235 2.7.0 Authentication successful" in out, out
     assert "250 2.0.0 Ok: queued as" in out, out
     assert "221 2.0.0 Bye" in out, out
-    wait_until(lambda: server.handler.messages, message="the message")
-    assert server.handler.facts[0]["protocol"] == "ESMTPSA"
+    wait_until(lambda: server.plugin.messages, message="the message")
+    assert server.plugin.facts[0]["protocol"] == "ESMTPSA"
 
 
 @needs_openssl
@@ -539,8 +554,8 @@ def test_openssl_s_client_implicit_tls(start_server, certs, ca, tmp_path):
     assert out.startswith("220 "), out
     assert "235 2.7.0 Authentication successful" in out, out
     assert "221 2.0.0 Bye" in out, out
-    wait_until(lambda: server.handler.messages, message="the message")
-    assert server.handler.facts[0]["protocol"] == "ESMTPSA"
+    wait_until(lambda: server.plugin.messages, message="the message")
+    assert server.plugin.facts[0]["protocol"] == "ESMTPSA"
 
 
 # ------------------------------------------------------------ require_tls
@@ -554,7 +569,7 @@ def test_require_tls_refuses_mail_before_starttls(start_server, certs, client_ct
         starttls(client, client_ctx)
         client.command("EHLO client.test")
         assert client.command("MAIL FROM:<alice@example.com>").startswith(b"250 2.1.0")
-    assert server.handler.senders == ["alice@example.com"]
+    assert server.plugin.senders == ["alice@example.com"]
 
 
 def test_require_auth_refuses_mail_before_auth(start_server, certs, client_ctx):
@@ -568,7 +583,7 @@ def test_require_auth_refuses_mail_before_auth(start_server, certs, client_ctx):
         assert client.command("AUTH PLAIN " + PLAIN_OK).startswith(b"235 ")
         reply = client.command("MAIL FROM:<alice@example.com> AUTH=<>")
         assert reply.startswith(b"250 2.1.0")
-    assert server.handler.senders == ["alice@example.com"]
+    assert server.plugin.senders == ["alice@example.com"]
 
 
 def test_smtplib_submission_profile(start_server, certs, client_ctx):
@@ -582,7 +597,7 @@ def test_smtplib_submission_profile(start_server, certs, client_ctx):
         client.starttls(context=client_ctx)
         client.login(USER, PASSWORD)
         client.sendmail("alice@example.com", ["bob@example.com"], MESSAGE)
-    wait_until(lambda: server.handler.messages, message="the message")
+    wait_until(lambda: server.plugin.messages, message="the message")
 
 
 # ===================================================================== AUTH
@@ -609,7 +624,7 @@ def test_auth_plain_with_initial_response(plain_auth_server):
         assert client.command("AUTH PLAIN " + PLAIN_OK) == (
             b"503 5.5.1 Error: already authenticated\r\n"
         )
-    (credentials,) = plain_auth_server.handler.credentials
+    (credentials,) = plain_auth_server.plugin.credentials
     assert (credentials.username, credentials.password, credentials.authzid) == (
         USER,
         PASSWORD,
@@ -617,12 +632,57 @@ def test_auth_plain_with_initial_response(plain_auth_server):
     )
 
 
-def test_auth_plain_with_authzid(plain_auth_server):
+def test_auth_plain_with_another_authzid_fails_unless_a_plugin_allows_it(plain_auth_server):
+    """RFC 4616 2: acting as someone else needs the server's consent; a
+    plugin that only vouches for the password does not give it."""
     with authed_client(plain_auth_server) as client:
         blob = b64(f"boss\0{USER}\0{PASSWORD}")
-        assert client.command("auth plain " + blob).startswith(b"235 2.7.0 ")
-    (credentials,) = plain_auth_server.handler.credentials
-    assert credentials.authzid == "boss"
+        assert client.command("auth plain " + blob) == (
+            b"535 5.7.8 Authentication credentials invalid\r\n"
+        )
+        same = b64(f"{USER}\0{USER}\0{PASSWORD}")
+        assert client.command("auth plain " + same).startswith(b"235 2.7.0 ")
+    first, second = plain_auth_server.plugin.credentials
+    assert first.authzid == "boss" and second.authzid == USER
+
+
+def test_a_plugin_may_let_a_user_act_as_another(start_server, certs, client_ctx):
+    class Delegation(AuthHandler):
+        def bonzo_auth(self, username, password, authzid):
+            if (username, password) == (USER, PASSWORD) and authzid in ("", USER, "boss"):
+                return Accept(authzid=authzid or None)
+            return None
+
+    plugin = Delegation()
+    server = start_server(plugin=plugin, listener=tls_listener(certs), auth_failure_delay=0)
+    with tls_client(server, client_ctx) as client:
+        blob = b64(f"boss\0{USER}\0{PASSWORD}")
+        assert client.command("AUTH PLAIN " + blob).startswith(b"235 2.7.0 ")
+        assert client.command("MAIL FROM:<boss@example.com>").startswith(b"250 ")
+        assert client.command("RCPT TO:<someone@example.com>").startswith(b"250 ")
+        assert client.command("DATA").startswith(b"354 ")
+        client.send(b"Subject: on behalf\r\n\r\nhi\r\n.\r\n")
+        assert client.reply().startswith(b"250 ")
+    wait_until(lambda: plugin.facts, message="the delivery")
+    assert plugin.facts[0]["auth"] == "boss"
+
+
+@pytest.mark.parametrize("verdict", ["yes", True, 1, "Ok"])
+def test_only_accept_authenticates(start_server, certs, client_ctx, log_watch, verdict):
+    """A truthy value that is not Accept is a plugin fault, never a login."""
+
+    class Sloppy(AuthHandler):
+        def bonzo_auth(self):
+            return verdict
+
+    server = start_server(plugin=Sloppy(), listener=tls_listener(certs), auth_failure_delay=0)
+    with tls_client(server, client_ctx) as client:
+        assert client.command("AUTH PLAIN " + PLAIN_OK) == (
+            b"454 4.7.0 Temporary authentication failure\r\n"
+        )
+        # Not authenticated: AUTH may be tried again.
+        assert client.command("AUTH PLAIN " + PLAIN_OK).startswith(b"454 ")
+    log_watch.wait_for(r"in plugin 'Sloppy' \(bonzo_auth\): returned \w+; expected Accept")
 
 
 def test_auth_plain_without_initial_response(plain_auth_server):
@@ -636,7 +696,7 @@ def test_auth_login_two_challenges(plain_auth_server):
         assert client.command("AUTH LOGIN") == b"334 VXNlcm5hbWU6\r\n"  # Username:
         assert client.command(b64(USER)) == b"334 UGFzc3dvcmQ6\r\n"  # Password:
         assert client.command(b64(PASSWORD)) == b"235 2.7.0 Authentication successful\r\n"
-    (credentials,) = plain_auth_server.handler.credentials
+    (credentials,) = plain_auth_server.plugin.credentials
     assert (credentials.mechanism, credentials.username) == ("LOGIN", USER)
 
 
@@ -666,7 +726,7 @@ def test_auth_empty_initial_response(plain_auth_server):
         assert client.command("AUTH PLAIN") == b"334 \r\n"
         assert client.command("=") == b"501 5.5.2 Malformed PLAIN response\r\n"
         assert client.command("AUTH PLAIN " + PLAIN_OK).startswith(b"235 ")
-    assert len(plain_auth_server.handler.credentials) == 1
+    assert len(plain_auth_server.plugin.credentials) == 1
 
 
 @pytest.mark.parametrize("start", ["AUTH PLAIN", "AUTH LOGIN", "AUTH LOGIN " + b64(USER)])
@@ -677,7 +737,7 @@ def test_auth_star_cancels(plain_auth_server, start):
         # Back to commands; a new AUTH works.
         assert client.command("NOOP") == b"250 2.0.0 Ok\r\n"
         assert client.command("AUTH PLAIN " + PLAIN_OK).startswith(b"235 ")
-    assert [c.username for c in plain_auth_server.handler.credentials] == [USER]
+    assert [c.username for c in plain_auth_server.plugin.credentials] == [USER]
 
 
 @pytest.mark.parametrize("bad", ["not*base64", "YWJj=ZGVm", "YWJjZA", "\u00e9t\u00e9"])
@@ -687,7 +747,7 @@ def test_auth_bad_base64(plain_auth_server, bad):
         assert client.command("AUTH LOGIN") == b"334 VXNlcm5hbWU6\r\n"
         assert client.command(bad) == b"501 5.5.2 Invalid base64 data\r\n"
         assert client.command("NOOP") == b"250 2.0.0 Ok\r\n"
-    assert plain_auth_server.handler.credentials == []
+    assert plain_auth_server.plugin.credentials == []
 
 
 def test_auth_syntax_and_unknown_mechanism(plain_auth_server):
@@ -803,7 +863,7 @@ def test_auth_not_offered_and_refused_without_tls(start_server, certs):
             b"538 5.7.11 Encryption required for requested authentication mechanism\r\n"
         )
         assert client.command("AUTH LOGIN").startswith(b"538 5.7.11 ")
-    assert server.handler.credentials == []
+    assert server.plugin.credentials == []
 
 
 def test_auth_mechanisms_of_the_listener(start_server, certs, client_ctx):
@@ -816,7 +876,7 @@ def test_auth_mechanisms_of_the_listener(start_server, certs, client_ctx):
 
 
 def test_auth_not_offered_without_an_auth_handler(start_server, certs, client_ctx):
-    server = start_server(listener=tls_listener(certs))  # RecordingHandler: no on_auth
+    server = start_server(listener=tls_listener(certs))  # RecordingPlugin: no on_auth
     with tls_client(server, client_ctx, ehlo=False) as client:
         keywords = ehlo_keywords(client.command("EHLO client.test"))
         assert not [k for k in keywords if k.startswith("AUTH")]
@@ -834,7 +894,7 @@ def test_unknown_user_and_wrong_password_get_the_same_reply(start_server, certs,
 def test_failure_budget_and_delay(start_server, certs, client_ctx):
     delay = 0.3
     server = start_server(
-        handler=AuthHandler(),
+        plugin=AuthHandler(),
         listener=tls_listener(certs),
         max_auth_failures=3,
         auth_failure_delay=delay,
@@ -866,7 +926,7 @@ def test_failure_budget_and_delay(start_server, certs, client_ctx):
 
 def test_the_failure_delay_does_not_hold_up_other_sessions(start_server, certs, client_ctx):
     server = start_server(
-        handler=AuthHandler(), listener=tls_listener(certs), auth_failure_delay=1.0
+        plugin=AuthHandler(), listener=tls_listener(certs), auth_failure_delay=1.0
     )
     with tls_client(server, client_ctx) as slow, tls_client(server, client_ctx) as other:
         slow.send(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 'bad')}\r\n".encode())
@@ -886,13 +946,13 @@ def test_success_after_failures_resets_nothing_but_works(start_server, certs, cl
 
 
 class FaultyAuth(AuthHandler):
-    def on_auth(self, session: Session, credentials: Any) -> Any:
+    def bonzo_auth(self) -> Any:
         raise RuntimeError("the user database is down")
 
 
-def test_handler_fault_is_454(start_server, certs, client_ctx, log_watch):
+def test_plugin_fault_is_454(start_server, certs, client_ctx, log_watch):
     log_watch.allow("Uncaught exception")
-    server = start_server(handler=FaultyAuth(), listener=tls_listener(certs))
+    server = start_server(plugin=FaultyAuth(), listener=tls_listener(certs))
     with tls_client(server, client_ctx) as client:
         assert client.command("AUTH PLAIN " + PLAIN_OK) == (
             b"454 4.7.0 Temporary authentication failure\r\n"
@@ -903,14 +963,12 @@ def test_handler_fault_is_454(start_server, certs, client_ctx, log_watch):
 
 
 class RefusingAuth(AuthHandler):
-    def on_auth(self, session: Session, credentials: Any) -> Any:
+    def bonzo_auth(self) -> Any:
         raise SMTPError(535, "Account locked", enhanced_code="5.7.8")
 
 
-def test_handler_may_refuse_with_its_own_reply(start_server, certs, client_ctx):
-    server = start_server(
-        handler=RefusingAuth(), listener=tls_listener(certs), auth_failure_delay=0
-    )
+def test_plugin_may_refuse_with_its_own_reply(start_server, certs, client_ctx):
+    server = start_server(plugin=RefusingAuth(), listener=tls_listener(certs), auth_failure_delay=0)
     with tls_client(server, client_ctx) as client:
         assert client.command("AUTH PLAIN " + PLAIN_OK) == b"535 5.7.8 Account locked\r\n"
 
@@ -951,17 +1009,17 @@ class RelayPlugin:
         return Accept()
 
 
-def plugin_handler(*plugins: tuple[str, object]) -> PluginHandler:
+def plugin_set_of(*plugins: tuple[str, object]) -> PluginSet:
     plugin_set = PluginSet(timeout=TIMEOUT)
     for name, plugin in plugins:
         plugin_set.register(plugin, name)
-    return PluginHandler(plugin_set)
+    return plugin_set
 
 
 def test_async_bonzo_auth_plugin_and_session_auth(start_server, certs, client_ctx):
     auth, relay = AsyncAuthPlugin(), RelayPlugin()
     server = start_server(
-        handler=plugin_handler(("auth", auth), ("relay", relay)),
+        plugins=plugin_set_of(("auth", auth), ("relay", relay)),
         listener=tls_listener(certs),
         auth_failure_delay=0,
     )
@@ -984,7 +1042,7 @@ def test_async_bonzo_auth_plugin_and_session_auth(start_server, certs, client_ct
 def test_plugin_that_raises_gives_454(start_server, certs, client_ctx, log_watch):
     log_watch.allow("LDAP is unreachable")
     server = start_server(
-        handler=plugin_handler(("broken", BrokenAuthPlugin())), listener=tls_listener(certs)
+        plugins=plugin_set_of(("broken", BrokenAuthPlugin())), listener=tls_listener(certs)
     )
     with tls_client(server, client_ctx) as client:
         assert client.command("AUTH PLAIN " + PLAIN_OK) == (
@@ -1004,7 +1062,7 @@ def test_a_plugin_that_times_out_gives_454(start_server, certs, client_ctx, log_
     log_watch.allow("bonzo_auth")
     plugin_set = PluginSet(timeout=0.3)
     plugin_set.register(SlowAuthPlugin(), "slow")
-    server = start_server(handler=PluginHandler(plugin_set), listener=tls_listener(certs))
+    server = start_server(plugins=plugin_set, listener=tls_listener(certs))
     with tls_client(server, client_ctx) as client:
         started = time.monotonic()
         assert client.command("AUTH PLAIN " + PLAIN_OK) == (
@@ -1016,7 +1074,7 @@ def test_a_plugin_that_times_out_gives_454(start_server, certs, client_ctx, log_
 
 def test_without_an_auth_plugin_auth_is_not_offered(start_server, certs, client_ctx):
     server = start_server(
-        handler=plugin_handler(("relay", RelayPlugin())), listener=tls_listener(certs)
+        plugins=plugin_set_of(("relay", RelayPlugin())), listener=tls_listener(certs)
     )
     with tls_client(server, client_ctx, ehlo=False) as client:
         keywords = ehlo_keywords(client.command("EHLO client.test"))
@@ -1050,7 +1108,7 @@ def test_secrets_never_logged(start_server, certs, client_ctx, all_records, log_
     secret = "Sup3r-Secret-Passw0rd"
     auth = AsyncAuthPlugin()
     server = start_server(
-        handler=plugin_handler(("auth", auth), ("relay", RelayPlugin())),
+        plugins=plugin_set_of(("auth", auth), ("relay", RelayPlugin())),
         listener=tls_listener(certs),
         auth_failure_delay=0,
         max_auth_failures=10,
@@ -1111,8 +1169,8 @@ def test_sni_selects_the_certificate(start_server, certs, ca, name, expected):
         assert expected in sans, sans
         client.command("EHLO client.test")
         client.command("QUIT")
-    wait_until(lambda: server.handler.disconnected, message="the disconnect")
-    (tls_facts,) = [t for t in server.handler.tls_at_helo if t is not None]
+    wait_until(lambda: server.plugin.disconnected, message="the disconnect")
+    (tls_facts,) = [t for t in server.plugin.tls_at_helo if t is not None]
     assert tls_facts["sni"] == (name.lower() if name else None)
 
 
@@ -1123,8 +1181,8 @@ def test_sni_name_recorded_without_extra_certificates(start_server, certs, clien
         starttls(client, client_ctx, server_hostname="localhost")
         client.command("EHLO client.test")
         client.command("QUIT")
-    wait_until(lambda: server.handler.disconnected, message="the disconnect")
-    (tls_facts,) = [t for t in server.handler.tls_at_helo if t is not None]
+    wait_until(lambda: server.plugin.disconnected, message="the disconnect")
+    (tls_facts,) = [t for t in server.plugin.tls_at_helo if t is not None]
     assert tls_facts["sni"] == "localhost"
 
 
@@ -1140,11 +1198,11 @@ def test_implicit_tls_handshake_before_greeting(start_server, certs, client_ctx)
         assert client.docmd("STARTTLS") == (554, b"5.5.1 Error: TLS already active")
         client.login(USER, PASSWORD)
         client.sendmail("alice@example.com", ["bob@example.com"], MESSAGE)
-    wait_until(lambda: server.handler.messages, message="the message")
-    (facts,) = server.handler.facts
+    wait_until(lambda: server.plugin.messages, message="the message")
+    (facts,) = server.plugin.facts
     assert facts["protocol"] == "ESMTPSA"
     assert facts["tls"]["version"] in ("TLSv1.2", "TLSv1.3")
-    assert server.handler.tls_at_helo[0] is not None  # known before EHLO
+    assert server.plugin.tls_at_helo[0] is not None  # known before EHLO
 
 
 def test_implicit_tls_plaintext_client_gets_no_greeting(start_server, certs, log_watch):
@@ -1160,7 +1218,7 @@ def test_implicit_tls_plaintext_client_gets_no_greeting(start_server, certs, log
         assert client.read_to_eof(timeout=5) == b""
     server.wait_connections(0)
     log_watch.wait_for("TLS handshake timed out")
-    assert server.handler.connected == []  # on_connect only after the handshake
+    assert server.plugin.connected == []  # on_connect only after the handshake
 
 
 def test_implicit_tls_over_the_connection_limit(start_server, certs, client_ctx):
@@ -1250,10 +1308,38 @@ def test_listener_settings_need_a_certificate():
 
 
 def test_protocol_auth_event_shape():
-    proto = SMTPProtocol(SMTPSettings(hostname="bonzo.test"))
-    proto.auth_mechanisms = ("PLAIN",)
-    proto.auth_plaintext = True
+    policy = Policy(auth_mechanisms=("PLAIN",), auth_plaintext=True)
+    proto = SMTPProtocol(SMTPSettings(hostname="bonzo.test"), "192.0.2.1", policy)
     proto.receive_data(b"EHLO x\r\nAUTH plain =\r\n")
     proto.next_event()
     proto.accept()
     assert proto.next_event() == Auth("PLAIN", "=")
+
+
+@pytest.mark.parametrize("how", ["quit", "shutdown", "timeout"])
+def test_tls_sessions_end_with_a_close_notify(start_server, certs, client_ctx, how):
+    """The last reply is flushed, then TLS is closed properly: a client that
+    treats a missing close_notify as an error (suppress_ragged_eofs=False,
+    like openssl s_client or Exim) sees a clean end."""
+    server = start_auth_server(start_server, tls_listener(certs), idle_timeout=0.5)
+    with RawClient(server.port) as client:
+        client.greet()
+        assert client.command("STARTTLS").startswith(b"220 ")
+        tls = client_ctx.wrap_socket(client.sock, server_hostname=HOST, suppress_ragged_eofs=False)
+        client.sock = tls
+        assert client.command("EHLO client.test").startswith(b"250")
+        if how == "quit":
+            tls.sendall(b"QUIT\r\n")
+            expected = b"221 2.0.0 Bye\r\n"
+        elif how == "shutdown":
+            server.submit(server.server.shutdown(1.0))
+            expected = b"421 4.3.2 Server shutting down\r\n"
+        else:
+            expected = b"421 4.4.2 Timeout, closing connection\r\n"
+        data = b""
+        for _ in range(100):  # bounded
+            chunk = tls.recv(4096)  # raises SSLEOFError without a close_notify
+            if not chunk:
+                break
+            data += chunk
+        assert data == expected

@@ -1,12 +1,9 @@
 """Bonzo as a discarding sink, for the benchmark.
 
-Runs :class:`bonzo.server.SMTPServer` with a :class:`SessionHandler` whose
-``on_message`` throws the message away, on 127.0.0.1:PORT. It imports Bonzo
-from this checkout (not from an installed copy), so it measures the code next
-to it.
-
-Until the ``bonzo serve`` daemon exists this is how the harness starts Bonzo;
-see ``DAEMON_SPECS`` in bench/run.py for where the daemon plugs in.
+Runs :class:`bonzo.server.SMTPServer` with one plugin that accepts every
+recipient and throws each message away, on 127.0.0.1:PORT: the library
+without the daemon. It imports Bonzo from this checkout (not from an
+installed copy), so it measures the code next to it.
 
 Settings come from ``--set NAME=VALUE`` flags (any field of
 :class:`~bonzo.settings.SMTPSettings`; the value is converted to the field's
@@ -28,17 +25,20 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from bonzo.connection import SessionHandler  # noqa: E402
+from bonzo.hooks import PluginSet  # noqa: E402
+from bonzo.hookspecs import Accept  # noqa: E402
 from bonzo.server import SMTPServer  # noqa: E402
-from bonzo.session import Envelope, Session  # noqa: E402
 from bonzo.settings import SMTPSettings  # noqa: E402
 
 
-class DiscardHandler(SessionHandler):
-    """Accepts everything (the base class does) and drops each message."""
+class DiscardPlugin:
+    """Accepts every recipient and drops each message."""
 
-    def on_message(self, session: Session, envelope: Envelope) -> None:
-        return None
+    def bonzo_rcpt(self) -> Accept:
+        return Accept()
+
+    def bonzo_deliver(self) -> Accept:
+        return Accept()
 
 
 def parse_setting(text: str) -> tuple[str, Any]:
@@ -65,7 +65,9 @@ async def main(args: argparse.Namespace) -> None:
     changes = dict(args.set)
     changes.setdefault("hostname", "bonzo-sink.localhost")
     settings = SMTPSettings(**changes)
-    server = SMTPServer(handler=DiscardHandler(), settings=settings)
+    plugins = PluginSet()
+    plugins.register(DiscardPlugin(), "discard")
+    server = SMTPServer(plugins=plugins, settings=settings)
     server.listen(args.port, address=args.host, backlog=args.backlog)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -10,7 +10,7 @@ from bonzo_tagger import TaggerPlugin
 from tornado.testing import bind_unused_port
 
 from bonzo import Accept
-from bonzo.hooks import PluginHandler, PluginSet
+from bonzo.hooks import PluginSet
 from bonzo.server import SMTPServer
 from bonzo.session import Envelope
 from bonzo.settings import SMTPSettings
@@ -60,7 +60,7 @@ def running(*plugins):
     sock, port = bind_unused_port()
 
     async def start():
-        server = SMTPServer(handler=PluginHandler(plugin_set), settings=SMTPSettings())
+        server = SMTPServer(plugins=plugin_set, settings=SMTPSettings())
         server.add_sockets([sock])
         return server
 

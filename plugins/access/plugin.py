@@ -5,25 +5,29 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bonzo.address import Address, canonical_domain, canonical_local
 from bonzo.errors import SMTPError
 from bonzo.hookspecs import hookimpl
 from bonzo.session import Session
 
 from .._config import (
+    DOTS,
     IPNetwork,
     as_table,
     check_keys,
     client_address,
+    config_domain,
     describe,
     get_str,
     parse_network,
 )
 
-__all__ = ["AccessPlugin", "Reply", "Rule", "parse_reply"]
+__all__ = ["AccessPlugin", "Reply", "Rule", "canonical_pattern", "parse_reply"]
 
 log = logging.getLogger("bonzo.plugins.access")
 
@@ -35,6 +39,8 @@ DEFAULT_REPLY = "554 5.7.1 Access denied"
 
 _LOOKS_ENHANCED = re.compile(r"[0-9]+\.[0-9.]*(?:\s|$)")
 _REPLY = re.compile(r"(\d{3})(?: ([0-9]\.[0-9]{1,3}\.[0-9]{1,3}))?(?: (.*))?", re.DOTALL)
+_GLOB = frozenset("*?[")
+_LABEL_SEPARATOR = re.compile(f"[{DOTS}]")
 
 
 @dataclass(frozen=True)
@@ -85,17 +91,85 @@ class Rule:
     patterns: tuple[re.Pattern[str], ...] = ()
 
     def matches(self, value: str) -> bool:
-        """True if the client's address (connect) or ``value`` matches the rule."""
+        """True if the client's address (connect) or ``value`` matches the rule.
+
+        At ``mail`` and ``rcpt`` ``value`` is the canonical address
+        (:attr:`bonzo.address.Address.canonical`). Patterns match without
+        regard to case: ``value`` and its lower-case form are both tried, so a
+        rule matches every address that the ``maildir`` plugin would store in
+        the same folder (it folds local parts with :meth:`str.lower`).
+        """
         if self.stage == "connect":
             address = client_address(value)
             return address is not None and any(
                 address.version == n.version and address in n for n in self.networks
             )
-        return any(p.fullmatch(value) for p in self.patterns)
+        folded = value.lower()
+        if folded == value:
+            return any(p.fullmatch(value) for p in self.patterns)
+        return any(p.fullmatch(value) or p.fullmatch(folded) for p in self.patterns)
 
 
-def _compile_pattern(pattern: str, where: str) -> re.Pattern[str]:
+def _canonical_glob_domain(domain: str, pattern: str, where: str) -> str:
+    """The domain part of an address glob in canonical form: the whole domain
+    when it has no wildcard, else each label that has none."""
+    if not any(c in _GLOB for c in domain):
+        try:
+            return config_domain(domain)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {describe(pattern)}: {exc}") from None
+    labels = []
+    for label in _LABEL_SEPARATOR.split(domain):
+        if any(c in _GLOB for c in label):
+            if not label.isascii():
+                raise ValueError(
+                    f"{where}: {describe(pattern)}: a domain label with both a wildcard and "
+                    "non-ASCII characters cannot match the canonical (xn--) form of a domain; "
+                    "write the label without the wildcard, or in its xn-- form"
+                )
+            labels.append(label.lower())
+        elif label:
+            try:
+                labels.append(canonical_domain(label))
+            except ValueError as exc:
+                raise ValueError(f"{where}: {describe(pattern)}: {exc}") from None
+        else:
+            labels.append(label)
+    return ".".join(labels)
+
+
+def canonical_pattern(pattern: str, where: str = "match") -> str:
+    """A ``mail``/``rcpt`` glob rewritten in the canonical form of addresses
+    (:mod:`bonzo.address`), so that it matches every spelling of the
+    addresses it names: the local part (before the last ``@``) unquoted where
+    quoting is not needed and in Unicode normal form C; the domain through the
+    IDNA/UTS 46 mapping in lower-case A-labels, whole when it has no wildcard,
+    else label by label (labels with a wildcard must then be ASCII).
+
+    ``'"ceo"@ＥＸＡＭＰＬＥ。com'`` becomes ``'ceo@example.com'`` and
+    ``'*@*.bücher.example'`` becomes ``'*@*.xn--bcher-kva.example'``. A
+    pattern without ``@`` is only put in normal form C. Raises
+    :class:`ValueError` naming ``where`` for a domain with no IDNA form.
+    """
+    at = pattern.rfind("@")
+    if at < 0:
+        return unicodedata.normalize("NFC", pattern)
+    local, domain = pattern[:at], pattern[at + 1 :]
+    if (len(local) >= 2 and local[0] == local[-1] == '"') or not local.startswith('"'):
+        local = canonical_local(local)  # a quoted string, or no quotes at all
+    return f"{local}@{_canonical_glob_domain(domain, pattern, where)}"
+
+
+def _compile_pattern(pattern: str, stage: str, where: str) -> re.Pattern[str]:
     if pattern.startswith("re:"):
+        if stage in ("mail", "rcpt") and not pattern.isascii():
+            log.warning(
+                "access: %s: the regular expression %s has non-ASCII characters; it is "
+                "matched against canonical addresses, whose domains are lower-case ASCII "
+                "(xn--... for internationalised names)",
+                where,
+                ascii(pattern),
+            )
         try:
             return re.compile(pattern[3:], re.IGNORECASE)
         except re.error as exc:
@@ -104,7 +178,9 @@ def _compile_pattern(pattern: str, where: str) -> re.Pattern[str]:
             ) from None
     if pattern == "<>":  # the null sender
         return re.compile("")
-    return re.compile(fnmatch.translate(pattern), re.IGNORECASE)
+    if stage in ("mail", "rcpt"):
+        pattern = canonical_pattern(pattern, where)
+    return re.compile(fnmatch.translate(pattern.lower()), re.IGNORECASE)
 
 
 def _compile_rule(index: int, entry: Any, default: Reply) -> Rule:
@@ -141,7 +217,7 @@ def _compile_rule(index: int, entry: Any, default: Reply) -> Rule:
     if stage == "connect":
         networks = tuple(parse_network(i, f"{where}.match") for i in items)
         return Rule(index, stage, action, reply, networks=networks)
-    patterns = tuple(_compile_pattern(i, f"{where}.match") for i in items)
+    patterns = tuple(_compile_pattern(i, stage, f"{where}.match") for i in items)
     return Rule(index, stage, action, reply, patterns=patterns)
 
 
@@ -173,9 +249,11 @@ class AccessPlugin:
         self.rules = rules
         self.default_reply = default
 
-    def check(self, session: Session, stage: str, value: str) -> None:
-        """Apply the rules of ``stage`` to ``value``: return on allow or no
-        match, raise the rule's :class:`SMTPError` on deny."""
+    def check(self, session: Session, stage: str, value: str, sent: str | None = None) -> None:
+        """Apply the rules of ``stage`` to ``value`` (the canonical address at
+        ``mail`` and ``rcpt``): return on allow or no match, raise the rule's
+        :class:`SMTPError` on deny. ``sent`` is the value as the client spelled
+        it, for the log."""
         for rule in self.rules[stage]:
             if not rule.matches(value):
                 continue
@@ -183,11 +261,12 @@ class AccessPlugin:
                 return
             assert rule.reply is not None
             log.info(
-                "[%s %s] %s %s denied by rules[%d]",
+                "[%s %s] %s %s%s denied by rules[%d]",
                 session.id,
                 session.remote_ip,
                 stage,
                 ascii(value),
+                f" (sent as {ascii(sent)})" if sent is not None and sent != value else "",
                 rule.index,
             )
             raise rule.reply.error()
@@ -203,11 +282,12 @@ class AccessPlugin:
         self.check(session, "helo", name)
 
     @hookimpl
-    def bonzo_mail(self, session: Session, address: str) -> None:
-        """Rules of stage ``mail`` on the sender (``""`` for the null sender)."""
-        self.check(session, "mail", address)
+    def bonzo_mail(self, session: Session, mailbox: Address) -> None:
+        """Rules of stage ``mail`` on the sender's canonical address (``""``
+        for the null sender)."""
+        self.check(session, "mail", mailbox.canonical, mailbox.original)
 
     @hookimpl
-    def bonzo_rcpt(self, session: Session, address: str) -> None:
-        """Rules of stage ``rcpt`` on each recipient."""
-        self.check(session, "rcpt", address)
+    def bonzo_rcpt(self, session: Session, mailbox: Address) -> None:
+        """Rules of stage ``rcpt`` on each recipient's canonical address."""
+        self.check(session, "rcpt", mailbox.canonical, mailbox.original)

@@ -9,7 +9,7 @@ from typing import Any
 from bonzo.hookspecs import hookimpl
 from bonzo.session import Envelope, Session
 
-from .._config import as_table, check_keys, get_str
+from .._config import as_table, check_keys, envelope_recipients, get_str
 
 __all__ = ["LogPlugin", "escape"]
 
@@ -66,13 +66,29 @@ class LogPlugin:
         self.level = LEVELS[name.lower()]
 
     def format(self, session: Session, envelope: Envelope) -> str:
-        """The log line for an accepted message."""
-        rcpts = ",".join(f"<{escape(r)}>" for r in envelope.rcpt_tos)
-        return (
+        """The log line for an accepted message.
+
+        ``from`` and ``to`` are the canonical addresses (the form the other
+        bundled plugins match and store on); ``sent_from`` and ``sent_to``
+        follow them, with the addresses as the client spelled them, only
+        when some spelling differs from its canonical form."""
+        sender = envelope.sender
+        try:
+            recipients = envelope_recipients(envelope)
+        except ValueError:  # pragma: no cover - the core refuses such recipients
+            recipients = []
+        canonical = [r.canonical for r in recipients] or list(envelope.rcpt_tos)
+        line = (
             f"accepted session={escape(session.id)} ip={escape(session.remote_ip)}"
-            f" helo={escape(session.helo, 255)} from=<{escape(envelope.mail_from)}>"
-            f" to={rcpts} nrcpt={len(envelope.rcpt_tos)} size={envelope.size}"
-            f" id={escape(envelope.id)}"
+            f" helo={escape(session.helo, 255)} from=<{escape(sender.canonical)}>"
+        )
+        if sender.canonical != envelope.mail_from:
+            line += f" sent_from=<{escape(envelope.mail_from)}>"
+        line += " to=" + ",".join(f"<{escape(r)}>" for r in canonical)
+        if canonical != envelope.rcpt_tos:
+            line += " sent_to=" + ",".join(f"<{escape(r)}>" for r in envelope.rcpt_tos)
+        return (
+            f"{line} nrcpt={len(envelope.rcpt_tos)} size={envelope.size} id={escape(envelope.id)}"
         )
 
     @hookimpl

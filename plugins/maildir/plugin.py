@@ -4,6 +4,11 @@ A message is written to ``tmp/`` under a unique name, flushed and
 ``fsync``'d, renamed into ``new/``, and ``new/`` itself is ``fsync``'d; only
 then is the message accepted. The file work runs in a thread of the loop's
 default executor so that it never blocks other sessions.
+
+Per-recipient folders are named after the canonical form of each recipient
+(:class:`bonzo.address.Address`), the form every other bundled plugin
+matches on. At startup, files left in ``tmp/`` by a writer that died (or
+untouched for 36 hours) are removed.
 """
 
 from __future__ import annotations
@@ -14,13 +19,15 @@ import hashlib
 import itertools
 import logging
 import os
+import re
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from bonzo.address import Address
 from bonzo.errors import TransientError
 from bonzo.hookspecs import Accept, hookimpl
 from bonzo.session import Envelope, Session
@@ -29,13 +36,13 @@ from .._config import (
     as_table,
     check_keys,
     describe,
+    envelope_recipients,
     get_bool,
     get_str,
-    normalize_domain,
     resolve_path,
 )
 
-__all__ = ["MaildirPlugin", "DeliveryAborted", "maildir_component"]
+__all__ = ["MaildirPlugin", "DeliveryAborted", "maildir_component", "parse_tmp_name"]
 
 log = logging.getLogger("bonzo.plugins.maildir")
 
@@ -47,6 +54,17 @@ NO_SPACE = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) i
 #: Folder for the bare ``postmaster`` recipient in per-recipient mode; no
 #: domain maps to it, since ``_`` is always escaped in domain folders.
 LOCAL_FOLDER = "_local"
+
+#: A file in ``tmp/`` untouched for this long is stale (the Maildir convention).
+STALE_AFTER = 36 * 3600
+#: The names this plugin gives its files, in ``tmp/`` and then ``new/``:
+#: ``<seconds>.M<microseconds>P<pid>Q<counter>.<host>,S=<size>``. The host
+#: part never contains ``,`` or ``/`` (see :func:`_host_part`), so the pid
+#: and host read back from a name are the writer's.
+TMP_NAME = re.compile(
+    r"(?P<sec>[0-9]+)\.M(?P<usec>[0-9]+)P(?P<pid>[0-9]+)Q(?P<n>[0-9]+)"
+    r"\.(?P<host>[^,/]+),S=(?P<size>[0-9]+)"
+)
 
 _SAFE_LOCAL = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._+=")
 _SAFE_DOMAIN = _SAFE_LOCAL - {"_", "+", "="}
@@ -103,11 +121,67 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _host_part() -> str:
-    # Maildir names escape "/" and ":" in the host name; "," separates fields.
-    host = socket.gethostname() or "localhost"
+def _host_part(host: str | None = None) -> str:
+    """The host field of file names: the host name with ``/``, ``:`` and
+    ``,`` escaped as the Maildir convention does (``,`` separates the
+    ``S=`` field) and anything not printable ASCII made ``_``."""
+    host = host if host is not None else (socket.gethostname() or "localhost")
     host = host.replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
     return "".join(c if c.isascii() and c.isprintable() and c != " " else "_" for c in host)
+
+
+def parse_tmp_name(name: str) -> tuple[int, str] | None:
+    """The writer's ``(pid, host field)`` of a file named by this plugin, or
+    ``None`` for any other name."""
+    m = TMP_NAME.fullmatch(name)
+    if m is None:
+        return None
+    return int(m.group("pid")), m.group("host")
+
+
+def _process_exists(pid: int) -> bool:
+    """True if process ``pid`` of this host may still be running (and so
+    still be writing); True also when that cannot be told."""
+    if os.name != "posix" or not 0 < pid < 2**31:
+        return True  # no pid to ask about: the file is judged by its age only
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, as another user
+        return True
+    try:  # A zombie has stopped writing for good (Linux: state "Z").
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b") ")[2][:1] != b"Z"
+    except OSError:
+        return True
+
+
+def _subdirs(path: Path) -> list[Path]:
+    """The directories in ``path``; an unreadable one is logged and skipped."""
+    try:
+        with os.scandir(path) as it:
+            entries = list(it)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        log.warning("maildir: cannot list %s for stale files: %s", path, exc.strerror or exc)
+        return []
+    return [Path(e.path) for e in entries if _is_dir(e)]
+
+
+def _is_dir(entry: os.DirEntry[str] | Path) -> bool:
+    """Whether ``entry`` is a directory (following symbolic links); an error
+    other than "no such file" is logged and counts as no."""
+    try:
+        return entry.is_dir()
+    except FileNotFoundError:  # pragma: no cover - is_dir() says False itself
+        return False
+    except OSError as exc:
+        log.warning("maildir: cannot examine %s: %s", entry, exc.strerror or exc)
+        return False
 
 
 class DeliveryAborted(Exception):
@@ -164,7 +238,8 @@ class MaildirPlugin:
     @hookimpl
     def bonzo_startup(self) -> None:
         """Create the maildir (or the per-recipient root) before serving, so a
-        permission problem stops the server instead of deferring mail."""
+        permission problem stops the server instead of deferring mail; then
+        remove the stale files of ``tmp/`` (:meth:`clean_tmp`)."""
         if self.create:
             if self.per_recipient:
                 self._makedirs(self.path)
@@ -175,16 +250,107 @@ class MaildirPlugin:
             self.path,
             " (one maildir per recipient)" if self.per_recipient else "",
         )
+        self.clean_tmp()
+
+    # ------------------------------------------------------------ stale tmp
+    def maildirs(self) -> list[Path]:
+        """Every existing maildir this plugin writes to: ``path`` when it has
+        a ``tmp/``, and each per-recipient folder ``path/<domain>/<local>``
+        that has one (in catch-all mode too, except under ``path``'s own
+        ``tmp``, ``new`` and ``cur``). Unreadable directories are logged and
+        skipped."""
+        found = [self.path] if _is_dir(self.path / "tmp") else []
+        skip = () if self.per_recipient else SUBDIRS
+        for domain in _subdirs(self.path):
+            if domain.name in skip:
+                continue
+            for local in _subdirs(domain):
+                if _is_dir(local / "tmp"):
+                    found.append(local)
+        return found
+
+    def stale_reason(self, name: str, st: os.stat_result, now: float) -> str | None:
+        """Why the file ``name`` of a ``tmp/`` (with status ``st``) is stale, or
+        ``None`` if it must be kept. Stale: untouched (neither modified nor
+        read) for :data:`STALE_AFTER` seconds; or named by this plugin on this
+        host by a process that no longer exists. Files of other hosts and
+        other names are judged by their age only."""
+        if now - max(st.st_mtime, st.st_atime) > STALE_AFTER:
+            return "untouched for more than 36 hours"
+        writer = parse_tmp_name(name)
+        if writer is not None and writer[1] == self._host and not _process_exists(writer[0]):
+            return f"its writer, process {writer[0]}, no longer exists"
+        return None
+
+    def clean_tmp(self, now: float | None = None) -> tuple[int, int]:
+        """Remove the stale files (:meth:`stale_reason`) from the ``tmp/`` of
+        every maildir of :meth:`maildirs`; return how many files were removed
+        and how many octets that freed. A file that cannot be examined or
+        removed is logged as a warning and left; this never raises
+        :class:`OSError`."""
+        now = time.time() if now is None else now
+        removed = 0
+        freed: dict[tuple[int, int], int] = {}
+        for maildir in self.maildirs():
+            for path, st, reason in self._stale_files(maildir / "tmp", now):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue  # removed meanwhile (another worker)
+                except OSError as exc:
+                    log.warning(
+                        "maildir: cannot remove stale file %s: %s", path, exc.strerror or exc
+                    )
+                    continue
+                removed += 1
+                freed[(st.st_dev, st.st_ino)] = st.st_size
+                log.debug("maildir: removed %s (%d bytes): %s", path, st.st_size, reason)
+        size = sum(freed.values())
+        if removed:
+            log.info(
+                "maildir: removed %d stale file(s) (%d bytes) from tmp/ under %s",
+                removed,
+                size,
+                self.path,
+            )
+        return removed, size
+
+    def _stale_files(self, tmp: Path, now: float) -> Iterator[tuple[Path, os.stat_result, str]]:
+        try:
+            with os.scandir(tmp) as it:
+                entries = list(it)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("maildir: cannot list %s for stale files: %s", tmp, exc.strerror or exc)
+            return
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    continue  # never written by a delivery agent
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("maildir: cannot examine %s: %s", entry.path, exc.strerror or exc)
+                continue
+            reason = self.stale_reason(entry.name, st, now)
+            if reason is not None:
+                yield Path(entry.path), st, reason
 
     # -------------------------------------------------------------- targets
-    def maildir_for(self, address: str) -> Path:
-        """The maildir of ``address`` in per-recipient mode; always inside ``path``."""
-        at = address.rfind("@")
-        if at <= 0:  # the bare "postmaster" (RFC 5321 4.5.1)
-            folder = self.path / LOCAL_FOLDER / maildir_component(address)
+    def maildir_for(self, recipient: Address | str) -> Path:
+        """The maildir of ``recipient`` in per-recipient mode, named after its
+        canonical form (:attr:`bonzo.address.Address.canonical`, a string is
+        parsed with :meth:`~bonzo.address.Address.parse`):
+        ``path/<domain>/<local part>``, or ``path/_local/postmaster`` for the
+        bare ``postmaster``. Always inside ``path``."""
+        mailbox = recipient if isinstance(recipient, Address) else Address.parse(recipient)
+        if not mailbox.domain:  # the bare "postmaster" (RFC 5321 4.5.1)
+            folder = self.path / LOCAL_FOLDER / maildir_component(mailbox.local)
         else:
-            domain = maildir_component(normalize_domain(address[at + 1 :]), domain=True)
-            folder = self.path / domain / maildir_component(address[:at])
+            domain = maildir_component(mailbox.domain, domain=True)
+            folder = self.path / domain / maildir_component(mailbox.local)
         # Defence in depth: the components cannot climb, but check anyway.
         if os.path.commonpath([folder, self.path]) != str(self.path):
             raise TransientError("Local error in processing", 451, "4.3.0")
@@ -194,9 +360,16 @@ class MaildirPlugin:
         """The maildirs the message goes to, each once, in recipient order."""
         if not self.per_recipient:
             return [self.path]
+        try:
+            recipients = envelope_recipients(envelope)
+        except ValueError as exc:  # only an envelope built by hand can get here
+            log.error(
+                "maildir: message %s has a recipient with no canonical form: %s", envelope.id, exc
+            )
+            raise TransientError("Local error in processing", 451, "4.3.0") from None
         seen: dict[Path, None] = {}
-        for rcpt in envelope.rcpt_tos:
-            seen.setdefault(self.maildir_for(rcpt), None)
+        for mailbox in recipients:
+            seen.setdefault(self.maildir_for(mailbox), None)
         return list(seen)
 
     # ------------------------------------------------------------- delivery

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from bonzo.address import Address, canonical_local
 from bonzo.errors import PermanentError
 from bonzo.hookspecs import Accept, hookimpl
 from bonzo.session import Session
@@ -15,12 +17,12 @@ from .._config import (
     IPNetwork,
     as_table,
     check_keys,
+    config_domain,
     describe,
     get_bool,
     get_str,
     get_str_list,
     in_networks,
-    normalize_domain,
     parse_network,
     resolve_path,
 )
@@ -31,7 +33,8 @@ log = logging.getLogger("bonzo.plugins.recipients")
 
 KEYS = ("domains", "addresses", "file", "relay_networks", "relay_authenticated")
 
-_LABEL = r"[a-z0-9\u0080-\U0010ffff](?:[a-z0-9\-\u0080-\U0010ffff]*[a-z0-9\u0080-\U0010ffff])?"
+#: A canonical domain is lower-case ASCII (internationalised labels as A-labels).
+_LABEL = r"[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?"
 _DOMAIN = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}")
 _LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]")
 #: Characters that route mail onwards from a local part: the percent hack
@@ -39,23 +42,36 @@ _LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]")
 _ROUTING = frozenset("%!@")
 
 
+def _routed(local: str) -> bool:
+    """True if ``local`` has a routing character, also in a compatibility
+    spelling (full-width ``％``, ``！``, ``＠``...) that a next hop could fold."""
+    if any(c in _ROUTING for c in local):
+        return True
+    return not local.isascii() and any(c in _ROUTING for c in unicodedata.normalize("NFKC", local))
+
+
 def _check_domain(domain: str, where: str) -> str:
-    """Normalise a configured domain, or raise ValueError naming ``where``."""
-    norm = normalize_domain(domain)
+    """A configured domain in canonical form (:func:`bonzo.address.canonical_domain`),
+    or raise ValueError naming ``where``."""
+    try:
+        norm = config_domain(domain)
+    except ValueError:
+        norm = ""
     if not (_DOMAIN.fullmatch(norm) or _LITERAL.fullmatch(norm)) or len(norm) > 255:
         raise ValueError(f"{where}: {describe(domain)} is not a valid domain")
     return norm
 
 
 def _check_address(address: str, where: str) -> tuple[str, str]:
-    """Split a configured address into (lower-cased local part, domain)."""
+    """Split a configured address into (canonical local part, lower-cased;
+    canonical domain)."""
     at = address.rfind("@")
     local = address[:at]
     if at <= 0 or not local or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in local):
         raise ValueError(f"{where}: {describe(address)} is not a valid address")
     if len(local.encode("utf-8")) > 64:
         raise ValueError(f"{where}: {describe(address)} has a local part over 64 octets")
-    return local.lower(), _check_domain(address[at + 1 :], where)
+    return canonical_local(local).lower(), _check_domain(address[at + 1 :], where)
 
 
 class RecipientsPlugin:
@@ -132,8 +148,12 @@ class RecipientsPlugin:
 
     # ------------------------------------------------------------------ RCPT
     def is_local(self, domain: str) -> bool:
-        """True if ``domain`` (any case, trailing dot or not) is a local domain."""
-        norm = normalize_domain(domain)
+        """True if ``domain`` (in any spelling: case, Unicode or ``xn--`` form,
+        trailing dot) is a local domain."""
+        try:
+            norm = config_domain(domain)
+        except ValueError:
+            return False
         return norm in self.domains or norm in self.users
 
     def may_relay(self, session: Session) -> bool:
@@ -143,15 +163,17 @@ class RecipientsPlugin:
         return in_networks(session.remote_ip, self.relay_networks)
 
     @hookimpl
-    def bonzo_rcpt(self, session: Session, address: str) -> Accept:
-        """Accept a local recipient or an allowed relay; refuse anything else."""
-        if address.lower() == "postmaster":  # RFC 5321 4.5.1, any case
-            return Accept()
-        at = address.rfind("@")
-        if at <= 0:
+    def bonzo_rcpt(self, session: Session, mailbox: Address) -> Accept:
+        """Accept a local recipient or an allowed relay; refuse anything else.
+
+        Decides on the canonical address (``mailbox``), never on the text as
+        sent, so every spelling of an address gets the same verdict."""
+        if not mailbox.domain:
+            if mailbox.original.lower() == "postmaster":  # RFC 5321 4.5.1, any case
+                return Accept()
             raise PermanentError("Bad recipient address syntax", 550, "5.1.3")
-        local, domain = address[:at], normalize_domain(address[at + 1 :])
-        routed = any(c in _ROUTING for c in local)
+        local, domain = mailbox.local, mailbox.domain
+        routed = _routed(local)
         if domain in self.users:
             if local.lower() in self.users[domain] or local.lower() == "postmaster":
                 return Accept()

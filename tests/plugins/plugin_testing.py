@@ -1,8 +1,8 @@
 """Helpers for the bundled plugins' tests (imported by the test modules).
 
-:func:`serve` starts a real :class:`~bonzo.server.SMTPServer` with a
-:class:`~bonzo.hooks.PluginHandler` on 127.0.0.1 in a background thread with
-its own event loop, so tests talk to it with the blocking :mod:`smtplib`.
+:func:`serve` starts a real :class:`~bonzo.server.SMTPServer` with the given
+plugins on 127.0.0.1 in a background thread with its own event loop, so
+tests talk to it with the blocking :mod:`smtplib`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Any
 
 from tornado.netutil import bind_sockets
 
-from bonzo.hooks import PluginHandler, PluginSet
+from bonzo import testing
+from bonzo.hooks import PluginSet
 from bonzo.server import SMTPServer
 from bonzo.session import Envelope, Session
 from bonzo.settings import SMTPSettings
@@ -54,7 +55,7 @@ def serve(*plugins: tuple[str, object], **settings: Any) -> Iterator[RunningServ
 
     async def start() -> None:
         sockets = bind_sockets(0, "127.0.0.1")
-        server = SMTPServer(handler=PluginHandler(plugin_set), settings=SMTPSettings(**settings))
+        server = SMTPServer(plugins=plugin_set, settings=SMTPSettings(**settings))
         server.add_sockets(sockets)
         box["server"] = server
         box["port"] = sockets[0].getsockname()[1]
@@ -98,11 +99,7 @@ def serve(*plugins: tuple[str, object], **settings: Any) -> Iterator[RunningServ
 def make_session(
     remote_ip: str = "192.0.2.10", helo: str | None = "client.example", auth: str | None = None
 ) -> Session:
-    session = Session(remote_ip, 40000, "127.0.0.1", 25)
-    session.helo = helo
-    session.esmtp = True
-    session.auth = auth
-    return session
+    return testing.make_session(remote_ip, helo=helo, auth=auth)
 
 
 def make_envelope(

@@ -9,7 +9,9 @@ import pytest
 from bonzo_plugins.access import AccessPlugin
 from bonzo_plugins.recipients import RecipientsPlugin
 from plugin_testing import TIMEOUT, make_session, serve
+from spellings import parametrize, spellings
 
+from bonzo.address import Address
 from bonzo.errors import SMTPError
 
 
@@ -29,9 +31,9 @@ def outcome(plugin: AccessPlugin, stage: str, value: str, **session: object):
         elif stage == "helo":
             result = plugin.bonzo_helo(session=s, name=value)
         elif stage == "mail":
-            result = plugin.bonzo_mail(session=s, address=value)
+            result = plugin.bonzo_mail(session=s, mailbox=Address.parse(value))
         else:
-            result = plugin.bonzo_rcpt(session=s, address=value)
+            result = plugin.bonzo_rcpt(session=s, mailbox=Address.parse(value))
     except SMTPError as exc:
         return exc.status_code, exc.enhanced_code, exc.message
     assert result is None
@@ -118,6 +120,97 @@ def test_regex_matches_the_whole_value_case_insensitively():
     plugin = configured([{"stage": "mail", "match": "re:.*@Example\\.org", "action": "deny"}])
     assert outcome(plugin, "mail", "a@example.ORG") == DENIED
     assert outcome(plugin, "mail", "a@example.org.evil") is None
+
+
+# ------------------------------------------------------- canonical matching
+@parametrize("spelling", "ceo", "example.com")
+def test_recipient_rule_holds_for_every_spelling(spelling):
+    plugin = configured([{"stage": "rcpt", "match": "ceo@example.com", "action": "deny"}])
+    assert outcome(plugin, "rcpt", spelling) == DENIED
+    assert outcome(plugin, "rcpt", spelling.replace("ceo", "cfo")) is None
+
+
+@parametrize("spelling", "ceo", "example.com")
+def test_sender_address_rule_holds_for_every_spelling(spelling):
+    plugin = configured([{"stage": "mail", "match": "ceo@example.com", "action": "deny"}])
+    assert outcome(plugin, "mail", spelling) == DENIED
+
+
+@parametrize("spelling", "joe", "spam.example")
+def test_sender_domain_glob_holds_for_every_spelling(spelling):
+    plugin = configured([{"stage": "mail", "match": "*@spam.example", "action": "deny"}])
+    assert outcome(plugin, "mail", spelling) == DENIED
+    assert outcome(plugin, "mail", spelling.upper()) == DENIED
+
+
+@parametrize("spelling", "joe", "spam.example")
+def test_subdomain_glob_holds_for_every_spelling(spelling):
+    plugin = configured([{"stage": "mail", "match": "*@*.example", "action": "deny"}])
+    assert outcome(plugin, "mail", spelling) == DENIED
+    assert outcome(plugin, "mail", "joe@example") is None
+
+
+@parametrize("pattern", "ceo", "example.com")
+def test_patterns_are_canonicalised_at_configure_time(pattern):
+    plugin = configured([{"stage": "rcpt", "match": pattern, "action": "deny"}])
+    for spelling in [
+        "ceo@example.com",
+        "CEO@EXAMPLE.COM",
+        *spellings("ceo", "example.com").values(),
+    ]:
+        assert outcome(plugin, "rcpt", spelling) == DENIED, spelling
+    assert outcome(plugin, "rcpt", "cfo@example.com") is None
+
+
+def test_allow_rules_match_the_canonical_form_too():
+    plugin = configured(
+        [
+            {"stage": "rcpt", "match": '"postmaster"@ＥＸＡＭＰＬＥ。com', "action": "allow"},
+            {"stage": "rcpt", "match": "*@example.com", "action": "deny"},
+        ]
+    )
+    assert outcome(plugin, "rcpt", "postmaster@exa\u00admple.com") is None
+    assert outcome(plugin, "rcpt", "alice@ｅｘａｍｐｌｅ.ｃｏｍ") == DENIED
+
+
+def test_internationalised_domains_in_globs():
+    plugin = configured([{"stage": "rcpt", "match": "*@*.bücher.example", "action": "deny"}])
+    assert plugin.rules["rcpt"][0].patterns[0].fullmatch("a@shop.xn--bcher-kva.example")
+    assert outcome(plugin, "rcpt", "a@shop.BÜCHER.example") == DENIED
+    assert outcome(plugin, "rcpt", "a@shop.xn--bcher-kva.example") == DENIED
+    assert outcome(plugin, "rcpt", "a@shop.bucher.example") is None
+
+
+def test_a_wildcard_in_a_non_ascii_domain_label_is_refused():
+    with pytest.raises(ValueError, match=r"^rules\[0\]\.match: .*wildcard and non-ASCII"):
+        configured([{"stage": "rcpt", "match": "*@bü*.example", "action": "deny"}])
+    with pytest.raises(ValueError, match=r"^rules\[0\]\.match: .*no IDNA form"):
+        configured([{"stage": "rcpt", "match": "a@\u00ad.example", "action": "deny"}])
+
+
+def test_regex_is_matched_against_the_canonical_address(caplog):
+    plugin = configured(
+        [{"stage": "rcpt", "match": r"re:ceo@xn--bcher-kva\.example", "action": "deny"}]
+    )
+    assert outcome(plugin, "rcpt", '"ceo"@BÜCHER。example') == DENIED
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    configured([{"stage": "rcpt", "match": r"re:.*@bücher\.example", "action": "deny"}])
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "rules[0].match" in warning.getMessage() and "canonical" in warning.getMessage()
+
+
+def test_helo_rules_are_unchanged_by_canonicalisation():
+    plugin = configured([{"stage": "helo", "match": "*.Example.COM", "action": "deny"}])
+    assert outcome(plugin, "helo", "host.EXAMPLE.com") == DENIED
+    assert outcome(plugin, "helo", "host.example.org") is None
+
+
+def test_denial_log_shows_both_forms(caplog):
+    plugin = configured([{"stage": "rcpt", "match": "ceo@example.com", "action": "deny"}])
+    assert outcome(plugin, "rcpt", "ceo@ｅｘａｍｐｌｅ.ｃｏｍ") == DENIED
+    (record,) = [r for r in caplog.records if r.name == "bonzo.plugins.access"]
+    message = record.getMessage()
+    assert "rcpt 'ceo@example.com' (sent as 'ceo@\\uff45" in message
 
 
 # ----------------------------------------------------------------- replies
@@ -282,7 +375,8 @@ def test_end_to_end_stages():
     )
     with serve(("access", plugin), ("recipients", recipients())) as server:
         with server.client(helo="bad.example") as client:
-            assert client.ehlo() == (550, b"Bad")  # not ESMTP yet: no enhanced code
+            # Enhanced codes before EHLO succeeds too (RFC 2034 4).
+            assert client.ehlo() == (550, b"5.7.1 Bad")
         with server.client() as client:
             assert client.ehlo()[0] == 250
             assert client.mail("joe@spam.example") == (554, b"5.7.1 Access denied")
@@ -291,6 +385,24 @@ def test_end_to_end_stages():
             assert client.rcpt("alice@example.com")[0] == 250
             # allowed by access, but no recipient owner accepts it: still refused
             assert client.rcpt("friend@elsewhere.net") == (554, b"5.7.1 Relay access denied")
+
+
+def utf8_client(server):
+    """An smtplib client that sends UTF-8 commands, after EHLO."""
+    client = server.client()
+    assert client.ehlo()[0] == 250 and client.has_extn("smtputf8")
+    client.command_encoding = "utf-8"
+    return client
+
+
+def test_end_to_end_sender_spellings_are_denied():
+    plugin = configured([{"stage": "mail", "match": "*@spam.example", "action": "deny"}])
+    with serve(("access", plugin), ("recipients", recipients())) as server:
+        with utf8_client(server) as client:
+            for spelling in spellings("joe", "spam.example").values():
+                reply = client.docmd(f"MAIL FROM:<{spelling}> SMTPUTF8")
+                assert reply == (554, b"5.7.1 Access denied"), spelling
+            assert client.docmd("MAIL FROM:<joe@example.org> SMTPUTF8")[0] == 250
 
 
 def test_end_to_end_allowed_connection_gets_the_greeting():

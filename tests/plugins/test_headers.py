@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 from bonzo_plugins.headers import HeadersPlugin
+from bonzo_plugins.headers.plugin import PLACEHOLDERS
 from bonzo_plugins.maildir import MaildirPlugin
 from bonzo_plugins.recipients import RecipientsPlugin
 from plugin_testing import make_envelope, make_session, serve
+from spellings import parametrize
 
 from bonzo.session import Envelope
 
@@ -185,6 +187,21 @@ def test_nothing_configured_changes_nothing():
 def test_configuration_errors_name_the_key(table, message):
     with pytest.raises(ValueError, match=message):
         configured(**table)
+
+
+# ---------------------------------------------------------------- addresses
+@parametrize("spelling", "ceo", "example.com")
+def test_no_address_is_matched_or_written(spelling):
+    """The plugin has no hook that receives an address and no placeholder
+    that gives one, so no spelling can change what it does."""
+    assert not {"bonzo_mail", "bonzo_rcpt"} & set(dir(HeadersPlugin))
+    assert set(PLACEHOLDERS) == {"session_id", "message_id", "remote_ip", "helo"}
+    plugin = configured(add={"X-Queue": "{message_id}"}, remove=["From"])
+    for mail_from, rcpts in ((spelling, ["bob@example.com"]), ("a@example.org", [spelling])):
+        envelope = envelope_of(BODY, mail_from=mail_from, rcpt_tos=rcpts)
+        content = run(plugin, envelope)
+        assert spelling.encode() not in content
+        assert content.startswith(f"X-Queue: {envelope.id}\r\n".encode())
 
 
 # ------------------------------------------------------------ end to end

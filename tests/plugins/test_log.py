@@ -11,6 +11,9 @@ from bonzo_plugins.log.plugin import escape
 from bonzo_plugins.maildir import MaildirPlugin
 from bonzo_plugins.recipients import RecipientsPlugin
 from plugin_testing import make_envelope, make_session, serve
+from spellings import SOFT_HYPHEN, parametrize
+
+from bonzo.address import Address
 
 LOGGER = "bonzo.plugins.log"
 
@@ -54,6 +57,42 @@ def test_null_sender_and_missing_helo(caplog):
         envelope.close()
     message = records(caplog)[0].getMessage()
     assert " helo=- from=<> to=<postmaster> nrcpt=1 " in message
+
+
+def line_for(mail_from: str, rcpt_tos: list[str], caplog, *, recipients: bool = True) -> str:
+    envelope = make_envelope(mail_from=mail_from, rcpt_tos=rcpt_tos)
+    if recipients:  # as the core fills them; without, the plugin parses rcpt_tos
+        envelope.recipients.extend(Address.parse(r) for r in rcpt_tos)
+    try:
+        configured().bonzo_accepted(session=make_session(), envelope=envelope)
+    finally:
+        envelope.close()
+    (record,) = records(caplog)
+    return record.getMessage()
+
+
+@parametrize("spelling", "ceo", "example.com")
+@pytest.mark.parametrize("recipients", [True, False], ids=["core", "hand-built"])
+def test_the_canonical_form_is_logged_with_the_spelling(caplog, spelling, recipients):
+    line = line_for(spelling, [spelling, "bob@example.com"], caplog, recipients=recipients)
+    assert f" from=<ceo@example.com> sent_from=<{escape(spelling)}> " in line
+    assert (
+        f" to=<ceo@example.com>,<bob@example.com> sent_to=<{escape(spelling)}>,<bob@example.com>"
+        " nrcpt=2 " in line
+    )
+
+
+def test_the_spelling_is_escaped_like_any_client_text(caplog):
+    line = line_for(f'"c eo"@exa{SOFT_HYPHEN}mple.com', ["bob@example.com"], caplog)
+    assert (
+        " from=<\\x22c\\x20eo\\x22@example.com> sent_from=<\\x22c\\x20eo\\x22@exa\\xadmple.com> "
+        in line
+    )
+
+
+def test_nothing_more_when_every_address_is_canonical(caplog):
+    line = line_for("ceo@example.com", ["bob@example.com"], caplog)
+    assert "sent_" not in line
 
 
 @pytest.mark.parametrize(

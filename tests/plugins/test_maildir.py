@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import re
 import stat
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from bonzo_plugins.maildir import MaildirPlugin
-from bonzo_plugins.maildir.plugin import maildir_component
+from bonzo_plugins.maildir.plugin import (
+    STALE_AFTER,
+    _host_part,
+    maildir_component,
+    parse_tmp_name,
+)
 from bonzo_plugins.recipients import RecipientsPlugin
 from plugin_testing import make_envelope, make_session, serve
+from spellings import parametrize
 
+from bonzo.address import Address
 from bonzo.errors import SMTPError
 from bonzo.hookspecs import Accept
 from bonzo.session import Envelope
@@ -193,8 +204,47 @@ def test_components_are_distinct_for_distinct_addresses():
 
 def test_recipients_mapping_to_one_folder_get_one_copy(tmp_path):
     plugin = configured(tmp_path, per_recipient=True)
-    deliver(plugin, message(["a@example.com", "A@EXAMPLE.COM.", "a@example.com"]))
-    assert len(files(tmp_path / "Maildir")) == 1
+    rcpts = ["a@example.com", "A@EXAMPLE.COM", '"a"@example.com', "a@ｅｘａｍｐｌｅ。com"]
+    deliver(plugin, message(rcpts))
+    (path,) = files(tmp_path / "Maildir")
+    assert path.parent == tmp_path / "Maildir" / "example.com" / "a" / "new"
+
+
+@parametrize("spelling", "ceo", "example.com")
+def test_every_spelling_is_stored_in_the_canonical_folder(tmp_path, spelling):
+    plugin = configured(tmp_path, per_recipient=True)
+    root = tmp_path / "Maildir"
+    assert plugin.maildir_for(Address.parse(spelling)) == root / "example.com" / "ceo"
+    assert plugin.maildir_for(spelling) == root / "example.com" / "ceo"
+    deliver(plugin, message([spelling]))
+    (path,) = files(root)
+    assert path.parent == root / "example.com" / "ceo" / "new"
+
+
+def test_internationalised_domains_are_stored_under_their_a_label(tmp_path):
+    plugin = configured(tmp_path, per_recipient=True)
+    deliver(plugin, message(["jörg@BÜCHER.example", "jörg@xn--bcher-kva.example"]))
+    (path,) = files(tmp_path / "Maildir")
+    assert path.relative_to(tmp_path / "Maildir").parts[:2] == (
+        "xn--bcher-kva.example",
+        "j%C3%B6rg",
+    )
+
+
+def test_folders_come_from_the_envelope_recipients(tmp_path):
+    """The core's Address objects decide, not a second parse of rcpt_tos."""
+    plugin = configured(tmp_path, per_recipient=True)
+    envelope = message(["ceo@ｅｘａｍｐｌｅ.ｃｏｍ"])
+    envelope.recipients.append(Address("ceo@ｅｘａｍｐｌｅ.ｃｏｍ", "ceo", "example.com"))
+    assert plugin.targets(envelope) == [tmp_path / "Maildir" / "example.com" / "ceo"]
+    envelope.recipients[0] = Address("ceo@ｅｘａｍｐｌｅ.ｃｏｍ", "other", "example.com")
+    assert plugin.targets(envelope) == [tmp_path / "Maildir" / "example.com" / "other"]
+
+
+def test_the_plugin_has_no_idna_of_its_own():
+    source = (Path(__file__).parents[2] / "plugins" / "maildir" / "plugin.py").read_text()
+    assert "idna" not in source.lower()
+    assert "normalize_domain" not in source
 
 
 def test_no_recipients_means_no_verdict(tmp_path):
@@ -402,6 +452,230 @@ def test_existing_maildir_without_create(tmp_path):
     plugin = configured(tmp_path, path="box", create=False)
     deliver(plugin, message())
     assert len(files(tmp_path / "box" / "new")) == 1
+
+
+# ----------------------------------------------------- stale files in tmp/
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait(timeout=30)
+    return proc.pid
+
+
+def tmp_name(pid: int, host: str | None = None, size: int = 5) -> str:
+    """A name as the plugin gives its files (see its README)."""
+    host = _host_part() if host is None else host
+    return f"{int(time.time())}.M123456P{pid}Q1.{host},S={size}"
+
+
+def put(folder: Path, name: str, data: bytes = b"hello", age: float = 0.0) -> Path:
+    path = folder / "tmp" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    if age:
+        then = time.time() - age
+        os.utime(path, (then, then))
+    return path
+
+
+def test_file_names_carry_the_writers_pid_and_host(tmp_path, monkeypatch):
+    plugin = configured(tmp_path)
+    names = []
+    real_create = MaildirPlugin._create
+
+    def create(self, maildir, tmp):
+        names.append(tmp.name)
+        return real_create(self, maildir, tmp)
+
+    monkeypatch.setattr(MaildirPlugin, "_create", create)
+    deliver(plugin, message())
+    (name,) = names
+    assert parse_tmp_name(name) == (os.getpid(), _host_part())
+    assert (tmp_path / "Maildir" / "new" / name).is_file()
+
+
+@pytest.mark.parametrize(
+    "host", ["mx.example.org", "a,b:c/d e", "S=1,S=2", "hôte", "x" * 300, "", "1.M2P3Q4.h,S=5"]
+)
+def test_the_pid_and_host_read_back_from_any_host_name(host):
+    field = _host_part(host) if host else "localhost"
+    name = f"1700000000.M42P4242Q7.{field},S=1234"
+    assert "/" not in name and name.count(",") == 1
+    assert parse_tmp_name(name) == (4242, field)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["1.M2P3.host", "1.M2P3Q4.host", "1.M2Pabc Q4.host,S=1", "x1.M2P3Q4.host,S=1", "notes.txt"],
+)
+def test_foreign_names_are_not_read_as_the_plugins(name):
+    assert parse_tmp_name(name) is None
+
+
+def test_startup_removes_files_of_a_dead_writer(tmp_path, caplog):
+    plugin = configured(tmp_path)
+    stale = put(tmp_path / "Maildir", tmp_name(dead_pid()), b"x" * 1000)
+    plugin.bonzo_startup()
+    assert not stale.exists()
+    (record,) = [r for r in caplog.records if "stale" in r.getMessage()]
+    assert record.levelno == logging.INFO
+    assert "removed 1 stale file(s) (1000 bytes)" in record.getMessage()
+
+
+def test_startup_keeps_files_of_a_live_writer(tmp_path, caplog):
+    plugin = configured(tmp_path)
+    own = put(tmp_path / "Maildir", tmp_name(os.getpid()))
+    init = put(tmp_path / "Maildir", tmp_name(1))
+    plugin.bonzo_startup()
+    assert own.exists() and init.exists()
+    assert not [r for r in caplog.records if "stale" in r.getMessage()]
+
+
+def test_files_of_other_hosts_and_foreign_files_are_judged_by_age(tmp_path):
+    plugin = configured(tmp_path)
+    maildir = tmp_path / "Maildir"
+    day = 24 * 3600
+    other_host = tmp_name(dead_pid(), host="elsewhere.example")
+    old = [
+        put(maildir, "1700000000.12345.elsewhere", age=37 * 3600),
+        put(maildir, "foreign.eml", age=3 * day),
+        put(maildir, "old-" + other_host, age=37 * 3600),
+        put(maildir, tmp_name(os.getpid()) + "x", age=37 * 3600),
+        put(maildir, tmp_name(os.getpid()), age=40 * 3600),  # even a live writer's
+    ]
+    fresh = [
+        put(maildir, "1700000000.12345.elsewhere.fresh"),
+        put(maildir, "foreign.eml.fresh", age=35 * 3600),
+        put(maildir, other_host),  # a dead pid, but another host's
+        put(maildir, tmp_name(0)),  # no pid to ask about
+        put(maildir, tmp_name(2**40)),
+    ]
+    assert plugin.clean_tmp() == (len(old), 5 * len(old))
+    assert [p for p in old if p.exists()] == []
+    assert [p for p in fresh if not p.exists()] == []
+
+
+def test_age_is_the_last_access_or_change(tmp_path):
+    plugin = configured(tmp_path)
+    path = put(tmp_path / "Maildir", "foreign.eml")
+    now = time.time()
+    os.utime(path, (now, now - STALE_AFTER - 60))  # read just now, written long ago
+    assert plugin.clean_tmp() == (0, 0)
+    os.utime(path, (now - STALE_AFTER - 60, now - STALE_AFTER - 60))
+    assert plugin.clean_tmp() == (1, 5)
+
+
+def test_every_per_recipient_folder_is_cleaned(tmp_path):
+    plugin = configured(tmp_path, per_recipient=True)
+    root = tmp_path / "Maildir"
+    pid = dead_pid()
+    stale = [
+        put(root / "example.com" / "ceo", tmp_name(pid)),
+        put(root / "example.org" / "bob", tmp_name(pid, size=6), b"hello!"),
+        put(root / "_local" / "postmaster", tmp_name(pid)),
+        put(root, tmp_name(pid)),  # left from catch-all days
+    ]
+    kept = [
+        put(root / "example.com" / "alice", tmp_name(os.getpid())),
+        put(root / "example.com" / "alice", "foreign"),
+    ]
+    (root / "example.com" / "alice" / "tmp" / "subdir").mkdir()
+    plugin.bonzo_startup()
+    assert [p for p in stale if p.exists()] == []
+    assert all(p.exists() for p in kept)
+    assert (root / "example.com" / "alice" / "tmp" / "subdir").is_dir()
+
+
+def test_catch_all_mode_also_cleans_per_recipient_folders(tmp_path):
+    plugin = configured(tmp_path)
+    root = tmp_path / "Maildir"
+    pid = dead_pid()
+    stale = [put(root, tmp_name(pid)), put(root / "example.com" / "ceo", tmp_name(pid))]
+    plugin.bonzo_startup()
+    assert [p for p in stale if p.exists()] == []
+
+
+def test_hard_links_count_once(tmp_path):
+    plugin = configured(tmp_path, per_recipient=True)
+    root = tmp_path / "Maildir"
+    first = put(root / "example.com" / "a", tmp_name(dead_pid(), size=1000), b"x" * 1000)
+    (root / "example.com" / "b" / "tmp").mkdir(parents=True)
+    os.link(first, root / "example.com" / "b" / "tmp" / first.name)
+    assert plugin.clean_tmp() == (2, 1000)
+
+
+def test_cleaning_works_without_create(tmp_path):
+    for sub in ("tmp", "new", "cur"):
+        (tmp_path / "box" / sub).mkdir(parents=True)
+    stale = put(tmp_path / "box", tmp_name(dead_pid()))
+    configured(tmp_path, path="box", create=False).bonzo_startup()
+    assert not stale.exists()
+
+
+def test_a_file_that_cannot_be_removed_is_a_warning_not_a_crash(tmp_path, monkeypatch, caplog):
+    plugin = configured(tmp_path)
+    pid = dead_pid()
+    stuck = put(tmp_path / "Maildir", tmp_name(pid, size=1))
+    gone = put(tmp_path / "Maildir", tmp_name(pid, size=2))
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if Path(path) == stuck:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    plugin.bonzo_startup()
+    assert stuck.exists() and not gone.exists()
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert str(stuck) in warning.getMessage() and "Permission denied" in warning.getMessage()
+    assert "removed 1 stale file(s)" in caplog.text
+
+
+def test_an_unreadable_folder_is_a_warning_not_a_crash(tmp_path, monkeypatch, caplog):
+    plugin = configured(tmp_path, per_recipient=True)
+    root = tmp_path / "Maildir"
+    pid = dead_pid()
+    blocked = put(root / "example.com" / "ceo", tmp_name(pid))
+    other = put(root / "example.org" / "bob", tmp_name(pid))
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == blocked.parent:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    plugin.bonzo_startup()
+    assert blocked.exists() and not other.exists()
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert str(blocked.parent) in warning.getMessage()
+
+
+def test_a_delivery_in_progress_survives_a_restart_of_another_worker(tmp_path, monkeypatch):
+    """Cleaning runs in every worker as it starts: a live writer's file stays."""
+    plugin = configured(tmp_path)
+    plugin.bonzo_startup()
+    real_write_to = Envelope.write_to
+    writing, release = threading.Event(), threading.Event()
+
+    def slow_write_to(self, fileobj, chunk_size=1 << 20):
+        writing.set()
+        release.wait(10)
+        return real_write_to(self, fileobj, chunk_size)
+
+    monkeypatch.setattr(Envelope, "write_to", slow_write_to)
+    envelope = message()
+    thread = threading.Thread(target=deliver, args=(plugin, envelope))
+    thread.start()
+    try:
+        assert writing.wait(10)
+        assert configured(tmp_path).clean_tmp() == (0, 0)  # the other worker
+    finally:
+        release.set()
+        thread.join(10)
+    (path,) = files(tmp_path / "Maildir")
+    assert path.parent.name == "new" and path.read_bytes() == envelope.content
 
 
 # ------------------------------------------------------------ validation

@@ -20,7 +20,7 @@ from e2e_support import HOST, TIMEOUT, wait_until
 from bonzo import Accept, hookimpl
 from bonzo.auth import dummy_hash, hash_password, verify_password
 from bonzo.errors import SMTPError
-from bonzo.hooks import PluginHandler, PluginSet
+from bonzo.hooks import PluginSet
 from bonzo.session import Envelope, Session
 from bonzo.settings import ListenerSettings
 from bonzo.tls import CertificatePair, make_server_context
@@ -291,7 +291,7 @@ def test_smtplib_starttls_login_sendmail(tmp_path, start_server):
     )
     # smtplib's login() tries PLAIN then LOGIN: two failures per call.
     server = start_server(
-        handler=PluginHandler(plugins),
+        plugins=plugins,
         listener=listener,
         auth_failure_delay=0,
         max_auth_failures=5,

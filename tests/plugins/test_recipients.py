@@ -9,7 +9,9 @@ from types import SimpleNamespace
 import pytest
 from bonzo_plugins.recipients import RecipientsPlugin
 from plugin_testing import make_session, serve
+from spellings import parametrize, spellings
 
+from bonzo.address import Address
 from bonzo.errors import SMTPError
 from bonzo.hookspecs import Accept
 
@@ -23,7 +25,7 @@ def configured(**table: object) -> RecipientsPlugin:
 def verdict(plugin: RecipientsPlugin, address: str, **session: object) -> tuple[int, str] | str:
     """'accept', or the (code, enhanced code) of the refusal."""
     try:
-        result = plugin.bonzo_rcpt(session=make_session(**session), address=address)
+        result = plugin.bonzo_rcpt(session=make_session(**session), mailbox=Address.parse(address))
     except SMTPError as exc:
         return exc.status_code, exc.enhanced_code or ""
     assert isinstance(result, Accept)
@@ -43,8 +45,11 @@ def test_any_user_at_a_local_domain():
 
 def test_domains_compare_case_insensitively_and_ignore_a_trailing_dot():
     plugin = configured(domains=["Example.COM."])
-    for address in ("a@example.com", "a@EXAMPLE.com", "a@example.com.", "a@eXample.Com."):
+    for address in ("a@example.com", "a@EXAMPLE.com", "a@eXample.Com"):
         assert verdict(plugin, address) == "accept", address
+    assert plugin.is_local("example.com.") and plugin.is_local("EXAMPLE.com")
+    # A recipient with a trailing dot never reaches the plugin: the core
+    # refuses its syntax (test_end_to_end_over_smtp).
 
 
 def test_subdomains_are_not_local():
@@ -85,7 +90,7 @@ def test_addresses_win_over_a_catch_all_for_the_same_domain():
 def test_user_unknown_text():
     plugin = configured(addresses=["alice@example.com"])
     with pytest.raises(SMTPError) as info:
-        plugin.bonzo_rcpt(session=make_session(), address="carol@example.com")
+        plugin.bonzo_rcpt(session=make_session(), mailbox=Address.parse("carol@example.com"))
     assert (info.value.status_code, info.value.enhanced_code) == (550, "5.1.1")
     assert info.value.message == "User unknown"
 
@@ -100,7 +105,8 @@ def test_bare_postmaster_is_always_accepted(address):
 def test_postmaster_at_every_local_domain():
     plugin = configured(domains=["example.org"], addresses=["alice@example.com"])
     assert verdict(plugin, "postmaster@example.com") == "accept"
-    assert verdict(plugin, "Postmaster@EXAMPLE.com.") == "accept"
+    assert verdict(plugin, "Postmaster@EXAMPLE.com") == "accept"
+    assert verdict(plugin, '"postmaster"@ｅｘａｍｐｌｅ。com') == "accept"
     assert verdict(plugin, "postmaster@example.org") == "accept"
     assert verdict(plugin, "postmaster@elsewhere.net") == RELAY_DENIED
 
@@ -115,7 +121,9 @@ def test_no_open_relay_by_default():
 
 def test_relay_denied_text():
     with pytest.raises(SMTPError) as info:
-        RecipientsPlugin().bonzo_rcpt(session=make_session(), address="a@elsewhere.net")
+        RecipientsPlugin().bonzo_rcpt(
+            session=make_session(), mailbox=Address.parse("a@elsewhere.net")
+        )
     assert (info.value.status_code, info.value.enhanced_code) == (554, "5.7.1")
     assert info.value.message == "Relay access denied"
 
@@ -179,6 +187,80 @@ def test_routing_characters_in_an_explicitly_listed_address():
 
 def test_address_without_domain_is_refused():
     assert verdict(configured(domains=["example.com"]), "alice") == (550, "5.1.3")
+
+
+# ------------------------------------------------------- canonical matching
+@parametrize("spelling", "ceo", "example.com")
+def test_every_spelling_of_a_local_address_gets_its_verdict(spelling):
+    # Local, so accepted without relaying rights...
+    assert verdict(configured(domains=["example.com"]), spelling) == "accept"
+    # ...and at a domain of listed users, decided by the list: never relayed.
+    assert verdict(configured(addresses=["alice@example.com"]), spelling) == USER_UNKNOWN
+    assert verdict(configured(addresses=["ceo@example.com"]), spelling) == "accept"
+
+
+@parametrize("entry", "ceo", "example.com")
+def test_configured_addresses_are_canonicalised(entry):
+    plugin = configured(addresses=[entry])
+    assert plugin.users == {"example.com": {"ceo"}}
+    for spelling in (
+        "ceo@example.com",
+        "CEO@Example.com",
+        *spellings("ceo", "example.com").values(),
+    ):
+        assert verdict(plugin, spelling) == "accept", spelling
+    assert verdict(plugin, "cfo@ｅｘａｍｐｌｅ.ｃｏｍ") == USER_UNKNOWN
+
+
+def test_configured_domains_are_canonicalised():
+    plugin = configured(
+        domains=["ｅｘａｍｐｌｅ.ｃｏｍ", "example。org", "exa­mple.net", "BÜCHER.example"]
+    )
+    assert plugin.domains == {"example.com", "example.org", "example.net", "xn--bcher-kva.example"}
+    for domain in ("example.com", "example.org", "example.net", "bücher.example"):
+        for spelling in spellings("anyone", domain).values():
+            assert verdict(plugin, spelling) == "accept", spelling
+
+
+def test_domains_without_an_idna_form_are_configuration_errors():
+    with pytest.raises(ValueError, match=r"^domains: .* is not a valid domain"):
+        configured(domains=["­.example"])
+    with pytest.raises(ValueError, match=r"^addresses: .* is not a valid domain"):
+        configured(addresses=["a@exa_mple。。com"])
+
+
+def test_file_entries_are_canonicalised(tmp_path: Path):
+    (tmp_path / "rcpt.txt").write_text(
+        '"ceo"@ｅｘａｍｐｌｅ.ｃｏｍ\nexample。org\n', encoding="utf-8"
+    )
+    plugin = configured(file=str(tmp_path / "rcpt.txt"))
+    assert plugin.users == {"example.com": {"ceo"}}
+    assert plugin.domains == {"example.org"}
+    for spelling in spellings("ceo", "example.com").values():
+        assert verdict(plugin, spelling) == "accept", spelling
+    assert verdict(plugin, "alice@exa­mple.com") == USER_UNKNOWN
+    assert verdict(plugin, "alice@exa­mple.org") == "accept"
+
+
+@parametrize("spelling", "victim", "elsewhere.net")
+def test_relay_decisions_are_on_the_canonical_domain(spelling):
+    plugin = configured(domains=["example.com"], relay_networks=["192.0.2.0/24"])
+    assert verdict(plugin, spelling, remote_ip="198.51.100.1") == RELAY_DENIED
+    assert verdict(plugin, spelling, remote_ip="192.0.2.1") == "accept"
+    assert not plugin.is_local(spelling.rpartition("@")[2])
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "victim％elsewhere.net@relay.example",  # full-width percent sign
+        "victim﹫elsewhere.net@relay.example",  # small commercial at
+        "elsewhere.net！victim@example.com",  # full-width exclamation mark
+    ],
+)
+def test_compatibility_spellings_of_routing_characters_are_never_relayed(address):
+    plugin = configured(domains=["example.com"], relay_networks=["0.0.0.0/0"])
+    assert verdict(plugin, address, remote_ip="192.0.2.1") == RELAY_DENIED
 
 
 # ------------------------------------------------------------------- file
@@ -294,6 +376,7 @@ def test_end_to_end_over_smtp():
         assert client.rcpt("carol@example.com") == (550, b"5.1.1 User unknown")
         assert client.rcpt("victim@elsewhere.net") == (554, b"5.7.1 Relay access denied")
         assert client.rcpt("a%b@example.org") == (554, b"5.7.1 Relay access denied")
+        assert client.rcpt("alice@example.com.")[0] == 501  # the core refuses the syntax
         assert client.rset()[0] == 250
 
 

@@ -1,0 +1,496 @@
+"""What each SMTP event asks the plugins, and how the answer becomes a reply.
+
+The session loop (:mod:`bonzo.connection`) reads bytes, feeds the protocol
+core and hands every event that needs a decision to
+:meth:`Dispatcher.handle`. The dispatcher asks the plugins through the hook
+runner (:meth:`bonzo.hooks.PluginSet.decide` / ``observe``), then applies
+the verdict in one place (:meth:`Dispatcher._apply`) to the core, the
+envelope and — through the core, which the :class:`~bonzo.session.Session`
+is a view of — the session.
+
+Anything that goes wrong on the way, at any stage, becomes a reply through
+one function, :func:`error_reply`: a plugin's refusal as it raised it (never
+changed), a plugin's fault or timeout as ``451 4.3.0`` (or what a
+``bonzo_exception`` hook maps it to), a full disk as ``452 4.3.1``, a fault
+while checking credentials as ``454 4.7.0``, a fault at connect as ``421``
+(which closes); a ``2xx``/``3xx`` "refusal" counts as a fault. The reply's
+log line is written once, by the connection, when the core queues it.
+
+The dispatcher does no I/O: ``send`` (given by the connection) writes what
+the core has queued, so that the ``250`` for a message is on its way before
+the ``bonzo_accepted`` observers run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from tornado.log import access_log, app_log, gen_log
+
+from . import errors
+from .auth import MECHANISMS, Challenge, Mechanism, decode_response
+from .hooks import PluginFailure, PluginSet, Refused, log_plugin_failure
+from .hookspecs import Accept
+from .protocol import (
+    Auth,
+    AuthResponse,
+    Data,
+    Event,
+    Helo,
+    Mail,
+    MessageComplete,
+    Rcpt,
+    Reset,
+    SMTPProtocol,
+    Unknown,
+)
+from .session import Envelope, Session, received_header
+from .settings import SMTPSettings
+
+__all__ = ["Dispatcher", "error_reply", "storage_error_reply"]
+
+_FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+
+def storage_error_reply(exc: BaseException) -> errors.SMTPError:
+    """The reply to a storage fault: ``452 4.3.1`` for a full disk or quota
+    (RFC 3463 "mail system full"), else ``451 4.3.0``."""
+    for error in (exc, exc.__cause__):
+        if isinstance(error, OSError) and error.errno in _FULL_DISK:
+            return errors.SMTPError(452, "Insufficient system storage", enhanced_code="4.3.1")
+    return errors.InternalConfusion()
+
+
+def error_reply(
+    exc: BaseException, stage: str, session: Session | None, plugins: PluginSet
+) -> tuple[errors.SMTPError, str]:
+    """Turn any exception raised while answering ``stage`` into the reply to
+    give and who decided it (a plugin's name, or ``"core"``). Logs faults
+    with their traceback; never changes the exception.
+
+    - a plugin's refusal (:class:`~bonzo.hooks.Refused`) or an error reply
+      raised by the core: that reply, as it is;
+    - a plugin's fault (:class:`~bonzo.hooks.PluginFailure`): what the first
+      ``bonzo_exception`` hook maps it to, if any;
+    - a full disk: ``452 4.3.1``; at AUTH: ``454 4.7.0``; at connect:
+      ``421 4.3.0`` (no greeting, the connection closes); anything else:
+      ``451 4.3.0``.
+    """
+    if isinstance(exc, Refused):
+        return exc.error, exc.plugin
+    if isinstance(exc, errors.SMTPError) and exc.status_code >= 400:
+        return exc, "core"
+    if isinstance(exc, PluginFailure):
+        plugin: str | None = exc.plugin
+        hook, error = exc.hook, exc.error
+        log_plugin_failure(session, hook, exc.plugin, error)
+        mapped = _mapped(plugins, session, error, hook, exc.plugin)
+        if mapped is not None:
+            return mapped, exc.plugin
+    else:
+        plugin, error = None, exc
+        where = f" [{session.id} {session.remote_ip}]" if session is not None else ""
+        app_log.error(
+            "Uncaught exception%s (%s): %s",
+            where,
+            stage,
+            exc,
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
+    by = plugin or "core"
+    reply = storage_error_reply(error)
+    if reply.status_code == 452:
+        return reply, by
+    if stage == "AUTH":
+        return errors.TransientError("Temporary authentication failure", 454, "4.7.0"), by
+    if stage == "connect":
+        # A local fault: 451 is no greeting; 421 is (RFC 5321 3.1, 4.2.5).
+        text = "Service not available, closing transmission channel"
+        return errors.SMTPError(421, text, enhanced_code="4.3.0"), by
+    return reply, by
+
+
+def _mapped(
+    plugins: PluginSet, session: Session | None, error: BaseException, hook: str, plugin: str
+) -> errors.SMTPError | None:
+    """The first ``bonzo_exception`` hook's error reply for a plugin fault."""
+    for call in plugins.calls["bonzo_exception"]:
+        args = (session, error, hook, plugin)
+        try:
+            reply = call.function(*[args[i] for i in call.indexes])
+        except Exception as exc:
+            log_plugin_failure(session, "bonzo_exception", call.plugin, exc)
+            continue
+        if isinstance(reply, errors.SMTPError) and reply.status_code >= 400:
+            return reply
+        if reply is not None:
+            # Anything but an error reply (a 2xx would tell the client that
+            # all is well) is ignored: fail closed.
+            app_log.error(
+                "Plugin %r returned %r from bonzo_exception; expected a 4xx/5xx SMTPError or None",
+                call.plugin,
+                reply,
+            )
+    return None
+
+
+def _text(verdict: tuple[str, Any] | None) -> str | None:
+    """The reply text a positive verdict gives, if any."""
+    if verdict is None:
+        return None
+    value = verdict[1]
+    if type(value) is Accept:
+        return value.text
+    return value if type(value) is str else None
+
+
+def _ehlo_line(keyword: Any) -> bool:
+    return (
+        isinstance(keyword, str)
+        and keyword[:1].isalnum()
+        and keyword.isascii()
+        and keyword.isprintable()
+    )
+
+
+class Dispatcher:
+    """Answers the events of one session by asking the plugins.
+
+    :arg core: the session's protocol core.
+    :arg session: the session plugins see (a view of ``core``).
+    :arg plugins: the :class:`~bonzo.hooks.PluginSet` to ask.
+    :arg settings: the server's settings.
+    :arg send: writes what the core has queued (no waiting).
+    """
+
+    __slots__ = ("core", "session", "plugins", "settings", "envelope", "send", "_sasl", "_stored")
+
+    def __init__(
+        self,
+        core: SMTPProtocol,
+        session: Session,
+        plugins: PluginSet,
+        settings: SMTPSettings,
+        send: Callable[[], None],
+    ) -> None:
+        self.core = core
+        self.session = session
+        self.plugins = plugins
+        self.settings = settings
+        self.send = send
+        #: The open transaction's envelope, from MAIL to its end.
+        self.envelope: Envelope | None = None
+        self._sasl: Mechanism | None = None
+        # Why storing the content failed, if it did (answered after the dot).
+        self._stored: OSError | None = None
+
+    # ------------------------------------------------------------ entry points
+    async def connect(self) -> None:
+        """Ask ``bonzo_connect``; queue the greeting, or the refusal that
+        closes the connection."""
+        try:
+            verdict = await self.plugins.decide("bonzo_connect", (self.session,))
+        except Exception as exc:
+            reply, by = error_reply(exc, "connect", self.session, self.plugins)
+            self.core.refuse(reply, by=by, close=True)
+            return
+        self.core.send_greeting(_text(verdict))
+
+    async def handle(self, event: Event) -> None:
+        """Answer ``event``: ask the plugins, then apply the verdict (or the
+        refusal) to the core, the session and the envelope."""
+        kind = type(event)
+        if kind is Auth or kind is AuthResponse:
+            await self._auth(event)
+            return
+        try:
+            verdict = await self._ask(event)
+        except Exception as exc:
+            self._refuse(event, exc)
+            return
+        finished = self._apply(event, verdict)
+        if finished is not None:
+            try:
+                # The message is someone's responsibility now, whatever happens
+                # to the connection: the observers run even if it was closed.
+                await self.plugins.observe("bonzo_accepted", (self.session, finished), self.session)
+            finally:
+                finished.close()
+        elif kind is Reset:
+            await self.plugins.observe("bonzo_rset", (self.session,), self.session)
+
+    def store(self, data: bytes) -> None:
+        """Append message content to the envelope. A storage fault (the spool
+        directory gone, the disk full) is logged at once and answered after
+        the final dot; the rest of the content is read and dropped, so the
+        session stays in step and usable."""
+        envelope = self.envelope
+        if envelope is None or self._stored is not None:
+            return
+        try:
+            envelope.write(data)
+        except OSError as exc:
+            self._stored = exc
+            gen_log.error(
+                "[%s %s] storing message %s failed: %s",
+                self.session.id,
+                self.session.remote_ip,
+                envelope.id,
+                exc,
+            )
+
+    def end_transaction(self) -> None:
+        """Drop the envelope (and its spooled content), if any."""
+        envelope, self.envelope = self.envelope, None
+        self._stored = None
+        if envelope is not None:
+            envelope.close()
+
+    # -------------------------------------------------------------- questions
+    async def _ask(self, event: Event) -> Any:
+        """Ask the plugins about ``event``; return what :meth:`_apply` needs.
+        Raises the refusal or fault."""
+        plugins = self.plugins
+        session = self.session
+        kind = type(event)
+        if kind is Rcpt:
+            verdict = await plugins.decide(
+                "bonzo_rcpt",
+                (session, self.envelope, event.address, event.params, event.mailbox),  # type: ignore[attr-defined]
+            )
+            if verdict is None:
+                # Recipients need an owner: nobody accepted, nobody relays.
+                raise errors.PermanentError("Recipient address rejected", 550, "5.7.1")
+            return verdict
+        if kind is Mail:
+            envelope = Envelope(
+                event.address,  # type: ignore[attr-defined]
+                event.params,  # type: ignore[attr-defined]
+                spool_threshold=self.settings.spool_threshold,
+                spool_dir=self.settings.spool_dir,
+                sender=event.mailbox,  # type: ignore[attr-defined]
+            )
+            verdict = await plugins.decide(
+                "bonzo_mail",
+                (session, envelope, event.address, event.params, event.mailbox),  # type: ignore[attr-defined]
+            )
+            return verdict, envelope
+        if kind is Data:
+            return await plugins.decide("bonzo_data", (session, self.envelope))
+        if kind is MessageComplete:
+            return await self._message(event)  # type: ignore[arg-type]
+        if kind is Helo:
+            verdict = await plugins.decide(
+                "bonzo_helo",
+                (session, event.name, event.esmtp),  # type: ignore[attr-defined]
+            )
+            if not event.esmtp:  # type: ignore[attr-defined]
+                return verdict, None
+            keywords = self.core.ehlo_keywords()
+            await plugins.observe("bonzo_ehlo_keywords", (session, keywords), session)
+            return verdict, self._checked_keywords(keywords)
+        if kind is Reset:
+            return None
+        if kind is Unknown:
+            return await plugins.decide(
+                "bonzo_unknown_command",
+                (session, event.verb, event.arg),  # type: ignore[attr-defined]
+            )
+        raise AssertionError(f"unexpected event {event!r}")  # pragma: no cover
+
+    async def _message(self, event: MessageComplete) -> Any:
+        if event.data:
+            self.store(event.data)
+        if event.error is not None:
+            raise event.error  # a limit the message broke, found by the core
+        if self._stored is not None:
+            raise _StorageFault(self._stored)
+        session, envelope = self.session, self.envelope
+        await self.plugins.decide("bonzo_message", (session, envelope))
+        verdict = await self.plugins.decide("bonzo_deliver", (session, envelope))
+        if verdict is None:
+            assert envelope is not None
+            app_log.error(
+                "[%s %s] No plugin delivered message %s (enable a delivery plugin such as "
+                "maildir); answered 451",
+                session.id,
+                session.remote_ip,
+                envelope.id,
+            )
+            raise errors.TransientError("Message not accepted, try again later", 451, "4.3.0")
+        return verdict
+
+    def _checked_keywords(self, keywords: list[str]) -> list[str]:
+        # An EHLO line is "keyword [params]" in printable ASCII (RFC 5321
+        # 4.1.1.1); anything else (a non-string, a line break) would break the
+        # reply for every client, so it is dropped and logged.
+        good = [k for k in keywords if _ehlo_line(k)]
+        if len(good) != len(keywords):
+            app_log.error(
+                "[%s %s] bonzo_ehlo_keywords: dropped invalid keyword(s) %r",
+                self.session.id,
+                self.session.remote_ip,
+                [k for k in keywords if not _ehlo_line(k)],
+            )
+        return good
+
+    # ---------------------------------------------------------------- answers
+    def _apply(self, event: Event, answer: Any) -> Envelope | None:
+        """Apply a positive verdict: the one place where an accepted command
+        changes the envelope and the core (and so the session). Returns the
+        envelope of a message just accepted (for its observers)."""
+        core = self.core
+        kind = type(event)
+        if kind is Rcpt:
+            assert self.envelope is not None
+            self.envelope.add_recipient(event.mailbox, event.params)  # type: ignore[attr-defined]
+            core.accept(_text(answer))
+        elif kind is Mail:
+            verdict, envelope = answer
+            self.end_transaction()
+            self.envelope = envelope
+            core.accept(_text(verdict))
+        elif kind is Data:
+            envelope = self.envelope
+            assert envelope is not None
+            envelope.prepend_raw(received_header(self.session, envelope, self.settings.hostname))
+            core.accept(_text(answer))
+        elif kind is MessageComplete:
+            return self._accepted(answer)
+        elif kind is Helo:
+            verdict, keywords = answer
+            self.end_transaction()
+            core.accept(_text(verdict), extensions=keywords)
+        elif kind is Reset:
+            self.end_transaction()
+            core.accept()
+        elif kind is Unknown:
+            reply, by = self._unknown_reply(event, answer)  # type: ignore[arg-type]
+            core.reject(reply, by=by)
+        return None
+
+    def _accepted(self, verdict: tuple[str, Any]) -> Envelope:
+        envelope, self.envelope = self.envelope, None
+        assert envelope is not None
+        session, core = self.session, self.core
+        text = _text(verdict)
+        if text is None and core.enhanced_codes:
+            text = "Ok: queued as " + envelope.id
+        core.accept(text)
+        self.send()
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "%s %s from=<%s> to=%d size=%d id=%s by=%s",
+                session.id,
+                session.remote_ip,
+                envelope.mail_from,
+                len(envelope.rcpt_tos),
+                envelope.size,
+                envelope.id,
+                verdict[0],
+            )
+        return envelope
+
+    def _unknown_reply(
+        self, event: Unknown, verdict: tuple[str, Any] | None
+    ) -> tuple[errors.SMTPError, str]:
+        if verdict is None:
+            if self.core.enhanced_codes:
+                error = errors.SMTPError(
+                    500, "Error: command not recognized", enhanced_code="5.5.2"
+                )
+            else:
+                error = errors.NotImplementedCommand(event.sent or event.verb)
+            return error, "core"
+        plugin, value = verdict
+        if isinstance(value, tuple):
+            code, *rest = value
+            enhanced = rest[0] if len(rest) == 2 else None
+            return errors.SMTPError(code, rest[-1], enhanced_code=enhanced), plugin
+        return errors.SMTPError(250, _text(verdict) or "Ok", enhanced_code="2.0.0"), plugin
+
+    def _refuse(self, event: Event, exc: BaseException) -> None:
+        """Answer ``event`` with the reply for ``exc``."""
+        core = self.core
+        if isinstance(exc, _StorageFault):
+            reply, by = storage_error_reply(exc.error), "core"
+        else:
+            reply, by = error_reply(exc, core.stage, self.session, self.plugins)
+        if type(event) is MessageComplete:
+            self.end_transaction()
+        core.reject(reply, by=by)
+
+    # ------------------------------------------------------------------- AUTH
+    async def _auth(self, event: Event) -> None:
+        core, session = self.core, self.session
+        try:
+            if type(event) is Auth:
+                self._sasl = MECHANISMS[event.mechanism]()
+                initial = event.initial
+                step = self._sasl.start(None if initial is None else decode_response(initial))
+            else:
+                assert self._sasl is not None
+                step = self._sasl.step(decode_response(event.line))  # type: ignore[attr-defined]
+        except errors.SMTPError as exc:
+            self._sasl = None
+            core.reject(exc)
+            return
+        if isinstance(step, Challenge):
+            core.auth_challenge(step.encoded())
+            return
+        self._sasl = None
+        try:
+            verdict = await self.plugins.decide(
+                "bonzo_auth",
+                (session, step.mechanism, step.username, step.password, step.authzid),
+            )
+        except Exception as exc:
+            reply, by = error_reply(exc, "AUTH", session, self.plugins)
+            core.reject(reply, by=by)
+            return
+        identity = step.username
+        problem = "credentials refused"
+        if verdict is not None:
+            accept = verdict[1]
+            if step.authzid in ("", step.username):
+                problem = ""
+            elif accept.authzid == step.authzid:
+                identity, problem = step.authzid, ""
+            else:
+                problem = f"may not act as {step.authzid!r}"
+        if not problem:
+            core.auth_success(identity)
+            gen_log.info(
+                "[%s %s] authenticated as %r (%s, by %s)",
+                session.id,
+                session.remote_ip,
+                identity,
+                step.mechanism,
+                verdict[0] if verdict else "?",
+            )
+            return
+        # Slow down guessing: the reply (and so the next try) waits.
+        await asyncio.sleep(self.settings.auth_failure_delay)
+        core.reject(
+            errors.SMTPError(
+                535,
+                "Authentication credentials invalid",
+                "AUTH %s failed for %r: %s",
+                step.mechanism,
+                step.username,
+                problem,
+                enhanced_code="5.7.8",
+            )
+        )
+
+
+class _StorageFault(Exception):
+    """Storing the content failed (already logged); answered after the dot."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error

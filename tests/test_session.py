@@ -1,0 +1,194 @@
+"""Sessions, envelopes and the trace header: the session is a view of the
+protocol core, and the Received header names the right protocol and never
+leaves a line with only the date."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import logging
+import re
+
+import pytest
+from e2e_support import RawClient
+
+from bonzo import Accept, errors
+from bonzo.address import Address
+from bonzo.hooks import PluginSet
+from bonzo.protocol import SMTPProtocol
+from bonzo.session import Envelope, Session, received_header, with_keyword
+from bonzo.settings import ListenerSettings, SMTPSettings
+from bonzo.testing import SessionTester, make_session
+
+SETTINGS = SMTPSettings(hostname="mx.test")
+
+
+def test_the_session_is_a_view_of_the_core():
+    core = SMTPProtocol(SETTINGS, "192.0.2.1")
+    session = Session("192.0.2.1", 1234, core=core)
+    assert (session.helo, session.esmtp, session.auth, session.tls) == (None, False, None, None)
+    core.receive_data(b"EHLO client.test\r\n")
+    core.next_event()
+    core.accept()
+    assert (session.helo, session.esmtp) == ("client.test", True)
+    core.tls_info = {"version": "TLSv1.3"}
+    assert session.tls is None  # facts only count while TLS is active
+    core.tls_active = True
+    assert session.tls == {"version": "TLSv1.3"}
+    for name in ("helo", "esmtp", "auth", "tls", "messages"):
+        with pytest.raises(AttributeError):
+            setattr(session, name, None)
+
+
+def envelope(rcpts: list[str], **params: str | None) -> Envelope:
+    env = Envelope("a@example.org", params)
+    for rcpt in rcpts:
+        env.add_recipient(Address.parse(rcpt), {})
+    return env
+
+
+@pytest.mark.parametrize(
+    "esmtp, tls, auth, smtputf8, keyword",
+    [
+        (False, None, None, False, "SMTP"),
+        (True, None, None, False, "ESMTP"),
+        (True, {"version": "TLSv1.3"}, None, False, "ESMTPS"),
+        (True, None, "alice", False, "ESMTPA"),
+        (True, {"version": "TLSv1.3"}, "alice", False, "ESMTPSA"),
+        (True, None, None, True, "UTF8SMTP"),
+        (True, {"version": "TLSv1.3"}, None, True, "UTF8SMTPS"),
+        (True, None, "alice", True, "UTF8SMTPA"),
+        (True, {"version": "TLSv1.3"}, "alice", True, "UTF8SMTPSA"),
+    ],
+)
+def test_with_keywords(esmtp, tls, auth, smtputf8, keyword):
+    """RFC 3848, and RFC 6531 4.3 for messages sent with SMTPUTF8."""
+    session = make_session(esmtp=esmtp, tls=tls, auth=auth)
+    env = envelope(["b@example.org"], **({"SMTPUTF8": None} if smtputf8 else {}))
+    assert with_keyword(session, env) == keyword
+    header = received_header(session, env, "mx.test", when=0)
+    assert f" with {keyword}" in header
+
+
+@pytest.mark.parametrize(
+    "rcpts, params, named",
+    [
+        (["b@example.org"], {}, "<b@example.org>"),
+        (["j\u00f6rg@example.org"], {"SMTPUTF8": None}, "<j\u00f6rg@example.org>"),
+        (["j\u00f6rg@example.org"], {}, None),
+        (["b@example.org", "c@example.org"], {}, None),
+    ],
+)
+def test_received_header_lines(rcpts, params, named):
+    session = make_session(esmtp=True)
+    env = envelope(rcpts, **params)
+    header = received_header(session, env, "mx.test", when=0)
+    lines = header.split("\r\n")
+    assert lines[-1] == "" and all(lines[:-1])
+    # No line holds only the date: "; date" ends the line before it.
+    assert not any(re.fullmatch(r"\s*;.*", line) for line in lines[:-1])
+    parsed = email.message_from_string(header + "\r\n", policy=email.policy.default)
+    value = str(parsed["Received"])
+    assert value.startswith("from client.example ([192.0.2.1])")
+    if named:
+        assert f"for {named};" in value
+    else:
+        assert " for " not in value
+
+
+# -------------------------------------------------- plugin exception objects
+SHARED = errors.PermanentError("Not here", 554, "5.7.1")
+
+
+def test_a_plugin_exception_is_never_changed():
+    """A refusal at connect closes the session; the very same exception
+    object raised later at RCPT must not (it is never marked close)."""
+    calls = []
+
+    class Shared:
+        def bonzo_connect(self, session):
+            calls.append("connect")
+            if session.remote_ip == "192.0.2.66":
+                raise SHARED
+
+        def bonzo_rcpt(self, mailbox):
+            if mailbox.local == "nobody":
+                raise SHARED
+            return Accept()
+
+    plugins = PluginSet()
+    plugins.register(Shared(), "shared")
+
+    async def talk():
+        refused = SessionTester(plugins, remote_ip="192.0.2.66")
+        assert await refused.connect() == b"554 5.7.1 Not here\r\n"
+        assert refused.core.closed
+        other = SessionTester(plugins)
+        await other.connect()
+        replies = await other.send(
+            b"EHLO c.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<nobody@example.org>\r\n"
+            b"RCPT TO:<somebody@example.org>\r\n"
+        )
+        return other, replies
+
+    other, replies = asyncio.run(talk())
+    assert replies.endswith(b"554 5.7.1 Not here\r\n250 2.1.5 Ok\r\n")
+    assert not other.core.closed
+    assert SHARED.close is False
+    assert (SHARED.status_code, SHARED.message, SHARED.enhanced_code) == (554, "Not here", "5.7.1")
+
+
+# --------------------------------------------------------------- refusal logs
+def test_every_refusal_is_one_info_line(start_server, log_watch):
+    """550, 554, 553, 530, 502, ...: one INFO line each, with the session id,
+    the client address, the stage, who decided, the codes and the argument."""
+
+    class Policy:
+        def bonzo_rcpt(self, mailbox):
+            if mailbox.local == "unknown":
+                raise errors.PermanentError("No such user", 550, "5.1.1")
+            if mailbox.domain != "example.org":
+                raise errors.PermanentError("Relay access denied", 554, "5.7.1")
+            return Accept()
+
+        def bonzo_deliver(self):
+            return Accept()
+
+    plugins = PluginSet()
+    plugins.register(Policy(), "policy")
+    server = start_server(plugins=plugins, listener=ListenerSettings(), hostname="mx.test")
+    with RawClient(server.port) as client:
+        client.greet()
+        assert client.command("MAIL FROM:<a@example.org>").startswith(b"250")
+        assert client.command("RCPT TO:<unknown@example.org>").startswith(b"550 5.1.1")
+        assert client.command("RCPT TO:<x@elsewhere.test>").startswith(b"554 5.7.1")
+        assert client.command("RCPT TO:<\u00e9@example.org>".encode()).startswith(b"553 5.6.7")
+        assert client.command("STARTTLS").startswith(b"502 5.5.1")
+        assert client.command("AUTH PLAIN c2VjcmV0").startswith(b"502 5.5.1")
+        client.send(b"QUIT\r\n")
+        client.read_to_eof()
+    lines = [
+        r.getMessage()
+        for r in log_watch.records
+        if r.name == "tornado.general" and "refused by" in r.getMessage()
+    ]
+    assert all(
+        r.levelno == logging.INFO
+        for r in log_watch.records
+        if r.name == "tornado.general" and "refused by" in r.getMessage()
+    )
+    session = r"\[\w+ 127\.0\.0\.1\] "
+    expected = [
+        session
+        + r"RCPT refused by policy: 550 5.1.1 No such user; arg='TO:<unknown@example\.org>'",
+        session
+        + r"RCPT refused by policy: 554 5.7.1 Relay access denied; arg='TO:<x@elsewhere\.test>'",
+        session + r"RCPT refused by core: 553 5.6.7 Non-ASCII recipient address requires SMTPUTF8",
+        session + r"STARTTLS refused by core: 502 5.5.1 Error: STARTTLS not available",
+        session + r"AUTH refused by core: 502 5.5.1 Error: AUTH not available; arg='PLAIN'$",
+    ]
+    assert len(lines) == len(expected), lines
+    for line, pattern in zip(lines, expected, strict=True):
+        assert re.match(pattern, line), (pattern, line)
+    assert not any("c2VjcmV0" in line for line in lines)
