@@ -11,10 +11,13 @@ same :class:`~bonzo.hooks.PluginSet`.
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib
 import inspect
 import logging
+import os
 import socket
+import stat
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -122,6 +125,7 @@ class MailApp:
         #: One server per listener, once started.
         self.servers: list[SMTPServer] = []
         self._bound: list[tuple[ListenerConfig, list[socket.socket]]] = []
+        self._unix_paths: list[str] = []
         self._extra = list(extra_plugins)
         self._started = False
         self._load_plugins()
@@ -217,18 +221,33 @@ class MailApp:
         bound: list[tuple[ListenerConfig, list[socket.socket]]] = []
         for listener in self.config.listeners:
             try:
-                socks = bind_sockets(listener.port, listener.address or None, backlog=1024)
+                if listener.path is not None:
+                    socks = [_bind_unix(listener.path, listener.mode)]
+                    self._unix_paths.append(listener.path)
+                else:
+                    socks = bind_sockets(listener.port, listener.address or None, backlog=1024)
             except OSError as exc:
                 for _, done in bound:
                     for s in done:
                         s.close()
+                self.remove_unix_sockets()
                 raise OSError(
-                    exc.errno,
-                    f"cannot listen on {listener.address}:{listener.port}: {exc.strerror}",
+                    exc.errno, f"cannot listen on {listener.where}: {exc.strerror}"
                 ) from None
             bound.append((listener, socks))
         self._bound = bound
         return [s for _, socks in bound for s in socks]
+
+    def remove_unix_sockets(self) -> None:
+        """Remove the files of the Unix sockets :meth:`bind` made (when the
+        server has stopped, in the process that bound them)."""
+        for path in self._unix_paths:
+            try:
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)
+            except OSError:
+                pass
+        self._unix_paths = []
 
     async def start(self, sockets: Sequence[socket.socket] | None = None) -> SMTPServer:
         """Run the plugins' startup hooks and start serving: the sockets of
@@ -246,11 +265,11 @@ class MailApp:
             if not self._bound:
                 self.bind()
             groups = self._bound
-        count = ConnectionCount()
+        count = ConnectionCount(self.settings.max_connections, self.settings.max_connections_per_ip)
         for listener, socks in groups:
             server = SMTPServer(
                 plugins=self.plugins,
-                settings=self.settings,
+                settings=listener.smtp_settings or self.settings,
                 listener=listener.settings,
                 count=count,
             )
@@ -280,10 +299,39 @@ class MailApp:
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        """The (address, port) pairs being served, once started."""
+        """The (address, port) pairs being served, once started (a Unix
+        socket is ``(path, 0)``)."""
         out = []
         for server in self.servers:
             for sock in server._sockets.values():
                 name = sock.getsockname()
-                out.append((name[0], name[1]))
+                out.append((name, 0) if isinstance(name, str) else (name[0], name[1]))
         return out
+
+
+def _bind_unix(path: str, mode: int) -> socket.socket:
+    """Bind a listening Unix socket at ``path`` with permissions ``mode``.
+
+    A socket file left by a server that is gone is replaced; one that a
+    running server answers on is not (``EADDRINUSE``), nor is a file that is
+    not a socket (``EEXIST``)."""
+    from tornado.netutil import bind_unix_socket
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(path)
+        except OSError:
+            pass  # nobody listens: a stale file, which bind_unix_socket replaces
+        else:
+            raise OSError(errno.EADDRINUSE, "a server is already listening there")
+        finally:
+            probe.close()
+    return bind_unix_socket(path, mode=mode, backlog=1024)

@@ -130,9 +130,21 @@ def _load_app(args: argparse.Namespace) -> Any:
 def _check(args: argparse.Namespace) -> int:
     app = _load_app(args)
     config = app.config
-    listeners = ", ".join(f"{ln.address or '*'}:{ln.port}" for ln in config.listeners)
     print(f"{config.source}: OK")
-    print(f"  listeners: {listeners}")
+    print("  listeners:")
+    for listener in config.listeners:
+        facts = [listener.settings.protocol.upper()]
+        ls = listener.settings
+        if ls.implicit_tls:
+            facts.append("implicit TLS")
+        elif ls.tls_context is not None:
+            facts.append("STARTTLS")
+        if ls.require_tls:
+            facts.append("requires TLS")
+        if ls.require_auth:
+            facts.append("requires AUTH")
+        facts += [f"{k} = {v!r}" for k, v in listener.overrides.items()]
+        print(f"    {listener.where}: {', '.join(facts)}")
     print(f"  workers: {config.workers}")
     print(f"  plugins: {', '.join(config.plugins.enabled) or 'none'}")
     for warning in app.warnings():
@@ -209,12 +221,13 @@ def _serve(args: argparse.Namespace) -> int:
         )
     for warning in app.warnings():
         log.warning("%s", warning)
+    main_pid = os.getpid()
     try:
         sockets = app.bind()
     except OSError as exc:
         log.error("%s", exc.strerror or exc)
         return 1
-    where = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in sockets)
+    where = ", ".join(_socket_name(s) for s in sockets)
     log.info(
         "bonzo %s listening on %s with %d worker(s); plugins in order: %s",
         version,
@@ -227,9 +240,21 @@ def _serve(args: argparse.Namespace) -> int:
             "message content is scanned in pure Python (bonzo._speedups is not built, or "
             "BONZO_NO_EXTENSION is set): about ten times more CPU per megabyte than in C"
         )
-    if config.workers == 1:
-        return 1 if _run_worker(app, sockets) else 0
-    return _supervise(app, sockets, config.workers)
+    try:
+        if config.workers == 1:
+            return 1 if _run_worker(app, sockets) else 0
+        return _supervise(app, sockets, config.workers)
+    finally:
+        if os.getpid() == main_pid:  # not in a worker that returns here
+            app.remove_unix_sockets()
+
+
+def _socket_name(sock: Any) -> str:
+    """``address:port`` of a listening socket, or ``unix:path``."""
+    name = sock.getsockname()
+    if isinstance(name, str):
+        return f"unix:{name}"
+    return f"{name[0]}:{name[1]}"
 
 
 #: Exit status of a worker whose plugins failed to start: the supervisor

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .auth import MECHANISMS
-from .settings import ListenerSettings, SettingError, SMTPSettings, positive_seconds
+from .settings import PROTOCOLS, ListenerSettings, SettingError, SMTPSettings, positive_seconds
 from .tls import CertificatePair, TLSError, make_server_context
 
 if sys.version_info >= (3, 11):  # pragma: no cover - depends on the interpreter
@@ -45,6 +46,7 @@ __all__ = [
     "SETTING_SECTIONS",
     "TOP_LEVEL_KEYS",
     "LISTENER_KEYS",
+    "LISTENER_OVERRIDES",
     "TLS_KEYS",
 ]
 
@@ -91,6 +93,9 @@ EXTRA_KEYS: dict[str, tuple[str, ...]] = {
 LISTENER_KEYS = (
     "address",
     "port",
+    "path",
+    "mode",
+    "protocol",
     "tls",
     "implicit_tls",
     "require_tls",
@@ -98,6 +103,9 @@ LISTENER_KEYS = (
     "auth_plaintext",
     "auth_mechanisms",
 )
+#: The ``[protocol]`` and ``[limits]`` keys a ``[[listeners]]`` table may
+#: override for its own connections.
+LISTENER_OVERRIDES = tuple(k for k, s in SETTING_SECTIONS.items() if s in ("protocol", "limits"))
 #: Keys of a listener's ``tls`` table, and of each of its ``sni`` entries.
 TLS_KEYS = ("cert", "key", "sni")
 SNI_KEYS = ("cert", "key")
@@ -132,6 +140,22 @@ class ListenerConfig:
     address: str = "127.0.0.1"
     port: int = 2525
     settings: ListenerSettings = field(default_factory=ListenerSettings)
+    #: A Unix socket's path (then :attr:`address` and :attr:`port` are unused).
+    path: str | None = None
+    #: The Unix socket's permission bits.
+    mode: int = 0o660
+    #: The ``[protocol]``/``[limits]`` keys this listener overrides.
+    overrides: dict[str, Any] = field(default_factory=dict)
+    #: The settings of this listener's sessions, the server's with
+    #: :attr:`overrides` applied; ``None`` when it overrides nothing.
+    smtp_settings: SMTPSettings | None = None
+
+    @property
+    def where(self) -> str:
+        """Where it listens, for messages: ``address:port`` or ``unix:path``."""
+        if self.path is not None:
+            return f"unix:{self.path}"
+        return f"{self.address or '*'}:{self.port}"
 
 
 @dataclass
@@ -295,11 +319,16 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
         raise ConfigError(source, key, exc.detail) from None
     except TypeError as exc:  # pragma: no cover - keys are checked above
         raise ConfigError(source, "", str(exc)) from None
+    listeners = _listeners(data.get("listeners"), source, base_dir)
+    for i, listener in enumerate(listeners):
+        if listener.overrides:
+            key = f"listeners[{i}]"
+            listener.smtp_settings = _overridden(settings, listener.overrides, source, key)
     return Config(
         source=source,
         base_dir=base_dir,
         settings=settings,
-        listeners=_listeners(data.get("listeners"), source, base_dir),
+        listeners=listeners,
         workers=workers,
         loop=loop,
         logging=_logging(_table(data, "logging", source), source, base_dir),
@@ -384,8 +413,21 @@ def _listener_settings(
         return ListenerSettings(
             tls_context=context,
             auth_mechanisms=tuple(dict.fromkeys(m.upper() for m in mechanisms)),
+            protocol=item.get("protocol", "smtp"),
             **flags,
         )
+    except SettingError as exc:
+        raise ConfigError(source, f"{key}.{exc.setting}", exc.detail) from None
+
+
+def _overridden(
+    settings: SMTPSettings, overrides: dict[str, Any], source: str, key: str
+) -> SMTPSettings:
+    """The server's settings with a listener's overrides, validated alike."""
+    if not overrides:
+        return settings
+    try:
+        return settings.replace(**overrides)
     except SettingError as exc:
         raise ConfigError(source, f"{key}.{exc.setting}", exc.detail) from None
 
@@ -398,16 +440,58 @@ def _listeners(value: Any, source: str, base_dir: Path) -> list[ListenerConfig]:
             source, "listeners", "must be a non-empty array of tables ([[listeners]])"
         )
     out = []
-    seen = set()
+    seen: set[tuple[str, int | None]] = set()
     for i, item in enumerate(value):
         key = f"listeners[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(source, key, f"must be a table, not {_type(item)}")
         for k in item:
-            if k not in LISTENER_KEYS:
+            if k not in LISTENER_KEYS and k not in LISTENER_OVERRIDES:
                 raise ConfigError(
-                    source, f"{key}.{k}", f"unknown key (allowed: {', '.join(LISTENER_KEYS)})"
+                    source,
+                    f"{key}.{k}",
+                    f"unknown key (allowed: {', '.join(LISTENER_KEYS)}, "
+                    "and any key of [protocol] and [limits])",
                 )
+        overrides = {k: v for k, v in item.items() if k in LISTENER_OVERRIDES}
+        protocol = item.get("protocol", "smtp")
+        if protocol not in PROTOCOLS:
+            raise ConfigError(
+                source,
+                f"{key}.protocol",
+                f"must be one of {', '.join(repr(p) for p in PROTOCOLS)}, not {protocol!r}",
+            )
+        if "path" in item:
+            for k in ("address", "port", "tls", "implicit_tls", "require_tls"):
+                if k in item:
+                    raise ConfigError(
+                        source, f"{key}.{k}", "a Unix socket listener (path) has no " + k
+                    )
+            path = _path(item["path"], source, f"{key}.path", base_dir)
+            if (path, None) in seen:
+                raise ConfigError(source, key, f"duplicate listener unix:{path}")
+            seen.add((path, None))
+            mode = item.get("mode", 0o660)
+            if isinstance(mode, str) and re.fullmatch(r"0?[0-7]{3}", mode):
+                mode = int(mode, 8)
+            if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+                raise ConfigError(
+                    source,
+                    f"{key}.mode",
+                    f'must be permission bits such as 0o660 or "0660", not {mode!r}',
+                )
+            settings = _listener_settings(item, source, key, base_dir)
+            out.append(
+                ListenerConfig(
+                    address="", port=0, settings=settings, path=path, mode=mode,
+                    overrides=overrides,
+                )
+            )  # fmt: skip
+            continue
+        if "mode" in item:
+            raise ConfigError(
+                source, f"{key}.mode", "only a Unix socket listener (path) has a mode"
+            )
         address = item.get("address", "127.0.0.1")
         port = item.get("port", 2525)
         if not isinstance(address, str):
@@ -427,7 +511,9 @@ def _listeners(value: Any, source: str, base_dir: Path) -> list[ListenerConfig]:
             raise ConfigError(source, key, f"duplicate listener {address}:{port}")
         seen.add((address, port))
         settings = _listener_settings(item, source, key, base_dir)
-        out.append(ListenerConfig(address=address, port=port, settings=settings))
+        out.append(
+            ListenerConfig(address=address, port=port, settings=settings, overrides=overrides)
+        )
     return out
 
 

@@ -41,6 +41,7 @@ from tornado.log import app_log, gen_log
 from . import errors
 from .dispatch import Dispatcher
 from .hooks import PluginSet
+from .lmtp import LMTPProtocol
 from .protocol import (
     Closed,
     DataChunk,
@@ -174,9 +175,8 @@ class SMTPConnection:
             auth_plaintext=listener.auth_plaintext,
             legacy_replies=legacy_replies,
         )
-        self.protocol = core = SMTPProtocol(
-            settings, self.remote_ip, policy, on_refusal=self._log_refusal
-        )
+        kind = LMTPProtocol if listener.protocol == "lmtp" else SMTPProtocol
+        self.protocol = core = kind(settings, self.remote_ip, policy, on_refusal=self._log_refusal)
         self.session = Session(self.remote_ip, port, local_ip, local_port, core=core)
         self.dispatch = Dispatcher(core, self.session, plugins, settings, self._send)
         self.plugins = plugins

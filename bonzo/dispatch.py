@@ -35,6 +35,7 @@ from . import errors
 from .auth import MECHANISMS, Challenge, Mechanism, decode_response
 from .hooks import PluginFailure, PluginSet, Refused, log_plugin_failure
 from .hookspecs import Accept
+from .lmtp import LMTPProtocol
 from .protocol import (
     Auth,
     AuthResponse,
@@ -310,10 +311,12 @@ class Dispatcher:
         if self._stored is not None:
             raise _StorageFault(self._stored)
         session, envelope = self.session, self.envelope
+        assert envelope is not None
         await self.plugins.decide("bonzo_message", (session, envelope))
+        if envelope.refused and not envelope.remaining_recipients:
+            return None  # the filters refused it for every recipient
         verdict = await self.plugins.decide("bonzo_deliver", (session, envelope))
         if verdict is None:
-            assert envelope is not None
             app_log.error(
                 "[%s %s] No plugin delivered message %s (enable a delivery plugin such as "
                 "maildir); answered 451",
@@ -373,27 +376,84 @@ class Dispatcher:
             core.reject(reply, by=by)
         return None
 
-    def _accepted(self, verdict: tuple[str, Any]) -> Envelope:
-        envelope, self.envelope = self.envelope, None
+    def _accepted(self, verdict: tuple[str, Any] | None) -> Envelope | None:
+        """Answer a message that was delivered (``verdict``) or refused for
+        every recipient one by one (``None``). Returns the envelope if
+        somebody got the message and the client was told so."""
+        envelope = self.envelope
         assert envelope is not None
         session, core = self.session, self.core
+        by = verdict[0] if verdict is not None else "core"
         text = _text(verdict)
         if text is None and core.enhanced_codes:
             text = "Ok: queued as " + envelope.id
-        core.accept(text)
+        refused = envelope.refused
+        if isinstance(core, LMTPProtocol):
+            # One reply per recipient, each naming its recipient (as Dovecot
+            # and Cyrus do), so that the client's log says who got what.
+            core.answer_recipients(
+                [refused.get(i) or f"<{rcpt}> {text}" for i, rcpt in enumerate(envelope.rcpt_tos)],
+                by=by,
+            )
+        elif not refused:
+            core.accept(text)
+        else:
+            error = self._one_reply(envelope)
+            if error is not None:
+                self.end_transaction()
+                core.reject(error, by=by)
+                return None
+            core.accept(text)
+        self.envelope = None
+        if len(refused) == len(envelope.recipients):
+            envelope.close()
+            return None
         self.send()
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
-                "%s %s from=<%s> to=%d size=%d id=%s by=%s",
+                "%s %s from=<%s> to=%d size=%d id=%s by=%s%s",
                 session.id,
                 session.remote_ip,
                 envelope.mail_from,
-                len(envelope.rcpt_tos),
+                len(envelope.rcpt_tos) - len(refused),
                 envelope.size,
                 envelope.id,
-                verdict[0],
+                by,
+                f" refused={len(refused)}" if refused else "",
             )
         return envelope
+
+    def _one_reply(self, envelope: Envelope) -> errors.SMTPError | None:
+        """An SMTP client's one reply to a message refused for some of its
+        recipients (``None``: ``250``). Nobody got it: the first deferral,
+        else the first refusal. Some got it and some are deferred: the first
+        deferral — the client sends it again to every recipient, and a
+        duplicate is better than a loss. Some got it and the rest are
+        refused for good: ``250`` — the client cannot be told which, and is
+        not (an LMTP client is)."""
+        refused = [envelope.refused[i] for i in sorted(envelope.refused)]
+        deferred = [e for e in refused if e.status_code < 500]
+        names = [envelope.rcpt_tos[i] for i in sorted(envelope.refused)]
+        if len(refused) == len(envelope.recipients):
+            return (deferred or refused)[0]
+        delivered = len(envelope.recipients) - len(refused)
+        first = deferred[0] if deferred else refused[0]
+        app_log.warning(
+            "[%s %s] message %s was delivered to %d recipient(s) but not to %s "
+            "(first: %d %s %s); %s",
+            self.session.id,
+            self.session.remote_ip,
+            envelope.id,
+            delivered,
+            ", ".join(f"<{n}>" for n in names),
+            first.status_code,
+            first.enhanced_code,
+            first.message,
+            "answered the deferral: the client will send it again to every recipient"
+            if deferred
+            else "answered 250: an SMTP client cannot be told of a refusal per recipient",
+        )
+        return deferred[0] if deferred else None
 
     def _unknown_reply(
         self, event: Unknown, verdict: tuple[str, Any] | None
@@ -421,7 +481,14 @@ class Dispatcher:
         else:
             reply, by = error_reply(exc, core.stage, self.session, self.plugins)
         if type(event) is MessageComplete:
+            envelope = self.envelope
+            refused = envelope.refused if envelope is not None else {}
             self.end_transaction()
+            if refused and isinstance(core, LMTPProtocol):
+                # The recipients refused one by one keep their own reply.
+                count = core.rcpt_count
+                core.answer_recipients([refused.get(i, reply) for i in range(count)], by=by)
+                return
         core.reject(reply, by=by)
 
     # ------------------------------------------------------------------- AUTH

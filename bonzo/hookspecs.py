@@ -230,6 +230,8 @@ def bonzo_message(session: Session, envelope: Envelope) -> Any:
     any delivery (decision). Raise to refuse it; add headers with
     ``envelope.add_header()``; return :class:`Accept` to skip the remaining
     filters. ``envelope.content`` / ``envelope.message`` give the message.
+    To refuse it for some recipients only, call
+    :meth:`envelope.refuse_recipient() <bonzo.session.Envelope.refuse_recipient>`.
 
     .. versionadded:: 0.2
     """
@@ -242,6 +244,11 @@ def bonzo_deliver(session: Session, envelope: Envelope) -> Any:
     downstream: the client then gets ``250``. If no plugin accepts, the client
     gets ``451 4.3.0`` and keeps the message. A storage error should raise a
     ``4xx`` :class:`~bonzo.errors.SMTPError` (``452 4.3.1`` for a full disk).
+
+    Deliver to ``envelope.remaining_recipients``; to refuse or defer the
+    message for one recipient while delivering it to the others, call
+    :meth:`envelope.refuse_recipient() <bonzo.session.Envelope.refuse_recipient>`
+    (an LMTP client gets one reply per recipient; see :ref:`per-recipient`).
 
     .. versionadded:: 0.2
     """

@@ -648,6 +648,9 @@ class SMTPProtocol:
 
     #: Handlers by upper-case ASCII verb (filled in below the class).
     VERBS: ClassVar[dict[str, VerbHandler]] = {}
+    #: The protocol's name: ``"SMTP"``, or ``"LMTP"`` for
+    #: :class:`bonzo.lmtp.LMTPProtocol`.
+    name: ClassVar[str] = "SMTP"
 
     def __init__(
         self,

@@ -203,11 +203,20 @@ class CallbackPlugin:
 
 class ConnectionCount:
     """Connections open across the servers (listeners) that share this
-    object, in all and per client address, for the connection limits."""
+    object, in all and per client address, for the connection limits.
 
-    def __init__(self) -> None:
+    :arg max_connections: the server-wide limit (``[limits]``), checked
+        besides each listener's own; ``None``: only the listeners' own.
+    :arg max_connections_per_ip: the same, per client address.
+    """
+
+    def __init__(
+        self, max_connections: int | None = None, max_connections_per_ip: int | None = None
+    ) -> None:
         self.total = 0
         self.per_ip: Counter[str] = Counter()
+        self.max_connections = max_connections
+        self.max_connections_per_ip = max_connections_per_ip
 
     def add(self, ip: str) -> None:
         self.total += 1
@@ -298,6 +307,10 @@ class SMTPServer(TCPServer):
         #: The open connections.
         self.connections: set[SMTPConnection] = set()
         self.count = count or ConnectionCount()
+        # This listener's own connections (its limits may differ from the
+        # server-wide ones in the count).
+        self._open = 0
+        self._per_ip: Counter[str] = Counter()
         self._by_session: dict[str, SMTPConnection] = {}
         self._legacy = request_callback is not None
         super().__init__(**tcp_kwargs)
@@ -307,9 +320,17 @@ class SMTPServer(TCPServer):
         settings = self.settings
         ip = str(address[0]) if isinstance(address, tuple) and address else "0.0.0.0"
         refusal = limit = None
-        if self.count.total >= settings.max_connections:
+        count = self.count
+        # The listener's limits hold for its own connections, the server-wide
+        # ones (if any) for all listeners together.
+        if self._open >= settings.max_connections or (
+            count.max_connections is not None and count.total >= count.max_connections
+        ):
             refusal, limit = "Too many connections, try again later", "max_connections"
-        elif self.count.per_ip[ip] >= settings.max_connections_per_ip:
+        elif self._per_ip[ip] >= settings.max_connections_per_ip or (
+            count.max_connections_per_ip is not None
+            and count.per_ip[ip] >= count.max_connections_per_ip
+        ):
             refusal, limit = "Too many connections from your address", "max_connections_per_ip"
         connection = SMTPConnection(
             stream,
@@ -326,7 +347,9 @@ class SMTPServer(TCPServer):
         if limit is not None:
             gen_log.warning("Refused connection from %s: %s (%s)", ip, refusal, limit)
         else:
-            self.count.add(ip)
+            count.add(ip)
+            self._open += 1
+            self._per_ip[ip] += 1
         self.connections.add(connection)
         self._by_session[connection.session.id] = connection
         connection.task = asyncio.get_running_loop().create_task(connection.run())
@@ -341,7 +364,12 @@ class SMTPServer(TCPServer):
             self.connections.discard(connection)
             self._by_session.pop(connection.session.id, None)
             if connection.refusal is None:
-                self.count.remove(connection.remote_ip)
+                ip = connection.remote_ip
+                self.count.remove(ip)
+                self._open -= 1
+                self._per_ip[ip] -= 1
+                if self._per_ip[ip] <= 0:
+                    del self._per_ip[ip]
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop gracefully: stop accepting, answer ``421 4.3.2`` to sessions

@@ -24,6 +24,7 @@ from email.utils import format_datetime
 from typing import IO, Any
 
 from .address import Address
+from .errors import SMTPError
 from .protocol import SMTPProtocol
 from .settings import SMTPSettings
 
@@ -156,12 +157,20 @@ class Session:
     @property
     def protocol(self) -> str:
         """The session's ``with`` keyword for the ``Received:`` header
-        (RFC 3848): ``SMTP``, ``ESMTP``, ``ESMTPS``, ``ESMTPA``, ``ESMTPSA``.
+        (RFC 3848): ``SMTP``, ``ESMTP``, ``ESMTPS``, ``ESMTPA``, ``ESMTPSA``,
+        or in an LMTP session ``LMTP``, ``LMTPS``, ``LMTPA``, ``LMTPSA``.
         A message sent with ``SMTPUTF8`` uses :func:`with_keyword`."""
         core = self._core
+        if core.name == "LMTP":
+            return _suffixed("LMTP", core)
         if not core.esmtp:
             return "SMTP"
         return _suffixed("ESMTP", core)
+
+    @property
+    def lmtp(self) -> bool:
+        """True in an LMTP session (a listener with ``protocol = "lmtp"``)."""
+        return self._core.name == "LMTP"
 
     def __repr__(self) -> str:
         return f"<Session {self.id} {self.remote_ip}:{self.remote_port} helo={self.helo!r}>"
@@ -179,9 +188,10 @@ def with_keyword(session: Session, envelope: Envelope) -> str:
     """The ``with`` keyword of a message's ``Received:`` header: the
     session's :attr:`~Session.protocol`, or for a message sent with the
     ``SMTPUTF8`` parameter ``UTF8SMTP``, ``UTF8SMTPS``, ``UTF8SMTPA`` or
-    ``UTF8SMTPSA`` (RFC 6531 4.3)."""
+    ``UTF8SMTPSA`` (``UTF8LMTP``... in an LMTP session; RFC 6531 4.3)."""
     if "SMTPUTF8" in envelope.mail_params:
-        return _suffixed("UTF8SMTP", session._core)
+        core = session._core
+        return _suffixed("UTF8LMTP" if core.name == "LMTP" else "UTF8SMTP", core)
     return session.protocol
 
 
@@ -304,6 +314,51 @@ class Envelope:
         self._spool_dir = spool_dir
         self._size = 0
         self._message: EmailMessage | None = None
+        #: Recipients the message was refused (or deferred) for, by their
+        #: index in :attr:`recipients`; see :meth:`refuse_recipient`.
+        self.refused: dict[int, SMTPError] = {}
+
+    def refuse_recipient(self, recipient: Address | int, error: SMTPError) -> None:
+        """Refuse (``5xx``) or defer (``4xx``) the message for one recipient
+        — ``recipient`` is one of :attr:`recipients`, or its index there —
+        while it is delivered to the others. For a filter in
+        ``bonzo_message`` (one user's policy) or a delivery plugin in
+        ``bonzo_deliver`` (one mailbox over quota).
+
+        An LMTP client gets each recipient's own reply after the message. An
+        SMTP client gets one reply for the message: see
+        :ref:`per-recipient results <per-recipient>` for how it is chosen.
+        Refusing the same recipient again keeps the first error. Raises
+        :class:`ValueError` for a recipient that is not in :attr:`recipients`
+        and :class:`TypeError` unless ``error`` is an ``SMTPError`` with a
+        ``4xx``/``5xx`` code.
+        """
+        if not isinstance(error, SMTPError) or not 400 <= error.status_code <= 599:
+            raise TypeError(f"refuse_recipient() needs a 4xx/5xx SMTPError, not {error!r}")
+        if isinstance(recipient, int) and not isinstance(recipient, bool):
+            if not 0 <= recipient < len(self.recipients):
+                raise ValueError(f"no recipient number {recipient}")
+            indexes = [recipient]
+        else:
+            # Identity first: the same address given twice is two recipients,
+            # and the plugin names the one it iterated over.
+            indexes = [i for i, r in enumerate(self.recipients) if r is recipient]
+            if not indexes:
+                indexes = [i for i, r in enumerate(self.recipients) if r == recipient]
+            if not indexes:
+                raise ValueError(f"{recipient!r} is not a recipient of message {self.id}")
+        for i in indexes:
+            self.refused.setdefault(i, error)
+
+    @property
+    def remaining_recipients(self) -> list[Address]:
+        """The recipients the message is still to be delivered to: all of
+        :attr:`recipients` but those refused with :meth:`refuse_recipient`.
+        A delivery plugin delivers to these."""
+        refused = self.refused
+        if not refused:
+            return list(self.recipients)
+        return [r for i, r in enumerate(self.recipients) if i not in refused]
 
     def add_recipient(self, mailbox: Address, params: Mapping[str, str | None]) -> None:
         """Record an accepted recipient (Bonzo does this after RCPT)."""

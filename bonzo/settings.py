@@ -19,6 +19,7 @@ __all__ = [
     "ListenerSettings",
     "SettingError",
     "BARE_NEWLINE_MODES",
+    "PROTOCOLS",
     "positive_seconds",
 ]
 
@@ -275,6 +276,10 @@ def _printable(text: str) -> bool:
     return text.isascii() and text.isprintable() and " " not in text
 
 
+#: The protocols a listener may speak.
+PROTOCOLS = ("smtp", "lmtp")
+
+
 @dataclass
 class ListenerSettings:
     """What differs from one listening socket to another: TLS and AUTH policy.
@@ -304,7 +309,14 @@ class ListenerSettings:
     auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     """SASL mechanisms offered when a plugin implements ``bonzo_auth``."""
 
+    protocol: str = "smtp"
+    """``"smtp"``, or ``"lmtp"`` for LMTP (RFC 2033; :mod:`bonzo.lmtp`)."""
+
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise SettingError(
+                "protocol", f"must be one of {', '.join(PROTOCOLS)}, not {self.protocol!r}"
+            )
         if self.implicit_tls and self.tls_context is None:
             raise SettingError("implicit_tls", "needs a TLS certificate (tls_context)")
         if self.require_tls and self.tls_context is None:

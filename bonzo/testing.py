@@ -17,6 +17,7 @@ from tornado.testing import AsyncTestCase, bind_unused_port, get_async_test_time
 from .dispatch import Dispatcher
 from .errors import SMTPError
 from .hooks import PluginSet
+from .lmtp import LMTPProtocol
 from .protocol import (
     CLOSED,
     NEED_DATA,
@@ -290,6 +291,7 @@ class SessionTester:
         defaults, with host name ``bonzo.test``).
     :arg policy: the listener's :class:`~bonzo.protocol.Policy`.
     :arg remote_ip: the client's address.
+    :arg lmtp: speak LMTP (:class:`~bonzo.lmtp.LMTPProtocol`) instead of SMTP.
 
     STARTTLS is refused (``454``): TLS needs a connection. Every refusal the
     core reports is kept in :attr:`refusals` as ``(stage, code, enhanced,
@@ -303,12 +305,14 @@ class SessionTester:
         settings: SMTPSettings | None = None,
         policy: Policy | None = None,
         remote_ip: str = "192.0.2.1",
+        lmtp: bool = False,
     ) -> None:
         self.settings = settings or SMTPSettings(hostname="bonzo.test")
         self.plugins = plugins
         #: ``(stage, code, enhanced, by)`` of every 4xx/5xx reply.
         self.refusals: list[tuple[str, int, str, str]] = []
-        self.core = SMTPProtocol(self.settings, remote_ip, policy, on_refusal=self._refused)
+        kind = LMTPProtocol if lmtp else SMTPProtocol
+        self.core = kind(self.settings, remote_ip, policy, on_refusal=self._refused)
         #: The session the plugins see.
         self.session = Session(remote_ip, 40000, "127.0.0.1", 25, core=self.core)
         self.dispatcher = Dispatcher(

@@ -84,7 +84,8 @@ class Client:
     """Feeds bytes to one protocol instance and answers its events.
 
     ``decide(proto, event)`` returns ``None`` to accept, a string to accept
-    with that text, or an :class:`SMTPError` to reject.
+    with that text, an :class:`SMTPError` to reject, or (LMTP, at the end of
+    a message) a list of per-recipient replies.
     """
 
     def __init__(
@@ -94,6 +95,7 @@ class Client:
         *,
         legacy: bool = False,
         policy: Policy | None = None,
+        kind: type[SMTPProtocol] = SMTPProtocol,
         **overrides: Any,
     ) -> None:
         settings = settings or SETTINGS
@@ -103,7 +105,7 @@ class Client:
             policy = Policy(legacy_replies=legacy)
         #: Every refusal the core reported, as (stage, code, enhanced, by, limit).
         self.refusals: list[tuple[str, int, str, str, str | None]] = []
-        self.proto = SMTPProtocol(settings, IP, policy, on_refusal=self._refused)
+        self.proto = kind(settings, IP, policy, on_refusal=self._refused)
         self.decide = decide or default_decision
         #: Every event (not DataChunks), in order.
         self.events: list[Event] = []
@@ -170,6 +172,8 @@ class Client:
                 proto.accept()
             elif isinstance(decision, str):
                 proto.accept(decision)
+            elif isinstance(decision, list):  # LMTP: one reply per recipient
+                proto.answer_recipients(decision)  # type: ignore[attr-defined]
             else:
                 proto.reject(decision)
 

@@ -251,7 +251,8 @@ def test_check_ok(workdir, env):
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         f"{config}: OK",
-        f"  listeners: 127.0.0.1:{port}",
+        "  listeners:",
+        f"    127.0.0.1:{port}: SMTP",
         "  workers: 1",
         f"  plugins: {STORE}",
     ]

@@ -367,15 +367,36 @@ class MaildirPlugin:
                 "maildir: message %s has a recipient with no canonical form: %s", envelope.id, exc
             )
             raise TransientError("Local error in processing", 451, "4.3.0") from None
+        refused = getattr(envelope, "refused", {})
         seen: dict[Path, None] = {}
-        for mailbox in recipients:
-            seen.setdefault(self.maildir_for(mailbox), None)
+        for i, mailbox in enumerate(recipients):
+            if i not in refused:
+                seen.setdefault(self.maildir_for(mailbox), None)
         return list(seen)
+
+    def recipients_by_maildir(self, envelope: Envelope) -> dict[Path, list[int]]:
+        """Per-recipient mode: each maildir the message goes to, with the
+        indexes (in ``envelope.recipients``) of the recipients it serves;
+        recipients already refused are left out."""
+        refused = envelope.refused
+        groups: dict[Path, list[int]] = {}
+        for i, mailbox in enumerate(envelope.recipients):
+            if i not in refused:
+                groups.setdefault(self.maildir_for(mailbox), []).append(i)
+        return groups
 
     # ------------------------------------------------------------- delivery
     @hookimpl
     async def bonzo_deliver(self, session: Session, envelope: Envelope) -> Accept | None:
-        """Write the message durably to every target maildir, then accept it."""
+        """Write the message durably to every target maildir, then accept it.
+
+        In an LMTP session with ``per_recipient``, each maildir is written on
+        its own and a recipient whose maildir fails is refused alone
+        (``452 4.2.2`` over quota, ``452 4.3.1`` disk full, ``451 4.3.0``
+        otherwise); elsewhere the message is stored everywhere or nowhere
+        (an SMTP client has one reply for all recipients)."""
+        if self.per_recipient and session.lmtp:
+            return await self._deliver_each(session, envelope)
         targets = self.targets(envelope)
         if not targets:
             return None
@@ -408,6 +429,70 @@ class MaildirPlugin:
                 raise TransientError("Insufficient system storage", 452, "4.3.1") from None
             raise TransientError("Local error in processing", 451, "4.3.0") from None
         return Accept(f"Ok: queued as {envelope.id}")
+
+    async def _deliver_each(self, session: Session, envelope: Envelope) -> Accept | None:
+        groups = self.recipients_by_maildir(envelope)
+        if not groups:
+            return None
+        loop = asyncio.get_running_loop()
+        abort = threading.Event()
+        try:
+            failed = await loop.run_in_executor(
+                None, self.deliver_each, envelope, list(groups), abort
+            )
+        except asyncio.CancelledError:
+            abort.set()
+            log.warning(
+                "[%s %s] maildir: delivery of message %s cancelled; its files are removed",
+                session.id,
+                session.remote_ip,
+                envelope.id,
+            )
+            raise
+        for maildir, exc in failed.items():
+            log.error(
+                "[%s %s] maildir: message %s not delivered to %s: %s",
+                session.id,
+                session.remote_ip,
+                envelope.id,
+                exc.filename or maildir,
+                exc.strerror or type(exc).__name__,
+            )
+            if exc.errno == getattr(errno, "EDQUOT", None):
+                error = TransientError("Mailbox full", 452, "4.2.2")
+            elif exc.errno in NO_SPACE:
+                error = TransientError("Insufficient system storage", 452, "4.3.1")
+            else:
+                error = TransientError("Local error in processing", 451, "4.3.0")
+            for i in groups[maildir]:
+                envelope.refuse_recipient(i, error)
+        return Accept(f"Ok: queued as {envelope.id}")
+
+    def deliver_each(
+        self, envelope: Envelope, targets: list[Path], abort: threading.Event | None = None
+    ) -> dict[Path, OSError]:
+        """Blocking: store the message in each of ``targets`` on its own;
+        return the maildirs that failed, with their errors. If ``abort`` is
+        set before the end, every file written is removed and
+        :class:`DeliveryAborted` is raised."""
+        failed: dict[Path, OSError] = {}
+        done: list[Path] = []
+        try:
+            for maildir in targets:
+                try:
+                    done += self.deliver(envelope, [maildir], abort)
+                except DeliveryAborted:
+                    raise
+                except OSError as exc:
+                    failed[maildir] = exc
+        except BaseException:
+            for path in done:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            raise
+        return failed
 
     def deliver(
         self, envelope: Envelope, targets: list[Path], abort: threading.Event | None = None
