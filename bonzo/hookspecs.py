@@ -54,7 +54,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import SMTPError
     from .session import Envelope, Session
 
-__all__ = ["hookspec", "hookimpl", "Accept", "DECISION_HOOKS", "OBSERVER_HOOKS", "OWNER_HOOKS"]
+__all__ = [
+    "hookspec",
+    "hookimpl",
+    "Accept",
+    "DECISION_HOOKS",
+    "OBSERVER_HOOKS",
+    "OWNER_HOOKS",
+    "DELIVERY_HOOKS",
+]
 
 hookspec = pluggy.HookspecMarker("bonzo")
 #: Decorator marking a function or method as a hook implementation.
@@ -97,6 +105,8 @@ DECISION_HOOKS = (
     "bonzo_deliver",
     "bonzo_unknown_command",
     "bonzo_auth",
+    "bonzo_route",
+    "bonzo_bounce",
 )
 #: Decision hooks where "no opinion" from every plugin means refusal.
 OWNER_HOOKS = ("bonzo_rcpt", "bonzo_deliver")
@@ -108,6 +118,19 @@ OBSERVER_HOOKS = (
     "bonzo_accepted",
     "bonzo_rset",
     "bonzo_disconnect",
+    "bonzo_delivered",
+    "bonzo_deferred",
+    "bonzo_bounced",
+)
+#: Hooks of the delivery side (the ``queue`` plugin calls them, outside any
+#: session): decision hooks ``bonzo_route`` and ``bonzo_bounce``, and the
+#: outcome observers.
+DELIVERY_HOOKS = (
+    "bonzo_route",
+    "bonzo_bounce",
+    "bonzo_delivered",
+    "bonzo_deferred",
+    "bonzo_bounced",
 )
 
 
@@ -299,6 +322,63 @@ def bonzo_rset(session: Session) -> None:
 @hookspec
 def bonzo_disconnect(session: Session) -> None:
     """The connection closed, for whatever reason (observer).
+
+    .. versionadded:: 0.2
+    """
+
+
+# ------------------------------------------------------------------- delivery
+@hookspec
+def bonzo_route(message: Any, recipient: Any) -> Any:
+    """Choose how one recipient of a queued message leaves (decision; called
+    by the ``queue`` plugin before each attempt). Return the name of a
+    transport of ``[plugins.queue.transports]`` to use it, or ``None`` for
+    the route table (``[plugins.queue.routes]``). A name that is not
+    configured is logged and the route table is used.
+
+    :arg message: the :class:`bonzo_plugins.queue.spool.QueuedMessage`.
+    :arg recipient: the :class:`bonzo_plugins.queue.spool.Recipient`
+        (``canonical``, ``domain``, ``params``).
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def bonzo_bounce(message: Any, recipients: list[Any]) -> Any:
+    """A delivery report (a bounce, a delay notice or a success report) is
+    about to be queued for the sender of ``message`` about ``recipients``
+    (decision). Return :class:`Accept` to take it over — the standard report
+    is then not sent (the plugin sent its own, or suppresses it); ``None``
+    lets it go.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def bonzo_delivered(message: Any, recipients: list[Any]) -> None:
+    """The queue delivered ``message`` to ``recipients`` (observer);
+    ``recipient.reply`` and ``recipient.host`` say who took it.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def bonzo_deferred(message: Any, recipients: list[Any]) -> None:
+    """An attempt failed temporarily for ``recipients`` (observer);
+    ``recipient.next_attempt`` says when the next one is.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def bonzo_bounced(message: Any, recipients: list[Any]) -> None:
+    """The queue gave up on ``recipients`` (a permanent refusal, or the
+    message expired) (observer). The sender's report is queued already
+    (unless :func:`bonzo_bounce` took it over).
 
     .. versionadded:: 0.2
     """

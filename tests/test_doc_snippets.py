@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import io
 import logging
 import os
 import re
@@ -26,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bonzo_plugins.queue.routes import DiscardTransport, Outcome, RouteTable
+from bonzo_plugins.queue.runner import Runner, RunnerSettings
+from bonzo_plugins.queue.spool import GroupSync, Spool
 from tornado.testing import bind_unused_port
 
 from bonzo import Accept
@@ -612,3 +616,39 @@ def test_every_snippet_is_shown_and_tested() -> None:
     untested = [p.name for p in snippets if not re.search(rf"[\"']{p.stem}[\"':.]", this)]
     assert not unshown, f"snippets no page includes: {unshown}"
     assert not untested, f"snippets no test uses: {untested}"
+
+
+# ------------------------------------------------------------ delivery hooks
+def test_hook_delivery_routes_counts_and_drops_noreply_bounces(tmp_path) -> None:
+    class Refusing(DiscardTransport):
+        async def deliver(self, message, recipients):
+            return [Outcome("failed", 550, "5.1.1", "No such user", "mx.test") for _ in recipients]
+
+    policy = snippet("hook_delivery").DeliveryPolicy()
+    plugins = PluginSet()
+    plugins.register(policy, "policy")
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    routes = RouteTable({}, {}, None)
+    vip = DiscardTransport()
+    routes.named["vip"] = vip
+    routes.default = Refusing()
+    runner = Runner(spool, GroupSync(spool.data), routes, plugins, RunnerSettings())
+
+    def queue(id: str, sender: str, *rcpts: str) -> None:
+        recipients = [{"address": r, "canonical": r, "domain": r.partition("@")[2]} for r in rcpts]
+        envelope = {"arrival": 0.0, "sender": sender, "recipients": recipients}
+        spool.write(id, envelope, b"", io.BytesIO(b"Subject: x\r\n\r\nx\r\n"))
+
+    queue("A1", "noreply@example.com", "ceo@board.example.org", "nobody@example.net")
+    queue("A2", "alice@example.com", "nobody@example.net")
+
+    async def main() -> None:
+        await runner.attempt("A1")
+        await runner.attempt("A2")
+
+    asyncio.run(main())
+    assert policy.outcomes == {"delivered": 1, "bounced": 2}
+    # The no-reply sender gets no report; alice does.
+    reports = [m for m in spool.iter_messages() if m.sender == ""]
+    assert [[r.address for r in m.recipients] for m in reports] == [["alice@example.com"]]

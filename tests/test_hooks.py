@@ -28,7 +28,7 @@ from bonzo import errors, hookspecs
 from bonzo.address import Address
 from bonzo.app import MailApp
 from bonzo.config import ConfigError, parse_config
-from bonzo.hooks import HOOK_ARGS, PluginError, PluginSet
+from bonzo.hooks import HOOK_ARGS, PluginError, PluginFailure, PluginSet
 from bonzo.hookspecs import DECISION_HOOKS, OBSERVER_HOOKS, OWNER_HOOKS, Accept, hookimpl
 from bonzo.session import Envelope, Session
 from bonzo.settings import ListenerSettings, SMTPSettings
@@ -1352,6 +1352,62 @@ def test_startup_failure_stops_the_server_naming_the_plugin(plugin_module):
     run(start())
     assert app.server is None
     assert log == []
+
+
+# ------------------------------------------------------------- delivery
+@pytest.mark.expect_errors
+def test_delivery_hooks_follow_the_decision_and_observer_rules(caplog):
+    """The queue's hooks: bonzo_route and bonzo_bounce decide (first verdict
+    wins, a wrong type is a plugin fault), the outcome observers all run."""
+    seen: list[str] = []
+
+    class First:
+        @hookimpl
+        def bonzo_route(self, recipient):
+            return None if recipient == "b@x" else "special"
+
+        @hookimpl
+        def bonzo_bounce(self, message, recipients):
+            return Accept() if message == "take" else None
+
+        @hookimpl
+        def bonzo_delivered(self, message, recipients):
+            raise RuntimeError("observer bug")
+
+        @hookimpl
+        def bonzo_deferred(self, recipients):
+            seen.append(f"deferred {recipients}")
+
+        @hookimpl
+        def bonzo_bounced(self, message):
+            seen.append(f"bounced {message}")
+
+    class Second:
+        @hookimpl
+        def bonzo_route(self):
+            return 42  # not a route name
+
+        @hookimpl
+        def bonzo_delivered(self, recipients):
+            seen.append(f"delivered {recipients}")
+
+    plugins = plugin_set(("First", First()), ("Second", Second()))
+
+    async def main() -> None:
+        assert await plugins.decide("bonzo_route", ("m", "a@x")) == ("First", "special")
+        with pytest.raises(PluginFailure, match="returned int"):
+            await plugins.decide("bonzo_route", ("m", "b@x"))
+        verdict = await plugins.decide("bonzo_bounce", ("take", ["a@x"]))
+        assert verdict is not None and verdict[0] == "First"
+        assert await plugins.decide("bonzo_bounce", ("keep", ["a@x"])) is None
+        await plugins.observe("bonzo_delivered", ("m", ["a@x"]))
+        await plugins.observe("bonzo_deferred", ("m", ["b@x"]))
+        await plugins.observe("bonzo_bounced", ("m", ["c@x"]))
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(main())
+    assert seen == ["delivered ['a@x']", "deferred ['b@x']", "bounced m"]
+    assert "in plugin 'First' (bonzo_delivered): observer bug" in caplog.text
 
 
 # ------------------------------------------------------------- coverage

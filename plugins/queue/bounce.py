@@ -1,0 +1,230 @@
+"""Delivery status notifications (RFC 3464): the bounce a sender gets.
+
+:func:`build_report` writes one ``multipart/report; report-type=
+delivery-status`` message for one batch of recipients of one queued
+message: a human-readable part, the ``message/delivery-status`` part (the
+per-message fields, then one block per recipient) and the original message
+(``message/rfc822``) or, when the sender asked for headers only (``RET=HDRS``)
+or the message is larger than the size limit, its header section
+(``text/rfc822-headers``). The DSN parameters of RFC 3461 are honoured:
+``NOTIFY`` (:func:`wants_report`), ``RET``, ``ENVID`` and ``ORCPT``.
+
+The parts are assembled as bytes, so that the original message is returned
+exactly as it was received; the header fields are formatted with the
+standard library's :mod:`email.utils`. The result parses with
+:mod:`email` as a ``multipart/report`` whose second part holds one
+per-message and one per-recipient block of fields.
+"""
+
+from __future__ import annotations
+
+import datetime
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.utils import format_datetime, localtime
+
+from .spool import QueuedMessage, Recipient
+
+__all__ = ["ReportLine", "build_report", "wants_report", "xtext_decode", "ACTIONS"]
+
+#: The ``Action`` values this module writes (RFC 3464 2.3.3).
+ACTIONS = ("failed", "delayed", "delivered", "relayed")
+
+_TEXT = {
+    "failed": (
+        "Undelivered Mail Returned to Sender",
+        "Your message could not be delivered to the recipient(s) below. This is a\r\n"
+        "permanent error; the message will not be tried again.",
+    ),
+    "delayed": (
+        "Delayed Mail (still being retried)",
+        "Your message has not been delivered yet to the recipient(s) below. It is\r\n"
+        "still being tried; you will be told if it cannot be delivered in the end.\r\n"
+        "You do not need to send it again.",
+    ),
+    "delivered": (
+        "Successful Mail Delivery Report",
+        "Your message was delivered to the recipient(s) below, as you asked to be told.",
+    ),
+    "relayed": (
+        "Successful Mail Delivery Report",
+        "Your message was handed on to the recipient(s) below, to a system that does\r\n"
+        "not send delivery reports of its own.",
+    ),
+}
+
+
+@dataclass
+class ReportLine:
+    """One recipient's entry in a report."""
+
+    recipient: Recipient
+    action: str
+    """``failed``, ``delayed``, ``delivered`` or ``relayed``."""
+    status: str
+    """The enhanced status code (``5.1.1``)."""
+    diagnostic: str = ""
+    """The remote reply (``550 5.1.1 No such user``), if there was one."""
+    remote_mta: str = ""
+    """The host that gave it."""
+    will_retry_until: float = 0.0
+    """For ``delayed``: when the message expires."""
+
+
+def xtext_decode(text: str) -> str:
+    """Decode RFC 3461 xtext (``+XX`` escapes); malformed escapes are kept."""
+    out = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "+" and i + 2 < len(text) and _is_hex(text[i + 1 : i + 3]):
+            out.append(chr(int(text[i + 1 : i + 3], 16)))
+            i += 3
+            continue
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def _is_hex(s: str) -> bool:
+    return len(s) == 2 and all(c in "0123456789ABCDEF" for c in s)
+
+
+def wants_report(recipient: Recipient, action: str) -> bool:
+    """Whether ``recipient``'s ``NOTIFY`` parameter asks for a report of
+    ``action``. Without ``NOTIFY``, failures and delays are reported (RFC
+    3461 4.1 lets the MTA choose; Postfix does the same)."""
+    notify = recipient.params.get("NOTIFY")
+    if notify is None:
+        return action in ("failed", "delayed")
+    wanted = {n.strip().upper() for n in notify.split(",")}
+    if "NEVER" in wanted:
+        return False
+    need = {"failed": "FAILURE", "delayed": "DELAY", "delivered": "SUCCESS", "relayed": "SUCCESS"}
+    return need[action] in wanted
+
+
+def _address_field(address: str) -> str:
+    """An address type and address for a DSN field (RFC 3464 2.3.2, RFC 6533)."""
+    if address.isascii():
+        return f"rfc822; {address}"
+    return f"utf-8; {address}"
+
+
+def _original_recipient(recipient: Recipient) -> str | None:
+    orcpt = recipient.params.get("ORCPT")
+    if not orcpt or ";" not in orcpt:
+        return None
+    kind, _, value = orcpt.partition(";")
+    decoded = xtext_decode(value)
+    if not (decoded.isprintable() and kind.strip().isascii() and kind.strip()):
+        return None
+    return f"{kind.strip()}; {decoded}"
+
+
+def _clean(text: str, limit: int = 900) -> str:
+    """One header-safe line: no line breaks or control characters."""
+    text = "".join(c if c.isprintable() else " " for c in text)
+    return text[:limit]
+
+
+def _date(when: float) -> str:
+    return format_datetime(localtime(datetime.datetime.fromtimestamp(when, datetime.timezone.utc)))
+
+
+def build_report(
+    message: QueuedMessage,
+    lines: Sequence[ReportLine],
+    hostname: str,
+    *,
+    size_limit: int = 50_000,
+    now: float | None = None,
+) -> bytes:
+    """The report for ``lines`` (all with the same kind of action) about
+    ``message``, addressed to its sender, as the bytes of a message."""
+    now = time.time() if now is None else now
+    action = lines[0].action
+    subject, intro = _TEXT[action]
+    boundary = f"{message.id}.{secrets.token_hex(8)}/{_clean(hostname, 200)}"
+    sender = message.sender
+    out: list[str] = [
+        f"From: MAILER-DAEMON@{hostname} (Mail Delivery System)",
+        f"To: <{sender}>",
+        f"Subject: {subject}",
+        f"Date: {_date(now)}",
+        f"Message-ID: <{message.id}.{secrets.token_hex(6)}@{hostname}>",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        "Content-Type: multipart/report; report-type=delivery-status;",
+        f'\tboundary="{boundary}"',
+        "Content-Transfer-Encoding: 8bit",
+        "",
+        "This is a MIME-encapsulated message.",
+        "",
+        f"--{boundary}",
+        "Content-Description: Notification",
+        "Content-Type: text/plain; charset=utf-8",
+        "Content-Transfer-Encoding: 8bit",
+        "",
+        f"This is the mail system at host {hostname}.",
+        "",
+        intro,
+        "",
+    ]
+    for line in lines:
+        what = f"<{line.recipient.address}>"
+        if line.diagnostic:
+            what += f": {_clean(line.diagnostic)}"
+        out.append(what)
+    out += [
+        "",
+        f"--{boundary}",
+        "Content-Description: Delivery report",
+        "Content-Type: message/delivery-status",
+        "",
+        f"Reporting-MTA: dns; {hostname}",
+    ]
+    envid = message.mail_params.get("ENVID")
+    if envid:
+        out.append(f"Original-Envelope-Id: {_clean(xtext_decode(envid), 100)}")
+    out.append(f"Arrival-Date: {_date(message.arrival)}")
+    for line in lines:
+        out.append("")
+        original = _original_recipient(line.recipient)
+        if original:
+            out.append(f"Original-Recipient: {_clean(original)}")
+        out.append(f"Final-Recipient: {_address_field(line.recipient.address)}")
+        out.append(f"Action: {line.action}")
+        out.append(f"Status: {line.status}")
+        if line.remote_mta:
+            out.append(f"Remote-MTA: dns; {_clean(line.remote_mta, 255)}")
+        if line.diagnostic:
+            out.append(f"Diagnostic-Code: smtp; {_clean(line.diagnostic)}")
+        if line.recipient.attempts:
+            out.append(f"Last-Attempt-Date: {_date(line.recipient.done_at or now)}")
+        if line.action == "delayed" and line.will_retry_until:
+            out.append(f"Will-Retry-Until: {_date(line.will_retry_until)}")
+    out.append("")
+    head = "\r\n".join(out).encode("utf-8") + b"\r\n"
+    full = message.mail_params.get("RET", "").upper() != "HDRS" if message.mail_params else True
+    if action in ("delivered", "relayed"):
+        full = False  # a success report carries the headers only
+    if full and message.size <= size_limit:
+        part = (
+            f"--{boundary}\r\n"
+            "Content-Description: Undelivered Message\r\n"
+            "Content-Type: message/rfc822\r\n"
+            "Content-Transfer-Encoding: 8bit\r\n\r\n"
+        ).encode("ascii") + message.read()
+    else:
+        part = (
+            f"--{boundary}\r\n"
+            "Content-Description: Message Headers\r\n"
+            "Content-Type: text/rfc822-headers\r\n"
+            "Content-Transfer-Encoding: 8bit\r\n\r\n"
+        ).encode("ascii") + message.headers()
+    if not part.endswith(b"\r\n"):
+        part += b"\r\n"
+    return head + part + f"--{boundary}--\r\n".encode("ascii")

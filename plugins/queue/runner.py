@@ -1,0 +1,491 @@
+"""The queue runner: delivers due messages, retries, expires and bounces.
+
+Every worker process runs one runner over the shared queue directory. A
+runner takes a message only with its claim (:meth:`Spool.claim`), so no
+message is delivered by two workers at once, and a worker that dies drops
+its claims with it. A message accepted by a worker is tried at once by
+that worker's runner (:meth:`Runner.kick`); the others are found by a scan
+of the queue every ``scan_interval`` seconds.
+
+One attempt at a message, under its claim:
+
+1. its due recipients are grouped by transport and destination (a
+   plugin's :func:`bonzo_route` first, then the route table) and each
+   group is delivered, groups concurrently, at most ``per_destination``
+   deliveries per destination and ``max_deliveries`` in all;
+2. each recipient is delivered, refused for good (``5xx``: bounced) or
+   deferred (``4xx``, or no answer): a deferred recipient is tried again
+   after a back-off that doubles from ``min_backoff`` up to ``max_backoff``,
+   and bounced once the message is older than ``lifetime``;
+3. the reports are queued — one for the recipients that failed in this
+   attempt, one for those delivered that asked for it (``NOTIFY=SUCCESS``),
+   one delay notice once (``delay_warning``) — never to the null sender;
+4. the state is saved, or the message removed once every recipient is done.
+
+The report is queued before the state is saved: a crash in between repeats
+the attempt (and the report), it never loses one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bonzo.address import Address
+from bonzo.hooks import PluginFailure, PluginSet, Refused
+from bonzo.session import new_session_id
+
+from .bounce import ReportLine, build_report, wants_report
+from .routes import Outcome, RouteTable
+from .spool import GroupSync, QueuedMessage, Recipient, Spool, SpoolError
+
+__all__ = ["Runner", "RunnerSettings", "backoff"]
+
+log = logging.getLogger("bonzo.plugins.queue")
+
+
+@dataclass
+class RunnerSettings:
+    """The runner's tunables (``[plugins.queue]`` keys of the same names)."""
+
+    hostname: str = "localhost"
+    min_backoff: float = 300.0
+    max_backoff: float = 4000.0
+    lifetime: float = 5 * 86400.0
+    delay_warning: float = 0.0
+    scan_interval: float = 30.0
+    max_deliveries: int = 20
+    per_destination: int = 5
+    bounce_size_limit: int = 50_000
+    delivery_timeout: float = 600.0
+
+
+def backoff(attempts: int, settings: RunnerSettings) -> float:
+    """Seconds to wait after the ``attempts``-th failed attempt."""
+    delay = settings.min_backoff * (2 ** max(0, attempts - 1))
+    return float(min(delay, settings.max_backoff))
+
+
+class Runner:
+    """Delivers the messages of a :class:`Spool` (see the module description).
+
+    :arg spool: the queue.
+    :arg sync: the :class:`GroupSync` of ``spool.data`` (shared with acceptance).
+    :arg routes: the configured routes.
+    :arg plugins: the hooks to ask (:func:`bonzo_route`, the outcome observers).
+    :arg settings: :class:`RunnerSettings`.
+    :arg clock: the time (tests replace it to travel in time).
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        sync: GroupSync,
+        routes: RouteTable,
+        plugins: PluginSet | None,
+        settings: RunnerSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.spool = spool
+        self.sync = sync
+        self.routes = routes
+        self.plugins = plugins
+        self.settings = settings
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self._kicked: list[str] = []
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(settings.max_deliveries)
+        self._destinations: dict[str, asyncio.Semaphore] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        #: When each known message is next due (refreshed by scans).
+        self._due: dict[str, float] = {}
+
+    # ------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop scanning; let deliveries in flight finish for ``grace``
+        seconds, then cancel them (they are tried again later)."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        tasks = list(self._inflight.values())
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        await self.routes.close()
+
+    def kick(self, id: str | None = None) -> None:
+        """Try ``id`` now (a message just accepted), or rescan the queue."""
+        if id is not None:
+            self._kicked.append(id)
+        else:
+            self._due.clear()
+        self._wake.set()
+
+    # ------------------------------------------------------------ scheduling
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_scan = 0.0
+        while not self._stopping:
+            now = self.clock()
+            if now >= next_scan:
+                try:
+                    await loop.run_in_executor(None, self._scan)
+                except OSError as exc:
+                    log.error("queue: cannot scan %s: %s", self.spool.data, exc)
+                next_scan = now + self.settings.scan_interval
+            for id in self._kicked:
+                self._due[id] = 0.0
+            self._kicked.clear()
+            now = self.clock()
+            for id, due in sorted(self._due.items(), key=lambda item: item[1]):
+                if due <= now and id not in self._inflight:
+                    self._start(id)
+            wait = next_scan - now
+            upcoming = [d for i, d in self._due.items() if i not in self._inflight]
+            if upcoming:
+                wait = min(wait, min(upcoming) - now)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, wait))
+            except asyncio.TimeoutError:
+                pass
+
+    def _scan(self) -> None:
+        """Refresh the due times of every message (in a thread)."""
+        due: dict[str, float] = {}
+        for id in self.spool.ids():
+            try:
+                message = self.spool.load(id)
+            except (FileNotFoundError, SpoolError) as exc:
+                if not isinstance(exc, FileNotFoundError):
+                    log.error("queue: skipping unreadable message %s: %s", id, exc)
+                continue
+            if message.held:
+                continue
+            when = message.next_due
+            if when is not None:
+                due[id] = when
+        self._due = due
+
+    def _start(self, id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._attempt_guarded(id))
+        self._inflight[id] = task
+        task.add_done_callback(lambda _: self._finished(id))
+
+    def _finished(self, id: str) -> None:
+        self._inflight.pop(id, None)
+        self._wake.set()
+
+    async def _attempt_guarded(self, id: str) -> None:
+        try:
+            async with self._slots:
+                await self.attempt(id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.error("queue: attempt at message %s failed", id, exc_info=True)
+            # Look at it again after the shortest back-off, not in a busy loop.
+            self._due[id] = self.clock() + self.settings.min_backoff
+
+    # --------------------------------------------------------------- attempt
+    async def attempt(self, id: str) -> None:
+        """One delivery attempt at message ``id`` (see the module description)."""
+        loop = asyncio.get_running_loop()
+        claim = await loop.run_in_executor(None, self.spool.claim, id)
+        if claim is None:
+            self._due.pop(id, None)  # another worker has it, or it is gone
+            return
+        try:
+            message = await loop.run_in_executor(None, self.spool.load, id)
+            now = self.clock()
+            due = message.due(now)
+            if message.held or not due:
+                nxt = message.next_due
+                if nxt is None or message.held:
+                    self._due.pop(id, None)
+                else:
+                    self._due[id] = nxt
+                return
+            outcomes = await self._deliver(message, due)
+            await self._settle(message, outcomes)
+            nxt = message.next_due
+            if nxt is None:
+                await loop.run_in_executor(None, self.spool.remove, id)
+                self._due.pop(id, None)
+                log.info("queue: %s done", id)
+            else:
+                await loop.run_in_executor(None, self.spool.save_state, message)
+                self._due[id] = nxt
+        finally:
+            claim.release()
+
+    async def _deliver(self, message: QueuedMessage, due: list[int]) -> dict[int, Outcome]:
+        groups: dict[tuple[int, str], tuple[Any, list[int]]] = {}
+        outcomes: dict[int, Outcome] = {}
+        for i in due:
+            recipient = message.recipients[i]
+            transport = await self._route(message, recipient)
+            if transport is None:
+                # A configuration mistake, not the sender's: keep the mail.
+                log.error(
+                    "queue: %s: no route for <%s> (domain %r): add one to "
+                    '[plugins.queue.routes], or a "*" route',
+                    message.id,
+                    recipient.address,
+                    recipient.domain,
+                )
+                outcomes[i] = Outcome.deferred(451, "4.3.5", "No route configured", "queue")
+                continue
+            key = (id(transport), transport.destination(recipient))
+            groups.setdefault(key, (transport, []))[1].append(i)
+
+        async def one(transport: Any, destination: str, idx: list[int]) -> None:
+            recipients = [message.recipients[i] for i in idx]
+            limit = self._destinations.setdefault(
+                destination, asyncio.Semaphore(self.settings.per_destination)
+            )
+            try:
+                async with limit:
+                    async with asyncio.timeout(self.settings.delivery_timeout):
+                        results = await transport.deliver(message, recipients)
+                if len(results) != len(idx):
+                    raise RuntimeError(
+                        f"{transport.kind} gave {len(results)} outcomes for {len(idx)} recipients"
+                    )
+            except asyncio.TimeoutError:
+                results = [Outcome.deferred(451, "4.4.2", "Delivery timed out", destination)] * len(
+                    idx
+                )
+            except Exception as exc:
+                log.error(
+                    "queue: %s delivery of %s to %s failed: %s",
+                    transport.kind,
+                    message.id,
+                    destination,
+                    exc,
+                    exc_info=True,
+                )
+                results = [Outcome.deferred(451, "4.3.0", "Local error", destination)] * len(idx)
+            for i, outcome in zip(idx, results, strict=True):
+                outcomes[i] = outcome
+
+        await asyncio.gather(
+            *(one(transport, key[1], idx) for key, (transport, idx) in groups.items())
+        )
+        return outcomes
+
+    async def _route(self, message: QueuedMessage, recipient: Recipient) -> Any:
+        if self.plugins is not None and self.plugins.calls["bonzo_route"]:
+            try:
+                verdict = await self.plugins.decide("bonzo_route", (message, recipient))
+            except (Refused, PluginFailure) as exc:
+                log.error("queue: bonzo_route failed for %s: %s", recipient.address, exc)
+                verdict = None
+            if verdict is not None:
+                transport = self.routes.named.get(verdict[1])
+                if transport is not None:
+                    return transport
+                log.error(
+                    "queue: plugin %r chose route %r, which is not configured; "
+                    "using the route table",
+                    verdict[0],
+                    verdict[1],
+                )
+        return self.routes.route(recipient)
+
+    async def _settle(self, message: QueuedMessage, outcomes: dict[int, Outcome]) -> None:
+        """Apply the outcomes to the recipients; queue the reports; tell the observers."""
+        now = self.clock()
+        settings = self.settings
+        delivered: list[Recipient] = []
+        deferred: list[Recipient] = []
+        bounced: list[ReportLine] = []
+        success: list[ReportLine] = []
+        for i, outcome in outcomes.items():
+            r = message.recipients[i]
+            r.attempts += 1
+            r.reply = outcome.reply
+            r.host = outcome.host
+            if outcome.status == "delivered":
+                r.status = "delivered"
+                r.done_at = now
+                delivered.append(r)
+                action = "relayed" if outcome.relayed else "delivered"
+                if wants_report(r, action) and not outcome.dsn_downstream:
+                    success.append(
+                        ReportLine(r, action, outcome.enhanced, outcome.reply, outcome.host)
+                    )
+            elif outcome.status == "failed" or now - message.arrival >= settings.lifetime:
+                r.status = "bounced"
+                r.done_at = now
+                expired = outcome.status != "failed"
+                status = "4.4.7" if expired and outcome.enhanced[:1] != "5" else outcome.enhanced
+                if status[:1] != "5":
+                    status = "5" + status[1:]
+                diagnostic = outcome.reply
+                if expired:
+                    diagnostic = (
+                        f"{outcome.reply} (message expired after {_age(now - message.arrival)})"
+                    )
+                bounced.append(ReportLine(r, "failed", status, diagnostic, outcome.host))
+            else:
+                r.status = "deferred"
+                r.next_attempt = now + backoff(r.attempts, settings)
+                deferred.append(r)
+        for r in delivered:
+            log.info("queue: %s to=<%s> delivered: %s (%s)", message.id, r.address, r.reply, r.host)
+        for r in deferred:
+            log.info(
+                "queue: %s to=<%s> deferred: %s (%s); next attempt in %s",
+                message.id,
+                r.address,
+                r.reply,
+                r.host,
+                _age(r.next_attempt - now),
+            )
+        for line in bounced:
+            log.warning(
+                "queue: %s to=<%s> bounced: %s", message.id, line.recipient.address, line.diagnostic
+            )
+        # Reports first (durably queued), then the state: see the module docs.
+        await self._report(message, [b for b in bounced if wants_report(b.recipient, "failed")])
+        await self._report(message, success)
+        if (
+            settings.delay_warning
+            and not message.warned
+            and deferred
+            and now - message.arrival >= settings.delay_warning
+        ):
+            lines = [
+                ReportLine(
+                    r, "delayed", _transient(r.reply), r.reply, r.host,
+                    will_retry_until=message.arrival + settings.lifetime,
+                )
+                for r in deferred
+                if wants_report(r, "delayed")
+            ]  # fmt: skip
+            await self._report(message, lines)
+            message.warned = True
+        if self.plugins is not None:
+            for hook, who in (
+                ("bonzo_delivered", delivered),
+                ("bonzo_deferred", deferred),
+                ("bonzo_bounced", [b.recipient for b in bounced]),
+            ):
+                if who:
+                    await self.plugins.observe(hook, (message, who))
+
+    async def _report(self, message: QueuedMessage, lines: Sequence[ReportLine]) -> None:
+        """Queue one report about ``lines`` to the message's sender."""
+        if not lines:
+            return
+        if message.sender == "":
+            log.warning(
+                "queue: %s: not reporting %s for %s to the null sender",
+                message.id,
+                lines[0].action,
+                ", ".join(f"<{line.recipient.address}>" for line in lines),
+            )
+            return
+        recipients = [line.recipient for line in lines]
+        if self.plugins is not None and self.plugins.calls["bonzo_bounce"]:
+            try:
+                verdict = await self.plugins.decide("bonzo_bounce", (message, recipients))
+            except (Refused, PluginFailure) as exc:
+                log.error("queue: bonzo_bounce failed for %s: %s", message.id, exc)
+                verdict = None
+            if verdict is not None:
+                log.info(
+                    "queue: %s: report (%s) taken over by plugin %r",
+                    message.id,
+                    lines[0].action,
+                    verdict[0],
+                )
+                return
+        report = build_report(
+            message,
+            lines,
+            self.settings.hostname,
+            size_limit=self.settings.bounce_size_limit,
+            now=self.clock(),
+        )
+        id = await self.inject(report, sender="", recipients=[message.sender],
+                               session={"protocol": "report", "about": message.id})  # fmt: skip
+        log.info(
+            "queue: %s: %s report for %d recipient(s) queued as %s",
+            message.id,
+            lines[0].action,
+            len(lines),
+            id,
+        )
+
+    async def inject(
+        self,
+        content: bytes,
+        *,
+        sender: str,
+        recipients: list[str],
+        session: dict[str, Any] | None = None,
+        mail_params: dict[str, str | None] | None = None,
+    ) -> str:
+        """Queue a message made here (a report): durable before this returns."""
+        id = new_session_id()
+        rcpts = []
+        for address in recipients:
+            try:
+                parsed = Address.parse(address)
+                rcpts.append(
+                    {"address": address, "canonical": parsed.canonical, "domain": parsed.domain}
+                )
+            except ValueError:
+                rcpts.append({"address": address, "canonical": address, "domain": ""})
+        envelope = {
+            "arrival": self.clock(),
+            "sender": sender,
+            "mail_params": mail_params or ({"BODY": "8BITMIME"} if not content.isascii() else {}),
+            "recipients": rcpts,
+            "session": session or {},
+            "records": {},
+        }
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.spool.write, id, envelope, b"", io.BytesIO(content))
+        await self.sync.sync()
+        self.kick(id)
+        return id
+
+
+def _transient(reply: str) -> str:
+    parts = reply.split(" ")
+    if len(parts) > 1 and parts[1][:2] == "4.":
+        return parts[1]
+    return "4.0.0"
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 172800:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"

@@ -1,0 +1,500 @@
+"""The queue's files: durable, crash-safe, shared by every worker process.
+
+Layout under the queue directory (``[plugins.queue] path``)::
+
+    tmp/     messages being written (a crash leaves them; removed at start)
+    data/    one file per queued message, written once, never changed
+    state/   one file per message whose delivery has begun: per-recipient state
+
+A **data file** is ``BONZO-QUEUE 1``, a line of JSON (the envelope: sender,
+recipients with their parameters, the session facts, plugins' records) and
+the message as it will be delivered (Bonzo's trace header and any headers
+plugins added, then the client's content). It is written in ``tmp/``,
+fsync'd, renamed into ``data/``, and the directory fsync'd — only then is
+the message accepted, so a ``250`` always means "on disk". The directory
+fsync is shared by every message renamed while one is running
+(:class:`GroupSync`): concurrent sessions share that cost.
+
+A **state file** holds what changes: each recipient's status, attempts,
+next attempt and last reply, and the hold flag. It is replaced atomically
+(write, fsync, rename, fsync the directory). A missing state file means
+"every recipient pending since arrival". A crash between a delivery and its
+state update repeats that delivery at most (a duplicate, never a loss).
+
+**Claims.** A process delivering a message, or changing it from the
+command line, holds an exclusive ``flock`` on its data file
+(:meth:`Spool.claim`). The kernel drops the lock when the process dies, so a
+claim never outlives a crash and a message is never delivered by two
+workers at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import io
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = [
+    "Claim",
+    "GroupSync",
+    "QueuedMessage",
+    "Recipient",
+    "Spool",
+    "SpoolError",
+    "STATUSES",
+    "fsync_dir",
+]
+
+MAGIC = b"BONZO-QUEUE 1\n"
+#: The envelope line of a data file is bounded: a corrupt file is refused,
+#: never read into memory whole.
+MAX_ENVELOPE = 16 * 1024 * 1024
+#: Recipient statuses: waiting for a first or next attempt; done.
+STATUSES = ("pending", "deferred", "delivered", "bounced")
+FINAL = frozenset({"delivered", "bounced"})
+_ID = re.compile(r"[0-9A-Za-z]{1,64}")
+
+
+class SpoolError(Exception):
+    """A queue file that cannot be read or has no valid content."""
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Recipient:
+    """One recipient of a queued message and how its delivery stands."""
+
+    address: str
+    """As the client sent it (``RCPT TO``)."""
+    canonical: str
+    """Canonical form (:attr:`bonzo.address.Address.canonical`): routes match on it."""
+    domain: str
+    """Canonical domain (``""`` for the bare ``postmaster``)."""
+    params: dict[str, str | None] = field(default_factory=dict)
+    """The ``RCPT`` parameters (``NOTIFY``, ``ORCPT``...)."""
+    status: str = "pending"
+    attempts: int = 0
+    next_attempt: float = 0.0
+    """When the next attempt is due (epoch seconds)."""
+    reply: str = ""
+    """The last reply or error, as ``"452 4.2.2 Mailbox full"``."""
+    host: str = ""
+    """The host (or route) that gave :attr:`reply`."""
+    done_at: float = 0.0
+
+    @property
+    def final(self) -> bool:
+        """Delivered or bounced: nothing more will be done for it."""
+        return self.status in FINAL
+
+
+@dataclass
+class QueuedMessage:
+    """A message in the queue: its envelope, its recipients' state, and its
+    content on disk."""
+
+    id: str
+    arrival: float
+    sender: str
+    """The reverse-path as sent (``""`` for the null sender)."""
+    mail_params: dict[str, str | None]
+    recipients: list[Recipient]
+    session: dict[str, Any]
+    """Facts of the session it arrived on: ``session_id``, ``remote_ip``,
+    ``helo``, ``protocol``, ``tls``, ``auth``."""
+    records: dict[str, Any]
+    """What plugins recorded on the session and the envelope (their JSON-able
+    ``stash`` entries), under ``session`` and ``envelope``."""
+    path: Path
+    offset: int
+    """Where the message starts in :attr:`path`."""
+    size: int
+    """The message's size in octets."""
+    held: bool = False
+    warned: bool = False
+    """A delay notice was sent."""
+
+    # What bonzo_plugins.maildir's writer needs of an envelope.
+    header_bytes = b""
+
+    def open(self) -> IO[bytes]:
+        """The message, as a binary file positioned at its first octet (close it)."""
+        f = open(self.path, "rb")  # noqa: SIM115 - the caller closes it
+        f.seek(self.offset)
+        return f
+
+    def read(self) -> bytes:
+        """The whole message in memory (for small messages and tests)."""
+        with self.open() as f:
+            return f.read()
+
+    def write_to(self, fileobj: IO[bytes], chunk_size: int = 1 << 20) -> int:
+        """Copy the message to ``fileobj`` in chunks; return its size."""
+        with self.open() as f:
+            while True:
+                chunk = f.read(chunk_size)
+                if not chunk:
+                    break
+                fileobj.write(chunk)
+        return self.size
+
+    def headers(self, limit: int = 1 << 20) -> bytes:
+        """The message's header section (up to the empty line), at most ``limit`` octets."""
+        with self.open() as f:
+            head = f.read(limit)
+        end = head.find(b"\r\n\r\n")
+        return head[: end + 4] if end >= 0 else head
+
+    @property
+    def pending(self) -> list[int]:
+        """Indexes of the recipients not yet delivered or bounced."""
+        return [i for i, r in enumerate(self.recipients) if not r.final]
+
+    def due(self, now: float) -> list[int]:
+        """Indexes of the recipients whose next attempt is due at ``now``."""
+        return [i for i, r in enumerate(self.recipients) if not r.final and r.next_attempt <= now]
+
+    @property
+    def next_due(self) -> float | None:
+        """When the next attempt for any recipient is due; ``None`` when all are done."""
+        times = [r.next_attempt for r in self.recipients if not r.final]
+        return min(times) if times else None
+
+
+class Claim:
+    """An exclusive right to deliver or change one message (an ``flock`` on
+    its data file; released by :meth:`release`, or by the kernel if the
+    process dies)."""
+
+    def __init__(self, spool: Spool, id: str, fd: int) -> None:
+        self.spool = spool
+        self.id = id
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the lock
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class GroupSync:
+    """Shares directory fsyncs between concurrent writers: :meth:`sync`
+    returns once an fsync of the directory that *started after the call*
+    has finished, and every caller that arrives while one runs is served
+    by the next one. N messages renamed at about the same time cost two
+    directory fsyncs, not N."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._requested = 0
+        self._done = 0
+        self._task: asyncio.Future[None] | None = None
+        #: Directory fsyncs done (for tests and statistics).
+        self.count = 0
+
+    async def sync(self) -> None:
+        self._requested += 1
+        wanted = self._requested
+        while self._done < wanted:
+            if self._task is None or self._task.done():
+                self._task = asyncio.ensure_future(self._run())
+            await asyncio.shield(self._task)
+
+    async def _run(self) -> None:
+        upto = self._requested
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, fsync_dir, self.path)
+        self.count += 1
+        self._done = max(self._done, upto)
+
+
+class Spool:
+    """The queue directory (see the module's description).
+
+    :arg path: the queue directory (created with :meth:`setup`).
+    :arg mode: permissions of the files (directories get search permission
+        where the mode grants reading).
+    """
+
+    def __init__(self, path: Path, mode: int = 0o600) -> None:
+        self.path = path
+        self.mode = mode
+        self.tmp = path / "tmp"
+        self.data = path / "data"
+        self.state = path / "state"
+
+    # ----------------------------------------------------------------- setup
+    def setup(self) -> int:
+        """Create the directories; remove what a crash left in ``tmp/``
+        (never accepted: the ``250`` comes after the rename). Returns the
+        number of files removed."""
+        dir_mode = self.mode | ((self.mode & 0o444) >> 2)
+        for d in (self.path, self.tmp, self.data, self.state):
+            d.mkdir(mode=dir_mode | 0o700, parents=True, exist_ok=True)
+        removed = 0
+        for entry in os.scandir(self.tmp):
+            if entry.is_file(follow_symlinks=False) and self._writer_gone(entry.name):
+                try:
+                    os.unlink(entry.path)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+        return removed
+
+    @staticmethod
+    def _writer_gone(name: str) -> bool:
+        # tmp names end in ".<pid>"; a file of a live writer (another worker
+        # accepting right now) is kept.
+        _, _, pid = name.rpartition(".")
+        if not pid.isdigit():
+            return True
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return int(pid) == os.getpid()
+
+    # ---------------------------------------------------------------- write
+    def write(
+        self,
+        id: str,
+        envelope: dict[str, Any],
+        header_bytes: bytes,
+        body: IO[bytes],
+    ) -> Path:
+        """Blocking: write a new data file (the envelope, ``header_bytes``,
+        then ``body`` copied in chunks), fsync it and rename it into
+        ``data/``. The caller makes the rename durable (:class:`GroupSync`
+        on :attr:`data`) before telling anyone. On any error nothing is
+        left behind."""
+        if not _ID.fullmatch(id):
+            raise ValueError(f"bad queue id {id!r}")
+        tmp = self.tmp / f"{id}.{os.getpid()}"
+        final = self.data / id
+        line = json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        if b"\n" in line:  # pragma: no cover - json.dumps escapes newlines
+            raise ValueError("envelope JSON must be one line")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(tmp, flags, self.mode)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(MAGIC)
+                f.write(line)
+                f.write(b"\n")
+                f.write(header_bytes)
+                while True:
+                    chunk = body.read(1 << 20)
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            if final.exists():
+                raise FileExistsError(errno.EEXIST, "queue id already used", str(final))
+            os.rename(tmp, final)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return final
+
+    # ----------------------------------------------------------------- read
+    def ids(self) -> list[str]:
+        """Every queued message's id, oldest file first."""
+        entries = []
+        for entry in os.scandir(self.data):
+            if _ID.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                try:
+                    entries.append((entry.stat().st_mtime, entry.name))
+                except FileNotFoundError:
+                    continue
+        return [name for _, name in sorted(entries)]
+
+    def exists(self, id: str) -> bool:
+        return _ID.fullmatch(id) is not None and (self.data / id).is_file()
+
+    def load(self, id: str) -> QueuedMessage:
+        """Read a message's envelope and state (not its content)."""
+        if not _ID.fullmatch(id):
+            raise SpoolError(f"bad queue id {id!r}")
+        path = self.data / id
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(len(MAGIC))
+                if magic != MAGIC:
+                    raise SpoolError(f"{path}: not a queue file")
+                line = f.readline(MAX_ENVELOPE + 1)
+                if not line.endswith(b"\n"):
+                    raise SpoolError(f"{path}: envelope line missing or too long")
+                offset = f.tell()
+                size = os.fstat(f.fileno()).st_size - offset
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise SpoolError(f"{path}: {exc.strerror or exc}") from exc
+        try:
+            env = json.loads(line)
+            recipients = [
+                Recipient(
+                    address=r["address"],
+                    canonical=r["canonical"],
+                    domain=r["domain"],
+                    params=dict(r.get("params", {})),
+                    next_attempt=float(env["arrival"]),
+                )
+                for r in env["recipients"]
+            ]
+            message = QueuedMessage(
+                id=id,
+                arrival=float(env["arrival"]),
+                sender=env["sender"],
+                mail_params=dict(env.get("mail_params", {})),
+                recipients=recipients,
+                session=dict(env.get("session", {})),
+                records=dict(env.get("records", {})),
+                path=path,
+                offset=offset,
+                size=size,
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SpoolError(f"{path}: bad envelope: {exc}") from exc
+        self._load_state(message)
+        return message
+
+    def _load_state(self, message: QueuedMessage) -> None:
+        path = self.state / f"{message.id}.json"
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return
+        try:
+            state = json.loads(raw)
+            message.held = bool(state.get("held", False))
+            message.warned = bool(state.get("warned", False))
+            for r, s in zip(message.recipients, state["recipients"], strict=True):
+                if s["status"] not in STATUSES:
+                    raise ValueError(f"unknown status {s['status']!r}")
+                r.status = s["status"]
+                r.attempts = int(s.get("attempts", 0))
+                r.next_attempt = float(s.get("next_attempt", r.next_attempt))
+                r.reply = str(s.get("reply", ""))
+                r.host = str(s.get("host", ""))
+                r.done_at = float(s.get("done_at", 0.0))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SpoolError(f"{path}: bad state: {exc}") from exc
+
+    # ---------------------------------------------------------------- state
+    def save_state(self, message: QueuedMessage) -> None:
+        """Blocking: replace the message's state file atomically and durably."""
+        state = {
+            "held": message.held,
+            "warned": message.warned,
+            "recipients": [
+                {
+                    "status": r.status,
+                    "attempts": r.attempts,
+                    "next_attempt": r.next_attempt,
+                    "reply": r.reply,
+                    "host": r.host,
+                    "done_at": r.done_at,
+                }
+                for r in message.recipients
+            ],
+        }
+        final = self.state / f"{message.id}.json"
+        tmp = self.state / f".{message.id}.{os.getpid()}.tmp"
+        data = json.dumps(state, separators=(",", ":")).encode("utf-8")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(tmp, flags, self.mode)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, final)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        fsync_dir(self.state)
+
+    def remove(self, id: str) -> None:
+        """Blocking: remove a message (its state, then its data) durably."""
+        for path in (self.state / f"{id}.json", self.data / id):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        fsync_dir(self.data)
+
+    # ---------------------------------------------------------------- claims
+    def claim(self, id: str, *, wait: float = 0.0) -> Claim | None:
+        """Take the exclusive claim on a message; ``None`` if another holder
+        has it (after waiting up to ``wait`` seconds) or it is gone."""
+        if not _ID.fullmatch(id):
+            return None
+        try:
+            fd = os.open(self.data / id, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return None
+                time.sleep(0.05)
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            break
+        # Removed between open and lock (delivered by its holder): gone.
+        if os.fstat(fd).st_nlink == 0:
+            os.close(fd)
+            return None
+        return Claim(self, id, fd)
+
+    def iter_messages(self) -> Iterator[QueuedMessage]:
+        """Every message that can be read (unreadable ones are skipped)."""
+        for id in self.ids():
+            try:
+                yield self.load(id)
+            except (FileNotFoundError, SpoolError):
+                continue
+
+
+def body_of(data: bytes) -> IO[bytes]:
+    """``data`` as a file (for :meth:`Spool.write` from memory)."""
+    return io.BytesIO(data)

@@ -1,0 +1,712 @@
+"""The ``queue`` plugin: its files, its runner (retries, expiry, reports,
+claims), the reports themselves, and acceptance through the plugin hooks.
+
+The runner is driven with a clock the tests move, so a five-day lifetime
+takes no time. Transports here are the bundled ``maildir`` and ``discard``
+ones and, for outcomes a local transport cannot produce on demand (a 5xx,
+a 4xx then a 250), a scripted one."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import errno
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bonzo_plugins.queue import QueuePlugin
+from bonzo_plugins.queue.bounce import ReportLine, build_report, wants_report, xtext_decode
+from bonzo_plugins.queue.plugin import parse_duration
+from bonzo_plugins.queue.routes import Outcome, RouteTable
+from bonzo_plugins.queue.runner import Runner, RunnerSettings, backoff
+from bonzo_plugins.queue.spool import GroupSync, Recipient, Spool, SpoolError
+
+from bonzo import Accept, hookimpl
+from bonzo.hooks import PluginSet
+from bonzo.testing import SessionTester
+
+BODY = b"From: alice@example.org\r\nSubject: queued\r\n\r\nHello through the queue.\r\n"
+
+
+class App:
+    """What plugins get as ``app`` (a base directory, settings, plugins)."""
+
+    def __init__(self, base: Path, plugins: PluginSet | None = None) -> None:
+        self.base_dir = base
+        self.plugins = plugins
+
+        class _Settings:
+            hostname = "mx.test"
+
+        self.settings = _Settings()
+
+
+def envelope(sender: str = "alice@example.org", *rcpts: str, **params: Any) -> dict[str, Any]:
+    recipients = []
+    for r in rcpts or ("bob@example.net",):
+        local, _, domain = r.partition("@")
+        recipients.append(
+            {"address": r, "canonical": r.lower(), "domain": domain.lower(), "params": params}
+        )
+    return {
+        "arrival": 1_000_000.0,
+        "sender": sender,
+        "mail_params": {},
+        "recipients": recipients,
+        "session": {"remote_ip": "192.0.2.1"},
+        "records": {},
+    }
+
+
+def queued(spool: Spool, id: str, env: dict[str, Any], body: bytes = BODY) -> None:
+    spool.write(id, env, b"", io.BytesIO(body))
+
+
+# ------------------------------------------------------------------- spool
+def test_a_message_is_stored_and_read_back_exactly(tmp_path):
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    env = envelope("alice@example.org", "bob@example.net", "Carol@Example.NET", NOTIFY="FAILURE")
+    spool.write("ABC1", env, b"Received: by test\r\n", io.BytesIO(BODY))
+    message = spool.load("ABC1")
+    assert message.read() == b"Received: by test\r\n" + BODY
+    assert message.size == len(b"Received: by test\r\n" + BODY)
+    assert [r.address for r in message.recipients] == ["bob@example.net", "Carol@Example.NET"]
+    assert message.recipients[1].params == {"NOTIFY": "FAILURE"}
+    assert [r.status for r in message.recipients] == ["pending", "pending"]
+    assert message.due(1_000_000.0) == [0, 1]
+    assert spool.ids() == ["ABC1"]
+    assert oct(os.stat(spool.data / "ABC1").st_mode & 0o777) == "0o600"
+    assert list(spool.tmp.iterdir()) == []
+
+
+def test_state_is_saved_atomically_and_removed_with_the_message(tmp_path):
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    queued(spool, "M1", envelope("a@example.org", "b@example.net", "c@example.net"))
+    message = spool.load("M1")
+    message.recipients[0].status = "delivered"
+    message.recipients[1].status = "deferred"
+    message.recipients[1].attempts = 2
+    message.recipients[1].next_attempt = 5.0
+    message.recipients[1].reply = "452 4.2.2 Mailbox full"
+    message.held = True
+    spool.save_state(message)
+    again = spool.load("M1")
+    assert [r.status for r in again.recipients] == ["delivered", "deferred"]
+    assert again.recipients[1].reply == "452 4.2.2 Mailbox full"
+    assert again.held and again.pending == [1] and again.next_due == 5.0
+    assert [p.name for p in spool.state.iterdir()] == ["M1.json"]
+    spool.remove("M1")
+    assert spool.ids() == [] and list(spool.state.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"garbage", "not a queue file"),
+        (b"BONZO-QUEUE 1\n{not json}\nbody", "bad envelope"),
+        (b"BONZO-QUEUE 1\n{}\nbody", "bad envelope"),
+        (b"BONZO-QUEUE 1\nno end of line", "envelope line missing"),
+    ],
+)
+def test_a_corrupt_file_is_an_error_not_a_crash(tmp_path, content, problem):
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    (spool.data / "BAD").write_bytes(content)
+    with pytest.raises(SpoolError, match=problem):
+        spool.load("BAD")
+    assert list(spool.iter_messages()) == []
+
+
+def test_setup_removes_what_a_dead_writer_left(tmp_path):
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    (spool.tmp / f"X1.{dead.stdout.strip()}").write_bytes(b"partial")
+    (spool.tmp / f"X2.{os.getppid()}").write_bytes(b"a live writer's")
+    assert spool.setup() == 1
+    assert [p.name for p in spool.tmp.iterdir()] == [f"X2.{os.getppid()}"]
+
+
+def test_a_claim_is_exclusive_across_processes_and_dies_with_its_holder(tmp_path):
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    queued(spool, "C1", envelope())
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import fcntl, os, sys, time
+                fd = os.open({str(spool.data / "C1")!r}, os.O_RDONLY)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                print("held", flush=True)
+                time.sleep(60)
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        assert spool.claim("C1") is None
+        assert spool.claim("C1", wait=0.2) is None
+    finally:
+        holder.kill()
+        holder.wait()
+        assert holder.stdout is not None
+        holder.stdout.close()
+    claim = spool.claim("C1", wait=5)
+    assert claim is not None
+    assert spool.claim("C1") is None  # also within one process
+    claim.release()
+    again = spool.claim("C1")
+    assert again is not None
+    again.release()
+    assert spool.claim("nope") is None and spool.claim("../etc") is None
+
+
+def test_group_sync_shares_directory_fsyncs(tmp_path):
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    sync = GroupSync(spool.data)
+
+    async def main() -> None:
+        await asyncio.gather(*(sync.sync() for _ in range(50)))
+
+    asyncio.run(main())
+    # Every caller waited for an fsync that began after it asked; 50 callers
+    # at once need two, not fifty.
+    assert 1 <= sync.count <= 2
+
+
+# ----------------------------------------------------------------- reports
+def report_message(tmp_path: Path, **mail_params: str) -> Any:
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    env = envelope("alice@example.org", "bob@example.net", "carol@example.net",
+                   ORCPT="rfc822;Bob+2BX@example.net")  # fmt: skip
+    env["mail_params"] = mail_params
+    queued(spool, "R1", env)
+    return spool.load("R1")
+
+
+def test_a_failure_report_is_rfc3464(tmp_path):
+    message = report_message(tmp_path, ENVID="QQ+2B1")
+    line = ReportLine(message.recipients[0], "failed", "5.1.1",
+                      "550 5.1.1 No such user", "mx.example.net")  # fmt: skip
+    raw = build_report(message, [line], "mx.test", now=1_000_100.0)
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    assert b"\r\nTo: <alice@example.org>\r\n" in raw
+    assert parsed["Auto-Submitted"] == "auto-replied"
+    assert parsed.get_content_type() == "multipart/report"
+    assert parsed.get_param("report-type") == "delivery-status"
+    human, status, original = parsed.get_payload()
+    assert "550 5.1.1 No such user" in human.get_content()
+    assert status.get_content_type() == "message/delivery-status"
+    per_message, per_recipient = status.get_payload()
+    assert per_message["Reporting-MTA"] == "dns; mx.test"
+    assert per_message["Original-Envelope-Id"] == "QQ+1"
+    assert per_recipient["Final-Recipient"] == "rfc822; bob@example.net"
+    assert per_recipient["Original-Recipient"] == "rfc822; Bob+X@example.net"
+    assert per_recipient["Action"] == "failed"
+    assert per_recipient["Status"] == "5.1.1"
+    assert per_recipient["Remote-MTA"] == "dns; mx.example.net"
+    assert per_recipient["Diagnostic-Code"] == "smtp; 550 5.1.1 No such user"
+    assert original.get_content_type() == "message/rfc822"
+    # The original comes back byte for byte.
+    assert raw.endswith(BODY + b"--" + raw.rsplit(b"--", 2)[1] + b"--\r\n")
+    assert BODY in raw
+
+
+def test_headers_only_for_ret_hdrs_and_for_large_messages(tmp_path):
+    message = report_message(tmp_path, RET="HDRS")
+    line = ReportLine(message.recipients[0], "failed", "5.1.1", "550 5.1.1 No", "h")
+    raw = build_report(message, [line], "mx.test")
+    parts = email.message_from_bytes(raw, policy=email.policy.default).get_payload()
+    assert parts[2].get_content_type() == "text/rfc822-headers"
+    assert b"Hello through the queue" not in raw and b"Subject: queued" in raw
+    message = report_message(tmp_path / "b")
+    raw = build_report(message, [line], "mx.test", size_limit=10)
+    assert b"Hello through the queue" not in raw
+
+
+@pytest.mark.parametrize(
+    ("notify", "action", "wanted"),
+    [
+        (None, "failed", True),
+        (None, "delayed", True),
+        (None, "delivered", False),
+        ("NEVER", "failed", False),
+        ("SUCCESS", "delivered", True),
+        ("SUCCESS", "relayed", True),
+        ("SUCCESS", "failed", False),
+        ("FAILURE,DELAY", "delayed", True),
+        ("failure", "failed", True),
+    ],
+)
+def test_notify_decides_which_reports_are_sent(notify, action, wanted):
+    params = {} if notify is None else {"NOTIFY": notify}
+    recipient = Recipient("b@example.net", "b@example.net", "example.net", params)
+    assert wants_report(recipient, action) is wanted
+
+
+def test_xtext_decoding():
+    assert xtext_decode("a+2Bb+3Dc") == "a+b=c"
+    assert xtext_decode("bad+zz+2") == "bad+zz+2"
+
+
+# ------------------------------------------------------------------ runner
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Scripted:
+    """Outcomes given in advance, per recipient address (a downstream's
+    replies, for the runner's logic; real downstreams are in the interop
+    and delivery tests)."""
+
+    kind = "scripted"
+    final = False
+
+    def __init__(self, script: dict[str, list[Outcome]]) -> None:
+        self.script = script
+        self.calls: list[list[str]] = []
+
+    def destination(self, recipient: Recipient) -> str:
+        return recipient.domain
+
+    async def deliver(self, message: Any, recipients: Sequence[Recipient]) -> list[Outcome]:
+        self.calls.append([r.address for r in recipients])
+        return [self.script[r.address].pop(0) for r in recipients]
+
+    async def close(self) -> None:
+        pass
+
+
+OK = Outcome("delivered", 250, "2.0.0", "Ok", "mx.example.net", relayed=True)
+DEFER = Outcome.deferred(451, "4.3.0", "Try later", "mx.example.net")
+GONE = Outcome("failed", 550, "5.1.1", "No such user", "mx.example.net")
+
+
+def make_runner(tmp_path: Path, transport: Any, plugins: PluginSet | None = None, **settings: Any):
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    routes = RouteTable({}, {}, App(tmp_path))
+    routes.default = transport
+    clock = Clock()
+    runner = Runner(spool, GroupSync(spool.data), routes, plugins,
+                    RunnerSettings(hostname="mx.test", **settings), clock=clock)  # fmt: skip
+    return spool, runner, clock
+
+
+def reports(spool: Spool) -> list[Any]:
+    out = []
+    for message in spool.iter_messages():
+        if message.sender == "":
+            out.append(message)
+    return out
+
+
+def test_delivered_messages_leave_the_queue(tmp_path):
+    transport = Scripted({"bob@example.net": [OK]})
+    spool, runner, clock = make_runner(tmp_path, transport)
+    queued(spool, "D1", envelope())
+    asyncio.run(runner.attempt("D1"))
+    assert transport.calls == [["bob@example.net"]]
+    assert spool.ids() == []
+
+
+def test_deferred_recipients_back_off_then_are_delivered(tmp_path):
+    transport = Scripted({"bob@example.net": [DEFER, DEFER, OK], "eve@example.net": [OK]})
+    spool, runner, clock = make_runner(tmp_path, transport, min_backoff=300, max_backoff=500)
+    queued(spool, "D2", envelope("a@example.org", "bob@example.net", "eve@example.net"))
+
+    async def main() -> None:
+        await runner.attempt("D2")
+        message = spool.load("D2")
+        assert [r.status for r in message.recipients] == ["deferred", "delivered"]
+        assert message.recipients[0].next_attempt == clock.now + 300
+        await runner.attempt("D2")  # not due yet: nothing happens
+        assert len(transport.calls) == 1
+        clock.now += 300
+        await runner.attempt("D2")
+        assert spool.load("D2").recipients[0].next_attempt == clock.now + 500  # capped
+        clock.now += 500
+        await runner.attempt("D2")
+
+    asyncio.run(main())
+    # The delivered recipient is never tried again.
+    assert transport.calls == [
+        ["bob@example.net", "eve@example.net"],
+        ["bob@example.net"],
+        ["bob@example.net"],
+    ]
+    assert spool.ids() == []
+
+
+def test_backoff_doubles_up_to_the_maximum():
+    settings = RunnerSettings(min_backoff=300, max_backoff=4000)
+    assert [backoff(n, settings) for n in range(1, 7)] == [300, 600, 1200, 2400, 4000, 4000]
+
+
+def test_a_refusal_bounces_with_one_report_per_attempt(tmp_path):
+    transport = Scripted(
+        {"bob@example.net": [GONE], "carol@example.net": [GONE], "dan@example.net": [OK]}
+    )
+    spool, runner, clock = make_runner(tmp_path, transport)
+    queued(spool, "B1", envelope("alice@example.org", "bob@example.net", "carol@example.net",
+                                 "dan@example.net"))  # fmt: skip
+    asyncio.run(runner.attempt("B1"))
+    assert "B1" not in spool.ids()
+    [report] = reports(spool)
+    assert [r.address for r in report.recipients] == ["alice@example.org"]
+    parsed = email.message_from_bytes(report.read(), policy=email.policy.default)
+    finals = [p["Final-Recipient"] for p in parsed.get_payload()[1].get_payload()[1:]]
+    assert finals == ["rfc822; bob@example.net", "rfc822; carol@example.net"]
+
+
+def test_no_report_to_the_null_sender_and_none_for_notify_never(tmp_path, caplog):
+    transport = Scripted({"bob@example.net": [GONE], "carol@example.net": [GONE]})
+    spool, runner, clock = make_runner(tmp_path, transport)
+    queued(spool, "N1", envelope("", "bob@example.net"))
+    queued(spool, "N2", envelope("a@example.org", "carol@example.net", NOTIFY="NEVER"))
+    asyncio.run(runner.attempt("N1"))
+    asyncio.run(runner.attempt("N2"))
+    assert spool.ids() == []
+    assert "not reporting failed for <bob@example.net> to the null sender" in caplog.text
+
+
+def test_a_message_that_outlives_its_lifetime_bounces(tmp_path):
+    transport = Scripted({"bob@example.net": [DEFER] * 10})
+    spool, runner, clock = make_runner(tmp_path, transport, min_backoff=3600,
+                                       max_backoff=86400, lifetime=2 * 86400)  # fmt: skip
+    queued(spool, "E1", envelope())
+
+    async def main() -> int:
+        attempts = 0
+        while "E1" in spool.ids() and attempts < 10:
+            due = spool.load("E1").next_due
+            assert due is not None
+            clock.now = max(clock.now, due)
+            await runner.attempt("E1")
+            attempts += 1
+        return attempts
+
+    attempts = asyncio.run(main())
+    assert attempts < 10 and "E1" not in spool.ids()
+    [report] = reports(spool)
+    text = report.read().decode()
+    assert "Status: 4.4.7" not in text  # a bounce's status is permanent
+    assert "Status: 5.4.7" in text and "message expired after" in text
+
+
+def test_one_delay_notice_when_delay_warning_is_set(tmp_path):
+    transport = Scripted({"bob@example.net": [DEFER] * 5})
+    spool, runner, clock = make_runner(tmp_path, transport, min_backoff=3600,
+                                       delay_warning=3 * 3600)  # fmt: skip
+    queued(spool, "W1", envelope())
+
+    async def main() -> None:
+        for _ in range(4):
+            await runner.attempt("W1")
+            clock.now += 4000
+
+    asyncio.run(main())
+    [notice] = reports(spool)
+    text = notice.read().decode()
+    assert "Subject: Delayed Mail (still being retried)" in text
+    assert "Action: delayed" in text and "Will-Retry-Until:" in text
+    assert spool.load("W1").warned
+
+
+def test_a_success_report_when_asked(tmp_path):
+    transport = Scripted({"bob@example.net": [OK]})
+    spool, runner, clock = make_runner(tmp_path, transport)
+    queued(spool, "S1", envelope("alice@example.org", "bob@example.net", NOTIFY="SUCCESS"))
+    asyncio.run(runner.attempt("S1"))
+    [report] = reports(spool)
+    text = report.read().decode()
+    assert "Action: relayed" in text and "Hello through the queue" not in text
+
+
+def test_hooks_choose_routes_take_over_reports_and_observe(tmp_path):
+    events: list[tuple[str, list[str]]] = []
+    special = Scripted({"vip@example.net": [OK]})
+
+    class Policy:
+        @hookimpl
+        def bonzo_route(self, recipient):
+            return "special" if recipient.address.startswith("vip") else None
+
+        @hookimpl
+        def bonzo_bounce(self, message, recipients):
+            events.append(("bounce", [r.address for r in recipients]))
+            return Accept()
+
+        @hookimpl
+        def bonzo_delivered(self, recipients):
+            events.append(("delivered", [r.address for r in recipients]))
+
+        @hookimpl
+        def bonzo_bounced(self, recipients):
+            events.append(("bounced", [r.address for r in recipients]))
+
+    plugins = PluginSet()
+    plugins.register(Policy(), "policy")
+    default = Scripted({"bob@example.net": [GONE]})
+    spool, runner, clock = make_runner(tmp_path, default, plugins)
+    runner.routes.named["special"] = special
+    queued(spool, "H1", envelope("alice@example.org", "vip@example.net", "bob@example.net"))
+    asyncio.run(runner.attempt("H1"))
+    assert special.calls == [["vip@example.net"]] and default.calls == [["bob@example.net"]]
+    assert ("bounce", ["bob@example.net"]) in events
+    assert ("delivered", ["vip@example.net"]) in events
+    assert ("bounced", ["bob@example.net"]) in events
+    assert reports(spool) == []  # the plugin took the report over
+
+
+def test_two_runners_never_deliver_one_message_twice(tmp_path):
+    delivered: list[str] = []
+
+    class Slow(Scripted):
+        async def deliver(self, message, recipients):
+            delivered.append(message.id)
+            await asyncio.sleep(0.2)
+            return [OK for _ in recipients]
+
+    spool, first, clock = make_runner(tmp_path, Slow({}))
+    second = Runner(spool, GroupSync(spool.data), first.routes, None, first.settings, clock=clock)
+    for i in range(5):
+        queued(spool, f"T{i}", envelope())
+
+    async def main() -> None:
+        await asyncio.gather(*(r.attempt(f"T{i}") for i in range(5) for r in (first, second)))
+
+    asyncio.run(main())
+    assert sorted(delivered) == [f"T{i}" for i in range(5)]
+    assert spool.ids() == []
+
+
+def test_maildir_route_delivers_each_mailbox(tmp_path):
+    routes = RouteTable(
+        {"example.net": {"type": "maildir", "path": "boxes", "per_recipient": True}}, {},
+        App(tmp_path),
+    )  # fmt: skip
+    routes.start()
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    runner = Runner(spool, GroupSync(spool.data), routes, None, RunnerSettings())
+    queued(spool, "L1", envelope("a@example.org", "bob@example.net", "Eve@Example.net"))
+    asyncio.run(runner.attempt("L1"))
+    for who in ("bob", "eve"):
+        [stored] = (tmp_path / "boxes" / "example.net" / who / "new").iterdir()
+        assert stored.read_bytes() == BODY
+    assert spool.ids() == []
+
+
+@pytest.mark.expect_errors
+def test_no_route_defers_never_bounces(tmp_path, caplog):
+    spool, runner, clock = make_runner(tmp_path, None)
+    queued(spool, "X1", envelope())
+    asyncio.run(runner.attempt("X1"))
+    message = spool.load("X1")
+    assert message.recipients[0].status == "deferred"
+    assert message.recipients[0].reply == "451 4.3.5 No route configured"
+    assert reports(spool) == []
+    assert "no route for <bob@example.net>" in caplog.text
+
+
+# ---------------------------------------------------- acceptance (plugin)
+def queue_session(tmp_path: Path, table: dict[str, Any] | None = None):
+    plugins = PluginSet()
+
+    class Rcpt:
+        @hookimpl
+        def bonzo_rcpt(self):
+            return Accept()
+
+    plugins.register(Rcpt(), "rcpt")
+    queue = QueuePlugin()
+    plugins.register(queue, "queue")
+    table = table or {"path": "q", "routes": {"*": {"type": "discard"}}}
+    queue.bonzo_configure(table, App(tmp_path, plugins))
+    return plugins, queue
+
+
+async def send(
+    tester: SessionTester, body: bytes = BODY, rcpts: Sequence[str] = ("b@example.net",)
+) -> bytes:
+    await tester.connect()
+    await tester.send(b"EHLO c\r\nMAIL FROM:<alice@example.org> BODY=8BITMIME\r\n")
+    for r in rcpts:
+        await tester.send(f"RCPT TO:<{r}>\r\n".encode())
+    await tester.send(b"DATA\r\n")
+    return await tester.send(body + b".\r\n")
+
+
+def test_accepted_means_on_disk_then_delivered(tmp_path):
+    plugins, queue = queue_session(tmp_path)
+
+    async def main() -> tuple[bytes, list[str], bytes]:
+        await queue.bonzo_startup(App(tmp_path, plugins))
+        assert queue.runner is not None
+        tester = SessionTester(plugins)
+        reply = await send(tester)
+        assert queue.spool is not None
+        ids = queue.spool.ids()
+        stored = queue.spool.load(ids[0]).read() if ids else b""
+        for _ in range(100):
+            if not queue.spool.ids():
+                break
+            await asyncio.sleep(0.02)
+        left = queue.spool.ids()
+        await queue.bonzo_shutdown()
+        return reply, left, stored
+
+    reply, left, stored = asyncio.run(main())
+    assert reply.startswith(b"250 2.0.0 Ok: queued as ")
+    assert stored.endswith(BODY) and stored.startswith(b"Received: from c ([192.0.2.1])")
+    assert left == []  # delivered (discarded) at once by this worker's runner
+
+
+def test_the_envelope_is_kept_with_the_message(tmp_path):
+    plugins, queue = queue_session(
+        tmp_path, {"path": "q", "routes": {"x.test": {"type": "discard"}}}
+    )
+
+    async def main() -> Any:
+        await queue.bonzo_startup(App(tmp_path, plugins))
+        await send(SessionTester(plugins), rcpts=["b@example.net", "c@Example.NET"])
+        assert queue.spool is not None
+        message = queue.spool.load(queue.spool.ids()[0])
+        await queue.bonzo_shutdown()
+        return message
+
+    message = asyncio.run(main())
+    assert message.sender == "alice@example.org"
+    assert message.mail_params == {"BODY": "8BITMIME"}
+    assert [(r.address, r.domain) for r in message.recipients] == [
+        ("b@example.net", "example.net"),
+        ("c@Example.NET", "example.net"),
+    ]
+    assert message.session["remote_ip"] == "192.0.2.1" and message.session["helo"] == "c"
+
+
+@pytest.mark.expect_errors
+@pytest.mark.parametrize(
+    ("code", "reply"), [(errno.ENOSPC, b"452 4.3.1"), (errno.EIO, b"451 4.3.0")]
+)
+def test_a_storage_fault_is_4xx_and_leaves_nothing(tmp_path, monkeypatch, code, reply):
+    plugins, queue = queue_session(tmp_path)
+    real_fsync = os.fsync
+
+    def failing(fd: int) -> None:
+        if os.path.realpath(f"/proc/self/fd/{fd}").startswith(str(tmp_path / "q" / "tmp")):
+            raise OSError(code, os.strerror(code))
+        real_fsync(fd)
+
+    async def main() -> bytes:
+        await queue.bonzo_startup(App(tmp_path, plugins))
+        monkeypatch.setattr(os, "fsync", failing)
+        answer = await send(SessionTester(plugins))
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        await queue.bonzo_shutdown()
+        return answer
+
+    answer = asyncio.run(main())
+    assert answer.startswith(reply)
+    assert list((tmp_path / "q" / "tmp").iterdir()) == []
+    assert list((tmp_path / "q" / "data").iterdir()) == []
+
+
+def test_a_looping_message_is_refused(tmp_path):
+    plugins, queue = queue_session(tmp_path, {"path": "q", "max_hops": 3,
+                                              "routes": {"*": {"type": "discard"}}})  # fmt: skip
+    body = b"Received: a\r\nReceived: b\r\nReceived: c\r\n" + BODY
+
+    async def main() -> bytes:
+        await queue.bonzo_startup(App(tmp_path, plugins))
+        answer = await send(SessionTester(plugins), body)
+        await queue.bonzo_shutdown()
+        return answer
+
+    assert asyncio.run(main()).startswith(b"554 5.4.6 Too many hops (4): mail loop")
+
+
+# ------------------------------------------------------------ configuration
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"bogus": 1}, "bogus"),
+        ({"lifetime": "forever"}, "lifetime: expected a duration"),
+        ({"lifetime": 0}, "lifetime: expected a positive duration"),
+        ({"min_backoff": 600, "max_backoff": 300}, "max_backoff: 300s is less than min_backoff"),
+        ({"max_deliveries": 0}, "max_deliveries: expected a positive integer"),
+        ({"mode": "0644x"}, "mode: expected an octal string"),
+        ({"mode": 0o666}, "nobody else write"),
+        ({"routes": {"*": {"type": "pigeon"}}}, "routes.*.type: expected one of"),
+        ({"routes": {"*": "nope"}}, "routes.*: no transport named 'nope'"),
+        ({"routes": {"*": {"type": "maildir", "path": "m", "colour": 1}}}, "colour"),
+    ],
+)
+def test_bad_configuration_names_the_key(tmp_path, table, message):
+    with pytest.raises(ValueError, match=message):
+        QueuePlugin().bonzo_configure(table, App(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(30, 30.0), ("30s", 30.0), ("5m", 300.0), ("4h", 14400.0), ("5d", 432000.0), ("1.5h", 5400.0)],
+)
+def test_durations(value, seconds):
+    assert parse_duration(value, "k") == seconds
+
+
+def test_route_patterns_most_specific_first(tmp_path):
+    routes = RouteTable(
+        {
+            "example.org": {"type": "discard"},
+            "*.example.org": {"type": "discard"},
+            "*.b.example.org": {"type": "discard"},
+            "*": {"type": "discard"},
+        },
+        {},
+        App(tmp_path),
+    )
+
+    def which(domain: str) -> int:
+        transport = routes.route(Recipient("x@" + domain, "x@" + domain, domain))
+        return routes.transports.index(transport)
+
+    assert which("example.org") == 0
+    assert which("a.example.org") == 1
+    assert which("x.b.example.org") == 2
+    assert which("elsewhere.test") == 3
+
+
+def test_json_round_trip_of_state_file(tmp_path):
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    queued(spool, "J1", envelope())
+    message = spool.load("J1")
+    spool.save_state(message)
+    state = json.loads((spool.state / "J1.json").read_text())
+    assert state["recipients"][0]["status"] == "pending"
