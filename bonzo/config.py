@@ -76,6 +76,7 @@ SETTING_SECTIONS: dict[str, str] = {
     "data_rate_window": "limits",
     "handler_timeout": "limits",
     "tls_handshake_timeout": "limits",
+    "proxy_timeout": "limits",
     "max_auth_failures": "limits",
     "auth_failure_delay": "limits",
     "read_chunk_size": "limits",
@@ -97,6 +98,9 @@ LISTENER_KEYS = (
     "require_auth",
     "auth_plaintext",
     "auth_mechanisms",
+    "proxy_protocol",
+    "proxy_trusted",
+    "xclient_trusted",
 )
 #: Keys of a listener's ``tls`` table, and of each of its ``sni`` entries.
 TLS_KEYS = ("cert", "key", "sni")
@@ -378,13 +382,22 @@ def _listener_settings(
         )
     flags = {
         name: _bool(item, name, source, key)
-        for name in ("implicit_tls", "require_tls", "require_auth", "auth_plaintext")
+        for name in (
+            "implicit_tls",
+            "require_tls",
+            "require_auth",
+            "auth_plaintext",
+            "proxy_protocol",
+        )
     }
     try:
         return ListenerSettings(
             tls_context=context,
             auth_mechanisms=tuple(dict.fromkeys(m.upper() for m in mechanisms)),
             **flags,
+            # Lists of networks, checked by ListenerSettings.
+            proxy_trusted=item.get("proxy_trusted", ()),
+            xclient_trusted=item.get("xclient_trusted", ()),
         )
     except SettingError as exc:
         raise ConfigError(source, f"{key}.{exc.setting}", exc.detail) from None
