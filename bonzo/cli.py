@@ -143,6 +143,10 @@ def _check(args: argparse.Namespace) -> int:
             facts.append("requires TLS")
         if ls.require_auth:
             facts.append("requires AUTH")
+        if ls.proxy_protocol:
+            facts.append("PROXY from " + " ".join(str(n) for n in ls.proxy_trusted))
+        if ls.xclient_trusted:
+            facts.append("XCLIENT from " + " ".join(str(n) for n in ls.xclient_trusted))
         facts += [f"{k} = {v!r}" for k, v in listener.overrides.items()]
         print(f"    {listener.where}: {', '.join(facts)}")
     print(f"  workers: {config.workers}")

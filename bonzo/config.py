@@ -78,6 +78,7 @@ SETTING_SECTIONS: dict[str, str] = {
     "data_rate_window": "limits",
     "handler_timeout": "limits",
     "tls_handshake_timeout": "limits",
+    "proxy_timeout": "limits",
     "max_auth_failures": "limits",
     "auth_failure_delay": "limits",
     "read_chunk_size": "limits",
@@ -102,6 +103,9 @@ LISTENER_KEYS = (
     "require_auth",
     "auth_plaintext",
     "auth_mechanisms",
+    "proxy_protocol",
+    "proxy_trusted",
+    "xclient_trusted",
 )
 #: The ``[protocol]`` and ``[limits]`` keys a ``[[listeners]]`` table may
 #: override for its own connections.
@@ -407,7 +411,13 @@ def _listener_settings(
         )
     flags = {
         name: _bool(item, name, source, key)
-        for name in ("implicit_tls", "require_tls", "require_auth", "auth_plaintext")
+        for name in (
+            "implicit_tls",
+            "require_tls",
+            "require_auth",
+            "auth_plaintext",
+            "proxy_protocol",
+        )
     }
     try:
         return ListenerSettings(
@@ -415,6 +425,9 @@ def _listener_settings(
             auth_mechanisms=tuple(dict.fromkeys(m.upper() for m in mechanisms)),
             protocol=item.get("protocol", "smtp"),
             **flags,
+            # Lists of networks, checked by ListenerSettings.
+            proxy_trusted=item.get("proxy_trusted", ()),
+            xclient_trusted=item.get("xclient_trusted", ()),
         )
     except SettingError as exc:
         raise ConfigError(source, f"{key}.{exc.setting}", exc.detail) from None

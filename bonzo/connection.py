@@ -51,7 +51,9 @@ from .protocol import (
     Refusal,
     SMTPProtocol,
     StartTLS,
+    XClient,
 )
+from .proxy import ProxyError, ProxyParser, address_in
 from .session import Session
 from .settings import ListenerSettings, SMTPSettings
 from .tls import TLSLayer
@@ -77,6 +79,7 @@ _INPUT = 1  # waiting for the client to send
 _OUTPUT = 2  # waiting for the client to read what was written
 _HANDSHAKE = 3  # TLS handshake
 _CLOSING = 4  # last reply on its way
+_PROXY = 5  # waiting for the PROXY protocol header
 
 
 def try_write(stream: IOStream, data: bytes) -> int:
@@ -118,6 +121,10 @@ class SMTPConnection:
     :arg refusal: answer this (a ``421``) and close, asking no plugin (the
         server is at its connection limit).
     :arg on_close: called once the session is over and cleaned up.
+    :arg on_client: called with the connection once a PROXY header or
+        ``XCLIENT`` has named its client (:attr:`remote_ip`); it may return
+        the reply (a ``421``) that refuses that client (the per-client
+        connection limit).
 
     .. attribute:: stream
 
@@ -125,7 +132,12 @@ class SMTPConnection:
 
     .. attribute:: address
 
-       The client's address as given by the socket.
+       The peer's address as given by the socket.
+
+    .. attribute:: remote_ip
+
+       The client's IP address: the peer's, or the one a PROXY header or
+       ``XCLIENT`` named (the session's :attr:`~bonzo.session.Session.remote_ip`).
 
     .. attribute:: session
 
@@ -147,6 +159,7 @@ class SMTPConnection:
         legacy_replies: bool = False,
         refusal: errors.SMTPError | None = None,
         on_close: Callable[[SMTPConnection], Any] | None = None,
+        on_client: Callable[[SMTPConnection], errors.SMTPError | None] | None = None,
     ) -> None:
         self.stream = stream
         stream.read_chunk_size = min(COMMAND_CHUNK, settings.read_chunk_size)
@@ -178,12 +191,18 @@ class SMTPConnection:
         kind = LMTPProtocol if listener.protocol == "lmtp" else SMTPProtocol
         self.protocol = core = kind(settings, self.remote_ip, policy, on_refusal=self._log_refusal)
         self.session = Session(self.remote_ip, port, local_ip, local_port, core=core)
+        if listener.xclient_trusted:
+            core.xclient_allowed = address_in(self.remote_ip, listener.xclient_trusted)
         self.dispatch = Dispatcher(core, self.session, plugins, settings, self._send)
         self.plugins = plugins
         self.bytes_received = 0
         #: The reply a refused connection gets (no plugin is asked), else ``None``.
         self.refusal = refusal
         self._on_close = on_close
+        self._on_client = on_client
+        # True when no plugin is to hear of the session (it never got past
+        # the PROXY header).
+        self._silent = False
         self._close_callback: Callable[[], Any] | None = None
         self._tls: TLSLayer | None = None
         self._write_future: asyncio.Future[None] | None = None
@@ -220,7 +239,9 @@ class SMTPConnection:
         """Ask the session to end: at once with ``421 4.3.2`` if it is waiting
         for a command, else once the message in flight is answered."""
         self._stopping = True
-        if self._phase == _INPUT and not self.protocol.receiving_content:
+        if self._phase == _PROXY:
+            self.stream.close()  # not greeted yet: nothing to say
+        elif self._phase == _INPUT and not self.protocol.receiving_content:
             self._end(421, "Server shutting down", "4.3.2", "shutdown")
 
     def abort(self) -> None:
@@ -229,7 +250,7 @@ class SMTPConnection:
         close. A plugin call in flight finishes (each is bounded by its
         timeout); what it decides is no longer sent."""
         self._stopping = True
-        if self._phase == _HANDSHAKE:
+        if self._phase == _HANDSHAKE or self._phase == _PROXY:
             self.stream.close()
         else:
             self._end(421, "Server shutting down", "4.3.2", "shutdown")
@@ -256,12 +277,24 @@ class SMTPConnection:
     async def _serve(self) -> None:
         core = self.protocol
         dispatch = self.dispatch
-        if self.listener.implicit_tls and not await self._handshake():
-            return
+        early = b""
+        if self.listener.proxy_protocol:
+            rest = await self._read_proxy_header()
+            if rest is None:
+                return
+            early = rest
+        if self.listener.implicit_tls:
+            if not await self._handshake(early):
+                return
+            early = b""
         if self.refusal is not None:
             core.refuse(self.refusal, close=True)
         else:
             await dispatch.connect()
+        if early:
+            # What the client sent right after the PROXY header: its first
+            # commands, as if read now.
+            core.receive_data(early)
         stream = self.stream
         chunk_size = self.settings.read_chunk_size
         while True:
@@ -298,6 +331,8 @@ class SMTPConnection:
                     return
             elif kind is Closed:
                 return
+            elif kind is XClient:
+                await self._xclient(event)  # type: ignore[arg-type]
             else:
                 self._phase = _BUSY
                 await dispatch.handle(event)  # type: ignore[arg-type]
@@ -330,6 +365,127 @@ class SMTPConnection:
         elif self._command_started is None:
             self._command_started = now
             self._check_by(self._deadline()[0])
+
+    # -------------------------------------------------- the client's address
+    async def _read_proxy_header(self) -> bytes | None:
+        """Read the PROXY header (within ``proxy_timeout``) and take the
+        client's address from it; return the octets that came after it, or
+        ``None`` when the connection is closed (untrusted source, malformed
+        header, timeout: one warning, no greeting, no plugin asked)."""
+        session = self.session
+        peer = f"{session.peer_ip}:{session.peer_port}"
+        self._silent = True
+        if isinstance(self.address, tuple) and not address_in(
+            session.peer_ip, self.listener.proxy_trusted
+        ):
+            self._proxy_failed(peer, "source not in proxy_trusted")
+            return None
+        parser = ProxyParser()
+        stream = self.stream
+        self._phase = _PROXY
+        self._since = self._loop.time()
+        self._check_by(self._since + self.settings.proxy_timeout)
+        received = 0
+        try:
+            while True:
+                data = await stream.read_bytes(COMMAND_CHUNK, partial=True)
+                received += len(data)
+                header = parser.feed(data)
+                if header is not None:
+                    break
+        except ProxyError as exc:
+            self._proxy_failed(peer, f"bad PROXY header: {exc}")
+            return None
+        except StreamClosedError:
+            if self._why != "proxy_timeout":
+                # A TCP health check connects and closes: not worth a warning.
+                log = gen_log.info if received else gen_log.debug
+                log("[%s %s] closed before the end of the PROXY header", session.id, peer)
+            return None
+        finally:
+            self._phase = _BUSY
+        self.bytes_received += received
+        self._silent = False
+        session.proxy = header
+        if header.carries_addresses:
+            client = (header.source, header.source_port, header.destination)
+            refusal = self._set_client(*client, header.destination_port)
+        else:
+            # LOCAL (a health check) or no address given: the connection's
+            # own addresses stand (counted now for the per-client limit).
+            client = (session.remote_ip, session.remote_port, session.local_ip)
+            refusal = self._set_client(*client, session.local_port)
+        if refusal is not None:
+            self.refusal = refusal
+        gen_log.debug(
+            "[%s %s] PROXY v%d %s %s from %s",
+            session.id,
+            self.remote_ip,
+            header.version,
+            header.command,
+            header.family,
+            peer,
+        )
+        return parser.rest
+
+    def _proxy_failed(self, peer: str, why: str) -> None:
+        gen_log.warning(
+            "[%s %s] closed without greeting: %s", self.session.id, peer, _printable(why)
+        )
+        self.stream.close()
+
+    def _set_client(
+        self, ip: str, port: int, local_ip: str, local_port: int
+    ) -> errors.SMTPError | None:
+        """Make ``ip`` the client's address for everything (session, core,
+        logs, limits): a PROXY header or ``XCLIENT`` named it. Returns the
+        refusal the server's per-client limit gives, if any."""
+        session = self.session
+        self.remote_ip = session.remote_ip = self.protocol.remote_ip = ip
+        session.remote_port = port
+        session.local_ip = local_ip
+        session.local_port = local_port
+        trusted = self.listener.xclient_trusted
+        self.protocol.xclient_allowed = bool(trusted) and address_in(ip, trusted)
+        if self._on_client is not None:
+            return self._on_client(self)
+        return None
+
+    async def _xclient(self, event: XClient) -> None:
+        """``XCLIENT`` from a trusted front-end: the client it names becomes
+        the session's, and the session starts over (``bonzo_connect`` asked
+        again, a ``220`` greeting)."""
+        attrs = event.attributes
+        session = self.session
+        old = f"{self.remote_ip}:{session.remote_port}"
+
+        def value(name: str, current: Any, unknown: Any) -> Any:
+            if name not in attrs:
+                return current
+            given = attrs[name]
+            return unknown if given is None else given
+
+        refusal = self._set_client(
+            value("ADDR", self.remote_ip, "0.0.0.0"),
+            int(value("PORT", session.remote_port, 0)),
+            value("DESTADDR", session.local_ip, ""),
+            int(value("DESTPORT", session.local_port, 0)),
+        )
+        session.xclient = dict(attrs)
+        gen_log.info(
+            "[%s %s] XCLIENT from %s: client %s:%d%s",
+            session.id,
+            self.remote_ip,
+            old,
+            self.remote_ip,
+            session.remote_port,
+            f" login {attrs['LOGIN']!r}" if attrs.get("LOGIN") else "",
+        )
+        if refusal is not None:
+            self.protocol.reject(refusal, close=True)
+            return
+        self._phase = _BUSY
+        await self.dispatch.reconnect()
 
     async def _read_tls(self) -> bytes:
         """The next plaintext from the client through TLS."""
@@ -399,9 +555,11 @@ class SMTPConnection:
         core.tls_started()
         return True
 
-    async def _handshake(self) -> bool:
+    async def _handshake(self, initial: bytes = b"") -> bool:
         """Run the TLS handshake over the stream within
-        ``tls_handshake_timeout``; log a failure once, with the session id."""
+        ``tls_handshake_timeout``, starting with the ciphertext ``initial``
+        already read (after a PROXY header); log a failure once, with the
+        session id."""
         context = self.listener.tls_context
         assert context is not None
         tls = self._tls = TLSLayer(context)
@@ -412,6 +570,11 @@ class SMTPConnection:
         self._check_by(self._since + self.settings.tls_handshake_timeout)
         early = b""
         try:
+            if initial:
+                early = tls.receive(initial)
+                out = tls.data_to_send()
+                if out:
+                    stream.write(out)
             while not tls.handshake_done:
                 early = tls.receive(await stream.read_bytes(chunk_size, partial=True))
                 out = tls.data_to_send()
@@ -471,6 +634,8 @@ class SMTPConnection:
             return self._since + s.idle_timeout, "output"
         if phase == _HANDSHAKE:
             return self._since + s.tls_handshake_timeout, "tls_handshake_timeout"
+        if phase == _PROXY:
+            return self._since + s.proxy_timeout, "proxy_timeout"
         if phase == _CLOSING:
             return self._since + min(s.idle_timeout, FINAL_REPLY_WAIT), "final"
         return math.inf, ""  # _BUSY: a plugin's own timeout applies
@@ -510,7 +675,13 @@ class SMTPConnection:
             self._arm(when)
             return
         self._why = why
-        if why in ("output", "final", "tls_handshake_timeout"):
+        if why == "proxy_timeout":
+            session = self.session
+            self._proxy_failed(
+                f"{session.peer_ip}:{session.peer_port}",
+                f"no PROXY header within {self.settings.proxy_timeout:g}s (proxy_timeout)",
+            )
+        elif why in ("output", "final", "tls_handshake_timeout"):
             # Nothing more can be said: the client does not read, or TLS is
             # not up.
             what = {
@@ -606,7 +777,7 @@ class SMTPConnection:
                 callback()
             except Exception:
                 app_log.error("Exception in close callback", exc_info=True)
-        if self.refusal is None:
+        if self.refusal is None and not self._silent:
             await self.plugins.observe("bonzo_disconnect", (self.session,), self.session)
         if self._on_close is not None:
             self._on_close(self)
@@ -646,3 +817,10 @@ class SMTPConnection:
                 arg,
                 f" ({refusal.limit})" if refusal.limit else "",
             )
+
+
+def _printable(text: str) -> str:
+    """``text`` with anything but printable ASCII escaped, for one log line."""
+    if text.isascii() and text.isprintable():
+        return text
+    return ascii(text)[1:-1]

@@ -201,6 +201,19 @@ class Dispatcher:
             return
         self.core.send_greeting(_text(verdict))
 
+    async def reconnect(self) -> None:
+        """After ``XCLIENT`` (the pending event) named a new client: drop any
+        envelope, ask ``bonzo_connect`` again, and answer with the greeting,
+        or with the refusal, which closes the connection."""
+        self.end_transaction()
+        try:
+            verdict = await self.plugins.decide("bonzo_connect", (self.session,))
+        except Exception as exc:
+            reply, by = error_reply(exc, "connect", self.session, self.plugins)
+            self.core.reject(reply, by=by, close=True)
+            return
+        self.core.accept(_text(verdict))
+
     async def handle(self, event: Event) -> None:
         """Answer ``event``: ask the plugins, then apply the verdict (or the
         refusal) to the core, the session and the envelope."""

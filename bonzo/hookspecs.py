@@ -176,6 +176,11 @@ def bonzo_connect(session: Session) -> Any:
     """A client connected (decision). Raise to refuse it: the reply is sent
     and the connection closed. Return a string to replace the greeting text.
 
+    Behind a proxy that sends the PROXY protocol, this runs once the header
+    has named the client (``session.remote_ip`` is the client's). After
+    ``XCLIENT`` from a trusted front-end it runs again, for the client that
+    command named (see :doc:`/proxy`).
+
     .. versionadded:: 0.2
     """
 

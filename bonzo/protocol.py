@@ -38,6 +38,7 @@ from typing import Any, ClassVar, Final, TypeAlias
 
 from .address import NULL_SENDER, Address
 from .errors import SMTPError, default_enhanced_code
+from .proxy import XCLIENT_ATTRIBUTES, XClientError, parse_xclient
 from .settings import EXTENSION_ALLOWANCE, SMTPSettings
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "AuthResponse",
     "DataChunk",
     "MessageComplete",
+    "XClient",
     "NeedData",
     "Paused",
     "Closed",
@@ -226,6 +228,17 @@ class MessageComplete(Event):
     error: SMTPError | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class XClient(Event):
+    """``XCLIENT`` from a trusted front-end (Postfix's extension), its
+    attributes parsed (:func:`bonzo.proxy.parse_xclient`: by name, ``None``
+    for "unavailable"). The caller puts the new client in place; accepting
+    it starts the session over (no HELO, no AUTH but a ``LOGIN`` given, no
+    transaction) and answers with the ``220`` greeting."""
+
+    attributes: Mapping[str, str | None]
+
+
 #: What :meth:`SMTPProtocol.next_event` returns.
 NextEvent: TypeAlias = (
     Helo
@@ -238,6 +251,7 @@ NextEvent: TypeAlias = (
     | Auth
     | AuthResponse
     | MessageComplete
+    | XClient
     | DataChunk
     | NeedData
     | Paused
@@ -701,6 +715,9 @@ class SMTPProtocol:
         self.authenticated: str | None = None
         #: Failed AUTH attempts so far.
         self.auth_failures = 0
+        #: The client may use ``XCLIENT`` (a trusted front-end): it is
+        #: advertised and accepted (the connection sets this).
+        self.xclient_allowed = False
         #: The verb of the command being answered, for logs (``"connect"``
         #: before the first command, ``"message"`` after the final dot).
         self.stage = "connect"
@@ -994,6 +1011,13 @@ class SMTPProtocol:
         elif kind is Auth or kind is AuthResponse:
             self._pending = event
             raise RuntimeError("answer AUTH with auth_challenge(), auth_success() or reject()")
+        elif kind is XClient:
+            # As after connecting (Postfix): the client says EHLO again.
+            self._reset_transaction()
+            self.helo = None
+            self.esmtp = False
+            self.authenticated = event.attributes.get("LOGIN")  # type: ignore[attr-defined]
+            self._queue(format_reply(220, text or self.settings.greeting, None, False))
         else:
             self.reply(250, text or "Ok", "2.0.0")
 
@@ -1061,6 +1085,8 @@ class SMTPProtocol:
             keywords.append("STARTTLS")
         if self.auth_offered:
             keywords.append("AUTH " + " ".join(self.auth_mechanisms))
+        if self.xclient_allowed:
+            keywords.append("XCLIENT " + " ".join(XCLIENT_ATTRIBUTES))
         return keywords
 
     @property
@@ -1468,6 +1494,22 @@ class SMTPProtocol:
             return None
         return Auth(mechanism, initial or None)
 
+    def _cmd_xclient(self, arg: str) -> Any:
+        # Postfix's replies: 550 for a client not allowed, 503 in a
+        # transaction, 501 for bad syntax.
+        if not self.xclient_allowed:
+            self._error(550, "5.7.0", "Error: insufficient authorization")
+            return None
+        if self.mail_from is not None:
+            self._error(503, "5.5.1", "Error: MAIL transaction in progress")
+            return None
+        try:
+            attributes = parse_xclient(arg)
+        except XClientError as exc:
+            self._error(501, "5.5.4", str(exc))
+            return None
+        return XClient(attributes)
+
     def _cmd_bdat(self, arg: str) -> Any:
         # CHUNKING is not offered. Read and drop the announced octets so that
         # chunk content is never run as commands (RFC 3030; cf. Postfix 521).
@@ -1631,4 +1673,5 @@ SMTPProtocol.VERBS = {
     "BDAT": SMTPProtocol._cmd_bdat,
     "STARTTLS": SMTPProtocol._cmd_starttls,
     "AUTH": SMTPProtocol._cmd_auth,
+    "XCLIENT": SMTPProtocol._cmd_xclient,
 }

@@ -205,6 +205,10 @@ class ConnectionCount:
     """Connections open across the servers (listeners) that share this
     object, in all and per client address, for the connection limits.
 
+    A connection whose client is not known yet (its PROXY header has not
+    arrived) counts in :attr:`total` only (``ip`` is ``None``) until
+    :meth:`move` puts it under its client's address.
+
     :arg max_connections: the server-wide limit (``[limits]``), checked
         besides each listener's own; ``None``: only the listeners' own.
     :arg max_connections_per_ip: the same, per client address.
@@ -218,15 +222,25 @@ class ConnectionCount:
         self.max_connections = max_connections
         self.max_connections_per_ip = max_connections_per_ip
 
-    def add(self, ip: str) -> None:
+    def add(self, ip: str | None) -> None:
         self.total += 1
-        self.per_ip[ip] += 1
+        if ip is not None:
+            self.per_ip[ip] += 1
 
-    def remove(self, ip: str) -> None:
+    def remove(self, ip: str | None) -> None:
         self.total -= 1
-        self.per_ip[ip] -= 1
-        if self.per_ip[ip] <= 0:
-            del self.per_ip[ip]
+        self._drop(ip)
+
+    def move(self, old: str | None, new: str) -> None:
+        """Count a connection under ``new`` instead of ``old``."""
+        self._drop(old)
+        self.per_ip[new] += 1
+
+    def _drop(self, ip: str | None) -> None:
+        if ip is not None:
+            self.per_ip[ip] -= 1
+            if self.per_ip[ip] <= 0:
+                del self.per_ip[ip]
 
 
 class SMTPServer(TCPServer):
@@ -312,6 +326,9 @@ class SMTPServer(TCPServer):
         self._open = 0
         self._per_ip: Counter[str] = Counter()
         self._by_session: dict[str, SMTPConnection] = {}
+        # The address each counted connection is counted under (None: in
+        # the total only, its client not known yet).
+        self._counted: dict[SMTPConnection, str | None] = {}
         self._legacy = request_callback is not None
         super().__init__(**tcp_kwargs)
 
@@ -319,6 +336,9 @@ class SMTPServer(TCPServer):
         """Start a session for a new connection (called by TCPServer)."""
         settings = self.settings
         ip = str(address[0]) if isinstance(address, tuple) and address else "0.0.0.0"
+        # Behind a proxy the client's address comes in the PROXY header: the
+        # per-client limit is applied then (_client_named).
+        proxied = self.listener.proxy_protocol
         refusal = limit = None
         count = self.count
         # The listener's limits hold for its own connections, the server-wide
@@ -327,10 +347,7 @@ class SMTPServer(TCPServer):
             count.max_connections is not None and count.total >= count.max_connections
         ):
             refusal, limit = "Too many connections, try again later", "max_connections"
-        elif self._per_ip[ip] >= settings.max_connections_per_ip or (
-            count.max_connections_per_ip is not None
-            and count.per_ip[ip] >= count.max_connections_per_ip
-        ):
+        elif not proxied and self._over_ip_limit(ip):
             refusal, limit = "Too many connections from your address", "max_connections_per_ip"
         connection = SMTPConnection(
             stream,
@@ -343,13 +360,17 @@ class SMTPServer(TCPServer):
             if refusal
             else None,
             on_close=self._connection_closed,
+            on_client=self._client_named,
         )
         if limit is not None:
             gen_log.warning("Refused connection from %s: %s (%s)", ip, refusal, limit)
         else:
-            count.add(ip)
+            counted = None if proxied else ip
+            count.add(counted)
+            self._counted[connection] = counted
             self._open += 1
-            self._per_ip[ip] += 1
+            if counted is not None:
+                self._per_ip[counted] += 1
         self.connections.add(connection)
         self._by_session[connection.session.id] = connection
         connection.task = asyncio.get_running_loop().create_task(connection.run())
@@ -359,17 +380,55 @@ class SMTPServer(TCPServer):
         API's :attr:`SMTPRequest.connection`; plugins never need it)."""
         return self._by_session.get(session.id)
 
+    def _client_named(self, connection: SMTPConnection) -> errors.SMTPError | None:
+        """A PROXY header or ``XCLIENT`` named the connection's client: count
+        the connection under that address, or refuse it (``421 4.7.0``) when
+        that client has ``max_connections_per_ip`` already."""
+        if connection not in self._counted:
+            return None  # refused at accept: not counted
+        ip = connection.remote_ip
+        counted = self._counted[connection]
+        if counted == ip:
+            return None
+        if self._over_ip_limit(ip):
+            text = "Too many connections from your address"
+            gen_log.warning(
+                "Refused connection from %s (via %s): %s (max_connections_per_ip)",
+                ip,
+                connection.session.peer_ip,
+                text,
+            )
+            return errors.SMTPError(421, text, enhanced_code="4.7.0", close=True)
+        self.count.move(counted, ip)
+        self._drop_own(counted)
+        self._per_ip[ip] += 1
+        self._counted[connection] = ip
+        return None
+
+    def _over_ip_limit(self, ip: str) -> bool:
+        """True when ``ip`` has this listener's ``max_connections_per_ip``
+        connections here, or the server-wide limit across listeners."""
+        count = self.count
+        return self._per_ip[ip] >= self.settings.max_connections_per_ip or (
+            count.max_connections_per_ip is not None
+            and count.per_ip[ip] >= count.max_connections_per_ip
+        )
+
+    def _drop_own(self, ip: str | None) -> None:
+        if ip is not None:
+            self._per_ip[ip] -= 1
+            if self._per_ip[ip] <= 0:
+                del self._per_ip[ip]
+
     def _connection_closed(self, connection: SMTPConnection) -> None:
         if connection in self.connections:
             self.connections.discard(connection)
             self._by_session.pop(connection.session.id, None)
-            if connection.refusal is None:
-                ip = connection.remote_ip
-                self.count.remove(ip)
+            if connection in self._counted:
+                counted = self._counted.pop(connection)
+                self.count.remove(counted)
                 self._open -= 1
-                self._per_ip[ip] -= 1
-                if self._per_ip[ip] <= 0:
-                    del self._per_ip[ip]
+                self._drop_own(counted)
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop gracefully: stop accepting, answer ``421 4.3.2`` to sessions

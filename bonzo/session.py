@@ -26,6 +26,7 @@ from typing import IO, Any
 from .address import Address
 from .errors import SMTPError
 from .protocol import SMTPProtocol
+from .proxy import ProxyHeader
 from .settings import SMTPSettings
 
 __all__ = [
@@ -74,7 +75,11 @@ class Session:
 
     .. attribute:: remote_ip
 
-       The client's IP address (``"0.0.0.0"`` on a Unix socket).
+       The client's IP address (``"0.0.0.0"`` on a Unix socket). Behind a
+       proxy that sends the PROXY protocol, or after ``XCLIENT`` from a
+       trusted front-end, this is the address they name, not the
+       connection's (:attr:`peer_ip`): every limit, plugin, log line and
+       the ``Received:`` header use it (:doc:`/proxy`).
 
     .. attribute:: remote_port
 
@@ -82,11 +87,42 @@ class Session:
 
     .. attribute:: local_ip
 
-       The server address the client connected to.
+       The server address the client connected to (behind a proxy, the
+       proxy's address that the client connected to, if it says).
 
     .. attribute:: local_port
 
        The server port the client connected to.
+
+    .. attribute:: peer_ip
+
+       The IP address of the other end of the connection: the client's own,
+       or the proxy's or front-end's when :attr:`remote_ip` came from them.
+
+       .. versionadded:: 0.2
+
+    .. attribute:: peer_port
+
+       The port of the other end of the connection.
+
+       .. versionadded:: 0.2
+
+    .. attribute:: proxy
+
+       The :class:`~bonzo.proxy.ProxyHeader` the connection started with on
+       a listener with ``proxy_protocol`` (its ``tlvs`` hold what a version
+       2 header added: the TLS facts of a connection the proxy decrypted,
+       the server name asked for, the proxy's connection id), else ``None``.
+
+       .. versionadded:: 0.2
+
+    .. attribute:: xclient
+
+       The attributes of the last accepted ``XCLIENT`` command, by name
+       (``"NAME"``, ``"ADDR"``, ``"HELO"``, ...; ``None`` where the front-end
+       said ``[UNAVAILABLE]``), else ``None``.
+
+       .. versionadded:: 0.2
 
     .. attribute:: stash
 
@@ -103,6 +139,10 @@ class Session:
         "remote_port",
         "local_ip",
         "local_port",
+        "peer_ip",
+        "peer_port",
+        "proxy",
+        "xclient",
         "stash",
         "started",
         "_core",
@@ -123,6 +163,10 @@ class Session:
         self.remote_port = remote_port
         self.local_ip = local_ip
         self.local_port = local_port
+        self.peer_ip = remote_ip
+        self.peer_port = remote_port
+        self.proxy: ProxyHeader | None = None
+        self.xclient: dict[str, str | None] | None = None
         self.stash: dict[str, Any] = {}
         self.started = time.time()
         self._core = core if core is not None else SMTPProtocol(_STANDALONE, remote_ip)

@@ -14,6 +14,8 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
+from .proxy import IPNetwork, parse_networks
+
 __all__ = [
     "SMTPSettings",
     "ListenerSettings",
@@ -151,6 +153,14 @@ class SMTPSettings:
     tls_handshake_timeout: float = 30.0
     """Time the TLS handshake (STARTTLS or implicit TLS) may take."""
 
+    proxy_timeout: float = 10.0
+    """On a listener with :attr:`ListenerSettings.proxy_protocol`, time the
+    proxy has to send the whole PROXY header after connecting (the role of
+    Postfix's ``smtpd_upstream_proxy_timeout``); then the connection is
+    closed without a greeting.
+
+    .. versionadded:: 0.2"""
+
     max_auth_failures: int = 3
     """Failed AUTH attempts per session; the last one is followed by
     ``421 4.7.0`` and close."""
@@ -194,6 +204,7 @@ class SMTPSettings:
             "handler_timeout",
             "shutdown_grace",
             "tls_handshake_timeout",
+            "proxy_timeout",
         ):
             value = getattr(self, name)
             if not _finite_number(value) or value <= 0:
@@ -309,6 +320,28 @@ class ListenerSettings:
     auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     """SASL mechanisms offered when a plugin implements ``bonzo_auth``."""
 
+    proxy_protocol: bool = False
+    """Every connection starts with a PROXY protocol header (version 1 or
+    2, HAProxy's) from a proxy in :attr:`proxy_trusted`, naming the real
+    client; that client's address is then the session's (see
+    :doc:`/proxy`). Needs :attr:`proxy_trusted`.
+
+    .. versionadded:: 0.2"""
+
+    proxy_trusted: tuple[IPNetwork, ...] = ()
+    """The networks the proxies connect from (CIDR strings or
+    :mod:`ipaddress` networks; a bare address is one host). A connection
+    from anywhere else is closed without a greeting.
+
+    .. versionadded:: 0.2"""
+
+    xclient_trusted: tuple[IPNetwork, ...] = ()
+    """The networks of the front-ends (mail filters, proxies) allowed to
+    use ``XCLIENT`` to say who their client is (see :doc:`/proxy`). Empty:
+    nobody (``XCLIENT`` gets ``550 5.7.0``).
+
+    .. versionadded:: 0.2"""
+
     protocol: str = "smtp"
     """``"smtp"``, or ``"lmtp"`` for LMTP (RFC 2033; :mod:`bonzo.lmtp`)."""
 
@@ -317,6 +350,21 @@ class ListenerSettings:
             raise SettingError(
                 "protocol", f"must be one of {', '.join(PROTOCOLS)}, not {self.protocol!r}"
             )
+        for name in ("proxy_trusted", "xclient_trusted"):
+            try:
+                setattr(self, name, parse_networks(getattr(self, name)))
+            except ValueError as exc:
+                raise SettingError(name, str(exc)) from None
+        if not isinstance(self.proxy_protocol, bool):
+            raise SettingError(
+                "proxy_protocol", f"must be true or false, not {self.proxy_protocol!r}"
+            )
+        if self.proxy_protocol and not self.proxy_trusted:
+            raise SettingError(
+                "proxy_trusted", "must list the networks of the proxies (proxy_protocol is on)"
+            )
+        if self.proxy_trusted and not self.proxy_protocol:
+            raise SettingError("proxy_trusted", "is set but proxy_protocol is not on")
         if self.implicit_tls and self.tls_context is None:
             raise SettingError("implicit_tls", "needs a TLS certificate (tls_context)")
         if self.require_tls and self.tls_context is None:

@@ -159,7 +159,9 @@ class MeasuredServer(SMTPServer):
 
         def measured_write(data: bytes) -> Any:
             future = write(data)
-            held = len(stream._write_buffer) + connection.protocol.pending_output
+            # The stream drops its buffer when the write finds the peer gone.
+            buffer = stream._write_buffer
+            held = (len(buffer) if buffer is not None else 0) + connection.protocol.pending_output
             self.high_water = max(self.high_water, held)
             return future
 

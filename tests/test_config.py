@@ -120,6 +120,7 @@ SETTING_CASES: dict[str, tuple[Any, list[Any]]] = {
     "banner": ("mx.example.org ESMTP ready", [5, "caf\u00e9", ["a"]]),
     "shutdown_grace": (2.5, [0, -1.0, "30", True]),
     "tls_handshake_timeout": (5.0, [0, -1.0, "30", True]),
+    "proxy_timeout": (2.5, [0, -1.0, "10", True, float("nan")]),
     "max_auth_failures": (5, [0, 1.5, "3", True]),
     "auth_failure_delay": (0.0, [-1.0, "1", True]),
     "spool_threshold": (1024, [0, 1.5, "1024", True]),

@@ -223,3 +223,58 @@ def test_a_path_that_is_not_a_socket_is_never_replaced(tmp_path):
     assert result.returncode == 1
     assert "exists and is not a socket" in result.stderr
     assert (tmp_path / "lmtp.sock").read_text() == "precious"
+
+
+def test_proxy_header_on_a_unix_socket_names_the_client(tmp_path):
+    """A Unix socket listener behind a local proxy: the socket's permissions
+    decide who connects (no proxy_trusted check applies to a Unix peer), and
+    the PROXY header names the client everything else sees."""
+    config = tmp_path / "proxy.toml"
+    port = free_port()
+    config.write_text(
+        f"""
+        [server]
+        hostname = "store.example.org"
+
+        [[listeners]]
+        address = "127.0.0.1"
+        port = {port}
+
+        [[listeners]]
+        path = "smtp.sock"
+        proxy_protocol = true
+        proxy_trusted = ["127.0.0.1/32"]
+
+        [plugins]
+        enabled = ["recipients", "maildir"]
+        [plugins.recipients]
+        domains = ["example.org"]
+        [plugins.maildir]
+        path = "mail"
+        per_recipient = true
+        """.replace("\n        ", "\n")
+    )
+    check = subprocess.run(
+        [sys.executable, "-m", "bonzo", "check", "-c", str(config)],
+        capture_output=True, text=True, timeout=DEADLINE, env=daemon_env(),
+    )  # fmt: skip
+    assert check.returncode == 0, check.stderr
+    assert f"    unix:{tmp_path}/smtp.sock: SMTP, PROXY from 127.0.0.1/32\n" in check.stdout
+    with daemons(tmp_path, daemon_env()) as start:
+        daemon = start(config, port)
+        daemon.wait_ready()
+        with unix_connect(tmp_path / "smtp.sock") as sock:
+            sock.sendall(b"PROXY TCP4 198.51.100.7 192.0.2.25 40000 25\r\n")
+            buf = bytearray()
+            assert read_reply(sock, buf).startswith(b"220 ")
+            sock.sendall(
+                b"EHLO client.example\r\nMAIL FROM:<a@example.com>\r\n"
+                b"RCPT TO:<gina@example.org>\r\nDATA\r\n"
+            )
+            replies = [read_reply(sock, buf) for _ in range(4)]
+            assert replies[-1].startswith(b"354 ")
+            sock.sendall(MESSAGE + b".\r\nQUIT\r\n")
+            assert read_reply(sock, buf).startswith(b"250 ")
+        daemon.stop()
+    [message] = stored(tmp_path, "gina@example.org")
+    assert b"Received: from client.example ([198.51.100.7])" in message

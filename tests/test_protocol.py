@@ -250,7 +250,7 @@ def test_esmtp_replies(setup, command, expected):
         (b"ehlo   spaced.example  ", Helo("spaced.example", True)),
         (b"HELO [192.0.2.7]", Helo("[192.0.2.7]", False)),
         (b"FOO", Unknown("FOO", "", "FOO")),
-        (b"xclient  NAME=x  ADDR=y ", Unknown("XCLIENT", "NAME=x  ADDR=y", "xclient")),
+        (b"xforward  NAME=x  ADDR=y ", Unknown("XFORWARD", "NAME=x  ADDR=y", "xforward")),
         (b"RSET", Reset()),
     ],
 )

@@ -1,0 +1,1 @@
+"""Tests against real mail software and proxies run next to Bonzo."""

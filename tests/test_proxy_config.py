@@ -1,0 +1,105 @@
+"""The configuration keys of the PROXY protocol and XCLIENT: each read into
+ListenerSettings / SMTPSettings, and every bad value refused with a
+ConfigError naming the file and the dotted key."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from test_config import assert_error, parse, table, toml_value
+
+from bonzo.settings import ListenerSettings
+
+
+def listener(**keys: object) -> str:
+    return "[[listeners]]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in keys.items())
+
+
+def test_defaults():
+    config = parse("")
+    assert config.settings.proxy_timeout == 10.0
+    ls = config.listeners[0].settings
+    assert (ls.proxy_protocol, ls.proxy_trusted, ls.xclient_trusted) == (False, (), ())
+
+
+def test_keys_are_read():
+    text = table("limits", proxy_timeout=2.5) + listener(
+        port=25,
+        proxy_protocol=True,
+        proxy_trusted=["127.0.0.0/8", "::1", "2001:db8::/32"],
+        xclient_trusted=["192.0.2.25"],
+    )
+    config = parse(text)
+    assert config.settings.proxy_timeout == 2.5
+    ls = config.listeners[0].settings
+    assert ls.proxy_protocol is True
+    assert ls.proxy_trusted == (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+        ipaddress.ip_network("2001:db8::/32"),
+    )
+    assert ls.xclient_trusted == (ipaddress.ip_network("192.0.2.25/32"),)
+
+
+def test_xclient_without_proxy_protocol():
+    ls = parse(listener(xclient_trusted=["127.0.0.1"])).listeners[0].settings
+    assert not ls.proxy_protocol and ls.xclient_trusted
+
+
+@pytest.mark.parametrize(
+    "keys, key, fragment",
+    [
+        ({"proxy_protocol": "yes"}, "proxy_protocol", "must be true or false, not 'yes'"),
+        ({"proxy_protocol": 1}, "proxy_protocol", "must be true or false"),
+        ({"proxy_protocol": True}, "proxy_trusted", "must list the networks of the proxies"),
+        (
+            {"proxy_protocol": True, "proxy_trusted": []},
+            "proxy_trusted",
+            "must list the networks of the proxies",
+        ),
+        ({"proxy_trusted": ["127.0.0.1"]}, "proxy_trusted", "proxy_protocol is not on"),
+        (
+            {"proxy_protocol": True, "proxy_trusted": "127.0.0.0/8"},
+            "proxy_trusted",
+            "must be a list of networks like '127.0.0.0/8', not '127.0.0.0/8'",
+        ),
+        (
+            {"proxy_protocol": True, "proxy_trusted": ["127.0.0.0/8", "10.0.0.1/8"]},
+            "proxy_trusted",
+            "item 1, '10.0.0.1/8', is not a network: 10.0.0.1/8 has host bits set",
+        ),
+        (
+            {"proxy_protocol": True, "proxy_trusted": ["haproxy.example"]},
+            "proxy_trusted",
+            "item 0, 'haproxy.example', is not a network",
+        ),
+        (
+            {"proxy_protocol": True, "proxy_trusted": [8]},
+            "proxy_trusted",
+            "item 0 must be a network string, not 8",
+        ),
+        ({"xclient_trusted": "127.0.0.1"}, "xclient_trusted", "must be a list of networks"),
+        ({"xclient_trusted": ["127.0.0.1/33"]}, "xclient_trusted", "is not a network"),
+        ({"xclient_trusted": [["127.0.0.1"]]}, "xclient_trusted", "must be a network string"),
+        ({"xclient_trusted": {"a": 1}}, "xclient_trusted", "must be a list of networks"),
+    ],
+)
+def test_bad_listener_keys(keys, key, fragment):
+    assert_error(listener(**keys), f"listeners[0].{key}", fragment)
+
+
+@pytest.mark.parametrize("bad", [0, -1, "10", True, float("inf"), float("nan")])
+def test_bad_proxy_timeout(bad):
+    assert_error(table("limits", proxy_timeout=bad), "limits.proxy_timeout", "positive number")
+
+
+def test_the_second_listener_is_named():
+    text = listener(port=25) + listener(port=26, proxy_protocol=True)
+    assert_error(text, "listeners[1].proxy_trusted", "must list the networks")
+
+
+def test_listener_settings_take_networks_or_strings():
+    net = ipaddress.ip_network("10.0.0.0/8")
+    ls = ListenerSettings(proxy_protocol=True, proxy_trusted=(net, "192.0.2.0/24"))
+    assert ls.proxy_trusted == (net, ipaddress.ip_network("192.0.2.0/24"))

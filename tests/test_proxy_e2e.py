@@ -1,0 +1,432 @@
+"""PROXY protocol and XCLIENT end to end: a real server on 127.0.0.1, raw
+sockets sending headers (good, bad, none), smtplib sending XCLIENT.
+
+The client a proxy or front-end names must be what everything sees: the
+plugins (at connect and later), the EHLO reply, the Received header, the
+per-client connection limit and the log lines. The connection's own peer
+stays in ``session.peer_ip``.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import ssl
+import time
+from typing import Any
+
+import pytest
+import trustme
+from bonzo_plugins.access import AccessPlugin
+from e2e_support import TIMEOUT, RawClient, RecordingPlugin, wait_until
+
+from bonzo.hooks import PluginSet
+from bonzo.proxy import TLV_AUTHORITY, TLV_SSL, TLV_UNIQUE_ID, ProxyHeader, ProxyTLVs
+from bonzo.session import Envelope, Session
+from bonzo.settings import ListenerSettings
+from bonzo.tls import CertificatePair, make_server_context
+
+MESSAGE = b"Subject: hi\r\n\r\nHello.\r\n"
+
+
+def snapshot(session: Session) -> dict[str, Any]:
+    return {
+        "remote_ip": session.remote_ip,
+        "remote_port": session.remote_port,
+        "local_ip": session.local_ip,
+        "local_port": session.local_port,
+        "peer_ip": session.peer_ip,
+        "proxy": session.proxy,
+        "xclient": session.xclient,
+        "auth": session.auth,
+        "helo": session.helo,
+        "tls": session.tls,
+    }
+
+
+class Seen(RecordingPlugin):
+    """Records what the session looked like at connect and at delivery."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at_connect: list[dict[str, Any]] = []
+        self.at_deliver: list[dict[str, Any]] = []
+
+    def bonzo_connect(self, session: Session) -> Any:
+        self.at_connect.append(snapshot(session))
+        return super().bonzo_connect(session)
+
+    def bonzo_deliver(self, session: Session, envelope: Envelope) -> Any:
+        self.at_deliver.append(snapshot(session))
+        return super().bonzo_deliver(session, envelope)
+
+
+def proxied(**options: Any) -> ListenerSettings:
+    options.setdefault("proxy_trusted", ["127.0.0.0/8"])
+    return ListenerSettings(proxy_protocol=True, **options)
+
+
+def v1(source: str, port: int = 40001, dest: str = "198.51.100.25", dport: int = 25) -> bytes:
+    family = "INET6" if ":" in source else "INET"
+    return ProxyHeader(1, "PROXY", family, "STREAM", source, port, dest, dport).to_bytes()
+
+
+def send_message(c: RawClient) -> None:
+    assert c.command("MAIL FROM:<a@example.org>").startswith(b"250")
+    assert c.command("RCPT TO:<b@example.net>").startswith(b"250")
+    assert c.command("DATA").startswith(b"354")
+    assert c.command(MESSAGE + b".").startswith(b"250")
+
+
+# ------------------------------------------------------------------ PROXY
+def test_the_proxied_client_is_what_everything_sees(start_server, log_watch):
+    plugin = Seen()
+    server = start_server(plugin=plugin, listener=proxied())
+    with RawClient(server.port) as c:
+        c.send(v1("192.0.2.7"))
+        ehlo = c.greet()
+        assert b"Hello 192.0.2.7\r\n" in ehlo
+        assert c.command("NOSUCH").startswith(b"500")
+        send_message(c)
+        c.command("QUIT")
+    wait_until(lambda: plugin.disconnected, message="disconnect")
+    seen = plugin.at_connect[0]
+    assert seen == plugin.at_deliver[0] | {"helo": None}
+    assert (seen["remote_ip"], seen["remote_port"]) == ("192.0.2.7", 40001)
+    assert (seen["local_ip"], seen["local_port"]) == ("198.51.100.25", 25)
+    assert seen["peer_ip"] == "127.0.0.1"
+    assert seen["proxy"].version == 1 and seen["proxy"].source == "192.0.2.7"
+    received = plugin.messages[0].header_bytes
+    assert received.startswith(b"Received: from client.test ([192.0.2.7])")
+    # Log lines name the client, not the proxy.
+    assert log_watch.matching(r"\[\w+ 192\.0\.2\.7\] NOSUCH refused by core")
+    assert log_watch.matching(r" 192\.0\.2\.7 from=<a@example\.org>", "tornado.access")
+
+
+def test_v2_tlvs_and_commands_in_the_same_segment(start_server):
+    plugin = Seen()
+    server = start_server(plugin=plugin, listener=proxied())
+    tlvs = ProxyTLVs(
+        [
+            (TLV_AUTHORITY, b"mx.example.org"),
+            (TLV_UNIQUE_ID, b"conn-42"),
+            (TLV_SSL, b"\x01\x00\x00\x00\x00\x21\x00\x07TLSv1.3"),
+        ]
+    )
+    header = ProxyHeader(2, "PROXY", "INET6", "STREAM", "2001:db8::5", 1234, "::1", 25, tlvs)
+    with RawClient(server.port) as c:
+        # A proxy may send the client's first bytes with the header.
+        c.send(header.to_bytes() + b"EHLO client.test\r\n")
+        assert c.reply().startswith(b"220 ")
+        assert c.reply().startswith(b"250-bonzo.test Hello 2001:db8::5\r\n")
+        send_message(c)
+    wait_until(lambda: plugin.disconnected, message="disconnect")
+    seen = plugin.at_deliver[0]
+    assert seen["remote_ip"] == "2001:db8::5" and seen["peer_ip"] == "127.0.0.1"
+    got = seen["proxy"].tlvs
+    assert got.authority == "mx.example.org" and got.unique_id == b"conn-42"
+    assert got.ssl.tls and got.ssl.version == "TLSv1.3"
+    assert plugin.messages[0].header_bytes.startswith(
+        b"Received: from client.test ([IPv6:2001:db8::5])"
+    )
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        ProxyHeader(2, "LOCAL", "UNSPEC", "UNSPEC").to_bytes(),
+        b"PROXY UNKNOWN\r\n",
+    ],
+)
+def test_local_and_unknown_keep_the_connection_addresses(start_server, header):
+    plugin = Seen()
+    server = start_server(plugin=plugin, listener=proxied())
+    with RawClient(server.port) as c:
+        c.send(header)
+        c.greet()
+        c.command("QUIT")
+    seen = plugin.at_connect[0]
+    assert seen["remote_ip"] == seen["peer_ip"] == "127.0.0.1"
+    assert seen["proxy"] is not None and not seen["proxy"].carries_addresses
+
+
+def closed_without_greeting(c: RawClient, timeout: float = TIMEOUT) -> None:
+    assert c.read_to_eof(timeout) == b""
+
+
+def test_untrusted_source_is_closed_without_greeting(start_server, log_watch):
+    plugin = Seen()
+    server = start_server(plugin=plugin, listener=proxied(proxy_trusted=["192.0.2.0/24"]))
+    with RawClient(server.port) as c:
+        port = c.sock.getsockname()[1]
+        c.send(v1("192.0.2.7"))
+        closed_without_greeting(c)
+    record = log_watch.wait_for(rf"127\.0\.0\.1:{port}\] closed without greeting: source not in")
+    assert record.levelname == "WARNING"
+    server.wait_connections(0)
+    assert plugin.connected == [] and plugin.disconnected == []
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"EHLO client.test\r\n", r"not a PROXY header: b'EHLO client\.test'"),
+        (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 99999\r\n", "bad port b'99999'"),
+        (b"PROXY \x1b[2J\x07\r\n", "control character"),
+        (b"\r\n\r\n\x00\r\nQUIT\n\x11\x11\x00\x00", "signature with version 1"),
+    ],
+)
+def test_malformed_header_is_closed_without_greeting(start_server, log_watch, data, reason):
+    plugin = Seen()
+    server = start_server(plugin=plugin, listener=proxied())
+    with RawClient(server.port) as c:
+        c.send(data)
+        closed_without_greeting(c)
+    record = log_watch.wait_for(r"\] closed without greeting: bad PROXY header: .*" + reason)
+    assert record.levelname == "WARNING"
+    message = record.getMessage()
+    assert message.isprintable() and "\x1b" not in message
+    assert len(log_watch.matching("closed without greeting")) == 1
+    server.wait_connections(0)
+    assert plugin.connected == []
+
+
+def test_v2_with_a_wrong_family_after_the_length(start_server, log_watch):
+    server = start_server(listener=proxied())
+    with RawClient(server.port) as c:
+        c.send(b"\r\n\r\n\x00\r\nQUIT\n\x21\x51\x00\x00")
+        closed_without_greeting(c)
+    log_watch.wait_for(r"unknown family/transport 0x51")
+
+
+def test_no_header_in_time(start_server, log_watch):
+    plugin = Seen()
+    server = start_server(plugin=plugin, listener=proxied(), proxy_timeout=0.3)
+    started = time.monotonic()
+    with RawClient(server.port) as c:
+        c.send(b"PROXY TCP4 ")  # a start, and nothing more
+        closed_without_greeting(c)
+    elapsed = time.monotonic() - started
+    assert 0.25 <= elapsed < 3
+    record = log_watch.wait_for(r"closed without greeting: no PROXY header within 0\.3s")
+    assert record.levelname == "WARNING"
+    assert plugin.connected == []
+
+
+def test_a_health_check_that_connects_and_closes_is_quiet(start_server, log_watch):
+    server = start_server(listener=proxied())
+    socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT).close()
+    log_watch.wait_for(r"closed before the end of the PROXY header")
+    server.wait_connections(0)
+    assert not [r for r in log_watch.records if r.levelname == "WARNING"]
+
+
+def test_shutdown_closes_a_connection_still_waiting_for_its_header(start_server):
+    plugin = Seen()
+    server = start_server(plugin=plugin, listener=proxied())
+    with RawClient(server.port) as c:
+        server.wait_connections(1)
+        started = time.monotonic()
+        server.run(server.server.shutdown(grace=30))
+        assert time.monotonic() - started < 3
+        closed_without_greeting(c)
+    assert plugin.connected == [] and plugin.disconnected == []
+
+
+def test_the_per_client_limit_counts_proxied_addresses(start_server, log_watch):
+    server = start_server(listener=proxied(), max_connections_per_ip=1)
+    first = RawClient(server.port)
+    try:
+        first.send(v1("192.0.2.1"))
+        first.greet(None)
+        with RawClient(server.port) as second:
+            second.send(v1("192.0.2.1"))
+            assert second.reply() == b"421 4.7.0 Too many connections from your address\r\n"
+            closed_without_greeting(second)
+        # Another client through the same proxy (the same peer) is welcome.
+        with RawClient(server.port) as other:
+            other.send(v1("192.0.2.2"))
+            other.greet(None)
+            other.command("QUIT")
+        log_watch.wait_for(r"Refused connection from 192\.0\.2\.1 \(via 127\.0\.0\.1\)")
+    finally:
+        first.close()
+    server.wait_connections(0)
+    assert server.call(lambda: (server.server.count.total, dict(server.server.count.per_ip))) == (
+        0,
+        {},
+    )
+    with RawClient(server.port) as again:
+        again.send(v1("192.0.2.1"))
+        again.greet(None)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[trustme.CA, CertificatePair]:
+    ca = trustme.CA()
+    cert = ca.issue_cert("mx.test")
+    tmp = tmp_path_factory.mktemp("certs")
+    cert.private_key_pem.write_to_path(str(tmp / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp / "cert.pem"))
+    return ca, CertificatePair(str(tmp / "cert.pem"), str(tmp / "key.pem"))
+
+
+def test_implicit_tls_starts_after_the_header(start_server, certs):
+    ca, pair = certs
+    plugin = Seen()
+    listener = proxied(tls_context=make_server_context(pair), implicit_tls=True)
+    server = start_server(plugin=plugin, listener=listener)
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+    raw.sendall(v1("192.0.2.9"))
+    tls = context.wrap_socket(raw, server_hostname="mx.test")
+    client = smtplib.SMTP(local_hostname="client.test", timeout=TIMEOUT)
+    client.sock = tls
+    try:
+        code, _ = client.getreply()
+        assert code == 220
+        client.sendmail("a@example.org", ["b@example.net"], MESSAGE)
+        client.quit()
+    finally:
+        client.close()
+    wait_until(lambda: plugin.disconnected, message="disconnect")
+    seen = plugin.at_deliver[0]
+    assert seen["remote_ip"] == "192.0.2.9" and seen["tls"]["version"].startswith("TLSv1.")
+    header = plugin.messages[0].header_bytes
+    assert header.startswith(b"Received: from client.test ([192.0.2.9])") and b"ESMTPS" in header
+
+
+def test_xclient_trust_uses_the_proxied_address(start_server):
+    server = start_server(listener=proxied(xclient_trusted=["10.0.0.0/8"]))
+    for source, offered in (("10.1.2.3", True), ("192.0.2.1", False)):
+        with RawClient(server.port) as c:
+            c.send(v1(source))
+            assert (b"XCLIENT" in c.greet()) is offered
+
+
+# ---------------------------------------------------------------- XCLIENT
+def smtp(port: int) -> smtplib.SMTP:
+    return smtplib.SMTP("127.0.0.1", port, local_hostname="filter.test", timeout=TIMEOUT)
+
+
+def test_xclient_from_a_trusted_front_end(start_server, log_watch):
+    plugin = Seen()
+    listener = ListenerSettings(xclient_trusted=["127.0.0.0/8"])
+    server = start_server(plugin=plugin, listener=listener)
+    with smtp(server.port) as client:
+        client.ehlo()
+        assert client.esmtp_features["xclient"] == (
+            "NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT"
+        )
+        code, text = client.docmd(
+            "XCLIENT", "ADDR=192.0.2.7 PORT=4567 NAME=client.example LOGIN=alice HELO=orig.test"
+        )
+        assert (code, text) == (220, b"bonzo.test ESMTP")
+        code, text = client.ehlo("orig.test")
+        assert code == 250 and text.startswith(b"bonzo.test Hello 192.0.2.7\n")
+        assert "xclient" not in client.esmtp_features  # 192.0.2.7 is not trusted
+        client.sendmail("a@example.org", ["b@example.net"], MESSAGE)
+    wait_until(lambda: plugin.disconnected, message="disconnect")
+    first, second = plugin.at_connect
+    assert first["remote_ip"] == "127.0.0.1" and first["xclient"] is None
+    assert (second["remote_ip"], second["remote_port"], second["peer_ip"]) == (
+        "192.0.2.7",
+        4567,
+        "127.0.0.1",
+    )
+    seen = plugin.at_deliver[0]
+    assert seen["auth"] == "alice" and seen["helo"] == "orig.test"
+    assert seen["xclient"] == {
+        "ADDR": "192.0.2.7",
+        "PORT": "4567",
+        "NAME": "client.example",
+        "LOGIN": "alice",
+        "HELO": "orig.test",
+    }
+    header = plugin.messages[0].header_bytes
+    assert header.startswith(b"Received: from orig.test ([192.0.2.7])")
+    assert b"(authenticated as alice)" in header and b"ESMTPA" in header
+    assert len(plugin.disconnected) == 1
+    log_watch.wait_for(r"\[\w+ 192\.0\.2\.7\] XCLIENT from 127\.0\.0\.1:\d+: client 192\.0\.2\.7")
+
+
+@pytest.mark.parametrize("trusted", [(), ["192.0.2.0/24"]])
+def test_xclient_from_an_untrusted_client(start_server, trusted):
+    plugin = Seen()
+    server = start_server(plugin=plugin, listener=ListenerSettings(xclient_trusted=trusted))
+    with smtp(server.port) as client:
+        client.ehlo()
+        assert "xclient" not in client.esmtp_features
+        assert client.docmd("XCLIENT", "ADDR=192.0.2.7") == (
+            550,
+            b"5.7.0 Error: insufficient authorization",
+        )
+        client.sendmail("a@example.org", ["b@example.net"], MESSAGE)
+    wait_until(lambda: plugin.disconnected, message="disconnect")
+    assert plugin.at_deliver[0]["remote_ip"] == "127.0.0.1"
+    assert len(plugin.at_connect) == 1
+
+
+def test_xclient_bad_syntax(start_server):
+    server = start_server(listener=ListenerSettings(xclient_trusted=["127.0.0.1/32"]))
+    with smtp(server.port) as client:
+        client.ehlo()
+        assert client.docmd("XCLIENT", "ADDR=192.0.2.999") == (
+            501,
+            b"5.5.4 Bad XCLIENT ADDR syntax: bad address",
+        )
+        assert client.docmd("XCLIENT", "COLOR=blue")[0] == 501
+        assert client.docmd("XCLIENT", "LOGIN=a+zz")[0] == 501
+        assert client.noop()[0] == 250
+
+
+def test_xclient_naming_a_client_the_access_rules_refuse(start_server):
+    access = AccessPlugin()
+    access.bonzo_configure(
+        {"rules": [{"stage": "connect", "match": "192.0.2.66", "action": "deny"}]}, None
+    )
+    plugin = Seen()
+    plugins = PluginSet(timeout=TIMEOUT)
+    plugins.register(access, "access")
+    plugins.register(plugin, "seen")
+    listener = ListenerSettings(xclient_trusted=["127.0.0.0/8"])
+    server = start_server(plugins=plugins, listener=listener)
+    with RawClient(server.port) as c:
+        c.greet()
+        assert c.command("XCLIENT ADDR=192.0.2.66") == b"554 5.7.1 Access denied\r\n"
+        assert c.read_to_eof() == b""
+    with RawClient(server.port) as c:
+        c.greet()
+        assert c.command("XCLIENT ADDR=192.0.2.67").startswith(b"220 ")
+        assert c.command("EHLO x").startswith(b"250-bonzo.test Hello 192.0.2.67\r\n")
+
+
+def test_xclient_moves_the_per_client_count(start_server, log_watch):
+    listener = ListenerSettings(xclient_trusted=["127.0.0.0/8"])
+    server = start_server(listener=listener, max_connections_per_ip=1)
+    with RawClient(server.port) as first:
+        first.greet()
+        assert first.command("XCLIENT ADDR=192.0.2.1").startswith(b"220 ")
+        # 127.0.0.1 holds no connection now: another front-end connection is welcome.
+        with RawClient(server.port) as second:
+            second.greet()
+            assert second.command("XCLIENT ADDR=192.0.2.1") == (
+                b"421 4.7.0 Too many connections from your address\r\n"
+            )
+            assert second.read_to_eof() == b""
+        log_watch.wait_for(r"Refused connection from 192\.0\.2\.1 \(via 127\.0\.0\.1\)")
+        counts = server.call(lambda: dict(server.server.count.per_ip))
+        assert counts == {"192.0.2.1": 1}
+    server.wait_connections(0)
+    assert server.call(lambda: server.server.count.total) == 0
+
+
+def test_xclient_in_a_transaction(start_server):
+    server = start_server(listener=ListenerSettings(xclient_trusted=["127.0.0.0/8"]))
+    with RawClient(server.port) as c:
+        c.greet()
+        assert c.command("MAIL FROM:<a@example.org>").startswith(b"250")
+        assert c.command("XCLIENT ADDR=192.0.2.1") == (
+            b"503 5.5.1 Error: MAIL transaction in progress\r\n"
+        )
