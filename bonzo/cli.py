@@ -90,7 +90,34 @@ def _parser() -> argparse.ArgumentParser:
         help="read the password from standard input instead of prompting",
     )
     add("version", _version, "print the version")
+    _add_plugin_commands(sub, add)
     return parser
+
+
+#: The entry-point group where plugins add commands (``bonzo queue``): each
+#: entry is a function called with ``add(name, func, help)``, which returns
+#: the new command's :class:`argparse.ArgumentParser`; ``func(args)``
+#: returns the exit status.
+COMMANDS_GROUP = "bonzo.commands"
+
+
+def _add_plugin_commands(sub: Any, add: Any) -> None:
+    from importlib import metadata
+
+    for entry in sorted(metadata.entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        if entry.name in sub.choices:
+            print(
+                f"bonzo: command {entry.name!r} of {entry.value} is ignored: the name is taken",
+                file=sys.stderr,
+            )
+            continue
+        try:
+            entry.load()(add)
+        except Exception as exc:
+            print(
+                f"bonzo: command {entry.name!r} ({entry.value}) cannot be loaded: {exc}",
+                file=sys.stderr,
+            )
 
 
 def _adduser(args: argparse.Namespace) -> int:

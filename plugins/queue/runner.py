@@ -107,6 +107,7 @@ class Runner:
         self._stopping = False
         #: When each known message is next due (refreshed by scans).
         self._due: dict[str, float] = {}
+        self._flush_mtime: float | None = None
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -141,11 +142,27 @@ class Runner:
         self._wake.set()
 
     # ------------------------------------------------------------ scheduling
+    def _flushed(self) -> bool:
+        """True when ``bonzo queue flush`` touched the queue's ``flush`` file
+        since the last look."""
+        try:
+            mtime = (self.spool.path / "flush").stat().st_mtime
+        except OSError:
+            mtime = 0.0  # never flushed
+        if mtime == self._flush_mtime:
+            return False
+        first = self._flush_mtime is None  # the time it had at start
+        self._flush_mtime = mtime
+        return not first
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_scan = 0.0
+        self._flushed()
         while not self._stopping:
             now = self.clock()
+            if self._flushed():
+                next_scan = 0.0
             if now >= next_scan:
                 try:
                     await loop.run_in_executor(None, self._scan)
@@ -159,7 +176,8 @@ class Runner:
             for id, due in sorted(self._due.items(), key=lambda item: item[1]):
                 if due <= now and id not in self._inflight:
                     self._start(id)
-            wait = next_scan - now
+            # At most a second: a flush from the command line is seen quickly.
+            wait = min(next_scan - now, 1.0)
             upcoming = [d for i, d in self._due.items() if i not in self._inflight]
             if upcoming:
                 wait = min(wait, min(upcoming) - now)
@@ -238,6 +256,28 @@ class Runner:
         finally:
             claim.release()
 
+    async def give_up(self, id: str, reason: str, wait: float = 10.0) -> str | None:
+        """Bounce every undelivered recipient of message ``id`` now (``bonzo
+        queue bounce``): the sender gets a failure report saying ``reason``
+        and the message leaves the queue. Returns the report's queue id
+        (``""`` if no report was due), or ``None`` if the message could not
+        be claimed within ``wait`` seconds."""
+        loop = asyncio.get_running_loop()
+        claim = await loop.run_in_executor(None, lambda: self.spool.claim(id, wait=wait))
+        if claim is None:
+            return None
+        try:
+            message = await loop.run_in_executor(None, self.spool.load, id)
+            outcomes = {
+                i: Outcome("failed", 550, "5.0.0", reason, "postmaster") for i in message.pending
+            }
+            reports = await self._settle(message, outcomes)
+            await loop.run_in_executor(None, self.spool.remove, id)
+            self._due.pop(id, None)
+            return reports[0] if reports else ""
+        finally:
+            claim.release()
+
     async def _deliver(self, message: QueuedMessage, due: list[int]) -> dict[int, Outcome]:
         groups: dict[tuple[int, str], tuple[Any, list[int]]] = {}
         outcomes: dict[int, Outcome] = {}
@@ -312,8 +352,9 @@ class Runner:
                 )
         return self.routes.route(recipient)
 
-    async def _settle(self, message: QueuedMessage, outcomes: dict[int, Outcome]) -> None:
-        """Apply the outcomes to the recipients; queue the reports; tell the observers."""
+    async def _settle(self, message: QueuedMessage, outcomes: dict[int, Outcome]) -> list[str]:
+        """Apply the outcomes to the recipients; queue the reports; tell the
+        observers. Returns the queue ids of the reports."""
         now = self.clock()
         settings = self.settings
         delivered: list[Recipient] = []
@@ -367,8 +408,12 @@ class Runner:
                 "queue: %s to=<%s> bounced: %s", message.id, line.recipient.address, line.diagnostic
             )
         # Reports first (durably queued), then the state: see the module docs.
-        await self._report(message, [b for b in bounced if wants_report(b.recipient, "failed")])
-        await self._report(message, success)
+        reports = [
+            await self._report(
+                message, [b for b in bounced if wants_report(b.recipient, "failed")]
+            ),
+            await self._report(message, success),
+        ]
         if (
             settings.delay_warning
             and not message.warned
@@ -383,7 +428,7 @@ class Runner:
                 for r in deferred
                 if wants_report(r, "delayed")
             ]  # fmt: skip
-            await self._report(message, lines)
+            reports.append(await self._report(message, lines))
             message.warned = True
         if self.plugins is not None:
             for hook, who in (
@@ -393,11 +438,13 @@ class Runner:
             ):
                 if who:
                     await self.plugins.observe(hook, (message, who))
+        return [r for r in reports if r]
 
-    async def _report(self, message: QueuedMessage, lines: Sequence[ReportLine]) -> None:
-        """Queue one report about ``lines`` to the message's sender."""
+    async def _report(self, message: QueuedMessage, lines: Sequence[ReportLine]) -> str:
+        """Queue one report about ``lines`` to the message's sender; return its
+        queue id (``""`` when none was queued)."""
         if not lines:
-            return
+            return ""
         if message.sender == "":
             log.warning(
                 "queue: %s: not reporting %s for %s to the null sender",
@@ -405,7 +452,7 @@ class Runner:
                 lines[0].action,
                 ", ".join(f"<{line.recipient.address}>" for line in lines),
             )
-            return
+            return ""
         recipients = [line.recipient for line in lines]
         if self.plugins is not None and self.plugins.calls["bonzo_bounce"]:
             try:
@@ -420,7 +467,7 @@ class Runner:
                     lines[0].action,
                     verdict[0],
                 )
-                return
+                return ""
         report = build_report(
             message,
             lines,
@@ -437,6 +484,7 @@ class Runner:
             len(lines),
             id,
         )
+        return id
 
     async def inject(
         self,

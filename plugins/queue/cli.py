@@ -1,0 +1,271 @@
+"""``bonzo queue``: look at and act on the queue, whether the daemon runs or not.
+
+Every change takes the message's claim first (the lock a runner holds while
+it delivers), waiting a few seconds for a delivery in flight to finish, so
+the command and the daemon never work on one message at once. A running
+daemon notices changes at its next look at the queue; ``flush`` makes it
+look at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import sys
+from collections import Counter
+from typing import Any
+
+from bonzo.config import ConfigError, load_config
+
+from .plugin import QueuePlugin, parse_duration
+from .runner import Runner
+from .spool import GroupSync, QueuedMessage, Spool, SpoolError
+
+__all__ = ["register"]
+
+#: Seconds to wait for a runner to finish with a message before giving up.
+CLAIM_WAIT = 10.0
+
+
+def register(add: Any) -> None:
+    """Add ``bonzo queue`` to the ``bonzo`` command (entry point of the
+    ``bonzo.commands`` group)."""
+    parser = add("queue", run, "list and manage the messages of the queue plugin")
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="configuration file (default: the embedded default, bonzo.toml.example)",
+    )
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ls = sub.add_parser("list", help="list queued messages, and counts by state")
+    ls.add_argument("--state", choices=("pending", "deferred", "held"), help="only these")
+    ls.add_argument("--domain", help="only messages with a recipient at this domain")
+    ls.add_argument("--older-than", metavar="AGE", help="only messages older than AGE (5m, 4h)")
+    sub.add_parser(
+        "show", help="show a message's envelope and each recipient's state"
+    ).add_argument("id")
+    sub.add_parser("flush", help="try a message (or every message) now").add_argument(
+        "id", nargs="?"
+    )
+    sub.add_parser("hold", help="stop delivering a message until released").add_argument("id")
+    sub.add_parser("release", help="deliver a held message again").add_argument("id")
+    sub.add_parser("delete", help="remove a message without telling its sender").add_argument("id")
+    sub.add_parser(
+        "bounce", help="give up on a message: its sender gets a failure report"
+    ).add_argument("id")
+
+
+class Problem(Exception):
+    """A one-line error for the operator (exit status 1)."""
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        plugin = _plugin(args.config)
+        assert plugin.spool is not None
+        if not plugin.spool.data.is_dir():
+            raise Problem(f"{plugin.spool.path}: no queue here (the daemon creates it at start)")
+        action = {
+            "list": _list,
+            "show": _show,
+            "flush": _flush,
+            "hold": _hold,
+            "release": _release,
+            "delete": _delete,
+            "bounce": _bounce,
+        }[args.action]
+        return action(plugin, args)
+    except Problem as exc:
+        print(f"bonzo queue: {exc}", file=sys.stderr)
+        return 1
+
+
+def _plugin(config_path: str | None) -> QueuePlugin:
+    config = load_config(config_path)
+    if "queue" not in config.plugins.enabled:
+        raise ConfigError(config.source, "plugins.enabled", "the queue plugin is not enabled")
+
+    class App:
+        base_dir = config.base_dir
+        settings = config.settings
+        plugins = None
+
+    plugin = QueuePlugin()
+    try:
+        plugin.bonzo_configure(config.plugins.tables.get("queue", {}), App())
+    except ValueError as exc:
+        raise ConfigError(config.source, "plugins.queue", str(exc)) from None
+    return plugin
+
+
+def _when(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch).isoformat(sep=" ", timespec="seconds")
+
+
+def _state(message: QueuedMessage) -> str:
+    if message.held:
+        return "held"
+    if any(r.status == "deferred" for r in message.recipients):
+        return "deferred"
+    return "pending"
+
+
+def _list(plugin: QueuePlugin, args: argparse.Namespace) -> int:
+    spool = plugin.spool
+    assert spool is not None
+    now = datetime.datetime.now().timestamp()
+    older = parse_duration(args.older_than, "--older-than") if args.older_than else None
+    counts: Counter[str] = Counter()
+    shown = 0
+    for message in spool.iter_messages():
+        state = _state(message)
+        counts[state] += 1
+        if args.state and state != args.state:
+            continue
+        if args.domain and not any(r.domain == args.domain.lower() for r in message.recipients):
+            continue
+        if older is not None and now - message.arrival < older:
+            continue
+        shown += 1
+        sender = message.sender or "(null sender)"
+        print(f"{message.id}  {_when(message.arrival)}  {message.size:>9}  {state:<8}  <{sender}>")
+        for r in message.recipients:
+            if r.final:
+                continue
+            line = f"    <{r.address}>  {r.status}"
+            if r.attempts:
+                line += f", {r.attempts} attempt(s), next {_when(r.next_attempt)}: {r.reply}"
+            print(line)
+    total = sum(counts.values())
+    summary = ", ".join(f"{counts[s]} {s}" for s in ("pending", "deferred", "held") if counts[s])
+    print(f"-- {total} message(s) in {spool.path}" + (f": {summary}" if summary else ""))
+    if shown != total:
+        print(f"-- {shown} shown")
+    return 0
+
+
+def _load(spool: Spool, id: str) -> QueuedMessage:
+    try:
+        return spool.load(id)
+    except FileNotFoundError:
+        raise Problem(f"{id}: no such message in {spool.path}") from None
+    except SpoolError as exc:
+        raise Problem(str(exc)) from None
+
+
+def _show(plugin: QueuePlugin, args: argparse.Namespace) -> int:
+    assert plugin.spool is not None
+    message = _load(plugin.spool, args.id)
+    print(f"id:        {message.id}")
+    print(f"arrival:   {_when(message.arrival)}")
+    print(f"size:      {message.size}")
+    print(f"sender:    <{message.sender}>")
+    if message.mail_params:
+        params = " ".join(k if v is None else f"{k}={v}" for k, v in message.mail_params.items())
+        print(f"params:    {params}")
+    print(f"state:     {_state(message)}")
+    for key in ("session_id", "remote_ip", "helo", "protocol", "auth"):
+        if message.session.get(key):
+            print(f"{key + ':':<10} {message.session[key]}")
+    for r in message.recipients:
+        print(f"recipient: <{r.address}>  {r.status}  attempts={r.attempts}")
+        if r.reply:
+            print(f"    last:  {r.reply} ({r.host})")
+        if not r.final and r.attempts:
+            print(f"    next:  {_when(r.next_attempt)}")
+    return 0
+
+
+def _change(plugin: QueuePlugin, id: str, what: str, change: Any) -> None:
+    spool = plugin.spool
+    assert spool is not None
+    if not spool.exists(id):
+        raise Problem(f"{id}: no such message in {spool.path}")
+    claim = spool.claim(id, wait=CLAIM_WAIT)
+    if claim is None:
+        if not spool.exists(id):
+            raise Problem(f"{id}: it left the queue meanwhile (delivered or bounced)")
+        raise Problem(f"{id}: being delivered right now; try again in a moment")
+    with claim:
+        message = _load(spool, id)
+        if change(message) is not False:
+            spool.save_state(message)
+    print(f"{id}: {what}")
+
+
+def _poke(spool: Spool) -> None:
+    """Make running daemons look at the queue now."""
+    (spool.path / "flush").touch()
+
+
+def _flush(plugin: QueuePlugin, args: argparse.Namespace) -> int:
+    spool = plugin.spool
+    assert spool is not None
+    now = datetime.datetime.now().timestamp()
+
+    def due_now(message: QueuedMessage) -> None:
+        for r in message.recipients:
+            if not r.final:
+                r.next_attempt = min(r.next_attempt, now)
+
+    ids = [args.id] if args.id else spool.ids()
+    for id in ids:
+        try:
+            _change(plugin, id, "due now", due_now)
+        except Problem as exc:
+            if args.id:
+                raise
+            print(f"bonzo queue: {exc}", file=sys.stderr)
+    _poke(spool)
+    return 0
+
+
+def _hold(plugin: QueuePlugin, args: argparse.Namespace) -> int:
+    def hold(message: QueuedMessage) -> None:
+        message.held = True
+
+    _change(plugin, args.id, "held", hold)
+    return 0
+
+
+def _release(plugin: QueuePlugin, args: argparse.Namespace) -> int:
+    assert plugin.spool is not None
+
+    def release(message: QueuedMessage) -> None:
+        message.held = False
+
+    _change(plugin, args.id, "released", release)
+    _poke(plugin.spool)
+    return 0
+
+
+def _delete(plugin: QueuePlugin, args: argparse.Namespace) -> int:
+    spool = plugin.spool
+    assert spool is not None
+    _load(spool, args.id)
+    claim = spool.claim(args.id, wait=CLAIM_WAIT)
+    if claim is None:
+        raise Problem(f"{args.id}: being delivered right now; try again in a moment")
+    with claim:
+        spool.remove(args.id)
+    print(f"{args.id}: deleted")
+    return 0
+
+
+def _bounce(plugin: QueuePlugin, args: argparse.Namespace) -> int:
+    spool, routes = plugin.spool, plugin.routes
+    assert spool is not None and routes is not None
+    _load(spool, args.id)
+
+    async def main() -> str | None:
+        runner = Runner(spool, GroupSync(spool.data), routes, None, plugin.settings)
+        return await runner.give_up(args.id, "Returned to the sender by the postmaster")
+
+    report = asyncio.run(main())
+    if report is None:
+        raise Problem(f"{args.id}: being delivered right now; try again in a moment")
+    print(f"{args.id}: bounced" + (f"; report queued as {report}" if report else ""))
+    _poke(spool)
+    return 0

@@ -1,0 +1,237 @@
+"""The queue in the real daemon: several workers deliver every message once,
+``kill -9`` at any moment loses no message that got ``250``, and ``bonzo
+queue`` manages the queue of a running or a stopped daemon."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import random
+import smtplib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from daemon_support import DEADLINE, daemon_env, daemons, free_port, wait_until
+
+CONFIG = """
+[server]
+hostname = "mx.example.org"
+workers = {workers}
+
+[[listeners]]
+address = "127.0.0.1"
+port = {port}
+
+[plugins]
+enabled = ["recipients", "queue"]
+
+[plugins.recipients]
+domains = ["example.org", "example.net"]
+
+[plugins.queue]
+path = "queue"
+scan_interval = 1
+min_backoff = 1
+max_backoff = 2
+
+[plugins.queue.routes]
+"example.org" = {{ type = "maildir", path = "mail", per_recipient = true }}
+"""
+
+
+def write_config(root: Path, workers: int = 1) -> tuple[Path, int]:
+    port = free_port()
+    text = CONFIG.format(port=port, workers=workers)
+    config = root / "bonzo.toml"
+    config.write_text(text)
+    return config, port
+
+
+def message(n: int) -> bytes:
+    head = f"From: a@example.org\r\nSubject: message {n}\r\nX-Number: {n}\r\n"
+    return f"{head}\r\nBody {n}.\r\n".encode()
+
+
+def delivered(root: Path, local: str = "bob") -> list[int]:
+    new = root / "mail" / "example.org" / local / "new"
+    if not new.is_dir():
+        return []
+    numbers = []
+    for path in new.iterdir():
+        for line in path.read_bytes().split(b"\r\n"):
+            if line.startswith(b"X-Number: "):
+                numbers.append(int(line[10:]))
+    return sorted(numbers)
+
+
+def send(port: int, n: int, rcpt: str = "bob@example.org") -> bool:
+    """True if the message got 250."""
+    try:
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=5) as c:
+            c.sendmail("alice@example.org", [rcpt], message(n))
+        return True
+    except (OSError, smtplib.SMTPException):
+        return False
+
+
+def bonzo(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bonzo", *args],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        env=daemon_env(),
+        cwd=cwd,
+    )
+
+
+def queue_list(config: Path) -> str:
+    return bonzo("queue", "-c", str(config), "list", cwd=config.parent).stdout
+
+
+def test_several_workers_deliver_each_message_once(tmp_path):
+    config, port = write_config(tmp_path, workers=3)
+    with daemons(tmp_path, daemon_env()) as start:
+        daemon = start(config, port)
+        daemon.wait_ready(workers=3)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            accepted = list(pool.map(lambda n: send(port, n), range(40)))
+        assert all(accepted)
+        wait_until(lambda: len(delivered(tmp_path)) >= 40, what="40 deliveries")
+        time.sleep(1.5)  # a second scan by every worker: still no duplicate
+        assert daemon.stop() == 0
+    assert delivered(tmp_path) == list(range(40))
+    assert list((tmp_path / "queue" / "data").iterdir()) == []
+
+
+def test_kill_9_never_loses_a_message_that_got_250(tmp_path):
+    """Kill the daemon (supervisor and workers) at random moments while
+    clients send and the queue delivers; restart; repeat. Every message
+    answered 250 is delivered in the end (a duplicate is allowed: the
+    delivery in flight at the kill may be repeated)."""
+    config, port = write_config(tmp_path, workers=2)
+    rng = random.Random(20261204)
+    accepted: list[int] = []
+    number = 0
+    with daemons(tmp_path, daemon_env()) as start:
+        for _ in range(6):
+            daemon = start(config, port)
+            daemon.wait_ready(workers=2)
+            deadline = time.monotonic() + rng.uniform(0.2, 0.8)
+            with concurrent.futures.ThreadPoolExecutor(6) as pool:
+                futures = {}
+                while time.monotonic() < deadline:
+                    futures[pool.submit(send, port, number)] = number
+                    number += 1
+                    time.sleep(0.01)
+                daemon.kill()  # SIGKILL to the whole process group
+                for future, n in futures.items():
+                    if future.result():
+                        accepted.append(n)
+        daemon = start(config, port)
+        daemon.wait_ready(workers=2)
+        wait_until(
+            lambda: set(accepted) <= set(delivered(tmp_path)),
+            timeout=30,
+            what="every accepted message to be delivered",
+        )
+        assert daemon.stop() == 0
+    got = delivered(tmp_path)
+    assert set(accepted) <= set(got)
+    assert len(accepted) > 20
+    # Only messages answered 250 (or whose answer the kill cut off) arrive.
+    assert set(got) <= set(range(number))
+    assert list((tmp_path / "queue" / "tmp").iterdir()) == []
+
+
+def test_the_queue_command(tmp_path):
+    config, port = write_config(tmp_path)
+    with daemons(tmp_path, daemon_env()) as start:
+        daemon = start(config, port)
+        daemon.wait_ready()
+        # example.net has no route: the message waits, deferred.
+        assert send(port, 1, "carol@example.net")
+        assert send(port, 2, "dave@example.net")
+        wait_until(lambda: "No route configured" in queue_list(config), what="deferral")
+        listing = bonzo("queue", "-c", str(config), "list", cwd=tmp_path)
+        assert listing.returncode == 0, listing.stderr
+        ids = [
+            line.split()[0]
+            for line in listing.stdout.splitlines()
+            if not line.startswith((" ", "--"))
+        ]
+        assert len(ids) == 2
+        assert "<carol@example.net>  deferred, 1 attempt(s)" in listing.stdout
+        assert "451 4.3.5 No route configured" in listing.stdout
+        assert listing.stdout.rstrip().endswith(
+            "-- 2 message(s) in " + str(tmp_path / "queue") + ": 2 deferred"
+        )
+
+        show = bonzo("queue", "-c", str(config), "show", ids[0], cwd=tmp_path)
+        assert "sender:    <alice@example.org>" in show.stdout
+        assert "remote_ip: 127.0.0.1" in show.stdout
+
+        assert bonzo("queue", "-c", str(config), "hold", ids[0], cwd=tmp_path).returncode == 0
+        held = bonzo("queue", "-c", str(config), "list", "--state", "held", cwd=tmp_path)
+        assert held.stdout.startswith(ids[0]) and "1 held" in held.stdout
+        assert bonzo("queue", "-c", str(config), "release", ids[0], cwd=tmp_path).returncode == 0
+
+        # bounce: the sender (at example.org, which has a route) gets a report.
+        result = bonzo("queue", "-c", str(config), "bounce", ids[0], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "report queued as" in result.stdout
+        wait_until(lambda: (tmp_path / "mail" / "example.org" / "alice" / "new").is_dir()
+                   and any((tmp_path / "mail" / "example.org" / "alice" / "new").iterdir()),
+                   what="the report to be delivered")  # fmt: skip
+        [report] = (tmp_path / "mail" / "example.org" / "alice" / "new").iterdir()
+        text = report.read_text()
+        assert "Final-Recipient: rfc822; carol@example.net" in text
+        assert "Returned to the sender by the postmaster" in text
+
+        assert bonzo("queue", "-c", str(config), "delete", ids[1], cwd=tmp_path).returncode == 0
+        empty = bonzo("queue", "-c", str(config), "list", cwd=tmp_path)
+        assert empty.stdout.strip() == f"-- 0 message(s) in {tmp_path / 'queue'}"
+        missing = bonzo("queue", "-c", str(config), "show", ids[1], cwd=tmp_path)
+        assert missing.returncode == 1
+        assert (
+            missing.stderr.strip()
+            == f"bonzo queue: {ids[1]}: no such message in {tmp_path / 'queue'}"
+        )
+        assert daemon.stop() == 0
+
+
+def test_flush_makes_a_running_daemon_try_at_once(tmp_path):
+    config, port = write_config(tmp_path)
+    # Long back-off and scans: only the flush can make the second attempt soon.
+    config.write_text(
+        config.read_text()
+        .replace("scan_interval = 1", "scan_interval = 3600")
+        .replace("min_backoff = 1", "min_backoff = 3600")
+        .replace("max_backoff = 2", "max_backoff = 3600")
+    )
+    with daemons(tmp_path, daemon_env()) as start:
+        daemon = start(config, port)
+        daemon.wait_ready()
+        assert send(port, 7, "erin@example.net")
+        wait_until(lambda: "1 attempt(s)" in queue_list(config), what="first attempt")
+        flush = bonzo("queue", "-c", str(config), "flush", cwd=tmp_path)
+        assert flush.returncode == 0 and "due now" in flush.stdout
+        wait_until(
+            lambda: "2 attempt(s)" in queue_list(config),
+            timeout=10,
+            what="a second attempt after the flush",
+        )
+        assert daemon.stop() == 0
+
+
+def test_bad_queue_configuration_stops_the_daemon_with_one_line(tmp_path):
+    config, port = write_config(tmp_path)
+    config.write_text(config.read_text().replace("min_backoff = 1", "min_backoff = 'soon'"))
+    result = bonzo("check", "-c", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith("min_backoff: expected a duration such as 300 or '5m', got 'soon'")
+    )
