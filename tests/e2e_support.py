@@ -159,7 +159,11 @@ class MeasuredServer(SMTPServer):
 
         def measured_write(data: bytes) -> Any:
             future = write(data)
-            held = len(stream._write_buffer) + connection.protocol.pending_output
+            # A write that fails closes the stream, and Tornado drops its buffer.
+            buffered = stream._write_buffer
+            held = (
+                len(buffered) if buffered is not None else 0
+            ) + connection.protocol.pending_output
             self.high_water = max(self.high_water, held)
             return future
 
