@@ -20,7 +20,12 @@ PASSWORD = "correct horse battery staple"
 REFUSALS = {
     "reject": (550, "5.1.1", "No such user here"),
     "later": (451, "4.3.0", "Try again later"),
+}
+#: Recipients :class:`Target` refuses after the message, by local part, with
+#: ``envelope.refuse_recipient``: over LMTP each gets its own reply.
+DELIVERY_REFUSALS = {
     "full": (452, "4.2.2", "Mailbox full"),
+    "broken": (554, "5.2.1", "Mailbox disabled"),
 }
 
 # One header field, folded lines included, at the start of the bytes.
@@ -29,15 +34,17 @@ _TRACE = re.compile(rb"Received: [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
 
 class Target(RecordingPlugin):
     """Records every message like :class:`RecordingPlugin`; refuses the
-    recipients named in :data:`REFUSALS` at RCPT; accepts :data:`USER` with
-    :data:`PASSWORD` for AUTH; notes each delivering session's HELO, TLS and
-    login in :attr:`sessions`."""
+    recipients named in :data:`REFUSALS` at RCPT and those in
+    :data:`DELIVERY_REFUSALS` after the message; accepts :data:`USER` with
+    :data:`PASSWORD` for AUTH; notes each delivering session's HELO, TLS,
+    login and protocol, and the recipients delivered to, in :attr:`sessions`."""
 
     def __init__(self) -> None:
         super().__init__()
         self.sessions: list[dict[str, Any]] = []
         #: The refusals in force (a test may change them between attempts).
         self.refusals = dict(REFUSALS)
+        self.delivery_refusals = dict(DELIVERY_REFUSALS)
 
     def bonzo_rcpt(self, address: str) -> Any:  # type: ignore[override] # a hook: by name
         refusal = self.refusals.get(address.split("@", 1)[0].lower())
@@ -50,8 +57,14 @@ class Target(RecordingPlugin):
         return Accept() if (username, password) == (USER, PASSWORD) else None
 
     def bonzo_deliver(self, session: Session, envelope: Envelope) -> Any:
+        for mailbox in envelope.recipients:
+            refusal = self.delivery_refusals.get(mailbox.local.lower())
+            if refusal is not None:
+                code, enhanced, text = refusal
+                envelope.refuse_recipient(mailbox, SMTPError(code, text, enhanced_code=enhanced))
         facts = {"helo": session.helo, "tls": session.tls, "auth": session.auth}
         facts["protocol"] = session.protocol
+        facts["delivered_to"] = [m.original for m in envelope.remaining_recipients]
         self.sessions.append(facts)
         return super().bonzo_deliver(session, envelope)
 

@@ -5,6 +5,7 @@
   :class:`~interop.exim.Exim`) and returns it; every instance a test started
   is stopped after it. A peer that cannot run here skips the test, or fails
   it when ``BONZO_INTEROP_REQUIRED=1`` (as in CI).
+* ``socket_dir``: a directory for a Unix socket the peers can reach.
 * ``certificate``: a certificate for 127.0.0.1 from a throwaway CA, and
   ``tls_listener``: Bonzo listener settings that offer STARTTLS with it.
 * A failed test's report has a section with the log of each peer it started.
@@ -14,7 +15,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -69,6 +73,18 @@ def exim(request: pytest.FixtureRequest) -> Iterator[Callable[..., exim_peer.Exi
     if reason is not None:
         unavailable(reason)
     yield from _factory(request, exim_peer.Exim)
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A fresh directory for a Unix socket that the peers' own users
+    (``postfix``, ``Debian-exim``) can reach, unlike pytest's ``tmp_path``."""
+    path = Path(tempfile.mkdtemp(prefix="bonzo-sock-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -261,7 +261,9 @@ class Exim(Peer):
             transport += ["protocol = lmtp", f"port = {route.port}"]
         elif isinstance(route, LMTPRoute):
             router = ["driver = accept", "domains = ! +local_domains", "transport = outgoing"]
+            # A local transport takes one recipient a time unless batched.
             transport = ["driver = lmtp", f"socket = {route.path}", f"user = {USER}"]
+            transport.append("batch_max = 100")
         else:
             router = ["driver = redirect", "domains = ! +local_domains", "allow_fail"]
             router.append("data = :fail: no route configured in this test")

@@ -1,5 +1,6 @@
 """A private Exim relays into a real Bonzo server: bytes intact, Bonzo's
-refusals turned into bounces and deferrals, STARTTLS with AUTH. And Exim
+refusals turned into bounces and deferrals, STARTTLS and implicit TLS with
+AUTH, and LMTP (TCP and a Unix socket) with a result per recipient. And Exim
 uses CHUNKING (BDAT) where it is offered: with a private Postfix as the
 server."""
 
@@ -8,6 +9,8 @@ from __future__ import annotations
 import re
 
 import pytest
+
+from bonzo.settings import ListenerSettings
 
 from .bonzo_side import CORPUS, PASSWORD, USER, Target, by_subject, split_trace
 from .exim import Exim, parse_status
@@ -153,8 +156,7 @@ def test_exim_sends_bdat_to_a_server_that_offers_chunking(exim, postfix):
     ],
 )
 def test_routes_configure_the_transport(route, expected):
-    # Bonzo has no LMTP server yet; the LMTP routes were checked by hand
-    # against an LMTP listener. Here: the configuration the fixture writes.
+    # The transport each route gets (each is also run against Bonzo above).
     peer = Exim(route)
     try:
         config = peer.config()
@@ -219,3 +221,42 @@ def test_mainlog_lines_are_parsed():
         "sent",
         None,
     )
+
+
+@pytest.mark.parametrize("transport", ["inet", "unix"])
+def test_lmtp_gives_each_recipient_its_own_result(start_server, exim, socket_dir, transport):
+    target = Target()
+    options = {"plugin": target, "hostname": "bonzo.test"}
+    options["listener"] = ListenerSettings(protocol="lmtp")
+    if transport == "unix":
+        path = str(socket_dir / "lmtp.sock")
+        start_server(unix_path=path, **options)
+        route = LMTPRoute(path=path)
+    else:
+        route = LMTPRoute(port=start_server(**options).port)
+    peer = exim(route)
+    recipients = ["bob@example.com", "full@example.com", "broken@example.com", "reject@example.com"]
+    submission = peer.send(SENDER, recipients, CORPUS["dots"])
+    outcome = peer.wait(submission)
+
+    bob, full, broken, reject = (outcome[r] for r in recipients)
+    assert (bob.status, bob.code) == ("sent", 250)
+    assert (full.status, full.reply, full.stage) == (
+        "deferred",
+        "452 4.2.2 Mailbox full",
+        "end of data",
+    )
+    assert (broken.status, broken.reply, broken.stage) == (
+        "bounced",
+        "554 5.2.1 Mailbox disabled",
+        "end of data",
+    )
+    assert (reject.status, reject.code, reject.stage) == ("bounced", 550, "RCPT")
+    # One message for the three recipients Bonzo took at RCPT, delivered to bob alone.
+    wait_until(lambda: target.messages, what="the message in Bonzo")
+    (delivered,) = target.messages
+    assert sorted(delivered.rcpt_tos) == sorted(recipients[:3])
+    split_trace(delivered.body, CORPUS["dots"])
+    (session,) = target.sessions
+    assert session["delivered_to"] == ["bob@example.com"]
+    assert session["protocol"] == "LMTP" and session["helo"] == "exim.test"

@@ -1,7 +1,7 @@
 """A private Postfix relays into a real Bonzo server: bytes intact, Bonzo's
-refusals turned into bounces and deferrals, STARTTLS with AUTH. And the
-fixture's other roles: Postfix as a downstream that refuses chosen
-recipients; the configuration of its LMTP routes."""
+refusals turned into bounces and deferrals, STARTTLS and implicit TLS with
+AUTH, and LMTP (TCP and a Unix socket) with a result per recipient. And
+Postfix as a downstream server that refuses chosen recipients."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import re
 
 import pytest
 
+from bonzo.settings import ListenerSettings
+
 from .bonzo_side import CORPUS, PASSWORD, USER, Target, by_subject, split_trace
 from .peers import LMTPRoute, SMTPRoute, wait_until
-from .postfix import Postfix, parse_status
+from .postfix import parse_status
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -143,25 +145,6 @@ def test_postfix_as_a_downstream_refuses_chosen_recipients(postfix):
     assert code == 550 and text.endswith("no route configured in this test")
 
 
-@pytest.mark.parametrize(
-    ("route", "transport"),
-    [
-        (LMTPRoute(port=2424), "lmtp:inet:[127.0.0.1]:2424"),
-        (LMTPRoute(path="/run/bonzo/lmtp.sock"), "lmtp:unix:/run/bonzo/lmtp.sock"),
-    ],
-)
-def test_lmtp_routes_configure_the_lmtp_client(route, transport):
-    # Bonzo has no LMTP server yet; the fixture was checked by hand against
-    # an LMTP listener. Here: the configuration it writes.
-    peer = Postfix(route)
-    try:
-        params = peer.main_cf()
-    finally:
-        peer.stop()
-    assert params["default_transport"] == params["relay_transport"] == transport
-    assert params["relayhost"] == ""
-
-
 def test_status_lines_are_parsed():
     line = (
         "Dec 04 22:27:49 postfix postfix/smtp[29554]: 804EC172150: to=<b@example.com>,"
@@ -185,3 +168,42 @@ def test_status_lines_are_parsed():
     )
     assert lmtp is not None and (lmtp.code, lmtp.stage) == (452, "end of data")
     assert parse_status("Dec 04 22:27:49 postfix postfix/qmgr[1]: ABC: removed") is None
+
+
+@pytest.mark.parametrize("transport", ["inet", "unix"])
+def test_lmtp_gives_each_recipient_its_own_result(start_server, postfix, socket_dir, transport):
+    target = Target()
+    options = {"plugin": target, "hostname": "bonzo.test"}
+    options["listener"] = ListenerSettings(protocol="lmtp")
+    if transport == "unix":
+        path = str(socket_dir / "lmtp.sock")
+        start_server(unix_path=path, **options)
+        route = LMTPRoute(path=path)
+    else:
+        route = LMTPRoute(port=start_server(**options).port)
+    peer = postfix(route)
+    recipients = ["bob@example.com", "full@example.com", "broken@example.com", "reject@example.com"]
+    submission = peer.send(SENDER, recipients, CORPUS["dots"])
+    outcome = peer.wait(submission)
+
+    bob, full, broken, reject = (outcome[r] for r in recipients)
+    assert (bob.status, bob.code) == ("sent", 250)
+    assert (full.status, full.reply, full.stage) == (
+        "deferred",
+        "452 4.2.2 Mailbox full",
+        "end of data",
+    )
+    assert (broken.status, broken.reply, broken.stage) == (
+        "bounced",
+        "554 5.2.1 Mailbox disabled",
+        "end of data",
+    )
+    assert (reject.status, reject.code, reject.stage) == ("bounced", 550, "RCPT")
+    # One message for the three recipients Bonzo took at RCPT, delivered to bob alone.
+    wait_until(lambda: target.messages, what="the message in Bonzo")
+    (delivered,) = target.messages
+    assert sorted(delivered.rcpt_tos) == sorted(recipients[:3])
+    split_trace(delivered.body, CORPUS["dots"])
+    (session,) = target.sessions
+    assert session["delivered_to"] == ["bob@example.com"]
+    assert session["protocol"] == "LMTP" and session["helo"] == "postfix.test"
