@@ -19,6 +19,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from tornado.netutil import bind_unix_socket
 from tornado.testing import bind_unused_port
 
 from bonzo.connection import SMTPConnection
@@ -169,8 +170,9 @@ class MeasuredServer(SMTPServer):
 
 
 class ServerThread:
-    """An :class:`SMTPServer` on 127.0.0.1, with its own event loop (and so
-    its own Tornado IOLoop) in a background thread.
+    """An :class:`SMTPServer` on 127.0.0.1 (or on a Unix socket:
+    ``unix_path=``), with its own event loop (and so its own Tornado IOLoop)
+    in a background thread.
 
     Sync clients (smtplib, swaks, sockets) and async ones (aiosmtplib run in
     the test's own ``asyncio.run``) talk to it alike; :meth:`call` and
@@ -194,6 +196,8 @@ class ServerThread:
         self.plugins = plugins
         self.request_callback = request_callback
         self.sndbuf = options.pop("sndbuf", None)
+        #: Listen on this Unix socket (mode 0666) instead of a TCP port.
+        self.unix_path: str | None = options.pop("unix_path", None)
         self.options = options
         self.host = HOST
         self.port = 0
@@ -210,7 +214,10 @@ class ServerThread:
         return (self.host, self.port)
 
     def start(self) -> ServerThread:
-        sock, self.port = bind_unused_port()
+        if self.unix_path is not None:
+            sock = bind_unix_socket(self.unix_path, mode=0o666)
+        else:
+            sock, self.port = bind_unused_port()
         self._sock = sock
         self._thread = threading.Thread(
             target=self._thread_main, name=f"smtp-server-{self.port}", daemon=True
