@@ -13,6 +13,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+from e2e_support import RawClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from protocol_helpers import (
@@ -592,3 +593,131 @@ def test_arbitrary_bytes_in_chunks_never_raise(data, cuts):
     assert cut == whole
     assert _result(client) == _result(ref)
     assert not any(isinstance(e, DataChunk) for e in client.events)
+
+
+# ---------------------------------------------------------- end to end
+# A real server on 127.0.0.1 (tests/e2e_support.py) and a raw socket client:
+# neither smtplib nor aiosmtplib speaks BDAT.
+pytest_e2e = pytest.mark.timeout(60)
+TXN_LINES = b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.com>\r\n"
+
+
+def ehlo_keywords(client: RawClient) -> list[bytes]:
+    reply = client.greet()
+    return [line[4:] for line in reply.split(b"\r\n")[1:-1]]
+
+
+@pytest_e2e
+def test_e2e_pipelined_bdat_messages(start_server):
+    server = start_server()
+    with RawClient(server.port) as client:
+        keywords = ehlo_keywords(client)
+        assert b"CHUNKING" in keywords and b"BINARYMIME" in keywords
+        first = b"Subject: one\r\n\r\n.leading dot\r\n.\r\nstill content\r\n"
+        # Two messages, every command and chunk in one write.
+        client.send(
+            TXN_LINES
+            + bdat(first[:10])
+            + bdat(first[10:], last=True)
+            + TXN_LINES
+            + bdat(b"", last=True)
+            + b"QUIT\r\n"
+        )
+        replies = client.replies(8)
+        assert client.read_to_eof() == b""
+    assert [r[:3] for r in replies] == [b"250"] * 7 + [b"221"]
+    assert replies[2] == b"250 2.0.0 10 octets received\r\n"
+    assert replies[3].startswith(b"250 2.0.0 Ok: queued as ")
+    one, two = server.plugin.messages
+    assert one.body == first and two.body == b""
+    # The same message path as DATA: the trace header is there.
+    assert one.header_bytes.startswith(b"Received: from client.test ([127.0.0.1])\r\n")
+    assert b"with ESMTP id " in one.header_bytes
+    assert one.rcpt_tos == ["bob@example.com"]
+
+
+@pytest_e2e
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "lockstep"])
+def test_e2e_a_10_mb_message_in_chunks(start_server, pipelined):
+    import hashlib
+
+    server = start_server()
+    line = b"0123456789" * 99 + b"\r\n"  # 992 octets
+    body = line * (10 * 1024 * 1024 // len(line))
+    size = 1024 * 1024
+    pieces = [body[i : i + size] for i in range(0, len(body), size)]
+    with RawClient(server.port, timeout=30) as client:
+        client.greet()
+        client.send(TXN_LINES)
+        assert [r[:3] for r in client.replies(2)] == [b"250", b"250"]
+        if pipelined:
+            client.send(b"".join(bdat(p) for p in pieces[:-1]) + bdat(pieces[-1], last=True))
+            replies = client.replies(len(pieces), timeout=30)
+        else:
+            replies = []
+            for n, piece in enumerate(pieces):
+                client.send(bdat(piece, last=n == len(pieces) - 1))
+                replies.append(client.reply(timeout=30))
+    assert replies[:-1] == [b"250 2.0.0 %d octets received\r\n" % size] * (len(pieces) - 1)
+    assert replies[-1].startswith(b"250 2.0.0 Ok: queued as ")
+    (message,) = server.plugin.messages
+    assert message.size == len(body)
+    assert message.spooled  # past spool_threshold: on disk, not in memory
+    assert message.digest == hashlib.sha256(body).hexdigest()
+
+
+@pytest_e2e
+def test_e2e_binarymime_is_stored_octet_for_octet(start_server):
+    server = start_server()
+    content = bytes(range(256)) * 40 + b"\n.\r\n\r\r\n"
+    with RawClient(server.port) as client:
+        client.greet()
+        client.send(
+            b"MAIL FROM:<alice@example.com> BODY=BINARYMIME\r\nRCPT TO:<bob@example.com>\r\n"
+            + b"DATA\r\n"
+            + bdat(content[:1000])
+            + bdat(content[1000:], last=True)
+        )
+        replies = client.replies(5)
+    assert replies[2] == b"503 5.5.1 Error: BODY=BINARYMIME needs BDAT\r\n"
+    assert replies[4].startswith(b"250 2.0.0 Ok: queued as ")
+    (message,) = server.plugin.messages
+    assert message.body == content
+    assert message.mail_params == {"BODY": "BINARYMIME"}
+
+
+@pytest_e2e
+def test_e2e_refused_chunks_keep_the_session_in_step(start_server):
+    server = start_server(max_message_size=1000)
+    with RawClient(server.port) as client:
+        client.greet()
+        smuggled = b"MAIL FROM:<evil@example.com>\r\nRCPT TO:<x@example.com>\r\n" * 50
+        client.send(TXN_LINES + bdat(smuggled) + bdat(b"tail", last=True) + b"NOOP\r\n")
+        replies = client.replies(5)
+        assert replies[2:] == [TOO_BIG, NEED_MAIL, OK]
+        assert client.command("RSET") == OK
+    assert server.plugin.messages == []
+    assert server.plugin.senders == ["alice@example.com"]
+
+
+@pytest_e2e
+def test_e2e_a_message_between_chunks_finishes_during_a_shutdown(start_server):
+    server = start_server()
+    with RawClient(server.port) as client:
+        client.greet()
+        client.send(TXN_LINES + bdat(b"Subject: late\r\n"))
+        assert [r[:3] for r in client.replies(3)] == [b"250"] * 3
+
+        async def shutdown() -> None:
+            await server.server.shutdown(5.0)
+
+        done = server.submit(shutdown())
+        # Between chunks the message is in flight: the session is not cut.
+        with pytest.raises(TimeoutError):
+            client.reply(timeout=0.3)
+        client.send(bdat(b"\r\nbody\r\n", last=True))
+        assert client.reply().startswith(b"250 2.0.0 Ok: queued as ")
+        assert client.read_to_eof() == b"421 4.3.2 Server shutting down\r\n"
+        done.result(5)
+    (message,) = server.plugin.messages
+    assert message.body == b"Subject: late\r\n\r\nbody\r\n"

@@ -6,10 +6,12 @@ what plugins read of them on the envelope.
 from __future__ import annotations
 
 import asyncio
+import smtplib
 import warnings
 from typing import Any
 
 import pytest
+from e2e_support import RecordingPlugin
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from protocol_helpers import EHLO, HELO, MAIL, Client, feed, split_replies
@@ -453,3 +455,51 @@ def test_random_rcpt_parameters_in_the_core_never_raise(params):
     assert len(split_replies(replies)) == 1
     assert replies[:1] in (b"2", b"5")
     assert not client.closed
+
+
+# ---------------------------------------------------------- end to end
+class DSNRecorder(RecordingPlugin):
+    """Records each delivered envelope's DSN records beside the message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dsn: list[tuple[MailDSN, list[RecipientDSN]]] = []
+
+    def bonzo_deliver(self, session: Any, envelope: Envelope) -> Any:
+        self.dsn.append((envelope.dsn, list(envelope.rcpt_dsn)))
+        return super().bonzo_deliver(session, envelope)
+
+
+@pytest.mark.timeout(30)
+def test_e2e_smtplib_sends_dsn_parameters_that_reach_the_delivery_side(start_server):
+    server = start_server(plugin=DSNRecorder())
+    with smtplib.SMTP(*server.address, local_hostname="client.test", timeout=10) as client:
+        client.ehlo()
+        assert client.has_extn("dsn") and client.has_extn("limits")
+        refused = client.sendmail(
+            "alice@example.com",
+            ["bob@example.com", "carol@example.com"],
+            b"Subject: dsn\r\n\r\nhi\r\n",
+            mail_options=["RET=HDRS", "ENVID=QQ+2B314159"],
+            rcpt_options=["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;bob+2Bx@example.com"],
+        )
+        assert refused == {}
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as caught:
+            client.sendmail(
+                "alice@example.com",
+                ["dave@example.com"],
+                b"x\r\n",
+                rcpt_options=["NOTIFY=NEVER,SUCCESS"],
+            )
+        assert caught.value.recipients == {
+            "dave@example.com": (501, b"5.5.4 Bad NOTIFY parameter: NEVER must appear alone")
+        }
+    ((mail_dsn_, rcpt_dsns),) = server.plugin.dsn
+    assert mail_dsn_ == MailDSN("HDRS", "QQ+314159")
+    expected = RecipientDSN(
+        frozenset({"SUCCESS", "FAILURE"}), OriginalRecipient("rfc822", "bob+x@example.com")
+    )
+    assert rcpt_dsns == [expected, expected]
+    (message,) = server.plugin.messages
+    # The parameters as sent, for a relay to pass on unchanged.
+    assert message.mail_params == {"SIZE": "20", "RET": "HDRS", "ENVID": "QQ+2B314159"}
