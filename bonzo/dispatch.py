@@ -281,6 +281,9 @@ class Dispatcher:
             )
             return verdict, envelope
         if kind is Data:
+            assert self.envelope is not None
+            # DATA or the first BDAT chunk (RFC 3030): the same message path.
+            self.envelope.chunked = event.chunked  # type: ignore[attr-defined]
             return await plugins.decide("bonzo_data", (session, self.envelope))
         if kind is MessageComplete:
             return await self._message(event)  # type: ignore[arg-type]
@@ -358,8 +361,6 @@ class Dispatcher:
         elif kind is Data:
             envelope = self.envelope
             assert envelope is not None
-            # DATA or the first BDAT chunk (RFC 3030): the same message path.
-            envelope.chunked = event.chunked  # type: ignore[attr-defined]
             envelope.prepend_raw(received_header(self.session, envelope, self.settings.hostname))
             core.accept(_text(answer))
         elif kind is MessageComplete:

@@ -1664,7 +1664,7 @@ class SMTPProtocol:
         if kind == _AFTER_WRITE:
             self._write_error(error)
             return None
-        self.stage, self._arg = "message", ""
+        # The refusal is logged with the BDAT command that caused it.
         return MessageComplete(b"", error)
 
     # ----------------------------------------------------------------- BDAT

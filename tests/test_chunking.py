@@ -10,10 +10,12 @@ chunk is read and dropped before its reply, and ends its transaction.
 
 from __future__ import annotations
 
+import asyncio
 import warnings
+from typing import Any
 
 import pytest
-from e2e_support import RawClient
+from e2e_support import RawClient, fds_under
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from protocol_helpers import (
@@ -33,7 +35,12 @@ from protocol_helpers import (
 )
 
 from bonzo.errors import SMTPError
+from bonzo.hooks import PluginSet
+from bonzo.hookspecs import Accept
 from bonzo.protocol import Data, DataChunk, Mail, MessageComplete, Rcpt, Unknown
+from bonzo.session import Envelope
+from bonzo.settings import SMTPSettings
+from bonzo.testing import SessionTester
 
 PROPS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -330,7 +337,7 @@ def test_a_chunk_that_would_pass_the_size_limit_is_read_dropped_and_refused():
     assert client.proto.messages == 0
     assert not client.proto.in_transaction
     assert client.message_errors[0].status_code == 552
-    assert client.refusals[0][:3] == ("message", 552, "5.3.4")
+    assert client.refusals[0][:3] == ("BDAT", 552, "5.3.4")
 
 
 def test_the_size_limit_counts_every_chunk_exactly():
@@ -383,6 +390,7 @@ def test_bare_lf_in_reject_mode_refuses_the_chunk_where_it_is_found():
         NEED_MAIL,
     ]
     assert client.proto.messages == 0
+    assert client.refusals[0][:3] == ("message", 550, "5.5.2")
 
 
 def test_a_cr_then_lf_across_chunks_is_not_bare_in_reject_mode():
@@ -721,3 +729,94 @@ def test_e2e_a_message_between_chunks_finishes_during_a_shutdown(start_server):
         done.result(5)
     (message,) = server.plugin.messages
     assert message.body == b"Subject: late\r\n\r\nbody\r\n"
+
+
+# ------------------------------------------------------------ the hooks
+class Hooks:
+    """Accepts recipients, delivers, and records what the DATA-time and
+    message-time hooks saw; refuses the first chunk when told to."""
+
+    def __init__(self, refuse_data: bool = False) -> None:
+        self.refuse_data = refuse_data
+        self.data_calls: list[tuple[bool, bytes]] = []
+        self.messages: list[tuple[bool, bytes, bytes]] = []
+
+    def bonzo_rcpt(self) -> Any:
+        return Accept()
+
+    def bonzo_data(self, envelope: Envelope) -> Any:
+        self.data_calls.append((envelope.chunked, envelope.body))
+        if self.refuse_data:
+            raise SMTPError(550, "Not from you", enhanced_code="5.7.1")
+
+    def bonzo_message(self, envelope: Envelope) -> Any:
+        self.messages.append((envelope.chunked, envelope.header_bytes, envelope.body))
+
+    def bonzo_deliver(self) -> Any:
+        return Accept()
+
+
+def converse(hooks: Hooks, data: bytes, **settings: Any) -> tuple[list[bytes], SessionTester]:
+    plugins = PluginSet(timeout=5.0)
+    plugins.register(hooks, "hooks")
+
+    async def talk() -> tuple[list[bytes], SessionTester]:
+        tester = SessionTester(plugins, settings=SMTPSettings(hostname="bonzo.test", **settings))
+        await tester.connect()
+        replies = split_replies(await tester.send(data))
+        return replies, tester
+
+    return asyncio.run(talk())
+
+
+def test_hooks_see_a_chunked_message_as_they_see_data():
+    hooks = Hooks()
+    replies, tester = converse(
+        hooks, EHLO + TXN + bdat(b"Subject: x\r\n\r\n") + bdat(b"body\r\n", last=True)
+    )
+    assert replies[-1].startswith(b"250 2.0.0 Ok: queued as ")
+    # bonzo_data before the first chunk was read; bonzo_message after the last.
+    assert hooks.data_calls == [(True, b"")]
+    ((chunked, headers, body),) = hooks.messages
+    assert chunked and body == b"Subject: x\r\n\r\nbody\r\n"
+    assert headers.startswith(b"Received: from client.example ([192.0.2.1])\r\n")
+    assert tester.dispatcher.envelope is None
+
+
+def test_a_refused_first_chunk_drops_the_envelope():
+    hooks = Hooks(refuse_data=True)
+    replies, tester = converse(hooks, EHLO + TXN + bdat(b"abc") + bdat(b"def", last=True))
+    assert replies[-2:] == [b"550 5.7.1 Not from you\r\n", NEED_MAIL]
+    assert tester.dispatcher.envelope is None
+    assert hooks.messages == []
+    assert tester.refusals[-2:] == [
+        ("BDAT", 550, "5.7.1", "hooks"),
+        ("BDAT", 503, "5.5.1", "core"),
+    ]
+
+
+def test_a_chunk_refused_mid_message_drops_what_was_stored(tmp_path):
+    hooks = Hooks()
+    plugins = PluginSet(timeout=5.0)
+    plugins.register(hooks, "hooks")
+    settings = SMTPSettings(
+        hostname="bonzo.test",
+        max_message_size=300_005,
+        spool_threshold=1024,
+        spool_dir=str(tmp_path),
+    )
+
+    async def talk() -> None:
+        tester = SessionTester(plugins, settings=settings)
+        await tester.connect()
+        first = await tester.send(EHLO + TXN + bdat((b"x" * 98 + b"\r\n") * 3000))
+        assert split_replies(first)[-1] == b"250 2.0.0 300000 octets received\r\n"
+        envelope = tester.dispatcher.envelope
+        assert envelope is not None and envelope.spooled and fds_under(tmp_path)
+        assert await tester.send(bdat(b"y" * 10, last=True)) == TOO_BIG
+        assert tester.dispatcher.envelope is None
+        assert fds_under(tmp_path) == []  # the spool file is gone with it
+        await tester.close()
+
+    asyncio.run(talk())
+    assert hooks.messages == []
