@@ -274,7 +274,7 @@ class Dispatcher:
         if kind is Rcpt:
             verdict = await plugins.decide(
                 "bonzo_rcpt",
-                (session, self.envelope, event.address, event.params, event.mailbox),  # type: ignore[attr-defined]
+                (session, self.envelope, event.address, event.params, event.mailbox, event.dsn),  # type: ignore[attr-defined]
             )
             if verdict is None:
                 # Recipients need an owner: nobody accepted, nobody relays.
@@ -287,6 +287,7 @@ class Dispatcher:
                 spool_threshold=self.settings.spool_threshold,
                 spool_dir=self.settings.spool_dir,
                 sender=event.mailbox,  # type: ignore[attr-defined]
+                dsn=event.dsn,  # type: ignore[attr-defined]
             )
             verdict = await plugins.decide(
                 "bonzo_mail",
@@ -294,6 +295,9 @@ class Dispatcher:
             )
             return verdict, envelope
         if kind is Data:
+            assert self.envelope is not None
+            # DATA or the first BDAT chunk (RFC 3030): the same message path.
+            self.envelope.chunked = event.chunked  # type: ignore[attr-defined]
             return await plugins.decide("bonzo_data", (session, self.envelope))
         if kind is MessageComplete:
             return await self._message(event)  # type: ignore[arg-type]
@@ -363,7 +367,7 @@ class Dispatcher:
         kind = type(event)
         if kind is Rcpt:
             assert self.envelope is not None
-            self.envelope.add_recipient(event.mailbox, event.params)  # type: ignore[attr-defined]
+            self.envelope.add_recipient(event.mailbox, event.params, event.dsn)  # type: ignore[attr-defined]
             core.accept(_text(answer))
         elif kind is Mail:
             verdict, envelope = answer
@@ -493,7 +497,9 @@ class Dispatcher:
             reply, by = storage_error_reply(exc.error), "core"
         else:
             reply, by = error_reply(exc, core.stage, self.session, self.plugins)
-        if type(event) is MessageComplete:
+        kind = type(event)
+        if kind is MessageComplete or (kind is Data and event.chunked):  # type: ignore[attr-defined]
+            # The message is over (a refused first BDAT ends its transaction).
             envelope = self.envelope
             refused = envelope.refused if envelope is not None else {}
             self.end_transaction()

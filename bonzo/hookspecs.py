@@ -51,6 +51,7 @@ import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
     from .address import Address
+    from .dsn import RecipientDSN
     from .errors import SMTPError
     from .session import Envelope, Session
 
@@ -231,14 +232,23 @@ def bonzo_mail(
 
 @hookspec
 def bonzo_rcpt(
-    session: Session, envelope: Envelope, address: str, params: dict[str, Any], mailbox: Address
+    session: Session,
+    envelope: Envelope,
+    address: str,
+    params: dict[str, Any],
+    mailbox: Address,
+    dsn: RecipientDSN,
 ) -> Any:
     """RCPT TO (decision, **needs an owner**): some plugin must return
     :class:`Accept`, or the recipient is refused with ``550 5.7.1``. Accepted
     recipients are added to ``envelope.rcpt_tos`` (as sent) and
     ``envelope.recipients`` (as :class:`~bonzo.address.Address`) by Bonzo.
     ``mailbox`` is ``address`` as an :class:`~bonzo.address.Address`: match
-    and store on its ``canonical`` form, never on the text as sent.
+    and store on its ``canonical`` form, never on the text as sent. ``dsn``
+    is the recipient's checked ``NOTIFY``/``ORCPT`` (a
+    :class:`~bonzo.dsn.RecipientDSN`, empty without them); Bonzo keeps it in
+    ``envelope.rcpt_dsn`` once the recipient is accepted. RFC 3461 5.1 says
+    a recipient must not be refused for its DSN parameters.
 
     .. versionadded:: 0.2
     """

@@ -37,6 +37,15 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, TypeAlias
 
 from .address import NULL_SENDER, Address
+from .dsn import (
+    NO_MAIL_DSN,
+    NO_RECIPIENT_DSN,
+    DSNError,
+    MailDSN,
+    RecipientDSN,
+    mail_dsn,
+    recipient_dsn,
+)
 from .errors import SMTPError, default_enhanced_code
 from .proxy import XCLIENT_ATTRIBUTES, XClientError, parse_xclient
 from .settings import EXTENSION_ALLOWANCE, SMTPSettings
@@ -139,10 +148,11 @@ class Mail(Event):
     """``MAIL FROM``: ``mailbox`` is the sender (:attr:`Address.original
     <bonzo.address.Address.original>` is ``""`` for the null sender);
     ``params`` maps upper-cased ESMTP keywords to their value (``None`` for a
-    bare keyword)."""
+    bare keyword); ``dsn`` holds the checked DSN parameters (RFC 3461)."""
 
     mailbox: Address
     params: Mapping[str, str | None]
+    dsn: MailDSN = NO_MAIL_DSN
 
     @property
     def address(self) -> str:
@@ -152,10 +162,12 @@ class Mail(Event):
 
 @dataclass(frozen=True, slots=True)
 class Rcpt(Event):
-    """``RCPT TO``: ``mailbox`` is the recipient, ``params`` as for :class:`Mail`."""
+    """``RCPT TO``: ``mailbox`` is the recipient, ``params`` as for
+    :class:`Mail`, ``dsn`` its checked DSN parameters (RFC 3461)."""
 
     mailbox: Address
     params: Mapping[str, str | None]
+    dsn: RecipientDSN = NO_RECIPIENT_DSN
 
     @property
     def address(self) -> str:
@@ -165,7 +177,14 @@ class Rcpt(Event):
 
 @dataclass(frozen=True, slots=True)
 class Data(Event):
-    """``DATA``; accepting it answers ``354`` and starts reading the message."""
+    """``DATA``; accepting it answers ``354`` and starts reading the message.
+
+    With ``chunked`` true it is the first ``BDAT`` of a transaction
+    (RFC 3030): accepting it starts reading the chunk, with no reply of its
+    own; rejecting it ends the transaction, and the refusal is the reply to
+    the chunk once its octets have been read and dropped."""
+
+    chunked: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,9 +239,11 @@ class DataChunk:
 
 @dataclass(frozen=True, slots=True)
 class MessageComplete(Event):
-    """The final dot arrived. ``data`` is the last piece of content. If
-    ``error`` is set the message broke a limit and must be rejected with it;
-    otherwise accept it (``250``) or reject it."""
+    """The final dot arrived (or the ``BDAT ... LAST`` chunk has been read).
+    ``data`` is the last piece of content. If ``error`` is set the message
+    broke a limit and must be rejected with it; otherwise accept it
+    (``250``) or reject it. A failed ``BDAT`` chunk also ends its message
+    this way, with ``error`` set."""
 
     data: bytes = field(repr=False)
     error: SMTPError | None = None
@@ -633,6 +654,13 @@ _DISCARD_BDAT = 2
 _CLOSED = 3
 _AUTH = 4
 _TLS_WAIT = 5
+_BDAT = 6
+
+# What follows a BDAT chunk that is read only to be dropped (RFC 3030 2: the
+# reply comes once its octets have been read).
+_AFTER_ERROR = 0  # a core error: counted and logged then
+_AFTER_WRITE = 1  # a plugin's refusal, already counted and logged: write it
+_AFTER_MESSAGE = 2  # the end of the transaction's message: MessageComplete(error)
 
 #: A command's handler: called with the protocol and the argument text;
 #: returns an :class:`Event`, ``None`` (answered already) or :data:`CLOSED`.
@@ -738,7 +766,23 @@ class SMTPProtocol:
         self._unstuff_start = True
         self._data_error: SMTPError | None = None
         self._data_rank = 0
+        # BDAT state (RFC 3030). _bdat_left: octets of the current chunk
+        # still to read; _bdat_last: it is the LAST one; _bdat_chunk: its
+        # size; _bdat_after: what to answer once a dropped chunk is read;
+        # _bdat_started: the transaction's message is coming in chunks;
+        # _bdat_total: chunk octets announced in it (the size limit);
+        # _bdat_binary: BODY=BINARYMIME, kept octet for octet;
+        # _bdat_cr: a CR held back at the end of a read, which may be half of
+        # a CRLF; _bdat_line: octets of the line that has not ended yet.
         self._bdat_left = 0
+        self._bdat_last = False
+        self._bdat_chunk = 0
+        self._bdat_after: tuple[int, SMTPError] | None = None
+        self._bdat_started = False
+        self._bdat_total = 0
+        self._bdat_binary = False
+        self._bdat_cr = False
+        self._bdat_line = 0
         self._bare_mode = settings.bare_newline
         self._max_line = settings.max_command_line
         self._max_mail_line = settings.max_command_line + EXTENSION_ALLOWANCE
@@ -786,14 +830,24 @@ class SMTPProtocol:
 
     @property
     def in_data(self) -> bool:
-        """True while message content is being received."""
-        return self._state == _DATA
+        """True while message content is being received (after DATA, or
+        while a BDAT chunk is read)."""
+        return self._state == _DATA or self._state == _BDAT
 
     @property
     def receiving_content(self) -> bool:
-        """True while octets of content arrive (DATA, or a BDAT chunk being
-        read): the DATA timeouts apply rather than the command ones."""
-        return self._state == _DATA or self._state == _DISCARD_BDAT
+        """True while a message is on its way: octets of content arrive
+        (DATA, a BDAT chunk being read or dropped), or between the chunks of
+        a BDAT message. The DATA timeouts apply then rather than the command
+        ones, so a message sent in tiny chunks is held to the DATA rate, and
+        a shutdown lets it finish."""
+        state = self._state
+        return (
+            state == _DATA
+            or state == _BDAT
+            or state == _DISCARD_BDAT
+            or (state == _COMMAND and self._bdat_started)
+        )
 
     @property
     def in_transaction(self) -> bool:
@@ -971,12 +1025,19 @@ class SMTPProtocol:
             self.rcpt_count = 0
             self.reply(250, text or "Ok", "2.1.0")
         elif kind is Data:
-            self._state = _DATA
-            self._line_start = self._unstuff_start = True
             self._data_error = None
             self._data_rank = 0
             self.data_size = 0
-            self.reply(354, text or "End data with <CR><LF>.<CR><LF>")
+            if event.chunked:  # type: ignore[attr-defined]
+                # The first BDAT: read its chunk; the reply comes after it.
+                self._bdat_started = True
+                body = self.mail_params.get("BODY") or ""
+                self._bdat_binary = _ascii_upper(body) == "BINARYMIME"
+                self._state = _BDAT
+            else:
+                self._state = _DATA
+                self._line_start = self._unstuff_start = True
+                self.reply(354, text or "End data with <CR><LF>.<CR><LF>")
         elif kind is MessageComplete:
             self.messages += 1
             self.junk_commands = 0
@@ -1072,6 +1133,13 @@ class SMTPProtocol:
                 self.close(421, "Too many errors, closing connection", "4.7.0", limit="max_errors")
                 return
             self._refused(code, error.enhanced_code, error.message, by, note, None)
+        if type(event) is Data and event.chunked:
+            # A refused first BDAT ends the transaction (so that no later
+            # chunk can make a message without this one), and is answered
+            # once its chunk has been read (RFC 3030 2).
+            self._reset_transaction()
+            self._skip_chunk(_AFTER_WRITE, error)
+            return
         self._write_error(error)
 
     def ehlo_keywords(self) -> list[str]:
@@ -1080,7 +1148,20 @@ class SMTPProtocol:
         keywords = ["PIPELINING", f"SIZE {size}" if size else "SIZE", "8BITMIME"]
         if self.settings.smtputf8:
             keywords.append("SMTPUTF8")
-        keywords += ["ENHANCEDSTATUSCODES", "HELP"]
+        keywords.append("ENHANCEDSTATUSCODES")
+        settings = self.settings
+        if settings.chunking:
+            keywords.append("CHUNKING")
+            if settings.binarymime:
+                keywords.append("BINARYMIME")
+        if settings.dsn:
+            keywords.append("DSN")
+        if settings.advertise_limits:
+            keywords.append(
+                f"LIMITS RCPTMAX={settings.max_recipients}"
+                f" MAILMAX={settings.max_messages_per_connection}"
+            )
+        keywords.append("HELP")
         if self.policy.starttls and not self.tls_active:
             keywords.append("STARTTLS")
         if self.auth_offered:
@@ -1137,6 +1218,12 @@ class SMTPProtocol:
         self.mail_from = None
         self.mail_params = {}
         self.rcpt_count = 0
+        if self._bdat_started or self._bdat_total:
+            self._bdat_started = False
+            self._bdat_total = 0
+            self._bdat_binary = False
+            self._bdat_cr = False
+            self._bdat_line = 0
 
     # --------------------------------------------------------------- events
     def next_event(self) -> NextEvent:
@@ -1157,6 +1244,8 @@ class SMTPProtocol:
                 event = self._next_command()
             elif state == _DATA:
                 return self._next_data()  # type: ignore[no-any-return]
+            elif state == _BDAT:
+                event = self._next_bdat()
             elif state == _DISCARD_BDAT:
                 event = self._discard_bdat()
             elif state == _AUTH:
@@ -1341,11 +1430,20 @@ class SMTPProtocol:
         except AddressError as exc:
             self._reject_now(exc.reply)
             return None
+        if not params:
+            return Mail(mailbox, params)
         problem = self._check_mail_params(params)
         if problem is not None:
             self._reject_now(problem)
             return None
-        return Mail(mailbox, params)
+        dsn = NO_MAIL_DSN
+        if "RET" in params or "ENVID" in params:  # only when DSN is offered
+            try:
+                dsn = mail_dsn(params)
+            except DSNError as exc:
+                self._reject_now(SMTPError(501, str(exc), enhanced_code="5.5.4"))
+                return None
+        return Mail(mailbox, params, dsn)
 
     def _check_mail_params(self, params: dict[str, str | None]) -> SMTPError | None:
         if params and not self.esmtp:
@@ -1362,8 +1460,17 @@ class SMTPProtocol:
                         enhanced_code="5.3.4",
                     )
             elif key == "BODY":
-                if value is None or _ascii_upper(value) not in ("7BIT", "8BITMIME"):
+                body = _ascii_upper(value) if value is not None else ""
+                if (
+                    body != "7BIT"
+                    and body != "8BITMIME"
+                    and not (
+                        body == "BINARYMIME" and self.settings.chunking and self.settings.binarymime
+                    )
+                ):
                     return SMTPError(501, "Bad BODY parameter", enhanced_code="5.5.4")
+            elif (key == "RET" or key == "ENVID") and self.settings.dsn:
+                pass  # checked by mail_dsn()
             elif key == "SMTPUTF8" and self.settings.smtputf8:
                 if value is not None:
                     return SMTPError(501, "SMTPUTF8 takes no value", enhanced_code="5.5.4")
@@ -1392,15 +1499,34 @@ class SMTPProtocol:
         except AddressError as exc:
             self._reject_now(exc.reply)
             return None
-        if params:
-            key = next(iter(params))
-            self._reject_now(SMTPError(555, f"Unsupported parameter {key}", enhanced_code="5.5.4"))
+        if not params:
+            return Rcpt(mailbox, params)
+        dsn_params = self.settings.dsn and self.esmtp
+        for key in params:
+            if not (dsn_params and (key == "NOTIFY" or key == "ORCPT")):
+                self._reject_now(
+                    SMTPError(555, f"Unsupported parameter {key}", enhanced_code="5.5.4")
+                )
+                return None
+        try:
+            dsn = recipient_dsn(params)
+        except DSNError as exc:
+            self._reject_now(SMTPError(501, str(exc), enhanced_code="5.5.4"))
             return None
-        return Rcpt(mailbox, params)
+        return Rcpt(mailbox, params, dsn)
 
     def _cmd_data(self, arg: str) -> Any:
         if not self.rcpt_count:
             self._error(503, "5.5.1", "Error: need RCPT command")
+            return None
+        if self._bdat_started:
+            # RFC 3030 2: DATA and BDAT are never mixed in one transaction.
+            self._error(503, "5.5.1", "Error: DATA after BDAT")
+            return None
+        body = self.mail_params.get("BODY")
+        if body and _ascii_upper(body) == "BINARYMIME":
+            # RFC 3030 3: binary content needs BDAT's octet counts.
+            self._error(503, "5.5.1", "Error: BODY=BINARYMIME needs BDAT")
             return None
         if arg:
             self._error(501, "5.5.4", "Syntax: DATA")
@@ -1511,15 +1637,56 @@ class SMTPProtocol:
         return XClient(attributes)
 
     def _cmd_bdat(self, arg: str) -> Any:
-        # CHUNKING is not offered. Read and drop the announced octets so that
-        # chunk content is never run as commands (RFC 3030; cf. Postfix 521).
-        size, _, _ = arg.partition(" ")
+        size, _, rest = arg.partition(" ")
         if not _SIZE_VALUE.fullmatch(size):
+            # Without a size the chunk cannot be skipped: its octets would
+            # be read as commands (RFC 3030 2). Close rather than guess.
             self.close(421, "Bad BDAT command, closing connection", "4.7.0", limit="BDAT syntax")
             return CLOSED
-        self._bdat_left = int(size)
+        count = int(size)
+        self._bdat_left = count
+        if not (self.settings.chunking and self.esmtp):
+            # CHUNKING is not offered: refuse, and read and drop the
+            # announced octets so that they are never run as commands.
+            self._state = _DISCARD_BDAT
+            self._error(502, "5.5.1", "Error: CHUNKING not supported")
+            return None
+        rest = rest.strip(" ")
+        last = _ascii_upper(rest) == "LAST"
+        # Every refusal is given once the chunk has been read (RFC 3030 2).
+        # One inside a transaction ends it: the client must not send more
+        # chunks, and those it pipelined get 503 (need MAIL).
+        if rest and not last:
+            error = SMTPError(501, "Syntax: BDAT count [LAST]", enhanced_code="5.5.4")
+            return self._skip_chunk(_AFTER_MESSAGE if self.mail_from else _AFTER_ERROR, error)
+        if self.mail_from is None:
+            error = SMTPError(503, "Error: need MAIL command", enhanced_code="5.5.1")
+            return self._skip_chunk(_AFTER_ERROR, error)
+        if not self.rcpt_count:
+            error = SMTPError(503, "Error: need RCPT command", enhanced_code="5.5.1")
+            return self._skip_chunk(_AFTER_MESSAGE, error)
+        limit = self.settings.max_message_size
+        if limit and self._bdat_total + count > limit:
+            # RFC 1870 6.3 with RFC 3030: known before the chunk arrives, so
+            # none of it is kept; answered once it has been read.
+            error = _data_error(_RANK_SIZE)
+            return self._skip_chunk(_AFTER_MESSAGE, error)
+        if not count and not last and not self._junk():
+            return None  # closed: "BDAT 0" over and over does no mail work
+        self._bdat_last = last
+        self._bdat_chunk = count
+        self._bdat_total += count
+        if not self._bdat_started:
+            # The transaction's first chunk: the same decision as DATA.
+            return Data(chunked=True)
+        self._state = _BDAT
+        return None
+
+    def _skip_chunk(self, after: int, error: SMTPError) -> None:
+        """Read and drop the chunk of the current BDAT (``_bdat_left``
+        octets), then answer ``error`` as ``after`` says."""
+        self._bdat_after = (after, error)
         self._state = _DISCARD_BDAT
-        self._error(502, "5.5.1", "Error: CHUNKING not supported")
         return None
 
     def _discard_bdat(self) -> Any:
@@ -1531,7 +1698,108 @@ class SMTPProtocol:
             return NEED_DATA
         if self._state == _DISCARD_BDAT:
             self._state = _COMMAND
-        return None
+        after = self._bdat_after
+        if after is None:
+            return None  # answered already (CHUNKING not offered)
+        self._bdat_after = None
+        kind, error = after
+        if kind == _AFTER_ERROR:
+            self._reject_now(error)
+            return None
+        if kind == _AFTER_WRITE:
+            self._write_error(error)
+            return None
+        # The refusal is logged with the BDAT command that caused it.
+        return MessageComplete(b"", error)
+
+    # ----------------------------------------------------------------- BDAT
+    def _next_bdat(self) -> Any:
+        """Hand over the content of the chunk being read; at its end, answer
+        it (``250``) or, for the LAST one or one that broke a rule, end the
+        message with :class:`MessageComplete`."""
+        left = self._bdat_left
+        if left:
+            buf = self._buf
+            pos = self._pos
+            take = min(len(buf) - pos, left)
+            if not take:
+                return NEED_DATA
+            self._pos = pos + take
+            left = self._bdat_left = left - take
+            data = self._chunk_content(bytes(buf[pos : pos + take]), False)
+            if data:
+                return DataChunk(data)
+            if left:
+                return NEED_DATA
+        self._state = _COMMAND
+        last = self._bdat_last
+        tail = self._chunk_content(b"", True) if last and self._bdat_cr else b""
+        error = self._data_error
+        if error is None and not last:
+            self.reply(250, f"{self._bdat_chunk} octets received", "2.0.0")
+            return None
+        # The message ends here: complete (LAST), or refused at the chunk
+        # where it broke a rule rather than after the LAST one, so that the
+        # client stops sending (RFC 3030 2).
+        self._data_error = None
+        self._data_rank = 0
+        self.stage, self._arg = "message", ""
+        return MessageComplete(tail, error)
+
+    def _chunk_content(self, block: bytes, final: bool) -> bytes:
+        """Check and keep a piece of BDAT content, as it arrives.
+
+        BINARYMIME content is kept as it is (RFC 3030 3: every bit of every
+        octet). Other content is text in canonical form, CRLF line ends
+        (RFC 3030 2): ``bare_newline`` and ``max_data_line`` apply as to
+        DATA, but nothing is unstuffed and nothing ends the message. A CR
+        last in a read is held back until the next octet shows whether it is
+        half of a CRLF (``final``: it is not). The errors are ranked as for
+        DATA, so that the one reported does not depend on how the octets
+        were cut into reads.
+        """
+        if self._bdat_binary:
+            return self._count(block)
+        if self._bdat_cr:
+            block = b"\r" + block
+            self._bdat_cr = False
+        if not final and block[-1:] == b"\r":
+            block = block[:-1]
+            self._bdat_cr = True
+        if not block or self._data_rank == _RANK_LINE:
+            return b""  # nothing outranks a long line
+        mode = self._bare_mode
+        if mode != "allow":
+            crlf = block.count(b"\r\n")
+            if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
+                self.notes.add("bare_lf_data")
+                if mode == "normalize":
+                    block = _LINE_ENDS.sub(b"\r\n", block)
+                else:
+                    self._set_data_error(_RANK_BARE)
+        if self._long_line(block):
+            self._set_data_error(_RANK_LINE)
+        if self._data_rank:
+            return b""
+        return self._count(block)
+
+    def _long_line(self, block: bytes) -> bool:
+        """True if ``block``, read after the ``_bdat_line`` octets of a line
+        not ended yet, holds or starts a line longer than ``max_data_line``
+        (LF included); keeps ``_bdat_line`` up to date."""
+        limit = self.settings.max_data_line
+        carry = self._bdat_line
+        first = block.find(b"\n")
+        if first < 0:
+            self._bdat_line = carry + len(block)
+            return self._bdat_line > limit
+        last = block.rfind(b"\n")
+        self._bdat_line = len(block) - last - 1
+        return (
+            carry + first + 1 > limit
+            or (last > first and _has_long_line(block, first + 1, last + 1, limit))
+            or self._bdat_line > limit
+        )
 
     def _reject_now(self, error: SMTPError) -> None:
         self._error(error.status_code, error.enhanced_code or "", error.message)

@@ -29,6 +29,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
+from . import dsn
+
 __all__ = [
     "ProxyError",
     "ProxyParser",
@@ -673,7 +675,7 @@ def address_in(ip: str, networks: Iterable[IPNetwork]) -> bool:
 # ---------------------------------------------------------------- XCLIENT
 #: The ``XCLIENT`` attributes Bonzo takes, as advertised in EHLO.
 XCLIENT_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN", "DESTADDR", "DESTPORT")
-_XTEXT_HEX = re.compile(r"\+[0-9A-F]{2}")
+
 _HOSTNAME = re.compile(r"[\x21-\x7e]{1,255}")
 
 
@@ -683,26 +685,13 @@ class XClientError(ValueError):
 
 
 def xtext_decode(text: str) -> str:
-    """Decode RFC 3461 4 xtext: printable ASCII but ``+`` and ``=``, with
-    ``+XX`` (two upper-case hex digits) for any octet. The octets are read
-    as UTF-8. Raises :class:`ValueError`."""
-    if not text.isascii():
-        raise ValueError("xtext is ASCII")
-    out = bytearray()
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if c == "+":
-            if not _XTEXT_HEX.match(text, i):
-                raise ValueError("'+' must be followed by two upper-case hex digits")
-            out.append(int(text[i + 1 : i + 3], 16))
-            i += 3
-        elif "!" <= c <= "~" and c != "=":
-            out.append(ord(c))
-            i += 1
-        else:
-            raise ValueError(f"character {c!r} is not allowed in xtext")
-    return out.decode("utf-8")
+    """Decode an ``XCLIENT`` attribute value: RFC 3461 xtext
+    (:func:`bonzo.dsn.xtext_decode`) whose octets are read as UTF-8 (a login
+    name may be non-ASCII). Raises :class:`ValueError`."""
+    try:
+        return dsn.xtext_decode(text).encode("latin-1").decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("xtext that is not UTF-8") from None
 
 
 def _xclient_address(value: str) -> str:

@@ -24,6 +24,7 @@ from email.utils import format_datetime
 from typing import IO, Any
 
 from .address import Address
+from .dsn import MailDSN, RecipientDSN, mail_dsn, recipient_dsn
 from .errors import SMTPError
 from .protocol import SMTPProtocol
 from .proxy import ProxyHeader
@@ -333,6 +334,7 @@ class Envelope:
         spool_threshold: int = 262144,
         spool_dir: str | None = None,
         sender: Address | None = None,
+        dsn: MailDSN | None = None,
     ) -> None:
         #: The reverse-path (``""`` for the null sender), as the client sent it.
         self.mail_from = mail_from
@@ -348,6 +350,17 @@ class Envelope:
         self.rcpt_tos: list[str] = []
         #: RCPT parameters, one dict per accepted recipient.
         self.rcpt_params: list[dict[str, str | None]] = []
+        #: The DSN parameters of MAIL (RFC 3461), checked and decoded: an
+        #: empty :class:`~bonzo.dsn.MailDSN` when the client gave none.
+        self.dsn: MailDSN = dsn if dsn is not None else mail_dsn(self.mail_params)
+        #: The DSN parameters of each accepted recipient, in the order of
+        #: :attr:`rcpt_tos` (an empty :class:`~bonzo.dsn.RecipientDSN` for a
+        #: recipient without them).
+        self.rcpt_dsn: list[RecipientDSN] = []
+        #: True when the content came in ``BDAT`` chunks (RFC 3030) rather
+        #: than after ``DATA``; ``mail_params["BODY"]`` says whether it is
+        #: ``BINARYMIME`` (binary, kept octet for octet).
+        self.chunked = False
         #: Per-transaction data for plugins.
         self.stash: dict[str, Any] = {}
         #: Id of the message, for logs and replies.
@@ -404,11 +417,21 @@ class Envelope:
             return list(self.recipients)
         return [r for i, r in enumerate(self.recipients) if i not in refused]
 
-    def add_recipient(self, mailbox: Address, params: Mapping[str, str | None]) -> None:
-        """Record an accepted recipient (Bonzo does this after RCPT)."""
+    def add_recipient(
+        self,
+        mailbox: Address,
+        params: Mapping[str, str | None],
+        dsn: RecipientDSN | None = None,
+    ) -> None:
+        """Record an accepted recipient (Bonzo does this after RCPT). ``dsn``
+        defaults to the DSN parameters read from ``params``
+        (:func:`bonzo.dsn.recipient_dsn`, which raises
+        :exc:`~bonzo.dsn.DSNError` for bad ones)."""
+        record = dsn if dsn is not None else recipient_dsn(params)
         self.rcpt_tos.append(mailbox.original)
         self.rcpt_params.append(dict(params))
         self.recipients.append(mailbox)
+        self.rcpt_dsn.append(record)
 
     # ----------------------------------------------------------- content in
     def write(self, data: bytes) -> None:

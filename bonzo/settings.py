@@ -150,6 +150,38 @@ class SMTPSettings:
     smtputf8: bool = True
     """Offer SMTPUTF8 (RFC 6531): UTF-8 addresses with the ``SMTPUTF8`` parameter."""
 
+    chunking: bool = True
+    """Offer CHUNKING (RFC 3030): a client may send the message in ``BDAT``
+    chunks of announced size instead of with ``DATA`` (see
+    :doc:`/chunking`). ``false`` refuses ``BDAT`` with ``502 5.5.1`` (its
+    octets are still read and dropped, never run as commands).
+
+    .. versionadded:: 0.2"""
+
+    binarymime: bool = True
+    """Offer BINARYMIME (RFC 3030) with CHUNKING: ``MAIL ... BODY=BINARYMIME``
+    announces binary content, which must come by ``BDAT`` and is kept octet
+    for octet (no line-end or line-length rules). Turn it off when the mail
+    is relayed to servers that may not take binary content. Has no effect
+    without :attr:`chunking`.
+
+    .. versionadded:: 0.2"""
+
+    dsn: bool = True
+    """Offer DSN (RFC 3461): the ``RET``/``ENVID`` parameters of MAIL and
+    ``NOTIFY``/``ORCPT`` of RCPT are checked and kept on the envelope for
+    the delivery side (see :doc:`/dsn`). ``false`` refuses them with
+    ``555 5.5.4``.
+
+    .. versionadded:: 0.2"""
+
+    advertise_limits: bool = True
+    """Advertise ``LIMITS RCPTMAX=<max_recipients>
+    MAILMAX=<max_messages_per_connection>`` (RFC 9422), so that a client
+    can split its recipients and messages before it meets the limits.
+
+    .. versionadded:: 0.2"""
+
     tls_handshake_timeout: float = 30.0
     """Time the TLS handshake (STARTTLS or implicit TLS) may take."""
 
@@ -233,8 +265,10 @@ class SMTPSettings:
         delay = self.auth_failure_delay
         if not _finite_number(delay) or delay < 0:
             raise SettingError("auth_failure_delay", f"must be a number >= 0, not {delay!r}")
-        if not isinstance(self.smtputf8, bool):
-            raise SettingError("smtputf8", f"must be true or false, not {self.smtputf8!r}")
+        for name in ("smtputf8", "chunking", "binarymime", "dsn", "advertise_limits"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise SettingError(name, f"must be true or false, not {value!r}")
         if self.spool_dir is not None and not isinstance(self.spool_dir, str):
             raise SettingError("spool_dir", f"must be a directory path, not {self.spool_dir!r}")
         if self.bare_newline not in BARE_NEWLINE_MODES:

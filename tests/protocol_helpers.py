@@ -16,6 +16,7 @@ from bonzo.protocol import (
     CLOSED,
     NEED_DATA,
     PAUSED,
+    Data,
     DataChunk,
     Event,
     MessageComplete,
@@ -59,6 +60,10 @@ EHLO_REPLY = (
     b"250-8BITMIME\r\n"
     b"250-SMTPUTF8\r\n"
     b"250-ENHANCEDSTATUSCODES\r\n"
+    b"250-CHUNKING\r\n"
+    b"250-BINARYMIME\r\n"
+    b"250-DSN\r\n"
+    b"250-LIMITS RCPTMAX=1000 MAILMAX=100\r\n"
     b"250 HELP\r\n"
 )
 HELO_REPLY = b"250 Hello 192.0.2.1\r\n"
@@ -162,6 +167,10 @@ class Client:
                 self._content += event.data
                 continue
             self.events.append(event)
+            if isinstance(event, Data):
+                # A new message starts (content left from a transaction that
+                # ended between BDAT chunks, by RSET, is not part of it).
+                self._content.clear()
             if isinstance(event, MessageComplete):
                 self._content += event.data
                 self.messages.append(bytes(self._content))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import io
+import json
 import logging
 import os
 import re
@@ -30,14 +31,18 @@ import pytest
 from bonzo_plugins.queue.routes import DiscardTransport, Outcome, RouteTable
 from bonzo_plugins.queue.runner import Runner, RunnerSettings
 from bonzo_plugins.queue.spool import GroupSync, Spool
+from daemon_support import daemon_env, daemons, free_port
+from e2e_support import RawClient
 from tornado.testing import bind_unused_port
 
 from bonzo import Accept
+from bonzo.address import Address
 from bonzo.app import MailApp
 from bonzo.auth import hash_password
 from bonzo.config import ConfigError, parse_config
 from bonzo.hooks import PluginSet
 from bonzo.server import SMTPServer
+from bonzo.session import Envelope
 from bonzo.settings import ListenerSettings, SMTPSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -603,6 +608,116 @@ def test_embedded_example_runs_as_shown(tmp_path: Path) -> None:
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+# ------------------------------------------------------- chunking and DSN
+def snippet_config(tmp_path: Path, name: str, port: int) -> Path:
+    """``docs/snippets/<name>`` as ``tmp_path/bonzo.toml``, on ``port``."""
+    text = (SNIPPETS / name).read_text("utf-8")
+    assert "port = 2525" in text
+    config = tmp_path / "bonzo.toml"
+    config.write_text(text.replace("port = 2525", f"port = {port}"), "utf-8")
+    return config
+
+
+def test_chunking_configuration_takes_mail_in_bdat_chunks(tmp_path: Path) -> None:
+    """docs/chunking.rst's bonzo.toml, served by the real daemon, spoken to
+    with BDAT on a raw socket (no Python client has BDAT)."""
+    pytest.importorskip("bonzo_plugins", reason="the bundled plugins are not installed")
+    port = free_port()
+    config = snippet_config(tmp_path, "chunking.toml", port)
+    body = b"Subject: chunks\r\n\r\n" + b"line\r\n" * 2000
+    with daemons(tmp_path, daemon_env()) as start:
+        daemon = start(config, port)
+        daemon.wait_ready()
+        with RawClient(port, timeout=DEADLINE) as client:
+            keywords = client.greet().split(b"\r\n")
+            assert b"250-CHUNKING" in keywords and b"250-BINARYMIME" not in keywords
+            assert client.command("MAIL FROM:<a@example.net> BODY=BINARYMIME")[:3] == b"501"
+            client.send(
+                b"MAIL FROM:<alice@example.net>\r\nRCPT TO:<bob@example.com>\r\n"
+                + b"BDAT 5000\r\n"
+                + body[:5000]
+                + b"BDAT %d LAST\r\n" % (len(body) - 5000)
+                + body[5000:]
+            )
+            replies = client.replies(4)
+            assert replies[2] == b"250 2.0.0 5000 octets received\r\n"
+            assert replies[3].startswith(b"250 2.0.0 Ok: queued as ")
+        assert daemon.stop() == 0
+    (stored,) = (tmp_path / "Maildir" / "new").iterdir()
+    content = stored.read_bytes()
+    assert content.endswith(body)
+    assert b"Received: from client.test" in content
+
+
+def test_dsn_report_writes_what_plugins_read(tmp_path: Path) -> None:
+    plugin = snippet("dsn_report").DSNReport()
+    plugin.bonzo_configure(config={"file": str(tmp_path / "dsn.jsonl")})
+    envelope = Envelope("alice@example.net", {"RET": "HDRS", "ENVID": "QQ+2B1"})
+    envelope.add_recipient(
+        Address.parse("bob@example.com"), {"NOTIFY": "SUCCESS", "ORCPT": "rfc822;bob@example.com"}
+    )
+    envelope.add_recipient(Address.parse("carol@example.com"), {})
+    plugin.bonzo_accepted(envelope=envelope)
+    (line,) = (tmp_path / "dsn.jsonl").read_text().splitlines()
+    assert json.loads(line) == {
+        "id": envelope.id,
+        "ret": "HDRS",
+        "envid": "QQ+1",
+        "recipients": [
+            {
+                "to": "bob@example.com",
+                "notify": ["SUCCESS"],
+                "orcpt": ["rfc822", "bob@example.com"],
+                "report_success": True,
+                "report_failure": False,
+            },
+            {
+                "to": "carol@example.com",
+                "notify": None,
+                "orcpt": None,
+                "report_success": False,
+                "report_failure": True,
+            },
+        ],
+    }
+
+
+def test_dsn_configuration_keeps_the_requests_beside_the_mail(tmp_path: Path) -> None:
+    """docs/dsn.rst's bonzo.toml and plugin, served by the real daemon,
+    with smtplib's DSN options."""
+    pytest.importorskip("bonzo_plugins", reason="the bundled plugins are not installed")
+    port = free_port()
+    config = snippet_config(tmp_path, "dsn.toml", port)
+    (tmp_path / "dsn_report.py").write_text((SNIPPETS / "dsn_report.py").read_text())
+    with daemons(tmp_path, daemon_env()) as start:
+        daemon = start(config, port)
+        daemon.wait_ready()
+        with smtplib.SMTP("127.0.0.1", port, timeout=DEADLINE) as client:
+            client.sendmail(
+                "alice@example.net",
+                ["bob@example.com"],
+                MESSAGE,
+                mail_options=["RET=FULL", "ENVID=abc+2Bdef"],
+                rcpt_options=["NOTIFY=FAILURE,DELAY", "ORCPT=rfc822;Bob@example.com"],
+            )
+            client.sendmail("", ["carol@example.com"], MESSAGE, rcpt_options=["NOTIFY=NEVER"])
+        assert daemon.stop() == 0
+    first, second = [json.loads(line) for line in (tmp_path / "dsn.jsonl").read_text().splitlines()]
+    assert (first["ret"], first["envid"]) == ("FULL", "abc+def")
+    assert first["recipients"] == [
+        {
+            "to": "bob@example.com",
+            "notify": ["DELAY", "FAILURE"],
+            "orcpt": ["rfc822", "Bob@example.com"],
+            "report_success": False,
+            "report_failure": True,
+        }
+    ]
+    assert second["recipients"][0]["notify"] == ["NEVER"]
+    assert not second["recipients"][0]["report_failure"]
+    assert len(list((tmp_path / "Maildir" / "new").iterdir())) == 2
 
 
 # ---------------------------------------------------------------- coverage

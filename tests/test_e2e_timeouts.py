@@ -186,15 +186,56 @@ def test_overlong_command_sent_in_bursts_gets_421(start_server):
     assert 0.4 <= elapsed < 2.0, f"closed after {elapsed:.2f}s, command_timeout is 0.5s"
 
 
-def test_a_huge_bdat_trickled_gets_421(start_server):
-    """BDAT's announced octets are content: the DATA rate applies to them."""
-    server = start_server(min_data_rate=1000, data_rate_window=0.5, idle_timeout=10)
+TXN = (b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.com>")
+
+
+@pytest.mark.parametrize(
+    "chunking, setup",
+    [(False, ()), (True, ()), (True, TXN)],
+    ids=["chunking-off", "no-transaction", "in-transaction"],
+)
+def test_a_huge_bdat_trickled_gets_421(start_server, chunking, setup):
+    """BDAT's announced octets are content, whether they are refused (read
+    and dropped) or kept: the DATA rate applies to them."""
+    server = start_server(
+        chunking=chunking, min_data_rate=1000, data_rate_window=0.5, idle_timeout=10
+    )
     with RawClient(server.port) as client:
         client.greet()
-        assert client.command("BDAT 100000000").startswith(b"502")
+        for line in setup:
+            assert client.command(line).startswith(b"250")
+        if chunking:
+            client.send(b"BDAT 100000000\r\n")  # answered after its octets (RFC 3030)
+        else:
+            assert client.command("BDAT 100000000").startswith(b"502")
         started = trickle(client, b"z" * 1000, interval=0.05, limit=5)
         assert client.read_to_eof() == b"421 4.4.2 Data rate too low\r\n"
         elapsed = time.monotonic() - started
+    assert 0.4 <= elapsed < 2.0, f"closed after {elapsed:.2f}s, window is 0.5s"
+    assert server.plugin.messages == []
+
+
+def test_tiny_bdat_chunks_are_held_to_the_data_rate(start_server):
+    """A message in one-octet chunks, each a complete command, never lets
+    the idle time restart: between the chunks of a message the DATA rate
+    applies."""
+    server = start_server(min_data_rate=1000, data_rate_window=0.5, idle_timeout=10)
+    with RawClient(server.port) as client:
+        client.greet()
+        for line in TXN:
+            assert client.command(line).startswith(b"250")
+        started = time.monotonic()
+        replies = []
+        for _ in range(100):  # bounded: one chunk every 50 ms for at most 5 s
+            client.send(b"BDAT 1\r\nx")
+            reply = client.reply()
+            replies.append(reply)
+            if not reply.startswith(b"250"):
+                break
+            time.sleep(0.05)
+        elapsed = time.monotonic() - started
+    assert replies[0] == b"250 2.0.0 1 octets received\r\n"
+    assert replies[-1] == b"421 4.4.2 Data rate too low\r\n"
     assert 0.4 <= elapsed < 2.0, f"closed after {elapsed:.2f}s, window is 0.5s"
 
 

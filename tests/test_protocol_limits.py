@@ -390,3 +390,34 @@ def test_events_are_frozen():
             setattr(event, field, "changed")
     assert "secret" not in repr(AuthResponse("secret"))
     assert "secret" not in repr(Auth("PLAIN", "secret"))
+
+
+# --------------------------------------------------------- LIMITS (RFC 9422)
+@pytest.mark.parametrize(
+    "settings, line",
+    [
+        ({}, b"250-LIMITS RCPTMAX=1000 MAILMAX=100\r\n"),
+        (
+            {"max_recipients": 100, "max_messages_per_connection": 1},
+            b"250-LIMITS RCPTMAX=100 MAILMAX=1\r\n",
+        ),
+        ({"advertise_limits": False}, None),
+    ],
+)
+def test_ehlo_advertises_the_configured_limits(settings, line):
+    replies, _ = feed(EHLO, **settings)
+    if line is None:
+        assert b"LIMITS" not in replies
+    else:
+        assert line in replies
+
+
+def test_the_advertised_limits_are_the_ones_enforced():
+    client = Client(max_recipients=100, max_messages_per_connection=1)
+    replies = client.send(EHLO)
+    assert b"LIMITS RCPTMAX=100 MAILMAX=1" in replies
+    rcpts = b"".join(b"RCPT TO:<r%d@example.net>\r\n" % n for n in range(101))
+    replies = split_replies(client.send(MAIL + rcpts + DATA + b"x\r\n.\r\n"))
+    assert replies[100] == b"250 2.1.5 Ok\r\n"
+    assert replies[101] == b"452 4.5.3 Too many recipients\r\n"
+    assert client.send(MAIL) == b"452 4.5.3 Too many messages for this connection\r\n"

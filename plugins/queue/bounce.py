@@ -7,7 +7,7 @@ per-message fields, then one block per recipient) and the original message
 (``message/rfc822``) or, when the sender asked for headers only (``RET=HDRS``)
 or the message is larger than the size limit, its header section
 (``text/rfc822-headers``). The DSN parameters of RFC 3461 are honoured:
-``NOTIFY`` (:func:`wants_report`), ``RET``, ``ENVID`` and ``ORCPT``.
+``NOTIFY`` (:func:`wants_report`), ``RET``, ``ENVID`` and ``ORCPT``, read with :mod:`bonzo.dsn`.
 
 The parts are assembled as bytes, so that the original message is returned
 exactly as it was received; the header fields are formatted with the
@@ -25,9 +25,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import format_datetime, localtime
 
+from bonzo.dsn import (
+    NO_MAIL_DSN,
+    NO_RECIPIENT_DSN,
+    DSNError,
+    MailDSN,
+    RecipientDSN,
+    mail_dsn,
+    recipient_dsn,
+)
+
 from .spool import QueuedMessage, Recipient
 
-__all__ = ["ReportLine", "build_report", "wants_report", "xtext_decode", "ACTIONS"]
+__all__ = ["ReportLine", "build_report", "wants_report", "ACTIONS"]
 
 #: The ``Action`` values this module writes (RFC 3464 2.3.3).
 ACTIONS = ("failed", "delayed", "delivered", "relayed")
@@ -73,37 +83,28 @@ class ReportLine:
     """For ``delayed``: when the message expires."""
 
 
-def xtext_decode(text: str) -> str:
-    """Decode RFC 3461 xtext (``+XX`` escapes); malformed escapes are kept."""
-    out = []
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "+" and i + 2 < len(text) and _is_hex(text[i + 1 : i + 3]):
-            out.append(chr(int(text[i + 1 : i + 3], 16)))
-            i += 3
-            continue
-        out.append(ch)
-        i += 1
-    return "".join(out)
+_KINDS = {"failed": "failure", "delayed": "delay", "delivered": "success", "relayed": "success"}
 
 
-def _is_hex(s: str) -> bool:
-    return len(s) == 2 and all(c in "0123456789ABCDEF" for c in s)
+def _recipient_dsn(recipient: Recipient) -> RecipientDSN:
+    try:
+        return recipient_dsn(recipient.params)
+    except DSNError:  # checked at RCPT; a message queued otherwise may lack checks
+        return NO_RECIPIENT_DSN
+
+
+def _mail_dsn(message: QueuedMessage) -> MailDSN:
+    try:
+        return mail_dsn(message.mail_params)
+    except DSNError:
+        return NO_MAIL_DSN
 
 
 def wants_report(recipient: Recipient, action: str) -> bool:
     """Whether ``recipient``'s ``NOTIFY`` parameter asks for a report of
-    ``action``. Without ``NOTIFY``, failures and delays are reported (RFC
-    3461 4.1 lets the MTA choose; Postfix does the same)."""
-    notify = recipient.params.get("NOTIFY")
-    if notify is None:
-        return action in ("failed", "delayed")
-    wanted = {n.strip().upper() for n in notify.split(",")}
-    if "NEVER" in wanted:
-        return False
-    need = {"failed": "FAILURE", "delayed": "DELAY", "delivered": "SUCCESS", "relayed": "SUCCESS"}
-    return need[action] in wanted
+    ``action`` (:meth:`bonzo.dsn.RecipientDSN.wants`): without ``NOTIFY``,
+    failures and delays are reported, successes are not."""
+    return _recipient_dsn(recipient).wants(_KINDS[action])
 
 
 def _address_field(address: str) -> str:
@@ -114,14 +115,10 @@ def _address_field(address: str) -> str:
 
 
 def _original_recipient(recipient: Recipient) -> str | None:
-    orcpt = recipient.params.get("ORCPT")
-    if not orcpt or ";" not in orcpt:
+    orcpt = _recipient_dsn(recipient).orcpt
+    if orcpt is None:
         return None
-    kind, _, value = orcpt.partition(";")
-    decoded = xtext_decode(value)
-    if not (decoded.isprintable() and kind.strip().isascii() and kind.strip()):
-        return None
-    return f"{kind.strip()}; {decoded}"
+    return f"{orcpt.addr_type}; {orcpt.address}"
 
 
 def _clean(text: str, limit: int = 900) -> str:
@@ -186,9 +183,9 @@ def build_report(
         "",
         f"Reporting-MTA: dns; {hostname}",
     ]
-    envid = message.mail_params.get("ENVID")
-    if envid:
-        out.append(f"Original-Envelope-Id: {_clean(xtext_decode(envid), 100)}")
+    dsn = _mail_dsn(message)
+    if dsn.envid:
+        out.append(f"Original-Envelope-Id: {_clean(dsn.envid, 100)}")
     out.append(f"Arrival-Date: {_date(message.arrival)}")
     for line in lines:
         out.append("")
@@ -208,7 +205,7 @@ def build_report(
             out.append(f"Will-Retry-Until: {_date(line.will_retry_until)}")
     out.append("")
     head = "\r\n".join(out).encode("utf-8") + b"\r\n"
-    full = message.mail_params.get("RET", "").upper() != "HDRS" if message.mail_params else True
+    full = dsn.ret != "HDRS"
     if action in ("delivered", "relayed"):
         full = False  # a success report carries the headers only
     if full and message.size <= size_limit:

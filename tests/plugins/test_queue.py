@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from bonzo_plugins.queue import QueuePlugin
-from bonzo_plugins.queue.bounce import ReportLine, build_report, wants_report, xtext_decode
+from bonzo_plugins.queue.bounce import ReportLine, build_report, wants_report
 from bonzo_plugins.queue.plugin import parse_duration
 from bonzo_plugins.queue.routes import Outcome, RouteTable
 from bonzo_plugins.queue.runner import Runner, RunnerSettings, backoff
@@ -262,11 +262,6 @@ def test_notify_decides_which_reports_are_sent(notify, action, wanted):
     params = {} if notify is None else {"NOTIFY": notify}
     recipient = Recipient("b@example.net", "b@example.net", "example.net", params)
     assert wants_report(recipient, action) is wanted
-
-
-def test_xtext_decoding():
-    assert xtext_decode("a+2Bb+3Dc") == "a+b=c"
-    assert xtext_decode("bad+zz+2") == "bad+zz+2"
 
 
 # ------------------------------------------------------------------ runner

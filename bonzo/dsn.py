@@ -1,0 +1,222 @@
+"""Delivery Status Notification requests (RFC 3461): the DSN parameters of
+MAIL and RCPT, decoded and checked.
+
+A client that asks for DSNs adds ``RET=FULL|HDRS`` and ``ENVID=<xtext>`` to
+MAIL, and ``NOTIFY=NEVER|SUCCESS,FAILURE,DELAY`` and
+``ORCPT=<addr-type>;<xtext>`` to RCPT. When the ``DSN`` extension is offered
+(:attr:`SMTPSettings.dsn <bonzo.settings.SMTPSettings.dsn>`), the protocol
+core checks them with :func:`mail_dsn` and :func:`recipient_dsn` (a bad
+value is ``501 5.5.4``) and the envelope keeps what they say as
+:class:`MailDSN` (:attr:`Envelope.dsn <bonzo.session.Envelope.dsn>`) and one
+:class:`RecipientDSN` per recipient (:attr:`Envelope.rcpt_dsn
+<bonzo.session.Envelope.rcpt_dsn>`), for plugins and for the delivery side.
+The parameters as the client wrote them stay in ``mail_params`` and
+``rcpt_params``: a relay passes those on unchanged (RFC 3461 5.2.1).
+
+Bonzo itself sends no DSN; a delivery plugin that bounces or reports uses
+:meth:`RecipientDSN.wants` to follow the client's request.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = [
+    "MailDSN",
+    "RecipientDSN",
+    "OriginalRecipient",
+    "DSNError",
+    "xtext_decode",
+    "xtext_encode",
+    "mail_dsn",
+    "recipient_dsn",
+    "NOTIFY_KEYWORDS",
+    "MAX_ENVID",
+    "MAX_ORCPT",
+    "NO_MAIL_DSN",
+    "NO_RECIPIENT_DSN",
+]
+
+#: The keywords of ``NOTIFY`` (RFC 3461 4.1).
+NOTIFY_KEYWORDS = frozenset({"NEVER", "SUCCESS", "FAILURE", "DELAY"})
+#: Longest ``ENVID``, in characters once decoded (RFC 3461 4.4).
+MAX_ENVID = 100
+#: Longest ``ORCPT`` value, ``addr-type;xtext`` as sent (RFC 3461 4.2).
+MAX_ORCPT = 500
+
+# xtext: xchar is "!".."~" but "+" and "="; hexchar is "+" and two hex
+# digits (RFC 3461 4). Lower-case digits are read too: decoding them is
+# unambiguous, and refusing them would only bounce mail.
+_XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-Fa-f]{2})*")
+_HEXCHAR = re.compile(r"\+([0-9A-Fa-f]{2})")
+# What a decoded ENVID or ORCPT address may hold: printable US-ASCII and
+# space (RFC 3461 4.2, 4.4). A decoded control character (``+0D+0A``) could
+# otherwise reach a header or a log line.
+_PRINTABLE = re.compile(r"[ -~]*")
+# addr-type is an RFC 822 atom: CHARs but specials, space and controls.
+_ATOM = re.compile(r"[!#-'*+\-/-9=?A-Z^-~]+")
+# Octets written as themselves by xtext_encode.
+_XCHAR = re.compile(r"[^!-*,-<>-~]")
+
+
+class DSNError(ValueError):
+    """A DSN parameter that breaks RFC 3461; ``str()`` is the reply text."""
+
+
+def xtext_decode(text: str) -> str:
+    """Decode RFC 3461 xtext (``"a+2Bb"`` → ``"a+b"``); raise
+    :exc:`DSNError` if ``text`` is not xtext.
+
+    Each ``+XX`` gives the octet ``XX``; the result is read as Latin-1, so
+    every octet is one character and the caller decides which are allowed.
+    """
+    if not _XTEXT.fullmatch(text):
+        raise DSNError("not xtext")
+    if "+" not in text:
+        return text
+    return _HEXCHAR.sub(lambda m: chr(int(m.group(1), 16)), text)
+
+
+def xtext_encode(text: str) -> str:
+    """Encode ``text`` (US-ASCII) as xtext: ``+``, ``=``, space, controls
+    and anything outside ``!``..``~`` become ``+XX``. Raises
+    :exc:`DSNError` for a character above U+00FF."""
+    if any(ord(ch) > 0xFF for ch in text):
+        raise DSNError("xtext holds octets: characters above U+00FF cannot be encoded")
+    return _XCHAR.sub(lambda m: f"+{ord(m.group()):02X}", text)
+
+
+@dataclass(frozen=True, slots=True)
+class MailDSN:
+    """The DSN parameters of MAIL: ``RET`` and ``ENVID``. An empty record
+    (both ``None``) when the client gave neither."""
+
+    ret: str | None = None
+    """``"FULL"`` (return the whole message in a failure report) or
+    ``"HDRS"`` (only its headers), upper-cased; ``None`` when not given
+    (the MTA chooses)."""
+
+    envid: str | None = None
+    """The envelope identifier, decoded from xtext; ``None`` when not given.
+    Printable US-ASCII, at most :data:`MAX_ENVID` characters."""
+
+    def __bool__(self) -> bool:
+        return self.ret is not None or self.envid is not None
+
+
+@dataclass(frozen=True, slots=True)
+class OriginalRecipient:
+    """The ``ORCPT`` of a recipient: the address the sender first used."""
+
+    addr_type: str
+    """The address type as sent, e.g. ``"rfc822"`` (compare it without
+    regard to case; it is kept as sent for relaying)."""
+
+    address: str
+    """The address, decoded from xtext (printable US-ASCII)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientDSN:
+    """The DSN parameters of one RCPT: ``NOTIFY`` and ``ORCPT``."""
+
+    notify: frozenset[str] | None = None
+    """The ``NOTIFY`` keywords, upper-cased: ``{"NEVER"}`` or a non-empty
+    subset of ``{"SUCCESS", "FAILURE", "DELAY"}``; ``None`` when not given
+    (RFC 3461 says: treat as ``FAILURE`` or ``FAILURE,DELAY``)."""
+
+    orcpt: OriginalRecipient | None = None
+    """The original recipient, or ``None`` when not given."""
+
+    def wants(self, kind: str) -> bool:
+        """Whether the sender asked for (or allowed) a DSN of ``kind``:
+        ``"success"``, ``"failure"`` or ``"delay"`` (any case).
+
+        Follows RFC 3461 5.2: without ``NOTIFY`` a failure is reported, a
+        delay may be, a success is not; ``NEVER`` gives none. A message
+        from the null sender (``MAIL FROM:<>``) never gets a DSN, whatever
+        this says (RFC 3461 5.2): check the envelope's sender too.
+        """
+        key = kind.upper()
+        if key not in ("SUCCESS", "FAILURE", "DELAY"):
+            raise ValueError(f"kind must be success, failure or delay, not {kind!r}")
+        if self.notify is None:
+            return key != "SUCCESS"
+        return key in self.notify
+
+    def __bool__(self) -> bool:
+        return self.notify is not None or self.orcpt is not None
+
+
+#: The record of a MAIL without DSN parameters.
+NO_MAIL_DSN = MailDSN()
+#: The record of a RCPT without DSN parameters.
+NO_RECIPIENT_DSN = RecipientDSN()
+
+
+def mail_dsn(params: Mapping[str, str | None]) -> MailDSN:
+    """The :class:`MailDSN` of MAIL parameters (keywords upper-cased, as
+    :func:`bonzo.protocol.parse_path` gives them); other keywords are
+    ignored. Raises :exc:`DSNError` for a bad ``RET`` or ``ENVID``."""
+    ret = params.get("RET")
+    envid = params.get("ENVID")
+    if "RET" in params:
+        if ret is None or ret.upper() not in ("FULL", "HDRS"):
+            raise DSNError("Bad RET parameter (FULL or HDRS)")
+        ret = ret.upper()
+    if "ENVID" in params:
+        if not envid:
+            raise DSNError("Bad ENVID parameter")
+        try:
+            envid = xtext_decode(envid)
+        except DSNError:
+            raise DSNError("Bad ENVID parameter: not xtext") from None
+        if len(envid) > MAX_ENVID or not _PRINTABLE.fullmatch(envid):
+            raise DSNError("Bad ENVID parameter")
+    if ret is None and envid is None:
+        return NO_MAIL_DSN
+    return MailDSN(ret, envid)
+
+
+def recipient_dsn(params: Mapping[str, str | None]) -> RecipientDSN:
+    """The :class:`RecipientDSN` of RCPT parameters (keywords upper-cased);
+    other keywords are ignored. Raises :exc:`DSNError` for a bad ``NOTIFY``
+    or ``ORCPT``."""
+    notify: frozenset[str] | None = None
+    orcpt: OriginalRecipient | None = None
+    if "NOTIFY" in params:
+        notify = _notify(params["NOTIFY"])
+    if "ORCPT" in params:
+        orcpt = _orcpt(params["ORCPT"])
+    if notify is None and orcpt is None:
+        return NO_RECIPIENT_DSN
+    return RecipientDSN(notify, orcpt)
+
+
+def _notify(value: str | None) -> frozenset[str]:
+    if not value:
+        raise DSNError("Bad NOTIFY parameter")
+    items = value.upper().split(",")
+    keywords = frozenset(items)
+    if len(keywords) != len(items) or not keywords <= NOTIFY_KEYWORDS:
+        raise DSNError("Bad NOTIFY parameter (NEVER, or SUCCESS, FAILURE, DELAY)")
+    if "NEVER" in keywords and len(keywords) > 1:
+        raise DSNError("Bad NOTIFY parameter: NEVER must appear alone")
+    return keywords
+
+
+def _orcpt(value: str | None) -> OriginalRecipient:
+    if not value or len(value) > MAX_ORCPT:
+        raise DSNError("Bad ORCPT parameter")
+    addr_type, semicolon, encoded = value.partition(";")
+    if not semicolon or not encoded or not _ATOM.fullmatch(addr_type):
+        raise DSNError("Bad ORCPT parameter (addr-type;xtext)")
+    try:
+        address = xtext_decode(encoded)
+    except DSNError:
+        raise DSNError("Bad ORCPT parameter: not xtext") from None
+    if not _PRINTABLE.fullmatch(address):
+        raise DSNError("Bad ORCPT parameter")
+    return OriginalRecipient(addr_type, address)
