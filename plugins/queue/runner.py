@@ -305,8 +305,9 @@ class Runner:
             )
             try:
                 async with limit:
-                    async with asyncio.timeout(self.settings.delivery_timeout):
-                        results = await transport.deliver(message, recipients)
+                    results = await asyncio.wait_for(
+                        transport.deliver(message, recipients), self.settings.delivery_timeout
+                    )
                 if len(results) != len(idx):
                     raise RuntimeError(
                         f"{transport.kind} gave {len(results)} outcomes for {len(idx)} recipients"

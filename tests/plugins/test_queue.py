@@ -705,3 +705,16 @@ def test_json_round_trip_of_state_file(tmp_path):
     spool.save_state(message)
     state = json.loads((spool.state / "J1.json").read_text())
     assert state["recipients"][0]["status"] == "pending"
+
+
+def test_a_delivery_that_takes_too_long_is_deferred(tmp_path):
+    class Stuck(Scripted):
+        async def deliver(self, message, recipients):
+            await asyncio.sleep(30)
+            return [OK for _ in recipients]
+
+    spool, runner, clock = make_runner(tmp_path, Stuck({}), delivery_timeout=0.1)
+    queued(spool, "Z1", envelope())
+    asyncio.run(runner.attempt("Z1"))
+    recipient = spool.load("Z1").recipients[0]
+    assert (recipient.status, recipient.reply) == ("deferred", "451 4.4.2 Delivery timed out")
