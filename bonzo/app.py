@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, ListenerConfig, load_config
+from .dns import Resolver
 from .hooks import PluginError, PluginSet
 from .server import ConnectionCount, SMTPServer
+from .settings import SettingError
 
 __all__ = ["MailApp", "InstalledPlugin", "installed_plugins", "resolve_plugin", "ENTRY_POINT_GROUP"]
 
@@ -114,6 +116,13 @@ class MailApp:
 
        Directory against which plugins resolve relative paths (the config
        file's directory).
+
+    .. attribute:: dns
+
+       The process's :class:`~bonzo.dns.Resolver`, built from the ``[dns]``
+       table: every plugin that looks something up in DNS uses this one
+       (:doc:`/dns`). Its lookups raise :class:`~bonzo.dns.DNSDisabled` while
+       ``[dns]`` names no nameserver.
     """
 
     def __init__(self, config: Config | None = None, extra_plugins: Iterable[Any] = ()) -> None:
@@ -121,6 +130,10 @@ class MailApp:
         self.settings = self.config.settings
         self.base_dir: Path = self.config.base_dir
         self.plugins = PluginSet(timeout=self.config.plugins.timeout)
+        try:
+            self.dns = Resolver(self.config.dns)
+        except SettingError as exc:
+            raise self.config.error(f"dns.{exc.setting}", exc.detail) from None
         self.server: SMTPServer | None = None
         #: One server per listener, once started.
         self.servers: list[SMTPServer] = []

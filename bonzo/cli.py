@@ -178,6 +178,7 @@ def _check(args: argparse.Namespace) -> int:
         print(f"    {listener.where}: {', '.join(facts)}")
     print(f"  workers: {config.workers}")
     print(f"  plugins: {', '.join(config.plugins.enabled) or 'none'}")
+    print(f"  dns: {app.dns.describe()}")
     for warning in app.warnings():
         print(f"  warning: {warning}")
     return 0

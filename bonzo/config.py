@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .auth import MECHANISMS
+from .dns import DNSSettings, parse_nameserver
 from .settings import PROTOCOLS, ListenerSettings, SettingError, SMTPSettings, positive_seconds
 from .tls import CertificatePair, TLSError, make_server_context
 
@@ -48,6 +49,7 @@ __all__ = [
     "LISTENER_KEYS",
     "LISTENER_OVERRIDES",
     "TLS_KEYS",
+    "DNS_KEYS",
 ]
 
 #: Which table of the file holds each :class:`~bonzo.settings.SMTPSettings` field.
@@ -119,8 +121,10 @@ TLS_KEYS = ("cert", "key", "sni")
 SNI_KEYS = ("cert", "key")
 LOGGING_KEYS = ("level", "access_log", "file")
 PLUGINS_KEYS = ("enabled", "timeout", "timeouts", "paths")
+#: Keys of the ``[dns]`` table: the fields of :class:`~bonzo.dns.DNSSettings`.
+DNS_KEYS = tuple(DNSSettings.field_names())
 #: The tables allowed at the top level of the file.
-TOP_LEVEL_KEYS = ("server", "protocol", "limits", "listeners", "logging", "plugins")
+TOP_LEVEL_KEYS = ("server", "protocol", "limits", "listeners", "logging", "dns", "plugins")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -199,6 +203,8 @@ class Config:
     loop: str = "asyncio"
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    #: The ``[dns]`` table (default: DNS off).
+    dns: DNSSettings = field(default_factory=DNSSettings)
 
     def error(self, key: str, message: str) -> ConfigError:
         """A :class:`ConfigError` for ``key`` of this configuration."""
@@ -341,6 +347,7 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
         loop=loop,
         logging=_logging(_table(data, "logging", source), source, base_dir),
         plugins=_plugins(_table(data, "plugins", source), source, base_dir),
+        dns=_dns(_table(data, "dns", source), source, base_dir),
     )
 
 
@@ -552,6 +559,34 @@ def _logging(table: dict[str, Any], source: str, base_dir: Path) -> LoggingConfi
     if file is not None:
         file = _path(file, source, "logging.file", base_dir)
     return LoggingConfig(level=level.lower(), access_log=access, file=file)
+
+
+def _dns(table: dict[str, Any], source: str, base_dir: Path) -> DNSSettings:
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in DNS_KEYS:
+            raise ConfigError(source, f"dns.{key}", f"unknown key (allowed: {', '.join(DNS_KEYS)})")
+        values[key] = value
+    servers = values.get("nameservers", [])
+    if not isinstance(servers, list):
+        raise ConfigError(
+            source, "dns.nameservers", f"must be an array of IP addresses, not {_type(servers)}"
+        )
+    for i, entry in enumerate(servers):
+        try:
+            parse_nameserver(entry)
+        except ValueError as exc:
+            raise ConfigError(source, f"dns.nameservers[{i}]", str(exc)) from None
+    values["nameservers"] = tuple(servers)
+    families = values.get("address_families")
+    if isinstance(families, list):
+        values["address_families"] = tuple(families)
+    if "resolv_conf" in values:
+        values["resolv_conf"] = _path(values["resolv_conf"], source, "dns.resolv_conf", base_dir)
+    try:
+        return DNSSettings(**values)
+    except SettingError as exc:
+        raise ConfigError(source, f"dns.{exc.setting}", exc.detail) from None
 
 
 def _plugins(table: dict[str, Any], source: str, base_dir: Path) -> PluginsConfig:

@@ -147,7 +147,9 @@ def bonzo_configure(config: dict[str, Any], app: Any) -> None:
     ``{"$file" = "/path"}`` arrive already resolved.
 
     :arg config: the plugin's table (empty dict if there is none).
-    :arg app: the :class:`bonzo.app.MailApp`, or ``None`` when embedded.
+    :arg app: the :class:`bonzo.app.MailApp`, or ``None`` when embedded;
+        ``app.dns`` is the process's DNS resolver (:class:`bonzo.dns.Resolver`),
+        ``app.base_dir`` the directory relative paths are taken from.
 
     .. versionadded:: 0.2
     """

@@ -11,6 +11,9 @@
   :class:`~e2e_support.RecordingPlugin` collects the delivered messages in
   ``server.plugin.messages``.
 * ``server``: ``start_server()`` with the default settings.
+* ``dns_stub``: a :class:`~dns_stub.DNSStub` DNS server on 127.0.0.1 with
+  an empty zone (``dns_stub.add(name, type, rdata)``), stopped after the
+  test; ``dns_stub.resolver()`` is a :class:`~bonzo.dns.Resolver` asking it.
 * ``scan_implementation``: runs a module's tests once with the C DATA scan
   (``bonzo._speedups``) and once with the pure-Python one; a module opts in
   with ``pytestmark = pytest.mark.usefixtures("scan_implementation")``.
@@ -22,6 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from dns_stub import DNSStub
 from e2e_support import LogWatch, ServerThread
 from protocol_helpers import c_scan_data
 
@@ -71,6 +75,12 @@ def start_server(log_watch: LogWatch) -> Iterator[Callable[..., ServerThread]]:
 @pytest.fixture
 def server(start_server: Callable[..., ServerThread]) -> ServerThread:
     return start_server()
+
+
+@pytest.fixture
+def dns_stub() -> Iterator[DNSStub]:
+    with DNSStub() as stub:
+        yield stub
 
 
 @pytest.fixture(scope="module", params=["c", "python"])

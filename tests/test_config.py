@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bonzo.config import (
+    DNS_KEYS,
     EXTRA_KEYS,
     LISTENER_KEYS,
     LOGGING_KEYS,
@@ -33,6 +34,7 @@ from bonzo.config import (
     load_config,
     parse_config,
 )
+from bonzo.dns import DNSSettings
 from bonzo.settings import SMTPSettings
 
 if sys.version_info >= (3, 11):
@@ -534,6 +536,7 @@ def test_every_key_is_documented_in_the_example_under_its_table():
     assert set(LISTENER_KEYS) <= documented["listeners"]
     assert set(LOGGING_KEYS) <= documented["logging"]
     assert set(PLUGINS_KEYS) <= documented["plugins"]
+    assert set(DNS_KEYS) <= documented["dns"]
     assert set(TOP_LEVEL_KEYS) <= set(documented)
 
 
@@ -548,6 +551,25 @@ def test_every_default_in_the_example_is_the_real_default():
             continue  # their defaults depend on the machine; the example shows a sample
         value = tomllib.loads(f"v = {found.group(1)}")["v"]
         assert value == getattr(defaults, name), name
+
+
+def test_the_example_shows_dns_off_with_every_default():
+    """The [dns] table is commented out (DNS stays off), and each of its
+    commented-out keys shows the default, except the sample nameservers."""
+    text = EXAMPLE.read_text("utf-8")
+    assert re.search(r"^\[dns\]", text, re.MULTILINE) is None
+    assert re.search(r"^# \[dns\]$", text, re.MULTILINE)
+    defaults = DNSSettings()
+    for name in DNS_KEYS:
+        found = re.search(rf"^# {name} = (.*)$", text, re.MULTILINE)
+        assert found, name
+        if name == "nameservers":
+            continue
+        value = tomllib.loads(f"v = {found.group(1)}")["v"]
+        if isinstance(value, list):
+            value = tuple(value)
+        assert value == getattr(defaults, name), name
+    assert not parse(text).dns.enabled
 
 
 # ---------------------------------------------------- property: no crash

@@ -255,6 +255,7 @@ def test_check_ok(workdir, env):
         f"    127.0.0.1:{port}: SMTP",
         "  workers: 1",
         f"  plugins: {STORE}",
+        "  dns: off",
     ]
     assert result.stderr == ""
 

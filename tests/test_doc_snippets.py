@@ -767,3 +767,74 @@ def test_hook_delivery_routes_counts_and_drops_noreply_bounces(tmp_path) -> None
     # The no-reply sender gets no report; alice does.
     reports = [m for m in spool.iter_messages() if m.sender == ""]
     assert [[r.address for r in m.recipients] for m in reports] == [["alice@example.com"]]
+
+
+# -------------------------------------------------------------------- dns
+def dns_app(tmp_path: Path, dns_table: str) -> MailApp:
+    """A MailApp on an unused port running the DNS snippet, then an owner."""
+    text = f"""
+[[listeners]]
+address = "127.0.0.1"
+port = 0
+
+{dns_table}
+
+[plugins]
+paths = [{str(SNIPPETS)!r}]
+enabled = ["dns_sender_domain:SenderMailHost"]
+"""
+    config = parse_config(text, source="bonzo.toml", base_dir=tmp_path)
+    return MailApp(config, [("owner", Owner())])
+
+
+def test_dns_sender_domain_needs_dns(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        dns_app(tmp_path, "")
+    assert str(info.value) == (
+        "bonzo.toml: plugins.dns_sender_domain:SenderMailHost: needs DNS: set [dns] nameservers"
+    )
+
+
+def test_dns_sender_domain_refuses_domains_without_mail_hosts(tmp_path: Path, dns_stub) -> None:
+    dns_stub.add("example.org", "MX", "10 mx.example.org.")
+    dns_stub.add("mx.example.org", "A", "192.0.2.1")
+    dns_stub.add("plain.example", "AAAA", "2001:db8::25")  # an implicit MX
+    dns_stub.add("nomail.example", "MX", "0 .")
+    dns_stub.fault("broken.example", "servfail")
+    app = dns_app(tmp_path, f'[dns]\nnameservers = ["{dns_stub.nameserver}"]\ntimeout = 1\n')
+    loop = Loop()
+    try:
+        loop.run(app.start())
+        port = app.addresses[0][1]
+        replies = []
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=DEADLINE) as c:
+            c.ehlo()
+            for sender in (
+                "alice@example.org",
+                "bob@plain.example",
+                "joe@nowhere.example",
+                "joe@nomail.example",
+                "joe@broken.example",
+                "",
+            ):
+                replies.append(reply(c.mail(sender)))
+                c.rset()
+        assert replies == [
+            "250 2.1.0 Ok",
+            "250 2.1.0 Ok",
+            "550 5.1.8 Sender domain accepts no mail",
+            "550 5.1.8 Sender domain accepts no mail",
+            "451 4.4.3 Sender domain lookup failed",
+            "250 2.1.0 Ok",
+        ]
+        # The null sender was not looked up.
+        assert sorted(set(dns_stub.asked("MX"))) == [
+            "broken.example",
+            "example.org",
+            "nomail.example",
+            "nowhere.example",
+            "plain.example",
+        ]
+    finally:
+        loop.run(app.stop(1.0))
+        loop.close()
