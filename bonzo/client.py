@@ -1,0 +1,1476 @@
+"""Outbound SMTP and LMTP: hand one message to one server, with a result
+for every recipient.
+
+The delivery side of Bonzo (a queue's ``smarthost``, ``mx`` and ``lmtp``
+routes, a ``forward`` plugin) needs one thing from a client: give this
+message from this sender to these recipients on that host, and say, per
+recipient, whether it was **delivered**, **deferred** (try again later) or
+**refused** (bounce), with the server's reply and the stage it came at::
+
+    from bonzo.client import ClientSettings, deliver
+
+    result = await deliver(
+        "192.0.2.25", 25,
+        sender="alice@example.org",
+        recipients=["bob@example.net", "carol@example.net"],
+        message=b"Subject: hi\\r\\n\\r\\nHello.\\r\\n",
+        settings=ClientSettings(helo_name="mx.example.org", tls_policy="verify",
+                                tls_name="mx.example.net"),
+    )
+    for r in result.recipients:
+        print(r.recipient, r.status, r.stage, r.code, r.enhanced_code, r.text)
+
+A queue runner that sends several messages to one destination keeps the
+connection: :func:`connect` returns a :class:`ClientConnection` whose
+:meth:`~ClientConnection.send` may be called again (an ``RSET`` first, which
+also proves the connection still works) until :meth:`~ClientConnection.quit`.
+
+How the two protocols are carried:
+
+- **SMTP** goes through aiosmtplib: its connection (over a socket this
+  module connects, so that the connect and greeting timeouts differ and the
+  source address can be chosen), implicit TLS, STARTTLS (with its defence
+  against plaintext injected before the handshake), ``AUTH PLAIN`` and
+  ``AUTH LOGIN``, and its bounded reply reader (8,192 octets a line, 32,768
+  a reply). Three things it lacks are covered here: the message is written
+  **streaming** (dot-stuffed chunk by chunk over its transport, waiting for
+  the transport to drain, so a spooled message of any size is never read
+  into memory — its ``data()`` takes the whole message as one ``bytes``);
+  the envelope commands are formatted here (with ``SIZE``, ``BODY``,
+  ``SMTPUTF8`` and the DSN parameters); and every reply is classified per
+  recipient.
+- **LMTP** (RFC 2033), which aiosmtplib cannot speak (no ``LHLO``), is
+  written here on a Tornado :class:`~tornado.iostream.IOStream` over TCP or a
+  Unix socket, with the same bounds on replies: after the message it reads
+  **one reply per accepted recipient**, which is the point of LMTP.
+
+**Pipelining (RFC 2920) is not used**: commands go one at a time, as
+aiosmtplib sends them. Pipelining saves round trips, not work: a message to
+N recipients costs N + 3 round trips (MAIL, each RCPT, DATA, the final dot)
+instead of two. On a loopback or LAN hop (LMTP to the mailbox server, a
+smarthost next door) that is nothing; across the Internet at 100 ms it adds
+about 0.2 s per one-recipient message *per connection* — latency of one
+message, not throughput, since a queue runs many connections at once and
+reuses them. aiosmtplib's reader cannot take several replies in flight, so
+pipelining would mean a second SMTP engine beside it, with the failure cases
+pipelining adds (a ``354`` after every ``RCPT`` failed, servers that
+advertise PIPELINING and lose commands). Revisit if measurements show
+per-destination connection limits making latency the bottleneck.
+
+Timeouts are per stage with the defaults of RFC 5321 4.5.3.2 (see
+:class:`ClientSettings`); a timeout, a lost connection or a reply that does
+not parse defers every recipient still open and closes the connection.
+Replies longer or with more lines than the limits are such protocol errors,
+so a hostile server cannot make the client buffer without bound.
+
+.. versionadded:: 0.2
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import io
+import logging
+import math
+import re
+import socket
+import ssl
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any, Protocol, Union, cast
+
+import aiosmtplib
+from tornado.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
+
+__all__ = [
+    "Stage",
+    "Status",
+    "Reply",
+    "Recipient",
+    "RecipientResult",
+    "DeliveryResult",
+    "ClientError",
+    "ClientSettings",
+    "ClientConnection",
+    "SMTPConnection",
+    "LMTPConnection",
+    "MessageSource",
+    "DotStuffer",
+    "TLS_POLICIES",
+    "connect",
+    "deliver",
+]
+
+log = logging.getLogger("bonzo.client")
+
+
+class Stage(str, enum.Enum):
+    """Where in the conversation an outcome was decided."""
+
+    CONNECT = "connect"
+    """Opening the connection (TCP or Unix socket; the handshake of implicit TLS)."""
+    GREETING = "greeting"
+    """Waiting for the server's ``220``."""
+    EHLO = "ehlo"
+    """``EHLO`` (or the ``HELO`` fallback; ``LHLO`` for LMTP)."""
+    STARTTLS = "starttls"
+    """The ``STARTTLS`` command and its handshake, or a TLS policy not met."""
+    AUTH = "auth"
+    """``AUTH``."""
+    MAIL = "mail"
+    """``MAIL FROM`` (and the checks made before it: size, SMTPUTF8, 8BITMIME)."""
+    RCPT = "rcpt"
+    """``RCPT TO``."""
+    DATA = "data"
+    """The ``DATA`` command and sending the message."""
+    END = "end"
+    """The reply (LMTP: the replies) after the final dot."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Status(str, enum.Enum):
+    """What became of one recipient."""
+
+    DELIVERED = "delivered"
+    """The server took responsibility for the message (``250`` after the dot)."""
+    DEFERRED = "deferred"
+    """Try again later: a ``4xx`` reply, or a failure of the connection."""
+    REFUSED = "refused"
+    """Permanent: a ``5xx`` reply (or a local check that will not change)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One server reply, or one the client made up for a local failure.
+
+    ``str(reply)`` is ``"550 5.1.1 text"`` (lines joined with ``"; "``).
+    """
+
+    code: int
+    """The three-digit reply code."""
+    enhanced_code: str = ""
+    """RFC 3463 code such as ``"5.1.1"`` (``""`` when the server gave none)."""
+    text: str = ""
+    """The text, without code and enhanced code; lines joined with ``"\\n"``.
+    Control characters are replaced by ``?``, so the text is safe to log."""
+    remote: bool = True
+    """False when the client made this reply up (a timeout, a lost
+    connection, a TLS policy not met, a local check)."""
+
+    @property
+    def lines(self) -> list[str]:
+        return self.text.split("\n")
+
+    def __str__(self) -> str:
+        head = f"{self.code} {self.enhanced_code}".rstrip()
+        text = "; ".join(self.lines)
+        return f"{head} {text}" if text else head
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """A recipient with its DSN parameters (RFC 3461)."""
+
+    address: str
+    """The mailbox, ``local@domain`` (no angle brackets)."""
+    notify: str | None = None
+    """``NOTIFY``: ``"NEVER"`` or a comma list of ``SUCCESS``, ``FAILURE``, ``DELAY``."""
+    orcpt: str | None = None
+    """``ORCPT`` as received, e.g. ``"rfc822;bob@example.net"`` (xtext-encoded)."""
+
+    @classmethod
+    def from_params(cls, address: str, params: dict[str, str | None]) -> Recipient:
+        """Build one from an address and the RCPT parameters a server
+        recorded (:attr:`bonzo.session.Envelope.rcpt_params`)."""
+        return cls(address, params.get("NOTIFY"), params.get("ORCPT"))
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    """The outcome for one recipient."""
+
+    recipient: Recipient
+    status: Status
+    stage: Stage
+    reply: Reply
+
+    @property
+    def address(self) -> str:
+        return self.recipient.address
+
+    @property
+    def code(self) -> int:
+        return self.reply.code
+
+    @property
+    def enhanced_code(self) -> str:
+        return self.reply.enhanced_code
+
+    @property
+    def text(self) -> str:
+        return self.reply.text
+
+    @property
+    def delivered(self) -> bool:
+        return self.status is Status.DELIVERED
+
+    @property
+    def deferred(self) -> bool:
+        return self.status is Status.DEFERRED
+
+    @property
+    def refused(self) -> bool:
+        return self.status is Status.REFUSED
+
+    def __str__(self) -> str:
+        return f"<{self.address}> {self.status} at {self.stage}: {self.reply}"
+
+
+@dataclass
+class DeliveryResult:
+    """The outcome of one message: one :class:`RecipientResult` per
+    recipient, in the order given."""
+
+    recipients: list[RecipientResult]
+    server: str = ""
+    """Who answered: ``host:port`` or ``unix:path``."""
+    dsn: bool = False
+    """The server offered DSN, so ``NOTIFY``/``ORCPT``/``RET``/``ENVID`` were
+    passed on; when False, a queue owes the sender the "relayed" notices
+    that RFC 3461 4.3 asks for ``NOTIFY=SUCCESS``."""
+
+    @property
+    def delivered(self) -> list[RecipientResult]:
+        return [r for r in self.recipients if r.status is Status.DELIVERED]
+
+    @property
+    def deferred(self) -> list[RecipientResult]:
+        return [r for r in self.recipients if r.status is Status.DEFERRED]
+
+    @property
+    def refused(self) -> list[RecipientResult]:
+        return [r for r in self.recipients if r.status is Status.REFUSED]
+
+    @classmethod
+    def failed(
+        cls, recipients: Sequence[str | Recipient], error: ClientError, server: str = ""
+    ) -> DeliveryResult:
+        """Every recipient deferred by a connection-level ``error``."""
+        return cls(
+            [
+                RecipientResult(_recipient(r), Status.DEFERRED, error.stage, error.reply)
+                for r in recipients
+            ],
+            server,
+        )
+
+
+class ClientError(Exception):
+    """The connection failed or could not be set up: nothing was decided for
+    any recipient.
+
+    Raised by :func:`connect` (connect, greeting, EHLO, STARTTLS or AUTH
+    failed, or a TLS policy was not met) and by
+    :meth:`ClientConnection.send` on a connection that is closed or whose
+    ``RSET`` failed, before anything of the message was sent. The caller
+    defers the message (:meth:`DeliveryResult.failed`), tries another
+    host, or opens a new connection.
+
+    Failures at these stages defer even when the server gave a ``5xx``
+    (``554`` greeting, ``535`` AUTH), as Postfix does: they concern this
+    client and host, not the message; :attr:`permanent` tells a caller that
+    wants to treat them otherwise.
+    """
+
+    def __init__(self, stage: Stage, reply: Reply) -> None:
+        super().__init__(f"{stage}: {reply}")
+        self.stage = stage
+        self.reply = reply
+
+    @property
+    def permanent(self) -> bool:
+        """The server answered with a ``5xx``."""
+        return self.reply.remote and 500 <= self.reply.code <= 599
+
+
+class _Broken(Exception):
+    """The connection cannot go on (internal: becomes deferrals or a ClientError)."""
+
+    def __init__(self, stage: Stage, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.stage = stage
+        self.reply = reply
+
+
+#: The TLS policies of :attr:`ClientSettings.tls_policy`.
+TLS_POLICIES = ("none", "opportunistic", "require", "verify")
+
+
+@dataclass
+class ClientSettings:
+    """How to talk to the server. Times are in seconds; the defaults are
+    RFC 5321 4.5.3.2's where it gives one, Postfix's otherwise."""
+
+    helo_name: str = field(default_factory=socket.gethostname)
+    """Name given in ``EHLO``/``HELO``/``LHLO`` (default: the machine's host
+    name, without a DNS lookup). Give the name the source address's PTR
+    record points to: receivers check it."""
+
+    source_address: str | None = None
+    """Local IP address to connect from (multi-homed hosts); ``None``: the
+    system's choice."""
+
+    tls_policy: str = "opportunistic"
+    """``"opportunistic"``: STARTTLS when offered, without checking the
+    certificate; a failed handshake is retried once in plaintext on a new
+    connection (as Postfix's ``may`` level). ``"require"``: STARTTLS or
+    defer, certificate not checked (Postfix's ``encrypt``). ``"verify"``:
+    STARTTLS and a certificate valid for :attr:`tls_name` under
+    :attr:`tls_context`'s trust, or defer. ``"none"``: never STARTTLS.
+    With :attr:`implicit_tls`, ``verify`` checks and the others only
+    encrypt. LMTP connections support ``none`` and ``opportunistic`` only
+    (they never start TLS)."""
+
+    implicit_tls: bool = False
+    """TLS from the first byte (port 465, RFC 8314)."""
+
+    tls_name: str | None = None
+    """Server name for SNI and certificate checks (default: the host
+    connected to)."""
+
+    tls_context: ssl.SSLContext | None = None
+    """Context for the ``verify`` policy (default: the system's trust
+    store); it must check certificates and host names."""
+
+    username: str | None = None
+    """Authenticate as this user (``AUTH PLAIN``, else ``AUTH LOGIN``)."""
+
+    password: str | None = dataclasses.field(default=None, repr=False)
+    """The secret for :attr:`username`."""
+
+    auth_plaintext: bool = False
+    """Send credentials over a connection that is not encrypted (off by
+    default: the client defers rather than expose a password)."""
+
+    connect_timeout: float = 30.0
+    """Time to open the connection (Postfix's ``smtp_connect_timeout``)."""
+    greeting_timeout: float = 300.0
+    """Wait for the ``220`` greeting (RFC 5321 4.5.3.2.1: 5 minutes)."""
+    helo_timeout: float = 300.0
+    """Wait for the reply to ``EHLO``/``HELO``/``LHLO`` (Postfix: 300 s)."""
+    starttls_timeout: float = 300.0
+    """Wait for the reply to ``STARTTLS``, and again for the handshake."""
+    auth_timeout: float = 300.0
+    """Wait for each reply during ``AUTH``."""
+    mail_timeout: float = 300.0
+    """Wait for the reply to ``MAIL`` (RFC 5321 4.5.3.2.2: 5 minutes)."""
+    rcpt_timeout: float = 300.0
+    """Wait for the reply to each ``RCPT`` (4.5.3.2.3: 5 minutes)."""
+    data_timeout: float = 120.0
+    """Wait for the ``354`` after ``DATA`` (4.5.3.2.4: 2 minutes)."""
+    data_block_timeout: float = 180.0
+    """Time to send each chunk of the message (4.5.3.2.5: 3 minutes)."""
+    data_end_timeout: float = 600.0
+    """Wait for the reply after the final dot, and for each LMTP reply
+    (4.5.3.2.6: 10 minutes)."""
+    rset_timeout: float = 20.0
+    """Wait for the reply to ``RSET`` (Postfix's ``smtp_rset_timeout``)."""
+    quit_timeout: float = 20.0
+    """Wait for the reply to ``QUIT``."""
+
+    max_reply_line: int = 8192
+    """Longest reply line accepted (LMTP; aiosmtplib's own cap for SMTP is
+    the same); longer is a protocol error. RFC 5321 4.5.3.1.5 allows 512."""
+    max_reply_lines: int = 100
+    """Most lines in one reply; more is a protocol error."""
+    chunk_size: int = 65536
+    """Octets of the message read and sent at a time."""
+
+    def __post_init__(self) -> None:
+        if self.tls_policy not in TLS_POLICIES:
+            raise ValueError(
+                f"tls_policy must be one of {', '.join(TLS_POLICIES)}, not {self.tls_policy!r}"
+            )
+        if not _is_word(self.helo_name):
+            raise ValueError(
+                f"helo_name must be printable ASCII without spaces: {self.helo_name!r}"
+            )
+        if self.tls_name is not None and not _is_word(self.tls_name):
+            raise ValueError(f"tls_name must be printable ASCII without spaces: {self.tls_name!r}")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        ctx = self.tls_context
+        if ctx is not None and (ctx.verify_mode != ssl.CERT_REQUIRED or not ctx.check_hostname):
+            raise ValueError("tls_context must verify certificates and host names")
+        for f in dataclasses.fields(self):
+            if f.name.endswith("_timeout"):
+                value = getattr(self, f.name)
+                if not _positive(value):
+                    raise ValueError(
+                        f"{f.name} must be a positive number of seconds, not {value!r}"
+                    )
+        for name, minimum in (("max_reply_line", 512), ("max_reply_lines", 1), ("chunk_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, not {value!r}")
+
+    def replace(self, **changes: Any) -> ClientSettings:
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _positive(value: object) -> bool:
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def _is_word(text: object) -> bool:
+    return (
+        isinstance(text, str)
+        and bool(text)
+        and text.isascii()
+        and text.isprintable()
+        and (" " not in text)
+    )
+
+
+# ------------------------------------------------------------------ replies
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: +|$)")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _reply(code: int, lines: Sequence[str]) -> Reply:
+    """Build a :class:`Reply` from a code and its lines of text (enhanced
+    codes are taken off every line that has one of the code's class)."""
+    enhanced = ""
+    texts = []
+    for i, line in enumerate(lines):
+        match = _ENHANCED.match(line)
+        if match and int(match.group(1)) == code // 100:
+            if i == 0:
+                enhanced = ".".join(match.groups())
+            line = line[match.end() :]
+        texts.append(_CONTROL.sub("?", line.strip()))
+    return Reply(code, enhanced, "\n".join(texts))
+
+
+def _local(code: int, enhanced: str, text: str) -> Reply:
+    return Reply(code, enhanced, text, remote=False)
+
+
+def _parse_extensions(reply: Reply) -> dict[str, str]:
+    """EHLO/LHLO keywords (upper-case) and their parameters; the first line
+    is the server's name."""
+    found: dict[str, str] = {}
+    for line in reply.lines[1:]:
+        keyword, _, params = line.strip().partition(" ")
+        if keyword:
+            found[keyword.upper()] = params.strip()
+    return found
+
+
+# ---------------------------------------------------------------- messages
+class MessageSource(Protocol):
+    """A message held as added headers plus a body file, as
+    :class:`bonzo.session.Envelope` holds it (the body may be spooled to
+    disk: it is read in chunks, never whole)."""
+
+    @property
+    def header_bytes(self) -> bytes: ...
+
+    def open_body(self) -> IO[bytes]: ...
+
+
+#: What :meth:`ClientConnection.send` takes as the message: its bytes, a
+#: binary file read from its current position (a spooled message), or a
+#: :class:`MessageSource`. Line ends should be CRLF; bare LF and CR are sent
+#: as CRLF.
+Message = Union[bytes, bytearray, memoryview, IO[bytes], MessageSource]  # noqa: UP007
+
+
+class _Content:
+    """The message to send: optional leading bytes and an optional file."""
+
+    def __init__(self, message: Message) -> None:
+        self.head = b""
+        self.body: IO[bytes] | None = None
+        if isinstance(message, (bytes, bytearray, memoryview)):
+            self.head = bytes(message)
+        elif hasattr(message, "open_body") and hasattr(message, "header_bytes"):
+            source = cast(MessageSource, message)
+            self.head = bytes(source.header_bytes)
+            self.body = source.open_body()
+        elif hasattr(message, "read") and hasattr(message, "seek"):
+            self.body = message
+        else:
+            raise TypeError(f"cannot send {type(message).__name__} as a message")
+        self.start = 0
+        body_size = 0
+        if self.body is not None:
+            self.start = self.body.tell()
+            body_size = self.body.seek(0, io.SEEK_END) - self.start
+            self.body.seek(self.start)
+        self.size = len(self.head) + body_size
+
+    def chunks(self, size: int) -> Iterator[bytes]:
+        """The content in chunks of at most ``size`` octets (from the start)."""
+        head = self.head
+        for i in range(0, len(head), size):
+            yield head[i : i + size]
+        body = self.body
+        if body is not None:
+            body.seek(self.start)
+            while True:
+                block = body.read(size)
+                if not block:
+                    break
+                yield block
+
+    def eightbit(self, size: int) -> bool:
+        """True if any octet is outside ASCII (read in chunks)."""
+        return any(not chunk.isascii() for chunk in self.chunks(size))
+
+
+class DotStuffer:
+    """Encode message content for ``DATA``, streaming (RFC 5321 4.5.2).
+
+    :meth:`feed` takes the content in chunks of any size and returns what to
+    send for each; :meth:`finish` returns the rest and the terminating
+    ``.``. Bare LF and bare CR become CRLF (relayed content never carries
+    them, and a bare LF before a dot must not hide a terminator); a line
+    starting with ``.`` gets a second one; the content is ended with CRLF
+    if it does not end with one. At most one octet (a CR that may start a
+    CRLF) is held back between chunks.
+    """
+
+    __slots__ = ("_line_start", "_cr")
+
+    def __init__(self) -> None:
+        self._line_start = True
+        self._cr = False
+
+    def feed(self, data: bytes) -> bytes:
+        if self._cr:
+            data = b"\r" + data
+            self._cr = False
+        if data[-1:] == b"\r":
+            data = data[:-1]
+            self._cr = True
+        if not data:
+            return b""
+        lf = data.count(b"\n")
+        if lf or b"\r" in data:
+            crlf = data.count(b"\r\n")
+            if crlf != lf or crlf != data.count(b"\r"):
+                data = _NEWLINES.sub(b"\r\n", data)
+            data = data.replace(b"\n.", b"\n..")
+        if self._line_start and data[:1] == b".":
+            data = b"." + data
+        self._line_start = data[-1:] == b"\n"
+        return data
+
+    def finish(self) -> bytes:
+        tail = b""
+        if self._cr:
+            tail = b"\r\n"
+            self._cr = False
+            self._line_start = True
+        if not self._line_start:
+            tail += b"\r\n"
+        self._line_start = True
+        return tail + b".\r\n"
+
+
+_NEWLINES = re.compile(rb"\r\n|\r|\n")
+
+
+def _stuffed(content: _Content, size: int) -> Iterator[bytes]:
+    stuffer = DotStuffer()
+    for chunk in content.chunks(size):
+        out = stuffer.feed(chunk)
+        if out:
+            yield out
+    yield stuffer.finish()
+
+
+def _recipient(value: str | Recipient) -> Recipient:
+    return value if isinstance(value, Recipient) else Recipient(value)
+
+
+_NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
+
+
+def _check_mailbox(address: str, what: str) -> None:
+    if (
+        not isinstance(address, str)
+        or _CONTROL.search(address)
+        or "<" in address
+        or (">" in address)
+    ):
+        raise ValueError(f"bad {what} address {address!r}")
+    if len(address.encode("utf-8")) > 254:
+        raise ValueError(f"{what} address too long: {address!r}")
+
+
+def _check_xtext(value: str, what: str) -> None:
+    if not value or not value.isprintable() or " " in value or len(value) > 500:
+        raise ValueError(f"bad {what} {value!r}")
+
+
+def _check_recipient(r: Recipient) -> None:
+    _check_mailbox(r.address, "recipient")
+    if not r.address:
+        raise ValueError("a recipient address cannot be empty")
+    if r.notify is not None:
+        words = {w.strip().upper() for w in r.notify.split(",")}
+        if words != {"NEVER"} and not words <= _NOTIFY:
+            raise ValueError(f"bad NOTIFY {r.notify!r}")
+    if r.orcpt is not None:
+        _check_xtext(r.orcpt, "ORCPT")
+
+
+# ------------------------------------------------------------- connections
+_ENCRYPT_ONLY: ssl.SSLContext | None = None
+_SYSTEM_TRUST: ssl.SSLContext | None = None
+
+
+def _encrypt_only_context() -> ssl.SSLContext:
+    """One shared client context that encrypts without checking the
+    certificate (the ``opportunistic`` and ``require`` policies)."""
+    global _ENCRYPT_ONLY
+    if _ENCRYPT_ONLY is None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        _ENCRYPT_ONLY = ctx
+    return _ENCRYPT_ONLY
+
+
+def _verify_context(settings: ClientSettings) -> ssl.SSLContext:
+    global _SYSTEM_TRUST
+    if settings.tls_context is not None:
+        return settings.tls_context
+    if _SYSTEM_TRUST is None:
+        _SYSTEM_TRUST = ssl.create_default_context()
+    return _SYSTEM_TRUST
+
+
+async def _open_socket(
+    host: str | None, port: int, path: str | None, settings: ClientSettings
+) -> socket.socket:
+    """A connected non-blocking socket to ``host:port`` (each address in
+    turn) or to the Unix socket ``path``; :class:`_Broken` at CONNECT."""
+    loop = asyncio.get_running_loop()
+    where = f"unix:{path}" if path is not None else f"{host}:{port}"
+    timeout = settings.connect_timeout
+    if path is not None:
+        targets: list[tuple[int, Any]] = [(int(socket.AF_UNIX), path)]
+    else:
+        family = socket.AF_UNSPEC
+        if settings.source_address is not None:
+            family = socket.AF_INET6 if ":" in settings.source_address else socket.AF_INET
+        try:
+            infos = await asyncio.wait_for(
+                loop.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM), timeout
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise _Broken(
+                Stage.CONNECT, _local(451, "4.4.4", f"cannot resolve {host}: {_why(exc)}")
+            ) from None
+        targets = [(info[0], info[4]) for info in infos]
+    problem = "no address"
+    for kind, address in targets:
+        sock = socket.socket(kind, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            if settings.source_address is not None and kind != socket.AF_UNIX:
+                sock.bind((settings.source_address, 0))
+            await asyncio.wait_for(loop.sock_connect(sock, address), timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            sock.close()
+            problem = _why(exc)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        if kind != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    raise _Broken(Stage.CONNECT, _local(451, "4.4.1", f"connect to {where} failed: {problem}"))
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return type(exc).__name__
+
+
+def _timed_out(stage: Stage) -> Reply:
+    return _local(451, "4.4.2", f"timed out waiting for the server ({stage})")
+
+
+def _lost(stage: Stage) -> Reply:
+    return _local(451, "4.4.2", f"lost connection with the server ({stage})")
+
+
+def _garbled(stage: Stage, what: str) -> Reply:
+    return _local(451, "4.5.0", f"protocol error from the server ({stage}): {what}")
+
+
+def _classified(stage: Stage, reply: Reply, ok: tuple[int, ...]) -> Reply:
+    """``reply`` if it is one of ``ok`` or a 4xx/5xx other than ``421``;
+    otherwise the connection cannot go on (:class:`_Broken`)."""
+    if reply.code == 421:
+        # The server is closing the connection (RFC 5321 3.8).
+        raise _Broken(stage, reply)
+    if reply.code not in ok and not 400 <= reply.code <= 599:
+        raise _Broken(stage, _garbled(stage, f"unexpected reply {reply.code}"))
+    return reply
+
+
+class ClientConnection:
+    """An open SMTP or LMTP connection to one server, ready for messages.
+
+    Made by :func:`connect`. :meth:`send` delivers one message and may be
+    called again for the next (one at a time); :meth:`quit` ends politely,
+    :meth:`close` at once. ``async with`` quits at the end.
+    """
+
+    #: ``"SMTP"`` or ``"LMTP"``.
+    protocol = "SMTP"
+
+    def __init__(self, server: str, settings: ClientSettings) -> None:
+        #: Who this talks to: ``host:port`` or ``unix:path``.
+        self.server = server
+        self.settings = settings
+        #: The greeting (after :func:`connect`).
+        self.greeting: Reply | None = None
+        #: EHLO/LHLO keywords (upper-case) and their parameters; empty after HELO.
+        self.extensions: dict[str, str] = {}
+        #: ``True`` once the connection is encrypted.
+        self.tls = False
+        #: ``True`` when the certificate was checked (``verify`` policy).
+        self.tls_verified = False
+        #: ``True`` after a successful ``AUTH``.
+        self.authenticated = False
+        #: Messages for which ``MAIL`` was sent on this connection.
+        self.transactions = 0
+        self._alive = True
+
+    # The backend: one command and its reply, the message, one reply.
+    async def _command(self, stage: Stage, line: bytes, timeout: float) -> Reply:
+        raise NotImplementedError
+
+    async def _send_data(self, content: _Content) -> None:
+        raise NotImplementedError
+
+    async def _read_reply(self, stage: Stage, timeout: float) -> Reply:
+        raise NotImplementedError
+
+    def _shutdown(self) -> None:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------- public
+    @property
+    def usable(self) -> bool:
+        """True while the connection can take another message."""
+        return self._alive
+
+    def supports(self, keyword: str) -> bool:
+        """True if the server announced the extension ``keyword``."""
+        return keyword.upper() in self.extensions
+
+    @property
+    def size_limit(self) -> int:
+        """The server's ``SIZE`` limit (0: none announced)."""
+        value = self.extensions.get("SIZE", "")
+        return int(value) if value.isdigit() else 0
+
+    def close(self) -> None:
+        """Close at once (no ``QUIT``)."""
+        self._alive = False
+        self._shutdown()
+
+    async def quit(self) -> None:
+        """Send ``QUIT``, wait briefly for its reply, close. Never raises."""
+        if self._alive:
+            try:
+                await self._command(Stage.END, b"QUIT", self.settings.quit_timeout)
+            except (_Broken, OSError):
+                pass
+        self.close()
+
+    async def __aenter__(self) -> ClientConnection:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.quit()
+
+    def _broken(self, exc: _Broken) -> None:
+        log.debug("%s %s: %s", self.protocol, self.server, exc.reply)
+        self.close()
+
+    async def _checked(
+        self, stage: Stage, line: bytes, timeout: float, ok: tuple[int, ...]
+    ) -> Reply:
+        """Run a command; a reply outside ``ok`` and not 4xx/5xx, or a
+        ``421`` (the server is closing), breaks the connection."""
+        return _classified(stage, await self._command(stage, line, timeout), ok)
+
+    async def send(
+        self,
+        sender: str,
+        recipients: Sequence[str | Recipient],
+        message: Message,
+        *,
+        smtputf8: bool | None = None,
+        eightbit: bool | None = None,
+        ret: str | None = None,
+        envid: str | None = None,
+    ) -> DeliveryResult:
+        """Deliver one message; return a result for every recipient.
+
+        :arg sender: the reverse-path (``""`` for the null sender).
+        :arg recipients: addresses or :class:`Recipient` objects.
+        :arg message: see :data:`Message`; a file is read from its current
+            position to its end, in chunks, and left where it was found.
+        :arg smtputf8: the message needs SMTPUTF8 (RFC 6531: it came with
+            the ``SMTPUTF8`` parameter). ``None``: only if an address is
+            not ASCII. Without SMTPUTF8 at the server, a non-ASCII sender or
+            ``smtputf8=True`` refuses every recipient (``553 5.6.7``); a
+            non-ASCII recipient refuses only that one.
+        :arg eightbit: the content has 8-bit octets (``BODY=8BITMIME``).
+            ``None``: scan it (in chunks). Without 8BITMIME at the server,
+            8-bit content is refused (``554 5.6.3``; no 7-bit conversion).
+        :arg ret: DSN ``RET`` (``FULL``/``HDRS``), passed when the server
+            offers DSN, as are ``envid`` and the recipients' ``NOTIFY`` and
+            ``ORCPT``.
+
+        Server replies and failures after ``MAIL`` was sent become results
+        (a lost connection defers every recipient still open); this raises
+        :class:`ClientError` only when the connection is closed or its
+        ``RSET`` fails, before anything of this message was sent, and
+        :class:`ValueError` for a malformed address or parameter.
+        """
+        rcpts = [_recipient(r) for r in recipients]
+        _check_mailbox(sender, "sender")
+        for r in rcpts:
+            _check_recipient(r)
+        if ret is not None and ret.upper() not in ("FULL", "HDRS"):
+            raise ValueError(f"bad RET {ret!r}")
+        if envid is not None:
+            _check_xtext(envid, "ENVID")
+        content = _Content(message)
+        settings = self.settings
+        if not self._alive:
+            raise ClientError(Stage.MAIL, _local(451, "4.4.2", "the connection is closed"))
+        if self.transactions:
+            try:
+                reply = await self._checked(Stage.MAIL, b"RSET", settings.rset_timeout, (250,))
+            except _Broken as exc:
+                self._broken(exc)
+                raise ClientError(exc.stage, exc.reply) from None
+            if reply.code != 250:
+                self.close()
+                raise ClientError(Stage.MAIL, reply)
+
+        results: list[RecipientResult | None] = [None] * len(rcpts)
+        dsn = self.supports("DSN")
+        outcome = DeliveryResult([], self.server, dsn)
+
+        def settle(i: int, status: Status, stage: Stage, reply: Reply) -> None:
+            results[i] = RecipientResult(rcpts[i], status, stage, reply)
+
+        def settle_reply(i: int, stage: Stage, reply: Reply) -> None:
+            status = Status.DEFERRED if reply.code < 500 else Status.REFUSED
+            settle(i, status, stage, reply)
+
+        def finish() -> DeliveryResult:
+            outcome.recipients = [r for r in results if r is not None]
+            return outcome
+
+        # Checks that need no round trip: the server cannot take it as it is.
+        utf8 = self.supports("SMTPUTF8")
+        needs_utf8 = bool(smtputf8) or not sender.isascii()
+        if needs_utf8 and not utf8:
+            why = _local(553, "5.6.7", "the server does not support SMTPUTF8")
+            for i in range(len(rcpts)):
+                settle(i, Status.REFUSED, Stage.MAIL, why)
+            return finish()
+        if not utf8:
+            why = _local(553, "5.6.7", "the server does not support SMTPUTF8")
+            for i, r in enumerate(rcpts):
+                if not r.address.isascii():
+                    settle(i, Status.REFUSED, Stage.RCPT, why)
+        needs_utf8 = needs_utf8 or any(not r.address.isascii() for r in rcpts)
+        limit = self.size_limit
+        if limit and content.size > limit:
+            why = _local(
+                552, "5.3.4", f"message size {content.size} exceeds the server's limit {limit}"
+            )
+            for i in range(len(rcpts)):
+                settle(i, Status.REFUSED, Stage.MAIL, why)
+            return finish()
+        if eightbit is None:
+            eightbit = content.eightbit(settings.chunk_size)
+        eight = self.supports("8BITMIME")
+        if eightbit and not eight:
+            why = _local(
+                554,
+                "5.6.3",
+                "the message has 8-bit content and the server does not support 8BITMIME",
+            )
+            for i in range(len(rcpts)):
+                settle(i, Status.REFUSED, Stage.MAIL, why)
+            return finish()
+        pending = [i for i in range(len(rcpts)) if results[i] is None]
+        if not pending:
+            return finish()
+
+        params = []
+        if limit or self.supports("SIZE"):
+            params.append(f"SIZE={content.size}")
+        if eightbit:
+            params.append("BODY=8BITMIME")
+        if needs_utf8:
+            params.append("SMTPUTF8")
+        if dsn and ret is not None:
+            params.append(f"RET={ret.upper()}")
+        if dsn and envid is not None:
+            params.append(f"ENVID={envid}")
+        mail = " ".join([f"MAIL FROM:<{sender}>", *params]).encode("utf-8")
+
+        self.transactions += 1
+        stage = Stage.MAIL
+        try:
+            reply = await self._checked(stage, mail, settings.mail_timeout, (250,))
+            if reply.code != 250:
+                for i in pending:
+                    settle_reply(i, stage, reply)
+                return finish()
+            stage = Stage.RCPT
+            accepted = []
+            for i in pending:
+                r = rcpts[i]
+                line = f"RCPT TO:<{r.address}>"
+                if dsn and r.notify is not None:
+                    line += f" NOTIFY={r.notify.upper().replace(' ', '')}"
+                if dsn and r.orcpt is not None:
+                    line += f" ORCPT={r.orcpt}"
+                try:
+                    reply = await self._checked(
+                        stage, line.encode("utf-8"), settings.rcpt_timeout, (250, 251)
+                    )
+                except _Broken as exc:
+                    # 421 at RCPT: this one and the rest are deferred.
+                    settle(i, Status.DEFERRED, stage, exc.reply)
+                    raise
+                if reply.code in (250, 251):
+                    accepted.append(i)
+                else:
+                    settle_reply(i, stage, reply)
+            if not accepted:
+                return finish()
+            stage = Stage.DATA
+            reply = await self._checked(stage, b"DATA", settings.data_timeout, (354,))
+            if reply.code != 354:
+                for i in accepted:
+                    settle_reply(i, stage, reply)
+                return finish()
+            await self._send_data(content)
+            stage = Stage.END
+            # SMTP: one reply for all; LMTP: one per accepted recipient, in order.
+            groups = [[i] for i in accepted] if self.protocol == "LMTP" else [accepted]
+            for group in groups:
+                reply = await self._read_reply(stage, settings.data_end_timeout)
+                if reply.code != 250 and not 400 <= reply.code <= 599:
+                    raise _Broken(stage, _garbled(stage, f"unexpected reply {reply.code}"))
+                for i in group:
+                    if reply.code == 250:
+                        settle(i, Status.DELIVERED, stage, reply)
+                    else:
+                        settle_reply(i, stage, reply)
+                if reply.code == 421:
+                    # Closing: the LMTP replies still owed will not come.
+                    raise _Broken(stage, reply)
+        except _Broken as exc:
+            self._broken(exc)
+            for i in range(len(rcpts)):
+                if results[i] is None:
+                    settle(i, Status.DEFERRED, exc.stage, exc.reply)
+        finally:
+            if content.body is not None:
+                content.body.seek(content.start)
+        return finish()
+
+
+# ------------------------------------------------------------------- SMTP
+class _FlowControl:
+    """Lets the client wait until a protocol's transport has drained, with
+    only the asyncio protocol callbacks (``pause_writing``/``resume_writing``
+    /``connection_lost``) wrapped on the one protocol object."""
+
+    def __init__(self, protocol: asyncio.BaseProtocol) -> None:
+        self.ready = asyncio.Event()
+        self.ready.set()
+        pause, resume, lost = (
+            protocol.pause_writing,
+            protocol.resume_writing,
+            (protocol.connection_lost),
+        )
+
+        def on_pause() -> None:
+            self.ready.clear()
+            pause()
+
+        def on_resume() -> None:
+            self.ready.set()
+            resume()
+
+        def on_lost(exc: Exception | None) -> None:
+            self.ready.set()
+            lost(exc)
+
+        protocol.pause_writing = on_pause  # type: ignore[method-assign]
+        protocol.resume_writing = on_resume  # type: ignore[method-assign]
+        protocol.connection_lost = on_lost  # type: ignore[method-assign]
+
+
+class SMTPConnection(ClientConnection):
+    """SMTP through aiosmtplib (see the module's description)."""
+
+    protocol = "SMTP"
+
+    def __init__(self, server: str, settings: ClientSettings) -> None:
+        super().__init__(server, settings)
+        self._smtp: aiosmtplib.SMTP | None = None
+        self._flow: _FlowControl | None = None
+
+    def _shutdown(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
+            smtp.close()
+
+    async def _open(
+        self, host: str | None, port: int, path: str | None, tls_name: str | None
+    ) -> None:
+        settings = self.settings
+        sock = await _open_socket(host, port, path, settings)
+        context: ssl.SSLContext | None = None
+        if settings.implicit_tls:
+            verify = settings.tls_policy == "verify"
+            context = _verify_context(settings) if verify else _encrypt_only_context()
+        smtp = aiosmtplib.SMTP(
+            hostname=tls_name,
+            local_hostname=settings.helo_name,
+            timeout=settings.greeting_timeout,
+            use_tls=settings.implicit_tls,
+            start_tls=False,
+            tls_context=context,
+            sock=sock,
+        )
+        self._smtp = smtp
+        try:
+            response = await smtp.connect()
+        except aiosmtplib.SMTPConnectResponseError as exc:
+            raise _Broken(Stage.GREETING, _reply(exc.code, exc.message.split("\n"))) from None
+        except aiosmtplib.SMTPConnectTimeoutError:
+            raise _Broken(Stage.GREETING, _timed_out(Stage.GREETING)) from None
+        except aiosmtplib.SMTPConnectError as exc:
+            cause = exc.__cause__
+            if (
+                isinstance(cause, ssl.SSLError)
+                or settings.implicit_tls
+                and not isinstance(cause, aiosmtplib.SMTPServerDisconnected)
+            ):
+                raise _Broken(
+                    Stage.CONNECT,
+                    _local(451, "4.7.5", f"TLS handshake failed: {_why(cause or exc)}"),
+                ) from None
+            raise _Broken(Stage.GREETING, _lost(Stage.GREETING)) from None
+        except aiosmtplib.SMTPResponseException as exc:
+            raise _Broken(Stage.GREETING, _garbled(Stage.GREETING, exc.message)) from None
+        except (ssl.SSLError, OSError) as exc:
+            raise _Broken(
+                Stage.CONNECT, _local(451, "4.7.5", f"TLS handshake failed: {_why(exc)}")
+            ) from None
+        assert smtp.protocol is not None
+        self._flow = _FlowControl(smtp.protocol)
+        self.greeting = _reply(response.code, response.message.split("\n"))
+        if settings.implicit_tls:
+            self.tls = True
+            self.tls_verified = settings.tls_policy == "verify"
+        await self._hello()
+        if not self.tls and settings.tls_policy != "none":
+            await self._starttls(tls_name)
+        if settings.username is not None:
+            await self._auth()
+
+    async def _hello(self) -> None:
+        """EHLO, and HELO if the server refuses EHLO with a 5xx."""
+        smtp = self._smtp
+        assert smtp is not None
+        name = self.settings.helo_name.encode("ascii")
+        timeout = self.settings.helo_timeout
+        response = await self._execute(Stage.EHLO, b"EHLO " + name, timeout)
+        reply = self._checked_reply(Stage.EHLO, response, (250,))
+        if reply.code == 250:
+            self.extensions = _parse_extensions(reply)
+            # aiosmtplib's starttls() needs to know what EHLO said.
+            smtp.last_ehlo_response = response
+            return
+        if reply.code < 500:
+            raise _Broken(Stage.EHLO, reply)
+        response = await self._execute(Stage.EHLO, b"HELO " + name, timeout)
+        reply = self._checked_reply(Stage.EHLO, response, (250,))
+        if reply.code != 250:
+            raise _Broken(Stage.EHLO, reply)
+        self.extensions = {}
+        smtp.last_helo_response = response
+
+    async def _starttls(self, tls_name: str | None) -> None:
+        settings = self.settings
+        policy = settings.tls_policy
+        smtp = self._smtp
+        assert smtp is not None
+        if not self.supports("STARTTLS"):
+            if policy == "opportunistic":
+                return
+            raise _Broken(
+                Stage.STARTTLS,
+                _local(451, "4.7.4", "TLS is required, but the server does not offer STARTTLS"),
+            )
+        verify = policy == "verify"
+        context = _verify_context(settings) if verify else _encrypt_only_context()
+        try:
+            await smtp.starttls(
+                server_hostname=tls_name, tls_context=context, timeout=settings.starttls_timeout
+            )
+        except aiosmtplib.SMTPResponseException as exc:
+            reply = _reply(exc.code, exc.message.split("\n"))
+            if exc.code == 421 or not 400 <= exc.code <= 599:
+                raise _Broken(Stage.STARTTLS, reply) from None
+            if policy == "opportunistic":
+                # Still in plaintext (RFC 3207 4): go on without TLS.
+                log.info("%s: STARTTLS refused (%s), going on without TLS", self.server, reply)
+                return
+            raise _Broken(Stage.STARTTLS, reply) from None
+        except aiosmtplib.SMTPTimeoutError:
+            raise _Broken(Stage.STARTTLS, _timed_out(Stage.STARTTLS)) from None
+        except aiosmtplib.SMTPServerDisconnected:
+            raise _Broken(Stage.STARTTLS, _lost(Stage.STARTTLS)) from None
+        except (ssl.SSLError, OSError, aiosmtplib.SMTPException) as exc:
+            raise _HandshakeFailed(
+                Stage.STARTTLS, _local(451, "4.7.5", f"TLS handshake failed: {_why(exc)}")
+            ) from None
+        self.tls = True
+        self.tls_verified = verify
+        # RFC 3207 4.2: forget what the server said before TLS, ask again.
+        self.extensions = {}
+        await self._hello()
+
+    async def _auth(self) -> None:
+        settings = self.settings
+        smtp = self._smtp
+        assert smtp is not None and settings.username is not None
+        assert settings.password is not None
+        if not self.tls and not settings.auth_plaintext:
+            raise _Broken(
+                Stage.AUTH,
+                _local(451, "4.7.0", "will not send credentials over a connection without TLS"),
+            )
+        mechanisms = self.extensions.get("AUTH", "").upper().split()
+        if "PLAIN" in mechanisms:
+            method = smtp.auth_plain
+        elif "LOGIN" in mechanisms:
+            method = smtp.auth_login
+        else:
+            raise _Broken(
+                Stage.AUTH, _local(451, "4.7.0", "the server offers no AUTH PLAIN or LOGIN")
+            )
+        # One attempt, one mechanism: a second try with the same secret
+        # would only count as a second failure at the server.
+        try:
+            await method(settings.username, settings.password, timeout=settings.auth_timeout)
+        except aiosmtplib.SMTPResponseException as exc:
+            raise _Broken(Stage.AUTH, _reply(exc.code, exc.message.split("\n"))) from None
+        except aiosmtplib.SMTPTimeoutError:
+            raise _Broken(Stage.AUTH, _timed_out(Stage.AUTH)) from None
+        except (aiosmtplib.SMTPServerDisconnected, OSError):
+            raise _Broken(Stage.AUTH, _lost(Stage.AUTH)) from None
+        self.authenticated = True
+
+    async def _command(self, stage: Stage, line: bytes, timeout: float) -> Reply:
+        return self._parsed(stage, await self._execute(stage, line, timeout))
+
+    async def _execute(self, stage: Stage, line: bytes, timeout: float) -> aiosmtplib.SMTPResponse:
+        smtp = self._smtp
+        if smtp is None:
+            raise _Broken(stage, _lost(stage))
+        try:
+            return await smtp.execute_command(line, timeout=timeout)
+        except aiosmtplib.SMTPTimeoutError:
+            raise _Broken(stage, _timed_out(stage)) from None
+        except aiosmtplib.SMTPServerDisconnected:
+            raise _Broken(stage, _lost(stage)) from None
+        except aiosmtplib.SMTPResponseException as exc:
+            raise _Broken(stage, _garbled(stage, exc.message)) from None
+        except OSError:
+            raise _Broken(stage, _lost(stage)) from None
+
+    def _checked_reply(
+        self, stage: Stage, response: aiosmtplib.SMTPResponse, ok: tuple[int, ...]
+    ) -> Reply:
+        return _classified(stage, self._parsed(stage, response), ok)
+
+    def _parsed(self, stage: Stage, response: aiosmtplib.SMTPResponse) -> Reply:
+        lines = response.message.split("\n")
+        if not 200 <= response.code <= 599:
+            raise _Broken(stage, _garbled(stage, f"reply code {response.code}"))
+        if len(lines) > self.settings.max_reply_lines:
+            raise _Broken(stage, _garbled(stage, f"a reply of {len(lines)} lines"))
+        return _reply(response.code, lines)
+
+    async def _send_data(self, content: _Content) -> None:
+        smtp, flow = self._smtp, self._flow
+        timeout = self.settings.data_block_timeout
+        for chunk in _stuffed(content, self.settings.chunk_size):
+            protocol = smtp.protocol if smtp is not None else None
+            if protocol is None or flow is None or not protocol.is_connected:
+                raise _Broken(Stage.DATA, _lost(Stage.DATA))
+            try:
+                protocol.write(chunk)
+                await asyncio.wait_for(flow.ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                raise _Broken(Stage.DATA, _timed_out(Stage.DATA)) from None
+            except (aiosmtplib.SMTPServerDisconnected, OSError):
+                raise _Broken(Stage.DATA, _lost(Stage.DATA)) from None
+
+    async def _read_reply(self, stage: Stage, timeout: float) -> Reply:
+        smtp = self._smtp
+        protocol = smtp.protocol if smtp is not None else None
+        if protocol is None:
+            raise _Broken(stage, _lost(stage))
+        try:
+            response = await protocol.read_response(timeout=timeout)
+        except aiosmtplib.SMTPTimeoutError:
+            raise _Broken(stage, _timed_out(stage)) from None
+        except aiosmtplib.SMTPServerDisconnected:
+            raise _Broken(stage, _lost(stage)) from None
+        except aiosmtplib.SMTPResponseException as exc:
+            raise _Broken(stage, _garbled(stage, exc.message)) from None
+        return self._parsed(stage, response)
+
+
+class _HandshakeFailed(_Broken):
+    """The STARTTLS handshake failed (the connection is unusable)."""
+
+
+# ------------------------------------------------------------------- LMTP
+class LMTPConnection(ClientConnection):
+    """LMTP (RFC 2033) on a Tornado IOStream: ``LHLO``, the envelope, the
+    message, then one reply per accepted recipient. No STARTTLS or AUTH:
+    LMTP is the last, local hop."""
+
+    protocol = "LMTP"
+
+    def __init__(self, server: str, settings: ClientSettings) -> None:
+        super().__init__(server, settings)
+        self._stream: IOStream | None = None
+
+    def _shutdown(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+
+    async def _open(self, host: str | None, port: int, path: str | None) -> None:
+        sock = await _open_socket(host, port, path, self.settings)
+        self._stream = IOStream(sock)
+        self.greeting = await self._read_reply(Stage.GREETING, self.settings.greeting_timeout)
+        if self.greeting.code != 220:
+            raise _Broken(Stage.GREETING, self.greeting)
+        name = self.settings.helo_name.encode("ascii")
+        reply = await self._checked(Stage.EHLO, b"LHLO " + name, self.settings.helo_timeout, (250,))
+        if reply.code != 250:
+            raise _Broken(Stage.EHLO, reply)
+        self.extensions = _parse_extensions(reply)
+
+    async def _command(self, stage: Stage, line: bytes, timeout: float) -> Reply:
+        stream = self._stream
+        if stream is None or stream.closed():
+            raise _Broken(stage, _lost(stage))
+        try:
+            await asyncio.wait_for(stream.write(line + b"\r\n"), timeout)
+        except asyncio.TimeoutError:
+            raise _Broken(stage, _timed_out(stage)) from None
+        except (StreamClosedError, OSError):
+            raise _Broken(stage, _lost(stage)) from None
+        return await self._read_reply(stage, timeout)
+
+    async def _send_data(self, content: _Content) -> None:
+        timeout = self.settings.data_block_timeout
+        for chunk in _stuffed(content, self.settings.chunk_size):
+            stream = self._stream
+            if stream is None:
+                raise _Broken(Stage.DATA, _lost(Stage.DATA))
+            try:
+                await asyncio.wait_for(stream.write(chunk), timeout)
+            except asyncio.TimeoutError:
+                raise _Broken(Stage.DATA, _timed_out(Stage.DATA)) from None
+            except (StreamClosedError, OSError):
+                raise _Broken(Stage.DATA, _lost(Stage.DATA)) from None
+
+    async def _read_reply(self, stage: Stage, timeout: float) -> Reply:
+        """One reply, every line within ``max_reply_line`` octets, at most
+        ``max_reply_lines`` lines, all of it within ``timeout``."""
+        stream = self._stream
+        if stream is None:
+            raise _Broken(stage, _lost(stage))
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        code = None
+        lines: list[str] = []
+        while True:
+            if len(lines) >= settings.max_reply_lines:
+                raise _Broken(stage, _garbled(stage, f"a reply of over {len(lines)} lines"))
+            try:
+                raw = await asyncio.wait_for(
+                    stream.read_until(b"\n", max_bytes=settings.max_reply_line),
+                    max(deadline - loop.time(), 0.001),
+                )
+            except asyncio.TimeoutError:
+                raise _Broken(stage, _timed_out(stage)) from None
+            except UnsatisfiableReadError:
+                raise _Broken(stage, _garbled(stage, "a reply line too long")) from None
+            except (StreamClosedError, OSError):
+                raise _Broken(stage, _lost(stage)) from None
+            line = raw.rstrip(b"\r\n")
+            head, sep = line[:3], line[3:4]
+            if not (head.isdigit() and sep in (b"", b" ", b"-")):
+                raise _Broken(stage, _garbled(stage, "a reply that is not SMTP"))
+            if code is None:
+                code = int(head)
+                if not 200 <= code <= 599:
+                    raise _Broken(stage, _garbled(stage, f"reply code {code}"))
+            elif int(head) != code:
+                raise _Broken(stage, _garbled(stage, "reply codes differ between lines"))
+            lines.append(line[4:].decode("utf-8", "replace"))
+            if sep != b"-":
+                return _reply(code, lines)
+
+
+# -------------------------------------------------------------- entry points
+async def connect(
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    path: str | None = None,
+    protocol: str = "smtp",
+    settings: ClientSettings | None = None,
+) -> ClientConnection:
+    """Open a connection ready for :meth:`~ClientConnection.send`.
+
+    :arg host: IP address or host name (a name is resolved by the system);
+        or ``path`` for a Unix socket instead.
+    :arg port: default 25 (465 with implicit TLS; 24 for LMTP).
+    :arg protocol: ``"smtp"`` or ``"lmtp"``.
+
+    SMTP: connect, greeting, ``EHLO`` (``HELO`` if EHLO is refused),
+    STARTTLS as :attr:`ClientSettings.tls_policy` says (then ``EHLO``
+    again), ``AUTH`` if credentials are set. Raises :class:`ClientError`
+    when any of it fails; the connection is then closed.
+    """
+    settings = settings or ClientSettings()
+    if (host is None) == (path is None):
+        raise ValueError("give a host or a Unix socket path, not both or neither")
+    if protocol == "lmtp":
+        if settings.tls_policy in ("require", "verify") or settings.implicit_tls:
+            raise ValueError("LMTP connections do not use TLS")
+        if settings.username is not None:
+            raise ValueError("LMTP connections do not authenticate")
+        port = 24 if port is None else port
+        server = f"unix:{path}" if path is not None else f"{host}:{port}"
+        lmtp = LMTPConnection(server, settings)
+        try:
+            await lmtp._open(host, port, path)
+        except _Broken as exc:
+            lmtp._broken(exc)
+            raise ClientError(exc.stage, exc.reply) from None
+        except BaseException:
+            lmtp.close()
+            raise
+        return lmtp
+    if protocol != "smtp":
+        raise ValueError(f"protocol must be 'smtp' or 'lmtp', not {protocol!r}")
+    if port is None:
+        port = 465 if settings.implicit_tls else 25
+    server = f"unix:{path}" if path is not None else f"{host}:{port}"
+    tls_name = settings.tls_name or host
+    if settings.tls_policy == "verify" and not tls_name:
+        raise ValueError("the verify policy needs a tls_name")
+    attempt = settings
+    for _ in range(2):
+        smtp = SMTPConnection(server, attempt)
+        try:
+            await smtp._open(host, port, path, tls_name)
+        except _HandshakeFailed as exc:
+            smtp._broken(exc)
+            if attempt.tls_policy != "opportunistic":
+                raise ClientError(exc.stage, exc.reply) from None
+            # As Postfix's "may" level: plaintext beats no delivery.
+            log.info("%s: %s; retrying without TLS", server, exc.reply)
+            attempt = settings.replace(tls_policy="none")
+            continue
+        except _Broken as exc:
+            smtp._broken(exc)
+            raise ClientError(exc.stage, exc.reply) from None
+        except BaseException:
+            smtp.close()
+            raise
+        return smtp
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def deliver(
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    sender: str,
+    recipients: Sequence[str | Recipient],
+    message: Message,
+    path: str | None = None,
+    protocol: str = "smtp",
+    settings: ClientSettings | None = None,
+    **options: Any,
+) -> DeliveryResult:
+    """Connect, send one message, quit: a result for every recipient, never
+    a :class:`ClientError` (a connection that fails defers them all).
+
+    ``options`` are :meth:`ClientConnection.send`'s keywords
+    (``smtputf8``, ``eightbit``, ``ret``, ``envid``).
+    """
+    server = f"unix:{path}" if path is not None else f"{host}:{port}"
+    try:
+        conn = await connect(host, port, path=path, protocol=protocol, settings=settings)
+    except ClientError as exc:
+        return DeliveryResult.failed(recipients, exc, server)
+    try:
+        return await conn.send(sender, recipients, message, **options)
+    except ClientError as exc:
+        return DeliveryResult.failed(recipients, exc, conn.server)
+    finally:
+        await conn.quit()
