@@ -74,6 +74,7 @@ import enum
 import io
 import logging
 import math
+import os
 import re
 import socket
 import ssl
@@ -713,8 +714,10 @@ async def _open_socket(
 def _why(exc: BaseException) -> str:
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
+    if isinstance(exc, ssl.SSLError):
+        return str(exc.reason or exc)
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
     return type(exc).__name__
 
 
@@ -915,7 +918,8 @@ class ClientConnection:
             for i, r in enumerate(rcpts):
                 if not r.address.isascii():
                     settle(i, Status.REFUSED, Stage.RCPT, why)
-        needs_utf8 = needs_utf8 or any(not r.address.isascii() for r in rcpts)
+        # (Without SMTPUTF8 the UTF-8 recipients were refused just above.)
+        needs_utf8 = needs_utf8 or (utf8 and any(not r.address.isascii() for r in rcpts))
         limit = self.size_limit
         if limit and content.size > limit:
             why = _local(
@@ -1058,8 +1062,11 @@ class SMTPConnection(ClientConnection):
         super().__init__(server, settings)
         self._smtp: aiosmtplib.SMTP | None = None
         self._flow: _FlowControl | None = None
+        self._reader: asyncio.Future[aiosmtplib.SMTPResponse] | None = None
+        self._early = False
 
     def _shutdown(self) -> None:
+        self._drop_reader()
         smtp, self._smtp = self._smtp, None
         if smtp is not None:
             smtp.close()
@@ -1168,10 +1175,12 @@ class SMTPConnection(ClientConnection):
                 log.info("%s: STARTTLS refused (%s), going on without TLS", self.server, reply)
                 return
             raise _Broken(Stage.STARTTLS, reply) from None
+        # Anything else failed the attempt at TLS: the opportunistic policy
+        # tries again in plaintext (see connect()).
         except aiosmtplib.SMTPTimeoutError:
-            raise _Broken(Stage.STARTTLS, _timed_out(Stage.STARTTLS)) from None
+            raise _HandshakeFailed(Stage.STARTTLS, _timed_out(Stage.STARTTLS)) from None
         except aiosmtplib.SMTPServerDisconnected:
-            raise _Broken(Stage.STARTTLS, _lost(Stage.STARTTLS)) from None
+            raise _HandshakeFailed(Stage.STARTTLS, _lost(Stage.STARTTLS)) from None
         except (ssl.SSLError, OSError, aiosmtplib.SMTPException) as exc:
             raise _HandshakeFailed(
                 Stage.STARTTLS, _local(451, "4.7.5", f"TLS handshake failed: {_why(exc)}")
@@ -1246,37 +1255,65 @@ class SMTPConnection(ClientConnection):
 
     async def _send_data(self, content: _Content) -> None:
         smtp, flow = self._smtp, self._flow
+        protocol = smtp.protocol if smtp is not None else None
+        if protocol is None or flow is None or not protocol.is_connected:
+            raise _Broken(Stage.DATA, _lost(Stage.DATA))
+        # Wait for the final reply from the start: aiosmtplib drops what
+        # arrives while no read is pending, and a server may answer (and
+        # close) before the end of the message. The task arms the read at
+        # its first step, before anything it could miss can arrive.
+        self._early = False
+        reader = self._reader = asyncio.ensure_future(protocol.read_response(timeout=None))
+        await asyncio.sleep(0)
         timeout = self.settings.data_block_timeout
-        for chunk in _stuffed(content, self.settings.chunk_size):
-            protocol = smtp.protocol if smtp is not None else None
-            if protocol is None or flow is None or not protocol.is_connected:
-                raise _Broken(Stage.DATA, _lost(Stage.DATA))
-            try:
+        try:
+            for chunk in _stuffed(content, self.settings.chunk_size):
+                if reader.done():
+                    self._early = True
+                    return
                 protocol.write(chunk)
-                await asyncio.wait_for(flow.ready.wait(), timeout)
-            except asyncio.TimeoutError:
-                raise _Broken(Stage.DATA, _timed_out(Stage.DATA)) from None
-            except (aiosmtplib.SMTPServerDisconnected, OSError):
-                raise _Broken(Stage.DATA, _lost(Stage.DATA)) from None
+                if not flow.ready.is_set():
+                    await asyncio.wait_for(flow.ready.wait(), timeout)
+        except asyncio.TimeoutError:
+            self._drop_reader()
+            raise _Broken(Stage.DATA, _timed_out(Stage.DATA)) from None
+        except (aiosmtplib.SMTPServerDisconnected, OSError):
+            self._drop_reader()
+            raise _Broken(Stage.DATA, _lost(Stage.DATA)) from None
+
+    def _drop_reader(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            if reader.done() and not reader.cancelled():
+                reader.exception()  # retrieved: no "never retrieved" log
 
     async def _read_reply(self, stage: Stage, timeout: float) -> Reply:
-        smtp = self._smtp
-        protocol = smtp.protocol if smtp is not None else None
-        if protocol is None:
+        reader, self._reader = self._reader, None
+        if reader is None:
             raise _Broken(stage, _lost(stage))
         try:
-            response = await protocol.read_response(timeout=timeout)
-        except aiosmtplib.SMTPTimeoutError:
+            response = await asyncio.wait_for(reader, timeout)
+        except asyncio.TimeoutError:
             raise _Broken(stage, _timed_out(stage)) from None
         except aiosmtplib.SMTPServerDisconnected:
             raise _Broken(stage, _lost(stage)) from None
         except aiosmtplib.SMTPResponseException as exc:
             raise _Broken(stage, _garbled(stage, exc.message)) from None
-        return self._parsed(stage, response)
+        reply = self._parsed(stage, response)
+        if self._early:
+            # Answered before the final dot (RFC 5321 4.1.1.4 says after):
+            # the reply stands unless it claims delivery, and the
+            # conversation is out of step, so the connection ends.
+            if reply.code == 250:
+                raise _Broken(stage, _garbled(stage, "250 before the end of the message"))
+            self.close()
+        return reply
 
 
 class _HandshakeFailed(_Broken):
-    """The STARTTLS handshake failed (the connection is unusable)."""
+    """STARTTLS was tried and failed without a reply: handshake, timeout or
+    lost connection (the connection is unusable)."""
 
 
 # ------------------------------------------------------------------- LMTP
@@ -1354,9 +1391,14 @@ class LMTPConnection(ClientConnection):
                 )
             except asyncio.TimeoutError:
                 raise _Broken(stage, _timed_out(stage)) from None
-            except UnsatisfiableReadError:
-                raise _Broken(stage, _garbled(stage, "a reply line too long")) from None
-            except (StreamClosedError, OSError):
+            except (StreamClosedError, UnsatisfiableReadError, OSError) as exc:
+                # Tornado closes the stream on a line over max_bytes, and
+                # says why in real_error.
+                real = getattr(exc, "real_error", None)
+                if isinstance(exc, UnsatisfiableReadError) or isinstance(
+                    real, UnsatisfiableReadError
+                ):
+                    raise _Broken(stage, _garbled(stage, "a reply line too long")) from None
                 raise _Broken(stage, _lost(stage)) from None
             line = raw.rstrip(b"\r\n")
             head, sep = line[:3], line[3:4]
