@@ -838,3 +838,57 @@ def test_dns_sender_domain_refuses_domains_without_mail_hosts(tmp_path: Path, dn
     finally:
         loop.run(app.stop(1.0))
         loop.close()
+
+
+# ----------------------------------------------------------- outbound client
+class Downstream:
+    """The relay's downstream: refuses ``unknown``, defers ``later``, keeps the rest."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[list[str], bytes]] = []
+
+    def bonzo_rcpt(self, mailbox):
+        from bonzo.errors import PermanentError, TransientError
+
+        if mailbox.local == "unknown":
+            raise PermanentError("No such user here", 550, "5.1.1")
+        if mailbox.local == "later":
+            raise TransientError("Greylisted, try later", 450, "4.2.0")
+        return Accept()
+
+    def bonzo_deliver(self, envelope):
+        self.messages.append((list(envelope.rcpt_tos), envelope.content))
+        return Accept()
+
+
+def test_client_relay(serve: Callable[..., Served], start_server: Any) -> None:
+    from bonzo.client import ClientSettings, deliver
+
+    downstream = start_server(plugin=Downstream())
+    relay = snippet("client_relay").RelayPlugin("127.0.0.1", downstream.port)
+    front = serve(("relay", relay), protocol="lmtp")
+    rcpts = ["ok@example.org", "unknown@example.org", "later@example.org"]
+    result = asyncio.run(
+        deliver(
+            "127.0.0.1",
+            front.port,
+            protocol="lmtp",
+            sender="alice@example.net",
+            recipients=rcpts,
+            message=MESSAGE.encode(),
+            settings=ClientSettings(helo_name="client.example"),
+        )
+    )
+    # Each recipient gets the downstream's verdict, through the relay.
+    assert [(r.status.value, r.code, r.enhanced_code) for r in result.recipients] == [
+        ("delivered", 250, "2.0.0"),
+        ("refused", 550, "5.1.1"),
+        ("deferred", 450, "4.2.0"),
+    ]
+    assert [r.text for r in result.recipients[1:]] == ["No such user here", "Greylisted, try later"]
+    ((to, content),) = downstream.plugin.messages
+    assert to == ["ok@example.org"]
+    # The downstream's trace header, the relay's, then the message as sent.
+    assert content.startswith(b"Received: from relay.example.net")
+    assert b"\r\nReceived: from client.example" in content
+    assert content.endswith(MESSAGE.encode())
