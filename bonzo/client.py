@@ -38,7 +38,12 @@ How the two protocols are carried:
   into memory — its ``data()`` takes the whole message as one ``bytes``);
   the envelope commands are formatted here (with ``SIZE``, ``BODY``,
   ``SMTPUTF8`` and the DSN parameters); and every reply is classified per
-  recipient.
+  recipient. The reply to the message is awaited from the first chunk on,
+  because aiosmtplib drops what arrives while no read is pending: a server
+  that answers early (and closes) is heard, and its ``4xx``/``5xx`` stands.
+  A reply that arrives in the same packet as the ``354`` is still lost in
+  aiosmtplib's buffer: the recipients are then deferred as for a lost
+  connection, never delivered.
 - **LMTP** (RFC 2033), which aiosmtplib cannot speak (no ``LHLO``), is
   written here on a Tornado :class:`~tornado.iostream.IOStream` over TCP or a
   Unix socket, with the same bounds on replies: after the message it reads
@@ -46,16 +51,17 @@ How the two protocols are carried:
 
 **Pipelining (RFC 2920) is not used**: commands go one at a time, as
 aiosmtplib sends them. Pipelining saves round trips, not work: a message to
-N recipients costs N + 3 round trips (MAIL, each RCPT, DATA, the final dot)
-instead of two. On a loopback or LAN hop (LMTP to the mailbox server, a
-smarthost next door) that is nothing; across the Internet at 100 ms it adds
-about 0.2 s per one-recipient message *per connection* — latency of one
-message, not throughput, since a queue runs many connections at once and
-reuses them. aiosmtplib's reader cannot take several replies in flight, so
-pipelining would mean a second SMTP engine beside it, with the failure cases
-pipelining adds (a ``354`` after every ``RCPT`` failed, servers that
-advertise PIPELINING and lose commands). Revisit if measurements show
-per-destination connection limits making latency the bottleneck.
+N recipients costs N + 3 round trips (MAIL, each RCPT, DATA, the final dot;
+one more for the RSET on a reused connection) instead of two. On a loopback
+or LAN hop (LMTP to the mailbox server, a smarthost next door) that is
+nothing; across the Internet at 100 ms it adds 0.2–0.3 s per one-recipient
+message *per connection* — latency of one message, not throughput, since a
+queue runs many connections at once and reuses them. aiosmtplib's reader
+cannot take several replies in flight, so pipelining would mean a second SMTP
+engine beside it, with the failure cases pipelining adds (a ``354`` after
+every ``RCPT`` failed, servers that advertise PIPELINING and lose commands).
+Revisit if measurements show per-destination connection limits making
+latency the bottleneck.
 
 Timeouts are per stage with the defaults of RFC 5321 4.5.3.2 (see
 :class:`ClientSettings`); a timeout, a lost connection or a reply that does
@@ -772,6 +778,7 @@ class ClientConnection:
         #: Messages for which ``MAIL`` was sent on this connection.
         self.transactions = 0
         self._alive = True
+        self._busy = False
 
     # The backend: one command and its reply, the message, one reply.
     async def _command(self, stage: Stage, line: bytes, timeout: float) -> Reply:
@@ -783,7 +790,7 @@ class ClientConnection:
     async def _read_reply(self, stage: Stage, timeout: float) -> Reply:
         raise NotImplementedError
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, abort: bool) -> None:
         raise NotImplementedError
 
     # ---------------------------------------------------------- public
@@ -805,7 +812,7 @@ class ClientConnection:
     def close(self) -> None:
         """Close at once (no ``QUIT``)."""
         self._alive = False
-        self._shutdown()
+        self._shutdown(abort=False)
 
     async def quit(self) -> None:
         """Send ``QUIT``, wait briefly for its reply, close. Never raises."""
@@ -824,7 +831,10 @@ class ClientConnection:
 
     def _broken(self, exc: _Broken) -> None:
         log.debug("%s %s: %s", self.protocol, self.server, exc.reply)
-        self.close()
+        self._alive = False
+        # Abort: a server that stopped reading must not keep the socket (and
+        # whatever of the message is still buffered) open.
+        self._shutdown(abort=True)
 
     async def _checked(
         self, stage: Stage, line: bytes, timeout: float, ok: tuple[int, ...]
@@ -877,6 +887,26 @@ class ClientConnection:
         if envid is not None:
             _check_xtext(envid, "ENVID")
         content = _Content(message)
+        if self._busy:
+            raise RuntimeError("send() is already running on this connection")
+        self._busy = True
+        try:
+            return await self._send(rcpts, sender, content, smtputf8, eightbit, ret, envid)
+        finally:
+            self._busy = False
+            if content.body is not None:
+                content.body.seek(content.start)
+
+    async def _send(
+        self,
+        rcpts: list[Recipient],
+        sender: str,
+        content: _Content,
+        smtputf8: bool | None,
+        eightbit: bool | None,
+        ret: str | None,
+        envid: str | None,
+    ) -> DeliveryResult:
         settings = self.settings
         if not self._alive:
             raise ClientError(Stage.MAIL, _local(451, "4.4.2", "the connection is closed"))
@@ -1015,9 +1045,6 @@ class ClientConnection:
             for i in range(len(rcpts)):
                 if results[i] is None:
                     settle(i, Status.DEFERRED, exc.stage, exc.reply)
-        finally:
-            if content.body is not None:
-                content.body.seek(content.start)
         return finish()
 
 
@@ -1065,10 +1092,12 @@ class SMTPConnection(ClientConnection):
         self._reader: asyncio.Future[aiosmtplib.SMTPResponse] | None = None
         self._early = False
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, abort: bool) -> None:
         self._drop_reader()
         smtp, self._smtp = self._smtp, None
         if smtp is not None:
+            if abort and smtp.transport is not None:
+                smtp.transport.abort()  # type: ignore[attr-defined]
             smtp.close()
 
     async def _open(
@@ -1328,7 +1357,8 @@ class LMTPConnection(ClientConnection):
         super().__init__(server, settings)
         self._stream: IOStream | None = None
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, abort: bool) -> None:
+        # Tornado's close() drops what is still buffered either way.
         stream, self._stream = self._stream, None
         if stream is not None:
             stream.close()

@@ -1157,3 +1157,51 @@ def test_message_type_errors():
             await conn.quit()
 
     run(main())
+
+
+def test_a_server_that_stops_reading_mid_data_times_out():
+    stalled = asyncio.Event()
+
+    async def stop_reading(reader: Any, writer: Any, line: bytes) -> None:
+        writer.write(b"354 go ahead\r\n")
+        await writer.drain()
+        stalled.set()
+        await asyncio.sleep(3)  # read nothing: the client's writes back up
+        await reader.read()
+
+    fake = Fake(replies={"DATA": stop_reading})
+
+    async def main() -> tuple[DeliveryResult, float]:
+        async with serve(fake) as port:
+            conn = await connect(HOST, port, settings=settings(data_block_timeout=0.5))
+            start = asyncio.get_running_loop().time()
+            body = b"Subject: big\r\n\r\n" + b"x" * 20_000_000 + b"\r\n"
+            result = await conn.send("a@x.test", ["b@y.test"], body)
+            assert not conn.usable
+            return result, asyncio.get_running_loop().time() - start
+
+    result, took = run(main())
+    assert statuses(result) == [("b@y.test", "deferred", "data", 451, "4.4.2")]
+    assert "timed out" in result.recipients[0].text
+    assert took < 3
+    assert stalled.is_set()
+
+
+def test_one_send_at_a_time():
+    async def slow_rcpt(reader: Any, writer: Any, line: bytes) -> None:
+        await asyncio.sleep(0.3)
+        writer.write(b"250 2.1.5 Ok\r\n")
+
+    fake = Fake(replies={"RCPT": slow_rcpt})
+
+    async def main() -> None:
+        async with serve(fake) as port:
+            async with await connect(HOST, port, settings=settings()) as conn:
+                first = asyncio.ensure_future(conn.send("a@x.test", ["b@y.test"], MESSAGE))
+                await asyncio.sleep(0.05)
+                with pytest.raises(RuntimeError):
+                    await conn.send("a@x.test", ["c@y.test"], MESSAGE)
+                assert (await first).recipients[0].delivered
+
+    run(main())
+    assert [c for c in fake.commands if c.startswith("RCPT")] == ["RCPT TO:<b@y.test>"]
