@@ -810,18 +810,26 @@ class ClientConnection:
         return int(value) if value.isdigit() else 0
 
     def close(self) -> None:
-        """Close at once (no ``QUIT``)."""
+        """Close at once: no ``QUIT``, nothing more sent."""
         self._alive = False
-        self._shutdown(abort=False)
+        self._shutdown(abort=True)
 
     async def quit(self) -> None:
-        """Send ``QUIT``, wait briefly for its reply, close. Never raises."""
+        """Send ``QUIT``, wait for its reply, close (for TLS, with the
+        ``close_notify`` exchange), all within :attr:`ClientSettings.quit_timeout`.
+        Never raises."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.quit_timeout
         if self._alive:
             try:
                 await self._command(Stage.END, b"QUIT", self.settings.quit_timeout)
             except (_Broken, OSError):
                 pass
-        self.close()
+        self._alive = False
+        await self._close_gracefully(max(deadline - loop.time(), 0.001))
+
+    async def _close_gracefully(self, timeout: float) -> None:
+        self._shutdown(abort=False)
 
     async def __aenter__(self) -> ClientConnection:
         return self
@@ -1057,6 +1065,8 @@ class _FlowControl:
     def __init__(self, protocol: asyncio.BaseProtocol) -> None:
         self.ready = asyncio.Event()
         self.ready.set()
+        #: Set when the transport has closed (the socket is released).
+        self.closed = asyncio.Event()
         pause, resume, lost = (
             protocol.pause_writing,
             protocol.resume_writing,
@@ -1073,6 +1083,7 @@ class _FlowControl:
 
         def on_lost(exc: Exception | None) -> None:
             self.ready.set()
+            self.closed.set()
             lost(exc)
 
         protocol.pause_writing = on_pause  # type: ignore[method-assign]
@@ -1091,6 +1102,23 @@ class SMTPConnection(ClientConnection):
         self._flow: _FlowControl | None = None
         self._reader: asyncio.Future[aiosmtplib.SMTPResponse] | None = None
         self._early = False
+
+    async def _close_gracefully(self, timeout: float) -> None:
+        # A TLS transport closes after the close_notify exchange, in later
+        # turns of the loop: wait for it, so that the socket is not left
+        # open (and leaked) if the loop ends next; abort if it takes too long.
+        smtp, flow = self._smtp, self._flow
+        if smtp is None or flow is None or smtp.transport is None:
+            self._shutdown(abort=False)
+            return
+        transport = smtp.transport
+        self._drop_reader()
+        transport.close()
+        try:
+            await asyncio.wait_for(flow.closed.wait(), timeout)
+        except asyncio.TimeoutError:
+            transport.abort()  # type: ignore[attr-defined]
+        self._shutdown(abort=False)
 
     def _shutdown(self, abort: bool) -> None:
         self._drop_reader()
