@@ -1474,6 +1474,12 @@ class LMTPConnection(ClientConnection):
 
 
 # -------------------------------------------------------------- entry points
+def _default_port(protocol: str, settings: ClientSettings) -> int:
+    if protocol == "lmtp":
+        return 24
+    return 465 if settings.implicit_tls else 25
+
+
 async def connect(
     host: str | None = None,
     port: int | None = None,
@@ -1502,7 +1508,7 @@ async def connect(
             raise ValueError("LMTP connections do not use TLS")
         if settings.username is not None:
             raise ValueError("LMTP connections do not authenticate")
-        port = 24 if port is None else port
+        port = _default_port(protocol, settings) if port is None else port
         server = f"unix:{path}" if path is not None else f"{host}:{port}"
         lmtp = LMTPConnection(server, settings)
         try:
@@ -1517,7 +1523,7 @@ async def connect(
     if protocol != "smtp":
         raise ValueError(f"protocol must be 'smtp' or 'lmtp', not {protocol!r}")
     if port is None:
-        port = 465 if settings.implicit_tls else 25
+        port = _default_port(protocol, settings)
     server = f"unix:{path}" if path is not None else f"{host}:{port}"
     tls_name = settings.tls_name or host
     if settings.tls_policy == "verify" and not tls_name:
@@ -1563,6 +1569,8 @@ async def deliver(
     ``options`` are :meth:`ClientConnection.send`'s keywords
     (``smtputf8``, ``eightbit``, ``ret``, ``envid``).
     """
+    if port is None:
+        port = _default_port(protocol, settings or ClientSettings())
     server = f"unix:{path}" if path is not None else f"{host}:{port}"
     try:
         conn = await connect(host, port, path=path, protocol=protocol, settings=settings)

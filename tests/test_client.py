@@ -1205,3 +1205,24 @@ def test_one_send_at_a_time():
 
     run(main())
     assert [c for c in fake.commands if c.startswith("RCPT")] == ["RCPT TO:<b@y.test>"]
+
+
+@given(
+    st.integers(200, 599),
+    st.lists(
+        st.text(max_size=60) | st.from_regex(r"[245]\.\d{1,3}\.\d{1,3} [ -~]{0,20}"),
+        min_size=1,
+        max_size=5,
+    ),
+)
+def test_any_reply_text_parses_safely(code, lines):
+    from bonzo.client import _reply
+
+    reply = _reply(code, lines)
+    assert reply.code == code
+    assert len(reply.lines) == len(lines)
+    assert not re.search(r"[\x00-\x1f\x7f]", reply.text.replace("\n", ""))
+    if reply.enhanced_code:
+        assert re.fullmatch(r"[245]\.\d{1,3}\.\d{1,3}", reply.enhanced_code)
+        assert reply.enhanced_code[0] == str(code)[0]
+        assert lines[0].startswith(reply.enhanced_code)
