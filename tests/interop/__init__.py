@@ -5,6 +5,8 @@ Pythons (.ci/run ignores this directory there).
 
 ``peers`` holds what they share (routes, injection, log statuses),
 ``postfix`` and ``exim`` one peer each, ``bonzo_side`` Bonzo's side; the
-fixtures are in ``conftest.py``. ``python3 -m interop`` (run in ``tests/``)
+fixtures are in ``conftest.py``. ``dovecot`` runs a private Dovecot LMTP
+server for the outbound client's tests (``test_client_*``, which also use
+Postfix's ``smtp-sink``). ``python3 -m interop`` (run in ``tests/``)
 starts one peer by hand.
 """

@@ -10,20 +10,21 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from interop.dovecot import HOST, Dovecot, available, dovecot_lmtp
 
 from bonzo.client import ClientSettings, DeliveryResult, connect, deliver
 
-pytestmark = [
-    pytest.mark.timeout(120),
-    pytest.mark.skipif(not available(), reason="dovecot-lmtpd is not installed (see .ci/run)"),
-]
+from .dovecot import HOST, Dovecot, available, dovecot_lmtp
+from .peers import unavailable
+
+pytestmark = pytest.mark.timeout(120)
 
 SENDER = "sender@example.org"
 
 
 @pytest.fixture(scope="module")
 def dovecot() -> Iterator[Dovecot]:
+    if not available():
+        unavailable("dovecot-lmtpd is not installed (.ci/run installs it)")
     with dovecot_lmtp() as instance:
         yield instance
 
