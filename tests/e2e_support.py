@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from tornado.netutil import bind_unix_socket
+from tornado.netutil import bind_sockets, bind_unix_socket
 from tornado.testing import bind_unused_port
 
 from bonzo.connection import SMTPConnection
@@ -198,6 +198,8 @@ class ServerThread:
         self.sndbuf = options.pop("sndbuf", None)
         #: Listen on this Unix socket (mode 0666) instead of a TCP port.
         self.unix_path: str | None = options.pop("unix_path", None)
+        #: Listen on this TCP port (default: one the system picks).
+        self.fixed_port: int | None = options.pop("port", None)
         self.options = options
         self.host = HOST
         self.port = 0
@@ -216,6 +218,9 @@ class ServerThread:
     def start(self) -> ServerThread:
         if self.unix_path is not None:
             sock = bind_unix_socket(self.unix_path, mode=0o666)
+        elif self.fixed_port is not None:
+            [sock] = bind_sockets(self.fixed_port, HOST)
+            self.port = self.fixed_port
         else:
             sock, self.port = bind_unused_port()
         self._sock = sock

@@ -21,11 +21,12 @@ import asyncio
 import errno
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from .._config import as_table, check_keys, config_domain, describe, get_str
+from .outcome import Outcome, Transport
 from .spool import QueuedMessage, Recipient
+from .transports import LMTPTransport, MXTransport, SmarthostTransport
 
 __all__ = [
     "Outcome",
@@ -35,54 +36,6 @@ __all__ = [
     "DiscardTransport",
     "ROUTE_TYPES",
 ]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What became of one recipient in one attempt."""
-
-    status: str
-    """``delivered``, ``deferred`` (try again later) or ``failed`` (for good)."""
-    code: int
-    enhanced: str
-    text: str
-    host: str = ""
-    """Who answered: a host name, a socket path, a maildir."""
-    dsn_downstream: bool = False
-    """The downstream took over the DSN request (it offered ``DSN``): no
-    success report is due from here."""
-    relayed: bool = False
-    """Handed to another mail system rather than into a mailbox (a success
-    report says ``relayed``)."""
-
-    @property
-    def reply(self) -> str:
-        return f"{self.code} {self.enhanced} {self.text}"
-
-    @classmethod
-    def deferred(cls, code: int, enhanced: str, text: str, host: str = "") -> Outcome:
-        return cls("deferred", code, enhanced, text, host)
-
-
-class Transport(Protocol):
-    """Delivers messages for one route."""
-
-    #: The route's type, for logs and reports (``"maildir"``).
-    kind: str
-    #: True for a final delivery (a mailbox); false for a relay, whose
-    #: success report says ``relayed``.
-    final: bool
-
-    def destination(self, recipient: Recipient) -> str:
-        """Which recipients go together (one connection, one concurrency limit)."""
-
-    async def deliver(
-        self, message: QueuedMessage, recipients: Sequence[Recipient]
-    ) -> list[Outcome]:
-        """Deliver ``message`` to ``recipients``; one outcome each, in order."""
-
-    async def close(self) -> None:
-        """Release connections and other resources."""
 
 
 class DiscardTransport:
@@ -165,7 +118,7 @@ class MaildirTransport:
 
 
 #: Route types and what they take.
-ROUTE_TYPES = ("maildir", "discard")
+ROUTE_TYPES = ("mx", "smarthost", "lmtp", "maildir", "discard")
 
 
 def _transport(table: Any, app: Any, where: str) -> Any:
@@ -176,6 +129,12 @@ def _transport(table: Any, app: Any, where: str) -> Any:
     if kind == "discard":
         check_keys(table, ("type",), where)
         return DiscardTransport()
+    if kind == "smarthost":
+        return SmarthostTransport(table, app, where)
+    if kind == "lmtp":
+        return LMTPTransport(table, app, where)
+    if kind == "mx":
+        return MXTransport(table, app, where)
     raise ValueError(
         f"{where}.type: expected one of {', '.join(ROUTE_TYPES)}, got {describe(kind)}"
     )

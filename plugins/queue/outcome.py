@@ -1,0 +1,59 @@
+"""What a delivery attempt gives for each recipient, and what a transport is."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from .spool import QueuedMessage, Recipient
+
+__all__ = ["Outcome", "Transport"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one recipient in one attempt."""
+
+    status: str
+    """``delivered``, ``deferred`` (try again later) or ``failed`` (for good)."""
+    code: int
+    enhanced: str
+    text: str
+    host: str = ""
+    """Who answered: a host name, a socket path, a maildir."""
+    dsn_downstream: bool = False
+    """The downstream took over the DSN request (it offered ``DSN``): no
+    success report is due from here."""
+    relayed: bool = False
+    """Handed to another mail system rather than into a mailbox (a success
+    report says ``relayed``)."""
+
+    @property
+    def reply(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}"
+
+    @classmethod
+    def deferred(cls, code: int, enhanced: str, text: str, host: str = "") -> Outcome:
+        return cls("deferred", code, enhanced, text, host)
+
+
+class Transport(Protocol):
+    """Delivers messages for one route."""
+
+    #: The route's type, for logs and reports (``"maildir"``).
+    kind: str
+    #: True for a final delivery (a mailbox); false for a relay, whose
+    #: success report says ``relayed``.
+    final: bool
+
+    def destination(self, recipient: Recipient) -> str:
+        """Which recipients go together (one connection, one concurrency limit)."""
+
+    async def deliver(
+        self, message: QueuedMessage, recipients: Sequence[Recipient]
+    ) -> list[Outcome]:
+        """Deliver ``message`` to ``recipients``; one outcome each, in order."""
+
+    async def close(self) -> None:
+        """Release connections and other resources."""

@@ -1,0 +1,213 @@
+"""The queue's network routes against real servers: ``smarthost`` and ``mx``
+to a real Bonzo (the ``mx`` hosts found through a DNS server on
+127.0.0.1), ``lmtp`` to Bonzo's LMTP listener. Postfix and Dovecot as
+downstreams are in ``tests/interop/test_queue_downstreams.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bonzo_plugins.queue.routes import RouteTable
+from bonzo_plugins.queue.runner import Runner, RunnerSettings
+from bonzo_plugins.queue.spool import GroupSync, Spool
+from daemon_support import free_port
+from e2e_support import RecordingPlugin, ServerThread
+
+from bonzo import errors
+from bonzo.dns import Resolver
+from bonzo.settings import ListenerSettings
+
+BODY = b"From: alice@example.org\r\nSubject: routed\r\n\r\nThrough the queue.\r\n.dot\r\n"
+
+
+class App:
+    def __init__(self, base: Path, dns: Resolver | None = None) -> None:
+        self.base_dir = base
+        self.dns = dns
+
+        class _Settings:
+            hostname = "relay.test"
+
+        self.settings = _Settings()
+
+
+class Picky(RecordingPlugin):
+    """Refuses ``gone@`` for good and ``later@`` for now, at RCPT."""
+
+    def bonzo_rcpt(self, address: str) -> Any:  # type: ignore[override] # a hook, by name
+        local = address.split("@")[0]
+        if local == "gone":
+            raise errors.PermanentError("No such user", 550, "5.1.1")
+        if local == "later":
+            raise errors.TransientError("Try later", 451, "4.3.0")
+        return super().bonzo_rcpt()
+
+
+def make(tmp_path: Path, routes: dict[str, Any], dns: Resolver | None = None):
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    table = RouteTable(routes, {}, App(tmp_path, dns))
+    table.start()
+    runner = Runner(
+        spool, GroupSync(spool.data), table, None, RunnerSettings(hostname="relay.test")
+    )
+    return spool, runner
+
+
+def queue(
+    spool: Spool, id: str, *rcpts: str, sender: str = "alice@example.org", **params: Any
+) -> None:
+    recipients = [
+        {"address": r, "canonical": r, "domain": r.partition("@")[2], "params": dict(params)}
+        for r in rcpts
+    ]
+    envelope = {"arrival": time.time(), "sender": sender, "recipients": recipients}
+    spool.write(id, envelope, b"", io.BytesIO(BODY))
+
+
+def states(spool: Spool, id: str) -> list[tuple[str, str]]:
+    return [(r.status, r.reply) for r in spool.load(id).recipients]
+
+
+def reports(spool: Spool) -> list[bytes]:
+    return [m.read() for m in spool.iter_messages() if m.sender == ""]
+
+
+async def attempt_all(runner: Runner, *ids: str) -> None:
+    for id in ids:
+        await runner.attempt(id)
+    await runner.routes.close()
+
+
+@pytest.fixture
+def downstream(start_server):
+    return start_server(plugin=Picky(), hostname="mx.dest.test")
+
+
+def test_smarthost_per_recipient_outcomes_and_one_connection(tmp_path, downstream):
+    spool, runner = make(
+        tmp_path, {"*": {"type": "smarthost", "host": "127.0.0.1", "port": downstream.port}}
+    )
+    queue(spool, "S1", "bob@dest.test", "gone@dest.test", "later@dest.test")
+    queue(spool, "S2", "carol@dest.test")
+    asyncio.run(attempt_all(runner, "S1", "S2"))
+    assert states(spool, "S1")[2][0] == "deferred"
+    assert states(spool, "S1")[2][1] == "451 4.3.0 Try later"
+    assert "S2" not in spool.ids()
+    plugin = downstream.plugin
+    assert [m.rcpt_tos for m in plugin.messages] == [["bob@dest.test"], ["carol@dest.test"]]
+    assert plugin.messages[0].body == BODY  # the dot-stuffed line arrives as sent
+    # Both messages over one connection (RSET between).
+    assert len({m.session_id for m in plugin.messages}) == 1
+    [report] = reports(spool)
+    assert b"Final-Recipient: rfc822; gone@dest.test" in report
+    assert b"Diagnostic-Code: smtp; 550 5.1.1 No such user" in report
+    assert b"Remote-MTA: dns; 127.0.0.1:" in report
+
+
+def test_a_downstream_that_is_down_defers_then_gets_it(tmp_path):
+    port = free_port()
+    spool, runner = make(tmp_path, {"*": {"type": "smarthost", "host": "127.0.0.1", "port": port}})
+    queue(spool, "D1", "bob@dest.test")
+    asyncio.run(attempt_all(runner, "D1"))
+    [(status, reply)] = states(spool, "D1")
+    assert status == "deferred" and reply.startswith("4")
+    server = ServerThread(plugin=RecordingPlugin(), port=port, hostname="mx.dest.test").start()
+    try:
+        message = spool.load("D1")
+        message.recipients[0].next_attempt = 0
+        spool.save_state(message)
+        asyncio.run(attempt_all(runner, "D1"))
+        assert spool.ids() == []
+        assert [m.rcpt_tos for m in server.plugin.messages] == [["bob@dest.test"]]
+    finally:
+        server.stop()
+
+
+def test_require_tls_against_a_server_without_starttls_defers(tmp_path, downstream):
+    route = {"type": "smarthost", "host": "127.0.0.1", "port": downstream.port, "tls": "require"}
+    spool, runner = make(tmp_path, {"*": route})
+    queue(spool, "T1", "bob@dest.test")
+    asyncio.run(attempt_all(runner, "T1"))
+    [(status, reply)] = states(spool, "T1")
+    assert status == "deferred" and "STARTTLS" in reply
+    assert downstream.plugin.messages == []
+
+
+def test_lmtp_route_to_bonzo_lmtp(tmp_path, start_server):
+    store = start_server(plugin=Picky(), listener=ListenerSettings(protocol="lmtp"))
+    spool, runner = make(tmp_path, {"*": {"type": "lmtp", "host": "127.0.0.1", "port": store.port}})
+    queue(spool, "L1", "bob@dest.test", "gone@dest.test")
+    asyncio.run(attempt_all(runner, "L1"))
+    assert "L1" not in spool.ids()
+    assert [m.rcpt_tos for m in store.plugin.messages] == [["bob@dest.test"]]
+    [report] = reports(spool)
+    assert b"Final-Recipient: rfc822; gone@dest.test" in report
+
+
+def test_lmtp_route_over_a_unix_socket(tmp_path, start_server):
+    path = str(tmp_path / "lmtp.sock")
+    store = start_server(plugin=Picky(), listener=ListenerSettings(protocol="lmtp"), unix_path=path)
+    spool, runner = make(tmp_path, {"*": {"type": "lmtp", "path": path}})
+    queue(spool, "U1", "bob@dest.test")
+    asyncio.run(attempt_all(runner, "U1"))
+    assert spool.ids() == []
+    assert store.plugin.messages[0].body == BODY
+
+
+def test_mx_route_finds_the_mail_host_in_dns(tmp_path, downstream, dns_stub):
+    dns_stub.add("dest.test", "MX", "10 mx1.dest.test.")
+    dns_stub.add("dest.test", "MX", "20 mx2.dest.test.")
+    dns_stub.add("mx1.dest.test", "A", "127.0.0.9")  # nobody listens there
+    dns_stub.add("mx2.dest.test", "A", "127.0.0.1")
+    dns_stub.add("null.test", "MX", "0 .")
+    dns_stub.fault("broken.test", "servfail")
+    resolver = Resolver(dns_stub.settings())
+    route = {"type": "mx", "port": downstream.port, "connect_timeout": 2}
+    spool, runner = make(tmp_path, {"*": route}, resolver)
+    queue(spool, "M1", "bob@dest.test")
+    queue(spool, "M2", "x@null.test")
+    queue(spool, "M3", "x@nowhere.test")
+    queue(spool, "M4", "x@broken.test")
+    asyncio.run(attempt_all(runner, "M1", "M2", "M3", "M4"))
+    # mx1 did not answer: mx2 got it.
+    assert [m.rcpt_tos for m in downstream.plugin.messages] == [["bob@dest.test"]]
+    assert spool.load("M4").recipients[0].status == "deferred"
+    bounced = b"".join(reports(spool))
+    assert b"Final-Recipient: rfc822; x@null.test" in bounced
+    assert b"Status: 5.1.10" in bounced  # null MX (RFC 7505)
+    assert b"Final-Recipient: rfc822; x@nowhere.test" in bounced
+    for id in ("M1", "M2", "M3"):
+        assert id not in spool.ids()
+
+
+def test_mx_route_with_dns_off_defers(tmp_path):
+    spool, runner = make(tmp_path, {"*": {"type": "mx"}}, Resolver(None))
+    queue(spool, "O1", "bob@dest.test")
+    asyncio.run(attempt_all(runner, "O1"))
+    [(status, reply)] = states(spool, "O1")
+    assert status == "deferred" and reply.startswith("451 4.3.5") and "DNS" in reply
+
+
+@pytest.mark.parametrize(
+    ("route", "message"),
+    [
+        ({"type": "smarthost"}, "host: required"),
+        ({"type": "smarthost", "host": "h", "port": 0}, "port: expected an integer"),
+        ({"type": "smarthost", "host": "h", "tls": "maybe"}, "tls_policy"),
+        ({"type": "smarthost", "host": "h", "username": "u"}, "password: required"),
+        ({"type": "lmtp"}, "give host (and port) or path"),
+        ({"type": "lmtp", "host": "h", "path": "/p"}, "give host (and port) or path"),
+        ({"type": "mx", "tls_policies": {"x.test": "sometimes"}}, "tls_policies.x.test"),
+        ({"type": "mx", "colour": "blue"}, "colour"),
+    ],
+)
+def test_bad_route_names_the_key(tmp_path, route, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RouteTable({"*": route}, {}, App(tmp_path))
