@@ -17,6 +17,7 @@ import random
 import re
 import smtplib
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -905,3 +906,58 @@ def test_end_to_end_a_failure_gives_451(keys, tmp_path, monkeypatch):
     assert b"could not be signed" in info.value.smtp_error
     new = tmp_path / "Maildir" / "new"
     assert not new.exists() or list(new.iterdir()) == []  # nothing delivered unsigned
+
+
+# ------------------------------------------------------------ the README
+README = Path(__file__).resolve().parents[2] / "plugins" / "dkim_sign" / "README.rst"
+
+
+def test_readme_documents_every_key():
+    from bonzo_plugins.dkim_sign import plugin as plugin_module
+
+    text = README.read_text("utf-8")
+    for key in plugin_module.KEYS + plugin_module.DOMAIN_KEYS:
+        assert re.search(rf"^``{key}``\n\s+\*", text, re.M), f"{key} undocumented"
+
+
+def test_readme_gives_the_default_lists():
+    from bonzo_plugins.dkim_sign import plugin as plugin_module
+
+    text = " ".join(README.read_text("utf-8").split())
+    for key, default in (
+        ("headers", plugin_module.DEFAULT_HEADERS),
+        ("oversign", plugin_module.DEFAULT_OVERSIGN),
+    ):
+        m = re.search(rf"``{key}`` \*list of strings\*, default ``\[([^\]]*)\]``", text)
+        assert m, key
+        assert re.findall(r'"([^"]+)"', m.group(1)) == list(default), key
+
+
+def test_readme_example_configures(tmp_path):
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    text = README.read_text("utf-8")
+    (block,) = re.findall(r"^\.\. code-block:: toml\n\n((?:    .*\n|\n)+)", text, re.M)
+    table = tomllib.loads("\n".join(line[4:] for line in block.splitlines()))
+    table = table["plugins"]["dkim_sign"]
+    (tmp_path / "dkim").mkdir()
+    for path in re.findall(r'key = "([^"]+)"', block):
+        key = (
+            ed25519.Ed25519PrivateKey.generate()
+            if ".ed" in path
+            else rsa.generate_private_key(65537, 2048)
+        )
+        (tmp_path / path).write_bytes(_pem(key, serialization.PrivateFormat.PKCS8))
+        (tmp_path / path).chmod(0o600)
+    plugin = configured(SimpleNamespace(base_dir=tmp_path), **table)
+    assert plugin.signer is not None
+    assert [
+        (d, sub, [(s.selector, s.key.algorithm) for s in signers])
+        for d, (sub, signers) in plugin.signer.domains.items()
+    ] == [
+        ("example.org", True, [("ed1", "ed25519-sha256"), ("s1", "rsa-sha256")]),
+        ("example.net", False, [("s1", "rsa-sha256")]),
+    ]
