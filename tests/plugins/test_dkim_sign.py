@@ -961,3 +961,15 @@ def test_readme_example_configures(tmp_path):
         ("example.org", True, [("ed1", "ed25519-sha256"), ("s1", "rsa-sha256")]),
         ("example.net", False, [("s1", "rsa-sha256")]),
     ]
+
+
+def test_the_example_configuration_shows_every_key():
+    from bonzo_plugins.dkim_sign import plugin as plugin_module
+
+    example = (README.parents[2] / "bonzo.toml.example").read_text("utf-8")
+    start = example.index("# [plugins.dkim_sign]")
+    end = example.find("\n\n", start)
+    block = example[start : end if end >= 0 else None]
+    shown = set(re.findall(r"^# (\w+) = ", block, re.M))
+    assert shown == set(plugin_module.KEYS + plugin_module.DOMAIN_KEYS) - {"domains"}
+    assert '# [plugins.dkim_sign.domains."example.org"]' in block
