@@ -166,6 +166,11 @@ def parse_key(data: bytes, path: Path) -> SigningKey:
             f"{path}: the key is encrypted; Bonzo needs it unencrypted "
             "(openssl pkey -in KEY -out PLAIN), readable only by Bonzo's user"
         )
+    if kind == b"OPENSSH PRIVATE KEY":
+        raise KeyFileError(
+            f"{path}: an OpenSSH key; DKIM needs a PEM key (openssl genpkey -algorithm "
+            "ed25519, or RSA)"
+        )
     if kind not in (b"RSA PRIVATE KEY", b"PRIVATE KEY"):
         raise KeyFileError(
             f"{path}: {kind.decode('ascii', 'replace')} is not a DKIM key type "

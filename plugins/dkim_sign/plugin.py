@@ -114,8 +114,9 @@ MAX_EXPIRE = 10 * 365 * 86400
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _SELECTOR = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")
-#: The local part of ``i=``: dot-atom text (RFC 5322 3.2.3), or nothing.
-_IDENTITY_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{0,64}")
+#: The local part of ``i=``: dot-atom text (RFC 5322 3.2.3) but ``=``, which
+#: would start an escape in the tag's dkim-quoted-printable (RFC 6376 3.5).
+_IDENTITY_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/?^_`{|}~.-]{0,64}")
 
 
 def _header_names(table: Mapping[str, Any], key: str, default: tuple[str, ...]) -> list[str]:

@@ -50,8 +50,8 @@ __all__ = [
 MAX_HEADER_SECTION = 1 << 20
 #: The longest ``From:`` field value that is parsed for its domain.
 MAX_FROM = 16384
-#: Read size for the body.
-CHUNK = 1 << 20
+#: Read size for the body (each piece is copied a few times while hashed).
+CHUNK = 1 << 18
 #: In relaxed mode, white space and CRs at the end of a piece of body without
 #: a line end are held back (they may still be stripped); past this many
 #: octets the held-back part is reduced (see :meth:`BodyHash._reduce`).

@@ -138,6 +138,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ),
         "rsa_512": _small_rsa_pem(),
         "garbage": b"this is not a key\n",
+        "openssh": _pem(ed_a, serialization.PrivateFormat.OpenSSH),
     }
     paths = {}
     for name, data in files.items():
@@ -514,6 +515,31 @@ def test_a_spooled_message_is_signed_without_reading_it_whole(keys, monkeypatch)
     assert verify(content, dns_for(("s1", "example.org", keys["rsa"])))
 
 
+def test_signing_a_large_message_takes_little_memory(keys):
+    import tracemalloc
+
+    envelope = Envelope("alice@example.org", spool_threshold=65536)
+    _open.append(envelope)
+    envelope.write(MESSAGE.split(b"\r\n\r\n")[0] + b"\r\n\r\n")
+    line = b"0123456789 abcdefghij\tABCDEFGHIJ  klmnopqrst uvwxyz " * 20 + b"\r\n"
+    chunk = line * (65536 // len(line))
+    for _ in range((24 << 20) // len(chunk)):  # 24 MB
+        envelope.write(chunk)
+    assert envelope.spooled and envelope.size > 24_000_000
+    signer = configured(domains=one(keys)).signer
+    assert signer is not None
+    tracemalloc.start()
+    try:
+        outcome = signer.sign(envelope.header_bytes, envelope.open_body())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(outcome.fields) == 1
+    assert peak < 4 << 20, f"peak {peak} octets"
+    envelope.prepend_raw(outcome.fields[0])
+    assert verify(envelope.content, dns_for(("s1", "example.org", keys["rsa"])))
+
+
 def test_a_header_section_too_large_is_not_signed(keys, caplog, monkeypatch):
     monkeypatch.setattr(signer_module, "MAX_HEADER_SECTION", 2048)
     body = b"From: alice@example.org\r\n" + b"X-Filler: " + b"x" * 3000 + b"\r\n\r\nHi\r\n"
@@ -666,6 +692,7 @@ BAD_CONFIGS: list[tuple[Callable[[dict[str, Path], Path], dict], str]] = [
     (lambda k, t: {"domains": one(k, "encrypted")}, r"encrypted\.pem: the key is encrypted"),
     (lambda k, t: {"domains": one(k, "public")}, r"public\.pem: no private key in the file"),
     (lambda k, t: {"domains": one(k, "garbage")}, r"garbage\.pem: not a private key"),
+    (lambda k, t: {"domains": one(k, "openssh")}, r"openssh\.pem: an OpenSSH key; DKIM needs"),
     (lambda k, t: {"domains": one(k, "rsa_512")}, r"rsa_512\.pem: the RSA key has 512 bits"),
     (lambda k, t: {"domains": one(k, selector="s_1")}, r"selector: 's_1' is not a valid"),
     (lambda k, t: {"domains": one(k, selector="-s")}, r"selector: '-s' is not a valid"),
@@ -688,6 +715,7 @@ BAD_CONFIGS: list[tuple[Callable[[dict[str, Path], Path], dict], str]] = [
         r"identity: alice@example\.com is not in example\.org",
     ),
     (lambda k, t: {"domains": one(k, identity="alice")}, r"identity: 'alice' is not an identity"),
+    (lambda k, t: {"domains": one(k, identity="a=b@example.org")}, r"unusable local part"),
     (lambda k, t: {"domains": one(k, subdomains="yes")}, r"subdomains: expected true or false"),
     (
         lambda k, t: {"domains": {"[192.0.2.1]": {"selector": "s1", "key": str(k["rsa"])}}},
