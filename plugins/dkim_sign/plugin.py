@@ -1,0 +1,372 @@
+"""Outbound DKIM signing (RFC 6376) with dkimpy, by the author's domain.
+
+The plugin signs in :func:`~bonzo.hookspecs.bonzo_message`, after the
+content filters listed before it and before any delivery plugin takes the
+message, and adds the ``DKIM-Signature:`` field(s) in front of the message
+with :meth:`Envelope.prepend_raw() <bonzo.session.Envelope.prepend_raw>`.
+All the work (reading a spooled message, hashing, RSA) runs in a thread of
+the loop's default executor, so the event loop never waits for it.
+
+See ``README.rst`` in this directory for the configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from bonzo.errors import TransientError
+from bonzo.hookspecs import hookimpl
+from bonzo.session import Envelope, Session
+
+from .._config import (
+    IPNetwork,
+    as_table,
+    check_keys,
+    config_domain,
+    describe,
+    get_bool,
+    get_str,
+    get_str_list,
+    in_networks,
+    parse_network,
+    resolve_path,
+)
+from .keys import GOOD_RSA_BITS, KeyFileError, load_key, zone_line
+from .signer import MessageSigner, Outcome, Signer
+
+__all__ = ["DkimSignPlugin", "DEFAULT_HEADERS", "DEFAULT_OVERSIGN", "NEVER_SIGNED"]
+
+log = logging.getLogger("bonzo.plugins.dkim_sign")
+
+KEYS = (
+    "domains",
+    "sign",
+    "networks",
+    "headers",
+    "oversign",
+    "canonicalization",
+    "expire",
+    "on_error",
+)
+DOMAIN_KEYS = ("selector", "key", "identity", "subdomains")
+
+#: Signed when present (RFC 6376 5.4.1's list, with Message-ID and the MIME
+#: fields): what a reader sees and what makes the message what it is.
+DEFAULT_HEADERS = (
+    "From",
+    "Reply-To",
+    "Subject",
+    "Date",
+    "To",
+    "Cc",
+    "Message-ID",
+    "In-Reply-To",
+    "References",
+    "MIME-Version",
+    "Content-Type",
+    "Content-Transfer-Encoding",
+    "Content-Disposition",
+    "Sender",
+    "Resent-Date",
+    "Resent-From",
+    "Resent-Sender",
+    "Resent-To",
+    "Resent-Cc",
+    "Resent-Message-ID",
+    "List-Id",
+    "List-Help",
+    "List-Unsubscribe",
+    "List-Unsubscribe-Post",
+    "List-Subscribe",
+    "List-Post",
+    "List-Owner",
+    "List-Archive",
+)
+#: Signed once more than present, so that an instance added in transit
+#: breaks the signature (RFC 6376 8.15): the fields a reader is shown, each
+#: allowed once by RFC 5322 3.6. A second ``From:`` or ``Subject:`` added
+#: below a signed one would otherwise be shown by some readers while the
+#: signature still verified.
+DEFAULT_OVERSIGN = ("From", "Reply-To", "Subject", "Date", "To", "Cc", "Message-ID")
+#: Fields never signed: trace fields change on the way (RFC 6376 5.4), a
+#: ``Bcc:`` is removed, and one signature never covers another.
+NEVER_SIGNED = (
+    "received",
+    "return-path",
+    "dkim-signature",
+    "bcc",
+    "resent-bcc",
+    "arc-seal",
+    "arc-message-signature",
+    "arc-authentication-results",
+)
+CANONICALIZATIONS = ("relaxed/relaxed", "relaxed/simple", "simple/simple", "simple/relaxed")
+SIGN_MODES = ("authenticated", "all")
+ON_ERROR = ("defer", "unsigned")
+#: A signature's lifetime is at most this (ten years), to catch a typo.
+MAX_EXPIRE = 10 * 365 * 86400
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_SELECTOR = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")
+#: The local part of ``i=``: dot-atom text (RFC 5322 3.2.3) but ``=``, which
+#: would start an escape in the tag's dkim-quoted-printable (RFC 6376 3.5).
+_IDENTITY_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/?^_`{|}~.-]{0,64}")
+
+
+def _header_names(table: Mapping[str, Any], key: str, default: tuple[str, ...]) -> list[str]:
+    names = get_str_list(table, key) if key in table else list(default)
+    seen: set[str] = set()
+    out = []
+    for name in names:
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(
+                f"{key}: {describe(name)} is not a header field name (printable ASCII "
+                "without ':' or spaces, at most 76 characters)"
+            )
+        lower = name.lower()
+        if lower in NEVER_SIGNED:
+            raise ValueError(
+                f"{key}: {name} must not be signed (trace fields change in transit, "
+                "Bcc: is removed, and one signature does not cover another)"
+            )
+        if lower not in seen:
+            seen.add(lower)
+            out.append(name)
+    return out
+
+
+def _domain_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"domains: {describe(name)} is not a domain name")
+    try:
+        domain = config_domain(name)
+    except ValueError as exc:
+        raise ValueError(f'domains."{name}": not a valid domain name: {exc}') from None
+    if domain.startswith("[") or not all(re.fullmatch(_LABEL, x) for x in domain.split(".")):
+        raise ValueError(f'domains."{name}": not a host name a DKIM key can be published under')
+    return domain
+
+
+def _selector(value: Any, where: str, domain: str) -> str:
+    where = f"{where}.selector" if where else "selector"
+    if not isinstance(value, str) or not value:
+        raise ValueError(f'{where}: required, a DNS label such as "s1"')
+    if not _SELECTOR.fullmatch(value) or len(f"{value}._domainkey.{domain}") > 253:
+        raise ValueError(
+            f"{where}: {describe(value)} is not a valid selector (DNS labels of "
+            "letters, digits and hyphens, separated by dots)"
+        )
+    return value.lower()
+
+
+def _identity(value: Any, where: str, domain: str) -> str:
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str) or "@" not in value:
+        raise ValueError(
+            f"{where}.identity: {describe(value)} is not an identity such as "
+            f'"@{domain}" or "user@{domain}"'
+        )
+    local, _, host = value.rpartition("@")
+    if not _IDENTITY_LOCAL.fullmatch(local):
+        raise ValueError(f"{where}.identity: {describe(value)}: unusable local part")
+    try:
+        host = config_domain(host)
+    except ValueError:
+        raise ValueError(f"{where}.identity: {describe(value)}: invalid domain") from None
+    if host != domain and not host.endswith("." + domain):
+        # RFC 6376 3.5: i= is in d= or one of its subdomains.
+        raise ValueError(f"{where}.identity: {value} is not in {domain} or one of its subdomains")
+    return f"{local}@{host}"
+
+
+def _load(value: Any, where: str, app: Any) -> Any:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}.key: required, the path of the private key file")
+    path = resolve_path(value, app)
+    try:
+        key = load_key(path)
+    except KeyFileError as exc:
+        raise ValueError(f"{where}.key: {exc}") from None
+    if key.algorithm.startswith("rsa") and key.bits < GOOD_RSA_BITS:
+        log.warning(
+            "dkim_sign: %s: %s is a %d-bit RSA key; %d bits is the usual size (RFC 8301)",
+            where,
+            path,
+            key.bits,
+            GOOD_RSA_BITS,
+        )
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # pragma: no cover - it was just read
+        mode = 0
+    if mode & 0o077:
+        log.warning(
+            "dkim_sign: %s: the key file %s can be read by others than its owner (chmod 600 it)",
+            where,
+            path,
+        )
+    return key
+
+
+def _signatures(name: str, entry: Any, app: Any) -> tuple[str, bool, list[Signer]]:
+    domain = _domain_name(name)
+    where = f'domains."{name}"'
+    entries = entry if isinstance(entry, list) else [entry]
+    if not entries:
+        raise ValueError(f"{where}: an empty list (give a selector and a key)")
+    subdomains: bool | None = None
+    signers = []
+    for i, item in enumerate(entries):
+        at = f"{where}[{i}]" if isinstance(entry, list) else where
+        if not isinstance(item, Mapping):
+            raise ValueError(f"{at}: expected a table with selector and key, got {describe(item)}")
+        check_keys(item, DOMAIN_KEYS, at)
+        sub = get_bool(item, "subdomains", False) if "subdomains" in item else None
+        if sub is not None:
+            if subdomains is not None and sub != subdomains:
+                raise ValueError(f"{at}.subdomains: differs from the domain's other signatures")
+            subdomains = sub
+        selector = _selector(item.get("selector"), at, domain)
+        key = _load(item.get("key"), at, app)
+        identity = _identity(item.get("identity"), at, domain)
+        signers.append(Signer(domain, selector, key, identity))
+    selectors = [s.selector for s in signers]
+    if len(set(selectors)) != len(selectors):
+        raise ValueError(f"{where}: the same selector twice")
+    return domain, bool(subdomains), signers
+
+
+class DkimSignPlugin:
+    """Adds DKIM signatures to the messages of the configured domains."""
+
+    def __init__(self) -> None:
+        self.signer: MessageSigner | None = None
+        self.sign_all = False
+        self.networks: list[IPNetwork] = []
+        self.defer = True
+
+    # ---------------------------------------------------------------- config
+    @hookimpl
+    def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
+        """Validate ``[plugins.dkim_sign]`` and load every key."""
+        table = as_table(config)
+        check_keys(table, KEYS)
+        domains_table = table.get("domains", {})
+        if not isinstance(domains_table, Mapping):
+            raise ValueError(f"domains: expected a table of domains, got {describe(domains_table)}")
+        domains: dict[str, tuple[bool, list[Signer]]] = {}
+        for name, entry in domains_table.items():
+            domain, subdomains, signers = _signatures(name, entry, app)
+            if domain in domains:
+                raise ValueError(f'domains."{name}": the same domain as another entry')
+            domains[domain] = (subdomains, signers)
+        sign = get_str(table, "sign", "authenticated")
+        if sign not in SIGN_MODES:
+            raise ValueError(f"sign: expected one of {', '.join(SIGN_MODES)}, got {describe(sign)}")
+        networks = [parse_network(n, "networks") for n in get_str_list(table, "networks")]
+        headers = _header_names(table, "headers", DEFAULT_HEADERS)
+        oversign = _header_names(table, "oversign", DEFAULT_OVERSIGN)
+        if "from" not in {h.lower() for h in headers + oversign}:
+            raise ValueError("headers: From must be signed (RFC 6376 5.4)")
+        canonicalization = get_str(table, "canonicalization", "relaxed/relaxed").lower()
+        if canonicalization not in CANONICALIZATIONS:
+            raise ValueError(
+                f"canonicalization: expected one of {', '.join(CANONICALIZATIONS)} "
+                f"(header/body), got {describe(canonicalization)}"
+            )
+        expire = table.get("expire", 0)
+        if isinstance(expire, bool) or not isinstance(expire, int):
+            raise ValueError(f"expire: expected a number of seconds, got {describe(expire)}")
+        if not 0 <= expire <= MAX_EXPIRE:
+            raise ValueError(f"expire: must be 0 (no expiry) to {MAX_EXPIRE} seconds")
+        on_error = get_str(table, "on_error", "defer")
+        if on_error not in ON_ERROR:
+            raise ValueError(
+                f"on_error: expected one of {', '.join(ON_ERROR)}, got {describe(on_error)}"
+            )
+        self.signer = MessageSigner(domains, headers, oversign, canonicalization, expire)
+        self.sign_all = sign == "all"
+        self.networks = networks
+        self.defer = on_error == "defer"
+
+    @hookimpl
+    def bonzo_startup(self) -> None:
+        """Log each signing key and the DNS record that publishes it."""
+        signer = self.signer
+        if signer is None or not signer.domains:
+            log.warning("dkim_sign: no domains configured: nothing will be signed")
+            return
+        for domain, (subdomains, signers) in signer.domains.items():
+            for s in signers:
+                log.info(
+                    "dkim_sign: %s%s: selector %s, %s (%d bits) from %s; DNS: %s",
+                    domain,
+                    " and subdomains" if subdomains else "",
+                    s.selector,
+                    s.key.algorithm,
+                    s.key.bits,
+                    s.key.path,
+                    zone_line(s.key, s.selector, domain),
+                )
+
+    # -------------------------------------------------------------- messages
+    def applies(self, session: Session) -> bool:
+        """Whether messages of ``session`` are signed at all: every session
+        with ``sign = "all"``; else authenticated ones and those from
+        ``networks``."""
+        if self.sign_all or session.auth is not None:
+            return True
+        return bool(self.networks) and in_networks(session.remote_ip, self.networks)
+
+    def _sign(self, envelope: Envelope) -> Outcome:
+        assert self.signer is not None
+        return self.signer.sign(envelope.header_bytes, envelope.open_body())
+
+    @hookimpl
+    async def bonzo_message(self, session: Session, envelope: Envelope) -> None:
+        """Sign the message if its author's domain has a key; no verdict, so
+        later filters still run (they must not change the message)."""
+        if self.signer is None or not self.signer.domains or not self.applies(session):
+            return None
+        loop = asyncio.get_running_loop()
+        try:
+            outcome = await loop.run_in_executor(None, self._sign, envelope)
+        except Exception:
+            log.error(
+                "dkim_sign: message %s (session %s): signing failed; %s",
+                envelope.id,
+                session.id,
+                "deferred (on_error = defer)" if self.defer else "passed on unsigned",
+                exc_info=True,
+            )
+            if self.defer:
+                raise TransientError(
+                    "Local error: the message could not be signed, try again later",
+                    451,
+                    "4.3.0",
+                ) from None
+            return None
+        if outcome.reason:
+            log.info("dkim_sign: message %s not signed: %s", envelope.id, outcome.reason)
+            return None
+        if not outcome.fields:
+            log.debug("dkim_sign: message %s: no key for %s", envelope.id, outcome.author)
+            return None
+        for field in outcome.fields:
+            envelope.prepend_raw(field)
+        for s in outcome.signed:
+            log.info(
+                "dkim_sign: message %s signed: d=%s s=%s a=%s",
+                envelope.id,
+                s.domain,
+                s.selector,
+                s.key.algorithm,
+            )
+        return None
