@@ -1,0 +1,130 @@
+"""The queue plugin delivering to real downstreams: a private Postfix (one
+recipient accepted, one tempfailed, one refused at RCPT through an access
+map) by the ``smarthost`` route, and Dovecot's LMTP server (stored bytes,
+an over-quota user deferred after DATA, an unknown user bounced) by the
+``lmtp`` route, over TCP and its Unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bonzo_plugins.queue.routes import RouteTable
+from bonzo_plugins.queue.runner import Runner, RunnerSettings
+from bonzo_plugins.queue.spool import GroupSync, Spool
+
+from .dovecot import HOST, Dovecot, available, dovecot_lmtp
+from .peers import unavailable, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+SENDER = "alice@example.org"
+
+
+class App:
+    def __init__(self, base: Path) -> None:
+        self.base_dir = base
+        self.dns = None
+
+        class _Settings:
+            hostname = "relay.test"
+
+        self.settings = _Settings()
+
+
+def runner_for(tmp_path: Path, route: dict[str, Any]) -> tuple[Spool, Runner]:
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    routes = RouteTable({"*": route}, {}, App(tmp_path))
+    routes.start()
+    runner = Runner(
+        spool, GroupSync(spool.data), routes, None, RunnerSettings(hostname="relay.test")
+    )
+    return spool, runner
+
+
+def queue(spool: Spool, id: str, body: bytes, *rcpts: str) -> None:
+    recipients = [
+        {"address": r, "canonical": r, "domain": r.partition("@")[2], "params": {}} for r in rcpts
+    ]
+    envelope = {"arrival": time.time(), "sender": SENDER, "recipients": recipients}
+    spool.write(id, envelope, b"", io.BytesIO(body))
+
+
+async def attempt(runner: Runner, id: str) -> None:
+    await runner.attempt(id)
+    await runner.routes.close()
+
+
+def message(subject: str, lines: int = 3) -> bytes:
+    head = f"From: {SENDER}\r\nTo: users@example.net\r\nSubject: {subject}\r\n\r\n"
+    return head.encode() + b"A line of text that fills the message up.\r\n" * lines + b".dot\r\n"
+
+
+def test_smarthost_to_postfix(tmp_path, postfix):
+    downstream = postfix(
+        accept_domains=["mx.test"],
+        recipient_access={"busy@mx.test": "450 4.2.1 Busy", "gone@mx.test": "550 5.1.1 Gone"},
+    )
+    spool, runner = runner_for(
+        tmp_path, {"type": "smarthost", "host": "127.0.0.1", "port": downstream.port}
+    )
+    queue(spool, "P1", message("to postfix"), "ok@mx.test", "busy@mx.test", "gone@mx.test")
+    asyncio.run(attempt(runner, "P1"))
+    states = {r.address: (r.status, r.reply) for r in spool.load("P1").recipients}
+    assert states["ok@mx.test"][0] == "delivered"
+    assert states["busy@mx.test"] == (
+        "deferred",
+        "450 4.2.1 <busy@mx.test>: Recipient address rejected: Busy",
+    )
+    assert states["gone@mx.test"][0] == "bounced"
+    # Postfix took the message for ok@mx.test (and discarded it, as configured).
+    assert wait_until(
+        lambda: [d for d in downstream.deliveries() if d.recipient == "ok@mx.test"],
+        what="Postfix's delivery of ok@mx.test",
+    )
+    [report] = [m for m in spool.iter_messages() if m.sender == ""]
+    text = report.read()
+    assert b"Final-Recipient: rfc822; gone@mx.test" in text
+    assert b"Diagnostic-Code: smtp; 550 5.1.1 <gone@mx.test>: Recipient address rejected: Gone" in (
+        text
+    )
+
+
+@pytest.fixture(scope="module")
+def dovecot() -> Iterator[Dovecot]:
+    if not available():
+        unavailable("dovecot-lmtpd is not installed (.ci/run installs it)")
+    with dovecot_lmtp() as instance:
+        yield instance
+
+
+def stored(dovecot: Dovecot, user: str, subject: str) -> list[bytes]:
+    return [m for m in dovecot.messages(user) if f"Subject: {subject}\r\n".encode() in m]
+
+
+@pytest.mark.parametrize("over", ["inet", "unix"])
+def test_lmtp_route_to_dovecot(tmp_path, dovecot, over):
+    route: dict[str, Any] = {"type": "lmtp"}
+    if over == "inet":
+        route.update(host=HOST, port=dovecot.port)
+    else:
+        route["path"] = dovecot.socket_path
+    spool, runner = runner_for(tmp_path, route)
+    subject = f"queued over {over}"
+    body = message(subject, lines=60)  # more than bob's 1 KB quota
+    queue(spool, "V1", body, "alice@example.net", "bob@example.net", "nobody@example.net")
+    asyncio.run(attempt(runner, "V1"))
+    states = {r.address: (r.status, r.reply) for r in spool.load("V1").recipients}
+    assert states["alice@example.net"][0] == "delivered"
+    status, reply = states["bob@example.net"]
+    assert status == "deferred" and reply.startswith("452 4.2.2"), reply  # over quota
+    assert states["nobody@example.net"][0] == "bounced"
+    [copy] = stored(dovecot, "alice", subject)
+    assert copy.endswith(body)  # Dovecot adds its trace headers in front
+    assert stored(dovecot, "bob", subject) == []
