@@ -235,3 +235,46 @@ def test_bad_queue_configuration_stops_the_daemon_with_one_line(tmp_path):
         .splitlines()[-1]
         .endswith("min_backoff: expected a duration such as 300 or '5m', got 'soon'")
     )
+
+
+def test_relay_by_mx_with_a_report_delivered_to_the_sender(tmp_path, dns_stub, start_server):
+    """The whole delivery side in the daemon: the message goes by MX (found
+    through a DNS server on 127.0.0.1) to a downstream that takes one
+    recipient and refuses the other for good; the sender, a local user,
+    finds the failure report in their maildir."""
+    from e2e_support import RecordingPlugin
+
+    from bonzo import errors
+
+    class Downstream(RecordingPlugin):
+        def bonzo_rcpt(self, address):  # type: ignore[no-untyped-def]
+            if address.startswith("gone@"):
+                raise errors.PermanentError("No such user", 550, "5.1.1")
+            return super().bonzo_rcpt()
+
+    downstream = start_server(plugin=Downstream(), hostname="mx.dest.test")
+    dns_stub.add("dest.test", "MX", "10 mx.dest.test.")
+    dns_stub.add("mx.dest.test", "A", "127.0.0.1")
+    config, port = write_config(tmp_path)
+    text = config.read_text().replace(
+        'domains = ["example.org", "example.net"]', 'domains = ["example.org", "dest.test"]'
+    )
+    text += f'"*" = {{ type = "mx", port = {downstream.port} }}\n'
+    text += f'\n[dns]\nnameservers = ["{dns_stub.nameserver}"]\ntimeout = 2\n'
+    config.write_text(text)
+    with daemons(tmp_path, daemon_env()) as start:
+        daemon = start(config, port)
+        daemon.wait_ready()
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=5) as c:
+            c.sendmail("alice@example.org", ["bob@dest.test", "gone@dest.test"], message(42))
+        alice = tmp_path / "mail" / "example.org" / "alice" / "new"
+        wait_until(lambda: alice.is_dir() and any(alice.iterdir()), what="the report")
+        [report] = alice.iterdir()
+        text = report.read_text()
+        assert "Final-Recipient: rfc822; gone@dest.test" in text
+        assert "Diagnostic-Code: smtp; 550 5.1.1 No such user" in text
+        assert "X-Number: 42" in text  # the original comes back with it
+        assert daemon.stop() == 0
+    assert [m.rcpt_tos for m in downstream.plugin.messages] == [["bob@dest.test"]]
+    assert ("mx.dest.test", "A", "udp") in dns_stub.queries
+    assert list((tmp_path / "queue" / "data").iterdir()) == []
