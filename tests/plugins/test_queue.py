@@ -31,6 +31,7 @@ from bonzo_plugins.queue.runner import Runner, RunnerSettings, backoff
 from bonzo_plugins.queue.spool import GroupSync, Recipient, Spool, SpoolError
 
 from bonzo import Accept, hookimpl
+from bonzo.config import parse_config
 from bonzo.hooks import PluginSet
 from bonzo.testing import SessionTester
 
@@ -718,3 +719,33 @@ def test_a_delivery_that_takes_too_long_is_deferred(tmp_path):
     asyncio.run(runner.attempt("Z1"))
     recipient = spool.load("Z1").recipients[0]
     assert (recipient.status, recipient.reply) == ("deferred", "451 4.4.2 Delivery timed out")
+
+
+def test_the_example_configuration_shows_every_key_and_configures(tmp_path, monkeypatch):
+    """bonzo.toml.example's queue block names every key of the plugin and of
+    each route type, and, uncommented, is a configuration the plugin takes."""
+    import re
+
+    from bonzo_plugins.queue.plugin import KEYS
+    from bonzo_plugins.queue.transports import LMTPTransport, MXTransport, SmarthostTransport
+
+    example = (Path(__file__).parents[2] / "bonzo.toml.example").read_text("utf-8")
+    start = example.index("# [plugins.queue]")
+    end = example.find("\n\n", start)
+    block = example[start : end if end >= 0 else None]
+    shown = set(re.findall(r"^# (\w+) = ", block, re.M))
+    shown |= set(re.findall(r"[{,] (\w+) = ", block))  # keys inside inline tables
+    every = set(KEYS) - {"routes", "transports"}
+    for transport in (SmarthostTransport, LMTPTransport, MXTransport):
+        every |= set(transport.KEYS)
+    every |= {"per_recipient"}  # the maildir route's own key
+    assert every - shown == set()
+    text = "\n".join(line[2:] for line in block.splitlines() if line.startswith("# "))
+    monkeypatch.setenv("RELAY_PASSWORD", "s3cret")
+    config = parse_config('[plugins]\nenabled = ["queue"]\n' + text, "example", tmp_path)
+    table = config.plugins.tables["queue"]
+    assert table["transports"]["relay"]["password"] == "s3cret"
+    plugin = QueuePlugin()
+    plugin.bonzo_configure(table, App(tmp_path))
+    assert plugin.routes is not None and len(plugin.routes.transports) == 4
+    assert plugin.settings.lifetime == 5 * 86400
