@@ -107,13 +107,19 @@ def _recipients(recipients: Sequence[Recipient]) -> list[client.Recipient]:
     return [client.Recipient.from_params(r.address, r.params) for r in recipients]
 
 
-def _settings(table: Mapping[str, Any], app: Any, where: str, **extra: Any) -> ClientSettings:
+def _settings(
+    table: Mapping[str, Any], app: Any, where: str, loops: bool = False, **extra: Any
+) -> ClientSettings:
+    hostname = getattr(getattr(app, "settings", None), "hostname", None)
     helo = table.get("helo_name")
     if helo is None:
-        helo = getattr(getattr(app, "settings", None), "hostname", None)
+        helo = hostname
     options: dict[str, Any] = dict(extra)
     if helo:
         options["helo_name"] = helo
+    if loops:
+        # An SMTP server that greets with our name is us: a loop, not a delivery.
+        options["own_names"] = tuple({n for n in (hostname, helo) if isinstance(n, str) and n})
     for key in ("source_address", "username", "password", "tls_name"):
         if key in table:
             value = table[key]
@@ -214,7 +220,7 @@ class SmarthostTransport(_Pooled):
         self.port = _port(table, where, 465 if implicit is True else 25)
         if table.get("username") is not None and table.get("password") is None:
             raise ValueError(f"{where}.password: required with username")
-        super().__init__(_settings(table, app, where), _idle(table, where))
+        super().__init__(_settings(table, app, where, loops=True), _idle(table, where))
 
     def destination(self, recipient: Recipient) -> str:
         return f"{self.host}:{self.port}"
@@ -292,7 +298,7 @@ class MXTransport(_Pooled):
         check_keys(table, self.KEYS, where)
         self.resolver = getattr(app, "dns", None)
         self.port = _port(table, where, 25)
-        base = _settings(table, app, where)
+        base = _settings(table, app, where, loops=True)
         policies = table.get("tls_policies", {})
         if not isinstance(policies, Mapping):
             raise ValueError(f"{where}.tls_policies: expected a table of domain = policy")
