@@ -138,7 +138,9 @@ class QueuePlugin:
                 f"({settings.min_backoff:g}s)"
             )
         self.max_hops = _positive_int(table, "max_hops", 100)
-        routes = table.get("routes", {})
+        # Without a routes table, everything goes out by MX, as an MTA's
+        # default transport does (and defers, saying so, until [dns] is set).
+        routes = table.get("routes", {"*": {"type": "mx"}})
         self.routes = RouteTable(routes, table.get("transports", {}), app)
         self.spool = Spool(path, _mode(table.get("mode", 0o600)))
         self.settings = settings

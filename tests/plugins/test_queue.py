@@ -519,6 +519,17 @@ def test_maildir_route_delivers_each_mailbox(tmp_path):
 
 
 @pytest.mark.expect_errors
+def test_without_a_routes_table_everything_goes_by_mx(tmp_path):
+    queue = QueuePlugin()
+    queue.bonzo_configure({"path": "q"}, App(tmp_path))
+    assert queue.routes is not None
+    [transport] = queue.routes.transports
+    assert transport.kind == "mx"
+    queue.bonzo_configure({"path": "q", "routes": {"x.test": {"type": "discard"}}}, App(tmp_path))
+    assert [t.kind for t in queue.routes.transports] == ["discard"]  # no implicit "*"
+
+
+@pytest.mark.expect_errors
 def test_no_route_defers_never_bounces(tmp_path, caplog):
     spool, runner, clock = make_runner(tmp_path, None)
     queued(spool, "X1", envelope())
