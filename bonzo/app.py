@@ -27,8 +27,8 @@ from typing import Any
 
 from .config import Config, ConfigError, ListenerConfig, load_config
 from .dns import Resolver
-from .hookspecs import DECISION_HOOKS
 from .hooks import PluginError, PluginSet
+from .hookspecs import DECISION_HOOKS
 from .server import ConnectionCount, SMTPServer
 from .settings import SettingError
 
