@@ -4,14 +4,19 @@ Postfix downstream is in ``tests/interop/test_forward_postfix.py``."""
 
 from __future__ import annotations
 
+import re
 import smtplib
 import socket
+import sys
+import textwrap
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from bonzo_plugins.forward import ForwardPlugin
+from bonzo_plugins.forward.plugin import KEYS
 from bonzo_plugins.recipients import RecipientsPlugin
 from daemon_support import free_port
 from e2e_support import RecordingPlugin
@@ -21,6 +26,11 @@ from bonzo.errors import PermanentError, TransientError
 from bonzo.hooks import PluginSet
 from bonzo.session import Envelope
 from bonzo.settings import ListenerSettings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -339,3 +349,29 @@ password = {{ "$env" = "FORWARD_SECRET" }}
     )
     with pytest.raises(ConfigError, match=r"must be the only delivery plugin.*queue"):
         MailApp(parse_config(both, "gw.toml", tmp_path))
+
+
+# ------------------------------------------------------------ documentation
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_readme_documents_every_key_and_its_example_configures():
+    text = (ROOT / "plugins" / "forward" / "README.rst").read_text("utf-8")
+    for key in KEYS:
+        assert re.search(rf"^``{key}``\n\s+\*", text, re.M), f"{key} undocumented"
+    blocks = re.findall(r"^\.\. code-block:: toml\n\n((?:    .*\n|\n)+)", text, re.M)
+    assert blocks
+    for block in blocks:
+        table = tomllib.loads(textwrap.dedent(block))["plugins"]["forward"]
+        ForwardPlugin().bonzo_configure(table, app())
+
+
+def test_the_example_configuration_shows_every_key():
+    text = (ROOT / "bonzo.toml.example").read_text("utf-8")
+    start = text.index("# [plugins.forward]")
+    block = text[start : text.index("#\n", start)]
+    table = tomllib.loads("\n".join(line[2:] for line in block.splitlines()))
+    assert sorted(table["plugins"]["forward"]) == sorted(KEYS)
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))
+    entry = pyproject["project"]["entry-points"]["bonzo.plugins"]["forward"]
+    assert entry == "bonzo_plugins.forward:ForwardPlugin"
