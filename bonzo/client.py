@@ -1257,9 +1257,7 @@ class ClientConnection:
             if not self._alive:
                 return _local(451, "4.4.2", "the connection is closed")
             try:
-                reply = await self._checked(
-                    Stage.MAIL, b"RSET", self.settings.rset_timeout, (250,)
-                )
+                reply = await self._checked(Stage.MAIL, b"RSET", self.settings.rset_timeout, (250,))
             except _Broken as exc:
                 self._broken(exc)
                 return exc.reply
