@@ -24,6 +24,11 @@ A queue runner that sends several messages to one destination keeps the
 connection: :func:`connect` returns a :class:`ClientConnection` whose
 :meth:`~ClientConnection.send` may be called again (an ``RSET`` first, which
 also proves the connection still works) until :meth:`~ClientConnection.quit`.
+A relay that repeats its own client's commands as they arrive (the
+``forward`` plugin) uses the same connection step by step:
+:meth:`~ClientConnection.mail`, :meth:`~ClientConnection.rcpt`,
+:meth:`~ClientConnection.data`, :meth:`~ClientConnection.rset`, each
+returning the server's :class:`Reply`.
 
 How the two protocols are carried:
 
@@ -762,8 +767,11 @@ class ClientConnection:
     """An open SMTP or LMTP connection to one server, ready for messages.
 
     Made by :func:`connect`. :meth:`send` delivers one message and may be
-    called again for the next (one at a time); :meth:`quit` ends politely,
-    :meth:`close` at once. ``async with`` quits at the end.
+    called again for the next (one at a time); :meth:`mail`, :meth:`rcpt`,
+    :meth:`data` and :meth:`rset` do the same one command at a time, for a
+    relay that learns the envelope as its own client sends it;
+    :meth:`quit` ends politely, :meth:`close` at once. ``async with`` quits
+    at the end.
     """
 
     #: ``"SMTP"`` or ``"LMTP"``.

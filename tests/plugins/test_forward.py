@@ -214,6 +214,14 @@ def test_a_downstream_that_stalls_gives_451(start_server):
         listener.close()
 
 
+def test_a_tls_policy_not_met_gives_451(gateway, downstream):
+    front = gateway(tls="require")  # the downstream offers no STARTTLS
+    with connect(front) as client:
+        code, text = client.mail("alice@example.org")
+    assert (code, text) == (451, b"4.7.4 Downstream server unavailable, try again later")
+    assert downstream.plugin.senders == []
+
+
 # ------------------------------------------------------- connection lifetime
 def test_rset_resets_and_disconnect_quits_the_downstream(gateway, downstream):
     front = gateway()
