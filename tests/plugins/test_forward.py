@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import trustme
 from bonzo_plugins.forward import ForwardPlugin
 from bonzo_plugins.forward.plugin import KEYS
 from bonzo_plugins.recipients import RecipientsPlugin
@@ -26,6 +27,7 @@ from bonzo.errors import PermanentError, TransientError
 from bonzo.hooks import PluginSet
 from bonzo.session import Envelope
 from bonzo.settings import ListenerSettings
+from bonzo.tls import CertificatePair, make_server_context
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -220,6 +222,45 @@ def test_a_tls_policy_not_met_gives_451(gateway, downstream):
         code, text = client.mail("alice@example.org")
     assert (code, text) == (451, b"4.7.4 Downstream server unavailable, try again later")
     assert downstream.plugin.senders == []
+
+
+class Authenticating(Downstream):
+    def __init__(self) -> None:
+        super().__init__()
+        self.auth: list[Any] = []
+
+    def bonzo_auth(self, username: str, password: str) -> Any:
+        return Accept() if (username, password) == ("gw", "s3cret pass") else None
+
+    def bonzo_deliver(self, session: Any, envelope: Envelope) -> Any:
+        self.auth.append((session.auth, bool(session.tls)))
+        return super().bonzo_deliver(session, envelope)
+
+
+@pytest.mark.parametrize("password", ["s3cret pass", "wrong"])
+def test_starttls_and_auth_downstream(start_server, password):
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    with leaf.cert_chain_pems[0].tempfile() as cert, leaf.private_key_pem.tempfile() as key:
+        context = make_server_context(CertificatePair(cert, key))
+    plugin = Authenticating()
+    down = start_server(
+        plugin=plugin, listener=ListenerSettings(tls_context=context), auth_failure_delay=0
+    )
+    plugins = PluginSet(timeout=20.0)
+    table = {"tls": "require", "username": "gw", "password": password}
+    plugins.register(forward(down.port, **table), "forward")
+    front = start_server(plugins=plugins, hostname="gw.test")
+    with connect(front) as client:
+        if password == "wrong":
+            # The downstream's 535 concerns the gateway, not the message: retry.
+            assert client.mail("alice@example.org") == (
+                451,
+                b"4.4.1 Downstream server unavailable, try again later",
+            )
+            return
+        assert client.sendmail("alice@example.org", ["bob@dest.test"], MESSAGE) == {}
+    assert plugin.auth == [("gw", True)]
 
 
 # ------------------------------------------------------- connection lifetime
