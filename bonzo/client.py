@@ -372,6 +372,12 @@ class ClientSettings:
     """Send credentials over a connection that is not encrypted (off by
     default: the client defers rather than expose a password)."""
 
+    own_names: tuple[str, ...] = ()
+    """This server's own names. An SMTP server whose greeting or ``EHLO``
+    reply names itself with one of them is this server: the mail would loop
+    (an MX record pointing back here), so :func:`connect` fails with
+    ``451 4.4.6`` (as Postfix's "loops back to myself"), a local reply."""
+
     connect_timeout: float = 30.0
     """Time to open the connection (Postfix's ``smtp_connect_timeout``)."""
     greeting_timeout: float = 300.0
@@ -429,6 +435,8 @@ class ClientSettings:
                     raise ValueError(
                         f"{f.name} must be a positive number of seconds, not {value!r}"
                     )
+        if not isinstance(self.own_names, tuple) or not all(map(_is_word, self.own_names)):
+            raise ValueError(f"own_names must be a tuple of host names, not {self.own_names!r}")
         for name, minimum in (("max_reply_line", 512), ("max_reply_lines", 1), ("chunk_size", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -1394,6 +1402,7 @@ class SMTPConnection(ClientConnection):
         assert smtp.protocol is not None
         self._flow = _FlowControl(smtp.protocol)
         self.greeting = _reply(response.code, response.message.split("\n"))
+        self._check_loop(self.greeting)
         if settings.implicit_tls:
             self.tls = True
             self.tls_verified = settings.tls_policy == "verify"
@@ -1402,6 +1411,15 @@ class SMTPConnection(ClientConnection):
             await self._starttls(tls_name)
         if settings.username is not None:
             await self._auth()
+
+    def _check_loop(self, reply: Reply) -> None:
+        names = self.settings.own_names
+        first = reply.text.split("\n", 1)[0].split(" ", 1)[0].rstrip(".").lower()
+        if names and first in {n.rstrip(".").lower() for n in names}:
+            raise _Broken(
+                Stage.GREETING,
+                _local(451, "4.4.6", f"{self.server} is this server ({first}): mail loops back"),
+            )
 
     async def _hello(self) -> None:
         """EHLO, and HELO if the server refuses EHLO with a 5xx."""
@@ -1412,6 +1430,7 @@ class SMTPConnection(ClientConnection):
         response = await self._execute(Stage.EHLO, b"EHLO " + name, timeout)
         reply = self._checked_reply(Stage.EHLO, response, (250,))
         if reply.code == 250:
+            self._check_loop(reply)
             self.extensions = _parse_extensions(reply)
             # aiosmtplib's starttls() needs to know what EHLO said.
             smtp.last_ehlo_response = response
@@ -1422,6 +1441,7 @@ class SMTPConnection(ClientConnection):
         reply = self._checked_reply(Stage.EHLO, response, (250,))
         if reply.code != 250:
             raise _Broken(Stage.EHLO, reply)
+        self._check_loop(reply)
         self.extensions = {}
         smtp.last_helo_response = response
 
@@ -1763,6 +1783,7 @@ async def connect(
             continue
         except _Broken as exc:
             smtp._broken(exc)
+            await asyncio.sleep(0)  # the aborted transport closes its socket in the next turn
             raise ClientError(exc.stage, exc.reply) from None
         except BaseException:
             smtp.close()

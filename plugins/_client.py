@@ -23,21 +23,26 @@ def _key(where: str, key: str) -> str:
 
 
 def client_settings(
-    table: Mapping[str, Any], app: Any, where: str = "", **extra: Any
+    table: Mapping[str, Any], app: Any, where: str = "", loops: bool = False, **extra: Any
 ) -> ClientSettings:
     """The :class:`~bonzo.client.ClientSettings` of a table's keys:
     ``helo_name`` (default: the server's ``hostname``), ``source_address``,
     ``username``, ``password`` (already resolved from ``$env``/``$file`` by
     the configuration loader), ``tls_name``, ``tls`` (the policy),
     ``implicit_tls``, ``auth_plaintext``, ``connect_timeout`` and
-    ``data_end_timeout``; ``extra`` are further settings. ``where`` prefixes
-    the key in error messages."""
+    ``data_end_timeout``; ``extra`` are further settings. With ``loops``, a
+    server that greets with this server's names is refused as a loop
+    (``own_names``). ``where`` prefixes the key in error messages."""
+    hostname = getattr(getattr(app, "settings", None), "hostname", None)
     helo = table.get("helo_name")
     if helo is None:
-        helo = getattr(getattr(app, "settings", None), "hostname", None)
+        helo = hostname
     options: dict[str, Any] = dict(extra)
     if helo:
         options["helo_name"] = helo
+    if loops:
+        # An SMTP server that greets with our name is us: a loop, not a delivery.
+        options["own_names"] = tuple({n for n in (hostname, helo) if isinstance(n, str) and n})
     for key in ("source_address", "username", "password", "tls_name"):
         if key in table:
             value = table[key]

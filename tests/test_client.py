@@ -404,6 +404,25 @@ def test_refused_connection_defers_everyone_at_connect():
     assert not result.recipients[0].reply.remote
 
 
+def test_a_server_that_greets_with_our_own_name_is_a_loop(start_server):
+    server = start_server(hostname="mx.example.org")
+
+    async def main() -> ClientError:
+        with pytest.raises(ClientError) as info:
+            await connect(HOST, server.port, settings=settings(own_names=("MX.example.org.",)))
+        # Another name: an ordinary connection.
+        conn = await connect(HOST, server.port, settings=settings(own_names=("other.example",)))
+        await conn.quit()
+        return info.value
+
+    error = run(main())
+    reply = error.reply
+    assert (reply.code, reply.enhanced_code, reply.remote) == (451, "4.4.6", False)
+    assert "loops back" in reply.text and not error.permanent
+    with pytest.raises(ValueError, match="own_names"):
+        ClientSettings(own_names=["a list"])  # type: ignore[arg-type]
+
+
 class socket_port:
     """A port on 127.0.0.1 that nothing listens on."""
 

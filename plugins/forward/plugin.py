@@ -186,7 +186,9 @@ class ForwardPlugin:
         self.check_rcpt = get_bool(table, "check_rcpt", True)
         self.port = get_port(table, "", 465 if implicit else 25)
         self.host = host.strip()
-        self.settings = client_settings(table, app, "", **timeouts)
+        # A downstream that is this server (a gateway forwarding to itself)
+        # is refused as a loop: 451 4.4.6, not a message going round.
+        self.settings = client_settings(table, app, "", loops=True, **timeouts)
         _only_delivery_plugin(app, self)
 
     # ------------------------------------------------------------- lifecycle

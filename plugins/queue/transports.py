@@ -179,7 +179,7 @@ class SmarthostTransport(_Pooled):
         self.port = _port(table, where, 465 if implicit is True else 25)
         if table.get("username") is not None and table.get("password") is None:
             raise ValueError(f"{where}.password: required with username")
-        super().__init__(_settings(table, app, where), _idle(table, where))
+        super().__init__(_settings(table, app, where, loops=True), _idle(table, where))
 
     def destination(self, recipient: Recipient) -> str:
         return f"{self.host}:{self.port}"
@@ -257,7 +257,7 @@ class MXTransport(_Pooled):
         check_keys(table, self.KEYS, where)
         self.resolver = getattr(app, "dns", None)
         self.port = _port(table, where, 25)
-        base = _settings(table, app, where)
+        base = _settings(table, app, where, loops=True)
         policies = table.get("tls_policies", {})
         if not isinstance(policies, Mapping):
             raise ValueError(f"{where}.tls_policies: expected a table of domain = policy")

@@ -5,6 +5,8 @@
   :class:`~interop.exim.Exim`) and returns it; every instance a test started
   is stopped after it. A peer that cannot run here skips the test, or fails
   it when ``BONZO_INTEROP_REQUIRED=1`` (as in CI).
+* ``dovecot``: a private Dovecot LMTP server (:mod:`interop.dovecot`), one per
+  test module.
 * ``socket_dir``: a directory for a Unix socket the peers can reach.
 * ``certificate``: a certificate for 127.0.0.1 from a throwaway CA, and
   ``tls_listener``: Bonzo listener settings that offer STARTTLS with it.
@@ -29,6 +31,7 @@ from bonzo.tls import CertificatePair, make_server_context
 
 from . import exim as exim_peer
 from . import postfix as postfix_peer
+from .dovecot import Dovecot, available, dovecot_lmtp
 from .peers import Peer, Route, unavailable
 
 PEERS = pytest.StashKey[list[Peer]]()
@@ -107,3 +110,11 @@ def tls_listener(certificate: CertificatePair) -> Callable[..., ListenerSettings
         return ListenerSettings(tls_context=make_server_context(certificate), **options)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def dovecot() -> Iterator[Dovecot]:
+    if not available():
+        unavailable("dovecot-lmtpd is not installed (.ci/run installs it)")
+    with dovecot_lmtp() as instance:
+        yield instance

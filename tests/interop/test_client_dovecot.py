@@ -6,27 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from bonzo.client import ClientSettings, DeliveryResult, connect, deliver
 
-from .dovecot import HOST, Dovecot, available, dovecot_lmtp
-from .peers import unavailable
+from .dovecot import HOST, Dovecot
 
 pytestmark = pytest.mark.timeout(120)
 
 SENDER = "sender@example.org"
-
-
-@pytest.fixture(scope="module")
-def dovecot() -> Iterator[Dovecot]:
-    if not available():
-        unavailable("dovecot-lmtpd is not installed (.ci/run installs it)")
-    with dovecot_lmtp() as instance:
-        yield instance
 
 
 def settings(**changes: Any) -> ClientSettings:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import io
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,8 @@ from bonzo_plugins.queue.routes import RouteTable
 from bonzo_plugins.queue.runner import Runner, RunnerSettings
 from bonzo_plugins.queue.spool import GroupSync, Spool
 
-from .dovecot import HOST, Dovecot, available, dovecot_lmtp
-from .peers import unavailable, wait_until
+from .dovecot import HOST, Dovecot
+from .peers import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -94,14 +93,6 @@ def test_smarthost_to_postfix(tmp_path, postfix):
     assert b"Diagnostic-Code: smtp; 550 5.1.1 <gone@mx.test>: Recipient address rejected: Gone" in (
         text
     )
-
-
-@pytest.fixture(scope="module")
-def dovecot() -> Iterator[Dovecot]:
-    if not available():
-        unavailable("dovecot-lmtpd is not installed (.ci/run installs it)")
-    with dovecot_lmtp() as instance:
-        yield instance
 
 
 def stored(dovecot: Dovecot, user: str, subject: str) -> list[bytes]:

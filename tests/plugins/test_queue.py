@@ -31,6 +31,7 @@ from bonzo_plugins.queue.runner import Runner, RunnerSettings, backoff
 from bonzo_plugins.queue.spool import GroupSync, Recipient, Spool, SpoolError
 
 from bonzo import Accept, hookimpl
+from bonzo.config import parse_config
 from bonzo.hooks import PluginSet
 from bonzo.testing import SessionTester
 
@@ -518,6 +519,17 @@ def test_maildir_route_delivers_each_mailbox(tmp_path):
 
 
 @pytest.mark.expect_errors
+def test_without_a_routes_table_everything_goes_by_mx(tmp_path):
+    queue = QueuePlugin()
+    queue.bonzo_configure({"path": "q"}, App(tmp_path))
+    assert queue.routes is not None
+    [transport] = queue.routes.transports
+    assert transport.kind == "mx"
+    queue.bonzo_configure({"path": "q", "routes": {"x.test": {"type": "discard"}}}, App(tmp_path))
+    assert [t.kind for t in queue.routes.transports] == ["discard"]  # no implicit "*"
+
+
+@pytest.mark.expect_errors
 def test_no_route_defers_never_bounces(tmp_path, caplog):
     spool, runner, clock = make_runner(tmp_path, None)
     queued(spool, "X1", envelope())
@@ -580,6 +592,44 @@ def test_accepted_means_on_disk_then_delivered(tmp_path):
     assert reply.startswith(b"250 2.0.0 Ok: queued as ")
     assert stored.endswith(BODY) and stored.startswith(b"Received: from c ([192.0.2.1])")
     assert left == []  # delivered (discarded) at once by this worker's runner
+
+
+def test_a_quarantined_message_goes_to_the_quarantine_transport_only(tmp_path):
+    from bonzo import Quarantine
+
+    table = {
+        "path": "q",
+        "routes": {"*": {"type": "maildir", "path": "mail"}},
+        "transports": {"review": {"type": "maildir", "path": "review"}},
+        "quarantine": "review",
+    }
+    plugins, queue = queue_session(tmp_path, table)
+
+    class Suspect:
+        @hookimpl
+        def bonzo_message(self):
+            return Quarantine("score 9.5")
+
+    plugins.register(Suspect(), "suspect")  # bonzo_message: before any delivery anyway
+
+    async def main() -> bytes:
+        await queue.bonzo_startup(App(tmp_path, plugins))
+        reply = await send(SessionTester(plugins))
+        assert queue.spool is not None
+        for _ in range(200):
+            if not queue.spool.ids():
+                break
+            await asyncio.sleep(0.02)
+        await queue.bonzo_shutdown()
+        return reply
+
+    assert asyncio.run(main()).startswith(b"250 2.0.0")
+    [kept] = list((tmp_path / "review" / "new").iterdir())
+    assert b"X-Bonzo-Quarantine: suspect: score 9.5\r\n" in kept.read_bytes()
+    mail = tmp_path / "mail" / "new"
+    assert not mail.exists() or not any(mail.iterdir())  # nothing to the recipients
+    with pytest.raises(ValueError, match="quarantine: no transport named 'nope'"):
+        QueuePlugin().bonzo_configure({**table, "quarantine": "nope"}, App(tmp_path))
 
 
 def test_the_envelope_is_kept_with_the_message(tmp_path):
@@ -718,3 +768,34 @@ def test_a_delivery_that_takes_too_long_is_deferred(tmp_path):
     asyncio.run(runner.attempt("Z1"))
     recipient = spool.load("Z1").recipients[0]
     assert (recipient.status, recipient.reply) == ("deferred", "451 4.4.2 Delivery timed out")
+
+
+def test_the_example_configuration_shows_every_key_and_configures(tmp_path, monkeypatch):
+    """bonzo.toml.example's queue block names every key of the plugin and of
+    each route type, and, uncommented, is a configuration the plugin takes."""
+    import re
+
+    from bonzo_plugins.queue.plugin import KEYS
+    from bonzo_plugins.queue.transports import LMTPTransport, MXTransport, SmarthostTransport
+
+    example = (Path(__file__).parents[2] / "bonzo.toml.example").read_text("utf-8")
+    start = example.index("# [plugins.queue]")
+    end = example.find("\n\n", start)
+    block = example[start : end if end >= 0 else None]
+    shown = set(re.findall(r"^# (\w+) = ", block, re.M))
+    shown |= set(re.findall(r"[{,] (\w+) = ", block))  # keys inside inline tables
+    every = set(KEYS) - {"routes", "transports"}
+    for transport in (SmarthostTransport, LMTPTransport, MXTransport):
+        every |= set(transport.KEYS)
+    every |= {"per_recipient"}  # the maildir route's own key
+    assert every - shown == set()
+    text = "\n".join(line[2:] for line in block.splitlines() if line.startswith("# "))
+    monkeypatch.setenv("RELAY_PASSWORD", "s3cret")
+    config = parse_config('[plugins]\nenabled = ["queue"]\n' + text, "example", tmp_path)
+    table = config.plugins.tables["queue"]
+    assert table["transports"]["relay"]["password"] == "s3cret"
+    plugin = QueuePlugin()
+    plugin.bonzo_configure(table, App(tmp_path))
+    assert plugin.routes is not None and len(plugin.routes.transports) == 5
+    assert plugin.quarantine == "review"
+    assert plugin.settings.lifetime == 5 * 86400

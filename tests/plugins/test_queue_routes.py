@@ -187,6 +187,22 @@ def test_mx_route_finds_the_mail_host_in_dns(tmp_path, downstream, dns_stub):
         assert id not in spool.ids()
 
 
+def test_an_mx_that_is_this_server_is_a_loop_not_a_delivery(tmp_path, dns_stub, start_server):
+    """The domain's MX points back here (a server greeting with our own
+    name, relay.test): deferred as a loop, nothing sent to it."""
+    itself = start_server(plugin=Picky(), hostname="Relay.Test")
+    dns_stub.add("loop.test", "MX", "10 mx.loop.test.")
+    dns_stub.add("mx.loop.test", "A", "127.0.0.1")
+    route = {"type": "mx", "port": itself.port}
+    spool, runner = make(tmp_path, {"*": route}, Resolver(dns_stub.settings()))
+    queue(spool, "L1", "bob@loop.test")
+    asyncio.run(attempt_all(runner, "L1"))
+    [(status, reply)] = states(spool, "L1")
+    assert status == "deferred" and reply.startswith("451 4.4.6"), reply
+    assert "loops back" in reply
+    assert itself.plugin.senders == []  # never got as far as MAIL
+
+
 def test_mx_route_with_dns_off_defers(tmp_path):
     spool, runner = make(tmp_path, {"*": {"type": "mx"}}, Resolver(None))
     queue(spool, "O1", "bob@dest.test")
