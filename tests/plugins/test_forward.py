@@ -263,6 +263,19 @@ def test_starttls_and_auth_downstream(start_server, password):
     assert plugin.auth == [("gw", True)]
 
 
+def test_a_downstream_that_is_this_server_is_a_loop(start_server):
+    itself = start_server(plugin=Downstream(), hostname="gw.test")  # greets as gw.test
+    plugins = PluginSet(timeout=20.0)
+    plugins.register(forward(itself.port), "forward")
+    front = start_server(plugins=plugins, hostname="gw.test")
+    with connect(front) as client:
+        assert client.mail("alice@example.org") == (
+            451,
+            b"4.4.6 Downstream server unavailable, try again later",
+        )
+    assert itself.plugin.senders == []
+
+
 # ------------------------------------------------------- connection lifetime
 def test_rset_resets_and_disconnect_quits_the_downstream(gateway, downstream):
     front = gateway()
