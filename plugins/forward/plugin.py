@@ -115,7 +115,7 @@ class Link:
     """One client session's connection to the downstream server, and where
     its transaction stands."""
 
-    __slots__ = ("session_id", "conn", "envelope", "accepted")
+    __slots__ = ("session_id", "conn", "envelope", "accepted", "sender")
 
     def __init__(self, session_id: str) -> None:
         self.session_id = session_id
@@ -127,6 +127,8 @@ class Link:
         #: The recipients (as the client sent them) the downstream accepted
         #: in that transaction, in order.
         self.accepted: list[str] = []
+        #: The reverse-path that transaction was opened with.
+        self.sender: str | None = None
 
     def drop(self) -> None:
         """Forget the connection, closing it at once (its state is unknown)."""
@@ -235,13 +237,17 @@ class ForwardPlugin:
         (``check_rcpt = false``) are asked now; one the downstream refuses
         is refused alone (:meth:`~bonzo.session.Envelope.refuse_recipient`)."""
         link = self._link(session)
-        todo = [i for i in range(len(envelope.rcpt_tos)) if i not in envelope.refused]
+        # Not refused by a filter, not removed by one; recipients a filter
+        # added are asked now.
+        todo = envelope.remaining_indexes
         if not todo:
             return None
         wanted = [envelope.rcpt_tos[i] for i in todo]
-        if link.envelope == envelope.id and not _within(link.accepted, wanted):
+        if link.envelope == envelope.id and (
+            not _within(link.accepted, wanted) or link.sender != envelope.mail_from
+        ):
             # The downstream holds a recipient this message no longer goes
-            # to (a filter refused it): start the transaction again.
+            # to, or a filter changed the sender: start the transaction again.
             link.envelope = None
         if link.envelope != envelope.id or link.conn is None or not link.conn.usable:
             await self._start(link, envelope)
@@ -362,6 +368,7 @@ class ForwardPlugin:
                     conn = await self._connect(link)
                 assert conn is not None
                 try:
+                    link.sender = envelope.mail_from
                     reply = await conn.mail(envelope.mail_from, **options)
                 except ClientError:
                     # A kept connection that no longer works: once more, anew.

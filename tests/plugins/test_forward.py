@@ -358,6 +358,29 @@ def test_a_recipient_a_filter_refused_is_not_forwarded(gateway, downstream):
     assert [m.rcpt_tos for m in downstream.plugin.messages] == [["bob@dest.test"]]
 
 
+def test_changes_filters_make_are_forwarded(gateway, downstream):
+    """A filter changes the sender, removes one recipient, adds another and
+    edits a header: the downstream gets the message as changed."""
+
+    class Rewriter:
+        def bonzo_message(self, envelope: Envelope) -> None:
+            envelope.change_sender("srs0=x@example.org")
+            envelope.remove_recipient("carol@dest.test")
+            envelope.add_recipient_address("archive@dest.test")
+            envelope.change_header("Subject", "[checked]")
+
+    front = gateway(("rewriter", Rewriter()))
+    with connect(front) as client:
+        assert (
+            client.sendmail("alice@example.org", ["bob@dest.test", "carol@dest.test"], MESSAGE)
+            == {}
+        )
+    [got] = downstream.plugin.messages
+    assert got.mail_from == "srs0=x@example.org"
+    assert got.rcpt_tos == ["bob@dest.test", "archive@dest.test"]
+    assert got.body is not None and b"Subject: [checked]\r\n" in got.body
+
+
 def test_binarymime_is_not_offered(gateway):
     front = gateway()
     with connect(front) as client:
