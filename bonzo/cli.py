@@ -77,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
         ("serve", _serve, "run the server in the foreground"),
         ("check", _check, "validate the configuration and its plugins"),
         ("plugins", _plugins, "list installed and enabled plugins and hook order"),
+        ("config", _config, "print the effective configuration, defaults filled in"),
     ):
         p = add(name, func, text)
         p.add_argument(
@@ -185,6 +186,19 @@ def _check(args: argparse.Namespace) -> int:
     print(f"  dns: {app.dns.describe()}")
     for warning in app.warnings():
         print(f"  warning: {warning}")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    """``bonzo config``: the configuration as it would run, as TOML, with
+    every default filled in and secrets redacted."""
+    import tomli_w
+
+    from .config import effective_config, read_raw
+
+    config = load_config(args.config)
+    sys.stdout.write(f"# {config.source}: the effective configuration (secrets redacted)\n")
+    sys.stdout.write(tomli_w.dumps(effective_config(config, read_raw(args.config))))
     return 0
 
 

@@ -15,6 +15,7 @@ taken from the configuration file's directory.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import ipaddress
 import os
@@ -638,3 +639,78 @@ def _plugins(table: dict[str, Any], source: str, base_dir: Path) -> PluginsConfi
             )
         config.tables[key] = value
     return config
+
+
+#: Keys whose values are never printed by :func:`effective_config`.
+_SECRET_KEY = re.compile(r"pass(word)?|secret|token|credential", re.I)
+
+
+def _redacted(value: Any, key: str = "") -> Any:
+    """``value`` with secrets replaced: ``{ "$env" = ... }``/``{ "$file" = ... }``
+    references by what they name, values of password-like keys entirely."""
+    if isinstance(value, dict):
+        if len(value) == 1 and ("$env" in value or "$file" in value):
+            kind, ref = next(iter(value.items()))
+            return f"<secret from {kind} {ref}>"
+        return {k: _redacted(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v, key) for v in value]
+    if _SECRET_KEY.search(key) and isinstance(value, str):
+        return "<redacted>"
+    return value
+
+
+def _toml_value(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_toml_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _toml_value(v) for k, v in value.items() if v is not None}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def read_raw(path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """The TOML of a configuration file (or of the embedded default) as
+    written, secrets unread; call after :func:`load_config` succeeded."""
+    text = default_config_text() if path is None else Path(path).read_text("utf-8")
+    return tomllib.loads(text)
+
+
+def effective_config(config: Config, raw: dict[str, Any]) -> dict[str, Any]:
+    """The configuration as Bonzo runs it — every key of the core's tables
+    with its default filled in — for ``bonzo config``. ``raw`` is the file's
+    TOML before secrets were read: listener and plugin tables come from it
+    as written, with secrets redacted (:func:`_redacted`)."""
+    sections: dict[str, dict[str, Any]] = {"server": {}, "protocol": {}, "limits": {}}
+    for f in dataclasses.fields(config.settings):
+        sections[SETTING_SECTIONS[f.name]][f.name] = getattr(config.settings, f.name)
+    sections["server"].update(workers=config.workers, loop=config.loop, pid_file=config.pid_file)
+    listeners = []
+    raw_listeners = raw.get("listeners") or [{}]
+    for listener, table in zip(config.listeners, raw_listeners):
+        entry: dict[str, Any] = {}
+        if listener.path is not None:
+            entry.update(path=listener.path, mode=f"0o{listener.mode:o}")
+        else:
+            entry.update(address=listener.address, port=listener.port)
+        entry.update({k: v for k, v in table.items() if k not in entry})
+        listeners.append(_redacted(entry))
+    plugins: dict[str, Any] = {
+        "enabled": config.plugins.enabled,
+        "timeout": config.plugins.timeout,
+        "timeouts": config.plugins.timeouts,
+        "paths": config.plugins.paths,
+    }
+    raw_plugins = raw.get("plugins", {}) if isinstance(raw.get("plugins"), dict) else {}
+    for name, table in raw_plugins.items():
+        if isinstance(table, dict) and name not in plugins:
+            plugins[name] = _redacted(table)
+    out = {
+        **sections,
+        "listeners": listeners,
+        "logging": dataclasses.asdict(config.logging),
+        "dns": dataclasses.asdict(config.dns),
+        "plugins": plugins,
+    }
+    return {k: _toml_value(v) for k, v in out.items()}

@@ -895,3 +895,16 @@ def test_pid_file_and_readiness_to_systemd(workdir, env):
         assert (workdir / "bonzo.pid").read_text() == f"{daemon.proc.pid}\n"
         assert "named pid 999999999, which is gone; replaced" in daemon.log
         assert daemon.stop() == 0
+
+
+def test_config_command_prints_the_effective_configuration(workdir, env):
+    port = free_port()
+    config = write_config(workdir, port, extra='\n[plugins.extra]\npassword = { "$env" = "PW" }\n')
+    result = bonzo("config", "-c", str(config), env={**env, "PW": "hunter2"}, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"# {config}: the effective configuration (secrets redacted)")
+    assert "hunter2" not in result.stdout
+    assert 'password = "<secret from $env PW>"' in result.stdout
+    assert "max_message_size = " in result.stdout and "idle_timeout = " in result.stdout
+    bad = write_config(workdir, port, extra="\n[limits]\nmax_recipients = -1\n", name="bad.toml")
+    one_line_error(bonzo("config", "-c", str(bad), env=env, cwd=workdir), "limits.max_recipients")
