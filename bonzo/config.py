@@ -688,7 +688,7 @@ def effective_config(config: Config, raw: dict[str, Any]) -> dict[str, Any]:
     sections["server"].update(workers=config.workers, loop=config.loop, pid_file=config.pid_file)
     listeners = []
     raw_listeners = raw.get("listeners") or [{}]
-    for listener, table in zip(config.listeners, raw_listeners):
+    for listener, table in zip(config.listeners, raw_listeners, strict=True):
         entry: dict[str, Any] = {}
         if listener.path is not None:
             entry.update(path=listener.path, mode=f"0o{listener.mode:o}")
