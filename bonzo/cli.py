@@ -86,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
             metavar="FILE",
             help="configuration file (default: the embedded default, bonzo.toml.example)",
         )
+    serve = sub.choices["serve"]
+    serve.add_argument(
+        "--listen",
+        action="append",
+        metavar="ADDR:PORT",
+        help="listen here instead of the configuration's [[listeners]] (plain SMTP; "
+        "may be repeated), e.g. 127.0.0.1:2525 or [::1]:2525",
+    )
     p = add("adduser", _adduser, "add a user to a password file (for the passwd plugin)")
     p.add_argument("-f", "--file", required=True, metavar="FILE", help="the password file")
     p.add_argument("user", help="the user name (no colon, space or control character)")
@@ -285,8 +293,35 @@ def _setup_logging(config: Any) -> None:
     )
 
 
+def _listen_override(values: list[str]) -> list[Any]:
+    """``--listen`` values as plain SMTP listeners; :class:`ConfigError`
+    naming the option for a bad one."""
+    import ipaddress
+
+    from .config import ListenerConfig
+
+    listeners = []
+    for value in values:
+        host, sep, port = value.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("expected ADDR:PORT")
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(
+                "--listen",
+                "",
+                f"{value!r}: expected an IP address and a port, e.g. 127.0.0.1:2525 or [::1]:2525",
+            ) from None
+        listeners.append(ListenerConfig(address=host, port=int(port)))
+    return listeners
+
+
 def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    if args.listen:
+        config.listeners = _listen_override(args.listen)
     _setup_logging(config)
     signal.signal(signal.SIGHUP, _log_sighup)
     from .app import MailApp

@@ -674,7 +674,8 @@ def read_raw(path: str | os.PathLike[str] | None) -> dict[str, Any]:
     """The TOML of a configuration file (or of the embedded default) as
     written, secrets unread; call after :func:`load_config` succeeded."""
     text = default_config_text() if path is None else Path(path).read_text("utf-8")
-    return tomllib.loads(text)
+    data: dict[str, Any] = tomllib.loads(text)
+    return data
 
 
 def effective_config(config: Config, raw: dict[str, Any]) -> dict[str, Any]:

@@ -908,3 +908,40 @@ def test_config_command_prints_the_effective_configuration(workdir, env):
     assert "max_message_size = " in result.stdout and "idle_timeout = " in result.stdout
     bad = write_config(workdir, port, extra="\n[limits]\nmax_recipients = -1\n", name="bad.toml")
     one_line_error(bonzo("config", "-c", str(bad), env=env, cwd=workdir), "limits.max_recipients")
+
+
+def test_serve_listen_overrides_the_listeners(workdir, env):
+    port, other = free_port(), free_port()
+    config = write_config(workdir, port)  # its port is not used
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bonzo",
+            "serve",
+            "-c",
+            str(config),
+            "--listen",
+            f"127.0.0.1:{other}",
+        ],
+        env=env,
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: _port_open(other), what="the --listen port")
+        assert not _port_open(port)
+        assert send(other) == {}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=DEADLINE)[0].decode()
+    assert f"listening on 127.0.0.1:{other} with 1 worker(s)" in out
+    bad = bonzo("serve", "-c", str(config), "--listen", "localhost:25", env=env, cwd=workdir)
+    one_line_error(bad, "bonzo: --listen: 'localhost:25': expected an IP address and a port")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
