@@ -1,0 +1,354 @@
+"""The ``milter`` plugin in a real server, against the scripted fake milter."""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bonzo_plugins.milter import MilterPlugin
+from bonzo_plugins.milter.plugin import KEYS, MILTER_KEYS, reply_error
+from milter_fake import CLOSE, HANG, FakeMilter
+from plugin_testing import serve
+
+from bonzo import Accept, hookimpl
+from bonzo import milter as m
+
+ROOT = Path(__file__).resolve().parents[2]
+MESSAGE = b"From: a@example.org\r\nSubject: hello\r\nX-Old: 1\r\n\r\nBody line\r\n"
+
+try:
+    from bonzo import Discard, Quarantine  # type: ignore[attr-defined]  # noqa: F401
+
+    HAVE_VERDICTS = True
+except ImportError:  # pragma: no cover - before the core API
+    HAVE_VERDICTS = False
+needs_verdicts = pytest.mark.skipif(not HAVE_VERDICTS, reason="no Discard/Quarantine in this core")
+
+
+class Sink:
+    """Owns every recipient and keeps what would be delivered."""
+
+    def __init__(self) -> None:
+        self.delivered: list[tuple[str, list[str], bytes]] = []
+        self.quarantined: list[str] = []
+
+    @hookimpl
+    def bonzo_rcpt(self) -> Accept:
+        return Accept()
+
+    @hookimpl
+    def bonzo_deliver(self, envelope: Any) -> Accept:
+        rcpts = [str(getattr(r, "original", r)) for r in envelope.remaining_recipients]
+        self.delivered.append((envelope.mail_from, rcpts, envelope.content))
+        return Accept()
+
+
+class QuarantineSink(Sink):
+    """Also owns quarantined messages (issue 11's core)."""
+
+    @hookimpl
+    def bonzo_quarantine(self, envelope: Any, reason: str) -> Accept:
+        self.quarantined.append(reason)
+        return Accept()
+
+
+def plugin(*milters: dict[str, Any]) -> MilterPlugin:
+    p = MilterPlugin()
+    p.bonzo_configure(config={"milters": list(milters)}, app=None)
+    return p
+
+
+def entry(fake: FakeMilter, **kw: Any) -> dict[str, Any]:
+    kw.setdefault("name", "fake")
+    kw.setdefault("command_timeout", 2)
+    kw.setdefault("content_timeout", 2)
+    return {"socket": fake.spec, **kw}
+
+
+def send(server: Any, rcpts=("bob@example.com",), message: bytes = MESSAGE) -> Any:
+    with server.client() as client:
+        return client.sendmail("alice@example.org", list(rcpts), message)
+
+
+# ------------------------------------------------------------ configuration
+@pytest.mark.parametrize(
+    ("table", "error"),
+    [
+        ({"milters": 3}, r"^milters: expected an array"),
+        ({"milters": [{"socket": "inet:1@h"}]}, r"^milters\[0\]\.name: required"),
+        ({"milters": [{"name": "a"}]}, r"^milters\[0\]\.socket: required"),
+        ({"milters": [{"name": "a", "socket": "tcp:1"}]}, r"^milters\[0\]\.socket: "),
+        ({"milters": [{"name": "a", "socket": "inet:1@h", "x": 1}]}, r"^milters\[0\]\.x: unknown"),
+        (
+            {"milters": [{"name": "a", "socket": "inet:1@h", "default_action": "reject"}]},
+            r"^milters\[0\]\.default_action: expected one of",
+        ),
+        (
+            {"milters": [{"name": "a", "socket": "inet:1@h", "command_timeout": 0}]},
+            r"^milters\[0\]\.command_timeout: expected seconds",
+        ),
+        (
+            {"milters": [{"name": "a", "socket": "inet:1@h", "macros": {"bad name": "x"}}]},
+            r'^milters\[0\]\.macros\."bad name"',
+        ),
+        (
+            {"milters": [{"name": "a", "socket": "inet:1@h"}, {"name": "a", "socket": "unix:/x"}]},
+            r"^milters\[1\]\.name: 'a' is used twice",
+        ),
+        ({"milter": []}, r"^milter: unknown key"),
+    ],
+)
+def test_configuration_errors_name_the_key(table, error):
+    with pytest.raises(ValueError, match=error):
+        MilterPlugin().bonzo_configure(config=table, app=None)
+
+
+def test_readme_documents_every_key_and_the_mapping():
+    text = (ROOT / "plugins" / "milter" / "README.rst").read_text("utf-8")
+    for key in KEYS + MILTER_KEYS:
+        assert re.search(rf"^\s*``{key}``\n\s+\*", text, re.M), key
+    for action in ("ADDHEADER", "INSHEADER", "CHGHEADER", "REPLBODY", "ADDRCPT", "DELRCPT"):
+        assert action in text
+    for action in ("CHGFROM", "QUARANTINE", "DISCARD", "REPLYCODE", "TEMPFAIL", "REJECT"):
+        assert action in text
+
+
+@pytest.mark.parametrize(
+    ("reply", "code", "enhanced", "text"),
+    [
+        (m.ReplyCode(554, "5.7.1 Go away"), 554, "5.7.1", "Go away"),
+        (m.ReplyCode(451, "4.7.1 Later\r\n451-4.7.1 again"), 451, "4.7.1", "Later\nagain"),
+        (m.ReplyCode(550, "2.0.0 mismatch"), 550, "5.7.1", "mismatch"),
+        (m.ReplyCode(550, "bad\x1b[0m\x00text"), 550, "5.7.1", "bad?[0m?text"),
+        (m.ReplyCode(421, ""), 421, "4.7.1", "Refused by a filter"),
+    ],
+)
+def test_reply_codes_are_checked_and_sanitised(reply, code, enhanced, text):
+    error = reply_error(reply)
+    assert (error.status_code, error.enhanced_code, error.message) == (code, enhanced, text)
+
+
+# --------------------------------------------------------------- the stages
+def test_every_stage_reaches_the_milter_and_the_mail_is_delivered():
+    sink = Sink()
+    with FakeMilter() as fake, serve(("milter", plugin(entry(fake))), ("sink", sink)) as server:
+        assert send(server) == {}
+    (session,) = fake.sessions
+    codes = session.codes()
+    assert [c for c in codes if c != m.C_MACRO] == [
+        b"O", b"C", b"H", b"M", b"R", b"T", b"L", b"L", b"L", b"L", b"N", b"B", b"E", b"Q"
+    ]  # fmt: skip
+    assert session.of(m.C_CONNECT)[0].args[1:] == (
+        "4",
+        session.of(m.C_CONNECT)[0].args[2],
+        "127.0.0.1",
+    )
+    assert session.of(m.C_MAIL)[0].args[0] == "<alice@example.org>"
+    assert session.of(m.C_RCPT)[0].args[0] == "<bob@example.com>"
+    headers = [c.args for c in session.of(m.C_HEADER)]
+    assert headers[0][0] == "Received"  # the trace header is part of the message
+    assert headers[1:] == [("From", "a@example.org"), ("Subject", "hello"), ("X-Old", "1")]
+    assert session.of(m.C_BODY)[0].args == (b"Body line\r\n",)
+    assert session.macros[m.C_CONNECT]["{client_addr}"] == "127.0.0.1"
+    assert session.macros[m.C_MAIL]["{mail_addr}"] == "alice@example.org"
+    assert session.macros[m.C_RCPT]["{rcpt_addr}"] == "bob@example.com"
+    assert len(sink.delivered) == 1
+
+
+def test_refusals_at_each_stage():
+    def script(command, session):
+        if command.code == m.C_MAIL and "spam" in command.args[0]:
+            return [m.Verdict(m.R_REJECT)]
+        if command.code == m.C_RCPT and "later" in command.args[0]:
+            return [m.Verdict(m.R_TEMPFAIL)]
+        if command.code == m.C_RCPT and "nobody" in command.args[0]:
+            return [m.ReplyCode(550, "5.1.1 No such\r\nuser")]
+        return None
+
+    sink = Sink()
+    with (
+        FakeMilter(script) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        with server.client() as client:
+            client.ehlo()
+            assert client.mail("spam@example.org")[0] == 550
+            code, text = client.mail("alice@example.org")
+            assert code == 250
+            assert client.rcpt("later@example.com") == (
+                451,
+                b"4.7.1 Try again later (content filter)",
+            )
+            assert client.rcpt("nobody@example.com") == (550, b"5.1.1 No such\n5.1.1 user")
+            assert client.rcpt("bob@example.com")[0] == 250
+            assert client.data(MESSAGE)[0] == 250
+    assert sink.delivered[0][1] == ["bob@example.com"]
+    # A second MAIL after a refused one begins with ABORT on the milter's side.
+    codes = [c for c in fake.sessions[0].codes() if c != m.C_MACRO]
+    assert codes[codes.index(b"M") + 1] == b"A"
+
+
+@pytest.mark.parametrize(
+    ("eom", "code"),
+    [
+        ([m.Verdict(m.R_REJECT)], 550),
+        ([m.Verdict(m.R_TEMPFAIL)], 451),
+        ([m.ReplyCode(554, "5.7.0 Virus found: Eicar-Test-Signature")], 554),
+    ],
+)
+def test_end_of_message_verdicts(eom, code):
+    sink = Sink()
+    with (
+        FakeMilter(end_of_message=eom) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        with pytest.raises(smtplib.SMTPDataError) as info:
+            send(server)
+    assert info.value.smtp_code == code
+    assert sink.delivered == []
+
+
+def test_accept_stops_asking_for_the_message():
+    def script(command, session):
+        if command.code == m.C_MAIL:
+            return [m.Verdict(m.R_ACCEPT)]
+        return None
+
+    sink = Sink()
+    with (
+        FakeMilter(script) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        assert send(server) == {}
+    codes = fake.sessions[0].codes()
+    assert m.C_RCPT not in codes and m.C_EOB not in codes
+    assert len(sink.delivered) == 1
+
+
+def test_header_changes_are_applied():
+    eom = [
+        m.HeaderChange(m.R_ADDHEADER, "X-Added", "yes\n\tfolded"),
+        m.HeaderChange(m.R_INSHEADER, "X-Top", "first", 0),
+        m.HeaderChange(m.R_CHGHEADER, "X-Old", "", 1),
+        m.Verdict(m.R_CONTINUE),
+    ]
+    sink = Sink()
+    with (
+        FakeMilter(end_of_message=eom) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        assert send(server) == {}
+    content = sink.delivered[0][2]
+    assert b"X-Added: yes\r\n\tfolded\r\n" in content
+    assert b"X-Top: first\r\n" in content
+    assert b"X-Old" not in content
+    assert content.endswith(b"\r\n\r\nBody line\r\n")
+
+
+def test_two_milters_in_order_first_refusal_wins():
+    sink = Sink()
+    with (
+        FakeMilter(end_of_message=[m.Verdict(m.R_REJECT)]) as second,
+        FakeMilter(
+            end_of_message=[m.HeaderChange(m.R_ADDHEADER, "X-First", "1"), m.Verdict(m.R_CONTINUE)]
+        ) as first,
+        serve(
+            ("milter", plugin(entry(first, name="one"), entry(second, name="two"))), ("sink", sink)
+        ) as server,
+    ):
+        with pytest.raises(smtplib.SMTPDataError):
+            send(server)
+    # The second milter saw the first one's header.
+    names = [c.args[0] for c in second.sessions[0].of(m.C_HEADER)]
+    assert "X-First" in names
+
+
+# ------------------------------------------------------------ fault paths
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_milter_down_fails_closed_by_default(caplog):
+    sink = Sink()
+    p = plugin({"name": "down", "socket": f"inet:{free_port()}@127.0.0.1"})
+    with serve(("milter", p), ("sink", sink)) as server:
+        with pytest.raises(smtplib.SMTPConnectError) as info:
+            server.client()
+    assert info.value.smtp_code == 451
+    assert b"4.7.1" in info.value.smtp_error
+    assert "milter down failed at connect" in caplog.text
+
+
+def test_milter_down_with_default_action_accept():
+    sink = Sink()
+    p = plugin(
+        {"name": "down", "socket": f"inet:{free_port()}@127.0.0.1", "default_action": "accept"}
+    )
+    with serve(("milter", p), ("sink", sink)) as server:
+        assert send(server) == {}
+    assert len(sink.delivered) == 1
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [HANG, CLOSE, b"\0\0\0\x03zz", b"\x7f\xff\xff\xffh"],
+    ids=["timeout", "closed", "garbage", "oversize"],
+)
+def test_faults_at_end_of_message_give_451(answer):
+    def script(command, session):
+        return answer if command.code == m.C_EOB else None
+
+    sink = Sink()
+    with (
+        FakeMilter(script) as fake,
+        serve(("milter", plugin(entry(fake, content_timeout=0.5))), ("sink", sink)) as server,
+    ):
+        with server.client() as client:
+            with pytest.raises(smtplib.SMTPDataError) as info:
+                client.sendmail("alice@example.org", ["bob@example.com"], MESSAGE)
+            assert (info.value.smtp_code, info.value.smtp_error[:5]) == (451, b"4.7.1")
+            # The milter is out for the session: fail closed from now on.
+            assert client.mail("alice@example.org")[0] == 451
+    assert sink.delivered == []
+
+
+def test_rset_aborts_and_disconnect_quits():
+    sink = Sink()
+    with FakeMilter() as fake, serve(("milter", plugin(entry(fake))), ("sink", sink)) as server:
+        with server.client() as client:
+            client.ehlo()
+            client.mail("alice@example.org")
+            client.rset()
+            client.quit()
+        import time
+
+        deadline = time.monotonic() + 5
+        while not fake.sessions[0].closed and time.monotonic() < deadline:
+            time.sleep(0.02)
+    codes = fake.sessions[0].codes()
+    assert codes[-2:] == [m.C_ABORT, m.C_QUIT]
+
+
+# ------------------------------------------------- issue 11's core verdicts
+@needs_verdicts
+def test_discard_and_quarantine():
+    sink = QuarantineSink()
+    with (
+        FakeMilter(end_of_message=[m.Verdict(m.R_DISCARD)]) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        assert send(server) == {}
+    assert sink.delivered == []
+    eom = [m.QuarantineRequest("suspicious"), m.Verdict(m.R_CONTINUE)]
+    with (
+        FakeMilter(end_of_message=eom) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        assert send(server) == {}
+    assert sink.quarantined == ["suspicious"] and sink.delivered == []
