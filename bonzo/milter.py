@@ -632,6 +632,7 @@ class OptionReply:
     symbols: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
 
+#: Any response a milter sends (what :func:`decode_response` returns).
 Response = (
     Verdict
     | ReplyCode

@@ -352,3 +352,25 @@ def test_discard_and_quarantine():
     ):
         assert send(server) == {}
     assert sink.quarantined == ["suspicious"] and sink.delivered == []
+
+
+def test_the_example_configuration_shows_every_key_and_configures():
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    example = (ROOT / "bonzo.toml.example").read_text("utf-8")
+    start = example.index("# [plugins.milter]")
+    end = example.find("\n\n", start)
+    block = example[start:end]
+    shown = set(re.findall(r"^# (\w+) = ", block, re.M))
+    assert shown == set(MILTER_KEYS)
+    text = "\n".join(line[2:] for line in block.splitlines() if line.startswith("# "))
+    table = tomllib.loads(text)["plugins"]["milter"]
+    p = MilterPlugin()
+    p.bonzo_configure(config=table, app=None)
+    assert [c.name for c in p.milters] == ["opendkim"]
+    assert p.milters[0].macros == {"{daemon_name}": "mx-in"}
