@@ -20,26 +20,18 @@ from __future__ import annotations
 
 import email.policy
 import shutil
-import signal
-import smtplib
-import socket
-import subprocess
 from collections.abc import Callable, Iterator
 from email.parser import BytesParser
 from pathlib import Path
-from typing import Any
 
 import dkim
 import pytest
 from bonzo_plugins.dkim_sign import dns_record, load_key
-from bonzo_plugins.milter import MilterPlugin
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from bonzo import Accept, hookimpl
-from bonzo.hooks import PluginSet
-
-from .peers import HOST, free_port, unavailable, wait_until
+from .milters import Daemon, through_bonzo
+from .peers import HOST, free_port, unavailable
 
 MESSAGE = (
     b"From: Alice <alice@example.org>\r\n"
@@ -77,13 +69,10 @@ def key(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-class OpenDKIM:
+class OpenDKIM(Daemon):
     """A private ``opendkim -f`` listening on 127.0.0.1."""
 
     def __init__(self, directory: Path, key: Path, mode: str, canonicalization: str) -> None:
-        self.binary = opendkim_binary()
-        self.port = free_port()
-        self.directory = directory
         directory.mkdir()
         records = directory / "keys"
         records.write_text(f"s1._domainkey.example.org {dns_record(load_key(key))}\n")
@@ -91,11 +80,12 @@ class OpenDKIM:
         # test client (127.0.0.1) is internal only when signing.
         internal = directory / "internal"
         internal.write_text("127.0.0.1\n" if "s" in mode else "192.0.2.1\n")
+        port = free_port()
         self.conf = directory / "opendkim.conf"
         self.conf.write_text(
             "Syslog no\n"
             "Background no\n"
-            f"Socket inet:{self.port}@{HOST}\n"
+            f"Socket inet:{port}@{HOST}\n"
             f"Mode {mode}\n"
             "Domain example.org\n"
             f"KeyFile {key}\n"
@@ -108,36 +98,8 @@ class OpenDKIM:
             f"InternalHosts {internal}\n"
             f"PidFile {directory / 'pid'}\n"
         )
-        self.log = directory / "opendkim.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> OpenDKIM:
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(
-                [self.binary, "-f", "-x", str(self.conf)], stdout=log, stderr=subprocess.STDOUT
-            )
-
-        def listening() -> bool:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise RuntimeError(f"opendkim exited: {self.log.read_text(errors='replace')}")
-            with socket.socket() as s:
-                s.settimeout(0.2)
-                return s.connect_ex((HOST, self.port)) == 0
-
-        wait_until(listening, 15, "opendkim to listen")
-        return self
-
-    def stop(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:  # pragma: no cover
-            process.kill()
-            process.wait(5)
+        argv = [opendkim_binary(), "-f", "-x", str(self.conf)]
+        super().__init__("opendkim", argv, port, directory / "opendkim.log")
 
 
 @pytest.fixture
@@ -156,38 +118,10 @@ def opendkim(tmp_path: Path, key: Path) -> Iterator[Callable[..., OpenDKIM]]:
             daemon.stop()
 
 
-class Keep:
-    """Owns every recipient and keeps each message as it would be delivered."""
-
-    def __init__(self) -> None:
-        self.messages: list[bytes] = []
-
-    @hookimpl
-    def bonzo_rcpt(self) -> Accept:
-        return Accept()
-
-    @hookimpl
-    def bonzo_deliver(self, envelope: Any) -> Accept:
-        self.messages.append(envelope.content)
-        return Accept()
-
-
-def run(start_server: Callable[..., Any], daemon: OpenDKIM, *messages: bytes) -> list[bytes]:
-    plugin = MilterPlugin()
-    plugin.bonzo_configure(
-        config={"milters": [{"name": "opendkim", "socket": f"inet:{daemon.port}@{HOST}"}]},
-        app=None,
-    )
-    keep = Keep()
-    plugins = PluginSet(timeout=30.0)
-    plugins.register(plugin, "milter")
-    plugins.register(keep, "keep")
-    server = start_server(plugins=plugins)
-    with smtplib.SMTP(HOST, server.port, local_hostname="client.test", timeout=30) as client:
-        for message in messages:
-            assert client.sendmail("alice@example.org", ["bob@example.net"], message) == {}
-    assert len(keep.messages) == len(messages)
-    return keep.messages
+def run(start_server: Callable[..., object], daemon: OpenDKIM, *messages: bytes) -> list[bytes]:
+    outcomes = through_bonzo(start_server, "opendkim", daemon.port, *messages)
+    assert all(isinstance(o, bytes) for o in outcomes), outcomes
+    return outcomes  # type: ignore[return-value]
 
 
 def dns_for(key: Path) -> Callable[..., bytes]:
