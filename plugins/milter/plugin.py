@@ -243,6 +243,7 @@ def _header_lines(envelope: Envelope) -> tuple[list[tuple[str, str]], IO[bytes]]
     :data:`MAX_FIELD` characters are read; the rest is skipped."""
     fields: list[tuple[str, str]] = []
     current: list[bytes] = []
+    size = 0  # of the field in ``current``
 
     def flush() -> None:
         if not current:
@@ -269,11 +270,13 @@ def _header_lines(envelope: Envelope) -> tuple[list[tuple[str, str]], IO[bytes]]
                 flush()
                 return fields, body
             if line[:1] in (b" ", b"\t") and current:
-                if sum(map(len, current)) < MAX_FIELD:
+                if size < MAX_FIELD:
                     current.append(line)
+                    size += len(line)
                 continue
             flush()
             current.append(line)
+            size = len(line)
     flush()
     return fields, body
 
@@ -334,8 +337,8 @@ class MilterPlugin:
             log.info("milter: %s at %s (default_action %s)", c.name, c.socket, c.default_action)
 
     # ------------------------------------------------------------- helpers
-    def _macros(self, c: MilterConfig, values: Mapping[str, str | None]) -> dict[str, str]:
-        return {k: v for k, v in values.items() if v is not None}
+    def _macros(self, c: MilterConfig, values: Mapping[str, Any]) -> dict[str, str]:
+        return {k: str(v) for k, v in values.items() if v is not None}
 
     async def _fail(
         self, session: Session, mi: _Milter, exc: Exception, stage: str, envelope: Envelope | None
@@ -441,6 +444,9 @@ class MilterPlugin:
     @hookimpl
     async def bonzo_connect(self, session: Session) -> Any:
         """Open a connection to each milter, negotiate, send CONNECT."""
+        # After XCLIENT this runs again for the client it names: the
+        # milters start over with a new session.
+        await self._quit_all(session)
         state = _State([_Milter(c) for c in self.milters])
         session.stash[STASH] = state
         ip = session.remote_ip
@@ -490,6 +496,9 @@ class MilterPlugin:
         for mi in self._active(state, message=False):
             assert mi.client is not None
             try:
+                if mi.in_message:  # HELO ends a transaction
+                    mi.in_message = False
+                    await mi.client.abort()
                 outcome = await mi.client.helo(name, self._macros(mi.config, macros))
             except m.MilterError as exc:
                 await self._fail(session, mi, exc, "helo", None)
@@ -755,6 +764,9 @@ class MilterPlugin:
     @hookimpl
     async def bonzo_disconnect(self, session: Session) -> None:
         """QUIT and close every milter connection of the session."""
+        await self._quit_all(session)
+
+    async def _quit_all(self, session: Session) -> None:
         state = session.stash.pop(STASH, None)
         if not isinstance(state, _State):
             return

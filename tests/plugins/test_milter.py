@@ -297,7 +297,7 @@ def test_milter_down_with_default_action_accept():
 
 @pytest.mark.parametrize(
     "answer",
-    [HANG, CLOSE, b"\0\0\0\x03zz", b"\x7f\xff\xff\xffh"],
+    [HANG, CLOSE, b"\0\0\0\x03zzz", b"\x7f\xff\xff\xffh"],
     ids=["timeout", "closed", "garbage", "oversize"],
 )
 def test_faults_at_end_of_message_give_451(answer):
@@ -374,3 +374,59 @@ def test_the_example_configuration_shows_every_key_and_configures():
     p.bonzo_configure(config=table, app=None)
     assert [c.name for c in p.milters] == ["opendkim"]
     assert p.milters[0].macros == {"{daemon_name}": "mx-in"}
+
+
+def test_a_second_connect_starts_over_and_helo_aborts():
+    """XCLIENT runs bonzo_connect again: the old milter sessions end."""
+    import asyncio
+    import time
+
+    from bonzo import testing
+
+    with FakeMilter() as fake:
+        p = plugin(entry(fake))
+        session = testing.make_session("192.0.2.7")
+
+        async def go():
+            await p.bonzo_connect(session=session)
+            envelope = testing.make_envelope() if hasattr(testing, "make_envelope") else None
+            if envelope is None:
+                from bonzo.session import Envelope
+
+                envelope = Envelope("a@example.org")
+            await p.bonzo_mail(
+                session=session, envelope=envelope, address="a@example.org", params={}
+            )
+            await p.bonzo_helo(session=session, name="again.test")
+            await p.bonzo_connect(session=session)
+            await p.bonzo_disconnect(session=session)
+
+        asyncio.run(go())
+        deadline = time.monotonic() + 5
+        while not all(s.closed for s in fake.sessions) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    first, second = fake.sessions
+    assert [c for c in first.codes() if c != m.C_MACRO] == [b"O", b"C", b"M", b"A", b"H", b"Q"]
+    assert first.of(m.C_CONNECT)[0].args == ("[192.0.2.7]", "4", session.remote_port, "192.0.2.7")
+    assert [c for c in second.codes() if c != m.C_MACRO] == [b"O", b"C", b"Q"]
+
+
+def test_header_reading_is_bounded():
+    from bonzo_plugins.milter.plugin import MAX_FIELD, _header_lines
+
+    from bonzo.session import Envelope
+
+    envelope = Envelope("a@example.org")
+    long_value = b"x" * (3 * MAX_FIELD)
+    envelope.write(
+        b"Long: " + long_value + b"\r\nFolded: a\r\n" + b"\tb\r\n" * 50000 + b"\r\nbody\r\n"
+    )
+    envelope.add_header("X-Added", "1")
+    try:
+        headers, body = _header_lines(envelope)
+        names = [n for n, _ in headers]
+        assert names == ["X-Added", "Long", "Folded"]
+        assert all(len(v) <= MAX_FIELD for _, v in headers)
+        assert body.read() == b"body\r\n"
+    finally:
+        envelope.close()
