@@ -19,17 +19,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from bonzo import Discard, Quarantine
 from bonzo import milter as m
 from bonzo.errors import PermanentError, SMTPError, TransientError
 from bonzo.hookspecs import hookimpl
 from bonzo.session import Envelope, Session
 
 from .._config import as_table, check_keys, describe, get_str
-
-try:  # the verdicts of issue 11's core API
-    from bonzo import Discard, Quarantine  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - older core
-    Discard = Quarantine = None
 
 __all__ = ["MilterPlugin", "MilterConfig", "KEYS", "MILTER_KEYS", "reply_error"]
 
@@ -209,8 +205,12 @@ def _record(
 ) -> None:
     """``results.add("milter", ...)`` where the core has per-plugin results."""
     results = getattr(target, "results", None)
-    if results is not None:
+    if results is None:
+        return
+    try:
         results.add("milter", result, reason, milter=name, action=action, **details)
+    except ValueError as exc:  # too many results: the verdict still stands
+        log.warning("milter %s: result not recorded: %s", name, exc)
 
 
 def _bracketed(address: str) -> str:
@@ -435,9 +435,6 @@ class MilterPlugin:
             if state is not None:
                 state.discard_session = name
             return None
-        if Discard is None:  # pragma: no cover - older core
-            log.warning("milter %s: discard not applied (no Discard verdict in this core)", name)
-            return None
         return Discard(f"discarded by milter {name}")
 
     # -------------------------------------------------------------- stages
@@ -622,7 +619,7 @@ class MilterPlugin:
                 sink.file.close()
             _record(
                 envelope,
-                "quarantine" if reason is not None else outcome.action,
+                "quarantine" if reason is not None else "pass",
                 c.name,
                 outcome.action,
                 changes=len(outcome.changes),
@@ -630,9 +627,6 @@ class MilterPlugin:
             if reason is not None and quarantine is None:
                 quarantine = reason
         if quarantine is not None:
-            if Quarantine is None:  # pragma: no cover - older core
-                log.warning("milter: quarantine not applied (no Quarantine verdict in this core)")
-                return None
             return Quarantine(quarantine)
         return None
 

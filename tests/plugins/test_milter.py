@@ -20,14 +20,6 @@ from bonzo import milter as m
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGE = b"From: a@example.org\r\nSubject: hello\r\nX-Old: 1\r\n\r\nBody line\r\n"
 
-try:
-    from bonzo import Discard, Quarantine  # type: ignore[attr-defined]  # noqa: F401
-
-    HAVE_VERDICTS = True
-except ImportError:  # pragma: no cover - before the core API
-    HAVE_VERDICTS = False
-needs_verdicts = pytest.mark.skipif(not HAVE_VERDICTS, reason="no Discard/Quarantine in this core")
-
 
 class Sink:
     """Owns every recipient and keeps what would be delivered."""
@@ -35,6 +27,7 @@ class Sink:
     def __init__(self) -> None:
         self.delivered: list[tuple[str, list[str], bytes]] = []
         self.quarantined: list[str] = []
+        self.results: list[list[tuple[str, dict[str, Any]]]] = []
 
     @hookimpl
     def bonzo_rcpt(self) -> Accept:
@@ -44,6 +37,7 @@ class Sink:
     def bonzo_deliver(self, envelope: Any) -> Accept:
         rcpts = [str(getattr(r, "original", r)) for r in envelope.remaining_recipients]
         self.delivered.append((envelope.mail_from, rcpts, envelope.content))
+        self.results.append([(r.result, r.details) for r in envelope.results.all("milter")])
         return Accept()
 
 
@@ -157,6 +151,7 @@ def test_every_stage_reaches_the_milter_and_the_mail_is_delivered():
     assert session.macros[m.C_MAIL]["{mail_addr}"] == "alice@example.org"
     assert session.macros[m.C_RCPT]["{rcpt_addr}"] == "bob@example.com"
     assert len(sink.delivered) == 1
+    assert sink.results == [[("pass", {"milter": "fake", "action": "continue", "changes": 0})]]
 
 
 def test_refusals_at_each_stage():
@@ -336,9 +331,20 @@ def test_rset_aborts_and_disconnect_quits():
 
 
 # ------------------------------------------------- issue 11's core verdicts
-@needs_verdicts
-def test_discard_and_quarantine():
+def test_discard_at_rcpt_and_quarantine(caplog):
+    def script(command, session):
+        if command.code == m.C_RCPT and "trap" in command.args[0]:
+            return [m.Verdict(m.R_DISCARD)]
+        return None
+
     sink = QuarantineSink()
+    with (
+        FakeMilter(script) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        assert send(server, rcpts=["bob@example.com", "trap@example.com"]) == {}
+    assert sink.delivered == []
+    assert "milter fake at rcpt: discard" in caplog.text
     with (
         FakeMilter(end_of_message=[m.Verdict(m.R_DISCARD)]) as fake,
         serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
@@ -352,6 +358,34 @@ def test_discard_and_quarantine():
     ):
         assert send(server) == {}
     assert sink.quarantined == ["suspicious"] and sink.delivered == []
+
+
+def test_refusals_are_recorded_as_results():
+    seen = []
+
+    class Look:
+        @hookimpl
+        def bonzo_rcpt(self, envelope):
+            seen.append(
+                [(r.result, r.details.get("stage")) for r in envelope.results.all("milter")]
+            )
+            return Accept()
+
+    def script(command, session):
+        if command.code == m.C_RCPT and "no" in command.args[0]:
+            return [m.Verdict(m.R_REJECT)]
+        return None
+
+    with (
+        FakeMilter(script) as fake,
+        serve(("milter", plugin(entry(fake))), ("look", Look()), ("sink", Sink())) as server,
+        server.client() as client,
+    ):
+        client.ehlo()
+        client.mail("alice@example.org")
+        assert client.rcpt("no@example.com")[0] == 550
+        assert client.rcpt("yes@example.com")[0] == 250
+    assert seen == [[("reject", "rcpt")]]
 
 
 def test_the_example_configuration_shows_every_key_and_configures():
