@@ -464,3 +464,63 @@ def test_header_reading_is_bounded():
         assert body.read() == b"body\r\n"
     finally:
         envelope.close()
+
+
+def test_readme_example_configures():
+    import sys
+
+    from test_bundle import toml_blocks
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    (block,) = toml_blocks((ROOT / "plugins" / "milter" / "README.rst").read_text("utf-8"))
+    p = MilterPlugin()
+    p.bonzo_configure(config=tomllib.loads(block)["plugins"]["milter"], app=None)
+    assert [(c.name, str(c.socket)) for c in p.milters] == [
+        ("opendkim", "inet:8891@127.0.0.1"),
+        ("clamav", "unix:/run/clamav/clamav-milter.ctl"),
+    ]
+
+
+ALL_CHANGES = [
+    m.HeaderChange(m.R_CHGHEADER, "Subject", "[filtered] hello", 1),
+    m.ChangeSender("<bounces@example.org>", "BODY=8BITMIME"),
+    m.RecipientChange(m.R_ADDRCPT, "<archive@example.com>"),
+    m.RecipientChange(m.R_DELRCPT, "<bob@example.com>"),
+    m.ReplaceBody(b"New body\r\n"),
+    m.Verdict(m.R_CONTINUE),
+]
+HAVE_CHANGES = hasattr(__import__("bonzo.session").session.Envelope, "replace_body")
+
+
+@pytest.mark.skipif(not HAVE_CHANGES, reason="the core has no message-change API yet")
+def test_body_recipient_sender_and_header_changes_are_applied():
+    sink = Sink()
+    with (
+        FakeMilter(end_of_message=ALL_CHANGES) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        assert send(server) == {}
+    ((sender, rcpts, content),) = sink.delivered
+    assert sender == "bounces@example.org"
+    assert rcpts == ["archive@example.com"]
+    assert b"\r\nSubject: [filtered] hello\r\n" in content
+    assert content.endswith(b"\r\n\r\nNew body\r\n")
+
+
+@pytest.mark.skipif(HAVE_CHANGES, reason="the core applies these changes")
+def test_changes_the_core_cannot_apply_are_logged_not_applied(caplog):
+    sink = Sink()
+    with (
+        FakeMilter(end_of_message=ALL_CHANGES) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        assert send(server) == {}
+    ((sender, rcpts, content),) = sink.delivered
+    assert (sender, rcpts) == ("alice@example.org", ["bob@example.com"])
+    assert content.endswith(b"\r\n\r\nBody line\r\n")
+    for what in ("HeaderChange", "ChangeSender", "RecipientChange", "ReplaceBody"):
+        assert f"milter fake: {what} not applied" in caplog.text, what
