@@ -848,6 +848,9 @@ class MilterClient:
         self._decoder = FrameDecoder(max_frame)
         self._frames: list[tuple[bytes, bytes]] = []
         self.closed = False
+        #: True from MAIL until the verdict on the end of the message or an
+        #: ABORT: the milter has a transaction open.
+        self.in_transaction = False
 
     # ----------------------------------------------------------- lifecycle
     async def open(self) -> OptionReply:
@@ -921,6 +924,7 @@ class MilterClient:
 
     async def mail(self, sender: str, args: Iterable[str], macros: Mapping[str, str]) -> Outcome:
         """MAIL with the sender (``<address>``) and its ESMTP arguments."""
+        self.in_transaction = True
         return await self._step(C_MAIL, encode_mail(sender, args), macros)
 
     async def rcpt(self, recipient: str, args: Iterable[str], macros: Mapping[str, str]) -> Outcome:
@@ -980,6 +984,7 @@ class MilterClient:
 
     async def abort(self) -> None:
         """ABORT the current transaction (no reply)."""
+        self.in_transaction = False
         await self._write(encode_abort(), self.command_timeout)
 
     # ------------------------------------------------------------ internal
@@ -1046,6 +1051,7 @@ class MilterClient:
                 isinstance(reply, Verdict) and reply.code in _FINAL and reply.code != R_SKIP
             ):
                 outcome.verdict = reply
+                self.in_transaction = False
                 return outcome
             self.close()
             raise MilterProtocolError(f"{self.spec}: unexpected {reply!r} at end of message")
@@ -1080,8 +1086,14 @@ class MilterClient:
             raise MilterUnavailable(f"{self.spec}: connection lost: {exc}") from None
 
     async def _read_final(self, timeout: float, command: bytes) -> Verdict | ReplyCode:
+        # PROGRESS starts the timeout again, but not for ever.
+        deadline = time.monotonic() + 4 * timeout
         while True:
-            reply = await self._read_one(timeout)
+            remaining = min(timeout, deadline - time.monotonic())
+            if remaining <= 0:
+                self.close()
+                raise MilterTimeout(f"{self.spec}: no reply to {command!r} in time")
+            reply = await self._read_one(remaining)
             if isinstance(reply, Verdict) and reply.code == R_PROGRESS:
                 continue
             if isinstance(reply, ReplyCode) or (

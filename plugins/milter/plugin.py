@@ -184,8 +184,6 @@ class _Milter:
     session_state: str | None = None
     #: True once the milter accepted the current message (asked no more about it).
     message_done: bool = False
-    #: True while a transaction is open on the milter's side.
-    in_message: bool = False
 
 
 @dataclass
@@ -493,8 +491,7 @@ class MilterPlugin:
         for mi in self._active(state, message=False):
             assert mi.client is not None
             try:
-                if mi.in_message:  # HELO ends a transaction
-                    mi.in_message = False
+                if mi.client.in_transaction:  # HELO ends a transaction
                     await mi.client.abort()
                 outcome = await mi.client.helo(name, self._macros(mi.config, macros))
             except m.MilterError as exc:
@@ -523,9 +520,8 @@ class MilterPlugin:
             assert mi.client is not None
             mi.message_done = False
             try:
-                if mi.in_message:
+                if mi.client.in_transaction:
                     await mi.client.abort()
-                mi.in_message = True
                 outcome = await mi.client.mail(
                     _bracketed(address), _esmtp_args(params), self._macros(mi.config, macros)
                 )
@@ -596,7 +592,6 @@ class MilterPlugin:
             headers, body = _header_lines(envelope)
             sink = _BodySink()
             try:
-                mi.in_message = False
                 outcome = await mi.client.message(
                     headers,
                     _body_chunks(body),
@@ -735,21 +730,12 @@ class MilterPlugin:
         """RSET: ABORT the milters' transactions."""
         await self._abort(session)
 
-    @hookimpl
-    async def bonzo_accepted(self, session: Session) -> None:
-        """The message is done: nothing open on the milters' side."""
-        state = _state(session)
-        if state is not None:
-            for mi in state.milters:
-                mi.in_message = False
-
     async def _abort(self, session: Session) -> None:
         state = _state(session)
         if state is None:
             return
         for mi in state.milters:
-            if mi.in_message and mi.client is not None and not mi.client.closed:
-                mi.in_message = False
+            if mi.client is not None and mi.client.in_transaction and not mi.client.closed:
                 try:
                     await mi.client.abort()
                 except m.MilterError as exc:

@@ -422,3 +422,27 @@ def test_replycode_and_verdicts_end_stages():
         mail, rcpt = run(go(client_for(fake)))
     assert mail.action == "tempfail"
     assert rcpt.action == "replycode" and rcpt.verdict == m.ReplyCode(550, "5.1.1 no such user")
+
+
+def test_the_client_knows_when_a_transaction_is_open():
+    def script(command, session):
+        if command.code == m.C_HEADER:
+            return [m.Verdict(m.R_REJECT)]  # ends the message before its end
+        return None
+
+    async def go(client):
+        await client.open()
+        assert not client.in_transaction
+        await client.mail("<a@b>", [], {})
+        assert client.in_transaction
+        outcome = await client.message([("Subject", " x")], [b"body"], {})
+        assert outcome.action == "reject" and client.in_transaction
+        await client.abort()
+        assert not client.in_transaction
+        await client.mail("<a@b>", [], {})
+        await client.quit()
+
+    with FakeMilter(script) as fake:
+        run(go(client_for(fake)))
+    codes = [c for c in fake.sessions[0].codes() if c != m.C_MACRO]
+    assert codes == [b"O", b"M", b"L", b"A", b"M", b"Q"]
