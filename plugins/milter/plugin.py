@@ -254,20 +254,24 @@ def _header_lines(envelope: Envelope) -> tuple[list[tuple[str, str]], IO[bytes]]
             if len(fields) < MAX_FIELDS:
                 fields.append((name.decode("ascii"), text[:MAX_FIELD]))
 
-    def lines(source: IO[bytes]) -> Iterator[bytes]:
+    def lines(source: IO[bytes]) -> Iterator[tuple[bytes, bool]]:
+        """Each line (cut at MAX_FIELD), and whether it goes on the line
+        before (the rest of a line longer than that)."""
+        rest = False
         while True:
             line = source.readline(MAX_FIELD)
             if not line:
                 return
-            yield line
+            yield line, rest
+            rest = not line.endswith(b"\n")
 
     body = envelope.open_body()
     for source in (io.BytesIO(envelope.header_bytes), body):
-        for line in lines(source):
-            if line in (b"\r\n", b"\n") and source is body:
+        for line, rest in lines(source):
+            if line in (b"\r\n", b"\n") and source is body and not rest:
                 flush()
                 return fields, body
-            if line[:1] in (b" ", b"\t") and current:
+            if (rest or line[:1] in (b" ", b"\t")) and current:
                 if size < MAX_FIELD:
                     current.append(line)
                     size += len(line)
