@@ -525,3 +525,35 @@ def test_changes_the_core_cannot_apply_are_logged_not_applied(caplog):
     assert content.endswith(b"\r\n\r\nBody line\r\n")
     for what in ("HeaderChange", "ChangeSender", "RecipientChange", "ReplaceBody"):
         assert f"milter fake: {what} not applied" in caplog.text, what
+
+
+def test_refusal_at_connect_and_helo_and_session_accept():
+    def refuse(code):
+        def script(command, session):
+            return [m.Verdict(m.R_REJECT)] if command.code == code else None
+
+        return script
+
+    with (
+        FakeMilter(refuse(m.C_CONNECT)) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", Sink())) as server,
+    ):
+        with pytest.raises(smtplib.SMTPConnectError) as info:
+            server.client()
+        assert info.value.smtp_code == 550
+    with (
+        FakeMilter(refuse(m.C_HELO)) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", Sink())) as server,
+        server.client() as client,
+    ):
+        assert client.ehlo()[0] == 550
+    # ACCEPT at connect: the milter is not asked again in the session.
+    accept = lambda c, s: [m.Verdict(m.R_ACCEPT)] if c.code == m.C_CONNECT else None  # noqa: E731
+    sink = Sink()
+    with (
+        FakeMilter(accept) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        assert send(server) == {}
+    assert [c for c in fake.sessions[0].codes() if c != m.C_MACRO][:3] == [b"O", b"C", b"Q"]
+    assert len(sink.delivered) == 1
