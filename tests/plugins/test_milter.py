@@ -557,3 +557,61 @@ def test_refusal_at_connect_and_helo_and_session_accept():
         assert send(server) == {}
     assert [c for c in fake.sessions[0].codes() if c != m.C_MACRO][:3] == [b"O", b"C", b"Q"]
     assert len(sink.delivered) == 1
+
+
+def test_any_modifications_are_applied_or_refused_cleanly():
+    """Whatever a milter asks for at the end of the message, applying it
+    never raises: a change the envelope refuses is logged and skipped."""
+    from bonzo_plugins.milter.plugin import _BodySink, _Milter
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from bonzo import testing
+    from bonzo.session import Envelope
+
+    names = st.sampled_from(["Subject", "X-New", "From", "Received", "bad name", "", "X:Y", "é"])
+    values = st.text(max_size=30)
+    changes = st.lists(
+        st.one_of(
+            st.builds(m.HeaderChange, st.sampled_from([m.R_ADDHEADER]), names, values),
+            st.builds(
+                m.HeaderChange,
+                st.sampled_from([m.R_INSHEADER, m.R_CHGHEADER]),
+                names,
+                values,
+                st.integers(0, 2**32 - 1),
+            ),
+            st.builds(
+                m.RecipientChange,
+                st.sampled_from([m.R_ADDRCPT, m.R_DELRCPT, m.R_ADDRCPT_PAR]),
+                st.sampled_from(
+                    ["<x@example.com>", "<bob@example.com>", "", "<>", "bad", "<a@b@c>"]
+                ),
+                st.sampled_from(["", "NOTIFY=NEVER", "X"]),
+            ),
+            st.builds(m.ChangeSender, st.sampled_from(["<new@example.org>", "", "<>", "x y"])),
+            st.builds(m.QuarantineRequest, values),
+        ),
+        max_size=8,
+    )
+    p = plugin({"name": "h", "socket": "inet:1@127.0.0.1"})
+    session = testing.make_session()
+
+    @settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(changes)
+    def check(items):
+        envelope = Envelope("alice@example.org")
+        envelope.rcpt_tos.append("bob@example.com")
+        envelope.write(MESSAGE)
+        mi = _Milter(p.milters[0])
+        mi.client = m.MilterClient(p.milters[0].socket)
+        mi.client.options = m.OptionReply(6, m.ALL_ACTIONS, 0)
+        sink = _BodySink()
+        try:
+            p._apply(session, envelope, mi, m.Outcome(m.Verdict(m.R_CONTINUE), items), sink)
+            assert envelope.content.endswith(b"\r\n\r\nBody line\r\n")
+        finally:
+            sink.file.close()
+            envelope.close()
+
+    check()
