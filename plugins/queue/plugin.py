@@ -218,6 +218,7 @@ class QueuePlugin:
         spool, sync = self.spool, self.sync
         if spool is None or sync is None:
             raise TransientError("Queue not started", 451, "4.3.0")
+        keep = set(envelope.remaining_indexes)  # not refused, not removed
         recipients = [
             {
                 "address": r.original,
@@ -226,7 +227,7 @@ class QueuePlugin:
                 "params": envelope.rcpt_params[i],
             }
             for i, r in enumerate(envelope.recipients)
-            if i not in envelope.refused
+            if i in keep
         ]
         if not recipients:
             return None
