@@ -219,6 +219,10 @@ def _esmtp_args(params: Mapping[str, Any]) -> list[str]:
     return [k if v is None or v is True else f"{k}={v}" for k, v in params.items()]
 
 
+def _unbracketed(address: str) -> str:
+    return address.strip().removeprefix("<").removesuffix(">")
+
+
 def _parse_args(args: str) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for word in args.split():
@@ -638,95 +642,68 @@ class MilterPlugin:
         assert client is not None and client.options is not None
         leadspc = bool(client.options.protocol & m.P_HDR_LEADSPC)
         quarantine = None
+        names: list[str] | None = None  # the header names, as the changes go
         for change in outcome.changes:
-            what = type(change).__name__
             try:
                 if isinstance(change, m.HeaderChange):
-                    self._header(envelope, change, leadspc)
+                    if names is None:
+                        names = [n.lower() for n, _ in envelope.headers()]
+                    self._header(envelope, change, leadspc, names)
                 elif isinstance(change, m.QuarantineRequest):
                     quarantine = _clean(change.reason) or f"milter {c.name}"
-                    continue
                 elif isinstance(change, m.ReplaceBody):
                     sink.file.seek(0)
-                    self._call(envelope, "replace_body", sink.file)
+                    envelope.replace_body(sink.file)
                 elif isinstance(change, m.RecipientChange):
-                    address = change.address.strip().removeprefix("<").removesuffix(">")
+                    address = _unbracketed(change.address)
                     if change.code == m.R_DELRCPT:
-                        self._call(envelope, "remove_recipient", address)
+                        envelope.remove_recipient(address)
                     else:
-                        self._call(
-                            envelope,
-                            "add_recipient_address",
-                            address,
-                            _parse_args(change.args) or None,
-                        )
+                        params = _parse_args(change.args) or None
+                        envelope.add_recipient_address(address, params)
                 elif isinstance(change, m.ChangeSender):
-                    address = change.address.strip().removeprefix("<").removesuffix(">")
-                    self._call(envelope, "change_sender", address, _parse_args(change.args) or None)
-            except _NotApplied as exc:
-                log.warning(
-                    "[%s %s] milter %s: %s not applied: %s",
-                    session.id,
-                    session.remote_ip,
-                    c.name,
-                    what,
-                    exc,
-                )
-                continue
-            except (ValueError, TypeError) as exc:
+                    params = _parse_args(change.args) or None
+                    envelope.change_sender(_unbracketed(change.address), params)
+            except ValueError as exc:
+                # The envelope refused it (a malformed name, value or
+                # address): the rest still applies.
                 log.warning(
                     "[%s %s] milter %s: %s refused: %s",
                     session.id,
                     session.remote_ip,
                     c.name,
-                    what,
+                    type(change).__name__,
                     exc,
                 )
-                continue
-            log.info("[%s %s] milter %s: %s applied", session.id, session.remote_ip, c.name, what)
         return quarantine
 
-    @staticmethod
-    def _call(envelope: Envelope, method: str, *args: Any) -> None:
-        function = getattr(envelope, method, None)
-        if function is None:
-            raise _NotApplied(f"this core has no Envelope.{method}()")
-        function(*args)
-
-    def _header(self, envelope: Envelope, change: m.HeaderChange, leadspc: bool) -> None:
-        name = change.name
+    def _header(
+        self, envelope: Envelope, change: m.HeaderChange, leadspc: bool, names: list[str]
+    ) -> None:
+        """Apply one header change; ``names`` (the header section's names,
+        lower-case) follows, so that ``ADDHEADER`` knows where the end is."""
+        name, value = change.name, change.value
         if not _HEADER_NAME.fullmatch(name):
             raise ValueError(f"bad header name {name[:40]!r}")
-        value = change.value
-        if leadspc and value[:1] == " ":
+        if leadspc and value[:1] in (" ", "\t"):
             value = value[1:]  # the core writes "name: value"
+        key = name.lower()
         if change.code == m.R_CHGHEADER:
+            # An empty value deletes; index 0 means the first, as for Sendmail.
             occurrence = max(change.index or 0, 1)
-            if not value:
-                if hasattr(envelope, "delete_header"):
-                    envelope.delete_header(name, occurrence)
-                elif (
-                    occurrence == 1
-                    and sum(1 for n, _ in envelope_headers(envelope) if n.lower() == name.lower())
-                    <= 1
-                ):
-                    envelope.remove_header(name)
-                else:
-                    raise _NotApplied(
-                        "deleting one of several fields needs Envelope.delete_header()"
-                    )
-                return
-            self._call(envelope, "change_header", name, value, occurrence)
-            return
-        insert = getattr(envelope, "insert_header", None)
-        if insert is None:
-            # Without the core's insert_header(): in front of the message.
-            envelope.add_header(name, value)
-            return
-        if change.code == m.R_INSHEADER:
-            insert(change.index or 0, name, value)
-        else:
-            insert(len(envelope_headers(envelope)), name, value)
+            envelope.change_header(name, value or None, occurrence)
+            found = [i for i, n in enumerate(names) if n == key]
+            if len(found) >= occurrence and not value:
+                del names[found[occurrence - 1]]
+            elif len(found) < occurrence and value:
+                names.append(key)  # a missing field is added at the end
+        elif change.code == m.R_INSHEADER:
+            index = min(change.index or 0, len(names))
+            envelope.insert_header(index, name, value)
+            names.insert(index, key)
+        else:  # ADDHEADER: after the last field
+            envelope.insert_header(len(names), name, value)
+            names.append(key)
 
     # ------------------------------------------------------------ the end
     @hookimpl
@@ -757,17 +734,3 @@ class MilterPlugin:
         for mi in state.milters:
             if mi.client is not None:
                 await mi.client.quit()
-
-
-class _NotApplied(Exception):
-    """The core in use cannot apply this change."""
-
-
-def envelope_headers(envelope: Envelope) -> list[tuple[str, str]]:
-    """The current header section: the core's ``envelope.headers()`` where it
-    exists, else read here (bounded)."""
-    headers = getattr(envelope, "headers", None)
-    if callable(headers):
-        return list(headers())
-    fields, _ = _header_lines(envelope)
-    return fields

@@ -144,6 +144,8 @@ def test_opendkim_signs_through_the_milter(start_server, opendkim, key, canonica
     for content in delivered:
         head = content.split(b"\r\n\r\n", 1)[0]
         assert head.count(b"DKIM-Signature:") == 1, head
+        # OpenDKIM inserts it at index 0 (INSHEADER): above Bonzo's Received:.
+        assert content.startswith(b"DKIM-Signature: v=1;"), head
         assert f"c={canonicalization};".encode() in content
         assert dkim.verify(content, dnsfunc=dns_for(key)), content[:2000]
         # ... and a changed body no longer verifies.
