@@ -446,3 +446,51 @@ def test_the_client_knows_when_a_transaction_is_open():
         run(go(client_for(fake)))
     codes = [c for c in fake.sessions[0].codes() if c != m.C_MACRO]
     assert codes == [b"O", b"M", b"L", b"A", b"M", b"Q"]
+
+
+def test_any_answer_to_the_end_of_message_is_an_outcome_or_a_milter_error():
+    """Whatever octets a milter sends back (then closing), the client gives a
+    verdict or raises :class:`MilterError`: nothing else escapes, nothing hangs."""
+    from hypothesis import HealthCheck, given
+    from hypothesis import settings as hsettings
+
+    frames = st.lists(
+        st.one_of(responses.map(m.encode_response), st.binary(max_size=12)), max_size=6
+    ).map(b"".join)
+    box: dict[str, bytes] = {}
+
+    def script(command, session):
+        if command.code == m.C_EOB:
+            return box["answer"]
+        if command.code == m.C_QUIT:
+            return CLOSE
+        return None
+
+    async def go(client):
+        await client.open()
+        try:
+            return await client.message([("Subject", " x")], [b"body"], {})
+        finally:
+            await client.quit()
+
+    with FakeMilter(script) as fake:
+
+        @hsettings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(frames)
+        def check(answer):
+            box["answer"] = answer
+            client = client_for(fake, content_timeout=0.2)
+            try:
+                outcome = run(go(client))
+            except m.MilterError:
+                return
+            assert outcome.action in (
+                "accept",
+                "continue",
+                "reject",
+                "tempfail",
+                "discard",
+                "replycode",
+            )
+
+        check()
