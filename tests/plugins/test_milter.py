@@ -611,3 +611,18 @@ def test_any_modifications_are_applied_or_refused_cleanly():
             envelope.close()
 
     check()
+
+
+def test_discard_at_helo_discards_every_message_of_the_session():
+    def script(command, session):
+        return [m.Verdict(m.R_DISCARD)] if command.code == m.C_HELO else None
+
+    sink = Sink()
+    with (
+        FakeMilter(script) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+        server.client() as client,
+    ):
+        for _ in range(2):
+            assert client.sendmail("alice@example.org", ["bob@example.com"], MESSAGE) == {}
+    assert sink.delivered == []
