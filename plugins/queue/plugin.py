@@ -100,6 +100,10 @@ def _mode(value: Any) -> int:
 class QueuePlugin:
     """Durable queue and delivery by route (see the plugin's README)."""
 
+    #: Gives a verdict on every call of these hooks (``bonzo check`` warns
+    #: about plugins listed after it for them: they would never run).
+    decides_always = ("bonzo_deliver",)
+
     def __init__(self) -> None:
         self.spool: Spool | None = None
         self.sync: GroupSync | None = None
