@@ -411,6 +411,8 @@ class MilterPlugin:
                 mi.message_done = True
             else:
                 mi.session_state = "done"
+            if stage != "end of message":  # recorded with the changes there
+                _record(target, "pass", c.name, action, stage=stage)
             return None
         if isinstance(verdict, m.ReplyCode):
             error = reply_error(verdict)

@@ -224,6 +224,7 @@ def test_accept_stops_asking_for_the_message():
     codes = fake.sessions[0].codes()
     assert m.C_RCPT not in codes and m.C_EOB not in codes
     assert len(sink.delivered) == 1
+    assert sink.results == [[("pass", {"milter": "fake", "action": "accept", "stage": "mail"})]]
 
 
 def test_header_changes_are_applied():
