@@ -14,7 +14,7 @@ from milter_fake import CLOSE, HANG, FakeMilter
 from bonzo import milter as m
 
 # ---------------------------------------------------------------- strategies
-text = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=40)
+text = st.text(st.characters(exclude_characters="\0", exclude_categories=("Cs",)), max_size=40)
 word = st.integers(0, 2**32 - 1)
 macro_names = st.sampled_from(["j", "i", "_", "{daemon_name}", "{auth_authen}", "{rcpt_addr}"])
 
