@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
             metavar="FILE",
             help="configuration file (default: the embedded default, bonzo.toml.example)",
         )
+    sub.choices["plugins"].add_argument(
+        "--doc", metavar="NAME", help="print the documentation of plugin NAME and exit"
+    )
     serve = sub.choices["serve"]
     serve.add_argument(
         "--listen",
@@ -167,9 +170,25 @@ def _load_app(args: argparse.Namespace) -> Any:
     return MailApp(config)
 
 
+def _check_log_file(config: Any) -> None:
+    """The error ``bonzo serve`` would stop on if :tomlkey:`logging.file`
+    cannot be opened for appending (checked without creating it)."""
+    path = config.logging.file
+    if path is None:
+        return
+    target = path if os.path.exists(path) else os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        raise config.error("logging.file", f"cannot open {path}: is a directory")
+    if not os.path.isdir(os.path.dirname(path) or "."):
+        raise config.error("logging.file", f"cannot open {path}: no such directory")
+    if not os.access(target, os.W_OK):
+        raise config.error("logging.file", f"cannot open {path}: permission denied")
+
+
 def _check(args: argparse.Namespace) -> int:
     app = _load_app(args)
     config = app.config
+    _check_log_file(config)
     print(f"{config.source}: OK")
     print("  listeners:")
     for listener in config.listeners:
@@ -210,10 +229,59 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plugin_doc(name: str) -> int:
+    """``bonzo plugins --doc NAME``: the plugin's README (beside its module,
+    as the bundled plugins ship it), else its docstring, else its
+    distribution's summary."""
+    import importlib
+    import inspect
+
+    from .app import installed_plugins, resolve_plugin
+
+    installed = installed_plugins()
+    try:
+        plugin = resolve_plugin(name, installed)
+    except LookupError as exc:
+        print(f"bonzo: plugins --doc: {exc} (see bonzo plugins)", file=sys.stderr)
+        return 2
+    module_name = str(getattr(plugin, "__module__", None) or getattr(plugin, "__name__", ""))
+    package = module_name.rpartition(".")[0] if "." in module_name else module_name
+    for candidate in (module_name, package):
+        try:
+            module = importlib.import_module(candidate)
+        except ImportError:
+            continue
+        where = getattr(module, "__file__", None)
+        if where:
+            readme = os.path.join(os.path.dirname(where), "README.rst")
+            if os.path.isfile(readme):
+                with open(readme, encoding="utf-8") as f:
+                    sys.stdout.write(f.read())
+                return 0
+    doc = inspect.getdoc(plugin) or inspect.getdoc(type(plugin))
+    if doc and type(plugin).__module__ != "builtins":
+        print(doc)
+        return 0
+    if name in installed:
+        from importlib import metadata
+
+        try:
+            summary = metadata.metadata(installed[name].distribution)["Summary"]
+        except (metadata.PackageNotFoundError, KeyError):
+            summary = None
+        if summary:
+            print(summary)
+            return 0
+    print(f"bonzo: plugins --doc: plugin {name!r} has no documentation", file=sys.stderr)
+    return 1
+
+
 def _plugins(args: argparse.Namespace) -> int:
     from .app import installed_plugins
     from .hooks import hook_names
 
+    if args.doc is not None:
+        return _plugin_doc(args.doc)
     app = _load_app(args)
     installed = installed_plugins()
     enabled = app.config.plugins.enabled

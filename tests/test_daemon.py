@@ -614,6 +614,9 @@ def test_an_unwritable_log_file_is_a_configuration_error(workdir, env):
     config.write_text(text)
     result = bonzo("serve", "-c", str(config), env=env, cwd=workdir)
     one_line_error(result, f"bonzo: {config}: logging.file: cannot open", "no/such/dir/b.log")
+    # bonzo check finds it too, before anyone runs serve.
+    result = bonzo("check", "-c", str(config), env=env, cwd=workdir)
+    one_line_error(result, f"bonzo: {config}: logging.file: cannot open", "no such directory")
 
 
 # ---------------------------------------------------- signals and the supervisor
@@ -802,6 +805,17 @@ def test_sighup_is_logged_and_ignored(workdir, serve, workers):
     assert "restarting" not in daemon.log
 
 
+def test_check_warns_when_no_plugin_can_accept_a_recipient(workdir, env):
+    """``access`` and ``maildir``: access only refuses at RCPT, so every
+    recipient would be refused; bonzo check says so."""
+    config = write_config(workdir, free_port(), enabled=["access", "maildir"])
+    result = bonzo("check", "-c", str(config), env=env, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "warning: no enabled plugin can accept a recipient: 'access' only refuse at RCPT"
+    ) in result.stdout
+
+
 def test_check_warns_about_a_plugin_that_never_runs(workdir, env):
     """``access`` listed after ``recipients``, which answers every RCPT: its
     RCPT rules can never apply, and ``bonzo check`` says so."""
@@ -945,3 +959,24 @@ def test_serve_listen_overrides_the_listeners(workdir, env):
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_plugins_doc_prints_a_plugins_documentation(workdir, env):
+    result = bonzo("plugins", "--doc", "maildir", env=env, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("``maildir``: durable delivery into Maildir folders")
+    assert "``envelope_headers``" in result.stdout  # the whole README, keys included
+    (workdir / "plugins" / "documented.py").write_text(
+        'class Plugin:\n    """Refuses nothing; documents itself."""\n\n'
+        "    def bonzo_helo(self):\n        return None\n"
+    )
+    local = bonzo(
+        "plugins",
+        "--doc",
+        "documented:Plugin",
+        env={**env, "PYTHONPATH": f"{workdir / 'plugins'}:{env['PYTHONPATH']}"},
+        cwd=workdir,
+    )
+    assert local.stdout == "Refuses nothing; documents itself.\n", local.stderr
+    missing = bonzo("plugins", "--doc", "nope", env=env, cwd=workdir)
+    assert missing.returncode == 2 and "'nope' is not installed" in missing.stderr

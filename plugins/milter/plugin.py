@@ -313,6 +313,10 @@ class _BodySink:
 class MilterPlugin:
     """Passes each stage to the configured milters and applies their answers."""
 
+    #: The decision hooks where it can accept: none (it refuses or has no
+    #: opinion), so ``bonzo check`` warns when no other plugin can accept.
+    accepts = ()
+
     def __init__(self) -> None:
         self.milters: list[MilterConfig] = []
         self.hostname = "localhost"
