@@ -23,6 +23,7 @@ from typing import Any
 
 import dkim
 
+from bonzo import Quarantine
 from bonzo.dns import DNSError
 from bonzo.errors import PermanentError, TransientError
 from bonzo.hookspecs import hookimpl
@@ -32,11 +33,6 @@ from .._auth import dns_enabled, get_choice, resolver_of, sanitize
 from .._config import as_table, check_keys, get_bool
 from ..dkim_sign.signer import MAX_HEADER_SECTION, from_domain, read_header_section
 from .policy import Discovery, Record
-
-try:
-    from bonzo import Quarantine
-except ImportError:  # pragma: no cover - TEMPORARY until "issue 11 core" is merged
-    Quarantine = None
 
 __all__ = ["DmarcPlugin", "KEYS", "Evaluation"]
 
@@ -211,6 +207,6 @@ class DmarcPlugin:
                 550,
                 "5.7.1",
             )
-        if action == "quarantine" and Quarantine is not None:
+        if action == "quarantine":
             return Quarantine(f"DMARC: {outcome.reason}; policy {outcome.disposition}")
         return None

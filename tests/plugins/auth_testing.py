@@ -11,35 +11,7 @@ from typing import Any, TypeVar
 
 from plugin_testing import make_envelope
 
-try:
-    from bonzo.results import Results
-except ImportError:  # TEMPORARY until "issue 11 core" is merged
-
-    class Results:  # type: ignore[no-redef]
-        def __init__(self) -> None:
-            self._items: list[Any] = []
-
-        def add(self, plugin: str, result: str, reason: str = "", **details: Any) -> Any:
-            item = SimpleNamespace(plugin=plugin, result=result, reason=reason, details=details)
-            self._items.append(item)
-            return item
-
-        def get(self, plugin: str) -> Any:
-            found = self.all(plugin)
-            return found[-1] if found else None
-
-        def all(self, plugin: str | None = None) -> list[Any]:
-            return [i for i in self._items if plugin in (None, i.plugin)]
-
-        def __iter__(self) -> Any:
-            return iter(list(self._items))
-
-        def __len__(self) -> int:
-            return len(self._items)
-
-        def __contains__(self, plugin: object) -> bool:
-            return any(i.plugin == plugin for i in self._items)
-
+from bonzo.results import Results
 
 T = TypeVar("T")
 
@@ -62,8 +34,6 @@ def envelope(
     """A real envelope (its ``results`` are the core's)."""
     env = make_envelope(body, mail_from=mail_from)
     OPEN.append(env)
-    if not hasattr(env, "results"):  # TEMPORARY until "issue 11 core" is merged
-        env.results = Results()
     return env
 
 
