@@ -178,3 +178,27 @@ def test_readme_documents_every_key():
 
 def test_the_example_configuration_shows_every_key():
     assert example_keys("dkim") == set(KEYS)
+
+
+def test_verification_memory_is_bounded(rsa, tmp_path):
+    """A 20 MB message is verified with a few MB of memory: the body is
+    hashed in pieces from the spool, never read whole."""
+    import tracemalloc
+
+    from bonzo_plugins.dkim.verify import prepare
+
+    body = b"".join(b"line %07d of a long message\r\n" % i for i in range(650_000))
+    signed = rsa.sign(MESSAGE + body, "s1", "example.org")
+    path = tmp_path / "message"
+    path.write_bytes(signed)
+    del body, signed
+    with path.open("rb") as content:
+        tracemalloc.start()
+        try:
+            prepared = prepare(b"", content, 5)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert path.stat().st_size > 20_000_000
+    assert prepared.body_hashes and prepared.signatures[0].result == ""
+    assert peak < 4_000_000, peak

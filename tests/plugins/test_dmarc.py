@@ -10,6 +10,8 @@ import pytest
 from auth_testing import app, envelope, example_keys, fake_session, run
 from bonzo_plugins.dmarc import Discovery, DmarcPlugin, parse_record, targets
 from bonzo_plugins.dmarc.plugin import KEYS
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bonzo.errors import PermanentError, TransientError
 
@@ -199,3 +201,19 @@ def test_readme_documents_every_key():
 
 def test_the_example_configuration_shows_every_key():
     assert example_keys("dmarc") == set(KEYS)
+
+
+@given(st.text(max_size=300))
+def test_parse_record_never_raises(text):
+    record = parse_record("example.org", "v=DMARC1;" + text)
+    assert record is not None
+    assert record.p in ("none", "quarantine", "reject") and 0 <= record.pct <= 100
+    assert record.adkim in ("r", "s") and record.psd in ("y", "n", "u")
+
+
+@given(st.lists(st.from_regex(r"[a-z0-9]{1,10}", fullmatch=True), min_size=1, max_size=20))
+def test_tree_walk_is_bounded(labels):
+    walk = targets(".".join(labels))
+    assert 1 <= len(walk) <= 8
+    assert walk[0] == ".".join(labels) and walk[-1] == labels[-1]
+    assert all(a.endswith(b) for a, b in zip(walk, walk[1:]))
