@@ -216,4 +216,4 @@ def test_tree_walk_is_bounded(labels):
     walk = targets(".".join(labels))
     assert 1 <= len(walk) <= 8
     assert walk[0] == ".".join(labels) and walk[-1] == labels[-1]
-    assert all(a.endswith(b) for a, b in zip(walk, walk[1:]))
+    assert all(a.endswith(b) for a, b in zip(walk, walk[1:], strict=False))
