@@ -45,18 +45,19 @@ def mx(start_server, dns_stub, tmp_path):
         ("dmarc", DmarcPlugin(), {}),
         ("authres", AuthresPlugin(), {}),
         ("recipients", RecipientsPlugin(), {"domains": ["example.com"]}),
-        ("maildir", MaildirPlugin(), {"path": "Maildir"}),
+        ("maildir", MaildirPlugin(), {"path": "Maildir", "quarantine": "Quarantine"}),
     ]
     for _name, plugin, table in tables:
         plugin.bonzo_configure(config=table, app=app)
     plugins = make_plugin_set(*[(name, plugin) for name, plugin, _ in tables])
     server = start_server(plugins=plugins, hostname=HOSTNAME)
     server.maildir = tmp_path / "Maildir"
+    server.quarantine = tmp_path / "Quarantine"
     return server
 
 
-def stored(server) -> list[bytes]:
-    new = Path(server.maildir) / "new"
+def stored(server, where: str = "maildir") -> list[bytes]:
+    new = Path(getattr(server, where)) / "new"
     return [p.read_bytes() for p in sorted(new.iterdir())] if new.exists() else []
 
 
@@ -109,3 +110,17 @@ def test_listed_client_is_refused_at_connect(mx, dns_stub):
         smtplib.SMTP("127.0.0.1", mx.port, local_hostname="client.example", timeout=10)
     assert info.value.smtp_code == 554
     assert b"bl.example" in info.value.smtp_error
+
+
+def test_dmarc_quarantine_goes_to_the_quarantine_maildir(mx, dns_stub):
+    dns_stub.add("_dmarc.shop.example", "TXT", '"v=DMARC1; p=quarantine"')
+    with smtplib.SMTP("127.0.0.1", mx.port, local_hostname="client.example", timeout=10) as c:
+        assert (
+            c.sendmail("x@elsewhere.example", ["bob@example.com"], message("a@shop.example")) == {}
+        )
+    assert stored(mx) == []
+    (content,) = stored(mx, "quarantine")
+    msg = email.message_from_bytes(content)
+    mark = " ".join(msg["X-Bonzo-Quarantine"].split())
+    assert mark.startswith("dmarc: DMARC: neither SPF nor DKIM aligned with shop.example")
+    assert mark.endswith("policy quarantine")
