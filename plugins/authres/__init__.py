@@ -5,6 +5,6 @@ forged fields carrying that id are removed.
 See ``README.rst`` in this directory for its configuration.
 """
 
-from .plugin import AuthresPlugin, authserv_id_of, forged_occurrences
+from .plugin import AuthresPlugin, authserv_id_of
 
-__all__ = ["AuthresPlugin", "authserv_id_of", "forged_occurrences"]
+__all__ = ["AuthresPlugin", "authserv_id_of"]

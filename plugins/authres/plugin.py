@@ -27,9 +27,8 @@ from bonzo.session import Envelope, Session
 
 from .._auth import sanitize
 from .._config import as_table, check_keys, get_bool, get_str
-from ..dkim_sign.signer import MAX_HEADER_SECTION, read_header_section
 
-__all__ = ["AuthresPlugin", "KEYS", "authserv_id_of", "forged_occurrences"]
+__all__ = ["AuthresPlugin", "KEYS", "authserv_id_of"]
 
 log = logging.getLogger("bonzo.plugins.authres")
 
@@ -39,7 +38,6 @@ FIELD = "Authentication-Results"
 #: token characters (RFC 8601 2.2 pvalue, RFC 2045 token).
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~.@]{1,255}")
 _ID = re.compile(r"[A-Za-z0-9.\-_]{1,255}")
-_FIELD_NAME = re.compile(rb"authentication-results\s*:", re.I)
 
 
 def _pvalue(value: Any) -> str:
@@ -68,33 +66,6 @@ def authserv_id_of(value: bytes) -> str | None:
         text = re.sub(r"\([^()]*\)", " ", text)
         words = text.split(";", 1)[0].split()
         return words[0].lower() if words else None
-
-
-def _fields(section: bytes) -> list[tuple[bytes, bytes]]:
-    """``(name, value)`` of each field of a header section, unfolded."""
-    fields: list[tuple[bytes, bytes]] = []
-    for line in section.splitlines(keepends=True):
-        if line[:1] in (b" ", b"\t") and fields:
-            name, value = fields[-1]
-            fields[-1] = (name, value + line)
-        else:
-            name, _, value = line.partition(b":")
-            fields.append((name.strip(), value))
-    return fields
-
-
-def forged_occurrences(section: bytes, authserv_id: str) -> list[int]:
-    """The occurrences (from 1, among the ``Authentication-Results:`` fields
-    of ``section``) whose authserv-id is ``authserv_id``."""
-    found = []
-    occurrence = 0
-    for name, value in _fields(section):
-        if name.lower() != b"authentication-results":
-            continue
-        occurrence += 1
-        if authserv_id_of(value) == authserv_id.lower():
-            found.append(occurrence)
-    return found
 
 
 class AuthresPlugin:
@@ -188,31 +159,24 @@ class AuthresPlugin:
         return f"{self.authserv_id};\r\n\t" + ";\r\n\t".join(str(r) for r in results)
 
     # ----------------------------------------------------------- forged
-    def _section(self, envelope: Envelope) -> bytes | None:
-        head = envelope.header_bytes
-        section = read_header_section(envelope.open_body(), MAX_HEADER_SECTION - len(head))
-        return None if section is None else head + section
-
     async def remove(self, envelope: Envelope) -> int:
         """Delete the ``Authentication-Results:`` fields that carry our
         authserv-id (RFC 8601 5: a sender may have forged them)."""
         loop = asyncio.get_running_loop()
-        section = await loop.run_in_executor(None, self._section, envelope)
-        if section is None or not _FIELD_NAME.search(section):
-            return 0
-        forged = forged_occurrences(section, self.authserv_id)
-        if not forged:
-            return 0
-        delete = getattr(envelope, "delete_header", None)
-        if delete is None:  # TEMPORARY: a core without the message-change API
-            total = sum(1 for n, _ in _fields(section) if n.lower() == b"authentication-results")
-            if len(forged) == total:
-                return envelope.remove_header(FIELD)
-            log.warning("authres: cannot delete single fields with this Bonzo version")
-            return 0
+        # headers() applies earlier plugins' changes (a spool rewrite): off
+        # the loop.
+        fields = await loop.run_in_executor(None, envelope.headers)
+        occurrence = 0
+        forged = []
+        for name, value in fields:
+            if name.lower() == "authentication-results":
+                occurrence += 1
+                raw = value.encode("utf-8", "surrogateescape")
+                if authserv_id_of(raw) == self.authserv_id.lower():
+                    forged.append(occurrence)
         # Last first, so that the occurrence numbers of the others hold.
-        for occurrence in reversed(forged):
-            delete(FIELD, occurrence)
+        for number in reversed(forged):
+            envelope.delete_header(FIELD, number)
         return len(forged)
 
     @hookimpl

@@ -69,15 +69,24 @@ def results_of(content: bytes) -> list[tuple[str, str]]:
     return [(r.method, r.result) for r in parsed.results]
 
 
-def test_signed_message_passes_and_is_stored_with_authentication_results(mx, dns_stub):
+def test_signed_message_passes_and_is_stored_with_authentication_results(mx, dns_stub, caplog):
     key = DkimKey("rsa")
     key.publish(dns_stub, "s1", "example.org")
     dns_stub.add("example.org", "TXT", '"v=spf1 ip4:127.0.0.0/8 -all"')
     dns_stub.add("_dmarc.example.org", "TXT", '"v=DMARC1; p=reject"')
     signed = key.sign(message("Alice <alice@example.org>"), "s1", "example.org")
+    forged = (
+        f"Authentication-Results: {HOSTNAME}; dmarc=pass header.from=bank.example\r\n"
+        "Authentication-Results: relay.example; spf=pass smtp.mailfrom=example.org\r\n"
+    ).encode()
     with smtplib.SMTP("127.0.0.1", mx.port, local_hostname="client.example", timeout=10) as c:
-        assert c.sendmail("alice@example.org", ["bob@example.com"], signed) == {}
+        assert c.sendmail("alice@example.org", ["bob@example.com"], forged + signed) == {}
     (content,) = stored(mx)
+    assert b"bank.example" not in content  # the forged field with our id is gone
+    assert b"Authentication-Results: relay.example; spf=pass" in content  # not ours: kept
+    content = content.replace(forged.splitlines(keepends=True)[1], b"")
+    # The change is recorded as the authres plugin's (logged by the core).
+    assert any("authres delete_header" in r.getMessage() for r in caplog.records)
     assert results_of(content) == [
         ("spf", "none"),  # the HELO identity: client.example publishes no SPF
         ("spf", "pass"),

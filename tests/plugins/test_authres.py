@@ -9,7 +9,7 @@ from pathlib import Path
 import authres
 import pytest
 from auth_testing import app, envelope, example_keys, fake_session, run
-from bonzo_plugins.authres import AuthresPlugin, authserv_id_of, forged_occurrences
+from bonzo_plugins.authres import AuthresPlugin, authserv_id_of
 from bonzo_plugins.authres.plugin import KEYS
 from hypothesis import given
 from hypothesis import strategies as st
@@ -97,18 +97,6 @@ def test_authserv_id_of():
     assert authserv_id_of(b"   ") is None
 
 
-def test_forged_occurrences():
-    section = (
-        b"Received: from x\r\n"
-        b"Authentication-Results: other.example; spf=pass smtp.mailfrom=a.example\r\n"
-        b"Authentication-Results: mx.test;\r\n\tdkim=pass header.d=example.org\r\n"
-        b"Subject: x\r\n"
-        b"authentication-results: MX.TEST; none\r\n"
-    )
-    assert forged_occurrences(section, "mx.test") == [2, 3]
-    assert forged_occurrences(section, "elsewhere.example") == []
-
-
 @given(st.binary(max_size=300))
 def test_authserv_id_of_never_raises(value):
     found = authserv_id_of(value)
@@ -132,3 +120,20 @@ def test_readme_documents_every_key():
 
 def test_the_example_configuration_shows_every_key():
     assert example_keys("authres") == set(KEYS)
+
+
+def test_forged_fields_with_our_id_are_removed_and_others_kept():
+    forged = (
+        b"Authentication-Results: other.example; spf=pass smtp.mailfrom=a.example\r\n"
+        b"Authentication-Results: mx.test;\r\n\tdkim=pass header.d=bank.example\r\n"
+        b"authentication-results: MX.TEST; dmarc=pass\r\n"
+    )
+    env = envelope(forged + MESSAGE)
+    run(configured().bonzo_message(session=fake_session(), envelope=env))
+    content = env.content
+    assert b"header.d=bank.example" not in content and b"dmarc=pass" not in content
+    assert b"other.example; spf=pass" in content
+    assert content.count(b"Authentication-Results: mx.test;") == 1  # ours
+    env = envelope(forged + MESSAGE)
+    run(configured(remove_forged=False).bonzo_message(session=fake_session(), envelope=env))
+    assert b"header.d=bank.example" in env.content
