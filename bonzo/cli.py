@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
+import json
 import logging
 import os
 import signal
@@ -32,6 +34,7 @@ from typing import Any
 from . import version
 from .config import ConfigError, load_config
 from .protocol import data_scan_in_c
+from .session import current_message_id, current_session_id
 
 __all__ = ["main"]
 
@@ -215,6 +218,32 @@ def _plugins(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------- serve
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line (``[logging] format = "json"``): ``time``
+    (ISO 8601, UTC), ``level``, ``logger``, ``pid``, ``message``, and
+    ``session`` and ``message_id`` on every line logged while a session
+    (and one of its messages) is being served; ``exception`` with the
+    traceback when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        line: dict[str, Any] = {
+            "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        session, message = current_session_id.get(), current_message_id.get()
+        if session is not None:
+            line["session"] = session
+        if message is not None:
+            line["message_id"] = message
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
 def _setup_logging(config: Any) -> None:
     level = getattr(logging, config.logging.level.upper())
     handler: logging.Handler
@@ -227,9 +256,12 @@ def _setup_logging(config: Any) -> None:
             ) from None
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
-    )
+    if config.logging.format == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -119,7 +119,7 @@ LISTENER_OVERRIDES = tuple(k for k, s in SETTING_SECTIONS.items() if s in ("prot
 #: Keys of a listener's ``tls`` table, and of each of its ``sni`` entries.
 TLS_KEYS = ("cert", "key", "sni")
 SNI_KEYS = ("cert", "key")
-LOGGING_KEYS = ("level", "access_log", "file")
+LOGGING_KEYS = ("level", "access_log", "file", "format")
 PLUGINS_KEYS = ("enabled", "timeout", "timeouts", "paths")
 #: Keys of the ``[dns]`` table: the fields of :class:`~bonzo.dns.DNSSettings`.
 DNS_KEYS = tuple(DNSSettings.field_names())
@@ -177,6 +177,7 @@ class LoggingConfig:
     level: str = "info"
     access_log: bool = True
     file: str | None = None
+    format: str = "text"
 
 
 @dataclass
@@ -558,7 +559,10 @@ def _logging(table: dict[str, Any], source: str, base_dir: Path) -> LoggingConfi
     file = table.get("file")
     if file is not None:
         file = _path(file, source, "logging.file", base_dir)
-    return LoggingConfig(level=level.lower(), access_log=access, file=file)
+    fmt = table.get("format", "text")
+    if fmt not in ("text", "json"):
+        raise ConfigError(source, "logging.format", f'must be "text" or "json", not {fmt!r}')
+    return LoggingConfig(level=level.lower(), access_log=access, file=file, format=fmt)
 
 
 def _dns(table: dict[str, Any], source: str, base_dir: Path) -> DNSSettings:

@@ -9,6 +9,7 @@ fixture kills whatever a test left running.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -835,3 +836,26 @@ action = "deny"
     )
     result = bonzo("check", "-c", str(config), env=env, cwd=workdir)
     assert "never runs" not in result.stdout
+
+
+def test_json_logs_carry_the_session_and_message_ids(workdir, serve):
+    port = free_port()
+    config = write_config(workdir, port)
+    config.write_text(
+        config.read_text().replace('level = "info"', 'level = "info"\nformat = "json"')
+    )
+    daemon = serve(config, port)
+    daemon.wait_ready()
+    assert send(port) == {}
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=DEADLINE) as c:
+        assert c.docmd("MAIL FROM:<a@example.org>")[0] == 503  # before HELO: refused
+    wait_until(lambda: "refused by" in daemon.log, what="the refusal's line")
+    assert daemon.stop() == 0
+    lines = [json.loads(line) for line in daemon.log.splitlines() if line.strip()]
+    assert all({"time", "level", "logger", "pid", "message"} <= set(line) for line in lines)
+    [accepted] = [line for line in lines if line["logger"] == "tornado.access"]
+    assert accepted["message_id"] in accepted["message"]  # "id=<message id>"
+    assert accepted["session"] == accepted["message"].split()[0]
+    [refusal] = [line for line in lines if "refused by" in line["message"]]
+    assert refusal["session"] != accepted["session"] and "message_id" not in refusal
+    assert refusal["time"].endswith("Z")
