@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -286,10 +287,16 @@ def _serve(args: argparse.Namespace) -> int:
     for warning in app.warnings():
         log.warning("%s", warning)
     main_pid = os.getpid()
+    if config.pid_file is not None:
+        problem = _write_pid_file(config.pid_file)
+        if problem is not None:
+            log.error("server.pid_file: %s", problem)
+            return 1
     try:
         sockets = app.bind()
     except OSError as exc:
         log.error("%s", exc.strerror or exc)
+        _remove_pid_file(config.pid_file, main_pid)
         return 1
     where = ", ".join(_socket_name(s) for s in sockets)
     log.info(
@@ -311,6 +318,71 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         if os.getpid() == main_pid:  # not in a worker that returns here
             app.remove_unix_sockets()
+            _remove_pid_file(config.pid_file, main_pid)
+
+
+def _write_pid_file(path: str) -> str | None:
+    """Write this process's id to ``path`` (atomically); the problem, if
+    another live process holds it or it cannot be written."""
+    try:
+        with open(path, encoding="ascii") as f:
+            old = int(f.read().strip() or "0")
+    except FileNotFoundError:
+        old = 0
+    except (OSError, ValueError):
+        old = 0  # unreadable or not a number: stale, replaced below
+    if old > 0 and old != os.getpid():
+        try:
+            os.kill(old, 0)
+        except ProcessLookupError:
+            log.warning("server.pid_file: %s named pid %d, which is gone; replaced", path, old)
+        except OSError:
+            return f"{path}: pid {old} is running (is bonzo already running?)"
+        else:
+            return f"{path}: pid {old} is running (is bonzo already running?)"
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return f"cannot write {path}: {exc.strerror or exc}"
+    return None
+
+
+def _remove_pid_file(path: str | None, pid: int) -> None:
+    """Remove ``path`` if it still names ``pid`` (never another daemon's)."""
+    if path is None:
+        return
+    try:
+        with open(path, encoding="ascii") as f:
+            if f.read().strip() != str(pid):
+                return
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd ``state`` (``READY=1``, ``STOPPING=1``) through the
+    socket ``$NOTIFY_SOCKET`` names, if any (``Type=notify`` units; with
+    worker processes, ``NotifyAccess=all``, as each worker reports itself
+    ready). Returns whether it was sent; never raises."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address or address[0] not in "/@":
+        return False
+    target = "\0" + address[1:] if address[0] == "@" else address
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), target)
+    except OSError as exc:
+        log.warning("sd_notify: %s: %s", address, exc.strerror or exc)
+        return False
+    return True
 
 
 def _socket_name(sock: Any) -> str:
@@ -418,7 +490,9 @@ def _run_worker(
                 log.error("startup failed: %s", exc, exc_info=True)
                 return _STARTUP_FAILED
             log.info("ready (pid %d)", os.getpid())
+            sd_notify(f"READY=1\nMAINPID={supervisor or os.getpid()}")
             await stopping.wait()
+            sd_notify("STOPPING=1")
             log.info("stopping: no new connections; finishing messages in flight")
             stop_begun = True
             stopped = asyncio.ensure_future(app.stop())

@@ -93,7 +93,7 @@ SETTING_SECTIONS: dict[str, str] = {
 
 #: Keys of each table that are not SMTPSettings fields.
 EXTRA_KEYS: dict[str, tuple[str, ...]] = {
-    "server": ("workers", "loop"),
+    "server": ("workers", "loop", "pid_file"),
     "protocol": (),
     "limits": (),
 }
@@ -202,6 +202,8 @@ class Config:
     workers: int = 1
     #: The event loop: ``"asyncio"`` (the standard library's) or ``"uvloop"``.
     loop: str = "asyncio"
+    #: Where ``bonzo serve`` writes its process id (``None``: nowhere).
+    pid_file: str | None = None
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     #: The ``[dns]`` table (default: DNS off).
@@ -304,6 +306,7 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
     kwargs: dict[str, Any] = {}
     workers = 1
     loop = "asyncio"
+    pid_file = None
     for section in ("server", "protocol", "limits"):
         table = _table(data, section, source)
         allowed = [k for k, s in SETTING_SECTIONS.items() if s == section]
@@ -323,6 +326,8 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
                 workers = value
             elif key == "loop":
                 loop = _event_loop(value, source)
+            elif key == "pid_file":
+                pid_file = _path(value, source, "server.pid_file", base_dir)
             elif key == "spool_dir":
                 kwargs[key] = _path(value, source, "server.spool_dir", base_dir)
             else:
@@ -346,6 +351,7 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
         listeners=listeners,
         workers=workers,
         loop=loop,
+        pid_file=pid_file,
         logging=_logging(_table(data, "logging", source), source, base_dir),
         plugins=_plugins(_table(data, "plugins", source), source, base_dir),
         dns=_dns(_table(data, "dns", source), source, base_dir),

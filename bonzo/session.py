@@ -79,6 +79,7 @@ current_plugin: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 current_session_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "bonzo_session_id", default=None
 )
+#: The id of the message whose transaction is open (see :data:`current_session_id`).
 current_message_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "bonzo_message_id", default=None
 )
