@@ -31,6 +31,7 @@ from .hooks import PluginError, PluginSet
 from .hookspecs import DECISION_HOOKS
 from .server import ConnectionCount, SMTPServer
 from .settings import SettingError
+from .store import open_store
 
 __all__ = ["MailApp", "InstalledPlugin", "installed_plugins", "resolve_plugin", "ENTRY_POINT_GROUP"]
 
@@ -124,6 +125,14 @@ class MailApp:
        table: every plugin that looks something up in DNS uses this one
        (:doc:`/dns`). Its lookups raise :class:`~bonzo.dns.DNSDisabled` while
        ``[dns]`` names no nameserver.
+
+    .. attribute:: store
+
+       The process's shared state, a :class:`~bonzo.store.Store` built from
+       the ``[redis]`` table: a :class:`~bonzo.store.RedisStore` when
+       ``[redis] url`` is set (every node naming that server shares it), else
+       a :class:`~bonzo.store.MemoryStore` of this process
+       (:doc:`/scaling`). Rate limits and greylisting keep their state here.
     """
 
     def __init__(self, config: Config | None = None, extra_plugins: Iterable[Any] = ()) -> None:
@@ -135,6 +144,7 @@ class MailApp:
             self.dns = Resolver(self.config.dns)
         except SettingError as exc:
             raise self.config.error(f"dns.{exc.setting}", exc.detail) from None
+        self.store = open_store(self.config.redis)
         self.server: SMTPServer | None = None
         #: One server per listener, once started.
         self.servers: list[SMTPServer] = []
@@ -323,6 +333,7 @@ class MailApp:
         if self._started:
             self._started = False
             await self.plugins.call_observers("bonzo_shutdown", self)
+            await self.store.close()
 
     def force_stop(self) -> None:
         """Stop at once (a second SIGTERM while :meth:`stop` waits): every

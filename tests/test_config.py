@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from bonzo.config import (
     DNS_KEYS,
+    REDIS_KEYS,
     EXTRA_KEYS,
     LISTENER_KEYS,
     LOGGING_KEYS,
@@ -537,6 +538,7 @@ def test_every_key_is_documented_in_the_example_under_its_table():
     assert set(LOGGING_KEYS) <= documented["logging"]
     assert set(PLUGINS_KEYS) <= documented["plugins"]
     assert set(DNS_KEYS) <= documented["dns"]
+    assert set(REDIS_KEYS) <= documented["redis"]
     assert set(TOP_LEVEL_KEYS) <= set(documented)
 
 
