@@ -221,7 +221,9 @@ class MemoryStore(Store):
         # key -> (expires at, value); a counter's value is (slot, current, previous).
         self._data: OrderedDict[str, tuple[float, Any]] = OrderedDict()
 
-    def __len__(self) -> int:
+    @property
+    def size(self) -> int:
+        """The keys held now (expired ones included until they are dropped)."""
         return len(self._data)
 
     def _lookup(self, key: str, now: float) -> Any:

@@ -213,12 +213,15 @@ def get_prefix(config: Mapping[str, Any], key: str, default: int, bits: int) -> 
 def client_network(remote_ip: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
     """The client's network in CIDR form (``192.0.2.0/24``,
     ``2001:db8:1:2::/64``): the address with its host bits cleared, so that
-    the hosts of one network count as one client. An address that does not
+    the hosts of one network count as one client (a full-length prefix gives
+    the bare address). An address that does not
     parse is returned as it is (it still names one client)."""
     address = client_address(remote_ip)
     if address is None:
         return remote_ip
     prefix = ipv4_prefix if address.version == 4 else ipv6_prefix
+    if prefix == address.max_prefixlen:
+        return str(address)
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
 

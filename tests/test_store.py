@@ -100,7 +100,7 @@ def test_memory_is_bounded_least_recently_used_first():
             await store.hit(f"client-{i}", 5, 60)
             if i % 10 == 0:
                 assert await store.get("keep") == "v"  # used: kept
-        return len(store), await store.get("keep"), await store.get("client-0")
+        return store.size, await store.get("keep"), await store.get("client-0")
 
     size, kept, first = run(go())
     assert size == 100
