@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 
 from bonzo.config import (
     DNS_KEYS,
-    REDIS_KEYS,
     EXTRA_KEYS,
     LISTENER_KEYS,
     LOGGING_KEYS,
     PLUGINS_KEYS,
+    REDIS_KEYS,
     SETTING_SECTIONS,
     TOP_LEVEL_KEYS,
     Config,

@@ -8,13 +8,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from bonzo_plugins.greylist import GreylistPlugin
 from plugin_testing import make_envelope, make_session, serve
 
 from bonzo.address import Address
 from bonzo.errors import SMTPError
 from bonzo.hookspecs import Accept, hookimpl
 from bonzo.store import MemoryStore, Store, StoreError
-from bonzo_plugins.greylist import GreylistPlugin
 
 
 class Clock:
@@ -107,9 +107,7 @@ def test_allow_lists_and_authenticated_sessions_skip():
 
 def test_a_custom_reply_and_prefixes(caplog):
     clock = Clock()
-    plugin = configure(
-        {"reply": "Come back in {seconds}s", "ipv4_prefix": 32, "delay": 10}, clock
-    )
+    plugin = configure({"reply": "Come back in {seconds}s", "ipv4_prefix": 32, "delay": 10}, clock)
     assert attempt(plugin, ip="192.0.2.1") == "4.7.1 Come back in 10s"
     clock.now += 11
     assert attempt(plugin, ip="192.0.2.2") is not None  # /32: another client

@@ -9,12 +9,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from bonzo_plugins.ratelimit import RateLimitPlugin
 from plugin_testing import make_envelope, make_session, serve
 
 from bonzo.address import Address
 from bonzo.errors import SMTPError
 from bonzo.store import Hit, MemoryStore, Store, StoreError
-from bonzo_plugins.ratelimit import RateLimitPlugin
 
 
 class Clock:
@@ -27,7 +27,9 @@ class Clock:
 
 def configure(table: dict[str, Any], store: Store | None = None) -> RateLimitPlugin:
     plugin = RateLimitPlugin()
-    plugin.bonzo_configure(config=table, app=SimpleNamespace(store=MemoryStore() if store is None else store))
+    plugin.bonzo_configure(
+        config=table, app=SimpleNamespace(store=MemoryStore() if store is None else store)
+    )
     return plugin
 
 
