@@ -234,6 +234,15 @@ class MailApp:
                 "answered 451; enable e.g. 'maildir'"
             )
         out.extend(self._shadowed())
+        workers = self.config.workers
+        if workers > 1 and not self.config.redis.enabled:
+            for name in self.config.plugins.enabled:
+                if getattr(self.plugins.get(name), "shared_state", False) is True:
+                    out.append(
+                        f"plugins.enabled: {name!r} keeps its state in app.store, which is "
+                        f"each worker's own without [redis] url (server.workers = {workers}): "
+                        "set [redis] url, or server.workers = 1"
+                    )
         return out
 
     def _shadowed(self) -> list[str]:

@@ -8,6 +8,8 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bonzo.app import MailApp
 from bonzo.config import REDIS_KEYS, ConfigError, parse_config
@@ -210,3 +212,47 @@ def test_a_down_redis_fails_fast_after_the_first_failure():
         return elapsed
 
     assert run(go()) < 0.1
+
+
+def test_check_warns_when_workers_do_not_share_a_plugins_state(tmp_path: Path):
+    plugin = "bonzo_plugins.ratelimit:RateLimitPlugin"
+    text = f'[server]\nworkers = 4\n[plugins]\nenabled = ["{plugin}", "recipients", "discard"]\n'
+    warnings = MailApp(parse_config(text, "t.toml", tmp_path)).warnings()
+    assert warnings == [
+        f"plugins.enabled: {plugin!r} keeps its state in app.store, which is each worker's "
+        "own without [redis] url (server.workers = 4): set [redis] url, or server.workers = 1"
+    ]
+    shared = text + '[redis]\nurl = "redis://127.0.0.1:6379/0"\n'
+    assert MailApp(parse_config(shared, "t.toml", tmp_path)).warnings() == []
+    one = text.replace("workers = 4", "workers = 1")
+    assert MailApp(parse_config(one, "t.toml", tmp_path)).warnings() == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    limit=st.integers(min_value=1, max_value=5),
+    steps=st.lists(
+        st.tuples(st.floats(min_value=0, max_value=40), st.sampled_from("abc")), max_size=60
+    ),
+)
+def test_property_no_window_ever_holds_more_than_the_limit(limit, steps):
+    """Whatever the timing, a key never gets more than the limit within one
+    fixed window (the sliding count only adds the previous window's weight),
+    while no key is evicted (three keys, room for three)."""
+    window = 60.0
+    clock = Clock(0.0)
+    store = MemoryStore(max_keys=3, clock=clock)
+    allowed: dict[tuple[str, int], int] = {}
+
+    async def go() -> None:
+        for gap, key in steps:
+            clock.now += gap
+            hit = await store.hit(key, limit, window)
+            assert hit.count > 0
+            if hit.allowed:
+                slot = (key, int(clock.now // window))
+                allowed[slot] = allowed.get(slot, 0) + 1
+            assert store.size <= 3
+
+    run(go())
+    assert all(n <= limit for n in allowed.values())

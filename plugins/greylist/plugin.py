@@ -69,6 +69,10 @@ class GreylistPlugin:
     List it before the plugins that accept recipients (``recipients``).
     """
 
+    #: Its state is in ``app.store``: per worker without ``[redis] url``
+    #: (``bonzo check`` warns when there are several workers).
+    shared_state = True
+
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self.delay = 300.0

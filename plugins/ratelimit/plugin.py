@@ -100,6 +100,10 @@ class RateLimitPlugin:
     List it before the plugins that accept recipients (``recipients``).
     """
 
+    #: Its state is in ``app.store``: per worker without ``[redis] url``
+    #: (``bonzo check`` warns when there are several workers).
+    shared_state = True
+
     def __init__(self) -> None:
         self.rules: dict[str, list[Rule]] = {stage: [] for stage in STAGES}
         self.ipv4_prefix = 32
