@@ -293,3 +293,47 @@ def test_two_daemons_share_a_rate_limit_and_fail_open_without_redis(
             )
         for node in nodes:
             assert node.stop() == 0
+
+
+def test_the_plugins_failure_modes_with_redis_killed(redis_dir: Path) -> None:
+    """Default: both let the command through; ``tempfail``: 451 4.3.0."""
+    from bonzo_plugins.greylist import GreylistPlugin
+    from bonzo_plugins.ratelimit import RateLimitPlugin
+
+    server = RedisServer(redis_dir).start()
+
+    async def go() -> None:
+        shared = RedisStore(StoreSettings(url=server.url, timeout=0.5, connect_timeout=0.5))
+        app = SimpleNamespace(store=shared)
+        rule = {"key": "client", "stage": "connect", "limit": 1, "window": 60}
+        session = make_session("192.0.2.1")
+        envelope = SimpleNamespace(sender=Address.parse("a@example.net"))
+        rcpt = Address.parse("u@example.com")
+        try:
+            fail_open = RateLimitPlugin()
+            fail_open.bonzo_configure({"rules": [rule]}, app)
+            closed = RateLimitPlugin()
+            closed.bonzo_configure({"rules": [rule], "on_store_error": "tempfail"}, app)
+            grey_open, grey_closed = GreylistPlugin(), GreylistPlugin()
+            grey_open.bonzo_configure({}, app)
+            grey_closed.bonzo_configure({"on_store_error": "tempfail"}, app)
+            await fail_open.bonzo_connect(session)
+            server.kill()
+            for _ in range(3):
+                await fail_open.bonzo_connect(session)  # over the limit, but let through
+                await grey_open.bonzo_rcpt(session, envelope, rcpt)  # not greylisted
+            for call in (
+                closed.bonzo_connect(session),
+                grey_closed.bonzo_rcpt(session, envelope, rcpt),
+            ):
+                with pytest.raises(SMTPError) as info:
+                    await call
+                assert (info.value.status_code, info.value.enhanced_code) == (451, "4.3.0")
+                assert "Redis" not in str(info.value.message)
+        finally:
+            await shared.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        server.stop()
