@@ -158,8 +158,8 @@ class Hit:
 
     #: True if the event was within the limit (and was counted).
     allowed: bool
-    #: The events in the window, this one included when allowed (an
-    #: estimate: see :meth:`Store.hit`).
+    #: The events in the window counting this one, whether or not it was
+    #: allowed (an estimate: see :meth:`Store.hit`).
     count: float
 
 
