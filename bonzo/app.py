@@ -31,6 +31,7 @@ from .hooks import PluginError, PluginSet
 from .hookspecs import DECISION_HOOKS
 from .server import ConnectionCount, SMTPServer
 from .settings import SettingError
+from .store import open_store
 
 __all__ = ["MailApp", "InstalledPlugin", "installed_plugins", "resolve_plugin", "ENTRY_POINT_GROUP"]
 
@@ -124,6 +125,14 @@ class MailApp:
        table: every plugin that looks something up in DNS uses this one
        (:doc:`/dns`). Its lookups raise :class:`~bonzo.dns.DNSDisabled` while
        ``[dns]`` names no nameserver.
+
+    .. attribute:: store
+
+       The process's shared state, a :class:`~bonzo.store.Store` built from
+       the ``[redis]`` table: a :class:`~bonzo.store.RedisStore` when
+       ``[redis] url`` is set (every node naming that server shares it), else
+       a :class:`~bonzo.store.MemoryStore` of this process
+       (:doc:`/scaling`). Rate limits and greylisting keep their state here.
     """
 
     def __init__(self, config: Config | None = None, extra_plugins: Iterable[Any] = ()) -> None:
@@ -135,6 +144,7 @@ class MailApp:
             self.dns = Resolver(self.config.dns)
         except SettingError as exc:
             raise self.config.error(f"dns.{exc.setting}", exc.detail) from None
+        self.store = open_store(self.config.redis)
         self.server: SMTPServer | None = None
         #: One server per listener, once started.
         self.servers: list[SMTPServer] = []
@@ -230,6 +240,15 @@ class MailApp:
                 "answered 451; enable e.g. 'maildir'"
             )
         out.extend(self._shadowed())
+        workers = self.config.workers
+        if workers > 1 and not self.config.redis.enabled:
+            for name in self.config.plugins.enabled:
+                if getattr(self.plugins.get(name), "shared_state", False) is True:
+                    out.append(
+                        f"plugins.enabled: {name!r} keeps its state in app.store, which is "
+                        f"each worker's own without [redis] url (server.workers = {workers}): "
+                        "set [redis] url, or server.workers = 1"
+                    )
         return out
 
     def _can_accept(self, name: str, hook: str) -> bool:
@@ -338,6 +357,7 @@ class MailApp:
         if self._started:
             self._started = False
             await self.plugins.call_observers("bonzo_shutdown", self)
+            await self.store.close()
 
     def force_stop(self) -> None:
         """Stop at once (a second SIGTERM while :meth:`stop` waits): every

@@ -29,6 +29,7 @@ from typing import Any
 from .auth import MECHANISMS
 from .dns import DNSSettings, parse_nameserver
 from .settings import PROTOCOLS, ListenerSettings, SettingError, SMTPSettings, positive_seconds
+from .store import StoreSettings
 from .tls import CertificatePair, TLSError, make_server_context
 
 if sys.version_info >= (3, 11):  # pragma: no cover - depends on the interpreter
@@ -51,6 +52,7 @@ __all__ = [
     "LISTENER_OVERRIDES",
     "TLS_KEYS",
     "DNS_KEYS",
+    "REDIS_KEYS",
 ]
 
 #: Which table of the file holds each :class:`~bonzo.settings.SMTPSettings` field.
@@ -124,8 +126,19 @@ LOGGING_KEYS = ("level", "access_log", "file", "format")
 PLUGINS_KEYS = ("enabled", "timeout", "timeouts", "paths")
 #: Keys of the ``[dns]`` table: the fields of :class:`~bonzo.dns.DNSSettings`.
 DNS_KEYS = tuple(DNSSettings.field_names())
+#: Keys of the ``[redis]`` table: the fields of :class:`~bonzo.store.StoreSettings`.
+REDIS_KEYS = tuple(StoreSettings.field_names())
 #: The tables allowed at the top level of the file.
-TOP_LEVEL_KEYS = ("server", "protocol", "limits", "listeners", "logging", "dns", "plugins")
+TOP_LEVEL_KEYS = (
+    "server",
+    "protocol",
+    "limits",
+    "listeners",
+    "logging",
+    "dns",
+    "redis",
+    "plugins",
+)
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -209,6 +222,8 @@ class Config:
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     #: The ``[dns]`` table (default: DNS off).
     dns: DNSSettings = field(default_factory=DNSSettings)
+    #: The ``[redis]`` table (default: state in each process).
+    redis: StoreSettings = field(default_factory=StoreSettings)
 
     def error(self, key: str, message: str) -> ConfigError:
         """A :class:`ConfigError` for ``key`` of this configuration."""
@@ -356,6 +371,7 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
         logging=_logging(_table(data, "logging", source), source, base_dir),
         plugins=_plugins(_table(data, "plugins", source), source, base_dir),
         dns=_dns(_table(data, "dns", source), source, base_dir),
+        redis=_redis(_table(data, "redis", source), source),
     )
 
 
@@ -598,6 +614,18 @@ def _dns(table: dict[str, Any], source: str, base_dir: Path) -> DNSSettings:
         return DNSSettings(**values)
     except SettingError as exc:
         raise ConfigError(source, f"dns.{exc.setting}", exc.detail) from None
+
+
+def _redis(table: dict[str, Any], source: str) -> StoreSettings:
+    for key in table:
+        if key not in REDIS_KEYS:
+            raise ConfigError(
+                source, f"redis.{key}", f"unknown key (allowed: {', '.join(REDIS_KEYS)})"
+            )
+    try:
+        return StoreSettings(**table)
+    except SettingError as exc:
+        raise ConfigError(source, f"redis.{exc.setting}", exc.detail) from None
 
 
 def _plugins(table: dict[str, Any], source: str, base_dir: Path) -> PluginsConfig:

@@ -23,6 +23,7 @@ from bonzo.config import (
     LISTENER_KEYS,
     LOGGING_KEYS,
     PLUGINS_KEYS,
+    REDIS_KEYS,
     SETTING_SECTIONS,
     TOP_LEVEL_KEYS,
     Config,
@@ -537,6 +538,7 @@ def test_every_key_is_documented_in_the_example_under_its_table():
     assert set(LOGGING_KEYS) <= documented["logging"]
     assert set(PLUGINS_KEYS) <= documented["plugins"]
     assert set(DNS_KEYS) <= documented["dns"]
+    assert set(REDIS_KEYS) <= documented["redis"]
     assert set(TOP_LEVEL_KEYS) <= set(documented)
 
 
