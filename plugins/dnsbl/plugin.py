@@ -120,6 +120,9 @@ def _zone(entry: Any, index: int) -> Zone:
 class DnsblPlugin:
     """Scores the client by DNS lists at connect."""
 
+    #: Never accepts (it refuses or has no opinion): see ``bonzo check``.
+    accepts = ()
+
     def __init__(self) -> None:
         self.zones: list[Zone] = []
         self.threshold = 1.0

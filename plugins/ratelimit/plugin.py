@@ -100,6 +100,9 @@ class RateLimitPlugin:
     List it before the plugins that accept recipients (``recipients``).
     """
 
+    #: Never accepts (it refuses or has no opinion): see ``bonzo check``.
+    accepts = ()
+
     #: Its state is in ``app.store``: per worker without ``[redis] url``
     #: (``bonzo check`` warns when there are several workers).
     shared_state = True
