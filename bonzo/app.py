@@ -146,6 +146,9 @@ class MailApp:
             raise self.config.error(f"dns.{exc.setting}", exc.detail) from None
         self.store = open_store(self.config.redis)
         self.server: SMTPServer | None = None
+        #: ``bonzo serve --listen`` values that replaced the listeners (a
+        #: reload applies them again).
+        self.listen_override: list[str] | None = None
         #: One server per listener, once started.
         self.servers: list[SMTPServer] = []
         self._bound: list[tuple[ListenerConfig, list[socket.socket]]] = []
@@ -346,6 +349,45 @@ class MailApp:
         self.server = self.servers[0]
         self._started = True
         return self.server
+
+    def adopt_sockets(self, old: MailApp) -> None:
+        """Serve the listening sockets ``old`` bound (a reload: the same
+        listeners, in the same order). Raises :class:`ValueError` naming the
+        difference when the listeners changed (a restart is needed)."""
+        before = [listener.where for listener, _ in old._bound]
+        after = [listener.where for listener in self.config.listeners]
+        if before != after:
+            raise ValueError(
+                f"listeners changed ({', '.join(before)} -> {', '.join(after)}): "
+                "restart bonzo to apply"
+            )
+        self._bound = [
+            (listener, socks)
+            for listener, (_, socks) in zip(self.config.listeners, old._bound, strict=True)
+        ]
+
+    def release_sockets(self) -> None:
+        """Stop accepting new connections, keeping the sockets open for the
+        configuration that replaces this one; sessions go on (see
+        :meth:`retire`)."""
+        for server in self.servers:
+            server.release_sockets()
+
+    def reattach_sockets(self) -> None:
+        """Accept again on the sockets :meth:`release_sockets` let go (a
+        reload whose new configuration failed to start)."""
+        for server, (_, socks) in zip(self.servers, self._bound, strict=False):
+            server.add_sockets(socks)
+
+    async def retire(self) -> None:
+        """After a reload: let the sessions of this configuration end by
+        themselves for up to ``shutdown_grace`` seconds, then stop as
+        :meth:`stop` does (``421`` to those still waiting, messages in
+        flight finished) and run the plugins' shutdown hooks."""
+        tasks = [c.task for s in self.servers for c in s.connections if c.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.settings.shutdown_grace)
+        await self.stop()
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop gracefully (see :meth:`SMTPServer.shutdown`), then run the

@@ -78,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         ("check", _check, "validate the configuration and its plugins"),
         ("plugins", _plugins, "list installed and enabled plugins and hook order"),
         ("config", _config, "print the effective configuration, defaults filled in"),
+        ("reload", _reload, "have the running daemon reload its configuration (server.pid_file)"),
     ):
         p = add(name, func, text)
         p.add_argument(
@@ -213,6 +214,38 @@ def _check(args: argparse.Namespace) -> int:
     print(f"  dns: {app.dns.describe()}")
     for warning in app.warnings():
         print(f"  warning: {warning}")
+    return 0
+
+
+def _reload(args: argparse.Namespace) -> int:
+    """``bonzo reload``: check the configuration here (an error is shown
+    now, not only in the daemon's log), then send ``SIGHUP`` to the daemon
+    named by its ``server.pid_file``."""
+    app = _load_app(args)
+    config = app.config
+    if config.pid_file is None:
+        raise config.error("server.pid_file", "not set: bonzo reload finds the daemon by it")
+    try:
+        with open(config.pid_file, encoding="ascii") as f:
+            pid = int(f.read().strip())
+        os.kill(pid, signal.SIGHUP)
+    except FileNotFoundError:
+        print(
+            f"bonzo: reload: {config.pid_file}: no such file (is bonzo running?)", file=sys.stderr
+        )
+        return 1
+    except ValueError:
+        print(f"bonzo: reload: {config.pid_file}: not a process id", file=sys.stderr)
+        return 1
+    except ProcessLookupError:
+        print(f"bonzo: reload: pid {pid} is not running (stale {config.pid_file})", file=sys.stderr)
+        return 1
+    except PermissionError:
+        print(f"bonzo: reload: pid {pid}: permission denied", file=sys.stderr)
+        return 1
+    for warning in app.warnings():
+        print(f"warning: {warning}")
+    print(f"reload requested: pid {pid} (its log says when it has reloaded)")
     return 0
 
 
@@ -391,10 +424,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.listen:
         config.listeners = _listen_override(args.listen)
     _setup_logging(config)
-    signal.signal(signal.SIGHUP, _log_sighup)
     from .app import MailApp
 
     app = MailApp(config)
+    app.listen_override = args.listen  # re-applied by a reload
+    signal.signal(signal.SIGHUP, _log_sighup)  # until the workers can reload
     if config.source == "<default>":
         log.info(
             "No -c given: running the embedded default configuration (bonzo.toml.example); "
@@ -502,6 +536,34 @@ def sd_notify(state: str) -> bool:
     return True
 
 
+def _reloaded_app(old: Any) -> Any:
+    """The application of the configuration file ``old`` was loaded from,
+    read and checked again, its plugins configured, serving ``old``'s
+    sockets — or ``None`` after logging why it cannot replace ``old`` (the
+    running configuration is kept)."""
+    from .app import MailApp
+    from .hooks import PluginError
+
+    source = old.config.source
+    try:
+        config = load_config(None if source == "<default>" else source)
+        override = getattr(old, "listen_override", None)
+        if override:
+            config.listeners = _listen_override(override)
+        new = MailApp(config)
+        new.listen_override = override
+        new.adopt_sockets(old)
+    except (ConfigError, PluginError, ValueError) as exc:
+        log.error("reload: %s; still running the previous configuration", exc)
+        return None
+    except Exception as exc:
+        log.error("reload failed: %r; still running the previous configuration", exc)
+        return None
+    if config.workers != old.config.workers or config.loop != old.config.loop:
+        log.warning("reload: server.workers and server.loop take effect at a restart")
+    return new
+
+
 def _socket_name(sock: Any) -> str:
     """``address:port`` of a listening socket, or ``unix:path``."""
     name = sock.getsockname()
@@ -514,8 +576,8 @@ def _socket_name(sock: Any) -> str:
 #: stops the server instead of restarting it (it would only fail again).
 _STARTUP_FAILED = 3
 
-#: Logged, in the supervisor and in workers, when SIGHUP arrives.
-_SIGHUP_IGNORED = "SIGHUP: configuration reload is not supported yet; ignored"
+#: Logged when SIGHUP arrives before the server is ready to reload.
+_SIGHUP_IGNORED = "SIGHUP: not serving yet, nothing to reload; ignored"
 
 #: How often a worker checks that its supervisor is still its parent: the
 #: fallback where the kernel cannot signal it (no ``PR_SET_PDEATHSIG``).
@@ -546,12 +608,62 @@ def _run_worker(
     supervisor's request for the same stop) and SIGUSR1 "force the stop".
     It stops when its supervisor is gone."""
 
+    current = app  # the application serving new sessions
+    retiring: list[Any] = []  # the ones a reload replaced, ending their sessions
+
     async def run() -> int:
+        nonlocal current
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
         requests = 0
         forced = False
         stop_begun = False
+        reloading = False
+
+        async def reload() -> None:
+            nonlocal current, reloading
+            reloading = True
+            try:
+                old = current
+                new = _reloaded_app(old)
+                if new is None or requests:
+                    return
+                old.release_sockets()
+                try:
+                    await new.start()
+                except Exception as exc:
+                    log.error("reload: the new configuration failed to start: %s; "
+                              "still running the previous one", exc)  # fmt: skip
+                    old.reattach_sockets()
+                    return
+                current = new
+                retiring.append(old)
+                sessions = sum(len(s.connections) for s in old.servers)
+                log.info(
+                    "reloaded %s: new sessions on the new configuration; %d session(s) "
+                    "finish on the previous one",
+                    new.config.source,
+                    sessions,
+                )
+                await new.plugins.call_observers("bonzo_reload", new)
+
+                async def retire() -> None:
+                    await old.retire()
+                    if old in retiring:
+                        retiring.remove(old)
+
+                asyncio.ensure_future(retire())
+            finally:
+                reloading = False
+
+        def on_reload() -> None:
+            if requests or stop_begun:
+                return
+            if reloading:
+                log.warning("SIGHUP: a reload is already under way; ignored")
+                return
+            log.info("SIGHUP: reloading the configuration")
+            asyncio.ensure_future(reload())
 
         def request_stop(why: str) -> None:
             nonlocal requests, forced
@@ -562,7 +674,8 @@ def _run_worker(
                 log.warning("%s: forcing the stop", why)
                 forced = True
                 if stop_begun:
-                    app.force_stop()
+                    for a in (current, *retiring):
+                        a.force_stop()
 
         def supervisor_gone() -> bool:
             if supervisor is None or os.getppid() == supervisor:
@@ -594,7 +707,7 @@ def _run_worker(
             loop.add_signal_handler(signal.SIGINT, lambda: None)
             loop.add_signal_handler(signal.SIGUSR2, on_graceful_request)
             loop.add_signal_handler(signal.SIGUSR1, on_force_request)
-        loop.add_signal_handler(signal.SIGHUP, _log_sighup)
+        loop.add_signal_handler(signal.SIGHUP, on_reload)
         if mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         watch = None
@@ -612,9 +725,11 @@ def _run_worker(
             sd_notify("STOPPING=1")
             log.info("stopping: no new connections; finishing messages in flight")
             stop_begun = True
-            stopped = asyncio.ensure_future(app.stop())
+            apps = [current, *retiring]
+            stopped = asyncio.ensure_future(asyncio.gather(*(a.stop() for a in apps)))
             if forced:  # forced before there was anything to force
-                app.force_stop()
+                for a in apps:
+                    a.force_stop()
             await stopped
             log.info("stopped")
             return 0
@@ -765,7 +880,17 @@ def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
         if signum == signal.SIGCHLD:
             reap()
         elif signum == signal.SIGHUP:
-            log.warning(_SIGHUP_IGNORED)
+            if stops:
+                continue
+            log.info("SIGHUP: checking the configuration before the workers reload it")
+            new = _reloaded_app(app)
+            if new is not None:
+                app = new  # workers started from now on run it
+                for pid in children:
+                    try:
+                        os.kill(pid, signal.SIGHUP)
+                    except ProcessLookupError:  # pragma: no cover - exited, not yet reaped
+                        pass
         else:
             signals += 1
             stop(signum)
