@@ -286,14 +286,14 @@ class Runner:
             await self._settle(message, outcomes)
             nxt = message.next_due
             if nxt is None:
-                await self._remove(id)
+                await self._remove(id, claim)
                 self._due.pop(id, None)
                 log.info("queue: %s done", id)
             else:
                 await loop.run_in_executor(self._executor, self.spool.save_state, message)
                 self._set_due(id, nxt)
         finally:
-            claim.release()
+            claim.release()  # (already released by _remove: then nothing to do)
 
     def _claim_and_load(self, id: str) -> tuple[Claim, QueuedMessage] | None:
         """Blocking: claim message ``id`` and read it (one trip to a thread)."""
@@ -306,12 +306,21 @@ class Runner:
             claim.release()
             raise
 
-    async def _remove(self, id: str) -> None:
-        """Remove a finished message; the directory fsync that makes it
-        durable is shared (:class:`GroupSync`) with the other removals and
-        acceptances of the moment."""
+    async def _remove(self, id: str, claim: Claim) -> None:
+        """Remove a finished message and release its claim; the directory
+        fsync that makes the removal durable is shared (:class:`GroupSync`)
+        with the other removals and acceptances of the moment."""
+
+        def remove() -> None:
+            try:
+                self.spool.remove(id, sync=False)
+            finally:
+                # Closing the last descriptor of the unlinked file frees it
+                # on disk: file system work, kept off the event loop.
+                claim.release()
+
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, lambda: self.spool.remove(id, sync=False))
+        await loop.run_in_executor(self._executor, remove)
         await self.sync.sync()
 
     async def give_up(self, id: str, reason: str, wait: float = 10.0) -> str | None:
@@ -330,7 +339,7 @@ class Runner:
                 i: Outcome("failed", 550, "5.0.0", reason, "postmaster") for i in message.pending
             }
             reports = await self._settle(message, outcomes)
-            await self._remove(id)
+            await self._remove(id, claim)
             self._due.pop(id, None)
             return reports[0] if reports else ""
         finally:
