@@ -1360,6 +1360,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         if found
         else []
     )
+    relay_rows = [row for row in rows if row["scenario"] in RELAY_KEYS]
+    rows = [row for row in rows if row["scenario"] not in RELAY_KEYS]
+    sinks = bool(rows) or not relay_rows
     out = [
         f"### Bonzo benchmark ({meta['mode']}, {meta['repeat']} interleaved run(s), medians)",
         "",
@@ -1367,19 +1370,22 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Linux {meta['machine']['kernel']}, Python {meta['machine']['python']}; "
         f"Bonzo's DATA scan in {'C' if meta['machine'].get('bonzo_speedups') else 'Python'}; "
         "load generator and server share these cores. "
-        f"× {BASELINE}: median of per-run ratios (throughput: higher is better; "
-        "memory: lower is better); throughput is the median (min–max).",
+        + (
+            f"× {BASELINE}: median of per-run ratios (throughput: higher is better; "
+            "memory: lower is better); throughput is the median (min–max)."
+            if sinks
+            else "Rates are medians (min–max)."
+        ),
         "",
         *versions,
         *warning,
-        f"| scenario | server | throughput | × {BASELINE} | server CPU/msg "
-        f"| server memory | mem × {BASELINE} |",
-        "|---|---|---:|---:|---:|---:|---:|",
     ]
-    relay_rows = [row for row in rows if row["scenario"] in RELAY_KEYS]
-    rows = [row for row in rows if row["scenario"] not in RELAY_KEYS]
-    if not rows:
-        out = out[:-2]  # no table of sinks
+    if sinks:
+        out += [
+            f"| scenario | server | throughput | × {BASELINE} | server CPU/msg "
+            f"| server memory | mem × {BASELINE} |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
     for row in rows:
         cells = [f"{row['scenario']}. {row['title']}", row["server"]]
         if row["failed"] and row["failed"] == row["runs"]:
@@ -1408,7 +1414,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             cells[-1] += f" ({row['failed']} of {row['runs']} runs FAILED)"
         out.append("| " + " | ".join(cells) + " |")
     if relay_rows:
-        out += ["", *relay_table(relay_rows)]
+        out += (["", *relay_table(relay_rows)]) if rows else relay_table(relay_rows)
     skipped = meta.get("skipped") or {}
     if skipped:
         out += ["", "Not run (cannot run on this machine):", ""]
