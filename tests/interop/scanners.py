@@ -1,0 +1,147 @@
+"""Private instances of the daemons the scanner plugins talk to (clamd,
+rspamd, spamd, postgrey): each in a temporary directory with its own
+configuration, listening on 127.0.0.1 only, started and stopped by the test
+(never a system service), without network access.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .peers import free_port
+
+#: The EICAR anti-virus test file (eicar.org): every scanner detects it.
+EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+#: The name of the one signature of the private clamd's database.
+EICAR_SIGNATURE = "Bonzo-Test-EICAR"
+DEADLINE = 30.0
+
+
+def program(name: str) -> str | None:
+    """The path of ``name`` on PATH or in /usr/sbin, or ``None``."""
+    found = shutil.which(name)
+    if found:
+        return found
+    path = f"/usr/sbin/{name}"
+    return path if os.access(path, os.X_OK) else None
+
+
+@dataclass
+class Daemon:
+    """A running daemon: its process, directory, port and log file."""
+
+    process: subprocess.Popen[bytes]
+    root: Path
+    port: int
+    log: Path
+
+    def diagnosis(self) -> str:
+        try:
+            return self.log.read_text("utf-8", "replace")[-4000:]
+        except OSError:
+            return "(no log)"
+
+
+def _wait_port(daemon: Daemon, probe: bytes | None, expect: bytes, what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        if daemon.process.poll() is not None:
+            raise RuntimeError(f"{what} exited ({daemon.process.returncode}): {daemon.diagnosis()}")
+        try:
+            with socket.create_connection(("127.0.0.1", daemon.port), timeout=2) as s:
+                if probe is None:
+                    return
+                s.sendall(probe)
+                if expect in s.recv(1024):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not start in {DEADLINE:g}s: {daemon.diagnosis()}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+@contextmanager
+def _directory(prefix: str) -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    # The daemons may switch to their own user: the directory must be theirs
+    # to reach (mkdtemp makes it 0700).
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        if os.environ.get("BONZO_INTEROP_KEEP") == "1":
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def _run(argv: Sequence[str], root: Path, port: int, log: Path) -> Iterator[Daemon]:
+    with open(root / "stdout.log", "wb") as out:
+        process = subprocess.Popen(
+            list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=root
+        )
+    daemon = Daemon(process, root, port, log)
+    try:
+        yield daemon
+    finally:
+        _stop(process)
+
+
+# ------------------------------------------------------------------- clamd
+def clamd_available() -> bool:
+    return program("clamd") is not None
+
+
+@contextmanager
+def clamd(stream_max_length: str = "1M") -> Iterator[Daemon]:
+    """clamd with one signature (the EICAR test string, anywhere in any
+    file), so no downloaded database is needed (no freshclam)."""
+    binary = program("clamd")
+    assert binary is not None
+    with _directory("bonzo-clamd-") as root:
+        (root / "db").mkdir()
+        (root / "db" / "bonzo.ndb").write_text(f"{EICAR_SIGNATURE}:0:*:{EICAR.hex()}\n")
+        port = free_port()
+        log = root / "clamd.log"
+        (root / "clamd.conf").write_text(
+            "\n".join(
+                [
+                    "Foreground yes",
+                    f"TCPSocket {port}",
+                    "TCPAddr 127.0.0.1",
+                    f"LocalSocket {root}/clamd.ctl",
+                    f"DatabaseDirectory {root}/db",
+                    f"LogFile {log}",
+                    f"PidFile {root}/clamd.pid",
+                    f"TemporaryDirectory {root}",
+                    f"StreamMaxLength {stream_max_length}",
+                    "SelfCheck 0",
+                    "",
+                ]
+            )
+        )
+        argv = [binary, "--foreground", "-c", str(root / "clamd.conf")]
+        with _run(argv, root, port, root / "stdout.log") as daemon:
+            _wait_port(daemon, b"zPING\0", b"PONG", "clamd")
+            yield daemon
