@@ -19,6 +19,9 @@ from ._config import describe, get_str
 
 __all__ = [
     "Endpoint",
+    "add_header",
+    "remove_header",
+    "set_header",
     "ON_ERROR",
     "ScanError",
     "body_chunks",
@@ -189,3 +192,51 @@ def tempfail(what: str) -> SMTPError:
     return SMTPError(
         451, f"Message could not be checked ({what}), try again later", enhanced_code="4.7.1"
     )
+
+
+# Message changes: the envelope's change API (issue 11) where it exists,
+# else the older add_header/remove_header.
+def set_header(envelope: Any, name: str, value: str) -> None:
+    """Give the first ``name`` header the value ``value`` (adding it when
+    the message has none); other ``name`` headers are removed."""
+    change = getattr(envelope, "change_header", None)
+    if change is not None:
+        change(name, value)
+        while envelope_header_count(envelope, name) > 1:
+            envelope.delete_header(name, 2)
+        return
+    envelope.remove_header(name)
+    envelope.add_header(name, value)
+
+
+def envelope_header_count(envelope: Any, name: str) -> int:
+    wanted = name.lower()
+    return sum(1 for n, _ in envelope.headers() if n.lower() == wanted)
+
+
+def add_header(envelope: Any, name: str, value: str, index: int | None = None) -> None:
+    """Add ``name: value`` in front of the message, or at ``index`` of the
+    header section (0: the very top) where the envelope can do that."""
+    insert = getattr(envelope, "insert_header", None)
+    if index is not None and insert is not None:
+        insert(index, name, value)
+    else:
+        envelope.add_header(name, value)
+
+
+def remove_header(envelope: Any, name: str, occurrence: int = 0) -> int:
+    """Remove the ``occurrence``-th ``name`` header (from 1; negative: from
+    the last), or every one with 0. Returns how many were removed."""
+    if occurrence == 0:
+        return int(envelope.remove_header(name))
+    delete = getattr(envelope, "delete_header", None)
+    if delete is None:
+        # Without the change API one occurrence cannot be named.
+        return 0
+    count = envelope_header_count(envelope, name)
+    if occurrence < 0:
+        occurrence = count + 1 + occurrence
+    if not 1 <= occurrence <= count:
+        return 0
+    delete(name, occurrence)
+    return 1

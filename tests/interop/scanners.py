@@ -145,3 +145,80 @@ def clamd(stream_max_length: str = "1M") -> Iterator[Daemon]:
         with _run(argv, root, port, root / "stdout.log") as daemon:
             _wait_port(daemon, b"zPING\0", b"PONG", "clamd")
             yield daemon
+
+
+# ------------------------------------------------------------------ rspamd
+def rspamd_available() -> bool:
+    return program("rspamd") is not None and Path("/etc/rspamd/rspamd.conf").exists()
+
+
+#: rspamd's modules that would reach out (DNS lists, fuzzy storage, remote
+#: maps) or need Redis: off, so a private instance works offline.
+RSPAMD_OFF = (
+    "asn",
+    "dcc",
+    "fuzzy_check",
+    "greylist",
+    "neural",
+    "phishing",
+    "ratelimit",
+    "rbl",
+    "replies",
+    "url_reputation",
+)
+
+
+@contextmanager
+def rspamd(nameserver: str) -> Iterator[Daemon]:
+    """rspamd's packaged configuration with the local overrides a private
+    instance needs: its normal worker (``/checkv2``) on a free port of
+    127.0.0.1, the controller on another, no proxy, every DNS question to
+    ``nameserver`` (``"127.0.0.1:PORT"``, a stub: nothing leaves the
+    machine), modules that reach out turned off, the test patterns (GTUBE
+    variants) on, and ``milter_headers`` adding ``X-Spam-Status``."""
+    binary = program("rspamd")
+    assert binary is not None
+    with _directory("bonzo-rspamd-") as root:
+        conf = root / "conf"
+        for sub in ("local.d", "override.d", "db", "run", "log"):
+            (conf / sub if sub.endswith(".d") else root / sub).mkdir(parents=True)
+        port, controller = free_port(), free_port()
+        override = conf / "override.d"
+        (override / "worker-normal.inc").write_text(
+            f'bind_socket = "127.0.0.1:{port}";\ncount = 1;\n'
+        )
+        (override / "worker-controller.inc").write_text(
+            f'bind_socket = "127.0.0.1:{controller}";\ncount = 1;\n'
+        )
+        (override / "worker-proxy.inc").write_text(
+            f'enabled = false;\nbind_socket = "127.0.0.1:{free_port()}";\n'
+        )
+        (override / "options.inc").write_text(
+            "enable_test_patterns = true;\ndisable_monitoring = true;\n"
+            f'dns {{\n  nameserver = ["{nameserver}"];\n  timeout = 0.5s;\n  retransmits = 1;\n}}\n'
+        )
+        log = root / "log" / "rspamd.log"
+        (override / "logging.inc").write_text(
+            f'type = "file";\nfilename = "{log}";\nlevel = "info";\n'
+        )
+        for module in RSPAMD_OFF:
+            (override / f"{module}.conf").write_text("enabled = false;\n")
+        (conf / "local.d" / "milter_headers.conf").write_text(
+            'use = ["x-spam-status"];\nskip_local = false;\nskip_authenticated = false;\n'
+        )
+        argv = [binary, "-f", "-c", "/etc/rspamd/rspamd.conf"]
+        for name, path in [
+            ("LOCAL_CONFDIR", conf),
+            ("DBDIR", root / "db"),
+            ("RUNDIR", root / "run"),
+            ("LOGDIR", root / "log"),
+        ]:
+            argv += ["--var", f"{name}={path}"]
+        if os.geteuid() == 0:
+            # rspamd will not run its workers as root: its own user.
+            for path in [root, *root.rglob("*")]:
+                shutil.chown(path, "_rspamd", "_rspamd")
+            argv += ["-u", "_rspamd", "-g", "_rspamd"]
+        with _run(argv, root, port, log) as daemon:
+            _wait_port(daemon, b"GET /ping HTTP/1.0\r\n\r\n", b"pong", "rspamd")
+            yield daemon
