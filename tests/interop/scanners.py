@@ -222,3 +222,43 @@ def rspamd(nameserver: str) -> Iterator[Daemon]:
         with _run(argv, root, port, log) as daemon:
             _wait_port(daemon, b"GET /ping HTTP/1.0\r\n\r\n", b"pong", "rspamd")
             yield daemon
+
+
+# ------------------------------------------------------------------- spamd
+def spamd_available() -> bool:
+    return program("spamd") is not None
+
+
+#: SpamAssassin's GTUBE test string: scores 1000.
+GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+
+@contextmanager
+def spamd() -> Iterator[Daemon]:
+    """spamd on a free port of 127.0.0.1 with local tests only (``--local``:
+    no DNS or network tests), no per-user configuration, its home (Bayes,
+    caches) and log in the temporary directory, one child."""
+    binary = program("spamd")
+    assert binary is not None
+    with _directory("bonzo-spamd-") as root:
+        home = root / "home"
+        home.mkdir()
+        home.chmod(0o777)  # spamd's user (nobody, when run as root) writes here
+        port = free_port()
+        log = root / "spamd.log"
+        argv = [
+            binary,
+            "--local",
+            f"--listen=127.0.0.1:{port}",
+            "--allowed-ips=127.0.0.1",
+            "--max-children=1",
+            "--nouser-config",
+            f"--helper-home-dir={home}",
+            f"--pidfile={root}/spamd.pid",
+            f"--syslog={log}",
+        ]
+        if os.geteuid() == 0:
+            argv.append("--username=nobody")
+        with _run(argv, root, port, log) as daemon:
+            _wait_port(daemon, b"PING SPAMC/1.5\r\n\r\n", b"PONG", "spamd")
+            yield daemon

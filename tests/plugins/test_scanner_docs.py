@@ -20,7 +20,11 @@ else:  # pragma: no cover
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Each scanner plugin and the hook it decides in.
-SCANNERS = {"clamav": "bonzo_message", "rspamd": "bonzo_message"}
+SCANNERS = {
+    "clamav": "bonzo_message",
+    "rspamd": "bonzo_message",
+    "spamassassin": "bonzo_message",
+}
 
 
 def entry_point(name: str) -> type:
