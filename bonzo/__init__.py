@@ -25,6 +25,14 @@ version = get_version_string()
 __version__ = "0.2.0"
 
 # The names plugin authors need, importable as ``from bonzo import hookimpl``.
-from .hookspecs import Accept, hookimpl  # noqa: E402
+from .hookspecs import Accept, Discard, Quarantine, hookimpl  # noqa: E402
 
-__all__ = ["Accept", "hookimpl", "version", "version_tuple", "get_version_string"]
+__all__ = [
+    "Accept",
+    "Discard",
+    "Quarantine",
+    "hookimpl",
+    "version",
+    "version_tuple",
+    "get_version_string",
+]

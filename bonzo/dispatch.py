@@ -34,7 +34,7 @@ from tornado.log import access_log, app_log, gen_log
 from . import errors
 from .auth import MECHANISMS, Challenge, Mechanism, decode_response
 from .hooks import PluginFailure, PluginSet, Refused, log_plugin_failure
-from .hookspecs import Accept
+from .hookspecs import Accept, Discard, Quarantine
 from .lmtp import LMTPProtocol
 from .protocol import (
     Auth,
@@ -144,9 +144,32 @@ def _text(verdict: tuple[str, Any] | None) -> str | None:
     if verdict is None:
         return None
     value = verdict[1]
-    if type(value) is Accept:
-        return value.text
+    if type(value) in (Accept, Discard, Quarantine):
+        return value.text  # type: ignore[no-any-return]
     return value if type(value) is str else None
+
+
+def _mark(envelope: Envelope, verdict: tuple[str, Any] | None) -> None:
+    """Record a Discard or Quarantine verdict on the envelope (the first
+    of each kind counts)."""
+    if verdict is None:
+        return
+    plugin, value = verdict
+    kind = type(value)
+    if kind is Discard and envelope.discarded is None:
+        envelope.discarded = plugin
+    elif kind is Quarantine and envelope.quarantined is None:
+        envelope.quarantined = value.reason
+        envelope.quarantined_by = plugin
+
+
+def _results(session: Session, envelope: Envelope | None) -> str:
+    """`` results=[...]`` for a message's log line ('' when nothing was found)."""
+    parts = [session.results.summary()]
+    if envelope is not None:
+        parts.append(envelope.results.summary())
+    found = " ".join(p for p in parts if p)
+    return f" results=[{found}]" if found else ""
 
 
 def _ehlo_line(keyword: Any) -> bool:
@@ -329,9 +352,27 @@ class Dispatcher:
             raise _StorageFault(self._stored)
         session, envelope = self.session, self.envelope
         assert envelope is not None
-        await self.plugins.decide("bonzo_message", (session, envelope))
+        _mark(envelope, await self.plugins.decide("bonzo_message", (session, envelope)))
         if envelope.refused and not envelope.remaining_recipients:
             return None  # the filters refused it for every recipient
+        if envelope.discarded is not None:
+            return envelope.discarded, Discard()
+        if envelope.quarantined is not None:
+            verdict = await self.plugins.decide(
+                "bonzo_quarantine", (session, envelope, envelope.quarantined)
+            )
+            if verdict is None:
+                app_log.error(
+                    "[%s %s] No plugin quarantined message %s (quarantined by %s: %s; set "
+                    "the quarantine key of the maildir or queue plugin); answered 451",
+                    session.id,
+                    session.remote_ip,
+                    envelope.id,
+                    envelope.quarantined_by,
+                    envelope.quarantined,
+                )
+                raise errors.TransientError("Message not accepted, try again later", 451, "4.3.0")
+            return verdict
         verdict = await self.plugins.decide("bonzo_deliver", (session, envelope))
         if verdict is None:
             app_log.error(
@@ -367,16 +408,19 @@ class Dispatcher:
         kind = type(event)
         if kind is Rcpt:
             assert self.envelope is not None
+            _mark(self.envelope, answer)
             self.envelope.add_recipient(event.mailbox, event.params, event.dsn)  # type: ignore[attr-defined]
             core.accept(_text(answer))
         elif kind is Mail:
             verdict, envelope = answer
             self.end_transaction()
+            _mark(envelope, verdict)
             self.envelope = envelope
             core.accept(_text(verdict))
         elif kind is Data:
             envelope = self.envelope
             assert envelope is not None
+            _mark(envelope, answer)
             envelope.prepend_raw(received_header(self.session, envelope, self.settings.hostname))
             core.accept(_text(answer))
         elif kind is MessageComplete:
@@ -426,9 +470,14 @@ class Dispatcher:
             envelope.close()
             return None
         self.send()
+        discarded = verdict is not None and type(verdict[1]) is Discard
+        if discarded:
+            by += " discarded"
+        elif envelope.quarantined is not None:
+            by += f" quarantined by {envelope.quarantined_by} ({envelope.quarantined})"
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
-                "%s %s from=<%s> to=%d size=%d id=%s by=%s%s",
+                "%s %s from=<%s> to=%d size=%d id=%s by=%s%s%s",
                 session.id,
                 session.remote_ip,
                 envelope.mail_from,
@@ -437,7 +486,11 @@ class Dispatcher:
                 envelope.id,
                 by,
                 f" refused={len(refused)}" if refused else "",
+                _results(session, envelope),
             )
+        if discarded:
+            envelope.close()
+            return None  # nobody has it: no bonzo_accepted
         return envelope
 
     def _one_reply(self, envelope: Envelope) -> errors.SMTPError | None:
@@ -501,6 +554,19 @@ class Dispatcher:
         if kind is MessageComplete or (kind is Data and event.chunked):  # type: ignore[attr-defined]
             # The message is over (a refused first BDAT ends its transaction).
             envelope = self.envelope
+            found = _results(self.session, envelope)
+            if found and envelope is not None:
+                # What the filters found, beside the refusal's own line.
+                access_log.info(
+                    "%s %s from=<%s> id=%s refused %d by=%s%s",
+                    self.session.id,
+                    self.session.remote_ip,
+                    envelope.mail_from,
+                    envelope.id,
+                    reply.status_code,
+                    by,
+                    found,
+                )
             refused = envelope.refused if envelope is not None else {}
             self.end_transaction()
             if refused and isinstance(core, LMTPProtocol):

@@ -24,7 +24,15 @@ import pluggy
 from tornado.log import app_log
 
 from . import errors, hookspecs
-from .hookspecs import DECISION_HOOKS, OBSERVER_HOOKS, OWNER_HOOKS, Accept
+from .hookspecs import (
+    DECISION_HOOKS,
+    FILTER_HOOKS,
+    OBSERVER_HOOKS,
+    OWNER_HOOKS,
+    Accept,
+    Discard,
+    Quarantine,
+)
 from .settings import positive_seconds
 
 __all__ = [
@@ -299,6 +307,16 @@ def _verdict(call: HookCall, hook: str, result: Any) -> Any:
         )
     if kind is str:
         return result
+    if kind is Discard or kind is Quarantine:
+        if hook in FILTER_HOOKS:
+            return result
+        raise PluginFailure(
+            call.plugin,
+            hook,
+            TypeError(
+                f"returned {kind.__name__}, which is a verdict only for {', '.join(FILTER_HOOKS)}"
+            ),
+        )
     if hook == "bonzo_unknown_command" and isinstance(result, tuple):
         problem = _reply_tuple_problem(result)
         if problem is None:

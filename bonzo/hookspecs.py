@@ -59,6 +59,8 @@ __all__ = [
     "hookspec",
     "hookimpl",
     "Accept",
+    "Discard",
+    "Quarantine",
     "DECISION_HOOKS",
     "OBSERVER_HOOKS",
     "OWNER_HOOKS",
@@ -95,6 +97,63 @@ class Accept:
         return f"Accept({self.text!r})"
 
 
+class Discard:
+    """A verdict that throws the message away: the transaction goes on as
+    if accepted, the client gets ``250`` after the data, and nothing is
+    delivered (no :func:`bonzo_deliver`, no :func:`bonzo_accepted`). The
+    log line of the message names the plugin.
+
+    Returned from :func:`bonzo_mail`, :func:`bonzo_rcpt`, :func:`bonzo_data`
+    or :func:`bonzo_message` (at RCPT it also accepts the recipient).
+    Discarding is for mail known to be unwanted where a refusal would help
+    its sender (a virus, confirmed spam); prefer refusing.
+
+    :arg str text: the reply text of the command it answers.
+
+    .. versionadded:: 0.2
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str | None = None) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"Discard({self.text!r})"
+
+
+class Quarantine:
+    """A verdict that sets the message aside: the filters still run, then
+    instead of :func:`bonzo_deliver` Bonzo calls :func:`bonzo_quarantine`,
+    whose owner (the ``maildir`` or ``queue`` plugin with a ``quarantine``
+    key) keeps it where the operator looks at such mail. The client gets
+    ``250``; if no plugin quarantines it, ``451 4.3.0`` (it is never lost
+    and never delivered as usual). ``envelope.quarantined`` holds the
+    reason.
+
+    Returned from :func:`bonzo_mail`, :func:`bonzo_rcpt`, :func:`bonzo_data`
+    or :func:`bonzo_message` (at RCPT it also accepts the recipient).
+
+    :arg str reason: why, for the log and the quarantine.
+
+    .. versionadded:: 0.2
+    """
+
+    __slots__ = ("reason", "text")
+
+    def __init__(self, reason: str, text: str | None = None) -> None:
+        if not isinstance(reason, str) or not reason.strip():
+            raise ValueError("Quarantine needs a reason")
+        self.reason = " ".join(reason.split())[:500]
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"Quarantine({self.reason!r})"
+
+
+#: Hooks whose verdict may be :class:`Discard` or :class:`Quarantine`.
+FILTER_HOOKS = ("bonzo_mail", "bonzo_rcpt", "bonzo_data", "bonzo_message")
+
 #: Hooks whose first verdict decides.
 DECISION_HOOKS = (
     "bonzo_connect",
@@ -104,13 +163,14 @@ DECISION_HOOKS = (
     "bonzo_data",
     "bonzo_message",
     "bonzo_deliver",
+    "bonzo_quarantine",
     "bonzo_unknown_command",
     "bonzo_auth",
     "bonzo_route",
     "bonzo_bounce",
 )
 #: Decision hooks where "no opinion" from every plugin means refusal.
-OWNER_HOOKS = ("bonzo_rcpt", "bonzo_deliver")
+OWNER_HOOKS = ("bonzo_rcpt", "bonzo_deliver", "bonzo_quarantine")
 #: Hooks where every implementation runs.
 OBSERVER_HOOKS = (
     "bonzo_startup",
@@ -289,6 +349,17 @@ def bonzo_deliver(session: Session, envelope: Envelope) -> Any:
     message for one recipient while delivering it to the others, call
     :meth:`envelope.refuse_recipient() <bonzo.session.Envelope.refuse_recipient>`
     (an LMTP client gets one reply per recipient; see :ref:`per-recipient`).
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def bonzo_quarantine(session: Session, envelope: Envelope, reason: str) -> Any:
+    """Keep a message a filter quarantined (:class:`Quarantine`), instead of
+    delivering it (decision, **needs an owner**): as :func:`bonzo_deliver`,
+    return :class:`Accept` once it is durable. If no plugin does, the client
+    gets ``451 4.3.0`` and keeps the message.
 
     .. versionadded:: 0.2
     """

@@ -28,6 +28,7 @@ from .dsn import MailDSN, RecipientDSN, mail_dsn, recipient_dsn
 from .errors import SMTPError
 from .protocol import SMTPProtocol
 from .proxy import ProxyHeader
+from .results import Results
 from .settings import SMTPSettings
 
 __all__ = [
@@ -129,6 +130,13 @@ class Session:
 
        A dict where plugins keep per-connection data, by their own key.
 
+    .. attribute:: results
+
+       What filters found about the connection (the client's address, its
+       HELO name): a :class:`~bonzo.results.Results`.
+
+       .. versionadded:: 0.2
+
     .. attribute:: started
 
        When the client connected (:func:`time.time`).
@@ -145,6 +153,7 @@ class Session:
         "proxy",
         "xclient",
         "stash",
+        "results",
         "started",
         "_core",
     )
@@ -169,6 +178,7 @@ class Session:
         self.proxy: ProxyHeader | None = None
         self.xclient: dict[str, str | None] | None = None
         self.stash: dict[str, Any] = {}
+        self.results = Results()
         self.started = time.time()
         self._core = core if core is not None else SMTPProtocol(_STANDALONE, remote_ip)
 
@@ -363,6 +373,15 @@ class Envelope:
         self.chunked = False
         #: Per-transaction data for plugins.
         self.stash: dict[str, Any] = {}
+        #: What filters found about this message (:class:`~bonzo.results.Results`).
+        self.results = Results()
+        #: The plugin that discarded the message (a :class:`~bonzo.hookspecs.Discard`
+        #: verdict), else ``None``.
+        self.discarded: str | None = None
+        #: Why the message was quarantined (a :class:`~bonzo.hookspecs.Quarantine`
+        #: verdict), else ``None``; :attr:`quarantined_by` names the plugin.
+        self.quarantined: str | None = None
+        self.quarantined_by: str | None = None
         #: Id of the message, for logs and replies.
         self.id = new_session_id()
         self._headers: list[bytes] = []

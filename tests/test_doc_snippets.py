@@ -400,6 +400,34 @@ def test_message_filter(serve: Callable[..., Served]) -> None:
     assert b"\r\nX-From-Checked: yes\r\nFrom: alice@example.net\r\n" in content
 
 
+def test_quarantine_and_discard(serve: Callable[..., Served], tmp_path: Path) -> None:
+    module = snippet("hook_quarantine")
+
+    class Scanner:
+        def bonzo_message(self, envelope: Any) -> None:
+            if b"EICAR" in envelope.body:
+                envelope.results.add("clamav", "fail", "Eicar-Test-Signature")
+
+    owner = Owner()
+    srv = serve(
+        ("scanner", Scanner()),
+        ("suspicious", module.Suspicious()),
+        ("owner", owner),
+        ("quarantine", module.QuarantineDirectory(tmp_path)),
+    )
+    with srv.smtp() as client:
+        client.ehlo()
+        wire = "Subject: URGENT wire transfer\r\n\r\nPay now.\r\n"
+        assert client.sendmail("a@example.net", ["b@example.org"], wire) == {}
+        virus = "Subject: hi\r\n\r\nEICAR\r\n"
+        assert client.sendmail("a@example.net", ["b@example.org"], virus) == {}
+        assert client.sendmail("a@example.net", ["b@example.org"], MESSAGE) == {}
+    [kept] = tmp_path.iterdir()
+    assert kept.read_bytes().startswith(b"X-Quarantine-Reason: wire transfer subject\r\n")
+    assert [content for _, _, content in owner.messages if b"EICAR" in content] == []
+    assert len(owner.messages) == 1  # only the ordinary message was delivered
+
+
 def test_deliver_stores_durably_and_fails_closed(
     serve: Callable[..., Served], tmp_path: Path, log_watch: Any
 ) -> None:

@@ -322,7 +322,7 @@ def test_every_hook_spec_is_documented_and_classified():
         assert spec.__doc__ and "versionadded" in spec.__doc__, name
     classified = set(DECISION_HOOKS) | set(OBSERVER_HOOKS) | {"bonzo_configure", "bonzo_exception"}
     assert classified == set(HOOK_ARGS)
-    assert set(OWNER_HOOKS) == {"bonzo_rcpt", "bonzo_deliver"}
+    assert set(OWNER_HOOKS) == {"bonzo_rcpt", "bonzo_deliver", "bonzo_quarantine"}
 
 
 # ------------------------------------------------------ sync/async, order
@@ -1408,6 +1408,37 @@ def test_delivery_hooks_follow_the_decision_and_observer_rules(caplog):
         asyncio.run(main())
     assert seen == ["delivered ['a@x']", "deferred ['b@x']", "bounced m"]
     assert "in plugin 'First' (bonzo_delivered): observer bug" in caplog.text
+
+
+def test_quarantine_hook_gets_the_reason_and_may_be_async():
+    got: list[tuple[str, str | None]] = []
+
+    class Filter:
+        def bonzo_rcpt(self) -> Any:
+            return hookspecs.Quarantine("first")
+
+        def bonzo_message(self) -> Any:
+            return hookspecs.Quarantine("second")  # the first reason is kept
+
+    class Keeper:
+        async def bonzo_quarantine(self, reason: str, envelope: Envelope) -> Any:
+            await asyncio.sleep(0)
+            got.append((reason, envelope.quarantined_by))
+            return Accept()
+
+    plugins = PluginSet()
+    plugins.register(Filter(), "filter")
+    plugins.register(Keeper(), "keeper")
+    tester = SessionTester(plugins)
+
+    async def main() -> bytes:
+        await tester.connect()
+        return await tester.send(
+            b"HELO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\nhi\r\n.\r\n"
+        )
+
+    assert asyncio.run(main()).splitlines()[-1].startswith(b"250")
+    assert got == [("first", "filter")]
 
 
 # ------------------------------------------------------------- coverage

@@ -46,7 +46,7 @@ __all__ = ["MaildirPlugin", "DeliveryAborted", "maildir_component", "parse_tmp_n
 
 log = logging.getLogger("bonzo.plugins.maildir")
 
-KEYS = ("path", "per_recipient", "create", "mode")
+KEYS = ("path", "per_recipient", "create", "mode", "quarantine")
 SUBDIRS = ("tmp", "new", "cur")
 DEFAULT_MODE = 0o600
 #: Errors that mean "no space": the client gets 452 4.3.1 (RFC 3463).
@@ -196,6 +196,7 @@ class MaildirPlugin:
         self.per_recipient = False
         self.create = True
         self.mode = DEFAULT_MODE
+        self.quarantine: Path | None = None
         self._host = _host_part()
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
@@ -230,10 +231,21 @@ class MaildirPlugin:
                     raise ValueError(
                         f"path: {path} is not a maildir (no {', '.join(missing)}; create = false)"
                     )
+        quarantine = None
+        if "quarantine" in table:
+            raw = get_str(table, "quarantine", "")
+            if not raw or "\0" in raw:
+                raise ValueError("quarantine: expected the path of a maildir")
+            quarantine = resolve_path(raw, app)
+            if quarantine.exists() and not quarantine.is_dir():
+                raise ValueError(f"quarantine: {quarantine} exists and is not a directory")
+            if quarantine == path:
+                raise ValueError("quarantine: must differ from path")
         self.path = path
         self.per_recipient = per_recipient
         self.create = create
         self.mode = mode
+        self.quarantine = quarantine
 
     @hookimpl
     def bonzo_startup(self) -> None:
@@ -245,6 +257,9 @@ class MaildirPlugin:
                 self._makedirs(self.path)
             else:
                 self._ensure_maildir(self.path)
+        if self.quarantine is not None:
+            self._ensure_maildir(self.quarantine)
+            log.info("maildir: quarantined messages go to %s", self.quarantine)
         log.info(
             "maildir: storing messages durably in %s%s",
             self.path,
@@ -260,6 +275,8 @@ class MaildirPlugin:
         ``tmp``, ``new`` and ``cur``). Unreadable directories are logged and
         skipped."""
         found = [self.path] if _is_dir(self.path / "tmp") else []
+        if self.quarantine is not None and _is_dir(self.quarantine / "tmp"):
+            found.append(self.quarantine)
         skip = () if self.per_recipient else SUBDIRS
         for domain in _subdirs(self.path):
             if domain.name in skip:
@@ -400,6 +417,22 @@ class MaildirPlugin:
         targets = self.targets(envelope)
         if not targets:
             return None
+        return await self._deliver_to(session, envelope, targets)
+
+    @hookimpl
+    async def bonzo_quarantine(
+        self, session: Session, envelope: Envelope, reason: str
+    ) -> Accept | None:
+        """With a ``quarantine`` maildir: store the message there, durably,
+        with an ``X-Bonzo-Quarantine:`` header giving the reason."""
+        if self.quarantine is None:
+            return None
+        envelope.add_header("X-Bonzo-Quarantine", f"{envelope.quarantined_by}: {reason}")
+        return await self._deliver_to(session, envelope, [self.quarantine])
+
+    async def _deliver_to(
+        self, session: Session, envelope: Envelope, targets: list[Path]
+    ) -> Accept | None:
         loop = asyncio.get_running_loop()
         abort = threading.Event()
         try:

@@ -48,6 +48,7 @@ KEYS = (
     "max_hops",
     "routes",
     "transports",
+    "quarantine",
 )
 
 _DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*")
@@ -106,6 +107,7 @@ class QueuePlugin:
         self.routes: RouteTable | None = None
         self.settings = RunnerSettings()
         self.max_hops = 100
+        self.quarantine: str | None = None
         self._app: Any = None
 
     # ------------------------------------------------------------ configure
@@ -138,10 +140,20 @@ class QueuePlugin:
                 f"({settings.min_backoff:g}s)"
             )
         self.max_hops = _positive_int(table, "max_hops", 100)
+        quarantine = table.get("quarantine")
+        if quarantine is not None and (not isinstance(quarantine, str) or not quarantine):
+            raise ValueError("quarantine: expected the name of a transport")
         # Without a routes table, everything goes out by MX, as an MTA's
         # default transport does (and defers, saying so, until [dns] is set).
         routes = table.get("routes", {"*": {"type": "mx"}})
         self.routes = RouteTable(routes, table.get("transports", {}), app)
+        if quarantine is not None and quarantine not in self.routes.named:
+            known = ", ".join(sorted(self.routes.named)) or "none"
+            raise ValueError(
+                f"quarantine: no transport named {quarantine!r} in [plugins.queue.transports] "
+                f"(known: {known})"
+            )
+        self.quarantine: str | None = quarantine
         self.spool = Spool(path, _mode(table.get("mode", 0o600)))
         self.settings = settings
         self._app = app
@@ -187,6 +199,22 @@ class QueuePlugin:
     @hookimpl
     async def bonzo_deliver(self, session: Session, envelope: Envelope) -> Accept | None:
         """Write the message to the queue durably, then accept it."""
+        return await self._queue(session, envelope, None)
+
+    @hookimpl
+    async def bonzo_quarantine(
+        self, session: Session, envelope: Envelope, reason: str
+    ) -> Accept | None:
+        """With a ``quarantine`` transport: queue the message for it alone,
+        with an ``X-Bonzo-Quarantine:`` header giving the reason."""
+        if self.quarantine is None:
+            return None
+        envelope.add_header("X-Bonzo-Quarantine", f"{envelope.quarantined_by}: {reason}")
+        return await self._queue(session, envelope, self.quarantine)
+
+    async def _queue(
+        self, session: Session, envelope: Envelope, transport: str | None
+    ) -> Accept | None:
         spool, sync = self.spool, self.sync
         if spool is None or sync is None:
             raise TransientError("Queue not started", 451, "4.3.0")
@@ -220,6 +248,8 @@ class QueuePlugin:
                 "envelope": _jsonable(envelope.stash),
             },
         }
+        if transport is not None:
+            record["transport"] = transport
         loop = asyncio.get_running_loop()
         abort = threading.Event()
         future = loop.run_in_executor(None, _write, spool, envelope.id, record, envelope, abort)

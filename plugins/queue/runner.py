@@ -335,6 +335,9 @@ class Runner:
         return outcomes
 
     async def _route(self, message: QueuedMessage, recipient: Recipient) -> Any:
+        if message.transport is not None:
+            # Quarantined: the operator's transport, whatever plugins or routes say.
+            return self.routes.named.get(message.transport)
         if self.plugins is not None and self.plugins.calls["bonzo_route"]:
             try:
                 verdict = await self.plugins.decide("bonzo_route", (message, recipient))

@@ -130,6 +130,9 @@ class QueuedMessage:
     held: bool = False
     warned: bool = False
     """A delay notice was sent."""
+    transport: str | None = None
+    """The named transport every recipient goes to, whatever the routes say
+    (a quarantined message: the plugin's ``quarantine`` key)."""
 
     # What bonzo_plugins.maildir's writer needs of an envelope.
     header_bytes = b""
@@ -379,6 +382,7 @@ class Spool:
                 recipients=recipients,
                 session=dict(env.get("session", {})),
                 records=dict(env.get("records", {})),
+                transport=env.get("transport"),
                 path=path,
                 offset=offset,
                 size=size,

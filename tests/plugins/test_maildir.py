@@ -778,3 +778,40 @@ def test_end_to_end_storage_fault_is_transient(tmp_path):
                 b"4.3.0 Local error in processing",
             )
             assert client.rset()[0] == 250
+
+
+def test_quarantined_messages_go_to_the_quarantine_maildir(tmp_path):
+    from bonzo import Quarantine, hookimpl
+
+    class Suspect:
+        @hookimpl
+        def bonzo_message(self, envelope: Envelope) -> object:
+            if b"wire transfer" in envelope.body:
+                return Quarantine("wire transfer")
+            return None
+
+    plugin = configured(tmp_path, per_recipient=True, quarantine="Quarantine")
+    plugin.bonzo_startup()
+    assert (tmp_path / "Quarantine" / "new").is_dir()
+    with serve(("recipients", recipients()), ("suspect", Suspect()), ("maildir", plugin)) as server:
+        with server.client() as client:
+            bad = b"Subject: pay\r\n\r\nurgent wire transfer\r\n"
+            assert (
+                client.sendmail("a@example.org", ["alice@example.com", "bob@example.com"], bad)
+                == {}
+            )
+            assert (
+                client.sendmail(
+                    "a@example.org", ["alice@example.com"], b"Subject: ok\r\n\r\nhi\r\n"
+                )
+                == {}
+            )
+    [kept] = files(tmp_path / "Quarantine")
+    content = kept.read_bytes()
+    assert b"X-Bonzo-Quarantine: suspect: wire transfer\r\n" in content
+    assert content.endswith(b"urgent wire transfer\r\n")
+    delivered = files(tmp_path / "Maildir")
+    assert [p.read_bytes().endswith(b"hi\r\n") for p in delivered] == [True]  # one copy, to alice
+    assert tmp_path / "Quarantine" in plugin.maildirs()
+    with pytest.raises(ValueError, match="quarantine: must differ from path"):
+        configured(tmp_path, quarantine="Maildir")

@@ -594,6 +594,44 @@ def test_accepted_means_on_disk_then_delivered(tmp_path):
     assert left == []  # delivered (discarded) at once by this worker's runner
 
 
+def test_a_quarantined_message_goes_to_the_quarantine_transport_only(tmp_path):
+    from bonzo import Quarantine
+
+    table = {
+        "path": "q",
+        "routes": {"*": {"type": "maildir", "path": "mail"}},
+        "transports": {"review": {"type": "maildir", "path": "review"}},
+        "quarantine": "review",
+    }
+    plugins, queue = queue_session(tmp_path, table)
+
+    class Suspect:
+        @hookimpl
+        def bonzo_message(self):
+            return Quarantine("score 9.5")
+
+    plugins.register(Suspect(), "suspect")  # bonzo_message: before any delivery anyway
+
+    async def main() -> bytes:
+        await queue.bonzo_startup(App(tmp_path, plugins))
+        reply = await send(SessionTester(plugins))
+        assert queue.spool is not None
+        for _ in range(200):
+            if not queue.spool.ids():
+                break
+            await asyncio.sleep(0.02)
+        await queue.bonzo_shutdown()
+        return reply
+
+    assert asyncio.run(main()).startswith(b"250 2.0.0")
+    [kept] = list((tmp_path / "review" / "new").iterdir())
+    assert b"X-Bonzo-Quarantine: suspect: score 9.5\r\n" in kept.read_bytes()
+    mail = tmp_path / "mail" / "new"
+    assert not mail.exists() or not any(mail.iterdir())  # nothing to the recipients
+    with pytest.raises(ValueError, match="quarantine: no transport named 'nope'"):
+        QueuePlugin().bonzo_configure({**table, "quarantine": "nope"}, App(tmp_path))
+
+
 def test_the_envelope_is_kept_with_the_message(tmp_path):
     plugins, queue = queue_session(
         tmp_path, {"path": "q", "routes": {"x.test": {"type": "discard"}}}
@@ -758,5 +796,6 @@ def test_the_example_configuration_shows_every_key_and_configures(tmp_path, monk
     assert table["transports"]["relay"]["password"] == "s3cret"
     plugin = QueuePlugin()
     plugin.bonzo_configure(table, App(tmp_path))
-    assert plugin.routes is not None and len(plugin.routes.transports) == 4
+    assert plugin.routes is not None and len(plugin.routes.transports) == 5
+    assert plugin.quarantine == "review"
     assert plugin.settings.lifetime == 5 * 86400
