@@ -177,14 +177,7 @@ def sanitize(text: str, limit: int = 100) -> str:
 
 def record(envelope: Any, plugin: str, result: str, reason: str = "", **details: Any) -> None:
     """Record a result on the transaction (``envelope.results``)."""
-    results = getattr(envelope, "results", None)
-    if results is not None:
-        results.add(plugin, result, reason, **details)
-        return
-    # Before the core's results (issue 11): kept in the stash, same fields.
-    envelope.stash.setdefault("results", []).append(
-        {"plugin": plugin, "result": result, "reason": reason, "details": details}
-    )
+    envelope.results.add(plugin, result, reason, **details)
 
 
 def tempfail(what: str) -> SMTPError:

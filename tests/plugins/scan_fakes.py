@@ -99,11 +99,4 @@ def free_port() -> int:
 
 def results_of(envelope: Any, plugin: str) -> list[tuple[str, str, dict[str, Any]]]:
     """``(result, reason, details)`` of each result ``plugin`` recorded."""
-    results = getattr(envelope, "results", None)
-    if results is not None:
-        return [(r.result, r.reason, dict(r.details)) for r in results.all(plugin)]
-    return [
-        (r["result"], r["reason"], r["details"])
-        for r in envelope.stash.get("results", [])
-        if r["plugin"] == plugin
-    ]
+    return [(r.result, r.reason, dict(r.details)) for r in envelope.results.all(plugin)]

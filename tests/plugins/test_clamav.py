@@ -182,7 +182,10 @@ def test_clamd_closing_at_its_size_limit_is_an_error_not_a_hang():
         with pytest.raises(SMTPError) as info:
             scan(configured(port=fake.port, timeout=5), envelope)
     assert info.value.status_code == 451
-    assert "size limit" in results_of(envelope, "clamav")[0][1]
+    # The answer, or the reset of a socket closed with unread data in it.
+    ((result, reason, _),) = results_of(envelope, "clamav")
+    assert result == "error"
+    assert "size limit" in reason or "connection lost" in reason
 
 
 def test_message_over_max_size_is_not_scanned():
