@@ -262,3 +262,40 @@ def spamd() -> Iterator[Daemon]:
         with _run(argv, root, port, log) as daemon:
             _wait_port(daemon, b"PING SPAMC/1.5\r\n\r\n", b"PONG", "spamd")
             yield daemon
+
+
+# ---------------------------------------------------------------- postgrey
+def postgrey_available() -> bool:
+    return program("postgrey") is not None
+
+
+@contextmanager
+def postgrey(delay: int = 2) -> Iterator[Daemon]:
+    """postgrey on a free port of 127.0.0.1 with its database in the
+    temporary directory (a fresh one: it remembers every triplet), no
+    whitelists, no auto-whitelisting, and a greylisting ``delay`` of a few
+    seconds."""
+    binary = program("postgrey")
+    assert binary is not None
+    with _directory("bonzo-postgrey-") as root:
+        db = root / "db"
+        db.mkdir()
+        empty = root / "whitelist"
+        empty.write_text("")
+        port = free_port()
+        argv = [
+            binary,
+            f"--inet=127.0.0.1:{port}",
+            f"--dbdir={db}",
+            f"--delay={delay}",
+            f"--whitelist-clients={empty}",
+            f"--whitelist-recipients={empty}",
+            "--auto-whitelist-clients=0",
+            "--hostname=postgrey.test",
+        ]
+        if os.geteuid() == 0:
+            # It switches to its own user, which must own the database.
+            shutil.chown(db, "postgrey", "postgrey")
+        with _run(argv, root, port, root / "stdout.log") as daemon:
+            _wait_port(daemon, None, b"", "postgrey")
+            yield daemon

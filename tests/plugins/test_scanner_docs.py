@@ -24,6 +24,7 @@ SCANNERS = {
     "clamav": "bonzo_message",
     "rspamd": "bonzo_message",
     "spamassassin": "bonzo_message",
+    "policy": "bonzo_rcpt",
 }
 
 
