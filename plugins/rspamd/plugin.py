@@ -8,10 +8,12 @@ answer with a bound on its size. See ``README.rst`` in this directory.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import re
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +58,9 @@ KEYS = (
 ACTIONS = ("no action", "greylist", "add header", "rewrite subject", "soft reject", "reject")
 #: The largest answer read from rspamd (its symbols with their options).
 MAX_REPLY = 1 << 20
+#: Requests to rspamd at once from one worker process (Tornado's shared
+#: client allows 10; more wait in its queue, within ``timeout``).
+MAX_CONNECTIONS = 100
 #: Header changes applied from one answer at most.
 MAX_CHANGES = 50
 CHUNK_SIZE = 64 * 1024
@@ -208,6 +213,18 @@ class RspamdPlugin:
         self.greylist = True
         self.spam_header = "X-Spam"
         self.settings_id = ""
+        # One HTTP client per event loop (tests run several loops; a worker
+        # process has one).
+        self._clients: weakref.WeakKeyDictionary[Any, AsyncHTTPClient] = weakref.WeakKeyDictionary()
+
+    def client(self) -> AsyncHTTPClient:
+        """This event loop's HTTP client for rspamd."""
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = AsyncHTTPClient(force_instance=True, max_clients=MAX_CONNECTIONS)
+            self._clients[loop] = client
+        return client
 
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
@@ -274,7 +291,7 @@ class RspamdPlugin:
             user_agent="Bonzo",
         )
         try:
-            await AsyncHTTPClient().fetch(request)
+            await self.client().fetch(request)
         except HTTPClientError as exc:
             if exc.code == 599:
                 raise ScanError(f"{self.url}: {exc.message or 'no answer'}") from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from types import SimpleNamespace
 
@@ -308,3 +309,32 @@ def test_settings_id_is_sent():
     with FakeDaemon(http(answer("no action"), seen=seen)) as fake:
         check(configured(url=f"http://127.0.0.1:{fake.port}", settings_id="inbound"), envelope)
     assert ("settings-id", "inbound") in [(k.lower(), v) for k, v in seen[0][1]]
+
+
+def test_many_messages_at_once():
+    """More than Tornado's default of 10 requests are in flight at once."""
+    state = {"now": 0, "most": 0}
+    lock = threading.Condition()
+    inner = http(answer("no action"))
+
+    def held(conn):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+            lock.notify_all()
+            # Answer once 15 are in flight (or after a while, to end).
+            lock.wait_for(lambda: state["most"] >= 15, timeout=3)
+            state["now"] -= 1
+        inner(conn)
+
+    envelopes = [make_envelope() for _ in range(20)]
+    with FakeDaemon(held) as fake:
+        plugin = configured(url=f"http://127.0.0.1:{fake.port}", timeout=10)
+
+        async def all_at_once():
+            session = make_session()
+            await asyncio.gather(*(plugin.bonzo_message(session, e) for e in envelopes))
+
+        asyncio.run(all_at_once())
+    assert state["most"] >= 15
+    assert all(results_of(e, "rspamd")[0][0] == "pass" for e in envelopes)
