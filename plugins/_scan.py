@@ -193,13 +193,17 @@ def set_header(envelope: Any, name: str, value: str) -> None:
     """Give the first ``name`` header the value ``value`` (adding it when
     the message has none); other ``name`` headers are removed."""
     change = getattr(envelope, "change_header", None)
-    if change is not None:
-        change(name, value)
-        while envelope_header_count(envelope, name) > 1:
-            envelope.delete_header(name, 2)
+    if change is None:
+        envelope.remove_header(name)
+        envelope.add_header(name, value)
         return
-    envelope.remove_header(name)
-    envelope.add_header(name, value)
+    count = envelope_header_count(envelope, name)
+    if count == 0:
+        envelope.add_header(name, value)
+        return
+    change(name, value)
+    for _ in range(count - 1):
+        envelope.delete_header(name, 2)
 
 
 def envelope_header_count(envelope: Any, name: str) -> int:
