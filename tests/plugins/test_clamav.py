@@ -15,7 +15,7 @@ import pytest
 from bonzo_plugins._scan import Endpoint, ScanError
 from bonzo_plugins.clamav import ClamavPlugin, instream
 from bonzo_plugins.clamav.client import parse_reply
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from plugin_testing import make_session, serve
 from scan_fakes import FakeDaemon, free_port, recv_exactly, results_of
@@ -225,6 +225,7 @@ def test_through_a_server():
     assert len(Deliver.delivered) == 1 and b"Subject: 1" in Deliver.delivered[0]
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=300))
 def test_parse_reply_never_fails_otherwise(raw):
     try:

@@ -11,7 +11,7 @@ import pytest
 from bonzo_plugins._scan import ScanError
 from bonzo_plugins.policy import PolicyPlugin, parse_action
 from bonzo_plugins.policy.client import PolicyAction, encode_request
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from plugin_testing import serve
 from scan_fakes import FakeDaemon, free_port, recv_until
@@ -206,6 +206,7 @@ def test_request_values_stay_on_their_line():
     assert raw == b"helo_name=evil??action=OK\nsender=a?b\n\n"
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=300))
 def test_parse_action_never_fails_otherwise(raw):
     try:

@@ -14,7 +14,7 @@ import plugin_testing
 import pytest
 from bonzo_plugins._scan import ScanError
 from bonzo_plugins.rspamd import RspamdPlugin, parse_reply
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from plugin_testing import make_session
 from scan_fakes import FakeDaemon, free_port, recv_exactly, recv_until, results_of
@@ -234,6 +234,7 @@ def test_message_over_max_size_is_not_checked():
     assert results_of(envelope, "rspamd")[0][:2] == ("skip", "too large")
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=400))
 def test_parse_reply_bytes(raw):
     try:
@@ -256,6 +257,7 @@ header_tables = st.dictionaries(
 )
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.fixed_dictionaries(
         {"action": st.sampled_from(["reject", "add header", "no action", "x"])},

@@ -12,7 +12,7 @@ import plugin_testing
 import pytest
 from bonzo_plugins._scan import Endpoint, ScanError
 from bonzo_plugins.spamassassin import SpamassassinPlugin, parse_reply, spamd_request
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from plugin_testing import make_session
 from scan_fakes import FakeDaemon, free_port, recv_exactly, recv_until, results_of
@@ -192,6 +192,7 @@ async def _chunks(data: bytes):
     yield data
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=500))
 def test_parse_reply_never_fails_otherwise(raw):
     try:
