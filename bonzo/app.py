@@ -28,6 +28,7 @@ from typing import Any
 from .config import Config, ConfigError, ListenerConfig, load_config
 from .dns import Resolver
 from .hooks import PluginError, PluginSet
+from .hookspecs import DECISION_HOOKS
 from .server import ConnectionCount, SMTPServer
 from .settings import SettingError
 
@@ -222,6 +223,26 @@ class MailApp:
                 "no enabled plugin delivers messages (bonzo_deliver): every message will be "
                 "answered 451; enable e.g. 'maildir'"
             )
+        out.extend(self._shadowed())
+        return out
+
+    def _shadowed(self) -> list[str]:
+        """Decision hooks that can never run: an earlier plugin declares (with
+        a ``decides_always`` attribute) that it gives a verdict every time."""
+        out = []
+        for hook in DECISION_HOOKS:
+            decider = None
+            for call in self.plugins.calls[hook]:
+                if decider is not None:
+                    out.append(
+                        f"plugins.enabled: {call.plugin!r}'s {hook} never runs: {decider!r} "
+                        f"before it decides every {hook}; list {call.plugin!r} before "
+                        f"{decider!r}"
+                    )
+                    continue
+                always = getattr(self.plugins.get(call.plugin), "decides_always", ())
+                if isinstance(always, (tuple, list, set, frozenset)) and hook in always:
+                    decider = call.plugin
         return out
 
     # ---------------------------------------------------------------- running

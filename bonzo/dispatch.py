@@ -355,6 +355,10 @@ class Dispatcher:
         _mark(envelope, await self.plugins.decide("bonzo_message", (session, envelope)))
         if envelope.refused and not envelope.remaining_recipients:
             return None  # the filters refused it for every recipient
+        if envelope.discarded is None and not envelope.remaining_recipients:
+            # Plugins removed every recipient: nothing to deliver, nothing
+            # refused (as Postfix's cleanup drops such a message).
+            envelope.discarded = envelope.changes[-1].plugin if envelope.changes else "core"
         if envelope.discarded is not None:
             return envelope.discarded, Discard()
         if envelope.quarantined is not None:
@@ -453,7 +457,11 @@ class Dispatcher:
             # One reply per recipient, each naming its recipient (as Dovecot
             # and Cyrus do), so that the client's log says who got what.
             core.answer_recipients(
-                [refused.get(i) or f"<{rcpt}> {text}" for i, rcpt in enumerate(envelope.rcpt_tos)],
+                [
+                    refused.get(i) or f"<{rcpt}> {text}"
+                    for i, rcpt in enumerate(envelope.rcpt_tos)
+                    if i not in envelope.added  # added by a plugin: no RCPT to answer
+                ],
                 by=by,
             )
         elif not refused:

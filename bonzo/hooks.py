@@ -33,6 +33,7 @@ from .hookspecs import (
     Discard,
     Quarantine,
 )
+from .session import current_plugin
 from .settings import positive_seconds
 
 __all__ = [
@@ -247,6 +248,8 @@ class PluginSet:
         raised an error reply and :class:`PluginFailure` when one failed.
         """
         for call in self.calls[hook]:
+            # Changes the plugin makes to the message are recorded as its own.
+            token = current_plugin.set(call.plugin)
             try:
                 result = call.function(*[args[i] for i in call.indexes])
                 if (
@@ -259,6 +262,8 @@ class PluginSet:
                 raise _refusal(call, hook, exc) from None
             except Exception as exc:
                 raise PluginFailure(call.plugin, hook, exc) from exc
+            finally:
+                current_plugin.reset(token)
             if result is not None:
                 return call.plugin, _verdict(call, hook, result)
         return None
@@ -270,6 +275,7 @@ class PluginSet:
         is logged (naming the plugin) and the next implementation runs; with
         ``strict`` it is raised as :class:`PluginFailure` instead."""
         for call in self.calls[hook]:
+            token = current_plugin.set(call.plugin)
             try:
                 result = call.function(*[args[i] for i in call.indexes])
                 if result is not None and inspect.isawaitable(result):
@@ -278,6 +284,8 @@ class PluginSet:
                 if strict:
                     raise PluginFailure(call.plugin, hook, exc) from exc
                 log_plugin_failure(session, hook, call.plugin, exc)
+            finally:
+                current_plugin.reset(token)
 
 
 def _refusal(call: HookCall, hook: str, exc: errors.SMTPError) -> Exception:

@@ -8,6 +8,7 @@ updates them itself after each accepted command.
 
 from __future__ import annotations
 
+import contextvars
 import datetime
 import email.policy
 import io
@@ -18,15 +19,18 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import format_datetime
 from typing import IO, Any
 
+from tornado.log import gen_log
+
 from .address import Address
 from .dsn import MailDSN, RecipientDSN, mail_dsn, recipient_dsn
 from .errors import SMTPError
-from .protocol import SMTPProtocol
+from .protocol import AddressError, SMTPProtocol, parse_path
 from .proxy import ProxyHeader
 from .results import Results
 from .settings import SMTPSettings
@@ -34,6 +38,8 @@ from .settings import SMTPSettings
 __all__ = [
     "Session",
     "Envelope",
+    "Change",
+    "current_plugin",
     "new_session_id",
     "received_header",
     "safe_text",
@@ -54,6 +60,63 @@ def _refresh_pid() -> None:
 os.register_at_fork(after_in_child=_refresh_pid)
 #: RFC 5322 2.2: printable ASCII except the colon.
 _HEADER_NAME = re.compile(r"[!-9;-~]+")
+#: The longest client header section the message-change methods will parse
+#: (memory stays bounded for any message; RFC 5322 sets no limit).
+MAX_HEADER_SECTION = 1 << 20
+
+#: The plugin whose hook is running (set by :mod:`bonzo.hooks` around each
+#: call), so that changes to a message are recorded with their author.
+current_plugin: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "bonzo_current_plugin", default=None
+)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change a plugin made to a message (:attr:`Envelope.changes`)."""
+
+    plugin: str
+    """Who made it (``"core"`` outside any hook)."""
+    action: str
+    """``add_header``, ``insert_header``, ``change_header``,
+    ``delete_header``, ``remove_header``, ``replace_body``,
+    ``change_sender``, ``add_recipient`` or ``remove_recipient``."""
+    detail: str
+    """What, in a few words (a header's name, an address; never a body)."""
+
+
+def _format_header(name: str, value: str) -> bytes:
+    """``name: value`` as a header block ending in CRLF; :class:`ValueError`
+    for a bad name or a line break that is not folding."""
+    if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+        raise ValueError(f"bad header name {name!r}")
+    if not isinstance(value, str):
+        raise ValueError(f"header {name}: the value must be a string")
+    if "\n" not in value and "\r" not in value and "\0" not in value:
+        return f"{name}: {value}\r\n".encode()
+    lines = value.replace("\r\n", "\n").split("\n")
+    if any(not line or line[0] not in " \t" for line in lines[1:]):
+        raise ValueError(f"header {name} has a line break that is not folding")
+    if any(ch in line for line in lines for ch in "\r\0"):
+        raise ValueError(f"header {name} has a control character")
+    return (f"{name}: " + "\r\n".join(lines) + "\r\n").encode()
+
+
+def _mailbox(address: str, *, sender: bool) -> Address:
+    """``address`` checked as the path of ``MAIL``/``RCPT`` would be."""
+    if not isinstance(address, str) or "<" in address or ">" in address:
+        raise ValueError(f"bad address {address!r}")
+    try:
+        mailbox, params = parse_path(f"<{address}>", sender=sender, smtputf8=True)
+    except AddressError as exc:
+        raise ValueError(f"bad address {address!r}: {exc}") from None
+    if not sender and not mailbox.original:
+        raise ValueError("a recipient cannot be the null address")
+    return mailbox
+
+
+def _printable(text: str) -> str:
+    return text if text.isprintable() else ascii(text)[1:-1]
 
 
 def new_session_id() -> str:
@@ -393,6 +456,18 @@ class Envelope:
         #: Recipients the message was refused (or deferred) for, by their
         #: index in :attr:`recipients`; see :meth:`refuse_recipient`.
         self.refused: dict[int, SMTPError] = {}
+        #: Indexes in :attr:`recipients` a plugin removed
+        #: (:meth:`remove_recipient`): not delivered, reported to the client
+        #: as accepted.
+        self.removed: set[int] = set()
+        #: Indexes in :attr:`recipients` a plugin added
+        #: (:meth:`add_recipient_address`): delivered, never answered for.
+        self.added: set[int] = set()
+        #: The changes plugins made, in order (:class:`Change`).
+        self.changes: list[Change] = []
+        # Header edits and a new body, applied together on the next read.
+        self._edits: list[tuple[str, Any, Any, bytes | None]] = []
+        self._new_body: _Spool | None = None
 
     def refuse_recipient(self, recipient: Address | int, error: SMTPError) -> None:
         """Refuse (``5xx``) or defer (``4xx``) the message for one recipient
@@ -429,12 +504,19 @@ class Envelope:
     @property
     def remaining_recipients(self) -> list[Address]:
         """The recipients the message is still to be delivered to: all of
-        :attr:`recipients` but those refused with :meth:`refuse_recipient`.
-        A delivery plugin delivers to these."""
-        refused = self.refused
-        if not refused:
+        :attr:`recipients` but those refused with :meth:`refuse_recipient`
+        or removed with :meth:`remove_recipient`. A delivery plugin
+        delivers to these."""
+        if not self.refused and not self.removed:
             return list(self.recipients)
-        return [r for i, r in enumerate(self.recipients) if i not in refused]
+        return [self.recipients[i] for i in self.remaining_indexes]
+
+    @property
+    def remaining_indexes(self) -> list[int]:
+        """The indexes in :attr:`recipients` (and :attr:`rcpt_params`,
+        :attr:`rcpt_dsn`) of :attr:`remaining_recipients`."""
+        skip = self.refused.keys() | self.removed
+        return [i for i in range(len(self.recipients)) if i not in skip]
 
     def add_recipient(
         self,
@@ -452,6 +534,217 @@ class Envelope:
         self.recipients.append(mailbox)
         self.rcpt_dsn.append(record)
 
+    # ------------------------------------------------------------- changes
+    def _record(self, action: str, detail: str) -> None:
+        plugin = current_plugin.get()
+        if plugin is None:
+            return  # Bonzo's own doing (the trace header), not a plugin's change
+        change = Change(plugin, action, detail)
+        self.changes.append(change)
+        gen_log.info("message %s: %s %s: %s", self.id, plugin, action, _printable(detail))
+
+    def add_recipient_address(
+        self, address: str, params: Mapping[str, str | None] | None = None
+    ) -> Address:
+        """Add a recipient the client did not give (a milter's ``ADDRCPT``,
+        an archive copy): it is delivered with the others; no reply is owed
+        for it. Returns its :class:`~bonzo.address.Address`; raises
+        :class:`ValueError` for a malformed address or DSN parameter."""
+        mailbox = _mailbox(address, sender=False)
+        try:
+            self.add_recipient(mailbox, params or {})
+        except Exception as exc:  # DSNError: a bad NOTIFY/ORCPT
+            raise ValueError(f"bad recipient parameters for <{address}>: {exc}") from None
+        self.added.add(len(self.recipients) - 1)
+        self._record("add_recipient", f"<{mailbox.original}>")
+        return mailbox
+
+    def remove_recipient(self, address: str | Address) -> int:
+        """Deliver nothing to ``address`` (compared in canonical form); the
+        client is still told it was accepted. Returns how many recipients
+        matched (0 when none did: not an error, as milters expect)."""
+        wanted = address if isinstance(address, Address) else Address.parse(address)
+        count = 0
+        for i, r in enumerate(self.recipients):
+            if r.canonical == wanted.canonical and i not in self.removed:
+                self.removed.add(i)
+                count += 1
+        if count:
+            self._record("remove_recipient", f"<{wanted.original}>")
+        return count
+
+    def change_sender(self, address: str, params: Mapping[str, str | None] | None = None) -> None:
+        """Make ``address`` (``""``: the null sender) the reverse-path the
+        message is delivered with; ``params`` replace the ``MAIL``
+        parameters when given."""
+        mailbox = _mailbox(address, sender=True)
+        self.sender = mailbox
+        self.mail_from = mailbox.original
+        if params is not None:
+            self.mail_params = dict(params)
+            self.dsn = mail_dsn(self.mail_params)
+        self._record("change_sender", f"<{mailbox.original}>")
+
+    def insert_header(self, index: int, name: str, value: str) -> None:
+        """Insert ``name: value`` at position ``index`` of the header section
+        (0: the very top, above the trace header; a position past the end:
+        after the last header)."""
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ValueError(f"bad header position {index!r}")
+        raw = _format_header(name, value)
+        self._edits.append(("insert", index, None, raw))
+        self._record("insert_header", f"{name} at {index}")
+
+    def change_header(self, name: str, value: str | None, occurrence: int = 1) -> None:
+        """Replace the value of the ``occurrence``-th ``name`` header
+        (counted from 1, case-insensitive, in the whole header section); a
+        ``value`` of ``None`` deletes it. If there are fewer, a value is
+        added after the last header (as milters' ``CHGHEADER``)."""
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"bad header name {name!r}")
+        if isinstance(occurrence, bool) or not isinstance(occurrence, int) or occurrence < 1:
+            raise ValueError(f"bad header occurrence {occurrence!r}")
+        raw = None if value is None else _format_header(name, value)
+        self._edits.append(("change", name.lower().encode("ascii"), occurrence, raw))
+        self._record("change_header" if value is not None else "delete_header", name)
+
+    def delete_header(self, name: str, occurrence: int = 1) -> None:
+        """Delete the ``occurrence``-th ``name`` header (see :meth:`change_header`)."""
+        self.change_header(name, None, occurrence)
+
+    def replace_body(self, data: bytes | IO[bytes]) -> None:
+        """Make ``data`` (bytes, or a binary file read to its end in chunks)
+        the body: everything after the header section. Lines should end in
+        CRLF, as the client's did."""
+        new = _Spool(self._spool_threshold, self._spool_dir)
+        try:
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                new.write(bytes(data))
+            else:
+                while chunk := data.read(1 << 20):
+                    new.write(chunk)
+        except BaseException:
+            new.close()
+            raise
+        if self._new_body is not None:
+            self._new_body.close()
+        self._new_body = new
+        self._edits.append(("body", None, None, None))
+        self._record("replace_body", f"{new.size} octets")
+
+    def headers(self) -> list[tuple[str, str]]:
+        """The header section as it will be delivered (added headers, then
+        the client's, with every change applied): ``(name, value)`` pairs in
+        order, the value without the leading space and final line break,
+        folded lines kept (``"\\r\\n\\t..."``), decoded as UTF-8 (undecodable
+        octets escaped)."""
+        self._apply_changes()
+        blocks = list(self._headers)
+        if self._spool is not None:
+            blocks += self._client_header_section()[0]
+        found = []
+        for block in blocks:
+            name, _, value = block.partition(b":")
+            text = value.decode("utf-8", "surrogateescape")
+            found.append((name.decode("utf-8", "surrogateescape").strip(), text.strip(" \t\r\n")))
+        return found
+
+    def _client_header_section(self) -> tuple[list[bytes], bytes, int]:
+        """The client's header blocks (each with its folded lines), the blank
+        line after them (``b""`` if none), and where the body starts."""
+        assert self._spool is not None
+        src = self._spool.open()
+        src.seek(0)
+        blocks: list[bytes] = []
+        total = 0
+        while True:
+            line = src.readline(65536)
+            total += len(line)
+            if total > MAX_HEADER_SECTION:
+                raise ValueError(
+                    f"the header section is over {MAX_HEADER_SECTION} octets: not edited"
+                )
+            if not line:
+                return blocks, b"", total
+            if line in (b"\r\n", b"\n"):
+                return blocks, line, total
+            if line[:1] in (b" ", b"\t") and blocks:
+                blocks[-1] += line
+            elif b":" in line:
+                blocks.append(line)
+            else:
+                # Not a header: the body starts here (no blank line was sent).
+                return blocks, b"", total - len(line)
+
+    def _apply_changes(self) -> None:
+        """Apply the pending header edits and the new body in one pass: the
+        spool is rewritten only if the client's part changed."""
+        edits, self._edits = self._edits, []
+        if not edits:
+            return
+        new_body, self._new_body = self._new_body, None
+        items: list[tuple[bool, bytes]] = [(False, b) for b in self._headers]
+        client: list[bytes] = []
+        blank, start = b"", 0
+        if self._spool is not None:
+            client, blank, start = self._client_header_section()
+            items += [(True, b) for b in client]
+        for kind, key, occurrence, raw in edits:
+            if kind == "insert":
+                position = min(key, len(items))
+                # Below a client's header it joins the client's section; else
+                # it is one of the added headers.
+                in_client = position > 0 and items[position - 1][0]
+                assert raw is not None
+                items.insert(position, (in_client, raw))
+            elif kind == "change":
+                seen = 0
+                for i, (origin, block) in enumerate(items):
+                    if block.split(b":", 1)[0].strip().lower() == key:
+                        seen += 1
+                        if seen == occurrence:
+                            if raw is None:
+                                del items[i]
+                            else:
+                                # The header keeps its own spelling of the name.
+                                name = block.split(b":", 1)[0]
+                                items[i] = (origin, name + b":" + raw.split(b":", 1)[1])
+                            break
+                else:
+                    if raw is not None:
+                        items.append((bool(items) and items[-1][0], raw))
+        added = []
+        i = 0
+        while i < len(items) and not items[i][0]:
+            added.append(items[i][1])
+            i += 1
+        client_after = [block for _, block in items[i:]]
+        self._headers = added
+        self._message = None
+        if client_after == client and new_body is None:
+            return
+        out = _Spool(self._spool_threshold, self._spool_dir)
+        try:
+            out.writelines(client_after)
+            if new_body is not None:
+                out.write(blank or b"\r\n")
+                shutil.copyfileobj(new_body.open(), out, 1 << 20)
+            elif self._spool is not None:
+                out.write(blank)
+                src = self._spool.open()
+                src.seek(start)
+                shutil.copyfileobj(src, out, 1 << 20)
+        except BaseException:
+            out.close()
+            raise
+        finally:
+            if new_body is not None:
+                new_body.close()
+        if self._spool is not None:
+            self._spool.close()
+        self._spool = out
+        self._size = out.size
+
     # ----------------------------------------------------------- content in
     def write(self, data: bytes) -> None:
         """Append message content (already unstuffed, CRLF line ends)."""
@@ -466,18 +759,12 @@ class Envelope:
         Raises :class:`ValueError` for a bad name or a value with a line break
         not followed by whitespace (which would start a new header).
         """
-        if not _HEADER_NAME.fullmatch(name):
-            raise ValueError(f"bad header name {name!r}")
-        if "\n" not in value and "\r" not in value and "\0" not in value:
-            self.prepend_raw(f"{name}: {value}\r\n")
-            return
-        lines = value.replace("\r\n", "\n").split("\n")
-        if any(not line or line[0] not in " \t" for line in lines[1:]):
-            raise ValueError(f"header {name} has a line break that is not folding")
-        if any(ch in line for line in lines for ch in "\r\0"):
-            raise ValueError(f"header {name} has a control character")
-        self.prepend_raw(f"{name}: " + "\r\n".join(lines) + "\r\n")
-        self._message = None
+        raw = _format_header(name, value)
+        if self._edits:
+            # After the pending edits, at the end of the added headers.
+            self._apply_changes()
+        self.prepend_raw(raw)
+        self._record("add_header", name)
 
     def prepend_raw(self, header: str | bytes) -> None:
         """Add an already formatted header block (ending in CRLF)."""
@@ -488,7 +775,9 @@ class Envelope:
     # ---------------------------------------------------------- content out
     @property
     def size(self) -> int:
-        """Size of the content received from the client, in octets."""
+        """Size of the content received from the client (with any changes
+        plugins made to it), in octets."""
+        self._apply_changes()
         return self._size
 
     @property
@@ -499,11 +788,13 @@ class Envelope:
     @property
     def header_bytes(self) -> bytes:
         """The headers added by the server and plugins, trace header first."""
+        self._apply_changes()
         return b"".join(self._headers)
 
     @property
     def body(self) -> bytes:
         """The content as the client sent it (unstuffed), without added headers."""
+        self._apply_changes()
         if self._spool is None:
             return b""
         return self._spool.read_all()
@@ -518,6 +809,7 @@ class Envelope:
 
     def open_body(self) -> IO[bytes]:
         """Return the content file positioned at the start (do not close it)."""
+        self._apply_changes()
         if self._spool is None:
             return io.BytesIO()
         return self._spool.open()
@@ -547,6 +839,7 @@ class Envelope:
         The body after the header section is copied as is, in chunks, so this
         works for spooled messages of any size.
         """
+        self._apply_changes()
         wanted = name.lower().encode("ascii", "replace") + b":"
         removed = 0
         kept_added = []
@@ -588,6 +881,8 @@ class Envelope:
             self._spool = new
             self._size = new.size
         self._message = None
+        if removed:
+            self._record("remove_header", name)
         return removed
 
     def close(self) -> None:
@@ -595,6 +890,10 @@ class Envelope:
         if self._spool is not None:
             self._spool.close()
             self._spool = None
+        if self._new_body is not None:
+            self._new_body.close()
+            self._new_body = None
+        self._edits = []
 
     def __repr__(self) -> str:
         return (

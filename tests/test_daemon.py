@@ -799,3 +799,39 @@ def test_sighup_is_logged_and_ignored(workdir, serve, workers):
     assert send(port) == {}
     assert daemon.stop() == 0
     assert "restarting" not in daemon.log
+
+
+def test_check_warns_about_a_plugin_that_never_runs(workdir, env):
+    """``access`` listed after ``recipients``, which answers every RCPT: its
+    RCPT rules can never apply, and ``bonzo check`` says so."""
+    port = free_port()
+    config = workdir / "shadow.toml"
+    config.write_text(
+        f"""
+[[listeners]]
+address = "127.0.0.1"
+port = {port}
+
+[plugins]
+enabled = ["recipients", "access", "maildir"]
+
+[plugins.recipients]
+domains = ["example.org"]
+
+[[plugins.access.rules]]
+stage = "rcpt"
+match = "*@example.org"
+action = "deny"
+"""
+    )
+    result = bonzo("check", "-c", str(config), env=env, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "warning: plugins.enabled: 'access''s bonzo_rcpt never runs: 'recipients' before it "
+        "decides every bonzo_rcpt; list 'access' before 'recipients'"
+    ) in result.stdout
+    config.write_text(
+        config.read_text().replace('["recipients", "access",', '["access", "recipients",')
+    )
+    result = bonzo("check", "-c", str(config), env=env, cwd=workdir)
+    assert "never runs" not in result.stdout

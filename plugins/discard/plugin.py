@@ -24,6 +24,10 @@ _ACCEPT = Accept("Ok: discarded")
 class DiscardPlugin:
     """Delivers every message to nowhere (``250 Ok: discarded``)."""
 
+    #: Gives a verdict on every call of these hooks (``bonzo check`` warns
+    #: about plugins listed after it for them: they would never run).
+    decides_always = ("bonzo_deliver",)
+
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None) -> None:
         check_keys(as_table(config), ())

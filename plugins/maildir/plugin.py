@@ -384,10 +384,11 @@ class MaildirPlugin:
                 "maildir: message %s has a recipient with no canonical form: %s", envelope.id, exc
             )
             raise TransientError("Local error in processing", 451, "4.3.0") from None
-        refused = getattr(envelope, "refused", {})
+        # Refused by a filter, or removed by a plugin: not delivered.
+        skip = set(getattr(envelope, "refused", {})) | getattr(envelope, "removed", set())
         seen: dict[Path, None] = {}
         for i, mailbox in enumerate(recipients):
-            if i not in refused:
+            if i not in skip:
                 seen.setdefault(self.maildir_for(mailbox), None)
         return list(seen)
 
@@ -395,10 +396,10 @@ class MaildirPlugin:
         """Per-recipient mode: each maildir the message goes to, with the
         indexes (in ``envelope.recipients``) of the recipients it serves;
         recipients already refused are left out."""
-        refused = envelope.refused
+        skip = envelope.refused.keys() | envelope.removed
         groups: dict[Path, list[int]] = {}
         for i, mailbox in enumerate(envelope.recipients):
-            if i not in refused:
+            if i not in skip:
                 groups.setdefault(self.maildir_for(mailbox), []).append(i)
         return groups
 

@@ -100,6 +100,10 @@ def _mode(value: Any) -> int:
 class QueuePlugin:
     """Durable queue and delivery by route (see the plugin's README)."""
 
+    #: Gives a verdict on every call of these hooks (``bonzo check`` warns
+    #: about plugins listed after it for them: they would never run).
+    decides_always = ("bonzo_deliver",)
+
     def __init__(self) -> None:
         self.spool: Spool | None = None
         self.sync: GroupSync | None = None
@@ -218,6 +222,7 @@ class QueuePlugin:
         spool, sync = self.spool, self.sync
         if spool is None or sync is None:
             raise TransientError("Queue not started", 451, "4.3.0")
+        keep = set(envelope.remaining_indexes)  # not refused, not removed
         recipients = [
             {
                 "address": r.original,
@@ -226,7 +231,7 @@ class QueuePlugin:
                 "params": envelope.rcpt_params[i],
             }
             for i, r in enumerate(envelope.recipients)
-            if i not in envelope.refused
+            if i in keep
         ]
         if not recipients:
             return None

@@ -81,6 +81,10 @@ class RecipientsPlugin:
     should get a say on RCPT.
     """
 
+    #: Gives a verdict on every call of these hooks (``bonzo check`` warns
+    #: about plugins listed after it for them: they would never run).
+    decides_always = ("bonzo_rcpt",)
+
     def __init__(self) -> None:
         #: Local domains where any user is accepted.
         self.domains: set[str] = set()

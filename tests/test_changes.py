@@ -1,0 +1,272 @@
+"""The message-change API of the envelope: header edits, a new body, the
+sender and recipients changed — recorded with the plugin that made them,
+applied once before delivery, bounded for any message."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bonzo import Accept, hookimpl
+from bonzo.hooks import PluginSet
+from bonzo.session import MAX_HEADER_SECTION, Change, Envelope, current_plugin
+from bonzo.testing import SessionTester
+
+CLIENT = (
+    b"From: a@example.org\r\nSubject: hi\r\nX-Spam: yes\r\n\tfolded\r\n"
+    b"To: b@example.net\r\n\r\nBody\r\n"
+)
+
+
+OPEN: list[Envelope] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_envelopes():
+    yield
+    while OPEN:
+        OPEN.pop().close()
+
+
+def envelope(content: bytes = CLIENT, threshold: int = 1 << 20) -> Envelope:
+    env = Envelope("a@example.org", spool_threshold=threshold)
+    OPEN.append(env)
+    env.prepend_raw(b"Received: from c by s; now\r\n")
+    env.write(content)
+    return env
+
+
+@pytest.mark.parametrize("threshold", [1 << 20, 16])  # in memory, and spooled to a file
+def test_header_edits_apply_in_order_to_the_whole_section(threshold):
+    env = envelope(threshold=threshold)
+    env.add_header("X-Added", "1")
+    env.insert_header(0, "X-Top", "first")
+    env.change_header("subject", "changed")
+    env.delete_header("X-Spam")
+    env.insert_header(4, "X-Among", "client")  # below From:, a client header
+    env.change_header("X-Missing", "appended", 2)
+    assert env.content == (
+        b"X-Top: first\r\nReceived: from c by s; now\r\nX-Added: 1\r\n"
+        b"From: a@example.org\r\nX-Among: client\r\nSubject: changed\r\nTo: b@example.net\r\n"
+        b"X-Missing: appended\r\n\r\nBody\r\n"
+    )
+    assert env.headers()[0] == ("X-Top", "first")
+    assert ("Subject", "changed") in env.headers()
+    assert env.size == len(env.body)
+
+
+def test_second_occurrence_and_folded_values():
+    env = envelope(b"Received: one\r\nReceived: two\r\n\tmore\r\n\r\nx\r\n")
+    assert [v for n, v in env.headers() if n == "Received"] == [
+        "from c by s; now",
+        "one",
+        "two\r\n\tmore",
+    ]
+    env.delete_header("Received", 3)  # the third in the whole section
+    env.change_header("Received", "new\r\n\tfolded", 2)
+    assert env.content == b"Received: from c by s; now\r\nReceived: new\r\n\tfolded\r\n\r\nx\r\n"
+
+
+def test_replace_body_keeps_the_headers_and_reads_files_in_chunks():
+    env = envelope()
+    env.change_header("Subject", "new")
+    env.replace_body(io.BytesIO(b"line\r\n" * 100_000))
+    content = env.content
+    top = b"Received: from c by s; now\r\nFrom: a@example.org\r\nSubject: new\r\n"
+    assert content.startswith(top)
+    assert content.endswith(b"\r\n\r\n" + b"line\r\n" * 100_000)
+    env.replace_body(b"short\r\n")  # the last body wins
+    assert env.body.endswith(b"To: b@example.net\r\n\r\nshort\r\n")
+
+
+def test_a_message_without_a_header_section_or_blank_line():
+    env = envelope(b"no header here\r\n")
+    env.add_header("X-A", "1")
+    env.insert_header(5, "X-B", "2")  # past the end: after the last header
+    assert env.content == b"Received: from c by s; now\r\nX-A: 1\r\nX-B: 2\r\nno header here\r\n"
+    only = envelope(b"Subject: s\r\n")
+    only.replace_body(b"b\r\n")
+    assert only.body == b"Subject: s\r\n\r\nb\r\n"
+
+
+def test_bad_changes_are_refused_at_once():
+    env = envelope()
+    for call in (
+        lambda: env.insert_header(-1, "X", "v"),
+        lambda: env.insert_header(0, "Bad Name", "v"),
+        lambda: env.change_header("X", "a\r\nB: smuggled"),
+        lambda: env.change_header("X", "v", 0),
+        lambda: env.add_recipient_address("not an address"),
+        lambda: env.add_recipient_address("<>"),
+    ):
+        with pytest.raises(ValueError):
+            call()
+    assert env.content.endswith(CLIENT)
+
+
+def test_the_header_section_parsed_is_bounded():
+    big = b"X-Long: " + b"a" * 900 + b"\r\n"
+    env = envelope(big * (MAX_HEADER_SECTION // len(big) + 2) + b"\r\nbody\r\n", threshold=4096)
+    env.change_header("X-Long", "short")
+    with pytest.raises(ValueError, match="header section is over"):
+        env.content  # noqa: B018 - the read applies the change
+
+
+def test_recipients_and_sender_changes():
+    env = Envelope("a@example.org")
+    from bonzo.address import Address
+
+    for rcpt in ("b@example.net", "c@example.net"):
+        env.add_recipient(Address.parse(rcpt), {})
+    added = env.add_recipient_address("archive@example.org", {"NOTIFY": "NEVER"})
+    assert env.remove_recipient("b@EXAMPLE.NET") == 1  # the domain in canonical form
+    assert env.remove_recipient("nobody@example.net") == 0
+    env.change_sender("bounces@example.org")
+    remaining = [r.original for r in env.remaining_recipients]
+    assert remaining == ["c@example.net", "archive@example.org"]
+    assert env.remaining_indexes == [1, 2]
+    assert env.added == {2} and added.original == "archive@example.org"
+    assert env.mail_from == "bounces@example.org"
+    assert env.changes == []  # made outside any plugin's hook: not a plugin's change
+
+
+def test_changes_are_recorded_with_the_plugin_and_logged(caplog):
+    env = envelope()
+    token = current_plugin.set("milter")
+    try:
+        env.add_header("X-Scanned", "yes")
+        env.delete_header("X-Spam")
+        env.replace_body(b"clean\r\n")
+    finally:
+        current_plugin.reset(token)
+    with caplog.at_level(logging.INFO, "tornado.general"):
+        env.add_header("X-Core", "not recorded")  # outside a hook
+        token = current_plugin.set("av")
+        env.add_recipient_address("x@example.org")
+        current_plugin.reset(token)
+    assert env.changes == [
+        Change("milter", "add_header", "X-Scanned"),
+        Change("milter", "delete_header", "X-Spam"),
+        Change("milter", "replace_body", "7 octets"),
+        Change("av", "add_recipient", "<x@example.org>"),
+    ]
+    assert "av add_recipient: <x@example.org>" in caplog.text
+
+
+# -------------------------------------------------- through the dispatcher
+class Owner:
+    def __init__(self) -> None:
+        self.delivered: list[tuple[str, list[str], bytes]] = []
+
+    @hookimpl
+    def bonzo_rcpt(self) -> Any:
+        return Accept()
+
+    @hookimpl
+    def bonzo_deliver(self, envelope: Envelope) -> Any:
+        self.delivered.append(
+            (
+                envelope.mail_from,
+                [r.original for r in envelope.remaining_recipients],
+                envelope.content,
+            )
+        )
+        return Accept()
+
+
+def run(filter_: Any, *, lmtp: bool = False, rcpts: tuple[str, ...] = ("b@example.net",)):
+    plugins = PluginSet()
+    plugins.register(filter_, "filter")
+    owner = Owner()
+    plugins.register(owner, "owner")
+    tester = SessionTester(plugins, lmtp=lmtp)
+
+    async def main() -> bytes:
+        await tester.connect()
+        script = b"LHLO c\r\n" if lmtp else b"EHLO c\r\n"
+        script += b"MAIL FROM:<a@example.org>\r\n"
+        script += b"".join(f"RCPT TO:<{r}>\r\n".encode() for r in rcpts)
+        return await tester.send(script + b"DATA\r\n" + CLIENT + b".\r\n")
+
+    return asyncio.run(main()), owner
+
+
+def test_a_filter_rewrites_the_message_and_delivery_sees_it(caplog):
+    class Rewriter:
+        @hookimpl
+        def bonzo_message(self, envelope: Envelope) -> None:
+            envelope.change_header("Subject", "[scanned] hi")
+            envelope.delete_header("X-Spam")
+            envelope.change_sender("srs=a@example.org")
+            envelope.add_recipient_address("archive@example.org")
+
+    with caplog.at_level(logging.INFO):
+        replies, owner = run(Rewriter())
+    assert replies.splitlines()[-1].startswith(b"250 2.0.0")
+    [(sender, rcpts, content)] = owner.delivered
+    assert sender == "srs=a@example.org"
+    assert rcpts == ["b@example.net", "archive@example.org"]
+    assert b"Subject: [scanned] hi\r\n" in content and b"X-Spam" not in content
+    assert "filter change_header: Subject" in caplog.text
+
+
+def test_lmtp_answers_only_the_clients_recipients():
+    class Adder:
+        @hookimpl
+        def bonzo_message(self, envelope: Envelope) -> None:
+            envelope.add_recipient_address("archive@example.org")
+
+    replies, owner = run(Adder(), lmtp=True, rcpts=("b@example.net", "c@example.net"))
+    finals = replies.split(b"354 ")[-1].splitlines()[1:]
+    assert len(finals) == 2 and all(line.startswith(b"250") for line in finals)
+    assert owner.delivered[0][1] == ["b@example.net", "c@example.net", "archive@example.org"]
+
+
+def test_removing_every_recipient_delivers_nothing_and_answers_250(caplog):
+    class Remover:
+        @hookimpl
+        def bonzo_message(self, envelope: Envelope) -> None:
+            envelope.remove_recipient("b@example.net")
+
+    with caplog.at_level(logging.INFO, "tornado.access"):
+        replies, owner = run(Remover())
+    assert replies.splitlines()[-1].startswith(b"250")
+    assert owner.delivered == []
+    assert "by=filter discarded" in caplog.text
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["insert", "change", "delete", "add"]),
+            st.integers(0, 8),
+            st.sampled_from(["Subject", "X-A", "From", "Received"]),
+            st.text(alphabet="abc -", max_size=10),
+        ),
+        max_size=12,
+    )
+)
+def test_any_edits_leave_a_well_formed_message_with_the_body_intact(ops):
+    env = envelope()
+    for op, n, name, value in ops:
+        if op == "insert":
+            env.insert_header(n, name, value)
+        elif op == "change":
+            env.change_header(name, value, n + 1)
+        elif op == "delete":
+            env.delete_header(name, n + 1)
+        else:
+            env.add_header(name, value)
+    content = env.content
+    head, sep, body = content.partition(b"\r\n\r\n")
+    assert sep and body == b"Body\r\n"
+    for line in head.split(b"\r\n"):
+        assert line[:1] in (b" ", b"\t") or b":" in line
+    assert len(env.headers()) == head.count(b"\r\n") + 1 - head.count(b"\r\n\t")
