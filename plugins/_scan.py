@@ -187,53 +187,41 @@ def tempfail(what: str) -> SMTPError:
     )
 
 
-# Message changes: the envelope's change API (issue 11) where it exists,
-# else the older add_header/remove_header.
+# Message changes, through the envelope's change API (recorded with the
+# plugin's name, applied once before delivery).
 def set_header(envelope: Any, name: str, value: str) -> None:
     """Give the first ``name`` header the value ``value`` (adding it when
-    the message has none); other ``name`` headers are removed."""
-    change = getattr(envelope, "change_header", None)
-    if change is None:
-        envelope.remove_header(name)
-        envelope.add_header(name, value)
-        return
+    the message has none); other ``name`` headers are deleted."""
     count = envelope_header_count(envelope, name)
-    if count == 0:
-        envelope.add_header(name, value)
-        return
-    change(name, value)
+    envelope.change_header(name, value)
     for _ in range(count - 1):
         envelope.delete_header(name, 2)
 
 
 def envelope_header_count(envelope: Any, name: str) -> int:
+    """How many ``name`` headers the message has now."""
     wanted = name.lower()
     return sum(1 for n, _ in envelope.headers() if n.lower() == wanted)
 
 
 def add_header(envelope: Any, name: str, value: str, index: int | None = None) -> None:
-    """Add ``name: value`` in front of the message, or at ``index`` of the
-    header section (0: the very top) where the envelope can do that."""
-    insert = getattr(envelope, "insert_header", None)
-    if index is not None and insert is not None:
-        insert(index, name, value)
-    else:
+    """Add ``name: value`` in front of the message, or at position ``index``
+    of the header section (0: the very top)."""
+    if index is None:
         envelope.add_header(name, value)
+    else:
+        envelope.insert_header(index, name, value)
 
 
 def remove_header(envelope: Any, name: str, occurrence: int = 0) -> int:
-    """Remove the ``occurrence``-th ``name`` header (from 1; negative: from
-    the last), or every one with 0. Returns how many were removed."""
+    """Delete the ``occurrence``-th ``name`` header (from 1; negative: from
+    the last), or every one with 0. Returns how many were deleted."""
     if occurrence == 0:
         return int(envelope.remove_header(name))
-    delete = getattr(envelope, "delete_header", None)
-    if delete is None:
-        # Without the change API one occurrence cannot be named.
-        return 0
     count = envelope_header_count(envelope, name)
     if occurrence < 0:
         occurrence = count + 1 + occurrence
     if not 1 <= occurrence <= count:
         return 0
-    delete(name, occurrence)
+    envelope.delete_header(name, occurrence)
     return 1

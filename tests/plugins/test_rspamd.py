@@ -16,9 +16,10 @@ from bonzo_plugins._scan import ScanError
 from bonzo_plugins.rspamd import RspamdPlugin, parse_reply
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from plugin_testing import make_session
+from plugin_testing import make_session, serve
 from scan_fakes import FakeDaemon, free_port, recv_exactly, recv_until, results_of
 
+from bonzo import Accept, hookimpl
 from bonzo.errors import SMTPError
 
 ENVELOPES: list = []
@@ -340,3 +341,46 @@ def test_many_messages_at_once():
         asyncio.run(all_at_once())
     assert state["most"] >= 15
     assert all(results_of(e, "rspamd")[0][0] == "pass" for e in envelopes)
+
+
+def test_changes_are_recorded_through_a_server():
+    """Through Bonzo: each change is in ``envelope.changes`` under the
+    plugin's name, and an ``order`` puts a header at that position."""
+    reply = answer(
+        "rewrite subject",
+        subject="[SPAM] hi",
+        milter={
+            "add_headers": {"X-Top": {"value": "first", "order": 0}, "X-Plain": "v"},
+            "remove_headers": {"X-Old": 2},
+        },
+    )
+    seen: list = []
+
+    class Store:
+        @hookimpl
+        def bonzo_rcpt(self, session, envelope, address):
+            return Accept()
+
+        @hookimpl
+        def bonzo_deliver(self, session, envelope):
+            seen.append(
+                (envelope.content, [(c.plugin, c.action, c.detail) for c in envelope.changes])
+            )
+            return Accept()
+
+    message = b"Subject: hi\r\nX-Old: 1\r\nX-Old: 2\r\nX-Old: 3\r\n\r\nbody\r\n"
+    with FakeDaemon(http(reply)) as fake:
+        plugin = configured(url=f"http://127.0.0.1:{fake.port}")
+        with serve(("rspamd", plugin), ("store", Store())) as server, server.client() as c:
+            assert c.sendmail("a@example.org", ["b@example.com"], message) == {}
+    ((content, changes),) = seen
+    assert content.startswith(b"X-Top: first\r\nReceived: ")
+    assert b"X-Old: 1\r\nX-Old: 3\r\n" in content and b"X-Old: 2" not in content
+    assert b"Subject: [SPAM] hi\r\n" in content and b"Subject: hi" not in content
+    assert all(plugin == "rspamd" for plugin, _, _ in changes)
+    assert {action for _, action, _ in changes} >= {
+        "delete_header",
+        "insert_header",
+        "add_header",
+        "change_header",
+    }
