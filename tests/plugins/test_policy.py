@@ -236,3 +236,15 @@ def test_extra_attributes_are_sent():
     with FakeDaemon(policy(b"action=DUNNO\n\n", seen=seen)) as fake:
         send(fake.port, ["bob@example.com"], attributes={"policy_context": "inbound"})
     assert seen[0]["policy_context"] == "inbound"
+
+
+def test_unix_socket_and_null_sender(tmp_path):
+    seen: list = []
+    path = str(tmp_path / "policy.sock")
+    with FakeDaemon(policy(b"action=DUNNO\n\n", seen=seen), unix=path):
+        store = Store()
+        plugin = configured(socket=path)
+        with serve(("policy", plugin), ("store", store)) as server, server.client() as client:
+            assert client.sendmail("", ["bob@example.com"], MESSAGE) == {}
+    assert seen[0]["sender"] == "" and seen[0]["recipient"] == "bob@example.com"
+    assert len(store.delivered) == 1
