@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
+import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +35,7 @@ from typing import Any
 from . import version
 from .config import ConfigError, load_config
 from .protocol import data_scan_in_c
+from .session import current_message_id, current_session_id
 
 __all__ = ["main"]
 
@@ -73,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
         ("serve", _serve, "run the server in the foreground"),
         ("check", _check, "validate the configuration and its plugins"),
         ("plugins", _plugins, "list installed and enabled plugins and hook order"),
+        ("config", _config, "print the effective configuration, defaults filled in"),
     ):
         p = add(name, func, text)
         p.add_argument(
@@ -81,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
             metavar="FILE",
             help="configuration file (default: the embedded default, bonzo.toml.example)",
         )
+    serve = sub.choices["serve"]
+    serve.add_argument(
+        "--listen",
+        action="append",
+        metavar="ADDR:PORT",
+        help="listen here instead of the configuration's [[listeners]] (plain SMTP; "
+        "may be repeated), e.g. 127.0.0.1:2525 or [::1]:2525",
+    )
     p = add("adduser", _adduser, "add a user to a password file (for the passwd plugin)")
     p.add_argument("-f", "--file", required=True, metavar="FILE", help="the password file")
     p.add_argument("user", help="the user name (no colon, space or control character)")
@@ -184,6 +197,19 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace) -> int:
+    """``bonzo config``: the configuration as it would run, as TOML, with
+    every default filled in and secrets redacted."""
+    import tomli_w
+
+    from .config import effective_config, read_raw
+
+    config = load_config(args.config)
+    sys.stdout.write(f"# {config.source}: the effective configuration (secrets redacted)\n")
+    sys.stdout.write(tomli_w.dumps(effective_config(config, read_raw(args.config))))
+    return 0
+
+
 def _plugins(args: argparse.Namespace) -> int:
     from .app import installed_plugins
     from .hooks import hook_names
@@ -215,6 +241,32 @@ def _plugins(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------- serve
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line (``[logging] format = "json"``): ``time``
+    (ISO 8601, UTC), ``level``, ``logger``, ``pid``, ``message``, and
+    ``session`` and ``message_id`` on every line logged while a session
+    (and one of its messages) is being served; ``exception`` with the
+    traceback when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        line: dict[str, Any] = {
+            "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        session, message = current_session_id.get(), current_message_id.get()
+        if session is not None:
+            line["session"] = session
+        if message is not None:
+            line["message_id"] = message
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
 def _setup_logging(config: Any) -> None:
     level = getattr(logging, config.logging.level.upper())
     handler: logging.Handler
@@ -227,9 +279,12 @@ def _setup_logging(config: Any) -> None:
             ) from None
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
-    )
+    if config.logging.format == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -238,8 +293,35 @@ def _setup_logging(config: Any) -> None:
     )
 
 
+def _listen_override(values: list[str]) -> list[Any]:
+    """``--listen`` values as plain SMTP listeners; :class:`ConfigError`
+    naming the option for a bad one."""
+    import ipaddress
+
+    from .config import ListenerConfig
+
+    listeners = []
+    for value in values:
+        host, sep, port = value.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("expected ADDR:PORT")
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(
+                "--listen",
+                "",
+                f"{value!r}: expected an IP address and a port, e.g. 127.0.0.1:2525 or [::1]:2525",
+            ) from None
+        listeners.append(ListenerConfig(address=host, port=int(port)))
+    return listeners
+
+
 def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    if args.listen:
+        config.listeners = _listen_override(args.listen)
     _setup_logging(config)
     signal.signal(signal.SIGHUP, _log_sighup)
     from .app import MailApp
@@ -254,10 +336,16 @@ def _serve(args: argparse.Namespace) -> int:
     for warning in app.warnings():
         log.warning("%s", warning)
     main_pid = os.getpid()
+    if config.pid_file is not None:
+        problem = _write_pid_file(config.pid_file)
+        if problem is not None:
+            log.error("server.pid_file: %s", problem)
+            return 1
     try:
         sockets = app.bind()
     except OSError as exc:
         log.error("%s", exc.strerror or exc)
+        _remove_pid_file(config.pid_file, main_pid)
         return 1
     where = ", ".join(_socket_name(s) for s in sockets)
     log.info(
@@ -279,6 +367,71 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         if os.getpid() == main_pid:  # not in a worker that returns here
             app.remove_unix_sockets()
+            _remove_pid_file(config.pid_file, main_pid)
+
+
+def _write_pid_file(path: str) -> str | None:
+    """Write this process's id to ``path`` (atomically); the problem, if
+    another live process holds it or it cannot be written."""
+    try:
+        with open(path, encoding="ascii") as f:
+            old = int(f.read().strip() or "0")
+    except FileNotFoundError:
+        old = 0
+    except (OSError, ValueError):
+        old = 0  # unreadable or not a number: stale, replaced below
+    if old > 0 and old != os.getpid():
+        try:
+            os.kill(old, 0)
+        except ProcessLookupError:
+            log.warning("server.pid_file: %s named pid %d, which is gone; replaced", path, old)
+        except OSError:
+            return f"{path}: pid {old} is running (is bonzo already running?)"
+        else:
+            return f"{path}: pid {old} is running (is bonzo already running?)"
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return f"cannot write {path}: {exc.strerror or exc}"
+    return None
+
+
+def _remove_pid_file(path: str | None, pid: int) -> None:
+    """Remove ``path`` if it still names ``pid`` (never another daemon's)."""
+    if path is None:
+        return
+    try:
+        with open(path, encoding="ascii") as f:
+            if f.read().strip() != str(pid):
+                return
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd ``state`` (``READY=1``, ``STOPPING=1``) through the
+    socket ``$NOTIFY_SOCKET`` names, if any (``Type=notify`` units; with
+    worker processes, ``NotifyAccess=all``, as each worker reports itself
+    ready). Returns whether it was sent; never raises."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address or address[0] not in "/@":
+        return False
+    target = "\0" + address[1:] if address[0] == "@" else address
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), target)
+    except OSError as exc:
+        log.warning("sd_notify: %s: %s", address, exc.strerror or exc)
+        return False
+    return True
 
 
 def _socket_name(sock: Any) -> str:
@@ -386,7 +539,9 @@ def _run_worker(
                 log.error("startup failed: %s", exc, exc_info=True)
                 return _STARTUP_FAILED
             log.info("ready (pid %d)", os.getpid())
+            sd_notify(f"READY=1\nMAINPID={supervisor or os.getpid()}")
             await stopping.wait()
+            sd_notify("STOPPING=1")
             log.info("stopping: no new connections; finishing messages in flight")
             stop_begun = True
             stopped = asyncio.ensure_future(app.stop())

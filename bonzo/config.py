@@ -15,6 +15,7 @@ taken from the configuration file's directory.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import ipaddress
 import os
@@ -93,7 +94,7 @@ SETTING_SECTIONS: dict[str, str] = {
 
 #: Keys of each table that are not SMTPSettings fields.
 EXTRA_KEYS: dict[str, tuple[str, ...]] = {
-    "server": ("workers", "loop"),
+    "server": ("workers", "loop", "pid_file"),
     "protocol": (),
     "limits": (),
 }
@@ -119,7 +120,7 @@ LISTENER_OVERRIDES = tuple(k for k, s in SETTING_SECTIONS.items() if s in ("prot
 #: Keys of a listener's ``tls`` table, and of each of its ``sni`` entries.
 TLS_KEYS = ("cert", "key", "sni")
 SNI_KEYS = ("cert", "key")
-LOGGING_KEYS = ("level", "access_log", "file")
+LOGGING_KEYS = ("level", "access_log", "file", "format")
 PLUGINS_KEYS = ("enabled", "timeout", "timeouts", "paths")
 #: Keys of the ``[dns]`` table: the fields of :class:`~bonzo.dns.DNSSettings`.
 DNS_KEYS = tuple(DNSSettings.field_names())
@@ -177,6 +178,7 @@ class LoggingConfig:
     level: str = "info"
     access_log: bool = True
     file: str | None = None
+    format: str = "text"
 
 
 @dataclass
@@ -201,6 +203,8 @@ class Config:
     workers: int = 1
     #: The event loop: ``"asyncio"`` (the standard library's) or ``"uvloop"``.
     loop: str = "asyncio"
+    #: Where ``bonzo serve`` writes its process id (``None``: nowhere).
+    pid_file: str | None = None
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     #: The ``[dns]`` table (default: DNS off).
@@ -303,6 +307,7 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
     kwargs: dict[str, Any] = {}
     workers = 1
     loop = "asyncio"
+    pid_file = None
     for section in ("server", "protocol", "limits"):
         table = _table(data, section, source)
         allowed = [k for k, s in SETTING_SECTIONS.items() if s == section]
@@ -322,6 +327,8 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
                 workers = value
             elif key == "loop":
                 loop = _event_loop(value, source)
+            elif key == "pid_file":
+                pid_file = _path(value, source, "server.pid_file", base_dir)
             elif key == "spool_dir":
                 kwargs[key] = _path(value, source, "server.spool_dir", base_dir)
             else:
@@ -345,6 +352,7 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
         listeners=listeners,
         workers=workers,
         loop=loop,
+        pid_file=pid_file,
         logging=_logging(_table(data, "logging", source), source, base_dir),
         plugins=_plugins(_table(data, "plugins", source), source, base_dir),
         dns=_dns(_table(data, "dns", source), source, base_dir),
@@ -558,7 +566,10 @@ def _logging(table: dict[str, Any], source: str, base_dir: Path) -> LoggingConfi
     file = table.get("file")
     if file is not None:
         file = _path(file, source, "logging.file", base_dir)
-    return LoggingConfig(level=level.lower(), access_log=access, file=file)
+    fmt = table.get("format", "text")
+    if fmt not in ("text", "json"):
+        raise ConfigError(source, "logging.format", f'must be "text" or "json", not {fmt!r}')
+    return LoggingConfig(level=level.lower(), access_log=access, file=file, format=fmt)
 
 
 def _dns(table: dict[str, Any], source: str, base_dir: Path) -> DNSSettings:
@@ -628,3 +639,79 @@ def _plugins(table: dict[str, Any], source: str, base_dir: Path) -> PluginsConfi
             )
         config.tables[key] = value
     return config
+
+
+#: Keys whose values are never printed by :func:`effective_config`.
+_SECRET_KEY = re.compile(r"pass(word)?|secret|token|credential", re.I)
+
+
+def _redacted(value: Any, key: str = "") -> Any:
+    """``value`` with secrets replaced: ``{ "$env" = ... }``/``{ "$file" = ... }``
+    references by what they name, values of password-like keys entirely."""
+    if isinstance(value, dict):
+        if len(value) == 1 and ("$env" in value or "$file" in value):
+            kind, ref = next(iter(value.items()))
+            return f"<secret from {kind} {ref}>"
+        return {k: _redacted(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v, key) for v in value]
+    if _SECRET_KEY.search(key) and isinstance(value, str):
+        return "<redacted>"
+    return value
+
+
+def _toml_value(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_toml_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _toml_value(v) for k, v in value.items() if v is not None}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def read_raw(path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """The TOML of a configuration file (or of the embedded default) as
+    written, secrets unread; call after :func:`load_config` succeeded."""
+    text = default_config_text() if path is None else Path(path).read_text("utf-8")
+    data: dict[str, Any] = tomllib.loads(text)
+    return data
+
+
+def effective_config(config: Config, raw: dict[str, Any]) -> dict[str, Any]:
+    """The configuration as Bonzo runs it — every key of the core's tables
+    with its default filled in — for ``bonzo config``. ``raw`` is the file's
+    TOML before secrets were read: listener and plugin tables come from it
+    as written, with secrets redacted (:func:`_redacted`)."""
+    sections: dict[str, dict[str, Any]] = {"server": {}, "protocol": {}, "limits": {}}
+    for f in dataclasses.fields(config.settings):
+        sections[SETTING_SECTIONS[f.name]][f.name] = getattr(config.settings, f.name)
+    sections["server"].update(workers=config.workers, loop=config.loop, pid_file=config.pid_file)
+    listeners = []
+    raw_listeners = raw.get("listeners") or [{}]
+    for listener, table in zip(config.listeners, raw_listeners, strict=True):
+        entry: dict[str, Any] = {}
+        if listener.path is not None:
+            entry.update(path=listener.path, mode=f"0o{listener.mode:o}")
+        else:
+            entry.update(address=listener.address, port=listener.port)
+        entry.update({k: v for k, v in table.items() if k not in entry})
+        listeners.append(_redacted(entry))
+    plugins: dict[str, Any] = {
+        "enabled": config.plugins.enabled,
+        "timeout": config.plugins.timeout,
+        "timeouts": config.plugins.timeouts,
+        "paths": config.plugins.paths,
+    }
+    raw_plugins = raw.get("plugins", {}) if isinstance(raw.get("plugins"), dict) else {}
+    for name, table in raw_plugins.items():
+        if isinstance(table, dict) and name not in plugins:
+            plugins[name] = _redacted(table)
+    out = {
+        **sections,
+        "listeners": listeners,
+        "logging": dataclasses.asdict(config.logging),
+        "dns": dataclasses.asdict(config.dns),
+        "plugins": plugins,
+    }
+    return {k: _toml_value(v) for k, v in out.items()}
