@@ -23,7 +23,10 @@ def toml_blocks() -> list[str]:
 
 def test_the_page_has_one_configuration_per_plugin():
     enabled = [re.search(r"enabled = \[(.*)\]", b).group(1) for b in toml_blocks()]
-    for plugin in ("dnsbl", "spf", "dkim", "dmarc", "authres", "milter"):
+    for plugin in (
+        "dnsbl", "spf", "dkim", "dmarc", "authres", "milter",
+        "clamav", "rspamd", "spamassassin", "policy",
+    ):  # fmt: skip
         assert any(f'"{plugin}"' in e for e in enabled), plugin
 
 

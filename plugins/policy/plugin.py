@@ -112,6 +112,9 @@ class PolicyPlugin:
     """Asks a policy server about each recipient in
     :func:`~bonzo.hookspecs.bonzo_rcpt`."""
 
+    #: Never accepts a recipient (DUNNO and OK let the next plugin decide).
+    accepts = ()
+
     def __init__(self) -> None:
         self.endpoint = Endpoint(port=DEFAULT_PORT)
         self.connect_timeout = 5.0
