@@ -7,7 +7,11 @@ to it.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import smtplib
 import socket
+from pathlib import Path
 from typing import Any
 
 from tornado.escape import utf8
@@ -121,74 +125,144 @@ class AsyncSMTPTestCase(AsyncTestCase):
         super().tearDown()
 
 
+class PluginApp:
+    """What :class:`PluginTestServer` gives plugins as ``app`` (in
+    ``bonzo_configure``, ``bonzo_startup``, ``bonzo_shutdown``): the parts of
+    :class:`bonzo.app.MailApp` a plugin uses — :attr:`base_dir` (relative
+    paths in its table are taken from there), :attr:`settings`, :attr:`dns`
+    (off unless given), :attr:`store` (in this process) and :attr:`plugins`.
+    """
+
+    def __init__(
+        self, base_dir: Path, settings: SMTPSettings, plugins: PluginSet, dns: Any = None
+    ) -> None:
+        from .dns import DNSSettings, Resolver
+        from .store import MemoryStore
+
+        self.base_dir = base_dir
+        self.settings = settings
+        self.plugins = plugins
+        self.dns = dns if dns is not None else Resolver(DNSSettings())
+        self.store = MemoryStore()
+        self.config = None
+
+
 class PluginTestServer:
-    """Serve plugins on an unused port of 127.0.0.1, in a background thread,
-    for the tests of a plugin.
+    """Serve plugins on unused ports of 127.0.0.1, in a background thread,
+    for the tests of a plugin::
 
-    ::
+        import smtplib
 
+        from bonzo import errors, hookimpl
         from bonzo.testing import PluginTestServer
 
-        def test_tags_invoices():
-            with PluginTestServer(("tagger", TaggerPlugin()),
-                                  config={"tagger": {"keywords": ["invoice"]}}) as server:
-                with smtplib.SMTP(server.host, server.port) as client:
-                    client.sendmail("a@example.org", ["b@example.com"],
-                                    "Subject: invoice\\r\\n\\r\\nHi\\r\\n")
-            assert server.messages[0].startswith(b"X-Bonzo-Tag: invoice\\r\\n")
+        class NoNightMail:
+            @hookimpl
+            def bonzo_configure(self, config, app):
+                self.word = config.get("word", "night")
+
+            @hookimpl
+            def bonzo_helo(self, name):
+                if self.word in name:
+                    raise errors.PermanentError(550, "Not at night", "5.7.1")
+
+        config = {"night": {"word": "dark"}}
+        with PluginTestServer(("night", NoNightMail()), config=config) as server:
+            with server.client(remote_ip="203.0.113.9", helo="mx.example") as client:
+                client.sendmail("a@example.org", ["b@example.com"], "Subject: hi\\r\\n\\r\\n")
+            with server.client(helo="dark.example") as client:
+                assert client.helo()[0] == 550
+        assert server.envelopes == [("a@example.org", ["b@example.com"])]
+        assert server.sessions[0] == ("203.0.113.9", "mx.example")
 
     :arg plugins: ``(name, plugin)`` pairs (or bare plugin objects), in the
         order they run.
     :arg config: each plugin's ``[plugins.<name>]`` table, by name, given to
-        its ``bonzo_configure``.
-    :arg capture: add, last, a plugin that accepts every recipient and
-        delivers by keeping the message in :attr:`messages` (set ``False``
-        when the plugins under test own recipients and delivery themselves).
+        its ``bonzo_configure`` with :attr:`app`.
+    :arg capture: ``True`` (default): add, last, a plugin that accepts every
+        recipient and delivers by keeping the message in :attr:`messages`;
+        ``"recipients"``: it only accepts recipients (your plugins deliver);
+        ``"delivery"``: it only delivers (your plugins own recipients);
+        ``False``: none.
+    :arg base_dir: ``app.base_dir`` (default: a temporary directory, removed
+        at the end).
+    :arg dns: the :class:`~bonzo.dns.Resolver` plugins get as ``app.dns``
+        (default: DNS off), e.g. one on a test DNS server.
     :arg timeout: the hook timeout, in seconds.
     :arg settings: :class:`~bonzo.settings.SMTPSettings` fields.
 
-    Startup and shutdown hooks run as in the daemon. The server runs its own
-    event loop, so the test may use blocking clients (smtplib, swaks).
+    :meth:`client` connects with any client address and HELO name the
+    plugins should see. Startup and shutdown hooks run as in the daemon, and
+    everything Bonzo and the plugins log while the server runs is kept in
+    :attr:`logs`. The server runs its own event loop, so the test may use
+    blocking clients (smtplib, swaks). A pytest fixture, ``bonzo_server``,
+    builds one and stops it after the test (:mod:`bonzo.pytest_plugin`).
     """
 
     def __init__(
         self,
         *plugins: Any,
         config: dict[str, dict[str, Any]] | None = None,
-        capture: bool = True,
+        capture: bool | str = True,
+        base_dir: str | Path | None = None,
+        dns: Any = None,
         timeout: float = 10.0,
         **settings: Any,
     ) -> None:
         import asyncio
+        import tempfile
         import threading
 
         from .hooks import PluginSet
         from .settings import SMTPSettings
 
+        if capture not in (True, False, "recipients", "delivery"):
+            raise ValueError(
+                f'capture must be True, False, "recipients" or "delivery", not {capture!r}'
+            )
         self.host = "127.0.0.1"
         self.port = 0
+        #: The port that takes a PROXY header first (what :meth:`client` uses
+        #: to show the plugins another client address).
+        self.proxy_port = 0
         #: Messages delivered to the capturing plugin (whole, trace header first).
         self.messages: list[bytes] = []
         #: Their envelopes' ``(mail_from, rcpt_tos)``.
         self.envelopes: list[tuple[str, list[str]]] = []
+        #: ``(client address, HELO name)`` of each session that delivered a
+        #: message to the capturing plugin.
+        self.sessions: list[tuple[str, str | None]] = []
+        #: Log records of the ``tornado`` and ``bonzo`` loggers (and the
+        #: plugins' own) while the server ran.
+        self.logs: list[logging.LogRecord] = []
+        self._tmp = None if base_dir is not None else tempfile.TemporaryDirectory()
+        self.base_dir = Path(base_dir) if base_dir is not None else Path(self._tmp.name)  # type: ignore[union-attr]
         self.plugins = PluginSet(timeout=timeout)
         for item in plugins:
             name, plugin = item if isinstance(item, tuple) else (type(item).__name__, item)
             self.plugins.register(plugin, name)
         if capture:
-            self.plugins.register(_Capture(self), "bonzo.testing.capture")
+            self.plugins.register(_capture(self, capture), "bonzo.testing.capture")
+        settings.setdefault("hostname", "bonzo.test")
+        self.settings = SMTPSettings(**settings)
+        #: What the plugins get as ``app``.
+        self.app = PluginApp(self.base_dir, self.settings, self.plugins, dns)
         tables = config or {}
         unknown = set(tables) - set(self.plugins.names)
         if unknown:
             raise ValueError(f"config for unknown plugin(s): {', '.join(sorted(unknown))}")
         for call in self.plugins.calls["bonzo_configure"]:
-            args = (tables.get(call.plugin, {}), None)
+            args = (tables.get(call.plugin, {}), self.app)
             call.function(*[args[i] for i in call.indexes])
-        settings.setdefault("hostname", "bonzo.test")
-        self.settings = SMTPSettings(**settings)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: SMTPServer | None = None
+        self._servers: list[SMTPServer] = []
+        self._handler = _Keep(self.logs)
+
+    @property
+    def log_text(self) -> str:
+        """The kept log records, one formatted line each."""
+        return "\n".join(f"{r.levelname} {r.name}: {r.getMessage()}" for r in self.logs)
 
     def _call(self, coro: Any, timeout: float = 30.0) -> Any:
         import asyncio
@@ -197,24 +271,57 @@ class PluginTestServer:
 
     def start(self) -> PluginTestServer:
         """Start serving (``with`` does this)."""
+        import ipaddress
+
+        from .settings import ListenerSettings
+
+        logging.getLogger().addHandler(self._handler)
         self._thread.start()
 
         async def start() -> None:
-            await self.plugins.call_observers("bonzo_startup", None, strict=True)
+            await self.plugins.call_observers("bonzo_startup", self.app, strict=True)
             sock, self.port = bind_unused_port()
-            self._server = SMTPServer(plugins=self.plugins, settings=self.settings)
-            self._server.add_sockets([sock])
+            server = SMTPServer(plugins=self.plugins, settings=self.settings)
+            server.add_sockets([sock])
+            proxied, self.proxy_port = bind_unused_port()
+            listener = ListenerSettings(
+                proxy_protocol=True, proxy_trusted=(ipaddress.ip_network("127.0.0.1/32"),)
+            )
+            behind = SMTPServer(plugins=self.plugins, settings=self.settings, listener=listener)
+            behind.add_sockets([proxied])
+            self._servers = [server, behind]
 
         self._call(start())
         return self
+
+    def client(
+        self, remote_ip: str | None = None, helo: str = "client.example", timeout: float = 10.0
+    ) -> smtplib.SMTP:
+        """An :class:`smtplib.SMTP` connected to the server, introducing
+        itself as ``helo``; with ``remote_ip``, the plugins see that client
+        address (a PROXY header says so on :attr:`proxy_port`)."""
+        if remote_ip is None:
+            return smtplib.SMTP(self.host, self.port, local_hostname=helo, timeout=timeout)
+        address = ipaddress.ip_address(remote_ip)
+        family = "TCP4" if address.version == 4 else "TCP6"
+        local = "127.0.0.1" if address.version == 4 else "::1"
+        header = f"PROXY {family} {address} {local} 40000 25\r\n".encode()
+
+        class _Proxied(smtplib.SMTP):
+            def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+                sock = super()._get_socket(host, port, timeout)  # type: ignore[misc]
+                sock.sendall(header)
+                return sock  # type: ignore[no-any-return]
+
+        return _Proxied(self.host, self.proxy_port, local_hostname=helo, timeout=timeout)
 
     def stop(self) -> None:
         """Stop serving and run the shutdown hooks (``with`` does this)."""
 
         async def stop() -> None:
-            if self._server is not None:
-                await self._server.shutdown(grace=5.0)
-            await self.plugins.call_observers("bonzo_shutdown", None)
+            for server in self._servers:
+                await server.shutdown(grace=5.0)
+            await self.plugins.call_observers("bonzo_shutdown", self.app)
 
         try:
             self._call(stop())
@@ -222,6 +329,9 @@ class PluginTestServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
             self._loop.close()
+            logging.getLogger().removeHandler(self._handler)
+            if self._tmp is not None:
+                self._tmp.cleanup()
 
     def __enter__(self) -> PluginTestServer:
         return self.start()
@@ -230,23 +340,51 @@ class PluginTestServer:
         self.stop()
 
 
-class _Capture:
-    """Accepts every recipient and keeps every message (runs last)."""
+class _Keep(logging.Handler):
+    """Keeps every record (for :attr:`PluginTestServer.logs`)."""
+
+    def __init__(self, records: list[logging.LogRecord]) -> None:
+        super().__init__(logging.DEBUG)
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class _Deliver:
+    """Keeps every message (runs last)."""
 
     def __init__(self, server: PluginTestServer) -> None:
         self.server = server
+
+    def bonzo_deliver(self, session: Any, envelope: Any) -> Any:
+        from .hookspecs import Accept
+
+        self.server.messages.append(envelope.content)
+        self.server.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
+        self.server.sessions.append((session.remote_ip, session.helo))
+        return Accept()
+
+
+class _Recipients:
+    """Accepts every recipient (runs last)."""
 
     def bonzo_rcpt(self) -> Any:
         from .hookspecs import Accept
 
         return Accept()
 
-    def bonzo_deliver(self, envelope: Any) -> Any:
-        from .hookspecs import Accept
 
-        self.server.messages.append(envelope.content)
-        self.server.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
-        return Accept()
+class _Capture(_Deliver, _Recipients):
+    """Accepts every recipient and keeps every message (runs last)."""
+
+
+def _capture(server: PluginTestServer, mode: bool | str) -> object:
+    if mode == "recipients":
+        return _Recipients()
+    if mode == "delivery":
+        return _Deliver(server)
+    return _Capture(server)
 
 
 def make_session(

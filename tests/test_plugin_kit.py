@@ -1,0 +1,145 @@
+"""The plugin author's kit: PluginTestServer (a real app, any client address
+and HELO, capture modes, logs) and the pytest fixtures of
+bonzo.pytest_plugin — used here as an author would."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+import smtplib
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bonzo import Accept, errors, hookimpl
+from bonzo.testing import PluginTestServer
+
+MESSAGE = "Subject: kit\r\n\r\nHello\r\n"
+
+
+def test_the_docstring_example_runs():
+    doc = inspect.getdoc(PluginTestServer) or ""
+    code = textwrap.dedent(re.search(r"::\n\n((?:    .*\n|\n)+)", doc + "\n").group(1))
+    namespace: dict[str, object] = {}
+    exec(compile(code, "PluginTestServer docstring", "exec"), namespace)
+    assert "server" in namespace  # it ran to the end, asserts included
+
+
+def test_plugins_get_a_real_app_with_a_base_directory(tmp_path):
+    seen: dict[str, object] = {}
+
+    class Reads:
+        @hookimpl
+        def bonzo_configure(self, config, app):
+            seen["file"] = (app.base_dir / config["file"]).read_text()
+            seen["dns"] = app.dns.describe()
+
+        @hookimpl
+        def bonzo_startup(self, app):
+            seen["store"] = type(app.store).__name__
+
+    (tmp_path / "list.txt").write_text("alice\n")
+    with PluginTestServer(
+        ("reads", Reads()), config={"reads": {"file": "list.txt"}}, base_dir=tmp_path
+    ):
+        pass
+    assert seen == {"file": "alice\n", "dns": "off", "store": "MemoryStore"}
+    with PluginTestServer() as server:
+        temporary = server.base_dir
+        assert temporary.is_dir()
+    assert not temporary.exists()  # removed at the end
+
+
+def test_client_address_and_helo_seen_by_plugins():
+    seen: list[tuple[str, str | None]] = []
+
+    class Watch:
+        @hookimpl
+        def bonzo_mail(self, session):
+            seen.append((session.remote_ip, session.helo))
+
+    with PluginTestServer(("watch", Watch())) as server:
+        for ip in ("198.51.100.7", "2001:db8::5"):
+            with server.client(remote_ip=ip, helo="mx.sender.example") as client:
+                assert client.sendmail("a@example.org", ["b@example.com"], MESSAGE) == {}
+        with server.client() as client:  # no address given: the real one
+            client.sendmail("a@example.org", ["b@example.com"], MESSAGE)
+    assert seen == [
+        ("198.51.100.7", "mx.sender.example"),
+        ("2001:db8::5", "mx.sender.example"),
+        ("127.0.0.1", "client.example"),
+    ]
+    assert server.sessions[0] == ("198.51.100.7", "mx.sender.example")
+
+
+def test_capture_modes():
+    class Owner:
+        @hookimpl
+        def bonzo_rcpt(self, address):
+            if address.startswith("nobody@"):
+                raise errors.PermanentError(550, "No such user", "5.1.1")
+            return Accept()
+
+    class Delivers:
+        def __init__(self) -> None:
+            self.got: list[str] = []
+
+        @hookimpl
+        def bonzo_deliver(self, envelope):
+            self.got.append(envelope.mail_from)
+            return Accept()
+
+    # "delivery": the plugin under test owns recipients, the server keeps mail.
+    with PluginTestServer(("owner", Owner()), capture="delivery") as server:
+        with server.client() as client:
+            refused = client.sendmail(
+                "a@example.org", ["b@example.com", "nobody@x.example"], MESSAGE
+            )
+    assert list(refused) == ["nobody@x.example"] and len(server.messages) == 1
+    # "recipients": the server accepts recipients, the plugin delivers.
+    delivers = Delivers()
+    with PluginTestServer(("store", delivers), capture="recipients") as server:
+        with server.client() as client:
+            client.sendmail("a@example.org", ["anyone@example.com"], MESSAGE)
+    assert delivers.got == ["a@example.org"] and server.messages == []
+    # False: nothing added, so a recipient nobody owns is refused.
+    with PluginTestServer(capture=False) as server:
+        with server.client() as client:
+            with pytest.raises(smtplib.SMTPRecipientsRefused):
+                client.sendmail("a@example.org", ["b@example.com"], MESSAGE)
+    with pytest.raises(ValueError, match="capture must be"):
+        PluginTestServer(capture="everything")
+
+
+def test_logs_are_kept():
+    class Noisy:
+        @hookimpl
+        def bonzo_helo(self, name):
+            logging.getLogger("my.plugin").warning("hello from %s", name)
+
+    with PluginTestServer(("noisy", Noisy())) as server:
+        with server.client(helo="loud.example") as client:
+            client.sendmail("a@example.org", ["b@example.com"], MESSAGE)
+    assert "WARNING my.plugin: hello from loud.example" in server.log_text
+    assert any(r.name == "tornado.access" for r in server.logs)  # Bonzo's own line
+
+
+def test_the_pytest_fixtures(bonzo_server, bonzo_session):
+    class Night:
+        @hookimpl
+        def bonzo_helo(self, name):
+            if "night" in name:
+                raise errors.PermanentError(550, "Not at night", "5.7.1")
+
+    server = bonzo_server(("night", Night()))
+    with server.client(helo="night.example") as client:
+        assert client.helo()[0] == 550
+    session = bonzo_session("203.0.113.1", helo="day.example", auth="alice")
+    assert (session.remote_ip, session.helo, session.auth) == (
+        "203.0.113.1",
+        "day.example",
+        "alice",
+    )
+    assert Path(server.base_dir).is_dir()  # still running: stopped after the test
