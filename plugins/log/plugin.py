@@ -7,13 +7,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from bonzo.hookspecs import hookimpl
+from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 
-from .._config import as_table, check_keys, envelope_recipients, get_str
+from .._config import as_table, envelope_recipients
 
 __all__ = ["LogPlugin", "escape"]
 
-KEYS = ("level",)
 LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -21,6 +21,18 @@ LEVELS = {
     "error": logging.ERROR,
     "critical": logging.CRITICAL,
 }
+#: The ``[plugins.log]`` table (:mod:`bonzo.schema`).
+SCHEMA = Schema(
+    Key(
+        "level",
+        "choice",
+        default="info",
+        choices=tuple(LEVELS),
+        doc="The level of the line logged for each accepted message.",
+    ),
+)
+KEYS = tuple(SCHEMA.names)
+
 #: Characters that separate fields of the log line; escaped inside values.
 _SEPARATORS = frozenset(' \\<>,"=')
 
@@ -58,12 +70,10 @@ class LogPlugin:
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
         """Validate the ``[plugins.log]`` table."""
-        table = as_table(config)
-        check_keys(table, KEYS)
-        name = get_str(table, "level", "info")
-        if name.lower() not in LEVELS:
-            raise ValueError(f"level: expected one of {', '.join(LEVELS)}, got {name!r}")
-        self.level = LEVELS[name.lower()]
+        table = dict(as_table(config))
+        if isinstance(table.get("level"), str):
+            table["level"] = table["level"].lower()  # any case, as [logging] level
+        self.level = LEVELS[SCHEMA.parse(table, app)["level"]]
 
     def format(self, session: Session, envelope: Envelope) -> str:
         """The log line for an accepted message.

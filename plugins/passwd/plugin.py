@@ -25,14 +25,17 @@ from bonzo.auth import (
     hash_password,
     verify_password,
 )
-
-from .._config import as_table, check_keys, get_str, resolve_path
+from bonzo.schema import Key, Schema
 
 __all__ = ["PasswdPlugin", "read_password_file", "add_user"]
 
 log = logging.getLogger("bonzo.plugins.passwd")
 
-KEYS = ("file",)
+#: The ``[plugins.passwd]`` table (:mod:`bonzo.schema`).
+SCHEMA = Schema(
+    Key("file", "path", required=True, doc="The password file (``bonzo adduser`` writes it)."),
+)
+KEYS = tuple(SCHEMA.names)
 
 
 def _check_user(user: str) -> str:
@@ -122,12 +125,7 @@ class PasswdPlugin:
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
         """Validate ``[plugins.passwd]`` and read the file once."""
-        table = as_table(config)
-        check_keys(table, KEYS)
-        name = get_str(table, "file", "")
-        if not name:
-            raise ValueError("file: the password file is required")
-        path = resolve_path(name, app)
+        path = SCHEMA.parse(config, app)["file"]
         self.path = path
         # The stamp before the read: a change in between is seen at the next AUTH.
         self._stamp = self._file_stamp()
