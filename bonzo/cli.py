@@ -179,6 +179,9 @@ def _check(args: argparse.Namespace) -> int:
     print(f"  workers: {config.workers}")
     print(f"  plugins: {', '.join(config.plugins.enabled) or 'none'}")
     print(f"  dns: {app.dns.describe()}")
+    m = config.metrics
+    where = f"http://{m.address or '*'}:{m.port}{m.path} and /health" if m.enabled else "off"
+    print(f"  metrics: {where}")
     for warning in app.warnings():
         print(f"  warning: {warning}")
     return 0
@@ -244,7 +247,25 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, _log_sighup)
     from .app import MailApp
 
-    app = MailApp(config)
+    metrics_dir = None
+    if config.metrics.enabled:
+        from .metrics import make_multiprocess_dir
+
+        # Before anything imports prometheus_client (a plugin may): its
+        # multiprocess mode is chosen when it is imported.
+        metrics_dir = make_multiprocess_dir()
+    main_pid = os.getpid()
+    try:
+        return _serve_app(MailApp(config))
+    finally:
+        if metrics_dir is not None and os.getpid() == main_pid:
+            from .metrics import remove_multiprocess_dir
+
+            remove_multiprocess_dir(metrics_dir)
+
+
+def _serve_app(app: Any) -> int:
+    config = app.config
     if config.source == "<default>":
         log.info(
             "No -c given: running the embedded default configuration (bonzo.toml.example); "
@@ -259,6 +280,26 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         log.error("%s", exc.strerror or exc)
         return 1
+    metrics_sockets: list[Any] = []
+    if config.metrics.enabled:
+        from tornado.netutil import bind_sockets
+
+        m = config.metrics
+        try:
+            metrics_sockets = bind_sockets(m.port, m.address or None, backlog=128)
+        except OSError as exc:
+            log.error("metrics: cannot listen on %s:%s: %s", m.address, m.port, exc.strerror)
+            for s in sockets:
+                s.close()
+            app.remove_unix_sockets()
+            return 1
+        log.info(
+            "metrics on http://%s:%d%s and /health; multiprocess directory %s",
+            m.address or "*",
+            m.port,
+            m.path,
+            os.environ.get("PROMETHEUS_MULTIPROC_DIR", "?"),
+        )
     where = ", ".join(_socket_name(s) for s in sockets)
     log.info(
         "bonzo %s listening on %s with %d worker(s); plugins in order: %s",
@@ -274,11 +315,13 @@ def _serve(args: argparse.Namespace) -> int:
         )
     try:
         if config.workers == 1:
-            return 1 if _run_worker(app, sockets) else 0
-        return _supervise(app, sockets, config.workers)
+            return 1 if _run_worker(app, sockets, metrics_sockets=metrics_sockets) else 0
+        return _supervise(app, sockets, config.workers, metrics_sockets)
     finally:
         if os.getpid() == main_pid:  # not in a worker that returns here
             app.remove_unix_sockets()
+            for s in metrics_sockets:
+                s.close()
 
 
 def _socket_name(sock: Any) -> str:
@@ -310,6 +353,7 @@ def _run_worker(
     sockets: list[Any],
     supervisor: int | None = None,
     mask: set[int | signal.Signals] | None = None,
+    metrics_sockets: list[Any] | None = None,
 ) -> int:
     """Serve until a stop signal; return the exit status.
 
@@ -323,7 +367,11 @@ def _run_worker(
     (which never counts as a second request: under systemd's default
     ``KillMode=control-group`` a worker gets systemd's SIGTERM *and* the
     supervisor's request for the same stop) and SIGUSR1 "force the stop".
-    It stops when its supervisor is gone."""
+    It stops when its supervisor is gone.
+
+    With ``[metrics]`` on, the worker counts (:mod:`bonzo.metrics`); the
+    one given ``metrics_sockets`` also answers the metrics and health
+    requests on them."""
 
     async def run() -> int:
         loop = asyncio.get_running_loop()
@@ -379,15 +427,27 @@ def _run_worker(
         watch = None
         if supervisor is not None:
             watch = asyncio.ensure_future(_watch_supervisor(supervisor, supervisor_gone))
+        counter = http = None
+        if app.config.metrics.enabled:
+            from .metrics import Metrics, MetricsServer
+
+            counter = Metrics(plugins=app.plugins.names).install(app.plugins)
         try:
             try:
                 await app.start()
             except Exception as exc:
                 log.error("startup failed: %s", exc, exc_info=True)
                 return _STARTUP_FAILED
+            if counter is not None:
+                counter.start_flushing()
+                if metrics_sockets:
+                    http = MetricsServer(counter, app.config.metrics.path)
+                    http.add_sockets(metrics_sockets)
             log.info("ready (pid %d)", os.getpid())
             await stopping.wait()
             log.info("stopping: no new connections; finishing messages in flight")
+            if http is not None:
+                http.stopping = True
             stop_begun = True
             stopped = asyncio.ensure_future(app.stop())
             if forced:  # forced before there was anything to force
@@ -398,6 +458,10 @@ def _run_worker(
         finally:
             if watch is not None:
                 watch.cancel()
+            if counter is not None:
+                counter.uninstall()
+            if http is not None:
+                await http.close()
 
     if app.config.loop == "uvloop":
         import uvloop
@@ -440,7 +504,9 @@ def _parent_death_signal() -> Callable[[], None] | None:
     return set_parent_death_signal
 
 
-def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
+def _supervise(
+    app: Any, sockets: list[Any], workers: int, metrics_sockets: list[Any] | None = None
+) -> int:
     """Fork ``workers`` processes that share the listening sockets; restart
     any that dies unexpectedly; pass SIGTERM/SIGINT on to them (the first as
     SIGUSR2, a graceful stop; the second as SIGUSR1, to force it); log and
@@ -449,7 +515,14 @@ def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
     The supervisor keeps SIGTERM, SIGINT, SIGHUP and SIGCHLD blocked and
     takes them one at a time with :func:`signal.sigwait`: a signal is never
     handled in the middle of a fork, so every worker is recorded before a
-    stop can be passed on, and none is started once the stop began."""
+    stop can be passed on, and none is started once the stop began.
+
+    Worker 0 (and the worker that replaces it) answers the metrics requests
+    on ``metrics_sockets``, which stay bound here: a restarted worker 0
+    takes them over, and a scrape meanwhile waits in the backlog. The
+    supervisor has no event loop to serve them (it waits in
+    :func:`signal.sigwait`), and a thread here would be forked with every
+    restarted worker."""
     supervisor = os.getpid()
     die_with_parent = _parent_death_signal()
     children: dict[int, int] = {}
@@ -476,7 +549,11 @@ def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
                     die_with_parent()
                 if os.getppid() != supervisor:  # it died before prctl() above
                     os._exit(0)
-                code = _run_worker(app, sockets, supervisor, mask)
+                mine = metrics_sockets if slot == 0 else None
+                for s in metrics_sockets or ():
+                    if mine is None:
+                        s.close()
+                code = _run_worker(app, sockets, supervisor, mask, mine)
             finally:
                 os._exit(code)
         children[pid] = slot
@@ -518,6 +595,11 @@ def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
                 continue
             slot = children.pop(pid)
             code = os.waitstatus_to_exitcode(wait_status)
+            if metrics_sockets is not None and app.config.metrics.enabled:
+                from .metrics import mark_process_dead
+
+                # Its open connections no longer count.
+                mark_process_dead(pid)
             if stops:
                 continue
             if code == _STARTUP_FAILED:
