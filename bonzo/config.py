@@ -624,6 +624,12 @@ def _metrics(table: dict[str, Any], source: str) -> MetricsConfig:
         )
     if path == "/health":
         raise ConfigError(source, "metrics.path", "/health is the health endpoint")
+    if port is not None and importlib.util.find_spec("prometheus_client") is None:
+        raise ConfigError(
+            source,
+            "metrics.port",
+            "prometheus-client is not installed (pip install 'bonzo[metrics]')",
+        )
     return MetricsConfig(address=address, port=port, path=path)
 
 
