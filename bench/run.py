@@ -315,13 +315,19 @@ def _daemon_config(template: str, port: int, scratch: Path) -> Path:
 
 
 def _daemon_command(
-    template: str, python: str = sys.executable, loop: str | None = None
+    template: str, python: str = sys.executable, loop: str | None = None, metrics: bool = False
 ) -> Callable[[int, Path], list[str]]:
     def command(port: int, scratch: Path) -> list[str]:
         config = _daemon_config(template, port, scratch)
         if loop is not None:
             text = config.read_text()
             config.write_text(text.replace("[server]\n", f'[server]\nloop = "{loop}"\n', 1))
+        if metrics:
+            with socket.socket() as s:
+                s.bind((HOST, 0))
+                free = s.getsockname()[1]
+            with config.open("a") as f:
+                f.write(f'\n[metrics]\naddress = "{HOST}"\nport = {free}\n')
         return [python, "-m", "bonzo", "serve", "-c", str(config)]
 
     return command
@@ -375,6 +381,13 @@ DAEMON_SPECS = [
         "bonzo-chain",
         "bonzo serve -c bench/configs/chain.toml (access, recipients, headers, discard)",
         _daemon_command("chain.toml"),
+        available=_daemon_available,
+        env=_python_env(),
+    ),
+    ServerSpec(
+        "bonzo-chain-metrics",
+        "bonzo-chain with [metrics] on (not run by default: name it in --servers)",
+        _daemon_command("chain.toml", metrics=True),
         available=_daemon_available,
         env=_python_env(),
     ),
