@@ -115,7 +115,7 @@ def mark_process_dead(pid: int) -> None:
     """Drop a dead worker's live gauges (its open connections) from the sum."""
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(pid)
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 class Metrics:
@@ -309,9 +309,7 @@ class Metrics:
             for call in calls:
                 if getattr(call.function, "_bonzo_timed", False):
                     continue
-                entry = self.hooks.setdefault(
-                    (call.plugin, hook), [0] * len(_BOUNDS) + [0.0]
-                )  # fmt: skip
+                entry = self.hooks.setdefault((call.plugin, hook), [0.0] * (len(_BOUNDS) + 1))
                 call.function = _timed(call.function, entry)
 
     def connection_opened(self, connection: SMTPConnection, limit: str | None) -> None:
@@ -410,10 +408,10 @@ class Metrics:
             # The histogram's own per-bucket values (what observe() adds to):
             # one write per bucket that moved, not one per observation.
             for i in range(len(_BOUNDS)):
-                n = entry[i]
-                if n:
-                    histogram._buckets[i].inc(n)
-                    entry[i] = 0
+                moved = entry[i]
+                if moved:
+                    histogram._buckets[i].inc(moved)
+                    entry[i] = 0.0
             histogram._sum.inc(total)
             entry[-1] = 0.0
 
@@ -427,7 +425,7 @@ class Metrics:
         if not self.multiprocess:
             return bytes(generate_latest(self.registry))
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return bytes(generate_latest(registry))
 
 

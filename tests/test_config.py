@@ -22,6 +22,7 @@ from bonzo.config import (
     EXTRA_KEYS,
     LISTENER_KEYS,
     LOGGING_KEYS,
+    METRICS_KEYS,
     PLUGINS_KEYS,
     SETTING_SECTIONS,
     TOP_LEVEL_KEYS,
@@ -537,6 +538,7 @@ def test_every_key_is_documented_in_the_example_under_its_table():
     assert set(LOGGING_KEYS) <= documented["logging"]
     assert set(PLUGINS_KEYS) <= documented["plugins"]
     assert set(DNS_KEYS) <= documented["dns"]
+    assert set(METRICS_KEYS) <= documented["metrics"]
     assert set(TOP_LEVEL_KEYS) <= set(documented)
 
 
@@ -634,6 +636,7 @@ def documents() -> st.SearchStrategy[dict[str, Any]]:
         for section, extra in EXTRA_KEYS.items()
     }
     tables["logging"] = keyed(list(LOGGING_KEYS), value)
+    tables["metrics"] = keyed(list(METRICS_KEYS), value)
     names = st.lists(st.sampled_from(PLUGIN_NAMES), max_size=3)
     tables["plugins"] = st.fixed_dictionaries(
         {},

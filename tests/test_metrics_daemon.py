@@ -17,6 +17,8 @@ pytest.importorskip("prometheus_client")
 from daemon_support import daemon_env, daemons, free_port, wait_until  # noqa: E402
 from metrics_support import get, sample, send, write_config  # noqa: E402
 
+from bonzo.metrics import FLUSH_INTERVAL  # noqa: E402
+
 
 def test_two_workers_counted_together_and_health(tmp_path: Path) -> None:
     port, metrics_port = free_port(), free_port()
@@ -46,7 +48,13 @@ def test_two_workers_counted_together_and_health(tmp_path: Path) -> None:
             return text if done and sample(text, "bonzo_connections_open") == 0 else None
 
         # Each worker adds its counts within a second (FLUSH_INTERVAL).
-        text = wait_until(scraped, what="4 messages and no open connection in the metrics")
+        wait_until(scraped, what="4 messages and no open connection in the metrics")
+        # Then every worker's last counts: nothing happens meanwhile.
+        time.sleep(2 * FLUSH_INTERVAL + 0.2)
+        status, text = get(metrics_port, "/metrics")
+        assert status == 200
+        assert sample(text, "bonzo_messages_accepted_total", 'disposition="delivered"') == 4
+        assert sample(text, "bonzo_connections_open") == 0
         assert sample(text, "bonzo_commands_total", 'verb="MAIL"') == 4
         assert sample(text, "bonzo_commands_total", 'verb="QUIT"') >= 4
         assert sample(text, "bonzo_replies_total", 'code_class="2xx",stage="message"') == 4
