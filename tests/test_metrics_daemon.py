@@ -5,16 +5,21 @@ is removed at exit."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import smtplib
+import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("prometheus_client")
 
-from daemon_support import daemon_env, daemons, free_port, wait_until  # noqa: E402
+from daemon_support import DEADLINE, daemon_env, daemons, free_port, wait_until  # noqa: E402
 from metrics_support import get, sample, send, write_config  # noqa: E402
 
 from bonzo.metrics import FLUSH_INTERVAL  # noqa: E402
@@ -79,3 +84,100 @@ def test_two_workers_counted_together_and_health(tmp_path: Path) -> None:
         assert list(directory.glob("*.db"))
         assert daemon.stop() == 0
     assert not directory.exists()
+
+
+def test_health_is_503_while_a_graceful_stop_waits_for_a_message(tmp_path: Path) -> None:
+    port, metrics_port = free_port(), free_port()
+    config = write_config(tmp_path, port, metrics_port, workers=1)
+    with daemons(tmp_path, daemon_env()) as start:
+        daemon = start(config, port)
+        daemon.wait_ready()
+        assert get(metrics_port, "/health")[0] == 200
+        client = smtplib.SMTP("127.0.0.1", port, timeout=DEADLINE)
+        try:
+            client.ehlo("client.example")
+            client.mail("a@example.org")
+            client.rcpt("b@example.org")
+            assert client.docmd("DATA")[0] == 354
+            client.send(b"Subject: in flight\r\n\r\n")  # the message is not over
+            daemon.proc.send_signal(signal.SIGTERM)
+
+            def stopping() -> bool:
+                status, body = get(metrics_port, "/health")
+                return status == 503 and json.loads(body)["status"] == "stopping"
+
+            wait_until(stopping, what="/health to say 503 stopping")
+            client.send(b"Hello.\r\n.\r\n")
+            assert client.getreply()[0] == 250
+            # After the message the session ends (421): the server is stopping.
+        finally:
+            client.close()
+        assert daemon.proc.wait(timeout=DEADLINE) == 0
+
+
+def test_a_killed_worker_stops_counting_as_open(tmp_path: Path) -> None:
+    """SIGKILL to worker 0 (the one answering /health): the supervisor
+    starts another that takes the metrics socket over, and the dead worker's
+    connections no longer count as open (mark_process_dead)."""
+    port, metrics_port = free_port(), free_port()
+    config = write_config(tmp_path, port, metrics_port, workers=2)
+    with daemons(tmp_path, daemon_env()) as start:
+        daemon = start(config, port)
+        daemon.wait_ready(workers=2)
+        first = json.loads(get(metrics_port, "/health")[1])["pid"]
+        clients = []
+        try:
+            for _ in range(6):
+                client = smtplib.SMTP("127.0.0.1", port, timeout=DEADLINE)
+                client.ehlo("client.example")
+                clients.append(client)
+
+            def open_now(n: int) -> Callable[[], bool]:
+                return lambda: (
+                    sample(get(metrics_port, "/metrics")[1], "bonzo_connections_open") == n
+                )
+
+            wait_until(open_now(6), what="6 open connections in the metrics")
+            os.kill(first, signal.SIGKILL)
+
+            def replaced() -> int | None:
+                try:
+                    status, body = get(metrics_port, "/health")
+                except OSError:
+                    return None
+                pid = json.loads(body)["pid"]
+                return pid if status == 200 and pid != first else None
+
+            wait_until(replaced, what="a new worker 0")
+            alive = 0
+            for client in clients:
+                try:
+                    alive += client.noop()[0] == 250
+                except (smtplib.SMTPException, OSError):
+                    pass
+            wait_until(open_now(alive), what=f"{alive} open connections in the metrics")
+        finally:
+            for client in clients:
+                try:
+                    client.close()
+                except OSError:
+                    pass
+        assert daemon.stop() == 0
+
+
+def test_metrics_port_in_use_stops_the_start(tmp_path: Path) -> None:
+    port = free_port()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        config = write_config(tmp_path, port, busy.getsockname()[1], workers=1)
+        with daemons(tmp_path, daemon_env()) as start:
+            daemon = start(config, port)
+            assert daemon.proc.wait(timeout=DEADLINE) == 1
+            assert "metrics: cannot listen on 127.0.0.1:" in daemon.log
+
+
+def test_default_configuration_keeps_metrics_off() -> None:
+    from bonzo.config import load_config
+
+    assert not load_config(None).metrics.enabled
