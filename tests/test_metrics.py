@@ -300,3 +300,65 @@ def test_metrics_config_table():
             parse_config(text, source="bonzo.toml")
         assert str(info.value).startswith(f"bonzo.toml: {key}: "), str(info.value)
         assert message in str(info.value)
+
+
+def test_starttls_session_counted_by_version(counted, tmp_path):
+    trustme = pytest.importorskip("trustme")
+    import ssl
+
+    from bonzo.settings import ListenerSettings
+    from bonzo.tls import CertificatePair, make_server_context
+
+    m, plugins = counted
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    listener = ListenerSettings(
+        tls_context=make_server_context(CertificatePair(str(cert), str(key)))
+    )
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+
+    async def main() -> str:
+        from tornado.netutil import bind_sockets
+
+        server = SMTPServer(plugins=plugins, listener=listener)
+        sock = bind_sockets(0, "127.0.0.1")[0]
+        port = sock.getsockname()[1]
+        server.add_sockets([sock])
+
+        def client() -> str:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                smtp.starttls(context=client_ctx)
+                smtp.sendmail("a@example.org", ["b@example.org"], b"Subject: tls\r\n\r\nhi\r\n")
+                return str(smtp.sock.version())
+
+        version = await asyncio.get_running_loop().run_in_executor(None, client)
+        for _ in range(200):
+            if not server.connections:
+                break
+            await asyncio.sleep(0.01)
+        server.stop()
+        return version
+
+    version = asyncio.run(main())
+    assert version in ("TLSv1.2", "TLSv1.3")
+    assert value(m, "bonzo_tls_sessions_total", version=version) == 1
+    assert value(m, "bonzo_commands_total", verb="STARTTLS") == 1
+    assert value(m, "bonzo_messages_accepted_total", disposition="delivered") == 1
+
+
+def test_a_port_without_prometheus_client_is_a_configuration_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "prometheus_client" else real(name, *a),
+    )
+    assert not parse_config("[metrics]\n").metrics.enabled  # off: not needed
+    with pytest.raises(ConfigError, match=r"metrics\.port: prometheus-client is not installed"):
+        parse_config("[metrics]\nport = 9125\n", source="bonzo.toml")
