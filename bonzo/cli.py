@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
+import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +35,7 @@ from typing import Any
 from . import version
 from .config import ConfigError, load_config
 from .protocol import data_scan_in_c
+from .session import current_message_id, current_session_id
 
 __all__ = ["main"]
 
@@ -218,6 +222,32 @@ def _plugins(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------- serve
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line (``[logging] format = "json"``): ``time``
+    (ISO 8601, UTC), ``level``, ``logger``, ``pid``, ``message``, and
+    ``session`` and ``message_id`` on every line logged while a session
+    (and one of its messages) is being served; ``exception`` with the
+    traceback when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        line: dict[str, Any] = {
+            "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        session, message = current_session_id.get(), current_message_id.get()
+        if session is not None:
+            line["session"] = session
+        if message is not None:
+            line["message_id"] = message
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
 def _setup_logging(config: Any) -> None:
     level = getattr(logging, config.logging.level.upper())
     handler: logging.Handler
@@ -230,9 +260,12 @@ def _setup_logging(config: Any) -> None:
             ) from None
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
-    )
+    if config.logging.format == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -275,10 +308,16 @@ def _serve_app(app: Any) -> int:
     for warning in app.warnings():
         log.warning("%s", warning)
     main_pid = os.getpid()
+    if config.pid_file is not None:
+        problem = _write_pid_file(config.pid_file)
+        if problem is not None:
+            log.error("server.pid_file: %s", problem)
+            return 1
     try:
         sockets = app.bind()
     except OSError as exc:
         log.error("%s", exc.strerror or exc)
+        _remove_pid_file(config.pid_file, main_pid)
         return 1
     metrics_sockets: list[Any] = []
     if config.metrics.enabled:
@@ -292,6 +331,7 @@ def _serve_app(app: Any) -> int:
             for s in sockets:
                 s.close()
             app.remove_unix_sockets()
+            _remove_pid_file(config.pid_file, main_pid)
             return 1
         log.info(
             "metrics on http://%s:%d%s and /health; multiprocess directory %s",
@@ -322,6 +362,71 @@ def _serve_app(app: Any) -> int:
             app.remove_unix_sockets()
             for s in metrics_sockets:
                 s.close()
+            _remove_pid_file(config.pid_file, main_pid)
+
+
+def _write_pid_file(path: str) -> str | None:
+    """Write this process's id to ``path`` (atomically); the problem, if
+    another live process holds it or it cannot be written."""
+    try:
+        with open(path, encoding="ascii") as f:
+            old = int(f.read().strip() or "0")
+    except FileNotFoundError:
+        old = 0
+    except (OSError, ValueError):
+        old = 0  # unreadable or not a number: stale, replaced below
+    if old > 0 and old != os.getpid():
+        try:
+            os.kill(old, 0)
+        except ProcessLookupError:
+            log.warning("server.pid_file: %s named pid %d, which is gone; replaced", path, old)
+        except OSError:
+            return f"{path}: pid {old} is running (is bonzo already running?)"
+        else:
+            return f"{path}: pid {old} is running (is bonzo already running?)"
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return f"cannot write {path}: {exc.strerror or exc}"
+    return None
+
+
+def _remove_pid_file(path: str | None, pid: int) -> None:
+    """Remove ``path`` if it still names ``pid`` (never another daemon's)."""
+    if path is None:
+        return
+    try:
+        with open(path, encoding="ascii") as f:
+            if f.read().strip() != str(pid):
+                return
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd ``state`` (``READY=1``, ``STOPPING=1``) through the
+    socket ``$NOTIFY_SOCKET`` names, if any (``Type=notify`` units; with
+    worker processes, ``NotifyAccess=all``, as each worker reports itself
+    ready). Returns whether it was sent; never raises."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address or address[0] not in "/@":
+        return False
+    target = "\0" + address[1:] if address[0] == "@" else address
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), target)
+    except OSError as exc:
+        log.warning("sd_notify: %s: %s", address, exc.strerror or exc)
+        return False
+    return True
 
 
 def _socket_name(sock: Any) -> str:
@@ -431,7 +536,7 @@ def _run_worker(
         if app.config.metrics.enabled:
             from .metrics import Metrics, MetricsServer
 
-            counter = Metrics(plugins=app.plugins.names).install(app.plugins)
+            counter = Metrics().install(app.plugins)
         try:
             try:
                 await app.start()
@@ -444,7 +549,9 @@ def _run_worker(
                     http = MetricsServer(counter, app.config.metrics.path)
                     http.add_sockets(metrics_sockets)
             log.info("ready (pid %d)", os.getpid())
+            sd_notify(f"READY=1\nMAINPID={supervisor or os.getpid()}")
             await stopping.wait()
+            sd_notify("STOPPING=1")
             log.info("stopping: no new connections; finishing messages in flight")
             if http is not None:
                 http.stopping = True

@@ -24,6 +24,11 @@ A queue runner that sends several messages to one destination keeps the
 connection: :func:`connect` returns a :class:`ClientConnection` whose
 :meth:`~ClientConnection.send` may be called again (an ``RSET`` first, which
 also proves the connection still works) until :meth:`~ClientConnection.quit`.
+A relay that repeats its own client's commands as they arrive (the
+``forward`` plugin) uses the same connection step by step:
+:meth:`~ClientConnection.mail`, :meth:`~ClientConnection.rcpt`,
+:meth:`~ClientConnection.data`, :meth:`~ClientConnection.rset`, each
+returning the server's :class:`Reply`.
 
 How the two protocols are carried:
 
@@ -75,6 +80,7 @@ so a hostile server cannot make the client buffer without bound.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import io
@@ -643,6 +649,13 @@ def _check_xtext(value: str, what: str) -> None:
         raise ValueError(f"bad {what} {value!r}")
 
 
+def _check_mail_options(ret: str | None, envid: str | None) -> None:
+    if ret is not None and ret.upper() not in ("FULL", "HDRS"):
+        raise ValueError(f"bad RET {ret!r}")
+    if envid is not None:
+        _check_xtext(envid, "ENVID")
+
+
 def _check_recipient(r: Recipient) -> None:
     _check_mailbox(r.address, "recipient")
     if not r.address:
@@ -762,8 +775,11 @@ class ClientConnection:
     """An open SMTP or LMTP connection to one server, ready for messages.
 
     Made by :func:`connect`. :meth:`send` delivers one message and may be
-    called again for the next (one at a time); :meth:`quit` ends politely,
-    :meth:`close` at once. ``async with`` quits at the end.
+    called again for the next (one at a time); :meth:`mail`, :meth:`rcpt`,
+    :meth:`data` and :meth:`rset` do the same one command at a time, for a
+    relay that learns the envelope as its own client sends it;
+    :meth:`quit` ends politely, :meth:`close` at once. ``async with`` quits
+    at the end.
     """
 
     #: ``"SMTP"`` or ``"LMTP"``.
@@ -787,6 +803,14 @@ class ClientConnection:
         self.transactions = 0
         self._alive = True
         self._busy = False
+        # No transaction since the connection opened or the last RSET: the
+        # next MAIL needs no RSET first.
+        self._clean = True
+        # The stepwise API (mail/rcpt/data): MAIL accepted and no DATA yet,
+        # whether it declared SMTPUTF8, and the recipients accepted since.
+        self._in_mail = False
+        self._mail_utf8 = False
+        self._accepted = 0
 
     # The backend: one command and its reply, the message, one reply.
     async def _command(self, stage: Stage, line: bytes, timeout: float) -> Reply:
@@ -898,20 +922,120 @@ class ClientConnection:
         _check_mailbox(sender, "sender")
         for r in rcpts:
             _check_recipient(r)
-        if ret is not None and ret.upper() not in ("FULL", "HDRS"):
-            raise ValueError(f"bad RET {ret!r}")
-        if envid is not None:
-            _check_xtext(envid, "ENVID")
+        _check_mail_options(ret, envid)
         content = _Content(message)
+        with self._one_at_a_time("send()"):
+            try:
+                return await self._send(rcpts, sender, content, smtputf8, eightbit, ret, envid)
+            finally:
+                if content.body is not None:
+                    content.body.seek(content.start)
+
+    # ------------------------------------------------- shared by both APIs
+    @contextlib.contextmanager
+    def _one_at_a_time(self, what: str) -> Iterator[None]:
         if self._busy:
-            raise RuntimeError("send() is already running on this connection")
+            raise RuntimeError(f"{what}: another command is running on this connection")
         self._busy = True
         try:
-            return await self._send(rcpts, sender, content, smtputf8, eightbit, ret, envid)
+            yield
         finally:
             self._busy = False
-            if content.body is not None:
-                content.body.seek(content.start)
+
+    async def _begin(self) -> None:
+        """Before a new MAIL: the connection must be open, and a connection
+        that had a transaction is reset (which also proves it still works).
+        Raises :class:`ClientError`: nothing of the new message was sent."""
+        if not self._alive:
+            raise ClientError(Stage.MAIL, _local(451, "4.4.2", "the connection is closed"))
+        self._in_mail = False
+        self._accepted = 0
+        if self._clean:
+            return
+        try:
+            reply = await self._checked(Stage.MAIL, b"RSET", self.settings.rset_timeout, (250,))
+        except _Broken as exc:
+            self._broken(exc)
+            raise ClientError(exc.stage, exc.reply) from None
+        if reply.code != 250:
+            self.close()
+            raise ClientError(Stage.MAIL, reply)
+        self._clean = True
+
+    def _refusal(self, needs_utf8: bool, size: int, eightbit: bool) -> Reply | None:
+        """What the server cannot take, known without a round trip: the
+        local refusal for every recipient, or ``None``."""
+        if needs_utf8 and not self.supports("SMTPUTF8"):
+            return _local(553, "5.6.7", "the server does not support SMTPUTF8")
+        limit = self.size_limit
+        if limit and size > limit:
+            return _local(552, "5.3.4", f"message size {size} exceeds the server's limit {limit}")
+        if eightbit and not self.supports("8BITMIME"):
+            return _local(
+                554,
+                "5.6.3",
+                "the message has 8-bit content and the server does not support 8BITMIME",
+            )
+        return None
+
+    def _mail_line(
+        self,
+        sender: str,
+        size: int | None,
+        eightbit: bool,
+        needs_utf8: bool,
+        ret: str | None,
+        envid: str | None,
+    ) -> bytes:
+        """``MAIL FROM`` with the parameters the server offers and the
+        message needs (DSN's only when the server offers DSN)."""
+        dsn = self.supports("DSN")
+        params = []
+        if size is not None and (self.size_limit or self.supports("SIZE")):
+            params.append(f"SIZE={size}")
+        if eightbit:
+            params.append("BODY=8BITMIME")
+        if needs_utf8:
+            params.append("SMTPUTF8")
+        if dsn and ret is not None:
+            params.append(f"RET={ret.upper()}")
+        if dsn and envid is not None:
+            params.append(f"ENVID={envid}")
+        return " ".join([f"MAIL FROM:<{sender}>", *params]).encode("utf-8")
+
+    def _rcpt_line(self, r: Recipient) -> bytes:
+        line = f"RCPT TO:<{r.address}>"
+        if self.supports("DSN"):
+            if r.notify is not None:
+                line += f" NOTIFY={r.notify.upper().replace(' ', '')}"
+            if r.orcpt is not None:
+                line += f" ORCPT={r.orcpt}"
+        return line.encode("utf-8")
+
+    async def _mail(self, line: bytes) -> Reply:
+        self.transactions += 1
+        self._clean = False
+        return await self._checked(Stage.MAIL, line, self.settings.mail_timeout, (250,))
+
+    async def _rcpt(self, r: Recipient) -> Reply:
+        return await self._checked(
+            Stage.RCPT, self._rcpt_line(r), self.settings.rcpt_timeout, (250, 251)
+        )
+
+    async def _message(self, content: _Content) -> Reply:
+        """``DATA`` and, on ``354``, the message: the reply to ``DATA`` when
+        it is not ``354``, else the ``354``, the message having been sent."""
+        reply = await self._checked(Stage.DATA, b"DATA", self.settings.data_timeout, (354,))
+        if reply.code == 354:
+            await self._send_data(content)
+        return reply
+
+    async def _end_reply(self) -> Reply:
+        """One reply after the final dot (LMTP: one of several)."""
+        reply = await self._read_reply(Stage.END, self.settings.data_end_timeout)
+        if reply.code != 250 and not 400 <= reply.code <= 599:
+            raise _Broken(Stage.END, _garbled(Stage.END, f"unexpected reply {reply.code}"))
+        return reply
 
     async def _send(
         self,
@@ -924,21 +1048,10 @@ class ClientConnection:
         envid: str | None,
     ) -> DeliveryResult:
         settings = self.settings
-        if not self._alive:
-            raise ClientError(Stage.MAIL, _local(451, "4.4.2", "the connection is closed"))
-        if self.transactions:
-            try:
-                reply = await self._checked(Stage.MAIL, b"RSET", settings.rset_timeout, (250,))
-            except _Broken as exc:
-                self._broken(exc)
-                raise ClientError(exc.stage, exc.reply) from None
-            if reply.code != 250:
-                self.close()
-                raise ClientError(Stage.MAIL, reply)
+        await self._begin()
 
         results: list[RecipientResult | None] = [None] * len(rcpts)
-        dsn = self.supports("DSN")
-        outcome = DeliveryResult([], self.server, dsn)
+        outcome = DeliveryResult([], self.server, self.supports("DSN"))
 
         def settle(i: int, status: Status, stage: Stage, reply: Reply) -> None:
             results[i] = RecipientResult(rcpts[i], status, stage, reply)
@@ -951,14 +1064,17 @@ class ClientConnection:
             outcome.recipients = [r for r in results if r is not None]
             return outcome
 
-        # Checks that need no round trip: the server cannot take it as it is.
-        utf8 = self.supports("SMTPUTF8")
-        needs_utf8 = bool(smtputf8) or not sender.isascii()
-        if needs_utf8 and not utf8:
-            why = _local(553, "5.6.7", "the server does not support SMTPUTF8")
+        def refuse_all(why: Reply) -> DeliveryResult:
             for i in range(len(rcpts)):
                 settle(i, Status.REFUSED, Stage.MAIL, why)
             return finish()
+
+        # Checks that need no round trip: the server cannot take it as it is.
+        utf8 = self.supports("SMTPUTF8")
+        needs_utf8 = bool(smtputf8) or not sender.isascii()
+        why = self._refusal(needs_utf8, 0, False)
+        if why is not None:
+            return refuse_all(why)
         if not utf8:
             why = _local(553, "5.6.7", "the server does not support SMTPUTF8")
             for i, r in enumerate(rcpts):
@@ -966,47 +1082,22 @@ class ClientConnection:
                     settle(i, Status.REFUSED, Stage.RCPT, why)
         # (Without SMTPUTF8 the UTF-8 recipients were refused just above.)
         needs_utf8 = needs_utf8 or (utf8 and any(not r.address.isascii() for r in rcpts))
-        limit = self.size_limit
-        if limit and content.size > limit:
-            why = _local(
-                552, "5.3.4", f"message size {content.size} exceeds the server's limit {limit}"
-            )
-            for i in range(len(rcpts)):
-                settle(i, Status.REFUSED, Stage.MAIL, why)
-            return finish()
+        why = self._refusal(False, content.size, False)
+        if why is not None:
+            return refuse_all(why)
         if eightbit is None:
             eightbit = content.eightbit(settings.chunk_size)
-        eight = self.supports("8BITMIME")
-        if eightbit and not eight:
-            why = _local(
-                554,
-                "5.6.3",
-                "the message has 8-bit content and the server does not support 8BITMIME",
-            )
-            for i in range(len(rcpts)):
-                settle(i, Status.REFUSED, Stage.MAIL, why)
-            return finish()
+        why = self._refusal(False, 0, eightbit)
+        if why is not None:
+            return refuse_all(why)
         pending = [i for i in range(len(rcpts)) if results[i] is None]
         if not pending:
             return finish()
 
-        params = []
-        if limit or self.supports("SIZE"):
-            params.append(f"SIZE={content.size}")
-        if eightbit:
-            params.append("BODY=8BITMIME")
-        if needs_utf8:
-            params.append("SMTPUTF8")
-        if dsn and ret is not None:
-            params.append(f"RET={ret.upper()}")
-        if dsn and envid is not None:
-            params.append(f"ENVID={envid}")
-        mail = " ".join([f"MAIL FROM:<{sender}>", *params]).encode("utf-8")
-
-        self.transactions += 1
+        mail = self._mail_line(sender, content.size, eightbit, needs_utf8, ret, envid)
         stage = Stage.MAIL
         try:
-            reply = await self._checked(stage, mail, settings.mail_timeout, (250,))
+            reply = await self._mail(mail)
             if reply.code != 250:
                 for i in pending:
                     settle_reply(i, stage, reply)
@@ -1014,16 +1105,8 @@ class ClientConnection:
             stage = Stage.RCPT
             accepted = []
             for i in pending:
-                r = rcpts[i]
-                line = f"RCPT TO:<{r.address}>"
-                if dsn and r.notify is not None:
-                    line += f" NOTIFY={r.notify.upper().replace(' ', '')}"
-                if dsn and r.orcpt is not None:
-                    line += f" ORCPT={r.orcpt}"
                 try:
-                    reply = await self._checked(
-                        stage, line.encode("utf-8"), settings.rcpt_timeout, (250, 251)
-                    )
+                    reply = await self._rcpt(rcpts[i])
                 except _Broken as exc:
                     # 421 at RCPT: this one and the rest are deferred.
                     settle(i, Status.DEFERRED, stage, exc.reply)
@@ -1035,19 +1118,16 @@ class ClientConnection:
             if not accepted:
                 return finish()
             stage = Stage.DATA
-            reply = await self._checked(stage, b"DATA", settings.data_timeout, (354,))
+            reply = await self._message(content)
             if reply.code != 354:
                 for i in accepted:
                     settle_reply(i, stage, reply)
                 return finish()
-            await self._send_data(content)
             stage = Stage.END
             # SMTP: one reply for all; LMTP: one per accepted recipient, in order.
             groups = [[i] for i in accepted] if self.protocol == "LMTP" else [accepted]
             for group in groups:
-                reply = await self._read_reply(stage, settings.data_end_timeout)
-                if reply.code != 250 and not 400 <= reply.code <= 599:
-                    raise _Broken(stage, _garbled(stage, f"unexpected reply {reply.code}"))
+                reply = await self._end_reply()
                 for i in group:
                     if reply.code == 250:
                         settle(i, Status.DELIVERED, stage, reply)
@@ -1062,6 +1142,146 @@ class ClientConnection:
                 if results[i] is None:
                     settle(i, Status.DEFERRED, exc.stage, exc.reply)
         return finish()
+
+    # ------------------------------------------------------ stepwise API
+    async def mail(
+        self,
+        sender: str,
+        *,
+        size: int | None = None,
+        smtputf8: bool | None = None,
+        eightbit: bool = False,
+        ret: str | None = None,
+        envid: str | None = None,
+    ) -> Reply:
+        """Start a transaction step by step: ``MAIL FROM``, for a caller
+        that learns the recipients and the message one at a time (a relay
+        during its own client's session). Then :meth:`rcpt` for each
+        recipient and :meth:`data`, or :meth:`rset`.
+
+        :arg size: the message's size if known (``SIZE=``, RFC 1870; more
+            than the server's limit is refused here, ``552 5.3.4``).
+        :arg smtputf8: the transaction needs SMTPUTF8 (``None``: only for a
+            non-ASCII sender); a UTF-8 recipient needs it declared here.
+        :arg eightbit: the content will have 8-bit octets
+            (``BODY=8BITMIME``); it is not scanned.
+        :arg ret: as for :meth:`send`, with ``envid``.
+
+        Returns the server's reply (``250``, a ``4xx`` or ``5xx``), a local
+        refusal (``remote`` False: ``553 5.6.7``, ``552 5.3.4``,
+        ``554 5.6.3``, as :meth:`send`), or a made-up ``451 4.4.x`` when the
+        connection failed (it is then closed: :attr:`usable` is False). A
+        connection used before is reset first; like :meth:`send`, this
+        raises :class:`ClientError` when it is closed or that ``RSET``
+        fails, and :class:`ValueError` for a malformed argument.
+
+        .. versionadded:: 0.2
+        """
+        _check_mailbox(sender, "sender")
+        _check_mail_options(ret, envid)
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise ValueError(f"bad size {size!r}")
+        with self._one_at_a_time("mail()"):
+            await self._begin()
+            needs_utf8 = bool(smtputf8) or not sender.isascii()
+            why = self._refusal(needs_utf8, size or 0, eightbit)
+            if why is not None:
+                return why
+            line = self._mail_line(sender, size, eightbit, needs_utf8, ret, envid)
+            try:
+                reply = await self._mail(line)
+            except _Broken as exc:
+                self._broken(exc)
+                return exc.reply
+            self._in_mail = reply.code == 250
+            self._mail_utf8 = needs_utf8
+            return reply
+
+    async def rcpt(self, recipient: str | Recipient) -> Reply:
+        """``RCPT TO`` after :meth:`mail` was accepted: the server's reply
+        (``250``/``251``, ``4xx``, ``5xx``), a local ``553 5.6.7`` for a
+        UTF-8 address when :meth:`mail` did not declare SMTPUTF8, or a
+        made-up ``451 4.4.x`` (or the server's ``421``) when the connection
+        failed (it is then closed). Raises :class:`RuntimeError` when no
+        ``MAIL`` is open and :class:`ValueError` for a malformed address.
+
+        .. versionadded:: 0.2
+        """
+        r = _recipient(recipient)
+        _check_recipient(r)
+        with self._one_at_a_time("rcpt()"):
+            if not self._in_mail:
+                raise RuntimeError("rcpt() needs a MAIL the server accepted")
+            if not r.address.isascii() and not self._mail_utf8:
+                return _local(553, "5.6.7", "the transaction was not started with SMTPUTF8")
+            try:
+                reply = await self._rcpt(r)
+            except _Broken as exc:
+                self._in_mail = False
+                self._broken(exc)
+                return exc.reply
+            if reply.code in (250, 251):
+                self._accepted += 1
+            return reply
+
+    async def data(self, message: Message) -> list[Reply]:
+        """Send the message after at least one :meth:`rcpt` was accepted;
+        return the replies after the final dot: one for SMTP, one per
+        accepted recipient (in order) for LMTP. A refused ``DATA`` is the
+        only reply (the message is not sent); a failed connection gives a
+        made-up ``451 4.4.x`` (or ``421``) for every reply still owed, and
+        is closed. The message is streamed as by :meth:`send`; the
+        transaction is over either way.
+
+        .. versionadded:: 0.2
+        """
+        content = _Content(message)
+        with self._one_at_a_time("data()"):
+            if not self._in_mail or not self._accepted:
+                raise RuntimeError("data() needs a recipient the server accepted")
+            self._in_mail = False
+            owed = self._accepted if self.protocol == "LMTP" else 1
+            replies: list[Reply] = []
+            try:
+                reply = await self._message(content)
+                if reply.code != 354:
+                    return [reply]
+                while len(replies) < owed:
+                    reply = await self._end_reply()
+                    replies.append(reply)
+                    if reply.code == 421:
+                        raise _Broken(Stage.END, reply)
+            except _Broken as exc:
+                self._broken(exc)
+                replies += [exc.reply] * (owed - len(replies))
+            finally:
+                if content.body is not None:
+                    content.body.seek(content.start)
+            return replies
+
+    async def rset(self) -> Reply:
+        """``RSET``: end the transaction. Returns the server's reply, or a
+        made-up ``451 4.4.2`` when the connection failed or was closed;
+        a reply other than ``250`` closes the connection. Never raises
+        :class:`ClientError`.
+
+        .. versionadded:: 0.2
+        """
+        with self._one_at_a_time("rset()"):
+            self._in_mail = False
+            self._accepted = 0
+            if not self._alive:
+                return _local(451, "4.4.2", "the connection is closed")
+            try:
+                reply = await self._checked(Stage.MAIL, b"RSET", self.settings.rset_timeout, (250,))
+            except _Broken as exc:
+                self._broken(exc)
+                return exc.reply
+            if reply.code == 250:
+                self._clean = True
+            else:
+                self.close()
+            return reply
 
 
 # ------------------------------------------------------------------- SMTP

@@ -95,7 +95,7 @@ SETTING_SECTIONS: dict[str, str] = {
 
 #: Keys of each table that are not SMTPSettings fields.
 EXTRA_KEYS: dict[str, tuple[str, ...]] = {
-    "server": ("workers", "loop"),
+    "server": ("workers", "loop", "pid_file"),
     "protocol": (),
     "limits": (),
 }
@@ -121,7 +121,7 @@ LISTENER_OVERRIDES = tuple(k for k, s in SETTING_SECTIONS.items() if s in ("prot
 #: Keys of a listener's ``tls`` table, and of each of its ``sni`` entries.
 TLS_KEYS = ("cert", "key", "sni")
 SNI_KEYS = ("cert", "key")
-LOGGING_KEYS = ("level", "access_log", "file")
+LOGGING_KEYS = ("level", "access_log", "file", "format")
 PLUGINS_KEYS = ("enabled", "timeout", "timeouts", "paths")
 #: Keys of the ``[dns]`` table: the fields of :class:`~bonzo.dns.DNSSettings`.
 DNS_KEYS = tuple(DNSSettings.field_names())
@@ -183,6 +183,7 @@ class LoggingConfig:
     level: str = "info"
     access_log: bool = True
     file: str | None = None
+    format: str = "text"
 
 
 @dataclass
@@ -222,6 +223,8 @@ class Config:
     workers: int = 1
     #: The event loop: ``"asyncio"`` (the standard library's) or ``"uvloop"``.
     loop: str = "asyncio"
+    #: Where ``bonzo serve`` writes its process id (``None``: nowhere).
+    pid_file: str | None = None
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     #: The ``[dns]`` table (default: DNS off).
@@ -326,6 +329,7 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
     kwargs: dict[str, Any] = {}
     workers = 1
     loop = "asyncio"
+    pid_file = None
     for section in ("server", "protocol", "limits"):
         table = _table(data, section, source)
         allowed = [k for k, s in SETTING_SECTIONS.items() if s == section]
@@ -345,6 +349,8 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
                 workers = value
             elif key == "loop":
                 loop = _event_loop(value, source)
+            elif key == "pid_file":
+                pid_file = _path(value, source, "server.pid_file", base_dir)
             elif key == "spool_dir":
                 kwargs[key] = _path(value, source, "server.spool_dir", base_dir)
             else:
@@ -368,6 +374,7 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
         listeners=listeners,
         workers=workers,
         loop=loop,
+        pid_file=pid_file,
         logging=_logging(_table(data, "logging", source), source, base_dir),
         plugins=_plugins(_table(data, "plugins", source), source, base_dir),
         dns=_dns(_table(data, "dns", source), source, base_dir),
@@ -582,7 +589,10 @@ def _logging(table: dict[str, Any], source: str, base_dir: Path) -> LoggingConfi
     file = table.get("file")
     if file is not None:
         file = _path(file, source, "logging.file", base_dir)
-    return LoggingConfig(level=level.lower(), access_log=access, file=file)
+    fmt = table.get("format", "text")
+    if fmt not in ("text", "json"):
+        raise ConfigError(source, "logging.format", f'must be "text" or "json", not {fmt!r}')
+    return LoggingConfig(level=level.lower(), access_log=access, file=file, format=fmt)
 
 
 def _ip_address(value: Any, source: str, key: str) -> str:

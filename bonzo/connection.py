@@ -54,7 +54,7 @@ from .protocol import (
     XClient,
 )
 from .proxy import ProxyError, ProxyParser, address_in
-from .session import Session
+from .session import Session, current_session_id
 from .settings import ListenerSettings, SMTPSettings
 from .tls import TLSLayer
 
@@ -262,6 +262,8 @@ class SMTPConnection:
         s = self.settings
         first = min(s.idle_timeout, s.max_session_time or s.idle_timeout)
         self._arm(self._loop.time() + first)
+        # This task's log lines carry the session's id (JSON logs).
+        current_session_id.set(self.session.id)
         try:
             await self._serve()
         except StreamClosedError:

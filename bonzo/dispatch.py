@@ -49,7 +49,7 @@ from .protocol import (
     SMTPProtocol,
     Unknown,
 )
-from .session import Envelope, Session, received_header
+from .session import Envelope, Session, current_message_id, received_header
 from .settings import SMTPSettings
 
 __all__ = ["Dispatcher", "error_reply", "storage_error_reply"]
@@ -284,6 +284,7 @@ class Dispatcher:
         """Drop the envelope (and its spooled content), if any."""
         envelope, self.envelope = self.envelope, None
         self._stored = None
+        current_message_id.set(None)
         if envelope is not None:
             envelope.close()
 
@@ -420,6 +421,7 @@ class Dispatcher:
             self.end_transaction()
             _mark(envelope, verdict)
             self.envelope = envelope
+            current_message_id.set(envelope.id)
             core.accept(_text(verdict))
         elif kind is Data:
             envelope = self.envelope

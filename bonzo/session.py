@@ -40,6 +40,8 @@ __all__ = [
     "Envelope",
     "Change",
     "current_plugin",
+    "current_session_id",
+    "current_message_id",
     "new_session_id",
     "received_header",
     "safe_text",
@@ -68,6 +70,18 @@ MAX_HEADER_SECTION = 1 << 20
 #: call), so that changes to a message are recorded with their author.
 current_plugin: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "bonzo_current_plugin", default=None
+)
+
+
+#: The id of the session (and of the message) whose work is running — set
+#: by the session loop and the dispatcher — so that every log line can carry
+#: them (``[logging] format = "json"``).
+current_session_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "bonzo_session_id", default=None
+)
+#: The id of the message whose transaction is open (see :data:`current_session_id`).
+current_message_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "bonzo_message_id", default=None
 )
 
 

@@ -247,6 +247,131 @@ def test_connection_reuse_sends_two_messages_on_one_session(policy_server):
     assert len(policy_server.plugin.connected) == 1
 
 
+# ======================================================== the stepwise API
+def test_stepwise_transaction_against_a_real_server(policy_server):
+    async def main() -> list[Any]:
+        conn = await connect(HOST, policy_server.port, settings=settings())
+        try:
+            with pytest.raises(RuntimeError):
+                await conn.rcpt("bob@example.net")  # no MAIL yet
+            got = [await conn.mail("alice@example.org", size=len(MESSAGE))]
+            for rcpt in ("unknown@example.net", "later@example.net", "bob@example.net"):
+                got.append(await conn.rcpt(rcpt))
+            got.append(await conn.data(MESSAGE))
+            # The next transaction: RSET first (the server sees it), then MAIL.
+            got.append(await conn.mail("blocked@example.org"))
+            got.append(await conn.mail("alice@example.org"))
+            got.append(await conn.rcpt(Recipient("carol@example.net")))
+            got.append(await conn.rset())
+            with pytest.raises(RuntimeError):
+                await conn.data(MESSAGE)  # the transaction is over
+            assert conn.usable and conn.transactions == 3
+            return got
+        finally:
+            await conn.quit()
+
+    got = run(main())
+    (end,) = got.pop(4)
+    assert (end.code, end.enhanced_code, end.remote) == (250, "2.0.0", True)
+    assert end.text.startswith("Ok: queued as ")
+    assert [str(r) for r in got] == [
+        "250 2.1.0 Ok",
+        "550 5.1.1 No such user here",
+        "450 4.2.0 Greylisted, try later",
+        "250 2.1.5 Ok",
+        "550 5.7.1 Sender blocked",
+        "250 2.1.0 Ok",
+        "250 2.1.5 Ok",
+        "250 2.0.0 Ok",
+    ]
+    (message,) = policy_server.plugin.messages
+    assert (message.mail_from, message.rcpt_tos, message.body) == (
+        "alice@example.org",
+        ["bob@example.net"],
+        MESSAGE,
+    )
+    assert policy_server.plugin.params[0] == {"SIZE": str(len(MESSAGE))}
+    assert policy_server.plugin.senders == [
+        "alice@example.org",
+        "blocked@example.org",
+        "alice@example.org",
+    ]
+    assert len(policy_server.plugin.connected) == 1
+
+
+def test_stepwise_data_replies_smtp_and_lmtp(start_server, policy_server):
+    lmtp = start_server(plugin=Policy(), listener=ListenerSettings(protocol="lmtp"))
+
+    async def main() -> tuple[list[Reply], list[Reply]]:
+        async with await connect(HOST, policy_server.port, settings=settings()) as conn:
+            assert (await conn.mail("reject-data@example.org")).code == 250
+            assert (await conn.rcpt("bob@example.net")).code == 250
+            refused = await conn.data(MESSAGE)
+        async with await connect(HOST, lmtp.port, protocol="lmtp", settings=settings()) as conn:
+            assert (await conn.mail("alice@example.org")).code == 250
+            for rcpt in ("ok@example.net", "unknown@example.net", "full@example.net"):
+                await conn.rcpt(rcpt)
+            each = await conn.data(MESSAGE)
+        return refused, each
+
+    refused, each = run(main())
+    assert [str(r) for r in refused] == ["554 5.7.0 Content refused"]
+    # LMTP: one reply per accepted recipient, in order.
+    assert [(r.code, r.enhanced_code) for r in each] == [(250, "2.0.0"), (452, "4.2.2")]
+    assert each[1].text == "Mailbox full"
+
+
+def test_stepwise_local_refusals_send_nothing():
+    ehlo = b"250-fake.test\r\n250 SIZE 100\r\n"  # no SMTPUTF8, no 8BITMIME
+    fake = Fake(ehlo=ehlo)
+
+    async def main() -> list[Reply]:
+        async with serve(fake) as port:
+            async with await connect(HOST, port, settings=settings()) as conn:
+                got = [
+                    await conn.mail("j\u00f6rg@example.org"),
+                    await conn.mail("a@example.org", size=101),
+                    await conn.mail("a@example.org", eightbit=True),
+                    await conn.mail("a@example.org", size=100),
+                    await conn.rcpt("b\u00fc@example.net"),
+                    await conn.rcpt("b@example.net"),
+                ]
+                return got
+
+    got = run(main())
+    assert [(r.code, r.enhanced_code, r.remote) for r in got] == [
+        (553, "5.6.7", False),
+        (552, "5.3.4", False),
+        (554, "5.6.3", False),
+        (250, "2.0.0", True),
+        (553, "5.6.7", False),
+        (250, "2.0.0", True),
+    ]
+    assert [c for c in fake.commands if c.startswith(("MAIL", "RCPT"))] == [
+        "MAIL FROM:<a@example.org> SIZE=100",
+        "RCPT TO:<b@example.net>",
+    ]
+
+
+def test_stepwise_a_lost_connection_is_a_reply_then_an_error():
+    fake = Fake(replies={"RCPT": b"421 4.3.2 Shutting down\r\n"})
+
+    async def main() -> None:
+        async with serve(fake) as port:
+            conn = await connect(HOST, port, settings=settings())
+            assert (await conn.mail("a@x.test")).code == 250
+            reply = await conn.rcpt("b@y.test")
+            assert (reply.code, reply.enhanced_code, reply.remote) == (421, "4.3.2", True)
+            assert not conn.usable
+            reset = await conn.rset()
+            assert (reset.code, reset.remote) == (451, False)
+            with pytest.raises(ClientError):
+                await conn.mail("a@x.test")
+            await conn.quit()
+
+    run(main())
+
+
 def test_a_closed_connection_raises_before_sending(policy_server):
     async def main() -> None:
         conn = await connect(HOST, policy_server.port, settings=settings())

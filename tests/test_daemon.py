@@ -9,6 +9,7 @@ fixture kills whatever a test left running.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -835,3 +836,62 @@ action = "deny"
     )
     result = bonzo("check", "-c", str(config), env=env, cwd=workdir)
     assert "never runs" not in result.stdout
+
+
+def test_json_logs_carry_the_session_and_message_ids(workdir, serve):
+    port = free_port()
+    config = write_config(workdir, port)
+    config.write_text(
+        config.read_text().replace('level = "info"', 'level = "info"\nformat = "json"')
+    )
+    daemon = serve(config, port)
+    daemon.wait_ready()
+    assert send(port) == {}
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=DEADLINE) as c:
+        assert c.docmd("MAIL FROM:<a@example.org>")[0] == 503  # before HELO: refused
+    wait_until(lambda: "refused by" in daemon.log, what="the refusal's line")
+    assert daemon.stop() == 0
+    lines = [json.loads(line) for line in daemon.log.splitlines() if line.strip()]
+    assert all({"time", "level", "logger", "pid", "message"} <= set(line) for line in lines)
+    [accepted] = [line for line in lines if line["logger"] == "tornado.access"]
+    assert accepted["message_id"] in accepted["message"]  # "id=<message id>"
+    assert accepted["session"] == accepted["message"].split()[0]
+    [refusal] = [line for line in lines if "refused by" in line["message"]]
+    assert refusal["session"] != accepted["session"] and "message_id" not in refusal
+    assert refusal["time"].endswith("Z")
+
+
+def test_pid_file_and_readiness_to_systemd(workdir, env):
+    """``[server] pid_file`` holds the main process's id while it runs, and
+    a second daemon on the same file is refused; with ``NOTIFY_SOCKET`` set,
+    each worker reports READY=1 (naming the main pid) and STOPPING=1, as a
+    ``Type=notify`` unit with ``NotifyAccess=all`` expects."""
+    port = free_port()
+    config = write_config(workdir, port, workers=2)
+    config.write_text(
+        config.read_text().replace("workers = 2", 'workers = 2\npid_file = "bonzo.pid"')
+    )
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(workdir / "notify.sock"))
+    notify.settimeout(DEADLINE)
+    with notify, daemons(workdir, {**env, "NOTIFY_SOCKET": str(workdir / "notify.sock")}) as start:
+        daemon = start(config, port)
+        daemon.wait_ready(workers=2)
+        main = daemon.proc.pid
+        assert (workdir / "bonzo.pid").read_text() == f"{main}\n"
+        states = [notify.recv(4096).decode() for _ in range(2)]
+        assert states == [f"READY=1\nMAINPID={main}"] * 2
+        second = bonzo("serve", "-c", str(config), env=env, cwd=workdir)
+        assert second.returncode == 1
+        assert f"server.pid_file: {workdir / 'bonzo.pid'}: pid {main} is running" in second.stderr
+        assert daemon.stop() == 0
+        assert notify.recv(4096) == b"STOPPING=1"
+    assert not (workdir / "bonzo.pid").exists()
+    # A file left by a dead process is replaced, with a warning.
+    (workdir / "bonzo.pid").write_text("999999999\n")
+    with daemons(workdir, env) as start:
+        daemon = start(config, port)
+        daemon.wait_ready(workers=2)
+        assert (workdir / "bonzo.pid").read_text() == f"{daemon.proc.pid}\n"
+        assert "named pid 999999999, which is gone; replaced" in daemon.log
+        assert daemon.stop() == 0

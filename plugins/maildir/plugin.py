@@ -23,7 +23,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ __all__ = ["MaildirPlugin", "DeliveryAborted", "maildir_component", "parse_tmp_n
 
 log = logging.getLogger("bonzo.plugins.maildir")
 
-KEYS = ("path", "per_recipient", "create", "mode", "quarantine")
+KEYS = ("path", "per_recipient", "create", "mode", "quarantine", "envelope_headers")
 SUBDIRS = ("tmp", "new", "cur")
 DEFAULT_MODE = 0o600
 #: Errors that mean "no space": the client gets 452 4.3.1 (RFC 3463).
@@ -113,6 +113,19 @@ def _parse_mode(value: Any) -> int:
     return value
 
 
+def envelope_lead(sender: str, recipients: Sequence[str]) -> bytes:
+    """``Return-Path: <sender>`` and, for one recipient, ``Delivered-To:``
+    (RFC 5321 4.4; as Postfix's local delivery writes them). Addresses
+    with a line break (which the core never lets through) are left out."""
+    if any(c in sender for c in "\r\n\0"):
+        return b""
+    lines = f"Return-Path: <{sender}>\r\n"
+    distinct = list(dict.fromkeys(recipients))
+    if len(distinct) == 1 and not any(c in distinct[0] for c in "\r\n\0"):
+        lines += f"Delivered-To: {distinct[0]}\r\n"
+    return lines.encode("utf-8")
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -139,7 +152,7 @@ def parse_tmp_name(name: str) -> tuple[int, str] | None:
     return int(m.group("pid")), m.group("host")
 
 
-def _process_exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
     """True if process ``pid`` of this host may still be running (and so
     still be writing); True also when that cannot be told."""
     if os.name != "posix" or not 0 < pid < 2**31:
@@ -197,6 +210,7 @@ class MaildirPlugin:
         self.create = True
         self.mode = DEFAULT_MODE
         self.quarantine: Path | None = None
+        self.envelope_headers = True
         self._host = _host_part()
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
@@ -246,6 +260,7 @@ class MaildirPlugin:
         self.create = create
         self.mode = mode
         self.quarantine = quarantine
+        self.envelope_headers = get_bool(table, "envelope_headers", True)
 
     @hookimpl
     def bonzo_startup(self) -> None:
@@ -295,7 +310,7 @@ class MaildirPlugin:
         if now - max(st.st_mtime, st.st_atime) > STALE_AFTER:
             return "untouched for more than 36 hours"
         writer = parse_tmp_name(name)
-        if writer is not None and writer[1] == self._host and not _process_exists(writer[0]):
+        if writer is not None and writer[1] == self._host and not process_exists(writer[0]):
             return f"its writer, process {writer[0]}, no longer exists"
         return None
 
@@ -403,6 +418,21 @@ class MaildirPlugin:
                 groups.setdefault(self.maildir_for(mailbox), []).append(i)
         return groups
 
+    def leads(self, sender: str, groups: Mapping[Path, list[str]]) -> dict[Path, bytes]:
+        """The envelope headers written at the top of each maildir's copy, as
+        a local delivery agent writes them (``envelope_headers``):
+        ``Return-Path:`` with the sender, and ``Delivered-To:`` with the
+        recipient when the copy is one recipient's (never in a copy shared
+        by several, which would show each one the others, Bcc included)."""
+        if not self.envelope_headers:
+            return {}
+        leads = {}
+        for target, recipients in groups.items():
+            lead = envelope_lead(sender, recipients)
+            if lead:
+                leads[target] = lead
+        return leads
+
     # ------------------------------------------------------------- delivery
     @hookimpl
     async def bonzo_deliver(self, session: Session, envelope: Envelope) -> Accept | None:
@@ -418,7 +448,23 @@ class MaildirPlugin:
         targets = self.targets(envelope)
         if not targets:
             return None
-        return await self._deliver_to(session, envelope, targets)
+        if self.per_recipient:
+            groups = {
+                target: [envelope.recipients[i].canonical for i in idx]
+                for target, idx in self.recipients_by_maildir(envelope).items()
+            }
+        else:
+            skip = set(getattr(envelope, "refused", {})) | getattr(envelope, "removed", set())
+            groups = {
+                self.path: [
+                    r.canonical
+                    for i, r in enumerate(envelope_recipients(envelope))
+                    if i not in skip
+                ]
+            }
+        return await self._deliver_to(
+            session, envelope, targets, self.leads(envelope.mail_from, groups)
+        )
 
     @hookimpl
     async def bonzo_quarantine(
@@ -429,15 +475,20 @@ class MaildirPlugin:
         if self.quarantine is None:
             return None
         envelope.add_header("X-Bonzo-Quarantine", f"{envelope.quarantined_by}: {reason}")
-        return await self._deliver_to(session, envelope, [self.quarantine])
+        leads = self.leads(envelope.mail_from, {self.quarantine: []})
+        return await self._deliver_to(session, envelope, [self.quarantine], leads)
 
     async def _deliver_to(
-        self, session: Session, envelope: Envelope, targets: list[Path]
+        self,
+        session: Session,
+        envelope: Envelope,
+        targets: list[Path],
+        leads: Mapping[Path, bytes] | None = None,
     ) -> Accept | None:
         loop = asyncio.get_running_loop()
         abort = threading.Event()
         try:
-            await loop.run_in_executor(None, self.deliver, envelope, targets, abort)
+            await loop.run_in_executor(None, self.deliver, envelope, targets, abort, leads)
         except asyncio.CancelledError:
             # The hook timed out (the client gets 451) but the thread runs on:
             # tell it to remove what it wrote, so a retry makes no duplicate.
@@ -468,11 +519,15 @@ class MaildirPlugin:
         groups = self.recipients_by_maildir(envelope)
         if not groups:
             return None
+        leads = self.leads(
+            envelope.mail_from,
+            {m: [envelope.recipients[i].canonical for i in idx] for m, idx in groups.items()},
+        )
         loop = asyncio.get_running_loop()
         abort = threading.Event()
         try:
             failed = await loop.run_in_executor(
-                None, self.deliver_each, envelope, list(groups), abort
+                None, self.deliver_each, envelope, list(groups), abort, leads
             )
         except asyncio.CancelledError:
             abort.set()
@@ -503,7 +558,11 @@ class MaildirPlugin:
         return Accept(f"Ok: queued as {envelope.id}")
 
     def deliver_each(
-        self, envelope: Envelope, targets: list[Path], abort: threading.Event | None = None
+        self,
+        envelope: Envelope,
+        targets: list[Path],
+        abort: threading.Event | None = None,
+        leads: Mapping[Path, bytes] | None = None,
     ) -> dict[Path, OSError]:
         """Blocking: store the message in each of ``targets`` on its own;
         return the maildirs that failed, with their errors. If ``abort`` is
@@ -514,7 +573,7 @@ class MaildirPlugin:
         try:
             for maildir in targets:
                 try:
-                    done += self.deliver(envelope, [maildir], abort)
+                    done += self.deliver(envelope, [maildir], abort, leads)
                 except DeliveryAborted:
                     raise
                 except OSError as exc:
@@ -529,9 +588,14 @@ class MaildirPlugin:
         return failed
 
     def deliver(
-        self, envelope: Envelope, targets: list[Path], abort: threading.Event | None = None
+        self,
+        envelope: Envelope,
+        targets: list[Path],
+        abort: threading.Event | None = None,
+        leads: Mapping[Path, bytes] | None = None,
     ) -> list[Path]:
-        """Blocking: store the message in each of ``targets`` and return the
+        """Blocking: store the message in each of ``targets`` (each copy
+        after its lines of ``leads``, the envelope headers) and return the
         paths of the new files. On any error, or if ``abort`` is set before
         the end, nothing is left behind: the files written so far are
         removed, and the error (:class:`DeliveryAborted`) is raised."""
@@ -541,20 +605,24 @@ class MaildirPlugin:
                 raise DeliveryAborted("delivery cancelled")
 
         size = len(envelope.header_bytes) + envelope.size
+        leads = leads or {}
         moves: list[tuple[Path, Path]] = []
         done: list[Path] = []
         try:
-            first: Path | None = None
+            # Copies with the same envelope headers share one file (hard links).
+            written: dict[bytes, Path] = {}
             for maildir in targets:
-                name = self._unique_name(size)
+                lead = leads.get(maildir, b"")
+                name = self._unique_name(size + len(lead))
                 tmp, new = maildir / "tmp" / name, maildir / "new" / name
+                first = written.get(lead)
                 if first is not None and self._link(maildir, first, tmp):
                     moves.append((tmp, new))
                     continue
                 fd = self._create(maildir, tmp)
                 moves.append((tmp, new))
-                self._write(fd, envelope)
-                first = tmp
+                self._write(fd, envelope, lead)
+                written.setdefault(lead, tmp)
                 checkpoint()
             for tmp, new in moves:
                 os.rename(tmp, new)
@@ -596,8 +664,9 @@ class MaildirPlugin:
         return fd
 
     @staticmethod
-    def _write(fd: int, envelope: Envelope) -> None:
+    def _write(fd: int, envelope: Envelope, lead: bytes = b"") -> None:
         with os.fdopen(fd, "wb") as f:
+            f.write(lead)
             envelope.write_to(f)
             f.flush()
             os.fsync(f.fileno())

@@ -67,7 +67,7 @@ class MaildirTransport:
     def __init__(self, table: Mapping[str, Any], app: Any, where: str) -> None:
         from ..maildir import MaildirPlugin
 
-        check_keys(table, ("type", "path", "per_recipient", "mode"), where)
+        check_keys(table, ("type", "path", "per_recipient", "mode", "envelope_headers"), where)
         writer = MaildirPlugin()
         try:
             writer.bonzo_configure({k: v for k, v in table.items() if k != "type"}, app)
@@ -89,11 +89,14 @@ class MaildirTransport:
         for i, r in enumerate(recipients):
             target = writer.maildir_for(r.canonical) if writer.per_recipient else writer.path
             groups.setdefault(target, []).append(i)
+        leads = writer.leads(
+            message.sender, {t: [recipients[i].canonical for i in idx] for t, idx in groups.items()}
+        )
         loop = asyncio.get_running_loop()
         abort = threading.Event()
         try:
             failed = await loop.run_in_executor(
-                None, writer.deliver_each, message, list(groups), abort
+                None, writer.deliver_each, message, list(groups), abort, leads
             )
         except asyncio.CancelledError:
             abort.set()

@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from ..maildir.plugin import process_exists
+
 __all__ = [
     "Claim",
     "GroupSync",
@@ -274,13 +276,10 @@ class Spool:
         _, _, pid = name.rpartition(".")
         if not pid.isdigit():
             return True
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return int(pid) == os.getpid()
+        if int(pid) == os.getpid():
+            return True  # this process is only starting: not from it
+        # A zombie (a killed worker not yet reaped) writes no more either.
+        return not process_exists(int(pid))
 
     # ---------------------------------------------------------------- write
     def write(

@@ -20,6 +20,8 @@ from bonzo import client
 from bonzo.client import ClientConnection, ClientError, ClientSettings, DeliveryResult
 from bonzo.dns import DNSError
 
+from .._client import client_settings as _settings
+from .._client import get_port as _port
 from .._config import check_keys, config_domain, describe
 from .outcome import Outcome
 from .spool import QueuedMessage, Recipient
@@ -105,49 +107,6 @@ def _send_options(message: QueuedMessage) -> dict[str, Any]:
 
 def _recipients(recipients: Sequence[Recipient]) -> list[client.Recipient]:
     return [client.Recipient.from_params(r.address, r.params) for r in recipients]
-
-
-def _settings(
-    table: Mapping[str, Any], app: Any, where: str, loops: bool = False, **extra: Any
-) -> ClientSettings:
-    hostname = getattr(getattr(app, "settings", None), "hostname", None)
-    helo = table.get("helo_name")
-    if helo is None:
-        helo = hostname
-    options: dict[str, Any] = dict(extra)
-    if helo:
-        options["helo_name"] = helo
-    if loops:
-        # An SMTP server that greets with our name is us: a loop, not a delivery.
-        options["own_names"] = tuple({n for n in (hostname, helo) if isinstance(n, str) and n})
-    for key in ("source_address", "username", "password", "tls_name"):
-        if key in table:
-            value = table[key]
-            if not isinstance(value, str) or not value:
-                raise ValueError(
-                    f"{where}.{key}: expected a non-empty string, got {describe(value)}"
-                )
-            options[key] = value
-    if "tls" in table:
-        options["tls_policy"] = table["tls"]
-    if "implicit_tls" in table:
-        options["implicit_tls"] = table["implicit_tls"]
-    if "auth_plaintext" in table:
-        options["auth_plaintext"] = table["auth_plaintext"]
-    for key in ("connect_timeout", "data_end_timeout"):
-        if key in table:
-            options[key] = table[key]
-    try:
-        return ClientSettings(**options)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: {exc}") from None
-
-
-def _port(table: Mapping[str, Any], where: str, default: int) -> int:
-    port = table.get("port", default)
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ValueError(f"{where}.port: expected an integer 1..65535, got {describe(port)}")
-    return port
 
 
 class _Pooled:

@@ -97,7 +97,10 @@ def test_all_five_together_end_to_end(tmp_path):
         )
     (path,) = (tmp_path / "Maildir" / "example.com" / "alice" / "new").iterdir()
     content = path.read_bytes()
-    assert content.startswith(b"Received: ")
+    assert content.startswith(
+        b"Return-Path: <a@example.org>\r\nDelivered-To: alice@example.com\r\n"
+    )
+    assert b"\r\nReceived: " in content
     assert b"\r\nX-Session: " in content and b"\r\nX-Bonzo-Plugin: headers\r\n" in content
 
 

@@ -220,7 +220,8 @@ def test_end_to_end(tmp_path: Path):
         assert client.sendmail("a@example.org", ["alice@example.com"], BODY) == {}
     (path,) = (tmp_path / "Maildir" / "new").iterdir()
     lines = header_lines(path.read_bytes())
-    assert lines[0].startswith(b"Received: from client.example ([127.0.0.1])")
+    assert lines[0] == b"Return-Path: <a@example.org>"  # the maildir's envelope header
+    assert lines[2].startswith(b"Received: from client.example ([127.0.0.1])")
     added = [line for line in lines if line.startswith(b"X-Received-By: ")]
     assert len(added) == 1
     assert added[0].endswith(b" from [127.0.0.1] helo=client.example")

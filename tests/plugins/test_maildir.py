@@ -20,6 +20,7 @@ from bonzo_plugins.maildir import MaildirPlugin
 from bonzo_plugins.maildir.plugin import (
     STALE_AFTER,
     _host_part,
+    envelope_lead,
     maildir_component,
     parse_tmp_name,
 )
@@ -82,10 +83,12 @@ def test_catch_all_delivery_lands_in_new_with_exact_content(tmp_path):
     assert result.text == f"Ok: queued as {envelope.id}"
     (path,) = files(tmp_path / "Maildir")
     assert path.parent == tmp_path / "Maildir" / "new"
-    assert path.read_bytes() == envelope.content
+    lead = envelope_lead(envelope.mail_from, envelope.rcpt_tos)
+    assert lead.startswith(b"Return-Path: <") and b"\r\nDelivered-To: " in lead
+    assert path.read_bytes() == lead + envelope.content
     m = NAME.fullmatch(path.name)
     assert m is not None, path.name
-    assert int(m.group(1)) == len(envelope.content)
+    assert int(m.group(1)) == len(lead + envelope.content)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     for sub in ("tmp", "new", "cur"):
         assert (tmp_path / "Maildir" / sub).is_dir()
@@ -675,7 +678,7 @@ def test_a_delivery_in_progress_survives_a_restart_of_another_worker(tmp_path, m
         release.set()
         thread.join(10)
     (path,) = files(tmp_path / "Maildir")
-    assert path.parent.name == "new" and path.read_bytes() == envelope.content
+    assert path.parent.name == "new" and path.read_bytes().endswith(envelope.content)
 
 
 # ------------------------------------------------------------ validation
@@ -742,9 +745,15 @@ def test_end_to_end_delivery(tmp_path):
         ("example.com", "bob"),
     ]
     content = found[0].read_bytes()
-    assert content.startswith(b"Received: from client.example ([127.0.0.1])")
+    # Each recipient's copy says whose it is (a local delivery agent's headers).
+    assert content.startswith(
+        b"Return-Path: <a@example.org>\r\nDelivered-To: alice@example.com\r\n"
+        b"Received: from client.example ([127.0.0.1])"
+    )
     assert content.endswith(b"\r\n\r\nHello\r\n.leading dot\r\n")
-    assert found[1].read_bytes() == content
+    assert found[1].read_bytes() == content.replace(
+        b"Delivered-To: alice@", b"Delivered-To: bob@", 1
+    )
 
 
 def test_end_to_end_large_message_is_intact(tmp_path):
@@ -759,7 +768,8 @@ def test_end_to_end_large_message_is_intact(tmp_path):
     content = path.read_bytes()
     assert content.endswith(body)
     head = content[: -len(body)]
-    assert head.startswith(b"Received: ") and head.count(b"\r\n") == 3
+    assert head.startswith(b"Return-Path: <a@example.org>\r\nDelivered-To: alice@example.com\r\n")
+    assert b"\r\nReceived: " in head and head.count(b"\r\n") == 5
     assert int(NAME.fullmatch(path.name).group(1)) == len(content)
 
 
@@ -815,3 +825,22 @@ def test_quarantined_messages_go_to_the_quarantine_maildir(tmp_path):
     assert tmp_path / "Quarantine" in plugin.maildirs()
     with pytest.raises(ValueError, match="quarantine: must differ from path"):
         configured(tmp_path, quarantine="Maildir")
+
+
+def test_envelope_headers_per_copy_and_never_in_a_shared_copy(tmp_path):
+    shared = configured(tmp_path / "a")
+    envelope = message(["alice@example.com", "bob@example.com"])
+    deliver(shared, envelope)
+    (path,) = files(tmp_path / "a" / "Maildir")
+    content = path.read_bytes()
+    assert content.startswith(b"Return-Path: <")
+    assert b"Delivered-To" not in content  # one copy for both: neither sees the other
+    off = configured(tmp_path / "b", envelope_headers=False)
+    deliver(off, envelope)
+    (path,) = files(tmp_path / "b" / "Maildir")
+    assert path.read_bytes() == envelope.content
+    assert envelope_lead("a@x.test", ["b@y.test", "b@y.test"]) == (
+        b"Return-Path: <a@x.test>\r\nDelivered-To: b@y.test\r\n"
+    )
+    assert envelope_lead("", []) == b"Return-Path: <>\r\n"
+    assert envelope_lead("a\r\nX: y@x.test", ["b@y.test"]) == b""

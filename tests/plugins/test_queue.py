@@ -512,9 +512,10 @@ def test_maildir_route_delivers_each_mailbox(tmp_path):
     runner = Runner(spool, GroupSync(spool.data), routes, None, RunnerSettings())
     queued(spool, "L1", envelope("a@example.org", "bob@example.net", "Eve@Example.net"))
     asyncio.run(runner.attempt("L1"))
-    for who in ("bob", "eve"):
+    for who, rcpt in (("bob", "bob@example.net"), ("eve", "eve@example.net")):
         [stored] = (tmp_path / "boxes" / "example.net" / who / "new").iterdir()
-        assert stored.read_bytes() == BODY
+        lead = f"Return-Path: <a@example.org>\r\nDelivered-To: {rcpt}\r\n".encode()
+        assert stored.read_bytes() == lead + BODY
     assert spool.ids() == []
 
 

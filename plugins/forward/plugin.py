@@ -1,0 +1,445 @@
+"""The ``forward`` plugin: a filtering gateway's relay, in the session.
+
+Each client session gets at most one connection to the configured
+downstream server (:class:`Link`, in ``session.stash["forward"]``), opened
+at the client's ``MAIL``. The client's commands are repeated downstream
+with :mod:`bonzo.client`'s stepwise API (:meth:`~bonzo.client.ClientConnection.mail`,
+:meth:`~bonzo.client.ClientConnection.rcpt`,
+:meth:`~bonzo.client.ClientConnection.data`,
+:meth:`~bonzo.client.ClientConnection.rset`), and each downstream reply
+becomes the client's: ``250`` for the message only after the downstream's
+``250``. The connection is reset with the client's ``RSET`` and closed with
+``QUIT`` when the client's session ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from bonzo import client
+from bonzo.client import ClientConnection, ClientError, Reply, Stage
+from bonzo.errors import PermanentError, SMTPError, TransientError
+from bonzo.hookspecs import Accept, hookimpl
+from bonzo.session import Envelope, Session
+
+from .._client import client_settings, get_port
+from .._config import as_table, check_keys, describe, get_bool
+
+__all__ = ["ForwardPlugin", "Link", "KEYS", "downstream_error"]
+
+log = logging.getLogger("bonzo.plugins.forward")
+
+KEYS = (
+    "host",
+    "port",
+    "tls",
+    "implicit_tls",
+    "tls_name",
+    "username",
+    "password",
+    "auth_plaintext",
+    "helo_name",
+    "source_address",
+    "check_rcpt",
+    "connect_timeout",
+    "command_timeout",
+    "data_end_timeout",
+)
+
+#: Replies longer than this (per line, and in lines) are cut before they
+#: reach the client (RFC 5321 4.5.3.1.5 allows 512 octets a reply line).
+MAX_LINE = 400
+MAX_LINES = 10
+
+_UNAVAILABLE = "Downstream server unavailable, try again later"
+_SETUP = (Stage.CONNECT, Stage.GREETING, Stage.EHLO, Stage.STARTTLS, Stage.AUTH)
+
+
+def _seconds(table: Mapping[str, Any], key: str, default: float) -> float:
+    value = table.get(key, default)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 < value < float("inf")
+    ):
+        raise ValueError(f"{key}: expected a positive number of seconds, got {describe(value)}")
+    return float(value)
+
+
+def _safe_text(reply: Reply, default: str) -> list[str]:
+    """The reply's lines, printable ASCII, bounded (the client module has
+    already replaced control characters)."""
+    lines = [
+        line.encode("ascii", "replace").decode("ascii")[:MAX_LINE]
+        for line in reply.text.split("\n")[:MAX_LINES]
+    ]
+    return lines if any(line.strip() for line in lines) else [default]
+
+
+def downstream_error(reply: Reply, stage: Stage | None = None) -> SMTPError:
+    """The error to give the client for a downstream refusal ``reply``.
+
+    - a ``4xx``/``5xx`` the downstream server gave: its code, enhanced code
+      and text (``421``, the server closing, becomes ``451``: this server
+      is not closing);
+    - a ``5xx`` while setting the connection up (a ``554`` greeting, a
+      ``535`` for the relay's credentials): ``451 4.4.1`` — the
+      downstream refuses this gateway, not the message, so the client
+      retries rather than bounce;
+    - a failure of the connection (refused, timed out, lost, a TLS policy
+      not met): ``451`` with its enhanced code and a fixed text (the detail
+      is logged, never sent);
+    - what the downstream cannot take, found without asking it (a UTF-8
+      address without SMTPUTF8, a message over its SIZE): that ``5xx``.
+    """
+    code, enhanced = reply.code, reply.enhanced_code or None
+    if not reply.remote:
+        if code >= 500:
+            return PermanentError(_safe_text(reply, "Refused downstream"), code, enhanced)
+        return TransientError(_UNAVAILABLE, 451, enhanced or "4.4.1")
+    if code >= 500 and stage in _SETUP:
+        return TransientError(_UNAVAILABLE, 451, "4.4.1")
+    if code >= 500:
+        return PermanentError(_safe_text(reply, "Refused downstream"), code, enhanced)
+    if code == 421 or not 400 <= code <= 499:
+        code = 451
+        if enhanced is not None and not enhanced.startswith("4."):
+            enhanced = None
+    return TransientError(_safe_text(reply, "Deferred downstream"), code, enhanced)
+
+
+class Link:
+    """One client session's connection to the downstream server, and where
+    its transaction stands."""
+
+    __slots__ = ("session_id", "conn", "envelope", "accepted", "sender")
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        #: The connection (``None`` until the first ``MAIL``, or after a failure).
+        self.conn: ClientConnection | None = None
+        #: The id of the client's envelope whose ``MAIL`` the downstream
+        #: accepted, while that transaction is open there.
+        self.envelope: str | None = None
+        #: The recipients (as the client sent them) the downstream accepted
+        #: in that transaction, in order.
+        self.accepted: list[str] = []
+        #: The reverse-path that transaction was opened with.
+        self.sender: str | None = None
+
+    def drop(self) -> None:
+        """Forget the connection, closing it at once (its state is unknown)."""
+        conn, self.conn = self.conn, None
+        self.envelope = None
+        self.accepted = []
+        if conn is not None:
+            conn.close()
+
+
+class ForwardPlugin:
+    """Forward each message to one downstream SMTP server during the
+    session (see the plugin's README)."""
+
+    def __init__(self) -> None:
+        self.host = ""
+        self.port = 25
+        self.check_rcpt = True
+        self.settings: client.ClientSettings | None = None
+        #: Open links by session id (closed at disconnect or shutdown).
+        self.links: dict[str, Link] = {}
+
+    # ------------------------------------------------------------ configure
+    @hookimpl
+    def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
+        """Validate ``[plugins.forward]``; refuse a second delivery plugin."""
+        table = as_table(config)
+        check_keys(table, KEYS)
+        host = table.get("host")
+        if not isinstance(host, str) or not host.strip():
+            raise ValueError(
+                f"host: required, the downstream server's name or address, got {describe(host)}"
+            )
+        implicit = table.get("implicit_tls", False)
+        if not isinstance(implicit, bool):
+            raise ValueError(f"implicit_tls: expected true or false, got {describe(implicit)}")
+        if table.get("username") is not None and table.get("password") is None:
+            raise ValueError("password: required with username")
+        if table.get("password") is not None and table.get("username") is None:
+            raise ValueError("username: required with password")
+        tls = table.get("tls", "opportunistic")
+        if tls not in client.TLS_POLICIES:
+            raise ValueError(
+                f"tls: expected one of {', '.join(client.TLS_POLICIES)}, got {describe(tls)}"
+            )
+        # Shorter than a queue's (RFC 5321's are for a client that can
+        # wait): the client is waiting, and within the plugin's hook timeout.
+        timeouts: dict[str, Any] = {
+            "connect_timeout": _seconds(table, "connect_timeout", 10.0),
+            "data_end_timeout": _seconds(table, "data_end_timeout", 50.0),
+        }
+        command = _seconds(table, "command_timeout", 30.0)
+        for step in ("greeting", "helo", "starttls", "auth", "mail", "rcpt", "data", "rset"):
+            timeouts[f"{step}_timeout"] = command
+        timeouts["data_block_timeout"] = command
+        timeouts["quit_timeout"] = min(command, 10.0)
+        self.check_rcpt = get_bool(table, "check_rcpt", True)
+        self.port = get_port(table, "", 465 if implicit else 25)
+        self.host = host.strip()
+        # A downstream that is this server (a gateway forwarding to itself)
+        # is refused as a loop: 451 4.4.6, not a message going round.
+        self.settings = client_settings(table, app, "", loops=True, **timeouts)
+        _only_delivery_plugin(app, self)
+
+    # ------------------------------------------------------------- lifecycle
+    @hookimpl
+    async def bonzo_shutdown(self) -> None:
+        """Close every downstream connection still open."""
+        links, self.links = self.links, {}
+        await asyncio.gather(*(_quit(link) for link in links.values()))
+
+    @hookimpl
+    def bonzo_ehlo_keywords(self, keywords: list[str]) -> None:
+        """Withdraw ``BINARYMIME``: the message goes on after ``DATA``,
+        which cannot carry binary content."""
+        keywords[:] = [k for k in keywords if k.split(" ", 1)[0].upper() != "BINARYMIME"]
+
+    # ----------------------------------------------------------- transaction
+    @hookimpl
+    async def bonzo_mail(self, session: Session, envelope: Envelope) -> None:
+        """Open the downstream transaction (connecting first if needed): its
+        refusal is the client's ``MAIL`` reply."""
+        link = self._link(session)
+        await self._start(link, envelope)
+
+    @hookimpl
+    async def bonzo_rcpt(
+        self, session: Session, envelope: Envelope, address: str, params: dict[str, Any]
+    ) -> Accept | None:
+        """With ``check_rcpt``: ask the downstream server; accept what it
+        accepts, refuse with its reply what it refuses."""
+        if not self.check_rcpt:
+            return None
+        link = self._link(session)
+        if link.envelope != envelope.id:
+            await self._start(link, envelope)
+        reply = await self._rcpt(link, address, params)
+        if reply.code in (250, 251):
+            return Accept()
+        raise downstream_error(reply, Stage.RCPT)
+
+    @hookimpl
+    async def bonzo_deliver(self, session: Session, envelope: Envelope) -> Accept | None:
+        """Send the message downstream; ``250`` only after the downstream's
+        ``250``, its ``4xx``/``5xx`` otherwise. Recipients not yet asked
+        (``check_rcpt = false``) are asked now; one the downstream refuses
+        is refused alone (:meth:`~bonzo.session.Envelope.refuse_recipient`)."""
+        link = self._link(session)
+        # Not refused by a filter, not removed by one; recipients a filter
+        # added are asked now.
+        todo = envelope.remaining_indexes
+        if not todo:
+            return None
+        wanted = [envelope.rcpt_tos[i] for i in todo]
+        if link.envelope == envelope.id and (
+            not _within(link.accepted, wanted) or link.sender != envelope.mail_from
+        ):
+            # The downstream holds a recipient this message no longer goes
+            # to, or a filter changed the sender: start the transaction again.
+            link.envelope = None
+        if link.envelope != envelope.id or link.conn is None or not link.conn.usable:
+            await self._start(link, envelope)
+        conn = link.conn
+        assert conn is not None
+        have = list(link.accepted)
+        errors: list[SMTPError] = []
+        for i in todo:
+            address = envelope.rcpt_tos[i]
+            if address in have:
+                have.remove(address)
+                continue
+            reply = await self._rcpt(link, address, envelope.rcpt_params[i])
+            if reply.code not in (250, 251):
+                error = downstream_error(reply, Stage.RCPT)
+                errors.append(error)
+                envelope.refuse_recipient(i, error)
+        if not link.accepted:
+            # Nobody to send it to: the first deferral, else the first refusal.
+            link.envelope = None
+            raise min(errors, key=lambda e: e.status_code // 100)
+        link.envelope = None
+        link.accepted = []
+        try:
+            replies = await conn.data(envelope)
+        except BaseException:
+            link.drop()
+            raise
+        reply = replies[0]
+        if reply.code == 250:
+            text = _safe_text(reply, "Ok")[0]
+            return Accept(f"Ok: {envelope.id} forwarded: {text}"[:MAX_LINE])
+        if not conn.usable:
+            log.info(
+                "[%s %s] forward: %s at the end of data: %s",
+                session.id,
+                session.remote_ip,
+                conn.server,
+                reply,
+            )
+        raise downstream_error(reply, Stage.END)
+
+    @hookimpl
+    async def bonzo_rset(self, session: Session) -> None:
+        """End the downstream transaction too."""
+        link = self.links.get(session.id)
+        if link is None or link.conn is None or link.envelope is None:
+            return
+        link.envelope = None
+        link.accepted = []
+        try:
+            reply = await link.conn.rset()
+        except BaseException:
+            link.drop()
+            raise
+        if reply.code != 250:
+            link.drop()
+
+    @hookimpl
+    async def bonzo_disconnect(self, session: Session) -> None:
+        """Close the downstream connection with ``QUIT``."""
+        link = self.links.pop(session.id, None)
+        session.stash.pop("forward", None)
+        if link is not None:
+            await _quit(link)
+
+    # -------------------------------------------------------------- helpers
+    def _link(self, session: Session) -> Link:
+        link = self.links.get(session.id)
+        if link is None:
+            link = self.links[session.id] = Link(session.id)
+            session.stash["forward"] = link
+        return link
+
+    async def _connect(self, link: Link, session: Session | None = None) -> ClientConnection:
+        assert self.settings is not None
+        try:
+            conn = await client.connect(self.host, self.port, settings=self.settings)
+        except ClientError as exc:
+            log.warning(
+                "[%s] forward: %s:%d not available at %s: %s",
+                link.session_id,
+                self.host,
+                self.port,
+                exc.stage,
+                exc.reply,
+            )
+            raise downstream_error(exc.reply, exc.stage) from None
+        link.conn = conn
+        return conn
+
+    async def _start(self, link: Link, envelope: Envelope) -> None:
+        """``MAIL`` downstream for ``envelope`` (connecting, or reconnecting
+        once when a kept connection has gone stale); raises the client's
+        error when the downstream does not accept it."""
+        link.envelope = None
+        link.accepted = []
+        params = envelope.mail_params
+        body = (params.get("BODY") or "").upper()
+        if body == "BINARYMIME":
+            # Not offered (bonzo_ehlo_keywords): DATA cannot carry it on.
+            raise PermanentError("BODY=BINARYMIME cannot be forwarded", 555, "5.5.4")
+        size = params.get("SIZE")
+        options: dict[str, Any] = {
+            "size": int(size) if size is not None and size.isdigit() else None,
+            "smtputf8": "SMTPUTF8" in params,
+            "eightbit": body == "8BITMIME",
+            "ret": params.get("RET"),
+            "envid": params.get("ENVID"),
+        }
+        try:
+            for attempt in range(2):
+                conn = link.conn
+                fresh = conn is None or not conn.usable
+                if fresh:
+                    if conn is not None:
+                        conn.close()
+                    conn = await self._connect(link)
+                assert conn is not None
+                try:
+                    link.sender = envelope.mail_from
+                    reply = await conn.mail(envelope.mail_from, **options)
+                except ClientError:
+                    # A kept connection that no longer works: once more, anew.
+                    conn.close()
+                    link.conn = None
+                    if fresh or attempt:
+                        raise TransientError(_UNAVAILABLE, 451, "4.4.1") from None
+                    continue
+                break
+        except (asyncio.CancelledError, Exception) as exc:
+            if not isinstance(exc, SMTPError):
+                link.drop()
+            raise
+        if reply.code == 250:
+            link.envelope = envelope.id
+            return
+        if not conn.usable:
+            link.drop()
+        raise downstream_error(reply, Stage.MAIL)
+
+    async def _rcpt(self, link: Link, address: str, params: Mapping[str, Any]) -> Reply:
+        conn = link.conn
+        if conn is None or not conn.usable:
+            link.drop()
+            raise TransientError(_UNAVAILABLE, 451, "4.4.2")
+        recipient = client.Recipient(address, params.get("NOTIFY"), params.get("ORCPT"))
+        try:
+            reply = await conn.rcpt(recipient)
+        except BaseException:
+            link.drop()
+            raise
+        if reply.code in (250, 251):
+            link.accepted.append(address)
+        elif not conn.usable:
+            link.drop()
+        return reply
+
+
+def _within(accepted: list[str], wanted: list[str]) -> bool:
+    """Every one of ``accepted`` is still in ``wanted`` (as many times)."""
+    rest = list(wanted)
+    for address in accepted:
+        if address not in rest:
+            return False
+        rest.remove(address)
+    return True
+
+
+async def _quit(link: Link) -> None:
+    conn, link.conn = link.conn, None
+    link.envelope = None
+    if conn is not None:
+        await conn.quit()
+
+
+def _only_delivery_plugin(app: Any, me: ForwardPlugin) -> None:
+    """``forward`` answers the client with the downstream's verdict, so no
+    other enabled plugin may deliver (the first to accept would win)."""
+    config = getattr(app, "config", None)
+    plugins = getattr(app, "plugins", None)
+    enabled = getattr(getattr(config, "plugins", None), "enabled", None)
+    if plugins is None or not enabled:
+        return
+    others = [
+        name
+        for name in enabled
+        if plugins.get(name) is not me and "bonzo_deliver" in plugins.hooks_of(name)
+    ]
+    if others:
+        raise ValueError(
+            "forward hands each message on during the session and must be the only "
+            f"delivery plugin; also enabled: {', '.join(others)} (remove it from "
+            "[plugins] enabled)"
+        )
