@@ -181,3 +181,20 @@ def test_default_configuration_keeps_metrics_off() -> None:
     from bonzo.config import load_config
 
     assert not load_config(None).metrics.enabled
+
+
+def test_check_shows_where_the_metrics_are(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    config = write_config(tmp_path, free_port(), 9125, workers=1)
+    result = subprocess.run(
+        [sys.executable, "-m", "bonzo", "check", "-c", str(config)],
+        env=daemon_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "  metrics: http://127.0.0.1:9125/metrics and /health" in result.stdout.splitlines()
