@@ -508,7 +508,15 @@ class MetricsServer:
             # Scrapes are not mail: nothing on the access log.
             log_function=lambda handler: None,
         )
-        self.http = HTTPServer(app, xheaders=False, idle_connection_timeout=60)
+        # Requests are a GET line and a few headers: small bounds for the rest.
+        self.http = HTTPServer(
+            app,
+            xheaders=False,
+            idle_connection_timeout=60,
+            max_header_size=16384,
+            max_body_size=4096,
+            body_timeout=10,
+        )
 
     def add_sockets(self, sockets: list[socket.socket]) -> None:
         self.http.add_sockets(sockets)
