@@ -65,14 +65,17 @@ class ServerSpec:
         ``HOST:port``. The process it starts (and its descendants, for servers
         that fork workers) is what CPU and memory are read from.
     :arg available: returns ``None`` if the server can run here, else the reason.
+    :arg relay: a relay (the relay scenarios): the harness starts a downstream
+        smtp-sink first and ``command`` gets its port as a third argument.
     """
 
     name: str
     description: str
-    command: Callable[[int, Path], list[str]]
+    command: Callable[..., list[str]]
     available: Callable[[], str | None] = lambda: None
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     ready_timeout: float = 20.0
+    relay: bool = False
 
 
 # Limits raised for every Bonzo target, so that it measures speed rather than
@@ -303,25 +306,40 @@ def _daemon_available() -> str | None:
     return "`bonzo serve` does not exist yet in this checkout"
 
 
-def _daemon_config(template: str, port: int, scratch: Path) -> Path:
+def _daemon_config(template: str, port: int, scratch: Path, downstream: int | None = None) -> Path:
     text = (BENCH / "configs" / template).read_text()
     text, count = re.subn(r"(?m)^(\s*port\s*=\s*)\d+", rf"\g<1>{port}", text)
     if count != 1:
         raise RuntimeError(f"{template}: expected exactly one listener `port = N` line")
     text = text.replace("/tmp/bonzo-bench-maildir", str(scratch / "maildir"))
+    text = text.replace("/tmp/bonzo-bench-queue", str(scratch / "queue"))
+    if downstream is not None:
+        # The smarthost route: `host = "127.0.0.1", port = N` in an inline table.
+        text, count = re.subn(
+            r'(host\s*=\s*"127\.0\.0\.1",\s*port\s*=\s*)\d+', rf"\g<1>{downstream}", text
+        )
+        if count != 1:
+            raise RuntimeError(f"{template}: expected one smarthost `host = ..., port = N`")
     path = scratch / template
     path.write_text(text)
     return path
 
 
 def _daemon_command(
-    template: str, python: str = sys.executable, loop: str | None = None, metrics: bool = False
-) -> Callable[[int, Path], list[str]]:
-    def command(port: int, scratch: Path) -> list[str]:
-        config = _daemon_config(template, port, scratch)
+    template: str,
+    python: str = sys.executable,
+    loop: str | None = None,
+    workers: int = 1,
+    metrics: bool = False,
+) -> Callable[..., list[str]]:
+    def command(port: int, scratch: Path, downstream: int | None = None) -> list[str]:
+        config = _daemon_config(template, port, scratch, downstream)
         if loop is not None:
             text = config.read_text()
             config.write_text(text.replace("[server]\n", f'[server]\nloop = "{loop}"\n', 1))
+        if workers != 1:
+            text = config.read_text()
+            config.write_text(text.replace("[server]\n", f"[server]\nworkers = {workers}\n", 1))
         if metrics:
             with socket.socket() as s:
                 s.bind((HOST, 0))
@@ -401,6 +419,166 @@ DAEMON_SPECS = [
 ]
 SERVER_SPECS.update((spec.name, spec) for spec in DAEMON_SPECS)
 
+# ----------------------------------------------------------------------------
+# Relays (scenarios ra, rb, rc): smtp-source -> the relay -> smtp-sink. The
+# harness starts the downstream smtp-sink (see Downstream) and passes its port.
+# ----------------------------------------------------------------------------
+
+POSTFIX_MASTER_CANDIDATES = ("/usr/lib/postfix/sbin/master", "/usr/libexec/postfix/master")
+POSTFIX = "/usr/sbin/postfix"
+
+
+def find_postfix_master() -> str | None:
+    return next((p for p in POSTFIX_MASTER_CANDIDATES if os.access(p, os.X_OK)), None)
+
+
+def _queue_available() -> str | None:
+    return _daemon_available() or _smtp_sink_available()
+
+
+def _postfix_relay_available() -> str | None:
+    if find_postfix_master() is None or not os.access(POSTFIX, os.X_OK):
+        return "Postfix's master not found (run bench/install.sh: Debian package postfix)"
+    if os.geteuid() != 0:
+        return "a private Postfix instance needs root (its master starts as root)"
+    try:
+        import pwd
+
+        pwd.getpwnam("postfix")
+    except KeyError:
+        return "there is no postfix user (reinstall the postfix package)"
+    return _smtp_sink_available()
+
+
+# Every service a relaying Postfix uses (SMTP in, cleanup, qmgr, smtp out,
+# bounces, logging to a file through postlogd); chroot (5th column) off, so
+# the instance's paths are the real ones.
+POSTFIX_SERVICES = """\
+pickup    unix  n - n 60 1 pickup
+cleanup   unix  n - n - 0 cleanup
+qmgr      unix  n - n 300 1 qmgr
+rewrite   unix  - - n - - trivial-rewrite
+bounce    unix  - - n - 0 bounce
+defer     unix  - - n - 0 bounce
+trace     unix  - - n - 0 bounce
+verify    unix  - - n - 1 verify
+flush     unix  n - n 1000? 0 flush
+proxymap  unix  - - n - - proxymap
+smtp      unix  - - n - - smtp
+relay     unix  - - n - - smtp
+showq     unix  n - n - - showq
+error     unix  - - n - - error
+retry     unix  - - n - - error
+discard   unix  - - n - - discard
+anvil     unix  - - n - 1 anvil
+scache    unix  - - n - 1 scache
+postlog   unix-dgram n - n - 1 postlogd
+"""
+
+
+def postfix_relay_main_cf(top: Path, port: int, downstream: int) -> dict[str, str]:
+    """``main.cf`` of the private Postfix relay in ``top`` (see bench/README.md)."""
+    limits = (
+        "smtpd_client_connection_count_limit",
+        "smtpd_client_connection_rate_limit",
+        "smtpd_client_message_rate_limit",
+        "smtpd_client_recipient_rate_limit",
+        "smtpd_client_new_tls_session_rate_limit",
+        "smtpd_client_auth_rate_limit",
+    )
+    return {
+        "compatibility_level": "3.6",
+        "queue_directory": str(top / "queue"),
+        "data_directory": str(top / "data"),
+        "maillog_file": str(top / "maillog"),
+        "maillog_file_prefixes": str(top),
+        "myhostname": "postfix-bench.localhost",
+        "mydomain": "localhost",
+        "myorigin": "$myhostname",
+        # Nothing is local: every recipient is relayed to the downstream sink.
+        "mydestination": "",
+        "local_recipient_maps": "",
+        "alias_maps": "",
+        "alias_database": "",
+        "biff": "no",
+        "relayhost": f"[{HOST}]:{downstream}",
+        "default_transport": "smtp",
+        "relay_transport": "smtp",
+        "inet_interfaces": HOST,
+        "inet_protocols": "ipv4",
+        "mynetworks": "127.0.0.0/8",
+        "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+        "smtpd_peername_lookup": "no",
+        "smtp_dns_support_level": "disabled",
+        "lmtp_dns_support_level": "disabled",
+        "smtp_tls_security_level": "none",
+        "message_size_limit": str(BONZO_BENCH_SETTINGS["max_message_size"]),
+        # No per-client limits (anvil is never asked), no flow control, and
+        # more smtpd processes than sessions.
+        **{name: "0" for name in limits},
+        "in_flow_delay": "0",
+        "default_process_limit": "200",
+        "smtpd_banner": "$myhostname ESMTP",
+    }
+
+
+def _postfix_relay_command(port: int, scratch: Path, downstream: int) -> list[str]:
+    """A private Postfix instance in ``scratch/postfix``, relaying everything
+    to the downstream; its master runs in the foreground as our child."""
+    top = scratch / "postfix"
+    etc = top / "etc"
+    for sub in (top, etc, top / "queue", top / "data"):
+        sub.mkdir(mode=0o755, exist_ok=True)
+    shutil.chown(top / "data", "postfix")
+    main_cf = postfix_relay_main_cf(top, port, downstream)
+    (etc / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in main_cf.items()))
+    smtpd = f"{HOST}:{port} inet n - n - - smtpd\n"
+    (etc / "master.cf").write_text(smtpd + POSTFIX_SERVICES)
+    # `postfix check` creates the queue's directories with their owners; a
+    # misconfiguration shows here (the master itself would fail silently).
+    try:
+        done = subprocess.run(
+            [POSTFIX, "-c", str(etc), "check"],
+            capture_output=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        raise ServerError("postfix check did not finish within 60 s") from None
+    if done.returncode != 0:
+        raise ServerError(f"postfix check: {done.stderr.decode(errors='replace').strip()}")
+    # -s: stand-alone, in the foreground (what `postfix start-fg` runs).
+    return [find_postfix_master() or "master", "-c", str(etc), "-s"]
+
+
+RELAY_SPECS = [
+    ServerSpec(
+        "bonzo-queue",
+        "bonzo serve -c bench/configs/queue.toml (durable queue, smarthost to smtp-sink)",
+        _daemon_command("queue.toml"),
+        available=_queue_available,
+        env=_python_env(),
+        relay=True,
+    ),
+    ServerSpec(
+        "bonzo-queue-2w",
+        "bonzo-queue with [server] workers = 2 (a process per core, each with a queue runner)",
+        _daemon_command("queue.toml", workers=2),
+        available=_queue_available,
+        env=_python_env(),
+        relay=True,
+    ),
+    ServerSpec(
+        "postfix-relay",
+        "private Postfix instance, fsync'd queue, relayhost = the downstream smtp-sink",
+        _postfix_relay_command,
+        available=_postfix_relay_available,
+        relay=True,
+    ),
+]
+SERVER_SPECS.update((spec.name, spec) for spec in RELAY_SPECS)
+DEFAULT_RELAY_SERVERS = ["bonzo-queue", "postfix-relay"]
+
 DEFAULT_SERVERS = [
     "bonzo-serve",
     "bonzo-uvloop",
@@ -414,6 +592,7 @@ DEFAULT_SERVERS = [
 ]
 OTHER_LOAD_WARNING = 0.15  # cores of foreign CPU use during measurements
 BASELINE = "aiosmtpd"
+RELAY_BASELINE = "postfix-relay"
 
 
 class ServerError(RuntimeError):
@@ -429,18 +608,28 @@ class RunningServer:
         self.port = free_port()
         self.log_path = scratch / f"{spec.name}.log"
         env = dict(os.environ, **spec.env)
-        argv = spec.command(self.port, scratch)
-        self.argv = argv
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=scratch,
-                start_new_session=True,  # its own process group, stopped as one
-            )
+        #: A relay's downstream smtp-sink, started first.
+        self.downstream = Downstream(scratch) if spec.relay else None
+        try:
+            if self.downstream is not None:
+                argv = spec.command(self.port, scratch, self.downstream.port)
+            else:
+                argv = spec.command(self.port, scratch)
+            self.argv = argv
+            with open(self.log_path, "wb") as log:
+                self.proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=scratch,
+                    start_new_session=True,  # its own process group, stopped as one
+                )
+        except BaseException:
+            if self.downstream is not None:
+                self.downstream.stop()
+            raise
         try:
             self._wait_ready()
         except BaseException:
@@ -471,21 +660,22 @@ class RunningServer:
             text = self.log_path.read_text(errors="replace")
         except OSError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
+        tail = "\n".join(text.splitlines()[-lines:])
+        maillog = self.scratch / "postfix" / "maillog"  # a Postfix relay logs there
+        if maillog.exists():
+            lines_ = maillog.read_text(errors="replace").splitlines()[-lines:]
+            tail += "\n--- maillog ---\n" + "\n".join(lines_)
+        return tail
 
     def pids(self) -> list[int]:
         """The server process and its descendants (workers of a forking daemon)."""
         return [self.proc.pid, *descendants(self.proc.pid)]
 
     def cpu_seconds(self) -> float:
-        total = 0
-        for pid in self.pids():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-        return total / CLK_TCK
+        """User + system CPU time of the server's processes, including the
+        children that have exited and been waited for (Postfix's smtpd and
+        cleanup processes exit after ``max_use`` uses)."""
+        return process_tree_cpu(self.proc.pid)
 
     def status_kib(self, key: str) -> int:
         total = 0
@@ -515,19 +705,127 @@ class RunningServer:
         return ok
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        try:
+            stop_group(self.proc)
+        finally:
+            if self.downstream is not None:
+                self.downstream.stop()
+
+
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a process started in its own session, and its process group."""
+    group = [proc.pid, *descendants(proc.pid)]
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
             try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
+                os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            proc.wait(timeout=10)
+    # What is left of it (a Postfix service finishing its work): only the
+    # processes seen before, and only while they are still in its group.
+    for pid in group[1:]:
+        try:
+            if os.getpgid(pid) == proc.pid:
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and its live descendants, plus the children
+    ``pid`` has waited for."""
+    total = 0
+    for i, one in enumerate([pid, *descendants(pid)]):
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+        if i == 0:
+            total += int(fields[13]) + int(fields[14])  # cutime, cstime (16, 17)
+    return total / CLK_TCK
+
+
+class Downstream:
+    """Postfix's ``smtp-sink`` as a relay's downstream, on a free port of
+    127.0.0.1, counting the messages it receives (``-c``: it writes
+    ``sess=N quit=N mesg=N`` to its output after each session and message)."""
+
+    def __init__(self, scratch: Path, ready_timeout: float = 10.0) -> None:
+        self.port = free_port()
+        self.out_path = scratch / "downstream.out"
+        argv = _smtp_sink_command(self.port, scratch)
+        argv.insert(1, "-c")
+        with open(self.out_path, "wb") as out:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=scratch,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise ServerError(f"downstream smtp-sink exited with {self.proc.returncode}")
             try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout=10)
+                with socket.create_connection((HOST, self.port), timeout=2) as sock:
+                    if sock.recv(512).startswith(b"220"):
+                        sock.sendall(b"QUIT\r\n")
+                        sock.recv(512)
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerError(f"downstream smtp-sink not ready after {ready_timeout}s")
+            time.sleep(0.05)
+
+    def counters(self) -> dict[str, int]:
+        """The last counters written: ``sess`` (sessions), ``mesg`` (messages)."""
+        try:
+            with open(self.out_path, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(0, size - 256))
+                tail = f.read()
+        except OSError:
+            return {}
+        found = re.findall(rb"sess=(\d+) quit=\d+ mesg=(\d+)", tail)
+        return {"sess": int(found[-1][0]), "mesg": int(found[-1][1])} if found else {}
+
+    def count(self) -> int:
+        """Messages received so far."""
+        return self.counters().get("mesg", 0)
+
+    def wait_for(self, count: int, timeout: float) -> float:
+        """Wait until ``count`` messages have arrived; return the
+        ``time.perf_counter()`` at which that was seen."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.count()
+            if got >= count:
+                return time.perf_counter()
+            if self.proc.poll() is not None:
+                raise ServerError(f"downstream smtp-sink exited with {self.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise ServerError(
+                    f"downstream received {got} of {count} messages within {timeout:.0f}s"
+                )
+            time.sleep(0.005)
+
+    def cpu_seconds(self) -> float:
+        return process_tree_cpu(self.proc.pid)
+
+    def stop(self) -> None:
+        stop_group(self.proc)
 
 
 def descendants(pid: int) -> list[int]:
@@ -611,7 +909,52 @@ SCENARIOS = [
         quick={"size": 4 * MIB},
     ),
 ]
+# The relay scenarios: the loads of a, b and c, through a relay (a server with
+# a durable queue) to a downstream smtp-sink. Run on the relays only
+# (ServerSpec.relay), as the others on the sinks only.
+SCENARIOS += [
+    Scenario(
+        "ra",
+        "relay: 1 KB, {sessions} sessions, 1 msg/connection",
+        "relay",
+        full={"sessions": 20, "messages": 20_000, "length": 1024, "per_conn": False},
+        quick={"sessions": 10, "messages": 40, "length": 1024, "per_conn": False},
+    ),
+    Scenario(
+        "rb",
+        "relay: 1 KB, {sessions} sessions, many msgs/connection",
+        "relay",
+        full={"sessions": 20, "messages": 40_000, "length": 1024, "per_conn": True},
+        quick={"sessions": 10, "messages": 40, "length": 1024, "per_conn": True},
+    ),
+    Scenario(
+        "rc",
+        "relay: 1 MB, {sessions} sessions",
+        "relay",
+        full={"sessions": 4, "messages": 400, "length": MIB, "per_conn": False},
+        quick={"sessions": 4, "messages": 4, "length": MIB, "per_conn": False},
+    ),
+]
 SCENARIO_BY_KEY = {s.key: s for s in SCENARIOS}
+#: Names for several scenarios at once in --scenarios.
+SCENARIO_GROUPS = {"relay": ["ra", "rb", "rc"]}
+DEFAULT_SCENARIOS = ["a", "b", "c", "d", "e"]
+
+
+def parse_scenarios(text: str) -> list[str]:
+    """``--scenarios``: comma-separated keys or groups (``ra,rb``, ``relay``);
+    a word of one-letter keys (``ab``) is those scenarios."""
+    keys: list[str] = []
+    for token in (t.strip() for t in text.split(",")):
+        if token in SCENARIO_BY_KEY:
+            keys.append(token)
+        elif token in SCENARIO_GROUPS:
+            keys += SCENARIO_GROUPS[token]
+        elif token and all(c in SCENARIO_BY_KEY for c in token):
+            keys += list(token)
+        else:
+            raise ValueError(f"unknown scenario {token!r}")
+    return list(dict.fromkeys(keys))
 
 
 def client_cpu_seconds() -> float:
@@ -639,17 +982,24 @@ class CPUMeter:
 
     def __init__(self, server: RunningServer) -> None:
         self.server = server
-        self.start = (server.cpu_seconds(), client_cpu_seconds(), machine_busy_seconds())
+        self.start = self._now()
+
+    def _now(self) -> tuple[float, float, float, float]:
+        sink = self.server.downstream.cpu_seconds() if self.server.downstream else 0.0
+        return (self.server.cpu_seconds(), client_cpu_seconds(), machine_busy_seconds(), sink)
 
     def stop(self, elapsed: float) -> dict[str, float]:
-        end = (self.server.cpu_seconds(), client_cpu_seconds(), machine_busy_seconds())
-        server, client, machine = (b - a for a, b in zip(self.start, end, strict=True))
-        return {
+        end = self._now()
+        server, client, machine, sink = (b - a for a, b in zip(self.start, end, strict=True))
+        out = {
             "server_cpu_s": server,
             "server_busy": server / elapsed,  # ~1.0: CPU-bound on one core
             "client_cpu_s": client,
-            "other_load": max(0.0, machine - server - client) / elapsed,  # in cores
+            "other_load": max(0.0, machine - server - client - sink) / elapsed,  # in cores
         }
+        if self.server.downstream is not None:
+            out["downstream_cpu_s"] = sink
+        return out
 
 
 def smtp_source(
@@ -871,7 +1221,54 @@ def run_big(server: RunningServer, params: dict[str, Any], quick: bool) -> dict[
     }
 
 
-RUNNERS = {"source": run_source, "idle": run_idle, "big": run_big}
+def run_relay(server: RunningServer, params: dict[str, Any], quick: bool) -> dict[str, Any]:
+    """smtp-source into the relay, then wait until the downstream sink has
+    received every message. Accepted: messages / smtp-source's time.
+    Delivered: messages / time from the start until the last one arrived
+    downstream. Server CPU is counted over the latter (queue runner and
+    delivery included)."""
+    downstream = server.downstream
+    assert downstream is not None
+    warmup = max(params["sessions"], min(200, params["messages"] // 10))
+    timeout = 60.0 if quick else 300.0
+    before = downstream.count()
+    smtp_source(server, params, warmup, timeout)
+    downstream.wait_for(before + warmup, timeout)
+    time.sleep(0.2)  # let the queue settle (state files removed, connections idle)
+    server.reset_hwm()
+    rss0 = server.rss_kib()
+    start_count = downstream.count()
+    start_sessions = downstream.counters().get("sess", 0)
+    messages = params["messages"]
+    meter = CPUMeter(server)
+    start = time.perf_counter()
+    accepted = smtp_source(server, params, messages, timeout)
+    at_accept = downstream.count() - start_count
+    done = downstream.wait_for(start_count + messages, timeout)
+    delivered = done - start
+    cpu = meter.stop(delivered)
+    time.sleep(0.2)  # a message delivered twice would show now
+    extra = downstream.count() - start_count - messages
+    # Sessions the relay opened to the sink (connection reuse).
+    sessions = downstream.counters().get("sess", 0) - start_sessions
+    return {
+        "messages": messages,
+        "elapsed_s": accepted,
+        "msgs_per_s": messages / accepted,
+        "delivered_s": delivered,
+        "delivered_per_s": messages / delivered,
+        # How far delivery lagged: messages still queued when the last was accepted.
+        "queued_at_accept": messages - at_accept,
+        "drain_s": max(0.0, delivered - accepted),
+        "extra_deliveries": extra,
+        "downstream_sessions": sessions,
+        "cpu_per_msg_s": cpu["server_cpu_s"] / messages,
+        **cpu,
+        "peak_delta_kib": server.hwm_kib() - rss0,
+    }
+
+
+RUNNERS = {"source": run_source, "idle": run_idle, "big": run_big, "relay": run_relay}
 
 
 # --------------------------------------------------------------------------- report
@@ -891,11 +1288,20 @@ def summarize(
         (c["scenario"], c["server"], c["rep"]): c for c in cells
     }
     for scenario in scenarios:
-        metric = {"source": "msgs_per_s", "idle": None, "big": "mib_per_s"}[scenario.kind]
-        memory = {"source": "peak_delta_kib", "idle": "kib_per_conn", "big": "peak_delta_kib"}[
+        relay = scenario.kind == "relay"
+        metric = {"source": "msgs_per_s", "idle": None, "big": "mib_per_s", "relay": "msgs_per_s"}[
             scenario.kind
         ]
+        memory = {
+            "source": "peak_delta_kib",
+            "idle": "kib_per_conn",
+            "big": "peak_delta_kib",
+            "relay": "peak_delta_kib",
+        }[scenario.kind]
+        baseline = RELAY_BASELINE if relay else BASELINE
         for server in servers:
+            if SERVER_SPECS[server].relay != relay:
+                continue  # relays run the relay scenarios only, sinks the others
             mine = [c for c in cells if c["scenario"] == scenario.key and c["server"] == server]
             ok = [c for c in mine if "error" not in c]
             row: dict[str, Any] = {
@@ -906,17 +1312,23 @@ def summarize(
                 "failed": len(mine) - len(ok),
                 "errors": [c["error"] for c in mine if "error" in c],
             }
-            for name in (metric, memory, "cpu_per_msg_s"):
+            extra = ("delivered_per_s", "drain_s") if relay else ()
+            for name in (metric, memory, "cpu_per_msg_s", *extra):
                 if name and ok and name in ok[0]:
                     values = [c[name] for c in ok]
                     row[name] = median(values)
                     row[name + "_all"] = values
-            for name, key in (("ratio", metric), ("memory_ratio", memory)):
-                if key is None or (key == "peak_delta_kib" and scenario.kind == "source"):
+            pairs = [("ratio", metric), ("memory_ratio", memory)]
+            if relay:
+                pairs.append(("delivered_ratio", "delivered_per_s"))
+            for name, key in pairs:
+                if key is None or (
+                    key == "peak_delta_kib" and scenario.kind in ("source", "relay")
+                ):
                     continue  # peaks of small runs are too small to compare
                 ratios = []
                 for c in ok:
-                    base = by_key.get((scenario.key, BASELINE, c["rep"]))
+                    base = by_key.get((scenario.key, baseline, c["rep"]))
                     if base and "error" not in base and base.get(key):
                         ratios.append(c[key] / base[key])
                 if ratios:
@@ -965,6 +1377,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         if found
         else []
     )
+    relay_rows = [row for row in rows if row["scenario"] in RELAY_KEYS]
+    rows = [row for row in rows if row["scenario"] not in RELAY_KEYS]
+    sinks = bool(rows) or not relay_rows
     out = [
         f"### Bonzo benchmark ({meta['mode']}, {meta['repeat']} interleaved run(s), medians)",
         "",
@@ -972,15 +1387,22 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Linux {meta['machine']['kernel']}, Python {meta['machine']['python']}; "
         f"Bonzo's DATA scan in {'C' if meta['machine'].get('bonzo_speedups') else 'Python'}; "
         "load generator and server share these cores. "
-        f"× {BASELINE}: median of per-run ratios (throughput: higher is better; "
-        "memory: lower is better); throughput is the median (min–max).",
+        + (
+            f"× {BASELINE}: median of per-run ratios (throughput: higher is better; "
+            "memory: lower is better); throughput is the median (min–max)."
+            if sinks
+            else "Rates are medians (min–max)."
+        ),
         "",
         *versions,
         *warning,
-        f"| scenario | server | throughput | × {BASELINE} | server CPU/msg "
-        f"| server memory | mem × {BASELINE} |",
-        "|---|---|---:|---:|---:|---:|---:|",
     ]
+    if sinks:
+        out += [
+            f"| scenario | server | throughput | × {BASELINE} | server CPU/msg "
+            f"| server memory | mem × {BASELINE} |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
     for row in rows:
         cells = [f"{row['scenario']}. {row['title']}", row["server"]]
         if row["failed"] and row["failed"] == row["runs"]:
@@ -1008,11 +1430,52 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         if row["failed"]:
             cells[-1] += f" ({row['failed']} of {row['runs']} runs FAILED)"
         out.append("| " + " | ".join(cells) + " |")
+    if relay_rows:
+        out += (["", *relay_table(relay_rows)]) if rows else relay_table(relay_rows)
     skipped = meta.get("skipped") or {}
     if skipped:
         out += ["", "Not run (cannot run on this machine):", ""]
         out += [f"- `{name}`: {reason}" for name, reason in skipped.items()]
     return "\n".join(out)
+
+
+RELAY_KEYS = frozenset(s.key for s in SCENARIOS if s.kind == "relay")
+
+
+def _rate(row: dict[str, Any], key: str) -> str:
+    text = f"{fmt_num(row[key])} msg/s"
+    values = row[key + "_all"]
+    if len(values) > 1:
+        text += f" ({fmt_num(min(values))}–{fmt_num(max(values))})"
+    return text
+
+
+def relay_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The relay scenarios' table: accepted and delivered rates, each with
+    its ratio to Postfix's from the same repetition."""
+    out = [
+        f"Relay (smtp-source → server → smtp-sink; × {RELAY_BASELINE}: median of per-run "
+        "ratios; delivered: until the sink had every message):",
+        "",
+        f"| scenario | server | accepted | × {RELAY_BASELINE} | delivered | × {RELAY_BASELINE} "
+        "| server CPU/msg | drain after last 250 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        cells = [f"{row['scenario']}. {row['title']}", row["server"]]
+        if row["failed"] and row["failed"] == row["runs"]:
+            out.append("| " + " | ".join(cells + ["FAILED"] + [""] * 5) + " |")
+            continue
+        cells.append(_rate(row, "msgs_per_s") if "msgs_per_s" in row else "—")
+        cells.append(fmt_ratio(row["ratio"]) if "ratio" in row else "—")
+        cells.append(_rate(row, "delivered_per_s") if "delivered_per_s" in row else "—")
+        cells.append(fmt_ratio(row["delivered_ratio"]) if "delivered_ratio" in row else "—")
+        cells.append(fmt_time(row["cpu_per_msg_s"]) if "cpu_per_msg_s" in row else "—")
+        cells.append(fmt_time(row["drain_s"]) if "drain_s" in row else "—")
+        if row["failed"]:
+            cells[-1] += f" ({row['failed']} of {row['runs']} runs FAILED)"
+        out.append("| " + " | ".join(cells) + " |")
+    return out
 
 
 def _has_speedups() -> bool:
@@ -1092,7 +1555,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny counts, once")
     parser.add_argument("--repeat", type=int, help="interleaved repetitions (default 3; quick 1)")
     parser.add_argument("--servers", help=f"comma-separated (default {','.join(DEFAULT_SERVERS)})")
-    parser.add_argument("--scenarios", help="comma-separated keys (default: all of abcde)")
+    parser.add_argument(
+        "--scenarios",
+        help="comma-separated keys or 'relay' (= ra,rb,rc); default: a,b,c,d,e",
+    )
     parser.add_argument(
         "--results", type=Path, default=BENCH / "results", help="directory for the JSON results"
     )
@@ -1117,24 +1583,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{sc.key}. {sc.describe(False)}: {sc.full} (quick: {sc.quick})")
         return 0
 
-    names = args.servers.split(",") if args.servers else list(DEFAULT_SERVERS)
+    try:
+        keys = parse_scenarios(args.scenarios) if args.scenarios else list(DEFAULT_SCENARIOS)
+    except ValueError as exc:
+        parser.error(f"{exc} in {args.scenarios!r}; see --list")
+    scenarios = [SCENARIO_BY_KEY[k] for k in keys]
+    if args.servers:
+        names = args.servers.split(",")
+    else:  # the sinks for the sink scenarios, the relays for the relay ones
+        names = list(DEFAULT_SERVERS) if any(s.kind != "relay" for s in scenarios) else []
+        names += DEFAULT_RELAY_SERVERS if any(s.kind == "relay" for s in scenarios) else []
     names += [n for n in baseline if n not in names]
     unknown = [n for n in names if n not in SERVER_SPECS]
     if unknown:
         parser.error(f"unknown server(s): {', '.join(unknown)}; see --list")
-    keys = (
-        list(args.scenarios)
-        if args.scenarios and "," not in args.scenarios
-        else (args.scenarios.split(",") if args.scenarios else [s.key for s in SCENARIOS])
-    )
-    if any(k not in SCENARIO_BY_KEY for k in keys):
-        parser.error(f"unknown scenario in {args.scenarios!r}; see --list")
-    scenarios = [SCENARIO_BY_KEY[k] for k in keys]
     repeat = args.repeat or (1 if args.quick else 3)
     if not 1 <= repeat <= 20:
         parser.error("--repeat must be between 1 and 20")
 
-    if any(s.kind == "source" for s in scenarios) and not find_tool("smtp-source"):
+    if any(s.kind in ("source", "relay") for s in scenarios) and not find_tool("smtp-source"):
         print(
             "smtp-source not found: run bench/install.sh (Debian package postfix)", file=sys.stderr
         )
@@ -1168,12 +1635,17 @@ def main(argv: list[str] | None = None) -> int:
     cells: list[dict[str, Any]] = []
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bonzo-bench-") as tmp:
+        # Reachable by the users peers drop to (smtp-sink: nobody; Postfix).
+        os.chmod(tmp, 0o711)
         for rep in range(repeat):
             for scenario in scenarios:
                 params = scenario.params(args.quick)
+                fit = [n for n in servers if SERVER_SPECS[n].relay == (scenario.kind == "relay")]
+                if not fit:
+                    continue
                 # Rotate the order each repetition so no server always goes first.
-                shift = (rep + SCENARIOS.index(scenario)) % len(servers)
-                for name in servers[shift:] + servers[:shift]:
+                shift = (rep + SCENARIOS.index(scenario)) % len(fit)
+                for name in fit[shift:] + fit[:shift]:
                     scratch = Path(tmp) / f"{rep}-{scenario.key}-{name}"
                     scratch.mkdir()
                     os.chmod(scratch, 0o777)  # smtp-sink drops to nobody
@@ -1193,7 +1665,7 @@ def main(argv: list[str] | None = None) -> int:
                     status = cell.get("error", "ok")
                     print(
                         f"[{time.monotonic() - began:6.1f}s] run {rep + 1}/{repeat} "
-                        f"{scenario.key} {name:10} {status.splitlines()[0]}",
+                        f"{scenario.key:2} {name:13} {status.splitlines()[0]}",
                         file=sys.stderr,
                         flush=True,
                     )

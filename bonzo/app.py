@@ -31,6 +31,7 @@ from .hooks import PluginError, PluginSet
 from .hookspecs import DECISION_HOOKS
 from .server import ConnectionCount, SMTPServer
 from .settings import SettingError
+from .store import open_store
 
 __all__ = ["MailApp", "InstalledPlugin", "installed_plugins", "resolve_plugin", "ENTRY_POINT_GROUP"]
 
@@ -124,6 +125,14 @@ class MailApp:
        table: every plugin that looks something up in DNS uses this one
        (:doc:`/dns`). Its lookups raise :class:`~bonzo.dns.DNSDisabled` while
        ``[dns]`` names no nameserver.
+
+    .. attribute:: store
+
+       The process's shared state, a :class:`~bonzo.store.Store` built from
+       the ``[redis]`` table: a :class:`~bonzo.store.RedisStore` when
+       ``[redis] url`` is set (every node naming that server shares it), else
+       a :class:`~bonzo.store.MemoryStore` of this process
+       (:doc:`/scaling`). Rate limits and greylisting keep their state here.
     """
 
     def __init__(self, config: Config | None = None, extra_plugins: Iterable[Any] = ()) -> None:
@@ -135,7 +144,11 @@ class MailApp:
             self.dns = Resolver(self.config.dns)
         except SettingError as exc:
             raise self.config.error(f"dns.{exc.setting}", exc.detail) from None
+        self.store = open_store(self.config.redis)
         self.server: SMTPServer | None = None
+        #: ``bonzo serve --listen`` values that replaced the listeners (a
+        #: reload applies them again).
+        self.listen_override: list[str] | None = None
         #: One server per listener, once started.
         self.servers: list[SMTPServer] = []
         self._bound: list[tuple[ListenerConfig, list[socket.socket]]] = []
@@ -206,6 +219,12 @@ class MailApp:
                 "no enabled plugin accepts recipients (bonzo_rcpt): every recipient will be "
                 "refused; enable e.g. 'recipients'"
             )
+        elif not any(self._can_accept(c.plugin, "bonzo_rcpt") for c in calls["bonzo_rcpt"]):
+            names = ", ".join(repr(c.plugin) for c in calls["bonzo_rcpt"])
+            out.append(
+                f"no enabled plugin can accept a recipient: {names} only refuse at RCPT, so "
+                "every recipient will be refused; enable e.g. 'recipients'"
+            )
         for i, listener in enumerate(self.config.listeners):
             ls = listener.settings
             if ls.require_auth and not calls["bonzo_auth"]:
@@ -224,7 +243,25 @@ class MailApp:
                 "answered 451; enable e.g. 'maildir'"
             )
         out.extend(self._shadowed())
+        workers = self.config.workers
+        if workers > 1 and not self.config.redis.enabled:
+            for name in self.config.plugins.enabled:
+                if getattr(self.plugins.get(name), "shared_state", False) is True:
+                    out.append(
+                        f"plugins.enabled: {name!r} keeps its state in app.store, which is "
+                        f"each worker's own without [redis] url (server.workers = {workers}): "
+                        "set [redis] url, or server.workers = 1"
+                    )
         return out
+
+    def _can_accept(self, name: str, hook: str) -> bool:
+        """Whether plugin ``name`` may give a positive verdict in ``hook``
+        (its ``accepts`` attribute, a tuple of hooks, says; without one, it
+        may)."""
+        accepts = getattr(self.plugins.get(name), "accepts", None)
+        if not isinstance(accepts, (tuple, list, set, frozenset)):
+            return True
+        return hook in accepts
 
     def _shadowed(self) -> list[str]:
         """Decision hooks that can never run: an earlier plugin declares (with
@@ -313,6 +350,45 @@ class MailApp:
         self._started = True
         return self.server
 
+    def adopt_sockets(self, old: MailApp) -> None:
+        """Serve the listening sockets ``old`` bound (a reload: the same
+        listeners, in the same order). Raises :class:`ValueError` naming the
+        difference when the listeners changed (a restart is needed)."""
+        before = [listener.where for listener, _ in old._bound]
+        after = [listener.where for listener in self.config.listeners]
+        if before != after:
+            raise ValueError(
+                f"listeners changed ({', '.join(before)} -> {', '.join(after)}): "
+                "restart bonzo to apply"
+            )
+        self._bound = [
+            (listener, socks)
+            for listener, (_, socks) in zip(self.config.listeners, old._bound, strict=True)
+        ]
+
+    def release_sockets(self) -> None:
+        """Stop accepting new connections, keeping the sockets open for the
+        configuration that replaces this one; sessions go on (see
+        :meth:`retire`)."""
+        for server in self.servers:
+            server.release_sockets()
+
+    def reattach_sockets(self) -> None:
+        """Accept again on the sockets :meth:`release_sockets` let go (a
+        reload whose new configuration failed to start)."""
+        for server, (_, socks) in zip(self.servers, self._bound, strict=False):
+            server.add_sockets(socks)
+
+    async def retire(self) -> None:
+        """After a reload: let the sessions of this configuration end by
+        themselves for up to ``shutdown_grace`` seconds, then stop as
+        :meth:`stop` does (``421`` to those still waiting, messages in
+        flight finished) and run the plugins' shutdown hooks."""
+        tasks = [c.task for s in self.servers for c in s.connections if c.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.settings.shutdown_grace)
+        await self.stop()
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop gracefully (see :meth:`SMTPServer.shutdown`), then run the
         plugins' shutdown hooks."""
@@ -323,6 +399,7 @@ class MailApp:
         if self._started:
             self._started = False
             await self.plugins.call_observers("bonzo_shutdown", self)
+            await self.store.close()
 
     def force_stop(self) -> None:
         """Stop at once (a second SIGTERM while :meth:`stop` waits): every

@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
         ("serve", _serve, "run the server in the foreground"),
         ("check", _check, "validate the configuration and its plugins"),
         ("plugins", _plugins, "list installed and enabled plugins and hook order"),
+        ("config", _config, "print the effective configuration, defaults filled in"),
+        ("reload", _reload, "have the running daemon reload its configuration (server.pid_file)"),
     ):
         p = add(name, func, text)
         p.add_argument(
@@ -85,6 +87,17 @@ def _parser() -> argparse.ArgumentParser:
             metavar="FILE",
             help="configuration file (default: the embedded default, bonzo.toml.example)",
         )
+    sub.choices["plugins"].add_argument(
+        "--doc", metavar="NAME", help="print the documentation of plugin NAME and exit"
+    )
+    serve = sub.choices["serve"]
+    serve.add_argument(
+        "--listen",
+        action="append",
+        metavar="ADDR:PORT",
+        help="listen here instead of the configuration's [[listeners]] (plain SMTP; "
+        "may be repeated), e.g. 127.0.0.1:2525 or [::1]:2525",
+    )
     p = add("adduser", _adduser, "add a user to a password file (for the passwd plugin)")
     p.add_argument("-f", "--file", required=True, metavar="FILE", help="the password file")
     p.add_argument("user", help="the user name (no colon, space or control character)")
@@ -158,9 +171,25 @@ def _load_app(args: argparse.Namespace) -> Any:
     return MailApp(config)
 
 
+def _check_log_file(config: Any) -> None:
+    """The error ``bonzo serve`` would stop on if :tomlkey:`logging.file`
+    cannot be opened for appending (checked without creating it)."""
+    path = config.logging.file
+    if path is None:
+        return
+    target = path if os.path.exists(path) else os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        raise config.error("logging.file", f"cannot open {path}: is a directory")
+    if not os.path.isdir(os.path.dirname(path) or "."):
+        raise config.error("logging.file", f"cannot open {path}: no such directory")
+    if not os.access(target, os.W_OK):
+        raise config.error("logging.file", f"cannot open {path}: permission denied")
+
+
 def _check(args: argparse.Namespace) -> int:
     app = _load_app(args)
     config = app.config
+    _check_log_file(config)
     print(f"{config.source}: OK")
     print("  listeners:")
     for listener in config.listeners:
@@ -191,10 +220,104 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reload(args: argparse.Namespace) -> int:
+    """``bonzo reload``: check the configuration here (an error is shown
+    now, not only in the daemon's log), then send ``SIGHUP`` to the daemon
+    named by its ``server.pid_file``."""
+    app = _load_app(args)
+    config = app.config
+    if config.pid_file is None:
+        raise config.error("server.pid_file", "not set: bonzo reload finds the daemon by it")
+    try:
+        with open(config.pid_file, encoding="ascii") as f:
+            pid = int(f.read().strip())
+        os.kill(pid, signal.SIGHUP)
+    except FileNotFoundError:
+        print(
+            f"bonzo: reload: {config.pid_file}: no such file (is bonzo running?)", file=sys.stderr
+        )
+        return 1
+    except ValueError:
+        print(f"bonzo: reload: {config.pid_file}: not a process id", file=sys.stderr)
+        return 1
+    except ProcessLookupError:
+        print(f"bonzo: reload: pid {pid} is not running (stale {config.pid_file})", file=sys.stderr)
+        return 1
+    except PermissionError:
+        print(f"bonzo: reload: pid {pid}: permission denied", file=sys.stderr)
+        return 1
+    for warning in app.warnings():
+        print(f"warning: {warning}")
+    print(f"reload requested: pid {pid} (its log says when it has reloaded)")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    """``bonzo config``: the configuration as it would run, as TOML, with
+    every default filled in and secrets redacted."""
+    import tomli_w
+
+    from .config import effective_config, read_raw
+
+    config = load_config(args.config)
+    sys.stdout.write(f"# {config.source}: the effective configuration (secrets redacted)\n")
+    sys.stdout.write(tomli_w.dumps(effective_config(config, read_raw(args.config))))
+    return 0
+
+
+def _plugin_doc(name: str) -> int:
+    """``bonzo plugins --doc NAME``: the plugin's README (beside its module,
+    as the bundled plugins ship it), else its docstring, else its
+    distribution's summary."""
+    import importlib
+    import inspect
+
+    from .app import installed_plugins, resolve_plugin
+
+    installed = installed_plugins()
+    try:
+        plugin = resolve_plugin(name, installed)
+    except LookupError as exc:
+        print(f"bonzo: plugins --doc: {exc} (see bonzo plugins)", file=sys.stderr)
+        return 2
+    module_name = str(getattr(plugin, "__module__", None) or getattr(plugin, "__name__", ""))
+    package = module_name.rpartition(".")[0] if "." in module_name else module_name
+    for candidate in (module_name, package):
+        try:
+            module = importlib.import_module(candidate)
+        except ImportError:
+            continue
+        where = getattr(module, "__file__", None)
+        if where:
+            readme = os.path.join(os.path.dirname(where), "README.rst")
+            if os.path.isfile(readme):
+                with open(readme, encoding="utf-8") as f:
+                    sys.stdout.write(f.read())
+                return 0
+    doc = inspect.getdoc(plugin) or inspect.getdoc(type(plugin))
+    if doc and type(plugin).__module__ != "builtins":
+        print(doc)
+        return 0
+    if name in installed:
+        from importlib import metadata
+
+        try:
+            summary = metadata.metadata(installed[name].distribution)["Summary"]
+        except (metadata.PackageNotFoundError, KeyError):
+            summary = None
+        if summary:
+            print(summary)
+            return 0
+    print(f"bonzo: plugins --doc: plugin {name!r} has no documentation", file=sys.stderr)
+    return 1
+
+
 def _plugins(args: argparse.Namespace) -> int:
     from .app import installed_plugins
     from .hooks import hook_names
 
+    if args.doc is not None:
+        return _plugin_doc(args.doc)
     app = _load_app(args)
     installed = installed_plugins()
     enabled = app.config.plugins.enabled
@@ -274,10 +397,36 @@ def _setup_logging(config: Any) -> None:
     )
 
 
+def _listen_override(values: list[str]) -> list[Any]:
+    """``--listen`` values as plain SMTP listeners; :class:`ConfigError`
+    naming the option for a bad one."""
+    import ipaddress
+
+    from .config import ListenerConfig
+
+    listeners = []
+    for value in values:
+        host, sep, port = value.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("expected ADDR:PORT")
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(
+                "--listen",
+                "",
+                f"{value!r}: expected an IP address and a port, e.g. 127.0.0.1:2525 or [::1]:2525",
+            ) from None
+        listeners.append(ListenerConfig(address=host, port=int(port)))
+    return listeners
+
+
 def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    if args.listen:
+        config.listeners = _listen_override(args.listen)
     _setup_logging(config)
-    signal.signal(signal.SIGHUP, _log_sighup)
     from .app import MailApp
 
     metrics_dir = None
@@ -289,7 +438,10 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_dir = make_multiprocess_dir()
     main_pid = os.getpid()
     try:
-        return _serve_app(MailApp(config))
+        app = MailApp(config)
+        app.listen_override = args.listen  # re-applied by a reload
+        signal.signal(signal.SIGHUP, _log_sighup)  # until the workers can reload
+        return _serve_app(app)
     finally:
         if metrics_dir is not None and os.getpid() == main_pid:
             from .metrics import remove_multiprocess_dir
@@ -429,6 +581,38 @@ def sd_notify(state: str) -> bool:
     return True
 
 
+def _reloaded_app(old: Any) -> Any:
+    """The application of the configuration file ``old`` was loaded from,
+    read and checked again, its plugins configured, serving ``old``'s
+    sockets — or ``None`` after logging why it cannot replace ``old`` (the
+    running configuration is kept)."""
+    from .app import MailApp
+    from .hooks import PluginError
+
+    source = old.config.source
+    try:
+        config = load_config(None if source == "<default>" else source)
+        override = getattr(old, "listen_override", None)
+        if override:
+            config.listeners = _listen_override(override)
+        new = MailApp(config)
+        new.listen_override = override
+        new.adopt_sockets(old)
+    except (ConfigError, PluginError, ValueError) as exc:
+        log.error("reload: %s; still running the previous configuration", exc)
+        return None
+    except Exception as exc:
+        log.error("reload failed: %r; still running the previous configuration", exc)
+        return None
+    if config.workers != old.config.workers or config.loop != old.config.loop:
+        log.warning("reload: server.workers and server.loop take effect at a restart")
+    if config.metrics != old.config.metrics:
+        log.warning("reload: [metrics] takes effect at a restart")
+        # The listener, the multiprocess directory and the counting stay.
+        config.metrics = old.config.metrics
+    return new
+
+
 def _socket_name(sock: Any) -> str:
     """``address:port`` of a listening socket, or ``unix:path``."""
     name = sock.getsockname()
@@ -441,8 +625,8 @@ def _socket_name(sock: Any) -> str:
 #: stops the server instead of restarting it (it would only fail again).
 _STARTUP_FAILED = 3
 
-#: Logged, in the supervisor and in workers, when SIGHUP arrives.
-_SIGHUP_IGNORED = "SIGHUP: configuration reload is not supported yet; ignored"
+#: Logged when SIGHUP arrives before the server is ready to reload.
+_SIGHUP_IGNORED = "SIGHUP: not serving yet, nothing to reload; ignored"
 
 #: How often a worker checks that its supervisor is still its parent: the
 #: fallback where the kernel cannot signal it (no ``PR_SET_PDEATHSIG``).
@@ -478,12 +662,66 @@ def _run_worker(
     one given ``metrics_sockets`` also answers the metrics and health
     requests on them."""
 
+    current = app  # the application serving new sessions
+    retiring: list[Any] = []  # the ones a reload replaced, ending their sessions
+
     async def run() -> int:
+        nonlocal current
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
         requests = 0
         forced = False
         stop_begun = False
+        reloading = False
+
+        counter: Any = None  # the process's Metrics, once metrics are on
+
+        async def reload() -> None:
+            nonlocal current, reloading
+            reloading = True
+            try:
+                old = current
+                new = _reloaded_app(old)
+                if new is None or requests:
+                    return
+                old.release_sockets()
+                try:
+                    await new.start()
+                except Exception as exc:
+                    log.error("reload: the new configuration failed to start: %s; "
+                              "still running the previous one", exc)  # fmt: skip
+                    old.reattach_sockets()
+                    return
+                current = new
+                retiring.append(old)
+                if counter is not None:
+                    counter.install(new.plugins)  # time the new plugins' hooks
+                sessions = sum(len(s.connections) for s in old.servers)
+                log.info(
+                    "reloaded %s: new sessions on the new configuration; %d session(s) "
+                    "finish on the previous one",
+                    new.config.source,
+                    sessions,
+                )
+                await new.plugins.call_observers("bonzo_reload", new)
+
+                async def retire() -> None:
+                    await old.retire()
+                    if old in retiring:
+                        retiring.remove(old)
+
+                asyncio.ensure_future(retire())
+            finally:
+                reloading = False
+
+        def on_reload() -> None:
+            if requests or stop_begun:
+                return
+            if reloading:
+                log.warning("SIGHUP: a reload is already under way; ignored")
+                return
+            log.info("SIGHUP: reloading the configuration")
+            asyncio.ensure_future(reload())
 
         def request_stop(why: str) -> None:
             nonlocal requests, forced
@@ -494,7 +732,8 @@ def _run_worker(
                 log.warning("%s: forcing the stop", why)
                 forced = True
                 if stop_begun:
-                    app.force_stop()
+                    for a in (current, *retiring):
+                        a.force_stop()
 
         def supervisor_gone() -> bool:
             if supervisor is None or os.getppid() == supervisor:
@@ -526,7 +765,7 @@ def _run_worker(
             loop.add_signal_handler(signal.SIGINT, lambda: None)
             loop.add_signal_handler(signal.SIGUSR2, on_graceful_request)
             loop.add_signal_handler(signal.SIGUSR1, on_force_request)
-        loop.add_signal_handler(signal.SIGHUP, _log_sighup)
+        loop.add_signal_handler(signal.SIGHUP, on_reload)
         if mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         watch = None
@@ -556,9 +795,11 @@ def _run_worker(
             if http is not None:
                 http.stopping = True
             stop_begun = True
-            stopped = asyncio.ensure_future(app.stop())
+            apps = [current, *retiring]
+            stopped = asyncio.ensure_future(asyncio.gather(*(a.stop() for a in apps)))
             if forced:  # forced before there was anything to force
-                app.force_stop()
+                for a in apps:
+                    a.force_stop()
             await stopped
             log.info("stopped")
             return 0
@@ -702,7 +943,7 @@ def _supervise(
                 continue
             slot = children.pop(pid)
             code = os.waitstatus_to_exitcode(wait_status)
-            if metrics_sockets is not None and app.config.metrics.enabled:
+            if metrics_sockets:
                 from .metrics import mark_process_dead
 
                 # Its open connections no longer count.
@@ -731,7 +972,17 @@ def _supervise(
         if signum == signal.SIGCHLD:
             reap()
         elif signum == signal.SIGHUP:
-            log.warning(_SIGHUP_IGNORED)
+            if stops:
+                continue
+            log.info("SIGHUP: checking the configuration before the workers reload it")
+            new = _reloaded_app(app)
+            if new is not None:
+                app = new  # workers started from now on run it
+                for pid in children:
+                    try:
+                        os.kill(pid, signal.SIGHUP)
+                    except ProcessLookupError:  # pragma: no cover - exited, not yet reaped
+                        pass
         else:
             signals += 1
             stop(signum)

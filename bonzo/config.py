@@ -15,6 +15,7 @@ taken from the configuration file's directory.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import ipaddress
 import os
@@ -28,6 +29,7 @@ from typing import Any
 from .auth import MECHANISMS
 from .dns import DNSSettings, parse_nameserver
 from .settings import PROTOCOLS, ListenerSettings, SettingError, SMTPSettings, positive_seconds
+from .store import StoreSettings
 from .tls import CertificatePair, TLSError, make_server_context
 
 if sys.version_info >= (3, 11):  # pragma: no cover - depends on the interpreter
@@ -50,6 +52,7 @@ __all__ = [
     "LISTENER_OVERRIDES",
     "TLS_KEYS",
     "DNS_KEYS",
+    "REDIS_KEYS",
     "METRICS_KEYS",
     "MetricsConfig",
 ]
@@ -125,12 +128,22 @@ LOGGING_KEYS = ("level", "access_log", "file", "format")
 PLUGINS_KEYS = ("enabled", "timeout", "timeouts", "paths")
 #: Keys of the ``[dns]`` table: the fields of :class:`~bonzo.dns.DNSSettings`.
 DNS_KEYS = tuple(DNSSettings.field_names())
+#: Keys of the ``[redis]`` table: the fields of :class:`~bonzo.store.StoreSettings`.
+REDIS_KEYS = tuple(StoreSettings.field_names())
 #: Keys of the ``[metrics]`` table.
 METRICS_KEYS = ("address", "port", "path")
 #: The tables allowed at the top level of the file.
 TOP_LEVEL_KEYS = (
-    "server", "protocol", "limits", "listeners", "logging", "dns", "metrics", "plugins",
-)  # fmt: skip
+    "server",
+    "protocol",
+    "limits",
+    "listeners",
+    "logging",
+    "dns",
+    "redis",
+    "metrics",
+    "plugins",
+)
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -229,6 +242,8 @@ class Config:
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     #: The ``[dns]`` table (default: DNS off).
     dns: DNSSettings = field(default_factory=DNSSettings)
+    #: The ``[redis]`` table (default: state in each process).
+    redis: StoreSettings = field(default_factory=StoreSettings)
     #: The ``[metrics]`` table (default: metrics off).
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
@@ -378,6 +393,7 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
         logging=_logging(_table(data, "logging", source), source, base_dir),
         plugins=_plugins(_table(data, "plugins", source), source, base_dir),
         dns=_dns(_table(data, "dns", source), source, base_dir),
+        redis=_redis(_table(data, "redis", source), source),
         metrics=_metrics(_table(data, "metrics", source), source),
     )
 
@@ -671,6 +687,18 @@ def _dns(table: dict[str, Any], source: str, base_dir: Path) -> DNSSettings:
         raise ConfigError(source, f"dns.{exc.setting}", exc.detail) from None
 
 
+def _redis(table: dict[str, Any], source: str) -> StoreSettings:
+    for key in table:
+        if key not in REDIS_KEYS:
+            raise ConfigError(
+                source, f"redis.{key}", f"unknown key (allowed: {', '.join(REDIS_KEYS)})"
+            )
+    try:
+        return StoreSettings(**table)
+    except SettingError as exc:
+        raise ConfigError(source, f"redis.{exc.setting}", exc.detail) from None
+
+
 def _plugins(table: dict[str, Any], source: str, base_dir: Path) -> PluginsConfig:
     config = PluginsConfig()
     enabled = table.get("enabled", [])
@@ -710,3 +738,79 @@ def _plugins(table: dict[str, Any], source: str, base_dir: Path) -> PluginsConfi
             )
         config.tables[key] = value
     return config
+
+
+#: Keys whose values are never printed by :func:`effective_config`.
+_SECRET_KEY = re.compile(r"pass(word)?|secret|token|credential", re.I)
+
+
+def _redacted(value: Any, key: str = "") -> Any:
+    """``value`` with secrets replaced: ``{ "$env" = ... }``/``{ "$file" = ... }``
+    references by what they name, values of password-like keys entirely."""
+    if isinstance(value, dict):
+        if len(value) == 1 and ("$env" in value or "$file" in value):
+            kind, ref = next(iter(value.items()))
+            return f"<secret from {kind} {ref}>"
+        return {k: _redacted(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v, key) for v in value]
+    if _SECRET_KEY.search(key) and isinstance(value, str):
+        return "<redacted>"
+    return value
+
+
+def _toml_value(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_toml_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _toml_value(v) for k, v in value.items() if v is not None}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def read_raw(path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """The TOML of a configuration file (or of the embedded default) as
+    written, secrets unread; call after :func:`load_config` succeeded."""
+    text = default_config_text() if path is None else Path(path).read_text("utf-8")
+    data: dict[str, Any] = tomllib.loads(text)
+    return data
+
+
+def effective_config(config: Config, raw: dict[str, Any]) -> dict[str, Any]:
+    """The configuration as Bonzo runs it — every key of the core's tables
+    with its default filled in — for ``bonzo config``. ``raw`` is the file's
+    TOML before secrets were read: listener and plugin tables come from it
+    as written, with secrets redacted (:func:`_redacted`)."""
+    sections: dict[str, dict[str, Any]] = {"server": {}, "protocol": {}, "limits": {}}
+    for f in dataclasses.fields(config.settings):
+        sections[SETTING_SECTIONS[f.name]][f.name] = getattr(config.settings, f.name)
+    sections["server"].update(workers=config.workers, loop=config.loop, pid_file=config.pid_file)
+    listeners = []
+    raw_listeners = raw.get("listeners") or [{}]
+    for listener, table in zip(config.listeners, raw_listeners, strict=True):
+        entry: dict[str, Any] = {}
+        if listener.path is not None:
+            entry.update(path=listener.path, mode=f"0o{listener.mode:o}")
+        else:
+            entry.update(address=listener.address, port=listener.port)
+        entry.update({k: v for k, v in table.items() if k not in entry})
+        listeners.append(_redacted(entry))
+    plugins: dict[str, Any] = {
+        "enabled": config.plugins.enabled,
+        "timeout": config.plugins.timeout,
+        "timeouts": config.plugins.timeouts,
+        "paths": config.plugins.paths,
+    }
+    raw_plugins = raw.get("plugins", {}) if isinstance(raw.get("plugins"), dict) else {}
+    for name, table in raw_plugins.items():
+        if isinstance(table, dict) and name not in plugins:
+            plugins[name] = _redacted(table)
+    out = {
+        **sections,
+        "listeners": listeners,
+        "logging": dataclasses.asdict(config.logging),
+        "dns": dataclasses.asdict(config.dns),
+        "plugins": plugins,
+    }
+    return {k: _toml_value(v) for k, v in out.items()}

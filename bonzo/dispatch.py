@@ -353,7 +353,14 @@ class Dispatcher:
             raise _StorageFault(self._stored)
         session, envelope = self.session, self.envelope
         assert envelope is not None
-        _mark(envelope, await self.plugins.decide("bonzo_message", (session, envelope)))
+        # A quarantine lets the later content filters run (and add their
+        # headers); the first one's reason is kept.
+        verdict = await self.plugins.decide(
+            "bonzo_message",
+            (session, envelope),
+            lambda plugin, value: _mark(envelope, (plugin, value)),
+        )
+        _mark(envelope, verdict)
         if envelope.refused and not envelope.remaining_recipients:
             return None  # the filters refused it for every recipient
         if envelope.discarded is None and not envelope.remaining_recipients:

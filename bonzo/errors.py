@@ -141,50 +141,82 @@ class BadSequence(SMTPError):
 class TransientError(SMTPError):
     """A temporary rejection (``4xx``): the client should try again later.
 
-    :arg str message: reply text.
+    The arguments come in :class:`SMTPError`'s order — code, then text,
+    then the enhanced code — all optional::
+
+        raise TransientError(451, "Try again later", "4.7.1")
+
     :arg int status_code: a ``4xx`` code, ``451`` by default.
+    :arg message: reply text (a sequence of strings: a multi-line reply).
     :arg str enhanced_code: defaults to ``4.0.0`` for the code's class.
+
+    The text may also come first — ``TransientError("Try again later", 451, "4.7.1")``,
+    the order of Bonzo 0.2's first releases — and is told apart by its type.
 
     .. versionadded:: 0.2
     """
 
     def __init__(
         self,
-        message: str | Sequence[str] = "Try again later",
-        status_code: int = 451,
+        status_code: int | str | Sequence[str] = 451,
+        message: str | Sequence[str] | int = "Try again later",
         enhanced_code: str | None = None,
         *,
         close: bool = False,
         log_message: str | None = None,
     ) -> None:
-        if status_code // 100 != 4:
-            raise ValueError(f"TransientError needs a 4xx code, not {status_code}")
-        super().__init__(
-            status_code, message, log_message, enhanced_code=enhanced_code, close=close
-        )
+        code, text = _code_and_text(status_code, message, 451, "Try again later")
+        if code // 100 != 4:
+            raise ValueError(f"TransientError needs a 4xx code, not {code}")
+        super().__init__(code, text, log_message, enhanced_code=enhanced_code, close=close)
 
 
 class PermanentError(SMTPError):
     """A permanent rejection (``5xx``): the client must not retry as is.
 
-    :arg str message: reply text.
+    The arguments come in :class:`SMTPError`'s order — code, then text,
+    then the enhanced code — all optional::
+
+        raise PermanentError(550, "Rejected", "5.7.1")
+
     :arg int status_code: a ``5xx`` code, ``550`` by default.
+    :arg message: reply text (a sequence of strings: a multi-line reply).
     :arg str enhanced_code: defaults to ``5.0.0`` for the code's class.
+
+    The text may also come first — ``PermanentError("Rejected", 550, "5.7.1")``,
+    the order of Bonzo 0.2's first releases — and is told apart by its type.
 
     .. versionadded:: 0.2
     """
 
     def __init__(
         self,
-        message: str | Sequence[str] = "Rejected",
-        status_code: int = 550,
+        status_code: int | str | Sequence[str] = 550,
+        message: str | Sequence[str] | int = "Rejected",
         enhanced_code: str | None = None,
         *,
         close: bool = False,
         log_message: str | None = None,
     ) -> None:
-        if status_code // 100 != 5:
-            raise ValueError(f"PermanentError needs a 5xx code, not {status_code}")
-        super().__init__(
-            status_code, message, log_message, enhanced_code=enhanced_code, close=close
-        )
+        code, text = _code_and_text(status_code, message, 550, "Rejected")
+        if code // 100 != 5:
+            raise ValueError(f"PermanentError needs a 5xx code, not {code}")
+        super().__init__(code, text, log_message, enhanced_code=enhanced_code, close=close)
+
+
+def _code_and_text(
+    first: int | str | Sequence[str], second: str | Sequence[str] | int, code: int, text: str
+) -> tuple[int, str | Sequence[str]]:
+    """(code, text) from either order of the first two arguments."""
+    if isinstance(first, bool) or isinstance(second, bool):
+        raise TypeError("an SMTP code is an int, not a bool")
+    if isinstance(first, int):
+        if isinstance(second, int):
+            raise TypeError("give one status code and one text")
+        return first, second
+    # The text first (the earlier order): the code, if any, second.
+    if isinstance(second, int):
+        return second, first
+    if second != text:
+        raise TypeError(f"expected a status code, not {second!r}")
+    return code, first

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import sys
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import pluggy
@@ -238,13 +238,21 @@ class PluginSet:
                 f"plugin {failure.plugin!r} failed in {hook}: {failure.error}"
             ) from failure.error
 
-    async def decide(self, hook: str, args: tuple[Any, ...]) -> tuple[str, Any] | None:
+    async def decide(
+        self,
+        hook: str,
+        args: tuple[Any, ...],
+        on_quarantine: Callable[[str, Any], None] | None = None,
+    ) -> tuple[str, Any] | None:
         """Run decision ``hook`` with the spec's arguments ``args``: the first
         implementation that returns something other than ``None`` decides.
 
         Returns ``(plugin, verdict)`` — an :class:`~bonzo.hookspecs.Accept`,
         a reply string, or (unknown commands) a reply tuple — or ``None``
-        when nobody had an opinion. Raises :class:`Refused` when a plugin
+        when nobody had an opinion. With ``on_quarantine``, a
+        :class:`~bonzo.hookspecs.Quarantine` does not stop the chain: it is
+        passed to ``on_quarantine(plugin, verdict)`` and the next plugin is
+        asked. Raises :class:`Refused` when a plugin
         raised an error reply and :class:`PluginFailure` when one failed.
         """
         for call in self.calls[hook]:
@@ -265,7 +273,12 @@ class PluginSet:
             finally:
                 current_plugin.reset(token)
             if result is not None:
-                return call.plugin, _verdict(call, hook, result)
+                verdict = _verdict(call, hook, result)
+                if on_quarantine is not None and type(verdict) is Quarantine:
+                    # Recorded at once, and the next plugins still run.
+                    on_quarantine(call.plugin, verdict)
+                    continue
+                return call.plugin, verdict
         return None
 
     async def observe(

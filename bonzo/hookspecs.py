@@ -175,6 +175,7 @@ OWNER_HOOKS = ("bonzo_rcpt", "bonzo_deliver", "bonzo_quarantine")
 OBSERVER_HOOKS = (
     "bonzo_startup",
     "bonzo_shutdown",
+    "bonzo_reload",
     "bonzo_ehlo_keywords",
     "bonzo_accepted",
     "bonzo_rset",
@@ -228,6 +229,20 @@ def bonzo_startup(app: Any) -> None:
 def bonzo_shutdown(app: Any) -> None:
     """The server is stopping, after the last session ended; may be async
     (close pools here). Exceptions are logged.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def bonzo_reload(app: Any) -> None:
+    """The configuration was reloaded (``SIGHUP``, ``bonzo reload``) and this
+    plugin belongs to the new one: it was configured and started as at
+    startup and serves new sessions from now on, while the old
+    configuration's plugins finish their sessions and are shut down. An
+    observer; may be async. A plugin that is a module (not a class) is in
+    both configurations: it is configured and started again here, and its
+    ``bonzo_shutdown`` runs later for the old one.
 
     .. versionadded:: 0.2
     """

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.message
+import socket
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -436,6 +437,17 @@ class SMTPServer(TCPServer):
                 self.count.remove(counted)
                 self._open -= 1
                 self._drop_own(counted)
+
+    def release_sockets(self) -> list[socket.socket]:
+        """Stop accepting on the listening sockets without closing them, and
+        return them (a reload hands them to the server of the new
+        configuration); sessions in progress go on."""
+        released = []
+        for fd, sock in list(self._sockets.items()):
+            self._handlers.pop(fd)()  # unregister from the IOLoop; the socket stays open
+            released.append(sock)
+        self._sockets.clear()
+        return released
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop gracefully: stop accepting, answer ``421 4.3.2`` to sessions

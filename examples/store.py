@@ -27,7 +27,7 @@ class StorePlugin:
     def bonzo_rcpt(self, mailbox):
         # mailbox.domain is the canonical (lower-case, IDNA) domain: match on it.
         if mailbox.canonical != "postmaster" and mailbox.domain not in LOCAL_DOMAINS:
-            raise PermanentError("Relay access denied", 554, "5.7.1")
+            raise PermanentError(554, "Relay access denied", "5.7.1")
         return Accept()
 
     def bonzo_deliver(self, envelope):

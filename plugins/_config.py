@@ -13,7 +13,10 @@ Private to ``bonzo_plugins``; third-party plugins should not import it.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
+import re
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,10 @@ __all__ = [
     "client_address",
     "in_networks",
     "describe",
+    "parse_duration",
+    "get_prefix",
+    "client_network",
+    "StoreFailures",
 ]
 
 #: The full stops that separate domain labels (UTS #46 maps the last three
@@ -170,3 +177,74 @@ def in_networks(remote_ip: str, networks: Iterable[IPNetwork]) -> bool:
     if address is None:
         return False
     return any(address.version == net.version and address in net for net in networks)
+
+
+_DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: Any, key: str) -> float:
+    """A positive duration: seconds as a number, or a string such as
+    ``"30s"``, ``"5m"``, ``"4h"``, ``"5d"``."""
+    seconds: float
+    if isinstance(value, bool):
+        raise ValueError(f"{key}: expected a duration such as 300 or '5m', got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.fullmatch(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ValueError(f"{key}: expected a duration such as 300 or '5m', got {describe(value)}")
+    if not 0 < seconds < 10 * 365 * 86400:
+        raise ValueError(
+            f"{key}: expected a positive duration under ten years, got {describe(value)}"
+        )
+    return seconds
+
+
+def get_prefix(config: Mapping[str, Any], key: str, default: int, bits: int) -> int:
+    """``config[key]`` as a network prefix length, 1 to ``bits``."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bits:
+        raise ValueError(f"{key}: expected a prefix length 1..{bits}, got {describe(value)}")
+    return value
+
+
+def client_network(remote_ip: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
+    """The client's network in CIDR form (``192.0.2.0/24``,
+    ``2001:db8:1:2::/64``): the address with its host bits cleared, so that
+    the hosts of one network count as one client (a full-length prefix gives
+    the bare address). An address that does not
+    parse is returned as it is (it still names one client)."""
+    address = client_address(remote_ip)
+    if address is None:
+        return remote_ip
+    prefix = ipv4_prefix if address.version == 4 else ipv6_prefix
+    if prefix == address.max_prefixlen:
+        return str(address)
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+
+class StoreFailures:
+    """Logs a plugin's failures to reach its store (``app.store``) at
+    ``WARNING``: the first at once, then at most one line per ``interval``
+    seconds saying how many were not logged, so that an outage of Redis
+    does not flood the log with one line per SMTP command."""
+
+    def __init__(self, log: logging.Logger, plugin: str, interval: float = 60.0) -> None:
+        self.log = log
+        self.plugin = plugin
+        self.interval = interval
+        self._next = 0.0
+        self._quiet = 0
+
+    def report(self, error: Exception, outcome: str) -> None:
+        """Log ``error`` and what the plugin did (``outcome``)."""
+        now = time.monotonic()
+        if now < self._next:
+            self._quiet += 1
+            return
+        more = f" ({self._quiet} more since the last line)" if self._quiet else ""
+        self.log.warning("%s: %s; %s%s", self.plugin, error, outcome, more)
+        self._quiet = 0
+        self._next = now + self.interval

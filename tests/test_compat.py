@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 
+import pytest
 from tornado import gen
 from tornado.testing import ExpectLog
 
@@ -210,3 +211,21 @@ def test_version_literal_matches_the_tuple():
 
     assert bonzo.__version__ == bonzo.version == bonzo.get_version_string()
     assert bonzo.version.startswith(".".join(str(p) for p in bonzo.version_tuple[:3]))
+
+
+def test_errors_take_the_code_first_and_still_the_text_first():
+    from bonzo.errors import PermanentError, SMTPError, TransientError
+
+    for error in (PermanentError(554, "No", "5.7.1"), PermanentError("No", 554, "5.7.1")):
+        assert (error.status_code, error.message, error.enhanced_code) == (554, "No", "5.7.1")
+    assert TransientError(450, "Later").status_code == 450
+    assert TransientError("Later").status_code == 451
+    assert PermanentError().message == "Rejected"
+    assert PermanentError(["one", "two"], 550).lines == ["one", "two"]
+    seed = SMTPError(550, "No", "client %s", "192.0.2.1")  # the original order
+    assert str(seed) == "SMTP 550: No (client 192.0.2.1)"
+    for bad in ((550, 551), (True, "x"), ("a", "b")):
+        with pytest.raises(TypeError):
+            PermanentError(*bad)
+    with pytest.raises(ValueError, match="5xx"):
+        PermanentError(451, "x")

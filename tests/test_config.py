@@ -24,6 +24,7 @@ from bonzo.config import (
     LOGGING_KEYS,
     METRICS_KEYS,
     PLUGINS_KEYS,
+    REDIS_KEYS,
     SETTING_SECTIONS,
     TOP_LEVEL_KEYS,
     Config,
@@ -538,6 +539,7 @@ def test_every_key_is_documented_in_the_example_under_its_table():
     assert set(LOGGING_KEYS) <= documented["logging"]
     assert set(PLUGINS_KEYS) <= documented["plugins"]
     assert set(DNS_KEYS) <= documented["dns"]
+    assert set(REDIS_KEYS) <= documented["redis"]
     assert set(METRICS_KEYS) <= documented["metrics"]
     assert set(TOP_LEVEL_KEYS) <= set(documented)
 
@@ -682,3 +684,40 @@ def test_parse_config_raises_nothing_but_config_error(document, secret_dir):
         assert isinstance(config.settings, SMTPSettings)
         assert config.listeners and 1 <= config.workers <= 256
         assert 0 < config.plugins.timeout < math.inf
+
+
+def test_the_effective_configuration_is_complete_redacted_and_loads_back(tmp_path, monkeypatch):
+    """What ``bonzo config`` prints: every core key with its default, the
+    secrets replaced, and a file that loads into the same configuration."""
+    import tomli_w
+
+    from bonzo.config import SETTING_SECTIONS, effective_config, load_config, read_raw
+
+    monkeypatch.setenv("RELAY_PASSWORD", "hunter2")
+    (tmp_path / "secret").write_text("s3cret\n")
+    source = tmp_path / "bonzo.toml"
+    source.write_text(
+        EXAMPLE.read_text()
+        + '\n[plugins.extra]\npassword = { "$env" = "RELAY_PASSWORD" }\n'
+        + 'token = { "$file" = "secret" }\napi_secret = "plain"\n'
+    )
+    config = load_config(source)
+    effective = effective_config(config, read_raw(source))
+    text = tomli_w.dumps(effective)
+    assert "hunter2" not in text and "s3cret" not in text and "plain" not in text
+    assert effective["plugins"]["extra"] == {
+        "password": "<secret from $env RELAY_PASSWORD>",
+        "token": "<secret from $file secret>",
+        "api_secret": "<redacted>",
+    }
+    for name, section in SETTING_SECTIONS.items():
+        if getattr(config.settings, name) is not None:
+            assert name in effective[section], name
+    assert effective["server"]["workers"] == 1 and effective["dns"]["timeout"] == 5.0
+    again = tmp_path / "again.toml"
+    again.write_text(text)
+    reloaded = load_config(again)
+    assert reloaded.settings == config.settings
+    assert reloaded.dns == config.dns and reloaded.logging == config.logging
+    assert [x.where for x in reloaded.listeners] == [x.where for x in config.listeners]
+    assert reloaded.plugins.enabled == config.plugins.enabled

@@ -615,10 +615,12 @@ def test_an_unwritable_log_file_is_a_configuration_error(workdir, env):
     config.write_text(text)
     result = bonzo("serve", "-c", str(config), env=env, cwd=workdir)
     one_line_error(result, f"bonzo: {config}: logging.file: cannot open", "no/such/dir/b.log")
+    # bonzo check finds it too, before anyone runs serve.
+    result = bonzo("check", "-c", str(config), env=env, cwd=workdir)
+    one_line_error(result, f"bonzo: {config}: logging.file: cannot open", "no such directory")
 
 
 # ---------------------------------------------------- signals and the supervisor
-SIGHUP_IGNORED = "SIGHUP: configuration reload is not supported yet; ignored"
 
 
 def ready_pids(daemon: Daemon) -> list[int]:
@@ -780,27 +782,85 @@ def test_a_worker_checks_that_its_supervisor_is_still_its_parent():
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_sighup_is_logged_and_ignored(workdir, serve, workers):
+def test_sighup_reloads_and_a_message_in_flight_finishes_on_the_old_configuration(
+    workdir, serve, workers
+):
+    """SIGHUP: the configuration is read and checked again; new sessions get
+    the new one (here: a header plugin added), while a message in flight
+    finishes on the old; a configuration that does not load is logged and
+    the running one kept. With several workers, each reloads."""
     port = free_port()
-    daemon = serve(write_config(workdir, port, workers=workers, store="delay = 2.0\n"), port)
+    config = write_config(workdir, port, workers=workers, store="delay = 2.0\n")
+    daemon = serve(config, port)
     daemon.wait_ready(workers=workers)
     result: dict[str, Any] = {}
     thread = slow_client(port, result)
-    [delivering] = wait_until(
-        lambda: list(daemon.out.glob("*.delivering")), what="delivery to start"
+    wait_until(lambda: list(daemon.out.glob("*.delivering")), what="delivery to start")
+    two = write_config(
+        workdir,
+        port,
+        enabled=["headers", STORE],
+        workers=workers,
+        store="delay = 2.0\n",
+        extra='\n[plugins.headers]\nadd = { "X-Config" = "two" }\n',
+        name="two.toml",
     )
+    config.write_text(two.read_text())
     daemon.proc.send_signal(signal.SIGHUP)
-    if workers > 1:  # and to the worker receiving the message
-        os.kill(int(delivering.read_text()), signal.SIGHUP)
+    wait_until(lambda: daemon.log.count("reloaded ") == workers, what="every worker to reload")
     thread.join(DEADLINE)
     assert not thread.is_alive()
     assert result == {"sendmail": {}}
-    assert [r["to"] for r in daemon.records()] == [["slow@example.org"]]
-    wait_until(lambda: daemon.log.count(SIGHUP_IGNORED) == workers, what="the SIGHUP lines")
-    assert daemon.proc.poll() is None
+    [slow] = daemon.records()
+    assert "X-Config" not in slow["content"]  # it began on the old configuration
+    assert send(port, "after@example.org") == {}
+    [after] = [r for r in daemon.records() if r["to"] == ["after@example.org"]]
+    assert "X-Config: two\r\n" in after["content"]
+
+    config.write_text("this is [not TOML")
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: "still running the previous configuration" in daemon.log,
+        what="the refused reload",
+    )
+    assert send(port, "still@example.org") == {}
+    [still] = [r for r in daemon.records() if r["to"] == ["still@example.org"]]
+    assert "X-Config: two\r\n" in still["content"]
+    assert daemon.stop() == 0
+    assert "restarting" not in daemon.log and "Traceback" not in daemon.log
+
+
+def test_bonzo_reload_signals_the_daemon_of_the_pid_file(workdir, serve, env):
+    port = free_port()
+    config = write_config(workdir, port)
+    config.write_text(config.read_text().replace("workers = 1", 'workers = 1\npid_file = "b.pid"'))
+    daemon = serve(config, port)
+    daemon.wait_ready()
+    result = bonzo("reload", "-c", str(config), env=env, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert f"reload requested: pid {daemon.proc.pid}" in result.stdout
+    wait_until(lambda: "reloaded " in daemon.log, what="the reload")
+    # Listeners cannot change by a reload: the running ones are kept, and why is logged.
+    config.write_text(config.read_text().replace(f"port = {port}", f"port = {free_port()}"))
+    assert bonzo("reload", "-c", str(config), env=env, cwd=workdir).returncode == 0
+    wait_until(lambda: "listeners changed" in daemon.log, what="the refused reload")
     assert send(port) == {}
     assert daemon.stop() == 0
-    assert "restarting" not in daemon.log
+    stale = bonzo("reload", "-c", str(config), env=env, cwd=workdir)
+    assert stale.returncode == 1 and "no such file" in stale.stderr
+    no_pid = write_config(workdir, port, name="nopid.toml")
+    one_line_error(bonzo("reload", "-c", str(no_pid), env=env, cwd=workdir), "server.pid_file")
+
+
+def test_check_warns_when_no_plugin_can_accept_a_recipient(workdir, env):
+    """``access`` and ``maildir``: access only refuses at RCPT, so every
+    recipient would be refused; bonzo check says so."""
+    config = write_config(workdir, free_port(), enabled=["access", "maildir"])
+    result = bonzo("check", "-c", str(config), env=env, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "warning: no enabled plugin can accept a recipient: 'access' only refuse at RCPT"
+    ) in result.stdout
 
 
 def test_check_warns_about_a_plugin_that_never_runs(workdir, env):
@@ -896,3 +956,74 @@ def test_pid_file_and_readiness_to_systemd(workdir, env):
         assert (workdir / "bonzo.pid").read_text() == f"{daemon.proc.pid}\n"
         assert "named pid 999999999, which is gone; replaced" in daemon.log
         assert daemon.stop() == 0
+
+
+def test_config_command_prints_the_effective_configuration(workdir, env):
+    port = free_port()
+    config = write_config(workdir, port, extra='\n[plugins.extra]\npassword = { "$env" = "PW" }\n')
+    result = bonzo("config", "-c", str(config), env={**env, "PW": "hunter2"}, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"# {config}: the effective configuration (secrets redacted)")
+    assert "hunter2" not in result.stdout
+    assert 'password = "<secret from $env PW>"' in result.stdout
+    assert "max_message_size = " in result.stdout and "idle_timeout = " in result.stdout
+    bad = write_config(workdir, port, extra="\n[limits]\nmax_recipients = -1\n", name="bad.toml")
+    one_line_error(bonzo("config", "-c", str(bad), env=env, cwd=workdir), "limits.max_recipients")
+
+
+def test_serve_listen_overrides_the_listeners(workdir, env):
+    port, other = free_port(), free_port()
+    config = write_config(workdir, port)  # its port is not used
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bonzo",
+            "serve",
+            "-c",
+            str(config),
+            "--listen",
+            f"127.0.0.1:{other}",
+        ],
+        env=env,
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: _port_open(other), what="the --listen port")
+        assert not _port_open(port)
+        assert send(other) == {}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=DEADLINE)[0].decode()
+    assert f"listening on 127.0.0.1:{other} with 1 worker(s)" in out
+    bad = bonzo("serve", "-c", str(config), "--listen", "localhost:25", env=env, cwd=workdir)
+    one_line_error(bad, "bonzo: --listen: 'localhost:25': expected an IP address and a port")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_plugins_doc_prints_a_plugins_documentation(workdir, env):
+    result = bonzo("plugins", "--doc", "maildir", env=env, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("``maildir``: durable delivery into Maildir folders")
+    assert "``envelope_headers``" in result.stdout  # the whole README, keys included
+    (workdir / "plugins" / "documented.py").write_text(
+        'class Plugin:\n    """Refuses nothing; documents itself."""\n\n'
+        "    def bonzo_helo(self):\n        return None\n"
+    )
+    local = bonzo(
+        "plugins",
+        "--doc",
+        "documented:Plugin",
+        env={**env, "PYTHONPATH": f"{workdir / 'plugins'}:{env['PYTHONPATH']}"},
+        cwd=workdir,
+    )
+    assert local.stdout == "Refuses nothing; documents itself.\n", local.stderr
+    missing = bonzo("plugins", "--doc", "nope", env=env, cwd=workdir)
+    assert missing.returncode == 2 and "'nope' is not installed" in missing.stderr

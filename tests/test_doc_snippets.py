@@ -237,11 +237,14 @@ def test_startup_and_shutdown_open_and_close_the_journal(tmp_path: Path) -> None
         ((_, port),) = app.addresses
         with smtplib.SMTP("127.0.0.1", port, timeout=DEADLINE) as client:
             client.sendmail("alice@example.net", ["bob@example.org", "carol@example.org"], MESSAGE)
+        loop.run(app.plugins.call_observers("bonzo_reload", app))
         loop.run(app.stop())
     finally:
         loop.close()
     assert journal.file.closed
-    assert re.fullmatch(r"\w+ from=<alice@example\.net> to=2\n", journal.path.read_text())
+    assert re.fullmatch(
+        r"\w+ from=<alice@example\.net> to=2\n# configuration reloaded\n", journal.path.read_text()
+    )
 
 
 def test_a_startup_failure_stops_the_server(tmp_path: Path) -> None:

@@ -1441,6 +1441,31 @@ def test_quarantine_hook_gets_the_reason_and_may_be_async():
     assert got == [("first", "filter")]
 
 
+@pytest.mark.expect_errors
+def test_reload_hook_runs_on_every_plugin_and_a_failure_is_only_logged(caplog):
+    seen: list[str] = []
+
+    class Broken:
+        def bonzo_reload(self):
+            raise RuntimeError("cannot reopen")
+
+    class Fine:
+        async def bonzo_reload(self, app):
+            await asyncio.sleep(0)
+            seen.append(type(app).__name__)
+
+    plugins = PluginSet()
+    plugins.register(Broken(), "broken")
+    plugins.register(Fine(), "fine")
+
+    class App:
+        pass
+
+    asyncio.run(plugins.call_observers("bonzo_reload", App()))
+    assert seen == ["App"]
+    assert "cannot reopen" in caplog.text and "broken" in caplog.text
+
+
 # ------------------------------------------------------------- coverage
 def test_every_hook_has_an_implementation_tested_here():
     source = Path(__file__).read_text("utf-8")

@@ -53,3 +53,56 @@ def test_the_plugin_example_configuration_is_valid(tmp_path):
     assert tomllib.loads(toml)["plugins"]["enabled"][0] == "myplugins:NoSpamExample"
     config = parse_config(toml, source="README.md", base_dir=tmp_path)
     assert config.plugins.enabled == ["myplugins:NoSpamExample", "recipients", "maildir"]
+
+
+def test_the_plugin_example_runs_as_written(tmp_path):
+    """The README's two files, as written, in a directory: ``bonzo serve``
+    takes mail for example.com and refuses the spam domain."""
+    import subprocess
+    import sys
+
+    from daemon_support import DEADLINE, daemon_env, free_port, wait_until
+
+    (source,) = [b for b in blocks("python") if "NoSpamExample" in b]
+    (toml,) = [b for b in blocks("toml") if "NoSpamExample" in b]
+    (tmp_path / "myplugins.py").write_text(source)
+    (tmp_path / "bonzo.toml").write_text(toml)
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bonzo",
+            "serve",
+            "-c",
+            "bonzo.toml",
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
+        cwd=tmp_path,
+        env=daemon_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+
+        def listening() -> bool:
+            try:
+                smtplib.SMTP("127.0.0.1", port, timeout=1).quit()
+            except OSError:
+                return False
+            return True
+
+        wait_until(listening, what="the README's server")
+        with smtplib.SMTP("127.0.0.1", port, timeout=DEADLINE) as client:
+            with pytest.raises(smtplib.SMTPSenderRefused):
+                client.sendmail("x@spam.example", ["a@example.com"], "Subject: s\r\n\r\nx\r\n")
+            client.rset()
+            assert (
+                client.sendmail("x@ok.example", ["a@example.com"], "Subject: s\r\n\r\nx\r\n") == {}
+            )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=DEADLINE)
+    assert len(list((tmp_path / "Maildir" / "new").iterdir())) == 1

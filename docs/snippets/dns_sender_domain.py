@@ -21,7 +21,7 @@ class SenderMailHost:
             await self.dns.resolve_mx(mailbox.domain)
         except DNSError as exc:
             if exc.temporary:  # SERVFAIL, a timeout...: the client tries again later
-                raise errors.TransientError("Sender domain lookup failed", 451, "4.4.3") from None
+                raise errors.TransientError(451, "Sender domain lookup failed", "4.4.3") from None
             # NXDomain, NoAddress, NullMX: it will not change by asking again.
-            raise errors.PermanentError("Sender domain accepts no mail", 550, "5.1.8") from None
+            raise errors.PermanentError(550, "Sender domain accepts no mail", "5.1.8") from None
         return None

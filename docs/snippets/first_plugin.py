@@ -8,7 +8,7 @@ class FirstPlugin:
     def bonzo_rcpt(self, address):
         local_part = address.rpartition("@")[0]
         if local_part.lower() == "noreply":
-            raise errors.PermanentError("This address does not receive mail", 550, "5.1.1")
+            raise errors.PermanentError(550, "This address does not receive mail", "5.1.1")
         # Returning None means "no opinion": the next plugin (recipients) decides.
 
     @hookimpl

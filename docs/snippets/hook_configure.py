@@ -20,4 +20,4 @@ class SenderBlocklist:
     @hookimpl
     def bonzo_mail(self, address):
         if address.lower() in self.senders:
-            raise errors.PermanentError("Sender refused", 550, "5.7.1")
+            raise errors.PermanentError(550, "Sender refused", "5.7.1")

@@ -14,5 +14,5 @@ class NetworkGate:
         client = ipaddress.ip_address(session.remote_ip)
         if any(client in net for net in self.blocked):
             # Sent instead of the greeting; then Bonzo closes the connection.
-            raise errors.PermanentError("Your network is not welcome here", 554, "5.7.1")
+            raise errors.PermanentError(554, "Your network is not welcome here", "5.7.1")
         # None: no opinion. The greeting is "220 <hostname> ESMTP".

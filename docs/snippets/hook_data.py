@@ -7,4 +7,4 @@ class OneRecipientBounces:
     @hookimpl
     def bonzo_data(self, envelope):
         if envelope.mail_from == "" and len(envelope.rcpt_tos) > 1:
-            raise errors.PermanentError("A bounce has exactly one recipient", 550, "5.7.1")
+            raise errors.PermanentError(550, "A bounce has exactly one recipient", "5.7.1")

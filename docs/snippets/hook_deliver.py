@@ -37,6 +37,6 @@ class DirectoryDelivery:
             path = await asyncio.to_thread(self._store, envelope)  # off the event loop
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise errors.TransientError("Insufficient storage", 452, "4.3.1") from exc
+                raise errors.TransientError(452, "Insufficient storage", "4.3.1") from exc
             raise  # any other fault: 451 4.3.0, logged with this plugin's name
         return Accept(f"Ok: stored as {path.name}")

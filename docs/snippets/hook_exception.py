@@ -7,5 +7,5 @@ class DirectoryOutage:
     @hookimpl
     def bonzo_exception(self, error, hook, plugin):
         if hook == "bonzo_rcpt" and isinstance(error, (ConnectionError, TimeoutError)):
-            return errors.TransientError("Directory unavailable, try again later", 451, "4.4.3")
+            return errors.TransientError(451, "Directory unavailable, try again later", "4.4.3")
         return None  # anything else: the default 451 4.3.0

@@ -13,6 +13,6 @@ class SenderDomains:
         if mailbox.is_null:
             return None  # a bounce (MAIL FROM:<>): always let it in
         if mailbox.domain in self.refused:  # canonical: no spelling gets past
-            raise errors.PermanentError("Sender domain refused", 550, "5.7.1")
+            raise errors.PermanentError(550, "Sender domain refused", "5.7.1")
         # Per-message state goes in envelope.stash, under our own key.
         envelope.stash["sender_domains"] = {"declared_size": params.get("SIZE")}

@@ -7,5 +7,5 @@ class RequireFrom:
     @hookimpl
     def bonzo_message(self, envelope):
         if envelope.message["From"] is None:  # RFC 5322 3.6: From: is required
-            raise errors.PermanentError("Message has no From: header", 550, "5.6.0")
+            raise errors.PermanentError(550, "Message has no From: header", "5.6.0")
         envelope.add_header("X-From-Checked", "yes")

@@ -18,4 +18,4 @@ class LocalMailboxes:
             return None  # not ours: another plugin may accept it, else 550 5.7.1
         if mailbox.local.lower() in self.users:
             return Accept()  # ours: Bonzo adds it to the envelope
-        raise errors.PermanentError("User unknown", 550, "5.1.1")
+        raise errors.PermanentError(550, "User unknown", "5.1.1")

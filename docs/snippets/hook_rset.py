@@ -14,4 +14,4 @@ class RsetLimit:
     @hookimpl
     def bonzo_mail(self, session):
         if session.stash.get("rset_limit", 0) > self.limit:
-            raise errors.TransientError("Too many RSET commands", 421, "4.7.0", close=True)
+            raise errors.TransientError(421, "Too many RSET commands", "4.7.0", close=True)

@@ -1,4 +1,5 @@
-"""A journal of accepted messages: a file opened at startup, closed at shutdown."""
+"""A journal of accepted messages: a file opened at startup, closed at shutdown,
+noting each reload of the configuration."""
 
 import asyncio
 
@@ -25,6 +26,13 @@ class Journal:
     @hookimpl
     def bonzo_accepted(self, envelope):
         self.file.write(f"{envelope.id} from=<{envelope.mail_from}> to={len(envelope.rcpt_tos)}\n")
+        self.file.flush()
+
+    @hookimpl
+    def bonzo_reload(self, app):
+        # This Journal belongs to the new configuration (SIGHUP); the old
+        # one's file stays open until its sessions end and it shuts down.
+        self.file.write("# configuration reloaded\n")
         self.file.flush()
 
     @hookimpl

@@ -229,6 +229,10 @@ class AccessPlugin:
     rule's reply.
     """
 
+    #: The decision hooks where it can accept: none (it refuses or has no
+    #: opinion), so ``bonzo check`` warns when no other plugin can accept.
+    accepts = ()
+
     def __init__(self) -> None:
         self.rules: dict[str, list[Rule]] = {stage: [] for stage in STAGES}
         self.default_reply = parse_reply(DEFAULT_REPLY, "default_reply")

@@ -29,10 +29,12 @@ the attempt (and the report), it never loses one.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import io
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +45,7 @@ from bonzo.session import new_session_id
 
 from .bounce import ReportLine, build_report, wants_report
 from .routes import Outcome, RouteTable
-from .spool import GroupSync, QueuedMessage, Recipient, Spool, SpoolError
+from .spool import Claim, GroupSync, QueuedMessage, Recipient, Spool, SpoolError
 
 __all__ = ["Runner", "RunnerSettings", "backoff"]
 
@@ -110,8 +112,17 @@ class Runner:
         self._destinations: dict[str, asyncio.Semaphore] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # The runner's file work (claim, read, remove) gets threads of its
+        # own: in the loop's default executor it would wait behind every
+        # accepting session's write and fsync, and delivery would starve
+        # while mail arrives.
+        self._executor = ThreadPoolExecutor(4, thread_name_prefix="bonzo-queue-runner")
         #: When each known message is next due (refreshed by scans).
         self._due: dict[str, float] = {}
+        #: The same as a heap of (due, id), for the next due message in
+        #: O(log n); an entry whose time no longer matches ``_due`` is stale
+        #: and dropped when it comes up.
+        self._heap: list[tuple[float, str]] = []
         #: Messages by state at the last scan (:data:`QUEUE_STATES`).
         self.depth: dict[str, int] = dict.fromkeys(QUEUE_STATES, 0)
         self._flush_mtime: float | None = None
@@ -139,6 +150,7 @@ class Runner:
             if pending:
                 await asyncio.wait(pending)
         await self.routes.close()
+        self._executor.shutdown(wait=False)
 
     def kick(self, id: str | None = None) -> None:
         """Try ``id`` now (a message just accepted), or rescan the queue."""
@@ -146,7 +158,22 @@ class Runner:
             self._kicked.append(id)
         else:
             self._due.clear()
+            self._heap.clear()
         self._wake.set()
+
+    def _set_due(self, id: str, when: float) -> None:
+        self._due[id] = when
+        heapq.heappush(self._heap, (when, id))
+
+    def _next_due(self) -> tuple[float, str] | None:
+        """The earliest (due, id) that is current, stale heap entries dropped."""
+        heap = self._heap
+        while heap:
+            when, id = heap[0]
+            if self._due.get(id) == when:
+                return when, id
+            heapq.heappop(heap)
+        return None
 
     # ------------------------------------------------------------ scheduling
     def _flushed(self) -> bool:
@@ -172,7 +199,7 @@ class Runner:
                 next_scan = 0.0
             if now >= next_scan:
                 try:
-                    await loop.run_in_executor(None, self._scan)
+                    await loop.run_in_executor(self._executor, self._scan)
                 except OSError as exc:
                     log.error("queue: cannot scan %s: %s", self.spool.data, exc)
                 else:
@@ -180,17 +207,26 @@ class Runner:
                         metrics.active.queue_depth(self.depth)
                 next_scan = now + self.settings.scan_interval
             for id in self._kicked:
-                self._due[id] = 0.0
+                self._set_due(id, 0.0)
             self._kicked.clear()
             now = self.clock()
-            for id, due in sorted(self._due.items(), key=lambda item: item[1]):
-                if due <= now and id not in self._inflight:
-                    self._start(id)
             # At most a second: a flush from the command line is seen quickly.
             wait = min(next_scan - now, 1.0)
-            upcoming = [d for i, d in self._due.items() if i not in self._inflight]
-            if upcoming:
-                wait = min(wait, min(upcoming) - now)
+            # Start due messages, the earliest first, while a delivery slot is
+            # free; a finished attempt wakes this loop for the next. The cost
+            # is O(log n) per message, however long the queue.
+            while len(self._inflight) < self.settings.max_deliveries:
+                first = self._next_due()
+                if first is None:
+                    break
+                when, id = first
+                if when > now:
+                    wait = min(wait, when - now)
+                    break
+                heapq.heappop(self._heap)
+                if id not in self._inflight:
+                    self._start(id)
+                # else: in flight; its attempt sets its next due time
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, wait))
@@ -216,7 +252,10 @@ class Runner:
                 due[id] = when
                 tried = any(r.attempts for r in message.recipients)
                 depth["deferred" if tried else "new"] += 1
-        self._due = due
+        heap = [(when, id) for id, when in due.items()]
+        heapq.heapify(heap)
+        # Plain assignments: the loop thread reads them after this returns.
+        self._due, self._heap = due, heap
         self.depth = depth
 
     def _start(self, id: str) -> None:
@@ -237,18 +276,18 @@ class Runner:
         except Exception:
             log.error("queue: attempt at message %s failed", id, exc_info=True)
             # Look at it again after the shortest back-off, not in a busy loop.
-            self._due[id] = self.clock() + self.settings.min_backoff
+            self._set_due(id, self.clock() + self.settings.min_backoff)
 
     # --------------------------------------------------------------- attempt
     async def attempt(self, id: str) -> None:
         """One delivery attempt at message ``id`` (see the module description)."""
         loop = asyncio.get_running_loop()
-        claim = await loop.run_in_executor(None, self.spool.claim, id)
-        if claim is None:
+        claimed = await loop.run_in_executor(self._executor, self._claim_and_load, id)
+        if claimed is None:
             self._due.pop(id, None)  # another worker has it, or it is gone
             return
+        claim, message = claimed
         try:
-            message = await loop.run_in_executor(None, self.spool.load, id)
             now = self.clock()
             due = message.due(now)
             if message.held or not due:
@@ -256,20 +295,48 @@ class Runner:
                 if nxt is None or message.held:
                     self._due.pop(id, None)
                 else:
-                    self._due[id] = nxt
+                    self._set_due(id, nxt)
                 return
             outcomes = await self._deliver(message, due)
             await self._settle(message, outcomes)
             nxt = message.next_due
             if nxt is None:
-                await loop.run_in_executor(None, self.spool.remove, id)
+                await self._remove(id, claim)
                 self._due.pop(id, None)
                 log.info("queue: %s done", id)
             else:
-                await loop.run_in_executor(None, self.spool.save_state, message)
-                self._due[id] = nxt
+                await loop.run_in_executor(self._executor, self.spool.save_state, message)
+                self._set_due(id, nxt)
         finally:
+            claim.release()  # (already released by _remove: then nothing to do)
+
+    def _claim_and_load(self, id: str) -> tuple[Claim, QueuedMessage] | None:
+        """Blocking: claim message ``id`` and read it (one trip to a thread)."""
+        claim = self.spool.claim(id)
+        if claim is None:
+            return None
+        try:
+            return claim, self.spool.load(id)
+        except BaseException:
             claim.release()
+            raise
+
+    async def _remove(self, id: str, claim: Claim) -> None:
+        """Remove a finished message and release its claim; the directory
+        fsync that makes the removal durable is shared (:class:`GroupSync`)
+        with the other removals and acceptances of the moment."""
+
+        def remove() -> None:
+            try:
+                self.spool.remove(id, sync=False)
+            finally:
+                # Closing the last descriptor of the unlinked file frees it
+                # on disk: file system work, kept off the event loop.
+                claim.release()
+
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, remove)
+        await self.sync.sync()
 
     async def give_up(self, id: str, reason: str, wait: float = 10.0) -> str | None:
         """Bounce every undelivered recipient of message ``id`` now (``bonzo
@@ -278,16 +345,16 @@ class Runner:
         (``""`` if no report was due), or ``None`` if the message could not
         be claimed within ``wait`` seconds."""
         loop = asyncio.get_running_loop()
-        claim = await loop.run_in_executor(None, lambda: self.spool.claim(id, wait=wait))
+        claim = await loop.run_in_executor(self._executor, lambda: self.spool.claim(id, wait=wait))
         if claim is None:
             return None
         try:
-            message = await loop.run_in_executor(None, self.spool.load, id)
+            message = await loop.run_in_executor(self._executor, self.spool.load, id)
             outcomes = {
                 i: Outcome("failed", 550, "5.0.0", reason, "postmaster") for i in message.pending
             }
             reports = await self._settle(message, outcomes)
-            await loop.run_in_executor(None, self.spool.remove, id)
+            await self._remove(id, claim)
             self._due.pop(id, None)
             return reports[0] if reports else ""
         finally:
@@ -536,7 +603,9 @@ class Runner:
             "records": {},
         }
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.spool.write, id, envelope, b"", io.BytesIO(content))
+        await loop.run_in_executor(
+            self._executor, self.spool.write, id, envelope, b"", io.BytesIO(content)
+        )
         await self.sync.sync()
         self.kick(id)
         return id

@@ -450,14 +450,17 @@ class Spool:
             raise
         fsync_dir(self.state)
 
-    def remove(self, id: str) -> None:
-        """Blocking: remove a message (its state, then its data) durably."""
+    def remove(self, id: str, *, sync: bool = True) -> None:
+        """Blocking: remove a message (its state, then its data), durably
+        unless ``sync`` is false (then the caller fsyncs :attr:`data`, as
+        the runner does through its :class:`GroupSync`)."""
         for path in (self.state / f"{id}.json", self.data / id):
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-        fsync_dir(self.data)
+        if sync:
+            fsync_dir(self.data)
 
     # ---------------------------------------------------------------- claims
     def claim(self, id: str, *, wait: float = 0.0) -> Claim | None:

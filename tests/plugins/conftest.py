@@ -16,3 +16,13 @@ def _no_unexpected_errors(caplog: pytest.LogCaptureFixture, request: pytest.Fixt
         return
     errors = [r for r in caplog.get_records("call") if r.levelno >= logging.ERROR]
     assert not errors, "unexpected errors logged: " + "; ".join(r.getMessage() for r in errors)
+
+
+@pytest.fixture(autouse=True)
+def _close_auth_envelopes():
+    """Close the envelopes the mail-authentication tests made (their spools)."""
+    yield
+    from auth_testing import OPEN
+
+    while OPEN:
+        OPEN.pop().close()

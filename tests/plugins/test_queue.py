@@ -802,6 +802,59 @@ def test_the_example_configuration_shows_every_key_and_configures(tmp_path, monk
     assert plugin.settings.lifetime == 5 * 86400
 
 
+class Counting:
+    """Delivers everything after a short wait, counting deliveries at once."""
+
+    kind = "counting"
+    final = False
+
+    def __init__(self) -> None:
+        self.delivered: list[str] = []
+        self.now = 0
+        self.most = 0
+
+    def destination(self, recipient: Recipient) -> str:
+        return recipient.domain
+
+    async def deliver(self, message: Any, recipients: Sequence[Recipient]) -> list[Outcome]:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        try:
+            await asyncio.sleep(0.002)
+        finally:
+            self.now -= 1
+        self.delivered.append(message.id)
+        return [OK for _ in recipients]
+
+
+def test_runner_drains_a_backlog_and_new_mail_within_its_limits(tmp_path):
+    """A queue found at start and messages kicked while it drains are all
+    delivered once, never more than max_deliveries at a time."""
+    transport = Counting()
+    spool, runner, clock = make_runner(tmp_path, transport, max_deliveries=4, per_destination=4)
+    for i in range(60):
+        queued(spool, f"B{i}", envelope())
+
+    async def main() -> None:
+        runner.start()
+        await asyncio.sleep(0.01)
+        for i in range(20):  # arriving while the backlog drains
+            queued(spool, f"N{i}", envelope())
+            runner.kick(f"N{i}")
+        for _ in range(1000):  # at most 10 s
+            if not spool.ids() and not runner._inflight:
+                break
+            await asyncio.sleep(0.01)
+        await runner.stop()
+
+    asyncio.run(main())
+    assert spool.ids() == []
+    assert sorted(transport.delivered) == sorted(
+        [f"B{i}" for i in range(60)] + [f"N{i}" for i in range(20)]
+    )
+    assert 1 <= transport.most <= 4
+
+
 def test_metrics_count_outcomes_per_recipient_and_the_depth_by_state(tmp_path):
     prometheus = pytest.importorskip("prometheus_client")
     from bonzo.metrics import Metrics

@@ -47,7 +47,7 @@ class TaggerPlugin:
             text = body.get_content().lower() if body is not None else ""
             hit = next((w for w in self.refuse if w in text), None)
             if hit is not None:
-                raise errors.PermanentError("Message refused by content policy", 550, "5.7.1")
+                raise errors.PermanentError(550, "Message refused by content policy", "5.7.1")
         subject = str(message.get("Subject", "")).lower()
         found = [w for w in self.keywords if w in subject]
         if found:

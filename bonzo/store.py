@@ -1,0 +1,400 @@
+"""Shared state for plugins: counters and short-lived entries with expiry.
+
+Rate limits and greylisting must remember what clients did, and when several
+Bonzo processes (workers, machines) serve one domain they must remember it
+together. :class:`Store` is the small interface such plugins use
+(``app.store``): a sliding-window counter (:meth:`Store.hit`) and keys with a
+time to live (:meth:`Store.get`, :meth:`Store.set`, :meth:`Store.delete`).
+
+Two implementations, chosen by the ``[redis]`` table (:class:`StoreSettings`):
+
+* :class:`MemoryStore` (no ``url``): in this process only, bounded by
+  expiry and a cap on the number of keys (least recently used go first).
+* :class:`RedisStore` (``url`` set): on a Redis server through redis-py's
+  asyncio client (the optional ``redis`` extra), shared by every process
+  that names the same server.
+
+Every failure to reach the shared state raises :class:`StoreError`; the
+plugin decides what that means (its documented failure mode), never the
+client-facing code, so a local fault is never a permanent (5xx) reply.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+from urllib.parse import urlsplit
+
+from .settings import SettingError, positive_seconds
+
+__all__ = [
+    "StoreSettings",
+    "Store",
+    "StoreError",
+    "Hit",
+    "MemoryStore",
+    "RedisStore",
+    "open_store",
+    "redis_available",
+]
+
+log = logging.getLogger("bonzo.store")
+
+#: URL schemes redis-py accepts: plain TCP, TLS, and a Unix socket.
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def redis_available() -> bool:
+    """True if redis-py is installed (``pip install 'bonzo[redis]'``)."""
+    return importlib.util.find_spec("redis") is not None
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """The ``[redis]`` table: where shared state lives.
+
+    Every field is validated when the object is made (a
+    :class:`~bonzo.settings.SettingError` naming the field). The defaults
+    keep state in each process (:class:`MemoryStore`).
+    """
+
+    #: The Redis server, e.g. ``"redis://127.0.0.1:6379/0"``,
+    #: ``"rediss://user@redis.example:6380/0"`` (TLS) or
+    #: ``"unix:///run/redis/redis.sock?db=0"``. Empty: state stays in each
+    #: process.
+    url: str = ""
+    #: A password that the URL does not hold (give it with ``$env`` or
+    #: ``$file`` to keep it out of the file).
+    password: str = ""
+    #: Seconds to wait for a connection to Redis.
+    connect_timeout: float = 1.0
+    #: Seconds to wait for one command's answer. Plugins ask Redis while a
+    #: client waits for a reply: keep this short.
+    timeout: float = 1.0
+    #: Seconds during which, after a failure to reach Redis, every call fails
+    #: at once instead of waiting for its timeouts again.
+    retry_interval: float = 5.0
+    #: Connections to Redis each process keeps at most.
+    max_connections: int = 50
+    #: Put in front of every key, so that several clusters (or other
+    #: programs) can share one Redis database.
+    key_prefix: str = "bonzo:"
+    #: Keys :class:`MemoryStore` keeps at most (when :attr:`url` is empty);
+    #: the least recently used go first.
+    memory_max_keys: int = 100_000
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """The names of the fields, in order (the keys of ``[redis]``)."""
+        return [f.name for f in fields(cls)]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str):
+            raise SettingError("url", f"must be a string, not {self.url!r}")
+        if self.url:
+            parts = urlsplit(self.url)
+            if parts.scheme not in REDIS_SCHEMES:
+                raise SettingError(
+                    "url", f"must start with redis://, rediss:// or unix://, not {_safe(self.url)}"
+                )
+            try:
+                parts.port  # noqa: B018 - raises for a bad port
+            except ValueError:
+                raise SettingError("url", f"has a bad port: {_safe(self.url)}") from None
+            if parts.scheme != "unix" and not parts.hostname:
+                raise SettingError("url", f"names no host: {_safe(self.url)}")
+            if parts.scheme == "unix" and not parts.path:
+                raise SettingError("url", f"names no socket path: {_safe(self.url)}")
+            if not redis_available():
+                raise SettingError("url", "redis-py is not installed (pip install 'bonzo[redis]')")
+        if not isinstance(self.password, str):
+            raise SettingError("password", "must be a string")
+        for name in ("connect_timeout", "timeout", "retry_interval"):
+            value = getattr(self, name)
+            if not positive_seconds(value):
+                raise SettingError(name, f"must be a positive number of seconds, not {value!r}")
+        for name, low, high in (("max_connections", 1, 10_000), ("memory_max_keys", 1, 10**8)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise SettingError(name, f"must be an integer {low}..{high}, not {value!r}")
+        if not isinstance(self.key_prefix, str) or len(self.key_prefix) > 100:
+            raise SettingError("key_prefix", "must be a string of at most 100 characters")
+
+    @property
+    def enabled(self) -> bool:
+        """True when state is shared on Redis."""
+        return bool(self.url)
+
+    @property
+    def where(self) -> str:
+        """The server for log lines, without any password."""
+        return _safe(self.url) if self.url else "memory"
+
+
+def _safe(url: str) -> str:
+    """``url`` without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return parts._replace(netloc=user + netloc).geturl()
+
+
+class StoreError(Exception):
+    """The shared state could not be read or written (Redis down, slow or
+    refusing). The message is for the log, never for the client."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    """What :meth:`Store.hit` found."""
+
+    #: True if the event was within the limit (and was counted).
+    allowed: bool
+    #: The events in the window counting this one, whether or not it was
+    #: allowed (an estimate: see :meth:`Store.hit`).
+    count: float
+
+
+class Store:
+    """The interface plugins use for shared state (``app.store``).
+
+    Keys are strings, put after :attr:`StoreSettings.key_prefix`; plugins
+    start theirs with their own name (``"ratelimit:..."``).
+    """
+
+    #: ``"memory"`` or ``"redis"``.
+    kind = "store"
+
+    async def hit(self, key: str, limit: int, window: float) -> Hit:
+        """Count one event of ``key`` in a sliding window of ``window``
+        seconds, unless ``limit`` events are already in it.
+
+        The window slides by the sliding-window-counter method: the events of
+        the current fixed window of ``window`` seconds plus those of the
+        previous one, weighted by how much of it the sliding window still
+        covers. Memory per key is two counters whatever the limit; the count
+        assumes the previous window's events were spread evenly. An event
+        over the limit is not counted, so a client that keeps trying is let
+        in again as the window slides.
+        """
+        raise NotImplementedError
+
+    async def get(self, key: str) -> str | None:
+        """The value of ``key``, or ``None`` if it is not set (or expired)."""
+        raise NotImplementedError
+
+    async def set(self, key: str, value: str, ttl: float, *, only_new: bool = False) -> bool:
+        """Set ``key`` to ``value`` for ``ttl`` seconds. With ``only_new``,
+        only if it is not set (two nodes seeing the same thing first agree
+        on one value). Returns whether it was set."""
+        raise NotImplementedError
+
+    async def delete(self, key: str) -> None:
+        """Forget ``key``."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release connections (the server is stopping)."""
+
+
+class MemoryStore(Store):
+    """State in this process only: each worker process has its own.
+
+    :arg max_keys: keys kept at most; past it, the least recently used key
+        is dropped (a limit then starts again from zero for it).
+    :arg clock: the wall clock (:func:`time.time`); tests pass their own.
+    """
+
+    kind = "memory"
+
+    def __init__(self, max_keys: int = 100_000, clock: Callable[[], float] = time.time) -> None:
+        self.max_keys = max_keys
+        self.clock = clock
+        # key -> (expires at, value); a counter's value is (slot, current, previous).
+        self._data: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+
+    @property
+    def size(self) -> int:
+        """The keys held now (expired ones included until they are dropped)."""
+        return len(self._data)
+
+    def _lookup(self, key: str, now: float) -> Any:
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= now:
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        return entry[1]
+
+    def _store(self, key: str, expires: float, value: Any) -> None:
+        self._data[key] = (expires, value)
+        self._data.move_to_end(key)
+        while len(self._data) > self.max_keys:
+            self._data.popitem(last=False)
+
+    async def hit(self, key: str, limit: int, window: float) -> Hit:
+        now = self.clock()
+        slot = math.floor(now / window)
+        weight = 1.0 - (now / window - slot)
+        current = previous = 0
+        entry = self._lookup(key, now)
+        if entry is not None:
+            last_slot, last_count, last_previous = entry
+            if last_slot == slot:
+                current, previous = last_count, last_previous
+            elif last_slot == slot - 1:
+                previous = last_count
+        count = previous * weight + current
+        if count + 1 > limit:
+            return Hit(False, count + 1)
+        self._store(key, (slot + 2) * window, (slot, current + 1, previous))
+        return Hit(True, count + 1)
+
+    async def get(self, key: str) -> str | None:
+        value = self._lookup(key, self.clock())
+        return value if isinstance(value, str) else None
+
+    async def set(self, key: str, value: str, ttl: float, *, only_new: bool = False) -> bool:
+        now = self.clock()
+        if only_new and self._lookup(key, now) is not None:
+            return False
+        self._store(key, now + ttl, value)
+        return True
+
+    async def delete(self, key: str) -> None:
+        self._data.pop(key, None)
+
+
+# KEYS[1]: the current window's counter, KEYS[2]: the previous one's.
+# ARGV[1]: the previous window's weight, ARGV[2]: the limit, ARGV[3]: the
+# counter's lifetime in milliseconds. One script, so that two nodes counting
+# at once cannot both take the last place. Floats go back as strings (Redis
+# would truncate a Lua number to an integer).
+_HIT_SCRIPT = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local previous = tonumber(redis.call('GET', KEYS[2]) or '0')
+local count = previous * tonumber(ARGV[1]) + current
+if count + 1 > tonumber(ARGV[2]) then
+  return {0, tostring(count + 1)}
+end
+current = redis.call('INCR', KEYS[1])
+if current == 1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+return {1, tostring(previous * tonumber(ARGV[1]) + current)}
+"""
+
+
+class RedisStore(Store):
+    """State on a Redis server (redis-py's asyncio client), shared by every
+    Bonzo process that names it.
+
+    The client is made on first use, in the event loop of the process that
+    uses it (workers fork after the configuration is read). After a failure
+    to reach Redis, calls fail at once for
+    :attr:`StoreSettings.retry_interval` seconds instead of each waiting for
+    the timeouts.
+    """
+
+    kind = "redis"
+
+    def __init__(self, settings: StoreSettings, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._client: Any = None
+        self._script: Any = None
+        self._down_until = 0.0
+
+    def _redis(self) -> Any:
+        if self._client is None:
+            import redis.asyncio
+
+            s = self.settings
+            options: dict[str, Any] = {
+                "socket_connect_timeout": s.connect_timeout,
+                "socket_timeout": s.timeout,
+                "max_connections": s.max_connections,
+                "decode_responses": True,
+                # A failed command is reported at once; the store's own
+                # retry_interval decides when to try again.
+                "retry_on_timeout": False,
+            }
+            if s.password:
+                options["password"] = s.password
+            self._client = redis.asyncio.Redis.from_url(s.url, **options)
+            self._script = self._client.register_script(_HIT_SCRIPT)
+        return self._client
+
+    async def _call(self, what: str, operation: Callable[[Any], Any]) -> Any:
+        now = time.monotonic()
+        if now < self._down_until:
+            raise StoreError(f"Redis at {self.settings.where} is unreachable (not retried yet)")
+        try:
+            return await operation(self._redis())
+        except Exception as exc:
+            # redis-py's ConnectionError/TimeoutError/ResponseError, and
+            # OSError from below it: all mean no answer we can use.
+            self._down_until = time.monotonic() + self.settings.retry_interval
+            raise StoreError(
+                f"Redis at {self.settings.where}: {what} failed: {type(exc).__name__}: {exc}"
+            ) from None
+
+    def _key(self, key: str) -> str:
+        return self.settings.key_prefix + key
+
+    async def hit(self, key: str, limit: int, window: float) -> Hit:
+        now = self.clock()
+        slot = math.floor(now / window)
+        weight = 1.0 - (now / window - slot)
+        full = self._key(key)
+        keys = [f"{full}:{slot}", f"{full}:{slot - 1}"]
+        args = [repr(weight), str(limit), str(max(1, math.ceil(2 * window * 1000)))]
+
+        async def run(client: Any) -> Any:
+            return await self._script(keys=keys, args=args, client=client)
+
+        allowed, count = await self._call("counting", run)
+        return Hit(bool(int(allowed)), float(count))
+
+    async def get(self, key: str) -> str | None:
+        full = self._key(key)
+        value = await self._call("reading", lambda client: client.get(full))
+        return None if value is None else str(value)
+
+    async def set(self, key: str, value: str, ttl: float, *, only_new: bool = False) -> bool:
+        full = self._key(key)
+        px = max(1, math.ceil(ttl * 1000))
+        done = await self._call(
+            "writing", lambda client: client.set(full, value, px=px, nx=only_new)
+        )
+        return bool(done)
+
+    async def delete(self, key: str) -> None:
+        full = self._key(key)
+        await self._call("deleting", lambda client: client.delete(full))
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.aclose()
+            except Exception as exc:  # pragma: no cover - closing a broken pool
+                log.debug("closing the Redis client: %r", exc)
+
+
+def open_store(settings: StoreSettings) -> Store:
+    """The store the ``[redis]`` table asks for: :class:`RedisStore` when
+    :attr:`~StoreSettings.url` is set, else :class:`MemoryStore`."""
+    if settings.enabled:
+        return RedisStore(settings)
+    return MemoryStore(settings.memory_max_keys)

@@ -1,0 +1,196 @@
+"""One ``Authentication-Results:`` field (RFC 8601) for what ``spf``,
+``dkim``, ``dmarc`` (and ARC) found, under this server's authserv-id; and
+the removal of fields a sender forged with that id.
+
+The fields are built with the `authres <https://pypi.org/project/authres/>`_
+library from the results on ``session.results`` and ``envelope.results``;
+every value that came from the client or from DNS is reduced to a safe
+token, a domain or a quoted string first (authres writes values as given).
+
+See ``README.rst`` in this directory for the configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import authres
+import authres.arc
+import authres.dmarc
+
+from bonzo.hookspecs import hookimpl
+from bonzo.session import Envelope, Session
+
+from .._auth import sanitize
+from .._config import as_table, check_keys, get_bool, get_str
+
+__all__ = ["AuthresPlugin", "KEYS", "authserv_id_of"]
+
+log = logging.getLogger("bonzo.plugins.authres")
+
+KEYS = ("authserv_id", "remove_forged", "reasons")
+FIELD = "Authentication-Results"
+#: A value authres may write as is: a token, or an address or domain of
+#: token characters (RFC 8601 2.2 pvalue, RFC 2045 token).
+_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~.@]{1,255}")
+_ID = re.compile(r"[A-Za-z0-9.\-_]{1,255}")
+
+
+def _pvalue(value: Any) -> str:
+    """``value`` as a property value: its printable ASCII, which authres
+    quotes when it is not a token — except a value with an ``@``, which it
+    writes as is (an address): that one is quoted here unless it is made of
+    token characters."""
+    text = sanitize(str(value), 255)
+    if _TOKEN.fullmatch(text) or "@" not in text:
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _reason(result: Any) -> str | None:
+    return sanitize(result.reason, 120) or None
+
+
+def authserv_id_of(value: bytes) -> str | None:
+    """The authserv-id of an ``Authentication-Results:`` field's value (lower
+    case), or ``None`` if it has none that parses."""
+    text = value.decode("utf-8", "replace")
+    try:
+        return str(authres.AuthenticationResultsHeader.parse_value(text).authserv_id).lower()
+    except Exception:  # authres raises several kinds on a malformed field
+        # The id is the first word, before any version and the first ";".
+        text = re.sub(r"\([^()]*\)", " ", text)
+        words = text.split(";", 1)[0].split()
+        return words[0].lower() if words else None
+
+
+class AuthresPlugin:
+    """Writes the results of the authentication plugins into one
+    ``Authentication-Results:`` field."""
+
+    def __init__(self) -> None:
+        self.authserv_id = "localhost"
+        self.remove_forged = True
+        self.reasons = True
+
+    @hookimpl
+    def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
+        """Validate ``[plugins.authres]``."""
+        table = as_table(config)
+        check_keys(table, KEYS)
+        settings = getattr(app, "settings", None) if app is not None else None
+        default = getattr(settings, "hostname", None) or "localhost"
+        value = get_str(table, "authserv_id", default)
+        if not _ID.fullmatch(value):
+            raise ValueError(
+                f"authserv_id: {value!r} is not a usable id (a host name: letters, digits, "
+                "'.', '-', '_')"
+            )
+        self.authserv_id = value
+        self.remove_forged = get_bool(table, "remove_forged", True)
+        self.reasons = get_bool(table, "reasons", True)
+
+    # -------------------------------------------------------------- build
+    def results(self, session: Session, envelope: Envelope) -> list[Any]:
+        """The authres result objects for the recorded results."""
+        out: list[Any] = []
+        reason = _reason if self.reasons else (lambda _r: None)
+        spf = envelope.results.all("spf")
+        helo = [r for r in session.results.all("spf") if r.details.get("identity") == "helo"]
+        if helo and not any(r.details.get("identity") == "helo" for r in spf):
+            last = helo[-1]
+            out.append(
+                authres.SPFAuthenticationResult(
+                    result=last.result,
+                    reason=reason(last),
+                    smtp_helo=_pvalue(last.details.get("helo", "")),
+                )
+            )
+        for r in spf:
+            if r.details.get("identity") == "helo":
+                out.append(
+                    authres.SPFAuthenticationResult(
+                        result=r.result,
+                        reason=reason(r),
+                        smtp_helo=_pvalue(r.details.get("helo", "")),
+                    )
+                )
+            else:
+                out.append(
+                    authres.SPFAuthenticationResult(
+                        result=r.result,
+                        reason=reason(r),
+                        smtp_mailfrom=_pvalue(r.details.get("sender") or r.details.get("domain")),
+                    )
+                )
+        for r in envelope.results.all("dkim"):
+            out.append(
+                authres.DKIMAuthenticationResult(
+                    result=r.result,
+                    reason=reason(r),
+                    header_d=_pvalue(r.details["domain"]) if r.details.get("domain") else None,
+                    header_s=_pvalue(r.details["selector"]) if r.details.get("selector") else None,
+                )
+            )
+        for r in envelope.results.all("dmarc"):
+            domain = r.details.get("domain")
+            out.append(
+                authres.dmarc.DMARCAuthenticationResult(
+                    result=r.result,
+                    reason=reason(r),
+                    header_from=_pvalue(domain) if domain else None,
+                    policy=_pvalue(r.details["policy"]) if domain else None,
+                )
+            )
+        for r in envelope.results.all("arc"):
+            out.append(authres.arc.ARCAuthenticationResult(result=r.result, reason=reason(r)))
+        return out
+
+    def value(self, session: Session, envelope: Envelope) -> str:
+        """The field's value: the authserv-id, then each result on a line of
+        its own (folded), or ``none``."""
+        results = self.results(session, envelope)
+        if not results:
+            return f"{self.authserv_id}; none"
+        return f"{self.authserv_id};\r\n\t" + ";\r\n\t".join(str(r) for r in results)
+
+    # ----------------------------------------------------------- forged
+    async def remove(self, envelope: Envelope) -> int:
+        """Delete the ``Authentication-Results:`` fields that carry our
+        authserv-id (RFC 8601 5: a sender may have forged them)."""
+        loop = asyncio.get_running_loop()
+        # headers() applies earlier plugins' changes (a spool rewrite): off
+        # the loop.
+        fields = await loop.run_in_executor(None, envelope.headers)
+        occurrence = 0
+        forged = []
+        for name, value in fields:
+            if name.lower() == "authentication-results":
+                occurrence += 1
+                raw = value.encode("utf-8", "surrogateescape")
+                if authserv_id_of(raw) == self.authserv_id.lower():
+                    forged.append(occurrence)
+        # Last first, so that the occurrence numbers of the others hold.
+        for number in reversed(forged):
+            envelope.delete_header(FIELD, number)
+        return len(forged)
+
+    @hookimpl
+    async def bonzo_message(self, session: Session, envelope: Envelope) -> None:
+        """Remove forged fields, then add ours."""
+        if self.remove_forged:
+            removed = await self.remove(envelope)
+            if removed:
+                log.info(
+                    "authres: message %s: removed %d Authentication-Results field(s) "
+                    "claiming to be ours (%s)",
+                    envelope.id,
+                    removed,
+                    self.authserv_id,
+                )
+        envelope.add_header(FIELD, self.value(session, envelope))
+        return None

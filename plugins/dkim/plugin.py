@@ -1,0 +1,177 @@
+"""DKIM verification (RFC 6376) of received messages, and ARC (RFC 8617) as
+a result.
+
+In :func:`~bonzo.hookspecs.bonzo_message`, each ``DKIM-Signature:`` field
+(at most ``max_signatures``) is checked and recorded on
+``envelope.results`` as ``dkim`` with its ``domain`` and ``selector``; the
+plugin never refuses a message (``dmarc`` decides with these results). The
+reading and hashing run in a worker thread, in bounded memory
+(:mod:`.verify`); the keys are looked up on the event loop through Bonzo's
+resolver (``app.dns``).
+
+See ``README.rst`` in this directory for the configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import dkim
+
+from bonzo.dns import DNSError
+from bonzo.hookspecs import hookimpl
+from bonzo.session import Envelope, Session
+
+from .._auth import dns_enabled, get_int, get_seconds, resolver_of, sanitize
+from .._config import as_table, check_keys, get_bool
+from .verify import Prepared, finish, prepare
+
+__all__ = ["DkimPlugin", "KEYS", "OFF_REASON"]
+
+log = logging.getLogger("bonzo.plugins.dkim")
+_dkimpy_log = logging.getLogger("bonzo.plugins.dkim.dkimpy")
+
+KEYS = ("max_signatures", "min_key_bits", "timeout", "arc", "arc_max_size")
+OFF_REASON = "DNS lookups are off ([dns] nameservers)"
+#: ARC's results in dkimpy (``CV_Pass``...), as words.
+_ARC = {b"pass": "pass", b"fail": "fail", b"none": "none"}
+
+
+class DkimPlugin:
+    """Verifies DKIM signatures (and ARC sets) of each message."""
+
+    def __init__(self) -> None:
+        self.max_signatures = 5
+        self.min_key_bits = 1024
+        self.timeout = 5.0
+        self.arc = False
+        self.arc_max_size = 10 << 20
+        self.resolver: Any = None
+
+    @hookimpl
+    def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
+        """Validate ``[plugins.dkim]``."""
+        table = as_table(config)
+        check_keys(table, KEYS)
+        self.max_signatures = get_int(table, "max_signatures", 5, 1, 50)
+        self.min_key_bits = get_int(table, "min_key_bits", 1024, 512, 8192)
+        self.timeout = get_seconds(table, "timeout", 5.0, 60.0)
+        self.arc = get_bool(table, "arc", False)
+        self.arc_max_size = get_int(table, "arc_max_size", 10 << 20, 1024, 1 << 30)
+        self.resolver = resolver_of(app)
+
+    @hookimpl
+    def bonzo_startup(self) -> None:
+        if not dns_enabled(self.resolver):
+            log.warning("dkim: DNS lookups are off: no signature can be verified (set [dns])")
+
+    # ---------------------------------------------------------------- DKIM
+    async def _key(self, name: str) -> bytes | None | DNSError:
+        try:
+            return await self.resolver.dkim_txt(name, self.timeout)  # type: ignore[no-any-return]
+        except DNSError as exc:
+            return exc
+
+    async def verify(self, envelope: Envelope) -> Prepared:
+        """Check the signatures of ``envelope`` (see the module docs)."""
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(
+            None, prepare, envelope.header_bytes, envelope.open_body(), self.max_signatures
+        )
+        open_ = [s for s in prepared.signatures if not s.result]
+        if not open_:
+            return prepared
+        # One lookup per key, all at once.
+        names = sorted({s.key_name for s in open_})
+        keys = dict(zip(names, await asyncio.gather(*(self._key(n) for n in names)), strict=True))
+        for signature in open_:
+            key = keys[signature.key_name]
+            if isinstance(key, DNSError):
+                signature.decide(
+                    "temperror" if key.temporary else "permerror",
+                    f"key {signature.key_name}: {key}",
+                )
+            elif key is None:
+                signature.decide("permerror", f"no key at {signature.key_name}")
+            else:
+                signature.key = key
+        await loop.run_in_executor(None, finish, prepared, self.min_key_bits)
+        return prepared
+
+    # ----------------------------------------------------------------- ARC
+    def _arc(self, content: bytes, loop: asyncio.AbstractEventLoop) -> tuple[str, str]:
+        def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:
+            future = asyncio.run_coroutine_threadsafe(self.resolver.dkim_txt(name, timeout), loop)
+            return future.result(timeout + 1)  # type: ignore[no-any-return]
+
+        try:
+            cv, _results, reason = dkim.arc_verify(
+                content, logger=_dkimpy_log, dnsfunc=dnsfunc, minkey=self.min_key_bits
+            )
+        except DNSError as exc:
+            return "fail", f"key lookup failed: {exc}"
+        except Exception as exc:  # dkimpy raises many kinds on a hostile chain
+            return "fail", f"{type(exc).__name__}: {exc}"
+        return _ARC.get(cv, "fail"), str(reason or "")
+
+    async def verify_arc(self, envelope: Envelope) -> tuple[str, str]:
+        """The ARC chain's validation (RFC 8617 5.2): ``pass``, ``fail`` or
+        ``none``, and why."""
+        if envelope.size + len(envelope.header_bytes) > self.arc_max_size:
+            return "none", f"not checked: message over arc_max_size ({self.arc_max_size} octets)"
+        loop = asyncio.get_running_loop()
+        content = await loop.run_in_executor(None, lambda: envelope.content)
+        end = content.find(b"\r\n\r\n")
+        head = content if end < 0 else content[:end]
+        if b"\narc-seal:" not in b"\n" + head.lower():
+            return "none", "no ARC set"
+        return await loop.run_in_executor(None, self._arc, content, loop)
+
+    # --------------------------------------------------------------- hook
+    @hookimpl
+    async def bonzo_message(self, session: Session, envelope: Envelope) -> None:
+        """Record one ``dkim`` result per signature (and ``arc``); never a
+        verdict."""
+        results = envelope.results
+        if not dns_enabled(self.resolver):
+            results.add("dkim", "none", OFF_REASON)
+            if self.arc:
+                results.add("arc", "none", OFF_REASON)
+            return None
+        prepared = await self.verify(envelope)
+        if prepared.problem:
+            results.add("dkim", "permerror", prepared.problem)
+        elif not prepared.signatures:
+            results.add("dkim", "none", "no signature")
+        for s in prepared.signatures:
+            results.add(
+                "dkim",
+                s.result,
+                s.reason,
+                domain=s.domain,
+                selector=s.selector,
+                algorithm=s.algorithm,
+            )
+            log.info(
+                "dkim: message %s: d=%s s=%s: %s (%s)",
+                envelope.id,
+                s.domain,
+                s.selector,
+                s.result,
+                s.reason,
+            )
+        if prepared.skipped:
+            log.info(
+                "dkim: message %s: %d more signature(s) not checked (max_signatures = %d)",
+                envelope.id,
+                prepared.skipped,
+                self.max_signatures,
+            )
+        if self.arc:
+            result, reason = await self.verify_arc(envelope)
+            results.add("arc", result, sanitize(reason))
+            log.info("dkim: message %s: arc=%s (%s)", envelope.id, result, sanitize(reason))
+        return None

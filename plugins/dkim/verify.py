@@ -1,0 +1,199 @@
+"""DKIM verification (RFC 6376) of a spooled message, in bounded memory, with
+every key looked up through Bonzo's resolver.
+
+dkimpy verifies a message it holds whole in memory, and its asynchronous
+verifier needs aiodns (a second resolver). Instead, verification is split in
+three steps, so that neither the whole message nor a second resolver is
+needed, and the event loop never hashes:
+
+1. :func:`prepare` (blocking: run it in a thread) reads the header section
+   (at most :data:`MAX_HEADER_SECTION` octets), lets dkimpy parse and
+   validate each ``DKIM-Signature:`` field (at most ``max_signatures``), and
+   streams the body once through the body hash of each canonicalization the
+   signatures use (:class:`bonzo_plugins.dkim_sign.signer.BodyHash`: the same
+   octets as dkimpy's, in pieces);
+2. the plugin looks the keys up (``selector._domainkey.domain`` TXT) on the
+   event loop with :meth:`bonzo.dns.Resolver.dkim_txt`, all at once;
+3. :func:`finish` (blocking) compares each body hash with ``bh=`` and has
+   dkimpy check the header hash and the signature with the key
+   (``dkim.evaluate_pk`` and ``DKIM.verify_sig_process``, with ``bh=``
+   already checked).
+
+A message of any size costs its header section and one read buffer.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import dkim
+from dkim.canonicalization import CanonicalizationPolicy
+
+from .._auth import sanitize
+from ..dkim_sign.signer import CHUNK, MAX_HEADER_SECTION, BodyHash, read_header_section
+
+__all__ = ["Signature", "Prepared", "prepare", "finish", "MAX_HEADER_SECTION"]
+
+#: dkimpy's logger for this plugin (its debug output shows header contents;
+#: its errors are turned into results here, not logged).
+_dkimpy_log = logging.getLogger("bonzo.plugins.dkim.dkimpy")
+_dkimpy_log.addHandler(logging.NullHandler())
+_dkimpy_log.propagate = False
+
+_TAG = re.compile(rb"(?:^|;)\s*([ds])\s*=\s*([^;]*)")
+#: Algorithms accepted (RFC 8301 forbids rsa-sha1; RFC 8463 adds Ed25519).
+ALGORITHMS = (b"rsa-sha256", b"ed25519-sha256")
+
+
+@dataclass
+class Signature:
+    """One ``DKIM-Signature:`` field and what became of it."""
+
+    index: int
+    domain: str = ""
+    selector: str = ""
+    algorithm: str = ""
+    #: Set once decided: ``pass``, ``fail``, ``neutral``, ``policy``,
+    #: ``temperror``, ``permerror`` (RFC 8601 2.7.1).
+    result: str = ""
+    reason: str = ""
+    sig: dict[bytes, bytes] = field(default_factory=dict)
+    include_headers: list[bytes] = field(default_factory=list)
+    header: tuple[bytes, bytes] = (b"", b"")
+    body_canon: str = "simple"
+    #: The key record's text, filled in by the caller (``None``: no key).
+    key: bytes | None = None
+
+    @property
+    def key_name(self) -> str:
+        return f"{self.selector}._domainkey.{self.domain}"
+
+    def decide(self, result: str, reason: str) -> None:
+        self.result, self.reason = result, sanitize(reason)
+
+
+@dataclass
+class Prepared:
+    """What :func:`prepare` found."""
+
+    signatures: list[Signature]
+    #: ``DKIM-Signature:`` fields beyond ``max_signatures``, not checked.
+    skipped: int = 0
+    #: Set when the message cannot be checked at all (the header section).
+    problem: str = ""
+    message: Any = None
+    body_hashes: dict[str, bytes] = field(default_factory=dict)
+
+
+def _text(value: bytes) -> str:
+    return sanitize(value.decode("ascii", "replace"), 255)
+
+
+def _tags(header_value: bytes) -> tuple[str, str]:
+    """``d=`` and ``s=`` of a field dkimpy could not parse (for the result)."""
+    found = {m.group(1): m.group(2).strip() for m in _TAG.finditer(header_value[:4096])}
+    return _text(found.get(b"d", b"")).lower(), _text(found.get(b"s", b""))
+
+
+def prepare(header_bytes: bytes, content: IO[bytes], max_signatures: int) -> Prepared:
+    """Read and parse the message (Bonzo's added fields ``header_bytes``,
+    then the client's ``content`` from its start); see the module docs.
+    Blocking."""
+    section = read_header_section(content, MAX_HEADER_SECTION - len(header_bytes))
+    if section is None:
+        return Prepared([], problem=f"a header section over {MAX_HEADER_SECTION} octets")
+    try:
+        message = dkim.DKIM(header_bytes + section + b"\r\n", logger=_dkimpy_log)
+    except (dkim.MessageFormatError, IndexError):
+        return Prepared([], problem="a malformed header section")
+    fields = [(n, v) for n, v in message.headers if n.lower() == b"dkim-signature"]
+    prepared = Prepared([], skipped=max(0, len(fields) - max_signatures), message=message)
+    canons: set[str] = set()
+    for index, (_name, value) in enumerate(fields[:max_signatures]):
+        signature = Signature(index)
+        prepared.signatures.append(signature)
+        signature.domain, signature.selector = _tags(value)
+        try:
+            parsed = message.verify_headerprep(index)
+        except dkim.DKIMException as exc:
+            signature.decide("permerror", f"malformed signature: {exc}")
+            continue
+        assert parsed
+        sig, include_headers, sigheaders = parsed
+        signature.sig, signature.include_headers = sig, include_headers
+        signature.header = sigheaders[index]
+        signature.domain = _text(sig[b"d"]).lower()
+        signature.selector = _text(sig[b"s"])
+        signature.algorithm = _text(sig[b"a"])
+        if sig[b"a"] not in ALGORITHMS:
+            signature.decide("policy", f"algorithm {signature.algorithm} not accepted (RFC 8301)")
+            continue
+        if b"l" in sig:
+            # A body length limit lets anyone append to a signed message.
+            signature.decide("policy", "l= (body length limit) not accepted")
+            continue
+        try:
+            policy = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
+        except dkim.DKIMException as exc:
+            signature.decide("permerror", f"bad c= tag: {exc}")
+            continue
+        signature.body_canon = (
+            "relaxed" if policy.body_algorithm.__name__ == "Relaxed" else "simple"
+        )
+        canons.add(signature.body_canon)
+    if canons:
+        hashes = {canon: BodyHash(canon == "relaxed") for canon in canons}
+        while True:
+            chunk = content.read(CHUNK)
+            if not chunk:
+                break
+            for body_hash in hashes.values():
+                body_hash.update(chunk)
+        prepared.body_hashes = {canon: h.digest() for canon, h in hashes.items()}
+    return prepared
+
+
+def finish(prepared: Prepared, min_key_bits: int) -> None:
+    """Decide every signature still open, with its ``key`` filled in (see
+    the module docs). Blocking."""
+    message = prepared.message
+    for signature in prepared.signatures:
+        if signature.result:
+            continue
+        sig = signature.sig
+        try:
+            expected = base64.b64decode(re.sub(rb"\s+", b"", sig[b"bh"]))
+        except (binascii.Error, ValueError):
+            signature.decide("permerror", "bh= is not base64")
+            continue
+        if prepared.body_hashes.get(signature.body_canon) != expected:
+            signature.decide("fail", "body hash mismatch")
+            continue
+        name = signature.key_name.encode("ascii", "replace") + b"."
+        try:
+            pk, bits, ktag, seqtlsrpt = dkim.evaluate_pk(name, signature.key)
+        except (dkim.DKIMException, binascii.Error, ValueError) as exc:
+            signature.decide("permerror", f"key {signature.key_name}: {exc}")
+            continue
+        message.pk, message.keysize, message.ktag, message.seqtlsrpt = pk, bits, ktag, seqtlsrpt
+        message.minkey = min_key_bits
+        without_bh = {k: v for k, v in sig.items() if k != b"bh"}
+        try:
+            good = message.verify_sig_process(
+                without_bh, list(signature.include_headers), signature.header, None
+            )
+        except dkim.KeyFormatError as exc:
+            signature.decide("policy", str(exc))
+            continue
+        except dkim.DKIMException as exc:
+            signature.decide("permerror", str(exc))
+            continue
+        if good:
+            signature.decide("pass", f"{ktag.decode('ascii', 'replace')} {bits} bits")
+        else:
+            signature.decide("fail", "signature did not verify")

@@ -1,0 +1,742 @@
+"""Milters in the filter chain: each SMTP stage is passed on to every
+configured milter (:mod:`bonzo.milter`), and what they answer becomes
+Bonzo's verdict and message changes.
+
+One connection per milter and SMTP session, opened in
+:func:`~bonzo.hookspecs.bonzo_connect` and closed (``QUIT``) in
+:func:`~bonzo.hookspecs.bonzo_disconnect`. Milters are asked in the order
+configured; the first one that does not say ``continue`` decides. See
+``README.rst`` in this directory for the mapping of stages and actions.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from bonzo import Discard, Quarantine
+from bonzo import milter as m
+from bonzo.errors import PermanentError, SMTPError, TransientError
+from bonzo.hookspecs import hookimpl
+from bonzo.session import Envelope, Session
+
+from .._config import as_table, check_keys, describe, get_str
+
+__all__ = ["MilterPlugin", "MilterConfig", "KEYS", "MILTER_KEYS", "reply_error"]
+
+log = logging.getLogger("bonzo.plugins.milter")
+
+KEYS = ("milters",)
+MILTER_KEYS = (
+    "name",
+    "socket",
+    "connect_timeout",
+    "command_timeout",
+    "content_timeout",
+    "default_action",
+    "macros",
+)
+#: ``test_bundle`` checks the README documents these too.
+RULE_KEYS = MILTER_KEYS
+DEFAULT_ACTIONS = ("tempfail", "accept")
+STASH = "milter"
+#: A header field longer than this is cut for the milter (a milter frame
+#: holds at most 64 KiB), and a header section is read up to this many fields.
+MAX_FIELD = 60000
+MAX_FIELDS = 5000
+#: A replacement body is spooled to disk past this size, and refused past
+#: ``MAX_BODY``.
+SPOOL_BODY = 1 << 20
+MAX_BODY = 256 << 20
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_MACRO = re.compile(r"[A-Za-z_]|\{[A-Za-z0-9_]{1,40}\}")
+_HEADER_NAME = re.compile(r"[!-9;-~]{1,200}")
+_ENHANCED = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})")
+
+
+@dataclass(frozen=True)
+class MilterConfig:
+    """One ``[[plugins.milter.milters]]`` entry, checked."""
+
+    name: str
+    socket: m.SocketSpec
+    connect_timeout: float = 10.0
+    command_timeout: float = 10.0
+    content_timeout: float = 30.0
+    default_action: str = "tempfail"
+    macros: dict[str, str] = field(default_factory=dict)
+
+
+def _seconds(table: Mapping[str, Any], key: str, default: float, where: str) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+        raise ValueError(f"{where}.{key}: expected seconds (0 < s <= 3600), got {describe(value)}")
+    return float(value)
+
+
+def _milter(entry: Any, i: int) -> MilterConfig:
+    where = f"milters[{i}]"
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{where}: expected a table with name and socket, got {describe(entry)}")
+    check_keys(entry, MILTER_KEYS, where)
+    name = entry.get("name")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(
+            f"{where}.name: required, letters, digits, '_', '.', '-' (got {describe(name)})"
+        )
+    raw = entry.get("socket")
+    if not isinstance(raw, str):
+        raise ValueError(f"{where}.socket: required, such as 'inet:8891@127.0.0.1' or 'unix:/path'")
+    try:
+        spec = m.parse_socket(raw)
+    except ValueError as exc:
+        raise ValueError(f"{where}.socket: {exc}") from None
+    try:
+        action = get_str(entry, "default_action", "tempfail")
+    except ValueError as exc:
+        raise ValueError(f"{where}.{exc}") from None
+    if action not in DEFAULT_ACTIONS:
+        raise ValueError(
+            f"{where}.default_action: expected one of {', '.join(DEFAULT_ACTIONS)}, "
+            f"got {describe(action)}"
+        )
+    macros = entry.get("macros", {})
+    if not isinstance(macros, Mapping):
+        raise ValueError(
+            f"{where}.macros: expected a table of macro = value, got {describe(macros)}"
+        )
+    for key, value in macros.items():
+        if not _MACRO.fullmatch(key):
+            raise ValueError(
+                f'{where}.macros."{key}": a macro name is one letter or {{name}}, such as '
+                '"j" or "{daemon_name}"'
+            )
+        if not isinstance(value, str) or "\0" in value:
+            raise ValueError(f'{where}.macros."{key}": expected a string, got {describe(value)}')
+    return MilterConfig(
+        name,
+        spec,
+        _seconds(entry, "connect_timeout", 10.0, where),
+        _seconds(entry, "command_timeout", 10.0, where),
+        _seconds(entry, "content_timeout", 30.0, where),
+        action,
+        dict(macros),
+    )
+
+
+# ------------------------------------------------------------------ replies
+def _clean(text: str, limit: int = 200) -> str:
+    """Milter text made safe for an SMTP reply: printable ASCII, bounded."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:limit]).strip()
+
+
+def reply_error(reply: m.ReplyCode) -> SMTPError:
+    """The :class:`SMTPError` for a milter's ``REPLYCODE``: its 4xx/5xx code,
+    the enhanced code if the first line has one of the same class, and the
+    text of each line (``NNN-`` prefixes removed), sanitised and bounded."""
+    code = reply.code
+    lines = []
+    enhanced = None
+    for n, raw in enumerate(reply.text.replace("\r\n", "\n").split("\n")[:10]):
+        line = raw
+        if n and re.match(r"[0-9]{3}[ -]", line):
+            line = line[4:]
+        found = _ENHANCED.match(line)
+        if found:
+            if n == 0 and found.group(1) == str(code)[0]:
+                enhanced = found.group(0)
+            line = line[found.end() :]
+        lines.append(_clean(line) or "Refused by a filter")
+    if not lines:
+        lines = ["Refused by a filter"]
+    if enhanced is None:
+        enhanced = "4.7.1" if code < 500 else "5.7.1"
+    error_class = TransientError if code < 500 else PermanentError
+    return error_class("\n".join(lines), code, enhanced)
+
+
+def _reject() -> SMTPError:
+    return PermanentError("Refused by a content filter", 550, "5.7.1")
+
+
+def _tempfail() -> SMTPError:
+    return TransientError("Try again later (content filter)", 451, "4.7.1")
+
+
+def _unavailable() -> SMTPError:
+    return TransientError("Service unavailable, try again later (content filter)", 451, "4.7.1")
+
+
+# ------------------------------------------------------------- session state
+@dataclass
+class _Milter:
+    """One milter's state in one session."""
+
+    config: MilterConfig
+    client: m.MilterClient | None = None
+    #: ``None``, ``"failed"`` (fault, default_action tempfail), or ``"done"``
+    #: (accepted the session, or failed with default_action accept).
+    session_state: str | None = None
+    #: True once the milter accepted the current message (asked no more about it).
+    message_done: bool = False
+
+
+@dataclass
+class _State:
+    milters: list[_Milter]
+    #: A milter asked to discard every message of the session.
+    discard_session: str | None = None
+
+
+def _state(session: Session) -> _State | None:
+    state = session.stash.get(STASH)
+    return state if isinstance(state, _State) else None
+
+
+def _record(
+    target: Any, result: str, name: str, action: str, reason: str = "", **details: Any
+) -> None:
+    """``results.add("milter", ...)`` where the core has per-plugin results."""
+    results = getattr(target, "results", None)
+    if results is None:
+        return
+    try:
+        results.add("milter", result, reason, milter=name, action=action, **details)
+    except ValueError as exc:  # too many results: the verdict still stands
+        log.warning("milter %s: result not recorded: %s", name, exc)
+
+
+def _bracketed(address: str) -> str:
+    return address if address.startswith("<") else f"<{address}>"
+
+
+def _esmtp_args(params: Mapping[str, Any]) -> list[str]:
+    return [k if v is None or v is True else f"{k}={v}" for k, v in params.items()]
+
+
+def _unbracketed(address: str) -> str:
+    return address.strip().removeprefix("<").removesuffix(">")
+
+
+def _parse_args(args: str) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for word in args.split():
+        key, sep, value = word.partition("=")
+        out[key.upper()] = value if sep else None
+    return out
+
+
+def _family(ip: str) -> str:
+    if ip in ("", "0.0.0.0"):
+        return m.FAMILY_UNKNOWN
+    return m.FAMILY_INET6 if ":" in ip else m.FAMILY_INET
+
+
+# ------------------------------------------------------------ header reading
+def _header_lines(envelope: Envelope) -> tuple[list[tuple[str, str]], IO[bytes]]:
+    """The message's header fields as ``(name, value)`` — value as after the
+    colon, ``\\n`` between folded lines — and its content file positioned at
+    the start of the body. Bounded: :data:`MAX_FIELDS` fields of at most
+    :data:`MAX_FIELD` characters are read; the rest is skipped."""
+    fields: list[tuple[str, str]] = []
+    current: list[bytes] = []
+    size = 0  # of the field in ``current``
+
+    def flush() -> None:
+        if not current:
+            return
+        raw = b"".join(current)
+        current.clear()
+        name, sep, value = raw.partition(b":")
+        text = value.replace(b"\r\n", b"\n").rstrip(b"\n").decode("utf-8", "surrogateescape")
+        if sep and _HEADER_NAME.fullmatch(name.decode("ascii", "replace")):
+            if len(fields) < MAX_FIELDS:
+                fields.append((name.decode("ascii"), text[:MAX_FIELD]))
+
+    def lines(source: IO[bytes]) -> Iterator[tuple[bytes, bool]]:
+        """Each line (cut at MAX_FIELD), and whether it goes on the line
+        before (the rest of a line longer than that)."""
+        rest = False
+        while True:
+            line = source.readline(MAX_FIELD)
+            if not line:
+                return
+            yield line, rest
+            rest = not line.endswith(b"\n")
+
+    body = envelope.open_body()
+    for source in (io.BytesIO(envelope.header_bytes), body):
+        for line, rest in lines(source):
+            if line in (b"\r\n", b"\n") and source is body and not rest:
+                flush()
+                return fields, body
+            if (rest or line[:1] in (b" ", b"\t")) and current:
+                if size < MAX_FIELD:
+                    current.append(line)
+                    size += len(line)
+                continue
+            flush()
+            current.append(line)
+            size = len(line)
+    flush()
+    return fields, body
+
+
+def _body_chunks(body: IO[bytes]) -> Iterator[bytes]:
+    while True:
+        chunk = body.read(m.CHUNK_SIZE)
+        if not chunk:
+            return
+        yield chunk
+
+
+class _BodySink:
+    """A replacement body, spooled to disk past :data:`SPOOL_BODY`, bounded."""
+
+    def __init__(self) -> None:
+        self.file: IO[bytes] = tempfile.SpooledTemporaryFile(SPOOL_BODY)  # noqa: SIM115
+        self.size = 0
+
+    def __call__(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > MAX_BODY:
+            raise m.MilterProtocolError(f"a replacement body over {MAX_BODY} octets")
+        self.file.write(data)
+
+
+# -------------------------------------------------------------------- plugin
+class MilterPlugin:
+    """Passes each stage to the configured milters and applies their answers."""
+
+    #: The decision hooks where it can accept: none (it refuses or has no
+    #: opinion), so ``bonzo check`` warns when no other plugin can accept.
+    accepts = ()
+
+    def __init__(self) -> None:
+        self.milters: list[MilterConfig] = []
+        self.hostname = "localhost"
+
+    @hookimpl
+    def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
+        """Validate ``[plugins.milter]`` and its ``[[plugins.milter.milters]]``."""
+        table = as_table(config)
+        check_keys(table, KEYS)
+        entries = table.get("milters", [])
+        if not isinstance(entries, list):
+            raise ValueError(f"milters: expected an array of tables, got {describe(entries)}")
+        milters = [_milter(entry, i) for i, entry in enumerate(entries)]
+        names = [c.name for c in milters]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"milters[{i}].name: {name!r} is used twice")
+        self.milters = milters
+        settings = getattr(app, "settings", None)
+        self.hostname = getattr(settings, "hostname", None) or "localhost"
+
+    @hookimpl
+    def bonzo_startup(self) -> None:
+        """Say which milters are asked."""
+        if not self.milters:
+            log.warning("milter: no milters configured: nothing is filtered")
+        for c in self.milters:
+            log.info("milter: %s at %s (default_action %s)", c.name, c.socket, c.default_action)
+
+    # ------------------------------------------------------------- helpers
+    def _macros(self, c: MilterConfig, values: Mapping[str, Any]) -> dict[str, str]:
+        return {k: str(v) for k, v in values.items() if v is not None}
+
+    async def _fail(
+        self, session: Session, mi: _Milter, exc: Exception, stage: str, envelope: Envelope | None
+    ) -> None:
+        """A milter failed: log, close, apply its ``default_action``."""
+        c = mi.config
+        if mi.client is not None:
+            mi.client.close()
+        action = c.default_action
+        log.warning(
+            "[%s %s] milter %s failed at %s: %s; %s",
+            session.id,
+            session.remote_ip,
+            c.name,
+            stage,
+            exc,
+            "answered 451 4.7.1 (default_action tempfail)"
+            if action == "tempfail"
+            else "ignored for this session (default_action accept)",
+        )
+        _record(
+            envelope if envelope is not None else session,
+            "error",
+            c.name,
+            action,
+            str(exc)[:200],
+            stage=stage,
+        )
+        if action == "tempfail":
+            mi.session_state = "failed"
+            raise _unavailable()
+        mi.session_state = "done"
+
+    def _active(self, state: _State, *, message: bool) -> Iterator[_Milter]:
+        for mi in state.milters:
+            if mi.session_state == "failed":
+                raise _unavailable()
+            if mi.session_state == "done" or (message and mi.message_done):
+                continue
+            yield mi
+
+    def _verdict(
+        self,
+        session: Session,
+        mi: _Milter,
+        outcome: m.Outcome,
+        stage: str,
+        target: Any,
+        *,
+        message: bool,
+    ) -> Any:
+        """Turn a milter's verdict at a stage into Bonzo's (``None``: no opinion)."""
+        action = outcome.action
+        c = mi.config
+        if action == "continue":
+            return None
+        if action != "accept":
+            log.info(
+                "[%s %s] milter %s at %s: %s", session.id, session.remote_ip, c.name, stage, action
+            )
+        verdict = outcome.verdict
+        if action == "accept":
+            if message:
+                mi.message_done = True
+            else:
+                mi.session_state = "done"
+            if stage != "end of message":  # recorded with the changes there
+                _record(target, "pass", c.name, action, stage=stage)
+            return None
+        if isinstance(verdict, m.ReplyCode):
+            error = reply_error(verdict)
+            _record(
+                target,
+                "reject" if verdict.code >= 500 else "tempfail",
+                c.name,
+                action,
+                error.message[:200],
+                stage=stage,
+                code=verdict.code,
+            )
+            raise error
+        if action == "reject":
+            _record(target, "reject", c.name, action, stage=stage)
+            raise _reject()
+        if action == "tempfail":
+            _record(target, "tempfail", c.name, action, stage=stage)
+            raise _tempfail()
+        if action == "discard":
+            _record(target, "discard", c.name, action, stage=stage)
+            return self._discard(session, c.name, message=message)
+        return None
+
+    def _discard(self, session: Session, name: str, *, message: bool) -> Any:
+        if not message:
+            state = _state(session)
+            if state is not None:
+                state.discard_session = name
+            return None
+        return Discard(f"discarded by milter {name}")
+
+    # -------------------------------------------------------------- stages
+    @hookimpl
+    async def bonzo_connect(self, session: Session) -> Any:
+        """Open a connection to each milter, negotiate, send CONNECT."""
+        # After XCLIENT this runs again for the client it names: the
+        # milters start over with a new session.
+        await self._quit_all(session)
+        state = _State([_Milter(c) for c in self.milters])
+        session.stash[STASH] = state
+        ip = session.remote_ip
+        for mi in state.milters:
+            c = mi.config
+            client = m.MilterClient(
+                c.socket,
+                connect_timeout=c.connect_timeout,
+                command_timeout=c.command_timeout,
+                content_timeout=c.content_timeout,
+            )
+            mi.client = client
+            macros = {
+                "j": self.hostname,
+                "{daemon_name}": "bonzo",
+                "v": "Bonzo",
+                "_": f"[{ip}] [{ip}]",
+                "{client_addr}": ip,
+                "{client_port}": str(session.remote_port),
+                "{client_name}": f"[{ip}]",
+                "{if_addr}": session.local_ip or None,
+                "{if_port}": str(session.local_port) if session.local_port else None,
+            }
+            macros.update(c.macros)
+            family = _family(ip)
+            try:
+                await client.open()
+                outcome = await client.connect(
+                    f"[{ip}]", family, session.remote_port, ip, self._macros(c, macros)
+                )
+            except m.MilterError as exc:
+                await self._fail(session, mi, exc, "connect", None)
+                continue
+            verdict = self._verdict(session, mi, outcome, "connect", session, message=False)
+            if verdict is not None:  # pragma: no cover - connect verdicts raise or pass
+                return verdict
+        return None
+
+    @hookimpl
+    async def bonzo_helo(self, session: Session, name: str) -> Any:
+        """HELO/EHLO to each milter."""
+        state = _state(session)
+        if state is None:
+            return None
+        tls = session.tls or {}
+        macros = {"{tls_version}": tls.get("version"), "{cipher}": tls.get("cipher")}
+        for mi in self._active(state, message=False):
+            assert mi.client is not None
+            try:
+                if mi.client.in_transaction:  # HELO ends a transaction
+                    await mi.client.abort()
+                outcome = await mi.client.helo(name, self._macros(mi.config, macros))
+            except m.MilterError as exc:
+                await self._fail(session, mi, exc, "helo", None)
+                continue
+            self._verdict(session, mi, outcome, "helo", session, message=False)
+        return None
+
+    @hookimpl
+    async def bonzo_mail(
+        self, session: Session, envelope: Envelope, address: str, params: dict[str, Any]
+    ) -> Any:
+        """MAIL to each milter (after ABORT of an unfinished transaction)."""
+        state = _state(session)
+        if state is None:
+            return None
+        macros = {
+            "i": envelope.id,
+            "{mail_addr}": address,
+            "{mail_mailer}": "smtp",
+            "{auth_type}": "PLAIN" if session.auth else None,
+            "{auth_authen}": session.auth,
+            "{tls_version}": (session.tls or {}).get("version"),
+        }
+        for mi in self._active(state, message=False):
+            assert mi.client is not None
+            mi.message_done = False
+            try:
+                if mi.client.in_transaction:
+                    await mi.client.abort()
+                outcome = await mi.client.mail(
+                    _bracketed(address), _esmtp_args(params), self._macros(mi.config, macros)
+                )
+            except m.MilterError as exc:
+                await self._fail(session, mi, exc, "mail", envelope)
+                continue
+            verdict = self._verdict(session, mi, outcome, "mail", envelope, message=True)
+            if verdict is not None:
+                return verdict
+        if state.discard_session is not None:
+            return self._discard(session, state.discard_session, message=True)
+        return None
+
+    @hookimpl
+    async def bonzo_rcpt(
+        self, session: Session, envelope: Envelope, address: str, params: dict[str, Any]
+    ) -> Any:
+        """RCPT to each milter: a refusal refuses this recipient; otherwise no
+        opinion, so the plugin that owns recipients decides."""
+        state = _state(session)
+        if state is None:
+            return None
+        domain = address.rpartition("@")[2]
+        macros = {"{rcpt_addr}": address, "{rcpt_host}": domain, "{rcpt_mailer}": "smtp"}
+        for mi in self._active(state, message=True):
+            assert mi.client is not None
+            try:
+                outcome = await mi.client.rcpt(
+                    _bracketed(address), _esmtp_args(params), self._macros(mi.config, macros)
+                )
+            except m.MilterError as exc:
+                await self._fail(session, mi, exc, "rcpt", envelope)
+                continue
+            verdict = self._verdict(session, mi, outcome, "rcpt", envelope, message=True)
+            if verdict is not None:
+                return verdict
+        return None
+
+    @hookimpl
+    async def bonzo_data(self, session: Session, envelope: Envelope) -> Any:
+        """DATA to each milter."""
+        state = _state(session)
+        if state is None:
+            return None
+        for mi in self._active(state, message=True):
+            assert mi.client is not None
+            try:
+                outcome = await mi.client.data(self._macros(mi.config, {"i": envelope.id}))
+            except m.MilterError as exc:
+                await self._fail(session, mi, exc, "data", envelope)
+                continue
+            verdict = self._verdict(session, mi, outcome, "data", envelope, message=True)
+            if verdict is not None:
+                return verdict
+        return None
+
+    @hookimpl
+    async def bonzo_message(self, session: Session, envelope: Envelope) -> Any:
+        """Headers, end of headers, body and end of message to each milter in
+        turn (each sees the changes of those before it); apply the changes."""
+        state = _state(session)
+        if state is None:
+            return None
+        quarantine: str | None = None
+        for mi in self._active(state, message=True):
+            assert mi.client is not None
+            c = mi.config
+            headers, body = _header_lines(envelope)
+            sink = _BodySink()
+            try:
+                outcome = await mi.client.message(
+                    headers,
+                    _body_chunks(body),
+                    self._macros(c, {"i": envelope.id}),
+                    self._macros(c, {"i": envelope.id}),
+                    body_sink=sink,
+                )
+            except m.MilterError as exc:
+                sink.file.close()
+                await self._fail(session, mi, exc, "end of message", envelope)
+                continue
+            try:
+                verdict = self._verdict(
+                    session, mi, outcome, "end of message", envelope, message=True
+                )
+                if verdict is not None:
+                    return verdict
+                reason = self._apply(session, envelope, mi, outcome, sink)
+            finally:
+                sink.file.close()
+            _record(
+                envelope,
+                "quarantine" if reason is not None else "pass",
+                c.name,
+                outcome.action,
+                changes=len(outcome.changes),
+            )
+            if reason is not None and quarantine is None:
+                quarantine = reason
+        if quarantine is not None:
+            return Quarantine(quarantine)
+        return None
+
+    def _apply(
+        self, session: Session, envelope: Envelope, mi: _Milter, outcome: m.Outcome, sink: _BodySink
+    ) -> str | None:
+        """Apply the modifications of one milter; return a quarantine reason."""
+        c = mi.config
+        client = mi.client
+        assert client is not None and client.options is not None
+        leadspc = bool(client.options.protocol & m.P_HDR_LEADSPC)
+        quarantine = None
+        names: list[str] | None = None  # the header names, as the changes go
+        for change in outcome.changes:
+            try:
+                if isinstance(change, m.HeaderChange):
+                    if names is None:
+                        names = [n.lower() for n, _ in envelope.headers()]
+                    self._header(envelope, change, leadspc, names)
+                elif isinstance(change, m.QuarantineRequest):
+                    quarantine = _clean(change.reason) or f"milter {c.name}"
+                elif isinstance(change, m.ReplaceBody):
+                    sink.file.seek(0)
+                    envelope.replace_body(sink.file)
+                elif isinstance(change, m.RecipientChange):
+                    address = _unbracketed(change.address)
+                    if change.code == m.R_DELRCPT:
+                        envelope.remove_recipient(address)
+                    else:
+                        params = _parse_args(change.args) or None
+                        envelope.add_recipient_address(address, params)
+                elif isinstance(change, m.ChangeSender):
+                    params = _parse_args(change.args) or None
+                    envelope.change_sender(_unbracketed(change.address), params)
+            except ValueError as exc:
+                # The envelope refused it (a malformed name, value or
+                # address): the rest still applies.
+                log.warning(
+                    "[%s %s] milter %s: %s refused: %s",
+                    session.id,
+                    session.remote_ip,
+                    c.name,
+                    type(change).__name__,
+                    exc,
+                )
+        return quarantine
+
+    def _header(
+        self, envelope: Envelope, change: m.HeaderChange, leadspc: bool, names: list[str]
+    ) -> None:
+        """Apply one header change; ``names`` (the header section's names,
+        lower-case) follows, so that ``ADDHEADER`` knows where the end is."""
+        name, value = change.name, change.value
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"bad header name {name[:40]!r}")
+        if leadspc and value[:1] in (" ", "\t"):
+            value = value[1:]  # the core writes "name: value"
+        key = name.lower()
+        if change.code == m.R_CHGHEADER:
+            # An empty value deletes; index 0 means the first, as for Sendmail.
+            occurrence = max(change.index or 0, 1)
+            envelope.change_header(name, value or None, occurrence)
+            found = [i for i, n in enumerate(names) if n == key]
+            if len(found) >= occurrence and not value:
+                del names[found[occurrence - 1]]
+            elif len(found) < occurrence and value:
+                names.append(key)  # a missing field is added at the end
+        elif change.code == m.R_INSHEADER:
+            index = min(change.index or 0, len(names))
+            envelope.insert_header(index, name, value)
+            names.insert(index, key)
+        else:  # ADDHEADER: after the last field
+            envelope.insert_header(len(names), name, value)
+            names.append(key)
+
+    # ------------------------------------------------------------ the end
+    @hookimpl
+    async def bonzo_rset(self, session: Session) -> None:
+        """RSET: ABORT the milters' transactions."""
+        await self._abort(session)
+
+    async def _abort(self, session: Session) -> None:
+        state = _state(session)
+        if state is None:
+            return
+        for mi in state.milters:
+            if mi.client is not None and mi.client.in_transaction and not mi.client.closed:
+                try:
+                    await mi.client.abort()
+                except m.MilterError as exc:
+                    log.info("milter %s: abort failed: %s", mi.config.name, exc)
+
+    @hookimpl
+    async def bonzo_disconnect(self, session: Session) -> None:
+        """QUIT and close every milter connection of the session."""
+        await self._quit_all(session)
+
+    async def _quit_all(self, session: Session) -> None:
+        state = session.stash.pop(STASH, None)
+        if not isinstance(state, _State):
+            return
+        for mi in state.milters:
+            if mi.client is not None:
+                await mi.client.quit()

@@ -1,0 +1,373 @@
+"""Messages checked by rspamd over HTTP (``POST /checkv2``); rspamd's action
+becomes the reply, its header changes and rewritten subject are applied.
+
+Tornado's :class:`~tornado.httpclient.AsyncHTTPClient` sends the request,
+the message streamed from its spool (``body_producer``), and reads the
+answer with a bound on its size. See ``README.rst`` in this directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import re
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.httputil import HTTPHeaders
+
+from bonzo.errors import SMTPError
+from bonzo.hookspecs import hookimpl
+from bonzo.session import Envelope, Session
+
+from .._config import as_table, check_keys, describe, get_bool, get_str
+from .._scan import (
+    ScanError,
+    add_header,
+    body_chunks,
+    get_on_error,
+    get_seconds,
+    get_size,
+    record,
+    remove_header,
+    set_header,
+    tempfail,
+)
+
+__all__ = ["RspamdPlugin", "RspamdReply", "KEYS", "ACTIONS", "parse_reply"]
+
+log = logging.getLogger("bonzo.plugins.rspamd")
+
+KEYS = (
+    "url",
+    "connect_timeout",
+    "timeout",
+    "max_size",
+    "on_error",
+    "greylist",
+    "spam_header",
+    "settings_id",
+)
+#: rspamd's actions, mildest first.
+ACTIONS = ("no action", "greylist", "add header", "rewrite subject", "soft reject", "reject")
+#: The largest answer read from rspamd (its symbols with their options).
+MAX_REPLY = 1 << 20
+#: Requests to rspamd at once from one worker process (Tornado's shared
+#: client allows 10; more wait in its queue, within ``timeout``).
+MAX_CONNECTIONS = 100
+#: Header changes applied from one answer at most.
+MAX_CHANGES = 50
+CHUNK_SIZE = 64 * 1024
+_HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")
+
+
+@dataclass(frozen=True)
+class RspamdReply:
+    """What Bonzo uses of rspamd's answer."""
+
+    action: str
+    score: float
+    required_score: float
+    symbols: list[str] = field(default_factory=list)
+    #: ``messages.smtp_message``: the text rspamd asks to be sent to the
+    #: client (sanitised), or "".
+    smtp_message: str = ""
+    #: The rewritten ``Subject:`` for ``rewrite subject``, or ``None``.
+    subject: str | None = None
+    #: ``milter.add_headers`` as ``(name, value, order)``.
+    add_headers: list[tuple[str, str, int | None]] = field(default_factory=list)
+    #: ``milter.remove_headers`` as ``(name, occurrence)`` (0: every one).
+    remove_headers: list[tuple[str, int]] = field(default_factory=list)
+
+
+def _text(value: Any, limit: int = 200) -> str:
+    """Printable ASCII of at most ``limit`` characters: what may go into a
+    reply line."""
+    text = "".join(ch if " " <= ch <= "~" else "?" for ch in str(value))
+    return text[:limit].strip()
+
+
+def _header_value(value: str) -> str | None:
+    """A header value from rspamd, or ``None`` when it could start a new
+    header (a line break not followed by white space) or has a NUL."""
+    if len(value) > 8192 or "\0" in value:
+        return None
+    lines = value.replace("\r\n", "\n").split("\n")
+    if any(not line or line[0] not in " \t" for line in lines[1:]) or "\r" in value:
+        return None
+    return value
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ScanError(f"rspamd's answer has no usable {what}: {describe(value)}")
+    return float(value)
+
+
+def parse_reply(data: bytes) -> RspamdReply:
+    """rspamd's JSON answer to ``/checkv2``; :class:`ScanError` for
+    anything that is not one."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise ScanError("rspamd's answer is not JSON") from None
+    if not isinstance(doc, dict):
+        raise ScanError("rspamd's answer is not a JSON object")
+    action = doc.get("action")
+    if action not in ACTIONS:
+        raise ScanError(f"rspamd's answer has no known action: {describe(action)}")
+    score = _number(doc.get("score", 0.0), "score")
+    required = _number(doc.get("required_score", 0.0), "required_score")
+    symbols = doc.get("symbols")
+    names = sorted(str(k)[:64] for k in symbols)[:100] if isinstance(symbols, dict) else []
+    messages = doc.get("messages")
+    smtp_message = ""
+    if isinstance(messages, dict) and isinstance(messages.get("smtp_message"), str):
+        smtp_message = _text(messages["smtp_message"])
+    subject = doc.get("subject")
+    if not isinstance(subject, str) or _header_value(subject) is None:
+        subject = None
+    adds: list[tuple[str, str, int | None]] = []
+    removes: list[tuple[str, int]] = []
+    milter = doc.get("milter")
+    if isinstance(milter, dict):
+        adds = _adds(milter.get("add_headers"))
+        removes = _removes(milter.get("remove_headers"))
+    return RspamdReply(action, score, required, names, smtp_message, subject, adds, removes)
+
+
+def _adds(table: Any) -> list[tuple[str, str, int | None]]:
+    # {"Name": "value"}, {"Name": {"value": "v", "order": 0}}, or a list of
+    # either for several headers of one name.
+    out: list[tuple[str, str, int | None]] = []
+    if not isinstance(table, dict):
+        return out
+    for name, spec in table.items():
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            continue
+        for item in spec if isinstance(spec, list) else [spec]:
+            order = None
+            if isinstance(item, dict):
+                raw_order = item.get("order")
+                if isinstance(raw_order, int) and not isinstance(raw_order, bool):
+                    order = raw_order if raw_order >= 0 else None
+                item = item.get("value")
+            if isinstance(item, str) and _header_value(item) is not None:
+                out.append((name, item, order))
+    return out[:MAX_CHANGES]
+
+
+def _removes(table: Any) -> list[tuple[str, int]]:
+    out: list[tuple[str, int]] = []
+    if not isinstance(table, dict):
+        return out
+    for name, occurrence in table.items():
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            continue
+        if isinstance(occurrence, bool) or not isinstance(occurrence, int):
+            occurrence = 0
+        out.append((name, occurrence))
+    return out[:MAX_CHANGES]
+
+
+def request_headers(session: Session, envelope: Envelope, settings_id: str = "") -> HTTPHeaders:
+    """The envelope as rspamd's request headers (its protocol: ``IP``,
+    ``Helo``, ``From``, one ``Rcpt`` per recipient, ``Queue-Id``, ``User``,
+    ``TLS-Cipher``, ``TLS-Version``, ``Settings-ID``)."""
+    headers = HTTPHeaders()
+    headers["IP"] = session.remote_ip
+    if session.helo:
+        headers["Helo"] = _text(session.helo, 255)
+    headers["From"] = _text(envelope.mail_from, 512) or "<>"
+    for rcpt in envelope.rcpt_tos:
+        headers.add("Rcpt", _text(rcpt, 512))
+    headers["Queue-Id"] = envelope.id
+    if session.auth:
+        headers["User"] = _text(session.auth, 255)
+    tls = session.tls
+    if tls:
+        if tls.get("cipher"):
+            headers["TLS-Cipher"] = _text(tls["cipher"], 100)
+        if tls.get("version"):
+            headers["TLS-Version"] = _text(tls["version"], 100)
+    if settings_id:
+        headers["Settings-ID"] = settings_id
+    return headers
+
+
+class RspamdPlugin:
+    """Checks each message with rspamd in :func:`~bonzo.hookspecs.bonzo_message`."""
+
+    def __init__(self) -> None:
+        self.url = "http://127.0.0.1:11333/checkv2"
+        self.connect_timeout = 5.0
+        self.timeout = 20.0
+        self.max_size = 50 * 1024 * 1024
+        self.accept_on_error = False
+        self.greylist = True
+        self.spam_header = "X-Spam"
+        self.settings_id = ""
+        # One HTTP client per event loop (tests run several loops; a worker
+        # process has one).
+        self._clients: weakref.WeakKeyDictionary[Any, AsyncHTTPClient] = weakref.WeakKeyDictionary()
+
+    def client(self) -> AsyncHTTPClient:
+        """This event loop's HTTP client for rspamd."""
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = AsyncHTTPClient(force_instance=True, max_clients=MAX_CONNECTIONS)
+            self._clients[loop] = client
+        return client
+
+    @hookimpl
+    def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
+        """Validate ``[plugins.rspamd]``."""
+        table = as_table(config)
+        check_keys(table, KEYS)
+        url = get_str(table, "url", "http://127.0.0.1:11333").strip().rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f'url: expected rspamd\'s address such as "http://127.0.0.1:11333", '
+                f"got {describe(url)}"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError("url: no query or fragment (the plugin adds /checkv2)")
+        self.url = url if parts.path.endswith("/checkv2") else url + "/checkv2"
+        self.connect_timeout = get_seconds(table, "connect_timeout", 5.0, 300)
+        self.timeout = get_seconds(table, "timeout", 20.0)
+        self.max_size = get_size(table, "max_size", 50 * 1024 * 1024)
+        self.accept_on_error = get_on_error(table)
+        self.greylist = get_bool(table, "greylist", True)
+        spam_header = get_str(table, "spam_header", "X-Spam", empty=True).strip()
+        if spam_header and not _HEADER_NAME.fullmatch(spam_header):
+            raise ValueError(f"spam_header: {describe(spam_header)} is not a header name")
+        self.spam_header = spam_header
+        settings_id = get_str(table, "settings_id", "", empty=True).strip()
+        if settings_id and not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", settings_id):
+            raise ValueError(f"settings_id: {describe(settings_id)} is not a settings id")
+        self.settings_id = settings_id
+
+    async def check(self, session: Session, envelope: Envelope) -> RspamdReply:
+        """Ask rspamd about the message; :class:`ScanError` if it cannot say."""
+        head = envelope.header_bytes
+        headers = request_headers(session, envelope, self.settings_id)
+        headers["Content-Length"] = str(len(head) + envelope.size)
+
+        async def produce(write: Any) -> None:
+            if head:
+                await write(head)
+            for chunk in body_chunks(envelope.open_body(), CHUNK_SIZE):
+                await write(chunk)
+
+        received: list[bytes] = []
+        size = 0
+
+        def collect(chunk: bytes) -> None:
+            # Past the bound the rest is dropped (an exception here would
+            # be logged by Tornado as uncaught); the time limit ends it.
+            nonlocal size
+            size += len(chunk)
+            if size <= MAX_REPLY:
+                received.append(chunk)
+
+        request = HTTPRequest(
+            self.url,
+            method="POST",
+            headers=headers,
+            body_producer=produce,
+            streaming_callback=collect,
+            connect_timeout=self.connect_timeout,
+            request_timeout=self.timeout,
+            follow_redirects=False,
+            decompress_response=False,
+            user_agent="Bonzo",
+        )
+        try:
+            await self.client().fetch(request)
+        except HTTPClientError as exc:
+            if exc.code == 599:
+                raise ScanError(f"{self.url}: {exc.message or 'no answer'}") from None
+            raise ScanError(f"{self.url}: HTTP {exc.code}") from None
+        except OSError as exc:
+            raise ScanError(f"{self.url}: {exc.strerror or exc}") from None
+        if size > MAX_REPLY:
+            raise ScanError(f"rspamd's answer is longer than {MAX_REPLY} octets")
+        return parse_reply(b"".join(received))
+
+    @hookimpl
+    async def bonzo_message(self, session: Session, envelope: Envelope) -> None:
+        """Check the message and act on rspamd's action (see the README)."""
+        size = len(envelope.header_bytes) + envelope.size
+        if size > self.max_size:
+            log.info(
+                "rspamd: message %s not checked: %d octets, more than max_size %d",
+                envelope.id,
+                size,
+                self.max_size,
+            )
+            record(envelope, "rspamd", "skip", "too large", size=size)
+            return None
+        try:
+            reply = await self.check(session, envelope)
+        except ScanError as exc:
+            record(envelope, "rspamd", "error", str(exc))
+            if self.accept_on_error:
+                log.warning(
+                    "rspamd: message %s (session %s) passed unchecked (on_error = accept): %s",
+                    envelope.id,
+                    session.id,
+                    exc,
+                )
+                return None
+            log.warning(
+                "rspamd: message %s (session %s) deferred: %s", envelope.id, session.id, exc
+            )
+            raise tempfail("spam filter unavailable") from None
+        action = reply.action
+        if action == "greylist" and not self.greylist:
+            action = "no action"
+        result = "pass" if action == "no action" else action.replace(" ", "_")
+        record(
+            envelope,
+            "rspamd",
+            result,
+            reply.action,
+            score=reply.score,
+            required_score=reply.required_score,
+            symbols=reply.symbols,
+        )
+        log.info(
+            "rspamd: message %s (session %s): %s, score %.2f/%.2f",
+            envelope.id,
+            session.id,
+            reply.action,
+            reply.score,
+            reply.required_score,
+        )
+        if action == "reject":
+            raise SMTPError(
+                554, reply.smtp_message or "Message refused as spam", enhanced_code="5.7.1"
+            )
+        if action in ("soft reject", "greylist"):
+            raise SMTPError(451, reply.smtp_message or "Try again later", enhanced_code="4.7.1")
+        self.apply(envelope, reply, action)
+        return None
+
+    def apply(self, envelope: Envelope, reply: RspamdReply, action: str) -> None:
+        """rspamd's header changes, then what the action asks for."""
+        for name, occurrence in reply.remove_headers:
+            remove_header(envelope, name, occurrence)
+        for name, value, order in reply.add_headers:
+            add_header(envelope, name, value, order)
+        if action == "add header" and self.spam_header:
+            set_header(envelope, self.spam_header, "Yes")
+        if action == "rewrite subject" and reply.subject is not None:
+            set_header(envelope, "Subject", reply.subject)

@@ -1,0 +1,265 @@
+"""SPF (RFC 7208): is the client allowed to send for the sender's domain?
+
+Checked at ``MAIL`` for the MAIL FROM identity, and at ``HELO``/``EHLO``
+for the HELO identity; a null sender (``MAIL FROM:<>``, bounces) is judged
+by the HELO identity (RFC 7208 2.3). The evaluation is pyspf's, in a worker
+thread, with every DNS query going through Bonzo's resolver (``app.dns``)
+(:mod:`.evaluate`).
+
+Results go on ``session.results`` (HELO identity) and ``envelope.results``
+(the message's identity) as ``spf``, with ``domain`` and ``identity``
+details, for ``dmarc`` and ``authres`` to read. What to do with a
+``fail``, ``softfail``, ``permerror`` or ``temperror`` is the operator's
+choice: refuse (``550 5.7.23``/``5.7.24``), defer (``451 4.7.24``), or
+only record it (``tag``).
+
+See ``README.rst`` in this directory for the configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from bonzo.address import Address
+from bonzo.errors import PermanentError, SMTPError, TransientError
+from bonzo.hookspecs import hookimpl
+from bonzo.session import Envelope, Session
+
+from .._auth import dns_enabled, get_choice, get_seconds, resolver_of, sanitize
+from .._config import (
+    IPNetwork,
+    as_table,
+    check_keys,
+    client_address,
+    get_bool,
+    get_str_list,
+    in_networks,
+    parse_network,
+)
+from .evaluate import SPFOutcome, check_host
+
+__all__ = ["SpfPlugin", "KEYS", "ACTIONS", "received_spf"]
+
+log = logging.getLogger("bonzo.plugins.spf")
+
+KEYS = (
+    "on_fail",
+    "on_softfail",
+    "on_permerror",
+    "on_temperror",
+    "helo",
+    "received_spf",
+    "timeout",
+    "skip_authenticated",
+    "skip_networks",
+)
+ACTIONS = ("reject", "tempfail", "tag")
+#: The results a policy key acts on, and the RFC 7372 status of a refusal.
+ACTED_ON = {
+    "fail": "5.7.23",
+    "softfail": "5.7.23",
+    "permerror": "5.7.24",
+    "temperror": "5.7.24",
+}
+OFF_REASON = "DNS lookups are off ([dns] nameservers)"
+
+
+def _quote(value: str) -> str:
+    """A quoted-string (RFC 5322) of printable ASCII."""
+    text = sanitize(value, 255).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def received_spf(result: str, details: Mapping[str, Any], receiver: str) -> str:
+    """The value of a ``Received-SPF:`` field (RFC 7208 9.1) for a result
+    recorded by this plugin: the result, a comment, then ``key=value``
+    pairs (values from the client are quoted and sanitized)."""
+    ip = str(details.get("client_ip", ""))
+    domain = str(details.get("domain", ""))
+    if result == "pass":
+        comment = f"{receiver}: domain of {domain} designates {ip} as permitted sender"
+    elif result in ("fail", "softfail"):
+        comment = f"{receiver}: domain of {domain} does not designate {ip} as permitted sender"
+    elif result == "none":
+        comment = f"{receiver}: {domain or 'the sender'} publishes no SPF record"
+    else:
+        comment = f"{receiver}: {result} for {domain or 'the sender'}"
+    pairs = [
+        f"client-ip={ip}",
+        f"envelope-from={_quote(str(details.get('sender', '')))}",
+        f"helo={_quote(str(details.get('helo', '')))}",
+        f"receiver={receiver}",
+        f"identity={details.get('identity', 'mailfrom')}",
+    ]
+    mechanism = str(details.get("mechanism", ""))
+    if mechanism:
+        key = "problem" if result in ("permerror", "temperror") else "mechanism"
+        pairs.append(f"{key}={_quote(mechanism)}")
+    comment = sanitize(comment).replace("(", "[").replace(")", "]")
+    return f"{result} ({comment}) " + "; ".join(pairs)
+
+
+class SpfPlugin:
+    """Checks SPF for the HELO and MAIL FROM identities."""
+
+    def __init__(self) -> None:
+        self.actions = dict.fromkeys(ACTED_ON, "tag")
+        self.check_helo = True
+        self.add_header = False
+        self.timeout = 20.0
+        self.skip_authenticated = True
+        self.skip_networks: list[IPNetwork] = []
+        self.resolver: Any = None
+        self.receiver = "localhost"
+
+    # ---------------------------------------------------------------- config
+    @hookimpl
+    def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
+        """Validate ``[plugins.spf]``."""
+        table = as_table(config)
+        check_keys(table, KEYS)
+        self.actions = {r: get_choice(table, f"on_{r}", "tag", ACTIONS) for r in ACTED_ON}
+        self.check_helo = get_bool(table, "helo", True)
+        self.add_header = get_bool(table, "received_spf", False)
+        self.timeout = get_seconds(table, "timeout", 20.0, 300.0)
+        self.skip_authenticated = get_bool(table, "skip_authenticated", True)
+        self.skip_networks = [
+            parse_network(n, "skip_networks") for n in get_str_list(table, "skip_networks")
+        ]
+        self.resolver = resolver_of(app)
+        settings = getattr(app, "settings", None)
+        self.receiver = sanitize(getattr(settings, "hostname", None) or "localhost", 255)
+
+    @hookimpl
+    def bonzo_startup(self) -> None:
+        if not dns_enabled(self.resolver):
+            log.warning("spf: DNS lookups are off: every SPF result will be none (set [dns])")
+
+    # ------------------------------------------------------------ checking
+    def _skipped(self, session: Session) -> bool:
+        if self.skip_authenticated and session.auth is not None:
+            return True
+        return bool(self.skip_networks) and in_networks(session.remote_ip, self.skip_networks)
+
+    async def _check(self, session: Session, sender: str, helo: str) -> SPFOutcome:
+        address = client_address(session.remote_ip)
+        identity = "mailfrom" if sender else "helo"
+        domain = sender.rpartition("@")[2] if sender else helo
+        if address is None:
+            return SPFOutcome("none", identity, domain, sender, "not an IP client")
+        if not dns_enabled(self.resolver):
+            return SPFOutcome("none", identity, domain, sender, OFF_REASON)
+        return await check_host(
+            self.resolver,
+            address.compressed,
+            sender,
+            helo,
+            receiver=self.receiver,
+            timeout=self.timeout,
+        )
+
+    def _record(self, results: Any, outcome: SPFOutcome, session: Session, helo: str) -> None:
+        results.add(
+            "spf",
+            outcome.result,
+            outcome.reason,
+            domain=outcome.domain,
+            identity=outcome.identity,
+            sender=outcome.sender,
+            client_ip=session.remote_ip,
+            helo=helo,
+            mechanism=outcome.mechanism,
+        )
+
+    def _verdict(self, outcome: SPFOutcome, session: Session) -> SMTPError | None:
+        action = self.actions.get(outcome.result, "tag")
+        if action == "tag":
+            return None
+        domain = sanitize(outcome.domain, 100)
+        if outcome.result in ("fail", "softfail"):
+            text = (
+                f"SPF {outcome.result}: {domain} does not allow {session.remote_ip} to send for it"
+            )
+            if outcome.explanation and outcome.result == "fail":
+                text += f" ({sanitize(outcome.explanation, 150)})"
+        else:
+            text = f"SPF {outcome.result} for {domain}: the domain's SPF policy cannot be used"
+        if action == "tempfail":
+            return TransientError(text, 451, "4.7.24")
+        return PermanentError(text, 550, ACTED_ON[outcome.result])
+
+    @hookimpl
+    async def bonzo_helo(self, session: Session, name: str, esmtp: bool) -> None:
+        """Check the HELO identity; the result goes on ``session.results``."""
+        if not self.check_helo or self._skipped(session):
+            return None
+        outcome = await self._check(session, "", name)
+        self._record(session.results, outcome, session, name)
+        log.info("spf: session %s: HELO %s: %s", session.id, outcome.result, outcome.reason)
+        return None
+
+    def _helo_result(self, session: Session, helo: str) -> SPFOutcome | None:
+        for result in reversed(session.results.all("spf")):
+            details = result.details
+            if details.get("identity") == "helo" and details.get("helo") == helo:
+                return SPFOutcome(
+                    result.result,
+                    "helo",
+                    str(details.get("domain", "")),
+                    str(details.get("sender", "")),
+                    str(details.get("mechanism", "")),
+                )
+        return None
+
+    @hookimpl
+    async def bonzo_mail(
+        self,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        params: dict[str, Any],
+        mailbox: Address,
+    ) -> None:
+        """Check the MAIL FROM identity (or, for ``<>``, the HELO identity);
+        refuse per the policy keys."""
+        if self._skipped(session):
+            return None
+        helo = session.helo or ""
+        helo_outcome = self._helo_result(session, helo) if self.check_helo else None
+        if helo_outcome is not None and helo_outcome.result == "fail":
+            # RFC 7208 2.3: a conclusive HELO result may decide on its own.
+            error = self._verdict(helo_outcome, session)
+            if error is not None:
+                self._record(envelope.results, helo_outcome, session, helo)
+                raise error
+        sender = address if address and "@" in address else ""
+        if not sender and helo_outcome is not None:
+            outcome = helo_outcome
+        else:
+            outcome = await self._check(session, sender, helo)
+        self._record(envelope.results, outcome, session, helo)
+        log.info(
+            "spf: session %s: MAIL FROM <%s>: %s (%s)",
+            session.id,
+            sanitize(address, 100),
+            outcome.result,
+            outcome.reason,
+        )
+        error = self._verdict(outcome, session)
+        if error is not None:
+            raise error
+        return None
+
+    @hookimpl
+    def bonzo_message(self, session: Session, envelope: Envelope) -> None:
+        """Add ``Received-SPF:`` (``received_spf = true``)."""
+        if not self.add_header:
+            return None
+        result = envelope.results.get("spf")
+        if result is not None:
+            envelope.add_header(
+                "Received-SPF", received_spf(result.result, result.details, self.receiver)
+            )
+        return None

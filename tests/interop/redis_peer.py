@@ -1,0 +1,103 @@
+"""A private ``redis-server`` (Debian's package) for the tests.
+
+Each :class:`RedisServer` runs in the foreground as the test's child, on a
+free port of 127.0.0.1, with no persistence (``--save ''``, no append-only
+file) and its working directory in a temporary directory; :meth:`stop` (or
+:meth:`kill`, ``SIGKILL``) ends it. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from .peers import DEADLINE, HOST, free_port
+
+
+def redis_binary() -> str | None:
+    """The ``redis-server`` program, or ``None`` when it is not installed."""
+    return shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if os.access("/usr/bin/redis-server", os.X_OK) else None
+    )
+
+
+def ping(port: int, password: str = "") -> bool:
+    """True if a Redis server answers ``PING`` on ``port`` (a raw RESP exchange,
+    so that the check does not depend on the client under test)."""
+    try:
+        with socket.create_connection((HOST, port), timeout=1.0) as s:
+            if password:
+                s.sendall(f"AUTH {password}\r\n".encode())
+                if not s.recv(64).startswith(b"+OK"):
+                    return False
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """One private ``redis-server``; ``url`` is where it answers."""
+
+    def __init__(self, workdir: Path, password: str = "", port: int | None = None) -> None:
+        self.workdir = workdir
+        self.password = password
+        self.port = port or free_port()
+        self.log_path = workdir / f"redis-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        binary = redis_binary()
+        assert binary is not None, "redis-server is not installed"
+        argv = [binary, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly",
+                "no", "--daemonize", "no", "--dir", str(self.workdir), "--logfile",
+                str(self.log_path)]  # fmt: skip
+        if self.password:
+            argv += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=self.workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + DEADLINE
+        while not ping(self.port, self.password):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"redis-server did not start:\n{self.log()}")
+            time.sleep(0.05)
+        return self
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text("utf-8", "replace")
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        """Stop it (``SIGTERM``, then ``SIGKILL`` if it lingers)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=DEADLINE)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """End it at once, as a crash would."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.kill()
+        self.proc.wait(timeout=DEADLINE)

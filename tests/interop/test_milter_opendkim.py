@@ -1,0 +1,172 @@
+"""The ``milter`` plugin against a real OpenDKIM run as a milter.
+
+Each test starts a private ``opendkim`` daemon (foreground, its own
+configuration, key and ``TestPublicKeys`` file in a temporary directory,
+``Socket inet:PORT@127.0.0.1``, no syslog, no DNS: public keys come from the
+file) and stops it at the end. Bonzo (``start_server``) runs the plugin in
+front of a plugin that keeps what would be delivered:
+
+* **signing** (``Mode s``): a message from an internal client (127.0.0.1 is
+  in OpenDKIM's default ``InternalHosts``) comes out with the
+  ``DKIM-Signature:`` field OpenDKIM inserted (``INSHEADER``), and dkimpy
+  verifies it — with relaxed and with simple canonicalization, so the
+  header fields and body Bonzo sent are exactly those delivered;
+* **verifying** (``Mode v``): OpenDKIM adds its ``Authentication-Results:``
+  field: ``dkim=pass`` for a message signed with dkimpy, ``dkim=fail``
+  when the body was changed after signing.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import shutil
+from collections.abc import Callable, Iterator
+from email.parser import BytesParser
+from pathlib import Path
+
+import dkim
+import pytest
+from bonzo_plugins.dkim_sign import dns_record, load_key
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from .milters import Daemon, through_bonzo
+from .peers import HOST, free_port, unavailable
+
+MESSAGE = (
+    b"From: Alice <alice@example.org>\r\n"
+    b"To: Bob <bob@example.net>\r\n"
+    b"Subject: milter interop\r\n"
+    b"Date: Thu, 1 Jan 2026 10:00:00 +0000\r\n"
+    b"Message-ID: <milter@example.org>\r\n"
+    b"X-Folded: one\r\n"
+    b"\ttwo  three\r\n"
+    b"\r\n"
+    b"Tabs\tand  spaces, trailing ones too \t \r\n"
+    b"\r\n"
+)
+
+
+def opendkim_binary() -> str:
+    path = shutil.which("opendkim") or "/usr/sbin/opendkim"
+    if not Path(path).is_file():
+        unavailable("OpenDKIM is not installed (Debian package opendkim)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("milter-dkim") / "s1.pem"
+    private = rsa.generate_private_key(65537, 2048)
+    path.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+    return path
+
+
+class OpenDKIM(Daemon):
+    """A private ``opendkim -f`` listening on 127.0.0.1."""
+
+    def __init__(self, directory: Path, key: Path, mode: str, canonicalization: str) -> None:
+        directory.mkdir()
+        records = directory / "keys"
+        records.write_text(f"s1._domainkey.example.org {dns_record(load_key(key))}\n")
+        # Mail from an internal host is signed, from others verified: the
+        # test client (127.0.0.1) is internal only when signing.
+        internal = directory / "internal"
+        internal.write_text("127.0.0.1\n" if "s" in mode else "192.0.2.1\n")
+        port = free_port()
+        self.conf = directory / "opendkim.conf"
+        self.conf.write_text(
+            "Syslog no\n"
+            "Background no\n"
+            f"Socket inet:{port}@{HOST}\n"
+            f"Mode {mode}\n"
+            "Domain example.org\n"
+            f"KeyFile {key}\n"
+            "Selector s1\n"
+            f"Canonicalization {canonicalization}\n"
+            f"TestPublicKeys {records}\n"
+            # The key lives under /tmp, which others can write to.
+            "RequireSafeKeys false\n"
+            "AuthservID bonzo.test\n"
+            f"InternalHosts {internal}\n"
+            f"PidFile {directory / 'pid'}\n"
+        )
+        argv = [opendkim_binary(), "-f", "-x", str(self.conf)]
+        super().__init__("opendkim", argv, port, directory / "opendkim.log")
+
+
+@pytest.fixture
+def opendkim(tmp_path: Path, key: Path) -> Iterator[Callable[..., OpenDKIM]]:
+    started: list[OpenDKIM] = []
+
+    def start(mode: str, canonicalization: str = "relaxed/relaxed") -> OpenDKIM:
+        daemon = OpenDKIM(tmp_path / f"opendkim{len(started)}", key, mode, canonicalization)
+        started.append(daemon)
+        return daemon.start()
+
+    try:
+        yield start
+    finally:
+        for daemon in started:
+            daemon.stop()
+
+
+def run(start_server: Callable[..., object], daemon: OpenDKIM, *messages: bytes) -> list[bytes]:
+    outcomes = through_bonzo(start_server, "opendkim", daemon.port, *messages)
+    assert all(isinstance(o, bytes) for o in outcomes), outcomes
+    return outcomes  # type: ignore[return-value]
+
+
+def dns_for(key: Path) -> Callable[..., bytes]:
+    record = dns_record(load_key(key)).encode()
+
+    def dnsfunc(name: bytes, timeout: float = 5) -> bytes:
+        assert name.rstrip(b".") == b"s1._domainkey.example.org", name
+        return record
+
+    return dnsfunc
+
+
+@pytest.mark.parametrize("canonicalization", ["relaxed/relaxed", "simple/simple"])
+def test_opendkim_signs_through_the_milter(start_server, opendkim, key, canonicalization):
+    daemon = opendkim("s", canonicalization)
+    big = MESSAGE + b"".join(
+        b"line %d of a body longer than one milter chunk\r\n" % i for i in range(4000)
+    )
+    delivered = run(start_server, daemon, MESSAGE, big)
+    for content in delivered:
+        head = content.split(b"\r\n\r\n", 1)[0]
+        assert head.count(b"DKIM-Signature:") == 1, head
+        # OpenDKIM inserts it at index 0 (INSHEADER): above Bonzo's Received:.
+        assert content.startswith(b"DKIM-Signature: v=1;"), head
+        assert f"c={canonicalization};".encode() in content
+        assert dkim.verify(content, dnsfunc=dns_for(key)), content[:2000]
+        # ... and a changed body no longer verifies.
+        assert not dkim.verify(content.replace(b"Tabs", b"Tabz"), dnsfunc=dns_for(key))
+    assert len(delivered[1]) > 4 * 65535 / 2
+
+
+def test_opendkim_verifies_through_the_milter(start_server, opendkim, key):
+    daemon = opendkim("v")
+    signature = dkim.sign(
+        MESSAGE,
+        b"s1",
+        b"example.org",
+        key.read_bytes(),
+        canonicalize=(b"relaxed", b"relaxed"),
+        include_headers=[b"From", b"To", b"Subject", b"Date", b"Message-ID"],
+    )
+    signed = signature + MESSAGE
+    good, bad = run(start_server, daemon, signed, signed.replace(b"Tabs", b"Tabz"))
+    for content, verdict in ((good, "dkim=pass"), (bad, "dkim=fail")):
+        message = BytesParser(policy=email.policy.default).parsebytes(content)
+        (results,) = message.get_all("Authentication-Results")
+        assert str(results).startswith("bonzo.test;"), results
+        assert verdict in str(results) and "header.d=example.org" in str(results), results

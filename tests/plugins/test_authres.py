@@ -1,0 +1,139 @@
+"""The authres plugin: one Authentication-Results field from the recorded
+results, values made safe, forged fields with our authserv-id removed."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import authres
+import pytest
+from auth_testing import app, envelope, example_keys, fake_session, run
+from bonzo_plugins.authres import AuthresPlugin, authserv_id_of
+from bonzo_plugins.authres.plugin import KEYS
+from hypothesis import given
+from hypothesis import strategies as st
+
+README = Path(__file__).resolve().parents[2] / "plugins" / "authres" / "README.rst"
+MESSAGE = b"From: a@example.org\r\nSubject: hi\r\n\r\nHello\r\n"
+
+
+def configured(**table) -> AuthresPlugin:
+    plugin = AuthresPlugin()
+    plugin.bonzo_configure(config=table, app=app())
+    return plugin
+
+
+def field_of(env) -> str:
+    head = env.header_bytes.decode()
+    m = re.search(r"Authentication-Results: ((?:.*\r\n)(?:[ \t].*\r\n)*)", head)
+    assert m, head
+    return m.group(1)
+
+
+def test_one_field_with_every_result():
+    plugin = configured()
+    session = fake_session()
+    session.results.add("spf", "pass", "", identity="helo", helo="mail.example.org")
+    env = envelope(MESSAGE)
+    env.results.add("spf", "pass", "example.org: ip4", identity="mailfrom", sender="a@example.org")
+    env.results.add("dkim", "pass", "rsa 2048 bits", domain="example.org", selector="s1")
+    env.results.add("dkim", "fail", "body hash mismatch", domain="other.example", selector="x")
+    env.results.add("dmarc", "pass", "DKIM aligned", domain="example.org", policy="reject")
+    env.results.add("arc", "none", "no ARC set")
+    run(plugin.bonzo_message(session=session, envelope=env))
+    value = field_of(env)
+    assert env.header_bytes.decode().count("Authentication-Results:") == 1
+    assert value.startswith("mx.test;\r\n\t")
+    parsed = authres.AuthenticationResultsHeader.parse_value(value.replace("\r\n", ""))
+    assert parsed.authserv_id == "mx.test"
+    got = [(r.method, r.result) for r in parsed.results]
+    assert got == [
+        ("spf", "pass"),
+        ("spf", "pass"),
+        ("dkim", "pass"),
+        ("dkim", "fail"),
+        ("dmarc", "pass"),
+        ("arc", "none"),
+    ]
+    assert "smtp.helo=mail.example.org" in value and "smtp.mailfrom=a@example.org" in value
+    assert "header.d=other.example header.s=x" in value
+    assert "header.from=example.org policy.dmarc=reject" in value
+
+
+def test_no_results_is_none_and_reasons_can_be_left_out():
+    env = envelope(MESSAGE)
+    run(configured(authserv_id="auth.example").bonzo_message(session=fake_session(), envelope=env))
+    assert field_of(env) == "auth.example; none\r\n"
+    env = envelope(MESSAGE)
+    env.results.add("dkim", "fail", "body hash mismatch", domain="example.org", selector="s1")
+    run(configured(reasons=False).bonzo_message(session=fake_session(), envelope=env))
+    assert "reason" not in field_of(env)
+
+
+def test_values_from_the_client_are_made_safe():
+    env = envelope(MESSAGE)
+    session = fake_session()
+    env.results.add(
+        "spf", "fail", 'evil\r\n"x"; y', identity="mailfrom", sender='a;b"c d@example.org'
+    )
+    env.results.add("dkim", "permerror", "bad\x00", domain="ex ample;", selector="s")
+    run(configured().bonzo_message(session=session, envelope=env))
+    value = field_of(env)
+    parsed = authres.AuthenticationResultsHeader.parse_value(value.replace("\r\n", ""))
+    assert [(r.method, r.result) for r in parsed.results] == [
+        ("spf", "fail"),
+        ("dkim", "permerror"),
+    ]
+    assert "\x00" not in value and value.count("\r\n") == 3
+    assert 'smtp.mailfrom="a;b\\"c d@example.org"' in value
+    assert 'header.d="ex ample;"' in value
+
+
+def test_authserv_id_of():
+    assert authserv_id_of(b" mx.test; spf=pass smtp.mailfrom=a.example") == "mx.test"
+    assert authserv_id_of(b" (comment) MX.Test 1; none") == "mx.test"
+    assert authserv_id_of(b" mx.test; garbage ((") == "mx.test"
+    assert authserv_id_of(b"   ") is None
+
+
+@given(st.binary(max_size=300))
+def test_authserv_id_of_never_raises(value):
+    found = authserv_id_of(value)
+    assert found is None or isinstance(found, str)
+
+
+@pytest.mark.parametrize(
+    ("table", "text"),
+    [({"authserv_id": "a b"}, "authserv_id"), ({"reasons": "no"}, "reasons"), ({"x": 1}, "x")],
+)
+def test_bad_configuration(table, text):
+    with pytest.raises(ValueError, match=text):
+        configured(**table)
+
+
+def test_readme_documents_every_key():
+    text = README.read_text("utf-8")
+    for key in KEYS:
+        assert re.search(rf"^\s*``{key}``\n\s+\*", text, re.M), key
+
+
+def test_the_example_configuration_shows_every_key():
+    assert example_keys("authres") == set(KEYS)
+
+
+def test_forged_fields_with_our_id_are_removed_and_others_kept():
+    forged = (
+        b"Authentication-Results: other.example; spf=pass smtp.mailfrom=a.example\r\n"
+        b"Authentication-Results: mx.test;\r\n\tdkim=pass header.d=bank.example\r\n"
+        b"authentication-results: MX.TEST; dmarc=pass\r\n"
+    )
+    env = envelope(forged + MESSAGE)
+    run(configured().bonzo_message(session=fake_session(), envelope=env))
+    content = env.content
+    assert b"header.d=bank.example" not in content and b"dmarc=pass" not in content
+    assert b"other.example; spf=pass" in content
+    assert content.count(b"Authentication-Results: mx.test;") == 1  # ours
+    env = envelope(forged + MESSAGE)
+    run(configured(remove_forged=False).bonzo_message(session=fake_session(), envelope=env))
+    assert b"header.d=bank.example" in env.content

@@ -1,0 +1,204 @@
+"""The dkim plugin: one result per signature, keys through the DNS stub,
+bounded memory, the signature cap, ARC."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from auth_testing import DkimKey, app, envelope, example_keys, fake_session, run
+from bonzo_plugins.dkim import DkimPlugin
+from bonzo_plugins.dkim.plugin import KEYS
+
+README = Path(__file__).resolve().parents[2] / "plugins" / "dkim" / "README.rst"
+
+MESSAGE = (
+    b"From: Alice <alice@example.org>\r\n"
+    b"To: bob@example.com\r\n"
+    b"Subject: hello\r\n"
+    b"Date: Fri, 04 Dec 2026 12:00:00 +0000\r\n"
+    b"Message-ID: <1@example.org>\r\n"
+    b"\r\n"
+    b"Hello Bob,\r\n\r\nsee you.\r\n"
+)
+
+
+@pytest.fixture(scope="module")
+def rsa() -> DkimKey:
+    return DkimKey("rsa")
+
+
+@pytest.fixture(scope="module")
+def ed() -> DkimKey:
+    return DkimKey("ed25519")
+
+
+def configured(resolver=None, **table) -> DkimPlugin:
+    plugin = DkimPlugin()
+    plugin.bonzo_configure(config=table, app=app(resolver))
+    return plugin
+
+
+def check(plugin: DkimPlugin, message: bytes) -> list:
+    env = envelope(message)
+    run(plugin.bonzo_message(session=fake_session(), envelope=env))
+    return [(r.result, r.reason, dict(r.details)) for r in env.results.all("dkim")]
+
+
+def test_rsa_and_ed25519_pass(dns_stub, rsa, ed):
+    rsa.publish(dns_stub, "s1", "example.org")
+    ed.publish(dns_stub, "ed", "example.org")
+    signed = ed.sign(rsa.sign(MESSAGE, "s1", "example.org"), "ed", "example.org")
+    results = check(configured(dns_stub.resolver()), signed)
+    assert [(r, d["domain"], d["selector"]) for r, _, d in results] == [
+        ("pass", "example.org", "ed"),
+        ("pass", "example.org", "s1"),
+    ]
+    assert results[1][2]["algorithm"] == "rsa-sha256"
+
+
+@pytest.mark.parametrize("canon", [b"simple", b"relaxed"])
+def test_changed_body_or_header_fails(dns_stub, rsa, canon):
+    rsa.publish(dns_stub, "s1", "example.org")
+    signed = rsa.sign(MESSAGE, "s1", "example.org", canonicalize=(canon, canon))
+    plugin = configured(dns_stub.resolver())
+    assert check(plugin, signed)[0][0] == "pass"
+    ((result, reason, _),) = check(plugin, signed.replace(b"see you", b"send money"))
+    assert (result, reason) == ("fail", "body hash mismatch")
+    ((result, reason, _),) = check(plugin, signed.replace(b"Subject: hello", b"Subject: HELLO"))
+    assert (result, reason) == ("fail", "signature did not verify")
+
+
+def test_key_problems(dns_stub, rsa):
+    signed = rsa.sign(MESSAGE, "s1", "example.org")
+    plugin = configured(dns_stub.resolver())
+    ((result, reason, _),) = check(plugin, signed)
+    assert result == "permerror" and "s1._domainkey.example.org" in reason
+    dns_stub.fault("s1._domainkey.example.org", "servfail")
+    ((result, _, _),) = check(plugin, signed)
+    assert result == "temperror"
+    dns_stub.clear_faults()
+    dns_stub.add("s1._domainkey.example.org", "TXT", '"v=DKIM1; k=rsa; p=notbase64!"')
+    ((result, _, _),) = check(plugin, signed)
+    assert result == "permerror"
+
+
+def test_weak_and_unsafe_signatures_are_policy(dns_stub, rsa):
+    small = DkimKey("rsa", 1024)
+    small.publish(dns_stub, "small", "example.org")
+    rsa.publish(dns_stub, "s1", "example.org")
+    plugin = configured(dns_stub.resolver(), min_key_bits=2048)
+    ((result, reason, _),) = check(plugin, small.sign(MESSAGE, "small", "example.org"))
+    assert result == "policy" and "too small" in reason
+    ((result, reason, _),) = check(plugin, rsa.sign(MESSAGE, "s1", "example.org", length=True))
+    assert result == "policy" and "l=" in reason
+    sha1 = rsa.sign(MESSAGE, "s1", "example.org", signature_algorithm=b"rsa-sha1")
+    ((result, reason, _),) = check(plugin, sha1)
+    assert result == "policy" and "RFC 8301" in reason
+
+
+def test_no_signature_and_malformed_signature(dns_stub):
+    plugin = configured(dns_stub.resolver())
+    assert check(plugin, MESSAGE) == [("none", "no signature", {})]
+    bad = b"DKIM-Signature: v=1; d=example.org; s=s1; garbage\r\n" + MESSAGE
+    ((result, _, details),) = check(plugin, bad)
+    assert result == "permerror" and details["domain"] == "example.org"
+    assert dns_stub.queries == []
+
+
+def test_max_signatures_caps_the_work(dns_stub, rsa):
+    rsa.publish(dns_stub, "s1", "example.org")
+    signed = MESSAGE
+    for _ in range(7):
+        signed = rsa.sign(signed, "s1", "example.org")
+    results = check(configured(dns_stub.resolver(), max_signatures=3), signed)
+    assert len(results) == 3
+    assert len(dns_stub.asked("TXT")) == 1  # one lookup per key
+
+
+def test_dns_off_is_none(rsa):
+    plugin = configured(None)
+    ((result, reason, _),) = check(plugin, rsa.sign(MESSAGE, "s1", "example.org"))
+    assert result == "none" and "DNS lookups are off" in reason
+
+
+def test_a_large_spooled_message_is_streamed(dns_stub, rsa):
+    rsa.publish(dns_stub, "s1", "example.org")
+    body = b"".join(b"line %d of a long message   \r\n" % i for i in range(150_000))
+    signed = rsa.sign(MESSAGE + body, "s1", "example.org")
+    env = envelope(signed)
+    assert env.spooled  # on disk: read in pieces, not whole
+    run(configured(dns_stub.resolver()).bonzo_message(session=fake_session(), envelope=env))
+    assert env.results.get("dkim").result == "pass"
+
+
+def test_arc_result(dns_stub, rsa):
+    import dkim
+
+    rsa.publish(dns_stub, "arc", "lists.example")
+    message = b"Authentication-Results: lists.example; dkim=none\r\n" + MESSAGE
+    fields = dkim.arc_sign(message, b"arc", b"lists.example", rsa.private, b"lists.example")
+    sealed = b"".join(fields) + message
+    plugin = configured(dns_stub.resolver(), arc=True)
+    env = envelope(sealed)
+    run(plugin.bonzo_message(session=fake_session(), envelope=env))
+    assert env.results.get("arc").result == "pass"
+    env = envelope(sealed.replace(b"see you", b"send money"))
+    run(plugin.bonzo_message(session=fake_session(), envelope=env))
+    assert env.results.get("arc").result == "fail"
+    env = envelope(MESSAGE)
+    run(plugin.bonzo_message(session=fake_session(), envelope=env))
+    assert env.results.get("arc").result == "none"
+    small = configured(dns_stub.resolver(), arc=True, arc_max_size=1024)
+    env = envelope(sealed)
+    run(small.bonzo_message(session=fake_session(), envelope=env))
+    assert env.results.get("arc").result == "none"
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"max_signatures": 0}, "max_signatures"),
+        ({"min_key_bits": 100}, "min_key_bits"),
+        ({"arc": 1}, "arc: expected true or false"),
+        ({"what": 1}, "what: unknown key"),
+    ],
+)
+def test_bad_configuration(table, message):
+    with pytest.raises(ValueError, match=message):
+        configured(None, **table)
+
+
+def test_readme_documents_every_key():
+    text = README.read_text("utf-8")
+    for key in KEYS:
+        assert re.search(rf"^\s*``{key}``\n\s+\*", text, re.M), key
+
+
+def test_the_example_configuration_shows_every_key():
+    assert example_keys("dkim") == set(KEYS)
+
+
+def test_verification_memory_is_bounded(rsa, tmp_path):
+    """A 20 MB message is verified with a few MB of memory: the body is
+    hashed in pieces from the spool, never read whole."""
+    import tracemalloc
+
+    from bonzo_plugins.dkim.verify import prepare
+
+    body = b"".join(b"line %07d of a long message\r\n" % i for i in range(650_000))
+    signed = rsa.sign(MESSAGE + body, "s1", "example.org")
+    path = tmp_path / "message"
+    path.write_bytes(signed)
+    del body, signed
+    with path.open("rb") as content:
+        tracemalloc.start()
+        try:
+            prepared = prepare(b"", content, 5)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert path.stat().st_size > 20_000_000
+    assert prepared.body_hashes and prepared.signatures[0].result == ""
+    assert peak < 4_000_000, peak

@@ -1,0 +1,219 @@
+"""The dmarc plugin: records, the RFC 9989 tree walk, alignment, policy and
+its enforcement; the DNS stub serves the records."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from auth_testing import app, envelope, example_keys, fake_session, run
+from bonzo_plugins.dmarc import Discovery, DmarcPlugin, parse_record, targets
+from bonzo_plugins.dmarc.plugin import KEYS
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bonzo.errors import PermanentError, TransientError
+
+README = Path(__file__).resolve().parents[2] / "plugins" / "dmarc" / "README.rst"
+
+
+def message(author: str = "alice@example.org") -> bytes:
+    return f"From: {author}\r\nTo: bob@example.com\r\nSubject: hi\r\n\r\nHello\r\n".encode()
+
+
+def configured(resolver=None, **table) -> DmarcPlugin:
+    plugin = DmarcPlugin()
+    plugin.bonzo_configure(config=table, app=app(resolver))
+    return plugin
+
+
+def evaluate(plugin, author="alice@example.org", spf=None, dkim=(), auth=None):
+    env = envelope(message(author))
+    if spf is not None:
+        env.results.add("spf", spf[0], "", domain=spf[1], identity="mailfrom")
+    for result, domain in dkim:
+        env.results.add("dkim", result, "", domain=domain, selector="s1")
+    verdict = run(plugin.bonzo_message(session=fake_session(auth=auth), envelope=env))
+    return env, verdict
+
+
+# ------------------------------------------------------------- the records
+def test_parse_record():
+    record = parse_record(
+        "example.org", "v=DMARC1; p=reject; sp=quarantine; adkim=s; pct=50; t=y; psd=n; x=1"
+    )
+    assert record is not None
+    assert (record.p, record.sp, record.adkim, record.aspf) == ("reject", "quarantine", "s", "r")
+    assert (record.pct, record.testing, record.psd) == (50, True, "n")
+    assert parse_record("x", "v=spf1 -all") is None
+    assert parse_record("x", "v=DMARC1; p=bogus; pct=500").p == "none"
+    assert parse_record("x", "v=DMARC1; p=bogus; pct=500").pct == 100
+
+
+def test_tree_walk_targets():
+    assert targets("a.mail.example.com") == [
+        "a.mail.example.com",
+        "mail.example.com",
+        "example.com",
+        "com",
+    ]
+    long = "a.b.c.d.e.f.g.h.i.example"  # ten labels: then seven, then one less
+    walk = targets(long)
+    assert walk[1] == "d.e.f.g.h.i.example"
+    assert walk[-1] == "example" and len(walk) == 8
+
+
+def test_organizational_domain_by_the_walk(dns_stub):
+    dns_stub.add("_dmarc.example.org", "TXT", '"v=DMARC1; p=reject"')
+    dns_stub.add("_dmarc.psd.example", "TXT", '"v=DMARC1; p=none; psd=y"')
+    dns_stub.add("_dmarc.corp.example", "TXT", '"v=DMARC1; p=none; psd=n"')
+    dns_stub.add("_dmarc.org", "TXT", '"v=DMARC1; p=none"')  # no psd: keep walking
+    discovery = Discovery(dns_stub.resolver())
+    assert run(discovery.organizational_domain("a.b.example.org")) == "org"
+    assert run(discovery.organizational_domain("a.b.shop.psd.example")) == "shop.psd.example"
+    assert run(discovery.organizational_domain("x.y.corp.example")) == "corp.example"
+    assert run(discovery.organizational_domain("nothing.invalid")) == "nothing.invalid"
+    assert run(discovery.organizational_domain("psd.example")) == "psd.example"
+    # Each name is asked once per message, however often it is needed.
+    assert len(discovery.asked) == len(set(discovery.asked))
+
+
+def test_several_records_count_as_none(dns_stub):
+    dns_stub.add("_dmarc.example.org", "TXT", '"v=DMARC1; p=reject"')
+    dns_stub.add("_dmarc.example.org", "TXT", '"v=DMARC1; p=none"')
+    assert run(Discovery(dns_stub.resolver()).policy("example.org")) is None
+
+
+# ------------------------------------------------------------- evaluation
+@pytest.fixture
+def zone(dns_stub):
+    dns_stub.add("_dmarc.example.org", "TXT", '"v=DMARC1; p=reject; sp=quarantine"')
+    dns_stub.add("_dmarc.strict.example", "TXT", '"v=DMARC1; p=reject; adkim=s; aspf=s"')
+    dns_stub.add("_dmarc.none.example", "TXT", '"v=DMARC1; p=none"')
+    dns_stub.add("_dmarc.test.example", "TXT", '"v=DMARC1; p=reject; t=y"')
+    dns_stub.add("_dmarc.half.example", "TXT", '"v=DMARC1; p=reject; pct=50"')
+    return dns_stub
+
+
+def test_pass_by_spf_or_dkim_with_relaxed_alignment(zone):
+    plugin = configured(zone.resolver())
+    env, verdict = evaluate(plugin, spf=("pass", "bounces.example.org"))
+    result = env.results.get("dmarc")
+    assert (result.result, verdict) == ("pass", None)
+    assert result.details["spf_aligned"] and not result.details["dkim_aligned"]
+    env, _ = evaluate(plugin, "bob@mail.example.org", dkim=[("pass", "example.org")])
+    assert env.results.get("dmarc").result == "pass"
+    assert env.results.get("dmarc").details["org_domain"] == "example.org"
+
+
+def test_fail_is_rejected_with_550_5_7_1(zone):
+    plugin = configured(zone.resolver())
+    with pytest.raises(PermanentError) as info:
+        evaluate(plugin, spf=("pass", "evil.example"), dkim=[("fail", "example.org")])
+    assert (info.value.status_code, info.value.enhanced_code) == (550, "5.7.1")
+    assert "example.org" in info.value.message
+
+
+def test_strict_alignment(zone):
+    plugin = configured(zone.resolver(), on_reject="tag")
+    env, _ = evaluate(plugin, "a@strict.example", dkim=[("pass", "mail.strict.example")])
+    assert env.results.get("dmarc").result == "fail"
+    env, _ = evaluate(plugin, "a@strict.example", dkim=[("pass", "strict.example")])
+    assert env.results.get("dmarc").result == "pass"
+
+
+def test_subdomain_policy_and_quarantine(zone):
+    plugin = configured(zone.resolver())
+    env, verdict = evaluate(plugin, "a@sub.example.org")
+    result = env.results.get("dmarc")
+    assert (result.result, result.details["policy"], result.details["disposition"]) == (
+        "fail",
+        "quarantine",
+        "quarantine",
+    )
+    assert type(verdict).__name__ == "Quarantine"
+
+
+@pytest.mark.parametrize(
+    ("on_reject", "expected"), [("quarantine", "Quarantine"), ("tag", "NoneType")]
+)
+def test_the_operator_chooses_the_enforcement(zone, on_reject, expected):
+    plugin = configured(zone.resolver(), on_reject=on_reject)
+    _env, verdict = evaluate(plugin)
+    assert type(verdict).__name__ == expected
+
+
+def test_testing_flag_and_pct_weaken_the_policy(zone):
+    plugin = configured(zone.resolver())
+    env, verdict = evaluate(plugin, "a@test.example")
+    assert env.results.get("dmarc").details["disposition"] == "quarantine"
+    plugin.random = lambda: 0.9  # outside the 50 %: one step weaker
+    env, _ = evaluate(plugin, "a@half.example")
+    assert env.results.get("dmarc").details["disposition"] == "quarantine"
+    plugin.random = lambda: 0.1
+    with pytest.raises(PermanentError):
+        evaluate(plugin, "a@half.example")
+
+
+def test_none_without_policy_and_p_none_is_never_enforced(zone):
+    plugin = configured(zone.resolver())
+    env, verdict = evaluate(plugin, "a@nopolicy.example")
+    assert (env.results.get("dmarc").result, verdict) == ("none", None)
+    env, verdict = evaluate(plugin, "a@none.example")
+    assert (env.results.get("dmarc").result, verdict) == ("fail", None)
+
+
+def test_temperror(zone):
+    zone.fault("_dmarc.example.org", "servfail")
+    env, verdict = evaluate(configured(zone.resolver()))
+    assert (env.results.get("dmarc").result, verdict) == ("temperror", None)
+    with pytest.raises(TransientError) as info:
+        evaluate(configured(zone.resolver(), on_temperror="tempfail"))
+    assert info.value.status_code == 451
+
+
+def test_no_single_author_and_dns_off_and_authenticated(zone):
+    plugin = configured(zone.resolver())
+    env, verdict = evaluate(plugin, "a@example.org, b@example.net")
+    assert (env.results.get("dmarc").result, verdict) == ("permerror", None)
+    env, verdict = evaluate(configured(None))
+    result = env.results.get("dmarc")
+    assert (result.result, verdict) == ("none", None) and "DNS lookups are off" in result.reason
+    env, verdict = evaluate(plugin, auth="alice")
+    assert "dmarc" not in env.results and verdict is None
+
+
+@pytest.mark.parametrize(
+    ("table", "text"),
+    [({"on_reject": "drop"}, "on_reject"), ({"on_temperror": "reject"}, "on_temperror")],
+)
+def test_bad_configuration(table, text):
+    with pytest.raises(ValueError, match=text):
+        configured(None, **table)
+
+
+def test_readme_documents_every_key():
+    text = README.read_text("utf-8")
+    for key in KEYS:
+        assert re.search(rf"^\s*``{key}``\n\s+\*", text, re.M), key
+
+
+def test_the_example_configuration_shows_every_key():
+    assert example_keys("dmarc") == set(KEYS)
+
+
+@given(st.text(max_size=300))
+def test_parse_record_never_raises(text):
+    record = parse_record("example.org", "v=DMARC1;" + text)
+    assert record is not None
+    assert record.p in ("none", "quarantine", "reject") and 0 <= record.pct <= 100
+    assert record.adkim in ("r", "s") and record.psd in ("y", "n", "u")
+
+
+@given(st.lists(st.from_regex(r"[a-z0-9]{1,10}", fullmatch=True), min_size=1, max_size=20))
+def test_tree_walk_is_bounded(labels):
+    walk = targets(".".join(labels))
+    assert 1 <= len(walk) <= 8
+    assert walk[0] == ".".join(labels) and walk[-1] == labels[-1]
+    assert all(a.endswith(b) for a, b in zip(walk, walk[1:], strict=False))

@@ -1,0 +1,629 @@
+"""The ``milter`` plugin in a real server, against the scripted fake milter."""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bonzo_plugins.milter import MilterPlugin
+from bonzo_plugins.milter.plugin import KEYS, MILTER_KEYS, reply_error
+from milter_fake import CLOSE, HANG, FakeMilter
+from plugin_testing import serve
+
+from bonzo import Accept, hookimpl
+from bonzo import milter as m
+
+ROOT = Path(__file__).resolve().parents[2]
+MESSAGE = b"From: a@example.org\r\nSubject: hello\r\nX-Old: 1\r\n\r\nBody line\r\n"
+
+
+class Sink:
+    """Owns every recipient and keeps what would be delivered."""
+
+    def __init__(self) -> None:
+        self.delivered: list[tuple[str, list[str], bytes]] = []
+        self.quarantined: list[str] = []
+        self.results: list[list[tuple[str, dict[str, Any]]]] = []
+        self.changes: list[list[tuple[str, str, str]]] = []
+
+    @hookimpl
+    def bonzo_rcpt(self) -> Accept:
+        return Accept()
+
+    @hookimpl
+    def bonzo_deliver(self, envelope: Any) -> Accept:
+        rcpts = [str(getattr(r, "original", r)) for r in envelope.remaining_recipients]
+        self.delivered.append((envelope.mail_from, rcpts, envelope.content))
+        self.results.append([(r.result, r.details) for r in envelope.results.all("milter")])
+        self.changes.append([(c.plugin, c.action, c.detail) for c in envelope.changes])
+        return Accept()
+
+
+class QuarantineSink(Sink):
+    """Also owns quarantined messages (issue 11's core)."""
+
+    @hookimpl
+    def bonzo_quarantine(self, envelope: Any, reason: str) -> Accept:
+        self.quarantined.append(reason)
+        return Accept()
+
+
+def plugin(*milters: dict[str, Any]) -> MilterPlugin:
+    p = MilterPlugin()
+    p.bonzo_configure(config={"milters": list(milters)}, app=None)
+    return p
+
+
+def entry(fake: FakeMilter, **kw: Any) -> dict[str, Any]:
+    kw.setdefault("name", "fake")
+    kw.setdefault("command_timeout", 2)
+    kw.setdefault("content_timeout", 2)
+    return {"socket": fake.spec, **kw}
+
+
+def send(server: Any, rcpts=("bob@example.com",), message: bytes = MESSAGE) -> Any:
+    with server.client() as client:
+        return client.sendmail("alice@example.org", list(rcpts), message)
+
+
+# ------------------------------------------------------------ configuration
+@pytest.mark.parametrize(
+    ("table", "error"),
+    [
+        ({"milters": 3}, r"^milters: expected an array"),
+        ({"milters": [{"socket": "inet:1@h"}]}, r"^milters\[0\]\.name: required"),
+        ({"milters": [{"name": "a"}]}, r"^milters\[0\]\.socket: required"),
+        ({"milters": [{"name": "a", "socket": "tcp:1"}]}, r"^milters\[0\]\.socket: "),
+        ({"milters": [{"name": "a", "socket": "inet:1@h", "x": 1}]}, r"^milters\[0\]\.x: unknown"),
+        (
+            {"milters": [{"name": "a", "socket": "inet:1@h", "default_action": "reject"}]},
+            r"^milters\[0\]\.default_action: expected one of",
+        ),
+        (
+            {"milters": [{"name": "a", "socket": "inet:1@h", "command_timeout": 0}]},
+            r"^milters\[0\]\.command_timeout: expected seconds",
+        ),
+        (
+            {"milters": [{"name": "a", "socket": "inet:1@h", "macros": {"bad name": "x"}}]},
+            r'^milters\[0\]\.macros\."bad name"',
+        ),
+        (
+            {"milters": [{"name": "a", "socket": "inet:1@h"}, {"name": "a", "socket": "unix:/x"}]},
+            r"^milters\[1\]\.name: 'a' is used twice",
+        ),
+        ({"milter": []}, r"^milter: unknown key"),
+    ],
+)
+def test_configuration_errors_name_the_key(table, error):
+    with pytest.raises(ValueError, match=error):
+        MilterPlugin().bonzo_configure(config=table, app=None)
+
+
+def test_readme_documents_every_key_and_the_mapping():
+    text = (ROOT / "plugins" / "milter" / "README.rst").read_text("utf-8")
+    for key in KEYS + MILTER_KEYS:
+        assert re.search(rf"^\s*``{key}``\n\s+\*", text, re.M), key
+    for action in ("ADDHEADER", "INSHEADER", "CHGHEADER", "REPLBODY", "ADDRCPT", "DELRCPT"):
+        assert action in text
+    for action in ("CHGFROM", "QUARANTINE", "DISCARD", "REPLYCODE", "TEMPFAIL", "REJECT"):
+        assert action in text
+
+
+@pytest.mark.parametrize(
+    ("reply", "code", "enhanced", "text"),
+    [
+        (m.ReplyCode(554, "5.7.1 Go away"), 554, "5.7.1", "Go away"),
+        (m.ReplyCode(451, "4.7.1 Later\r\n451-4.7.1 again"), 451, "4.7.1", "Later\nagain"),
+        (m.ReplyCode(550, "2.0.0 mismatch"), 550, "5.7.1", "mismatch"),
+        (m.ReplyCode(550, "bad\x1b[0m\x00text"), 550, "5.7.1", "bad?[0m?text"),
+        (m.ReplyCode(421, ""), 421, "4.7.1", "Refused by a filter"),
+    ],
+)
+def test_reply_codes_are_checked_and_sanitised(reply, code, enhanced, text):
+    error = reply_error(reply)
+    assert (error.status_code, error.enhanced_code, error.message) == (code, enhanced, text)
+
+
+# --------------------------------------------------------------- the stages
+def test_every_stage_reaches_the_milter_and_the_mail_is_delivered():
+    sink = Sink()
+    with FakeMilter() as fake, serve(("milter", plugin(entry(fake))), ("sink", sink)) as server:
+        assert send(server) == {}
+    (session,) = fake.sessions
+    codes = session.codes()
+    assert [c for c in codes if c != m.C_MACRO] == [
+        b"O", b"C", b"H", b"M", b"R", b"T", b"L", b"L", b"L", b"L", b"N", b"B", b"E", b"Q"
+    ]  # fmt: skip
+    assert session.of(m.C_CONNECT)[0].args[1:] == (
+        "4",
+        session.of(m.C_CONNECT)[0].args[2],
+        "127.0.0.1",
+    )
+    assert session.of(m.C_MAIL)[0].args[0] == "<alice@example.org>"
+    assert session.of(m.C_RCPT)[0].args[0] == "<bob@example.com>"
+    headers = [c.args for c in session.of(m.C_HEADER)]
+    assert headers[0][0] == "Received"  # the trace header is part of the message
+    assert headers[1:] == [("From", "a@example.org"), ("Subject", "hello"), ("X-Old", "1")]
+    assert session.of(m.C_BODY)[0].args == (b"Body line\r\n",)
+    assert session.macros[m.C_CONNECT]["{client_addr}"] == "127.0.0.1"
+    assert session.macros[m.C_MAIL]["{mail_addr}"] == "alice@example.org"
+    assert session.macros[m.C_RCPT]["{rcpt_addr}"] == "bob@example.com"
+    assert len(sink.delivered) == 1
+    assert sink.results == [[("pass", {"milter": "fake", "action": "continue", "changes": 0})]]
+
+
+def test_refusals_at_each_stage():
+    def script(command, session):
+        if command.code == m.C_MAIL and "spam" in command.args[0]:
+            return [m.Verdict(m.R_REJECT)]
+        if command.code == m.C_RCPT and "later" in command.args[0]:
+            return [m.Verdict(m.R_TEMPFAIL)]
+        if command.code == m.C_RCPT and "nobody" in command.args[0]:
+            return [m.ReplyCode(550, "5.1.1 No such\r\nuser")]
+        return None
+
+    sink = Sink()
+    with (
+        FakeMilter(script) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        with server.client() as client:
+            client.ehlo()
+            assert client.mail("spam@example.org")[0] == 550
+            code, text = client.mail("alice@example.org")
+            assert code == 250
+            assert client.rcpt("later@example.com") == (
+                451,
+                b"4.7.1 Try again later (content filter)",
+            )
+            assert client.rcpt("nobody@example.com") == (550, b"5.1.1 No such\n5.1.1 user")
+            assert client.rcpt("bob@example.com")[0] == 250
+            assert client.data(MESSAGE)[0] == 250
+    assert sink.delivered[0][1] == ["bob@example.com"]
+    # A second MAIL after a refused one begins with ABORT on the milter's side.
+    codes = [c for c in fake.sessions[0].codes() if c != m.C_MACRO]
+    assert codes[codes.index(b"M") + 1] == b"A"
+
+
+@pytest.mark.parametrize(
+    ("eom", "code"),
+    [
+        ([m.Verdict(m.R_REJECT)], 550),
+        ([m.Verdict(m.R_TEMPFAIL)], 451),
+        ([m.ReplyCode(554, "5.7.0 Virus found: Eicar-Test-Signature")], 554),
+    ],
+)
+def test_end_of_message_verdicts(eom, code):
+    sink = Sink()
+    with (
+        FakeMilter(end_of_message=eom) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        with pytest.raises(smtplib.SMTPDataError) as info:
+            send(server)
+    assert info.value.smtp_code == code
+    assert sink.delivered == []
+
+
+def test_accept_stops_asking_for_the_message():
+    def script(command, session):
+        if command.code == m.C_MAIL:
+            return [m.Verdict(m.R_ACCEPT)]
+        return None
+
+    sink = Sink()
+    with (
+        FakeMilter(script) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        assert send(server) == {}
+    codes = fake.sessions[0].codes()
+    assert m.C_RCPT not in codes and m.C_EOB not in codes
+    assert len(sink.delivered) == 1
+    assert sink.results == [[("pass", {"milter": "fake", "action": "accept", "stage": "mail"})]]
+
+
+def test_header_changes_are_applied():
+    eom = [
+        m.HeaderChange(m.R_ADDHEADER, "X-Added", "yes\n\tfolded"),
+        m.HeaderChange(m.R_INSHEADER, "X-Top", "first", 0),
+        m.HeaderChange(m.R_CHGHEADER, "X-Old", "", 1),
+        m.HeaderChange(m.R_ADDHEADER, "X-Last", "z"),
+        m.Verdict(m.R_CONTINUE),
+    ]
+    sink = Sink()
+    with (
+        FakeMilter(end_of_message=eom) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        assert send(server) == {}
+    content = sink.delivered[0][2]
+    # INSHEADER 0: the very top; ADDHEADER: the last field; CHGHEADER "": gone.
+    assert content.startswith(b"X-Top: first\r\nReceived: ")
+    assert content.endswith(
+        b"\r\nSubject: hello\r\nX-Added: yes\r\n\tfolded\r\nX-Last: z\r\n\r\nBody line\r\n"
+    )
+    assert b"X-Old" not in content
+    assert sink.changes == [
+        [
+            ("milter", "insert_header", "X-Added at 4"),
+            ("milter", "insert_header", "X-Top at 0"),
+            ("milter", "delete_header", "X-Old"),
+            ("milter", "insert_header", "X-Last at 5"),
+        ]
+    ]
+
+
+def test_two_milters_in_order_first_refusal_wins():
+    sink = Sink()
+    with (
+        FakeMilter(end_of_message=[m.Verdict(m.R_REJECT)]) as second,
+        FakeMilter(
+            end_of_message=[m.HeaderChange(m.R_ADDHEADER, "X-First", "1"), m.Verdict(m.R_CONTINUE)]
+        ) as first,
+        serve(
+            ("milter", plugin(entry(first, name="one"), entry(second, name="two"))), ("sink", sink)
+        ) as server,
+    ):
+        with pytest.raises(smtplib.SMTPDataError):
+            send(server)
+    # The second milter saw the first one's header.
+    names = [c.args[0] for c in second.sessions[0].of(m.C_HEADER)]
+    assert "X-First" in names
+
+
+# ------------------------------------------------------------ fault paths
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_milter_down_fails_closed_by_default(caplog):
+    sink = Sink()
+    p = plugin({"name": "down", "socket": f"inet:{free_port()}@127.0.0.1"})
+    with serve(("milter", p), ("sink", sink)) as server:
+        with pytest.raises(smtplib.SMTPConnectError) as info:
+            server.client()
+    assert info.value.smtp_code == 451
+    assert b"4.7.1" in info.value.smtp_error
+    assert "milter down failed at connect" in caplog.text
+
+
+def test_milter_down_with_default_action_accept():
+    sink = Sink()
+    p = plugin(
+        {"name": "down", "socket": f"inet:{free_port()}@127.0.0.1", "default_action": "accept"}
+    )
+    with serve(("milter", p), ("sink", sink)) as server:
+        assert send(server) == {}
+    assert len(sink.delivered) == 1
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [HANG, CLOSE, b"\0\0\0\x03zzz", b"\x7f\xff\xff\xffh"],
+    ids=["timeout", "closed", "garbage", "oversize"],
+)
+def test_faults_at_end_of_message_give_451(answer):
+    def script(command, session):
+        return answer if command.code == m.C_EOB else None
+
+    sink = Sink()
+    with (
+        FakeMilter(script) as fake,
+        serve(("milter", plugin(entry(fake, content_timeout=0.5))), ("sink", sink)) as server,
+    ):
+        with server.client() as client:
+            with pytest.raises(smtplib.SMTPDataError) as info:
+                client.sendmail("alice@example.org", ["bob@example.com"], MESSAGE)
+            assert (info.value.smtp_code, info.value.smtp_error[:5]) == (451, b"4.7.1")
+            # The milter is out for the session: fail closed from now on.
+            assert client.mail("alice@example.org")[0] == 451
+    assert sink.delivered == []
+
+
+def test_rset_aborts_and_disconnect_quits():
+    sink = Sink()
+    with FakeMilter() as fake, serve(("milter", plugin(entry(fake))), ("sink", sink)) as server:
+        with server.client() as client:
+            client.ehlo()
+            client.mail("alice@example.org")
+            client.rset()
+            client.quit()
+        import time
+
+        deadline = time.monotonic() + 5
+        while not fake.sessions[0].closed and time.monotonic() < deadline:
+            time.sleep(0.02)
+    codes = fake.sessions[0].codes()
+    assert codes[-2:] == [m.C_ABORT, m.C_QUIT]
+
+
+# ------------------------------------------------- issue 11's core verdicts
+def test_discard_at_rcpt_and_quarantine(caplog):
+    def script(command, session):
+        if command.code == m.C_RCPT and "trap" in command.args[0]:
+            return [m.Verdict(m.R_DISCARD)]
+        return None
+
+    sink = QuarantineSink()
+    with (
+        FakeMilter(script) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        assert send(server, rcpts=["bob@example.com", "trap@example.com"]) == {}
+    assert sink.delivered == []
+    assert "milter fake at rcpt: discard" in caplog.text
+    with (
+        FakeMilter(end_of_message=[m.Verdict(m.R_DISCARD)]) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        assert send(server) == {}
+    assert sink.delivered == []
+    eom = [m.QuarantineRequest("suspicious"), m.Verdict(m.R_CONTINUE)]
+    with (
+        FakeMilter(end_of_message=eom) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        assert send(server) == {}
+    assert sink.quarantined == ["suspicious"] and sink.delivered == []
+
+
+def test_refusals_are_recorded_as_results():
+    seen = []
+
+    class Look:
+        @hookimpl
+        def bonzo_rcpt(self, envelope):
+            seen.append(
+                [(r.result, r.details.get("stage")) for r in envelope.results.all("milter")]
+            )
+            return Accept()
+
+    def script(command, session):
+        if command.code == m.C_RCPT and "no" in command.args[0]:
+            return [m.Verdict(m.R_REJECT)]
+        return None
+
+    with (
+        FakeMilter(script) as fake,
+        serve(("milter", plugin(entry(fake))), ("look", Look()), ("sink", Sink())) as server,
+        server.client() as client,
+    ):
+        client.ehlo()
+        client.mail("alice@example.org")
+        assert client.rcpt("no@example.com")[0] == 550
+        assert client.rcpt("yes@example.com")[0] == 250
+    assert seen == [[("reject", "rcpt")]]
+
+
+def test_the_example_configuration_shows_every_key_and_configures():
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    example = (ROOT / "bonzo.toml.example").read_text("utf-8")
+    start = example.index("# [plugins.milter]")
+    end = example.find("\n\n", start)
+    block = example[start:end]
+    shown = set(re.findall(r"^# (\w+) = ", block, re.M))
+    assert shown == set(MILTER_KEYS)
+    text = "\n".join(line[2:] for line in block.splitlines() if line.startswith("# "))
+    table = tomllib.loads(text)["plugins"]["milter"]
+    p = MilterPlugin()
+    p.bonzo_configure(config=table, app=None)
+    assert [c.name for c in p.milters] == ["opendkim"]
+    assert p.milters[0].macros == {"{daemon_name}": "mx-in"}
+
+
+def test_a_second_connect_starts_over_and_helo_aborts():
+    """XCLIENT runs bonzo_connect again: the old milter sessions end."""
+    import asyncio
+    import time
+
+    from bonzo import testing
+
+    with FakeMilter() as fake:
+        p = plugin(entry(fake))
+        session = testing.make_session("192.0.2.7")
+
+        async def go():
+            await p.bonzo_connect(session=session)
+            envelope = testing.make_envelope() if hasattr(testing, "make_envelope") else None
+            if envelope is None:
+                from bonzo.session import Envelope
+
+                envelope = Envelope("a@example.org")
+            await p.bonzo_mail(
+                session=session, envelope=envelope, address="a@example.org", params={}
+            )
+            await p.bonzo_helo(session=session, name="again.test")
+            await p.bonzo_connect(session=session)
+            await p.bonzo_disconnect(session=session)
+
+        asyncio.run(go())
+        deadline = time.monotonic() + 5
+        while not all(s.closed for s in fake.sessions) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    first, second = fake.sessions
+    assert [c for c in first.codes() if c != m.C_MACRO] == [b"O", b"C", b"M", b"A", b"H", b"Q"]
+    assert first.of(m.C_CONNECT)[0].args == ("[192.0.2.7]", "4", session.remote_port, "192.0.2.7")
+    assert [c for c in second.codes() if c != m.C_MACRO] == [b"O", b"C", b"Q"]
+
+
+def test_header_reading_is_bounded():
+    from bonzo_plugins.milter.plugin import MAX_FIELD, _header_lines
+
+    from bonzo.session import Envelope
+
+    envelope = Envelope("a@example.org")
+    # The rest of a line cut at MAX_FIELD is not a field "xxxxEvil: y" of its own.
+    long_value = b"x" * (MAX_FIELD + 4) + b"Evil: y " + b"z" * (2 * MAX_FIELD)
+    envelope.write(
+        b"Long: " + long_value + b"\r\nFolded: a\r\n" + b"\tb\r\n" * 50000 + b"\r\nbody\r\n"
+    )
+    envelope.add_header("X-Added", "1")
+    try:
+        headers, body = _header_lines(envelope)
+        names = [n for n, _ in headers]
+        assert names == ["X-Added", "Long", "Folded"]
+        assert all(len(v) <= MAX_FIELD for _, v in headers)
+        assert body.read() == b"body\r\n"
+    finally:
+        envelope.close()
+
+
+def test_readme_example_configures():
+    import sys
+
+    from test_bundle import toml_blocks
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    (block,) = toml_blocks((ROOT / "plugins" / "milter" / "README.rst").read_text("utf-8"))
+    p = MilterPlugin()
+    p.bonzo_configure(config=tomllib.loads(block)["plugins"]["milter"], app=None)
+    assert [(c.name, str(c.socket)) for c in p.milters] == [
+        ("opendkim", "inet:8891@127.0.0.1"),
+        ("clamav", "unix:/run/clamav/clamav-milter.ctl"),
+    ]
+
+
+ALL_CHANGES = [
+    m.HeaderChange(m.R_CHGHEADER, "Subject", "[filtered] hello", 1),
+    m.ChangeSender("<bounces@example.org>", "BODY=8BITMIME"),
+    m.RecipientChange(m.R_ADDRCPT, "<archive@example.com>"),
+    m.RecipientChange(m.R_DELRCPT, "<bob@example.com>"),
+    m.ReplaceBody(b"New body\r\n"),
+    m.Verdict(m.R_CONTINUE),
+]
+
+
+def test_body_recipient_sender_and_header_changes_are_applied():
+    sink = Sink()
+    with (
+        FakeMilter(end_of_message=ALL_CHANGES) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        assert send(server) == {}
+    ((sender, rcpts, content),) = sink.delivered
+    assert sender == "bounces@example.org"
+    assert rcpts == ["archive@example.com"]
+    assert b"\r\nSubject: [filtered] hello\r\n" in content
+    assert content.endswith(b"\r\n\r\nNew body\r\n")
+
+
+def test_refusal_at_connect_and_helo_and_session_accept():
+    def refuse(code):
+        def script(command, session):
+            return [m.Verdict(m.R_REJECT)] if command.code == code else None
+
+        return script
+
+    with (
+        FakeMilter(refuse(m.C_CONNECT)) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", Sink())) as server,
+    ):
+        with pytest.raises(smtplib.SMTPConnectError) as info:
+            server.client()
+        assert info.value.smtp_code == 550
+    with (
+        FakeMilter(refuse(m.C_HELO)) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", Sink())) as server,
+        server.client() as client,
+    ):
+        assert client.ehlo()[0] == 550
+    # ACCEPT at connect: the milter is not asked again in the session.
+    accept = lambda c, s: [m.Verdict(m.R_ACCEPT)] if c.code == m.C_CONNECT else None  # noqa: E731
+    sink = Sink()
+    with (
+        FakeMilter(accept) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        assert send(server) == {}
+    assert [c for c in fake.sessions[0].codes() if c != m.C_MACRO][:3] == [b"O", b"C", b"Q"]
+    assert len(sink.delivered) == 1
+
+
+def test_any_modifications_are_applied_or_refused_cleanly():
+    """Whatever a milter asks for at the end of the message, applying it
+    never raises: a change the envelope refuses is logged and skipped."""
+    from bonzo_plugins.milter.plugin import _BodySink, _Milter
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from bonzo import testing
+    from bonzo.session import Envelope
+
+    names = st.sampled_from(["Subject", "X-New", "From", "Received", "bad name", "", "X:Y", "é"])
+    values = st.text(max_size=30)
+    changes = st.lists(
+        st.one_of(
+            st.builds(m.HeaderChange, st.sampled_from([m.R_ADDHEADER]), names, values),
+            st.builds(
+                m.HeaderChange,
+                st.sampled_from([m.R_INSHEADER, m.R_CHGHEADER]),
+                names,
+                values,
+                st.integers(0, 2**32 - 1),
+            ),
+            st.builds(
+                m.RecipientChange,
+                st.sampled_from([m.R_ADDRCPT, m.R_DELRCPT, m.R_ADDRCPT_PAR]),
+                st.sampled_from(
+                    ["<x@example.com>", "<bob@example.com>", "", "<>", "bad", "<a@b@c>"]
+                ),
+                st.sampled_from(["", "NOTIFY=NEVER", "X"]),
+            ),
+            st.builds(m.ChangeSender, st.sampled_from(["<new@example.org>", "", "<>", "x y"])),
+            st.builds(m.QuarantineRequest, values),
+        ),
+        max_size=8,
+    )
+    p = plugin({"name": "h", "socket": "inet:1@127.0.0.1"})
+    session = testing.make_session()
+
+    @settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(changes)
+    def check(items):
+        envelope = Envelope("alice@example.org")
+        envelope.rcpt_tos.append("bob@example.com")
+        envelope.write(MESSAGE)
+        mi = _Milter(p.milters[0])
+        mi.client = m.MilterClient(p.milters[0].socket)
+        mi.client.options = m.OptionReply(6, m.ALL_ACTIONS, 0)
+        sink = _BodySink()
+        try:
+            p._apply(session, envelope, mi, m.Outcome(m.Verdict(m.R_CONTINUE), items), sink)
+            assert envelope.content.endswith(b"\r\n\r\nBody line\r\n")
+        finally:
+            sink.file.close()
+            envelope.close()
+
+    check()
+
+
+def test_discard_at_helo_discards_every_message_of_the_session():
+    def script(command, session):
+        return [m.Verdict(m.R_DISCARD)] if command.code == m.C_HELO else None
+
+    sink = Sink()
+    with (
+        FakeMilter(script) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+        server.client() as client,
+    ):
+        for _ in range(2):
+            assert client.sendmail("alice@example.org", ["bob@example.com"], MESSAGE) == {}
+    assert sink.delivered == []

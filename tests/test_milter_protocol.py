@@ -1,0 +1,496 @@
+"""The milter protocol (:mod:`bonzo.milter`): codec properties and the async
+client against a scripted fake milter (:mod:`milter_fake`)."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from milter_fake import CLOSE, HANG, FakeMilter
+
+from bonzo import milter as m
+
+# ---------------------------------------------------------------- strategies
+text = st.text(st.characters(exclude_characters="\0", exclude_categories=("Cs",)), max_size=40)
+word = st.integers(0, 2**32 - 1)
+macro_names = st.sampled_from(["j", "i", "_", "{daemon_name}", "{auth_authen}", "{rcpt_addr}"])
+
+
+def commands() -> st.SearchStrategy[tuple[bytes, m.Command]]:
+    """(encoded frame, the command it must decode to)."""
+
+    def pair(frame: bytes, code: bytes, *args: object) -> tuple[bytes, m.Command]:
+        return frame, m.Command(code, tuple(args))
+
+    return st.one_of(
+        st.builds(
+            lambda v, a, p: pair(m.encode_optneg(v, a, p), m.C_OPTNEG, v, a, p), word, word, word
+        ),
+        st.builds(
+            lambda h, f, port, addr: pair(
+                m.encode_connect(h, f, port, addr),
+                m.C_CONNECT,
+                h,
+                f,
+                0 if f == "U" else port,
+                "" if f == "U" else addr,
+            ),
+            text,
+            st.sampled_from(m.FAMILIES),
+            st.integers(0, 65535),
+            text,
+        ),
+        st.builds(lambda n: pair(m.encode_helo(n), m.C_HELO, n), text),
+        st.builds(
+            lambda s, a: pair(m.encode_mail(s, a), m.C_MAIL, s, *a),
+            text,
+            st.lists(text, max_size=4),
+        ),
+        st.builds(
+            lambda s, a: pair(m.encode_rcpt(s, a), m.C_RCPT, s, *a),
+            text,
+            st.lists(text, max_size=4),
+        ),
+        st.builds(lambda n, v: pair(m.encode_header(n, v), m.C_HEADER, n, v), text, text),
+        st.builds(lambda b: pair(m.encode_body(b), m.C_BODY, b), st.binary(max_size=300)),
+        st.builds(lambda b: pair(m.encode_eob(b), m.C_EOB, b), st.binary(max_size=30)),
+        st.builds(
+            lambda c, d: pair(m.encode_macro(c, d), m.C_MACRO, c, d),
+            st.sampled_from(sorted(m.COMMANDS)),
+            st.dictionaries(macro_names, text, max_size=4),
+        ),
+        st.builds(lambda line: pair(m.encode_unknown(line), m.C_UNKNOWN, line), text),
+        st.sampled_from(
+            [
+                pair(m.encode_data(), m.C_DATA),
+                pair(m.encode_eoh(), m.C_EOH),
+                pair(m.encode_abort(), m.C_ABORT),
+                pair(m.encode_quit(), m.C_QUIT),
+                pair(m.encode_quit_nc(), m.C_QUIT_NC),
+            ]
+        ),
+    )
+
+
+symbol_lists = st.dictionaries(
+    st.sampled_from(sorted(m.STAGE_COMMANDS)),
+    st.lists(
+        st.sampled_from(["j", "i", "{auth_authen}", "{mail_addr}"]), min_size=1, max_size=3
+    ).map(tuple),
+    max_size=3,
+)
+responses = st.one_of(
+    st.builds(m.Verdict, st.sampled_from(sorted(m.SIMPLE_RESPONSES))),
+    st.builds(
+        m.ReplyCode,
+        st.integers(400, 599),
+        st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=60).filter(
+            lambda t: t[0] not in " -"
+        ),
+    ),
+    st.builds(m.HeaderChange, st.just(m.R_ADDHEADER), text, text),
+    st.builds(m.HeaderChange, st.sampled_from([m.R_INSHEADER, m.R_CHGHEADER]), text, text, word),
+    st.builds(m.RecipientChange, st.sampled_from([m.R_ADDRCPT, m.R_DELRCPT]), text),
+    st.builds(m.RecipientChange, st.just(m.R_ADDRCPT_PAR), text, text.filter(bool)),
+    st.builds(m.ChangeSender, text, text.filter(bool)),
+    st.builds(m.ReplaceBody, st.binary(max_size=300)),
+    st.builds(m.QuarantineRequest, text),
+    st.builds(m.OptionReply, st.integers(2, 6), word, word, symbol_lists),
+)
+
+
+# ---------------------------------------------------------------- properties
+@given(commands())
+def test_every_command_round_trips(pair):
+    frame, expected = pair
+    assert m.decode_command(*m.split_frame(frame)) == expected
+
+
+@given(responses)
+def test_every_response_round_trips(response):
+    assert m.decode_response(*m.split_frame(m.encode_response(response))) == response
+
+
+@given(st.lists(responses, max_size=8), st.integers(1, 50))
+def test_frames_split_anywhere(items, step):
+    stream = b"".join(m.encode_response(r) for r in items)
+    decoder = m.FrameDecoder()
+    frames = []
+    for i in range(0, len(stream), step):
+        frames.extend(decoder.feed(stream[i : i + step]))
+    assert [m.decode_response(*f) for f in frames] == items
+    assert decoder.pending == 0
+
+
+@given(responses, st.data())
+def test_a_truncated_frame_is_a_clean_error(response, data):
+    frame = m.encode_response(response)
+    cut = data.draw(st.integers(0, len(frame) - 1))
+    with pytest.raises(m.MilterProtocolError):
+        m.split_frame(frame[:cut])
+    with pytest.raises(m.MilterProtocolError):
+        m.split_frame(frame + b"x")
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=200))
+def test_garbage_raises_only_protocol_errors(data):
+    decoder = m.FrameDecoder(max_frame=1000)
+    try:
+        for code, payload in decoder.feed(data):
+            m.decode_response(code, payload)
+    except m.MilterProtocolError:
+        pass
+    try:
+        for code, payload in m.FrameDecoder(max_frame=1000).feed(data):
+            m.decode_command(code, payload)
+    except m.MilterProtocolError:
+        pass
+
+
+@given(st.integers(m.MAX_FRAME + 1, 2**32 - 1))
+def test_an_oversized_frame_is_refused_before_it_is_read(length):
+    decoder = m.FrameDecoder()
+    with pytest.raises(m.MilterProtocolError, match="at most"):
+        decoder.feed(struct.pack(">I", length) + b"b")
+
+
+def test_fixed_encodings():
+    # The bytes of the public protocol description (mfdef.h values).
+    assert m.encode_optneg(6, 0x1FF, 0x1FFFFF) == b"\0\0\0\x0dO" + bytes.fromhex(
+        "00000006000001ff001fffff"
+    )
+    assert m.encode_connect("[192.0.2.1]", "4", 25, "192.0.2.1") == (
+        b"\0\0\0\x1aC[192.0.2.1]\x004\x00\x19192.0.2.1\0"
+    )
+    assert m.encode_mail("<a@b>", ["SIZE=10"]) == b"\0\0\0\x0fM<a@b>\0SIZE=10\0"
+    assert m.encode_macro(m.C_CONNECT, {"j": "mx"}) == b"\0\0\0\x07DCj\0mx\0"
+    assert m.encode_quit() == b"\0\0\0\x01Q"
+    assert m.decode_response(b"y", b"554 5.7.1 no\0") == m.ReplyCode(554, "5.7.1 no")
+    assert m.decode_response(b"i", b"\0\0\0\x02X\0y\0") == m.HeaderChange(b"i", "X", "y", 2)
+
+
+def test_body_chunks_are_bounded():
+    with pytest.raises(ValueError):
+        m.encode_body(b"x" * (m.CHUNK_SIZE + 1))
+    assert len(m.encode_body(b"x" * m.CHUNK_SIZE)) == m.CHUNK_SIZE + 5
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"y",
+        b"y200 ok\0",
+        b"yabc\0",
+        b"h\0",
+        b"hX\0",
+        b"i\0\0",
+        b"O\0\0\0\x06",
+        b"l\0\0\0\x09j\0",
+        b"cx",
+    ],
+)
+def test_malformed_responses(data):
+    with pytest.raises(m.MilterProtocolError):
+        m.decode_response(data[:1], data[1:])
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("inet:8891@127.0.0.1", m.SocketSpec("inet", "127.0.0.1", 8891)),
+        ("inet:127.0.0.1:8891", m.SocketSpec("inet", "127.0.0.1", 8891)),
+        ("inet6:8891@[::1]", m.SocketSpec("inet6", "::1", 8891)),
+        ("unix:/run/x.sock", m.SocketSpec("unix", path="/run/x.sock")),
+        ("local:/run/x.sock", m.SocketSpec("unix", path="/run/x.sock")),
+    ],
+)
+def test_parse_socket(text, expected):
+    assert m.parse_socket(text) == expected
+    assert m.parse_socket(str(expected)) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["", "inet:", "inet:0@h", "inet:99999@h", "inet:x@h", "unix:rel", "tcp:1@h", "inet:25@"]
+)
+def test_parse_socket_errors(text):
+    with pytest.raises(ValueError):
+        m.parse_socket(text)
+
+
+# -------------------------------------------------------------------- client
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+def client_for(fake: FakeMilter, **kw) -> m.MilterClient:
+    kw.setdefault("command_timeout", 2.0)
+    kw.setdefault("content_timeout", 2.0)
+    kw.setdefault("connect_timeout", 2.0)
+    return m.MilterClient(m.parse_socket(fake.spec), **kw)
+
+
+async def whole_session(client: m.MilterClient, body: bytes = b"Hello\r\n") -> m.Outcome:
+    await client.open()
+    assert (await client.connect("[127.0.0.1]", "4", 1234, "127.0.0.1", {"j": "mx"})).action == (
+        "continue"
+    )
+    await client.helo("client.test", {})
+    await client.mail("<a@example.org>", ["SIZE=10"], {"i": "Q1"})
+    await client.rcpt("<b@example.com>", [], {})
+    await client.data({})
+    outcome = await client.message([("Subject", " hi\n\tthere")], [body], {})
+    await client.quit()
+    return outcome
+
+
+def test_a_whole_session_in_order():
+    with FakeMilter() as fake:
+        outcome = run(whole_session(client_for(fake)))
+    assert outcome.action == "continue" and outcome.changes == []
+    (session,) = fake.sessions
+    assert session.codes() == [
+        b"O",
+        b"D",
+        b"C",
+        b"H",
+        b"D",
+        b"M",
+        b"R",
+        b"T",
+        b"L",
+        b"N",
+        b"B",
+        b"E",
+        b"Q",
+    ]
+    optneg = session.commands[0].args
+    assert optneg == (6, m.ALL_ACTIONS, m.ALL_PROTOCOL)
+    assert session.of(m.C_CONNECT)[0].args == ("[127.0.0.1]", "4", 1234, "127.0.0.1")
+    assert session.of(m.C_MAIL)[0].args == ("<a@example.org>", "SIZE=10")
+    # Without HDR_LEADSPC the leading space goes; folding is kept with \n.
+    assert session.of(m.C_HEADER)[0].args == ("Subject", "hi\n\tthere")
+    assert session.macros[m.C_CONNECT] == {"j": "mx"}
+    assert session.macros[m.C_MAIL] == {"i": "Q1"}
+
+
+def test_leadspc_skipped_steps_and_no_reply_flags():
+    protocol = m.P_HDR_LEADSPC | m.P_NOHELO | m.P_NOBODY | m.P_NR_RCPT | m.P_NR_HDR
+
+    def script(command, session):
+        if command.code in (m.C_RCPT, m.C_HEADER):
+            return []  # no reply: the client must not wait for one
+        return None
+
+    with FakeMilter(script, protocol=protocol) as fake:
+        outcome = run(whole_session(client_for(fake)))
+    assert outcome.action == "continue"
+    codes = fake.sessions[0].codes()
+    assert b"H" not in codes and b"B" not in codes and b"R" in codes
+    assert fake.sessions[0].of(m.C_HEADER)[0].args == ("Subject", " hi\n\tthere")
+
+
+def test_end_of_message_modifications_and_progress():
+    eom = [
+        m.Verdict(m.R_PROGRESS),
+        m.HeaderChange(m.R_ADDHEADER, "X-A", "1"),
+        m.HeaderChange(m.R_INSHEADER, "X-B", "2", 0),
+        m.RecipientChange(m.R_ADDRCPT_PAR, "<c@example.com>", "NOTIFY=NEVER"),
+        m.ChangeSender("<new@example.org>"),
+        m.QuarantineRequest("looks odd"),
+        m.ReplaceBody(b"new "),
+        m.ReplaceBody(b"body\r\n"),
+        m.Verdict(m.R_ACCEPT),
+    ]
+    with FakeMilter(end_of_message=eom) as fake:
+        outcome = run(whole_session(client_for(fake)))
+    assert outcome.action == "accept"
+    assert outcome.changes == eom[1:-1]
+
+    sunk = []
+
+    async def with_sink(client):
+        await client.open()
+        try:
+            return await client.message([], [b"x"], {}, body_sink=sunk.append)
+        finally:
+            await client.quit()
+
+    with FakeMilter(end_of_message=eom) as fake:
+        outcome = run(with_sink(client_for(fake)))
+    assert b"".join(sunk) == b"new body\r\n"
+    assert outcome.changes.count(m.ReplaceBody(b"")) == 1
+
+
+def test_large_body_goes_in_bounded_chunks_and_skip_stops_it():
+    def script(command, session):
+        if command.code == m.C_BODY and len(session.of(m.C_BODY)) == 2:
+            return [m.Verdict(m.R_SKIP)]
+        return None
+
+    with FakeMilter(script, protocol=m.P_SKIP) as fake:
+        run(whole_session(client_for(fake), body=b"y" * (m.CHUNK_SIZE * 4)))
+    bodies = fake.sessions[0].of(m.C_BODY)
+    assert [len(c.args[0]) for c in bodies] == [m.CHUNK_SIZE, m.CHUNK_SIZE]
+    assert fake.sessions[0].codes()[-2:] == [b"E", b"Q"]
+
+
+def test_symbol_lists_filter_the_macros():
+    with FakeMilter(symbols={m.M_CONNECT: ("j",), m.M_ENVFROM: ("{auth_authen}",)}) as fake:
+
+        async def go(client):
+            await client.open()
+            await client.connect("h", "4", 1, "127.0.0.1", {"j": "mx", "_": "x"})
+            await client.mail("<a@b>", [], {"i": "Q", "{auth_authen}": "alice"})
+            await client.quit()
+
+        run(go(client_for(fake)))
+    assert fake.sessions[0].macros[m.C_CONNECT] == {"j": "mx"}
+    assert fake.sessions[0].macros[m.C_MAIL] == {"{auth_authen}": "alice"}
+
+
+@pytest.mark.parametrize(
+    ("script", "error"),
+    [
+        (
+            lambda c, s: [m.Verdict(m.R_CONTINUE)] if c.code == m.C_OPTNEG else None,
+            "answered OPTNEG",
+        ),
+        (lambda c, s: [m.OptionReply(7, 0, 0)] if c.code == m.C_OPTNEG else None, "version 7"),
+        (lambda c, s: [m.OptionReply(6, 0x400, 0)] if c.code == m.C_OPTNEG else None, "beyond"),
+        (lambda c, s: CLOSE if c.code == m.C_OPTNEG else None, "closed"),
+        (lambda c, s: [m.Verdict(m.R_SHUTDOWN)] if c.code == m.C_HELO else None, "shutdown"),
+        (lambda c, s: b"\0\0\0\x04zzzz" if c.code == m.C_HELO else None, "unknown response"),
+        (lambda c, s: b"\xff\xff\xff\xffc" if c.code == m.C_HELO else None, "at most"),
+        (
+            lambda c, s: [m.HeaderChange(m.R_ADDHEADER, "X", "y")] if c.code == m.C_HELO else None,
+            "unexpected",
+        ),
+        (lambda c, s: [m.Verdict(m.R_SKIP)] if c.code == m.C_HELO else None, "SKIP"),
+        (lambda c, s: HANG if c.code == m.C_HELO else None, "no reply within"),
+        (lambda c, s: HANG if c.code == m.C_EOB else None, "no reply within"),
+    ],
+)
+def test_faults_are_milter_errors_and_close(script, error):
+    with FakeMilter(script) as fake:
+        client = client_for(fake, command_timeout=0.3, content_timeout=0.3)
+        with pytest.raises(m.MilterError, match=error):
+            run(whole_session(client))
+        assert client.closed
+
+
+def test_milter_down_and_connect_timeout(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = m.MilterClient(m.parse_socket(f"inet:{port}@127.0.0.1"))
+    with pytest.raises(m.MilterUnavailable):
+        run(client.open())
+    client = m.MilterClient(m.parse_socket(f"unix:{tmp_path}/none.sock"))
+    with pytest.raises(m.MilterUnavailable):
+        run(client.open())
+
+
+def test_unix_socket(tmp_path):
+    with FakeMilter(unix_path=str(tmp_path / "m.sock")) as fake:
+        outcome = run(whole_session(client_for(fake)))
+    assert outcome.action == "continue"
+    assert fake.sessions[0].codes()[-1] == b"Q"
+
+
+def test_replycode_and_verdicts_end_stages():
+    def script(command, session):
+        if command.code == m.C_RCPT:
+            return [m.ReplyCode(550, "5.1.1 no such user")]
+        if command.code == m.C_MAIL:
+            return [m.Verdict(m.R_PROGRESS), m.Verdict(m.R_TEMPFAIL)]
+        return None
+
+    async def go(client):
+        await client.open()
+        mail = await client.mail("<a@b>", [], {})
+        rcpt = await client.rcpt("<c@d>", [], {})
+        await client.quit()
+        return mail, rcpt
+
+    with FakeMilter(script) as fake:
+        mail, rcpt = run(go(client_for(fake)))
+    assert mail.action == "tempfail"
+    assert rcpt.action == "replycode" and rcpt.verdict == m.ReplyCode(550, "5.1.1 no such user")
+
+
+def test_the_client_knows_when_a_transaction_is_open():
+    def script(command, session):
+        if command.code == m.C_HEADER:
+            return [m.Verdict(m.R_REJECT)]  # ends the message before its end
+        return None
+
+    async def go(client):
+        await client.open()
+        assert not client.in_transaction
+        await client.mail("<a@b>", [], {})
+        assert client.in_transaction
+        outcome = await client.message([("Subject", " x")], [b"body"], {})
+        assert outcome.action == "reject" and client.in_transaction
+        await client.abort()
+        assert not client.in_transaction
+        await client.mail("<a@b>", [], {})
+        await client.quit()
+
+    with FakeMilter(script) as fake:
+        run(go(client_for(fake)))
+    codes = [c for c in fake.sessions[0].codes() if c != m.C_MACRO]
+    assert codes == [b"O", b"M", b"L", b"A", b"M", b"Q"]
+
+
+def test_any_answer_to_the_end_of_message_is_an_outcome_or_a_milter_error():
+    """Whatever octets a milter sends back (then closing), the client gives a
+    verdict or raises :class:`MilterError`: nothing else escapes, nothing hangs."""
+    from hypothesis import HealthCheck, given
+    from hypothesis import settings as hsettings
+
+    frames = st.lists(
+        st.one_of(responses.map(m.encode_response), st.binary(max_size=12)), max_size=6
+    ).map(b"".join)
+    box: dict[str, bytes] = {}
+
+    def script(command, session):
+        if command.code == m.C_EOB:
+            return box["answer"]
+        if command.code == m.C_QUIT:
+            return CLOSE
+        return None
+
+    async def go(client):
+        await client.open()
+        try:
+            return await client.message([("Subject", " x")], [b"body"], {})
+        finally:
+            await client.quit()
+
+    with FakeMilter(script) as fake:
+
+        @hsettings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(frames)
+        def check(answer):
+            box["answer"] = answer
+            client = client_for(fake, content_timeout=0.2)
+            try:
+                outcome = run(go(client))
+            except m.MilterError:
+                return
+            assert outcome.action in (
+                "accept",
+                "continue",
+                "reject",
+                "tempfail",
+                "discard",
+                "replycode",
+            )
+
+        check()

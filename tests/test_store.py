@@ -1,0 +1,258 @@
+"""bonzo.store: the in-process store, the [redis] settings and app.store.
+
+The Redis store against a real redis-server: tests/interop/test_redis.py."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bonzo.app import MailApp
+from bonzo.config import REDIS_KEYS, ConfigError, parse_config
+from bonzo.settings import SettingError
+from bonzo.store import MemoryStore, RedisStore, StoreSettings, open_store
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_a_window_allows_the_limit_then_refuses():
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+
+    async def go():
+        hits = [await store.hit("k", 3, 60) for _ in range(5)]
+        return [h.allowed for h in hits], hits[2].count
+
+    allowed, third = run(go())
+    assert allowed == [True, True, True, False, False]
+    assert third == 3
+
+
+def test_the_window_slides():
+    """Events of the previous window count by how much of it still overlaps."""
+    clock = Clock(600.0)  # the start of a window of 60 s
+    store = MemoryStore(clock=clock)
+
+    async def go():
+        for _ in range(4):
+            assert (await store.hit("k", 4, 60)).allowed
+        assert not (await store.hit("k", 4, 60)).allowed
+        clock.now = 660.0 + 15  # a quarter into the next window: 4 * 0.75 = 3 counted
+        first = await store.hit("k", 4, 60)
+        second = await store.hit("k", 4, 60)
+        clock.now = 780.0 + 1  # two windows after the last event: nothing counted
+        later = [await store.hit("k", 4, 60) for _ in range(4)]
+        return first, second, later
+
+    first, second, later = run(go())
+    assert first.allowed and first.count == pytest.approx(4.0)
+    assert not second.allowed
+    assert all(h.allowed for h in later)
+
+
+def test_keys_are_independent():
+    store = MemoryStore(clock=Clock())
+
+    async def go():
+        assert (await store.hit("a", 1, 60)).allowed
+        assert not (await store.hit("a", 1, 60)).allowed
+        return (await store.hit("b", 1, 60)).allowed
+
+    assert run(go())
+
+
+def test_values_expire_and_only_new_does_not_overwrite():
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+
+    async def go():
+        assert await store.set("k", "one", 10)
+        assert not await store.set("k", "two", 10, only_new=True)
+        assert await store.get("k") == "one"
+        clock.now += 10.5
+        assert await store.get("k") is None
+        assert await store.set("k", "three", 10, only_new=True)
+        value = await store.get("k")
+        await store.delete("k")
+        return value, await store.get("k")
+
+    assert run(go()) == ("three", None)
+
+
+def test_memory_is_bounded_least_recently_used_first():
+    store = MemoryStore(max_keys=100, clock=Clock())
+
+    async def go():
+        await store.set("keep", "v", 1000)
+        for i in range(1000):
+            await store.hit(f"client-{i}", 5, 60)
+            if i % 10 == 0:
+                assert await store.get("keep") == "v"  # used: kept
+        return store.size, await store.get("keep"), await store.get("client-0")
+
+    size, kept, first = run(go())
+    assert size == 100
+    assert kept == "v"
+    assert first is None
+
+
+def test_open_store_follows_the_settings():
+    assert isinstance(open_store(StoreSettings()), MemoryStore)
+    assert open_store(StoreSettings(memory_max_keys=7)).max_keys == 7  # type: ignore[attr-defined]
+    assert isinstance(open_store(StoreSettings(url="redis://127.0.0.1:1/0")), RedisStore)
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "message"),
+    [
+        ('url = "http://x/"', "redis.url", "must start with redis://"),
+        ('url = "redis://:secret@/0"', "redis.url", "names no host"),
+        ('url = "redis://h:99999/0"', "redis.url", "bad port"),
+        ("url = 5", "redis.url", "must be a string"),
+        ("timeout = 0", "redis.timeout", "positive number"),
+        ('connect_timeout = "1"', "redis.connect_timeout", "positive number"),
+        ("retry_interval = -1", "redis.retry_interval", "positive number"),
+        ("max_connections = 0", "redis.max_connections", "integer 1..10000"),
+        ("memory_max_keys = true", "redis.memory_max_keys", "integer"),
+        ("key_prefix = 1", "redis.key_prefix", "string"),
+        ("password = 1", "redis.password", "string"),
+        ("colour = 1", "redis.colour", "unknown key"),
+    ],
+)
+def test_bad_redis_keys_name_the_file_and_key(table, key, message):
+    with pytest.raises(ConfigError) as info:
+        parse_config(f"[redis]\n{table}\n", "site.toml")
+    assert str(info.value).startswith(f"site.toml: {key}: ")
+    assert message in str(info.value)
+
+
+def test_a_password_in_the_url_never_reaches_a_message():
+    with pytest.raises(SettingError) as info:
+        StoreSettings(url="redis://:hunter2@h:x/0")
+    assert "hunter2" not in str(info.value.detail)
+    assert StoreSettings(url="redis://u:hunter2@h:6379/0").where == "redis://u:***@h:6379/0"
+
+
+def test_secrets_come_from_env_and_file(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("TEST_REDIS_URL", "redis://10.0.0.1:6380/2")
+    (tmp_path / "pw").write_text("s3cret\n")
+    config = parse_config(
+        '[redis]\nurl = { "$env" = "TEST_REDIS_URL" }\npassword = { "$file" = "pw" }\n',
+        "site.toml",
+        tmp_path,
+    )
+    assert config.redis.url == "redis://10.0.0.1:6380/2"
+    assert config.redis.password == "s3cret"
+    assert config.redis.enabled
+
+
+def test_app_store_is_built_from_the_redis_table(tmp_path: Path):
+    app = MailApp(parse_config("[redis]\nmemory_max_keys = 5\n", "t.toml", tmp_path))
+    assert isinstance(app.store, MemoryStore) and app.store.max_keys == 5
+    app = MailApp(parse_config('[redis]\nurl = "redis://127.0.0.1:1/0"\n', "t.toml", tmp_path))
+    assert isinstance(app.store, RedisStore)
+
+
+def test_every_redis_key_is_in_the_example_with_its_default():
+    import re
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    text = (Path(__file__).resolve().parent.parent / "bonzo.toml.example").read_text()
+    start = re.search(r"^# \[redis\]$", text, re.M)
+    assert start
+    section = text[start.end() : text.index("\n[plugins]\n")]
+    defaults = StoreSettings()
+    for name in REDIS_KEYS:
+        found = re.search(rf"^# {name} = (.*)$", section, re.M)
+        assert found, name
+        if name in ("url", "password"):
+            continue  # samples
+        assert tomllib.loads(f"v = {found.group(1)}")["v"] == getattr(defaults, name), name
+    assert not parse_config(text).redis.enabled
+
+
+def test_a_down_redis_fails_fast_after_the_first_failure():
+    """Nothing listens on the port: StoreError, then at once for retry_interval."""
+    import socket
+    import time
+
+    from bonzo.store import StoreError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = RedisStore(StoreSettings(url=f"redis://127.0.0.1:{port}/0", retry_interval=30))
+
+    async def go():
+        with pytest.raises(StoreError, match="failed"):
+            await store.get("k")
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="not retried yet"):
+            await store.hit("k", 1, 60)
+        elapsed = time.monotonic() - started
+        await store.close()
+        return elapsed
+
+    assert run(go()) < 0.1
+
+
+def test_check_warns_when_workers_do_not_share_a_plugins_state(tmp_path: Path):
+    plugin = "bonzo_plugins.ratelimit:RateLimitPlugin"
+    text = f'[server]\nworkers = 4\n[plugins]\nenabled = ["{plugin}", "recipients", "discard"]\n'
+    warnings = MailApp(parse_config(text, "t.toml", tmp_path)).warnings()
+    assert warnings == [
+        f"plugins.enabled: {plugin!r} keeps its state in app.store, which is each worker's "
+        "own without [redis] url (server.workers = 4): set [redis] url, or server.workers = 1"
+    ]
+    shared = text + '[redis]\nurl = "redis://127.0.0.1:6379/0"\n'
+    assert MailApp(parse_config(shared, "t.toml", tmp_path)).warnings() == []
+    one = text.replace("workers = 4", "workers = 1")
+    assert MailApp(parse_config(one, "t.toml", tmp_path)).warnings() == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    limit=st.integers(min_value=1, max_value=5),
+    steps=st.lists(
+        st.tuples(st.floats(min_value=0, max_value=40), st.sampled_from("abc")), max_size=60
+    ),
+)
+def test_property_no_window_ever_holds_more_than_the_limit(limit, steps):
+    """Whatever the timing, a key never gets more than the limit within one
+    fixed window (the sliding count only adds the previous window's weight),
+    while no key is evicted (three keys, room for three)."""
+    window = 60.0
+    clock = Clock(0.0)
+    store = MemoryStore(max_keys=3, clock=clock)
+    allowed: dict[tuple[str, int], int] = {}
+
+    async def go() -> None:
+        for gap, key in steps:
+            clock.now += gap
+            hit = await store.hit(key, limit, window)
+            assert hit.count > 0
+            if hit.allowed:
+                slot = (key, int(clock.now // window))
+                allowed[slot] = allowed.get(slot, 0) + 1
+            assert store.size <= 3
+
+    run(go())
+    assert all(n <= limit for n in allowed.values())
