@@ -198,3 +198,27 @@ def test_check_shows_where_the_metrics_are(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "  metrics: http://127.0.0.1:9125/metrics and /health" in result.stdout.splitlines()
+
+
+def test_reload_keeps_the_metrics_and_times_the_new_plugins(tmp_path: Path) -> None:
+    port, metrics_port = free_port(), free_port()
+    config = write_config(tmp_path, port, metrics_port, workers=1)
+    with daemons(tmp_path, daemon_env()) as start:
+        daemon = start(config, port)
+        daemon.wait_ready()
+        send(port)
+        # A new port in the file: logged, and kept for the running daemon.
+        config.write_text(config.read_text().replace(str(metrics_port), str(free_port())))
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reloaded" in daemon.log, what="the reload")
+        assert "reload: [metrics] takes effect at a restart" in daemon.log
+        send(port)
+        labels = 'hook="bonzo_deliver",plugin="metricsplug:Sink"'
+
+        def both() -> bool:
+            text = get(metrics_port, "/metrics")[1]
+            return sample(text, "bonzo_hook_duration_seconds_count", labels) == 2
+
+        # The second message went to the new plugins: timed too.
+        wait_until(both, what="both deliveries timed")
+        assert daemon.stop() == 0
