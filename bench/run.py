@@ -326,7 +326,11 @@ def _daemon_config(template: str, port: int, scratch: Path, downstream: int | No
 
 
 def _daemon_command(
-    template: str, python: str = sys.executable, loop: str | None = None, workers: int = 1
+    template: str,
+    python: str = sys.executable,
+    loop: str | None = None,
+    workers: int = 1,
+    metrics: bool = False,
 ) -> Callable[..., list[str]]:
     def command(port: int, scratch: Path, downstream: int | None = None) -> list[str]:
         config = _daemon_config(template, port, scratch, downstream)
@@ -336,6 +340,12 @@ def _daemon_command(
         if workers != 1:
             text = config.read_text()
             config.write_text(text.replace("[server]\n", f"[server]\nworkers = {workers}\n", 1))
+        if metrics:
+            with socket.socket() as s:
+                s.bind((HOST, 0))
+                free = s.getsockname()[1]
+            with config.open("a") as f:
+                f.write(f'\n[metrics]\naddress = "{HOST}"\nport = {free}\n')
         return [python, "-m", "bonzo", "serve", "-c", str(config)]
 
     return command
@@ -389,6 +399,13 @@ DAEMON_SPECS = [
         "bonzo-chain",
         "bonzo serve -c bench/configs/chain.toml (access, recipients, headers, discard)",
         _daemon_command("chain.toml"),
+        available=_daemon_available,
+        env=_python_env(),
+    ),
+    ServerSpec(
+        "bonzo-chain-metrics",
+        "bonzo-chain with [metrics] on (not run by default: name it in --servers)",
+        _daemon_command("chain.toml", metrics=True),
         available=_daemon_available,
         env=_python_env(),
     ),

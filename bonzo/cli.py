@@ -212,6 +212,9 @@ def _check(args: argparse.Namespace) -> int:
     print(f"  workers: {config.workers}")
     print(f"  plugins: {', '.join(config.plugins.enabled) or 'none'}")
     print(f"  dns: {app.dns.describe()}")
+    m = config.metrics
+    where = f"http://{m.address or '*'}:{m.port}{m.path} and /health" if m.enabled else "off"
+    print(f"  metrics: {where}")
     for warning in app.warnings():
         print(f"  warning: {warning}")
     return 0
@@ -426,9 +429,28 @@ def _serve(args: argparse.Namespace) -> int:
     _setup_logging(config)
     from .app import MailApp
 
-    app = MailApp(config)
-    app.listen_override = args.listen  # re-applied by a reload
-    signal.signal(signal.SIGHUP, _log_sighup)  # until the workers can reload
+    metrics_dir = None
+    if config.metrics.enabled:
+        from .metrics import make_multiprocess_dir
+
+        # Before anything imports prometheus_client (a plugin may): its
+        # multiprocess mode is chosen when it is imported.
+        metrics_dir = make_multiprocess_dir()
+    main_pid = os.getpid()
+    try:
+        app = MailApp(config)
+        app.listen_override = args.listen  # re-applied by a reload
+        signal.signal(signal.SIGHUP, _log_sighup)  # until the workers can reload
+        return _serve_app(app)
+    finally:
+        if metrics_dir is not None and os.getpid() == main_pid:
+            from .metrics import remove_multiprocess_dir
+
+            remove_multiprocess_dir(metrics_dir)
+
+
+def _serve_app(app: Any) -> int:
+    config = app.config
     if config.source == "<default>":
         log.info(
             "No -c given: running the embedded default configuration (bonzo.toml.example); "
@@ -449,6 +471,27 @@ def _serve(args: argparse.Namespace) -> int:
         log.error("%s", exc.strerror or exc)
         _remove_pid_file(config.pid_file, main_pid)
         return 1
+    metrics_sockets: list[Any] = []
+    if config.metrics.enabled:
+        from tornado.netutil import bind_sockets
+
+        m = config.metrics
+        try:
+            metrics_sockets = bind_sockets(m.port, m.address or None, backlog=128)
+        except OSError as exc:
+            log.error("metrics: cannot listen on %s:%s: %s", m.address, m.port, exc.strerror)
+            for s in sockets:
+                s.close()
+            app.remove_unix_sockets()
+            _remove_pid_file(config.pid_file, main_pid)
+            return 1
+        log.info(
+            "metrics on http://%s:%d%s and /health; multiprocess directory %s",
+            m.address or "*",
+            m.port,
+            m.path,
+            os.environ.get("PROMETHEUS_MULTIPROC_DIR", "?"),
+        )
     where = ", ".join(_socket_name(s) for s in sockets)
     log.info(
         "bonzo %s listening on %s with %d worker(s); plugins in order: %s",
@@ -464,11 +507,13 @@ def _serve(args: argparse.Namespace) -> int:
         )
     try:
         if config.workers == 1:
-            return 1 if _run_worker(app, sockets) else 0
-        return _supervise(app, sockets, config.workers)
+            return 1 if _run_worker(app, sockets, metrics_sockets=metrics_sockets) else 0
+        return _supervise(app, sockets, config.workers, metrics_sockets)
     finally:
         if os.getpid() == main_pid:  # not in a worker that returns here
             app.remove_unix_sockets()
+            for s in metrics_sockets:
+                s.close()
             _remove_pid_file(config.pid_file, main_pid)
 
 
@@ -561,6 +606,10 @@ def _reloaded_app(old: Any) -> Any:
         return None
     if config.workers != old.config.workers or config.loop != old.config.loop:
         log.warning("reload: server.workers and server.loop take effect at a restart")
+    if config.metrics != old.config.metrics:
+        log.warning("reload: [metrics] takes effect at a restart")
+        # The listener, the multiprocess directory and the counting stay.
+        config.metrics = old.config.metrics
     return new
 
 
@@ -593,6 +642,7 @@ def _run_worker(
     sockets: list[Any],
     supervisor: int | None = None,
     mask: set[int | signal.Signals] | None = None,
+    metrics_sockets: list[Any] | None = None,
 ) -> int:
     """Serve until a stop signal; return the exit status.
 
@@ -606,7 +656,11 @@ def _run_worker(
     (which never counts as a second request: under systemd's default
     ``KillMode=control-group`` a worker gets systemd's SIGTERM *and* the
     supervisor's request for the same stop) and SIGUSR1 "force the stop".
-    It stops when its supervisor is gone."""
+    It stops when its supervisor is gone.
+
+    With ``[metrics]`` on, the worker counts (:mod:`bonzo.metrics`); the
+    one given ``metrics_sockets`` also answers the metrics and health
+    requests on them."""
 
     current = app  # the application serving new sessions
     retiring: list[Any] = []  # the ones a reload replaced, ending their sessions
@@ -619,6 +673,8 @@ def _run_worker(
         forced = False
         stop_begun = False
         reloading = False
+
+        counter: Any = None  # the process's Metrics, once metrics are on
 
         async def reload() -> None:
             nonlocal current, reloading
@@ -638,6 +694,8 @@ def _run_worker(
                     return
                 current = new
                 retiring.append(old)
+                if counter is not None:
+                    counter.install(new.plugins)  # time the new plugins' hooks
                 sessions = sum(len(s.connections) for s in old.servers)
                 log.info(
                     "reloaded %s: new sessions on the new configuration; %d session(s) "
@@ -713,17 +771,29 @@ def _run_worker(
         watch = None
         if supervisor is not None:
             watch = asyncio.ensure_future(_watch_supervisor(supervisor, supervisor_gone))
+        counter = http = None
+        if app.config.metrics.enabled:
+            from .metrics import Metrics, MetricsServer
+
+            counter = Metrics().install(app.plugins)
         try:
             try:
                 await app.start()
             except Exception as exc:
                 log.error("startup failed: %s", exc, exc_info=True)
                 return _STARTUP_FAILED
+            if counter is not None:
+                counter.start_flushing()
+                if metrics_sockets:
+                    http = MetricsServer(counter, app.config.metrics.path)
+                    http.add_sockets(metrics_sockets)
             log.info("ready (pid %d)", os.getpid())
             sd_notify(f"READY=1\nMAINPID={supervisor or os.getpid()}")
             await stopping.wait()
             sd_notify("STOPPING=1")
             log.info("stopping: no new connections; finishing messages in flight")
+            if http is not None:
+                http.stopping = True
             stop_begun = True
             apps = [current, *retiring]
             stopped = asyncio.ensure_future(asyncio.gather(*(a.stop() for a in apps)))
@@ -736,6 +806,10 @@ def _run_worker(
         finally:
             if watch is not None:
                 watch.cancel()
+            if counter is not None:
+                counter.uninstall()
+            if http is not None:
+                await http.close()
 
     if app.config.loop == "uvloop":
         import uvloop
@@ -778,7 +852,9 @@ def _parent_death_signal() -> Callable[[], None] | None:
     return set_parent_death_signal
 
 
-def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
+def _supervise(
+    app: Any, sockets: list[Any], workers: int, metrics_sockets: list[Any] | None = None
+) -> int:
     """Fork ``workers`` processes that share the listening sockets; restart
     any that dies unexpectedly; pass SIGTERM/SIGINT on to them (the first as
     SIGUSR2, a graceful stop; the second as SIGUSR1, to force it); log and
@@ -787,7 +863,14 @@ def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
     The supervisor keeps SIGTERM, SIGINT, SIGHUP and SIGCHLD blocked and
     takes them one at a time with :func:`signal.sigwait`: a signal is never
     handled in the middle of a fork, so every worker is recorded before a
-    stop can be passed on, and none is started once the stop began."""
+    stop can be passed on, and none is started once the stop began.
+
+    Worker 0 (and the worker that replaces it) answers the metrics requests
+    on ``metrics_sockets``, which stay bound here: a restarted worker 0
+    takes them over, and a scrape meanwhile waits in the backlog. The
+    supervisor has no event loop to serve them (it waits in
+    :func:`signal.sigwait`), and a thread here would be forked with every
+    restarted worker."""
     supervisor = os.getpid()
     die_with_parent = _parent_death_signal()
     children: dict[int, int] = {}
@@ -814,7 +897,11 @@ def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
                     die_with_parent()
                 if os.getppid() != supervisor:  # it died before prctl() above
                     os._exit(0)
-                code = _run_worker(app, sockets, supervisor, mask)
+                mine = metrics_sockets if slot == 0 else None
+                for s in metrics_sockets or ():
+                    if mine is None:
+                        s.close()
+                code = _run_worker(app, sockets, supervisor, mask, mine)
             finally:
                 os._exit(code)
         children[pid] = slot
@@ -856,6 +943,11 @@ def _supervise(app: Any, sockets: list[Any], workers: int) -> int:
                 continue
             slot = children.pop(pid)
             code = os.waitstatus_to_exitcode(wait_status)
+            if metrics_sockets:
+                from .metrics import mark_process_dead
+
+                # Its open connections no longer count.
+                mark_process_dead(pid)
             if stops:
                 continue
             if code == _STARTUP_FAILED:

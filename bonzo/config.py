@@ -53,6 +53,8 @@ __all__ = [
     "TLS_KEYS",
     "DNS_KEYS",
     "REDIS_KEYS",
+    "METRICS_KEYS",
+    "MetricsConfig",
 ]
 
 #: Which table of the file holds each :class:`~bonzo.settings.SMTPSettings` field.
@@ -128,6 +130,8 @@ PLUGINS_KEYS = ("enabled", "timeout", "timeouts", "paths")
 DNS_KEYS = tuple(DNSSettings.field_names())
 #: Keys of the ``[redis]`` table: the fields of :class:`~bonzo.store.StoreSettings`.
 REDIS_KEYS = tuple(StoreSettings.field_names())
+#: Keys of the ``[metrics]`` table.
+METRICS_KEYS = ("address", "port", "path")
 #: The tables allowed at the top level of the file.
 TOP_LEVEL_KEYS = (
     "server",
@@ -137,6 +141,7 @@ TOP_LEVEL_KEYS = (
     "logging",
     "dns",
     "redis",
+    "metrics",
     "plugins",
 )
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -195,6 +200,21 @@ class LoggingConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """The ``[metrics]`` table: the Prometheus and health listener
+    (:mod:`bonzo.metrics`); off while :attr:`port` is ``None``."""
+
+    address: str = "127.0.0.1"
+    port: int | None = None
+    path: str = "/metrics"
+
+    @property
+    def enabled(self) -> bool:
+        """True when metrics are on (a port is set)."""
+        return self.port is not None
+
+
+@dataclass
 class PluginsConfig:
     """The ``[plugins]`` table: which plugins run, in which order, with which settings."""
 
@@ -224,6 +244,8 @@ class Config:
     dns: DNSSettings = field(default_factory=DNSSettings)
     #: The ``[redis]`` table (default: state in each process).
     redis: StoreSettings = field(default_factory=StoreSettings)
+    #: The ``[metrics]`` table (default: metrics off).
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def error(self, key: str, message: str) -> ConfigError:
         """A :class:`ConfigError` for ``key`` of this configuration."""
@@ -372,6 +394,7 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
         plugins=_plugins(_table(data, "plugins", source), source, base_dir),
         dns=_dns(_table(data, "dns", source), source, base_dir),
         redis=_redis(_table(data, "redis", source), source),
+        metrics=_metrics(_table(data, "metrics", source), source),
     )
 
 
@@ -586,6 +609,54 @@ def _logging(table: dict[str, Any], source: str, base_dir: Path) -> LoggingConfi
     if fmt not in ("text", "json"):
         raise ConfigError(source, "logging.format", f'must be "text" or "json", not {fmt!r}')
     return LoggingConfig(level=level.lower(), access_log=access, file=file, format=fmt)
+
+
+def _ip_address(value: Any, source: str, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(source, key, f"must be a string, not {_type(value)}")
+    if value not in ("", "localhost"):
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ConfigError(
+                source, key, f'must be an IP address (or "" for all), not {value!r}'
+            ) from None
+    return value
+
+
+def _metrics(table: dict[str, Any], source: str) -> MetricsConfig:
+    for k in table:
+        if k not in METRICS_KEYS:
+            raise ConfigError(
+                source, f"metrics.{k}", f"unknown key (allowed: {', '.join(METRICS_KEYS)})"
+            )
+    address = _ip_address(table.get("address", "127.0.0.1"), source, "metrics.address")
+    port = table.get("port")
+    if port is not None and (
+        isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535
+    ):
+        raise ConfigError(source, "metrics.port", f"must be an integer 1..65535, not {port!r}")
+    path = table.get("path", "/metrics")
+    if (
+        not isinstance(path, str)
+        or not path.startswith("/")
+        or len(path) > 200
+        or not re.fullmatch(r"/[A-Za-z0-9._~/-]*", path)
+    ):
+        raise ConfigError(
+            source,
+            "metrics.path",
+            f'must be a URL path such as "/metrics" (letters, digits, ._~-/), not {path!r}',
+        )
+    if path == "/health":
+        raise ConfigError(source, "metrics.path", "/health is the health endpoint")
+    if port is not None and importlib.util.find_spec("prometheus_client") is None:
+        raise ConfigError(
+            source,
+            "metrics.port",
+            "prometheus-client is not installed (pip install 'bonzo[metrics]')",
+        )
+    return MetricsConfig(address=address, port=port, path=path)
 
 
 def _dns(table: dict[str, Any], source: str, base_dir: Path) -> DNSSettings:

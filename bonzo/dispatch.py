@@ -31,7 +31,7 @@ from typing import Any
 
 from tornado.log import access_log, app_log, gen_log
 
-from . import errors
+from . import errors, metrics
 from .auth import MECHANISMS, Challenge, Mechanism, decode_response
 from .hooks import PluginFailure, PluginSet, Refused, log_plugin_failure
 from .hookspecs import Accept, Discard, Quarantine
@@ -492,6 +492,16 @@ class Dispatcher:
             by += " discarded"
         elif envelope.quarantined is not None:
             by += f" quarantined by {envelope.quarantined_by} ({envelope.quarantined})"
+        counter = metrics.active
+        if counter is not None:
+            counter.message_accepted(
+                envelope.size,
+                "discarded"
+                if discarded
+                else "quarantined"
+                if envelope.quarantined is not None
+                else "delivered",
+            )
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 "%s %s from=<%s> to=%d size=%d id=%s by=%s%s%s",

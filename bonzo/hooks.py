@@ -23,7 +23,7 @@ from typing import Any
 import pluggy
 from tornado.log import app_log
 
-from . import errors, hookspecs
+from . import errors, hookspecs, metrics
 from .hookspecs import (
     DECISION_HOOKS,
     FILTER_HOOKS,
@@ -409,6 +409,8 @@ def _hook_name(manager: pluggy.PluginManager, impl: pluggy.HookImpl) -> str:
 def log_plugin_failure(session: Any, hook: str, plugin: str, exc: BaseException) -> None:
     """Log a plugin's failure with its traceback on ``tornado.application``,
     the way the original Bonzo logged an uncaught exception."""
+    if metrics.active is not None:
+        metrics.active.plugin_failure(plugin, hook, exc)
     where = f" [{session.id} {session.remote_ip}]" if session is not None else ""
     app_log.error(
         "Uncaught exception%s in plugin %r (%s): %s",

@@ -879,6 +879,10 @@ class SMTPProtocol:
         return self.esmtp or not self.policy.legacy_replies
 
     # --------------------------------------------------------------- replies
+    # Every reply goes through _queue and every command line through
+    # _handle_line, called as methods of the instance: bonzo.metrics counts
+    # them by wrapping both on the instances of a server with metrics on
+    # (Metrics.watch), so that a server without metrics pays nothing.
     def _queue(self, wire: bytes) -> None:
         self._out.append(wire)
         self._out_size += len(wire)

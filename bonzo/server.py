@@ -21,7 +21,7 @@ from tornado.iostream import IOStream
 from tornado.log import app_log, gen_log
 from tornado.tcpserver import TCPServer
 
-from . import errors, version
+from . import errors, metrics, version
 from .connection import SMTPConnection
 from .hooks import PluginSet
 from .hookspecs import Accept
@@ -363,6 +363,9 @@ class SMTPServer(TCPServer):
             on_close=self._connection_closed,
             on_client=self._client_named,
         )
+        counter = metrics.active
+        if counter is not None:
+            counter.connection_opened(connection, limit)
         if limit is not None:
             gen_log.warning("Refused connection from %s: %s (%s)", ip, refusal, limit)
         else:
@@ -399,6 +402,8 @@ class SMTPServer(TCPServer):
                 connection.session.peer_ip,
                 text,
             )
+            if metrics.active is not None:
+                metrics.active.connection_refused("max_connections_per_ip")
             return errors.SMTPError(421, text, enhanced_code="4.7.0", close=True)
         self.count.move(counted, ip)
         self._drop_own(counted)
@@ -423,6 +428,8 @@ class SMTPServer(TCPServer):
 
     def _connection_closed(self, connection: SMTPConnection) -> None:
         if connection in self.connections:
+            if metrics.active is not None:
+                metrics.active.connection_closed(connection)
             self.connections.discard(connection)
             self._by_session.pop(connection.session.id, None)
             if connection in self._counted:

@@ -22,6 +22,7 @@ from bonzo.config import (
     EXTRA_KEYS,
     LISTENER_KEYS,
     LOGGING_KEYS,
+    METRICS_KEYS,
     PLUGINS_KEYS,
     REDIS_KEYS,
     SETTING_SECTIONS,
@@ -539,6 +540,7 @@ def test_every_key_is_documented_in_the_example_under_its_table():
     assert set(PLUGINS_KEYS) <= documented["plugins"]
     assert set(DNS_KEYS) <= documented["dns"]
     assert set(REDIS_KEYS) <= documented["redis"]
+    assert set(METRICS_KEYS) <= documented["metrics"]
     assert set(TOP_LEVEL_KEYS) <= set(documented)
 
 
@@ -636,6 +638,7 @@ def documents() -> st.SearchStrategy[dict[str, Any]]:
         for section, extra in EXTRA_KEYS.items()
     }
     tables["logging"] = keyed(list(LOGGING_KEYS), value)
+    tables["metrics"] = keyed(list(METRICS_KEYS), value)
     names = st.lists(st.sampled_from(PLUGIN_NAMES), max_size=3)
     tables["plugins"] = st.fixed_dictionaries(
         {},

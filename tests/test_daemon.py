@@ -257,6 +257,7 @@ def test_check_ok(workdir, env):
         "  workers: 1",
         f"  plugins: {STORE}",
         "  dns: off",
+        "  metrics: off",
     ]
     assert result.stderr == ""
 

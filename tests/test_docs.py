@@ -182,6 +182,7 @@ def config_tables_and_keys() -> tuple[set[str], set[str]]:
     keys |= {f"plugins.{key}" for key in config.PLUGINS_KEYS}
     keys |= {f"dns.{key}" for key in config.DNS_KEYS}
     keys |= {f"redis.{key}" for key in config.REDIS_KEYS}
+    keys |= {f"metrics.{key}" for key in config.METRICS_KEYS}
     return tables, keys
 
 

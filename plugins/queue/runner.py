@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from bonzo import metrics
 from bonzo.address import Address
 from bonzo.hooks import PluginFailure, PluginSet, Refused
 from bonzo.session import new_session_id
@@ -49,6 +50,10 @@ from .spool import Claim, GroupSync, QueuedMessage, Recipient, Spool, SpoolError
 __all__ = ["Runner", "RunnerSettings", "backoff"]
 
 log = logging.getLogger("bonzo.plugins.queue")
+
+#: The states the queue's messages are counted in (``bonzo_queue_messages``):
+#: never tried yet, tried and waiting for the next attempt, held.
+QUEUE_STATES = ("new", "deferred", "held")
 
 
 @dataclass
@@ -118,6 +123,8 @@ class Runner:
         #: O(log n); an entry whose time no longer matches ``_due`` is stale
         #: and dropped when it comes up.
         self._heap: list[tuple[float, str]] = []
+        #: Messages by state at the last scan (:data:`QUEUE_STATES`).
+        self.depth: dict[str, int] = dict.fromkeys(QUEUE_STATES, 0)
         self._flush_mtime: float | None = None
 
     # ------------------------------------------------------------- lifecycle
@@ -195,6 +202,9 @@ class Runner:
                     await loop.run_in_executor(self._executor, self._scan)
                 except OSError as exc:
                     log.error("queue: cannot scan %s: %s", self.spool.data, exc)
+                else:
+                    if metrics.active is not None:
+                        metrics.active.queue_depth(self.depth)
                 next_scan = now + self.settings.scan_interval
             for id in self._kicked:
                 self._set_due(id, 0.0)
@@ -226,6 +236,7 @@ class Runner:
     def _scan(self) -> None:
         """Refresh the due times of every message (in a thread)."""
         due: dict[str, float] = {}
+        depth = dict.fromkeys(QUEUE_STATES, 0)
         for id in self.spool.ids():
             try:
                 message = self.spool.load(id)
@@ -234,14 +245,18 @@ class Runner:
                     log.error("queue: skipping unreadable message %s: %s", id, exc)
                 continue
             if message.held:
+                depth["held"] += 1
                 continue
             when = message.next_due
             if when is not None:
                 due[id] = when
+                tried = any(r.attempts for r in message.recipients)
+                depth["deferred" if tried else "new"] += 1
         heap = [(when, id) for id, when in due.items()]
         heapq.heapify(heap)
-        # Two plain assignments: the loop thread reads them after this returns.
+        # Plain assignments: the loop thread reads them after this returns.
         self._due, self._heap = due, heap
+        self.depth = depth
 
     def _start(self, id: str) -> None:
         task = asyncio.get_running_loop().create_task(self._attempt_guarded(id))
@@ -501,6 +516,8 @@ class Runner:
             ]  # fmt: skip
             reports.append(await self._report(message, lines))
             message.warned = True
+        if metrics.active is not None:
+            metrics.active.queue_outcomes(len(delivered), len(deferred), len(bounced))
         if self.plugins is not None:
             for hook, who in (
                 ("bonzo_delivered", delivered),

@@ -853,3 +853,49 @@ def test_runner_drains_a_backlog_and_new_mail_within_its_limits(tmp_path):
         [f"B{i}" for i in range(60)] + [f"N{i}" for i in range(20)]
     )
     assert 1 <= transport.most <= 4
+
+
+def test_metrics_count_outcomes_per_recipient_and_the_depth_by_state(tmp_path):
+    prometheus = pytest.importorskip("prometheus_client")
+    from bonzo.metrics import Metrics
+
+    transport = Scripted(
+        {
+            "bob@example.net": [DEFER],
+            "eve@example.net": [OK],
+            "gone@example.net": [GONE],
+            "new@example.net": [OK],
+            "alice@example.org": [OK],  # the bounce report
+        }
+    )
+    spool, runner, clock = make_runner(tmp_path, transport)
+    queued(spool, "M1", envelope("alice@example.org", "bob@example.net", "eve@example.net",
+                                 "gone@example.net"))  # fmt: skip
+    registry = prometheus.CollectorRegistry()
+    counter = Metrics(registry=registry).install()
+
+    def value(name: str, **labels: str) -> float:
+        counter.flush()
+        return registry.get_sample_value(name, labels) or 0.0
+
+    async def main() -> None:
+        await runner.attempt("M1")  # one of each outcome; the report is queued
+        queued(spool, "M2", envelope("a@example.org", "new@example.net"))
+        runner.start()  # scans at once: M1 deferred; M2 and the report new
+        for _ in range(500):
+            if spool.ids() == ["M1"]:
+                break
+            await asyncio.sleep(0.01)
+        await runner.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        counter.uninstall()
+    assert spool.ids() == ["M1"]
+    assert value("bonzo_queue_deliveries_total", outcome="delivered") == 3
+    assert value("bonzo_queue_deliveries_total", outcome="deferred") == 1
+    assert value("bonzo_queue_deliveries_total", outcome="bounced") == 1
+    assert value("bonzo_queue_messages", state="deferred") == 1
+    assert value("bonzo_queue_messages", state="new") == 2
+    assert value("bonzo_queue_messages", state="held") == 0
