@@ -176,7 +176,8 @@ def test_nothing_formatted_when_the_level_is_off(caplog, monkeypatch):
         ({"levels": "info"}, r"^levels: unknown key \(did you mean 'level'\?\)"),
         (
             {"level": "verbose"},
-            r"^level: expected one of 'debug', 'info', 'warning', 'error', 'critical', got 'verbose'",
+            r"^level: expected one of 'debug', 'info', 'warning', 'error', 'critical', "
+            r"got 'verbose'",
         ),
         ({"level": 20}, r"^level: expected one of .*, got 20"),
         ({"level": ""}, r"^level: expected one of .*, got ''"),
