@@ -34,6 +34,19 @@ __all__ = ["DkimPlugin", "KEYS", "OFF_REASON"]
 log = logging.getLogger("bonzo.plugins.dkim")
 _dkimpy_log = logging.getLogger("bonzo.plugins.dkim.dkimpy")
 
+
+class _Findings(logging.Filter):
+    """dkimpy logs what it finds in a message (a body hash mismatch...) at
+    ERROR; for this server that is a result, not a fault: at most INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_dkimpy_log.addFilter(_Findings())
+
 KEYS = ("max_signatures", "min_key_bits", "timeout", "arc", "arc_max_size")
 OFF_REASON = "DNS lookups are off ([dns] nameservers)"
 #: ARC's results in dkimpy (``CV_Pass``...), as words.

@@ -16,11 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import spf  # pyspf
+with warnings.catch_warnings():
+    # pyspf's source has invalid escape sequences in a docstring: compiled
+    # without a cached .pyc, Python warns (an error where warnings are).
+    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore", SyntaxWarning)
+    import spf  # pyspf
 
 from bonzo.dns import DNSError
 
