@@ -147,10 +147,13 @@ class Key:
             out = []
             for item in items:
                 try:
-                    out.append(ipaddress.ip_network(item, strict=False))
-                except (TypeError, ValueError):
+                    # Strict: host bits set after the prefix length are a typo.
+                    out.append(ipaddress.ip_network(item, strict=True))
+                except (TypeError, ValueError) as exc:
+                    why = "; host bits set" if "host bits" in str(exc) else ""
                     raise ValueError(
-                        f"{name}: expected a network such as 192.0.2.0/24, got {_describe(item)}"
+                        f"{name}: expected a network such as 192.0.2.0/24, "
+                        f"got {_describe(item)}{why}"
                     ) from None
             return out if kind == "networks" else out[0]
         # table

@@ -96,14 +96,17 @@ def test_documentation_comes_from_the_declaration():
     assert set(re.findall(r"^# (\w+) = ", example, re.M)) == set(SCHEMA.names)
 
 
-def test_the_bundled_plugins_on_it_document_every_key():
-    from bonzo_plugins.log.plugin import SCHEMA as LOG
-    from bonzo_plugins.passwd.plugin import SCHEMA as PASSWD
+@pytest.mark.parametrize("plugin", ["log", "passwd", "spf", "dkim", "dmarc", "authres"])
+def test_the_bundled_plugins_on_it_document_every_key(plugin):
+    import importlib
 
-    for schema, readme in ((LOG, "log"), (PASSWD, "passwd")):
-        text = (Path(__file__).parents[1] / "plugins" / readme / "README.rst").read_text()
-        for name in schema.names:
-            assert f"``{name}``" in text
+    module = importlib.import_module(f"bonzo_plugins.{plugin}.plugin")
+    text = (Path(__file__).parents[1] / "plugins" / plugin / "README.rst").read_text()
+    assert module.KEYS == tuple(module.SCHEMA.names)
+    for name in module.SCHEMA.names:
+        assert f"``{name}``" in text
+    if plugin != "passwd":  # its file is required
+        assert set(module.SCHEMA.parse({})) == set(module.SCHEMA.names)  # defaults valid
 
 
 @given(st.integers(0, 10**6), st.sampled_from(["", "s", "m", "h", "d"]))

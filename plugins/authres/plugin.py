@@ -23,16 +23,22 @@ import authres.arc
 import authres.dmarc
 
 from bonzo.hookspecs import hookimpl
+from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 
 from .._auth import sanitize
-from .._config import as_table, check_keys, get_bool, get_str
 
 __all__ = ["AuthresPlugin", "KEYS", "authserv_id_of"]
 
 log = logging.getLogger("bonzo.plugins.authres")
 
-KEYS = ("authserv_id", "remove_forged", "reasons")
+#: The ``[plugins.authres]`` table (:mod:`bonzo.schema`).
+SCHEMA = Schema(
+    Key("authserv_id", "str", doc="This server's id in the header (default: the hostname)."),
+    Key("remove_forged", "bool", default=True, doc="Delete incoming fields with our id."),
+    Key("reasons", "bool", default=True, doc='Write reason="..." for each result.'),
+)
+KEYS = tuple(SCHEMA.names)
 FIELD = "Authentication-Results"
 #: A value authres may write as is: a token, or an address or domain of
 #: token characters (RFC 8601 2.2 pvalue, RFC 2045 token).
@@ -80,19 +86,17 @@ class AuthresPlugin:
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
         """Validate ``[plugins.authres]``."""
-        table = as_table(config)
-        check_keys(table, KEYS)
+        values = SCHEMA.parse(config, app)
         settings = getattr(app, "settings", None) if app is not None else None
-        default = getattr(settings, "hostname", None) or "localhost"
-        value = get_str(table, "authserv_id", default)
+        value = values["authserv_id"] or getattr(settings, "hostname", None) or "localhost"
         if not _ID.fullmatch(value):
             raise ValueError(
                 f"authserv_id: {value!r} is not a usable id (a host name: letters, digits, "
                 "'.', '-', '_')"
             )
         self.authserv_id = value
-        self.remove_forged = get_bool(table, "remove_forged", True)
-        self.reasons = get_bool(table, "reasons", True)
+        self.remove_forged = values["remove_forged"]
+        self.reasons = values["reasons"]
 
     # -------------------------------------------------------------- build
     def results(self, session: Session, envelope: Envelope) -> list[Any]:

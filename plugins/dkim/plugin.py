@@ -23,10 +23,10 @@ import dkim
 
 from bonzo.dns import DNSError
 from bonzo.hookspecs import hookimpl
+from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 
-from .._auth import dns_enabled, get_int, get_seconds, resolver_of, sanitize
-from .._config import as_table, check_keys, get_bool
+from .._auth import dns_enabled, resolver_of, sanitize
 from .verify import Prepared, finish, prepare
 
 __all__ = ["DkimPlugin", "KEYS", "OFF_REASON"]
@@ -47,7 +47,19 @@ class _Findings(logging.Filter):
 
 _dkimpy_log.addFilter(_Findings())
 
-KEYS = ("max_signatures", "min_key_bits", "timeout", "arc", "arc_max_size")
+#: The ``[plugins.dkim]`` table (:mod:`bonzo.schema`).
+SCHEMA = Schema(
+    Key("max_signatures", "int", default=5, minimum=1, maximum=50,
+        doc="DKIM-Signature fields checked per message."),
+    Key("min_key_bits", "int", default=1024, minimum=512, maximum=8192,
+        doc="Shorter RSA keys give dkim=policy."),
+    Key("timeout", "duration", default=5.0, minimum=0.001, maximum=60.0,
+        doc="Seconds per key lookup."),
+    Key("arc", "bool", default=False, doc="Verify the ARC chain too (an arc= result)."),
+    Key("arc_max_size", "int", default=10 << 20, minimum=1024, maximum=1 << 30,
+        doc="Larger messages get arc=none (ARC reads the message into memory)."),
+)  # fmt: skip
+KEYS = tuple(SCHEMA.names)
 OFF_REASON = "DNS lookups are off ([dns] nameservers)"
 #: ARC's results in dkimpy (``CV_Pass``...), as words.
 _ARC = {b"pass": "pass", b"fail": "fail", b"none": "none"}
@@ -67,13 +79,12 @@ class DkimPlugin:
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
         """Validate ``[plugins.dkim]``."""
-        table = as_table(config)
-        check_keys(table, KEYS)
-        self.max_signatures = get_int(table, "max_signatures", 5, 1, 50)
-        self.min_key_bits = get_int(table, "min_key_bits", 1024, 512, 8192)
-        self.timeout = get_seconds(table, "timeout", 5.0, 60.0)
-        self.arc = get_bool(table, "arc", False)
-        self.arc_max_size = get_int(table, "arc_max_size", 10 << 20, 1024, 1 << 30)
+        values = SCHEMA.parse(config, app)
+        self.max_signatures = values["max_signatures"]
+        self.min_key_bits = values["min_key_bits"]
+        self.timeout = float(values["timeout"])
+        self.arc = values["arc"]
+        self.arc_max_size = values["arc_max_size"]
         self.resolver = resolver_of(app)
 
     @hookimpl

@@ -27,10 +27,10 @@ from bonzo import Quarantine
 from bonzo.dns import DNSError
 from bonzo.errors import PermanentError, TransientError
 from bonzo.hookspecs import hookimpl
+from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 
-from .._auth import dns_enabled, get_choice, resolver_of, sanitize
-from .._config import as_table, check_keys, get_bool
+from .._auth import dns_enabled, resolver_of, sanitize
 from ..dkim_sign.signer import MAX_HEADER_SECTION, from_domain, read_header_section
 from .policy import Discovery, Record
 
@@ -38,8 +38,18 @@ __all__ = ["DmarcPlugin", "KEYS", "Evaluation"]
 
 log = logging.getLogger("bonzo.plugins.dmarc")
 
-KEYS = ("on_reject", "on_quarantine", "on_temperror", "skip_authenticated")
 ENFORCE = ("reject", "quarantine", "tag")
+#: The ``[plugins.dmarc]`` table (:mod:`bonzo.schema`).
+SCHEMA = Schema(
+    Key("on_reject", "choice", default="reject", choices=ENFORCE,
+        doc="A failing message under p=reject: refuse (550 5.7.1), quarantine or tag."),
+    Key("on_quarantine", "choice", default="quarantine", choices=ENFORCE,
+        doc="A failing message under p=quarantine."),
+    Key("on_temperror", "choice", default="tag", choices=("tempfail", "tag"),
+        doc="When DNS failed: 451 4.4.3, or only the result."),
+    Key("skip_authenticated", "bool", default=True, doc="Do not check authenticated sessions."),
+)  # fmt: skip
+KEYS = tuple(SCHEMA.names)
 OFF_REASON = "DNS lookups are off ([dns] nameservers)"
 #: One step less strict, for ``pct`` sampling and ``t=y`` (RFC 7489 6.6.4,
 #: RFC 9989).
@@ -99,12 +109,11 @@ class DmarcPlugin:
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
         """Validate ``[plugins.dmarc]``."""
-        table = as_table(config)
-        check_keys(table, KEYS)
-        self.on_reject = get_choice(table, "on_reject", "reject", ENFORCE)
-        self.on_quarantine = get_choice(table, "on_quarantine", "quarantine", ENFORCE)
-        self.on_temperror = get_choice(table, "on_temperror", "tag", ("tempfail", "tag"))
-        self.skip_authenticated = get_bool(table, "skip_authenticated", True)
+        values = SCHEMA.parse(config, app)
+        self.on_reject = values["on_reject"]
+        self.on_quarantine = values["on_quarantine"]
+        self.on_temperror = values["on_temperror"]
+        self.skip_authenticated = values["skip_authenticated"]
         self.resolver = resolver_of(app)
 
     @hookimpl

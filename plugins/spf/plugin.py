@@ -25,18 +25,14 @@ from typing import Any
 from bonzo.address import Address
 from bonzo.errors import PermanentError, SMTPError, TransientError
 from bonzo.hookspecs import hookimpl
+from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 
-from .._auth import dns_enabled, get_choice, get_seconds, resolver_of, sanitize
+from .._auth import dns_enabled, resolver_of, sanitize
 from .._config import (
     IPNetwork,
-    as_table,
-    check_keys,
     client_address,
-    get_bool,
-    get_str_list,
     in_networks,
-    parse_network,
 )
 from .evaluate import SPFOutcome, check_host
 
@@ -44,18 +40,23 @@ __all__ = ["SpfPlugin", "KEYS", "ACTIONS", "received_spf"]
 
 log = logging.getLogger("bonzo.plugins.spf")
 
-KEYS = (
-    "on_fail",
-    "on_softfail",
-    "on_permerror",
-    "on_temperror",
-    "helo",
-    "received_spf",
-    "timeout",
-    "skip_authenticated",
-    "skip_networks",
-)
 ACTIONS = ("reject", "tempfail", "tag")
+#: The ``[plugins.spf]`` table (:mod:`bonzo.schema`).
+SCHEMA = Schema(
+    Key("on_fail", "choice", default="tag", choices=ACTIONS,
+        doc="A fail: refuse (550 5.7.23), tempfail (451 4.7.24) or tag."),
+    Key("on_softfail", "choice", default="tag", choices=ACTIONS, doc="A softfail."),
+    Key("on_permerror", "choice", default="tag", choices=ACTIONS,
+        doc="A broken record (refused with 550 5.7.24)."),
+    Key("on_temperror", "choice", default="tag", choices=ACTIONS, doc="A DNS failure."),
+    Key("helo", "bool", default=True, doc="Also check the HELO identity (at HELO)."),
+    Key("received_spf", "bool", default=False, doc="Add a Received-SPF: field."),
+    Key("timeout", "duration", default=20.0, minimum=0.001, maximum=300.0,
+        doc="Seconds for one whole SPF check."),
+    Key("skip_authenticated", "bool", default=True, doc="Do not check authenticated sessions."),
+    Key("skip_networks", "networks", default=[], doc="Nor these clients."),
+)  # fmt: skip
+KEYS = tuple(SCHEMA.names)
 #: The results a policy key acts on, and the RFC 7372 status of a refusal.
 ACTED_ON = {
     "fail": "5.7.23",
@@ -118,16 +119,13 @@ class SpfPlugin:
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
         """Validate ``[plugins.spf]``."""
-        table = as_table(config)
-        check_keys(table, KEYS)
-        self.actions = {r: get_choice(table, f"on_{r}", "tag", ACTIONS) for r in ACTED_ON}
-        self.check_helo = get_bool(table, "helo", True)
-        self.add_header = get_bool(table, "received_spf", False)
-        self.timeout = get_seconds(table, "timeout", 20.0, 300.0)
-        self.skip_authenticated = get_bool(table, "skip_authenticated", True)
-        self.skip_networks = [
-            parse_network(n, "skip_networks") for n in get_str_list(table, "skip_networks")
-        ]
+        values = SCHEMA.parse(config, app)
+        self.actions = {r: values[f"on_{r}"] for r in ACTED_ON}
+        self.check_helo = values["helo"]
+        self.add_header = values["received_spf"]
+        self.timeout = float(values["timeout"])
+        self.skip_authenticated = values["skip_authenticated"]
+        self.skip_networks = values["skip_networks"]
         self.resolver = resolver_of(app)
         settings = getattr(app, "settings", None)
         self.receiver = sanitize(getattr(settings, "hostname", None) or "localhost", 255)
