@@ -183,9 +183,9 @@ _DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_duration(value: Any, key: str) -> float:
-    """A positive duration: seconds as a number, or a string such as
-    ``"30s"``, ``"5m"``, ``"4h"``, ``"5d"``."""
+def parse_duration(value: Any, key: str, *, zero: bool = False) -> float:
+    """A positive duration (or zero, with ``zero``): seconds as a number,
+    or a string such as ``"30s"``, ``"5m"``, ``"4h"``, ``"5d"``."""
     seconds: float
     if isinstance(value, bool):
         raise ValueError(f"{key}: expected a duration such as 300 or '5m', got {value!r}")
@@ -195,7 +195,7 @@ def parse_duration(value: Any, key: str) -> float:
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
     else:
         raise ValueError(f"{key}: expected a duration such as 300 or '5m', got {describe(value)}")
-    if not 0 < seconds < 10 * 365 * 86400:
+    if not (0 <= seconds if zero else 0 < seconds) or not seconds < 10 * 365 * 86400:
         raise ValueError(
             f"{key}: expected a positive duration under ten years, got {describe(value)}"
         )

@@ -180,6 +180,24 @@ def record(envelope: Any, plugin: str, result: str, reason: str = "", **details:
     envelope.results.add(plugin, result, reason, **details)
 
 
+def too_large(envelope: Any, plugin: str, max_size: int, log: Any) -> bool:
+    """Whether the message is over ``max_size`` and so not sent to the
+    daemon (a part of a message is no verdict on it): logged, and recorded
+    as the result ``skip``."""
+    size = len(envelope.header_bytes) + envelope.size
+    if size <= max_size:
+        return False
+    log.info(
+        "%s: message %s not checked: %d octets, more than max_size %d",
+        plugin,
+        envelope.id,
+        size,
+        max_size,
+    )
+    record(envelope, plugin, "skip", "too large", size=size)
+    return True
+
+
 def tempfail(what: str) -> SMTPError:
     """The fail-closed reply when a scanner cannot give its answer."""
     return SMTPError(

@@ -25,6 +25,7 @@ from .._scan import (
     record,
     sanitize,
     tempfail,
+    too_large,
 )
 from .client import instream
 
@@ -67,17 +68,7 @@ class ClamavPlugin:
         """Scan the message; refuse it (``554 5.7.1``) if clamd finds
         something, answer ``451 4.7.1`` if clamd cannot say (unless
         ``on_error = "accept"``)."""
-        size = len(envelope.header_bytes) + envelope.size
-        if size > self.max_size:
-            # clamd would stop at its StreamMaxLength with an error; a part of
-            # a message is no verdict on it, so it is not sent at all.
-            log.info(
-                "clamav: message %s not scanned: %d octets, more than max_size %d",
-                envelope.id,
-                size,
-                self.max_size,
-            )
-            record(envelope, "clamav", "skip", "too large", size=size)
+        if too_large(envelope, "clamav", self.max_size, log):
             return None
         try:
             reply = await instream(

@@ -13,7 +13,6 @@ import asyncio
 import errno
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Mapping
@@ -24,7 +23,7 @@ from bonzo.errors import PermanentError, TransientError
 from bonzo.hookspecs import Accept, hookimpl
 from bonzo.session import Envelope, Session
 
-from .._config import as_table, check_keys, describe, get_str, resolve_path
+from .._config import as_table, check_keys, describe, get_str, parse_duration, resolve_path
 from .routes import RouteTable
 from .runner import Runner, RunnerSettings
 from .spool import GroupSync, Spool
@@ -51,29 +50,10 @@ KEYS = (
     "quarantine",
 )
 
-_DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 #: Bounds the ids of queued messages waiting for bonzo_accepted (a message
 #: whose session ended before it is found by the runner's next scan).
 _MAX_UNKICKED = 10_000
 _NO_SPACE = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
-
-
-def parse_duration(value: Any, key: str, *, zero: bool = False) -> float:
-    """A duration: seconds as a number, or a string such as ``"30s"``,
-    ``"5m"``, ``"4h"``, ``"5d"``."""
-    seconds: float
-    if isinstance(value, bool):
-        raise ValueError(f"{key}: expected a duration such as 300 or '5m', got {value!r}")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str) and (m := _DURATION.fullmatch(value)):
-        seconds = float(m.group(1)) * _UNITS[m.group(2)]
-    else:
-        raise ValueError(f"{key}: expected a duration such as 300 or '5m', got {describe(value)}")
-    if seconds < 0 or (seconds == 0 and not zero) or seconds != seconds or seconds == float("inf"):
-        raise ValueError(f"{key}: expected a positive duration, got {describe(value)}")
-    return seconds
 
 
 def _positive_int(table: Mapping[str, Any], key: str, default: int) -> int:

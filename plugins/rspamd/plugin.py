@@ -38,6 +38,7 @@ from .._scan import (
     remove_header,
     set_header,
     tempfail,
+    too_large,
 )
 
 __all__ = ["RspamdPlugin", "RspamdReply", "KEYS", "ACTIONS", "parse_reply"]
@@ -305,15 +306,7 @@ class RspamdPlugin:
     @hookimpl
     async def bonzo_message(self, session: Session, envelope: Envelope) -> None:
         """Check the message and act on rspamd's action (see the README)."""
-        size = len(envelope.header_bytes) + envelope.size
-        if size > self.max_size:
-            log.info(
-                "rspamd: message %s not checked: %d octets, more than max_size %d",
-                envelope.id,
-                size,
-                self.max_size,
-            )
-            record(envelope, "rspamd", "skip", "too large", size=size)
+        if too_large(envelope, "rspamd", self.max_size, log):
             return None
         try:
             reply = await self.check(session, envelope)

@@ -27,6 +27,7 @@ from .._scan import (
     message_chunks,
     record,
     tempfail,
+    too_large,
 )
 from .client import spamd_request
 
@@ -104,20 +105,12 @@ class SpamassassinPlugin:
     async def bonzo_message(self, session: Session, envelope: Envelope) -> None:
         """Check the message; refuse it (``554 5.7.1``) at ``reject_score``,
         else add SpamAssassin's headers (see the README)."""
-        size = len(envelope.header_bytes) + envelope.size
-        if size > self.max_size:
-            log.info(
-                "spamassassin: message %s not checked: %d octets, more than max_size %d",
-                envelope.id,
-                size,
-                self.max_size,
-            )
-            record(envelope, "spamassassin", "skip", "too large", size=size)
+        if too_large(envelope, "spamassassin", self.max_size, log):
             return None
         try:
             reply = await spamd_request(
                 self.endpoint,
-                size,
+                len(envelope.header_bytes) + envelope.size,
                 message_chunks(envelope, CHUNK_SIZE),
                 command="HEADERS" if self.headers else "CHECK",
                 user=self.user,
