@@ -33,7 +33,8 @@ import difflib
 import ipaddress
 import os
 import re
-from collections.abc import Mapping, Sequence
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,12 +54,20 @@ KINDS = (
     "network",
     "networks",
     "secret",
+    "size",
     "table",
+    "tables",
 )
 
 _DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE = re.compile(r"\s*([0-9]+)\s*([KMG]?)(?:i?B)?\s*", re.I)
 _MISSING: Any = object()
+
+
+def _join(name: str, message: str) -> str:
+    """``name: message``, or ``name[0].key: ...`` for a nested key's message."""
+    return f"{name}{message}" if message.startswith(("[", ".")) else f"{name}: {message}"
 
 
 def _describe(value: Any, limit: int = 60) -> str:
@@ -79,14 +88,25 @@ class Key:
         (a list of non-empty strings), ``network`` / ``networks`` (CIDR, one
         or a list; gives :mod:`ipaddress` networks), ``secret`` (a string,
         typically ``{ "$env" = ... }`` or ``{ "$file" = ... }`` in the
-        file; never shown in an error), ``table`` (any TOML table).
+        file; never shown in an error), ``size`` (octets, or ``"512K"``,
+        ``"25M"``, ``"1G"``: powers of 1024; gives an int), ``table`` (a TOML
+        table: any, or checked by ``schema``, or — with ``each`` — a table
+        of named tables each checked by ``each``), ``tables`` (an array of
+        tables, each checked by ``schema``; gives a list of dicts).
     :arg default: the value when the key is absent (not checked, so it may
         be ``None``); without one the key is optional and absent means
         ``None``, unless ``required``.
     :arg required: the key must be given.
-    :arg minimum, maximum: bounds of an ``int``, ``float`` or ``duration``.
+    :arg minimum, maximum: bounds of an ``int``, ``float``, ``duration``
+        or ``size``.
     :arg choices: the values of a ``choice``.
-    :arg doc: one or two sentences for the documentation.
+    :arg schema: the keys of a ``table`` or of each of ``tables``.
+    :arg each: the keys of each named table in a ``table``.
+    :arg convert: a function applied to the checked value (a list's or
+        table's items are checked first) for what no kind says — a domain,
+        a reply, a header name; it returns the value to use or raises
+        :class:`ValueError`, whose message is shown after the key's name.
+    :arg doc: the documentation: one or more sentences, reStructuredText.
     """
 
     name: str
@@ -96,6 +116,9 @@ class Key:
     minimum: float | None = None
     maximum: float | None = None
     choices: Sequence[str] = ()
+    schema: Schema | None = None
+    each: Schema | None = None
+    convert: Callable[[Any], Any] | None = field(default=None, compare=False)
     doc: str = ""
 
     def __post_init__(self) -> None:
@@ -103,9 +126,27 @@ class Key:
             raise ValueError(f"{self.name}: unknown kind {self.kind!r} (one of {', '.join(KINDS)})")
         if self.kind == "choice" and not self.choices:
             raise ValueError(f"{self.name}: a choice needs choices")
+        if self.kind == "tables" and self.schema is None:
+            raise ValueError(f"{self.name}: tables need a schema")
+        if (self.schema is not None or self.each is not None) and self.kind not in (
+            "table",
+            "tables",
+        ):
+            raise ValueError(f"{self.name}: only a table or tables have a schema")
+        if self.schema is not None and self.each is not None:
+            raise ValueError(f"{self.name}: give schema or each, not both")
 
     def parse(self, value: Any, base_dir: Path | None) -> Any:
         """``value`` checked and converted; :class:`ValueError` naming the key."""
+        checked = self._parse(value, base_dir)
+        if self.convert is None:
+            return checked
+        try:
+            return self.convert(checked)
+        except ValueError as exc:
+            raise ValueError(_join(self.name, str(exc))) from None
+
+    def _parse(self, value: Any, base_dir: Path | None) -> Any:
         kind, name = self.kind, self.name
         if kind == "bool":
             if not isinstance(value, bool):
@@ -123,7 +164,7 @@ class Key:
                     f"got {_describe(value)}"
                 )
             return value
-        if kind in ("int", "float", "duration"):
+        if kind in ("int", "float", "duration", "size"):
             return self._number(value)
         if kind == "path":
             if not isinstance(value, str) or not value or "\0" in value:
@@ -156,15 +197,51 @@ class Key:
                         f"got {_describe(item)}{why}"
                     ) from None
             return out if kind == "networks" else out[0]
+        if kind == "tables":
+            assert self.schema is not None
+            if not isinstance(value, list):
+                raise ValueError(f"{name}: expected an array of tables, got {_describe(value)}")
+            tables: list[dict[str, Any]] = []
+            for i, item in enumerate(value):
+                if not isinstance(item, Mapping):
+                    raise ValueError(f"{name}[{i}]: expected a table, got {_describe(item)}")
+                try:
+                    tables.append(self.schema.parse(item, base_dir=base_dir))
+                except ValueError as exc:
+                    raise ValueError(f"{name}[{i}].{exc}") from None
+            return tables
         # table
         if not isinstance(value, Mapping):
             raise ValueError(f"{name}: expected a table, got {_describe(value)}")
+        if self.schema is not None:
+            try:
+                return self.schema.parse(value, base_dir=base_dir)
+            except ValueError as exc:
+                raise ValueError(f"{name}.{exc}") from None
+        if self.each is not None:
+            named: dict[str, Any] = {}
+            for sub, item in value.items():
+                label = f'"{sub}"' if not re.fullmatch(r"[A-Za-z0-9_-]+", str(sub)) else sub
+                if not isinstance(item, Mapping):
+                    raise ValueError(f"{name}.{label}: expected a table, got {_describe(item)}")
+                try:
+                    named[sub] = self.each.parse(item, base_dir=base_dir)
+                except ValueError as exc:
+                    raise ValueError(f"{name}.{label}.{exc}") from None
+            return named
         return dict(value)
 
     def _number(self, value: Any) -> float | int:
         name, kind = self.name, self.kind
         number: float | int
-        if kind == "duration" and isinstance(value, str):
+        if kind == "size" and isinstance(value, str):
+            match = _SIZE.fullmatch(value)
+            if match is None:
+                raise ValueError(
+                    f'{name}: expected a size such as 26214400 or "25M", got {_describe(value)}'
+                )
+            number = int(match.group(1)) * 1024 ** " KMG".index((match.group(2) or " ").upper())
+        elif kind == "duration" and isinstance(value, str):
             match = _DURATION.fullmatch(value)
             if match is None:
                 raise ValueError(
@@ -173,13 +250,18 @@ class Key:
                 )
             number = float(match.group(1)) * _UNITS[match.group(2)]
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            what = {"int": "an integer", "float": "a number", "duration": "a duration"}[kind]
+            what = {
+                "int": "an integer",
+                "float": "a number",
+                "duration": "a duration",
+                "size": "a size",
+            }[kind]
             raise ValueError(f"{name}: expected {what}, got {_describe(value)}")
-        elif kind == "int" and not isinstance(value, int):
+        elif kind in ("int", "size") and not isinstance(value, int):
             raise ValueError(f"{name}: expected an integer, got {_describe(value)}")
         else:
-            number = value if kind == "int" else float(value)
-        what = "an integer" if kind == "int" else "a number"
+            number = value if kind in ("int", "size") else float(value)
+        what = {"int": "an integer", "size": "a size"}.get(kind, "a number")
         if self.minimum is not None and number < self.minimum:
             raise ValueError(f"{name}: expected {what} >= {self.minimum:g}, got {_describe(value)}")
         if self.maximum is not None and number > self.maximum:
@@ -194,39 +276,89 @@ class Key:
             "bool": "boolean",
             "int": "integer",
             "float": "number",
-            "duration": 'duration (seconds, or "30s", "5m", "4h", "5d")',
+            "duration": 'duration (seconds, or ``"30s"``, ``"5m"``, ``"4h"``, ``"5d"``)',
             "path": "string (a path, relative to the configuration file)",
             "choice": "one of " + ", ".join(f'``"{c}"``' for c in self.choices),
             "strings": "list of strings",
             "network": "string (a network, e.g. ``192.0.2.0/24``)",
             "networks": "list of networks",
             "secret": 'string (best given as ``{ "$env" = "NAME" }`` or ``{ "$file" = "path" }``)',
-            "table": "table",
+            "size": 'size (octets, or ``"512K"``, ``"25M"``, ``"1G"``)',
+            "table": (
+                "table with the keys below"
+                if self.schema is not None
+                else "table of named tables, each with the keys below"
+                if self.each is not None
+                else "table"
+            ),
+            "tables": "array of tables, each with the keys below",
         }[self.kind]
+
+    @property
+    def sub_schema(self) -> Schema | None:
+        """The schema of a nested table (or of each nested table)."""
+        return self.schema if self.schema is not None else self.each
 
 
 @dataclass(frozen=True)
 class Schema:
-    """The keys of one plugin's table (see the module description)."""
+    """The keys of one plugin's table (see the module description).
+
+    :arg keys: the :class:`Key` declarations, in documentation order.
+    :arg exclusive: groups of keys of which at most one may be given
+        (``("socket", "host")``: a Unix socket or a host, not both).
+    :arg together: groups of keys given all or none
+        (``("username", "password")``).
+    :arg check: a function of the parsed values (a dict, every key present)
+        for any other rule between keys; it raises :class:`ValueError`
+        whose message starts with the key it blames.
+    :arg notes: sentences for the documentation, after the keys (what
+        ``check`` enforces, say).
+    """
 
     keys: tuple[Key, ...] = field(default=())
+    exclusive: tuple[tuple[str, ...], ...] = ()
+    together: tuple[tuple[str, ...], ...] = ()
+    check: Callable[[dict[str, Any]], None] | None = field(default=None, compare=False)
+    notes: str = ""
 
-    def __init__(self, *keys: Key) -> None:
+    def __init__(
+        self,
+        *keys: Key,
+        exclusive: Sequence[Sequence[str]] = (),
+        together: Sequence[Sequence[str]] = (),
+        check: Callable[[dict[str, Any]], None] | None = None,
+        notes: str = "",
+    ) -> None:
         names = [k.name for k in keys]
         duplicates = {n for n in names if names.count(n) > 1}
         if duplicates:
             raise ValueError(f"keys declared twice: {', '.join(sorted(duplicates))}")
+        for group in (*exclusive, *together):
+            unknown = [n for n in group if n not in names]
+            if unknown or len(group) < 2:
+                raise ValueError(f"a group of keys must name declared keys: {tuple(group)}")
         object.__setattr__(self, "keys", tuple(keys))
+        object.__setattr__(self, "exclusive", tuple(tuple(g) for g in exclusive))
+        object.__setattr__(self, "together", tuple(tuple(g) for g in together))
+        object.__setattr__(self, "check", check)
+        object.__setattr__(self, "notes", notes)
 
     @property
     def names(self) -> list[str]:
         return [k.name for k in self.keys]
 
-    def parse(self, config: Mapping[str, Any] | None, app: Any = None) -> dict[str, Any]:
+    def parse(
+        self,
+        config: Mapping[str, Any] | None,
+        app: Any = None,
+        *,
+        base_dir: Path | None = None,
+    ) -> dict[str, Any]:
         """Check ``config`` (the plugin's table; ``None`` is empty) and return
         every declared key's value, converted, defaults filled in. Relative
-        paths are taken from ``app.base_dir``. Raises :class:`ValueError`
-        naming the first problem's key."""
+        paths are taken from ``app.base_dir`` (or ``base_dir``). Raises
+        :class:`ValueError` naming the first problem's key."""
         if config is None:
             config = {}
         if not isinstance(config, Mapping):
@@ -237,8 +369,20 @@ class Schema:
                 close = difflib.get_close_matches(str(given), names, n=1)
                 hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(names)}"
                 raise ValueError(f"{given}: unknown key ({hint})")
-        base = getattr(app, "base_dir", None) if app is not None else None
-        base_dir = Path(base) if base is not None else None
+        for group in self.exclusive:
+            present = [n for n in group if n in config]
+            if len(present) > 1:
+                raise ValueError(
+                    f"{present[-1]}: give {' or '.join(group)}, not {' and '.join(present)}"
+                )
+        for group in self.together:
+            present = [n for n in group if n in config]
+            if present and len(present) < len(group):
+                missing = next(n for n in group if n not in config)
+                raise ValueError(f"{missing}: required with {present[0]}")
+        if base_dir is None and app is not None:
+            base = getattr(app, "base_dir", None)
+            base_dir = Path(base) if base is not None else None
         out: dict[str, Any] = {}
         for key in self.keys:
             if key.name in config:
@@ -251,19 +395,36 @@ class Schema:
                 out[key.name] = key.parse(key.default, base_dir)
             else:
                 out[key.name] = key.default
+        if self.check is not None:
+            self.check(out)
         return out
 
-    def rst(self) -> str:
-        """The keys as a reStructuredText definition list (for a README)."""
+    def rst(self, width: int = 76) -> str:
+        """The keys as a reStructuredText definition list (for a README),
+        nested tables' keys indented under theirs, lines wrapped at ``width``."""
         blocks = []
         for key in self.keys:
-            facts = [key.type_text]
+            facts = [key.type_text[0].upper() + key.type_text[1:]]
             if key.required:
                 facts.append("required")
             elif key.default is not _MISSING and key.default is not None:
                 facts.append(f"default ``{_toml(key.default)}``")
-            head = f"``{key.name}``\n    *{'*, *'.join(facts)}*."
-            blocks.append(head + (f" {key.doc}" if key.doc else ""))
+            text = "; ".join(facts) + "." + (f" {key.doc}" if key.doc else "")
+            body = _wrap(text, width - 4, "    ")
+            block = f"``{key.name}``\n{body}"
+            sub = key.sub_schema
+            if sub is not None:
+                block += "\n\n" + textwrap.indent(sub.rst(width - 4).rstrip("\n"), "    ")
+            blocks.append(block)
+        rules = []
+        for group in self.exclusive:
+            rules.append(f"At most one of {', '.join(f'``{n}``' for n in group)}.")
+        for group in self.together:
+            rules.append(f"{' and '.join(f'``{n}``' for n in group)} go together.")
+        if self.notes:
+            rules.append(self.notes)
+        if rules:
+            blocks.append(_wrap(" ".join(rules), width, ""))
         return "\n\n".join(blocks) + "\n"
 
     def toml(self, table: str) -> str:
@@ -280,6 +441,19 @@ class Schema:
         return "\n".join(lines) + "\n"
 
 
+def _wrap(text: str, width: int, indent: str) -> str:
+    # An inline literal (``550 5.7.1``) is never split across lines.
+    text = re.sub(r"``.+?``", lambda m: m.group(0).replace(" ", "\0"), text)
+    return textwrap.fill(
+        text,
+        width=width + len(indent),
+        initial_indent=indent,
+        subsequent_indent=indent,
+        break_on_hyphens=False,
+        break_long_words=False,
+    ).replace("\0", " ")
+
+
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -287,4 +461,8 @@ def _toml(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     return str(value)

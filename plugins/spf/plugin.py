@@ -44,17 +44,28 @@ ACTIONS = ("reject", "tempfail", "tag")
 #: The ``[plugins.spf]`` table (:mod:`bonzo.schema`).
 SCHEMA = Schema(
     Key("on_fail", "choice", default="tag", choices=ACTIONS,
-        doc="A fail: refuse (550 5.7.23), tempfail (451 4.7.24) or tag."),
-    Key("on_softfail", "choice", default="tag", choices=ACTIONS, doc="A softfail."),
+        doc="What to do with the result ``fail`` (of the MAIL FROM identity, or "
+        "the HELO identity): refuse (``550 5.7.23``), tempfail (``451 4.7.24``) "
+        "or only record it."),
+    Key("on_softfail", "choice", default="tag", choices=ACTIONS,
+        doc="The same for ``softfail``."),
     Key("on_permerror", "choice", default="tag", choices=ACTIONS,
-        doc="A broken record (refused with 550 5.7.24)."),
-    Key("on_temperror", "choice", default="tag", choices=ACTIONS, doc="A DNS failure."),
-    Key("helo", "bool", default=True, doc="Also check the HELO identity (at HELO)."),
-    Key("received_spf", "bool", default=False, doc="Add a Received-SPF: field."),
+        doc="The same for ``permerror`` (a broken SPF record; refused with "
+        "``550 5.7.24``)."),
+    Key("on_temperror", "choice", default="tag", choices=ACTIONS,
+        doc="The same for ``temperror`` (DNS failed)."),
+    Key("helo", "bool", default=True, doc="Check the HELO identity at HELO/EHLO."),
+    Key("received_spf", "bool", default=False,
+        doc="Add a ``Received-SPF:`` field (RFC 7208 9.1) with the message's "
+        "result. The ``authres`` plugin's ``Authentication-Results:`` field says "
+        "the same in the newer form."),
     Key("timeout", "duration", default=20.0, minimum=0.001, maximum=300.0,
-        doc="Seconds for one whole SPF check."),
-    Key("skip_authenticated", "bool", default=True, doc="Do not check authenticated sessions."),
-    Key("skip_networks", "networks", default=[], doc="Nor these clients."),
+        doc="How long one SPF check may take in all (RFC 7208 4.6.4 asks for at "
+        "least 20 seconds); then ``temperror``."),
+    Key("skip_authenticated", "bool", default=True,
+        doc="Do not check sessions that authenticated."),
+    Key("skip_networks", "networks", default=[],
+        doc="Client networks (CIDR) not checked, such as your own relays."),
 )  # fmt: skip
 KEYS = tuple(SCHEMA.names)
 #: The results a policy key acts on, and the RFC 7372 status of a refusal.
