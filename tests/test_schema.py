@@ -105,6 +105,8 @@ ON_SCHEMA = [
     "passwd",
     "spf",
 ]
+#: Plugins on bonzo.schema whose README keys are not generated yet.
+README_BY_HAND = {"authres", "dkim", "dmarc", "log", "passwd"}
 
 
 @pytest.mark.parametrize("plugin", ON_SCHEMA)
@@ -227,6 +229,8 @@ def test_every_plugin_readme_has_its_generated_keys():
     from bonzo_plugins import _docs
 
     assert sorted(_docs.plugins_with_schema()) == ON_SCHEMA
-    for name in ["spf"]:
+    for name in ON_SCHEMA:
+        if name in README_BY_HAND:
+            continue
         # Stale: run python -m bonzo_plugins._docs
         assert _docs.update(name, write=False), f"{name}: README keys out of date"
