@@ -43,30 +43,39 @@ How the two protocols are carried:
   into memory — its ``data()`` takes the whole message as one ``bytes``);
   the envelope commands are formatted here (with ``SIZE``, ``BODY``,
   ``SMTPUTF8`` and the DSN parameters); and every reply is classified per
-  recipient. The reply to the message is awaited from the first chunk on,
-  because aiosmtplib drops what arrives while no read is pending: a server
-  that answers early (and closes) is heard, and its ``4xx``/``5xx`` stands.
-  A reply that arrives in the same packet as the ``354`` is still lost in
-  aiosmtplib's buffer: the recipients are then deferred as for a lost
-  connection, never delivered.
+  recipient. Without pipelining, the reply to the message is awaited from
+  the first chunk on, because aiosmtplib drops what arrives while no read
+  is pending: a server that answers early (and closes) is heard, and its
+  ``4xx``/``5xx`` stands. A reply that arrives in the same packet as the
+  ``354`` is still lost in aiosmtplib's buffer: the recipients are then
+  deferred as for a lost connection, never delivered. (The pipelined path
+  below reads every reply itself and loses none.)
 - **LMTP** (RFC 2033), which aiosmtplib cannot speak (no ``LHLO``), is
   written here on a Tornado :class:`~tornado.iostream.IOStream` over TCP or a
   Unix socket, with the same bounds on replies: after the message it reads
   **one reply per accepted recipient**, which is the point of LMTP.
 
-**Pipelining (RFC 2920) is not used**: commands go one at a time, as
-aiosmtplib sends them. Pipelining saves round trips, not work: a message to
-N recipients costs N + 3 round trips (MAIL, each RCPT, DATA, the final dot;
-one more for the RSET on a reused connection) instead of two. On a loopback
-or LAN hop (LMTP to the mailbox server, a smarthost next door) that is
-nothing; across the Internet at 100 ms it adds 0.2–0.3 s per one-recipient
-message *per connection* — latency of one message, not throughput, since a
-queue runs many connections at once and reuses them. aiosmtplib's reader
-cannot take several replies in flight, so pipelining would mean a second SMTP
-engine beside it, with the failure cases pipelining adds (a ``354`` after
-every ``RCPT`` failed, servers that advertise PIPELINING and lose commands).
-Revisit if measurements show per-destination connection limits making
-latency the bottleneck.
+**Pipelining (RFC 2920)**: to an SMTP server that offers ``PIPELINING``,
+:meth:`~ClientConnection.send` writes the envelope as one group — ``RSET``
+on a connection used before, ``MAIL``, every ``RCPT``, ``DATA`` — and then
+reads the replies in order, so a message costs two round trips (the group,
+the content) instead of four plus one per recipient (as Postfix's client
+does). aiosmtplib can have only one reply in flight (its reader drops what
+arrives while no read is pending), so for the transaction the transport's
+protocol is swapped for a small reader of Bonzo's own that keeps every
+reply, however the server's packets fall, with the same bounds as LMTP's;
+the transport (socket, TLS, flow control) stays aiosmtplib's, and its
+protocol is put back after the final reply. Each reply decides what it
+would decide one command at a time: a refused ``MAIL`` stands for every
+recipient; a ``354`` after every ``RCPT`` was refused gets an empty message
+(RFC 2920 3.1), never the content; a reply that arrives before the content
+is all written ends the content and stands unless it claims delivery; more
+replies than the group asked for mean the conversation is out of step, and
+the connection is not reused. A failed ``RSET`` at the head of the group
+raises :class:`ClientError` as an unpipelined one does (no reply to
+anything of the message was seen, so a pool sends it again on a new
+connection). :attr:`ClientSettings.pipelining` turns it off; the stepwise
+API and LMTP send one command at a time.
 
 Timeouts are per stage with the defaults of RFC 5321 4.5.3.2 (see
 :class:`ClientSettings`); a timeout, a lost connection or a reply that does
@@ -90,7 +99,8 @@ import os
 import re
 import socket
 import ssl
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol, Union, cast
 
@@ -403,6 +413,14 @@ class ClientSettings:
     """Wait for the reply to ``RSET`` (Postfix's ``smtp_rset_timeout``)."""
     quit_timeout: float = 20.0
     """Wait for the reply to ``QUIT``."""
+
+    pipelining: bool = True
+    """Send each message's envelope as one group (RFC 2920) to an SMTP
+    server that offers ``PIPELINING``: ``RSET`` (on a connection used
+    before), ``MAIL``, every ``RCPT`` and ``DATA`` in one write, then the
+    replies in order. A message then costs two round trips instead of four
+    plus one per recipient. ``False``: one command at a time. (The stepwise
+    API, :meth:`ClientConnection.mail` and the rest, is never pipelined.)"""
 
     max_reply_line: int = 8192
     """Longest reply line accepted (LMTP; aiosmtplib's own cap for SMTP is
@@ -825,6 +843,21 @@ class ClientConnection:
     def _shutdown(self, abort: bool) -> None:
         raise NotImplementedError
 
+    def _pipelines(self) -> bool:
+        """Whether :meth:`send` sends the envelope as one group."""
+        return False
+
+    async def _send_pipelined(
+        self,
+        rcpts: list[Recipient],
+        pending: list[int],
+        mail: bytes,
+        content: _Content,
+        settle: Callable[[int, Status, Stage, Reply], None],
+        settle_reply: Callable[[int, Stage, Reply], None],
+    ) -> None:
+        raise NotImplementedError
+
     # ---------------------------------------------------------- public
     @property
     def usable(self) -> bool:
@@ -942,15 +975,17 @@ class ClientConnection:
         finally:
             self._busy = False
 
-    async def _begin(self) -> None:
+    async def _begin(self, reset: bool = True) -> None:
         """Before a new MAIL: the connection must be open, and a connection
-        that had a transaction is reset (which also proves it still works).
-        Raises :class:`ClientError`: nothing of the new message was sent."""
+        that had a transaction is reset (which also proves it still works),
+        unless ``reset`` is false (the caller sends the ``RSET`` in its
+        pipelined group). Raises :class:`ClientError`: nothing of the new
+        message was sent."""
         if not self._alive:
             raise ClientError(Stage.MAIL, _local(451, "4.4.2", "the connection is closed"))
         self._in_mail = False
         self._accepted = 0
-        if self._clean:
+        if self._clean or not reset:
             return
         try:
             reply = await self._checked(Stage.MAIL, b"RSET", self.settings.rset_timeout, (250,))
@@ -1048,7 +1083,8 @@ class ClientConnection:
         envid: str | None,
     ) -> DeliveryResult:
         settings = self.settings
-        await self._begin()
+        pipelined = self._pipelines()
+        await self._begin(reset=not pipelined)
 
         results: list[RecipientResult | None] = [None] * len(rcpts)
         outcome = DeliveryResult([], self.server, self.supports("DSN"))
@@ -1095,6 +1131,15 @@ class ClientConnection:
             return finish()
 
         mail = self._mail_line(sender, content.size, eightbit, needs_utf8, ret, envid)
+        if pipelined:
+            try:
+                await self._send_pipelined(rcpts, pending, mail, content, settle, settle_reply)
+            except _Broken as exc:
+                self._broken(exc)
+                for i in range(len(rcpts)):
+                    if results[i] is None:
+                        settle(i, Status.DEFERRED, exc.stage, exc.reply)
+            return finish()
         stage = Stage.MAIL
         try:
             reply = await self._mail(mail)
@@ -1285,6 +1330,115 @@ class ClientConnection:
 
 
 # ------------------------------------------------------------------- SMTP
+class _ReplyReader(asyncio.Protocol):
+    """The replies to a pipelined group (RFC 2920), read in place of
+    aiosmtplib, which cannot have more than one reply in flight.
+
+    :meth:`SMTPConnection._send_pipelined` installs it on the transport
+    (``set_protocol``) for one transaction and puts aiosmtplib's protocol
+    back afterwards: the transport keeps the socket, TLS and flow control,
+    and the connection events are passed on to aiosmtplib's protocol, so it
+    knows when the connection is gone. Replies are parsed as they arrive
+    (none is dropped, however the server's packets fall) within the same
+    bounds as LMTP's: ``max_line`` octets a line, ``max_lines`` lines."""
+
+    def __init__(self, inner: asyncio.Protocol, max_line: int, max_lines: int) -> None:
+        self._inner = inner
+        self._max_line = max_line
+        self._max_lines = max_lines
+        self._buf = bytearray()
+        self._code: int | None = None
+        self._lines: list[str] = []
+        self._wake = asyncio.Event()
+        #: Complete replies not yet taken, in order.
+        self.replies: deque[Reply] = deque()
+        #: Why what the server sent is not SMTP (then nothing more is read).
+        self.error: str | None = None
+        #: The server closed the connection (or it was lost).
+        self.lost = False
+
+    @property
+    def idle(self) -> bool:
+        """Nothing received that was not taken: the conversation is in step."""
+        return not self._buf and not self.replies and self._code is None
+
+    def data_received(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        buf = self._buf
+        buf += data
+        while self.error is None:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                if len(buf) > self._max_line:
+                    self.error = "a reply line too long"
+                break
+            if nl >= self._max_line:
+                self.error = "a reply line too long"
+                break
+            line = bytes(buf[:nl]).rstrip(b"\r")
+            del buf[: nl + 1]
+            self._line(line)
+        self._wake.set()
+
+    def _line(self, line: bytes) -> None:
+        head, sep = line[:3], line[3:4]
+        if not (head.isdigit() and sep in (b"", b" ", b"-")):
+            self.error = "a reply that is not SMTP"
+            return
+        code = int(head)
+        if self._code is None:
+            if not 200 <= code <= 599:
+                self.error = f"reply code {code}"
+                return
+            self._code = code
+        elif code != self._code:
+            self.error = "reply codes differ between lines"
+            return
+        if len(self._lines) >= self._max_lines:
+            self.error = f"a reply of over {len(self._lines)} lines"
+            return
+        self._lines.append(line[4:].decode("utf-8", "replace"))
+        if sep != b"-":
+            self.replies.append(_reply(code, self._lines))
+            self._code, self._lines = None, []
+
+    def eof_received(self) -> bool:
+        self.lost = True
+        self._wake.set()
+        return False  # the transport closes; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._wake.set()
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    async def reply(self, stage: Stage, timeout: float) -> Reply:
+        """The next reply, within ``timeout`` seconds; raises :class:`_Broken`
+        when it does not come, or is not SMTP."""
+        if self.replies:
+            return self.replies.popleft()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.replies:
+            if self.error is not None:
+                raise _Broken(stage, _garbled(stage, self.error))
+            if self.lost:
+                raise _Broken(stage, _lost(stage))
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(deadline - loop.time(), 0.001))
+            except asyncio.TimeoutError:
+                raise _Broken(stage, _timed_out(stage)) from None
+        return self.replies.popleft()
+
+
 class _FlowControl:
     """Lets the client wait until a protocol's transport has drained, with
     only the asyncio protocol callbacks (``pause_writing``/``resume_writing``
@@ -1330,6 +1484,155 @@ class SMTPConnection(ClientConnection):
         self._flow: _FlowControl | None = None
         self._reader: asyncio.Future[aiosmtplib.SMTPResponse] | None = None
         self._early = False
+
+    @property
+    def usable(self) -> bool:
+        """True while the connection can take another message (and the
+        server has not closed it)."""
+        smtp = self._smtp
+        transport = smtp.transport if smtp is not None else None
+        return self._alive and transport is not None and not transport.is_closing()
+
+    def _pipelines(self) -> bool:
+        return self.settings.pipelining and self.supports("PIPELINING")
+
+    async def _send_pipelined(
+        self,
+        rcpts: list[Recipient],
+        pending: list[int],
+        mail: bytes,
+        content: _Content,
+        settle: Callable[[int, Status, Stage, Reply], None],
+        settle_reply: Callable[[int, Stage, Reply], None],
+    ) -> None:
+        """One transaction with its envelope as one group (RFC 2920):
+        ``RSET`` if the connection was used, ``MAIL``, the ``RCPT`` of every
+        recipient in ``pending`` and ``DATA`` in one write, then the replies
+        in order, then the message and the last reply. A failed ``RSET``
+        raises :class:`ClientError` (no reply to anything of this message
+        was seen, so it may be sent again on a new connection); a lost or
+        garbled conversation raises :class:`_Broken`."""
+        smtp = self._smtp
+        transport = cast(asyncio.WriteTransport, smtp.transport) if smtp is not None else None
+        inner = smtp.protocol if smtp is not None else None
+        if transport is None or inner is None or transport.is_closing():
+            raise _Broken(Stage.MAIL, _lost(Stage.MAIL))
+        settings = self.settings
+        reader = _ReplyReader(inner, settings.max_reply_line, settings.max_reply_lines)
+        transport.set_protocol(reader)
+        try:
+            reset = not self._clean
+            group = [b"RSET"] if reset else []
+            group.append(mail)
+            group += [self._rcpt_line(rcpts[i]) for i in pending]
+            group.append(b"DATA")
+            self._clean = False
+            transport.write(b"\r\n".join(group) + b"\r\n")
+            if reset:
+                try:
+                    reply = _classified(
+                        Stage.MAIL, await reader.reply(Stage.MAIL, settings.rset_timeout), (250,)
+                    )
+                except _Broken as exc:
+                    self._broken(exc)
+                    raise ClientError(exc.stage, exc.reply) from None
+                if reply.code != 250:
+                    self.close()
+                    raise ClientError(Stage.MAIL, reply)
+            self.transactions += 1
+            await self._pipelined_replies(transport, reader, pending, content, settle, settle_reply)
+        finally:
+            if not transport.is_closing():
+                transport.set_protocol(inner)
+                if not reader.idle:
+                    # More than the group's replies: out of step, not reusable.
+                    self.close()
+
+    async def _pipelined_replies(
+        self,
+        transport: asyncio.WriteTransport,
+        reader: _ReplyReader,
+        pending: list[int],
+        content: _Content,
+        settle: Callable[[int, Status, Stage, Reply], None],
+        settle_reply: Callable[[int, Stage, Reply], None],
+    ) -> None:
+        settings = self.settings
+        reply = _classified(
+            Stage.MAIL, await reader.reply(Stage.MAIL, settings.mail_timeout), (250,)
+        )
+        sender_ok = reply.code == 250
+        if not sender_ok:
+            for i in pending:
+                settle_reply(i, Stage.MAIL, reply)
+        accepted = []
+        for i in pending:
+            reply = await reader.reply(Stage.RCPT, settings.rcpt_timeout)
+            if not sender_ok:
+                if reply.code == 421:
+                    raise _Broken(Stage.RCPT, reply)
+                continue  # "no valid sender" or the like: MAIL's reply stands
+            try:
+                reply = _classified(Stage.RCPT, reply, (250, 251))
+            except _Broken as exc:
+                settle(i, Status.DEFERRED, Stage.RCPT, exc.reply)
+                raise
+            if reply.code in (250, 251):
+                accepted.append(i)
+            else:
+                settle_reply(i, Stage.RCPT, reply)
+        reply = await reader.reply(Stage.DATA, settings.data_timeout)
+        if not accepted:
+            if reply.code == 421:
+                raise _Broken(Stage.DATA, reply)
+            if reply.code == 354:
+                # DATA taken with no recipient (RFC 2920 3.1): end it with
+                # no content; whatever the server says to that, nobody gets it.
+                transport.write(b".\r\n")
+                await reader.reply(Stage.END, settings.data_end_timeout)
+            return
+        reply = _classified(Stage.DATA, reply, (354,))
+        if reply.code != 354:
+            for i in accepted:
+                settle_reply(i, Stage.DATA, reply)
+            return
+        early = await self._stream_content(transport, reader, content)
+        reply = await reader.reply(Stage.END, settings.data_end_timeout)
+        if reply.code != 250 and not 400 <= reply.code <= 599:
+            raise _Broken(Stage.END, _garbled(Stage.END, f"unexpected reply {reply.code}"))
+        if early:
+            # Answered before the final dot: as in the unpipelined path, the
+            # reply stands unless it claims delivery; the conversation is
+            # out of step, so the connection ends.
+            if reply.code == 250:
+                raise _Broken(Stage.END, _garbled(Stage.END, "250 before the end of the message"))
+            self.close()
+        for i in accepted:
+            if reply.code == 250:
+                settle(i, Status.DELIVERED, Stage.END, reply)
+            else:
+                settle_reply(i, Stage.END, reply)
+        if reply.code == 421:
+            raise _Broken(Stage.END, reply)
+
+    async def _stream_content(
+        self, transport: asyncio.WriteTransport, reader: _ReplyReader, content: _Content
+    ) -> bool:
+        """Write the message, dot-stuffed, chunk by chunk as the transport
+        drains. Returns True if the server answered (or went away) before
+        the end, and the rest was not sent."""
+        flow = self._flow
+        timeout = self.settings.data_block_timeout
+        for chunk in _stuffed(content, self.settings.chunk_size):
+            if reader.replies or reader.lost or reader.error is not None:
+                return True
+            transport.write(chunk)
+            if flow is not None and not flow.ready.is_set():
+                try:
+                    await asyncio.wait_for(flow.ready.wait(), timeout)
+                except asyncio.TimeoutError:
+                    raise _Broken(Stage.DATA, _timed_out(Stage.DATA)) from None
+        return False
 
     async def _close_gracefully(self, timeout: float) -> None:
         # A TLS transport closes after the close_notify exchange, in later

@@ -955,7 +955,10 @@ def test_421_at_rcpt_defers_that_recipient_and_the_rest():
     replies: list[bytes] = [b"250 2.1.5 Ok\r\n", b"421 4.3.2 Shutting down\r\n"]
 
     async def rcpt(reader: Any, writer: Any, line: bytes) -> None:
-        writer.write(replies.pop(0))
+        if replies:
+            writer.write(replies.pop(0))
+        if not replies:
+            writer.close()  # a server that said 421 reads no more
 
     fake = Fake(replies={"RCPT": rcpt})
 

@@ -169,13 +169,18 @@ def test_a_reply_before_the_end_of_the_data(sink, delay, size):
         conn = await connect(HOST, server.port, settings=settings())
         body = MESSAGE + b"x" * size + b"\r\n"
         result = await conn.send("a@example.org", ["b@example.net"], body)
+        # A reply that came after the whole message was written looks like
+        # the answer to it; the sink's close that follows is seen soon after.
+        for _ in range(50):
+            if not conn.usable:
+                break
+            await asyncio.sleep(0.02)
         return result, conn.usable
 
     result, usable = run(main())
     assert outcomes(result) in (
         [("refused", "end", 550, "")],  # the reply, read before the end
-        # or lost: a reply in the same packet as the 354 is dropped by
-        # aiosmtplib's reader, or the connection closed under our writes
+        # or lost: the connection closed under our writes
         [("deferred", "data", 451, "4.4.2")],
         [("deferred", "end", 451, "4.4.2")],
     )
