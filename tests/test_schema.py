@@ -99,10 +99,14 @@ def test_documentation_comes_from_the_declaration():
 #: The bundled plugins declared with bonzo.schema (every one, in the end).
 ON_SCHEMA = [
     "authres",
+    "clamav",
     "dkim",
     "dmarc",
     "log",
     "passwd",
+    "policy",
+    "rspamd",
+    "spamassassin",
     "spf",
 ]
 #: Plugins on bonzo.schema whose README keys are not generated yet.
