@@ -102,6 +102,7 @@ ON_SCHEMA = [
     "clamav",
     "dkim",
     "dmarc",
+    "dnsbl",
     "log",
     "passwd",
     "policy",
