@@ -106,6 +106,7 @@ ON_SCHEMA = [
     "log",
     "passwd",
     "policy",
+    "ratelimit",
     "rspamd",
     "spamassassin",
     "spf",
