@@ -103,6 +103,7 @@ ON_SCHEMA = [
     "dkim",
     "dmarc",
     "dnsbl",
+    "greylist",
     "log",
     "passwd",
     "policy",
