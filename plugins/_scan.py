@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from bonzo.errors import SMTPError
-
-from ._config import describe, get_str
+from bonzo.schema import Key, Schema
 
 __all__ = [
     "Endpoint",
@@ -26,10 +25,13 @@ __all__ = [
     "ScanError",
     "body_chunks",
     "close_stream",
-    "get_endpoint",
-    "get_seconds",
-    "get_size",
-    "get_on_error",
+    "ENDPOINT_EXCLUSIVE",
+    "endpoint_keys",
+    "endpoint_of",
+    "max_size_key",
+    "on_error_key",
+    "parse_blank_ok",
+    "timeout_keys",
     "message_chunks",
     "open_stream",
     "record",
@@ -64,55 +66,78 @@ class Endpoint:
         return f"{host}:{self.port}"
 
 
-def get_seconds(table: Mapping[str, Any], key: str, default: float, high: float = 3600) -> float:
-    """``table[key]`` as a positive number of seconds, at most ``high``."""
-    value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{key}: expected a number of seconds, got {describe(value)}")
-    if not 0 < value <= high:
-        raise ValueError(f"{key}: must be more than 0 and at most {high:g} seconds")
-    return float(value)
-
-
-_SIZE = re.compile(r"(\d+)\s*([KMG]?)(?:i?B)?", re.I)
-
-
-def get_size(table: Mapping[str, Any], key: str, default: int) -> int:
-    """``table[key]`` as a number of octets: an integer, or a string such as
-    ``"25M"`` (K, M and G are powers of 1024, as in clamd's configuration)."""
-    value = table.get(key, default)
-    if isinstance(value, str):
-        m = _SIZE.fullmatch(value.strip())
-        if m is None:
-            raise ValueError(f'{key}: expected a size such as 26214400 or "25M", got {value!r}')
-        value = int(m.group(1)) * 1024 ** " KMG".index((m.group(2) or " ").upper())
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{key}: expected a positive number of octets, got {describe(value)}")
+def _more_than_zero(value: float) -> float:
+    # ``not value > 0`` also refuses NaN.
+    if not value > 0:
+        raise ValueError(f"expected more than 0 seconds, got {value!r}")
     return value
 
 
-def get_on_error(table: Mapping[str, Any]) -> bool:
-    """``on_error``: True for ``"accept"`` (pass the message unscanned)."""
-    value = get_str(table, "on_error", "tempfail")
-    if value not in ON_ERROR:
-        raise ValueError(f"on_error: expected one of {', '.join(ON_ERROR)}, got {describe(value)}")
-    return value == "accept"
-
-
-def get_endpoint(table: Mapping[str, Any], default_port: int) -> Endpoint:
-    """The daemon's address from ``socket`` (a Unix socket's path) or
-    ``host`` and ``port`` (default ``127.0.0.1`` and ``default_port``)."""
-    if "socket" in table:
-        if "host" in table or "port" in table:
-            raise ValueError("socket: give either socket or host and port, not both")
-        return Endpoint(path=get_str(table, "socket", ""))
-    host = get_str(table, "host", "127.0.0.1").strip()
+def _host(value: str) -> str:
+    """A host name or address, without spaces or the brackets of ``[::1]``."""
+    host = value.strip()
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    port = table.get("port", default_port)
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise ValueError(f"port: expected a TCP port number, got {describe(port)}")
-    return Endpoint(host=host, port=port)
+    return host
+
+
+def endpoint_keys(default_port: int, *, socket: str, host: str, port: str) -> tuple[Key, ...]:
+    """The ``socket``, ``host`` and ``port`` keys of a daemon's address,
+    documented by ``socket``, ``host`` and ``port``; declare the schema with
+    ``exclusive=ENDPOINT_EXCLUSIVE`` and read the address with
+    :func:`endpoint_of`."""
+    return (
+        Key("socket", "str", doc=socket),
+        Key("host", "str", default="127.0.0.1", convert=_host, doc=host),
+        Key("port", "int", default=default_port, minimum=1, maximum=65535, doc=port),
+    )
+
+
+#: A Unix socket, or a host and port: not both.
+ENDPOINT_EXCLUSIVE = (("socket", "host"), ("socket", "port"))
+
+
+def endpoint_of(values: Mapping[str, Any]) -> Endpoint:
+    """The address from the parsed keys of :func:`endpoint_keys`."""
+    if values["socket"] is not None:
+        return Endpoint(path=values["socket"])
+    return Endpoint(host=values["host"], port=values["port"])
+
+
+def timeout_keys(default: float, doc: str) -> tuple[Key, ...]:
+    """``connect_timeout`` (5 seconds, at most 300) and ``timeout``
+    (``default`` seconds, at most an hour, documented by ``doc``)."""
+    return (
+        Key("connect_timeout", "duration", default=5.0, maximum=300, convert=_more_than_zero,
+            doc="How long to wait for the connection; more than 0, at most 300 seconds."),
+        Key("timeout", "duration", default=default, maximum=3600, convert=_more_than_zero,
+            doc=doc + " More than 0, at most 3600 seconds."),
+    )  # fmt: skip
+
+
+def max_size_key(default: int, doc: str) -> Key:
+    """``max_size``: the largest message sent to the daemon, in octets."""
+    return Key("max_size", "size", default=default, minimum=1, doc=doc)
+
+
+def on_error_key(doc: str) -> Key:
+    """``on_error``: one of :data:`ON_ERROR`, ``"tempfail"`` by default;
+    ``values["on_error"] == "accept"`` lets mail through unscanned."""
+    return Key("on_error", "choice", default="tempfail", choices=ON_ERROR, doc=doc)
+
+
+def parse_blank_ok(
+    schema: Schema, config: Mapping[str, Any] | None, app: Any, blank: tuple[str, ...]
+) -> dict[str, Any]:
+    """``schema.parse(config, app)``, but the string keys in ``blank`` may
+    also be given as ``""`` (or spaces), which gives ``""``: for settings
+    where an empty string means "none" (a ``str`` key must not be empty)."""
+    if not isinstance(config, Mapping):
+        return schema.parse(config, app)
+    empty = [k for k in blank if isinstance(config.get(k), str) and not config[k].strip()]
+    values = schema.parse({k: v for k, v in config.items() if k not in empty}, app)
+    values.update(dict.fromkeys(empty, ""))
+    return values
 
 
 async def open_stream(

@@ -99,10 +99,17 @@ def test_documentation_comes_from_the_declaration():
 #: The bundled plugins declared with bonzo.schema (every one, in the end).
 ON_SCHEMA = [
     "authres",
+    "clamav",
     "dkim",
     "dmarc",
+    "dnsbl",
+    "greylist",
     "log",
     "passwd",
+    "policy",
+    "ratelimit",
+    "rspamd",
+    "spamassassin",
     "spf",
 ]
 #: Plugins on bonzo.schema whose README keys are not generated yet.

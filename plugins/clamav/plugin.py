@@ -11,20 +11,22 @@ from typing import Any
 
 from bonzo.errors import SMTPError
 from bonzo.hookspecs import hookimpl
+from bonzo.schema import Schema
 from bonzo.session import Envelope, Session
 
-from .._config import as_table, check_keys
 from .._scan import (
+    ENDPOINT_EXCLUSIVE,
     Endpoint,
     ScanError,
-    get_endpoint,
-    get_on_error,
-    get_seconds,
-    get_size,
+    endpoint_keys,
+    endpoint_of,
+    max_size_key,
     message_chunks,
+    on_error_key,
     record,
     sanitize,
     tempfail,
+    timeout_keys,
     too_large,
 )
 from .client import instream
@@ -33,11 +35,40 @@ __all__ = ["ClamavPlugin", "KEYS"]
 
 log = logging.getLogger("bonzo.plugins.clamav")
 
-KEYS = ("host", "port", "socket", "connect_timeout", "timeout", "max_size", "on_error")
 #: clamd's port (clamd.conf ``TCPSocket``) when none is configured.
 DEFAULT_PORT = 3310
 #: Debian's clamd.conf sets ``StreamMaxLength 25M``.
 DEFAULT_MAX_SIZE = 25 * 1024 * 1024
+#: The ``[plugins.clamav]`` table (:mod:`bonzo.schema`).
+SCHEMA = Schema(
+    *endpoint_keys(
+        DEFAULT_PORT,
+        socket="The path of clamd's Unix socket (clamd.conf ``LocalSocket``, "
+        "``/run/clamav/clamd.ctl`` on Debian). Bonzo's user must be allowed to "
+        "connect to it. Give either ``socket`` or ``host`` and ``port``.",
+        host="clamd's address (clamd.conf ``TCPAddr``), when it listens on TCP.",
+        port="clamd's TCP port (clamd.conf ``TCPSocket``), 1 to 65535.",
+    ),
+    *timeout_keys(
+        30.0,
+        "How long the whole scan may take, connecting and sending included. Keep "
+        "it below the plugin's hook timeout (``[plugins] timeout``, 60 seconds by "
+        "default), and the client's patience after the final dot (RFC 5321 asks "
+        "clients to wait 10 minutes).",
+    ),
+    max_size_key(
+        DEFAULT_MAX_SIZE,
+        'The largest message sent to clamd (26214400 is ``"25M"``, the '
+        "``StreamMaxLength`` of Debian's clamd.conf); K, M and G are powers of "
+        "1024, as in clamd.conf. Larger messages are not scanned (see above).",
+    ),
+    on_error_key(
+        'What happens when clamd gives no verdict: ``"tempfail"`` defers the '
+        'message (``451 4.7.1``); ``"accept"`` lets it through unscanned.'
+    ),
+    exclusive=ENDPOINT_EXCLUSIVE,
+)
+KEYS = tuple(SCHEMA.names)
 #: Octets read from the spool and sent to clamd at a time.
 CHUNK_SIZE = 64 * 1024
 
@@ -55,13 +86,12 @@ class ClamavPlugin:
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
         """Validate ``[plugins.clamav]``."""
-        table = as_table(config)
-        check_keys(table, KEYS)
-        self.endpoint = get_endpoint(table, DEFAULT_PORT)
-        self.connect_timeout = get_seconds(table, "connect_timeout", 5.0, 300)
-        self.timeout = get_seconds(table, "timeout", 30.0)
-        self.max_size = get_size(table, "max_size", DEFAULT_MAX_SIZE)
-        self.accept_on_error = get_on_error(table)
+        values = SCHEMA.parse(config, app)
+        self.endpoint = endpoint_of(values)
+        self.connect_timeout = values["connect_timeout"]
+        self.timeout = values["timeout"]
+        self.max_size = values["max_size"]
+        self.accept_on_error = values["on_error"] == "accept"
 
     @hookimpl
     async def bonzo_message(self, session: Session, envelope: Envelope) -> None:

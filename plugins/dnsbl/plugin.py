@@ -26,27 +26,16 @@ from typing import Any
 from bonzo.dns import DNSError
 from bonzo.errors import PermanentError
 from bonzo.hookspecs import hookimpl
+from bonzo.schema import Key, Schema
 from bonzo.session import Session
 
-from .._auth import dns_enabled, get_choice, get_seconds, resolver_of, sanitize
-from .._config import (
-    IPNetwork,
-    as_table,
-    check_keys,
-    client_address,
-    describe,
-    get_bool,
-    get_str,
-    in_networks,
-    parse_network,
-)
+from .._auth import dns_enabled, resolver_of, sanitize
+from .._config import IPNetwork, client_address, describe, in_networks
 
 __all__ = ["DnsblPlugin", "KEYS", "ZONE_KEYS", "Zone", "query_name"]
 
 log = logging.getLogger("bonzo.plugins.dnsbl")
 
-KEYS = ("zones", "threshold", "action", "stage", "timeout", "skip_networks", "reply_text")
-ZONE_KEYS = ("zone", "weight", "answers", "ipv6", "txt")
 STAGES = ("connect", "mail", "rcpt")
 OFF_REASON = "DNS lookups are off ([dns] nameservers)"
 #: Answers in 127.0.0.0/8 count by default (RFC 5782 2.3) — but not
@@ -89,32 +78,105 @@ def query_name(address: ipaddress.IPv4Address | ipaddress.IPv6Address, zone: str
     return pointer[: -len(suffix)] + "." + zone
 
 
-def _number(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{key}: expected a number, got {describe(value)}")
-    return float(value)
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return value
 
 
-def _zone(entry: Any, index: int) -> Zone:
-    where = f"zones[{index}]"
-    if isinstance(entry, str):
-        entry = {"zone": entry}
-    if not isinstance(entry, Mapping):
-        raise ValueError(f"{where}: expected a zone name or a table, got {describe(entry)}")
-    check_keys(entry, ZONE_KEYS, where)
-    name = entry.get("zone")
-    if not isinstance(name, str) or not _ZONE.fullmatch(name.strip().rstrip(".")):
-        raise ValueError(f"{where}.zone: {describe(name)} is not a DNS zone name")
-    answers: tuple[IPNetwork, ...] = DEFAULT_ANSWERS
-    if "answers" in entry:
-        raw = entry["answers"]
-        if not isinstance(raw, list) or not raw or not all(isinstance(a, str) for a in raw):
-            raise ValueError(f"{where}.answers: expected a list of addresses or networks")
-        answers = tuple(parse_network(a, f"{where}.answers") for a in raw)
-    ipv6 = get_bool(entry, "ipv6", True)
-    txt = get_bool(entry, "txt", True)
-    weight = _number(entry.get("weight", 1.0), f"{where}.weight")
-    return Zone(name.strip().rstrip(".").lower(), weight, answers, ipv6, txt)
+def _above_zero(value: float) -> float:
+    # ``not value > 0`` also refuses NaN.
+    if not value > 0 or not math.isfinite(value):
+        raise ValueError(
+            f"expected a number above 0 (allow lists have negative weights), got {value!r}"
+        )
+    return value
+
+
+def _positive_seconds(value: float) -> float:
+    if not value > 0:
+        raise ValueError(f"expected more than 0 seconds, got {value!r}")
+    return value
+
+
+def _zone_name(value: str) -> str:
+    name = value.strip().rstrip(".")
+    if not _ZONE.fullmatch(name):
+        raise ValueError(f"{describe(value)} is not a DNS zone name")
+    return name.lower()
+
+
+def _answers(value: list[IPNetwork]) -> tuple[IPNetwork, ...]:
+    if not value:
+        raise ValueError("expected at least one address or network")
+    return tuple(value)
+
+
+def _reply_text(text: str) -> str:
+    try:
+        text.format(ip="192.0.2.1", zone="x.example", text="t")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"{exc!r}: only {{ip}}, {{zone}} and {{text}} may be used") from None
+    return text
+
+
+def _distinct_zones(values: dict[str, Any]) -> None:
+    seen: set[str] = set()
+    for i, entry in enumerate(values["zones"]):
+        if entry["zone"] in seen:
+            raise ValueError(f"zones[{i}].zone: {entry['zone']!r} is given twice")
+        seen.add(entry["zone"])
+
+
+#: The keys of each table of ``zones``.
+ZONE_SCHEMA = Schema(
+    Key("zone", "str", required=True, convert=_zone_name,
+        doc="The list's DNS zone (a trailing dot is ignored)."),
+    Key("weight", "float", default=1.0, convert=_finite,
+        doc="Added to the score when the list has the client; negative for an "
+        "allow list."),
+    Key("answers", "networks", convert=_answers,
+        doc="The A records (addresses or networks) that count as a listing, for "
+        "lists whose answers mean different things; not empty. Without it, "
+        "``127.0.0.0/8`` but ``127.255.255.0/24`` (the answers large lists give "
+        "to say that the resolver is refused, RFC 5782 2.3)."),
+    Key("ipv6", "bool", default=True, doc="Ask this list about IPv6 clients too."),
+    Key("txt", "bool", default=True, doc="Read the list's TXT record for the reply."),
+)  # fmt: skip
+#: The ``[plugins.dnsbl]`` table (:mod:`bonzo.schema`).
+SCHEMA = Schema(
+    Key("zones", "tables", default=[], schema=ZONE_SCHEMA,
+        doc="The lists. An entry may also be a zone name alone: "
+        "``\"bl.example.net\"`` is short for ``{ zone = \"bl.example.net\" }`` "
+        "(weight 1). A zone may be given once."),
+    Key("threshold", "float", default=1.0, convert=_above_zero,
+        doc="The score at which a client is ``listed``; above 0."),
+    Key("action", "choice", default="reject", choices=("reject", "tag"),
+        doc="Refuse a listed client, or only record the result."),
+    Key("stage", "choice", default="connect", choices=STAGES,
+        doc="When a listed client is refused."),
+    Key("timeout", "duration", default=5.0, maximum=60, convert=_positive_seconds,
+        doc="How long all the lookups of one client may take; more than 0, at "
+        "most 60 seconds."),
+    Key("skip_networks", "networks", default=[],
+        doc="Client networks never checked (your own hosts)."),
+    Key("reply_text", "str", default="Client {ip} refused: listed by {zone}",
+        convert=_reply_text,
+        doc="The refusal's text; ``{ip}``, ``{zone}`` and ``{text}`` (the list's "
+        "TXT) are replaced. Without ``{text}``, the list's text follows in "
+        "parentheses."),
+    check=_distinct_zones,
+)  # fmt: skip
+KEYS = tuple(SCHEMA.names)
+ZONE_KEYS = tuple(ZONE_SCHEMA.names)
+
+
+def _zone_tables(config: Any) -> Any:
+    """``config`` with each bare zone name in ``zones`` as a table."""
+    if isinstance(config, Mapping) and isinstance(config.get("zones"), list):
+        zones = [{"zone": z} if isinstance(z, str) else z for z in config["zones"]]
+        config = {**config, "zones": zones}
+    return config
 
 
 class DnsblPlugin:
@@ -136,32 +198,23 @@ class DnsblPlugin:
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
         """Validate ``[plugins.dnsbl]``."""
-        table = as_table(config)
-        check_keys(table, KEYS)
-        zones = table.get("zones", [])
-        if not isinstance(zones, list):
-            raise ValueError(f"zones: expected a list of zones, got {describe(zones)}")
-        self.zones = [_zone(entry, i) for i, entry in enumerate(zones)]
-        names = [z.zone for z in self.zones]
-        if len(set(names)) != len(names):
-            raise ValueError("zones: the same zone twice")
-        self.threshold = _number(table.get("threshold", 1.0), "threshold")
-        if self.threshold <= 0:
-            raise ValueError("threshold: must be above 0 (allow lists have negative weights)")
-        self.reject = get_choice(table, "action", "reject", ("reject", "tag")) == "reject"
-        self.stage = get_choice(table, "stage", "connect", STAGES)
-        self.timeout = get_seconds(table, "timeout", 5.0, 60.0)
-        self.skip_networks = [
-            parse_network(n, "skip_networks") for n in table.get("skip_networks", [])
+        values = SCHEMA.parse(_zone_tables(config), app)
+        self.zones = [
+            Zone(
+                z["zone"],
+                z["weight"],
+                DEFAULT_ANSWERS if z["answers"] is None else z["answers"],
+                z["ipv6"],
+                z["txt"],
+            )
+            for z in values["zones"]
         ]
-        text = get_str(table, "reply_text", self.reply_text)
-        try:
-            text.format(ip="192.0.2.1", zone="x.example", text="t")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(
-                f"reply_text: {exc!r}: only {{ip}}, {{zone}} and {{text}} may be used"
-            ) from None
-        self.reply_text = text
+        self.threshold = values["threshold"]
+        self.reject = values["action"] == "reject"
+        self.stage = values["stage"]
+        self.timeout = values["timeout"]
+        self.skip_networks = values["skip_networks"]
+        self.reply_text = values["reply_text"]
         self.resolver = resolver_of(app)
 
     @hookimpl

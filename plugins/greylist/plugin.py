@@ -13,43 +13,90 @@ from typing import Any
 from bonzo.address import Address
 from bonzo.errors import SMTPError
 from bonzo.hookspecs import hookimpl
+from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 from bonzo.store import MemoryStore, Store, StoreError
 
-from .._config import (
-    StoreFailures,
-    as_table,
-    check_keys,
-    client_network,
-    config_domain,
-    describe,
-    get_bool,
-    get_prefix,
-    get_str,
-    get_str_list,
-    in_networks,
-    parse_duration,
-    parse_network,
-)
+from .._config import StoreFailures, client_network, config_domain, describe, in_networks
 
 __all__ = ["GreylistPlugin", "KEYS", "triplet_key"]
 
 log = logging.getLogger("bonzo.plugins.greylist")
 
-KEYS = (
-    "delay",
-    "pending_expiry",
-    "confirmed_expiry",
-    "ipv4_prefix",
-    "ipv6_prefix",
-    "allow_networks",
-    "allow_domains",
-    "skip_authenticated",
-    "reply",
-    "on_store_error",
-)
 ON_STORE_ERROR = ("accept", "tempfail")
 DEFAULT_REPLY = "Greylisted: please try again in {seconds} seconds"
+#: The longest duration a key takes.
+TEN_YEARS = 10 * 365 * 86400
+
+
+def _positive(value: float) -> float:
+    # ``not value > 0`` also refuses NaN.
+    if not value > 0:
+        raise ValueError(f"expected a positive duration, got {value!r}")
+    return value
+
+
+def _domains(values: list[str]) -> frozenset[str]:
+    domains = set()
+    for domain in values:
+        try:
+            domains.add(config_domain(domain))
+        except ValueError as exc:
+            raise ValueError(f"{describe(domain)}: {exc}") from None
+    return frozenset(domains)
+
+
+def _reply(reply: str) -> str:
+    if len(reply) > 400 or not reply.isprintable():
+        raise ValueError("expected printable text of at most 400 characters")
+    try:
+        reply.format(seconds=1)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"only {{seconds}} may be filled in: {exc!r}") from None
+    return reply
+
+
+def _retry_possible(values: dict[str, Any]) -> None:
+    if values["pending_expiry"] <= values["delay"]:
+        raise ValueError(
+            f"pending_expiry: must be longer than delay ({values['delay']:g}s), or no retry "
+            "could ever pass"
+        )
+
+
+def _duration(name: str, default: float, doc: str) -> Key:
+    return Key(name, "duration", default=default, maximum=TEN_YEARS, convert=_positive,
+               doc=doc + " More than 0, at most ten years.")  # fmt: skip
+
+
+#: The ``[plugins.greylist]`` table (:mod:`bonzo.schema`).
+SCHEMA = Schema(
+    _duration("delay", 300.0,
+              "How long a new triplet must wait before a retry passes."),
+    _duration("pending_expiry", 86400.0,
+              "An unconfirmed triplet is forgotten after this (one day by "
+              "default; a retry later starts again); longer than ``delay``."),
+    _duration("confirmed_expiry", 35 * 86400.0,
+              "A confirmed triplet is forgotten after this long unused (35 days "
+              "by default)."),
+    Key("ipv4_prefix", "int", default=24, minimum=1, maximum=32,
+        doc="The IPv4 addresses that count as one client, 1 to 32."),
+    Key("ipv6_prefix", "int", default=64, minimum=1, maximum=128,
+        doc="The IPv6 addresses that count as one client, 1 to 128."),
+    Key("allow_networks", "networks", default=[],
+        doc="Client networks never greylisted."),
+    Key("allow_domains", "strings", default=[], convert=_domains,
+        doc="Recipient domains never greylisted."),
+    Key("skip_authenticated", "bool", default=True,
+        doc="Authenticated sessions are never greylisted."),
+    Key("reply", "str", default=DEFAULT_REPLY, convert=_reply,
+        doc="The text of the ``451 4.7.1`` reply (printable, at most 400 "
+        "characters); ``{seconds}`` is the time left."),
+    Key("on_store_error", "choice", default="accept", choices=ON_STORE_ERROR,
+        doc="What to do when the store fails (see above)."),
+    check=_retry_possible,
+)  # fmt: skip
+KEYS = tuple(SCHEMA.names)
 
 
 def triplet_key(network: str, sender: str, recipient: str) -> str:
@@ -94,46 +141,18 @@ class GreylistPlugin:
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
         """Validate the ``[plugins.greylist]`` table; use ``app.store``."""
-        table = as_table(config)
-        check_keys(table, KEYS)
-        delay = parse_duration(table.get("delay", 300), "delay")
-        pending = parse_duration(table.get("pending_expiry", "1d"), "pending_expiry")
-        confirmed = parse_duration(table.get("confirmed_expiry", "35d"), "confirmed_expiry")
-        if pending <= delay:
-            raise ValueError(
-                f"pending_expiry: must be longer than delay ({delay:g}s), or no retry "
-                "could ever pass"
-            )
-        reply = get_str(table, "reply", DEFAULT_REPLY)
-        if len(reply) > 400 or not reply.isprintable():
-            raise ValueError("reply: expected printable text of at most 400 characters")
-        try:
-            reply.format(seconds=1)
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"reply: only {{seconds}} may be filled in: {exc!r}") from None
-        on_error = table.get("on_store_error", "accept")
-        if on_error not in ON_STORE_ERROR:
-            raise ValueError(
-                f"on_store_error: expected one of {', '.join(ON_STORE_ERROR)}, "
-                f"got {describe(on_error)}"
-            )
-        networks = tuple(
-            parse_network(n, "allow_networks") for n in get_str_list(table, "allow_networks")
-        )
-        domains = []
-        for domain in get_str_list(table, "allow_domains"):
-            try:
-                domains.append(config_domain(domain))
-            except ValueError as exc:
-                raise ValueError(f"allow_domains: {describe(domain)}: {exc}") from None
-        self.delay, self.pending_expiry, self.confirmed_expiry = delay, pending, confirmed
-        self.ipv4_prefix = get_prefix(table, "ipv4_prefix", 24, 32)
-        self.ipv6_prefix = get_prefix(table, "ipv6_prefix", 64, 128)
-        self.allow_networks = networks
-        self.allow_domains = frozenset(domains)
-        self.skip_authenticated = get_bool(table, "skip_authenticated", True)
-        self.reply = reply
-        self.on_store_error = on_error
+        values = SCHEMA.parse(config, app)
+        self.delay = values["delay"]
+        self.pending_expiry = values["pending_expiry"]
+        self.confirmed_expiry = values["confirmed_expiry"]
+        self.ipv4_prefix = values["ipv4_prefix"]
+        self.ipv6_prefix = values["ipv6_prefix"]
+        self.allow_networks = tuple(values["allow_networks"])
+        # The default (an empty list) is not converted.
+        self.allow_domains = frozenset(values["allow_domains"])
+        self.skip_authenticated = values["skip_authenticated"]
+        self.reply = values["reply"]
+        self.on_store_error = values["on_store_error"]
         store = getattr(app, "store", None)
         self.store = store if isinstance(store, Store) else MemoryStore()
 

@@ -15,18 +15,20 @@ from typing import Any
 from bonzo.address import Address
 from bonzo.errors import SMTPError
 from bonzo.hookspecs import Discard, Quarantine, hookimpl
+from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 
-from .._config import as_table, check_keys, describe
 from .._scan import (
+    ENDPOINT_EXCLUSIVE,
     Endpoint,
     ScanError,
     add_header,
-    get_endpoint,
-    get_on_error,
-    get_seconds,
+    endpoint_keys,
+    endpoint_of,
+    on_error_key,
     record,
     tempfail,
+    timeout_keys,
 )
 from .client import PolicyAction, policy_request
 
@@ -34,7 +36,6 @@ __all__ = ["PolicyPlugin", "KEYS", "request_attributes", "reply_for"]
 
 log = logging.getLogger("bonzo.plugins.policy")
 
-KEYS = ("host", "port", "socket", "connect_timeout", "timeout", "on_error", "attributes")
 #: postgrey's port (``--inet=10023``).
 DEFAULT_PORT = 10023
 #: Where the plugin keeps what it must do at the end of the message.
@@ -47,6 +48,42 @@ NEUTRAL = ("OK", "DUNNO", "DEFER_IF_REJECT")
 MAX_RESULTS = 100
 #: Postfix actions Bonzo has no counterpart for: logged, then like DUNNO.
 UNSUPPORTED = ("REDIRECT", "FILTER", "BCC", "DELAY")
+
+
+def _attributes(table: dict[str, Any]) -> dict[str, str]:
+    for name, value in table.items():
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", name) or not isinstance(value, str):
+            raise ValueError(f".{name}: expected a lower-case name and a string value")
+        if any(c in value for c in "\r\n\0"):
+            raise ValueError(f".{name}: the value must be one line")
+    return table
+
+
+#: The ``[plugins.policy]`` table (:mod:`bonzo.schema`).
+SCHEMA = Schema(
+    *endpoint_keys(
+        DEFAULT_PORT,
+        socket="The path of the server's Unix socket (postgrey ``--unix=PATH``). "
+        "Give either ``socket`` or ``host`` and ``port``.",
+        host="The server's address.",
+        port="The server's TCP port (10023 is postgrey's), 1 to 65535.",
+    ),
+    *timeout_keys(
+        10.0,
+        "How long one request may take. It is spent for each ``RCPT``; keep it "
+        "well below the plugin's hook timeout.",
+    ),
+    on_error_key(
+        "``\"tempfail\"`` defers the recipient when the server gives no answer "
+        "(``451 4.7.1``); ``\"accept\"`` passes it on to the next plugin."
+    ),
+    Key("attributes", "table", default={}, convert=_attributes,
+        doc="More attributes to send with every request, such as "
+        "``{ policy_context = \"inbound\" }`` (Postfix's ``policy_context``): "
+        "lower-case names (letters, digits, ``_``) and one-line string values."),
+    exclusive=ENDPOINT_EXCLUSIVE,
+)  # fmt: skip
+KEYS = tuple(SCHEMA.names)
 
 
 def _text(value: str, limit: int = 200) -> str:
@@ -125,23 +162,12 @@ class PolicyPlugin:
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
         """Validate ``[plugins.policy]``."""
-        table = as_table(config)
-        check_keys(table, KEYS)
-        self.endpoint = get_endpoint(table, DEFAULT_PORT)
-        self.connect_timeout = get_seconds(table, "connect_timeout", 5.0, 300)
-        self.timeout = get_seconds(table, "timeout", 10.0)
-        self.accept_on_error = get_on_error(table)
-        extra = table.get("attributes", {})
-        if not isinstance(extra, Mapping):
-            raise ValueError(f"attributes: expected a table of strings, got {describe(extra)}")
-        for name, value in extra.items():
-            if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", name) or not isinstance(value, str):
-                raise ValueError(
-                    f"attributes.{name}: expected a lower-case name and a string value"
-                )
-            if any(c in value for c in "\r\n\0"):
-                raise ValueError(f"attributes.{name}: the value must be one line")
-        self.attributes = dict(extra)
+        values = SCHEMA.parse(config, app)
+        self.endpoint = endpoint_of(values)
+        self.connect_timeout = values["connect_timeout"]
+        self.timeout = values["timeout"]
+        self.accept_on_error = values["on_error"] == "accept"
+        self.attributes = dict(values["attributes"])
 
     @hookimpl
     async def bonzo_rcpt(

@@ -9,29 +9,17 @@ from typing import Any
 
 from bonzo.address import Address
 from bonzo.hookspecs import hookimpl
+from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 from bonzo.store import MemoryStore, Store, StoreError
 
-from .._config import (
-    StoreFailures,
-    as_table,
-    check_keys,
-    client_network,
-    describe,
-    get_prefix,
-    get_str,
-    in_networks,
-    parse_duration,
-    parse_network,
-)
+from .._config import StoreFailures, client_network, describe, in_networks
 from ..access.plugin import Reply, parse_reply
 
 __all__ = ["RateLimitPlugin", "Rule", "KEYS", "RULE_KEYS"]
 
 log = logging.getLogger("bonzo.plugins.ratelimit")
 
-KEYS = ("rules", "reply", "ipv4_prefix", "ipv6_prefix", "on_store_error", "exempt_networks")
-RULE_KEYS = ("key", "stage", "limit", "window", "reply", "name")
 #: What each key is counted on, and the stages where it is known.
 STAGES_OF = {
     "client": ("connect", "mail", "rcpt"),
@@ -60,36 +48,79 @@ class Rule:
     reply: Reply
 
 
-def _rule(index: int, entry: Any, default: Reply) -> Rule:
-    where = f"rules[{index}]"
-    if not isinstance(entry, Mapping):
-        raise ValueError(f"{where}: expected a table, got {describe(entry)}")
-    check_keys(entry, RULE_KEYS, where)
-    for required in ("key", "stage", "limit", "window"):
-        if required not in entry:
-            raise ValueError(f"{where}.{required}: missing (required)")
-    key = entry["key"]
-    if key not in STAGES_OF:
+def _reply(value: str) -> str:
+    """``value`` if it is a reply (checked by the ``access`` plugin's parser)."""
+    try:
+        parse_reply(value, "")
+    except ValueError as exc:
+        raise ValueError(str(exc).removeprefix(": ")) from None
+    return value
+
+
+def _window(value: float) -> float:
+    # ``not value > 0`` also refuses NaN.
+    if not value > 0:
+        raise ValueError(f"expected a positive duration, got {value!r}")
+    return value
+
+
+def _name(value: str) -> str:
+    if not value.isprintable() or len(value) > 100:
+        raise ValueError(f"expected a short printable string, got {describe(value)}")
+    return value
+
+
+def _stage_fits_key(rule: dict[str, Any]) -> None:
+    stages = STAGES_OF[rule["key"]]
+    if rule["stage"] not in stages:
         raise ValueError(
-            f"{where}.key: expected one of {', '.join(STAGES_OF)}, got {describe(key)}"
+            f"stage: a {rule['key']} limit applies at {', '.join(stages)}, "
+            f"not {describe(rule['stage'])}"
         )
-    stage = entry["stage"]
-    if stage not in STAGES_OF[key]:
-        raise ValueError(
-            f"{where}.stage: a {key} limit applies at {', '.join(STAGES_OF[key])}, "
-            f"not {describe(stage)}"
-        )
-    limit = entry["limit"]
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-        raise ValueError(
-            f"{where}.limit: expected an integer 1..{MAX_LIMIT}, got {describe(limit)}"
-        )
-    window = parse_duration(entry["window"], f"{where}.window")
-    reply = parse_reply(entry["reply"], f"{where}.reply") if "reply" in entry else default
-    name = entry.get("name", f"{key}-{stage}-{limit}-{window:g}")
-    if not isinstance(name, str) or not name or not name.isprintable() or len(name) > 100:
-        raise ValueError(f"{where}.name: expected a short printable string, got {describe(name)}")
-    return Rule(index, name, key, stage, limit, window, reply)
+
+
+#: The keys of each ``[[plugins.ratelimit.rules]]`` table.
+RULE_SCHEMA = Schema(
+    Key("key", "choice", required=True, choices=tuple(STAGES_OF),
+        doc="What is counted: the client's network, the sender, the "
+        "authenticated user or the recipient's domain."),
+    Key("stage", "choice", required=True, choices=STAGES,
+        doc="Where it is counted (see the table above for which fit each key)."),
+    Key("limit", "int", required=True, minimum=1, maximum=MAX_LIMIT,
+        doc=f"The events allowed in a window, 1 to {MAX_LIMIT}."),
+    Key("window", "duration", required=True, maximum=10 * 365 * 86400, convert=_window,
+        doc="The sliding window, more than 0 and at most ten years."),
+    Key("reply", "str", convert=_reply,
+        doc="The reply of this rule, as ``reply`` below; without it, that one."),
+    Key("name", "str", convert=_name,
+        doc="Names the rule in log lines and in the store's keys (printable, at "
+        "most 100 characters); default ``\"<key>-<stage>-<limit>-<window>\"``. "
+        "Two rules may not share a name; rules that keep their name keep their "
+        "counts across a restart (with Redis)."),
+    check=_stage_fits_key,
+)  # fmt: skip
+#: The ``[plugins.ratelimit]`` table (:mod:`bonzo.schema`).
+SCHEMA = Schema(
+    Key("rules", "tables", default=[], schema=RULE_SCHEMA,
+        doc="The limits, written as ``[[plugins.ratelimit.rules]]`` tables."),
+    Key("reply", "str", default=DEFAULT_REPLY, convert=_reply,
+        doc="The reply to an excess, written ``\"<code> [<enhanced code>] "
+        "[<text>]\"`` (``4xx`` or ``5xx``; a temporary ``4xx`` is what rate "
+        "limits should give)."),
+    Key("ipv4_prefix", "int", default=32, minimum=1, maximum=32,
+        doc="The IPv4 clients that count as one ``client``, 1 to 32 (``24``: a "
+        "whole /24)."),
+    Key("ipv6_prefix", "int", default=64, minimum=1, maximum=128,
+        doc="The IPv6 clients that count as one ``client``, 1 to 128. A single host "
+        "usually has a whole /64, so counting per address would let it dodge "
+        "any limit."),
+    Key("on_store_error", "choice", default="accept", choices=ON_STORE_ERROR,
+        doc="What to do when the store fails (see above)."),
+    Key("exempt_networks", "networks", default=[],
+        doc="Client networks no rule counts (your own relays, monitoring)."),
+)  # fmt: skip
+KEYS = tuple(SCHEMA.names)
+RULE_KEYS = tuple(RULE_SCHEMA.names)
 
 
 class RateLimitPlugin:
@@ -119,35 +150,22 @@ class RateLimitPlugin:
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
         """Validate the ``[plugins.ratelimit]`` table; use ``app.store``."""
-        table = as_table(config)
-        check_keys(table, KEYS)
-        default = parse_reply(get_str(table, "reply", DEFAULT_REPLY), "reply")
-        entries = table.get("rules", [])
-        if not isinstance(entries, list):
-            raise ValueError(f"rules: expected an array of tables, got {describe(entries)}")
+        values = SCHEMA.parse(config, app)
+        default = parse_reply(values["reply"], "reply")
         rules: dict[str, list[Rule]] = {stage: [] for stage in STAGES}
         names: set[str] = set()
-        for index, entry in enumerate(entries):
-            rule = _rule(index, entry, default)
-            if rule.name in names:
-                raise ValueError(f"rules[{index}].name: {rule.name!r} is used by an earlier rule")
-            names.add(rule.name)
-            rules[rule.stage].append(rule)
-        on_error = table.get("on_store_error", "accept")
-        if on_error not in ON_STORE_ERROR:
-            raise ValueError(
-                f"on_store_error: expected one of {', '.join(ON_STORE_ERROR)}, "
-                f"got {describe(on_error)}"
-            )
-        exempt = table.get("exempt_networks", [])
-        if not isinstance(exempt, list) or not all(isinstance(n, str) for n in exempt):
-            raise ValueError(
-                f"exempt_networks: expected a list of networks, got {describe(exempt)}"
-            )
-        self.exempt = tuple(parse_network(n, "exempt_networks") for n in exempt)
-        self.ipv4_prefix = get_prefix(table, "ipv4_prefix", 32, 32)
-        self.ipv6_prefix = get_prefix(table, "ipv6_prefix", 64, 128)
-        self.on_store_error = on_error
+        for index, entry in enumerate(values["rules"]):
+            key, stage, limit, window = (entry[k] for k in ("key", "stage", "limit", "window"))
+            reply = default if entry["reply"] is None else parse_reply(entry["reply"], "reply")
+            name = entry["name"] or f"{key}-{stage}-{limit}-{window:g}"
+            if name in names:
+                raise ValueError(f"rules[{index}].name: {name!r} is used by an earlier rule")
+            names.add(name)
+            rules[stage].append(Rule(index, name, key, stage, limit, window, reply))
+        self.exempt = tuple(values["exempt_networks"])
+        self.ipv4_prefix = values["ipv4_prefix"]
+        self.ipv6_prefix = values["ipv6_prefix"]
+        self.on_store_error = values["on_store_error"]
         self.rules = rules
         store = getattr(app, "store", None)
         self.store = store if isinstance(store, Store) else MemoryStore()

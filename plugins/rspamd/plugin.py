@@ -24,20 +24,22 @@ from tornado.httputil import HTTPHeaders
 
 from bonzo.errors import SMTPError
 from bonzo.hookspecs import hookimpl
+from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 
-from .._config import as_table, check_keys, describe, get_bool, get_str
+from .._config import describe
 from .._scan import (
     ScanError,
     add_header,
     body_chunks,
-    get_on_error,
-    get_seconds,
-    get_size,
+    max_size_key,
+    on_error_key,
+    parse_blank_ok,
     record,
     remove_header,
     set_header,
     tempfail,
+    timeout_keys,
     too_large,
 )
 
@@ -45,16 +47,6 @@ __all__ = ["RspamdPlugin", "RspamdReply", "KEYS", "ACTIONS", "parse_reply"]
 
 log = logging.getLogger("bonzo.plugins.rspamd")
 
-KEYS = (
-    "url",
-    "connect_timeout",
-    "timeout",
-    "max_size",
-    "on_error",
-    "greylist",
-    "spam_header",
-    "settings_id",
-)
 #: rspamd's actions, mildest first.
 ACTIONS = ("no action", "greylist", "add header", "rewrite subject", "soft reject", "reject")
 #: The largest answer read from rspamd (its symbols with their options).
@@ -66,6 +58,68 @@ MAX_CONNECTIONS = 100
 MAX_CHANGES = 50
 CHUNK_SIZE = 64 * 1024
 _HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")
+
+
+def _url(value: str) -> str:
+    """rspamd's address as the URL of its ``/checkv2``."""
+    url = value.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            f'expected rspamd\'s address such as "http://127.0.0.1:11333", got {describe(url)}'
+        )
+    if parts.query or parts.fragment:
+        raise ValueError("no query or fragment (the plugin adds /checkv2)")
+    return url if parts.path.endswith("/checkv2") else url + "/checkv2"
+
+
+def _spam_header(value: str) -> str:
+    name = value.strip()
+    if not _HEADER_NAME.fullmatch(name):
+        raise ValueError(f"{describe(name)} is not a header name")
+    return name
+
+
+def _settings_id(value: str) -> str:
+    settings_id = value.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", settings_id):
+        raise ValueError(f"{describe(settings_id)} is not a settings id")
+    return settings_id
+
+
+#: The ``[plugins.rspamd]`` table (:mod:`bonzo.schema`).
+SCHEMA = Schema(
+    Key("url", "str", default="http://127.0.0.1:11333", convert=_url,
+        doc="rspamd's normal worker (``worker-normal.inc`` ``bind_socket``): an "
+        "``http://`` or ``https://`` URL without query or fragment. "
+        "``/checkv2`` is added unless the path already ends with it. "
+        "``https://`` works through a TLS proxy."),
+    *timeout_keys(
+        20.0,
+        "How long the whole request may take (rspamd's own ``task_timeout`` is "
+        "8 seconds). Keep it below the plugin's hook timeout "
+        "(``[plugins] timeout``, 60 seconds by default).",
+    ),
+    max_size_key(
+        50 * 1024 * 1024,
+        "The largest message sent to rspamd (52428800 is ``\"50M\"``); K, M "
+        "and G are powers of 1024. Larger ones go on unchecked.",
+    ),
+    on_error_key(
+        "``\"tempfail\"`` defers the message when rspamd gives no answer "
+        "(``451 4.7.1``); ``\"accept\"`` lets it through."
+    ),
+    Key("greylist", "bool", default=True,
+        doc="Whether rspamd's ``greylist`` action defers the message (see above)."),
+    Key("spam_header", "str", default="X-Spam", convert=_spam_header,
+        doc="The header set to ``Yes`` for the ``add header`` action (any "
+        "earlier one is replaced); ``\"\"``: none."),
+    Key("settings_id", "str", default="", convert=_settings_id,
+        doc="Sent as ``Settings-ID`` to choose one of rspamd's settings "
+        "(``settings.conf``), such as a set for outbound mail: up to 100 "
+        "letters, digits and ``_.-``. ``\"\"`` sends none."),
+)  # fmt: skip
+KEYS = tuple(SCHEMA.names)
 
 
 @dataclass(frozen=True)
@@ -230,31 +284,16 @@ class RspamdPlugin:
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
         """Validate ``[plugins.rspamd]``."""
-        table = as_table(config)
-        check_keys(table, KEYS)
-        url = get_str(table, "url", "http://127.0.0.1:11333").strip().rstrip("/")
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(
-                f'url: expected rspamd\'s address such as "http://127.0.0.1:11333", '
-                f"got {describe(url)}"
-            )
-        if parts.query or parts.fragment:
-            raise ValueError("url: no query or fragment (the plugin adds /checkv2)")
-        self.url = url if parts.path.endswith("/checkv2") else url + "/checkv2"
-        self.connect_timeout = get_seconds(table, "connect_timeout", 5.0, 300)
-        self.timeout = get_seconds(table, "timeout", 20.0)
-        self.max_size = get_size(table, "max_size", 50 * 1024 * 1024)
-        self.accept_on_error = get_on_error(table)
-        self.greylist = get_bool(table, "greylist", True)
-        spam_header = get_str(table, "spam_header", "X-Spam", empty=True).strip()
-        if spam_header and not _HEADER_NAME.fullmatch(spam_header):
-            raise ValueError(f"spam_header: {describe(spam_header)} is not a header name")
-        self.spam_header = spam_header
-        settings_id = get_str(table, "settings_id", "", empty=True).strip()
-        if settings_id and not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", settings_id):
-            raise ValueError(f"settings_id: {describe(settings_id)} is not a settings id")
-        self.settings_id = settings_id
+        values = parse_blank_ok(SCHEMA, config, app, blank=("spam_header", "settings_id"))
+        # A default is not converted; _url of a converted URL is the same URL.
+        self.url = _url(values["url"])
+        self.connect_timeout = values["connect_timeout"]
+        self.timeout = values["timeout"]
+        self.max_size = values["max_size"]
+        self.accept_on_error = values["on_error"] == "accept"
+        self.greylist = values["greylist"]
+        self.spam_header = values["spam_header"]
+        self.settings_id = values["settings_id"]
 
     async def check(self, session: Session, envelope: Envelope) -> RspamdReply:
         """Ask rspamd about the message; :class:`ScanError` if it cannot say."""

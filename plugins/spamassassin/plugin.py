@@ -13,20 +13,24 @@ from typing import Any
 
 from bonzo.errors import SMTPError
 from bonzo.hookspecs import hookimpl
+from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 
-from .._config import as_table, check_keys, describe, get_bool, get_str
+from .._config import describe
 from .._scan import (
+    ENDPOINT_EXCLUSIVE,
     Endpoint,
     ScanError,
     add_header,
-    get_endpoint,
-    get_on_error,
-    get_seconds,
-    get_size,
+    endpoint_keys,
+    endpoint_of,
+    max_size_key,
     message_chunks,
+    on_error_key,
+    parse_blank_ok,
     record,
     tempfail,
+    timeout_keys,
     too_large,
 )
 from .client import spamd_request
@@ -35,18 +39,6 @@ __all__ = ["SpamassassinPlugin", "KEYS"]
 
 log = logging.getLogger("bonzo.plugins.spamassassin")
 
-KEYS = (
-    "host",
-    "port",
-    "socket",
-    "connect_timeout",
-    "timeout",
-    "max_size",
-    "on_error",
-    "user",
-    "reject_score",
-    "headers",
-)
 DEFAULT_PORT = 783
 #: spamc's default: larger messages are not sent.
 DEFAULT_MAX_SIZE = 500 * 1024
@@ -62,11 +54,52 @@ SPAM_HEADERS = (
 )
 
 
-def _score(table: Mapping[str, Any], key: str, default: float) -> float:
-    value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{key}: expected a score (a number), got {describe(value)}")
-    return float(value)
+def _user(value: str) -> str:
+    user = value.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_.@+-]{1,64}", user):
+        raise ValueError(f"{describe(user)} is not a user name spamd accepts")
+    return user
+
+
+#: The ``[plugins.spamassassin]`` table (:mod:`bonzo.schema`).
+SCHEMA = Schema(
+    *endpoint_keys(
+        DEFAULT_PORT,
+        socket="The path of spamd's Unix socket (spamd ``--socketpath``). Give "
+        "either ``socket`` or ``host`` and ``port``.",
+        host="spamd's address (``--listen``).",
+        port="spamd's TCP port, 1 to 65535.",
+    ),
+    *timeout_keys(
+        30.0,
+        "How long the whole check may take. Keep it below the plugin's hook "
+        "timeout (``[plugins] timeout``, 60 seconds by default).",
+    ),
+    max_size_key(
+        DEFAULT_MAX_SIZE,
+        "The largest message sent (512000 is ``\"500K\"``, ``spamc``'s "
+        "default); K, M and G are powers of 1024. Larger messages go on "
+        "unchecked.",
+    ),
+    on_error_key(
+        "``\"tempfail\"`` defers the message when spamd gives no answer "
+        "(``451 4.7.1``); ``\"accept\"`` lets it through."
+    ),
+    Key("user", "str", default="", convert=_user,
+        doc="Sent as ``User:`` so that spamd applies that user's preferences "
+        "(with ``--virtual-config-dir`` or SQL preferences): up to 64 letters, "
+        "digits and ``_.@+-``. ``\"\"`` sends none."),
+    Key("reject_score", "float", default=0.0, minimum=0,
+        doc="Refuse messages scoring this or more; ``0`` never refuses (the "
+        "message is only tagged). A value well above spamd's threshold "
+        "(``required_score``, 5 by default), such as 15, refuses only what is "
+        "surely spam."),
+    Key("headers", "bool", default=True,
+        doc="Add SpamAssassin's ``X-Spam-*`` headers. ``false`` asks spamd only "
+        "for its verdict (``CHECK``) and leaves the message as it is."),
+    exclusive=ENDPOINT_EXCLUSIVE,
+)  # fmt: skip
+KEYS = tuple(SCHEMA.names)
 
 
 class SpamassassinPlugin:
@@ -85,21 +118,15 @@ class SpamassassinPlugin:
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
         """Validate ``[plugins.spamassassin]``."""
-        table = as_table(config)
-        check_keys(table, KEYS)
-        self.endpoint = get_endpoint(table, DEFAULT_PORT)
-        self.connect_timeout = get_seconds(table, "connect_timeout", 5.0, 300)
-        self.timeout = get_seconds(table, "timeout", 30.0)
-        self.max_size = get_size(table, "max_size", DEFAULT_MAX_SIZE)
-        self.accept_on_error = get_on_error(table)
-        user = get_str(table, "user", "", empty=True).strip()
-        if user and not re.fullmatch(r"[A-Za-z0-9_.@+-]{1,64}", user):
-            raise ValueError(f"user: {describe(user)} is not a user name spamd accepts")
-        self.user = user
-        self.reject_score = _score(table, "reject_score", 0.0)
-        if self.reject_score < 0:
-            raise ValueError("reject_score: must be 0 (never refuse) or a positive score")
-        self.headers = get_bool(table, "headers", True)
+        values = parse_blank_ok(SCHEMA, config, app, blank=("user",))
+        self.endpoint = endpoint_of(values)
+        self.connect_timeout = values["connect_timeout"]
+        self.timeout = values["timeout"]
+        self.max_size = values["max_size"]
+        self.accept_on_error = values["on_error"] == "accept"
+        self.user = values["user"]
+        self.reject_score = values["reject_score"]
+        self.headers = values["headers"]
 
     @hookimpl
     async def bonzo_message(self, session: Session, envelope: Envelope) -> None:

@@ -250,15 +250,20 @@ def test_instream_directly():
 @pytest.mark.parametrize(
     "table, message",
     [
-        ({"port": 0}, "port: expected a TCP port"),
-        ({"port": "3310"}, "port: expected a TCP port"),
-        ({"socket": "/x", "port": 1}, "either socket or host"),
-        ({"timeout": 0}, "timeout: must be more than 0"),
-        ({"timeout": "5"}, "timeout: expected a number"),
-        ({"max_size": "lots"}, "max_size: expected a size"),
-        ({"max_size": -1}, "max_size: expected a positive"),
-        ({"on_error": "pass"}, "on_error: expected one of tempfail, accept"),
-        ({"hots": "x"}, "hots: unknown key"),
+        ({"port": 0}, "^port: expected an integer >= 1, got 0$"),
+        ({"port": 65536}, "^port: expected an integer <= 65535"),
+        ({"port": "3310"}, "^port: expected an integer, got '3310'$"),
+        ({"socket": "/x", "port": 1}, "^port: give socket or port, not socket and port$"),
+        ({"socket": "/x", "host": "h"}, "^host: give socket or host, not socket and host$"),
+        ({"timeout": 0}, "^timeout: expected more than 0 seconds, got 0.0$"),
+        ({"timeout": float("nan")}, "^timeout: expected more than 0 seconds"),
+        ({"timeout": 3601}, "^timeout: expected a number <= 3600"),
+        ({"connect_timeout": 301}, "^connect_timeout: expected a number <= 300"),
+        ({"timeout": "5 lots"}, "^timeout: expected a duration"),
+        ({"max_size": "lots"}, "^max_size: expected a size"),
+        ({"max_size": -1}, "^max_size: expected a size >= 1, got -1$"),
+        ({"on_error": "pass"}, "^on_error: expected one of 'tempfail', 'accept', got 'pass'$"),
+        ({"hots": "x"}, "^hots: unknown key \\(did you mean 'host'\\?\\)$"),
     ],
 )
 def test_configuration_errors(table, message):
@@ -273,3 +278,6 @@ def test_configuration_defaults_and_sizes():
     assert configured(max_size="100M").max_size == 100 * 1024 * 1024
     assert configured(max_size=1000).max_size == 1000
     assert configured(host="[::1]", port=1).endpoint == Endpoint("::1", 1)
+    assert configured(socket="/run/c.ctl").endpoint == Endpoint(path="/run/c.ctl")
+    plugin = configured(timeout="2m", connect_timeout=1)
+    assert (plugin.timeout, plugin.connect_timeout) == (120.0, 1)

@@ -5,17 +5,13 @@ stub."""
 from __future__ import annotations
 
 import ipaddress
-import re
-from pathlib import Path
 
 import pytest
 from auth_testing import app, example_keys, fake_session, run
 from bonzo_plugins.dnsbl import DnsblPlugin, query_name
-from bonzo_plugins.dnsbl.plugin import KEYS, ZONE_KEYS
+from bonzo_plugins.dnsbl.plugin import DEFAULT_ANSWERS, KEYS, ZONE_KEYS
 
 from bonzo.errors import PermanentError
-
-README = Path(__file__).resolve().parents[2] / "plugins" / "dnsbl" / "README.rst"
 
 
 def configured(resolver=None, **table) -> DnsblPlugin:
@@ -122,13 +118,23 @@ def test_dns_off_and_skipped_networks(lists):
 @pytest.mark.parametrize(
     ("table", "text"),
     [
-        ({"zones": ["not a zone"]}, "zone"),
-        ({"zones": [{"zone": "a.example", "weight": "x"}]}, "weight"),
-        ({"zones": ["a.example", "a.example"]}, "same zone"),
-        ({"threshold": 0}, "threshold"),
-        ({"stage": "data"}, "stage"),
-        ({"reply_text": "{nope}"}, "reply_text"),
-        ({"zones": [{"zone": "a.example", "colour": 1}]}, "colour"),
+        ({"zones": ["not a zone"]}, "^zones\\[0\\].zone: 'not a zone' is not a DNS zone name$"),
+        ({"zones": [{"zone": "a.example", "weight": "x"}]}, "^zones\\[0\\].weight: expected a"),
+        ({"zones": [{"zone": "a.example", "weight": float("inf")}]}, "^zones\\[0\\].weight"),
+        ({"zones": ["a.example", "A.example."]}, "^zones\\[1\\].zone: 'a.example' is given twice$"),
+        ({"zones": [{"weight": 2}]}, "^zones\\[0\\].zone: required$"),
+        ({"zones": [5]}, "^zones\\[0\\]: expected a table, got 5$"),
+        ({"zones": "a.example"}, "^zones: expected an array of tables"),
+        ({"zones": [{"zone": "a.example", "answers": []}]}, "^zones\\[0\\].answers: expected at"),
+        (
+            {"zones": [{"zone": "a.example", "answers": ["127.0.0.1/8"]}]},
+            "^zones\\[0\\].answers: expected a network .*; host bits set$",
+        ),
+        ({"threshold": 0}, "^threshold: expected a number above 0"),
+        ({"stage": "data"}, "^stage: expected one of 'connect', 'mail', 'rcpt', got 'data'$"),
+        ({"timeout": 61}, "^timeout: expected a number <= 60"),
+        ({"reply_text": "{nope}"}, "^reply_text: KeyError\\('nope'\\): only"),
+        ({"zones": [{"zone": "a.example", "colour": 1}]}, "^zones\\[0\\].colour: unknown key"),
     ],
 )
 def test_bad_configuration(table, text):
@@ -136,10 +142,15 @@ def test_bad_configuration(table, text):
         configured(None, **table)
 
 
-def test_readme_documents_every_key():
-    text = README.read_text("utf-8")
-    for key in KEYS + ZONE_KEYS:
-        assert re.search(rf"^\s*``{key}``\n\s+\*", text, re.M), key
+def test_zone_entries():
+    plugin = configured(
+        None,
+        zones=["BL.example.", {"zone": "allow.example", "weight": -5, "answers": ["127.0.0.2"]}],
+    )
+    bl, allow = plugin.zones
+    assert (bl.zone, bl.weight, bl.ipv6, bl.txt) == ("bl.example", 1.0, True, True)
+    assert bl.answers is DEFAULT_ANSWERS and not bl.counts("127.255.255.254")
+    assert (allow.weight, allow.counts("127.0.0.2"), allow.counts("127.0.0.3")) == (-5, True, False)
 
 
 def test_the_example_configuration_shows_every_key():

@@ -167,6 +167,10 @@ def test_through_a_real_server():
         ({"allow_networks": ["192.0.2.1/24"]}, "allow_networks"),
         ({"allow_domains": ["\u2488.example"]}, "allow_domains: "),
         ({"allow_domains": "example.org"}, "allow_domains: expected a list"),
+        ({"allow_domains": ["ok.example", ""]}, "allow_domains: expected a list of non-empty"),
+        ({"delay": 0}, "delay: expected a positive duration, got 0.0"),
+        ({"pending_expiry": "11000d"}, "pending_expiry: expected a number <= "),
+        ({"reply": "x" * 401}, "reply: expected printable text of at most 400"),
         ({"skip_authenticated": 1}, "skip_authenticated"),
         ({"ipv4_prefix": 33}, "ipv4_prefix"),
         ({"on_store_error": "reject"}, "on_store_error"),
@@ -177,3 +181,13 @@ def test_bad_configuration_is_refused(table, message):
     with pytest.raises(ValueError) as info:
         configure(table, Clock())
     assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_configuration_values():
+    plugin = configure(
+        {"delay": "1m", "pending_expiry": "2h", "allow_domains": ["Example.ORG."]}, Clock()
+    )
+    assert (plugin.delay, plugin.pending_expiry, plugin.confirmed_expiry) == (60, 7200, 35 * 86400)
+    assert plugin.allow_domains == frozenset({"example.org"})
+    assert configure({}, Clock()).allow_domains == frozenset()

@@ -219,10 +219,12 @@ def test_parse_action_never_fails_otherwise(raw):
 @pytest.mark.parametrize(
     "table, message",
     [
-        ({"attributes": {"Bad": "x"}}, "attributes.Bad"),
-        ({"attributes": {"ok": "a\nb"}}, "one line"),
-        ({"attributes": []}, "attributes: expected a table"),
-        ({"socket": ""}, "socket: must not be empty"),
+        ({"attributes": {"Bad": "x"}}, "^attributes.Bad: expected a lower-case name"),
+        ({"attributes": {"ok": 1}}, "^attributes.ok: expected a lower-case name and a string"),
+        ({"attributes": {"ok": "a\nb"}}, "^attributes.ok: the value must be one line$"),
+        ({"attributes": []}, "^attributes: expected a table, got \\[\\]$"),
+        ({"socket": ""}, "^socket: expected a non-empty string, got ''$"),
+        ({"timeout": 0}, "^timeout: expected more than 0 seconds"),
         ({"delay": 1}, "delay: unknown key"),
     ],
 )

@@ -210,7 +210,13 @@ def test_a_store_failure_can_tempfail_instead():
         ({"rules": [rule("client", "mail", True)]}, "rules[0].limit"),
         ({"rules": [rule("client", "mail", 1, "soon")]}, "rules[0].window"),
         ({"rules": [rule("client", "mail", 1, 0)]}, "rules[0].window"),
-        ({"rules": [{"key": "client", "stage": "mail", "limit": 1}]}, "rules[0].window: missing"),
+        ({"rules": [{"key": "client", "stage": "mail", "limit": 1}]}, "rules[0].window: required"),
+        ({"rules": [rule("client", "data", 1)]}, "rules[0].stage: expected one of 'connect'"),
+        ({"rules": [rule("client", "mail", 1, "5y")]}, "rules[0].window: expected a duration"),
+        ({"rules": [rule("client", "mail", 1, name="a\tb")]}, "rules[0].name: expected a short"),
+        ({"rules": [rule("client", "mail", 10_000_001)]}, "rules[0].limit: expected an integer <="),
+        ({"rules": ["client"]}, "rules[0]: expected a table, got 'client'"),
+        ({"reply": "250 fine"}, "reply: the code must be 4xx or 5xx, got 250"),
         ({"rules": [rule("client", "mail", 1, colour=1)]}, "rules[0].colour: unknown key"),
         ({"rules": [rule("client", "mail", 1, reply="250 ok")]}, "rules[0].reply"),
         ({"rules": [rule("client", "mail", 1), rule("client", "mail", 1)]}, "rules[1].name"),
@@ -226,3 +232,23 @@ def test_bad_configuration_is_refused(table, message):
     with pytest.raises(ValueError) as info:
         configure(table)
     assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_rule_names_and_replies():
+    plugin = configure(
+        {
+            "reply": "451 4.7.1 Slow down",
+            "rules": [
+                rule("client", "connect", 5, "1m"),
+                rule("sender", "rcpt", 9, 60, name="senders", reply="550 5.7.1 No more"),
+            ],
+        }
+    )
+    first, second = plugin.rules["connect"][0], plugin.rules["rcpt"][0]
+    assert (first.name, first.window, first.reply.text) == (
+        "client-connect-5-60",
+        60.0,
+        "Slow down",
+    )
+    assert (second.name, second.reply.code, second.reply.text) == ("senders", 550, "No more")

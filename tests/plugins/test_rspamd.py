@@ -287,7 +287,9 @@ def test_parse_reply_json(doc):
     [
         ({"url": "ftp://x"}, "url: expected"),
         ({"url": "http://x/checkv2?a=1"}, "url: no query"),
-        ({"timeout": -1}, "timeout: must be more"),
+        ({"timeout": -1}, "^timeout: expected more than 0 seconds, got -1.0$"),
+        ({"max_size": "1T"}, "^max_size: expected a size"),
+        ({"url": 5}, "^url: expected a non-empty string, got 5$"),
         ({"greylist": "yes"}, "greylist: expected true or false"),
         ({"spam_header": "X Spam"}, "spam_header: .* is not a header name"),
         ({"settings_id": "a b"}, "settings_id"),
@@ -304,6 +306,14 @@ def test_configuration_url():
     assert configured().url == "http://127.0.0.1:11333/checkv2"
     assert configured(url="http://[::1]:1/").url == "http://[::1]:1/checkv2"
     assert configured(url="http://h:1/rspamd/checkv2").url == "http://h:1/rspamd/checkv2"
+
+
+def test_configuration_blank_strings_mean_none():
+    plugin = configured(spam_header="", settings_id=" ")
+    assert (plugin.spam_header, plugin.settings_id) == ("", "")
+    plugin = configured(spam_header=" X-Checked ", settings_id="out")
+    assert (plugin.spam_header, plugin.settings_id) == ("X-Checked", "out")
+    assert configured().spam_header == "X-Spam"
 
 
 def test_settings_id_is_sent():

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from bonzo_plugins import _docs
 
 from bonzo.hooks import PluginSet
 
@@ -48,8 +49,10 @@ def test_entry_point_registers(name):
 def test_readme_documents_every_key_and_its_example_configures(name):
     module = importlib.import_module(f"bonzo_plugins.{name}.plugin")
     text = (ROOT / "plugins" / name / "README.rst").read_text("utf-8")
+    # The keys' reference is generated from the schema, and up to date.
+    assert _docs.render(name) in text
     for key in module.KEYS:
-        assert re.search(rf"^``{key}``\n    \*", text, re.M), f"{name}: {key} undocumented"
+        assert re.search(rf"^``{key}``\n    \S", text, re.M), f"{name}: {key} undocumented"
     blocks = re.findall(r"^\.\. code-block:: toml\n\n((?:   .*\n|\n)+)", text, re.M)
     assert blocks
     for block in blocks:

@@ -207,14 +207,24 @@ def test_parse_reply_never_fails_otherwise(raw):
 @pytest.mark.parametrize(
     "table, message",
     [
-        ({"reject_score": "10"}, "reject_score: expected a score"),
-        ({"reject_score": -1}, "reject_score: must be 0"),
-        ({"user": "a b"}, "user: "),
+        ({"reject_score": "10"}, "^reject_score: expected a number, got '10'$"),
+        ({"reject_score": -1}, "^reject_score: expected a number >= 0, got -1$"),
+        ({"user": "a b"}, "^user: 'a b' is not a user name spamd accepts$"),
+        ({"user": 5}, "^user: expected a non-empty string, got 5$"),
         ({"headers": 1}, "headers: expected true or false"),
-        ({"port": 70000}, "port: expected a TCP port"),
+        ({"port": 70000}, "^port: expected an integer <= 65535, got 70000$"),
+        ({"socket": "/s", "host": "h"}, "^host: give socket or host, not socket and host$"),
         ({"threshold": 5}, "threshold: unknown key"),
     ],
 )
 def test_configuration_errors(table, message):
     with pytest.raises(ValueError, match=message):
         configured(**table)
+
+
+def test_configuration_values():
+    assert configured(user="").user == "" and configured(user=" ").user == ""
+    assert configured(user=" mail@example.com ").user == "mail@example.com"
+    plugin = configured(reject_score=15, max_size="1M")
+    assert (plugin.reject_score, plugin.max_size) == (15.0, 1024 * 1024)
+    assert configured().max_size == 500 * 1024
