@@ -99,8 +99,10 @@ def test_documentation_comes_from_the_declaration():
 #: The bundled plugins declared with bonzo.schema (every one, in the end).
 ON_SCHEMA = [
     "authres",
+    "discard",
     "dkim",
     "dmarc",
+    "headers",
     "log",
     "passwd",
     "spf",
