@@ -98,6 +98,7 @@ def test_documentation_comes_from_the_declaration():
 
 #: The bundled plugins declared with bonzo.schema (every one, in the end).
 ON_SCHEMA = [
+    "access",
     "authres",
     "discard",
     "dkim",
