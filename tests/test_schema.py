@@ -106,6 +106,7 @@ ON_SCHEMA = [
     "headers",
     "log",
     "passwd",
+    "recipients",
     "spf",
 ]
 
