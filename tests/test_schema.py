@@ -106,6 +106,7 @@ ON_SCHEMA = [
     "forward",
     "headers",
     "log",
+    "maildir",
     "passwd",
     "recipients",
     "spf",
