@@ -32,6 +32,8 @@ __all__ = [
     "resolve_path",
     "DOTS",
     "config_domain",
+    "domain_name",
+    "domain_names",
     "envelope_recipients",
     "parse_network",
     "client_address",
@@ -124,6 +126,35 @@ def config_domain(domain: str) -> str:
     Raises :class:`ValueError` when the domain has no IDNA form.
     """
     return canonical_domain(domain.strip().rstrip(DOTS))
+
+
+#: A canonical domain is lower-case ASCII (internationalised labels as A-labels).
+_LABEL = r"[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?"
+_DOMAIN = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}")
+_LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]")
+
+
+def domain_name(domain: str) -> str:
+    """A configured mail domain (a host name, or an address literal such as
+    ``[192.0.2.1]``) in the canonical form of :func:`config_domain`.
+
+    Raises :class:`ValueError` (``'x' is not a valid domain``, without a key:
+    a :class:`bonzo.schema.Key` ``convert=`` prefixes it) for one with no IDNA
+    form, no host-name syntax (no wildcards, no empty labels, no ``@``) or
+    over 255 characters.
+    """
+    try:
+        norm = config_domain(domain)
+    except ValueError:
+        norm = ""
+    if not (_DOMAIN.fullmatch(norm) or _LITERAL.fullmatch(norm)) or len(norm) > 255:
+        raise ValueError(f"{describe(domain)} is not a valid domain")
+    return norm
+
+
+def domain_names(domains: list[str]) -> list[str]:
+    """:func:`domain_name` of each; for ``Key(..., "strings", convert=domain_names)``."""
+    return [domain_name(d) for d in domains]
 
 
 def envelope_recipients(envelope: Any) -> list[Address]:

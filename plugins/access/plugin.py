@@ -6,24 +6,22 @@ import fnmatch
 import logging
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from bonzo.address import Address, canonical_domain, canonical_local
 from bonzo.errors import SMTPError
 from bonzo.hookspecs import hookimpl
+from bonzo.schema import Key, Schema
 from bonzo.session import Session
 
 from .._config import (
     DOTS,
     IPNetwork,
-    as_table,
-    check_keys,
     client_address,
     config_domain,
     describe,
-    get_str,
     parse_network,
 )
 
@@ -31,8 +29,6 @@ __all__ = ["AccessPlugin", "Reply", "Rule", "canonical_pattern", "parse_reply"]
 
 log = logging.getLogger("bonzo.plugins.access")
 
-KEYS = ("rules", "default_reply")
-RULE_KEYS = ("stage", "match", "action", "reply")
 STAGES = ("connect", "helo", "mail", "rcpt")
 ACTIONS = ("allow", "deny")
 DEFAULT_REPLY = "554 5.7.1 Access denied"
@@ -56,27 +52,92 @@ class Reply:
         return SMTPError(self.code, self.text, enhanced_code=self.enhanced)
 
 
+def _reply(value: str) -> Reply:
+    """Parse ``"<4xx|5xx> [<enhanced code>] [text]"`` (a ``convert=``: the
+    :class:`ValueError` does not name the key)."""
+    m = _REPLY.fullmatch(value.strip())
+    if m is None:
+        raise ValueError(f"{describe(value)} is not a reply like '554 5.7.1 Access denied'")
+    code, enhanced, text = int(m.group(1)), m.group(2), (m.group(3) or "").strip()
+    if not 400 <= code <= 599:
+        raise ValueError(f"the code must be 4xx or 5xx, got {code}")
+    if enhanced is not None and enhanced[0] != str(code)[0]:
+        raise ValueError(f"enhanced code {enhanced} does not match the code {code}")
+    if enhanced is None and _LOOKS_ENHANCED.match(text):
+        raise ValueError(f"{describe(value)} is not a reply: bad enhanced code")
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError("the text must not contain control characters")
+    if len(text) > 400:
+        raise ValueError("the text is longer than 400 characters")
+    return Reply(code, enhanced, text or "Access denied")
+
+
 def parse_reply(value: Any, where: str) -> Reply:
     """Parse ``"<4xx|5xx> [<enhanced code>] [text]"``; raise ValueError naming ``where``."""
     if not isinstance(value, str):
         raise ValueError(f"{where}: expected a string, got {describe(value)}")
-    m = _REPLY.fullmatch(value.strip())
-    if m is None:
-        raise ValueError(
-            f"{where}: {describe(value)} is not a reply like '554 5.7.1 Access denied'"
-        )
-    code, enhanced, text = int(m.group(1)), m.group(2), (m.group(3) or "").strip()
-    if not 400 <= code <= 599:
-        raise ValueError(f"{where}: the code must be 4xx or 5xx, got {code}")
-    if enhanced is not None and enhanced[0] != str(code)[0]:
-        raise ValueError(f"{where}: enhanced code {enhanced} does not match the code {code}")
-    if enhanced is None and _LOOKS_ENHANCED.match(text):
-        raise ValueError(f"{where}: {describe(value)} is not a reply: bad enhanced code")
-    if any(ord(c) < 32 or ord(c) == 127 for c in text):
-        raise ValueError(f"{where}: the text must not contain control characters")
-    if len(text) > 400:
-        raise ValueError(f"{where}: the text is longer than 400 characters")
-    return Reply(code, enhanced, text or "Access denied")
+    try:
+        return _reply(value)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _patterns(items: list[str]) -> list[str]:
+    if not items:
+        raise ValueError("expected a string or a non-empty list of strings, got []")
+    return items
+
+
+def _reply_of_deny_only(rule: dict[str, Any]) -> None:
+    if rule["reply"] is not None and rule["action"] != "deny":
+        raise ValueError("reply: only a deny rule has a reply")
+
+
+#: The keys of each ``[[plugins.access.rules]]`` table.
+RULE = Schema(
+    Key("stage", "choice", required=True, choices=STAGES,
+        doc="The stage whose value is matched (see above)."),
+    Key("match", "strings", required=True, convert=_patterns,
+        doc="What to match: a network, a glob or an ``re:`` regex, as the stage "
+        "wants (see above); a single string, or a non-empty list whose "
+        "patterns the rule matches if any does. An empty pattern is an error "
+        "(the null sender is ``<>``)."),
+    Key("action", "choice", required=True, choices=ACTIONS,
+        doc="``deny`` refuses the command; ``allow`` stops this stage's rules "
+        "without a verdict."),
+    Key("reply", "str", convert=_reply,
+        doc="For ``deny`` rules only: the reply, written "
+        "``\"<code> [<enhanced code>] [<text>]\"``, e.g. "
+        "``\"554 5.7.1 Access denied\"`` or ``\"450 4.7.1 Try again later\"``. "
+        "The code must be ``4xx`` or ``5xx`` and the enhanced code (RFC 3463) "
+        "of the same class; the text is printable, on one line, at most 400 "
+        "characters. Default: ``default_reply``."),
+    check=_reply_of_deny_only,
+)  # fmt: skip
+#: The ``[plugins.access]`` table (:mod:`bonzo.schema`).
+SCHEMA = Schema(
+    Key("rules", "tables", default=[], schema=RULE,
+        doc="The rules, written as ``[[plugins.access.rules]]`` tables, tried in "
+        "order within each stage."),
+    Key("default_reply", "str", default=DEFAULT_REPLY, convert=_reply,
+        doc="The reply of ``deny`` rules that have none."),
+)  # fmt: skip
+KEYS = tuple(SCHEMA.names)
+RULE_KEYS = tuple(RULE.names)
+
+
+def _one_or_many(config: Any) -> Any:
+    """``config`` with each rule's single ``match`` string as a list of one,
+    so that the schema checks one form."""
+    if not isinstance(config, Mapping) or not isinstance(config.get("rules"), list):
+        return config
+    rules = [
+        {**rule, "match": [rule["match"]]}
+        if isinstance(rule, Mapping) and isinstance(rule.get("match"), str)
+        else rule
+        for rule in config["rules"]
+    ]
+    return {**config, "rules": rules}
 
 
 @dataclass(frozen=True)
@@ -183,36 +244,12 @@ def _compile_pattern(pattern: str, stage: str, where: str) -> re.Pattern[str]:
     return re.compile(fnmatch.translate(pattern.lower()), re.IGNORECASE)
 
 
-def _compile_rule(index: int, entry: Any, default: Reply) -> Rule:
+def _compile_rule(index: int, entry: Mapping[str, Any], default: Reply) -> Rule:
+    """A parsed rule (``RULE``) compiled: its patterns or networks."""
     where = f"rules[{index}]"
-    if not isinstance(entry, Mapping):
-        raise ValueError(f"{where}: expected a table, got {describe(entry)}")
-    check_keys(entry, RULE_KEYS, where)
-    for key in ("stage", "match", "action"):
-        if key not in entry:
-            raise ValueError(f"{where}.{key}: missing (required)")
-    stage = entry["stage"]
-    if stage not in STAGES:
-        raise ValueError(
-            f"{where}.stage: expected one of {', '.join(STAGES)}, got {describe(stage)}"
-        )
-    action = entry["action"]
-    if action not in ACTIONS:
-        raise ValueError(f"{where}.action: expected allow or deny, got {describe(action)}")
-    raw = entry["match"]
-    items: Sequence[Any] = [raw] if isinstance(raw, str) else raw
-    if not isinstance(raw, (str, list)) or not items or not all(isinstance(i, str) for i in items):
-        raise ValueError(
-            f"{where}.match: expected a string or a non-empty list of strings, got {describe(raw)}"
-        )
-    if any(not item for item in items):
-        raise ValueError(f"{where}.match: empty pattern (the null sender is '<>')")
-    reply: Reply | None = None
-    if "reply" in entry:
-        if action != "deny":
-            raise ValueError(f"{where}.reply: only a deny rule has a reply")
-        reply = parse_reply(entry["reply"], f"{where}.reply")
-    elif action == "deny":
+    stage, action, items = entry["stage"], entry["action"], entry["match"]
+    reply: Reply | None = entry["reply"]
+    if reply is None and action == "deny":
         reply = default
     if stage == "connect":
         networks = tuple(parse_network(i, f"{where}.match") for i in items)
@@ -240,14 +277,12 @@ class AccessPlugin:
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
         """Validate the ``[plugins.access]`` table and compile its rules."""
-        table = as_table(config)
-        check_keys(table, KEYS)
-        default = parse_reply(get_str(table, "default_reply", DEFAULT_REPLY), "default_reply")
-        entries = table.get("rules", [])
-        if not isinstance(entries, list):
-            raise ValueError(f"rules: expected an array of tables, got {describe(entries)}")
+        values = SCHEMA.parse(_one_or_many(config), app)
+        default = values["default_reply"]
+        if not isinstance(default, Reply):  # the declared default, not converted
+            default = _reply(default)
         rules: dict[str, list[Rule]] = {stage: [] for stage in STAGES}
-        for index, entry in enumerate(entries):
+        for index, entry in enumerate(values["rules"]):
             rule = _compile_rule(index, entry, default)
             rules[rule.stage].append(rule)
         self.rules = rules

@@ -34,10 +34,16 @@ log = logging.getLogger("bonzo.plugins.authres")
 
 #: The ``[plugins.authres]`` table (:mod:`bonzo.schema`).
 SCHEMA = Schema(
-    Key("authserv_id", "str", doc="This server's id in the header (default: the hostname)."),
-    Key("remove_forged", "bool", default=True, doc="Delete incoming fields with our id."),
-    Key("reasons", "bool", default=True, doc='Write reason="..." for each result.'),
-)
+    Key("authserv_id", "str",
+        doc="The name the field is written under, and whose forged fields are "
+        "removed; default: the server's hostname (``[server] hostname``). A host "
+        "name: letters, digits, ``.``, ``-``, ``_``."),
+    Key("remove_forged", "bool", default=True,
+        doc="Delete ``Authentication-Results:`` fields carrying ``authserv_id`` "
+        "that arrived with the message."),
+    Key("reasons", "bool", default=True,
+        doc='Write each result\'s reason (``reason="..."``).'),
+)  # fmt: skip
 KEYS = tuple(SCHEMA.names)
 FIELD = "Authentication-Results"
 #: A value authres may write as is: a token, or an address or domain of

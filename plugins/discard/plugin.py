@@ -11,14 +11,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from bonzo import Accept, hookimpl
-
-from .._config import as_table, check_keys
+from bonzo.schema import Schema
 
 __all__ = ["DiscardPlugin"]
 
 log = logging.getLogger("bonzo.plugins.discard")
 
 _ACCEPT = Accept("Ok: discarded")
+#: The ``[plugins.discard]`` table (:mod:`bonzo.schema`): no keys.
+SCHEMA = Schema()
+KEYS = tuple(SCHEMA.names)
 
 
 class DiscardPlugin:
@@ -30,7 +32,8 @@ class DiscardPlugin:
 
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None) -> None:
-        check_keys(as_table(config), ())
+        """Refuse any key: there are none."""
+        SCHEMA.parse(config)
 
     @hookimpl
     def bonzo_startup(self) -> None:

@@ -50,14 +50,18 @@ _dkimpy_log.addFilter(_Findings())
 #: The ``[plugins.dkim]`` table (:mod:`bonzo.schema`).
 SCHEMA = Schema(
     Key("max_signatures", "int", default=5, minimum=1, maximum=50,
-        doc="DKIM-Signature fields checked per message."),
+        doc="Signatures (``DKIM-Signature:`` fields) checked per message, top "
+        "first."),
     Key("min_key_bits", "int", default=1024, minimum=512, maximum=8192,
-        doc="Shorter RSA keys give dkim=policy."),
+        doc="The shortest RSA key accepted (RFC 8301: verifiers must accept 1024 "
+        "to 4096 bits); a shorter one gives ``policy``."),
     Key("timeout", "duration", default=5.0, minimum=0.001, maximum=60.0,
-        doc="Seconds per key lookup."),
-    Key("arc", "bool", default=False, doc="Verify the ARC chain too (an arc= result)."),
+        doc="How long to wait for one key lookup (the ``[dns]`` bounds apply "
+        "too)."),
+    Key("arc", "bool", default=False, doc="Also verify the ARC chain (an ``arc`` result)."),
     Key("arc_max_size", "int", default=10 << 20, minimum=1024, maximum=1 << 30,
-        doc="Larger messages get arc=none (ARC reads the message into memory)."),
+        doc="The largest message (octets; 10 MiB by default) whose ARC chain is "
+        "verified (it is read into memory); a larger one gets ``arc=none``."),
 )  # fmt: skip
 KEYS = tuple(SCHEMA.names)
 OFF_REASON = "DNS lookups are off ([dns] nameservers)"

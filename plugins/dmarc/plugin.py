@@ -42,12 +42,15 @@ ENFORCE = ("reject", "quarantine", "tag")
 #: The ``[plugins.dmarc]`` table (:mod:`bonzo.schema`).
 SCHEMA = Schema(
     Key("on_reject", "choice", default="reject", choices=ENFORCE,
-        doc="A failing message under p=reject: refuse (550 5.7.1), quarantine or tag."),
+        doc="What to do with a message whose disposition is ``reject``: refuse "
+        "it (``550 5.7.1``), quarantine it, or only tag it (record the result)."),
     Key("on_quarantine", "choice", default="quarantine", choices=ENFORCE,
-        doc="A failing message under p=quarantine."),
+        doc="The same for the disposition ``quarantine``."),
     Key("on_temperror", "choice", default="tag", choices=("tempfail", "tag"),
-        doc="When DNS failed: 451 4.4.3, or only the result."),
-    Key("skip_authenticated", "bool", default=True, doc="Do not check authenticated sessions."),
+        doc="When the policy could not be looked up: defer (``451 4.4.3``) or "
+        "only tag."),
+    Key("skip_authenticated", "bool", default=True,
+        doc="Do not judge sessions that authenticated."),
 )  # fmt: skip
 KEYS = tuple(SCHEMA.names)
 OFF_REASON = "DNS lookups are off ([dns] nameservers)"

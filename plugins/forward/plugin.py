@@ -23,18 +23,55 @@ from bonzo import client
 from bonzo.client import ClientConnection, ClientError, Reply, Stage
 from bonzo.errors import PermanentError, SMTPError, TransientError
 from bonzo.hookspecs import Accept, hookimpl
+from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 
-from .._client import client_settings, get_port
-from .._config import as_table, check_keys, describe, get_bool
+from .._client import client_settings
 
 __all__ = ["ForwardPlugin", "Link", "KEYS", "downstream_error"]
 
 log = logging.getLogger("bonzo.plugins.forward")
 
-KEYS = (
-    "host",
-    "port",
+#: The ``[plugins.forward]`` table (:mod:`bonzo.schema`). The timeouts are
+#: shorter than a queue's (RFC 5321's are for a client that can wait): the
+#: client is waiting, and within the plugin's hook timeout.
+SCHEMA = Schema(
+    Key("host", required=True,
+        doc="The downstream server's name or address (a name is resolved by the "
+        "system)."),
+    Key("port", "int", minimum=1, maximum=65535,
+        doc="Default ``25`` (``465`` with ``implicit_tls``)."),
+    Key("tls", "choice", default="opportunistic", choices=client.TLS_POLICIES,
+        doc="``\"opportunistic\"``: ``STARTTLS`` when offered, without checking "
+        "the certificate (plaintext if the handshake fails); ``\"require\"``: "
+        "``STARTTLS`` or ``451``; ``\"verify\"``: ``STARTTLS`` and a certificate "
+        "valid for ``tls_name``; ``\"none\"``: never."),
+    Key("implicit_tls", "bool", default=False, doc="TLS from the first octet (port 465)."),
+    Key("tls_name", doc="The name for SNI and the ``verify`` check; default ``host``."),
+    Key("username",
+        doc="Authenticate as this user (``AUTH PLAIN``, else ``LOGIN``); only over "
+        "TLS unless ``auth_plaintext``."),
+    Key("password", "secret",
+        doc="The password of ``username`` (:ref:`config-secrets`)."),
+    Key("auth_plaintext", "bool", default=False,
+        doc="Send the credentials over a connection that is not encrypted."),
+    Key("helo_name", doc="The name given in ``EHLO``; default the server's ``hostname``."),
+    Key("source_address", doc="The local address to connect from."),
+    Key("check_rcpt", "bool", default=True,
+        doc="Ask the downstream about each recipient at ``RCPT``. With ``false`` "
+        "another plugin (``recipients``) must accept the recipients, and the "
+        "downstream is asked about them after the message."),
+    Key("connect_timeout", "duration", default=10.0, minimum=0.001,
+        doc="How long to wait for the connection to the downstream server."),
+    Key("command_timeout", "duration", default=30.0, minimum=0.001,
+        doc="Each downstream reply, and sending each chunk of the message."),
+    Key("data_end_timeout", "duration", default=50.0, minimum=0.001,
+        doc="The downstream's reply after the final dot."),
+    together=[("username", "password")],
+)  # fmt: skip
+KEYS = tuple(SCHEMA.names)
+#: The keys :func:`.._client.client_settings` reads.
+_CLIENT_KEYS = (
     "tls",
     "implicit_tls",
     "tls_name",
@@ -43,10 +80,6 @@ KEYS = (
     "auth_plaintext",
     "helo_name",
     "source_address",
-    "check_rcpt",
-    "connect_timeout",
-    "command_timeout",
-    "data_end_timeout",
 )
 
 #: Replies longer than this (per line, and in lines) are cut before they
@@ -56,17 +89,6 @@ MAX_LINES = 10
 
 _UNAVAILABLE = "Downstream server unavailable, try again later"
 _SETUP = (Stage.CONNECT, Stage.GREETING, Stage.EHLO, Stage.STARTTLS, Stage.AUTH)
-
-
-def _seconds(table: Mapping[str, Any], key: str, default: float) -> float:
-    value = table.get(key, default)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not 0 < value < float("inf")
-    ):
-        raise ValueError(f"{key}: expected a positive number of seconds, got {describe(value)}")
-    return float(value)
 
 
 def _safe_text(reply: Reply, default: str) -> list[str]:
@@ -155,42 +177,23 @@ class ForwardPlugin:
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
         """Validate ``[plugins.forward]``; refuse a second delivery plugin."""
-        table = as_table(config)
-        check_keys(table, KEYS)
-        host = table.get("host")
-        if not isinstance(host, str) or not host.strip():
-            raise ValueError(
-                f"host: required, the downstream server's name or address, got {describe(host)}"
-            )
-        implicit = table.get("implicit_tls", False)
-        if not isinstance(implicit, bool):
-            raise ValueError(f"implicit_tls: expected true or false, got {describe(implicit)}")
-        if table.get("username") is not None and table.get("password") is None:
-            raise ValueError("password: required with username")
-        if table.get("password") is not None and table.get("username") is None:
-            raise ValueError("username: required with password")
-        tls = table.get("tls", "opportunistic")
-        if tls not in client.TLS_POLICIES:
-            raise ValueError(
-                f"tls: expected one of {', '.join(client.TLS_POLICIES)}, got {describe(tls)}"
-            )
-        # Shorter than a queue's (RFC 5321's are for a client that can
-        # wait): the client is waiting, and within the plugin's hook timeout.
+        values = SCHEMA.parse(config, app)
         timeouts: dict[str, Any] = {
-            "connect_timeout": _seconds(table, "connect_timeout", 10.0),
-            "data_end_timeout": _seconds(table, "data_end_timeout", 50.0),
+            "connect_timeout": float(values["connect_timeout"]),
+            "data_end_timeout": float(values["data_end_timeout"]),
         }
-        command = _seconds(table, "command_timeout", 30.0)
+        command = float(values["command_timeout"])
         for step in ("greeting", "helo", "starttls", "auth", "mail", "rcpt", "data", "rset"):
             timeouts[f"{step}_timeout"] = command
         timeouts["data_block_timeout"] = command
         timeouts["quit_timeout"] = min(command, 10.0)
-        self.check_rcpt = get_bool(table, "check_rcpt", True)
-        self.port = get_port(table, "", 465 if implicit else 25)
-        self.host = host.strip()
+        self.check_rcpt = values["check_rcpt"]
+        self.port = values["port"] or (465 if values["implicit_tls"] else 25)
+        self.host = values["host"].strip()
+        given = {k: values[k] for k in _CLIENT_KEYS if values[k] is not None}
         # A downstream that is this server (a gateway forwarding to itself)
         # is refused as a loop: 451 4.4.6, not a message going round.
-        self.settings = client_settings(table, app, "", loops=True, **timeouts)
+        self.settings = client_settings(given, app, "", loops=True, **timeouts)
         _only_delivery_plugin(app, self)
 
     # ------------------------------------------------------------- lifecycle

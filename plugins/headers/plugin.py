@@ -8,13 +8,13 @@ from collections.abc import Awaitable, Mapping
 from typing import Any
 
 from bonzo.hookspecs import hookimpl
+from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session, safe_text
 
-from .._config import as_table, check_keys, describe, get_bool, get_str_list
+from .._config import describe
 
 __all__ = ["HeadersPlugin", "sanitize"]
 
-KEYS = ("add", "remove", "trace")
 PLACEHOLDERS = ("session_id", "message_id", "remote_ip", "helo")
 TRACE_HEADER = ("X-Bonzo-Plugin", "headers")
 #: RFC 5322 2.1.1: a line is at most 998 characters, CRLF excluded.
@@ -32,18 +32,20 @@ def sanitize(text: str | None, limit: int = 255) -> str:
 
 
 def _check_name(name: Any, where: str) -> str:
+    """``name`` if it is a header name; else :class:`ValueError` (``where``
+    is the message's start: ``: `` or ``.X-Name: ``)."""
     if not isinstance(name, str) or not name:
-        raise ValueError(f"{where}: expected a header name, got {describe(name)}")
+        raise ValueError(f"{where}expected a header name, got {describe(name)}")
     if not all(33 <= ord(c) <= 126 and c != ":" for c in name) or len(name) > 76:
         raise ValueError(
-            f"{where}: {describe(name)} is not a valid header name "
+            f"{where}{describe(name)} is not a valid header name "
             "(printable ASCII without ':' or spaces, at most 76 characters)"
         )
     return name
 
 
 def _check_template(name: str, value: Any) -> str:
-    where = f"add.{name}"
+    where = f".{name}"
     if not isinstance(value, str):
         raise ValueError(f"{where}: expected a string, got {describe(value)}")
     if not all(c == "\t" or 32 <= ord(c) <= 126 for c in value):
@@ -70,6 +72,43 @@ def _check_template(name: str, value: Any) -> str:
     return value
 
 
+def _adds(table: dict[str, Any]) -> dict[str, str]:
+    """The ``add`` table checked: header names and templates."""
+    for name, value in table.items():
+        clean = isinstance(name, str) and name.isascii() and name.isprintable()
+        _check_name(name, f".{name}: " if clean else f".{name!r}: ")
+        _check_template(name, value)
+    return table
+
+
+def _removes(names: list[str]) -> list[str]:
+    """The ``remove`` list checked: header names, never a trace header."""
+    for name in names:
+        _check_name(name, "")
+        if name.lower() in PROTECTED:
+            raise ValueError(
+                f"{name} headers are trace headers and must not be removed (RFC 5321 4.4)"
+            )
+    return names
+
+
+#: The ``[plugins.headers]`` table (:mod:`bonzo.schema`).
+SCHEMA = Schema(
+    Key("add", "table", default={}, convert=_adds,
+        doc="Header name → value, added in this order. Names are printable ASCII "
+        "without spaces or ``:`` (at most 76 characters); values are printable "
+        "ASCII on one line (no CR, LF or other control characters) and may use "
+        "the placeholders ``{session_id}``, ``{message_id}``, ``{remote_ip}`` "
+        "and ``{helo}`` (and no others); the header line may be at most 998 "
+        "characters."),
+    Key("remove", "strings", default=[], convert=_removes,
+        doc="Names of the headers to remove (not ``Received``)."),
+    Key("trace", "bool", default=False,
+        doc="Also add ``X-Bonzo-Plugin: headers``, to show that the plugin ran."),
+)  # fmt: skip
+KEYS = tuple(SCHEMA.names)
+
+
 class HeadersPlugin:
     """Removes, then adds, the configured headers on every message."""
 
@@ -81,25 +120,10 @@ class HeadersPlugin:
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
         """Validate the ``[plugins.headers]`` table."""
-        table = as_table(config)
-        check_keys(table, KEYS)
-        add = table.get("add", {})
-        if not isinstance(add, Mapping):
-            raise ValueError(f"add: expected a table of name = value, got {describe(add)}")
-        pairs = []
-        for name, value in add.items():
-            clean = isinstance(name, str) and name.isascii() and name.isprintable()
-            _check_name(name, f"add.{name}" if clean else f"add.{name!r}")
-            pairs.append((name, _check_template(name, value)))
-        remove = [_check_name(n, "remove") for n in get_str_list(table, "remove")]
-        for name in remove:
-            if name.lower() in PROTECTED:
-                raise ValueError(
-                    f"remove: {name} headers are trace headers and must not be removed "
-                    "(RFC 5321 4.4)"
-                )
-        trace = get_bool(table, "trace", False)
-        self.add, self.remove, self.trace = pairs, remove, trace
+        values = SCHEMA.parse(config, app)
+        self.add = list(values["add"].items())
+        self.remove = list(values["remove"])
+        self.trace = values["trace"]
 
     def render(self, name: str, template: str, session: Session, envelope: Envelope) -> str:
         """The value of header ``name``: ``template`` with its placeholders filled."""

@@ -28,7 +28,8 @@ SCHEMA = Schema(
         "choice",
         default="info",
         choices=tuple(LEVELS),
-        doc="The level of the line logged for each accepted message.",
+        doc="The level of the line (any case). The line is written only if the "
+        "logging configuration lets that level through.",
     ),
 )
 KEYS = tuple(SCHEMA.names)

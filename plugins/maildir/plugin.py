@@ -30,23 +30,15 @@ from typing import Any
 from bonzo.address import Address
 from bonzo.errors import TransientError
 from bonzo.hookspecs import Accept, hookimpl
+from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 
-from .._config import (
-    as_table,
-    check_keys,
-    describe,
-    envelope_recipients,
-    get_bool,
-    get_str,
-    resolve_path,
-)
+from .._config import envelope_recipients
 
 __all__ = ["MaildirPlugin", "DeliveryAborted", "maildir_component", "parse_tmp_name"]
 
 log = logging.getLogger("bonzo.plugins.maildir")
 
-KEYS = ("path", "per_recipient", "create", "mode", "quarantine", "envelope_headers")
 SUBDIRS = ("tmp", "new", "cur")
 DEFAULT_MODE = 0o600
 #: Errors that mean "no space": the client gets 452 4.3.1 (RFC 3463).
@@ -94,23 +86,75 @@ def maildir_component(text: str, *, domain: bool = False) -> str:
     return result
 
 
-def _parse_mode(value: Any) -> int:
-    if isinstance(value, str) and value.strip():
-        try:
-            value = int(value.strip().removeprefix("0o"), 8)
-        except ValueError:
-            raise ValueError(
-                f"mode: expected an octal string such as '0640', got {value!r}"
-            ) from None
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"mode: expected an integer such as 0o640, got {describe(value)}")
+def _octal(value: str) -> int:
+    """An octal string (``"0640"``, ``"0o640"``) as an integer."""
+    try:
+        return int(value.strip().removeprefix("0o"), 8)
+    except ValueError:
+        raise ValueError(f"mode: expected an octal string such as '0640', got {value!r}") from None
+
+
+def _mode_bits(value: int) -> int:
+    """The ``mode`` key's checks (a ``convert=``: the message does not name the key)."""
     if not 0 <= value <= 0o777:
-        raise ValueError(f"mode: expected permission bits (0o000 to 0o777), got {oct(value)}")
+        raise ValueError(f"expected permission bits (0o000 to 0o777), got {oct(value)}")
     if value & 0o600 != 0o600:
-        raise ValueError(f"mode: the owner must be able to read and write, got {oct(value)}")
+        raise ValueError(f"the owner must be able to read and write, got {oct(value)}")
     if value & 0o002:
-        raise ValueError(f"mode: message files must not be world-writable, got {oct(value)}")
+        raise ValueError(f"message files must not be world-writable, got {oct(value)}")
     return value
+
+
+def _with_octal_mode(config: Any) -> Any:
+    """``config`` with a ``mode`` given as an octal string made an integer,
+    so that the schema checks one form."""
+    if isinstance(config, Mapping) and isinstance(config.get("mode"), str):
+        return {**config, "mode": _octal(config["mode"])}
+    return config
+
+
+#: The ``[plugins.maildir]`` table (:mod:`bonzo.schema`).
+SCHEMA = Schema(
+    Key("path", "path", default="Maildir",
+        doc="The catch-all maildir, or the root of the per-recipient folders "
+        "(the current directory is the base when Bonzo is embedded). A path "
+        "that exists and is not a directory is an error."),
+    Key("per_recipient", "bool", default=False,
+        doc="``false``: every message goes to the one maildir at ``path``. "
+        "``true``: one copy per recipient, in ``<path>/<domain>/<local part>/``."),
+    Key("create", "bool", default=True,
+        doc="Create missing folders (``path`` and its parents, and the ``tmp``, "
+        "``new`` and ``cur`` of each maildir) at startup and when a delivery "
+        "needs them; each new directory is made durable (its parent is "
+        "``fsync``'d). With ``false``, ``path`` must exist when the "
+        "configuration is loaded (and be a maildir, in catch-all mode), and a "
+        "recipient whose folder is missing gets ``451 4.3.0``."),
+    Key("envelope_headers", "bool", default=True,
+        doc="Write the envelope at the top of each stored copy, as a local "
+        "delivery agent does (RFC 5321 4.4): ``Return-Path: <sender>`` and, in "
+        "a copy that is one recipient's (always with ``per_recipient``), "
+        "``Delivered-To: <recipient>``. A copy shared by several recipients "
+        "(catch-all mode) gets no ``Delivered-To:``: it would show each of them "
+        "the others, Bcc recipients included. These headers are not part of "
+        "what the client sent; ``false`` stores exactly that."),
+    Key("quarantine", "path",
+        doc="A maildir for messages a filter quarantined "
+        "(:class:`bonzo.Quarantine`): with it, this plugin owns "
+        ":func:`~bonzo.hookspecs.bonzo_quarantine` and stores each such message "
+        "there — one copy, whatever its recipients, durably, with an "
+        "``X-Bonzo-Quarantine: <plugin>: <reason>`` header on top — instead of "
+        "delivering it. Created at startup; it must differ from ``path``. "
+        "Without it, a quarantined message gets ``451 4.3.0`` unless another "
+        "plugin keeps it."),
+    Key("mode", "int", default="0600", convert=_mode_bits,
+        doc="Permissions of the message files (set exactly, whatever the umask): "
+        "an integer (``0o640`` in TOML) or an octal string (``\"0640\"``). "
+        "Directories the plugin creates get the same bits plus search "
+        "permission wherever reading is allowed (``0o600`` gives ``0o700``, "
+        "``0o640`` gives ``0o750``). The owner must be able to read and write; "
+        "world-writable modes are refused."),
+)  # fmt: skip
+KEYS = tuple(SCHEMA.names)
 
 
 def envelope_lead(sender: str, recipients: Sequence[str]) -> bytes:
@@ -225,15 +269,13 @@ class MaildirPlugin:
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
         """Validate the ``[plugins.maildir]`` table."""
-        table = as_table(config)
-        check_keys(table, KEYS)
-        raw = get_str(table, "path", "Maildir")
-        if "\0" in raw:
-            raise ValueError("path: must not contain a NUL character")
-        path = resolve_path(raw, app)
-        per_recipient = get_bool(table, "per_recipient", False)
-        create = get_bool(table, "create", True)
-        mode = _parse_mode(table.get("mode", DEFAULT_MODE))
+        values = SCHEMA.parse(_with_octal_mode(config), app)
+        path: Path = values["path"]
+        per_recipient = values["per_recipient"]
+        create = values["create"]
+        mode = values["mode"]
+        if isinstance(mode, str):  # the declared default, not converted
+            mode = _octal(mode)
         if path.exists() and not path.is_dir():
             raise ValueError(f"path: {path} exists and is not a directory")
         if not create:
@@ -245,12 +287,8 @@ class MaildirPlugin:
                     raise ValueError(
                         f"path: {path} is not a maildir (no {', '.join(missing)}; create = false)"
                     )
-        quarantine = None
-        if "quarantine" in table:
-            raw = get_str(table, "quarantine", "")
-            if not raw or "\0" in raw:
-                raise ValueError("quarantine: expected the path of a maildir")
-            quarantine = resolve_path(raw, app)
+        quarantine: Path | None = values["quarantine"]
+        if quarantine is not None:
             if quarantine.exists() and not quarantine.is_dir():
                 raise ValueError(f"quarantine: {quarantine} exists and is not a directory")
             if quarantine == path:
@@ -260,7 +298,7 @@ class MaildirPlugin:
         self.create = create
         self.mode = mode
         self.quarantine = quarantine
-        self.envelope_headers = get_bool(table, "envelope_headers", True)
+        self.envelope_headers = values["envelope_headers"]
 
     @hookimpl
     def bonzo_startup(self) -> None:

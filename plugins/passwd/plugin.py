@@ -33,7 +33,13 @@ log = logging.getLogger("bonzo.plugins.passwd")
 
 #: The ``[plugins.passwd]`` table (:mod:`bonzo.schema`).
 SCHEMA = Schema(
-    Key("file", "path", required=True, doc="The password file (``bonzo adduser`` writes it)."),
+    Key(
+        "file",
+        "path",
+        required=True,
+        doc="The password file (``bonzo adduser`` writes it). It must exist and "
+        "parse when the server starts.",
+    ),
 )
 KEYS = tuple(SCHEMA.names)
 

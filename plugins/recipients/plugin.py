@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -11,32 +10,22 @@ from typing import Any
 from bonzo.address import Address, canonical_local
 from bonzo.errors import PermanentError
 from bonzo.hookspecs import Accept, hookimpl
+from bonzo.schema import Key, Schema
 from bonzo.session import Session
 
 from .._config import (
     IPNetwork,
-    as_table,
-    check_keys,
     config_domain,
     describe,
-    get_bool,
-    get_str,
-    get_str_list,
+    domain_name,
+    domain_names,
     in_networks,
-    parse_network,
-    resolve_path,
 )
 
 __all__ = ["RecipientsPlugin"]
 
 log = logging.getLogger("bonzo.plugins.recipients")
 
-KEYS = ("domains", "addresses", "file", "relay_networks", "relay_authenticated")
-
-#: A canonical domain is lower-case ASCII (internationalised labels as A-labels).
-_LABEL = r"[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?"
-_DOMAIN = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}")
-_LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]")
 #: Characters that route mail onwards from a local part: the percent hack
 #: (user%host@relay), bang paths (host!user@relay) and a second @.
 _ROUTING = frozenset("%!@")
@@ -50,28 +39,58 @@ def _routed(local: str) -> bool:
     return not local.isascii() and any(c in _ROUTING for c in unicodedata.normalize("NFKC", local))
 
 
-def _check_domain(domain: str, where: str) -> str:
-    """A configured domain in canonical form (:func:`bonzo.address.canonical_domain`),
-    or raise ValueError naming ``where``."""
-    try:
-        norm = config_domain(domain)
-    except ValueError:
-        norm = ""
-    if not (_DOMAIN.fullmatch(norm) or _LITERAL.fullmatch(norm)) or len(norm) > 255:
-        raise ValueError(f"{where}: {describe(domain)} is not a valid domain")
-    return norm
-
-
-def _check_address(address: str, where: str) -> tuple[str, str]:
+def _address(address: str) -> tuple[str, str]:
     """Split a configured address into (canonical local part, lower-cased;
-    canonical domain)."""
+    canonical domain); the :class:`ValueError` does not name the key."""
     at = address.rfind("@")
     local = address[:at]
     if at <= 0 or not local or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in local):
-        raise ValueError(f"{where}: {describe(address)} is not a valid address")
+        raise ValueError(f"{describe(address)} is not a valid address")
     if len(local.encode("utf-8")) > 64:
-        raise ValueError(f"{where}: {describe(address)} has a local part over 64 octets")
-    return canonical_local(local).lower(), _check_domain(address[at + 1 :], where)
+        raise ValueError(f"{describe(address)} has a local part over 64 octets")
+    return canonical_local(local).lower(), domain_name(address[at + 1 :])
+
+
+def _addresses(addresses: list[str]) -> list[tuple[str, str]]:
+    """The ``addresses`` key: full addresses only, split by :func:`_address`."""
+    split = []
+    for address in addresses:
+        if "@" not in address:
+            raise ValueError(f"{describe(address)} is not a full address")
+        split.append(_address(address))
+    return split
+
+
+#: The ``[plugins.recipients]`` table (:mod:`bonzo.schema`).
+SCHEMA = Schema(
+    Key("domains", "strings", default=[], convert=domain_names,
+        doc="Local domains (a domain name, or an address literal such as "
+        "``\"[192.0.2.1]\"``): any user there is accepted."),
+    Key("addresses", "strings", default=[], convert=_addresses,
+        doc="Full addresses (``user@domain``). Their domains are local and accept "
+        "only the listed users (and ``postmaster``), even when also listed in "
+        "``domains``."),
+    Key("file", "path",
+        doc="A text file read when the configuration is loaded: one address or "
+        "domain per line; a line whose first word starts with ``#`` is a "
+        "comment, a word starting with ``#`` after the entry starts a comment, "
+        "blank lines are ignored. Its entries add to ``domains`` and "
+        "``addresses``. A relative path is relative to the configuration file's "
+        "directory (the current directory when Bonzo is embedded). A missing or "
+        "unreadable file, or a bad line, is a configuration error naming the "
+        "line. Reload (``bonzo reload``, ``SIGHUP``) or restart Bonzo to read a "
+        "changed file."),
+    Key("relay_networks", "networks", default=[],
+        doc="Client networks that may relay, in CIDR notation, IPv4 or IPv6 "
+        "(``\"192.0.2.0/24\"``, ``\"2001:db8::/32\"``); a bare address means "
+        "that host only. Host bits must be zero. A client connecting over IPv6 "
+        "with an IPv4-mapped address (``::ffff:192.0.2.1``) matches the IPv4 "
+        "network. A network of every address (``0.0.0.0/0``, ``::/0``) makes an "
+        "open relay; it is accepted with a warning in the log."),
+    Key("relay_authenticated", "bool", default=True,
+        doc="Whether an authenticated session (AUTH) may relay."),
+)  # fmt: skip
+KEYS = tuple(SCHEMA.names)
 
 
 class RecipientsPlugin:
@@ -97,33 +116,24 @@ class RecipientsPlugin:
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
         """Validate the ``[plugins.recipients]`` table and load the lists."""
-        table = as_table(config)
-        check_keys(table, KEYS)
-        domains: set[str] = set()
+        values = SCHEMA.parse(config, app)
+        domains: set[str] = set(values["domains"])
         users: dict[str, set[str]] = {}
-
-        def add(entry: str, where: str) -> None:
-            if "@" in entry:
-                local, domain = _check_address(entry, where)
-                users.setdefault(domain, set()).add(local)
-            elif entry.lower() != "postmaster":  # always accepted anyway
-                domains.add(_check_domain(entry, where))
-
-        for domain in get_str_list(table, "domains"):
-            domains.add(_check_domain(domain, "domains"))
-        for address in get_str_list(table, "addresses"):
-            if "@" not in address:
-                raise ValueError(f"addresses: {describe(address)} is not a full address")
-            add(address, "addresses")
-        if "file" in table:
-            name = get_str(table, "file", "")
-            path = resolve_path(name, app)
+        for local, domain in values["addresses"]:
+            users.setdefault(domain, set()).add(local)
+        path = values["file"]
+        if path is not None:
             for lineno, entry in _read_list(path):
-                add(entry, f"file: {path}: line {lineno}")
-        networks = [
-            parse_network(n, "relay_networks") for n in get_str_list(table, "relay_networks")
-        ]
-        relay_authenticated = get_bool(table, "relay_authenticated", True)
+                try:
+                    if "@" in entry:
+                        local, domain = _address(entry)
+                        users.setdefault(domain, set()).add(local)
+                    elif entry.lower() != "postmaster":  # always accepted anyway
+                        domains.add(domain_name(entry))
+                except ValueError as exc:
+                    raise ValueError(f"file: {path}: line {lineno}: {exc}") from None
+        networks: list[IPNetwork] = values["relay_networks"]
+        relay_authenticated = values["relay_authenticated"]
         for net in networks:
             if net.prefixlen == 0:
                 log.warning("recipients: relay_networks %s lets every client relay", net)

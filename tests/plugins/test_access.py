@@ -252,16 +252,16 @@ def test_denial_is_logged_without_breaking_the_line(caplog):
         ({"rule": []}, r"^rule: unknown key"),
         ({"rules": {}}, r"^rules: expected an array of tables"),
         ({"rules": [5]}, r"^rules\[0\]: expected a table"),
-        ({"rules": [{"stage": "mail", "action": "deny"}]}, r"^rules\[0\]\.match: missing"),
-        ({"rules": [{"match": "*", "action": "deny"}]}, r"^rules\[0\]\.stage: missing"),
-        ({"rules": [{"stage": "mail", "match": "*"}]}, r"^rules\[0\]\.action: missing"),
+        ({"rules": [{"stage": "mail", "action": "deny"}]}, r"^rules\[0\]\.match: required$"),
+        ({"rules": [{"match": "*", "action": "deny"}]}, r"^rules\[0\]\.stage: required$"),
+        ({"rules": [{"stage": "mail", "match": "*"}]}, r"^rules\[0\]\.action: required$"),
         (
             {"rules": [{"stage": "data", "match": "*", "action": "deny"}]},
-            r"^rules\[0\]\.stage: expected one of connect, helo, mail, rcpt",
+            r"^rules\[0\]\.stage: expected one of 'connect', 'helo', 'mail', 'rcpt', got 'data'$",
         ),
         (
             {"rules": [{"stage": "mail", "match": "*", "action": "reject"}]},
-            r"^rules\[0\]\.action: expected allow or deny",
+            r"^rules\[0\]\.action: expected one of 'allow', 'deny', got 'reject'$",
         ),
         (
             {"rules": [{"stage": "mail", "match": "*", "action": "deny", "replay": "x"}]},
@@ -269,7 +269,7 @@ def test_denial_is_logged_without_breaking_the_line(caplog):
         ),
         (
             {"rules": [{"stage": "mail", "match": 5, "action": "deny"}]},
-            r"^rules\[0\]\.match: expected a string or a non-empty list",
+            r"^rules\[0\]\.match: expected a list of non-empty strings, got 5$",
         ),
         (
             {"rules": [{"stage": "mail", "match": [], "action": "deny"}]},
@@ -277,7 +277,11 @@ def test_denial_is_logged_without_breaking_the_line(caplog):
         ),
         (
             {"rules": [{"stage": "mail", "match": "", "action": "deny"}]},
-            r"^rules\[0\]\.match: empty pattern",
+            r"^rules\[0\]\.match: expected a list of non-empty strings, got \[''\]$",
+        ),
+        (
+            {"rules": [{"stage": "mail", "match": ["<>", ""], "action": "deny"}]},
+            r"^rules\[0\]\.match: expected a list of non-empty strings",
         ),
         (
             {"rules": [{"stage": "connect", "match": "*.example", "action": "deny"}]},
@@ -309,14 +313,14 @@ def test_denial_is_logged_without_breaking_the_line(caplog):
         ),
         (
             {"rules": [{"stage": "helo", "match": "x", "action": "deny", "reply": 550}]},
-            r"^rules\[0\]\.reply: expected a string",
+            r"^rules\[0\]\.reply: expected a non-empty string, got 550$",
         ),
         (
             {"rules": [{"stage": "helo", "match": "x", "action": "deny", "reply": "550 a\nb"}]},
             r"^rules\[0\]\.reply: the text must not contain control characters",
         ),
         ({"default_reply": "250 fine"}, r"^default_reply: the code must be 4xx or 5xx"),
-        ({"default_reply": 554}, r"^default_reply: expected a string"),
+        ({"default_reply": 554}, r"^default_reply: expected a non-empty string, got 554$"),
         ({"default_reply": "554 5.7.1.1 x"}, r"^default_reply: .* is not a reply"),
     ],
 )

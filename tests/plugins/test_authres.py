@@ -112,12 +112,6 @@ def test_bad_configuration(table, text):
         configured(**table)
 
 
-def test_readme_documents_every_key():
-    text = README.read_text("utf-8")
-    for key in KEYS:
-        assert re.search(rf"^\s*``{key}``\n\s+\*", text, re.M), key
-
-
 def test_the_example_configuration_shows_every_key():
     assert example_keys("authres") == set(KEYS)
 

@@ -3,7 +3,6 @@ its enforcement; the DNS stub serves the records."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -191,12 +190,6 @@ def test_no_single_author_and_dns_off_and_authenticated(zone):
 def test_bad_configuration(table, text):
     with pytest.raises(ValueError, match=text):
         configured(None, **table)
-
-
-def test_readme_documents_every_key():
-    text = README.read_text("utf-8")
-    for key in KEYS:
-        assert re.search(rf"^\s*``{key}``\n\s+\*", text, re.M), key
 
 
 def test_the_example_configuration_shows_every_key():

