@@ -102,6 +102,7 @@ ON_SCHEMA = [
     "dkim",
     "dmarc",
     "log",
+    "milter",
     "passwd",
     "spf",
 ]
