@@ -100,6 +100,7 @@ def test_documentation_comes_from_the_declaration():
 ON_SCHEMA = [
     "authres",
     "dkim",
+    "dkim_sign",
     "dmarc",
     "log",
     "milter",
