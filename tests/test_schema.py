@@ -105,6 +105,7 @@ ON_SCHEMA = [
     "log",
     "milter",
     "passwd",
+    "queue",
     "spf",
 ]
 #: Plugins on bonzo.schema whose README keys are not generated yet.
