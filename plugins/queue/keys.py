@@ -18,7 +18,16 @@ from bonzo.schema import Key, Schema
 
 from .._config import describe
 
-__all__ = ["Value", "ByType", "mode", "positive", "under_ten_years", "TEN_YEARS", "label"]
+__all__ = [
+    "Value",
+    "ByType",
+    "type_key",
+    "mode",
+    "positive",
+    "under_ten_years",
+    "TEN_YEARS",
+    "label",
+]
 
 #: The longest duration the queue takes (a typo guard).
 TEN_YEARS = 10 * 365 * 86400
