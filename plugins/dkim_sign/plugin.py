@@ -17,43 +17,21 @@ import logging
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from bonzo.errors import TransientError
 from bonzo.hookspecs import hookimpl
+from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 
-from .._config import (
-    IPNetwork,
-    as_table,
-    check_keys,
-    config_domain,
-    describe,
-    get_bool,
-    get_str,
-    get_str_list,
-    in_networks,
-    parse_network,
-    resolve_path,
-)
+from .._config import IPNetwork, config_domain, describe, in_networks
 from .keys import GOOD_RSA_BITS, KeyFileError, load_key, zone_line
 from .signer import MessageSigner, Outcome, Signer
 
 __all__ = ["DkimSignPlugin", "DEFAULT_HEADERS", "DEFAULT_OVERSIGN", "NEVER_SIGNED"]
 
 log = logging.getLogger("bonzo.plugins.dkim_sign")
-
-KEYS = (
-    "domains",
-    "sign",
-    "networks",
-    "headers",
-    "oversign",
-    "canonicalization",
-    "expire",
-    "on_error",
-)
-DOMAIN_KEYS = ("selector", "key", "identity", "subdomains")
 
 #: Signed when present (RFC 6376 5.4.1's list, with Message-ID and the MIME
 #: fields): what a reader sees and what makes the message what it is.
@@ -119,26 +97,35 @@ _HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")
 _IDENTITY_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/?^_`{|}~.-]{0,64}")
 
 
-def _header_names(table: Mapping[str, Any], key: str, default: tuple[str, ...]) -> list[str]:
-    names = get_str_list(table, key) if key in table else list(default)
+def _header_names(names: list[str]) -> list[str]:
+    """Field names checked, each once (the first spelling kept)."""
     seen: set[str] = set()
     out = []
     for name in names:
         if not _HEADER_NAME.fullmatch(name):
             raise ValueError(
-                f"{key}: {describe(name)} is not a header field name (printable ASCII "
+                f"{describe(name)} is not a header field name (printable ASCII "
                 "without ':' or spaces, at most 76 characters)"
             )
         lower = name.lower()
         if lower in NEVER_SIGNED:
             raise ValueError(
-                f"{key}: {name} must not be signed (trace fields change in transit, "
+                f"{name} must not be signed (trace fields change in transit, "
                 "Bcc: is removed, and one signature does not cover another)"
             )
         if lower not in seen:
             seen.add(lower)
             out.append(name)
     return out
+
+
+def _canonicalization(value: str) -> str:
+    lower = value.lower()
+    if lower not in CANONICALIZATIONS:
+        raise ValueError(
+            f"expected one of {', '.join(CANONICALIZATIONS)} (header/body), got {describe(value)}"
+        )
+    return lower
 
 
 def _domain_name(name: Any) -> str:
@@ -186,10 +173,7 @@ def _identity(value: Any, where: str, domain: str) -> str:
     return f"{local}@{host}"
 
 
-def _load(value: Any, where: str, app: Any) -> Any:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}.key: required, the path of the private key file")
-    path = resolve_path(value, app)
+def _load(path: Path, where: str) -> Any:
     try:
         key = load_key(path)
     except KeyFileError as exc:
@@ -215,32 +199,132 @@ def _load(value: Any, where: str, app: Any) -> Any:
     return key
 
 
-def _signatures(name: str, entry: Any, app: Any) -> tuple[str, bool, list[Signer]]:
-    domain = _domain_name(name)
-    where = f'domains."{name}"'
-    entries = entry if isinstance(entry, list) else [entry]
-    if not entries:
-        raise ValueError(f"{where}: an empty list (give a selector and a key)")
-    subdomains: bool | None = None
-    signers = []
-    for i, item in enumerate(entries):
-        at = f"{where}[{i}]" if isinstance(entry, list) else where
-        if not isinstance(item, Mapping):
-            raise ValueError(f"{at}: expected a table with selector and key, got {describe(item)}")
-        check_keys(item, DOMAIN_KEYS, at)
-        sub = get_bool(item, "subdomains", False) if "subdomains" in item else None
-        if sub is not None:
-            if subdomains is not None and sub != subdomains:
-                raise ValueError(f"{at}.subdomains: differs from the domain's other signatures")
-            subdomains = sub
-        selector = _selector(item.get("selector"), at, domain)
-        key = _load(item.get("key"), at, app)
-        identity = _identity(item.get("identity"), at, domain)
-        signers.append(Signer(domain, selector, key, identity))
-    selectors = [s.selector for s in signers]
-    if len(set(selectors)) != len(selectors):
-        raise ValueError(f"{where}: the same selector twice")
-    return domain, bool(subdomains), signers
+#: Each signature of a domain (``[plugins.dkim_sign.domains."example.org"]``).
+SIGNATURE = Schema(
+    Key("selector", required=True,
+        doc="The selector (DNS labels of letters, digits and hyphens, such as "
+        '``"s1"`` or ``"2026-01"``).'),
+    Key("key", "path", required=True,
+        doc="The private key file (PEM: RSA, or Ed25519 also in dkimpy's form)."),
+    Key("identity", default="",
+        doc='The ``i=`` tag, such as ``"@mail.example.org"`` or '
+        '``"alerts@example.org"``: an address (the local part may be empty) in '
+        "the signing domain or a subdomain of it. Empty: no ``i=`` (it then "
+        "means ``@`` the domain). Receivers rarely look at it."),
+    Key("subdomains", "bool",
+        doc="Also sign messages from subdomains of the domain (``From: "
+        "x@eu.example.org`` with ``example.org``'s key), which DMARC's relaxed "
+        "alignment accepts; default ``false``. A subdomain with an entry of its "
+        "own uses that one. With several signatures, giving it in one is "
+        "enough; where given twice, it must not differ."),
+)  # fmt: skip
+
+
+class _DomainsKey(Key):
+    """``domains``: a table of domains, each a signature table or an array of
+    them — a shape no kind of :mod:`bonzo.schema` has, so parsed here. A
+    domain's entries are checked together (one ``subdomains``, distinct
+    selectors); the key files are read in ``bonzo_configure``."""
+
+    @property
+    def type_text(self) -> str:
+        return "table of domains, each a table with the keys below or an array of such tables"
+
+    def parse(self, value: Any, base_dir: Path | None) -> Any:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"domains: expected a table of domains, got {describe(value)}")
+        domains: dict[str, dict[str, Any]] = {}
+        for name, entry in value.items():
+            domain = _domain_name(name)
+            where = f'domains."{name}"'
+            entries = entry if isinstance(entry, list) else [entry]
+            if not entries:
+                raise ValueError(f"{where}: an empty list (give a selector and a key)")
+            subdomains: bool | None = None
+            signatures = []
+            for i, item in enumerate(entries):
+                at = f"{where}[{i}]" if isinstance(entry, list) else where
+                if not isinstance(item, Mapping):
+                    raise ValueError(
+                        f"{at}: expected a table with selector and key, got {describe(item)}"
+                    )
+                if item.get("identity") == "":  # the default, said out loud
+                    item = {k: v for k, v in item.items() if k != "identity"}
+                try:
+                    values = SIGNATURE.parse(item, base_dir=base_dir)
+                except ValueError as exc:
+                    raise ValueError(f"{at}.{exc}") from None
+                sub = values.pop("subdomains")
+                if sub is not None:
+                    if subdomains is not None and sub != subdomains:
+                        raise ValueError(
+                            f"{at}.subdomains: differs from the domain's other signatures"
+                        )
+                    subdomains = sub
+                values["selector"] = _selector(values["selector"], at, domain)
+                values["identity"] = _identity(values["identity"], at, domain)
+                values["where"] = at  # for the key file's errors
+                signatures.append(values)
+            selectors = [v["selector"] for v in signatures]
+            if len(set(selectors)) != len(selectors):
+                raise ValueError(f"{where}: the same selector twice")
+            if domain in domains:
+                raise ValueError(f"{where}: the same domain as another entry")
+            domains[domain] = {"subdomains": bool(subdomains), "signatures": signatures}
+        return domains
+
+
+def _expire(seconds: int) -> int:
+    if seconds > MAX_EXPIRE:
+        raise ValueError(f"expected at most {MAX_EXPIRE} seconds (ten years), got {seconds}")
+    return seconds
+
+
+def _from_signed(values: dict[str, Any]) -> None:
+    if "from" not in {h.lower() for h in values["headers"] + values["oversign"]}:
+        raise ValueError("headers: From must be signed (RFC 6376 5.4)")
+
+
+#: The ``[plugins.dkim_sign]`` table (:mod:`bonzo.schema`).
+SCHEMA = Schema(
+    _DomainsKey("domains", "table", default={}, each=SIGNATURE,
+        doc="The signing domains, by name. A domain given as an array of tables "
+        '(``[[plugins.dkim_sign.domains."example.org"]]``) is signed with '
+        "several keys, each adding its own signature. Domains are compared in "
+        "canonical form (case, IDNA). With no domains, nothing is signed (a "
+        "warning is logged at start-up)."),
+    Key("sign", "choice", default="authenticated", choices=SIGN_MODES,
+        doc='Whose messages are signed: ``"authenticated"`` (sessions that '
+        'authenticated, and clients in ``networks``) or ``"all"`` (every '
+        "session; see above)."),
+    Key("networks", "networks", default=[],
+        doc="Client networks (CIDR, or single addresses) whose messages are "
+        "signed as if authenticated."),
+    Key("headers", "strings", default=list(DEFAULT_HEADERS), convert=_header_names,
+        doc="The header fields signed when present (any case). ``From`` must be "
+        "signed (here or in ``oversign``)."),
+    Key("oversign", "strings", default=list(DEFAULT_OVERSIGN), convert=_header_names,
+        doc="The fields signed once more than present, so that none can be "
+        "added; ``[]`` for none."),
+    Key("canonicalization", default="relaxed/relaxed", convert=_canonicalization,
+        doc="Header/body canonicalization: " + ", ".join(f'``"{c}"``' for c in CANONICALIZATIONS)
+        + " (any case). ``relaxed`` survives the changes of white space and line "
+        "folding that relays make; ``simple`` does not."),
+    # No maximum= here: bonzo.schema shows a large bound as 3.1536e+08.
+    Key("expire", "int", default=0, minimum=0, convert=_expire,
+        doc="Seconds a signature is valid for (its ``x=`` tag, ``t=`` plus "
+        f"this), at most {MAX_EXPIRE} (ten years); ``0`` for no ``x=``. Verifiers "
+        "treat an expired signature as none, so leave room for delivery "
+        "retries (days, not hours)."),
+    Key("on_error", "choice", default="defer", choices=ON_ERROR,
+        doc='What to do with a message whose signing failed: ``"defer"`` '
+        '(``451 4.3.0``) or ``"unsigned"`` (pass it on).'),
+    check=_from_signed,
+    notes="A bad domain, selector, identity or header field name, or an unusable "
+    "key file, is a configuration error that names the key.",
+)  # fmt: skip
+KEYS = tuple(SCHEMA.names)
+DOMAIN_KEYS = tuple(SIGNATURE.names)
 
 
 class DkimSignPlugin:
@@ -256,41 +340,17 @@ class DkimSignPlugin:
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
         """Validate ``[plugins.dkim_sign]`` and load every key."""
-        table = as_table(config)
-        check_keys(table, KEYS)
-        domains_table = table.get("domains", {})
-        if not isinstance(domains_table, Mapping):
-            raise ValueError(f"domains: expected a table of domains, got {describe(domains_table)}")
+        values = SCHEMA.parse(config, app)
         domains: dict[str, tuple[bool, list[Signer]]] = {}
-        for name, entry in domains_table.items():
-            domain, subdomains, signers = _signatures(name, entry, app)
-            if domain in domains:
-                raise ValueError(f'domains."{name}": the same domain as another entry')
-            domains[domain] = (subdomains, signers)
-        sign = get_str(table, "sign", "authenticated")
-        if sign not in SIGN_MODES:
-            raise ValueError(f"sign: expected one of {', '.join(SIGN_MODES)}, got {describe(sign)}")
-        networks = [parse_network(n, "networks") for n in get_str_list(table, "networks")]
-        headers = _header_names(table, "headers", DEFAULT_HEADERS)
-        oversign = _header_names(table, "oversign", DEFAULT_OVERSIGN)
-        if "from" not in {h.lower() for h in headers + oversign}:
-            raise ValueError("headers: From must be signed (RFC 6376 5.4)")
-        canonicalization = get_str(table, "canonicalization", "relaxed/relaxed").lower()
-        if canonicalization not in CANONICALIZATIONS:
-            raise ValueError(
-                f"canonicalization: expected one of {', '.join(CANONICALIZATIONS)} "
-                f"(header/body), got {describe(canonicalization)}"
-            )
-        expire = table.get("expire", 0)
-        if isinstance(expire, bool) or not isinstance(expire, int):
-            raise ValueError(f"expire: expected a number of seconds, got {describe(expire)}")
-        if not 0 <= expire <= MAX_EXPIRE:
-            raise ValueError(f"expire: must be 0 (no expiry) to {MAX_EXPIRE} seconds")
-        on_error = get_str(table, "on_error", "defer")
-        if on_error not in ON_ERROR:
-            raise ValueError(
-                f"on_error: expected one of {', '.join(ON_ERROR)}, got {describe(on_error)}"
-            )
+        for domain, entry in values["domains"].items():
+            signers = [
+                Signer(domain, sig["selector"], _load(sig["key"], sig["where"]), sig["identity"])
+                for sig in entry["signatures"]
+            ]
+            domains[domain] = (entry["subdomains"], signers)
+        headers, oversign = values["headers"], values["oversign"]
+        canonicalization, expire = values["canonicalization"], values["expire"]
+        sign, networks, on_error = values["sign"], values["networks"], values["on_error"]
         self.signer = MessageSigner(domains, headers, oversign, canonicalization, expire)
         self.sign_all = sign == "all"
         self.networks = networks

@@ -23,26 +23,15 @@ from bonzo import Discard, Quarantine
 from bonzo import milter as m
 from bonzo.errors import PermanentError, SMTPError, TransientError
 from bonzo.hookspecs import hookimpl
+from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 
-from .._config import as_table, check_keys, describe, get_str
+from .._config import describe
 
 __all__ = ["MilterPlugin", "MilterConfig", "KEYS", "MILTER_KEYS", "reply_error"]
 
 log = logging.getLogger("bonzo.plugins.milter")
 
-KEYS = ("milters",)
-MILTER_KEYS = (
-    "name",
-    "socket",
-    "connect_timeout",
-    "command_timeout",
-    "content_timeout",
-    "default_action",
-    "macros",
-)
-#: ``test_bundle`` checks the README documents these too.
-RULE_KEYS = MILTER_KEYS
 DEFAULT_ACTIONS = ("tempfail", "accept")
 STASH = "milter"
 #: A header field longer than this is cut for the milter (a milter frame
@@ -72,61 +61,83 @@ class MilterConfig:
     macros: dict[str, str] = field(default_factory=dict)
 
 
-def _seconds(table: Mapping[str, Any], key: str, default: float, where: str) -> float:
-    value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
-        raise ValueError(f"{where}.{key}: expected seconds (0 < s <= 3600), got {describe(value)}")
+def _name(value: str) -> str:
+    if not _NAME.fullmatch(value):
+        raise ValueError(f"letters, digits, '_', '.', '-' (got {describe(value)})")
+    return value
+
+
+def _positive(value: float) -> float:
+    # The kind allows 0; a timeout of nothing would fail every milter.
+    if value <= 0:
+        raise ValueError(f"expected seconds (0 < s <= 3600), got {describe(value)}")
     return float(value)
 
 
-def _milter(entry: Any, i: int) -> MilterConfig:
-    where = f"milters[{i}]"
-    if not isinstance(entry, Mapping):
-        raise ValueError(f"{where}: expected a table with name and socket, got {describe(entry)}")
-    check_keys(entry, MILTER_KEYS, where)
-    name = entry.get("name")
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ValueError(
-            f"{where}.name: required, letters, digits, '_', '.', '-' (got {describe(name)})"
-        )
-    raw = entry.get("socket")
-    if not isinstance(raw, str):
-        raise ValueError(f"{where}.socket: required, such as 'inet:8891@127.0.0.1' or 'unix:/path'")
-    try:
-        spec = m.parse_socket(raw)
-    except ValueError as exc:
-        raise ValueError(f"{where}.socket: {exc}") from None
-    try:
-        action = get_str(entry, "default_action", "tempfail")
-    except ValueError as exc:
-        raise ValueError(f"{where}.{exc}") from None
-    if action not in DEFAULT_ACTIONS:
-        raise ValueError(
-            f"{where}.default_action: expected one of {', '.join(DEFAULT_ACTIONS)}, "
-            f"got {describe(action)}"
-        )
-    macros = entry.get("macros", {})
-    if not isinstance(macros, Mapping):
-        raise ValueError(
-            f"{where}.macros: expected a table of macro = value, got {describe(macros)}"
-        )
+def _macros(macros: dict[str, Any]) -> dict[str, str]:
     for key, value in macros.items():
         if not _MACRO.fullmatch(key):
             raise ValueError(
-                f'{where}.macros."{key}": a macro name is one letter or {{name}}, such as '
+                f'."{key}": a macro name is one letter or {{name}}, such as '
                 '"j" or "{daemon_name}"'
             )
         if not isinstance(value, str) or "\0" in value:
-            raise ValueError(f'{where}.macros."{key}": expected a string, got {describe(value)}')
-    return MilterConfig(
-        name,
-        spec,
-        _seconds(entry, "connect_timeout", 10.0, where),
-        _seconds(entry, "command_timeout", 10.0, where),
-        _seconds(entry, "content_timeout", 30.0, where),
-        action,
-        dict(macros),
-    )
+            raise ValueError(f'."{key}": expected a string, got {describe(value)}')
+    return macros
+
+
+def _unique(milters: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    names = [entry["name"] for entry in milters]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ValueError(f"[{i}].name: {name!r} is used twice")
+    return milters
+
+
+def _timeout(name: str, default: float, doc: str) -> Key:
+    return Key(name, "duration", default=default, minimum=0, maximum=3600,
+               convert=_positive, doc=doc)  # fmt: skip
+
+
+#: One ``[[plugins.milter.milters]]`` entry.
+MILTER = Schema(
+    Key("name", required=True, convert=_name,
+        doc="The milter's name in logs and results (letters, digits, ``_``, "
+        "``.``, ``-``; unique)."),
+    Key("socket", required=True, convert=m.parse_socket,
+        doc="Where the milter listens, as Postfix writes it: "
+        '``"inet:PORT@HOST"`` (also ``"inet:HOST:PORT"``), ``"inet6:PORT@HOST"`` '
+        'or ``"unix:/absolute/path"``.'),
+    _timeout("connect_timeout", 10.0,
+             "Seconds to connect and negotiate options (more than 0, at most 3600)."),
+    _timeout("command_timeout", 10.0,
+             "Seconds to wait for the answer to each command before the message "
+             "(connect, HELO, MAIL, RCPT, DATA). More than 0, at most 3600."),
+    _timeout("content_timeout", 30.0,
+             "Seconds to wait for each answer while the message is sent and at "
+             "its end (a ``PROGRESS`` answer starts it again); more than 0, at most "
+             "3600. Keep "
+             "the plugin's hook timeout (``[plugins] timeout``) above the sum "
+             "over the milters."),
+    Key("default_action", "choice", default="tempfail", choices=DEFAULT_ACTIONS,
+        doc="What a fault of this milter does: ``\"tempfail\"`` (``451 4.7.1``) "
+        "or ``\"accept\"`` (go on without it)."),
+    Key("macros", "table", default={}, convert=_macros,
+        doc="More macros to send at connect, by name (a letter or ``{name}``), "
+        'each a string: ``{ "{daemon_name}" = "mx-in", "j" = "mx.example.org" }``; '
+        "they replace Bonzo's values of the same name."),
+)  # fmt: skip
+#: The ``[plugins.milter]`` table (:mod:`bonzo.schema`).
+SCHEMA = Schema(
+    Key("milters", "tables", default=[], schema=MILTER, convert=_unique,
+        doc="The milters, in the order they are asked "
+        "(``[[plugins.milter.milters]]``). With none, nothing is filtered (a "
+        "warning is logged at start-up)."),
+)  # fmt: skip
+KEYS = tuple(SCHEMA.names)
+MILTER_KEYS = tuple(MILTER.names)
+#: ``test_bundle`` checks the README documents these too.
+RULE_KEYS = MILTER_KEYS
 
 
 # ------------------------------------------------------------------ replies
@@ -324,16 +335,12 @@ class MilterPlugin:
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
         """Validate ``[plugins.milter]`` and its ``[[plugins.milter.milters]]``."""
-        table = as_table(config)
-        check_keys(table, KEYS)
-        entries = table.get("milters", [])
-        if not isinstance(entries, list):
-            raise ValueError(f"milters: expected an array of tables, got {describe(entries)}")
-        milters = [_milter(entry, i) for i, entry in enumerate(entries)]
-        names = [c.name for c in milters]
-        for i, name in enumerate(names):
-            if name in names[:i]:
-                raise ValueError(f"milters[{i}].name: {name!r} is used twice")
+        values = SCHEMA.parse(config, app)
+        # A copy of each table of macros: the default ``{}`` is shared.
+        milters = [
+            MilterConfig(**{**entry, "macros": dict(entry["macros"])})
+            for entry in values["milters"]
+        ]
         self.milters = milters
         settings = getattr(app, "settings", None)
         self.hostname = getattr(settings, "hostname", None) or "localhost"

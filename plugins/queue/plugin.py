@@ -21,10 +21,12 @@ from typing import Any
 
 from bonzo.errors import PermanentError, TransientError
 from bonzo.hookspecs import Accept, hookimpl
+from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 
-from .._config import as_table, check_keys, describe, get_str, parse_duration, resolve_path
-from .routes import RouteTable
+from .._config import parse_duration
+from .keys import Value, mode, under_ten_years
+from .routes import DEFAULT_ROUTES, ROUTES, TRANSPORTS, RouteTable, check_routes
 from .runner import Runner, RunnerSettings
 from .spool import GroupSync, Spool
 
@@ -32,52 +34,79 @@ __all__ = ["QueuePlugin", "parse_duration", "KEYS"]
 
 log = logging.getLogger("bonzo.plugins.queue")
 
-KEYS = (
-    "path",
-    "mode",
-    "min_backoff",
-    "max_backoff",
-    "lifetime",
-    "delay_warning",
-    "scan_interval",
-    "max_deliveries",
-    "per_destination",
-    "bounce_size_limit",
-    "delivery_timeout",
-    "max_hops",
-    "routes",
-    "transports",
-    "quarantine",
-)
-
 #: Bounds the ids of queued messages waiting for bonzo_accepted (a message
 #: whose session ended before it is found by the runner's next scan).
 _MAX_UNKICKED = 10_000
 _NO_SPACE = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
 
 
-def _positive_int(table: Mapping[str, Any], key: str, default: int) -> int:
-    value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key}: expected a positive integer, got {describe(value)}")
-    return value
+def _duration(name: str, default: float, doc: str, zero: bool = False) -> Key:
+    return Key(name, "duration", default=default, convert=under_ten_years(zero), doc=doc)
 
 
-def _mode(value: Any) -> int:
-    if isinstance(value, str):
-        try:
-            value = int(value.strip().removeprefix("0o"), 8)
-        except ValueError:
-            raise ValueError(
-                f"mode: expected an octal string such as '0600', got {value!r}"
-            ) from None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
-        raise ValueError(f"mode: expected permission bits such as 0o600, got {describe(value)}")
-    if value & 0o600 != 0o600 or value & 0o002:
+def _check(values: dict[str, Any]) -> None:
+    low, high = values["min_backoff"], values["max_backoff"]
+    if high < low:
+        raise ValueError(f"max_backoff: {high:g}s is less than min_backoff ({low:g}s)")
+    check_routes(values)
+    quarantine = values["quarantine"]
+    if quarantine is not None and quarantine not in values["transports"]:
+        known = ", ".join(sorted(values["transports"])) or "none"
         raise ValueError(
-            f"mode: the owner must read and write, and nobody else write: {oct(value)}"
+            f"quarantine: no transport named {quarantine!r} in [plugins.queue.transports] "
+            f"(known: {known})"
         )
-    return value
+
+
+#: The ``[plugins.queue]`` table (:mod:`bonzo.schema`).
+SCHEMA = Schema(
+    Key("path", "path", default="queue",
+        doc="The queue directory; created with ``tmp/``, ``data/`` and ``state/`` "
+        "at startup."),
+    Value("mode", default="0o600", convert=mode, shown="integer or octal string",
+          doc="Permissions of the queue's files (the owner must read and write "
+          "them; nobody else may write them)."),
+    _duration("min_backoff", 300,
+              "The first wait after a failed attempt, doubled after each further "
+              "one up to ``max_backoff``."),
+    _duration("max_backoff", 4000,
+              "The longest wait between attempts (at least ``min_backoff``)."),
+    _duration("lifetime", 5 * 86400,
+              "How long a message is tried before its undelivered recipients bounce "
+              "(5 days)."),
+    _duration("delay_warning", 0,
+              "After how long a message still not delivered gets one delay notice; "
+              "``0``: none.", zero=True),
+    _duration("scan_interval", 30,
+              "How often each runner looks through the whole queue (a message "
+              "accepted by a worker is tried at once regardless)."),
+    Key("max_deliveries", "int", default=20, minimum=1,
+        doc="Deliveries one runner makes at once."),
+    Key("per_destination", "int", default=5, minimum=1,
+        doc="Deliveries one runner makes at once to one destination."),
+    Key("bounce_size_limit", "int", default=50_000, minimum=1,
+        doc="The largest original message (octets) a report carries whole; larger "
+        "ones are returned as their header section."),
+    _duration("delivery_timeout", 600,
+              "The longest one delivery may take before its recipients are deferred."),
+    Key("max_hops", "int", default=100, minimum=1,
+        doc="``Received:`` headers a message may carry before it is refused as a "
+        "loop (``554 5.4.6``)."),
+    ROUTES,
+    TRANSPORTS,
+    Key("quarantine",
+        doc="The name of a transport of ``transports`` for messages a filter "
+        "quarantined (:class:`bonzo.Quarantine`): with it, this plugin owns "
+        ":func:`~bonzo.hookspecs.bonzo_quarantine` and queues each such message "
+        "for that transport alone (a ``maildir`` the operator reads, an ``lmtp`` "
+        "mailbox, a ``smarthost`` for review), with an ``X-Bonzo-Quarantine: "
+        "<plugin>: <reason>`` header on top, instead of routing it to its "
+        "recipients."),
+    check=_check,
+    notes="Durations are seconds, or a string with a unit, and under ten years; "
+    "all but ``delay_warning`` more than 0.",
+)  # fmt: skip
+KEYS = tuple(SCHEMA.names)
 
 
 class QueuePlugin:
@@ -103,47 +132,31 @@ class QueuePlugin:
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
         """Validate ``[plugins.queue]`` and build the routes."""
-        table = as_table(config)
-        check_keys(table, KEYS)
-        raw = get_str(table, "path", "queue")
-        if "\0" in raw:
-            raise ValueError("path: must not contain a NUL character")
-        path = resolve_path(raw, app)
+        values = SCHEMA.parse(config, app)
+        path = values["path"]
         if path.exists() and not path.is_dir():
             raise ValueError(f"path: {path} exists and is not a directory")
+        # float(): a default is taken as declared (an int) where a given
+        # duration is a float.
         settings = RunnerSettings(
             hostname=getattr(getattr(app, "settings", None), "hostname", None) or "localhost",
-            min_backoff=parse_duration(table.get("min_backoff", 300), "min_backoff"),
-            max_backoff=parse_duration(table.get("max_backoff", 4000), "max_backoff"),
-            lifetime=parse_duration(table.get("lifetime", "5d"), "lifetime"),
-            delay_warning=parse_duration(table.get("delay_warning", 0), "delay_warning", zero=True),
-            scan_interval=parse_duration(table.get("scan_interval", 30), "scan_interval"),
-            max_deliveries=_positive_int(table, "max_deliveries", 20),
-            per_destination=_positive_int(table, "per_destination", 5),
-            bounce_size_limit=_positive_int(table, "bounce_size_limit", 50_000),
-            delivery_timeout=parse_duration(table.get("delivery_timeout", 600), "delivery_timeout"),
+            min_backoff=float(values["min_backoff"]),
+            max_backoff=float(values["max_backoff"]),
+            lifetime=float(values["lifetime"]),
+            delay_warning=float(values["delay_warning"]),
+            scan_interval=float(values["scan_interval"]),
+            max_deliveries=values["max_deliveries"],
+            per_destination=values["per_destination"],
+            bounce_size_limit=values["bounce_size_limit"],
+            delivery_timeout=float(values["delivery_timeout"]),
         )
-        if settings.max_backoff < settings.min_backoff:
-            raise ValueError(
-                f"max_backoff: {settings.max_backoff:g}s is less than min_backoff "
-                f"({settings.min_backoff:g}s)"
-            )
-        self.max_hops = _positive_int(table, "max_hops", 100)
-        quarantine = table.get("quarantine")
-        if quarantine is not None and (not isinstance(quarantine, str) or not quarantine):
-            raise ValueError("quarantine: expected the name of a transport")
-        # Without a routes table, everything goes out by MX, as an MTA's
-        # default transport does (and defers, saying so, until [dns] is set).
-        routes = table.get("routes", {"*": {"type": "mx"}})
-        self.routes = RouteTable(routes, table.get("transports", {}), app)
-        if quarantine is not None and quarantine not in self.routes.named:
-            known = ", ".join(sorted(self.routes.named)) or "none"
-            raise ValueError(
-                f"quarantine: no transport named {quarantine!r} in [plugins.queue.transports] "
-                f"(known: {known})"
-            )
-        self.quarantine: str | None = quarantine
-        self.spool = Spool(path, _mode(table.get("mode", 0o600)))
+        self.max_hops = values["max_hops"]
+        routes = values["routes"]
+        if routes is None:
+            routes = ROUTES.parse(DEFAULT_ROUTES, None)
+        self.routes = RouteTable.parsed(routes, values["transports"], app)
+        self.quarantine = values["quarantine"]
+        self.spool = Spool(path, mode(values["mode"]))
         self.settings = settings
         self._app = app
 

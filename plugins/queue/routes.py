@@ -23,10 +23,13 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .._config import as_table, check_keys, config_domain, describe, get_str
+from bonzo.schema import Key, Schema
+
+from .._config import config_domain
+from .keys import ByType, Value, label, mode, type_key
 from .outcome import Outcome, Transport
 from .spool import QueuedMessage, Recipient
-from .transports import LMTPTransport, MXTransport, SmarthostTransport
+from .transports import LMTP, MX, SMARTHOST, LMTPTransport, MXTransport, SmarthostTransport
 
 __all__ = [
     "Outcome",
@@ -35,6 +38,10 @@ __all__ = [
     "MaildirTransport",
     "DiscardTransport",
     "ROUTE_TYPES",
+    "ROUTES",
+    "TRANSPORTS",
+    "DEFAULT_ROUTES",
+    "ROUTING",
 ]
 
 
@@ -64,15 +71,17 @@ class MaildirTransport:
     kind = "maildir"
     final = True
 
-    def __init__(self, table: Mapping[str, Any], app: Any, where: str) -> None:
+    def __init__(self, values: Mapping[str, Any], app: Any, where: str) -> None:
         from ..maildir import MaildirPlugin
 
-        check_keys(table, ("type", "path", "per_recipient", "mode", "envelope_headers"), where)
+        table = {k: v for k, v in values.items() if k != "type"}
+        table["path"] = str(table["path"])  # absolute already
         writer = MaildirPlugin()
         try:
-            writer.bonzo_configure({k: v for k, v in table.items() if k != "type"}, app)
+            # The maildir plugin checks the file system (path, not a file).
+            writer.bonzo_configure(table, app)
         except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
+            raise ValueError(f"{where}.{exc}") from None
         self.writer = writer
 
     def start(self) -> None:
@@ -120,27 +129,94 @@ class MaildirTransport:
         return None
 
 
-#: Route types and what they take.
-ROUTE_TYPES = ("mx", "smarthost", "lmtp", "maildir", "discard")
+#: The keys of a ``maildir`` route or transport (passed on to the
+#: ``maildir`` plugin's writer, which checks them again).
+MAILDIR = Schema(
+    type_key("maildir"),
+    Key("path", "path", default="Maildir",
+        doc="The catch-all maildir, or the root of the per-recipient folders."),
+    Key("per_recipient", "bool", default=False,
+        doc="One copy per recipient, in ``<path>/<domain>/<local part>/``."),
+    Value("mode", default="0o600", convert=mode, shown="integer or octal string",
+          doc="Permissions of the message files (the owner must read and write "
+          "them; nobody else may write them)."),
+    Key("envelope_headers", "bool", default=True,
+        doc="Write ``Return-Path:`` (and ``Delivered-To:`` in a copy that is one "
+        "recipient's) at the top of each stored copy."),
+)  # fmt: skip
+#: The keys of a ``discard`` route or transport.
+DISCARD = Schema(type_key("discard"))
+
+_TYPES = (
+    Key("mx", "table", schema=MX,
+        doc='``type = "mx"``: to the Internet, to each recipient domain\'s mail '
+        "hosts found in DNS."),
+    Key("smarthost", "table", schema=SMARTHOST,
+        doc='``type = "smarthost"``: everything to one relay.'),
+    Key("lmtp", "table", schema=LMTP,
+        doc='``type = "lmtp"``: final delivery to a mailbox server: ``host`` '
+        "(and ``port``) or ``path``, not both."),
+    Key("maildir", "table", schema=MAILDIR,
+        doc='``type = "maildir"``: local delivery, as the ``maildir`` plugin '
+        "(its keys of the same names)."),
+    Key("discard", "table", schema=DISCARD,
+        doc='``type = "discard"``: nowhere (tests and benchmarks).'),
+)  # fmt: skip
+#: Route types.
+ROUTE_TYPES = tuple(k.name for k in _TYPES)
+#: Without a routes table, everything goes out by MX, as an MTA's default
+#: transport does (and defers, saying so, until [dns] is set).
+DEFAULT_ROUTES: dict[str, Any] = {"*": {"type": "mx"}}
+
+#: ``[plugins.queue.routes]``.
+ROUTES = ByType("routes", "table", types=_TYPES, names=True, document=False,
+    # No default= here: bonzo.schema would show it as {* = ...}, and not parse it.
+    shown="table of domain patterns, each a transport table or the name of a transport",
+    doc='Default ``{ "*" = { type = "mx" } }``. Recipient domain → its route: an '
+    'exact domain (``"example.org"``), its '
+    'subdomains (``"*.example.org"``) or everything else (``"*"``); the most '
+    "specific pattern wins. A route is a table with a ``type`` and the keys of "
+    "that type (as in ``transports``), or the name of one of ``transports``. "
+    "Without a ``routes`` table every recipient goes by MX (which needs "
+    "``[dns]``; until it is set, deliveries are deferred with a message saying "
+    "so). A ``routes`` table replaces that default entirely: list ``\"*\"`` in "
+    "it to keep a default.")  # fmt: skip
+#: ``[plugins.queue.transports]``.
+TRANSPORTS = ByType("transports", "table", default={}, types=_TYPES,
+    shown="table of named tables, each with a ``type`` and the keys of that type below",
+    doc="Transports by name, for routes that share one, for ``quarantine``, "
+    "and for plugins that choose one (:func:`~bonzo.hookspecs.bonzo_route`).")  # fmt: skip
 
 
-def _transport(table: Any, app: Any, where: str) -> Any:
-    table = as_table(table)
-    kind = get_str(table, "type", "")
+def check_routes(values: Mapping[str, Any]) -> None:
+    """Every route's pattern is a domain pattern, and every route given by
+    name names a transport (a :class:`Schema` check)."""
+    for pattern, route in (values["routes"] or {}).items():
+        if pattern != "*":
+            _domain(pattern.removeprefix("*."), f"routes.{label(pattern)}")
+        if isinstance(route, str) and route not in values["transports"]:
+            known = ", ".join(sorted(values["transports"])) or "none"
+            raise ValueError(
+                f"routes.{label(pattern)}: no transport named {route!r} in "
+                f"[plugins.queue.transports] (known: {known})"
+            )
+
+
+#: The two tables, for :class:`RouteTable` built from raw tables.
+ROUTING = Schema(ROUTES, TRANSPORTS, check=check_routes)
+
+
+def _transport(values: Mapping[str, Any], app: Any, where: str) -> Any:
+    kind = values["type"]
     if kind == "maildir":
-        return MaildirTransport(table, app, where)
+        return MaildirTransport(values, app, where)
     if kind == "discard":
-        check_keys(table, ("type",), where)
         return DiscardTransport()
     if kind == "smarthost":
-        return SmarthostTransport(table, app, where)
+        return SmarthostTransport(values, app, where)
     if kind == "lmtp":
-        return LMTPTransport(table, app, where)
-    if kind == "mx":
-        return MXTransport(table, app, where)
-    raise ValueError(
-        f"{where}.type: expected one of {', '.join(ROUTE_TYPES)}, got {describe(kind)}"
-    )
+        return LMTPTransport(values, app, where)
+    return MXTransport(values, app, where)
 
 
 class RouteTable:
@@ -153,26 +229,34 @@ class RouteTable:
     """
 
     def __init__(self, routes: Mapping[str, Any], transports: Mapping[str, Any], app: Any) -> None:
+        values = ROUTING.parse({"routes": routes, "transports": transports}, app)
+        self._build(values["routes"], values["transports"], app)
+
+    @classmethod
+    def parsed(
+        cls, routes: Mapping[str, Any], transports: Mapping[str, Any], app: Any
+    ) -> RouteTable:
+        """The table of ``routes`` and ``transports`` as :data:`ROUTES` and
+        :data:`TRANSPORTS` parsed them (see :data:`ROUTING`)."""
+        table = cls.__new__(cls)
+        table._build(routes, transports, app)
+        return table
+
+    def _build(self, routes: Mapping[str, Any], transports: Mapping[str, Any], app: Any) -> None:
         #: Transports by name (``transports`` keys).
         self.named: dict[str, Any] = {}
         self.exact: dict[str, Any] = {}
         self.suffixes: list[tuple[str, Any]] = []
         self.default: Any = None
         self.transports: list[Any] = []
-        for name, table in as_table(transports).items():
-            transport = _transport(table, app, f"transports.{name}")
+        for name, values in transports.items():
+            transport = _transport(values, app, f"transports.{label(name)}")
             self.named[name] = transport
             self.transports.append(transport)
-        for pattern, value in as_table(routes).items():
-            where = f"routes.{pattern}"
+        for pattern, value in routes.items():
+            where = f"routes.{label(pattern)}"
             if isinstance(value, str):
-                if value not in self.named:
-                    known = ", ".join(sorted(self.named)) or "none"
-                    raise ValueError(
-                        f"{where}: no transport named {value!r} in [plugins.queue.transports] "
-                        f"(known: {known})"
-                    )
-                transport = self.named[value]
+                transport = self.named[value]  # checked by check_routes
             else:
                 transport = _transport(value, app, where)
                 self.transports.append(transport)

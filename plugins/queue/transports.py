@@ -17,20 +17,159 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bonzo import client
-from bonzo.client import ClientConnection, ClientError, ClientSettings, DeliveryResult
+from bonzo.client import (
+    TLS_POLICIES,
+    ClientConnection,
+    ClientError,
+    ClientSettings,
+    DeliveryResult,
+)
 from bonzo.dns import DNSError
+from bonzo.schema import Key, Schema
 
 from .._client import client_settings as _settings
-from .._client import get_port as _port
-from .._config import check_keys, config_domain, describe
+from .._config import config_domain, describe
+from .keys import positive, type_key
 from .outcome import Outcome
 from .spool import QueuedMessage, Recipient
 
-__all__ = ["ConnectionPool", "SmarthostTransport", "LMTPTransport", "MXTransport"]
+__all__ = [
+    "ConnectionPool",
+    "SmarthostTransport",
+    "LMTPTransport",
+    "MXTransport",
+    "SMARTHOST",
+    "LMTP",
+    "MX",
+]
 
 log = logging.getLogger("bonzo.plugins.queue")
 
 _STATUS = {"delivered": "delivered", "refused": "failed", "deferred": "deferred"}
+
+
+# ------------------------------------------------------------- declarations
+def _word(value: str) -> str:
+    # What an EHLO name or a TLS server name may be (bonzo.client's rule).
+    if not value.isascii() or not value.isprintable() or " " in value:
+        raise ValueError(f"expected printable ASCII without spaces, got {describe(value)}")
+    return value
+
+
+def _policies(table: dict[str, Any]) -> dict[str, str]:
+    """``tls_policies``: canonical domain -> a TLS policy."""
+    out = {}
+    for domain, policy in table.items():
+        where = f'."{domain}"'
+        if policy not in TLS_POLICIES:
+            raise ValueError(
+                f"{where}: expected one of {', '.join(TLS_POLICIES)}, got {describe(policy)}"
+            )
+        try:
+            out[config_domain(domain)] = policy
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    return out
+
+
+def _port(default: int | None, doc: str) -> Key:
+    return Key("port", "int", default=default, minimum=1, maximum=65535, doc=doc)
+
+
+_TLS_TEXT = (
+    '``"opportunistic"``: STARTTLS when offered, the certificate not checked (a '
+    'failed handshake is tried again once without TLS); ``"require"``: STARTTLS '
+    'or defer, the certificate not checked; ``"verify"``: STARTTLS and a '
+    'certificate valid for the server\'s name, or defer; ``"none"``: never '
+    "STARTTLS."
+)
+TLS = Key("tls", "choice", default="opportunistic", choices=TLS_POLICIES,
+          doc=f"The TLS policy: {_TLS_TEXT}")  # fmt: skip
+HELO_NAME = Key("helo_name", convert=_word,
+                doc="The name given in ``EHLO`` (default: ``[server] hostname``). A "
+                "server that greets with this name or the hostname is this server: "
+                "a loop, deferred (``451 4.4.6``).")  # fmt: skip
+LHLO_NAME = Key(
+    "helo_name", convert=_word, doc="The name given in ``LHLO`` (default: ``[server] hostname``)."
+)
+SOURCE_ADDRESS = Key("source_address",
+                     doc="The local IP address to connect from (default: the system's "
+                     "choice).")  # fmt: skip
+CONNECT_TIMEOUT = Key("connect_timeout", "duration", default=30.0, convert=positive,
+                      doc="Seconds to open a connection.")  # fmt: skip
+DATA_END_TIMEOUT = Key("data_end_timeout", "duration", default=600.0, convert=positive,
+                       doc="Seconds to wait for the reply to the final dot (for "
+                       "each recipient's reply, over LMTP).")  # fmt: skip
+IDLE_TIMEOUT = Key("idle_timeout", "duration", default=30.0, minimum=0,
+                   doc="Seconds a connection is kept open for the next message to the "
+                   "same destination (``0``: not kept).")  # fmt: skip
+
+#: The keys of an ``mx`` route or transport.
+MX = Schema(
+    type_key("mx"),
+    _port(25, "The port of the mail hosts."),
+    TLS,
+    Key("tls_policies", "table", default={}, convert=_policies,
+        doc="The TLS policy for some recipient domains, replacing ``tls``: "
+        'domain = policy, e.g. ``{ "bank.example" = "verify" }``.'),
+    HELO_NAME,
+    SOURCE_ADDRESS,
+    CONNECT_TIMEOUT,
+    DATA_END_TIMEOUT,
+    IDLE_TIMEOUT,
+)  # fmt: skip
+
+#: The keys of a ``smarthost`` route or transport.
+SMARTHOST = Schema(
+    type_key("smarthost"),
+    Key("host", required=True, doc="The relay's name or address."),
+    _port(None, "The relay's port (default ``25``, or ``465`` with ``implicit_tls``)."),
+    TLS,
+    Key("implicit_tls", "bool", default=False,
+        doc="TLS from the first byte (port 465, RFC 8314) instead of STARTTLS."),
+    Key("tls_name", convert=_word,
+        doc="The name the relay's certificate must show, and sent in SNI "
+        "(default: ``host``)."),
+    Key("username", doc="Authenticate (``AUTH PLAIN``, else ``LOGIN``) as this user."),
+    Key("password", "secret",
+        doc='The password of ``username``: ``{ "$env" = "NAME" }`` or '
+        '``{ "$file" = "/path" }`` keeps it out of the file.'),
+    Key("auth_plaintext", "bool", default=False,
+        doc="Authenticate even over a connection that is not encrypted (by "
+        "default such a delivery is deferred rather than expose the password)."),
+    HELO_NAME,
+    SOURCE_ADDRESS,
+    CONNECT_TIMEOUT,
+    DATA_END_TIMEOUT,
+    IDLE_TIMEOUT,
+    together=[("username", "password")],
+)  # fmt: skip
+
+
+def _host_or_path(values: dict[str, Any]) -> None:
+    if values["host"] is None and values["path"] is None:
+        raise ValueError("host: give host (and port) or path")
+
+
+#: The keys of an ``lmtp`` route or transport.
+LMTP = Schema(
+    type_key("lmtp"),
+    Key("host", doc="The LMTP server's name or address."),
+    _port(24, "Its port."),
+    Key("path", "path", doc="Or the path of its Unix socket."),
+    LHLO_NAME,
+    CONNECT_TIMEOUT,
+    DATA_END_TIMEOUT,
+    IDLE_TIMEOUT,
+    exclusive=[("host", "path")],
+    check=_host_or_path,
+)  # fmt: skip
+
+
+def _client_keys(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The given client settings of a parsed transport table, for
+    :func:`~bonzo_plugins._client.client_settings` (which reads what is there)."""
+    return {k: v for k, v in values.items() if v is not None}
 
 
 class ConnectionPool:
@@ -163,23 +302,14 @@ class SmarthostTransport(_Pooled):
     kind = "smarthost"
     final = False
 
-    KEYS = (
-        "type", "host", "port", "tls", "implicit_tls", "tls_name", "username", "password",
-        "auth_plaintext", "helo_name", "source_address", "connect_timeout", "data_end_timeout",
-        "idle_timeout",
-    )  # fmt: skip
+    KEYS = tuple(SMARTHOST.names)
 
-    def __init__(self, table: Mapping[str, Any], app: Any, where: str) -> None:
-        check_keys(table, self.KEYS, where)
-        host = table.get("host")
-        if not isinstance(host, str) or not host:
-            raise ValueError(f"{where}.host: required, the relay's name or address")
-        self.host = host
-        implicit = table.get("implicit_tls", False)
-        self.port = _port(table, where, 465 if implicit is True else 25)
-        if table.get("username") is not None and table.get("password") is None:
-            raise ValueError(f"{where}.password: required with username")
-        super().__init__(_settings(table, app, where, loops=True), _idle(table, where))
+    def __init__(self, values: Mapping[str, Any], app: Any, where: str) -> None:
+        self.host: str = values["host"]
+        port = values["port"]
+        self.port: int = port if port is not None else 465 if values["implicit_tls"] else 25
+        settings = _settings(_client_keys(values), app, where, loops=True)
+        super().__init__(settings, values["idle_timeout"])
 
     def destination(self, recipient: Recipient) -> str:
         return f"{self.host}:{self.port}"
@@ -201,31 +331,16 @@ class LMTPTransport(_Pooled):
     kind = "lmtp"
     final = True
 
-    KEYS = ("type", "host", "port", "path", "helo_name", "connect_timeout",
-            "data_end_timeout", "idle_timeout")  # fmt: skip
+    KEYS = tuple(LMTP.names)
 
-    def __init__(self, table: Mapping[str, Any], app: Any, where: str) -> None:
-        check_keys(table, self.KEYS, where)
-        path = table.get("path")
-        host = table.get("host")
-        if (path is None) == (host is None):
-            raise ValueError(f"{where}: give host (and port) or path, not both or neither")
-        if path is not None:
-            if not isinstance(path, str) or not path:
-                raise ValueError(f"{where}.path: expected a socket path, got {describe(path)}")
-            base = getattr(app, "base_dir", None)
-            self.path: str | None = str(base / path) if base is not None else path
-            self.server = f"unix:{self.path}"
-            self.host: str | None = None
-            self.port = 0
-        else:
-            if not isinstance(host, str) or not host:
-                raise ValueError(f"{where}.host: expected a name or address, got {describe(host)}")
-            self.path = None
-            self.host = host
-            self.port = _port(table, where, 24)
-            self.server = f"{host}:{self.port}"
-        super().__init__(_settings(table, app, where, tls_policy="none"), _idle(table, where))
+    def __init__(self, values: Mapping[str, Any], app: Any, where: str) -> None:
+        path = values["path"]
+        self.path: str | None = str(path) if path is not None else None
+        self.host: str | None = None if path is not None else values["host"]
+        self.port: int = 0 if path is not None else values["port"]
+        self.server = f"unix:{self.path}" if path is not None else f"{self.host}:{self.port}"
+        settings = _settings(_client_keys(values), app, where, tls_policy="none")
+        super().__init__(settings, values["idle_timeout"])
 
     def destination(self, recipient: Recipient) -> str:
         return self.server
@@ -250,24 +365,17 @@ class MXTransport(_Pooled):
     kind = "mx"
     final = False
 
-    KEYS = ("type", "port", "tls", "tls_policies", "helo_name", "source_address",
-            "connect_timeout", "data_end_timeout", "idle_timeout")  # fmt: skip
+    KEYS = tuple(MX.names)
 
-    def __init__(self, table: Mapping[str, Any], app: Any, where: str) -> None:
-        check_keys(table, self.KEYS, where)
+    def __init__(self, values: Mapping[str, Any], app: Any, where: str) -> None:
         self.resolver = getattr(app, "dns", None)
-        self.port = _port(table, where, 25)
-        base = _settings(table, app, where, loops=True)
-        policies = table.get("tls_policies", {})
-        if not isinstance(policies, Mapping):
-            raise ValueError(f"{where}.tls_policies: expected a table of domain = policy")
-        self.policies: dict[str, ClientSettings] = {}
-        for domain, policy in policies.items():
-            try:
-                self.policies[config_domain(domain)] = base.replace(tls_policy=policy)
-            except ValueError as exc:
-                raise ValueError(f"{where}.tls_policies.{domain}: {exc}") from None
-        super().__init__(base, _idle(table, where))
+        self.port: int = values["port"]
+        base = _settings(_client_keys(values), app, where, loops=True)
+        self.policies: dict[str, ClientSettings] = {
+            domain: base.replace(tls_policy=policy)
+            for domain, policy in values["tls_policies"].items()
+        }
+        super().__init__(base, values["idle_timeout"])
 
     def destination(self, recipient: Recipient) -> str:
         return recipient.domain
@@ -333,10 +441,3 @@ def _deferred(
     rcpts: Sequence[client.Recipient], code: int, enhanced: str, text: str
 ) -> list[Outcome]:
     return [Outcome.deferred(code, enhanced, text, "dns") for _ in rcpts]
-
-
-def _idle(table: Mapping[str, Any], where: str) -> float:
-    value = table.get("idle_timeout", 30)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"{where}.idle_timeout: expected seconds, got {describe(value)}")
-    return float(value)

@@ -701,16 +701,37 @@ def test_a_looping_message_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("table", "message"),
     [
-        ({"bogus": 1}, "bogus"),
-        ({"lifetime": "forever"}, "lifetime: expected a duration"),
-        ({"lifetime": 0}, "lifetime: expected a positive duration"),
+        ({"bogus": 1}, r"^bogus: unknown key \(known: path, mode, "),
+        ({"lifetime": "forever"}, r"^lifetime: expected a duration"),
+        ({"lifetime": 0}, r"^lifetime: expected a positive duration"),
+        ({"lifetime": "3650d"}, r"^lifetime: expected a positive duration under ten years"),
+        ({"delay_warning": -1}, r"^delay_warning: expected a positive duration"),
         ({"min_backoff": 600, "max_backoff": 300}, "max_backoff: 300s is less than min_backoff"),
-        ({"max_deliveries": 0}, "max_deliveries: expected a positive integer"),
-        ({"mode": "0644x"}, "mode: expected an octal string"),
-        ({"mode": 0o666}, "nobody else write"),
-        ({"routes": {"*": {"type": "pigeon"}}}, "routes.*.type: expected one of"),
-        ({"routes": {"*": "nope"}}, "routes.*: no transport named 'nope'"),
-        ({"routes": {"*": {"type": "maildir", "path": "m", "colour": 1}}}, "colour"),
+        ({"max_deliveries": 0}, r"^max_deliveries: expected an integer >= 1, got 0$"),
+        ({"mode": "0644x"}, r"^mode: expected an octal string"),
+        ({"mode": 0o666}, r"^mode: the owner must read and write, and nobody else write"),
+        ({"path": ""}, r"^path: expected a path"),
+        ({"routes": {"*": {"type": "pigeon"}}}, r'^routes\."\*"\.type: expected one of mx, '),
+        ({"routes": {"*": {"port": 25}}}, r'^routes\."\*"\.type: required \(one of mx, '),
+        ({"routes": {"*": "nope"}}, r'^routes\."\*": no transport named \'nope\''),
+        ({"routes": {"*": 3}}, r'^routes\."\*": expected a table with a type or a transport'),
+        (
+            {"routes": {"*": {"type": "maildir", "path": "m", "colour": 1}}},
+            r'^routes\."\*"\.colour: unknown key',
+        ),
+        (
+            {"transports": {"relay": {"type": "smarthost", "host": "h", "port": 0}}},
+            r"^transports\.relay\.port: expected an integer >= 1, got 0$",
+        ),
+        (
+            {"transports": {"relay": {"type": "mx", "helo_name": "a b"}}},
+            r"^transports\.relay\.helo_name: expected printable ASCII without spaces",
+        ),
+        (
+            {"transports": {"in": {"type": "lmtp", "path": "s", "colour": 1}}},
+            r"^transports\.in\.colour: unknown key \(known: type, host, port, path, ",
+        ),
+        ({"transports": {"t": {"type": "discard"}}, "quarantine": ""}, r"^quarantine: expected"),
     ],
 )
 def test_bad_configuration_names_the_key(tmp_path, table, message):

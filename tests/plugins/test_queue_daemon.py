@@ -235,7 +235,9 @@ def test_bad_queue_configuration_stops_the_daemon_with_one_line(tmp_path):
     assert (
         result.stderr.strip()
         .splitlines()[-1]
-        .endswith("min_backoff: expected a duration such as 300 or '5m', got 'soon'")
+        .endswith(
+            """min_backoff: expected a duration such as 30, "30s", "5m", "4h" or "5d", got 'soon'"""
+        )
     )
 
 

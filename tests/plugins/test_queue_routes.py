@@ -214,16 +214,51 @@ def test_mx_route_with_dns_off_defers(tmp_path):
 @pytest.mark.parametrize(
     ("route", "message"),
     [
-        ({"type": "smarthost"}, "host: required"),
-        ({"type": "smarthost", "host": "h", "port": 0}, "port: expected an integer"),
-        ({"type": "smarthost", "host": "h", "tls": "maybe"}, "tls_policy"),
-        ({"type": "smarthost", "host": "h", "username": "u"}, "password: required"),
-        ({"type": "lmtp"}, "give host (and port) or path"),
-        ({"type": "lmtp", "host": "h", "path": "/p"}, "give host (and port) or path"),
-        ({"type": "mx", "tls_policies": {"x.test": "sometimes"}}, "tls_policies.x.test"),
-        ({"type": "mx", "colour": "blue"}, "colour"),
+        ({"type": "smarthost"}, 'routes."*".host: required'),
+        ({"type": "smarthost", "host": "h", "port": 0}, 'routes."*".port: expected an integer'),
+        ({"type": "smarthost", "host": "h", "tls": "maybe"}, 'routes."*".tls: expected one of'),
+        ({"type": "smarthost", "host": "h", "username": "u"}, "password: required with username"),
+        ({"type": "smarthost", "host": "h", "password": "p"}, "username: required with password"),
+        ({"type": "smarthost", "host": "h", "idle_timeout": -1}, "idle_timeout: expected a"),
+        ({"type": "lmtp"}, 'routes."*".host: give host (and port) or path'),
+        ({"type": "lmtp", "host": "h", "path": "/p"}, "path: give host or path, not host and"),
+        ({"type": "mx", "tls_policies": {"x.test": "sometimes"}}, 'tls_policies."x.test": '),
+        ({"type": "mx", "connect_timeout": 0}, "connect_timeout: expected a positive duration"),
+        ({"type": "mx", "colour": "blue"}, 'routes."*".colour: unknown key'),
     ],
 )
 def test_bad_route_names_the_key(tmp_path, route, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         RouteTable({"*": route}, {}, App(tmp_path))
+
+
+def test_routes_and_transports_are_parsed_by_their_type(tmp_path):
+    table = RouteTable(
+        {
+            "*.Example.ORG": "relay",
+            "example.net": {"type": "lmtp", "path": "lmtp.sock"},
+            "bank.example": {
+                "type": "mx",
+                "tls_policies": {"BANK.example": "verify"},
+                "connect_timeout": "1m",
+            },
+            "*": {"type": "maildir", "path": "mail", "mode": "0640"},
+        },
+        {"relay": {"type": "smarthost", "host": "h", "implicit_tls": True}},
+        App(tmp_path),
+    )
+    relay = table.named["relay"]
+    assert table.suffixes == [(".example.org", relay)]
+    assert relay.port == 465 and relay.settings.implicit_tls and relay.pool.idle_timeout == 30.0
+    lmtp = table.exact["example.net"]
+    assert lmtp.path == str(tmp_path / "lmtp.sock")  # relative to the configuration
+    mx = table.exact["bank.example"]
+    assert mx.port == 25 and mx.settings.connect_timeout == 60.0
+    assert mx.policies["bank.example"].tls_policy == "verify"
+    assert table.default.writer.path == tmp_path / "mail" and table.default.writer.mode == 0o640
+
+
+def test_a_maildir_transport_names_its_key_on_a_file_system_problem(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"^transports\.store\.path: .* is not a directory$"):
+        RouteTable({}, {"store": {"type": "maildir", "path": "file"}}, App(tmp_path))
