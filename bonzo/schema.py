@@ -70,6 +70,11 @@ def _join(name: str, message: str) -> str:
     return f"{name}{message}" if message.startswith(("[", ".")) else f"{name}: {message}"
 
 
+def _bound(number: float) -> str:
+    """A bound as people write it: ``1``, ``0.5``, ``315360000`` (never ``3.2e+08``)."""
+    return str(int(number)) if float(number).is_integer() else repr(float(number))
+
+
 def _describe(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -95,7 +100,9 @@ class Key:
         tables, each checked by ``schema``; gives a list of dicts).
     :arg default: the value when the key is absent (not checked, so it may
         be ``None``); without one the key is optional and absent means
-        ``None``, unless ``required``.
+        ``None``, unless ``required``. A ``path``, ``duration`` or ``size``
+        default may be written as in the file (``"5d"``, ``"25M"``): it is
+        converted.
     :arg required: the key must be given.
     :arg minimum, maximum: bounds of an ``int``, ``float``, ``duration``
         or ``size``.
@@ -107,6 +114,13 @@ class Key:
         a reply, a header name; it returns the value to use or raises
         :class:`ValueError`, whose message is shown after the key's name.
     :arg doc: the documentation: one or more sentences, reStructuredText.
+
+    A shape no kind describes (a value that may be a table or an array of
+    tables, tables whose keys depend on their ``type``) is declared with a
+    subclass that overrides :meth:`parse` (raising :class:`ValueError`
+    that starts with the key's name) and :attr:`type_text` (and
+    :attr:`sub_schema` to document nested keys), as the bundled ``queue``
+    and ``dkim_sign`` plugins do.
     """
 
     name: str
@@ -263,9 +277,13 @@ class Key:
             number = value if kind in ("int", "size") else float(value)
         what = {"int": "an integer", "size": "a size"}.get(kind, "a number")
         if self.minimum is not None and number < self.minimum:
-            raise ValueError(f"{name}: expected {what} >= {self.minimum:g}, got {_describe(value)}")
+            raise ValueError(
+                f"{name}: expected {what} >= {_bound(self.minimum)}, got {_describe(value)}"
+            )
         if self.maximum is not None and number > self.maximum:
-            raise ValueError(f"{name}: expected {what} <= {self.maximum:g}, got {_describe(value)}")
+            raise ValueError(
+                f"{name}: expected {what} <= {_bound(self.maximum)}, got {_describe(value)}"
+            )
         return number
 
     @property
@@ -391,7 +409,8 @@ class Schema:
                 raise ValueError(f"{key.name}: required")
             elif key.default is _MISSING:
                 out[key.name] = None
-            elif key.kind == "path" and isinstance(key.default, str):
+            elif key.kind in ("path", "duration", "size") and isinstance(key.default, str):
+                # Written as in the file ("journal.log", "5d", "25M"): converted.
                 out[key.name] = key.parse(key.default, base_dir)
             else:
                 out[key.name] = key.default
@@ -402,6 +421,8 @@ class Schema:
     def rst(self, width: int = 76) -> str:
         """The keys as a reStructuredText definition list (for a README),
         nested tables' keys indented under theirs, lines wrapped at ``width``."""
+        if not self.keys:
+            return "The table has no keys.\n"
         blocks = []
         for key in self.keys:
             facts = [key.type_text[0].upper() + key.type_text[1:]]
@@ -454,6 +475,11 @@ def _wrap(text: str, width: int, indent: str) -> str:
     ).replace("\0", " ")
 
 
+def _toml_key(key: Any) -> str:
+    text = str(key)
+    return text if re.fullmatch(r"[A-Za-z0-9_-]+", text) else _toml(text)
+
+
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -462,7 +488,8 @@ def _toml(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+        items = (f"{_toml_key(k)} = {_toml(v)}" for k, v in value.items())
+        return "{ " + ", ".join(items) + " }" if value else "{}"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)

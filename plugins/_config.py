@@ -1,5 +1,6 @@
-"""Small helpers the bundled plugins share: strict checks of a plugin's table,
-configured domains in canonical form, and client addresses.
+"""Small helpers the bundled plugins share (their tables are declared with
+:mod:`bonzo.schema`): configured domains in canonical form, client
+addresses, durations given on the command line.
 
 Mail addresses are never normalised here: the protocol core gives each
 plugin a :class:`bonzo.address.Address` whose ``canonical`` form is the one
@@ -14,22 +15,15 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import re
 import time
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 from bonzo.address import Address, canonical_domain
 
 __all__ = [
     "as_table",
-    "check_keys",
-    "get_bool",
-    "get_str",
-    "get_str_list",
-    "resolve_path",
     "DOTS",
     "config_domain",
     "domain_name",
@@ -40,7 +34,6 @@ __all__ = [
     "in_networks",
     "describe",
     "parse_duration",
-    "get_prefix",
     "client_network",
     "StoreFailures",
 ]
@@ -66,55 +59,6 @@ def as_table(config: Mapping[str, Any] | None) -> Mapping[str, Any]:
     if not isinstance(config, Mapping):
         raise ValueError(f"expected a table, got {describe(config)}")
     return config
-
-
-def check_keys(config: Mapping[str, Any], known: Iterable[str], where: str = "") -> None:
-    """Raise :class:`ValueError` naming the first key of ``config`` not in ``known``."""
-    allowed = tuple(known)
-    unknown = sorted(str(k) for k in config if k not in allowed)
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ValueError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(allowed))})")
-
-
-def get_bool(config: Mapping[str, Any], key: str, default: bool) -> bool:
-    """``config[key]`` as a bool (a real TOML boolean, not 0/1 or "yes")."""
-    value = config.get(key, default)
-    if not isinstance(value, bool):
-        raise ValueError(f"{key}: expected true or false, got {describe(value)}")
-    return value
-
-
-def get_str(config: Mapping[str, Any], key: str, default: str, *, empty: bool = False) -> str:
-    """``config[key]`` as a string (non-empty unless ``empty``)."""
-    value = config.get(key, default)
-    if not isinstance(value, str):
-        raise ValueError(f"{key}: expected a string, got {describe(value)}")
-    if not empty and not value.strip():
-        raise ValueError(f"{key}: must not be empty")
-    return value
-
-
-def get_str_list(config: Mapping[str, Any], key: str) -> list[str]:
-    """``config[key]`` as a list of non-empty strings (default: empty)."""
-    value = config.get(key, [])
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{key}: expected a list of strings, got {describe(value)}")
-    for item in value:
-        if not item.strip():
-            raise ValueError(f"{key}: empty string in the list")
-    return list(value)
-
-
-def resolve_path(value: str, app: Any) -> Path:
-    """``value`` as an absolute path: relative paths are resolved against
-    ``app.base_dir`` (the configuration file's directory), or the current
-    directory when there is no app."""
-    path = Path(value).expanduser()
-    if not path.is_absolute():
-        base = getattr(app, "base_dir", None) if app is not None else None
-        path = Path(base if base is not None else Path.cwd()) / path
-    return Path(os.path.abspath(path))
 
 
 def config_domain(domain: str) -> str:
@@ -231,14 +175,6 @@ def parse_duration(value: Any, key: str, *, zero: bool = False) -> float:
             f"{key}: expected a positive duration under ten years, got {describe(value)}"
         )
     return seconds
-
-
-def get_prefix(config: Mapping[str, Any], key: str, default: int, bits: int) -> int:
-    """``config[key]`` as a network prefix length, 1 to ``bits``."""
-    value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bits:
-        raise ValueError(f"{key}: expected a prefix length 1..{bits}, got {describe(value)}")
-    return value
 
 
 def client_network(remote_ip: str, ipv4_prefix: int, ipv6_prefix: int) -> str:

@@ -188,7 +188,7 @@ def test_nested_tables_sizes_and_conversions():
     assert values["server"] == {"port": 2525}
     assert values["transports"] == {"relay": {"host": "smtp.example"}}
     assert values["max_size"] == 512 * 1024 and values["domain"] == "example.org"
-    assert NESTED.parse({})["max_size"] == "25M"  # a default is taken as declared
+    assert NESTED.parse({})["max_size"] == 25 * 1024 * 1024  # a default written as in a file
 
 
 @pytest.mark.parametrize(
@@ -243,6 +243,20 @@ def test_every_plugin_readme_has_its_generated_keys():
     from bonzo_plugins import _docs
 
     assert sorted(_docs.plugins_with_schema()) == ON_SCHEMA
+    # Every bundled plugin declares its table.
+    here = Path(__file__).parents[1] / "plugins"
+    assert ON_SCHEMA == sorted(p.parent.name for p in here.glob("*/plugin.py"))
     for name in ON_SCHEMA:
         # Stale: run python -m bonzo_plugins._docs
         assert _docs.update(name, write=False), f"{name}: README keys out of date"
+
+
+def test_bounds_and_table_defaults_read_as_written():
+    big = Schema(Key("expire", "int", maximum=10 * 365 * 86400), Key("r", "float", minimum=0.5))
+    with pytest.raises(ValueError, match=r"^expire: expected an integer <= 315360000, got "):
+        big.parse({"expire": 10**10})
+    with pytest.raises(ValueError, match=r"^r: expected a number >= 0.5, got 0$"):
+        big.parse({"r": 0})
+    routes = Schema(Key("routes", "table", default={"*": {"type": "mx"}}))
+    assert '``{ "*" = { type = "mx" } }``' in routes.rst()
+    assert Schema().rst() == "The table has no keys.\n"

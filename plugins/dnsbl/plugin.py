@@ -137,9 +137,9 @@ ZONE_SCHEMA = Schema(
         "allow list."),
     Key("answers", "networks", convert=_answers,
         doc="The A records (addresses or networks) that count as a listing, for "
-        "lists whose answers mean different things; not empty. Without it, "
-        "``127.0.0.0/8`` but ``127.255.255.0/24`` (the answers large lists give "
-        "to say that the resolver is refused, RFC 5782 2.3)."),
+        "lists whose answers mean different things; not empty. Without it, any "
+        "address in ``127.0.0.0/8`` except those in ``127.255.255.0/24`` (the "
+        "answers large lists give to say that the resolver is refused, RFC 5782 2.3)."),
     Key("ipv6", "bool", default=True, doc="Ask this list about IPv6 clients too."),
     Key("txt", "bool", default=True, doc="Read the list's TXT record for the reply."),
 )  # fmt: skip
