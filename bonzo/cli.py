@@ -25,6 +25,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -292,7 +293,10 @@ def _plugin_doc(name: str) -> int:
             readme = os.path.join(os.path.dirname(where), "README.rst")
             if os.path.isfile(readme):
                 with open(readme, encoding="utf-8") as f:
-                    sys.stdout.write(f.read())
+                    # reST comment lines (the markers around generated key
+                    # lists) are for tools, not for the reader.
+                    text = re.sub(r"(?m)^\.\. (BEGIN|END) KEYS.*\n\n?", "", f.read())
+                sys.stdout.write(text)
                 return 0
     doc = inspect.getdoc(plugin) or inspect.getdoc(type(plugin))
     if doc and type(plugin).__module__ != "builtins":

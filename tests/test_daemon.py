@@ -1013,6 +1013,7 @@ def test_plugins_doc_prints_a_plugins_documentation(workdir, env):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("``maildir``: durable delivery into Maildir folders")
     assert "``envelope_headers``" in result.stdout  # the whole README, keys included
+    assert "KEYS" not in result.stdout  # not the markers around the generated list
     (workdir / "plugins" / "documented.py").write_text(
         'class Plugin:\n    """Refuses nothing; documents itself."""\n\n'
         "    def bonzo_helo(self):\n        return None\n"
