@@ -55,7 +55,8 @@ How the two protocols are carried:
   Unix socket, with the same bounds on replies: after the message it reads
   **one reply per accepted recipient**, which is the point of LMTP.
 
-**Pipelining (RFC 2920)**: to an SMTP server that offers ``PIPELINING``,
+**Pipelining (RFC 2920)**: to a server that offers ``PIPELINING`` (SMTP or
+LMTP: Dovecot's does),
 :meth:`~ClientConnection.send` writes the envelope as one group — ``RSET``
 on a connection used before, ``MAIL``, every ``RCPT``, ``DATA`` — and then
 reads the replies in order, so a message costs two round trips (the group,
@@ -74,8 +75,10 @@ replies than the group asked for mean the conversation is out of step, and
 the connection is not reused. A failed ``RSET`` at the head of the group
 raises :class:`ClientError` as an unpipelined one does (no reply to
 anything of the message was seen, so a pool sends it again on a new
-connection). :attr:`ClientSettings.pipelining` turns it off; the stepwise
-API and LMTP send one command at a time.
+connection). Over LMTP the group is written on the Tornado stream and the
+replies read as any (one per accepted recipient after the message).
+:attr:`ClientSettings.pipelining` turns it off; the stepwise API sends one
+command at a time.
 
 Timeouts are per stage with the defaults of RFC 5321 4.5.3.2 (see
 :class:`ClientSettings`); a timeout, a lost connection or a reply that does
@@ -415,8 +418,8 @@ class ClientSettings:
     """Wait for the reply to ``QUIT``."""
 
     pipelining: bool = True
-    """Send each message's envelope as one group (RFC 2920) to an SMTP
-    server that offers ``PIPELINING``: ``RSET`` (on a connection used
+    """Send each message's envelope as one group (RFC 2920) to an SMTP or
+    LMTP server that offers ``PIPELINING``: ``RSET`` (on a connection used
     before), ``MAIL``, every ``RCPT`` and ``DATA`` in one write, then the
     replies in order. A message then costs two round trips instead of four
     plus one per recipient. ``False``: one command at a time. (The stepwise
@@ -844,7 +847,23 @@ class ClientConnection:
         raise NotImplementedError
 
     def _pipelines(self) -> bool:
-        """Whether :meth:`send` sends the envelope as one group."""
+        """Whether :meth:`send` sends the envelope as one group (RFC 2920)."""
+        return self.settings.pipelining and self.supports("PIPELINING")
+
+    # The backend of a pipelined group: entered around the transaction,
+    # write without waiting, the next reply, the message content (True if
+    # the server answered before its end and the rest was not sent).
+    def _grouping(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def _group_write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def _group_reply(self, stage: Stage, timeout: float) -> Reply:
+        return await self._read_reply(stage, timeout)
+
+    async def _group_content(self, content: _Content) -> bool:
+        await self._send_data(content)
         return False
 
     async def _send_pipelined(
@@ -856,7 +875,110 @@ class ClientConnection:
         settle: Callable[[int, Status, Stage, Reply], None],
         settle_reply: Callable[[int, Stage, Reply], None],
     ) -> None:
-        raise NotImplementedError
+        """One transaction with its envelope as one group (RFC 2920):
+        ``RSET`` if the connection was used, ``MAIL``, the ``RCPT`` of every
+        recipient in ``pending`` and ``DATA`` in one write, then the replies
+        in order, then the message and the last reply (LMTP: one per
+        accepted recipient). A failed ``RSET`` raises :class:`ClientError`
+        (no reply to anything of this message was seen, so it may be sent
+        again on a new connection); a lost or garbled conversation raises
+        :class:`_Broken`."""
+        settings = self.settings
+        with self._grouping():
+            reset = not self._clean
+            group = [b"RSET"] if reset else []
+            group.append(mail)
+            group += [self._rcpt_line(rcpts[i]) for i in pending]
+            group.append(b"DATA")
+            self._clean = False
+            self._group_write(b"\r\n".join(group) + b"\r\n")
+            if reset:
+                try:
+                    reply = _classified(
+                        Stage.MAIL,
+                        await self._group_reply(Stage.MAIL, settings.rset_timeout),
+                        (250,),
+                    )
+                except _Broken as exc:
+                    self._broken(exc)
+                    raise ClientError(exc.stage, exc.reply) from None
+                if reply.code != 250:
+                    self.close()
+                    raise ClientError(Stage.MAIL, reply)
+            self.transactions += 1
+            await self._group_replies(pending, content, settle, settle_reply)
+
+    async def _group_replies(
+        self,
+        pending: list[int],
+        content: _Content,
+        settle: Callable[[int, Status, Stage, Reply], None],
+        settle_reply: Callable[[int, Stage, Reply], None],
+    ) -> None:
+        settings = self.settings
+        read = self._group_reply
+        reply = _classified(Stage.MAIL, await read(Stage.MAIL, settings.mail_timeout), (250,))
+        sender_ok = reply.code == 250
+        if not sender_ok:
+            for i in pending:
+                settle_reply(i, Stage.MAIL, reply)
+        accepted = []
+        for i in pending:
+            reply = await read(Stage.RCPT, settings.rcpt_timeout)
+            if not sender_ok:
+                if reply.code == 421:
+                    raise _Broken(Stage.RCPT, reply)
+                continue  # "no valid sender" or the like: MAIL's reply stands
+            try:
+                reply = _classified(Stage.RCPT, reply, (250, 251))
+            except _Broken as exc:
+                settle(i, Status.DEFERRED, Stage.RCPT, exc.reply)
+                raise
+            if reply.code in (250, 251):
+                accepted.append(i)
+            else:
+                settle_reply(i, Stage.RCPT, reply)
+        reply = await read(Stage.DATA, settings.data_timeout)
+        if not accepted:
+            if reply.code == 421:
+                raise _Broken(Stage.DATA, reply)
+            if reply.code == 354:
+                # DATA taken with no recipient (RFC 2920 3.1): end it with
+                # no content; whatever the server says to that, nobody gets
+                # it (an LMTP server owes no reply then: it has no recipient).
+                self._group_write(b".\r\n")
+                if self.protocol != "LMTP":
+                    await read(Stage.END, settings.data_end_timeout)
+            return
+        reply = _classified(Stage.DATA, reply, (354,))
+        if reply.code != 354:
+            for i in accepted:
+                settle_reply(i, Stage.DATA, reply)
+            return
+        early = await self._group_content(content)
+        # SMTP: one reply for all; LMTP: one per accepted recipient, in order.
+        groups = [[i] for i in accepted] if self.protocol == "LMTP" else [accepted]
+        for group in groups:
+            reply = await read(Stage.END, settings.data_end_timeout)
+            if reply.code != 250 and not 400 <= reply.code <= 599:
+                raise _Broken(Stage.END, _garbled(Stage.END, f"unexpected reply {reply.code}"))
+            if early:
+                # Answered before the final dot: as in the unpipelined path,
+                # the reply stands unless it claims delivery; the
+                # conversation is out of step, so the connection ends.
+                if reply.code == 250:
+                    raise _Broken(
+                        Stage.END, _garbled(Stage.END, "250 before the end of the message")
+                    )
+                self.close()
+            for i in group:
+                if reply.code == 250:
+                    settle(i, Status.DELIVERED, Stage.END, reply)
+                else:
+                    settle_reply(i, Stage.END, reply)
+            if reply.code == 421:
+                # Closing: the LMTP replies still owed will not come.
+                raise _Broken(Stage.END, reply)
 
     # ---------------------------------------------------------- public
     @property
@@ -1484,6 +1606,7 @@ class SMTPConnection(ClientConnection):
         self._flow: _FlowControl | None = None
         self._reader: asyncio.Future[aiosmtplib.SMTPResponse] | None = None
         self._early = False
+        self._group: tuple[asyncio.WriteTransport, _ReplyReader] | None = None
 
     @property
     def usable(self) -> bool:
@@ -1493,25 +1616,10 @@ class SMTPConnection(ClientConnection):
         transport = smtp.transport if smtp is not None else None
         return self._alive and transport is not None and not transport.is_closing()
 
-    def _pipelines(self) -> bool:
-        return self.settings.pipelining and self.supports("PIPELINING")
-
-    async def _send_pipelined(
-        self,
-        rcpts: list[Recipient],
-        pending: list[int],
-        mail: bytes,
-        content: _Content,
-        settle: Callable[[int, Status, Stage, Reply], None],
-        settle_reply: Callable[[int, Stage, Reply], None],
-    ) -> None:
-        """One transaction with its envelope as one group (RFC 2920):
-        ``RSET`` if the connection was used, ``MAIL``, the ``RCPT`` of every
-        recipient in ``pending`` and ``DATA`` in one write, then the replies
-        in order, then the message and the last reply. A failed ``RSET``
-        raises :class:`ClientError` (no reply to anything of this message
-        was seen, so it may be sent again on a new connection); a lost or
-        garbled conversation raises :class:`_Broken`."""
+    @contextlib.contextmanager
+    def _grouping(self) -> Iterator[None]:
+        # aiosmtplib keeps one reply in flight: for the group, the replies
+        # are read by a _ReplyReader on its transport, then it is put back.
         smtp = self._smtp
         transport = cast(asyncio.WriteTransport, smtp.transport) if smtp is not None else None
         inner = smtp.protocol if smtp is not None else None
@@ -1520,107 +1628,28 @@ class SMTPConnection(ClientConnection):
         settings = self.settings
         reader = _ReplyReader(inner, settings.max_reply_line, settings.max_reply_lines)
         transport.set_protocol(reader)
+        self._group = (transport, reader)
         try:
-            reset = not self._clean
-            group = [b"RSET"] if reset else []
-            group.append(mail)
-            group += [self._rcpt_line(rcpts[i]) for i in pending]
-            group.append(b"DATA")
-            self._clean = False
-            transport.write(b"\r\n".join(group) + b"\r\n")
-            if reset:
-                try:
-                    reply = _classified(
-                        Stage.MAIL, await reader.reply(Stage.MAIL, settings.rset_timeout), (250,)
-                    )
-                except _Broken as exc:
-                    self._broken(exc)
-                    raise ClientError(exc.stage, exc.reply) from None
-                if reply.code != 250:
-                    self.close()
-                    raise ClientError(Stage.MAIL, reply)
-            self.transactions += 1
-            await self._pipelined_replies(transport, reader, pending, content, settle, settle_reply)
+            yield
         finally:
+            self._group = None
             if not transport.is_closing():
                 transport.set_protocol(inner)
                 if not reader.idle:
                     # More than the group's replies: out of step, not reusable.
                     self.close()
 
-    async def _pipelined_replies(
-        self,
-        transport: asyncio.WriteTransport,
-        reader: _ReplyReader,
-        pending: list[int],
-        content: _Content,
-        settle: Callable[[int, Status, Stage, Reply], None],
-        settle_reply: Callable[[int, Stage, Reply], None],
-    ) -> None:
-        settings = self.settings
-        reply = _classified(
-            Stage.MAIL, await reader.reply(Stage.MAIL, settings.mail_timeout), (250,)
-        )
-        sender_ok = reply.code == 250
-        if not sender_ok:
-            for i in pending:
-                settle_reply(i, Stage.MAIL, reply)
-        accepted = []
-        for i in pending:
-            reply = await reader.reply(Stage.RCPT, settings.rcpt_timeout)
-            if not sender_ok:
-                if reply.code == 421:
-                    raise _Broken(Stage.RCPT, reply)
-                continue  # "no valid sender" or the like: MAIL's reply stands
-            try:
-                reply = _classified(Stage.RCPT, reply, (250, 251))
-            except _Broken as exc:
-                settle(i, Status.DEFERRED, Stage.RCPT, exc.reply)
-                raise
-            if reply.code in (250, 251):
-                accepted.append(i)
-            else:
-                settle_reply(i, Stage.RCPT, reply)
-        reply = await reader.reply(Stage.DATA, settings.data_timeout)
-        if not accepted:
-            if reply.code == 421:
-                raise _Broken(Stage.DATA, reply)
-            if reply.code == 354:
-                # DATA taken with no recipient (RFC 2920 3.1): end it with
-                # no content; whatever the server says to that, nobody gets it.
-                transport.write(b".\r\n")
-                await reader.reply(Stage.END, settings.data_end_timeout)
-            return
-        reply = _classified(Stage.DATA, reply, (354,))
-        if reply.code != 354:
-            for i in accepted:
-                settle_reply(i, Stage.DATA, reply)
-            return
-        early = await self._stream_content(transport, reader, content)
-        reply = await reader.reply(Stage.END, settings.data_end_timeout)
-        if reply.code != 250 and not 400 <= reply.code <= 599:
-            raise _Broken(Stage.END, _garbled(Stage.END, f"unexpected reply {reply.code}"))
-        if early:
-            # Answered before the final dot: as in the unpipelined path, the
-            # reply stands unless it claims delivery; the conversation is
-            # out of step, so the connection ends.
-            if reply.code == 250:
-                raise _Broken(Stage.END, _garbled(Stage.END, "250 before the end of the message"))
-            self.close()
-        for i in accepted:
-            if reply.code == 250:
-                settle(i, Status.DELIVERED, Stage.END, reply)
-            else:
-                settle_reply(i, Stage.END, reply)
-        if reply.code == 421:
-            raise _Broken(Stage.END, reply)
+    def _group_write(self, data: bytes) -> None:
+        assert self._group is not None
+        self._group[0].write(data)
 
-    async def _stream_content(
-        self, transport: asyncio.WriteTransport, reader: _ReplyReader, content: _Content
-    ) -> bool:
-        """Write the message, dot-stuffed, chunk by chunk as the transport
-        drains. Returns True if the server answered (or went away) before
-        the end, and the rest was not sent."""
+    async def _group_reply(self, stage: Stage, timeout: float) -> Reply:
+        assert self._group is not None
+        return await self._group[1].reply(stage, timeout)
+
+    async def _group_content(self, content: _Content) -> bool:
+        assert self._group is not None
+        transport, reader = self._group
         flow = self._flow
         timeout = self.settings.data_block_timeout
         for chunk in _stuffed(content, self.settings.chunk_size):
@@ -1945,6 +1974,17 @@ class LMTPConnection(ClientConnection):
         if reply.code != 250:
             raise _Broken(Stage.EHLO, reply)
         self.extensions = _parse_extensions(reply)
+
+    def _group_write(self, data: bytes) -> None:
+        # Not awaited: the group is small, and a connection that fails is
+        # seen by the read of the next reply.
+        stream = self._stream
+        if stream is None or stream.closed():
+            raise _Broken(Stage.MAIL, _lost(Stage.MAIL))
+        try:
+            stream.write(data)
+        except StreamClosedError:
+            raise _Broken(Stage.MAIL, _lost(Stage.MAIL)) from None
 
     async def _command(self, stage: Stage, line: bytes, timeout: float) -> Reply:
         stream = self._stream

@@ -283,3 +283,25 @@ def test_pipelining_off_sends_one_command_at_a_time():
     assert server.sequential[:3] == [mail, b"RCPT TO:<b@y.test>", b"DATA"]
     # (The scripted server answers DATA with 250, not 354: a protocol error.)
     assert result.recipients[0].status == Status.DEFERRED
+
+
+def test_lmtp_groups_the_envelope_and_reads_one_reply_per_recipient():
+    server = GroupServer(
+        [[b"250 ok\r\n", b"250 ok\r\n", b"550 5.1.1 unknown\r\n", b"250 ok\r\n", b"354 go\r\n",
+          b"250 2.0.0 <b@y.test> saved\r\n452 4.2.2 <d@y.test> mailbox full\r\n"]]
+    )  # fmt: skip
+
+    async def body(port: int) -> Any:
+        return await deliver(
+            HOST, port, sender="a@x.test", recipients=["b@y.test", "c@y.test", "d@y.test"],
+            message=MESSAGE, protocol="lmtp", settings=settings(),
+        )  # fmt: skip
+
+    result = run(serving(server, body))
+    assert server.groups[0][0] == b"MAIL FROM:<a@x.test> SIZE=24"
+    assert server.groups[0][-1] == b"DATA" and len(server.groups[0]) == 5
+    assert [(r.address, r.status.value, r.stage.value, r.code) for r in result.recipients] == [
+        ("b@y.test", "delivered", "end", 250),
+        ("c@y.test", "refused", "rcpt", 550),
+        ("d@y.test", "deferred", "end", 452),
+    ]
