@@ -1478,11 +1478,15 @@ class _ReplyReader(asyncio.Protocol):
         self.error: str | None = None
         #: The server closed the connection (or it was lost).
         self.lost = False
+        #: Replies still owed: one per command line written, and one for the
+        #: message. More is an error, so that a server that floods replies
+        #: cannot make the client keep them without bound.
+        self.owed = 1
 
     @property
     def idle(self) -> bool:
         """Nothing received that was not taken: the conversation is in step."""
-        return not self._buf and not self.replies and self._code is None
+        return not self._buf and not self.replies and self._code is None and self.error is None
 
     def data_received(self, data: bytes) -> None:
         if self.error is not None:
@@ -1522,6 +1526,10 @@ class _ReplyReader(asyncio.Protocol):
             return
         self._lines.append(line[4:].decode("utf-8", "replace"))
         if sep != b"-":
+            if self.owed <= 0:
+                self.error = "more replies than commands"
+                return
+            self.owed -= 1
             self.replies.append(_reply(code, self._lines))
             self._code, self._lines = None, []
 
@@ -1641,7 +1649,9 @@ class SMTPConnection(ClientConnection):
 
     def _group_write(self, data: bytes) -> None:
         assert self._group is not None
-        self._group[0].write(data)
+        transport, reader = self._group
+        reader.owed += data.count(b"\n")
+        transport.write(data)
 
     async def _group_reply(self, stage: Stage, timeout: float) -> Reply:
         assert self._group is not None

@@ -305,3 +305,37 @@ def test_lmtp_groups_the_envelope_and_reads_one_reply_per_recipient():
         ("c@y.test", "refused", "rcpt", 550),
         ("d@y.test", "deferred", "end", 452),
     ]
+
+
+def test_a_flood_of_replies_is_not_kept():
+    # Thousands of replies at once, more than the group's commands: an
+    # error at the first one too many, not a growing queue of replies.
+    server = GroupServer([[b"250 ok\r\n" * 5000, b""]])
+
+    async def body(port: int) -> Any:
+        async with await connect(HOST, port, settings=settings()) as conn:
+            result = await conn.send("a@x.test", ["b@y.test"], MESSAGE)
+            return result, conn.usable
+
+    result, usable = run(serving(server, body))
+    (r,) = result.recipients
+    assert not usable
+    # MAIL, RCPT and DATA got "250 ok" (DATA: not 354, a protocol error),
+    # or the flood was cut at the first reply too many.
+    assert r.status == Status.DEFERRED
+
+
+def test_the_reply_reader_keeps_no_more_than_it_is_owed():
+    from bonzo.client import _ReplyReader
+
+    class Inner(asyncio.Protocol):
+        pass
+
+    async def main() -> Any:
+        reader = _ReplyReader(Inner(), 8192, 100)
+        reader.owed += 3  # three commands written
+        reader.data_received(b"250 ok\r\n" * 5000)
+        return len(reader.replies), reader.error, reader.idle
+
+    kept, error, idle = run(main())
+    assert kept == 4 and error == "more replies than commands" and not idle
