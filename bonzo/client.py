@@ -103,7 +103,7 @@ import re
 import socket
 import ssl
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol, Union, cast
 
@@ -893,18 +893,7 @@ class ClientConnection:
             self._clean = False
             self._group_write(b"\r\n".join(group) + b"\r\n")
             if reset:
-                try:
-                    reply = _classified(
-                        Stage.MAIL,
-                        await self._group_reply(Stage.MAIL, settings.rset_timeout),
-                        (250,),
-                    )
-                except _Broken as exc:
-                    self._broken(exc)
-                    raise ClientError(exc.stage, exc.reply) from None
-                if reply.code != 250:
-                    self.close()
-                    raise ClientError(Stage.MAIL, reply)
+                await self._reset(self._group_reply(Stage.MAIL, settings.rset_timeout))
             self.transactions += 1
             await self._group_replies(pending, content, settle, settle_reply)
 
@@ -1109,15 +1098,21 @@ class ClientConnection:
         self._accepted = 0
         if self._clean or not reset:
             return
+        await self._reset(self._command(Stage.MAIL, b"RSET", self.settings.rset_timeout))
+        self._clean = True
+
+    async def _reset(self, answer: Awaitable[Reply]) -> None:
+        """Take the reply to an ``RSET`` (``answer``); if it is not ``250``
+        or does not come, close the connection and raise
+        :class:`ClientError`: nothing of the next message was accepted."""
         try:
-            reply = await self._checked(Stage.MAIL, b"RSET", self.settings.rset_timeout, (250,))
+            reply = _classified(Stage.MAIL, await answer, (250,))
         except _Broken as exc:
             self._broken(exc)
             raise ClientError(exc.stage, exc.reply) from None
         if reply.code != 250:
             self.close()
             raise ClientError(Stage.MAIL, reply)
-        self._clean = True
 
     def _refusal(self, needs_utf8: bool, size: int, eightbit: bool) -> Reply | None:
         """What the server cannot take, known without a round trip: the
