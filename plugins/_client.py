@@ -29,8 +29,8 @@ def client_settings(
     ``helo_name`` (default: the server's ``hostname``), ``source_address``,
     ``username``, ``password`` (already resolved from ``$env``/``$file`` by
     the configuration loader), ``tls_name``, ``tls`` (the policy),
-    ``implicit_tls``, ``auth_plaintext``, ``connect_timeout`` and
-    ``data_end_timeout``; ``extra`` are further settings. With ``loops``, a
+    ``implicit_tls``, ``auth_plaintext``, ``pipelining``, ``connect_timeout``
+    and ``data_end_timeout``; ``extra`` are further settings. With ``loops``, a
     server that greets with this server's names is refused as a loop
     (``own_names``). ``where`` prefixes the key in error messages."""
     hostname = getattr(getattr(app, "settings", None), "hostname", None)
@@ -57,6 +57,8 @@ def client_settings(
         options["implicit_tls"] = table["implicit_tls"]
     if "auth_plaintext" in table:
         options["auth_plaintext"] = table["auth_plaintext"]
+    if "pipelining" in table:
+        options["pipelining"] = table["pipelining"]
     for key in ("connect_timeout", "data_end_timeout"):
         if key in table:
             options[key] = table[key]

@@ -100,6 +100,10 @@ CONNECT_TIMEOUT = Key("connect_timeout", "duration", default=30.0, convert=posit
 DATA_END_TIMEOUT = Key("data_end_timeout", "duration", default=600.0, convert=positive,
                        doc="Seconds to wait for the reply to the final dot (for "
                        "each recipient's reply, over LMTP).")  # fmt: skip
+PIPELINING = Key("pipelining", "bool", default=True,
+                 doc="Send each message's envelope as one group (RFC 2920) when the "
+                 "server offers ``PIPELINING``: two round trips a message; ``false`` for "
+                 "a server that mishandles it.")  # fmt: skip
 IDLE_TIMEOUT = Key("idle_timeout", "duration", default=30.0, minimum=0,
                    doc="Seconds a connection is kept open for the next message to the "
                    "same destination (``0``: not kept).")  # fmt: skip
@@ -116,6 +120,7 @@ MX = Schema(
     SOURCE_ADDRESS,
     CONNECT_TIMEOUT,
     DATA_END_TIMEOUT,
+    PIPELINING,
     IDLE_TIMEOUT,
 )  # fmt: skip
 
@@ -141,6 +146,7 @@ SMARTHOST = Schema(
     SOURCE_ADDRESS,
     CONNECT_TIMEOUT,
     DATA_END_TIMEOUT,
+    PIPELINING,
     IDLE_TIMEOUT,
     together=[("username", "password")],
 )  # fmt: skip
@@ -160,6 +166,7 @@ LMTP = Schema(
     LHLO_NAME,
     CONNECT_TIMEOUT,
     DATA_END_TIMEOUT,
+    PIPELINING,
     IDLE_TIMEOUT,
     exclusive=[("host", "path")],
     check=_host_or_path,

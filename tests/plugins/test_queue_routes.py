@@ -236,7 +236,7 @@ def test_routes_and_transports_are_parsed_by_their_type(tmp_path):
     table = RouteTable(
         {
             "*.Example.ORG": "relay",
-            "example.net": {"type": "lmtp", "path": "lmtp.sock"},
+            "example.net": {"type": "lmtp", "path": "lmtp.sock", "pipelining": False},
             "bank.example": {
                 "type": "mx",
                 "tls_policies": {"BANK.example": "verify"},
@@ -252,9 +252,11 @@ def test_routes_and_transports_are_parsed_by_their_type(tmp_path):
     assert relay.port == 465 and relay.settings.implicit_tls and relay.pool.idle_timeout == 30.0
     lmtp = table.exact["example.net"]
     assert lmtp.path == str(tmp_path / "lmtp.sock")  # relative to the configuration
+    assert not lmtp.settings.pipelining and relay.settings.pipelining  # on unless turned off
     mx = table.exact["bank.example"]
     assert mx.port == 25 and mx.settings.connect_timeout == 60.0
     assert mx.policies["bank.example"].tls_policy == "verify"
+    assert mx.settings.pipelining and mx.policies["bank.example"].pipelining
     assert table.default.writer.path == tmp_path / "mail" and table.default.writer.mode == 0o640
 
 
