@@ -866,7 +866,7 @@ class ClientConnection:
         await self._send_data(content)
         return False
 
-    async def _send_pipelined(
+    async def _transact(
         self,
         rcpts: list[Recipient],
         pending: list[int],
@@ -874,100 +874,106 @@ class ClientConnection:
         content: _Content,
         settle: Callable[[int, Status, Stage, Reply], None],
         settle_reply: Callable[[int, Stage, Reply], None],
+        pipelined: bool,
     ) -> None:
-        """One transaction with its envelope as one group (RFC 2920):
-        ``RSET`` if the connection was used, ``MAIL``, the ``RCPT`` of every
-        recipient in ``pending`` and ``DATA`` in one write, then the replies
-        in order, then the message and the last reply (LMTP: one per
-        accepted recipient). A failed ``RSET`` raises :class:`ClientError`
+        """The transaction of :meth:`send` once the local checks passed:
+        ``MAIL``, the ``RCPT`` of every recipient in ``pending``, ``DATA``,
+        the message, then the reply (LMTP: one per accepted recipient).
+
+        ``pipelined`` (RFC 2920): ``RSET`` if the connection was used,
+        ``MAIL``, every ``RCPT`` and ``DATA`` go in one write and the
+        replies are read in order; every reply decides what it would decide
+        one command at a time. A failed ``RSET`` raises :class:`ClientError`
         (no reply to anything of this message was seen, so it may be sent
         again on a new connection); a lost or garbled conversation raises
         :class:`_Broken`."""
         settings = self.settings
-        with self._grouping():
-            reset = not self._clean
-            group = [b"RSET"] if reset else []
-            group.append(mail)
-            group += [self._rcpt_line(rcpts[i]) for i in pending]
-            group.append(b"DATA")
-            self._clean = False
-            self._group_write(b"\r\n".join(group) + b"\r\n")
-            if reset:
-                await self._reset(self._group_reply(Stage.MAIL, settings.rset_timeout))
+        with self._grouping() if pipelined else contextlib.nullcontext():
+            if pipelined:
+                reset = not self._clean
+                commands = [b"RSET"] if reset else []
+                commands.append(mail)
+                commands += [self._rcpt_line(rcpts[i]) for i in pending]
+                commands.append(b"DATA")
+                self._clean = False
+                self._group_write(b"\r\n".join(commands) + b"\r\n")
+                if reset:
+                    await self._reset(self._group_reply(Stage.MAIL, settings.rset_timeout))
             self.transactions += 1
-            await self._group_replies(pending, content, settle, settle_reply)
+            self._clean = False
 
-    async def _group_replies(
-        self,
-        pending: list[int],
-        content: _Content,
-        settle: Callable[[int, Status, Stage, Reply], None],
-        settle_reply: Callable[[int, Stage, Reply], None],
-    ) -> None:
-        settings = self.settings
-        read = self._group_reply
-        reply = _classified(Stage.MAIL, await read(Stage.MAIL, settings.mail_timeout), (250,))
-        sender_ok = reply.code == 250
-        if not sender_ok:
-            for i in pending:
-                settle_reply(i, Stage.MAIL, reply)
-        accepted = []
-        for i in pending:
-            reply = await read(Stage.RCPT, settings.rcpt_timeout)
+            async def read(stage: Stage, timeout: float) -> Reply:
+                if pipelined:
+                    return await self._group_reply(stage, timeout)
+                return await self._read_reply(stage, timeout)
+
+            async def ask(stage: Stage, line: bytes, timeout: float, ok: tuple[int, ...]) -> Reply:
+                # Pipelined, the command went with the group: only its reply is read.
+                if pipelined:
+                    return _classified(stage, await read(stage, timeout), ok)
+                return await self._checked(stage, line, timeout, ok)
+
+            reply = await ask(Stage.MAIL, mail, settings.mail_timeout, (250,))
+            sender_ok = reply.code == 250
             if not sender_ok:
-                if reply.code == 421:
-                    raise _Broken(Stage.RCPT, reply)
-                continue  # "no valid sender" or the like: MAIL's reply stands
-            try:
-                reply = _classified(Stage.RCPT, reply, (250, 251))
-            except _Broken as exc:
-                settle(i, Status.DEFERRED, Stage.RCPT, exc.reply)
-                raise
-            if reply.code in (250, 251):
-                accepted.append(i)
-            else:
-                settle_reply(i, Stage.RCPT, reply)
-        reply = await read(Stage.DATA, settings.data_timeout)
-        if not accepted:
-            if reply.code == 421:
-                raise _Broken(Stage.DATA, reply)
-            if reply.code == 354:
-                # DATA taken with no recipient (RFC 2920 3.1): end it with
-                # no content; whatever the server says to that, nobody gets
-                # it (an LMTP server owes no reply then: it has no recipient).
-                self._group_write(b".\r\n")
-                if self.protocol != "LMTP":
-                    await read(Stage.END, settings.data_end_timeout)
-            return
-        reply = _classified(Stage.DATA, reply, (354,))
-        if reply.code != 354:
-            for i in accepted:
-                settle_reply(i, Stage.DATA, reply)
-            return
-        early = await self._group_content(content)
-        # SMTP: one reply for all; LMTP: one per accepted recipient, in order.
-        groups = [[i] for i in accepted] if self.protocol == "LMTP" else [accepted]
-        for group in groups:
-            reply = await read(Stage.END, settings.data_end_timeout)
-            if reply.code != 250 and not 400 <= reply.code <= 599:
-                raise _Broken(Stage.END, _garbled(Stage.END, f"unexpected reply {reply.code}"))
-            if early:
-                # Answered before the final dot: as in the unpipelined path,
-                # the reply stands unless it claims delivery; the
-                # conversation is out of step, so the connection ends.
-                if reply.code == 250:
-                    raise _Broken(
-                        Stage.END, _garbled(Stage.END, "250 before the end of the message")
-                    )
-                self.close()
-            for i in group:
-                if reply.code == 250:
-                    settle(i, Status.DELIVERED, Stage.END, reply)
+                for i in pending:
+                    settle_reply(i, Stage.MAIL, reply)
+                if not pipelined:
+                    return
+            accepted = []
+            for i in pending:
+                line = self._rcpt_line(rcpts[i])
+                reply = await ask(Stage.RCPT, line, settings.rcpt_timeout, (250, 251))
+                if not sender_ok:
+                    continue  # "no valid sender" or the like: MAIL's reply stands
+                if reply.code in (250, 251):
+                    accepted.append(i)
                 else:
-                    settle_reply(i, Stage.END, reply)
-            if reply.code == 421:
-                # Closing: the LMTP replies still owed will not come.
-                raise _Broken(Stage.END, reply)
+                    settle_reply(i, Stage.RCPT, reply)
+            if not accepted and not pipelined:
+                return
+            reply = await ask(Stage.DATA, b"DATA", settings.data_timeout, (354,))
+            if not accepted:
+                if reply.code == 354:
+                    # DATA taken with no recipient (RFC 2920 3.1): end it with
+                    # no content; whatever the server says to that, nobody gets
+                    # it (an LMTP server owes no reply then: it has no recipient).
+                    self._group_write(b".\r\n")
+                    if self.protocol != "LMTP":
+                        await read(Stage.END, settings.data_end_timeout)
+                return
+            if reply.code != 354:
+                for i in accepted:
+                    settle_reply(i, Stage.DATA, reply)
+                return
+            if pipelined:
+                early = await self._group_content(content)
+            else:
+                await self._send_data(content)
+                early = False  # (an unpipelined SMTP reply says so itself: _read_reply)
+            # SMTP: one reply for all; LMTP: one per accepted recipient, in order.
+            groups = [[i] for i in accepted] if self.protocol == "LMTP" else [accepted]
+            for group in groups:
+                reply = await read(Stage.END, settings.data_end_timeout)
+                if reply.code != 250 and not 400 <= reply.code <= 599:
+                    raise _Broken(Stage.END, _garbled(Stage.END, f"unexpected reply {reply.code}"))
+                if early:
+                    # Answered before the final dot: the reply stands unless
+                    # it claims delivery; the conversation is out of step, so
+                    # the connection ends.
+                    if reply.code == 250:
+                        raise _Broken(
+                            Stage.END, _garbled(Stage.END, "250 before the end of the message")
+                        )
+                    self.close()
+                for i in group:
+                    if reply.code == 250:
+                        settle(i, Status.DELIVERED, Stage.END, reply)
+                    else:
+                        settle_reply(i, Stage.END, reply)
+                if reply.code == 421:
+                    # Closing: the LMTP replies still owed will not come.
+                    raise _Broken(Stage.END, reply)
 
     # ---------------------------------------------------------- public
     @property
@@ -1248,56 +1254,8 @@ class ClientConnection:
             return finish()
 
         mail = self._mail_line(sender, content.size, eightbit, needs_utf8, ret, envid)
-        if pipelined:
-            try:
-                await self._send_pipelined(rcpts, pending, mail, content, settle, settle_reply)
-            except _Broken as exc:
-                self._broken(exc)
-                for i in range(len(rcpts)):
-                    if results[i] is None:
-                        settle(i, Status.DEFERRED, exc.stage, exc.reply)
-            return finish()
-        stage = Stage.MAIL
         try:
-            reply = await self._mail(mail)
-            if reply.code != 250:
-                for i in pending:
-                    settle_reply(i, stage, reply)
-                return finish()
-            stage = Stage.RCPT
-            accepted = []
-            for i in pending:
-                try:
-                    reply = await self._rcpt(rcpts[i])
-                except _Broken as exc:
-                    # 421 at RCPT: this one and the rest are deferred.
-                    settle(i, Status.DEFERRED, stage, exc.reply)
-                    raise
-                if reply.code in (250, 251):
-                    accepted.append(i)
-                else:
-                    settle_reply(i, stage, reply)
-            if not accepted:
-                return finish()
-            stage = Stage.DATA
-            reply = await self._message(content)
-            if reply.code != 354:
-                for i in accepted:
-                    settle_reply(i, stage, reply)
-                return finish()
-            stage = Stage.END
-            # SMTP: one reply for all; LMTP: one per accepted recipient, in order.
-            groups = [[i] for i in accepted] if self.protocol == "LMTP" else [accepted]
-            for group in groups:
-                reply = await self._end_reply()
-                for i in group:
-                    if reply.code == 250:
-                        settle(i, Status.DELIVERED, stage, reply)
-                    else:
-                        settle_reply(i, stage, reply)
-                if reply.code == 421:
-                    # Closing: the LMTP replies still owed will not come.
-                    raise _Broken(stage, reply)
+            await self._transact(rcpts, pending, mail, content, settle, settle_reply, pipelined)
         except _Broken as exc:
             self._broken(exc)
             for i in range(len(rcpts)):
@@ -1451,7 +1409,7 @@ class _ReplyReader(asyncio.Protocol):
     """The replies to a pipelined group (RFC 2920), read in place of
     aiosmtplib, which cannot have more than one reply in flight.
 
-    :meth:`SMTPConnection._send_pipelined` installs it on the transport
+    :meth:`SMTPConnection._grouping` installs it on the transport
     (``set_protocol``) for one transaction and puts aiosmtplib's protocol
     back afterwards: the transport keeps the socket, TLS and flow control,
     and the connection events are passed on to aiosmtplib's protocol, so it
