@@ -15,7 +15,7 @@ import io
 import logging
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -389,6 +389,31 @@ class MilterPlugin:
             raise _unavailable()
         mi.session_state = "done"
 
+    async def _ask_each(
+        self,
+        session: Session,
+        envelope: Envelope,
+        state: _State,
+        stage: str,
+        ask: Callable[[_Milter, m.MilterClient], Awaitable[Any]],
+        *,
+        message: bool = True,
+    ) -> Any:
+        """``ask`` each active milter in turn (``message``: only those still
+        in the message); a failure is handled as ``on_error`` says, and the
+        first verdict that decides is returned."""
+        for mi in self._active(state, message=message):
+            assert mi.client is not None
+            try:
+                outcome = await ask(mi, mi.client)
+            except m.MilterError as exc:
+                await self._fail(session, mi, exc, stage, envelope)
+                continue
+            verdict = self._verdict(session, mi, outcome, stage, envelope, message=True)
+            if verdict is not None:
+                return verdict
+        return None
+
     def _active(self, state: _State, *, message: bool) -> Iterator[_Milter]:
         for mi in state.milters:
             if mi.session_state == "failed":
@@ -537,21 +562,18 @@ class MilterPlugin:
             "{auth_authen}": session.auth,
             "{tls_version}": (session.tls or {}).get("version"),
         }
-        for mi in self._active(state, message=False):
-            assert mi.client is not None
+
+        async def mail(mi: _Milter, client: m.MilterClient) -> Any:
             mi.message_done = False
-            try:
-                if mi.client.in_transaction:
-                    await mi.client.abort()
-                outcome = await mi.client.mail(
-                    _bracketed(address), _esmtp_args(params), self._macros(mi.config, macros)
-                )
-            except m.MilterError as exc:
-                await self._fail(session, mi, exc, "mail", envelope)
-                continue
-            verdict = self._verdict(session, mi, outcome, "mail", envelope, message=True)
-            if verdict is not None:
-                return verdict
+            if client.in_transaction:
+                await client.abort()
+            return await client.mail(
+                _bracketed(address), _esmtp_args(params), self._macros(mi.config, macros)
+            )
+
+        verdict = await self._ask_each(session, envelope, state, "mail", mail, message=False)
+        if verdict is not None:
+            return verdict
         if state.discard_session is not None:
             return self._discard(session, state.discard_session, message=True)
         return None
@@ -567,19 +589,15 @@ class MilterPlugin:
             return None
         domain = address.rpartition("@")[2]
         macros = {"{rcpt_addr}": address, "{rcpt_host}": domain, "{rcpt_mailer}": "smtp"}
-        for mi in self._active(state, message=True):
-            assert mi.client is not None
-            try:
-                outcome = await mi.client.rcpt(
-                    _bracketed(address), _esmtp_args(params), self._macros(mi.config, macros)
-                )
-            except m.MilterError as exc:
-                await self._fail(session, mi, exc, "rcpt", envelope)
-                continue
-            verdict = self._verdict(session, mi, outcome, "rcpt", envelope, message=True)
-            if verdict is not None:
-                return verdict
-        return None
+        return await self._ask_each(
+            session,
+            envelope,
+            state,
+            "rcpt",
+            lambda mi, client: client.rcpt(
+                _bracketed(address), _esmtp_args(params), self._macros(mi.config, macros)
+            ),
+        )
 
     @hookimpl
     async def bonzo_data(self, session: Session, envelope: Envelope) -> Any:
@@ -587,17 +605,13 @@ class MilterPlugin:
         state = _state(session)
         if state is None:
             return None
-        for mi in self._active(state, message=True):
-            assert mi.client is not None
-            try:
-                outcome = await mi.client.data(self._macros(mi.config, {"i": envelope.id}))
-            except m.MilterError as exc:
-                await self._fail(session, mi, exc, "data", envelope)
-                continue
-            verdict = self._verdict(session, mi, outcome, "data", envelope, message=True)
-            if verdict is not None:
-                return verdict
-        return None
+        return await self._ask_each(
+            session,
+            envelope,
+            state,
+            "data",
+            lambda mi, client: client.data(self._macros(mi.config, {"i": envelope.id})),
+        )
 
     @hookimpl
     async def bonzo_message(self, session: Session, envelope: Envelope) -> Any:
