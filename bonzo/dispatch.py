@@ -581,7 +581,11 @@ class Dispatcher:
         if kind is MessageComplete or (kind is Data and event.chunked):  # type: ignore[attr-defined]
             # The message is over (a refused first BDAT ends its transaction).
             envelope = self.envelope
-            found = _results(self.session, envelope)
+            found = (
+                _results(self.session, envelope)
+                if envelope is not None and access_log.isEnabledFor(logging.INFO)
+                else ""
+            )
             if found and envelope is not None:
                 # What the filters found, beside the refusal's own line.
                 access_log.info(
