@@ -13,10 +13,8 @@ import asyncio
 import errno
 import json
 import logging
-import threading
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from bonzo.errors import PermanentError, TransientError
@@ -28,7 +26,7 @@ from .._config import parse_duration
 from .keys import Value, mode, under_ten_years
 from .routes import DEFAULT_ROUTES, ROUTES, TRANSPORTS, RouteTable, check_routes
 from .runner import Runner, RunnerSettings
-from .spool import GroupSync, Spool
+from .spool import Claim, GroupSync, QueuedMessage, Spool
 
 __all__ = ["QueuePlugin", "parse_duration", "KEYS"]
 
@@ -37,6 +35,9 @@ log = logging.getLogger("bonzo.plugins.queue")
 #: Bounds the ids of queued messages waiting for bonzo_accepted (a message
 #: whose session ended before it is found by the runner's next scan).
 _MAX_UNKICKED = 10_000
+#: Messages up to this size (in memory) are written by the event loop's
+#: thread: a few fast system calls, cheaper than a trip to a thread.
+_INLINE_SIZE = 256 * 1024
 _NO_SPACE = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
 
 
@@ -125,8 +126,9 @@ class QueuePlugin:
         self.max_hops = 100
         self.quarantine: str | None = None
         self._app: Any = None
-        #: Messages this process queued and has not yet kicked the runner for.
-        self._queued: set[str] = set()
+        #: Messages this process queued and has not yet handed to the runner
+        #: (with their claims: :meth:`Spool.write_claimed`).
+        self._queued: dict[str, tuple[Claim, QueuedMessage]] = {}
 
     # ------------------------------------------------------------ configure
     @hookimpl
@@ -181,6 +183,7 @@ class QueuePlugin:
     @hookimpl
     async def bonzo_shutdown(self) -> None:
         """Stop the runner; deliveries in flight get a few seconds to finish."""
+        self._release_queued()
         if self.runner is not None:
             await self.runner.stop()
             self.runner = None
@@ -253,18 +256,15 @@ class QueuePlugin:
         }
         if transport is not None:
             record["transport"] = transport
-        loop = asyncio.get_running_loop()
-        abort = threading.Event()
-        future = loop.run_in_executor(None, _write, spool, envelope.id, record, envelope, abort)
         try:
-            await asyncio.shield(future)
-            await sync.sync()
-        except asyncio.CancelledError:
-            # The hook timed out: the client gets 451 and sends it again, so
-            # this copy must not stay (a duplicate).
-            abort.set()
-            future.add_done_callback(lambda f: _discard(spool, envelope.id, f))
-            raise
+            handed = await spool.accept(
+                envelope.id,
+                record,
+                envelope.header_bytes,
+                envelope.open_body(),  # stays open: the envelope owns it
+                sync,
+                in_thread=envelope.spooled or envelope.size > _INLINE_SIZE,
+            )
         except OSError as exc:
             log.error(
                 "[%s %s] queue: message %s not queued: %s",
@@ -277,37 +277,28 @@ class QueuePlugin:
                 raise TransientError("Insufficient system storage", 452, "4.3.1") from None
             raise TransientError("Local error in processing", 451, "4.3.0") from None
         if len(self._queued) >= _MAX_UNKICKED:
-            self._queued.clear()  # accepted but never told: the scan finds them
-        self._queued.add(envelope.id)
+            # Accepted but never told (bonzo_accepted did not run): the scan
+            # finds them; their claims must not pile up.
+            self._release_queued()
+        self._queued[envelope.id] = handed
         return Accept(f"Ok: queued as {envelope.id}")
+
+    def _release_queued(self) -> None:
+        queued, self._queued = self._queued, {}
+        for claim, _ in queued.values():
+            claim.release()
 
     @hookimpl
     def bonzo_accepted(self, envelope: Envelope) -> None:
         """Try the message at once (if this plugin queued it: a set lookup,
         no file system call per message)."""
-        if envelope.id in self._queued:
-            self._queued.discard(envelope.id)
-            if self.runner is not None:
-                self.runner.kick(envelope.id)
-
-
-def _write(
-    spool: Spool, id: str, record: dict[str, Any], envelope: Envelope, abort: threading.Event
-) -> Path:
-    # The envelope's content file stays open: the envelope owns it.
-    path = spool.write(id, record, envelope.header_bytes, envelope.open_body())
-    if abort.is_set():
-        spool.remove(id)
-        raise OSError(errno.ECANCELED, "cancelled")
-    return path
-
-
-def _discard(spool: Spool, id: str, future: Any) -> None:
-    if not future.cancelled() and future.exception() is None:
-        try:
-            spool.remove(id)
-        except OSError:  # pragma: no cover - logged by the next scan
-            pass
+        handed = self._queued.pop(envelope.id, None)
+        if handed is None:
+            return
+        if self.runner is not None:
+            self.runner.kick(envelope.id, handed)
+        else:
+            handed[0].release()
 
 
 def _jsonable(stash: Mapping[str, Any]) -> dict[str, Any]:

@@ -51,6 +51,13 @@ __all__ = ["Runner", "RunnerSettings", "backoff"]
 
 log = logging.getLogger("bonzo.plugins.queue")
 
+#: Messages handed over by acceptance (:meth:`Runner.kick`) kept waiting
+#: for their first attempt with their claims (an open descriptor each).
+MAX_HANDED = 512
+
+#: Finished messages up to this size are removed by the event loop's thread.
+INLINE_REMOVE = 256 * 1024
+
 #: The states the queue's messages are counted in (``bonzo_queue_messages``):
 #: never tried yet, tried and waiting for the next attempt, held.
 QUEUE_STATES = ("new", "deferred", "held")
@@ -107,6 +114,9 @@ class Runner:
         self.clock = clock
         self._wake = asyncio.Event()
         self._kicked: list[str] = []
+        #: Messages this process just wrote, handed over with their claim
+        #: (:meth:`kick`): their first attempt needs no trip to the disk.
+        self._handed: dict[str, tuple[Claim, QueuedMessage]] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(settings.max_deliveries)
         self._destinations: dict[str, asyncio.Semaphore] = {}
@@ -150,16 +160,38 @@ class Runner:
             if pending:
                 await asyncio.wait(pending)
         await self.routes.close()
+        self._release_handed()
         self._executor.shutdown(wait=False)
 
-    def kick(self, id: str | None = None) -> None:
-        """Try ``id`` now (a message just accepted), or rescan the queue."""
+    def kick(
+        self, id: str | None = None, handed: tuple[Claim, QueuedMessage] | None = None
+    ) -> None:
+        """Try ``id`` now (a message just accepted), or rescan the queue.
+
+        ``handed``: the message's claim and envelope as the writer has them
+        (:meth:`Spool.write_claimed`); the runner owns the claim from then
+        on. At most :data:`MAX_HANDED` are kept waiting so (a descriptor
+        each); beyond, the claim is released and the message read back when
+        its turn comes."""
         if id is not None:
             self._kicked.append(id)
+            if handed is not None:
+                if self._stopping or len(self._handed) >= MAX_HANDED:
+                    handed[0].release()
+                else:
+                    old = self._handed.pop(id, None)
+                    if old is not None:  # pragma: no cover - ids are unique
+                        old[0].release()
+                    self._handed[id] = handed
         else:
             self._due.clear()
             self._heap.clear()
         self._wake.set()
+
+    def _release_handed(self) -> None:
+        handed, self._handed = self._handed, {}
+        for claim, _ in handed.values():
+            claim.release()
 
     def _set_due(self, id: str, when: float) -> None:
         self._due[id] = when
@@ -205,6 +237,12 @@ class Runner:
                 else:
                     if metrics.active is not None:
                         metrics.active.queue_depth(self.depth)
+                    # A message handed over while the scan listed the
+                    # directory may be missing from it: its claim is held
+                    # here, so it must not wait for the next scan.
+                    for id in self._handed:
+                        if id not in self._due and id not in self._inflight:
+                            self._set_due(id, 0.0)
                 next_scan = now + self.settings.scan_interval
             for id in self._kicked:
                 self._set_due(id, 0.0)
@@ -282,7 +320,9 @@ class Runner:
     async def attempt(self, id: str) -> None:
         """One delivery attempt at message ``id`` (see the module description)."""
         loop = asyncio.get_running_loop()
-        claimed = await loop.run_in_executor(self._executor, self._claim_and_load, id)
+        claimed = self._handed.pop(id, None)
+        if claimed is None:
+            claimed = await loop.run_in_executor(self._executor, self._claim_and_load, id)
         if claimed is None:
             self._due.pop(id, None)  # another worker has it, or it is gone
             return
@@ -301,7 +341,7 @@ class Runner:
             await self._settle(message, outcomes)
             nxt = message.next_due
             if nxt is None:
-                await self._remove(id, claim)
+                await self._remove(message, claim)
                 self._due.pop(id, None)
                 log.info("queue: %s done", id)
             else:
@@ -321,21 +361,23 @@ class Runner:
             claim.release()
             raise
 
-    async def _remove(self, id: str, claim: Claim) -> None:
+    async def _remove(self, message: QueuedMessage, claim: Claim) -> None:
         """Remove a finished message and release its claim; the directory
         fsync that makes the removal durable is shared (:class:`GroupSync`)
         with the other removals and acceptances of the moment."""
 
         def remove() -> None:
             try:
-                self.spool.remove(id, sync=False)
+                self.spool.remove(message.id, sync=False, state=message.has_state)
             finally:
-                # Closing the last descriptor of the unlinked file frees it
-                # on disk: file system work, kept off the event loop.
                 claim.release()
 
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, remove)
+        if message.size <= INLINE_REMOVE:
+            remove()  # two fast system calls: cheaper than a trip to a thread
+        else:
+            # Closing the last descriptor of a large unlinked file frees its
+            # blocks on disk: file system work, kept off the event loop.
+            await asyncio.get_running_loop().run_in_executor(self._executor, remove)
         await self.sync.sync()
 
     async def give_up(self, id: str, reason: str, wait: float = 10.0) -> str | None:
@@ -345,16 +387,24 @@ class Runner:
         (``""`` if no report was due), or ``None`` if the message could not
         be claimed within ``wait`` seconds."""
         loop = asyncio.get_running_loop()
-        claim = await loop.run_in_executor(self._executor, lambda: self.spool.claim(id, wait=wait))
-        if claim is None:
-            return None
+        handed = self._handed.pop(id, None)
+        if handed is not None:
+            claim, message = handed
+        else:
+            claimed = await loop.run_in_executor(
+                self._executor, lambda: self.spool.claim(id, wait=wait)
+            )
+            if claimed is None:
+                return None
+            claim = claimed
         try:
-            message = await loop.run_in_executor(self._executor, self.spool.load, id)
+            if handed is None:
+                message = await loop.run_in_executor(self._executor, self.spool.load, id)
             outcomes = {
                 i: Outcome("failed", 550, "5.0.0", reason, "postmaster") for i in message.pending
             }
             reports = await self._settle(message, outcomes)
-            await self._remove(id, claim)
+            await self._remove(message, claim)
             self._due.pop(id, None)
             return reports[0] if reports else ""
         finally:
@@ -603,11 +653,16 @@ class Runner:
             "records": {},
         }
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(
-            self._executor, self.spool.write, id, envelope, b"", io.BytesIO(content)
+        handed = await loop.run_in_executor(
+            self._executor,
+            self.spool.write_claimed,
+            id,
+            envelope,
+            b"",
+            io.BytesIO(content),
+            self.sync,
         )
-        await self.sync.sync()
-        self.kick(id)
+        self.kick(id, handed)
         return id
 
 

@@ -11,9 +11,10 @@ recipients with their parameters, the session facts, plugins' records) and
 the message as it will be delivered (Bonzo's trace header and any headers
 plugins added, then the client's content). It is written in ``tmp/``,
 fsync'd, renamed into ``data/``, and the directory fsync'd — only then is
-the message accepted, so a ``250`` always means "on disk". The directory
-fsync is shared by every message renamed while one is running
-(:class:`GroupSync`): concurrent sessions share that cost.
+the message accepted, so a ``250`` always means "on disk". The fsyncs and
+the rename go to one thread (:class:`GroupSync`, a
+:class:`bonzo.durable.Committer`) that takes every message waiting at once
+as one batch, with one directory fsync: concurrent sessions share that cost.
 
 A **state file** holds what changes: each recipient's status, attempts,
 next attempt and last reply, and the hold flag. It is replaced atomically
@@ -25,13 +26,14 @@ state update repeats that delivery at most (a duplicate, never a loss).
 command line, holds an exclusive ``flock`` on its data file
 (:meth:`Spool.claim`). The kernel drops the lock when the process dies, so a
 claim never outlives a crash and a message is never delivered by two
-workers at once.
+workers at once. A message is written under its claim
+(:meth:`Spool.write_claimed`): the process that accepted it can hand it,
+claim and envelope, to its runner without reading it back.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import fcntl
 import io
 import json
@@ -42,6 +44,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from bonzo import durable
+from bonzo.durable import Committer
 
 from ..maildir.plugin import process_exists
 
@@ -135,6 +140,40 @@ class QueuedMessage:
     transport: str | None = None
     """The named transport every recipient goes to, whatever the routes say
     (a quarantined message: the plugin's ``quarantine`` key)."""
+    has_state: bool = False
+    """A state file exists (it must be removed with the message)."""
+
+    @classmethod
+    def from_envelope(
+        cls, id: str, env: dict[str, Any], path: Path, offset: int, size: int
+    ) -> QueuedMessage:
+        """The message described by the envelope ``env`` of a data file, every
+        recipient pending since arrival. Raises ``ValueError``, ``KeyError``
+        or ``TypeError`` for a malformed envelope."""
+        arrival = float(env["arrival"])
+        recipients = [
+            Recipient(
+                address=r["address"],
+                canonical=r["canonical"],
+                domain=r["domain"],
+                params=dict(r.get("params", {})),
+                next_attempt=arrival,
+            )
+            for r in env["recipients"]
+        ]
+        return cls(
+            id=id,
+            arrival=arrival,
+            sender=env["sender"],
+            mail_params=dict(env.get("mail_params", {})),
+            recipients=recipients,
+            session=dict(env.get("session", {})),
+            records=dict(env.get("records", {})),
+            transport=env.get("transport"),
+            path=path,
+            offset=offset,
+            size=size,
+        )
 
     # What bonzo_plugins.maildir's writer needs of an envelope.
     header_bytes = b""
@@ -206,34 +245,53 @@ class Claim:
 
 
 class GroupSync:
-    """Shares directory fsyncs between concurrent writers: :meth:`sync`
-    returns once an fsync of the directory that *started after the call*
-    has finished, and every caller that arrives while one runs is served
-    by the next one. N messages renamed at about the same time cost two
-    directory fsyncs, not N."""
+    """Makes the entries of one directory durable for concurrent writers,
+    sharing the work (a :class:`bonzo.durable.Committer`: one thread, one
+    batch for every request waiting at once). :meth:`sync` returns once an
+    fsync of the directory that *started after the call* has finished;
+    N messages renamed at about the same time cost two directory fsyncs,
+    not N."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._requested = 0
-        self._done = 0
-        self._task: asyncio.Future[None] | None = None
-        #: Directory fsyncs done (for tests and statistics).
-        self.count = 0
+        self._dir = str(path)
+        self.committer = Committer()
+
+    @property
+    def count(self) -> int:
+        """Directory fsyncs done (for tests and statistics)."""
+        return self.committer.dir_syncs
 
     async def sync(self) -> None:
-        self._requested += 1
-        wanted = self._requested
-        while self._done < wanted:
-            if self._task is None or self._task.done():
-                self._task = asyncio.ensure_future(self._run())
-            await asyncio.shield(self._task)
+        await self.committer.sync(self._dir)
 
-    async def _run(self) -> None:
-        upto = self._requested
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, fsync_dir, self.path)
-        self.count += 1
-        self._done = max(self._done, upto)
+    def sync_blocking(self) -> None:
+        """:meth:`sync` from a thread other than an event loop's."""
+        self.committer.sync_blocking(self._dir)
+
+    def commit(self, fd: int, tmp: str, final: str) -> asyncio.Future[None]:
+        """Put the new file ``tmp`` durably in place as ``final`` (see
+        :meth:`bonzo.durable.Committer.commit`)."""
+        return self.committer.commit(fd, tmp, final, self._dir)
+
+
+@dataclass
+class _NewFile:
+    """A data file written in ``tmp/`` under its claim, not yet in place."""
+
+    id: str
+    fd: int
+    tmp: str
+    final: str
+    line: bytes
+    size: int
+
+    def discard(self, *, placed: bool = False) -> None:
+        try:
+            os.unlink(self.final if placed else self.tmp)
+        except OSError:
+            pass
+        os.close(self.fd)
 
 
 class Spool:
@@ -250,6 +308,8 @@ class Spool:
         self.tmp = path / "tmp"
         self.data = path / "data"
         self.state = path / "state"
+        self._tmp = str(self.tmp)
+        self._data = str(self.data)
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> int:
@@ -294,38 +354,117 @@ class Spool:
         ``data/``. The caller makes the rename durable (:class:`GroupSync`
         on :attr:`data`) before telling anyone. On any error nothing is
         left behind."""
+        claim, message = self.write_claimed(id, envelope, header_bytes, body)
+        claim.release()
+        return message.path
+
+    def write_claimed(
+        self,
+        id: str,
+        envelope: dict[str, Any],
+        header_bytes: bytes,
+        body: IO[bytes],
+        sync: GroupSync | None = None,
+    ) -> tuple[Claim, QueuedMessage]:
+        """Blocking: as :meth:`write`, then (with ``sync``) wait for a shared
+        directory fsync. The file is written under its claim, which is
+        returned with the message as it would be loaded (the pair: claim,
+        message): the caller may deliver it at once, or release the claim.
+        On any error nothing is left behind."""
+        new = self._create(id, envelope, header_bytes, body)
+        errors, _ = durable.commit_files(
+            [new.fd], [os.fsencode(new.tmp)], [os.fsencode(new.final)], []
+        )
+        if errors[0]:
+            new.discard()
+            raise OSError(errors[0], os.strerror(errors[0]), new.final)
+        if sync is not None:
+            try:
+                sync.sync_blocking()
+            except BaseException:
+                new.discard(placed=True)
+                raise
+        return self._handed(new)
+
+    async def accept(
+        self,
+        id: str,
+        envelope: dict[str, Any],
+        header_bytes: bytes,
+        body: IO[bytes],
+        sync: GroupSync,
+        *,
+        in_thread: bool,
+    ) -> tuple[Claim, QueuedMessage]:
+        """:meth:`write_claimed` for the event loop: the file is written here
+        (a small message: a few fast system calls) or, with ``in_thread``, in
+        the loop's default executor (a large one); its fsync, rename and the
+        directory fsync go to ``sync``'s committer, shared with every other
+        message of the moment. Cancelled, it leaves no copy behind."""
+        loop = asyncio.get_running_loop()
+        if in_thread:
+            created = loop.run_in_executor(None, self._create, id, envelope, header_bytes, body)
+            try:
+                new = await asyncio.shield(created)
+            except asyncio.CancelledError:
+                created.add_done_callback(_discard_created)
+                raise
+        else:
+            new = self._create(id, envelope, header_bytes, body)
+        placed = sync.commit(new.fd, new.tmp, new.final)
+        try:
+            await asyncio.shield(placed)
+        except asyncio.CancelledError:
+            # The client is told 4xx and sends it again: no copy may stay.
+            placed.add_done_callback(lambda f: new.discard(placed=f.exception() is None))
+            raise
+        except BaseException:
+            os.close(new.fd)  # the committer removed the file
+            raise
+        return self._handed(new)
+
+    def _create(
+        self, id: str, envelope: dict[str, Any], header_bytes: bytes, body: IO[bytes]
+    ) -> _NewFile:
+        """Blocking: write a new data file in ``tmp/`` under its claim."""
         if not _ID.fullmatch(id):
             raise ValueError(f"bad queue id {id!r}")
-        tmp = self.tmp / f"{id}.{os.getpid()}"
-        final = self.data / id
+        # Plain strings, not Paths: this runs for every message accepted.
+        tmp = f"{self._tmp}/{id}.{os.getpid()}"
+        final = f"{self._data}/{id}"
         line = json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         if b"\n" in line:  # pragma: no cover - json.dumps escapes newlines
             raise ValueError("envelope JSON must be one line")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         fd = os.open(tmp, flags, self.mode)
+        new = _NewFile(id, fd, tmp, final, line, len(header_bytes))
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC)
-                f.write(line)
-                f.write(b"\n")
-                f.write(header_bytes)
-                while True:
-                    chunk = body.read(1 << 20)
-                    if not chunk:
-                        break
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            if final.exists():
-                raise FileExistsError(errno.EEXIST, "queue id already used", str(final))
-            os.rename(tmp, final)
+            # A new file: nobody else can hold its lock yet.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            first = body.read(1 << 20)
+            new.size += len(first)
+            _write_all(fd, b"".join((MAGIC, line, b"\n", header_bytes, first)))
+            while first:
+                chunk = body.read(1 << 20)
+                if not chunk:
+                    break
+                new.size += len(chunk)
+                _write_all(fd, chunk)
         except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            new.discard()
             raise
-        return final
+        return new
+
+    def _handed(self, new: _NewFile) -> tuple[Claim, QueuedMessage]:
+        # Parsed back from the line written: exactly what load() would give.
+        message = QueuedMessage.from_envelope(
+            new.id,
+            json.loads(new.line),
+            self.data / new.id,
+            len(MAGIC) + len(new.line) + 1,
+            new.size,
+        )
+        return Claim(self, new.id, new.fd), message
 
     # ----------------------------------------------------------------- read
     def ids(self) -> list[str]:
@@ -362,30 +501,7 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"{path}: {exc.strerror or exc}") from exc
         try:
-            env = json.loads(line)
-            recipients = [
-                Recipient(
-                    address=r["address"],
-                    canonical=r["canonical"],
-                    domain=r["domain"],
-                    params=dict(r.get("params", {})),
-                    next_attempt=float(env["arrival"]),
-                )
-                for r in env["recipients"]
-            ]
-            message = QueuedMessage(
-                id=id,
-                arrival=float(env["arrival"]),
-                sender=env["sender"],
-                mail_params=dict(env.get("mail_params", {})),
-                recipients=recipients,
-                session=dict(env.get("session", {})),
-                records=dict(env.get("records", {})),
-                transport=env.get("transport"),
-                path=path,
-                offset=offset,
-                size=size,
-            )
+            message = QueuedMessage.from_envelope(id, json.loads(line), path, offset, size)
         except (ValueError, KeyError, TypeError) as exc:
             raise SpoolError(f"{path}: bad envelope: {exc}") from exc
         self._load_state(message)
@@ -397,6 +513,7 @@ class Spool:
             raw = path.read_bytes()
         except FileNotFoundError:
             return
+        message.has_state = True
         try:
             state = json.loads(raw)
             message.held = bool(state.get("held", False))
@@ -449,12 +566,17 @@ class Spool:
                 pass
             raise
         fsync_dir(self.state)
+        message.has_state = True
 
-    def remove(self, id: str, *, sync: bool = True) -> None:
+    def remove(self, id: str, *, sync: bool = True, state: bool = True) -> None:
         """Blocking: remove a message (its state, then its data), durably
         unless ``sync`` is false (then the caller fsyncs :attr:`data`, as
-        the runner does through its :class:`GroupSync`)."""
-        for path in (self.state / f"{id}.json", self.data / id):
+        the runner does through its :class:`GroupSync`). ``state=False``:
+        the caller knows (under the claim) that it has no state file."""
+        paths = [f"{self._data}/{id}"]
+        if state:
+            paths.insert(0, str(self.state / f"{id}.json"))
+        for path in paths:
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -499,6 +621,17 @@ class Spool:
                 yield self.load(id)
             except (FileNotFoundError, SpoolError):
                 continue
+
+
+def _discard_created(future: asyncio.Future[_NewFile]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().discard()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def body_of(data: bytes) -> IO[bytes]:

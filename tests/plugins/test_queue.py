@@ -194,6 +194,136 @@ def test_group_sync_shares_directory_fsyncs(tmp_path):
     assert 1 <= sync.count <= 2
 
 
+def test_group_sync_shares_fsyncs_between_threads_and_reports_a_failure(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from bonzo import durable
+
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    sync = GroupSync(spool.data)
+    real = durable.commit_files
+
+    def slow(*args: Any) -> Any:
+        time.sleep(0.05)  # the others arrive while this batch runs
+        return real(*args)
+
+    monkeypatch.setattr(durable, "commit_files", slow)
+    barrier = threading.Barrier(20)
+    served: list[float] = []
+
+    def writer() -> None:
+        barrier.wait()
+        sync.sync_blocking()
+        served.append(time.monotonic())
+
+    threads = [threading.Thread(target=writer) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(served) == 20 and 1 <= sync.count <= 2
+
+    calls = []
+
+    def broken(fds: Any, tmps: Any, finals: Any, dirs: Any) -> Any:
+        calls.append(dirs)
+        if len(calls) == 1:
+            return [], [errno.EIO] * len(dirs)
+        return real(fds, tmps, finals, dirs)
+
+    monkeypatch.setattr(durable, "commit_files", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        sync.sync_blocking()
+    sync.sync_blocking()  # the next request gets its own fsync
+    assert len(calls) == 2
+
+
+def test_a_message_written_under_its_claim_is_handed_over_as_loaded(tmp_path):
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    sync = GroupSync(spool.data)
+    env = envelope("alice@example.org", "bob@example.net", NOTIFY="FAILURE")
+    env["records"] = {"session": {"spf": ["pass", 1]}, "envelope": {}}
+    claim, message = spool.write_claimed("W1", env, b"Received: x\r\n", io.BytesIO(BODY), sync)
+    assert sync.count == 1  # durable before the caller hears of it
+    assert spool.claim("W1") is None  # held by the writer
+    loaded = spool.load("W1")
+    assert message == loaded  # exactly what reading it back gives
+    assert message.read() == b"Received: x\r\n" + BODY and not message.has_state
+    claim.release()
+    again = spool.claim("W1")
+    assert again is not None
+    again.release()
+
+
+@pytest.mark.expect_errors
+@pytest.mark.parametrize("where", ["thread", "loop", "loop, large"])
+def test_a_failed_directory_fsync_leaves_no_copy(tmp_path, monkeypatch, where):
+    from bonzo import durable
+
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    real = durable.commit_files
+
+    def broken(fds: Any, tmps: Any, finals: Any, dirs: Any) -> Any:
+        errors, _ = real(fds, tmps, finals, [])
+        return errors, [errno.EIO] * len(dirs)
+
+    monkeypatch.setattr(durable, "commit_files", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        if where == "thread":
+            spool.write_claimed("F1", envelope(), b"", io.BytesIO(BODY), GroupSync(spool.data))
+        else:
+
+            async def main() -> None:
+                await spool.accept("F1", envelope(), b"", io.BytesIO(BODY),
+                                   GroupSync(spool.data), in_thread="large" in where)  # fmt: skip
+
+            asyncio.run(main())
+    # The client is told 4xx and sends it again: no copy may be delivered.
+    assert list(spool.tmp.iterdir()) == [] and list(spool.data.iterdir()) == []
+
+
+def test_a_cancelled_acceptance_leaves_no_copy(tmp_path, monkeypatch):
+    import time
+
+    from bonzo import durable
+
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    real = durable.commit_files
+
+    def slow(*args: Any) -> Any:
+        time.sleep(0.2)
+        return real(*args)
+
+    monkeypatch.setattr(durable, "commit_files", slow)
+
+    async def main() -> None:
+        sync = GroupSync(spool.data)
+        for in_thread in (False, True):
+            task = asyncio.ensure_future(
+                spool.accept(
+                    f"C{int(in_thread)}",
+                    envelope(),
+                    b"",
+                    io.BytesIO(BODY),
+                    sync,
+                    in_thread=in_thread,
+                )  # fmt: skip
+            )
+            await asyncio.sleep(0.05)
+            task.cancel()  # the hook's time ran out
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        await asyncio.sleep(0.6)  # the commits finish, then are undone
+
+    asyncio.run(main())
+    assert list(spool.tmp.iterdir()) == [] and list(spool.data.iterdir()) == []
+
+
 # ----------------------------------------------------------------- reports
 def report_message(tmp_path: Path, **mail_params: str) -> Any:
     spool = Spool(tmp_path / "q")
@@ -595,6 +725,64 @@ def test_accepted_means_on_disk_then_delivered(tmp_path):
     assert left == []  # delivered (discarded) at once by this worker's runner
 
 
+def test_a_message_accepted_here_is_delivered_without_reading_it_back(tmp_path, monkeypatch):
+    plugins, queue = queue_session(tmp_path)
+    loads: list[str] = []
+    real_load = Spool.load
+
+    def counting(self: Spool, id: str) -> Any:
+        loads.append(id)
+        return real_load(self, id)
+
+    monkeypatch.setattr(Spool, "load", counting)
+    unlinked: list[str] = []
+    real_unlink = os.unlink
+    monkeypatch.setattr(os, "unlink", lambda p: (unlinked.append(str(p)), real_unlink(p))[1])
+
+    async def main() -> list[str]:
+        await queue.bonzo_startup(App(tmp_path, plugins))
+        assert queue.spool is not None and queue.runner is not None
+        for _ in range(3):
+            assert (await send(SessionTester(plugins))).startswith(b"250 2.0.0")
+        for _ in range(100):
+            if not queue.spool.ids():
+                break
+            await asyncio.sleep(0.02)
+        left = queue.spool.ids()
+        await queue.bonzo_shutdown()
+        return left
+
+    assert asyncio.run(main()) == []
+    assert loads == []  # handed over with its claim, not read back
+    # Removed without looking for a state file it never had.
+    assert unlinked and not any("/state/" in p for p in unlinked)
+
+
+def test_handed_over_claims_are_bounded_and_released_at_stop(tmp_path, monkeypatch):
+    import bonzo_plugins.queue.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "MAX_HANDED", 4)
+    transport = Scripted({})
+    spool, runner, clock = make_runner(tmp_path, transport, max_deliveries=1)
+    sync = GroupSync(spool.data)
+    handed = [
+        spool.write_claimed(f"H{i}", envelope(), b"", io.BytesIO(BODY), sync) for i in range(6)
+    ]
+    for i, pair in enumerate(handed):
+        runner.kick(f"H{i}", pair)  # not started: the runner's loop is not running
+    # Four kept (MAX_HANDED), the others' claims released at once.
+    free = [spool.claim(f"H{i}") for i in range(6)]
+    assert [c is None for c in free] == [True, True, True, True, False, False]
+    for c in free:
+        if c is not None:
+            c.release()
+    asyncio.run(runner.stop(grace=0))
+    for i in range(6):
+        claim = spool.claim(f"H{i}")
+        assert claim is not None, i
+        claim.release()
+
+
 def test_a_quarantined_message_goes_to_the_quarantine_transport_only(tmp_path):
     from bonzo import Quarantine
 
@@ -661,8 +849,12 @@ def test_the_envelope_is_kept_with_the_message(tmp_path):
     ("code", "reply"), [(errno.ENOSPC, b"452 4.3.1"), (errno.EIO, b"451 4.3.0")]
 )
 def test_a_storage_fault_is_4xx_and_leaves_nothing(tmp_path, monkeypatch, code, reply):
+    from bonzo import durable
+
     plugins, queue = queue_session(tmp_path)
     real_fsync = os.fsync
+    # The reference implementation: its fsync calls can be made to fail.
+    monkeypatch.setattr(durable, "commit_files", durable._commit_files_py)
 
     def failing(fd: int) -> None:
         if os.path.realpath(f"/proc/self/fd/{fd}").startswith(str(tmp_path / "q" / "tmp")):
