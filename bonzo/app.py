@@ -29,7 +29,7 @@ from .config import Config, ConfigError, ListenerConfig, load_config
 from .dns import Resolver
 from .hooks import PluginError, PluginSet
 from .hookspecs import DECISION_HOOKS
-from .server import ConnectionCount, SMTPServer
+from .server import ACCEPT_BATCH, ConnectionCount, SMTPServer
 from .settings import SettingError
 from .store import open_store
 
@@ -343,6 +343,8 @@ class MailApp:
                 settings=listener.smtp_settings or self.settings,
                 listener=listener.settings,
                 count=count,
+                # Workers share the sockets: one connection at a time each.
+                accept_batch=1 if self.config.workers > 1 else ACCEPT_BATCH,
             )
             server.add_sockets(socks)
             self.servers.append(server)

@@ -14,9 +14,10 @@ import email
 import email.message
 import socket
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream
 from tornado.log import app_log, gen_log
 from tornado.tcpserver import TCPServer
@@ -34,9 +35,46 @@ __all__ = [
     "SMTPRequest",
     "CallbackPlugin",
     "ConnectionCount",
+    "ACCEPT_BATCH",
 ]
 
 _TCPSERVER_ARGS = ("max_buffer_size", "read_chunk_size")
+
+#: Connections one readiness event of a listening socket accepts (Tornado's
+#: own figure). Worker processes sharing a socket take one at a time
+#: (:class:`bonzo.app.MailApp`), so that a burst of connections is spread
+#: over the workers rather than taken by the first to wake: with long
+#: sessions, that first worker would carry most of the load for their life.
+ACCEPT_BATCH = 128
+
+
+def _accept_on(
+    sock: socket.socket, callback: Callable[[socket.socket, Any], None], batch: int
+) -> Callable[[], None]:
+    """Call ``callback(connection, address)`` for up to ``batch`` waiting
+    connections each time ``sock`` is ready; returns the function that stops."""
+    io_loop = IOLoop.current()
+    removed = False
+
+    def ready(fd: Any, events: int) -> None:
+        for _ in range(batch):
+            if removed:
+                return  # the socket was closed by an earlier callback
+            try:
+                connection, address = sock.accept()
+            except BlockingIOError:
+                return  # every waiting connection taken (or another worker's)
+            except ConnectionAbortedError:
+                continue  # closed by the client while waiting
+            callback(connection, address)
+
+    def remove() -> None:
+        nonlocal removed
+        io_loop.remove_handler(sock)
+        removed = True
+
+    io_loop.add_handler(sock, ready, IOLoop.READ)
+    return remove
 
 
 class SMTPRequest:
@@ -277,6 +315,8 @@ class SMTPServer(TCPServer):
         policy).
     :arg count: a :class:`ConnectionCount` shared with other servers, so that
         the connection limits hold across listeners.
+    :arg accept_batch: connections taken from a listening socket each time it
+        is ready (:data:`ACCEPT_BATCH`; the daemon's workers take ``1``).
 
     Used with a request callback, the greeting is the original
     ``220 Bonzo SMTP Server <version>`` and the original reply texts are
@@ -284,7 +324,7 @@ class SMTPServer(TCPServer):
     settings' banner and every reply carries an enhanced status code.
 
     .. versionchanged:: 0.2
-       ``plugins``, ``settings``, ``listener`` and ``count``.
+       ``plugins``, ``settings``, ``listener``, ``count`` and ``accept_batch``.
     """
 
     def __init__(
@@ -296,6 +336,7 @@ class SMTPServer(TCPServer):
         settings: SMTPSettings | None = None,
         listener: ListenerSettings | None = None,
         count: ConnectionCount | None = None,
+        accept_batch: int = ACCEPT_BATCH,
         **kwargs: Any,
     ) -> None:
         # io_loop is accepted (and ignored) for code written for Tornado < 5.
@@ -331,7 +372,20 @@ class SMTPServer(TCPServer):
         # the total only, its client not known yet).
         self._counted: dict[SMTPConnection, str | None] = {}
         self._legacy = request_callback is not None
+        if accept_batch < 1:
+            raise ValueError(f"accept_batch must be at least 1, not {accept_batch}")
+        #: Connections taken from a listening socket each time it is ready.
+        self.accept_batch = accept_batch
         super().__init__(**tcp_kwargs)
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        """Accept connections on ``sockets`` (as Tornado's, at most
+        :attr:`accept_batch` each time a socket is ready)."""
+        for sock in sockets:
+            self._sockets[sock.fileno()] = sock
+            self._handlers[sock.fileno()] = _accept_on(
+                sock, self._handle_connection, self.accept_batch
+            )
 
     def handle_stream(self, stream: IOStream, address: Any) -> None:
         """Start a session for a new connection (called by TCPServer)."""

@@ -371,3 +371,40 @@ def test_content_split_at_every_octet_across_reads(start_server, wire, expected)
             client.send(wire[split:])
             assert client.reply().startswith(b"250 2.0.0 Ok"), split
     assert [m.body for m in server.plugin.messages] == [expected] * (len(wire) - 1)
+
+
+@pytest.mark.parametrize(("batch", "first"), [(1, 1), (128, 3)])
+def test_accept_batch_is_how_many_waiting_connections_one_wakeup_takes(batch, first):
+    from tornado.netutil import bind_sockets
+
+    from bonzo.hooks import PluginSet
+    from bonzo.server import ACCEPT_BATCH, SMTPServer
+
+    assert ACCEPT_BATCH == 128
+    with pytest.raises(ValueError, match="accept_batch must be at least 1"):
+        SMTPServer(plugins=PluginSet(), accept_batch=0)
+
+    async def main() -> list[int]:
+        server = SMTPServer(plugins=PluginSet(), accept_batch=batch)
+        [sock] = bind_sockets(0, "127.0.0.1")
+        port = sock.getsockname()[1]
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        server.add_sockets([sock])  # the three wait in the backlog already
+        seen = []
+        for _ in range(1000):  # until the first wakeup has taken its share
+            await asyncio.sleep(0)
+            if server.connections:
+                seen.append(len(server.connections))
+                break
+        for _ in range(100):
+            if len(server.connections) == 3:
+                break
+            await asyncio.sleep(0.01)
+        seen.append(len(server.connections))
+        for c in clients:
+            c.close()
+        await server.shutdown(grace=0)
+        return seen
+
+    seen = asyncio.run(main())
+    assert seen[0] == first and seen[-1] == 3

@@ -55,6 +55,19 @@ log = logging.getLogger("bonzo.plugins.queue")
 #: for their first attempt with their claims (an open descriptor each).
 MAX_HANDED = 512
 
+#: How often the runner measures how busy its event loop is (seconds); the
+#: share of that time above which deliveries start yielding, and the one
+#: below which they stop (apart, so that the lighter load of yielding does
+#: not end it at once).
+BUSY_INTERVAL = 0.1
+BUSY_SHARE = 0.75
+IDLE_SHARE = 0.5
+#: Mail accepted this recently (seconds) means the worker is accepting.
+ACCEPTING_WINDOW = 0.5
+#: Past this many accepted messages waiting for their first attempt,
+#: delivery no longer yields to acceptance (Postfix's active queue limit).
+MAX_YIELD_BACKLOG = 20_000
+
 #: Finished messages up to this size are removed by the event loop's thread.
 INLINE_REMOVE = 256 * 1024
 
@@ -75,6 +88,7 @@ class RunnerSettings:
     scan_interval: float = 30.0
     max_deliveries: int = 20
     per_destination: int = 5
+    busy_deliveries: int = 2
     bounce_size_limit: int = 50_000
     delivery_timeout: float = 600.0
 
@@ -136,16 +150,62 @@ class Runner:
         #: Messages by state at the last scan (:data:`QUEUE_STATES`).
         self.depth: dict[str, int] = dict.fromkeys(QUEUE_STATES, 0)
         self._flush_mtime: float | None = None
+        #: Accepted here, not yet attempted (for the yield's backlog bound).
+        self._first: set[str] = set()
+        self._accepted_at = -1e9
+        #: True while deliveries yield to acceptance (:meth:`_measure`).
+        self.yielding = False
+        self._monitor: asyncio.TimerHandle | None = None
+        self._cpu = (0.0, 0.0)
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run())
+        if self.settings.busy_deliveries < self.settings.max_deliveries:
+            self._cpu = (time.monotonic(), _busy_time())
+            self._monitor = loop.call_later(BUSY_INTERVAL, self._measure)
+
+    def _measure(self) -> None:
+        """Every :data:`BUSY_INTERVAL`: the share of the time this event
+        loop's thread was busy (running, or ready to run and waiting for a
+        CPU: not waiting for events). Deliveries yield to acceptance once
+        that share is over :data:`BUSY_SHARE` until it falls under
+        :data:`IDLE_SHARE`, while mail was accepted in the last
+        :data:`ACCEPTING_WINDOW` and fewer than :data:`MAX_YIELD_BACKLOG`
+        accepted messages wait."""
+        wall, busy = time.monotonic(), _busy_time()
+        share = (busy - self._cpu[1]) / max(wall - self._cpu[0], 1e-6)
+        self._cpu = (wall, busy)
+        yielding = (
+            share > (IDLE_SHARE if self.yielding else BUSY_SHARE)
+            and wall - self._accepted_at < ACCEPTING_WINDOW
+            and len(self._first) < MAX_YIELD_BACKLOG
+        )
+        if yielding != self.yielding:
+            self.yielding = yielding
+            log.debug(
+                "queue: %s (event loop busy %.0f%%, %d message(s) not yet tried)",
+                "deliveries yield to acceptance" if yielding else "deliveries at full speed",
+                share * 100,
+                len(self._first),
+            )
+            if not yielding:
+                self._wake.set()
+        if not self._stopping:
+            self._monitor = asyncio.get_running_loop().call_later(BUSY_INTERVAL, self._measure)
+
+    def accepted(self) -> None:
+        """Tell the runner that its worker accepted a message (now)."""
+        self._accepted_at = time.monotonic()
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop scanning; let deliveries in flight finish for ``grace``
         seconds, then cancel them (they are tried again later)."""
         self._stopping = True
         self._wake.set()
+        if self._monitor is not None:
+            self._monitor.cancel()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -175,6 +235,7 @@ class Runner:
         its turn comes."""
         if id is not None:
             self._kicked.append(id)
+            self._first.add(id)
             if handed is not None:
                 if self._stopping or len(self._handed) >= MAX_HANDED:
                     handed[0].release()
@@ -237,6 +298,9 @@ class Runner:
                 else:
                     if metrics.active is not None:
                         metrics.active.queue_depth(self.depth)
+                    # A message removed before its first attempt (bonzo
+                    # queue delete) no longer counts as waiting.
+                    self._first.intersection_update(self._due)
                     # A message handed over while the scan listed the
                     # directory may be missing from it: its claim is held
                     # here, so it must not wait for the next scan.
@@ -253,7 +317,11 @@ class Runner:
             # Start due messages, the earliest first, while a delivery slot is
             # free; a finished attempt wakes this loop for the next. The cost
             # is O(log n) per message, however long the queue.
-            while len(self._inflight) < self.settings.max_deliveries:
+            # While the worker is busy accepting mail, fewer deliveries at
+            # once: acceptance takes precedence (as in Postfix, where the
+            # queue grows under a burst and drains after it).
+            limit = self.settings.busy_deliveries if self.yielding else self.settings.max_deliveries
+            while len(self._inflight) < limit:
                 first = self._next_due()
                 if first is None:
                     break
@@ -297,6 +365,7 @@ class Runner:
         self.depth = depth
 
     def _start(self, id: str) -> None:
+        self._first.discard(id)
         task = asyncio.get_running_loop().create_task(self._attempt_guarded(id))
         self._inflight[id] = task
         task.add_done_callback(lambda _: self._finished(id))
@@ -664,6 +733,19 @@ class Runner:
         )
         self.kick(id, handed)
         return id
+
+
+def _busy_time() -> float:
+    """Seconds the calling thread has been running or waiting for a CPU
+    (Linux's per-thread scheduler statistics: on a machine shared with other
+    busy processes a saturated loop runs less than all the time, but it is
+    never idle); where those are missing, the thread's CPU time."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            running, waiting = f.read().split()[:2]
+        return (int(running) + int(waiting)) / 1e9
+    except (OSError, ValueError):
+        return time.thread_time()
 
 
 def _transient(reply: str) -> str:

@@ -1112,3 +1112,55 @@ def test_metrics_count_outcomes_per_recipient_and_the_depth_by_state(tmp_path):
     assert value("bonzo_queue_messages", state="deferred") == 1
     assert value("bonzo_queue_messages", state="new") == 2
     assert value("bonzo_queue_messages", state="held") == 0
+
+
+@pytest.mark.parametrize("accepting", [True, False])
+def test_deliveries_yield_to_acceptance_while_the_loop_is_busy(tmp_path, accepting):
+    """While the worker's loop is busy and mail is being accepted, at most
+    busy_deliveries run at once; a loop busy without acceptance (a backlog
+    draining) delivers max_deliveries at once; when the load eases, the
+    runner says so and drains at full speed."""
+    import time
+
+    transport = Counting()
+    spool, runner, clock = make_runner(
+        tmp_path, transport, max_deliveries=8, per_destination=8, busy_deliveries=2
+    )
+    seen: dict[str, Any] = {}
+
+    async def main() -> None:
+        runner.start()
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:  # a burst of work on the loop's thread
+            if accepting:
+                runner.accepted()
+            spin = time.perf_counter() + 0.005
+            while time.perf_counter() < spin:
+                pass
+            ready = runner.yielding or not accepting
+            if ready and "kicked" not in seen and time.monotonic() > end - 0.7:
+                for i in range(40):
+                    queued(spool, f"Y{i}", envelope())
+                    runner.kick(f"Y{i}")
+                seen["kicked"] = runner.yielding
+                transport.most = transport.now
+            await asyncio.sleep(0)
+        seen["busy"] = transport.most
+        for _ in range(100):  # the load has eased: full speed again
+            if not runner.yielding:
+                break
+            await asyncio.sleep(0.02)
+        for _ in range(500):
+            if not spool.ids() and not runner._inflight:
+                break
+            await asyncio.sleep(0.01)
+        await runner.stop()
+
+    asyncio.run(main())
+    assert spool.ids() == [] and len(transport.delivered) == 40
+    assert seen["kicked"] is accepting
+    if accepting:
+        assert seen["busy"] <= 2  # acceptance first
+    else:
+        assert 2 < seen["busy"] <= 8  # nothing to yield to
+    assert not runner.yielding
