@@ -42,9 +42,9 @@ _TCPSERVER_ARGS = ("max_buffer_size", "read_chunk_size")
 
 #: Connections one readiness event of a listening socket accepts (Tornado's
 #: own figure). Worker processes sharing a socket take one at a time
-#: (:class:`bonzo.app.MailApp`), so that a burst of connections is spread
-#: over the workers rather than taken by the first to wake: with long
-#: sessions, that first worker would carry most of the load for their life.
+#: (:class:`bonzo.app.MailApp`), so that the others get a chance at a burst
+#: of connections the first to wake would otherwise take whole: with long
+#: sessions, that worker would carry most of the load for their life.
 ACCEPT_BATCH = 128
 
 

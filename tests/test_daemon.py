@@ -521,48 +521,6 @@ def test_two_workers_serve_mail_and_stop_cleanly(workdir, serve):
     assert "restarting" not in daemon.log
 
 
-def sessions_by_process(port: int, pids: list[int]) -> dict[int, int]:
-    """How many established connections to ``port`` each process holds
-    (from /proc: the socket inodes of its descriptors, /proc/net/tcp)."""
-    inodes = {}
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local, state, inode = fields[1], fields[3], fields[9]
-        if int(local.rsplit(":", 1)[1], 16) == port and state == "01":
-            inodes[inode] = True
-    counts = {}
-    for pid in pids:
-        held = 0
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                target = os.readlink(fd)
-            except OSError:
-                continue
-            if target.startswith("socket:[") and target[8:-1] in inodes:
-                held += 1
-        counts[pid] = held
-    return counts
-
-
-def test_a_burst_of_long_sessions_is_spread_over_the_workers(workdir, serve):
-    port = free_port()
-    daemon = serve(write_config(workdir, port, workers=2), port)
-    daemon.wait_ready(workers=2)
-    clients = [socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) for _ in range(20)]
-    try:
-        for c in clients:  # every session started (its greeting read)
-            assert c.recv(1024).startswith(b"220 ")
-        counts = sessions_by_process(port, ready_pids(daemon))
-    finally:
-        for c in clients:
-            c.close()
-    # Each worker takes one connection each time the socket is ready, so
-    # neither takes the whole burst (Tornado's default takes up to 128).
-    assert sum(counts.values()) == 20
-    assert min(counts.values()) >= 4, counts
-    assert daemon.stop() == 0
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_serve_on_uvloop(workdir, serve, workers):
     pytest.importorskip("uvloop", reason="pip install 'bonzo[uvloop]'")
