@@ -162,12 +162,9 @@ class Runner:
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._run())
-        if self.settings.busy_deliveries < self.settings.max_deliveries:
-            self._cpu = (time.monotonic(), _busy_time())
-            self._monitor = loop.call_later(BUSY_INTERVAL, self._measure)
 
     def _measure(self) -> None:
-        """Every :data:`BUSY_INTERVAL`: the share of the time this event
+        """Every :data:`BUSY_INTERVAL` while mail comes in: the share of the time this event
         loop's thread was busy (running, or ready to run and waiting for a
         CPU: not waiting for events). Deliveries yield to acceptance once
         that share is over :data:`BUSY_SHARE` until it falls under
@@ -192,12 +189,22 @@ class Runner:
             )
             if not yielding:
                 self._wake.set()
-        if not self._stopping:
+        if self._stopping or not (yielding or wall - self._accepted_at < ACCEPTING_WINDOW):
+            self._monitor = None  # no mail coming in: no timer (accepted() starts it)
+        else:
             self._monitor = asyncio.get_running_loop().call_later(BUSY_INTERVAL, self._measure)
 
     def accepted(self) -> None:
-        """Tell the runner that its worker accepted a message (now)."""
+        """Tell the runner that its worker accepted a message (now); the
+        measure of how busy the loop is runs while mail comes in."""
         self._accepted_at = time.monotonic()
+        if (
+            self._monitor is None
+            and not self._stopping
+            and self.settings.busy_deliveries < self.settings.max_deliveries
+        ):
+            self._cpu = (self._accepted_at, _busy_time())
+            self._monitor = asyncio.get_running_loop().call_later(BUSY_INTERVAL, self._measure)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop scanning; let deliveries in flight finish for ``grace``
