@@ -25,11 +25,20 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["Committer", "commit_files"]
+__all__ = ["Committer", "commit_files", "fsync_dir"]
 
 log = logging.getLogger("bonzo.durable")
 
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def fsync_dir(path: str | bytes | os.PathLike[str]) -> None:
+    """Blocking: make the entries of directory ``path`` durable."""
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _commit_files_py(
@@ -57,11 +66,7 @@ def _commit_files_py(
     dir_errors = [0] * len(dirs)
     for j, path in enumerate(dirs):
         try:
-            fd = os.open(path, _DIR_FLAGS)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(path)
         except OSError as exc:
             dir_errors[j] = exc.errno or errno.EIO
     return errors, dir_errors

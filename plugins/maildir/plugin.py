@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bonzo.address import Address
+from bonzo.durable import fsync_dir
 from bonzo.errors import TransientError
 from bonzo.hookspecs import Accept, hookimpl
 from bonzo.schema import Key, Schema
@@ -168,14 +169,6 @@ def envelope_lead(sender: str, recipients: Sequence[str]) -> bytes:
     if len(distinct) == 1 and not any(c in distinct[0] for c in "\r\n\0"):
         lines += f"Delivered-To: {distinct[0]}\r\n"
     return lines.encode("utf-8")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _host_part(host: str | None = None) -> str:
@@ -666,7 +659,7 @@ class MaildirPlugin:
                 os.rename(tmp, new)
                 done.append(new)
             for new_dir in dict.fromkeys(new.parent for new in done):
-                _fsync_dir(new_dir)
+                fsync_dir(new_dir)
             checkpoint()
         except BaseException:
             for path in [tmp for tmp, _ in moves] + done:
@@ -732,7 +725,7 @@ class MaildirPlugin:
         for sub in SUBDIRS:
             created |= self._mkdir(maildir / sub)
         if created:
-            _fsync_dir(maildir)
+            fsync_dir(maildir)
 
     def _makedirs(self, target: Path) -> None:
         """Create ``target`` and its missing parents, each made durable."""
@@ -743,7 +736,7 @@ class MaildirPlugin:
             current = current.parent
         for path in reversed(missing):
             if self._mkdir(path):
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
 
     def _mkdir(self, path: Path) -> bool:
         try:

@@ -25,19 +25,16 @@ from bonzo.session import Envelope, Session
 from .._config import parse_duration
 from .keys import Value, mode, under_ten_years
 from .routes import DEFAULT_ROUTES, ROUTES, TRANSPORTS, RouteTable, check_routes
-from .runner import Runner, RunnerSettings
+from .runner import INLINE_SIZE, MAX_HANDED, Runner, RunnerSettings
 from .spool import Claim, GroupSync, QueuedMessage, Spool
 
 __all__ = ["QueuePlugin", "parse_duration", "KEYS"]
 
 log = logging.getLogger("bonzo.plugins.queue")
 
-#: Bounds the ids of queued messages waiting for bonzo_accepted (a message
-#: whose session ended before it is found by the runner's next scan).
-_MAX_UNKICKED = 10_000
-#: Messages up to this size (in memory) are written by the event loop's
-#: thread: a few fast system calls, cheaper than a trip to a thread.
-_INLINE_SIZE = 256 * 1024
+#: Bounds the queued messages waiting for bonzo_accepted, each with its
+#: claim (a descriptor), as the runner bounds those it is handed.
+_MAX_UNKICKED = MAX_HANDED
 _NO_SPACE = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
 
 
@@ -133,7 +130,7 @@ class QueuePlugin:
         self.quarantine: str | None = None
         self._app: Any = None
         #: Messages this process queued and has not yet handed to the runner
-        #: (with their claims: :meth:`Spool.write_claimed`).
+        #: (with their claims: :meth:`Spool.accept`).
         self._queued: dict[str, tuple[Claim, QueuedMessage]] = {}
 
     # ------------------------------------------------------------ configure
@@ -270,7 +267,7 @@ class QueuePlugin:
                 envelope.header_bytes,
                 envelope.open_body(),  # stays open: the envelope owns it
                 sync,
-                in_thread=envelope.spooled or envelope.size > _INLINE_SIZE,
+                in_thread=envelope.spooled or envelope.size > INLINE_SIZE,
             )
         except OSError as exc:
             log.error(

@@ -68,8 +68,9 @@ ACCEPTING_WINDOW = 0.5
 #: delivery no longer yields to acceptance (Postfix's active queue limit).
 MAX_YIELD_BACKLOG = 20_000
 
-#: Finished messages up to this size are removed by the event loop's thread.
-INLINE_REMOVE = 256 * 1024
+#: Messages up to this size are written (reports) and removed by the event
+#: loop's thread: a few fast system calls, cheaper than a trip to a thread.
+INLINE_SIZE = 256 * 1024
 
 #: The states the queue's messages are counted in (``bonzo_queue_messages``):
 #: never tried yet, tried and waiting for the next attempt, held.
@@ -160,8 +161,7 @@ class Runner:
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._task = loop.create_task(self._run())
+        self._task = asyncio.get_running_loop().create_task(self._run())
 
     def _measure(self) -> None:
         """Every :data:`BUSY_INTERVAL` while mail comes in: the share of the time this event
@@ -236,7 +236,7 @@ class Runner:
         """Try ``id`` now (a message just accepted), or rescan the queue.
 
         ``handed``: the message's claim and envelope as the writer has them
-        (:meth:`Spool.write_claimed`); the runner owns the claim from then
+        (:meth:`Spool.accept`); the runner owns the claim from then
         on. At most :data:`MAX_HANDED` are kept waiting so (a descriptor
         each); beyond, the claim is released and the message read back when
         its turn comes."""
@@ -448,7 +448,7 @@ class Runner:
             finally:
                 claim.release()
 
-        if message.size <= INLINE_REMOVE:
+        if message.size <= INLINE_SIZE:
             remove()  # two fast system calls: cheaper than a trip to a thread
         else:
             # Closing the last descriptor of a large unlinked file frees its
@@ -728,15 +728,8 @@ class Runner:
             "session": session or {},
             "records": {},
         }
-        loop = asyncio.get_running_loop()
-        handed = await loop.run_in_executor(
-            self._executor,
-            self.spool.write_claimed,
-            id,
-            envelope,
-            b"",
-            io.BytesIO(content),
-            self.sync,
+        handed = await self.spool.accept(
+            id, envelope, b"", io.BytesIO(content), self.sync, in_thread=len(content) > INLINE_SIZE
         )
         self.kick(id, handed)
         return id

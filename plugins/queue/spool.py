@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from bonzo import durable
-from bonzo.durable import Committer
+from bonzo.durable import Committer, fsync_dir
 
 from ..maildir.plugin import process_exists
 
@@ -73,15 +73,6 @@ _ID = re.compile(r"[0-9A-Za-z]{1,64}")
 
 class SpoolError(Exception):
     """A queue file that cannot be read or has no valid content."""
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the entries of directory ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -265,10 +256,6 @@ class GroupSync:
     async def sync(self) -> None:
         await self.committer.sync(self._dir)
 
-    def sync_blocking(self) -> None:
-        """:meth:`sync` from a thread other than an event loop's."""
-        self.committer.sync_blocking(self._dir)
-
     def commit(self, fd: int, tmp: str, final: str) -> asyncio.Future[None]:
         """Put the new file ``tmp`` durably in place as ``final`` (see
         :meth:`bonzo.durable.Committer.commit`)."""
@@ -364,13 +351,10 @@ class Spool:
         envelope: dict[str, Any],
         header_bytes: bytes,
         body: IO[bytes],
-        sync: GroupSync | None = None,
     ) -> tuple[Claim, QueuedMessage]:
-        """Blocking: as :meth:`write`, then (with ``sync``) wait for a shared
-        directory fsync. The file is written under its claim, which is
-        returned with the message as it would be loaded (the pair: claim,
-        message): the caller may deliver it at once, or release the claim.
-        On any error nothing is left behind."""
+        """Blocking: as :meth:`write`, but the file is written under its
+        claim, which is returned with the message as it would be loaded (the
+        pair: claim, message). On any error nothing is left behind."""
         new = self._create(id, envelope, header_bytes, body)
         errors, _ = durable.commit_files(
             [new.fd], [os.fsencode(new.tmp)], [os.fsencode(new.final)], []
@@ -378,12 +362,6 @@ class Spool:
         if errors[0]:
             new.discard()
             raise OSError(errors[0], os.strerror(errors[0]), new.final)
-        if sync is not None:
-            try:
-                sync.sync_blocking()
-            except BaseException:
-                new.discard(placed=True)
-                raise
         return self._handed(new)
 
     async def accept(

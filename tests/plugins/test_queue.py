@@ -215,7 +215,7 @@ def test_group_sync_shares_fsyncs_between_threads_and_reports_a_failure(tmp_path
 
     def writer() -> None:
         barrier.wait()
-        sync.sync_blocking()
+        sync.committer.sync_blocking(str(spool.data))
         served.append(time.monotonic())
 
     threads = [threading.Thread(target=writer) for _ in range(20)]
@@ -235,8 +235,8 @@ def test_group_sync_shares_fsyncs_between_threads_and_reports_a_failure(tmp_path
 
     monkeypatch.setattr(durable, "commit_files", broken)
     with pytest.raises(OSError, match="Input/output error"):
-        sync.sync_blocking()
-    sync.sync_blocking()  # the next request gets its own fsync
+        sync.committer.sync_blocking(str(spool.data))
+    sync.committer.sync_blocking(str(spool.data))  # the next request gets its own fsync
     assert len(calls) == 2
 
 
@@ -246,7 +246,9 @@ def test_a_message_written_under_its_claim_is_handed_over_as_loaded(tmp_path):
     sync = GroupSync(spool.data)
     env = envelope("alice@example.org", "bob@example.net", NOTIFY="FAILURE")
     env["records"] = {"session": {"spf": ["pass", 1]}, "envelope": {}}
-    claim, message = spool.write_claimed("W1", env, b"Received: x\r\n", io.BytesIO(BODY), sync)
+    claim, message = asyncio.run(
+        spool.accept("W1", env, b"Received: x\r\n", io.BytesIO(BODY), sync, in_thread=False)
+    )
     assert sync.count == 1  # durable before the caller hears of it
     assert spool.claim("W1") is None  # held by the writer
     loaded = spool.load("W1")
@@ -259,7 +261,7 @@ def test_a_message_written_under_its_claim_is_handed_over_as_loaded(tmp_path):
 
 
 @pytest.mark.expect_errors
-@pytest.mark.parametrize("where", ["thread", "loop", "loop, large"])
+@pytest.mark.parametrize("where", ["loop", "loop, large"])
 def test_a_failed_directory_fsync_leaves_no_copy(tmp_path, monkeypatch, where):
     from bonzo import durable
 
@@ -273,15 +275,12 @@ def test_a_failed_directory_fsync_leaves_no_copy(tmp_path, monkeypatch, where):
 
     monkeypatch.setattr(durable, "commit_files", broken)
     with pytest.raises(OSError, match="Input/output error"):
-        if where == "thread":
-            spool.write_claimed("F1", envelope(), b"", io.BytesIO(BODY), GroupSync(spool.data))
-        else:
 
-            async def main() -> None:
-                await spool.accept("F1", envelope(), b"", io.BytesIO(BODY),
-                                   GroupSync(spool.data), in_thread="large" in where)  # fmt: skip
+        async def main() -> None:
+            await spool.accept("F1", envelope(), b"", io.BytesIO(BODY),
+                               GroupSync(spool.data), in_thread="large" in where)  # fmt: skip
 
-            asyncio.run(main())
+        asyncio.run(main())
     # The client is told 4xx and sends it again: no copy may be delivered.
     assert list(spool.tmp.iterdir()) == [] and list(spool.data.iterdir()) == []
 
@@ -764,10 +763,7 @@ def test_handed_over_claims_are_bounded_and_released_at_stop(tmp_path, monkeypat
     monkeypatch.setattr(runner_module, "MAX_HANDED", 4)
     transport = Scripted({})
     spool, runner, clock = make_runner(tmp_path, transport, max_deliveries=1)
-    sync = GroupSync(spool.data)
-    handed = [
-        spool.write_claimed(f"H{i}", envelope(), b"", io.BytesIO(BODY), sync) for i in range(6)
-    ]
+    handed = [spool.write_claimed(f"H{i}", envelope(), b"", io.BytesIO(BODY)) for i in range(6)]
     for i, pair in enumerate(handed):
         runner.kick(f"H{i}", pair)  # not started: the runner's loop is not running
     # Four kept (MAX_HANDED), the others' claims released at once.
