@@ -1,5 +1,5 @@
-/* Optional accelerators: the DATA scan of bonzo.protocol, and the batch
- * commit of bonzo.durable.
+/* Optional accelerators: the DATA scan of bonzo.protocol, and the batches
+ * of bonzo.durable (commit, remove, create).
  *
  * bonzo.protocol._scan_data_py is the reference implementation and the
  * fallback when this module is not built; both return the same result for
@@ -101,6 +101,23 @@ bytes_items(PyObject *seq, Py_ssize_t n, const char **out)
     return 0;
 }
 
+static int
+fd_items(PyObject *seq, Py_ssize_t n, int *out)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (v == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+        if (v < 0 || v > INT_MAX) {
+            PyErr_SetString(PyExc_ValueError, "a file descriptor is out of range");
+            return -1;
+        }
+        out[i] = (int)v;
+    }
+    return 0;
+}
+
 static PyObject *
 int_list(const int *values, Py_ssize_t n)
 {
@@ -154,16 +171,8 @@ commit_files(PyObject *self, PyObject *args)
         PyErr_NoMemory();
         goto done;
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(fds, i));
-        if (v == -1 && PyErr_Occurred()) {
-            goto done;
-        }
-        if (v < 0 || v > INT_MAX) {
-            PyErr_SetString(PyExc_ValueError, "a file descriptor is out of range");
-            goto done;
-        }
-        fd[i] = (int)v;
+    if (fd_items(fds, n, fd) < 0) {
+        goto done;
     }
     if (bytes_items(tmps, n, tmp) < 0 || bytes_items(finals, n, final) < 0
         || bytes_items(dirs, nd, dir) < 0) {
@@ -225,9 +234,116 @@ done:
     return result;
 }
 
+/* remove_files and create_files: the rest of a bonzo.durable.Committer's
+ * batch, with the GIL released once each. Removing a delivered message
+ * (unlink, then close the last descriptor, which frees the inode) and
+ * creating a new file both wait for the file system's journal while another
+ * thread commits: here they wait in the committer's thread, not the event
+ * loop's. */
+
+PyDoc_STRVAR(remove_files_doc,
+"remove_files(paths, fds) -> errors\n\n"
+"unlink each path (a missing one is not an error), then close each fd.");
+
+static PyObject *
+remove_files(PyObject *self, PyObject *args)
+{
+    PyObject *paths_in, *fds_in;
+    PyObject *paths = NULL, *fds = NULL, *result = NULL;
+    int *fd = NULL, *err = NULL;
+    const char **path = NULL;
+
+    if (!PyArg_ParseTuple(args, "OO:remove_files", &paths_in, &fds_in)) {
+        return NULL;
+    }
+    paths = PySequence_Fast(paths_in, "paths must be a sequence");
+    fds = PySequence_Fast(fds_in, "fds must be a sequence");
+    if (paths == NULL || fds == NULL) {
+        goto done;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(paths);
+    Py_ssize_t nf = PySequence_Fast_GET_SIZE(fds);
+    fd = calloc((size_t)nf + 1, sizeof(int));
+    err = calloc((size_t)n + 1, sizeof(int));
+    path = calloc((size_t)n + 1, sizeof(char *));
+    if (!fd || !err || !path) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (fd_items(fds, nf, fd) < 0 || bytes_items(paths, n, path) < 0) {
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (unlink(path[i]) != 0 && errno != ENOENT) {
+            err[i] = errno ? errno : EIO;
+        }
+    }
+    for (Py_ssize_t i = 0; i < nf; i++) {
+        close(fd[i]);
+    }
+    Py_END_ALLOW_THREADS
+    result = int_list(err, n);
+done:
+    Py_XDECREF(paths);
+    Py_XDECREF(fds);
+    free(fd);
+    free(err);
+    free(path);
+    return result;
+}
+
+PyDoc_STRVAR(create_files_doc,
+"create_files(paths, mode) -> fds\n\n"
+"create each path (exclusively, write-only, close-on-exec) with permissions\n"
+"mode; its descriptor, or minus the errno if that failed.");
+
+static PyObject *
+create_files(PyObject *self, PyObject *args)
+{
+    PyObject *paths_in, *paths = NULL, *result = NULL;
+    int mode;
+    int *fd = NULL;
+    const char **path = NULL;
+
+    if (!PyArg_ParseTuple(args, "Oi:create_files", &paths_in, &mode)) {
+        return NULL;
+    }
+    paths = PySequence_Fast(paths_in, "paths must be a sequence");
+    if (paths == NULL) {
+        goto done;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(paths);
+    fd = calloc((size_t)n + 1, sizeof(int));
+    path = calloc((size_t)n + 1, sizeof(char *));
+    if (!fd || !path) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (bytes_items(paths, n, path) < 0) {
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        fd[i] = open(path[i], O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, (mode_t)mode);
+        if (fd[i] < 0) {
+            fd[i] = -(errno ? errno : EIO);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = int_list(fd, n);
+done:
+    Py_XDECREF(paths);
+    free(fd);
+    free(path);
+    return result;
+}
+
 static PyMethodDef speedups_methods[] = {
     {"scan_data", scan_data, METH_VARARGS, scan_data_doc},
     {"commit_files", commit_files, METH_VARARGS, commit_files_doc},
+    {"remove_files", remove_files, METH_VARARGS, remove_files_doc},
+    {"create_files", create_files, METH_VARARGS, create_files_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -235,7 +351,7 @@ static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
     "bonzo._speedups",
     "C accelerators for the protocol core's DATA scan and bonzo.durable's "
-    "batch commit (optional).",
+    "batches (optional).",
     -1,
     speedups_methods,
 };

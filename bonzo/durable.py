@@ -10,6 +10,13 @@ waiting at once as one batch: the new files' ``fsync``, their renames into
 place, then one ``fsync`` per directory — in one call that runs without the
 GIL (:func:`commit_files`) — and wakes each waiting event loop once per batch.
 
+The same thread takes the other file system work that waits for the
+journal while a commit runs, so that the event loop never waits for it:
+removing finished files (:meth:`Committer.remove`: the unlink, and the close
+of the last descriptor, which frees the inode) and creating new ones
+(:meth:`Committer.new_file` hands out files the thread created after its
+last batch).
+
 Ordering is what a crash-safe spool needs: a file is renamed into place only
 after its content is on disk, and a request is done only after an fsync of
 its directory that began after the request was made.
@@ -25,7 +32,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["Committer", "commit_files", "fsync_dir"]
+__all__ = ["Committer", "commit_files", "create_files", "fsync_dir", "remove_files"]
 
 log = logging.getLogger("bonzo.durable")
 
@@ -72,10 +79,46 @@ def _commit_files_py(
     return errors, dir_errors
 
 
+def _remove_files_py(paths: Sequence[bytes], fds: Sequence[int], /) -> list[int]:
+    """The reference implementation of :func:`remove_files` (and the fallback)."""
+    errors = [0] * len(paths)
+    for i, path in enumerate(paths):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            errors[i] = exc.errno or errno.EIO
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    return errors
+
+
+_NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+
+
+def _create_files_py(paths: Sequence[bytes], mode: int, /) -> list[int]:
+    """The reference implementation of :func:`create_files` (and the fallback)."""
+    fds = []
+    for path in paths:
+        try:
+            fds.append(os.open(path, _NEW_FLAGS, mode))
+        except OSError as exc:
+            fds.append(-(exc.errno or errno.EIO))
+    return fds
+
+
 try:
     from ._speedups import commit_files as _commit_files
+    from ._speedups import create_files as _create_files
+    from ._speedups import remove_files as _remove_files
 except ImportError:  # pragma: no cover - the extension is optional
     _commit_files = _commit_files_py
+    _remove_files = _remove_files_py
+    _create_files = _create_files_py
 
 
 def commit_files(
@@ -91,12 +134,31 @@ def commit_files(
     return _commit_files(fds, tmps, finals, dirs)
 
 
+def remove_files(paths: Sequence[bytes], fds: Sequence[int], /) -> list[int]:
+    """Blocking: unlink each of ``paths`` (one already gone is not an error),
+    then close each of ``fds``. Returns the ``errno`` of each unlink.
+
+    The C version releases the GIL once for the whole list."""
+    return _remove_files(paths, fds)
+
+
+def create_files(paths: Sequence[bytes], mode: int, /) -> list[int]:
+    """Blocking: create each of ``paths`` (exclusively, write-only,
+    close-on-exec, permissions ``mode``). Returns each one's descriptor, or
+    minus the ``errno`` if it could not be created.
+
+    The C version releases the GIL once for the whole list."""
+    return _create_files(paths, mode)
+
+
 @dataclass(eq=False)
 class _Request:
     directory: bytes
     fd: int | None = None
     tmp: bytes = b""
     final: bytes = b""
+    unlinks: tuple[bytes, ...] = ()
+    close: int | None = None
     loop: asyncio.AbstractEventLoop | None = None
     future: asyncio.Future[None] | None = None
     done: threading.Event | None = None
@@ -112,10 +174,20 @@ class Committer:
     :arg idle: seconds the thread waits for work before it ends.
     """
 
+    #: Spare new files kept ready per directory, at most.
+    SPARES = 64
+
     def __init__(self, idle: float = 5.0) -> None:
         self.idle = idle
         self._cond = threading.Condition()
         self._requests: list[_Request] = []
+        # new_file's spares, by (directory, suffix, mode): created by the
+        # thread, taken by callers; _wanted: how many to create next batch.
+        self._spares: dict[tuple[str, str, int], list[tuple[int, str]]] = {}
+        self._wanted: dict[tuple[str, str, int], int] = {}
+        self._seq = 0
+        self._closed = False
+        self._refilling = threading.Lock()
         self._thread: threading.Thread | None = None
         #: Batches done (for tests and statistics).
         self.batches = 0
@@ -136,6 +208,52 @@ class Committer:
         """Done once an ``fsync`` of ``directory`` that began after this call
         has finished (the removal or rename of an entry made durable)."""
         return self._submit(_Request(os.fsencode(directory)))
+
+    def remove(self, paths: Sequence[str], fd: int | None, directory: str) -> asyncio.Future[None]:
+        """Unlink each of ``paths`` (one already gone is not an error), then
+        close ``fd`` — so a lock held on it is dropped only once the names
+        are gone; done once an ``fsync`` of ``directory`` that began after
+        the unlinks has finished. Fails with the ``OSError`` of an unlink
+        that failed (``fd`` is closed all the same)."""
+        return self._submit(
+            _Request(
+                os.fsencode(directory),
+                unlinks=tuple(os.fsencode(p) for p in paths),
+                close=fd,
+            )
+        )
+
+    def new_file(self, directory: str, suffix: str, mode: int) -> tuple[int, str]:
+        """A new empty file in ``directory`` (permissions ``mode``, its name
+        ending in ``suffix``), open for writing: its descriptor and path.
+
+        Taken from the files the thread created after its last batch if one
+        is ready, else created here. Each file handed out asks the thread for
+        another (at most :attr:`SPARES` wait per directory), so a steady
+        stream of new files is created off the caller's thread. The thread
+        removes the ones left when it ends."""
+        key = (directory, suffix, mode)
+        with self._cond:
+            if not self._closed:
+                self._wanted[key] = min(self._wanted.get(key, 0) + 1, self.SPARES)
+            spares = self._spares.get(key)
+            if spares:
+                return spares.pop()
+            self._seq += 1
+            seq = self._seq
+        path = f"{directory}/new{seq}.{suffix}"
+        return os.open(path, _NEW_FLAGS, mode), path
+
+    def close(self) -> None:
+        """Blocking: remove the spare files (see :meth:`new_file`) and make
+        no more. Requests made later are served as before."""
+        with self._cond:
+            self._closed = True
+            self._wanted = {}
+        with self._refilling:  # a refill under way finishes first
+            with self._cond:
+                spares, self._spares = self._spares, {}
+        _drop(spares)
 
     def sync_blocking(self, directory: str) -> None:
         """:meth:`sync` for a caller in a thread other than an event loop's."""
@@ -170,11 +288,17 @@ class Committer:
                     self._cond.wait(self.idle)
                     if not self._requests:
                         self._thread = None  # a later request starts another
-                        return
+                        spares, self._spares = self._spares, {}
+                        break
                 batch, self._requests = self._requests, []
             self._run(batch)
+            self._refill()
+        _drop(spares)  # an idle committer holds no files
 
     def _run(self, batch: list[_Request]) -> None:
+        removals = [r for r in batch if r.unlinks or r.close is not None]
+        if removals:
+            self._remove(removals)
         files = [r for r in batch if r.fd is not None]
         dirs = list(dict.fromkeys(r.directory for r in batch))
         try:
@@ -211,6 +335,58 @@ class Committer:
                 loop.call_soon_threadsafe(_settle, requests)
             except RuntimeError:  # pragma: no cover - the loop was closed meanwhile
                 pass
+
+    def _remove(self, removals: list[_Request]) -> None:
+        paths = [p for r in removals for p in r.unlinks]
+        fds = [r.close for r in removals if r.close is not None]
+        try:
+            errors = remove_files(paths, fds)
+        except Exception:  # pragma: no cover - a bug, not an I/O error (those are errnos)
+            log.exception("removal of %d file(s) failed", len(paths))
+            errors = [errno.EIO] * len(paths)
+        codes = iter(errors)
+        for request in removals:
+            for path in request.unlinks:
+                code = next(codes)
+                if code and request.error is None:
+                    request.error = _error(code, path)
+
+    def _refill(self) -> None:
+        with self._refilling:
+            self._refill_locked()
+
+    def _refill_locked(self) -> None:
+        with self._cond:
+            wanted, self._wanted = self._wanted, {}
+            start = self._seq
+            self._seq += sum(wanted.values())
+        for (directory, suffix, mode), count in wanted.items():
+            paths = [os.fsencode(f"{directory}/new{start + i + 1}.{suffix}") for i in range(count)]
+            start += count
+            try:
+                fds = create_files(paths, mode)
+            except Exception:  # pragma: no cover - a bug, not an I/O error (those are errnos)
+                log.exception("creating %d spare file(s) failed", len(paths))
+                continue
+            made = [(fd, os.fsdecode(p)) for fd, p in zip(fds, paths, strict=True) if fd >= 0]
+            # A failure here is not reported: new_file creates the file
+            # itself then, and its caller gets the error.
+            with self._cond:
+                if self._closed:
+                    extra = made
+                else:
+                    spares = self._spares.setdefault((directory, suffix, mode), [])
+                    spares.extend(made)
+                    extra = spares[self.SPARES :]
+                    del spares[self.SPARES :]
+            _drop({(directory, suffix, mode): extra})
+
+
+def _drop(spares: dict[tuple[str, str, int], list[tuple[int, str]]]) -> None:
+    for files in spares.values():
+        for fd, path in files:
+            _unlink(os.fsencode(path))
+            os.close(fd)
 
 
 def _error(code: int, path: bytes) -> OSError:

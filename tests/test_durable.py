@@ -1,12 +1,14 @@
-"""bonzo.durable: the batch commit (the C one in ``bonzo._speedups`` against
-the pure-Python reference, on real files) and the :class:`Committer` thread
-that runs it for event loops and threads."""
+"""bonzo.durable: the batch commit, removal and creation (the C ones in
+``bonzo._speedups`` against the pure-Python references, on real files) and
+the :class:`Committer` thread that runs them for event loops and threads."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -14,22 +16,27 @@ from typing import Any
 import pytest
 
 from bonzo import durable
-from bonzo.durable import Committer, _commit_files_py
+from bonzo.durable import Committer, _commit_files_py, _create_files_py, _remove_files_py
 
 
-def c_commit_files() -> Any:
+def c_function(name: str) -> Any:
     try:
-        from bonzo._speedups import commit_files
+        from bonzo import _speedups
     except ImportError:
         if os.environ.get("BONZO_EXTENSION") == "1":
             raise
         return None
-    return commit_files
+    return getattr(_speedups, name)
 
 
-IMPLEMENTATIONS = [pytest.param(_commit_files_py, id="python")]
-if c_commit_files() is not None:
-    IMPLEMENTATIONS.append(pytest.param(c_commit_files(), id="c"))
+def implementations(name: str, reference: Any) -> list[Any]:
+    found = [pytest.param(reference, id="python")]
+    if c_function(name) is not None:
+        found.append(pytest.param(c_function(name), id="c"))
+    return found
+
+
+IMPLEMENTATIONS = implementations("commit_files", _commit_files_py)
 
 
 def new_file(directory: Path, name: str, content: bytes = b"x") -> int:
@@ -155,3 +162,132 @@ def test_a_waiter_cancelled_does_not_stop_the_batch(tmp_path, monkeypatch):
 
     asyncio.run(main())
     assert committer.dir_syncs >= 1
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as exc:
+        assert exc.errno == errno.EBADF
+        return False
+    return True
+
+
+@pytest.mark.parametrize("remove", implementations("remove_files", _remove_files_py))
+def test_files_are_removed_then_their_descriptors_closed(tmp_path, remove):
+    (tmp_path / "a").write_bytes(b"a")
+    (tmp_path / "sub").mkdir()
+    fd = os.open(tmp_path / "a", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    paths = [tmp_path / "a", tmp_path / "gone", tmp_path / "sub"]
+    errors = remove([os.fsencode(p) for p in paths], [fd])
+    # A missing file is not an error; a directory cannot be unlinked.
+    assert errors[:2] == [0, 0] and errors[2] in (errno.EISDIR, errno.EPERM)
+    assert not (tmp_path / "a").exists() and (tmp_path / "sub").is_dir()
+    assert not is_open(fd)
+    if remove is not _remove_files_py:
+        with pytest.raises(TypeError):
+            remove(["a"], [])
+        with pytest.raises(ValueError):
+            remove([], [-1])
+
+
+@pytest.mark.parametrize("create", implementations("create_files", _create_files_py))
+def test_files_are_created_exclusively_with_their_mode(tmp_path, create):
+    (tmp_path / "taken").write_bytes(b"old")
+    paths = [tmp_path / "new", tmp_path / "taken", tmp_path / "missing" / "x"]
+    fds = create([os.fsencode(p) for p in paths], 0o640)
+    assert fds[1:] == [-errno.EEXIST, -errno.ENOENT]
+    try:
+        assert os.write(fds[0], b"hello") == 5
+        assert stat.S_IMODE(os.fstat(fds[0]).st_mode) == 0o640 & ~current_umask()
+        assert os.get_inheritable(fds[0]) is False
+    finally:
+        os.close(fds[0])
+    assert (tmp_path / "new").read_bytes() == b"hello"
+    assert (tmp_path / "taken").read_bytes() == b"old"
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_removal_is_durable_and_drops_the_lock_after_the_unlink(tmp_path):
+    (tmp_path / "m").write_bytes(b"m")
+    (tmp_path / "m.json").write_bytes(b"{}")
+    fd = os.open(tmp_path / "m", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    committer = Committer()
+
+    async def main() -> None:
+        await committer.remove([str(tmp_path / "m.json"), str(tmp_path / "m")], fd, str(tmp_path))
+
+    asyncio.run(main())
+    assert list(tmp_path.iterdir()) == [] and not is_open(fd)
+    assert committer.dir_syncs == 1  # the removal made durable
+
+    (tmp_path / "sub").mkdir()
+    fd = os.open(tmp_path / "sub", os.O_RDONLY)
+
+    async def failing() -> None:
+        await committer.remove([str(tmp_path / "sub")], fd, str(tmp_path))
+
+    with pytest.raises(OSError) as failed:
+        asyncio.run(failing())
+    assert failed.value.errno in (errno.EISDIR, errno.EPERM)
+    assert failed.value.filename == str(tmp_path / "sub")
+    assert not is_open(fd)  # closed all the same
+
+
+def wait_for_spares(committer: Committer) -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with committer._cond:
+            if any(committer._spares.values()):
+                return
+        time.sleep(0.01)
+    raise AssertionError("no spare file was made")
+
+
+def test_new_files_come_ready_from_the_thread_and_are_removed_at_close(tmp_path):
+    committer = Committer()
+    directory, suffix = str(tmp_path), "123"
+    first_fd, first = committer.new_file(directory, suffix, 0o600)
+    assert first.startswith(directory + "/") and first.endswith(".123")
+    os.close(first_fd)
+    os.unlink(first)
+    committer.sync_blocking(directory)  # a batch: the thread makes a spare after it
+    wait_for_spares(committer)
+    spares = {p.name for p in tmp_path.iterdir()}
+    assert len(spares) == 1  # one taken, one made
+    fd, path = committer.new_file(directory, suffix, 0o600)
+    assert os.path.basename(path) in spares and path != first
+    assert os.write(fd, b"x") == 1  # open for writing, empty
+    os.close(fd)
+    os.unlink(path)
+    committer.sync_blocking(directory)
+    wait_for_spares(committer)
+    assert len(list(tmp_path.iterdir())) == 1
+    committer.close()
+    assert list(tmp_path.iterdir()) == []  # no spare left behind
+    committer.sync_blocking(directory)  # served as before, but no more spares
+    fd, path = committer.new_file(directory, suffix, 0o600)
+    os.close(fd)
+    os.unlink(path)
+    committer.sync_blocking(directory)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_idle_thread_removes_its_spares(tmp_path):
+    committer = Committer(idle=0.05)
+    fd, path = committer.new_file(str(tmp_path), "1", 0o600)
+    os.close(fd)
+    os.unlink(path)
+    committer.sync_blocking(str(tmp_path))
+    thread = committer._thread
+    assert thread is not None
+    thread.join(5)
+    assert not thread.is_alive()
+    assert list(tmp_path.iterdir()) == []

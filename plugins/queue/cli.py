@@ -260,8 +260,12 @@ def _bounce(plugin: QueuePlugin, args: argparse.Namespace) -> int:
     _load(spool, args.id)
 
     async def main() -> str | None:
-        runner = Runner(spool, GroupSync(spool.data), routes, None, plugin.settings)
-        return await runner.give_up(args.id, "Returned to the sender by the postmaster")
+        sync = GroupSync(spool.data)
+        runner = Runner(spool, sync, routes, None, plugin.settings)
+        try:
+            return await runner.give_up(args.id, "Returned to the sender by the postmaster")
+        finally:
+            sync.close()
 
     report = asyncio.run(main())
     if report is None:

@@ -191,6 +191,8 @@ class QueuePlugin:
         if self.runner is not None:
             await self.runner.stop()
             self.runner = None
+        if self.sync is not None:
+            self.sync.close()  # its spare new files
 
     # ------------------------------------------------------------ acceptance
     @hookimpl

@@ -68,8 +68,9 @@ ACCEPTING_WINDOW = 0.5
 #: delivery no longer yields to acceptance (Postfix's active queue limit).
 MAX_YIELD_BACKLOG = 20_000
 
-#: Messages up to this size are written (reports) and removed by the event
-#: loop's thread: a few fast system calls, cheaper than a trip to a thread.
+#: Messages up to this size are written (accepted mail, reports) by the
+#: event loop's thread: a few fast system calls, cheaper than a trip to a
+#: thread (the file itself comes ready from the committer's thread).
 INLINE_SIZE = 256 * 1024
 
 #: The states the queue's messages are counted in (``bonzo_queue_messages``):
@@ -438,23 +439,13 @@ class Runner:
             raise
 
     async def _remove(self, message: QueuedMessage, claim: Claim) -> None:
-        """Remove a finished message and release its claim; the directory
-        fsync that makes the removal durable is shared (:class:`GroupSync`)
-        with the other removals and acceptances of the moment."""
-
-        def remove() -> None:
-            try:
-                self.spool.remove(message.id, sync=False, state=message.has_state)
-            finally:
-                claim.release()
-
-        if message.size <= INLINE_SIZE:
-            remove()  # two fast system calls: cheaper than a trip to a thread
-        else:
-            # Closing the last descriptor of a large unlinked file frees its
-            # blocks on disk: file system work, kept off the event loop.
-            await asyncio.get_running_loop().run_in_executor(self._executor, remove)
-        await self.sync.sync()
+        """Remove a finished message and release its claim, in the committer's
+        thread (:meth:`GroupSync.remove`): the unlinks, then the close that
+        drops the claim and frees the inode, wait for the file system's
+        journal, and the directory fsync that makes the removal durable is
+        shared with the other removals and acceptances of the moment."""
+        paths = self.spool.paths(message.id, state=message.has_state)
+        await self.sync.remove(paths, claim.detach())
 
     async def give_up(self, id: str, reason: str, wait: float = 10.0) -> str | None:
         """Bounce every undelivered recipient of message ``id`` now (``bonzo

@@ -2,7 +2,8 @@
 
 Layout under the queue directory (``[plugins.queue] path``)::
 
-    tmp/     messages being written (a crash leaves them; removed at start)
+    tmp/     messages being written, and empty files made ready for the
+             next ones (a crash leaves them; removed at start)
     data/    one file per queued message, written once, never changed
     state/   one file per message whose delivery has begun: per-recipient state
 
@@ -15,6 +16,10 @@ the message accepted, so a ``250`` always means "on disk". The fsyncs and
 the rename go to one thread (:class:`GroupSync`, a
 :class:`bonzo.durable.Committer`) that takes every message waiting at once
 as one batch, with one directory fsync: concurrent sessions share that cost.
+The same thread creates the next messages' files in ``tmp/`` after each
+batch and removes delivered messages (the unlink, then the close that drops
+the claim and frees the inode): both wait for the file system's journal
+while a commit runs, which the event loop must not.
 
 A **state file** holds what changes: each recipient's status, attempts,
 next attempt and last reply, and the hold flag. It is replaced atomically
@@ -228,6 +233,12 @@ class Claim:
         if fd is not None:
             os.close(fd)  # closing the descriptor drops the lock
 
+    def detach(self) -> int | None:
+        """Hand the descriptor (and with it the lock) to the caller, who
+        closes it; :meth:`release` does nothing afterwards."""
+        fd, self._fd = self._fd, None
+        return fd
+
     def __enter__(self) -> Claim:
         return self
 
@@ -260,6 +271,15 @@ class GroupSync:
         """Put the new file ``tmp`` durably in place as ``final`` (see
         :meth:`bonzo.durable.Committer.commit`)."""
         return self.committer.commit(fd, tmp, final, self._dir)
+
+    def remove(self, paths: list[str], fd: int | None) -> asyncio.Future[None]:
+        """Unlink ``paths`` and then close ``fd`` in the committer's thread
+        (see :meth:`bonzo.durable.Committer.remove`); done once durable."""
+        return self.committer.remove(paths, fd, self._dir)
+
+    def close(self) -> None:
+        """Blocking: remove the committer's spare new files."""
+        self.committer.close()
 
 
 @dataclass
@@ -381,14 +401,16 @@ class Spool:
         message of the moment. Cancelled, it leaves no copy behind."""
         loop = asyncio.get_running_loop()
         if in_thread:
-            created = loop.run_in_executor(None, self._create, id, envelope, header_bytes, body)
+            created = loop.run_in_executor(
+                None, self._create, id, envelope, header_bytes, body, sync.committer
+            )
             try:
                 new = await asyncio.shield(created)
             except asyncio.CancelledError:
                 created.add_done_callback(_discard_created)
                 raise
         else:
-            new = self._create(id, envelope, header_bytes, body)
+            new = self._create(id, envelope, header_bytes, body, sync.committer)
         placed = sync.commit(new.fd, new.tmp, new.final)
         try:
             await asyncio.shield(placed)
@@ -402,19 +424,30 @@ class Spool:
         return self._handed(new)
 
     def _create(
-        self, id: str, envelope: dict[str, Any], header_bytes: bytes, body: IO[bytes]
+        self,
+        id: str,
+        envelope: dict[str, Any],
+        header_bytes: bytes,
+        body: IO[bytes],
+        committer: Committer | None = None,
     ) -> _NewFile:
-        """Blocking: write a new data file in ``tmp/`` under its claim."""
+        """Blocking: write a new data file in ``tmp/`` under its claim (the
+        file from ``committer``'s spares if given: see
+        :meth:`bonzo.durable.Committer.new_file`)."""
         if not _ID.fullmatch(id):
             raise ValueError(f"bad queue id {id!r}")
         # Plain strings, not Paths: this runs for every message accepted.
-        tmp = f"{self._tmp}/{id}.{os.getpid()}"
         final = f"{self._data}/{id}"
         line = json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         if b"\n" in line:  # pragma: no cover - json.dumps escapes newlines
             raise ValueError("envelope JSON must be one line")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-        fd = os.open(tmp, flags, self.mode)
+        # tmp names end in ".<pid>" (see _writer_gone).
+        if committer is not None:
+            fd, tmp = committer.new_file(self._tmp, str(os.getpid()), self.mode)
+        else:
+            tmp = f"{self._tmp}/{id}.{os.getpid()}"
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+            fd = os.open(tmp, flags, self.mode)
         new = _NewFile(id, fd, tmp, final, line, len(header_bytes))
         try:
             # A new file: nobody else can hold its lock yet.
@@ -546,15 +579,20 @@ class Spool:
         fsync_dir(self.state)
         message.has_state = True
 
-    def remove(self, id: str, *, sync: bool = True, state: bool = True) -> None:
-        """Blocking: remove a message (its state, then its data), durably
-        unless ``sync`` is false (then the caller fsyncs :attr:`data`, as
-        the runner does through its :class:`GroupSync`). ``state=False``:
-        the caller knows (under the claim) that it has no state file."""
+    def paths(self, id: str, *, state: bool = True) -> list[str]:
+        """The files of message ``id`` in the order :meth:`remove` removes
+        them: its state file (unless ``state`` is false), then its data."""
         paths = [f"{self._data}/{id}"]
         if state:
-            paths.insert(0, str(self.state / f"{id}.json"))
-        for path in paths:
+            paths.insert(0, f"{self.state}/{id}.json")
+        return paths
+
+    def remove(self, id: str, *, sync: bool = True, state: bool = True) -> None:
+        """Blocking: remove a message (its state, then its data), durably
+        unless ``sync`` is false (then the caller fsyncs :attr:`data`).
+        ``state=False``: the caller knows (under the claim) that it has no
+        state file. (The runner removes through :meth:`GroupSync.remove`.)"""
+        for path in self.paths(id, state=state):
             try:
                 os.unlink(path)
             except FileNotFoundError:

@@ -277,8 +277,12 @@ def test_a_failed_directory_fsync_leaves_no_copy(tmp_path, monkeypatch, where):
     with pytest.raises(OSError, match="Input/output error"):
 
         async def main() -> None:
-            await spool.accept("F1", envelope(), b"", io.BytesIO(BODY),
-                               GroupSync(spool.data), in_thread="large" in where)  # fmt: skip
+            sync = GroupSync(spool.data)
+            try:
+                await spool.accept("F1", envelope(), b"", io.BytesIO(BODY),
+                                   sync, in_thread="large" in where)  # fmt: skip
+            finally:
+                sync.close()  # as the plugin at shutdown: the spare new files go
 
         asyncio.run(main())
     # The client is told 4xx and sends it again: no copy may be delivered.
@@ -318,6 +322,7 @@ def test_a_cancelled_acceptance_leaves_no_copy(tmp_path, monkeypatch):
             with pytest.raises(asyncio.CancelledError):
                 await task
         await asyncio.sleep(0.6)  # the commits finish, then are undone
+        sync.close()  # as the plugin at shutdown: the spare new files go
 
     asyncio.run(main())
     assert list(spool.tmp.iterdir()) == [] and list(spool.data.iterdir()) == []
