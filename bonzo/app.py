@@ -29,7 +29,7 @@ from .config import Config, ConfigError, ListenerConfig, load_config
 from .dns import Resolver
 from .hooks import PluginError, PluginSet
 from .hookspecs import DECISION_HOOKS
-from .server import ACCEPT_BATCH, ConnectionCount, SMTPServer
+from .server import ACCEPT_BATCH, ConnectionCount, SMTPServer, WorkerShare
 from .settings import SettingError
 from .store import open_store
 
@@ -151,6 +151,9 @@ class MailApp:
         self.listen_override: list[str] | None = None
         #: One server per listener, once started.
         self.servers: list[SMTPServer] = []
+        #: Set by the daemon's supervisor before it forks the workers (which
+        #: then share the connections evenly); ``None`` in one process.
+        self.share: WorkerShare | None = None
         self._bound: list[tuple[ListenerConfig, list[socket.socket]]] = []
         self._unix_paths: list[str] = []
         self._extra = list(extra_plugins)
@@ -343,8 +346,10 @@ class MailApp:
                 settings=listener.smtp_settings or self.settings,
                 listener=listener.settings,
                 count=count,
-                # Workers share the sockets: one connection at a time each.
-                accept_batch=1 if self.config.workers > 1 else ACCEPT_BATCH,
+                # Workers share the sockets: one connection at a time each,
+                # spread evenly by the share.
+                accept_batch=1 if self.share is not None else ACCEPT_BATCH,
+                share=self.share,
             )
             server.add_sockets(socks)
             self.servers.append(server)
@@ -367,6 +372,7 @@ class MailApp:
             (listener, socks)
             for listener, (_, socks) in zip(self.config.listeners, old._bound, strict=True)
         ]
+        self.share = old.share
 
     def release_sockets(self) -> None:
         """Stop accepting new connections, keeping the sockets open for the

@@ -647,6 +647,7 @@ def _run_worker(
     supervisor: int | None = None,
     mask: set[int | signal.Signals] | None = None,
     metrics_sockets: list[Any] | None = None,
+    slot: int | None = None,
 ) -> int:
     """Serve until a stop signal; return the exit status.
 
@@ -664,7 +665,8 @@ def _run_worker(
 
     With ``[metrics]`` on, the worker counts (:mod:`bonzo.metrics`); the
     one given ``metrics_sockets`` also answers the metrics and health
-    requests on them."""
+    requests on them. ``slot`` is the worker's number, its place in the
+    supervisor's :class:`~bonzo.server.WorkerShare` (``app.share``)."""
 
     current = app  # the application serving new sessions
     retiring: list[Any] = []  # the ones a reload replaced, ending their sessions
@@ -791,6 +793,8 @@ def _run_worker(
                 if metrics_sockets:
                     http = MetricsServer(counter, app.config.metrics.path)
                     http.add_sockets(metrics_sockets)
+            if app.share is not None and slot is not None:
+                app.share.start(slot)  # the other workers may leave connections to it now
             log.info("ready (pid %d)", os.getpid())
             sd_notify(f"READY=1\nMAINPID={supervisor or os.getpid()}")
             await stopping.wait()
@@ -799,6 +803,8 @@ def _run_worker(
             if http is not None:
                 http.stopping = True
             stop_begun = True
+            if app.share is not None:
+                app.share.stop()  # the other workers take every new connection
             apps = [current, *retiring]
             stopped = asyncio.ensure_future(asyncio.gather(*(a.stop() for a in apps)))
             if forced:  # forced before there was anything to force
@@ -877,6 +883,9 @@ def _supervise(
     restarted worker."""
     supervisor = os.getpid()
     die_with_parent = _parent_death_signal()
+    from .server import WorkerShare
+
+    share = app.share = WorkerShare(workers)
     children: dict[int, int] = {}
     stops = 0  # stop requests so far: 1 is graceful, 2 forces the stop
     signals = 0  # stop signals received
@@ -905,7 +914,7 @@ def _supervise(
                 for s in metrics_sockets or ():
                     if mine is None:
                         s.close()
-                code = _run_worker(app, sockets, supervisor, mask, mine)
+                code = _run_worker(app, sockets, supervisor, mask, mine, slot)
             finally:
                 os._exit(code)
         children[pid] = slot
@@ -946,6 +955,7 @@ def _supervise(
             if pid not in children:  # pragma: no cover - not a worker
                 continue
             slot = children.pop(pid)
+            share.gone(slot)
             code = os.waitstatus_to_exitcode(wait_status)
             if metrics_sockets:
                 from .metrics import mark_process_dead

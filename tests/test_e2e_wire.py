@@ -9,6 +9,7 @@ import select
 import socket
 import threading
 import tracemalloc
+from typing import Any
 
 import pytest
 from e2e_support import TIMEOUT, RawClient, RecordingPlugin, codes, fds_under, wait_until
@@ -371,6 +372,94 @@ def test_content_split_at_every_octet_across_reads(start_server, wire, expected)
             client.send(wire[split:])
             assert client.reply().startswith(b"250 2.0.0 Ok"), split
     assert [m.body for m in server.plugin.messages] == [expected] * (len(wire) - 1)
+
+
+def test_the_worker_share_asks_the_busier_worker_to_wait():
+    # One object plays both workers here (its slot changes); the daemon's
+    # workers share the counts across fork() (test_daemon.py).
+    from bonzo.server import WorkerShare
+
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        WorkerShare(0)
+    share = WorkerShare(2)
+    assert share.counts() == [WorkerShare.CLOSED] * 2  # nobody accepts yet
+    assert share.wait() == 0.0  # not a worker: never waits
+    share.start(1)
+    for _ in range(3):
+        share.opened()  # worker 1: three connections
+    share.open = 1
+    share.start(0)  # worker 0: one
+    assert share.counts() == [1, 3]
+    assert share.wait() == 0.0  # the least busy: accepts at once
+    for _ in range(3):
+        share.opened()
+    assert share.counts()[0] == 4
+    assert share.wait() == pytest.approx(WorkerShare.STEP)  # one more than the other
+    for _ in range(10):
+        share.opened()
+    assert share.wait() == WorkerShare.MAX_WAIT  # bounded
+    share.gone(1)  # the other died: nobody to wait for
+    assert share.wait() == 0.0
+    share.closed()
+    assert share.counts()[0] == 13
+    share.stop()
+    assert share.counts()[0] == WorkerShare.CLOSED and share.wait() == 0.0
+
+
+def test_a_worker_asked_to_wait_leaves_the_connection_to_another_or_takes_it_after():
+    from tornado.netutil import bind_sockets
+
+    from bonzo.server import _accept_on
+
+    class Share:
+        def __init__(self, wait: float) -> None:
+            self.pause = wait
+
+        def wait(self) -> float:
+            return self.pause
+
+    async def main() -> tuple[list[str], float]:
+        [sock] = bind_sockets(0, "127.0.0.1")
+        port = sock.getsockname()[1]
+        taken: list[str] = []
+        loop = asyncio.get_running_loop()
+
+        def by(name: str) -> Any:
+            def callback(conn: socket.socket, address: Any) -> None:
+                taken.append(name)
+                conn.close()
+
+            return callback
+
+        # Two "workers" on one socket: the busy one waits, the other takes it.
+        stop_busy = _accept_on(sock, by("busy"), 1, Share(0.05))  # type: ignore[arg-type]
+        other = sock.dup()  # as another process's descriptor of the same socket
+        stop_idle = _accept_on(other, by("idle"), 1, Share(0.0))  # type: ignore[arg-type]
+        first = socket.create_connection(("127.0.0.1", port))
+        for _ in range(100):
+            if taken:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # the busy one's pause is over: nothing left for it
+        stop_idle()
+        # Alone, the busy one still takes the next connection, after its pause.
+        started = loop.time()
+        second = socket.create_connection(("127.0.0.1", port))
+        for _ in range(100):
+            if len(taken) == 2:
+                break
+            await asyncio.sleep(0.01)
+        waited = loop.time() - started
+        stop_busy()
+        first.close()
+        second.close()
+        other.close()
+        sock.close()
+        return taken, waited
+
+    taken, waited = asyncio.run(main())
+    assert taken == ["idle", "busy"]
+    assert waited >= 0.04
 
 
 @pytest.mark.parametrize(("batch", "first"), [(1, 1), (128, 3)])
