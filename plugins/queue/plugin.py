@@ -84,8 +84,8 @@ SCHEMA = Schema(
         doc="Deliveries one runner makes at once to one destination."),
     Key("busy_deliveries", "int", default=2, minimum=1,
         doc="Deliveries one runner makes at once while its worker is busy "
-        "accepting mail (its event loop busy over 75% of the time, until under "
-        "50%, and mail accepted in the last half second): acceptance takes precedence, as in "
+        "accepting mail (its event loop busy over 50% of the time, until under "
+        "30%, and mail accepted in the last half second): acceptance takes precedence, as in "
         "Postfix, the queue grows during a burst and drains at full speed after "
         "it. ``max_deliveries`` or more: no precedence."),
     Key("bounce_size_limit", "int", default=50_000, minimum=1,

@@ -58,10 +58,13 @@ MAX_HANDED = 512
 #: How often the runner measures how busy its event loop is (seconds); the
 #: share of that time above which deliveries start yielding, and the one
 #: below which they stop (apart, so that the lighter load of yielding does
-#: not end it at once).
+#: not end it at once). Low on purpose: with 75% a loaded relay could settle
+#: with deliveries at full speed and each loop about 58% busy, never
+#: yielding, and small-mail acceptance fell to 0.63-0.91x Postfix's in the
+#: runs that did (bench/run.py --scenarios rb, two workers).
 BUSY_INTERVAL = 0.1
-BUSY_SHARE = 0.75
-IDLE_SHARE = 0.5
+BUSY_SHARE = 0.5
+IDLE_SHARE = 0.3
 #: Mail accepted this recently (seconds) means the worker is accepting.
 ACCEPTING_WINDOW = 0.5
 #: Past this many accepted messages waiting for their first attempt,
