@@ -383,10 +383,9 @@ class Committer:
 
 
 def _drop(spares: dict[tuple[str, str, int], list[tuple[int, str]]]) -> None:
-    for files in spares.values():
-        for fd, path in files:
-            _unlink(os.fsencode(path))
-            os.close(fd)
+    files = [file for group in spares.values() for file in group]
+    if files:
+        remove_files([os.fsencode(path) for _, path in files], [fd for fd, _ in files])
 
 
 def _error(code: int, path: bytes) -> OSError:

@@ -587,18 +587,16 @@ class Spool:
             paths.insert(0, f"{self.state}/{id}.json")
         return paths
 
-    def remove(self, id: str, *, sync: bool = True, state: bool = True) -> None:
+    def remove(self, id: str) -> None:
         """Blocking: remove a message (its state, then its data), durably
-        unless ``sync`` is false (then the caller fsyncs :attr:`data`).
-        ``state=False``: the caller knows (under the claim) that it has no
-        state file. (The runner removes through :meth:`GroupSync.remove`.)"""
-        for path in self.paths(id, state=state):
+        (the command line's way; the runner removes through
+        :meth:`GroupSync.remove`, sharing the directory fsync)."""
+        for path in self.paths(id):
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-        if sync:
-            fsync_dir(self.data)
+        fsync_dir(self.data)
 
     # ---------------------------------------------------------------- claims
     def claim(self, id: str, *, wait: float = 0.0) -> Claim | None:

@@ -739,9 +739,16 @@ def test_a_message_accepted_here_is_delivered_without_reading_it_back(tmp_path, 
         return real_load(self, id)
 
     monkeypatch.setattr(Spool, "load", counting)
+    from bonzo import durable
+
     unlinked: list[str] = []
-    real_unlink = os.unlink
-    monkeypatch.setattr(os, "unlink", lambda p: (unlinked.append(str(p)), real_unlink(p))[1])
+    real_remove = durable.remove_files
+
+    def recording(paths: Any, fds: Any) -> Any:  # the committer's removals
+        unlinked.extend(os.fsdecode(p) for p in paths)
+        return real_remove(paths, fds)
+
+    monkeypatch.setattr(durable, "remove_files", recording)
 
     async def main() -> list[str]:
         await queue.bonzo_startup(App(tmp_path, plugins))
@@ -759,7 +766,8 @@ def test_a_message_accepted_here_is_delivered_without_reading_it_back(tmp_path, 
     assert asyncio.run(main()) == []
     assert loads == []  # handed over with its claim, not read back
     # Removed without looking for a state file it never had.
-    assert unlinked and not any("/state/" in p for p in unlinked)
+    assert sum("/data/" in p for p in unlinked) == 3
+    assert not any("/state/" in p for p in unlinked)
 
 
 def test_handed_over_claims_are_bounded_and_released_at_stop(tmp_path, monkeypatch):
