@@ -35,6 +35,7 @@ import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.log import app_log, gen_log
 
@@ -61,7 +62,7 @@ from .tls import TLSLayer
 if TYPE_CHECKING:  # pragma: no cover
     from asyncio import TimerHandle
 
-__all__ = ["SMTPConnection", "try_write", "FINAL_REPLY_WAIT"]
+__all__ = ["SMTPConnection", "SessionStream", "try_write", "FINAL_REPLY_WAIT"]
 
 #: Longest wait, in seconds, for a client to take a last reply (``221``,
 #: ``421``) and TLS's ``close_notify`` before the connection is closed anyway
@@ -105,6 +106,42 @@ def try_write(stream: IOStream, data: bytes) -> int:
         return stream.write_to_fd(memoryview(data))
     except OSError:  # would block, or the connection is gone
         return 0
+
+
+class SessionStream(IOStream):
+    """The :class:`~tornado.iostream.IOStream` a server gives each session:
+    Tornado's stream, with one hint for its reads.
+
+    A read on Tornado's stream tries the socket at once when nothing is
+    buffered, and listens for it to become readable only when that read
+    finds nothing. Right after a reply, a client that waits for its replies
+    (most clients) cannot have answered yet, so that first attempt fails
+    every time: a system call, a buffer and an exception for each command.
+    With :attr:`wait_readable` set, the next read that finds nothing
+    buffered starts by waiting for the socket to be readable, as the
+    stream's own slow path does; what is buffered is still returned at once,
+    the event loop reports a socket that already holds data on its next
+    turn, and reads during message content (which streams in without
+    replies) keep Tornado's order. The session loop sets the hint after it
+    sent a reply (:meth:`SMTPConnection.run`); it holds for one read.
+
+    .. attribute:: wait_readable
+
+       Whether the next read that finds nothing buffered waits for the
+       socket before trying it (reset by that read).
+    """
+
+    wait_readable = False
+
+    def _try_inline_read(self) -> None:
+        # Tornado's BaseIOStream._try_inline_read tries the buffer, then the
+        # socket, then listens; this skips the socket try once when hinted.
+        if self.wait_readable:
+            self.wait_readable = False
+            if not self._read_buffer_size and not self.closed():
+                self._add_io_state(IOLoop.READ)
+                return
+        super()._try_inline_read()
 
 
 class SMTPConnection:
@@ -163,6 +200,8 @@ class SMTPConnection:
     ) -> None:
         self.stream = stream
         stream.read_chunk_size = min(COMMAND_CHUNK, settings.read_chunk_size)
+        # The stream that takes the read hint (a server's own streams do).
+        self._hinted = stream if isinstance(stream, SessionStream) else None
         self.address = address
         self.settings = settings
         self.listener = listener = listener or ListenerSettings()
@@ -515,6 +554,9 @@ class SMTPConnection:
             tls.send(data)
             data = tls.data_to_send()
         stream = self.stream
+        if self._hinted is not None:
+            # The client answers this reply: its next command is not there yet.
+            self._hinted.wait_readable = True
         sent = try_write(stream, data)
         if sent == len(data):
             self._write_future = None

@@ -24,7 +24,7 @@ from tornado.log import app_log, gen_log
 from tornado.tcpserver import TCPServer
 
 from . import errors, metrics, version
-from .connection import SMTPConnection
+from .connection import SessionStream, SMTPConnection
 from .hooks import PluginSet
 from .hookspecs import Accept
 from .session import Envelope, Session
@@ -496,8 +496,21 @@ class SMTPServer(TCPServer):
         for sock in sockets:
             self._sockets[sock.fileno()] = sock
             self._handlers[sock.fileno()] = _accept_on(
-                sock, self._handle_connection, self.accept_batch, self.share
+                sock, self._open_stream, self.accept_batch, self.share
             )
+
+    def _open_stream(self, connection: socket.socket, address: Any) -> None:
+        # Tornado's TCPServer makes a plain IOStream; sessions get the one
+        # that takes the session loop's read hint (TLS is a layer above it).
+        try:
+            stream = SessionStream(
+                connection,
+                max_buffer_size=self.max_buffer_size,
+                read_chunk_size=self.read_chunk_size,
+            )
+            self.handle_stream(stream, address)
+        except Exception:
+            app_log.error("Error in connection callback", exc_info=True)
 
     def handle_stream(self, stream: IOStream, address: Any) -> None:
         """Start a session for a new connection (called by TCPServer)."""

@@ -1,14 +1,16 @@
 """try_write: the shortcut for small replies never reorders, loses or
-duplicates output, and leaves errors to IOStream.write."""
+duplicates output, and leaves errors to IOStream.write. SessionStream: the
+read hint skips only the socket attempt that cannot succeed, and never
+delays or loses input."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 
-from tornado.iostream import IOStream
+from tornado.iostream import IOStream, StreamClosedError
 
-from bonzo.connection import try_write
+from bonzo.connection import SessionStream, try_write
 
 
 def pair(sndbuf: int | None = None) -> tuple[IOStream, socket.socket]:
@@ -84,5 +86,94 @@ def test_errors_are_left_to_write():
         assert future.done() and future.exception() is not None
         # A closed stream takes nothing.
         assert try_write(stream, b"250 Ok\r\n") == 0
+
+    asyncio.run(run())
+
+
+class CountingStream(SessionStream):
+    """A SessionStream that counts its attempts to read the socket."""
+
+    tries = 0
+
+    def read_from_fd(self, buf: bytearray | memoryview) -> int | None:
+        self.tries += 1
+        return super().read_from_fd(buf)
+
+
+def session_pair() -> tuple[CountingStream, socket.socket]:
+    ours, theirs = socket.socketpair()
+    return CountingStream(ours), theirs
+
+
+def test_a_hinted_read_waits_for_the_socket_instead_of_trying_it():
+    async def run() -> None:
+        stream, peer = session_pair()
+        try:
+            stream.wait_readable = True
+            future = stream.read_bytes(4096, partial=True)
+            assert stream.tries == 0  # no attempt that can only fail
+            assert not stream.wait_readable  # the hint holds for one read
+            await asyncio.sleep(0.01)
+            assert not future.done()
+            peer.sendall(b"MAIL FROM:<a@example.org>\r\n")
+            assert await asyncio.wait_for(future, 5) == b"MAIL FROM:<a@example.org>\r\n"
+            assert stream.tries == 1  # the one read, once the data was there
+        finally:
+            stream.close()
+            peer.close()
+
+    asyncio.run(run())
+
+
+def test_an_unhinted_read_tries_the_socket_first_as_tornado_does():
+    async def run() -> None:
+        stream, peer = session_pair()
+        try:
+            future = stream.read_bytes(4096, partial=True)
+            assert stream.tries == 1  # found nothing (EAGAIN), then listens
+            peer.sendall(b"DATA\r\n")
+            assert await asyncio.wait_for(future, 5) == b"DATA\r\n"
+            assert stream.tries == 2
+        finally:
+            stream.close()
+            peer.close()
+
+    asyncio.run(run())
+
+
+def test_a_hinted_read_still_gets_what_is_buffered_or_already_sent():
+    async def run() -> None:
+        stream, peer = session_pair()
+        try:
+            # Already in the socket: the event loop reports it on its next turn.
+            peer.sendall(b"RSET\r\nNOOP\r\n")
+            await asyncio.sleep(0.01)
+            stream.wait_readable = True
+            first = await asyncio.wait_for(stream.read_bytes(6, partial=True), 5)
+            assert first == b"RSET\r\n"
+            # Already in the stream's buffer: returned at once, the hint unused.
+            stream.wait_readable = True
+            future = stream.read_bytes(4096, partial=True)
+            assert future.done() and future.result() == b"NOOP\r\n"
+            # The peer closes: a hinted read ends with StreamClosedError.
+            peer.close()
+            stream.wait_readable = True
+            try:
+                await asyncio.wait_for(stream.read_bytes(4096, partial=True), 5)
+            except StreamClosedError:
+                pass
+            else:
+                raise AssertionError("read after close did not fail")
+            # And on a closed stream a hinted read fails at once.
+            stream.wait_readable = True
+            try:
+                stream.read_bytes(4096, partial=True)
+            except StreamClosedError:
+                pass
+            else:
+                raise AssertionError("read on a closed stream did not fail")
+        finally:
+            stream.close()
+            peer.close()
 
     asyncio.run(run())
