@@ -122,8 +122,8 @@ class SessionStream(IOStream):
     stream's own slow path does; what is buffered is still returned at once,
     the event loop reports a socket that already holds data on its next
     turn, and reads during message content (which streams in without
-    replies) keep Tornado's order. The session loop sets the hint after it
-    sent a reply (:meth:`SMTPConnection.run`); it holds for one read.
+    replies) keep Tornado's order. The session loop sets the hint each time
+    it sends a reply; it holds for one read.
 
     .. attribute:: wait_readable
 

@@ -502,6 +502,7 @@ class SMTPServer(TCPServer):
     def _open_stream(self, connection: socket.socket, address: Any) -> None:
         # Tornado's TCPServer makes a plain IOStream; sessions get the one
         # that takes the session loop's read hint (TLS is a layer above it).
+        stream: SessionStream | None = None
         try:
             stream = SessionStream(
                 connection,
@@ -511,6 +512,11 @@ class SMTPServer(TCPServer):
             self.handle_stream(stream, address)
         except Exception:
             app_log.error("Error in connection callback", exc_info=True)
+            # Never leave the client's socket open with nobody serving it.
+            if stream is not None:
+                stream.close()
+            else:
+                connection.close()
 
     def handle_stream(self, stream: IOStream, address: Any) -> None:
         """Start a session for a new connection (called by TCPServer)."""

@@ -246,6 +246,25 @@ def _bytes_received(server) -> int:
 
 
 # ------------------------------------------------------------------- limits
+def test_a_connection_that_cannot_be_served_is_closed_and_logged(start_server, log_watch):
+    server = start_server()
+    calls = []
+
+    def broken(stream: Any, address: Any) -> None:
+        calls.append(address)
+        raise RuntimeError("no session for you")
+
+    server.server.handle_stream = broken  # type: ignore[method-assign]
+    log_watch.allow("Error in connection callback", logger="tornado.application")
+    with socket.create_connection((server.host, server.port), timeout=TIMEOUT) as sock:
+        # Closed at once, not left open with nobody serving it.
+        assert sock.recv(100) == b""
+    assert len(calls) == 1
+    wait_until(
+        lambda: log_watch.matching("Error in connection callback"), message="the error logged"
+    )
+
+
 def test_max_connections(start_server):
     server = start_server(max_connections=2)
     with RawClient(server.port) as one, RawClient(server.port) as two:
