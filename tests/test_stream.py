@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
 from tornado.iostream import IOStream, StreamClosedError
 
 from bonzo.connection import SessionStream, try_write
@@ -158,20 +159,12 @@ def test_a_hinted_read_still_gets_what_is_buffered_or_already_sent():
             # The peer closes: a hinted read ends with StreamClosedError.
             peer.close()
             stream.wait_readable = True
-            try:
+            with pytest.raises(StreamClosedError):
                 await asyncio.wait_for(stream.read_bytes(4096, partial=True), 5)
-            except StreamClosedError:
-                pass
-            else:
-                raise AssertionError("read after close did not fail")
             # And on a closed stream a hinted read fails at once.
             stream.wait_readable = True
-            try:
+            with pytest.raises(StreamClosedError):
                 stream.read_bytes(4096, partial=True)
-            except StreamClosedError:
-                pass
-            else:
-                raise AssertionError("read on a closed stream did not fail")
         finally:
             stream.close()
             peer.close()
