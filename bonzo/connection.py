@@ -35,6 +35,7 @@ import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from tornado.concurrent import future_set_result_unless_cancelled
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.log import app_log, gen_log
@@ -83,6 +84,10 @@ _CLOSING = 4  # last reply on its way
 _PROXY = 5  # waiting for the PROXY protocol header
 
 
+# A stream waiting for input only: reading, errors reported.
+_LISTENING = IOLoop.READ | IOLoop.ERROR
+
+
 def try_write(stream: IOStream, data: bytes) -> int:
     """Send what the socket takes of ``data`` now, through ``stream``, if
     nothing is queued in it; return how many octets were sent (``0`` if none,
@@ -110,20 +115,29 @@ def try_write(stream: IOStream, data: bytes) -> int:
 
 class SessionStream(IOStream):
     """The :class:`~tornado.iostream.IOStream` a server gives each session:
-    Tornado's stream, with one hint for its reads.
+    Tornado's stream, with a shorter path for the one read a session makes
+    (``read_bytes(n, partial=True)``, "what has arrived, up to *n* octets").
 
-    A read on Tornado's stream tries the socket at once when nothing is
-    buffered, and listens for it to become readable only when that read
-    finds nothing. Right after a reply, a client that waits for its replies
-    (most clients) cannot have answered yet, so that first attempt fails
-    every time: a system call, a buffer and an exception for each command.
-    With :attr:`wait_readable` set, the next read that finds nothing
-    buffered starts by waiting for the socket to be readable, as the
-    stream's own slow path does; what is buffered is still returned at once,
-    the event loop reports a socket that already holds data on its next
-    turn, and reads during message content (which streams in without
-    replies) keep Tornado's order. The session loop sets the hint each time
-    it sends a reply; it holds for one read.
+    **The hint.** A read on Tornado's stream tries the socket at once when
+    nothing is buffered, and listens for it to become readable only when that
+    read finds nothing. Right after a reply, a client that waits for its
+    replies (most clients) cannot have answered yet, so that first attempt
+    fails every time: a system call, a buffer and an exception for each
+    command. With :attr:`wait_readable` set, the next read that finds nothing
+    buffered starts by waiting for the socket to be readable, as the stream's
+    own slow path does; what is buffered is still returned at once, the event
+    loop reports a socket that already holds data on its next turn, and reads
+    during message content (which streams in without replies) keep Tornado's
+    order. The session loop sets the hint each time it sends a reply; it holds
+    for one read.
+
+    **The direct read.** When such a partial read finds the stream's buffer
+    empty, the octets the socket gives (:meth:`recv_chunk`) are the whole
+    answer: they are handed to the read's future as they are, instead of
+    being appended to the buffer, searched for and cut out of it again (a
+    dozen calls per read in Tornado's general path, which serves every kind
+    of read). Everything else — buffered data, ``read_until``, errors, close —
+    is Tornado's own code.
 
     .. attribute:: wait_readable
 
@@ -133,15 +147,91 @@ class SessionStream(IOStream):
 
     wait_readable = False
 
+    def recv_chunk(self, size: int) -> bytes | None:
+        """Read up to ``size`` octets from the socket: ``None`` if it has
+        none yet, ``b""`` at end of stream; :exc:`OSError` as the socket
+        raises it."""
+        try:
+            return self.socket.recv(size)
+        except BlockingIOError:
+            return None
+
+    def _direct(self) -> bool:
+        # A partial read_bytes of at least one octet, with nothing buffered
+        # (read_into and read_until keep Tornado's path).
+        return bool(
+            self._read_partial
+            and self._read_bytes
+            and not self._read_buffer_size
+            and not self._user_read_buffer
+        )
+
+    def _read_direct(self) -> bool:
+        """Serve the pending partial read from the socket; ``False`` if the
+        socket has nothing yet. Ends and errors close the stream as
+        Tornado's read does (which fails the read with
+        :exc:`~tornado.iostream.StreamClosedError`)."""
+        assert self._read_bytes is not None
+        try:
+            data = self.recv_chunk(min(self._read_bytes, self.read_chunk_size))
+        except OSError as exc:
+            if not self._is_connreset(exc):
+                gen_log.warning("error on read: %s", exc)
+            self.close(exc_info=exc)
+            return True
+        if data is None:
+            return False
+        if not data:
+            self.close()
+            return True
+        self._read_bytes = None
+        self._read_partial = False
+        future, self._read_future = self._read_future, None
+        assert future is not None
+        future_set_result_unless_cancelled(future, data)
+        return True
+
     def _try_inline_read(self) -> None:
         # Tornado's BaseIOStream._try_inline_read tries the buffer, then the
-        # socket, then listens; this skips the socket try once when hinted.
-        if self.wait_readable:
-            self.wait_readable = False
-            if not self._read_buffer_size and not self.closed():
-                self._add_io_state(IOLoop.READ)
+        # socket, then listens; this skips the socket try once when hinted,
+        # and reads the socket directly when nothing is buffered.
+        hinted, self.wait_readable = self.wait_readable, False
+        if not self._read_buffer_size:
+            if hinted:
+                if not self.closed():
+                    self._add_io_state(IOLoop.READ)
+                    return
+            elif self._direct():
+                self._check_closed()
+                if not self._read_direct() and not self.closed():
+                    self._add_io_state(IOLoop.READ)
                 return
         super()._try_inline_read()
+
+    def _handle_read(self) -> None:
+        # The socket is readable (the event loop says so).
+        if self._direct():
+            self._read_direct()
+        else:
+            super()._handle_read()
+
+    def _handle_events(self, fd: Any, events: int) -> None:
+        # The event loop's call when the socket is ready. When it is only
+        # readable, a direct read is pending, nothing is being written and the
+        # stream listens for exactly READ (and errors), Tornado's general
+        # handler would do the read and then find the listening state
+        # unchanged: the read is all there is to do.
+        if (
+            events == IOLoop.READ
+            and self._state == _LISTENING
+            and not self._closed
+            and not self._write_buffer
+            and not self._connecting
+            and self._direct()
+        ):
+            self._read_direct()
+        else:
+            super()._handle_events(fd, events)
 
 
 class SMTPConnection:

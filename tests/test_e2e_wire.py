@@ -101,13 +101,20 @@ def test_the_server_reads_each_command_once_without_failed_socket_tries(server, 
 
     tries = {"data": 0, "empty": 0}
     read_from_fd = SessionStream.read_from_fd
+    recv_chunk = SessionStream.recv_chunk
 
     def counted(self: SessionStream, buf: Any) -> int | None:
         got = read_from_fd(self, buf)
         tries["data" if got else "empty"] += 1
         return got
 
+    def counted_chunk(self: SessionStream, size: int) -> bytes | None:
+        got = recv_chunk(self, size)
+        tries["data" if got else "empty"] += 1
+        return got
+
     monkeypatch.setattr(SessionStream, "read_from_fd", counted)
+    monkeypatch.setattr(SessionStream, "recv_chunk", counted_chunk)
     with RawClient(server.port) as client:
         client.greet()
         for n in range(3):

@@ -1,12 +1,15 @@
 """try_write: the shortcut for small replies never reorders, loses or
 duplicates output, and leaves errors to IOStream.write. SessionStream: the
 read hint skips only the socket attempt that cannot succeed, and never
-delays or loses input."""
+delays or loses input; its direct partial read gives what Tornado's read
+would, in the same order, with the same ends and errors."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
+import struct
 
 import pytest
 from tornado.iostream import IOStream, StreamClosedError
@@ -92,9 +95,16 @@ def test_errors_are_left_to_write():
 
 
 class CountingStream(SessionStream):
-    """A SessionStream that counts its attempts to read the socket."""
+    """A SessionStream that counts its attempts to read the socket, by its
+    direct read and by Tornado's."""
 
     tries = 0
+    direct = 0
+
+    def recv_chunk(self, size: int) -> bytes | None:
+        self.tries += 1
+        self.direct += 1
+        return super().recv_chunk(size)
 
     def read_from_fd(self, buf: bytearray | memoryview) -> int | None:
         self.tries += 1
@@ -170,3 +180,133 @@ def test_a_hinted_read_still_gets_what_is_buffered_or_already_sent():
             peer.close()
 
     asyncio.run(run())
+
+
+def tcp_pair() -> tuple[CountingStream, socket.socket]:
+    """A session stream over TCP on 127.0.0.1 (a reset needs TCP)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()
+    ours.setblocking(False)
+    return CountingStream(ours), peer
+
+
+def test_a_partial_read_with_nothing_buffered_takes_the_socket_data_as_it_is():
+    async def run() -> None:
+        stream, peer = session_pair()
+        try:
+            # Already in the socket: read at once, directly.
+            peer.sendall(b"EHLO client.example\r\n")
+            future = stream.read_bytes(4096, partial=True)
+            assert future.done() and future.result() == b"EHLO client.example\r\n"
+            assert (stream.tries, stream.direct) == (1, 1)
+            # Arriving later: read when the loop reports it, directly too.
+            future = stream.read_bytes(4096, partial=True)
+            assert not future.done()
+            peer.sendall(b"QUIT\r\n")
+            assert await asyncio.wait_for(future, 5) == b"QUIT\r\n"
+            assert stream.direct == stream.tries == 3  # one empty try, one read
+        finally:
+            stream.close()
+            peer.close()
+
+    asyncio.run(run())
+
+
+def test_a_direct_read_takes_no_more_than_asked_and_leaves_the_rest_in_order():
+    async def run() -> None:
+        stream, peer = session_pair()
+        try:
+            stream.read_chunk_size = 4
+            peer.sendall(b"0123456789abcdef")
+            await asyncio.sleep(0.01)
+            got = [await asyncio.wait_for(stream.read_bytes(3, partial=True), 5)]
+            # The stream's read_chunk_size bounds a read too, as in Tornado.
+            got.append(await asyncio.wait_for(stream.read_bytes(100, partial=True), 5))
+            assert got == [b"012", b"3456"]
+            # Tornado's own reads see the rest, in order, and leave what they
+            # read beyond a delimiter in the buffer...
+            assert await asyncio.wait_for(stream.read_until(b"9"), 5) == b"789"
+            before = stream.direct
+            rest = await asyncio.wait_for(stream.read_bytes(100, partial=True), 5)
+            # ...which the next partial read returns first (Tornado's path).
+            rest += await asyncio.wait_for(stream.read_bytes(100, partial=True), 5)
+            assert b"abcdef".startswith(rest) and rest
+            assert stream.direct - before <= 1
+        finally:
+            stream.close()
+            peer.close()
+
+    asyncio.run(run())
+
+
+def test_a_direct_read_ends_with_stream_closed_at_end_of_stream():
+    async def run() -> None:
+        stream, peer = session_pair()
+        try:
+            future = stream.read_bytes(4096, partial=True)
+            peer.shutdown(socket.SHUT_WR)
+            with pytest.raises(StreamClosedError):
+                await asyncio.wait_for(future, 5)
+            assert stream.closed() and stream.error is None
+        finally:
+            stream.close()
+            peer.close()
+
+    asyncio.run(run())
+
+
+def test_a_reset_during_a_direct_read_closes_quietly(caplog):
+    async def run() -> None:
+        stream, peer = tcp_pair()
+        try:
+            future = stream.read_bytes(4096, partial=True)
+            # SO_LINGER 0: close() sends a reset instead of a FIN.
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            peer.close()
+            with pytest.raises(StreamClosedError):
+                await asyncio.wait_for(future, 5)
+            assert isinstance(stream.error, ConnectionResetError)
+        finally:
+            stream.close()
+
+    with caplog.at_level(logging.DEBUG):
+        asyncio.run(run())
+    assert stream_warnings(caplog) == []
+
+
+class FailingStream(CountingStream):
+    """The socket fails with an error that is not a reset (a fault a real
+    peer cannot cause on demand)."""
+
+    def recv_chunk(self, size: int) -> bytes | None:
+        raise OSError(5, "Input/output error")
+
+
+def stream_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "tornado.general"]
+
+
+@pytest.mark.parametrize("hinted", [False, True])
+def test_another_socket_error_in_a_direct_read_is_logged_once_and_closes(caplog, hinted):
+    async def run() -> None:
+        ours, peer = socket.socketpair()
+        stream = FailingStream(ours)
+        try:
+            # Unhinted, the read tries the socket at once; hinted, it does when
+            # the event loop reports data.
+            stream.wait_readable = hinted
+            future = stream.read_bytes(4096, partial=True)
+            assert future.done() is not hinted
+            if hinted:
+                peer.sendall(b"NOOP\r\n")
+            with pytest.raises(StreamClosedError):
+                await asyncio.wait_for(future, 5)
+            assert stream.closed() and isinstance(stream.error, OSError)
+        finally:
+            stream.close()
+            peer.close()
+
+    with caplog.at_level(logging.DEBUG):
+        asyncio.run(run())
+    assert stream_warnings(caplog) == ["error on read: [Errno 5] Input/output error"]
