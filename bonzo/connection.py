@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import math
 import ssl
+from asyncio import Future
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -146,6 +147,23 @@ class SessionStream(IOStream):
     """
 
     wait_readable = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The asyncio loop under Tornado's, when there is one.
+        self._futures = getattr(self.io_loop, "asyncio_loop", None)
+
+    def _start_read(self) -> Future[Any]:
+        # Tornado makes each read's future with Future(), which looks up the
+        # running loop, and CPython (3.10 to 3.12) checks the process id each
+        # time it does: a getpid() system call per read. The stream's loop is
+        # known, so its future is made without the lookup.
+        loop = self._futures
+        if self._read_future is not None or loop is None:
+            return super()._start_read()  # "already reading", as Tornado says it
+        future: Future[Any] = loop.create_future()
+        self._read_future = future
+        return future
 
     def recv_chunk(self, size: int) -> bytes | None:
         """Read up to ``size`` octets from the socket: ``None`` if it has
@@ -335,7 +353,11 @@ class SMTPConnection:
         self._close_callback: Callable[[], Any] | None = None
         self._tls: TLSLayer | None = None
         self._write_future: asyncio.Future[None] | None = None
-        self._loop = asyncio.get_running_loop()
+        # The stream's loop: asking asyncio for the running one costs a
+        # getpid() system call (CPython's fork check), once per connection.
+        self._loop: asyncio.AbstractEventLoop = (
+            getattr(stream.io_loop, "asyncio_loop", None) or asyncio.get_running_loop()
+        )
         self._timer: TimerHandle | None = None
         self._timer_at = math.inf
         self._phase = _BUSY
@@ -383,6 +405,11 @@ class SMTPConnection:
             self.stream.close()
         else:
             self._end(421, "Server shutting down", "4.3.2", "shutdown")
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The asyncio event loop the session runs on."""
+        return self._loop
 
     # ---------------------------------------------------------- main loop
     async def run(self) -> None:

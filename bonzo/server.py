@@ -564,7 +564,7 @@ class SMTPServer(TCPServer):
         if self.share is not None:
             self.share.opened()
         self._by_session[connection.session.id] = connection
-        connection.task = asyncio.get_running_loop().create_task(connection.run())
+        connection.task = connection.loop.create_task(connection.run())
 
     def connection_of(self, session: Session) -> SMTPConnection | None:
         """The connection a session of this server runs on (for the original

@@ -310,3 +310,22 @@ def test_another_socket_error_in_a_direct_read_is_logged_once_and_closes(caplog,
     with caplog.at_level(logging.DEBUG):
         asyncio.run(run())
     assert stream_warnings(caplog) == ["error on read: [Errno 5] Input/output error"]
+
+
+def test_a_read_future_belongs_to_the_stream_loop_and_a_second_read_is_refused():
+    async def run() -> None:
+        stream, peer = session_pair()
+        try:
+            future = stream.read_bytes(4096, partial=True)
+            assert isinstance(future, asyncio.Future)
+            assert future.get_loop() is asyncio.get_running_loop()
+            # Still Tornado's rule: one read at a time.
+            with pytest.raises(AssertionError, match="Already reading"):
+                stream.read_bytes(4096, partial=True)
+            peer.sendall(b"NOOP\r\n")
+            assert await asyncio.wait_for(future, 5) == b"NOOP\r\n"
+        finally:
+            stream.close()
+            peer.close()
+
+    asyncio.run(run())
