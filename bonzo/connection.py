@@ -155,9 +155,10 @@ class SessionStream(IOStream):
 
     def _start_read(self) -> Future[Any]:
         # Tornado makes each read's future with Future(), which looks up the
-        # running loop, and CPython (3.10 to 3.12) checks the process id each
-        # time it does: a getpid() system call per read. The stream's loop is
-        # known, so its future is made without the lookup.
+        # running loop, and CPython checks the process id each time it does
+        # (a fork guard): a getpid() system call per read, measured on 3.11.
+        # The stream's loop is known, so its future is made without the
+        # lookup.
         loop = self._futures
         if self._read_future is not None or loop is None:
             return super()._start_read()  # "already reading", as Tornado says it
