@@ -24,7 +24,10 @@ when it fires or an earlier deadline appears.
 
 Closing is done in order: the last reply is flushed, TLS sends its
 ``close_notify``, the socket closes (each step bounded in time), then the
-envelope is dropped and the ``bonzo_disconnect`` observers run.
+envelope is dropped and the ``bonzo_disconnect`` observers run. Last, the
+callbacks the dispatcher and the core hold into the connection are dropped:
+nothing of the session then refers back to it, so it is freed by reference
+counting as soon as it ends instead of waiting for the cycle collector.
 """
 
 from __future__ import annotations
@@ -83,6 +86,10 @@ _OUTPUT = 2  # waiting for the client to read what was written
 _HANDSHAKE = 3  # TLS handshake
 _CLOSING = 4  # last reply on its way
 _PROXY = 5  # waiting for the PROXY protocol header
+
+
+def _send_nothing() -> None:
+    """The dispatcher's ``send`` once the session is over."""
 
 
 # A stream waiting for input only: reading, errors reported.
@@ -930,7 +937,16 @@ class SMTPConnection:
             if not stream.closed():
                 stream.close()
             self.dispatch.end_transaction()
-            await self._cleanup()
+            try:
+                await self._cleanup()
+            finally:
+                # The dispatcher and the core hold callbacks into this
+                # connection: reference cycles, which would leave the whole
+                # session (stream, core, task...) to the cycle collector, and
+                # make it run all the time under many short connections.
+                # Dropped, the session is freed as soon as it is over.
+                self.dispatch.send = _send_nothing
+                self.protocol.on_refusal = None
 
     async def _cleanup(self) -> None:
         callback, self._close_callback = self._close_callback, None

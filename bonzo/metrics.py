@@ -33,6 +33,7 @@ import os
 import shutil
 import socket
 import tempfile
+import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -265,13 +266,20 @@ class Metrics:
         commands, replies, refusals = self.commands, self.replies, self.refusals
         verbs = core.verbs
         names = self.plugin_names
-        handle_line = core._handle_line
-        queue = core._queue
-        on_refusal = core._on_refusal
+        # The wrappers become attributes of the core: they reach it through a
+        # weak reference and its class's functions, not its bound methods, so
+        # that they make no reference cycle (the session is freed by
+        # reference counting as soon as it ends).
+        weak_core = weakref.ref(core)
+        handle_line = type(core)._handle_line
+        queue = type(core)._queue
+        on_refusal = core.on_refusal
         refused = self.refused
 
         def counted_line(raw: bytes, bare_lf: bool = False) -> Any:
-            result = handle_line(raw, bare_lf)
+            core = weak_core()
+            assert core is not None  # it is the core calling
+            result = handle_line(core, raw, bare_lf)
             verb = core.stage
             if verb not in verbs:
                 verb = "other"
@@ -279,7 +287,9 @@ class Metrics:
             return result
 
         def counted_reply(wire: bytes) -> None:
-            queue(wire)
+            core = weak_core()
+            assert core is not None
+            queue(core, wire)
             stage = core.stage
             if stage not in verbs and stage not in _STAGES:
                 stage = "other"
@@ -300,7 +310,7 @@ class Metrics:
 
         core._handle_line = counted_line  # type: ignore[method-assign]
         core._queue = counted_reply  # type: ignore[method-assign]
-        core._on_refusal = counted_refusal
+        core.on_refusal = counted_refusal
 
     def time_hooks(self, plugins: PluginSet) -> None:
         """Time every hook implementation of ``plugins`` (wraps each

@@ -708,7 +708,9 @@ class SMTPProtocol:
         self.policy = policy
         #: The verb table of this session (see :meth:`add_verb`).
         self.verbs: dict[str, VerbHandler] = type(self).VERBS
-        self._on_refusal = on_refusal
+        #: Called with a :class:`Refusal` for every ``4xx``/``5xx`` reply
+        #: (``None``: nobody); the ``on_refusal`` argument.
+        self.on_refusal = on_refusal
         #: The HELO/EHLO name once accepted, else ``None``.
         self.helo: str | None = None
         #: True once the client has said EHLO.
@@ -961,8 +963,8 @@ class SMTPProtocol:
         log_message: str | None,
         limit: str | None,
     ) -> None:
-        if self._on_refusal is not None:
-            self._on_refusal(
+        if self.on_refusal is not None:
+            self.on_refusal(
                 Refusal(
                     self.stage,
                     code,

@@ -15,6 +15,7 @@ import re
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -156,13 +157,20 @@ class MeasuredServer(SMTPServer):
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
         super().handle_stream(stream, address)
         connection = next(c for c in self.connections if c.stream is stream)
-        write = stream.write
+        # Weak references: the wrapper is the stream's own attribute, and a
+        # strong one would make a reference cycle that keeps the session
+        # alive after it ends (a test checks that nothing does).
+        weak_stream, weak_connection = weakref.ref(stream), weakref.ref(connection)
+        write = type(stream).write
 
         def measured_write(data: bytes) -> Any:
-            future = write(data)
+            stream, connection = weak_stream(), weak_connection()
+            assert stream is not None
+            future = write(stream, data)
             # The stream drops its buffer when the write finds the peer gone.
             buffer = stream._write_buffer
-            held = (len(buffer) if buffer is not None else 0) + connection.protocol.pending_output
+            pending = connection.protocol.pending_output if connection is not None else 0
+            held = (len(buffer) if buffer is not None else 0) + pending
             self.high_water = max(self.high_water, held)
             return future
 

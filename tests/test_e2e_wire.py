@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 import select
 import socket
 import threading
 import tracemalloc
+import weakref
 from typing import Any
 
 import pytest
@@ -131,6 +133,35 @@ def test_the_server_reads_each_command_once_without_failed_socket_tries(server, 
     # try (content split across segments) is allowed for.
     assert tries["data"] >= 13
     assert tries["empty"] <= 2
+
+
+def test_a_finished_session_is_freed_at_once_without_the_cycle_collector(server):
+    """Nothing of a session refers back to its connection once it is over
+    (no reference cycle), so it is freed when it ends, not at the next run
+    of the cycle collector: under many short connections that collector
+    would otherwise run all the time, and memory would grow between runs."""
+    gc.collect()
+    gc.disable()
+    try:
+        refs = []
+        for n in range(2):
+            with RawClient(server.port) as client:
+                client.greet()
+                if n:  # one with a message and a refusal (the core's callback)
+                    assert client.command("MAIL FROM:<alice@example.com>").startswith(b"250")
+                    assert client.command("RCPT TO:<>").startswith(b"5")
+                    assert client.command("RCPT TO:<bob@example.com>").startswith(b"250")
+                    assert client.command("DATA").startswith(b"354")
+                    client.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+                    assert client.reply().startswith(b"250")
+                (connection,) = wait_until(lambda: list(server.server.connections))
+                refs.append(weakref.ref(connection))
+                del connection
+                assert client.command("QUIT").startswith(b"221")
+        wait_until(lambda: all(ref() is None for ref in refs), message="sessions freed")
+        assert len(server.plugin.messages) == 1
+    finally:
+        gc.enable()
 
 
 def test_empty_message(server):

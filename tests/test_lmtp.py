@@ -105,7 +105,7 @@ def test_each_recipient_gets_its_own_reply_in_rcpt_order():
         return None
 
     client = lmtp(decide=decide)
-    client.proto._on_refusal = refusals.append
+    client.proto.on_refusal = refusals.append
     out = client.send(
         LHLO + MAIL + rcpts("a", "full", "nobody", "c", "gone") + b"DATA\r\n" + MESSAGE
     )

@@ -5,9 +5,11 @@ of metrics off."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import smtplib
 import urllib.error
 import urllib.request
+import weakref
 
 import pytest
 
@@ -20,8 +22,9 @@ from bonzo.config import ConfigError, parse_config  # noqa: E402
 from bonzo.hooks import PluginSet  # noqa: E402
 from bonzo.hookspecs import Accept  # noqa: E402
 from bonzo.metrics import Metrics, MetricsServer  # noqa: E402
-from bonzo.protocol import SMTPProtocol  # noqa: E402
+from bonzo.protocol import NEED_DATA, SMTPProtocol  # noqa: E402
 from bonzo.server import SMTPServer  # noqa: E402
+from bonzo.settings import SMTPSettings  # noqa: E402
 from bonzo.testing import SessionTester  # noqa: E402
 
 
@@ -48,6 +51,9 @@ class Slow:
     async def bonzo_mail(self, address):
         if address.startswith("slow@"):
             await asyncio.sleep(5)
+
+
+SETTINGS = SMTPSettings(hostname="bonzo.test")
 
 
 def plugin_set() -> PluginSet:
@@ -149,6 +155,30 @@ def test_flush_adds_only_what_is_new(counted):
     asyncio.run(session())
     assert value(m, "bonzo_commands_total", verb="NOOP") == 3
     assert value(m, "bonzo_commands_total", verb="NOOP") == 3
+
+
+def test_a_watched_core_is_freed_without_the_cycle_collector(counted):
+    """The wrappers metrics puts on a core make no reference cycle: the
+    core (and its session) is freed by reference counting once dropped."""
+    m, _ = counted
+    refused = []
+    gc.collect()
+    gc.disable()
+    try:
+        core = SMTPProtocol(SETTINGS, "192.0.2.1", on_refusal=refused.append)
+        m.watch(core)
+        core.receive_data(b"NOOP\r\nMAIL FROM:<a@example.org>\r\n")
+        assert core.next_event() is NEED_DATA  # NOOP answered, MAIL refused
+        assert core.data_to_send().startswith(b"250 ")
+        weak = weakref.ref(core)
+        del core
+        assert weak() is None
+    finally:
+        gc.enable()
+    # Counting still works, and the callback still runs.
+    assert value(m, "bonzo_commands_total", verb="NOOP") == 1
+    assert value(m, "bonzo_commands_total", verb="MAIL") == 1
+    assert [r.code for r in refused] == [503]
 
 
 def test_metrics_off_leaves_the_session_and_the_plugins_alone():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import logging
 import os
 import re
@@ -21,6 +22,7 @@ import ssl
 import subprocess
 import time
 import warnings
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -1343,3 +1345,25 @@ def test_tls_sessions_end_with_a_close_notify(start_server, certs, client_ctx, h
                 break
             data += chunk
         assert data == expected
+
+
+def test_a_finished_tls_and_auth_session_is_freed_at_once(start_server, certs, client_ctx):
+    """STARTTLS, AUTH and a message leave no reference cycle behind either:
+    the session is freed when it ends, not by the cycle collector."""
+    server = start_auth_server(start_server, tls_listener(certs))
+    gc.collect()
+    gc.disable()
+    try:
+        with smtp(server) as client:
+            client.starttls(context=client_ctx)
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                client.login(USER, "wrong")  # a refusal: the core's callback runs
+            client.login(USER, PASSWORD)
+            (connection,) = wait_until(lambda: list(server.server.connections))
+            ref = weakref.ref(connection)
+            del connection
+            client.sendmail("alice@example.com", ["bob@example.com"], b"Subject: x\r\n\r\nbody\r\n")
+        wait_until(lambda: ref() is None, message="the session freed")
+        assert len(server.plugin.messages) == 1
+    finally:
+        gc.enable()
