@@ -158,7 +158,7 @@ class SessionStream(IOStream):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # The asyncio loop under Tornado's, when there is one.
-        self._futures = getattr(self.io_loop, "asyncio_loop", None)
+        self._asyncio_loop = getattr(self.io_loop, "asyncio_loop", None)
 
     def _start_read(self) -> Future[Any]:
         # Tornado makes each read's future with Future(), which looks up the
@@ -166,7 +166,7 @@ class SessionStream(IOStream):
         # (a fork guard): a getpid() system call per read, measured on 3.11.
         # The stream's loop is known, so its future is made without the
         # lookup.
-        loop = self._futures
+        loop = self._asyncio_loop
         if self._read_future is not None or loop is None:
             return super()._start_read()  # "already reading", as Tornado says it
         future: Future[Any] = loop.create_future()

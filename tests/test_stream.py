@@ -7,9 +7,12 @@ would, in the same order, with the same ends and errors."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from tornado.iostream import IOStream, StreamClosedError
@@ -111,15 +114,31 @@ class CountingStream(SessionStream):
         return super().read_from_fd(buf)
 
 
-def session_pair() -> tuple[CountingStream, socket.socket]:
-    ours, theirs = socket.socketpair()
-    return CountingStream(ours), theirs
+@contextlib.contextmanager
+def session_streams(
+    kind: type[SessionStream] = CountingStream, tcp: bool = False
+) -> Iterator[tuple[Any, socket.socket]]:
+    """A session stream of ``kind`` and the peer's socket: a socket pair, or
+    with ``tcp`` a connection on 127.0.0.1 (a reset needs TCP). Both are
+    closed at the end."""
+    if tcp:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            theirs = socket.create_connection(listener.getsockname())
+            ours, _ = listener.accept()
+        ours.setblocking(False)
+    else:
+        ours, theirs = socket.socketpair()
+    stream = kind(ours)
+    try:
+        yield stream, theirs
+    finally:
+        stream.close()
+        theirs.close()
 
 
 def test_a_hinted_read_waits_for_the_socket_instead_of_trying_it():
     async def run() -> None:
-        stream, peer = session_pair()
-        try:
+        with session_streams() as (stream, peer):
             stream.wait_readable = True
             future = stream.read_bytes(4096, partial=True)
             assert stream.tries == 0  # no attempt that can only fail
@@ -129,33 +148,25 @@ def test_a_hinted_read_waits_for_the_socket_instead_of_trying_it():
             peer.sendall(b"MAIL FROM:<a@example.org>\r\n")
             assert await asyncio.wait_for(future, 5) == b"MAIL FROM:<a@example.org>\r\n"
             assert stream.tries == 1  # the one read, once the data was there
-        finally:
-            stream.close()
-            peer.close()
 
     asyncio.run(run())
 
 
 def test_an_unhinted_read_tries_the_socket_first_as_tornado_does():
     async def run() -> None:
-        stream, peer = session_pair()
-        try:
+        with session_streams() as (stream, peer):
             future = stream.read_bytes(4096, partial=True)
             assert stream.tries == 1  # found nothing (EAGAIN), then listens
             peer.sendall(b"DATA\r\n")
             assert await asyncio.wait_for(future, 5) == b"DATA\r\n"
             assert stream.tries == 2
-        finally:
-            stream.close()
-            peer.close()
 
     asyncio.run(run())
 
 
 def test_a_hinted_read_still_gets_what_is_buffered_or_already_sent():
     async def run() -> None:
-        stream, peer = session_pair()
-        try:
+        with session_streams() as (stream, peer):
             # Already in the socket: the event loop reports it on its next turn.
             peer.sendall(b"RSET\r\n")
             await asyncio.sleep(0.01)
@@ -181,26 +192,13 @@ def test_a_hinted_read_still_gets_what_is_buffered_or_already_sent():
             stream.wait_readable = True
             with pytest.raises(StreamClosedError):
                 stream.read_bytes(4096, partial=True)
-        finally:
-            stream.close()
-            peer.close()
 
     asyncio.run(run())
 
 
-def tcp_pair() -> tuple[CountingStream, socket.socket]:
-    """A session stream over TCP on 127.0.0.1 (a reset needs TCP)."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        peer = socket.create_connection(listener.getsockname())
-        ours, _ = listener.accept()
-    ours.setblocking(False)
-    return CountingStream(ours), peer
-
-
 def test_a_partial_read_with_nothing_buffered_takes_the_socket_data_as_it_is():
     async def run() -> None:
-        stream, peer = session_pair()
-        try:
+        with session_streams() as (stream, peer):
             # Already in the socket: read at once, directly.
             peer.sendall(b"EHLO client.example\r\n")
             future = stream.read_bytes(4096, partial=True)
@@ -212,17 +210,13 @@ def test_a_partial_read_with_nothing_buffered_takes_the_socket_data_as_it_is():
             peer.sendall(b"QUIT\r\n")
             assert await asyncio.wait_for(future, 5) == b"QUIT\r\n"
             assert stream.direct == stream.tries == 3  # one empty try, one read
-        finally:
-            stream.close()
-            peer.close()
 
     asyncio.run(run())
 
 
 def test_a_direct_read_takes_no_more_than_asked_and_leaves_the_rest_in_order():
     async def run() -> None:
-        stream, peer = session_pair()
-        try:
+        with session_streams() as (stream, peer):
             stream.read_chunk_size = 4
             peer.sendall(b"0123456789abcdef")
             await asyncio.sleep(0.01)
@@ -239,33 +233,25 @@ def test_a_direct_read_takes_no_more_than_asked_and_leaves_the_rest_in_order():
             rest += await asyncio.wait_for(stream.read_bytes(100, partial=True), 5)
             assert b"abcdef".startswith(rest) and rest
             assert stream.direct - before <= 1
-        finally:
-            stream.close()
-            peer.close()
 
     asyncio.run(run())
 
 
 def test_a_direct_read_ends_with_stream_closed_at_end_of_stream():
     async def run() -> None:
-        stream, peer = session_pair()
-        try:
+        with session_streams() as (stream, peer):
             future = stream.read_bytes(4096, partial=True)
             peer.shutdown(socket.SHUT_WR)
             with pytest.raises(StreamClosedError):
                 await asyncio.wait_for(future, 5)
             assert stream.closed() and stream.error is None
-        finally:
-            stream.close()
-            peer.close()
 
     asyncio.run(run())
 
 
 def test_a_reset_during_a_direct_read_closes_quietly(caplog):
     async def run() -> None:
-        stream, peer = tcp_pair()
-        try:
+        with session_streams(tcp=True) as (stream, peer):
             future = stream.read_bytes(4096, partial=True)
             # SO_LINGER 0: close() sends a reset instead of a FIN.
             peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -273,8 +259,6 @@ def test_a_reset_during_a_direct_read_closes_quietly(caplog):
             with pytest.raises(StreamClosedError):
                 await asyncio.wait_for(future, 5)
             assert isinstance(stream.error, ConnectionResetError)
-        finally:
-            stream.close()
 
     with caplog.at_level(logging.DEBUG):
         asyncio.run(run())
@@ -296,9 +280,7 @@ def stream_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 @pytest.mark.parametrize("hinted", [False, True])
 def test_another_socket_error_in_a_direct_read_is_logged_once_and_closes(caplog, hinted):
     async def run() -> None:
-        ours, peer = socket.socketpair()
-        stream = FailingStream(ours)
-        try:
+        with session_streams(FailingStream) as (stream, peer):
             # Unhinted, the read tries the socket at once; hinted, it does when
             # the event loop reports data.
             stream.wait_readable = hinted
@@ -309,9 +291,6 @@ def test_another_socket_error_in_a_direct_read_is_logged_once_and_closes(caplog,
             with pytest.raises(StreamClosedError):
                 await asyncio.wait_for(future, 5)
             assert stream.closed() and isinstance(stream.error, OSError)
-        finally:
-            stream.close()
-            peer.close()
 
     with caplog.at_level(logging.DEBUG):
         asyncio.run(run())
@@ -320,8 +299,7 @@ def test_another_socket_error_in_a_direct_read_is_logged_once_and_closes(caplog,
 
 def test_a_read_future_belongs_to_the_stream_loop_and_a_second_read_is_refused():
     async def run() -> None:
-        stream, peer = session_pair()
-        try:
+        with session_streams() as (stream, peer):
             future = stream.read_bytes(4096, partial=True)
             assert isinstance(future, asyncio.Future)
             assert future.get_loop() is asyncio.get_running_loop()
@@ -330,8 +308,5 @@ def test_a_read_future_belongs_to_the_stream_loop_and_a_second_read_is_refused()
                 stream.read_bytes(4096, partial=True)
             peer.sendall(b"NOOP\r\n")
             assert await asyncio.wait_for(future, 5) == b"NOOP\r\n"
-        finally:
-            stream.close()
-            peer.close()
 
     asyncio.run(run())
