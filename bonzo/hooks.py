@@ -2,14 +2,15 @@
 
 :class:`PluginSet` holds the plugins of one server in the operator's order,
 validates them at registration (unknown hook names, wrong argument names,
-hook wrappers) and resolves, once, the call list of every hook. Its two
-runners are all the session layer uses: :meth:`PluginSet.decide` for
-decision hooks (the first verdict wins) and :meth:`PluginSet.observe` for
-observer hooks (every implementation runs). Each implementation may be a
-plain function or return an awaitable; each is awaited in turn, within its
-plugin's timeout, and what goes wrong is reported as :class:`Refused` (a
-plugin said no) or :class:`PluginFailure` (a plugin broke), which
-:func:`bonzo.dispatch.error_reply` turns into the reply.
+parameters that would get nothing, hook wrappers) and resolves, once, the
+call list of every hook. Its two runners are all the session layer uses:
+:meth:`PluginSet.decide` for decision hooks (the first verdict wins) and
+:meth:`PluginSet.observe` for observer hooks (every implementation runs).
+Each implementation may be a plain function or return an awaitable; each is
+awaited in turn, within its plugin's timeout, and what goes wrong is
+reported as :class:`Refused` (a plugin said no) or :class:`PluginFailure`
+(a plugin broke), which :func:`bonzo.dispatch.error_reply` turns into the
+reply.
 """
 
 from __future__ import annotations
@@ -158,6 +159,10 @@ class PluginSet:
             if hook_name in _SYNC_ONLY and inspect.iscoroutinefunction(impl.function):
                 self.manager.unregister(name=name)
                 raise PluginError(f"plugin {name!r}: {hook_name} must not be async ({hook})")
+            problem = _signature_problem(impl, hook_name)
+            if problem is not None:
+                self.manager.unregister(name=name)
+                raise PluginError(f"plugin {name!r}: {hook_name} {problem}")
         pending = [
             hook
             for hook, caller in vars(self.manager.hook).items()
@@ -200,7 +205,9 @@ class PluginSet:
                 HookCall(
                     impl.plugin_name,
                     impl.function,
-                    tuple(spec_args.index(a) for a in impl.argnames),
+                    # An argument with a default is passed too (pluggy would
+                    # leave it out); register() checked every name.
+                    tuple(spec_args.index(a) for a in impl.argnames + impl.kwargnames),
                     self.timeouts.get(impl.plugin_name, self.timeout),
                 )
                 for impl in impls
@@ -299,6 +306,36 @@ class PluginSet:
                 log_plugin_failure(session, hook, call.plugin, exc)
             finally:
                 current_plugin.reset(token)
+
+
+def _signature_problem(impl: pluggy.HookImpl, hook: str) -> str | None:
+    """What is wrong with the parameters of ``impl`` for ``hook``, if
+    anything. Hooks are called with the arguments they name, so every
+    parameter must be one of the spec's, by name; one with a default gets
+    the argument too. ``*args``, ``**kwargs`` and keyword-only parameters
+    would silently receive nothing, so they are refused."""
+    spec_args = HOOK_ARGS.get(hook)
+    if spec_args is None:
+        return None  # an unknown hook: reported by the caller
+    try:
+        parameters = inspect.signature(impl.function).parameters.values()
+    except (TypeError, ValueError):
+        return None  # no signature to read (a builtin): pluggy's check stands
+    known = ", ".join(spec_args)
+    for p in parameters:
+        if p.kind is p.VAR_POSITIONAL or p.kind is p.VAR_KEYWORD:
+            return (
+                f"takes {'*' if p.kind is p.VAR_POSITIONAL else '**'}{p.name}; name the "
+                f"arguments it needs instead (of: {known})"
+            )
+        if p.kind is p.KEYWORD_ONLY:
+            return (
+                f"has the keyword-only parameter {p.name!r}, which would get nothing; "
+                f"make it a plain parameter (of: {known})"
+            )
+        if p.name not in spec_args and p.name in impl.kwargnames:
+            return f"has the parameter {p.name!r}, which is not one of its arguments ({known})"
+    return None
 
 
 def _refusal(call: HookCall, hook: str, exc: errors.SMTPError) -> Exception:

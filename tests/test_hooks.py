@@ -273,6 +273,62 @@ def test_registration_refuses_a_wrong_argument_name():
     assert [c.plugin for c in ps.calls["bonzo_rcpt"]] == ["wrong"]
 
 
+def test_an_argument_with_a_default_is_passed_too(serve):
+    seen: dict[str, Any] = {}
+
+    class P:
+        def bonzo_rcpt(self, mailbox, session=None, envelope=None):
+            seen["rcpt"] = (mailbox.canonical, session.remote_ip, envelope.mail_from)
+            return Accept()
+
+    srv = serve(plugin_set(("p", P())))
+    with raw(srv) as c:
+        c.reply()
+        assert c.command("EHLO client.test").startswith(b"250-")
+        assert c.command("MAIL FROM:<a@example.org>").startswith(b"250")
+        assert c.command("RCPT TO:<B@Example.ORG>").startswith(b"250")
+    assert seen["rcpt"] == ("B@example.org", "127.0.0.1", "a@example.org")
+
+
+class TypoDefault:
+    def bonzo_rcpt(self, mailbox, sesion=None):
+        return Accept()
+
+
+class KeywordOnly:
+    def bonzo_rcpt(self, *, mailbox):
+        return Accept()
+
+
+class VarKeyword:
+    def bonzo_rcpt(self, **kwargs):
+        return Accept()
+
+
+class VarPositional:
+    def bonzo_rcpt(self, *args):
+        return Accept()
+
+
+@pytest.mark.parametrize(
+    "plugin, message",
+    [
+        (TypoDefault, r"bonzo_rcpt has the parameter 'sesion', which is not one of its arguments"),
+        (KeywordOnly, r"bonzo_rcpt has the keyword-only parameter 'mailbox'"),
+        (VarKeyword, r"bonzo_rcpt takes \*\*kwargs"),
+        (VarPositional, r"bonzo_rcpt takes \*args"),
+    ],
+)
+def test_registration_refuses_parameters_that_would_get_nothing(plugin, message):
+    # Each of these would register and then silently receive nothing (or
+    # fail at every call): refused at once, naming the plugin and the hook.
+    ps = PluginSet()
+    with pytest.raises(PluginError, match=r"plugin 'p': " + message):
+        ps.register(plugin(), "p")
+    assert ps.names == []
+    assert ps.calls["bonzo_rcpt"] == []
+
+
 @pytest.mark.parametrize("option", ["hookwrapper", "wrapper"])
 def test_registration_refuses_hook_wrappers(option):
     class Wrapper:
