@@ -13,6 +13,7 @@ connection after the reply.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +27,24 @@ __all__ = [
     "TransientError",
     "PermanentError",
     "default_enhanced_code",
+    "enhanced_code_problem",
 ]
+
+# RFC 3463 section 2: class "." subject "." detail, 1 to 3 digits each.
+_ENHANCED_CODE = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
+
+
+def enhanced_code_problem(status_code: int, enhanced_code: Any) -> str | None:
+    """Why ``enhanced_code`` cannot go with ``status_code`` in a reply, or
+    ``None`` if it can: it must be an RFC 3463 code (``"5.7.1"``: class,
+    subject and detail, one to three digits each) of the same class as the
+    status code. Anything else would be written into the reply line as it
+    is, where a line break would start a forged reply."""
+    if not isinstance(enhanced_code, str) or not _ENHANCED_CODE.fullmatch(enhanced_code):
+        return f"enhanced code {enhanced_code!r} is not an RFC 3463 code such as '5.7.1'"
+    if enhanced_code[0] != str(status_code)[0]:
+        return f"enhanced code {enhanced_code!r} does not match status {status_code}"
+    return None
 
 
 def default_enhanced_code(status_code: int) -> str:
@@ -52,6 +70,8 @@ class SMTPError(Exception):
         are filled in with the remaining positional parameters.
     :arg str enhanced_code: RFC 3463 code such as ``"5.7.1"``, used in ESMTP
         sessions. Defaults to ``X.0.0`` for the class of ``status_code``.
+        Anything but ``class.subject.detail`` (one to three digits each) of
+        the status code's class raises :exc:`ValueError`.
     :arg bool close: close the connection after sending the reply.
 
     .. versionchanged:: 0.2
@@ -70,8 +90,10 @@ class SMTPError(Exception):
         super().__init__()
         if not 200 <= status_code <= 599:
             raise ValueError(f"SMTP status code out of range: {status_code!r}")
-        if enhanced_code is not None and enhanced_code[:1] != str(status_code)[0]:
-            raise ValueError(f"enhanced code {enhanced_code!r} does not match status {status_code}")
+        if enhanced_code is not None:
+            problem = enhanced_code_problem(status_code, enhanced_code)
+            if problem is not None:
+                raise ValueError(problem)
         self.status_code = status_code
         self.message = message if isinstance(message, str) else "\n".join(message)
         self.log_message = log_message

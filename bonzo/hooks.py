@@ -399,8 +399,10 @@ def _reply_tuple_problem(reply: tuple[Any, ...]) -> str | None:
         return f"returned reply text of type {type(text).__name__}; expected str"
     if len(reply) == 3:
         enhanced = reply[1]
-        if enhanced is not None and (not isinstance(enhanced, str) or enhanced[:1] != str(code)[0]):
-            return f"returned enhanced code {enhanced!r}, which does not match {code}"
+        if enhanced is not None:
+            problem = errors.enhanced_code_problem(code, enhanced)
+            if problem is not None:
+                return "returned an " + problem
     return None
 
 

@@ -46,7 +46,7 @@ from .dsn import (
     mail_dsn,
     recipient_dsn,
 )
-from .errors import SMTPError, default_enhanced_code
+from .errors import SMTPError, default_enhanced_code, enhanced_code_problem
 from .proxy import XCLIENT_ATTRIBUTES, XClientError, parse_xclient
 from .settings import EXTENSION_ALLOWANCE, SMTPSettings
 
@@ -510,6 +510,10 @@ def _format_reply(code: int, text: str | list[str], enhanced: str | None, esmtp:
     lines = text.split("\n") if isinstance(text, str) else list(text)
     prefix_enh = ""
     if esmtp and code // 100 in (2, 4, 5):
+        if enhanced and enhanced_code_problem(code, enhanced) is not None:
+            # Checked where errors are made; one changed afterwards (or a
+            # reply built by hand) must still not break the reply line.
+            enhanced = None
         prefix_enh = (enhanced or default_enhanced_code(code)) + " "
     out = []
     last = len(lines) - 1

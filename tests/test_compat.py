@@ -229,3 +229,35 @@ def test_errors_take_the_code_first_and_still_the_text_first():
             PermanentError(*bad)
     with pytest.raises(ValueError, match="5xx"):
         PermanentError(451, "x")
+
+
+@pytest.mark.parametrize(
+    "enhanced",
+    ["5.1.1\r\n250 2.1.5 Ok", "5", "5.1", "5.1.1 extra", "5.1.1\n", "5.1.1000", "5.a.1", "", 511],
+)
+def test_an_enhanced_code_that_is_not_rfc_3463_is_refused(enhanced):
+    # Written into the reply line as it is: a line break in it would be a
+    # forged second reply, and anything else a malformed one.
+    from bonzo.errors import PermanentError, SMTPError
+
+    with pytest.raises(ValueError, match="not an RFC 3463 code"):
+        PermanentError(550, "Refused", enhanced)
+    with pytest.raises(ValueError, match="not an RFC 3463 code"):
+        SMTPError(550, "Refused", enhanced_code=enhanced)
+
+
+def test_an_enhanced_code_of_another_class_is_refused():
+    from bonzo.errors import SMTPError, TransientError
+
+    with pytest.raises(ValueError, match="does not match status 451"):
+        TransientError(451, "Later", "5.7.1")
+    assert SMTPError(553, "No", enhanced_code="5.1.10").enhanced_code == "5.1.10"
+
+
+def test_a_reply_never_writes_a_malformed_enhanced_code():
+    # One changed after the error was made still cannot break the line.
+    from bonzo.protocol import format_reply
+
+    wire = format_reply(550, "Refused", "5.1.1\r\n250 2.1.5 Ok", True)
+    assert wire == b"550 5.0.0 Refused\r\n"
+    assert format_reply(550, "Refused", "5.1.1", True) == b"550 5.1.1 Refused\r\n"

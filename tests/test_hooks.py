@@ -1041,7 +1041,12 @@ def test_unknown_command_lets_a_plugin_implement_a_verb(serve):
 def test_unknown_command_nobody_handles_is_500_and_bad_tuples_451(log_watch, serve):
     class Bad:
         def bonzo_unknown_command(self, verb):
-            return {"XONE": (250,), "XCODE": (999, "x"), "XENH": (250, "5.0.0", "x")}.get(verb)
+            return {
+                "XONE": (250,),
+                "XCODE": (999, "x"),
+                "XENH": (250, "5.0.0", "x"),
+                "XCRLF": (550, "5.1.1\r\n250 2.0.0", "x"),
+            }.get(verb)
 
     srv = serve(plugin_set())
     with raw(srv) as c:
@@ -1052,9 +1057,9 @@ def test_unknown_command_nobody_handles_is_500_and_bad_tuples_451(log_watch, ser
     with raw(srv) as c:
         c.reply()
         c.command("EHLO client.test")
-        for verb in ("XONE", "XCODE", "XENH"):
+        for verb in ("XONE", "XCODE", "XENH", "XCRLF"):
             assert c.command(verb) == b"451 4.3.0 Internal confusion\r\n", verb
-    assert len(failures(log_watch, "bad", "bonzo_unknown_command")) == 3
+    assert len(failures(log_watch, "bad", "bonzo_unknown_command")) == 4
 
 
 def test_a_plugin_implemented_verb_is_not_an_unknown_command(serve):
