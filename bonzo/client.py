@@ -488,7 +488,7 @@ def _is_word(text: object) -> bool:
 
 
 # ------------------------------------------------------------------ replies
-_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: +|$)")
+_ENHANCED = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?: +|$)")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 

@@ -40,7 +40,7 @@ log = logging.getLogger("bonzo.plugins.policy")
 DEFAULT_PORT = 10023
 #: Where the plugin keeps what it must do at the end of the message.
 STASH = "policy"
-_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:[ \t]+(.*))?", re.S)
+_ENHANCED = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?:[ \t]+(.*))?", re.S)
 _HEADER = re.compile(r"([!-9;-~]{1,76}):[ \t]*(.*)", re.S)
 #: Actions that leave the decision to the plugins after this one.
 NEUTRAL = ("OK", "DUNNO", "DEFER_IF_REJECT")
