@@ -275,7 +275,9 @@ class PluginSet:
                     result = await _bounded(call, result)
             except errors.SMTPError as exc:
                 raise _refusal(call, hook, exc) from None
-            except Exception as exc:
+            except _FAULTS as exc:
+                if isinstance(exc, asyncio.CancelledError) and _stopping():
+                    raise
                 raise PluginFailure(call.plugin, hook, exc) from exc
             finally:
                 current_plugin.reset(token)
@@ -300,7 +302,9 @@ class PluginSet:
                 result = call.function(*[args[i] for i in call.indexes])
                 if result is not None and inspect.isawaitable(result):
                     await _bounded(call, result)
-            except Exception as exc:
+            except _FAULTS as exc:
+                if isinstance(exc, asyncio.CancelledError) and _stopping():
+                    raise
                 if strict:
                     raise PluginFailure(call.plugin, hook, exc) from exc
                 log_plugin_failure(session, hook, call.plugin, exc)
@@ -406,24 +410,48 @@ def _reply_tuple_problem(reply: tuple[Any, ...]) -> str | None:
     return None
 
 
+# What a hook may raise that is its own fault, answered as a failure: any
+# exception, a CancelledError it did not get from the session being stopped,
+# and SystemExit (a plugin calling sys.exit() must not stop the server).
+_FAULTS = (Exception, asyncio.CancelledError, SystemExit)
+
+
+def _stopping() -> bool:
+    """Whether the running task has been asked to stop (cancelled), so that a
+    CancelledError is the stop, not a plugin's fault. Python 3.10 cannot
+    tell the two apart: there every CancelledError stops the session."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0
+
+
 if sys.version_info >= (3, 11):
 
     async def _bounded(call: HookCall, awaitable: Awaitable[Any]) -> Any:
-        """Await a hook's result within the plugin's timeout (no extra task)."""
+        """Await a hook's result within the plugin's timeout (no extra task).
+        A TimeoutError the plugin raised itself is left as it is."""
+        limit = asyncio.timeout(call.timeout)
         try:
-            async with asyncio.timeout(call.timeout):
+            async with limit:
                 return await awaitable
         except TimeoutError:
-            raise TimeoutError(f"no answer within {call.timeout}s") from None
+            if limit.expired():
+                raise TimeoutError(f"no answer within {call.timeout}s") from None
+            raise
 
 else:  # pragma: no cover - Python 3.10
 
     async def _bounded(call: HookCall, awaitable: Awaitable[Any]) -> Any:
-        """Await a hook's result within the plugin's timeout."""
+        """Await a hook's result within the plugin's timeout. A TimeoutError
+        the plugin raised itself is left as it is."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         try:
             return await asyncio.wait_for(_coroutine(awaitable), timeout=call.timeout)
         except asyncio.TimeoutError:
-            raise TimeoutError(f"no answer within {call.timeout}s") from None
+            if loop.time() - start >= call.timeout:
+                raise TimeoutError(f"no answer within {call.timeout}s") from None
+            raise
 
     async def _coroutine(awaitable: Awaitable[Any]) -> Any:
         return await awaitable

@@ -934,6 +934,69 @@ def test_async_timeout_per_plugin_answers_451(log_watch, serve):
     assert records and records[0].exc_info[0] is TimeoutError
 
 
+def test_a_timeout_error_the_plugin_raises_is_its_own(log_watch):
+    # Only the plugin's time limit running out reads "no answer within";
+    # the plugin's own TimeoutError (its LDAP server's, say) keeps its text.
+    class Directory:
+        async def bonzo_rcpt(self, address):
+            raise TimeoutError("directory server timed out after 0.01s")
+
+    ps = plugin_set(("directory", Directory()), timeout=5.0)
+    replies = converse(ps, EHLO, b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n")
+    assert replies[-1].endswith(b"451 4.3.0 Internal confusion\r\n")
+    record = failures(log_watch, "directory", "bonzo_rcpt")[0]
+    assert "directory server timed out" in record.getMessage()
+    assert "no answer within" not in record.getMessage()
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="Python 3.10 cannot tell a task's cancellation apart"
+)
+def test_a_cancelled_error_from_a_plugin_is_its_failure_not_the_end_of_the_session(
+    log_watch, serve
+):
+    class Cancelling:
+        async def bonzo_rcpt(self, address):
+            future = asyncio.get_running_loop().create_future()
+            future.cancel()
+            await future  # a cancelled operation of the plugin's own
+
+        def bonzo_rset(self):
+            raise asyncio.CancelledError()
+
+    srv = serve(plugin_set(("cancelling", Cancelling())))
+    with raw(srv) as c:
+        c.reply()
+        # Pipelined: the replies before the failure are not lost either.
+        c.send(b"EHLO client.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n")
+        ehlo, mail, rcpt = c.replies(3)
+        assert ehlo.startswith(b"250-") and mail.startswith(b"250 ")
+        assert rcpt == b"451 4.3.0 Internal confusion\r\n"
+        assert c.command("RSET") == b"250 2.0.0 Ok\r\n"  # an observer: logged only
+        assert c.command("NOOP") == b"250 2.0.0 Ok\r\n"
+    assert failures(log_watch, "cancelling", "bonzo_rcpt")[0].exc_info[0] is asyncio.CancelledError
+    assert failures(log_watch, "cancelling", "bonzo_rset")
+
+
+def test_system_exit_in_a_hook_is_a_failure_and_the_server_keeps_serving(log_watch, serve):
+    class Exiting:
+        def bonzo_rcpt(self, address):
+            raise SystemExit(3)
+
+        def bonzo_rset(self):
+            sys.exit("observer")
+
+    srv = serve(plugin_set(("exiting", Exiting())))
+    for _ in range(2):
+        with smtp(srv) as c:
+            c.ehlo()
+            c.mail("a@example.org")
+            assert c.rcpt("b@example.org") == (451, b"4.3.0 Internal confusion")
+            assert c.rset()[0] == 250
+    assert len(failures(log_watch, "exiting", "bonzo_rcpt")) == 2
+    assert len(failures(log_watch, "exiting", "bonzo_rset")) == 2
+
+
 def test_the_set_default_timeout_applies_without_a_plugin_timeout(log_watch):
     class Slow:
         async def bonzo_mail(self):
