@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import fcntl
 import json
 import logging
 import os
@@ -230,8 +231,16 @@ def _reload(args: argparse.Namespace) -> int:
     if config.pid_file is None:
         raise config.error("server.pid_file", "not set: bonzo reload finds the daemon by it")
     try:
-        with open(config.pid_file, encoding="ascii") as f:
-            pid = int(f.read().strip())
+        pid, held = _read_pid_file(config.pid_file)
+        if not held:
+            # No daemon holds the file: the number in it may be any process's
+            # by now, so it is not signalled.
+            print(
+                f"bonzo: reload: {config.pid_file}: no bonzo daemon holds it (stale; pid {pid} "
+                "not signalled)",
+                file=sys.stderr,
+            )
+            return 1
         os.kill(pid, signal.SIGHUP)
     except FileNotFoundError:
         print(
@@ -521,50 +530,87 @@ def _serve_app(app: Any) -> int:
             _remove_pid_file(config.pid_file, main_pid)
 
 
+# The running daemon holds an exclusive lock (flock) on its pid file, as
+# Postfix's master does: a pid file that no process holds is stale, whatever
+# process has its number now (after a crash, a kill -9 or a reboot, numbers
+# are reused). The descriptor stays open for the daemon's life; its workers
+# share it, so the lock lasts while any of them runs.
+_pid_lock: int | None = None
+
+
+def _pid_in(fd: int) -> int:
+    text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+    return int(text) if text.isdigit() else 0
+
+
+def _read_pid_file(path: str) -> tuple[int, bool]:
+    """The process id in ``path`` and whether a running daemon holds the
+    file. Raises :exc:`FileNotFoundError`, or :exc:`ValueError` when it does
+    not hold a number."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        pid = _pid_in(fd)
+        if pid <= 0:
+            raise ValueError(path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return pid, True
+        return pid, False
+    finally:
+        os.close(fd)
+
+
 def _write_pid_file(path: str) -> str | None:
-    """Write this process's id to ``path`` (atomically); the problem, if
-    another live process holds it or it cannot be written."""
+    """Write this process's id to ``path`` and hold the file locked until
+    :func:`_remove_pid_file`; the problem, if a running daemon holds it or it
+    cannot be written."""
+    global _pid_lock
     try:
-        with open(path, encoding="ascii") as f:
-            old = int(f.read().strip() or "0")
-    except FileNotFoundError:
-        old = 0
-    except (OSError, ValueError):
-        old = 0  # unreadable or not a number: stale, replaced below
-    if old > 0 and old != os.getpid():
-        try:
-            os.kill(old, 0)
-        except ProcessLookupError:
-            log.warning("server.pid_file: %s named pid %d, which is gone; replaced", path, old)
-        except OSError:
-            return f"{path}: pid {old} is running (is bonzo already running?)"
-        else:
-            return f"{path}: pid {old} is running (is bonzo already running?)"
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="ascii") as f:
-            f.write(f"{os.getpid()}\n")
-        os.replace(tmp, path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         return f"cannot write {path}: {exc.strerror or exc}"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _pid_in(fd)
+        os.close(fd)
+        return f"{path}: pid {holder} is running (is bonzo already running?)"
+    except OSError as exc:
+        os.close(fd)
+        return f"cannot lock {path}: {exc.strerror or exc}"
+    try:
+        old = _pid_in(fd)
+        if old > 0 and old != os.getpid():
+            log.warning(
+                "server.pid_file: %s named pid %d, which no bonzo daemon holds; replaced", path, old
+            )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    except OSError as exc:
+        os.close(fd)
+        return f"cannot write {path}: {exc.strerror or exc}"
+    if _pid_lock is not None:
+        os.close(_pid_lock)
+    _pid_lock = fd
     return None
 
 
 def _remove_pid_file(path: str | None, pid: int) -> None:
-    """Remove ``path`` if it still names ``pid`` (never another daemon's)."""
+    """Remove ``path`` if it still names ``pid`` (never another daemon's),
+    then let go of its lock."""
+    global _pid_lock
     if path is None:
         return
     try:
         with open(path, encoding="ascii") as f:
-            if f.read().strip() != str(pid):
-                return
-        os.unlink(path)
+            if f.read().strip() == str(pid):
+                os.unlink(path)
     except OSError:
         pass
+    if _pid_lock is not None:
+        os.close(_pid_lock)
+        _pid_lock = None
 
 
 def sd_notify(state: str) -> bool:

@@ -904,6 +904,18 @@ def test_bonzo_reload_signals_the_daemon_of_the_pid_file(workdir, serve, env):
     assert daemon.stop() == 0
     stale = bonzo("reload", "-c", str(config), env=env, cwd=workdir)
     assert stale.returncode == 1 and "no such file" in stale.stderr
+    # A pid file no daemon holds names nobody to signal, even a live process.
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        (workdir / "b.pid").write_text(f"{sleeper.pid}\n")
+        reused = bonzo("reload", "-c", str(config), env=env, cwd=workdir)
+        assert reused.returncode == 1
+        assert f"no bonzo daemon holds it (stale; pid {sleeper.pid} not signalled)" in reused.stderr
+        time.sleep(0.2)
+        assert sleeper.poll() is None  # not hung up
+    finally:
+        sleeper.kill()
+        sleeper.wait()
     no_pid = write_config(workdir, port, name="nopid.toml")
     one_line_error(bonzo("reload", "-c", str(no_pid), env=env, cwd=workdir), "server.pid_file")
 
@@ -1004,14 +1016,18 @@ def test_pid_file_and_readiness_to_systemd(workdir, env):
         assert daemon.stop() == 0
         assert notify.recv(4096) == b"STOPPING=1"
     assert not (workdir / "bonzo.pid").exists()
-    # A file left by a dead process is replaced, with a warning.
-    (workdir / "bonzo.pid").write_text("999999999\n")
-    with daemons(workdir, env) as start:
-        daemon = start(config, port)
-        daemon.wait_ready(workers=2)
-        assert (workdir / "bonzo.pid").read_text() == f"{daemon.proc.pid}\n"
-        assert "named pid 999999999, which is gone; replaced" in daemon.log
-        assert daemon.stop() == 0
+    # A file left behind is replaced, with a warning: the daemon holds its
+    # pid file locked, so a file nobody holds is stale even when its number
+    # now belongs to a live process (here this test's own: after a crash or
+    # a reboot, numbers are reused).
+    for stale in (999999999, os.getpid()):
+        (workdir / "bonzo.pid").write_text(f"{stale}\n")
+        with daemons(workdir, env) as start:
+            daemon = start(config, port)
+            daemon.wait_ready(workers=2)
+            assert (workdir / "bonzo.pid").read_text() == f"{daemon.proc.pid}\n"
+            assert f"named pid {stale}, which no bonzo daemon holds; replaced" in daemon.log
+            assert daemon.stop() == 0
 
 
 def test_config_command_prints_the_effective_configuration(workdir, env):
