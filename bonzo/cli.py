@@ -832,7 +832,10 @@ def _run_worker(
             try:
                 await app.start()
             except Exception as exc:
-                log.error("startup failed: %s", exc, exc_info=True)
+                # One line for the operator (the plugin and its error); the
+                # traceback, for the plugin's author, at debug level.
+                log.error("startup failed: %s", exc)
+                log.debug("startup failure", exc_info=True)
                 return _STARTUP_FAILED
             if counter is not None:
                 counter.start_flushing()

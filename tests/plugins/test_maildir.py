@@ -715,6 +715,10 @@ def test_configuration_errors_about_the_filesystem(tmp_path):
     (tmp_path / "half" / "new").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"^path: .* is not a maildir \(no tmp, cur"):
         configured(tmp_path, path="half", create=False)
+    # A file on the way: bonzo check says so, rather than startup failing.
+    for key in ("path", "quarantine"):
+        with pytest.raises(ValueError, match=rf"^{key}: .*file/x/Maildir cannot be created: "):
+            configured(tmp_path, **{key: "file/x/Maildir"})
 
 
 def test_configure_creates_nothing(tmp_path):
