@@ -813,4 +813,14 @@ def effective_config(config: Config, raw: dict[str, Any]) -> dict[str, Any]:
         "dns": dataclasses.asdict(config.dns),
         "plugins": plugins,
     }
+    # The core's tables show the values read; a value that came from
+    # { "$env" = ... } or { "$file" = ... }, or under a password-like key,
+    # is shown redacted as in the other tables.
+    for name, table in out.items():
+        given = raw.get(name)
+        if name in ("listeners", "plugins") or not isinstance(given, dict):
+            continue
+        for key, value in given.items():
+            if key in table and _redacted(value, key) != value:
+                table[key] = _redacted(value, key)
     return {k: _toml_value(v) for k, v in out.items()}

@@ -1040,6 +1040,15 @@ def test_config_command_prints_the_effective_configuration(workdir, env):
     assert result.stdout.startswith(f"# {config}: the effective configuration (secrets redacted)")
     assert "hunter2" not in result.stdout
     assert 'password = "<secret from $env PW>"' in result.stdout
+    # The same in the core's own tables, whose values are shown as read.
+    hidden = write_config(workdir, port, name="hidden.toml")
+    hidden.write_text(
+        hidden.read_text().replace('hostname = "mx.daemon.test"', 'hostname = { "$env" = "HN" }')
+    )
+    shown = bonzo("config", "-c", str(hidden), env={**env, "HN": "mx.secret.test"}, cwd=workdir)
+    assert shown.returncode == 0, shown.stderr
+    assert "mx.secret.test" not in shown.stdout
+    assert 'hostname = "<secret from $env HN>"' in shown.stdout
     assert "max_message_size = " in result.stdout and "idle_timeout = " in result.stdout
     bad = write_config(workdir, port, extra="\n[limits]\nmax_recipients = -1\n", name="bad.toml")
     one_line_error(bonzo("config", "-c", str(bad), env=env, cwd=workdir), "limits.max_recipients")
