@@ -806,7 +806,7 @@ def effective_config(config: Config, raw: dict[str, Any]) -> dict[str, Any]:
     for name, table in raw_plugins.items():
         if isinstance(table, dict) and name not in plugins:
             plugins[name] = _redacted(table)
-    out = {
+    out: dict[str, Any] = {
         **sections,
         "listeners": listeners,
         "logging": dataclasses.asdict(config.logging),
