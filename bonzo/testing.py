@@ -209,12 +209,7 @@ class PluginTestServer:
         timeout: float = 10.0,
         **settings: Any,
     ) -> None:
-        import asyncio
         import tempfile
-        import threading
-
-        from .hooks import PluginSet
-        from .settings import SMTPSettings
 
         if capture not in (True, False, "recipients", "delivery"):
             raise ValueError(
@@ -236,6 +231,27 @@ class PluginTestServer:
         #: plugins' own) while the server ran.
         self.logs: list[logging.LogRecord] = []
         self._tmp = None if base_dir is not None else tempfile.TemporaryDirectory()
+        try:
+            self._setup(plugins, config, capture, timeout, base_dir, dns, settings)
+        except BaseException:
+            # A plugin refused its configuration (say): leave nothing behind.
+            if self._tmp is not None:
+                self._tmp.cleanup()
+            raise
+
+    def _setup(
+        self,
+        plugins: tuple[Any, ...],
+        config: dict[str, dict[str, Any]] | None,
+        capture: bool | str,
+        timeout: float,
+        base_dir: str | Path | None,
+        dns: Any,
+        settings: dict[str, Any],
+    ) -> None:
+        import asyncio
+        import threading
+
         self.base_dir = Path(base_dir) if base_dir is not None else Path(self._tmp.name)  # type: ignore[union-attr]
         self.plugins = PluginSet(timeout=timeout)
         for item in plugins:
@@ -291,7 +307,13 @@ class PluginTestServer:
             behind.add_sockets([proxied])
             self._servers = [server, behind]
 
-        self._call(start())
+        try:
+            self._call(start())
+        except BaseException:
+            # A startup hook failed: stop the loop and its thread, take the
+            # log handler off and remove the directory, as stop() would.
+            self._close()
+            raise
         return self
 
     def client(
@@ -326,12 +348,16 @@ class PluginTestServer:
         try:
             self._call(stop())
         finally:
+            self._close()
+
+    def _close(self) -> None:
+        if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
-            self._loop.close()
-            logging.getLogger().removeHandler(self._handler)
-            if self._tmp is not None:
-                self._tmp.cleanup()
+        self._loop.close()
+        logging.getLogger().removeHandler(self._handler)
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
     def __enter__(self) -> PluginTestServer:
         return self.start()

@@ -9,6 +9,7 @@ import logging
 import re
 import smtplib
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,41 @@ def test_plugins_get_a_real_app_with_a_base_directory(tmp_path):
         temporary = server.base_dir
         assert temporary.is_dir()
     assert not temporary.exists()  # removed at the end
+
+
+def test_a_failing_configure_or_startup_leaves_nothing_behind(monkeypatch):
+    # Run with -W error: a temporary directory left to the garbage collector,
+    # a loop thread still running or a log handler left on the root logger
+    # would each fail this test or a later one.
+    made: list[Path] = []
+    real = PluginTestServer._setup
+
+    def setup(self: PluginTestServer, *args: object) -> None:
+        made.append(Path(self._tmp.name))  # type: ignore[union-attr]
+        real(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(PluginTestServer, "_setup", setup)
+
+    class Picky:
+        @hookimpl
+        def bonzo_configure(self, config, app):
+            if "blocked" not in config:
+                raise ValueError("blocked: required")
+
+    class Broken:
+        @hookimpl
+        def bonzo_startup(self, app):
+            raise RuntimeError("database unreachable")
+
+    handlers = list(logging.getLogger().handlers)
+    with pytest.raises(ValueError, match="blocked: required"):
+        PluginTestServer(("picky", Picky()), config={"picky": {"blockd": []}})
+    with pytest.raises(Exception, match="database unreachable"):
+        with PluginTestServer(("broken", Broken())):
+            pass  # pragma: no cover - never reached
+    assert len(made) == 2 and not any(path.exists() for path in made)
+    assert logging.getLogger().handlers == handlers
+    assert not [t for t in threading.enumerate() if "run_forever" in t.name]
 
 
 def test_client_address_and_helo_seen_by_plugins():
