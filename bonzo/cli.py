@@ -147,6 +147,13 @@ def _adduser(args: argparse.Namespace) -> int:
 
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
+    elif not sys.stdin.isatty():
+        print(
+            "bonzo: adduser: no terminal to ask for the password; give it on standard input "
+            "with --password-stdin",
+            file=sys.stderr,
+        )
+        return 2
     else:
         password = getpass.getpass(f"Password for {args.user}: ")
         if password != getpass.getpass("Again: "):

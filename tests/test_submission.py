@@ -160,6 +160,14 @@ def test_adduser_writes_a_private_hash_file(tmp_path):
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+    # No terminal to ask for the password (stdin not a tty): say what to do.
+    blind = run_bonzo("adduser", "-f", "passwd", "bob", cwd=tmp_path, stdin="")
+    assert blind.returncode == 2 and "Traceback" not in blind.stderr
+    assert blind.stderr.strip() == (
+        "bonzo: adduser: no terminal to ask for the password; give it on standard input "
+        "with --password-stdin"
+    )
+    assert "bob:" not in (tmp_path / "passwd").read_text()
 
 
 @pytest.fixture

@@ -42,7 +42,12 @@ def register(add: Any) -> None:
     ls = sub.add_parser("list", help="list queued messages, and counts by state")
     ls.add_argument("--state", choices=("pending", "deferred", "held"), help="only these")
     ls.add_argument("--domain", help="only messages with a recipient at this domain")
-    ls.add_argument("--older-than", metavar="AGE", help="only messages older than AGE (5m, 4h)")
+    ls.add_argument(
+        "--older-than",
+        metavar="AGE",
+        type=_age,
+        help="only messages older than AGE (5m, 4h)",
+    )
     sub.add_parser(
         "show", help="show a message's envelope and each recipient's state"
     ).add_argument("id")
@@ -55,6 +60,14 @@ def register(add: Any) -> None:
     sub.add_parser(
         "bounce", help="give up on a message: its sender gets a failure report"
     ).add_argument("id")
+
+
+def _age(text: str) -> float:
+    """``--older-than``'s value in seconds; a usage error otherwise."""
+    try:
+        return float(parse_duration(text, "--older-than"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--older-than: ")) from None
 
 
 class Problem(Exception):
@@ -116,7 +129,7 @@ def _list(plugin: QueuePlugin, args: argparse.Namespace) -> int:
     spool = plugin.spool
     assert spool is not None
     now = datetime.datetime.now().timestamp()
-    older = parse_duration(args.older_than, "--older-than") if args.older_than else None
+    older = args.older_than
     counts: Counter[str] = Counter()
     shown = 0
     for message in spool.iter_messages():

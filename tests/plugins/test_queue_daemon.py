@@ -177,6 +177,11 @@ def test_the_queue_command(tmp_path):
         assert bonzo("queue", "-c", str(config), "hold", ids[0], cwd=tmp_path).returncode == 0
         held = bonzo("queue", "-c", str(config), "list", "--state", "held", cwd=tmp_path)
         assert held.stdout.startswith(ids[0]) and "1 held" in held.stdout
+        recent = bonzo("queue", "-c", str(config), "list", "--older-than", "1h", cwd=tmp_path)
+        assert recent.returncode == 0 and recent.stdout.startswith("--")  # none that old
+        bad_age = bonzo("queue", "-c", str(config), "list", "--older-than", "bogus", cwd=tmp_path)
+        assert bad_age.returncode == 2 and "Traceback" not in bad_age.stderr
+        assert "argument --older-than: expected a duration" in bad_age.stderr
         assert bonzo("queue", "-c", str(config), "release", ids[0], cwd=tmp_path).returncode == 0
 
         # bounce: the sender (at example.org, which has a route) gets a report.
