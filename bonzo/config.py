@@ -317,6 +317,18 @@ def _path(value: Any, source: str, key: str, base_dir: Path) -> str:
     return str((base_dir / value).resolve())
 
 
+def _file_to_make(value: Any, source: str, key: str, base_dir: Path) -> str:
+    """:func:`_path` for a file Bonzo creates when it starts (a pid file, a
+    Unix socket): its directory must exist, so that ``bonzo check`` finds
+    the mistake rather than ``bonzo serve``."""
+    path = _path(value, source, key, base_dir)
+    parent = Path(path).parent
+    if not parent.is_dir():
+        why = "is not a directory" if parent.exists() else "does not exist"
+        raise ConfigError(source, key, f"cannot create {path}: {parent} {why}")
+    return path
+
+
 def _table(data: dict[str, Any], name: str, source: str) -> dict[str, Any]:
     value = data.get(name, {})
     if not isinstance(value, dict):
@@ -365,7 +377,7 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
             elif key == "loop":
                 loop = _event_loop(value, source)
             elif key == "pid_file":
-                pid_file = _path(value, source, "server.pid_file", base_dir)
+                pid_file = _file_to_make(value, source, "server.pid_file", base_dir)
             elif key == "spool_dir":
                 kwargs[key] = _path(value, source, "server.spool_dir", base_dir)
             else:
@@ -538,7 +550,7 @@ def _listeners(value: Any, source: str, base_dir: Path) -> list[ListenerConfig]:
                     raise ConfigError(
                         source, f"{key}.{k}", "a Unix socket listener (path) has no " + k
                     )
-            path = _path(item["path"], source, f"{key}.path", base_dir)
+            path = _file_to_make(item["path"], source, f"{key}.path", base_dir)
             if (path, None) in seen:
                 raise ConfigError(source, key, f"duplicate listener unix:{path}")
             seen.add((path, None))

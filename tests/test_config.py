@@ -293,6 +293,27 @@ def test_bad_listeners(entry, key, fragment):
     assert_error(f"listeners = [{toml_value(entry)}]\n", key, fragment)
 
 
+def test_files_made_at_start_need_their_directory(tmp_path):
+    # bonzo check finds these, naming the key; serve would fail (status 1).
+    (tmp_path / "file").write_text("x")
+    for where, why in (("missing/dir", "does not exist"), ("file", "is not a directory")):
+        assert_error(
+            table("server", pid_file=f"{where}/bonzo.pid"),
+            "server.pid_file",
+            f"cannot create {tmp_path / where / 'bonzo.pid'}: {tmp_path / where} {why}",
+            base_dir=tmp_path,
+        )
+        assert_error(
+            f"listeners = [{toml_value({'path': f'{where}/lmtp.sock'})}]\n",
+            "listeners[0].path",
+            f"{tmp_path / where} {why}",
+            base_dir=tmp_path,
+        )
+    assert parse(table("server", pid_file="bonzo.pid"), tmp_path).pid_file == str(
+        tmp_path / "bonzo.pid"
+    )
+
+
 def test_listeners_must_be_a_non_empty_array_of_tables():
     assert_error("listeners = []\n", "listeners", "non-empty array of tables")
     assert_error("[listeners]\nport = 25\n", "listeners", "non-empty array of tables")
