@@ -157,6 +157,8 @@ class MailApp:
         self._bound: list[tuple[ListenerConfig, list[socket.socket]]] = []
         self._unix_paths: list[str] = []
         self._extra = list(extra_plugins)
+        # Probable mistakes found while loading, for warnings().
+        self._notes: list[str] = []
         self._started = False
         self._load_plugins()
 
@@ -186,10 +188,8 @@ class MailApp:
         for name in pc.tables:
             if name not in pc.enabled:
                 if name in installed:
-                    log.warning(
-                        "%s: [plugins.%s] is configured but the plugin is not enabled",
-                        config.source,
-                        name,
+                    self._notes.append(
+                        f"plugins.{name}: the table is there but the plugin is not enabled"
                     )
                 else:
                     raise config.error(
@@ -214,8 +214,14 @@ class MailApp:
                 log.warning("plugin %r implements no hook", name)
 
     def warnings(self) -> list[str]:
-        """Problems that do not stop the server but probably are mistakes."""
-        out = []
+        """Problems that do not stop the server but probably are mistakes:
+        the server's own findings, and each plugin's ``config_warnings``
+        (a list of strings a plugin may set in ``bonzo_configure``)."""
+        out = list(self._notes)
+        for name in self.plugins.names:
+            found = getattr(self.plugins.get(name), "config_warnings", None)
+            if isinstance(found, (list, tuple)):
+                out.extend(f"plugins.{name}: {w}" for w in found if isinstance(w, str))
         calls = self.plugins.calls
         if not calls["bonzo_rcpt"]:
             out.append(

@@ -5,34 +5,38 @@ Plugins implement hooks by name with :data:`hookimpl`::
     from bonzo import Accept, errors, hookimpl
 
     @hookimpl
-    def bonzo_rcpt(session, address):
-        if address.endswith("@example.org"):
+    def bonzo_rcpt(session, mailbox):
+        if mailbox.domain == "example.org":  # the canonical form
             return Accept()
         # None: no opinion, the next plugin decides
 
 Rules shared by every hook:
 
-- **Keyword arguments.** An implementation names only the arguments it
-  needs, in any order; new arguments may be added in later versions without
-  breaking it. Naming an argument the hook does not have is an error at
-  startup.
+- **Arguments by name.** An implementation names only the arguments it
+  needs, in any order, as plain parameters (one with a default gets the
+  argument too); new arguments may be added in later versions without
+  breaking it. Naming an argument the hook does not have, ``*args``,
+  ``**kwargs`` or a keyword-only parameter is an error at startup.
 - **Order** is the order of ``enabled`` in the ``[plugins]`` table of the
   configuration (``tryfirst``/``trylast`` move an implementation to the front
   or back). ``bonzo plugins`` prints the effective order of every hook.
-- **Sync or async.** Any implementation may be ``def`` or ``async def`` (or
-  return any awaitable); Bonzo awaits each one before calling the next, within
-  the plugin's timeout. Hook wrappers are refused at startup.
+- **Sync or async.** Any implementation but configure and exception may be
+  ``def`` or ``async def`` (or return any awaitable); Bonzo awaits each one
+  before calling the next, within the plugin's timeout. Hook wrappers are
+  refused at startup.
 - **Decision hooks** (connect, helo, mail, rcpt, data, message, deliver,
-  unknown_command, auth): raising a :class:`bonzo.errors.SMTPError` (``4xx``
+  quarantine, unknown_command, auth, and the delivery side's route and
+  bounce): raising a :class:`bonzo.errors.SMTPError` (``4xx``
   or ``5xx``) rejects with that reply and stops the chain; returning :class:`Accept` (or a string,
   the reply text) accepts and stops it; returning ``None`` asks the next
   plugin. When every plugin says ``None`` the command is accepted, except for
-  **rcpt** and **deliver**, which need an owner: a recipient nobody accepts is
+  **rcpt**, **deliver** and **quarantine**, which need an owner: a recipient nobody accepts is
   refused (``550 5.7.1``), a message nobody delivers is not answered ``250``
   (``451 4.3.0``). An empty configuration is therefore never an open relay and
   never loses mail.
-- **Observer hooks** (startup, shutdown, ehlo_keywords, accepted, rset,
-  disconnect): every implementation runs; an exception in one is logged and
+- **Observer hooks** (startup, shutdown, reload, ehlo_keywords, accepted,
+  rset, disconnect, and the delivery side's delivered, deferred and
+  bounced): every implementation runs; an exception in one is logged and
   the others still run (except startup, where it stops the server).
 - **Fail closed.** An exception that is not an ``SMTPError`` (or is one with
   a ``2xx``/``3xx`` code), a timeout, or a return value of the wrong type answers ``451 4.3.0`` (via
@@ -208,7 +212,8 @@ def bonzo_configure(config: dict[str, Any], app: Any) -> None:
     ``{"$file" = "/path"}`` arrive already resolved.
 
     :arg config: the plugin's table (empty dict if there is none).
-    :arg app: the :class:`bonzo.app.MailApp`, or ``None`` when embedded;
+    :arg app: the :class:`bonzo.app.MailApp` (in tests,
+        :class:`bonzo.testing.PluginApp`, which has the same parts);
         ``app.dns`` is the process's DNS resolver (:class:`bonzo.dns.Resolver`),
         ``app.base_dir`` the directory relative paths are taken from.
 

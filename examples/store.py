@@ -1,9 +1,10 @@
 """A plugin that accepts mail for local domains only and stores each message.
 
 Usage: ``python examples/store.py DIRECTORY``. Messages for other domains are
-refused with ``550 5.7.1``, so the server is not an open relay. Each accepted
-message is written to ``DIRECTORY/<id>.eml`` and made durable (file and
-directory fsync'd) before the client is told ``250``.
+refused with ``554 5.7.1 Relay access denied``, so the server is not an
+open relay. Each accepted message is written to ``DIRECTORY/<id>.eml`` and
+made durable (file and directory fsync'd) before the client is told
+``250``.
 """
 
 import os

@@ -933,6 +933,49 @@ def test_check_warns_when_no_plugin_can_accept_a_recipient(workdir, env):
     ) in result.stdout
 
 
+def test_check_warns_about_configurations_that_cannot_deliver(workdir, env):
+    """The queue example of docs/delivery.rst without its tables: recipients
+    with no domains (and no plugin to authenticate), dkim_sign with no
+    domains, an "mx" route with DNS off, and a table for an installed
+    plugin that is not enabled. Each is a warning after the summary; serve
+    logs the same warnings."""
+    port = free_port()
+    config = write_config(
+        workdir,
+        port,
+        enabled=["recipients", "dkim_sign", "queue", "log"],
+        extra=f'\n[plugins.queue]\npath = "{workdir / "queue"}"\n\n[plugins.passwd]\nfile = "x"\n',
+    )
+    result = bonzo("check", "-c", str(config), env=env, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    summary, _, warnings = result.stdout.partition("  warning: ")
+    assert summary.startswith(f"{config}: OK")
+    assert warnings, result.stdout
+    lines = ("  warning: " + warnings).splitlines()
+    expected = [
+        "  warning: plugins.passwd: the table is there but the plugin is not enabled",
+        "  warning: plugins.recipients: no domains, addresses, file or relay_networks (and no "
+        "plugin that authenticates clients): every recipient but postmaster will be refused",
+        "  warning: plugins.dkim_sign: no domains configured: nothing will be signed",
+        '  warning: plugins.queue: a route of type "mx" needs DNS, which is off ([dns] is not '
+        "configured): every message on it will be deferred (and bounced once too old)",
+    ]
+    assert lines[: len(expected)] == expected, lines
+    # With an authenticating plugin, relaying for authenticated sessions is
+    # a way to accept mail: no warning about recipients then.
+    (workdir / "passwd").write_text("")
+    with_auth = write_config(
+        workdir,
+        port,
+        enabled=["passwd", "recipients", "maildir"],
+        extra='\n[plugins.passwd]\nfile = "passwd"\n',
+        name="auth.toml",
+    )
+    result = bonzo("check", "-c", str(with_auth), env=env, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "plugins.recipients" not in result.stdout
+
+
 def test_check_warns_about_a_plugin_that_never_runs(workdir, env):
     """``access`` listed after ``recipients``, which answers every RCPT: its
     RCPT rules can never apply, and ``bonzo check`` says so."""

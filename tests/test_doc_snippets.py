@@ -162,9 +162,8 @@ def test_first_plugin(serve: Callable[..., Served]) -> None:
     with srv.smtp() as client:
         client.ehlo()
         client.mail("alice@example.net")
-        assert reply(client.rcpt("noreply@example.com")) == (
-            "550 5.1.1 This address does not receive mail"
-        )
+        for spelling in ("noreply@example.com", '"noreply"@example.com', "NoReply@EXAMPLE.com"):
+            assert reply(client.rcpt(spelling)) == "550 5.1.1 This address does not receive mail"
         assert client.rcpt("bob@example.com")[0] == 250
         client.data(MESSAGE)
     ((_, rcpts, content),) = owner.messages

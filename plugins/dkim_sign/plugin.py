@@ -352,6 +352,8 @@ class DkimSignPlugin:
         canonicalization, expire = values["canonicalization"], values["expire"]
         sign, networks, on_error = values["sign"], values["networks"], values["on_error"]
         self.signer = MessageSigner(domains, headers, oversign, canonicalization, expire)
+        #: What ``bonzo check`` should warn about.
+        self.config_warnings = [] if domains else ["no domains configured: nothing will be signed"]
         self.sign_all = sign == "all"
         self.networks = networks
         self.defer = on_error == "defer"

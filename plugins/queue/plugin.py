@@ -161,6 +161,18 @@ class QueuePlugin:
         if routes is None:
             routes = ROUTES.parse(DEFAULT_ROUTES, None)
         self.routes = RouteTable.parsed(routes, values["transports"], app)
+        #: What ``bonzo check`` should warn about.
+        self.config_warnings: list[str] = []
+        dns = getattr(app, "dns", None)
+        if (
+            dns is not None
+            and not dns.enabled
+            and any(t.kind == "mx" for t in self.routes.transports)
+        ):
+            self.config_warnings.append(
+                'a route of type "mx" needs DNS, which is off ([dns] is not configured): '
+                "every message on it will be deferred (and bounced once too old)"
+            )
         self.quarantine = values["quarantine"]
         self.spool = Spool(path, mode(values["mode"]))
         self.settings = settings

@@ -111,6 +111,9 @@ class RecipientsPlugin:
         self.users: dict[str, set[str]] = {}
         self.relay_networks: list[IPNetwork] = []
         self.relay_authenticated = True
+        self.auth_available = True
+        #: What ``bonzo check`` should warn about (set by bonzo_configure).
+        self.config_warnings: list[str] = []
 
     # ------------------------------------------------------------ configure
     @hookimpl
@@ -143,6 +146,17 @@ class RecipientsPlugin:
         self.users = users
         self.relay_networks = networks
         self.relay_authenticated = relay_authenticated
+        # Whether a client can authenticate at all (some plugin checks
+        # credentials): relaying for authenticated sessions means nothing
+        # otherwise.
+        plugins = getattr(app, "plugins", None)
+        self.auth_available = bool(plugins is None or plugins.calls.get("bonzo_auth"))
+        self.config_warnings: list[str] = []
+        if not (domains or users or networks or (relay_authenticated and self.auth_available)):
+            self.config_warnings.append(
+                "no domains, addresses, file or relay_networks (and no plugin that "
+                "authenticates clients): every recipient but postmaster will be refused"
+            )
 
     @hookimpl
     def bonzo_startup(self) -> None:
@@ -155,7 +169,11 @@ class RecipientsPlugin:
             f" ({listed} listed address(es))" if listed else "",
             ", ".join(
                 [str(n) for n in self.relay_networks]
-                + (["authenticated sessions"] if self.relay_authenticated else [])
+                + (
+                    ["authenticated sessions"]
+                    if self.relay_authenticated and self.auth_available
+                    else []
+                )
             )
             or "nobody",
         )

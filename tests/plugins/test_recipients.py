@@ -405,3 +405,32 @@ def test_a_relay_network_of_everything_is_warned_about(caplog):
     configured(relay_networks=["0.0.0.0/0"])
     (record,) = [r for r in caplog.records if r.name == "bonzo.plugins.recipients"]
     assert record.levelname == "WARNING" and "every client" in record.getMessage()
+
+
+def test_relaying_for_authenticated_sessions_needs_a_plugin_that_authenticates(caplog):
+    # In a PluginTestServer the app is real: without a bonzo_auth plugin,
+    # nobody can authenticate, so the startup line does not claim relaying
+    # for authenticated sessions, and with nothing else to accept the plugin
+    # warns (bonzo check prints it).
+    from bonzo.testing import PluginTestServer
+
+    with PluginTestServer(("recipients", RecipientsPlugin()), capture=False) as server:
+        plugin = server.plugins.get("recipients")
+    assert "recipients: accepting mail for no domain (postmaster only); relaying for nobody" in (
+        server.log_text
+    )
+    assert plugin.config_warnings == [  # type: ignore[attr-defined]
+        "no domains, addresses, file or relay_networks (and no plugin that authenticates "
+        "clients): every recipient but postmaster will be refused"
+    ]
+
+    class Auth:
+        def bonzo_auth(self, username, password):
+            return None
+
+    with PluginTestServer(
+        ("auth", Auth()), ("recipients", RecipientsPlugin()), capture=False
+    ) as server:
+        plugin = server.plugins.get("recipients")
+    assert "relaying for authenticated sessions" in server.log_text
+    assert plugin.config_warnings == []  # type: ignore[attr-defined]
