@@ -107,6 +107,10 @@ class SMTPError(Exception):
         """The reply text as a list of lines (one for a single-line reply)."""
         return self.message.split("\n")
 
+    def __repr__(self) -> str:
+        extra = f", enhanced_code={self.enhanced_code!r}" if self.enhanced_code else ""
+        return f"{type(self).__name__}({self.status_code}, {self.message!r}{extra})"
+
     def __str__(self) -> str:
         message = "SMTP %d: %s" % (self.status_code, self.message)
         if not self.log_message:

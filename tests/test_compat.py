@@ -246,6 +246,16 @@ def test_an_enhanced_code_that_is_not_rfc_3463_is_refused(enhanced):
         SMTPError(550, "Refused", enhanced_code=enhanced)
 
 
+def test_an_error_repr_shows_the_reply():
+    # Log lines show errors by repr ("returned ... from bonzo_exception").
+    from bonzo.errors import PermanentError, SMTPError
+
+    assert repr(PermanentError(550, "Refused", "5.7.1")) == (
+        "PermanentError(550, 'Refused', enhanced_code='5.7.1')"
+    )
+    assert repr(SMTPError(452, "Full")) == "SMTPError(452, 'Full')"
+
+
 def test_an_enhanced_code_of_another_class_is_refused():
     from bonzo.errors import SMTPError, TransientError
 
