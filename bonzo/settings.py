@@ -400,9 +400,9 @@ class ListenerSettings:
         if self.proxy_trusted and not self.proxy_protocol:
             raise SettingError("proxy_trusted", "is set but proxy_protocol is not on")
         if self.implicit_tls and self.tls_context is None:
-            raise SettingError("implicit_tls", "needs a TLS certificate (tls_context)")
+            raise SettingError("implicit_tls", "needs a TLS certificate: set the listener's tls")
         if self.require_tls and self.tls_context is None:
-            raise SettingError("require_tls", "needs a TLS certificate (tls_context)")
+            raise SettingError("require_tls", "needs a TLS certificate: set the listener's tls")
         from .auth import MECHANISMS
 
         for mech in self.auth_mechanisms:

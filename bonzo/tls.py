@@ -55,6 +55,13 @@ def _context(pair: CertificatePair) -> ssl.SSLContext:
         reason = getattr(exc, "reason", None) or str(exc)
         if "KEY_VALUES_MISMATCH" in str(reason).upper():
             raise TLSError(f"key {pair.key} does not match certificate {pair.cert}") from None
+        if "PEM" in str(reason).upper():
+            # OpenSSL's "PEM lib": a file that is not what its key says (the
+            # key given as the certificate, say), or not PEM at all.
+            raise TLSError(
+                f"cannot load certificate {pair.cert} with key {pair.key}: expected the "
+                "certificate (chain) in cert and its private key in key, both PEM"
+            ) from None
         raise TLSError(
             f"cannot load certificate {pair.cert} with key {pair.key}: {reason}"
         ) from None
