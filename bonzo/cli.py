@@ -161,8 +161,14 @@ def _adduser(args: argparse.Namespace) -> int:
             return 2
     try:
         new = add_user(Path(args.file), args.user, password)
-    except (ValueError, OSError) as exc:
-        print(f"bonzo: {args.file}: {exc}", file=sys.stderr)
+    except OSError as exc:
+        # Not the temporary file's name: the one the operator gave.
+        print(f"bonzo: {args.file}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        text = str(exc)
+        where = "" if text.startswith(f"{args.file}:") else f"{args.file}: "
+        print(f"bonzo: {where}{text}", file=sys.stderr)
         return 2
     print(f"{'added' if new else 'changed the password of'} {args.user} in {args.file}")
     return 0

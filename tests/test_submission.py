@@ -165,6 +165,19 @@ def test_adduser_writes_a_private_hash_file(tmp_path):
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+    # A file it cannot parse, or cannot write beside: its name once, and no
+    # temporary file's name.
+    (tmp_path / "garbage").write_text("garbage\n")
+    unparsed = run_bonzo(
+        "adduser", "-f", "garbage", "--password-stdin", "bob", cwd=tmp_path, stdin="x\n"
+    )
+    assert unparsed.returncode == 2
+    assert unparsed.stderr.strip() == "bonzo: garbage: line 1: expected user:hash"
+    nowhere = run_bonzo(
+        "adduser", "-f", "missing/passwd", "--password-stdin", "bob", cwd=tmp_path, stdin="x\n"
+    )
+    assert nowhere.returncode == 2
+    assert nowhere.stderr.strip() == "bonzo: missing/passwd: No such file or directory"
     # No terminal to ask for the password (stdin not a tty): say what to do.
     blind = run_bonzo("adduser", "-f", "passwd", "bob", cwd=tmp_path, stdin="")
     assert blind.returncode == 2 and "Traceback" not in blind.stderr
