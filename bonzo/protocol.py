@@ -1578,8 +1578,29 @@ class SMTPProtocol:
 
     def _cmd_help(self, arg: str) -> Any:
         if self._junk():
-            self.reply(214, f"Supported commands: {_COMMANDS_HELP}", "2.0.0")
+            self.reply(
+                214,
+                "Supported commands: " + " ".join(self._usable_verbs()),
+                "2.0.0",
+                legacy=f"Supported commands: {_COMMANDS_HELP}",  # the original's list
+            )
         return None
+
+    def _usable_verbs(self) -> list[str]:
+        """The verbs of this session's table that a client may use now, in
+        the table's order (BDAT, STARTTLS, AUTH and XCLIENT only when they
+        are offered; a verb that only refuses, such as HELO in LMTP, not)."""
+        offered = {
+            "BDAT": self.settings.chunking,
+            "STARTTLS": self.policy.starttls and not self.tls_active,
+            "AUTH": self.auth_offered,
+            "XCLIENT": self.xclient_allowed,
+        }
+        return [
+            verb
+            for verb, handler in self.verbs.items()
+            if offered.get(verb, True) and getattr(handler, "__name__", "") != "_cmd_not_lmtp"
+        ]
 
     def _cmd_starttls(self, arg: str) -> Any:
         if not self.policy.starttls and not self.tls_active:

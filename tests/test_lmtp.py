@@ -448,6 +448,7 @@ def test_received_header_says_lmtp():
 
 # ------------------------------------------------------------ configuration
 def test_listener_protocol_path_and_mode(tmp_path):
+    (tmp_path / "run").mkdir()  # a socket's directory must exist
     config = parse_config(
         """
         [[listeners]]

@@ -218,7 +218,9 @@ ESMTP = [
     (
         EHLO,
         b"HELP",
-        b"214 2.0.0 Supported commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP\r\n",
+        # What this session may use: BDAT (CHUNKING is on), no STARTTLS or
+        # AUTH (neither is offered here).
+        b"214 2.0.0 Supported commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP BDAT\r\n",
     ),
     (EHLO, b"QUIT", b"221 2.0.0 Bye\r\n"),
     (EHLO, b"BDAT 0 LAST", b"503 5.5.1 Error: need MAIL command\r\n"),
@@ -1536,3 +1538,28 @@ def test_pending_output_and_state_properties():
     assert proto.in_data and proto.in_transaction and not proto.partial_line
     assert proto.next_event() is NEED_DATA
     assert proto.buffered == len(b"partial")
+
+
+def test_help_lists_what_the_session_may_use_now():
+    from bonzo.lmtp import LMTPProtocol
+    from bonzo.protocol import Policy
+
+    def help_after(setup: bytes, **kwargs: object) -> bytes:
+        return reply_to(setup, b"HELP", **kwargs)  # type: ignore[arg-type]
+
+    offered = Policy(starttls=True, auth_mechanisms=("PLAIN",), auth_plaintext=True)
+    assert help_after(EHLO, policy=offered) == (
+        b"214 2.0.0 Supported commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP "
+        b"BDAT STARTTLS AUTH\r\n"
+    )
+    assert help_after(EHLO, chunking=False) == (
+        b"214 2.0.0 Supported commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP\r\n"
+    )
+    # LMTP: LHLO, not the SMTP greetings it refuses.
+    lmtp = help_after(b"LHLO client.example\r\n", kind=LMTPProtocol)
+    assert lmtp.startswith(b"214 2.0.0 Supported commands: MAIL RCPT DATA")
+    assert b"LHLO" in lmtp and b"EHLO" not in lmtp and b"HELO " not in lmtp
+    # The original API's session that never said EHLO keeps the original list.
+    assert help_after(HELO, legacy=True) == (
+        b"214 Supported commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP\r\n"
+    )
