@@ -371,9 +371,11 @@ def test_a_timed_out_delivery_leaves_nothing(tmp_path, monkeypatch, caplog, per_
 
 @pytest.mark.expect_errors
 def test_path_inside_a_regular_file_is_451(tmp_path):
-    (tmp_path / "file").write_text("not a directory")
     plugin = MaildirPlugin()
     plugin.bonzo_configure(config={"path": str(tmp_path / "file" / "Maildir")}, app=None)
+    # A file appears on the way after the configuration was checked (which
+    # refuses one that is already there).
+    (tmp_path / "file").write_text("not a directory")
     assert refusal(plugin, message()) == (451, "4.3.0")
     assert files(tmp_path) == [tmp_path / "file"]
 
