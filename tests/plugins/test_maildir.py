@@ -783,9 +783,9 @@ def test_end_to_end_large_message_is_intact(tmp_path):
 
 @pytest.mark.expect_errors
 def test_end_to_end_storage_fault_is_transient(tmp_path):
-    (tmp_path / "file").write_text("x")
     plugin = MaildirPlugin()
     plugin.bonzo_configure(config={"path": str(tmp_path / "file" / "Maildir")}, app=None)
+    (tmp_path / "file").write_text("x")  # in the way since the configuration was checked
     with serve(("recipients", recipients()), ("maildir", plugin)) as server:
         with server.client() as client:
             client.ehlo()
