@@ -216,7 +216,10 @@ def test_a_down_redis_fails_fast_after_the_first_failure():
 
 def test_check_warns_when_workers_do_not_share_a_plugins_state(tmp_path: Path):
     plugin = "bonzo_plugins.ratelimit:RateLimitPlugin"
-    text = f'[server]\nworkers = 4\n[plugins]\nenabled = ["{plugin}", "recipients", "discard"]\n'
+    text = (
+        f'[server]\nworkers = 4\n[plugins]\nenabled = ["{plugin}", "recipients", "discard"]\n'
+        '[plugins.recipients]\ndomains = ["example.com"]\n'
+    )
     warnings = MailApp(parse_config(text, "t.toml", tmp_path)).warnings()
     assert warnings == [
         f"plugins.enabled: {plugin!r} keeps its state in app.store, which is each worker's "
