@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from email.header import Header
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import format_datetime
@@ -99,21 +100,61 @@ class Change:
     """What, in a few words (a header's name, an address; never a body)."""
 
 
-def _format_header(name: str, value: str) -> bytes:
+#: Longest line of a header, in octets without the CRLF (RFC 5322 2.1.1).
+MAX_HEADER_LINE = 998
+
+
+def _format_header(name: str, value: str, utf8: bool = True) -> bytes:
     """``name: value`` as a header block ending in CRLF; :class:`ValueError`
-    for a bad name or a line break that is not folding."""
+    for a bad name, a line break that is not folding, or a line longer than
+    :data:`MAX_HEADER_LINE` octets with no space to fold it at. Without
+    ``utf8`` (a message not sent with SMTPUTF8), a value that is not ASCII
+    is written as RFC 2047 encoded words, the only form such a message may
+    carry it in."""
     if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
         raise ValueError(f"bad header name {name!r}")
     if not isinstance(value, str):
         raise ValueError(f"header {name}: the value must be a string")
+    if not utf8 and not value.isascii():
+        if "\0" in value or "\r" in value.replace("\r\n", ""):
+            raise ValueError(f"header {name} has a control character")
+        unfolded = re.sub(r"\r?\n(?=[ \t])", "", value)
+        if "\n" in unfolded:
+            raise ValueError(f"header {name} has a line break that is not folding")
+        value = Header(unfolded, "utf-8", header_name=name).encode(linesep="\n")
     if "\n" not in value and "\r" not in value and "\0" not in value:
-        return f"{name}: {value}\r\n".encode()
-    lines = value.replace("\r\n", "\n").split("\n")
-    if any(not line or line[0] not in " \t" for line in lines[1:]):
-        raise ValueError(f"header {name} has a line break that is not folding")
-    if any(ch in line for line in lines for ch in "\r\0"):
-        raise ValueError(f"header {name} has a control character")
-    return (f"{name}: " + "\r\n".join(lines) + "\r\n").encode()
+        lines = [value]
+    else:
+        lines = value.replace("\r\n", "\n").split("\n")
+        if any(not line or line[0] not in " \t" for line in lines[1:]):
+            raise ValueError(f"header {name} has a line break that is not folding")
+        if any(ch in line for line in lines for ch in "\r\0"):
+            raise ValueError(f"header {name} has a control character")
+    lines[0] = f"{name}: {lines[0]}"
+    out: list[str] = []
+    for line in lines:
+        out.extend(_fold(name, line))
+    return ("\r\n".join(out) + "\r\n").encode()
+
+
+def _fold(name: str, line: str) -> list[str]:
+    """``line`` cut before spaces or tabs into lines of at most
+    :data:`MAX_HEADER_LINE` octets (folding, RFC 5322 2.2.3: unfolding gives
+    the same value)."""
+    out = []
+    given = len(line.encode())
+    while len(line.encode()) > MAX_HEADER_LINE:
+        head = line.encode()[: MAX_HEADER_LINE + 1].decode("utf-8", "ignore")
+        cut = max(head.rfind(" ", 1), head.rfind("\t", 1))
+        if cut <= 0 or not line[:cut].strip():
+            raise ValueError(
+                f"header {name} has a line of {given} octets with no space to fold "
+                f"it at (at most {MAX_HEADER_LINE})"
+            )
+        out.append(line[:cut])
+        line = line[cut:]
+    out.append(line)
+    return out
 
 
 def _mailbox(address: str, *, sender: bool) -> Address:
@@ -605,7 +646,7 @@ class Envelope:
         after the last header)."""
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             raise ValueError(f"bad header position {index!r}")
-        raw = _format_header(name, value)
+        raw = _format_header(name, value, "SMTPUTF8" in self.mail_params)
         self._edits.append(("insert", index, None, raw))
         self._record("insert_header", f"{name} at {index}")
 
@@ -618,7 +659,7 @@ class Envelope:
             raise ValueError(f"bad header name {name!r}")
         if isinstance(occurrence, bool) or not isinstance(occurrence, int) or occurrence < 1:
             raise ValueError(f"bad header occurrence {occurrence!r}")
-        raw = None if value is None else _format_header(name, value)
+        raw = None if value is None else _format_header(name, value, "SMTPUTF8" in self.mail_params)
         self._edits.append(("change", name.lower().encode("ascii"), occurrence, raw))
         self._record("change_header" if value is not None else "delete_header", name)
 
@@ -770,10 +811,13 @@ class Envelope:
     def add_header(self, name: str, value: str) -> None:
         """Put ``name: value`` in front of the message (after earlier ones).
 
-        Raises :class:`ValueError` for a bad name or a value with a line break
-        not followed by whitespace (which would start a new header).
+        Raises :class:`ValueError` for a bad name, a value with a line break
+        not followed by whitespace (which would start a new header), or a
+        line longer than 998 octets with no space to fold it at (a longer
+        one is folded). A value that is not ASCII is written as RFC 2047
+        encoded words unless the message came with ``SMTPUTF8``.
         """
-        raw = _format_header(name, value)
+        raw = _format_header(name, value, "SMTPUTF8" in self.mail_params)
         if self._edits:
             # After the pending edits, at the end of the added headers.
             self._apply_changes()

@@ -61,6 +61,37 @@ def test_header_edits_apply_in_order_to_the_whole_section(threshold):
     assert env.size == len(env.body)
 
 
+def test_a_long_value_is_folded_and_an_unfoldable_one_refused():
+    import email.parser
+    import email.policy
+
+    env = envelope()
+    words = " ".join(f"w{i}" for i in range(700))  # 3,389 octets on one line
+    env.add_header("X-Long", words)
+    head = env.content.split(b"\r\n\r\n")[0]
+    assert max(len(line) for line in head.split(b"\r\n")) <= 998
+    # Folding only: the value unfolds to what was given.
+    parsed = email.parser.BytesParser(policy=email.policy.default).parsebytes(env.content)
+    assert str(parsed["X-Long"]) == words
+    for method, args in (("add_header", ()), ("insert_header", (0,)), ("change_header", ())):
+        with pytest.raises(ValueError, match="X-Long has a line of 2008 octets with no space"):
+            getattr(env, method)(*args, "X-Long", "a" * 2000)
+
+
+def test_a_value_that_is_not_ascii_is_encoded_unless_the_message_is_smtputf8():
+    env = envelope()
+    env.add_header("X-Uni", "héllo wörld")
+    assert b"X-Uni: =?utf-8?b?aMOpbGxvIHfDtnJsZA==?=\r\n" in env.content
+    assert env.content.isascii()
+    utf8 = Envelope("a@example.org", {"SMTPUTF8": None})
+    OPEN.append(utf8)
+    utf8.write(CLIENT)
+    utf8.add_header("X-Uni", "héllo wörld")
+    assert utf8.content.startswith("X-Uni: héllo wörld\r\n".encode())
+    with pytest.raises(ValueError, match="not folding"):
+        env.add_header("X-Uni", "héllo\nX-Forged: 1")
+
+
 def test_second_occurrence_and_folded_values():
     env = envelope(b"Received: one\r\nReceived: two\r\n\tmore\r\n\r\nx\r\n")
     assert [v for n, v in env.headers() if n == "Received"] == [
