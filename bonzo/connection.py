@@ -469,7 +469,9 @@ class SMTPConnection:
             if kind is NeedData:
                 self._send()
                 if self._stopping and not core.receiving_content:
-                    core.close(421, "Server shutting down", "4.3.2", limit="shutdown")
+                    core.close(
+                        421, "Server shutting down", "4.3.2", limit="shutdown", unprompted=True
+                    )
                     continue
                 fut = self._write_future
                 if fut is not None and not fut.done():
@@ -873,7 +875,7 @@ class SMTPConnection:
         the stream closed at its next read or write)."""
         if self._phase == _CLOSING or self.stream.closed():
             return
-        self.protocol.close(code, text, enhanced, limit=why)
+        self.protocol.close(code, text, enhanced, limit=why, unprompted=True)
         self._send()
         self._phase = _CLOSING
         self._since = self._loop.time()

@@ -287,7 +287,8 @@ class Refusal:
 
     stage: str
     """The command's verb, ``"message"`` after the final dot, ``"connect"``
-    before the first command."""
+    before the first command, ``"session"`` when the server ended the
+    session unprompted (a timeout, a shutdown)."""
     code: int
     enhanced: str
     text: str
@@ -936,12 +937,17 @@ class SMTPProtocol:
         enhanced: str = "4.4.2",
         *,
         limit: str | None = None,
+        unprompted: bool = False,
     ) -> None:
         """Queue a final reply (``421`` by default) and end the session;
-        ``limit`` names the limit or timeout that ended it, for the log. An
+        ``limit`` names the limit or timeout that ended it, for the log. With
+        ``unprompted`` (a timeout, a shutdown: not an answer to a command),
+        the log's stage is ``"session"`` rather than the last command. An
         event still pending is abandoned: answering it later does nothing."""
         if self._state == _CLOSED:
             return
+        if unprompted:
+            self.stage, self._arg = "session", ""
         if code >= 400:
             self._refused(code, enhanced, text, "core", None, limit)
         self.reply(code, text, enhanced)

@@ -19,16 +19,21 @@ pytestmark = pytest.mark.timeout(30)
 TIMEOUT_REPLY = b"421 4.4.2 Timeout, closing connection\r\n"
 
 
-def test_idle_client_gets_421_and_is_closed(start_server):
+def test_idle_client_gets_421_and_is_closed(start_server, log_watch):
     server = start_server(idle_timeout=0.5)
     with RawClient(server.port) as client:
         client.greet()
+        assert client.command(b"NOOP") == b"250 2.0.0 Ok\r\n"
         started = time.monotonic()
         assert client.read_to_eof() == TIMEOUT_REPLY
         elapsed = time.monotonic() - started
     assert 0.4 <= elapsed < 2.0, elapsed
     server.wait_connections(0)
     assert len(server.plugin.disconnected) == 1
+    # Logged as the session's end, not as a refusal of the last command.
+    [line] = [r.getMessage() for r in log_watch.matching("Timeout, closing connection")]
+    assert "] session refused by core: 421 4.4.2 Timeout, closing connection; arg=''" in line
+    assert line.endswith("(idle_timeout)") and "NOOP" not in line
 
 
 def test_idle_timeout_counts_from_the_last_command(start_server):
