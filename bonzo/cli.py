@@ -348,10 +348,16 @@ def _plugins(args: argparse.Namespace) -> int:
     installed = installed_plugins()
     enabled = app.config.plugins.enabled
     print("Installed plugins (entry-point group bonzo.plugins):")
+    # Columns as wide as their longest entry (third-party names vary).
+    rows = []
     for name in sorted(installed):
         info = installed[name]
         state = f"enabled #{enabled.index(name) + 1}" if name in enabled else "not enabled"
-        print(f"  {name:<16} {info.distribution} {info.version:<10} {state:<12} {info.value}")
+        rows.append((name, f"{info.distribution} {info.version}", state, info.value))
+    widths = [max((len(row[i]) for row in rows), default=0) for i in range(3)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)]
+        print("  " + "  ".join(cells) + "  " + row[3])
     local = [n for n in enabled if n not in installed]
     if local:
         print("Enabled by dotted path:")

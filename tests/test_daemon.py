@@ -342,6 +342,11 @@ def test_plugins_lists_enabled_plugins_hooks_and_effective_order(workdir, env):
     assert "Installed plugins (entry-point group bonzo.plugins):" in out
     for name in installed_plugins():
         assert f"  {name} " in out
+    # Aligned columns: the entry point starts at the same place on each line.
+    listed = out.split("Installed plugins (entry-point group bonzo.plugins):\n")[1]
+    rows = [line for line in listed.splitlines() if line.startswith("  ")]
+    rows = rows[: len(installed_plugins())]
+    assert len({row.index("bonzo_plugins.") for row in rows}) == 1, rows
     assert f"Enabled by dotted path:\n  {STORE}\n  daemonplug:Early\n" in out
     assert (
         "Enabled plugins and their hooks:\n"
