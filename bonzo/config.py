@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import ipaddress
+import json
 import os
 import re
 import sys
@@ -307,11 +308,25 @@ def _resolve_secrets(value: Any, source: str, key: str, base_dir: Path) -> Any:
     return value
 
 
+def _shown(value: Any) -> str:
+    """``value`` as the TOML file spells it, for an error message (``true``,
+    not Python's ``True``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return repr(value)
+
+
 def _path(value: Any, source: str, key: str, base_dir: Path) -> str:
     """``value`` as an absolute path, relative ones taken from ``base_dir``
     (the configuration file's directory)."""
     if not isinstance(value, str) or not value:
-        raise ConfigError(source, key, f"must be a non-empty path string, not {value!r}")
+        raise ConfigError(source, key, f"must be a non-empty path string, not {_shown(value)}")
     if "\0" in value:
         raise ConfigError(source, key, f"must not contain a NUL character: {value!r}")
     return str((base_dir / value).resolve())
@@ -371,7 +386,7 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
             if key == "workers":
                 if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
                     raise ConfigError(
-                        source, "server.workers", f"must be an integer 1..256, not {value!r}"
+                        source, "server.workers", f"must be an integer 1..256, not {_shown(value)}"
                     )
                 workers = value
             elif key == "loop":
@@ -417,7 +432,7 @@ EVENT_LOOPS = ("asyncio", "uvloop")
 def _event_loop(value: Any, source: str) -> str:
     if value not in EVENT_LOOPS:
         raise ConfigError(
-            source, "server.loop", f"must be one of {', '.join(EVENT_LOOPS)}, not {value!r}"
+            source, "server.loop", f"must be one of {', '.join(EVENT_LOOPS)}, not {_shown(value)}"
         )
     if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
         raise ConfigError(
@@ -429,7 +444,7 @@ def _event_loop(value: Any, source: str) -> str:
 def _bool(item: dict[str, Any], name: str, source: str, key: str) -> bool:
     value = item.get(name, False)
     if not isinstance(value, bool):
-        raise ConfigError(source, f"{key}.{name}", f"must be true or false, not {value!r}")
+        raise ConfigError(source, f"{key}.{name}", f"must be true or false, not {_shown(value)}")
     return value
 
 
@@ -477,7 +492,7 @@ def _listener_settings(
         raise ConfigError(
             source,
             f"{key}.auth_mechanisms",
-            f"must be a non-empty list of {', '.join(MECHANISMS)}, not {mechanisms!r}",
+            f"must be a non-empty list of {', '.join(MECHANISMS)}, not {_shown(mechanisms)}",
         )
     flags = {
         name: _bool(item, name, source, key)
@@ -542,7 +557,7 @@ def _listeners(value: Any, source: str, base_dir: Path) -> list[ListenerConfig]:
             raise ConfigError(
                 source,
                 f"{key}.protocol",
-                f"must be one of {', '.join(repr(p) for p in PROTOCOLS)}, not {protocol!r}",
+                f"must be one of {', '.join(_shown(p) for p in PROTOCOLS)}, not {_shown(protocol)}",
             )
         if "path" in item:
             for k in ("address", "port", "tls", "implicit_tls", "require_tls"):
@@ -561,7 +576,7 @@ def _listeners(value: Any, source: str, base_dir: Path) -> list[ListenerConfig]:
                 raise ConfigError(
                     source,
                     f"{key}.mode",
-                    f'must be permission bits such as 0o660 or "0660", not {mode!r}',
+                    f'must be permission bits such as 0o660 or "0660", not {_shown(mode)}',
                 )
             settings = _listener_settings(item, source, key, base_dir)
             out.append(
@@ -586,10 +601,12 @@ def _listeners(value: Any, source: str, base_dir: Path) -> list[ListenerConfig]:
                 raise ConfigError(
                     source,
                     f"{key}.address",
-                    f'must be an IP address (or "" for all), not {address!r}',
+                    f'must be an IP address (or "" for all), not {_shown(address)}',
                 ) from None
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ConfigError(source, f"{key}.port", f"must be an integer 0..65535, not {port!r}")
+            raise ConfigError(
+                source, f"{key}.port", f"must be an integer 0..65535, not {_shown(port)}"
+            )
         if (address, port) in seen and port:
             raise ConfigError(source, key, f"duplicate listener {address}:{port}")
         seen.add((address, port))
@@ -609,17 +626,19 @@ def _logging(table: dict[str, Any], source: str, base_dir: Path) -> LoggingConfi
     level = table.get("level", "info")
     if not isinstance(level, str) or level.lower() not in LOG_LEVELS:
         raise ConfigError(
-            source, "logging.level", f"must be one of {', '.join(LOG_LEVELS)}, not {level!r}"
+            source, "logging.level", f"must be one of {', '.join(LOG_LEVELS)}, not {_shown(level)}"
         )
     access = table.get("access_log", True)
     if not isinstance(access, bool):
-        raise ConfigError(source, "logging.access_log", f"must be true or false, not {access!r}")
+        raise ConfigError(
+            source, "logging.access_log", f"must be true or false, not {_shown(access)}"
+        )
     file = table.get("file")
     if file is not None:
         file = _path(file, source, "logging.file", base_dir)
     fmt = table.get("format", "text")
     if fmt not in ("text", "json"):
-        raise ConfigError(source, "logging.format", f'must be "text" or "json", not {fmt!r}')
+        raise ConfigError(source, "logging.format", f'must be "text" or "json", not {_shown(fmt)}')
     return LoggingConfig(level=level.lower(), access_log=access, file=file, format=fmt)
 
 
@@ -631,7 +650,7 @@ def _ip_address(value: Any, source: str, key: str) -> str:
             ipaddress.ip_address(value)
         except ValueError:
             raise ConfigError(
-                source, key, f'must be an IP address (or "" for all), not {value!r}'
+                source, key, f'must be an IP address (or "" for all), not {_shown(value)}'
             ) from None
     return value
 
@@ -647,7 +666,9 @@ def _metrics(table: dict[str, Any], source: str) -> MetricsConfig:
     if port is not None and (
         isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535
     ):
-        raise ConfigError(source, "metrics.port", f"must be an integer 1..65535, not {port!r}")
+        raise ConfigError(
+            source, "metrics.port", f"must be an integer 1..65535, not {_shown(port)}"
+        )
     path = table.get("path", "/metrics")
     if (
         not isinstance(path, str)
@@ -658,7 +679,7 @@ def _metrics(table: dict[str, Any], source: str) -> MetricsConfig:
         raise ConfigError(
             source,
             "metrics.path",
-            f'must be a URL path such as "/metrics" (letters, digits, ._~-/), not {path!r}',
+            f'must be a URL path such as "/metrics" (letters, digits, ._~-/), not {_shown(path)}',
         )
     if path == "/health":
         raise ConfigError(source, "metrics.path", "/health is the health endpoint")
@@ -722,7 +743,9 @@ def _plugins(table: dict[str, Any], source: str, base_dir: Path) -> PluginsConfi
     config.enabled = list(enabled)
     timeout = table.get("timeout", 60.0)
     if not positive_seconds(timeout):
-        raise ConfigError(source, "plugins.timeout", f"must be a positive number, not {timeout!r}")
+        raise ConfigError(
+            source, "plugins.timeout", f"must be a positive number, not {_shown(timeout)}"
+        )
     config.timeout = float(timeout)
     timeouts = table.get("timeouts", {})
     if not isinstance(timeouts, dict):
@@ -732,7 +755,9 @@ def _plugins(table: dict[str, Any], source: str, base_dir: Path) -> PluginsConfi
             raise ConfigError(source, f"plugins.timeouts.{name}", "names no enabled plugin")
         if not positive_seconds(value):
             raise ConfigError(
-                source, f"plugins.timeouts.{name}", f"must be a positive number, not {value!r}"
+                source,
+                f"plugins.timeouts.{name}",
+                f"must be a positive number, not {_shown(value)}",
             )
         config.timeouts[name] = float(value)
     paths = table.get("paths", [])

@@ -293,6 +293,11 @@ def test_bad_listeners(entry, key, fragment):
     assert_error(f"listeners = [{toml_value(entry)}]\n", key, fragment)
 
 
+def test_values_in_messages_are_spelled_as_in_toml():
+    assert_error(table("server", workers=True), "server.workers", "1..256, not true")
+    assert_error(table("logging", level="loud"), "logging.level", 'not "loud"')
+
+
 def test_files_made_at_start_need_their_directory(tmp_path):
     # bonzo check finds these, naming the key; serve would fail (status 1).
     (tmp_path / "file").write_text("x")

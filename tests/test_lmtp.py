@@ -476,8 +476,8 @@ def test_listener_protocol_path_and_mode(tmp_path):
 @pytest.mark.parametrize(
     ("listener", "message"),
     [
-        ('protocol = "esmtp"', "listeners[0].protocol: must be one of 'smtp', 'lmtp', not 'esmtp'"),
-        ("protocol = 1", "listeners[0].protocol: must be one of 'smtp', 'lmtp', not 1"),
+        ('protocol = "esmtp"', 'listeners[0].protocol: must be one of "smtp", "lmtp", not "esmtp"'),
+        ("protocol = 1", 'listeners[0].protocol: must be one of "smtp", "lmtp", not 1'),
         ('path = "/x.sock"\nport = 25', "listeners[0].port: a Unix socket listener (path) has no"),
         ('path = "/x.sock"\naddress = "::1"', "listeners[0].address: a Unix socket listener"),
         ('path = "/x.sock"\nimplicit_tls = true', "listeners[0].implicit_tls: a Unix socket"),

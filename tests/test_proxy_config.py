@@ -50,7 +50,7 @@ def test_xclient_without_proxy_protocol():
 @pytest.mark.parametrize(
     "keys, key, fragment",
     [
-        ({"proxy_protocol": "yes"}, "proxy_protocol", "must be true or false, not 'yes'"),
+        ({"proxy_protocol": "yes"}, "proxy_protocol", 'must be true or false, not "yes"'),
         ({"proxy_protocol": 1}, "proxy_protocol", "must be true or false"),
         ({"proxy_protocol": True}, "proxy_trusted", "must list the networks of the proxies"),
         (
