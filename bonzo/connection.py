@@ -662,7 +662,22 @@ class SMTPConnection:
         stream = self.stream
         chunk_size = self.settings.read_chunk_size
         while True:
-            data = tls.receive(await stream.read_bytes(chunk_size, partial=True))
+            received = await stream.read_bytes(chunk_size, partial=True)
+            try:
+                data = tls.receive(received)
+            except ssl.SSLError as exc:
+                # The client broke TLS (a renegotiation, a bad record): its
+                # doing, so one INFO line, as for a failed handshake; the
+                # session cannot go on.
+                gen_log.info(
+                    "[%s %s] TLS error, connection closed: %s",
+                    self.session.id,
+                    self.remote_ip,
+                    getattr(exc, "reason", None) or exc,
+                )
+                self._tls = None
+                stream.close()
+                raise StreamClosedError() from None
             out = tls.data_to_send()
             if out:
                 stream.write(out)

@@ -354,6 +354,25 @@ def test_garbage_instead_of_a_handshake_closes(start_server, certs, log_watch):
     log_watch.wait_for("TLS handshake failed")
 
 
+def test_a_broken_tls_record_after_the_handshake_closes_with_one_info_line(
+    start_server, certs, client_ctx, log_watch
+):
+    # A client can break TLS at will (a bad record, a renegotiation): its
+    # fault, so no ERROR with a traceback (log_watch fails on one), one line.
+    server = start_auth_server(start_server, tls_listener(certs))
+    with RawClient(server.port) as client:
+        client.greet()
+        assert client.command("STARTTLS").startswith(b"220 ")
+        handshake_over(client.sock, client_ctx)
+        # An application-data record whose content cannot decrypt.
+        client.sock.sendall(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
+        client.read_to_eof()
+    server.wait_connections(0)
+    line = log_watch.wait_for("TLS error, connection closed")
+    assert line.levelname == "INFO"
+    assert not log_watch.matching("Unexpected error in session")
+
+
 def test_client_gone_during_the_handshake(start_server, certs):
     server = start_auth_server(start_server, tls_listener(certs))
     with RawClient(server.port) as client:
