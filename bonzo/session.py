@@ -18,6 +18,7 @@ import re
 import shutil
 import tempfile
 import time
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email.header import Header
@@ -981,6 +982,22 @@ def _date(when: float) -> str:
     return _date_cache[1]
 
 
+# What a recipient in the trace header's "for" clause must not hold: the
+# characters that end or comment a clause (a quoted local part may hold
+# them, and a parser that splits on ";" would read a forged date), and
+# invisible or direction-changing Unicode (format characters).
+_NOT_IN_FOR = re.compile(r'[;()<>"\\\s\x00-\x1f\x7f]')
+
+
+def _plain_for(address: str) -> bool:
+    if _NOT_IN_FOR.search(address):
+        return False
+    # Per character only for the rare non-ASCII address (once per message).
+    return address.isascii() or not any(
+        unicodedata.category(c) in ("Cf", "Cc", "Zl", "Zp", "Co", "Cs") for c in address
+    )
+
+
 def received_header(
     session: Session, envelope: Envelope, hostname: str, when: float | None = None
 ) -> str:
@@ -1011,7 +1028,11 @@ def received_header(
     # An address in the header must be ASCII, or UTF-8 in an SMTPUTF8 message
     # (RFC 6532); the parser has refused control characters in it already.
     rcpts = envelope.rcpt_tos
-    if len(rcpts) == 1 and (rcpts[0].isascii() or "SMTPUTF8" in envelope.mail_params):
+    if (
+        len(rcpts) == 1
+        and (rcpts[0].isascii() or "SMTPUTF8" in envelope.mail_params)
+        and _plain_for(rcpts[0])
+    ):
         parts.append(f"\tfor <{rcpts[0]}>; {stamp}")
     else:
         parts[-1] += f"; {stamp}"

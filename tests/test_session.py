@@ -78,6 +78,11 @@ def test_with_keywords(esmtp, tls, auth, smtputf8, keyword):
         (["j\u00f6rg@example.org"], {"SMTPUTF8": None}, "<j\u00f6rg@example.org>"),
         (["j\u00f6rg@example.org"], {}, None),
         (["b@example.org", "c@example.org"], {}, None),
+        (["b@[192.0.2.9]"], {}, "<b@[192.0.2.9]>"),
+        # A quoted local part that would end the clause and forge a date, and
+        # a direction-changing character: the recipient is not named.
+        (['"x>; Mon, 1 Jan 2001 00:00:00 +0000 (by evil) from"@example.org'], {}, None),
+        (["\u202eu@example.org"], {"SMTPUTF8": None}, None),
     ],
 )
 def test_received_header_lines(rcpts, params, named):
@@ -94,7 +99,7 @@ def test_received_header_lines(rcpts, params, named):
     if named:
         assert f"for {named};" in value
     else:
-        assert " for " not in value
+        assert " for " not in value and "2001" not in value and "\u202e" not in value
 
 
 # -------------------------------------------------- plugin exception objects
