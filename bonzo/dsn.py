@@ -219,4 +219,20 @@ def _orcpt(value: str | None) -> OriginalRecipient:
         raise DSNError("Bad ORCPT parameter: not xtext") from None
     if not _PRINTABLE.fullmatch(address):
         raise DSNError("Bad ORCPT parameter")
+    if addr_type.lower() == "utf-8" and not _utf8_addr(address):
+        raise DSNError("Bad ORCPT parameter: not a utf-8 address (RFC 6533)")
     return OriginalRecipient(addr_type, address)
+
+
+_UTF8_ESCAPE = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
+
+
+def _utf8_addr(text: str) -> bool:
+    """Whether ``text`` is an RFC 6533 ``utf-8-addr-xtext``: each ``\\x{HEX}``
+    names a Unicode scalar value that is not a control character, and no
+    other backslash appears."""
+    for match in _UTF8_ESCAPE.finditer(text):
+        point = int(match.group(1), 16)
+        if point < 0x20 or 0x7F <= point < 0xA0 or 0xD800 <= point <= 0xDFFF or point > 0x10FFFF:
+            return False
+    return "\\" not in _UTF8_ESCAPE.sub("", text)

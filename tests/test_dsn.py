@@ -46,6 +46,7 @@ with warnings.catch_warnings():  # as in test_protocol_props.py
 
 OK_MAIL = b"250 2.1.0 Ok\r\n"
 OK_RCPT = b"250 2.1.5 Ok\r\n"
+UTF8_BAD = b"501 5.5.4 Bad ORCPT parameter: not a utf-8 address (RFC 6533)\r\n"
 
 
 def mail(params: bytes, **settings: Any) -> tuple[bytes, Client]:
@@ -212,6 +213,17 @@ def test_rcpt_dsn_parameters_are_decoded_onto_the_event(params, dsn):
         (b"ORCPT=rfc822;bob+0A@example.net", b"501 5.5.4 Bad ORCPT parameter\r\n"),
         (b"ORCPT=rfc822;" + b"b" * 494, b"501 5.5.4 Bad ORCPT parameter\r\n"),
         (b"ORCPT=a;b ORCPT=a;b", b"501 5.5.4 Duplicate parameter ORCPT\r\n"),
+        *[
+            (b"ORCPT=utf-8;" + bad + b"@example.net", UTF8_BAD)
+            for bad in (
+                b"\\x{D800}",
+                b"\\x{0}",
+                b"\\x{110000}",
+                b"\\x{}",
+                b"\\x{FFFFFFFF}",
+                b"a\\b",
+            )
+        ],
         (b"NOTIFY=NEVER SIZE=1", b"555 5.5.4 Unsupported parameter SIZE\r\n"),
     ],
 )
@@ -220,6 +232,13 @@ def test_bad_rcpt_dsn_parameters_get_501(params, reply):
     assert replies == reply
     assert client.proto.rcpt_count == 0
     assert not any(isinstance(e, Rcpt) for e in client.events)
+
+
+def test_a_utf8_orcpt_with_valid_escapes_is_kept():
+    # RFC 6533: each \x{HEX} a Unicode scalar value that is not a control.
+    replies, client = rcpt(b"ORCPT=utf-8;j\\x{F6}rg\\x{20AC}@example.net")
+    assert replies == OK_RCPT
+    assert client.events[-1].dsn.orcpt.address == "j\\x{F6}rg\\x{20AC}@example.net"
 
 
 def test_orcpt_of_500_characters_is_fine():
