@@ -32,6 +32,10 @@ __all__ = ["QueuePlugin", "parse_duration", "KEYS"]
 
 log = logging.getLogger("bonzo.plugins.queue")
 
+#: Seconds a queued message waits for bonzo_accepted before it is handed to
+#: the runner anyway (the client was told something other than 250).
+_TOLD_WAIT = 2.0
+
 #: Bounds the queued messages waiting for bonzo_accepted, each with its
 #: claim (a descriptor), as the runner bounds those it is handed.
 _MAX_UNKICKED = MAX_HANDED
@@ -299,6 +303,12 @@ class QueuePlugin:
             # finds them; their claims must not pile up.
             self._release_queued()
         self._queued[envelope.id] = handed
+        # bonzo_accepted (the client told 250) normally hands it to the
+        # runner at once. When the client is told something else — a
+        # deferral for other recipients of the message (an SMTP client gets
+        # one reply) — it never comes: the message is queued all the same,
+        # so it is handed over after a moment anyway.
+        asyncio.get_running_loop().call_later(_TOLD_WAIT, self._hand_over, envelope.id)
         if self.runner is not None:
             self.runner.accepted()
         return Accept(f"Ok: queued as {envelope.id}")
@@ -312,11 +322,16 @@ class QueuePlugin:
     def bonzo_accepted(self, envelope: Envelope) -> None:
         """Try the message at once (if this plugin queued it: a set lookup,
         no file system call per message)."""
-        handed = self._queued.pop(envelope.id, None)
+        self._hand_over(envelope.id)
+
+    def _hand_over(self, id: str) -> None:
+        """Give the runner a message this process queued (with its claim),
+        once; without a runner, let go of the claim."""
+        handed = self._queued.pop(id, None)
         if handed is None:
             return
         if self.runner is not None:
-            self.runner.kick(envelope.id, handed)
+            self.runner.kick(id, handed)
         else:
             handed[0].release()
 

@@ -30,7 +30,7 @@ from bonzo_plugins.queue.routes import Outcome, RouteTable
 from bonzo_plugins.queue.runner import Runner, RunnerSettings, backoff
 from bonzo_plugins.queue.spool import GroupSync, Recipient, Spool, SpoolError
 
-from bonzo import Accept, hookimpl
+from bonzo import Accept, errors, hookimpl
 from bonzo.config import parse_config
 from bonzo.hooks import PluginSet
 from bonzo.testing import SessionTester
@@ -727,6 +727,45 @@ def test_accepted_means_on_disk_then_delivered(tmp_path):
     assert reply.startswith(b"250 2.0.0 Ok: queued as ")
     assert stored.endswith(BODY) and stored.startswith(b"Received: from c ([192.0.2.1])")
     assert left == []  # delivered (discarded) at once by this worker's runner
+
+
+def test_a_message_queued_for_some_recipients_is_delivered_when_the_client_got_a_deferral(
+    tmp_path, monkeypatch
+):
+    # A filter defers one recipient: the SMTP client gets 451 (one reply for
+    # the message) and bonzo_accepted never runs, but the copy queued for the
+    # other recipient must still go, without waiting for a restart.
+    import bonzo_plugins.queue.plugin as queue_module
+
+    monkeypatch.setattr(queue_module, "_TOLD_WAIT", 0.05)
+    plugins, queue = queue_session(tmp_path)
+
+    class DeferOne:
+        @hookimpl
+        def bonzo_message(self, envelope):
+            for i, rcpt in enumerate(envelope.rcpt_tos):
+                if rcpt.startswith("later"):
+                    envelope.refuse_recipient(i, errors.TransientError("Try later", 451, "4.7.1"))
+
+    plugins.register(DeferOne(), "defer_one")
+
+    async def main() -> tuple[bytes, list[str], list[str]]:
+        await queue.bonzo_startup(App(tmp_path, plugins))
+        assert queue.spool is not None and queue.runner is not None
+        reply = await send(SessionTester(plugins), rcpts=("now@example.net", "later@example.net"))
+        queued = queue.spool.ids()
+        for _ in range(200):
+            if not queue.spool.ids():
+                break
+            await asyncio.sleep(0.02)
+        left = queue.spool.ids()
+        await queue.bonzo_shutdown()
+        return reply, queued, left
+
+    reply, queued, left = asyncio.run(main())
+    assert reply == b"451 4.7.1 Try later\r\n"
+    assert len(queued) == 1  # stored for now@ before the reply
+    assert left == []  # and delivered (discarded by the route) soon after
 
 
 def test_a_message_accepted_here_is_delivered_without_reading_it_back(tmp_path, monkeypatch):
