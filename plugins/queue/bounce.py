@@ -19,6 +19,7 @@ per-message and one per-recipient block of fields.
 from __future__ import annotations
 
 import datetime
+import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -84,6 +85,8 @@ class ReportLine:
 
 
 _KINDS = {"failed": "failure", "delayed": "delay", "delivered": "success", "relayed": "success"}
+_STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
+_DEFAULT_STATUS = {"failed": "5.0.0", "delayed": "4.0.0", "delivered": "2.0.0", "relayed": "2.0.0"}
 
 
 def _recipient_dsn(recipient: Recipient) -> RecipientDSN:
@@ -194,7 +197,12 @@ def build_report(
             out.append(f"Original-Recipient: {_clean(original)}")
         out.append(f"Final-Recipient: {_address_field(line.recipient.address)}")
         out.append(f"Action: {line.action}")
-        out.append(f"Status: {line.status}")
+        # A reply without an enhanced code still needs a valid Status
+        # (RFC 3464 2.3.4: class.subject.detail): the class's "other".
+        status = line.status
+        if not _STATUS.fullmatch(status):
+            status = _DEFAULT_STATUS.get(line.action, "5.0.0")
+        out.append(f"Status: {status}")
         if line.remote_mta:
             out.append(f"Remote-MTA: dns; {_clean(line.remote_mta, 255)}")
         if line.diagnostic:

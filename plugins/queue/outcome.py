@@ -31,7 +31,8 @@ class Outcome:
 
     @property
     def reply(self) -> str:
-        return f"{self.code} {self.enhanced} {self.text}"
+        """The reply as one line: code, enhanced code (when there is one), text."""
+        return " ".join(part for part in (str(self.code), self.enhanced, self.text) if part)
 
     @classmethod
     def deferred(cls, code: int, enhanced: str, text: str, host: str = "") -> Outcome:

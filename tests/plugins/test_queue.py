@@ -367,6 +367,29 @@ def test_a_failure_report_is_rfc3464(tmp_path):
     assert BODY in raw
 
 
+@pytest.mark.parametrize(
+    "action, given, shown",
+    [("failed", "5", "5.0.0"), ("failed", "", "5.0.0"), ("delayed", "", "4.0.0"),
+     ("delivered", "", "2.0.0"), ("failed", "5.1.1", "5.1.1")],
+)  # fmt: skip
+def test_a_report_status_is_always_class_subject_detail(tmp_path, action, given, shown):
+    # A downstream reply without an enhanced code ("550 no such user here")
+    # still gives an RFC 3464 Status, the class's "other".
+    message = report_message(tmp_path)
+    line = ReportLine(message.recipients[0], action, given, "550 no such user here", "mx.test")
+    raw = build_report(message, [line], "mx.test", now=1_000_100.0)
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    per_recipient = parsed.get_payload()[1].get_payload()[1]
+    assert per_recipient["Status"] == shown
+
+
+def test_an_outcome_reply_without_an_enhanced_code_has_no_double_space():
+    from bonzo_plugins.queue.outcome import Outcome
+
+    assert Outcome("failed", 550, "", "no such user").reply == "550 no such user"
+    assert Outcome("failed", 550, "5.1.1", "no").reply == "550 5.1.1 no"
+
+
 def test_headers_only_for_ret_hdrs_and_for_large_messages(tmp_path):
     message = report_message(tmp_path, RET="HDRS")
     line = ReportLine(message.recipients[0], "failed", "5.1.1", "550 5.1.1 No", "h")
