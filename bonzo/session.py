@@ -52,13 +52,16 @@ __all__ = [
 
 _counter = itertools.count(1)
 # getpid() is a system call on current glibc, and ids are made twice per
-# message: keep the pid, and refresh it in a forked worker.
-_pid_hex = f"{os.getpid():x}"
+# message: keep the pid, and refresh it in a forked worker. Fixed width (a
+# Linux pid is at most 2**22), so that the pid and the counter after it
+# cannot be read two ways: pid 0x100 with count 0x12 and pid 0x1001 with
+# count 0x2 would otherwise give the same id.
+_pid_hex = f"{os.getpid():06x}"
 
 
 def _refresh_pid() -> None:
     global _pid_hex
-    _pid_hex = f"{os.getpid():x}"
+    _pid_hex = f"{os.getpid():06x}"
 
 
 os.register_at_fork(after_in_child=_refresh_pid)

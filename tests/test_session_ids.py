@@ -40,3 +40,17 @@ def test_a_forked_worker_puts_its_own_pid_in_its_ids():
     assert f"{int(child_pid):X}" in child_id
     assert f"{int(parent_pid):X}" in parent_id
     assert child_id != parent_id
+
+
+def test_the_pid_and_the_counter_cannot_be_read_two_ways(monkeypatch):
+    import itertools
+
+    import bonzo.session as session_module
+
+    made = []
+    for pid, count in ((0x100, 0x12), (0x1001, 0x2)):
+        monkeypatch.setattr(session_module, "_pid_hex", f"{pid:06x}")
+        monkeypatch.setattr(session_module, "_counter", itertools.count(count))
+        monkeypatch.setattr(session_module.time, "time", lambda: 1_800_000_000.0)
+        made.append(new_session_id())
+    assert made[0] != made[1]
