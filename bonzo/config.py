@@ -858,6 +858,7 @@ def effective_config(config: Config, raw: dict[str, Any]) -> dict[str, Any]:
         if name in ("listeners", "plugins") or not isinstance(given, dict):
             continue
         for key, value in given.items():
-            if key in table and _redacted(value, key) != value:
-                table[key] = _redacted(value, key)
+            shown = _redacted(value, key)
+            if key in table and shown != value:
+                table[key] = shown
     return {k: _toml_value(v) for k, v in out.items()}

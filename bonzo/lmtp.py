@@ -73,6 +73,10 @@ class LMTPProtocol(SMTPProtocol):
     def _cmd_not_lmtp(self, arg: str) -> None:
         self._error(500, "5.5.1", "Error: this is an LMTP server, greet with LHLO")
 
+    def _usable_verbs(self) -> list[str]:
+        # HELO and EHLO are in the table only to refuse: not usable.
+        return [v for v in super()._usable_verbs() if v not in ("HELO", "EHLO")]
+
     def _cmd_mail_lmtp(self, arg: str) -> object:
         if not self.helo:
             self._error(503, "5.5.1", "Error: need LHLO command")

@@ -1595,18 +1595,14 @@ class SMTPProtocol:
     def _usable_verbs(self) -> list[str]:
         """The verbs of this session's table that a client may use now, in
         the table's order (BDAT, STARTTLS, AUTH and XCLIENT only when they
-        are offered; a verb that only refuses, such as HELO in LMTP, not)."""
+        are offered)."""
         offered = {
             "BDAT": self.settings.chunking,
             "STARTTLS": self.policy.starttls and not self.tls_active,
             "AUTH": self.auth_offered,
             "XCLIENT": self.xclient_allowed,
         }
-        return [
-            verb
-            for verb, handler in self.verbs.items()
-            if offered.get(verb, True) and getattr(handler, "__name__", "") != "_cmd_not_lmtp"
-        ]
+        return [verb for verb in self.verbs if offered.get(verb, True)]
 
     def _cmd_starttls(self, arg: str) -> Any:
         if not self.policy.starttls and not self.tls_active:

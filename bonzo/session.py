@@ -119,21 +119,14 @@ def _format_header(name: str, value: str, utf8: bool = True) -> bytes:
         raise ValueError(f"bad header name {name!r}")
     if not isinstance(value, str):
         raise ValueError(f"header {name}: the value must be a string")
+    lines = value.replace("\r\n", "\n").split("\n")
+    if any(not line or line[0] not in " \t" for line in lines[1:]):
+        raise ValueError(f"header {name} has a line break that is not folding")
+    if "\r" in value.replace("\r\n", "") or "\0" in value:
+        raise ValueError(f"header {name} has a control character")
     if not utf8 and not value.isascii():
-        if "\0" in value or "\r" in value.replace("\r\n", ""):
-            raise ValueError(f"header {name} has a control character")
-        unfolded = re.sub(r"\r?\n(?=[ \t])", "", value)
-        if "\n" in unfolded:
-            raise ValueError(f"header {name} has a line break that is not folding")
-        value = Header(unfolded, "utf-8", header_name=name).encode(linesep="\n")
-    if "\n" not in value and "\r" not in value and "\0" not in value:
-        lines = [value]
-    else:
-        lines = value.replace("\r\n", "\n").split("\n")
-        if any(not line or line[0] not in " \t" for line in lines[1:]):
-            raise ValueError(f"header {name} has a line break that is not folding")
-        if any(ch in line for line in lines for ch in "\r\0"):
-            raise ValueError(f"header {name} has a control character")
+        # Unfolded (the line breaks dropped, the spaces after them kept).
+        lines = Header("".join(lines), "utf-8", header_name=name).encode(linesep="\n").split("\n")
     lines[0] = f"{name}: {lines[0]}"
     out: list[str] = []
     for line in lines:

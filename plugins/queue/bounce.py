@@ -19,7 +19,6 @@ per-message and one per-recipient block of fields.
 from __future__ import annotations
 
 import datetime
-import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from bonzo.dsn import (
     mail_dsn,
     recipient_dsn,
 )
+from bonzo.errors import enhanced_code_problem
 
 from .spool import QueuedMessage, Recipient
 
@@ -85,7 +85,6 @@ class ReportLine:
 
 
 _KINDS = {"failed": "failure", "delayed": "delay", "delivered": "success", "relayed": "success"}
-_STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 _DEFAULT_STATUS = {"failed": "5.0.0", "delayed": "4.0.0", "delivered": "2.0.0", "relayed": "2.0.0"}
 
 
@@ -199,9 +198,9 @@ def build_report(
         out.append(f"Action: {line.action}")
         # A reply without an enhanced code still needs a valid Status
         # (RFC 3464 2.3.4: class.subject.detail): the class's "other".
-        status = line.status
-        if not _STATUS.fullmatch(status):
-            status = _DEFAULT_STATUS.get(line.action, "5.0.0")
+        status = _DEFAULT_STATUS.get(line.action, "5.0.0")
+        if enhanced_code_problem(int(status[0]) * 100, line.status) is None:
+            status = line.status
         out.append(f"Status: {status}")
         if line.remote_mta:
             out.append(f"Remote-MTA: dns; {_clean(line.remote_mta, 255)}")

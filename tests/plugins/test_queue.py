@@ -727,6 +727,15 @@ async def send(
     return await tester.send(body + b".\r\n")
 
 
+async def drained(queue: QueuePlugin, seconds: float) -> None:
+    """Wait (at most ``seconds``) until ``queue``'s spool is empty."""
+    assert queue.spool is not None
+    for _ in range(int(seconds / 0.02)):
+        if not queue.spool.ids():
+            return
+        await asyncio.sleep(0.02)
+
+
 def test_accepted_means_on_disk_then_delivered(tmp_path):
     plugins, queue = queue_session(tmp_path)
 
@@ -738,10 +747,7 @@ def test_accepted_means_on_disk_then_delivered(tmp_path):
         assert queue.spool is not None
         ids = queue.spool.ids()
         stored = queue.spool.load(ids[0]).read() if ids else b""
-        for _ in range(100):
-            if not queue.spool.ids():
-                break
-            await asyncio.sleep(0.02)
+        await drained(queue, 2)
         left = queue.spool.ids()
         await queue.bonzo_shutdown()
         return reply, left, stored
@@ -777,10 +783,7 @@ def test_a_message_queued_for_some_recipients_is_delivered_when_the_client_got_a
         assert queue.spool is not None and queue.runner is not None
         reply = await send(SessionTester(plugins), rcpts=("now@example.net", "later@example.net"))
         queued = queue.spool.ids()
-        for _ in range(200):
-            if not queue.spool.ids():
-                break
-            await asyncio.sleep(0.02)
+        await drained(queue, 4)
         left = queue.spool.ids()
         await queue.bonzo_shutdown()
         return reply, queued, left
@@ -817,10 +820,7 @@ def test_a_message_accepted_here_is_delivered_without_reading_it_back(tmp_path, 
         assert queue.spool is not None and queue.runner is not None
         for _ in range(3):
             assert (await send(SessionTester(plugins))).startswith(b"250 2.0.0")
-        for _ in range(100):
-            if not queue.spool.ids():
-                break
-            await asyncio.sleep(0.02)
+        await drained(queue, 2)
         left = queue.spool.ids()
         await queue.bonzo_shutdown()
         return left
@@ -876,10 +876,7 @@ def test_a_quarantined_message_goes_to_the_quarantine_transport_only(tmp_path):
         await queue.bonzo_startup(App(tmp_path, plugins))
         reply = await send(SessionTester(plugins))
         assert queue.spool is not None
-        for _ in range(200):
-            if not queue.spool.ids():
-                break
-            await asyncio.sleep(0.02)
+        await drained(queue, 4)
         await queue.bonzo_shutdown()
         return reply
 
