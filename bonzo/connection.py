@@ -39,7 +39,6 @@ from asyncio import Future
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from tornado.concurrent import future_set_result_unless_cancelled
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.log import app_log, gen_log
@@ -173,6 +172,38 @@ class SessionStream(IOStream):
         self._read_future = future
         return future
 
+    def read_bytes(self, num_bytes: int, partial: bool = False) -> Future[bytes]:
+        """Tornado's :meth:`~tornado.iostream.BaseIOStream.read_bytes`, the
+        same steps in the same order, but for its check that ``num_bytes``
+        is a :class:`numbers.Integral`: an abstract-class ``isinstance``
+        that cost more than the rest of the call, on every read (measured).
+        Anything but an :class:`int` goes to Tornado's own."""
+        if type(num_bytes) is not int:
+            return super().read_bytes(num_bytes, partial)  # type: ignore[return-value]
+        future = self._start_read()
+        self._read_bytes = num_bytes
+        self._read_partial = partial
+        try:
+            self._try_inline_read()
+        except BaseException:
+            future.add_done_callback(lambda f: f.exception())
+            raise
+        return future
+
+    def try_write(self, data: bytes) -> int:
+        """:func:`try_write` on this stream: send what the socket takes of
+        ``data`` now if nothing is queued in the stream (``0`` if none, or if
+        the stream has queued data or is closed). The same rule, without the
+        two method calls that ask the stream whether it is writing or
+        closed: everything written and nothing left is what the stream's
+        own counters say (its buffer's length is another call)."""
+        if self._closed or self._total_write_index != self._total_write_done_index:
+            return 0
+        try:
+            return self.socket.send(data)
+        except OSError:  # would block, or the connection is gone
+            return 0
+
     def recv_chunk(self, size: int) -> bytes | None:
         """Read up to ``size`` octets from the socket: ``None`` if it has
         none yet, ``b""`` at end of stream; :exc:`OSError` as the socket
@@ -214,7 +245,8 @@ class SessionStream(IOStream):
         self._read_partial = False
         future, self._read_future = self._read_future, None
         assert future is not None
-        future_set_result_unless_cancelled(future, data)
+        if not future.cancelled():
+            future.set_result(data)
         return True
 
     def _try_inline_read(self) -> None:
@@ -224,8 +256,10 @@ class SessionStream(IOStream):
         hinted, self.wait_readable = self.wait_readable, False
         if not self._read_buffer_size:
             if hinted:
-                if not self.closed():
-                    self._add_io_state(IOLoop.READ)
+                if not self._closed:
+                    state = self._state
+                    if state is None or not state & IOLoop.READ:
+                        self._add_io_state(IOLoop.READ)
                     return
             elif self._direct():
                 self._check_closed()
@@ -696,10 +730,13 @@ class SMTPConnection:
             tls.send(data)
             data = tls.data_to_send()
         stream = self.stream
-        if self._hinted is not None:
+        hinted = self._hinted
+        if hinted is not None:
             # The client answers this reply: its next command is not there yet.
-            self._hinted.wait_readable = True
-        sent = try_write(stream, data)
+            hinted.wait_readable = True
+            sent = hinted.try_write(data)
+        else:
+            sent = try_write(stream, data)
         if sent == len(data):
             self._write_future = None
             return

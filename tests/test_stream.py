@@ -20,12 +20,27 @@ from tornado.iostream import IOStream, StreamClosedError
 from bonzo.connection import SessionStream, try_write
 
 
-def pair(sndbuf: int | None = None) -> tuple[IOStream, socket.socket]:
+def pair(
+    sndbuf: int | None = None, cls: type[IOStream] = IOStream
+) -> tuple[IOStream, socket.socket]:
     ours, theirs = socket.socketpair()
     if sndbuf is not None:
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sndbuf)
-    return IOStream(ours), theirs
+    return cls(ours), theirs
+
+
+def _method(stream: IOStream, data: bytes) -> int:
+    assert isinstance(stream, SessionStream)
+    return stream.try_write(data)
+
+
+# try_write on any IOStream, and the session stream's own (the same rule).
+WRITERS = pytest.mark.parametrize(
+    "cls, try_write",
+    [(IOStream, try_write), (SessionStream, _method)],
+    ids=["function", "SessionStream.try_write"],
+)
 
 
 def read_all(sock: socket.socket, size: int) -> bytes:
@@ -38,9 +53,10 @@ def read_all(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-def test_a_small_reply_is_sent_at_once():
+@WRITERS
+def test_a_small_reply_is_sent_at_once(cls, try_write):
     async def run() -> None:
-        stream, peer = pair()
+        stream, peer = pair(cls=cls)
         try:
             assert try_write(stream, b"250 2.0.0 Ok\r\n") == 14
             assert not stream.writing()
@@ -52,9 +68,10 @@ def test_a_small_reply_is_sent_at_once():
     asyncio.run(run())
 
 
-def test_what_the_socket_does_not_take_goes_through_write_in_order():
+@WRITERS
+def test_what_the_socket_does_not_take_goes_through_write_in_order(cls, try_write):
     async def run() -> None:
-        stream, peer = pair(sndbuf=4096)
+        stream, peer = pair(sndbuf=4096, cls=cls)
         try:
             blocks = [bytes([65 + n % 26]) * 50_000 for n in range(6)]
             futures = []
@@ -79,9 +96,10 @@ def test_what_the_socket_does_not_take_goes_through_write_in_order():
     asyncio.run(run())
 
 
-def test_errors_are_left_to_write():
+@WRITERS
+def test_errors_are_left_to_write(cls, try_write):
     async def run() -> None:
-        stream, peer = pair()
+        stream, peer = pair(cls=cls)
         peer.close()
         # The peer is gone (EPIPE): nothing is sent and nothing is raised...
         assert try_write(stream, b"250 Ok\r\n") == 0
@@ -308,5 +326,32 @@ def test_a_read_future_belongs_to_the_stream_loop_and_a_second_read_is_refused()
                 stream.read_bytes(4096, partial=True)
             peer.sendall(b"NOOP\r\n")
             assert await asyncio.wait_for(future, 5) == b"NOOP\r\n"
+
+    asyncio.run(run())
+
+
+class Count(int):
+    """An int subclass: a numbers.Integral that is not exactly int."""
+
+
+@pytest.mark.parametrize("size", [6, Count(6)], ids=["int", "int subclass"])
+def test_read_bytes_reads_exactly_or_partially_as_tornado_does(size):
+    async def run() -> None:
+        with session_streams() as (stream, peer):
+            peer.sendall(b"MAIL FROM:<a@b>\r\n")
+            # An exact count: Tornado's buffered path, the rest kept in order.
+            assert await asyncio.wait_for(stream.read_bytes(size), 5) == b"MAIL F"
+            assert await asyncio.wait_for(stream.read_bytes(size, partial=True), 5) == b"ROM:<a"
+            rest = await asyncio.wait_for(stream.read_bytes(4096, partial=True), 5)
+            assert rest == b"@b>\r\n"
+
+    asyncio.run(run())
+
+
+def test_read_bytes_still_refuses_what_is_not_an_integer():
+    async def run() -> None:
+        with session_streams() as (stream, _peer):
+            with pytest.raises(AssertionError):
+                stream.read_bytes(6.0, partial=True)  # type: ignore[arg-type]
 
     asyncio.run(run())
