@@ -77,9 +77,12 @@ class ReportLine:
     status: str
     """The enhanced status code (``5.1.1``)."""
     diagnostic: str = ""
-    """The remote reply (``550 5.1.1 No such user``), if there was one."""
+    """The reply (``550 5.1.1 No such user``): the remote server's, or the
+    one made here for a failure decided here."""
     remote_mta: str = ""
-    """The host that gave it."""
+    """The host whose own reply :attr:`diagnostic` is; ``""`` when the
+    failure was decided here (the report then names no ``Remote-MTA`` and
+    gives the diagnostic as ``X-Bonzo``, not ``smtp``, RFC 3464 2.3.6)."""
     will_retry_until: float = 0.0
     """For ``delayed``: when the message expires."""
 
@@ -205,7 +208,9 @@ def build_report(
         if line.remote_mta:
             out.append(f"Remote-MTA: dns; {_clean(line.remote_mta, 255)}")
         if line.diagnostic:
-            out.append(f"Diagnostic-Code: smtp; {_clean(line.diagnostic)}")
+            # "smtp" only for a reply a server gave (RFC 3464 2.3.6).
+            kind = "smtp" if line.remote_mta else "X-Bonzo"
+            out.append(f"Diagnostic-Code: {kind}; {_clean(line.diagnostic)}")
         if line.recipient.attempts:
             out.append(f"Last-Attempt-Date: {_date(line.recipient.done_at or now)}")
         if line.action == "delayed" and line.will_retry_until:

@@ -28,6 +28,11 @@ class Outcome:
     relayed: bool = False
     """Handed to another mail system rather than into a mailbox (a success
     report says ``relayed``)."""
+    remote: bool = False
+    """The reply is the remote server's own (:attr:`host` answered it): a
+    report names that host as ``Remote-MTA`` and gives the reply as an
+    ``smtp`` diagnostic. False for what was decided here (no route, DNS,
+    a timeout, a refused connection, a mailbox write)."""
 
     @property
     def reply(self) -> str:

@@ -100,6 +100,9 @@ class Recipient:
     """The last reply or error, as ``"452 4.2.2 Mailbox full"``."""
     host: str = ""
     """The host (or route) that gave :attr:`reply`."""
+    remote: bool = False
+    """:attr:`reply` is the remote server's (see
+    :attr:`Outcome.remote <plugins.queue.outcome.Outcome.remote>`)."""
     done_at: float = 0.0
 
     @property
@@ -537,6 +540,7 @@ class Spool:
                 r.next_attempt = float(s.get("next_attempt", r.next_attempt))
                 r.reply = str(s.get("reply", ""))
                 r.host = str(s.get("host", ""))
+                r.remote = bool(s.get("remote", False))
                 r.done_at = float(s.get("done_at", 0.0))
         except (ValueError, KeyError, TypeError) as exc:
             raise SpoolError(f"{path}: bad state: {exc}") from exc
@@ -554,6 +558,7 @@ class Spool:
                     "next_attempt": r.next_attempt,
                     "reply": r.reply,
                     "host": r.host,
+                    "remote": r.remote,
                     "done_at": r.done_at,
                 }
                 for r in message.recipients

@@ -235,6 +235,7 @@ def _outcomes(result: DeliveryResult, relayed: bool) -> list[Outcome]:
             server,
             dsn_downstream=bool(result.dsn),
             relayed=relayed,
+            remote=r.reply.remote,
         )
         for r in result.recipients
     ]

@@ -454,9 +454,13 @@ class Scripted:
         pass
 
 
-OK = Outcome("delivered", 250, "2.0.0", "Ok", "mx.example.net", relayed=True)
-DEFER = Outcome.deferred(451, "4.3.0", "Try later", "mx.example.net")
-GONE = Outcome("failed", 550, "5.1.1", "No such user", "mx.example.net")
+# Replies the downstream server gave (remote), as the SMTP transport makes them.
+OK = Outcome("delivered", 250, "2.0.0", "Ok", "mx.example.net", relayed=True, remote=True)
+DEFER = Outcome("deferred", 451, "4.3.0", "Try later", "mx.example.net", remote=True)
+GONE = Outcome("failed", 550, "5.1.1", "No such user", "mx.example.net", remote=True)
+# Decided here: no server answered (a DNS failure, as the mx route makes it).
+NO_DOMAIN = Outcome("failed", 550, "5.1.2", "example.net: no such domain", "example.net")
+LOCAL_DEFER = Outcome.deferred(451, "4.4.4", "No mail host could be reached", "dns")
 
 
 def make_runner(tmp_path: Path, transport: Any, plugins: PluginSet | None = None, **settings: Any):
@@ -1237,3 +1241,58 @@ def test_deliveries_yield_to_acceptance_while_the_loop_is_busy(tmp_path, accepti
     else:
         assert 2 < seen["busy"] <= 8  # nothing to yield to
     assert not runner.yielding
+
+
+def _per_recipient(report: Any) -> list[Any]:
+    parsed = email.message_from_bytes(report.read(), policy=email.policy.default)
+    return list(parsed.get_payload()[1].get_payload()[1:])
+
+
+def test_a_report_names_a_remote_mta_only_for_its_own_reply(tmp_path):
+    # RFC 3464 2.3.5/2.3.6: Remote-MTA and an "smtp" diagnostic only when a
+    # server answered; a failure decided here names no host.
+    transport = Scripted({"bob@example.net": [GONE], "carol@example.net": [NO_DOMAIN]})
+    spool, runner, clock = make_runner(tmp_path, transport)
+    queued(spool, "M1", envelope("alice@example.org", "bob@example.net", "carol@example.net"))
+    asyncio.run(runner.attempt("M1"))
+    [report] = reports(spool)
+    bob, carol = _per_recipient(report)
+    assert bob["Remote-MTA"] == "dns; mx.example.net"
+    assert bob["Diagnostic-Code"] == "smtp; 550 5.1.1 No such user"
+    assert carol["Remote-MTA"] is None
+    assert carol["Diagnostic-Code"] == "X-Bonzo; 550 5.1.2 example.net: no such domain"
+
+
+def test_a_delay_notice_keeps_whose_reply_it_was_across_attempts(tmp_path):
+    # The notice is built from the recipients' saved state, not the outcome.
+    transport = Scripted({"bob@example.net": [DEFER] * 3, "carol@example.net": [LOCAL_DEFER] * 3})
+    spool, runner, clock = make_runner(tmp_path, transport, min_backoff=3600,
+                                       delay_warning=2 * 3600)  # fmt: skip
+    queued(spool, "W2", envelope("alice@example.org", "bob@example.net", "carol@example.net"))
+
+    async def main() -> None:
+        for _ in range(3):
+            await runner.attempt("W2")
+            clock.now += 4000
+
+    asyncio.run(main())
+    assert [r.remote for r in spool.load("W2").recipients] == [True, False]
+    [notice] = reports(spool)
+    bob, carol = _per_recipient(notice)
+    assert bob["Action"] == carol["Action"] == "delayed"
+    assert bob["Remote-MTA"] == "dns; mx.example.net"
+    assert bob["Diagnostic-Code"] == "smtp; 451 4.3.0 Try later"
+    assert carol["Remote-MTA"] is None
+    assert carol["Diagnostic-Code"] == "X-Bonzo; 451 4.4.4 No mail host could be reached"
+
+
+def test_a_success_report_for_a_local_delivery_names_no_remote_mta(tmp_path):
+    stored = Outcome("delivered", 250, "2.0.0", "Delivered", str(tmp_path / "Maildir"))
+    transport = Scripted({"bob@example.net": [stored]})
+    spool, runner, clock = make_runner(tmp_path, transport)
+    queued(spool, "S2", envelope("alice@example.org", "bob@example.net", NOTIFY="SUCCESS"))
+    asyncio.run(runner.attempt("S2"))
+    [report] = reports(spool)
+    [bob] = _per_recipient(report)
+    assert bob["Remote-MTA"] is None
+    assert bob["Diagnostic-Code"] == "X-Bonzo; 250 2.0.0 Delivered"
