@@ -102,7 +102,7 @@ class Recipient:
     """The host (or route) that gave :attr:`reply`."""
     remote: bool = False
     """:attr:`reply` is the remote server's (see
-    :attr:`Outcome.remote <plugins.queue.outcome.Outcome.remote>`)."""
+    :attr:`Outcome.remote <bonzo_plugins.queue.outcome.Outcome.remote>`)."""
     done_at: float = 0.0
 
     @property
