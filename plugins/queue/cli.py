@@ -40,7 +40,9 @@ def register(add: Any) -> None:
     )
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     ls = sub.add_parser("list", help="list queued messages, and counts by state")
-    ls.add_argument("--state", choices=("pending", "deferred", "held"), help="only these")
+    ls.add_argument(
+        "--state", choices=("pending", "deferred", "held", "unreadable"), help="only these"
+    )
     ls.add_argument("--domain", help="only messages with a recipient at this domain")
     ls.add_argument(
         "--older-than",
@@ -132,7 +134,19 @@ def _list(plugin: QueuePlugin, args: argparse.Namespace) -> int:
     older = args.older_than
     counts: Counter[str] = Counter()
     shown = 0
-    for message in spool.iter_messages():
+    for id in spool.ids():
+        try:
+            message = spool.load(id)
+        except FileNotFoundError:
+            continue  # delivered or removed meanwhile
+        except SpoolError as exc:
+            # Listed, never hidden: the runner skips it (logging it on each
+            # scan) until an operator repairs or deletes it.
+            counts["unreadable"] += 1
+            if args.state in (None, "unreadable") and not args.domain and older is None:
+                shown += 1
+                print(f"{id}  unreadable: {exc}")
+            continue
         state = _state(message)
         counts[state] += 1
         if args.state and state != args.state:
@@ -152,7 +166,9 @@ def _list(plugin: QueuePlugin, args: argparse.Namespace) -> int:
                 line += f", {r.attempts} attempt(s), next {_when(r.next_attempt)}: {r.reply}"
             print(line)
     total = sum(counts.values())
-    summary = ", ".join(f"{counts[s]} {s}" for s in ("pending", "deferred", "held") if counts[s])
+    summary = ", ".join(
+        f"{counts[s]} {s}" for s in ("pending", "deferred", "held", "unreadable") if counts[s]
+    )
     print(f"-- {total} message(s) in {spool.path}" + (f": {summary}" if summary else ""))
     if shown != total:
         print(f"-- {shown} shown")

@@ -287,3 +287,40 @@ def test_relay_by_mx_with_a_report_delivered_to_the_sender(tmp_path, dns_stub, s
     assert [m.rcpt_tos for m in downstream.plugin.messages] == [["bob@dest.test"]]
     assert ("mx.dest.test", "A", "udp") in dns_stub.queries
     assert list((tmp_path / "queue" / "data").iterdir()) == []
+
+
+def test_queue_list_shows_a_message_it_cannot_read(tmp_path):
+    import io
+
+    from bonzo_plugins.queue.spool import Spool
+
+    config, _port = write_config(tmp_path)
+    spool = Spool(tmp_path / "queue")
+    spool.setup()
+    for id in ("GOOD1", "BAD1"):
+        envelope = {
+            "arrival": time.time(),
+            "sender": "alice@example.org",
+            "mail_params": {},
+            "recipients": [
+                {"address": "carol@example.net", "canonical": "carol@example.net",
+                 "domain": "example.net", "params": {}},
+            ],
+            "session": {"remote_ip": "192.0.2.1"},
+            "records": {},
+        }  # fmt: skip
+        spool.write(id, envelope, b"", io.BytesIO(b"Subject: x\r\n\r\nx\r\n"))
+    (spool.state / "BAD1.json").write_text("{ not json")
+
+    listing = bonzo("queue", "-c", str(config), "list", cwd=tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    [bad] = [line for line in lines if line.startswith("BAD1")]
+    assert bad.startswith(f"BAD1  unreadable: {spool.state / 'BAD1.json'}: bad state")
+    assert any(line.startswith("GOOD1") for line in lines)
+    assert lines[-1] == f"-- 2 message(s) in {spool.path}: 1 pending, 1 unreadable"
+    only = bonzo("queue", "-c", str(config), "list", "--state", "unreadable", cwd=tmp_path)
+    assert [line.split()[0] for line in only.stdout.splitlines()[:-2]] == ["BAD1"]
+    assert only.stdout.splitlines()[-1] == "-- 1 shown"
+    pending = bonzo("queue", "-c", str(config), "list", "--state", "pending", cwd=tmp_path)
+    assert "BAD1" not in pending.stdout and "GOOD1" in pending.stdout
