@@ -645,6 +645,7 @@ class Envelope:
             raise ValueError(f"bad header position {index!r}")
         raw = _format_header(name, value, "SMTPUTF8" in self.mail_params)
         self._edits.append(("insert", index, None, raw))
+        self._message = None  # the parsed message is read again, with the edit
         self._record("insert_header", f"{name} at {index}")
 
     def change_header(self, name: str, value: str | None, occurrence: int = 1) -> None:
@@ -658,6 +659,7 @@ class Envelope:
             raise ValueError(f"bad header occurrence {occurrence!r}")
         raw = None if value is None else _format_header(name, value, "SMTPUTF8" in self.mail_params)
         self._edits.append(("change", name.lower().encode("ascii"), occurrence, raw))
+        self._message = None
         self._record("change_header" if value is not None else "delete_header", name)
 
     def delete_header(self, name: str, occurrence: int = 1) -> None:
@@ -682,6 +684,7 @@ class Envelope:
             self._new_body.close()
         self._new_body = new
         self._edits.append(("body", None, None, None))
+        self._message = None
         self._record("replace_body", f"{new.size} octets")
 
     def headers(self) -> list[tuple[str, str]]:

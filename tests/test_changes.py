@@ -92,6 +92,26 @@ def test_a_value_that_is_not_ascii_is_encoded_unless_the_message_is_smtputf8():
         env.add_header("X-Uni", "héllo\nX-Forged: 1")
 
 
+@pytest.mark.parametrize("threshold", [1 << 20, 16])
+def test_the_parsed_message_follows_every_edit(threshold):
+    # A filter that reads envelope.message after an earlier one edited the
+    # message sees the edit (the parse is not kept across edits).
+    env = envelope(threshold=threshold)
+    assert env.message["Subject"] == "hi"
+    env.change_header("Subject", "***SPAM*** hi")
+    assert env.message["Subject"] == "***SPAM*** hi"
+    env.insert_header(0, "X-Top", "1")
+    assert env.message["X-Top"] == "1"
+    env.delete_header("X-Top")
+    assert env.message["X-Top"] is None
+    env.replace_body(b"New body\r\n")
+    assert env.message.get_content().strip() == "New body"
+    env.add_header("X-Added", "2")
+    assert env.message["X-Added"] == "2"
+    assert env.remove_header("X-Added") == 1
+    assert env.message["X-Added"] is None
+
+
 def test_second_occurrence_and_folded_values():
     env = envelope(b"Received: one\r\nReceived: two\r\n\tmore\r\n\r\nx\r\n")
     assert [v for n, v in env.headers() if n == "Received"] == [
