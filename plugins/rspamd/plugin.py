@@ -23,7 +23,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.httputil import HTTPHeaders
 
 from bonzo.errors import SMTPError
-from bonzo.hookspecs import hookimpl
+from bonzo.hookspecs import Discard, Quarantine, hookimpl
 from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 
@@ -47,8 +47,18 @@ __all__ = ["RspamdPlugin", "RspamdReply", "KEYS", "ACTIONS", "parse_reply"]
 
 log = logging.getLogger("bonzo.plugins.rspamd")
 
-#: rspamd's actions, mildest first.
-ACTIONS = ("no action", "greylist", "add header", "rewrite subject", "soft reject", "reject")
+#: rspamd's actions, mildest first (``quarantine`` and ``discard`` are
+#: rspamd's since 1.9: set the message aside, or drop it with a 250).
+ACTIONS = (
+    "no action",
+    "greylist",
+    "add header",
+    "rewrite subject",
+    "soft reject",
+    "quarantine",
+    "reject",
+    "discard",
+)
 #: The largest answer read from rspamd (its symbols with their options).
 MAX_REPLY = 1 << 20
 #: Requests to rspamd at once from one worker process (Tornado's shared
@@ -343,7 +353,9 @@ class RspamdPlugin:
         return parse_reply(b"".join(received))
 
     @hookimpl
-    async def bonzo_message(self, session: Session, envelope: Envelope) -> None:
+    async def bonzo_message(
+        self, session: Session, envelope: Envelope
+    ) -> Quarantine | Discard | None:
         """Check the message and act on rspamd's action (see the README)."""
         if too_large(envelope, "rspamd", self.max_size, log):
             return None
@@ -390,7 +402,13 @@ class RspamdPlugin:
             )
         if action in ("soft reject", "greylist"):
             raise SMTPError(451, reply.smtp_message or "Try again later", enhanced_code="4.7.1")
+        if action == "discard":
+            # Dropped with a 250: changes to a message nobody gets are moot.
+            return Discard()
         self.apply(envelope, reply, action)
+        if action == "quarantine":
+            # rspamd's headers go with it, so the quarantine shows the score.
+            return Quarantine(f"rspamd: score {reply.score:.2f}/{reply.required_score:.2f}")
         return None
 
     def apply(self, envelope: Envelope, reply: RspamdReply, action: str) -> None:

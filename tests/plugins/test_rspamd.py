@@ -394,3 +394,50 @@ def test_changes_are_recorded_through_a_server():
         "add_header",
         "change_header",
     }
+
+
+def test_quarantine_and_discard_actions_in_a_session():
+    # rspamd's own quarantine and discard actions (1.9+) are Bonzo's
+    # verdicts: 250, then the quarantine with rspamd's headers, or nothing.
+    got: list = []
+
+    class Store:
+        @hookimpl
+        def bonzo_rcpt(self, session, envelope, address):
+            return Accept()
+
+        @hookimpl
+        def bonzo_deliver(self, session, envelope):
+            got.append(("delivered", envelope.content))
+            return Accept()
+
+        @hookimpl
+        def bonzo_quarantine(self, session, envelope, reason):
+            got.append(("quarantined", reason, envelope.content))
+            return Accept()
+
+    message = b"Subject: hi\r\n\r\nbody\r\n"
+    milter = {"add_headers": {"X-Spamd-Result": {"value": "default: True [16.00 / 15.00]"}}}
+    quarantine = answer("quarantine", 16.0, milter=milter)
+    with FakeDaemon(http(quarantine)) as fake:
+        plugin = configured(url=f"http://127.0.0.1:{fake.port}")
+        with serve(("rspamd", plugin), ("store", Store())) as server, server.client() as c:
+            assert c.sendmail("a@example.org", ["b@example.com"], message) == {}
+    [(what, reason, content)] = got
+    assert (what, reason) == ("quarantined", "rspamd: score 16.00/15.00")
+    assert b"X-Spamd-Result: default: True [16.00 / 15.00]\r\n" in content
+    got.clear()
+    with FakeDaemon(http(answer("discard", 30.0))) as fake:
+        plugin = configured(url=f"http://127.0.0.1:{fake.port}")
+        with serve(("rspamd", plugin), ("store", Store())) as server, server.client() as c:
+            assert c.sendmail("a@example.org", ["b@example.com"], message) == {}
+    assert got == []
+
+
+@pytest.mark.parametrize("action", ["quarantine", "discard"])
+def test_quarantine_and_discard_are_recorded(action):
+    envelope = make_envelope()
+    with FakeDaemon(http(answer(action, 16.0))) as fake:
+        verdict = check(configured(url=f"http://127.0.0.1:{fake.port}"), envelope)
+    assert type(verdict).__name__ == action.capitalize()
+    assert results_of(envelope, "rspamd")[0][:2] == (action, action)
