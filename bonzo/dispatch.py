@@ -150,15 +150,17 @@ def _text(verdict: tuple[str, Any] | None) -> str | None:
 
 
 def _mark(envelope: Envelope, verdict: tuple[str, Any] | None) -> None:
-    """Record a Discard or Quarantine verdict on the envelope (the first
-    of each kind counts)."""
+    """Record a Discard or Quarantine verdict on the envelope: the first
+    filter to give either decides (a later Discard does not undo an earlier
+    Quarantine, nor a later Quarantine an earlier Discard), and the first
+    Quarantine reason is kept."""
     if verdict is None:
         return
     plugin, value = verdict
     kind = type(value)
-    if kind is Discard and envelope.discarded is None:
+    if kind is Discard and envelope.discarded is None and envelope.quarantined is None:
         envelope.discarded = plugin
-    elif kind is Quarantine and envelope.quarantined is None:
+    elif kind is Quarantine and envelope.quarantined is None and envelope.discarded is None:
         envelope.quarantined = value.reason
         envelope.quarantined_by = plugin
 

@@ -114,6 +114,39 @@ def test_quarantine_goes_to_the_quarantine_owner_after_the_filters(hook, caplog)
     assert owner.accepted == 1
 
 
+@pytest.mark.parametrize(
+    "first, second, outcome",
+    [
+        (("bonzo_message", "quarantine"), ("bonzo_message", "discard"), "quarantined"),
+        (("bonzo_rcpt", "quarantine"), ("bonzo_message", "discard"), "quarantined"),
+        (("bonzo_mail", "discard"), ("bonzo_message", "quarantine"), "discarded"),
+        (("bonzo_message", "discard"), ("bonzo_message", "quarantine"), "discarded"),
+    ],
+)
+def test_the_first_discard_or_quarantine_decides(first, second, outcome, caplog):
+    # docs/plugins.rst: "The first filter to give one decides".
+    verdicts = {"quarantine": lambda self: Quarantine("suspect"), "discard": lambda self: Discard()}
+
+    class First:
+        pass
+
+    class Second:
+        pass
+
+    setattr(First, first[0], hookimpl(verdicts[first[1]]))
+    setattr(Second, second[0], hookimpl(verdicts[second[1]]))
+    with caplog.at_level(logging.INFO, "tornado.access"):
+        replies, _ = run_session(("first", First()), ("second", Second()), ("keeper", Keeper()))
+    assert replies.splitlines()[-1].startswith(b"250 2.0.0")
+    assert owner.delivered == []
+    if outcome == "quarantined":
+        assert [reason for reason, _ in owner.quarantined] == ["suspect"]
+        assert "quarantined by first (suspect)" in caplog.text
+    else:
+        assert owner.quarantined == []
+        assert "by=first discarded" in caplog.text
+
+
 @pytest.mark.expect_errors
 def test_quarantine_without_an_owner_is_451_never_a_delivery(caplog):
     class Suspect:
