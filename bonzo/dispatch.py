@@ -52,7 +52,7 @@ from .protocol import (
 from .session import Envelope, Session, current_message_id, received_header
 from .settings import SMTPSettings
 
-__all__ = ["Dispatcher", "error_reply", "storage_error_reply"]
+__all__ = ["Dispatcher", "error_reply", "greeting_refusal", "storage_error_reply"]
 
 _FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
@@ -64,6 +64,24 @@ def storage_error_reply(exc: BaseException) -> errors.SMTPError:
         if isinstance(error, OSError) and error.errno in _FULL_DISK:
             return errors.SMTPError(452, "Insufficient system storage", enhanced_code="4.3.1")
     return errors.InternalConfusion()
+
+
+def greeting_refusal(reply: errors.SMTPError) -> errors.SMTPError:
+    """``reply`` as the refusal of a connection: a client may get only
+    ``421`` or ``554`` instead of the greeting (RFC 5321 3.1, 4.3.2), so
+    another ``4xx`` becomes ``421`` and another ``5xx`` ``554``, text and
+    enhanced code kept. A new object: a plugin's error is never changed."""
+    code = reply.status_code
+    if code == 421 or code == 554:
+        return reply
+    return errors.SMTPError(
+        421 if code < 500 else 554,
+        reply.message,
+        reply.log_message,
+        *reply.args,
+        enhanced_code=reply.enhanced_code,
+        close=True,
+    )
 
 
 def error_reply(
@@ -222,7 +240,7 @@ class Dispatcher:
             verdict = await self.plugins.decide("bonzo_connect", (self.session,))
         except Exception as exc:
             reply, by = error_reply(exc, "connect", self.session, self.plugins)
-            self.core.refuse(reply, by=by, close=True)
+            self.core.refuse(greeting_refusal(reply), by=by, close=True)
             return
         self.core.send_greeting(_text(verdict))
 
@@ -235,7 +253,7 @@ class Dispatcher:
             verdict = await self.plugins.decide("bonzo_connect", (self.session,))
         except Exception as exc:
             reply, by = error_reply(exc, "connect", self.session, self.plugins)
-            self.core.reject(reply, by=by, close=True)
+            self.core.reject(greeting_refusal(reply), by=by, close=True)
             return
         self.core.accept(_text(verdict))
 

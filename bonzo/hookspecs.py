@@ -257,7 +257,10 @@ def bonzo_reload(app: Any) -> None:
 @hookspec
 def bonzo_connect(session: Session) -> Any:
     """A client connected (decision). Raise to refuse it: the reply is sent
-    and the connection closed. Return a string to replace the greeting text.
+    and the connection closed. Only ``421`` and ``554`` may stand in for the
+    greeting (RFC 5321 3.1, 4.3.2): another ``4xx`` is sent as ``421`` and
+    another ``5xx`` as ``554``, with its text and enhanced code. Return a
+    string to replace the greeting text.
 
     Behind a proxy that sends the PROXY protocol, this runs once the header
     has named the client (``session.remote_ip`` is the client's). After

@@ -672,6 +672,34 @@ def test_connect_rejection_closes_the_connection_after_its_reply(serve):
         wait_until(lambda: seen == ["disconnect"])
 
 
+SHARED_REFUSAL = errors.TransientError("Slow down", 451, "4.7.1")
+
+
+@pytest.mark.parametrize(
+    "raised, sent",
+    [
+        (SHARED_REFUSAL, b"421 4.7.1 Slow down\r\n"),
+        (errors.PermanentError("Go away", 550, "5.7.1"), b"554 5.7.1 Go away\r\n"),
+        (errors.SMTPError(421, "Busy", enhanced_code="4.3.2"), b"421 4.3.2 Busy\r\n"),
+        (errors.SMTPError(554, "No"), b"554 5.0.0 No\r\n"),
+    ],
+    ids=["451", "550", "421", "554"],
+)
+def test_only_421_or_554_stands_in_for_the_greeting(serve, raised, sent):
+    # RFC 5321 3.1, 4.3.2: a client that gets "451" as its first line sees
+    # a broken server, not a refusal.
+    class Refuse:
+        def bonzo_connect(self, session):
+            raise raised
+
+    srv = serve(plugin_set(("refuse", Refuse())))
+    with raw(srv) as c:
+        assert c.reply() == sent
+        assert c.read_to_eof() == b""
+    # The plugin's own object is not changed (it may be shared).
+    assert (SHARED_REFUSAL.status_code, SHARED_REFUSAL.close) == (451, False)
+
+
 def test_helo_and_ehlo_rejections(serve):
     class NoHelo:
         def bonzo_helo(self, name, esmtp):
