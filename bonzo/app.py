@@ -213,6 +213,29 @@ class MailApp:
             if not self.plugins.hooks_of(name) and plugin is not None:
                 log.warning("plugin %r implements no hook", name)
 
+    def _slow_backends(self) -> list[str]:
+        """A plugin whose backend may take as long as the plugin's hook time
+        limit (its ``backend_timeout`` attribute, seconds): the limit would
+        end the hook first, as a plugin failure (``451 4.3.0``), and the
+        plugin's own choice for a slow backend (``on_error``,
+        ``default_action``) would not apply."""
+        out = []
+        plugins = self.plugins
+        for name in self.config.plugins.enabled:
+            wait = getattr(plugins.get(name), "backend_timeout", None)
+            if isinstance(wait, bool) or not isinstance(wait, (int, float)):
+                continue
+            limit = plugins.timeouts.get(name, plugins.timeout)
+            if wait >= limit:
+                out.append(
+                    f"plugins.{name}: its backend may take {wait:g}s, the plugin's hook time "
+                    f"limit is {limit:g}s ([plugins] timeout or timeouts.{name}): a slow "
+                    "backend ends the hook first, as a plugin failure (451 4.3.0), and the "
+                    "plugin's own setting for a slow backend does not apply; lower its "
+                    "timeout or raise the limit"
+                )
+        return out
+
     def warnings(self) -> list[str]:
         """Problems that do not stop the server but probably are mistakes:
         the server's own findings, and each plugin's ``config_warnings``
@@ -252,6 +275,7 @@ class MailApp:
                 "answered 451; enable e.g. 'maildir'"
             )
         out.extend(self._shadowed())
+        out.extend(self._slow_backends())
         workers = self.config.workers
         if workers > 1 and not self.config.redis.enabled:
             for name in self.config.plugins.enabled:

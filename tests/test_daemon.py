@@ -981,6 +981,46 @@ def test_check_warns_about_configurations_that_cannot_deliver(workdir, env):
     assert "plugins.recipients" not in result.stdout
 
 
+def test_check_warns_about_a_backend_slower_than_the_hook_time_limit(workdir, env):
+    """A scanner whose own timeout is not below its hook time limit: the
+    limit would end the hook first (451 4.3.0, a plugin failure) and its
+    on_error would not apply. [plugins] timeout is 15 here."""
+    milter = (
+        '\n[[plugins.milter.milters]]\nname = "m{n}"\nsocket = "inet:{port}@127.0.0.1"\n'
+        "connect_timeout = 2\ncommand_timeout = 2\ncontent_timeout = 10\n"
+    )
+    extra = (
+        "\n[plugins.timeouts]\nmilter = {limit}\n"
+        '\n[plugins.recipients]\ndomains = ["example.org"]\n'
+        "\n[plugins.clamav]\nport = 9\ntimeout = 10\n"
+        '\n[plugins.rspamd]\nurl = "http://127.0.0.1:9"\ntimeout = 15\n'
+        + milter.format(n=1, port=9)
+        + milter.format(n=2, port=10)
+    )
+    enabled = ["recipients", "clamav", "rspamd", "milter", "maildir"]
+    for limit, milter_warned in ((25, False), (20, True)):
+        config = write_config(
+            workdir, free_port(), enabled=enabled, extra=extra.format(limit=limit)
+        )
+        result = bonzo("check", "-c", str(config), env=env, cwd=workdir)
+        assert result.returncode == 0, result.stderr
+        warnings = [line for line in result.stdout.splitlines() if "backend may take" in line]
+        expected = [
+            "  warning: plugins.rspamd: its backend may take 15s, the plugin's hook time limit "
+            "is 15s ([plugins] timeout or timeouts.rspamd): a slow backend ends the hook "
+            "first, as a plugin failure (451 4.3.0), and the plugin's own setting for a slow "
+            "backend does not apply; lower its timeout or raise the limit"
+        ]
+        if milter_warned:
+            expected.append(
+                "  warning: plugins.milter: its backend may take 20s, the plugin's hook time "
+                "limit is 20s ([plugins] timeout or timeouts.milter): a slow backend ends the "
+                "hook first, as a plugin failure (451 4.3.0), and the plugin's own setting for "
+                "a slow backend does not apply; lower its timeout or raise the limit"
+            )
+        assert warnings == expected, result.stdout
+
+
 def test_check_warns_about_a_plugin_that_never_runs(workdir, env):
     """``access`` listed after ``recipients``, which answers every RCPT: its
     RCPT rules can never apply, and ``bonzo check`` says so."""

@@ -90,6 +90,9 @@ class ClamavPlugin:
         self.endpoint = endpoint_of(values)
         self.connect_timeout = values["connect_timeout"]
         self.timeout = values["timeout"]
+        #: The longest one hook call waits for the daemon (checked against the
+        #: hook time limit by ``bonzo check``).
+        self.backend_timeout = self.timeout
         self.max_size = values["max_size"]
         self.accept_on_error = values["on_error"] == "accept"
 

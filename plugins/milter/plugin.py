@@ -342,6 +342,14 @@ class MilterPlugin:
             for entry in values["milters"]
         ]
         self.milters = milters
+        #: What one hook call may wait for the milters, each in turn: the
+        #: content answers of every milter at the end of a message, or each
+        #: one's connection and first answer at connect (checked against the
+        #: hook time limit by ``bonzo check``).
+        self.backend_timeout = max(
+            sum(c.content_timeout for c in milters),
+            sum(c.connect_timeout + c.command_timeout for c in milters),
+        )
         settings = getattr(app, "settings", None)
         self.hostname = getattr(settings, "hostname", None) or "localhost"
 

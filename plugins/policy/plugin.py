@@ -166,6 +166,9 @@ class PolicyPlugin:
         self.endpoint = endpoint_of(values)
         self.connect_timeout = values["connect_timeout"]
         self.timeout = values["timeout"]
+        #: The longest one hook call waits for the daemon (checked against the
+        #: hook time limit by ``bonzo check``).
+        self.backend_timeout = self.timeout
         self.accept_on_error = values["on_error"] == "accept"
         self.attributes = dict(values["attributes"])
 

@@ -299,6 +299,9 @@ class RspamdPlugin:
         self.url = _url(values["url"])
         self.connect_timeout = values["connect_timeout"]
         self.timeout = values["timeout"]
+        #: The longest one hook call waits for rspamd (checked against the
+        #: hook time limit by ``bonzo check``).
+        self.backend_timeout = self.timeout
         self.max_size = values["max_size"]
         self.accept_on_error = values["on_error"] == "accept"
         self.greylist = values["greylist"]
