@@ -213,6 +213,31 @@ class MailApp:
             if not self.plugins.hooks_of(name) and plugin is not None:
                 log.warning("plugin %r implements no hook", name)
 
+    def _unkept_quarantine(self) -> list[str]:
+        """Plugins that say they will quarantine messages (``may_quarantine``
+        true) while no enabled plugin keeps quarantined mail: each such
+        message would be answered ``451 4.3.0``. An implementation of
+        ``bonzo_quarantine`` keeps mail unless its plugin's
+        ``quarantine_owner`` is false (``maildir`` and ``queue`` without
+        their ``quarantine`` key)."""
+        plugins = self.plugins
+        names = [
+            n
+            for n in self.config.plugins.enabled
+            if getattr(plugins.get(n), "may_quarantine", False) is True
+        ]
+        if not names:
+            return []
+        for call in plugins.calls["bonzo_quarantine"]:
+            if getattr(plugins.get(call.plugin), "quarantine_owner", True) is not False:
+                return []
+        return [
+            f"plugins.{name}: it will quarantine some messages, but no enabled plugin keeps "
+            "quarantined mail (bonzo_quarantine): each will be deferred (451 4.3.0) until it "
+            "expires at the client; set the quarantine key of maildir or queue"
+            for name in names
+        ]
+
     def _slow_backends(self) -> list[str]:
         """A plugin whose backend may take as long as the plugin's hook time
         limit (its ``backend_timeout`` attribute, seconds): the limit would
@@ -276,6 +301,7 @@ class MailApp:
             )
         out.extend(self._shadowed())
         out.extend(self._slow_backends())
+        out.extend(self._unkept_quarantine())
         workers = self.config.workers
         if workers > 1 and not self.config.redis.enabled:
             for name in self.config.plugins.enabled:

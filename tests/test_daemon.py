@@ -1021,6 +1021,29 @@ def test_check_warns_about_a_backend_slower_than_the_hook_time_limit(workdir, en
         assert warnings == expected, result.stdout
 
 
+def test_check_warns_when_quarantined_mail_has_no_keeper(workdir, env):
+    """dmarc quarantines by default (on_quarantine); maildir without its
+    quarantine key keeps nothing: each such message would be deferred."""
+    maildir = f'\n[plugins.maildir]\npath = "{workdir / "mail"}"\n'
+    base = '\n[plugins.recipients]\ndomains = ["example.org"]\n' + maildir
+    warning = (
+        "  warning: plugins.dmarc: it will quarantine some messages, but no enabled plugin "
+        "keeps quarantined mail (bonzo_quarantine): each will be deferred (451 4.3.0) until it "
+        "expires at the client; set the quarantine key of maildir or queue"
+    )
+    enabled = ["recipients", "dmarc", "maildir"]
+    cases = [
+        (base, True),
+        (base + f'quarantine = "{workdir / "quarantine"}"\n', False),
+        (base + '\n[plugins.dmarc]\non_quarantine = "tag"\non_reject = "reject"\n', False),
+    ]
+    for i, (extra, warned) in enumerate(cases):
+        config = write_config(workdir, free_port(), enabled=enabled, extra=extra, name=f"q{i}.toml")
+        result = bonzo("check", "-c", str(config), env=env, cwd=workdir)
+        assert result.returncode == 0, result.stderr
+        assert (warning in result.stdout.splitlines()) is warned, result.stdout
+
+
 def test_check_warns_about_a_plugin_that_never_runs(workdir, env):
     """``access`` listed after ``recipients``, which answers every RCPT: its
     RCPT rules can never apply, and ``bonzo check`` says so."""

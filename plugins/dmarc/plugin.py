@@ -115,6 +115,9 @@ class DmarcPlugin:
         values = SCHEMA.parse(config, app)
         self.on_reject = values["on_reject"]
         self.on_quarantine = values["on_quarantine"]
+        #: Some messages will be quarantined: a plugin must keep them (see
+        #: App.warnings).
+        self.may_quarantine = "quarantine" in (self.on_reject, self.on_quarantine)
         self.on_temperror = values["on_temperror"]
         self.skip_authenticated = values["skip_authenticated"]
         self.resolver = resolver_of(app)

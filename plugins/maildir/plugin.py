@@ -305,6 +305,8 @@ class MaildirPlugin:
         self.create = create
         self.mode = mode
         self.quarantine = quarantine
+        #: Whether bonzo_quarantine keeps anything (see App.warnings).
+        self.quarantine_owner = quarantine is not None
         self.envelope_headers = values["envelope_headers"]
 
     @hookimpl

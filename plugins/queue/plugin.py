@@ -178,6 +178,8 @@ class QueuePlugin:
                 "every message on it will be deferred (and bounced once too old)"
             )
         self.quarantine = values["quarantine"]
+        #: Whether bonzo_quarantine keeps anything (see App.warnings).
+        self.quarantine_owner = bool(self.quarantine)
         self.spool = Spool(path, mode(values["mode"]))
         self.settings = settings
         self._app = app
