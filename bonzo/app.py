@@ -11,6 +11,7 @@ same :class:`~bonzo.hooks.PluginSet`.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import errno
 import importlib
 import inspect
@@ -104,7 +105,9 @@ def resolve_plugin(name: str, installed: dict[str, InstalledPlugin] | None = Non
         except Exception as exc:
             raise LookupError(f"plugin {name!r}: creating {attr} failed: {exc!r}") from exc
     known = ", ".join(sorted(installed)) or "none"
-    raise LookupError(f"plugin {name!r} is not installed (installed plugins: {known})")
+    close = difflib.get_close_matches(name, sorted(installed), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise LookupError(f"plugin {name!r} is not installed ({hint}installed plugins: {known})")
 
 
 class MailApp:
@@ -185,7 +188,13 @@ class MailApp:
                 self.plugins.register(obj, name)
             except PluginError as exc:
                 raise config.error("", str(exc)) from None
+        configured = {c.plugin for c in self.plugins.calls["bonzo_configure"]}
         for name in pc.tables:
+            if name in pc.enabled and name not in configured:
+                self._notes.append(
+                    f"plugins.{name}: the table is there but the plugin takes no configuration "
+                    "(it has no bonzo_configure hook): its keys are ignored"
+                )
             if name not in pc.enabled:
                 if name in installed:
                     self._notes.append(

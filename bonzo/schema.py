@@ -385,7 +385,12 @@ class Schema:
         for given in config:
             if given not in names:
                 close = difflib.get_close_matches(str(given), names, n=1)
-                hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(names)}"
+                if close:
+                    hint = f"did you mean {close[0]!r}?"
+                elif names:
+                    hint = f"known: {', '.join(names)}"
+                else:
+                    hint = "this table takes no keys"
                 raise ValueError(f"{given}: unknown key ({hint})")
         for group in self.exclusive:
             present = [n for n in group if n in config]

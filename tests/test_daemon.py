@@ -334,6 +334,30 @@ def test_unknown_plugin_name_lists_the_installed_plugins(workdir, env):
     )
 
 
+def test_a_misspelt_plugin_name_gets_a_suggestion(workdir, env):
+    config = write_config(workdir, free_port(), ["recipents"])
+    result = bonzo("check", "-c", str(config), env=env, cwd=workdir)
+    known = ", ".join(sorted(installed_plugins()))
+    one_line_error(
+        result,
+        f"bonzo: {config}: plugins.enabled:",
+        f"plugin 'recipents' is not installed (did you mean 'recipients'? installed plugins: "
+        f"{known})",
+    )
+
+
+def test_check_warns_about_a_table_for_a_plugin_that_takes_none(workdir, env):
+    """daemonplug:Early has no bonzo_configure: its table would be ignored."""
+    extra = '\n[plugins."daemonplug:Early"]\nfoo = 1\n'
+    config = write_config(workdir, free_port(), [STORE, "daemonplug:Early"], extra=extra)
+    result = bonzo("check", "-c", str(config), env=env, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "  warning: plugins.daemonplug:Early: the table is there but the plugin takes no "
+        "configuration (it has no bonzo_configure hook): its keys are ignored"
+    ) in result.stdout.splitlines()
+
+
 def test_plugins_lists_enabled_plugins_hooks_and_effective_order(workdir, env):
     config = write_config(workdir, free_port(), [STORE, "daemonplug:Early"])
     result = bonzo("plugins", "-c", str(config), env=env, cwd=workdir)

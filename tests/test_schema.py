@@ -260,3 +260,8 @@ def test_bounds_and_table_defaults_read_as_written():
     routes = Schema(Key("routes", "table", default={"*": {"type": "mx"}}))
     assert '``{ "*" = { type = "mx" } }``' in routes.rst()
     assert Schema().rst() == "The table has no keys.\n"
+
+
+def test_a_table_without_keys_says_so():
+    with pytest.raises(ValueError, match=r"^foo: unknown key \(this table takes no keys\)$"):
+        Schema().parse({"foo": 1}, SimpleNamespace(base_dir="."))
