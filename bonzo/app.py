@@ -247,6 +247,24 @@ class MailApp:
             for name in names
         ]
 
+    def _out_of_order(self) -> list[str]:
+        """A plugin that runs before one it should follow at the message: its
+        ``runs_after`` attribute maps the names of such plugins to why."""
+        out = []
+        order = [c.plugin for c in self.plugins.calls["bonzo_message"]]
+        for i, name in enumerate(order):
+            wanted = getattr(self.plugins.get(name), "runs_after", None)
+            if not isinstance(wanted, dict):
+                continue
+            for other in order[i + 1 :]:
+                why = wanted.get(other)
+                if isinstance(why, str):
+                    out.append(
+                        f"plugins.enabled: {name!r} runs before {other!r} at the message, but "
+                        f"{why}; list {name!r} after {other!r}"
+                    )
+        return out
+
     def _slow_backends(self) -> list[str]:
         """A plugin whose backend may take as long as the plugin's hook time
         limit (its ``backend_timeout`` attribute, seconds): the limit would
@@ -309,6 +327,7 @@ class MailApp:
                 "answered 451; enable e.g. 'maildir'"
             )
         out.extend(self._shadowed())
+        out.extend(self._out_of_order())
         out.extend(self._slow_backends())
         out.extend(self._unkept_quarantine())
         workers = self.config.workers

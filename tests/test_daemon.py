@@ -1068,6 +1068,39 @@ def test_check_warns_when_quarantined_mail_has_no_keeper(workdir, env):
         assert (warning in result.stdout.splitlines()) is warned, result.stdout
 
 
+def test_check_warns_about_plugins_out_of_order_at_the_message(workdir, env):
+    """dkim_sign before headers (which may change what was signed), authres
+    before dmarc (whose result it writes): one warning each; the documented
+    orders give none."""
+    extra = (
+        '\n[plugins.recipients]\ndomains = ["example.org"]\n'
+        f'\n[plugins.maildir]\npath = "{workdir / "mail"}"\n'
+        f'quarantine = "{workdir / "quarantine"}"\n'
+    )
+    cases = [
+        (
+            ["recipients", "dkim", "authres", "dmarc", "dkim_sign", "headers", "maildir"],
+            [
+                "  warning: plugins.enabled: 'authres' runs before 'dmarc' at the message, but "
+                "it writes dmarc's result into Authentication-Results; list 'authres' after "
+                "'dmarc'",
+                "  warning: plugins.enabled: 'dkim_sign' runs before 'headers' at the message, "
+                "but headers may change the message after it is signed, which breaks the "
+                "signature; list 'dkim_sign' after 'headers'",
+            ],
+        ),
+        (["recipients", "dkim", "dmarc", "authres", "headers", "dkim_sign", "maildir"], []),
+    ]
+    for i, (enabled, expected) in enumerate(cases):
+        config = write_config(
+            workdir, free_port(), enabled=enabled, extra=extra, name=f"order{i}.toml"
+        )
+        result = bonzo("check", "-c", str(config), env=env, cwd=workdir)
+        assert result.returncode == 0, result.stderr
+        found = [line for line in result.stdout.splitlines() if "at the message" in line]
+        assert found == expected, result.stdout
+
+
 def test_check_warns_about_a_plugin_that_never_runs(workdir, env):
     """``access`` listed after ``recipients``, which answers every RCPT: its
     RCPT rules can never apply, and ``bonzo check`` says so."""

@@ -330,6 +330,13 @@ DOMAIN_KEYS = tuple(SIGNATURE.names)
 class DkimSignPlugin:
     """Adds DKIM signatures to the messages of the configured domains."""
 
+    #: Plugins to run before this one at the message (``bonzo check`` warns
+    #: otherwise), and why.
+    runs_after = {
+        name: f"{name} may change the message after it is signed, which breaks the signature"
+        for name in ("headers", "rspamd", "spamassassin", "milter")
+    }
+
     def __init__(self) -> None:
         self.signer: MessageSigner | None = None
         self.sign_all = False

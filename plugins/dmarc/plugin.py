@@ -100,6 +100,10 @@ def _author(header_bytes: bytes, content: Any) -> tuple[str | None, str]:
 class DmarcPlugin:
     """Evaluates and enforces DMARC."""
 
+    #: Plugins to run before this one at the message (``bonzo check`` warns
+    #: otherwise), and why.
+    runs_after = {"spf": "it reads spf's result", "dkim": "it reads dkim's result"}
+
     def __init__(self) -> None:
         self.on_reject = "reject"
         self.on_quarantine = "quarantine"
