@@ -43,6 +43,7 @@ __all__ = [
     "HookCall",
     "Refused",
     "PluginFailure",
+    "HookTimeout",
     "hook_names",
     "HOOK_ARGS",
 ]
@@ -65,6 +66,12 @@ class Refused(Exception):
         self.plugin = plugin
         self.hook = hook
         self.error = error
+
+
+class HookTimeout(TimeoutError):
+    """A hook call ran past its plugin's time limit (``[plugins] timeout``
+    or its ``timeouts`` entry) and was cancelled. Its failure is logged in
+    one line: the traceback would show only the hook runner."""
 
 
 class PluginFailure(Exception):
@@ -436,7 +443,7 @@ if sys.version_info >= (3, 11):
                 return await awaitable
         except TimeoutError:
             if limit.expired():
-                raise TimeoutError(f"no answer within {call.timeout}s") from None
+                raise HookTimeout(f"no answer within {call.timeout}s (its time limit)") from None
             raise
 
 else:  # pragma: no cover - Python 3.10
@@ -450,7 +457,7 @@ else:  # pragma: no cover - Python 3.10
             return await asyncio.wait_for(_coroutine(awaitable), timeout=call.timeout)
         except asyncio.TimeoutError:
             if loop.time() - start >= call.timeout:
-                raise TimeoutError(f"no answer within {call.timeout}s") from None
+                raise HookTimeout(f"no answer within {call.timeout}s (its time limit)") from None
             raise
 
     async def _coroutine(awaitable: Awaitable[Any]) -> Any:
@@ -485,7 +492,8 @@ def log_plugin_failure(session: Any, hook: str, plugin: str, exc: BaseException)
         plugin,
         hook,
         exc,
-        exc_info=(type(exc), exc, exc.__traceback__),
+        # A time limit's traceback shows only the hook runner.
+        exc_info=None if type(exc) is HookTimeout else (type(exc), exc, exc.__traceback__),
     )
 
 
