@@ -98,9 +98,14 @@ class LogPlugin:
         line += " to=" + ",".join(f"<{escape(r)}>" for r in canonical)
         if canonical != envelope.rcpt_tos:
             line += " sent_to=" + ",".join(f"<{escape(r)}>" for r in envelope.rcpt_tos)
-        return (
-            f"{line} nrcpt={len(envelope.rcpt_tos)} size={envelope.size} id={escape(envelope.id)}"
-        )
+        line += f" nrcpt={len(envelope.rcpt_tos)} size={envelope.size} id={escape(envelope.id)}"
+        if envelope.quarantined is not None:
+            # Kept in the quarantine, not delivered to the recipients.
+            line += (
+                f" quarantined_by={escape(envelope.quarantined_by, 100)}"
+                f" reason={escape(envelope.quarantined, 255)}"
+            )
+        return line
 
     @hookimpl
     def bonzo_accepted(self, session: Session, envelope: Envelope) -> None:

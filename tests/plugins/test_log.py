@@ -206,3 +206,18 @@ def test_end_to_end(tmp_path: Path, caplog):
         f" to=<alice@example.com>,<postmaster> nrcpt=2 size={len(body)} id=" in message
     )
     assert "body text" not in message
+
+
+def test_a_quarantined_message_says_so(caplog):
+    session = make_session(remote_ip="192.0.2.10", helo="client.example")
+    envelope = make_envelope(b"Subject: x\r\n\r\nx\r\n", rcpt_tos=["alice@example.com"])
+    envelope.quarantined = "DMARC fail; policy quarantine"
+    envelope.quarantined_by = "dmarc"
+    try:
+        configured().bonzo_accepted(session=session, envelope=envelope)
+    finally:
+        envelope.close()
+    (record,) = records(caplog)
+    assert record.getMessage().endswith(
+        f" id={envelope.id} quarantined_by=dmarc reason=DMARC\\x20fail;\\x20policy\\x20quarantine"
+    )
