@@ -573,8 +573,6 @@ class Runner:
             r.reply = outcome.reply
             r.host = outcome.host
             r.remote = outcome.remote
-            # A report names the host only when the reply is its own.
-            remote_mta = outcome.host if outcome.remote else ""
             if outcome.status == "delivered":
                 r.status = "delivered"
                 r.done_at = now
@@ -582,7 +580,7 @@ class Runner:
                 action = "relayed" if outcome.relayed else "delivered"
                 if wants_report(r, action) and not outcome.dsn_downstream:
                     success.append(
-                        ReportLine(r, action, outcome.enhanced, outcome.reply, remote_mta)
+                        ReportLine(r, action, outcome.enhanced, outcome.reply, r.remote_mta)
                     )
             elif outcome.status == "failed" or now - message.arrival >= settings.lifetime:
                 r.status = "bounced"
@@ -596,7 +594,7 @@ class Runner:
                     diagnostic = (
                         f"{outcome.reply} (message expired after {_age(now - message.arrival)})"
                     )
-                bounced.append(ReportLine(r, "failed", status, diagnostic, remote_mta))
+                bounced.append(ReportLine(r, "failed", status, diagnostic, r.remote_mta))
             else:
                 r.status = "deferred"
                 r.next_attempt = now + backoff(r.attempts, settings)
@@ -631,7 +629,7 @@ class Runner:
         ):
             lines = [
                 ReportLine(
-                    r, "delayed", _transient(r.reply), r.reply, r.host if r.remote else "",
+                    r, "delayed", _transient(r.reply), r.reply, r.remote_mta,
                     will_retry_until=message.arrival + settings.lifetime,
                 )
                 for r in deferred

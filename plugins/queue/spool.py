@@ -106,6 +106,12 @@ class Recipient:
     done_at: float = 0.0
 
     @property
+    def remote_mta(self) -> str:
+        """:attr:`host` when :attr:`reply` is its own, else ``""``: what a
+        report names as ``Remote-MTA``."""
+        return self.host if self.remote else ""
+
+    @property
     def final(self) -> bool:
         """Delivered or bounced: nothing more will be done for it."""
         return self.status in FINAL

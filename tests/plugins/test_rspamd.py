@@ -38,6 +38,29 @@ def make_envelope(*args, **kwargs):
     return envelope
 
 
+class Store:
+    """Accepts every recipient; keeps what is delivered, with the changes
+    made to it, and what is quarantined, in ``got``."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple] = []
+
+    @hookimpl
+    def bonzo_rcpt(self, session, envelope, address):
+        return Accept()
+
+    @hookimpl
+    def bonzo_deliver(self, session, envelope):
+        changes = [(c.plugin, c.action, c.detail) for c in envelope.changes]
+        self.got.append(("delivered", envelope.content, changes))
+        return Accept()
+
+    @hookimpl
+    def bonzo_quarantine(self, session, envelope, reason):
+        self.got.append(("quarantined", reason, envelope.content))
+        return Accept()
+
+
 def configured(**table):
     plugin = RspamdPlugin()
     plugin.bonzo_configure(config=table, app=SimpleNamespace(base_dir="."))
@@ -364,26 +387,14 @@ def test_changes_are_recorded_through_a_server():
             "remove_headers": {"X-Old": 2},
         },
     )
-    seen: list = []
-
-    class Store:
-        @hookimpl
-        def bonzo_rcpt(self, session, envelope, address):
-            return Accept()
-
-        @hookimpl
-        def bonzo_deliver(self, session, envelope):
-            seen.append(
-                (envelope.content, [(c.plugin, c.action, c.detail) for c in envelope.changes])
-            )
-            return Accept()
-
+    store = Store()
     message = b"Subject: hi\r\nX-Old: 1\r\nX-Old: 2\r\nX-Old: 3\r\n\r\nbody\r\n"
     with FakeDaemon(http(reply)) as fake:
         plugin = configured(url=f"http://127.0.0.1:{fake.port}")
-        with serve(("rspamd", plugin), ("store", Store())) as server, server.client() as c:
+        with serve(("rspamd", plugin), ("store", store)) as server, server.client() as c:
             assert c.sendmail("a@example.org", ["b@example.com"], message) == {}
-    ((content, changes),) = seen
+    ((what, content, changes),) = store.got
+    assert what == "delivered"
     assert content.startswith(b"X-Top: first\r\nReceived: ")
     assert b"X-Old: 1\r\nX-Old: 3\r\n" in content and b"X-Old: 2" not in content
     assert b"Subject: [SPAM] hi\r\n" in content and b"Subject: hi" not in content
@@ -399,39 +410,23 @@ def test_changes_are_recorded_through_a_server():
 def test_quarantine_and_discard_actions_in_a_session():
     # rspamd's own quarantine and discard actions (1.9+) are Bonzo's
     # verdicts: 250, then the quarantine with rspamd's headers, or nothing.
-    got: list = []
-
-    class Store:
-        @hookimpl
-        def bonzo_rcpt(self, session, envelope, address):
-            return Accept()
-
-        @hookimpl
-        def bonzo_deliver(self, session, envelope):
-            got.append(("delivered", envelope.content))
-            return Accept()
-
-        @hookimpl
-        def bonzo_quarantine(self, session, envelope, reason):
-            got.append(("quarantined", reason, envelope.content))
-            return Accept()
-
+    store = Store()
     message = b"Subject: hi\r\n\r\nbody\r\n"
     milter = {"add_headers": {"X-Spamd-Result": {"value": "default: True [16.00 / 15.00]"}}}
     quarantine = answer("quarantine", 16.0, milter=milter)
     with FakeDaemon(http(quarantine)) as fake:
         plugin = configured(url=f"http://127.0.0.1:{fake.port}")
-        with serve(("rspamd", plugin), ("store", Store())) as server, server.client() as c:
+        with serve(("rspamd", plugin), ("store", store)) as server, server.client() as c:
             assert c.sendmail("a@example.org", ["b@example.com"], message) == {}
-    [(what, reason, content)] = got
+    [(what, reason, content)] = store.got
     assert (what, reason) == ("quarantined", "rspamd: score 16.00/15.00")
     assert b"X-Spamd-Result: default: True [16.00 / 15.00]\r\n" in content
-    got.clear()
+    store = Store()
     with FakeDaemon(http(answer("discard", 30.0))) as fake:
         plugin = configured(url=f"http://127.0.0.1:{fake.port}")
-        with serve(("rspamd", plugin), ("store", Store())) as server, server.client() as c:
+        with serve(("rspamd", plugin), ("store", store)) as server, server.client() as c:
             assert c.sendmail("a@example.org", ["b@example.com"], message) == {}
-    assert got == []
+    assert store.got == []
 
 
 @pytest.mark.parametrize("action", ["quarantine", "discard"])
