@@ -829,6 +829,7 @@ def _run_worker(
             while not forced:
                 request_stop("the supervisor's second stop")
 
+        handled = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
         loop.add_signal_handler(signal.SIGTERM, on_stop_signal, signal.SIGTERM)
         if supervisor is None:
             loop.add_signal_handler(signal.SIGINT, on_stop_signal, signal.SIGINT)
@@ -836,6 +837,7 @@ def _run_worker(
             loop.add_signal_handler(signal.SIGINT, lambda: None)
             loop.add_signal_handler(signal.SIGUSR2, on_graceful_request)
             loop.add_signal_handler(signal.SIGUSR1, on_force_request)
+            handled += [signal.SIGUSR2, signal.SIGUSR1]
         loop.add_signal_handler(signal.SIGHUP, on_reload)
         if mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -888,12 +890,36 @@ def _run_worker(
                 counter.uninstall()
             if http is not None:
                 await http.close()
+            # A worker keeps ignoring Ctrl-C's SIGINT: the supervisor stops it.
+            _release_signals(loop, handled, ending=(signal.SIGTERM,) if supervisor else None)
 
     if app.config.loop == "uvloop":
         import uvloop
 
         return int(uvloop.run(run()))
     return asyncio.run(run())
+
+
+def _release_signals(
+    loop: asyncio.AbstractEventLoop,
+    signals: list[signal.Signals],
+    ending: tuple[signal.Signals, ...] | None = None,
+) -> None:
+    """Take ``signals`` back from ``loop`` while it is still open, for a
+    process that has stopped serving and is about to exit.
+
+    asyncio's own cleanup closes the loop's wakeup pipe *before* it removes
+    the handlers, so a signal in between (the supervisor's stop request to
+    a worker that is exiting anyway) was reported on stderr as an "Exception
+    ignored" traceback. Released here, the ``ending`` signals (SIGTERM and
+    SIGINT unless given) end the process as they would any other: the stop
+    is done, and a teardown that hangs can still be ended. The others
+    (SIGHUP, the supervisor's requests) are ignored."""
+    if ending is None:
+        ending = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_DFL if sig in ending else signal.SIG_IGN)
 
 
 async def _watch_supervisor(

@@ -694,6 +694,44 @@ def test_startup_failure_exits_1_naming_the_plugin(workdir, serve, workers):
     assert "restarting" not in log
 
 
+# A worker whose loop is closing gets a signal in the one window asyncio leaves
+# open: its wakeup pipe already closed, its handlers not yet removed (the
+# supervisor's stop request to a worker that is exiting anyway; CI saw it once).
+SIGNAL_WHILE_CLOSING = """
+import asyncio.selector_events, os, signal, sys
+from bonzo.app import MailApp
+from bonzo.cli import _run_worker
+from bonzo.config import load_config
+
+close_pipe = asyncio.selector_events.BaseSelectorEventLoop._close_self_pipe
+
+def close_and_signal(loop):
+    close_pipe(loop)
+    for sig in (signal.SIGUSR2, signal.SIGUSR1, signal.SIGHUP):
+        os.kill(os.getpid(), sig)
+
+asyncio.selector_events.BaseSelectorEventLoop._close_self_pipe = close_and_signal
+sys.exit(_run_worker(MailApp(load_config(sys.argv[1])), [], supervisor=os.getppid()))
+"""
+
+
+def test_a_signal_while_a_worker_exits_prints_no_traceback(workdir, env):
+    config = write_config(workdir, free_port(), [STORE, "daemonplug:FailsAtStartup"])
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNAL_WHILE_CLOSING, str(config)],
+        env=env,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
+    assert "startup failed: plugin 'daemonplug:FailsAtStartup'" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "Exception ignored" not in done.stderr
+    # The signals were ignored: the worker ended with its own status.
+    assert done.returncode == 3, done.stderr
+
+
 def test_an_unwritable_log_file_is_a_configuration_error(workdir, env):
     config = write_config(workdir, free_port(), extra="")
     text = config.read_text().replace(
