@@ -485,21 +485,18 @@ class Dispatcher:
         if isinstance(core, LMTPProtocol):
             # One reply per recipient, each naming its recipient (as Dovecot
             # and Cyrus do), so that the client's log says who got what.
+            answered = [i for i in range(len(envelope.rcpt_tos)) if i not in envelope.added]
             core.answer_recipients(
-                [
-                    refused.get(i) or f"<{rcpt}> {text}"
-                    for i, rcpt in enumerate(envelope.rcpt_tos)
-                    if i not in envelope.added  # added by a plugin: no RCPT to answer
-                ],
-                by=by,
+                [refused.get(i) or f"<{envelope.rcpt_tos[i]}> {text}" for i in answered],
+                by=[envelope.refused_by.get(i, by) for i in answered],
             )
         elif not refused:
             core.accept(text)
         else:
-            error = self._one_reply(envelope)
-            if error is not None:
+            found = self._one_reply(envelope)
+            if found is not None:
                 self.end_transaction()
-                core.reject(error, by=by)
+                core.reject(found[0], by=found[1])
                 return None
             core.accept(text)
         self.envelope = None
@@ -540,21 +537,24 @@ class Dispatcher:
             return None  # nobody has it: no bonzo_accepted
         return envelope
 
-    def _one_reply(self, envelope: Envelope) -> errors.SMTPError | None:
+    def _one_reply(self, envelope: Envelope) -> tuple[errors.SMTPError, str] | None:
         """An SMTP client's one reply to a message refused for some of its
-        recipients (``None``: ``250``). Nobody got it: the first deferral,
-        else the first refusal. Some got it and some are deferred: the first
-        deferral — the client sends it again to every recipient, and a
-        duplicate is better than a loss. Some got it and the rest are
-        refused for good: ``250`` — the client cannot be told which, and is
-        not (an LMTP client is)."""
-        refused = [envelope.refused[i] for i in sorted(envelope.refused)]
-        deferred = [e for e in refused if e.status_code < 500]
-        names = [envelope.rcpt_tos[i] for i in sorted(envelope.refused)]
+        recipients, with the plugin that refused (``None``: ``250``).
+        Nobody got it: the first deferral, else the first refusal. Some got
+        it and some are deferred: the first deferral — the client sends it
+        again to every recipient, and a duplicate is better than a loss.
+        Some got it and the rest are refused for good: ``250`` — the client
+        cannot be told which, and is not (an LMTP client is)."""
+        order = sorted(envelope.refused)
+        refused = [envelope.refused[i] for i in order]
+        deferred = [i for i in order if envelope.refused[i].status_code < 500]
+        names = [envelope.rcpt_tos[i] for i in order]
+        chosen = (deferred or order)[0]
+        first = envelope.refused[chosen], envelope.refused_by.get(chosen, "core")
         if len(refused) == len(envelope.recipients):
-            return (deferred or refused)[0]
+            return first
         delivered = len(envelope.recipients) - len(refused)
-        first = deferred[0] if deferred else refused[0]
+        error = first[0]
         app_log.warning(
             "[%s %s] message %s was delivered to %d recipient(s) but not to %s "
             "(first: %d %s %s); %s",
@@ -563,14 +563,14 @@ class Dispatcher:
             envelope.id,
             delivered,
             ", ".join(f"<{n}>" for n in names),
-            first.status_code,
-            first.enhanced_code,
-            first.message,
+            error.status_code,
+            error.enhanced_code,
+            error.message,
             "answered the deferral: the client will send it again to every recipient"
             if deferred
             else "answered 250: an SMTP client cannot be told of a refusal per recipient",
         )
-        return deferred[0] if deferred else None
+        return first if deferred else None
 
     def _unknown_reply(
         self, event: Unknown, verdict: tuple[str, Any] | None
@@ -619,11 +619,15 @@ class Dispatcher:
                     found,
                 )
             refused = envelope.refused if envelope is not None else {}
+            deciders = envelope.refused_by if envelope is not None else {}
             self.end_transaction()
             if refused and isinstance(core, LMTPProtocol):
                 # The recipients refused one by one keep their own reply.
                 count = core.rcpt_count
-                core.answer_recipients([refused.get(i, reply) for i in range(count)], by=by)
+                core.answer_recipients(
+                    [refused.get(i, reply) for i in range(count)],
+                    by=[deciders.get(i, by) for i in range(count)],
+                )
                 return
         core.reject(reply, by=by)
 

@@ -111,14 +111,17 @@ class LMTPProtocol(SMTPProtocol):
         if close or error.close or error.status_code == 421:
             self._close()
 
-    def answer_recipients(self, replies: Sequence[RecipientReply], *, by: str = "core") -> None:
+    def answer_recipients(
+        self, replies: Sequence[RecipientReply], *, by: str | Sequence[str] = "core"
+    ) -> None:
         """Answer the pending end of a message with one reply per accepted
         recipient, in ``RCPT`` order: an :class:`~bonzo.errors.SMTPError`
         refuses (or defers) the message for that recipient, a string or
         ``None`` delivers it (``250 2.0.0`` with that text, or ``Ok``).
 
         Each refusal is reported to ``on_refusal`` with the recipient as its
-        argument; none counts toward ``max_errors`` (the client did nothing
+        argument and ``by`` as who decided (one name for all, or one per
+        reply); none counts toward ``max_errors`` (the client did nothing
         wrong). Does nothing once the session is closed.
         """
         event = self._pending
@@ -130,6 +133,9 @@ class LMTPProtocol(SMTPProtocol):
             raise RuntimeError(f"answer_recipients() answers a message, not {event!r}")
         if len(replies) != self.rcpt_count:
             raise ValueError(f"{len(replies)} replies for {self.rcpt_count} accepted recipient(s)")
+        deciders = [by] * len(replies) if isinstance(by, str) else list(by)
+        if len(deciders) != len(replies):
+            raise ValueError(f"{len(deciders)} deciders (by) for {len(replies)} replies")
         if event.error is not None and not all(isinstance(r, SMTPError) for r in replies):
             raise RuntimeError("a message that broke a limit cannot be accepted")
         self._pending = None
@@ -139,7 +145,7 @@ class LMTPProtocol(SMTPProtocol):
             if isinstance(reply, SMTPError):
                 self._arg = names[i] if i < len(names) else ""
                 # Logged and queued; a 421 closes once every reply is queued.
-                self.refuse(reply, by=by)
+                self.refuse(reply, by=deciders[i])
             else:
                 delivered = True
                 self.reply(250, reply or "Ok", "2.0.0")

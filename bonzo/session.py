@@ -508,6 +508,9 @@ class Envelope:
         #: Recipients the message was refused (or deferred) for, by their
         #: index in :attr:`recipients`; see :meth:`refuse_recipient`.
         self.refused: dict[int, SMTPError] = {}
+        #: Who refused each of :attr:`refused`: the plugin that called
+        #: :meth:`refuse_recipient`, or ``"core"``.
+        self.refused_by: dict[int, str] = {}
         #: Indexes in :attr:`recipients` a plugin removed
         #: (:meth:`remove_recipient`): not delivered, reported to the client
         #: as accepted.
@@ -550,8 +553,11 @@ class Envelope:
                 indexes = [i for i, r in enumerate(self.recipients) if r == recipient]
             if not indexes:
                 raise ValueError(f"{recipient!r} is not a recipient of message {self.id}")
+        by = current_plugin.get() or "core"
         for i in indexes:
-            self.refused.setdefault(i, error)
+            if i not in self.refused:
+                self.refused[i] = error
+                self.refused_by[i] = by
 
     @property
     def remaining_recipients(self) -> list[Address]:

@@ -422,6 +422,66 @@ def test_smtp_partly_refused_for_good_is_accepted_and_logged(caplog):
     assert "cannot be told of a refusal per recipient" in caplog.text
 
 
+class Picky:
+    """A filter that refuses the message for the recipients it names."""
+
+    def __init__(self, refuse: dict[str, errors.SMTPError]) -> None:
+        self.refuse = refuse
+
+    @hookimpl
+    def bonzo_message(self, envelope: Any) -> None:
+        for rcpt in envelope.recipients:
+            if rcpt.local in self.refuse:
+                envelope.refuse_recipient(rcpt, self.refuse[rcpt.local])
+
+
+@pytest.mark.parametrize("lmtp", [True, False])
+@pytest.mark.parametrize("fault", [False, True])
+def test_a_refusal_names_the_plugin_that_refused_the_recipient(lmtp, fault):
+    # The filter refuses <b> (and, when <a> is refused too, every recipient);
+    # the delivery plugin refuses <c> itself, or fails.
+    class Delivery(Store):
+        @hookimpl
+        def bonzo_deliver(self, envelope: Any) -> Accept | None:
+            if fault:
+                raise errors.TransientError("Store unavailable", 451, "4.3.0")
+            return super().bonzo_deliver(envelope)
+
+    plugins = PluginSet()
+    plugins.register(Picky({"b": FULL}), "picky")
+    store = Delivery({"c": GONE})
+    plugins.register(store, "store")
+    t = SessionTester(plugins, lmtp=lmtp)
+    greet = LHLO if lmtp else b"EHLO c\r\n"
+    replies = asyncio.run(transaction(t, "a", "b", "c", greet=greet))
+    refusals = [r[1:4] for r in t.refusals if r[0] == "message"]
+    if lmtp and not fault:
+        assert [r[:3] for r in replies] == [b"250", b"452", b"550"]
+        assert refusals == [(452, "4.2.2", "picky"), (550, "5.1.1", "store")]
+    elif lmtp:
+        assert [r[:3] for r in replies] == [b"451", b"452", b"451"]
+        assert refusals == [(451, "4.3.0", "store"), (452, "4.2.2", "picky")] + [
+            (451, "4.3.0", "store")
+        ]
+    elif not fault:
+        # SMTP, some got it: the client is told the deferral the filter gave.
+        assert replies == [b"452 4.2.2 Mailbox full\r\n"]
+        assert refusals == [(452, "4.2.2", "picky")]
+    else:
+        assert replies == [b"451 4.3.0 Store unavailable\r\n"]
+        assert refusals == [(451, "4.3.0", "store")]
+
+
+def test_a_message_every_recipient_of_which_a_filter_refused_names_the_filter():
+    plugins = PluginSet()
+    plugins.register(Picky({"a": GONE}), "picky")
+    plugins.register(Store({}), "store")
+    t = SessionTester(plugins, lmtp=False)
+    replies = asyncio.run(transaction(t, "a", greet=b"EHLO c\r\n"))
+    assert replies == [b"550 5.1.1 No such user\r\n"]
+    assert [r for r in t.refusals if r[0] == "message"] == [("message", 550, "5.1.1", "picky")]
+
+
 def test_received_header_says_lmtp():
     seen: list[bytes] = []
 
