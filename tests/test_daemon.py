@@ -1106,6 +1106,26 @@ def test_check_warns_when_quarantined_mail_has_no_keeper(workdir, env):
         assert (warning in result.stdout.splitlines()) is warned, result.stdout
 
 
+def test_check_warns_that_the_queue_after_maildir_never_delivers(workdir, env):
+    """maildir delivers every message it is given: a queue after it gets none."""
+    extra = (
+        '\n[plugins.recipients]\ndomains = ["example.org"]\n'
+        f'\n[plugins.maildir]\npath = "{workdir / "mail"}"\n'
+        f'\n[plugins.queue]\npath = "{workdir / "queue"}"\n'
+    )
+    warning = (
+        "  warning: plugins.enabled: 'queue''s bonzo_deliver never runs: 'maildir' before it "
+        "decides every bonzo_deliver; list 'queue' before 'maildir'"
+    )
+    for i, enabled in enumerate(
+        (["recipients", "maildir", "queue"], ["recipients", "queue", "maildir"])
+    ):
+        config = write_config(workdir, free_port(), enabled=enabled, extra=extra, name=f"m{i}.toml")
+        result = bonzo("check", "-c", str(config), env=env, cwd=workdir)
+        assert result.returncode == 0, result.stderr
+        assert (warning in result.stdout.splitlines()) is (i == 0), result.stdout
+
+
 def test_check_warns_about_plugins_out_of_order_at_the_message(workdir, env):
     """dkim_sign before headers (which may change what was signed), authres
     before dmarc (whose result it writes): one warning each; the documented

@@ -253,6 +253,10 @@ class DeliveryAborted(Exception):
 class MaildirPlugin:
     """Delivers each message to Maildir folders and accepts it once durable."""
 
+    #: Every recipient has a maildir: no delivery plugin after this one is
+    #: ever asked (``bonzo check`` warns about one).
+    decides_always = ("bonzo_deliver",)
+
     def __init__(self) -> None:
         self.path = Path(os.path.abspath("Maildir"))
         self.per_recipient = False
