@@ -313,6 +313,19 @@ class Key:
         }[self.kind]
 
     @property
+    def bounds_text(self) -> str:
+        """The bounds of a number, for people (``"from 1 to 100"``,
+        ``"at least 1"``); ``""`` without any."""
+        low, high = self.minimum, self.maximum
+        if low is not None and high is not None:
+            return f"from {_bound(low)} to {_bound(high)}"
+        if low is not None:
+            return f"at least {_bound(low)}"
+        if high is not None:
+            return f"at most {_bound(high)}"
+        return ""
+
+    @property
     def sub_schema(self) -> Schema | None:
         """The schema of a nested table (or of each nested table)."""
         return self.schema if self.schema is not None else self.each
@@ -431,6 +444,9 @@ class Schema:
         blocks = []
         for key in self.keys:
             facts = [key.type_text[0].upper() + key.type_text[1:]]
+            bounds = key.bounds_text
+            if bounds:
+                facts.append(bounds)
             if key.required:
                 facts.append("required")
             elif key.default is not _MISSING and key.default is not None:

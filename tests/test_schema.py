@@ -88,7 +88,15 @@ def test_a_bad_declaration_is_refused():
 def test_documentation_comes_from_the_declaration():
     text = SCHEMA.rst()
     assert text.startswith("``path``\n    String (a path, relative to the configuration file);")
-    assert "; default ``1000``. Lines kept." in " ".join(text.split())
+    flat = " ".join(text.split())
+    # The bounds a value is checked against are documented with it.
+    assert "``max_lines`` Integer; from 1 to 1000000; default ``1000``. Lines kept." in flat
+    assert "``ratio`` Number; from 0 to 1; default ``0.5``." in flat
+    assert "at least" not in flat and "at most" not in flat
+    one_sided = " ".join(
+        Schema(Key("a", "int", minimum=1), Key("b", "duration", maximum=60)).rst().split()
+    )
+    assert "Integer; at least 1." in one_sided and "; at most 60." in one_sided
     assert "``password``\n    String (best given as" in text and "; required." in text
     example = SCHEMA.toml("plugins.journal")
     assert example.splitlines()[0] == "# [plugins.journal]"
