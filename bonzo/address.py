@@ -113,12 +113,16 @@ class Address:
     def parse(cls, original: str) -> Address:
         """Build the address of a mailbox that has already passed the syntax
         checks of :func:`bonzo.protocol.parse_path` (``local@domain``,
-        ``postmaster``, or ``""``). Raises :class:`ValueError` for a domain
-        with no IDNA form."""
+        ``postmaster``, or ``""``): it does not check them again (use
+        :func:`bonzo.protocol.parse_address` for an address a person
+        wrote). Raises :class:`ValueError` for a domain with no IDNA form
+        and for a string with no ``@`` other than ``postmaster``."""
         if not original:
             return NULL_SENDER
         at = original.rfind("@")
         if at < 0:  # <postmaster> (RFC 5321 4.5.1), case-insensitive
+            if not (original.isascii() and original.lower() == "postmaster"):
+                raise ValueError(f"not an address (no @): {original!r}")
             return cls(original, "postmaster", "")
         local = original[:at]
         domain = original[at + 1 :]

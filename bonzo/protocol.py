@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, TypeAlias
 
-from .address import NULL_SENDER, Address
+from .address import NULL_SENDER, Address, canonical_domain
 from .dsn import (
     NO_MAIL_DSN,
     NO_RECIPIENT_DSN,
@@ -76,6 +76,8 @@ __all__ = [
     "Refusal",
     "format_reply",
     "parse_path",
+    "parse_address",
+    "parse_domain",
     "AddressError",
     "data_scan_in_c",
 ]
@@ -608,6 +610,51 @@ def parse_path(
         return Address.parse(path), params
     except ValueError:  # a domain with no IDNA form
         raise _addr_error(501, enh, f"Bad {what} address syntax") from None
+
+
+def parse_address(text: str) -> Address:
+    """An address a person wrote — in a configuration file, a plugin's
+    table — checked as a client's ``RCPT TO`` is (``local@domain`` or
+    ``postmaster``; UTF-8 allowed; no angle brackets, no source route).
+    Returns its :class:`~bonzo.address.Address`, whose
+    :attr:`~bonzo.address.Address.canonical` form is the one to match on.
+    Raises :class:`ValueError` saying what is wrong."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"expected an address such as user@example.org, got {text!r}")
+    path = text.strip()
+    if path[:1] in ("<", "@") or path.endswith(">"):
+        raise ValueError(f"write the address without angle brackets or route: {text!r}")
+    try:
+        address, params = parse_path(f"<{path}>", sender=False, smtputf8=True)
+    except AddressError as exc:
+        reason = exc.reply.message
+        why = "" if "syntax" in reason else f" ({reason.lower()})"
+        raise ValueError(f"not a valid address{why}: {text!r}") from None
+    if params:  # pragma: no cover - a path in brackets has no parameters
+        raise ValueError(f"not a valid address: {text!r}")
+    return address
+
+
+def parse_domain(text: str) -> str:
+    """A domain a person wrote (a configuration file, a plugin's table), in
+    canonical form: lower-case ASCII, IDNA A-labels (``bücher.example`` →
+    ``xn--bcher-kva.example``), or a normalised address literal
+    (``[192.0.2.1]``). Raises :class:`ValueError` saying what is wrong."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"expected a domain such as example.org, got {text!r}")
+    domain = text.strip()
+    if len(domain.encode("utf-8", "surrogatepass")) > 255:
+        raise ValueError(f"not a valid domain (too long): {text!r}")
+    if not (
+        _ASCII_DOMAIN.fullmatch(domain)
+        or _DOMAIN.fullmatch(domain)
+        or _ADDRESS_LITERAL.fullmatch(domain)
+    ):
+        raise ValueError(f"not a valid domain: {text!r}")
+    try:
+        return canonical_domain(domain)
+    except ValueError as exc:
+        raise ValueError(f"not a valid domain ({exc}): {text!r}") from None
 
 
 def _is_route(route: str) -> bool:

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .protocol import parse_address, parse_domain
+
 __all__ = ["Key", "Schema", "KINDS"]
 
 #: The kinds of value a :class:`Key` may declare.
@@ -55,6 +57,10 @@ KINDS = (
     "networks",
     "secret",
     "size",
+    "address",
+    "addresses",
+    "domain",
+    "domains",
     "table",
     "tables",
 )
@@ -94,7 +100,12 @@ class Key:
         or a list; gives :mod:`ipaddress` networks), ``secret`` (a string,
         typically ``{ "$env" = ... }`` or ``{ "$file" = ... }`` in the
         file; never shown in an error), ``size`` (octets, or ``"512K"``,
-        ``"25M"``, ``"1G"``: powers of 1024; gives an int), ``table`` (a TOML
+        ``"25M"``, ``"1G"``: powers of 1024; gives an int), ``address`` /
+        ``addresses`` (a mailbox, one or a list, checked as a client's
+        ``RCPT TO`` is; gives :class:`~bonzo.address.Address` objects, to
+        match on their ``canonical`` form), ``domain`` / ``domains`` (one or
+        a list; gives canonical domains: lower-case, IDNA A-labels, as
+        :attr:`Address.domain <bonzo.address.Address.domain>`), ``table`` (a TOML
         table: any, or checked by ``schema``, or — with ``each`` — a table
         of named tables each checked by ``each``), ``tables`` (an array of
         tables, each checked by ``schema``; gives a list of dicts).
@@ -195,6 +206,20 @@ class Key:
                     f"{name}: expected a list of non-empty strings, got {_describe(value)}"
                 )
             return list(value)
+        if kind in ("address", "addresses", "domain", "domains"):
+            many = kind in ("addresses", "domains")
+            check = parse_address if kind.startswith("address") else parse_domain
+            if many and not isinstance(value, list):
+                noun = "addresses" if kind == "addresses" else "domains"
+                raise ValueError(f"{name}: expected a list of {noun}, got {_describe(value)}")
+            found = []
+            for i, item in enumerate(value if many else [value]):
+                try:
+                    found.append(check(item))
+                except ValueError as exc:
+                    where = f"{name}[{i}]" if many else name
+                    raise ValueError(f"{where}: {exc}") from None
+            return found if many else found[0]
         if kind in ("network", "networks"):
             items = value if kind == "networks" else [value]
             if kind == "networks" and not isinstance(value, list):
@@ -300,6 +325,10 @@ class Key:
             "strings": "list of strings",
             "network": "string (a network, e.g. ``192.0.2.0/24``)",
             "networks": "list of networks",
+            "address": "string (an address, e.g. ``user@example.org``)",
+            "addresses": "list of addresses",
+            "domain": "string (a domain, e.g. ``example.org``)",
+            "domains": "list of domains",
             "secret": 'string (best given as ``{ "$env" = "NAME" }`` or ``{ "$file" = "path" }``)',
             "size": 'size (octets, or ``"512K"``, ``"25M"``, ``"1G"``)',
             "table": (
@@ -478,7 +507,11 @@ class Schema:
             elif key.kind == "secret":
                 value = '{ "$env" = "NAME" }'
             else:
-                value = '""' if key.kind in ("str", "path", "choice", "network") else "..."
+                value = (
+                    '""'
+                    if key.kind in ("str", "path", "choice", "network", "address", "domain")
+                    else "..."
+                )
             lines.append(f"# {key.name} = {value}")
         return "\n".join(lines) + "\n"
 

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from email.header import Header
 from email.message import EmailMessage
@@ -32,7 +32,7 @@ from tornado.log import gen_log
 from .address import Address
 from .dsn import MailDSN, RecipientDSN, mail_dsn, recipient_dsn
 from .errors import SMTPError
-from .protocol import AddressError, SMTPProtocol, parse_path
+from .protocol import AddressError, SMTPProtocol, parse_address, parse_path
 from .proxy import ProxyHeader
 from .results import Results
 from .settings import SMTPSettings
@@ -449,6 +449,13 @@ class Envelope:
     unlinked temporary file past it, so memory stays bounded for any size.
     Headers added with :meth:`add_header` (the ``Received:`` trace header
     first) are kept apart and put in front of the content when it is read.
+
+    Bonzo builds one per ``MAIL``. A test (or an application calling a
+    plugin's hooks itself) builds one as ``Envelope(sender,
+    rcpt_tos=[...])``: each recipient is checked
+    (:func:`~bonzo.protocol.parse_address`) and added with
+    :meth:`add_recipient`; more are added the same way (appending to
+    :attr:`rcpt_tos` alone leaves :attr:`recipients` without them).
     """
 
     def __init__(
@@ -460,6 +467,7 @@ class Envelope:
         spool_dir: str | None = None,
         sender: Address | None = None,
         dsn: MailDSN | None = None,
+        rcpt_tos: Iterable[str] = (),
     ) -> None:
         #: The reverse-path (``""`` for the null sender), as the client sent it.
         self.mail_from = mail_from
@@ -523,6 +531,8 @@ class Envelope:
         # Header edits and a new body, applied together on the next read.
         self._edits: list[tuple[str, Any, Any, bytes | None]] = []
         self._new_body: _Spool | None = None
+        for rcpt in rcpt_tos:
+            self.add_recipient(parse_address(rcpt), {})
 
     def refuse_recipient(self, recipient: Address | int, error: SMTPError) -> None:
         """Refuse (``5xx``) or defer (``4xx``) the message for one recipient

@@ -212,6 +212,9 @@ def test_configure_reads_and_checks_its_table(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r": plugins\.[^ ]+: sender: unknown key"):
         mail_app(tmp_path, "hook_configure:SenderBlocklist", "sender = []")
+    with pytest.raises(ConfigError) as info:
+        mail_app(tmp_path, "hook_configure:SenderBlocklist", 'senders = ["a@example.net", "bob"]')
+    assert str(info.value).endswith("senders[1]: not a valid address: 'bob'")
 
 
 def test_configure_plugin_refuses_listed_senders(serve: Callable[..., Served]) -> None:
@@ -221,6 +224,10 @@ def test_configure_plugin_refuses_listed_senders(serve: Callable[..., Served]) -
     with srv.smtp() as client:
         client.ehlo()
         assert reply(client.mail("SPAMMER@example.net")) == "550 5.7.1 Sender refused"
+        # No spelling of the address gets past: full-width letters, quoting.
+        client.rset()
+        assert client.mail('"spammer"@ｅｘａｍｐｌｅ.net', ["SMTPUTF8"])[0] == 550
+        client.rset()
         assert client.mail("alice@example.net")[0] == 250
 
 

@@ -25,8 +25,16 @@ from protocol_helpers import (
     split_replies,
 )
 
+from bonzo.address import Address
 from bonzo.errors import SMTPError
-from bonzo.protocol import AddressError, Data, MessageComplete, parse_path
+from bonzo.protocol import (
+    AddressError,
+    Data,
+    MessageComplete,
+    parse_address,
+    parse_domain,
+    parse_path,
+)
 
 # Every test here runs with the C DATA scan and with the pure-Python one.
 pytestmark = pytest.mark.usefixtures("scan_implementation")
@@ -324,6 +332,56 @@ def test_parse_path_on_punctuation_soup(text, sender):
         parse_path(text, sender=sender, smtputf8=True)
     except AddressError as exc:
         assert exc.reply.status_code in (501, 553, 555)
+
+
+# An address or domain a person wrote in a table is checked as a client's is.
+@PROPS
+@given(local=st.one_of(dot_atom, quoted), dom=domain)
+def test_parse_address_agrees_with_rcpt(local, dom):
+    address = f"{local}@{dom}"
+    try:
+        expected, _ = parse_path(f"<{address}>", sender=False, smtputf8=True)
+    except AddressError:
+        with pytest.raises(ValueError):
+            parse_address(address)
+        return
+    got = parse_address(f"  {address} ")
+    assert got.canonical == expected.canonical
+    assert parse_domain(dom) == expected.domain
+
+
+@PROPS
+@given(text=st.text(max_size=60))
+def test_parse_address_and_domain_raise_only_value_error(text):
+    for check in (parse_address, parse_domain):
+        try:
+            found = check(text)
+        except ValueError as exc:
+            assert repr(text) in str(exc) or "got" in str(exc)
+        else:
+            assert isinstance(found, Address) or (isinstance(found, str) and found.isascii())
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("bob", "not a valid address: 'bob'"),
+        ("alice@@example.com", "not a valid address: 'alice@@example.com'"),
+        ("<a@example.com>", "without angle brackets"),
+        ("", "expected an address such as user@example.org, got ''"),
+        ("a" * 65 + "@example.com", "not a valid address (local part too long)"),
+    ],
+)
+def test_parse_address_says_what_is_wrong(text, problem):
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        parse_address(text)
+
+
+def test_address_parse_takes_no_bare_name_for_postmaster():
+    # It trusts its input, but a name without @ is only ever postmaster.
+    assert Address.parse("PostMaster").canonical == "postmaster"
+    with pytest.raises(ValueError, match="no @"):
+        Address.parse("bob")
 
 
 # Domains as people (and attackers) spell them: any mix of case, full-width

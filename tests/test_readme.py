@@ -42,6 +42,9 @@ def test_the_plugin_example_refuses_the_spam_domain(tmp_path):
                 client.sendmail("x@spam.example", ["a@example.com"], "Subject: s\r\n\r\nx\r\n")
             assert info.value.smtp_code == 550
             client.rset()
+            # Another spelling of the domain is the same domain.
+            assert client.mail("x@SPAM.Example")[0] == 550
+            client.rset()
             assert (
                 client.sendmail("x@ok.example", ["a@example.com"], "Subject: s\r\n\r\nx\r\n") == {}
             )

@@ -273,3 +273,37 @@ def test_bounds_and_table_defaults_read_as_written():
 def test_a_table_without_keys_says_so():
     with pytest.raises(ValueError, match=r"^foo: unknown key \(this table takes no keys\)$"):
         Schema().parse({"foo": 1}, SimpleNamespace(base_dir="."))
+
+
+def test_addresses_and_domains_are_checked_and_canonical():
+    schema = Schema(
+        Key("one", "address"),
+        Key("many", "addresses", default=[]),
+        Key("domain", "domain"),
+        Key("domains", "domains", default=[]),
+    )
+    got = schema.parse(
+        {
+            "one": '"ceo"@Example.COM',
+            "many": ["a@ｅｘａｍｐｌｅ.org", "Postmaster"],
+            "domain": "Bücher.example",
+            "domains": ["example。com", "[192.0.2.1]"],
+        }
+    )
+    assert got["one"].canonical == "ceo@example.com"
+    assert [a.canonical for a in got["many"]] == ["a@example.org", "postmaster"]
+    assert got["domain"] == "xn--bcher-kva.example"
+    assert got["domains"] == ["example.com", "[192.0.2.1]"]
+    for table, message in [
+        ({"one": "bob"}, "one: not a valid address: 'bob'"),
+        ({"many": "a@example.org"}, "many: expected a list of addresses, got 'a@example.org'"),
+        ({"many": ["a@example.org", 7]}, "many[1]: expected an address such as "),
+        ({"domains": ["ok.example", "bad domain"]}, "domains[1]: not a valid domain: 'bad domain'"),
+        ({"domain": "@x"}, "domain: not a valid domain: '@x'"),
+    ]:
+        with pytest.raises(ValueError) as info:
+            schema.parse(table)
+        assert str(info.value).startswith(message), str(info.value)
+    text = " ".join(schema.rst().split())
+    assert "``many`` List of addresses; default ``[]``." in text
+    assert "``one`` String (an address, e.g. ``user@example.org``)." in text

@@ -197,3 +197,18 @@ def test_every_refusal_is_one_info_line(start_server, log_watch):
     for line, pattern in zip(lines, expected, strict=True):
         assert re.match(pattern, line), (pattern, line)
     assert not any("c2VjcmV0" in line for line in lines)
+
+
+def test_an_envelope_built_for_a_test_has_its_recipients_checked_and_canonical():
+    envelope = Envelope(
+        "alice@example.org", rcpt_tos=["Bob@ｅｘａｍｐｌｅ.com", "carol@example.com"]
+    )
+    assert envelope.rcpt_tos == ["Bob@ｅｘａｍｐｌｅ.com", "carol@example.com"]
+    assert [r.canonical for r in envelope.remaining_recipients] == [
+        "Bob@example.com",
+        "carol@example.com",
+    ]
+    assert len(envelope.rcpt_params) == len(envelope.rcpt_dsn) == 2
+    with pytest.raises(ValueError, match="not a valid address: 'bob'"):
+        Envelope("alice@example.org", rcpt_tos=["bob"])
+    envelope.close()

@@ -1,6 +1,9 @@
 """Refuse the senders listed in the plugin's own configuration table."""
 
 from bonzo import errors, hookimpl
+from bonzo.schema import Key, Schema
+
+SCHEMA = Schema(Key("senders", "addresses", default=[], doc="Senders to refuse."))
 
 
 class SenderBlocklist:
@@ -9,15 +12,12 @@ class SenderBlocklist:
 
     @hookimpl
     def bonzo_configure(self, config):
-        for key in config:
-            if key != "senders":
-                raise ValueError(f"{key}: unknown key (known: senders)")
-        senders = config.get("senders", [])
-        if not isinstance(senders, list) or not all(isinstance(s, str) for s in senders):
-            raise ValueError(f"senders: expected a list of addresses, got {senders!r}")
-        self.senders = {s.lower() for s in senders}
+        values = SCHEMA.parse(config)  # a ValueError names the key
+        # Canonical forms, so that no spelling gets past; case folded too,
+        # since a blocklist treats Spammer@ and spammer@ alike.
+        self.senders = {address.canonical.lower() for address in values["senders"]}
 
     @hookimpl
-    def bonzo_mail(self, address):
-        if address.lower() in self.senders:
+    def bonzo_mail(self, mailbox):
+        if mailbox.canonical.lower() in self.senders:
             raise errors.PermanentError(550, "Sender refused", "5.7.1")

@@ -20,8 +20,7 @@ from bonzo.settings import SMTPSettings
 def test_tags_the_subject():
     plugin = TaggerPlugin()
     plugin.bonzo_configure(config={"keywords": ["invoice"]})
-    envelope = Envelope("alice@example.org")
-    envelope.rcpt_tos.append("bob@example.com")
+    envelope = Envelope("alice@example.org", rcpt_tos=["bob@example.com"])
     envelope.write(b"Subject: Your invoice\r\n\r\nHello\r\n")
     plugin.bonzo_message(envelope=envelope)
     assert envelope.content.startswith(b"X-Bonzo-Tag: invoice\r\nSubject: Your invoice\r\n")

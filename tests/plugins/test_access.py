@@ -233,8 +233,13 @@ def test_custom_and_default_replies():
 def test_no_rules_means_no_opinion():
     plugin = AccessPlugin()
     plugin.bonzo_configure(config={}, app=None)
-    for stage in ("connect", "helo", "mail", "rcpt"):
-        assert outcome(plugin, stage, "192.0.2.1") is None
+    for stage, value in (
+        ("connect", "192.0.2.1"),
+        ("helo", "192.0.2.1"),
+        ("mail", "a@192.0.2.1"),
+        ("rcpt", "postmaster"),
+    ):
+        assert outcome(plugin, stage, value) is None
 
 
 def test_denial_is_logged_without_breaking_the_line(caplog):

@@ -178,7 +178,6 @@ def test_per_recipient_copies_when_links_fail(tmp_path, monkeypatch):
         "user@a/b/../../..",
         '"\\0"@example.com',
         "x@" + "a" * 300,
-        "../postmaster",
         '"_local"@example.com',
     ],
 )
@@ -193,6 +192,13 @@ def test_per_recipient_paths_cannot_escape(tmp_path, address):
     (path,) = files(tmp_path)
     assert path.is_relative_to(root)
     assert path.parent == folder / "new"
+
+
+def test_a_name_that_is_not_an_address_gets_no_folder(tmp_path):
+    plugin = MaildirPlugin()
+    plugin.bonzo_configure(config={"path": str(tmp_path), "per_recipient": True}, app=None)
+    with pytest.raises(ValueError, match="not an address"):
+        plugin.maildir_for("../postmaster")
 
 
 def test_components_are_distinct_for_distinct_addresses():

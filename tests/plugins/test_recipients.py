@@ -186,7 +186,13 @@ def test_routing_characters_in_an_explicitly_listed_address():
 
 
 def test_address_without_domain_is_refused():
-    assert verdict(configured(domains=["example.com"]), "alice") == (550, "5.1.3")
+    # The core never makes one (RCPT TO:<alice> is a syntax error), but an
+    # Address built by hand may have no domain: only postmaster may not.
+    plugin = configured(domains=["example.com"])
+    with pytest.raises(SMTPError) as info:
+        plugin.bonzo_rcpt(session=make_session(), mailbox=Address("alice", "alice", ""))
+    assert (info.value.status_code, info.value.enhanced_code) == (550, "5.1.3")
+    assert verdict(plugin, "Postmaster") == "accept"
 
 
 # ------------------------------------------------------- canonical matching
