@@ -189,6 +189,10 @@ class PluginTestServer:
     :arg dns: the :class:`~bonzo.dns.Resolver` plugins get as ``app.dns``
         (default: DNS off), e.g. one on a test DNS server.
     :arg timeout: the hook timeout, in seconds.
+    :arg log_level: the level :attr:`logs` keeps from (default ``"INFO"``:
+        the access line, each refusal's line, the plugins' own info). The
+        root logger's level is lowered to it while the server runs (never
+        raised), then restored.
     :arg settings: :class:`~bonzo.settings.SMTPSettings` fields.
 
     :meth:`client` connects with any client address and HELO name the
@@ -207,6 +211,7 @@ class PluginTestServer:
         base_dir: str | Path | None = None,
         dns: Any = None,
         timeout: float = 10.0,
+        log_level: int | str = "INFO",
         **settings: Any,
     ) -> None:
         import tempfile
@@ -222,14 +227,21 @@ class PluginTestServer:
         self.proxy_port = 0
         #: Messages delivered to the capturing plugin (whole, trace header first).
         self.messages: list[bytes] = []
-        #: Their envelopes' ``(mail_from, rcpt_tos)``.
+        #: Their envelopes' ``(mail_from, recipients)``: the recipients (as
+        #: sent) it was delivered to, without those a plugin refused
+        #: (``refuse_recipient``) or removed (``remove_recipient``).
         self.envelopes: list[tuple[str, list[str]]] = []
         #: ``(client address, HELO name)`` of each session that delivered a
         #: message to the capturing plugin.
         self.sessions: list[tuple[str, str | None]] = []
         #: Log records of the ``tornado`` and ``bonzo`` loggers (and the
-        #: plugins' own) while the server ran.
+        #: plugins' own) while the server ran, from ``log_level`` up.
         self.logs: list[logging.LogRecord] = []
+        level = logging.getLevelName(log_level) if isinstance(log_level, str) else log_level
+        if not isinstance(level, int):
+            raise ValueError(f"log_level: not a logging level: {log_level!r}")
+        self._log_level = level
+        self._root_level: int | None = None  # the root logger's, while lowered
         self._tmp = None if base_dir is not None else tempfile.TemporaryDirectory()
         try:
             self._setup(plugins, config, capture, timeout, base_dir, dns, settings)
@@ -273,7 +285,7 @@ class PluginTestServer:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._servers: list[SMTPServer] = []
-        self._handler = _Keep(self.logs)
+        self._handler = _Keep(self.logs, self._log_level)
 
     @property
     def log_text(self) -> str:
@@ -291,7 +303,11 @@ class PluginTestServer:
 
         from .settings import ListenerSettings
 
-        logging.getLogger().addHandler(self._handler)
+        root = logging.getLogger()
+        root.addHandler(self._handler)
+        if root.getEffectiveLevel() > self._log_level:
+            self._root_level = root.level
+            root.setLevel(self._log_level)
         self._thread.start()
 
         async def start() -> None:
@@ -355,7 +371,11 @@ class PluginTestServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
         self._loop.close()
-        logging.getLogger().removeHandler(self._handler)
+        root = logging.getLogger()
+        root.removeHandler(self._handler)
+        if self._root_level is not None:
+            root.setLevel(self._root_level)
+            self._root_level = None
         if self._tmp is not None:
             self._tmp.cleanup()
 
@@ -369,8 +389,8 @@ class PluginTestServer:
 class _Keep(logging.Handler):
     """Keeps every record (for :attr:`PluginTestServer.logs`)."""
 
-    def __init__(self, records: list[logging.LogRecord]) -> None:
-        super().__init__(logging.DEBUG)
+    def __init__(self, records: list[logging.LogRecord], level: int = logging.DEBUG) -> None:
+        super().__init__(level)
         self.records = records
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -387,7 +407,9 @@ class _Deliver:
         from .hookspecs import Accept
 
         self.server.messages.append(envelope.content)
-        self.server.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
+        # Not those a plugin refused or removed one by one: they got nothing.
+        delivered = [envelope.rcpt_tos[i] for i in envelope.remaining_indexes]
+        self.server.envelopes.append((envelope.mail_from, delivered))
         self.server.sessions.append((session.remote_ip, session.helo))
         return Accept()
 

@@ -8,6 +8,8 @@ import inspect
 import logging
 import re
 import smtplib
+import subprocess
+import sys
 import textwrap
 import threading
 from pathlib import Path
@@ -160,6 +162,60 @@ def test_logs_are_kept():
             client.sendmail("a@example.org", ["b@example.com"], MESSAGE)
     assert "WARNING my.plugin: hello from loud.example" in server.log_text
     assert any(r.name == "tornado.access" for r in server.logs)  # Bonzo's own line
+
+
+OUTSIDE_PYTEST = """
+import logging
+from bonzo import hookimpl
+from bonzo.testing import PluginTestServer
+
+class Chatty:
+    @hookimpl
+    def bonzo_mail(self, address):
+        logging.getLogger("chatty").info("info from the plugin: %s", address)
+
+with PluginTestServer(("chatty", Chatty())) as server:
+    with server.client() as client:
+        client.ehlo()
+        client.mail("a@example.org")
+        print(client.rcpt("nobody")[0])
+        client.rcpt("b@example.com")
+        print(client.data(b"Subject: x\\r\\n\\r\\nhi\\r\\n")[0])
+print(logging.getLevelName(logging.getLogger().level))
+print(server.log_text)
+"""
+
+
+def test_logs_keep_info_lines_without_any_logging_set_up():
+    # A plain script (no pytest to lower the root logger's level): the access
+    # line, a refusal's line and a plugin's info are kept all the same.
+    done = subprocess.run(
+        [sys.executable, "-c", OUTSIDE_PYTEST], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    rcpt, data, level, *lines = done.stdout.splitlines()
+    assert (rcpt, data, level) == ("501", "250", "WARNING")  # the level restored
+    assert "INFO chatty: info from the plugin: a@example.org" in lines
+    assert any(line.startswith("INFO tornado.access: ") for line in lines), lines
+    assert any("refused by" in line and "<nobody>" in line for line in lines), lines
+    assert done.stderr == ""
+
+
+def test_envelopes_list_the_recipients_the_message_was_delivered_to():
+    class Picky:
+        @hookimpl
+        def bonzo_message(self, envelope):
+            for rcpt in envelope.recipients:
+                if rcpt.local == "nospam":
+                    envelope.refuse_recipient(rcpt, errors.PermanentError(550, "No", "5.7.1"))
+                elif rcpt.local == "gone":
+                    envelope.remove_recipient(rcpt)
+
+    with PluginTestServer(("picky", Picky())) as server:
+        with server.client() as client:
+            to = ["a@example.com", "nospam@example.com", "gone@example.com", "b@example.com"]
+            client.sendmail("s@example.org", to, MESSAGE)
+    assert server.envelopes == [("s@example.org", ["a@example.com", "b@example.com"])]
 
 
 def test_the_pytest_fixtures(bonzo_server, bonzo_session):

@@ -88,7 +88,13 @@ class LogPlugin:
             recipients = envelope_recipients(envelope)
         except ValueError:  # pragma: no cover - the core refuses such recipients
             recipients = []
-        canonical = [r.canonical for r in recipients] or list(envelope.rcpt_tos)
+        every = [r.canonical for r in recipients] or list(envelope.rcpt_tos)
+        refused = getattr(envelope, "refused", {})
+        removed = getattr(envelope, "removed", set())
+        # Delivered to: not refused one by one, not removed by a plugin.
+        kept = [i for i in range(len(every)) if i not in refused and i not in removed]
+        canonical = [every[i] for i in kept]
+        spelled = [envelope.rcpt_tos[i] for i in kept]
         line = (
             f"accepted session={escape(session.id)} ip={escape(session.remote_ip)}"
             f" helo={escape(session.helo, 255)} from=<{escape(sender.canonical)}>"
@@ -96,9 +102,13 @@ class LogPlugin:
         if sender.canonical != envelope.mail_from:
             line += f" sent_from=<{escape(envelope.mail_from)}>"
         line += " to=" + ",".join(f"<{escape(r)}>" for r in canonical)
-        if canonical != envelope.rcpt_tos:
-            line += " sent_to=" + ",".join(f"<{escape(r)}>" for r in envelope.rcpt_tos)
-        line += f" nrcpt={len(envelope.rcpt_tos)} size={envelope.size} id={escape(envelope.id)}"
+        if canonical != spelled:
+            line += " sent_to=" + ",".join(f"<{escape(r)}>" for r in spelled)
+        line += f" nrcpt={len(kept)}"
+        for name, which in (("refused", sorted(refused)), ("removed", sorted(removed))):
+            if which:
+                line += f" {name}=" + ",".join(f"<{escape(every[i])}>" for i in which)
+        line += f" size={envelope.size} id={escape(envelope.id)}"
         if envelope.quarantined is not None:
             # Kept in the quarantine, not delivered to the recipients.
             line += (

@@ -14,6 +14,7 @@ from plugin_testing import make_envelope, make_session, serve
 from spellings import SOFT_HYPHEN, parametrize
 
 from bonzo.address import Address
+from bonzo.session import Envelope
 
 LOGGER = "bonzo.plugins.log"
 
@@ -221,3 +222,26 @@ def test_a_quarantined_message_says_so(caplog):
     assert record.getMessage().endswith(
         f" id={envelope.id} quarantined_by=dmarc reason=DMARC\\x20fail;\\x20policy\\x20quarantine"
     )
+
+
+def test_recipients_refused_or_removed_one_by_one_are_not_logged_as_delivered(caplog):
+    from bonzo.errors import PermanentError
+
+    session = make_session(remote_ip="192.0.2.10", helo="client.example")
+    envelope = Envelope(
+        "sender@example.net",
+        rcpt_tos=["alice@example.com", '"bob"@example.com', "carol@example.com", "dan@example.com"],
+    )
+    envelope.write(b"Subject: x\r\n\r\nx\r\n")
+    envelope.refuse_recipient(1, PermanentError(550, "Not wanted", "5.7.1"))
+    envelope.remove_recipient("carol@example.com")
+    try:
+        configured().bonzo_accepted(session=session, envelope=envelope)
+    finally:
+        envelope.close()
+    (record,) = records(caplog)
+    assert (
+        " to=<alice@example.com>,<dan@example.com> nrcpt=2 refused=<bob@example.com>"
+        f" removed=<carol@example.com> size={envelope.size} id={envelope.id}"
+    ) in record.getMessage()
+    assert "sent_to" not in record.getMessage()  # bob's spelling: he got nothing
