@@ -49,7 +49,7 @@ from .protocol import (
     SMTPProtocol,
     Unknown,
 )
-from .session import Envelope, Session, current_message_id, received_header
+from .session import Envelope, Session, current_message_id, log_escape, received_header
 from .settings import SMTPSettings
 
 __all__ = ["Dispatcher", "error_reply", "greeting_refusal", "storage_error_reply"]
@@ -524,7 +524,7 @@ class Dispatcher:
                 "%s %s from=<%s> to=%d size=%d id=%s by=%s%s%s",
                 session.id,
                 session.remote_ip,
-                envelope.mail_from,
+                log_escape(envelope.mail_from),
                 len(envelope.rcpt_tos) - len(refused),
                 envelope.size,
                 envelope.id,
@@ -562,7 +562,7 @@ class Dispatcher:
             self.session.remote_ip,
             envelope.id,
             delivered,
-            ", ".join(f"<{n}>" for n in names),
+            ", ".join(f"<{log_escape(n)}>" for n in names),
             error.status_code,
             error.enhanced_code,
             error.message,
@@ -612,7 +612,7 @@ class Dispatcher:
                     "%s %s from=<%s> id=%s refused %d by=%s%s",
                     self.session.id,
                     self.session.remote_ip,
-                    envelope.mail_from,
+                    log_escape(envelope.mail_from),
                     envelope.id,
                     reply.status_code,
                     by,

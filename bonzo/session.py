@@ -42,6 +42,7 @@ __all__ = [
     "Envelope",
     "Change",
     "current_plugin",
+    "log_escape",
     "current_session_id",
     "current_message_id",
     "new_session_id",
@@ -976,6 +977,36 @@ class Envelope:
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+
+
+# What separates the fields of a log line, beside what is not printable.
+_LOG_SEPARATORS = frozenset(' \\<>,"=')
+
+
+def log_escape(text: str | None, limit: int = 512) -> str:
+    """Client-supplied ``text`` made safe for one log line: every character
+    that is not printable (CR, LF, other controls, Unicode line separators,
+    bidirectional overrides) or that separates fields (space, ``\\``,
+    ``<``, ``>``, ``,``, ``"``, ``=``) is written as a ``\\xNN``/``\\uNNNN``
+    escape, so a client can neither end the line nor forge another field.
+    Longer than ``limit`` characters is cut, with ``...``; ``None`` is ``-``."""
+    if text is None:
+        return "-"
+    if text.isprintable() and _LOG_SEPARATORS.isdisjoint(text) and len(text) <= limit:
+        return text
+    out = []
+    for ch in text[:limit]:
+        if ch.isprintable() and ch not in _LOG_SEPARATORS:
+            out.append(ch)
+        elif ord(ch) <= 0xFF:
+            out.append(f"\\x{ord(ch):02x}")
+        elif ord(ch) <= 0xFFFF:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(f"\\U{ord(ch):08x}")
+    if len(text) > limit:
+        out.append("...")
+    return "".join(out)
 
 
 def safe_text(text: str, limit: int = 255) -> str:

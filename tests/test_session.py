@@ -212,3 +212,46 @@ def test_an_envelope_built_for_a_test_has_its_recipients_checked_and_canonical()
     with pytest.raises(ValueError, match="not a valid address: 'bob'"):
         Envelope("alice@example.org", rcpt_tos=["bob"])
     envelope.close()
+
+
+class _Keeps:
+    def bonzo_rcpt(self):
+        return Accept()
+
+    def bonzo_deliver(self, envelope):
+        for rcpt in envelope.recipients:
+            if rcpt.local.startswith('"'):
+                envelope.refuse_recipient(rcpt, errors.PermanentError(550, "No", "5.1.1"))
+        return Accept()
+
+
+@pytest.mark.parametrize(
+    ("sender", "shown"),
+    [
+        (
+            '"x> to=99 id=FORGED"@example.com',
+            r"\x22x\x3e\x20to\x3d99\x20id\x3dFORGED\x22@example.com",
+        ),
+        ('"a\u2028WARNING forged"@example.com', r"\x22a\u2028WARNING\x20forged\x22@example.com"),
+    ],
+)
+def test_bonzo_s_own_log_lines_escape_the_client_s_addresses(caplog, sender, shown):
+    plugins = PluginSet()
+    plugins.register(_Keeps(), "keeps")
+    t = SessionTester(plugins)
+
+    async def run():
+        await t.connect()
+        await t.send(b"EHLO c\r\n")
+        rcpts = f"RCPT TO:<{sender}>\r\nRCPT TO:<b@example.com>\r\n"
+        await t.send(f"MAIL FROM:<{sender}> SMTPUTF8\r\n{rcpts}DATA\r\n".encode())
+        return await t.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
+
+    with caplog.at_level(logging.INFO):
+        assert asyncio.run(run()).startswith(b"250 ")
+    [access] = [r.getMessage() for r in caplog.records if r.name == "tornado.access"]
+    assert f" from=<{shown}> to=1 " in access
+    [warning] = [r.getMessage() for r in caplog.records if "was delivered to 1" in r.getMessage()]
+    assert f"but not to <{shown}>" in warning
+    for record in caplog.records:
+        assert "\u2028" not in record.getMessage() and "to=99 id" not in record.getMessage()

@@ -8,7 +8,7 @@ from typing import Any
 
 from bonzo.hookspecs import hookimpl
 from bonzo.schema import Key, Schema
-from bonzo.session import Envelope, Session
+from bonzo.session import Envelope, Session, log_escape
 
 from .._config import as_table, envelope_recipients
 
@@ -34,31 +34,9 @@ SCHEMA = Schema(
 )
 KEYS = tuple(SCHEMA.names)
 
-#: Characters that separate fields of the log line; escaped inside values.
-_SEPARATORS = frozenset(' \\<>,"=')
-
-
-def escape(text: str | None, limit: int = 512) -> str:
-    """Client-supplied ``text`` made safe for one log line: every character
-    that is not printable (CR, LF, other controls, Unicode line separators,
-    bidirectional overrides) or that separates fields is written as a
-    ``\\xNN``/``\\uNNNN`` escape, so a client can neither end the line nor
-    forge another field. Longer than ``limit`` characters is cut, with ``...``."""
-    if text is None:
-        return "-"
-    out = []
-    for ch in text[:limit]:
-        if ch.isprintable() and ch not in _SEPARATORS:
-            out.append(ch)
-        elif ord(ch) <= 0xFF:
-            out.append(f"\\x{ord(ch):02x}")
-        elif ord(ch) <= 0xFFFF:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(f"\\U{ord(ch):08x}")
-    if len(text) > limit:
-        out.append("...")
-    return "".join(out)
+#: Client-supplied text made safe for the line (Bonzo's own log lines use
+#: the same escaping).
+escape = log_escape
 
 
 class LogPlugin:

@@ -41,7 +41,7 @@ from typing import Any
 from bonzo import metrics
 from bonzo.address import Address
 from bonzo.hooks import PluginFailure, PluginSet, Refused
-from bonzo.session import new_session_id
+from bonzo.session import log_escape, new_session_id
 
 from .bounce import ReportLine, build_report, wants_report
 from .routes import Outcome, RouteTable
@@ -492,7 +492,7 @@ class Runner:
                     "queue: %s: no route for <%s> (domain %r): add one to "
                     '[plugins.queue.routes], or a "*" route',
                     message.id,
-                    recipient.address,
+                    log_escape(recipient.address),
                     recipient.domain,
                 )
                 outcomes[i] = Outcome.deferred(451, "4.3.5", "No route configured", "queue")
@@ -600,19 +600,28 @@ class Runner:
                 r.next_attempt = now + backoff(r.attempts, settings)
                 deferred.append(r)
         for r in delivered:
-            log.info("queue: %s to=<%s> delivered: %s (%s)", message.id, r.address, r.reply, r.host)
+            log.info(
+                "queue: %s to=<%s> delivered: %s (%s)",
+                message.id,
+                log_escape(r.address),
+                r.reply,
+                r.host,
+            )
         for r in deferred:
             log.info(
                 "queue: %s to=<%s> deferred: %s (%s); next attempt in %s",
                 message.id,
-                r.address,
+                log_escape(r.address),
                 r.reply,
                 r.host,
                 _age(r.next_attempt - now),
             )
         for line in bounced:
             log.warning(
-                "queue: %s to=<%s> bounced: %s", message.id, line.recipient.address, line.diagnostic
+                "queue: %s to=<%s> bounced: %s",
+                message.id,
+                log_escape(line.recipient.address),
+                line.diagnostic,
             )
         # Reports first (durably queued), then the state: see the module docs.
         reports = [
