@@ -172,13 +172,17 @@ KEYS = tuple(SCHEMA.names)
 
 def envelope_lead(sender: str, recipients: Sequence[str]) -> bytes:
     """``Return-Path: <sender>`` and, for one recipient, ``Delivered-To:``
-    (RFC 5321 4.4; as Postfix's local delivery writes them). Addresses
-    with a line break (which the core never lets through) are left out."""
-    if any(c in sender for c in "\r\n\0"):
+    (RFC 5321 4.4; as Postfix's local delivery writes them). An address
+    with a character that is not printable is left out, as the
+    ``Received:`` header's ``for`` clause leaves it out: a line break (which
+    the core never lets through), and the Unicode ones a quoted local part
+    may hold (U+2028 starts a new line for some readers, U+202E turns the
+    text around)."""
+    if not sender.isprintable():
         return b""
     lines = f"Return-Path: <{sender}>\r\n"
     distinct = list(dict.fromkeys(recipients))
-    if len(distinct) == 1 and not any(c in distinct[0] for c in "\r\n\0"):
+    if len(distinct) == 1 and distinct[0].isprintable():
         lines += f"Delivered-To: {distinct[0]}\r\n"
     return lines.encode("utf-8")
 

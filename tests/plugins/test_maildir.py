@@ -858,3 +858,9 @@ def test_envelope_headers_per_copy_and_never_in_a_shared_copy(tmp_path):
     )
     assert envelope_lead("", []) == b"Return-Path: <>\r\n"
     assert envelope_lead("a\r\nX: y@x.test", ["b@y.test"]) == b""
+    # The Unicode a quoted local part may hold: a line separator, a bidi override.
+    assert envelope_lead('"x\u2028X-Spam-Status: No"@x.test', ["b@y.test"]) == b""
+    assert envelope_lead('"a b"@x.test', ["adm\u202enimda@y.test"]) == (
+        b'Return-Path: <"a b"@x.test>\r\n'
+    )
+    assert envelope_lead("a@x.test", ["b\u2029@y.test"]) == b"Return-Path: <a@x.test>\r\n"
