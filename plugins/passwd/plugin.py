@@ -14,6 +14,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,16 @@ SCHEMA = Schema(
         required=True,
         doc="The password file (``bonzo adduser`` writes it). It must exist and "
         "parse when the server starts.",
+    ),
+    Key(
+        "threads",
+        "int",
+        default=2,
+        minimum=1,
+        maximum=64,
+        doc="Password checks run at once, each in a thread of the plugin's own: a "
+        "flood of AUTH attempts waits for these, and never delays the threads that "
+        "store mail (a check takes tens of milliseconds of CPU, on purpose).",
     ),
 )
 KEYS = tuple(SCHEMA.names)
@@ -126,13 +137,19 @@ class PasswdPlugin:
     def __init__(self) -> None:
         self.path: Path | None = None
         self.users: dict[str, str] = {}
+        self.threads = 2
         self._stamp: tuple[int, ...] | None = None
+        self._unreadable: str | None = None  # why the file cannot be read now
+        # Made in each worker process, on first use (not across a fork).
+        self._pool: ThreadPoolExecutor | None = None
 
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
         """Validate ``[plugins.passwd]`` and read the file once."""
-        path = SCHEMA.parse(config, app)["file"]
+        values = SCHEMA.parse(config, app)
+        path = values["file"]
         self.path = path
+        self.threads = values["threads"]
         # The stamp before the read: a change in between is seen at the next AUTH.
         self._stamp = self._file_stamp()
         try:
@@ -146,7 +163,14 @@ class PasswdPlugin:
     def bonzo_startup(self) -> None:
         log.info("passwd: %d user(s) in %s", len(self.users), self.path)
 
+    @hookimpl
+    def bonzo_shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
     def _file_stamp(self) -> tuple[int, ...] | None:
+        """The file's identity and times; ``None`` when it cannot be read."""
         assert self.path is not None
         try:
             st = self.path.stat()
@@ -157,10 +181,28 @@ class PasswdPlugin:
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def _reload_if_changed(self) -> None:
+        assert self.path is not None
+        try:
+            self.path.stat()
+        except OSError as exc:
+            if self._unreadable is None:
+                # Once per outage: the users read before stay (as for a file
+                # that does not parse), and the operator is told.
+                log.error(
+                    "passwd: cannot read %s (%s): keeping the %d user(s) read before; "
+                    "to remove every user, empty the file",
+                    self.path,
+                    exc.strerror or exc,
+                    len(self.users),
+                )
+            self._unreadable = str(exc)
+            return
+        if self._unreadable is not None:
+            log.info("passwd: %s is readable again", self.path)
+            self._unreadable = None
         stamp = self._file_stamp()
         if stamp is None or stamp == self._stamp:
             return
-        assert self.path is not None
         try:
             self.users = read_password_file(self.path)
         except (OSError, ValueError, UnicodeDecodeError) as exc:
@@ -176,8 +218,10 @@ class PasswdPlugin:
         self._reload_if_changed()
         stored = self.users.get(username)
         loop = asyncio.get_running_loop()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="bonzo-passwd")
         try:
-            ok = await loop.run_in_executor(None, _check, password, stored)
+            ok = await loop.run_in_executor(self._pool, _check, password, stored)
         except PasswordHashError as exc:
             log.error(
                 "passwd: the hash of user %r in %s is malformed: %s", username, self.path, exc

@@ -228,12 +228,53 @@ def test_a_broken_new_file_keeps_the_old_users(tmp_path, caplog):
     assert len([r for r in caplog.records if "not reloading" in r.getMessage()]) == 1
 
 
-def test_a_vanished_file_keeps_the_old_users(tmp_path):
+@pytest.mark.expect_errors
+def test_a_vanished_file_keeps_the_old_users_and_says_so(tmp_path, caplog):
     path = tmp_path / "passwd"
     add_user(path, "alice", "pw")
     plugin = configured(path)
+    saved = path.read_text()
     path.unlink()
     assert check(plugin, "alice", "pw")
+    assert check(plugin, "alice", "pw")
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    # Once, not at every AUTH; naming the file and what to do.
+    assert errors == [
+        f"passwd: cannot read {path} (No such file or directory): keeping the 1 user(s) "
+        "read before; to remove every user, empty the file"
+    ]
+    path.write_text(saved)
+    assert check(plugin, "alice", "pw")
+    assert any(r.getMessage() == f"passwd: {path} is readable again" for r in caplog.records)
+
+
+def test_passwords_are_checked_in_threads_of_the_plugin_s_own(tmp_path, monkeypatch):
+    """A flood of AUTH attempts queues for these threads, not for the
+    default executor, where maildir and the queue store mail."""
+    import threading
+
+    path = tmp_path / "passwd"
+    add_user(path, "alice", "pw")
+    plugin = PasswdPlugin()
+    plugin.bonzo_configure(config={"file": str(path), "threads": 3}, app=None)
+    names: list[str] = []
+
+    def spy(password: str, stored: str) -> bool:
+        names.append(threading.current_thread().name)
+        return verify_password(password, stored)
+
+    monkeypatch.setattr(passwd_module, "verify_password", spy)
+
+    async def flood() -> list[Any]:
+        return await asyncio.gather(*(plugin.bonzo_auth("alice", "pw") for _ in range(12)))
+
+    assert all(isinstance(r, Accept) for r in asyncio.run(flood()))
+    assert len(names) == 12 and all(n.startswith("bonzo-passwd") for n in names)
+    assert len(set(names)) <= 3
+    plugin.bonzo_shutdown()
+    assert plugin._pool is None
+    with pytest.raises(ValueError, match="threads: expected an integer >= 1, got 0"):
+        PasswdPlugin().bonzo_configure(config={"file": str(path), "threads": 0}, app=None)
 
 
 def test_the_password_is_never_logged(tmp_path, caplog):
