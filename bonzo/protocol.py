@@ -1425,6 +1425,10 @@ class SMTPProtocol:
                 # A non-ASCII verb never reaches a plugin: no verb is spelled so.
                 self._unknown_verb(verb)
                 return None
+            if len(key) > 12 or not key.isalpha():
+                # No verb is spelled so: perhaps the base64 credentials of an
+                # AUTH that was refused. Never in a log line.
+                self.stage, self._arg = "?", ""
             return Unknown(key, arg, verb)
         return handler(self, arg)
 

@@ -19,7 +19,7 @@ from bonzo.hooks import PluginSet
 from bonzo.protocol import SMTPProtocol
 from bonzo.session import Envelope, Session, received_header, with_keyword
 from bonzo.settings import ListenerSettings, SMTPSettings
-from bonzo.testing import SessionTester, make_session
+from bonzo.testing import PluginTestServer, SessionTester, make_session
 
 SETTINGS = SMTPSettings(hostname="mx.test")
 
@@ -255,3 +255,21 @@ def test_bonzo_s_own_log_lines_escape_the_client_s_addresses(caplog, sender, sho
     assert f"but not to <{shown}>" in warning
     for record in caplog.records:
         assert "\u2028" not in record.getMessage() and "to=99 id" not in record.getMessage()
+
+
+def test_credentials_sent_after_a_refused_auth_are_never_logged():
+    # AUTH is refused (no plugin checks passwords, no TLS); the client sends
+    # its base64 credentials anyway, which the server reads as a command.
+    secret = "AGFsaWNlAHMzY3JldA=="  # \0alice\0s3cret
+    with PluginTestServer(log_level="DEBUG") as server:
+        with server.client() as client:
+            client.ehlo()
+            assert client.docmd("AUTH", "PLAIN")[0] // 100 == 5
+            assert client.docmd(secret)[0] == 500
+            assert client.docmd("XYZZY", "now")[0] == 500
+    lines = server.log_text.splitlines()
+    assert any(" ? refused by core: 500 5.5.2 " in line for line in lines), lines
+    for line in lines:
+        assert secret.upper() not in line.upper()
+    # A word that could be a verb is still named, with its argument.
+    assert any(" XYZZY refused by core: 500 " in line and "'now'" in line for line in lines)
