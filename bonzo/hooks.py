@@ -16,6 +16,7 @@ reply.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import inspect
 import sys
 from collections.abc import Awaitable, Callable, Iterable
@@ -152,7 +153,7 @@ class PluginSet:
             # call list would otherwise name a plugin that is not in the set).
             if self.manager.get_plugin(name) is plugin:
                 self.manager.unregister(name=name)
-            detail = " ".join(str(exc).split())
+            detail = _wrong_parameter(plugin) or " ".join(str(exc).split())
             raise PluginError(f"plugin {name!r}: {detail}") from None
         for impl in self._impls_of(name):
             hook = getattr(impl.function, "__name__", "?")
@@ -319,6 +320,31 @@ class PluginSet:
                 current_plugin.reset(token)
 
 
+def _wrong_parameter(plugin: object) -> str | None:
+    """The first hook method of ``plugin`` with a parameter its hook does not
+    have, said for people (pluggy's message names the plugin again and
+    lists no arguments), with the closest argument name; ``None`` if none."""
+    for hook, spec_args in HOOK_ARGS.items():
+        method = getattr(plugin, hook, None)
+        if method is None:
+            continue
+        try:
+            parameters = inspect.signature(method).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        for p in parameters:
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in spec_args:
+                if p.default is not p.empty:
+                    continue  # pluggy passes nothing for it: allowed
+                close = difflib.get_close_matches(p.name, spec_args, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                return (
+                    f"{hook} has the parameter {p.name!r}, which is not one of its "
+                    f"arguments ({', '.join(spec_args)}){hint}"
+                )
+    return None
+
+
 def _signature_problem(impl: pluggy.HookImpl, hook: str) -> str | None:
     """What is wrong with the parameters of ``impl`` for ``hook``, if
     anything. Hooks are called with the arguments they name, so every
@@ -345,7 +371,11 @@ def _signature_problem(impl: pluggy.HookImpl, hook: str) -> str | None:
                 f"make it a plain parameter (of: {known})"
             )
         if p.name not in spec_args and p.name in impl.kwargnames:
-            return f"has the parameter {p.name!r}, which is not one of its arguments ({known})"
+            close = difflib.get_close_matches(p.name, spec_args, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            return (
+                f"has the parameter {p.name!r}, which is not one of its arguments ({known}){hint}"
+            )
     return None
 
 

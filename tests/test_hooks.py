@@ -295,6 +295,11 @@ class TypoDefault:
         return Accept()
 
 
+class Typo:
+    def bonzo_rcpt(self, adress):
+        return Accept()
+
+
 class KeywordOnly:
     def bonzo_rcpt(self, *, mailbox):
         return Accept()
@@ -313,7 +318,16 @@ class VarPositional:
 @pytest.mark.parametrize(
     "plugin, message",
     [
-        (TypoDefault, r"bonzo_rcpt has the parameter 'sesion', which is not one of its arguments"),
+        (
+            TypoDefault,
+            r"bonzo_rcpt has the parameter 'sesion', which is not one of its arguments "
+            r"\(session, envelope, address, params, mailbox, dsn\); did you mean 'session'\?$",
+        ),
+        (
+            Typo,
+            r"bonzo_rcpt has the parameter 'adress', which is not one of its arguments "
+            r"\(session, envelope, address, params, mailbox, dsn\); did you mean 'address'\?$",
+        ),
         (KeywordOnly, r"bonzo_rcpt has the keyword-only parameter 'mailbox'"),
         (VarKeyword, r"bonzo_rcpt takes \*\*kwargs"),
         (VarPositional, r"bonzo_rcpt takes \*args"),
