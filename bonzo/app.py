@@ -107,7 +107,12 @@ def resolve_plugin(name: str, installed: dict[str, InstalledPlugin] | None = Non
     known = ", ".join(sorted(installed)) or "none"
     close = difflib.get_close_matches(name, sorted(installed), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    raise LookupError(f"plugin {name!r} is not installed ({hint}installed plugins: {known})")
+    # The interpreter too: a plugin pip-installed into another environment
+    # (a virtualenv whose python is not the one running bonzo) is not seen.
+    raise LookupError(
+        f"plugin {name!r} is not installed ({hint}installed plugins: {known}; "
+        f"for {sys.executable})"
+    )
 
 
 class MailApp:

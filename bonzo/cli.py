@@ -290,8 +290,8 @@ def _config(args: argparse.Namespace) -> int:
 
 def _plugin_doc(name: str) -> int:
     """``bonzo plugins --doc NAME``: the plugin's README (beside its module,
-    as the bundled plugins ship it), else its docstring, else its
-    distribution's summary."""
+    as the bundled plugins ship it), else its docstring, else its module's,
+    else its distribution's summary."""
     import importlib
     import inspect
 
@@ -322,6 +322,11 @@ def _plugin_doc(name: str) -> int:
                 return 0
     doc = inspect.getdoc(plugin) or inspect.getdoc(type(plugin))
     if doc and type(plugin).__module__ != "builtins":
+        print(doc)
+        return 0
+    module = sys.modules.get(module_name)
+    doc = inspect.getdoc(module) if module is not None else None
+    if doc:
         print(doc)
         return 0
     if name in installed:

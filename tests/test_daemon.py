@@ -330,7 +330,8 @@ def test_unknown_plugin_name_lists_the_installed_plugins(workdir, env):
     one_line_error(
         result,
         f"bonzo: {config}: plugins.enabled:",
-        f"plugin 'nosuchplugin' is not installed (installed plugins: {known})",
+        f"plugin 'nosuchplugin' is not installed (installed plugins: {known}; "
+        f"for {sys.executable})",
     )
 
 
@@ -342,7 +343,7 @@ def test_a_misspelt_plugin_name_gets_a_suggestion(workdir, env):
         result,
         f"bonzo: {config}: plugins.enabled:",
         f"plugin 'recipents' is not installed (did you mean 'recipients'? installed plugins: "
-        f"{known})",
+        f"{known}; for {sys.executable})",
     )
 
 
@@ -1335,5 +1336,18 @@ def test_plugins_doc_prints_a_plugins_documentation(workdir, env):
         cwd=workdir,
     )
     assert local.stdout == "Refuses nothing; documents itself.\n", local.stderr
+    # No class docstring: the module's.
+    (workdir / "plugins" / "moduledoc.py").write_text(
+        '"""Delivers into a directory."""\n\n\nclass Plugin:\n'
+        "    def bonzo_helo(self):\n        return None\n"
+    )
+    by_module = bonzo(
+        "plugins",
+        "--doc",
+        "moduledoc:Plugin",
+        env={**env, "PYTHONPATH": f"{workdir / 'plugins'}:{env['PYTHONPATH']}"},
+        cwd=workdir,
+    )
+    assert by_module.stdout == "Delivers into a directory.\n", by_module.stderr
     missing = bonzo("plugins", "--doc", "nope", env=env, cwd=workdir)
     assert missing.returncode == 2 and "'nope' is not installed" in missing.stderr
