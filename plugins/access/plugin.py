@@ -317,8 +317,10 @@ class AccessPlugin:
 
     @hookimpl
     def bonzo_helo(self, session: Session, name: str) -> None:
-        """Rules of stage ``helo`` on the HELO/EHLO name."""
-        self.check(session, "helo", name)
+        """Rules of stage ``helo`` on the HELO/EHLO name, without its final
+        dot (``evil.example.`` is the fully qualified ``evil.example``)."""
+        bare = name[:-1] if name.endswith(".") and len(name) > 1 else name
+        self.check(session, "helo", bare, name)
 
     @hookimpl
     def bonzo_mail(self, session: Session, mailbox: Address) -> None:

@@ -86,6 +86,11 @@ def test_helo_glob_is_case_insensitive_and_whole():
     assert outcome(plugin, "helo", "host1.DYNAMIC.example") == DENIED
     assert outcome(plugin, "helo", "dynamic.example") is None
     assert outcome(plugin, "helo", "host1.dynamic.example.org") is None
+    # The fully qualified spelling, with its final dot, is the same name.
+    assert outcome(plugin, "helo", "host1.dynamic.example.") == DENIED
+    exact = configured([{"stage": "helo", "match": "evil.example", "action": "deny"}])
+    assert outcome(exact, "helo", "EVIL.example.") == DENIED
+    assert outcome(exact, "helo", ".") is None
 
 
 def test_sender_glob_and_null_sender():
