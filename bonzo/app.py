@@ -110,8 +110,7 @@ def resolve_plugin(name: str, installed: dict[str, InstalledPlugin] | None = Non
     # The interpreter too: a plugin pip-installed into another environment
     # (a virtualenv whose python is not the one running bonzo) is not seen.
     raise LookupError(
-        f"plugin {name!r} is not installed ({hint}installed plugins: {known}; "
-        f"for {sys.executable})"
+        f"plugin {name!r} is not installed ({hint}installed plugins: {known}; for {sys.executable})"
     )
 
 

@@ -324,8 +324,8 @@ def _plugin_doc(name: str) -> int:
     if doc and type(plugin).__module__ != "builtins":
         print(doc)
         return 0
-    module = sys.modules.get(module_name)
-    doc = inspect.getdoc(module) if module is not None else None
+    home = sys.modules.get(module_name)
+    doc = inspect.getdoc(home) if home is not None else None
     if doc:
         print(doc)
         return 0
