@@ -72,7 +72,9 @@ class Refused(Exception):
 class HookTimeout(TimeoutError):
     """A hook call ran past its plugin's time limit (``[plugins] timeout``
     or its ``timeouts`` entry) and was cancelled. Its failure is logged in
-    one line: the traceback would show only the hook runner."""
+    one line (the traceback would show only the hook runner), naming the
+    plugin's backend when the plugin has a ``backend`` attribute (a string:
+    where it sends its questions, e.g. ``127.0.0.1:3310``)."""
 
 
 class PluginFailure(Exception):
@@ -462,6 +464,14 @@ def _stopping() -> bool:
     return cancelling is None or cancelling() > 0
 
 
+def _no_answer(call: HookCall) -> str:
+    """The message of a hook's timeout; it names the plugin's backend (its
+    ``backend`` attribute, a string such as ``127.0.0.1:3310``), if any."""
+    backend = getattr(getattr(call.function, "__self__", None), "backend", None)
+    where = f"; its backend: {backend}" if isinstance(backend, str) and backend else ""
+    return f"no answer within {call.timeout}s (its time limit{where})"
+
+
 if sys.version_info >= (3, 11):
 
     async def _bounded(call: HookCall, awaitable: Awaitable[Any]) -> Any:
@@ -473,7 +483,7 @@ if sys.version_info >= (3, 11):
                 return await awaitable
         except TimeoutError:
             if limit.expired():
-                raise HookTimeout(f"no answer within {call.timeout}s (its time limit)") from None
+                raise HookTimeout(_no_answer(call)) from None
             raise
 
 else:  # pragma: no cover - Python 3.10
@@ -487,7 +497,7 @@ else:  # pragma: no cover - Python 3.10
             return await asyncio.wait_for(_coroutine(awaitable), timeout=call.timeout)
         except asyncio.TimeoutError:
             if loop.time() - start >= call.timeout:
-                raise HookTimeout(f"no answer within {call.timeout}s (its time limit)") from None
+                raise HookTimeout(_no_answer(call)) from None
             raise
 
     async def _coroutine(awaitable: Awaitable[Any]) -> Any:

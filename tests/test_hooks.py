@@ -980,6 +980,23 @@ def test_async_timeout_per_plugin_answers_451(log_watch, serve):
     assert failures(log_watch, "slow", "bonzo_rcpt") == []
 
 
+def test_a_hook_out_of_time_names_the_plugin_s_backend(log_watch):
+    class Scanner:
+        backend = "127.0.0.1:3310"
+
+        async def bonzo_rcpt(self, address):
+            await asyncio.sleep(5)
+
+    ps = plugin_set(("scanner", Scanner(), 0.1), timeout=5.0)
+    replies = converse(ps, EHLO, b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n")
+    assert replies[-1].endswith(b"451 4.3.0 Internal confusion\r\n")
+    log_watch.allow(re.escape("in plugin 'scanner' (bonzo_rcpt)"))
+    [record] = log_watch.matching(re.escape("in plugin 'scanner' (bonzo_rcpt)"))
+    assert record.getMessage().endswith(
+        ": no answer within 0.1s (its time limit; its backend: 127.0.0.1:3310)"
+    )
+
+
 def test_a_timeout_error_the_plugin_raises_is_its_own(log_watch):
     # Only the plugin's time limit running out reads "no answer within";
     # the plugin's own TimeoutError (its LDAP server's, say) keeps its text.

@@ -350,6 +350,8 @@ class MilterPlugin:
             sum(c.content_timeout for c in milters),
             sum(c.connect_timeout + c.command_timeout for c in milters),
         )
+        # Named when a hook runs out of time.
+        self.backend = ", ".join(f"{c.name} at {c.socket}" for c in milters)
         settings = getattr(app, "settings", None)
         self.hostname = getattr(settings, "hostname", None) or "localhost"
 

@@ -169,6 +169,7 @@ class PolicyPlugin:
         #: The longest one hook call waits for the daemon (checked against the
         #: hook time limit by ``bonzo check``).
         self.backend_timeout = self.timeout
+        self.backend = str(self.endpoint)  # named when a hook runs out of time
         self.accept_on_error = values["on_error"] == "accept"
         self.attributes = dict(values["attributes"])
 

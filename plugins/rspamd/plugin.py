@@ -302,6 +302,9 @@ class RspamdPlugin:
         #: The longest one hook call waits for rspamd (checked against the
         #: hook time limit by ``bonzo check``).
         self.backend_timeout = self.timeout
+        # Named when a hook runs out of time: without any user:password@.
+        parts = urlsplit(self.url)
+        self.backend = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
         self.max_size = values["max_size"]
         self.accept_on_error = values["on_error"] == "accept"
         self.greylist = values["greylist"]

@@ -125,6 +125,7 @@ class SpamassassinPlugin:
         #: The longest one hook call waits for the daemon (checked against the
         #: hook time limit by ``bonzo check``).
         self.backend_timeout = self.timeout
+        self.backend = str(self.endpoint)  # named when a hook runs out of time
         self.max_size = values["max_size"]
         self.accept_on_error = values["on_error"] == "accept"
         self.user = values["user"]

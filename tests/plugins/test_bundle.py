@@ -192,3 +192,40 @@ def test_every_bundled_plugin_package_is_in_the_distribution():
         f"bonzo_plugins.{p.parent.name}" for p in (root / "plugins").glob("*/__init__.py")
     }
     assert on_disk <= listed, sorted(on_disk - listed)
+
+
+@pytest.mark.parametrize(
+    ("name", "table", "backend"),
+    [
+        ("clamav", {}, "127.0.0.1:3310"),
+        ("spamassassin", {"socket": "/run/spamd.sock"}, "unix:/run/spamd.sock"),
+        ("policy", {"host": "::1", "port": 10023}, "[::1]:10023"),
+        ("rspamd", {"url": "http://u:secret@127.0.0.1:11333"}, "http://127.0.0.1:11333/checkv2"),
+    ],
+)
+def test_plugins_with_a_backend_name_it_for_their_timeouts(name, table, backend):
+    # A hook that runs out of time names it (bonzo.hooks.HookTimeout); never
+    # with a password.
+    plugin = importlib.import_module(f"bonzo_plugins.{name}.plugin")
+    cls = next(
+        getattr(plugin, n) for n in dir(plugin) if n.endswith("Plugin") and n.lower() != "plugin"
+    )
+    instance = cls()
+    instance.bonzo_configure(config=table, app=SimpleNamespace(base_dir="."))
+    assert instance.backend == backend
+
+
+def test_the_milter_plugin_names_every_milter_it_asks():
+    from bonzo_plugins.milter import MilterPlugin
+
+    plugin = MilterPlugin()
+    plugin.bonzo_configure(
+        config={
+            "milters": [
+                {"name": "dkim", "socket": "inet:8891@127.0.0.1"},
+                {"name": "clam", "socket": "unix:/run/clamav-milter.sock"},
+            ]
+        },
+        app=SimpleNamespace(base_dir="."),
+    )
+    assert plugin.backend == "dkim at inet:8891@127.0.0.1, clam at unix:/run/clamav-milter.sock"
