@@ -33,6 +33,9 @@ class Outcome:
     report names that host as ``Remote-MTA`` and gives the reply as an
     ``smtp`` diagnostic. False for what was decided here (no route, DNS,
     a timeout, a refused connection, a mailbox write)."""
+    never_expires: bool = False
+    """A deferral that is the operator's to fix, not the sender's (no route
+    for the recipient): the message is kept past ``lifetime``, never bounced."""
 
     @property
     def reply(self) -> str:

@@ -286,6 +286,13 @@ class RouteTable:
             if start is not None:
                 start()
 
+    def expire(self) -> None:
+        """Close the idle connections of every transport that pools them."""
+        for transport in self.transports:
+            expire = getattr(transport, "expire", None)
+            if expire is not None:
+                expire()
+
     async def close(self) -> None:
         for transport in self.transports:
             await transport.close()

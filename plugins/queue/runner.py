@@ -139,6 +139,10 @@ class Runner:
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(settings.max_deliveries)
         self._destinations: dict[str, asyncio.Semaphore] = {}
+        # Messages that found a destination at its per_destination limit, by
+        # destination: each is tried again when a delivery there ends (or at
+        # the next scan), holding neither a slot nor its claim meanwhile.
+        self._busy: dict[str, set[str]] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         # The runner's file work (claim, read, remove) gets threads of its
@@ -322,6 +326,9 @@ class Runner:
             for id in self._kicked:
                 self._set_due(id, 0.0)
             self._kicked.clear()
+            # Connections left idle for idle_timeout are closed (the loop
+            # turns at least once a second).
+            self.routes.expire()
             now = self.clock()
             # At most a second: a flush from the command line is seen quickly.
             wait = min(next_scan - now, 1.0)
@@ -417,15 +424,24 @@ class Runner:
                 else:
                     self._set_due(id, nxt)
                 return
-            outcomes = await self._deliver(message, due)
-            await self._settle(message, outcomes)
+            outcomes, busy = await self._deliver(message, due)
+            if outcomes:
+                await self._settle(message, outcomes)
             nxt = message.next_due
             if nxt is None:
                 await self._remove(message, claim)
                 self._due.pop(id, None)
                 log.info("queue: %s done", id)
-            else:
+                return
+            if outcomes:
                 await loop.run_in_executor(self._executor, self.spool.save_state, message)
+            if busy:
+                # Not tried for the recipients at a busy destination (no
+                # attempt counted): woken when a delivery there ends.
+                self._due.pop(id, None)
+                for destination in busy:
+                    self._busy.setdefault(destination, set()).add(id)
+            else:
                 self._set_due(id, nxt)
         finally:
             claim.release()  # (already released by _remove: then nothing to do)
@@ -480,9 +496,26 @@ class Runner:
         finally:
             claim.release()
 
-    async def _deliver(self, message: QueuedMessage, due: list[int]) -> dict[int, Outcome]:
+    def _free(self, destination: str) -> None:
+        """A delivery to ``destination`` ended: wake one message waiting for it."""
+        waiting = self._busy.get(destination)
+        if waiting:
+            id = waiting.pop()
+            if not waiting:
+                del self._busy[destination]
+            self._set_due(id, 0.0)
+            self._wake.set()
+
+    async def _deliver(
+        self, message: QueuedMessage, due: list[int]
+    ) -> tuple[dict[int, Outcome], list[str]]:
+        """The outcome of each recipient tried, and the destinations not
+        tried because ``per_destination`` deliveries to them were under way
+        (their recipients get no outcome: a busy destination must not hold
+        the slots other destinations need)."""
         groups: dict[tuple[int, str], tuple[Any, list[int]]] = {}
         outcomes: dict[int, Outcome] = {}
+        busy: list[str] = []
         for i in due:
             recipient = message.recipients[i]
             transport = await self._route(message, recipient)
@@ -495,7 +528,9 @@ class Runner:
                     log_escape(recipient.address),
                     recipient.domain,
                 )
-                outcomes[i] = Outcome.deferred(451, "4.3.5", "No route configured", "queue")
+                outcomes[i] = Outcome(
+                    "deferred", 451, "4.3.5", "No route configured", "queue", never_expires=True
+                )
                 continue
             key = (id(transport), transport.destination(recipient))
             groups.setdefault(key, (transport, []))[1].append(i)
@@ -505,6 +540,9 @@ class Runner:
             limit = self._destinations.setdefault(
                 destination, asyncio.Semaphore(self.settings.per_destination)
             )
+            if limit.locked():
+                busy.append(destination)
+                return
             try:
                 async with limit:
                     results = await asyncio.wait_for(
@@ -528,13 +566,15 @@ class Runner:
                     exc_info=True,
                 )
                 results = [Outcome.deferred(451, "4.3.0", "Local error", destination)] * len(idx)
+            finally:
+                self._free(destination)
             for i, outcome in zip(idx, results, strict=True):
                 outcomes[i] = outcome
 
         await asyncio.gather(
             *(one(transport, key[1], idx) for key, (transport, idx) in groups.items())
         )
-        return outcomes
+        return outcomes, busy
 
     async def _route(self, message: QueuedMessage, recipient: Recipient) -> Any:
         if message.transport is not None:
@@ -582,7 +622,9 @@ class Runner:
                     success.append(
                         ReportLine(r, action, outcome.enhanced, outcome.reply, r.remote_mta)
                     )
-            elif outcome.status == "failed" or now - message.arrival >= settings.lifetime:
+            elif outcome.status == "failed" or (
+                now - message.arrival >= settings.lifetime and not outcome.never_expires
+            ):
                 r.status = "bounced"
                 r.done_at = now
                 expired = outcome.status != "failed"

@@ -185,6 +185,13 @@ class ConnectionPool:
     def __init__(self, idle_timeout: float = 30.0) -> None:
         self.idle_timeout = idle_timeout
         self._idle: dict[str, list[tuple[float, ClientConnection]]] = {}
+        self._quitting: set[asyncio.Future[Any]] = set()
+
+    def _quit(self, conn: ClientConnection) -> None:
+        """Say ``QUIT`` on ``conn`` in the background (kept, for :meth:`close`)."""
+        task = asyncio.ensure_future(conn.quit())
+        self._quitting.add(task)
+        task.add_done_callback(self._quitting.discard)
 
     def take(self, destination: str) -> ClientConnection | None:
         """An idle, still usable connection to ``destination``, if any."""
@@ -194,7 +201,7 @@ class ConnectionPool:
             since, conn = idle.pop()
             if conn.usable and now - since < self.idle_timeout:
                 return conn
-            asyncio.ensure_future(conn.quit())
+            self._quit(conn)
         return None
 
     def give(self, destination: str, conn: ClientConnection) -> None:
@@ -205,23 +212,33 @@ class ConnectionPool:
             return
         self._idle.setdefault(destination, []).append((time.monotonic(), conn))
 
-    async def expire(self) -> None:
-        """Close the connections idle for longer than ``idle_timeout``."""
+    def expire(self) -> int:
+        """Close (``QUIT``, in the background) the connections idle for
+        ``idle_timeout`` seconds or more, or no longer usable; the runner
+        calls this every second. Returns how many it closed."""
         now = time.monotonic()
+        closed = 0
         for destination, idle in list(self._idle.items()):
             keep = []
             for since, conn in idle:
                 if now - since >= self.idle_timeout or not conn.usable:
-                    await conn.quit()
+                    self._quit(conn)
+                    closed += 1
                 else:
                     keep.append((since, conn))
-            self._idle[destination] = keep
+            if keep:
+                self._idle[destination] = keep
+            else:
+                del self._idle[destination]
+        return closed
 
     async def close(self) -> None:
         idle, self._idle = self._idle, {}
         for conns in idle.values():
             for _, conn in conns:
                 await conn.quit()
+        if self._quitting:
+            await asyncio.gather(*self._quitting, return_exceptions=True)
 
 
 def _outcomes(result: DeliveryResult, relayed: bool) -> list[Outcome]:
@@ -297,6 +314,10 @@ class _Pooled:
             self.pool.give(destination, conn)
             return _outcomes(result, not self.final)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def expire(self) -> int:
+        """Close the pooled connections left idle for ``idle_timeout``."""
+        return self.pool.expire()
 
     async def close(self) -> None:
         await self.pool.close()

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -640,6 +641,104 @@ def test_hooks_choose_routes_take_over_reports_and_observe(tmp_path):
     assert reports(spool) == []  # the plugin took the report over
 
 
+def test_a_stalled_destination_does_not_hold_the_slots_others_need(tmp_path):
+    # per_destination deliveries hang at slow.test; the rest of the slots
+    # stay free for other destinations, and the messages waiting for
+    # slow.test go when a delivery there ends (without an attempt counted).
+    release = asyncio.Event()
+    started: list[str] = []
+
+    class Stalling(Scripted):
+        async def deliver(self, message, recipients):
+            started.append(message.id)
+            if recipients[0].domain == "slow.test":
+                await release.wait()
+            return [OK for _ in recipients]
+
+    spool, runner, clock = make_runner(
+        tmp_path, Stalling({}), max_deliveries=4, per_destination=2, scan_interval=3600
+    )
+    for i in range(6):
+        queued(spool, f"S{i}", envelope("a@example.org", f"u{i}@slow.test"))
+
+    async def main() -> None:
+        runner.start()
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if len(started) >= 2:
+                break
+        assert len(started) == 2 and all(id.startswith("S") for id in started)
+        queued(spool, "F1", envelope("a@example.org", "v@fast.test"))
+        runner.kick("F1")
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if "F1" not in spool.ids():
+                break
+        assert "F1" not in spool.ids()  # delivered while slow.test stalls
+        waiting = [id for id in spool.ids() if id.startswith("S")]
+        assert len(waiting) == 6
+        # Nothing counted as an attempt for the messages that waited.
+        assert sum(r.attempts for id in waiting for r in spool.load(id).recipients) == 0
+        release.set()
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            if not spool.ids():
+                break
+        await runner.stop(grace=1)
+
+    asyncio.run(main())
+    assert spool.ids() == []
+    assert sorted(started) == ["F1"] + [f"S{i}" for i in range(6)]
+
+
+def test_idle_pooled_connections_are_closed_after_idle_timeout(tmp_path, monkeypatch):
+    from bonzo_plugins.queue import transports
+
+    class Conn:
+        usable = True
+        quits = 0
+
+        async def quit(self):
+            Conn.quits += 1
+
+    now = [100.0]
+    monkeypatch.setattr(transports.time, "monotonic", lambda: now[0])
+
+    async def main() -> None:
+        pool = transports.ConnectionPool(idle_timeout=5)
+        pool.give("a.test", Conn())
+        pool.give("b.test", Conn())
+        now[0] += 4
+        assert pool.expire() == 0
+        now[0] += 1
+        assert pool.expire() == 2
+        await pool.close()  # waits for the QUITs under way
+
+    asyncio.run(main())
+    assert Conn.quits == 2
+
+    # The runner asks every transport that pools connections, all the time.
+    expired: list[float] = []
+
+    class Pooling(Scripted):
+        def expire(self):
+            expired.append(time.monotonic())
+            return 0
+
+    pooling = Pooling({})
+    spool, runner, clock = make_runner(tmp_path, pooling)
+    runner.routes.transports.append(pooling)
+
+    async def run() -> None:
+        runner.start()
+        await asyncio.sleep(0.3)
+        await runner.stop(grace=1)
+
+    monkeypatch.undo()
+    asyncio.run(run())
+    assert expired
+
+
 def test_two_runners_never_deliver_one_message_twice(tmp_path):
     delivered: list[str] = []
 
@@ -701,6 +800,11 @@ def test_no_route_defers_never_bounces(tmp_path, caplog):
     assert message.recipients[0].reply == "451 4.3.5 No route configured"
     assert reports(spool) == []
     assert "no route for <bob@example.net>" in caplog.text
+    # Past the message's lifetime too: the operator's mistake, not the sender's.
+    clock.now += runner.settings.lifetime + runner.settings.max_backoff
+    asyncio.run(runner.attempt("X1"))
+    assert spool.load("X1").recipients[0].status == "deferred"
+    assert reports(spool) == []
 
 
 # ---------------------------------------------------- acceptance (plugin)
