@@ -188,6 +188,17 @@ class ForwardPlugin:
         timeouts["data_block_timeout"] = command
         timeouts["quit_timeout"] = min(command, 10.0)
         self.check_rcpt = values["check_rcpt"]
+        #: Shown by ``bonzo check`` and at ``bonzo serve``.
+        self.config_warnings = (
+            []
+            if self.check_rcpt
+            else [
+                "check_rcpt = false: a recipient the downstream refuses after the client "
+                "was told 250 for it gets nothing and nobody is told (SMTP cannot refuse one "
+                "recipient after the message, and this plugin queues no bounce; it is only "
+                "logged); keep check_rcpt = true, or relay through the queue plugin"
+            ]
+        )
         self.port = values["port"] or (465 if values["implicit_tls"] else 25)
         self.host = values["host"].strip()
         given = {k: values[k] for k in _CLIENT_KEYS if values[k] is not None}

@@ -408,6 +408,18 @@ def test_bad_configuration_names_the_key(table, message):
         ForwardPlugin().bonzo_configure(table, app())
 
 
+def test_check_rcpt_false_is_warned_about():
+    # A recipient the downstream refuses after the message is lost to the
+    # client (only logged): bonzo check says so.
+    plugin = ForwardPlugin()
+    plugin.bonzo_configure({"host": "127.0.0.1"}, app())
+    assert plugin.config_warnings == []
+    plugin.bonzo_configure({"host": "127.0.0.1", "check_rcpt": False}, app())
+    [warning] = plugin.config_warnings
+    assert warning.startswith("check_rcpt = false: a recipient the downstream refuses after")
+    assert "keep check_rcpt = true, or relay through the queue plugin" in warning
+
+
 def test_config_file_errors_name_file_and_key_and_refuse_a_second_delivery_plugin(
     tmp_path, monkeypatch
 ):
