@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import IO, Any
 
 from bonzo import client
 from bonzo.client import (
@@ -269,6 +269,51 @@ def _send_options(message: QueuedMessage) -> dict[str, Any]:
     }
 
 
+#: Octets read at a time when a message is scanned for 8-bit content.
+SCAN_CHUNK = 1 << 16
+
+
+def _is_7bit(body: IO[bytes]) -> bool:
+    """Whether the rest of ``body`` is all 7-bit octets (read in chunks; the
+    file is left where it was)."""
+    start = body.tell()
+    try:
+        while chunk := body.read(SCAN_CHUNK):
+            if not chunk.isascii():
+                return False
+        return True
+    finally:
+        body.seek(start)
+
+
+def _fitted(
+    options: dict[str, Any],
+    conn: ClientConnection,
+    message: QueuedMessage,
+    recipients: Sequence[Recipient],
+    body: IO[bytes],
+) -> dict[str, Any]:
+    """``options`` for a server that lacks 8BITMIME or SMTPUTF8: a
+    declaration the message does not need is dropped (RFC 6152 3 and RFC
+    6531 3.2 restrict only content and addresses that need them), so that
+    7-bit mail declared ``BODY=8BITMIME``, or all-ASCII mail declared
+    ``SMTPUTF8``, is delivered rather than bounced. What does need them is
+    still refused (``554 5.6.3``, ``553 5.6.7``): there is no conversion."""
+    binary = str(message.mail_params.get("BODY") or "").upper() == "BINARYMIME"
+    eightbit = options["eightbit"] and not conn.supports("8BITMIME") and not binary
+    smtputf8 = options["smtputf8"] and not conn.supports("SMTPUTF8")
+    if not (eightbit or smtputf8):
+        return options
+    fitted = dict(options)
+    if eightbit:
+        fitted["eightbit"] = None  # the client scans: 7-bit content goes as it is
+    if smtputf8:
+        ascii_addresses = message.sender.isascii() and all(r.address.isascii() for r in recipients)
+        if ascii_addresses and _is_7bit(body):
+            fitted["smtputf8"] = None
+    return fitted
+
+
 def _recipients(recipients: Sequence[Recipient]) -> list[client.Recipient]:
     return [client.Recipient.from_params(r.address, r.params) for r in recipients]
 
@@ -302,7 +347,8 @@ class _Pooled:
                     return _outcomes(DeliveryResult.failed(rcpts, exc, destination), not self.final)
             try:
                 with message.open() as body:
-                    result = await conn.send(message.sender, rcpts, body, **options)
+                    fitted = _fitted(options, conn, message, recipients, body)
+                    result = await conn.send(message.sender, rcpts, body, **fitted)
             except ClientError as exc:
                 conn.close()
                 if reused:

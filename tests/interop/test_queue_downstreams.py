@@ -47,11 +47,16 @@ def runner_for(tmp_path: Path, route: dict[str, Any]) -> tuple[Spool, Runner]:
     return spool, runner
 
 
-def queue(spool: Spool, id: str, body: bytes, *rcpts: str) -> None:
+def queue(spool: Spool, id: str, body: bytes, *rcpts: str, **mail_params: str | None) -> None:
     recipients = [
         {"address": r, "canonical": r, "domain": r.partition("@")[2], "params": {}} for r in rcpts
     ]
-    envelope = {"arrival": time.time(), "sender": SENDER, "recipients": recipients}
+    envelope = {
+        "arrival": time.time(),
+        "sender": SENDER,
+        "recipients": recipients,
+        "mail_params": mail_params,
+    }
     spool.write(id, envelope, b"", io.BytesIO(body))
 
 
@@ -119,3 +124,38 @@ def test_lmtp_route_to_dovecot(tmp_path, dovecot, over):
     [copy] = stored(dovecot, "alice", subject)
     assert copy.endswith(body)  # Dovecot adds its trace headers in front
     assert stored(dovecot, "bob", subject) == []
+
+
+def test_declared_8bitmime_and_smtputf8_a_message_does_not_need_are_dropped(tmp_path):
+    # smtp-sink -8 offers neither 8BITMIME nor SMTPUTF8. 7-bit mail that was
+    # declared BODY=8BITMIME and SMTPUTF8 is delivered, not bounced; 8-bit
+    # content is still refused (5.6.3: there is no conversion).
+    import shutil
+
+    from .test_client_sink import SINK, Sink
+
+    if not shutil.which(SINK):
+        pytest.skip("Postfix's smtp-sink is not installed (.ci/run installs Postfix)")
+    sink = Sink("-8")
+    try:
+        spool, runner = runner_for(
+            tmp_path, {"type": "smarthost", "host": "127.0.0.1", "port": sink.port}
+        )
+        eightbit = message("8-bit").replace(b"A line", "\u00c0 line".encode())
+        queue(spool, "A1", message("plain"), "bob@mx.test", BODY="8BITMIME", SMTPUTF8=None)
+        assert spool.load("A1").mail_params == {"BODY": "8BITMIME", "SMTPUTF8": None}
+        queue(spool, "B1", eightbit, "bob@mx.test", BODY="8BITMIME")
+
+        async def both() -> None:
+            await runner.attempt("A1")
+            await runner.attempt("B1")
+            await runner.routes.close()
+
+        asyncio.run(both())
+        assert "A1" not in spool.ids()  # delivered
+        [report] = [m for m in spool.iter_messages() if m.sender == ""]
+        text = report.read().decode("utf-8", "replace")
+        assert "Status: 5.6.3" in text and "5.6.7" not in text
+        assert "554 5.6.3 the message has 8-bit content" in text
+    finally:
+        sink.stop()
