@@ -161,6 +161,57 @@ class Link:
             conn.close()
 
 
+def _fitted(options: dict[str, Any], conn: ClientConnection) -> dict[str, Any]:
+    """The ``MAIL`` options for a downstream that lacks ``8BITMIME`` or
+    ``SMTPUTF8``: the declaration is left out (the content is not here yet;
+    :func:`_content_problem` checks it before ``DATA``), so that a message
+    that does not need the extension is not refused for declaring it (RFC
+    6152 3, RFC 6531 3.2). A UTF-8 sender still needs ``SMTPUTF8``."""
+    fitted = dict(options)
+    if fitted["eightbit"] and not conn.supports("8BITMIME"):
+        fitted["eightbit"] = False
+    if fitted["smtputf8"] and not conn.supports("SMTPUTF8"):
+        fitted["smtputf8"] = None
+    return fitted
+
+
+def _is_7bit(envelope: Envelope) -> bool:
+    if not envelope.header_bytes.isascii():
+        return False
+    body = envelope.open_body()
+    start = body.tell()
+    try:
+        while chunk := body.read(1 << 16):
+            if not chunk.isascii():
+                return False
+        return True
+    finally:
+        body.seek(start)
+
+
+def _content_problem(conn: ClientConnection, envelope: Envelope) -> SMTPError | None:
+    """What the downstream cannot take, known before ``DATA``: 8-bit content
+    without its ``8BITMIME`` (declared or not: there is no conversion to
+    7 bits), or a message declared ``SMTPUTF8`` with 8-bit content (UTF-8
+    headers) without its ``SMTPUTF8``. ``None`` when it can."""
+    utf8 = "SMTPUTF8" in envelope.mail_params and not conn.supports("SMTPUTF8")
+    if conn.supports("8BITMIME") and not utf8:
+        return None
+    if _is_7bit(envelope):
+        return None
+    if utf8:
+        return PermanentError(
+            "The message needs SMTPUTF8 and the downstream server does not support it",
+            553,
+            "5.6.7",
+        )
+    return PermanentError(
+        "The message has 8-bit content and the downstream server does not support 8BITMIME",
+        554,
+        "5.6.3",
+    )
+
+
 class ForwardPlugin:
     """Forward each message to one downstream SMTP server during the
     session (see the plugin's README)."""
@@ -285,6 +336,10 @@ class ForwardPlugin:
             raise min(errors, key=lambda e: e.status_code // 100)
         link.envelope = None
         link.accepted = []
+        problem = _content_problem(conn, envelope)
+        if problem is not None:
+            link.drop()  # MAIL and RCPT were sent: end that transaction with the connection
+            raise problem
         try:
             replies = await conn.data(envelope)
         except BaseException:
@@ -383,7 +438,7 @@ class ForwardPlugin:
                 assert conn is not None
                 try:
                     link.sender = envelope.mail_from
-                    reply = await conn.mail(envelope.mail_from, **options)
+                    reply = await conn.mail(envelope.mail_from, **_fitted(options, conn))
                 except ClientError:
                     # A kept connection that no longer works: once more, anew.
                     conn.close()
