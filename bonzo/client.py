@@ -125,6 +125,7 @@ __all__ = [
     "MessageSource",
     "DotStuffer",
     "TLS_POLICIES",
+    "has_8bit",
     "connect",
     "deliver",
 ]
@@ -582,6 +583,19 @@ class _Content:
     def eightbit(self, size: int) -> bool:
         """True if any octet is outside ASCII (read in chunks)."""
         return any(not chunk.isascii() for chunk in self.chunks(size))
+
+
+def has_8bit(message: Message, chunk_size: int = 1 << 16) -> bool:
+    """True if ``message`` (see :data:`Message`: a file is read from its
+    current position, in chunks, and left where it was) has an octet
+    outside ASCII: what decides whether it needs ``8BITMIME`` (or, with UTF-8
+    headers, ``SMTPUTF8``) at the server, whatever it was declared."""
+    content = _Content(message)
+    try:
+        return content.eightbit(chunk_size)
+    finally:
+        if content.body is not None:
+            content.body.seek(content.start)
 
 
 class DotStuffer:

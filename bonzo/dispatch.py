@@ -546,14 +546,13 @@ class Dispatcher:
         Some got it and the rest are refused for good: ``250`` — the client
         cannot be told which, and is not (an LMTP client is)."""
         order = sorted(envelope.refused)
-        refused = [envelope.refused[i] for i in order]
         deferred = [i for i in order if envelope.refused[i].status_code < 500]
         names = [envelope.rcpt_tos[i] for i in order]
         chosen = (deferred or order)[0]
         first = envelope.refused[chosen], envelope.refused_by.get(chosen, "core")
-        if len(refused) == len(envelope.recipients):
+        if len(order) == len(envelope.recipients):
             return first
-        delivered = len(envelope.recipients) - len(refused)
+        delivered = len(envelope.recipients) - len(order)
         error = first[0]
         app_log.warning(
             "[%s %s] message %s was delivered to %d recipient(s) but not to %s "

@@ -19,7 +19,7 @@ import asyncio
 import difflib
 import inspect
 import sys
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import pluggy
@@ -338,13 +338,17 @@ def _wrong_parameter(plugin: object) -> str | None:
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in spec_args:
                 if p.default is not p.empty:
                     continue  # pluggy passes nothing for it: allowed
-                close = difflib.get_close_matches(p.name, spec_args, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                return (
-                    f"{hook} has the parameter {p.name!r}, which is not one of its "
-                    f"arguments ({', '.join(spec_args)}){hint}"
-                )
+                return f"{hook} {_not_an_argument(p.name, spec_args)}"
     return None
+
+
+def _not_an_argument(name: str, spec_args: Sequence[str]) -> str:
+    """Says that a hook has a parameter ``name`` its spec does not, with the
+    spec's arguments and the closest of them."""
+    close = difflib.get_close_matches(name, spec_args, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    known = ", ".join(spec_args)
+    return f"has the parameter {name!r}, which is not one of its arguments ({known}){hint}"
 
 
 def _signature_problem(impl: pluggy.HookImpl, hook: str) -> str | None:
@@ -373,11 +377,7 @@ def _signature_problem(impl: pluggy.HookImpl, hook: str) -> str | None:
                 f"make it a plain parameter (of: {known})"
             )
         if p.name not in spec_args and p.name in impl.kwargnames:
-            close = difflib.get_close_matches(p.name, spec_args, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            return (
-                f"has the parameter {p.name!r}, which is not one of its arguments ({known}){hint}"
-            )
+            return _not_an_argument(p.name, spec_args)
     return None
 
 

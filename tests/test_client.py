@@ -1376,3 +1376,23 @@ def test_any_reply_text_parses_safely(code, lines):
         # also take other scripts' digits).
         assert enhanced_code_problem(code, reply.enhanced_code) is None
         assert lines[0].startswith(reply.enhanced_code)
+
+
+def test_has_8bit_reads_any_message_and_leaves_a_file_where_it_was():
+    from bonzo.client import has_8bit
+    from bonzo.session import Envelope
+
+    assert not has_8bit(b"Subject: plain\r\n\r\nHello.\r\n")
+    assert has_8bit("Subject: caf\u00e9\r\n".encode())
+    f = io.BytesIO(b"\xe9 skipped\r\nplain after\r\n")
+    f.seek(3)
+    assert not has_8bit(f, chunk_size=4)
+    assert f.tell() == 3
+    envelope = Envelope("a@example.org", rcpt_tos=["b@example.net"])
+    envelope.write(b"Subject: x\r\n\r\nplain\r\n")
+    assert not has_8bit(envelope)
+    envelope.close()
+    eight = Envelope("a@example.org", rcpt_tos=["b@example.net"])
+    eight.write("Subject: x\r\n\r\n\u00e9t\u00e9\r\n".encode())
+    assert has_8bit(eight)
+    eight.close()

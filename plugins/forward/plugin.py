@@ -175,20 +175,6 @@ def _fitted(options: dict[str, Any], conn: ClientConnection) -> dict[str, Any]:
     return fitted
 
 
-def _is_7bit(envelope: Envelope) -> bool:
-    if not envelope.header_bytes.isascii():
-        return False
-    body = envelope.open_body()
-    start = body.tell()
-    try:
-        while chunk := body.read(1 << 16):
-            if not chunk.isascii():
-                return False
-        return True
-    finally:
-        body.seek(start)
-
-
 def _content_problem(conn: ClientConnection, envelope: Envelope) -> SMTPError | None:
     """What the downstream cannot take, known before ``DATA``: 8-bit content
     without its ``8BITMIME`` (declared or not: there is no conversion to
@@ -197,7 +183,7 @@ def _content_problem(conn: ClientConnection, envelope: Envelope) -> SMTPError | 
     utf8 = "SMTPUTF8" in envelope.mail_params and not conn.supports("SMTPUTF8")
     if conn.supports("8BITMIME") and not utf8:
         return None
-    if _is_7bit(envelope):
+    if not client.has_8bit(envelope):
         return None
     if utf8:
         return PermanentError(

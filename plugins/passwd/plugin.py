@@ -126,6 +126,12 @@ def _check(password: str, stored: str | None) -> bool:
     return verify_password(password, stored if stored is not None else dummy_hash())
 
 
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    # The inode too: a rewrite (add_user, most editors) is a new file, and a
+    # changed password is the same size, maybe within the same mtime tick.
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class PasswdPlugin:
     """Accepts AUTH credentials that match the password file.
 
@@ -139,7 +145,7 @@ class PasswdPlugin:
         self.users: dict[str, str] = {}
         self.threads = 2
         self._stamp: tuple[int, ...] | None = None
-        self._unreadable: str | None = None  # why the file cannot be read now
+        self._unreadable = False  # the file could not be read at the last AUTH
         # Made in each worker process, on first use (not across a fork).
         self._pool: ThreadPoolExecutor | None = None
 
@@ -173,19 +179,16 @@ class PasswdPlugin:
         """The file's identity and times; ``None`` when it cannot be read."""
         assert self.path is not None
         try:
-            st = self.path.stat()
+            return _stamp(self.path.stat())
         except OSError:
             return None
-        # The inode too: a rewrite (add_user, most editors) is a new file, and
-        # a changed password is the same size, maybe within the same mtime tick.
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def _reload_if_changed(self) -> None:
         assert self.path is not None
         try:
-            self.path.stat()
+            stamp = _stamp(self.path.stat())
         except OSError as exc:
-            if self._unreadable is None:
+            if not self._unreadable:
                 # Once per outage: the users read before stay (as for a file
                 # that does not parse), and the operator is told.
                 log.error(
@@ -195,13 +198,12 @@ class PasswdPlugin:
                     exc.strerror or exc,
                     len(self.users),
                 )
-            self._unreadable = str(exc)
+            self._unreadable = True
             return
-        if self._unreadable is not None:
+        if self._unreadable:
             log.info("passwd: %s is readable again", self.path)
-            self._unreadable = None
-        stamp = self._file_stamp()
-        if stamp is None or stamp == self._stamp:
+            self._unreadable = False
+        if stamp == self._stamp:
             return
         try:
             self.users = read_password_file(self.path)

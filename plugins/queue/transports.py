@@ -269,23 +269,6 @@ def _send_options(message: QueuedMessage) -> dict[str, Any]:
     }
 
 
-#: Octets read at a time when a message is scanned for 8-bit content.
-SCAN_CHUNK = 1 << 16
-
-
-def _is_7bit(body: IO[bytes]) -> bool:
-    """Whether the rest of ``body`` is all 7-bit octets (read in chunks; the
-    file is left where it was)."""
-    start = body.tell()
-    try:
-        while chunk := body.read(SCAN_CHUNK):
-            if not chunk.isascii():
-                return False
-        return True
-    finally:
-        body.seek(start)
-
-
 def _fitted(
     options: dict[str, Any],
     conn: ClientConnection,
@@ -309,7 +292,7 @@ def _fitted(
         fitted["eightbit"] = None  # the client scans: 7-bit content goes as it is
     if smtputf8:
         ascii_addresses = message.sender.isascii() and all(r.address.isascii() for r in recipients)
-        if ascii_addresses and _is_7bit(body):
+        if ascii_addresses and not client.has_8bit(body):
             fitted["smtputf8"] = None
     return fitted
 
