@@ -2,9 +2,10 @@
 
 Every change takes the message's claim first (the lock a runner holds while
 it delivers), waiting a few seconds for a delivery in flight to finish, so
-the command and the daemon never work on one message at once. A running
-daemon notices changes at its next look at the queue; ``flush`` makes it
-look at once.
+the command and the daemon never work on one message at once. Before it
+claims, the command pokes running daemons (the queue's ``flush`` file), which
+makes them look at the queue at once and let go of the claims they keep for
+messages accepted but not yet tried (they wait for a free delivery slot).
 """
 
 from __future__ import annotations
@@ -207,11 +208,16 @@ def _show(plugin: QueuePlugin, args: argparse.Namespace) -> int:
     return 0
 
 
-def _change(plugin: QueuePlugin, id: str, what: str, change: Any) -> None:
+def _change(plugin: QueuePlugin, id: str, what: str, change: Any, *, poke: bool = True) -> None:
+    """Claim message ``id``, apply ``change`` and save its state, then print
+    ``what``. ``change`` returns ``False`` to save nothing, or a text to
+    print instead of ``what`` when it changed nothing (nothing saved)."""
     spool = plugin.spool
     assert spool is not None
     if not spool.exists(id):
         raise Problem(f"{id}: no such message in {spool.path}")
+    if poke:
+        _poke(spool)
     claim = spool.claim(id, wait=CLAIM_WAIT)
     if claim is None:
         if not spool.exists(id):
@@ -219,13 +225,15 @@ def _change(plugin: QueuePlugin, id: str, what: str, change: Any) -> None:
         raise Problem(f"{id}: being delivered right now; try again in a moment")
     with claim:
         message = _load(spool, id)
-        if change(message) is not False:
+        done = change(message)
+        if done is None or done is True:
             spool.save_state(message)
-    print(f"{id}: {what}")
+    print(f"{id}: {done if isinstance(done, str) else what}")
 
 
 def _poke(spool: Spool) -> None:
-    """Make running daemons look at the queue now."""
+    """Make running daemons look at the queue now, letting go of the claims
+    they keep for messages not yet tried."""
     (spool.path / "flush").touch()
 
 
@@ -234,15 +242,19 @@ def _flush(plugin: QueuePlugin, args: argparse.Namespace) -> int:
     assert spool is not None
     now = datetime.datetime.now().timestamp()
 
-    def due_now(message: QueuedMessage) -> None:
+    def due_now(message: QueuedMessage) -> str | None:
+        if message.held:
+            return "held, not due (release it to deliver it)"
         for r in message.recipients:
             if not r.final:
                 r.next_attempt = min(r.next_attempt, now)
+        return None
 
     ids = [args.id] if args.id else spool.ids()
+    _poke(spool)
     for id in ids:
         try:
-            _change(plugin, id, "due now", due_now)
+            _change(plugin, id, "due now", due_now, poke=False)
         except Problem as exc:
             if args.id:
                 raise
@@ -274,6 +286,7 @@ def _delete(plugin: QueuePlugin, args: argparse.Namespace) -> int:
     spool = plugin.spool
     assert spool is not None
     _load(spool, args.id)
+    _poke(spool)
     claim = spool.claim(args.id, wait=CLAIM_WAIT)
     if claim is None:
         raise Problem(f"{args.id}: being delivered right now; try again in a moment")
@@ -287,6 +300,7 @@ def _bounce(plugin: QueuePlugin, args: argparse.Namespace) -> int:
     spool, routes = plugin.spool, plugin.routes
     assert spool is not None and routes is not None
     _load(spool, args.id)
+    _poke(spool)
 
     async def main() -> str | None:
         sync = GroupSync(spool.data)

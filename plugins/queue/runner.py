@@ -305,6 +305,16 @@ class Runner:
             now = self.clock()
             if self._flushed():
                 next_scan = 0.0
+                # ``bonzo queue`` pokes before it claims a message (hold,
+                # delete, bounce, flush): the claims kept for messages not yet
+                # tried are let go, or the command would wait for a free
+                # delivery slot and fail. They are read back from the disk,
+                # with what the command changed, when their turn comes.
+                if self._handed:
+                    log.debug(
+                        "queue: poked; %d claim(s) of untried messages let go", len(self._handed)
+                    )
+                    self._release_handed()
             if now >= next_scan:
                 try:
                     await loop.run_in_executor(self._executor, self._scan)

@@ -962,6 +962,55 @@ def test_handed_over_claims_are_bounded_and_released_at_stop(tmp_path, monkeypat
         claim.release()
 
 
+def test_a_poke_lets_go_of_the_claims_of_untried_messages(tmp_path):
+    # Every delivery slot is taken by a stalled delivery: the message handed
+    # over at acceptance waits for a slot with its claim held. ``bonzo queue``
+    # (hold, delete, bounce, flush) pokes before it claims; the runner lets
+    # go at once, and the message is still delivered later, read back.
+    release = asyncio.Event()
+    started: list[str] = []
+
+    class Stalling(Scripted):
+        async def deliver(self, message, recipients):
+            started.append(message.id)
+            if message.id == "S0":
+                await release.wait()
+            return [OK for _ in recipients]
+
+    spool, runner, clock = make_runner(tmp_path, Stalling({}), max_deliveries=1)
+    queued(spool, "S0", envelope())
+
+    async def main() -> None:
+        runner.start()
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if started:
+                break
+        assert started == ["S0"]
+        runner.kick("H1", spool.write_claimed("H1", envelope(), b"", io.BytesIO(BODY)))
+        await asyncio.sleep(0.2)
+        assert spool.claim("H1") is None  # held by the runner, waiting for the slot
+        (spool.path / "flush").touch()  # what the command line does first
+        claim = None
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            claim = spool.claim("H1")
+            if claim is not None:
+                break
+        assert claim is not None, "the runner kept the claim of an untried message"
+        claim.release()
+        release.set()
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            if not spool.ids():
+                break
+        await runner.stop(grace=1)
+
+    asyncio.run(main())
+    assert spool.ids() == []
+    assert started == ["S0", "H1"]
+
+
 def test_a_quarantined_message_goes_to_the_quarantine_transport_only(tmp_path):
     from bonzo import Quarantine
 

@@ -177,6 +177,9 @@ def test_the_queue_command(tmp_path):
         assert bonzo("queue", "-c", str(config), "hold", ids[0], cwd=tmp_path).returncode == 0
         held = bonzo("queue", "-c", str(config), "list", "--state", "held", cwd=tmp_path)
         assert held.stdout.startswith(ids[0]) and "1 held" in held.stdout
+        flush = bonzo("queue", "-c", str(config), "flush", ids[0], cwd=tmp_path)
+        assert flush.returncode == 0, flush.stderr
+        assert flush.stdout == f"{ids[0]}: held, not due (release it to deliver it)\n"
         recent = bonzo("queue", "-c", str(config), "list", "--older-than", "1h", cwd=tmp_path)
         assert recent.returncode == 0 and recent.stdout.startswith("--")  # none that old
         bad_age = bonzo("queue", "-c", str(config), "list", "--older-than", "bogus", cwd=tmp_path)
