@@ -126,6 +126,7 @@ __all__ = [
     "DotStuffer",
     "TLS_POLICIES",
     "has_8bit",
+    "server_label",
     "connect",
     "deliver",
 ]
@@ -267,7 +268,7 @@ class DeliveryResult:
 
     recipients: list[RecipientResult]
     server: str = ""
-    """Who answered: ``host:port`` or ``unix:path``."""
+    """Who answered, as :func:`server_label` names it."""
     dsn: bool = False
     """The server offered DSN, so ``NOTIFY``/``ORCPT``/``RET``/``ENVID`` were
     passed on; when False, a queue owes the sender the "relayed" notices
@@ -729,13 +730,28 @@ def _verify_context(settings: ClientSettings) -> ssl.SSLContext:
     return _SYSTEM_TRUST
 
 
+def server_label(
+    host: str | None, port: int | None, path: str | None = None, name: str | None = None
+) -> str:
+    """How logs, results and reports name a server: ``unix:path``;
+    ``host:port`` (``[address]:port`` for an IPv6 address); or, when the
+    connection goes to an address on behalf of a named host (an MX host, a
+    ``tls_name``), ``name[address]:port`` as Postfix writes it."""
+    if path is not None:
+        return f"unix:{path}"
+    where = f"[{host}]" if host is not None and ":" in host else str(host)
+    if name and name != host:
+        where = f"{name}{where}" if where.startswith("[") else f"{name}[{where}]"
+    return f"{where}:{port}"
+
+
 async def _open_socket(
     host: str | None, port: int, path: str | None, settings: ClientSettings
 ) -> socket.socket:
     """A connected non-blocking socket to ``host:port`` (each address in
     turn) or to the Unix socket ``path``; :class:`_Broken` at CONNECT."""
     loop = asyncio.get_running_loop()
-    where = f"unix:{path}" if path is not None else f"{host}:{port}"
+    where = server_label(host, port, path)
     timeout = settings.connect_timeout
     if path is not None:
         targets: list[tuple[int, Any]] = [(int(socket.AF_UNIX), path)]
@@ -821,7 +837,7 @@ class ClientConnection:
     protocol = "SMTP"
 
     def __init__(self, server: str, settings: ClientSettings) -> None:
-        #: Who this talks to: ``host:port`` or ``unix:path``.
+        #: Who this talks to, as :func:`server_label` names it.
         self.server = server
         self.settings = settings
         #: The greeting (after :func:`connect`).
@@ -2069,7 +2085,7 @@ async def connect(
         if settings.username is not None:
             raise ValueError("LMTP connections do not authenticate")
         port = _default_port(protocol, settings) if port is None else port
-        server = f"unix:{path}" if path is not None else f"{host}:{port}"
+        server = server_label(host, port, path)
         lmtp = LMTPConnection(server, settings)
         try:
             await lmtp._open(host, port, path)
@@ -2084,7 +2100,7 @@ async def connect(
         raise ValueError(f"protocol must be 'smtp' or 'lmtp', not {protocol!r}")
     if port is None:
         port = _default_port(protocol, settings)
-    server = f"unix:{path}" if path is not None else f"{host}:{port}"
+    server = server_label(host, port, path, settings.tls_name)
     tls_name = settings.tls_name or host
     if settings.tls_policy == "verify" and not tls_name:
         raise ValueError("the verify policy needs a tls_name")
@@ -2132,7 +2148,7 @@ async def deliver(
     """
     if port is None:
         port = _default_port(protocol, settings or ClientSettings())
-    server = f"unix:{path}" if path is not None else f"{host}:{port}"
+    server = server_label(host, port, path, (settings or ClientSettings()).tls_name)
     try:
         conn = await connect(host, port, path=path, protocol=protocol, settings=settings)
     except ClientError as exc:

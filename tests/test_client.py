@@ -37,6 +37,7 @@ from bonzo.client import (
     Status,
     connect,
     deliver,
+    server_label,
 )
 from bonzo.errors import PermanentError, TransientError
 from bonzo.session import Envelope
@@ -208,6 +209,36 @@ def test_sender_and_message_refusals_apply_to_every_recipient(
         assert got[1][1:4] == ("refused", "rcpt", 550)
         assert {(s, st_, c) for _, s, st_, c, _ in (got[0], got[2])} == {(status, stage, code)}
     assert policy_server.plugin.messages == []
+
+
+def test_a_connection_to_an_address_for_a_named_host_is_named_both_ways(policy_server):
+    # As an MX delivery connects: to an address, on behalf of a host name.
+    result = run(
+        deliver(
+            HOST,
+            policy_server.port,
+            sender="alice@example.org",
+            recipients=["ok1@example.net"],
+            message=MESSAGE,
+            settings=settings(tls_name="mx.example.net"),
+        )
+    )
+    assert result.server == f"mx.example.net[{HOST}]:{policy_server.port}"
+
+
+@pytest.mark.parametrize(
+    "args, label",
+    [
+        (("192.0.2.1", 25), "192.0.2.1:25"),
+        (("2001:db8::1", 25), "[2001:db8::1]:25"),
+        (("192.0.2.1", 25, None, "mx.example.net"), "mx.example.net[192.0.2.1]:25"),
+        (("2001:db8::1", 25, None, "mx.example.net"), "mx.example.net[2001:db8::1]:25"),
+        (("relay.example", 587, None, "relay.example"), "relay.example:587"),
+        ((None, None, "/run/lmtp"), "unix:/run/lmtp"),
+    ],
+)
+def test_server_labels(args, label):
+    assert server_label(*args) == label
 
 
 def test_no_recipient_accepted_sends_no_data_and_the_connection_goes_on(policy_server):

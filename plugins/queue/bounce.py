@@ -132,6 +132,22 @@ def _clean(text: str, limit: int = 900) -> str:
     return text[:limit]
 
 
+def _mta_name(server: str) -> str:
+    """A ``Remote-MTA`` value (RFC 3464 2.3.5) for a server as the client
+    names it (:func:`bonzo.client.server_label`): the host name, or the
+    address when there is none, without the port (``dns;
+    mx.example.net`` for ``mx.example.net[192.0.2.1]:25``); a Unix socket is
+    ``x-unix; path``."""
+    if server.startswith("unix:"):
+        return f"x-unix; {server[5:]}"
+    host, colon, port = server.rpartition(":")
+    if colon and port.isdigit() and (":" not in host or host.endswith("]")):
+        server = host  # "host:port", "[v6]:port", "name[address]:port"
+    if server.endswith("]") and not server.startswith("["):
+        server = server[: server.index("[")]  # the name of name[address]
+    return f"dns; {server}"
+
+
 def _date(when: float) -> str:
     return format_datetime(localtime(datetime.datetime.fromtimestamp(when, datetime.timezone.utc)))
 
@@ -206,7 +222,7 @@ def build_report(
             status = line.status
         out.append(f"Status: {status}")
         if line.remote_mta:
-            out.append(f"Remote-MTA: dns; {_clean(line.remote_mta, 255)}")
+            out.append(f"Remote-MTA: {_mta_name(_clean(line.remote_mta, 255))}")
         if line.diagnostic:
             # "smtp" only for a reply a server gave (RFC 3464 2.3.6).
             kind = "smtp" if line.remote_mta else "X-Bonzo"

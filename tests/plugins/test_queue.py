@@ -1416,6 +1416,29 @@ def test_a_report_names_a_remote_mta_only_for_its_own_reply(tmp_path):
     assert carol["Diagnostic-Code"] == "X-Bonzo; 550 5.1.2 example.net: no such domain"
 
 
+@pytest.mark.parametrize(
+    "server, field",
+    [
+        ("mx.example.net[192.0.2.1]:25", "dns; mx.example.net"),
+        ("192.0.2.7:2525", "dns; 192.0.2.7"),
+        ("[2001:db8::1]:25", "dns; [2001:db8::1]"),
+        ("mx[2001:db8::1]:25", "dns; mx"),
+        ("unix:/run/dovecot/lmtp", "x-unix; /run/dovecot/lmtp"),
+        ("relay.example", "dns; relay.example"),
+    ],
+)
+def test_remote_mta_is_a_host_name_without_the_port(tmp_path, server, field):
+    # RFC 3464 2.3.5: "dns; " is followed by a host name, not host:port.
+    gone = Outcome("failed", 550, "5.1.1", "No such user", server, remote=True)
+    transport = Scripted({"bob@example.net": [gone]})
+    spool, runner, clock = make_runner(tmp_path, transport)
+    queued(spool, "R1", envelope())
+    asyncio.run(runner.attempt("R1"))
+    [report] = reports(spool)
+    [bob] = _per_recipient(report)
+    assert bob["Remote-MTA"] == field
+
+
 def test_a_delay_notice_keeps_whose_reply_it_was_across_attempts(tmp_path):
     # The notice is built from the recipients' saved state, not the outcome.
     transport = Scripted({"bob@example.net": [DEFER] * 3, "carol@example.net": [LOCAL_DEFER] * 3})
