@@ -143,6 +143,9 @@ class Runner:
         # destination: each is tried again when a delivery there ends (or at
         # the next scan), holding neither a slot nor its claim meanwhile.
         self._busy: dict[str, set[str]] = {}
+        # A parked message's other recipients' next due time (None: none), so
+        # that a scan need not revive it while its destination stays busy.
+        self._parked: dict[str, float | None] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         # The runner's file work (claim, read, remove) gets threads of its
@@ -326,6 +329,7 @@ class Runner:
                     # A message removed before its first attempt (bonzo
                     # queue delete) no longer counts as waiting.
                     self._first.intersection_update(self._due)
+                    self._keep_parked()
                     # A message handed over while the scan listed the
                     # directory may be missing from it: its claim is held
                     # here, so it must not wait for the next scan.
@@ -424,6 +428,7 @@ class Runner:
             self._due.pop(id, None)  # another worker has it, or it is gone
             return
         claim, message = claimed
+        self._unpark(id)
         try:
             now = self.clock()
             due = message.due(now)
@@ -445,13 +450,25 @@ class Runner:
                 return
             if outcomes:
                 await loop.run_in_executor(self._executor, self.spool.save_state, message)
-            if busy:
+            if busy and all(self._destinations[d].locked() for d in busy):
                 # Not tried for the recipients at a busy destination (no
                 # attempt counted): woken when a delivery there ends.
-                self._due.pop(id, None)
+                # Its other recipients keep their own due time.
+                parked = {i for idx in busy.values() for i in idx}
+                rest = [
+                    message.recipients[i].next_attempt for i in message.pending if i not in parked
+                ]
+                other = self._parked[id] = min(rest) if rest else None
+                if other is None:
+                    self._due.pop(id, None)
+                else:
+                    self._set_due(id, other)
                 for destination in busy:
                     self._busy.setdefault(destination, set()).add(id)
             else:
+                # (A busy destination that is free again ended a delivery
+                # while this attempt ran: its wake-up found this message in
+                # flight, so it is due again now rather than parked.)
                 self._set_due(id, nxt)
         finally:
             claim.release()  # (already released by _remove: then nothing to do)
@@ -510,22 +527,56 @@ class Runner:
         """A delivery to ``destination`` ended: wake one message waiting for it."""
         waiting = self._busy.get(destination)
         if waiting:
-            id = waiting.pop()
-            if not waiting:
-                del self._busy[destination]
+            id = next(iter(waiting))
+            self._unpark(id)
             self._set_due(id, 0.0)
             self._wake.set()
 
+    def _unpark(self, id: str) -> None:
+        """``id`` is being tried: it no longer waits for any destination (a
+        wake-up there must go to a message that does)."""
+        self._parked.pop(id, None)
+        for destination in [d for d, waiting in self._busy.items() if id in waiting]:
+            waiting = self._busy[destination]
+            waiting.discard(id)
+            if not waiting:
+                del self._busy[destination]
+
+    def _keep_parked(self) -> None:
+        """After a scan: a message parked for a destination that is still at
+        its limit stays parked (a delivery there ends and wakes it), due only
+        when its other recipients are; one whose destination has room again
+        keeps the scan's due time (the net under a lost wake-up). Messages
+        that left the queue are forgotten."""
+        due = self._due
+        for destination in list(self._busy):
+            waiting = self._busy[destination]
+            waiting.intersection_update(due)
+            if not waiting:
+                del self._busy[destination]
+                continue
+            if not self._destinations[destination].locked():
+                continue
+            for id in waiting:
+                other = self._parked.get(id)
+                if other is None:
+                    due.pop(id, None)
+                else:
+                    self._set_due(id, other)
+        still: set[str] = set().union(*self._busy.values())
+        for id in [id for id in self._parked if id not in still]:
+            del self._parked[id]
+
     async def _deliver(
         self, message: QueuedMessage, due: list[int]
-    ) -> tuple[dict[int, Outcome], list[str]]:
+    ) -> tuple[dict[int, Outcome], dict[str, list[int]]]:
         """The outcome of each recipient tried, and the destinations not
-        tried because ``per_destination`` deliveries to them were under way
-        (their recipients get no outcome: a busy destination must not hold
-        the slots other destinations need)."""
+        tried because ``per_destination`` deliveries to them were under way,
+        with their recipients (who get no outcome: a busy destination must
+        not hold the slots other destinations need)."""
         groups: dict[tuple[int, str], tuple[Any, list[int]]] = {}
         outcomes: dict[int, Outcome] = {}
-        busy: list[str] = []
+        busy: dict[str, list[int]] = {}
         for i in due:
             recipient = message.recipients[i]
             transport = await self._route(message, recipient)
@@ -551,7 +602,7 @@ class Runner:
                 destination, asyncio.Semaphore(self.settings.per_destination)
             )
             if limit.locked():
-                busy.append(destination)
+                busy.setdefault(destination, []).extend(idx)
                 return
             try:
                 async with limit:

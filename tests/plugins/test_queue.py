@@ -691,6 +691,136 @@ def test_a_stalled_destination_does_not_hold_the_slots_others_need(tmp_path):
     assert sorted(started) == ["F1"] + [f"S{i}" for i in range(6)]
 
 
+async def _until(check: Any, seconds: float = 3.0) -> bool:
+    for _ in range(int(seconds / 0.01)):
+        if check():
+            return True
+        await asyncio.sleep(0.01)
+    return bool(check())
+
+
+def test_a_wake_up_during_the_message_s_own_attempt_is_not_lost(tmp_path):
+    # M goes to slow.test (busy: S0 stalls there, per_destination = 1) and
+    # to mid.test (slow to answer). S0 ends while M's attempt still runs at
+    # mid.test, so the wake-up for slow.test finds M in flight; M must be
+    # tried again as soon as its attempt ends, not at the next scan (an hour).
+    slow, mid = asyncio.Event(), asyncio.Event()
+    calls: list[tuple[str, str]] = []
+
+    class Timed(Scripted):
+        async def deliver(self, message, recipients):
+            calls.append((message.id, recipients[0].domain))
+            if message.id == "S0":
+                await slow.wait()
+            elif recipients[0].domain == "mid.test":
+                await mid.wait()
+            return [OK for _ in recipients]
+
+    spool, runner, clock = make_runner(
+        tmp_path, Timed({}), max_deliveries=4, per_destination=1, scan_interval=3600
+    )
+    queued(spool, "S0", envelope("a@example.org", "x@slow.test"))
+
+    async def main() -> None:
+        runner.start()
+        assert await _until(lambda: calls == [("S0", "slow.test")])
+        queued(spool, "M1", envelope("a@example.org", "y@slow.test", "z@mid.test"))
+        runner.kick("M1")
+        assert await _until(lambda: ("M1", "mid.test") in calls)
+        slow.set()  # S0 ends: the wake-up for slow.test finds M1 in flight
+        assert await _until(lambda: "S0" not in spool.ids())
+        await asyncio.sleep(0.1)
+        mid.set()
+        assert await _until(lambda: "M1" not in spool.ids()), "M1 waited for the next scan"
+        await runner.stop(grace=1)
+
+    asyncio.run(main())
+    assert ("M1", "slow.test") in calls
+
+
+def test_a_scan_leaves_messages_parked_while_their_destination_is_at_its_limit(
+    tmp_path, monkeypatch
+):
+    # 20 messages wait for slow.test, where the one allowed delivery stalls.
+    # Scans (forced by pokes) neither claim nor read them again: each delivery
+    # there that ends wakes one. They all go once it frees up.
+    release = asyncio.Event()
+    started: list[str] = []
+
+    class Stalling(Scripted):
+        async def deliver(self, message, recipients):
+            started.append(message.id)
+            if message.id == "S0":
+                await release.wait()
+            return [OK for _ in recipients]
+
+    spool, runner, clock = make_runner(
+        tmp_path, Stalling({}), max_deliveries=4, per_destination=1, scan_interval=3600
+    )
+    queued(spool, "S0", envelope("a@example.org", "x@slow.test"))
+    claims: list[str] = []
+    real_claim = runner._claim_and_load
+    monkeypatch.setattr(
+        runner, "_claim_and_load", lambda id: (claims.append(id), real_claim(id))[1]
+    )
+
+    async def main() -> None:
+        runner.start()
+        assert await _until(lambda: started == ["S0"])
+        for i in range(1, 21):
+            queued(spool, f"P{i:02}", envelope("a@example.org", f"u{i}@slow.test"))
+        (spool.path / "flush").touch()  # a scan finds them: each tried once, parked
+        assert await _until(lambda: sum(len(w) for w in runner._busy.values()) == 20)
+        claims.clear()
+        for _ in range(3):
+            await asyncio.sleep(1.1)  # mtime granularity on some file systems
+            (spool.path / "flush").touch()
+        await asyncio.sleep(1.1)
+        assert claims == []  # no scan revived them
+        release.set()
+        assert await _until(lambda: not spool.ids(), seconds=10)
+        await runner.stop(grace=1)
+
+    asyncio.run(main())
+    assert sorted(started) == sorted(["S0"] + [f"P{i:02}" for i in range(1, 21)])
+
+
+def test_a_parked_message_s_other_recipients_keep_their_own_due_time(tmp_path):
+    # M waits for slow.test (busy); its recipient at later.test was deferred
+    # and is tried again when its back-off ends, while slow.test stays busy.
+    release = asyncio.Event()
+    calls: list[tuple[str, str]] = []
+
+    class Mixed(Scripted):
+        async def deliver(self, message, recipients):
+            calls.append((message.id, recipients[0].domain))
+            if message.id == "S0":
+                await release.wait()
+            if recipients[0].domain == "later.test":
+                return [DEFER for _ in recipients]
+            return [OK for _ in recipients]
+
+    spool, runner, clock = make_runner(
+        tmp_path, Mixed({}), per_destination=1, scan_interval=3600, min_backoff=300
+    )
+    queued(spool, "S0", envelope("a@example.org", "x@slow.test"))
+
+    async def main() -> None:
+        runner.start()
+        assert await _until(lambda: calls == [("S0", "slow.test")])
+        queued(spool, "M1", envelope("a@example.org", "y@slow.test", "z@later.test"))
+        runner.kick("M1")
+        assert await _until(lambda: calls.count(("M1", "later.test")) == 1)
+        clock.now += 301
+        assert await _until(lambda: calls.count(("M1", "later.test")) == 2)
+        assert ("M1", "slow.test") not in calls  # still parked for slow.test
+        release.set()
+        assert await _until(lambda: ("M1", "slow.test") in calls)
+        await runner.stop(grace=1)
+
+    asyncio.run(main())
+
+
 def test_idle_pooled_connections_are_closed_after_idle_timeout(tmp_path, monkeypatch):
     from bonzo_plugins.queue import transports
 
