@@ -230,11 +230,18 @@ class Runner:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        tasks = list(self._inflight.values())
-        if tasks:
-            done, pending = await asyncio.wait(tasks, timeout=grace)
-            for task in pending:
-                task.cancel()
+        inflight = dict(self._inflight)
+        if inflight:
+            done, pending = await asyncio.wait(inflight.values(), timeout=grace)
+            for id, task in inflight.items():
+                if task in pending:
+                    log.warning(
+                        "queue: stopping: attempt at %s still running after %g s, cancelled; "
+                        "it is tried again at the next start",
+                        id,
+                        grace,
+                    )
+                    task.cancel()
             if pending:
                 await asyncio.wait(pending)
         await self.routes.close()

@@ -14,6 +14,7 @@ import email.policy
 import errno
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -819,6 +820,33 @@ def test_a_parked_message_s_other_recipients_keep_their_own_due_time(tmp_path):
         await runner.stop(grace=1)
 
     asyncio.run(main())
+
+
+def test_a_delivery_cancelled_at_stop_is_logged_and_kept(tmp_path, caplog):
+    started = asyncio.Event()
+
+    class Stalled(Scripted):
+        async def deliver(self, message, recipients):
+            started.set()
+            await asyncio.sleep(3600)
+            return [OK for _ in recipients]
+
+    spool, runner, clock = make_runner(tmp_path, Stalled({}), scan_interval=3600)
+    queued(spool, "C1", envelope())
+
+    async def main() -> None:
+        runner.start()
+        await asyncio.wait_for(started.wait(), 5)
+        await runner.stop(grace=0.2)
+
+    with caplog.at_level(logging.WARNING, logger="bonzo.plugins.queue"):
+        asyncio.run(main())
+    assert spool.ids() == ["C1"]  # kept for the next start
+    [record] = [r for r in caplog.records if "stopping" in r.getMessage()]
+    assert record.getMessage() == (
+        "queue: stopping: attempt at C1 still running after 0.2 s, cancelled; "
+        "it is tried again at the next start"
+    )
 
 
 def test_idle_pooled_connections_are_closed_after_idle_timeout(tmp_path, monkeypatch):
