@@ -54,6 +54,13 @@ from .settings import SMTPSettings
 
 __all__ = ["Dispatcher", "error_reply", "greeting_refusal", "storage_error_reply"]
 
+#: Verbs of RFC 5321 (and of RFC 821) that the core leaves to plugins: with
+#: no plugin to answer, ``502 5.5.1`` ("command not implemented", RFC 5321
+#: 4.2.4) rather than ``500`` ("command unrecognized"): the command exists
+#: but is not offered here (Sendmail and Postfix answer ``EXPN`` with 502).
+NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "SEND", "SOML", "SAML"})
+
+
 _FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -576,9 +583,14 @@ class Dispatcher:
     ) -> tuple[errors.SMTPError, str]:
         if verdict is None:
             if self.core.enhanced_codes:
-                error = errors.SMTPError(
-                    500, "Error: command not recognized", enhanced_code="5.5.2"
-                )
+                if event.verb in NOT_IMPLEMENTED:
+                    error = errors.SMTPError(
+                        502, "Error: command not implemented", enhanced_code="5.5.1"
+                    )
+                else:
+                    error = errors.SMTPError(
+                        500, "Error: command not recognized", enhanced_code="5.5.2"
+                    )
             else:
                 error = errors.NotImplementedCommand(event.sent or event.verb)
             return error, "core"

@@ -294,7 +294,8 @@ def bonzo_unknown_command(session: Session, verb: str, arg: str) -> Any:
     ``(code, text)`` or ``(code, enhanced_code, text)`` to answer it (a
     ``2xx``, ``4xx`` or ``5xx`` code; a malformed tuple answers ``451 4.3.0``),
     :class:`Accept` for ``250``, raise an ``SMTPError``, or return ``None``
-    (``500 5.5.2`` if nobody handles it).
+    (``500 5.5.2`` if nobody handles it; ``502 5.5.1`` for ``EXPN``, ``TURN``,
+    ``SEND``, ``SOML`` and ``SAML``).
 
     .. versionadded:: 0.2
     """

@@ -1181,6 +1181,9 @@ def test_unknown_command_nobody_handles_is_500_and_bad_tuples_451(log_watch, ser
         c.reply()
         c.command("EHLO client.test")
         assert c.command("XFOO") == b"500 5.5.2 Error: command not recognized\r\n"
+        # SMTP's own verbs the core leaves to plugins: "not implemented".
+        for verb in ("EXPN staff", "expn", "TURN", "SEND FROM:<a@b.c>", "SOML", "SAML"):
+            assert c.command(verb) == b"502 5.5.1 Error: command not implemented\r\n", verb
     srv = serve(plugin_set(("bad", Bad())))
     with raw(srv) as c:
         c.reply()
