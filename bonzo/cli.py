@@ -496,6 +496,7 @@ def _serve_app(app: Any) -> int:
         )
     for warning in app.warnings():
         log.warning("%s", warning)
+    _raise_descriptor_limit(config.settings.max_connections)
     main_pid = os.getpid()
     if config.pid_file is not None:
         problem = _write_pid_file(config.pid_file)
@@ -552,6 +553,52 @@ def _serve_app(app: Any) -> int:
             for s in metrics_sockets:
                 s.close()
             _remove_pid_file(config.pid_file, main_pid)
+
+
+#: Descriptors a worker may need per connection it serves (the socket, and a
+#: spool file or an outbound connection for some), and beside them.
+_DESCRIPTORS_PER_CONNECTION = 2
+_DESCRIPTORS_SPARE = 64
+
+
+def _raise_descriptor_limit(max_connections: int) -> None:
+    """Raise this process's soft limit on open descriptors (inherited by its
+    workers) to what ``max_connections`` sessions may need, within the hard
+    limit (as systemd advises a service that polls with epoll), and warn
+    when the hard limit is too low: a worker out of descriptors cannot
+    accept, spool or deliver."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
+        return
+    need = max_connections * _DESCRIPTORS_PER_CONNECTION + _DESCRIPTORS_SPARE
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        if target > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            except (OSError, ValueError) as exc:
+                log.warning("cannot raise the limit on open files from %d: %s", soft, exc)
+            else:
+                log.info(
+                    "limit on open files raised from %d to %d for [limits] max_connections = %d",
+                    soft,
+                    target,
+                    max_connections,
+                )
+                soft = target
+    if soft != resource.RLIM_INFINITY and soft < need:
+        log.warning(
+            "[limits] max_connections = %d may need %d open files per process, but the limit "
+            "is %d (hard limit %s): raise it (LimitNOFILE= in a systemd unit, ulimit -n) or "
+            "lower max_connections; connections beyond it wait in the listen queue",
+            max_connections,
+            need,
+            soft,
+            "unlimited" if hard == resource.RLIM_INFINITY else hard,
+        )
 
 
 # The running daemon holds an exclusive lock (flock) on its pid file, as

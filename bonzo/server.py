@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.message
+import errno
 import mmap
 import socket
 from collections import Counter
@@ -129,6 +130,15 @@ class WorkerShare:
         return min(self.STEP * more, self.MAX_WAIT) if more > 0 else 0.0
 
 
+#: Seconds a listener stops accepting after ``accept()`` failed for want of
+#: resources (descriptors, memory): the waiting connections stay in the
+#: kernel's backlog meanwhile, instead of the loop spinning on a socket that
+#: stays ready.
+ACCEPT_PAUSE = 1.0
+#: Seconds between two log lines about such failures on one listener.
+ACCEPT_LOG_INTERVAL = 60.0
+
+
 def _accept_on(
     sock: socket.socket,
     callback: Callable[[socket.socket, Any], None],
@@ -137,9 +147,19 @@ def _accept_on(
 ) -> Callable[[], None]:
     """Call ``callback(connection, address)`` for up to ``batch`` waiting
     connections each time ``sock`` is ready — after the pause ``share`` asks
-    for, if any; returns the function that stops."""
+    for, if any; returns the function that stops.
+
+    When ``accept()`` fails for another reason than "nothing waiting" (no
+    descriptor left, no memory), accepting stops for :data:`ACCEPT_PAUSE`
+    seconds and the failure is logged at most once every
+    :data:`ACCEPT_LOG_INTERVAL` seconds, with the number of failures since
+    the last line: the socket stays ready, and retrying at once would spin
+    the CPU and flood the log while the sessions that hold the descriptors
+    get no time to finish."""
     io_loop = IOLoop.current()
     removed = paused = False
+    failures = 0
+    logged_at = -ACCEPT_LOG_INTERVAL
 
     def take(count: int) -> None:
         for _ in range(count):
@@ -151,7 +171,30 @@ def _accept_on(
                 return  # every waiting connection taken (or another worker's)
             except ConnectionAbortedError:
                 continue  # closed by the client while waiting
+            except OSError as exc:
+                failed(exc)
+                return
             callback(connection, address)
+
+    def failed(exc: OSError) -> None:
+        nonlocal paused, failures, logged_at
+        failures += 1
+        now = io_loop.time()
+        if now - logged_at >= ACCEPT_LOG_INTERVAL:
+            gen_log.error(
+                "cannot accept connections on %s: %s%s; not accepting for %g s "
+                "(%d failure(s) since the last report); waiting connections stay queued",
+                _where(sock),
+                exc.strerror or exc,
+                _descriptor_hint(exc),
+                ACCEPT_PAUSE,
+                failures,
+            )
+            logged_at, failures = now, 0
+        if not paused:
+            io_loop.remove_handler(sock)
+            paused = True
+        io_loop.call_later(ACCEPT_PAUSE, resume, batch)
 
     def ready(fd: Any, events: int) -> None:
         nonlocal paused
@@ -165,13 +208,13 @@ def _accept_on(
                 return
         take(batch)
 
-    def resume() -> None:
+    def resume(count: int = 1) -> None:
         nonlocal paused
         if removed or not paused:
             return
         paused = False
         io_loop.add_handler(sock, ready, IOLoop.READ)
-        take(1)  # the connection waited for, if no other worker took it
+        take(count)  # what waited, if no other worker took it
 
     def remove() -> None:
         nonlocal removed
@@ -181,6 +224,35 @@ def _accept_on(
 
     io_loop.add_handler(sock, ready, IOLoop.READ)
     return remove
+
+
+def _where(sock: socket.socket) -> str:
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return "a closed socket"
+    if isinstance(name, tuple):
+        host = name[0]
+        return f"[{host}]:{name[1]}" if ":" in host else f"{host}:{name[1]}"
+    return str(name) or "a socket"
+
+
+def _descriptor_hint(exc: OSError) -> str:
+    """What to do about a failed ``accept()``, for the log line."""
+    if exc.errno == errno.EMFILE:
+        try:
+            import resource
+
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
+            return ""
+        return (
+            f" (this process may open {soft} descriptors: lower [limits] max_connections "
+            "or raise the limit, e.g. LimitNOFILE= in a systemd unit)"
+        )
+    if exc.errno == errno.ENFILE:
+        return " (the system's table of open files is full)"
+    return ""
 
 
 class SMTPRequest:

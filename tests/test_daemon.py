@@ -1351,3 +1351,68 @@ def test_plugins_doc_prints_a_plugins_documentation(workdir, env):
     assert by_module.stdout == "Delivers into a directory.\n", by_module.stderr
     missing = bonzo("plugins", "--doc", "nope", env=env, cwd=workdir)
     assert missing.returncode == 2 and "'nope' is not installed" in missing.stderr
+
+
+# ------------------------------------------------------------- descriptors
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_out_of_descriptors_the_daemon_pauses_accepting_then_recovers(workdir, serve):
+    # A hard limit of 48 open files and 80 clients: accept() fails with
+    # EMFILE while the listening socket stays ready. The daemon must not spin
+    # (it used to: 100% CPU and a traceback per try, 250,000 lines in 8 s),
+    # must say what to do once, and must serve again when clients leave.
+    port = free_port()
+    config = write_config(workdir, port)
+    prelude = "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))"
+    daemon = serve(config, port, prelude=prelude)
+    daemon.wait_ready()
+    assert (
+        "[limits] max_connections = 1000 may need 2064 open files per process, but the limit "
+        "is 48 (hard limit 48)" in daemon.log
+    )
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) for _ in range(80)]
+    try:
+        wait_until(lambda: "cannot accept connections" in daemon.log, what="the EMFILE report")
+        before = _cpu_seconds(daemon.proc.pid)
+        time.sleep(2.0)
+        assert _cpu_seconds(daemon.proc.pid) - before < 0.6  # not spinning (2 s of a core)
+        [line] = [line for line in daemon.log.splitlines() if "cannot accept" in line]
+        assert f"cannot accept connections on 127.0.0.1:{port}: Too many open files" in line
+        assert "this process may open 48 descriptors" in line
+        assert "Traceback" not in daemon.log
+    finally:
+        for client in clients:
+            client.close()
+    # The descriptors come back as the sessions end: new clients are served.
+    wait_until(lambda: _greeted(port), what="a greeting after the clients left")
+    assert send(port) == {}
+    assert daemon.stop() == 0
+
+
+def _greeted(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            return s.recv(100).startswith(b"220 ")
+    except OSError:
+        return False
+
+
+def test_the_soft_descriptor_limit_is_raised_for_max_connections(workdir, serve):
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2064:
+        pytest.skip(f"the hard limit here ({hard}) is below what the test asks for")
+    port = free_port()
+    config = write_config(workdir, port)
+    prelude = f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (48, {hard}))"
+    daemon = serve(config, port, prelude=prelude)
+    daemon.wait_ready()
+    assert "limit on open files raised from 48 to 2064 for [limits] max_connections = 1000" in (
+        daemon.log
+    )
+    assert Path(f"/proc/{daemon.proc.pid}/limits").read_text().count(" 2064 ") == 1
+    assert daemon.stop() == 0
