@@ -38,6 +38,8 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from .listen import accept_on
+
 if TYPE_CHECKING:  # pragma: no cover
     from .connection import SMTPConnection
     from .hooks import PluginSet
@@ -497,6 +499,7 @@ class MetricsServer:
         owner = self
         #: True once the server is stopping: ``/health`` answers 503.
         self.stopping = False
+        self._stops: list[Callable[[], None]] = []
 
         class Exposition(RequestHandler):
             def get(self) -> None:
@@ -529,9 +532,28 @@ class MetricsServer:
         )
 
     def add_sockets(self, sockets: list[socket.socket]) -> None:
-        self.http.add_sockets(sockets)
+        """Serve on ``sockets`` (listening), with the SMTP listeners' accept
+        loop (:func:`bonzo.listen.accept_on`): out of descriptors, a scrape
+        waits in the listen queue instead of making the loop spin."""
+        from tornado.iostream import IOStream
+
+        http = self.http
+
+        def serve(connection: socket.socket, address: Any) -> None:
+            stream = IOStream(
+                connection,
+                max_buffer_size=http.max_buffer_size,
+                read_chunk_size=http.read_chunk_size,
+            )
+            http.handle_stream(stream, address)
+
+        for sock in sockets:
+            self._stops.append(accept_on(sock, serve, 16))
 
     async def close(self) -> None:
+        stops, self._stops = self._stops, []
+        for stop in stops:
+            stop()
         self.http.stop()
         await self.http.close_all_connections()
 

@@ -12,14 +12,12 @@ from __future__ import annotations
 import asyncio
 import email
 import email.message
-import errno
 import mmap
 import socket
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream
 from tornado.log import app_log, gen_log
 from tornado.tcpserver import TCPServer
@@ -28,6 +26,7 @@ from . import errors, metrics, version
 from .connection import SessionStream, SMTPConnection
 from .hooks import PluginSet
 from .hookspecs import Accept
+from .listen import accept_on
 from .session import Envelope, Session
 from .settings import ListenerSettings, SMTPSettings
 
@@ -128,131 +127,6 @@ class WorkerShare:
         least = min((counts[i] for i in range(len(counts)) if i != slot), default=self.CLOSED)
         more = self.open - least
         return min(self.STEP * more, self.MAX_WAIT) if more > 0 else 0.0
-
-
-#: Seconds a listener stops accepting after ``accept()`` failed for want of
-#: resources (descriptors, memory): the waiting connections stay in the
-#: kernel's backlog meanwhile, instead of the loop spinning on a socket that
-#: stays ready.
-ACCEPT_PAUSE = 1.0
-#: Seconds between two log lines about such failures on one listener.
-ACCEPT_LOG_INTERVAL = 60.0
-
-
-def _accept_on(
-    sock: socket.socket,
-    callback: Callable[[socket.socket, Any], None],
-    batch: int,
-    share: WorkerShare | None = None,
-) -> Callable[[], None]:
-    """Call ``callback(connection, address)`` for up to ``batch`` waiting
-    connections each time ``sock`` is ready — after the pause ``share`` asks
-    for, if any; returns the function that stops.
-
-    When ``accept()`` fails for another reason than "nothing waiting" (no
-    descriptor left, no memory), accepting stops for :data:`ACCEPT_PAUSE`
-    seconds and the failure is logged at most once every
-    :data:`ACCEPT_LOG_INTERVAL` seconds, with the number of failures since
-    the last line: the socket stays ready, and retrying at once would spin
-    the CPU and flood the log while the sessions that hold the descriptors
-    get no time to finish."""
-    io_loop = IOLoop.current()
-    removed = paused = False
-    failures = 0
-    logged_at = -ACCEPT_LOG_INTERVAL
-
-    def take(count: int) -> None:
-        for _ in range(count):
-            if removed:
-                return  # the socket was closed by an earlier callback
-            try:
-                connection, address = sock.accept()
-            except BlockingIOError:
-                return  # every waiting connection taken (or another worker's)
-            except ConnectionAbortedError:
-                continue  # closed by the client while waiting
-            except OSError as exc:
-                failed(exc)
-                return
-            callback(connection, address)
-
-    def failed(exc: OSError) -> None:
-        nonlocal paused, failures, logged_at
-        failures += 1
-        now = io_loop.time()
-        if now - logged_at >= ACCEPT_LOG_INTERVAL:
-            gen_log.error(
-                "cannot accept connections on %s: %s%s; not accepting for %g s "
-                "(%d failure(s) since the last report); waiting connections stay queued",
-                _where(sock),
-                exc.strerror or exc,
-                _descriptor_hint(exc),
-                ACCEPT_PAUSE,
-                failures,
-            )
-            logged_at, failures = now, 0
-        if not paused:
-            io_loop.remove_handler(sock)
-            paused = True
-        io_loop.call_later(ACCEPT_PAUSE, resume, batch)
-
-    def ready(fd: Any, events: int) -> None:
-        nonlocal paused
-        if share is not None:
-            wait = share.wait()
-            if wait:
-                # Let a less busy worker take it (the socket stays ready).
-                io_loop.remove_handler(sock)
-                paused = True
-                io_loop.call_later(wait, resume)
-                return
-        take(batch)
-
-    def resume(count: int = 1) -> None:
-        nonlocal paused
-        if removed or not paused:
-            return
-        paused = False
-        io_loop.add_handler(sock, ready, IOLoop.READ)
-        take(count)  # what waited, if no other worker took it
-
-    def remove() -> None:
-        nonlocal removed
-        if not paused:
-            io_loop.remove_handler(sock)
-        removed = True
-
-    io_loop.add_handler(sock, ready, IOLoop.READ)
-    return remove
-
-
-def _where(sock: socket.socket) -> str:
-    try:
-        name = sock.getsockname()
-    except OSError:
-        return "a closed socket"
-    if isinstance(name, tuple):
-        host = name[0]
-        return f"[{host}]:{name[1]}" if ":" in host else f"{host}:{name[1]}"
-    return str(name) or "a socket"
-
-
-def _descriptor_hint(exc: OSError) -> str:
-    """What to do about a failed ``accept()``, for the log line."""
-    if exc.errno == errno.EMFILE:
-        try:
-            import resource
-
-            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
-            return ""
-        return (
-            f" (this process may open {soft} descriptors: lower [limits] max_connections "
-            "or raise the limit, e.g. LimitNOFILE= in a systemd unit)"
-        )
-    if exc.errno == errno.ENFILE:
-        return " (the system's table of open files is full)"
-    return ""
 
 
 class SMTPRequest:
@@ -567,7 +441,7 @@ class SMTPServer(TCPServer):
         :attr:`accept_batch` each time a socket is ready)."""
         for sock in sockets:
             self._sockets[sock.fileno()] = sock
-            self._handlers[sock.fileno()] = _accept_on(
+            self._handlers[sock.fileno()] = accept_on(
                 sock, self._open_stream, self.accept_batch, self.share
             )
 

@@ -499,7 +499,7 @@ def test_the_worker_share_asks_the_busier_worker_to_wait():
 def test_a_worker_asked_to_wait_leaves_the_connection_to_another_or_takes_it_after():
     from tornado.netutil import bind_sockets
 
-    from bonzo.server import _accept_on
+    from bonzo.listen import accept_on
 
     class Share:
         def __init__(self, wait: float) -> None:
@@ -522,9 +522,9 @@ def test_a_worker_asked_to_wait_leaves_the_connection_to_another_or_takes_it_aft
             return callback
 
         # Two "workers" on one socket: the busy one waits, the other takes it.
-        stop_busy = _accept_on(sock, by("busy"), 1, Share(0.05))  # type: ignore[arg-type]
+        stop_busy = accept_on(sock, by("busy"), 1, Share(0.05))
         other = sock.dup()  # as another process's descriptor of the same socket
-        stop_idle = _accept_on(other, by("idle"), 1, Share(0.0))  # type: ignore[arg-type]
+        stop_idle = accept_on(other, by("idle"), 1, Share(0.0))
         first = socket.create_connection(("127.0.0.1", port))
         for _ in range(100):
             if taken:

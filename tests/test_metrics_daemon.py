@@ -222,3 +222,46 @@ def test_reload_keeps_the_metrics_and_times_the_new_plugins(tmp_path: Path) -> N
         # The second message went to the new plugins: timed too.
         wait_until(both, what="both deliveries timed")
         assert daemon.stop() == 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_scrape_while_out_of_descriptors_waits_without_spinning(tmp_path: Path) -> None:
+    # The metrics endpoint has the SMTP listeners' accept loop: with every
+    # descriptor taken by SMTP clients, a scrape waits in the listen queue
+    # (it used to make the loop spin, a traceback per try), and is answered
+    # once clients leave.
+    port, metrics_port = free_port(), free_port()
+    config = write_config(tmp_path, port, metrics_port, workers=1)
+    # Every client is let in (none refused, which would free descriptors).
+    config.write_text(config.read_text() + "\n[limits]\nmax_connections_per_ip = 1000\n")
+    prelude = "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))"
+    with daemons(tmp_path, daemon_env()) as start:
+        daemon = start(config, port, prelude=prelude)
+        daemon.wait_ready()
+        assert get(metrics_port, "/health")[0] == 200
+        clients = [
+            socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) for _ in range(100)
+        ]
+        try:
+            wait_until(lambda: "cannot accept connections" in daemon.log, what="the EMFILE report")
+            scrape = socket.create_connection(("127.0.0.1", metrics_port), timeout=DEADLINE)
+            scrape.sendall(b"GET /health HTTP/1.0\r\nHost: x\r\n\r\n")
+            wait_until(
+                lambda: f"cannot accept connections on 127.0.0.1:{metrics_port}" in daemon.log,
+                what="the metrics listener's report",
+            )
+            before = _cpu_seconds(daemon.proc.pid)
+            time.sleep(2.0)
+            assert _cpu_seconds(daemon.proc.pid) - before < 0.6  # not spinning
+            assert "Traceback" not in daemon.log
+        finally:
+            for client in clients:
+                client.close()
+        with scrape:
+            answer = scrape.recv(200)
+        assert answer.startswith(b"HTTP/1.1 200 OK")
+        assert daemon.stop() == 0
