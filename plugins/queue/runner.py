@@ -138,7 +138,9 @@ class Runner:
         self._handed: dict[str, tuple[Claim, QueuedMessage]] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(settings.max_deliveries)
-        self._destinations: dict[str, asyncio.Semaphore] = {}
+        #: Deliveries under way, by destination (only destinations with some:
+        #: a relay meets countless domains, and none may cost memory for good).
+        self._active: dict[str, int] = {}
         # Messages that found a destination at its per_destination limit, by
         # destination: each is tried again when a delivery there ends (or at
         # the next scan), holding neither a slot nor its claim meanwhile.
@@ -457,7 +459,7 @@ class Runner:
                 return
             if outcomes:
                 await loop.run_in_executor(self._executor, self.spool.save_state, message)
-            if busy and all(self._destinations[d].locked() for d in busy):
+            if busy and all(self._at_limit(d) for d in busy):
                 # Not tried for the recipients at a busy destination (no
                 # attempt counted): woken when a delivery there ends.
                 # Its other recipients keep their own due time.
@@ -539,6 +541,10 @@ class Runner:
             self._set_due(id, 0.0)
             self._wake.set()
 
+    def _at_limit(self, destination: str) -> bool:
+        """``per_destination`` deliveries to ``destination`` are under way."""
+        return self._active.get(destination, 0) >= self.settings.per_destination
+
     def _unpark(self, id: str) -> None:
         """``id`` is being tried: it no longer waits for any destination (a
         wake-up there must go to a message that does)."""
@@ -562,7 +568,7 @@ class Runner:
             if not waiting:
                 del self._busy[destination]
                 continue
-            if not self._destinations[destination].locked():
+            if not self._at_limit(destination):
                 continue
             for id in waiting:
                 other = self._parked.get(id)
@@ -605,17 +611,22 @@ class Runner:
 
         async def one(transport: Any, destination: str, idx: list[int]) -> None:
             recipients = [message.recipients[i] for i in idx]
-            limit = self._destinations.setdefault(
-                destination, asyncio.Semaphore(self.settings.per_destination)
-            )
-            if limit.locked():
+            active = self._active
+            if self._at_limit(destination):
                 busy.setdefault(destination, []).extend(idx)
                 return
+            active[destination] = active.get(destination, 0) + 1
             try:
-                async with limit:
+                try:
                     results = await asyncio.wait_for(
                         transport.deliver(message, recipients), self.settings.delivery_timeout
                     )
+                finally:
+                    left = active[destination] - 1
+                    if left:
+                        active[destination] = left
+                    else:
+                        del active[destination]
                 if len(results) != len(idx):
                     raise RuntimeError(
                         f"{transport.kind} gave {len(results)} outcomes for {len(idx)} recipients"

@@ -849,6 +849,24 @@ def test_a_delivery_cancelled_at_stop_is_logged_and_kept(tmp_path, caplog):
     )
 
 
+def test_the_runner_keeps_nothing_per_destination_once_deliveries_end(tmp_path):
+    # A relay meets countless domains: nothing may stay in memory per
+    # destination (it kept a semaphore for every domain ever seen).
+    transport = Scripted({f"u@d{i}.test": [OK] for i in range(50)})
+    spool, runner, clock = make_runner(tmp_path, transport, max_deliveries=8, per_destination=1)
+    for i in range(50):
+        queued(spool, f"N{i:02}", envelope("a@example.org", f"u@d{i}.test"))
+
+    async def main() -> None:
+        runner.start()
+        assert await _until(lambda: not spool.ids(), seconds=10)
+        await runner.stop(grace=1)
+
+    asyncio.run(main())
+    assert len(transport.calls) == 50
+    assert runner._active == {} and runner._busy == {} and runner._parked == {}
+
+
 def test_idle_pooled_connections_are_closed_after_idle_timeout(tmp_path, monkeypatch):
     from bonzo_plugins.queue import transports
 
