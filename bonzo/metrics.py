@@ -500,6 +500,7 @@ class MetricsServer:
         #: True once the server is stopping: ``/health`` answers 503.
         self.stopping = False
         self._stops: list[Callable[[], None]] = []
+        self._sockets: list[socket.socket] = []
 
         class Exposition(RequestHandler):
             def get(self) -> None:
@@ -549,11 +550,17 @@ class MetricsServer:
 
         for sock in sockets:
             self._stops.append(accept_on(sock, serve, 16))
+            self._sockets.append(sock)
 
     async def close(self) -> None:
+        """Stop accepting, close the listening sockets (as Tornado's
+        ``stop()`` does) and the connections."""
         stops, self._stops = self._stops, []
         for stop in stops:
             stop()
+        sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            sock.close()
         self.http.stop()
         await self.http.close_all_connections()
 

@@ -301,6 +301,7 @@ def test_http_listener_metrics_and_health():
         server.stopping = True
         out.append(await loop.run_in_executor(None, get, "/health"))
         await server.close()
+        assert sock.fileno() == -1  # the listening socket is closed with the server
         return out
 
     (mcode, body), (hcode, health), (other, _), (scode, stopping) = asyncio.run(main())
