@@ -311,7 +311,9 @@ class SMTPConnection:
     :arg on_client: called with the connection once a PROXY header or
         ``XCLIENT`` has named its client (:attr:`remote_ip`); it may return
         the reply (a ``421``) that refuses that client (the per-client
-        connection limit).
+        connection limit), after setting :attr:`refusal_limit`.
+    :arg refusal_limit: the limit behind ``refusal`` (``"max_connections"``,
+        ``"max_connections_per_ip"``), named in the refusal's log line.
 
     .. attribute:: stream
 
@@ -347,6 +349,7 @@ class SMTPConnection:
         refusal: errors.SMTPError | None = None,
         on_close: Callable[[SMTPConnection], Any] | None = None,
         on_client: Callable[[SMTPConnection], errors.SMTPError | None] | None = None,
+        refusal_limit: str | None = None,
     ) -> None:
         self.stream = stream
         stream.read_chunk_size = min(COMMAND_CHUNK, settings.read_chunk_size)
@@ -387,6 +390,8 @@ class SMTPConnection:
         self.bytes_received = 0
         #: The reply a refused connection gets (no plugin is asked), else ``None``.
         self.refusal = refusal
+        #: The limit that refused it (``max_connections``...), for the log.
+        self.refusal_limit = refusal_limit
         self._on_close = on_close
         self._on_client = on_client
         # True when no plugin is to hear of the session (it never got past
@@ -488,7 +493,7 @@ class SMTPConnection:
                 return
             early = b""
         if self.refusal is not None:
-            core.refuse(self.refusal, close=True)
+            core.refuse(self.refusal, close=True, limit=self.refusal_limit)
         else:
             await dispatch.connect()
         if early:
@@ -684,7 +689,7 @@ class SMTPConnection:
             f" login {attrs['LOGIN']!r}" if attrs.get("LOGIN") else "",
         )
         if refusal is not None:
-            self.protocol.reject(refusal, close=True)
+            self.protocol.reject(refusal, close=True, limit=self.refusal_limit)
             return
         self._phase = _BUSY
         await self.dispatch.reconnect()
@@ -1037,7 +1042,14 @@ class SMTPConnection:
                 arg,
             )
         else:
-            gen_log.info(
+            limit = refusal.limit
+            peer = self.session.peer_ip
+            if peer != self.remote_ip:
+                limit = f"{limit}; via {peer}" if limit else f"via {peer}"
+            # A connection limit reached is the operator's business (perhaps
+            # a limit to raise): a warning, in the one line the refusal gets.
+            log = gen_log.warning if refusal.limit in _CONNECTION_LIMITS else gen_log.info
+            log(
                 "[%s %s] %s refused by %s: %d %s %s; arg=%r%s",
                 self.session.id,
                 self.remote_ip,
@@ -1047,8 +1059,11 @@ class SMTPConnection:
                 refusal.enhanced,
                 text,
                 arg,
-                f" ({refusal.limit})" if refusal.limit else "",
+                f" ({limit})" if limit else "",
             )
+
+
+_CONNECTION_LIMITS = ("max_connections", "max_connections_per_ip")
 
 
 def _printable(text: str) -> str:

@@ -101,11 +101,13 @@ class LMTPProtocol(SMTPProtocol):
                 self.recipients.clear()  # the first of a new transaction
             self.recipients.append(rcpt)
 
-    def reject(self, error: SMTPError, *, by: str = "core", close: bool = False) -> None:
+    def reject(
+        self, error: SMTPError, *, by: str = "core", close: bool = False, limit: str | None = None
+    ) -> None:
         """As :meth:`SMTPProtocol.reject`; the end of a message is answered
         with ``error`` once per accepted recipient."""
         if type(self._pending) is not MessageComplete:
-            super().reject(error, by=by, close=close)
+            super().reject(error, by=by, close=close, limit=limit)
             return
         self.answer_recipients([error] * self.rcpt_count, by=by)
         if close or error.close or error.status_code == 421:

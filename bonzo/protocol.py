@@ -1145,12 +1145,14 @@ class SMTPProtocol:
         else:
             self.reply(250, text or "Ok", "2.0.0")
 
-    def reject(self, error: SMTPError, *, by: str = "core", close: bool = False) -> None:
+    def reject(
+        self, error: SMTPError, *, by: str = "core", close: bool = False, limit: str | None = None
+    ) -> None:
         """Answer the pending event with ``error``; the state does not change
         (except that a finished message ends its transaction). Ends the
         session when ``close`` is true, ``error.close`` is set or the code is
-        421. ``by`` names who decided, for the log. Does nothing once the
-        session is closed."""
+        421. ``by`` names who decided, ``limit`` the limit that refused it,
+        for the log. Does nothing once the session is closed."""
         event = self._pending
         if event is None:
             if self._state == _CLOSED:
@@ -1176,7 +1178,7 @@ class SMTPProtocol:
                     )  # fmt: skip
                     return
         if close or error.close or code == 421:
-            self._refused(code, error.enhanced_code, error.message, by, note, None)
+            self._refused(code, error.enhanced_code, error.message, by, note, limit)
             self._write_error(error)
             self._close()
             return
@@ -1195,7 +1197,7 @@ class SMTPProtocol:
             if self.errors > self.settings.max_errors:
                 self.close(421, "Too many errors, closing connection", "4.7.0", limit="max_errors")
                 return
-            self._refused(code, error.enhanced_code, error.message, by, note, None)
+            self._refused(code, error.enhanced_code, error.message, by, note, limit)
         if type(event) is Data and event.chunked:
             # A refused first BDAT ends the transaction (so that no later
             # chunk can make a message without this one), and is answered

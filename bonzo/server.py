@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from tornado.iostream import IOStream
-from tornado.log import app_log, gen_log
+from tornado.log import app_log
 from tornado.tcpserver import TCPServer
 
 from . import errors, metrics, version
@@ -493,13 +493,13 @@ class SMTPServer(TCPServer):
             else None,
             on_close=self._connection_closed,
             on_client=self._client_named,
+            refusal_limit=limit,
         )
         counter = metrics.active
         if counter is not None:
             counter.connection_opened(connection, limit)
-        if limit is not None:
-            gen_log.warning("Refused connection from %s: %s (%s)", ip, refusal, limit)
-        else:
+        # A refused connection is not counted; its connection logs the refusal.
+        if limit is None:
             counted = None if proxied else ip
             count.add(counted)
             self._counted[connection] = counted
@@ -529,12 +529,7 @@ class SMTPServer(TCPServer):
             return None
         if self._over_ip_limit(ip):
             text = "Too many connections from your address"
-            gen_log.warning(
-                "Refused connection from %s (via %s): %s (max_connections_per_ip)",
-                ip,
-                connection.session.peer_ip,
-                text,
-            )
+            connection.refusal_limit = "max_connections_per_ip"
             if metrics.active is not None:
                 metrics.active.connection_refused("max_connections_per_ip")
             return errors.SMTPError(421, text, enhanced_code="4.7.0", close=True)

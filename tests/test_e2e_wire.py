@@ -6,6 +6,7 @@ import asyncio
 import gc
 import hashlib
 import os
+import re
 import select
 import socket
 import threading
@@ -320,7 +321,7 @@ def test_max_connections(start_server):
         assert two.command("NOOP") == b"250 2.0.0 Ok\r\n"
 
 
-def test_max_connections_per_ip(start_server):
+def test_max_connections_per_ip(start_server, log_watch):
     server = start_server(max_connections_per_ip=1)
     with RawClient(server.port) as one:
         one.greet()
@@ -331,6 +332,15 @@ def test_max_connections_per_ip(start_server):
     server.wait_connections(0)
     with RawClient(server.port) as three:
         three.greet()
+    # One line for the refused connection, a warning naming the limit.
+    refused = [r for r in log_watch.records if "Too many connections" in r.getMessage()]
+    assert len(refused) == 1
+    assert refused[0].levelname == "WARNING"
+    assert re.fullmatch(
+        r"\[\w+ 127\.0\.0\.1\] connect refused by core: 421 4\.7\.0 Too many connections "
+        r"from your address; arg='' \(max_connections_per_ip\)",
+        refused[0].getMessage(),
+    )
 
 
 def test_unknown_command_budget_closes_and_drops_buffered_commands(start_server):

@@ -248,7 +248,10 @@ def test_the_per_client_limit_counts_proxied_addresses(start_server, log_watch):
             other.send(v1("192.0.2.2"))
             other.greet(None)
             other.command("QUIT")
-        log_watch.wait_for(r"Refused connection from 192\.0\.2\.1 \(via 127\.0\.0\.1\)")
+        log_watch.wait_for(
+            r"\[\w+ 192\.0\.2\.1\] connect refused by core: 421 4\.7\.0 Too many connections "
+            r"from your address; arg='' \(max_connections_per_ip; via 127\.0\.0\.1\)"
+        )
     finally:
         first.close()
     server.wait_connections(0)
@@ -415,7 +418,11 @@ def test_xclient_moves_the_per_client_count(start_server, log_watch):
                 b"421 4.7.0 Too many connections from your address\r\n"
             )
             assert second.read_to_eof() == b""
-        log_watch.wait_for(r"Refused connection from 192\.0\.2\.1 \(via 127\.0\.0\.1\)")
+        log_watch.wait_for(
+            r"\[\w+ 192\.0\.2\.1\] XCLIENT refused by core: 421 4\.7\.0 Too many connections "
+            r"from your address; arg='ADDR=192\.0\.2\.1' "
+            r"\(max_connections_per_ip; via 127\.0\.0\.1\)"
+        )
         counts = server.call(lambda: dict(server.server.count.per_ip))
         assert counts == {"192.0.2.1": 1}
     server.wait_connections(0)
