@@ -1043,12 +1043,15 @@ class SMTPConnection:
             )
         else:
             limit = refusal.limit
-            peer = self.session.peer_ip
-            if peer != self.remote_ip:
-                limit = f"{limit}; via {peer}" if limit else f"via {peer}"
-            # A connection limit reached is the operator's business (perhaps
-            # a limit to raise): a warning, in the one line the refusal gets.
-            log = gen_log.warning if refusal.limit in _CONNECTION_LIMITS else gen_log.info
+            log = gen_log.info
+            if limit in _CONNECTION_LIMITS:
+                # A connection limit reached is the operator's business
+                # (perhaps a limit to raise): a warning, in the one line the
+                # refusal gets, naming the proxy that a client came through.
+                log = gen_log.warning
+                peer = self.session.peer_ip
+                if peer != self.remote_ip:
+                    limit = f"{limit}; via {peer}"
             log(
                 "[%s %s] %s refused by %s: %d %s %s; arg=%r%s",
                 self.session.id,
