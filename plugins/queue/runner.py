@@ -142,9 +142,12 @@ class Runner:
         #: a relay meets countless domains, and none may cost memory for good).
         self._active: dict[str, int] = {}
         # Messages that found a destination at its per_destination limit, by
-        # destination: each is tried again when a delivery there ends (or at
-        # the next scan), holding neither a slot nor its claim meanwhile.
-        self._busy: dict[str, set[str]] = {}
+        # destination, in the order they came (a dict as an ordered set: the
+        # first to wait is the first woken, so none can wait for ever behind
+        # newer ones): each is tried again when a delivery there ends (or at
+        # a scan once the destination has room), holding neither a slot nor
+        # its claim meanwhile.
+        self._busy: dict[str, dict[str, None]] = {}
         # A parked message's other recipients' next due time (None: none), so
         # that a scan need not revive it while its destination stays busy.
         self._parked: dict[str, float | None] = {}
@@ -473,7 +476,7 @@ class Runner:
                 else:
                     self._set_due(id, other)
                 for destination in busy:
-                    self._busy.setdefault(destination, set()).add(id)
+                    self._busy.setdefault(destination, {})[id] = None
             else:
                 # (A busy destination that is free again ended a delivery
                 # while this attempt ran: its wake-up found this message in
@@ -551,7 +554,7 @@ class Runner:
         self._parked.pop(id, None)
         for destination in [d for d, waiting in self._busy.items() if id in waiting]:
             waiting = self._busy[destination]
-            waiting.discard(id)
+            del waiting[id]
             if not waiting:
                 del self._busy[destination]
 
@@ -563,8 +566,9 @@ class Runner:
         that left the queue are forgotten."""
         due = self._due
         for destination in list(self._busy):
-            waiting = self._busy[destination]
-            waiting.intersection_update(due)
+            waiting = self._busy[destination] = {
+                id: None for id in self._busy[destination] if id in due
+            }
             if not waiting:
                 del self._busy[destination]
                 continue

@@ -867,6 +867,36 @@ def test_the_runner_keeps_nothing_per_destination_once_deliveries_end(tmp_path):
     assert runner._active == {} and runner._busy == {} and runner._parked == {}
 
 
+def test_messages_waiting_for_a_destination_go_first_come_first_served(tmp_path):
+    release = asyncio.Event()
+    started: list[str] = []
+
+    class Stalling(Scripted):
+        async def deliver(self, message, recipients):
+            started.append(message.id)
+            if message.id == "S0":
+                await release.wait()
+            return [OK for _ in recipients]
+
+    spool, runner, clock = make_runner(tmp_path, Stalling({}), per_destination=1)
+    queued(spool, "S0", envelope("a@example.org", "x@slow.test"))
+    order = ["W9", "W3", "W7", "W1", "W5"]  # not the ids' order
+
+    async def main() -> None:
+        runner.start()
+        assert await _until(lambda: started == ["S0"])
+        for n, id in enumerate(order, 1):
+            queued(spool, id, envelope("a@example.org", f"{id}@slow.test"))
+            runner.kick(id)
+            assert await _until(lambda n=n: sum(len(w) for w in runner._busy.values()) == n)
+        release.set()
+        assert await _until(lambda: not spool.ids(), seconds=10)
+        await runner.stop(grace=1)
+
+    asyncio.run(main())
+    assert started == ["S0", *order]
+
+
 def test_idle_pooled_connections_are_closed_after_idle_timeout(tmp_path, monkeypatch):
     from bonzo_plugins.queue import transports
 
