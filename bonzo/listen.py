@@ -1,11 +1,15 @@
 """Accepting connections on a listening socket, for the SMTP listeners and
 the metrics endpoint alike: batches, a pause a pacer asks for (workers that
 share sockets), and no busy loop when ``accept()`` fails for want of
-descriptors or memory."""
+descriptors or memory — a listener that has a refusal to give answers new
+clients with it through a descriptor kept in reserve, so that a sending
+server tries another MX host at once instead of waiting minutes for a
+greeting."""
 
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -32,12 +36,58 @@ ACCEPT_PAUSE = 1.0
 #: Seconds between two log lines about such failures on one listener.
 ACCEPT_LOG_INTERVAL = 60.0
 
+# A descriptor kept open (on /dev/null) for the moment the process has no
+# other: closed, it lets accept() take a waiting client to refuse, then it is
+# opened again (the "EMFILE trick" of libuv, which closes such clients
+# without a word; here they get the listener's refusal).
+_reserve: int | None = None
+
+
+def _keep_reserve() -> None:
+    global _reserve
+    if _reserve is None:
+        try:
+            _reserve = os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            pass  # out of descriptors already: tried again at the next refusal
+
+
+def _refuse_waiting(sock: socket.socket, refusal: bytes, count: int) -> int:
+    """Accept up to ``count`` waiting clients on the reserve descriptor, send
+    each ``refusal`` (best effort, never blocking) and close it; the number
+    refused."""
+    global _reserve
+    refused = 0
+    for _ in range(count):
+        _keep_reserve()
+        if _reserve is None:
+            break
+        os.close(_reserve)
+        _reserve = None
+        try:
+            connection, _ = sock.accept()
+        except OSError:
+            break  # nothing waiting (another worker took it), or still no room
+        try:
+            connection.setblocking(False)
+            connection.send(refusal)
+        except OSError:
+            pass
+        finally:
+            connection.close()
+        refused += 1
+    _keep_reserve()
+    return refused
+
 
 def accept_on(
     sock: socket.socket,
     callback: Callable[[socket.socket, Any], None],
     batch: int,
     share: Pacer | None = None,
+    *,
+    refusal: bytes | None = None,
+    on_refused: Callable[[int], None] | None = None,
 ) -> Callable[[], None]:
     """Call ``callback(connection, address)`` for up to ``batch`` waiting
     connections each time the listening socket ``sock`` is ready — after the
@@ -50,11 +100,17 @@ def accept_on(
     :data:`ACCEPT_LOG_INTERVAL` seconds, with the number of failures since
     the last line: the socket stays ready, and retrying at once would spin
     the CPU and flood the log while the sessions that hold the descriptors
-    get no time to finish."""
+    get no time to finish. With ``refusal`` (a whole reply, such as
+    ``b"421 4.3.2 ...\\r\\n"``), a listener out of descriptors (EMFILE,
+    ENFILE) answers the waiting clients with it instead, through a
+    descriptor kept in reserve, and closes them; ``on_refused(n)`` is told
+    how many. It pauses only when even that fails."""
     io_loop = IOLoop.current()
     removed = paused = False
-    failures = 0
+    failures = refusals = 0
     logged_at = -ACCEPT_LOG_INTERVAL
+    if refusal is not None:
+        _keep_reserve()
 
     def take(count: int) -> None:
         for _ in range(count):
@@ -72,20 +128,36 @@ def accept_on(
             callback(connection, address)
 
     def failed(exc: OSError) -> None:
-        nonlocal paused, failures, logged_at
+        nonlocal paused, failures, refusals, logged_at
         failures += 1
+        refused = 0
+        if refusal is not None and exc.errno in (errno.EMFILE, errno.ENFILE):
+            refused = _refuse_waiting(sock, refusal, batch)
+            refusals += refused
+            if refused and on_refused is not None:
+                on_refused(refused)
         now = io_loop.time()
         if now - logged_at >= ACCEPT_LOG_INTERVAL:
+            if refused and refusal is not None:
+                doing = (
+                    f"new clients are answered {refusal.decode('ascii', 'replace').strip()!r} "
+                    "and closed"
+                )
+            else:
+                doing = f"not accepting for {ACCEPT_PAUSE:g} s; waiting connections stay queued"
             gen_log.error(
-                "cannot accept connections on %s: %s%s; not accepting for %g s "
-                "(%d failure(s) since the last report); waiting connections stay queued",
+                "cannot accept connections on %s: %s%s; %s "
+                "(%d failure(s), %d client(s) refused since the last report)",
                 _where(sock),
                 exc.strerror or exc,
                 _descriptor_hint(exc),
-                ACCEPT_PAUSE,
+                doing,
                 failures,
+                refusals,
             )
-            logged_at, failures = now, 0
+            logged_at, failures, refusals = now, 0, 0
+        if refused:
+            return  # the next waiting clients are refused as they come
         if not paused:
             io_loop.remove_handler(sock)
             paused = True

@@ -129,6 +129,13 @@ class WorkerShare:
         return min(self.STEP * more, self.MAX_WAIT) if more > 0 else 0.0
 
 
+def _count_refused(count: int) -> None:
+    counter = metrics.active
+    if counter is not None:
+        for _ in range(count):
+            counter.connection_refused("open_files")
+
+
 class SMTPRequest:
     """A single SMTP request: one message and its envelope.
 
@@ -438,11 +445,26 @@ class SMTPServer(TCPServer):
 
     def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
         """Accept connections on ``sockets`` (as Tornado's, at most
-        :attr:`accept_batch` each time a socket is ready)."""
+        :attr:`accept_batch` each time a socket is ready). Out of
+        descriptors, new clients get ``421 4.3.2`` and are closed
+        (:func:`~bonzo.listen.accept_on`), but on an implicit-TLS listener,
+        where a plain-text reply means nothing: there they wait."""
+        refusal = None
+        if not self.listener.implicit_tls:
+            refusal = (
+                b"421 Service not available, out of resources; try again later\r\n"
+                if self._legacy
+                else b"421 4.3.2 Service not available, out of resources; try again later\r\n"
+            )
         for sock in sockets:
             self._sockets[sock.fileno()] = sock
             self._handlers[sock.fileno()] = accept_on(
-                sock, self._open_stream, self.accept_batch, self.share
+                sock,
+                self._open_stream,
+                self.accept_batch,
+                self.share,
+                refusal=refusal,
+                on_refused=_count_refused,
             )
 
     def _open_stream(self, connection: socket.socket, address: Any) -> None:

@@ -1359,11 +1359,13 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_out_of_descriptors_the_daemon_pauses_accepting_then_recovers(workdir, serve):
+def test_out_of_descriptors_the_daemon_refuses_new_clients_then_recovers(workdir, serve):
     # A hard limit of 48 open files and 80 clients: accept() fails with
     # EMFILE while the listening socket stays ready. The daemon must not spin
-    # (it used to: 100% CPU and a traceback per try, 250,000 lines in 8 s),
-    # must say what to do once, and must serve again when clients leave.
+    # (it used to: 100% CPU and a traceback per try, 250,000 lines in 8 s);
+    # the clients it has no room for get 421 at once (through a descriptor
+    # kept in reserve) so that they try another MX host; it says what to do
+    # once, and serves again when clients leave.
     port = free_port()
     config = write_config(workdir, port)
     prelude = "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))"
@@ -1375,6 +1377,11 @@ def test_out_of_descriptors_the_daemon_pauses_accepting_then_recovers(workdir, s
     )
     clients = [socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) for _ in range(80)]
     try:
+        first = [c.recv(200) for c in clients]
+        refused = b"421 4.3.2 Service not available, out of resources; try again later\r\n"
+        greeted = [line for line in first if line.startswith(b"220 ")]
+        assert len(greeted) >= 20 and first.count(refused) >= 20
+        assert len(greeted) + first.count(refused) == 80
         wait_until(lambda: "cannot accept connections" in daemon.log, what="the EMFILE report")
         before = _cpu_seconds(daemon.proc.pid)
         time.sleep(2.0)
@@ -1382,7 +1389,11 @@ def test_out_of_descriptors_the_daemon_pauses_accepting_then_recovers(workdir, s
         [line] = [line for line in daemon.log.splitlines() if "cannot accept" in line]
         assert f"cannot accept connections on 127.0.0.1:{port}: Too many open files" in line
         assert "this process may open 48 descriptors" in line
+        assert "new clients are answered '421 4.3.2 Service not available" in line
         assert "Traceback" not in daemon.log
+        # One more while the sessions hold every descriptor: refused at once.
+        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as late:
+            assert late.recv(200) == refused
     finally:
         for client in clients:
             client.close()

@@ -562,6 +562,102 @@ def test_a_worker_asked_to_wait_leaves_the_connection_to_another_or_takes_it_aft
     assert waited >= 0.04
 
 
+@pytest.mark.parametrize("refusal", [b"421 4.3.2 Out of resources\r\n", None])
+def test_out_of_descriptors_a_listener_refuses_through_its_reserve_or_pauses(refusal, log_watch):
+    # accept() fails once with EMFILE (as a process out of descriptors sees
+    # it): with a refusal, the waiting client gets it at once and is closed;
+    # without one, the listener pauses ACCEPT_PAUSE and then takes the client.
+    import errno
+
+    from tornado.netutil import bind_sockets
+
+    from bonzo.listen import ACCEPT_PAUSE, accept_on
+
+    log_watch.allow("cannot accept connections")
+
+    class OutOnce:
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock, self.failed = sock, False
+
+        def fileno(self) -> int:
+            return self.sock.fileno()
+
+        def getsockname(self) -> Any:
+            return self.sock.getsockname()
+
+        def accept(self) -> Any:
+            if not self.failed:
+                self.failed = True
+                raise OSError(errno.EMFILE, "Too many open files")
+            return self.sock.accept()
+
+    async def main() -> tuple[bytes, list[str], float]:
+        [sock] = bind_sockets(0, "127.0.0.1")
+        port = sock.getsockname()[1]
+        taken: list[str] = []
+        counted: list[int] = []
+
+        def callback(conn: socket.socket, address: Any) -> None:
+            taken.append("session")
+            conn.sendall(b"220 hi\r\n")
+            conn.close()
+
+        loop = asyncio.get_running_loop()
+        stop = accept_on(OutOnce(sock), callback, 4, refusal=refusal, on_refused=counted.append)  # type: ignore[arg-type]
+        started = loop.time()
+        client = socket.create_connection(("127.0.0.1", port))
+        client.setblocking(False)
+        got = b""
+        for _ in range(300):
+            try:
+                got = client.recv(100)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+        waited = loop.time() - started
+        stop()
+        client.close()
+        sock.close()
+        if refusal is not None:
+            assert counted == [1]
+        return got, taken, waited
+
+    got, taken, waited = asyncio.run(main())
+    if refusal is not None:
+        assert (got, taken) == (refusal, [])
+        assert waited < ACCEPT_PAUSE / 2
+    else:
+        assert (got, taken) == (b"220 hi\r\n", ["session"])
+        assert waited >= ACCEPT_PAUSE * 0.9
+    [report] = [r for r in log_watch.records if "cannot accept" in r.getMessage()]
+    assert ("new clients are answered" in report.getMessage()) == (refusal is not None)
+
+
+def test_the_out_of_resources_refusal_is_plain_text_only_where_clients_read_it(monkeypatch):
+    import ssl
+
+    from bonzo import server as server_module
+    from bonzo.hooks import PluginSet
+    from bonzo.server import SMTPServer
+    from bonzo.settings import ListenerSettings
+
+    given: list[bytes | None] = []
+    monkeypatch.setattr(
+        server_module, "accept_on", lambda *args, refusal, **kw: given.append(refusal)
+    )
+    plain = socket.socket()
+    tls = ListenerSettings(tls_context=ssl.create_default_context(), implicit_tls=True)
+    SMTPServer(plugins=PluginSet()).add_sockets([plain])
+    SMTPServer(lambda request: None).add_sockets([plain])  # the original API: no code
+    SMTPServer(plugins=PluginSet(), listener=tls).add_sockets([plain])
+    plain.close()
+    assert given == [
+        b"421 4.3.2 Service not available, out of resources; try again later\r\n",
+        b"421 Service not available, out of resources; try again later\r\n",
+        None,  # implicit TLS: a plain-text line would mean nothing to the client
+    ]
+
+
 @pytest.mark.parametrize(("batch", "first"), [(1, 1), (128, 3)])
 def test_accept_batch_is_how_many_waiting_connections_one_wakeup_takes(batch, first):
     from tornado.netutil import bind_sockets
