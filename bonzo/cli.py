@@ -232,6 +232,16 @@ def _check(args: argparse.Namespace) -> int:
     print(f"  metrics: {where}")
     for warning in app.warnings():
         print(f"  warning: {warning}")
+    limits = _descriptor_limits()
+    if limits is not None:
+        # What `bonzo serve` will have, after raising its soft limit.
+        soft, hard = limits
+        need = _descriptors_needed(config.settings.max_connections)
+        if 0 <= soft < need:
+            soft = need if hard < 0 else max(soft, min(need, hard))
+        warning = _descriptor_warning(config.settings.max_connections, soft, hard)
+        if warning is not None:
+            print(f"  warning: {warning}")
     return 0
 
 
@@ -561,24 +571,57 @@ _DESCRIPTORS_PER_CONNECTION = 2
 _DESCRIPTORS_SPARE = 64
 
 
+def _descriptor_limits() -> tuple[int, int] | None:
+    """This process's (soft, hard) limit on open descriptors, ``-1`` for
+    unlimited; ``None`` where there is no such limit."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
+        return None
+    infinity = resource.RLIM_INFINITY
+    return (-1 if soft == infinity else soft), (-1 if hard == infinity else hard)
+
+
+def _descriptors_needed(max_connections: int) -> int:
+    return max_connections * _DESCRIPTORS_PER_CONNECTION + _DESCRIPTORS_SPARE
+
+
+def _descriptor_warning(max_connections: int, soft: int, hard: int) -> str | None:
+    """The warning when ``soft`` (``-1``: unlimited) is below what
+    ``max_connections`` sessions may need."""
+    need = _descriptors_needed(max_connections)
+    if soft < 0 or soft >= need:
+        return None
+    return (
+        f"[limits] max_connections = {max_connections} may need {need} open files per process, "
+        f"but the limit is {soft} (hard limit {'unlimited' if hard < 0 else hard}): raise it "
+        "(LimitNOFILE= in a systemd unit, ulimit -n) or lower max_connections; clients beyond "
+        "it are answered 421 4.3.2"
+    )
+
+
 def _raise_descriptor_limit(max_connections: int) -> None:
     """Raise this process's soft limit on open descriptors (inherited by its
     workers) to what ``max_connections`` sessions may need, within the hard
     limit (as systemd advises a service that polls with epoll), and warn
     when the hard limit is too low: a worker out of descriptors cannot
     accept, spool or deliver."""
-    try:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
+    limits = _descriptor_limits()
+    if limits is None:  # pragma: no cover - not POSIX
         return
-    need = max_connections * _DESCRIPTORS_PER_CONNECTION + _DESCRIPTORS_SPARE
-    if soft != resource.RLIM_INFINITY and soft < need:
-        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    import resource
+
+    soft, hard = limits
+    need = _descriptors_needed(max_connections)
+    if 0 <= soft < need:
+        target = need if hard < 0 else min(need, hard)
         if target > soft:
             try:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                resource.setrlimit(
+                    resource.RLIMIT_NOFILE, (target, resource.RLIM_INFINITY if hard < 0 else hard)
+                )
             except (OSError, ValueError) as exc:
                 log.warning("cannot raise the limit on open files from %d: %s", soft, exc)
             else:
@@ -589,16 +632,9 @@ def _raise_descriptor_limit(max_connections: int) -> None:
                     max_connections,
                 )
                 soft = target
-    if soft != resource.RLIM_INFINITY and soft < need:
-        log.warning(
-            "[limits] max_connections = %d may need %d open files per process, but the limit "
-            "is %d (hard limit %s): raise it (LimitNOFILE= in a systemd unit, ulimit -n) or "
-            "lower max_connections; connections beyond it wait in the listen queue",
-            max_connections,
-            need,
-            soft,
-            "unlimited" if hard == resource.RLIM_INFINITY else hard,
-        )
+    warning = _descriptor_warning(max_connections, soft, hard)
+    if warning is not None:
+        log.warning("%s", warning)
 
 
 # The running daemon holds an exclusive lock (flock) on its pid file, as

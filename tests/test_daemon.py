@@ -1391,9 +1391,12 @@ def test_out_of_descriptors_the_daemon_refuses_new_clients_then_recovers(workdir
         assert "this process may open 48 descriptors" in line
         assert "new clients are answered '421 4.3.2 Service not available" in line
         assert "Traceback" not in daemon.log
-        # One more while the sessions hold every descriptor: refused at once.
-        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as late:
-            assert late.recv(200) == refused
+        # One more while the sessions hold the descriptors: answered at once
+        # (refused, or served if a descriptor the daemon used for something
+        # else meanwhile came back), never left waiting.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as late:
+            answer = late.recv(200)
+            assert answer == refused or answer.startswith(b"220 "), answer
     finally:
         for client in clients:
             client.close()
@@ -1427,3 +1430,36 @@ def test_the_soft_descriptor_limit_is_raised_for_max_connections(workdir, serve)
     )
     assert Path(f"/proc/{daemon.proc.pid}/limits").read_text().count(" 2064 ") == 1
     assert daemon.stop() == 0
+
+
+def test_check_warns_when_the_hard_descriptor_limit_is_too_low(workdir, env):
+    import resource
+
+    port = free_port()
+    config = write_config(workdir, port)
+
+    def check(limits: tuple[int, int]) -> str:
+        def low() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+        result = subprocess.run(
+            [sys.executable, "-m", "bonzo", "check", "-c", str(config)],
+            env=env,
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=low,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert check((100, 100)).splitlines()[-1] == (
+        "  warning: [limits] max_connections = 1000 may need 2064 open files per process, but "
+        "the limit is 100 (hard limit 100): raise it (LimitNOFILE= in a systemd unit, ulimit "
+        "-n) or lower max_connections; clients beyond it are answered 421 4.3.2"
+    )
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard >= 2064:
+        # A low soft limit alone is no problem: bonzo serve raises it.
+        assert "open files" not in check((100, hard))
