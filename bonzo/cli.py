@@ -36,6 +36,7 @@ from typing import Any
 
 from . import version
 from .config import ConfigError, load_config
+from .listen import socket_name
 from .protocol import data_scan_in_c
 from .session import current_message_id, current_session_id
 
@@ -236,9 +237,7 @@ def _check(args: argparse.Namespace) -> int:
     if limits is not None:
         # What `bonzo serve` will have, after raising its soft limit.
         soft, hard = limits
-        need = _descriptors_needed(config.settings.max_connections)
-        if 0 <= soft < need:
-            soft = need if hard < 0 else max(soft, min(need, hard))
+        soft = _raised_soft(soft, hard, _descriptors_needed(config.settings.max_connections))
         warning = _descriptor_warning(config.settings.max_connections, soft, hard)
         if warning is not None:
             print(f"  warning: {warning}")
@@ -540,7 +539,7 @@ def _serve_app(app: Any) -> int:
             m.path,
             os.environ.get("PROMETHEUS_MULTIPROC_DIR", "?"),
         )
-    where = ", ".join(_socket_name(s) for s in sockets)
+    where = ", ".join(socket_name(s) for s in sockets)
     log.info(
         "bonzo %s listening on %s with %d worker(s); plugins in order: %s",
         version,
@@ -588,6 +587,14 @@ def _descriptors_needed(max_connections: int) -> int:
     return max_connections * _DESCRIPTORS_PER_CONNECTION + _DESCRIPTORS_SPARE
 
 
+def _raised_soft(soft: int, hard: int, need: int) -> int:
+    """The soft limit ``bonzo serve`` sets: ``need`` if ``soft`` (``-1``:
+    unlimited) is below it, within ``hard``; else ``soft`` as it is."""
+    if 0 <= soft < need:
+        return need if hard < 0 else max(soft, min(need, hard))
+    return soft
+
+
 def _descriptor_warning(max_connections: int, soft: int, hard: int) -> str | None:
     """The warning when ``soft`` (``-1``: unlimited) is below what
     ``max_connections`` sessions may need."""
@@ -614,24 +621,22 @@ def _raise_descriptor_limit(max_connections: int) -> None:
     import resource
 
     soft, hard = limits
-    need = _descriptors_needed(max_connections)
-    if 0 <= soft < need:
-        target = need if hard < 0 else min(need, hard)
-        if target > soft:
-            try:
-                resource.setrlimit(
-                    resource.RLIMIT_NOFILE, (target, resource.RLIM_INFINITY if hard < 0 else hard)
-                )
-            except (OSError, ValueError) as exc:
-                log.warning("cannot raise the limit on open files from %d: %s", soft, exc)
-            else:
-                log.info(
-                    "limit on open files raised from %d to %d for [limits] max_connections = %d",
-                    soft,
-                    target,
-                    max_connections,
-                )
-                soft = target
+    target = _raised_soft(soft, hard, _descriptors_needed(max_connections))
+    if target != soft:
+        try:
+            resource.setrlimit(
+                resource.RLIMIT_NOFILE, (target, resource.RLIM_INFINITY if hard < 0 else hard)
+            )
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the limit on open files from %d: %s", soft, exc)
+        else:
+            log.info(
+                "limit on open files raised from %d to %d for [limits] max_connections = %d",
+                soft,
+                target,
+                max_connections,
+            )
+            soft = target
     warning = _descriptor_warning(max_connections, soft, hard)
     if warning is not None:
         log.warning("%s", warning)
@@ -768,14 +773,6 @@ def _reloaded_app(old: Any) -> Any:
         # The listener, the multiprocess directory and the counting stay.
         config.metrics = old.config.metrics
     return new
-
-
-def _socket_name(sock: Any) -> str:
-    """``address:port`` of a listening socket, or ``unix:path``."""
-    name = sock.getsockname()
-    if isinstance(name, str):
-        return f"unix:{name}"
-    return f"{name[0]}:{name[1]}"
 
 
 #: Exit status of a worker whose plugins failed to start: the supervisor

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from tornado.ioloop import IOLoop
 from tornado.log import gen_log
 
-__all__ = ["ACCEPT_PAUSE", "ACCEPT_LOG_INTERVAL", "Pacer", "accept_on"]
+__all__ = ["ACCEPT_PAUSE", "ACCEPT_LOG_INTERVAL", "Pacer", "accept_on", "socket_name"]
 
 
 class Pacer(Protocol):
@@ -148,7 +148,7 @@ def accept_on(
             gen_log.error(
                 "cannot accept connections on %s: %s%s; %s "
                 "(%d failure(s), %d client(s) refused since the last report)",
-                _where(sock),
+                socket_name(sock),
                 exc.strerror or exc,
                 _descriptor_hint(exc),
                 doing,
@@ -193,15 +193,16 @@ def accept_on(
     return remove
 
 
-def _where(sock: socket.socket) -> str:
+def socket_name(sock: socket.socket) -> str:
+    """``address:port`` of a listening socket, or ``unix:path``, as the logs
+    name a listener."""
     try:
         name = sock.getsockname()
     except OSError:
         return "a closed socket"
-    if isinstance(name, tuple):
-        host = name[0]
-        return f"[{host}]:{name[1]}" if ":" in host else f"{host}:{name[1]}"
-    return str(name) or "a socket"
+    if isinstance(name, str):
+        return f"unix:{name}"
+    return f"{name[0]}:{name[1]}"
 
 
 def _descriptor_hint(exc: OSError) -> str:

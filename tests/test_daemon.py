@@ -196,7 +196,9 @@ def write_config(
     return path
 
 
-def bonzo(*args: str, env: dict[str, str], cwd: Path, timeout: float = 60) -> Any:
+def bonzo(
+    *args: str, env: dict[str, str], cwd: Path, timeout: float = 60, preexec_fn: Any = None
+) -> Any:
     return subprocess.run(
         [sys.executable, "-m", "bonzo", *args],
         env=env,
@@ -205,6 +207,7 @@ def bonzo(*args: str, env: dict[str, str], cwd: Path, timeout: float = 60) -> An
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+        preexec_fn=preexec_fn,
     )
 
 
@@ -1442,15 +1445,7 @@ def test_check_warns_when_the_hard_descriptor_limit_is_too_low(workdir, env):
         def low() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, limits)
 
-        result = subprocess.run(
-            [sys.executable, "-m", "bonzo", "check", "-c", str(config)],
-            env=env,
-            cwd=workdir,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            preexec_fn=low,
-        )
+        result = bonzo("check", "-c", str(config), env=env, cwd=workdir, preexec_fn=low)
         assert result.returncode == 0, result.stderr
         return result.stdout
 

@@ -456,6 +456,22 @@ class Scripted:
         pass
 
 
+class StallsS0(Scripted):
+    """Delivers every recipient (``OK``), but the delivery of message ``S0``
+    waits for :attr:`release`; :attr:`started` lists the attempts by id."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.release = asyncio.Event()
+        self.started: list[str] = []
+
+    async def deliver(self, message: Any, recipients: Sequence[Recipient]) -> list[Outcome]:
+        self.started.append(message.id)
+        if message.id == "S0":
+            await self.release.wait()
+        return [OK for _ in recipients]
+
+
 # Replies the downstream server gave (remote), as the SMTP transport makes them.
 OK = Outcome("delivered", 250, "2.0.0", "Ok", "mx.example.net", relayed=True, remote=True)
 DEFER = Outcome("deferred", 451, "4.3.0", "Try later", "mx.example.net", remote=True)
@@ -745,18 +761,11 @@ def test_a_scan_leaves_messages_parked_while_their_destination_is_at_its_limit(
     # 20 messages wait for slow.test, where the one allowed delivery stalls.
     # Scans (forced by pokes) neither claim nor read them again: each delivery
     # there that ends wakes one. They all go once it frees up.
-    release = asyncio.Event()
-    started: list[str] = []
-
-    class Stalling(Scripted):
-        async def deliver(self, message, recipients):
-            started.append(message.id)
-            if message.id == "S0":
-                await release.wait()
-            return [OK for _ in recipients]
+    transport = StallsS0()
+    release, started = transport.release, transport.started
 
     spool, runner, clock = make_runner(
-        tmp_path, Stalling({}), max_deliveries=4, per_destination=1, scan_interval=3600
+        tmp_path, transport, max_deliveries=4, per_destination=1, scan_interval=3600
     )
     queued(spool, "S0", envelope("a@example.org", "x@slow.test"))
     claims: list[str] = []
@@ -868,17 +877,10 @@ def test_the_runner_keeps_nothing_per_destination_once_deliveries_end(tmp_path):
 
 
 def test_messages_waiting_for_a_destination_go_first_come_first_served(tmp_path):
-    release = asyncio.Event()
-    started: list[str] = []
+    transport = StallsS0()
+    release, started = transport.release, transport.started
 
-    class Stalling(Scripted):
-        async def deliver(self, message, recipients):
-            started.append(message.id)
-            if message.id == "S0":
-                await release.wait()
-            return [OK for _ in recipients]
-
-    spool, runner, clock = make_runner(tmp_path, Stalling({}), per_destination=1)
+    spool, runner, clock = make_runner(tmp_path, transport, per_destination=1)
     queued(spool, "S0", envelope("a@example.org", "x@slow.test"))
     order = ["W9", "W3", "W7", "W1", "W5"]  # not the ids' order
 
@@ -1173,17 +1175,10 @@ def test_a_poke_lets_go_of_the_claims_of_untried_messages(tmp_path):
     # over at acceptance waits for a slot with its claim held. ``bonzo queue``
     # (hold, delete, bounce, flush) pokes before it claims; the runner lets
     # go at once, and the message is still delivered later, read back.
-    release = asyncio.Event()
-    started: list[str] = []
+    transport = StallsS0()
+    release, started = transport.release, transport.started
 
-    class Stalling(Scripted):
-        async def deliver(self, message, recipients):
-            started.append(message.id)
-            if message.id == "S0":
-                await release.wait()
-            return [OK for _ in recipients]
-
-    spool, runner, clock = make_runner(tmp_path, Stalling({}), max_deliveries=1)
+    spool, runner, clock = make_runner(tmp_path, transport, max_deliveries=1)
     queued(spool, "S0", envelope())
 
     async def main() -> None:
