@@ -547,6 +547,10 @@ def _serve_app(app: Any) -> int:
         config.workers,
         ", ".join(config.plugins.enabled) or "none",
     )
+    for hook, names in app.plugins.reordered().items():
+        # The line above gives the operator's order; tryfirst/trylast can
+        # change it for a hook, and the first verdict wins: say where.
+        log.info("%s runs in the order %s (tryfirst/trylast)", hook, " -> ".join(names))
     if not data_scan_in_c():
         log.info(
             "message content is scanned in pure Python (bonzo._speedups is not built, or "

@@ -224,6 +224,18 @@ class PluginSet:
             ]
         return calls
 
+    def reordered(self) -> dict[str, list[str]]:
+        """The hooks whose call order is not the operator's order (a
+        ``tryfirst`` or ``trylast`` implementation moved one), each with its
+        plugins in the order they run."""
+        order = {name: i for i, name in enumerate(self.names)}
+        out: dict[str, list[str]] = {}
+        for hook, calls in self.calls.items():
+            names = [c.plugin for c in calls]
+            if names != sorted(names, key=order.__getitem__):
+                out[hook] = names
+        return out
+
     def hooks_of(self, name: str) -> list[str]:
         """The hooks plugin ``name`` implements."""
         return sorted({_hook_name(self.manager, i) for i in self._impls_of(name)})

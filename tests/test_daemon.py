@@ -397,6 +397,7 @@ def test_serve_delivers_mail_from_smtplib_and_swaks_and_stops_on_sigterm(workdir
     daemon.wait_ready()
     log = daemon.log
     assert f"listening on 127.0.0.1:{port} with 1 worker(s); plugins in order: {STORE}" in log
+    assert "(tryfirst/trylast)" not in log  # no hook's order moved
 
     assert send(port, "smtplib@example.org") == {}
     if shutil.which("swaks"):
@@ -461,6 +462,20 @@ def test_startup_log_says_when_content_is_scanned_in_python(workdir, env, serve,
     assert record["content"].endswith("\r\n.dot\r\n")
     assert daemon.stop() == 0
     assert (PYTHON_SCAN_NOTICE in daemon.log) == (no_extension == "1" or not built)
+
+
+def test_startup_log_names_a_hook_whose_order_a_tryfirst_moved(workdir, env, serve):
+    port = free_port()
+    daemon = serve(write_config(workdir, port, [STORE, "daemonplug:Early"]), port)
+    daemon.wait_ready()
+    assert daemon.stop() == 0
+    assert f"plugins in order: {STORE}, daemonplug:Early" in daemon.log
+    # The first verdict wins, so the operator is told where it is not theirs.
+    lines = [line for line in daemon.log.splitlines() if "(tryfirst/trylast)" in line]
+    assert len(lines) == 1, lines
+    assert (
+        f"bonzo_rcpt runs in the order daemonplug:Early -> {STORE} (tryfirst/trylast)" in lines[0]
+    )
 
 
 def test_swaks_is_installed_for_the_end_to_end_test():

@@ -172,6 +172,9 @@ def test_tryfirst_and_trylast_move_an_implementation():
     )
     # Among the tryfirst ones the operator's order still holds.
     assert [c.plugin for c in ps.calls["bonzo_mail"]] == ["first", "alsofirst", "plain", "last"]
+    # What the daemon reports at start: only the hooks whose order moved.
+    assert ps.reordered() == {"bonzo_mail": ["first", "alsofirst", "plain", "last"]}
+    assert plugin_set(("plain", Plain()), ("last", Last())).reordered() == {}
 
 
 def test_call_lists_are_resolved_once_and_again_after_a_registration():
