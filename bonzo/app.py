@@ -82,7 +82,7 @@ def resolve_plugin(name: str, installed: dict[str, InstalledPlugin] | None = Non
         ep = installed[name].entry_point
         try:
             return _instantiate(ep.load())
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise LookupError(f"plugin {name!r} ({ep.value}) failed to load: {exc!r}") from exc
     if "." in name or ":" in name:
         module_name, _, attr = name.partition(":")
@@ -90,7 +90,7 @@ def resolve_plugin(name: str, installed: dict[str, InstalledPlugin] | None = Non
             module = importlib.import_module(module_name)
         except ImportError as exc:
             raise LookupError(f"plugin {name!r}: cannot import {module_name}: {exc}") from exc
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise LookupError(f"plugin {name!r}: importing {module_name} failed: {exc!r}") from exc
         if not attr:
             return module
@@ -102,7 +102,7 @@ def resolve_plugin(name: str, installed: dict[str, InstalledPlugin] | None = Non
             raise LookupError(f"plugin {name!r}: {module_name} has no {attr!r}") from None
         try:
             return _instantiate(obj)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise LookupError(f"plugin {name!r}: creating {attr} failed: {exc!r}") from exc
     known = ", ".join(sorted(installed)) or "none"
     close = difflib.get_close_matches(name, sorted(installed), n=1)
@@ -217,7 +217,9 @@ class MailApp:
             except (ValueError, TypeError, KeyError, ConfigError) as exc:
                 message = exc.message if isinstance(exc, ConfigError) else str(exc)
                 raise config.error(f"plugins.{call.plugin}", message) from None
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
+                # sys.exit() in a plugin must not end `bonzo check` or
+                # `bonzo serve` with status 0 and no word: it is a fault.
                 raise config.error(
                     f"plugins.{call.plugin}", f"configuration failed: {exc!r}"
                 ) from None

@@ -101,7 +101,7 @@ def error_reply(
     - a plugin's refusal (:class:`~bonzo.hooks.Refused`) or an error reply
       raised by the core: that reply, as it is;
     - a plugin's fault (:class:`~bonzo.hooks.PluginFailure`): what the first
-      ``bonzo_exception`` hook maps it to, if any;
+      ``bonzo_exception`` hook maps it to, if any (never at AUTH);
     - a full disk: ``452 4.3.1``; at AUTH: ``454 4.7.0``; at connect:
       ``421 4.3.0`` (no greeting, the connection closes); anything else:
       ``451 4.3.0``.
@@ -114,7 +114,9 @@ def error_reply(
         plugin: str | None = exc.plugin
         hook, error = exc.hook, exc.error
         log_plugin_failure(session, hook, exc.plugin, error)
-        mapped = _mapped(plugins, session, error, hook, exc.plugin)
+        # An AUTH fault is always 454 (a credential backend that is down must
+        # not become a permanent refusal): bonzo_exception is not asked.
+        mapped = None if stage == "AUTH" else _mapped(plugins, session, error, hook, exc.plugin)
         if mapped is not None:
             return mapped, exc.plugin
     else:

@@ -249,8 +249,8 @@ class PluginSet:
         for call in self.calls[hook]:
             try:
                 result = call.function(*[args[i] for i in call.indexes])
-            except Exception as exc:
-                raise PluginError(f"plugin {call.plugin!r}: {exc}") from exc
+            except (Exception, SystemExit) as exc:
+                raise PluginError(f"plugin {call.plugin!r}: {exc!r}") from exc
             results.append((call.plugin, result))
         return results
 

@@ -506,7 +506,8 @@ def bonzo_exception(
     an ``SMTPError`` or timed out. Return an ``SMTPError`` with a ``4xx`` or
     ``5xx`` code to send instead of the default ``451 4.3.0`` (anything else is
     logged and ignored); a ``5xx`` here turns a local fault into a
-    permanent refusal, so think twice.
+    permanent refusal, so think twice. Not called for a fault in
+    :func:`bonzo_auth`, which is always ``454 4.7.0``.
 
     .. versionadded:: 0.2
     """

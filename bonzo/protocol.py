@@ -1182,6 +1182,10 @@ class SMTPProtocol:
             self._write_error(error)
             self._close()
             return
+        if type(event) is Unknown and code < 400 and not self._junk():
+            # A verb a plugin answered with a 2xx/3xx does no mail work: like
+            # NOOP it must not hold a slot forever.
+            return
         if type(event) is Unknown and (code == 500 or code == 502):
             # "Not recognized"; a verb a plugin implements (any other reply)
             # is not an unknown command.

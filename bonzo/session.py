@@ -686,14 +686,25 @@ class Envelope:
     def replace_body(self, data: bytes | IO[bytes]) -> None:
         """Make ``data`` (bytes, or a binary file read to its end in chunks)
         the body: everything after the header section. Lines should end in
-        CRLF, as the client's did."""
+        CRLF, as the client's did. Raises :class:`ValueError` for anything
+        else (a ``str``, a file opened in text mode)."""
+        binary = isinstance(data, (bytes, bytearray, memoryview))
+        if not binary and not callable(getattr(data, "read", None)):
+            raise ValueError(
+                f"replace_body() takes bytes or a binary file, not {type(data).__name__}"
+            )
         new = _Spool(self._spool_threshold, self._spool_dir)
         try:
-            if isinstance(data, (bytes, bytearray, memoryview)):
-                new.write(bytes(data))
+            if binary:
+                new.write(bytes(data))  # type: ignore[arg-type]
             else:
-                while chunk := data.read(1 << 20):
-                    new.write(chunk)
+                while chunk := data.read(1 << 20):  # type: ignore[union-attr]
+                    if not isinstance(chunk, (bytes, bytearray)):
+                        raise ValueError(
+                            "replace_body() takes a binary file; this one gave "
+                            f"{type(chunk).__name__} (open it in 'rb' mode)"
+                        )
+                    new.write(bytes(chunk))
         except BaseException:
             new.close()
             raise

@@ -89,8 +89,10 @@ class SMTPSettings:
     """Error replies (4xx/5xx to commands) per session before ``421 4.7.0`` and close."""
 
     max_junk_commands: int = 100
-    """Commands that do no mail work (NOOP, RSET, VRFY, HELP, and HELO/EHLO
-    repeated without a new TLS session) allowed between two accepted messages;
+    """Commands that do no mail work (NOOP, RSET, VRFY, HELP, HELO/EHLO
+    repeated without a new TLS session, and a verb a plugin answers through
+    ``bonzo_unknown_command`` with a ``2xx``/``3xx``) allowed between two
+    accepted messages;
     one more gets ``421 4.7.0`` and close (Postfix's
     ``smtpd_junk_command_limit``). Without it a client could hold a
     connection slot forever with NOOPs."""

@@ -155,6 +155,9 @@ def test_bad_changes_are_refused_at_once():
         lambda: env.change_header("X", "v", 0),
         lambda: env.add_recipient_address("not an address"),
         lambda: env.add_recipient_address("<>"),
+        lambda: env.replace_body("a str"),
+        lambda: env.replace_body(5),
+        lambda: env.replace_body(io.StringIO("text mode")),
     ):
         with pytest.raises(ValueError):
             call()

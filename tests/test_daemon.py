@@ -94,6 +94,16 @@ class BadConfig:
         raise ValueError("colour: must be red or blue")
 
 
+class ExitsInConfigure:
+    def bonzo_configure(self, config):
+        raise SystemExit(0)  # a plugin calling sys.exit(): a fault, not success
+
+
+class ExitsInInit:
+    def __init__(self):
+        raise SystemExit(0)
+
+
 class WrongArgument:
     def bonzo_rcpt(self, recipient):
         return Accept()
@@ -287,6 +297,11 @@ def test_check_warns_about_a_server_that_takes_no_mail(workdir, env):
         ("missing module", ["plugins.enabled: plugin 'nosuchmodule:Plugin': cannot import"]),
         ("missing class", ["plugins.enabled: plugin 'daemonplug:Nope'", "has no 'Nope'"]),
         ("failing class", ["plugin 'daemonplug:BadInit': creating BadInit failed", "database"]),
+        (
+            "configure exits",
+            ["plugins.daemonplug:ExitsInConfigure: configuration failed: SystemExit(0)"],
+        ),
+        ("init exits", ["plugin 'daemonplug:ExitsInInit': creating ExitsInInit failed"]),
     ],
 )
 def test_configuration_errors_exit_2_with_one_line(workdir, env, command, case, fragments):
@@ -297,6 +312,8 @@ def test_configuration_errors_exit_2_with_one_line(workdir, env, command, case, 
         "missing module": ["nosuchmodule:Plugin"],
         "missing class": ["daemonplug:Nope"],
         "failing class": ["daemonplug:BadInit"],
+        "configure exits": [STORE, "daemonplug:ExitsInConfigure"],
+        "init exits": ["daemonplug:ExitsInInit"],
     }.get(case)
     config = write_config(workdir, port, enabled)
     text = config.read_text()

@@ -171,6 +171,25 @@ def test_every_hook_has_its_section_in_the_plugins_page(html: Path) -> None:
     assert not problems, "hook reference incomplete:\n" + "\n".join(problems)
 
 
+def test_the_hook_kinds_table_lists_every_hook_of_its_kind() -> None:
+    """The plugins page's table of hook kinds names the same hooks as
+    DECISION_HOOKS, OBSERVER_HOOKS and the synchronous ones, which it says
+    code can read."""
+    text = (DOCS / "plugins.rst").read_text(encoding="utf-8")
+    table = text.split("There are three kinds of hooks:", 1)[1].split("The lists are also", 1)[0]
+    rows = re.split(r"\n   \* - ", table)
+    found = {
+        row.split("\n", 1)[0].strip("* "): set(re.findall(r":func:`(bonzo_\w+)`", row))
+        for row in rows[2:]
+    }
+    assert found == {
+        "Decision": set(hookspecs.DECISION_HOOKS),
+        "Observer": set(hookspecs.OBSERVER_HOOKS),
+        "Synchronous set-up and mapping": {"bonzo_configure", "bonzo_exception"},
+    }
+    assert set().union(*found.values()) == set(hook_names())
+
+
 def config_tables_and_keys() -> tuple[set[str], set[str]]:
     """Every table and every dotted key that bonzo.config accepts."""
     tables = set(config.TOP_LEVEL_KEYS) | {"plugins.<name>"}

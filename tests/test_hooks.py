@@ -1202,12 +1202,17 @@ def test_a_plugin_implemented_verb_is_not_an_unknown_command(serve):
             if verb == "XFOO":
                 return (250, "foo")
 
-    srv = serve(plugin_set(("xfoo", XFoo())), max_unknown_commands=2)
+    srv = serve(plugin_set(("xfoo", XFoo())), max_unknown_commands=2, max_junk_commands=6)
     with raw(srv) as c:
         c.reply()
         c.command("EHLO client.test")
         for _ in range(5):
             assert c.command("XFOO") == b"250 2.0.0 foo\r\n"
+        # It does no mail work, so it counts as a junk command, as NOOP does.
+        assert c.command("NOOP") == b"250 2.0.0 Ok\r\n"
+        assert c.command("XFOO") == (
+            b"421 4.7.0 Too many commands without mail, closing connection\r\n"
+        )
 
 
 # ------------------------------------------------------------------ auth
@@ -1244,6 +1249,33 @@ def test_auth_first_verdict_wins_and_sees_the_credentials(serve):
         ("directory", "127.0.0.1", "PLAIN", "alice", "s3cret", ""),
     ]
     assert ("never",) not in seen
+
+
+def test_auth_fault_is_454_whatever_bonzo_exception_maps_it_to(serve, log_watch):
+    seen = []
+
+    class Down:
+        def bonzo_auth(self, username):
+            raise ConnectionError("ldap down")
+
+    class Mapper:
+        def bonzo_exception(self, error, hook):
+            seen.append(hook)
+            return errors.PermanentError("Mapped", 554, "5.3.0")
+
+        def bonzo_mail(self, address):
+            raise RuntimeError("mail fault")
+
+    with smtp(auth_server(serve, ("down", Down()), ("mapper", Mapper()))) as c:
+        c.ehlo()
+        # A backend that is down must not become a permanent refusal.
+        code, text = c.docmd("AUTH", "PLAIN AGFsaWNlAHA=")  # \0alice\0p
+        assert (code, text) == (454, b"4.7.0 Temporary authentication failure")
+        # The mapping still applies elsewhere.
+        assert c.docmd("MAIL", "FROM:<a@example.org>") == (554, b"5.3.0 Mapped")
+    assert seen == ["bonzo_mail"]
+    assert len(failures(log_watch, "down", "bonzo_auth")) == 1
+    assert len(failures(log_watch, "mapper", "bonzo_mail")) == 1
 
 
 def test_auth_nobody_vouching_is_535(serve):
