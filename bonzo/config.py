@@ -21,6 +21,7 @@ import ipaddress
 import json
 import os
 import re
+import stat
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -30,7 +31,7 @@ from typing import Any
 from .auth import MECHANISMS
 from .dns import DNSSettings, parse_nameserver
 from .settings import PROTOCOLS, ListenerSettings, SettingError, SMTPSettings, positive_seconds
-from .store import StoreSettings
+from .store import StoreSettings, safe_url
 from .tls import CertificatePair, TLSError, make_server_context
 
 if sys.version_info >= (3, 11):  # pragma: no cover - depends on the interpreter
@@ -332,15 +333,39 @@ def _path(value: Any, source: str, key: str, base_dir: Path) -> str:
     return str((base_dir / value).resolve())
 
 
-def _file_to_make(value: Any, source: str, key: str, base_dir: Path) -> str:
+def _file_to_make(
+    value: Any, source: str, key: str, base_dir: Path, *, socket: bool = False
+) -> str:
     """:func:`_path` for a file Bonzo creates when it starts (a pid file, a
-    Unix socket): its directory must exist, so that ``bonzo check`` finds
-    the mistake rather than ``bonzo serve``."""
+    Unix socket): its directory must exist, and what is there already must
+    be a file Bonzo may replace (a socket for a ``socket``), so that ``bonzo
+    check`` finds the mistake rather than ``bonzo serve``."""
     path = _path(value, source, key, base_dir)
     parent = Path(path).parent
     if not parent.is_dir():
         why = "is not a directory" if parent.exists() else "does not exist"
         raise ConfigError(source, key, f"cannot create {path}: {parent} {why}")
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return path
+    except OSError as exc:
+        raise ConfigError(source, key, f"cannot use {path}: {exc.strerror}") from None
+    if socket and not stat.S_ISSOCK(mode):
+        raise ConfigError(source, key, f"{path} exists and is not a socket (remove it first)")
+    if not socket and not stat.S_ISREG(mode):
+        raise ConfigError(source, key, f"{path} exists and is not a regular file")
+    return path
+
+
+def _directory(value: Any, source: str, key: str, base_dir: Path) -> str:
+    """:func:`_path` for a directory Bonzo writes in but does not create."""
+    path = _path(value, source, key, base_dir)
+    if not os.path.isdir(path):
+        why = "is not a directory" if os.path.exists(path) else "does not exist"
+        raise ConfigError(source, key, f"{path} {why}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(source, key, f"{path} is not writable")
     return path
 
 
@@ -394,7 +419,7 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
             elif key == "pid_file":
                 pid_file = _file_to_make(value, source, "server.pid_file", base_dir)
             elif key == "spool_dir":
-                kwargs[key] = _path(value, source, "server.spool_dir", base_dir)
+                kwargs[key] = _directory(value, source, "server.spool_dir", base_dir)
             else:
                 kwargs[key] = value
     try:
@@ -565,12 +590,14 @@ def _listeners(value: Any, source: str, base_dir: Path) -> list[ListenerConfig]:
                     raise ConfigError(
                         source, f"{key}.{k}", "a Unix socket listener (path) has no " + k
                     )
-            path = _file_to_make(item["path"], source, f"{key}.path", base_dir)
+            path = _file_to_make(item["path"], source, f"{key}.path", base_dir, socket=True)
             if (path, None) in seen:
                 raise ConfigError(source, key, f"duplicate listener unix:{path}")
             seen.add((path, None))
             mode = item.get("mode", 0o660)
-            if isinstance(mode, str) and re.fullmatch(r"0?[0-7]{3}", mode):
+            if isinstance(mode, str) and re.fullmatch(r"(?:0o?)?[0-7]{3}", mode):
+                # "0o660" too: what `bonzo config` prints reads back.
+                mode = mode.replace("o", "")
                 mode = int(mode, 8)
             if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
                 raise ConfigError(
@@ -796,6 +823,15 @@ def _redacted(value: Any, key: str = "") -> Any:
     return value
 
 
+def _absolute(pair: dict[str, Any], base_dir: Path) -> dict[str, str]:
+    """The ``cert`` and ``key`` paths of a TLS table, made absolute."""
+    return {
+        k: str((base_dir / v).resolve())
+        for k in ("cert", "key")
+        if isinstance(v := pair.get(k), str) and v
+    }
+
+
 def _toml_value(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return [_toml_value(v) for v in value]
@@ -832,6 +868,18 @@ def effective_config(config: Config, raw: dict[str, Any]) -> dict[str, Any]:
         else:
             entry.update(address=listener.address, port=listener.port)
         entry.update({k: v for k, v in table.items() if k not in entry})
+        tls = entry.get("tls")
+        if isinstance(tls, dict):
+            # Absolute, as the other paths of the core's tables: the output
+            # may be saved in another directory.
+            entry["tls"] = tls = {**tls, **_absolute(tls, config.base_dir)}
+            if isinstance(tls.get("sni"), dict):
+                tls["sni"] = {
+                    name: {**pair, **_absolute(pair, config.base_dir)}
+                    if isinstance(pair, dict)
+                    else pair
+                    for name, pair in tls["sni"].items()
+                }
         listeners.append(_redacted(entry))
     plugins: dict[str, Any] = {
         "enabled": config.plugins.enabled,
@@ -848,6 +896,11 @@ def effective_config(config: Config, raw: dict[str, Any]) -> dict[str, Any]:
         "listeners": listeners,
         "logging": dataclasses.asdict(config.logging),
         "dns": dataclasses.asdict(config.dns),
+        "metrics": dataclasses.asdict(config.metrics),
+        "redis": {
+            **dataclasses.asdict(config.redis),
+            "url": safe_url(config.redis.url) if config.redis.url else "",
+        },
         "plugins": plugins,
     }
     # The core's tables show the values read; a value that came from

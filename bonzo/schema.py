@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import os
 import re
 import textwrap
@@ -301,6 +302,9 @@ class Key:
         else:
             number = value if kind in ("int", "size") else float(value)
         what = {"int": "an integer", "size": "a size"}.get(kind, "a number")
+        if not math.isfinite(number):
+            # nan passes every comparison below; inf is no timeout or score.
+            raise ValueError(f"{name}: expected a finite number, got {_describe(value)}")
         if self.minimum is not None and number < self.minimum:
             raise ValueError(
                 f"{name}: expected {what} >= {_bound(self.minimum)}, got {_describe(value)}"

@@ -142,7 +142,9 @@ class SMTPSettings:
     than kept in memory."""
 
     spool_dir: str | None = None
-    """Directory for spooled bodies (default: the system temporary directory)."""
+    """Directory for spooled bodies (default: the system temporary directory).
+    In a configuration file it must be an existing directory Bonzo can write
+    in (``bonzo check`` says so otherwise); relative to the file."""
 
     bare_newline: str = "normalize"
     """What to do with a bare LF or CR in message content: ``normalize`` (treat

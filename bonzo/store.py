@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -98,19 +99,23 @@ class StoreSettings:
         if not isinstance(self.url, str):
             raise SettingError("url", f"must be a string, not {self.url!r}")
         if self.url:
-            parts = urlsplit(self.url)
+            try:
+                parts = urlsplit(self.url)
+            except ValueError as exc:  # "Invalid IPv6 URL": an unclosed bracket
+                raise SettingError("url", f"{exc}: {safe_url(self.url)}") from None
             if parts.scheme not in REDIS_SCHEMES:
                 raise SettingError(
-                    "url", f"must start with redis://, rediss:// or unix://, not {_safe(self.url)}"
+                    "url",
+                    f"must start with redis://, rediss:// or unix://, not {safe_url(self.url)}",
                 )
             try:
                 parts.port  # noqa: B018 - raises for a bad port
             except ValueError:
-                raise SettingError("url", f"has a bad port: {_safe(self.url)}") from None
+                raise SettingError("url", f"has a bad port: {safe_url(self.url)}") from None
             if parts.scheme != "unix" and not parts.hostname:
-                raise SettingError("url", f"names no host: {_safe(self.url)}")
+                raise SettingError("url", f"names no host: {safe_url(self.url)}")
             if parts.scheme == "unix" and not parts.path:
-                raise SettingError("url", f"names no socket path: {_safe(self.url)}")
+                raise SettingError("url", f"names no socket path: {safe_url(self.url)}")
             if not redis_available():
                 raise SettingError("url", "redis-py is not installed (pip install 'bonzo[redis]')")
         if not isinstance(self.password, str):
@@ -134,12 +139,16 @@ class StoreSettings:
     @property
     def where(self) -> str:
         """The server for log lines, without any password."""
-        return _safe(self.url) if self.url else "memory"
+        return safe_url(self.url) if self.url else "memory"
 
 
-def _safe(url: str) -> str:
-    """``url`` without its password, for messages."""
-    parts = urlsplit(url)
+def safe_url(url: str) -> str:
+    """``url`` without its password, for messages and ``bonzo config``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        # Unparsable: hide whatever comes before an "@" of the authority.
+        return re.sub(r"(//)[^/@]*@", r"\1***@", url)
     if parts.password is None:
         return url
     netloc = parts.netloc.rpartition("@")[2]

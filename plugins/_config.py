@@ -18,6 +18,7 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from bonzo.address import Address, canonical_domain
@@ -116,6 +117,18 @@ def envelope_recipients(envelope: Any) -> list[Address]:
     if len(recipients) == len(envelope.rcpt_tos):
         return recipients
     return [Address.parse(rcpt) for rcpt in envelope.rcpt_tos]
+
+
+def check_creatable(key: str, path: Path) -> None:
+    """Raise :exc:`ValueError` (naming ``key``) when ``path`` does not exist
+    and cannot be made because what is on the way to it is not a directory
+    (``bonzo check`` then says so, instead of the daemon failing at
+    startup)."""
+    for ancestor in path.parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise ValueError(f"{key}: {path} cannot be created: {ancestor} is not a directory")
+            return
 
 
 def parse_network(value: str, key: str) -> IPNetwork:

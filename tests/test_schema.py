@@ -4,6 +4,7 @@ one-line errors naming the key, and documented from the declaration."""
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -265,6 +266,11 @@ def test_bounds_and_table_defaults_read_as_written():
         big.parse({"expire": 10**10})
     with pytest.raises(ValueError, match=r"^r: expected a number >= 0.5, got 0$"):
         big.parse({"r": 0})
+    # nan passes every comparison; neither it nor inf is a timeout or a score.
+    unbounded = Schema(Key("t", "duration", minimum=0.001, maximum=60), Key("s", "float"))
+    for table in ({"t": math.nan}, {"t": math.inf}, {"s": math.nan}, {"s": -math.inf}):
+        with pytest.raises(ValueError, match=r"^[ts]: expected a finite number, got "):
+            unbounded.parse(table)
     routes = Schema(Key("routes", "table", default={"*": {"type": "mx"}}))
     assert '``{ "*" = { type = "mx" } }``' in routes.rst()
     assert Schema().rst() == "The table has no keys.\n"

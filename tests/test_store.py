@@ -122,6 +122,7 @@ def test_open_store_follows_the_settings():
         ('url = "http://x/"', "redis.url", "must start with redis://"),
         ('url = "redis://:secret@/0"', "redis.url", "names no host"),
         ('url = "redis://h:99999/0"', "redis.url", "bad port"),
+        ('url = "redis://[::1:6379/0"', "redis.url", "Invalid IPv6 URL"),
         ("url = 5", "redis.url", "must be a string"),
         ("timeout = 0", "redis.timeout", "positive number"),
         ('connect_timeout = "1"', "redis.connect_timeout", "positive number"),
@@ -138,6 +139,13 @@ def test_bad_redis_keys_name_the_file_and_key(table, key, message):
         parse_config(f"[redis]\n{table}\n", "site.toml")
     assert str(info.value).startswith(f"site.toml: {key}: ")
     assert message in str(info.value)
+
+
+def test_a_password_in_an_unparsable_url_never_reaches_a_message():
+    with pytest.raises(SettingError) as info:
+        StoreSettings(url="redis://:hunter2@[::1/0")
+    assert "hunter2" not in str(info.value)
+    assert "redis://***@[::1/0" in str(info.value)
 
 
 def test_a_password_in_the_url_never_reaches_a_message():

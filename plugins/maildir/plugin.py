@@ -34,7 +34,7 @@ from bonzo.hookspecs import Accept, hookimpl
 from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 
-from .._config import envelope_recipients
+from .._config import check_creatable, envelope_recipients
 
 __all__ = ["MaildirPlugin", "DeliveryAborted", "maildir_component", "parse_tmp_name"]
 
@@ -112,18 +112,6 @@ def _with_octal_mode(config: Any) -> Any:
     if isinstance(config, Mapping) and isinstance(config.get("mode"), str):
         return {**config, "mode": _octal(config["mode"])}
     return config
-
-
-def _check_creatable(key: str, path: Path) -> None:
-    """Raise :exc:`ValueError` (naming ``key``) when ``path`` does not exist
-    and cannot be made because what is on the way to it is not a directory
-    (``bonzo check`` then says so, instead of the daemon failing at
-    startup)."""
-    for ancestor in path.parents:
-        if ancestor.exists():
-            if not ancestor.is_dir():
-                raise ValueError(f"{key}: {path} cannot be created: {ancestor} is not a directory")
-            return
 
 
 #: The ``[plugins.maildir]`` table (:mod:`bonzo.schema`).
@@ -291,7 +279,7 @@ class MaildirPlugin:
             mode = _octal(mode)
         if path.exists() and not path.is_dir():
             raise ValueError(f"path: {path} exists and is not a directory")
-        _check_creatable("path", path)
+        check_creatable("path", path)
         if not create:
             if not path.is_dir():
                 raise ValueError(f"path: {path} does not exist (and create = false)")
@@ -305,7 +293,7 @@ class MaildirPlugin:
         if quarantine is not None:
             if quarantine.exists() and not quarantine.is_dir():
                 raise ValueError(f"quarantine: {quarantine} exists and is not a directory")
-            _check_creatable("quarantine", quarantine)
+            check_creatable("quarantine", quarantine)
             if quarantine == path:
                 raise ValueError("quarantine: must differ from path")
         self.path = path

@@ -22,7 +22,7 @@ from bonzo.hookspecs import Accept, hookimpl
 from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 
-from .._config import parse_duration
+from .._config import check_creatable, parse_duration
 from .keys import Value, mode, under_ten_years
 from .routes import DEFAULT_ROUTES, ROUTES, TRANSPORTS, RouteTable, check_routes
 from .runner import INLINE_SIZE, MAX_HANDED, Runner, RunnerSettings
@@ -145,6 +145,7 @@ class QueuePlugin:
         path = values["path"]
         if path.exists() and not path.is_dir():
             raise ValueError(f"path: {path} exists and is not a directory")
+        check_creatable("path", path)
         # float(): a default is taken as declared (an int) where a given
         # duration is a float.
         settings = RunnerSettings(

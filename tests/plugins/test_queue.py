@@ -1357,6 +1357,14 @@ def test_bad_configuration_names_the_key(tmp_path, table, message):
         QueuePlugin().bonzo_configure(table, App(tmp_path))
 
 
+def test_a_queue_path_that_cannot_be_created_is_a_configuration_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"^path: .*/file/q cannot be created: .*/file is not a"):
+        QueuePlugin().bonzo_configure({"path": "file/q"}, App(tmp_path))
+    with pytest.raises(ValueError, match=r"^path: .*/file exists and is not a directory$"):
+        QueuePlugin().bonzo_configure({"path": "file"}, App(tmp_path))
+
+
 @pytest.mark.parametrize(
     ("value", "seconds"),
     [(30, 30.0), ("30s", 30.0), ("5m", 300.0), ("4h", 14400.0), ("5d", 432000.0), ("1.5h", 5400.0)],
