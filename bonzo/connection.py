@@ -276,6 +276,21 @@ class SessionStream(IOStream):
             super()._handle_read()
 
     def _handle_events(self, fd: Any, events: int) -> None:
+        if events & IOLoop.READ and self._read_future is None and not self._closed:
+            # Nobody is reading: the session is busy answering what it read
+            # (a plugin is delivering). Tornado would read now to notice a
+            # close, and at the client's end of stream (a client may send
+            # its last commands and shut its side) close the whole socket,
+            # losing the replies still to come (a 250 for a message stored:
+            # the client sends it again). Leave the octets in the socket
+            # and stop listening until the session reads again.
+            events &= ~IOLoop.READ
+            state = self._state
+            if state is not None and state & IOLoop.READ:
+                self._state = state & ~IOLoop.READ
+                self.io_loop.update_handler(self.fileno(), self._state)
+            if not events:
+                return
         # The event loop's call when the socket is ready. When it is only
         # readable, a direct read is pending, nothing is being written and the
         # stream listens for exactly READ (and errors), Tornado's general

@@ -812,6 +812,8 @@ class SMTPProtocol:
         self._pending: Event | None = None
         self._discarding_line = False
         self._discarding_auth = False
+        #: The overlong line being discarded is a BDAT command.
+        self._discarding_bdat = False
         # DATA state. _line_start: the next octet starts a line for framing
         # (after CRLF: only CRLF.CRLF ends the data); _unstuff_start: it
         # starts a line for dot-unstuffing (also after a bare LF when bare
@@ -1340,6 +1342,7 @@ class SMTPProtocol:
                     self._discarding_auth = bool(self.auth_mechanisms) and (
                         buf[pos : pos + 5].upper() == b"AUTH "
                     )
+                    self._discarding_bdat = _is_bdat(bytes(buf[pos : pos + 5]))
                 self._discarding_line = True
                 self._pos = len(buf)
             return NEED_DATA
@@ -1347,6 +1350,9 @@ class SMTPProtocol:
         if self._discarding_line:
             self._discarding_line = False
             self.stage, self._arg = "AUTH" if self._discarding_auth else "?", ""
+            if self._discarding_bdat:
+                self._discarding_bdat = False
+                return self._bad_bdat_line()
             if self._discarding_auth:
                 self._error(500, "5.5.6", "Authentication exchange line is too long")
             else:
@@ -1397,22 +1403,30 @@ class SMTPProtocol:
                     return None
             elif length > self._max_mail_line or head not in (b"MAIL ", b"RCPT "):
                 self.stage, self._arg = _safe_verb(raw), ""
+                if _is_bdat(raw):
+                    return self._bad_bdat_line()
                 self._error(500, "5.5.2", "Line too long", "Error: line too long")
                 return None
         # After the length check, so that an overlong line gets the same
         # reply whether it was discarded while arriving or seen whole.
         if bare_lf and self._bare_mode == "reject":
             self.stage, self._arg = _safe_verb(raw), ""
+            if _is_bdat(raw):
+                return self._bad_bdat_line()
             self._error(500, "5.5.2", "Bare LF received, lines must end with CRLF")
             return None
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
             self.stage, self._arg = _safe_verb(raw), ""
+            if _is_bdat(raw):
+                return self._bad_bdat_line()
             self._error(500, "5.5.2", "Error: bad UTF-8 syntax")
             return None
         if not line.isprintable() and _CTL.search(line):
             self.stage, self._arg = _safe_verb(raw), ""
+            if _is_bdat(raw):
+                return self._bad_bdat_line()
             self._error(501, "5.5.2", "Syntax error: control characters are not allowed")
             return None
         line = line.strip(" ")
@@ -1437,6 +1451,14 @@ class SMTPProtocol:
                 self.stage, self._arg = "?", ""
             return Unknown(key, arg, verb)
         return handler(self, arg)
+
+    def _bad_bdat_line(self) -> Any:
+        """A BDAT command line refused before its size was read: the chunk
+        that follows cannot be skipped, and reading it as commands would
+        run whatever it holds (a second envelope past the filters). Close,
+        as for a BDAT without a size (RFC 3030 2)."""
+        self.close(421, "Bad BDAT command, closing connection", "4.7.0", limit="BDAT syntax")
+        return CLOSED
 
     def _unknown_verb(self, verb: str) -> None:
         self.unknown_commands += 1
@@ -2011,9 +2033,17 @@ def _note(error: SMTPError) -> str | None:
 
 
 def _safe_verb(raw: bytes) -> str:
-    """The verb of a line that could not be decoded, for the log."""
-    verb = raw[:16].partition(b" ")[0]
-    return verb.decode("ascii", "replace").upper() or "?"
+    """The verb of a line that could not be decoded, for the log: printable
+    ASCII as it is, every other octet as ``\\xNN`` (a control character
+    must never reach a log line raw)."""
+    verb = raw[:16].partition(b" ")[0].upper()
+    return "".join(chr(b) if 0x20 < b < 0x7F else f"\\x{b:02x}" for b in verb) or "?"
+
+
+def _is_bdat(raw: bytes) -> bool:
+    """Whether a command line (or its first octets) is a BDAT command:
+    ``BDAT`` in any case, then the end or anything but a letter or digit."""
+    return raw[:4].upper() == b"BDAT" and (len(raw) == 4 or not raw[4:5].isalnum())
 
 
 # The commands the core knows, by verb.

@@ -247,6 +247,54 @@ def test_bdat_without_a_usable_size_closes(arg):
     assert client.closed
 
 
+SMUGGLED = (
+    b"RSET\r\nMAIL FROM:<evil@example.net>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\n"
+    b"Subject: smuggled\r\n\r\nevil\r\n.\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("line", "settings"),
+    [
+        (b"BDAT %d\tLAST", {}),  # a control character
+        (b"BDAT %d\x0bLAST", {}),
+        (b"bdat %d LAST\x00", {}),
+        (b"BDAT %d LAST\rX", {}),  # a bare CR inside the line
+        (b"BDAT %d" + b" " * 600 + b"LAST", {}),  # over the line limit, seen whole
+        (b"BDAT %d LAST \xff\xfe", {}),  # not UTF-8
+        (b"BDAT %d LAST\n", {"bare_newline": "reject"}),  # ends in a bare LF
+        (b"BDAT\t%d LAST", {}),
+    ],
+)
+@pytest.mark.parametrize("chunking", [True, False])
+def test_a_bdat_line_refused_before_its_size_closes_and_never_runs_its_chunk(
+    line, settings, chunking
+):
+    """The chunk of a BDAT line that fails the generic line checks cannot be
+    skipped (its size was not read): run as commands, it would be a second
+    envelope past every filter. The session closes instead."""
+    command = line % len(SMUGGLED)
+    if not command.endswith(b"\n"):
+        command += b"\r\n"
+    client = opened(chunking=chunking, **settings)
+    replies = client.send(command + SMUGGLED)
+    assert split_replies(replies) == [b"421 4.7.0 Bad BDAT command, closing connection\r\n"]
+    assert client.closed
+    assert client.messages == []
+
+
+def test_an_overlong_bdat_line_discarded_while_arriving_closes_too():
+    client = opened()
+    # Arrives in pieces, so the core drops it before its end is seen.
+    replies = client.send(b"BDAT 108" + b" " * 3000, b" " * 3000 + b"LAST\r\n", SMUGGLED)
+    assert split_replies(replies) == [b"421 4.7.0 Bad BDAT command, closing connection\r\n"]
+    assert client.closed and client.messages == []
+    # A long line that is not BDAT is still just refused.
+    client = opened()
+    replies = client.send(b"NOOP" + b" " * 3000, b" " * 3000 + b"\r\n", b"NOOP\r\n")
+    assert split_replies(replies) == [b"500 5.5.2 Line too long\r\n", OK]
+
+
 def test_data_after_bdat_is_refused_and_the_chunks_are_kept():
     client = opened()
     replies = client.send(bdat(b"ab") + DATA + bdat(b"cd", last=True))

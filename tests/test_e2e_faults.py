@@ -86,6 +86,42 @@ def test_disconnect_while_a_plugin_runs_still_calls_bonzo_disconnect(start_serve
     server.wait_connections(0)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_client_that_shuts_its_side_still_gets_every_reply(start_server, chunked):
+    """A client may send its last commands (the content and QUIT, or a whole
+    pipelined transaction) and shut its side of the connection: the replies,
+    the 250 for a message stored among them, must still reach it, whatever a
+    plugin is doing when the end of its stream arrives."""
+
+    class Slow(RecordingPlugin):
+        async def bonzo_deliver(self, session, envelope):
+            await asyncio.sleep(0.3)
+            return super().bonzo_deliver(session, envelope)
+
+    server = start_server(plugin=Slow())
+    with RawClient(server.port) as client:
+        client.greet()
+        if chunked:
+            client.send(
+                b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.com>\r\n"
+                b"BDAT 5 LAST\r\nhello"
+            )
+            expected = [b"250 2.1.0 ", b"250 2.1.5 ", b"250 2.0.0 Ok: queued as "]
+        else:
+            assert client.command("MAIL FROM:<alice@example.com>").startswith(b"250")
+            assert client.command("RCPT TO:<bob@example.com>").startswith(b"250")
+            assert client.command("DATA").startswith(b"354")
+            client.send(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+            expected = [b"250 2.0.0 Ok: queued as ", b"221 2.0.0 Bye"]
+        client.sock.shutdown(socket.SHUT_WR)
+        rest = client.read_to_eof(timeout=5)
+    replies = rest.split(b"\r\n")[:-1]
+    assert len(replies) == len(expected), rest
+    for reply, start in zip(replies, expected, strict=True):
+        assert reply.startswith(start), rest
+    assert len(server.plugin.messages) == 1
+
+
 # ------------------------------------------------------------ handler faults
 class Faulty(RecordingPlugin):
     """Raises an unexpected exception in the hook named by the recipient

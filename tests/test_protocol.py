@@ -710,6 +710,26 @@ def test_control_characters_in_commands_are_501(ctl, template):
     assert client.send(b"NOOP\r\n") == b"250 2.0.0 Ok\r\n"
 
 
+@pytest.mark.parametrize(
+    ("line", "stage"),
+    [
+        (b"\x1b[31mRED\x1b[0m hi", "\\x1b[31MRED\\x1b[0M"),
+        (b"NO\x00OP", "NO\\x00OP"),
+        (b"X\rY foo", "X\\x0dY"),
+        (b"\xff\xfeVERB x", "\\xff\\xfeVERB"),
+        (b"VERB" + b"x" * 600, "VERBXXXXXXXXXXXX"),
+    ],
+)
+def test_the_verb_of_a_refused_line_is_escaped_for_the_log(line, stage):
+    """The refusal's log line names the stage: never a raw control
+    character, which could forge or overwrite log lines on a terminal."""
+    client = Client()
+    client.send(EHLO)
+    assert codes(client.send(line + b"\r\n"))[0] in (500, 501)
+    assert client.proto.stage == stage
+    assert client.proto.stage.isprintable() and client.proto.stage.isascii()
+
+
 @pytest.mark.parametrize("ctl", ["\u0085", "\u009b", "\u0080"])
 def test_c1_control_characters_are_501(ctl):
     replies = reply_to(EHLO, ("MAIL FROM:<a" + ctl + "@example.org> SMTPUTF8").encode())
