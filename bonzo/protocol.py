@@ -30,6 +30,7 @@ non-ASCII verb is an unknown command.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -366,6 +367,10 @@ _ASCII_DOMAIN = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?"
 )
 _ADDRESS_LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]")
+# RFC 5321 4.1.3: a General-address-literal is Standardized-tag ":" dcontent.
+_GENERAL_LITERAL = re.compile(
+    r"\[[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?:[\x21-\x5a\x5e-\x7e]+\]"
+)
 # The usual path, <dot-atom@ascii-domain> with no parameters, in one match.
 _SIMPLE_PATH = re.compile(
     r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+)*)@"
@@ -600,9 +605,7 @@ def parse_path(
             or _QUOTED_LOCAL.fullmatch(local)
         )
         and (
-            _ASCII_DOMAIN.fullmatch(domain)
-            or _DOMAIN.fullmatch(domain)
-            or _ADDRESS_LITERAL.fullmatch(domain)
+            _ASCII_DOMAIN.fullmatch(domain) or _DOMAIN.fullmatch(domain) or _address_literal(domain)
         )
     ):
         raise _addr_error(501, enh, f"Bad {what} address syntax")
@@ -610,6 +613,25 @@ def parse_path(
         return Address.parse(path), params
     except ValueError:  # a domain with no IDNA form
         raise _addr_error(501, enh, f"Bad {what} address syntax") from None
+
+
+def _address_literal(domain: str) -> bool:
+    """Whether ``domain`` is an address literal of RFC 5321 4.1.3: four
+    decimal octets, ``IPv6:`` and an IPv6 address, or a tag, a colon and
+    its content (not ``[300.1.1.1]``, ``[1.2.3]`` or ``[foo]``)."""
+    if not _ADDRESS_LITERAL.fullmatch(domain):
+        return False
+    inner = domain[1:-1]
+    try:
+        if inner[:5].upper() == "IPV6:":
+            ipaddress.IPv6Address(inner[5:])
+            return "%" not in inner  # no zone index in a literal
+        if ":" not in inner:
+            ipaddress.IPv4Address(inner)
+            return True
+    except ValueError:
+        return False
+    return _GENERAL_LITERAL.fullmatch(domain) is not None
 
 
 def parse_address(text: str) -> Address:
@@ -661,7 +683,7 @@ def _is_route(route: str) -> bool:
     """True for an RFC 5321 A-d-l: ``@domain`` hops separated by commas."""
     for hop in route.split(","):
         domain = hop[1:]
-        if hop[:1] != "@" or not (_DOMAIN.fullmatch(domain) or _ADDRESS_LITERAL.fullmatch(domain)):
+        if hop[:1] != "@" or not (_DOMAIN.fullmatch(domain) or _address_literal(domain)):
             return False
     return True
 
@@ -1569,8 +1591,13 @@ class SMTPProtocol:
             elif key == "SMTPUTF8" and self.settings.smtputf8:
                 if value is not None:
                     return SMTPError(501, "SMTPUTF8 takes no value", enhanced_code="5.5.4")
-            elif key == "AUTH" and self.auth_mechanisms:
-                # RFC 4954 5: the original submitter; accepted and not trusted.
+            elif (
+                key == "AUTH"
+                and self.auth_mechanisms
+                and (self.tls_active or self.policy.auth_plaintext)
+            ):
+                # RFC 4954 5: the original submitter; accepted and not trusted,
+                # where the EHLO reply offered AUTH (not before STARTTLS).
                 if value is None:
                     return SMTPError(501, "Bad AUTH parameter", enhanced_code="5.5.4")
             else:

@@ -545,6 +545,15 @@ ADDRESSES = [
     (b"<a@-example.org>", False, b"501 5.1.3 Bad recipient address syntax\r\n"),
     (b"<a@exa_mple.org>", False, b"501 5.1.3 Bad recipient address syntax\r\n"),
     (b"<a@[not[a]literal]>", False, b"501 5.1.3 Bad recipient address syntax\r\n"),
+    # Address literals as RFC 5321 4.1.3 spells them, and nothing else.
+    (b"<u@[300.1.1.1]>", True, b"501 5.1.7 Bad sender address syntax\r\n"),
+    (b"<u@[1.2.3]>", True, b"501 5.1.7 Bad sender address syntax\r\n"),
+    (b"<u@[foo]>", True, b"501 5.1.7 Bad sender address syntax\r\n"),
+    (b"<u@[IPv6:1::2::3]>", True, b"501 5.1.7 Bad sender address syntax\r\n"),
+    (b"<u@[IPv6:fe80::1%eth0]>", False, b"501 5.1.3 Bad recipient address syntax\r\n"),
+    (b"<@[1.2.3]:u@example.org>", True, b"501 5.1.7 Bad sender address syntax\r\n"),
+    (b"<u@[ipv6:2001:db8::2]>", True, "u@[ipv6:2001:db8::2]"),
+    (b"<u@[x-tag:anything]>", False, "u@[x-tag:anything]"),
     (b"<a%b@example.org>", False, "a%b@example.org"),
 ]
 
@@ -1583,3 +1592,17 @@ def test_help_lists_what_the_session_may_use_now():
     assert help_after(HELO, legacy=True) == (
         b"214 Supported commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP\r\n"
     )
+
+
+def test_the_mail_auth_parameter_only_where_ehlo_offered_auth():
+    """RFC 4954 5 ties MAIL's AUTH= to the extension: not before STARTTLS on
+    a listener that offers AUTH only under TLS."""
+    from bonzo.protocol import Policy
+
+    mail = b"MAIL FROM:<a@example.org> AUTH=<>"
+    under_tls = Policy(starttls=True, auth_mechanisms=("PLAIN",))
+    ehlo = reply_to(b"", b"EHLO client.example", policy=under_tls)
+    assert b"AUTH" not in ehlo
+    assert reply_to(EHLO, mail, policy=under_tls) == (b"555 5.5.4 Unsupported parameter AUTH\r\n")
+    plaintext = Policy(starttls=True, auth_mechanisms=("PLAIN",), auth_plaintext=True)
+    assert reply_to(EHLO, mail, policy=plaintext) == b"250 2.1.0 Ok\r\n"

@@ -267,7 +267,10 @@ quoted = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E),
 label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
 domain = st.one_of(
     st.lists(label, min_size=1, max_size=4).map(".".join),
-    st.from_regex(r"\[(IPv6:)?[0-9a-f:.]{1,20}\]", fullmatch=True),
+    # Address literals as RFC 5321 4.1.3 has them (others are refused).
+    st.ip_addresses(v=4).map(lambda ip: f"[{ip}]"),
+    st.ip_addresses(v=6).map(lambda ip: f"[IPv6:{ip}]"),
+    st.from_regex(r"\[x-[a-z0-9]{1,6}:[0-9a-f:.]{1,12}\]", fullmatch=True),
 )
 param = st.one_of(
     st.tuples(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9-]{0,8}", fullmatch=True), st.none()),
