@@ -250,6 +250,14 @@ class RecipientResult:
         return self.status is Status.DELIVERED
 
     @property
+    def too_many(self) -> bool:
+        """The server took no more recipients in this transaction (``452
+        4.5.3``, or a ``552`` to ``RCPT``): the rest go in another one."""
+        return self.stage is Stage.RCPT and (
+            self.reply.code == 552 or self.reply.enhanced_code[1:] == ".5.3"
+        )
+
+    @property
     def deferred(self) -> bool:
         return self.status is Status.DEFERRED
 
@@ -1247,6 +1255,10 @@ class ClientConnection:
 
         def settle_reply(i: int, stage: Stage, reply: Reply) -> None:
             status = Status.DEFERRED if reply.code < 500 else Status.REFUSED
+            if stage is Stage.RCPT and reply.code == 552:
+                # "Too many recipients" as some servers say it: RFC 5321
+                # 4.5.3.1.10 asks clients to treat it as temporary.
+                status = Status.DEFERRED
             settle(i, status, stage, reply)
 
         def finish() -> DeliveryResult:

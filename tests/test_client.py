@@ -96,6 +96,11 @@ class Policy(RecordingPlugin):
             raise PermanentError("No such user here", 550, "5.1.1")
         if mailbox.local == "later":
             raise TransientError("Greylisted, try later", 450, "4.2.0")
+        if mailbox.local == "crowd":
+            # "Too many recipients" as some servers give it (a 552).
+            raise PermanentError("Too many recipients", 552, "5.5.3")
+        if mailbox.local == "limit":
+            raise TransientError("Too many recipients", 452, "4.5.3")
         return Accept()
 
     def bonzo_deliver(self, session: Any, envelope: Envelope) -> Any:
@@ -177,6 +182,29 @@ def test_every_outcome_per_recipient_from_a_real_server(policy_server):
     assert got.helo == "client.test"
     # No 8-bit content, no SMTPUTF8: only SIZE is declared.
     assert policy_server.plugin.params == [{"SIZE": str(len(MESSAGE))}]
+
+
+def test_too_many_recipients_is_a_deferral_even_as_552(policy_server):
+    """RFC 5321 4.5.3.1.10: a 552 to RCPT is read as temporary; both forms
+    say the server took no more recipients in this transaction."""
+    rcpts = ["ok1@example.net", "crowd@example.net", "limit@example.net", "unknown@example.net"]
+    result = run(
+        deliver(
+            HOST,
+            policy_server.port,
+            sender="alice@example.org",
+            recipients=rcpts,
+            message=MESSAGE,
+            settings=settings(),
+        )  # fmt: skip
+    )
+    assert statuses(result) == [
+        ("ok1@example.net", "delivered", "end", 250, "2.0.0"),
+        ("crowd@example.net", "deferred", "rcpt", 552, "5.5.3"),
+        ("limit@example.net", "deferred", "rcpt", 452, "4.5.3"),
+        ("unknown@example.net", "refused", "rcpt", 550, "5.1.1"),
+    ]
+    assert [r.too_many for r in result.recipients] == [False, True, True, False]
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,10 @@ message: a human-readable part, the ``message/delivery-status`` part (the
 per-message fields, then one block per recipient) and the original message
 (``message/rfc822``) or, when the sender asked for headers only (``RET=HDRS``)
 or the message is larger than the size limit, its header section
-(``text/rfc822-headers``). The DSN parameters of RFC 3461 are honoured:
+(``text/rfc822-headers``). Where the fields hold UTF-8 (an internationalized
+address) the report part is ``message/global-delivery-status``, and a
+returned header section in UTF-8 is ``message/global`` or
+``message/global-headers`` (RFC 6533). The DSN parameters of RFC 3461 are honoured:
 ``NOTIFY`` (:func:`wants_report`), ``RET``, ``ENVID`` and ``ORCPT``, read with :mod:`bonzo.dsn`.
 
 The parts are assembled as bytes, so that the original message is returned
@@ -196,14 +199,9 @@ def build_report(
         if line.diagnostic:
             what += f": {_clean(line.diagnostic)}"
         out.append(what)
-    out += [
-        "",
-        f"--{boundary}",
-        "Content-Description: Delivery report",
-        "Content-Type: message/delivery-status",
-        "",
-        f"Reporting-MTA: dns; {hostname}",
-    ]
+    out += ["", f"--{boundary}", "Content-Description: Delivery report"]
+    status_at = len(out)
+    out += ["", f"Reporting-MTA: dns; {hostname}"]
     dsn = _mail_dsn(message)
     if dsn.envid:
         out.append(f"Original-Envelope-Id: {_clean(dsn.envid, 100)}")
@@ -227,29 +225,42 @@ def build_report(
             # "smtp" only for a reply a server gave (RFC 3464 2.3.6).
             kind = "smtp" if line.remote_mta else "X-Bonzo"
             out.append(f"Diagnostic-Code: {kind}; {_clean(line.diagnostic)}")
-        if line.recipient.attempts:
-            out.append(f"Last-Attempt-Date: {_date(line.recipient.done_at or now)}")
+        r = line.recipient
+        # The last real attempt (RFC 3464 2.3.7); none, no field. A state
+        # written before last_attempt was kept: its finishing time.
+        tried = r.last_attempt or (r.attempts and (r.done_at or now))
+        if tried:
+            out.append(f"Last-Attempt-Date: {_date(tried)}")
         if line.action == "delayed" and line.will_retry_until:
             out.append(f"Will-Retry-Until: {_date(line.will_retry_until)}")
     out.append("")
+    # RFC 6533 6: fields holding UTF-8 (an address, a reply) go in the
+    # global form of the part, where they may be raw UTF-8.
+    fields_ascii = all(line.isascii() for line in out[status_at:])
+    kind = "delivery-status" if fields_ascii else "global-delivery-status"
+    out.insert(status_at, f"Content-Type: message/{kind}")
     head = "\r\n".join(out).encode("utf-8") + b"\r\n"
     full = dsn.ret != "HDRS"
     if action in ("delivered", "relayed"):
         full = False  # a success report carries the headers only
+    headers = message.headers()
+    # A header section in UTF-8 (an SMTPUTF8 message) is returned as
+    # message/global or message/global-headers (RFC 6532 3.7, RFC 6533 6.3).
+    plain = headers.isascii()
     if full and message.size <= size_limit:
         part = (
             f"--{boundary}\r\n"
             "Content-Description: Undelivered Message\r\n"
-            "Content-Type: message/rfc822\r\n"
+            f"Content-Type: message/{'rfc822' if plain else 'global'}\r\n"
             "Content-Transfer-Encoding: 8bit\r\n\r\n"
         ).encode("ascii") + message.read()
     else:
         part = (
             f"--{boundary}\r\n"
             "Content-Description: Message Headers\r\n"
-            "Content-Type: text/rfc822-headers\r\n"
+            f"Content-Type: {'text/rfc822-headers' if plain else 'message/global-headers'}\r\n"
             "Content-Transfer-Encoding: 8bit\r\n\r\n"
-        ).encode("ascii") + message.headers()
+        ).encode("ascii") + headers
     if not part.endswith(b"\r\n"):
         part += b"\r\n"
     return head + part + f"--{boundary}--\r\n".encode("ascii")

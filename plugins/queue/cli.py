@@ -208,6 +208,14 @@ def _show(plugin: QueuePlugin, args: argparse.Namespace) -> int:
     return 0
 
 
+def _not_claimed(spool: Any, id: str) -> Problem:
+    """Why message ``id`` could not be claimed: gone (its delivery ended
+    meanwhile), or still being delivered."""
+    if not spool.exists(id):
+        return Problem(f"{id}: it left the queue meanwhile (delivered or bounced)")
+    return Problem(f"{id}: being delivered right now; try again in a moment")
+
+
 def _change(plugin: QueuePlugin, id: str, what: str, change: Any, *, poke: bool = True) -> None:
     """Claim message ``id``, apply ``change`` and save its state, then print
     ``what``. ``change`` returns ``False`` to save nothing, or a text to
@@ -220,9 +228,7 @@ def _change(plugin: QueuePlugin, id: str, what: str, change: Any, *, poke: bool 
         _poke(spool)
     claim = spool.claim(id, wait=CLAIM_WAIT)
     if claim is None:
-        if not spool.exists(id):
-            raise Problem(f"{id}: it left the queue meanwhile (delivered or bounced)")
-        raise Problem(f"{id}: being delivered right now; try again in a moment")
+        raise _not_claimed(spool, id)
     with claim:
         message = _load(spool, id)
         done = change(message)
@@ -289,7 +295,7 @@ def _delete(plugin: QueuePlugin, args: argparse.Namespace) -> int:
     _poke(spool)
     claim = spool.claim(args.id, wait=CLAIM_WAIT)
     if claim is None:
-        raise Problem(f"{args.id}: being delivered right now; try again in a moment")
+        raise _not_claimed(spool, args.id)
     with claim:
         spool.remove(args.id)
     print(f"{args.id}: deleted")
@@ -312,7 +318,7 @@ def _bounce(plugin: QueuePlugin, args: argparse.Namespace) -> int:
 
     report = asyncio.run(main())
     if report is None:
-        raise Problem(f"{args.id}: being delivered right now; try again in a moment")
+        raise _not_claimed(spool, args.id)
     print(f"{args.id}: bounced" + (f"; report queued as {report}" if report else ""))
     _poke(spool)
     return 0

@@ -33,6 +33,13 @@ class Outcome:
     report names that host as ``Remote-MTA`` and gives the reply as an
     ``smtp`` diagnostic. False for what was decided here (no route, DNS,
     a timeout, a refused connection, a mailbox write)."""
+    too_many: bool = False
+    """A deferral because the server took no more recipients in that
+    transaction (``452 4.5.3``, a ``552`` to ``RCPT``): tried again at once,
+    in a new transaction, when others were delivered in this one."""
+    attempted: bool = True
+    """A delivery was tried (false for the operator's ``bonzo queue
+    bounce``): counted in the recipient's attempts and its last attempt time."""
     never_expires: bool = False
     """A deferral that is the operator's to fix, not the sender's (no route
     for the recipient): the message is kept past ``lifetime``, never bounced."""

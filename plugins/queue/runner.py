@@ -526,7 +526,8 @@ class Runner:
             if handed is None:
                 message = await loop.run_in_executor(self._executor, self.spool.load, id)
             outcomes = {
-                i: Outcome("failed", 550, "5.0.0", reason, "postmaster") for i in message.pending
+                i: Outcome("failed", 550, "5.0.0", reason, "postmaster", attempted=False)
+                for i in message.pending
             }
             reports = await self._settle(message, outcomes)
             await self._remove(message, claim)
@@ -690,9 +691,12 @@ class Runner:
         deferred: list[Recipient] = []
         bounced: list[ReportLine] = []
         success: list[ReportLine] = []
+        some_delivered = any(o.status == "delivered" for o in outcomes.values())
         for i, outcome in outcomes.items():
             r = message.recipients[i]
-            r.attempts += 1
+            if outcome.attempted:
+                r.attempts += 1
+                r.last_attempt = now
             r.reply = outcome.reply
             r.host = outcome.host
             r.remote = outcome.remote
@@ -723,6 +727,10 @@ class Runner:
             else:
                 r.status = "deferred"
                 r.next_attempt = now + backoff(r.attempts, settings)
+                if outcome.too_many and some_delivered:
+                    # The server's limit per transaction, not a failure: the
+                    # rest go in the next transaction now (RFC 3463 X.5.3).
+                    r.next_attempt = now
                 deferred.append(r)
         for r in delivered:
             log.info(
@@ -743,10 +751,11 @@ class Runner:
             )
         for line in bounced:
             log.warning(
-                "queue: %s to=<%s> bounced: %s",
+                "queue: %s to=<%s> bounced: %s (%s)",
                 message.id,
                 log_escape(line.recipient.address),
                 line.diagnostic,
+                line.recipient.host,
             )
         # Reports first (durably queued), then the state: see the module docs.
         reports = [

@@ -104,6 +104,10 @@ class Recipient:
     """:attr:`reply` is the remote server's (see
     :attr:`Outcome.remote <bonzo_plugins.queue.outcome.Outcome.remote>`)."""
     done_at: float = 0.0
+    """When it was delivered or bounced (epoch seconds)."""
+    last_attempt: float = 0.0
+    """When delivery to it was last tried (``0.0``: never), a report's
+    ``Last-Attempt-Date``; an operator's ``bonzo queue bounce`` is no attempt."""
 
     @property
     def remote_mta(self) -> str:
@@ -548,6 +552,7 @@ class Spool:
                 r.host = str(s.get("host", ""))
                 r.remote = bool(s.get("remote", False))
                 r.done_at = float(s.get("done_at", 0.0))
+                r.last_attempt = float(s.get("last_attempt", 0.0))
         except (ValueError, KeyError, TypeError) as exc:
             raise SpoolError(f"{path}: bad state: {exc}") from exc
 
@@ -566,6 +571,7 @@ class Spool:
                     "host": r.host,
                     "remote": r.remote,
                     "done_at": r.done_at,
+                    "last_attempt": r.last_attempt,
                 }
                 for r in message.recipients
             ],

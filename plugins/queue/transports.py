@@ -253,6 +253,7 @@ def _outcomes(result: DeliveryResult, relayed: bool) -> list[Outcome]:
             dsn_downstream=bool(result.dsn),
             relayed=relayed,
             remote=r.reply.remote,
+            too_many=r.too_many,
         )
         for r in result.recipients
     ]

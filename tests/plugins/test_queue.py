@@ -9,6 +9,7 @@ a 4xx then a 250), a scripted one."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email
 import email.policy
 import errno
@@ -21,6 +22,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Sequence
+from email.utils import format_datetime, localtime
 from pathlib import Path
 from typing import Any
 
@@ -369,6 +371,35 @@ def test_a_failure_report_is_rfc3464(tmp_path):
     assert BODY in raw
 
 
+def test_a_report_about_a_utf8_address_uses_the_global_types(tmp_path):
+    """RFC 6533: UTF-8 in the fields (utf-8 address type, raw) only in a
+    message/global-delivery-status part; a returned header section in
+    UTF-8 as message/global, or message/global-headers."""
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    body = "From: jösé@example.org\r\nSubject: hé\r\n\r\nBody.\r\n".encode()
+    queued(spool, "U1", envelope("jösé@example.org", "permü@dest.test"), body)
+    message = spool.load("U1")
+    line = ReportLine(message.recipients[0], "failed", "5.1.1",
+                      "550 5.1.1 no such user permü@dest.test", "mx.example.net")  # fmt: skip
+    raw = build_report(message, [line], "mx.test", now=1_000_100.0)
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    assert parsed.get_param("report-type") == "delivery-status"
+    _, status, original = parsed.get_payload()
+    assert status.get_content_type() == "message/global-delivery-status"
+    assert b"Final-Recipient: utf-8; perm\xc3\xbc@dest.test\r\n" in raw
+    assert original.get_content_type() == "message/global"
+    assert raw.endswith(body + b"--" + raw.rsplit(b"--", 2)[1] + b"--\r\n")
+    headers_only = build_report(message, [line], "mx.test", size_limit=10)
+    assert b"Content-Type: message/global-headers\r\n" in headers_only
+    # All ASCII: the RFC 3464 types, as before.
+    plain = report_message(tmp_path / "p")
+    raw = build_report(plain, [ReportLine(plain.recipients[0], "failed", "5.1.1", "550 no", "h")],
+                       "mx.test")  # fmt: skip
+    assert b"Content-Type: message/delivery-status\r\n" in raw
+    assert b"Content-Type: message/rfc822\r\n" in raw
+
+
 @pytest.mark.parametrize(
     "action, given, shown",
     [("failed", "5", "5.0.0"), ("failed", "", "5.0.0"), ("delayed", "", "4.0.0"),
@@ -535,6 +566,62 @@ def test_deferred_recipients_back_off_then_are_delivered(tmp_path):
         ["bob@example.net"],
     ]
     assert spool.ids() == []
+
+
+TOO_MANY = Outcome("deferred", 452, "4.5.3", "Too many recipients", "mx.example.net",
+                   remote=True, too_many=True)  # fmt: skip
+
+
+def test_recipients_past_the_servers_limit_go_in_a_new_transaction_at_once(tmp_path, caplog):
+    """A server that takes only so many recipients per transaction (452
+    4.5.3, or 552 as RFC 5321 4.5.3.1.10 tells clients to read it): the
+    rest are tried again at once, not after a back-off, and never bounced."""
+    transport = Scripted(
+        {"a@example.net": [OK], "b@example.net": [OK], "c@example.net": [TOO_MANY, OK]}
+    )
+    spool, runner, clock = make_runner(tmp_path, transport, min_backoff=300)
+    queued(spool, "T1", envelope("s@example.org", "a@example.net", "b@example.net",
+                                 "c@example.net"))  # fmt: skip
+
+    async def main() -> None:
+        await runner.attempt("T1")
+        assert spool.load("T1").recipients[2].next_attempt == clock.now
+        await runner.attempt("T1")  # due now: the clock has not moved
+
+    asyncio.run(main())
+    assert transport.calls == [["a@example.net", "b@example.net", "c@example.net"],
+                               ["c@example.net"]]  # fmt: skip
+    assert spool.ids() == [] and reports(spool) == []
+    # Refused at the first recipient, it is an ordinary deferral (no loop).
+    transport = Scripted({"d@example.net": [TOO_MANY]})
+    spool, runner, clock = make_runner(tmp_path / "2", transport, min_backoff=300)
+    queued(spool, "T2", envelope("s@example.org", "d@example.net"))
+    asyncio.run(runner.attempt("T2"))
+    assert spool.load("T2").recipients[0].next_attempt == clock.now + 300
+
+
+def test_an_operators_bounce_is_no_attempt_in_the_report(tmp_path):
+    """bonzo queue bounce (Runner.give_up): Last-Attempt-Date is the last
+    real attempt, and absent for a recipient never tried (RFC 3464 2.3.7)."""
+    transport = Scripted({"bob@example.net": [DEFER]})
+    spool, runner, clock = make_runner(tmp_path, transport, min_backoff=300)
+    queued(spool, "G1", envelope("a@example.org", "bob@example.net", "carol@example.net"))
+    message = spool.load("G1")
+    message.recipients[1].status = "deferred"  # carol: not due before the bounce
+    message.recipients[1].next_attempt = 2e9
+    spool.save_state(message)
+    clock.now = 1_000_050.0
+    asyncio.run(runner.attempt("G1"))
+    assert transport.calls == [["bob@example.net"]]
+    clock.now = 1_000_900.0
+    assert asyncio.run(runner.give_up("G1", "Removed by the postmaster")) not in (None, "")
+    [report] = reports(spool)
+    parsed = email.message_from_bytes(report.read(), policy=email.policy.default)
+    bob, carol = parsed.get_payload()[1].get_payload()[1:]
+    tried = datetime.datetime.fromtimestamp(1_000_050.0, datetime.timezone.utc)
+    assert bob["Last-Attempt-Date"] == format_datetime(localtime(tried))
+    assert carol["Last-Attempt-Date"] is None
+    assert "Removed by the postmaster" in carol["Diagnostic-Code"]
 
 
 def test_backoff_doubles_up_to_the_maximum():
@@ -1681,3 +1768,18 @@ def test_a_success_report_for_a_local_delivery_names_no_remote_mta(tmp_path):
     [bob] = _per_recipient(report)
     assert bob["Remote-MTA"] is None
     assert bob["Diagnostic-Code"] == "X-Bonzo; 250 2.0.0 Delivered"
+
+
+def test_the_queue_command_says_when_a_message_it_waited_for_has_left(tmp_path):
+    """bonzo queue bounce/delete/hold wait for a message being delivered;
+    if the delivery ends it, the command says so, not "being delivered"."""
+    from bonzo_plugins.queue.cli import _not_claimed
+
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    queued(spool, "L1", envelope())
+    assert "being delivered right now" in str(_not_claimed(spool, "L1"))
+    spool.remove("L1")
+    assert str(_not_claimed(spool, "L1")) == (
+        "L1: it left the queue meanwhile (delivered or bounced)"
+    )
