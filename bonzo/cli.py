@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import version
-from .config import ConfigError, load_config
+from .config import ConfigError, check_metrics_port, load_config
 from .listen import socket_name
 from .protocol import data_scan_in_c
 from .session import current_message_id, current_session_id
@@ -448,7 +448,7 @@ def _listen_override(values: list[str]) -> list[Any]:
     naming the option for a bad one."""
     import ipaddress
 
-    from .config import ListenerConfig
+    from .config import ListenerConfig, check_listeners
 
     listeners = []
     for value in values:
@@ -465,6 +465,7 @@ def _listen_override(values: list[str]) -> list[Any]:
                 f"{value!r}: expected an IP address and a port, e.g. 127.0.0.1:2525 or [::1]:2525",
             ) from None
         listeners.append(ListenerConfig(address=host, port=int(port)))
+    check_listeners(listeners, "--listen", "--listen")
     return listeners
 
 
@@ -472,6 +473,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.listen:
         config.listeners = _listen_override(args.listen)
+        check_metrics_port(config.metrics, config.listeners, config.source, "--listen")
     _setup_logging(config)
     from .app import MailApp
 

@@ -430,6 +430,8 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
     except TypeError as exc:  # pragma: no cover - keys are checked above
         raise ConfigError(source, "", str(exc)) from None
     listeners = _listeners(data.get("listeners"), source, base_dir)
+    metrics = _metrics(_table(data, "metrics", source), source)
+    check_metrics_port(metrics, listeners, source)
     for i, listener in enumerate(listeners):
         if listener.overrides:
             key = f"listeners[{i}]"
@@ -446,7 +448,7 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
         plugins=_plugins(_table(data, "plugins", source), source, base_dir),
         dns=_dns(_table(data, "dns", source), source, base_dir),
         redis=_redis(_table(data, "redis", source), source),
-        metrics=_metrics(_table(data, "metrics", source), source),
+        metrics=metrics,
     )
 
 
@@ -641,7 +643,72 @@ def _listeners(value: Any, source: str, base_dir: Path) -> list[ListenerConfig]:
         out.append(
             ListenerConfig(address=address, port=port, settings=settings, overrides=overrides)
         )
+    check_listeners(out, source, "listeners")
     return out
+
+
+def _endpoints(address: str) -> set[tuple[int, str]]:
+    """The (IP version, address) pairs a TCP listener on ``address`` binds:
+    ``""`` every address of both versions (``"*"``), ``"localhost"`` the
+    loopback ones (Tornado binds each address the name resolves to)."""
+    if address == "":
+        return {(4, "*"), (6, "*")}
+    if address == "localhost":
+        return {(4, "127.0.0.1"), (6, "::1")}
+    ip = ipaddress.ip_address(address)
+    if ip.is_unspecified:
+        return {(ip.version, "*")}
+    return {(ip.version, str(ip))}
+
+
+def overlapping(a: str, b: str) -> bool:
+    """Whether TCP listeners on addresses ``a`` and ``b`` (as the
+    configuration writes them), on one port, would take the same socket:
+    the same address, or a wildcard and an address of its IP version."""
+    return any(
+        va == vb and (ia == ib or "*" in (ia, ib))
+        for va, ia in _endpoints(a)
+        for vb, ib in _endpoints(b)
+    )
+
+
+def check_listeners(listeners: list[ListenerConfig], source: str, name: str) -> None:
+    """Refuse two TCP listeners that would bind the same address and port
+    (``bonzo serve`` would fail with "Address already in use"); ``name`` is
+    how a listener is named in the message (``listeners`` or ``--listen``)."""
+    for i, one in enumerate(listeners):
+        if one.path is not None or not one.port:
+            continue
+        for j, other in enumerate(listeners[:i]):
+            if (
+                other.path is None
+                and other.port == one.port
+                and overlapping(one.address, other.address)
+            ):
+                raise ConfigError(
+                    source,
+                    f"{name}[{i}]",
+                    f"{one.where} overlaps {name}[{j}] ({other.where}): both cannot listen",
+                )
+
+
+def check_metrics_port(
+    metrics: MetricsConfig, listeners: list[ListenerConfig], source: str, name: str = "listeners"
+) -> None:
+    """Refuse a ``[metrics]`` port that an SMTP listener binds too."""
+    if metrics.port is None:
+        return
+    for i, listener in enumerate(listeners):
+        if (
+            listener.path is None
+            and listener.port == metrics.port
+            and overlapping(metrics.address, listener.address)
+        ):
+            raise ConfigError(
+                source,
+                "metrics.port",
+                f"{metrics.address}:{metrics.port} is {name}[{i}]'s too ({listener.where})",
+            )
 
 
 def _logging(table: dict[str, Any], source: str, base_dir: Path) -> LoggingConfig:

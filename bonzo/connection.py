@@ -1038,6 +1038,15 @@ class SMTPConnection:
     def _log_refusal(self, refusal: Refusal) -> None:
         """One line for every ``4xx``/``5xx`` reply: who was refused, at which
         stage, by whom, with what."""
+        if current_session_id.get() != self.session.id:
+            # Called outside the session's task (a timer's timeout, the
+            # server's stop): its id still goes on the line (JSON logs).
+            token = current_session_id.set(self.session.id)
+            try:
+                self._log_refusal(refusal)
+            finally:
+                current_session_id.reset(token)
+            return
         text = refusal.text.replace("\n", " / ")
         arg = refusal.arg if len(refusal.arg) <= 200 else refusal.arg[:200] + "..."
         if refusal.log_message:

@@ -634,14 +634,21 @@ class Dispatcher:
             refused = envelope.refused if envelope is not None else {}
             deciders = envelope.refused_by if envelope is not None else {}
             self.end_transaction()
-            if refused and isinstance(core, LMTPProtocol):
-                # The recipients refused one by one keep their own reply.
-                count = core.rcpt_count
-                core.answer_recipients(
-                    [refused.get(i, reply) for i in range(count)],
-                    by=[deciders.get(i, by) for i in range(count)],
-                )
-                return
+            # The refusal's log line is the message's: its id on it (JSON logs).
+            current_message_id.set(envelope.id if envelope is not None else None)
+            try:
+                if refused and isinstance(core, LMTPProtocol):
+                    # The recipients refused one by one keep their own reply.
+                    count = core.rcpt_count
+                    core.answer_recipients(
+                        [refused.get(i, reply) for i in range(count)],
+                        by=[deciders.get(i, by) for i in range(count)],
+                    )
+                else:
+                    core.reject(reply, by=by)
+            finally:
+                current_message_id.set(None)
+            return
         core.reject(reply, by=by)
 
     # ------------------------------------------------------------------- AUTH

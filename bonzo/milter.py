@@ -265,7 +265,10 @@ def parse_socket(text: str) -> SocketSpec:
         port_text, _, host = rest.partition("@")
     else:
         host, _, port_text = rest.rpartition(":")
-    host = host.strip().removeprefix("[").removesuffix("]")
+    host = host.strip()
+    if host.startswith("[") != host.endswith("]"):
+        raise ValueError(f"{text!r}: unbalanced brackets around the host")
+    host = host.removeprefix("[").removesuffix("]")
     if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError(f"{text!r}: expected {kind}:PORT@HOST with a port from 1 to 65535")
     return SocketSpec(kind, host=host, port=int(port_text))

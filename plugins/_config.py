@@ -131,6 +131,17 @@ def check_creatable(key: str, path: Path) -> None:
             return
 
 
+def local_address(value: str) -> str:
+    """A ``source_address``: an IP address (of this machine) to connect
+    from, as ``192.0.2.10`` or ``2001:db8::10``. Raises :class:`ValueError`."""
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        raise ValueError(
+            f"expected an IP address such as 192.0.2.10 or 2001:db8::10, got {describe(value)}"
+        ) from None
+
+
 def parse_network(value: str, key: str) -> IPNetwork:
     """A CIDR string (or a bare address, meaning a single host) as a network.
 

@@ -297,6 +297,41 @@ def test_duplicate_listeners():
     assert len(parse(text).listeners) == 2
 
 
+def listeners_on(*addresses: str, port: int = 25) -> str:
+    return "".join(f'[[listeners]]\naddress = "{a}"\nport = {port}\n' for a in addresses)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("127.0.0.1", "localhost"),
+        ("", "::1"),
+        ("", "127.0.0.1"),
+        ("0.0.0.0", "192.0.2.1"),
+        ("::", "::1"),
+        ("::1", "0:0:0:0:0:0:0:1"),  # one address, two spellings
+    ],
+)
+def test_listeners_that_would_bind_the_same_socket_are_refused(first, second):
+    """Found by bonzo check, not by bonzo serve failing with "Address
+    already in use" (status 1, which a process manager restarts)."""
+    shown = second or "*"
+    assert_error(listeners_on(first, second), "listeners[1]", f"{shown}:25 overlaps listeners[0] (")
+
+
+def test_listeners_on_one_port_that_do_not_overlap_are_fine():
+    # Tornado binds IPv6 sockets IPv6-only: the two wildcards coexist.
+    for pair in (("0.0.0.0", "::"), ("127.0.0.1", "::1"), ("127.0.0.1", "127.0.0.2")):
+        assert len(parse(listeners_on(*pair)).listeners) == 2
+
+
+def test_the_metrics_port_must_not_be_a_listeners():
+    text = listeners_on("127.0.0.1", "::1", port=9100) + "[metrics]\nport = 9100\n"
+    assert_error(text, "metrics.port", "127.0.0.1:9100 is listeners[0]'s too")
+    text = listeners_on("::1", port=9100) + "[metrics]\nport = 9100\n"
+    assert parse(text).metrics.port == 9100  # 127.0.0.1 and ::1 do not overlap
+
+
 @pytest.mark.parametrize(
     "entry, key, fragment",
     [

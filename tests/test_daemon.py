@@ -1243,15 +1243,24 @@ def test_json_logs_carry_the_session_and_message_ids(workdir, serve):
     with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=DEADLINE) as c:
         assert c.docmd("MAIL FROM:<a@example.org>")[0] == 503  # before HELO: refused
     wait_until(lambda: "refused by" in daemon.log, what="the refusal's line")
+    # An idle session when the server stops: its 421 is logged by the stop,
+    # outside the session's task, and still carries its id.
+    idle = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    idle.recv(512)
+    idle.sendall(b"EHLO idle.test\r\n")
+    wait_until(lambda: b"HELP" in idle.recv(4096), what="the EHLO reply")
     assert daemon.stop() == 0
+    idle.close()
     lines = [json.loads(line) for line in daemon.log.splitlines() if line.strip()]
     assert all({"time", "level", "logger", "pid", "message"} <= set(line) for line in lines)
     [accepted] = [line for line in lines if line["logger"] == "tornado.access"]
     assert accepted["message_id"] in accepted["message"]  # "id=<message id>"
     assert accepted["session"] == accepted["message"].split()[0]
-    [refusal] = [line for line in lines if "refused by" in line["message"]]
+    [refusal, stop] = [line for line in lines if "refused by" in line["message"]]
     assert refusal["session"] != accepted["session"] and "message_id" not in refusal
     assert refusal["time"].endswith("Z")
+    assert "421 4.3.2 Server shutting down" in stop["message"]
+    assert stop["session"] == stop["message"][1:].split()[0]  # "[ID 127.0.0.1] ..."
 
 
 def test_pid_file_and_readiness_to_systemd(workdir, env):
@@ -1346,6 +1355,9 @@ def test_serve_listen_overrides_the_listeners(workdir, env):
     assert f"listening on 127.0.0.1:{other} with 1 worker(s)" in out
     bad = bonzo("serve", "-c", str(config), "--listen", "localhost:25", env=env, cwd=workdir)
     one_line_error(bad, "bonzo: --listen: 'localhost:25': expected an IP address and a port")
+    twice = ["--listen", f"127.0.0.1:{other}"] * 2
+    bad = bonzo("serve", "-c", str(config), *twice, env=env, cwd=workdir)
+    one_line_error(bad, f"--listen[1]: 127.0.0.1:{other} overlaps --listen[0]")
 
 
 def _port_open(port: int) -> bool:

@@ -1700,3 +1700,40 @@ def test_every_hook_has_an_implementation_tested_here():
     assert set(hooks) == set(HOOK_ARGS)
     missing = [h for h in hooks if not re.search(rf"def {h}\(", source)]
     assert not missing, f"hooks without a test implementation here: {missing}"
+
+
+def test_a_refusal_after_the_data_is_logged_with_the_message_id(serve):
+    """JSON logs put ``message_id`` on the lines of a message: the refusal
+    after the final dot is one (the transaction is over by then)."""
+    from bonzo.session import current_message_id, current_session_id
+
+    class Refuses:
+        def bonzo_rcpt(self):
+            return Accept()
+
+        def bonzo_message(self, envelope):
+            seen["id"] = envelope.id
+            raise errors.PermanentError("Content refused", 554, "5.7.0")
+
+    seen: dict[str, str] = {}
+    lines: list[tuple[str, str | None, str | None]] = []
+
+    class Record(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append((record.getMessage(), current_session_id.get(), current_message_id.get()))
+
+    handler = Record()
+    logging.getLogger("tornado.general").addHandler(handler)
+    try:
+        with smtp(serve(plugin_set(("refuses", Refuses())))) as c:
+            c.ehlo()
+            with pytest.raises(smtplib.SMTPDataError):
+                c.sendmail("a@example.org", ["b@example.org"], b"Subject: x\r\n\r\nx\r\n")
+            c.docmd("MAIL", "FROM:<>")
+            c.docmd("RCPT", "TO:<bad address>")
+    finally:
+        logging.getLogger("tornado.general").removeHandler(handler)
+    [message] = [line for line in lines if "message refused by refuses" in line[0]]
+    assert message[2] == seen["id"] and message[1] is not None
+    [later] = [line for line in lines if "RCPT refused by core" in line[0]]
+    assert later[2] != seen["id"]  # the next transaction's lines are its own

@@ -214,8 +214,12 @@ def test_parse_socket(text, expected):
 
 
 @pytest.mark.parametrize(
-    "text", ["", "inet:", "inet:0@h", "inet:99999@h", "inet:x@h", "unix:rel", "tcp:1@h", "inet:25@"]
-)
+    "text",
+    [
+        "", "inet:", "inet:0@h", "inet:99999@h", "inet:x@h", "unix:rel", "tcp:1@h", "inet:25@",
+        "inet:8891@[::1", "inet6:8891@::1]",
+    ],
+)  # fmt: skip
 def test_parse_socket_errors(text):
     with pytest.raises(ValueError):
         m.parse_socket(text)

@@ -27,6 +27,7 @@ from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 
 from .._client import client_settings
+from .._config import local_address
 
 __all__ = ["ForwardPlugin", "Link", "KEYS", "downstream_error"]
 
@@ -56,7 +57,8 @@ SCHEMA = Schema(
     Key("auth_plaintext", "bool", default=False,
         doc="Send the credentials over a connection that is not encrypted."),
     Key("helo_name", doc="The name given in ``EHLO``; default the server's ``hostname``."),
-    Key("source_address", doc="The local address to connect from."),
+    Key("source_address", convert=local_address,
+        doc="The local IP address to connect from (default: the system's choice)."),
     Key("check_rcpt", "bool", default=True,
         doc="Ask the downstream about each recipient at ``RCPT``. With ``false`` "
         "another plugin (``recipients``) must accept the recipients, and the "

@@ -28,7 +28,7 @@ from bonzo.dns import DNSError
 from bonzo.schema import Key, Schema
 
 from .._client import client_settings as _settings
-from .._config import config_domain, describe
+from .._config import config_domain, describe, local_address
 from .keys import positive, type_key
 from .outcome import Outcome
 from .spool import QueuedMessage, Recipient
@@ -92,7 +92,7 @@ HELO_NAME = Key("helo_name", convert=_word,
 LHLO_NAME = Key(
     "helo_name", convert=_word, doc="The name given in ``LHLO`` (default: ``[server] hostname``)."
 )
-SOURCE_ADDRESS = Key("source_address",
+SOURCE_ADDRESS = Key("source_address", convert=local_address,
                      doc="The local IP address to connect from (default: the system's "
                      "choice).")  # fmt: skip
 CONNECT_TIMEOUT = Key("connect_timeout", "duration", default=30.0, convert=positive,

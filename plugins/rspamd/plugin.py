@@ -73,8 +73,12 @@ _HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")
 def _url(value: str) -> str:
     """rspamd's address as the URL of its ``/checkv2``."""
     url = value.strip().rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is no number 0..65535
+    except ValueError:
+        parts = None  # type: ignore[assignment]
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(
             f'expected rspamd\'s address such as "http://127.0.0.1:11333", got {describe(url)}'
         )

@@ -401,6 +401,8 @@ def test_binarymime_is_not_offered(gateway):
         ({"host": "127.0.0.1", "username": "u"}, "password: required with username"),
         ({"host": "127.0.0.1", "hots": "x"}, "hots: unknown key"),
         ({"host": "127.0.0.1", "tls_name": 5}, "tls_name: expected a non-empty string"),
+        ({"host": "127.0.0.1", "source_address": "[::1"}, "^source_address: expected an IP"),
+        ({"host": "127.0.0.1", "source_address": "mx.local"}, "^source_address: expected an IP"),
     ],
 )
 def test_bad_configuration_names_the_key(table, message):

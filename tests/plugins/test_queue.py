@@ -1437,6 +1437,10 @@ def test_a_looping_message_is_refused(tmp_path):
             r"^transports\.in\.colour: unknown key \(known: type, host, port, path, ",
         ),
         ({"transports": {"t": {"type": "discard"}}, "quarantine": ""}, r"^quarantine: expected"),
+        (
+            {"transports": {"out": {"type": "mx", "source_address": "10.0.0.300"}}},
+            r"^transports\.out\.source_address: expected an IP address",
+        ),
     ],
 )
 def test_bad_configuration_names_the_key(tmp_path, table, message):

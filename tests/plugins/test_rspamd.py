@@ -310,6 +310,9 @@ def test_parse_reply_json(doc):
     [
         ({"url": "ftp://x"}, "url: expected"),
         ({"url": "http://x/checkv2?a=1"}, "url: no query"),
+        ({"url": "http://127.0.0.1:99999"}, "^url: expected rspamd's address"),
+        ({"url": "http://127.0.0.1:abc"}, "^url: expected rspamd's address"),
+        ({"url": "http://[::1"}, "^url: expected rspamd's address"),
         ({"timeout": -1}, "^timeout: expected more than 0 seconds, got -1.0$"),
         ({"max_size": "1T"}, "^max_size: expected a size"),
         ({"url": 5}, "^url: expected a non-empty string, got 5$"),
