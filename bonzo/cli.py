@@ -778,6 +778,10 @@ def _reloaded_app(old: Any) -> Any:
         log.warning("reload: [metrics] takes effect at a restart")
         # The listener, the multiprocess directory and the counting stay.
         config.metrics = old.config.metrics
+    if config.logging != old.config.logging:
+        # Logging is set up once per process, before the workers fork.
+        log.warning("reload: [logging] takes effect at a restart")
+        config.logging = old.config.logging
     return new
 
 
@@ -1085,7 +1089,15 @@ def _supervise(
     # would kill it).
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, waited | {signal.SIGUSR1, signal.SIGUSR2})
 
+    # What each reloaded configuration replaced: a worker that cannot start
+    # on one (its plugins' startup failed, as it did in the workers at the
+    # reload, which kept the previous one) is started on what it replaced.
+    # One level: the configuration before the last reload.
+    replaced: dict[Any, Any] = {}
+    spawned_with: dict[int, Any] = {}
+
     def spawn(slot: int) -> None:
+        spawned_with[slot] = app
         pid = os.fork()
         if pid == 0:  # the worker, with the supervisor's signals still blocked
             code = 1
@@ -1128,7 +1140,7 @@ def _supervise(
                 pass
 
     def reap() -> None:
-        nonlocal status
+        nonlocal status, app
         while children:
             try:
                 pid, wait_status = os.waitpid(-1, os.WNOHANG)
@@ -1150,6 +1162,17 @@ def _supervise(
             if stops:
                 continue
             if code == _STARTUP_FAILED:
+                older = replaced.pop(spawned_with.get(slot), None)
+                if older is not None:
+                    log.error(
+                        "worker %d (pid %d) failed to start on the reloaded configuration; "
+                        "starting it on the previous one, which the workers kept",
+                        slot,
+                        pid,
+                    )
+                    app = older
+                    spawn(slot)
+                    continue
                 log.error("worker %d (pid %d) failed to start; stopping", slot, pid)
                 stop()
                 status = 1
@@ -1176,6 +1199,8 @@ def _supervise(
             log.info("SIGHUP: checking the configuration before the workers reload it")
             new = _reloaded_app(app)
             if new is not None:
+                replaced.clear()
+                replaced[new] = app
                 app = new  # workers started from now on run it
                 for pid in children:
                     try:

@@ -991,6 +991,51 @@ def test_sighup_reloads_and_a_message_in_flight_finishes_on_the_old_configuratio
     assert "restarting" not in daemon.log and "Traceback" not in daemon.log
 
 
+def test_a_reload_says_that_logging_changes_wait_for_a_restart(workdir, serve):
+    port = free_port()
+    config = write_config(workdir, port)
+    daemon = serve(config, port)
+    daemon.wait_ready()
+    config.write_text(config.read_text().replace('level = "info"', 'level = "warning"'))
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reloaded " in daemon.log, what="the reload")
+    assert "reload: [logging] takes effect at a restart" in daemon.log
+    assert send(port) == {}
+    wait_until(lambda: daemon.records() or None, what="the delivery")
+    assert daemon.stop() == 0
+    assert "INFO" in daemon.log.split("takes effect at a restart", 1)[1]  # still info
+
+
+def test_a_reload_the_workers_refused_never_stops_a_restarted_worker(workdir, serve):
+    """A reload whose plugins fail to start is refused by the workers (they
+    keep the previous configuration); a worker that dies later is started on
+    the previous configuration too, instead of failing on the refused one
+    and stopping the whole server."""
+    port = free_port()
+    config = write_config(workdir, port, workers=2)
+    daemon = serve(config, port)
+    daemon.wait_ready(workers=2)
+    assert send(port) == {}
+    [victim] = {r["pid"] for r in daemon.records()}
+    two = write_config(workdir, port, [STORE, "daemonplug:FailsAtStartup"], workers=2,
+                       name="two.toml")  # fmt: skip
+    config.write_text(two.read_text())
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: daemon.log.count("the new configuration failed to start") == 2,
+        what="both workers to refuse the reload",
+    )
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: daemon.log.count("ready (pid") == 3, what="a new worker")
+    assert "failed to start on the reloaded configuration; starting it on the previous" in (
+        daemon.log
+    )
+    for n in range(4):
+        assert send(port, f"after{n}@example.org") == {}
+    assert daemon.proc.poll() is None
+    assert daemon.stop() == 0
+
+
 def test_bonzo_reload_signals_the_daemon_of_the_pid_file(workdir, serve, env):
     port = free_port()
     config = write_config(workdir, port)
