@@ -67,17 +67,28 @@ def _reason(result: Any) -> str | None:
     return sanitize(result.reason, 120) or None
 
 
+def same_id(authserv_id: str) -> str:
+    """An authserv-id in the form compared: lower case, without a final dot
+    (``MX.Example.org.`` names the host ``mx.example.org`` names)."""
+    return authserv_id.lower().rstrip(".")
+
+
 def authserv_id_of(value: bytes) -> str | None:
-    """The authserv-id of an ``Authentication-Results:`` field's value (lower
-    case), or ``None`` if it has none that parses."""
+    """The authserv-id of an ``Authentication-Results:`` field's value (as
+    :func:`same_id` writes it), or ``None`` if it has none that parses. A
+    quoted-string is the same id as the token it quotes (RFC 8601 2.2: a
+    "value" of RFC 2045)."""
     text = value.decode("utf-8", "replace")
     try:
-        return str(authres.AuthenticationResultsHeader.parse_value(text).authserv_id).lower()
+        return same_id(str(authres.AuthenticationResultsHeader.parse_value(text).authserv_id))
     except Exception:  # authres raises several kinds on a malformed field
         # The id is the first word, before any version and the first ";".
-        text = re.sub(r"\([^()]*\)", " ", text)
+        text = re.sub(r"\([^()]*\)", " ", text).lstrip()
+        quoted = re.match(r'"((?:[^"\\]|\\.)*)"', text)
+        if quoted is not None:
+            return same_id(re.sub(r"\\(.)", r"\1", quoted.group(1)))
         words = text.split(";", 1)[0].split()
-        return words[0].lower() if words else None
+        return same_id(words[0]) if words else None
 
 
 class AuthresPlugin:
@@ -189,7 +200,7 @@ class AuthresPlugin:
             if name.lower() == "authentication-results":
                 occurrence += 1
                 raw = value.encode("utf-8", "surrogateescape")
-                if authserv_id_of(raw) == self.authserv_id.lower():
+                if authserv_id_of(raw) == same_id(self.authserv_id):
                     forged.append(occurrence)
         # Last first, so that the occurrence numbers of the others hold.
         for number in reversed(forged):

@@ -171,6 +171,20 @@ class DmarcPlugin:
                 if domain and await discovery.aligned(domain, author, record.adkim):
                     outcome.dkim_aligned = True
                     break
+            # A check that could not be made here (DNS timed out) for an
+            # aligned domain might have passed: no verdict on it.
+            unsure = []
+            if not (outcome.spf_aligned or outcome.dkim_aligned):
+                for kind, mode in (("spf", record.aspf), ("dkim", record.adkim)):
+                    for r in envelope.results.all(kind):
+                        domain = str(r.details.get("domain", ""))
+                        if (
+                            r.result == "temperror"
+                            and domain
+                            and await discovery.aligned(domain, author, mode)
+                        ):
+                            unsure.append(f"{kind.upper()} for {domain}")
+                            break
         except DNSError as exc:
             outcome.result, outcome.reason = "temperror", f"DNS: {exc}"
             return outcome
@@ -182,6 +196,12 @@ class DmarcPlugin:
                 n for n, ok in (("SPF", outcome.spf_aligned), ("DKIM", outcome.dkim_aligned)) if ok
             ]
             outcome.reason = f"{' and '.join(which)} aligned with {author}"
+            return outcome
+        if unsure:
+            # RFC 7489 6.6.2: the Mail Receiver may defer rather than apply
+            # the policy when a check failed for a temporary reason.
+            outcome.result = "temperror"
+            outcome.reason = f"no aligned pass; temporary error in {' and '.join(unsure)}"
             return outcome
         outcome.result = "fail"
         outcome.reason = f"neither SPF nor DKIM aligned with {author} (p={policy})"

@@ -95,6 +95,11 @@ def test_authserv_id_of():
     assert authserv_id_of(b" (comment) MX.Test 1; none") == "mx.test"
     assert authserv_id_of(b" mx.test; garbage ((") == "mx.test"
     assert authserv_id_of(b"   ") is None
+    # A quoted-string names the same service as its token (RFC 8601 2.2), and
+    # a final dot the same host.
+    assert authserv_id_of(b' "MX.test"; dkim=pass header.d=bank.example') == "mx.test"
+    assert authserv_id_of(b' (c) "mx.\\test" 1; none') == "mx.test"
+    assert authserv_id_of(b" mx.test.; none") == "mx.test"
 
 
 @given(st.binary(max_size=300))
@@ -121,11 +126,14 @@ def test_forged_fields_with_our_id_are_removed_and_others_kept():
         b"Authentication-Results: other.example; spf=pass smtp.mailfrom=a.example\r\n"
         b"Authentication-Results: mx.test;\r\n\tdkim=pass header.d=bank.example\r\n"
         b"authentication-results: MX.TEST; dmarc=pass\r\n"
+        b'Authentication-Results: "mx.test"; dkim=pass header.d=quoted.example\r\n'
+        b"Authentication-Results: mx.test.; dkim=pass header.d=dotted.example\r\n"
     )
     env = envelope(forged + MESSAGE)
     run(configured().bonzo_message(session=fake_session(), envelope=env))
     content = env.content
     assert b"header.d=bank.example" not in content and b"dmarc=pass" not in content
+    assert b"quoted.example" not in content and b"dotted.example" not in content
     assert b"other.example; spf=pass" in content
     assert content.count(b"Authentication-Results: mx.test;") == 1  # ours
     env = envelope(forged + MESSAGE)

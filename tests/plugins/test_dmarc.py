@@ -172,6 +172,31 @@ def test_temperror(zone):
     assert info.value.status_code == 451
 
 
+def test_a_temporary_spf_or_dkim_error_on_an_aligned_domain_is_no_fail(zone):
+    """The DKIM key or the SPF record could not be fetched here: the check
+    might have passed, so the result is temperror (on_temperror decides),
+    never a 550 for a local fault."""
+    plugin = configured(zone.resolver())
+    for spf, dkim in (
+        (("pass", "evil.example"), [("temperror", "example.org")]),
+        (("temperror", "example.org"), []),
+        (("temperror", "bounces.example.org"), [("fail", "example.org")]),  # relaxed: aligned
+    ):
+        env, verdict = evaluate(plugin, spf=spf, dkim=dkim)
+        result = env.results.get("dmarc")
+        assert (result.result, verdict) == ("temperror", None), result.reason
+        assert "temporary error in" in result.reason
+    with pytest.raises(TransientError):
+        evaluate(configured(zone.resolver(), on_temperror="tempfail"),
+                 dkim=[("temperror", "example.org")])  # fmt: skip
+    # A temporary error for a domain that could never align changes nothing.
+    with pytest.raises(PermanentError):
+        evaluate(plugin, spf=("temperror", "evil.example"), dkim=[("temperror", "other.example")])
+    # Nor does one beside an aligned pass.
+    env, _ = evaluate(plugin, spf=("temperror", "example.org"), dkim=[("pass", "example.org")])
+    assert env.results.get("dmarc").result == "pass"
+
+
 def test_no_single_author_and_dns_off_and_authenticated(zone):
     plugin = configured(zone.resolver())
     env, verdict = evaluate(plugin, "a@example.org, b@example.net")
