@@ -1364,7 +1364,7 @@ class SMTPProtocol:
                     self._discarding_auth = bool(self.auth_mechanisms) and (
                         buf[pos : pos + 5].upper() == b"AUTH "
                     )
-                    self._discarding_bdat = _is_bdat(bytes(buf[pos : pos + 5]))
+                    self._discarding_bdat = _is_bdat(bytes(buf[pos:]))
                 self._discarding_line = True
                 self._pos = len(buf)
             return NEED_DATA
@@ -2069,7 +2069,9 @@ def _safe_verb(raw: bytes) -> str:
 
 def _is_bdat(raw: bytes) -> bool:
     """Whether a command line (or its first octets) is a BDAT command:
+    after any spaces or tabs (the core takes the verb after spaces),
     ``BDAT`` in any case, then the end or anything but a letter or digit."""
+    raw = raw.lstrip(b" \t")
     return raw[:4].upper() == b"BDAT" and (len(raw) == 4 or not raw[4:5].isalnum())
 
 

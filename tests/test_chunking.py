@@ -264,6 +264,11 @@ SMUGGLED = (
         (b"BDAT %d LAST \xff\xfe", {}),  # not UTF-8
         (b"BDAT %d LAST\n", {"bare_newline": "reject"}),  # ends in a bare LF
         (b"BDAT\t%d LAST", {}),
+        # The core takes the verb after spaces: so does this check.
+        (b" BDAT %d \xff", {}),
+        (b"  bdat %d\x01", {}),
+        (b" BDAT %d" + b" " * 600 + b"LAST", {}),
+        (b"\tBDAT %d LAST", {}),
     ],
 )
 @pytest.mark.parametrize("chunking", [True, False])
@@ -287,6 +292,10 @@ def test_an_overlong_bdat_line_discarded_while_arriving_closes_too():
     client = opened()
     # Arrives in pieces, so the core drops it before its end is seen.
     replies = client.send(b"BDAT 108" + b" " * 3000, b" " * 3000 + b"LAST\r\n", SMUGGLED)
+    assert split_replies(replies) == [b"421 4.7.0 Bad BDAT command, closing connection\r\n"]
+    assert client.closed and client.messages == []
+    client = opened()
+    replies = client.send(b" " * 700 + b"BDAT 108" + b" " * 3000, b"LAST\r\n", SMUGGLED)
     assert split_replies(replies) == [b"421 4.7.0 Bad BDAT command, closing connection\r\n"]
     assert client.closed and client.messages == []
     # A long line that is not BDAT is still just refused.
