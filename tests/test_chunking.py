@@ -288,6 +288,46 @@ def test_a_bdat_line_refused_before_its_size_closes_and_never_runs_its_chunk(
     assert client.messages == []
 
 
+@PROPS
+@given(
+    lead=st.text(alphabet=" \t", max_size=3),
+    verb=st.sampled_from(["BDAT", "bdat", "Bdat", "bDaT"]),
+    size=st.integers(0, 200),
+    last=st.booleans(),
+    corruption=st.sampled_from(["\x00", "\x01", "\x0b", "\rX", "\x7f", "\xff\xfe", "pad"]),
+    where=st.sampled_from(["end", "after verb", "after size"]),
+    chunking=st.booleans(),
+    pieces=st.lists(st.integers(1, 50), max_size=4),
+)
+def test_no_refused_bdat_line_runs_its_chunk_as_commands(
+    lead, verb, size, last, corruption, where, chunking, pieces
+):
+    """Property: a line the core would take as BDAT, spoiled so that the
+    generic line checks refuse it, always closes the session (421), however
+    it is spelled and split; nothing after it is ever run."""
+    tail = " LAST" if last else ""
+    bad = "x" * 600 if corruption == "pad" else corruption
+    parts = {"after verb": (f"{lead}{verb}{bad} {size}{tail}"),
+             "after size": (f"{lead}{verb} {size}{bad}{tail}"),
+             "end": (f"{lead}{verb} {size}{tail}{bad}")}  # fmt: skip
+    if corruption == "pad":
+        parts = {k: f"{lead}{verb} {size}{tail}" + " " * 600 for k in parts}
+    line = parts[where].encode("latin-1") + b"\r\n"
+    chunk = (b"RSET\r\nMAIL FROM:<e@example.net>\r\nRCPT TO:<v@example.org>\r\n" * 10)[:size]
+    data = line + chunk + b"NOOP\r\nQUIT\r\n"
+    client = opened(chunking=chunking)
+    cuts, pos, chunks = sorted(set(pieces)), 0, []
+    for cut in cuts:
+        if cut < len(data):
+            chunks.append(data[pos:cut])
+            pos = cut
+    chunks.append(data[pos:])
+    events = len(client.events)
+    replies = client.send(*chunks)
+    assert split_replies(replies) == [b"421 4.7.0 Bad BDAT command, closing connection\r\n"]
+    assert client.closed and client.messages == [] and len(client.events) == events
+
+
 def test_an_overlong_bdat_line_discarded_while_arriving_closes_too():
     client = opened()
     # Arrives in pieces, so the core drops it before its end is seen.
