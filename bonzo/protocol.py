@@ -834,8 +834,9 @@ class SMTPProtocol:
         self._pending: Event | None = None
         self._discarding_line = False
         self._discarding_auth = False
-        #: The overlong line being discarded is a BDAT command.
-        self._discarding_bdat = False
+        #: The first octets (after blanks, up to 5) of an overlong line being
+        #: discarded: whether it is a BDAT command, however it arrives.
+        self._discard_head = b""
         # DATA state. _line_start: the next octet starts a line for framing
         # (after CRLF: only CRLF.CRLF ends the data); _unstuff_start: it
         # starts a line for dot-unstuffing (also after a bare LF when bare
@@ -1364,7 +1365,9 @@ class SMTPProtocol:
                     self._discarding_auth = bool(self.auth_mechanisms) and (
                         buf[pos : pos + 5].upper() == b"AUTH "
                     )
-                    self._discarding_bdat = _is_bdat(bytes(buf[pos:]))
+                    self._discard_head = b""
+                if len(self._discard_head) < 5:
+                    self._note_discarded(bytes(buf[pos:]))
                 self._discarding_line = True
                 self._pos = len(buf)
             return NEED_DATA
@@ -1372,8 +1375,10 @@ class SMTPProtocol:
         if self._discarding_line:
             self._discarding_line = False
             self.stage, self._arg = "AUTH" if self._discarding_auth else "?", ""
-            if self._discarding_bdat:
-                self._discarding_bdat = False
+            if len(self._discard_head) < 5:
+                self._note_discarded(bytes(buf[pos : nl + 1]))
+            head, self._discard_head = self._discard_head, b""
+            if _is_bdat(head):
                 return self._bad_bdat_line()
             if self._discarding_auth:
                 self._error(500, "5.5.6", "Authentication exchange line is too long")
@@ -1384,6 +1389,14 @@ class SMTPProtocol:
             return self._handle_line(bytes(buf[pos : nl - 1]))
         self.notes.add("bare_lf")
         return self._handle_line(bytes(buf[pos:nl]), bare_lf=True)
+
+    def _note_discarded(self, segment: bytes) -> None:
+        """Keep the first non-blank octets of a line being discarded (up to
+        5: enough to tell a BDAT command)."""
+        head = self._discard_head
+        if not head:
+            segment = segment.lstrip(b" \t")
+        self._discard_head = head + segment[: 5 - len(head)]
 
     def _max_partial_line(self) -> int:
         if self.auth_mechanisms:

@@ -334,10 +334,19 @@ def test_an_overlong_bdat_line_discarded_while_arriving_closes_too():
     replies = client.send(b"BDAT 108" + b" " * 3000, b" " * 3000 + b"LAST\r\n", SMUGGLED)
     assert split_replies(replies) == [b"421 4.7.0 Bad BDAT command, closing connection\r\n"]
     assert client.closed and client.messages == []
-    client = opened()
-    replies = client.send(b" " * 700 + b"BDAT 108" + b" " * 3000, b"LAST\r\n", SMUGGLED)
-    assert split_replies(replies) == [b"421 4.7.0 Bad BDAT command, closing connection\r\n"]
-    assert client.closed and client.messages == []
+    # However the line arrives: blanks first, the verb in pieces, at the end.
+    for pieces in (
+        [b" " * 700 + b"BDAT 108" + b" " * 3000, b"LAST\r\n"],
+        [b" " * 700, b" " * 5000, b"BD", b"AT 108", b" " * 600, b"\r\n"],
+        [b"\t" * 600, b"bdat 108\r\n"],
+        [b" " * 6000 + b"BDAT 108\r\n"],
+    ):
+        client = opened()
+        replies = client.send(*pieces, SMUGGLED)
+        assert split_replies(replies) == [b"421 4.7.0 Bad BDAT command, closing connection\r\n"], (
+            pieces
+        )
+        assert client.closed and client.messages == []
     # A long line that is not BDAT is still just refused.
     client = opened()
     replies = client.send(b"NOOP" + b" " * 3000, b" " * 3000 + b"\r\n", b"NOOP\r\n")
