@@ -79,15 +79,18 @@ def _canonical_literal(literal: str) -> str:
 
 def canonical_local(local: str) -> str:
     """The canonical form of a local part (see the module docs)."""
-    if local[:1] == '"':
-        text = _QUOTED_PAIR.sub(r"\1", local[1:-1])
-        if _DOT_ATOM.fullmatch(text) is None:
-            escaped = text.replace("\\", "\\\\").replace('"', '\\"')
-            text = f'"{escaped}"'
-    else:
-        text = local
+    quoted = local[:1] == '"'
+    text = _QUOTED_PAIR.sub(r"\1", local[1:-1]) if quoted else local
+    changed = False
     if not text.isascii():
-        text = unicodedata.normalize("NFC", text)
+        # NFC first: it can make quoting needless ("<" + U+0338 is U+226E)
+        # or needed (U+037E is ";"), so the form is decided after it, and
+        # the canonical form of a canonical form is itself.
+        normal = unicodedata.normalize("NFC", text)
+        changed, text = normal != text, normal
+    if (quoted or changed) and _DOT_ATOM.fullmatch(text) is None:
+        escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+        text = f'"{escaped}"'
     return text
 
 

@@ -163,7 +163,8 @@ def mail_dsn(params: Mapping[str, str | None]) -> MailDSN:
     ret = params.get("RET")
     envid = params.get("ENVID")
     if "RET" in params:
-        if ret is None or ret.upper() not in ("FULL", "HDRS"):
+        # ASCII only (RFC 3461 4.3): Unicode upper() makes "hdrſ" HDRS.
+        if ret is None or not ret.isascii() or ret.upper() not in ("FULL", "HDRS"):
             raise DSNError("Bad RET parameter (FULL or HDRS)")
         ret = ret.upper()
     if "ENVID" in params:
@@ -196,7 +197,7 @@ def recipient_dsn(params: Mapping[str, str | None]) -> RecipientDSN:
 
 
 def _notify(value: str | None) -> frozenset[str]:
-    if not value:
+    if not value or not value.isascii():  # ASCII keywords only (RFC 3461 4.1)
         raise DSNError("Bad NOTIFY parameter")
     items = value.upper().split(",")
     keywords = frozenset(items)

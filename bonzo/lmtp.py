@@ -105,8 +105,14 @@ class LMTPProtocol(SMTPProtocol):
         self, error: SMTPError, *, by: str = "core", close: bool = False, limit: str | None = None
     ) -> None:
         """As :meth:`SMTPProtocol.reject`; the end of a message is answered
-        with ``error`` once per accepted recipient."""
-        if type(self._pending) is not MessageComplete:
+        with ``error`` once per accepted recipient — but a ``BDAT`` chunk
+        refused before the ``LAST`` one, or one with no recipient accepted,
+        gets the one reply its command is due (RFC 3030 2)."""
+        if (
+            type(self._pending) is not MessageComplete
+            or not self.rcpt_count
+            or self._ended_before_last
+        ):
             super().reject(error, by=by, close=close, limit=limit)
             return
         self.answer_recipients([error] * self.rcpt_count, by=by)

@@ -857,6 +857,11 @@ class SMTPProtocol:
         self._bdat_last = False
         self._bdat_chunk = 0
         self._bdat_after: tuple[int, SMTPError] | None = None
+        # The BDAT command being answered said LAST; and the message ended
+        # (refused) at a chunk that was not the LAST one: LMTP then gives
+        # one reply, not one per recipient (RFC 2033 4.2 with RFC 3030 2).
+        self._chunk_last = False
+        self._ended_before_last = False
         self._bdat_started = False
         self._bdat_total = 0
         self._bdat_binary = False
@@ -1312,6 +1317,7 @@ class SMTPProtocol:
         self.mail_from = None
         self.mail_params = {}
         self.rcpt_count = 0
+        self._ended_before_last = False
         if self._bdat_started or self._bdat_total:
             self._bdat_started = False
             self._bdat_total = 0
@@ -1805,6 +1811,7 @@ class SMTPProtocol:
             return None
         rest = rest.strip(" ")
         last = _ascii_upper(rest) == "LAST"
+        self._chunk_last = last
         # Every refusal is given once the chunk has been read (RFC 3030 2).
         # One inside a transaction ends it: the client must not send more
         # chunks, and those it pipelined get 503 (need MAIL).
@@ -1862,6 +1869,7 @@ class SMTPProtocol:
             self._write_error(error)
             return None
         # The refusal is logged with the BDAT command that caused it.
+        self._ended_before_last = not self._chunk_last
         return MessageComplete(b"", error)
 
     # ----------------------------------------------------------------- BDAT
@@ -1896,6 +1904,7 @@ class SMTPProtocol:
         self._data_error = None
         self._data_rank = 0
         self.stage, self._arg = "message", ""
+        self._ended_before_last = not last
         return MessageComplete(tail, error)
 
     def _chunk_content(self, block: bytes, final: bool) -> bytes:

@@ -696,6 +696,10 @@ def xtext_decode(text: str) -> str:
 
 def _xclient_address(value: str) -> str:
     text = value[5:] if value[:5].upper() == "IPV6:" else value
+    if "%" in text:
+        # ipaddress takes a zone index of any characters (CR, LF, ESC in
+        # xtext): never part of a client's address.
+        raise XClientError("bad address")
     try:
         address = ipaddress.ip_address(text)
     except ValueError:

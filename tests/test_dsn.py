@@ -117,6 +117,8 @@ def test_mail_without_dsn_parameters_has_the_empty_record():
         (b"ENVID=a+7F", b"501 5.5.4 Bad ENVID parameter\r\n"),
         (b"ENVID=a+E9", b"501 5.5.4 Bad ENVID parameter\r\n"),
         (b"ENVID=" + b"x" * 101, b"501 5.5.4 Bad ENVID parameter\r\n"),
+        # Keywords are ASCII: Unicode upper() would make "hdr\u017f" HDRS.
+        ("RET=hdr\u017f SMTPUTF8".encode(), b"501 5.5.4 Bad RET parameter (FULL or HDRS)\r\n"),
     ],
 )
 def test_bad_mail_dsn_parameters_get_501(params, reply):
@@ -184,6 +186,7 @@ def test_rcpt_dsn_parameters_are_decoded_onto_the_event(params, dsn):
     "params, reply",
     [
         (b"NOTIFY", b"501 5.5.4 Bad NOTIFY parameter\r\n"),
+        ("NOTIFY=\u017fuccess,fa\u0131lure".encode(), b"501 5.5.4 Bad NOTIFY parameter\r\n"),
         (b"NOTIFY=", b"501 5.5.4 Bad parameter syntax\r\n"),
         (
             b"NOTIFY=SOMETIMES",

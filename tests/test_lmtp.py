@@ -43,6 +43,31 @@ GONE = errors.PermanentError("No such user", 550, "5.1.1")
 
 
 # ------------------------------------------------------------------- the core
+def test_a_bdat_chunk_gets_one_reply_unless_it_ends_the_message_with_recipients():
+    """Per-recipient replies follow the LAST chunk only (RFC 2033 4.2, RFC
+    3030 2); a chunk refused before it, or one sent with no recipient
+    accepted, gets the one reply its BDAT command is due — none would leave
+    the client waiting, several would put a pipelining one out of step."""
+    LHLO = b"LHLO c.example\r\n"
+    MAIL = b"MAIL FROM:<s@example.org>\r\n"
+    client = lmtp()
+    client.send(LHLO, MAIL)
+    assert client.send(b"BDAT 5\r\nhello") == b"503 5.5.1 Error: need RCPT command\r\n"
+    client = lmtp(max_message_size=200)
+    client.send(LHLO, MAIL, rcpts("a", "b"))
+    too_big = b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+    assert client.send(b"BDAT 300\r\n" + b"y" * 300) == too_big  # not LAST: one
+    assert client.send(b"BDAT 3 LAST\r\nabc") == b"503 5.5.1 Error: need MAIL command\r\n"
+    client.send(MAIL, rcpts("a", "b"))
+    assert client.send(b"BDAT 300 LAST\r\n" + b"y" * 300) == too_big * 2  # LAST: each
+    # A chunk that breaks a rule while it is read (a long line), not LAST.
+    client = lmtp(max_data_line=1000)
+    client.send(LHLO, MAIL, rcpts("a", "b"))
+    body = b"x" * 1100 + b"\r\n"
+    assert client.send(b"BDAT %d\r\n" % len(body) + body) == b"500 5.5.2 Line too long\r\n"
+    assert client.send(b"NOOP\r\n") == b"250 2.0.0 Ok\r\n"
+
+
 def test_greeting_names_lmtp_unless_a_banner_is_set():
     client = lmtp()
     client.proto.send_greeting()

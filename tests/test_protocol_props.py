@@ -13,7 +13,7 @@ import re
 import warnings
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from protocol_helpers import (
     DATA,
@@ -416,3 +416,28 @@ def test_domain_spellings_share_one_canonical_form(labels, data):
             spelled.append(data.draw(st.sampled_from([".", "\u3002", "\uff0e"])))
     address, _ = parse_path(f"<ceo@{''.join(spelled)}>", sender=False, smtputf8=True)
     assert address.canonical == f"ceo@{plain}"
+
+
+@PROPS
+@example(local="a<\u0338b", quote=True)  # NFC: U+226E, no quotes needed
+@example(local="a\u037eb", quote=False)  # NFC: ";", quotes needed
+@example(local="a\u1fefb", quote=False)  # NFC: "`"
+@given(
+    local=st.text(
+        alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x2FFF, exclude_characters='"\\'),
+        min_size=1,
+        max_size=12,
+    ),
+    quote=st.booleans(),
+)
+def test_a_canonical_address_is_valid_and_its_own_canonical_form(local, quote):
+    """NFC can make quoting needless ("<" + U+0338) or needed (U+037E is
+    ";"): the canonical form is decided after it, is itself an address the
+    core accepts, and canonicalising it again changes nothing."""
+    text = f'"{local}"' if quote else local
+    try:
+        address, _ = parse_path(f"<{text}@example.com>", sender=False, smtputf8=True)
+    except AddressError:
+        return
+    again, _ = parse_path(f"<{address.canonical}>", sender=False, smtputf8=True)
+    assert again.canonical == address.canonical

@@ -545,6 +545,10 @@ def test_parse_xclient():
         ("ADDR", "Bad XCLIENT attribute name: ADDR"),
         ("ADDR=999.1.1.1", "Bad XCLIENT ADDR syntax: bad address"),
         ("ADDR=IPV6:192.0.2.1", "Bad XCLIENT ADDR syntax: bad address"),
+        # A zone index would take any characters, CR and LF included (xtext).
+        ("ADDR=::1%+0D+0A250+20fake", "Bad XCLIENT ADDR syntax: bad address"),
+        ("ADDR=IPV6:fe80::1%eth0", "Bad XCLIENT ADDR syntax: bad address"),
+        ("DESTADDR=::1%x+1B[31m", "Bad XCLIENT DESTADDR syntax: bad address"),
         ("ADDR=", "Bad XCLIENT ADDR syntax"),
         ("PORT=65536", "Bad XCLIENT PORT syntax: bad port"),
         ("DESTPORT=-1", "Bad XCLIENT DESTPORT syntax"),
