@@ -672,6 +672,13 @@ def overlapping(a: str, b: str) -> bool:
     )
 
 
+def _binds(listener: ListenerConfig, address: str, port: int) -> bool:
+    """Whether TCP ``listener`` takes the socket of ``address``:``port``."""
+    return (
+        listener.path is None and listener.port == port and overlapping(address, listener.address)
+    )
+
+
 def check_listeners(listeners: list[ListenerConfig], source: str, name: str) -> None:
     """Refuse two TCP listeners that would bind the same address and port
     (``bonzo serve`` would fail with "Address already in use"); ``name`` is
@@ -680,11 +687,7 @@ def check_listeners(listeners: list[ListenerConfig], source: str, name: str) -> 
         if one.path is not None or not one.port:
             continue
         for j, other in enumerate(listeners[:i]):
-            if (
-                other.path is None
-                and other.port == one.port
-                and overlapping(one.address, other.address)
-            ):
+            if _binds(other, one.address, one.port):
                 raise ConfigError(
                     source,
                     f"{name}[{i}]",
@@ -699,11 +702,7 @@ def check_metrics_port(
     if metrics.port is None:
         return
     for i, listener in enumerate(listeners):
-        if (
-            listener.path is None
-            and listener.port == metrics.port
-            and overlapping(metrics.address, listener.address)
-        ):
+        if _binds(listener, metrics.address, metrics.port):
             raise ConfigError(
                 source,
                 "metrics.port",

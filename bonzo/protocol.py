@@ -1443,33 +1443,17 @@ class SMTPProtocol:
                     self._error(500, "5.5.6", "Authentication exchange line is too long")
                     return None
             elif length > self._max_mail_line or head not in (b"MAIL ", b"RCPT "):
-                self.stage, self._arg = _safe_verb(raw), ""
-                if _is_bdat(raw):
-                    return self._bad_bdat_line()
-                self._error(500, "5.5.2", "Line too long", "Error: line too long")
-                return None
+                return self._refuse_line(raw, 500, "Line too long", "Error: line too long")
         # After the length check, so that an overlong line gets the same
         # reply whether it was discarded while arriving or seen whole.
         if bare_lf and self._bare_mode == "reject":
-            self.stage, self._arg = _safe_verb(raw), ""
-            if _is_bdat(raw):
-                return self._bad_bdat_line()
-            self._error(500, "5.5.2", "Bare LF received, lines must end with CRLF")
-            return None
+            return self._refuse_line(raw, 500, "Bare LF received, lines must end with CRLF")
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
-            self.stage, self._arg = _safe_verb(raw), ""
-            if _is_bdat(raw):
-                return self._bad_bdat_line()
-            self._error(500, "5.5.2", "Error: bad UTF-8 syntax")
-            return None
+            return self._refuse_line(raw, 500, "Error: bad UTF-8 syntax")
         if not line.isprintable() and _CTL.search(line):
-            self.stage, self._arg = _safe_verb(raw), ""
-            if _is_bdat(raw):
-                return self._bad_bdat_line()
-            self._error(501, "5.5.2", "Syntax error: control characters are not allowed")
-            return None
+            return self._refuse_line(raw, 501, "Syntax error: control characters are not allowed")
         line = line.strip(" ")
         verb, _, arg = line.partition(" ")
         arg = arg.strip(" ")
@@ -1492,6 +1476,16 @@ class SMTPProtocol:
                 self.stage, self._arg = "?", ""
             return Unknown(key, arg, verb)
         return handler(self, arg)
+
+    def _refuse_line(self, raw: bytes, code: int, text: str, legacy: str | None = None) -> Any:
+        """Refuse a command line that failed the checks every line goes
+        through (``5.5.2``), its verb escaped for the log; a BDAT line closes
+        the session instead (:meth:`_bad_bdat_line`)."""
+        self.stage, self._arg = _safe_verb(raw), ""
+        if _is_bdat(raw):
+            return self._bad_bdat_line()
+        self._error(code, "5.5.2", text, legacy)
+        return None
 
     def _bad_bdat_line(self) -> Any:
         """A BDAT command line refused before its size was read: the chunk

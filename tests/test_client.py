@@ -152,19 +152,24 @@ def policy_server(start_server: Any) -> Any:
     return start_server(plugin=Policy())
 
 
-# ======================================================= per-recipient results
-def test_every_outcome_per_recipient_from_a_real_server(policy_server):
-    rcpts = ["ok1@example.net", "unknown@example.net", "later@example.net", "ok2@example.net"]
-    result = run(
+def deliver_to(server: Any, rcpts: list[str]) -> DeliveryResult:
+    """MESSAGE from alice@example.org to ``rcpts`` through ``server``."""
+    return run(
         deliver(
             HOST,
-            policy_server.port,
+            server.port,
             sender="alice@example.org",
             recipients=rcpts,
             message=MESSAGE,
             settings=settings(),
-        )
+        )  # fmt: skip
     )
+
+
+# ======================================================= per-recipient results
+def test_every_outcome_per_recipient_from_a_real_server(policy_server):
+    rcpts = ["ok1@example.net", "unknown@example.net", "later@example.net", "ok2@example.net"]
+    result = deliver_to(policy_server, rcpts)
     assert statuses(result) == [
         ("ok1@example.net", "delivered", "end", 250, "2.0.0"),
         ("unknown@example.net", "refused", "rcpt", 550, "5.1.1"),
@@ -188,16 +193,7 @@ def test_too_many_recipients_is_a_deferral_even_as_552(policy_server):
     """RFC 5321 4.5.3.1.10: a 552 to RCPT is read as temporary; both forms
     say the server took no more recipients in this transaction."""
     rcpts = ["ok1@example.net", "crowd@example.net", "limit@example.net", "unknown@example.net"]
-    result = run(
-        deliver(
-            HOST,
-            policy_server.port,
-            sender="alice@example.org",
-            recipients=rcpts,
-            message=MESSAGE,
-            settings=settings(),
-        )  # fmt: skip
-    )
+    result = deliver_to(policy_server, rcpts)
     assert statuses(result) == [
         ("ok1@example.net", "delivered", "end", 250, "2.0.0"),
         ("crowd@example.net", "deferred", "rcpt", 552, "5.5.3"),
