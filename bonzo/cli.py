@@ -2,7 +2,7 @@
 
 ``bonzo serve [-c FILE]``
     Run in the foreground until SIGTERM or SIGINT (graceful stop; a second
-    one forces it). SIGHUP is logged and ignored. With no ``-c``, the
+    one forces it); SIGHUP reloads the configuration. With no ``-c``, the
     embedded default configuration (``bonzo.toml.example``) runs.
 ``bonzo check [-c FILE]``
     Validate the configuration and load every enabled plugin; exit 0 if all
@@ -789,6 +789,14 @@ def _reloaded_app(old: Any) -> Any:
 #: stops the server instead of restarting it (it would only fail again).
 _STARTUP_FAILED = 3
 
+#: The signals a worker sends its supervisor after a reload: it runs the new
+#: configuration, or it refused it and kept the previous one. Real-time
+#: signals queue (two workers' reports are two signals) and carry the
+#: sender's pid. ``None`` where the platform has none: no reports.
+_RELOAD_REPORTS: tuple[int, int] | None = (
+    (signal.SIGRTMIN, signal.SIGRTMIN + 1) if hasattr(signal, "SIGRTMIN") else None
+)
+
 #: Logged when SIGHUP arrives before the server is ready to reload.
 _SIGHUP_IGNORED = "SIGHUP: not serving yet, nothing to reload; ignored"
 
@@ -812,7 +820,8 @@ def _run_worker(
     """Serve until a stop signal; return the exit status.
 
     The first SIGTERM (or SIGINT) stops gracefully, a second one forces the
-    stop (:meth:`MailApp.force_stop`); SIGHUP is logged and ignored. A worker
+    stop (:meth:`MailApp.force_stop`); SIGHUP reloads the configuration
+    (and, in a worker, reports to the supervisor whether it took it). A worker
     forked by the supervisor gets its pid as ``supervisor`` and the signal
     mask to restore once its handlers are in place as ``mask`` (the
     supervisor forks with these signals blocked). Such a worker ignores
@@ -842,6 +851,16 @@ def _run_worker(
 
         counter: Any = None  # the process's Metrics, once metrics are on
 
+        def report(accepted: bool) -> None:
+            # Tells the supervisor which configuration a worker it starts
+            # later should run (see _supervise).
+            if supervisor is None or _RELOAD_REPORTS is None or requests:
+                return
+            try:
+                os.kill(supervisor, _RELOAD_REPORTS[0 if accepted else 1])
+            except ProcessLookupError:  # pragma: no cover - gone: this worker stops
+                pass
+
         async def reload() -> None:
             nonlocal current, reloading
             reloading = True
@@ -849,6 +868,7 @@ def _run_worker(
                 old = current
                 new = _reloaded_app(old)
                 if new is None or requests:
+                    report(False)
                     return
                 old.release_sockets()
                 try:
@@ -857,8 +877,10 @@ def _run_worker(
                     log.error("reload: the new configuration failed to start: %s; "
                               "still running the previous one", exc)  # fmt: skip
                     old.reattach_sockets()
+                    report(False)
                     return
                 current = new
+                report(True)
                 retiring.append(old)
                 if counter is not None:
                     counter.install(new.plugins)  # time the new plugins' hooks
@@ -1056,11 +1078,14 @@ def _supervise(
 ) -> int:
     """Fork ``workers`` processes that share the listening sockets; restart
     any that dies unexpectedly; pass SIGTERM/SIGINT on to them (the first as
-    SIGUSR2, a graceful stop; the second as SIGUSR1, to force it); log and
-    ignore SIGHUP.
+    SIGUSR2, a graceful stop; the second as SIGUSR1, to force it); on SIGHUP
+    check the configuration and pass the signal on. The workers report
+    whether they took the reload (:data:`_RELOAD_REPORTS`), so that a worker
+    started later runs what they run.
 
-    The supervisor keeps SIGTERM, SIGINT, SIGHUP and SIGCHLD blocked and
-    takes them one at a time with :func:`signal.sigwait`: a signal is never
+    The supervisor keeps SIGTERM, SIGINT, SIGHUP, SIGCHLD and the reports
+    blocked and takes them one at a time (:func:`signal.sigwaitinfo`, which
+    names a report's sender): a signal is never
     handled in the middle of a fork, so every worker is recorded before a
     stop can be passed on, and none is started once the stop began.
 
@@ -1080,7 +1105,9 @@ def _supervise(
     signals = 0  # stop signals received
     restarts: list[float] = []
     status = 0
-    waited = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+    waited: set[int] = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+    if _RELOAD_REPORTS is not None:
+        waited |= set(_RELOAD_REPORTS)
     # A SIGCHLD that is caught (rather than ignored by default) is sure to
     # stay pending while blocked, until sigwait() takes it.
     signal.signal(signal.SIGCHLD, _ignore)
@@ -1095,6 +1122,10 @@ def _supervise(
     # One level: the configuration before the last reload.
     replaced: dict[Any, Any] = {}
     spawned_with: dict[int, Any] = {}
+    # The workers whose report on the last reload has not come yet, and
+    # those that refused it.
+    reporting: set[int] = set()
+    refused: list[int] = []
 
     def spawn(slot: int) -> None:
         spawned_with[slot] = app
@@ -1153,6 +1184,7 @@ def _supervise(
                 continue
             slot = children.pop(pid)
             share.gone(slot)
+            reporting.discard(slot)
             code = os.waitstatus_to_exitcode(wait_status)
             if metrics_sockets:
                 from .metrics import mark_process_dead
@@ -1187,12 +1219,43 @@ def _supervise(
                 continue
             spawn(slot)
 
+    def reported(pid: int, accepted: bool) -> None:
+        nonlocal app
+        slot = children.get(pid)
+        if stops or slot not in reporting:
+            return  # not a worker, or not a report on the last reload
+        reporting.discard(slot)
+        if not accepted:
+            refused.append(slot)
+            if app in replaced:
+                # The workers that refused it run the previous configuration:
+                # so will those started from now on.
+                log.warning(
+                    "worker %d (pid %d) refused the reloaded configuration; workers "
+                    "started from now on run the previous one",
+                    slot,
+                    pid,
+                )
+                app = replaced[app]
+        if not reporting and refused and len(refused) < len(children):
+            log.warning(
+                "after the reload, worker(s) %s run the previous configuration and the "
+                "others the new one: fix the new configuration's plugins and reload again",
+                ", ".join(str(n) for n in sorted(refused)),
+            )
+
     for slot in range(workers):
         spawn(slot)
     while children:
-        signum = signal.sigwait(waited)
+        if _RELOAD_REPORTS is None:
+            signum, sender = signal.sigwait(waited), 0
+        else:
+            info = signal.sigwaitinfo(waited)
+            signum, sender = info.si_signo, info.si_pid
         if signum == signal.SIGCHLD:
             reap()
+        elif _RELOAD_REPORTS is not None and signum in _RELOAD_REPORTS:
+            reported(sender, signum == _RELOAD_REPORTS[0])
         elif signum == signal.SIGHUP:
             if stops:
                 continue
@@ -1201,7 +1264,11 @@ def _supervise(
             if new is not None:
                 replaced.clear()
                 replaced[new] = app
-                app = new  # workers started from now on run it
+                app = new  # workers started from now on run it, unless one refuses it
+                refused.clear()
+                reporting.clear()
+                if _RELOAD_REPORTS is not None:
+                    reporting.update(children.values())
                 for pid in children:
                     try:
                         os.kill(pid, signal.SIGHUP)

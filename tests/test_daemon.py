@@ -127,6 +127,17 @@ class DiesAtStartup:
         os._exit(7)
 
 
+class FailsWhileMarked:
+    """Fails to start while the file ``marker`` exists (a fault that clears)."""
+
+    def bonzo_configure(self, config):
+        self.marker = Path(config["marker"])
+
+    def bonzo_startup(self):
+        if self.marker.exists():
+            raise RuntimeError("database unreachable")
+
+
 class Marked(Store):
     """Store, and leave a mark when the plugins' shutdown hooks run."""
 
@@ -1006,14 +1017,18 @@ def test_a_reload_says_that_logging_changes_wait_for_a_restart(workdir, serve):
     assert "INFO" in daemon.log.split("takes effect at a restart", 1)[1]  # still info
 
 
-def test_a_reload_the_workers_refused_never_stops_a_restarted_worker(workdir, serve):
+@pytest.mark.parametrize("reports", [True, False], ids=["reported", "unreported"])
+def test_a_reload_the_workers_refused_never_stops_a_restarted_worker(workdir, serve, reports):
     """A reload whose plugins fail to start is refused by the workers (they
     keep the previous configuration); a worker that dies later is started on
     the previous configuration too, instead of failing on the refused one
-    and stopping the whole server."""
+    and stopping the whole server: at once when the workers' reports came
+    (the supervisor hears of the refusal), or after failing on the new one
+    when they did not (a worker that died before reporting, a platform
+    without real-time signals)."""
     port = free_port()
     config = write_config(workdir, port, workers=2)
-    daemon = serve(config, port)
+    daemon = serve(config, port, "" if reports else "bonzo.cli._RELOAD_REPORTS = None")
     daemon.wait_ready(workers=2)
     assert send(port) == {}
     [victim] = {r["pid"] for r in daemon.records()}
@@ -1025,14 +1040,75 @@ def test_a_reload_the_workers_refused_never_stops_a_restarted_worker(workdir, se
         lambda: daemon.log.count("the new configuration failed to start") == 2,
         what="both workers to refuse the reload",
     )
+    if reports:
+        wait_until(
+            lambda: "workers started from now on run the previous one" in daemon.log,
+            what="the supervisor to hear of it",
+        )
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: daemon.log.count("ready (pid") == 3, what="a new worker")
-    assert "failed to start on the reloaded configuration; starting it on the previous" in (
-        daemon.log
-    )
+    fallback = "failed to start on the reloaded configuration; starting it on the previous"
+    assert (fallback in daemon.log) is not reports
     for n in range(4):
         assert send(port, f"after{n}@example.org") == {}
     assert daemon.proc.poll() is None
+    assert daemon.stop() == 0
+
+
+def test_a_worker_started_after_a_refused_reload_runs_what_the_others_run(workdir, serve):
+    """The workers tell the supervisor whether they took a reload: after one
+    they all refused, a worker started later runs the previous configuration
+    like the others, even when the new one's plugins would start by then."""
+    port = free_port()
+    config = write_config(workdir, port, workers=2)
+    daemon = serve(config, port)
+    daemon.wait_ready(workers=2)
+    marker = workdir / "down"
+    marker.write_text("")
+    two = write_config(
+        workdir,
+        port,
+        ["headers", "daemonplug:FailsWhileMarked", STORE],
+        workers=2,
+        extra=(
+            '\n[plugins.headers]\nadd = { "X-Config" = "two" }\n'
+            f'\n[plugins."daemonplug:FailsWhileMarked"]\nmarker = "{marker}"\n'
+        ),
+        name="two.toml",
+    )
+    config.write_text(two.read_text())
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: daemon.log.count("the new configuration failed to start") == 2,
+        what="both workers to refuse the reload",
+    )
+    wait_until(
+        lambda: (
+            "refused the reloaded configuration; workers started from now on run the "
+            "previous one" in daemon.log
+        ),
+        what="the supervisor to hear of it",
+    )
+    marker.unlink()  # the new configuration would start now
+    for pid in ready_pids(daemon):
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: daemon.log.count("ready (pid") == 4, what="two new workers")
+    for n in range(4):
+        assert send(port, f"after{n}@example.org") == {}
+    records = [r for r in daemon.records() if r["to"][0].startswith("after")]
+    assert len(records) == 4
+    assert not any("X-Config" in r["content"] for r in records)
+    assert "run the previous configuration and the others the new one" not in daemon.log
+
+    # Reloaded again once the fault is gone, every worker takes it.
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: daemon.log.count("new sessions on the new configuration") == 2,
+        what="both workers to reload",
+    )
+    assert send(port, "later@example.org") == {}
+    [later] = [r for r in daemon.records() if r["to"] == ["later@example.org"]]
+    assert "X-Config: two\r\n" in later["content"]
     assert daemon.stop() == 0
 
 
