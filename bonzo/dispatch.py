@@ -690,7 +690,7 @@ class Dispatcher:
             else:
                 problem = f"may not act as {step.authzid!r}"
         if not problem:
-            core.auth_success(identity)
+            core.auth_success(identity, step.mechanism)
             gen_log.info(
                 "[%s %s] authenticated as %r (%s, by %s)",
                 session.id,

@@ -817,6 +817,9 @@ class SMTPProtocol:
         self.auth_mechanisms = policy.auth_mechanisms
         #: The authenticated identity, once AUTH succeeded.
         self.authenticated: str | None = None
+        #: The SASL mechanism it authenticated with (``None`` for an identity
+        #: a trusted front end gave through XCLIENT).
+        self.auth_mechanism: str | None = None
         #: Failed AUTH attempts so far.
         self.auth_failures = 0
         #: The client may use ``XCLIENT`` (a trusted front-end): it is
@@ -1171,6 +1174,7 @@ class SMTPProtocol:
             self.helo = None
             self.esmtp = False
             self.authenticated = event.attributes.get("LOGIN")  # type: ignore[attr-defined]
+            self.auth_mechanism = None
             self._queue(format_reply(220, text or self.settings.greeting, None, False))
         else:
             self.reply(250, text or "Ok", "2.0.0")
@@ -1287,7 +1291,7 @@ class SMTPProtocol:
         self.tls_active = True
         self.helo = None
         self.esmtp = False
-        self.authenticated = None
+        self.authenticated = self.auth_mechanism = None
         self._reset_transaction()
         self._state = _COMMAND
 
@@ -1302,8 +1306,9 @@ class SMTPProtocol:
         self._queue(f"334 {challenge}\r\n".encode("ascii"))
         self._state = _AUTH
 
-    def auth_success(self, identity: str) -> None:
-        """The credentials are good: ``235 2.7.0``; the session acts as ``identity``."""
+    def auth_success(self, identity: str, mechanism: str | None = None) -> None:
+        """The credentials are good: ``235 2.7.0``; the session acts as
+        ``identity``, authenticated with SASL ``mechanism``."""
         if not isinstance(self._pending, (Auth, AuthResponse)):
             if self._state == _CLOSED:
                 return
@@ -1311,6 +1316,7 @@ class SMTPProtocol:
         self._pending = None
         self._state = _COMMAND
         self.authenticated = identity
+        self.auth_mechanism = mechanism
         self.reply(235, "Authentication successful", "2.7.0")
 
     def _reset_transaction(self) -> None:

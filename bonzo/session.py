@@ -321,6 +321,16 @@ class Session:
         return self._core.authenticated
 
     @property
+    def auth_mechanism(self) -> str | None:
+        """The SASL mechanism the client authenticated with (``"PLAIN"``,
+        ``"LOGIN"``), or ``None`` (not authenticated, or an identity given
+        by a trusted front end through XCLIENT).
+
+        .. versionadded:: 0.2
+        """
+        return self._core.auth_mechanism
+
+    @property
     def messages(self) -> int:
         """Messages accepted on this connection so far."""
         return self._core.messages

@@ -441,6 +441,7 @@ def make_session(
     helo: str | None = "client.example",
     esmtp: bool = True,
     auth: str | None = None,
+    auth_mechanism: str | None = None,
     tls: dict[str, Any] | None = None,
     remote_port: int = 40000,
     local_ip: str = "127.0.0.1",
@@ -449,7 +450,9 @@ def make_session(
 ) -> Session:
     """A :class:`~bonzo.session.Session` in a given state, to call a plugin's
     hooks directly in a unit test: greeted as ``helo`` (with EHLO when
-    ``esmtp``), authenticated as ``auth``, over TLS with the facts ``tls``.
+    ``esmtp``), authenticated as ``auth`` (with SASL ``auth_mechanism``,
+    ``"PLAIN"`` by default when ``auth`` is given), over TLS with the facts
+    ``tls``.
 
     A session is a view of its protocol core, so the state is set there.
     """
@@ -457,6 +460,8 @@ def make_session(
     core.helo = helo
     core.esmtp = esmtp and helo is not None
     core.authenticated = auth
+    if auth is not None:
+        core.auth_mechanism = auth_mechanism or "PLAIN"
     if tls is not None:
         core.tls_active = True
         core.tls_info = tls

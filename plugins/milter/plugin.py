@@ -568,7 +568,7 @@ class MilterPlugin:
             "i": envelope.id,
             "{mail_addr}": address,
             "{mail_mailer}": "smtp",
-            "{auth_type}": "PLAIN" if session.auth else None,
+            "{auth_type}": session.auth_mechanism if session.auth else None,
             "{auth_authen}": session.auth,
             "{tls_version}": (session.tls or {}).get("version"),
         }
@@ -635,6 +635,18 @@ class MilterPlugin:
             assert mi.client is not None
             c = mi.config
             headers, body = _header_lines(envelope)
+            if any("\0" in value for _, value in headers):
+                # The milter protocol carries a field as a C string: a NUL
+                # would cut it, so the milter would judge (or sign) other
+                # content than what is stored. Malformed (RFC 5322 §3.2.0).
+                log.info(
+                    "[%s %s] milter %s: a header field holds a NUL octet; refused",
+                    session.id,
+                    session.remote_ip,
+                    c.name,
+                )
+                _record(envelope, "reject", c.name, "none", "NUL octet in a header field")
+                raise PermanentError(554, "Header field contains a NUL octet", "5.6.0")
             sink = _BodySink()
             try:
                 outcome = await mi.client.message(

@@ -21,7 +21,7 @@ from bonzo import testing
 from bonzo.hooks import PluginSet
 from bonzo.server import SMTPServer
 from bonzo.session import Envelope, Session
-from bonzo.settings import SMTPSettings
+from bonzo.settings import ListenerSettings, SMTPSettings
 
 TIMEOUT = 10.0
 
@@ -45,8 +45,11 @@ def make_plugin_set(*plugins: tuple[str, object]) -> PluginSet:
 
 
 @contextlib.contextmanager
-def serve(*plugins: tuple[str, object], **settings: Any) -> Iterator[RunningServer]:
-    """Run a server with ``plugins`` (``(name, object)`` pairs, in order)."""
+def serve(
+    *plugins: tuple[str, object], listener: ListenerSettings | None = None, **settings: Any
+) -> Iterator[RunningServer]:
+    """Run a server with ``plugins`` (``(name, object)`` pairs, in order),
+    ``settings`` and the listener's policy ``listener``."""
     plugin_set = make_plugin_set(*plugins)
     settings.setdefault("hostname", "mx.test")
     loop = asyncio.new_event_loop()
@@ -55,7 +58,9 @@ def serve(*plugins: tuple[str, object], **settings: Any) -> Iterator[RunningServ
 
     async def start() -> None:
         sockets = bind_sockets(0, "127.0.0.1")
-        server = SMTPServer(plugins=plugin_set, settings=SMTPSettings(**settings))
+        server = SMTPServer(
+            plugins=plugin_set, settings=SMTPSettings(**settings), listener=listener
+        )
         server.add_sockets(sockets)
         box["server"] = server
         box["port"] = sockets[0].getsockname()[1]

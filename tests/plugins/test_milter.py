@@ -16,6 +16,7 @@ from plugin_testing import serve
 
 from bonzo import Accept, hookimpl
 from bonzo import milter as m
+from bonzo.settings import ListenerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGE = b"From: a@example.org\r\nSubject: hello\r\nX-Old: 1\r\n\r\nBody line\r\n"
@@ -649,3 +650,54 @@ def test_discard_at_helo_discards_every_message_of_the_session():
         for _ in range(2):
             assert client.sendmail("alice@example.org", ["bob@example.com"], MESSAGE) == {}
     assert sink.delivered == []
+
+
+def test_a_nul_in_a_header_field_is_refused_whatever_the_default_action(caplog):
+    """The milter protocol carries a field as a C string: a NUL would cut
+    it (the milter would judge or sign other content than is stored), so
+    the message is refused as malformed, not passed on a fault's default."""
+    sink = Sink()
+    bad = b"From: a@example.org\r\nSubject: a\x00b\r\n\r\nBody line\r\n"
+    for action in ("tempfail", "accept"):
+        with (
+            FakeMilter() as fake,
+            serve(("milter", plugin(entry(fake, default_action=action))), ("sink", sink)) as server,
+        ):
+            with pytest.raises(smtplib.SMTPDataError) as info:
+                send(server, message=bad)
+            assert (info.value.smtp_code, info.value.smtp_error) == (
+                554,
+                b"5.6.0 Header field contains a NUL octet",
+            )
+            assert send(server) == {}  # the next message is fine
+        assert not any(s.of(m.C_HEADER) and s.of(m.C_EOB) for s in fake.sessions[:1])
+    assert len(sink.delivered) == 2 and all(b"\0" not in d[2] for d in sink.delivered)
+    assert "a header field holds a NUL octet; refused" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_auth_type_names_the_mechanism_the_client_used():
+    class Users:
+        @hookimpl
+        def bonzo_auth(self, username: str, password: str) -> Accept | None:
+            return Accept() if (username, password) == ("alice", "secret") else None
+
+    sink = Sink()
+    with (
+        FakeMilter() as fake,
+        serve(
+            ("users", Users()),
+            ("milter", plugin(entry(fake))),
+            ("sink", sink),
+            listener=ListenerSettings(auth_plaintext=True),
+        ) as server,
+    ):
+        for mechanism in ("LOGIN", "PLAIN"):
+            with server.client() as client:
+                client.ehlo()
+                client.user, client.password = "alice", "secret"
+                method = client.auth_login if mechanism == "LOGIN" else client.auth_plain
+                assert client.auth(mechanism, method)[0] == 235
+                client.sendmail("alice@example.org", ["bob@example.com"], MESSAGE)
+    assert [s.macros[m.C_MAIL].get("{auth_type}") for s in fake.sessions] == ["LOGIN", "PLAIN"]
+    assert [s.macros[m.C_MAIL].get("{auth_authen}") for s in fake.sessions] == ["alice", "alice"]
