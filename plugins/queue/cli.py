@@ -222,8 +222,9 @@ def _change(plugin: QueuePlugin, id: str, what: str, change: Any, *, poke: bool 
     print instead of ``what`` when it changed nothing (nothing saved)."""
     spool = plugin.spool
     assert spool is not None
-    if not spool.exists(id):
+    if not spool.present(id):
         raise Problem(f"{id}: no such message in {spool.path}")
+    _load(spool, id)  # an unreadable one is named with what is wrong with it
     if poke:
         _poke(spool)
     claim = spool.claim(id, wait=CLAIM_WAIT)
@@ -291,7 +292,15 @@ def _release(plugin: QueuePlugin, args: argparse.Namespace) -> int:
 def _delete(plugin: QueuePlugin, args: argparse.Namespace) -> int:
     spool = plugin.spool
     assert spool is not None
-    _load(spool, args.id)
+    # An unreadable message too (``list`` shows it): that is what deleting
+    # is for when it cannot be repaired.
+    if not spool.present(args.id):
+        raise Problem(f"{args.id}: no such message in {spool.path}")
+    if not spool.exists(args.id) or (spool.data / args.id).is_symlink():
+        # Not a file a process can claim, nor one any will deliver.
+        spool.remove(args.id)
+        print(f"{args.id}: deleted (it was no queue file)")
+        return 0
     _poke(spool)
     claim = spool.claim(args.id, wait=CLAIM_WAIT)
     if claim is None:
@@ -305,7 +314,12 @@ def _delete(plugin: QueuePlugin, args: argparse.Namespace) -> int:
 def _bounce(plugin: QueuePlugin, args: argparse.Namespace) -> int:
     spool, routes = plugin.spool, plugin.routes
     assert spool is not None and routes is not None
-    _load(spool, args.id)
+    try:
+        _load(spool, args.id)
+    except Problem as exc:
+        if not spool.present(args.id):
+            raise
+        raise Problem(f"{exc}; cannot bounce an unreadable message: repair or delete it") from None
     _poke(spool)
 
     async def main() -> str | None:

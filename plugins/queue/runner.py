@@ -335,6 +335,10 @@ class Runner:
                     await loop.run_in_executor(self._executor, self._scan)
                 except OSError as exc:
                     log.error("queue: cannot scan %s: %s", self.spool.data, exc)
+                except Exception:
+                    # Never the end of the runner: the mail accepted from now
+                    # on is delivered whatever one scan met.
+                    log.error("queue: scanning %s failed", self.spool.data, exc_info=True)
                 else:
                     if metrics.active is not None:
                         metrics.active.queue_depth(self.depth)
@@ -390,9 +394,17 @@ class Runner:
         for id in self.spool.ids():
             try:
                 message = self.spool.load(id)
-            except (FileNotFoundError, SpoolError) as exc:
-                if not isinstance(exc, FileNotFoundError):
-                    log.error("queue: skipping unreadable message %s: %s", id, exc)
+            except FileNotFoundError:
+                continue  # delivered or removed meanwhile
+            except Exception as exc:
+                # A SpoolError names the file; anything else is a fault, but
+                # of this message only: the others are still scheduled.
+                log.error(
+                    "queue: skipping unreadable message %s: %s",
+                    id,
+                    exc,
+                    exc_info=not isinstance(exc, SpoolError),
+                )
                 continue
             if message.held:
                 depth["held"] += 1

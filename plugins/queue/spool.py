@@ -39,11 +39,13 @@ claim and envelope, to its runner without reading it back.
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import io
 import json
 import os
 import re
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -67,9 +69,20 @@ __all__ = [
 ]
 
 MAGIC = b"BONZO-QUEUE 1\n"
+#: The format of the files this version writes and reads (data: ``MAGIC``;
+#: state: its ``format`` field, absent in the first files, which are the same).
+FORMAT = 1
 #: The envelope line of a data file is bounded: a corrupt file is refused,
 #: never read into memory whole.
 MAX_ENVELOPE = 16 * 1024 * 1024
+#: So is a state file (a few hundred octets per recipient).
+MAX_STATE = 16 * 1024 * 1024
+#: The latest time (epoch seconds, the year 3000) a queue file may hold: a
+#: time must be one a date can show, and ordered (never NaN).
+MAX_TIME = 32503680000.0
+#: Attempts per recipient a state file may count.
+MAX_ATTEMPTS = 10**9
+_OPEN = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 #: Recipient statuses: waiting for a first or next attempt; done.
 STATUSES = ("pending", "deferred", "delivered", "bounced")
 FINAL = frozenset({"delivered", "bounced"})
@@ -78,6 +91,68 @@ _ID = re.compile(r"[0-9A-Za-z]{1,64}")
 
 class SpoolError(Exception):
     """A queue file that cannot be read or has no valid content."""
+
+
+# ------------------------------------------------------------ file contents
+# A queue file is written by Bonzo, but read back after crashes, disk
+# faults and operators' hands: every value is checked for its type and
+# range, so that a bad file is one unreadable message (named, skipped, and
+# deletable), never a stuck queue runner, a message that is never due, or
+# one delivered again at every retry.
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def _json(raw: bytes) -> Any:
+    """``raw`` parsed as JSON without NaN or infinities; ValueError otherwise
+    (also for nesting too deep to parse)."""
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _table(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"{what}: expected an object, got {type(value).__name__}")
+    return value
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what}: expected a string, got {type(value).__name__}")
+    return value
+
+
+def _flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{what}: expected true or false, got {type(value).__name__}")
+    return value
+
+
+def _time(value: Any, what: str) -> float:
+    """A time in epoch seconds, from 1970 to :data:`MAX_TIME`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what}: expected a time, got {type(value).__name__}")
+    if not 0 <= value <= MAX_TIME:  # before float(): no OverflowError
+        raise ValueError(f"{what}: {value!r} is out of range")
+    return float(value)
+
+
+def _count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ATTEMPTS:
+        raise ValueError(f"{what}: expected a count, got {value!r}")
+    return value
+
+
+def _params(value: Any, what: str) -> dict[str, str | None]:
+    params = _table(value, what)
+    for k, v in params.items():
+        if v is not None and not isinstance(v, str):
+            raise TypeError(f"{what}.{k}: expected a string or null, got {type(v).__name__}")
+    return dict(params)
 
 
 @dataclass
@@ -158,27 +233,36 @@ class QueuedMessage:
     ) -> QueuedMessage:
         """The message described by the envelope ``env`` of a data file, every
         recipient pending since arrival. Raises ``ValueError``, ``KeyError``
-        or ``TypeError`` for a malformed envelope."""
-        arrival = float(env["arrival"])
-        recipients = [
-            Recipient(
-                address=r["address"],
-                canonical=r["canonical"],
-                domain=r["domain"],
-                params=dict(r.get("params", {})),
-                next_attempt=arrival,
+        or ``TypeError`` for a malformed envelope (a wrong type or range
+        anywhere: see :func:`_time`)."""
+        env = _table(env, "envelope")
+        arrival = _time(env["arrival"], "arrival")
+        entries = env["recipients"]
+        if not isinstance(entries, list) or not entries:
+            raise ValueError("recipients: expected a non-empty array")
+        recipients = []
+        for n, r in enumerate(entries):
+            what = f"recipients[{n}]"
+            r = _table(r, what)
+            recipients.append(
+                Recipient(
+                    address=_text(r["address"], f"{what}.address"),
+                    canonical=_text(r["canonical"], f"{what}.canonical"),
+                    domain=_text(r["domain"], f"{what}.domain"),
+                    params=_params(r.get("params", {}), f"{what}.params"),
+                    next_attempt=arrival,
+                )
             )
-            for r in env["recipients"]
-        ]
+        transport = env.get("transport")
         return cls(
             id=id,
             arrival=arrival,
-            sender=env["sender"],
-            mail_params=dict(env.get("mail_params", {})),
+            sender=_text(env["sender"], "sender"),
+            mail_params=_params(env.get("mail_params", {}), "mail_params"),
             recipients=recipients,
-            session=dict(env.get("session", {})),
-            records=dict(env.get("records", {})),
-            transport=env.get("transport"),
+            session=dict(_table(env.get("session", {}), "session")),
+            records=dict(_table(env.get("records", {}), "records")),
+            transport=None if transport is None else _text(transport, "transport"),
             path=path,
             offset=offset,
             size=size,
@@ -333,20 +417,35 @@ class Spool:
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> int:
-        """Create the directories; remove what a crash left in ``tmp/``
-        (never accepted: the ``250`` comes after the rename). Returns the
-        number of files removed."""
+        """Create the directories; remove what a crash left: files in
+        ``tmp/`` (never accepted: the ``250`` comes after the rename), a
+        state file's temporary copy (``state/.ID.PID.tmp``, its rename never
+        came) and the state file of a message whose data file is gone (its
+        removal was cut short). Returns the number of files removed."""
         dir_mode = self.mode | ((self.mode & 0o444) >> 2)
         for d in (self.path, self.tmp, self.data, self.state):
             d.mkdir(mode=dir_mode | 0o700, parents=True, exist_ok=True)
-        removed = 0
+        left = []
         for entry in os.scandir(self.tmp):
             if entry.is_file(follow_symlinks=False) and self._writer_gone(entry.name):
-                try:
-                    os.unlink(entry.path)
-                    removed += 1
-                except FileNotFoundError:
-                    pass
+                left.append(entry.path)
+        for entry in os.scandir(self.state):
+            name = entry.name
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if name.startswith(".") and name.endswith(".tmp"):
+                if self._writer_gone(name[: -len(".tmp")]):
+                    left.append(entry.path)
+            elif name.endswith(".json") and _ID.fullmatch(name[: -len(".json")]):
+                if not os.path.lexists(f"{self._data}/{name[: -len('.json')]}"):
+                    left.append(entry.path)
+        removed = 0
+        for path in left:
+            try:
+                os.unlink(path)
+                removed += 1
+            except FileNotFoundError:
+                pass
         return removed
 
     @staticmethod
@@ -492,12 +591,14 @@ class Spool:
 
     # ----------------------------------------------------------------- read
     def ids(self) -> list[str]:
-        """Every queued message's id, oldest file first."""
+        """Every queued message's id, oldest file first. Anything but a
+        directory named like an id counts (a symbolic link too): :meth:`load`
+        says what is wrong with it, rather than it being silently left."""
         entries = []
         for entry in os.scandir(self.data):
-            if _ID.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            if _ID.fullmatch(entry.name) and not entry.is_dir(follow_symlinks=False):
                 try:
-                    entries.append((entry.stat().st_mtime, entry.name))
+                    entries.append((entry.stat(follow_symlinks=False).st_mtime, entry.name))
                 except FileNotFoundError:
                     continue
         return [name for _, name in sorted(entries)]
@@ -505,16 +606,28 @@ class Spool:
     def exists(self, id: str) -> bool:
         return _ID.fullmatch(id) is not None and (self.data / id).is_file()
 
+    def present(self, id: str) -> bool:
+        """Something is queued as ``id``, readable or not (what
+        :meth:`ids` lists)."""
+        if not _ID.fullmatch(id):
+            return False
+        try:
+            return not stat.S_ISDIR(os.lstat(self.data / id).st_mode)
+        except FileNotFoundError:
+            return False
+
     def load(self, id: str) -> QueuedMessage:
-        """Read a message's envelope and state (not its content)."""
+        """Read a message's envelope and state (not its content). Raises
+        ``FileNotFoundError`` when it is gone and :exc:`SpoolError` (naming
+        the file and what is wrong) for anything else."""
         if not _ID.fullmatch(id):
             raise SpoolError(f"bad queue id {id!r}")
         path = self.data / id
         try:
-            with open(path, "rb") as f:
+            with _open_regular(path) as f:
                 magic = f.read(len(MAGIC))
                 if magic != MAGIC:
-                    raise SpoolError(f"{path}: not a queue file")
+                    raise SpoolError(f"{path}: {_not_format(magic)}")
                 line = f.readline(MAX_ENVELOPE + 1)
                 if not line.endswith(b"\n"):
                     raise SpoolError(f"{path}: envelope line missing or too long")
@@ -525,41 +638,60 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"{path}: {exc.strerror or exc}") from exc
         try:
-            message = QueuedMessage.from_envelope(id, json.loads(line), path, offset, size)
+            message = QueuedMessage.from_envelope(id, _json(line), path, offset, size)
         except (ValueError, KeyError, TypeError) as exc:
-            raise SpoolError(f"{path}: bad envelope: {exc}") from exc
+            raise SpoolError(f"{path}: bad envelope: {_why(exc)}") from exc
         self._load_state(message)
         return message
 
     def _load_state(self, message: QueuedMessage) -> None:
         path = self.state / f"{message.id}.json"
         try:
-            raw = path.read_bytes()
+            with _open_regular(path) as f:
+                raw = f.read(MAX_STATE + 1)
         except FileNotFoundError:
             return
+        except OSError as exc:
+            raise SpoolError(f"{path}: {exc.strerror or exc}") from exc
         message.has_state = True
+        if len(raw) > MAX_STATE:
+            raise SpoolError(f"{path}: larger than {MAX_STATE} octets: not a state file")
         try:
-            state = json.loads(raw)
-            message.held = bool(state.get("held", False))
-            message.warned = bool(state.get("warned", False))
-            for r, s in zip(message.recipients, state["recipients"], strict=True):
+            state = _table(_json(raw), "state")
+            version = state.get("format", FORMAT)
+            if version != FORMAT:
+                raise ValueError(
+                    f"format {version!r}: written by another version of Bonzo "
+                    f"(this one reads format {FORMAT})"
+                )
+            message.held = _flag(state.get("held", False), "held")
+            message.warned = _flag(state.get("warned", False), "warned")
+            entries = state["recipients"]
+            if not isinstance(entries, list) or len(entries) != len(message.recipients):
+                raise ValueError(f"recipients: expected {len(message.recipients)} entries")
+            for n, (r, s) in enumerate(zip(message.recipients, entries, strict=True)):
+                what = f"recipients[{n}]"
+                s = _table(s, what)
                 if s["status"] not in STATUSES:
-                    raise ValueError(f"unknown status {s['status']!r}")
+                    raise ValueError(f"{what}.status: unknown status {s['status']!r}")
                 r.status = s["status"]
-                r.attempts = int(s.get("attempts", 0))
-                r.next_attempt = float(s.get("next_attempt", r.next_attempt))
-                r.reply = str(s.get("reply", ""))
-                r.host = str(s.get("host", ""))
-                r.remote = bool(s.get("remote", False))
-                r.done_at = float(s.get("done_at", 0.0))
-                r.last_attempt = float(s.get("last_attempt", 0.0))
+                r.attempts = _count(s.get("attempts", 0), f"{what}.attempts")
+                r.next_attempt = _time(
+                    s.get("next_attempt", r.next_attempt), f"{what}.next_attempt"
+                )
+                r.reply = _text(s.get("reply", ""), f"{what}.reply")
+                r.host = _text(s.get("host", ""), f"{what}.host")
+                r.remote = _flag(s.get("remote", False), f"{what}.remote")
+                r.done_at = _time(s.get("done_at", 0.0), f"{what}.done_at")
+                r.last_attempt = _time(s.get("last_attempt", 0.0), f"{what}.last_attempt")
         except (ValueError, KeyError, TypeError) as exc:
-            raise SpoolError(f"{path}: bad state: {exc}") from exc
+            raise SpoolError(f"{path}: bad state: {_why(exc)}") from exc
 
     # ---------------------------------------------------------------- state
     def save_state(self, message: QueuedMessage) -> None:
         """Blocking: replace the message's state file atomically and durably."""
         state = {
+            "format": FORMAT,
             "held": message.held,
             "warned": message.warned,
             "recipients": [
@@ -598,14 +730,17 @@ class Spool:
 
     def paths(self, id: str, *, state: bool = True) -> list[str]:
         """The files of message ``id`` in the order :meth:`remove` removes
-        them: its state file (unless ``state`` is false), then its data."""
+        them: its data, then its state file (unless ``state`` is false). In
+        that order a crash in between leaves a state file with no message
+        (removed at the next start), never a message without its state,
+        which would have every recipient delivered again."""
         paths = [f"{self._data}/{id}"]
         if state:
-            paths.insert(0, f"{self.state}/{id}.json")
+            paths.append(f"{self.state}/{id}.json")
         return paths
 
     def remove(self, id: str) -> None:
-        """Blocking: remove a message (its state, then its data), durably
+        """Blocking: remove a message (its data, then its state), durably
         (the command line's way; the runner removes through
         :meth:`GroupSync.remove`, sharing the directory fsync)."""
         for path in self.paths(id):
@@ -613,6 +748,13 @@ class Spool:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+            except IsADirectoryError:
+                # Made by hand where a file belongs (the message was
+                # unreadable for it): taken away if empty, else left.
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    pass
         fsync_dir(self.data)
 
     # ---------------------------------------------------------------- claims
@@ -622,9 +764,15 @@ class Spool:
         if not _ID.fullmatch(id):
             return None
         try:
-            fd = os.open(self.data / id, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            # Non-blocking, and only the file itself: a FIFO or a symbolic
+            # link in data/ is no message (load() refuses it).
+            fd = os.open(self.data / id, _OPEN | getattr(os, "O_NOFOLLOW", 0))
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return None
+            raise
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -652,6 +800,40 @@ class Spool:
                 yield self.load(id)
             except (FileNotFoundError, SpoolError):
                 continue
+
+
+def _open_regular(path: Path) -> IO[bytes]:
+    """``path`` opened for reading if it is a regular file (not a symbolic
+    link, FIFO or device: none may hang or flood the reader); ``OSError``
+    otherwise, ``FileNotFoundError`` if it is not there."""
+    try:
+        fd = os.open(path, _OPEN | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError("a symbolic link, not a regular file") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError("not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _not_format(magic: bytes) -> str:
+    """What is wrong with a data file that does not start with :data:`MAGIC`."""
+    if magic.startswith(b"BONZO-QUEUE ") and magic != MAGIC:
+        return (
+            f"queue file format {magic[12:].strip().decode('ascii', 'replace')!r}: written "
+            f"by another version of Bonzo (this one reads format {FORMAT})"
+        )
+    return "not a queue file"
+
+
+def _why(exc: Exception) -> str:
+    """A parse error as one line (a KeyError's text is only the key)."""
+    return f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
 
 
 def _discard_created(future: asyncio.Future[_NewFile]) -> None:

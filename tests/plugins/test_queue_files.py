@@ -1,0 +1,490 @@
+"""The queue's files after crashes, disk faults and operators' hands: one bad
+file is one unreadable message — named, skipped by the runner, listed and
+deletable by ``bonzo queue`` — never a stopped runner, a message that is
+never due, a duplicate delivery, a hang or a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bonzo_plugins.queue.routes import DiscardTransport, Outcome, RouteTable
+from bonzo_plugins.queue.runner import Runner, RunnerSettings
+from bonzo_plugins.queue.spool import MAX_STATE, GroupSync, Spool, SpoolError
+from daemon_support import daemon_env
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+BODY = b"Subject: x\r\n\r\nhello\r\n"
+DEFERRED_NAN = b'{"recipients":[{"status":"deferred","attempts":1,"next_attempt":NaN}]}'
+
+
+class App:
+    def __init__(self, base: Path) -> None:
+        self.base_dir = base
+        self.plugins = None
+
+        class _Settings:
+            hostname = "mx.test"
+
+        self.settings = _Settings()
+
+
+def env(**over: Any) -> dict[str, Any]:
+    e = {
+        "arrival": time.time() - 60,
+        "sender": "alice@example.org",
+        "mail_params": {},
+        "recipients": [
+            {
+                "address": "bob@example.net",
+                "canonical": "bob@example.net",
+                "domain": "example.net",
+                "params": {},
+            }
+        ],
+        "session": {},
+        "records": {},
+    }
+    e.update(over)
+    return e
+
+
+def make_spool(tmp_path: Path) -> Spool:
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    return spool
+
+
+def write(spool: Spool, id: str, envelope: dict[str, Any] | None = None) -> None:
+    spool.write(id, envelope or env(), b"", io.BytesIO(BODY))
+
+
+def raw_envelope(spool: Spool, id: str, old: bytes, new: bytes) -> None:
+    """Edit the envelope line of a data file in place (write() refuses what
+    a damaged file holds)."""
+    path = spool.data / id
+    raw = path.read_bytes()
+    assert old in raw
+    path.write_bytes(raw.replace(old, new, 1))
+
+
+class Counting(DiscardTransport):
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def deliver(self, message: Any, recipients: Sequence[Any]) -> list[Outcome]:
+        self.calls.append(message.id)
+        return await super().deliver(message, recipients)
+
+
+def make_runner(tmp_path: Path, spool: Spool, transport: Any, **kw: Any) -> Runner:
+    routes = RouteTable({}, {}, App(tmp_path))
+    routes.default = transport
+    return Runner(
+        spool,
+        GroupSync(spool.data),
+        routes,
+        None,
+        RunnerSettings(hostname="mx.test", scan_interval=0.2, **kw),
+    )
+
+
+def only_skips(caplog: pytest.LogCaptureFixture, *ids: str) -> None:
+    """The errors logged are the runner's skips of messages ``ids``, nothing else."""
+    errors = {r.getMessage().split(":", 2)[1] for r in caplog.records if r.levelname == "ERROR"}
+    assert errors == {f" skipping unreadable message {id}" for id in ids}
+    assert "Traceback" not in caplog.text
+
+
+def run_for(runner: Runner, seconds: float, done: Callable[[], bool]) -> None:
+    """Run the real runner loop until ``done()`` or ``seconds``; fail if its
+    task ended on its own."""
+
+    async def main() -> None:
+        runner.start()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not done():
+            await asyncio.sleep(0.05)
+        task = runner._task
+        assert task is not None and not task.done(), "the runner's task ended"
+        await runner.stop(grace=1)
+
+    asyncio.run(main())
+
+
+def cli(spool: Spool, tmp_path: Path, *args: str, timeout: float = 60) -> Any:
+    config = tmp_path / "bonzo.toml"
+    config.write_text(
+        textwrap.dedent(
+            f"""\
+            [plugins]
+            enabled = ["queue"]
+            [plugins.queue]
+            path = "{spool.path}"
+            [plugins.queue.routes]
+            "*" = {{ type = "discard" }}
+            """
+        )
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "bonzo", "queue", "-c", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=daemon_env(),
+        cwd=tmp_path,
+    )
+
+
+# ------------------------------------------------------------------ runner
+STATE_KILLERS = {
+    "array": b"[]",
+    "null": b"null",
+    "number": b"1",
+    "attempts-1e400": b'{"recipients":[{"status":"deferred","attempts":1e400}]}',
+    "next-10**400": b'{"recipients":[{"status":"deferred","next_attempt":1' + b"0" * 400 + b"}]}",
+    "deep": b"[" * 100_000 + b"]" * 100_000,
+    "next-nan": DEFERRED_NAN,
+}
+
+
+@pytest.mark.expect_errors  # the runner's skips, checked by only_skips()
+@pytest.mark.parametrize("content", STATE_KILLERS.values(), ids=STATE_KILLERS.keys())
+def test_one_bad_state_file_never_stops_the_runner(tmp_path, content, caplog):
+    spool = make_spool(tmp_path)
+    write(spool, "BAD")
+    write(spool, "GOOD")
+    (spool.state / "BAD.json").write_bytes(content)
+    transport = Counting()
+    run_for(make_runner(tmp_path, spool, transport), 5.0, lambda: "GOOD" in transport.calls)
+    assert transport.calls == ["GOOD"]
+    assert "BAD.json: bad state: " in caplog.text
+    only_skips(caplog, "BAD")
+
+
+@pytest.mark.expect_errors  # the runner's skips, checked by only_skips()
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (b'"arrival":12345.0', b'"arrival":1' + b"0" * 400),
+        (b'"arrival":12345.0', b'"arrival":NaN'),
+        (b'"arrival":12345.0', b'"arrival":Infinity'),
+        (b'"arrival":12345.0', b'"arrival":-1e12'),
+        (b'"address":"bob@example.net"', b'"address":12345'),
+        (b'"sender":"alice@example.org"', b'"sender":["alice@example.org"]'),
+        (b'"params":{}', b'"params":{"NOTIFY":1}'),
+    ],
+    ids=[
+        "arrival-huge",
+        "arrival-nan",
+        "arrival-inf",
+        "arrival-negative",
+        "address-number",
+        "sender-array",
+        "param-number",
+    ],  # fmt: skip
+)
+def test_a_bad_envelope_is_unreadable_not_stuck_or_delivered_again(tmp_path, old, new, caplog):
+    """A value of the wrong type or range: not a message never due (NaN),
+    nor one delivered at every retry because its state cannot be saved."""
+    spool = make_spool(tmp_path)
+    write(spool, "BAD", env(arrival=12345.0))
+    raw_envelope(spool, "BAD", old, new)
+    write(spool, "GOOD")
+    with pytest.raises(SpoolError, match=r"/data/BAD: bad envelope: "):
+        spool.load("BAD")
+    transport = Counting()
+    runner = make_runner(tmp_path, spool, transport, min_backoff=0.2, max_backoff=0.2)
+    run_for(runner, 1.5, lambda: False)
+    assert transport.calls == ["GOOD"]
+    only_skips(caplog, "BAD")
+
+
+@pytest.mark.expect_errors  # the runner's skips, checked by only_skips()
+@pytest.mark.parametrize("kind", ["directory", "symlink-loop", "fifo", "symlink"])
+def test_a_state_path_that_is_no_file_is_one_unreadable_message(tmp_path, kind, caplog):
+    spool = make_spool(tmp_path)
+    write(spool, "BAD")
+    write(spool, "GOOD")
+    path = spool.state / "BAD.json"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "symlink-loop":
+        path.symlink_to("BAD.json")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        (tmp_path / "elsewhere.json").write_text('{"recipients":[{"status":"pending"}]}')
+        path.symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(SpoolError, match=r"BAD\.json: (not a regular file|a symbolic link)"):
+        spool.load("BAD")
+    transport = Counting()
+    run_for(make_runner(tmp_path, spool, transport), 5.0, lambda: "GOOD" in transport.calls)
+    assert transport.calls == ["GOOD"]
+
+
+@pytest.mark.expect_errors  # the runner's skips, checked by only_skips()
+def test_a_nan_due_time_never_hides_a_due_message(tmp_path, caplog):
+    spool = make_spool(tmp_path)
+    now = time.time()
+    for n, id in enumerate(["N0", "DUE", "LATER", "N3"]):
+        write(spool, id)
+        os.utime(spool.data / id, (now - 100 + n, now - 100 + n))  # the scan's order
+    for id in ("N0", "N3"):
+        (spool.state / f"{id}.json").write_bytes(DEFERRED_NAN)
+    later = {"recipients": [{"status": "deferred", "attempts": 1, "next_attempt": now + 3600}]}
+    (spool.state / "LATER.json").write_text(json.dumps(later))
+    transport = Counting()
+    run_for(make_runner(tmp_path, spool, transport), 5.0, lambda: "DUE" in transport.calls)
+    assert transport.calls == ["DUE"]
+    only_skips(caplog, "N0", "N3")
+
+
+def test_a_huge_state_file_is_refused_unread(tmp_path):
+    spool = make_spool(tmp_path)
+    write(spool, "M")
+    with open(spool.state / "M.json", "wb") as f:
+        f.truncate(400 * 1024 * 1024)  # sparse: no disk used
+    code = textwrap.dedent(
+        f"""\
+        import resource
+        from pathlib import Path
+        from bonzo_plugins.queue.spool import Spool, SpoolError
+        try:
+            Spool(Path({str(spool.path)!r})).load("M")
+        except SpoolError as exc:
+            print(exc)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=daemon_env()
+    )
+    error, peak = out.stdout.strip().splitlines()
+    assert error.endswith(f"M.json: larger than {MAX_STATE} octets: not a state file")
+    assert int(peak) < 100 * 1024  # KiB: the 400 MB were never read
+
+
+# ------------------------------------------------------------- the parser
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.integers(min_value=-(10**400), max_value=10**400)
+    | st.text(max_size=5),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=12), c, max_size=4),
+    max_leaves=12,
+)
+recipient_state = st.fixed_dictionaries(
+    {"status": st.sampled_from(["pending", "deferred", "delivered", "bounced"]) | json_values},
+    optional={
+        k: json_values
+        for k in ("attempts", "next_attempt", "reply", "host", "remote", "done_at", "last_attempt")
+    },
+)
+state_docs = json_values | st.fixed_dictionaries(
+    {"recipients": st.lists(recipient_state, min_size=1, max_size=1) | json_values},
+    optional={"held": json_values, "warned": json_values, "format": json_values},
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(doc=state_docs)
+def test_any_state_file_loads_usable_or_is_a_spool_error_naming_it(tmp_path_factory, doc):
+    spool = make_spool(tmp_path_factory.mktemp("p"))
+    write(spool, "M")
+    (spool.state / "M.json").write_text(json.dumps(doc))
+    try:
+        message = spool.load("M")
+    except SpoolError as exc:
+        assert "/state/M.json: " in str(exc)
+        return
+    for r in message.recipients:
+        assert isinstance(r.attempts, int) and isinstance(r.reply, str)
+        for t in (r.next_attempt, r.done_at, r.last_attempt):
+            assert isinstance(t, float) and 0 <= t < 1e11  # ordered, and a date can show it
+    assert isinstance(message.held, bool) and isinstance(message.warned, bool)
+
+
+envelope_values = st.fixed_dictionaries(
+    {k: json_values for k in ("arrival", "sender", "recipients")},
+    optional={k: json_values for k in ("mail_params", "session", "records", "transport")},
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(doc=json_values | envelope_values)
+def test_any_envelope_loads_usable_or_is_a_spool_error_naming_it(tmp_path_factory, doc):
+    spool = make_spool(tmp_path_factory.mktemp("p"))
+    line = json.dumps(doc).encode()
+    (spool.data / "M").write_bytes(b"BONZO-QUEUE 1\n" + line + b"\n" + BODY)
+    try:
+        message = spool.load("M")
+    except SpoolError as exc:
+        assert "/data/M: " in str(exc)
+        return
+    assert isinstance(message.sender, str) and message.recipients
+    assert 0 <= message.arrival < 1e11
+    for r in message.recipients:
+        assert all(isinstance(x, str) for x in (r.address, r.canonical, r.domain))
+
+
+# ------------------------------------------------------- crash leftovers
+def test_setup_removes_a_state_copy_and_a_state_whose_message_is_gone(tmp_path):
+    spool = make_spool(tmp_path)
+    write(spool, "M")
+    code = textwrap.dedent(
+        f"""\
+        import os
+        from pathlib import Path
+        from bonzo_plugins.queue.spool import Spool
+        spool = Spool(Path({str(spool.path)!r}))
+        message = spool.load("M")
+        os.rename = lambda *a: os._exit(9)  # the power cut before the rename
+        spool.save_state(message)
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], timeout=60, env=daemon_env())
+    [left] = [p.name for p in spool.state.iterdir()]
+    assert left.startswith(".M.") and left.endswith(".tmp")
+    (spool.state / "GONE.json").write_text('{"recipients":[]}')  # its data was removed
+    (spool.state / f".N.{os.getppid()}.tmp").write_text("")  # a live writer's
+    assert spool.setup() == 2
+    assert [p.name for p in spool.state.iterdir()] == [f".N.{os.getppid()}.tmp"]
+
+
+def test_a_crash_while_removing_a_finished_message_delivers_nobody_again(tmp_path):
+    """The data file goes first: a crash before the state file's unlink
+    leaves a state file with no message (removed at the next start), never
+    a message whose recipients, delivered long ago, all look pending."""
+    spool = make_spool(tmp_path)
+    e = env()
+    e["recipients"].append(
+        {
+            "address": "carol@example.net",
+            "canonical": "carol@example.net",
+            "domain": "example.net",
+            "params": {},
+        }
+    )
+    write(spool, "M", e)
+    message = spool.load("M")
+    message.recipients[0].status = "delivered"  # at an earlier attempt
+    message.recipients[1].status = "deferred"
+    spool.save_state(message)
+    # The last recipient is delivered now; the process dies at the second unlink.
+    code = textwrap.dedent(
+        f"""\
+        import asyncio, os
+        from pathlib import Path
+        from bonzo import durable
+        from bonzo_plugins.queue.spool import Spool, GroupSync
+        from bonzo_plugins.queue.routes import DiscardTransport, RouteTable
+        from bonzo_plugins.queue.runner import Runner, RunnerSettings
+        real, unlinked = os.unlink, []
+        def unlink(path, *args, **kwargs):
+            if unlinked:
+                os._exit(9)
+            unlinked.append(path)
+            return real(path, *args, **kwargs)
+        os.unlink = unlink
+        durable._remove_files = durable._remove_files_py  # the C one cannot be patched
+        class A:
+            base_dir = Path(".")
+            plugins = None
+        spool = Spool(Path({str(spool.path)!r}))
+        routes = RouteTable({{}}, {{}}, A())
+        routes.default = DiscardTransport()
+        runner = Runner(spool, GroupSync(spool.data), routes, None, RunnerSettings())
+        asyncio.run(runner.attempt("M"))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], timeout=60, env=daemon_env())
+    assert done.returncode == 9
+    assert spool.ids() == [] and [p.name for p in spool.state.iterdir()] == ["M.json"]
+    assert spool.setup() == 1 and list(spool.state.iterdir()) == []
+
+
+# ------------------------------------------------------------------ the CLI
+CLI_CASES = {
+    "state-array": ("state", b"[]"),
+    "state-next-nan": ("state", DEFERRED_NAN),
+    "state-next-1e300": (
+        "state",
+        b'{"recipients":[{"status":"deferred","attempts":1,"next_attempt":1e300}]}',
+    ),
+    "state-empty": ("state", b""),
+    "state-directory": ("state-dir", b""),
+    "state-fifo": ("state-fifo", b""),
+    "state-newer": ("state", b'{"format":2,"recipients":[{"status":"pending"}]}'),
+    "arrival-inf": ("data", b'"arrival":Infinity'),
+    "arrival-negative": ("data", b'"arrival":-1e12'),
+    "data-newer": ("magic", b"BONZO-QUEUE 2\n"),
+    "data-symlink": ("symlink", b""),
+    "data-fifo": ("fifo", b""),
+}
+
+
+@pytest.mark.parametrize("case", CLI_CASES.values(), ids=CLI_CASES.keys())
+def test_bonzo_queue_lists_and_deletes_an_unreadable_message(tmp_path, case):
+    spool = make_spool(tmp_path)
+    kind, value = case
+    write(spool, "M", env(arrival=12345.0))
+    write(spool, "OK")
+    data, state = spool.data / "M", spool.state / "M.json"
+    if kind == "state":
+        state.write_bytes(value)
+    elif kind == "state-dir":
+        state.mkdir()
+    elif kind == "state-fifo":
+        os.mkfifo(state)
+    elif kind == "data":
+        raw_envelope(spool, "M", b'"arrival":12345.0', value)
+    elif kind == "magic":
+        data.write_bytes(value + data.read_bytes().split(b"\n", 1)[1])
+    elif kind == "symlink":
+        data.rename(tmp_path / "outside")
+        data.symlink_to(tmp_path / "outside")
+    else:
+        data.unlink()
+        os.mkfifo(data)
+    listed = cli(spool, tmp_path, "list", timeout=30)
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+    assert "\nOK  " in "\n" + listed.stdout
+    [line] = [x for x in listed.stdout.splitlines() if x.startswith("M  ")]
+    assert line.startswith("M  unreadable: ") and str(spool.path) in line
+    if b"format" in value or kind == "magic":
+        assert "written by another version of Bonzo (this one reads format 1)" in line
+    flushed = cli(spool, tmp_path, "flush", timeout=30)
+    assert flushed.returncode == 0 and "Traceback" not in flushed.stderr
+    assert flushed.stderr.startswith(f"bonzo queue: {spool.path}/") and "/M" in flushed.stderr
+    assert "OK: due now" in flushed.stdout
+    bounced = cli(spool, tmp_path, "bounce", "M", timeout=30)
+    assert bounced.returncode != 0 and "Traceback" not in bounced.stderr
+    assert "cannot bounce an unreadable message: repair or delete it" in bounced.stderr
+    deleted = cli(spool, tmp_path, "delete", "M", timeout=30)
+    assert deleted.returncode == 0, deleted.stderr
+    assert not os.path.lexists(data) and not os.path.lexists(state)
+    assert spool.ids() == ["OK"]
+    assert (tmp_path / "outside").exists() or kind != "symlink"  # the link went, not its target
+
+
+def test_flush_makes_a_message_due_now(tmp_path):
+    spool = make_spool(tmp_path)
+    write(spool, "M")
+    due = time.time() + 3600
+    later = {"recipients": [{"status": "deferred", "attempts": 3, "next_attempt": due}]}
+    (spool.state / "M.json").write_text(json.dumps(later))
+    assert cli(spool, tmp_path, "flush", "M").stdout.strip() == "M: due now"
+    assert spool.load("M").due(time.time()) == [0]
