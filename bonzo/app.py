@@ -396,7 +396,7 @@ class MailApp:
                         s.close()
                 self.remove_unix_sockets()
                 raise OSError(
-                    exc.errno, f"cannot listen on {listener.where}: {exc.strerror}"
+                    exc.errno, f"cannot listen on {listener.where}: {exc.strerror or exc}"
                 ) from None
             bound.append((listener, socks))
         self._bound = bound

@@ -39,6 +39,7 @@ from .config import ConfigError, check_metrics_port, load_config
 from .listen import socket_name
 from .protocol import data_scan_in_c
 from .session import current_message_id, current_session_id
+from .settings import spelled
 
 __all__ = ["main"]
 
@@ -223,7 +224,7 @@ def _check(args: argparse.Namespace) -> int:
             facts.append("PROXY from " + " ".join(str(n) for n in ls.proxy_trusted))
         if ls.xclient_trusted:
             facts.append("XCLIENT from " + " ".join(str(n) for n in ls.xclient_trusted))
-        facts += [f"{k} = {v!r}" for k, v in listener.overrides.items()]
+        facts += [f"{k} = {spelled(v)}" for k, v in listener.overrides.items()]
         print(f"    {listener.where}: {', '.join(facts)}")
     print(f"  workers: {config.workers}")
     print(f"  plugins: {', '.join(config.plugins.enabled) or 'none'}")
@@ -292,7 +293,9 @@ def _config(args: argparse.Namespace) -> int:
     from .config import effective_config, read_raw
 
     config = load_config(args.config)
-    sys.stdout.write(f"# {config.source}: the effective configuration (secrets redacted)\n")
+    # The name as a TOML string spells it: a newline in it would end the comment.
+    source = spelled(config.source)[1:-1]
+    sys.stdout.write(f"# {source}: the effective configuration (secrets redacted)\n")
     sys.stdout.write(tomli_w.dumps(effective_config(config, read_raw(args.config))))
     return 0
 

@@ -97,7 +97,6 @@ import dataclasses
 import enum
 import io
 import logging
-import math
 import os
 import re
 import socket
@@ -109,6 +108,8 @@ from typing import IO, Any, Protocol, Union, cast
 
 import aiosmtplib
 from tornado.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
+
+from .settings import finite_number
 
 __all__ = [
     "Stage",
@@ -479,12 +480,7 @@ class ClientSettings:
 
 
 def _positive(value: object) -> bool:
-    return (
-        not isinstance(value, bool)
-        and isinstance(value, (int, float))
-        and math.isfinite(value)
-        and value > 0
-    )
+    return finite_number(value) and value > 0  # type: ignore[operator]
 
 
 def _is_word(text: object) -> bool:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import ipaddress
-import json
 import os
 import re
 import stat
@@ -30,7 +29,15 @@ from typing import Any
 
 from .auth import MECHANISMS
 from .dns import DNSSettings, parse_nameserver
-from .settings import PROTOCOLS, ListenerSettings, SettingError, SMTPSettings, positive_seconds
+from .settings import (
+    PROTOCOLS,
+    ListenerSettings,
+    SettingError,
+    SMTPSettings,
+    path_too_long,
+    positive_seconds,
+    spelled,
+)
 from .store import StoreSettings, safe_url
 from .tls import CertificatePair, TLSError, make_server_context
 
@@ -309,18 +316,7 @@ def _resolve_secrets(value: Any, source: str, key: str, base_dir: Path) -> Any:
     return value
 
 
-def _shown(value: Any) -> str:
-    """``value`` as the TOML file spells it, for an error message (``true``,
-    not Python's ``True``)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_shown(v) for v in value) + "]"
-    return repr(value)
+_shown = spelled
 
 
 def _path(value: Any, source: str, key: str, base_dir: Path) -> str:
@@ -330,7 +326,16 @@ def _path(value: Any, source: str, key: str, base_dir: Path) -> str:
         raise ConfigError(source, key, f"must be a non-empty path string, not {_shown(value)}")
     if "\0" in value:
         raise ConfigError(source, key, f"must not contain a NUL character: {value!r}")
-    return str((base_dir / value).resolve())
+    path = str((base_dir / value).resolve())
+    too_long = path_too_long(path)
+    if too_long:
+        raise ConfigError(source, key, f"{path[:80]}...: {too_long}")
+    return path
+
+
+#: The longest path a Unix socket may have, in octets (``sun_path``, 108 on
+#: Linux, less the final NUL).
+SOCKET_PATH_MAX = 107
 
 
 def _file_to_make(
@@ -341,6 +346,13 @@ def _file_to_make(
     be a file Bonzo may replace (a socket for a ``socket``), so that ``bonzo
     check`` finds the mistake rather than ``bonzo serve``."""
     path = _path(value, source, key, base_dir)
+    if socket and len(os.fsencode(path)) > SOCKET_PATH_MAX:
+        raise ConfigError(
+            source,
+            key,
+            f"{path}: {len(os.fsencode(path))} octets, longer than a Unix socket's path may be "
+            f"({SOCKET_PATH_MAX}): choose a shorter one",
+        )
     parent = Path(path).parent
     if not parent.is_dir():
         why = "is not a directory" if parent.exists() else "does not exist"
@@ -436,6 +448,12 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
         if listener.overrides:
             key = f"listeners[{i}]"
             listener.smtp_settings = _overridden(settings, listener.overrides, source, key)
+    logging_config = _logging(_table(data, "logging", source), source, base_dir)
+    _one_use_per_file(
+        source,
+        [("server.pid_file", pid_file), ("logging.file", logging_config.file)]
+        + [(f"listeners[{i}].path", lc.path) for i, lc in enumerate(listeners)],
+    )
     return Config(
         source=source,
         base_dir=base_dir,
@@ -444,12 +462,25 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
         workers=workers,
         loop=loop,
         pid_file=pid_file,
-        logging=_logging(_table(data, "logging", source), source, base_dir),
+        logging=logging_config,
         plugins=_plugins(_table(data, "plugins", source), source, base_dir),
         dns=_dns(_table(data, "dns", source), source, base_dir),
         redis=_redis(_table(data, "redis", source), source),
         metrics=metrics,
     )
+
+
+def _one_use_per_file(source: str, files: list[tuple[str, str | None]]) -> None:
+    """Refuse two of the files Bonzo writes at start (the pid file, the log
+    file, the Unix sockets) at one path: the second would replace, truncate
+    or refuse the first."""
+    seen: dict[str, str] = {}
+    for key, path in files:
+        if path is None:
+            continue
+        if path in seen:
+            raise ConfigError(source, key, f"{path} is also {seen[path]}: each needs its own file")
+        seen[path] = key
 
 
 #: The event loops ``[server] loop`` may name.
@@ -624,14 +655,7 @@ def _listeners(value: Any, source: str, base_dir: Path) -> list[ListenerConfig]:
         if not isinstance(address, str):
             raise ConfigError(source, f"{key}.address", f"must be a string, not {_type(address)}")
         if address not in ("", "localhost"):
-            try:
-                ipaddress.ip_address(address)
-            except ValueError:
-                raise ConfigError(
-                    source,
-                    f"{key}.address",
-                    f'must be an IP address (or "" for all), not {_shown(address)}',
-                ) from None
+            _bindable(address, source, f"{key}.address")
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ConfigError(
                 source, f"{key}.port", f"must be an integer 0..65535, not {_shown(port)}"
@@ -739,13 +763,26 @@ def _ip_address(value: Any, source: str, key: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(source, key, f"must be a string, not {_type(value)}")
     if value not in ("", "localhost"):
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
-            raise ConfigError(
-                source, key, f'must be an IP address (or "" for all), not {_shown(value)}'
-            ) from None
+        _bindable(value, source, key)
     return value
+
+
+def _bindable(value: str, source: str, key: str) -> None:
+    """Refuse what is no IP address, or one no socket can listen on."""
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(
+            source, key, f'must be an IP address (or "" for all), not {_shown(value)}'
+        ) from None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        # IPv6 sockets listen IPv6-only: a mapped address cannot be bound.
+        raise ConfigError(
+            source,
+            key,
+            f"{value} is an IPv4-mapped address, which no socket can listen on: "
+            f'write "{address.ipv4_mapped}"',
+        )
 
 
 def _metrics(table: dict[str, Any], source: str) -> MetricsConfig:
@@ -861,11 +898,13 @@ def _plugins(table: dict[str, Any], source: str, base_dir: Path) -> PluginsConfi
         if key in PLUGINS_KEYS:
             continue
         if not isinstance(value, dict):
-            raise ConfigError(
-                source,
-                f"plugins.{key}",
-                f"unknown key (allowed: {', '.join(PLUGINS_KEYS)}, or a [plugins.<name>] table)",
+            allowed = ", ".join(PLUGINS_KEYS)
+            why = (
+                "must be a table ([plugins.NAME]), not an array of tables ([[plugins.NAME]])"
+                if isinstance(value, list) and value and all(isinstance(v, dict) for v in value)
+                else f"unknown key (allowed: {allowed}, or a [plugins.<name>] table)"
             )
+            raise ConfigError(source, f"plugins.{key}", why)
         config.tables[key] = value
     return config
 
@@ -884,8 +923,8 @@ def _redacted(value: Any, key: str = "") -> Any:
         return {k: _redacted(v, k) for k, v in value.items()}
     if isinstance(value, list):
         return [_redacted(v, key) for v in value]
-    if _SECRET_KEY.search(key) and isinstance(value, str):
-        return "<redacted>"
+    if _SECRET_KEY.search(key) and isinstance(value, str) and value:
+        return "<redacted>"  # an empty one is no secret, and must read back empty
     return value
 
 
@@ -930,7 +969,7 @@ def effective_config(config: Config, raw: dict[str, Any]) -> dict[str, Any]:
     for listener, table in zip(config.listeners, raw_listeners, strict=True):
         entry: dict[str, Any] = {}
         if listener.path is not None:
-            entry.update(path=listener.path, mode=f"0o{listener.mode:o}")
+            entry.update(path=listener.path, mode=f"0o{listener.mode:03o}")
         else:
             entry.update(address=listener.address, port=listener.port)
         entry.update({k: v for k, v in table.items() if k not in entry})

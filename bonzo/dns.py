@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ipaddress
-import math
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -49,7 +48,7 @@ import dns.reversename
 
 from .address import canonical_domain
 from .errors import PermanentError, SMTPError, TransientError
-from .settings import SettingError
+from .settings import SettingError, finite_number, spelled
 
 __all__ = [
     "Resolver",
@@ -234,12 +233,7 @@ def _int_in(value: Any, low: int, high: int) -> bool:
 
 
 def _seconds_in(value: Any, high: float) -> bool:
-    return (
-        not isinstance(value, bool)
-        and isinstance(value, (int, float))
-        and math.isfinite(value)
-        and 0 < value <= high
-    )
+    return finite_number(value) and 0 < value <= high
 
 
 @dataclass(frozen=True)
@@ -288,17 +282,17 @@ class DNSSettings:
         # Lists are accepted (from TOML) and kept as tuples.
         servers: Any = self.nameservers
         if isinstance(servers, str) or not isinstance(servers, (list, tuple)):
-            raise SettingError("nameservers", f"must be a list of strings, not {servers!r}")
+            raise SettingError("nameservers", f"must be a list of strings, not {spelled(servers)}")
         object.__setattr__(self, "nameservers", tuple(servers))
         if not _int_in(self.port, 1, 65535):
-            raise SettingError("port", f"must be an integer 1..65535, not {self.port!r}")
+            raise SettingError("port", f"must be an integer 1..65535, not {spelled(self.port)}")
         for entry in self.nameservers:
             try:
                 parse_nameserver(entry, self.port)
             except ValueError as exc:
                 raise SettingError("nameservers", str(exc)) from None
         if not isinstance(self.system, bool):
-            raise SettingError("system", f"must be true or false, not {self.system!r}")
+            raise SettingError("system", f"must be true or false, not {spelled(self.system)}")
         if self.system and self.nameservers:
             raise SettingError(
                 "system",
@@ -309,31 +303,36 @@ class DNSSettings:
             or not self.resolv_conf
             or "\0" in self.resolv_conf
         ):
-            raise SettingError("resolv_conf", f"must be a non-empty path, not {self.resolv_conf!r}")
+            raise SettingError(
+                "resolv_conf", f"must be a non-empty path, not {spelled(self.resolv_conf)}"
+            )
         if not _seconds_in(self.timeout, 300):
             raise SettingError(
-                "timeout", f"must be a number of seconds in (0, 300], not {self.timeout!r}"
+                "timeout", f"must be a number of seconds in (0, 300], not {spelled(self.timeout)}"
             )
         if not _int_in(self.attempts, 1, 10):
-            raise SettingError("attempts", f"must be an integer 1..10, not {self.attempts!r}")
+            raise SettingError(
+                "attempts", f"must be an integer 1..10, not {spelled(self.attempts)}"
+            )
         if not isinstance(self.tcp, bool):
-            raise SettingError("tcp", f"must be true or false, not {self.tcp!r}")
+            raise SettingError("tcp", f"must be true or false, not {spelled(self.tcp)}")
         if not _int_in(self.cache_size, 0, 1_000_000):
             raise SettingError(
-                "cache_size", f"must be an integer 0..1000000, not {self.cache_size!r}"
+                "cache_size", f"must be an integer 0..1000000, not {spelled(self.cache_size)}"
             )
         if not _seconds_in(self.cache_max_ttl, 604800):
             raise SettingError(
                 "cache_max_ttl",
-                f"must be a number of seconds in (0, 604800], not {self.cache_max_ttl!r}",
+                f"must be a number of seconds in (0, 604800], not {spelled(self.cache_max_ttl)}",
             )
         if not _int_in(self.max_mx_hosts, 1, 100):
             raise SettingError(
-                "max_mx_hosts", f"must be an integer 1..100, not {self.max_mx_hosts!r}"
+                "max_mx_hosts", f"must be an integer 1..100, not {spelled(self.max_mx_hosts)}"
             )
         if not _int_in(self.max_mx_addresses, 1, 100):
             raise SettingError(
-                "max_mx_addresses", f"must be an integer 1..100, not {self.max_mx_addresses!r}"
+                "max_mx_addresses",
+                f"must be an integer 1..100, not {spelled(self.max_mx_addresses)}",
             )
         families: Any = self.address_families
         if (
@@ -345,7 +344,7 @@ class DNSSettings:
         ):
             raise SettingError(
                 "address_families",
-                f'must be a list of "ipv6" and/or "ipv4", each once, not {families!r}',
+                f'must be a list of "ipv6" and/or "ipv4", each once, not {spelled(families)}',
             )
         object.__setattr__(self, "address_families", tuple(families))
 

@@ -52,6 +52,7 @@ __all__ = [
     "IPNetwork",
     "parse_networks",
     "address_in",
+    "unmapped",
     "XClientError",
     "XCLIENT_ATTRIBUTES",
     "parse_xclient",
@@ -648,15 +649,30 @@ def parse_networks(value: Any) -> tuple[IPNetwork, ...]:
     out: list[IPNetwork] = []
     for i, item in enumerate(value):
         if isinstance(item, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
-            out.append(item)
+            out.append(unmapped(item))
             continue
         if not isinstance(item, str):
             raise ValueError(f"item {i} must be a network string, not {item!r}")
         try:
-            out.append(ipaddress.ip_network(item.strip(), strict=True))
+            out.append(unmapped(ipaddress.ip_network(item.strip(), strict=True)))
         except ValueError as exc:
             raise ValueError(f"item {i}, {item!r}, is not a network: {exc}") from None
     return tuple(out)
+
+
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def unmapped(network: IPNetwork) -> IPNetwork:
+    """``network`` as IPv4 when it is a network of IPv4-mapped IPv6
+    addresses (``::ffff:127.0.0.0/104`` is ``127.0.0.0/8``): a client's
+    mapped address is matched as IPv4 (:func:`address_in`), so a mapped
+    network in a configuration would otherwise match nothing."""
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+        if network.subnet_of(_MAPPED):
+            base = int(network.network_address) & 0xFFFFFFFF
+            return ipaddress.IPv4Network((base, network.prefixlen - 96))
+    return network
 
 
 def address_in(ip: str, networks: Iterable[IPNetwork]) -> bool:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
-import math
 import os
 import re
 import textwrap
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from .protocol import parse_address, parse_domain
+from .proxy import unmapped
+from .settings import finite_number, path_too_long
 
 __all__ = ["Key", "Schema", "KINDS"]
 
@@ -195,10 +196,17 @@ class Key:
         if kind == "path":
             if not isinstance(value, str) or not value or "\0" in value:
                 raise ValueError(f"{name}: expected a path, got {_describe(value)}")
-            path = Path(value).expanduser()
+            try:
+                path = Path(value).expanduser()
+            except RuntimeError:  # "~user" of no user
+                raise ValueError(f"{name}: {_describe(value)}: no such user's home") from None
             if not path.is_absolute():
                 path = (base_dir or Path.cwd()) / path
-            return Path(os.path.abspath(path))
+            path = Path(os.path.abspath(path))
+            too_long = path_too_long(path)
+            if too_long:
+                raise ValueError(f"{name}: {too_long}")
+            return path
         if kind == "strings":
             if not isinstance(value, list) or not all(
                 isinstance(v, str) and v.strip() for v in value
@@ -228,8 +236,10 @@ class Key:
             out = []
             for item in items:
                 try:
+                    if not isinstance(item, str):  # ip_network() takes 0 and True too
+                        raise TypeError
                     # Strict: host bits set after the prefix length are a typo.
-                    out.append(ipaddress.ip_network(item, strict=True))
+                    out.append(unmapped(ipaddress.ip_network(item, strict=True)))
                 except (TypeError, ValueError) as exc:
                     why = "; host bits set" if "host bits" in str(exc) else ""
                     raise ValueError(
@@ -299,10 +309,12 @@ class Key:
             raise ValueError(f"{name}: expected {what}, got {_describe(value)}")
         elif kind in ("int", "size") and not isinstance(value, int):
             raise ValueError(f"{name}: expected an integer, got {_describe(value)}")
+        elif not finite_number(value):
+            number = value  # refused below, before float() overflows
         else:
             number = value if kind in ("int", "size") else float(value)
         what = {"int": "an integer", "size": "a size"}.get(kind, "a number")
-        if not math.isfinite(number):
+        if not finite_number(number):
             # nan passes every comparison below; inf is no timeout or score.
             raise ValueError(f"{name}: expected a finite number, got {_describe(value)}")
         if self.minimum is not None and number < self.minimum:

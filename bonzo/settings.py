@@ -8,9 +8,12 @@ TOML ``[limits]`` and ``[server]`` tables of the daemon map onto these names.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import socket
 import ssl
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +25,9 @@ __all__ = [
     "SettingError",
     "BARE_NEWLINE_MODES",
     "PROTOCOLS",
+    "finite_number",
+    "path_too_long",
+    "spelled",
     "positive_seconds",
 ]
 
@@ -205,7 +211,7 @@ class SMTPSettings:
     """Seconds to wait before answering a failed AUTH, to slow password guessing."""
 
     read_chunk_size: int = 65536
-    """Octets read from the socket at a time."""
+    """Octets read from the socket at a time (at most 16 MiB)."""
 
     max_write_backlog: int = 262144
     """Replies buffered for a client that does not read, before the server
@@ -230,6 +236,11 @@ class SMTPSettings:
         )
         for name in positive_ints:
             _check_int(name, getattr(self, name), minimum=1)
+        if self.read_chunk_size > MAX_READ_CHUNK:
+            # Each read allocates a buffer of this size.
+            raise SettingError(
+                "read_chunk_size", f"is capped at {MAX_READ_CHUNK}, not {self.read_chunk_size}"
+            )
         _check_int("max_message_size", self.max_message_size, minimum=0)
         _check_int("min_data_rate", self.min_data_rate, minimum=0)
         for name in (
@@ -244,7 +255,9 @@ class SMTPSettings:
         ):
             value = getattr(self, name)
             if not _finite_number(value) or value <= 0:
-                raise SettingError(name, f"must be a positive number of seconds, not {value!r}")
+                raise SettingError(
+                    name, f"must be a positive number of seconds, not {spelled(value)}"
+                )
         if self.max_command_line < 512:
             raise SettingError(
                 "max_command_line", f"must be at least 512 (RFC 5321), not {self.max_command_line}"
@@ -264,30 +277,32 @@ class SMTPSettings:
         lifetime = self.max_session_time
         if not _finite_number(lifetime) or lifetime < 0:
             raise SettingError(
-                "max_session_time", f"must be a number of seconds >= 0, not {lifetime!r}"
+                "max_session_time", f"must be a number of seconds >= 0, not {spelled(lifetime)}"
             )
         delay = self.auth_failure_delay
         if not _finite_number(delay) or delay < 0:
-            raise SettingError("auth_failure_delay", f"must be a number >= 0, not {delay!r}")
+            raise SettingError("auth_failure_delay", f"must be a number >= 0, not {spelled(delay)}")
         for name in ("smtputf8", "chunking", "binarymime", "dsn", "advertise_limits"):
             value = getattr(self, name)
             if not isinstance(value, bool):
-                raise SettingError(name, f"must be true or false, not {value!r}")
+                raise SettingError(name, f"must be true or false, not {spelled(value)}")
         if self.spool_dir is not None and not isinstance(self.spool_dir, str):
-            raise SettingError("spool_dir", f"must be a directory path, not {self.spool_dir!r}")
+            raise SettingError(
+                "spool_dir", f"must be a directory path, not {spelled(self.spool_dir)}"
+            )
         if self.bare_newline not in BARE_NEWLINE_MODES:
             raise SettingError(
                 "bare_newline",
-                f"must be one of {', '.join(BARE_NEWLINE_MODES)}, not {self.bare_newline!r}",
+                f"must be one of {', '.join(BARE_NEWLINE_MODES)}, not {spelled(self.bare_newline)}",
             )
         if not isinstance(self.hostname, str) or not _printable(self.hostname) or not self.hostname:
             raise SettingError(
-                "hostname", f"must be printable ASCII without spaces: {self.hostname!r}"
+                "hostname", f"must be printable ASCII without spaces: {spelled(self.hostname)}"
             )
         if self.banner is not None and (
             not isinstance(self.banner, str) or not _printable(self.banner.replace(" ", ""))
         ):
-            raise SettingError("banner", f"must be printable ASCII: {self.banner!r}")
+            raise SettingError("banner", f"must be printable ASCII: {spelled(self.banner)}")
 
     @property
     def greeting(self) -> str:
@@ -304,21 +319,66 @@ class SMTPSettings:
         return [f.name for f in dataclasses.fields(cls)]
 
 
+def finite_number(value: object) -> bool:
+    """True for an int or float (not a bool) that is finite and that
+    ``float()`` can take: NaN and infinity would silently disable a timeout
+    or a limit, and TOML integers have no size limit (``10**400`` makes
+    ``float()`` and :func:`math.isfinite` raise ``OverflowError``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, int):
+        return -sys.float_info.max <= value <= sys.float_info.max
+    return math.isfinite(value)
+
+
+#: The largest ``read_chunk_size``: 16 MiB.
+MAX_READ_CHUNK = 16 * 1024 * 1024
+
+#: A file name (one component of a path) and a whole path may be this long,
+#: in octets (Linux's NAME_MAX; PATH_MAX less the final NUL): checked when a
+#: configuration is loaded rather than failing when the file is opened.
+NAME_MAX = 255
+PATH_MAX = 4095
+
+
+def path_too_long(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` is too long to use, or ``None``."""
+    raw = os.fsencode(path)
+    if len(raw) > PATH_MAX:
+        return f"{len(raw)} octets: longer than a path may be ({PATH_MAX})"
+    longest = max(raw.split(b"/"), key=len)
+    if len(longest) > NAME_MAX:
+        return f"a name of {len(longest)} octets in it: longer than a file name may be ({NAME_MAX})"
+    return None
+
+
+def spelled(value: Any) -> str:
+    """``value`` as a TOML file spells it, for an error message (``true``,
+    not Python's ``True``; strings in double quotes)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(spelled(v) for v in value) + "]"
+    if isinstance(value, int) and len(str(abs(value))) > 30:
+        return f"a number of {len(str(abs(value)))} digits"
+    return repr(value)
+
+
 def positive_seconds(value: Any) -> bool:
     """True for a positive, finite number of seconds."""
-    return (
-        not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < float("inf")
-    )
+    return finite_number(value) and value > 0
 
 
-def _finite_number(value: object) -> bool:
-    # NaN and infinity would silently disable a timeout.
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+_finite_number = finite_number
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SettingError(name, f"must be an integer >= {minimum}, not {value!r}")
+        raise SettingError(name, f"must be an integer >= {minimum}, not {spelled(value)}")
 
 
 def _printable(text: str) -> bool:
@@ -386,7 +446,7 @@ class ListenerSettings:
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise SettingError(
-                "protocol", f"must be one of {', '.join(PROTOCOLS)}, not {self.protocol!r}"
+                "protocol", f"must be one of {', '.join(PROTOCOLS)}, not {spelled(self.protocol)}"
             )
         for name in ("proxy_trusted", "xclient_trusted"):
             try:
@@ -395,7 +455,7 @@ class ListenerSettings:
                 raise SettingError(name, str(exc)) from None
         if not isinstance(self.proxy_protocol, bool):
             raise SettingError(
-                "proxy_protocol", f"must be true or false, not {self.proxy_protocol!r}"
+                "proxy_protocol", f"must be true or false, not {spelled(self.proxy_protocol)}"
             )
         if self.proxy_protocol and not self.proxy_trusted:
             raise SettingError(

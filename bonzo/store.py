@@ -32,7 +32,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import urlsplit
 
-from .settings import SettingError, positive_seconds
+from .settings import SettingError, positive_seconds, spelled
 
 __all__ = [
     "StoreSettings",
@@ -97,7 +97,7 @@ class StoreSettings:
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str):
-            raise SettingError("url", f"must be a string, not {self.url!r}")
+            raise SettingError("url", f"must be a string, not {spelled(self.url)}")
         if self.url:
             try:
                 parts = urlsplit(self.url)
@@ -123,11 +123,13 @@ class StoreSettings:
         for name in ("connect_timeout", "timeout", "retry_interval"):
             value = getattr(self, name)
             if not positive_seconds(value):
-                raise SettingError(name, f"must be a positive number of seconds, not {value!r}")
+                raise SettingError(
+                    name, f"must be a positive number of seconds, not {spelled(value)}"
+                )
         for name, low, high in (("max_connections", 1, 10_000), ("memory_max_keys", 1, 10**8)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise SettingError(name, f"must be an integer {low}..{high}, not {value!r}")
+                raise SettingError(name, f"must be an integer {low}..{high}, not {spelled(value)}")
         if not isinstance(self.key_prefix, str) or len(self.key_prefix) > 100:
             raise SettingError("key_prefix", "must be a string of at most 100 characters")
 

@@ -7,9 +7,10 @@ Private to ``bonzo_plugins``; third-party plugins should not import it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
+
+from bonzo.settings import finite_number
 
 from ._config import describe
 
@@ -37,12 +38,7 @@ def get_choice(config: Mapping[str, Any], key: str, default: str, choices: tuple
 def get_seconds(config: Mapping[str, Any], key: str, default: float, high: float) -> float:
     """``config[key]`` as a number of seconds in (0, ``high``]."""
     value = config.get(key, default)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or not 0 < value <= high
-    ):
+    if not finite_number(value) or not 0 < value <= high:
         raise ValueError(
             f"{key}: expected a number of seconds in (0, {high:g}], got {describe(value)}"
         )

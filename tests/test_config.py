@@ -849,3 +849,170 @@ def test_a_password_in_the_redis_url_is_not_printed(tmp_path):
     source.write_text('[redis]\nurl = "redis://:hunter2@127.0.0.1:6379/2"\n')
     effective = effective_config(load_config(source), read_raw(source))
     assert effective["redis"]["url"] == "redis://:***@127.0.0.1:6379/2"
+
+
+# ------------------------------------------- what a fuzzer found (review)
+BIG = 10**400  # TOML integers have no size limit
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (f"[limits]\nidle_timeout = {BIG}\n", "limits.idle_timeout"),
+        (f"[server]\nshutdown_grace = {BIG}\n", "server.shutdown_grace"),
+        (f"[limits]\nmax_session_time = {BIG}\n", "limits.max_session_time"),
+        (f"[[listeners]]\ndata_timeout = {BIG}\n", "listeners[0].data_timeout"),
+        (f"[plugins]\ntimeout = {BIG}\n", "plugins.timeout"),
+        (f'[plugins]\nenabled = ["log"]\ntimeouts = {{ log = {BIG} }}\n', "plugins.timeouts.log"),
+        (f"[dns]\ntimeout = {BIG}\n", "dns.timeout"),
+        (f"[dns]\ncache_max_ttl = {BIG}\n", "dns.cache_max_ttl"),
+    ],
+)
+def test_a_huge_integer_is_a_config_error_naming_the_key(text, key):
+    assert_error(text, key)
+    assert "a number of 401 digits" in str(error(text)) or key.startswith("plugins.")
+
+
+@pytest.mark.parametrize("kind", ["int", "float", "duration", "size"])
+def test_a_plugin_key_with_a_huge_integer_is_an_error_naming_it(kind):
+    from bonzo.schema import Key
+
+    with pytest.raises(ValueError, match="^n: expected a finite number"):
+        Key("n", kind).parse(BIG, None)
+
+
+def test_a_plugin_path_is_checked_for_a_home_and_its_length(tmp_path):
+    from bonzo.schema import Key
+
+    with pytest.raises(ValueError, match=r"^p: .*no such user's home"):
+        Key("p", "path").parse("~no_such_user_xyz/file", tmp_path)
+    with pytest.raises(ValueError, match=r"^p: a name of 300 octets in it: longer than a file"):
+        Key("p", "path").parse("a" * 300, tmp_path)
+    with pytest.raises(ValueError, match=r"^p: 50\d\d octets: longer than a path may be"):
+        Key("p", "path").parse("/".join(["d" * 200] * 25), tmp_path)
+
+
+@pytest.mark.parametrize("value", [True, 0, 2130706433])
+def test_plugin_networks_are_strings(value):
+    from bonzo.schema import Key
+
+    with pytest.raises(ValueError, match="^n: expected a network such as 192.0.2.0/24"):
+        Key("n", "networks").parse([value], None)
+
+
+def test_ipv4_mapped_networks_match_as_the_ipv4_clients_they_are():
+    """A client's mapped address is matched as IPv4, so a mapped network
+    (``xclient_trusted``, ``relay_networks``...) is taken as IPv4 too."""
+    import ipaddress
+
+    from bonzo.proxy import address_in, parse_networks
+    from bonzo.schema import Key
+
+    assert parse_networks(["::ffff:127.0.0.1", "::ffff:10.0.0.0/104", "::1"]) == (
+        ipaddress.ip_network("127.0.0.1/32"),
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    networks = Key("n", "networks").parse(["::ffff:192.0.2.0/120"], None)
+    assert networks == [ipaddress.ip_network("192.0.2.0/24")]
+    assert address_in("192.0.2.7", networks) and address_in("::ffff:192.0.2.7", networks)
+    config = parse('[[listeners]]\nxclient_trusted = ["::ffff:127.0.0.1"]\n')
+    assert address_in("127.0.0.1", config.listeners[0].settings.xclient_trusted)
+
+
+@pytest.mark.parametrize("mode", [0, 0o77, 0o7, 0o660])
+def test_bonzo_config_prints_a_socket_mode_that_loads_back(tmp_path, mode):
+    import tomli_w
+
+    from bonzo.config import effective_config, read_raw
+
+    source = tmp_path / "bonzo.toml"
+    source.write_text(f'[[listeners]]\npath = "s.sock"\nmode = {mode}\n')
+    out = tmp_path / "out.toml"
+    out.write_text(tomli_w.dumps(effective_config(load_config(source), read_raw(source))))
+    assert load_config(out).listeners[0].mode == mode
+
+
+@pytest.mark.parametrize("where", ["[[listeners]]\naddress", "[metrics]\naddress"])
+def test_an_ipv4_mapped_address_to_listen_on_is_refused(where):
+    key = "listeners[0].address" if "listeners" in where else "metrics.address"
+    text = f'{where} = "::ffff:127.0.0.1"\nport = 2526\n'
+    assert_error(text, key, "IPv4-mapped address, which no socket can listen on", '"127.0.0.1"')
+
+
+def test_a_unix_socket_path_longer_than_the_system_takes_is_refused(tmp_path):
+    assert_error(
+        f'[[listeners]]\npath = "{"s" * 120}"\n',
+        "listeners[0].path",
+        "longer than a Unix socket's path may be (107)",
+        base_dir=tmp_path,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "other"),
+    [
+        ('[server]\npid_file = "x.sock"\n[[listeners]]\npath = "x.sock"\n', "listeners[0].path",
+         "server.pid_file"),
+        ('[logging]\nfile = "x.sock"\n[[listeners]]\npath = "x.sock"\n', "listeners[0].path",
+         "logging.file"),
+        ('[server]\npid_file = "bonzo.log"\n[logging]\nfile = "bonzo.log"\n', "logging.file",
+         "server.pid_file"),
+    ],
+)  # fmt: skip
+def test_the_files_bonzo_writes_at_start_are_distinct(tmp_path, text, key, other):
+    assert_error(text, key, f"is also {other}: each needs its own file", base_dir=tmp_path)
+
+
+def test_a_file_name_too_long_for_the_system_is_found_by_check(tmp_path):
+    assert_error(
+        f'[logging]\nfile = "{"a" * 300}"\n',
+        "logging.file",
+        "a name of 300 octets in it: longer than a file name may be (255)",
+        base_dir=tmp_path,
+    )
+
+
+def test_read_chunk_size_is_capped():
+    assert parse("[limits]\nread_chunk_size = 16777216\n").settings.read_chunk_size == 1 << 24
+    assert_error(
+        "[limits]\nread_chunk_size = 4611686018427387904\n",
+        "limits.read_chunk_size",
+        "is capped at 16777216",
+    )
+
+
+def test_an_array_of_tables_for_a_plugin_says_it_must_be_a_table():
+    assert_error(
+        "[[plugins.maildir]]\npath = 'x'\n",
+        "plugins.maildir",
+        "must be a table ([plugins.NAME]), not an array of tables ([[plugins.NAME]])",
+    )
+
+
+def test_an_empty_password_reads_back_empty(tmp_path):
+    from bonzo.config import effective_config, read_raw
+
+    source = tmp_path / "bonzo.toml"
+    source.write_text('[redis]\nurl = "redis://127.0.0.1:6379/0"\npassword = ""\n')
+    printed = effective_config(load_config(source), read_raw(source))
+    assert printed["redis"]["password"] == ""
+    source.write_text('[redis]\nurl = "redis://127.0.0.1:6379/0"\npassword = "hunter2"\n')
+    assert effective_config(load_config(source), read_raw(source))["redis"]["password"] == (
+        "<redacted>"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "shown"),
+    [
+        ("[limits]\nmax_connections = false\n", "limits.max_connections", "not false"),
+        ("[limits]\nidle_timeout = true\n", "limits.idle_timeout", "not true"),
+        ('[protocol]\nsmtputf8 = "yes"\n', "protocol.smtputf8", 'not "yes"'),
+        ("[dns]\ntcp = 1\n", "dns.tcp", "not 1"),
+        ("[redis]\nurl = false\n", "redis.url", "not false"),
+    ],
+)
+def test_setting_values_in_messages_are_spelled_as_in_toml(text, key, shown):
+    assert_error(text, key, shown)
+    assert "False" not in str(error(text)) and "True" not in str(error(text))

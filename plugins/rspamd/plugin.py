@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import re
 import weakref
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ from bonzo.errors import SMTPError
 from bonzo.hookspecs import Discard, Quarantine, hookimpl
 from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
+from bonzo.settings import finite_number
 
 from .._config import describe
 from .._scan import (
@@ -174,7 +174,7 @@ def _header_value(value: str) -> str | None:
 
 
 def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not finite_number(value):
         raise ScanError(f"rspamd's answer has no usable {what}: {describe(value)}")
     return float(value)
 
