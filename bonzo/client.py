@@ -43,17 +43,28 @@ How the two protocols are carried:
   into memory — its ``data()`` takes the whole message as one ``bytes``);
   the envelope commands are formatted here (with ``SIZE``, ``BODY``,
   ``SMTPUTF8`` and the DSN parameters); and every reply is classified per
-  recipient. Without pipelining, the reply to the message is awaited from
-  the first chunk on, because aiosmtplib drops what arrives while no read
-  is pending: a server that answers early (and closes) is heard, and its
-  ``4xx``/``5xx`` stands. A reply that arrives in the same packet as the
-  ``354`` is still lost in aiosmtplib's buffer: the recipients are then
-  deferred as for a lost connection, never delivered. (The pipelined path
-  below reads every reply itself and loses none.)
+  recipient. Once the session is set up (greeting, ``EHLO``, ``STARTTLS``,
+  ``AUTH``), every reply is read by a reader of Bonzo's own put on
+  aiosmtplib's transport (below), pipelined or not: aiosmtplib keeps a
+  reply that came unasked and gives it to the next command, and takes a
+  multiline reply's code from its last line.
+- **BINARYMIME** (RFC 3030): ``send(..., binary=True)`` sends the content
+  as it is in one ``BDAT <size> LAST``, to a server that offers
+  ``CHUNKING`` and ``BINARYMIME`` (any other refuses every recipient,
+  ``554 5.6.3``: binary content is never converted).
 - **LMTP** (RFC 2033), which aiosmtplib cannot speak (no ``LHLO``), is
   written here on a Tornado :class:`~tornado.iostream.IOStream` over TCP or a
   Unix socket, with the same bounds on replies: after the message it reads
   **one reply per accepted recipient**, which is the point of LMTP.
+
+**Replies**: every reply is owed by something written — one per command,
+one per reply the message is due (from the ``DATA`` on, so that one the
+server sends with the ``354`` is heard as early) — and anything else (a
+reply nobody asked for, a ``250`` with the ``354``, one more after the
+message) means the conversation is out of step: the recipients still
+open are deferred, and the connection is not used again. A line that is
+not ``NNN``, ``NNN-text`` or ``NNN text``, or a multiline reply whose codes
+differ, is a protocol error (deferred), never a ``250``.
 
 **Pipelining (RFC 2920)**: to a server that offers ``PIPELINING`` (SMTP or
 LMTP: Dovecot's does),
@@ -62,11 +73,10 @@ on a connection used before, ``MAIL``, every ``RCPT``, ``DATA`` — and then
 reads the replies in order, so a message costs two round trips (the group,
 the content) instead of four plus one per recipient (as Postfix's client
 does). aiosmtplib can have only one reply in flight (its reader drops what
-arrives while no read is pending), so for the transaction the transport's
-protocol is swapped for a small reader of Bonzo's own that keeps every
-reply, however the server's packets fall, with the same bounds as LMTP's;
-the transport (socket, TLS, flow control) stays aiosmtplib's, and its
-protocol is put back after the final reply. Each reply decides what it
+arrives while no read is pending), so the transport's protocol is Bonzo's
+reader, which keeps every reply, however the server's packets fall, with
+the same bounds as LMTP's; the transport (socket, TLS, flow control)
+stays aiosmtplib's. Each reply decides what it
 would decide one command at a time: a refused ``MAIL`` stands for every
 recipient; a ``354`` after every ``RCPT`` was refused gets an empty message
 (RFC 2920 3.1), never the content; a reply that arrives before the content
@@ -75,14 +85,17 @@ replies than the group asked for mean the conversation is out of step, and
 the connection is not reused. A failed ``RSET`` at the head of the group
 raises :class:`ClientError` as an unpipelined one does (no reply to
 anything of the message was seen, so a pool sends it again on a new
-connection). Over LMTP the group is written on the Tornado stream and the
-replies read as any (one per accepted recipient after the message).
+connection). Over LMTP the group is written on the Tornado stream, which
+is read as data comes into the same kind of reader (one reply per
+accepted recipient after the message).
 :attr:`ClientSettings.pipelining` turns it off; the stepwise API sends one
 command at a time.
 
 Timeouts are per stage with the defaults of RFC 5321 4.5.3.2 (see
 :class:`ClientSettings`); a timeout, a lost connection or a reply that does
 not parse defers every recipient still open and closes the connection.
+Under :data:`deadline` (the queue's ``delivery_timeout``) no wait lasts
+past it, and the results already in stand.
 Replies longer or with more lines than the limits are such protocol errors,
 so a hostile server cannot make the client buffer without bound.
 
@@ -93,6 +106,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import enum
 import io
@@ -107,11 +121,12 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Protocol, Union, cast
 
 import aiosmtplib
-from tornado.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
+from tornado.iostream import IOStream, StreamClosedError
 
 from .settings import finite_number
 
 __all__ = [
+    "deadline",
     "Stage",
     "Status",
     "Reply",
@@ -495,7 +510,22 @@ def _is_word(text: object) -> bool:
 
 # ------------------------------------------------------------------ replies
 _ENHANCED = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?: +|$)")
+#: The event loop's time (``loop.time()``) by which a delivery made in this
+#: context must end, or ``None``: the queue's runner sets it to its
+#: ``delivery_timeout``. A connection's :meth:`~ClientConnection.send` and
+#: :meth:`~ClientConnection.data` wait for no reply, and no drain, past it:
+#: what has not come by then is timed out as at any stage (the recipients
+#: still open are deferred), and the results already in stand — an LMTP
+#: recipient's ``250`` is kept, not lost with the others' wait.
+deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "bonzo_client_deadline", default=None
+)
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: What a reply's text may not keep: C0 and C1 controls, and the lone
+#: surrogates that stand for octets that are not UTF-8 (unprintable, and
+#: a log file's encoder refuses them).
+_UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def _reply(code: int, lines: Sequence[str]) -> Reply:
@@ -509,7 +539,7 @@ def _reply(code: int, lines: Sequence[str]) -> Reply:
             if i == 0:
                 enhanced = ".".join(match.groups())
             line = line[match.end() :]
-        texts.append(_CONTROL.sub("?", line.strip()))
+        texts.append(_UNSAFE_TEXT.sub("?", line.strip()))
     return Reply(code, enhanced, "\n".join(texts))
 
 
@@ -672,13 +702,30 @@ def _recipient(value: str | Recipient) -> Recipient:
 _NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
 
 
+def _unquoted_rest(address: str) -> str:
+    """``address`` after its quoted local part (``"x>y"@example.org`` gives
+    ``@example.org``), or the whole address when it has none (or an
+    unterminated one)."""
+    if not address.startswith('"'):
+        return address
+    i = 1
+    while i < len(address):
+        if address[i] == "\\":
+            i += 2
+        elif address[i] == '"':
+            return address[i + 1 :]
+        else:
+            i += 1
+    return address
+
+
 def _check_mailbox(address: str, what: str) -> None:
-    if (
-        not isinstance(address, str)
-        or _CONTROL.search(address)
-        or "<" in address
-        or (">" in address)
-    ):
+    # "<" and ">" would end the path in the command line, except inside a
+    # quoted local part (RFC 5321 4.1.2), which a server may have accepted.
+    if not isinstance(address, str) or _CONTROL.search(address):
+        raise ValueError(f"bad {what} address {address!r}")
+    rest = _unquoted_rest(address)
+    if "<" in rest or ">" in rest:
         raise ValueError(f"bad {what} address {address!r}")
     if len(address.encode("utf-8")) > 254:
         raise ValueError(f"{what} address too long: {address!r}")
@@ -867,37 +914,107 @@ class ClientConnection:
         self._mail_utf8 = False
         self._accepted = 0
 
-    # The backend: one command and its reply, the message, one reply.
-    async def _command(self, stage: Stage, line: bytes, timeout: float) -> Reply:
+    # The backend. Once a connection is set up, every reply is read by its
+    # _ReplyReader (``_replies``), which owes one reply per command line
+    # written and one per reply the message is due, and refuses anything
+    # else: a reply nobody asked for is never taken for the next command's
+    # (a stray "250" for the message's), and a malformed one never counts.
+    # A subclass writes (``_write``) and waits for its transport to drain.
+    _replies: _ReplyReader | None = None
+    _early = False  # the stepwise data(): answered before the final dot
+
+    def _write(self, data: bytes) -> None:
         raise NotImplementedError
 
-    async def _send_data(self, content: _Content) -> None:
-        raise NotImplementedError
-
-    async def _read_reply(self, stage: Stage, timeout: float) -> Reply:
-        raise NotImplementedError
+    async def _drain(self) -> None:
+        """Wait (``data_block_timeout``) until what was written has gone."""
 
     def _shutdown(self, abort: bool) -> None:
         raise NotImplementedError
+
+    @staticmethod
+    def _within(timeout: float) -> float:
+        """``timeout``, cut to what is left before :data:`deadline`."""
+        end = deadline.get()
+        if end is None:
+            return timeout
+        return max(min(timeout, end - asyncio.get_running_loop().time()), 0.001)
+
+    def _in_step(self) -> bool:
+        replies = self._replies
+        return replies is not None and replies.idle and not replies.lost
+
+    async def _command(self, stage: Stage, line: bytes, timeout: float) -> Reply:
+        replies = self._replies
+        if replies is None:
+            raise _Broken(stage, _lost(stage))
+        replies.in_step(stage)
+        self._group_write(line + b"\r\n")
+        return await replies.reply(stage, self._within(timeout))
+
+    async def _send_data(self, content: _Content, replies: int = 1) -> None:
+        """The message (then ``replies`` replies are due): sent until its end,
+        or until the server answers early (:attr:`_early`)."""
+        self._early = await self._group_content(content, replies)
+
+    async def _read_reply(self, stage: Stage, timeout: float) -> Reply:
+        reply = await self._group_reply(stage, timeout)
+        if self._early:
+            # Answered before the final dot (RFC 5321 4.1.1.4 says after):
+            # the reply stands unless it claims delivery, and the
+            # conversation is out of step, so the connection ends.
+            if reply.code == 250:
+                raise _Broken(stage, _garbled(stage, "250 before the end of the message"))
+            self.close()
+        return reply
 
     def _pipelines(self) -> bool:
         """Whether :meth:`send` sends the envelope as one group (RFC 2920)."""
         return self.settings.pipelining and self.supports("PIPELINING")
 
-    # The backend of a pipelined group: entered around the transaction,
-    # write without waiting, the next reply, the message content (True if
-    # the server answered before its end and the rest was not sent).
-    def _grouping(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
+    # A transaction: entered around it; write without waiting (``replies``:
+    # how many replies that is owed, one per line by default), the next
+    # reply, the message content (True if the server answered before its
+    # end and the rest was not sent).
+    @contextlib.contextmanager
+    def _grouping(self) -> Iterator[None]:
+        replies = self._replies
+        if replies is None:
+            raise _Broken(Stage.MAIL, _lost(Stage.MAIL))
+        replies.in_step(Stage.MAIL)
+        try:
+            yield
+        finally:
+            if not replies.idle:
+                # More than the transaction's replies: out of step, not reusable.
+                self.close()
 
-    def _group_write(self, data: bytes) -> None:
-        raise NotImplementedError
+    def _group_write(self, data: bytes, replies: int | None = None) -> None:
+        reader = self._replies
+        if reader is None or reader.lost:
+            raise _Broken(Stage.MAIL, _lost(Stage.MAIL))
+        reader.owed += data.count(b"\n") if replies is None else replies
+        self._write(data)
 
     async def _group_reply(self, stage: Stage, timeout: float) -> Reply:
-        return await self._read_reply(stage, timeout)
+        reader = self._replies
+        if reader is None:
+            raise _Broken(stage, _lost(stage))
+        return await reader.reply(stage, self._within(timeout))
 
-    async def _group_content(self, content: _Content) -> bool:
-        await self._send_data(content)
+    async def _group_content(
+        self, content: _Content, replies: int = 1, *, raw: bool = False
+    ) -> bool:
+        reader = self._replies
+        if reader is None:
+            raise _Broken(Stage.DATA, _lost(Stage.DATA))
+        reader.owed += replies
+        size = self.settings.chunk_size
+        for chunk in content.chunks(size) if raw else _stuffed(content, size):
+            if reader.replies or reader.lost or reader.error is not None:
+                return True
+            self._write(chunk)
+            await self._drain()
         return False
 
     async def _transact(
@@ -909,6 +1026,7 @@ class ClientConnection:
         settle: Callable[[int, Status, Stage, Reply], None],
         settle_reply: Callable[[int, Stage, Reply], None],
         pipelined: bool,
+        binary: bool = False,
     ) -> None:
         """The transaction of :meth:`send` once the local checks passed:
         ``MAIL``, the ``RCPT`` of every recipient in ``pending``, ``DATA``,
@@ -922,24 +1040,25 @@ class ClientConnection:
         again on a new connection); a lost or garbled conversation raises
         :class:`_Broken`."""
         settings = self.settings
-        with self._grouping() if pipelined else contextlib.nullcontext():
+        with self._grouping():
             if pipelined:
                 reset = not self._clean
                 commands = [b"RSET"] if reset else []
                 commands.append(mail)
                 commands += [self._rcpt_line(rcpts[i]) for i in pending]
-                commands.append(b"DATA")
+                if not binary:
+                    commands.append(b"DATA")
                 self._clean = False
-                self._group_write(b"\r\n".join(commands) + b"\r\n")
+                # SMTP owes the message's reply from the DATA on (see below).
+                extra = 0 if binary or self.protocol == "LMTP" else 1
+                self._group_write(b"\r\n".join(commands) + b"\r\n", replies=len(commands) + extra)
                 if reset:
                     await self._reset(self._group_reply(Stage.MAIL, settings.rset_timeout))
             self.transactions += 1
             self._clean = False
 
             async def read(stage: Stage, timeout: float) -> Reply:
-                if pipelined:
-                    return await self._group_reply(stage, timeout)
-                return await self._read_reply(stage, timeout)
+                return await self._group_reply(stage, timeout)
 
             async def ask(stage: Stage, line: bytes, timeout: float, ok: tuple[int, ...]) -> Reply:
                 # Pipelined, the command went with the group: only its reply is read.
@@ -964,50 +1083,91 @@ class ClientConnection:
                     accepted.append(i)
                 else:
                     settle_reply(i, Stage.RCPT, reply)
-            if not accepted and not pipelined:
+            if not accepted and (not pipelined or binary):
                 return
-            reply = await ask(Stage.DATA, b"DATA", settings.data_timeout, (354,))
+            groups = [[i] for i in accepted] if self.protocol == "LMTP" else [accepted]
+            if binary:
+                # One chunk, as it is (RFC 3030): the size, then the octets.
+                self._group_write(f"BDAT {content.size} LAST\r\n".encode("ascii"), replies=0)
+                early = await self._group_content(content, len(groups), raw=True)
+                await self._final_replies(groups, early, settle, settle_reply)
+                return
+            # The replies to the message are owed from the DATA on, so that
+            # one the server sends early (with the 354) is heard as such.
+            lmtp = self.protocol == "LMTP"
+            reader = self._replies
+            assert reader is not None
+            if pipelined:
+                preowed = len(groups) if lmtp else 1  # (SMTP's: with the group)
+                if lmtp:
+                    reader.owed += preowed
+                reply = _classified(
+                    Stage.DATA, await read(Stage.DATA, settings.data_timeout), (354,)
+                )
+            else:
+                preowed = len(groups)
+                reply = await self._data_command(preowed)
+            if reply.code != 354:
+                reader.owed -= preowed
             if not accepted:
                 if reply.code == 354:
                     # DATA taken with no recipient (RFC 2920 3.1): end it with
                     # no content; whatever the server says to that, nobody gets
                     # it (an LMTP server owes no reply then: it has no recipient).
-                    self._group_write(b".\r\n")
-                    if self.protocol != "LMTP":
+                    self._group_write(b".\r\n", replies=0)
+                    if not lmtp:
                         await read(Stage.END, settings.data_end_timeout)
                 return
             if reply.code != 354:
                 for i in accepted:
                     settle_reply(i, Stage.DATA, reply)
                 return
-            if pipelined:
-                early = await self._group_content(content)
-            else:
-                await self._send_data(content)
-                early = False  # (an unpipelined SMTP reply says so itself: _read_reply)
             # SMTP: one reply for all; LMTP: one per accepted recipient, in order.
-            groups = [[i] for i in accepted] if self.protocol == "LMTP" else [accepted]
-            for group in groups:
-                reply = await read(Stage.END, settings.data_end_timeout)
-                if reply.code != 250 and not 400 <= reply.code <= 599:
-                    raise _Broken(Stage.END, _garbled(Stage.END, f"unexpected reply {reply.code}"))
-                if early:
-                    # Answered before the final dot: the reply stands unless
-                    # it claims delivery; the conversation is out of step, so
-                    # the connection ends.
-                    if reply.code == 250:
-                        raise _Broken(
-                            Stage.END, _garbled(Stage.END, "250 before the end of the message")
-                        )
-                    self.close()
-                for i in group:
-                    if reply.code == 250:
-                        settle(i, Status.DELIVERED, Stage.END, reply)
-                    else:
-                        settle_reply(i, Stage.END, reply)
-                if reply.code == 421:
-                    # Closing: the LMTP replies still owed will not come.
-                    raise _Broken(Stage.END, reply)
+            early = await self._group_content(content, 0)
+            await self._final_replies(groups, early, settle, settle_reply)
+
+    async def _data_command(self, replies: int) -> Reply:
+        """``DATA`` alone, the ``replies`` to the message owed with it."""
+        stage = Stage.DATA
+        reader = self._replies
+        if reader is None:
+            raise _Broken(stage, _lost(stage))
+        reader.in_step(stage)
+        self._group_write(b"DATA\r\n", replies=1 + replies)
+        reply = await reader.reply(stage, self._within(self.settings.data_timeout))
+        return _classified(stage, reply, (354,))
+
+    async def _final_replies(
+        self,
+        groups: list[list[int]],
+        early: bool,
+        settle: Callable[[int, Status, Stage, Reply], None],
+        settle_reply: Callable[[int, Stage, Reply], None],
+    ) -> None:
+        """The replies after the message: one per group of recipients (SMTP:
+        one for all; LMTP: one per accepted recipient, in order)."""
+        settings = self.settings
+        for group in groups:
+            reply = await self._group_reply(Stage.END, settings.data_end_timeout)
+            if reply.code != 250 and not 400 <= reply.code <= 599:
+                raise _Broken(Stage.END, _garbled(Stage.END, f"unexpected reply {reply.code}"))
+            if early:
+                # Answered before the final dot: the reply stands unless
+                # it claims delivery; the conversation is out of step, so
+                # the connection ends.
+                if reply.code == 250:
+                    raise _Broken(
+                        Stage.END, _garbled(Stage.END, "250 before the end of the message")
+                    )
+                self.close()
+            for i in group:
+                if reply.code == 250:
+                    settle(i, Status.DELIVERED, Stage.END, reply)
+                else:
+                    settle_reply(i, Stage.END, reply)
+            if reply.code == 421:
+                # Closing: the LMTP replies still owed will not come.
+                raise _Broken(Stage.END, reply)
 
     # ---------------------------------------------------------- public
     @property
@@ -1021,9 +1181,10 @@ class ClientConnection:
 
     @property
     def size_limit(self) -> int:
-        """The server's ``SIZE`` limit (0: none announced)."""
+        """The server's ``SIZE`` limit (0: none announced, or a value that
+        is no number of octets: not ASCII digits, or more than 20 of them)."""
         value = self.extensions.get("SIZE", "")
-        return int(value) if value.isdigit() else 0
+        return int(value) if value.isascii() and value.isdigit() and len(value) <= 20 else 0
 
     def close(self) -> None:
         """Close at once: no ``QUIT``, nothing more sent."""
@@ -1077,6 +1238,7 @@ class ClientConnection:
         eightbit: bool | None = None,
         ret: str | None = None,
         envid: str | None = None,
+        binary: bool = False,
     ) -> DeliveryResult:
         """Deliver one message; return a result for every recipient.
 
@@ -1095,6 +1257,10 @@ class ClientConnection:
         :arg ret: DSN ``RET`` (``FULL``/``HDRS``), passed when the server
             offers DSN, as are ``envid`` and the recipients' ``NOTIFY`` and
             ``ORCPT``.
+        :arg binary: the content is ``BODY=BINARYMIME`` (RFC 3030): it is
+            sent as it is, in one ``BDAT <size> LAST``, never converted; a
+            server that does not offer ``CHUNKING`` and ``BINARYMIME``
+            refuses every recipient (``554 5.6.3``).
 
         Server replies and failures after ``MAIL`` was sent become results
         (a lost connection defers every recipient still open); this raises
@@ -1110,7 +1276,9 @@ class ClientConnection:
         content = _Content(message)
         with self._one_at_a_time("send()"):
             try:
-                return await self._send(rcpts, sender, content, smtputf8, eightbit, ret, envid)
+                return await self._send(
+                    rcpts, sender, content, smtputf8, eightbit, ret, envid, binary
+                )
             finally:
                 if content.body is not None:
                     content.body.seek(content.start)
@@ -1178,6 +1346,7 @@ class ClientConnection:
         needs_utf8: bool,
         ret: str | None,
         envid: str | None,
+        binary: bool = False,
     ) -> bytes:
         """``MAIL FROM`` with the parameters the server offers and the
         message needs (DSN's only when the server offers DSN)."""
@@ -1185,7 +1354,9 @@ class ClientConnection:
         params = []
         if size is not None and (self.size_limit or self.supports("SIZE")):
             params.append(f"SIZE={size}")
-        if eightbit:
+        if binary:
+            params.append("BODY=BINARYMIME")
+        elif eightbit:
             params.append("BODY=8BITMIME")
         if needs_utf8:
             params.append("SMTPUTF8")
@@ -1214,12 +1385,15 @@ class ClientConnection:
             Stage.RCPT, self._rcpt_line(r), self.settings.rcpt_timeout, (250, 251)
         )
 
-    async def _message(self, content: _Content) -> Reply:
-        """``DATA`` and, on ``354``, the message: the reply to ``DATA`` when
-        it is not ``354``, else the ``354``, the message having been sent."""
-        reply = await self._checked(Stage.DATA, b"DATA", self.settings.data_timeout, (354,))
+    async def _message(self, content: _Content, replies: int) -> Reply:
+        """``DATA`` and, on ``354``, the message (``replies`` replies then
+        due): the reply to ``DATA`` when it is not ``354``, else the
+        ``354``, the message having been sent."""
+        reply = await self._data_command(replies)
         if reply.code == 354:
-            await self._send_data(content)
+            await self._send_data(content, 0)
+        elif self._replies is not None:
+            self._replies.owed -= replies
         return reply
 
     async def _end_reply(self) -> Reply:
@@ -1238,6 +1412,7 @@ class ClientConnection:
         eightbit: bool | None,
         ret: str | None,
         envid: str | None,
+        binary: bool = False,
     ) -> DeliveryResult:
         settings = self.settings
         pipelined = self._pipelines()
@@ -1282,7 +1457,18 @@ class ClientConnection:
         why = self._refusal(False, content.size, False)
         if why is not None:
             return refuse_all(why)
-        if eightbit is None:
+        if binary and not (self.supports("CHUNKING") and self.supports("BINARYMIME")):
+            return refuse_all(
+                _local(
+                    554,
+                    "5.6.3",
+                    "the message is BINARYMIME and the server does not take it "
+                    "(CHUNKING and BINARYMIME)",
+                )
+            )
+        if binary:
+            eightbit = False  # BODY=BINARYMIME says it
+        elif eightbit is None:
             eightbit = content.eightbit(settings.chunk_size)
         why = self._refusal(False, 0, eightbit)
         if why is not None:
@@ -1291,9 +1477,11 @@ class ClientConnection:
         if not pending:
             return finish()
 
-        mail = self._mail_line(sender, content.size, eightbit, needs_utf8, ret, envid)
+        mail = self._mail_line(sender, content.size, eightbit, needs_utf8, ret, envid, binary)
         try:
-            await self._transact(rcpts, pending, mail, content, settle, settle_reply, pipelined)
+            await self._transact(
+                rcpts, pending, mail, content, settle, settle_reply, pipelined, binary
+            )
         except _Broken as exc:
             self._broken(exc)
             for i in range(len(rcpts)):
@@ -1401,7 +1589,7 @@ class ClientConnection:
             owed = self._accepted if self.protocol == "LMTP" else 1
             replies: list[Reply] = []
             try:
-                reply = await self._message(content)
+                reply = await self._message(content, owed)
                 if reply.code != 354:
                     return [reply]
                 while len(replies) < owed:
@@ -1455,7 +1643,9 @@ class _ReplyReader(asyncio.Protocol):
     (none is dropped, however the server's packets fall) within the same
     bounds as LMTP's: ``max_line`` octets a line, ``max_lines`` lines."""
 
-    def __init__(self, inner: asyncio.Protocol, max_line: int, max_lines: int) -> None:
+    def __init__(
+        self, inner: asyncio.Protocol | None, max_line: int, max_lines: int, owed: int = 1
+    ) -> None:
         self._inner = inner
         self._max_line = max_line
         self._max_lines = max_lines
@@ -1470,9 +1660,10 @@ class _ReplyReader(asyncio.Protocol):
         #: The server closed the connection (or it was lost).
         self.lost = False
         #: Replies still owed: one per command line written, and one for the
-        #: message. More is an error, so that a server that floods replies
-        #: cannot make the client keep them without bound.
-        self.owed = 1
+        #: message. More is an error — a reply nobody asked for would be
+        #: taken for the next command's (a stray ``250`` for the message's) —
+        #: and a server that floods replies cannot make the client keep them.
+        self.owed = owed
 
     @property
     def idle(self) -> bool:
@@ -1532,13 +1723,26 @@ class _ReplyReader(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self._wake.set()
-        self._inner.connection_lost(exc)
+        if self._inner is not None:
+            self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
-        self._inner.pause_writing()
+        if self._inner is not None:
+            self._inner.pause_writing()
 
     def resume_writing(self) -> None:
-        self._inner.resume_writing()
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+    def in_step(self, stage: Stage) -> None:
+        """Raise :class:`_Broken` unless the conversation is in step: nothing
+        received that no command asked for, and the connection open."""
+        if self.error is not None:
+            raise _Broken(stage, _garbled(stage, self.error))
+        if not self.idle:
+            raise _Broken(stage, _garbled(stage, "a reply no command asked for"))
+        if self.lost:
+            raise _Broken(stage, _lost(stage))
 
     async def reply(self, stage: Stage, timeout: float) -> Reply:
         """The next reply, within ``timeout`` seconds; raises :class:`_Broken`
@@ -1603,9 +1807,7 @@ class SMTPConnection(ClientConnection):
         super().__init__(server, settings)
         self._smtp: aiosmtplib.SMTP | None = None
         self._flow: _FlowControl | None = None
-        self._reader: asyncio.Future[aiosmtplib.SMTPResponse] | None = None
-        self._early = False
-        self._group: tuple[asyncio.WriteTransport, _ReplyReader] | None = None
+        self._transport: asyncio.WriteTransport | None = None
 
     @property
     def usable(self) -> bool:
@@ -1613,56 +1815,50 @@ class SMTPConnection(ClientConnection):
         server has not closed it)."""
         smtp = self._smtp
         transport = smtp.transport if smtp is not None else None
-        return self._alive and transport is not None and not transport.is_closing()
+        return (
+            self._alive
+            and transport is not None
+            and not transport.is_closing()
+            and (self._replies is None or self._in_step())
+        )
 
-    @contextlib.contextmanager
-    def _grouping(self) -> Iterator[None]:
-        # aiosmtplib keeps one reply in flight: for the group, the replies
-        # are read by a _ReplyReader on its transport, then it is put back.
+    def _take_replies(self) -> None:
+        """From here on (the session set up: greeting, EHLO, STARTTLS,
+        AUTH), every reply is read by a :class:`_ReplyReader` put on
+        aiosmtplib's transport in place of its protocol, to which it passes
+        the connection events. aiosmtplib keeps a reply that came unasked
+        in its buffer and gives it to the next command (a ``250`` that came
+        with the ``354`` became the reply to the message), and takes the
+        last line's code as a multiline reply's."""
         smtp = self._smtp
         transport = cast(asyncio.WriteTransport, smtp.transport) if smtp is not None else None
         inner = smtp.protocol if smtp is not None else None
         if transport is None or inner is None or transport.is_closing():
-            raise _Broken(Stage.MAIL, _lost(Stage.MAIL))
+            raise _Broken(Stage.EHLO, _lost(Stage.EHLO))
+        # (aiosmtplib's buffer: what came after the last reply it read.)
+        if getattr(inner, "_buffer", b""):
+            raise _Broken(Stage.EHLO, _garbled(Stage.EHLO, "a reply no command asked for"))
         settings = self.settings
-        reader = _ReplyReader(inner, settings.max_reply_line, settings.max_reply_lines)
+        reader = _ReplyReader(inner, settings.max_reply_line, settings.max_reply_lines, owed=0)
         transport.set_protocol(reader)
-        self._group = (transport, reader)
-        try:
-            yield
-        finally:
-            self._group = None
-            if not transport.is_closing():
-                transport.set_protocol(inner)
-                if not reader.idle:
-                    # More than the group's replies: out of step, not reusable.
-                    self.close()
+        self._transport = transport
+        self._replies = reader
 
-    def _group_write(self, data: bytes) -> None:
-        assert self._group is not None
-        transport, reader = self._group
-        reader.owed += data.count(b"\n")
+    def _write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            raise _Broken(Stage.DATA, _lost(Stage.DATA))
         transport.write(data)
 
-    async def _group_reply(self, stage: Stage, timeout: float) -> Reply:
-        assert self._group is not None
-        return await self._group[1].reply(stage, timeout)
-
-    async def _group_content(self, content: _Content) -> bool:
-        assert self._group is not None
-        transport, reader = self._group
+    async def _drain(self) -> None:
         flow = self._flow
-        timeout = self.settings.data_block_timeout
-        for chunk in _stuffed(content, self.settings.chunk_size):
-            if reader.replies or reader.lost or reader.error is not None:
-                return True
-            transport.write(chunk)
-            if flow is not None and not flow.ready.is_set():
-                try:
-                    await asyncio.wait_for(flow.ready.wait(), timeout)
-                except asyncio.TimeoutError:
-                    raise _Broken(Stage.DATA, _timed_out(Stage.DATA)) from None
-        return False
+        if flow is not None and not flow.ready.is_set():
+            try:
+                await asyncio.wait_for(
+                    flow.ready.wait(), self._within(self.settings.data_block_timeout)
+                )
+            except asyncio.TimeoutError:
+                raise _Broken(Stage.DATA, _timed_out(Stage.DATA)) from None
 
     async def _close_gracefully(self, timeout: float) -> None:
         # A TLS transport closes after the close_notify exchange, in later
@@ -1673,7 +1869,6 @@ class SMTPConnection(ClientConnection):
             self._shutdown(abort=False)
             return
         transport = smtp.transport
-        self._drop_reader()
         transport.close()
         try:
             await asyncio.wait_for(flow.closed.wait(), timeout)
@@ -1682,7 +1877,6 @@ class SMTPConnection(ClientConnection):
         self._shutdown(abort=False)
 
     def _shutdown(self, abort: bool) -> None:
-        self._drop_reader()
         smtp, self._smtp = self._smtp, None
         if smtp is not None:
             if abort and smtp.transport is not None:
@@ -1744,6 +1938,7 @@ class SMTPConnection(ClientConnection):
             await self._starttls(tls_name)
         if settings.username is not None:
             await self._auth()
+        self._take_replies()
 
     def _check_loop(self, reply: Reply) -> None:
         names = self.settings.own_names
@@ -1853,6 +2048,8 @@ class SMTPConnection(ClientConnection):
         self.authenticated = True
 
     async def _command(self, stage: Stage, line: bytes, timeout: float) -> Reply:
+        if self._replies is not None:
+            return await super()._command(stage, line, timeout)
         return self._parsed(stage, await self._execute(stage, line, timeout))
 
     async def _execute(self, stage: Stage, line: bytes, timeout: float) -> aiosmtplib.SMTPResponse:
@@ -1883,63 +2080,6 @@ class SMTPConnection(ClientConnection):
             raise _Broken(stage, _garbled(stage, f"a reply of {len(lines)} lines"))
         return _reply(response.code, lines)
 
-    async def _send_data(self, content: _Content) -> None:
-        smtp, flow = self._smtp, self._flow
-        protocol = smtp.protocol if smtp is not None else None
-        if protocol is None or flow is None or not protocol.is_connected:
-            raise _Broken(Stage.DATA, _lost(Stage.DATA))
-        # Wait for the final reply from the start: aiosmtplib drops what
-        # arrives while no read is pending, and a server may answer (and
-        # close) before the end of the message. The task arms the read at
-        # its first step, before anything it could miss can arrive.
-        self._early = False
-        reader = self._reader = asyncio.ensure_future(protocol.read_response(timeout=None))
-        await asyncio.sleep(0)
-        timeout = self.settings.data_block_timeout
-        try:
-            for chunk in _stuffed(content, self.settings.chunk_size):
-                if reader.done():
-                    self._early = True
-                    return
-                protocol.write(chunk)
-                if not flow.ready.is_set():
-                    await asyncio.wait_for(flow.ready.wait(), timeout)
-        except asyncio.TimeoutError:
-            self._drop_reader()
-            raise _Broken(Stage.DATA, _timed_out(Stage.DATA)) from None
-        except (aiosmtplib.SMTPServerDisconnected, OSError):
-            self._drop_reader()
-            raise _Broken(Stage.DATA, _lost(Stage.DATA)) from None
-
-    def _drop_reader(self) -> None:
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.cancel()
-            if reader.done() and not reader.cancelled():
-                reader.exception()  # retrieved: no "never retrieved" log
-
-    async def _read_reply(self, stage: Stage, timeout: float) -> Reply:
-        reader, self._reader = self._reader, None
-        if reader is None:
-            raise _Broken(stage, _lost(stage))
-        try:
-            response = await asyncio.wait_for(reader, timeout)
-        except asyncio.TimeoutError:
-            raise _Broken(stage, _timed_out(stage)) from None
-        except aiosmtplib.SMTPServerDisconnected:
-            raise _Broken(stage, _lost(stage)) from None
-        except aiosmtplib.SMTPResponseException as exc:
-            raise _Broken(stage, _garbled(stage, exc.message)) from None
-        reply = self._parsed(stage, response)
-        if self._early:
-            # Answered before the final dot (RFC 5321 4.1.1.4 says after):
-            # the reply stands unless it claims delivery, and the
-            # conversation is out of step, so the connection ends.
-            if reply.code == 250:
-                raise _Broken(stage, _garbled(stage, "250 before the end of the message"))
-            self.close()
-        return reply
-
 
 class _HandshakeFailed(_Broken):
     """STARTTLS was tried and failed without a reply: handshake, timeout or
@@ -1950,111 +2090,80 @@ class _HandshakeFailed(_Broken):
 class LMTPConnection(ClientConnection):
     """LMTP (RFC 2033) on a Tornado IOStream: ``LHLO``, the envelope, the
     message, then one reply per accepted recipient. No STARTTLS or AUTH:
-    LMTP is the last, local hop."""
+    LMTP is the last, local hop. What the server sends is read as it
+    comes, into the connection's :class:`_ReplyReader` (one reply owed per
+    command, per accepted recipient after the message)."""
 
     protocol = "LMTP"
 
     def __init__(self, server: str, settings: ClientSettings) -> None:
         super().__init__(server, settings)
         self._stream: IOStream | None = None
+        self._pump: asyncio.Future[None] | None = None
+        self._last_write: asyncio.Future[None] | None = None
+
+    @property
+    def usable(self) -> bool:
+        stream = self._stream
+        return self._alive and stream is not None and not stream.closed() and self._in_step()
 
     def _shutdown(self, abort: bool) -> None:
         # Tornado's close() drops what is still buffered either way.
         stream, self._stream = self._stream, None
+        pump, self._pump = self._pump, None
+        if pump is not None:
+            pump.cancel()
         if stream is not None:
             stream.close()
 
     async def _open(self, host: str | None, port: int, path: str | None) -> None:
         sock = await _open_socket(host, port, path, self.settings)
-        self._stream = IOStream(sock)
-        self.greeting = await self._read_reply(Stage.GREETING, self.settings.greeting_timeout)
+        stream = self._stream = IOStream(sock)
+        settings = self.settings
+        # One reply owed: the greeting.
+        reader = _ReplyReader(None, settings.max_reply_line, settings.max_reply_lines, owed=1)
+        self._replies = reader
+        self._pump = asyncio.ensure_future(_pump(stream, reader))
+        self.greeting = await reader.reply(Stage.GREETING, settings.greeting_timeout)
         if self.greeting.code != 220:
             raise _Broken(Stage.GREETING, self.greeting)
-        name = self.settings.helo_name.encode("ascii")
-        reply = await self._checked(Stage.EHLO, b"LHLO " + name, self.settings.helo_timeout, (250,))
+        name = settings.helo_name.encode("ascii")
+        reply = await self._checked(Stage.EHLO, b"LHLO " + name, settings.helo_timeout, (250,))
         if reply.code != 250:
             raise _Broken(Stage.EHLO, reply)
         self.extensions = _parse_extensions(reply)
 
-    def _group_write(self, data: bytes) -> None:
-        # Not awaited: the group is small, and a connection that fails is
-        # seen by the read of the next reply.
+    def _write(self, data: bytes) -> None:
         stream = self._stream
         if stream is None or stream.closed():
-            raise _Broken(Stage.MAIL, _lost(Stage.MAIL))
+            raise _Broken(Stage.DATA, _lost(Stage.DATA))
         try:
-            stream.write(data)
+            self._last_write = stream.write(data)
         except StreamClosedError:
-            raise _Broken(Stage.MAIL, _lost(Stage.MAIL)) from None
+            raise _Broken(Stage.DATA, _lost(Stage.DATA)) from None
 
-    async def _command(self, stage: Stage, line: bytes, timeout: float) -> Reply:
-        stream = self._stream
-        if stream is None or stream.closed():
-            raise _Broken(stage, _lost(stage))
+    async def _drain(self) -> None:
+        written, self._last_write = self._last_write, None
+        if written is None:
+            return
         try:
-            await asyncio.wait_for(stream.write(line + b"\r\n"), timeout)
+            await asyncio.wait_for(written, self._within(self.settings.data_block_timeout))
         except asyncio.TimeoutError:
-            raise _Broken(stage, _timed_out(stage)) from None
+            raise _Broken(Stage.DATA, _timed_out(Stage.DATA)) from None
         except (StreamClosedError, OSError):
-            raise _Broken(stage, _lost(stage)) from None
-        return await self._read_reply(stage, timeout)
+            raise _Broken(Stage.DATA, _lost(Stage.DATA)) from None
 
-    async def _send_data(self, content: _Content) -> None:
-        timeout = self.settings.data_block_timeout
-        for chunk in _stuffed(content, self.settings.chunk_size):
-            stream = self._stream
-            if stream is None:
-                raise _Broken(Stage.DATA, _lost(Stage.DATA))
-            try:
-                await asyncio.wait_for(stream.write(chunk), timeout)
-            except asyncio.TimeoutError:
-                raise _Broken(Stage.DATA, _timed_out(Stage.DATA)) from None
-            except (StreamClosedError, OSError):
-                raise _Broken(Stage.DATA, _lost(Stage.DATA)) from None
 
-    async def _read_reply(self, stage: Stage, timeout: float) -> Reply:
-        """One reply, every line within ``max_reply_line`` octets, at most
-        ``max_reply_lines`` lines, all of it within ``timeout``."""
-        stream = self._stream
-        if stream is None:
-            raise _Broken(stage, _lost(stage))
-        settings = self.settings
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        code = None
-        lines: list[str] = []
-        while True:
-            if len(lines) >= settings.max_reply_lines:
-                raise _Broken(stage, _garbled(stage, f"a reply of over {len(lines)} lines"))
-            try:
-                raw = await asyncio.wait_for(
-                    stream.read_until(b"\n", max_bytes=settings.max_reply_line),
-                    max(deadline - loop.time(), 0.001),
-                )
-            except asyncio.TimeoutError:
-                raise _Broken(stage, _timed_out(stage)) from None
-            except (StreamClosedError, UnsatisfiableReadError, OSError) as exc:
-                # Tornado closes the stream on a line over max_bytes, and
-                # says why in real_error.
-                real = getattr(exc, "real_error", None)
-                if isinstance(exc, UnsatisfiableReadError) or isinstance(
-                    real, UnsatisfiableReadError
-                ):
-                    raise _Broken(stage, _garbled(stage, "a reply line too long")) from None
-                raise _Broken(stage, _lost(stage)) from None
-            line = raw.rstrip(b"\r\n")
-            head, sep = line[:3], line[3:4]
-            if not (head.isdigit() and sep in (b"", b" ", b"-")):
-                raise _Broken(stage, _garbled(stage, "a reply that is not SMTP"))
-            if code is None:
-                code = int(head)
-                if not 200 <= code <= 599:
-                    raise _Broken(stage, _garbled(stage, f"reply code {code}"))
-            elif int(head) != code:
-                raise _Broken(stage, _garbled(stage, "reply codes differ between lines"))
-            lines.append(line[4:].decode("utf-8", "replace"))
-            if sep != b"-":
-                return _reply(code, lines)
+async def _pump(stream: IOStream, reader: _ReplyReader) -> None:
+    """Feed what ``stream`` receives to ``reader`` until it closes, or sends
+    what is not SMTP (then nothing more is read)."""
+    try:
+        while reader.error is None:
+            reader.data_received(await stream.read_bytes(65536, partial=True))
+    except (StreamClosedError, OSError):
+        pass
+    finally:
+        reader.connection_lost(None)
 
 
 # -------------------------------------------------------------- entry points
@@ -2152,7 +2261,7 @@ async def deliver(
     a :class:`ClientError` (a connection that fails defers them all).
 
     ``options`` are :meth:`ClientConnection.send`'s keywords
-    (``smtputf8``, ``eightbit``, ``ret``, ``envid``).
+    (``smtputf8``, ``eightbit``, ``ret``, ``envid``, ``binary``).
     """
     if port is None:
         port = _default_port(protocol, settings or ClientSettings())

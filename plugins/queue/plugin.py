@@ -96,7 +96,9 @@ SCHEMA = Schema(
         doc="The largest original message (octets) a report carries whole; larger "
         "ones are returned as their header section."),
     _duration("delivery_timeout", 600,
-              "The longest one delivery may take before its recipients are deferred."),
+              "The longest one delivery may take: the recipients whose reply has not "
+              "come by then are deferred (those already answered keep their reply, "
+              "an LMTP recipient's ``250`` too)."),
     Key("max_hops", "int", default=100, minimum=1,
         doc="``Received:`` headers a message may carry before it is refused as a "
         "loop (``554 5.4.6``)."),

@@ -40,6 +40,7 @@ from typing import Any
 
 from bonzo import metrics
 from bonzo.address import Address
+from bonzo.client import deadline as client_deadline
 from bonzo.hooks import PluginFailure, PluginSet, Refused
 from bonzo.session import log_escape, new_session_id
 
@@ -79,6 +80,11 @@ INLINE_SIZE = 256 * 1024
 #: The states the queue's messages are counted in (``bonzo_queue_messages``):
 #: never tried yet, tried and waiting for the next attempt, held.
 QUEUE_STATES = ("new", "deferred", "held")
+
+
+#: Seconds past ``delivery_timeout`` a transport's delivery may take before
+#: it is cancelled (Bonzo's client ends by the deadline itself).
+DEADLINE_GRACE = 5.0
 
 
 @dataclass
@@ -633,12 +639,18 @@ class Runner:
                 busy.setdefault(destination, []).extend(idx)
                 return
             active[destination] = active.get(destination, 0) + 1
+            limit = self.settings.delivery_timeout
+            # Bonzo's client ends the transaction by the deadline itself,
+            # keeping the replies already in (an LMTP recipient's 250); the
+            # wait_for is for a transport that does not.
+            token = client_deadline.set(asyncio.get_running_loop().time() + limit)
             try:
                 try:
                     results = await asyncio.wait_for(
-                        transport.deliver(message, recipients), self.settings.delivery_timeout
+                        transport.deliver(message, recipients), limit + DEADLINE_GRACE
                     )
                 finally:
+                    client_deadline.reset(token)
                     left = active[destination] - 1
                     if left:
                         active[destination] = left
@@ -749,7 +761,7 @@ class Runner:
                 "queue: %s to=<%s> delivered: %s (%s)",
                 message.id,
                 log_escape(r.address),
-                r.reply,
+                _one_line(r.reply),
                 r.host,
             )
         for r in deferred:
@@ -757,7 +769,7 @@ class Runner:
                 "queue: %s to=<%s> deferred: %s (%s); next attempt in %s",
                 message.id,
                 log_escape(r.address),
-                r.reply,
+                _one_line(r.reply),
                 r.host,
                 _age(r.next_attempt - now),
             )
@@ -766,7 +778,7 @@ class Runner:
                 "queue: %s to=<%s> bounced: %s (%s)",
                 message.id,
                 log_escape(line.recipient.address),
-                line.diagnostic,
+                _one_line(line.diagnostic),
                 line.recipient.host,
             )
         # Reports first (durably queued), then the state: see the module docs.
@@ -903,6 +915,15 @@ def _transient(reply: str) -> str:
     if len(parts) > 1 and parts[1][:2] == "4.":
         return parts[1]
     return "4.0.0"
+
+
+def _one_line(text: str) -> str:
+    """A server's reply (its lines joined by newlines) as one log line: what
+    a server says can neither end the line nor forge another one."""
+    text = text.replace("\n", " | ")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
 
 
 def _age(seconds: float) -> str:

@@ -264,7 +264,9 @@ def _send_options(message: QueuedMessage) -> dict[str, Any]:
     body = (params.get("BODY") or "").upper()
     return {
         "smtputf8": True if "SMTPUTF8" in params else None,
-        "eightbit": True if body in ("8BITMIME", "BINARYMIME") else None,
+        "eightbit": True if body == "8BITMIME" else None,
+        # Sent with BDAT as it is, or refused (554 5.6.3): never converted.
+        "binary": body == "BINARYMIME",
         "ret": params.get("RET"),
         "envid": params.get("ENVID"),
     }
@@ -283,8 +285,7 @@ def _fitted(
     7-bit mail declared ``BODY=8BITMIME``, or all-ASCII mail declared
     ``SMTPUTF8``, is delivered rather than bounced. What does need them is
     still refused (``554 5.6.3``, ``553 5.6.7``): there is no conversion."""
-    binary = str(message.mail_params.get("BODY") or "").upper() == "BINARYMIME"
-    eightbit = options["eightbit"] and not conn.supports("8BITMIME") and not binary
+    eightbit = options["eightbit"] and not conn.supports("8BITMIME")
     smtputf8 = options["smtputf8"] and not conn.supports("SMTPUTF8")
     if not (eightbit or smtputf8):
         return options

@@ -1,0 +1,140 @@
+"""The queue relaying through Bonzo's client to servers that take BINARYMIME,
+answer LMTP slowly, or say things a log must not carry as they are."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bonzo_plugins.queue.routes import RouteTable
+from bonzo_plugins.queue.runner import Runner, RunnerSettings
+from bonzo_plugins.queue.spool import GroupSync, Spool
+from client_support import Fake, read_message, serve
+from e2e_support import RecordingPlugin
+
+BINARY = b"Subject: bin\r\nContent-Transfer-Encoding: binary\r\n\r\n\x00\x01\nA\rB\xff\r\n"
+
+
+class App:
+    def __init__(self, base: Path) -> None:
+        self.base_dir = base
+        self.dns = None
+        self.plugins = None
+
+        class _Settings:
+            hostname = "relay.test"
+
+        self.settings = _Settings()
+
+
+def envelope(*rcpts: str, **mail_params: str) -> dict[str, Any]:
+    return {
+        "arrival": time.time(),
+        "sender": "alice@example.org",
+        "mail_params": dict(mail_params),
+        "recipients": [
+            {"address": r, "canonical": r, "domain": r.rpartition("@")[2], "params": {}}
+            for r in rcpts
+        ],
+    }
+
+
+async def relay(tmp_path: Path, route: dict[str, Any], env: dict[str, Any], body: bytes,
+                **settings: Any) -> Spool:  # fmt: skip
+    """Queue one message, make one attempt through ``route``; the spool."""
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    routes = RouteTable({"*": route}, {}, App(tmp_path))
+    routes.start()
+    runner = Runner(
+        spool,
+        GroupSync(spool.data),
+        routes,
+        None,
+        RunnerSettings(hostname="relay.test", **settings),
+    )
+    spool.write("M1", env, b"", io.BytesIO(body))
+    try:
+        await runner.attempt("M1")
+    finally:
+        await routes.close()
+        runner.sync.close()
+    return spool
+
+
+def test_a_binarymime_message_is_relayed_by_bdat_byte_for_byte(tmp_path, start_server):
+    server = start_server(plugin=RecordingPlugin())
+    route = {"type": "smarthost", "host": "127.0.0.1", "port": server.port, "tls": "none"}
+    spool = asyncio.run(
+        relay(tmp_path, route, envelope("bob@dest.test", BODY="BINARYMIME"), BINARY)
+    )
+    assert spool.ids() == []  # delivered, and so removed
+    [stored] = server.plugin.messages
+    assert stored.content.endswith(BINARY) and stored.mail_params["BODY"] == "BINARYMIME"
+
+
+def test_a_binarymime_message_bounces_where_it_cannot_go_as_it_is(tmp_path, caplog):
+    fake = Fake()  # no CHUNKING, no BINARYMIME
+
+    async def main() -> Spool:
+        async with serve(fake) as port:
+            route = {"type": "smarthost", "host": "127.0.0.1", "port": port, "tls": "none"}
+            env = envelope("bob@dest.test", BODY="BINARYMIME")
+            return await relay(tmp_path, route, env, BINARY)
+
+    spool = asyncio.run(main())
+    assert not fake.messages
+    assert "queue: M1 to=<bob@dest.test> bounced: 554 5.6.3 " in caplog.text
+    [report] = [m for m in spool.iter_messages() if m.sender == ""]  # to alice
+    assert report.recipients[0].address == "alice@example.org"
+
+
+def test_an_lmtp_recipients_250_stands_when_the_delivery_times_out(tmp_path):
+    async def slow_second(reader, writer, line):
+        writer.write(b"354 go ahead\r\n")
+        await writer.drain()
+        await read_message(reader)
+        writer.write(b"250 2.0.0 <bob> saved\r\n")
+        await writer.drain()
+        await asyncio.sleep(10)
+
+    fake = Fake(ehlo=b"250-lmtp.test\r\n250 PIPELINING\r\n", replies={"DATA": slow_second})
+
+    async def main() -> Spool:
+        async with serve(fake) as port:
+            route = {"type": "lmtp", "host": "127.0.0.1", "port": port}
+            env = envelope("bob@dest.test", "carol@dest.test")
+            return await relay(tmp_path, route, env, b"Subject: t\r\n\r\nhi\r\n",
+                               delivery_timeout=1.0)  # fmt: skip
+
+    spool = asyncio.run(main())
+    [bob, carol] = spool.load("M1").recipients
+    assert (bob.status, bob.reply) == ("delivered", "250 2.0.0 <bob> saved")
+    assert carol.status == "deferred" and carol.reply.startswith("451 4.4.2 ")
+
+
+@pytest.mark.parametrize("crlf", [True, False])
+def test_a_servers_reply_is_one_log_line(tmp_path, caplog, crlf):
+    """A multiline reply (or one with a Unicode line separator) cannot end
+    the log line or forge another."""
+    forged = "2026-01-01 00:00:00,000 INFO queue: X to=<ceo@example.org> delivered"
+    text = f"452-4.2.2 full\r\n452 4.2.2 {forged}\r\n" if crlf else f"452 4.2.2 a\u2028{forged}\r\n"
+    fake = Fake(after_data=[text.encode("utf-8")])
+
+    async def main() -> Spool:
+        async with serve(fake) as port:
+            route = {"type": "smarthost", "host": "127.0.0.1", "port": port, "tls": "none"}
+            return await relay(
+                tmp_path, route, envelope("bob@dest.test"), b"Subject: t\r\n\r\nhi\r\n"
+            )
+
+    caplog.set_level(logging.INFO)
+    asyncio.run(main())
+    [line] = [r.getMessage() for r in caplog.records if " deferred: " in r.getMessage()]
+    assert "\n" not in line and "\u2028" not in line and line.count(" to=<") == 2
+    assert line.startswith("queue: M1 to=<bob@dest.test> deferred: 452 4.2.2 ")
