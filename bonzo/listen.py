@@ -52,10 +52,11 @@ def _keep_reserve() -> None:
             pass  # out of descriptors already: tried again at the next refusal
 
 
-def _refuse_waiting(sock: socket.socket, refusal: bytes, count: int) -> int:
+def _refuse_waiting(sock: socket.socket, refusal: bytes, count: int) -> int | None:
     """Accept up to ``count`` waiting clients on the reserve descriptor, send
     each ``refusal`` (best effort, never blocking) and close it; the number
-    refused."""
+    refused, or ``None`` when no client was waiting (``accept()`` fails
+    with EMFILE whether one waits or not: then there was nothing to do)."""
     global _reserve
     refused = 0
     for _ in range(count):
@@ -66,8 +67,13 @@ def _refuse_waiting(sock: socket.socket, refusal: bytes, count: int) -> int:
         _reserve = None
         try:
             connection, _ = sock.accept()
+        except BlockingIOError:
+            if not refused:
+                _keep_reserve()
+                return None
+            break  # every waiting client answered (or another worker's)
         except OSError:
-            break  # nothing waiting (another worker took it), or still no room
+            break  # still no room
         try:
             connection.setblocking(False)
             connection.send(refusal)
@@ -129,13 +135,18 @@ def accept_on(
 
     def failed(exc: OSError) -> None:
         nonlocal paused, failures, refusals, logged_at
-        failures += 1
         refused = 0
         if refusal is not None and exc.errno in (errno.EMFILE, errno.ENFILE):
-            refused = _refuse_waiting(sock, refusal, batch)
+            answered = _refuse_waiting(sock, refusal, batch)
+            if answered is None:
+                # The accept that filled the table came first, and no client
+                # waits: no failure, no pause (the socket is not ready).
+                return
+            refused = answered
             refusals += refused
             if refused and on_refused is not None:
                 on_refused(refused)
+        failures += 1
         now = io_loop.time()
         if now - logged_at >= ACCEPT_LOG_INTERVAL:
             if refused and refusal is not None:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from tornado.iostream import IOStream
-from tornado.log import app_log
+from tornado.log import app_log, gen_log
 from tornado.tcpserver import TCPServer
 
 from . import errors, metrics, version
@@ -48,6 +48,13 @@ _TCPSERVER_ARGS = ("max_buffer_size", "read_chunk_size")
 #: of connections the first to wake would otherwise take whole: with long
 #: sessions, that worker would carry most of the load for their life.
 ACCEPT_BATCH = 128
+
+
+#: Connections refused over a connection limit that may wait for their
+#: ``421`` at once: on an implicit-TLS listener the reply comes after a TLS
+#: handshake (a PROXY header on a proxied one); past this many, a refused
+#: connection is closed without one.
+REFUSING_MAX = 32
 
 
 class WorkerShare:
@@ -434,6 +441,8 @@ class SMTPServer(TCPServer):
         # The address each counted connection is counted under (None: in
         # the total only, its client not known yet).
         self._counted: dict[SMTPConnection, str | None] = {}
+        # Connections refused at accept whose 421 is not sent yet.
+        self._refusing: set[SMTPConnection] = set()
         self._legacy = request_callback is not None
         if accept_batch < 1:
             raise ValueError(f"accept_batch must be at least 1, not {accept_batch}")
@@ -503,6 +512,23 @@ class SMTPServer(TCPServer):
             refusal, limit = "Too many connections, try again later", "max_connections"
         elif not proxied and self._over_ip_limit(ip):
             refusal, limit = "Too many connections from your address", "max_connections_per_ip"
+        waits = self.listener.implicit_tls or proxied
+        if limit is not None and waits and len(self._refusing) >= REFUSING_MAX:
+            # Its 421 would wait for a TLS handshake (or a PROXY header), up
+            # to tls_handshake_timeout: that many refused clients hold
+            # descriptors already, and those that never start TLS hold them
+            # without bound. This one is closed at once.
+            gen_log.info(
+                "[- %s] refused at connect by core: closed at once (%s; %d refused "
+                "connections still waiting for their 421)",
+                ip,
+                limit,
+                len(self._refusing),
+            )
+            if metrics.active is not None:
+                metrics.active.connection_refused(limit)
+            stream.close()
+            return
         connection = SMTPConnection(
             stream,
             address,
@@ -521,7 +547,9 @@ class SMTPServer(TCPServer):
         if counter is not None:
             counter.connection_opened(connection, limit)
         # A refused connection is not counted; its connection logs the refusal.
-        if limit is None:
+        if limit is not None:
+            self._refusing.add(connection)
+        else:
             counted = None if proxied else ip
             count.add(counted)
             self._counted[connection] = counted
@@ -577,6 +605,7 @@ class SMTPServer(TCPServer):
                 del self._per_ip[ip]
 
     def _connection_closed(self, connection: SMTPConnection) -> None:
+        self._refusing.discard(connection)
         if connection in self.connections:
             if metrics.active is not None:
                 metrics.active.connection_closed(connection)

@@ -104,7 +104,10 @@ class SMTPSettings:
     connection slot forever with NOOPs."""
 
     max_connections: int = 1000
-    """Concurrent connections per server; one more gets ``421 4.7.0`` and is closed."""
+    """Concurrent connections per server; one more gets ``421 4.7.0`` and is
+    closed. On an implicit-TLS listener that reply comes after the TLS
+    handshake: past 32 refused clients waiting for theirs, the next are
+    closed at once, without one."""
 
     max_connections_per_ip: int = 50
     """Concurrent connections from one client address; more get ``421 4.7.0``."""

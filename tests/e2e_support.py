@@ -156,7 +156,9 @@ class MeasuredServer(SMTPServer):
         if self.sndbuf is not None:
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
         super().handle_stream(stream, address)
-        connection = next(c for c in self.connections if c.stream is stream)
+        connection = next((c for c in self.connections if c.stream is stream), None)
+        if connection is None:
+            return  # closed at once: no session to measure
         # Weak references: the wrapper is the stream's own attribute, and a
         # strong one would make a reference cycle that keeps the session
         # alive after it ends (a test checks that nothing does).

@@ -633,6 +633,75 @@ def test_out_of_descriptors_a_listener_refuses_through_its_reserve_or_pauses(ref
     assert ("new clients are answered" in report.getMessage()) == (refusal is not None)
 
 
+def test_out_of_descriptors_with_no_client_waiting_is_no_failure(log_watch):
+    """The accept that fills the table is followed by one that fails with
+    EMFILE although nobody waits (Linux checks the table first): that is no
+    failure to report and no reason to pause — the next client is refused
+    at once through the reserve, not after ACCEPT_PAUSE."""
+    import errno
+
+    from tornado.netutil import bind_sockets
+
+    from bonzo.listen import ACCEPT_PAUSE, accept_on
+
+    log_watch.allow("cannot accept connections")
+
+    class FillsUp:
+        """The first accept takes a client and fills the table: every other
+        one fails with EMFILE, but the one right after the reserve is freed."""
+
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock, self.calls = sock, 0
+
+        def fileno(self) -> int:
+            return self.sock.fileno()
+
+        def getsockname(self) -> Any:
+            return self.sock.getsockname()
+
+        def accept(self) -> Any:
+            self.calls += 1
+            if self.calls % 2 == 0:
+                raise OSError(errno.EMFILE, "Too many open files")
+            return self.sock.accept()  # BlockingIOError when nobody waits
+
+    async def main() -> tuple[list[bytes], float, list[int]]:
+        [sock] = bind_sockets(0, "127.0.0.1")
+        port = sock.getsockname()[1]
+        counted: list[int] = []
+
+        def callback(conn: socket.socket, address: Any) -> None:
+            conn.sendall(b"220 hi\r\n")
+            conn.close()
+
+        refusal = b"421 4.3.2 Out\r\n"
+        stop = accept_on(FillsUp(sock), callback, 4, refusal=refusal, on_refused=counted.append)  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        got: list[bytes] = []
+        waited = 0.0
+        for _ in range(2):
+            started = loop.time()
+            client = socket.create_connection(("127.0.0.1", port))
+            client.setblocking(False)
+            for _ in range(300):
+                try:
+                    got.append(client.recv(100))
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+            waited = loop.time() - started
+            client.close()
+        stop()
+        sock.close()
+        return got, waited, counted
+
+    got, waited, counted = asyncio.run(main())
+    assert got == [b"220 hi\r\n", b"421 4.3.2 Out\r\n"] and counted == [1]
+    assert waited < ACCEPT_PAUSE / 2  # the second client: refused at once
+    reports = [r.getMessage() for r in log_watch.records if "cannot accept" in r.getMessage()]
+    assert reports and all("waiting connections stay queued" not in m for m in reports)
+
+
 def test_the_out_of_resources_refusal_is_plain_text_only_where_clients_read_it(monkeypatch):
     import ssl
 

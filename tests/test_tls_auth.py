@@ -1265,6 +1265,32 @@ def test_implicit_tls_over_the_connection_limit(start_server, certs, client_ctx)
         assert first.command("NOOP").startswith(b"250 ")
 
 
+def test_refused_implicit_tls_clients_that_never_start_tls_are_bounded(start_server, certs):
+    """Over the limit, a 421 on an implicit-TLS listener waits for a TLS
+    handshake; at most REFUSING_MAX refused clients wait at once, and the
+    others are closed at once: idle sockets cannot pile up descriptors."""
+    from bonzo.server import REFUSING_MAX
+
+    server = start_auth_server(
+        start_server, tls_listener(certs, implicit_tls=True), max_connections=1,
+        tls_handshake_timeout=30.0,
+    )  # fmt: skip
+    holder = socket.create_connection((HOST, server.port))
+    server.wait_connections(1)
+    idle = [socket.create_connection((HOST, server.port)) for _ in range(REFUSING_MAX + 20)]
+    try:
+        deadline = time.monotonic() + 5.0
+        closed: set[socket.socket] = set()
+        while len(closed) < 20 and time.monotonic() < deadline:
+            ready, _, _ = select.select([s for s in idle if s not in closed], [], [], 0.5)
+            closed.update(s for s in ready if s.recv(1) == b"")
+        assert len(closed) >= 20  # the others wait for their handshake
+        assert len(server.server._refusing) <= REFUSING_MAX
+    finally:
+        for sock in [holder, *idle]:
+            sock.close()
+
+
 def test_implicit_tls_require_auth(start_server, certs, client_ctx):
     listener = tls_listener(certs, implicit_tls=True, require_auth=True)
     server = start_auth_server(start_server, listener)
