@@ -1667,8 +1667,15 @@ class _ReplyReader(asyncio.Protocol):
 
     @property
     def idle(self) -> bool:
-        """Nothing received that was not taken: the conversation is in step."""
-        return not self._buf and not self.replies and self._code is None and self.error is None
+        """Nothing received that was not taken, and no reply still owed: the
+        conversation is in step."""
+        return (
+            not self._buf
+            and not self.replies
+            and self._code is None
+            and self.error is None
+            and self.owed == 0
+        )
 
     def data_received(self, data: bytes) -> None:
         if self.error is not None:
@@ -1739,8 +1746,11 @@ class _ReplyReader(asyncio.Protocol):
         received that no command asked for, and the connection open."""
         if self.error is not None:
             raise _Broken(stage, _garbled(stage, self.error))
+        if self.lost and self.owed:
+            raise _Broken(stage, _lost(stage))
         if not self.idle:
-            raise _Broken(stage, _garbled(stage, "a reply no command asked for"))
+            why = "a reply no command asked for" if self.replies or self._buf else "a reply owed"
+            raise _Broken(stage, _garbled(stage, why))
         if self.lost:
             raise _Broken(stage, _lost(stage))
 
