@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -158,6 +159,57 @@ SCHEMA = Schema(
 KEYS = tuple(SCHEMA.names)
 
 
+def _where(exc: OSError, default: Path) -> str:
+    """What a delivery error is about, for the log: both paths of a failed
+    rename (the missing or broken ``new/`` is the second), else the file."""
+    if exc.filename2:
+        return f"{exc.filename} -> {exc.filename2}"
+    return str(exc.filename or default)
+
+
+class _Abort(threading.Event):
+    """Set when the delivery hook is cancelled (it timed out: the client
+    is answered ``451``) while the writing thread runs on. The thread
+    removes what it wrote when it sees it set; and the files it stored
+    before the hook was cancelled (:meth:`settle` passed) are removed by
+    :meth:`cancel`: either way no copy stays of a message the client will
+    send again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._guard = threading.Lock()
+        self._stored: list[Path] = []
+
+    def settle(self, paths: list[Path]) -> None:
+        """In the thread, once ``paths`` are durable: keep them, unless the
+        hook was cancelled meanwhile (then they are removed, and
+        :class:`DeliveryAborted` raised)."""
+        with self._guard:
+            if self.is_set():
+                _unlink_all(paths)
+                raise DeliveryAborted("delivery cancelled")
+            self._stored = list(paths)
+
+    def cancel(self) -> list[Path]:
+        """From the cancelled hook: stop the thread; the files it had stored
+        already, which the caller removes."""
+        with self._guard:
+            self.set()
+            return self._stored
+
+
+def _unlink_all(paths: Sequence[Path]) -> int:
+    """Remove ``paths``; the number that were there."""
+    removed = 0
+    for path in paths:
+        try:
+            os.unlink(path)
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
 def envelope_lead(sender: str, recipients: Sequence[str]) -> bytes:
     """``Return-Path: <sender>`` and, for one recipient, ``Delivered-To:``
     (RFC 5321 4.4; as Postfix's local delivery writes them). An address
@@ -169,7 +221,9 @@ def envelope_lead(sender: str, recipients: Sequence[str]) -> bytes:
     if not sender.isprintable():
         return b""
     lines = f"Return-Path: <{sender}>\r\n"
-    distinct = list(dict.fromkeys(recipients))
+    # One mailbox however its address was spelled (folders are named in
+    # lower case): ``One@`` and ``one@`` are one recipient's copy.
+    distinct = list({r.lower(): r for r in reversed(recipients)}.values())
     if len(distinct) == 1 and distinct[0].isprintable():
         lines += f"Delivered-To: {distinct[0]}\r\n"
     return lines.encode("utf-8")
@@ -223,15 +277,19 @@ def _subdirs(path: Path) -> list[Path]:
     except OSError as exc:
         log.warning("maildir: cannot list %s for stale files: %s", path, exc.strerror or exc)
         return []
-    return [Path(e.path) for e in entries if _is_dir(e)]
+    # Not through a symbolic link: the cleanup stays inside the tree.
+    return [Path(e.path) for e in entries if _is_dir(e, follow=False)]
 
 
-def _is_dir(entry: os.DirEntry[str] | Path) -> bool:
-    """Whether ``entry`` is a directory (following symbolic links); an error
-    other than "no such file" is logged and counts as no."""
+def _is_dir(entry: os.DirEntry[str] | Path, *, follow: bool = True) -> bool:
+    """Whether ``entry`` is a directory (following symbolic links unless
+    ``follow`` is false); an error other than "no such file" is logged and
+    counts as no."""
     try:
-        return entry.is_dir()
-    except FileNotFoundError:  # pragma: no cover - is_dir() says False itself
+        if isinstance(entry, Path):
+            return entry.is_dir() if follow else stat.S_ISDIR(entry.lstat().st_mode)
+        return entry.is_dir(follow_symlinks=follow)
+    except FileNotFoundError:
         return False
     except OSError as exc:
         log.warning("maildir: cannot examine %s: %s", entry, exc.strerror or exc)
@@ -340,7 +398,7 @@ class MaildirPlugin:
             if domain.name in skip:
                 continue
             for local in _subdirs(domain):
-                if _is_dir(local / "tmp"):
+                if _is_dir(local / "tmp", follow=False):
                     found.append(local)
         return found
 
@@ -529,22 +587,18 @@ class MaildirPlugin:
         leads: Mapping[Path, bytes] | None = None,
     ) -> Accept | None:
         loop = asyncio.get_running_loop()
-        abort = threading.Event()
+        abort = _Abort()
+
+        def run() -> None:
+            abort.settle(self.deliver(envelope, targets, abort, leads))
+
         try:
-            await loop.run_in_executor(None, self.deliver, envelope, targets, abort, leads)
+            await loop.run_in_executor(None, run)
         except asyncio.CancelledError:
-            # The hook timed out (the client gets 451) but the thread runs on:
-            # tell it to remove what it wrote, so a retry makes no duplicate.
-            abort.set()
-            log.warning(
-                "[%s %s] maildir: delivery of message %s cancelled; its files are removed",
-                session.id,
-                session.remote_ip,
-                envelope.id,
-            )
+            self._cancelled(session, envelope, abort)
             raise
         except OSError as exc:
-            where = exc.filename or (targets[0] if len(targets) == 1 else self.path)
+            where = _where(exc, targets[0] if len(targets) == 1 else self.path)
             log.error(
                 "[%s %s] maildir: message %s not delivered, %s: %s",
                 session.id,
@@ -567,19 +621,18 @@ class MaildirPlugin:
             {m: [envelope.recipients[i].canonical for i in idx] for m, idx in groups.items()},
         )
         loop = asyncio.get_running_loop()
-        abort = threading.Event()
+        abort = _Abort()
+
+        def run() -> dict[Path, OSError]:
+            stored: list[Path] = []
+            failed = self.deliver_each(envelope, list(groups), abort, leads, stored)
+            abort.settle(stored)
+            return failed
+
         try:
-            failed = await loop.run_in_executor(
-                None, self.deliver_each, envelope, list(groups), abort, leads
-            )
+            failed = await loop.run_in_executor(None, run)
         except asyncio.CancelledError:
-            abort.set()
-            log.warning(
-                "[%s %s] maildir: delivery of message %s cancelled; its files are removed",
-                session.id,
-                session.remote_ip,
-                envelope.id,
-            )
+            self._cancelled(session, envelope, abort)
             raise
         for maildir, exc in failed.items():
             log.error(
@@ -587,7 +640,7 @@ class MaildirPlugin:
                 session.id,
                 session.remote_ip,
                 envelope.id,
-                exc.filename or maildir,
+                _where(exc, maildir),
                 exc.strerror or type(exc).__name__,
             )
             if exc.errno == getattr(errno, "EDQUOT", None):
@@ -600,19 +653,47 @@ class MaildirPlugin:
                 envelope.refuse_recipient(i, error)
         return Accept(f"Ok: queued as {envelope.id}")
 
+    def _cancelled(self, session: Session, envelope: Envelope, abort: _Abort) -> None:
+        """The hook timed out (the client gets ``451``) while the thread runs
+        on: it removes what it writes from now on, and what it had stored
+        already is removed here, so that the client's retry makes no
+        duplicate."""
+        stored = abort.cancel()
+        removed = _unlink_all(stored)
+        if removed < len(stored):
+            log.warning(
+                "[%s %s] maildir: delivery of message %s timed out after %d of its files "
+                "were taken from new/ by a reader: the client, answered 451, may send a "
+                "duplicate",
+                session.id,
+                session.remote_ip,
+                envelope.id,
+                len(stored) - removed,
+            )
+        else:
+            log.warning(
+                "[%s %s] maildir: delivery of message %s cancelled (timed out); its "
+                "files are removed",
+                session.id,
+                session.remote_ip,
+                envelope.id,
+            )
+
     def deliver_each(
         self,
         envelope: Envelope,
         targets: list[Path],
         abort: threading.Event | None = None,
         leads: Mapping[Path, bytes] | None = None,
+        stored: list[Path] | None = None,
     ) -> dict[Path, OSError]:
         """Blocking: store the message in each of ``targets`` on its own;
-        return the maildirs that failed, with their errors. If ``abort`` is
-        set before the end, every file written is removed and
-        :class:`DeliveryAborted` is raised."""
+        return the maildirs that failed, with their errors (the new files
+        are added to ``stored`` if given). If ``abort`` is set before the
+        end, every file written is removed and :class:`DeliveryAborted` is
+        raised."""
         failed: dict[Path, OSError] = {}
-        done: list[Path] = []
+        done: list[Path] = stored if stored is not None else []
         try:
             for maildir in targets:
                 try:
@@ -668,17 +749,24 @@ class MaildirPlugin:
                 written.setdefault(lead, tmp)
                 checkpoint()
             for tmp, new in moves:
-                os.rename(tmp, new)
+                try:
+                    os.rename(tmp, new)
+                except FileNotFoundError:
+                    # new/ is gone (a crash or a hand while it was made, or
+                    # removed since): made again, as tmp/ would be.
+                    if not self.create or not tmp.exists():
+                        raise
+                    self._ensure_maildir(new.parent.parent)
+                    os.rename(tmp, new)
                 done.append(new)
             for new_dir in dict.fromkeys(new.parent for new in done):
                 fsync_dir(new_dir)
             checkpoint()
-        except BaseException:
-            for path in [tmp for tmp, _ in moves] + done:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+        except BaseException as exc:
+            if isinstance(exc, OSError) and exc.filename is None and moves:
+                # A write error names no file: the log names the mailbox.
+                exc.filename = str(moves[-1][0])
+            _unlink_all([tmp for tmp, _ in moves] + done)
             raise
         return done
 

@@ -33,6 +33,7 @@ from bonzo.errors import SMTPError
 from bonzo.hookspecs import Accept
 from bonzo.session import Envelope
 
+MESSAGE = b"Subject: hi\r\n\r\nHello\r\n"
 NAME = re.compile(r"\d+\.M\d+P\d+Q\d+\.[^/,:]+,S=(\d+)")
 
 
@@ -864,3 +865,96 @@ def test_envelope_headers_per_copy_and_never_in_a_shared_copy(tmp_path):
         b'Return-Path: <"a b"@x.test>\r\n'
     )
     assert envelope_lead("a@x.test", ["b\u2029@y.test"]) == b"Return-Path: <a@x.test>\r\n"
+
+
+# ------------------------------------------ what a review found (the hook timeout)
+@pytest.mark.parametrize("per_recipient", [False, True])
+def test_a_delivery_that_times_out_after_it_was_stored_leaves_no_copy(
+    tmp_path, monkeypatch, caplog, per_recipient
+):
+    """The thread has stored the message (durably, in new/) when the hook's
+    time runs out: the client is answered 451 and sends it again, so the
+    stored copy is removed — no duplicate."""
+    from bonzo_plugins.maildir import plugin as maildir_module
+
+    plugin = configured(tmp_path, per_recipient=per_recipient)
+    plugin.bonzo_startup()
+    stored, release = threading.Event(), threading.Event()
+    real_settle = maildir_module._Abort.settle
+
+    def settle_then_stall(self, paths):
+        real_settle(self, paths)
+        stored.set()
+        release.wait(5)  # the thread is done; its hook is still waiting
+
+    monkeypatch.setattr(maildir_module._Abort, "settle", settle_then_stall)
+    envelope = message(["a@example.com", "b@example.com"])
+
+    async def main():
+        task = asyncio.ensure_future(
+            plugin.bonzo_deliver(session=make_session(), envelope=envelope)
+        )
+        while not stored.is_set():
+            await asyncio.sleep(0.01)
+        assert [p.parent.name for p in files(tmp_path)] == ["new"] * (2 if per_recipient else 1)
+        task.cancel()  # the hook timeout
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+
+    asyncio.run(main())
+    assert files(tmp_path) == []
+    assert "cancelled (timed out); its files are removed" in caplog.text
+
+
+def test_a_missing_new_or_a_half_made_folder_is_made_again(tmp_path):
+    import shutil
+
+    plugin = configured(tmp_path)
+    plugin.bonzo_startup()
+    shutil.rmtree(tmp_path / "Maildir" / "new")
+    deliver(plugin, message())
+    assert [p.parent.name for p in files(tmp_path)] == ["new"]
+    per = configured(tmp_path / "per", per_recipient=True)
+    half = tmp_path / "per" / "Maildir" / "example.com" / "b"
+    (half / "tmp").mkdir(parents=True)  # a disk-full left it so
+    deliver(per, message(["b@example.com"]))
+    assert [p.relative_to(half).parts[0] for p in files(half)] == ["new"]
+    assert sorted(p.name for p in half.iterdir()) == ["cur", "new", "tmp"]
+
+
+@pytest.mark.expect_errors
+def test_a_failed_rename_names_both_paths(tmp_path, caplog):
+    plugin = configured(tmp_path)
+    plugin.bonzo_startup()
+    new = tmp_path / "Maildir" / "new"
+    new.rmdir()
+    new.write_text("not a directory")
+    assert refusal(plugin, message()) == (451, "4.3.0")
+    [line] = [r.getMessage() for r in caplog.records if "not delivered" in r.getMessage()]
+    assert "/Maildir/tmp/" in line and f" -> {new}/" in line
+
+
+def test_two_spellings_of_one_mailbox_keep_delivered_to(tmp_path):
+    plugin = configured(tmp_path, per_recipient=True)
+    with serve(("recipients", recipients()), ("maildir", plugin)) as server:
+        with server.client() as client:
+            client.sendmail("a@example.org", ["one@example.com", "One@example.com"], MESSAGE)
+    (path,) = files(tmp_path / "Maildir")
+    assert b"\r\nDelivered-To: one@example.com\r\n" in path.read_bytes()
+
+
+def test_the_stale_file_cleanup_does_not_follow_links_out_of_the_tree(tmp_path):
+    plugin = configured(tmp_path, per_recipient=True)
+    plugin.bonzo_startup()
+    victim = tmp_path / "elsewhere"
+    (victim / "tmp").mkdir(parents=True)
+    precious = victim / "tmp" / "precious"
+    precious.write_text("keep")
+    old = time.time() - 40 * 3600
+    os.utime(precious, (old, old))
+    (tmp_path / "Maildir" / "example.com").mkdir()
+    (tmp_path / "Maildir" / "example.com" / "victimlink").symlink_to(victim)
+    (tmp_path / "Maildir" / "linked.example").symlink_to(tmp_path / "elsewhere-domain")
+    assert plugin.clean_tmp() == (0, 0)
+    assert precious.exists()
