@@ -24,7 +24,7 @@ from bonzo.client import ClientConnection, ClientError, Reply, Stage
 from bonzo.errors import PermanentError, SMTPError, TransientError
 from bonzo.hookspecs import Accept, hookimpl
 from bonzo.schema import Key, Schema
-from bonzo.session import Envelope, Session
+from bonzo.session import Envelope, Session, log_escape
 
 from .._client import client_settings
 from .._config import local_address
@@ -124,7 +124,9 @@ def downstream_error(reply: Reply, stage: Stage | None = None) -> SMTPError:
         if code >= 500:
             return PermanentError(_safe_text(reply, "Refused downstream"), code, enhanced)
         return TransientError(_UNAVAILABLE, 451, enhanced or "4.4.1")
-    if code >= 500 and stage in _SETUP:
+    if code >= 500 and (stage in _SETUP or code == 530):
+        # 530 (RFC 3207, RFC 4954): the downstream wants TLS or AUTH of this
+        # gateway: about the gateway, not the message.
         return TransientError(_UNAVAILABLE, 451, "4.4.1")
     if code >= 500:
         return PermanentError(_safe_text(reply, "Refused downstream"), code, enhanced)
@@ -139,7 +141,7 @@ class Link:
     """One client session's connection to the downstream server, and where
     its transaction stands."""
 
-    __slots__ = ("session_id", "conn", "envelope", "accepted", "sender")
+    __slots__ = ("session_id", "conn", "envelope", "accepted", "sender", "promised")
 
     def __init__(self, session_id: str) -> None:
         self.session_id = session_id
@@ -153,6 +155,18 @@ class Link:
         self.accepted: list[str] = []
         #: The reverse-path that transaction was opened with.
         self.sender: str | None = None
+        #: The client's envelope id and the recipients it was answered
+        #: ``250`` for at ``RCPT`` (on the downstream's word): kept across a
+        #: new downstream transaction for the same message.
+        self.promised: tuple[str | None, set[str]] = (None, set())
+
+    def promise(self, envelope_id: str, address: str) -> None:
+        if self.promised[0] != envelope_id:
+            self.promised = (envelope_id, set())
+        self.promised[1].add(address)
+
+    def was_promised(self, envelope_id: str, address: str) -> bool:
+        return self.promised[0] == envelope_id and address in self.promised[1]
 
     def drop(self) -> None:
         """Forget the connection, closing it at once (its state is unknown)."""
@@ -180,19 +194,20 @@ def _fitted(options: dict[str, Any], conn: ClientConnection) -> dict[str, Any]:
 def _content_problem(conn: ClientConnection, envelope: Envelope) -> SMTPError | None:
     """What the downstream cannot take, known before ``DATA``: 8-bit content
     without its ``8BITMIME`` (declared or not: there is no conversion to
-    7 bits), or a message declared ``SMTPUTF8`` with 8-bit content (UTF-8
-    headers) without its ``SMTPUTF8``. ``None`` when it can."""
+    7 bits), or a message declared ``SMTPUTF8`` with UTF-8 in its header
+    fields (RFC 6532; UTF-8 in the body needs only ``8BITMIME``) without its
+    ``SMTPUTF8``. ``None`` when it can."""
     utf8 = "SMTPUTF8" in envelope.mail_params and not conn.supports("SMTPUTF8")
-    if conn.supports("8BITMIME") and not utf8:
-        return None
-    if not client.has_8bit(envelope):
-        return None
-    if utf8:
+    if utf8 and not all(f"{name}:{value}".isascii() for name, value in envelope.headers()):
         return PermanentError(
             "The message needs SMTPUTF8 and the downstream server does not support it",
             553,
             "5.6.7",
         )
+    if conn.supports("8BITMIME"):
+        return None
+    if not client.has_8bit(envelope):
+        return None
     return PermanentError(
         "The message has 8-bit content and the downstream server does not support 8BITMIME",
         554,
@@ -227,6 +242,9 @@ class ForwardPlugin:
         timeouts["data_block_timeout"] = command
         timeouts["quit_timeout"] = min(command, 10.0)
         self.check_rcpt = values["check_rcpt"]
+        # With check_rcpt every RCPT gets the downstream's verdict: a plugin
+        # listed after this one is never asked (bonzo check says so).
+        self.decides_always: tuple[str, ...] = ("bonzo_rcpt",) if self.check_rcpt else ()
         #: Shown by ``bonzo check`` and at ``bonzo serve``.
         self.config_warnings = (
             []
@@ -280,6 +298,7 @@ class ForwardPlugin:
             await self._start(link, envelope)
         reply = await self._rcpt(link, address, params)
         if reply.code in (250, 251):
+            link.promise(envelope.id, address)
             return Accept()
         raise downstream_error(reply, Stage.RCPT)
 
@@ -308,6 +327,7 @@ class ForwardPlugin:
         assert conn is not None
         have = list(link.accepted)
         errors: list[SMTPError] = []
+        broken: list[tuple[str, Reply]] = []
         for i in todo:
             address = envelope.rcpt_tos[i]
             if address in have:
@@ -315,9 +335,32 @@ class ForwardPlugin:
                 continue
             reply = await self._rcpt(link, address, envelope.rcpt_params[i])
             if reply.code not in (250, 251):
+                if link.was_promised(envelope.id, address):
+                    # Answered 250 at RCPT, now refused in a new downstream
+                    # transaction: it cannot be refused alone after the
+                    # message (one reply for all), nor dropped.
+                    broken.append((address, reply))
+                    continue
                 error = downstream_error(reply, Stage.RCPT)
                 errors.append(error)
                 envelope.refuse_recipient(i, error)
+        if broken:
+            link.drop()
+            address, reply = broken[0]
+            log.warning(
+                "[%s %s] forward: %s, accepted at RCPT, refused in a new downstream "
+                "transaction (%s %s): the message is deferred",
+                session.id,
+                session.remote_ip,
+                log_escape(address),
+                reply.code,
+                reply.enhanced_code,
+            )
+            raise TransientError(
+                "A recipient accepted before is refused downstream now; try again later",
+                451,
+                "4.4.2",
+            )
         if not link.accepted:
             # Nobody to send it to: the first deferral, else the first refusal.
             link.envelope = None

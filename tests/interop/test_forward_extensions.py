@@ -60,7 +60,14 @@ def test_eight_bit_content_is_refused_before_data(front):
     for options, expected in (
         (["BODY=8BITMIME"], (554, b"5.6.3")),
         ([], (554, b"5.6.3")),
-        (["BODY=8BITMIME", "SMTPUTF8"], (553, b"5.6.7")),
+        # UTF-8 in the body needs 8BITMIME, not SMTPUTF8 (RFC 6532).
+        (["BODY=8BITMIME", "SMTPUTF8"], (554, b"5.6.3")),
     ):
         code, text = send(front, EIGHT, options)
+        assert (code, text.split()[0]) == expected, (options, text)
+    # UTF-8 in a header field does need SMTPUTF8.
+    utf8_header = EIGHT.replace(b"Subject: ", "Subject: caf\u00e9 ".encode(), 1)
+    assert utf8_header != EIGHT
+    for options, expected in ((["BODY=8BITMIME", "SMTPUTF8"], (553, b"5.6.7")),):
+        code, text = send(front, utf8_header, options)
         assert (code, text.split()[0]) == expected, (options, text)

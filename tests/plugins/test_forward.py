@@ -474,3 +474,84 @@ def test_the_example_configuration_shows_every_key():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))
     entry = pyproject["project"]["entry-points"]["bonzo.plugins"]["forward"]
     assert entry == "bonzo_plugins.forward:ForwardPlugin"
+
+
+# ------------------------------------------------ what a review found (forward)
+class RefusesLater(Downstream):
+    """Accepts ``full@`` on the first connection only (a mailbox that filled
+    meanwhile)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connections = 0
+
+    def bonzo_connect(self, session: Any) -> Any:
+        self.connections += 1
+        return super().bonzo_connect(session)
+
+    def bonzo_rcpt(self, mailbox: Any) -> Any:  # type: ignore[override] # a hook, by name
+        if mailbox.local == "full" and self.connections > 1:
+            raise PermanentError("Mailbox full", 552, "5.2.2")
+        return super().bonzo_rcpt(mailbox)
+
+
+def test_a_recipient_accepted_at_rcpt_and_refused_after_a_reconnect_defers_the_message(
+    start_server, caplog
+):
+    """The downstream closes the idle link while the client is slow to send
+    DATA; in the new transaction it refuses a recipient the client was
+    already told 250 for: the message is deferred, never answered 250
+    without that recipient."""
+    down = start_server(plugin=RefusesLater(), hostname="mx.dest.test", idle_timeout=0.5)
+    plugins = PluginSet(timeout=20.0)
+    plugins.register(forward(down.port), "forward")
+    front = start_server(plugins=plugins, hostname="gw.test")
+    with connect(front) as client:
+        assert client.mail("alice@example.org")[0] == 250
+        assert client.rcpt("full@dest.test")[0] == 250
+        assert client.rcpt("ok@dest.test")[0] == 250
+        time.sleep(1.0)  # the downstream drops the idle link
+        code, text = client.data(MESSAGE)
+    assert (code, text.split()[0]) == (451, b"4.4.2"), (code, text)
+    assert down.plugin.messages == []
+    assert "full@dest.test, accepted at RCPT, refused in a new downstream transaction" in (
+        caplog.text
+    )
+
+
+class WantsTLS(Downstream):
+    def bonzo_mail(self, session: Any, envelope: Any, address: str, params: Any) -> Any:
+        raise PermanentError("Must issue a STARTTLS command first", 530, "5.7.0")
+
+
+def test_a_downstream_that_wants_tls_or_auth_of_the_gateway_is_a_4xx(start_server):
+    down = start_server(plugin=WantsTLS(), hostname="mx.dest.test")
+    plugins = PluginSet(timeout=20.0)
+    plugins.register(forward(down.port, tls="none"), "forward")
+    front = start_server(plugins=plugins, hostname="gw.test")
+    with connect(front) as client:
+        code, text = client.mail("alice@example.org")
+    assert (code, text.split()[0]) == (451, b"4.4.1"), (code, text)
+
+
+def test_with_check_rcpt_a_plugin_after_forward_is_reported(tmp_path):
+    from bonzo.app import MailApp
+    from bonzo.config import parse_config
+
+    text = textwrap.dedent(
+        """\
+        [[listeners]]
+        port = 0
+        [plugins]
+        enabled = ["forward", "recipients"]
+        [plugins.forward]
+        host = "127.0.0.1"
+        [plugins.recipients]
+        domains = ["dest.test"]
+        """
+    )
+    warnings = MailApp(parse_config(text, source="bonzo.toml", base_dir=tmp_path)).warnings()
+    assert any(
+        "'recipients''s bonzo_rcpt never runs: 'forward' before it decides every bonzo_rcpt" in w
+        for w in warnings
+    ), warnings
