@@ -196,7 +196,14 @@ def _content_problem(conn: ClientConnection, envelope: Envelope) -> SMTPError | 
     without its ``8BITMIME`` (declared or not: there is no conversion to
     7 bits), or a message declared ``SMTPUTF8`` with UTF-8 in its header
     fields (RFC 6532; UTF-8 in the body needs only ``8BITMIME``) without its
-    ``SMTPUTF8``. ``None`` when it can."""
+    ``SMTPUTF8``; or a message over the downstream's ``SIZE`` (declared or
+    not). ``None`` when it can."""
+    limit = conn.size_limit
+    size = len(envelope.header_bytes) + envelope.size
+    if limit and size > limit:
+        return PermanentError(
+            f"Message size {size} exceeds the downstream server's limit {limit}", 552, "5.3.4"
+        )
     utf8 = "SMTPUTF8" in envelope.mail_params and not conn.supports("SMTPUTF8")
     if utf8 and not all(f"{name}:{value}".isascii() for name, value in envelope.headers()):
         return PermanentError(

@@ -555,3 +555,20 @@ def test_with_check_rcpt_a_plugin_after_forward_is_reported(tmp_path):
         "'recipients''s bonzo_rcpt never runs: 'forward' before it decides every bonzo_rcpt" in w
         for w in warnings
     ), warnings
+
+
+def test_a_message_over_the_downstreams_size_is_refused_before_data_declared_or_not(
+    start_server,
+):
+    down = start_server(plugin=Downstream(), hostname="mx.dest.test", max_message_size=1000)
+    plugins = PluginSet(timeout=20.0)
+    plugins.register(forward(down.port), "forward")
+    front = start_server(plugins=plugins, hostname="gw.test")
+    big = MESSAGE + b"x" * 1200 + b"\r\n"
+    with connect(front) as client:
+        assert client.mail("alice@example.org")[0] == 250  # no SIZE= declared
+        assert client.rcpt("bob@dest.test")[0] == 250
+        code, text = client.data(big)
+    assert (code, text.split()[0]) == (552, b"5.3.4"), (code, text)
+    assert b"exceeds the downstream server's limit 1000" in text
+    assert down.plugin.messages == []
