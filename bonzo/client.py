@@ -127,6 +127,7 @@ from .settings import finite_number
 
 __all__ = [
     "deadline",
+    "sendable",
     "Stage",
     "Status",
     "Reply",
@@ -729,6 +730,21 @@ def _check_mailbox(address: str, what: str) -> None:
         raise ValueError(f"bad {what} address {address!r}")
     if len(address.encode("utf-8")) > 254:
         raise ValueError(f"{what} address too long: {address!r}")
+
+
+def sendable(address: str) -> bool:
+    """True if ``address`` can be put in a ``MAIL`` or ``RCPT`` command
+    (what :meth:`ClientConnection.send` refuses with :class:`ValueError`
+    otherwise): no control character, no ``<``/``>`` outside a quoted
+    local part, at most 254 octets.
+
+    .. versionadded:: 0.2
+    """
+    try:
+        _check_mailbox(address, "")
+    except ValueError:
+        return False
+    return True
 
 
 def _check_xtext(value: str, what: str) -> None:

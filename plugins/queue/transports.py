@@ -320,6 +320,19 @@ class _Pooled:
     async def _deliver_to(
         self, destination: str, message: QueuedMessage, recipients: Sequence[Recipient]
     ) -> list[Outcome]:
+        # An address no command can carry fails alone, for good, rather than
+        # the whole group at every attempt (Bonzo's server accepts none).
+        if not client.sendable(message.sender):
+            bad = Outcome("failed", 553, "5.1.7", "The sender address cannot be sent on", "queue")
+            return [bad] * len(recipients)
+        unsendable = [i for i, r in enumerate(recipients) if not client.sendable(r.address)]
+        if unsendable:
+            bad = Outcome(
+                "failed", 553, "5.1.3", "The recipient address cannot be sent on", "queue"
+            )
+            rest = [r for i, r in enumerate(recipients) if i not in unsendable]
+            done = iter(await self._deliver_to(destination, message, rest) if rest else [])
+            return [bad if i in unsendable else next(done) for i in range(len(recipients))]
         rcpts = _recipients(recipients)
         options = _send_options(message)
         for _ in range(2):  # a pooled connection may have gone stale: once more on a new one

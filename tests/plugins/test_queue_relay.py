@@ -138,3 +138,23 @@ def test_a_servers_reply_is_one_log_line(tmp_path, caplog, crlf):
     [line] = [r.getMessage() for r in caplog.records if " deferred: " in r.getMessage()]
     assert "\n" not in line and "\u2028" not in line and line.count(" to=<") == 2
     assert line.startswith("queue: M1 to=<bob@dest.test> deferred: 452 4.2.2 ")
+
+
+def test_an_address_no_command_can_carry_fails_alone(tmp_path, caplog):
+    """Bonzo's server accepts no such address, but a queue file may hold one
+    (written by a plugin, by hand): it fails for good, alone, and the other
+    recipients of its destination are delivered."""
+    fake = Fake()
+
+    async def main() -> Spool:
+        async with serve(fake) as port:
+            route = {"type": "smarthost", "host": "127.0.0.1", "port": port, "tls": "none"}
+            env = envelope("bob@dest.test", "bad>addr@dest.test")
+            return await relay(tmp_path, route, env, b"Subject: t\r\n\r\nhi\r\n")
+
+    spool = asyncio.run(main())
+    assert [c for c in fake.commands if c.startswith("RCPT")] == ["RCPT TO:<bob@dest.test>"]
+    assert len(fake.messages) == 1
+    assert "queue: M1 to=<bad\\x3eaddr@dest.test> bounced: 553 5.1.3 " in caplog.text
+    [report] = [m for m in spool.iter_messages() if m.sender == ""]
+    assert report.recipients[0].address == "alice@example.org"
