@@ -968,10 +968,10 @@ class ClientConnection:
         self._group_write(line + b"\r\n")
         return await replies.reply(stage, self._within(timeout))
 
-    async def _send_data(self, content: _Content, replies: int = 1) -> None:
-        """The message (then ``replies`` replies are due): sent until its end,
-        or until the server answers early (:attr:`_early`)."""
-        self._early = await self._group_content(content, replies)
+    async def _send_data(self, content: _Content) -> None:
+        """The message (its replies owed already: :meth:`_data_command`),
+        sent until its end or until the server answers early (:attr:`_early`)."""
+        self._early = await self._group_content(content, 0)
 
     async def _read_reply(self, stage: Stage, timeout: float) -> Reply:
         reply = await self._group_reply(stage, timeout)
@@ -1073,8 +1073,7 @@ class ClientConnection:
             self.transactions += 1
             self._clean = False
 
-            async def read(stage: Stage, timeout: float) -> Reply:
-                return await self._group_reply(stage, timeout)
+            read = self._group_reply
 
             async def ask(stage: Stage, line: bytes, timeout: float, ok: tuple[int, ...]) -> Reply:
                 # Pipelined, the command went with the group: only its reply is read.
@@ -1120,11 +1119,10 @@ class ClientConnection:
                 reply = _classified(
                     Stage.DATA, await read(Stage.DATA, settings.data_timeout), (354,)
                 )
+                if reply.code != 354:
+                    reader.owed -= preowed
             else:
-                preowed = len(groups)
-                reply = await self._data_command(preowed)
-            if reply.code != 354:
-                reader.owed -= preowed
+                reply = await self._data_command(len(groups))
             if not accepted:
                 if reply.code == 354:
                     # DATA taken with no recipient (RFC 2920 3.1): end it with
@@ -1143,7 +1141,9 @@ class ClientConnection:
             await self._final_replies(groups, early, settle, settle_reply)
 
     async def _data_command(self, replies: int) -> Reply:
-        """``DATA`` alone, the ``replies`` to the message owed with it."""
+        """``DATA`` alone, the ``replies`` to the message owed with it (so
+        that one the server sends with the ``354`` is heard as early), and
+        no longer owed when the answer is not ``354``."""
         stage = Stage.DATA
         reader = self._replies
         if reader is None:
@@ -1151,6 +1151,8 @@ class ClientConnection:
         reader.in_step(stage)
         self._group_write(b"DATA\r\n", replies=1 + replies)
         reply = await reader.reply(stage, self._within(self.settings.data_timeout))
+        if reply.code != 354:
+            reader.owed -= replies
         return _classified(stage, reply, (354,))
 
     async def _final_replies(
@@ -1407,9 +1409,7 @@ class ClientConnection:
         ``354``, the message having been sent."""
         reply = await self._data_command(replies)
         if reply.code == 354:
-            await self._send_data(content, 0)
-        elif self._replies is not None:
-            self._replies.owed -= replies
+            await self._send_data(content)
         return reply
 
     async def _end_reply(self) -> Reply:

@@ -316,14 +316,11 @@ def _resolve_secrets(value: Any, source: str, key: str, base_dir: Path) -> Any:
     return value
 
 
-_shown = spelled
-
-
 def _path(value: Any, source: str, key: str, base_dir: Path) -> str:
     """``value`` as an absolute path, relative ones taken from ``base_dir``
     (the configuration file's directory)."""
     if not isinstance(value, str) or not value:
-        raise ConfigError(source, key, f"must be a non-empty path string, not {_shown(value)}")
+        raise ConfigError(source, key, f"must be a non-empty path string, not {spelled(value)}")
     if "\0" in value:
         raise ConfigError(source, key, f"must not contain a NUL character: {value!r}")
     path = str((base_dir / value).resolve())
@@ -423,7 +420,7 @@ def _build(data: dict[str, Any], source: str, base_dir: Path) -> Config:
             if key == "workers":
                 if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
                     raise ConfigError(
-                        source, "server.workers", f"must be an integer 1..256, not {_shown(value)}"
+                        source, "server.workers", f"must be an integer 1..256, not {spelled(value)}"
                     )
                 workers = value
             elif key == "loop":
@@ -490,7 +487,7 @@ EVENT_LOOPS = ("asyncio", "uvloop")
 def _event_loop(value: Any, source: str) -> str:
     if value not in EVENT_LOOPS:
         raise ConfigError(
-            source, "server.loop", f"must be one of {', '.join(EVENT_LOOPS)}, not {_shown(value)}"
+            source, "server.loop", f"must be one of {', '.join(EVENT_LOOPS)}, not {spelled(value)}"
         )
     if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
         raise ConfigError(
@@ -502,7 +499,7 @@ def _event_loop(value: Any, source: str) -> str:
 def _bool(item: dict[str, Any], name: str, source: str, key: str) -> bool:
     value = item.get(name, False)
     if not isinstance(value, bool):
-        raise ConfigError(source, f"{key}.{name}", f"must be true or false, not {_shown(value)}")
+        raise ConfigError(source, f"{key}.{name}", f"must be true or false, not {spelled(value)}")
     return value
 
 
@@ -550,7 +547,7 @@ def _listener_settings(
         raise ConfigError(
             source,
             f"{key}.auth_mechanisms",
-            f"must be a non-empty list of {', '.join(MECHANISMS)}, not {_shown(mechanisms)}",
+            f"must be a non-empty list of {', '.join(MECHANISMS)}, not {spelled(mechanisms)}",
         )
     flags = {
         name: _bool(item, name, source, key)
@@ -615,7 +612,7 @@ def _listeners(value: Any, source: str, base_dir: Path) -> list[ListenerConfig]:
             raise ConfigError(
                 source,
                 f"{key}.protocol",
-                f"must be one of {', '.join(_shown(p) for p in PROTOCOLS)}, not {_shown(protocol)}",
+                f"must be one of {', '.join(map(spelled, PROTOCOLS))}, not {spelled(protocol)}",
             )
         if "path" in item:
             for k in ("address", "port", "tls", "implicit_tls", "require_tls"):
@@ -636,7 +633,7 @@ def _listeners(value: Any, source: str, base_dir: Path) -> list[ListenerConfig]:
                 raise ConfigError(
                     source,
                     f"{key}.mode",
-                    f'must be permission bits such as 0o660 or "0660", not {_shown(mode)}',
+                    f'must be permission bits such as 0o660 or "0660", not {spelled(mode)}',
                 )
             settings = _listener_settings(item, source, key, base_dir)
             out.append(
@@ -658,7 +655,7 @@ def _listeners(value: Any, source: str, base_dir: Path) -> list[ListenerConfig]:
             _bindable(address, source, f"{key}.address")
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ConfigError(
-                source, f"{key}.port", f"must be an integer 0..65535, not {_shown(port)}"
+                source, f"{key}.port", f"must be an integer 0..65535, not {spelled(port)}"
             )
         if (address, port) in seen and port:
             raise ConfigError(source, key, f"duplicate listener {address}:{port}")
@@ -743,19 +740,19 @@ def _logging(table: dict[str, Any], source: str, base_dir: Path) -> LoggingConfi
     level = table.get("level", "info")
     if not isinstance(level, str) or level.lower() not in LOG_LEVELS:
         raise ConfigError(
-            source, "logging.level", f"must be one of {', '.join(LOG_LEVELS)}, not {_shown(level)}"
+            source, "logging.level", f"must be one of {', '.join(LOG_LEVELS)}, not {spelled(level)}"
         )
     access = table.get("access_log", True)
     if not isinstance(access, bool):
         raise ConfigError(
-            source, "logging.access_log", f"must be true or false, not {_shown(access)}"
+            source, "logging.access_log", f"must be true or false, not {spelled(access)}"
         )
     file = table.get("file")
     if file is not None:
         file = _path(file, source, "logging.file", base_dir)
     fmt = table.get("format", "text")
     if fmt not in ("text", "json"):
-        raise ConfigError(source, "logging.format", f'must be "text" or "json", not {_shown(fmt)}')
+        raise ConfigError(source, "logging.format", f'must be "text" or "json", not {spelled(fmt)}')
     return LoggingConfig(level=level.lower(), access_log=access, file=file, format=fmt)
 
 
@@ -773,7 +770,7 @@ def _bindable(value: str, source: str, key: str) -> None:
         address = ipaddress.ip_address(value)
     except ValueError:
         raise ConfigError(
-            source, key, f'must be an IP address (or "" for all), not {_shown(value)}'
+            source, key, f'must be an IP address (or "" for all), not {spelled(value)}'
         ) from None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         # IPv6 sockets listen IPv6-only: a mapped address cannot be bound.
@@ -797,7 +794,7 @@ def _metrics(table: dict[str, Any], source: str) -> MetricsConfig:
         isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535
     ):
         raise ConfigError(
-            source, "metrics.port", f"must be an integer 1..65535, not {_shown(port)}"
+            source, "metrics.port", f"must be an integer 1..65535, not {spelled(port)}"
         )
     path = table.get("path", "/metrics")
     if (
@@ -809,7 +806,7 @@ def _metrics(table: dict[str, Any], source: str) -> MetricsConfig:
         raise ConfigError(
             source,
             "metrics.path",
-            f'must be a URL path such as "/metrics" (letters, digits, ._~-/), not {_shown(path)}',
+            f'must be a URL path such as "/metrics" (letters, digits, ._~-/), not {spelled(path)}',
         )
     if path == "/health":
         raise ConfigError(source, "metrics.path", "/health is the health endpoint")
@@ -874,7 +871,7 @@ def _plugins(table: dict[str, Any], source: str, base_dir: Path) -> PluginsConfi
     timeout = table.get("timeout", 60.0)
     if not positive_seconds(timeout):
         raise ConfigError(
-            source, "plugins.timeout", f"must be a positive number, not {_shown(timeout)}"
+            source, "plugins.timeout", f"must be a positive number, not {spelled(timeout)}"
         )
     config.timeout = float(timeout)
     timeouts = table.get("timeouts", {})
@@ -887,7 +884,7 @@ def _plugins(table: dict[str, Any], source: str, base_dir: Path) -> PluginsConfi
             raise ConfigError(
                 source,
                 f"plugins.timeouts.{name}",
-                f"must be a positive number, not {_shown(value)}",
+                f"must be a positive number, not {spelled(value)}",
             )
         config.timeouts[name] = float(value)
     paths = table.get("paths", [])

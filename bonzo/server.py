@@ -441,8 +441,6 @@ class SMTPServer(TCPServer):
         # The address each counted connection is counted under (None: in
         # the total only, its client not known yet).
         self._counted: dict[SMTPConnection, str | None] = {}
-        # Connections refused at accept whose 421 is not sent yet.
-        self._refusing: set[SMTPConnection] = set()
         self._legacy = request_callback is not None
         if accept_batch < 1:
             raise ValueError(f"accept_batch must be at least 1, not {accept_batch}")
@@ -512,8 +510,11 @@ class SMTPServer(TCPServer):
             refusal, limit = "Too many connections, try again later", "max_connections"
         elif not proxied and self._over_ip_limit(ip):
             refusal, limit = "Too many connections from your address", "max_connections_per_ip"
-        waits = self.listener.implicit_tls or proxied
-        if limit is not None and waits and len(self._refusing) >= REFUSING_MAX:
+        if (
+            limit is not None
+            and (self.listener.implicit_tls or proxied)
+            and self.refusing >= REFUSING_MAX
+        ):
             # Its 421 would wait for a TLS handshake (or a PROXY header), up
             # to tls_handshake_timeout: that many refused clients hold
             # descriptors already, and those that never start TLS hold them
@@ -523,7 +524,7 @@ class SMTPServer(TCPServer):
                 "connections still waiting for their 421)",
                 ip,
                 limit,
-                len(self._refusing),
+                self.refusing,
             )
             if metrics.active is not None:
                 metrics.active.connection_refused(limit)
@@ -547,9 +548,7 @@ class SMTPServer(TCPServer):
         if counter is not None:
             counter.connection_opened(connection, limit)
         # A refused connection is not counted; its connection logs the refusal.
-        if limit is not None:
-            self._refusing.add(connection)
-        else:
+        if limit is None:
             counted = None if proxied else ip
             count.add(counted)
             self._counted[connection] = counted
@@ -561,6 +560,13 @@ class SMTPServer(TCPServer):
             self.share.opened()
         self._by_session[connection.session.id] = connection
         connection.task = connection.loop.create_task(connection.run())
+
+    @property
+    def refusing(self) -> int:
+        """Connections refused at accept (over a connection limit) that are
+        still open, their ``421`` not sent yet: every connection but the
+        counted ones."""
+        return len(self.connections) - len(self._counted)
 
     def connection_of(self, session: Session) -> SMTPConnection | None:
         """The connection a session of this server runs on (for the original
@@ -605,7 +611,6 @@ class SMTPServer(TCPServer):
                 del self._per_ip[ip]
 
     def _connection_closed(self, connection: SMTPConnection) -> None:
-        self._refusing.discard(connection)
         if connection in self.connections:
             if metrics.active is not None:
                 metrics.active.connection_closed(connection)

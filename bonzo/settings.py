@@ -257,7 +257,7 @@ class SMTPSettings:
             "proxy_timeout",
         ):
             value = getattr(self, name)
-            if not _finite_number(value) or value <= 0:
+            if not finite_number(value) or value <= 0:
                 raise SettingError(
                     name, f"must be a positive number of seconds, not {spelled(value)}"
                 )
@@ -278,12 +278,12 @@ class SMTPSettings:
                 "max_data_line", f"must be at least 1000 (RFC 5321), not {self.max_data_line}"
             )
         lifetime = self.max_session_time
-        if not _finite_number(lifetime) or lifetime < 0:
+        if not finite_number(lifetime) or lifetime < 0:
             raise SettingError(
                 "max_session_time", f"must be a number of seconds >= 0, not {spelled(lifetime)}"
             )
         delay = self.auth_failure_delay
-        if not _finite_number(delay) or delay < 0:
+        if not finite_number(delay) or delay < 0:
             raise SettingError("auth_failure_delay", f"must be a number >= 0, not {spelled(delay)}")
         for name in ("smtputf8", "chunking", "binarymime", "dsn", "advertise_limits"):
             value = getattr(self, name)
@@ -374,9 +374,6 @@ def spelled(value: Any) -> str:
 def positive_seconds(value: Any) -> bool:
     """True for a positive, finite number of seconds."""
     return finite_number(value) and value > 0
-
-
-_finite_number = finite_number
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:

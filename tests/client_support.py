@@ -132,6 +132,35 @@ async def serve(fake: Fake) -> AsyncIterator[int]:
         await server.wait_closed()
 
 
+def data_then(replies: bytes, after_354: bytes = b"", stall: float = 0.0) -> Action:
+    """A ``DATA`` action for :class:`Fake`: ``354`` (with ``after_354`` in
+    the same write), the message, then ``replies`` — and then, with
+    ``stall``, nothing more for that many seconds."""
+
+    async def action(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, line: bytes):
+        writer.write(b"354 go ahead\r\n" + after_354)
+        await writer.drain()
+        await read_message(reader)
+        writer.write(replies)
+        if stall:
+            await writer.drain()
+            await asyncio.sleep(stall)
+
+    return action
+
+
+async def deliver_through(fake: Fake, recipients: list[str], message: bytes, settings: Any) -> Any:
+    """Run ``fake``, deliver ``message`` from a@example.org to ``recipients``
+    through it (:func:`bonzo.client.deliver`); the result."""
+    from bonzo.client import deliver
+
+    async with serve(fake) as port:
+        return await deliver(
+            HOST, port, sender="a@example.org", recipients=recipients, message=message,
+            settings=settings,
+        )  # fmt: skip
+
+
 def unstuff(data: bytes) -> bytes:
     """The content of a dot-stuffed DATA block (ending ``.\\r\\n``)."""
     assert data.endswith(b".\r\n")

@@ -9,10 +9,10 @@ import asyncio
 from typing import Any
 
 import pytest
-from client_support import EHLO, HOST, Fake, read_message, run, serve
+from client_support import EHLO, HOST, Fake, data_then, deliver_through, run, serve
 from e2e_support import RecordingPlugin
 
-from bonzo.client import ClientSettings, DeliveryResult, Status, connect, deadline, deliver
+from bonzo.client import ClientSettings, DeliveryResult, Status, connect, deadline
 from bonzo.settings import ListenerSettings
 
 pytestmark = pytest.mark.timeout(60)
@@ -34,19 +34,6 @@ def outcome(result: DeliveryResult) -> list[tuple[str, str, int]]:
     return [(r.address, r.status.value, r.code) for r in result.recipients]
 
 
-def data_then(replies: bytes, after_354: bytes = b"") -> Any:
-    """A DATA action: ``354`` (with ``after_354`` in the same write), the
-    message, then ``replies``."""
-
-    async def action(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, line: bytes):
-        writer.write(b"354 go ahead\r\n" + after_354)
-        await writer.drain()
-        await read_message(reader)
-        writer.write(replies)
-
-    return action
-
-
 @pytest.mark.parametrize("ehlo", [EHLO, NO_PIPELINING], ids=["pipelining", "one-at-a-time"])
 def test_a_reply_sent_with_the_354_is_never_taken_for_the_message(ehlo):
     """``250`` in the same packet as the ``354``, then ``554`` to the
@@ -56,18 +43,7 @@ def test_a_reply_sent_with_the_354_is_never_taken_for_the_message(ehlo):
         replies={"DATA": data_then(b"554 5.7.1 refused\r\n", after_354=b"250 2.0.0 stray\r\n")},
     )
 
-    async def main() -> DeliveryResult:
-        async with serve(fake) as port:
-            return await deliver(
-                HOST,
-                port,
-                sender="a@example.org",
-                recipients=["b@example.net"],
-                message=MESSAGE,
-                settings=settings(),
-            )
-
-    result = run(main())
+    result = run(deliver_through(fake, ["b@example.net"], MESSAGE, settings()))
     assert outcome(result) == [("b@example.net", "deferred", 451)]
     assert result.recipients[0].enhanced_code == "4.5.0"
 
@@ -81,18 +57,8 @@ def test_a_reply_sent_with_the_354_is_never_taken_for_the_message(ehlo):
 def test_a_malformed_final_reply_never_counts_as_250(final, ehlo):
     fake = Fake(ehlo=ehlo, after_data=[final])
 
-    async def main() -> DeliveryResult:
-        async with serve(fake) as port:
-            return await deliver(
-                HOST,
-                port,
-                sender="a@example.org",
-                recipients=["b@example.net"],
-                message=MESSAGE,
-                settings=settings(),
-            )
-
-    assert outcome(run(main())) == [("b@example.net", "deferred", 451)]
+    result = run(deliver_through(fake, ["b@example.net"], MESSAGE, settings()))
+    assert outcome(result) == [("b@example.net", "deferred", 451)]
 
 
 @pytest.mark.parametrize(
@@ -133,14 +99,7 @@ def test_an_lmtp_250_already_in_is_kept_when_the_deadline_passes():
     """The deadline (the queue's delivery_timeout) ends the wait for the
     second recipient's reply; the first one's 250 stands."""
 
-    async def slow_second(reader, writer, line):
-        writer.write(b"354 go ahead\r\n")
-        await writer.drain()
-        await read_message(reader)
-        writer.write(b"250 2.0.0 <bob> saved\r\n")
-        await writer.drain()
-        await asyncio.sleep(10)
-
+    slow_second = data_then(b"250 2.0.0 <bob> saved\r\n", stall=10)
     fake = Fake(ehlo=b"250-fake.test\r\n250 PIPELINING\r\n", replies={"DATA": slow_second})
 
     async def main() -> DeliveryResult:
@@ -213,18 +172,7 @@ def test_a_quoted_local_part_with_angle_brackets_is_sent():
 def test_reply_text_keeps_no_control_character_nor_broken_utf8():
     fake = Fake(after_data=[b"250 2.0.0 ok \xc2\x85 \xc2\x9b31m \xff done\r\n"])
 
-    async def main() -> DeliveryResult:
-        async with serve(fake) as port:
-            return await deliver(
-                HOST,
-                port,
-                sender="a@example.org",
-                recipients=["b@example.net"],
-                message=MESSAGE,
-                settings=settings(),
-            )
-
-    [r] = run(main()).recipients
+    [r] = run(deliver_through(fake, ["b@example.net"], MESSAGE, settings())).recipients
     assert r.status is Status.DELIVERED
     assert r.text == "ok ? ?31m \ufffd done"  # C1 controls out, broken UTF-8 replaced
     assert r.text.isprintable()

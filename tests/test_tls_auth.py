@@ -1285,7 +1285,7 @@ def test_refused_implicit_tls_clients_that_never_start_tls_are_bounded(start_ser
             ready, _, _ = select.select([s for s in idle if s not in closed], [], [], 0.5)
             closed.update(s for s in ready if s.recv(1) == b"")
         assert len(closed) >= 20  # the others wait for their handshake
-        assert len(server.server._refusing) <= REFUSING_MAX
+        assert server.server.refusing <= REFUSING_MAX
     finally:
         for sock in [holder, *idle]:
             sock.close()

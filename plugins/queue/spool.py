@@ -82,7 +82,9 @@ MAX_STATE = 16 * 1024 * 1024
 MAX_TIME = 32503680000.0
 #: Attempts per recipient a state file may count.
 MAX_ATTEMPTS = 10**9
-_OPEN = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+#: How queue files are opened for reading: never blocking (a FIFO), never
+#: through a symbolic link.
+_OPEN = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
 #: Recipient statuses: waiting for a first or next attempt; done.
 STATUSES = ("pending", "deferred", "delivered", "bounced")
 FINAL = frozenset({"delivered", "bounced"})
@@ -766,7 +768,7 @@ class Spool:
         try:
             # Non-blocking, and only the file itself: a FIFO or a symbolic
             # link in data/ is no message (load() refuses it).
-            fd = os.open(self.data / id, _OPEN | getattr(os, "O_NOFOLLOW", 0))
+            fd = os.open(self.data / id, _OPEN)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -807,7 +809,7 @@ def _open_regular(path: Path) -> IO[bytes]:
     link, FIFO or device: none may hang or flood the reader); ``OSError``
     otherwise, ``FileNotFoundError`` if it is not there."""
     try:
-        fd = os.open(path, _OPEN | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, _OPEN)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise OSError("a symbolic link, not a regular file") from None

@@ -14,7 +14,7 @@ import pytest
 from bonzo_plugins.queue.routes import RouteTable
 from bonzo_plugins.queue.runner import Runner, RunnerSettings
 from bonzo_plugins.queue.spool import GroupSync, Spool
-from client_support import Fake, read_message, serve
+from client_support import Fake, data_then, serve
 from e2e_support import RecordingPlugin
 
 BINARY = b"Subject: bin\r\nContent-Transfer-Encoding: binary\r\n\r\n\x00\x01\nA\rB\xff\r\n"
@@ -95,14 +95,7 @@ def test_a_binarymime_message_bounces_where_it_cannot_go_as_it_is(tmp_path, capl
 
 
 def test_an_lmtp_recipients_250_stands_when_the_delivery_times_out(tmp_path):
-    async def slow_second(reader, writer, line):
-        writer.write(b"354 go ahead\r\n")
-        await writer.drain()
-        await read_message(reader)
-        writer.write(b"250 2.0.0 <bob> saved\r\n")
-        await writer.drain()
-        await asyncio.sleep(10)
-
+    slow_second = data_then(b"250 2.0.0 <bob> saved\r\n", stall=10)
     fake = Fake(ehlo=b"250-lmtp.test\r\n250 PIPELINING\r\n", replies={"DATA": slow_second})
 
     async def main() -> Spool:
