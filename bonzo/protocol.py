@@ -1472,6 +1472,12 @@ class SMTPProtocol:
             return None
         handler = self.verbs.get(key) if key else None
         if handler is None:
+            if _is_bdat(raw):
+                # "BDAT" then a Unicode space or a sign (``BDAT\u00a061``):
+                # a front end splitting on any space reads a chunk size, so
+                # the chunk must not be run as commands here either.
+                self.stage, self._arg = _safe_verb(raw), ""
+                return self._bad_bdat_line()
             if not key:
                 # A non-ASCII verb never reaches a plugin: no verb is spelled so.
                 self._unknown_verb(verb)

@@ -269,6 +269,12 @@ SMUGGLED = (
         (b"  bdat %d\x01", {}),
         (b" BDAT %d" + b" " * 600 + b"LAST", {}),
         (b"\tBDAT %d LAST", {}),
+        # A Unicode space or a sign after the verb: a front end splitting on
+        # any space reads "BDAT <size>", so this one closes too.
+        ("BDAT\u00a0%d LAST".encode(), {}),
+        ("BDAT\u3000%d LAST".encode(), {}),
+        ("bdat\u2003%d".encode(), {}),
+        (b"BDAT:%d LAST", {}),
     ],
 )
 @pytest.mark.parametrize("chunking", [True, False])
