@@ -65,6 +65,31 @@ def load_run() -> Any:
     return run
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(
+    not have("smtp-source"), reason="Postfix's smtp-source not installed (run bench/install.sh)"
+)
+def test_opcode_count_runs_both_servers() -> None:
+    """bench/opcodes.py counts bytecode per message for Bonzo and the sink;
+    Bonzo's own modules show up in its report, and the counts are per message
+    (of the order of thousands, not the total)."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "opcodes.py"), "--messages", "40", "--top", "3"],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    totals = dict(re.findall(r"^(\S+): ([\d,]+) instructions per message$", done.stdout, re.M))
+    assert set(totals) == {"bonzo-serve", "tornado-sink"}, done.stdout
+    for name, total in totals.items():
+        assert 500 < int(total.replace(",", "")) < 100_000, (name, done.stdout)
+    bonzo = done.stdout.split("tornado-sink:")[0]
+    assert "bonzo/protocol.py" in bonzo and "bonzo/connection.py" in bonzo, done.stdout
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.skipif(
     not (have("smtp-source") and have("smtp-sink")),
