@@ -795,6 +795,7 @@ class SMTPProtocol:
         self.mail_params: Mapping[str, str | None] = {}
         #: Recipients accepted in the open transaction.
         self.rcpt_count = 0
+        self._rcpt_overshoot = 0
         #: Messages accepted on this connection.
         self.messages = 0
         #: Error replies given so far (counts toward ``max_errors``).
@@ -1067,13 +1068,21 @@ class SMTPProtocol:
                 )
             )
 
-    def _error(self, code: int, enhanced: str, text: str, legacy: str | None = None) -> None:
-        """Reply with an error to a command, counting it against ``max_errors``."""
+    def _error(
+        self,
+        code: int,
+        enhanced: str,
+        text: str,
+        legacy: str | None = None,
+        limit: str | None = None,
+    ) -> None:
+        """Reply with an error to a command, counting it against ``max_errors``
+        (``limit``: the limit that refused, for the log line)."""
         self.errors += 1
         if self.errors > self.settings.max_errors:
             self.close(421, "Too many errors, closing connection", "4.7.0", limit="max_errors")
             return
-        self._refused(code, enhanced, text, "core", None, None)
+        self._refused(code, enhanced, text, "core", None, limit)
         self.reply(code, text, enhanced, legacy)
 
     def _junk(self) -> bool:
@@ -1118,7 +1127,7 @@ class SMTPProtocol:
         elif kind is Mail:
             self.mail_from = event.mailbox  # type: ignore[attr-defined]
             self.mail_params = event.params  # type: ignore[attr-defined]
-            self.rcpt_count = 0
+            self.rcpt_count = self._rcpt_overshoot = 0
             self.reply(250, text or "Ok", "2.1.0")
         elif kind is Data:
             self._data_error = None
@@ -1322,7 +1331,7 @@ class SMTPProtocol:
     def _reset_transaction(self) -> None:
         self.mail_from = None
         self.mail_params = {}
-        self.rcpt_count = 0
+        self.rcpt_count = self._rcpt_overshoot = 0
         self._ended_before_last = False
         if self._bdat_started or self._bdat_total:
             self._bdat_started = False
@@ -1636,8 +1645,19 @@ class SMTPProtocol:
         if _ascii_upper(arg[:3]) != "TO:" or not arg[3:].strip(" "):
             self._error(501, "5.5.4", "Syntax: RCPT TO:<address>")
             return None
-        if self.rcpt_count >= self.settings.max_recipients:
-            self._error(452, "4.5.3", "Too many recipients")
+        limit = self.settings.max_recipients
+        if self.rcpt_count >= limit:
+            # A client that pipelines its recipients (RFC 2920) sends them all
+            # before it reads a reply, and sends the rest in a new transaction
+            # (RFC 5321 4.5.3.1.10): as many again are answered without
+            # counting as errors, so the message it is sending is not lost to
+            # max_errors (as Postfix's smtpd_recipient_overshoot_limit).
+            self._rcpt_overshoot += 1
+            if self._rcpt_overshoot > limit:
+                self._error(452, "4.5.3", "Too many recipients", limit="max_recipients")
+            else:
+                self._refused(452, "4.5.3", "Too many recipients", "core", None, "max_recipients")
+                self.reply(452, "Too many recipients", "4.5.3")
             return None
         try:
             mailbox, params = parse_path(

@@ -83,7 +83,9 @@ class SMTPSettings:
 
     max_recipients: int = 1000
     """Recipients per message (never below 100, RFC 5321 4.5.3.1.8); more get
-    ``452 4.5.3``."""
+    ``452 4.5.3``. As many again are refused without counting towards
+    ``max_errors`` (a pipelining client sends them all before it reads a
+    reply, then the rest in a new transaction); past that, each counts."""
 
     max_messages_per_connection: int = 100
     """Messages accepted on one connection; a further MAIL gets ``452 4.5.3``."""

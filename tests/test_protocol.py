@@ -909,6 +909,26 @@ def test_recipient_limit():
     assert client.send(DATA) == b"354 End data with <CR><LF>.<CR><LF>\r\n"
 
 
+def test_recipients_past_the_limit_do_not_end_a_pipelining_session():
+    """A client that pipelines 200 recipients against a limit of 100 gets 100
+    452s, none of which counts towards max_errors (20): its transaction and
+    session survive, and it sends the rest in a new transaction. Only past
+    twice the limit does each excess recipient count."""
+    client = Client(max_recipients=100, max_errors=20)
+    client.send(EHLO + MAIL)
+    replies = client.send(b"".join(b"RCPT TO:<r%d@example.net>\r\n" % i for i in range(200)))
+    assert codes(replies) == [250] * 100 + [452] * 100
+    assert client.proto.errors == 0 and not client.closed
+    assert client.send(DATA) == b"354 End data with <CR><LF>.<CR><LF>\r\n"
+    client.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+    assert len(client.messages) == 1
+    # A new transaction starts the allowance again; past it, errors count.
+    client.send(MAIL)
+    replies = client.send(b"".join(b"RCPT TO:<s%d@example.net>\r\n" % i for i in range(221)))
+    assert codes(replies) == [250] * 100 + [452] * 120 + [421]
+    assert client.closed
+
+
 def test_rejected_recipients_count_as_errors():
     def decide(proto, event):
         if isinstance(event, Rcpt) and event.address.startswith("no"):
