@@ -52,6 +52,11 @@ _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~.@]{1,255}")
 _ID = re.compile(r"[A-Za-z0-9.\-_]{1,255}")
 
 
+def _quoted(text: str) -> str:
+    """``text`` as an RFC 5322 quoted-string (``\\`` and ``"`` escaped)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def _pvalue(value: Any) -> str:
     """``value`` as a property value: its printable ASCII, which authres
     quotes when it is not a token — except a value with an ``@``, which it
@@ -60,11 +65,21 @@ def _pvalue(value: Any) -> str:
     text = sanitize(str(value), 255)
     if _TOKEN.fullmatch(text) or "@" not in text:
         return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return _quoted(text)
 
 
 def _reason(result: Any) -> str | None:
-    return sanitize(result.reason, 120) or None
+    """``result``'s reason as an RFC 8601 ``value``: printable ASCII, which
+    authres quotes when it is not a token. It writes any value with an ``@``
+    as is, though an ``@`` is never part of a token (RFC 2045 tspecials) and
+    a reason is not an address: such a reason is quoted here, or a reason
+    from the sender's DNS (``include:x@y;dkim=pass``) would end the result
+    and start forged ones. A reason is prose: its ``;`` become ``,`` too, for
+    the readers that split the field on ``;`` without minding quotes."""
+    text = sanitize(result.reason, 120).replace(";", ",")
+    if not text:
+        return None
+    return _quoted(text) if "@" in text else text
 
 
 def same_id(authserv_id: str) -> str:

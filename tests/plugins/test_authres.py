@@ -90,6 +90,48 @@ def test_values_from_the_client_are_made_safe():
     assert 'header.d="ex ample;"' in value
 
 
+def parsed_results(value: str) -> list[tuple[str, str, list[tuple[str, str, str]]]]:
+    """The field's results as the authres parser reads them: method, result
+    and properties."""
+    parsed = authres.AuthenticationResultsHeader.parse_value(value.replace("\r\n", ""))
+    return [
+        (r.method, r.result, [(p.type, p.name, p.value) for p in r.properties])
+        for r in parsed.results
+    ]
+
+
+def test_reasons_with_an_at_sign_cannot_add_results(dns_stub):
+    """authres writes a value with an "@" bare: a reason from the sender's
+    DNS or from a DKIM-Signature would end its result and start others."""
+    from bonzo_plugins.dkim import DkimPlugin
+    from bonzo_plugins.spf import SpfPlugin
+
+    dns_stub.add("evil.test", "TXT", '"v=spf1 include:x@y;dkim=pass;x.evil.test -all"')
+    spf = SpfPlugin()
+    spf.bonzo_configure(config={}, app=app(dns_stub.resolver()))
+    dkim = DkimPlugin()
+    dkim.bonzo_configure(config={}, app=app(dns_stub.resolver()))
+    signature = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=evil.test; s=s1; "
+        b"i=x@paypal.com header.d=paypal.com; h=from; bh=AAAA; b=AAAA\r\n"
+    )
+    session = fake_session()
+    env = envelope(signature + b"From: a@evil.test\r\n\r\nx\r\n", mail_from="a@evil.test")
+    run(spf.bonzo_mail(session=session, envelope=env, address="a@evil.test", params={},
+                       mailbox=None))  # fmt: skip
+    run(dkim.bonzo_message(session=session, envelope=env))
+    assert "@" in env.results.get("spf").reason and "@" in env.results.get("dkim").reason
+    run(configured().bonzo_message(session=session, envelope=env))
+    value = field_of(env)
+    assert parsed_results(value) == [
+        ("spf", "permerror", [("smtp", "mailfrom", "a@evil.test")]),
+        ("dkim", "permerror", [("header", "d", "evil.test"), ("header", "s", "s1")]),
+    ]
+    # Nor does a reader that splits on ";" without minding quotes see more.
+    assert [part.split()[0] for part in value.split(";")[1:]] == ["spf=permerror", "dkim=permerror"]
+    assert 'reason="evil.test: No valid SPF record for included domain: x@y,dkim=pass,' in value
+
+
 def test_authserv_id_of():
     assert authserv_id_of(b" mx.test; spf=pass smtp.mailfrom=a.example") == "mx.test"
     assert authserv_id_of(b" (comment) MX.Test 1; none") == "mx.test"
