@@ -11,7 +11,8 @@ Results go on ``session.results`` (HELO identity) and ``envelope.results``
 details, for ``dmarc`` and ``authres`` to read. What to do with a
 ``fail``, ``softfail``, ``permerror`` or ``temperror`` is the operator's
 choice: refuse (``550 5.7.23``/``5.7.24``), defer (``451 4.7.24``), or
-only record it (``tag``).
+only record it (``tag``). A ``temperror`` (DNS failed) is never refused for
+good: its "reject" is ``451 4.4.3`` (RFC 7208 8.6).
 
 See ``README.rst`` in this directory for the configuration.
 """
@@ -53,7 +54,8 @@ SCHEMA = Schema(
         doc="The same for ``permerror`` (a broken SPF record; refused with "
         "``550 5.7.24``)."),
     Key("on_temperror", "choice", default="tag", choices=ACTIONS,
-        doc="The same for ``temperror`` (DNS failed)."),
+        doc="The same for ``temperror`` (DNS failed); a DNS failure is never "
+        "refused for good: ``reject`` answers ``451 4.4.3`` (RFC 7208 8.6)."),
     Key("helo", "bool", default=True, doc="Check the HELO identity at HELO/EHLO."),
     Key("received_spf", "bool", default=False,
         doc="Add a ``Received-SPF:`` field (RFC 7208 9.1) with the message's "
@@ -68,12 +70,14 @@ SCHEMA = Schema(
         doc="Client networks (CIDR) not checked, such as your own relays."),
 )  # fmt: skip
 KEYS = tuple(SCHEMA.names)
-#: The results a policy key acts on, and the RFC 7372 status of a refusal.
+#: The results a policy key acts on, and the status of a refusal: RFC 7372's
+#: for a 550; a temperror is a DNS fault, which may go away, so its refusal is
+#: a 451 with RFC 7208 8.6's 4.4.3.
 ACTED_ON = {
     "fail": "5.7.23",
     "softfail": "5.7.23",
     "permerror": "5.7.24",
-    "temperror": "5.7.24",
+    "temperror": "4.4.3",
 }
 OFF_REASON = "DNS lookups are off ([dns] nameservers)"
 
@@ -197,6 +201,8 @@ class SpfPlugin:
             text = f"SPF {outcome.result} for {domain}: the domain's SPF policy cannot be used"
         if action == "tempfail":
             return TransientError(text, 451, "4.7.24")
+        if outcome.result == "temperror":
+            return TransientError(text, 451, ACTED_ON["temperror"])
         return PermanentError(text, 550, ACTED_ON[outcome.result])
 
     @hookimpl

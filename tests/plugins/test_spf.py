@@ -44,6 +44,7 @@ def zone(dns_stub):
     dns_stub.add("mail.example.org", "TXT", '"v=spf1 a -all"')
     dns_stub.add("mail.example.org", "A", "192.0.2.10")
     dns_stub.fault("down.example", "servfail")
+    dns_stub.fault("slow.example", "timeout")
     return dns_stub
 
 
@@ -73,6 +74,9 @@ def test_fail_is_only_tagged_by_default(zone):
         ("bob@soft.example", "on_softfail", "reject", 550, "5.7.23"),
         ("bob@broken.example", "on_permerror", "reject", 550, "5.7.24"),
         ("bob@down.example", "on_temperror", "tempfail", 451, "4.7.24"),
+        # A DNS failure is never refused for good (RFC 7208 8.6).
+        ("bob@down.example", "on_temperror", "reject", 451, "4.4.3"),
+        ("bob@slow.example", "on_temperror", "reject", 451, "4.4.3"),
     ],
 )
 def test_policy_keys(zone, sender, key, action, code, enhanced):
