@@ -157,7 +157,8 @@ SCHEMA = Schema(
         doc="When a listed client is refused."),
     Key("timeout", "duration", default=5.0, maximum=60, convert=_positive_seconds,
         doc="How long all the lookups of one client may take; more than 0, at "
-        "most 60 seconds."),
+        "most 60 seconds. Then the zones that have not answered count as not "
+        "listing the client; the others' answers stand."),
     Key("skip_networks", "networks", default=[],
         doc="Client networks never checked (your own hosts)."),
     Key("reply_text", "str", default="Client {ip} refused: listed by {zone}",
@@ -226,26 +227,61 @@ class DnsblPlugin:
 
     # ------------------------------------------------------------- lookups
     async def _ask(
-        self, zone: Zone, address: ipaddress.IPv4Address | ipaddress.IPv6Address
-    ) -> dict[str, Any] | None:
+        self,
+        zone: Zone,
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+        found: dict[str, dict[str, Any]],
+        answered: set[str],
+    ) -> None:
+        """Ask ``zone``; mark it ``answered`` once its A lookup is over, and
+        put its listing in ``found`` before the TXT lookup: the reason text
+        is optional, and a TXT lookup cut short by the deadline must not take
+        the listing with it."""
         name = query_name(address, zone.zone)
         try:
             answers = await self.resolver.a(name)
         except DNSError as exc:
+            answered.add(zone.zone)
             if exc.temporary:
                 log.info("dnsbl: %s: %s (not counted)", zone.zone, exc)
-            return None
+            return
+        answered.add(zone.zone)
         listed = [a for a in answers if zone.counts(a)]
         if not listed:
-            return None
-        text = ""
+            return
+        listing = {"zone": zone.zone, "weight": zone.weight, "answer": listed[0], "text": ""}
+        found[zone.zone] = listing
         if zone.txt:
             try:
                 texts = await self.resolver.txt(name)
-                text = sanitize(texts[0].decode("utf-8", "replace"), 150) if texts else ""
             except DNSError:
-                text = ""
-        return {"zone": zone.zone, "weight": zone.weight, "answer": listed[0], "text": text}
+                return
+            listing["text"] = sanitize(texts[0].decode("utf-8", "replace"), 150) if texts else ""
+
+    async def _ask_all(
+        self, zones: list[Zone], address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        """Ask every zone at once for at most ``timeout``: the listings found
+        (in zone order) and the zones whose lookup had not ended by then.
+        Each zone stands alone: one that is slow is "not listed", the others'
+        answers count."""
+        if not zones:  # asyncio.wait refuses an empty set
+            return [], []
+        found: dict[str, dict[str, Any]] = {}
+        answered: set[str] = set()
+        tasks = [asyncio.ensure_future(self._ask(z, address, found, answered)) for z in zones]
+        try:
+            done, pending = await asyncio.wait(tasks, timeout=self.timeout)
+        finally:
+            # At the deadline, or if the session ends meanwhile: stop what is
+            # left, and wait for it to be stopped (no task outlives the check).
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            task.result()  # an unexpected fault is the hook's, as before
+        unanswered = [z.zone for z in zones if z.zone not in answered]
+        return [found[z.zone] for z in zones if z.zone in found], unanswered
 
     async def check(self, remote_ip: str) -> tuple[str, str, dict[str, Any]]:
         """The client's result, reason and details (see the module docs)."""
@@ -255,23 +291,29 @@ class DnsblPlugin:
         if not dns_enabled(self.resolver):
             return "none", OFF_REASON, {}
         zones = [z for z in self.zones if z.ipv6 or address.version == 4]
-        try:
-            found = await asyncio.wait_for(
-                asyncio.gather(*(self._ask(z, address) for z in zones)), self.timeout
-            )
-        except asyncio.TimeoutError:
-            return "none", f"no answer from the lists in {self.timeout:g}s", {}
-        listings = [f for f in found if f is not None]
+        listings, unanswered = await self._ask_all(zones, address)
+        late = ""
+        if unanswered:
+            late = f"no answer in {self.timeout:g}s from {', '.join(unanswered)}"
+            log.info("dnsbl: %s: %s (not counted)", remote_ip, late)
+            if len(unanswered) == len(zones):
+                return "none", f"no answer from the lists in {self.timeout:g}s", {}
         score = sum(f["weight"] for f in listings)
-        details = {"score": score, "threshold": self.threshold, "listings": listings}
+        details: dict[str, Any] = {
+            "score": score,
+            "threshold": self.threshold,
+            "listings": listings,
+            "unanswered": unanswered,
+        }
+        late = f"; {late}" if late else ""
         if score >= self.threshold:
             worst = max(listings, key=lambda f: f["weight"])
             reason = f"listed by {worst['zone']}" + (f": {worst['text']}" if worst["text"] else "")
-            return "listed", reason, details
+            return "listed", reason + late, details
         if listings:
             names = ", ".join(f"{f['zone']} ({f['weight']:g})" for f in listings)
-            return "pass", f"score {score:g} below {self.threshold:g}: {names}", details
-        return "pass", "not listed", details
+            return "pass", f"score {score:g} below {self.threshold:g}: {names}{late}", details
+        return "pass", "not listed" + late, details
 
     # --------------------------------------------------------------- hooks
     def _refusal(self, session: Session) -> PermanentError | None:

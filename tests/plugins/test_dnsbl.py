@@ -106,6 +106,44 @@ def test_dns_failures_are_not_listings(lists):
     assert connect(plugin).results.get("dnsbl").result == "pass"
 
 
+def test_a_slow_list_loses_only_its_own_answer(lists, caplog):
+    """At the deadline the zones that answered count; the others are "not
+    listed", named in the reason and the log."""
+    lists.fault("99.2.0.192.dead.example", "timeout")
+    plugin = configured(lists.resolver(), zones=["bl.example", "dead.example"], timeout=0.3)
+    with pytest.raises(PermanentError) as info:
+        connect(plugin)
+    assert "listed by bl.example" in info.value.message
+    plugin = configured(
+        lists.resolver(), zones=["bl.example", "dead.example"], timeout=0.3, action="tag"
+    )
+    result = connect(plugin).results.get("dnsbl")
+    assert result.result == "listed" and result.details["unanswered"] == ["dead.example"]
+    assert [f["zone"] for f in result.details["listings"]] == ["bl.example"]
+    assert "no answer in 0.3s from dead.example" in result.reason
+    assert "no answer in 0.3s from dead.example" in caplog.text
+    # Nobody answered: nothing is known.
+    result = connect(configured(lists.resolver(), zones=["dead.example"], timeout=0.3))
+    assert result.results.get("dnsbl").result == "none"
+
+
+def test_the_txt_lookup_cannot_lose_the_listing(lists):
+    lists.fault("99.2.0.192.bl.example", "timeout", "TXT")
+    plugin = configured(lists.resolver(), zones=["bl.example"], timeout=0.3, action="tag")
+    result = connect(plugin).results.get("dnsbl")
+    assert result.result == "listed" and result.details["unanswered"] == []
+    assert result.details["listings"][0]["text"] == ""
+    # A TXT lookup that fails outright neither.
+    lists.fault("99.2.0.192.bl.example", "servfail", "TXT")
+    assert connect(plugin).results.get("dnsbl").result == "listed"
+
+
+def test_no_zone_for_the_address_family(lists):
+    plugin = configured(lists.resolver(), zones=[{"zone": "bl.example", "ipv6": False}])
+    result = connect(plugin, "2001:db8::1").results.get("dnsbl")
+    assert (result.result, result.reason) == ("pass", "not listed")
+
+
 def test_dns_off_and_skipped_networks(lists):
     session = connect(configured(None, zones=["bl.example"]))
     result = session.results.get("dnsbl")
