@@ -33,6 +33,7 @@ from dkim.crypto import HASH_ALGORITHMS
 
 from bonzo.address import canonical_domain
 
+from .._config import DOTS
 from .keys import SigningKey
 
 __all__ = [
@@ -42,6 +43,8 @@ __all__ = [
     "Outcome",
     "MAX_HEADER_SECTION",
     "read_header_section",
+    "Authors",
+    "author_domains",
     "from_domain",
 ]
 
@@ -181,35 +184,86 @@ def read_header_section(stream: IO[bytes], limit: int = MAX_HEADER_SECTION) -> b
     return b"".join(lines)
 
 
+#: A final dot after an address's domain, before what may follow an address
+#: (``>``, ``,``, ``;``, a comment, the end): Python's address parser reads
+#: ``a@example.org.`` as an address without a domain.
+_FINAL_DOT = re.compile(r"(@[^\s<>,;:@()\[\]\"\\]+?)\.(?=\s*(?:[>,;(]|$))")
+
+
+@dataclass(frozen=True)
+class Authors:
+    """The author domains of a message (:func:`author_domains`)."""
+
+    #: How many ``From:`` fields it has.
+    fields: int
+    #: The distinct domains of the addresses that could be read, canonical,
+    #: without a final dot, in the order written.
+    domains: tuple[str, ...]
+    #: Why an address (or a field) could not be read, if one could not.
+    problem: str = ""
+
+
+def _field_domains(raw: bytes) -> tuple[list[str], str]:
+    """The domains of the addresses in one ``From:`` field's value, and why
+    some address could not be read ("" if all could)."""
+    if len(raw) > MAX_FROM:
+        return [], "a From: field too long to parse"
+    text = _EOL.sub(b"", raw).decode("utf-8", "replace").strip()
+    text = _FINAL_DOT.sub(r"\1", text)
+    try:
+        header: Any = email.policy.default.header_factory("From", text)
+        found = [a.domain for a in header.addresses]
+    except Exception:  # the parser has raised on odd input before
+        return [], "an unparsable From: field"
+    domains: list[str] = []
+    problem = ""
+    for domain in found:
+        # "example.org." is the DNS name "example.org" (an IDN's final dot
+        # may be any of UTS #46's).
+        if domain and domain[-1] in DOTS:
+            domain = domain[:-1]
+        if not domain:
+            problem = problem or "an address without a domain in the From: field"
+        elif domain.startswith("["):
+            problem = problem or "an address literal in the From: field"
+        else:
+            try:
+                domains.append(canonical_domain(domain))
+            except ValueError:
+                problem = problem or "an invalid domain in the From: field"
+    return domains, problem
+
+
+def author_domains(headers: Sequence[Sequence[bytes]]) -> Authors:
+    """Every domain that the message's ``From:`` fields name (all of them:
+    RFC 5322 3.6 allows one, but a reader may show any)."""
+    values = [value for name, value in headers if name.lower() == b"from"]
+    domains: list[str] = []
+    problem = ""
+    for raw in values:
+        found, why = _field_domains(raw)
+        problem = problem or why
+        domains.extend(d for d in found if d not in domains)
+    return Authors(len(values), tuple(domains), problem)
+
+
 def from_domain(headers: Sequence[Sequence[bytes]]) -> tuple[str | None, str]:
     """The domain of the message's author: of the one address in its one
-    ``From:`` field, in canonical form (``None`` and a reason otherwise).
+    ``From:`` field, in canonical form, without a final dot (``None`` and a
+    reason otherwise).
 
     Several addresses are allowed when they share one domain. A message with
     no ``From:``, or several (RFC 5322 3.6 allows one), has no author domain
     a DKIM signature could stand for (DMARC, RFC 7489 6.6.1).
     """
-    values = [value for name, value in headers if name.lower() == b"from"]
-    if len(values) != 1:
-        return None, f"{len(values)} From: fields"
-    raw = values[0]
-    if len(raw) > MAX_FROM:
-        return None, "a From: field too long to parse"
-    text = _EOL.sub(b"", raw).decode("utf-8", "replace").strip()
-    try:
-        header: Any = email.policy.default.header_factory("From", text)
-        found = [a.domain for a in header.addresses]
-    except Exception:  # the parser has raised on odd input before
-        return None, "an unparsable From: field"
-    if any(d.startswith("[") for d in found):
-        return None, "an address literal in the From: field"
-    try:
-        domains = {canonical_domain(d) for d in found if d}
-    except ValueError:
-        return None, "an invalid domain in the From: field"
-    if len(domains) != 1 or not all(found):
+    authors = author_domains(headers)
+    if authors.fields != 1:
+        return None, f"{authors.fields} From: fields"
+    if authors.problem:
+        return None, authors.problem
+    if len(authors.domains) != 1:
         return None, "no single domain in the From: field"
-    return domains.pop(), ""
+    return authors.domains[0], ""
 
 
 @dataclass(frozen=True)

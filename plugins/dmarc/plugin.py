@@ -4,7 +4,9 @@ the author's domain, and what does the domain ask for when neither does?
 In :func:`~bonzo.hookspecs.bonzo_message`, after ``spf`` and ``dkim``
 recorded their results, the plugin finds the ``From:`` domain, its policy
 (:mod:`.policy`), and whether an SPF ``pass`` (its ``domain``) or a DKIM
-``pass`` (its ``d=``) is aligned with it. The outcome is recorded as
+``pass`` (its ``d=``) is aligned with it. A ``From:`` naming several domains
+(or a message with several ``From:`` fields) is evaluated for each, and the
+strictest outcome counts (RFC 7489 6.6.1). The outcome is recorded as
 ``dmarc`` on ``envelope.results``; when DMARC fails, the domain's policy
 (after ``pct`` and ``t``) is enforced as the operator chose: refused
 (``550 5.7.1``), quarantined (:class:`bonzo.Quarantine`) or only tagged.
@@ -31,7 +33,7 @@ from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 
 from .._auth import dns_enabled, resolver_of, sanitize
-from ..dkim_sign.signer import MAX_HEADER_SECTION, from_domain, read_header_section
+from ..dkim_sign.signer import MAX_HEADER_SECTION, Authors, author_domains, read_header_section
 from .policy import Discovery, Record
 
 __all__ = ["DmarcPlugin", "KEYS", "Evaluation"]
@@ -57,6 +59,10 @@ OFF_REASON = "DNS lookups are off ([dns] nameservers)"
 #: One step less strict, for ``pct`` sampling and ``t=y`` (RFC 7489 6.6.4,
 #: RFC 9989).
 _WEAKER = {"reject": "quarantine", "quarantine": "none", "none": "none"}
+#: The most author domains evaluated for one message: each costs DNS
+#: queries, and a From: field naming hundreds must not make us send them
+#: (DMARCbis 11.5 asks for a limit).
+MAX_AUTHORS = 10
 
 
 class Evaluation:
@@ -72,10 +78,24 @@ class Evaluation:
         self.org_domain = ""
         self.spf_aligned = False
         self.dkim_aligned = False
+        #: Every author domain of the message (``author`` is the one whose
+        #: outcome counts).
+        self.authors: tuple[str, ...] = (author,) if author else ()
+
+    @property
+    def severity(self) -> int:
+        """How strict the outcome is, to pick the one that counts among an
+        evaluation per author domain (RFC 7489 6.6.1: the most strict
+        policy among the checks that fail). A temperror ranks above a
+        ``fail`` that is not enforced: its domain might ask for more."""
+        if self.result == "fail":
+            return {"reject": 5, "quarantine": 4}.get(self.disposition, 2)
+        return {"temperror": 3, "none": 1, "pass": 0}.get(self.result, 1)
 
     def details(self) -> dict[str, Any]:
         return {
             "domain": self.author,
+            "authors": list(self.authors),
             "policy": self.policy,
             "disposition": self.disposition,
             "org_domain": self.org_domain,
@@ -85,16 +105,17 @@ class Evaluation:
         }
 
 
-def _author(header_bytes: bytes, content: Any) -> tuple[str | None, str]:
-    """The ``From:`` domain of the message (blocking: reads the header section)."""
+def _authors(header_bytes: bytes, content: Any) -> Authors | str:
+    """The ``From:`` domains of the message, or why there are none to read
+    (blocking: reads the header section)."""
     section = read_header_section(content, MAX_HEADER_SECTION - len(header_bytes))
     if section is None:
-        return None, f"a header section over {MAX_HEADER_SECTION} octets"
+        return f"a header section over {MAX_HEADER_SECTION} octets"
     try:
         parsed = dkim.DKIM(header_bytes + section + b"\r\n")
     except (dkim.MessageFormatError, IndexError):
-        return None, "a malformed header section"
-    return from_domain(parsed.headers)
+        return "a malformed header section"
+    return author_domains(parsed.headers)
 
 
 class DmarcPlugin:
@@ -134,17 +155,55 @@ class DmarcPlugin:
     # ------------------------------------------------------------ evaluate
     async def evaluate(self, envelope: Envelope) -> Evaluation:
         """DMARC for ``envelope``, from the ``spf`` and ``dkim`` results
-        recorded on it."""
+        recorded on it: an evaluation per author domain, of which the most
+        strict counts."""
         loop = asyncio.get_running_loop()
-        author, why = await loop.run_in_executor(
-            None, _author, envelope.header_bytes, envelope.open_body()
+        authors = await loop.run_in_executor(
+            None, _authors, envelope.header_bytes, envelope.open_body()
         )
-        if author is None:
-            # RFC 7489 6.6.1: no single author domain, nothing to evaluate.
+        if isinstance(authors, str):
+            return Evaluation("permerror", f"no author domain: {authors}")
+        domains = authors.domains
+        if not domains:
+            # RFC 7489 6.6.1: no author domain, nothing to evaluate.
+            why = authors.problem or (
+                "no From: field" if not authors.fields else "no domain in the From: field"
+            )
             return Evaluation("permerror", f"no author domain: {why}")
         if not dns_enabled(self.resolver):
-            return Evaluation("none", OFF_REASON, author)
-        discovery = Discovery(self.resolver)
+            outcome = Evaluation("none", OFF_REASON, domains[0])
+        elif len(domains) > MAX_AUTHORS:
+            # Evaluating some would let a domain past the limit escape its
+            # policy: the message is handled as the strictest policy would.
+            outcome = Evaluation(
+                "permerror",
+                f"{len(domains)} author domains in From: (at most {MAX_AUTHORS} are evaluated)",
+                domains[0],
+            )
+            outcome.policy = outcome.disposition = "reject"
+        else:
+            discovery = Discovery(self.resolver)
+            outcomes = await asyncio.gather(
+                *(self._evaluate_one(envelope, discovery, d) for d in domains)
+            )
+            # The first of the strictest: max() keeps the first among equals.
+            outcome = max(outcomes, key=lambda o: o.severity)
+        outcome.authors = domains
+        notes = []
+        if authors.fields > 1:
+            notes.append(f"{authors.fields} From: fields")
+        if 1 < len(domains) <= MAX_AUTHORS:
+            notes.append(f"author domains {', '.join(domains)}")
+        if authors.problem:
+            notes.append(authors.problem)
+        if notes:
+            outcome.reason += "; " + "; ".join(notes)
+        return outcome
+
+    async def _evaluate_one(
+        self, envelope: Envelope, discovery: Discovery, author: str
+    ) -> Evaluation:
+        """DMARC for the author domain ``author``."""
         outcome = Evaluation("none", "", author)
         try:
             record = await discovery.policy(author)
@@ -235,11 +294,17 @@ class DmarcPlugin:
                 451,
                 "4.4.3",
             )
-        if outcome.result != "fail" or outcome.disposition == "none":
+        if outcome.result not in ("fail", "permerror") or outcome.disposition == "none":
             return None
         action = self.on_reject if outcome.disposition == "reject" else self.on_quarantine
         domain = sanitize(outcome.author, 100)
         if action == "reject":
+            if outcome.result == "permerror":
+                raise PermanentError(
+                    f"DMARC: too many author domains in the From: field (over {MAX_AUTHORS})",
+                    550,
+                    "5.7.1",
+                )
             raise PermanentError(
                 f"DMARC policy of {domain} rejects this message "
                 "(neither SPF nor DKIM aligned with the From: domain)",

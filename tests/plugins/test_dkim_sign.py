@@ -418,12 +418,16 @@ def test_the_from_domain_decides_not_the_envelope_sender(keys):
         (b"From: a@example.org, b@Example.ORG", True, ""),
         (b"From: =?utf-8?q?J=C3=B6rg?= <joerg@example.org>", True, ""),
         (b'From: "Alice, Team" <alice@example.org>', True, ""),
-        (b"From: alice@example.org.", False, "no single domain"),
+        # A final dot: the same DNS name (DMARC reads it so too).
+        (b"From: alice@example.org.", True, ""),
+        (b"From: Alice <alice@Example.org.>", True, ""),
         (b"From: a@example.org, b@example.com", False, "no single domain"),
         (b"From: a@example.org\r\nFrom: b@example.org", False, "2 From: fields"),
         (b"X-From: a@example.org", False, "0 From: fields"),
         (b"From: undisclosed-recipients:;", False, "no single domain"),
         (b"From: a@[192.0.2.1]", False, "address literal"),
+        (b"From: a@example.org, b@[192.0.2.1]", False, "address literal"),
+        (b"From: a@example.org, b@example.org..", False, "without a domain"),
     ],
 )
 def test_the_author_domain(keys, caplog, from_field, signed, reason):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from auth_testing import app, envelope, example_keys, fake_session, run
 from bonzo_plugins.dmarc import Discovery, DmarcPlugin, parse_record, targets
-from bonzo_plugins.dmarc.plugin import KEYS
+from bonzo_plugins.dmarc.plugin import KEYS, MAX_AUTHORS
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -197,15 +197,99 @@ def test_a_temporary_spf_or_dkim_error_on_an_aligned_domain_is_no_fail(zone):
     assert env.results.get("dmarc").result == "pass"
 
 
-def test_no_single_author_and_dns_off_and_authenticated(zone):
+def test_no_author_domain_and_dns_off_and_authenticated(zone):
     plugin = configured(zone.resolver())
-    env, verdict = evaluate(plugin, "a@example.org, b@example.net")
-    assert (env.results.get("dmarc").result, verdict) == ("permerror", None)
+    for author in ("undisclosed-recipients:;", "a@[192.0.2.1]"):
+        env, verdict = evaluate(plugin, author)
+        result = env.results.get("dmarc")
+        assert (result.result, verdict) == ("permerror", None), author
+        assert result.reason.startswith("no author domain")
     env, verdict = evaluate(configured(None))
     result = env.results.get("dmarc")
     assert (result.result, verdict) == ("none", None) and "DNS lookups are off" in result.reason
     env, verdict = evaluate(plugin, auth="alice")
     assert "dmarc" not in env.results and verdict is None
+
+
+def test_a_final_dot_names_the_same_domain(zone):
+    plugin = configured(zone.resolver())
+    for author in ("a@example.org.", "Bank <a@Example.ORG.>", "a@example.org. (x)"):
+        with pytest.raises(PermanentError) as info:
+            evaluate(plugin, author)
+        assert "example.org" in info.value.message
+    env, verdict = evaluate(plugin, "Bank <a@example.org.>", dkim=[("pass", "example.org")])
+    result = env.results.get("dmarc")
+    assert (result.result, result.details["domain"], verdict) == ("pass", "example.org", None)
+
+
+@pytest.mark.parametrize(
+    "author",
+    [
+        "a@nopolicy.example, b@example.org",
+        "b@example.org, a@nopolicy.example",
+        "a@nopolicy.example\r\nFrom: b@example.org",  # two From: fields
+        "a@nopolicy.example, x@[192.0.2.1], b@example.org",  # one not evaluated beside
+        "Team: a@nopolicy.example, b@example.org.;",
+    ],
+)
+def test_every_author_domain_is_evaluated(zone, author):
+    """RFC 7489 6.6.1: each domain of the From: field(s) is an author
+    domain; the strictest policy among those that fail applies."""
+    with pytest.raises(PermanentError) as info:
+        evaluate(configured(zone.resolver()), author, spf=("pass", "nopolicy.example"))
+    assert "DMARC policy of example.org" in info.value.message
+    env, _ = evaluate(configured(zone.resolver(), on_reject="tag"), author)
+    result = env.results.get("dmarc")
+    assert (result.result, result.details["domain"]) == ("fail", "example.org")
+    assert set(result.details["authors"]) == {"nopolicy.example", "example.org"}
+    if "From:" in author:
+        assert "2 From: fields" in result.reason
+
+
+def test_the_strictest_outcome_counts(zone):
+    plugin = configured(zone.resolver())
+    # quarantine (sp of example.org) is stricter than a failing p=none.
+    env, verdict = evaluate(plugin, "a@none.example, b@sub.example.org")
+    result = env.results.get("dmarc")
+    assert type(verdict).__name__ == "Quarantine"
+    assert (result.details["domain"], result.details["disposition"]) == (
+        "sub.example.org",
+        "quarantine",
+    )
+    assert "author domains none.example, sub.example.org" in result.reason
+    # Every domain aligned: pass; one without a policy: none (no verdict).
+    env, verdict = evaluate(plugin, "a@example.org, b@mail.example.org",
+                            dkim=[("pass", "example.org")])  # fmt: skip
+    assert (env.results.get("dmarc").result, verdict) == ("pass", None)
+    env, verdict = evaluate(plugin, "a@example.org, b@nopolicy.example",
+                            dkim=[("pass", "example.org")])  # fmt: skip
+    assert (env.results.get("dmarc").result, verdict) == ("none", None)
+    # A domain whose policy could not be read might ask for more than a
+    # failing p=none: temperror, and on_temperror decides.
+    zone.fault("_dmarc.example.org", "servfail")
+    env, verdict = evaluate(plugin, "a@none.example, b@example.org")
+    assert (env.results.get("dmarc").result, verdict) == ("temperror", None)
+    with pytest.raises(TransientError):
+        evaluate(configured(zone.resolver(), on_temperror="tempfail"),
+                 "a@none.example, b@example.org")  # fmt: skip
+    # ... but not more than a failing p=reject.
+    with pytest.raises(PermanentError):
+        evaluate(plugin, "a@example.org, b@strict.example")
+
+
+def test_too_many_author_domains_are_not_looked_up(zone):
+    author = ", ".join(f"a@d{i}.example" for i in range(MAX_AUTHORS + 1))
+    with pytest.raises(PermanentError) as info:
+        evaluate(configured(zone.resolver()), author)
+    assert "too many author domains" in info.value.message
+    env, verdict = evaluate(configured(zone.resolver(), on_reject="tag"), author)
+    result = env.results.get("dmarc")
+    assert (result.result, result.details["disposition"], verdict) == ("permerror", "reject", None)
+    assert zone.queries == []
+    # At the limit, each is asked.
+    author = ", ".join(f"a@d{i}.example" for i in range(MAX_AUTHORS - 1)) + ", b@example.org"
+    with pytest.raises(PermanentError):
+        evaluate(configured(zone.resolver()), author)
 
 
 @pytest.mark.parametrize(
