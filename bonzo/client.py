@@ -1575,6 +1575,9 @@ class ClientConnection:
             if not self._in_mail:
                 raise RuntimeError("rcpt() needs a MAIL the server accepted")
             if not r.address.isascii() and not self._mail_utf8:
+                if not self.supports("SMTPUTF8"):
+                    # The usual cause (a relay whose downstream lacks it): say so.
+                    return _local(553, "5.6.7", "the server does not support SMTPUTF8")
                 return _local(553, "5.6.7", "the transaction was not started with SMTPUTF8")
             try:
                 reply = await self._rcpt(r)

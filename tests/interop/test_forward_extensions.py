@@ -71,3 +71,18 @@ def test_eight_bit_content_is_refused_before_data(front):
     for options, expected in ((["BODY=8BITMIME", "SMTPUTF8"], (553, b"5.6.7")),):
         code, text = send(front, utf8_header, options)
         assert (code, text.split()[0]) == expected, (options, text)
+
+
+def test_a_utf8_recipient_is_refused_saying_why(front):
+    """A client that declared SMTPUTF8 (left out for this downstream) and
+    names a UTF-8 recipient: refused at RCPT with 553 5.6.7 saying the
+    server lacks SMTPUTF8, not that the transaction did not declare it (the
+    client did)."""
+    with smtplib.SMTP(front.host, front.port, timeout=10) as client:
+        client.ehlo("client.test")
+        assert client.mail("a@example.org", ["SMTPUTF8", "BODY=8BITMIME"])[0] == 250
+        code, text = client.rcpt("jos\u00e9@example.net")
+        assert code == 553 and text.startswith(b"5.6.7"), text
+        assert b"does not support SMTPUTF8" in text, text
+        assert b"not started with" not in text, text
+        assert client.rcpt("jose@example.net")[0] == 250
