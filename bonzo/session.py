@@ -109,6 +109,16 @@ class Change:
 MAX_HEADER_LINE = 998
 
 
+def _field_name(line: bytes) -> bytes | None:
+    """The name of the header field that ``line`` (a header line or block)
+    starts, as written, or ``None`` for a line without a colon. White space
+    before the colon is not part of it: RFC 5322 4.5.8's obsolete
+    ``field-name *WSP ":"``, which section 4 says a parser must accept (and
+    which mail readers and filters read as the field of that name)."""
+    name, colon, _ = line.partition(b":")
+    return name.strip(b" \t") if colon else None
+
+
 def _format_header(name: str, value: str, utf8: bool = True) -> bytes:
     """``name: value`` as a header block ending in CRLF; :class:`ValueError`
     for a bad name, a line break that is not folding, or a line longer than
@@ -737,9 +747,9 @@ class Envelope:
             blocks += self._client_header_section()[0]
         found = []
         for block in blocks:
-            name, _, value = block.partition(b":")
-            text = value.decode("utf-8", "surrogateescape")
-            found.append((name.decode("utf-8", "surrogateescape").strip(), text.strip(" \t\r\n")))
+            name = _field_name(block) or b""
+            text = block.partition(b":")[2].decode("utf-8", "surrogateescape")
+            found.append((name.decode("utf-8", "surrogateescape"), text.strip(" \t\r\n")))
         return found
 
     def _client_header_section(self) -> tuple[list[bytes], bytes, int]:
@@ -793,7 +803,7 @@ class Envelope:
             elif kind == "change":
                 seen = 0
                 for i, (origin, block) in enumerate(items):
-                    if block.split(b":", 1)[0].strip().lower() == key:
+                    if (_field_name(block) or b"").lower() == key:
                         seen += 1
                         if seen == occurrence:
                             if raw is None:
@@ -930,17 +940,19 @@ class Envelope:
     def remove_header(self, name: str) -> int:
         """Remove every ``name`` header (case-insensitive, with its folded
         continuation lines) from the client's header section and from the
-        headers added so far; return how many were removed.
+        headers added so far; return how many were removed. Names are matched
+        as :meth:`headers` reads them: ``X-Spam-Flag : yes`` (white space
+        before the colon, obsolete but still in use) is an ``X-Spam-Flag``.
 
         The body after the header section is copied as is, in chunks, so this
         works for spooled messages of any size.
         """
         self._apply_changes()
-        wanted = name.lower().encode("ascii", "replace") + b":"
+        wanted = name.lower().encode("ascii", "replace")
         removed = 0
         kept_added = []
         for block in self._headers:
-            if block.lower().startswith(wanted):
+            if (_field_name(block) or b"").lower() == wanted:
                 removed += 1
             else:
                 kept_added.append(block)
@@ -950,20 +962,28 @@ class Envelope:
         src = self.open_body()
         out: list[bytes] = []
         skipping = False
+        seen = 0  # header lines read (continuations not counted)
+        from_client = 0
         while True:
             line = src.readline(65536)
             if not line or line in (b"\r\n", b"\n"):
                 break
-            if line[:1] in (b" ", b"\t"):
+            if line[:1] in (b" ", b"\t") and seen:
                 if not skipping:
                     out.append(line)
                 continue
-            skipping = line.lower().startswith(wanted)
+            field = _field_name(line)
+            if field is None:
+                # Not a header: the body starts here, as for headers().
+                break
+            seen += 1
+            skipping = field.lower() == wanted
             if skipping:
-                removed += 1
+                from_client += 1
             else:
                 out.append(line)
-        if removed:
+        removed += from_client
+        if from_client:
             new = _Spool(self._spool_threshold, self._spool_dir)
             try:
                 new.writelines(out)

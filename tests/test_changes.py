@@ -146,6 +146,44 @@ def test_a_message_without_a_header_section_or_blank_line():
     assert only.body == b"Subject: s\r\n\r\nb\r\n"
 
 
+@pytest.mark.parametrize("threshold", [1 << 20, 16])
+def test_white_space_before_the_colon_is_the_same_name_to_every_method(threshold):
+    # RFC 5322 4.5.8 (obs-optional): "X-Spam-Flag : YES" is an X-Spam-Flag
+    # field, which a parser must accept: a forged one is removed like any.
+    forged = (
+        b"X-Spam-Flag : YES\r\nSubject: hi\r\nX-Spam-Status\t: Yes,\r\n score=50\r\n"
+        b"X-Spam-Flag:NO\r\n\r\nX-Spam-Flag : in the body stays\r\n"
+    )
+    env = envelope(forged, threshold=threshold)
+    env.prepend_raw(b"X-Spam-Flag : added\r\n")
+    names = [n for n, _ in env.headers()]
+    assert names.count("X-Spam-Flag") == 3 and "X-Spam-Status" in names
+    assert env.remove_header("x-spam-flag") == 3
+    assert env.remove_header("X-SPAM-STATUS") == 1
+    assert env.content == (
+        b"Received: from c by s; now\r\nSubject: hi\r\n\r\nX-Spam-Flag : in the body stays\r\n"
+    )
+    again = envelope(forged, threshold=threshold)
+    again.change_header("X-Spam-Flag", "checked", 2)
+    again.delete_header("X-Spam-Flag")
+    assert again.content.startswith(
+        b"Received: from c by s; now\r\nSubject: hi\r\nX-Spam-Status\t: Yes,\r\n score=50\r\n"
+        b"X-Spam-Flag: checked\r\n\r\n"
+    )
+
+
+def test_remove_header_stops_where_the_header_section_does():
+    # A line that is no header ends the section (as for headers()): a
+    # header-like line after it is body text, left alone.
+    env = envelope(b"X-Spam-Flag: YES\r\nnot a header\r\nX-Spam-Flag: body\r\n\r\nmore\r\n")
+    assert [n for n, _ in env.headers()] == ["Received", "X-Spam-Flag"]
+    assert env.remove_header("X-Spam-Flag") == 1
+    assert env.body == b"not a header\r\nX-Spam-Flag: body\r\n\r\nmore\r\n"
+    assert env.remove_header("Received") == 1
+    assert env.remove_header("X-Absent") == 0
+    assert env.body == b"not a header\r\nX-Spam-Flag: body\r\n\r\nmore\r\n"
+
+
 def test_bad_changes_are_refused_at_once():
     env = envelope()
     for call in (

@@ -79,6 +79,22 @@ def test_gtube_tagged_then_refused_and_ham_passes(start_server, daemon):
     assert store.delivered == []
 
 
+def test_forged_spam_headers_with_space_before_the_colon_are_removed(start_server, daemon):
+    # "X-Spam-Flag : YES" is an X-Spam-Flag field to a mail reader (RFC 5322
+    # 4.5.8): a sender must not make ham look checked and tagged with it.
+    server, store = serve(start_server, port=daemon.port)
+    forged = message("Hello Bob,\r\n\r\nsee you at lunch tomorrow.\r\n\r\nAlice").replace(
+        b"\r\n\r\n", b"\r\nX-Spam-Flag : YES\r\nX-Spam-Status\t: Yes, score=50\r\n\r\n", 1
+    )
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as client:
+        assert client.sendmail("alice@example.org", ["bob@example.com"], forged) == {}
+    (delivered,) = store.delivered
+    head = delivered.split(b"\r\n\r\n", 1)[0]
+    assert re.findall(rb"(?mi)^x-spam-(?:flag|status)\b.*$", head) == [
+        re.search(rb"(?m)^X-Spam-Status: No, score=.*$", head).group()  # spamd's own
+    ]
+
+
 def test_spamd_down(start_server):
     server, store = serve(start_server, port=free_port())
     with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
