@@ -275,6 +275,7 @@ class RspamdPlugin:
 
     def __init__(self) -> None:
         self.url = "http://127.0.0.1:11333/checkv2"
+        self.backend = self.url
         self.connect_timeout = 5.0
         self.timeout = 20.0
         self.max_size = 50 * 1024 * 1024
@@ -350,14 +351,22 @@ class RspamdPlugin:
             decompress_response=False,
             user_agent="Bonzo",
         )
+        # Named in the log without any user:password@ of the URL.
+        where = self.backend
         try:
             await self.client().fetch(request)
         except HTTPClientError as exc:
             if exc.code == 599:
-                raise ScanError(f"{self.url}: {exc.message or 'no answer'}") from None
-            raise ScanError(f"{self.url}: HTTP {exc.code}") from None
+                raise ScanError(f"{where}: {exc.message or 'no answer'}") from None
+            raise ScanError(f"{where}: HTTP {exc.code}") from None
         except OSError as exc:
-            raise ScanError(f"{self.url}: {exc.strerror or exc}") from None
+            raise ScanError(f"{where}: {exc.strerror or exc}") from None
+        except Exception as exc:
+            # An answer Tornado cannot read as HTTP (a header section that
+            # never ends, a bad status line: HTTPInputError and the like) is
+            # no answer either. CancelledError is no Exception: it passes.
+            detail = _text(f"{type(exc).__name__}: {exc}")
+            raise ScanError(f"{where}: no HTTP answer that can be read ({detail})") from None
         if size > MAX_REPLY:
             raise ScanError(f"rspamd's answer is longer than {MAX_REPLY} octets")
         return parse_reply(b"".join(received))

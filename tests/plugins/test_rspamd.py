@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import threading
 import time
 from types import SimpleNamespace
@@ -85,6 +87,19 @@ def http(answer: dict | bytes, status: int = 200, seen: list | None = None, dela
             b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
             b"Connection: close\r\n\r\n" % (status, len(body)) + body
         )
+
+    return handler
+
+
+def raw_http(reply: bytes):
+    """An rspamd (or something in its place) that reads one request and
+    answers ``reply``, whatever it is, then closes."""
+
+    def handler(conn):
+        head, _, rest = recv_until(conn, b"\r\n\r\n").partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+        recv_exactly(conn, length - len(rest))
+        conn.sendall(reply)
 
     return handler
 
@@ -247,6 +262,36 @@ def test_garbage_reply_fails_closed(body, status):
             check(configured(url=f"http://127.0.0.1:{fake.port}"), envelope)
     assert info.value.status_code == 451
     assert results_of(envelope, "rspamd")[0][0] == "error"
+
+
+MALFORMED = {
+    # A header section that never ends (past Tornado's 64 KiB bound).
+    "endless header": b"HTTP/1.1 200 OK\r\nX: " + b"A" * (200 << 10),
+    "bad status line": b"SPAMD/1.1 0 EX_OK\r\nContent-length: 0\r\n\r\n",
+    "bad content-length": b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n{}",
+}
+
+
+@pytest.mark.parametrize("reply", MALFORMED.values(), ids=MALFORMED.keys())
+def test_an_answer_that_is_not_http_is_an_error(reply, caplog):
+    # Whatever Tornado raises for it, it is rspamd's failure to answer: the
+    # result error, a WARNING naming rspamd (not its password), on_error.
+    for on_error in ("tempfail", "accept"):
+        envelope = make_envelope()
+        caplog.clear()
+        with FakeDaemon(raw_http(reply)) as fake:
+            plugin = configured(url=f"http://bonzo:s3cret@127.0.0.1:{fake.port}", on_error=on_error)
+            with caplog.at_level(logging.WARNING, "bonzo.plugins.rspamd"):
+                if on_error == "accept":
+                    assert check(plugin, envelope) is None
+                else:
+                    with pytest.raises(SMTPError) as info:
+                        check(plugin, envelope)
+                    assert (info.value.status_code, info.value.enhanced_code) == (451, "4.7.1")
+        ((result, reason, _),) = results_of(envelope, "rspamd")
+        assert result == "error" and f"http://127.0.0.1:{fake.port}/checkv2: " in reason
+        (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert f"http://127.0.0.1:{fake.port}/checkv2" in line and "s3cret" not in line
 
 
 def test_message_over_max_size_is_not_checked():
