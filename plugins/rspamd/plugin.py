@@ -15,6 +15,7 @@ import re
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from email.header import Header
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -431,12 +432,69 @@ class RspamdPlugin:
         return None
 
     def apply(self, envelope: Envelope, reply: RspamdReply, action: str) -> None:
-        """rspamd's header changes, then what the action asks for."""
+        """rspamd's header changes, then what the action asks for. A change
+        the envelope refuses (a line too long to fold, a header section too
+        long to edit) is skipped and logged: the message still goes on, as
+        rspamd's verdict stands."""
         for name, occurrence in reply.remove_headers:
-            remove_header(envelope, name, occurrence)
+            try:
+                remove_header(envelope, name, occurrence)
+            except ValueError as exc:
+                log.warning("rspamd: message %s: header %s not removed: %s", envelope.id, name, exc)
         for name, value, order in reply.add_headers:
-            add_header(envelope, name, value, order)
+            try:
+                add_header(envelope, name, value, order)
+            except ValueError as exc:
+                log.warning("rspamd: message %s: header %s not added: %s", envelope.id, name, exc)
         if action == "add header" and self.spam_header:
-            set_header(envelope, self.spam_header, "Yes")
+            try:
+                set_header(envelope, self.spam_header, "Yes")
+            except ValueError as exc:
+                log.warning(
+                    "rspamd: message %s: header %s not set: %s", envelope.id, self.spam_header, exc
+                )
         if action == "rewrite subject" and reply.subject is not None:
-            set_header(envelope, "Subject", reply.subject)
+            self.rewrite_subject(envelope, reply.subject)
+
+    def rewrite_subject(self, envelope: Envelope, subject: str) -> None:
+        """Make ``subject`` the message's ``Subject:``. rspamd answers with
+        the decoded subject, so a sender's run of adjacent RFC 2047 encoded
+        words comes back as one word too long for a header line: such words
+        are encoded again, the only way to fold them (the text a reader
+        sees is the same)."""
+        try:
+            set_header(envelope, "Subject", subject)
+            return
+        except ValueError as exc:
+            error = exc
+        try:
+            foldable = _foldable(subject)
+            if foldable != subject:
+                set_header(envelope, "Subject", foldable)
+                log.info(
+                    "rspamd: message %s: the rewritten Subject has words longer than %d "
+                    "octets, written as RFC 2047 encoded words to fold it",
+                    envelope.id,
+                    LONG_WORD,
+                )
+                return
+        except ValueError as exc:  # UnicodeEncodeError too (a lone surrogate)
+            error = exc
+        log.warning("rspamd: message %s: Subject not rewritten: %s", envelope.id, error)
+
+
+#: The longest word of a rewritten subject left as it is when the subject
+#: cannot be folded otherwise (RFC 5322 2.1.1: lines SHOULD be at most 78).
+LONG_WORD = 78
+
+
+def _foldable(value: str) -> str:
+    """``value`` with each word longer than :data:`LONG_WORD` octets written
+    as RFC 2047 encoded words (adjacent ones, which decode to the word: the
+    white space between them is not part of the text), on lines of their
+    own so that the header can be folded between them."""
+    parts = re.split(r"(\s+)", value)
+    for i, part in enumerate(parts):
+        if len(part.encode()) > LONG_WORD and not part.isspace():
+            parts[i] = Header(part, "utf-8").encode(linesep="\n")
+    return "".join(parts)

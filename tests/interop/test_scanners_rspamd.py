@@ -5,6 +5,8 @@ ordinary message is not refused."""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import smtplib
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -80,6 +82,22 @@ def test_actions(start_server, daemon):
     assert b"\r\nX-Spam: Yes\r\n" in added and b"Subject: one\r\n" in added
     assert b"Subject: *** SPAM *** two\r\n" in rewritten and b"Subject: two\r\n" not in rewritten
     assert b"X-Spam" not in clean and b"Subject: three\r\n" in clean
+
+
+def test_rewritten_subject_of_encoded_words_is_delivered(start_server, daemon):
+    # Adjacent encoded words (each line short) decode to one word of 1,500
+    # characters, which rspamd's rewritten subject carries: Bonzo encodes it
+    # again to fold it (it was 451 4.3.0 at every attempt).
+    words = "\r\n ".join("=?us-ascii?Q?" + "A" * 60 + "?=" for _ in range(25))
+    server, store = serve(start_server, url=f"http://127.0.0.1:{daemon.port}")
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+        sent = message("Z" + PATTERN, words)
+        assert client.sendmail("alice@example.org", ["bob@example.com"], sent) == {}
+    (content,) = store.delivered
+    head = content.split(b"\r\n\r\n")[0]
+    assert max(len(line) for line in head.split(b"\r\n")) <= 998
+    subject = email.message_from_bytes(content, policy=email.policy.default)["Subject"]
+    assert subject == "*** SPAM *** " + "A" * 1500
 
 
 def test_ordinary_message_with_milter_headers(start_server, daemon):

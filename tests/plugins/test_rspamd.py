@@ -217,6 +217,50 @@ def test_rewrite_subject():
     assert b"Subject: *** SPAM *** hello\r\n" in content
 
 
+def test_a_header_that_cannot_be_written_is_skipped_and_logged(caplog):
+    # rspamd folds its own headers; a custom milter_headers routine or a
+    # proxy may not: the header is left out, the rest applies, the message
+    # goes on (it was deferred for ever with 451 4.3.0).
+    envelope = make_envelope(b"Subject: hello\r\nX-Old: 1\r\n\r\nbody\r\n")
+    milter = {
+        "add_headers": {"X-Custom": "v=" + "A" * 1500, "X-Bad": "\ud800", "X-Fine": "ok"},
+        "remove_headers": {"X-Old": 0},
+    }
+    reply = answer("rewrite subject", subject="\ud800 broken", milter=milter)
+    with FakeDaemon(http(reply)) as fake, caplog.at_level(logging.INFO, "bonzo.plugins.rspamd"):
+        assert check(configured(url=f"http://127.0.0.1:{fake.port}"), envelope) is None
+    content = envelope.content
+    assert b"X-Fine: ok\r\n" in content and b"Subject: hello\r\n" in content
+    assert b"X-Custom" not in content and b"X-Bad" not in content and b"X-Old" not in content
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 3
+    assert f"message {envelope.id}: header X-Custom not added: " in warnings[0]
+    assert "1512 octets with no space to fold" in warnings[0]
+    assert "header X-Bad not added" in warnings[1]
+    assert "Subject not rewritten" in warnings[2]
+
+
+@pytest.mark.parametrize("smtputf8", [False, True])
+def test_a_rewritten_subject_too_long_to_fold_is_encoded(smtputf8, caplog):
+    # The words too long for a line become RFC 2047 encoded words (the text
+    # a reader sees is rspamd's subject); the others stay as they are. (A
+    # subject that is not ASCII is encoded whole unless the message is
+    # SMTPUTF8, which lets a long UTF-8 word through to this point.)
+    envelope = make_envelope(b"Subject: hello\r\nTo: x@example.com\r\n\r\nbody\r\n")
+    if smtputf8:
+        envelope.mail_params["SMTPUTF8"] = None
+    subject = "***SPAM*** " + "B" * 1500 + " tail" + (" " + "\u00e9" * 600 if smtputf8 else "")
+    with FakeDaemon(http(answer("rewrite subject", subject=subject))) as fake:
+        with caplog.at_level(logging.INFO, "bonzo.plugins.rspamd"):
+            assert check(configured(url=f"http://127.0.0.1:{fake.port}"), envelope) is None
+    head = envelope.content.split(b"\r\n\r\n")[0]
+    assert head.startswith(b"Subject: ***SPAM*** =?utf-8?q?BBB")
+    assert b"?= tail" in head
+    assert max(len(line) for line in head.split(b"\r\n")) <= 100
+    assert envelope.message["Subject"] == subject
+    assert "written as RFC 2047 encoded words" in caplog.text
+
+
 def test_rspamd_down_fails_closed():
     envelope = make_envelope()
     with pytest.raises(SMTPError) as info:
