@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
@@ -33,6 +34,7 @@ __all__ = [
     "parse_blank_ok",
     "timeout_keys",
     "message_chunks",
+    "open_socket",
     "open_stream",
     "record",
     "sanitize",
@@ -151,6 +153,44 @@ async def open_stream(
         else:
             connect = asyncio.open_connection(endpoint.host, endpoint.port, limit=limit)
         return await asyncio.wait_for(connect, timeout)
+    except asyncio.TimeoutError:
+        raise ScanError(f"{endpoint}: no connection within {timeout:g}s") from None
+    except OSError as exc:
+        raise ScanError(f"{endpoint}: cannot connect: {exc.strerror or exc}") from None
+
+
+async def open_socket(endpoint: Endpoint, timeout: float) -> socket.socket:
+    """A non-blocking socket connected to ``endpoint`` within ``timeout``
+    seconds, for the event loop's ``sock_*`` calls: unlike a stream, a write
+    that fails leaves what the peer sent before it closed there to read.
+    Raises :class:`ScanError`."""
+    loop = asyncio.get_running_loop()
+
+    async def connect() -> socket.socket:
+        if endpoint.path is not None:
+            targets: list[tuple[int, Any]] = [(socket.AF_UNIX, endpoint.path)]
+        else:
+            infos = await loop.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
+            targets = [(family, address) for family, _, _, _, address in infos]
+        error: OSError = OSError(f"no address for {endpoint.host}")
+        for family, address in targets:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                if family != socket.AF_UNIX:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await loop.sock_connect(sock, address)
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+            except BaseException:
+                sock.close()
+                raise
+        raise error
+
+    try:
+        return await asyncio.wait_for(connect(), timeout)
     except asyncio.TimeoutError:
         raise ScanError(f"{endpoint}: no connection within {timeout:g}s") from None
     except OSError as exc:

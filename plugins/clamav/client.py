@@ -15,16 +15,21 @@ data passes its ``StreamMaxLength``.
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
+from typing import NoReturn
 
-from .._scan import Endpoint, ScanError, close_stream, open_stream
+from .._scan import Endpoint, ScanError, open_socket
 
 __all__ = ["ClamdReply", "MAX_REPLY", "instream", "parse_reply"]
 
 #: The longest reply read from clamd; a signature name is far shorter.
 MAX_REPLY = 4096
+#: How long clamd's answer is waited for once it stopped reading the stream
+#: (it writes the answer, then closes).
+ANSWER_WAIT = 2.0
 #: The largest chunk clamd is sent at once (its default StreamMaxLength is
 #: far larger; the chunk size only sets how much is in memory at a time).
 MAX_CHUNK = 1 << 20
@@ -64,47 +69,106 @@ def parse_reply(raw: bytes) -> ClamdReply:
     raise ScanError(f"clamd answered something unexpected: {line[:80]!r}")
 
 
-async def _read_reply(reader: asyncio.StreamReader) -> bytes:
+async def _read_reply(sock: socket.socket) -> bytes:
+    """clamd's answer up to its ``\\0`` (or the end of the connection)."""
+    loop = asyncio.get_running_loop()
     data = b""
     while b"\0" not in data:
-        piece = await reader.read(MAX_REPLY)
+        piece = await loop.sock_recv(sock, MAX_REPLY)
         if not piece:
             break
         data += piece
         if len(data) > MAX_REPLY:
             raise ScanError(f"clamd's answer is longer than {MAX_REPLY} octets")
-    if not data:
-        raise ScanError("clamd closed the connection without an answer")
+    # b"" when clamd closed without a word (the caller says what that means).
     return data.split(b"\0", 1)[0]
 
 
 async def _exchange(
     endpoint: Endpoint, chunks: AsyncIterable[bytes], connect_timeout: float
 ) -> ClamdReply:
-    reader, writer = await open_stream(endpoint, connect_timeout)
+    loop = asyncio.get_running_loop()
+    sock = await open_socket(endpoint, connect_timeout)
+    # clamd's answer is read while the stream is sent: past its
+    # StreamMaxLength it answers at once and closes, and the answer is in
+    # the socket when the next write fails. (An asyncio stream would lose
+    # it: its reader raises the write's error first, and its transport stops
+    # reading at once.)
+    answer = asyncio.ensure_future(_read_reply(sock))
+    sent = 0  # octets of the stream written
     try:
-        writer.write(b"zINSTREAM\0")
         try:
+            await loop.sock_sendall(sock, b"zINSTREAM\0")
             async for chunk in chunks:
                 for i in range(0, len(chunk), MAX_CHUNK):
-                    piece = chunk[i : i + MAX_CHUNK]
-                    writer.write(struct.pack(">I", len(piece)))
-                    writer.write(piece)
-                    # One chunk in the socket's buffer at a time: memory
-                    # stays bounded whatever the size of the message.
-                    await writer.drain()
-            writer.write(b"\0\0\0\0")
-            await writer.drain()
-        except (ConnectionError, OSError):
-            # clamd stops reading and closes when the stream passes its
-            # StreamMaxLength, after writing its answer: read that.
-            pass
-        try:
-            return parse_reply(await _read_reply(reader))
+                    if answer.done():
+                        # clamd answered before the end: nothing more to send.
+                        await _stopped(endpoint, answer, sent, None)
+                    # One chunk at a time: memory stays bounded whatever the
+                    # size of the message.
+                    piece = memoryview(chunk)[i : i + MAX_CHUNK]
+                    await loop.sock_sendall(sock, struct.pack(">I", len(piece)))
+                    await loop.sock_sendall(sock, piece)
+                    sent += len(piece)
+            if answer.done():
+                await _stopped(endpoint, answer, sent, None)
+            await loop.sock_sendall(sock, b"\0\0\0\0")
         except (ConnectionError, OSError) as exc:
-            raise ScanError(f"{endpoint}: connection lost: {exc}") from None
+            # clamd stopped reading; it answers before it closes.
+            await _stopped(endpoint, answer, sent, exc)
+        try:
+            raw = await answer
+        except (ConnectionError, OSError) as exc:
+            raise _no_answer(endpoint, sent, exc) from None
+        if not raw:
+            raise _no_answer(endpoint, sent, None)
+        return _verdict(endpoint, raw)
     finally:
-        await close_stream(writer)
+        answer.cancel()
+        await asyncio.gather(answer, return_exceptions=True)
+        sock.close()
+
+
+async def _stopped(
+    endpoint: Endpoint, answer: asyncio.Future[bytes], sent: int, error: OSError | None
+) -> NoReturn:
+    """Raise :class:`ScanError` for a stream clamd did not take to its end
+    (``error``: the write that failed), with clamd's ``ERROR`` line when it
+    can be read within :data:`ANSWER_WAIT` seconds."""
+    try:
+        raw = await asyncio.wait_for(asyncio.shield(answer), ANSWER_WAIT)
+    except (asyncio.TimeoutError, ConnectionError, OSError):
+        raw = b""
+    if not raw:
+        raise _no_answer(endpoint, sent, error)
+    reply = _verdict(endpoint, raw)
+    # A verdict on part of the message is none.
+    raise ScanError(
+        f"{endpoint}: clamd answered before the end of the stream ({sent} octets "
+        f"sent): {'FOUND' if reply.infected else 'OK'}"
+    )
+
+
+def _verdict(endpoint: Endpoint, raw: bytes) -> ClamdReply:
+    """:func:`parse_reply`, its :class:`ScanError` naming clamd (and, for
+    clamd's size limit, the setting to change)."""
+    try:
+        return parse_reply(raw)
+    except ScanError as exc:
+        hint = ""
+        if b"size limit" in raw:
+            hint = " (StreamMaxLength in clamd.conf is below the plugin's max_size)"
+        raise ScanError(f"{endpoint}: {exc}{hint}") from None
+
+
+def _no_answer(endpoint: Endpoint, sent: int, error: OSError | None) -> ScanError:
+    """clamd closed the connection without a word: what the log should say."""
+    why = f" ({error.strerror or error})" if error is not None else ""
+    return ScanError(
+        f"{endpoint}: clamd closed the stream early ({sent} octets sent), without "
+        f"an answer{why}: a StreamMaxLength in clamd.conf below the plugin's "
+        "max_size is the usual cause"
+    )
 
 
 async def instream(

@@ -5,6 +5,7 @@ message past clamd's StreamMaxLength and a stopped clamd deferred."""
 from __future__ import annotations
 
 import base64
+import logging
 import smtplib
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -88,18 +89,30 @@ def test_unix_socket(start_server, daemon):
     assert info.value.smtp_code == 554
 
 
-def test_past_stream_max_length_deferred_or_skipped(start_server, daemon):
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_past_stream_max_length_deferred_or_skipped(start_server, daemon, transport, caplog):
     """clamd's StreamMaxLength is 1M here: max_size above it makes clamd
-    stop with an error (451); max_size below it skips the scan."""
+    stop with an error (451), logged with clamd's answer over either
+    transport (over a Unix socket it was a bare "Broken pipe"); max_size
+    below it skips the scan."""
     big = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 1500
     store = Store()
-    too_high = plugin(port=daemon.port, max_size="10M")
+    where = (
+        {"socket": str(daemon.root / "clamd.ctl")} if transport == "unix" else {"port": daemon.port}
+    )
+    too_high = plugin(**where, max_size="10M")
     server = start_server(plugins=chain(("clamav", too_high), ("store", store)))
-    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
-        with pytest.raises(smtplib.SMTPDataError) as info:
-            client.sendmail("a@example.org", ["b@example.com"], big)
+    with caplog.at_level(logging.WARNING, "bonzo.plugins.clamav"):
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+            with pytest.raises(smtplib.SMTPDataError) as info:
+                client.sendmail("a@example.org", ["b@example.com"], big)
     assert info.value.smtp_code == 451 and info.value.smtp_error.startswith(b"4.7.1 ")
-    matched = plugin(port=daemon.port, max_size="1M")
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "bonzo.plugins.clamav"]
+    assert line.endswith(
+        f"deferred: {too_high.endpoint}: clamd: INSTREAM size limit exceeded. ERROR"
+        " (StreamMaxLength in clamd.conf is below the plugin's max_size)"
+    )
+    matched = plugin(**where, max_size="1M")
     server = start_server(plugins=chain(("clamav", matched), ("store", store)))
     with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
         assert client.sendmail("a@example.org", ["b@example.com"], big) == {}

@@ -169,23 +169,68 @@ def test_garbage_or_error_reply_fails_closed(reply):
     assert results_of(envelope, "clamav")[0][0] == "error"
 
 
-def test_clamd_closing_at_its_size_limit_is_an_error_not_a_hang():
-    """clamd answers and closes as soon as the stream passes StreamMaxLength."""
+def at_limit(answer: bytes, drain: bool = False):
+    """A clamd that reads 1,000 octets of the stream, answers ``answer``
+    (nothing: b""), then closes — or, with ``drain``, reads on to the end."""
 
-    def limited(conn):
+    def handler(conn):
         recv_exactly(conn, 10)
         recv_exactly(conn, 4 + 1000)
-        conn.sendall(b"INSTREAM size limit exceeded. ERROR\0")
+        conn.sendall(answer)
+        while drain and conn.recv(1 << 16):
+            pass
 
+    return handler
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_clamd_closing_at_its_size_limit_is_an_error_not_a_hang(transport, tmp_path):
+    """clamd answers and closes as soon as the stream passes StreamMaxLength:
+    its answer is read (and logged), over a Unix socket or TCP alike, not a
+    bare broken pipe."""
+    path = str(tmp_path / "clamd.ctl")
     envelope = make_envelope(b"Subject: x\r\n\r\n" + b"y" * 3_000_000, spool_threshold=4096)
-    with FakeDaemon(limited) as fake:
+    limited = at_limit(b"INSTREAM size limit exceeded. ERROR\0")
+    with FakeDaemon(limited, unix=path if transport == "unix" else None) as fake:
+        where = {"socket": path} if transport == "unix" else {"port": fake.port}
         with pytest.raises(SMTPError) as info:
-            scan(configured(port=fake.port, timeout=5), envelope)
+            scan(configured(**where, timeout=5), envelope)
     assert info.value.status_code == 451
-    # The answer, or the reset of a socket closed with unread data in it.
     ((result, reason, _),) = results_of(envelope, "clamav")
     assert result == "error"
-    assert "size limit" in reason or "connection lost" in reason
+    assert reason.endswith(
+        "clamd: INSTREAM size limit exceeded. ERROR"
+        " (StreamMaxLength in clamd.conf is below the plugin's max_size)"
+    )
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_clamd_closing_early_without_an_answer_names_the_likely_cause(transport, tmp_path):
+    path = str(tmp_path / "clamd.ctl")
+    envelope = make_envelope(b"Subject: x\r\n\r\n" + b"y" * 3_000_000, spool_threshold=4096)
+    with FakeDaemon(at_limit(b""), unix=path if transport == "unix" else None) as fake:
+        where = {"socket": path} if transport == "unix" else {"port": fake.port}
+        started = time.monotonic()
+        with pytest.raises(SMTPError):
+            scan(configured(**where, timeout=10), envelope)
+    assert time.monotonic() - started < 5  # the wait for an answer is short
+    ((result, reason, _),) = results_of(envelope, "clamav")
+    assert result == "error" and "clamd closed the stream early (" in reason
+    assert "a StreamMaxLength in clamd.conf below the plugin's max_size" in reason
+
+
+def test_a_verdict_before_the_end_of_the_stream_is_none(tmp_path):
+    # A clamd (or something in its place) that answers before the stream
+    # ended has not seen the message: no pass on it. (Over a Unix socket,
+    # whose small buffer cannot hold the whole stream before the answer.)
+    path = str(tmp_path / "clamd.ctl")
+    envelope = make_envelope(b"Subject: x\r\n\r\n" + b"y" * 3_000_000, spool_threshold=4096)
+    with FakeDaemon(at_limit(b"stream: OK\0", drain=True), unix=path):
+        with pytest.raises(SMTPError) as info:
+            scan(configured(socket=path, timeout=5), envelope)
+    assert info.value.status_code == 451
+    ((result, reason, _),) = results_of(envelope, "clamav")
+    assert result == "error" and "answered before the end of the stream" in reason
 
 
 def test_message_over_max_size_is_not_scanned():
