@@ -175,7 +175,11 @@ def test_greylist_can_be_ignored():
 
 
 def test_add_header_and_milter_headers():
-    envelope = make_envelope(b"Subject: hi\r\nX-Spam: forged\r\nX-Old: 1\r\n\r\nbody\r\n")
+    # White space before the colon (RFC 5322's obsolete form) is the same name.
+    envelope = make_envelope(
+        b"Subject: hi\r\nX-Spam: forged\r\nX-Old: 1\r\nX-Spam : forged\r\nX-Old\t: 2\r\n"
+        b"\r\nbody\r\n"
+    )
     reply = answer(
         "add header",
         7.5,
