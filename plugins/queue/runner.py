@@ -17,13 +17,20 @@ One attempt at a message, under its claim:
    deferred (``4xx``, or no answer): a deferred recipient is tried again
    after a back-off that doubles from ``min_backoff`` up to ``max_backoff``,
    and bounced once the message is older than ``lifetime``;
-3. the reports are queued — one for the recipients that failed in this
-   attempt, one for those delivered that asked for it (``NOTIFY=SUCCESS``),
-   one delay notice once (``delay_warning``) — never to the null sender;
-4. the state is saved, or the message removed once every recipient is done.
+3. as each group ends, its outcomes are settled: the reports are queued —
+   one for its recipients that failed, one for those delivered that asked
+   for it (``NOTIFY=SUCCESS``) — never to the null sender, and the state is
+   saved, or the message removed once every recipient is done (groups that
+   end together share the reports and the write);
+4. once all groups have ended, one delay notice (``delay_warning``).
 
-The report is queued before the state is saved: a crash in between repeats
-the attempt (and the report), it never loses one.
+A report is queued before the state that records its recipients is saved:
+a crash in between repeats what was delivered since the last save (and the
+report), it never loses one. A stop cancels the deliveries still in flight
+after its grace and saves what the others settled, so that only the
+deliveries in flight can be repeated. A state that cannot be saved (a full
+disk) is kept in memory and saved again after a back-off, the message's
+claim held meanwhile: no recipient is delivered twice by this process.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from bonzo import metrics
@@ -86,6 +93,10 @@ QUEUE_STATES = ("new", "deferred", "held")
 #: it is cancelled (Bonzo's client ends by the deadline itself).
 DEADLINE_GRACE = 5.0
 
+#: Seconds a stopping runner waits for the last save of a cancelled
+#: attempt's state (a disk that hangs must not hold the stop for ever).
+LAST_SAVE_TIMEOUT = 10.0
+
 
 @dataclass
 class RunnerSettings:
@@ -108,6 +119,41 @@ def backoff(attempts: int, settings: RunnerSettings) -> float:
     """Seconds to wait after the ``attempts``-th failed attempt."""
     delay = settings.min_backoff * (2 ** max(0, attempts - 1))
     return float(min(delay, settings.max_backoff))
+
+
+@dataclass(eq=False)
+class _Progress:
+    """What an attempt at a message has settled and what of it is durable
+    yet: outcomes are applied to :attr:`message` as they come in, and
+    :meth:`Runner._write` queues the reports, tells the observers and saves
+    the state (or removes the message) behind them."""
+
+    message: QueuedMessage
+    claim: Claim
+    #: Reports not yet queued (their lines), oldest first: one queued is
+    #: taken off, so that it is never queued twice.
+    reports: list[list[ReportLine]] = field(default_factory=list)
+    #: Observer calls not yet made: (hook, recipients).
+    observed: list[tuple[str, list[Recipient]]] = field(default_factory=list)
+    #: Recipients deferred in this attempt (for the delay notice).
+    deferred: list[Recipient] = field(default_factory=list)
+    #: The queue ids of the reports queued.
+    queued: list[str] = field(default_factory=list)
+    #: Changes applied to the message, and how many of them are saved.
+    changes: int = 0
+    saved: int = 0
+    removed: bool = False
+    #: Why the last write failed (None: it did not).
+    error: Exception | None = None
+    #: The task writing (:meth:`Runner._write`); one at a time.
+    writer: asyncio.Task[None] | None = None
+
+    @property
+    def unsaved(self) -> bool:
+        """Something settled is not durable yet."""
+        return bool(self.reports or self.observed) or (
+            not self.removed and self.saved != self.changes
+        )
 
 
 class Runner:
@@ -159,6 +205,8 @@ class Runner:
         self._parked: dict[str, float | None] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        #: Set by :meth:`stop` (ends the waits between saves of a state).
+        self._stopped = asyncio.Event()
         # The runner's file work (claim, read, remove) gets threads of its
         # own: in the loop's default executor it would wait behind every
         # accepting session's write and fsync, and delivery would starve
@@ -230,8 +278,10 @@ class Runner:
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop scanning; let deliveries in flight finish for ``grace``
-        seconds, then cancel them (they are tried again later)."""
+        seconds, then cancel them (they are tried again later; what the
+        attempt's other deliveries settled is saved first)."""
         self._stopping = True
+        self._stopped.set()
         self._wake.set()
         if self._monitor is not None:
             self._monitor.cancel()
@@ -248,7 +298,7 @@ class Runner:
                 if task in pending:
                     log.warning(
                         "queue: stopping: attempt at %s still running after %g s, cancelled; "
-                        "it is tried again at the next start",
+                        "its deliveries in flight are tried again at the next start",
                         id,
                         grace,
                     )
@@ -459,6 +509,7 @@ class Runner:
             return
         claim, message = claimed
         self._unpark(id)
+        progress = _Progress(message, claim)
         try:
             now = self.clock()
             due = message.due(now)
@@ -469,17 +520,20 @@ class Runner:
                 else:
                     self._set_due(id, nxt)
                 return
-            outcomes, busy = await self._deliver(message, due)
-            if outcomes:
-                await self._settle(message, outcomes)
-            nxt = message.next_due
-            if nxt is None:
-                await self._remove(message, claim)
+            try:
+                busy = await self._deliver(message, due, progress)
+            except asyncio.CancelledError:
+                await self._last_save(progress)
+                raise
+            self._delay_notice(progress)
+            if not await self._make_durable(progress):
+                return  # stopping with the state unsaved: see _make_durable
+            if progress.removed:
                 self._due.pop(id, None)
                 log.info("queue: %s done", id)
                 return
-            if outcomes:
-                await loop.run_in_executor(self._executor, self.spool.save_state, message)
+            nxt = message.next_due
+            assert nxt is not None  # (not removed: some recipient is pending)
             if busy and all(self._at_limit(d) for d in busy):
                 # Not tried for the recipients at a busy destination (no
                 # attempt counted): woken when a delivery there ends.
@@ -501,7 +555,123 @@ class Runner:
                 # flight, so it is due again now rather than parked.)
                 self._set_due(id, nxt)
         finally:
-            claim.release()  # (already released by _remove: then nothing to do)
+            # (Already released by a removal: then nothing to do.)
+            progress.claim.release()
+
+    async def _make_durable(self, progress: _Progress) -> bool:
+        """Once every delivery of the attempt has ended: write what is left
+        (:meth:`_write`). While that fails, the outcomes stay in memory and
+        the message under its claim, in flight for the scheduler, so that
+        nothing settled is delivered again; the write is tried again after
+        a back-off (``min_backoff`` doubling up to ``max_backoff``), at once
+        when the runner stops. False if it stops with the state unsaved."""
+        id = progress.message.id
+        failures = 0
+        # The last group's write just failed: no second try at once.
+        error, progress.error = progress.error, None
+        while True:
+            if error is None or (self._stopping and not failures):
+                try:
+                    await asyncio.shield(self._writing(progress))
+                except asyncio.CancelledError:
+                    await self._last_save(progress)
+                    raise
+                except Exception as exc:
+                    error = exc
+                else:
+                    if failures:
+                        log.warning(
+                            "queue: %s: delivery state saved after %d failed tries; "
+                            "deliveries resume",
+                            id,
+                            failures,
+                        )
+                    return True
+            failures += 1
+            if self._stopping:
+                log.error(
+                    "queue: %s: stopping with the delivery state not saved (%s): "
+                    "the last attempt is repeated at the next start",
+                    id,
+                    _reason(error),
+                )
+                return False
+            wait = backoff(failures, self.settings)
+            log.error(
+                "queue: %s: cannot save the delivery state (%s); its outcomes are kept "
+                "in memory and its deliveries held until it is saved: next try in %s",
+                id,
+                _reason(error),
+                _age(wait),
+                exc_info=(type(error), error, error.__traceback__)
+                if not isinstance(error, OSError)
+                else None,
+            )
+            error = None
+            try:
+                await asyncio.wait_for(self._stopped.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+            except asyncio.CancelledError:
+                await self._last_save(progress)
+                raise
+
+    async def _last_save(self, progress: _Progress) -> None:
+        """The attempt is cancelled (the runner stops): make what it settled
+        durable before giving up, so that only the deliveries that were in
+        flight are repeated."""
+        if not progress.unsaved:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._writing(progress)), LAST_SAVE_TIMEOUT)
+        except Exception as exc:
+            log.error(
+                "queue: %s: stopping with the delivery state not saved (%s): "
+                "the last attempt is repeated at the next start",
+                progress.message.id,
+                _reason(exc),
+            )
+
+    def _writing(self, progress: _Progress) -> asyncio.Task[None]:
+        """The task that writes what ``progress`` settled: the one under way
+        (which takes what came in meanwhile before it ends), or a new one."""
+        task = progress.writer
+        if task is None or task.done():
+            task = progress.writer = asyncio.get_running_loop().create_task(self._write(progress))
+        return task
+
+    async def _write(self, progress: _Progress) -> None:
+        """Tell the observers, queue the reports, then save the state (or
+        remove the message once every recipient is done), until nothing
+        settled is left unwritten. Each report leaves the list once queued
+        (never queued twice); the state is taken after the last report is
+        queued, with no wait in between, so that a recipient saved as
+        bounced always has its report queued."""
+        message = progress.message
+        while progress.unsaved:
+            while progress.observed:
+                hook, who = progress.observed.pop(0)
+                if self.plugins is not None:
+                    await self.plugins.observe(hook, (message, who))
+            while progress.reports:
+                id = await self._report(message, progress.reports[0])
+                del progress.reports[0]
+                if id:
+                    progress.queued.append(id)
+            if message.next_due is None:
+                await self._remove(progress)
+                return
+            if progress.saved == progress.changes:
+                continue  # (observers or reports came in meanwhile)
+            changes = progress.changes
+            data = self.spool.state_data(message)
+            # Set first: a state file renamed into place before a failure
+            # must go with the message.
+            message.has_state = True
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.spool.write_state, message.id, data
+            )
+            progress.saved = changes
 
     def _claim_and_load(self, id: str) -> tuple[Claim, QueuedMessage] | None:
         """Blocking: claim message ``id`` and read it (one trip to a thread)."""
@@ -514,14 +684,28 @@ class Runner:
             claim.release()
             raise
 
-    async def _remove(self, message: QueuedMessage, claim: Claim) -> None:
+    async def _remove(self, progress: _Progress) -> None:
         """Remove a finished message and release its claim, in the committer's
         thread (:meth:`GroupSync.remove`): the unlinks, then the close that
         drops the claim and frees the inode, wait for the file system's
         journal, and the directory fsync that makes the removal durable is
         shared with the other removals and acceptances of the moment."""
+        message = progress.message
         paths = self.spool.paths(message.id, state=message.has_state)
-        await self.sync.remove(paths, claim.detach())
+        try:
+            await self.sync.remove(paths, progress.claim.detach())
+        except Exception:
+            # The claim went with the removal that failed: take it again
+            # while the message is there, or another worker could deliver
+            # it from its old state.
+            loop = asyncio.get_running_loop()
+            claim = await loop.run_in_executor(self._executor, self.spool.claim, message.id)
+            if claim is not None:
+                progress.claim = claim
+            elif not self.spool.present(message.id):
+                progress.removed = True  # its data file is gone: so is the message
+            raise
+        progress.removed = True
 
     async def give_up(self, id: str, reason: str, wait: float = 10.0) -> str | None:
         """Bounce every undelivered recipient of message ``id`` now (``bonzo
@@ -540,19 +724,21 @@ class Runner:
             if claimed is None:
                 return None
             claim = claimed
+        progress: _Progress | None = None
         try:
             if handed is None:
                 message = await loop.run_in_executor(self._executor, self.spool.load, id)
+            progress = _Progress(message, claim)
             outcomes = {
                 i: Outcome("failed", 550, "5.0.0", reason, "postmaster", attempted=False)
                 for i in message.pending
             }
-            reports = await self._settle(message, outcomes)
-            await self._remove(message, claim)
+            self._apply(progress, outcomes)
+            await self._writing(progress)
             self._due.pop(id, None)
-            return reports[0] if reports else ""
+            return progress.queued[0] if progress.queued else ""
         finally:
-            claim.release()
+            (progress.claim if progress is not None else claim).release()
 
     def _free(self, destination: str) -> None:
         """A delivery to ``destination`` ended: wake one message waiting for it."""
@@ -604,12 +790,13 @@ class Runner:
             del self._parked[id]
 
     async def _deliver(
-        self, message: QueuedMessage, due: list[int]
-    ) -> tuple[dict[int, Outcome], dict[str, list[int]]]:
-        """The outcome of each recipient tried, and the destinations not
-        tried because ``per_destination`` deliveries to them were under way,
-        with their recipients (who get no outcome: a busy destination must
-        not hold the slots other destinations need)."""
+        self, message: QueuedMessage, due: list[int], progress: _Progress
+    ) -> dict[str, list[int]]:
+        """Deliver to the ``due`` recipients, each group's outcomes applied
+        and written (:meth:`_settled`) as soon as the group ends. Returns
+        the destinations not tried because ``per_destination`` deliveries to
+        them were under way, with their recipients (who get no outcome: a
+        busy destination must not hold the slots other destinations need)."""
         groups: dict[tuple[int, str], tuple[Any, list[int]]] = {}
         outcomes: dict[int, Outcome] = {}
         busy: dict[str, list[int]] = {}
@@ -631,6 +818,9 @@ class Runner:
                 continue
             key = (id(transport), transport.destination(recipient))
             groups.setdefault(key, (transport, []))[1].append(i)
+        if outcomes:
+            # Written with the first group's outcomes (or once all end).
+            self._apply(progress, outcomes)
 
         async def one(transport: Any, destination: str, idx: list[int]) -> None:
             recipients = [message.recipients[i] for i in idx]
@@ -676,13 +866,35 @@ class Runner:
                 results = [Outcome.deferred(451, "4.3.0", "Local error", destination)] * len(idx)
             finally:
                 self._free(destination)
-            for i, outcome in zip(idx, results, strict=True):
-                outcomes[i] = outcome
+            await self._settled(progress, dict(zip(idx, results, strict=True)))
 
         await asyncio.gather(
             *(one(transport, key[1], idx) for key, (transport, idx) in groups.items())
         )
-        return outcomes, busy
+        return busy
+
+    async def _settled(self, progress: _Progress, outcomes: dict[int, Outcome]) -> None:
+        """A group's delivery ended: apply its outcomes at once (in memory:
+        nothing the destination answered is lost to a cancellation from
+        here on) and write them. A write that fails is tried again by the
+        next group to end, and after the last by :meth:`_make_durable`."""
+        self._apply(progress, outcomes)
+        try:
+            # Shielded: a stop that cancels the other deliveries lets the
+            # write of this one's outcomes finish.
+            await asyncio.shield(self._writing(progress))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            progress.error = exc  # logged once tried again (or by _make_durable)
+        else:
+            if progress.error is not None:
+                log.warning(
+                    "queue: %s: delivery state saved after a failed try (%s)",
+                    progress.message.id,
+                    _reason(progress.error),
+                )
+                progress.error = None
 
     async def _route(self, message: QueuedMessage, recipient: Recipient) -> Any:
         if message.transport is not None:
@@ -706,9 +918,10 @@ class Runner:
                 )
         return self.routes.route(recipient)
 
-    async def _settle(self, message: QueuedMessage, outcomes: dict[int, Outcome]) -> list[str]:
-        """Apply the outcomes to the recipients; queue the reports; tell the
-        observers. Returns the queue ids of the reports."""
+    def _apply(self, progress: _Progress, outcomes: dict[int, Outcome]) -> None:
+        """Apply the outcomes to the recipients (in memory) and log them;
+        leave the reports and the observers' calls to :meth:`_write`."""
+        message = progress.message
         now = self.clock()
         settings = self.settings
         delivered: list[Recipient] = []
@@ -781,13 +994,28 @@ class Runner:
                 _one_line(line.diagnostic),
                 line.recipient.host,
             )
-        # Reports first (durably queued), then the state: see the module docs.
-        reports = [
-            await self._report(
-                message, [b for b in bounced if wants_report(b.recipient, "failed")]
-            ),
-            await self._report(message, success),
-        ]
+        for lines in ([b for b in bounced if wants_report(b.recipient, "failed")], success):
+            if lines:
+                progress.reports.append(lines)
+        progress.deferred.extend(deferred)
+        progress.changes += 1
+        if metrics.active is not None:
+            metrics.active.queue_outcomes(len(delivered), len(deferred), len(bounced))
+        if self.plugins is not None:
+            for hook, who in (
+                ("bonzo_delivered", delivered),
+                ("bonzo_deferred", deferred),
+                ("bonzo_bounced", [b.recipient for b in bounced]),
+            ):
+                if who:
+                    progress.observed.append((hook, who))
+
+    def _delay_notice(self, progress: _Progress) -> None:
+        """Once every delivery of the attempt has ended: the delay notice
+        (``delay_warning``), once per message, about the recipients still
+        deferred."""
+        message, settings, now = progress.message, self.settings, self.clock()
+        deferred = [r for r in progress.deferred if r.status == "deferred"]
         if (
             settings.delay_warning
             and not message.warned
@@ -802,19 +1030,10 @@ class Runner:
                 for r in deferred
                 if wants_report(r, "delayed")
             ]  # fmt: skip
-            reports.append(await self._report(message, lines))
+            if lines:
+                progress.reports.append(lines)
             message.warned = True
-        if metrics.active is not None:
-            metrics.active.queue_outcomes(len(delivered), len(deferred), len(bounced))
-        if self.plugins is not None:
-            for hook, who in (
-                ("bonzo_delivered", delivered),
-                ("bonzo_deferred", deferred),
-                ("bonzo_bounced", [b.recipient for b in bounced]),
-            ):
-                if who:
-                    await self.plugins.observe(hook, (message, who))
-        return [r for r in reports if r]
+            progress.changes += 1
 
     async def _report(self, message: QueuedMessage, lines: Sequence[ReportLine]) -> str:
         """Queue one report about ``lines`` to the message's sender; return its
@@ -908,6 +1127,13 @@ def _busy_time() -> float:
         return (int(running) + int(waiting)) / 1e9
     except (OSError, ValueError):
         return time.thread_time()
+
+
+def _reason(exc: BaseException) -> str:
+    """An error as a log line says it: an OSError's text and file name."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
 
 
 def _transient(reply: str) -> str:

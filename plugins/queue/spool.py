@@ -692,6 +692,13 @@ class Spool:
     # ---------------------------------------------------------------- state
     def save_state(self, message: QueuedMessage) -> None:
         """Blocking: replace the message's state file atomically and durably."""
+        self.write_state(message.id, self.state_data(message))
+        message.has_state = True
+
+    def state_data(self, message: QueuedMessage) -> bytes:
+        """The content of the message's state file as it stands now (taken
+        by the caller's thread, so that :meth:`write_state` can write it in
+        another while the message keeps changing)."""
         state = {
             "format": FORMAT,
             "held": message.held,
@@ -710,9 +717,13 @@ class Spool:
                 for r in message.recipients
             ],
         }
-        final = self.state / f"{message.id}.json"
-        tmp = self.state / f".{message.id}.{os.getpid()}.tmp"
-        data = json.dumps(state, separators=(",", ":")).encode("utf-8")
+        return json.dumps(state, separators=(",", ":")).encode("utf-8")
+
+    def write_state(self, id: str, data: bytes) -> None:
+        """Blocking: replace message ``id``'s state file with ``data``
+        (:meth:`state_data`) atomically and durably."""
+        final = self.state / f"{id}.json"
+        tmp = self.state / f".{id}.{os.getpid()}.tmp"
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         fd = os.open(tmp, flags, self.mode)
         try:
@@ -728,7 +739,6 @@ class Spool:
                 pass
             raise
         fsync_dir(self.state)
-        message.has_state = True
 
     def paths(self, id: str, *, state: bool = True) -> list[str]:
         """The files of message ``id`` in the order :meth:`remove` removes

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bonzo_plugins.queue.routes import RouteTable
+from bonzo_plugins.queue.routes import Outcome, RouteTable
 from bonzo_plugins.queue.runner import Runner, RunnerSettings
 from bonzo_plugins.queue.spool import GroupSync, Spool
 
@@ -124,6 +124,69 @@ def test_lmtp_route_to_dovecot(tmp_path, dovecot, over):
     [copy] = stored(dovecot, "alice", subject)
     assert copy.endswith(body)  # Dovecot adds its trace headers in front
     assert stored(dovecot, "bob", subject) == []
+
+
+class Slow:
+    """A destination that takes its time (a far server): delivers once
+    :attr:`release` is set."""
+
+    kind = "slow"
+    final = False
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.calls: list[list[str]] = []
+
+    def destination(self, recipient: Any) -> str:
+        return "slow.test"
+
+    async def deliver(self, message: Any, recipients: Any) -> list[Outcome]:
+        self.calls.append([r.address for r in recipients])
+        await self.release.wait()
+        return [Outcome("delivered", 250, "2.0.0", "Ok", "slow.test") for _ in recipients]
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("how", ["stop", "crash"])
+def test_dovecot_gets_one_copy_when_another_destination_is_cut_off(tmp_path, dovecot, how):
+    """Dovecot stores alice's copy at once; the other destination is slow.
+    A stop that cancels the slow delivery after its grace, or a crash (the
+    process gone with the slow delivery in flight), then a new start:
+    alice still has one copy, and only the slow destination is tried again."""
+    route = {"type": "lmtp", "path": dovecot.socket_path}
+    spool, runner = runner_for(tmp_path, route)
+    slow = Slow()
+    runner.routes.exact["slow.test"] = slow
+    subject = f"one copy after a {how}"
+    queue(spool, "K1", message(subject), "alice@example.net", "far@slow.test")
+    state = spool.state / "K1.json"
+    left: list[bytes] = []
+
+    async def interrupted() -> None:
+        runner.start()
+        await asyncio.to_thread(
+            wait_until, lambda: stored(dovecot, "alice", subject) and slow.calls, 10
+        )
+        # Saved as soon as Dovecot answered, the slow delivery in flight.
+        await asyncio.to_thread(wait_until, state.exists, 10)
+        left.append(state.read_bytes())  # what a kill -9 now leaves
+        await runner.stop(grace=0.2)
+
+    asyncio.run(interrupted())
+    if how == "crash":
+        state.write_bytes(left[0])
+    status = {r.address: r.status for r in spool.load("K1").recipients}
+    assert status == {"alice@example.net": "delivered", "far@slow.test": "pending"}
+    spool, runner = runner_for(tmp_path, route)
+    slow.release = asyncio.Event()  # (the first one belongs to the first loop)
+    slow.release.set()
+    runner.routes.exact["slow.test"] = slow
+    asyncio.run(attempt(runner, "K1"))
+    assert spool.ids() == []
+    assert len(stored(dovecot, "alice", subject)) == 1
+    assert slow.calls == [["far@slow.test"], ["far@slow.test"]]
 
 
 def test_declared_8bitmime_and_smtputf8_a_message_does_not_need_are_dropped(tmp_path):

@@ -941,8 +941,108 @@ def test_a_delivery_cancelled_at_stop_is_logged_and_kept(tmp_path, caplog):
     [record] = [r for r in caplog.records if "stopping" in r.getMessage()]
     assert record.getMessage() == (
         "queue: stopping: attempt at C1 still running after 0.2 s, cancelled; "
-        "it is tried again at the next start"
+        "its deliveries in flight are tried again at the next start"
     )
+
+
+class ByLocalPart(Scripted):
+    """``ok*`` delivered, ``temp*`` deferred, ``perm*`` refused, anyone else
+    (a report's recipient) delivered; ``slow*`` delivered once
+    :attr:`release` is set. Destinations by domain, as the others."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.release = asyncio.Event()
+        self.slow_started = asyncio.Event()
+
+    async def deliver(self, message: Any, recipients: Sequence[Recipient]) -> list[Outcome]:
+        self.calls.append([r.address for r in recipients])
+        if any(r.address.startswith("slow") for r in recipients):
+            self.slow_started.set()
+            await self.release.wait()
+        replies = {"temp": DEFER, "perm": GONE}
+        return [replies.get(r.address[:4], OK) for r in recipients]
+
+
+@pytest.mark.expect_errors
+def test_a_state_that_cannot_be_saved_is_kept_and_nothing_delivered_again(tmp_path, caplog):
+    """The state file cannot be written (here a directory where its
+    temporary copy goes, as with a full disk: the same failed write): the
+    attempt's outcomes stay in memory, the save alone is tried again with a
+    back-off, and the message is neither delivered again nor reported again
+    until it is saved, then it goes on from the saved state."""
+    transport = ByLocalPart()
+    spool, runner, clock = make_runner(
+        tmp_path, transport, min_backoff=0.05, max_backoff=0.2, scan_interval=0.1,
+        lifetime=1e10,
+    )  # fmt: skip
+    runner.clock = time.time
+    queued(spool, "F1", envelope("alice@example.org", "ok@example.net", "temp@example.net",
+                                 "perm@example.net"))  # fmt: skip
+    blocker = spool.state / f".F1.{os.getpid()}.tmp"
+    blocker.mkdir()
+
+    def text() -> str:
+        return "\n".join(r.getMessage() for r in caplog.records)
+
+    async def main() -> None:
+        runner.start()
+        assert await _until(lambda: text().count("F1: cannot save the delivery state") >= 4)
+        # Every failure said what and why; the deliveries held meanwhile.
+        assert transport.calls == [["ok@example.net", "temp@example.net", "perm@example.net"],
+                                   ["alice@example.org"]]  # fmt: skip
+        assert "F1" in runner._inflight  # still under its claim
+        assert spool.claim("F1") is None
+        blocker.rmdir()
+        assert await _until(lambda: (spool.state / "F1.json").exists())
+        # Deferred recipients go on from the saved state, temp@ alone.
+        assert await _until(lambda: len(transport.calls) >= 3)
+        await runner.stop(grace=1)
+
+    with caplog.at_level(logging.INFO, logger="bonzo.plugins.queue"):
+        asyncio.run(main())
+    assert [c for c in transport.calls if "ok@example.net" in c] == [
+        ["ok@example.net", "temp@example.net", "perm@example.net"]
+    ]
+    assert transport.calls.count(["alice@example.org"]) == 1  # one failure report, once
+    assert set(map(tuple, transport.calls[2:])) == {("temp@example.net",)}
+    states = {r.address: r for r in spool.load("F1").recipients}
+    assert states["ok@example.net"].status == "delivered"
+    assert states["perm@example.net"].status == "bounced"
+    assert states["temp@example.net"].status == "deferred"
+    assert states["temp@example.net"].attempts >= 2  # the first attempt counted too
+    assert "its outcomes are kept in memory and its deliveries held" in text()
+    assert "F1: delivery state saved after" in text()
+
+
+def test_a_stop_keeps_what_the_finished_destinations_delivered(tmp_path, caplog):
+    """One destination answers, another is slow: the first one's outcome is
+    saved as soon as it is in (a crash from then on does not repeat it), and
+    a stop that cancels the slow delivery after its grace keeps it: the next
+    start tries the slow destination alone."""
+    transport = ByLocalPart()
+    spool, runner, clock = make_runner(tmp_path, transport, scan_interval=3600)
+    queued(spool, "M1", envelope("a@example.org", "ok@fast.test", "slow@slow.test"))
+
+    async def main() -> None:
+        runner.start()
+        await asyncio.wait_for(transport.slow_started.wait(), 5)
+        assert await _until(lambda: (spool.state / "M1.json").exists())
+        # Durable while the slow delivery is still in flight (kill -9 here).
+        on_disk = {r.address: r.status for r in spool.load("M1").recipients}
+        assert on_disk == {"ok@fast.test": "delivered", "slow@slow.test": "pending"}
+        await runner.stop(grace=0.2)
+
+    asyncio.run(main())
+    on_disk = {r.address: r.status for r in spool.load("M1").recipients}
+    assert on_disk == {"ok@fast.test": "delivered", "slow@slow.test": "pending"}
+    # The next start (or reload): the slow destination alone.
+    transport.release.set()
+    spool, runner, clock = make_runner(tmp_path, transport)
+    asyncio.run(runner.attempt("M1"))
+    assert spool.ids() == []
+    assert [c for c in transport.calls if "ok@fast.test" in c] == [["ok@fast.test"]]
+    assert transport.calls.count(["slow@slow.test"]) == 2
 
 
 def test_the_runner_keeps_nothing_per_destination_once_deliveries_end(tmp_path):
