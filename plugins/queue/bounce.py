@@ -4,25 +4,30 @@
 delivery-status`` message for one batch of recipients of one queued
 message: a human-readable part, the ``message/delivery-status`` part (the
 per-message fields, then one block per recipient) and the original message
-(``message/rfc822``) or, when the sender asked for headers only (``RET=HDRS``)
-or the message is larger than the size limit, its header section
-(``text/rfc822-headers``). Where the fields hold UTF-8 (an internationalized
-address) the report part is ``message/global-delivery-status``, and a
-returned header section in UTF-8 is ``message/global`` or
-``message/global-headers`` (RFC 6533). The DSN parameters of RFC 3461 are honoured:
-``NOTIFY`` (:func:`wants_report`), ``RET``, ``ENVID`` and ``ORCPT``, read with :mod:`bonzo.dsn`.
+(``message/rfc822``) or, when the sender asked for headers only
+(``RET=HDRS``), the message is larger than the size limit or it is not text
+(binary content cannot go in a report, which is sent ``BODY=8BITMIME``), its
+header section (``text/rfc822-headers``), no larger than the size limit
+either. Where the fields hold UTF-8 (an internationalized address) the
+report part is ``message/global-delivery-status``, and a returned header
+section in UTF-8 is ``message/global`` or ``message/global-headers`` (RFC
+6533). The DSN parameters of RFC 3461 are honoured: ``NOTIFY``
+(:func:`wants_report`), ``RET``, ``ENVID`` and ``ORCPT``, read with
+:mod:`bonzo.dsn`.
 
 The parts are assembled as bytes, so that the original message is returned
-exactly as it was received; the header fields are formatted with the
-standard library's :mod:`email.utils`. The result parses with
-:mod:`email` as a ``multipart/report`` whose second part holds one
-per-message and one per-recipient block of fields.
+exactly as it was received; every line is 8-bit text of at most 998 octets.
+The header fields are formatted with the standard library's
+:mod:`email.utils`. The result parses with :mod:`email` as a
+``multipart/report`` whose second part holds one per-message and one
+per-recipient block of fields.
 """
 
 from __future__ import annotations
 
 import datetime
 import secrets
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -130,9 +135,11 @@ def _original_recipient(recipient: Recipient) -> str | None:
 
 
 def _clean(text: str, limit: int = 900) -> str:
-    """One header-safe line: no line breaks or control characters."""
+    """One header-safe line of at most ``limit`` octets in UTF-8 (a report's
+    lines must stay within 998): no line breaks or control characters."""
     text = "".join(c if c.isprintable() else " " for c in text)
-    return text[:limit]
+    # Cut by octets; a character cut in half is dropped.
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
 
 
 def _mta_name(server: str) -> str:
@@ -155,6 +162,97 @@ def _date(when: float) -> str:
     return format_datetime(localtime(datetime.datetime.fromtimestamp(when, datetime.timezone.utc)))
 
 
+#: The longest line (octets, before its CRLF) text may have (RFC 5321
+#: 4.5.3.1.6, RFC 6152): a report is sent as 8-bit text, never binary.
+MAX_LINE = 998
+
+
+def not_text(data: bytes) -> str | None:
+    """Why ``data`` cannot be sent as 8-bit text (RFC 6152: no NUL, CR and
+    LF only as CRLF, lines of at most :data:`MAX_LINE` octets), or ``None``
+    when it can."""
+    if b"\0" in data:
+        return "it holds NUL octets"
+    lines = data.split(b"\r\n")
+    if any(b"\r" in line or b"\n" in line for line in lines):
+        return "it holds a bare CR or LF"
+    if any(len(line) > MAX_LINE for line in lines):
+        return f"it has lines longer than {MAX_LINE} octets"
+    return None
+
+
+def _as_text(section: bytes) -> tuple[bytes, bool]:
+    """A header section made fit to be sent as 8-bit text: NULs and bare CR
+    and LF become spaces, lines are cut to :data:`MAX_LINE` octets. Also
+    whether anything was changed (a client sending ``BDAT`` is held to no
+    line rules)."""
+    if not_text(section) is None:
+        return section, False
+    lines = section.split(b"\r\n")
+    for n, line in enumerate(lines):
+        line = line.replace(b"\0", b" ").replace(b"\r", b" ").replace(b"\n", b" ")
+        lines[n] = line[:MAX_LINE]
+    return b"\r\n".join(lines), True
+
+
+@dataclass
+class _Returned:
+    """The third part of a report: the message, or its header section."""
+
+    description: str
+    content_type: str
+    content: bytes
+    note: str = ""
+    """Why less than the message is returned, for the human-readable part."""
+
+
+def _returned(message: QueuedMessage, full: bool, size_limit: int) -> _Returned:
+    """What a report returns of ``message``: all of it when ``full`` and it
+    can go whole — no larger than ``size_limit`` octets and text (a report is
+    sent ``BODY=8BITMIME``: binary content would be refused on the way, and
+    a report, from the null sender, lost) — else its header section, at
+    most ``size_limit`` octets."""
+    why = ""
+    if full and message.size > size_limit:
+        why = f"it is larger than the {size_limit} octets a report may carry"
+    elif full:
+        if (message.mail_params.get("BODY") or "").upper() == "BINARYMIME":
+            why = "it was sent as binary content (BODY=BINARYMIME)"
+        else:
+            content = message.read()
+            problem = not_text(content)
+            if problem is None:
+                # A header section in UTF-8 (an SMTPUTF8 message) is
+                # returned as message/global (RFC 6532 3.7, RFC 6533 6.3).
+                plain = content.partition(b"\r\n\r\n")[0].isascii()
+                return _Returned(
+                    "Undelivered Message", f"message/{'rfc822' if plain else 'global'}", content
+                )
+            why = problem
+    headers, whole = message.header_section(size_limit)
+    headers, changed = _as_text(headers)
+    notes = []
+    if why:
+        notes.append(
+            f"Only the header section of your message is returned: {why}, "
+            "which a report cannot carry."
+        )
+    if not whole:
+        notes.append(
+            f"The header section is cut short: only its first {len(headers)} octets are returned."
+        )
+    if changed:
+        notes.append(
+            "Control characters and overlong lines of the header section have been replaced or cut."
+        )
+    return _Returned(
+        "Message Headers",
+        "text/rfc822-headers" if headers.isascii() else "message/global-headers",
+        headers,
+        " ".join(notes),
+    )
+
+
 def build_report(
     message: QueuedMessage,
     lines: Sequence[ReportLine],
@@ -167,8 +265,15 @@ def build_report(
     ``message``, addressed to its sender, as the bytes of a message."""
     now = time.time() if now is None else now
     action = lines[0].action
+    dsn = _mail_dsn(message)
+    # A success report carries the headers only; RET=HDRS asks for them.
+    full = dsn.ret != "HDRS" and action not in ("delivered", "relayed")
+    returned = _returned(message, full, size_limit)
     subject, intro = _TEXT[action]
-    boundary = f"{message.id}.{secrets.token_hex(8)}/{_clean(hostname, 200)}"
+    # RFC 2046 5.1.1: at most 70 characters. The random part makes it
+    # unique (it cannot occur in the returned message but by chance, one in
+    # 2**96); the host name, of any length, stays out.
+    boundary = f"{message.id[:40]}.{secrets.token_hex(12)}"
     sender = message.sender
     out: list[str] = [
         f"From: MAILER-DAEMON@{hostname} (Mail Delivery System)",
@@ -197,12 +302,13 @@ def build_report(
     for line in lines:
         what = f"<{line.recipient.address}>"
         if line.diagnostic:
-            what += f": {_clean(line.diagnostic)}"
-        out.append(what)
+            what += f": {line.diagnostic}"
+        out.append(_clean(what, MAX_LINE))
+    if returned.note:
+        out += ["", *textwrap.wrap(returned.note, 76)]
     out += ["", f"--{boundary}", "Content-Description: Delivery report"]
     status_at = len(out)
     out += ["", f"Reporting-MTA: dns; {hostname}"]
-    dsn = _mail_dsn(message)
     if dsn.envid:
         out.append(f"Original-Envelope-Id: {_clean(dsn.envid, 100)}")
     out.append(f"Arrival-Date: {_date(message.arrival)}")
@@ -237,30 +343,21 @@ def build_report(
     # RFC 6533 6: fields holding UTF-8 (an address, a reply) go in the
     # global form of the part, where they may be raw UTF-8.
     fields_ascii = all(line.isascii() for line in out[status_at:])
-    kind = "delivery-status" if fields_ascii else "global-delivery-status"
-    out.insert(status_at, f"Content-Type: message/{kind}")
-    head = "\r\n".join(out).encode("utf-8") + b"\r\n"
-    full = dsn.ret != "HDRS"
-    if action in ("delivered", "relayed"):
-        full = False  # a success report carries the headers only
-    headers = message.headers()
-    # A header section in UTF-8 (an SMTPUTF8 message) is returned as
-    # message/global or message/global-headers (RFC 6532 3.7, RFC 6533 6.3).
-    plain = headers.isascii()
-    if full and message.size <= size_limit:
-        part = (
-            f"--{boundary}\r\n"
-            "Content-Description: Undelivered Message\r\n"
-            f"Content-Type: message/{'rfc822' if plain else 'global'}\r\n"
-            "Content-Transfer-Encoding: 8bit\r\n\r\n"
-        ).encode("ascii") + message.read()
+    if fields_ascii:
+        out.insert(status_at, "Content-Type: message/delivery-status")
     else:
-        part = (
-            f"--{boundary}\r\n"
-            "Content-Description: Message Headers\r\n"
-            f"Content-Type: {'text/rfc822-headers' if plain else 'message/global-headers'}\r\n"
-            "Content-Transfer-Encoding: 8bit\r\n\r\n"
-        ).encode("ascii") + headers
+        # Raw UTF-8: labelled, or it would be 7bit by default (RFC 2045 6.1).
+        out[status_at:status_at] = [
+            "Content-Type: message/global-delivery-status",
+            "Content-Transfer-Encoding: 8bit",
+        ]
+    head = "\r\n".join(out).encode("utf-8") + b"\r\n"
+    part = (
+        f"--{boundary}\r\n"
+        f"Content-Description: {returned.description}\r\n"
+        f"Content-Type: {returned.content_type}\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n\r\n"
+    ).encode("ascii") + returned.content
     if not part.endswith(b"\r\n"):
         part += b"\r\n"
     return head + part + f"--{boundary}--\r\n".encode("ascii")

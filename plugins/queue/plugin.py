@@ -94,7 +94,8 @@ SCHEMA = Schema(
         "it. ``max_deliveries`` or more: no precedence."),
     Key("bounce_size_limit", "int", default=50_000, minimum=1,
         doc="The largest original message (octets) a report carries whole; larger "
-        "ones are returned as their header section."),
+        "ones are returned as their header section, itself cut to this size (before "
+        "the first field that does not fit)."),
     _duration("delivery_timeout", 600,
               "The longest one delivery may take: the recipients whose reply has not "
               "come by then are deferred (those already answered keep their reply, "

@@ -1104,6 +1104,8 @@ class Runner:
         envelope = {
             "arrival": self.clock(),
             "sender": sender,
+            # A report is text (build_report returns binary originals as
+            # their header section): 8BITMIME covers it, BINARYMIME never.
             "mail_params": mail_params or ({"BODY": "8BITMIME"} if not content.isascii() else {}),
             "recipients": rcpts,
             "session": session or {},

@@ -295,11 +295,33 @@ class QueuedMessage:
         return self.size
 
     def headers(self, limit: int = 1 << 20) -> bytes:
-        """The message's header section (up to the empty line), at most ``limit`` octets."""
+        """The message's header section (up to the empty line), at most
+        ``limit`` octets (:meth:`header_section`)."""
+        return self.header_section(limit)[0]
+
+    def header_section(self, limit: int) -> tuple[bytes, bool]:
+        """The message's header section with the empty line that ends it,
+        and whether it is whole. One larger than ``limit`` octets is cut
+        before the first field that does not fit (a folded field is never
+        split), or at the last line end when even the first does not fit:
+        what is returned is always whole lines, at most ``limit`` octets."""
         with self.open() as f:
-            head = f.read(limit)
-        end = head.find(b"\r\n\r\n")
-        return head[: end + 4] if end >= 0 else head
+            data = f.read(limit + 4)
+        end = data.find(b"\r\n\r\n")
+        if end >= 0 and end + 4 <= limit:
+            return data[: end + 4], True
+        if end < 0 and len(data) <= limit:
+            return data, True  # no body: the whole message is its header section
+        # The last line end within the limit (and the header section) that
+        # is followed by a new field, not a continuation line (RFC 5322
+        # 2.2.3: one starting with a space or a tab).
+        bound = min(limit, end + 2) if end >= 0 else limit
+        at = last = data.rfind(b"\r\n", 0, bound)
+        while at >= 0 and data[at + 2 : at + 3] in (b" ", b"\t"):
+            at = data.rfind(b"\r\n", 0, at)
+        if at < 0:
+            at = last
+        return (data[: at + 2] if at >= 0 else b""), False
 
     @property
     def pending(self) -> list[int]:

@@ -387,10 +387,13 @@ def test_a_report_about_a_utf8_address_uses_the_global_types(tmp_path):
     assert parsed.get_param("report-type") == "delivery-status"
     _, status, original = parsed.get_payload()
     assert status.get_content_type() == "message/global-delivery-status"
+    # Raw UTF-8, so labelled 8bit (7bit is the default, RFC 2045 6.1).
+    assert status["Content-Transfer-Encoding"] == "8bit"
     assert b"Final-Recipient: utf-8; perm\xc3\xbc@dest.test\r\n" in raw
     assert original.get_content_type() == "message/global"
     assert raw.endswith(body + b"--" + raw.rsplit(b"--", 2)[1] + b"--\r\n")
-    headers_only = build_report(message, [line], "mx.test", size_limit=10)
+    # Too large to return whole; its header section fits.
+    headers_only = build_report(message, [line], "mx.test", size_limit=len(body) - 1)
     assert b"Content-Type: message/global-headers\r\n" in headers_only
     # All ASCII: the RFC 3464 types, as before.
     plain = report_message(tmp_path / "p")
@@ -433,6 +436,115 @@ def test_headers_only_for_ret_hdrs_and_for_large_messages(tmp_path):
     message = report_message(tmp_path / "b")
     raw = build_report(message, [line], "mx.test", size_limit=10)
     assert b"Hello through the queue" not in raw
+
+
+def _report_lines(raw: bytes) -> list[bytes]:
+    return raw.split(b"\r\n")[:-1]
+
+
+@pytest.mark.parametrize(
+    ("body", "params", "why"),
+    [
+        (b"Subject: bin\r\n\r\nok\r\n", {"BODY": "binarymime"}, b"BODY=BINARYMIME"),
+        (b"Subject: bin\r\n\r\n" + b"A" * 20000 + b"\r\n", {}, b"longer than 998"),
+        (b"Subject: bin\r\n\r\n" + b"A" * 998 + b"\r\n\x00\r\n", {}, b"NUL"),
+        (b"Subject: bin\r\n\r\nbare\nlf\r\n", {"BODY": "8BITMIME"}, b"bare CR or LF"),
+        (b"Subject: bin\r\n\r\nbare\rcr\r\n", {}, b"bare CR or LF"),
+    ],
+    ids=["binarymime", "long-line", "nul", "bare-lf", "bare-cr"],
+)
+def test_a_message_that_is_not_text_comes_back_as_its_headers(tmp_path, body, params, why):
+    """A report is sent BODY=8BITMIME (runner.inject): a binary original
+    (BINARYMIME, NULs, bare CR/LF, lines over 998 octets, RFC 5321
+    4.5.3.1.6, RFC 6152) would be refused on the way and, the report having
+    the null sender, lost. Only its header section is returned, and the
+    human-readable part says why."""
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    env = envelope()
+    env["mail_params"] = params
+    queued(spool, "B1", env, body)
+    message = spool.load("B1")
+    line = ReportLine(message.recipients[0], "failed", "5.6.3", "554 5.6.3 no binary", "h")
+    raw = build_report(message, [line], "mx.test")
+    human, _, returned = email.message_from_bytes(raw, policy=email.policy.default).get_payload()
+    assert returned.get_content_type() == "text/rfc822-headers"
+    assert b"Subject: bin\r\n" in raw and body.partition(b"\r\n\r\n")[2] not in raw
+    assert "Only the header section of your message is returned" in human.get_content()
+    assert why in raw.replace(b"\r\n", b" ")
+    assert b"\x00" not in raw
+    assert all(len(x) <= 998 and b"\r" not in x and b"\n" not in x for x in _report_lines(raw))
+    # The same message as text is returned whole.
+    text = b"Subject: txt\r\n\r\n" + b"A" * 998 + b"\r\n\xc3\xa9\r\n"
+    queued(spool, "T1", envelope(), text)
+    message = spool.load("T1")
+    raw = build_report(message, [ReportLine(message.recipients[0], "failed", "5.1.1")], "mx.test")
+    assert raw.endswith(text + b"--" + raw.rsplit(b"--", 2)[1] + b"--\r\n")
+    assert b"Only the header section" not in raw
+
+
+def test_a_header_section_that_is_not_text_is_made_so(tmp_path):
+    # BDAT holds a client to no line rules, in the header section either.
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    env = envelope()
+    env["mail_params"] = {"BODY": "BINARYMIME"}
+    queued(spool, "H1", env, b"Subject: a\x00b\r\nX-Long: " + b"x" * 3000 + b"\r\n\r\nbody\r\n")
+    message = spool.load("H1")
+    raw = build_report(message, [ReportLine(message.recipients[0], "failed", "5.6.3")], "mx.test")
+    assert b"Subject: a b\r\nX-Long: " + b"x" * 990 + b"\r\n" in raw
+    assert b"\x00" not in raw and all(len(x) <= 998 for x in _report_lines(raw))
+    assert b"replaced or cut" in raw
+
+
+def test_bounce_size_limit_bounds_a_returned_header_section(tmp_path):
+    """The header section returned in place of a message is no larger than
+    bounce_size_limit either, and cut before a whole field (a folded one
+    too), never in the middle of a line."""
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    pad = b"".join(b"X-Pad-%04d: %s\r\n\t%s\r\n" % (i, b"p" * 400, b"q" * 500) for i in range(900))
+    body = b"From: alice@example.org\r\nSubject: big headers\r\n" + pad + b"\r\nbody\r\n"
+    env = envelope()
+    env["mail_params"] = {"RET": "HDRS"}
+    queued(spool, "L1", env, body)
+    message = spool.load("L1")
+    line = ReportLine(message.recipients[0], "failed", "5.1.1", "550 5.1.1 No", "h")
+    raw = build_report(message, [line], "mx.test", size_limit=10_000)
+    assert len(raw) < 10_000 + 4_000
+    human, _, returned = email.message_from_bytes(raw, policy=email.policy.default).get_payload()
+    section = raw.split(b"Content-Transfer-Encoding: 8bit\r\n\r\n")[-1].rsplit(b"--", 2)[0]
+    assert 9_000 < len(section) <= 10_000
+    assert body.startswith(section)
+    assert section.endswith(b"q" * 500 + b"\r\n")  # after a whole folded field
+    assert f"only its first {len(section)} octets" in human.get_content().replace("\n", " ")
+    # A first field longer than the limit: cut at a line end all the same.
+    section, whole = message.header_section(100)
+    assert (section, whole) == (b"From: alice@example.org\r\nSubject: big headers\r\n", False)
+    assert message.header_section(10) == (b"", False)
+    # One that fits, with the empty line that ends it.
+    assert message.header_section(len(body)) == (body[: body.index(b"\r\n\r\n") + 4], True)
+
+
+def test_the_report_boundary_is_at_most_70_characters(tmp_path):
+    """RFC 2046 5.1.1, whatever the host name's length."""
+    message = report_message(tmp_path)
+    line = ReportLine(message.recipients[0], "failed", "5.1.1", "550 5.1.1 No", "h")
+    host = "ip-172-31-22-108.eu-west-1.compute.internal." + "a" * 60
+    parsed = email.message_from_bytes(build_report(message, [line], host))
+    assert len(parsed.get_boundary()) <= 70
+    message.id = "X" * 64  # the longest queue id
+    parsed = email.message_from_bytes(build_report(message, [line], host))
+    assert len(parsed.get_boundary()) <= 70
+    assert len(parsed.get_payload()) == 3
+
+
+def test_report_lines_stay_within_998_octets_in_utf8(tmp_path):
+    message = report_message(tmp_path)
+    line = ReportLine(message.recipients[0], "failed", "5.1.1", "550 5.1.1 " + "\u00e9" * 900, "h")
+    raw = build_report(message, [line], "mx.test")
+    assert all(len(x) <= 998 for x in _report_lines(raw))
+    raw.decode("utf-8")  # no character cut in half
 
 
 @pytest.mark.parametrize(
