@@ -21,7 +21,7 @@ import socket
 import stat
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -228,6 +228,29 @@ class MailApp:
             if not self.plugins.hooks_of(name) and plugin is not None:
                 log.warning("plugin %r implements no hook", name)
 
+    @property
+    def dsn_honoured_by(self) -> list[str]:
+        """The enabled plugins that honour DSN requests (RFC 3461): those
+        whose ``honours_dsn`` attribute is true, as the ``queue`` plugin's,
+        which sends the reports (for ``maildir``'s deliveries too). DSN is
+        offered only when there is one (:tomlkey:`protocol.dsn`): a server
+        that never sends a report must not take ``NOTIFY=SUCCESS`` from an
+        upstream that then leaves the success notice to it."""
+        plugins = self.plugins
+        return [n for n in plugins.names if getattr(plugins.get(n), "honours_dsn", False) is True]
+
+    def describe_dsn(self) -> str:
+        """Whether DSN is offered and why, for ``bonzo check``."""
+        if not self.settings.dsn and not any(
+            listener.smtp_settings is not None and listener.smtp_settings.dsn
+            for listener in self.config.listeners
+        ):
+            return "off (protocol.dsn = false)"
+        honoured = self.dsn_honoured_by
+        if honoured:
+            return "offered (reports sent by " + ", ".join(repr(n) for n in honoured) + ")"
+        return "not offered: no enabled plugin sends the reports (honours_dsn); 'queue' does"
+
     def _unkept_quarantine(self) -> list[str]:
         """Plugins that say they will quarantine messages (``may_quarantine``
         true) while no enabled plugin keeps quarantined mail: each such
@@ -430,10 +453,15 @@ class MailApp:
                 self.bind()
             groups = self._bound
         count = ConnectionCount(self.settings.max_connections, self.settings.max_connections_per_ip)
+        honoured = bool(self.dsn_honoured_by)
         for listener, socks in groups:
+            settings = listener.smtp_settings or self.settings
+            if settings.dsn and not honoured:
+                # No plugin would ever send the reports: DSN is not offered.
+                settings = replace(settings, dsn=False)
             server = SMTPServer(
                 plugins=self.plugins,
-                settings=listener.smtp_settings or self.settings,
+                settings=settings,
                 listener=listener.settings,
                 count=count,
                 # Workers share the sockets: one connection at a time each,

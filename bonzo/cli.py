@@ -228,6 +228,7 @@ def _check(args: argparse.Namespace) -> int:
         print(f"    {listener.where}: {', '.join(facts)}")
     print(f"  workers: {config.workers}")
     print(f"  plugins: {', '.join(config.plugins.enabled) or 'none'}")
+    print(f"  dsn: {app.describe_dsn()}")
     print(f"  dns: {app.dns.describe()}")
     m = config.metrics
     where = f"http://{m.address or '*'}:{m.port}{m.path} and /health" if m.enabled else "off"

@@ -487,6 +487,7 @@ class Dispatcher:
         assert envelope is not None
         session, core = self.session, self.core
         by = verdict[0] if verdict is not None else "core"
+        envelope.delivered_by = verdict[0] if verdict is not None else None
         text = _text(verdict)
         if text is None and core.enhanced_codes:
             text = "Ok: queued as " + envelope.id

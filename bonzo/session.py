@@ -526,6 +526,10 @@ class Envelope:
         #: verdict), else ``None``; :attr:`quarantined_by` names the plugin.
         self.quarantined: str | None = None
         self.quarantined_by: str | None = None
+        #: The plugin whose :func:`~bonzo.hookspecs.bonzo_deliver` (or
+        #: ``bonzo_quarantine``) verdict accepted the message, once accepted
+        #: (for the ``bonzo_accepted`` observers); else ``None``.
+        self.delivered_by: str | None = None
         #: Id of the message, for logs and replies.
         self.id = new_session_id()
         self._headers: list[bytes] = []

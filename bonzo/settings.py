@@ -186,7 +186,10 @@ class SMTPSettings:
     """Offer DSN (RFC 3461): the ``RET``/``ENVID`` parameters of MAIL and
     ``NOTIFY``/``ORCPT`` of RCPT are checked and kept on the envelope for
     the delivery side (see :doc:`/dsn`). ``false`` refuses them with
-    ``555 5.5.4``.
+    ``555 5.5.4``. A server (:class:`~bonzo.app.MailApp`) offers DSN only
+    when an enabled plugin honours it (sends the reports, as ``queue``
+    does): with none, it is not offered whatever this says, and ``bonzo
+    check`` says so.
 
     .. versionadded:: 0.2"""
 

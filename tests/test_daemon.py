@@ -280,6 +280,7 @@ def test_check_ok(workdir, env):
         f"    127.0.0.1:{port}: SMTP",
         "  workers: 1",
         f"  plugins: {STORE}",
+        "  dsn: not offered: no enabled plugin sends the reports (honours_dsn); 'queue' does",
         "  dns: off",
         "  metrics: off",
     ]

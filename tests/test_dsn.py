@@ -525,3 +525,78 @@ def test_e2e_smtplib_sends_dsn_parameters_that_reach_the_delivery_side(start_ser
     (message,) = server.plugin.messages
     # The parameters as sent, for a relay to pass on unchanged.
     assert message.mail_params == {"SIZE": "20", "RET": "HDRS", "ENVID": "QQ+2B314159"}
+
+
+# ------------------------------------------------- who honours the request
+class Honours(RecordingPlugin):
+    """A plugin that sends the reports (or has them sent)."""
+
+    honours_dsn = True
+
+
+def dsn_app(tmp_path: Any, enabled: list[str], *extra: Any, dsn: str = "true") -> Any:
+    from bonzo.app import MailApp
+    from bonzo.config import parse_config
+
+    text = f"""
+[[listeners]]
+address = "127.0.0.1"
+port = 0
+
+[protocol]
+dsn = {dsn}
+
+[plugins]
+enabled = [{", ".join(f'"{n}"' for n in enabled)}]
+"""
+    if "maildir" in enabled:
+        text += '\n[plugins.maildir]\npath = "mail"\n'
+    if "recipients" in enabled:
+        text += '\n[plugins.recipients]\ndomains = ["example.org"]\n'
+    if "forward" in enabled:
+        text += '\n[plugins.forward]\nhost = "127.0.0.1"\n'
+    return MailApp(parse_config(text, source="bonzo.toml", base_dir=tmp_path), extra)
+
+
+async def ehlo_of(app: Any) -> bytes:
+    """The EHLO reply of ``app``, served on 127.0.0.1."""
+    await app.start()
+    try:
+        reader, writer = await asyncio.open_connection(*app.addresses[0])
+        await reader.readline()
+        writer.write(b"EHLO client.test\r\nMAIL FROM:<a@example.org>\r\n")
+        reply = b""
+        while not reply.endswith(b"\r\n") or reply.split(b"\r\n")[-2][3:4] != b" ":
+            reply += await reader.readline()
+        writer.write(b"RCPT TO:<b@example.org> NOTIFY=SUCCESS\r\nQUIT\r\n")
+        await reader.readline()  # MAIL
+        reply += await reader.readline()  # RCPT
+        writer.close()
+        return reply
+    finally:
+        await app.stop()
+
+
+def test_dsn_is_offered_only_when_a_plugin_honours_it(tmp_path):
+    """RFC 3461 6.2: a server that offers DSN sends the reports, which the
+    upstream then leaves to it. maildir alone sends none: DSN is not
+    offered (NOTIFY refused, as for protocol.dsn = false), so the upstream
+    reports the delivery itself."""
+    pytest.importorskip("bonzo_plugins", reason="the bundled plugins are not installed")
+    alone = dsn_app(tmp_path, ["recipients", "maildir"])
+    assert alone.dsn_honoured_by == []
+    assert alone.describe_dsn().startswith("not offered: no enabled plugin sends the reports")
+    reply = asyncio.run(ehlo_of(alone))
+    assert b"250-DSN\r\n" not in reply
+    assert reply.endswith(b"555 5.5.4 Unsupported parameter NOTIFY\r\n")
+
+    honoured = dsn_app(tmp_path, ["recipients", "maildir"], Honours())
+    assert honoured.dsn_honoured_by == ["Honours"]
+    assert honoured.describe_dsn() == "offered (reports sent by 'Honours')"
+    reply = asyncio.run(ehlo_of(honoured))
+    assert b"250-DSN\r\n" in reply and reply.endswith(OK_RCPT)
+
+    assert dsn_app(tmp_path, ["recipients", "queue"]).dsn_honoured_by == ["queue"]
+    assert dsn_app(tmp_path, ["forward"]).dsn_honoured_by == ["forward"]
+    off = dsn_app(tmp_path, ["recipients", "queue"], dsn="false")
+    assert off.describe_dsn() == "off (protocol.dsn = false)"

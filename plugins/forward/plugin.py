@@ -226,6 +226,11 @@ class ForwardPlugin:
     """Forward each message to one downstream SMTP server during the
     session (see the plugin's README)."""
 
+    #: The DSN parameters go on to the downstream server, in the session,
+    #: and it sends the reports: the server offers DSN
+    #: (:attr:`bonzo.app.MailApp.dsn_honoured_by`).
+    honours_dsn = True
+
     def __init__(self) -> None:
         self.host = ""
         self.port = 25

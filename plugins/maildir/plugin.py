@@ -306,6 +306,11 @@ class MaildirPlugin:
     #: Every recipient has a maildir: no delivery plugin after this one is
     #: ever asked (``bonzo check`` warns about one).
     decides_always = ("bonzo_deliver",)
+    #: Its deliveries are final (into mailboxes): the ``queue`` plugin, when
+    #: enabled, sends the "delivered" reports ``NOTIFY=SUCCESS`` asks for.
+    #: Alone it sends none and does not honour DSN, so the server does not
+    #: offer it (:attr:`bonzo.app.MailApp.dsn_honoured_by`).
+    final_delivery = True
 
     def __init__(self) -> None:
         self.path = Path(os.path.abspath("Maildir"))

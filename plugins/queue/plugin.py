@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import io
 import json
 import logging
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Mapping
+from pathlib import Path
+from typing import IO, Any
 
 from bonzo.errors import PermanentError, TransientError
 from bonzo.hookspecs import Accept, hookimpl
@@ -23,10 +25,11 @@ from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 
 from .._config import check_creatable, parse_duration
+from .bounce import ReportLine
 from .keys import Value, mode, under_ten_years
 from .routes import DEFAULT_ROUTES, ROUTES, TRANSPORTS, RouteTable, check_routes
 from .runner import INLINE_SIZE, MAX_HANDED, Runner, RunnerSettings
-from .spool import Claim, GroupSync, QueuedMessage, Spool
+from .spool import Claim, GroupSync, QueuedMessage, Recipient, Spool
 
 __all__ = ["QueuePlugin", "parse_duration", "KEYS"]
 
@@ -126,6 +129,11 @@ class QueuePlugin:
     #: Gives a verdict on every call of these hooks (``bonzo check`` warns
     #: about plugins listed after it for them: they would never run).
     decides_always = ("bonzo_deliver",)
+    #: Sends the delivery status notifications (RFC 3461) asked for the
+    #: messages it queues, and the success ones for the final deliveries of
+    #: plugins listed before it (``final_delivery``, as ``maildir``): with
+    #: it, the server offers DSN (:attr:`bonzo.app.MailApp.dsn_honoured_by`).
+    honours_dsn = True
 
     def __init__(self) -> None:
         self.spool: Spool | None = None
@@ -136,6 +144,7 @@ class QueuePlugin:
         self.max_hops = 100
         self.quarantine: str | None = None
         self._app: Any = None
+        self._final: frozenset[str | None] = frozenset()
         #: Messages this process queued and has not yet handed to the runner
         #: (with their claims: :meth:`Spool.accept`).
         self._queued: dict[str, tuple[Claim, QueuedMessage]] = {}
@@ -187,6 +196,14 @@ class QueuePlugin:
         self.spool = Spool(path, mode(values["mode"]))
         self.settings = settings
         self._app = app
+        plugins: Any = getattr(app, "plugins", None)
+        #: The enabled plugins whose deliveries are final (``final_delivery``):
+        #: this one reports their successes.
+        self._final = frozenset(
+            name
+            for name in (plugins.names if plugins is not None else ())
+            if getattr(plugins.get(name), "final_delivery", False) is True
+        )
 
     # ------------------------------------------------------------- lifecycle
     @hookimpl
@@ -325,10 +342,67 @@ class QueuePlugin:
             claim.release()
 
     @hookimpl
-    def bonzo_accepted(self, envelope: Envelope) -> None:
+    def bonzo_accepted(self, envelope: Envelope) -> Awaitable[None] | None:
         """Try the message at once (if this plugin queued it: a set lookup,
-        no file system call per message)."""
+        no file system call per message). A message another plugin delivered
+        for good (``final_delivery``: ``maildir``) gets the success report its
+        recipients' ``NOTIFY=SUCCESS`` asks for (RFC 3461 6.2): this server
+        offered DSN, so nobody else sends it."""
         self._hand_over(envelope.id)
+        if envelope.delivered_by not in self._final or envelope.quarantined is not None:
+            return None  # (one set lookup for a message this plugin queued)
+        if envelope.mail_from == "" or self.runner is None:
+            return None
+        wanted = [i for i in envelope.remaining_indexes if envelope.rcpt_dsn[i].wants("success")]
+        return self._report_delivered(envelope, wanted) if wanted else None
+
+    async def _report_delivered(self, envelope: Envelope, indexes: list[int]) -> None:
+        """Queue the "delivered" report for ``indexes`` of ``envelope``."""
+        runner = self.runner
+        assert runner is not None
+        now = time.time()
+        recipients = []
+        for i in indexes:
+            r = envelope.recipients[i]
+            recipients.append(
+                Recipient(
+                    address=r.original,
+                    canonical=r.canonical,
+                    domain=r.domain,
+                    params=dict(envelope.rcpt_params[i]),
+                    status="delivered",
+                    attempts=1,
+                    done_at=now,
+                    last_attempt=now,
+                )
+            )
+        # The header section is all a success report returns (at most
+        # bounce_size_limit octets, and a few more to see where it ends).
+        head = envelope.header_bytes + envelope.open_body().read(
+            self.settings.bounce_size_limit + 4
+        )
+        message = _Delivered(
+            id=envelope.id,
+            arrival=now,
+            sender=envelope.mail_from,
+            mail_params=dict(envelope.mail_params),
+            recipients=recipients,
+            session={},
+            records={},
+            path=Path(),
+            offset=0,
+            size=len(envelope.header_bytes) + envelope.size,
+        )
+        message.head = head
+        # No diagnostic: the delivery was made here, and told no reply.
+        lines = [ReportLine(r, "delivered", "2.0.0") for r in recipients]
+        try:
+            await runner.report(message, lines)
+        except OSError as exc:
+            # Delivered all the same; only the notice is lost, and said so.
+            log.error(
+                "queue: %s: delivered report not queued: %s", envelope.id, exc.strerror or exc
+            )
 
     def _hand_over(self, id: str) -> None:
         """Give the runner a message this process queued (with its claim),
@@ -340,6 +414,16 @@ class QueuePlugin:
             self.runner.kick(id, handed)
         else:
             handed[0].release()
+
+
+class _Delivered(QueuedMessage):
+    """A message another plugin delivered, as a report about it reads it:
+    its first octets, taken from the envelope (:attr:`head`)."""
+
+    head = b""
+
+    def open(self) -> IO[bytes]:
+        return io.BytesIO(self.head)
 
 
 def _jsonable(stash: Mapping[str, Any]) -> dict[str, Any]:

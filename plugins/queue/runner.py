@@ -1081,6 +1081,11 @@ class Runner:
         )
         return id
 
+    async def report(self, message: QueuedMessage, lines: Sequence[ReportLine]) -> str:
+        """Queue one report about ``lines`` to ``message``'s sender, as after an
+        attempt (for a delivery made outside the queue); its queue id, or ``""``."""
+        return await self._report(message, lines)
+
     async def inject(
         self,
         content: bytes,
