@@ -758,7 +758,9 @@ class Envelope:
 
     def _client_header_section(self) -> tuple[list[bytes], bytes, int]:
         """The client's header blocks (each with its folded lines), the blank
-        line after them (``b""`` if none), and where the body starts."""
+        line after them (``b""`` if none), and where the body starts. Only
+        the last block can lack a line ending: a message sent with ``BDAT``
+        may end inside its last header line."""
         assert self._spool is not None
         src = self._spool.open()
         src.seek(0)
@@ -766,6 +768,13 @@ class Envelope:
         total = 0
         while True:
             line = src.readline(65536)
+            # A longer line is read whole (up to the limit), so that a piece
+            # of it is never taken for a block of its own.
+            while line and line[-1:] != b"\n" and total + len(line) <= MAX_HEADER_SECTION:
+                more = src.readline(65536)
+                if not more:
+                    break
+                line += more
             total += len(line)
             if total > MAX_HEADER_SECTION:
                 raise ValueError(
@@ -820,6 +829,12 @@ class Envelope:
                 else:
                     if raw is not None:
                         items.append((bool(items) and items[-1][0], raw))
+        # The client's last field may lack its CRLF (BDAT): whatever now
+        # follows it -- a field, or the blank line before a new body --
+        # starts a line of its own (RFC 5322 2.2), never glued to its value.
+        for i, (origin, block) in enumerate(items):
+            if origin and block[-1:] != b"\n" and (i + 1 < len(items) or new_body is not None):
+                items[i] = (origin, block + b"\r\n")
         added = []
         i = 0
         while i < len(items) and not items[i][0]:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from bonzo import Accept, hookimpl
 from bonzo.hooks import PluginSet
 from bonzo.session import MAX_HEADER_SECTION, Change, Envelope, current_plugin
+from bonzo.settings import SMTPSettings
 from bonzo.testing import SessionTester
 
 CLIENT = (
@@ -184,6 +185,44 @@ def test_remove_header_stops_where_the_header_section_does():
     assert env.body == b"not a header\r\nX-Spam-Flag: body\r\n\r\nmore\r\n"
 
 
+@pytest.mark.parametrize("threshold", [1 << 20, 0])  # in memory, and spooled to a file
+def test_a_field_added_after_a_last_line_without_crlf_stands_on_its_own(threshold):
+    # BDAT (RFC 3030) lets a message end inside its last header line.
+    client = b"Subject: s\r\nX-Mailer: m 1.0"
+    env = envelope(client, threshold)
+    env.change_header("X-Spam-Flag", "YES")  # missing: added after the last field
+    env.insert_header(99, "X-Milter", "added")  # past the end
+    assert env.body == b"Subject: s\r\nX-Mailer: m 1.0\r\nX-Spam-Flag: YES\r\nX-Milter: added\r\n"
+    assert env.headers()[-3:] == [
+        ("X-Mailer", "m 1.0"),
+        ("X-Spam-Flag", "YES"),
+        ("X-Milter", "added"),
+    ]
+    folded = envelope(b"Subject: s\r\n\tfolded", threshold)
+    folded.insert_header(99, "X-A", "1")
+    assert folded.body == b"Subject: s\r\n\tfolded\r\nX-A: 1\r\n"
+    # A new body gets its blank line: its first line is not a field.
+    rebodied = envelope(client, threshold)
+    rebodied.replace_body(b"New: body\r\n")
+    assert rebodied.body == b"Subject: s\r\nX-Mailer: m 1.0\r\n\r\nNew: body\r\n"
+    assert rebodied.headers()[-1] == ("X-Mailer", "m 1.0")
+    # Nothing after it: the message is left as the client sent it.
+    kept = envelope(client, threshold)
+    kept.insert_header(0, "X-Top", "1")
+    kept.change_header("Subject", "t")
+    assert kept.body == b"Subject: t\r\nX-Mailer: m 1.0"
+
+
+def test_a_header_line_longer_than_a_read_is_kept_whole():
+    # Read in pieces, such a line once ended the header section at its
+    # second piece, and a field added "after the last header" split it.
+    long = b"X-Long: " + b"a" * 70000 + b"\r\n"
+    env = envelope(long + b"X-B: 1\r\n\r\nBody\r\n", threshold=0)
+    env.insert_header(99, "X-New", "1")
+    assert env.body == long + b"X-B: 1\r\nX-New: 1\r\n\r\nBody\r\n"
+    assert [name for name, _ in env.headers()] == ["Received", "X-Long", "X-B", "X-New"]
+
+
 def test_bad_changes_are_refused_at_once():
     env = envelope()
     for call in (
@@ -306,6 +345,31 @@ def test_a_filter_rewrites_the_message_and_delivery_sees_it(caplog):
     assert rcpts == ["b@example.net", "archive@example.org"]
     assert b"Subject: [scanned] hi\r\n" in content and b"X-Spam" not in content
     assert "filter change_header: Subject" in caplog.text
+
+
+def test_a_field_a_filter_adds_to_a_bdat_message_ending_in_a_header_line():
+    class Scanner:
+        @hookimpl
+        def bonzo_message(self, envelope: Envelope) -> None:
+            envelope.change_header("X-Spam-Flag", "YES")
+
+    plugins = PluginSet()
+    plugins.register(Scanner(), "filter")
+    owner = Owner()
+    plugins.register(owner, "owner")
+    tester = SessionTester(plugins, settings=SMTPSettings(hostname="bonzo.test", spool_threshold=1))
+    message = b"Subject: s\r\nX-Mailer: m 1.0"
+
+    async def main() -> bytes:
+        await tester.connect()
+        return await tester.send(
+            b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
+            b"BDAT %d LAST\r\n%s" % (len(message), message)
+        )
+
+    assert asyncio.run(main()).splitlines()[-1].startswith(b"250 2.0.0")
+    [(_, _, content)] = owner.delivered
+    assert content.endswith(b"\r\nSubject: s\r\nX-Mailer: m 1.0\r\nX-Spam-Flag: YES\r\n")
 
 
 def test_lmtp_answers_only_the_clients_recipients():
