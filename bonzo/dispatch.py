@@ -176,6 +176,13 @@ def _text(verdict: tuple[str, Any] | None) -> str | None:
     return value if type(value) is str else None
 
 
+def _all_refused(envelope: Envelope) -> bool:
+    """True when the message is refused for every recipient the client gave
+    (those a plugin added, owed no reply, do not count)."""
+    refused, added = envelope.refused, envelope.added
+    return all(i in refused or i in added for i in range(len(envelope.recipients)))
+
+
 def _mark(envelope: Envelope, verdict: tuple[str, Any] | None) -> None:
     """Record a Discard or Quarantine verdict on the envelope: the first
     filter to give either decides (a later Discard does not undo an earlier
@@ -390,8 +397,12 @@ class Dispatcher:
             lambda plugin, value: _mark(envelope, (plugin, value)),
         )
         _mark(envelope, verdict)
-        if envelope.refused and not envelope.remaining_recipients:
-            return None  # the filters refused it for every recipient
+        if envelope.refused and (
+            not envelope.remaining_recipients or (envelope.added and _all_refused(envelope))
+        ):
+            # The filters refused it for every recipient the client gave: it
+            # is refused, so a copy a plugin added (an archive) goes nowhere.
+            return None
         if envelope.discarded is None and not envelope.remaining_recipients:
             # Plugins removed every recipient: nothing to deliver, nothing
             # refused (as Postfix's cleanup drops such a message).
@@ -510,9 +521,11 @@ class Dispatcher:
                 return None
             core.accept(text)
         self.envelope = None
-        if len(refused) == len(envelope.recipients):
+        if len(refused) == len(envelope.recipients) or (
+            verdict is None and envelope.added and _all_refused(envelope)
+        ):
             envelope.close()
-            return None
+            return None  # nobody got it
         self.send()
         discarded = verdict is not None and type(verdict[1]) is Discard
         if discarded:
@@ -554,15 +567,27 @@ class Dispatcher:
         it and some are deferred: the first deferral — the client sends it
         again to every recipient, and a duplicate is better than a loss.
         Some got it and the rest are refused for good: ``250`` — the client
-        cannot be told which, and is not (an LMTP client is)."""
-        order = sorted(envelope.refused)
-        deferred = [i for i in order if envelope.refused[i].status_code < 500]
-        names = [envelope.rcpt_tos[i] for i in order]
+        cannot be told which, and is not (an LMTP client is). Only the
+        client's recipients count: no reply is owed for one a plugin added."""
+        refused, added = envelope.refused, envelope.added
+        names = [envelope.rcpt_tos[i] for i in sorted(refused)]
+        delivered = len(envelope.recipients) - len(refused)
+        order = sorted(i for i in refused if i not in added) if added else sorted(refused)
+        if not order:
+            app_log.warning(
+                "[%s %s] message %s was not delivered to %s, added by a plugin; answered "
+                "250: the client's recipients got it",
+                self.session.id,
+                self.session.remote_ip,
+                envelope.id,
+                ", ".join(f"<{log_escape(n)}>" for n in names),
+            )
+            return None
+        deferred = [i for i in order if refused[i].status_code < 500]
         chosen = (deferred or order)[0]
-        first = envelope.refused[chosen], envelope.refused_by.get(chosen, "core")
-        if len(order) == len(envelope.recipients):
-            return first
-        delivered = len(envelope.recipients) - len(order)
+        first = refused[chosen], envelope.refused_by.get(chosen, "core")
+        if len(order) == len(envelope.recipients) - len(added):
+            return first  # nobody the client gave got it
         error = first[0]
         app_log.warning(
             "[%s %s] message %s was delivered to %d recipient(s) but not to %s "

@@ -641,7 +641,10 @@ class Envelope:
     ) -> Address:
         """Add a recipient the client did not give (a milter's ``ADDRCPT``,
         an archive copy): it is delivered with the others; no reply is owed
-        for it. Returns its :class:`~bonzo.address.Address`; raises
+        for it, and it is nobody the client sent the message to: if every
+        recipient the client gave is refused, the message is refused and
+        not delivered to this one either (:ref:`per-recipient results
+        <per-recipient>`). Returns its :class:`~bonzo.address.Address`; raises
         :class:`ValueError` for a malformed address or DSN parameter."""
         mailbox = _mailbox(address, sender=False)
         try:

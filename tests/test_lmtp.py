@@ -40,6 +40,8 @@ def lmtp(**kwargs: Any) -> Client:
 
 FULL = errors.TransientError("Mailbox full", 452, "4.2.2")
 GONE = errors.PermanentError("No such user", 550, "5.1.1")
+FULL_REPLY = b"452 4.2.2 Mailbox full\r\n"
+GONE_REPLY = b"550 5.1.1 No such user\r\n"
 
 
 # ------------------------------------------------------------------- the core
@@ -505,6 +507,74 @@ def test_a_message_every_recipient_of_which_a_filter_refused_names_the_filter():
     replies = asyncio.run(transaction(t, "a", greet=b"EHLO c\r\n"))
     assert replies == [b"550 5.1.1 No such user\r\n"]
     assert [r for r in t.refusals if r[0] == "message"] == [("message", 550, "5.1.1", "picky")]
+
+
+class Archive:
+    """Adds a copy for the archive (no reply owed for it); removes the
+    recipients it redirects and adds their new address."""
+
+    def __init__(self, redirect: dict[str, str] | None = None) -> None:
+        self.redirect = redirect or {}
+
+    @hookimpl
+    def bonzo_message(self, envelope: Any) -> None:
+        for old, new in self.redirect.items():
+            envelope.remove_recipient(f"{old}@example.net")
+            envelope.add_recipient_address(f"{new}@example.net")
+        envelope.add_recipient_address("archive@example.net")
+
+
+def archived(
+    refused: dict[str, errors.SMTPError],
+    store: Store,
+    *names: str,
+    lmtp: bool,
+    redirect: dict[str, str] | None = None,
+) -> list[bytes]:
+    plugins = PluginSet()
+    plugins.register(Archive(redirect), "archive")
+    plugins.register(Picky(refused), "picky")
+    plugins.register(store, "store")
+    t = SessionTester(plugins, lmtp=lmtp)
+    return asyncio.run(transaction(t, *names, greet=LHLO if lmtp else b"EHLO c\r\n"))
+
+
+@pytest.mark.parametrize("lmtp", [True, False])
+def test_a_copy_a_plugin_added_does_not_turn_a_refused_message_into_an_accepted_one(lmtp):
+    store = Store({})
+    replies = archived({"a": GONE, "b": FULL}, store, "a", "b", lmtp=lmtp)
+    # SMTP: nobody the client gave got it, so the first deferral; and the
+    # message was refused, so the archive has no copy of it either.
+    assert replies == ([GONE_REPLY, FULL_REPLY] if lmtp else [FULL_REPLY])
+    assert store.delivered == [] and store.accepted == []
+
+
+@pytest.mark.parametrize("lmtp", [True, False])
+def test_a_redirected_recipient_still_gets_the_message_beside_a_refused_one(lmtp):
+    # <b> is removed for <c> (a milter's redirect): the client was told <b>
+    # got it, so <c> must.
+    store = Store({})
+    replies = archived({"a": GONE}, store, "a", "b", lmtp=lmtp, redirect={"b": "c"})
+    assert replies[0] == GONE_REPLY if lmtp else replies[0].startswith(b"250 2.0.0 ")
+    assert store.delivered == [["c@example.net", "archive@example.net"]]
+
+
+@pytest.mark.parametrize("lmtp", [True, False])
+def test_refusals_at_delivery_are_judged_over_the_clients_recipients(lmtp, caplog):
+    # The delivery plugin refuses the client's only recipient after storing
+    # the archive copy: the client is refused (it bounces; the copy stays).
+    store = Store({"a": GONE})
+    assert archived({}, store, "a", lmtp=lmtp) == [GONE_REPLY]
+    assert store.delivered == [["archive@example.net"]]
+    # It defers the archive copy and stores the client's: no reply is owed
+    # for the copy, so the client is not told to send the message again.
+    store = Store({"archive": FULL})
+    with caplog.at_level(logging.WARNING, logger="tornado.application"):
+        [reply] = archived({}, store, "a", lmtp=lmtp)
+    assert reply.startswith(b"250 2.0.0 ")
+    assert store.delivered == [["a@example.net"]] and store.accepted == [{1: FULL}]
+    if not lmtp:
+        assert "not delivered to <archive@example.net>, added by a plugin" in caplog.text
 
 
 def test_received_header_says_lmtp():
