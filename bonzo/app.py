@@ -69,8 +69,33 @@ def installed_plugins() -> dict[str, InstalledPlugin]:
 
 
 def _instantiate(obj: Any) -> Any:
-    # A class is instantiated once per server; a module or object is used as is.
+    # A class is instantiated once per configuration; a module or object is
+    # used as is, so it is the same in every configuration (see _RUNNING).
     return obj() if inspect.isclass(obj) else obj
+
+
+#: The plugin objects of the started applications of this process, by
+#: ``id()``: the object (kept alive, so that its id stays its own) and how
+#: many started applications have it. A plugin enabled as a module or an
+#: instance is one object in the configuration a reload retires and in the
+#: new one: it is started once, when the first starts, and shut down once,
+#: when the last has stopped -- never under the feet of the other.
+_RUNNING: dict[int, tuple[object, int]] = {}
+
+
+def _hold(plugin: object) -> None:
+    _, count = _RUNNING.get(id(plugin), (plugin, 0))
+    _RUNNING[id(plugin)] = (plugin, count + 1)
+
+
+def _release(plugin: object) -> bool:
+    """Drop one application's hold on ``plugin``; True if it was the last."""
+    _, count = _RUNNING[id(plugin)]
+    if count > 1:
+        _RUNNING[id(plugin)] = (plugin, count - 1)
+        return False
+    del _RUNNING[id(plugin)]
+    return True
 
 
 def resolve_plugin(name: str, installed: dict[str, InstalledPlugin] | None = None) -> Any:
@@ -445,7 +470,17 @@ class MailApp:
             raise RuntimeError("MailApp already started")
         # Plugins start before anything listens: a plugin that cannot start
         # must not leave a bound socket (or a half-started server) behind.
-        await self.plugins.call_observers("bonzo_startup", self, strict=True)
+        # One still running for another application (the configuration a
+        # reload replaces) is started already: its startup again would
+        # replace what it opened while that one's sessions use it.
+        running = [n for n in self.plugins.names if id(self.plugins.get(n)) in _RUNNING]
+        for name in running:
+            log.info(
+                "plugin %r is the same object in the running configuration, already "
+                "started: bonzo_startup not run again",
+                name,
+            )
+        await self.plugins.call_observers("bonzo_startup", self, strict=True, skip=running)
         if sockets is not None:
             groups = [(self.config.listeners[0], list(sockets))]
         else:
@@ -473,6 +508,8 @@ class MailApp:
             self.servers.append(server)
         self.server = self.servers[0]
         self._started = True
+        for name in self.plugins.names:
+            _hold(self.plugins.get(name))
         return self.server
 
     def adopt_sockets(self, old: MailApp) -> None:
@@ -517,14 +554,19 @@ class MailApp:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop gracefully (see :meth:`SMTPServer.shutdown`), then run the
-        plugins' shutdown hooks."""
+        plugins' shutdown hooks -- but not those of a plugin object another
+        started application of this process still has (a module or an
+        instance the configuration that replaced this one enables too): the
+        last to stop shuts it down."""
         if self.servers:
             await asyncio.gather(*(server.shutdown(grace) for server in self.servers))
             self.servers = []
             self.server = None
         if self._started:
             self._started = False
-            await self.plugins.call_observers("bonzo_shutdown", self)
+            names = self.plugins.names
+            shared = [n for n in names if not _release(self.plugins.get(n))]
+            await self.plugins.call_observers("bonzo_shutdown", self, skip=shared)
             await self.store.close()
 
     def force_stop(self) -> None:

@@ -901,6 +901,7 @@ def _run_worker(
                     await old.retire()
                     if old in retiring:
                         retiring.remove(old)
+                        log.info("the previous configuration has stopped: its sessions ended")
 
                 asyncio.ensure_future(retire())
             finally:

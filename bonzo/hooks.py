@@ -19,7 +19,7 @@ import asyncio
 import difflib
 import inspect
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from typing import Any
 
 import pluggy
@@ -255,13 +255,20 @@ class PluginSet:
         return results
 
     async def call_observers(
-        self, hook: str, *args: Any, session: Any = None, strict: bool = False
+        self,
+        hook: str,
+        *args: Any,
+        session: Any = None,
+        strict: bool = False,
+        skip: Collection[str] = (),
     ) -> None:
-        """Run every implementation of a lifecycle hook (startup, shutdown).
-        Failures are logged and the next one runs; with ``strict`` the first
-        failure is raised as :class:`PluginError`."""
+        """Run every implementation of a lifecycle hook (startup, shutdown),
+        but those of the plugins named in ``skip``. Failures are logged and
+        the next one runs; with ``strict`` the first failure is raised as
+        :class:`PluginError`."""
+        calls = [c for c in self.calls[hook] if c.plugin not in skip] if skip else None
         try:
-            await self.observe(hook, args, session, strict=strict)
+            await self.observe(hook, args, session, strict=strict, calls=calls)
         except PluginFailure as failure:
             raise PluginError(
                 f"plugin {failure.plugin!r} failed in {hook}: {failure.error}"
@@ -313,12 +320,19 @@ class PluginSet:
         return None
 
     async def observe(
-        self, hook: str, args: tuple[Any, ...], session: Any = None, *, strict: bool = False
+        self,
+        hook: str,
+        args: tuple[Any, ...],
+        session: Any = None,
+        *,
+        strict: bool = False,
+        calls: list[HookCall] | None = None,
     ) -> None:
-        """Run every implementation of observer ``hook``, in order. A failure
-        is logged (naming the plugin) and the next implementation runs; with
-        ``strict`` it is raised as :class:`PluginFailure` instead."""
-        for call in self.calls[hook]:
+        """Run every implementation of observer ``hook`` (or those of
+        ``calls``), in order. A failure is logged (naming the plugin) and the
+        next implementation runs; with ``strict`` it is raised as
+        :class:`PluginFailure` instead."""
+        for call in self.calls[hook] if calls is None else calls:
             token = current_plugin.set(call.plugin)
             try:
                 result = call.function(*[args[i] for i in call.indexes])

@@ -245,9 +245,10 @@ def bonzo_reload(app: Any) -> None:
     plugin belongs to the new one: it was configured and started as at
     startup and serves new sessions from now on, while the old
     configuration's plugins finish their sessions and are shut down. An
-    observer; may be async. A plugin that is a module (not a class) is in
-    both configurations: it is configured and started again here, and its
-    ``bonzo_shutdown`` runs later for the old one.
+    observer; may be async. A plugin enabled as a module or an instance (not
+    a class) is the same object in both configurations: it is configured
+    again, not started again, and shut down once, when the last
+    configuration that enables it stops.
 
     .. versionadded:: 0.2
     """

@@ -1003,6 +1003,96 @@ def test_sighup_reloads_and_a_message_in_flight_finishes_on_the_old_configuratio
     assert "restarting" not in daemon.log and "Traceback" not in daemon.log
 
 
+SHARED_SOURCE = """
+\"\"\"A journal plugin enabled as a module or as an instance: the same object in
+every configuration of the process that enables it.\"\"\"
+
+from pathlib import Path
+
+from bonzo import Accept
+
+
+class Journal:
+    def __init__(self):
+        self.file = None
+
+    def bonzo_configure(self, config):
+        self.out = Path(config["out"])
+
+    def event(self, what):
+        with open(self.out / "events.txt", "a") as f:
+            f.write(what + "\\n")
+
+    def bonzo_startup(self):
+        self.event("startup" if self.file is None else "startup while started")
+        self.file = open(self.out / "journal.txt", "a")
+
+    def bonzo_reload(self):
+        self.event("reload")
+
+    def bonzo_shutdown(self):
+        self.event("shutdown")
+        self.file.close()
+
+    def bonzo_rcpt(self):
+        return Accept()
+
+    def bonzo_deliver(self, envelope):
+        self.file.write(envelope.rcpt_tos[0] + "\\n")
+        self.file.flush()
+        return Accept()
+
+
+JOURNAL = Journal()
+_module = Journal()
+bonzo_configure = _module.bonzo_configure
+bonzo_startup = _module.bonzo_startup
+bonzo_reload = _module.bonzo_reload
+bonzo_shutdown = _module.bonzo_shutdown
+bonzo_rcpt = _module.bonzo_rcpt
+bonzo_deliver = _module.bonzo_deliver
+"""
+
+
+@pytest.mark.parametrize("name", ["sharedplug.journal", "sharedplug.journal:JOURNAL"])
+def test_a_reload_leaves_a_module_or_instance_plugin_running_for_the_new_configuration(
+    workdir, serve, name
+):
+    """A plugin enabled as a module or an instance is the same object in the
+    configuration a reload retires and in the new one: it is not started
+    again, and the retiring one does not shut it down under the new one's
+    feet; it is shut down when the last configuration enabling it stops."""
+    (workdir / "plugins" / "sharedplug").mkdir()
+    (workdir / "plugins" / "sharedplug" / "__init__.py").write_text("")
+    (workdir / "plugins" / "sharedplug" / "journal.py").write_text(SHARED_SOURCE)
+    port = free_port()
+    table = f'\n[plugins."{name}"]\nout = "{workdir / "out"}"\n'
+    config = write_config(workdir, port, enabled=[name], extra=table)
+    daemon = serve(config, port)
+    daemon.wait_ready()
+    assert send(port, "one@example.org") == {}
+    stopped = "the previous configuration has stopped"
+
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: stopped in daemon.log, what="the previous configuration to stop")
+    assert send(port, "two@example.org") == {}  # its journal is still open
+    events = workdir / "out" / "events.txt"
+    assert events.read_text().split("\n") == ["startup", "reload", ""]
+
+    # A configuration without it: the retiring one was the last to enable it.
+    write_config(workdir, port)
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: daemon.log.count(stopped) == 2, what="the previous configuration to stop")
+    assert events.read_text().split("\n") == ["startup", "reload", "shutdown", ""]
+    assert send(port, "three@example.org") == {}
+    assert daemon.stop() == 0
+    journal = (workdir / "out" / "journal.txt").read_text()
+    assert journal == "one@example.org\ntwo@example.org\n"
+    assert [r["to"] for r in daemon.records()] == [["three@example.org"]]
+    assert events.read_text().split("\n") == ["startup", "reload", "shutdown", ""]
+    assert "Traceback" not in daemon.log
+
+
 def test_a_reload_says_that_logging_changes_wait_for_a_restart(workdir, serve):
     port = free_port()
     config = write_config(workdir, port)

@@ -1557,6 +1557,66 @@ def test_startup_and_shutdown_run_in_order_around_serving(plugin_module, log_wat
     assert failures(log_watch, "bonzo_hooktest_plugins:First", "bonzo_shutdown")
 
 
+@pytest.mark.parametrize("last", ["new", "old"])
+def test_a_plugin_object_two_configurations_share_starts_once_and_stops_once(plugin_module, last):
+    # A reload: the new configuration starts while the old one still runs.
+    # An instance (or a module) is the same object in both; a class gets an
+    # instance in each.
+    log: list[str] = []
+
+    class Shared:
+        def bonzo_startup(self):
+            log.append("startup shared")
+
+        def bonzo_shutdown(self):
+            log.append("shutdown shared")
+
+    class Own:
+        def bonzo_startup(self, app):
+            log.append(f"startup own {app.settings.hostname}")
+
+        def bonzo_shutdown(self, app):
+            log.append(f"shutdown own {app.settings.hostname}")
+
+    plugin_module.SHARED = Shared()
+    plugin_module.Own = Own
+
+    def app(hostname: str) -> MailApp:
+        config = app_config("SHARED", "Own", listen=True)
+        return MailApp(parse_config(f'[server]\nhostname = "{hostname}"\n' + config))
+
+    old, new = app("old.test"), app("new.test")
+
+    async def reload() -> None:
+        await old.start()
+        await new.start()
+        first, second = (old, new) if last == "new" else (new, old)
+        await first.stop(grace=1)
+        log.append("one stopped")
+        await second.stop(grace=1)
+        # Started again later (a configuration that enables it again).
+        again = app("again.test")
+        await again.start()
+        await again.stop(grace=1)
+
+    run(reload())
+    stopped_first = "old.test" if last == "new" else "new.test"
+    stopped_last = "new.test" if last == "new" else "old.test"
+    assert log == [
+        "startup shared",
+        "startup own old.test",
+        "startup own new.test",  # not "startup shared" again
+        f"shutdown own {stopped_first}",  # not "shutdown shared": the other has it
+        "one stopped",
+        "shutdown shared",  # the last to stop: in the plugins' order, as ever
+        f"shutdown own {stopped_last}",
+        "startup shared",
+        "startup own again.test",
+        "shutdown shared",
+        "shutdown own again.test",
+    ]
+
+
 def test_startup_failure_stops_the_server_naming_the_plugin(plugin_module):
     log: list[str] = []
 
