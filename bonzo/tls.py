@@ -49,8 +49,17 @@ def _context(pair: CertificatePair) -> ssl.SSLContext:
                 pass
         except OSError as exc:
             raise TLSError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+    def no_pass_phrase() -> bytes:
+        # Called only for an encrypted key. Without a callback OpenSSL would
+        # prompt on the terminal (and block the daemon, even at a reload) or,
+        # with no terminal, fail with an OSError naming nothing.
+        raise TLSError(
+            f"key {pair.key} is encrypted with a pass phrase; Bonzo needs it unencrypted"
+        )
+
     try:
-        ctx.load_cert_chain(pair.cert, pair.key)
+        ctx.load_cert_chain(pair.cert, pair.key, password=no_pass_phrase)
     except ssl.SSLError as exc:
         reason = getattr(exc, "reason", None) or str(exc)
         if "KEY_VALUES_MISMATCH" in str(reason).upper():
@@ -64,6 +73,13 @@ def _context(pair: CertificatePair) -> ssl.SSLContext:
             ) from None
         raise TLSError(
             f"cannot load certificate {pair.cert} with key {pair.key}: {reason}"
+        ) from None
+    except OSError as exc:
+        # ssl raises a bare OSError (EINVAL, no file name) for some files it
+        # cannot use; say which.
+        raise TLSError(
+            f"cannot load certificate {pair.cert} with key {pair.key}: "
+            f"{exc.strerror or exc.__class__.__name__}"
         ) from None
     return ctx
 

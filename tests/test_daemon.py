@@ -355,6 +355,88 @@ def test_missing_config_file(workdir, env):
     assert one_line_error(result) == f"bonzo: {missing}: no such file"
 
 
+def on_a_terminal(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int | None, str]:
+    """Run ``python -m bonzo ARGS`` with a pseudo-terminal as its controlling
+    terminal and stdin/stdout/stderr, as an operator would; return its exit
+    status (None if it was still running after 15 s: killed) and output."""
+    import fcntl
+    import pty
+    import select
+    import termios
+
+    main, side = pty.openpty()
+
+    def take_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bonzo", *args],
+        env=env,
+        cwd=cwd,
+        stdin=side,
+        stdout=side,
+        stderr=side,
+        preexec_fn=take_terminal,
+    )
+    os.close(side)
+    output = b""
+    deadline = time.monotonic() + 15
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if select.select([main], [], [], 0.1)[0]:
+                try:
+                    output += os.read(main, 4096)
+                except OSError:  # the child closed the terminal
+                    proc.wait(DEADLINE)
+        status = proc.poll()
+        if status is None:
+            proc.kill()
+            proc.wait(DEADLINE)
+        while select.select([main], [], [], 0)[0]:
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        os.close(main)
+    return status, output.decode(errors="replace")
+
+
+@pytest.mark.parametrize("command", ["check", "serve"])
+def test_a_key_with_a_pass_phrase_is_a_one_line_error_never_a_prompt(workdir, env, command):
+    """OpenSSL asks for a key's pass phrase on the terminal: bonzo must not
+    wait there (nor, without a terminal, die with a traceback naming no file)."""
+    import trustme
+    from cryptography.hazmat.primitives import serialization
+
+    leaf = trustme.CA().issue_cert("mx.daemon.test")
+    leaf.cert_chain_pems[0].write_to_path(str(workdir / "cert.pem"))
+    key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), password=None)
+    (workdir / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    config = write_config(workdir, free_port())
+    text = config.read_text().replace(
+        "\n\n[logging]", '\ntls = { cert = "cert.pem", key = "key.pem" }\n\n[logging]'
+    )
+    config.write_text(text)
+    expected = (
+        f"bonzo: {config}: listeners[0].tls: key {workdir / 'key.pem'} is encrypted with a "
+        "pass phrase; Bonzo needs it unencrypted"
+    )
+    assert one_line_error(bonzo(command, "-c", str(config), env=env, cwd=workdir)) == expected
+    status, output = on_a_terminal([command, "-c", str(config)], env, workdir)
+    assert (status, output.strip()) == (2, expected)
+
+
 def test_unknown_plugin_name_lists_the_installed_plugins(workdir, env):
     config = write_config(workdir, free_port(), ["nosuchplugin"])
     result = bonzo("serve", "-c", str(config), env=env, cwd=workdir)

@@ -1340,6 +1340,58 @@ def test_not_a_certificate(tmp_path, certs):
         make_server_context(CertificatePair(str(junk), certs["default"].key))
 
 
+def encrypted_copy(key: str, dest: Path) -> Path:
+    """``key`` written to ``dest`` encrypted with a pass phrase."""
+    from cryptography.hazmat.primitives import serialization
+
+    private = serialization.load_pem_private_key(Path(key).read_bytes(), password=None)
+    dest.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    return dest
+
+
+def test_a_key_with_a_pass_phrase_is_refused_without_prompting(tmp_path, certs):
+    """OpenSSL would ask for the pass phrase on the terminal (and block a
+    daemon, even at a reload) or fail with a bare OSError naming no file."""
+    key = encrypted_copy(certs["default"].key, tmp_path / "enc.key")
+    with pytest.raises(TLSError) as info:
+        make_server_context(CertificatePair(certs["default"].cert, str(key)))
+    assert str(info.value) == (
+        f"key {key} is encrypted with a pass phrase; Bonzo needs it unencrypted"
+    )
+    with pytest.raises(TLSError, match="enc.key is encrypted"):
+        make_server_context(
+            certs["default"], {"one.test": CertificatePair(certs["one"].cert, str(key))}
+        )
+
+
+def test_an_os_error_while_loading_names_the_files(monkeypatch, certs):
+    class Failing(ssl.SSLContext):
+        def load_cert_chain(self, *args: Any, **kwargs: Any) -> None:
+            raise OSError(22, "Invalid argument")
+
+    import types
+
+    import bonzo.tls
+
+    # Only bonzo.tls sees the failing class: ssl's own code names SSLContext.
+    fake = types.ModuleType("ssl")
+    fake.__dict__.update(ssl.__dict__)
+    fake.SSLContext = Failing  # type: ignore[attr-defined]
+    monkeypatch.setattr(bonzo.tls, "ssl", fake)
+    pair = certs["default"]
+    with pytest.raises(TLSError) as info:
+        make_server_context(pair)
+    assert str(info.value) == (
+        f"cannot load certificate {pair.cert} with key {pair.key}: Invalid argument"
+    )
+
+
 def test_server_context_refuses_old_tls(certs):
     ctx = make_server_context(certs["default"])
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
