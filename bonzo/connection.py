@@ -73,6 +73,10 @@ __all__ = ["SMTPConnection", "SessionStream", "try_write", "FINAL_REPLY_WAIT"]
 #: (never longer than ``idle_timeout``).
 FINAL_REPLY_WAIT = 10.0
 
+#: Longest wait, in seconds, for a client to take the TLS alert that ends a
+#: failed handshake or a broken TLS session before the connection is closed.
+TLS_ALERT_WAIT = 2.0
+
 #: Octets Tornado reads at a time while the client sends commands: its
 #: buffer for each read is made (and zeroed) anew, so a command-sized one
 #: costs much less than the ``read_chunk_size`` used for message content.
@@ -730,7 +734,7 @@ class SMTPConnection:
                     getattr(exc, "reason", None) or exc,
                 )
                 self._tls = None
-                stream.close()
+                await self._alert_and_close(tls)
                 raise StreamClosedError() from None
             out = tls.data_to_send()
             if out:
@@ -831,7 +835,7 @@ class SMTPConnection:
                 self.remote_ip,
                 getattr(exc, "reason", None) or exc,
             )
-            stream.close()
+            await self._alert_and_close(tls)
             return False
         except StreamClosedError:
             self._tls = None
@@ -850,6 +854,27 @@ class SMTPConnection:
             self.bytes_received += len(early)
             self.protocol.receive_data(early)
         return True
+
+    async def _alert_and_close(self, tls: TLSLayer) -> None:
+        """Close the connection after a TLS error, first sending the alert
+        the TLS layer queued (RFC 8446 6.2: a client refused for its TLS
+        version learns ``protocol_version`` instead of seeing the connection
+        vanish). Best effort: waits at most :data:`TLS_ALERT_WAIT`."""
+        stream = self.stream
+        alert = tls.data_to_send()
+        if alert and not stream.closed():
+            try:
+                written = stream.write(alert)
+            except StreamClosedError:
+                return
+            # Closing: a shutdown meanwhile must not write a plaintext 421
+            # after the alert.
+            self._phase = _CLOSING
+            self._since = self._loop.time()
+            self._arm(self._deadline()[0])
+            # Not wait_for: cancelling the write future would not stop the write.
+            await asyncio.wait((written,), timeout=TLS_ALERT_WAIT)
+        stream.close()
 
     # -------------------------------------------------------------- timers
     def _deadline(self) -> tuple[float, str]:

@@ -221,8 +221,11 @@ def test_starttls_with_an_argument_is_a_syntax_error(start_server, certs, client
         assert client.command("EHLO client.test").startswith(b"250-")
 
 
-def test_tls_1_1_is_refused(start_server, certs, log_watch):
-    server = start_auth_server(start_server, tls_listener(certs))
+@pytest.mark.parametrize("implicit_tls", [False, True], ids=["starttls", "implicit"])
+def test_tls_1_1_is_refused_with_an_alert(start_server, certs, log_watch, implicit_tls):
+    """The refusal is a protocol_version alert (RFC 8446 6.2), not a bare
+    close the client can only call an unexpected EOF."""
+    server = start_auth_server(start_server, tls_listener(certs, implicit_tls=implicit_tls))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -235,10 +238,13 @@ def test_tls_1_1_is_refused(start_server, certs, log_watch):
         except (ValueError, ssl.SSLError):  # pragma: no cover - depends on OpenSSL
             pytest.skip("this OpenSSL cannot offer TLS 1.1")
     with RawClient(server.port) as client:
-        client.greet()
-        with pytest.raises((ssl.SSLError, OSError)):
-            starttls(client, ctx)
-            client.command("EHLO client.test")
+        with pytest.raises(ssl.SSLError) as refused:
+            if implicit_tls:
+                handshake_over(client.sock, ctx)
+            else:
+                client.greet()
+                starttls(client, ctx)
+    assert refused.value.reason == "TLSV1_ALERT_PROTOCOL_VERSION", refused.value
     server.wait_connections(0)
     log_watch.wait_for("TLS handshake failed")
     # Logged once, with the session id; nothing from Tornado's own streams.
@@ -360,13 +366,16 @@ def test_a_broken_tls_record_after_the_handshake_closes_with_one_info_line(
     # A client can break TLS at will (a bad record, a renegotiation): its
     # fault, so no ERROR with a traceback (log_watch fails on one), one line.
     server = start_auth_server(start_server, tls_listener(certs))
+    # TLS 1.2: nothing (no session ticket) follows the handshake unasked.
+    client_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     with RawClient(server.port) as client:
         client.greet()
         assert client.command("STARTTLS").startswith(b"220 ")
         handshake_over(client.sock, client_ctx)
         # An application-data record whose content cannot decrypt.
         client.sock.sendall(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
-        client.read_to_eof()
+        # The server says so (an alert record: bad_record_mac) before it closes.
+        assert client.read_to_eof()[:3] == b"\x15\x03\x03"
     server.wait_connections(0)
     line = log_watch.wait_for("TLS error, connection closed")
     assert line.levelname == "INFO"
