@@ -703,7 +703,14 @@ class Dispatcher:
             )
         except Exception as exc:
             reply, by = error_reply(exc, "AUTH", session, self.plugins)
-            core.reject(reply, by=by)
+            if reply.status_code >= 500:
+                # A plugin's own refusal is a failure like the core's 535:
+                # delayed the same (no faster answer to tell them apart, no
+                # faster guessing) and counted. A 4xx is a fault, not a guess.
+                await asyncio.sleep(self.settings.auth_failure_delay)
+                core.reject(reply, by=by, auth_failure=True)
+            else:
+                core.reject(reply, by=by)
             return
         identity = step.username
         problem = "credentials refused"

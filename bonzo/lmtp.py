@@ -102,7 +102,13 @@ class LMTPProtocol(SMTPProtocol):
             self.recipients.append(rcpt)
 
     def reject(
-        self, error: SMTPError, *, by: str = "core", close: bool = False, limit: str | None = None
+        self,
+        error: SMTPError,
+        *,
+        by: str = "core",
+        close: bool = False,
+        limit: str | None = None,
+        auth_failure: bool = False,
     ) -> None:
         """As :meth:`SMTPProtocol.reject`; the end of a message is answered
         with ``error`` once per accepted recipient — but a ``BDAT`` chunk
@@ -113,7 +119,7 @@ class LMTPProtocol(SMTPProtocol):
             or not self.rcpt_count
             or self._ended_before_last
         ):
-            super().reject(error, by=by, close=close, limit=limit)
+            super().reject(error, by=by, close=close, limit=limit, auth_failure=auth_failure)
             return
         self.answer_recipients([error] * self.rcpt_count, by=by)
         if close or error.close or error.status_code == 421:

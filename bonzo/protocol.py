@@ -1189,13 +1189,22 @@ class SMTPProtocol:
             self.reply(250, text or "Ok", "2.0.0")
 
     def reject(
-        self, error: SMTPError, *, by: str = "core", close: bool = False, limit: str | None = None
+        self,
+        error: SMTPError,
+        *,
+        by: str = "core",
+        close: bool = False,
+        limit: str | None = None,
+        auth_failure: bool = False,
     ) -> None:
         """Answer the pending event with ``error``; the state does not change
         (except that a finished message ends its transaction). Ends the
         session when ``close`` is true, ``error.close`` is set or the code is
         421. ``by`` names who decided, ``limit`` the limit that refused it,
-        for the log. Does nothing once the session is closed."""
+        for the log. A ``535`` to ``AUTH``, or any ``5xx`` with
+        ``auth_failure`` (credentials a plugin refused in its own words),
+        counts towards ``max_auth_failures``. Does nothing once the session
+        is closed."""
         event = self._pending
         if event is None:
             if self._state == _CLOSED:
@@ -1210,7 +1219,7 @@ class SMTPProtocol:
             self._reset_transaction()
         elif type(event) is Auth or type(event) is AuthResponse:
             self._state = _COMMAND
-            if code == 535:
+            if code == 535 or (auth_failure and code >= 500):
                 self.auth_failures += 1
                 if self.auth_failures >= self.settings.max_auth_failures:
                     self._refused(code, error.enhanced_code, error.message, by, note, None)

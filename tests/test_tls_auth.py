@@ -1003,6 +1003,78 @@ def test_plugin_may_refuse_with_its_own_reply(start_server, certs, client_ctx):
         assert client.command("AUTH PLAIN " + PLAIN_OK) == b"535 5.7.8 Account locked\r\n"
 
 
+class RefusingWith(AuthHandler):
+    """Refuses every user but alice's wrong passwords in its own words."""
+
+    def __init__(self, error: SMTPError) -> None:
+        super().__init__()
+        self.error = error
+
+    def bonzo_auth(
+        self, session: Session, mechanism: str, username: str, password: str, authzid: str
+    ) -> Any:
+        if username == USER and password != PASSWORD:
+            raise self.error
+        return super().bonzo_auth(session, mechanism, username, password, authzid)
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        SMTPError(535, "Authentication credentials invalid", enhanced_code="5.7.8"),
+        SMTPError(554, "Account locked", enhanced_code="5.7.1"),
+    ],
+    ids=["535", "554"],
+)
+def test_a_plugin_refusal_is_delayed_and_counted_like_the_core_one(
+    start_server, certs, client_ctx, refusal
+):
+    """Whoever refuses the credentials, the answer waits auth_failure_delay
+    (a faster one would tell who refused, and speed up guessing) and counts
+    towards max_auth_failures."""
+    delay = 0.3
+    server = start_server(
+        plugin=RefusingWith(refusal),
+        listener=tls_listener(certs),
+        max_auth_failures=3,
+        auth_failure_delay=delay,
+    )
+    expected = f"{refusal.status_code} {refusal.enhanced_code} {refusal.message}\r\n".encode()
+    with tls_client(server, client_ctx) as client:
+        times = []
+        for _ in range(2):
+            started = time.monotonic()
+            assert client.command("AUTH PLAIN " + b64(f"\0{USER}\0wrong")) == expected
+            times.append(time.monotonic() - started)
+        started = time.monotonic()
+        # The core's own refusal (an unknown user) counts as well.
+        assert client.command("AUTH PLAIN " + b64("\0nobody\0x")).startswith(b"535 5.7.8 ")
+        times.append(time.monotonic() - started)
+        last = client.read_to_eof()
+    assert last == b"421 4.7.0 Too many authentication failures\r\n"
+    for elapsed in times:
+        assert delay * 0.9 <= elapsed < delay + 2.0, times
+
+
+def test_a_plugin_refusal_with_a_4xx_is_not_a_failure(start_server, certs, client_ctx):
+    """A temporary fault is not the client's guess: not counted (and not delayed)."""
+    refusal = SMTPError(454, "Directory unavailable", enhanced_code="4.7.0")
+    server = start_server(
+        plugin=RefusingWith(refusal),
+        listener=tls_listener(certs),
+        max_auth_failures=2,
+        auth_failure_delay=5.0,
+    )
+    with tls_client(server, client_ctx) as client:
+        started = time.monotonic()
+        for _ in range(3):
+            assert client.command("AUTH PLAIN " + b64(f"\0{USER}\0wrong")) == (
+                b"454 4.7.0 Directory unavailable\r\n"
+            )
+        assert time.monotonic() - started < 3
+        assert client.command("AUTH PLAIN " + PLAIN_OK).startswith(b"235 ")
+
+
 # --------------------------------------------------- plugins (bonzo_auth)
 class AsyncAuthPlugin:
     def __init__(self) -> None:
@@ -1422,6 +1494,33 @@ def test_protocol_auth_event_shape():
     proto.next_event()
     proto.accept()
     assert proto.next_event() == Auth("PLAIN", "=")
+
+
+def test_protocol_counts_refused_credentials_whatever_the_code():
+    """A 535 counts towards max_auth_failures; another 5xx only when the
+    caller says it refuses credentials (a 501 for a cancel does not)."""
+    policy = Policy(auth_mechanisms=("PLAIN",), auth_plaintext=True)
+    settings = SMTPSettings(hostname="bonzo.test", max_auth_failures=3)
+    proto = SMTPProtocol(settings, "192.0.2.1", policy)
+    proto.receive_data(b"EHLO x\r\n")
+    proto.next_event()
+    proto.accept()
+    answers = [
+        (SMTPError(501, "Cancelled", enhanced_code="5.0.0"), False),
+        (SMTPError(554, "Account locked", enhanced_code="5.7.1"), True),
+        (SMTPError(454, "Try later", enhanced_code="4.7.0"), True),
+        (SMTPError(535, "No", enhanced_code="5.7.8"), False),
+    ]
+    for error, refused in answers:
+        proto.receive_data(b"AUTH PLAIN =\r\n")
+        assert type(proto.next_event()) is Auth
+        proto.reject(error, auth_failure=refused)
+    assert proto.auth_failures == 2
+    proto.data_to_send()
+    proto.receive_data(b"AUTH PLAIN =\r\n")
+    proto.next_event()
+    proto.reject(SMTPError(554, "Account locked", enhanced_code="5.7.1"), auth_failure=True)
+    assert proto.data_to_send().endswith(b"421 4.7.0 Too many authentication failures\r\n")
 
 
 @pytest.mark.parametrize("how", ["quit", "shutdown", "timeout"])
