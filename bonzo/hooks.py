@@ -546,12 +546,47 @@ def _hook_name(manager: pluggy.PluginManager, impl: pluggy.HookImpl) -> str:
     return "?"
 
 
+#: Hooks whose arguments include a secret (the client's password): the text
+#: of a fault there may repeat it (``int(password)``, ``KeyError(password)``).
+_SECRET_HOOKS = frozenset({"bonzo_auth"})
+
+
+def _without_text(exc: BaseException) -> BaseException | None:
+    """A stand-in for ``exc``: its type and traceback (the frames), but no
+    arguments, chained exceptions or notes, so a log shows where it failed
+    and nothing the values held. ``None`` if the type cannot be made so."""
+    cls = type(exc)
+    try:
+        blank = cls.__new__(cls)
+        str(blank)  # a __str__ needing what __init__ would have set
+    except Exception:
+        return None
+    return blank.with_traceback(exc.__traceback__)
+
+
 def log_plugin_failure(session: Any, hook: str, plugin: str, exc: BaseException) -> None:
     """Log a plugin's failure with its traceback on ``tornado.application``,
-    the way the original Bonzo logged an uncaught exception."""
+    the way the original Bonzo logged an uncaught exception. For a hook that
+    is given a password, an exception the plugin raised is logged by its type
+    and traceback only: its text (and any chained one's) may hold the
+    password."""
     if metrics.active is not None:
         metrics.active.plugin_failure(plugin, hook, exc)
     where = f" [{session.id} {session.remote_ip}]" if session is not None else ""
+    # What the plugin raised has a traceback; an error never raised is
+    # Bonzo's own words about a return value, with no secret in them.
+    if hook in _SECRET_HOOKS and exc.__traceback__ is not None and type(exc) is not HookTimeout:
+        blank = _without_text(exc)
+        app_log.error(
+            "Uncaught exception%s in plugin %r (%s): %s (its text is not logged: it may "
+            "hold the password)",
+            where,
+            plugin,
+            hook,
+            type(exc).__name__,
+            exc_info=None if blank is None else (type(exc), blank, exc.__traceback__),
+        )
+        return
     app_log.error(
         "Uncaught exception%s in plugin %r (%s): %s",
         where,
