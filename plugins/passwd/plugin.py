@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 import tempfile
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -88,30 +89,54 @@ def read_password_file(path: Path) -> dict[str, str]:
 
 
 def add_user(path: Path, user: str, password: str) -> bool:
-    """Add ``user`` to the password file at ``path`` (creating it, mode 0600),
-    or replace the user's hash; return True if the user was new. The file is
-    replaced atomically, so a running server never reads half a file."""
+    """Add ``user`` to the password file at ``path`` (creating it, mode 0600,
+    owned by the caller), or replace the user's hash; return True if the user
+    was new. The file is replaced atomically, so a running server never reads
+    half a file; a symbolic link is followed (its target is replaced), and
+    the new file keeps the old one's owner, group and permissions (but for
+    other users': none), so the server's user can still read it.
+
+    :raises ValueError: also when the owner and group cannot be kept (not
+        root, and not the file's owner): nothing is changed then."""
     _check_user(user)
     if not password:
         raise ValueError("empty password")
+    # Through a symbolic link, the target is the file the server reads:
+    # replace that one and keep the link. (Errors name the path given.)
+    target = Path(os.path.realpath(path))
     lines: list[str] = []
     new = True
+    old: os.stat_result | None = None
     if path.exists():
         read_password_file(path)  # refuse to rewrite a file we cannot parse
+        old = target.stat()
         for line in path.read_text("utf-8").splitlines():
             if line.partition(":")[0].strip() == user and not line.lstrip().startswith("#"):
                 new = False
                 continue
             lines.append(line)
     lines.append(f"{user}:{hash_password(password)}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")  # mode 0600
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            if old is not None:
+                # As the old file: "User=bonzo" must still read it after root
+                # ran adduser.
+                try:
+                    os.fchown(fd, old.st_uid, old.st_gid)
+                except PermissionError:
+                    raise ValueError(
+                        "cannot give the new file the owner and group of the old one "
+                        f"({old.st_uid}:{old.st_gid}); run bonzo adduser as root or as the "
+                        "file's owner (nothing changed)"
+                    ) from None
+                # Never readable by others, whatever it was: hashes can be
+                # cracked offline.
+                os.fchmod(fd, stat.S_IMODE(old.st_mode) & 0o770)
             f.write("\n".join(lines) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

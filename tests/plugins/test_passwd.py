@@ -77,7 +77,58 @@ def test_add_user_replaces_a_user_and_keeps_the_rest(tmp_path):
     users = read_password_file(path)
     assert verify_password("two", users["alice"])
     assert verify_password("bob-pw", users["bob"])
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # The group's permissions are kept, others' never: hashes are secrets.
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file away takes root")
+def test_add_user_as_root_keeps_the_owner_group_and_mode(tmp_path):
+    """With User=bonzo the daemon reads a file root gave it; root's adduser
+    must not take it back (root:root 0600)."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    path = tmp_path / "passwd"
+    add_user(path, "alice", "one")
+    os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    path.chmod(0o640)
+    add_user(path, "bob", "two")
+    st = path.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (
+        nobody.pw_uid,
+        nobody.pw_gid,
+        0o640,
+    )
+    assert list(read_password_file(path)) == ["alice", "bob"]
+
+
+def test_add_user_that_cannot_keep_the_owner_changes_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "passwd"
+    add_user(path, "alice", "one")
+    before = path.read_bytes()
+
+    def refused(fd: int, uid: int, gid: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchown", refused)
+    with pytest.raises(ValueError, match="cannot give the new file the owner and group"):
+        add_user(path, "bob", "two")
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["passwd"]  # no temporary left
+
+
+def test_add_user_through_a_symbolic_link_replaces_its_target(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    target = real / "passwd"
+    add_user(target, "alice", "one")
+    link = tmp_path / "passwd"
+    link.symlink_to(target)
+    assert add_user(link, "bob", "two") is True
+    assert link.is_symlink() and link.resolve() == target
+    assert list(read_password_file(target)) == ["alice", "bob"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["passwd", "real"]
+    assert [p.name for p in real.iterdir()] == ["passwd"]
 
 
 def test_add_user_leaves_a_commented_out_user_alone(tmp_path):
