@@ -66,7 +66,9 @@ def read_password_file(path: Path) -> dict[str, str]:
     """Parse a password file into ``{user: hash}``; raises :class:`ValueError`
     naming the file and line for a malformed entry."""
     users: dict[str, str] = {}
-    text = path.read_text("utf-8")
+    # utf-8-sig: a byte order mark (Windows editors write one) is not part of
+    # the first user's name.
+    text = path.read_text("utf-8-sig")
     for lineno, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -110,7 +112,7 @@ def add_user(path: Path, user: str, password: str) -> bool:
     if path.exists():
         read_password_file(path)  # refuse to rewrite a file we cannot parse
         old = target.stat()
-        for line in path.read_text("utf-8").splitlines():
+        for line in path.read_text("utf-8-sig").splitlines():
             if line.partition(":")[0].strip() == user and not line.lstrip().startswith("#"):
                 new = False
                 continue

@@ -131,6 +131,18 @@ def test_add_user_through_a_symbolic_link_replaces_its_target(tmp_path):
     assert [p.name for p in real.iterdir()] == ["passwd"]
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_user(tmp_path):
+    """Some editors start a UTF-8 file with a BOM: alice must still log in."""
+    path = tmp_path / "passwd"
+    lines = f"alice:{hash_password('pw', **FAST)}\nbob:{hash_password('pw2', **FAST)}\n"
+    path.write_bytes(b"\xef\xbb\xbf" + lines.encode())
+    assert list(read_password_file(path)) == ["alice", "bob"]
+    assert check(configured(path), "alice", "pw")
+    assert add_user(path, "alice", "new") is False
+    assert list(read_password_file(path)) == ["bob", "alice"]
+    assert not path.read_bytes().startswith(b"\xef\xbb\xbf")
+
+
 def test_add_user_leaves_a_commented_out_user_alone(tmp_path):
     path = tmp_path / "passwd"
     path.write_text("#alice:old entry\n")
