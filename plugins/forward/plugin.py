@@ -268,6 +268,20 @@ class ForwardPlugin:
                 "logged); keep check_rcpt = true, or relay through the queue plugin"
             ]
         )
+        if (
+            values["username"] is not None
+            and self.check_rcpt
+            and not _recipients_checked(app, self)
+        ):
+            self.config_warnings.append(
+                "username is set, check_rcpt = true, no plugin before forward decides "
+                "recipients and some listener does not require AUTH: the downstream, which "
+                "sees this gateway authenticated, decides every recipient and may relay "
+                "anywhere -- an open relay for every client of this server; set "
+                "require_auth = true on every listener, or list a plugin that decides "
+                "recipients before 'forward' ('access' with rcpt rules for your domains, "
+                "or 'recipients')"
+            )
         self.port = values["port"] or (465 if values["implicit_tls"] else 25)
         self.host = values["host"].strip()
         given = {k: values[k] for k in _CLIENT_KEYS if values[k] is not None}
@@ -534,6 +548,21 @@ async def _quit(link: Link) -> None:
     link.envelope = None
     if conn is not None:
         await conn.quit()
+
+
+def _recipients_checked(app: Any, me: ForwardPlugin) -> bool:
+    """Whether this server decides who may send where before the downstream
+    does: a plugin with ``bonzo_rcpt`` runs before ``forward`` (``recipients``,
+    ``access``...), or every listener requires AUTH. ``True`` when that cannot
+    be told (no application: a plugin made by hand)."""
+    plugins = getattr(app, "plugins", None)
+    listeners = getattr(getattr(app, "config", None), "listeners", None)
+    if plugins is None or listeners is None:
+        return True
+    if listeners and all(listener.settings.require_auth for listener in listeners):
+        return True
+    first = plugins.calls.get("bonzo_rcpt")
+    return bool(first) and plugins.get(first[0].plugin) is not me
 
 
 def _only_delivery_plugin(app: Any, me: ForwardPlugin) -> None:

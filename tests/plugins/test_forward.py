@@ -18,6 +18,7 @@ import pytest
 import trustme
 from bonzo_plugins.forward import ForwardPlugin
 from bonzo_plugins.forward.plugin import KEYS
+from bonzo_plugins.passwd import add_user
 from bonzo_plugins.recipients import RecipientsPlugin
 from daemon_support import free_port
 from e2e_support import RecordingPlugin
@@ -555,6 +556,80 @@ def test_with_check_rcpt_a_plugin_after_forward_is_reported(tmp_path):
         "'recipients''s bonzo_rcpt never runs: 'forward' before it decides every bonzo_rcpt" in w
         for w in warnings
     ), warnings
+
+
+OPEN_RELAY = "username is set, check_rcpt = true, no plugin before forward decides recipients"
+
+
+@pytest.mark.parametrize(
+    ("enabled", "extra", "warned"),
+    [
+        (["forward"], "", True),
+        # The listener's own clients must authenticate: no open relay.
+        (["passwd", "forward"], "require_auth = true\nauth_plaintext = true\n", False),
+        # This server decides recipients before the downstream does.
+        (["access", "forward"], "", False),
+        (["recipients", "forward"], "", False),
+        # After forward, a plugin is never asked about a recipient.
+        (["forward", "access"], "", True),
+    ],
+    ids=["alone", "require_auth", "access_before", "recipients_before", "access_after"],
+)
+def test_a_gateway_with_credentials_and_no_local_recipient_decision_is_warned_about(
+    tmp_path, enabled, extra, warned
+):
+    """The downstream sees the gateway authenticated and relays anywhere:
+    any client of the gateway could send to any domain. bonzo check says so."""
+    from bonzo.app import MailApp
+    from bonzo.config import parse_config
+
+    add_user(tmp_path / "passwd", "alice", "pw")
+    names = ", ".join(f'"{name}"' for name in enabled)
+    text = textwrap.dedent(
+        f"""\
+        [[listeners]]
+        port = 0
+        {extra}
+        [plugins]
+        enabled = [{names}]
+        [plugins.forward]
+        host = "127.0.0.1"
+        username = "gateway"
+        password = "gw-secret"
+        [plugins.recipients]
+        domains = ["dest.test"]
+        [plugins.passwd]
+        file = "passwd"
+        [[plugins.access.rules]]
+        stage = "rcpt"
+        match = "*@dest.test"
+        action = "allow"
+        """
+    )
+    for name in ("recipients", "passwd", "access"):
+        if name not in enabled:
+            text = _without_table(text, name)
+    warnings = MailApp(parse_config(text, source="bonzo.toml", base_dir=tmp_path)).warnings()
+    found = [w for w in warnings if OPEN_RELAY in w]
+    assert bool(found) is warned, warnings
+    if warned:
+        assert found[0].startswith("plugins.forward: ")
+        assert "set require_auth = true on every listener" in found[0]
+    # Without credentials the downstream decides as for anyone: no warning.
+    plain = text.replace('username = "gateway"\npassword = "gw-secret"\n', "")
+    warnings = MailApp(parse_config(plain, source="bonzo.toml", base_dir=tmp_path)).warnings()
+    assert not [w for w in warnings if OPEN_RELAY in w]
+
+
+def _without_table(text: str, name: str) -> str:
+    """``text`` without the ``[plugins.NAME]`` / ``[[plugins.NAME.rules]]`` table."""
+    out, skipping = [], False
+    for line in text.splitlines(keepends=True):
+        if line.startswith("["):
+            skipping = line.strip("[]\n").startswith(f"plugins.{name}")
+        if not skipping:
+            out.append(line)
+    return "".join(out)
 
 
 def test_a_message_over_the_downstreams_size_is_refused_before_data_declared_or_not(
