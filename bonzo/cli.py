@@ -32,7 +32,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from . import version
 from .config import ConfigError, check_metrics_port, load_config
@@ -564,14 +564,40 @@ def _serve_app(app: Any) -> int:
         )
     try:
         if config.workers == 1:
-            return 1 if _run_worker(app, sockets, metrics_sockets=metrics_sockets) else 0
-        return _supervise(app, sockets, config.workers, metrics_sockets)
+            code = 1 if _run_worker(app, sockets, metrics_sockets=metrics_sockets) else 0
+        else:
+            code = _supervise(app, sockets, config.workers, metrics_sockets)
     finally:
         if os.getpid() == main_pid:  # not in a worker that returns here
             app.remove_unix_sockets()
             for s in metrics_sockets:
                 s.close()
             _remove_pid_file(config.pid_file, main_pid)
+    from .hooks import abandoned_calls
+
+    if abandoned_calls():
+        # Plugin calls that ignored their cancellation are still held: the
+        # interpreter's exit would close them without an event loop, where
+        # one that swallows every exception loops for ever.
+        _exit_now(code)
+    return code
+
+
+#: How long a forced stop (the second SIGTERM) may take before the process
+#: exits anyway: each plugin call in flight ends or is abandoned within
+#: CANCEL_GRACE of its cancellation, then sessions clean up.
+FORCED_STOP_LIMIT = 5.0
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Exit at once (:func:`os._exit`), the logs flushed first."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 #: Descriptors a worker may need per connection it serves (the socket, and a
@@ -924,9 +950,24 @@ def _run_worker(
             elif requests == 2:
                 log.warning("%s: forcing the stop", why)
                 forced = True
+                loop.call_later(FORCED_STOP_LIMIT, give_up)
                 if stop_begun:
                     for a in (current, *retiring):
                         a.force_stop()
+
+        def give_up() -> None:
+            # A forced stop ends every plugin call within CANCEL_GRACE; what
+            # still runs now would keep the process up for ever.
+            left = sum(len(s.connections) for a in (current, *retiring) for s in a.servers)
+            log.error(
+                "the forced stop is not over after %gs (%d session(s) left): exiting now",
+                FORCED_STOP_LIMIT,
+                left,
+            )
+            if supervisor is None:  # else the supervisor owns these
+                app.remove_unix_sockets()
+                _remove_pid_file(app.config.pid_file, os.getpid())
+            _exit_now(0)
 
         def supervisor_gone() -> bool:
             if supervisor is None or os.getppid() == supervisor:

@@ -19,7 +19,9 @@ import asyncio
 import difflib
 import inspect
 import sys
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+import types
+from collections import deque
+from collections.abc import Awaitable, Callable, Collection, Generator, Iterable, Sequence
 from typing import Any
 
 import pluggy
@@ -45,6 +47,8 @@ __all__ = [
     "Refused",
     "PluginFailure",
     "HookTimeout",
+    "CANCEL_GRACE",
+    "abandoned_calls",
     "hook_names",
     "HOOK_ARGS",
 ]
@@ -301,7 +305,7 @@ class PluginSet:
                     and type(result) is not Accept
                     and inspect.isawaitable(result)
                 ):
-                    result = await _bounded(call, result)
+                    result = await _bounded(call, hook, result)
             except errors.SMTPError as exc:
                 raise _refusal(call, hook, exc) from None
             except _FAULTS as exc:
@@ -337,7 +341,7 @@ class PluginSet:
             try:
                 result = call.function(*[args[i] for i in call.indexes])
                 if result is not None and inspect.isawaitable(result):
-                    await _bounded(call, result)
+                    await _bounded(call, hook, result)
             except _FAULTS as exc:
                 if isinstance(exc, asyncio.CancelledError) and _stopping():
                     raise
@@ -490,44 +494,228 @@ def _stopping() -> bool:
     return cancelling is None or cancelling() > 0
 
 
-def _no_answer(call: HookCall) -> str:
+def _no_answer(call: HookCall, abandoned: bool = False) -> str:
     """The message of a hook's timeout; it names the plugin's backend (its
     ``backend`` attribute, a string such as ``127.0.0.1:3310``), if any."""
     backend = getattr(getattr(call.function, "__self__", None), "backend", None)
     where = f"; its backend: {backend}" if isinstance(backend, str) and backend else ""
-    return f"no answer within {call.timeout}s (its time limit{where})"
+    text = f"no answer within {call.timeout}s (its time limit{where})"
+    if abandoned:
+        text += (
+            f", and it ignored its cancellation: abandoned {CANCEL_GRACE:g}s later "
+            "(a plugin must let asyncio.CancelledError through)"
+        )
+    return text
+
+
+#: How long a cancelled hook call (its time limit over, or its session
+#: stopped) may take to end before it is abandoned: time enough to close a
+#: connection, not to wait for an answer.
+CANCEL_GRACE = 1.0
+
+#: Abandoned hook calls that went on waiting even when closed, kept so that
+#: they are not closed again by the garbage collector (see :func:`_abandon`);
+#: past this many, the oldest is let go.
+_ABANDONED_KEPT = 64
+_abandoned: deque[Any] = deque(maxlen=_ABANDONED_KEPT)
+
+
+def abandoned_calls() -> int:
+    """How many abandoned hook calls are kept (see :data:`CANCEL_GRACE`). A
+    process holding any ends with :func:`os._exit`: at the interpreter's
+    exit, with no event loop left, closing one could loop for ever."""
+    return len(_abandoned)
 
 
 if sys.version_info >= (3, 11):
 
-    async def _bounded(call: HookCall, awaitable: Awaitable[Any]) -> Any:
-        """Await a hook's result within the plugin's timeout (no extra task).
-        A TimeoutError the plugin raised itself is left as it is."""
-        limit = asyncio.timeout(call.timeout)
-        try:
-            async with limit:
-                return await awaitable
-        except TimeoutError:
-            if limit.expired():
-                raise HookTimeout(_no_answer(call)) from None
-            raise
+    def _cancels(task: asyncio.Task[Any]) -> int:
+        return task.cancelling()
 
-else:  # pragma: no cover - Python 3.10
+    def _uncancel(task: asyncio.Task[Any]) -> None:
+        task.uncancel()
 
-    async def _bounded(call: HookCall, awaitable: Awaitable[Any]) -> Any:
-        """Await a hook's result within the plugin's timeout. A TimeoutError
-        the plugin raised itself is left as it is."""
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        try:
-            return await asyncio.wait_for(_coroutine(awaitable), timeout=call.timeout)
-        except asyncio.TimeoutError:
-            if loop.time() - start >= call.timeout:
-                raise HookTimeout(_no_answer(call)) from None
-            raise
+    def _stop_asked(task: asyncio.Task[Any], before: int) -> bool:
+        """Whether ``task`` was asked to stop since it had ``before``
+        cancellation requests (else a CancelledError is the plugin's own)."""
+        return task.cancelling() > before
 
-    async def _coroutine(awaitable: Awaitable[Any]) -> Any:
-        return await awaitable
+else:  # pragma: no cover - Python 3.10 does not count cancellations
+
+    def _cancels(task: asyncio.Task[Any]) -> int:
+        return 0
+
+    def _uncancel(task: asyncio.Task[Any]) -> None:
+        pass
+
+    def _stop_asked(task: asyncio.Task[Any], before: int) -> bool:
+        return True  # as _stopping(): every CancelledError stops
+
+
+class _Limit:
+    """A deadline of one hook call: when it passes, the call's task is
+    cancelled and ``over`` tells the runner that the cancellation is its own."""
+
+    __slots__ = ("task", "over")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.over = False
+
+    def expire(self) -> None:
+        self.over = True
+        self.task.cancel()
+
+
+@types.coroutine
+def _bounded(call: HookCall, hook: str, awaitable: Awaitable[Any]) -> Generator[Any, Any, Any]:
+    """Await a hook's result within the plugin's timeout. The call is driven
+    here step by step, in the session's task (no extra task, and no timer for
+    a call that never waits), so that a call which ignores its cancellation
+    can be let go (see :func:`_cancelled`). A TimeoutError the plugin raised
+    itself is left as it is."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    steps: Any
+    try:
+        steps = awaitable.__await__()
+    except AttributeError:  # a generator-based coroutine is its own steps
+        steps = awaitable
+    try:
+        signal = steps.send(None)
+    except StopIteration as done:
+        return done.value
+    task = asyncio.current_task(loop)
+    assert task is not None
+    limit = _Limit(task)
+    before = _cancels(task)
+    timer = loop.call_at(start + call.timeout, limit.expire)
+    try:
+        while True:
+            try:
+                value = yield signal
+            except GeneratorExit:
+                _close(steps, awaitable)
+                raise
+            except asyncio.CancelledError as exc:
+                if limit.over or _stop_asked(task, before):
+                    timer.cancel()
+                    return (yield from _cancelled(call, hook, awaitable, steps, exc, limit, before))
+                try:  # a future of the plugin's own was cancelled: its business
+                    signal = steps.throw(exc)
+                except StopIteration as done:
+                    return done.value
+            except BaseException as exc:  # what the awaited future raised: the plugin's
+                try:
+                    signal = steps.throw(exc)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    signal = steps.send(value)
+                except StopIteration as done:
+                    return done.value
+    finally:
+        timer.cancel()
+
+
+def _cancelled(
+    call: HookCall,
+    hook: str,
+    awaitable: Awaitable[Any],
+    steps: Any,
+    cancel: asyncio.CancelledError,
+    limit: _Limit,
+    before: int,
+) -> Generator[Any, Any, Any]:
+    """The rest of a hook call whose task was cancelled: by the call's time
+    limit (``limit.over``), or to stop the session. The plugin gets the
+    cancellation and :data:`CANCEL_GRACE` seconds to end; one that is still
+    waiting then is abandoned (logged as an error: it ignored its
+    cancellation). A time limit gives :class:`HookTimeout`, a stop the
+    CancelledError, whatever the plugin did with it."""
+    task = limit.task
+    timed_out = limit.over
+    if timed_out:
+        # The time limit's own cancellation is taken back; one from
+        # elsewhere (a forced stop at the same moment) stands.
+        _uncancel(task)
+        stopping = _cancels(task) > before
+    else:
+        stopping = True
+    grace = _Limit(task)
+    timer = asyncio.get_running_loop().call_later(CANCEL_GRACE, grace.expire)
+    thrown: BaseException | None = cancel
+    value: Any = None
+    result: Any = None
+    failure: BaseException | None = None
+    try:
+        while True:
+            try:
+                signal = steps.send(value) if thrown is None else steps.throw(thrown)
+            except StopIteration as done:
+                result = done.value
+                break
+            except BaseException as exc:
+                failure = exc
+                break
+            try:
+                value = yield signal
+                thrown = None
+            except GeneratorExit:
+                _close(steps, awaitable)
+                raise
+            except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError):
+                    if grace.over:
+                        _uncancel(task)
+                        stopping = stopping or _cancels(task) > before
+                        _abandon(call, hook, awaitable, steps, stopping)
+                        failure = HookTimeout(_no_answer(call, abandoned=True))
+                        break
+                    stopping = stopping or _stop_asked(task, before)
+                thrown = exc
+    finally:
+        timer.cancel()
+    if stopping:
+        raise cancel
+    if isinstance(failure, HookTimeout):
+        raise failure
+    if failure is None:
+        return result
+    if timed_out and isinstance(failure, (asyncio.CancelledError, TimeoutError)):
+        raise HookTimeout(_no_answer(call)) from None
+    raise failure
+
+
+def _abandon(
+    call: HookCall, hook: str, awaitable: Awaitable[Any], steps: Any, stopping: bool
+) -> None:
+    """Let go of a hook call that did not end within :data:`CANCEL_GRACE`
+    of its cancellation (a retry loop with ``except BaseException``, say)."""
+    if stopping:  # a time limit's failure is logged with the reply it gives
+        app_log.error(
+            "plugin %r (%s) ignored its cancellation (its session is being stopped): abandoned "
+            "after %gs; a plugin must let asyncio.CancelledError through",
+            call.plugin,
+            hook,
+            CANCEL_GRACE,
+        )
+    _close(steps, awaitable)
+
+
+def _close(steps: Any, awaitable: Awaitable[Any]) -> None:
+    """Close a hook call's coroutine. One that swallows even that and waits
+    again is kept (:data:`_abandoned`): were the garbage collector to close it
+    at the interpreter's exit, with no event loop, it could loop for ever."""
+    try:
+        steps.close()
+    except BaseException:  # noqa: BLE001 - whatever it does, it is let go
+        pass
+    if getattr(awaitable, "cr_frame", None) is not None or (
+        getattr(awaitable, "gi_frame", None) is not None
+    ):
+        _abandoned.append(awaitable)
 
 
 def _ehlo_line(keyword: Any) -> bool:

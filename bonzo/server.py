@@ -24,7 +24,7 @@ from tornado.tcpserver import TCPServer
 
 from . import errors, metrics, version
 from .connection import SessionStream, SMTPConnection
-from .hooks import PluginSet
+from .hooks import CANCEL_GRACE, PluginSet
 from .hookspecs import Accept
 from .listen import accept_on
 from .session import Envelope, Session
@@ -438,6 +438,7 @@ class SMTPServer(TCPServer):
         self._open = 0
         self._per_ip: Counter[str] = Counter()
         self._by_session: dict[str, SMTPConnection] = {}
+        self._forced = False  # force_stop() was called
         # The address each counted connection is counted under (None: in
         # the total only, its client not known yet).
         self._counted: dict[SMTPConnection, str | None] = {}
@@ -642,8 +643,10 @@ class SMTPServer(TCPServer):
         session that is left with a last ``421 4.3.2`` where the client can
         still take it. Returns once every session has ended and been cleaned
         up (``bonzo_disconnect`` run): a plugin call in flight at the end of
-        the grace period is let finish (each is bounded by its timeout), so
-        nothing runs after this returns. :meth:`force_stop` ends them at once."""
+        the grace period is let finish (each is bounded by its timeout, and
+        abandoned :data:`~bonzo.hooks.CANCEL_GRACE` seconds later if it
+        ignores its cancellation), so nothing runs after this returns.
+        :meth:`force_stop` ends them at once."""
         grace = self.settings.shutdown_grace if grace is None else grace
         self.stop()
         if not self.connections:
@@ -658,11 +661,21 @@ class SMTPServer(TCPServer):
         for connection in list(self.connections):
             connection.abort()
         while not await self._wait(5.0):
-            app_log.warning(
-                "waiting for %d session(s) to finish a plugin call (each is bounded by its "
-                "plugin's timeout; a second SIGTERM forces the stop)",
-                len(self.connections),
-            )
+            if self._forced:
+                app_log.warning(
+                    "stop forced: waiting for %d session(s) to end (their plugin calls are "
+                    "cancelled, and abandoned %gs later if they ignore it)",
+                    len(self.connections),
+                    CANCEL_GRACE,
+                )
+            else:
+                app_log.warning(
+                    "waiting for %d session(s) to finish a plugin call (each is bounded by "
+                    "its plugin's timeout, and %gs more for one that ignores its "
+                    "cancellation; a second SIGTERM forces the stop)",
+                    len(self.connections),
+                    CANCEL_GRACE,
+                )
 
     async def _wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for every session to end."""
@@ -673,7 +686,10 @@ class SMTPServer(TCPServer):
 
     def force_stop(self) -> None:
         """End every session now (a second SIGTERM): cancel what each is
-        doing, plugin calls included; their cleanup still runs."""
+        doing, plugin calls included (one that ignores its cancellation is
+        abandoned :data:`~bonzo.hooks.CANCEL_GRACE` seconds later); their
+        cleanup still runs."""
+        self._forced = True
         self.stop()
         for connection in list(self.connections):
             task = connection.task

@@ -80,6 +80,30 @@ class Store:
         return Accept()
 
 
+class Stubborn(Store):
+    """Delivers to slow@ in a retry loop that swallows everything, its own
+    cancellation included (a bare except around a backend that never answers)."""
+
+    async def bonzo_deliver(self, envelope):
+        (self.out / f"{envelope.id}.delivering").write_text(str(os.getpid()))
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except BaseException:
+                pass
+
+
+class Lingering(Stubborn):
+    """Stubborn, and its disconnect observer too (the session's cleanup)."""
+
+    async def bonzo_disconnect(self):
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except BaseException:
+                pass
+
+
 class Early:
     @hookimpl(tryfirst=True)
     def bonzo_rcpt(self, address):
@@ -971,6 +995,79 @@ def test_a_second_stop_signal_forces_the_stop(workdir, serve, workers, signum):
     marks = sorted(int(p.name.split("-")[1]) for p in daemon.out.glob("shutdown-*"))
     assert marks == sorted(workers_pids)
     assert log.count("stopped") == workers
+
+
+def test_a_second_sigterm_ends_a_plugin_call_that_ignores_its_cancellation(workdir, serve):
+    port = free_port()
+    extra = plugin_table(workdir, "daemonplug:Stubborn")
+    config = write_config(workdir, port, ["daemonplug:Stubborn"], extra=extra)
+    text = config.read_text().replace("shutdown_grace = 10.0", "shutdown_grace = 1.0")
+    config.write_text(text.replace("timeout = 15.0", "timeout = 120.0"))
+    daemon = serve(config, port)
+    daemon.wait_ready()
+    result: dict[str, Any] = {}
+    thread = slow_client(port, result)
+    wait_until(lambda: list(daemon.out.glob("*.delivering")), what="delivery to start")
+    daemon.proc.send_signal(signal.SIGTERM)
+    # The grace period ends; the plugin call goes on (bounded by its timeout).
+    wait_until(lambda: "waiting for 1 session(s)" in daemon.log, what="the wait for the plugin")
+    assert "a second SIGTERM forces the stop" in daemon.log
+    started = time.monotonic()
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(timeout=DEADLINE) == 0
+    assert time.monotonic() - started < 5.0
+    thread.join(DEADLINE)
+    assert "sendmail" not in result
+    log = daemon.log
+    assert "plugin 'daemonplug:Stubborn' (bonzo_deliver) ignored its cancellation" in log
+    assert log.count("a second SIGTERM forces the stop") == 1  # not once it was forced
+    assert "stopped" in log
+
+
+def test_a_forced_stop_that_does_not_end_exits_after_a_bound(workdir, serve):
+    # The session's cleanup (its disconnect observer, with the full hook
+    # time limit) still runs after the forced stop: Bonzo exits anyway.
+    port = free_port()
+    extra = plugin_table(workdir, "daemonplug:Lingering")
+    config = write_config(workdir, port, ["daemonplug:Lingering"], extra=extra)
+    text = config.read_text().replace("shutdown_grace = 10.0", "shutdown_grace = 60.0")
+    config.write_text(text.replace("timeout = 15.0", "timeout = 120.0"))
+    daemon = serve(config, port)
+    daemon.wait_ready()
+    result: dict[str, Any] = {}
+    thread = slow_client(port, result)
+    wait_until(lambda: list(daemon.out.glob("*.delivering")), what="delivery to start")
+    daemon.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: "stopping: no new connections" in daemon.log, what="the stop to begin")
+    started = time.monotonic()
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(timeout=DEADLINE) == 0
+    assert 4.0 < time.monotonic() - started < 10.0
+    thread.join(DEADLINE)
+    # (The greeting check of wait_ready lingers too, in its cleanup.)
+    over = r"ERROR .* the forced stop is not over after 5s \(\d session\(s\) left\): exiting now"
+    assert re.search(over, daemon.log)
+
+
+def test_a_hook_that_ignores_its_time_limit_is_answered_451_and_bonzo_still_stops(workdir, serve):
+    port = free_port()
+    extra = plugin_table(workdir, "daemonplug:Stubborn")
+    config = write_config(workdir, port, ["daemonplug:Stubborn"], extra=extra)
+    config.write_text(config.read_text().replace("timeout = 15.0", "timeout = 0.5"))
+    daemon = serve(config, port)
+    daemon.wait_ready()
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=DEADLINE) as c:
+        started = time.monotonic()
+        with pytest.raises(smtplib.SMTPDataError) as info:
+            c.sendmail("a@example.org", ["slow@example.org"], MESSAGE)
+        assert info.value.smtp_code == 451
+        assert time.monotonic() - started < 5.0
+        assert c.noop()[0] == 250  # the session goes on
+    assert "(bonzo_deliver): no answer within 0.5s (its time limit), and it ignored" in daemon.log
+    # The abandoned call, still held, does not keep the process from ending.
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(timeout=DEADLINE) == 0
+    assert "stopped" in daemon.log
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "systemd"])

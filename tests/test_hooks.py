@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from e2e_support import RawClient, ServerThread, wait_until
 
-from bonzo import errors, hookspecs
+from bonzo import errors, hooks, hookspecs
 from bonzo.address import Address
 from bonzo.app import MailApp
 from bonzo.config import ConfigError, parse_config
@@ -1061,6 +1061,144 @@ def test_system_exit_in_a_hook_is_a_failure_and_the_server_keeps_serving(log_wat
             assert c.rset()[0] == 250
     assert len(failures(log_watch, "exiting", "bonzo_rcpt")) == 2
     assert len(failures(log_watch, "exiting", "bonzo_rset")) == 2
+
+
+class IgnoresCancellation:
+    """An async bonzo_rcpt in a retry loop that swallows its cancellation
+    (``except asyncio.CancelledError: continue``), as plugins do by mistake;
+    being closed ends it."""
+
+    def __init__(self) -> None:
+        self.cancellations = 0
+
+    async def bonzo_rcpt(self, address):
+        while True:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                self.cancellations += 1
+
+
+def test_a_hook_that_ignores_its_cancellation_is_abandoned_and_answered_451(
+    log_watch, serve, monkeypatch
+):
+    monkeypatch.setattr(hooks, "CANCEL_GRACE", 0.2)
+    plugin = IgnoresCancellation()
+    srv = serve(plugin_set(("stubborn", plugin, 0.1)))
+    with smtp(srv) as c:
+        c.ehlo()
+        c.mail("a@example.org")
+        started = time.monotonic()
+        assert c.rcpt("b@example.org") == (451, b"4.3.0 Internal confusion")
+        assert time.monotonic() - started < 3
+        assert c.noop()[0] == 250  # the session goes on
+        assert c.rcpt("c@example.org")[0] == 451  # and the next call is bounded too
+    assert plugin.cancellations == 2
+    assert hooks.abandoned_calls() == 0  # closing it ended it: nothing is kept
+    log_watch.allow(re.escape("in plugin 'stubborn' (bonzo_rcpt)"))
+    records = log_watch.matching(re.escape("in plugin 'stubborn' (bonzo_rcpt)"))
+    assert len(records) == 2
+    assert records[0].levelno == logging.ERROR and records[0].getMessage().endswith(
+        ": no answer within 0.1s (its time limit), and it ignored its cancellation: "
+        "abandoned 0.2s later (a plugin must let asyncio.CancelledError through)"
+    )
+
+
+def test_a_hook_may_finish_its_cleanup_after_its_time_limit(log_watch):
+    closed: list[str] = []
+
+    class Tidy:
+        async def bonzo_rcpt(self, address):
+            try:
+                await asyncio.sleep(30)
+            finally:
+                await asyncio.sleep(0.05)  # closing its connection, within the grace
+                closed.append(address)
+
+    ps = plugin_set(("tidy", Tidy(), 0.1))
+    replies = converse(ps, EHLO, b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n")
+    assert replies[-1].endswith(b"451 4.3.0 Internal confusion\r\n")
+    assert closed == ["b@example.org"]
+    log_watch.allow(re.escape("in plugin 'tidy' (bonzo_rcpt)"))
+    [record] = log_watch.matching(re.escape("in plugin 'tidy' (bonzo_rcpt)"))
+    assert record.getMessage().endswith(": no answer within 0.1s (its time limit)")
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="Python 3.10 cannot tell a task's cancellation apart"
+)
+def test_a_future_of_the_plugin_cancelled_while_it_waits_is_its_failure(log_watch):
+    class Pool:
+        async def bonzo_rcpt(self, address):
+            future = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_later(0.05, future.cancel)  # its pool gave up
+            await future
+
+    ps = plugin_set(("pool", Pool()))
+    replies = converse(
+        ps, EHLO, b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n", b"NOOP\r\n"
+    )
+    assert replies[-2].endswith(b"451 4.3.0 Internal confusion\r\n")
+    assert replies[-1] == b"250 2.0.0 Ok\r\n"
+    assert failures(log_watch, "pool", "bonzo_rcpt")[0].exc_info[0] is asyncio.CancelledError
+
+
+def test_a_stopped_session_abandons_a_hook_that_ignores_its_cancellation(log_watch, monkeypatch):
+    monkeypatch.setattr(hooks, "CANCEL_GRACE", 0.2)
+    plugin = IgnoresCancellation()
+    ps = plugin_set(("stubborn", plugin))
+    args = tuple(None for _ in HOOK_ARGS["bonzo_rcpt"])
+
+    async def stop_while_it_waits() -> float:
+        task = asyncio.ensure_future(ps.decide("bonzo_rcpt", args))
+        await asyncio.sleep(0.05)
+        task.cancel()  # as SMTPServer.force_stop does
+        started = time.monotonic()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, DEADLINE)
+        return time.monotonic() - started
+
+    assert asyncio.run(stop_while_it_waits()) < 2
+    assert plugin.cancellations == 1
+    log_watch.allow(re.escape("plugin 'stubborn' (bonzo_rcpt) ignored its cancellation"))
+    [record] = log_watch.matching(re.escape("plugin 'stubborn' (bonzo_rcpt) ignored"))
+    assert record.levelno == logging.ERROR
+    assert "(its session is being stopped): abandoned after 0.2s" in record.getMessage()
+
+
+def test_a_hook_that_swallows_even_being_closed_is_kept_not_collected(log_watch, monkeypatch):
+    # Were it closed by the garbage collector at the interpreter's exit,
+    # with no event loop, a plugin swallowing every exception would loop for
+    # ever: Bonzo keeps it (and the daemon ends with os._exit).
+    monkeypatch.setattr(hooks, "CANCEL_GRACE", 0.1)
+    swallowed: list[str] = []
+
+    class Stubborn:
+        async def bonzo_rcpt(self, address):
+            while True:
+                try:
+                    await asyncio.sleep(30)
+                except BaseException as exc:
+                    swallowed.append(type(exc).__name__)
+                    if len(swallowed) > 2:  # ends at last, for this test's own cleanup
+                        raise
+
+    ps = plugin_set(("stubborn", Stubborn(), 0.1))
+    kept = hooks.abandoned_calls()
+
+    async def talk() -> bytes:
+        tester = SessionTester(ps)
+        await tester.connect()
+        await tester.send(EHLO + b"MAIL FROM:<a@example.org>\r\n")
+        reply = await tester.send(b"RCPT TO:<b@example.org>\r\n")
+        assert hooks.abandoned_calls() == kept + 1
+        hooks._abandoned.pop().close()  # the third exception: it ends
+        await tester.close()
+        return reply
+
+    assert asyncio.run(talk()) == b"451 4.3.0 Internal confusion\r\n"
+    assert swallowed == ["CancelledError", "GeneratorExit", "GeneratorExit"]
+    log_watch.allow(re.escape("in plugin 'stubborn' (bonzo_rcpt)"))
 
 
 def test_the_set_default_timeout_applies_without_a_plugin_timeout(log_watch):
