@@ -21,7 +21,7 @@ import socket
 import stat
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -44,28 +44,66 @@ log = logging.getLogger("bonzo.app")
 
 @dataclass
 class InstalledPlugin:
-    """A plugin found through the ``bonzo.plugins`` entry-point group."""
+    """A plugin found through the ``bonzo.plugins`` entry-point group.
+    ``clashes`` holds the entry points of the same name that other installed
+    distributions declare: such a name is ambiguous, and enabling it is a
+    configuration error (:meth:`ambiguity`)."""
 
     name: str
     value: str
     distribution: str
     version: str
     entry_point: Any = None
+    clashes: list[InstalledPlugin] = field(default_factory=list)
+
+    @property
+    def origin(self) -> str:
+        """Where it comes from: ``distribution version (entry point)``."""
+        return f"{self.distribution} {self.version} ({self.value})"
+
+    def ambiguity(self) -> str | None:
+        """Why enabling this name is refused (it is declared by more than
+        one distribution, each named), or ``None`` if it is not."""
+        if not self.clashes:
+            return None
+        each = [self, *self.clashes]
+        return (
+            f"plugin {self.name!r} is declared by more than one installed distribution: "
+            f"{', '.join(p.origin for p in each[:-1])} and {each[-1].origin}; enable the one "
+            f'you mean by its dotted path (e.g. "{self.value}", with its table '
+            f'[plugins."{self.value}"]), or uninstall the other'
+        )
 
 
 def installed_plugins() -> dict[str, InstalledPlugin]:
-    """Every plugin installed in the ``bonzo.plugins`` group, by name."""
+    """Every plugin installed in the ``bonzo.plugins`` group, by name. A name
+    that more than one distribution declares is kept with every one of them
+    (:attr:`InstalledPlugin.clashes`), never silently replaced."""
     found: dict[str, InstalledPlugin] = {}
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = getattr(ep, "dist", None)
-        found[ep.name] = InstalledPlugin(
+        plugin = InstalledPlugin(
             ep.name,
             ep.value,
             dist.metadata["Name"] if dist is not None else "?",
             dist.version if dist is not None else "?",
             ep,
         )
+        first = found.setdefault(ep.name, plugin)
+        if first is not plugin and (first.distribution, first.value) != (
+            plugin.distribution,
+            plugin.value,
+        ):
+            first.clashes.append(plugin)
     return found
+
+
+def add_plugin_paths(config: Config) -> None:
+    """Put the directories of ``[plugins] paths`` at the front of the import
+    path (each once), where the plugins enabled by dotted path are found."""
+    for path in config.plugins.paths:
+        if path not in sys.path:
+            sys.path.insert(0, path)
 
 
 def _instantiate(obj: Any) -> Any:
@@ -104,6 +142,9 @@ def resolve_plugin(name: str, installed: dict[str, InstalledPlugin] | None = Non
     :class:`LookupError` with a helpful message."""
     installed = installed_plugins() if installed is None else installed
     if name in installed:
+        ambiguity = installed[name].ambiguity()
+        if ambiguity is not None:
+            raise LookupError(ambiguity)
         ep = installed[name].entry_point
         try:
             return _instantiate(ep.load())
@@ -198,9 +239,7 @@ class MailApp:
     def _load_plugins(self) -> None:
         config = self.config
         pc = config.plugins
-        for path in pc.paths:
-            if path not in sys.path:
-                sys.path.insert(0, path)
+        add_plugin_paths(config)
         installed = installed_plugins()
         for name in pc.enabled:
             try:

@@ -357,25 +357,39 @@ def _plugin_doc(name: str) -> int:
 
 
 def _plugins(args: argparse.Namespace) -> int:
-    from .app import installed_plugins
+    from .app import MailApp, add_plugin_paths, installed_plugins
     from .hooks import hook_names
 
     if args.doc is not None:
+        if args.config is not None:
+            # A plugin the configuration enables by dotted path is found
+            # where `bonzo serve` finds it.
+            add_plugin_paths(load_config(args.config))
         return _plugin_doc(args.doc)
-    app = _load_app(args)
+    config = load_config(args.config)
+    add_plugin_paths(config)
     installed = installed_plugins()
-    enabled = app.config.plugins.enabled
+    enabled = config.plugins.enabled
     print("Installed plugins (entry-point group bonzo.plugins):")
     # Columns as wide as their longest entry (third-party names vary).
     rows = []
     for name in sorted(installed):
         info = installed[name]
         state = f"enabled #{enabled.index(name) + 1}" if name in enabled else "not enabled"
-        rows.append((name, f"{info.distribution} {info.version}", state, info.value))
+        if info.clashes:
+            state = "ambiguous"  # declared by several distributions: one row each
+        for each in (info, *info.clashes):
+            rows.append((name, f"{each.distribution} {each.version}", state, each.value))
     widths = [max((len(row[i]) for row in rows), default=0) for i in range(3)]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)]
         print("  " + "  ".join(cells) + "  " + row[3])
+    for name in sorted(installed):
+        ambiguity = installed[name].ambiguity()
+        if ambiguity is not None:
+            print(f"warning: {ambiguity}")
+    # Enabling an ambiguous name is the configuration error (after the list).
+    app = MailApp(config)
     local = [n for n in enabled if n not in installed]
     if local:
         print("Enabled by dotted path:")

@@ -485,6 +485,48 @@ def test_a_misspelt_plugin_name_gets_a_suggestion(workdir, env):
     )
 
 
+def test_a_plugin_name_two_distributions_declare_is_refused_naming_both(workdir, env):
+    # A third-party distribution declares "recipients" too: whichever came
+    # last used to replace Bonzo's own, silently.
+    site = workdir / "site"
+    (site / "impostor").mkdir(parents=True)
+    (site / "impostor" / "__init__.py").write_text(
+        "class Impostor:\n    def bonzo_rcpt(self):\n        return None\n"
+    )
+    (site / "bonzo_impostor-1.0.dist-info").mkdir()
+    (site / "bonzo_impostor-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: bonzo-impostor\nVersion: 1.0\n"
+    )
+    (site / "bonzo_impostor-1.0.dist-info" / "entry_points.txt").write_text(
+        "[bonzo.plugins]\nrecipients = impostor:Impostor\n"
+    )
+    env = {**env, "PYTHONPATH": f"{env['PYTHONPATH']}:{site}"}  # found after Bonzo
+    ours = "bonzo_plugins.recipients:RecipientsPlugin"
+    table = '\n[plugins.recipients]\ndomains = ["example.org"]\n'
+    config = write_config(workdir, free_port(), ["recipients", STORE], extra=table)
+    result = bonzo("check", "-c", str(config), env=env, cwd=workdir)
+    one_line_error(
+        result,
+        f"bonzo: {config}: plugins.enabled: plugin 'recipients' is declared by more than one "
+        f"installed distribution: bonzo {version} ({ours}) and bonzo-impostor 1.0 "
+        f"(impostor:Impostor); enable the one you mean by its dotted path "
+        f'(e.g. "{ours}", with its table [plugins."{ours}"]), or uninstall the other',
+    )
+    listed = bonzo("plugins", "-c", str(config), env=env, cwd=workdir)
+    assert listed.returncode == 2
+    rows = [line.split() for line in listed.stdout.splitlines() if line.startswith("  recip")]
+    assert rows == [
+        ["recipients", "bonzo", version, "ambiguous", ours],
+        ["recipients", "bonzo-impostor", "1.0", "ambiguous", "impostor:Impostor"],
+    ]
+    assert "warning: plugin 'recipients' is declared by more than one" in listed.stdout
+    # Named by its dotted path, Bonzo's own is meant.
+    table = f'\n[plugins."{ours}"]\ndomains = ["example.org"]\n'
+    config = write_config(workdir, free_port(), [ours, STORE], extra=table)
+    result = bonzo("check", "-c", str(config), env=env, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+
+
 def test_check_warns_about_a_table_for_a_plugin_that_takes_none(workdir, env):
     """daemonplug:Early has no bonzo_configure: its table would be ignored."""
     extra = '\n[plugins."daemonplug:Early"]\nfoo = 1\n'
@@ -1789,6 +1831,10 @@ def test_plugins_doc_prints_a_plugins_documentation(workdir, env):
     assert by_module.stdout == "Delivers into a directory.\n", by_module.stderr
     missing = bonzo("plugins", "--doc", "nope", env=env, cwd=workdir)
     assert missing.returncode == 2 and "'nope' is not installed" in missing.stderr
+    # With -c, the configuration's [plugins] paths are searched, as serve does.
+    config = write_config(workdir, free_port())
+    enabled = bonzo("plugins", "-c", str(config), "--doc", STORE, env=env, cwd=Path("/"))
+    assert enabled.stdout.startswith("Local plugins for the daemon tests"), enabled.stderr
 
 
 # ------------------------------------------------------------- descriptors
