@@ -69,7 +69,7 @@ def test_its_own_tests_pass_against_the_installed_copy(installed, tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "5 passed" in result.stdout
+    assert "7 passed" in result.stdout
 
 
 def test_bonzo_finds_it_by_its_entry_point(installed, tmp_path):

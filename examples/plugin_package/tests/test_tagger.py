@@ -60,3 +60,17 @@ def test_refused_end_to_end(server):
         send(server, "Hi", "Visit our CASINO")
     assert (info.value.smtp_code, info.value.smtp_error[:5]) == (550, b"5.7.1")
     assert server.messages == []
+
+
+@pytest.mark.parametrize("charset", ["unknown-8bit", "x-no-such-charset"])
+def test_a_charset_python_does_not_know_is_still_read(server, charset):
+    # get_content() raises LookupError for it: the hook must not fail (451
+    # at every attempt), and the forbidden word is still found.
+    header = f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset={charset}\r\n"
+    with smtplib.SMTP(server.host, server.port, timeout=10) as client:
+        body = (header + "\r\nplain \xe9t\xe9\r\n").encode("latin-1")  # not UTF-8
+        client.sendmail("a@example.org", ["b@example.com"], body)
+        with pytest.raises(smtplib.SMTPDataError) as info:
+            client.sendmail("a@example.org", ["b@example.com"], header + "\r\nA casino\r\n")
+    assert info.value.smtp_code == 550
+    assert len(server.messages) == 1

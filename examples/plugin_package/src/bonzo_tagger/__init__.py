@@ -18,6 +18,18 @@ def _words(config: dict[str, Any], key: str) -> list[str]:
     return [w.lower() for w in value]
 
 
+def _text(part: Any) -> str:
+    """The text of a MIME part. A charset Python does not know (mail
+    programs write ``unknown-8bit``) must not fail the hook, which would
+    answer 451 to that message at every attempt: its bytes are read as UTF-8,
+    with a replacement character for what does not decode."""
+    try:
+        return str(part.get_content())
+    except (LookupError, UnicodeError):
+        payload = part.get_payload(decode=True)
+        return payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
+
+
 class TaggerPlugin:
     """Adds a header naming the keywords found in the subject; refuses a
     message whose body contains a forbidden word with ``550 5.7.1``."""
@@ -44,7 +56,7 @@ class TaggerPlugin:
         message = envelope.message
         if self.refuse:
             body = message.get_body(preferencelist=("plain",))
-            text = body.get_content().lower() if body is not None else ""
+            text = _text(body).lower() if body is not None else ""
             hit = next((w for w in self.refuse if w in text), None)
             if hit is not None:
                 raise errors.PermanentError(550, "Message refused by content policy", "5.7.1")
