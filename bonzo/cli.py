@@ -220,7 +220,9 @@ def _check(args: argparse.Namespace) -> int:
             facts.append("requires TLS")
         if ls.require_auth:
             facts.append("requires AUTH")
-        if ls.proxy_protocol:
+        if ls.proxy_protocol and ls.unix_socket:
+            facts.append("PROXY from whoever may open the socket")
+        elif ls.proxy_protocol:
             facts.append("PROXY from " + " ".join(str(n) for n in ls.proxy_trusted))
         if ls.xclient_trusted:
             facts.append("XCLIENT from " + " ".join(str(n) for n in ls.xclient_trusted))

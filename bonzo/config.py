@@ -521,7 +521,7 @@ def _pair(
 
 
 def _listener_settings(
-    item: dict[str, Any], source: str, key: str, base_dir: Path
+    item: dict[str, Any], source: str, key: str, base_dir: Path, *, unix: bool = False
 ) -> ListenerSettings:
     context = None
     tls = item.get("tls")
@@ -568,6 +568,7 @@ def _listener_settings(
             # Lists of networks, checked by ListenerSettings.
             proxy_trusted=item.get("proxy_trusted", ()),
             xclient_trusted=item.get("xclient_trusted", ()),
+            unix_socket=unix,
         )
     except SettingError as exc:
         raise ConfigError(source, f"{key}.{exc.setting}", exc.detail) from None
@@ -635,7 +636,7 @@ def _listeners(value: Any, source: str, base_dir: Path) -> list[ListenerConfig]:
                     f"{key}.mode",
                     f'must be permission bits such as 0o660 or "0660", not {spelled(mode)}',
                 )
-            settings = _listener_settings(item, source, key, base_dir)
+            settings = _listener_settings(item, source, key, base_dir, unix=True)
             out.append(
                 ListenerConfig(
                     address="", port=0, settings=settings, path=path, mode=mode,

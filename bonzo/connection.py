@@ -601,8 +601,11 @@ class SMTPConnection:
         session = self.session
         peer = f"{session.peer_ip}:{session.peer_port}"
         self._silent = True
-        if isinstance(self.address, tuple) and not address_in(
-            session.peer_ip, self.listener.proxy_trusted
+        trusted = self.listener.proxy_trusted
+        # A Unix socket listener has none (its file's permissions decide who
+        # connects); a peer without an address is never in a list given.
+        if trusted and not (
+            isinstance(self.address, tuple) and address_in(session.peer_ip, trusted)
         ):
             self._proxy_failed(peer, "source not in proxy_trusted")
             return None

@@ -434,7 +434,16 @@ class ListenerSettings:
     proxy_trusted: tuple[IPNetwork, ...] = ()
     """The networks the proxies connect from (CIDR strings or
     :mod:`ipaddress` networks; a bare address is one host). A connection
-    from anywhere else is closed without a greeting.
+    from anywhere else is closed without a greeting. Not on a
+    :attr:`unix_socket` listener.
+
+    .. versionadded:: 0.2"""
+
+    unix_socket: bool = False
+    """The listener is a Unix socket (a ``path`` listener). Its peers have no
+    address: who may connect — and, with :attr:`proxy_protocol`, name the
+    client in a PROXY header — is decided by the socket file's permissions
+    and ownership, so :attr:`proxy_trusted` is neither needed nor allowed.
 
     .. versionadded:: 0.2"""
 
@@ -462,7 +471,14 @@ class ListenerSettings:
             raise SettingError(
                 "proxy_protocol", f"must be true or false, not {spelled(self.proxy_protocol)}"
             )
-        if self.proxy_protocol and not self.proxy_trusted:
+        if self.unix_socket and self.proxy_trusted:
+            raise SettingError(
+                "proxy_trusted",
+                "a Unix socket listener (path) has no peer address to check against it: who "
+                "may connect, and so send a PROXY header, is decided by the socket file's "
+                "permissions (the listener's mode) and ownership; remove proxy_trusted",
+            )
+        if self.proxy_protocol and not self.proxy_trusted and not self.unix_socket:
             raise SettingError(
                 "proxy_trusted", "must list the networks of the proxies (proxy_protocol is on)"
             )

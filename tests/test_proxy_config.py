@@ -99,6 +99,29 @@ def test_the_second_listener_is_named():
     assert_error(text, "listeners[1].proxy_trusted", "must list the networks")
 
 
+def test_a_unix_socket_listener_refuses_proxy_trusted(tmp_path):
+    # Its peers have no address: the list would be ignored, and any local
+    # process believed whatever client it named.
+    text = listener(port=25) + listener(
+        path="smtp.sock", proxy_protocol=True, proxy_trusted=["10.0.0.5"]
+    )
+    assert_error(
+        text,
+        "listeners[1].proxy_trusted",
+        "a Unix socket listener (path) has no peer address to check against it",
+        "the socket file's permissions (the listener's mode) and ownership",
+        base_dir=tmp_path,
+    )
+
+
+def test_a_unix_socket_listener_takes_proxy_protocol_alone(tmp_path):
+    ls = parse(listener(path="smtp.sock", proxy_protocol=True), tmp_path).listeners[0].settings
+    assert (ls.proxy_protocol, ls.proxy_trusted, ls.unix_socket) == (True, (), True)
+    assert (
+        parse(listener(port=25, xclient_trusted=["::1"])).listeners[0].settings.unix_socket is False
+    )
+
+
 def test_listener_settings_take_networks_or_strings():
     net = ipaddress.ip_network("10.0.0.0/8")
     ls = ListenerSettings(proxy_protocol=True, proxy_trusted=(net, "192.0.2.0/24"))

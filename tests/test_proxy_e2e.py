@@ -167,6 +167,25 @@ def test_untrusted_source_is_closed_without_greeting(start_server, log_watch):
     assert plugin.connected == [] and plugin.disconnected == []
 
 
+def test_a_unix_peer_is_never_in_proxy_trusted(start_server, log_watch, tmp_path):
+    # Through the API (the configuration refuses the combination): a peer
+    # of a Unix socket has no address, so no list can vouch for it.
+    plugin = Seen()
+    path = str(tmp_path / "p.sock")
+    start_server(plugin=plugin, listener=proxied(proxy_trusted=["10.0.0.5"]), unix_path=path)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(TIMEOUT)
+        s.connect(path)
+        s.sendall(v1("198.51.100.7"))
+        try:
+            greeting = s.recv(512)
+        except ConnectionResetError:  # closed with the header unread
+            greeting = b""
+        assert greeting == b""
+    log_watch.wait_for(r"closed without greeting: source not in proxy_trusted")
+    assert plugin.connected == []
+
+
 @pytest.mark.parametrize(
     "data, reason",
     [
