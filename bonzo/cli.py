@@ -39,7 +39,7 @@ from .config import ConfigError, check_metrics_port, load_config
 from .listen import socket_name
 from .protocol import data_scan_in_c
 from .session import current_message_id, current_session_id
-from .settings import spelled
+from .settings import host_port, spelled
 
 __all__ = ["main"]
 
@@ -233,7 +233,9 @@ def _check(args: argparse.Namespace) -> int:
     print(f"  dsn: {app.describe_dsn()}")
     print(f"  dns: {app.dns.describe()}")
     m = config.metrics
-    where = f"http://{m.address or '*'}:{m.port}{m.path} and /health" if m.enabled else "off"
+    where = (
+        f"http://{host_port(m.address or '*', m.port)}{m.path} and /health" if m.enabled else "off"
+    )
     print(f"  metrics: {where}")
     for warning in app.warnings():
         print(f"  warning: {warning}")
@@ -548,16 +550,17 @@ def _serve_app(app: Any) -> int:
         try:
             metrics_sockets = bind_sockets(m.port, m.address or None, backlog=128)
         except OSError as exc:
-            log.error("metrics: cannot listen on %s:%s: %s", m.address, m.port, exc.strerror)
+            log.error(
+                "metrics: cannot listen on %s: %s", host_port(m.address, m.port), exc.strerror
+            )
             for s in sockets:
                 s.close()
             app.remove_unix_sockets()
             _remove_pid_file(config.pid_file, main_pid)
             return 1
         log.info(
-            "metrics on http://%s:%d%s and /health; multiprocess directory %s",
-            m.address or "*",
-            m.port,
+            "metrics on http://%s%s and /health; multiprocess directory %s",
+            host_port(m.address or "*", m.port),
             m.path,
             os.environ.get("PROMETHEUS_MULTIPROC_DIR", "?"),
         )

@@ -34,6 +34,7 @@ from .settings import (
     ListenerSettings,
     SettingError,
     SMTPSettings,
+    host_port,
     path_too_long,
     positive_seconds,
     spelled,
@@ -192,10 +193,11 @@ class ListenerConfig:
 
     @property
     def where(self) -> str:
-        """Where it listens, for messages: ``address:port`` or ``unix:path``."""
+        """Where it listens, for messages: ``address:port`` (``[::1]:25``) or
+        ``unix:path``."""
         if self.path is not None:
             return f"unix:{self.path}"
-        return f"{self.address or '*'}:{self.port}"
+        return host_port(self.address or "*", self.port)
 
 
 @dataclass
@@ -659,7 +661,7 @@ def _listeners(value: Any, source: str, base_dir: Path) -> list[ListenerConfig]:
                 source, f"{key}.port", f"must be an integer 0..65535, not {spelled(port)}"
             )
         if (address, port) in seen and port:
-            raise ConfigError(source, key, f"duplicate listener {address}:{port}")
+            raise ConfigError(source, key, f"duplicate listener {host_port(address, port)}")
         seen.add((address, port))
         settings = _listener_settings(item, source, key, base_dir)
         out.append(
@@ -728,7 +730,8 @@ def check_metrics_port(
             raise ConfigError(
                 source,
                 "metrics.port",
-                f"{metrics.address}:{metrics.port} is {name}[{i}]'s too ({listener.where})",
+                f"{host_port(metrics.address, metrics.port)} is {name}[{i}]'s too "
+                f"({listener.where})",
             )
 
 

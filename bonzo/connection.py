@@ -60,7 +60,7 @@ from .protocol import (
 )
 from .proxy import ProxyError, ProxyParser, address_in
 from .session import Session, current_session_id
-from .settings import ListenerSettings, SMTPSettings
+from .settings import ListenerSettings, SMTPSettings, host_port
 from .tls import TLSLayer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -599,7 +599,7 @@ class SMTPConnection:
         ``None`` when the connection is closed (untrusted source, malformed
         header, timeout: one warning, no greeting, no plugin asked)."""
         session = self.session
-        peer = f"{session.peer_ip}:{session.peer_port}"
+        peer = host_port(session.peer_ip, session.peer_port)
         self._silent = True
         trusted = self.listener.proxy_trusted
         # A Unix socket listener has none (its file's permissions decide who
@@ -686,7 +686,7 @@ class SMTPConnection:
         again, a ``220`` greeting)."""
         attrs = event.attributes
         session = self.session
-        old = f"{self.remote_ip}:{session.remote_port}"
+        old = host_port(self.remote_ip, session.remote_port)
 
         def value(name: str, current: Any, unknown: Any) -> Any:
             if name not in attrs:
@@ -702,12 +702,11 @@ class SMTPConnection:
         )
         session.xclient = dict(attrs)
         gen_log.info(
-            "[%s %s] XCLIENT from %s: client %s:%d%s",
+            "[%s %s] XCLIENT from %s: client %s%s",
             session.id,
             self.remote_ip,
             old,
-            self.remote_ip,
-            session.remote_port,
+            host_port(self.remote_ip, session.remote_port),
             f" login {attrs['LOGIN']!r}" if attrs.get("LOGIN") else "",
         )
         if refusal is not None:
@@ -949,7 +948,7 @@ class SMTPConnection:
         if why == "proxy_timeout":
             session = self.session
             self._proxy_failed(
-                f"{session.peer_ip}:{session.peer_port}",
+                host_port(session.peer_ip, session.peer_port),
                 f"no PROXY header within {self.settings.proxy_timeout:g}s (proxy_timeout)",
             )
         elif why in ("output", "final", "tls_handshake_timeout"):

@@ -17,6 +17,8 @@ from typing import Any, Protocol
 from tornado.ioloop import IOLoop
 from tornado.log import gen_log
 
+from .settings import host_port
+
 __all__ = ["ACCEPT_PAUSE", "ACCEPT_LOG_INTERVAL", "Pacer", "accept_on", "socket_name"]
 
 
@@ -205,15 +207,15 @@ def accept_on(
 
 
 def socket_name(sock: socket.socket) -> str:
-    """``address:port`` of a listening socket, or ``unix:path``, as the logs
-    name a listener."""
+    """``address:port`` of a listening socket (``[::1]:2525`` for IPv6), or
+    ``unix:path``, as the logs name a listener."""
     try:
         name = sock.getsockname()
     except OSError:
         return "a closed socket"
     if isinstance(name, str):
         return f"unix:{name}"
-    return f"{name[0]}:{name[1]}"
+    return host_port(name[0], name[1])
 
 
 def _descriptor_hint(exc: OSError) -> str:

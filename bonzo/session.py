@@ -35,7 +35,7 @@ from .errors import SMTPError
 from .protocol import AddressError, SMTPProtocol, parse_address, parse_path
 from .proxy import ProxyHeader
 from .results import Results
-from .settings import SMTPSettings
+from .settings import SMTPSettings, host_port
 
 __all__ = [
     "Session",
@@ -364,7 +364,8 @@ class Session:
         return self._core.name == "LMTP"
 
     def __repr__(self) -> str:
-        return f"<Session {self.id} {self.remote_ip}:{self.remote_port} helo={self.helo!r}>"
+        where = host_port(self.remote_ip, self.remote_port)
+        return f"<Session {self.id} {where} helo={self.helo!r}>"
 
 
 def _suffixed(base: str, core: SMTPProtocol) -> str:

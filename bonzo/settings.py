@@ -28,6 +28,7 @@ __all__ = [
     "finite_number",
     "path_too_long",
     "spelled",
+    "host_port",
     "positive_seconds",
 ]
 
@@ -358,6 +359,13 @@ def path_too_long(path: str | os.PathLike[str]) -> str | None:
     if len(longest) > NAME_MAX:
         return f"a name of {len(longest)} octets in it: longer than a file name may be ({NAME_MAX})"
     return None
+
+
+def host_port(host: str, port: int | str) -> str:
+    """``host:port`` as logs, messages and URLs write it: an IPv6 address in
+    brackets (``[::1]:2525``, RFC 3986), where its colons would run into the
+    port's."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def spelled(value: Any) -> str:

@@ -292,6 +292,11 @@ def test_several_listeners():
 def test_duplicate_listeners():
     text = '[[listeners]]\naddress = "127.0.0.1"\nport = 25\n' * 2
     assert_error(text, "listeners[1]", "duplicate listener 127.0.0.1:25")
+    # An IPv6 address in brackets, where its colons would run into the port's.
+    text = '[[listeners]]\naddress = "::1"\nport = 25\n' * 2
+    assert_error(text, "listeners[1]", "duplicate listener [::1]:25")
+    assert ListenerConfig("::1", 25).where == "[::1]:25"
+    assert ListenerConfig("", 25).where == "*:25"
     # Port 0 asks for any free port: two of them are not duplicates.
     text = '[[listeners]]\naddress = "127.0.0.1"\nport = 0\n' * 2
     assert len(parse(text).listeners) == 2
@@ -315,7 +320,7 @@ def listeners_on(*addresses: str, port: int = 25) -> str:
 def test_listeners_that_would_bind_the_same_socket_are_refused(first, second):
     """Found by bonzo check, not by bonzo serve failing with "Address
     already in use" (status 1, which a process manager restarts)."""
-    shown = second or "*"
+    shown = f"[{second}]" if ":" in second else second or "*"
     assert_error(listeners_on(first, second), "listeners[1]", f"{shown}:25 overlaps listeners[0] (")
 
 

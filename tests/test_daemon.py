@@ -311,6 +311,42 @@ def test_check_ok(workdir, env):
     assert result.stderr == ""
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_ipv6_addresses_are_written_in_brackets(workdir, env):
+    # "http://::1:9090/metrics" is no URL (RFC 3986 writes the host [::1]).
+    port, metrics = free_port(), free_port()
+    config = write_config(workdir, port)
+    text = config.read_text().replace('address = "127.0.0.1"', 'address = "::1"')
+    config.write_text(text + f'\n[metrics]\naddress = "::1"\nport = {metrics}\n')
+    result = bonzo("check", "-c", str(config), env=env, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert f"    [::1]:{port}: SMTP\n" in result.stdout
+    assert f"  metrics: http://[::1]:{metrics}/metrics and /health\n" in result.stdout
+    log = workdir / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bonzo", "serve", "-c", str(config)],
+            env=env, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: "ready (pid" in log.read_text(), what="the daemon to be ready")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(DEADLINE)
+    text = log.read_text()
+    assert f"metrics on http://[::1]:{metrics}/metrics and /health" in text
+    assert f"listening on [::1]:{port} with 1 worker(s)" in text
+
+
 def test_check_warns_about_a_server_that_takes_no_mail(workdir, env):
     config = write_config(workdir, free_port(), enabled=[])
     result = bonzo("check", "-c", str(config), env=env, cwd=workdir)

@@ -25,6 +25,7 @@ from bonzo.errors import PermanentError, SMTPError, TransientError
 from bonzo.hookspecs import Accept, hookimpl
 from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session, log_escape
+from bonzo.settings import host_port
 
 from .._client import client_settings
 from .._config import local_address
@@ -454,10 +455,9 @@ class ForwardPlugin:
             conn = await client.connect(self.host, self.port, settings=self.settings)
         except ClientError as exc:
             log.warning(
-                "[%s] forward: %s:%d not available at %s: %s",
+                "[%s] forward: %s not available at %s: %s",
                 link.session_id,
-                self.host,
-                self.port,
+                host_port(self.host, self.port),
                 exc.stage,
                 exc.reply,
             )

@@ -26,6 +26,7 @@ from bonzo.client import (
 )
 from bonzo.dns import DNSError
 from bonzo.schema import Key, Schema
+from bonzo.settings import host_port
 
 from .._client import client_settings as _settings
 from .._config import config_domain, describe, local_address
@@ -385,7 +386,7 @@ class SmarthostTransport(_Pooled):
         super().__init__(settings, values["idle_timeout"])
 
     def destination(self, recipient: Recipient) -> str:
-        return f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     async def _connect(self, destination: str) -> ClientConnection:
         return await client.connect(self.host, self.port, settings=self.settings)
@@ -411,7 +412,9 @@ class LMTPTransport(_Pooled):
         self.path: str | None = str(path) if path is not None else None
         self.host: str | None = None if path is not None else values["host"]
         self.port: int = 0 if path is not None else values["port"]
-        self.server = f"unix:{self.path}" if path is not None else f"{self.host}:{self.port}"
+        self.server = (
+            f"unix:{self.path}" if path is not None else host_port(str(self.host), self.port)
+        )
         settings = _settings(_client_keys(values), app, where, tls_policy="none")
         super().__init__(settings, values["idle_timeout"])
 
