@@ -526,7 +526,11 @@ class MailApp:
             if not self._bound:
                 self.bind()
             groups = self._bound
-        count = ConnectionCount(self.settings.max_connections, self.settings.max_connections_per_ip)
+        count = ConnectionCount(
+            self.settings.max_connections,
+            self.settings.max_connections_per_ip,
+            self.settings.ipv6_prefix_length,
+        )
         honoured = bool(self.dsn_honoured_by)
         for listener, socks in groups:
             settings = listener.smtp_settings or self.settings

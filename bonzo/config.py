@@ -92,6 +92,7 @@ SETTING_SECTIONS: dict[str, str] = {
     "max_session_time": "limits",
     "max_connections": "limits",
     "max_connections_per_ip": "limits",
+    "ipv6_prefix_length": "limits",
     "idle_timeout": "limits",
     "command_timeout": "limits",
     "data_timeout": "limits",

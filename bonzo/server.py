@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.message
+import ipaddress
 import mmap
 import socket
 from collections import Counter
@@ -36,6 +37,7 @@ __all__ = [
     "SMTPRequest",
     "CallbackPlugin",
     "ConnectionCount",
+    "client_of",
     "WorkerShare",
     "ACCEPT_BATCH",
 ]
@@ -317,20 +319,34 @@ class ConnectionCount:
     :arg max_connections: the server-wide limit (``[limits]``), checked
         besides each listener's own; ``None``: only the listeners' own.
     :arg max_connections_per_ip: the same, per client address.
+    :arg ipv6_prefix_length: the bits of an IPv6 address that make one
+        client (:func:`client_of`); :attr:`per_ip` is keyed by client.
     """
 
     def __init__(
-        self, max_connections: int | None = None, max_connections_per_ip: int | None = None
+        self,
+        max_connections: int | None = None,
+        max_connections_per_ip: int | None = None,
+        ipv6_prefix_length: int = 64,
     ) -> None:
         self.total = 0
         self.per_ip: Counter[str] = Counter()
         self.max_connections = max_connections
         self.max_connections_per_ip = max_connections_per_ip
+        self.ipv6_prefix_length = ipv6_prefix_length
+
+    def client(self, ip: str) -> str:
+        """The client address ``ip`` counts under (:func:`client_of`)."""
+        return client_of(ip, self.ipv6_prefix_length)
+
+    def connections_of(self, ip: str) -> int:
+        """The connections counted from the client of address ``ip``."""
+        return self.per_ip[self.client(ip)]
 
     def add(self, ip: str | None) -> None:
         self.total += 1
         if ip is not None:
-            self.per_ip[ip] += 1
+            self.per_ip[self.client(ip)] += 1
 
     def remove(self, ip: str | None) -> None:
         self.total -= 1
@@ -339,13 +355,37 @@ class ConnectionCount:
     def move(self, old: str | None, new: str) -> None:
         """Count a connection under ``new`` instead of ``old``."""
         self._drop(old)
-        self.per_ip[new] += 1
+        self.per_ip[self.client(new)] += 1
 
     def _drop(self, ip: str | None) -> None:
         if ip is not None:
-            self.per_ip[ip] -= 1
-            if self.per_ip[ip] <= 0:
-                del self.per_ip[ip]
+            _uncount(self.per_ip, self.client(ip))
+
+
+def client_of(ip: str, ipv6_prefix_length: int) -> str:
+    """The client an address belongs to, for the per-client connection
+    count: an IPv4 address itself (also written as IPv4-mapped IPv6), an
+    IPv6 address its network of ``ipv6_prefix_length`` bits
+    (``2001:db8:1:2::/64``), since one host or home network gets a whole
+    ``/64`` and could otherwise take a fresh address for each connection."""
+    if ":" not in ip:
+        return ip  # IPv4 (or "0.0.0.0" for a peer without an address)
+    try:
+        address = ipaddress.IPv6Address(ip)
+    except ValueError:
+        return ip
+    mapped = address.ipv4_mapped
+    if mapped is not None:
+        return str(mapped)
+    if ipv6_prefix_length >= 128:
+        return str(address)
+    return str(ipaddress.IPv6Network((address, ipv6_prefix_length), strict=False))
+
+
+def _uncount(counter: Counter[str], key: str) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
 
 
 class SMTPServer(TCPServer):
@@ -432,7 +472,7 @@ class SMTPServer(TCPServer):
         self.listener = listener or ListenerSettings()
         #: The open connections.
         self.connections: set[SMTPConnection] = set()
-        self.count = count or ConnectionCount()
+        self.count = count or ConnectionCount(ipv6_prefix_length=self.settings.ipv6_prefix_length)
         # This listener's own connections (its limits may differ from the
         # server-wide ones in the count).
         self._open = 0
@@ -555,7 +595,7 @@ class SMTPServer(TCPServer):
             self._counted[connection] = counted
             self._open += 1
             if counted is not None:
-                self._per_ip[counted] += 1
+                self._per_ip[self._client(counted)] += 1
         self.connections.add(connection)
         if self.share is not None:
             self.share.opened()
@@ -584,7 +624,13 @@ class SMTPServer(TCPServer):
         counted = self._counted[connection]
         if counted == ip:
             return None
-        if self._over_ip_limit(ip):
+        # Another address of the same client (its IPv6 network) changes no count.
+        same = (
+            counted is not None
+            and self._client(counted) == self._client(ip)
+            and self.count.client(counted) == self.count.client(ip)
+        )
+        if not same and self._over_ip_limit(ip):
             text = "Too many connections from your address"
             connection.refusal_limit = "max_connections_per_ip"
             if metrics.active is not None:
@@ -592,24 +638,27 @@ class SMTPServer(TCPServer):
             return errors.SMTPError(421, text, enhanced_code="4.7.0", close=True)
         self.count.move(counted, ip)
         self._drop_own(counted)
-        self._per_ip[ip] += 1
+        self._per_ip[self._client(ip)] += 1
         self._counted[connection] = ip
         return None
 
+    def _client(self, ip: str) -> str:
+        """The client ``ip`` counts under here (its IPv6 network)."""
+        return client_of(ip, self.settings.ipv6_prefix_length)
+
     def _over_ip_limit(self, ip: str) -> bool:
-        """True when ``ip`` has this listener's ``max_connections_per_ip``
-        connections here, or the server-wide limit across listeners."""
+        """True when the client of ``ip`` has this listener's
+        ``max_connections_per_ip`` connections here, or the server-wide
+        limit across listeners."""
         count = self.count
-        return self._per_ip[ip] >= self.settings.max_connections_per_ip or (
+        return self._per_ip[self._client(ip)] >= self.settings.max_connections_per_ip or (
             count.max_connections_per_ip is not None
-            and count.per_ip[ip] >= count.max_connections_per_ip
+            and count.connections_of(ip) >= count.max_connections_per_ip
         )
 
     def _drop_own(self, ip: str | None) -> None:
         if ip is not None:
-            self._per_ip[ip] -= 1
-            if self._per_ip[ip] <= 0:
-                del self._per_ip[ip]
+            _uncount(self._per_ip, self._client(ip))
 
     def _connection_closed(self, connection: SMTPConnection) -> None:
         if connection in self.connections:

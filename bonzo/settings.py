@@ -113,7 +113,22 @@ class SMTPSettings:
     closed at once, without one."""
 
     max_connections_per_ip: int = 50
-    """Concurrent connections from one client address; more get ``421 4.7.0``."""
+    """Concurrent connections from one client address; more get ``421 4.7.0``.
+    An IPv6 client counts by its network of :attr:`ipv6_prefix_length` bits."""
+
+    ipv6_prefix_length: int = 64
+    """How many leading bits of an IPv6 address make one client, for the
+    per-client count of :attr:`max_connections_per_ip` (an IPv4 address, or
+    an IPv4-mapped IPv6 one, is one client by itself). One host or home
+    network is given a whole ``/64`` (RFC 6177; a subnet is never smaller,
+    RFC 7421), so a client holding one could open unlimited connections,
+    each from a fresh address, were each ``/128`` counted alone. 64
+    counts one such network as one client; Postfix's
+    ``smtpd_client_ipv6_prefix_length`` defaults to 84, which leaves such a
+    client 2^20 groups, each allowed the whole limit. Between 1 and 128; 128
+    counts each address apart.
+
+    .. versionadded:: 0.2"""
 
     idle_timeout: float = 300.0
     """Time to wait for the next command (RFC 5321 4.5.3.2.7); then ``421 4.4.2``."""
@@ -249,6 +264,11 @@ class SMTPSettings:
             # Each read allocates a buffer of this size.
             raise SettingError(
                 "read_chunk_size", f"is capped at {MAX_READ_CHUNK}, not {self.read_chunk_size}"
+            )
+        _check_int("ipv6_prefix_length", self.ipv6_prefix_length, minimum=1)
+        if self.ipv6_prefix_length > 128:
+            raise SettingError(
+                "ipv6_prefix_length", f"must be at most 128 (bits), not {self.ipv6_prefix_length}"
             )
         _check_int("max_message_size", self.max_message_size, minimum=0)
         _check_int("min_data_rate", self.min_data_rate, minimum=0)

@@ -147,6 +147,7 @@ SETTING_CASES: dict[str, tuple[Any, list[Any]]] = {
     "max_session_time": (3600.0, [-1, "long", float("inf")]),
     "max_connections": (10, [0, -1]),
     "max_connections_per_ip": (2, [0, [2]]),
+    "ipv6_prefix_length": (48, [0, 129, 64.0, "64", True]),
     "idle_timeout": (10, [0, -1, "10", True]),
     "command_timeout": (2.5, [0, "x"]),
     "data_timeout": (60.0, [0.0, {"a": 1}]),

@@ -22,6 +22,7 @@ from e2e_support import TIMEOUT, RawClient, RecordingPlugin, wait_until
 
 from bonzo.hooks import PluginSet
 from bonzo.proxy import TLV_AUTHORITY, TLV_SSL, TLV_UNIQUE_ID, ProxyHeader, ProxyTLVs
+from bonzo.server import client_of
 from bonzo.session import Envelope, Session
 from bonzo.settings import ListenerSettings
 from bonzo.tls import CertificatePair, make_server_context
@@ -281,6 +282,53 @@ def test_the_per_client_limit_counts_proxied_addresses(start_server, log_watch):
     with RawClient(server.port) as again:
         again.send(v1("192.0.2.1"))
         again.greet(None)
+
+
+V6 = "2001:db8::25"  # the proxy's own address, for IPv6 headers
+
+
+def test_an_ipv6_client_counts_by_its_network(start_server, log_watch):
+    # One host or home network holds a whole /64: counted per address, it
+    # would take a fresh one for each connection and never meet the limit.
+    server = start_server(listener=proxied(), max_connections_per_ip=1)
+    first = RawClient(server.port)
+    mapped = RawClient(server.port)
+    try:
+        first.send(v1("2001:db8:1:2::10", dest=V6))
+        first.greet(None)
+        with RawClient(server.port) as second:
+            second.send(v1("2001:db8:1:2:aaaa::99", dest=V6))  # the same /64
+            assert second.reply() == b"421 4.7.0 Too many connections from your address\r\n"
+        with RawClient(server.port) as neighbour:
+            neighbour.send(v1("2001:db8:1:3::10", dest=V6))  # the next /64: another client
+            neighbour.greet(None)
+            neighbour.command("QUIT")
+        # An IPv4 client written as IPv4-mapped IPv6 is that IPv4 client.
+        mapped.send(v1("192.0.2.1"))
+        mapped.greet(None)
+        with RawClient(server.port) as again:
+            again.send(v1("::ffff:192.0.2.1", dest=V6))
+            assert again.reply() == b"421 4.7.0 Too many connections from your address\r\n"
+        counted = server.call(lambda: dict(server.server.count.per_ip))
+        assert counted == {"2001:db8:1:2::/64": 1, "192.0.2.1": 1}
+    finally:
+        first.close()
+        mapped.close()
+    server.wait_connections(0)
+    assert server.call(lambda: dict(server.server.count.per_ip)) == {}
+
+
+def test_ipv6_prefix_length_sets_how_much_of_an_address_is_one_client(start_server):
+    server = start_server(listener=proxied(), max_connections_per_ip=1, ipv6_prefix_length=128)
+    with RawClient(server.port) as first, RawClient(server.port) as second:
+        first.send(v1("2001:db8:1:2::10", dest=V6))
+        first.greet(None)
+        second.send(v1("2001:db8:1:2::11", dest=V6))  # counted apart at /128
+        second.greet(None)
+    assert client_of("2001:db8:1:2:3:4:5:6", 48) == "2001:db8:1::/48"
+    assert client_of("2001:db8::1", 128) == "2001:db8::1"
+    assert client_of("::ffff:10.0.0.1", 64) == "10.0.0.1"
+    assert client_of("10.0.0.1", 64) == "10.0.0.1"
 
 
 @pytest.fixture(scope="module")
