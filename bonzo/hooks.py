@@ -586,7 +586,8 @@ def _bounded(call: HookCall, hook: str, awaitable: Awaitable[Any]) -> Generator[
     except StopIteration as done:
         return done.value
     task = asyncio.current_task(loop)
-    assert task is not None
+    if task is None:  # as asyncio.timeout(): the limit cancels a task
+        raise RuntimeError("a hook's awaitable must be awaited in an asyncio task")
     limit = _Limit(task)
     before = _cancels(task)
     timer = loop.call_at(start + call.timeout, limit.expire)
