@@ -1099,6 +1099,10 @@ class SMTPConnection:
                 # A connection limit reached is the operator's business
                 # (perhaps a limit to raise): a warning, in the one line the
                 # refusal gets, naming the proxy that a client came through.
+                # Under a flood, past a few a second, they are counted
+                # instead and summed up once a second.
+                if not connect_refusals.allow(limit):
+                    return
                 log = gen_log.warning
                 peer = self.session.peer_ip
                 if peer != self.remote_ip:
@@ -1118,6 +1122,52 @@ class SMTPConnection:
 
 
 _CONNECTION_LIMITS = ("max_connections", "max_connections_per_ip")
+
+
+class RefusalLines:
+    """How many lines connections refused at connect (over a connection
+    limit) get: one each up to ``per_second`` in a second; past that they are
+    counted, by limit, and one WARNING a second says how many were not
+    logged (a flood of thousands of connections a second must not become as
+    many log lines). Per process."""
+
+    def __init__(self, per_second: int = 10) -> None:
+        self.per_second = per_second
+        self._window = -1.0  # when the current second began (loop time)
+        self._lines = 0
+        self._unlogged: dict[str, int] = {}
+        self._summary: asyncio.TimerHandle | None = None
+
+    def allow(self, limit: str) -> bool:
+        """Whether this refusal by ``limit`` gets its own line (else it is
+        counted for the next summary)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now - self._window >= 1.0:
+            self._window, self._lines = now, 0
+        if self._lines < self.per_second:
+            self._lines += 1
+            return True
+        self._unlogged[limit] = self._unlogged.get(limit, 0) + 1
+        if self._summary is None:
+            self._summary = loop.call_at(self._window + 1.0, self._sum_up)
+        return False
+
+    def _sum_up(self) -> None:
+        self._summary = None
+        counts, self._unlogged = self._unlogged, {}
+        if counts:
+            gen_log.warning(
+                "%d more connection(s) refused at connect in the last second, not "
+                "logged one by one (%s); more than %d a second are summed up so",
+                sum(counts.values()),
+                ", ".join(f"{limit}: {n}" for limit, n in sorted(counts.items())),
+                self.per_second,
+            )
+
+
+#: The process's :class:`RefusalLines` (connections refused at connect).
+connect_refusals = RefusalLines()
 
 
 def _printable(text: str) -> str:

@@ -24,7 +24,7 @@ from tornado.log import app_log, gen_log
 from tornado.tcpserver import TCPServer
 
 from . import errors, metrics, version
-from .connection import SessionStream, SMTPConnection
+from .connection import SessionStream, SMTPConnection, connect_refusals
 from .hooks import CANCEL_GRACE, PluginSet
 from .hookspecs import Accept
 from .listen import accept_on
@@ -560,13 +560,14 @@ class SMTPServer(TCPServer):
             # to tls_handshake_timeout: that many refused clients hold
             # descriptors already, and those that never start TLS hold them
             # without bound. This one is closed at once.
-            gen_log.info(
-                "[- %s] refused at connect by core: closed at once (%s; %d refused "
-                "connections still waiting for their 421)",
-                ip,
-                limit,
-                self.refusing,
-            )
+            if connect_refusals.allow(f"{limit}, closed at once"):
+                gen_log.info(
+                    "[- %s] refused at connect by core: closed at once (%s; %d refused "
+                    "connections still waiting for their 421)",
+                    ip,
+                    limit,
+                    self.refusing,
+                )
             if metrics.active is not None:
                 metrics.active.connection_refused(limit)
             stream.close()

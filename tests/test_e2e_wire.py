@@ -343,6 +343,49 @@ def test_max_connections_per_ip(start_server, log_watch):
     )
 
 
+def test_a_flood_of_refused_connections_is_summed_up_in_the_log(
+    start_server, log_watch, monkeypatch
+):
+    """Past a few refusals at connect a second, the lines stop and one
+    WARNING a second counts the rest: every refused connection is in the log,
+    one by one or in a sum, but a flood does not become as many lines."""
+    import time
+
+    from bonzo import connection
+
+    monkeypatch.setattr(connection, "connect_refusals", connection.RefusalLines(per_second=5))
+    server = start_server(max_connections_per_ip=1)
+    flood = 40
+    with RawClient(server.port) as one:
+        one.greet()
+        start = time.monotonic()
+        clients = [RawClient(server.port) for _ in range(flood)]
+        for client in clients:
+            with client:
+                assert client.read_to_eof() == (
+                    b"421 4.7.0 Too many connections from your address\r\n"
+                )
+        elapsed = time.monotonic() - start
+
+        def counted() -> tuple[int, int]:
+            records = [r.getMessage() for r in log_watch.records]
+            lines = sum("refused by core: 421 4.7.0 Too many" in m for m in records)
+            summed = [
+                re.search(r"^(\d+) more connection\(s\) refused at connect in the last second", m)
+                for m in records
+            ]
+            return lines, sum(int(m.group(1)) for m in summed if m)
+
+        wait_until(lambda: sum(counted()) == flood, message="every refusal accounted for")
+    lines, summed = counted()
+    assert lines <= 5 * (int(elapsed) + 2), (lines, elapsed)
+    if elapsed < 0.8:
+        assert lines <= 10 and summed >= flood - 10
+    summary = [r for r in log_watch.records if "more connection(s) refused" in r.getMessage()]
+    assert summary and all(r.levelname == "WARNING" for r in summary)
+    assert "max_connections_per_ip: " in summary[0].getMessage()
+
+
 def test_unknown_command_budget_closes_and_drops_buffered_commands(start_server):
     server = start_server(max_unknown_commands=3)
     with RawClient(server.port) as client:
