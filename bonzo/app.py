@@ -519,7 +519,7 @@ class MailApp:
                 "started: bonzo_startup not run again",
                 name,
             )
-        await self.plugins.call_observers("bonzo_startup", self, strict=True, skip=running)
+        await self._start_plugins(running)
         if sockets is not None:
             groups = [(self.config.listeners[0], list(sockets))]
         else:
@@ -554,6 +554,28 @@ class MailApp:
         for name in self.plugins.names:
             _hold(self.plugins.get(name))
         return self.server
+
+    async def _start_plugins(self, running: list[str]) -> None:
+        """Run ``bonzo_startup`` of each plugin but those ``running``, in
+        order. When one fails, those started before it get ``bonzo_shutdown``
+        before the failure is raised: what they opened must not outlive a
+        start that did not happen (a reload that fails leaves the running
+        configuration serving; repeated, it would pile up pools and files)."""
+        names = self.plugins.names
+        started: list[str] = []
+        try:
+            for call in self.plugins.calls["bonzo_startup"]:
+                if call.plugin in running:
+                    continue
+                others = [n for n in names if n != call.plugin]
+                await self.plugins.call_observers("bonzo_startup", self, strict=True, skip=others)
+                started.append(call.plugin)
+        except PluginError:
+            if started:
+                log.info("startup failed: shutting down the plugins started: %s", started)
+                others = [n for n in names if n not in started]
+                await self.plugins.call_observers("bonzo_shutdown", self, skip=others)
+            raise
 
     def adopt_sockets(self, old: MailApp) -> None:
         """Serve the listening sockets ``old`` bound (a reload: the same

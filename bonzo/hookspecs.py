@@ -224,7 +224,8 @@ def bonzo_configure(config: dict[str, Any], app: Any) -> None:
 @hookspec
 def bonzo_startup(app: Any) -> None:
     """The server is starting, in each worker process; may be async (open a
-    database pool here). An exception stops the server with the plugin's name.
+    database pool here). An exception stops the server with the plugin's name
+    (the plugins started before it get :func:`bonzo_shutdown`).
 
     .. versionadded:: 0.2
     """

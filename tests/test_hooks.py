@@ -1779,6 +1779,46 @@ def test_startup_failure_stops_the_server_naming_the_plugin(plugin_module):
     assert log == []
 
 
+def test_a_failed_startup_shuts_down_the_plugins_it_started(plugin_module):
+    # What an earlier plugin opened must not outlive a start that failed (a
+    # reload onto a broken configuration, tried again and again).
+    log: list[str] = []
+
+    class Opens:
+        def bonzo_startup(self):
+            log.append("open")
+
+        def bonzo_shutdown(self):
+            log.append("close")
+
+    class Fails:
+        def bonzo_startup(self):
+            raise OSError("database unreachable")
+
+        def bonzo_shutdown(self):
+            log.append("close fails")  # never started: never shut down
+
+    class Later:
+        def bonzo_startup(self):
+            log.append("later")
+
+        def bonzo_shutdown(self):
+            log.append("close later")
+
+    plugin_module.Opens = Opens
+    plugin_module.Fails = Fails
+    plugin_module.Later = Later
+    app = MailApp(parse_config(app_config("Opens", "Fails", "Later", listen=True)))
+
+    async def start() -> None:
+        with pytest.raises(PluginError, match=r"Fails.*bonzo_startup.*database unreachable"):
+            await app.start()
+
+    run(start())
+    assert app.server is None
+    assert log == ["open", "close"]
+
+
 # ------------------------------------------------------------- delivery
 @pytest.mark.expect_errors
 def test_delivery_hooks_follow_the_decision_and_observer_rules(caplog):
