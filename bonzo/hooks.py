@@ -20,6 +20,7 @@ import difflib
 import inspect
 import sys
 import types
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Generator, Iterable, Sequence
 from typing import Any
@@ -49,6 +50,7 @@ __all__ = [
     "HookTimeout",
     "CANCEL_GRACE",
     "abandoned_calls",
+    "stop_task",
     "hook_names",
     "HOOK_ARGS",
 ]
@@ -529,27 +531,28 @@ def abandoned_calls() -> int:
 
 if sys.version_info >= (3, 11):
 
-    def _cancels(task: asyncio.Task[Any]) -> int:
-        return task.cancelling()
-
     def _uncancel(task: asyncio.Task[Any]) -> None:
         task.uncancel()
 
-    def _stop_asked(task: asyncio.Task[Any], before: int) -> bool:
-        """Whether ``task`` was asked to stop since it had ``before``
-        cancellation requests (else a CancelledError is the plugin's own)."""
-        return task.cancelling() > before
-
 else:  # pragma: no cover - Python 3.10 does not count cancellations
-
-    def _cancels(task: asyncio.Task[Any]) -> int:
-        return 0
 
     def _uncancel(task: asyncio.Task[Any]) -> None:
         pass
 
-    def _stop_asked(task: asyncio.Task[Any], before: int) -> bool:
-        return True  # as _stopping(): every CancelledError stops
+
+#: Tasks cancelled to stop them (:func:`stop_task`).
+_STOPPED: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+
+
+def stop_task(task: asyncio.Task[Any]) -> None:
+    """Cancel a session's ``task`` to stop it (a forced stop). A hook call it
+    is in gets the cancellation, and one that goes on after it is abandoned
+    :data:`CANCEL_GRACE` seconds later. Any other cancellation a hook call
+    sees is the plugin's own business (its own ``asyncio.timeout()`` or
+    ``wait_for()`` cancel the task on Python 3.12+ and take it back), never
+    taken for a stop, however long the plugin's clean-up takes."""
+    _STOPPED.add(task)
+    task.cancel()
 
 
 class _Limit:
@@ -589,7 +592,6 @@ def _bounded(call: HookCall, hook: str, awaitable: Awaitable[Any]) -> Generator[
     if task is None:  # as asyncio.timeout(): the limit cancels a task
         raise RuntimeError("a hook's awaitable must be awaited in an asyncio task")
     limit = _Limit(task)
-    before = _cancels(task)
     timer = loop.call_at(start + call.timeout, limit.expire)
     try:
         while True:
@@ -599,9 +601,9 @@ def _bounded(call: HookCall, hook: str, awaitable: Awaitable[Any]) -> Generator[
                 _close(steps, awaitable)
                 raise
             except asyncio.CancelledError as exc:
-                if limit.over or _stop_asked(task, before):
+                if limit.over or task in _STOPPED:
                     timer.cancel()
-                    return (yield from _cancelled(call, hook, awaitable, steps, exc, limit, before))
+                    return (yield from _cancelled(call, hook, awaitable, steps, exc, limit))
                 try:  # a future of the plugin's own was cancelled: its business
                     signal = steps.throw(exc)
                 except StopIteration as done:
@@ -627,7 +629,6 @@ def _cancelled(
     steps: Any,
     cancel: asyncio.CancelledError,
     limit: _Limit,
-    before: int,
 ) -> Generator[Any, Any, Any]:
     """The rest of a hook call whose task was cancelled: by the call's time
     limit (``limit.over``), or to stop the session. The plugin gets the
@@ -641,7 +642,7 @@ def _cancelled(
         # The time limit's own cancellation is taken back; one from
         # elsewhere (a forced stop at the same moment) stands.
         _uncancel(task)
-        stopping = _cancels(task) > before
+        stopping = task in _STOPPED
     else:
         stopping = True
     grace = _Limit(task)
@@ -670,11 +671,11 @@ def _cancelled(
                 if isinstance(exc, asyncio.CancelledError):
                     if grace.over:
                         _uncancel(task)
-                        stopping = stopping or _cancels(task) > before
+                        stopping = stopping or task in _STOPPED
                         _abandon(call, hook, awaitable, steps, stopping)
                         failure = HookTimeout(_no_answer(call, abandoned=True))
                         break
-                    stopping = stopping or _stop_asked(task, before)
+                    stopping = stopping or task in _STOPPED
                 thrown = exc
     finally:
         timer.cancel()

@@ -25,7 +25,7 @@ from tornado.tcpserver import TCPServer
 
 from . import errors, metrics, version
 from .connection import SessionStream, SMTPConnection, connect_refusals
-from .hooks import CANCEL_GRACE, PluginSet
+from .hooks import CANCEL_GRACE, PluginSet, stop_task
 from .hookspecs import Accept
 from .listen import accept_on
 from .session import Envelope, Session
@@ -744,7 +744,7 @@ class SMTPServer(TCPServer):
         for connection in list(self.connections):
             task = connection.task
             if task is not None and not task.done():
-                task.cancel()
+                stop_task(task)
 
     async def close_all_connections(self) -> None:
         """Close every connection now and wait for the sessions to clean up

@@ -1143,6 +1143,36 @@ def test_a_future_of_the_plugin_cancelled_while_it_waits_is_its_failure(log_watc
     assert failures(log_watch, "pool", "bonzo_rcpt")[0].exc_info[0] is asyncio.CancelledError
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is new in Python 3.11")
+@pytest.mark.parametrize("where", ["after", "inside"])
+def test_a_plugin_s_own_timeout_is_not_taken_for_a_stop(monkeypatch, where):
+    """asyncio.timeout() (and wait_for() on Python 3.12+) cancels the task
+    and takes the cancellation back when it ends: a plugin whose own time
+    limit expires, which then waits some more (in its clean-up inside the
+    limit, or after it) for longer than CANCEL_GRACE, answers as it likes."""
+    monkeypatch.setattr(hooks, "CANCEL_GRACE", 0.1)
+
+    class OwnLimit:
+        async def bonzo_rcpt(self, address):
+            try:
+                async with asyncio.timeout(0.05):
+                    try:
+                        await asyncio.sleep(10)
+                    finally:
+                        if where == "inside":
+                            await asyncio.sleep(0.3)  # closing its connection
+            except TimeoutError:
+                await asyncio.sleep(0.3)  # asks its fallback
+                return Accept()
+
+    ps = plugin_set(("own", OwnLimit(), 5.0))
+    replies = converse(
+        ps, EHLO, b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n", b"NOOP\r\n"
+    )
+    assert replies[-2].endswith(b"250 2.1.5 Ok\r\n"), replies
+    assert replies[-1] == b"250 2.0.0 Ok\r\n"
+
+
 def test_a_stopped_session_abandons_a_hook_that_ignores_its_cancellation(log_watch, monkeypatch):
     monkeypatch.setattr(hooks, "CANCEL_GRACE", 0.2)
     plugin = IgnoresCancellation()
@@ -1152,7 +1182,7 @@ def test_a_stopped_session_abandons_a_hook_that_ignores_its_cancellation(log_wat
     async def stop_while_it_waits() -> float:
         task = asyncio.ensure_future(ps.decide("bonzo_rcpt", args))
         await asyncio.sleep(0.05)
-        task.cancel()  # as SMTPServer.force_stop does
+        hooks.stop_task(task)  # as SMTPServer.force_stop does
         started = time.monotonic()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, DEADLINE)
