@@ -11,7 +11,9 @@ and count on:
 - the domain goes through the IDNA mapping of UTS #46 (non-transitional,
   STD3 rules, via the ``idna`` package) and is written in lower-case ASCII
   (A-labels, ``xn--...``); address literals are normalised with
-  :mod:`ipaddress`;
+  :mod:`ipaddress`, and an IPv4-mapped IPv6 literal
+  (``[IPv6:::ffff:192.0.2.1]``) is written as the IPv4 literal
+  (``[192.0.2.1]``) of the host it reaches;
 - the local part is unquoted where quoting is not needed (``"ceo"`` →
   ``ceo``; ``"a b"`` stays quoted, with only the escapes it needs), and
   non-ASCII local parts are in Unicode normal form C. Its case is kept: only
@@ -67,9 +69,15 @@ def _canonical_literal(literal: str) -> str:
     inner = literal[1:-1]
     if inner[:5].upper() == "IPV6:":
         try:
-            return f"[IPv6:{ipaddress.IPv6Address(inner[5:]).compressed}]"
+            address = ipaddress.IPv6Address(inner[5:])
         except ValueError:
             return literal
+        # An IPv4-mapped address (::ffff:a.b.c.d) reaches the IPv4 host: its
+        # canonical form is that host's literal, so that a rule or a budget
+        # for [a.b.c.d] holds for both spellings.
+        if address.ipv4_mapped is not None:
+            return f"[{address.ipv4_mapped}]"
+        return f"[IPv6:{address.compressed}]"
     try:
         return f"[{ipaddress.IPv4Address(inner)}]"
     except ValueError:

@@ -25,7 +25,7 @@ from protocol_helpers import (
     split_replies,
 )
 
-from bonzo.address import Address
+from bonzo.address import Address, canonical_domain
 from bonzo.errors import SMTPError
 from bonzo.protocol import (
     AddressError,
@@ -385,6 +385,21 @@ def test_address_parse_takes_no_bare_name_for_postmaster():
     assert Address.parse("PostMaster").canonical == "postmaster"
     with pytest.raises(ValueError, match="no @"):
         Address.parse("bob")
+
+
+@pytest.mark.parametrize(
+    "literal",
+    ["[IPv6:::ffff:192.0.2.1]", "[ipv6:::FFFF:c000:201]", "[IPv6:0:0:0:0:0:ffff:192.0.2.1]"],
+)
+def test_an_ipv4_mapped_literal_is_the_ipv4_literal(literal):
+    # The host it reaches is 192.0.2.1: a rule or a budget for [192.0.2.1]
+    # must hold for this spelling too.
+    address, _ = parse_path(f"<x@{literal}>", sender=False)
+    assert (address.domain, address.original) == ("[192.0.2.1]", f"x@{literal}")
+    assert canonical_domain(literal) == "[192.0.2.1]"
+    # Other IPv6 literals, the IPv4-compatible form included, stay IPv6.
+    assert canonical_domain("[IPv6:::192.0.2.1]") == "[IPv6:::c000:201]"
+    assert canonical_domain("[IPv6:64:ff9b::192.0.2.1]") == "[IPv6:64:ff9b::c000:201]"
 
 
 # Domains as people (and attackers) spell them: any mix of case, full-width

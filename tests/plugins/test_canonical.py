@@ -92,3 +92,24 @@ def test_an_allowed_spelling_is_stored_in_the_canonical_folder(tmp_path, caplog,
     (line,) = [r.getMessage() for r in caplog.records if r.name == "bonzo.plugins.log"]
     assert " from=<a@example.org> sent_from=<a@exa\\xadmple.org> " in line
     assert " to=<alice@example.com> sent_to=<" in line
+
+
+def test_a_rule_for_an_ipv4_literal_holds_for_its_ipv4_mapped_spelling(tmp_path):
+    # [IPv6:::ffff:192.0.2.1] reaches the host 192.0.2.1; its canonical form
+    # is [192.0.2.1], so a rule written for that literal denies it too.
+    access = AccessPlugin()
+    rule = {"stage": "rcpt", "match": r"re:.*@\[192\.0\.2\.1\]", "action": "deny"}
+    access.bonzo_configure(config={"rules": [rule]}, app=None)
+    recipients = RecipientsPlugin()
+    recipients.bonzo_configure(config={"domains": ["[192.0.2.1]", "example.com"]}, app=None)
+    with serve(("access", access), ("recipients", recipients)) as server:
+        with server.client() as client:
+            assert client.ehlo()[0] == 250
+            assert client.mail("a@example.org")[0] == 250
+            for spelling in (
+                "x@[192.0.2.1]",
+                "x@[IPv6:::ffff:192.0.2.1]",
+                "x@[IPv6:::FFFF:c000:201]",
+            ):
+                assert client.docmd(f"RCPT TO:<{spelling}>") == DENIED, spelling
+            assert client.rcpt("alice@example.com")[0] == 250
