@@ -173,14 +173,16 @@ class Rule:
 
 def _canonical_glob_domain(domain: str, pattern: str, where: str) -> str:
     """The domain part of an address glob in canonical form: the whole domain
-    when it has no wildcard, else each label that has none."""
+    when it has no wildcard, else each label that has none. A final dot is
+    dropped either way (canonical domains have none)."""
     if not any(c in _GLOB for c in domain):
         try:
             return config_domain(domain)
         except ValueError as exc:
             raise ValueError(f"{where}: {describe(pattern)}: {exc}") from None
     labels = []
-    for label in _LABEL_SEPARATOR.split(domain):
+    # As config_domain does for a domain without wildcards.
+    for label in _LABEL_SEPARATOR.split(domain.rstrip(DOTS)):
         if any(c in _GLOB for c in label):
             if not label.isascii():
                 raise ValueError(
@@ -221,6 +223,12 @@ def canonical_pattern(pattern: str, where: str = "match") -> str:
     return f"{local}@{_canonical_glob_domain(domain, pattern, where)}"
 
 
+def _bare_name(name: str) -> str:
+    """A HELO name or glob without its final dot (``evil.example.`` is the
+    fully qualified spelling of ``evil.example``); ``.`` stays as it is."""
+    return name[:-1] if name.endswith(".") and len(name) > 1 else name
+
+
 def _compile_pattern(pattern: str, stage: str, where: str) -> re.Pattern[str]:
     if pattern.startswith("re:"):
         if stage in ("mail", "rcpt") and not pattern.isascii():
@@ -241,6 +249,8 @@ def _compile_pattern(pattern: str, stage: str, where: str) -> re.Pattern[str]:
         return re.compile("")
     if stage in ("mail", "rcpt"):
         pattern = canonical_pattern(pattern, where)
+    elif stage == "helo":
+        pattern = _bare_name(pattern)  # matched against names without theirs
     return re.compile(fnmatch.translate(pattern.lower()), re.IGNORECASE)
 
 
@@ -319,8 +329,7 @@ class AccessPlugin:
     def bonzo_helo(self, session: Session, name: str) -> None:
         """Rules of stage ``helo`` on the HELO/EHLO name, without its final
         dot (``evil.example.`` is the fully qualified ``evil.example``)."""
-        bare = name[:-1] if name.endswith(".") and len(name) > 1 else name
-        self.check(session, "helo", bare, name)
+        self.check(session, "helo", _bare_name(name), name)
 
     @hookimpl
     def bonzo_mail(self, session: Session, mailbox: Address) -> None:

@@ -93,6 +93,23 @@ def test_helo_glob_is_case_insensitive_and_whole():
     assert outcome(exact, "helo", ".") is None
 
 
+def test_a_helo_glob_with_a_final_dot_matches_both_spellings():
+    # The README calls "evil.example." the fully qualified spelling of
+    # "evil.example": as a rule it must match, not silently never.
+    plugin = configured(
+        [
+            {"stage": "helo", "match": "evil.example.", "action": "deny"},
+            {"stage": "helo", "match": "*.Dynamic.example.", "action": "deny"},
+            {"stage": "helo", "match": r"re:literal\.example\.", "action": "deny"},
+        ]
+    )
+    for name in ("evil.example", "EVIL.example.", "host.dynamic.example", "h.dynamic.example."):
+        assert outcome(plugin, "helo", name) == DENIED, name
+    assert outcome(plugin, "helo", "evil.example.org") is None
+    # A regex is used as written: names are matched without their final dot.
+    assert outcome(plugin, "helo", "literal.example.") is None
+
+
 def test_sender_glob_and_null_sender():
     plugin = configured(
         [
@@ -153,6 +170,21 @@ def test_subdomain_glob_holds_for_every_spelling(spelling):
     plugin = configured([{"stage": "mail", "match": "*@*.example", "action": "deny"}])
     assert outcome(plugin, "mail", spelling) == DENIED
     assert outcome(plugin, "mail", "joe@example") is None
+
+
+@pytest.mark.parametrize(
+    ("pattern", "sender"),
+    [
+        ("*@*.spam.example.", "joe@a.SPAM.example"),
+        ("*@*.spam.example\u3002", "joe@a.spam.example"),  # an ideographic full stop
+        ("*@sp?m.example.", "joe@spam.example"),
+    ],
+)
+def test_a_wildcard_domain_glob_with_a_final_dot_matches(pattern, sender):
+    # As "*@spam.example." is "*@spam.example": the final dot is dropped.
+    plugin = configured([{"stage": "mail", "match": pattern, "action": "deny"}])
+    assert outcome(plugin, "mail", sender) == DENIED
+    assert outcome(plugin, "mail", sender + ".org") is None
 
 
 @parametrize("pattern", "ceo", "example.com")
