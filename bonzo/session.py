@@ -41,6 +41,8 @@ __all__ = [
     "Session",
     "Envelope",
     "Change",
+    "HeaderSectionTooLarge",
+    "MAX_HEADER_SECTION",
     "current_plugin",
     "log_escape",
     "current_session_id",
@@ -71,6 +73,25 @@ _HEADER_NAME = re.compile(r"[!-9;-~]+")
 #: The longest client header section the message-change methods will parse
 #: (memory stays bounded for any message; RFC 5322 sets no limit).
 MAX_HEADER_SECTION = 1 << 20
+_WSP = (b" ", b"\t")
+_WSP_OCTETS = (32, 9)
+
+
+class HeaderSectionTooLarge(SMTPError):
+    """The client's header section is longer than Bonzo parses
+    (:data:`MAX_HEADER_SECTION`): raised by every :class:`Envelope` method
+    that reads or edits the headers. Raised from a hook it refuses the
+    message for good (``552 5.3.4``): a retry would fail the same way."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            552,
+            "Message header section too large",
+            "the header section is over %d octets (MAX_HEADER_SECTION), the most Bonzo parses",
+            MAX_HEADER_SECTION,
+            enhanced_code="5.3.4",
+        )
+
 
 #: The plugin whose hook is running (set by :mod:`bonzo.hooks` around each
 #: call), so that changes to a message are recorded with their author.
@@ -117,6 +138,23 @@ def _field_name(line: bytes) -> bytes | None:
     which mail readers and filters read as the field of that name)."""
     name, colon, _ = line.partition(b":")
     return name.strip(b" \t") if colon else None
+
+
+def _field_follows(src: IO[bytes]) -> bool:
+    """True if a line that reads as a header field (no white space first, a
+    colon in it) comes in ``src`` before the first blank line or the end.
+    Reads line by line: memory stays bounded for any message."""
+    line_start = True
+    wsp = False
+    while piece := src.readline(65536):
+        if line_start:
+            if piece in (b"\r\n", b"\n"):
+                return False
+            wsp = piece[:1] in _WSP
+        if not wsp and b":" in piece:
+            return True
+        line_start = piece[-1:] == b"\n"
+    return False
 
 
 def _format_header(name: str, value: str, utf8: bool = True) -> bytes:
@@ -480,6 +518,13 @@ class Envelope:
     :attr:`rcpt_tos` alone leaves :attr:`recipients` without them).
     """
 
+    # Set only once the header section is parsed (class defaults: nothing
+    # per message for the many that nobody parses). The content (spool and
+    # size) found to need no blank line inserted, and whether the section
+    # is over MAX_HEADER_SECTION.
+    _unambiguous: tuple[_Spool, int] | None = None
+    _oversized = False
+
     def __init__(
         self,
         mail_from: str,
@@ -748,7 +793,12 @@ class Envelope:
         the client's, with every change applied): ``(name, value)`` pairs in
         order, the value without the leading space and final line break,
         folded lines kept (``"\\r\\n\\t..."``), decoded as UTF-8 (undecodable
-        octets escaped)."""
+        octets escaped). The client's section ends at its first line that
+        is not a header field; when a line that reads as a field follows it
+        before a blank line, a blank line is inserted before it, so that
+        every reader of the message ends the section there too. Raises
+        :class:`HeaderSectionTooLarge` for a client header section over
+        :data:`MAX_HEADER_SECTION`."""
         self._apply_changes()
         blocks = list(self._headers)
         if self._spool is not None:
@@ -764,8 +814,19 @@ class Envelope:
         """The client's header blocks (each with its folded lines), the blank
         line after them (``b""`` if none), and where the body starts. Only
         the last block can lack a line ending: a message sent with ``BDAT``
-        may end inside its last header line."""
+        may end inside its last header line.
+
+        The section ends at the first line that is not a header field (a
+        folded line with no field before it is none either). If a line that
+        reads as a field follows it before the first blank line, a reader
+        that reads to the blank line (an IMAP server, Sieve) would take
+        that line for a header, though Bonzo's methods took it for body: a
+        blank line is inserted, as Postfix's cleanup does, so that every
+        reader splits the message here. Raises
+        :class:`HeaderSectionTooLarge` past :data:`MAX_HEADER_SECTION`."""
         assert self._spool is not None
+        if self._oversized:
+            raise HeaderSectionTooLarge()
         src = self._spool.open()
         src.seek(0)
         blocks: list[bytes] = []
@@ -781,20 +842,58 @@ class Envelope:
                 line += more
             total += len(line)
             if total > MAX_HEADER_SECTION:
-                raise ValueError(
-                    f"the header section is over {MAX_HEADER_SECTION} octets: not edited"
-                )
+                # Every later read fails the same way, without reading again;
+                # and the message is refused for every recipient, so that a
+                # caller that catches the error cannot let it through with
+                # its headers unread.
+                self._oversized = True
+                error = HeaderSectionTooLarge()
+                for i in range(len(self.recipients)):
+                    self.refuse_recipient(i, error)
+                raise error
             if not line:
                 return blocks, b"", total
             if line in (b"\r\n", b"\n"):
                 return blocks, line, total
-            if line[:1] in (b" ", b"\t") and blocks:
-                blocks[-1] += line
+            if line[:1] in _WSP:
+                if blocks:
+                    blocks[-1] += line
+                    continue
             elif b":" in line:
                 blocks.append(line)
-            else:
-                # Not a header: the body starts here (no blank line was sent).
-                return blocks, b"", total - len(line)
+                continue
+            # Not a header: the body starts here (no blank line was sent).
+            start = total - len(line)
+            if self._unambiguous != (self._spool, self._size) and _field_follows(src):
+                self._insert_blank_line(start)
+                return blocks, b"\r\n", start + 2
+            # Checked once for this content, however often it is parsed.
+            self._unambiguous = (self._spool, self._size)
+            return blocks, b"", start
+
+    def _insert_blank_line(self, at: int) -> None:
+        """Make the content's octet ``at`` the start of the body, after a
+        blank line (see :meth:`_client_header_section`)."""
+        assert self._spool is not None
+        src = self._spool.open()
+        src.seek(0)
+        new = _Spool(self._spool_threshold, self._spool_dir)
+        try:
+            new.write(src.read(at))
+            new.write(b"\r\n")
+            shutil.copyfileobj(src, new, 1 << 20)
+        except BaseException:
+            new.close()
+            raise
+        self._spool.close()
+        self._spool = new
+        self._size = new.size
+        self._message = None
+        gen_log.info(
+            "message %s: the header section ends at a line that is not a header field, "
+            "with fields after it: a blank line was inserted before that line",
+            self.id,
+        )
 
     def _apply_changes(self) -> None:
         """Apply the pending header edits and the new body in one pass: the
@@ -873,9 +972,18 @@ class Envelope:
 
     # ----------------------------------------------------------- content in
     def write(self, data: bytes) -> None:
-        """Append message content (already unstuffed, CRLF line ends)."""
+        """Append message content (already unstuffed, CRLF line ends).
+
+        Content whose first line starts with white space gets a blank line
+        in front: that line would otherwise fold into the header above it
+        (the trace header), so the content is all body."""
         if self._spool is None:
+            if not data:
+                return  # the first octet decides, below
             self._spool = _Spool(self._spool_threshold, self._spool_dir)
+            if data[0] in _WSP_OCTETS:
+                self._spool.write(b"\r\n")
+                self._size = 2
         self._spool.write(data)
         self._size += len(data)
 
@@ -953,8 +1061,14 @@ class Envelope:
 
     @property
     def message(self) -> EmailMessage:
-        """The message parsed with :mod:`email` (modern policy), on first use."""
+        """The message parsed with :mod:`email` (modern policy), on first use.
+        Raises :class:`HeaderSectionTooLarge` as :meth:`headers` does."""
         if self._message is None:
+            self._apply_changes()
+            if self._spool is not None:
+                # Where the header section ends is made plain in the content
+                # first, so that this parse agrees with every other reader.
+                self._client_header_section()
             parser = BytesParser(policy=email.policy.default)
             self._message = parser.parsebytes(self.content)
         assert self._message is not None
@@ -968,51 +1082,30 @@ class Envelope:
         before the colon, obsolete but still in use) is an ``X-Spam-Flag``.
 
         The body after the header section is copied as is, in chunks, so this
-        works for spooled messages of any size.
+        works for spooled messages of any size. Raises
+        :class:`HeaderSectionTooLarge` as :meth:`headers` does.
         """
         self._apply_changes()
         wanted = name.lower().encode("ascii", "replace")
-        removed = 0
-        kept_added = []
-        for block in self._headers:
-            if (_field_name(block) or b"").lower() == wanted:
-                removed += 1
-            else:
-                kept_added.append(block)
+        blocks: list[bytes] = []
+        blank, start = b"", 0
+        if self._spool is not None:
+            # The section as headers() reads it: what it lists is what goes.
+            blocks, blank, start = self._client_header_section()
+        kept_added = [b for b in self._headers if (_field_name(b) or b"").lower() != wanted]
+        removed = len(self._headers) - len(kept_added)
         self._headers = kept_added
-        if self._spool is None:
-            return removed
-        src = self.open_body()
-        out: list[bytes] = []
-        skipping = False
-        seen = 0  # header lines read (continuations not counted)
-        from_client = 0
-        while True:
-            line = src.readline(65536)
-            if not line or line in (b"\r\n", b"\n"):
-                break
-            if line[:1] in (b" ", b"\t") and seen:
-                if not skipping:
-                    out.append(line)
-                continue
-            field = _field_name(line)
-            if field is None:
-                # Not a header: the body starts here, as for headers().
-                break
-            seen += 1
-            skipping = field.lower() == wanted
-            if skipping:
-                from_client += 1
-            else:
-                out.append(line)
-        removed += from_client
-        if from_client:
+        kept = [b for b in blocks if (_field_name(b) or b"").lower() != wanted]
+        if len(kept) < len(blocks):
+            assert self._spool is not None
+            removed += len(blocks) - len(kept)
             new = _Spool(self._spool_threshold, self._spool_dir)
             try:
-                new.writelines(out)
-                if line:
-                    new.write(line)
-                    shutil.copyfileobj(src, new, 1 << 20)
+                new.writelines(kept)
+                new.write(blank)
+                src = self._spool.open()
+                src.seek(start)
+                shutil.copyfileobj(src, new, 1 << 20)
             except BaseException:
                 new.close()
                 raise

@@ -5,6 +5,8 @@ applied once before delivery, bounded for any message."""
 from __future__ import annotations
 
 import asyncio
+import email.parser
+import email.policy
 import io
 import logging
 from typing import Any
@@ -15,7 +17,14 @@ from hypothesis import strategies as st
 
 from bonzo import Accept, hookimpl
 from bonzo.hooks import PluginSet
-from bonzo.session import MAX_HEADER_SECTION, Change, Envelope, current_plugin
+from bonzo.session import (
+    MAX_HEADER_SECTION,
+    Change,
+    Envelope,
+    HeaderSectionTooLarge,
+    _Spool,
+    current_plugin,
+)
 from bonzo.settings import SMTPSettings
 from bonzo.testing import SessionTester
 
@@ -173,16 +182,109 @@ def test_white_space_before_the_colon_is_the_same_name_to_every_method(threshold
     )
 
 
-def test_remove_header_stops_where_the_header_section_does():
+def strict_header_names(content: bytes) -> list[str]:
+    """The field names a reader that reads to the first blank line sees (an
+    IMAP server, Sieve): every unfolded line with a colon is a field."""
+    text = content.replace(b"\r\n", b"\n")
+    head = b"" if text[:1] == b"\n" else text.split(b"\n\n", 1)[0]
+    unfolded = head.replace(b"\n ", b" ").replace(b"\n\t", b"\t").split(b"\n")
+    return [line.split(b":", 1)[0].strip().decode() for line in unfolded if b":" in line]
+
+
+@pytest.mark.parametrize("threshold", [1 << 20, 0])  # in memory, and spooled to a file
+def test_remove_header_stops_where_the_header_section_does(threshold):
     # A line that is no header ends the section (as for headers()): a
-    # header-like line after it is body text, left alone.
-    env = envelope(b"X-Spam-Flag: YES\r\nnot a header\r\nX-Spam-Flag: body\r\n\r\nmore\r\n")
+    # header-like line after it is body text, left alone -- and a blank
+    # line goes before it, so that a reader that reads on to the first
+    # blank line does not take it for a header that remove_header() left.
+    sent = b"X-Spam-Flag: YES\r\nnot a header\r\nX-Spam-Flag: body\r\n\r\nmore\r\n"
+    env = envelope(sent, threshold)
+    assert env.body == sent  # nothing parsed yet: as sent
     assert [n for n, _ in env.headers()] == ["Received", "X-Spam-Flag"]
     assert env.remove_header("X-Spam-Flag") == 1
-    assert env.body == b"not a header\r\nX-Spam-Flag: body\r\n\r\nmore\r\n"
+    assert env.body == b"\r\nnot a header\r\nX-Spam-Flag: body\r\n\r\nmore\r\n"
     assert env.remove_header("Received") == 1
     assert env.remove_header("X-Absent") == 0
-    assert env.body == b"not a header\r\nX-Spam-Flag: body\r\n\r\nmore\r\n"
+    assert env.body == b"\r\nnot a header\r\nX-Spam-Flag: body\r\n\r\nmore\r\n"
+    assert strict_header_names(env.content) == []
+
+
+@pytest.mark.parametrize("threshold", [1 << 20, 0])
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"From: a@b.test\r\ngarbage\r\nX-Spam-Flag: YES\r\nSubject: s\r\n\r\nbody\r\n",
+        b"garbage\r\nX-Spam-Flag: YES\r\n\r\nbody\r\n",
+        b"From: a@b.test\r\ngarbage\r\n more garbage\r\nX-Spam-Flag: YES",  # no blank line
+        b"From: a@b.test\r\n" + b"g" * 70000 + b"\r\nX-Spam-Flag : YES\r\n\r\nb\r\n",
+    ],
+    ids=["mid-section", "first-line", "no-blank-line", "long-line"],
+)
+def test_every_reader_ends_the_header_section_where_bonzo_does(sent, threshold):
+    env = envelope(sent, threshold)
+    names = [n for n, _ in env.headers()]
+    assert "X-Spam-Flag" not in names
+    content = env.content
+    assert strict_header_names(content) == names
+    parsed = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(content)
+    assert parsed.keys() == names and parsed.defects == []
+    # Only a blank line was added, once, before the first line that is no field.
+    cut = sent.index(b"garbage") if b"garbage" in sent else sent.index(b"g" * 10)
+    assert env.body == sent[:cut] + b"\r\n" + sent[cut:]
+    env.headers()
+    env.remove_header("X-Spam-Flag")
+    assert env.body == sent[:cut] + b"\r\n" + sent[cut:]
+
+
+@pytest.mark.parametrize("threshold", [1 << 20, 0])
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"Subject: s\r\nno field follows\r\nbefore the blank line\r\n\r\nX-Spam: body\r\n",
+        b"Subject: s\r\nno field follows\r\n\tfolded: not a field\r\n",
+        b"no header here\r\n",
+        b"Subject: s\r\n\r\nX-Spam: body\r\n",
+    ],
+)
+def test_a_message_that_readers_split_alike_is_kept_as_sent(sent, threshold):
+    env = envelope(sent, threshold)
+    env.headers()
+    env.remove_header("X-Spam")
+    env.message  # noqa: B018
+    assert env.body == sent
+
+
+def test_content_starting_with_white_space_is_all_body():
+    # Its first line would fold into the header above it (Bonzo's
+    # Received:): a blank line goes between them, on the first octet alone.
+    sent = b" (authenticated as ceo@example.com)\r\nX-Spam-Flag: YES\r\n\r\nbody\r\n"
+    env = Envelope("a@example.org")
+    OPEN.append(env)
+    env.prepend_raw(b"Received: from c by s; now\r\n")
+    env.write(b"")  # an empty first piece: the first octet decides
+    env.write(sent[:1])
+    env.write(sent[1:])
+    assert env.content == b"Received: from c by s; now\r\n\r\n" + sent
+    assert env.size == len(sent) + 2
+    assert [n for n, _ in env.headers()] == ["Received"]
+    assert env.remove_header("X-Spam-Flag") == 0
+    assert strict_header_names(env.content) == ["Received"]
+    assert envelope(b"\tx\r\n").body == b"\r\n\tx\r\n"
+    assert envelope(b"x: \r\n y\r\n").body == b"x: \r\n y\r\n"
+
+
+@pytest.mark.parametrize("threshold", [1 << 20, 0])
+def test_a_folded_line_with_nothing_before_it_is_no_field(threshold):
+    # write() never leaves such a first line (above); the parse does not
+    # take one for a field either, in any method.
+    env = envelope(b"", threshold)
+    sent = b" X-Spam-Flag: YES\r\nSubject: s\r\n\r\nbody\r\n"
+    env._spool = _Spool(threshold, None)
+    env._spool.write(sent)
+    env._size = len(sent)
+    assert [n for n, _ in env.headers()] == ["Received"]
+    assert env.remove_header("X-Spam-Flag") == 0
+    assert env.body == b"\r\n" + sent  # a field follows: made plain to every reader
 
 
 @pytest.mark.parametrize("threshold", [1 << 20, 0])  # in memory, and spooled to a file
@@ -241,12 +343,32 @@ def test_bad_changes_are_refused_at_once():
     assert env.content.endswith(CLIENT)
 
 
+BIG = b"X-Long: " + b"a" * 900 + b"\r\n"
+OVERSIZED = BIG * (MAX_HEADER_SECTION // len(BIG) + 2) + b"\r\nbody\r\n"
+
+
 def test_the_header_section_parsed_is_bounded():
-    big = b"X-Long: " + b"a" * 900 + b"\r\n"
-    env = envelope(big * (MAX_HEADER_SECTION // len(big) + 2) + b"\r\nbody\r\n", threshold=4096)
+    env = envelope(OVERSIZED, threshold=4096)
     env.change_header("X-Long", "short")
-    with pytest.raises(ValueError, match="header section is over"):
+    with pytest.raises(HeaderSectionTooLarge) as raised:
         env.content  # noqa: B018 - the read applies the change
+    # A permanent refusal (a retry would fail the same way) naming the limit.
+    error = raised.value
+    assert (error.status_code, error.enhanced_code) == (552, "5.3.4")
+    assert error.message == "Message header section too large"
+    assert f"over {MAX_HEADER_SECTION} octets (MAX_HEADER_SECTION)" in str(error)
+    # Every method that reads the headers says the same, each time.
+    for read in (
+        lambda e: e.headers(),
+        lambda e: e.remove_header("X-Long"),
+        lambda e: e.message,
+    ):
+        fresh = envelope(OVERSIZED, threshold=4096)
+        for _ in range(2):
+            with pytest.raises(HeaderSectionTooLarge):
+                read(fresh)
+    unread = envelope(OVERSIZED, threshold=4096)
+    assert unread.body == OVERSIZED  # nobody parsed it: delivered as sent
 
 
 def test_recipients_and_sender_changes():
@@ -311,7 +433,13 @@ class Owner:
         return Accept()
 
 
-def run(filter_: Any, *, lmtp: bool = False, rcpts: tuple[str, ...] = ("b@example.net",)):
+def run(
+    filter_: Any,
+    *,
+    lmtp: bool = False,
+    rcpts: tuple[str, ...] = ("b@example.net",),
+    content: bytes = CLIENT,
+):
     plugins = PluginSet()
     plugins.register(filter_, "filter")
     owner = Owner()
@@ -323,7 +451,7 @@ def run(filter_: Any, *, lmtp: bool = False, rcpts: tuple[str, ...] = ("b@exampl
         script = b"LHLO c\r\n" if lmtp else b"EHLO c\r\n"
         script += b"MAIL FROM:<a@example.org>\r\n"
         script += b"".join(f"RCPT TO:<{r}>\r\n".encode() for r in rcpts)
-        return await tester.send(script + b"DATA\r\n" + CLIENT + b".\r\n")
+        return await tester.send(script + b"DATA\r\n" + content + b".\r\n")
 
     return asyncio.run(main()), owner
 
@@ -345,6 +473,55 @@ def test_a_filter_rewrites_the_message_and_delivery_sees_it(caplog):
     assert rcpts == ["b@example.net", "archive@example.org"]
     assert b"Subject: [scanned] hi\r\n" in content and b"X-Spam" not in content
     assert "filter change_header: Subject" in caplog.text
+
+
+class Reader:
+    @hookimpl
+    def bonzo_message(self, envelope: Envelope) -> None:
+        envelope.headers()
+
+
+class Swallower:
+    @hookimpl
+    def bonzo_message(self, envelope: Envelope) -> None:
+        try:
+            envelope.remove_header("X-Long")
+        except Exception:  # noqa: S110 - what a careless filter does
+            pass
+
+
+class Editor:
+    @hookimpl
+    def bonzo_message(self, envelope: Envelope) -> None:
+        envelope.change_header("Subject", "edited")  # parsed when delivered
+
+
+@pytest.mark.parametrize("lmtp", [False, True])
+@pytest.mark.parametrize("filter_", [Reader(), Swallower(), Editor()], ids=type)
+def test_a_header_section_too_large_to_parse_is_refused_for_good(filter_, lmtp, caplog):
+    # Whoever parses the headers first (a filter, a careless one, or the
+    # delivery that applies an edit): a permanent refusal, no traceback;
+    # never 451 at every retry. (The log line: tests/plugins/test_authres.py.)
+    rcpts = ("b@example.net", "c@example.net")
+    with caplog.at_level(logging.INFO):
+        replies, owner = run(filter_, content=OVERSIZED, lmtp=lmtp, rcpts=rcpts)
+    finals = replies.splitlines()[-2 if lmtp else -1 :]
+    assert finals == [b"552 5.3.4 Message header section too large"] * len(finals)
+    assert owner.delivered == []
+    assert "Uncaught exception" not in caplog.text
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_a_header_section_too_large_to_parse_is_delivered_if_nobody_parses_it():
+    class Nothing:
+        @hookimpl
+        def bonzo_message(self, envelope: Envelope) -> None:
+            envelope.add_header("X-Added", "1")  # in front: no parse
+
+    replies, owner = run(Nothing(), content=OVERSIZED)
+    assert replies.splitlines()[-1].startswith(b"250 ")
+    [(_, _, content)] = owner.delivered
+    assert content.endswith(b"X-Added: 1\r\n" + OVERSIZED)
 
 
 def test_a_field_a_filter_adds_to_a_bdat_message_ending_in_a_header_line():

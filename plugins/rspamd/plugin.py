@@ -433,9 +433,10 @@ class RspamdPlugin:
 
     def apply(self, envelope: Envelope, reply: RspamdReply, action: str) -> None:
         """rspamd's header changes, then what the action asks for. A change
-        the envelope refuses (a line too long to fold, a header section too
-        long to edit) is skipped and logged: the message still goes on, as
-        rspamd's verdict stands."""
+        the envelope refuses (a line too long to fold) is skipped and
+        logged: the message still goes on, as rspamd's verdict stands. A
+        header section too long to parse refuses the message
+        (:class:`~bonzo.session.HeaderSectionTooLarge`)."""
         for name, occurrence in reply.remove_headers:
             try:
                 remove_header(envelope, name, occurrence)

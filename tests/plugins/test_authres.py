@@ -3,6 +3,7 @@ results, values made safe, forged fields with our authserv-id removed."""
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -11,8 +12,13 @@ import pytest
 from auth_testing import app, envelope, example_keys, fake_session, run
 from bonzo_plugins.authres import AuthresPlugin, authserv_id_of
 from bonzo_plugins.authres.plugin import KEYS
+from bonzo_plugins.maildir import MaildirPlugin
+from bonzo_plugins.recipients import RecipientsPlugin
 from hypothesis import given
 from hypothesis import strategies as st
+from plugin_testing import serve
+
+from bonzo.session import MAX_HEADER_SECTION
 
 README = Path(__file__).resolve().parents[2] / "plugins" / "authres" / "README.rst"
 MESSAGE = b"From: a@example.org\r\nSubject: hi\r\n\r\nHello\r\n"
@@ -181,3 +187,26 @@ def test_forged_fields_with_our_id_are_removed_and_others_kept():
     env = envelope(forged + MESSAGE)
     run(configured(remove_forged=False).bonzo_message(session=fake_session(), envelope=env))
     assert b"header.d=bank.example" in env.content
+
+
+def test_a_header_section_too_large_to_parse_is_refused_for_good(tmp_path, caplog):
+    # Over MAX_HEADER_SECTION (RFC 5322 sets no limit; far under the size
+    # limit): once a 451 with a traceback, at every retry; now one permanent
+    # refusal and one log line naming the limit.
+    recipients = RecipientsPlugin()
+    recipients.bonzo_configure(config={"domains": ["example.com"]}, app=None)
+    maildir = MaildirPlugin()
+    maildir.bonzo_configure(config={"path": str(tmp_path / "Maildir")}, app=None)
+    pad = b"".join(b"X-Pad-%d: " % i + b"a" * 900 + b"\r\n" for i in range(1200))
+    plugins = (("recipients", recipients), ("authres", configured()), ("maildir", maildir))
+    with caplog.at_level(logging.INFO), serve(*plugins) as server, server.client() as client:
+        client.ehlo()
+        client.mail("a@example.org")
+        client.rcpt("alice@example.com")
+        assert client.data(pad + MESSAGE) == (552, b"5.3.4 Message header section too large")
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # nothing delivered
+    assert not any(r.exc_info for r in caplog.records)
+    assert "Uncaught exception" not in caplog.text
+    (line,) = [r.getMessage() for r in caplog.records if "header section" in r.getMessage()]
+    assert f"over {MAX_HEADER_SECTION} octets (MAX_HEADER_SECTION)" in line
+    assert "refused by authres: 552 5.3.4" in line

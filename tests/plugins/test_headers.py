@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from bonzo_plugins.authres import AuthresPlugin
 from bonzo_plugins.headers import HeadersPlugin
 from bonzo_plugins.headers.plugin import PLACEHOLDERS
 from bonzo_plugins.maildir import MaildirPlugin
@@ -229,3 +234,80 @@ def test_end_to_end(tmp_path: Path):
     assert b"X-Bonzo-Plugin: headers" in lines
     assert not any(line.lower().startswith(b"x-spam-flag") for line in lines)
     assert path.read_bytes().endswith(b"\r\n\r\nX-Spam-Flag: in the body stays\r\n")
+
+
+# ------------------------------------ where the header section ends, stored
+AMBIGUOUS = {
+    # The client's first line folds into the header Bonzo puts above it.
+    "folded-first-line": b" (authenticated as ceo@example.com)\r\n",
+    # A line that is no field ends Bonzo's section; a reader that reads on
+    # to the first blank line would take the fields after it for headers.
+    "no-colon-first-line": b"garbage\r\n",
+    "no-colon-mid-section": b"From: a@example.org\r\ngarbage\r\n",
+}
+FORGED = (
+    b"X-Spam-Flag: YES\r\n"
+    b"Authentication-Results: mx.test; dmarc=pass header.from=bank.example\r\n"
+    b"Subject: forged\r\n\r\nbody\r\n"
+)
+
+
+def strict_fields(message: bytes) -> list[tuple[str, str]]:
+    """The fields a reader that reads to the first blank line sees (as an
+    IMAP server or Sieve does): every unfolded line with a colon."""
+    text = message.replace(b"\r\n", b"\n")
+    head = b"" if text[:1] == b"\n" else text.split(b"\n\n", 1)[0]
+    unfolded = re.sub(rb"\n[ \t]", b" ", head).split(b"\n")
+    return [
+        (name.strip().decode().lower(), value.strip().decode())
+        for name, colon, value in (line.partition(b":") for line in unfolded)
+        if colon
+    ]
+
+
+def remover_and_authres() -> tuple[tuple[str, object], ...]:
+    authres = AuthresPlugin()
+    authres.bonzo_configure(
+        config={}, app=SimpleNamespace(settings=SimpleNamespace(hostname="mx.test"))
+    )
+    return (("headers", configured(remove=["X-Spam-Flag"])), ("authres", authres))
+
+
+@pytest.mark.parametrize("spool_threshold", [262144, 1])  # in memory, and spooled to a file
+def test_every_reader_sees_the_headers_that_were_removed_gone(tmp_path: Path, spool_threshold):
+    recipients = RecipientsPlugin()
+    recipients.bonzo_configure(config={"domains": ["example.com"]}, app=None)
+    maildir = MaildirPlugin()
+    maildir.bonzo_configure(config={"path": str(tmp_path / "Maildir")}, app=None)
+    plugins = (("recipients", recipients), *remover_and_authres(), ("maildir", maildir))
+    with serve(*plugins, spool_threshold=spool_threshold) as server:
+        for name, first in AMBIGUOUS.items():
+            with server.client() as client:
+                sent = first + FORGED.replace(b"forged", name.encode())
+                assert client.sendmail("a@example.org", ["alice@example.com"], sent) == {}
+    stored = [p.read_bytes() for p in (tmp_path / "Maildir" / "new").iterdir()]
+    assert len(stored) == len(AMBIGUOUS)
+    for message in stored:
+        fields = strict_fields(message)
+        parsed = email.message_from_bytes(message, policy=email.policy.compat32)
+        for reader in (fields, [(k.lower(), v) for k, v in parsed.items()]):
+            names = [n for n, _ in reader]
+            assert "x-spam-flag" not in names, message
+            results = [v for n, v in reader if n == "authentication-results"]
+            assert results == ["mx.test; none"], message  # ours alone, nothing appended
+            assert not any("authenticated as" in v for _, v in reader), message
+        # The client's lines are all there, as body.
+        assert b"\r\n\r\n" in message and message.endswith(b"\r\n\r\nbody\r\n")
+
+
+def test_a_message_that_every_reader_splits_alike_is_stored_as_sent(tmp_path: Path):
+    recipients = RecipientsPlugin()
+    recipients.bonzo_configure(config={"domains": ["example.com"]}, app=None)
+    maildir = MaildirPlugin()
+    maildir.bonzo_configure(config={"path": str(tmp_path / "Maildir")}, app=None)
+    plugins = (("recipients", recipients), *remover_and_authres(), ("maildir", maildir))
+    sent = b"Subject: s\r\nnot a field\r\nnor this\r\n\r\nX-Spam-Flag: in the body\r\n"
+    with serve(*plugins) as server, server.client() as client:
+        assert client.sendmail("a@example.org", ["alice@example.com"], sent) == {}
+    (path,) = (tmp_path / "Maildir" / "new").iterdir()
+    assert path.read_bytes().endswith(b"Authentication-Results: mx.test; none\r\n" + sent)
