@@ -585,9 +585,14 @@ class SMTPConnection:
             self.stream.read_chunk_size = min(COMMAND_CHUNK, self.settings.read_chunk_size)
         if not core.partial_line:
             # A command is complete: the idle time starts again (bytes that
-            # do not complete a command never restart it).
+            # do not complete a command never restart it). The timer may be
+            # set for a later deadline (it fired in a longer one: a slow
+            # message, a handshake): pulled in.
             self._command_started = None
             self._idle_since = now
+            idle = now + self.settings.idle_timeout
+            if idle < self._timer_at:
+                self._arm(idle)
         elif self._command_started is None:
             self._command_started = now
             self._check_by(self._deadline()[0])

@@ -48,6 +48,26 @@ def test_idle_timeout_counts_from_the_last_command(start_server):
         assert 0.5 <= time.monotonic() - started < 2.0
 
 
+def test_idle_timeout_runs_from_the_end_of_a_slow_message(start_server):
+    """The timer that fired during a slow message was set again for the
+    message's longer deadline: after the 250, an idle client got its 421
+    only when that one passed, not idle_timeout after the message."""
+    server = start_server(idle_timeout=0.5, data_timeout=6, min_data_rate=0)
+    with RawClient(server.port) as client:
+        client.greet()
+        assert client.command("MAIL FROM:<a@example.com>").startswith(b"250")
+        assert client.command("RCPT TO:<b@example.com>").startswith(b"250")
+        assert client.command("DATA").startswith(b"354")
+        for _ in range(4):  # over a second of content: past one idle_timeout
+            client.send(b"Subject: slow\r\n")
+            time.sleep(0.3)
+        client.send(b"\r\nbody\r\n.\r\n")
+        assert client.reply().startswith(b"250 2.0.0 Ok")
+        started = time.monotonic()
+        assert client.read_to_eof() == TIMEOUT_REPLY
+        assert 0.4 <= time.monotonic() - started < 2.0
+
+
 def trickle(client: RawClient, data: bytes, interval: float, limit: float) -> float:
     """Send ``data`` a byte at a time until the server answers (or closes) or
     ``limit`` seconds pass; return when the first byte was sent."""
