@@ -1212,8 +1212,10 @@ def _supervise(
                 os._exit(code)
         children[pid] = slot
 
+    forced_at: float | None = None  # when the stop was forced
+
     def stop(signum: int | None = None) -> None:
-        nonlocal stops
+        nonlocal stops, forced_at
         stops += 1
         name = signal.Signals(signum).name if signum is not None else ""
         if stops == 1:
@@ -1225,6 +1227,7 @@ def _supervise(
                 s.close()
         elif stops == 2:
             log.warning("%s: forcing the stop", f"second {name}" if signals > 1 else name)
+            forced_at = time.monotonic()
         else:
             log.info("%s: the stop is already forced", name)
             return
@@ -1312,7 +1315,28 @@ def _supervise(
     for slot in range(workers):
         spawn(slot)
     while children:
-        if _RELOAD_REPORTS is None:
+        if forced_at is not None and hasattr(signal, "sigtimedwait"):
+            # A worker ends a forced stop within FORCED_STOP_LIMIT by itself,
+            # unless it cannot run at all (stopped, or stuck outside Python):
+            # then it is killed here, and named.
+            left = forced_at + FORCED_STOP_LIMIT + 1.0 - time.monotonic()
+            got = signal.sigtimedwait(waited, max(left, 0.0))
+            if got is None:
+                for pid, slot in children.items():
+                    log.error(
+                        "worker %d (pid %d) has not stopped %gs after the forced stop: killed",
+                        slot,
+                        pid,
+                        FORCED_STOP_LIMIT + 1.0,
+                    )
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:  # pragma: no cover - exited, not yet reaped
+                        pass
+                forced_at = None  # killed: now they are reaped as ever
+                continue
+            signum, sender = got.si_signo, got.si_pid
+        elif _RELOAD_REPORTS is None:
             signum, sender = signal.sigwait(waited), 0
         else:
             info = signal.sigwaitinfo(waited)

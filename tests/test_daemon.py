@@ -838,6 +838,35 @@ def test_two_workers_share_a_burst_of_long_sessions_evenly(workdir, serve):
     assert daemon.stop() == 0
 
 
+def test_a_worker_that_cannot_run_is_killed_after_the_forced_stop(workdir, serve):
+    # A stopped worker (SIGSTOP, or stuck outside Python) cannot end the
+    # forced stop by itself: the supervisor kills it, names it, and exits.
+    port = free_port()
+    config = write_config(workdir, port, workers=2)
+    config.write_text(config.read_text().replace("shutdown_grace = 10.0", "shutdown_grace = 1.0"))
+    daemon = serve(config, port)
+    daemon.wait_ready(workers=2)
+    workers = _children(daemon.proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGSTOP)
+    try:
+        daemon.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: "stopping the workers gracefully" in daemon.log, what="the stop")
+        started = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(timeout=DEADLINE) == 0
+        assert time.monotonic() - started < 15.0
+    finally:
+        try:
+            os.kill(workers[0], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert re.search(
+        rf"worker \d \(pid {workers[0]}\) has not stopped 6s after the forced stop: killed",
+        daemon.log,
+    ), daemon.log
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_serve_on_uvloop(workdir, serve, workers):
     pytest.importorskip("uvloop", reason="pip install 'bonzo[uvloop]'")
