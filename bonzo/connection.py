@@ -426,6 +426,7 @@ class SMTPConnection:
         )
         self._timer: TimerHandle | None = None
         self._timer_at = math.inf
+        self._late = False  # the timer was set again by _on_timer (see _waiting)
         self._phase = _BUSY
         now = self._loop.time()
         self._started = now
@@ -587,12 +588,14 @@ class SMTPConnection:
             # A command is complete: the idle time starts again (bytes that
             # do not complete a command never restart it). The timer may be
             # set for a later deadline (it fired in a longer one: a slow
-            # message, a handshake): pulled in.
+            # message, a handshake; _late): pulled in.
             self._command_started = None
             self._idle_since = now
-            idle = now + self.settings.idle_timeout
-            if idle < self._timer_at:
-                self._arm(idle)
+            if self._late:
+                self._late = False
+                idle = now + self.settings.idle_timeout
+                if idle < self._timer_at:
+                    self._arm(idle)
         elif self._command_started is None:
             self._command_started = now
             self._check_by(self._deadline()[0])
@@ -948,6 +951,7 @@ class SMTPConnection:
                 s = self.settings
                 when = now + min(s.idle_timeout, s.command_timeout, s.data_rate_window)
             self._arm(when)
+            self._late = True  # perhaps later than the next idle deadline
             return
         self._why = why
         if why == "proxy_timeout":
