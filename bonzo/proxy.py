@@ -52,6 +52,8 @@ __all__ = [
     "IPNetwork",
     "parse_networks",
     "address_in",
+    "client_address",
+    "client_network",
     "unmapped",
     "XClientError",
     "XCLIENT_ATTRIBUTES",
@@ -675,17 +677,46 @@ def unmapped(network: IPNetwork) -> IPNetwork:
     return network
 
 
-def address_in(ip: str, networks: Iterable[IPNetwork]) -> bool:
-    """True when the IP address ``ip`` is in one of ``networks``; an
-    IPv4-mapped IPv6 address counts as IPv4, a zone index is ignored, and
-    something that is not an address is in no network."""
+def client_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The client's address for network matching and counting, or ``None``
+    if ``ip`` is not an address. An IPv4-mapped IPv6 address
+    (``::ffff:192.0.2.1``) counts as IPv4; brackets and a zone index
+    (``fe80::1%eth0``) are ignored."""
+    text = ip.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
     try:
-        address = ipaddress.ip_address(ip.split("%", 1)[0])
+        address = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
-        return False
+        return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+        return address.ipv4_mapped
+    return address
+
+
+def address_in(ip: str, networks: Iterable[IPNetwork]) -> bool:
+    """True when the IP address ``ip`` is in one of ``networks``
+    (:func:`client_address`); something that is not an address is in no
+    network."""
+    address = client_address(ip)
+    if address is None:
+        return False
     return any(address.version == net.version and address in net for net in networks)
+
+
+def client_network(ip: str, ipv4_prefix: int = 32, ipv6_prefix: int = 128) -> str:
+    """The network of the client at ``ip`` in CIDR form (``192.0.2.0/24``,
+    ``2001:db8:1:2::/64``): its address (:func:`client_address`) with the host
+    bits cleared, so that the hosts of one network count as one client; a
+    full-length prefix gives the bare address. Something that is not an
+    address is returned as it is (it still names one client)."""
+    address = client_address(ip)
+    if address is None:
+        return ip
+    prefix = ipv4_prefix if address.version == 4 else ipv6_prefix
+    if prefix >= address.max_prefixlen:
+        return str(address)
+    return str(ipaddress.ip_network((address, prefix), strict=False))
 
 
 # ---------------------------------------------------------------- XCLIENT

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import email
 import email.message
-import ipaddress
 import mmap
 import socket
 from collections import Counter
@@ -28,6 +27,7 @@ from .connection import SessionStream, SMTPConnection, connect_refusals
 from .hooks import CANCEL_GRACE, PluginSet, stop_task
 from .hookspecs import Accept
 from .listen import accept_on
+from .proxy import client_network
 from .session import Envelope, Session
 from .settings import ListenerSettings, SMTPSettings
 
@@ -366,20 +366,12 @@ def client_of(ip: str, ipv6_prefix_length: int) -> str:
     """The client an address belongs to, for the per-client connection
     count: an IPv4 address itself (also written as IPv4-mapped IPv6), an
     IPv6 address its network of ``ipv6_prefix_length`` bits
-    (``2001:db8:1:2::/64``), since one host or home network gets a whole
-    ``/64`` and could otherwise take a fresh address for each connection."""
+    (``2001:db8:1:2::/64``, :func:`~bonzo.proxy.client_network`), since one
+    host or home network gets a whole ``/64`` and could otherwise take a
+    fresh address for each connection."""
     if ":" not in ip:
-        return ip  # IPv4 (or "0.0.0.0" for a peer without an address)
-    try:
-        address = ipaddress.IPv6Address(ip)
-    except ValueError:
-        return ip
-    mapped = address.ipv4_mapped
-    if mapped is not None:
-        return str(mapped)
-    if ipv6_prefix_length >= 128:
-        return str(address)
-    return str(ipaddress.IPv6Network((address, ipv6_prefix_length), strict=False))
+        return ip  # IPv4 (or "0.0.0.0" for a peer without an address): as it is
+    return client_network(ip, 32, ipv6_prefix_length)
 
 
 def _uncount(counter: Counter[str], key: str) -> None:

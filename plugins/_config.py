@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bonzo.address import Address, canonical_domain
+from bonzo.proxy import client_address, client_network
 
 __all__ = [
     "as_table",
@@ -44,7 +45,6 @@ __all__ = [
 DOTS = ".\u3002\uff0e\uff61"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def describe(value: Any, limit: int = 60) -> str:
@@ -153,23 +153,6 @@ def parse_network(value: str, key: str) -> IPNetwork:
         raise ValueError(f"{key}: {describe(value)} is not a valid network: {exc}") from None
 
 
-def client_address(remote_ip: str) -> IPAddress | None:
-    """The client's address for network matching, or ``None`` if it does not
-    parse. An IPv4-mapped IPv6 address (``::ffff:192.0.2.1``) counts as IPv4
-    and a zone index (``fe80::1%eth0``) is ignored."""
-    text = remote_ip.strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-    text = text.split("%", 1)[0]
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
 def in_networks(remote_ip: str, networks: Iterable[IPNetwork]) -> bool:
     """True if the client's address is in one of ``networks``."""
     address = client_address(remote_ip)
@@ -199,21 +182,6 @@ def parse_duration(value: Any, key: str, *, zero: bool = False) -> float:
             f"{key}: expected a positive duration under ten years, got {describe(value)}"
         )
     return seconds
-
-
-def client_network(remote_ip: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
-    """The client's network in CIDR form (``192.0.2.0/24``,
-    ``2001:db8:1:2::/64``): the address with its host bits cleared, so that
-    the hosts of one network count as one client (a full-length prefix gives
-    the bare address). An address that does not
-    parse is returned as it is (it still names one client)."""
-    address = client_address(remote_ip)
-    if address is None:
-        return remote_ip
-    prefix = ipv4_prefix if address.version == 4 else ipv6_prefix
-    if prefix == address.max_prefixlen:
-        return str(address)
-    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
 
 class StoreFailures:
