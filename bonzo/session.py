@@ -140,6 +140,12 @@ def _field_name(line: bytes) -> bytes | None:
     return name.strip(b" \t") if colon else None
 
 
+def _field_key(block: bytes) -> bytes:
+    """The lower-case name of the field ``block`` starts (``b""`` for none),
+    as header names are compared."""
+    return (_field_name(block) or b"").lower()
+
+
 def _field_follows(src: IO[bytes]) -> bool:
     """True if a line that reads as a header field (no white space first, a
     colon in it) comes in ``src`` before the first blank line or the end.
@@ -877,10 +883,22 @@ class Envelope:
         assert self._spool is not None
         src = self._spool.open()
         src.seek(0)
+        self._rewrite([src.read(at), b"\r\n"], at)  # (at is within the header section)
+        gen_log.info(
+            "message %s: the header section ends at a line that is not a header field, "
+            "with fields after it: a blank line was inserted before that line",
+            self.id,
+        )
+
+    def _rewrite(self, head: list[bytes], start: int) -> None:
+        """Replace the content by ``head`` followed by the content from octet
+        ``start`` on, copied in chunks (a spooled message of any size)."""
+        assert self._spool is not None
         new = _Spool(self._spool_threshold, self._spool_dir)
         try:
-            new.write(src.read(at))
-            new.write(b"\r\n")
+            new.writelines(head)
+            src = self._spool.open()
+            src.seek(start)
             shutil.copyfileobj(src, new, 1 << 20)
         except BaseException:
             new.close()
@@ -889,11 +907,6 @@ class Envelope:
         self._spool = new
         self._size = new.size
         self._message = None
-        gen_log.info(
-            "message %s: the header section ends at a line that is not a header field, "
-            "with fields after it: a blank line was inserted before that line",
-            self.id,
-        )
 
     def _apply_changes(self) -> None:
         """Apply the pending header edits and the new body in one pass: the
@@ -919,7 +932,7 @@ class Envelope:
             elif kind == "change":
                 seen = 0
                 for i, (origin, block) in enumerate(items):
-                    if (_field_name(block) or b"").lower() == key:
+                    if _field_key(block) == key:
                         seen += 1
                         if seen == occurrence:
                             if raw is None:
@@ -946,25 +959,21 @@ class Envelope:
         client_after = [block for _, block in items[i:]]
         self._headers = added
         self._message = None
-        if client_after == client and new_body is None:
+        if new_body is None:
+            if client_after != client:
+                # (Only a client part changes: there is content.)
+                self._rewrite([*client_after, blank], start)
             return
         out = _Spool(self._spool_threshold, self._spool_dir)
         try:
             out.writelines(client_after)
-            if new_body is not None:
-                out.write(blank or b"\r\n")
-                shutil.copyfileobj(new_body.open(), out, 1 << 20)
-            elif self._spool is not None:
-                out.write(blank)
-                src = self._spool.open()
-                src.seek(start)
-                shutil.copyfileobj(src, out, 1 << 20)
+            out.write(blank or b"\r\n")
+            shutil.copyfileobj(new_body.open(), out, 1 << 20)
         except BaseException:
             out.close()
             raise
         finally:
-            if new_body is not None:
-                new_body.close()
+            new_body.close()
         if self._spool is not None:
             self._spool.close()
         self._spool = out
@@ -1092,26 +1101,13 @@ class Envelope:
         if self._spool is not None:
             # The section as headers() reads it: what it lists is what goes.
             blocks, blank, start = self._client_header_section()
-        kept_added = [b for b in self._headers if (_field_name(b) or b"").lower() != wanted]
+        kept_added = [b for b in self._headers if _field_key(b) != wanted]
         removed = len(self._headers) - len(kept_added)
         self._headers = kept_added
-        kept = [b for b in blocks if (_field_name(b) or b"").lower() != wanted]
+        kept = [b for b in blocks if _field_key(b) != wanted]
         if len(kept) < len(blocks):
-            assert self._spool is not None
             removed += len(blocks) - len(kept)
-            new = _Spool(self._spool_threshold, self._spool_dir)
-            try:
-                new.writelines(kept)
-                new.write(blank)
-                src = self._spool.open()
-                src.seek(start)
-                shutil.copyfileobj(src, new, 1 << 20)
-            except BaseException:
-                new.close()
-                raise
-            self._spool.close()
-            self._spool = new
-            self._size = new.size
+            self._rewrite([*kept, blank], start)
         self._message = None
         if removed:
             self._record("remove_header", name)
