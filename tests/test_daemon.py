@@ -1104,11 +1104,16 @@ def test_a_second_stop_signal_forces_the_stop(workdir, serve, workers, signum):
     assert log.count("stopped") == workers
 
 
-def test_a_second_sigterm_ends_a_plugin_call_that_ignores_its_cancellation(workdir, serve):
+def _stopping_while_delivering(
+    workdir: Path, serve: Any, plugin: str, grace: float
+) -> tuple[Daemon, threading.Thread, dict[str, Any]]:
+    """A daemon whose ``plugin`` (with a 120 s hook time limit) is delivering
+    a client's message, SIGTERM sent: the daemon, the client's thread and
+    its result."""
     port = free_port()
-    extra = plugin_table(workdir, "daemonplug:Stubborn")
-    config = write_config(workdir, port, ["daemonplug:Stubborn"], extra=extra)
-    text = config.read_text().replace("shutdown_grace = 10.0", "shutdown_grace = 1.0")
+    extra = plugin_table(workdir, plugin)
+    config = write_config(workdir, port, [plugin], extra=extra)
+    text = config.read_text().replace("shutdown_grace = 10.0", f"shutdown_grace = {grace}")
     config.write_text(text.replace("timeout = 15.0", "timeout = 120.0"))
     daemon = serve(config, port)
     daemon.wait_ready()
@@ -1116,6 +1121,13 @@ def test_a_second_sigterm_ends_a_plugin_call_that_ignores_its_cancellation(workd
     thread = slow_client(port, result)
     wait_until(lambda: list(daemon.out.glob("*.delivering")), what="delivery to start")
     daemon.proc.send_signal(signal.SIGTERM)
+    return daemon, thread, result
+
+
+def test_a_second_sigterm_ends_a_plugin_call_that_ignores_its_cancellation(workdir, serve):
+    daemon, thread, result = _stopping_while_delivering(
+        workdir, serve, "daemonplug:Stubborn", grace=1.0
+    )
     # The grace period ends; the plugin call goes on (bounded by its timeout).
     wait_until(lambda: "waiting for 1 session(s)" in daemon.log, what="the wait for the plugin")
     assert "a second SIGTERM forces the stop" in daemon.log
@@ -1134,17 +1146,9 @@ def test_a_second_sigterm_ends_a_plugin_call_that_ignores_its_cancellation(workd
 def test_a_forced_stop_that_does_not_end_exits_after_a_bound(workdir, serve):
     # The session's cleanup (its disconnect observer, with the full hook
     # time limit) still runs after the forced stop: Bonzo exits anyway.
-    port = free_port()
-    extra = plugin_table(workdir, "daemonplug:Lingering")
-    config = write_config(workdir, port, ["daemonplug:Lingering"], extra=extra)
-    text = config.read_text().replace("shutdown_grace = 10.0", "shutdown_grace = 60.0")
-    config.write_text(text.replace("timeout = 15.0", "timeout = 120.0"))
-    daemon = serve(config, port)
-    daemon.wait_ready()
-    result: dict[str, Any] = {}
-    thread = slow_client(port, result)
-    wait_until(lambda: list(daemon.out.glob("*.delivering")), what="delivery to start")
-    daemon.proc.send_signal(signal.SIGTERM)
+    daemon, thread, _ = _stopping_while_delivering(
+        workdir, serve, "daemonplug:Lingering", grace=60.0
+    )
     wait_until(lambda: "stopping: no new connections" in daemon.log, what="the stop to begin")
     started = time.monotonic()
     daemon.proc.send_signal(signal.SIGTERM)
