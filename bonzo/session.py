@@ -816,6 +816,21 @@ class Envelope:
             found.append((name.decode("utf-8", "surrogateescape"), text.strip(" \t\r\n")))
         return found
 
+    def client_header_section(self) -> tuple[bytes, int]:
+        """The client's header section as :meth:`headers` reads it -- its
+        fields with their folded lines, without the blank line that ends
+        it -- and the offset in :meth:`open_body`'s content at which the
+        body starts. For readers of the raw octets (a DKIM verifier or
+        signer): reading the section this way, not to the first blank line,
+        they see the fields every other filter and the delivered message
+        see. Raises :class:`HeaderSectionTooLarge` as :meth:`headers`
+        does."""
+        self._apply_changes()
+        if self._spool is None:
+            return b"", 0
+        blocks, _blank, start = self._client_header_section()
+        return b"".join(blocks), start
+
     def _client_header_section(self) -> tuple[list[bytes], bytes, int]:
         """The client's header blocks (each with its folded lines), the blank
         line after them (``b""`` if none), and where the body starts. Only

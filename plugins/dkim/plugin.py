@@ -27,6 +27,7 @@ from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 
 from .._auth import dns_enabled, resolver_of, sanitize
+from ..dkim_sign.signer import message_parts
 from .verify import Prepared, finish, prepare
 
 __all__ = ["DkimPlugin", "KEYS", "OFF_REASON"]
@@ -106,9 +107,13 @@ class DkimPlugin:
     async def verify(self, envelope: Envelope) -> Prepared:
         """Check the signatures of ``envelope`` (see the module docs)."""
         loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(
-            None, prepare, envelope.header_bytes, envelope.open_body(), self.max_signatures
-        )
+        section, body, start = message_parts(envelope)
+
+        def prepare_from_start() -> Prepared:
+            body.seek(start)
+            return prepare(section, body, self.max_signatures)
+
+        prepared = await loop.run_in_executor(None, prepare_from_start)
         open_ = [s for s in prepared.signatures if not s.result]
         if not open_:
             return prepared

@@ -6,8 +6,9 @@ verifier needs aiodns (a second resolver). Instead, verification is split in
 three steps, so that neither the whole message nor a second resolver is
 needed, and the event loop never hashes:
 
-1. :func:`prepare` (blocking: run it in a thread) reads the header section
-   (at most :data:`MAX_HEADER_SECTION` octets), lets dkimpy parse and
+1. :func:`prepare` (blocking: run it in a thread) takes the header section
+   as the envelope splits it (at most :data:`MAX_HEADER_SECTION` octets
+   from the client), lets dkimpy parse and
    validate each ``DKIM-Signature:`` field (at most ``max_signatures``), and
    streams the body once through the body hash of each canonicalization the
    signatures use (:class:`bonzo_plugins.dkim_sign.signer.BodyHash`: the same
@@ -35,7 +36,7 @@ import dkim
 from dkim.canonicalization import CanonicalizationPolicy
 
 from .._auth import sanitize
-from ..dkim_sign.signer import CHUNK, MAX_HEADER_SECTION, BodyHash, read_header_section
+from ..dkim_sign.signer import CHUNK, MAX_HEADER_SECTION, BodyHash
 
 __all__ = ["Signature", "Prepared", "prepare", "finish", "MAX_HEADER_SECTION"]
 
@@ -100,15 +101,13 @@ def _tags(header_value: bytes) -> tuple[str, str]:
     return _text(found.get(b"d", b"")).lower(), _text(found.get(b"s", b""))
 
 
-def prepare(header_bytes: bytes, content: IO[bytes], max_signatures: int) -> Prepared:
-    """Read and parse the message (Bonzo's added fields ``header_bytes``,
-    then the client's ``content`` from its start); see the module docs.
-    Blocking."""
-    section = read_header_section(content, MAX_HEADER_SECTION - len(header_bytes))
-    if section is None:
-        return Prepared([], problem=f"a header section over {MAX_HEADER_SECTION} octets")
+def prepare(section: bytes, body: IO[bytes], max_signatures: int) -> Prepared:
+    """Parse the header section ``section`` (every field, without the blank
+    line after them) and hash the body read from ``body``'s current position
+    on (see :func:`bonzo_plugins.dkim_sign.signer.message_parts`); see the
+    module docs. Blocking."""
     try:
-        message = dkim.DKIM(header_bytes + section + b"\r\n", logger=_dkimpy_log)
+        message = dkim.DKIM(section + b"\r\n", logger=_dkimpy_log)
     except (dkim.MessageFormatError, IndexError):
         return Prepared([], problem="a malformed header section")
     fields = [(n, v) for n, v in message.headers if n.lower() == b"dkim-signature"]
@@ -149,7 +148,7 @@ def prepare(header_bytes: bytes, content: IO[bytes], max_signatures: int) -> Pre
     if canons:
         hashes = {canon: BodyHash(canon == "relaxed") for canon in canons}
         while True:
-            chunk = content.read(CHUNK)
+            chunk = body.read(CHUNK)
             if not chunk:
                 break
             for body_hash in hashes.values():

@@ -18,16 +18,16 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from bonzo.errors import TransientError
 from bonzo.hookspecs import hookimpl
 from bonzo.schema import Key, Schema
-from bonzo.session import Envelope, Session
+from bonzo.session import Envelope, HeaderSectionTooLarge, Session
 
 from .._config import IPNetwork, config_domain, describe, in_networks
 from .keys import GOOD_RSA_BITS, KeyFileError, load_key, zone_line
-from .signer import MessageSigner, Outcome, Signer
+from .signer import MessageSigner, Outcome, Signer, message_parts
 
 __all__ = ["DkimSignPlugin", "DEFAULT_HEADERS", "DEFAULT_OVERSIGN", "NEVER_SIGNED"]
 
@@ -394,9 +394,10 @@ class DkimSignPlugin:
             return True
         return bool(self.networks) and in_networks(session.remote_ip, self.networks)
 
-    def _sign(self, envelope: Envelope) -> Outcome:
+    def _sign(self, section: bytes, body: IO[bytes], start: int) -> Outcome:
         assert self.signer is not None
-        return self.signer.sign(envelope.header_bytes, envelope.open_body())
+        body.seek(start)
+        return self.signer.sign(section, body)
 
     @hookimpl
     async def bonzo_message(self, session: Session, envelope: Envelope) -> None:
@@ -406,7 +407,10 @@ class DkimSignPlugin:
             return None
         loop = asyncio.get_running_loop()
         try:
-            outcome = await loop.run_in_executor(None, self._sign, envelope)
+            parts = message_parts(envelope)
+            outcome = await loop.run_in_executor(None, self._sign, *parts)
+        except HeaderSectionTooLarge:
+            raise  # the message is refused (552 5.3.4), not a local fault
         except Exception:
             log.error(
                 "dkim_sign: message %s (session %s): signing failed; %s",

@@ -2,8 +2,9 @@
 
 dkimpy signs a message it holds whole in memory. Only the header section
 needs to be in memory, though: the body enters a signature only as its hash
-(the ``bh=`` tag, RFC 6376 3.7). So this module reads the header section
-(at most :data:`MAX_HEADER_SECTION` octets), hashes the body in pieces as it
+(the ``bh=`` tag, RFC 6376 3.7). So this module takes the header section
+as the envelope splits it (:func:`message_parts`: the fields every other
+filter and the delivered message see), hashes the body in pieces as it
 streams from the envelope's spool (:class:`BodyHash`, the body
 canonicalizations of RFC 6376 3.4.3 and 3.4.4, giving the same octets as
 dkimpy's), and hands the header section, the tags and the key to dkimpy,
@@ -32,6 +33,8 @@ from dkim.canonicalization import CanonicalizationPolicy
 from dkim.crypto import HASH_ALGORITHMS
 
 from bonzo.address import canonical_domain
+from bonzo.session import MAX_HEADER_SECTION as _MAX_HEADER_SECTION
+from bonzo.session import Envelope
 
 from .._config import DOTS
 from .keys import SigningKey
@@ -42,15 +45,15 @@ __all__ = [
     "MessageSigner",
     "Outcome",
     "MAX_HEADER_SECTION",
-    "read_header_section",
+    "message_parts",
     "Authors",
     "author_domains",
     "from_domain",
 ]
 
-#: The largest header section (Bonzo's added headers included) that is read
-#: for signing; a message with a larger one is passed on unsigned.
-MAX_HEADER_SECTION = 1 << 20
+#: The largest client header section read (the envelope's own limit): a
+#: message with a larger one is refused (``552 5.3.4``) by the first reader.
+MAX_HEADER_SECTION = _MAX_HEADER_SECTION
 #: The longest ``From:`` field value that is parsed for its domain.
 MAX_FROM = 16384
 #: Read size for the body (each piece is copied a few times while hashed).
@@ -167,21 +170,17 @@ class BodyHash:
         return self._hash.digest()
 
 
-def read_header_section(stream: IO[bytes], limit: int = MAX_HEADER_SECTION) -> bytes | None:
-    """The client's header section from ``stream`` (its start), without the
-    empty line that ends it; ``stream`` is left at the start of the body.
-    ``None`` if it is longer than ``limit`` octets."""
-    lines = []
-    size = 0
-    while True:
-        line = stream.readline(limit - size + 1)
-        if not line or line in (b"\r\n", b"\n"):
-            break
-        size += len(line)
-        if size > limit:
-            return None
-        lines.append(line)
-    return b"".join(lines)
+def message_parts(envelope: Envelope) -> tuple[bytes, IO[bytes], int]:
+    """The header section of ``envelope`` as it will be delivered (the
+    fields Bonzo and plugins added, then the client's as
+    :meth:`~bonzo.session.Envelope.client_header_section` reads them, without
+    the blank line), its content file and the offset in it where the body
+    starts. Call it on the event loop (it may rewrite the content, making
+    the end of the section plain), then read the body in a thread from
+    that offset. Raises :class:`~bonzo.session.HeaderSectionTooLarge` for a
+    client header section over :data:`MAX_HEADER_SECTION` octets."""
+    section, start = envelope.client_header_section()
+    return envelope.header_bytes + section, envelope.open_body(), start
 
 
 #: A final dot after an address's domain, before what may follow an address
@@ -335,14 +334,11 @@ class MessageSigner:
             names += [name.encode("ascii")] * n
         return names
 
-    def sign(self, header_bytes: bytes, body: IO[bytes], now: float | None = None) -> Outcome:
-        """Sign the message made of ``header_bytes`` (the headers Bonzo and
-        plugins added) and ``body`` (the client's content, read from its
-        start). Blocking; raises on a local fault (an unreadable spool)."""
-        section = read_header_section(body, MAX_HEADER_SECTION - len(header_bytes))
-        if section is None:
-            return Outcome([], [], f"a header section over {MAX_HEADER_SECTION} octets")
-        section = header_bytes + section
+    def sign(self, section: bytes, body: IO[bytes], now: float | None = None) -> Outcome:
+        """Sign the message whose header section is ``section`` (every field,
+        without the blank line after them) and whose body is read from
+        ``body``'s current position on (see :func:`message_parts`).
+        Blocking; raises on a local fault (an unreadable spool)."""
         try:
             message = dkim.DKIM(section + b"\r\n", logger=_dkimpy_log)
         except dkim.MessageFormatError:

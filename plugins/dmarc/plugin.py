@@ -23,8 +23,6 @@ import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import dkim
-
 from bonzo import Quarantine
 from bonzo.dns import DNSError
 from bonzo.errors import PermanentError, TransientError
@@ -33,7 +31,7 @@ from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 
 from .._auth import dns_enabled, resolver_of, sanitize
-from ..dkim_sign.signer import MAX_HEADER_SECTION, Authors, author_domains, read_header_section
+from ..dkim_sign.signer import Authors, author_domains
 from .policy import Discovery, Record
 
 __all__ = ["DmarcPlugin", "KEYS", "Evaluation"]
@@ -105,17 +103,18 @@ class Evaluation:
         }
 
 
-def _authors(header_bytes: bytes, content: Any) -> Authors | str:
-    """The ``From:`` domains of the message, or why there are none to read
-    (blocking: reads the header section)."""
-    section = read_header_section(content, MAX_HEADER_SECTION - len(header_bytes))
-    if section is None:
-        return f"a header section over {MAX_HEADER_SECTION} octets"
-    try:
-        parsed = dkim.DKIM(header_bytes + section + b"\r\n")
-    except (dkim.MessageFormatError, IndexError):
-        return "a malformed header section"
-    return author_domains(parsed.headers)
+def _authors(envelope: Envelope) -> Authors:
+    """The ``From:`` domains of the message, from its header fields as the
+    envelope reads them (:meth:`~bonzo.session.Envelope.headers`): the
+    fields every other filter and the delivered message see, obsolete
+    spellings (``From :``) and odd lines included, so that no spelling
+    another parser refuses leaves a policy unapplied."""
+    fields = [
+        (name.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape"))
+        for name, value in envelope.headers()
+        if name.lower() == "from"
+    ]
+    return author_domains(fields)
 
 
 class DmarcPlugin:
@@ -157,12 +156,7 @@ class DmarcPlugin:
         """DMARC for ``envelope``, from the ``spf`` and ``dkim`` results
         recorded on it: an evaluation per author domain, of which the most
         strict counts."""
-        loop = asyncio.get_running_loop()
-        authors = await loop.run_in_executor(
-            None, _authors, envelope.header_bytes, envelope.open_body()
-        )
-        if isinstance(authors, str):
-            return Evaluation("permerror", f"no author domain: {authors}")
+        authors = _authors(envelope)
         domains = authors.domains
         if not domains:
             # RFC 7489 6.6.1: no author domain, nothing to evaluate.

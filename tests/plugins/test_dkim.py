@@ -106,6 +106,21 @@ def test_no_signature_and_malformed_signature(dns_stub):
     assert dns_stub.queries == []
 
 
+def test_the_result_is_for_the_section_every_reader_sees(dns_stub, rsa):
+    """The section ends at its first line that is no header field, as the
+    envelope reads it (and makes plain with a blank line), even where
+    dkimpy alone would skip the line (an mbox ``From`` line) and verify the
+    fields after it."""
+    rsa.publish(dns_stub, "s1", "example.org")
+    signed = rsa.sign(MESSAGE, "s1", "example.org")
+    assert check(configured(dns_stub.resolver()), signed)[0][0] == "pass"
+    injected = signed.replace(b"To: bob", b"From mbox line\r\nTo: bob", 1)
+    env = envelope(injected)
+    run(configured(dns_stub.resolver()).bonzo_message(session=fake_session(), envelope=env))
+    assert env.results.get("dkim").result == "fail"
+    assert b"\r\n\r\nFrom mbox line\r\nTo: bob" in env.body
+
+
 def test_max_signatures_caps_the_work(dns_stub, rsa):
     rsa.publish(dns_stub, "s1", "example.org")
     signed = MESSAGE
@@ -184,11 +199,14 @@ def test_verification_memory_is_bounded(rsa, tmp_path):
     signed = rsa.sign(MESSAGE + body, "s1", "example.org")
     path = tmp_path / "message"
     path.write_bytes(signed)
+    end = signed.index(b"\r\n\r\n")
     del body, signed
     with path.open("rb") as content:
+        section = content.read(end)
+        content.seek(len(section) + 4)
         tracemalloc.start()
         try:
-            prepared = prepare(b"", content, 5)
+            prepared = prepare(section, content, 5)
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()

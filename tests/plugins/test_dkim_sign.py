@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import IO, Any
 
 import bonzo_plugins.dkim_sign.signer as signer_module
 import dkim
@@ -32,7 +32,7 @@ import trustme
 from bonzo_plugins.dkim_sign import DkimSignPlugin, dns_record, load_key, zone_line
 from bonzo_plugins.dkim_sign.__main__ import main as record_main
 from bonzo_plugins.dkim_sign.keys import parse_key
-from bonzo_plugins.dkim_sign.signer import BodyHash, MessageSigner
+from bonzo_plugins.dkim_sign.signer import BodyHash, MessageSigner, message_parts
 from bonzo_plugins.headers import HeadersPlugin
 from bonzo_plugins.maildir import MaildirPlugin
 from cryptography.hazmat.primitives import serialization
@@ -44,7 +44,7 @@ from plugin_testing import make_plugin_set, make_session, serve
 
 from bonzo import Accept, hookimpl
 from bonzo.errors import TransientError
-from bonzo.session import Envelope, Session
+from bonzo.session import MAX_HEADER_SECTION, Envelope, HeaderSectionTooLarge, Session
 from bonzo.settings import ListenerSettings
 from bonzo.tls import CertificatePair, make_server_context
 
@@ -227,6 +227,13 @@ def call(plugin: Any, envelope: Envelope, session: Session | None = None) -> Any
     return asyncio.run(main())
 
 
+def parts_of(envelope: Envelope) -> tuple[bytes, IO[bytes]]:
+    """The header section and the body at its start, as the plugin signs."""
+    section, body, start = message_parts(envelope)
+    body.seek(start)
+    return section, body
+
+
 def sign(plugin: DkimSignPlugin, body: bytes = MESSAGE, **kwargs: Any) -> bytes:
     envelope = envelope_of(body, **kwargs)
     assert call(plugin, envelope) is None  # no verdict: later filters still run
@@ -371,7 +378,7 @@ def test_identity_and_expiry(keys):
     assert plugin.signer is not None
     expired = MessageSigner(
         plugin.signer.domains, ["From"], [], "relaxed/relaxed", expire=3600
-    ).sign(b"", envelope_of(received=False).open_body(), now=time.time() - 2 * 86400)
+    ).sign(*parts_of(envelope_of(received=False)), now=time.time() - 2 * 86400)
     assert not verify(expired.fields[0] + MESSAGE, dnsfunc)
 
 
@@ -534,7 +541,7 @@ def test_signing_a_large_message_takes_little_memory(keys):
     assert signer is not None
     tracemalloc.start()
     try:
-        outcome = signer.sign(envelope.header_bytes, envelope.open_body())
+        outcome = signer.sign(*parts_of(envelope))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -544,15 +551,38 @@ def test_signing_a_large_message_takes_little_memory(keys):
     assert verify(envelope.content, dns_for(("s1", "example.org", keys["rsa"])))
 
 
-def test_a_header_section_too_large_is_not_signed(keys, caplog, monkeypatch):
-    monkeypatch.setattr(signer_module, "MAX_HEADER_SECTION", 2048)
-    body = b"From: alice@example.org\r\n" + b"X-Filler: " + b"x" * 3000 + b"\r\n\r\nHi\r\n"
-    assert signatures(sign(configured(domains=one(keys)), body)) == []
-    assert "header section over 2048 octets" in caplog.text
+def test_a_header_section_too_large_refuses_the_message(keys, caplog):
+    """The envelope's limit (MAX_HEADER_SECTION): the message is refused
+    for good (552 5.3.4), not passed on unsigned or taken for a local fault."""
+    filler = b"X-Filler: " + b"x" * 998 + b"\r\n"
+    body = b"From: alice@example.org\r\n" + filler * (MAX_HEADER_SECTION // len(filler) + 1)
+    envelope = envelope_of(body + b"\r\nHi\r\n")
+    with pytest.raises(HeaderSectionTooLarge) as info:
+        call(configured(domains=one(keys)), envelope)
+    assert (info.value.status_code, info.value.enhanced_code) == (552, "5.3.4")
+    assert "signing failed" not in caplog.text
+    assert b"DKIM-Signature" not in envelope.header_bytes
+
+
+def test_the_signed_section_is_the_one_delivered(keys):
+    """A line that is no header field ends the header section for every
+    reader: the signature covers the fields before it (the envelope makes
+    the end plain with a blank line), never a field after it that
+    another reader would take for body."""
+    body = (
+        b"From: alice@example.org\r\nSubject: hi\r\nnot a field\r\nTo: x@example.net\r\n\r\nHi\r\n"
+    )
+    content = sign(configured(domains=one(keys)), body)
+    (sig,) = signatures(content)
+    assert h_tag(sig).count("subject") == 2  # present once, oversigned
+    assert b"Subject: hi\r\n\r\nnot a field\r\nTo: x@example.net\r\n" in content
+    assert verify(content, dns_for(("s1", "example.org", keys["rsa"])))
 
 
 def test_a_malformed_header_section_is_not_signed(keys, caplog):
-    body = b"From: alice@example.org\r\nthis line is no header field\r\n\r\nHi\r\n"
+    # A field whose name holds a space: a header for Bonzo and mail readers,
+    # no field to dkimpy, whose signature would not say what it covers.
+    body = b"From: alice@example.org\r\nbad name: x\r\n\r\nHi\r\n"
     assert b"DKIM-Signature" not in sign(configured(domains=one(keys)), body)
     assert "malformed header section" in caplog.text
 

@@ -225,6 +225,32 @@ def test_a_final_dot_names_the_same_domain(zone):
 @pytest.mark.parametrize(
     "author",
     [
+        "a@example.org\r\nthis line is no header field\r\nX-After: 1",
+        "a@example.org\r\nbad name: a space in the field name",
+        "a@example.org\r\n From here on a continuation",
+    ],
+)
+def test_a_header_section_another_parser_refuses_is_still_evaluated(zone, author):
+    """The author is read from the fields as the envelope reads them (the
+    fields the delivered message shows), not by a stricter parser that
+    would give up and leave p=reject unapplied."""
+    with pytest.raises(PermanentError) as info:
+        evaluate(configured(zone.resolver()), author, spf=("pass", "evil.example"))
+    assert "DMARC policy of example.org" in info.value.message
+
+
+def test_an_obsolete_from_spelling_is_the_from_field(zone):
+    """``From :`` (white space before the colon, RFC 5322 4.5.8) is read by
+    mail readers as the From field: its domain's policy applies."""
+    env = envelope(b"From : a@example.org\r\nSubject: hi\r\n\r\nHello\r\n")
+    with pytest.raises(PermanentError) as info:
+        run(configured(zone.resolver()).bonzo_message(session=fake_session(), envelope=env))
+    assert "DMARC policy of example.org" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "author",
+    [
         "a@nopolicy.example, b@example.org",
         "b@example.org, a@nopolicy.example",
         "a@nopolicy.example\r\nFrom: b@example.org",  # two From: fields
