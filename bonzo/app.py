@@ -140,6 +140,13 @@ def resolve_plugin(name: str, installed: dict[str, InstalledPlugin] | None = Non
     """Return the plugin object for ``name``: an installed entry point, or a
     dotted path (``package.module`` or ``package.module:attribute``). Raises
     :class:`LookupError` with a helpful message."""
+    return _resolve(name, installed)[0]
+
+
+def _resolve(name: str, installed: dict[str, InstalledPlugin] | None) -> tuple[Any, bool]:
+    """:func:`resolve_plugin`'s object, and whether it is shared: a module
+    or an object used as is (the same in every configuration), not an
+    instance made for this one."""
     installed = installed_plugins() if installed is None else installed
     if name in installed:
         ambiguity = installed[name].ambiguity()
@@ -147,7 +154,8 @@ def resolve_plugin(name: str, installed: dict[str, InstalledPlugin] | None = Non
             raise LookupError(ambiguity)
         ep = installed[name].entry_point
         try:
-            return _instantiate(ep.load())
+            loaded = ep.load()
+            return _instantiate(loaded), not inspect.isclass(loaded)
         except (Exception, SystemExit) as exc:
             raise LookupError(f"plugin {name!r} ({ep.value}) failed to load: {exc!r}") from exc
     if "." in name or ":" in name:
@@ -159,7 +167,7 @@ def resolve_plugin(name: str, installed: dict[str, InstalledPlugin] | None = Non
         except (Exception, SystemExit) as exc:
             raise LookupError(f"plugin {name!r}: importing {module_name} failed: {exc!r}") from exc
         if not attr:
-            return module
+            return module, True
         try:
             obj = module
             for part in attr.split("."):
@@ -167,7 +175,7 @@ def resolve_plugin(name: str, installed: dict[str, InstalledPlugin] | None = Non
         except AttributeError:
             raise LookupError(f"plugin {name!r}: {module_name} has no {attr!r}") from None
         try:
-            return _instantiate(obj)
+            return _instantiate(obj), not inspect.isclass(obj)
         except (Exception, SystemExit) as exc:
             raise LookupError(f"plugin {name!r}: creating {attr} failed: {exc!r}") from exc
     known = ", ".join(sorted(installed)) or "none"
@@ -230,6 +238,9 @@ class MailApp:
         self._bound: list[tuple[ListenerConfig, list[socket.socket]]] = []
         self._unix_paths: list[str] = []
         self._extra = list(extra_plugins)
+        # The enabled plugins that are modules or objects used as is (see
+        # configure_shared_again).
+        self._shared: list[str] = []
         # Probable mistakes found while loading, for warnings().
         self._notes: list[str] = []
         self._started = False
@@ -243,9 +254,11 @@ class MailApp:
         installed = installed_plugins()
         for name in pc.enabled:
             try:
-                obj = resolve_plugin(name, installed)
+                obj, shared = _resolve(name, installed)
             except LookupError as exc:
                 raise config.error("plugins.enabled", str(exc)) from None
+            if shared:
+                self._shared.append(name)
             try:
                 self.plugins.register(obj, name, timeout=pc.timeouts.get(name))
             except PluginError as exc:
@@ -273,8 +286,20 @@ class MailApp:
                         f"plugins.{name}",
                         "table for a plugin that is neither enabled nor installed",
                     )
+        self._configure()
+        for name in pc.enabled:
+            plugin = self.plugins.get(name)
+            if not self.plugins.hooks_of(name) and plugin is not None:
+                log.warning("plugin %r implements no hook", name)
+
+    def _configure(self, only: Sequence[str] | None = None) -> None:
+        """Run the plugins' ``bonzo_configure`` hooks (those of the plugins
+        named in ``only``, if given) with their tables."""
+        config = self.config
         for call in self.plugins.calls["bonzo_configure"]:
-            table = pc.tables.get(call.plugin, {})
+            if only is not None and call.plugin not in only:
+                continue
+            table = config.plugins.tables.get(call.plugin, {})
             args = (table, self)
             try:
                 call.function(*[args[i] for i in call.indexes])
@@ -287,10 +312,20 @@ class MailApp:
                 raise config.error(
                     f"plugins.{call.plugin}", f"configuration failed: {exc!r}"
                 ) from None
-        for name in pc.enabled:
-            plugin = self.plugins.get(name)
-            if not self.plugins.hooks_of(name) and plugin is not None:
-                log.warning("plugin %r implements no hook", name)
+
+    def configure_shared_again(self) -> None:
+        """Run ``bonzo_configure`` again, with this configuration's tables,
+        for the plugins enabled as a module or an object used as is: the
+        same object in every configuration, which a reload that failed (or
+        was given up) configured with the new tables while this
+        configuration still serves. Plugins made from a class have an
+        instance of their own and are left alone."""
+        if self._shared:
+            log.info(
+                "reload given up: plugin(s) %s configured again with the running configuration",
+                ", ".join(repr(n) for n in self._shared),
+            )
+            self._configure(self._shared)
 
     @property
     def dsn_honoured_by(self) -> list[str]:

@@ -834,6 +834,16 @@ def _reloaded_app(old: Any) -> Any:
     return new
 
 
+def _configure_shared_again(app: Any) -> None:
+    """After a reload that did not replace ``app``: its shared plugins (see
+    :meth:`~bonzo.app.MailApp.configure_shared_again`) may hold the new
+    configuration's values; they get the running one's back."""
+    try:
+        app.configure_shared_again()
+    except Exception as exc:
+        log.error("reload: configuring the shared plugins again failed: %s", exc)
+
+
 #: Exit status of a worker whose plugins failed to start: the supervisor
 #: stops the server instead of restarting it (it would only fail again).
 _STARTUP_FAILED = 3
@@ -917,6 +927,7 @@ def _run_worker(
                 old = current
                 new = _reloaded_app(old)
                 if new is None or requests:
+                    _configure_shared_again(old)
                     report(False)
                     return
                 old.release_sockets()
@@ -926,6 +937,7 @@ def _run_worker(
                     log.error("reload: the new configuration failed to start: %s; "
                               "still running the previous one", exc)  # fmt: skip
                     old.reattach_sockets()
+                    _configure_shared_again(old)
                     report(False)
                     return
                 current = new

@@ -1383,6 +1383,55 @@ def test_a_reload_leaves_a_module_or_instance_plugin_running_for_the_new_configu
     assert "Traceback" not in daemon.log
 
 
+TAG_SOURCE = """
+\"\"\"A module plugin keeping its configuration in module state.\"\"\"
+
+tag = None
+
+
+def bonzo_configure(config):
+    global tag
+    tag = config["tag"]
+
+
+def bonzo_message(envelope):
+    envelope.add_header("X-Tag", tag)
+"""
+
+
+def test_a_failed_reload_gives_a_module_plugin_its_running_configuration_back(workdir, serve):
+    """A plugin enabled as a module is configured by a reload before the
+    reload fails (here at a later plugin's table): it gets the running
+    configuration's table again, so sessions go on as configured."""
+    (workdir / "plugins" / "tagplug").mkdir()
+    (workdir / "plugins" / "tagplug" / "__init__.py").write_text("")
+    (workdir / "plugins" / "tagplug" / "tag.py").write_text(TAG_SOURCE)
+    port = free_port()
+    enabled = ["tagplug.tag", "headers", STORE]
+    table = '\n[plugins."tagplug.tag"]\ntag = "%s"\n'
+    config = write_config(workdir, port, enabled, extra=table % "one")
+    daemon = serve(config, port)
+    daemon.wait_ready()
+    write_config(
+        workdir,
+        port,
+        enabled,
+        extra=table % "two" + "[plugins.headers]\nadd = 5\n",
+    )
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: "still running the previous configuration" in daemon.log,
+        what="the refused reload",
+    )
+    assert "plugins.headers" in daemon.log
+    assert "plugin(s) 'tagplug.tag' configured again with the running configuration" in daemon.log
+    assert send(port) == {}
+    [record] = daemon.records()
+    assert "X-Tag: one\r\n" in record["content"]
+    assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log
+
+
 def test_a_reload_says_that_logging_changes_wait_for_a_restart(workdir, serve):
     port = free_port()
     config = write_config(workdir, port)
