@@ -1106,12 +1106,22 @@ class Runner:
                 )
             except ValueError:
                 rcpts.append({"address": address, "canonical": address, "domain": ""})
+        if mail_params is None:
+            mail_params = {}
+            # A report is text (build_report returns binary originals as
+            # their header section): 8BITMIME covers it, BINARYMIME never.
+            if not content.isascii():
+                mail_params["BODY"] = "8BITMIME"
+            # An address in UTF-8 (a report to the sender of an SMTPUTF8
+            # message: in the envelope and its To: field) needs SMTPUTF8
+            # (RFC 6531 3.2); UTF-8 only inside the report's parts does not.
+            head = content.partition(b"\r\n\r\n")[0]
+            if not (sender.isascii() and all(a.isascii() for a in recipients) and head.isascii()):
+                mail_params["SMTPUTF8"] = None
         envelope = {
             "arrival": self.clock(),
             "sender": sender,
-            # A report is text (build_report returns binary originals as
-            # their header section): 8BITMIME covers it, BINARYMIME never.
-            "mail_params": mail_params or ({"BODY": "8BITMIME"} if not content.isascii() else {}),
+            "mail_params": mail_params,
             "recipients": rcpts,
             "session": session or {},
             "records": {},

@@ -757,6 +757,30 @@ def test_a_refusal_bounces_with_one_report_per_attempt(tmp_path):
     assert finals == ["rfc822; bob@example.net", "rfc822; carol@example.net"]
 
 
+def test_a_report_to_a_utf8_sender_is_sent_with_smtputf8(tmp_path):
+    """RFC 6531 3.2: the report's envelope and To: field hold the sender's
+    UTF-8 address, so it is declared SMTPUTF8 (without, the client would
+    not send it and the report would be lost); UTF-8 only inside the
+    report's parts (a returned message/global) needs 8BITMIME alone."""
+    from bonzo_plugins.queue.transports import _send_options
+
+    transport = Scripted({"bob@example.net": [GONE], "carol@example.net": [GONE]})
+    spool, runner, clock = make_runner(tmp_path, transport)
+    queued(spool, "G1", envelope("jösé@example.org", "bob@example.net"))
+    utf8_body = "From: jösé@example.org\r\nSubject: hé\r\n\r\nBody.\r\n".encode()
+    queued(spool, "G2", envelope("alice@example.org", "carol@example.net"), utf8_body)
+    asyncio.run(runner.attempt("G1"))
+    asyncio.run(runner.attempt("G2"))
+    by_sender = {r.recipients[0].address: r for r in reports(spool)}
+    to_utf8 = by_sender["jösé@example.org"]
+    assert to_utf8.mail_params == {"BODY": "8BITMIME", "SMTPUTF8": None}
+    assert _send_options(to_utf8)["smtputf8"] is True
+    to_ascii = by_sender["alice@example.org"]
+    assert b"message/global" in to_ascii.read()
+    assert to_ascii.mail_params == {"BODY": "8BITMIME"}
+    assert _send_options(to_ascii)["smtputf8"] is None
+
+
 def test_no_report_to_the_null_sender_and_none_for_notify_never(tmp_path, caplog):
     transport = Scripted({"bob@example.net": [GONE], "carol@example.net": [GONE]})
     spool, runner, clock = make_runner(tmp_path, transport)
