@@ -48,7 +48,7 @@ from typing import Any
 from bonzo import metrics
 from bonzo.address import Address
 from bonzo.client import deadline as client_deadline
-from bonzo.hooks import PluginFailure, PluginSet, Refused
+from bonzo.hooks import CANCEL_GRACE, PluginFailure, PluginSet, Refused, stop_task
 from bonzo.session import log_escape, new_session_id
 
 from .bounce import ReportLine, build_report, wants_report
@@ -96,6 +96,11 @@ DEADLINE_GRACE = 5.0
 #: Seconds a stopping runner waits for the last save of a cancelled
 #: attempt's state (a disk that hangs must not hold the stop for ever).
 LAST_SAVE_TIMEOUT = 10.0
+
+#: Seconds a stopping runner waits for a cancelled attempt to end: its
+#: hooks are let go within CANCEL_GRACE, its last save within
+#: LAST_SAVE_TIMEOUT; one still running then is left behind.
+STOP_LIMIT = LAST_SAVE_TIMEOUT + CANCEL_GRACE + 2.0
 
 
 @dataclass
@@ -279,7 +284,10 @@ class Runner:
     async def stop(self, grace: float = 10.0) -> None:
         """Stop scanning; let deliveries in flight finish for ``grace``
         seconds, then cancel them (they are tried again later; what the
-        attempt's other deliveries settled is saved first)."""
+        attempt's other deliveries settled is saved first). An attempt that
+        has not ended :data:`STOP_LIMIT` seconds after its cancellation (a
+        transport or plugin ignoring it) is left behind, so that the stop
+        always ends."""
         self._stopping = True
         self._stopped.set()
         self._wake.set()
@@ -302,9 +310,20 @@ class Runner:
                         id,
                         grace,
                     )
-                    task.cancel()
+                    # Marked as a stop: a plugin's hook in it that ignores
+                    # the cancellation is let go after CANCEL_GRACE.
+                    stop_task(task)
             if pending:
-                await asyncio.wait(pending)
+                _, left = await asyncio.wait(pending, timeout=STOP_LIMIT)
+                for id, task in inflight.items():
+                    if task in left:
+                        log.error(
+                            "queue: stopping: attempt at %s did not end %g s after it was "
+                            "cancelled: left behind; its deliveries in flight are tried "
+                            "again at the next start",
+                            id,
+                            STOP_LIMIT,
+                        )
         await self.routes.close()
         self._release_handed()
         self._executor.shutdown(wait=False)

@@ -1081,6 +1081,81 @@ def test_a_delivery_cancelled_at_stop_is_logged_and_kept(tmp_path, caplog):
     )
 
 
+@pytest.mark.expect_errors
+def test_a_stop_lets_go_of_a_hook_that_ignores_its_cancellation(tmp_path, caplog):
+    """The stop cancels an attempt as a stop (hooks.stop_task): a plugin's
+    hook in it that ignores the cancellation is let go after CANCEL_GRACE,
+    not waited for (here 30 s more)."""
+    from bonzo.hooks import CANCEL_GRACE
+
+    started = asyncio.Event()
+
+    class Stubborn:
+        @hookimpl
+        async def bonzo_route(self, recipient):
+            started.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                await asyncio.sleep(30)  # ignores it
+
+    plugins = PluginSet(timeout=3600)
+    plugins.register(Stubborn(), "stubborn")
+    spool, runner, clock = make_runner(tmp_path, Scripted({}), plugins, scan_interval=3600)
+    queued(spool, "R1", envelope())
+
+    async def main() -> float:
+        runner.start()
+        await asyncio.wait_for(started.wait(), 5)
+        begun = time.monotonic()
+        await runner.stop(grace=0.2)
+        return time.monotonic() - begun
+
+    with caplog.at_level(logging.WARNING):
+        took = asyncio.run(main())
+    assert took < 0.2 + CANCEL_GRACE + 3, took
+    assert spool.ids() == ["R1"]  # kept for the next start
+    assert "ignored its cancellation" in caplog.text
+
+
+@pytest.mark.expect_errors
+def test_a_stop_leaves_an_attempt_behind_that_does_not_end(tmp_path, caplog, monkeypatch):
+    """A transport that ignores its cancellation cannot hold the stop: after
+    STOP_LIMIT it is left behind, with an ERROR line naming the message."""
+    import bonzo_plugins.queue.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "STOP_LIMIT", 0.3)
+    started = asyncio.Event()
+
+    class Deaf(Scripted):
+        async def deliver(self, message, recipients):
+            started.set()
+            for _ in range(3):  # bounded: the test's loop ends
+                try:
+                    await asyncio.sleep(10)
+                except asyncio.CancelledError:
+                    pass
+            return [OK for _ in recipients]
+
+    spool, runner, clock = make_runner(tmp_path, Deaf({}), scan_interval=3600)
+    queued(spool, "L1", envelope())
+
+    async def main() -> float:
+        runner.start()
+        await asyncio.wait_for(started.wait(), 5)
+        begun = time.monotonic()
+        await runner.stop(grace=0.1)
+        took = time.monotonic() - begun
+        for task in asyncio.all_tasks() - {asyncio.current_task()}:
+            task.cancel()  # the test's own clean-up of what was left behind
+        return took
+
+    with caplog.at_level(logging.WARNING, logger="bonzo.plugins.queue"):
+        took = asyncio.run(main())
+    assert took < 3, took
+    assert "queue: stopping: attempt at L1 did not end 0.3 s after it was cancelled" in caplog.text
+
+
 class ByLocalPart(Scripted):
     """``ok*`` delivered, ``temp*`` deferred, ``perm*`` refused, anyone else
     (a report's recipient) delivered; ``slow*`` delivered once
