@@ -816,14 +816,17 @@ class MilterClient:
 
     :arg connect_timeout: for connecting and option negotiation.
     :arg command_timeout: for each reply to a command before the message.
-    :arg content_timeout: for each reply while the message is sent and at
-        its end (a ``PROGRESS`` from the milter starts it again, up to
-        ``4 * content_timeout`` in all).
+    :arg content_timeout: for the whole exchange of one message: its header
+        fields, its body and the verdict at its end (a ``PROGRESS`` from the
+        milter does not extend it), so that one message costs at most this
+        however many pieces it is sent in.
     :arg actions: the actions offered (:data:`ALL_ACTIONS`).
     :arg protocol: the protocol flags offered (:data:`ALL_PROTOCOL`).
 
     Every error is a :class:`MilterError`; after one the connection is
-    closed and the client unusable.
+    closed and the client unusable. So it is after a stage was cancelled
+    (a hook time limit, a stop): the milter's answer to it would be taken
+    for the answer to the next command.
     """
 
     def __init__(
@@ -854,6 +857,8 @@ class MilterClient:
         #: True from MAIL until the verdict on the end of the message or an
         #: ABORT: the milter has a transaction open.
         self.in_transaction = False
+        #: While a message is exchanged: when its content_timeout ends.
+        self._deadline: float | None = None
 
     # ----------------------------------------------------------- lifecycle
     async def open(self) -> OptionReply:
@@ -864,6 +869,9 @@ class MilterClient:
             else:
                 conn = asyncio.open_connection(self.spec.host, self.spec.port, limit=1 << 16)
             self._reader, self._writer = await asyncio.wait_for(conn, self.connect_timeout)
+        except asyncio.CancelledError:
+            self.close()
+            raise
         except (TimeoutError, asyncio.TimeoutError):
             self.close()
             raise MilterTimeout(
@@ -961,6 +969,20 @@ class MilterClient:
         headers or a body piece ends the exchange early with that verdict
         (``SKIP`` jumps to the end of the message).
         """
+        self._deadline = time.monotonic() + self.content_timeout
+        try:
+            return await self._message(headers, body, macros, eom_macros, body_sink)
+        finally:
+            self._deadline = None
+
+    async def _message(
+        self,
+        headers: Iterable[tuple[str, str]],
+        body: Iterable[bytes] | AsyncIterator[bytes],
+        macros: Mapping[str, str],
+        eom_macros: Mapping[str, str] | None,
+        body_sink: Callable[[bytes], object] | None,
+    ) -> Outcome:
         leadspc = self.options is not None and bool(self.options.protocol & P_HDR_LEADSPC)
         if self.wants(C_HEADER):
             for name, value in headers:
@@ -1001,14 +1023,14 @@ class MilterClient:
         self._check_open()
         if not self.wants(command):
             return Outcome()
-        timeout = self.content_timeout if content else self.command_timeout
+        timeout = self._within(self.content_timeout if content else self.command_timeout)
         out = self._macros(command, macros) + frame
         await self._write(out, timeout)
         assert self.options is not None
         flags = _STEP_FLAGS.get(command)
         if flags is not None and self.options.protocol & flags[1]:
             return Outcome()
-        reply = await self._read_final(timeout, command)
+        reply = await self._read_final(self._within(timeout), command)
         if isinstance(reply, Verdict) and reply.code == R_SKIP and command != C_BODY:
             self.close()
             raise MilterProtocolError(f"{self.spec}: SKIP in reply to {command!r}")
@@ -1024,17 +1046,15 @@ class MilterClient:
     async def _end_of_message(
         self, macros: Mapping[str, str], body_sink: Callable[[bytes], object] | None
     ) -> Outcome:
-        await self._write(self._macros(C_EOB, macros) + encode_eob(), self.content_timeout)
+        await self._write(
+            self._macros(C_EOB, macros) + encode_eob(), self._within(self.content_timeout)
+        )
         outcome = Outcome()
         kept = 0  # octets of modifications held in memory
         replaced = False
-        deadline = time.monotonic() + 4 * self.content_timeout
+        assert self.options is not None
         while True:
-            remaining = min(self.content_timeout, deadline - time.monotonic())
-            if remaining <= 0:
-                self.close()
-                raise MilterTimeout(f"{self.spec}: no end-of-message verdict in time")
-            reply = await self._read_one(remaining)
+            reply = await self._read_one(self._within(self.content_timeout))
             if isinstance(reply, Verdict) and reply.code == R_PROGRESS:
                 continue
             if isinstance(reply, ReplaceBody) and body_sink is not None:
@@ -1044,6 +1064,15 @@ class MilterClient:
                     outcome.changes.append(ReplaceBody(b""))
                 continue
             if isinstance(reply, MODIFICATIONS):
+                needed = _action_flag(reply)
+                if not self.options.actions & needed:
+                    # Postfix and Sendmail refuse it too: the milter said at
+                    # negotiation it would not, and the operator may rely on it.
+                    self.close()
+                    raise MilterProtocolError(
+                        f"{self.spec}: {reply.action} without declaring it at negotiation "
+                        f"(actions {self.options.actions:#x})"
+                    )
                 kept += 64 + _size(reply)
                 if len(outcome.changes) >= MAX_CHANGES or kept > MAX_CHANGE_BYTES:
                     self.close()
@@ -1058,6 +1087,26 @@ class MilterClient:
                 return outcome
             self.close()
             raise MilterProtocolError(f"{self.spec}: unexpected {reply!r} at end of message")
+
+    def _within(self, timeout: float) -> float:
+        """``timeout``, cut to what is left of the message's content_timeout
+        while a message is exchanged; :class:`MilterTimeout` once nothing is."""
+        if self._deadline is None:
+            return timeout
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            self.close()
+            raise self._timeout(timeout)
+        return min(timeout, left)
+
+    def _timeout(self, timeout: float) -> MilterTimeout:
+        """The error for a wait of ``timeout`` seconds that ran out."""
+        if self._deadline is not None and time.monotonic() >= self._deadline - 0.01:
+            return MilterTimeout(
+                f"{self.spec}: no verdict on the message within its content_timeout "
+                f"({self.content_timeout:g}s)"
+            )
+        return MilterTimeout(f"{self.spec}: no reply within {timeout:.3g}s")
 
     def _macros(self, command: bytes, macros: Mapping[str, str]) -> bytes:
         if not macros:
@@ -1081,18 +1130,22 @@ class MilterClient:
         try:
             self._writer.write(data)
             await asyncio.wait_for(self._writer.drain(), timeout)
+        except asyncio.CancelledError:
+            self.close()
+            raise
         except (TimeoutError, asyncio.TimeoutError):
             self.close()
-            raise MilterTimeout(f"{self.spec}: write timed out after {timeout}s") from None
+            raise MilterTimeout(f"{self.spec}: could not send within {timeout:.3g}s") from None
         except (OSError, RuntimeError) as exc:
             self.close()
             raise MilterUnavailable(f"{self.spec}: connection lost: {exc}") from None
 
     async def _read_final(self, timeout: float, command: bytes) -> Verdict | ReplyCode:
-        # PROGRESS starts the timeout again, but not for ever.
+        # PROGRESS starts the timeout again, but not for ever (and within a
+        # message, not past its content_timeout).
         deadline = time.monotonic() + 4 * timeout
         while True:
-            remaining = min(timeout, deadline - time.monotonic())
+            remaining = min(self._within(timeout), deadline - time.monotonic())
             if remaining <= 0:
                 self.close()
                 raise MilterTimeout(f"{self.spec}: no reply to {command!r} in time")
@@ -1123,9 +1176,12 @@ class MilterClient:
         try:
             if not self._frames:
                 await asyncio.wait_for(fill(), timeout)
+        except asyncio.CancelledError:
+            self.close()
+            raise
         except (TimeoutError, asyncio.TimeoutError):
             self.close()
-            raise MilterTimeout(f"{self.spec}: no reply within {timeout}s") from None
+            raise self._timeout(timeout) from None
         except MilterError:
             self.close()
             raise
@@ -1154,6 +1210,20 @@ async def _chunks(body: Iterable[bytes] | AsyncIterator[bytes]) -> AsyncIterator
         for piece in body:
             for chunk in _cut(piece):
                 yield chunk
+
+
+def _action_flag(change: Response) -> int:
+    """The action (``F_*``) a milter must have declared to send ``change``
+    (as libmilter's ``smfi_*`` functions require it)."""
+    if isinstance(change, HeaderChange):
+        return F_CHGHDRS if change.code == R_CHGHEADER else F_ADDHDRS
+    if isinstance(change, RecipientChange):
+        return {R_ADDRCPT: F_ADDRCPT, R_ADDRCPT_PAR: F_ADDRCPT_PAR}.get(change.code, F_DELRCPT)
+    if isinstance(change, ChangeSender):
+        return F_CHGFROM
+    if isinstance(change, ReplaceBody):
+        return F_CHGBODY
+    return F_QUARANTINE
 
 
 def _size(change: Response) -> int:

@@ -163,13 +163,22 @@ def _field_follows(src: IO[bytes]) -> bool:
     return False
 
 
+def _octets(text: str) -> bytes:
+    """``text`` as UTF-8, with octets :meth:`Envelope.headers` escaped (an
+    undecodable octet read as a lone surrogate) written back as they were."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 def _format_header(name: str, value: str, utf8: bool = True) -> bytes:
     """``name: value`` as a header block ending in CRLF; :class:`ValueError`
     for a bad name, a line break that is not folding, or a line longer than
     :data:`MAX_HEADER_LINE` octets with no space to fold it at. Without
     ``utf8`` (a message not sent with SMTPUTF8), a value that is not ASCII
     is written as RFC 2047 encoded words, the only form such a message may
-    carry it in."""
+    carry it in -- unless it holds octets that are not UTF-8 (as
+    :meth:`Envelope.headers` escapes them, say a client's raw Latin-1
+    subject given back with a tag): their character set is unknown, so the
+    value is written with those octets as they were."""
     if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
         raise ValueError(f"bad header name {name!r}")
     if not isinstance(value, str):
@@ -179,14 +188,18 @@ def _format_header(name: str, value: str, utf8: bool = True) -> bytes:
         raise ValueError(f"header {name} has a line break that is not folding")
     if "\r" in value.replace("\r\n", "") or "\0" in value:
         raise ValueError(f"header {name} has a control character")
-    if not utf8 and not value.isascii():
+    if not utf8 and not value.isascii() and not _ESCAPED.search(value):
         # Unfolded (the line breaks dropped, the spaces after them kept).
         lines = Header("".join(lines), "utf-8", header_name=name).encode(linesep="\n").split("\n")
     lines[0] = f"{name}: {lines[0]}"
     out: list[str] = []
     for line in lines:
         out.extend(_fold(name, line))
-    return ("\r\n".join(out) + "\r\n").encode()
+    return _octets("\r\n".join(out) + "\r\n")
+
+
+#: An octet that is not UTF-8, as ``surrogateescape`` decoding writes it.
+_ESCAPED = re.compile("[\udc80-\udcff]")
 
 
 def _fold(name: str, line: str) -> list[str]:
@@ -194,9 +207,11 @@ def _fold(name: str, line: str) -> list[str]:
     :data:`MAX_HEADER_LINE` octets (folding, RFC 5322 2.2.3: unfolding gives
     the same value)."""
     out = []
-    given = len(line.encode())
-    while len(line.encode()) > MAX_HEADER_LINE:
-        head = line.encode()[: MAX_HEADER_LINE + 1].decode("utf-8", "ignore")
+    given = len(_octets(line))
+    while len(_octets(line)) > MAX_HEADER_LINE:
+        # (A character cut in two at the end decodes to escapes, after any
+        # space: the cut below falls before them.)
+        head = _octets(line)[: MAX_HEADER_LINE + 1].decode("utf-8", "surrogateescape")
         cut = max(head.rfind(" ", 1), head.rfind("\t", 1))
         if cut <= 0 or not line[:cut].strip():
             raise ValueError(

@@ -102,6 +102,23 @@ def test_a_value_that_is_not_ascii_is_encoded_unless_the_message_is_smtputf8():
         env.add_header("X-Uni", "héllo\nX-Forged: 1")
 
 
+def test_a_value_read_with_octets_that_are_not_utf8_can_be_written_back():
+    """headers() escapes octets that are not UTF-8 (a raw Latin-1 subject);
+    a value given back with them (a spam tag) is written with those octets
+    as they were: their character set is unknown, so no encoded words."""
+    env = envelope(b"Subject: caf\xe9 ol\xe9\r\n\r\nBody\r\n")
+    (subject,) = [v for n, v in env.headers() if n == "Subject"]
+    assert subject == "caf\udce9 ol\udce9"
+    env.change_header("Subject", "[SPAM] " + subject)
+    env.add_header("X-Seen", subject + " " + "word " * 250)  # folded, octets kept
+    content = env.content
+    assert b"Subject: [SPAM] caf\xe9 ol\xe9\r\n" in content
+    assert b"X-Seen: caf\xe9 ol\xe9 word" in content
+    assert all(len(line) <= 998 for line in content.split(b"\r\n"))
+    with pytest.raises(ValueError):  # a lone surrogate that no octet stands for
+        env.add_header("X-Bad", "\ud800")
+
+
 @pytest.mark.parametrize("threshold", [1 << 20, 16])
 def test_the_parsed_message_follows_every_edit(threshold):
     # A filter that reads envelope.message after an earlier one edited the

@@ -375,7 +375,7 @@ def test_symbol_lists_filter_the_macros():
         ),
         (lambda c, s: [m.Verdict(m.R_SKIP)] if c.code == m.C_HELO else None, "SKIP"),
         (lambda c, s: HANG if c.code == m.C_HELO else None, "no reply within"),
-        (lambda c, s: HANG if c.code == m.C_EOB else None, "no reply within"),
+        (lambda c, s: HANG if c.code == m.C_EOB else None, "within its content_timeout"),
     ],
 )
 def test_faults_are_milter_errors_and_close(script, error):
@@ -498,3 +498,74 @@ def test_any_answer_to_the_end_of_message_is_an_outcome_or_a_milter_error():
             )
 
         check()
+
+
+def test_content_timeout_bounds_the_whole_message():
+    """Each answer comes in time, but there are many pieces: the message as
+    a whole gets content_timeout, so that no number of pieces (nor a
+    PROGRESS) makes it wait longer -- the plugin's hook limit stays above."""
+    import time
+
+    def slow_pieces(command, session):
+        if command.code == m.C_BODY:
+            time.sleep(0.12)  # the fake's own thread
+        return None
+
+    with FakeMilter(slow_pieces) as fake:
+        client = client_for(fake, content_timeout=0.5)
+        body = b"x" * (m.CHUNK_SIZE * 12)
+        begun = time.monotonic()
+        with pytest.raises(m.MilterTimeout, match=r"within its content_timeout \(0.5s\)"):
+            run(whole_session(client, body))
+        assert time.monotonic() - begun < 1.5
+        assert client.closed
+        assert len(fake.sessions[0].of(m.C_BODY)) < 12
+
+
+@pytest.mark.parametrize(
+    ("change", "action"),
+    [
+        (m.HeaderChange(m.R_ADDHEADER, "X-A", "1"), m.F_ADDHDRS),
+        (m.HeaderChange(m.R_INSHEADER, "X-A", "1", 0), m.F_ADDHDRS),
+        (m.HeaderChange(m.R_CHGHEADER, "Subject", "x", 1), m.F_CHGHDRS),
+        (m.RecipientChange(m.R_ADDRCPT, "<e@evil.example>"), m.F_ADDRCPT),
+        (m.RecipientChange(m.R_ADDRCPT_PAR, "<e@evil.example>", "NOTIFY=NEVER"), m.F_ADDRCPT_PAR),
+        (m.RecipientChange(m.R_DELRCPT, "<b@example.com>"), m.F_DELRCPT),
+        (m.ChangeSender("<spoof@bank.example>"), m.F_CHGFROM),
+        (m.ReplaceBody(b"new\r\n"), m.F_CHGBODY),
+        (m.QuarantineRequest("held"), m.F_QUARANTINE),
+    ],
+)
+def test_a_modification_not_declared_at_negotiation_is_a_protocol_error(change, action):
+    """As libmilter's smfi_* functions and Postfix require: a milter that
+    declared it would not change the message cannot."""
+    others = m.ALL_ACTIONS & ~action
+    with FakeMilter(actions=others, end_of_message=[change, m.Verdict(m.R_ACCEPT)]) as fake:
+        client = client_for(fake)
+        with pytest.raises(m.MilterProtocolError, match="without declaring it"):
+            run(whole_session(client))
+        assert client.closed
+    with FakeMilter(actions=action, end_of_message=[change, m.Verdict(m.R_ACCEPT)]) as fake:
+        outcome = run(whole_session(client_for(fake)))
+        assert outcome.changes and outcome.action == "accept"
+
+
+def test_a_cancelled_stage_closes_the_connection():
+    """A stage cancelled while it waits (a hook limit, a stop) leaves the
+    milter's answer unread: the client is closed, so that answer is never
+    taken for the answer to a later command."""
+
+    async def go(client):
+        await client.open()
+        await client.connect("[127.0.0.1]", "4", 1234, "127.0.0.1", {})
+        task = asyncio.ensure_future(client.mail("<a@example.org>", [], {}))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert client.closed
+        with pytest.raises(m.MilterUnavailable):
+            await client.rcpt("<b@example.com>", [], {})
+
+    with FakeMilter(lambda c, s: HANG if c.code == m.C_MAIL else None) as fake:
+        run(go(client_for(fake)))

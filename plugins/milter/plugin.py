@@ -11,7 +11,6 @@ configured; the first one that does not say ``continue`` decides. See
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 import tempfile
@@ -34,10 +33,11 @@ log = logging.getLogger("bonzo.plugins.milter")
 
 DEFAULT_ACTIONS = ("tempfail", "accept")
 STASH = "milter"
-#: A header field longer than this is cut for the milter (a milter frame
-#: holds at most 64 KiB), and a header section is read up to this many fields.
+#: The longest header field (octets, name and value) a milter is shown: a
+#: milter frame holds at most 64 KiB. A message with a longer one is refused
+#: (a milter shown part of a field would judge or sign other content than
+#: what is delivered).
 MAX_FIELD = 60000
-MAX_FIELDS = 5000
 #: A replacement body is spooled to disk past this size, and refused past
 #: ``MAX_BODY``.
 SPOOL_BODY = 1 << 20
@@ -114,11 +114,12 @@ MILTER = Schema(
              "Seconds to wait for the answer to each command before the message "
              "(connect, HELO, MAIL, RCPT, DATA). More than 0, at most 3600."),
     _timeout("content_timeout", 30.0,
-             "Seconds to wait for each answer while the message is sent and at "
-             "its end (a ``PROGRESS`` answer starts it again); more than 0, at most "
+             "Seconds for the whole message with this milter: its header fields, "
+             "its body and the verdict at its end (a ``PROGRESS`` answer does not "
+             "extend it), however many pieces it is sent in; more than 0, at most "
              "3600. Keep "
              "the plugin's hook timeout (``[plugins] timeout``) above the sum "
-             "over the milters."),
+             "over the milters, so that a slow milter's ``default_action`` applies."),
     Key("default_action", "choice", default="tempfail", choices=DEFAULT_ACTIONS,
         doc="What a fault of this milter does: ``\"tempfail\"`` (``451 4.7.1``) "
         "or ``\"accept\"`` (go on without it)."),
@@ -153,7 +154,8 @@ def reply_error(reply: m.ReplyCode) -> SMTPError:
     code = reply.code
     lines = []
     enhanced = None
-    for n, raw in enumerate(reply.text.replace("\r\n", "\n").split("\n")[:10]):
+    text = reply.text.replace("\r\n", "\n").rstrip("\n")  # a final CRLF ends, adds no line
+    for n, raw in enumerate(text.split("\n")[:10]):
         line = raw
         if n and re.match(r"[0-9]{3}[ -]", line):
             line = line[4:]
@@ -249,53 +251,62 @@ def _family(ip: str) -> str:
 
 
 # ------------------------------------------------------------ header reading
-def _header_lines(envelope: Envelope) -> tuple[list[tuple[str, str]], IO[bytes]]:
-    """The message's header fields as ``(name, value)`` — value as after the
-    colon, ``\\n`` between folded lines — and its content file positioned at
-    the start of the body. Bounded: :data:`MAX_FIELDS` fields of at most
-    :data:`MAX_FIELD` characters are read; the rest is skipped."""
-    fields: list[tuple[str, str]] = []
-    current: list[bytes] = []
-    size = 0  # of the field in ``current``
+def _blocks(head: bytes) -> Iterator[bytes]:
+    """The header fields of ``head`` (header lines only, as
+    :meth:`~bonzo.session.Envelope.client_header_section` gives them), each
+    with its folded lines."""
+    start = 0
+    pos = 0
+    while pos < len(head):
+        end = head.find(b"\n", pos)
+        end = len(head) if end < 0 else end + 1
+        if pos > start and head[pos : pos + 1] not in (b" ", b"\t"):
+            yield head[start:pos]
+            start = pos
+        pos = end
+    if start < len(head):
+        yield head[start:]
 
-    def flush() -> None:
-        if not current:
-            return
-        raw = b"".join(current)
-        current.clear()
-        name, sep, value = raw.partition(b":")
-        text = value.replace(b"\r\n", b"\n").rstrip(b"\n").decode("utf-8", "surrogateescape")
-        if sep and _HEADER_NAME.fullmatch(name.decode("ascii", "replace")):
-            if len(fields) < MAX_FIELDS:
-                fields.append((name.decode("ascii"), text[:MAX_FIELD]))
 
-    def lines(source: IO[bytes]) -> Iterator[tuple[bytes, bool]]:
-        """Each line (cut at MAX_FIELD), and whether it goes on the line
-        before (the rest of a line longer than that)."""
-        rest = False
-        while True:
-            line = source.readline(MAX_FIELD)
-            if not line:
-                return
-            yield line, rest
-            rest = not line.endswith(b"\n")
+def _fields(head: bytes) -> Iterator[tuple[str, str]]:
+    """Each field of ``head`` as ``(name, value)`` for the milter: the name
+    as the envelope reads it (white space before the colon is not part of
+    it, RFC 5322 4.5.8), the value as after the colon with ``\n`` between
+    folded lines."""
+    for block in _blocks(head):
+        name, _, value = block.partition(b":")
+        text = value.replace(b"\r\n", b"\n").rstrip(b"\n")
+        yield (
+            name.strip(b" \t").decode("utf-8", "surrogateescape"),
+            text.decode("utf-8", "surrogateescape"),
+        )
 
+
+def _header_lines(envelope: Envelope) -> tuple[bytes, IO[bytes]]:
+    """The message's header section as it will be delivered (the fields
+    Bonzo and plugins added, then the client's, split as the envelope splits
+    it, so that a milter is shown the fields every other reader sees) and
+    its content file positioned at the start of the body. Raises
+    :class:`~bonzo.session.HeaderSectionTooLarge` as the envelope does."""
+    section, start = envelope.client_header_section()
     body = envelope.open_body()
-    for source in (io.BytesIO(envelope.header_bytes), body):
-        for line, rest in lines(source):
-            if line in (b"\r\n", b"\n") and source is body and not rest:
-                flush()
-                return fields, body
-            if (rest or line[:1] in (b" ", b"\t")) and current:
-                if size < MAX_FIELD:
-                    current.append(line)
-                    size += len(line)
-                continue
-            flush()
-            current.append(line)
-            size = len(line)
-    flush()
-    return fields, body
+    body.seek(start)
+    return envelope.header_bytes + section, body
+
+
+def _unshowable(head: bytes) -> SMTPError | None:
+    """Why the header section ``head`` cannot be shown to a milter whole
+    (``None`` if it can): the milter would judge, or sign, other content
+    than what is delivered."""
+    if b"\0" in head:
+        # The milter protocol carries a field as a C string: a NUL would cut
+        # it. Malformed (RFC 5322 3.2.0).
+        return PermanentError(554, "Header field contains a NUL octet", "5.6.0")
+    if len(head) > MAX_FIELD and any(len(b) > MAX_FIELD for b in _blocks(head)):
+        return PermanentError(
+            552, f"Header field too long to be filtered (at most {MAX_FIELD} octets)", "5.3.4"
+        )
+    return None
 
 
 def _body_chunks(body: IO[bytes]) -> Iterator[bytes]:
@@ -574,13 +585,17 @@ class MilterPlugin:
         }
 
         async def mail(mi: _Milter, client: m.MilterClient) -> Any:
-            mi.message_done = False
+            mi.message_done = False  # asked about this message
             if client.in_transaction:
                 await client.abort()
             return await client.mail(
                 _bracketed(address), _esmtp_args(params), self._macros(mi.config, macros)
             )
 
+        # A milter after one that decides here (a DISCARD) is sent no MAIL,
+        # so nothing else of this message either.
+        for mi in state.milters:
+            mi.message_done = True
         verdict = await self._ask_each(session, envelope, state, "mail", mail, message=False)
         if verdict is not None:
             return verdict
@@ -634,23 +649,22 @@ class MilterPlugin:
         for mi in self._active(state, message=True):
             assert mi.client is not None
             c = mi.config
-            headers, body = _header_lines(envelope)
-            if any("\0" in value for _, value in headers):
-                # The milter protocol carries a field as a C string: a NUL
-                # would cut it, so the milter would judge (or sign) other
-                # content than what is stored. Malformed (RFC 5322 §3.2.0).
+            head, body = _header_lines(envelope)
+            problem = _unshowable(head)
+            if problem is not None:
                 log.info(
-                    "[%s %s] milter %s: a header field holds a NUL octet; refused",
+                    "[%s %s] milter %s: %s; refused",
                     session.id,
                     session.remote_ip,
                     c.name,
+                    problem.message,
                 )
-                _record(envelope, "reject", c.name, "none", "NUL octet in a header field")
-                raise PermanentError(554, "Header field contains a NUL octet", "5.6.0")
+                _record(envelope, "reject", c.name, "none", problem.message)
+                raise problem
             sink = _BodySink()
             try:
                 outcome = await mi.client.message(
-                    headers,
+                    _fields(head),
                     _body_chunks(body),
                     self._macros(c, {"i": envelope.id}),
                     self._macros(c, {"i": envelope.id}),

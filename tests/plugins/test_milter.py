@@ -482,26 +482,159 @@ def test_a_second_connect_starts_over_and_helo_aborts():
     assert [c for c in second.codes() if c != m.C_MACRO] == [b"O", b"C", b"Q"]
 
 
-def test_header_reading_is_bounded():
-    from bonzo_plugins.milter.plugin import MAX_FIELD, _header_lines
+def test_the_milter_is_shown_the_header_section_every_reader_sees():
+    """The fields are those the envelope reads (and the delivered message
+    has): the section ends at its first line that is no header field (a
+    blank line is inserted there when fields follow), so a body sent
+    without the blank line is shown as body, never dropped; ``From :`` is
+    the From field; every field is shown, however many."""
+    sink = Sink()
+    with (
+        FakeMilter() as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        no_blank = b"From: a@example.org\r\nSubject: x\r\nX5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR\r\n"
+        assert send(server, message=no_blank) == {}
+        hidden = b"Subject: x\r\nnot a field\r\nFrom: ceo@bank.example\r\n\r\nBody\r\n"
+        assert send(server, message=hidden) == {}
+        spaced = b"From : ceo@bank.example\r\nSubject : pay now\r\n\r\nBody\r\n"
+        assert send(server, message=spaced) == {}
+        many = b"".join(b"X-F: %d\r\n" % i for i in range(6000))
+        assert send(server, message=many + b"From: ceo@bank.example\r\n\r\nBody\r\n") == {}
+    sessions = [s for s in fake.sessions if s.of(m.C_EOB)]
+    assert len(sessions) == 4  # a connection per SMTP session
 
-    from bonzo.session import Envelope
+    def shown(n: int) -> tuple[list[tuple[str, str]], bytes]:
+        commands = sessions[n].commands
+        headers = [c.args for c in commands if c.code == m.C_HEADER]
+        body = b"".join(c.args[0] for c in commands if c.code == m.C_BODY)
+        return headers, body
 
-    envelope = Envelope("a@example.org")
-    # The rest of a line cut at MAX_FIELD is not a field "xxxxEvil: y" of its own.
-    long_value = b"x" * (MAX_FIELD + 4) + b"Evil: y " + b"z" * (2 * MAX_FIELD)
-    envelope.write(
-        b"Long: " + long_value + b"\r\nFolded: a\r\n" + b"\tb\r\n" * 50000 + b"\r\nbody\r\n"
-    )
-    envelope.add_header("X-Added", "1")
-    try:
-        headers, body = _header_lines(envelope)
-        names = [n for n, _ in headers]
-        assert names == ["X-Added", "Long", "Folded"]
-        assert all(len(v) <= MAX_FIELD for _, v in headers)
-        assert body.read() == b"body\r\n"
-    finally:
-        envelope.close()
+    headers, body = shown(0)
+    assert [n for n, _ in headers] == ["Received", "From", "Subject"]
+    assert body == b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR\r\n"
+    headers, body = shown(1)
+    assert [n for n, _ in headers] == ["Received", "Subject"]
+    assert body == b"not a field\r\nFrom: ceo@bank.example\r\n\r\nBody\r\n"
+    assert b"Subject: x\r\n\r\nnot a field\r\n" in sink.delivered[1][2]
+    headers, _ = shown(2)
+    assert headers[1:] == [("From", "ceo@bank.example"), ("Subject", "pay now")]
+    headers, _ = shown(3)
+    assert len(headers) == 6002 and headers[-1] == ("From", "ceo@bank.example")
+
+
+def test_a_header_field_too_long_for_a_milter_frame_is_refused(caplog):
+    """A field over MAX_FIELD cannot be shown whole (a frame holds 64 KiB):
+    the message is refused rather than judged, or signed, on part of it."""
+    from bonzo_plugins.milter.plugin import MAX_FIELD
+
+    sink = Sink()
+    folded = b"\r\n ".join(b"w%05d" % i for i in range(MAX_FIELD // 8 + 10))
+    long = b"To: " + folded + b", ceo@bank.example\r\n"
+    with (
+        FakeMilter() as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        with pytest.raises(smtplib.SMTPDataError) as info:
+            send(server, message=long + MESSAGE)
+        assert (info.value.smtp_code, info.value.smtp_error[:5]) == (552, b"5.3.4")
+        assert send(server) == {}
+    assert sum(1 for s in fake.sessions if s.of(m.C_EOB)) == 1  # only the second message
+    assert len(sink.delivered) == 1
+    assert "Header field too long to be filtered" in caplog.text
+
+
+def test_a_message_exchange_that_outlasts_content_timeout_applies_default_action(caplog):
+    """Each body piece is answered in time, but the message as a whole takes
+    longer than content_timeout: a fault of the milter (its default_action,
+    here accept), ended before the hook's own limit; the milter is out for
+    the session, and its late answers never answer a later command."""
+    import time
+
+    def slow(command, session):
+        if command.code == m.C_BODY:
+            time.sleep(0.15)
+        if command.code == m.C_MAIL and "spammer" in command.args[0]:
+            return [m.Verdict(m.R_REJECT)]
+        return None
+
+    sink = Sink()
+    big = MESSAGE + (b"x" * 78 + b"\r\n") * (m.CHUNK_SIZE * 10 // 80)
+    with (
+        FakeMilter(slow) as fake,
+        serve(
+            ("milter", plugin(entry(fake, content_timeout=0.6, default_action="accept"))),
+            ("sink", sink),
+        ) as server,
+        server.client() as client,
+    ):
+        assert client.sendmail("alice@example.org", ["bob@example.com"], big) == {}
+        assert client.mail("spammer@example.org")[0] == 250  # the milter is out
+        assert client.rcpt("carol@example.com")[0] == 250
+    assert len(sink.delivered) == 1
+    [[result]] = sink.results
+    assert result[0] == "error" and result[1]["stage"] == "end of message"
+    assert "no verdict on the message within its content_timeout (0.6s)" in caplog.text
+
+
+def test_a_modification_the_milter_did_not_declare_is_a_fault():
+    """Declared no actions, then sent changes: a protocol fault (its
+    default_action), nothing of it applied."""
+    sink = Sink()
+    eom = [
+        m.RecipientChange(m.R_ADDRCPT, "<eve@evil.example>"),
+        m.ChangeSender("<spoof@bank.example>"),
+        m.HeaderChange(m.R_ADDHEADER, "X-Undeclared", "yes"),
+        m.Verdict(m.R_ACCEPT),
+    ]
+    for action, code in (("tempfail", 451), ("accept", None)):
+        with (
+            FakeMilter(actions=0, end_of_message=eom) as fake,
+            serve(("milter", plugin(entry(fake, default_action=action))), ("sink", sink)) as server,
+        ):
+            if code is None:
+                assert send(server) == {}
+            else:
+                with pytest.raises(smtplib.SMTPDataError) as info:
+                    send(server)
+                assert info.value.smtp_code == code
+    [(sender, rcpts, content)] = sink.delivered
+    assert (sender, rcpts) == ("alice@example.org", ["bob@example.com"])
+    assert b"X-Undeclared" not in content
+
+
+def test_a_header_change_with_octets_that_are_not_utf8_is_applied():
+    """A spam tag on a raw Latin-1 subject: the milter's octets are stored
+    as it sent them (the character set is unknown), not dropped."""
+    sink = Sink()
+    eom = [
+        m.HeaderChange(m.R_CHGHEADER, "Subject", "[SPAM] caf\udce9", 1),
+        m.HeaderChange(m.R_ADDHEADER, "X-Report", "caf\udce9 r\udce9sum\udce9"),
+        m.Verdict(m.R_CONTINUE),
+    ]
+    with (
+        FakeMilter(end_of_message=eom) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        assert send(server, message=b"Subject: caf\xe9\r\n\r\nBody\r\n") == {}
+    [(_, _, content)] = sink.delivered
+    assert b"Subject: [SPAM] caf\xe9\r\n" in content
+    assert b"X-Report: caf\xe9 r\xe9sum\xe9\r\n" in content
+
+
+def test_after_a_discard_at_mail_the_later_milters_get_nothing_of_the_message():
+    sink = Sink()
+    with (
+        FakeMilter() as second,
+        FakeMilter(lambda c, s: [m.Verdict(m.R_DISCARD)] if c.code == m.C_MAIL else None) as first,
+        serve(
+            ("milter", plugin(entry(first, name="one"), entry(second, name="two"))), ("sink", sink)
+        ) as server,
+    ):
+        assert send(server) == {}
+    assert sink.delivered == []
+    codes = [c for c in second.sessions[0].codes() if c != m.C_MACRO]
+    assert codes == [b"O", b"C", b"H", b"Q"]
 
 
 def test_readme_example_configures():
@@ -672,7 +805,7 @@ def test_a_nul_in_a_header_field_is_refused_whatever_the_default_action(caplog):
             assert send(server) == {}  # the next message is fine
         assert not any(s.of(m.C_HEADER) and s.of(m.C_EOB) for s in fake.sessions[:1])
     assert len(sink.delivered) == 2 and all(b"\0" not in d[2] for d in sink.delivered)
-    assert "a header field holds a NUL octet; refused" in caplog.text
+    assert "milter fake: Header field contains a NUL octet; refused" in caplog.text
     assert "Traceback" not in caplog.text
 
 
