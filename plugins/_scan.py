@@ -248,7 +248,12 @@ def record(envelope: Any, plugin: str, result: str, reason: str = "", **details:
 def too_large(envelope: Any, plugin: str, max_size: int, log: Any) -> bool:
     """Whether the message is over ``max_size`` and so not sent to the
     daemon (a part of a message is no verdict on it): logged, and recorded
-    as the result ``skip``."""
+    as the result ``skip``. Called before a scan, it first makes the end of
+    the header section plain in the content
+    (:meth:`~bonzo.session.Envelope.client_header_section`), so that the
+    daemon scans the octets that will be delivered, split where every other
+    reader splits them."""
+    envelope.client_header_section()
     size = len(envelope.header_bytes) + envelope.size
     if size <= max_size:
         return False

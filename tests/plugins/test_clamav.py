@@ -82,6 +82,18 @@ def test_clean_message_streams_whole_and_passes():
     assert results_of(envelope, "clamav") == [("pass", "", {})]
 
 
+def test_the_daemon_scans_the_header_split_every_reader_sees():
+    """A line that is no header field, with fields after it: the blank line
+    the envelope puts there (for every reader) is in the content before the
+    scan, so the daemon scans the octets that are delivered."""
+    seen: list[bytes] = []
+    envelope = make_envelope(b"Subject: x\r\nnot a field\r\nFrom: ceo@bank.example\r\n\r\nBody\r\n")
+    with FakeDaemon(clamd(b"stream: OK\0", seen)) as fake:
+        assert scan(configured(port=fake.port), envelope) is None
+    assert seen == [envelope.content]
+    assert b"Subject: x\r\n\r\nnot a field\r\nFrom: ceo@bank.example\r\n" in seen[0]
+
+
 def test_virus_is_refused_with_the_signature():
     envelope = make_envelope()
     with FakeDaemon(clamd(b"stream: Eicar-Test-Signature FOUND\0")) as fake:
