@@ -21,6 +21,7 @@ client-facing code, so a local fault is never a permanent (5xx) reply.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 import math
@@ -315,6 +316,12 @@ class RedisStore(Store):
     to reach Redis, calls fail at once for
     :attr:`StoreSettings.retry_interval` seconds instead of each waiting for
     the timeouts.
+
+    At most :attr:`StoreSettings.max_connections` calls run at once; the
+    others wait for one of them to end, for up to
+    :attr:`StoreSettings.timeout` seconds. A call that waited in vain fails,
+    but does not count as Redis being unreachable: a busy process is not a
+    down Redis.
     """
 
     kind = "redis"
@@ -324,6 +331,9 @@ class RedisStore(Store):
         self.clock = clock
         self._client: Any = None
         self._script: Any = None
+        # One permit per connection the pool may open: made with the client,
+        # in the event loop that uses it.
+        self._slots: asyncio.Semaphore | None = None
         self._down_until = 0.0
 
     def _redis(self) -> Any:
@@ -344,21 +354,48 @@ class RedisStore(Store):
                 options["password"] = s.password
             self._client = redis.asyncio.Redis.from_url(s.url, **options)
             self._script = self._client.register_script(_HIT_SCRIPT)
+            self._slots = asyncio.Semaphore(s.max_connections)
         return self._client
 
-    async def _call(self, what: str, operation: Callable[[Any], Any]) -> Any:
-        now = time.monotonic()
-        if now < self._down_until:
+    def _check_up(self) -> None:
+        if time.monotonic() < self._down_until:
             raise StoreError(f"Redis at {self.settings.where} is unreachable (not retried yet)")
+
+    async def _call(self, what: str, operation: Callable[[Any], Any]) -> Any:
+        self._check_up()
+        client = self._redis()
+        slots = self._slots
+        assert slots is not None
+        s = self.settings
+        # redis-py's asyncio pool does not wait when all its connections are
+        # in use: it raises MaxConnectionsError at once. A burst of sessions
+        # must queue for a connection instead (bounded by the timeout).
         try:
-            return await operation(self._redis())
-        except Exception as exc:
-            # redis-py's ConnectionError/TimeoutError/ResponseError, and
-            # OSError from below it: all mean no answer we can use.
-            self._down_until = time.monotonic() + self.settings.retry_interval
+            await asyncio.wait_for(slots.acquire(), s.timeout)
+        except asyncio.TimeoutError:
+            # Not Redis's fault: the store stays usable for the next call.
             raise StoreError(
-                f"Redis at {self.settings.where}: {what} failed: {type(exc).__name__}: {exc}"
+                f"Redis at {s.where}: {what} failed: no free connection within {s.timeout:g}s "
+                f"(all [redis] max_connections = {s.max_connections} in use)"
             ) from None
+        try:
+            self._check_up()  # it failed while this call waited: fail fast too
+            return await operation(client)
+        except StoreError:
+            raise
+        except Exception as exc:
+            from redis.exceptions import MaxConnectionsError
+
+            # redis-py's ConnectionError/TimeoutError/ResponseError, and
+            # OSError from below it: all mean no answer we can use. A full
+            # pool (which the permits should prevent) is a local limit.
+            if not isinstance(exc, MaxConnectionsError):
+                self._down_until = time.monotonic() + s.retry_interval
+            raise StoreError(
+                f"Redis at {s.where}: {what} failed: {type(exc).__name__}: {exc}"
+            ) from None
+        finally:
+            slots.release()
 
     def _key(self, key: str) -> str:
         return self.settings.key_prefix + key
@@ -396,6 +433,7 @@ class RedisStore(Store):
 
     async def close(self) -> None:
         client, self._client = self._client, None
+        self._slots = None
         if client is not None:
             try:
                 await client.aclose()

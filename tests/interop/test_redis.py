@@ -338,3 +338,52 @@ def test_the_plugins_failure_modes_with_redis_killed(redis_dir: Path) -> None:
         asyncio.run(go())
     finally:
         server.stop()
+
+
+def test_a_burst_beyond_max_connections_waits_and_redis_stays_up(
+    redis_server: RedisServer,
+) -> None:
+    """More calls at once than ``max_connections``: they queue for a
+    connection (redis-py's pool would refuse them), and nothing marks the
+    healthy Redis down."""
+
+    async def go() -> list[object]:
+        s = store(redis_server, max_connections=3)
+        try:
+
+            async def one(i: int) -> object:
+                try:
+                    return (await s.hit(f"burst:{i}", 10, 60)).allowed
+                except StoreError as exc:
+                    return str(exc)
+
+            results = await asyncio.gather(*(one(i) for i in range(60)))
+            results.append(await s.set("after", "v", 10))
+            return list(results)
+        finally:
+            await s.close()
+
+    assert asyncio.run(go()) == [True] * 61
+
+
+def test_no_free_connection_in_time_fails_that_call_only(redis_server: RedisServer) -> None:
+    """A call that waits ``timeout`` for a connection in vain fails, but the
+    store does not take Redis for down: the next call goes through."""
+
+    async def go() -> None:
+        s = store(redis_server, max_connections=1, timeout=0.3, retry_interval=30)
+        try:
+            assert await s.set("k", "v", 10)
+            # The only connection busy for longer than the timeout.
+            holder = asyncio.ensure_future(s._call("holding", lambda c: asyncio.sleep(0.6)))
+            await asyncio.sleep(0.05)
+            started = time.monotonic()
+            with pytest.raises(StoreError, match=r"no free connection within 0\.3s"):
+                await s.get("k")
+            assert 0.25 < time.monotonic() - started < 0.55
+            await holder
+            assert await s.get("k") == "v"  # not "unreachable (not retried yet)"
+        finally:
+            await s.close()
+
+    asyncio.run(go())
