@@ -33,6 +33,8 @@ DEFAULT_REPLY = "451 4.7.1 Rate limit exceeded, try again later"
 #: The reply when the store fails and on_store_error is "tempfail".
 STORE_ERROR_REPLY = Reply(451, "4.3.0", "Temporary local problem, try again later")
 MAX_LIMIT = 10_000_000
+#: The shortest ``window``, in seconds.
+MIN_WINDOW = 0.001
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,11 @@ RULE_SCHEMA = Schema(
         doc="Where it is counted (see the table above for which fit each key)."),
     Key("limit", "int", required=True, minimum=1, maximum=MAX_LIMIT,
         doc=f"The events allowed in a window, 1 to {MAX_LIMIT}."),
-    Key("window", "duration", required=True, maximum=10 * 365 * 86400, convert=_window,
-        doc="The sliding window, more than 0 and at most ten years."),
+    # At least 1 ms: Redis expires keys to the millisecond, and a far smaller
+    # window overflows the slot number (now / window) to infinity.
+    Key("window", "duration", required=True, minimum=MIN_WINDOW, maximum=10 * 365 * 86400,
+        convert=_window,
+        doc="The sliding window, at least one millisecond (0.001) and at most ten years."),
     Key("reply", "str", convert=_reply,
         doc="The reply of this rule, as ``reply`` below; without it, that one."),
     Key("name", "str", convert=_name,

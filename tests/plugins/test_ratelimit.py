@@ -211,6 +211,8 @@ def test_a_store_failure_can_tempfail_instead():
         ({"rules": [rule("client", "mail", True)]}, "rules[0].limit"),
         ({"rules": [rule("client", "mail", 1, "soon")]}, "rules[0].window"),
         ({"rules": [rule("client", "mail", 1, 0)]}, "rules[0].window"),
+        ({"rules": [rule("client", "mail", 1, 1e-300)]}, "rules[0].window: expected a number >="),
+        ({"rules": [rule("client", "mail", 1, 0.0009)]}, "rules[0].window: expected a number >="),
         ({"rules": [{"key": "client", "stage": "mail", "limit": 1}]}, "rules[0].window: required"),
         ({"rules": [rule("client", "data", 1)]}, "rules[0].stage: expected one of 'connect'"),
         ({"rules": [rule("client", "mail", 1, "5y")]}, "rules[0].window: expected a duration"),
