@@ -32,7 +32,7 @@ from .hooks import PluginError, PluginSet
 from .hookspecs import DECISION_HOOKS
 from .server import ACCEPT_BATCH, ConnectionCount, SMTPServer, WorkerShare
 from .settings import SettingError
-from .store import open_store
+from .store import Store, open_store
 
 __all__ = ["MailApp", "InstalledPlugin", "installed_plugins", "resolve_plugin", "ENTRY_POINT_GROUP"]
 
@@ -120,19 +120,24 @@ def _instantiate(obj: Any) -> Any:
 #: when the last has stopped -- never under the feet of the other.
 _RUNNING: dict[int, tuple[object, int]] = {}
 
+#: The same for the stores (``app.store``) of the started applications: a
+#: reload that leaves ``[redis]`` as it was shares the running store, which
+#: is closed when the last application using it stops.
+_STORES: dict[int, tuple[object, int]] = {}
 
-def _hold(plugin: object) -> None:
-    _, count = _RUNNING.get(id(plugin), (plugin, 0))
-    _RUNNING[id(plugin)] = (plugin, count + 1)
+
+def _hold(plugin: object, table: dict[int, tuple[object, int]] = _RUNNING) -> None:
+    _, count = table.get(id(plugin), (plugin, 0))
+    table[id(plugin)] = (plugin, count + 1)
 
 
-def _release(plugin: object) -> bool:
+def _release(plugin: object, table: dict[int, tuple[object, int]] = _RUNNING) -> bool:
     """Drop one application's hold on ``plugin``; True if it was the last."""
-    _, count = _RUNNING[id(plugin)]
+    _, count = table[id(plugin)]
     if count > 1:
-        _RUNNING[id(plugin)] = (plugin, count - 1)
+        table[id(plugin)] = (plugin, count - 1)
         return False
-    del _RUNNING[id(plugin)]
+    del table[id(plugin)]
     return True
 
 
@@ -194,6 +199,9 @@ class MailApp:
     :arg config: a :class:`~bonzo.config.Config` (default: the embedded one).
     :arg extra_plugins: plugin objects to run after the configured ones, as
         ``(name, object)`` pairs or bare objects (named after their class).
+    :arg store: the :attr:`store` to use instead of one built from the
+        ``[redis]`` table (a reload passes the running configuration's, so
+        that rate-limit and greylist state survive it).
 
     .. attribute:: base_dir
 
@@ -214,9 +222,16 @@ class MailApp:
        ``[redis] url`` is set (every node naming that server shares it), else
        a :class:`~bonzo.store.MemoryStore` of this process
        (:doc:`/scaling`). Rate limits and greylisting keep their state here.
+       It is closed when the last started application using it stops.
     """
 
-    def __init__(self, config: Config | None = None, extra_plugins: Iterable[Any] = ()) -> None:
+    def __init__(
+        self,
+        config: Config | None = None,
+        extra_plugins: Iterable[Any] = (),
+        *,
+        store: Store | None = None,
+    ) -> None:
         self.config = config if config is not None else load_config(None)
         self.settings = self.config.settings
         self.base_dir: Path = self.config.base_dir
@@ -225,7 +240,8 @@ class MailApp:
             self.dns = Resolver(self.config.dns)
         except SettingError as exc:
             raise self.config.error(f"dns.{exc.setting}", exc.detail) from None
-        self.store = open_store(self.config.redis)
+        # Before the plugins are configured: they take app.store then.
+        self.store = store if store is not None else open_store(self.config.redis)
         self.server: SMTPServer | None = None
         #: ``bonzo serve --listen`` values that replaced the listeners (a
         #: reload applies them again).
@@ -588,6 +604,7 @@ class MailApp:
         self._started = True
         for name in self.plugins.names:
             _hold(self.plugins.get(name))
+        _hold(self.store, _STORES)
         return self.server
 
     async def _start_plugins(self, running: list[str]) -> None:
@@ -667,7 +684,9 @@ class MailApp:
             names = self.plugins.names
             shared = [n for n in names if not _release(self.plugins.get(n))]
             await self.plugins.call_observers("bonzo_shutdown", self, skip=shared)
-            await self.store.close()
+            # A store the configuration that replaced this one shares stays open.
+            if _release(self.store, _STORES):
+                await self.store.close()
 
     def force_stop(self) -> None:
         """Stop at once (a second SIGTERM while :meth:`stop` waits): every

@@ -812,7 +812,11 @@ def _reloaded_app(old: Any) -> Any:
         override = getattr(old, "listen_override", None)
         if override:
             config.listeners = _listen_override(override)
-        new = MailApp(config)
+        # The same [redis] table: the same store, so that a reload keeps the
+        # rate-limit counts and greylist entries of an in-memory store (and
+        # the connection pool of a Redis one).
+        same_store = config.redis == old.config.redis
+        new = MailApp(config, store=old.store if same_store else None)
         new.listen_override = override
         new.adopt_sockets(old)
     except (ConfigError, PluginError, ValueError) as exc:

@@ -267,3 +267,73 @@ def test_property_no_window_ever_holds_more_than_the_limit(limit, steps):
 
     run(go())
     assert all(n <= limit for n in allowed.values())
+
+
+RELOADED = """
+[[listeners]]
+address = "127.0.0.1"
+port = {port}
+[plugins]
+enabled = ["ratelimit", "greylist", "recipients", "discard"]
+[plugins.recipients]
+domains = ["example.com"]
+[[plugins.ratelimit.rules]]
+key = "sender"
+stage = "mail"
+limit = 3
+window = "1h"
+"""
+
+
+def test_a_reload_keeps_the_store_when_the_redis_table_is_unchanged(tmp_path: Path):
+    """The in-memory greylist and rate-limit state survives a reload; the
+    store is closed once, when the last application using it stops."""
+    import socket
+
+    from bonzo.cli import _reloaded_app
+    from bonzo.config import load_config
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "bonzo.toml"
+    path.write_text(RELOADED.format(port=port))
+    old = MailApp(load_config(str(path)))
+    old.bind()
+    closed: list[object] = []
+
+    async def go() -> None:
+        store = old.store
+        real_close = store.close
+
+        async def close() -> None:
+            closed.append(store)
+            await real_close()
+
+        store.close = close  # type: ignore[method-assign]
+        await old.start()
+        await store.set("greylist:pending", "p:1", 600)
+        new = _reloaded_app(old)
+        assert new is not None and new.store is store
+        for name in ("ratelimit", "greylist"):
+            assert new.plugins.get(name).store is store
+        assert await new.store.get("greylist:pending") == "p:1"
+        old.release_sockets()
+        await new.start()
+        await old.stop()
+        assert closed == []  # the new configuration still uses it
+        await new.stop()
+        assert closed == [store]
+
+        # Another [redis] table: another store.
+        path.write_text(RELOADED.format(port=port) + "[redis]\nmemory_max_keys = 10\n")
+        other = _reloaded_app(new)
+        assert other is not None and other.store is not store
+        assert other.plugins.get("greylist").store is other.store
+
+    try:
+        run(go())
+    finally:
+        for _, socks in old._bound:
+            for sock in socks:
+                sock.close()
