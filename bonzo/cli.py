@@ -243,8 +243,9 @@ def _check(args: argparse.Namespace) -> int:
     if limits is not None:
         # What `bonzo serve` will have, after raising its soft limit.
         soft, hard = limits
-        soft = _raised_soft(soft, hard, _descriptors_needed(config.settings.max_connections))
-        warning = _descriptor_warning(config.settings.max_connections, soft, hard)
+        http = _metrics_connections(config)
+        soft = _raised_soft(soft, hard, _descriptors_needed(config.settings.max_connections, http))
+        warning = _descriptor_warning(config.settings.max_connections, soft, hard, http)
         if warning is not None:
             print(f"  warning: {warning}")
     return 0
@@ -529,7 +530,7 @@ def _serve_app(app: Any) -> int:
         )
     for warning in app.warnings():
         log.warning("%s", warning)
-    _raise_descriptor_limit(config.settings.max_connections)
+    _raise_descriptor_limit(config.settings.max_connections, _metrics_connections(config))
     main_pid = os.getpid()
     if config.pid_file is not None:
         problem = _write_pid_file(config.pid_file)
@@ -638,8 +639,15 @@ def _descriptor_limits() -> tuple[int, int] | None:
     return (-1 if soft == infinity else soft), (-1 if hard == infinity else hard)
 
 
-def _descriptors_needed(max_connections: int) -> int:
-    return max_connections * _DESCRIPTORS_PER_CONNECTION + _DESCRIPTORS_SPARE
+def _descriptors_needed(max_connections: int, metrics: int = 0) -> int:
+    """Descriptors a worker may need for ``max_connections`` sessions, and
+    worker 0 for ``metrics`` connections of the metrics listener besides."""
+    return max_connections * _DESCRIPTORS_PER_CONNECTION + _DESCRIPTORS_SPARE + metrics
+
+
+def _metrics_connections(config: Any) -> int:
+    """The metrics listener's connections at most (``0``: metrics off)."""
+    return int(config.metrics.max_connections) if config.metrics.enabled else 0
 
 
 def _raised_soft(soft: int, hard: int, need: int) -> int:
@@ -650,10 +658,10 @@ def _raised_soft(soft: int, hard: int, need: int) -> int:
     return soft
 
 
-def _descriptor_warning(max_connections: int, soft: int, hard: int) -> str | None:
+def _descriptor_warning(max_connections: int, soft: int, hard: int, metrics: int = 0) -> str | None:
     """The warning when ``soft`` (``-1``: unlimited) is below what
-    ``max_connections`` sessions may need."""
-    need = _descriptors_needed(max_connections)
+    ``max_connections`` sessions (and ``metrics`` connections) may need."""
+    need = _descriptors_needed(max_connections, metrics)
     if soft < 0 or soft >= need:
         return None
     return (
@@ -664,7 +672,7 @@ def _descriptor_warning(max_connections: int, soft: int, hard: int) -> str | Non
     )
 
 
-def _raise_descriptor_limit(max_connections: int) -> None:
+def _raise_descriptor_limit(max_connections: int, metrics: int = 0) -> None:
     """Raise this process's soft limit on open descriptors (inherited by its
     workers) to what ``max_connections`` sessions may need, within the hard
     limit (as systemd advises a service that polls with epoll), and warn
@@ -676,7 +684,7 @@ def _raise_descriptor_limit(max_connections: int) -> None:
     import resource
 
     soft, hard = limits
-    target = _raised_soft(soft, hard, _descriptors_needed(max_connections))
+    target = _raised_soft(soft, hard, _descriptors_needed(max_connections, metrics))
     if target != soft:
         try:
             resource.setrlimit(
@@ -692,7 +700,7 @@ def _raise_descriptor_limit(max_connections: int) -> None:
                 max_connections,
             )
             soft = target
-    warning = _descriptor_warning(max_connections, soft, hard)
+    warning = _descriptor_warning(max_connections, soft, hard, metrics)
     if warning is not None:
         log.warning("%s", warning)
 
@@ -1059,7 +1067,8 @@ def _run_worker(
             if counter is not None:
                 counter.start_flushing()
                 if metrics_sockets:
-                    http = MetricsServer(counter, app.config.metrics.path)
+                    m = app.config.metrics
+                    http = MetricsServer(counter, m.path, m.max_connections)
                     http.add_sockets(metrics_sockets)
             if app.share is not None and slot is not None:
                 app.share.start(slot)  # the other workers may leave connections to it now

@@ -142,7 +142,7 @@ DNS_KEYS = tuple(DNSSettings.field_names())
 #: Keys of the ``[redis]`` table: the fields of :class:`~bonzo.store.StoreSettings`.
 REDIS_KEYS = tuple(StoreSettings.field_names())
 #: Keys of the ``[metrics]`` table.
-METRICS_KEYS = ("address", "port", "path")
+METRICS_KEYS = ("address", "port", "path", "max_connections")
 #: The tables allowed at the top level of the file.
 TOP_LEVEL_KEYS = (
     "server",
@@ -219,6 +219,9 @@ class MetricsConfig:
     address: str = "127.0.0.1"
     port: int | None = None
     path: str = "/metrics"
+    #: HTTP connections the listener keeps open at most (in worker 0, which
+    #: serves SMTP too): one more closes the oldest.
+    max_connections: int = 16
 
     @property
     def enabled(self) -> bool:
@@ -815,13 +818,18 @@ def _metrics(table: dict[str, Any], source: str) -> MetricsConfig:
         )
     if path == "/health":
         raise ConfigError(source, "metrics.path", "/health is the health endpoint")
+    cap = table.get("max_connections", 16)
+    if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= 1000:
+        raise ConfigError(
+            source, "metrics.max_connections", f"must be an integer 1..1000, not {spelled(cap)}"
+        )
     if port is not None and importlib.util.find_spec("prometheus_client") is None:
         raise ConfigError(
             source,
             "metrics.port",
             "prometheus-client is not installed (pip install 'bonzo[metrics]')",
         )
-    return MetricsConfig(address=address, port=port, path=path)
+    return MetricsConfig(address=address, port=port, path=path, max_connections=cap)
 
 
 def _dns(table: dict[str, Any], source: str, base_dir: Path) -> DNSSettings:

@@ -228,8 +228,9 @@ def _descriptor_hint(exc: OSError) -> str:
         except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
             return ""
         return (
-            f" (this process may open {soft} descriptors: lower [limits] max_connections "
-            "or raise the limit, e.g. LimitNOFILE= in a systemd unit)"
+            f" (this process may open {soft} descriptors, for its SMTP sessions and their "
+            "spool files and outbound, Redis and metrics connections: raise the limit, e.g. "
+            "LimitNOFILE= in a systemd unit, or lower [limits] max_connections)"
         )
     if exc.errno == errno.ENFILE:
         return " (the system's table of open files is full)"

@@ -29,10 +29,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 import os
 import shutil
 import socket
 import tempfile
+import time
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
@@ -50,6 +52,8 @@ __all__ = [
     "MetricsServer",
     "active",
     "FLUSH_INTERVAL",
+    "HTTP_IDLE_TIMEOUT",
+    "MAX_CONNECTIONS",
     "HOOK_BUCKETS",
     "MULTIPROC_ENV",
     "make_multiprocess_dir",
@@ -62,8 +66,22 @@ __all__ = [
 #: message, per plugin fault), and what a plugin counts through.
 active: Metrics | None = None
 
+log = logging.getLogger("bonzo.metrics")
+
 #: Seconds between two flushes of the process's counts into the shared values.
 FLUSH_INTERVAL = 1.0
+
+#: The default of ``[metrics] max_connections``: HTTP connections the metrics
+#: listener keeps open at most (a scraper and a health checker or two need
+#: one each).
+MAX_CONNECTIONS = 16
+
+#: Seconds an HTTP connection of the metrics listener may stay idle, or take
+#: to send a request's headers: a scrape takes milliseconds.
+HTTP_IDLE_TIMEOUT = 10.0
+
+#: Seconds between two log lines about connections closed for the cap.
+_CAP_LOG_INTERVAL = 60.0
 
 #: Upper bounds, in seconds, of the hook latency histogram's buckets.
 HOOK_BUCKETS = (
@@ -486,13 +504,19 @@ class MetricsServer:
 
     :arg metrics: the process's :class:`Metrics`.
     :arg path: where the exposition is (``[metrics] path``).
+    :arg max_connections: HTTP connections kept open at most
+        (``[metrics] max_connections``): accepting one more closes the
+        oldest, so that the listener never holds more descriptors than that
+        (those of the SMTP sessions of the same process are not its to take).
 
     ``/health`` answers ``200`` with ``{"status": "ok"}`` while the server
     serves, and ``503`` with ``{"status": "stopping"}`` once :attr:`stopping`
     is set (a graceful stop began).
     """
 
-    def __init__(self, metrics: Metrics, path: str = "/metrics") -> None:
+    def __init__(
+        self, metrics: Metrics, path: str = "/metrics", max_connections: int = MAX_CONNECTIONS
+    ) -> None:
         from tornado.httpserver import HTTPServer
         from tornado.web import Application, RequestHandler
 
@@ -501,6 +525,12 @@ class MetricsServer:
         self.stopping = False
         self._stops: list[Callable[[], None]] = []
         self._sockets: list[socket.socket] = []
+        self.max_connections = max_connections
+        # The streams accepted, oldest first (closed ones are dropped as new
+        # ones come).
+        self._streams: list[Any] = []
+        self._capped = 0  # connections closed for the cap since the last log line
+        self._capped_logged = -_CAP_LOG_INTERVAL
 
         class Exposition(RequestHandler):
             def get(self) -> None:
@@ -523,10 +553,11 @@ class MetricsServer:
             log_function=lambda handler: None,
         )
         # Requests are a GET line and a few headers: small bounds for the rest.
+        # The idle timeout is also the time allowed for a request's headers.
         self.http = HTTPServer(
             app,
             xheaders=False,
-            idle_connection_timeout=60,
+            idle_connection_timeout=HTTP_IDLE_TIMEOUT,
             max_header_size=16384,
             max_body_size=4096,
             body_timeout=10,
@@ -541,16 +572,38 @@ class MetricsServer:
         http = self.http
 
         def serve(connection: socket.socket, address: Any) -> None:
+            self._make_room()
             stream = IOStream(
                 connection,
                 max_buffer_size=http.max_buffer_size,
                 read_chunk_size=http.read_chunk_size,
             )
+            self._streams.append(stream)
             http.handle_stream(stream, address)
 
         for sock in sockets:
             self._stops.append(accept_on(sock, serve, 16))
             self._sockets.append(sock)
+
+    def _make_room(self) -> None:
+        """Close the oldest connections until one more fits the cap. The
+        oldest rather than the new one: idle connections held open by
+        someone must not lock the scraper and the health checker out."""
+        streams = [s for s in self._streams if not s.closed()]
+        while len(streams) >= self.max_connections:
+            streams.pop(0).close()
+            self._capped += 1
+        self._streams = streams
+        if self._capped:
+            now = time.monotonic()
+            if now - self._capped_logged >= _CAP_LOG_INTERVAL:
+                log.warning(
+                    "metrics: %d connection(s) closed to stay within [metrics] "
+                    "max_connections = %d since the last report",
+                    self._capped,
+                    self.max_connections,
+                )
+                self._capped, self._capped_logged = 0, now
 
     async def close(self) -> None:
         """Stop accepting, close the listening sockets (as Tornado's

@@ -393,3 +393,79 @@ def test_a_port_without_prometheus_client_is_a_configuration_error(monkeypatch):
     assert not parse_config("[metrics]\n").metrics.enabled  # off: not needed
     with pytest.raises(ConfigError, match=r"metrics\.port: prometheus-client is not installed"):
         parse_config("[metrics]\nport = 9125\n", source="bonzo.toml")
+
+
+def test_the_http_listener_keeps_at_most_max_connections_open(monkeypatch):
+    """Idle connections beyond the cap close the oldest (the listener never
+    holds more descriptors than that: worker 0's SMTP sessions need them),
+    the health check still answers, and an idle connection is closed after
+    the idle timeout."""
+    import os
+    import socket
+
+    monkeypatch.setattr(metrics, "HTTP_IDLE_TIMEOUT", 1.0)
+    m = Metrics(registry=CollectorRegistry())
+
+    def open_descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def main() -> tuple[int, int, bytes, float]:
+        from tornado.netutil import bind_sockets
+
+        server = MetricsServer(m, max_connections=3)
+        sock = bind_sockets(0, "127.0.0.1")[0]
+        port = sock.getsockname()[1]
+        server.add_sockets([sock])
+        loop = asyncio.get_running_loop()
+        before = open_descriptors()
+        idle = []
+        for _ in range(20):
+            c = socket.create_connection(("127.0.0.1", port), timeout=5)
+            idle.append(c)
+            await asyncio.sleep(0.01)  # accepted, one at a time
+        await asyncio.sleep(0.2)
+        held = open_descriptors() - before - len(idle)  # the server's side
+
+        def get() -> tuple[int, bytes]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+                return r.status, r.read()
+
+        status, body = await loop.run_in_executor(None, get)
+        # The newest idle connection is closed by the idle timeout.
+        newest = idle[-1]
+        newest.setblocking(False)
+        started = loop.time()
+        while loop.time() - started < 5:
+            try:
+                if newest.recv(1) == b"":
+                    break
+            except BlockingIOError:
+                await asyncio.sleep(0.05)
+        waited = loop.time() - started
+        for c in idle:
+            c.close()
+        await server.close()
+        return held, status, body, waited
+
+    held, status, body, waited = asyncio.run(main())
+    assert held <= 3
+    assert status == 200 and b'"status": "ok"' in body
+    assert waited < 3
+
+
+def test_metrics_max_connections_setting_and_descriptor_budget():
+    from bonzo.cli import _descriptor_warning, _metrics_connections
+    from bonzo.config import MetricsConfig
+
+    assert MetricsConfig().max_connections == metrics.MAX_CONNECTIONS
+    config = parse_config("[metrics]\nport = 9125\nmax_connections = 4\n")
+    assert config.metrics.max_connections == 4 and _metrics_connections(config) == 4
+    assert _metrics_connections(parse_config("[metrics]\nmax_connections = 4\n")) == 0  # off
+    for value in ("0", "1001", "true", '"8"'):
+        with pytest.raises(ConfigError) as info:
+            parse_config(f"[metrics]\nmax_connections = {value}\n", source="bonzo.toml")
+        message = "bonzo.toml: metrics.max_connections: must be an integer 1..1000"
+        assert str(info.value).startswith(message)
+    # Worker 0's descriptors are budgeted for the metrics connections too.
+    assert _descriptor_warning(100, 264, 264) is None
+    assert _descriptor_warning(100, 264, 264, 16) is not None
