@@ -9,7 +9,8 @@ time to live (:meth:`Store.get`, :meth:`Store.set`, :meth:`Store.delete`).
 Two implementations, chosen by the ``[redis]`` table (:class:`StoreSettings`):
 
 * :class:`MemoryStore` (no ``url``): in this process only, bounded by
-  expiry and a cap on the number of keys (least recently used go first).
+  expiry and a cap on the number of keys (what a flood from one place made
+  goes first: see :class:`MemoryStore`).
 * :class:`RedisStore` (``url`` set): on a Redis server through redis-py's
   asyncio client (the optional ``redis`` extra), shared by every process
   that names the same server.
@@ -185,9 +186,11 @@ class Store:
     #: ``"memory"`` or ``"redis"``.
     kind = "store"
 
-    async def hit(self, key: str, limit: int, window: float) -> Hit:
+    async def hit(self, key: str, limit: int, window: float, *, group: str = "") -> Hit:
         """Count one event of ``key`` in a sliding window of ``window``
-        seconds, unless ``limit`` events are already in it.
+        seconds, unless ``limit`` events are already in it. ``group``: who
+        made the key, for :class:`MemoryStore`'s choice of what to forget
+        when it is full (see :meth:`set`).
 
         The window slides by the sliding-window-counter method: the events of
         the current fixed window of ``window`` seconds plus those of the
@@ -203,10 +206,27 @@ class Store:
         """The value of ``key``, or ``None`` if it is not set (or expired)."""
         raise NotImplementedError
 
-    async def set(self, key: str, value: str, ttl: float, *, only_new: bool = False) -> bool:
+    async def set(
+        self,
+        key: str,
+        value: str,
+        ttl: float,
+        *,
+        only_new: bool = False,
+        group: str = "",
+        keep: bool = False,
+    ) -> bool:
         """Set ``key`` to ``value`` for ``ttl`` seconds. With ``only_new``,
         only if it is not set (two nodes seeing the same thing first agree
-        on one value). Returns whether it was set."""
+        on one value). Returns whether it was set.
+
+        For a store with a cap on its keys (:class:`MemoryStore`):
+        ``group`` names who made the key (such as the client's network):
+        when full, the store forgets a key of the group holding the most,
+        so that one client's flood pushes out its own keys, not everyone's;
+        a key set with ``keep`` (a greylist triplet that passed) is
+        forgotten before the others only when such keys fill more than half
+        the cap. Redis ignores both."""
         raise NotImplementedError
 
     async def delete(self, key: str) -> None:
@@ -217,11 +237,73 @@ class Store:
         """Release connections (the server is stopping)."""
 
 
+class _Groups:
+    """Keys by group, each group's least recently used first, and the groups
+    by size: finding a key of the largest group takes constant time."""
+
+    def __init__(self) -> None:
+        self.members: dict[str, OrderedDict[str, None]] = {}
+        # size -> the groups of that size (a dict as an ordered set).
+        self.by_size: dict[int, dict[str, None]] = {}
+        self.largest = 0
+        self.count = 0  # keys in every group
+
+    def add(self, group: str, key: str) -> None:
+        """Put ``key`` in ``group`` as its most recently used key."""
+        keys = self.members.get(group)
+        if keys is None:
+            keys = self.members[group] = OrderedDict()
+        if key in keys:
+            keys.move_to_end(key)
+            return
+        keys[key] = None
+        self.count += 1
+        self._resized(group, len(keys) - 1, len(keys))
+
+    def touch(self, group: str, key: str) -> None:
+        self.members[group].move_to_end(key)
+
+    def remove(self, group: str, key: str) -> None:
+        keys = self.members[group]
+        del keys[key]
+        if not keys:
+            del self.members[group]
+        self.count -= 1
+        self._resized(group, len(keys) + 1, len(keys))
+
+    def _resized(self, group: str, old: int, new: int) -> None:
+        if old:
+            bucket = self.by_size[old]
+            del bucket[group]
+            if not bucket:
+                del self.by_size[old]
+        if new:
+            self.by_size.setdefault(new, {})[group] = None
+        if new > self.largest:
+            self.largest = new
+        elif old == self.largest and old not in self.by_size:
+            self.largest = new  # sizes move by one: none is between
+
+    def victim(self) -> str | None:
+        """The least recently used key of a largest group, if any."""
+        if not self.largest:
+            return None
+        group = next(iter(self.by_size[self.largest]))
+        return next(iter(self.members[group]))
+
+
 class MemoryStore(Store):
     """State in this process only: each worker process has its own.
 
-    :arg max_keys: keys kept at most; past it, the least recently used key
-        is dropped (a limit then starts again from zero for it).
+    :arg max_keys: keys kept at most. Past it, one key is forgotten (a
+        limit then starts again from zero for it, a greylist triplet is new
+        again): the least recently used key of the group (see
+        :meth:`Store.set`) that holds the most keys, among the keys not set
+        with ``keep`` -- or among those set with ``keep`` once they fill
+        more than half the cap (or nothing else is left). A flood of new
+        keys from one network thus pushes out its own, while the entries of
+        other clients stay, and a flood from many networks cannot push out
+        the greylist triplets that passed.
     :arg clock: the wall clock (:func:`time.time`); tests pass their own.
     """
 
@@ -230,8 +312,11 @@ class MemoryStore(Store):
     def __init__(self, max_keys: int = 100_000, clock: Callable[[], float] = time.time) -> None:
         self.max_keys = max_keys
         self.clock = clock
-        # key -> (expires at, value); a counter's value is (slot, current, previous).
-        self._data: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+        # key -> (expires at, value, group, keep); a counter's value is
+        # (slot, current, previous).
+        self._data: dict[str, tuple[float, Any, str, bool]] = {}
+        self._groups = _Groups()  # the keys set without keep
+        self._kept = _Groups()  # the keys set with keep
 
     @property
     def size(self) -> int:
@@ -243,18 +328,36 @@ class MemoryStore(Store):
         if entry is None:
             return None
         if entry[0] <= now:
-            del self._data[key]
+            self._drop(key)
             return None
-        self._data.move_to_end(key)
+        (self._kept if entry[3] else self._groups).touch(entry[2], key)
         return entry[1]
 
-    def _store(self, key: str, expires: float, value: Any) -> None:
-        self._data[key] = (expires, value)
-        self._data.move_to_end(key)
-        while len(self._data) > self.max_keys:
-            self._data.popitem(last=False)
+    def _drop(self, key: str) -> None:
+        entry = self._data.pop(key, None)
+        if entry is not None:
+            (self._kept if entry[3] else self._groups).remove(entry[2], key)
 
-    async def hit(self, key: str, limit: int, window: float) -> Hit:
+    def _store(self, key: str, expires: float, value: Any, group: str, keep: bool) -> None:
+        old = self._data.get(key)
+        if old is not None and (old[2], old[3]) != (group, keep):
+            self._drop(key)
+        self._data[key] = (expires, value, group, keep)
+        (self._kept if keep else self._groups).add(group, key)
+        while len(self._data) > self.max_keys:
+            # The kept keys are safe from the others up to half the cap, and
+            # the others always have the other half: neither a flood of new
+            # keys nor one of kept keys can take all the room.
+            kept_first = self._kept.count > self.max_keys // 2
+            victim = (
+                (self._kept.victim() if kept_first else None)
+                or self._groups.victim()
+                or self._kept.victim()
+            )
+            assert victim is not None  # there are keys
+            self._drop(victim)
+
+    async def hit(self, key: str, limit: int, window: float, *, group: str = "") -> Hit:
         now = self.clock()
         slot = math.floor(now / window)
         weight = 1.0 - (now / window - slot)
@@ -269,22 +372,31 @@ class MemoryStore(Store):
         count = previous * weight + current
         if count + 1 > limit:
             return Hit(False, count + 1)
-        self._store(key, (slot + 2) * window, (slot, current + 1, previous))
+        self._store(key, (slot + 2) * window, (slot, current + 1, previous), group, False)
         return Hit(True, count + 1)
 
     async def get(self, key: str) -> str | None:
         value = self._lookup(key, self.clock())
         return value if isinstance(value, str) else None
 
-    async def set(self, key: str, value: str, ttl: float, *, only_new: bool = False) -> bool:
+    async def set(
+        self,
+        key: str,
+        value: str,
+        ttl: float,
+        *,
+        only_new: bool = False,
+        group: str = "",
+        keep: bool = False,
+    ) -> bool:
         now = self.clock()
         if only_new and self._lookup(key, now) is not None:
             return False
-        self._store(key, now + ttl, value)
+        self._store(key, now + ttl, value, group, keep)
         return True
 
     async def delete(self, key: str) -> None:
-        self._data.pop(key, None)
+        self._drop(key)
 
 
 # KEYS[1]: the current window's counter, KEYS[2]: the previous one's.
@@ -400,7 +512,7 @@ class RedisStore(Store):
     def _key(self, key: str) -> str:
         return self.settings.key_prefix + key
 
-    async def hit(self, key: str, limit: int, window: float) -> Hit:
+    async def hit(self, key: str, limit: int, window: float, *, group: str = "") -> Hit:
         now = self.clock()
         slot = math.floor(now / window)
         weight = 1.0 - (now / window - slot)
@@ -419,7 +531,17 @@ class RedisStore(Store):
         value = await self._call("reading", lambda client: client.get(full))
         return None if value is None else str(value)
 
-    async def set(self, key: str, value: str, ttl: float, *, only_new: bool = False) -> bool:
+    async def set(
+        self,
+        key: str,
+        value: str,
+        ttl: float,
+        *,
+        only_new: bool = False,
+        group: str = "",
+        keep: bool = False,
+    ) -> bool:
+        # group and keep: Redis's own memory policy decides (maxmemory).
         full = self._key(key)
         px = max(1, math.ceil(ttl * 1000))
         done = await self._call(

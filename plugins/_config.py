@@ -37,6 +37,7 @@ __all__ = [
     "describe",
     "parse_duration",
     "client_network",
+    "store_group",
     "StoreFailures",
 ]
 
@@ -45,6 +46,19 @@ __all__ = [
 DOTS = ".\u3002\uff0e\uff61"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+#: The networks whose clients' store keys form one group (see
+#: :meth:`bonzo.store.Store.set`): wide enough that one sender cannot spread
+#: a flood over many groups (an IPv6 site commonly has a /48), narrow enough
+#: that a flood's group is rarely a legitimate sender's.
+STORE_GROUP_IPV4 = 24
+STORE_GROUP_IPV6 = 48
+
+
+def store_group(ip: str) -> str:
+    """The store group of the keys a client at ``ip`` makes: its /24 or /48."""
+    return client_network(ip, STORE_GROUP_IPV4, STORE_GROUP_IPV6)
 
 
 def describe(value: Any, limit: int = 60) -> str:

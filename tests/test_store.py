@@ -337,3 +337,82 @@ def test_a_reload_keeps_the_store_when_the_redis_table_is_unchanged(tmp_path: Pa
         for _, socks in old._bound:
             for sock in socks:
                 sock.close()
+
+
+def test_a_full_store_forgets_a_key_of_the_largest_group_first():
+    store = MemoryStore(max_keys=10, clock=Clock())
+
+    async def go() -> None:
+        await store.set("mine", "v", 1000, group="192.0.2.0/24")
+        await store.hit("count", 5, 60, group="198.51.100.0/24")
+        for i in range(100):
+            await store.set(f"junk{i}", "v", 1000, group="203.0.113.0/24")
+        assert store.size == 10
+        assert await store.get("mine") == "v"
+        assert (await store.hit("count", 5, 60, group="198.51.100.0/24")).count == 2
+        assert await store.get("junk99") == "v" and await store.get("junk0") is None
+
+    run(go())
+
+
+def test_kept_keys_outlast_the_others_up_to_half_the_cap():
+    store = MemoryStore(max_keys=10, clock=Clock())
+
+    async def go() -> None:
+        for i in range(3):
+            await store.set(f"kept{i}", "c", 1000, group=f"g{i}", keep=True)
+        for i in range(100):  # one group each: no group is larger
+            await store.set(f"new{i}", "p", 1000, group=f"n{i}")
+        assert [await store.get(f"kept{i}") for i in range(3)] == ["c"] * 3
+        # Kept keys cannot push out everything else either: past half the
+        # cap, they go first.
+        for i in range(100):
+            await store.set(f"more{i}", "c", 1000, group=f"m{i}", keep=True)
+        others = [await store.get(f"new{i}") for i in range(100)]
+        assert sum(v is not None for v in others) >= 4
+        assert store.size == 10
+
+    run(go())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["set", "keep", "hit", "get", "delete"]),
+            st.integers(0, 12),
+            st.sampled_from(["", "a", "b", "c"]),
+            st.floats(min_value=0, max_value=5),
+        ),
+        max_size=80,
+    )
+)
+def test_property_the_groups_stay_consistent_and_bounded(steps):
+    """Whatever is set, touched, expired and deleted: at most max_keys keys,
+    and the group bookkeeping matches the keys held."""
+    clock = Clock(0.0)
+    store = MemoryStore(max_keys=5, clock=clock)
+
+    async def go() -> None:
+        for op, n, group, gap in steps:
+            clock.now += gap
+            key = f"k{n}"
+            if op in ("set", "keep"):
+                await store.set(key, "v", 3, group=group, keep=op == "keep")
+            elif op == "hit":
+                await store.hit("counter-" + key, 3, 2, group=group)
+            elif op == "get":
+                await store.get(key)
+            else:
+                await store.delete(key if n % 2 else "counter-" + key)
+            assert store.size <= 5
+            for tier, keep in ((store._groups, False), (store._kept, True)):
+                held = {k for k, e in store._data.items() if e[3] == keep}
+                members = {k for keys in tier.members.values() for k in keys}
+                assert members == held and tier.count == len(held)
+                sizes = {g: len(keys) for g, keys in tier.members.items()}
+                assert tier.largest == max(sizes.values(), default=0)
+                for size, groups in tier.by_size.items():
+                    assert all(sizes[g] == size for g in groups)
+
+    run(go())

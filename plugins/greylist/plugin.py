@@ -17,7 +17,14 @@ from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 from bonzo.store import MemoryStore, Store, StoreError
 
-from .._config import StoreFailures, client_network, config_domain, describe, in_networks
+from .._config import (
+    StoreFailures,
+    client_network,
+    config_domain,
+    describe,
+    in_networks,
+    store_group,
+)
 
 __all__ = ["GreylistPlugin", "KEYS", "triplet_key"]
 
@@ -170,11 +177,17 @@ class GreylistPlugin:
         network = client_network(session.remote_ip, self.ipv4_prefix, self.ipv6_prefix)
         key = triplet_key(network, sender.canonical.lower(), rcpt.canonical.lower())
         now = self.clock()
+        # For an in-memory store that is full: a flood of made-up triplets
+        # from one network pushes out that network's own entries, and the
+        # triplets that passed (keep) outlast pending ones.
+        group = store_group(session.remote_ip)
         # Bounded: a first write that another node won is read back once.
         for _ in range(2):
             value = await self.store.get(key)
             if value is None:
-                if await self.store.set(key, f"p:{now:.0f}", self.pending_expiry, only_new=True):
+                if await self.store.set(
+                    key, f"p:{now:.0f}", self.pending_expiry, only_new=True, group=group
+                ):
                     return self.delay
                 continue
             state, _, first = value.partition(":")
@@ -185,12 +198,14 @@ class GreylistPlugin:
                 state = "p"
             if state == "c":
                 # Refresh: a triplet in use stays confirmed.
-                await self.store.set(key, value, self.confirmed_expiry)
+                await self.store.set(key, value, self.confirmed_expiry, group=group, keep=True)
                 return 0.0
             left = first_seen + self.delay - now
             if left > 0:
                 return left
-            await self.store.set(key, f"c:{first_seen:.0f}", self.confirmed_expiry)
+            await self.store.set(
+                key, f"c:{first_seen:.0f}", self.confirmed_expiry, group=group, keep=True
+            )
             log.info(
                 "[%s %s] greylist: passed after %.0fs: %s -> %s",
                 session.id,

@@ -13,7 +13,7 @@ from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 from bonzo.store import MemoryStore, Store, StoreError
 
-from .._config import StoreFailures, client_network, describe, in_networks
+from .._config import StoreFailures, client_network, describe, in_networks, store_group
 from ..access.plugin import Reply, parse_reply
 
 __all__ = ["RateLimitPlugin", "Rule", "KEYS", "RULE_KEYS"]
@@ -205,13 +205,14 @@ class RateLimitPlugin:
             return
         if self.exempt and in_networks(session.remote_ip, self.exempt):
             return
+        group = store_group(session.remote_ip)  # a flood's counters go first
         for rule in rules:
             value = self.value(rule, session, sender, rcpt)
             if value is None:
                 continue
             try:
                 hit = await self.store.hit(
-                    f"ratelimit:{rule.name}:{value}", rule.limit, rule.window
+                    f"ratelimit:{rule.name}:{value}", rule.limit, rule.window, group=group
                 )
             except StoreError as exc:
                 if self.on_store_error == "tempfail":

@@ -191,3 +191,51 @@ def test_configuration_values():
     assert (plugin.delay, plugin.pending_expiry, plugin.confirmed_expiry) == (60, 7200, 35 * 86400)
     assert plugin.allow_domains == frozenset({"example.org"})
     assert configure({}, Clock()).allow_domains == frozenset()
+
+
+def test_a_flood_of_made_up_triplets_does_not_push_out_other_clients_entries():
+    """The in-memory store is full of one network's junk triplets: the
+    pending entry of another client and a triplet that passed stay, so that
+    both retries pass (the store stays within its cap)."""
+    clock = Clock()
+    store = MemoryStore(max_keys=1000, clock=clock)
+    plugin = configure({"delay": 60}, clock, store)
+    assert attempt(plugin, ip="192.0.2.10", rcpt="confirmed@example.com") is not None
+    clock.now += 61
+    assert attempt(plugin, ip="192.0.2.10", rcpt="confirmed@example.com") is None
+    assert attempt(plugin, ip="198.51.100.7", sender="real@example.org") is not None
+
+    async def flood() -> None:
+        envelope = make_envelope(mail_from="x@spam.example")
+        for i in range(3000):
+            session = make_session(f"203.0.113.{i % 250}")
+            with pytest.raises(SMTPError):
+                await plugin.bonzo_rcpt(session, envelope, Address.parse(f"r{i}@example.com"))
+
+    asyncio.run(flood())
+    assert store.size == 1000
+    clock.now += 61
+    assert attempt(plugin, ip="198.51.100.7", sender="real@example.org") is None
+    assert attempt(plugin, ip="192.0.2.10", rcpt="confirmed@example.com") is None
+
+
+def test_a_flood_from_many_networks_leaves_the_triplets_that_passed():
+    clock = Clock()
+    store = MemoryStore(max_keys=1000, clock=clock)
+    plugin = configure({"delay": 60}, clock, store)
+    for n in range(5):
+        assert attempt(plugin, ip=f"192.0.2.{n}", rcpt=f"u{n}@example.com") is not None
+    clock.now += 61
+    for n in range(5):
+        assert attempt(plugin, ip=f"192.0.2.{n}", rcpt=f"u{n}@example.com") is None
+
+    async def flood() -> None:
+        envelope = make_envelope(mail_from="x@spam.example")
+        for i in range(3000):  # a network of its own for each
+            session = make_session(f"10.{i // 250}.{i % 250}.1")
+            with pytest.raises(SMTPError):
+                await plugin.bonzo_rcpt(session, envelope, Address.parse("r@example.com"))
+
+    asyncio.run(flood())
+    for n in range(5):
+        assert attempt(plugin, ip=f"192.0.2.{n}", rcpt=f"u{n}@example.com") is None

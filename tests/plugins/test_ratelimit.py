@@ -173,7 +173,7 @@ def test_the_window_slides_with_the_store_clock():
 
 
 class BrokenStore(Store):
-    async def hit(self, key: str, limit: int, window: float) -> Hit:
+    async def hit(self, key: str, limit: int, window: float, *, group: str = "") -> Hit:
         raise StoreError("Redis at redis://127.0.0.1:1/0: counting failed: ConnectionError")
 
 
