@@ -107,6 +107,18 @@ def test_health_is_503_while_a_graceful_stop_waits_for_a_message(tmp_path: Path)
                 return status == 503 and json.loads(body)["status"] == "stopping"
 
             wait_until(stopping, what="/health to say 503 stopping")
+
+            def refused() -> bool:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=DEADLINE).close()
+                except ConnectionRefusedError:
+                    return True
+                return False
+
+            # As docs/operations.rst says: no drain period, the SMTP listener
+            # closes as /health turns 503 (a client goes to another MX at once).
+            wait_until(refused, timeout=2.0, what="new SMTP connections to be refused")
+            assert stopping()
             client.send(b"Hello.\r\n.\r\n")
             assert client.getreply()[0] == 250
             # After the message the session ends (421): the server is stopping.
