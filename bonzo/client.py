@@ -226,7 +226,9 @@ class Recipient:
     address: str
     """The mailbox, ``local@domain`` (no angle brackets)."""
     notify: str | None = None
-    """``NOTIFY``: ``"NEVER"`` or a comma list of ``SUCCESS``, ``FAILURE``, ``DELAY``."""
+    """``NOTIFY``: ``"NEVER"`` or a comma list of ``SUCCESS``, ``FAILURE``,
+    ``DELAY`` (any case; spaces are dropped). Anything else, a control
+    character included, is a :class:`ValueError` before a command is sent."""
     orcpt: str | None = None
     """``ORCPT`` as received, e.g. ``"rfc822;bob@example.net"`` (xtext-encoded)."""
 
@@ -701,6 +703,7 @@ def _recipient(value: str | Recipient) -> Recipient:
 
 
 _NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
+_NOTIFY_TEXT = re.compile(r"[A-Za-z, ]+")
 
 
 def _unquoted_rest(address: str) -> str:
@@ -764,7 +767,12 @@ def _check_recipient(r: Recipient) -> None:
     if not r.address:
         raise ValueError("a recipient address cannot be empty")
     if r.notify is not None:
-        words = {w.strip().upper() for w in r.notify.split(",")}
+        # Only letters, commas and spaces (which the RCPT line drops): a CR,
+        # LF or other control character, which str.strip() would hide here,
+        # must not reach the command line.
+        if not isinstance(r.notify, str) or not _NOTIFY_TEXT.fullmatch(r.notify):
+            raise ValueError(f"bad NOTIFY {r.notify!r}")
+        words = {w.strip(" ").upper() for w in r.notify.split(",")}
         if words != {"NEVER"} and not words <= _NOTIFY:
             raise ValueError(f"bad NOTIFY {r.notify!r}")
     if r.orcpt is not None:

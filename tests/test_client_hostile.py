@@ -12,7 +12,7 @@ import pytest
 from client_support import EHLO, HOST, Fake, data_then, deliver_through, run, serve
 from e2e_support import RecordingPlugin
 
-from bonzo.client import ClientSettings, DeliveryResult, Status, connect, deadline
+from bonzo.client import ClientSettings, DeliveryResult, Recipient, Status, connect, deadline
 from bonzo.settings import ListenerSettings
 
 pytestmark = pytest.mark.timeout(60)
@@ -190,3 +190,26 @@ def test_an_ehlo_size_of_absurd_length_is_no_limit():
     limit, result = run(main())
     assert limit == 0
     assert outcome(result) == [("b@example.net", "delivered", 250)]
+
+
+@pytest.mark.parametrize(
+    "notify",
+    ["SUCCESS,\r\nDELAY", "SUCCESS\r\nRSET", "FAILURE\t", "NEVER\x00", "DELAY\u2028", "SUCCESS\n"],
+)
+def test_a_notify_value_with_a_control_character_is_refused_before_anything_is_sent(notify):
+    fake = Fake(ehlo=EHLO.replace(b"250 SIZE", b"250-DSN\r\n250 SIZE"))
+
+    async def main() -> None:
+        async with serve(fake) as port:
+            async with await connect(HOST, port, settings=settings()) as conn:
+                bad = Recipient("b@example.net", notify=notify)
+                with pytest.raises(ValueError, match="bad NOTIFY"):
+                    await conn.send("a@example.org", [bad], MESSAGE)
+                assert (await conn.mail("a@example.org")).code == 250
+                with pytest.raises(ValueError, match="bad NOTIFY"):
+                    await conn.rcpt(bad)
+                assert (await conn.rset()).code == 250
+
+    run(main())
+    assert not any(c.startswith("RCPT") for c in fake.commands)
+    assert [c.split(" ")[0] for c in fake.commands] == ["EHLO", "MAIL", "RSET", "QUIT"]
