@@ -110,10 +110,12 @@ def downstream_error(reply: Reply, stage: Stage | None = None) -> SMTPError:
     - a ``4xx``/``5xx`` the downstream server gave: its code, enhanced code
       and text (``421``, the server closing, becomes ``451``: this server
       is not closing);
-    - a ``5xx`` while setting the connection up (a ``554`` greeting, a
-      ``535`` for the relay's credentials): ``451 4.4.1`` — the
-      downstream refuses this gateway, not the message, so the client
-      retries rather than bounce;
+    - any reply while setting the connection up (a ``450`` or ``554``
+      greeting, a ``454`` to ``STARTTLS`` under a TLS policy, a ``454`` or
+      ``535`` for the relay's credentials) and a ``530`` at any step:
+      ``451 4.4.1`` and the fixed text — the downstream refuses this
+      gateway, not the message, so the client retries rather than bounce,
+      and the downstream's text (host names, paths) stays in the log;
     - a failure of the connection (refused, timed out, lost, a TLS policy
       not met): ``451`` with its enhanced code and a fixed text (the detail
       is logged, never sent);
@@ -125,7 +127,7 @@ def downstream_error(reply: Reply, stage: Stage | None = None) -> SMTPError:
         if code >= 500:
             return PermanentError(_safe_text(reply, "Refused downstream"), code, enhanced)
         return TransientError(_UNAVAILABLE, 451, enhanced or "4.4.1")
-    if code >= 500 and (stage in _SETUP or code == 530):
+    if stage in _SETUP or code == 530:
         # 530 (RFC 3207, RFC 4954): the downstream wants TLS or AUTH of this
         # gateway: about the gateway, not the message.
         return TransientError(_UNAVAILABLE, 451, "4.4.1")

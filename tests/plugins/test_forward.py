@@ -4,11 +4,13 @@ Postfix downstream is in ``tests/interop/test_forward_postfix.py``."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import smtplib
 import socket
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -647,3 +649,84 @@ def test_a_message_over_the_downstreams_size_is_refused_before_data_declared_or_
     assert (code, text.split()[0]) == (552, b"5.3.4"), (code, text)
     assert b"exceeds the downstream server's limit 1000" in text
     assert down.plugin.messages == []
+
+
+class Scripted:
+    """A downstream on 127.0.0.1 that says what it is told, in a thread (the
+    test's client is blocking): ``greeting``, then ``replies[verb]`` or
+    ``250`` to each command (EHLO gets ``ehlo``). Every socket wait is
+    bounded; :meth:`close` ends it."""
+
+    def __init__(self, greeting: bytes, ehlo: bytes, replies: dict[str, bytes]) -> None:
+        self.greeting, self.ehlo, self.replies = greeting, ehlo, replies
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(10)
+        self.port = self.listener.getsockname()[1]
+        self.commands: list[str] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                conn, _ = self.listener.accept()
+                with conn, conn.makefile("rb") as lines:
+                    conn.settimeout(10)
+                    conn.sendall(self.greeting)
+                    for line in lines:
+                        verb = line.split(b" ", 1)[0].strip().upper().decode("ascii", "replace")
+                        self.commands.append(verb)
+                        if verb == "QUIT":
+                            conn.sendall(b"221 bye\r\n")
+                            break
+                        default = self.ehlo if verb == "EHLO" else b"250 ok\r\n"
+                        conn.sendall(self.replies.get(verb, default))
+        except OSError:
+            pass  # closed, or timed out
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept()
+        self.listener.close()
+        self.thread.join(15)
+
+
+SECRET_EHLO = b"250-fake.test\r\n250-STARTTLS\r\n250-AUTH PLAIN\r\n250 8BITMIME\r\n"
+CREDENTIALS = {"tls": "none", "username": "gw", "password": "pw", "auth_plaintext": True}
+
+
+@pytest.mark.parametrize(
+    ("greeting", "replies", "table"),
+    [
+        (b"450 4.3.2 internal: backend db07.corp.example down\r\n", {}, {}),
+        (b"554 5.7.1 internal: db07.corp.example says no\r\n", {}, {}),
+        (b"220 fake.test\r\n",
+         {"STARTTLS": b"454 4.7.0 TLS not available: /etc/ssl/internal.pem unreadable\r\n"},
+         {"tls": "require"}),
+        (b"220 fake.test\r\n",
+         {"AUTH": b"454 4.7.0 Temporary failure: ldap://internal.example timeout\r\n"},
+         CREDENTIALS),
+        (b"220 fake.test\r\n", {"AUTH": b"334 internal.example-challenge\r\n"}, CREDENTIALS),
+    ],
+    ids=["greeting-450", "greeting-554", "starttls-454", "auth-454", "auth-334"],
+)  # fmt: skip
+def test_a_refusal_during_setup_gives_the_fixed_451_and_logs_the_detail(
+    start_server, caplog, greeting, replies, table
+):
+    down = Scripted(greeting, SECRET_EHLO, replies)
+    try:
+        plugins = PluginSet(timeout=20.0)
+        plugins.register(forward(down.port, **table), "forward")
+        front = start_server(plugins=plugins, hostname="gw.test")
+        with connect(front) as client:
+            code, text = client.mail("alice@example.org")
+    finally:
+        down.close()
+    assert code == 451 and text.endswith(b" Downstream server unavailable, try again later")
+    assert text.split()[0] in (b"4.4.1", b"4.5.0"), text
+    assert b"internal" not in text
+    # The detail is for the operator (a 334 to AUTH is not a refusal but a
+    # protocol error).
+    assert ("unexpected reply 334" if b"334" in replies.get("AUTH", b"") else "internal") in (
+        caplog.text
+    )
