@@ -323,7 +323,12 @@ class ForwardPlugin:
         if not self.check_rcpt:
             return None
         link = self._link(session)
-        if link.envelope != envelope.id:
+        conn = link.conn
+        stale = conn is None or not conn.usable
+        if link.envelope != envelope.id or (stale and not link.accepted):
+            # A connection the downstream dropped before it accepted anything
+            # of this transaction (its idle timeout between MAIL and the
+            # first RCPT) loses nothing: start the transaction again, once.
             await self._start(link, envelope)
         reply = await self._rcpt(link, address, params)
         if reply.code in (250, 251):

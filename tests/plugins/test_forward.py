@@ -730,3 +730,23 @@ def test_a_refusal_during_setup_gives_the_fixed_451_and_logs_the_detail(
     assert ("unexpected reply 334" if b"334" in replies.get("AUTH", b"") else "internal") in (
         caplog.text
     )
+
+
+def test_the_first_rcpt_after_the_downstream_dropped_an_idle_transaction_reconnects(
+    start_server,
+):
+    """The downstream times the link out between the client's MAIL and its
+    first RCPT: nothing of the transaction was accepted there, so it is
+    started again on a new connection, and that recipient is asked."""
+    down = start_server(plugin=Downstream(), hostname="mx.dest.test", idle_timeout=0.5)
+    plugins = PluginSet(timeout=20.0)
+    plugins.register(forward(down.port), "forward")
+    front = start_server(plugins=plugins, hostname="gw.test")
+    with connect(front) as client:
+        assert client.mail("alice@example.org")[0] == 250
+        time.sleep(1.0)  # the downstream drops the idle link (421)
+        assert client.rcpt("one@dest.test")[0] == 250
+        assert client.rcpt("two@dest.test")[0] == 250
+        assert client.data(MESSAGE)[0] == 250
+    [message] = down.plugin.messages
+    assert message.rcpt_tos == ["one@dest.test", "two@dest.test"]
