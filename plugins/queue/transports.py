@@ -336,9 +336,12 @@ class _Pooled:
             return [bad if i in unsendable else next(done) for i in range(len(recipients))]
         rcpts = _recipients(recipients)
         options = _send_options(message)
-        for _ in range(2):  # a pooled connection may have gone stale: once more on a new one
-            conn = self.pool.take(destination)
-            reused = conn is not None
+        # A kept connection may have gone stale (its RSET fails: nothing was
+        # sent): then a new one, never another kept one, which a restarted
+        # or half-open server has made as stale. Two tries at most.
+        conn = self.pool.take(destination)
+        reused = conn is not None
+        while True:
             if conn is None:
                 try:
                     conn = await self._connect(destination)
@@ -351,14 +354,14 @@ class _Pooled:
             except ClientError as exc:
                 conn.close()
                 if reused:
-                    continue  # its RSET failed: nothing was sent
+                    conn, reused = None, False
+                    continue
                 return _outcomes(DeliveryResult.failed(rcpts, exc, destination), not self.final)
             except BaseException:
                 conn.close()
                 raise
             self.pool.give(destination, conn)
             return _outcomes(result, not self.final)
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def expire(self) -> int:
         """Close the pooled connections left idle for ``idle_timeout``."""

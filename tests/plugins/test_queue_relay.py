@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from bonzo_plugins.queue.routes import RouteTable
 from bonzo_plugins.queue.runner import Runner, RunnerSettings
-from bonzo_plugins.queue.spool import GroupSync, Spool
+from bonzo_plugins.queue.spool import GroupSync, QueuedMessage, Spool
+from bonzo_plugins.queue.transports import SMARTHOST, SmarthostTransport
 from client_support import Fake, data_then, serve
 from e2e_support import RecordingPlugin
 
@@ -151,3 +152,54 @@ def test_an_address_no_command_can_carry_fails_alone(tmp_path, caplog):
     assert "queue: M1 to=<bad\\x3eaddr@dest.test> bounced: 553 5.1.3 " in caplog.text
     [report] = [m for m in spool.iter_messages() if m.sender == ""]
     assert report.recipients[0].address == "alice@example.org"
+
+
+def smarthost(tmp_path: Path, port: int, **table: Any) -> SmarthostTransport:
+    values = SMARTHOST.parse(
+        {"type": "smarthost", "host": "127.0.0.1", "port": port, "tls": "none", **table},
+        App(tmp_path),
+    )
+    return SmarthostTransport(values, App(tmp_path), "test")
+
+
+def spooled(tmp_path: Path, *ids: str) -> list[QueuedMessage]:
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    for id in ids:
+        spool.write(
+            id, envelope(f"{id.lower()}@dest.test"), b"", io.BytesIO(b"Subject: t\r\n\r\nhi\r\n")
+        )
+    return [spool.load(id) for id in ids]
+
+
+async def refuse_rset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, line: bytes):
+    """A server restarting, or a connection gone half-open: RSET fails."""
+    writer.write(b"421 4.3.2 Service shutting down\r\n")
+    await writer.drain()
+    writer.close()
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_two_kept_connections_that_went_stale_cost_one_try_then_a_new_one(tmp_path, pipelining):
+    """Two deliveries at once leave two connections in the pool; the server
+    then fails RSET on both: the next message is sent on a new connection
+    after the first stale one, never deferred as a local error."""
+    fake = Fake(replies={"RSET": refuse_rset})
+    m1, m2, m3 = spooled(tmp_path, "M1", "M2", "M3")
+
+    async def main() -> list[Any]:
+        async with serve(fake) as port:
+            transport = smarthost(tmp_path, port, idle_timeout=60, pipelining=pipelining)
+            try:
+                first = await asyncio.gather(
+                    transport.deliver(m1, m1.recipients), transport.deliver(m2, m2.recipients)
+                )
+                assert sum(len(c) for c in transport.pool._idle.values()) == 2
+                return [*first, await transport.deliver(m3, m3.recipients)]
+            finally:
+                await transport.close()
+
+    outcomes = asyncio.run(main())
+    assert [o.status for [o] in outcomes] == ["delivered"] * 3
+    assert fake.connections == 3  # the two kept ones, and one new
+    assert len(fake.messages) == 3
