@@ -283,9 +283,11 @@ def _fitted(
     """``options`` for a server that lacks 8BITMIME or SMTPUTF8: a
     declaration the message does not need is dropped (RFC 6152 3 and RFC
     6531 3.2 restrict only content and addresses that need them), so that
-    7-bit mail declared ``BODY=8BITMIME``, or all-ASCII mail declared
-    ``SMTPUTF8``, is delivered rather than bounced. What does need them is
-    still refused (``554 5.6.3``, ``553 5.6.7``): there is no conversion."""
+    7-bit mail declared ``BODY=8BITMIME``, or mail declared ``SMTPUTF8``
+    with ASCII addresses and header fields (UTF-8 in the body needs only
+    8BITMIME, RFC 6532 3.1), is delivered rather than bounced. What does
+    need them is still refused (``554 5.6.3``, ``553 5.6.7``): there is
+    no conversion."""
     eightbit = options["eightbit"] and not conn.supports("8BITMIME")
     smtputf8 = options["smtputf8"] and not conn.supports("SMTPUTF8")
     if not (eightbit or smtputf8):
@@ -295,9 +297,31 @@ def _fitted(
         fitted["eightbit"] = None  # the client scans: 7-bit content goes as it is
     if smtputf8:
         ascii_addresses = message.sender.isascii() and all(r.address.isascii() for r in recipients)
-        if ascii_addresses and not client.has_8bit(body):
+        if ascii_addresses and not _header_8bit(body):
             fitted["smtputf8"] = None
     return fitted
+
+
+def _header_8bit(body: IO[bytes], chunk: int = 1 << 16) -> bool:
+    """True if the header section of the message in ``body`` (from its
+    position, which is kept: up to the first empty line, or the end) has an
+    octet outside ASCII. Read a line at a time, at most ``chunk`` octets."""
+    start = body.tell()
+    try:
+        line_start = True
+        while True:
+            piece = body.readline(chunk)
+            if not piece:
+                return False
+            # A piece that starts a line and is only its end is the empty line
+            # (a piece cut off a long line is no line start).
+            if line_start and piece in (b"\r\n", b"\n"):
+                return False
+            if not piece.isascii():
+                return True
+            line_start = piece.endswith(b"\n")
+    finally:
+        body.seek(start)
 
 
 def _recipients(recipients: Sequence[Recipient]) -> list[client.Recipient]:

@@ -203,3 +203,50 @@ def test_two_kept_connections_that_went_stale_cost_one_try_then_a_new_one(tmp_pa
     assert [o.status for [o] in outcomes] == ["delivered"] * 3
     assert fake.connections == 3  # the two kept ones, and one new
     assert len(fake.messages) == 3
+
+
+UTF8_BODY = "From: a@example.org\r\nSubject: plain\r\n\r\nGrüße\r\n".encode()
+UTF8_HEADER = "From: a@example.org\r\nSubject: Grüße\r\n\r\nhi\r\n".encode()
+# A header line longer than a read, cut right before its CRLF: no empty line.
+LONG_HEADER = b"X-Long: " + b"a" * ((1 << 16) - 8) + "\r\nSubject: Grüße\r\n\r\nhi\r\n".encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "declared"),
+    [
+        (UTF8_BODY, "delivered", "MAIL FROM:<alice@example.org> BODY=8BITMIME"),
+        (UTF8_HEADER, "failed", None),
+        (LONG_HEADER, "failed", None),
+    ],
+    ids=["utf8-body", "utf8-header", "utf8-header-after-a-long-line"],
+)
+def test_smtputf8_is_needed_for_utf8_header_fields_not_a_utf8_body(
+    tmp_path, body, status, declared
+):
+    """RFC 6531 3.2, RFC 6532 3.1: to a server with 8BITMIME and no
+    SMTPUTF8, a message declared SMTPUTF8 whose addresses and header fields
+    are ASCII goes BODY=8BITMIME; one with UTF-8 in a header field bounces
+    (553 5.6.7), never sent."""
+    fake = Fake(ehlo=b"250-fake.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    env = envelope("bob@dest.test", SMTPUTF8=None, BODY="8BITMIME")  # type: ignore[arg-type]
+    spool.write("M1", env, b"", io.BytesIO(body))
+    message = spool.load("M1")
+
+    async def main() -> list[Any]:
+        async with serve(fake) as port:
+            transport = smarthost(tmp_path, port)
+            try:
+                return await transport.deliver(message, message.recipients)
+            finally:
+                await transport.close()
+
+    [outcome] = asyncio.run(main())
+    assert outcome.status == status
+    if declared is None:
+        assert (outcome.code, outcome.enhanced) == (553, "5.6.7")
+        assert not any(c.startswith("MAIL") for c in fake.commands)
+    else:
+        assert fake.commands[1] == declared
+        assert fake.messages and "Grüße".encode() in fake.messages[0]
