@@ -294,8 +294,8 @@ class RouteTable:
                 expire()
 
     async def close(self) -> None:
-        for transport in self.transports:
-            await transport.close()
+        # All at once: each transport's close may wait (QUITs to its servers).
+        await asyncio.gather(*(transport.close() for transport in self.transports))
 
 
 def _domain(value: str, where: str) -> str:

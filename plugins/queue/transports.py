@@ -180,19 +180,27 @@ def _client_keys(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+#: Seconds :meth:`ConnectionPool.close` gives each connection's ``QUIT``
+#: (at a stop) before it aborts the connection: a server that stopped
+#: answering must not hold the stop for ``quit_timeout`` (20 s).
+CLOSE_TIMEOUT = 5.0
+
+
 class ConnectionPool:
     """Idle connections by destination, for reuse."""
 
-    def __init__(self, idle_timeout: float = 30.0) -> None:
+    def __init__(self, idle_timeout: float = 30.0, close_timeout: float = CLOSE_TIMEOUT) -> None:
         self.idle_timeout = idle_timeout
+        self.close_timeout = close_timeout
         self._idle: dict[str, list[tuple[float, ClientConnection]]] = {}
-        self._quitting: set[asyncio.Future[Any]] = set()
+        #: ``QUIT`` under way, and on which connection.
+        self._quitting: dict[asyncio.Future[Any], ClientConnection] = {}
 
     def _quit(self, conn: ClientConnection) -> None:
         """Say ``QUIT`` on ``conn`` in the background (kept, for :meth:`close`)."""
         task = asyncio.ensure_future(conn.quit())
-        self._quitting.add(task)
-        task.add_done_callback(self._quitting.discard)
+        self._quitting[task] = conn
+        task.add_done_callback(lambda done: self._quitting.pop(done, None))
 
     def take(self, destination: str) -> ClientConnection | None:
         """An idle, still usable connection to ``destination``, if any."""
@@ -234,12 +242,22 @@ class ConnectionPool:
         return closed
 
     async def close(self) -> None:
+        """``QUIT`` every idle connection and wait for the ``QUIT`` under
+        way: all at once, and at most :attr:`close_timeout` seconds; a
+        connection still not closed then is aborted."""
         idle, self._idle = self._idle, {}
         for conns in idle.values():
             for _, conn in conns:
-                await conn.quit()
-        if self._quitting:
-            await asyncio.gather(*self._quitting, return_exceptions=True)
+                self._quit(conn)
+        quitting = dict(self._quitting)
+        if not quitting:
+            return
+        _, late = await asyncio.wait(quitting, timeout=self.close_timeout)
+        for task in late:
+            task.cancel()
+            quitting[task].close()
+        if late:
+            await asyncio.gather(*late, return_exceptions=True)
 
 
 def _outcomes(result: DeliveryResult, relayed: bool) -> list[Outcome]:

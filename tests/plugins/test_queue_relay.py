@@ -250,3 +250,35 @@ def test_smtputf8_is_needed_for_utf8_header_fields_not_a_utf8_body(
     else:
         assert fake.commands[1] == declared
         assert fake.messages and "Grüße".encode() in fake.messages[0]
+
+
+def test_closing_the_pool_quits_its_connections_at_once_and_bounded(tmp_path):
+    """At a stop, the idle connections to a server that stopped answering
+    are said QUIT together, each for at most close_timeout seconds, then
+    aborted: not one quit_timeout after another."""
+    hung: list[asyncio.StreamWriter] = []
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, line: bytes):
+        hung.append(writer)
+        await reader.read()  # no reply; until the client goes
+
+    fake = Fake(replies={"QUIT": hang})
+    messages = spooled(tmp_path, "M1", "M2", "M3", "M4")
+
+    async def main() -> float:
+        async with serve(fake) as port:
+            transport = smarthost(tmp_path, port, idle_timeout=60)
+            transport.settings = transport.settings.replace(quit_timeout=3.0)
+            transport.pool.close_timeout = 0.5
+            await asyncio.gather(*(transport.deliver(m, m.recipients) for m in messages))
+            assert sum(len(c) for c in transport.pool._idle.values()) == 4
+            start = time.monotonic()
+            await transport.close()
+            took = time.monotonic() - start
+            assert len(hung) == 4  # every one was asked
+            await asyncio.sleep(0.1)
+            assert all(w.transport.is_closing() or w.is_closing() for w in hung)
+            return took
+
+    took = asyncio.run(main())
+    assert took < 2.0, took  # one after another: 4 x 3 s
