@@ -8,7 +8,29 @@ from typing import Protocol
 
 from .spool import QueuedMessage, Recipient
 
-__all__ = ["Outcome", "Transport"]
+__all__ = ["Outcome", "Transport", "cut_text", "MAX_TEXT_LINE", "MAX_TEXT_LINES"]
+
+#: What is kept of a reply's text, for each recipient (in the queue's state,
+#: its log lines and its reports): at most this many lines of this many
+#: characters. RFC 5321 4.5.3.1.5 allows 512 octets a reply line; a hostile
+#: server may send 100 lines of 8 KB, which the client reads.
+MAX_TEXT_LINE = 400
+MAX_TEXT_LINES = 5
+
+
+def cut_text(text: str) -> str:
+    """``text`` within :data:`MAX_TEXT_LINES` lines of :data:`MAX_TEXT_LINE`
+    characters, saying where it was cut (``[cut]``, ``[N more lines cut]``)."""
+    if len(text) <= MAX_TEXT_LINE and "\n" not in text:
+        return text
+    lines = text.split("\n")
+    kept = [
+        line if len(line) <= MAX_TEXT_LINE else f"{line[:MAX_TEXT_LINE]} [cut]"
+        for line in lines[:MAX_TEXT_LINES]
+    ]
+    if len(lines) > MAX_TEXT_LINES:
+        kept.append(f"[{len(lines) - MAX_TEXT_LINES} more lines cut]")
+    return "\n".join(kept)
 
 
 @dataclass(frozen=True)
@@ -20,6 +42,8 @@ class Outcome:
     code: int
     enhanced: str
     text: str
+    """The reply's text, cut to :data:`MAX_TEXT_LINES` lines of
+    :data:`MAX_TEXT_LINE` characters (:func:`cut_text`)."""
     host: str = ""
     """Who answered: a host name, a socket path, a maildir."""
     dsn_downstream: bool = False
@@ -43,6 +67,11 @@ class Outcome:
     never_expires: bool = False
     """A deferral that is the operator's to fix, not the sender's (no route
     for the recipient): the message is kept past ``lifetime``, never bounced."""
+
+    def __post_init__(self) -> None:
+        # Whatever made it (a transport, a server's reply), the text kept is
+        # bounded (cut_text).
+        object.__setattr__(self, "text", cut_text(self.text))
 
     @property
     def reply(self) -> str:

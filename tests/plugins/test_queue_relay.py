@@ -282,3 +282,36 @@ def test_closing_the_pool_quits_its_connections_at_once_and_bounded(tmp_path):
 
     took = asyncio.run(main())
     assert took < 2.0, took  # one after another: 4 x 3 s
+
+
+def test_a_huge_reply_is_cut_before_it_is_kept_logged_or_reported(tmp_path, caplog):
+    """100 lines of 8,000 octets (within the client's limits) for each
+    recipient: the queue keeps, logs and reports a few hundred octets a line
+    and a few lines, and says it cut them."""
+
+    async def rcpt(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, line: bytes):
+        code, enhanced = (b"550", b"5.2.0") if b"<gone" in line else (b"450", b"4.2.0")
+        text = enhanced + b" " + b"A" * 8000 + b"\r\n"
+        writer.write((code + b"-" + text) * 99 + code + b" " + enhanced + b" end\r\n")
+
+    fake = Fake(replies={"RCPT": rcpt})
+
+    async def main() -> Spool:
+        async with serve(fake) as port:
+            route = {"type": "smarthost", "host": "127.0.0.1", "port": port, "tls": "none"}
+            env = envelope(*(f"r{i}@dest.test" for i in range(5)), "gone@dest.test")
+            return await relay(tmp_path, route, env, b"Subject: t\r\n\r\nhi\r\n")
+
+    caplog.set_level(logging.INFO)
+    spool = asyncio.run(main())
+    recipients = spool.load("M1").recipients
+    assert [r.status for r in recipients] == ["deferred"] * 5 + ["bounced"]
+    for r in recipients:
+        assert len(r.reply) < 2500
+        assert r.reply[3:].startswith(f" {r.reply[0]}.2.0 " + "A" * 400 + " [cut]\n")
+        assert r.reply.endswith("\n" + "A" * 400 + " [cut]\n[95 more lines cut]")
+    assert sum(p.stat().st_size for p in spool.state.iterdir()) < 6 * 2500 + 4096
+    assert max(len(r.getMessage()) for r in caplog.records) < 5000
+    [report] = [m for m in spool.iter_messages() if m.sender == ""]  # gone@'s bounce
+    text = report.read()
+    assert len(text) < 10_000 and b" [cut] " in text
