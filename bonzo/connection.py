@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 import ssl
 from asyncio import Future
 from collections.abc import Callable
@@ -157,11 +158,37 @@ class SessionStream(IOStream):
     """
 
     wait_readable = False
+    #: Called once when the client closes or resets the connection while
+    #: nothing is read (see :meth:`watch_close`).
+    _on_peer_closed: Callable[[], None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # The asyncio loop under Tornado's, when there is one.
         self._asyncio_loop = getattr(self.io_loop, "asyncio_loop", None)
+
+    def watch_close(self, callback: Callable[[], None] | None) -> None:
+        """Have ``callback`` called, once, if the client closes or resets
+        the connection while the session reads nothing (a plugin is at
+        work); ``None`` stops watching. Only told: the client's octets stay
+        in the socket and the connection stays open (a client that shut its
+        side may still read its replies). A client that sent more first
+        (a pipelined command) is not watched past it."""
+        self._on_peer_closed = callback
+        if callback is not None and not self._closed and self._read_future is None:
+            state = self._state
+            if state is None or not state & IOLoop.READ:
+                self._add_io_state(IOLoop.READ)
+
+    def _peer_gone(self) -> bool:
+        """Whether the client's end of stream (or a reset) is next in the
+        socket, looked at without reading it."""
+        try:
+            return not self.socket.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
     def _start_read(self) -> Future[Any]:
         # Tornado makes each read's future with Future(), which looks up the
@@ -281,6 +308,10 @@ class SessionStream(IOStream):
 
     def _handle_events(self, fd: Any, events: int) -> None:
         if events & IOLoop.READ and self._read_future is None and not self._closed:
+            watcher = self._on_peer_closed
+            if watcher is not None and self._peer_gone():
+                self._on_peer_closed = None
+                watcher()
             # Nobody is reading: the session is busy answering what it read
             # (a plugin is delivering). Tornado would read now to notice a
             # close, and at the client's end of stream (a client may send
@@ -446,8 +477,24 @@ class SMTPConnection:
 
     # ---------------------------------------------------------------- API
     def set_close_callback(self, callback: Callable[[], Any] | None) -> None:
-        """Sets a callback that will be run when the connection is closed."""
+        """Sets a callback that will be run when the connection is closed:
+        when the client closes (or resets) it, even while a plugin is at
+        work (an original-API handler is running), or else when the session
+        ends; once."""
         self._close_callback = callback
+        watch = getattr(self.stream, "watch_close", None)
+        if watch is not None:
+            watch(self._peer_closed if callback is not None else None)
+
+    def _peer_closed(self) -> None:
+        # The client went away while the session read nothing: the close
+        # callback is told now, not when the plugin's work is over.
+        callback, self._close_callback = self._close_callback, None
+        if callback is not None:
+            try:
+                callback()
+            except Exception:
+                app_log.error("Exception in close callback", exc_info=True)
 
     def close(self) -> None:
         """Close the connection now."""

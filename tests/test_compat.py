@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import email
+import time
 
 import pytest
 from tornado import gen
 from tornado.testing import ExpectLog
 
 from bonzo import errors, version
+from bonzo.hooks import CANCEL_GRACE
 from bonzo.smtp import Application, RequestHandler
 from bonzo.testing import AsyncSMTPTestCase
 
@@ -271,3 +274,73 @@ def test_a_reply_never_writes_a_malformed_enhanced_code():
     wire = format_reply(550, "Refused", "5.1.1\r\n250 2.1.5 Ok", True)
     assert wire == b"550 5.0.0 Refused\r\n"
     assert format_reply(550, "Refused", "5.1.1", True) == b"550 5.1.1 Refused\r\n"
+
+
+class ConnectionCloseTest(AsyncSMTPTestCase):
+    """``on_connection_close``: told as soon as the client goes away while
+    the handler works (not when the handler ends, nor at the hook's time
+    limit), once; the reply is still written (the client may have shut its
+    side only). And the test case's tearDown does not wait for a handler
+    that never finishes."""
+
+    def get_request_callback(self):
+        test = self
+        test.events = []
+        test.release = asyncio.Event()
+
+        class Handler(RequestHandler):
+            async def data(self):
+                test.events.append("data")
+                if self.request.rcpt[0].startswith("never"):
+                    await asyncio.sleep(3600)
+                await asyncio.wait_for(test.release.wait(), 10)
+                test.events.append("done")
+
+            def on_connection_close(self):
+                test.events.append("closed")
+                test.release.set()
+
+        return Application(Handler)
+
+    def _send_and_leave(self, rcpt: str) -> None:
+        self.connect()
+        self.stream.write(b"HELO c\r\nMAIL FROM:<a@example.com>\r\n")
+        self.read_response()
+        self.read_response()
+        self.stream.write(b"RCPT TO:<%s>\r\nDATA\r\n" % rcpt.encode())
+        self.read_response()
+        self.read_response()
+        self.stream.write(b"hi\r\n.\r\n")
+
+        async def until_data() -> None:
+            for _ in range(200):
+                if "data" in self.events:
+                    return
+                await asyncio.sleep(0.01)
+
+        self.io_loop.run_sync(until_data)
+        self.close()
+
+    def test_the_handler_is_told_when_the_client_goes_away(self):
+        begun = time.monotonic()
+        self._send_and_leave("a@example.com")
+
+        async def until_done() -> None:
+            for _ in range(500):
+                if "done" in self.events:
+                    return
+                await asyncio.sleep(0.01)
+
+        self.io_loop.run_sync(until_done)
+        # Told while the handler waited (it waits for exactly that), once.
+        assert self.events == ["data", "closed", "done"]
+        assert time.monotonic() - begun < 5
+
+    def test_teardown_does_not_wait_for_a_handler_that_never_finishes(self):
+        self._send_and_leave("never@example.com")
+        begun = time.monotonic()
+        self.io_loop.run_sync(self.smtp_server.close_all_connections)
+        assert time.monotonic() - begun < CANCEL_GRACE + 3
+        assert self.smtp_server.connections == set() or not any(
+            c.task is not None and not c.task.done() for c in self.smtp_server.connections
+        )
