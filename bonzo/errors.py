@@ -64,10 +64,13 @@ class SMTPError(Exception):
 
     :arg int status_code: SMTP status code (e.g. ``550``).
     :arg message: text written to the client after the code. A string with
-        newlines, or a sequence of strings, gives a multi-line reply.
+        newlines, or a sequence of strings, gives a multi-line reply; bytes
+        are decoded as UTF-8 (an invalid sequence becomes U+FFFD), and any
+        other object is written as its ``str()`` (as in Bonzo 0.1).
     :arg str log_message: message to be written to the log for this error
         (never to the client). May contain ``%s``-style placeholders, which
-        are filled in with the remaining positional parameters.
+        are filled in with the remaining positional parameters; one that
+        does not format with them is logged as it is, followed by them.
     :arg str enhanced_code: RFC 3463 code such as ``"5.7.1"``, used in ESMTP
         sessions. Defaults to ``X.0.0`` for the class of ``status_code``.
         Anything but ``class.subject.detail`` (one to three digits each) of
@@ -81,7 +84,7 @@ class SMTPError(Exception):
     def __init__(
         self,
         status_code: int,
-        message: str | Sequence[str],
+        message: str | Sequence[str] | object,
         log_message: str | None = None,
         *args: Any,
         enhanced_code: str | None = None,
@@ -95,7 +98,7 @@ class SMTPError(Exception):
             if problem is not None:
                 raise ValueError(problem)
         self.status_code = status_code
-        self.message = message if isinstance(message, str) else "\n".join(message)
+        self.message = _text(message)
         self.log_message = log_message
         # As in the original API, ``args`` holds the log_message parameters.
         self.args = args
@@ -113,9 +116,39 @@ class SMTPError(Exception):
 
     def __str__(self) -> str:
         message = "SMTP %d: %s" % (self.status_code, self.message)
-        if not self.log_message:
+        log = self.log_text()
+        if log is None:
             return message
-        return message + " (" + (self.log_message % self.args) + ")"
+        return message + " (" + log + ")"
+
+    def log_text(self) -> str | None:
+        """:attr:`log_message` with its arguments filled in, for a log line
+        (``None`` without one). A message that does not format with them
+        (a stray ``%``, too few arguments) is given as it is, followed by the
+        arguments: the reply must still go out, whatever the log says.
+        """
+        if not self.log_message:
+            return None
+        try:
+            # Formatted even without arguments, as Bonzo 0.1 did ("%%" is "%").
+            return str(self.log_message % self.args)
+        except (TypeError, ValueError, KeyError):
+            if not self.args:
+                return str(self.log_message)
+            return f"{self.log_message} {self.args!r}"
+
+
+def _text(message: object) -> str:
+    """The reply text of an error's ``message``: a string as it is, the
+    lines of a sequence of strings joined, bytes decoded, anything else its
+    ``str()`` (Bonzo 0.1 wrote any object with ``%s``)."""
+    if isinstance(message, str):
+        return message
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        return bytes(message).decode("utf-8", "replace")
+    if isinstance(message, Sequence) and all(isinstance(line, str) for line in message):
+        return "\n".join(message)
+    return str(message)
 
 
 class InternalConfusion(SMTPError):

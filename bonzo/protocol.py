@@ -2108,12 +2108,7 @@ class SMTPProtocol:
 
 def _note(error: SMTPError) -> str | None:
     """An error's ``log_message`` with its arguments, for the log line."""
-    if not error.log_message:
-        return None
-    try:
-        return error.log_message % error.args if error.args else error.log_message
-    except (TypeError, ValueError):
-        return f"{error.log_message} {error.args!r}"
+    return error.log_text()
 
 
 def _safe_verb(raw: bytes) -> str:

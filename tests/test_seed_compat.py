@@ -1,0 +1,119 @@
+"""The original (0.1) API in the corners its own tests never covered: an
+Application called from a callback, errors after ``finish()``, odd
+``SMTPError`` arguments, ``max_buffer_size``. Real clients (smtplib) talk to
+a server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import smtplib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from bonzo import errors
+from bonzo.server import SMTPRequest
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def kind_of(request: SMTPRequest) -> str:
+    """The test case a message is for: its first recipient's local part."""
+    return request.rcpt[0].split("@")[0]
+
+
+@pytest.fixture
+def smtp(start_server: Callable[..., Any]) -> Iterator[Callable[..., smtplib.SMTP]]:
+    """``smtp(callback, **settings)``: an smtplib client that said HELO (the
+    0.1 reply texts) to a server running ``callback``."""
+    clients: list[smtplib.SMTP] = []
+
+    def connect(callback: Callable[..., Any], esmtp: bool = False, **settings: Any):
+        server = start_server(callback, **settings)
+        client = smtplib.SMTP(server.host, server.port, timeout=10)
+        clients.append(client)
+        if esmtp:
+            client.ehlo("client.example")
+        else:
+            client.helo("client.example")
+        return client
+
+    yield connect
+    for client in clients:
+        client.close()
+
+
+def send(client: smtplib.SMTP, kind: str, body: bytes = b"Subject: hi\r\n\r\nhi\r\n"):
+    """One message to ``<kind>@example.com``: the reply to its data."""
+    assert client.mail("a@example.com")[0] == 250
+    assert client.rcpt(f"{kind}@example.com")[0] == 250
+    return client.data(body)
+
+
+# ------------------------------------------------------ odd SMTPError arguments
+def test_a_log_message_that_does_not_format_still_sends_the_reply(smtp, log_watch):
+    # 0.1 wrote the reply; only its logging complained. A TypeError from
+    # the formatting made it 451 Internal confusion.
+    def callback(request: SMTPRequest) -> None:
+        if kind_of(request) == "percent":
+            raise errors.SMTPError(452, "Disk full", "disk is 100% full")
+        raise errors.SMTPError(452, "Disk full", "disk %s on %s", "sda")
+
+    client = smtp(callback)
+    assert send(client, "percent") == (452, b"Disk full")
+    assert send(client, "fewargs") == (452, b"Disk full")
+    assert log_watch.matching(r"^452 disk is 100% full \[", "tornado.general")
+    assert log_watch.matching(r"^452 disk %s on %s \('sda',\) \[", "tornado.general")
+
+
+def test_a_plugin_log_message_that_does_not_format_still_sends_the_reply(start_server, log_watch):
+    # The same in the daemon's plugin API (a refusal is logged with it).
+    class Refuser:
+        def bonzo_rcpt(self, address: str) -> None:
+            raise errors.SMTPError(452, "Try later", "quota %s of %s", "bob")
+
+    server = start_server(plugin=Refuser())
+    with smtplib.SMTP(server.host, server.port, timeout=10) as client:
+        client.ehlo("client.example")
+        assert client.mail("a@example.com")[0] == 250
+        assert client.rcpt("bob@example.com") == (452, b"4.0.0 Try later")
+    assert log_watch.matching(r"^452 quota %s of %s \('bob',\) \[", "tornado.general")
+
+
+def test_str_of_an_error_whose_log_message_does_not_format():
+    assert str(errors.SMTPError(452, "Full", "disk is 100% full")) == (
+        "SMTP 452: Full (disk is 100% full)"
+    )
+    assert str(errors.SMTPError(452, "Full", "%s on %s", "sda")) == (
+        "SMTP 452: Full (%s on %s ('sda',))"
+    )
+    # Formatted even without arguments, as 0.1 did.
+    assert str(errors.SMTPError(452, "Full", "disk 50%% used")) == "SMTP 452: Full (disk 50% used)"
+    assert str(errors.SMTPError(452, "Full", "disk %s", "sda")) == "SMTP 452: Full (disk sda)"
+
+
+@pytest.mark.parametrize(
+    ("message", "text"),
+    [
+        (42, "42"),
+        (None, "None"),
+        (b"No", "No"),
+        (b"caf\xc3\xa9 \xff", "caf\u00e9 \ufffd"),
+        (["one", "two"], "one\ntwo"),
+        (("one",), "one"),
+        ([1, 2], "[1, 2]"),
+        (3.5, "3.5"),
+    ],
+)
+def test_an_error_message_may_be_any_object(message, text):
+    # 0.1 used the message only through "%s": any object worked.
+    error = errors.SMTPError(550, message)
+    assert error.message == text
+    assert str(error) == f"SMTP 550: {text}"
+
+
+def test_an_error_with_an_int_message_is_sent(smtp):
+    def callback(request: SMTPRequest) -> None:
+        raise errors.SMTPError(550, 42)
+
+    assert send(smtp(callback), "int") == (550, b"42")
