@@ -1546,8 +1546,15 @@ class SMTPProtocol:
 
     def _greet(self, arg: str, esmtp: bool) -> Any:
         verb = "EHLO" if esmtp else "HELO"
-        if not arg or not arg.isascii():
+        if not arg:
             self._error(501, "5.5.4", f"Syntax: {verb} hostname")
+            return None
+        if not arg.isascii():
+            # SMTPUTF8 is declared per message, at MAIL (RFC 6531 3.4): it
+            # cannot cover the name given before it, which stays ASCII (an
+            # IDN in its A-label form).
+            why = "hostname must be ASCII (an internationalized name in its xn-- form)"
+            self._error(501, "5.5.4", f"The {verb} {why}")
             return None
         if not esmtp and self.helo and not self.esmtp and self.policy.legacy_replies:
             # The original Bonzo refused a repeated HELO; kept for its API.

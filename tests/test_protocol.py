@@ -388,10 +388,15 @@ def test_rejected_ehlo_keeps_the_session_state():
 
 
 def test_helo_name_must_be_ascii():
+    # The reply says why (the name is there, it is not ASCII); SMTPUTF8,
+    # declared at MAIL, does not cover it.
     helo = "HELO h\u00f6st".encode()
-    assert reply_to(b"", helo, legacy=True) == b"501 Syntax: HELO hostname\r\n"
-    assert reply_to(b"", helo) == b"501 5.5.4 Syntax: HELO hostname\r\n"
-    assert reply_to(EHLO, "EHLO h\u00f6st".encode()) == b"501 5.5.4 Syntax: EHLO hostname\r\n"
+    why = b"hostname must be ASCII (an internationalized name in its xn-- form)\r\n"
+    assert reply_to(b"", helo, legacy=True) == b"501 The HELO " + why
+    assert reply_to(b"", helo) == b"501 5.5.4 The HELO " + why
+    assert reply_to(EHLO, "EHLO h\u00f6st".encode()) == b"501 5.5.4 The EHLO " + why
+    # The seed's text for a missing name is kept.
+    assert reply_to(b"", b"HELO", legacy=True) == b"501 Syntax: HELO hostname\r\n"
 
 
 # ------------------------------------------------------ ESMTP parameters
