@@ -408,7 +408,10 @@ class SMTPServer(TCPServer):
         max_message_size=10_000_000)``). ``ssl_options`` makes every
         connection start with TLS (implicit TLS, as with Tornado);
         ``max_buffer_size`` and ``read_chunk_size`` go to
-        :class:`tornado.tcpserver.TCPServer`.
+        :class:`tornado.tcpserver.TCPServer`. With a request callback,
+        ``max_buffer_size`` also caps the message, as it did in Bonzo 0.1
+        (which read the whole message into the stream's buffer): the
+        smaller of it and ``max_message_size`` is the limit.
     :arg listener: :class:`~bonzo.settings.ListenerSettings` (TLS and AUTH
         policy).
     :arg count: a :class:`ConnectionCount` shared with other servers, so that
@@ -452,6 +455,13 @@ class SMTPServer(TCPServer):
         unknown = set(kwargs) - set(SMTPSettings.field_names())
         if unknown:
             raise TypeError(f"unknown SMTPServer option(s): {', '.join(sorted(unknown))}")
+        if request_callback is not None and tcp_kwargs.get("max_buffer_size"):
+            # Bonzo 0.1 buffered the whole message in the IOStream, so
+            # max_buffer_size bounded it; messages are read in chunks now,
+            # and an operator's smaller cap must still hold.
+            cap = tcp_kwargs["max_buffer_size"]
+            limit = kwargs.get("max_message_size", base.max_message_size)
+            kwargs["max_message_size"] = min(limit, cap) if limit else cap
         self.settings = base.replace(**kwargs) if kwargs else base
         self.request_callback = request_callback
         if plugins is None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from bonzo import errors
-from bonzo.server import SMTPRequest
+from bonzo.server import SMTPRequest, SMTPServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -117,3 +117,34 @@ def test_an_error_with_an_int_message_is_sent(smtp):
         raise errors.SMTPError(550, 42)
 
     assert send(smtp(callback), "int") == (550, b"42")
+
+
+# ------------------------------------------------------------- max_buffer_size
+def test_max_buffer_size_caps_the_message(smtp):
+    # 0.1 read the whole message into the stream's buffer: max_buffer_size
+    # was its cap. Now read in chunks, the cap is kept as the message limit.
+    def callback(request: SMTPRequest) -> None:
+        request.finish()
+
+    client = smtp(callback, max_buffer_size=64 * 1024)
+    line = b"x" * 998 + b"\r\n"
+    assert send(client, "small", line * 30)[0] == 250
+    assert send(client, "big", line * 200)[0] == 552
+
+
+def test_max_buffer_size_and_max_message_size_the_smaller_wins():
+    def callback(request: SMTPRequest) -> None:
+        request.finish()
+
+    default = SMTPServer(callback).settings.max_message_size
+    assert SMTPServer(callback, max_buffer_size=1000).settings.max_message_size == 1000
+    assert SMTPServer(callback, max_buffer_size=10 * default).settings.max_message_size == default
+    assert (
+        SMTPServer(callback, max_buffer_size=1000, max_message_size=500).settings.max_message_size
+        == 500
+    )
+    # No message limit (0): max_buffer_size is the limit.
+    assert (
+        SMTPServer(callback, max_buffer_size=1000, max_message_size=0).settings.max_message_size
+        == 1000
+    )
