@@ -213,6 +213,10 @@ class SMTPRequest:
         # Made when the server starts waiting (a request can be built with
         # no event loop running, as in Bonzo 0.1).
         self._waiter: asyncio.Future[None] | None = None
+        # Handlers an Application started for this request, and the error
+        # one failed with before finish() (the reply, when it is waited for).
+        self._tasks: list[asyncio.Future[None]] = []
+        self._error: BaseException | None = None
 
     @property
     def message(self) -> email.message.Message:
@@ -236,15 +240,53 @@ class SMTPRequest:
         return self._finished
 
     async def _wait_finished(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
         if not self._finished:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
+
+    def _track(self, task: asyncio.Future[None]) -> None:
+        """A handler working on this request (cancelled if the reply is
+        decided without it: a timeout, an error)."""
+        self._tasks.append(task)
+
+    def _cancel_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
+
+    def _fail(self, error: BaseException) -> None:
+        """A handler working on this request raised ``error``: before
+        :meth:`finish`, that is the reply (``451``, or an
+        :class:`~bonzo.errors.SMTPError`'s); after it, the ``250`` stands and
+        the error goes to the log."""
+        waiter = self._waiter
+        if self._finished or (waiter is not None and waiter.done()):
+            log_after_reply(self, error)
+        elif waiter is not None:
+            waiter.set_exception(error)
+        else:
+            self._error = error
 
     def __repr__(self) -> str:
         # Exactly as Bonzo 0.1 wrote it: every field quoted, whatever its type.
         attrs = ("remote_ip", "hostname", "mail", "rcpt")
         args = ", ".join("%s='%s'" % (n, getattr(self, n)) for n in attrs)
         return "%s (%s)" % (self.__class__.__name__, args)
+
+
+def log_after_reply(request: SMTPRequest, error: BaseException) -> None:
+    """Log an error of application code raised once the reply to its
+    message was decided (after ``finish()``): it cannot change the reply."""
+    session = request.session
+    app_log.error(
+        "Uncaught exception [%s %s] after finish()",
+        session.id if session is not None else "-",
+        request.remote_ip,
+        exc_info=(type(error), error, error.__traceback__),
+    )
 
 
 def _legacy_data(envelope: Envelope) -> str:
@@ -289,23 +331,28 @@ class CallbackPlugin:
             envelope=envelope,
             session=session,
         )
-        result = self.request_callback(request)
-        if result is not None and hasattr(result, "__await__"):
-            try:
-                await result
-            except Exception:
-                if not request.finished:
-                    raise
-                # The reply is already decided (finish() was called); an error
-                # after that is the application's to see in the log.
-                app_log.error(
-                    "Uncaught exception [%s %s] after finish()",
-                    session.id,
-                    session.remote_ip,
-                    exc_info=True,
-                )
-        await request._wait_finished()
+        await self._run(request)
         return Accept()
+
+    async def _run(self, request: SMTPRequest) -> None:
+        """Call the callback and wait for ``request.finish()``."""
+        try:
+            result = self.request_callback(request)
+            if result is not None and hasattr(result, "__await__"):
+                try:
+                    await result
+                except Exception as error:
+                    if not request.finished:
+                        raise
+                    # The reply is already decided (finish() was called); an
+                    # error after that is the application's to see in the log.
+                    log_after_reply(request, error)
+            await request._wait_finished()
+        except BaseException:
+            # A handler the callback started and left running (app(request)
+            # not returned) must not outlive a reply decided without it.
+            request._cancel_tasks()
+            raise
 
 
 class ConnectionCount:

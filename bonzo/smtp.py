@@ -23,6 +23,7 @@ Every override point may be a plain method or a coroutine (``async def`` or
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from typing import Any
 
@@ -78,10 +79,40 @@ class RequestHandler:
         """Called if the client closed the connection while this handler was
         still working on the message."""
 
-    async def _execute(self) -> None:
-        """Executes this request: prepare, data, finish."""
-        await _none(self.prepare(), "prepare")
+    def _execute(self) -> Any:
+        """Executes this request: prepare, data, finish. Plain methods run
+        at once, as in Bonzo 0.1 (an error is raised here); from the first
+        awaitable on, the rest runs in a task (:meth:`Application.__call__`).
+        Returns ``None`` when done, else that task."""
+        result = self.prepare()
+        if result is not None:
+            return self._go_on(result, "prepare")
         if not self._finished:
+            result = self.data()
+            if result is not None:
+                return self._go_on(result, "data")
+        if self._auto_finish and not self._finished:
+            self.finish()
+        return None
+
+    def _go_on(self, result: Any, what: str) -> Any:
+        """The rest of :meth:`_execute` once ``what()`` returned ``result``."""
+        if not inspect.isawaitable(result):
+            raise ValueError(f"Expected None from {what}(), got {result!r}")
+        rest = self._rest(result, what)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return rest  # no loop to run it in: the caller awaits it
+        task = loop.create_task(_report(self.request, rest))
+        track = getattr(self.request, "_track", None)
+        if track is not None:
+            track(task)
+        return task
+
+    async def _rest(self, result: Any, what: str) -> None:
+        await _none(result, what)
+        if what == "prepare" and not self._finished:
             await _none(self.data(), "data")
         if self._auto_finish and not self._finished:
             self.finish()
@@ -96,6 +127,19 @@ class RequestHandler:
         self.request.finish()
         self._finished = True
         self.on_finish()
+
+
+async def _report(request: SMTPRequest, work: Any) -> None:
+    """Await a handler's ``work``, handing an error to its request: the
+    server waits on the request, not on this task, which nobody may await
+    (a callback that called the application without returning it)."""
+    try:
+        await work
+    except Exception as error:
+        fail = getattr(request, "_fail", None)
+        if fail is None:
+            raise  # not a server's request: the task's awaiter sees it
+        fail(error)
 
 
 async def _none(result: Any, what: str) -> None:
@@ -135,8 +179,18 @@ class Application:
             autoreload.start()
 
     def __call__(self, request: SMTPRequest) -> Any:
-        """Called by :class:`~bonzo.server.SMTPServer` to execute the request;
-        returns an awaitable that completes when the handler is done."""
+        """Called by :class:`~bonzo.server.SMTPServer` to execute the request.
+
+        As in Bonzo 0.1, the handler's plain methods run at once, so a
+        request callback may call the application itself
+        (``app(request)``); an error they raise is raised here. If
+        ``prepare()`` or ``data()`` returns an awaitable, the rest of the
+        handler runs in an :class:`asyncio.Task`, which is returned (awaiting
+        it is optional: the server waits for the request to finish, and an
+        error in the task is the message's reply). Returns ``None`` when the
+        handler is done. Outside a running event loop the rest is returned
+        as a coroutine, for the caller to await.
+        """
         handler = self.handler_class(self, request)
         return handler._execute()
 

@@ -5,7 +5,9 @@ a server on 127.0.0.1."""
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,6 +15,7 @@ import pytest
 
 from bonzo import errors
 from bonzo.server import SMTPRequest, SMTPServer
+from bonzo.smtp import Application, RequestHandler
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,6 +51,89 @@ def send(client: smtplib.SMTP, kind: str, body: bytes = b"Subject: hi\r\n\r\nhi\
     assert client.mail("a@example.com")[0] == 250
     assert client.rcpt(f"{kind}@example.com")[0] == 250
     return client.data(body)
+
+
+# ------------------------------------------ an Application called by a callback
+class Recorder(RequestHandler):
+    """Records what it saw; what it does depends on the recipient."""
+
+    def prepare(self) -> Any:
+        if kind_of(self.request).startswith("async"):
+            return self._later()
+        return None
+
+    async def _later(self) -> None:
+        await asyncio.sleep(0.01)
+
+    def data(self) -> None:
+        kind = kind_of(self.request)
+        if kind.endswith("fail"):
+            raise RuntimeError("handler failed")
+        if kind.endswith("refuse"):
+            raise errors.SMTPError(550, "Not here")
+        self.settings["seen"].append(kind)
+
+
+@pytest.mark.parametrize("returned", [False, True], ids=["called", "returned"])
+def test_an_application_called_from_a_callback_runs_the_handler(smtp, log_watch, returned):
+    # 0.1 code dispatched with app(request), not returning anything: the
+    # handler ran. The coroutine it got instead never ran (a "never
+    # awaited" warning) and the client waited handler_timeout for a 451.
+    seen: list[str] = []
+    app = Application(Recorder, seen=seen)
+
+    def route(request: SMTPRequest) -> Any:
+        result = app(request)
+        return result if returned else None
+
+    client = smtp(route, handler_timeout=5)
+    started = time.monotonic()
+    assert send(client, "sync") == (250, b"Ok")
+    assert send(client, "async") == (250, b"Ok")
+    assert seen == ["sync", "async"]
+    assert send(client, "asyncrefuse") == (550, b"Not here")
+    log_watch.allow("Uncaught exception", "tornado.application")
+    assert send(client, "syncfail") == (451, b"Internal confusion")
+    assert send(client, "asyncfail") == (451, b"Internal confusion")
+    # Each answered at once, none after handler_timeout.
+    assert time.monotonic() - started < 4
+    assert len(log_watch.matching("Uncaught exception", "tornado.application")) == 2
+
+
+def test_an_application_runs_a_plain_handler_at_once_without_a_loop():
+    # As in 0.1, the handler's plain methods run in the call itself.
+    seen: list[str] = []
+    request = SMTPRequest(None, "127.0.0.1", "DATA", rcpt=["sync@example.com"], data="hi")
+    assert Application(Recorder, seen=seen)(request) is None
+    assert seen == ["sync"]
+    assert request.finished
+
+
+def test_a_handler_left_running_is_cancelled_with_a_timeout(smtp, log_watch):
+    # The reply decided without it (handler_timeout), a handler the callback
+    # started must not go on working on a message the client was told failed.
+    states: list[str] = []
+
+    class Slow(RequestHandler):
+        async def data(self) -> None:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                states.append("cancelled")
+                raise
+
+    app = Application(Slow)
+
+    def route(request: SMTPRequest) -> None:
+        app(request)
+
+    client = smtp(route, handler_timeout=0.5)
+    log_watch.allow("no answer within")
+    assert send(client, "slow")[0] == 451
+    deadline = time.monotonic() + 5
+    while not states and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert states == ["cancelled"]
 
 
 # ------------------------------------------------------ odd SMTPError arguments
