@@ -302,7 +302,9 @@ class CallbackPlugin:
     waits until ``request.finish()`` is called. A callback may also return an
     awaitable. An exception from it (or no ``finish()`` within the hook
     timeout) answers ``451`` and is logged; an
-    :class:`~bonzo.errors.SMTPError` it raises is the reply.
+    :class:`~bonzo.errors.SMTPError` it raises is the reply. Once
+    ``finish()`` was called the ``250`` is decided: a later exception is
+    only logged.
 
     :arg request_callback: the callback.
     :arg server: the server, which tells the callback's request its
@@ -337,16 +339,17 @@ class CallbackPlugin:
     async def _run(self, request: SMTPRequest) -> None:
         """Call the callback and wait for ``request.finish()``."""
         try:
-            result = self.request_callback(request)
-            if result is not None and hasattr(result, "__await__"):
-                try:
+            try:
+                result = self.request_callback(request)
+                if result is not None and hasattr(result, "__await__"):
                     await result
-                except Exception as error:
-                    if not request.finished:
-                        raise
-                    # The reply is already decided (finish() was called); an
-                    # error after that is the application's to see in the log.
-                    log_after_reply(request, error)
+            except Exception as error:
+                if not request.finished:
+                    raise
+                # The reply is already decided (finish() was called, and in
+                # Bonzo 0.1 the 250 was on its way); an error after that, in
+                # a plain callback as in a coroutine, is for the log.
+                log_after_reply(request, error)
             await request._wait_finished()
         except BaseException:
             # A handler the callback started and left running (app(request)

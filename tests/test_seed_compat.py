@@ -136,6 +136,27 @@ def test_a_handler_left_running_is_cancelled_with_a_timeout(smtp, log_watch):
     assert states == ["cancelled"]
 
 
+# ---------------------------------------------- errors after request.finish()
+@pytest.mark.parametrize("kind", ["raise", "twice", "refuse"])
+def test_a_plain_callback_failing_after_finish_keeps_its_250(smtp, log_watch, kind):
+    # 0.1 wrote "250 Ok" at finish(): a later error could not take it back.
+    # A 451 now would make the client send the accepted message again.
+    def callback(request: SMTPRequest) -> None:
+        request.finish()
+        if kind == "raise":
+            raise RuntimeError("after finish")
+        if kind == "twice":
+            request.finish()
+        raise errors.SMTPError(550, "Too late")
+
+    client = smtp(callback)
+    record = None
+    reply = send(client, kind)
+    record = log_watch.wait_for(r"Uncaught exception \[\w+ 127\.0\.0\.1\] after finish\(\)")
+    assert reply == (250, b"Ok")
+    assert record.name == "tornado.application" and record.exc_info is not None
+
+
 # ------------------------------------------------------ odd SMTPError arguments
 def test_a_log_message_that_does_not_format_still_sends_the_reply(smtp, log_watch):
     # 0.1 wrote the reply; only its logging complained. A TypeError from
