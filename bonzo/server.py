@@ -302,9 +302,10 @@ class CallbackPlugin:
     waits until ``request.finish()`` is called. A callback may also return an
     awaitable. An exception from it (or no ``finish()`` within the hook
     timeout) answers ``451`` and is logged; an
-    :class:`~bonzo.errors.SMTPError` it raises is the reply. Once
-    ``finish()`` was called the ``250`` is decided: a later exception is
-    only logged.
+    :class:`~bonzo.errors.SMTPError` it raises is the reply (one with a
+    ``2xx`` code accepts the message: ``250`` with its text, as Bonzo 0.1
+    wrote it). Once ``finish()`` was called the ``250`` is decided: a later
+    exception is only logged.
 
     :arg request_callback: the callback.
     :arg server: the server, which tells the callback's request its
@@ -333,7 +334,20 @@ class CallbackPlugin:
             envelope=envelope,
             session=session,
         )
-        await self._run(request)
+        try:
+            await self._run(request)
+        except errors.SMTPError as error:
+            if error.status_code // 100 != 2:
+                raise
+            # Bonzo 0.1 wrote any SMTPError as the reply to the data, so a
+            # 2xx one ("250 Queued as ...") accepted the message. DATA has
+            # one success code: 250, with the error's text.
+            note = error.log_text()
+            if note is not None:
+                gen_log.warning(
+                    "%d %s [%s %s]", error.status_code, note, session.id, session.remote_ip
+                )
+            return Accept(error.message)
         return Accept()
 
     async def _run(self, request: SMTPRequest) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from bonzo import errors
+from bonzo.hookspecs import Accept
 from bonzo.server import SMTPRequest, SMTPServer
 from bonzo.smtp import Application, RequestHandler
 
@@ -224,6 +225,46 @@ def test_an_error_with_an_int_message_is_sent(smtp):
         raise errors.SMTPError(550, 42)
 
     assert send(smtp(callback), "int") == (550, b"42")
+
+
+# ---------------------------------------------------- a 2xx SMTPError at DATA
+@pytest.mark.parametrize("esmtp", [False, True], ids=["helo", "ehlo"])
+def test_a_2xx_error_from_a_callback_accepts_the_message(smtp, log_watch, esmtp):
+    # 0.1 wrote any SMTPError as the reply to the data: "250 Queued as ABC".
+    accepted = []
+
+    def callback(request: SMTPRequest) -> Any:
+        accepted.append(kind_of(request))
+        if kind_of(request) == "async":
+
+            async def later() -> None:
+                raise errors.SMTPError(250, "Queued as DEF", "queued %s", "DEF")
+
+            return later()
+        raise errors.SMTPError(250, "Queued as ABC")
+
+    client = smtp(callback, esmtp=esmtp)
+    prefix = b"2.0.0 " if esmtp else b""
+    assert send(client, "sync") == (250, prefix + b"Queued as ABC")
+    assert send(client, "async") == (250, prefix + b"Queued as DEF")
+    assert log_watch.matching(r"^250 queued DEF \[", "tornado.general")
+    assert accepted == ["sync", "async"]
+
+
+def test_a_2xx_error_from_a_plugin_still_fails_closed(start_server, log_watch):
+    # Plugins accept with Accept; an "error" saying all is well is a fault.
+    class Odd:
+        def bonzo_rcpt(self) -> Accept:
+            return Accept()
+
+        def bonzo_deliver(self) -> None:
+            raise errors.SMTPError(250, "Queued")
+
+    server = start_server(plugin=Odd())
+    log_watch.allow("non-error code 250")
+    with smtplib.SMTP(server.host, server.port, timeout=10) as client:
+        client.ehlo("client.example")
+        assert send(client, "odd")[0] == 451
 
 
 # ------------------------------------------------------------- max_buffer_size
