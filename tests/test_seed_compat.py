@@ -9,6 +9,7 @@ import asyncio
 import smtplib
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -296,3 +297,43 @@ def test_max_buffer_size_and_max_message_size_the_smaller_wins():
         SMTPServer(callback, max_buffer_size=1000, max_message_size=0).settings.max_message_size
         == 1000
     )
+
+
+# ------------------------------------------- documented changes from 0.1
+DOC = (Path(__file__).parent.parent / "docs" / "original-api.rst").read_text()
+
+
+def documented(text: str) -> bool:
+    """True when ``text`` is in docs/original-api.rst (line breaks aside)."""
+    return " ".join(text.split()) in " ".join(DOC.split())
+
+
+def test_vrfy_and_help_answer_as_documented(smtp):
+    # 0.1 answered both 502; the page's "What changed" gives the new replies.
+    client = smtp(lambda request: request.finish())
+    code, text = client.verify("someone")
+    assert code == 252 and documented(f"``{code} {text.decode()}``")
+    code, text = client.docmd("HELP")
+    assert code == 214 and documented(f"``{code} {text.decode()}``")
+    assert documented('``502 Error: command "VRFY" not implemented``')
+
+
+def test_the_connection_keeps_the_documented_members_of_0_1(smtp):
+    # What the page says is left of 0.1's SMTPConnection is there; what it
+    # says is gone is named there.
+    seen: list[Any] = []
+
+    def callback(request: SMTPRequest) -> None:
+        seen.append(request.connection)
+        request.finish()
+
+    assert send(smtp(callback), "ok") == (250, b"Ok")
+    connection = seen[0]
+    assert connection.remote_ip == "127.0.0.1"
+    assert connection.address[0] == "127.0.0.1" and connection.stream is not None
+    assert callable(connection.close) and callable(connection.set_close_callback)
+    for member in ("remote_ip", "stream", "address", "close()", "set_close_callback()"):
+        assert documented(f"``{member}``")
+    for gone in ("write", "write_ok", "reset_arguments", "log_exception", "command_helo"):
+        assert not hasattr(connection, gone)
+    assert documented("``reset_arguments()``, ``log_exception()`` and the ``command_*`` methods")
