@@ -15,7 +15,8 @@ the default configuration and the test suite send no packet off the machine.
 Results and errors are typed so that callers can act on them:
 
 - :class:`DNSTemporaryError` (SERVFAIL, REFUSED, no answer in time
-  (:class:`DNSTimeout`), a network error, DNS switched off): try again
+  (:class:`DNSTimeout`), a network error, an answer truncated even over
+  TCP, DNS switched off): try again
   later — the delivery side defers (``4xx``);
 - :class:`DNSPermanentError`: the name does not exist (:class:`NXDomain`),
   has no record of that type (:class:`NoData`), cannot be a DNS name
@@ -31,15 +32,21 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
+import io
 import ipaddress
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+import dns.asyncbackend
 import dns.asyncresolver
 import dns.exception
+import dns.flags
+import dns.message
 import dns.name
 import dns.nameserver
 import dns.rdatatype
@@ -71,6 +78,8 @@ __all__ = [
     "dns_name",
     "ADDRESS_FAMILIES",
     "DISABLED_MESSAGE",
+    "MAX_CACHE_BYTES",
+    "answer_cost",
 ]
 
 #: The values of :attr:`DNSSettings.address_families`, and the record type
@@ -79,6 +88,9 @@ ADDRESS_FAMILIES = {"ipv6": "AAAA", "ipv4": "A"}
 
 #: What every lookup says while DNS is off.
 DISABLED_MESSAGE = "DNS lookups are off: set [dns] nameservers"
+
+#: The largest :attr:`DNSSettings.cache_max_bytes`: 64 GiB.
+MAX_CACHE_BYTES = 1 << 36
 
 # UTS #46 treats these as label separators, like ".".
 _IDNA_DOTS = ("\u3002", "\uff0e", "\uff61")
@@ -127,7 +139,8 @@ class DNSTemporaryError(DNSError):
 
 
 class DNSTimeout(DNSTemporaryError):
-    """No nameserver answered in time (``timeout`` × ``attempts``)."""
+    """No nameserver answered in time: ``timeout`` × ``attempts`` × the
+    number of nameservers at most, or the caller's shorter ``lifetime``."""
 
 
 class DNSDisabled(DNSTemporaryError):
@@ -266,6 +279,10 @@ class DNSSettings:
     tcp: bool = False
     #: Answers kept in memory (least recently used go first); ``0``: none.
     cache_size: int = 1000
+    #: Memory in octets the cached answers may take in all, by an estimate
+    #: on the high side (:func:`answer_cost`); an answer above it is not
+    #: cached. ``0``: no cache.
+    cache_max_bytes: int = 8_388_608
     #: Longest time, in seconds, an answer stays cached, whatever its TTL.
     cache_max_ttl: float = 300.0
     #: MX hosts whose addresses one :meth:`Resolver.resolve_mx` looks up
@@ -319,6 +336,11 @@ class DNSSettings:
         if not _int_in(self.cache_size, 0, 1_000_000):
             raise SettingError(
                 "cache_size", f"must be an integer 0..1000000, not {spelled(self.cache_size)}"
+            )
+        if not _int_in(self.cache_max_bytes, 0, MAX_CACHE_BYTES):
+            raise SettingError(
+                "cache_max_bytes",
+                f"must be an integer 0..{MAX_CACHE_BYTES}, not {spelled(self.cache_max_bytes)}",
             )
         if not _seconds_in(self.cache_max_ttl, 604800):
             raise SettingError(
@@ -470,16 +492,148 @@ def _describe(exc: BaseException) -> str:
     return (str(exc) or type(exc).__name__).rstrip(".")
 
 
-class _CappedCache(dns.resolver.LRUCache):
-    """dnspython's bounded LRU cache, holding no answer longer than ``max_ttl``."""
+#: What one cached answer is counted for beyond its records: the key, the
+#: answer object and the header kept of its response (measured: about 1.6 KB).
+ENTRY_COST = 2048
+#: What each record is counted for beyond its wire form (dnspython's objects;
+#: a record with a name in it, such as MX, is the largest).
+RECORD_COST = 320
+#: What each character-string of a TXT record is counted for beyond its
+#: octets (one bytes object each).
+STRING_COST = 48
 
-    def __init__(self, max_size: int, max_ttl: float) -> None:
-        super().__init__(max_size)
+
+def answer_cost(answer: dns.resolver.Answer) -> int:
+    """An estimate, on the high side, of the memory in octets a cached
+    ``answer`` takes: :data:`ENTRY_COST`, plus for its records their wire
+    length, :data:`RECORD_COST` each and :data:`STRING_COST` per TXT
+    string. Python keeps a record in several times its wire size (tens of
+    times for a TXT record of many short strings), so the wire length alone
+    would undercount."""
+    rrset = answer.rrset
+    if rrset is None:
+        return ENTRY_COST
+    wire = io.BytesIO()
+    rrset.to_wire(wire)
+    cost = ENTRY_COST + len(wire.getvalue()) + RECORD_COST * len(rrset)
+    if rrset.rdtype in (dns.rdatatype.TXT, dns.rdatatype.SPF):
+        cost += STRING_COST * sum(len(r.strings) for r in rrset)
+    return cost
+
+
+def _slim(answer: dns.resolver.Answer) -> dns.resolver.Answer:
+    """A copy of ``answer`` for the cache, without what no one reads back:
+    the response's sections (an NXDOMAIN or no-data answer could carry
+    64 KB of authority records) and the CNAMEs followed. dnspython reads only
+    the response's rcode and question from a cached answer."""
+    response = answer.response
+    header = dns.message.QueryMessage(id=response.id)
+    header.flags = response.flags
+    header.question = list(response.question)
+    slim: dns.resolver.Answer = object.__new__(dns.resolver.Answer)
+    slim.__dict__.update(answer.__dict__)
+    slim.response = header
+    chained = answer.chaining_result
+    slim.chaining_result = dns.message.ChainingResult(
+        chained.canonical_name, chained.answer, chained.minimum_ttl, []
+    )
+    return slim
+
+
+class _Cache(dns.resolver.CacheBase):
+    """dnspython's answer cache, least recently used first out, bounded by
+    entries (``max_entries``) and by their estimated memory
+    (``max_bytes``, :func:`answer_cost`); no answer is kept longer than
+    ``max_ttl``, nor an answer alone above ``max_bytes``, nor a truncated
+    one."""
+
+    def __init__(self, max_entries: int, max_bytes: int, max_ttl: float) -> None:
+        super().__init__()
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self.max_ttl = max_ttl
+        #: Estimated octets held (the sum of the entries' costs).
+        self.size = 0
+        self._data: OrderedDict[Any, tuple[dns.resolver.Answer, int]] = OrderedDict()
+
+    @property
+    def entries(self) -> int:
+        """How many answers are kept."""
+        return len(self._data)
+
+    def get(self, key: Any) -> dns.resolver.Answer | None:
+        with self.lock:
+            entry = self._data.get(key)
+            if entry is None:
+                self.statistics.misses += 1
+                return None
+            answer, cost = entry
+            if answer.expiration <= time.time():
+                del self._data[key]
+                self.size -= cost
+                self.statistics.misses += 1
+                return None
+            self._data.move_to_end(key)
+            self.statistics.hits += 1
+            return answer
 
     def put(self, key: Any, value: dns.resolver.Answer) -> None:
-        value.expiration = min(value.expiration, time.time() + self.max_ttl)
-        super().put(key, value)
+        # TC over TCP: a partial answer, never to be served again (dnspython
+        # caches it before Bonzo can refuse it).
+        if value.response.flags & dns.flags.TC:
+            return
+        cost = answer_cost(value)
+        slim = _slim(value)
+        slim.expiration = min(value.expiration, time.time() + self.max_ttl)
+        with self.lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self.size -= old[1]
+            if cost > self.max_bytes:
+                return
+            while self._data and (
+                len(self._data) >= self.max_entries or self.size + cost > self.max_bytes
+            ):
+                _, (_, dropped) = self._data.popitem(last=False)
+                self.size -= dropped
+            self._data[key] = (slim, cost)
+            self.size += cost
+
+    def flush(self, key: Any = None) -> None:
+        with self.lock:
+            if key is None:
+                self._data.clear()
+                self.size = 0
+            else:
+                old = self._data.pop(key, None)
+                if old is not None:
+                    self.size -= old[1]
+
+
+class _Flight:
+    """A lookup in flight, and how many callers wait for it."""
+
+    def __init__(self, task: asyncio.Task[Answer | DNSError]) -> None:
+        self.task = task
+        self.waiters = 0
+
+
+class _ShortPauses:
+    """dnspython's asynchronous backend, with the pause it makes between two
+    rounds of queries (0.1 s, doubling, up to 2 s) capped at ``cap``
+    seconds, so that the pauses take at most half of one ``timeout`` in
+    all and every nameserver is still asked ``attempts`` times within the
+    lifetime. Everything else is the default backend's."""
+
+    def __init__(self, cap: float) -> None:
+        self._cap = cap
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(dns.asyncbackend.get_default_backend(), name)
+
+    async def sleep(self, seconds: float) -> None:
+        backend: Any = dns.asyncbackend.get_default_backend()
+        await backend.sleep(min(seconds, self._cap))
 
 
 # -------------------------------------------------------------- resolver
@@ -515,6 +669,8 @@ class Resolver:
         #: ``(address, port)`` of each nameserver asked, in order.
         self.servers: list[tuple[str, int]] = []
         self._resolver: dns.asyncresolver.Resolver | None = None
+        self._flights: dict[tuple[dns.name.Name, dns.rdatatype.RdataType], _Flight] = {}
+        self._backend: Any = _ShortPauses(self.settings.timeout / (2 * self.settings.attempts))
         if self.settings.enabled:
             self._resolver = self._build()
 
@@ -545,14 +701,18 @@ class Resolver:
         resolver.search = []
         resolver.use_search_by_default = False
         resolver.timeout = float(s.timeout)
-        # dnspython asks the nameservers in turn until the lifetime is over
-        # (with a short back-off between rounds): "attempts" rounds.
-        backoff = sum(min(0.1 * 2**i, 2.0) for i in range(s.attempts - 1))
-        resolver.lifetime = s.timeout * s.attempts * len(self.servers) + backoff
+        # dnspython asks the nameservers in turn until the lifetime is over:
+        # "attempts" rounds. Its pauses between rounds are short
+        # (_ShortPauses) and count in this bound, which _lookup enforces.
+        resolver.lifetime = s.timeout * s.attempts * len(self.servers)
         # EDNS0 with the 1232-octet payload of DNS Flag Day 2020: no IP
         # fragmentation; larger answers come truncated and are asked over TCP.
         resolver.use_edns(0, 0, 1232)
-        resolver.cache = _CappedCache(s.cache_size, s.cache_max_ttl) if s.cache_size else None
+        resolver.cache = (
+            _Cache(s.cache_size, s.cache_max_bytes, s.cache_max_ttl)
+            if s.cache_size and s.cache_max_bytes
+            else None
+        )
         return resolver
 
     @property
@@ -570,7 +730,10 @@ class Resolver:
         facts = [f"timeout {s.timeout:g} s x {s.attempts}"]
         if s.tcp:
             facts.append("TCP")
-        facts.append(f"cache {s.cache_size}" if s.cache_size else "no cache")
+        if s.cache_size and s.cache_max_bytes:
+            facts.append(f"cache {s.cache_size} ({s.cache_max_bytes / 1048576:g} MiB)")
+        else:
+            facts.append("no cache")
         source = f" (from {s.resolv_conf})" if s.system else ""
         return f"{servers}{source}; {', '.join(facts)}"
 
@@ -594,8 +757,8 @@ class Resolver:
         :raises NXDomain: the name does not exist.
         :raises NoData: it has no record of this type.
         :raises DNSTemporaryError: SERVFAIL, REFUSED, a timeout
-            (:class:`DNSTimeout`), a network error, or DNS is off
-            (:class:`DNSDisabled`).
+            (:class:`DNSTimeout`), a network error, an answer truncated
+            over TCP, or DNS is off (:class:`DNSDisabled`).
         :raises BadName: ``name`` is not a DNS name.
         :raises ValueError: ``rdtype`` is not a record type one may query.
         """
@@ -612,33 +775,92 @@ class Resolver:
     async def _query(
         self, qname: dns.name.Name, kind: dns.rdatatype.RdataType, lifetime: float | None
     ) -> Answer:
+        """The answer to one question. Identical questions asked while one
+        is in flight share its lookup (as a caching resolver answers them
+        once); each caller waits at most its own ``lifetime``, and the
+        lookup is stopped when no caller waits for it any more."""
         resolver = self._resolver
         name = _text(qname)
         rdtype = dns.rdatatype.to_text(kind)
         if resolver is None:
             raise DNSDisabled(name, rdtype)
-        what = f"{name}/{rdtype}"
+        wait = resolver.lifetime
         if lifetime is not None:
             # A library's own timeout must not stretch the operator's bound.
-            lifetime = min(lifetime, resolver.lifetime)
+            wait = min(lifetime, wait)
+        key = (qname, kind)
+        loop = asyncio.get_running_loop()
+        flight = self._flights.get(key)
+        if flight is None or flight.task.done() or flight.task.get_loop() is not loop:
+            flight = _Flight(loop.create_task(self._lookup(qname, kind)))
+            self._flights[key] = flight
+            flight.task.add_done_callback(lambda task: self._landed(key, task))
+        flight.waiters += 1
         try:
-            answer = await resolver.resolve(
-                qname, kind, tcp=self.settings.tcp, search=False, lifetime=lifetime
+            outcome = await asyncio.wait_for(asyncio.shield(flight.task), wait)
+        except asyncio.TimeoutError:
+            raise DNSTimeout(f"{name}/{rdtype}: no answer in time", name, rdtype) from None
+        finally:
+            flight.waiters -= 1
+            if not flight.waiters and not flight.task.done():
+                # Nobody waits any more: stop it, and let the next caller
+                # start afresh rather than join a lookup being cancelled.
+                flight.task.cancel()
+                self._landed(key, flight.task)
+        if isinstance(outcome, DNSError):
+            # A copy each: one exception object raised in several tasks
+            # would share (and grow) its traceback.
+            raise copy.copy(outcome)
+        return outcome
+
+    def _landed(self, key: tuple[dns.name.Name, dns.rdatatype.RdataType], task: Any) -> None:
+        flight = self._flights.get(key)
+        if flight is not None and flight.task is task:
+            del self._flights[key]
+
+    async def _lookup(
+        self, qname: dns.name.Name, kind: dns.rdatatype.RdataType
+    ) -> Answer | DNSError:
+        """Ask the nameservers: the answer, or the error to raise (returned,
+        so that a lookup no one waits for any more logs nothing)."""
+        resolver = self._resolver
+        assert resolver is not None
+        name = _text(qname)
+        rdtype = dns.rdatatype.to_text(kind)
+        what = f"{name}/{rdtype}"
+        bound = resolver.lifetime
+        try:
+            # dnspython checks its lifetime only between queries, after a
+            # pause: the bound holds only if enforced here as well.
+            answer = await asyncio.wait_for(
+                resolver.resolve(
+                    qname,
+                    kind,
+                    tcp=self.settings.tcp,
+                    search=False,
+                    lifetime=bound,
+                    backend=self._backend,
+                ),
+                bound,
             )
         except dns.resolver.NXDOMAIN:
-            raise NXDomain(f"{name}: no such domain (NXDOMAIN)", name, rdtype) from None
-        except dns.resolver.NoAnswer:
-            raise NoData(f"{name}: no {rdtype} record", name, rdtype) from None
-        except dns.exception.Timeout:
-            raise DNSTimeout(f"{what}: no answer in time", name, rdtype) from None
+            return NXDomain(f"{name}: no such domain (NXDOMAIN)", name, rdtype)
+        except dns.resolver.NoAnswer as exc:
+            if _truncated(exc.kwargs.get("response")):
+                return _truncated_error(what, name, rdtype)
+            return NoData(f"{name}: no {rdtype} record", name, rdtype)
+        except (dns.exception.Timeout, asyncio.TimeoutError):
+            return DNSTimeout(f"{what}: no answer in time", name, rdtype)
         except dns.resolver.NoNameservers as exc:
-            raise DNSTemporaryError(
+            return DNSTemporaryError(
                 f"{what}: no nameserver answered ({_failures(exc)})", name, rdtype
-            ) from None
+            )
         except dns.resolver.YXDOMAIN:
-            raise BadName(f"{what}: name too long after DNAME (YXDOMAIN)", name, rdtype) from None
+            return BadName(f"{what}: name too long after DNAME (YXDOMAIN)", name, rdtype)
         except (dns.exception.DNSException, OSError, EOFError) as exc:
-            raise DNSTemporaryError(f"{what}: {_describe(exc)}", name, rdtype) from None
+            return DNSTemporaryError(f"{what}: {_describe(exc)}", name, rdtype)
+        if _truncated(answer.response):
+            return _truncated_error(what, name, rdtype)
         rrset = answer.rrset
         assert rrset is not None  # raise_on_no_answer
         return Answer(
@@ -912,6 +1134,17 @@ def _literal(domain: str) -> str | None:
         return ipaddress.ip_address(inner).compressed
     except ValueError:
         raise BadName(f"not a usable address literal: {domain!r}") from None
+
+
+def _truncated(response: Any) -> bool:
+    """Whether a response that dnspython accepted has TC set. Over UDP it
+    asks again over TCP, so this one came over TCP: it did not fit even
+    there, or the server is broken. Either way it is not the whole RRset."""
+    return response is not None and bool(response.flags & dns.flags.TC)
+
+
+def _truncated_error(what: str, name: str, rdtype: str) -> DNSTemporaryError:
+    return DNSTemporaryError(f"{what}: truncated answer over TCP", name, rdtype)
 
 
 def _failures(exc: dns.resolver.NoNameservers) -> str:

@@ -15,8 +15,12 @@ It answers from a zone given as Python data and can misbehave on request::
   answers carry an SOA so that resolvers can cache them.
 - :meth:`DNSStub.fault` makes a name (or every name, ``None``), for one
   type or all, answer ``"servfail"``, ``"refused"``, ``"timeout"`` (no answer
-  at all) or ``"truncate"`` (a UDP answer with the TC bit and no records, so
-  the client asks again over TCP, which answers fully).
+  at all), ``"truncate"`` (a UDP answer with the TC bit and no records, so
+  the client asks again over TCP, which answers fully) or ``"truncate_tcp"``
+  (the same, but the TCP answer has the TC bit too, with what records
+  there are: a broken or overflowing server). An answer too big for the
+  query's UDP payload comes truncated, as from a real server.
+- :meth:`DNSStub.delay` makes a name answer (over UDP) only after a while.
 - :attr:`DNSStub.queries` records every question as ``(name, type,
   transport)``.
 
@@ -46,7 +50,7 @@ import dns.rrset
 
 from bonzo.dns import DNSSettings, Resolver, format_nameserver
 
-FAULTS = ("servfail", "refused", "timeout", "truncate")
+FAULTS = ("servfail", "refused", "timeout", "truncate", "truncate_tcp")
 #: The negative-caching TTL of the stub's synthetic SOA.
 NEGATIVE_TTL = 60
 MAX_TCP_CONNECTIONS = 8
@@ -72,6 +76,7 @@ class DNSStub:
         self.host = host
         self.zone: dict[tuple[dns.name.Name, int], list[dns.rdata.Rdata]] = {}
         self.faults: dict[tuple[dns.name.Name | None, int | None], str] = {}
+        self.delays: dict[dns.name.Name, float] = {}
         #: Every question received: ``(name, type, "udp" or "tcp")``.
         self.queries: list[tuple[str, str, str]] = []
         #: Exceptions raised while answering (a bug in the stub or a test's
@@ -116,6 +121,11 @@ class DNSStub:
         )
         with self._lock:
             self.faults[key] = kind
+
+    def delay(self, name: str, seconds: float) -> None:
+        """Answer UDP questions about ``name`` only after ``seconds``."""
+        with self._lock:
+            self.delays[_name(name)] = seconds
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -169,11 +179,21 @@ class DNSStub:
             if fault == "refused":
                 response.set_rcode(dns.rcode.REFUSED)
                 return response.to_wire()
-            if fault == "truncate" and transport == "udp":
+            if fault in ("truncate", "truncate_tcp") and transport == "udp":
                 response.flags |= dns.flags.TC
                 return response.to_wire()
             self._fill(response, qname, kind)
-        return response.to_wire()
+            if fault == "truncate_tcp":
+                response.flags |= dns.flags.TC
+        if transport == "tcp":
+            return response.to_wire(max_size=65535)
+        try:
+            return response.to_wire()  # at most the query's EDNS payload
+        except dns.exception.TooBig:
+            # As a real server does: TC, and the client asks over TCP.
+            truncated = dns.message.make_response(query, recursion_available=True)
+            truncated.flags |= dns.flags.TC
+            return truncated.to_wire()
 
     def _fill(self, response: dns.message.Message, qname: dns.name.Name, kind: int) -> None:
         current = qname
@@ -269,8 +289,31 @@ class DNSStub:
         except OSError:
             return
         reply = self.answer(wire, "udp")
-        if reply is not None:
+        if reply is None:
+            return
+        delay = self._delay(wire)
+        if delay:
+            timer = threading.Timer(delay, self._send_late, (reply, peer))
+            timer.daemon = True
+            timer.start()
+        else:
             self._udp.sendto(reply, peer)
+
+    def _delay(self, wire: bytes) -> float:
+        with self._lock:
+            if not self.delays:
+                return 0.0
+        name = dns.message.from_wire(wire).question[0].name
+        with self._lock:
+            return self.delays.get(name, 0.0)
+
+    def _send_late(self, reply: bytes, peer: Any) -> None:
+        if self._stop.is_set() or self._udp is None:
+            return
+        try:
+            self._udp.sendto(reply, peer)
+        except OSError:
+            pass  # stopped meanwhile
 
     def _accept(self) -> None:
         assert self._tcp is not None

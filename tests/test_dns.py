@@ -213,6 +213,7 @@ SETTINGS_CASES: dict[str, list[Any]] = {
     "attempts": [0, 11, 1.5, True, "2"],
     "tcp": [1, "true"],
     "cache_size": [-1, 1_000_001, 1.0, True],
+    "cache_max_bytes": [-1, (1 << 36) + 1, 1.0, True, "8M"],
     "cache_max_ttl": [0, -5, 604801, float("nan"), "300"],
     "max_mx_hosts": [0, 101, 2.0, False],
     "max_mx_addresses": [0, 101, "10"],
@@ -460,7 +461,9 @@ def test_describe():
     resolver = Resolver(
         DNSSettings(nameservers=("127.0.0.1:5353", "::1"), timeout=2, attempts=3, tcp=True)
     )
-    assert resolver.describe() == "127.0.0.1:5353, [::1]:53; timeout 2 s x 3, TCP, cache 1000"
+    assert resolver.describe() == (
+        "127.0.0.1:5353, [::1]:53; timeout 2 s x 3, TCP, cache 1000 (8 MiB)"
+    )
     assert Resolver(DNSSettings(nameservers=("127.0.0.1",), cache_size=0)).describe() == (
         "127.0.0.1:53; timeout 5 s x 2, no cache"
     )
@@ -1037,3 +1040,188 @@ def test_a_callers_lifetime_never_stretches_the_configured_bound(stub):
     # pyspf asks with a 30 s timeout; the settings allow 0.3 s.
     fail(stub.resolver(timeout=0.3).query("mx1.example.org", "A", lifetime=30), DNSTimeout)
     assert time.monotonic() - start < 2
+
+
+# ------------------------------------------------ truncated answers over TCP
+def test_a_truncated_answer_over_tcp_is_temporary_not_no_data(stub):
+    """UDP TC, then TCP TC with no records: the answer did not fit even in
+    TCP (or the server is broken), so nothing is known: never NoData, never
+    a bounce."""
+    stub.fault("example.org", "truncate_tcp", "MX")
+    resolver = stub.resolver(cache_size=10)
+    error = fail(resolver.resolve_mx("example.org"), DNSTemporaryError)
+    assert "truncated answer over TCP" in str(error)
+    assert isinstance(error.smtp_error(), TransientError)
+    stub.fault("nodata.example.org", "truncate_tcp")
+    stub.add("a.nodata.example.org", "A", "192.0.2.9")  # the name exists
+    fail(resolver.query("nodata.example.org", "TXT"), DNSTemporaryError)
+    # A truncated answer with records is not the whole RRset either, and is
+    # not cached: asked again, it is asked again.
+    stub.fault("mx1.example.org", "truncate_tcp", "A")
+    for _ in range(2):
+        fail(resolver.a("mx1.example.org"), DNSTemporaryError)
+    assert [q for q in stub.queries if q[0] == "mx1.example.org"] == [
+        ("mx1.example.org", "A", "udp"),
+        ("mx1.example.org", "A", "tcp"),
+    ] * 2
+
+
+# ------------------------------------------------------ the time bound
+@pytest.mark.parametrize(("timeout", "attempts"), [(0.05, 10), (0.2, 3)])
+def test_a_lookup_keeps_the_documented_bound(dns_stub, timeout, attempts):
+    """timeout x attempts x nameservers at most, pauses included, and still
+    every nameserver asked ``attempts`` times (dnspython's pauses between
+    rounds, up to 2 s, made it 14 s for 0.1 x 10)."""
+    dns_stub.fault(None, "timeout")
+    with DNSStub() as other:
+        other.fault(None, "timeout")
+        settings = dns_stub.settings(
+            nameservers=(dns_stub.nameserver, other.nameserver),
+            timeout=timeout,
+            attempts=attempts,
+        )
+        bound = timeout * attempts * 2
+        start = time.monotonic()
+        fail(Resolver(settings).a("slow.example"), DNSTimeout)
+        took = time.monotonic() - start
+        assert bound * 0.9 <= took <= bound + 0.25
+        assert len(dns_stub.queries) == len(other.queries) == attempts
+
+
+# ------------------------------------------------------ lookups in flight
+def test_identical_lookups_in_flight_share_one_query(stub):
+    stub.delay("mx1.example.org", 0.3)
+    resolver = stub.resolver(cache_size=0)
+
+    async def many() -> list[list[str]]:
+        return await asyncio.gather(*(resolver.a("mx1.example.org") for _ in range(20)))
+
+    assert run(many()) == [["192.0.2.1"]] * 20
+    assert stub.asked() == ["mx1.example.org"]
+    assert resolver._flights == {}
+    # Errors too, each caller getting its own exception object.
+    stub.fault("gone.example", "servfail")
+
+    async def failing() -> list[Any]:
+        return await asyncio.gather(
+            *(resolver.a("gone.example") for _ in range(3)), return_exceptions=True
+        )
+
+    errors = run(failing())
+    assert all(isinstance(e, DNSTemporaryError) for e in errors)
+    assert len({id(e) for e in errors}) == 3
+    assert stub.asked().count("gone.example") == 1
+
+
+def test_a_caller_giving_up_leaves_the_others_their_lookup(stub):
+    stub.delay("mx1.example.org", 0.4)
+    resolver = stub.resolver(cache_size=0)
+
+    async def both() -> list[Any]:
+        impatient = resolver.query("mx1.example.org", "A", lifetime=0.1)
+        patient = resolver.a("mx1.example.org")
+        return await asyncio.gather(impatient, patient, return_exceptions=True)
+
+    impatient, patient = run(both())
+    assert isinstance(impatient, DNSTimeout) and patient == ["192.0.2.1"]
+    assert stub.asked() == ["mx1.example.org"]
+
+
+def test_a_lookup_nobody_waits_for_is_stopped(stub):
+    stub.fault("mx1.example.org", "timeout")
+    resolver = stub.resolver(cache_size=0, timeout=5.0)
+
+    async def cancelled() -> None:
+        task = asyncio.ensure_future(resolver.a("mx1.example.org"))
+        await asyncio.sleep(0.05)
+        (flight,) = resolver._flights.values()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert resolver._flights == {}
+        await asyncio.gather(flight.task, return_exceptions=True)
+        assert flight.task.cancelled() and resolver._flights == {}
+        # The next caller starts afresh (and is not handed a cancellation).
+        stub.clear_faults()
+        assert await resolver.a("mx1.example.org") == ["192.0.2.1"]
+
+    run(cancelled())
+
+
+# ------------------------------------------------------------ cache memory
+def big_txt(stub: DNSStub, name: str, strings: int) -> None:
+    stub.add(name, "TXT", " ".join(['"ab"'] * strings))
+
+
+def test_the_cache_is_bounded_in_bytes(stub):
+    """A TXT record of many short strings costs tens of times its wire size
+    in memory: the cache counts an estimate of the memory, against
+    cache_max_bytes, and keeps no answer bigger than that alone."""
+    for i in range(4):
+        big_txt(stub, f"t{i}.example.org", 2000)  # ~6 KB of wire, ~100 KB of objects
+    resolver = stub.resolver(cache_size=1000, cache_max_bytes=250_000)
+    cache = resolver._resolver.cache
+    for i in range(4):
+        run(resolver.txt(f"t{i}.example.org"))
+        assert cache.size <= 250_000
+    assert cache.entries == 2  # t2 and t3; the least recently used went
+    run(resolver.txt("t3.example.org"))
+    run(resolver.txt("t0.example.org"))
+    over_tcp = [name for name, _kind, transport in stub.queries if transport == "tcp"]
+    assert over_tcp == [f"t{i}.example.org" for i in range(4)] + ["t0.example.org"]
+    # An answer above the whole budget is not cached at all.
+    big_txt(stub, "huge.example.org", 6000)
+    for _ in range(2):
+        run(resolver.txt("huge.example.org"))
+    assert stub.queries.count(("huge.example.org", "TXT", "tcp")) == 2
+    resolver.flush_cache()
+    assert (cache.entries, cache.size) == (0, 0)
+
+
+def test_the_cost_estimate_is_not_below_the_memory_used():
+    import tracemalloc
+
+    import dns.message
+    import dns.rrset
+
+    from bonzo.dns import answer_cost
+
+    shapes = [
+        ("TXT", [" ".join(['"ab"'] * 5000)]),
+        ("TXT", [f'"r{i}"' for i in range(300)]),
+        ("A", [f"10.0.{i >> 8}.{i & 255}" for i in range(1000)]),
+        ("MX", [f"{i} mx{i}.example." for i in range(300)]),
+        ("A", ["192.0.2.1"]),
+    ]
+    for rdtype, texts in shapes:
+        query = dns.message.make_query("x.example.", rdtype)
+        response = dns.message.make_response(query)
+        response.answer.append(dns.rrset.from_text_list("x.example.", 300, "IN", rdtype, texts))
+        wire = response.to_wire(max_size=65535)
+        tracemalloc.start()
+        try:
+            parsed = dns.message.from_wire(wire)
+            answer = dns.resolver.Answer(
+                query.question[0].name, query.question[0].rdtype, 1, parsed
+            )
+            used = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        assert answer_cost(answer) >= used, (rdtype, len(texts))
+
+
+def test_a_cached_answer_keeps_no_sections_of_its_response(stub):
+    """dnspython caches the whole response (an NXDOMAIN may carry 64 KB of
+    authority records): only its header and question are kept."""
+    resolver = stub.resolver(cache_size=10)
+    run(resolver.a("mx1.example.org"))
+    fail(resolver.a("nowhere.example"), NXDomain)
+    cache = resolver._resolver.cache
+    kept = [answer for answer, _cost in cache._data.values()]
+    assert len(kept) == 2
+    for answer in kept:
+        assert answer.response.answer == answer.response.authority == []
+        assert answer.response.additional == [] and len(answer.response.question) == 1
+    # ... and still serve: NXDOMAIN cached for every type.
+    fail(resolver.aaaa("nowhere.example"), NXDomain)
+    assert run(resolver.a("mx1.example.org")) == ["192.0.2.1"]
+    assert stub.asked() == ["mx1.example.org", "nowhere.example"]
