@@ -49,7 +49,10 @@ def canonical_domain(domain: str) -> str:
     """The canonical form of a domain or address literal.
 
     Raises :class:`ValueError` when a non-ASCII domain has no IDNA form (a
-    code point UTS #46 forbids, an empty label, a label that maps to ``@``).
+    code point UTS #46 forbids, an empty label, a label that maps to ``@``)
+    and for an address literal that is not one of RFC 5321 4.1.3
+    (``[192.0.2.1]``, ``[IPv6:2001:db8::1]`` without a zone index, or
+    ``[tag:content]``).
     """
     if domain[:1] == "[":
         return _canonical_literal(domain)
@@ -65,24 +68,41 @@ def canonical_domain(domain: str) -> str:
     return ascii_domain
 
 
+# RFC 5321 4.1.3: Standardized-tag ":" 1*dcontent.
+_GENERAL_LITERAL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?:[\x21-\x5a\x5e-\x7e]+")
+
+
 def _canonical_literal(literal: str) -> str:
+    """An RFC 5321 4.1.3 address literal, normalised; :class:`ValueError`
+    for anything else: a zone index (``[IPv6:fe80::1%eth0]``), an IPv6
+    address without the ``IPv6:`` tag (``[::1]``), an ``IPv6:`` tag on
+    something else (``[IPv6:1.2.3.4]``), ``[300.1.1.1]``, ``[foo]``."""
+    if not literal.endswith("]"):
+        raise ValueError(f"not an address literal: {literal!r}")
     inner = literal[1:-1]
     if inner[:5].upper() == "IPV6:":
         try:
             address = ipaddress.IPv6Address(inner[5:])
         except ValueError:
-            return literal
+            raise ValueError(f"not an IPv6 address literal: {literal!r}") from None
+        if address.scope_id is not None:
+            # An interface of this host, not an address on the Internet.
+            raise ValueError(f"an IPv6 zone index in an address literal: {literal!r}")
         # An IPv4-mapped address (::ffff:a.b.c.d) reaches the IPv4 host: its
         # canonical form is that host's literal, so that a rule or a budget
         # for [a.b.c.d] holds for both spellings.
         if address.ipv4_mapped is not None:
             return f"[{address.ipv4_mapped}]"
         return f"[IPv6:{address.compressed}]"
-    try:
-        return f"[{ipaddress.IPv4Address(inner)}]"
-    except ValueError:
-        # A general address literal (RFC 5321 4.1.3 tag:content): as sent.
+    if ":" not in inner:
+        try:
+            return f"[{ipaddress.IPv4Address(inner)}]"
+        except ValueError:
+            raise ValueError(f"not an IPv4 address literal: {literal!r}") from None
+    if _GENERAL_LITERAL.fullmatch(inner):
+        # A general address literal (tag:content): as sent.
         return literal
+    raise ValueError(f"not an address literal (RFC 5321 4.1.3): {literal!r}")
 
 
 def canonical_local(local: str) -> str:
@@ -126,8 +146,10 @@ class Address:
         checks of :func:`bonzo.protocol.parse_path` (``local@domain``,
         ``postmaster``, or ``""``): it does not check them again (use
         :func:`bonzo.protocol.parse_address` for an address a person
-        wrote). Raises :class:`ValueError` for a domain with no IDNA form
-        and for a string with no ``@`` other than ``postmaster``."""
+        wrote). Raises :class:`ValueError` for a domain with no IDNA form,
+        an address literal that is not RFC 5321's (see
+        :func:`canonical_domain`) and a string with no ``@`` other than
+        ``postmaster``."""
         if not original:
             return NULL_SENDER
         at = original.rfind("@")

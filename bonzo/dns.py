@@ -948,8 +948,8 @@ class Resolver:
         """Where to deliver mail for ``domain``, following RFC 5321 section 5.1.
 
         - ``domain`` may be in U-labels (it goes through IDNA) or an address
-          literal (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``), which is its own
-          single host.
+          literal (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``, RFC 5321 4.1.3;
+          no zone index), which is its own single host.
         - The MX records are sorted by preference, lowest first; hosts of
           equal preference are shuffled (RFC 5321 5.1: spread the load),
           with the resolver's ``shuffle``, from name order (so a no-op
@@ -1123,15 +1123,23 @@ class Resolver:
 
 
 def _literal(domain: str) -> str | None:
-    """The address of an address literal domain; ``None`` for a name."""
+    """The address of an address literal domain; ``None`` for a name.
+
+    Only RFC 5321 4.1.3's address literals are addresses: ``[a.b.c.d]`` and
+    ``[IPv6:...]`` without a zone index; anything else (``[::1]``,
+    ``[IPv6:1.2.3.4]``, ``[IPv6:fe80::1%eth0]``, ``[tag:content]``) is
+    :class:`BadName`."""
     if not domain.startswith("["):
         return None
-    canonical = canonical_domain(domain)
-    inner = canonical[1:-1]
-    if inner.startswith("IPv6:"):
-        inner = inner[5:]
     try:
-        return ipaddress.ip_address(inner).compressed
+        canonical = canonical_domain(domain)
+    except ValueError as exc:
+        raise BadName(str(exc)) from None
+    inner = canonical[1:-1]
+    try:
+        if inner.startswith("IPv6:"):
+            return ipaddress.IPv6Address(inner[5:]).compressed
+        return ipaddress.IPv4Address(inner).compressed
     except ValueError:
         raise BadName(f"not a usable address literal: {domain!r}") from None
 

@@ -707,6 +707,22 @@ def test_address_literals_are_their_own_host(dns_stub):
     assert dns_stub.queries == []
 
 
+@pytest.mark.parametrize(
+    ("literal", "why"),
+    [
+        ("[IPv6:fe80::1%eth0]", "zone index"),
+        ("[::1]", "RFC 5321"),
+        ("[IPv6:1.2.3.4]", "not an IPv6 address literal"),
+    ],
+)
+def test_only_rfc5321_literals_are_delivery_addresses(dns_stub, literal, why):
+    """No zone index (which would pick this host's interface), no untagged
+    IPv6 literal, no IPv4 address under the IPv6: tag."""
+    error = fail(dns_stub.resolver().resolve_mx(literal), BadName)
+    assert why in str(error) and not error.temporary
+    assert dns_stub.queries == []
+
+
 def many_hosts(stub: DNSStub, count: int, per_host: int) -> None:
     for i in range(count):
         stub.add("many.example", "MX", f"{i} mx{i}.many.example.")

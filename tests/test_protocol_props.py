@@ -402,6 +402,37 @@ def test_an_ipv4_mapped_literal_is_the_ipv4_literal(literal):
     assert canonical_domain("[IPv6:64:ff9b::192.0.2.1]") == "[IPv6:64:ff9b::c000:201]"
 
 
+BAD_LITERALS = [
+    "[IPv6:fe80::1%eth0]",  # a zone index: an interface of this host
+    "[::1]",  # an IPv6 address without the IPv6: tag
+    "[IPv6:1.2.3.4]",  # the IPv6: tag on an IPv4 address
+    "[IPv6:zz]",
+    "[300.1.1.1]",
+    "[1.2.3]",
+    "[foo]",
+    "[]",
+]
+
+
+@pytest.mark.parametrize("literal", BAD_LITERALS)
+def test_only_rfc5321_address_literals_are_domains(literal):
+    """RFC 5321 4.1.3 only: a parsed address, a configured domain or a
+    delivery address never carries another literal (the protocol core
+    refused these at RCPT already; Address.parse and parse_domain did not)."""
+    with pytest.raises(ValueError, match="literal"):
+        canonical_domain(literal)
+    with pytest.raises(ValueError, match="literal"):
+        Address.parse(f"u@{literal}")
+    with pytest.raises(ValueError, match="^not a valid domain"):
+        parse_domain(literal)
+    with pytest.raises(AddressError) as info:
+        parse_path(f"<u@{literal}>", sender=False)
+    assert info.value.reply.status_code == 501
+    # Those RFC 5321 has stay.
+    assert canonical_domain("[IPv6:FE80::1]") == "[IPv6:fe80::1]"
+    assert canonical_domain("[x-tag:any:thing]") == "[x-tag:any:thing]"
+
+
 # Domains as people (and attackers) spell them: any mix of case, full-width
 # forms, ideographic full stops and soft hyphens maps to one canonical domain.
 _FULLWIDTH = {c: chr(ord(c) + 0xFEE0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"}
