@@ -232,8 +232,10 @@ class DnsblPlugin:
         address: ipaddress.IPv4Address | ipaddress.IPv6Address,
         found: dict[str, dict[str, Any]],
         answered: set[str],
+        failed: dict[str, str],
     ) -> None:
-        """Ask ``zone``; mark it ``answered`` once its A lookup is over, and
+        """Ask ``zone``; mark it ``answered`` once its A lookup is over (and
+        ``failed``, with the error, when that lookup failed temporarily), and
         put its listing in ``found`` before the TXT lookup: the reason text
         is optional, and a TXT lookup cut short by the deadline must not take
         the listing with it."""
@@ -243,6 +245,7 @@ class DnsblPlugin:
         except DNSError as exc:
             answered.add(zone.zone)
             if exc.temporary:
+                failed[zone.zone] = sanitize(str(exc), 150)
                 log.info("dnsbl: %s: %s (not counted)", zone.zone, exc)
             return
         answered.add(zone.zone)
@@ -260,16 +263,20 @@ class DnsblPlugin:
 
     async def _ask_all(
         self, zones: list[Zone], address: ipaddress.IPv4Address | ipaddress.IPv6Address
-    ) -> tuple[list[dict[str, Any]], list[str]]:
+    ) -> tuple[list[dict[str, Any]], list[str], dict[str, str]]:
         """Ask every zone at once for at most ``timeout``: the listings found
-        (in zone order) and the zones whose lookup had not ended by then.
-        Each zone stands alone: one that is slow is "not listed", the others'
-        answers count."""
+        (in zone order), the zones whose lookup had not ended by then, and
+        the zones whose lookup failed (SERVFAIL, REFUSED, resolver down),
+        with the error. Each zone stands alone: one that is slow or fails is
+        "not listed", the others' answers count."""
         if not zones:  # asyncio.wait refuses an empty set
-            return [], []
+            return [], [], {}
         found: dict[str, dict[str, Any]] = {}
         answered: set[str] = set()
-        tasks = [asyncio.ensure_future(self._ask(z, address, found, answered)) for z in zones]
+        failed: dict[str, str] = {}
+        tasks = [
+            asyncio.ensure_future(self._ask(z, address, found, answered, failed)) for z in zones
+        ]
         try:
             done, pending = await asyncio.wait(tasks, timeout=self.timeout)
         finally:
@@ -281,7 +288,8 @@ class DnsblPlugin:
         for task in done:
             task.result()  # an unexpected fault is the hook's, as before
         unanswered = [z.zone for z in zones if z.zone not in answered]
-        return [found[z.zone] for z in zones if z.zone in found], unanswered
+        failures = {z.zone: failed[z.zone] for z in zones if z.zone in failed}
+        return [found[z.zone] for z in zones if z.zone in found], unanswered, failures
 
     async def check(self, remote_ip: str) -> tuple[str, str, dict[str, Any]]:
         """The client's result, reason and details (see the module docs)."""
@@ -291,21 +299,31 @@ class DnsblPlugin:
         if not dns_enabled(self.resolver):
             return "none", OFF_REASON, {}
         zones = [z for z in self.zones if z.ipv6 or address.version == 4]
-        listings, unanswered = await self._ask_all(zones, address)
+        listings, unanswered, failed = await self._ask_all(zones, address)
         late = ""
         if unanswered:
             late = f"no answer in {self.timeout:g}s from {', '.join(unanswered)}"
             log.info("dnsbl: %s: %s (not counted)", remote_ip, late)
-            if len(unanswered) == len(zones):
+        if zones and len(unanswered) + len(failed) == len(zones):
+            # No list could be asked: nothing is known, which is not "not
+            # listed" (a later plugin must not read a clean pass).
+            if not failed:
                 return "none", f"no answer from the lists in {self.timeout:g}s", {}
+            said = [f"{zone}: {error}" for zone, error in failed.items()]
+            reason = "no list could be asked: " + "; ".join(said + ([late] if late else []))
+            return "none", sanitize(reason, 300), {"unanswered": unanswered, "failed": failed}
+        problems = [late] if late else []
+        if failed:
+            problems.append("lookup failed for " + ", ".join(failed))
         score = sum(f["weight"] for f in listings)
         details: dict[str, Any] = {
             "score": score,
             "threshold": self.threshold,
             "listings": listings,
             "unanswered": unanswered,
+            "failed": failed,
         }
-        late = f"; {late}" if late else ""
+        late = f"; {'; '.join(problems)}" if problems else ""
         if score >= self.threshold:
             worst = max(listings, key=lambda f: f["weight"])
             reason = f"listed by {worst['zone']}" + (f": {worst['text']}" if worst["text"] else "")

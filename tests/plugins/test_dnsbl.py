@@ -5,12 +5,14 @@ stub."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 import pytest
 from auth_testing import app, example_keys, fake_session, run
 from bonzo_plugins.dnsbl import DnsblPlugin, query_name
 from bonzo_plugins.dnsbl.plugin import DEFAULT_ANSWERS, KEYS, ZONE_KEYS
 
+from bonzo.dns import Resolver
 from bonzo.errors import PermanentError
 
 
@@ -101,9 +103,32 @@ def test_refusal_at_mail_or_rcpt_instead(lists):
 
 
 def test_dns_failures_are_not_listings(lists):
+    """A list whose lookup fails lists no one; with another list's answer
+    the result stands, naming the failure."""
+    lists.fault("99.2.0.192.bl.example", "servfail")
+    plugin = configured(lists.resolver(), zones=["bl.example", "clean.example"])
+    result = connect(plugin).results.get("dnsbl")
+    assert result.result == "pass" and result.details["failed"].keys() == {"bl.example"}
+    assert "SERVFAIL" in result.details["failed"]["bl.example"]
+    assert result.reason == "not listed; lookup failed for bl.example"
+
+
+@pytest.mark.parametrize("down", [False, True])
+def test_no_list_asked_is_none_not_a_pass(lists, down):
+    """Every list failing (SERVFAIL), or the resolver down, is not "not
+    listed": nothing is known (README: none when nothing could be asked)."""
     lists.fault(None, "servfail")
-    plugin = configured(lists.resolver(), zones=["bl.example"])
-    assert connect(plugin).results.get("dnsbl").result == "pass"
+    resolver = lists.resolver()
+    if down:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as closed:
+            closed.bind(("127.0.0.1", 0))
+            port = closed.getsockname()[1]
+        resolver = Resolver(lists.settings(nameservers=(f"127.0.0.1:{port}",)))
+    plugin = configured(resolver, zones=["bl.example", "other.example"])
+    result = connect(plugin).results.get("dnsbl")
+    assert result.result == "none", result
+    assert result.reason.startswith("no list could be asked: bl.example: ")
+    assert result.details["failed"].keys() == {"bl.example", "other.example"}
 
 
 def test_a_slow_list_loses_only_its_own_answer(lists, caplog):
