@@ -24,6 +24,7 @@ domain and every identifier aligned with it share their lookups.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -96,21 +97,33 @@ def targets(domain: str) -> list[str]:
 
 class Discovery:
     """Records read through ``resolver`` (a :class:`bonzo.dns.Resolver`),
-    cached for one message. Lookups raise :class:`bonzo.dns.DNSError` when
-    temporary (a DMARC ``temperror``)."""
+    cached for one message: each name is asked once, even by evaluations
+    running at once. Lookups raise :class:`bonzo.dns.DNSError` when
+    temporary (a DMARC ``temperror``), for every caller of that name."""
 
     def __init__(self, resolver: Any) -> None:
         self.resolver = resolver
-        self._cache: dict[str, Record | None] = {}
+        # The lookup of each name, in flight or done: evaluations run at
+        # once (one per author domain) share it instead of each asking.
+        self._cache: dict[str, asyncio.Future[Record | None]] = {}
         #: Names asked about, in order (for logs and tests).
         self.asked: list[str] = []
 
     async def record(self, domain: str) -> Record | None:
         """The one valid DMARC record of ``domain``, or ``None`` (none, or
         several: RFC 7489 6.6.3 discards them all)."""
-        if domain in self._cache:
-            return self._cache[domain]
-        self.asked.append(domain)
+        lookup = self._cache.get(domain)
+        if lookup is None:
+            self.asked.append(domain)
+            lookup = asyncio.ensure_future(self._read(domain))
+            # Retrieved here so that a failure no caller waits for any more
+            # is not logged as "never retrieved".
+            lookup.add_done_callback(lambda done: done.cancelled() or done.exception())
+            self._cache[domain] = lookup
+        # Shielded: one caller cancelled must not cancel the others' lookup.
+        return await asyncio.shield(lookup)
+
+    async def _read(self, domain: str) -> Record | None:
         try:
             texts = await self.resolver.txt(f"_dmarc.{domain}")
         except DNSError as exc:
@@ -119,9 +132,7 @@ class Discovery:
             texts = []
         found = [parse_record(domain, t.decode("utf-8", "replace")) for t in texts]
         records = [r for r in found if r is not None]
-        result = records[0] if len(records) == 1 else None
-        self._cache[domain] = result
-        return result
+        return records[0] if len(records) == 1 else None
 
     async def policy(self, domain: str) -> Record | None:
         """The policy record for the author domain ``domain``."""

@@ -3,7 +3,9 @@ its enforcement; the DNS stub serves the records."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from auth_testing import app, envelope, example_keys, fake_session, run
@@ -12,6 +14,7 @@ from bonzo_plugins.dmarc.plugin import KEYS, MAX_AUTHORS
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bonzo.dns import DNSTemporaryError, NXDomain
 from bonzo.errors import PermanentError, TransientError
 
 README = Path(__file__).resolve().parents[2] / "plugins" / "dmarc" / "README.rst"
@@ -345,3 +348,43 @@ def test_tree_walk_is_bounded(labels):
     assert 1 <= len(walk) <= 8
     assert walk[0] == ".".join(labels) and walk[-1] == labels[-1]
     assert all(a.endswith(b) for a, b in zip(walk, walk[1:], strict=False))
+
+
+class _CountingResolver:
+    """Answers TXT lookups after a pause, counting them; one name fails."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def txt(self, name: str) -> list[bytes]:
+        self.asked.append(name)
+        await asyncio.sleep(0.05)
+        if name == "_dmarc.broken.example":
+            raise DNSTemporaryError("SERVFAIL", name, "TXT")
+        if name == "_dmarc.example.com":
+            return [b"v=DMARC1; p=reject"]
+        raise NXDomain("no such domain", name, "TXT")
+
+
+def test_author_domains_evaluated_at_once_share_their_lookups():
+    """Discovery's evaluations run together (asyncio.gather): each name is
+    asked once, not once per author domain."""
+    resolver = _CountingResolver()
+    discovery = Discovery(resolver)
+
+    async def together() -> list[Any]:
+        return await asyncio.gather(
+            *(discovery.policy(d) for d in ("a.example.com", "b.example.com", "c.example.com"))
+        )
+
+    assert [r.p for r in run(together())] == ["reject"] * 3
+    assert resolver.asked.count("_dmarc.example.com") == 1
+    assert sorted(resolver.asked) == sorted(set(resolver.asked))
+
+    async def failing() -> list[Any]:
+        return await asyncio.gather(
+            *(discovery.policy("x.broken.example") for _ in range(3)), return_exceptions=True
+        )
+
+    assert all(isinstance(e, DNSTemporaryError) for e in run(failing()))
+    assert resolver.asked.count("_dmarc.broken.example") == 1
