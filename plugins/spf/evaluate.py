@@ -9,13 +9,20 @@ thread with no lookup function installed gets a ``temperror``: pyspf never
 falls back to the system's resolver, even when another library in the
 process calls it.
 
-:func:`check_host` is the asynchronous entry point.
+:func:`check_host` is the asynchronous entry point. It runs pyspf in a
+pool of threads for SPF alone, so that senders whose DNS is slow hold SPF
+threads, never the event loop's default executor (DKIM hashing, maildir and
+spool writes); and it counts the wait for a thread in the check's time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import math
+import os
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +39,7 @@ from bonzo.dns import DNSError
 
 from .._auth import sanitize
 
-__all__ = ["SPFOutcome", "check_host", "RESULTS"]
+__all__ = ["SPFOutcome", "check_host", "make_pool", "RESULTS", "DEFAULT_THREADS"]
 
 #: The results of RFC 7208 section 2.6.
 RESULTS = ("none", "neutral", "pass", "fail", "softfail", "temperror", "permerror")
@@ -44,10 +51,16 @@ _current = threading.local()
 
 def _lookup(name: str, qtype: str, strict: Any = True, timeout: float = 20) -> Any:
     """pyspf's ``DNSLookup``: the installed lookup function, with Bonzo's
-    temporary DNS errors turned into pyspf's ``TempError``."""
+    temporary DNS errors turned into pyspf's ``TempError``, and no query
+    past the check's deadline (the caller has answered ``temperror`` by
+    then: the thread must be freed, not kept waiting on DNS)."""
     lookup: Lookup | None = getattr(_current, "lookup", None)
     if lookup is None:
         raise spf.TempError("DNS: no resolver for this thread (Bonzo asks its own only)")
+    left = getattr(_current, "deadline", math.inf) - time.monotonic()
+    if left <= 0:
+        raise spf.TempError("DNS: the SPF check ran out of time")
+    timeout = min(timeout, left)
     try:
         return lookup(name, qtype, strict, timeout)
     except DNSError as exc:
@@ -104,10 +117,34 @@ class _Query(spf.query):  # type: ignore[misc]
         return valid
 
 
+def _late(sender: str, helo: str, timeout: float) -> SPFOutcome:
+    """The ``temperror`` of a check not done within ``timeout``."""
+    identity = "mailfrom" if sender else "helo"
+    domain = sender.rpartition("@")[2] if sender else helo
+    return SPFOutcome(
+        "temperror",
+        identity,
+        sanitize(domain),
+        sanitize(sender or f"postmaster@{helo}"),
+        f"SPF check not done in {timeout:g}s",
+    )
+
+
 def _evaluate(
-    lookup: Lookup, ip: str, sender: str, helo: str, receiver: str, querytime: float, explain: str
+    lookup: Lookup,
+    ip: str,
+    sender: str,
+    helo: str,
+    receiver: str,
+    deadline: float,
+    explain: str,
+    timeout: float,
 ) -> SPFOutcome:
+    querytime = deadline - time.monotonic()
+    if querytime <= 0:  # it waited for a thread all its time
+        return _late(sender, helo, timeout)
     _current.lookup = lookup
+    _current.deadline = deadline
     try:
         query = _Query(i=ip, s=sender, h=helo, receiver=receiver, querytime=querytime)
         if explain:
@@ -115,6 +152,7 @@ def _evaluate(
         result, _code, explanation = query.check()
     finally:
         _current.lookup = None
+        _current.deadline = math.inf
     domain = query.o or ""
     mechanism = getattr(query, "mechanism", None) or ""
     if result == "permerror" and getattr(query, "perm_error", None) is not None:
@@ -129,6 +167,27 @@ def _evaluate(
     )
 
 
+#: Threads of the pool :func:`check_host` uses when given none.
+DEFAULT_THREADS = 16
+_shared: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+_shared_lock = threading.Lock()
+
+
+def make_pool(threads: int = DEFAULT_THREADS) -> concurrent.futures.ThreadPoolExecutor:
+    """A pool of ``threads`` for SPF checks (pyspf blocks a thread while its
+    DNS queries wait)."""
+    return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="bonzo-spf")
+
+
+def _shared_pool() -> concurrent.futures.ThreadPoolExecutor:
+    # One per process: a pool made before a fork has no threads after it.
+    with _shared_lock:
+        pool = _shared.get(os.getpid())
+        if pool is None:
+            pool = _shared[os.getpid()] = make_pool()
+        return pool
+
+
 async def check_host(
     resolver: Any,
     ip: str,
@@ -138,19 +197,32 @@ async def check_host(
     receiver: str = "unknown",
     timeout: float = 20.0,
     explanation: str = "",
+    executor: concurrent.futures.Executor | None = None,
 ) -> SPFOutcome:
     """Evaluate SPF for a client at ``ip`` sending as ``sender`` (empty: the
     HELO identity, ``postmaster@helo``, RFC 7208 2.3) after ``HELO helo``.
 
-    pyspf runs in a thread of the loop's default executor; its DNS queries
-    go to ``resolver`` (a :class:`bonzo.dns.Resolver`) on this loop. The
-    whole evaluation is bounded by ``timeout`` seconds (RFC 7208 4.6.4
-    suggests at least 20), after which the result is ``temperror``; the ten
-    DNS-mechanism and two void-lookup limits of RFC 7208 4.6.4 are pyspf's.
-    ``explanation`` replaces pyspf's default explanation (tests use it).
+    pyspf runs in a thread of ``executor`` (default: a pool of
+    :data:`DEFAULT_THREADS` for SPF alone, never the loop's default
+    executor, which other plugins' thread work needs); its DNS queries go
+    to ``resolver`` (a :class:`bonzo.dns.Resolver`) on this loop. The whole
+    evaluation, the wait for a free thread included, is bounded by
+    ``timeout`` seconds (RFC 7208 4.6.4 suggests at least 20), after which
+    the result is ``temperror`` and the thread's next DNS query fails at
+    once; the ten DNS-mechanism and two void-lookup limits of RFC 7208
+    4.6.4 are pyspf's. ``explanation`` replaces pyspf's default explanation
+    (tests use it).
     """
     loop = asyncio.get_running_loop()
     lookup = resolver.blocking_lookup(loop)
-    return await loop.run_in_executor(
-        None, _evaluate, lookup, ip, sender, helo, receiver, timeout, explanation
+    deadline = time.monotonic() + timeout
+    pool = executor if executor is not None else _shared_pool()
+    job = loop.run_in_executor(
+        pool, _evaluate, lookup, ip, sender, helo, receiver, deadline, explanation, timeout
     )
+    try:
+        # Cancelled at the deadline: a job still queued never runs; one
+        # running stops at its next DNS query (_lookup).
+        return await asyncio.wait_for(job, timeout)
+    except asyncio.TimeoutError:
+        return _late(sender, helo, timeout)

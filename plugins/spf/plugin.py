@@ -2,9 +2,9 @@
 
 Checked at ``MAIL`` for the MAIL FROM identity, and at ``HELO``/``EHLO``
 for the HELO identity; a null sender (``MAIL FROM:<>``, bounces) is judged
-by the HELO identity (RFC 7208 2.3). The evaluation is pyspf's, in a worker
-thread, with every DNS query going through Bonzo's resolver (``app.dns``)
-(:mod:`.evaluate`).
+by the HELO identity (RFC 7208 2.3). The evaluation is pyspf's, in a thread
+of the plugin's own pool (``threads``), with every DNS query going through
+Bonzo's resolver (``app.dns``) (:mod:`.evaluate`).
 
 Results go on ``session.results`` (HELO identity) and ``envelope.results``
 (the message's identity) as ``spf``, with ``domain`` and ``identity``
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from bonzo.address import Address
@@ -35,7 +36,7 @@ from .._config import (
     client_address,
     in_networks,
 )
-from .evaluate import SPFOutcome, check_host
+from .evaluate import SPFOutcome, check_host, make_pool
 
 __all__ = ["SpfPlugin", "KEYS", "ACTIONS", "received_spf"]
 
@@ -62,8 +63,14 @@ SCHEMA = Schema(
         "result. The ``authres`` plugin's ``Authentication-Results:`` field says "
         "the same in the newer form."),
     Key("timeout", "duration", default=20.0, minimum=0.001, maximum=300.0,
-        doc="How long one SPF check may take in all (RFC 7208 4.6.4 asks for at "
-        "least 20 seconds); then ``temperror``."),
+        doc="How long one SPF check may take in all, the wait for a free thread "
+        "(``threads``) included (RFC 7208 4.6.4 asks for at least 20 seconds); "
+        "then ``temperror``."),
+    Key("threads", "int", default=16, minimum=1, maximum=256,
+        doc="SPF checks run at once, each in a thread of the plugin's own (pyspf "
+        "waits for its DNS answers in it): checks beyond wait for a thread, within "
+        "their ``timeout``. Senders whose DNS is slow hold these threads only, never "
+        "those that other plugins hash and store mail in."),
     Key("skip_authenticated", "bool", default=True,
         doc="Do not check sessions that authenticated."),
     Key("skip_networks", "networks", default=[],
@@ -125,6 +132,9 @@ class SpfPlugin:
         self.check_helo = True
         self.add_header = False
         self.timeout = 20.0
+        self.threads = 16
+        # Made in each worker process, on first use (not across a fork).
+        self._pool: ThreadPoolExecutor | None = None
         self.skip_authenticated = True
         self.skip_networks: list[IPNetwork] = []
         self.resolver: Any = None
@@ -139,6 +149,7 @@ class SpfPlugin:
         self.check_helo = values["helo"]
         self.add_header = values["received_spf"]
         self.timeout = float(values["timeout"])
+        self.threads = values["threads"]
         self.skip_authenticated = values["skip_authenticated"]
         self.skip_networks = values["skip_networks"]
         self.resolver = resolver_of(app)
@@ -149,6 +160,12 @@ class SpfPlugin:
     def bonzo_startup(self) -> None:
         if not dns_enabled(self.resolver):
             log.warning("spf: DNS lookups are off: every SPF result will be none (set [dns])")
+
+    @hookimpl
+    def bonzo_shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     # ------------------------------------------------------------ checking
     def _skipped(self, session: Session) -> bool:
@@ -164,6 +181,8 @@ class SpfPlugin:
             return SPFOutcome("none", identity, domain, sender, "not an IP client")
         if not dns_enabled(self.resolver):
             return SPFOutcome("none", identity, domain, sender, OFF_REASON)
+        if self._pool is None:
+            self._pool = make_pool(self.threads)
         return await check_host(
             self.resolver,
             address.compressed,
@@ -171,6 +190,7 @@ class SpfPlugin:
             helo,
             receiver=self.receiver,
             timeout=self.timeout,
+            executor=self._pool,
         )
 
     def _record(self, results: Any, outcome: SPFOutcome, session: Session, helo: str) -> None:

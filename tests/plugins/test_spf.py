@@ -5,7 +5,10 @@ The DNS stub serves the records; the RFC 7208 suite is in test_spf_suite.py.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -182,6 +185,8 @@ def test_received_spf_quotes_what_the_client_sent():
     [
         ({"on_fail": "drop"}, "on_fail: expected one of"),
         ({"timeout": 0}, "timeout"),
+        ({"threads": 0}, "threads"),
+        ({"threads": 257}, "threads"),
         ({"helo": "yes"}, "helo: expected true or false"),
         ({"skip_networks": ["10.0.0.1/8"]}, "skip_networks"),
         ({"nope": 1}, "nope: unknown key"),
@@ -194,3 +199,45 @@ def test_bad_configuration(table, message):
 
 def test_the_example_configuration_shows_every_key():
     assert example_keys("spf") == set(KEYS)
+
+
+def test_slow_senders_hold_only_the_plugins_threads_and_the_timeout_counts_queueing(zone):
+    """Checks stalled on slow DNS (cheap for a sender to cause) fill the
+    plugin's own ``threads``, never the loop's default executor (DKIM
+    hashing, maildir and spool writes); a check waiting for a thread still
+    ends at its ``timeout``, as temperror; and the stalled checks free
+    their threads at their deadline, not at the resolver's."""
+    plugin = configured(zone.resolver(timeout=3.0), threads=2, timeout=0.6)
+    slow_client = fake_session(remote_ip="198.51.100.7")
+    client = fake_session(remote_ip="192.0.2.1")
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        # A small default executor, as on a 2-core machine (6 threads there).
+        loop.set_default_executor(ThreadPoolExecutor(2))
+        start = time.monotonic()
+        slow = [
+            asyncio.ensure_future(plugin._check(slow_client, "x@slow.example", "h.example"))
+            for _ in range(4)
+        ]
+        await asyncio.sleep(0.1)
+        probe = await loop.run_in_executor(None, time.monotonic)
+        assert probe - start < 0.4  # the default executor is free
+        plugin.timeout = 0.3
+        queued = time.monotonic()
+        outcome = await plugin._check(client, "a@example.org", "h.example")
+        assert outcome.result == "temperror" and "not done in 0.3s" in outcome.mechanism
+        assert time.monotonic() - queued < 0.5
+        results = await asyncio.gather(*slow)
+        assert {o.result for o in results} == {"temperror"}
+        assert time.monotonic() - start < 1.5  # not the resolver's 3 s
+        # The threads are free again: a check whose DNS answers passes.
+        plugin.timeout = 5.0
+        outcome = await plugin._check(client, "a@example.org", "h.example")
+        assert outcome.result == "pass"
+
+    try:
+        run(scenario())
+    finally:
+        plugin.bonzo_shutdown()
+    assert plugin._pool is None
