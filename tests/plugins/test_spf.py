@@ -222,15 +222,15 @@ def test_slow_senders_hold_only_the_plugins_threads_and_the_timeout_counts_queue
         ]
         await asyncio.sleep(0.1)
         probe = await loop.run_in_executor(None, time.monotonic)
-        assert probe - start < 0.4  # the default executor is free
+        assert probe - start < 1.5  # the default executor is free (else ~3 s)
         plugin.timeout = 0.3
         queued = time.monotonic()
         outcome = await plugin._check(client, "a@example.org", "h.example")
         assert outcome.result == "temperror" and "not done in 0.3s" in outcome.mechanism
-        assert time.monotonic() - queued < 0.5
+        assert time.monotonic() - queued < 1.5  # (the resolver takes 3 s)
         results = await asyncio.gather(*slow)
         assert {o.result for o in results} == {"temperror"}
-        assert time.monotonic() - start < 1.5  # not the resolver's 3 s
+        assert time.monotonic() - start < 2.5  # not the resolver's 3 s
         # The threads are free again: a check whose DNS answers passes.
         plugin.timeout = 5.0
         outcome = await plugin._check(client, "a@example.org", "h.example")
