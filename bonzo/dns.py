@@ -622,8 +622,9 @@ class _ShortPauses:
     """dnspython's asynchronous backend, with the pause it makes between two
     rounds of queries (0.1 s, doubling, up to 2 s) capped at ``cap``
     seconds, so that the pauses take at most half of one ``timeout`` in
-    all and every nameserver is still asked ``attempts`` times within the
-    lifetime. Everything else is the default backend's."""
+    all and every nameserver is asked ``attempts`` times within the
+    lifetime (the last round may miss it on a busy machine). Everything else
+    is the default backend's."""
 
     def __init__(self, cap: float) -> None:
         self._cap = cap

@@ -1102,7 +1102,10 @@ def test_a_lookup_keeps_the_documented_bound(dns_stub, timeout, attempts):
         took = time.monotonic() - start
         # (Slack for a loaded machine: uncapped, the pauses alone added seconds.)
         assert bound * 0.9 <= took <= bound + 0.75
-        assert len(dns_stub.queries) == len(other.queries) == attempts
+        # Every round but the last is sure to be asked; the bound, kept, may
+        # come before the last query on a loaded machine (seen in CI).
+        assert attempts - 1 <= len(dns_stub.queries) <= attempts
+        assert attempts - 1 <= len(other.queries) <= attempts
 
 
 # ------------------------------------------------------ lookups in flight
