@@ -484,11 +484,13 @@ class SMTPConnection:
         self._close_callback = callback
         watch = getattr(self.stream, "watch_close", None)
         if watch is not None:
-            watch(self._peer_closed if callback is not None else None)
+            # The client may go away while the session reads nothing (a
+            # plugin is at work): the callback is told then, not when the
+            # plugin's work is over.
+            watch(self._run_close_callback if callback is not None else None)
 
-    def _peer_closed(self) -> None:
-        # The client went away while the session read nothing: the close
-        # callback is told now, not when the plugin's work is over.
+    def _run_close_callback(self) -> None:
+        """Run the close callback, once (an error in it is logged)."""
         callback, self._close_callback = self._close_callback, None
         if callback is not None:
             try:
@@ -1106,12 +1108,7 @@ class SMTPConnection:
                 self.protocol.on_refusal = None
 
     async def _cleanup(self) -> None:
-        callback, self._close_callback = self._close_callback, None
-        if callback is not None:
-            try:
-                callback()
-            except Exception:
-                app_log.error("Exception in close callback", exc_info=True)
+        self._run_close_callback()
         if self.refusal is None and not self._silent:
             await self.plugins.observe("bonzo_disconnect", (self.session,), self.session)
         if self._on_close is not None:
