@@ -818,7 +818,7 @@ def _metrics(table: dict[str, Any], source: str) -> MetricsConfig:
         )
     if path == "/health":
         raise ConfigError(source, "metrics.path", "/health is the health endpoint")
-    cap = table.get("max_connections", 16)
+    cap = table.get("max_connections", MetricsConfig.max_connections)
     if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= 1000:
         raise ConfigError(
             source, "metrics.max_connections", f"must be an integer 1..1000, not {spelled(cap)}"

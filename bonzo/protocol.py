@@ -1005,7 +1005,7 @@ class SMTPProtocol:
         ends the session when ``close`` is true or the code is 421. ``limit``
         names the limit that refused it, for the log."""
         self._refused(
-            error.status_code, error.enhanced_code, error.message, by, _note(error), limit
+            error.status_code, error.enhanced_code, error.message, by, error.log_text(), limit
         )
         self._write_error(error)
         if close or error.status_code == 421:
@@ -1214,7 +1214,7 @@ class SMTPProtocol:
             raise RuntimeError("RSET cannot be rejected")
         self._pending = None
         code = error.status_code
-        note = _note(error)
+        note = error.log_text()
         if type(event) is MessageComplete:
             self._reset_transaction()
         elif type(event) is Auth or type(event) is AuthResponse:
@@ -2111,11 +2111,6 @@ class SMTPProtocol:
             self._set_data_error(_RANK_SIZE)
             return b""
         return block
-
-
-def _note(error: SMTPError) -> str | None:
-    """An error's ``log_message`` with its arguments, for the log line."""
-    return error.log_text()
 
 
 def _safe_verb(raw: bytes) -> str:

@@ -807,6 +807,10 @@ class SMTPServer(TCPServer):
         cleanup still runs."""
         self._forced = True
         self.stop()
+        self._stop_sessions()
+
+    def _stop_sessions(self) -> None:
+        """Cancel, as a stop, what every session still running is doing."""
         for connection in list(self.connections):
             task = connection.task
             if task is not None and not task.done():
@@ -821,10 +825,7 @@ class SMTPServer(TCPServer):
             connection.close()
         if await self._wait(1.0):
             return
-        for connection in list(self.connections):
-            task = connection.task
-            if task is not None and not task.done():
-                stop_task(task)
+        self._stop_sessions()
         await self._wait(CANCEL_GRACE + 5.0)
 
 

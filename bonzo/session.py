@@ -207,11 +207,12 @@ def _fold(name: str, line: str) -> list[str]:
     :data:`MAX_HEADER_LINE` octets (folding, RFC 5322 2.2.3: unfolding gives
     the same value)."""
     out = []
-    given = len(_octets(line))
-    while len(_octets(line)) > MAX_HEADER_LINE:
+    data = _octets(line)  # once per line: this runs for every trace header
+    given = len(data)
+    while len(data) > MAX_HEADER_LINE:
         # (A character cut in two at the end decodes to escapes, after any
         # space: the cut below falls before them.)
-        head = _octets(line)[: MAX_HEADER_LINE + 1].decode("utf-8", "surrogateescape")
+        head = data[: MAX_HEADER_LINE + 1].decode("utf-8", "surrogateescape")
         cut = max(head.rfind(" ", 1), head.rfind("\t", 1))
         if cut <= 0 or not line[:cut].strip():
             raise ValueError(
@@ -220,6 +221,7 @@ def _fold(name: str, line: str) -> list[str]:
             )
         out.append(line[:cut])
         line = line[cut:]
+        data = _octets(line)
     out.append(line)
     return out
 

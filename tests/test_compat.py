@@ -311,27 +311,24 @@ class ConnectionCloseTest(AsyncSMTPTestCase):
         self.read_response()
         self.read_response()
         self.stream.write(b"hi\r\n.\r\n")
+        self._until("data", 2.0)
+        self.close()
 
-        async def until_data() -> None:
-            for _ in range(200):
-                if "data" in self.events:
+    def _until(self, event: str, seconds: float) -> None:
+        """Wait (bounded) until the handler recorded ``event``."""
+
+        async def wait() -> None:
+            for _ in range(int(seconds / 0.01)):
+                if event in self.events:
                     return
                 await asyncio.sleep(0.01)
 
-        self.io_loop.run_sync(until_data)
-        self.close()
+        self.io_loop.run_sync(wait)
 
     def test_the_handler_is_told_when_the_client_goes_away(self):
         begun = time.monotonic()
         self._send_and_leave("a@example.com")
-
-        async def until_done() -> None:
-            for _ in range(500):
-                if "done" in self.events:
-                    return
-                await asyncio.sleep(0.01)
-
-        self.io_loop.run_sync(until_done)
+        self._until("done", 5.0)
         # Told while the handler waited (it waits for exactly that), once.
         assert self.events == ["data", "closed", "done"]
         assert time.monotonic() - begun < 5
