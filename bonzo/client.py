@@ -128,6 +128,8 @@ from .settings import finite_number
 __all__ = [
     "deadline",
     "sendable",
+    "recipient_problem",
+    "options_problem",
     "Stage",
     "Status",
     "Reply",
@@ -748,6 +750,32 @@ def sendable(address: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def recipient_problem(recipient: Recipient) -> str | None:
+    """What :meth:`ClientConnection.send` would refuse about ``recipient``
+    (its address, ``NOTIFY`` or ``ORCPT``) as a short text, or None.
+
+    .. versionadded:: 0.2
+    """
+    try:
+        _check_recipient(recipient)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def options_problem(ret: str | None, envid: str | None) -> str | None:
+    """What :meth:`ClientConnection.send` would refuse about its ``ret`` and
+    ``envid`` arguments as a short text, or None.
+
+    .. versionadded:: 0.2
+    """
+    try:
+        _check_mail_options(ret, envid)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _check_xtext(value: str, what: str) -> None:

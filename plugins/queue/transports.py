@@ -365,19 +365,28 @@ class _Pooled:
     ) -> list[Outcome]:
         # An address no command can carry fails alone, for good, rather than
         # the whole group at every attempt (Bonzo's server accepts none).
+        # The same for a parameter a hand-edited queue file made invalid.
         if not client.sendable(message.sender):
             bad = Outcome("failed", 553, "5.1.7", "The sender address cannot be sent on", "queue")
             return [bad] * len(recipients)
-        unsendable = [i for i, r in enumerate(recipients) if not client.sendable(r.address)]
-        if unsendable:
-            bad = Outcome(
-                "failed", 553, "5.1.3", "The recipient address cannot be sent on", "queue"
-            )
-            rest = [r for i, r in enumerate(recipients) if i not in unsendable]
-            done = iter(await self._deliver_to(destination, message, rest) if rest else [])
-            return [bad if i in unsendable else next(done) for i in range(len(recipients))]
-        rcpts = _recipients(recipients)
         options = _send_options(message)
+        problem = client.options_problem(options["ret"], options["envid"])
+        if problem is not None:
+            text = f"The message's DSN parameters cannot be sent on: {problem[:200]}"
+            return [Outcome("failed", 554, "5.5.4", text, "queue")] * len(recipients)
+        rcpts = _recipients(recipients)
+        refused: dict[int, Outcome] = {}
+        for i, r in enumerate(rcpts):
+            if not client.sendable(r.address):
+                text = "The recipient address cannot be sent on"
+                refused[i] = Outcome("failed", 553, "5.1.3", text, "queue")
+            elif (problem := client.recipient_problem(r)) is not None:
+                text = f"The recipient's DSN parameters cannot be sent on: {problem[:200]}"
+                refused[i] = Outcome("failed", 553, "5.5.4", text, "queue")
+        if refused:
+            rest = [r for i, r in enumerate(recipients) if i not in refused]
+            done = iter(await self._deliver_to(destination, message, rest) if rest else [])
+            return [refused[i] if i in refused else next(done) for i in range(len(recipients))]
         # A kept connection may have gone stale (its RSET fails: nothing was
         # sent): then a new one, never another kept one, which a restarted
         # or half-open server has made as stale. Two tries at most.

@@ -154,6 +154,45 @@ def test_an_address_no_command_can_carry_fails_alone(tmp_path, caplog):
     assert report.recipients[0].address == "alice@example.org"
 
 
+def test_a_dsn_parameter_no_command_can_carry_fails_its_recipient_alone(tmp_path, caplog):
+    """A NOTIFY or ORCPT made invalid by hand in a queue file fails that
+    recipient for good (a report says why); the others are delivered."""
+    fake = Fake()
+    env = envelope("bob@dest.test", "carol@dest.test", "dave@dest.test")
+    env["recipients"][1]["params"] = {"NOTIFY": "FAILURE,\r\nRSET"}
+    env["recipients"][2]["params"] = {"ORCPT": "rfc822;a b"}
+
+    async def main() -> Spool:
+        async with serve(fake) as port:
+            route = {"type": "smarthost", "host": "127.0.0.1", "port": port, "tls": "none"}
+            return await relay(tmp_path, route, env, b"Subject: t\r\n\r\nhi\r\n")
+
+    spool = asyncio.run(main())
+    assert [c for c in fake.commands if c.startswith("RCPT")] == ["RCPT TO:<bob@dest.test>"]
+    assert len(fake.messages) == 1
+    assert "queue: M1 to=<carol@dest.test> bounced: 553 5.5.4 " in caplog.text
+    assert "queue: M1 to=<dave@dest.test> bounced: 553 5.5.4 " in caplog.text
+    assert "bad NOTIFY" in caplog.text and "bad ORCPT" in caplog.text
+    [report] = [m for m in spool.iter_messages() if m.sender == ""]
+    assert report.recipients[0].address == "alice@example.org"
+
+
+def test_a_bad_ret_or_envid_fails_the_message_not_every_attempt(tmp_path, caplog):
+    fake = Fake()
+    env = envelope("bob@dest.test", RET="EVERYTHING")
+
+    async def main() -> Spool:
+        async with serve(fake) as port:
+            route = {"type": "smarthost", "host": "127.0.0.1", "port": port, "tls": "none"}
+            return await relay(tmp_path, route, env, b"Subject: t\r\n\r\nhi\r\n")
+
+    spool = asyncio.run(main())
+    assert not fake.messages and not [c for c in fake.commands if c.startswith("MAIL")]
+    assert "queue: M1 to=<bob@dest.test> bounced: 554 5.5.4 " in caplog.text
+    assert "bad RET 'EVERYTHING'" in caplog.text
+    assert [m.sender for m in spool.iter_messages()] == [""]  # the report alone
+
+
 def smarthost(tmp_path: Path, port: int, **table: Any) -> SmarthostTransport:
     values = SMARTHOST.parse(
         {"type": "smarthost", "host": "127.0.0.1", "port": port, "tls": "none", **table},
