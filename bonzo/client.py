@@ -955,6 +955,7 @@ class ClientConnection:
         self.authenticated = False
         #: Messages for which ``MAIL`` was sent on this connection.
         self.transactions = 0
+        self._utf8_mail = False  # the open transaction declared SMTPUTF8
         self._alive = True
         self._busy = False
         # No transaction since the connection opened or the last RSET: the
@@ -1405,6 +1406,7 @@ class ClientConnection:
         """``MAIL FROM`` with the parameters the server offers and the
         message needs (DSN's only when the server offers DSN)."""
         dsn = self.supports("DSN")
+        self._utf8_mail = needs_utf8
         params = []
         if size is not None and (self.size_limit or self.supports("SIZE")):
             params.append(f"SIZE={size}")
@@ -1426,7 +1428,12 @@ class ClientConnection:
             if r.notify is not None:
                 line += f" NOTIFY={r.notify.upper().replace(' ', '')}"
             if r.orcpt is not None:
-                line += f" ORCPT={r.orcpt}"
+                orcpt = r.orcpt
+                if not (orcpt.isascii() or self._utf8_mail):
+                    # RFC 6533's raw UTF-8 form, downgraded to its escapes
+                    # for a transaction without SMTPUTF8.
+                    orcpt = "".join(c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in orcpt)
+                line += f" ORCPT={orcpt}"
         return line.encode("utf-8")
 
     async def _mail(self, line: bytes) -> Reply:

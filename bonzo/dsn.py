@@ -55,6 +55,8 @@ _HEXCHAR = re.compile(r"\+([0-9A-Fa-f]{2})")
 # space (RFC 3461 4.2, 4.4). A decoded control character (``+0D+0A``) could
 # otherwise reach a header or a log line.
 _PRINTABLE = re.compile(r"[ -~]*")
+# What RFC 6533's QUCHAR leaves out of printable text: space, "+" and "=".
+_NOT_UNITEXT = re.compile(r"[ +=]")
 # addr-type is an RFC 822 atom: CHARs but specials, space and controls.
 _ATOM = re.compile(r"[!#-'*+\-/-9=?A-Z^-~]+")
 # Octets written as themselves by xtext_encode.
@@ -115,7 +117,9 @@ class OriginalRecipient:
     regard to case; it is kept as sent for relaying)."""
 
     address: str
-    """The address, decoded from xtext (printable US-ASCII)."""
+    """The address, decoded from xtext: printable text, UTF-8 where the
+    client wrote UTF-8 octets (``+C3+B6``) or, with SMTPUTF8 and the
+    ``utf-8`` type, raw UTF-8 (RFC 6533); ``\\x{...}`` escapes are kept."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,16 +185,17 @@ def mail_dsn(params: Mapping[str, str | None]) -> MailDSN:
     return MailDSN(ret, envid)
 
 
-def recipient_dsn(params: Mapping[str, str | None]) -> RecipientDSN:
+def recipient_dsn(params: Mapping[str, str | None], *, smtputf8: bool = False) -> RecipientDSN:
     """The :class:`RecipientDSN` of RCPT parameters (keywords upper-cased);
     other keywords are ignored. Raises :exc:`DSNError` for a bad ``NOTIFY``
-    or ``ORCPT``."""
+    or ``ORCPT``. ``smtputf8``: the transaction declared SMTPUTF8, so an
+    ``ORCPT`` of the ``utf-8`` type may be raw UTF-8 (RFC 6533 3)."""
     notify: frozenset[str] | None = None
     orcpt: OriginalRecipient | None = None
     if "NOTIFY" in params:
         notify = _notify(params["NOTIFY"])
     if "ORCPT" in params:
-        orcpt = _orcpt(params["ORCPT"])
+        orcpt = _orcpt(params["ORCPT"], smtputf8)
     if notify is None and orcpt is None:
         return NO_RECIPIENT_DSN
     return RecipientDSN(notify, orcpt)
@@ -208,19 +213,37 @@ def _notify(value: str | None) -> frozenset[str]:
     return keywords
 
 
-def _orcpt(value: str | None) -> OriginalRecipient:
+def _orcpt(value: str | None, smtputf8: bool = False) -> OriginalRecipient:
     if not value or len(value) > MAX_ORCPT:
         raise DSNError("Bad ORCPT parameter")
     addr_type, semicolon, encoded = value.partition(";")
     if not semicolon or not encoded or not _ATOM.fullmatch(addr_type):
         raise DSNError("Bad ORCPT parameter (addr-type;xtext)")
-    try:
-        address = xtext_decode(encoded)
-    except DSNError:
-        raise DSNError("Bad ORCPT parameter: not xtext") from None
-    if not _PRINTABLE.fullmatch(address):
-        raise DSNError("Bad ORCPT parameter")
-    if addr_type.lower() == "utf-8" and not _utf8_addr(address):
+    utf8_type = addr_type.lower() == "utf-8"
+    if encoded.isascii():
+        try:
+            address = xtext_decode(encoded)
+        except DSNError:
+            raise DSNError("Bad ORCPT parameter: not xtext") from None
+        if not _PRINTABLE.fullmatch(address):
+            # Octets written as +XX: Postfix's client gives a UTF-8
+            # recipient's address so (rfc822;j+C3+B6rg@...). Taken as the
+            # UTF-8 text they spell; anything else is refused.
+            try:
+                address = address.encode("latin-1").decode("utf-8")
+            except UnicodeDecodeError:
+                raise DSNError("Bad ORCPT parameter: not UTF-8") from None
+            if not address.isprintable():
+                raise DSNError("Bad ORCPT parameter")
+    else:
+        # RFC 6533 3: utf-8-addr-unitext, the raw UTF-8 form, with SMTPUTF8
+        # only; "+" and "=" are written \x{2B}, \x{3D} there, not xtext.
+        if not (smtputf8 and utf8_type):
+            raise DSNError("Bad ORCPT parameter: raw UTF-8 needs SMTPUTF8 and the utf-8 type")
+        if not encoded.isprintable() or _NOT_UNITEXT.search(encoded):
+            raise DSNError("Bad ORCPT parameter: not a utf-8 address (RFC 6533)")
+        address = encoded
+    if utf8_type and not _utf8_addr(address):
         raise DSNError("Bad ORCPT parameter: not a utf-8 address (RFC 6533)")
     return OriginalRecipient(addr_type, address)
 

@@ -542,7 +542,7 @@ def _addr_error(code: int, enhanced: str, text: str) -> AddressError:
 
 
 def parse_path(
-    arg: str, *, sender: bool, smtputf8: bool = False
+    arg: str, *, sender: bool, smtputf8: bool | None = False
 ) -> tuple[Address, dict[str, str | None]]:
     """Parse the argument of ``MAIL FROM:`` / ``RCPT TO:`` after the colon.
 
@@ -551,7 +551,9 @@ def parse_path(
     reverse-path) and the ESMTP parameters, keywords upper-cased. Lenient
     like most servers: the angle brackets may be missing when there are no
     parameters, and a source route (``<@a,@b:user@c>``) is accepted and
-    dropped (RFC 5321 4.1.1.3, C).
+    dropped (RFC 5321 4.1.1.3, C). A non-ASCII address needs ``smtputf8``
+    true, or ``None`` and an ``SMTPUTF8`` parameter on the same command
+    (``MAIL``, RFC 6531 3.4).
     Raises :class:`AddressError` carrying the reply to give.
     """
     simple = _SIMPLE_PATH.fullmatch(arg)
@@ -573,6 +575,8 @@ def parse_path(
     else:
         path, _, rest = arg.partition(" ")
     params = _parse_params(rest)
+    if smtputf8 is None:
+        smtputf8 = "SMTPUTF8" in params
     if not path:
         if sender and arg.startswith("<"):
             return NULL_SENDER, params
@@ -1584,16 +1588,13 @@ class SMTPProtocol:
         if self.messages >= self.settings.max_messages_per_connection:
             self._error(452, "4.5.3", "Too many messages for this connection")
             return None
-        rest = arg[5:]
-        utf8 = False
-        if self.settings.smtputf8:
-            upper = _ascii_upper(rest)
-            if "SMTPUTF8" in upper:
-                # Decide on SMTPUTF8 before judging the address (RFC 6531 3.4).
-                _, _, tail = upper.strip(" ").rpartition(">")
-                utf8 = "SMTPUTF8" in tail.split(" ")
         try:
-            mailbox, params = parse_path(rest, sender=True, smtputf8=utf8)
+            # The SMTPUTF8 parameter decides whether the address may be UTF-8
+            # (RFC 6531 3.4): read from the parsed parameters, never sniffed
+            # from the line, where a value such as AUTH=<> holds a ">".
+            mailbox, params = parse_path(
+                arg[5:], sender=True, smtputf8=None if self.settings.smtputf8 else False
+            )
         except AddressError as exc:
             self._reject_now(exc.reply)
             return None
@@ -1692,7 +1693,7 @@ class SMTPProtocol:
                 )
                 return None
         try:
-            dsn = recipient_dsn(params)
+            dsn = recipient_dsn(params, smtputf8="SMTPUTF8" in self.mail_params)
         except DSNError as exc:
             self._reject_now(SMTPError(501, str(exc), enhanced_code="5.5.4"))
             return None

@@ -690,11 +690,12 @@ class Envelope:
         defaults to the DSN parameters read from ``params``
         (:func:`bonzo.dsn.recipient_dsn`, which raises
         :exc:`~bonzo.dsn.DSNError` for bad ones)."""
-        record = dsn if dsn is not None else recipient_dsn(params)
+        if dsn is None:
+            dsn = recipient_dsn(params, smtputf8="SMTPUTF8" in self.mail_params)
         self.rcpt_tos.append(mailbox.original)
         self.rcpt_params.append(dict(params))
         self.recipients.append(mailbox)
-        self.rcpt_dsn.append(record)
+        self.rcpt_dsn.append(dsn)
 
     # ------------------------------------------------------------- changes
     def _record(self, action: str, detail: str) -> None:

@@ -953,6 +953,34 @@ def test_dsn_parameters_are_passed_when_offered():
     ]
 
 
+@pytest.mark.parametrize("offers_utf8", [True, False])
+def test_a_raw_utf8_orcpt_is_escaped_without_smtputf8(offers_utf8):
+    """RFC 6533's raw UTF-8 ORCPT goes as it is with SMTPUTF8, as its
+    ``\\x{...}`` form in a transaction without (an ASCII recipient here)."""
+    extensions = b"250-DSN\r\n250-SMTPUTF8\r\n" if offers_utf8 else b"250-DSN\r\n"
+    fake = Fake(ehlo=EHLO.replace(b"250 SIZE", extensions + b"250 SIZE"))
+    orcpt = "utf-8;j\u00f6rg\u20ac@y.test"
+
+    async def main() -> DeliveryResult:
+        async with serve(fake) as port:
+            return await deliver(
+                HOST,
+                port,
+                sender="a@x.test",
+                recipients=[Recipient("b@y.test", orcpt=orcpt)],
+                message=MESSAGE,
+                settings=settings(),
+                smtputf8=offers_utf8,
+            )
+
+    assert len(run(main()).delivered) == 1
+    [rcpt] = [c for c in fake.commands if c.startswith("RCPT")]
+    if offers_utf8:
+        assert rcpt == f"RCPT TO:<b@y.test> ORCPT={orcpt}"
+    else:
+        assert rcpt == "RCPT TO:<b@y.test> ORCPT=utf-8;j\\x{F6}rg\\x{20AC}@y.test"
+
+
 def test_dsn_parameters_are_dropped_when_not_offered():
     fake = Fake()
 

@@ -244,6 +244,62 @@ def test_a_utf8_orcpt_with_valid_escapes_is_kept():
     assert client.events[-1].dsn.orcpt.address == "j\\x{F6}rg\\x{20AC}@example.net"
 
 
+def test_an_orcpt_of_utf8_octets_in_xtext_is_taken_as_utf8():
+    """Postfix's client writes a UTF-8 recipient's ORCPT so."""
+    replies, client = rcpt(b"ORCPT=rfc822;j+C3+B6rg@b+C3+BCcher.example")
+    assert replies == OK_RCPT
+    event = client.events[-1]
+    assert event.dsn.orcpt == OriginalRecipient("rfc822", "j\u00f6rg@b\u00fccher.example")
+    assert event.params["ORCPT"] == "rfc822;j+C3+B6rg@b+C3+BCcher.example"  # as sent
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"rfc822;j+F6rg@example.net",  # Latin-1, not UTF-8
+        b"rfc822;j+C3@example.net",  # cut short
+        b"rfc822;j+C2+85rg@example.net",  # U+0085, a control
+        b"rfc822;j+E2+80+A8rg@example.net",  # U+2028, a line separator
+    ],
+)
+def test_an_orcpt_of_octets_that_are_not_printable_utf8_is_refused(value):
+    replies, client = rcpt(b"ORCPT=" + value)
+    assert replies.startswith(b"501 5.5.4 Bad ORCPT parameter")
+    assert client.proto.rcpt_count == 0
+
+
+def utf8_rcpt(params: bytes) -> tuple[bytes, Client]:
+    client = Client()
+    client.send(EHLO + b"MAIL FROM:<a@example.org> SMTPUTF8\r\n")
+    return client.send(b"RCPT TO:<bob@example.net> " + params + b"\r\n"), client
+
+
+def test_a_raw_utf8_orcpt_is_taken_with_smtputf8_and_the_utf8_type():
+    """RFC 6533 3: utf-8-addr-unitext in a transaction that declared SMTPUTF8."""
+    value = "utf-8;j\u00f6rg\\x{2B}x@example.net".encode()
+    replies, client = utf8_rcpt(b"ORCPT=" + value)
+    assert replies == OK_RCPT
+    assert client.events[-1].dsn.orcpt.address == "j\u00f6rg\\x{2B}x@example.net"
+
+
+@pytest.mark.parametrize(
+    "value, smtputf8",
+    [
+        ("utf-8;j\u00f6rg@example.net", False),  # no SMTPUTF8
+        ("rfc822;j\u00f6rg@example.net", True),  # not the utf-8 type
+        ("utf-8;j\u00f6rg+x@example.net", True),  # "+" is \x{2B} there
+        ("utf-8;j\u00f6rg=x@example.net", True),
+        ("utf-8;j\u00f6rg\u2028@example.net", True),  # not printable
+        ("utf-8;j\u00f6rg\\x{0}@example.net", True),
+    ],
+)
+def test_a_raw_utf8_orcpt_is_refused_elsewhere(value, smtputf8):
+    params = b"ORCPT=" + value.encode()
+    replies, client = utf8_rcpt(params) if smtputf8 else rcpt(params)
+    assert replies.startswith(b"501 5.5.4 Bad ORCPT parameter")
+    assert client.proto.rcpt_count == 0
+
+
 def test_orcpt_of_500_characters_is_fine():
     value = b"rfc822;" + b"b" * 493
     assert len(value) == 500

@@ -679,6 +679,30 @@ def test_non_ascii_sender_when_smtputf8_is_off():
     assert reply == b"553 5.6.7 Non-ASCII sender address requires SMTPUTF8\r\n"
 
 
+@pytest.mark.parametrize(
+    "params, reply",
+    [
+        # A ">" in a later value does not hide the SMTPUTF8 before it...
+        (b" SMTPUTF8 ENVID=a>b", b"250 2.1.0 Ok\r\n"),
+        (b" SIZE=10 SMTPUTF8 ENVID=<>", b"250 2.1.0 Ok\r\n"),
+        # ... nor does a value ending in "SMTPUTF8" declare it.
+        (b" ENVID=x>SMTPUTF8", b"553 5.6.7 Non-ASCII sender address requires SMTPUTF8\r\n"),
+        (b" ENVID=SMTPUTF8", b"553 5.6.7 Non-ASCII sender address requires SMTPUTF8\r\n"),
+    ],
+)
+def test_smtputf8_is_read_from_the_parsed_parameters(params, reply):
+    assert reply_to(EHLO, b"MAIL FROM:" + UTF8_ADDR + params) == reply
+
+
+def test_smtputf8_with_the_auth_parameter_postfix_sends():
+    """Postfix as an authenticated client sends ``SMTPUTF8 AUTH=<>``."""
+    from bonzo.protocol import Policy
+
+    policy = Policy(auth_mechanisms=("PLAIN",), auth_plaintext=True)
+    mail = b"MAIL FROM:" + UTF8_ADDR + b" SIZE=331 SMTPUTF8 AUTH=<>"
+    assert reply_to(EHLO, mail, policy=policy) == b"250 2.1.0 Ok\r\n"
+
+
 def test_smtputf8_inside_a_quoted_local_part_is_not_the_parameter():
     arg = '<"SMTPUTF8 \u00e9"@example.org>'.encode()
     assert codes(reply_to(EHLO, b"MAIL FROM:" + arg)) == [553]

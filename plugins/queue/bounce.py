@@ -101,7 +101,9 @@ _DEFAULT_STATUS = {"failed": "5.0.0", "delayed": "4.0.0", "delivered": "2.0.0", 
 
 def _recipient_dsn(recipient: Recipient) -> RecipientDSN:
     try:
-        return recipient_dsn(recipient.params)
+        # Checked at RCPT, raw UTF-8 against the transaction's SMTPUTF8:
+        # read back as the most it could be.
+        return recipient_dsn(recipient.params, smtputf8=True)
     except DSNError:  # checked at RCPT; a message queued otherwise may lack checks
         return NO_RECIPIENT_DSN
 
@@ -131,6 +133,10 @@ def _original_recipient(recipient: Recipient) -> str | None:
     orcpt = _recipient_dsn(recipient).orcpt
     if orcpt is None:
         return None
+    if not orcpt.address.isascii() and orcpt.addr_type.lower() == "rfc822":
+        # Given as UTF-8 octets in xtext (Postfix does): a UTF-8 address is
+        # the utf-8 type's in a report (RFC 6533 3).
+        return f"utf-8; {orcpt.address}"
     return f"{orcpt.addr_type}; {orcpt.address}"
 
 

@@ -45,8 +45,11 @@ class Target(RecordingPlugin):
         #: The refusals in force (a test may change them between attempts).
         self.refusals = dict(REFUSALS)
         self.delivery_refusals = dict(DELIVERY_REFUSALS)
+        #: Each RCPT's decoded DSN parameters, as the hook was given them.
+        self.rcpt_dsn: list[Any] = []
 
-    def bonzo_rcpt(self, address: str) -> Any:  # type: ignore[override] # a hook: by name
+    def bonzo_rcpt(self, address: str, dsn: Any) -> Any:  # type: ignore[override] # by name
+        self.rcpt_dsn.append(dsn)
         refusal = self.refusals.get(address.split("@", 1)[0].lower())
         if refusal is not None:
             code, enhanced, text = refusal

@@ -113,6 +113,33 @@ def test_tls_and_auth(start_server, postfix, tls_listener, implicit):
     assert re.search(r"TLS connection established to 127\.0\.0\.1\[127\.0\.0\.1\]:\d+", peer.log())
 
 
+def test_utf8_mail_from_an_authenticating_postfix_is_taken(start_server, postfix, tls_listener):
+    """An authenticated Postfix sends ``SMTPUTF8 AUTH=<>`` on MAIL and a UTF-8
+    recipient's ``ORCPT`` as UTF-8 octets in xtext: both are taken."""
+    target = Target()
+    bonzo = start_server(
+        plugin=target,
+        hostname="bonzo.test",
+        listener=tls_listener(require_tls=True, require_auth=True),
+        auth_failure_delay=0,
+    )
+    route = SMTPRoute(bonzo.port, tls=True, username=USER, password=PASSWORD)
+    peer = postfix(route, main={"smtp_send_dummy_mail_auth": "yes"})
+    sender, recipient = "j\u00f6rg@postfix.test", "bj\u00f6rn@b\u00fccher.example"
+    message = f"From: <{sender}>\r\nTo: <{recipient}>\r\nSubject: utf8\r\n\r\nHej.\r\n"
+    submission = peer.send(
+        sender, [recipient], message.encode(), mail_options=["SMTPUTF8", "BODY=8BITMIME"]
+    )
+    delivery = peer.wait(submission)[recipient]
+    assert (delivery.status, delivery.code) == ("sent", 250), delivery
+    wait_until(lambda: target.messages, what="the message in Bonzo")
+    [stored] = target.messages
+    assert stored.mail_from == sender and stored.rcpt_tos == [recipient]
+    assert stored.mail_params.get("AUTH") == "<>" and "SMTPUTF8" in stored.mail_params
+    [dsn] = target.rcpt_dsn
+    assert (dsn.orcpt.addr_type, dsn.orcpt.address) == ("rfc822", recipient)
+
+
 def test_wrong_password_defers(start_server, postfix, tls_listener):
     bonzo = start_server(
         plugin=Target(),

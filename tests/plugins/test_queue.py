@@ -404,6 +404,30 @@ def test_a_report_about_a_utf8_address_uses_the_global_types(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "orcpt, shown",
+    [
+        # Postfix's form: UTF-8 octets in xtext, rfc822 type.
+        ("rfc822;j+C3+B6rg@b+C3+BCcher.example", "utf-8; jörg@bücher.example"),
+        # RFC 6533's raw form, read back from a queue file.
+        ("utf-8;jörg@bücher.example", "utf-8; jörg@bücher.example"),
+    ],
+)
+def test_a_utf8_original_recipient_is_reported_as_a_utf8_address(tmp_path, orcpt, shown):
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    env = envelope("alice@example.org", "jörg@xn--bcher-kva.example", ORCPT=orcpt,
+                   NOTIFY="SUCCESS,FAILURE")  # fmt: skip
+    env["mail_params"] = {"SMTPUTF8": None}
+    queued(spool, "U2", env)
+    message = spool.load("U2")
+    assert wants_report(message.recipients[0], "delivered")  # NOTIFY read, not dropped
+    line = ReportLine(message.recipients[0], "failed", "5.1.1", "550 no", "mx.example.net")
+    raw = build_report(message, [line], "mx.test", now=1_000_100.0)
+    assert f"\r\nOriginal-Recipient: {shown}\r\n".encode() in raw
+    assert b"Content-Type: message/global-delivery-status\r\n" in raw
+
+
+@pytest.mark.parametrize(
     "action, given, shown",
     [("failed", "5", "5.0.0"), ("failed", "", "5.0.0"), ("delayed", "", "4.0.0"),
      ("delivered", "", "2.0.0"), ("failed", "5.1.1", "5.1.1")],
