@@ -67,12 +67,26 @@ from .tls import TLSLayer
 if TYPE_CHECKING:  # pragma: no cover
     from asyncio import TimerHandle
 
-__all__ = ["SMTPConnection", "SessionStream", "try_write", "FINAL_REPLY_WAIT"]
+__all__ = [
+    "SMTPConnection",
+    "SessionStream",
+    "try_write",
+    "FINAL_REPLY_WAIT",
+    "LINGER_WAIT",
+    "LINGER_LIMIT",
+]
 
 #: Longest wait, in seconds, for a client to take a last reply (``221``,
 #: ``421``) and TLS's ``close_notify`` before the connection is closed anyway
 #: (never longer than ``idle_timeout``).
 FINAL_REPLY_WAIT = 10.0
+#: After a last reply the client did not ask for (a limit, a timeout, a
+#: stop), the server ends its side and waits this long, in seconds, for the
+#: client to close before closing the socket, reading and dropping at most
+#: :data:`LINGER_LIMIT` octets (see ``SMTPConnection._close_socket``).
+LINGER_WAIT = 2.0
+#: The most octets read and dropped while waiting so.
+LINGER_LIMIT = 1 << 20
 
 #: Longest wait, in seconds, for a client to take the TLS alert that ends a
 #: failed handshake or a broken TLS session before the connection is closed.
@@ -90,6 +104,7 @@ _OUTPUT = 2  # waiting for the client to read what was written
 _HANDSHAKE = 3  # TLS handshake
 _CLOSING = 4  # last reply on its way
 _PROXY = 5  # waiting for the PROXY protocol header
+_LINGER = 6  # last reply sent, the server's side ended: waiting for the client's
 
 
 def _send_nothing() -> None:
@@ -470,6 +485,7 @@ class SMTPConnection:
         self._since = now  # start of an output wait, a handshake or a last reply
         self._why = ""  # what ended the session, when the timer did
         self._stopping = False
+        self._aborted = False  # the grace period is over: no new command
         self._forced = False
         self._ended = False
         #: The task running :meth:`run`, once the server started one.
@@ -512,14 +528,17 @@ class SMTPConnection:
             self._end(421, "Server shutting down", "4.3.2", "shutdown")
 
     def abort(self) -> None:
-        """End the session now, whatever it is doing (a shutdown's grace
-        period is over): ``421 4.3.2`` if the client can still be told, then
-        close. A plugin call in flight finishes (each is bounded by its
-        timeout); what it decides is no longer sent."""
+        """End the session (a shutdown's grace period is over): ``421
+        4.3.2`` if the client can still be told, then close. A session in a
+        plugin call finishes it first (each is bounded by its timeout) and
+        sends its answer before the ``421``: a message that call delivers is
+        answered ``250``, never ``421`` while kept (which its client would
+        send again). No command after it is run."""
         self._stopping = True
+        self._aborted = True
         if self._phase == _HANDSHAKE or self._phase == _PROXY:
             self.stream.close()
-        else:
+        elif self._phase != _BUSY:
             self._end(421, "Server shutting down", "4.3.2", "shutdown")
 
     @property
@@ -576,7 +595,7 @@ class SMTPConnection:
             kind = type(event)
             if kind is NeedData:
                 self._send()
-                if self._stopping and not core.receiving_content:
+                if self._stopping and (self._aborted or not core.receiving_content):
                     core.close(
                         421, "Server shutting down", "4.3.2", limit="shutdown", unprompted=True
                     )
@@ -609,6 +628,10 @@ class SMTPConnection:
                 return
             elif kind is XClient:
                 await self._xclient(event)  # type: ignore[arg-type]
+            elif self._aborted:
+                # Commands pipelined after the call that ended the grace
+                # period: none is run.
+                core.close(421, "Server shutting down", "4.3.2", limit="shutdown", unprompted=True)
             else:
                 self._phase = _BUSY
                 await dispatch.handle(event)  # type: ignore[arg-type]
@@ -965,6 +988,8 @@ class SMTPConnection:
             return self._since + s.proxy_timeout, "proxy_timeout"
         if phase == _CLOSING:
             return self._since + min(s.idle_timeout, FINAL_REPLY_WAIT), "final"
+        if phase == _LINGER:
+            return self._since + LINGER_WAIT, "linger"
         return math.inf, ""  # _BUSY: a plugin's own timeout applies
 
     def _check_by(self, when: float) -> None:
@@ -1009,6 +1034,8 @@ class SMTPConnection:
                 host_port(session.peer_ip, session.peer_port),
                 f"no PROXY header within {self.settings.proxy_timeout:g}s (proxy_timeout)",
             )
+        elif why == "linger":
+            self.stream.close()  # the last reply had its time to be read
         elif why in ("output", "final", "tls_handshake_timeout"):
             # Nothing more can be said: the client does not read, or TLS is
             # not up.
@@ -1030,7 +1057,7 @@ class SMTPConnection:
     def _end(self, code: int, text: str, enhanced: str, why: str) -> None:
         """Send a last reply and close, whatever the loop is doing (it sees
         the stream closed at its next read or write)."""
-        if self._phase == _CLOSING or self.stream.closed():
+        if self._phase == _CLOSING or self._phase == _LINGER or self.stream.closed():
             return
         self.protocol.close(code, text, enhanced, limit=why, unprompted=True)
         self._send()
@@ -1056,9 +1083,36 @@ class SMTPConnection:
                     self._write_future = self.stream.write(alert)
                 except StreamClosedError:
                     return
-                self._after_write(self.stream.close)
+                self._after_write(self._close_socket)
                 return
-        self.stream.close()
+        self._close_socket()
+
+    def _lingers(self) -> bool:
+        """Whether the session ends with the client perhaps still sending:
+        the server ended it (a limit, a timeout, a stop) after the client had
+        begun, not at the client's ``QUIT``; a connection refused at once has
+        its descriptor back at once."""
+        stage = self.protocol.stage
+        return stage != "QUIT" and stage != "connect" and not self._forced
+
+    def _close_socket(self) -> None:
+        """Close, or only end the server's side where the client may still be
+        sending (see :meth:`_lingers`): a socket closed with unread input is
+        reset, and a reset client drops the replies it had not read yet —
+        the last one, which says why, among them. :meth:`_finish` reads
+        until the client closes, within the closing deadline."""
+        stream = self.stream
+        if not stream.closed() and self._lingers():
+            try:
+                stream.socket.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            else:
+                self._phase = _LINGER
+                self._since = self._loop.time()
+                self._arm(self._since + LINGER_WAIT)
+                return
+        stream.close()
 
     async def _finish(self) -> None:
         """The session is over: flush, close TLS and the socket (bounded),
@@ -1071,24 +1125,24 @@ class SMTPConnection:
             if not stream.closed() and not self._forced:
                 self._send()
                 fut = self._write_future
-                if self._tls is None and (fut is None or fut.done()):
+                if self._tls is None and (fut is None or fut.done()) and not self._lingers():
                     # The usual end (QUIT answered, all of it sent): nothing
                     # to wait for.
                     stream.close()
                     return
-                if self._phase != _CLOSING:
-                    self._phase = _CLOSING
-                    self._since = self._loop.time()
-                    self._arm(self._deadline()[0])
-                done: asyncio.Future[None] = self._loop.create_future()
-
-                def closed() -> None:
-                    if not done.done():
-                        done.set_result(None)
-
-                stream.set_close_callback(closed)
-                self._after_write(self._close_tls)
-                await done
+                if self._phase != _LINGER:  # else the server's side has ended
+                    if self._phase != _CLOSING:
+                        self._phase = _CLOSING
+                        self._since = self._loop.time()
+                        self._arm(self._deadline()[0])
+                    self._after_write(self._close_tls)
+                # Until the client closes too (or the closing deadline closes
+                # the stream): what it still sends is read and dropped.
+                dropped = 0
+                while dropped < LINGER_LIMIT:
+                    dropped += len(await stream.read_bytes(COMMAND_CHUNK, partial=True))
+        except StreamClosedError:
+            pass
         finally:
             if self._timer is not None:
                 self._timer.cancel()

@@ -10,6 +10,7 @@ import re
 import select
 import socket
 import threading
+import time
 import tracemalloc
 import weakref
 from typing import Any
@@ -805,3 +806,46 @@ def test_accept_batch_is_how_many_waiting_connections_one_wakeup_takes(batch, fi
 
     seen = asyncio.run(main())
     assert seen[0] == first and seen[-1] == 3
+
+
+def test_the_last_reply_reaches_a_client_that_pipelined_past_it(start_server):
+    """A client that pipelined far past the limit that ends its session gets
+    every reply up to the 421: the server ends its side and reads what is
+    left until the client closes, rather than close with unread input (the
+    system then resets the connection, and a reset client drops the replies
+    it has not read yet)."""
+    errors = 2000
+    server = start_server(plugin=RecordingPlugin(), max_errors=errors)
+    sock = socket.socket()
+    # A small window: the replies wait in the server's send queue, which a
+    # close with unread input would throw away.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(TIMEOUT)
+    sock.connect(("127.0.0.1", server.port))
+    with sock:
+        sock.sendall(b"EHLO client.test\r\n" + b"MAIL FROM:<bad\r\n" * (errors + 1))
+        sock.sendall(b"NOOP\r\n" * 5_000)
+        time.sleep(0.5)  # the server has answered everything it will
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    replies = data.split(b"\r\n")[2:-1]  # after the greeting and EHLO's first line
+    replies = [r for r in replies if not r.startswith(b"250")]
+    assert replies[:errors] == [b"501 5.1.7 Bad sender address syntax"] * errors
+    assert replies[errors:] == [b"421 4.7.0 Too many errors, closing connection"]
+    server.wait_connections(0)
+
+
+def test_a_client_that_keeps_the_connection_open_is_closed_after_the_linger(start_server):
+    """The wait for the client's close after a last reply is bounded."""
+    from bonzo.connection import LINGER_WAIT
+
+    server = start_server(plugin=RecordingPlugin())
+    with RawClient(server.port) as client:
+        client.greet()
+        client.send(b"MAIL FROM:<bad\r\n" * 21)
+        started = time.monotonic()
+        data = client.read_to_eof(timeout=10)  # the server's side ends: EOF
+        assert data.endswith(b"421 4.7.0 Too many errors, closing connection\r\n")
+        server.wait_connections(0, timeout=LINGER_WAIT + 3)
+        assert time.monotonic() - started >= LINGER_WAIT * 0.8
