@@ -28,7 +28,7 @@ from typing import Any
 
 from .config import Config, ConfigError, ListenerConfig, load_config
 from .dns import Resolver
-from .hooks import PluginError, PluginSet
+from .hooks import PluginError, PluginSet, passes_through
 from .hookspecs import DECISION_HOOKS
 from .server import ACCEPT_BATCH, ConnectionCount, SMTPServer, WorkerShare
 from .settings import SettingError
@@ -161,7 +161,9 @@ def _resolve(name: str, installed: dict[str, InstalledPlugin] | None) -> tuple[A
         try:
             loaded = ep.load()
             return _instantiate(loaded), not inspect.isclass(loaded)
-        except (Exception, SystemExit) as exc:
+        except BaseException as exc:  # the plugin's code: its fault (see passes_through)
+            if passes_through(exc):
+                raise
             raise LookupError(f"plugin {name!r} ({ep.value}) failed to load: {exc!r}") from exc
     if "." in name or ":" in name:
         module_name, _, attr = name.partition(":")
@@ -169,7 +171,9 @@ def _resolve(name: str, installed: dict[str, InstalledPlugin] | None) -> tuple[A
             module = importlib.import_module(module_name)
         except ImportError as exc:
             raise LookupError(f"plugin {name!r}: cannot import {module_name}: {exc}") from exc
-        except (Exception, SystemExit) as exc:
+        except BaseException as exc:
+            if passes_through(exc):
+                raise
             raise LookupError(f"plugin {name!r}: importing {module_name} failed: {exc!r}") from exc
         if not attr:
             return module, True
@@ -181,7 +185,9 @@ def _resolve(name: str, installed: dict[str, InstalledPlugin] | None) -> tuple[A
             raise LookupError(f"plugin {name!r}: {module_name} has no {attr!r}") from None
         try:
             return _instantiate(obj), not inspect.isclass(obj)
-        except (Exception, SystemExit) as exc:
+        except BaseException as exc:
+            if passes_through(exc):
+                raise
             raise LookupError(f"plugin {name!r}: creating {attr} failed: {exc!r}") from exc
     known = ", ".join(sorted(installed)) or "none"
     close = difflib.get_close_matches(name, sorted(installed), n=1)
@@ -322,9 +328,12 @@ class MailApp:
             except (ValueError, TypeError, KeyError, ConfigError) as exc:
                 message = exc.message if isinstance(exc, ConfigError) else str(exc)
                 raise config.error(f"plugins.{call.plugin}", message) from None
-            except (Exception, SystemExit) as exc:
-                # sys.exit() in a plugin must not end `bonzo check` or
-                # `bonzo serve` with status 0 and no word: it is a fault.
+            except BaseException as exc:
+                # sys.exit() (or a library's BaseException) in a plugin must
+                # not end `bonzo check` or `bonzo serve` with status 0, or a
+                # traceback: it is a fault (but for what passes_through).
+                if passes_through(exc):
+                    raise
                 raise config.error(
                     f"plugins.{call.plugin}", f"configuration failed: {exc!r}"
                 ) from None

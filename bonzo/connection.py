@@ -46,7 +46,7 @@ from tornado.log import app_log, gen_log
 
 from . import errors
 from .dispatch import Dispatcher
-from .hooks import PluginSet
+from .hooks import PluginSet, passes_through
 from .lmtp import LMTPProtocol
 from .protocol import (
     Closed,
@@ -511,7 +511,9 @@ class SMTPConnection:
         if callback is not None:
             try:
                 callback()
-            except Exception:
+            except BaseException as exc:  # application code: any exception is its fault
+                if passes_through(exc):
+                    raise
                 app_log.error("Exception in close callback", exc_info=True)
 
     def close(self) -> None:

@@ -33,7 +33,7 @@ from tornado.log import access_log, app_log, gen_log
 
 from . import errors, metrics
 from .auth import MECHANISMS, Challenge, Mechanism, decode_response
-from .hooks import PluginFailure, PluginSet, Refused, log_plugin_failure
+from .hooks import PluginFailure, PluginSet, Refused, log_plugin_failure, passes_through
 from .hookspecs import Accept, Discard, Quarantine
 from .lmtp import LMTPProtocol
 from .protocol import (
@@ -150,7 +150,9 @@ def _mapped(
         args = (session, error, hook, plugin)
         try:
             reply = call.function(*[args[i] for i in call.indexes])
-        except Exception as exc:
+        except BaseException as exc:
+            if passes_through(exc):
+                raise
             log_plugin_failure(session, "bonzo_exception", call.plugin, exc)
             continue
         if isinstance(reply, errors.SMTPError) and reply.status_code >= 400:

@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import difflib
 import inspect
+import signal
 import sys
+import threading
 import types
 import weakref
 from collections import deque
@@ -255,7 +257,9 @@ class PluginSet:
         for call in self.calls[hook]:
             try:
                 result = call.function(*[args[i] for i in call.indexes])
-            except (Exception, SystemExit) as exc:
+            except BaseException as exc:
+                if passes_through(exc):
+                    raise
                 raise PluginError(f"plugin {call.plugin!r}: {exc!r}") from exc
             results.append((call.plugin, result))
         return results
@@ -310,8 +314,8 @@ class PluginSet:
                     result = await _bounded(call, hook, result)
             except errors.SMTPError as exc:
                 raise _refusal(call, hook, exc) from None
-            except _FAULTS as exc:
-                if isinstance(exc, asyncio.CancelledError) and _stopping():
+            except BaseException as exc:
+                if passes_through(exc):
                     raise
                 raise PluginFailure(call.plugin, hook, exc) from exc
             finally:
@@ -344,8 +348,8 @@ class PluginSet:
                 result = call.function(*[args[i] for i in call.indexes])
                 if result is not None and inspect.isawaitable(result):
                     await _bounded(call, hook, result)
-            except _FAULTS as exc:
-                if isinstance(exc, asyncio.CancelledError) and _stopping():
+            except BaseException as exc:
+                if passes_through(exc):
                     raise
                 if strict:
                     raise PluginFailure(call.plugin, hook, exc) from exc
@@ -481,17 +485,49 @@ def _reply_tuple_problem(reply: tuple[Any, ...]) -> str | None:
     return None
 
 
-# What a hook may raise that is its own fault, answered as a failure: any
-# exception, a CancelledError it did not get from the session being stopped,
-# and SystemExit (a plugin calling sys.exit() must not stop the server).
-_FAULTS = (Exception, asyncio.CancelledError, SystemExit)
+def passes_through(exc: BaseException) -> bool:
+    """Whether ``exc``, raised out of a plugin's code, is not the plugin's
+    fault but must go on up. Anything else a plugin raises is its fault,
+    whatever its class: ``SystemExit`` (a plugin calling ``sys.exit()`` must
+    not stop the server), a library's ``Timeout(BaseException)``,
+    ``GreenletExit``, a ``KeyboardInterrupt`` a library raised itself.
+
+    What goes on up:
+
+    - an ``asyncio.CancelledError`` while the running task is being stopped
+      (:func:`_stopping`): the session's end (the server's forced stop),
+      not the plugin's doing;
+    - ``GeneratorExit``: Python closing the coroutine that runs the hook (its
+      task dropped). Made a failure, it would make ``close()`` raise instead
+      of closing; a plugin has no reason to raise it itself;
+    - a ``KeyboardInterrupt`` that may be the user's Ctrl-C: Python raises
+      one only in the main thread, and only with its own SIGINT handler
+      installed (``bonzo check``, a loop run by ``IOLoop.start()``). Under
+      ``bonzo serve`` the event loop takes SIGINT (``asyncio.run()``'s own
+      handler cancels the main task instead), and
+      :class:`~bonzo.testing.PluginTestServer` runs its loop in a thread of
+      its own: there a ``KeyboardInterrupt`` is the plugin's.
+
+    Only asked when a hook raised: the calls themselves pay nothing.
+    """
+    if isinstance(exc, asyncio.CancelledError):
+        return _stopping()
+    if isinstance(exc, KeyboardInterrupt):
+        return (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        )
+    return isinstance(exc, GeneratorExit)
 
 
 def _stopping() -> bool:
     """Whether the running task has been asked to stop (cancelled), so that a
     CancelledError is the stop, not a plugin's fault. Python 3.10 cannot
     tell the two apart: there every CancelledError stops the session."""
-    task = asyncio.current_task()
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no event loop (bonzo_configure): no session to stop
+        return False
     cancelling = getattr(task, "cancelling", None)
     return cancelling is None or cancelling() > 0
 

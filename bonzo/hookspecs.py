@@ -39,7 +39,8 @@ Rules shared by every hook:
   bounced): every implementation runs; an exception in one is logged and
   the others still run (except startup, where it stops the server).
 - **Fail closed.** An exception that is not an ``SMTPError`` (or is one with
-  a ``2xx``/``3xx`` code), a timeout, or a return value of the wrong type answers ``451 4.3.0`` (via
+  a ``2xx``/``3xx`` code), whatever its class (``SystemExit``, a library's
+  ``BaseException``), a timeout, or a return value of the wrong type answers ``451 4.3.0`` (via
   :func:`bonzo_exception`), is logged with the plugin's name and traceback,
   and never reaches the client.
 - **State.** Keep per-connection data in ``session.stash`` and per-message

@@ -24,7 +24,7 @@ from tornado.tcpserver import TCPServer
 
 from . import errors, metrics, version
 from .connection import SessionStream, SMTPConnection, connect_refusals
-from .hooks import CANCEL_GRACE, PluginSet, stop_task
+from .hooks import CANCEL_GRACE, PluginSet, passes_through, stop_task
 from .hookspecs import Accept
 from .listen import accept_on
 from .proxy import client_network
@@ -357,8 +357,10 @@ class CallbackPlugin:
                 result = self.request_callback(request)
                 if result is not None and hasattr(result, "__await__"):
                     await result
-            except Exception as error:
-                if not request.finished:
+            except BaseException as error:
+                # Before finish() any error is the reply (the hook runner
+                # makes it a fault, whatever its class); after it, the log's.
+                if not request.finished or passes_through(error):
                     raise
                 # The reply is already decided (finish() was called, and in
                 # Bonzo 0.1 the 250 was on its way); an error after that, in

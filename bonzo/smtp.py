@@ -27,6 +27,7 @@ import asyncio
 import inspect
 from typing import Any
 
+from .hooks import passes_through
 from .server import SMTPRequest, SMTPServer
 
 __all__ = ["RequestHandler", "Application"]
@@ -135,10 +136,16 @@ async def _report(request: SMTPRequest, work: Any) -> None:
     (a callback that called the application without returning it)."""
     try:
         await work
-    except Exception as error:
+    except BaseException as error:
+        # Whatever its class (SystemExit, a library's Timeout(BaseException)):
+        # left in this task nobody awaits, it would never become the reply
+        # (or, for SystemExit, end the event loop).
         fail = getattr(request, "_fail", None)
-        if fail is None:
-            raise  # not a server's request: the task's awaiter sees it
+        if fail is None or passes_through(error):
+            # Not a server's request (the task's awaiter sees it), or not the
+            # handler's fault: this task cancelled (the reply was decided
+            # without it), a Ctrl-C.
+            raise
         fail(error)
 
 

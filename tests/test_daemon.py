@@ -128,6 +128,15 @@ class ExitsInInit:
         raise SystemExit(0)
 
 
+class LibraryTimeout(BaseException):
+    """As gevent's Timeout: a library's BaseException."""
+
+
+class TimesOutInConfigure:
+    def bonzo_configure(self, config):
+        raise LibraryTimeout("directory did not answer")
+
+
 class WrongArgument:
     def bonzo_rcpt(self, recipient):
         return Accept()
@@ -374,6 +383,13 @@ def test_check_warns_about_a_server_that_takes_no_mail(workdir, env):
             ["plugins.daemonplug:ExitsInConfigure: configuration failed: SystemExit(0)"],
         ),
         ("init exits", ["plugin 'daemonplug:ExitsInInit': creating ExitsInInit failed"]),
+        (
+            "configure times out",
+            [
+                "plugins.daemonplug:TimesOutInConfigure: configuration failed: "
+                "LibraryTimeout('directory did not answer')"
+            ],
+        ),
     ],
 )
 def test_configuration_errors_exit_2_with_one_line(workdir, env, command, case, fragments):
@@ -386,6 +402,7 @@ def test_configuration_errors_exit_2_with_one_line(workdir, env, command, case, 
         "failing class": ["daemonplug:BadInit"],
         "configure exits": [STORE, "daemonplug:ExitsInConfigure"],
         "init exits": ["daemonplug:ExitsInInit"],
+        "configure times out": [STORE, "daemonplug:TimesOutInConfigure"],
     }.get(case)
     config = write_config(workdir, port, enabled)
     text = config.read_text()

@@ -14,6 +14,7 @@ import asyncio
 import inspect
 import logging
 import re
+import signal
 import smtplib
 import sys
 import time
@@ -1061,6 +1062,170 @@ def test_system_exit_in_a_hook_is_a_failure_and_the_server_keeps_serving(log_wat
             assert c.rset()[0] == 250
     assert len(failures(log_watch, "exiting", "bonzo_rcpt")) == 2
     assert len(failures(log_watch, "exiting", "bonzo_rset")) == 2
+
+
+class LibraryTimeout(BaseException):
+    """As gevent's or eventlet's Timeout: a library's BaseException."""
+
+
+class GreenletExit(BaseException):
+    """As greenlet's GreenletExit."""
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, LibraryTimeout, GreenletExit])
+def test_any_base_exception_a_plugin_raises_is_its_fault(log_watch, serve, error):
+    # The server's loop runs in a thread of its own, as under bonzo serve it
+    # runs with SIGINT taken by the loop: a KeyboardInterrupt there is the
+    # plugin's, and none of these may end the session, let alone the server.
+    class Fragile:
+        def bonzo_rcpt(self, address):
+            if address.startswith("fail"):
+                raise error("backend timed out")
+
+        async def bonzo_data(self):
+            await asyncio.sleep(0)
+            raise error("async backend timed out")
+
+        def bonzo_rset(self):
+            raise error("observer")
+
+    srv = serve(plugin_set(("fragile", Fragile()), ("owner", Owner())))
+    with smtp(srv) as idle:
+        idle.ehlo()
+        for _ in range(2):
+            with smtp(srv) as c:
+                c.ehlo()
+                c.mail("a@example.org")
+                assert c.rcpt("fail@example.org") == (451, b"4.3.0 Internal confusion")
+                assert c.rset()[0] == 250  # an observer: logged only
+                c.mail("a@example.org")
+                assert c.rcpt("b@example.org")[0] == 250
+                assert c.docmd("DATA") == (451, b"4.3.0 Internal confusion")
+                assert c.noop()[0] == 250
+        assert idle.noop()[0] == 250  # another session never noticed
+    for hook in ("bonzo_rcpt", "bonzo_data", "bonzo_rset"):
+        records = failures(log_watch, "fragile", hook)
+        assert len(records) == 2 and records[0].exc_info[0] is error, hook
+
+
+def test_a_keyboard_interrupt_that_may_be_ctrl_c_goes_on_up(log_watch):
+    """In the main thread with Python's own SIGINT handler a KeyboardInterrupt
+    may be the user's Ctrl-C: it is not swallowed as a plugin's fault. With
+    SIGINT handled otherwise (bonzo serve's loop takes it) it is the plugin's."""
+
+    class Interrupted:
+        def bonzo_mail(self):
+            raise KeyboardInterrupt
+
+        async def bonzo_rset(self):
+            await asyncio.sleep(0)
+            raise KeyboardInterrupt
+
+    ps = plugin_set(("interrupted", Interrupted()))
+    mail = tuple(None for _ in HOOK_ARGS["bonzo_mail"])
+    rset = tuple(None for _ in HOOK_ARGS["bonzo_rset"])
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    loop = asyncio.new_event_loop()  # no handler of its own, unlike asyncio.run()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(ps.decide("bonzo_mail", mail))
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(ps.observe("bonzo_rset", rset))
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
+        with pytest.raises(PluginFailure) as info:
+            loop.run_until_complete(ps.decide("bonzo_mail", mail))
+        assert type(info.value.error) is KeyboardInterrupt
+        loop.run_until_complete(ps.observe("bonzo_rset", rset))
+    finally:
+        loop.close()
+        signal.signal(signal.SIGINT, previous)
+    assert failures(log_watch, "interrupted", "bonzo_rset")
+
+
+def test_closing_a_hook_call_is_not_taken_for_a_fault(log_watch):
+    # GeneratorExit is Python closing the coroutine (its task dropped): made
+    # a PluginFailure, close() would raise instead of closing.
+    closed: list[str] = []
+
+    class Waits:
+        async def bonzo_rcpt(self, address):
+            try:
+                await asyncio.sleep(30)
+            finally:
+                closed.append(address)
+
+    ps = plugin_set(("waits", Waits()))
+    args = tuple("b@example.org" if a == "address" else None for a in HOOK_ARGS["bonzo_rcpt"])
+
+    async def main() -> None:
+        call = ps.decide("bonzo_rcpt", args)
+        call.send(None)  # now waiting in the plugin
+        call.close()
+
+    asyncio.run(main())
+    assert closed == ["b@example.org"]
+    assert log_watch.matching("waits") == []
+
+
+def test_base_exceptions_in_the_lifecycle_hooks_are_the_plugin_s_faults(plugin_module, log_watch):
+    class FailsToConfigure:
+        def bonzo_configure(self, config):
+            raise LibraryTimeout("directory did not answer")
+
+    class FailsToStart:
+        def bonzo_startup(self):
+            raise GreenletExit("killed")
+
+    class FailsToStop:
+        def bonzo_shutdown(self):
+            raise LibraryTimeout("pool did not close")
+
+    class Stops:
+        def __init__(self) -> None:
+            self.stopped = False
+
+        def bonzo_shutdown(self):
+            self.stopped = True
+
+    class Maps:
+        def bonzo_exception(self):
+            raise LibraryTimeout("mapper")
+
+    class FailsToLoad:
+        def __init__(self) -> None:
+            raise LibraryTimeout("license server did not answer")
+
+    plugin_module.FailsToConfigure = FailsToConfigure
+    plugin_module.FailsToLoad = FailsToLoad
+    with pytest.raises(ConfigError) as info:
+        MailApp(parse_config(app_config("FailsToConfigure"), source="t.toml"))
+    assert str(info.value) == (
+        "t.toml: plugins.bonzo_hooktest_plugins:FailsToConfigure: configuration failed: "
+        "LibraryTimeout('directory did not answer')"
+    )
+    with pytest.raises(ConfigError) as info:
+        MailApp(parse_config(app_config("FailsToLoad"), source="t.toml"))
+    assert str(info.value).endswith(
+        "creating FailsToLoad failed: LibraryTimeout('license server did not answer')"
+    )
+    ps = plugin_set(("fails", FailsToStart()))
+    with pytest.raises(PluginError, match=r"'fails' failed in bonzo_startup: killed"):
+        run(ps.call_observers("bonzo_startup", None, strict=True))
+    stops = Stops()
+    ps = plugin_set(("fails", FailsToStop()), ("stops", stops))
+    run(ps.call_observers("bonzo_shutdown", None))
+    assert stops.stopped
+    assert failures(log_watch, "fails", "bonzo_shutdown")
+
+    class Broken:
+        def bonzo_mail(self):
+            raise ValueError("oops")
+
+    ps = plugin_set(("broken", Broken()), ("maps", Maps()))
+    replies = converse(ps, EHLO, b"MAIL FROM:<a@example.org>\r\n")
+    assert replies[-1] == b"451 4.3.0 Internal confusion\r\n"
+    assert failures(log_watch, "maps", "bonzo_exception")
+    assert failures(log_watch, "broken", "bonzo_mail")
 
 
 class IgnoresCancellation:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from e2e_support import wait_until
 
 from bonzo import errors
 from bonzo.hookspecs import Accept
@@ -157,6 +158,74 @@ def test_a_plain_callback_failing_after_finish_keeps_its_250(smtp, log_watch, ki
     record = log_watch.wait_for(r"Uncaught exception \[\w+ 127\.0\.0\.1\] after finish\(\)")
     assert reply == (250, b"Ok")
     assert record.name == "tornado.application" and record.exc_info is not None
+
+
+# ------------------------------------- any exception from the application is its fault
+class LibraryTimeout(BaseException):
+    """As gevent's or eventlet's Timeout: a library's BaseException."""
+
+
+class Failing(RequestHandler):
+    async def data(self) -> None:
+        await asyncio.sleep(0)
+        if kind_of(self.request) == "exits":
+            raise SystemExit(1)  # left in its task, it would end the event loop
+        raise LibraryTimeout("handler timed out")
+
+
+def test_a_base_exception_from_the_application_is_its_fault(smtp, log_watch):
+    # Not only an Exception: 451 at once (not after handler_timeout), logged,
+    # and the server serves on; after finish() the 250 stands.
+    app = Application(Failing)
+
+    def callback(request: SMTPRequest) -> None:
+        kind = kind_of(request)
+        if kind == "plain":
+            raise LibraryTimeout("callback timed out")
+        if kind == "after":
+            request.finish()
+            raise LibraryTimeout("after finish")
+        app(request)  # the handler runs in a task of its own
+
+    client = smtp(callback, handler_timeout=5)
+    log_watch.allow("Uncaught exception", "tornado.application")
+    started = time.monotonic()
+    for kind in ("plain", "handler", "exits"):
+        assert send(client, kind) == (451, b"Internal confusion"), kind
+    assert time.monotonic() - started < 4
+    assert send(client, "after") == (250, b"Ok")
+    records = log_watch.matching("Uncaught exception", "tornado.application")
+    assert [r.exc_info[0] for r in records if r.exc_info] == [
+        LibraryTimeout,
+        LibraryTimeout,
+        SystemExit,
+        LibraryTimeout,
+    ]
+    assert "after finish()" in records[-1].getMessage()
+
+
+def test_a_base_exception_from_a_close_callback_is_logged(start_server, log_watch):
+    closed: list[str] = []
+
+    def on_close() -> None:
+        closed.append("called")
+        raise LibraryTimeout("close callback timed out")
+
+    def callback(request: SMTPRequest) -> None:
+        request.connection.set_close_callback(on_close)
+        request.finish()
+
+    server = start_server(callback)
+    log_watch.allow("Exception in close callback", "tornado.application")
+    for _ in range(2):  # the first did not end the server's loop
+        with smtplib.SMTP(server.host, server.port, timeout=10) as client:
+            client.helo("client.example")
+            assert send(client, "closing") == (250, b"Ok")
+    pattern = "Exception in close callback"
+    wait_until(lambda: len(log_watch.matching(pattern)) == 2, message="both errors logged")
+    records = log_watch.matching(pattern)
+    assert [r.exc_info[0] for r in records if r.exc_info] == [LibraryTimeout, LibraryTimeout]
+    assert closed == ["called", "called"]
 
 
 # ------------------------------------------------------ odd SMTPError arguments
