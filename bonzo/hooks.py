@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import functools
 import inspect
 import signal
 import sys
@@ -150,7 +151,7 @@ class PluginSet:
     def register(self, plugin: object, name: str, *, timeout: float | None = None) -> None:
         """Add ``plugin`` (a module or an object with hook methods) after those
         already registered. Raises :class:`PluginError` naming the plugin for an
-        unknown hook, a wrong argument name, or a hook wrapper."""
+        unknown hook, a wrong argument name, a hook wrapper, or a generator."""
         if name in self.names:
             raise PluginError(f"plugin {name!r} is registered twice")
         if timeout is not None and not positive_seconds(timeout):
@@ -177,6 +178,15 @@ class PluginSet:
             if hook_name in _SYNC_ONLY and inspect.iscoroutinefunction(impl.function):
                 self.manager.unregister(name=name)
                 raise PluginError(f"plugin {name!r}: {hook_name} must not be async ({hook})")
+            kind = _generator_kind(impl.function)
+            if kind is not None:
+                # A leftover `yield` (pluggy's wrapper idiom is a generator):
+                # calling it would make a generator and never run its body.
+                self.manager.unregister(name=name)
+                raise PluginError(
+                    f"plugin {name!r}: {hook_name} is {kind} (it has a yield), so its body "
+                    "would never run; a hook must return its answer"
+                )
             problem = _signature_problem(impl, hook_name)
             if problem is not None:
                 self.manager.unregister(name=name)
@@ -356,6 +366,22 @@ class PluginSet:
                 log_plugin_failure(session, hook, call.plugin, exc)
             finally:
                 current_plugin.reset(token)
+
+
+def _generator_kind(function: Any) -> str | None:
+    """``"a generator"`` or ``"an async generator"`` if ``function`` is one
+    (but a ``@types.coroutine`` one: its generator is an awaitable)."""
+    if inspect.isasyncgenfunction(function):
+        return "an async generator"
+    if not inspect.isgeneratorfunction(function):
+        return None
+    # Unwrapped as inspect does: a method's function, a partial's.
+    while inspect.ismethod(function):
+        function = function.__func__
+    while isinstance(function, functools.partial):
+        function = function.func
+    flags = getattr(getattr(function, "__code__", None), "co_flags", 0)
+    return None if flags & inspect.CO_ITERABLE_COROUTINE else "a generator"
 
 
 def _wrong_parameter(plugin: object) -> str | None:

@@ -22,8 +22,8 @@ Rules shared by every hook:
   or back). ``bonzo plugins`` prints the effective order of every hook.
 - **Sync or async.** Any implementation but configure and exception may be
   ``def`` or ``async def`` (or return any awaitable); Bonzo awaits each one
-  before calling the next, within the plugin's timeout. Hook wrappers are
-  refused at startup.
+  before calling the next, within the plugin's timeout. Hook wrappers and
+  generators (a ``yield`` in the body) are refused at startup.
 - **Decision hooks** (connect, helo, mail, rcpt, data, message, deliver,
   quarantine, unknown_command, auth, and the delivery side's route and
   bounce): raising a :class:`bonzo.errors.SMTPError` (``4xx``

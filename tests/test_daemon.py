@@ -137,6 +137,13 @@ class TimesOutInConfigure:
         raise LibraryTimeout("directory did not answer")
 
 
+class GeneratorConfigure:
+    def bonzo_configure(self, config):
+        if "limit" not in config:
+            raise ValueError("limit: required")  # never checked: a leftover yield
+        yield
+
+
 class WrongArgument:
     def bonzo_rcpt(self, recipient):
         return Accept()
@@ -390,6 +397,13 @@ def test_check_warns_about_a_server_that_takes_no_mail(workdir, env):
                 "LibraryTimeout('directory did not answer')"
             ],
         ),
+        (
+            "generator hook",
+            [
+                "plugins.enabled: plugin 'daemonplug:GeneratorConfigure': bonzo_configure is a "
+                "generator (it has a yield), so its body would never run"
+            ],
+        ),
     ],
 )
 def test_configuration_errors_exit_2_with_one_line(workdir, env, command, case, fragments):
@@ -403,6 +417,7 @@ def test_configuration_errors_exit_2_with_one_line(workdir, env, command, case, 
         "configure exits": [STORE, "daemonplug:ExitsInConfigure"],
         "init exits": ["daemonplug:ExitsInInit"],
         "configure times out": [STORE, "daemonplug:TimesOutInConfigure"],
+        "generator hook": [STORE, "daemonplug:GeneratorConfigure"],
     }.get(case)
     config = write_config(workdir, port, enabled)
     text = config.read_text()

@@ -361,6 +361,98 @@ def test_registration_refuses_hook_wrappers(option):
     assert ps.calls["bonzo_rcpt"] == []
 
 
+class GeneratorRcpt:
+    def bonzo_rcpt(self, address):
+        yield Accept()  # a leftover yield: the hook would return a generator
+
+
+class AsyncGeneratorHelo:
+    async def bonzo_helo(self, name):
+        if name.endswith(".invalid"):
+            yield None
+
+
+class GeneratorAccepted:
+    def bonzo_accepted(self, envelope):
+        yield  # its body (the journal write) would never run
+
+
+class AsyncGeneratorDisconnect:
+    async def bonzo_disconnect(self):
+        await asyncio.sleep(0)
+        yield
+
+
+class GeneratorConfigure:
+    def bonzo_configure(self, config):
+        if "limit" not in config:
+            raise ValueError("limit: required")  # would never be checked
+        yield
+
+
+class GeneratorStartup:
+    def bonzo_startup(self, app):
+        yield
+
+
+@pytest.mark.parametrize(
+    "plugin, hook, kind",
+    [
+        (GeneratorRcpt, "bonzo_rcpt", "a generator"),
+        (AsyncGeneratorHelo, "bonzo_helo", "an async generator"),
+        (GeneratorAccepted, "bonzo_accepted", "a generator"),
+        (AsyncGeneratorDisconnect, "bonzo_disconnect", "an async generator"),
+        (GeneratorConfigure, "bonzo_configure", "a generator"),
+        (GeneratorStartup, "bonzo_startup", "a generator"),
+    ],
+)
+def test_registration_refuses_generators(plugin, hook, kind):
+    # A decision hook would fail at every call; an observer, configure or
+    # startup would silently never run its body.
+    ps = PluginSet()
+    with pytest.raises(PluginError) as info:
+        ps.register(plugin(), "gen")
+    assert str(info.value) == (
+        f"plugin 'gen': {hook} is {kind} (it has a yield), so its body would never run; "
+        "a hook must return its answer"
+    )
+    assert ps.names == []
+    assert ps.calls[hook] == []
+    module = types.ModuleType("generator_plugin")
+
+    def bonzo_rcpt(address):
+        yield Accept()
+
+    module.bonzo_rcpt = bonzo_rcpt  # type: ignore[attr-defined]
+    with pytest.raises(PluginError, match="'module': bonzo_rcpt is a generator"):
+        ps.register(module, "module")
+
+
+def test_a_generator_based_coroutine_is_an_awaitable_not_a_generator(serve):
+    class OldStyle:
+        @types.coroutine
+        def bonzo_rcpt(self, address):
+            yield from asyncio.sleep(0).__await__()
+            return Accept() if address.startswith("b") else None
+
+    srv = serve(plugin_set(("old", OldStyle())))
+    with smtp(srv) as c:
+        c.ehlo()
+        c.mail("a@example.org")
+        assert c.rcpt("b@example.org") == (250, b"2.1.5 Ok")
+
+
+def test_a_generator_configure_fails_the_configuration(plugin_module):
+    plugin_module.GeneratorConfigure = GeneratorConfigure
+    with pytest.raises(ConfigError) as info:
+        MailApp(parse_config(app_config("GeneratorConfigure"), source="t.toml"))
+    assert str(info.value) == (
+        "t.toml: plugins.enabled: plugin 'bonzo_hooktest_plugins:GeneratorConfigure': "
+        "bonzo_configure is a generator (it has a yield), so its body would never run; a hook "
+        "must return its answer"
+    )
+
+
 @pytest.mark.parametrize("hook", ["bonzo_configure", "bonzo_exception"])
 def test_registration_refuses_async_sync_only_hooks(hook):
     class AsyncConfigure:
