@@ -60,7 +60,7 @@ from .protocol import (
     XClient,
 )
 from .proxy import ProxyError, ProxyParser, address_in
-from .session import Session, current_session_id
+from .session import Session, current_session_id, one_line
 from .settings import ListenerSettings, SMTPSettings, host_port
 from .tls import TLSLayer
 
@@ -1183,19 +1183,25 @@ class SMTPConnection:
             finally:
                 current_session_id.reset(token)
             return
-        text = refusal.text.replace("\n", " / ")
+        # The text and the log message are a plugin's, filled with what a
+        # client sent, perhaps (a decoded Subject): escaped, as the argument
+        # is by repr, so that none can end this line and forge another. So is
+        # the plugin's name; the rest is Bonzo's own (an id, a checked verb,
+        # a checked enhanced code, IP addresses, the name of a limit).
+        text = one_line(refusal.text.replace("\n", " / "))
         arg = refusal.arg if len(refusal.arg) <= 200 else refusal.arg[:200] + "..."
+        by = one_line(refusal.by)
         if refusal.log_message:
             # As the original Bonzo logged an SMTPError's log_message: the
             # code and the message first, on tornado.general.
             gen_log.warning(
                 "%d %s [%s %s] %s refused by %s: %d %s %s; arg=%r",
                 refusal.code,
-                refusal.log_message,
+                one_line(refusal.log_message),
                 self.session.id,
                 self.remote_ip,
                 refusal.stage,
-                refusal.by,
+                by,
                 refusal.code,
                 refusal.enhanced,
                 text,
@@ -1221,7 +1227,7 @@ class SMTPConnection:
                 self.session.id,
                 self.remote_ip,
                 refusal.stage,
-                refusal.by,
+                by,
                 refusal.code,
                 refusal.enhanced,
                 text,

@@ -49,7 +49,14 @@ from .protocol import (
     SMTPProtocol,
     Unknown,
 )
-from .session import Envelope, Session, current_message_id, log_escape, received_header
+from .session import (
+    Envelope,
+    Session,
+    current_message_id,
+    log_escape,
+    one_line,
+    received_header,
+)
 from .settings import SMTPSettings
 
 __all__ = ["Dispatcher", "error_reply", "greeting_refusal", "storage_error_reply"]
@@ -601,7 +608,7 @@ class Dispatcher:
             ", ".join(f"<{log_escape(n)}>" for n in names),
             error.status_code,
             error.enhanced_code,
-            error.message,
+            one_line(error.message.replace("\n", " / ")),  # a plugin's, as in a refusal's line
             "answered the deferral: the client will send it again to every recipient"
             if deferred
             else "answered 250: an SMTP client cannot be told of a refusal per recipient",

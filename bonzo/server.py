@@ -28,7 +28,7 @@ from .hooks import CANCEL_GRACE, PluginSet, passes_through, stop_task
 from .hookspecs import Accept
 from .listen import accept_on
 from .proxy import client_network
-from .session import Envelope, Session
+from .session import Envelope, Session, one_line
 from .settings import ListenerSettings, SMTPSettings
 
 __all__ = [
@@ -345,7 +345,11 @@ class CallbackPlugin:
             note = error.log_text()
             if note is not None:
                 gen_log.warning(
-                    "%d %s [%s %s]", error.status_code, note, session.id, session.remote_ip
+                    "%d %s [%s %s]",
+                    error.status_code,
+                    one_line(note),  # may hold what the client sent
+                    session.id,
+                    session.remote_ip,
                 )
             return Accept(error.message)
         return Accept()

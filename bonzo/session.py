@@ -1195,6 +1195,19 @@ def log_escape(text: str | None, limit: int = 512) -> str:
     return "".join(out)
 
 
+def one_line(text: str) -> str:
+    """A plugin's reply or log text (which may hold what a client sent: a
+    decoded Subject, an address) made safe for a log line, kept readable:
+    every character that is not printable (CR, LF, other controls, U+2028
+    and the other line and paragraph separators, bidirectional overrides)
+    is written as its ``\\xNN``/``\\uNNNN`` escape, so that the text can
+    neither end the line nor begin a forged one; spaces, letters of any
+    script and backslashes are kept as they are."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def safe_text(text: str, limit: int = 255) -> str:
     """Client-supplied text made safe for a header or a log line: at most
     ``limit`` characters, each outside ``[A-Za-z0-9.-_:[]]`` replaced by ``?``."""

@@ -9,6 +9,7 @@ fixture kills whatever a test left running.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -44,7 +45,7 @@ import os
 import time
 from pathlib import Path
 
-from bonzo import Accept, hookimpl
+from bonzo import Accept, errors, hookimpl
 
 
 class Store:
@@ -126,6 +127,20 @@ class ExitsInConfigure:
 class ExitsInInit:
     def __init__(self):
         raise SystemExit(0)
+
+
+class SubjectPolicy:
+    """Refuses by the decoded Subject, as docs/plugins.rst shows: what the
+    sender wrote reaches the refusal's log message, or its reply."""
+
+    def bonzo_message(self, envelope):
+        subject = str(envelope.message.get("Subject", ""))
+        if subject.startswith("lottery"):
+            raise errors.SMTPError(
+                550, "Message refused", "refused subject %s", subject, enhanced_code="5.7.1"
+            )
+        if subject.startswith("prize"):
+            raise errors.PermanentError(550, f"Subject not allowed: {subject}", "5.7.1")
 
 
 class LibraryTimeout(BaseException):
@@ -1844,6 +1859,47 @@ def test_json_logs_carry_the_session_and_message_ids(workdir, serve):
     assert refusal["time"].endswith("Z")
     assert "421 4.3.2 Server shutting down" in stop["message"]
     assert stop["session"] == stop["message"][1:].split()[0]  # "[ID 127.0.0.1] ..."
+
+
+@pytest.mark.parametrize("form", ["text", "json"])
+def test_a_sender_cannot_forge_log_lines_through_a_plugin_s_refusal(workdir, serve, form):
+    """A refusal's log line carries the plugin's log message and reply text,
+    filled with what the sender wrote (a decoded Subject): a line break or
+    another control character there is escaped, and every record stays one
+    line (as str.splitlines() sees lines: U+2028, NEL and the rest)."""
+    port = free_port()
+    config = write_config(workdir, port, ["daemonplug:SubjectPolicy", STORE])
+    if form == "json":
+        config.write_text(
+            config.read_text().replace('level = "info"', 'level = "info"\nformat = "json"')
+        )
+    daemon = serve(config, port)
+    daemon.wait_ready()
+    forged = "2026-12-06 00:00:00,000 INFO [1] tornado.access: FORGED"
+    separators = {"\r\n": r"\r\n", "\u2028": r"\u2028", "\x85": r"\x85", "\x1e": r"\x1e"}
+    for subject in ("lottery", "prize"):
+        for separator in separators:
+            encoded = base64.b64encode(f"{subject}{separator}{forged}".encode()).decode()
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                send(port, message=f"Subject: =?utf-8?b?{encoded}?=\r\n\r\nHello.\r\n")
+            assert refused.value.smtp_code == 550
+    assert daemon.stop() == 0
+    lines = daemon.log.splitlines()
+    if form == "json":
+        messages = [json.loads(line)["message"] for line in lines]
+    else:
+        start = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ \[\d+\] \S+: ")
+        assert all(start.match(line) and not line.startswith(forged[:23]) for line in lines), lines
+        messages = [start.sub("", line, count=1) for line in lines]
+    refusals = [m for m in messages if "refused by daemonplug:SubjectPolicy" in m]
+    assert len(refusals) == 2 * len(separators)
+    for message, shown in zip(refusals, [*separators.values()] * 2, strict=True):
+        if message.startswith("550 refused subject lottery"):
+            assert message.startswith(f"550 refused subject lottery{shown}{forged} [")
+            assert message.endswith(" 550 5.7.1 Message refused; arg=''")
+        else:
+            reply = "prize\\r / " if shown == r"\r\n" else f"prize{shown}"
+            assert f": 550 5.7.1 Subject not allowed: {reply}{forged}; arg=''" in message
 
 
 def test_pid_file_and_readiness_to_systemd(workdir, env):

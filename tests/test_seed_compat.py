@@ -321,6 +321,16 @@ def test_a_2xx_error_from_a_callback_accepts_the_message(smtp, log_watch, esmtp)
     assert accepted == ["sync", "async"]
 
 
+def test_a_2xx_error_s_log_message_cannot_forge_a_log_line(smtp, log_watch):
+    # Its arguments may be what the sender wrote: escaped, as in a refusal's line.
+    def callback(request: SMTPRequest) -> None:
+        raise errors.SMTPError(250, "Queued", "queued %s", "X\r\n2026 INFO forged\u2028")
+
+    assert send(smtp(callback), "queued") == (250, b"Queued")
+    [record] = log_watch.matching(r"^250 queued ", "tornado.general")
+    assert record.getMessage().startswith(r"250 queued X\r\n2026 INFO forged\u2028 [")
+
+
 def test_a_2xx_error_from_a_plugin_still_fails_closed(start_server, log_watch):
     # Plugins accept with Accept; an "error" saying all is well is a fault.
     class Odd:

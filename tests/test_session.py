@@ -17,7 +17,7 @@ from bonzo import Accept, errors
 from bonzo.address import Address
 from bonzo.hooks import PluginSet
 from bonzo.protocol import SMTPProtocol
-from bonzo.session import Envelope, Session, received_header, with_keyword
+from bonzo.session import Envelope, Session, one_line, received_header, with_keyword
 from bonzo.settings import ListenerSettings, SMTPSettings
 from bonzo.testing import PluginTestServer, SessionTester, make_session
 
@@ -255,6 +255,43 @@ def test_bonzo_s_own_log_lines_escape_the_client_s_addresses(caplog, sender, sho
     assert f"but not to <{shown}>" in warning
     for record in caplog.records:
         assert "\u2028" not in record.getMessage() and "to=99 id" not in record.getMessage()
+
+
+def test_one_line_escapes_only_what_is_not_printable():
+    assert one_line("caf\u00e9 \u00fcber C:\\dir 50%") == "caf\u00e9 \u00fcber C:\\dir 50%"
+    assert one_line("a\r\nb\u2028c\u2029d\x85e\x00f\u202eg\udcff\th") == (
+        r"a\r\nb\u2028c\u2029d\x85e\x00f\u202eg\udcff\th"
+    )
+
+
+def test_a_plugin_s_refusal_of_one_recipient_cannot_forge_a_log_line(caplog):
+    # The warning that names what one recipient was refused carries the
+    # plugin's text (which may quote the client): escaped, as in a refusal's line.
+    class RefusesBob:
+        def bonzo_rcpt(self):
+            return Accept()
+
+        def bonzo_deliver(self, envelope):
+            for rcpt in envelope.recipients:
+                if rcpt.local == "bob":
+                    text = "No bob\r\n2026 WARNING forged\u2028\x1b[2J"
+                    envelope.refuse_recipient(rcpt, errors.PermanentError(550, text, "5.1.1"))
+            return Accept()
+
+    plugins = PluginSet()
+    plugins.register(RefusesBob(), "refuses")
+    t = SessionTester(plugins)
+
+    async def run():
+        await t.connect()
+        await t.send(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\n")
+        await t.send(b"RCPT TO:<bob@example.com>\r\nRCPT TO:<carol@example.com>\r\nDATA\r\n")
+        return await t.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
+
+    with caplog.at_level(logging.INFO):
+        assert asyncio.run(run()).startswith(b"250 ")
+    [warning] = [r.getMessage() for r in caplog.records if "was delivered to 1" in r.getMessage()]
+    assert r"(first: 550 5.1.1 No bob\r / 2026 WARNING forged\u2028\x1b[2J); " in warning
 
 
 def test_credentials_sent_after_a_refused_auth_are_never_logged():
