@@ -437,7 +437,14 @@ class JSONFormatter(logging.Formatter):
             line["message_id"] = message
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, ensure_ascii=False)
+        text = json.dumps(line, ensure_ascii=False)
+        if not text.isascii():
+            # JSON escapes the ASCII controls but leaves NEL, U+2028 and
+            # U+2029, which line readers (str.splitlines(), JavaScript's)
+            # take for line ends: a record must stay one line.
+            text = text.replace("\x85", "\\u0085")
+            text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+        return text
 
 
 def _setup_logging(config: Any) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import re
 import shutil
@@ -1900,6 +1901,17 @@ def test_a_sender_cannot_forge_log_lines_through_a_plugin_s_refusal(workdir, ser
         else:
             reply = "prize\\r / " if shown == r"\r\n" else f"prize{shown}"
             assert f": 550 5.7.1 Subject not allowed: {reply}{forged}; arg=''" in message
+
+
+def test_a_json_log_record_is_one_line_whatever_its_text():
+    # JSON escapes the ASCII controls itself, not NEL, U+2028 or U+2029.
+    from bonzo.cli import JSONFormatter
+
+    text = "a\u2028b\x85c\u2029d\r\ne\x1ef \u00e9"
+    record = logging.LogRecord("bonzo.test", logging.ERROR, __file__, 1, text, None, None)
+    line = JSONFormatter().format(record)
+    assert line.splitlines() == [line]
+    assert json.loads(line)["message"] == text
 
 
 def test_pid_file_and_readiness_to_systemd(workdir, env):
