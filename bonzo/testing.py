@@ -7,6 +7,7 @@ to it.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import smtplib
@@ -35,7 +36,7 @@ from .protocol import (
 )
 from .server import SMTPServer
 from .session import Session
-from .settings import SMTPSettings
+from .settings import ListenerSettings, SMTPSettings
 
 __all__ = ["AsyncSMTPTestCase", "PluginTestServer", "SessionTester", "make_session"]
 
@@ -193,6 +194,13 @@ class PluginTestServer:
         the access line, each refusal's line, the plugins' own info). The
         root logger's level is lowered to it while the server runs (never
         raised), then restored.
+    :arg listener: the :class:`~bonzo.settings.ListenerSettings` of the
+        server's ports (what a ``[[listeners]]`` table says: TLS, AUTH), e.g.
+        ``ListenerSettings(auth_plaintext=True)`` to offer AUTH without TLS,
+        so that a client can ``login()`` to a :func:`bonzo_auth` plugin.
+        Default: plain SMTP, no AUTH. Neither a Unix socket nor PROXY
+        (:meth:`client` sends that header itself); with ``implicit_tls``,
+        connect an :class:`smtplib.SMTP_SSL` to ``server.port``.
     :arg settings: :class:`~bonzo.settings.SMTPSettings` fields.
 
     :meth:`client` connects with any client address and HELO name the
@@ -212,6 +220,7 @@ class PluginTestServer:
         dns: Any = None,
         timeout: float = 10.0,
         log_level: int | str = "INFO",
+        listener: ListenerSettings | None = None,
         **settings: Any,
     ) -> None:
         import tempfile
@@ -220,6 +229,23 @@ class PluginTestServer:
             raise ValueError(
                 f'capture must be True, False, "recipients" or "delivery", not {capture!r}'
             )
+        listener = listener if listener is not None else ListenerSettings()
+        if not isinstance(listener, ListenerSettings):
+            raise TypeError(f"listener must be a ListenerSettings, not {listener!r}")
+        if listener.unix_socket or listener.proxy_protocol:
+            raise ValueError(
+                "listener: the test server listens on TCP ports of 127.0.0.1, and client() "
+                "sends the PROXY header itself: no unix_socket or proxy_protocol"
+            )
+        misplaced = sorted(set(settings) & {f.name for f in dataclasses.fields(ListenerSettings)})
+        if misplaced:
+            raise TypeError(
+                f"{', '.join(misplaced)}: a listener option, not an SMTPSettings field; pass "
+                f"listener=ListenerSettings({misplaced[0]}=...)"
+            )
+        #: The :class:`~bonzo.settings.ListenerSettings` of :attr:`port` (and,
+        #: with a PROXY header, of :attr:`proxy_port`).
+        self.listener = listener
         self.host = "127.0.0.1"
         self.port = 0
         #: The port that takes a PROXY header first (what :meth:`client` uses
@@ -299,10 +325,6 @@ class PluginTestServer:
 
     def start(self) -> PluginTestServer:
         """Start serving (``with`` does this)."""
-        import ipaddress
-
-        from .settings import ListenerSettings
-
         root = logging.getLogger()
         root.addHandler(self._handler)
         if root.getEffectiveLevel() > self._log_level:
@@ -313,11 +335,15 @@ class PluginTestServer:
         async def start() -> None:
             await self.plugins.call_observers("bonzo_startup", self.app, strict=True)
             sock, self.port = bind_unused_port()
-            server = SMTPServer(plugins=self.plugins, settings=self.settings)
+            server = SMTPServer(
+                plugins=self.plugins, settings=self.settings, listener=self.listener
+            )
             server.add_sockets([sock])
             proxied, self.proxy_port = bind_unused_port()
-            listener = ListenerSettings(
-                proxy_protocol=True, proxy_trusted=(ipaddress.ip_network("127.0.0.1/32"),)
+            listener = dataclasses.replace(
+                self.listener,
+                proxy_protocol=True,
+                proxy_trusted=(ipaddress.ip_network("127.0.0.1/32"),),
             )
             behind = SMTPServer(plugins=self.plugins, settings=self.settings, listener=listener)
             behind.add_sockets([proxied])

@@ -582,6 +582,16 @@ def test_the_plugin_testing_example(monkeypatch: pytest.MonkeyPatch) -> None:
         test()
 
 
+def test_the_auth_plugin_testing_example() -> None:
+    """The tests of an AUTH plugin shown in "Testing a plugin" pass: AUTH end
+    to end through PluginTestServer with a listener that offers it."""
+    module = snippet("test_auth_plugin")
+    tests = [value for name, value in vars(module).items() if name.startswith("test_")]
+    assert len(tests) == 2
+    for test in tests:
+        test()
+
+
 # --------------------------------------------------- examples shown in the docs
 def literal_block_after(page: str, marker: str) -> list[str]:
     """The lines of the indented literal block that follows ``marker`` in a page."""

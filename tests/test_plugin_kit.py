@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from bonzo import Accept, errors, hookimpl
+from bonzo.settings import ListenerSettings
 from bonzo.testing import PluginTestServer
 
 MESSAGE = "Subject: kit\r\n\r\nHello\r\n"
@@ -110,6 +111,61 @@ def test_client_address_and_helo_seen_by_plugins():
         ("127.0.0.1", "client.example"),
     ]
     assert server.sessions[0] == ("198.51.100.7", "mx.sender.example")
+
+
+class Users:
+    """An AUTH plugin checking its own table of users."""
+
+    @hookimpl
+    def bonzo_configure(self, config):
+        self.passwords = dict(config["passwords"])
+
+    @hookimpl
+    def bonzo_auth(self, username, password):
+        return Accept() if self.passwords.get(username) == password else None
+
+
+def test_an_auth_plugin_is_tested_end_to_end_with_the_listener_s_options():
+    seen: list[tuple[str, str | None]] = []
+
+    class Who:
+        @hookimpl
+        def bonzo_mail(self, session):
+            seen.append((session.remote_ip, session.auth))
+
+    config = {"users": {"passwords": {"alice": "s3cret"}}}
+    listener = ListenerSettings(auth_plaintext=True, require_auth=True)
+    with PluginTestServer(
+        ("users", Users()), ("who", Who()), config=config, listener=listener, auth_failure_delay=0
+    ) as server:
+        assert server.listener is listener
+        # Both ports serve the listener's options (the PROXY one too).
+        for remote_ip in (None, "203.0.113.9"):
+            with server.client(remote_ip=remote_ip) as client:
+                client.ehlo()
+                assert client.esmtp_features["auth"].split() == ["PLAIN", "LOGIN"]
+                assert client.mail("a@example.org")[0] == 530  # require_auth
+                with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+                    client.login("alice", "wrong")
+                assert refused.value.smtp_code == 535
+                assert client.login("alice", "s3cret") == (235, b"2.7.0 Authentication successful")
+                assert client.sendmail("a@example.org", ["b@example.com"], MESSAGE) == {}
+    assert seen == [("127.0.0.1", "alice"), ("203.0.113.9", "alice")]
+    assert len(server.messages) == 2
+    # By default the ports are plain SMTP: no AUTH without TLS.
+    with PluginTestServer(("users", Users()), config=config) as server:
+        with server.client() as client:
+            client.ehlo()
+            assert not client.has_extn("auth")
+
+
+def test_listener_options_go_in_listener():
+    with pytest.raises(TypeError, match=r"auth_plaintext: a listener option.*listener="):
+        PluginTestServer(auth_plaintext=True)
+    with pytest.raises(TypeError, match="listener must be a ListenerSettings"):
+        PluginTestServer(listener={"auth_plaintext": True})
+    with pytest.raises(ValueError, match="no unix_socket or proxy_protocol"):
+        PluginTestServer(listener=ListenerSettings(unix_socket=True))
 
 
 def test_capture_modes():
