@@ -185,6 +185,15 @@ def _text(verdict: tuple[str, Any] | None) -> str | None:
     return value if type(value) is str else None
 
 
+def _owed(envelope: Envelope) -> list[int]:
+    """The indexes in ``envelope.recipients`` of the client's own recipients,
+    in ``RCPT`` order: those owed an LMTP reply. A plugin may add a copy at
+    any point (in ``bonzo_rcpt`` it lands before the client's recipient), so
+    the client's are not simply the first ones."""
+    added = envelope.added
+    return [i for i in range(len(envelope.recipients)) if i not in added]
+
+
 def _all_refused(envelope: Envelope) -> bool:
     """True when the message is refused for every recipient the client gave
     (those a plugin added, owed no reply, do not count)."""
@@ -515,7 +524,7 @@ class Dispatcher:
         if isinstance(core, LMTPProtocol):
             # One reply per recipient, each naming its recipient (as Dovecot
             # and Cyrus do), so that the client's log says who got what.
-            answered = [i for i in range(len(envelope.rcpt_tos)) if i not in envelope.added]
+            answered = _owed(envelope)
             core.answer_recipients(
                 [refused.get(i) or f"<{envelope.rcpt_tos[i]}> {text}" for i in answered],
                 by=[envelope.refused_by.get(i, by) for i in answered],
@@ -673,11 +682,13 @@ class Dispatcher:
             current_message_id.set(envelope.id if envelope is not None else None)
             try:
                 if refused and isinstance(core, LMTPProtocol):
-                    # The recipients refused one by one keep their own reply.
-                    count = core.rcpt_count
+                    assert envelope is not None
+                    # The recipients refused one by one keep their own reply;
+                    # a copy a plugin added is owed none, wherever it is.
+                    answered = _owed(envelope)
                     core.answer_recipients(
-                        [refused.get(i, reply) for i in range(count)],
-                        by=[deciders.get(i, by) for i in range(count)],
+                        [refused.get(i, reply) for i in answered],
+                        by=[deciders.get(i, by) for i in answered],
                     )
                 else:
                     core.reject(reply, by=by)

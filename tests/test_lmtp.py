@@ -10,6 +10,7 @@ import socket
 from typing import Any
 
 import pytest
+from e2e_support import RawClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from protocol_helpers import HOST, IP, Client, split_replies
@@ -22,7 +23,7 @@ from bonzo.hooks import PluginSet
 from bonzo.lmtp import LMTPProtocol
 from bonzo.protocol import MessageComplete, Rcpt, SMTPProtocol
 from bonzo.server import ConnectionCount, SMTPServer
-from bonzo.settings import SMTPSettings
+from bonzo.settings import ListenerSettings, SMTPSettings
 from bonzo.testing import SessionTester
 
 LHLO = b"LHLO client.example\r\n"
@@ -575,6 +576,82 @@ def test_refusals_at_delivery_are_judged_over_the_clients_recipients(lmtp, caplo
     assert store.delivered == [["a@example.net"]] and store.accepted == [{1: FULL}]
     if not lmtp:
         assert "not delivered to <archive@example.net>, added by a plugin" in caplog.text
+
+
+class CopyAtRcpt:
+    """Adds an archive copy while the ``at``-th client recipient is asked
+    about at RCPT (so the copy comes before it in the envelope, an always-bcc
+    plugin's way); after the message, refuses the copy for good and <b> for
+    now, then defers the whole message when ``defer``."""
+
+    def __init__(self, at: int, defer: bool) -> None:
+        self.at = at
+        self.defer = defer
+
+    @hookimpl
+    def bonzo_rcpt(self, envelope: Any) -> None:
+        if not envelope.added and len(envelope.recipients) == self.at:
+            envelope.add_recipient_address("archive@example.net")
+
+    @hookimpl
+    def bonzo_message(self, envelope: Any) -> None:
+        for i in envelope.added:
+            envelope.refuse_recipient(i, GONE)
+        envelope.refuse_recipient(next(r for r in envelope.recipients if r.local == "b"), FULL)
+        if self.defer:
+            raise errors.TransientError("Try again later", 451, "4.3.0")
+
+
+def copy_at_rcpt(at: int, defer: bool) -> PluginSet:
+    plugins = PluginSet()
+    plugins.register(CopyAtRcpt(at, defer), "copy")
+    plugins.register(Store({}), "store")
+    return plugins
+
+
+LATER_REPLY = b"451 4.3.0 Try again later\r\n"
+
+
+@pytest.mark.parametrize("defer", [True, False], ids=["deferred", "delivered"])
+@pytest.mark.parametrize("at", [0, 1, 2])
+def test_a_copy_added_at_rcpt_takes_no_client_recipients_reply(at, defer):
+    """Wherever the copy sits among the client's recipients, each of them gets
+    its own reply (or the message's) and the log line names it."""
+    t = SessionTester(copy_at_rcpt(at, defer), lmtp=True)
+    seen: list[Any] = []
+    t.core.on_refusal = seen.append
+    replies = asyncio.run(transaction(t, "a", "b", "c"))
+    assert len(replies) == 3
+    assert replies[1] == FULL_REPLY
+    for i, name in ((0, b"a"), (2, b"c")):
+        if defer:
+            assert replies[i] == LATER_REPLY
+        else:
+            assert replies[i].startswith(b"250 2.0.0 <%s@example.net> Ok: queued as " % name)
+    refusals = [(r.arg, r.code, r.by) for r in seen if r.stage == "message"]
+    expected = [("b@example.net", 452, "copy")]
+    if defer:
+        expected = [("a@example.net", 451, "copy"), *expected, ("c@example.net", 451, "copy")]
+    assert refusals == expected
+
+
+def test_a_copy_added_at_rcpt_over_a_real_lmtp_session(start_server, log_watch):
+    """The same over a socket: a pipelined client is deferred for both its
+    recipients, and each refusal's log line names that recipient."""
+    server = start_server(
+        plugins=copy_at_rcpt(0, defer=True), listener=ListenerSettings(protocol="lmtp")
+    )
+    with RawClient(server.port) as client:
+        assert client.reply().startswith(b"220 ")
+        client.send(LHLO + MAIL + rcpts("a", "b") + b"DATA\r\n")
+        assert [r[:3] for r in client.replies(5)] == [b"250", b"250", b"250", b"250", b"354"]
+        client.send(MESSAGE)
+        assert client.replies(2) == [LATER_REPLY, FULL_REPLY]
+        assert client.command("QUIT").startswith(b"221 ")
+    lines = [r.getMessage() for r in log_watch.matching("message refused by copy:")]
+    assert len(lines) == 2
+    assert "451 4.3.0 Try again later; arg='a@example.net'" in lines[0]
+    assert "452 4.2.2 Mailbox full; arg='b@example.net'" in lines[1]
 
 
 def test_received_header_says_lmtp():

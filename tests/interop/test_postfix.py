@@ -6,9 +6,12 @@ Postfix as a downstream server that refuses chosen recipients."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 
+from bonzo.errors import SMTPError
+from bonzo.session import Envelope
 from bonzo.settings import ListenerSettings
 
 from .bonzo_side import CORPUS, PASSWORD, USER, Target, by_subject, split_trace
@@ -234,3 +237,39 @@ def test_lmtp_gives_each_recipient_its_own_result(start_server, postfix, socket_
     (session,) = target.sessions
     assert session["delivered_to"] == ["bob@example.com"]
     assert session["protocol"] == "LMTP" and session["helo"] == "postfix.test"
+
+
+class ArchivingTarget(Target):
+    """:class:`Target` with an always-bcc: a copy for the archive added at
+    the first RCPT (so it comes before the client's recipients), refused
+    after the message; then the whole message is deferred."""
+
+    def bonzo_rcpt(self, envelope: Envelope, address: str, dsn: Any) -> Any:  # type: ignore[override] # by name
+        if not envelope.added:
+            envelope.add_recipient_address("archive@example.com")
+        return super().bonzo_rcpt(address, dsn)
+
+    def bonzo_message(self, envelope: Envelope) -> None:
+        for i in envelope.added:
+            envelope.refuse_recipient(i, SMTPError(550, "Archive disabled", enhanced_code="5.2.1"))
+        raise SMTPError(451, "Try again later", enhanced_code="4.3.0")
+
+
+def test_lmtp_a_copy_added_at_rcpt_does_not_bounce_a_deferred_recipient(start_server, postfix):
+    """The copy is owed no reply: Postfix defers both recipients, bouncing
+    none with the copy's 550."""
+    target = ArchivingTarget()
+    bonzo = start_server(
+        plugin=target, hostname="bonzo.test", listener=ListenerSettings(protocol="lmtp")
+    )
+    peer = postfix(LMTPRoute(port=bonzo.port))
+    recipients = ["bob@example.com", "carol@example.com"]
+    outcome = peer.wait(peer.send(SENDER, recipients, CORPUS["ascii"]))
+    for recipient in recipients:
+        delivery = outcome[recipient]
+        assert (delivery.status, delivery.reply, delivery.stage) == (
+            "deferred",
+            "451 4.3.0 Try again later",
+            "end of data",
+        ), recipient
+    assert target.messages == []
