@@ -87,7 +87,9 @@ raises :class:`ClientError` as an unpipelined one does (no reply to
 anything of the message was seen, so a pool sends it again on a new
 connection). Over LMTP the group is written on the Tornado stream, which
 is read as data comes into the same kind of reader (one reply per
-accepted recipient after the message).
+accepted recipient after the message: the group owes one per ``RCPT``,
+struck off for each refused, so those the server sends with the ``354``
+are heard as early however the packets fall).
 :attr:`ClientSettings.pipelining` turns it off; the stepwise API sends one
 command at a time.
 
@@ -1093,6 +1095,10 @@ class ClientConnection:
         again on a new connection); a lost or garbled conversation raises
         :class:`_Broken`."""
         settings = self.settings
+        lmtp = self.protocol == "LMTP"
+        # Pipelined over LMTP, a reply after the message is owed for each
+        # RCPT the server may accept: struck off as each refusal is read.
+        owes_each = pipelined and lmtp and not binary
         with self._grouping():
             if pipelined:
                 reset = not self._clean
@@ -1102,8 +1108,11 @@ class ClientConnection:
                 if not binary:
                     commands.append(b"DATA")
                 self._clean = False
-                # SMTP owes the message's reply from the DATA on (see below).
-                extra = 0 if binary or self.protocol == "LMTP" else 1
+                # The replies to the message are owed from the DATA on, so
+                # that one the server sends early (with the 354, in the same
+                # packet as the group's replies) is heard as such: SMTP's one,
+                # LMTP's one per recipient (how many is not known yet).
+                extra = 0 if binary else len(pending) if lmtp else 1
                 self._group_write(b"\r\n".join(commands) + b"\r\n", replies=len(commands) + extra)
                 if reset:
                     await self._reset(self._group_reply(Stage.MAIL, settings.rset_timeout))
@@ -1126,15 +1135,19 @@ class ClientConnection:
                 if not pipelined:
                     return
             accepted = []
+            reader = self._replies
+            assert reader is not None
             for i in pending:
                 line = self._rcpt_line(rcpts[i])
                 reply = await ask(Stage.RCPT, line, settings.rcpt_timeout, (250, 251))
-                if not sender_ok:
-                    continue  # "no valid sender" or the like: MAIL's reply stands
-                if reply.code in (250, 251):
+                if sender_ok and reply.code in (250, 251):
                     accepted.append(i)
-                else:
+                    continue
+                if owes_each:
+                    reader.owed -= 1  # no reply after the message for this one
+                if sender_ok:
                     settle_reply(i, Stage.RCPT, reply)
+                # else "no valid sender" or the like: MAIL's reply stands
             if not accepted and (not pipelined or binary):
                 return
             groups = [[i] for i in accepted] if self.protocol == "LMTP" else [accepted]
@@ -1146,18 +1159,13 @@ class ClientConnection:
                 return
             # The replies to the message are owed from the DATA on, so that
             # one the server sends early (with the 354) is heard as such.
-            lmtp = self.protocol == "LMTP"
-            reader = self._replies
-            assert reader is not None
             if pipelined:
-                preowed = len(groups) if lmtp else 1  # (SMTP's: with the group)
-                if lmtp:
-                    reader.owed += preowed
+                # (Owed with the group: SMTP's one, LMTP's one per accepted RCPT.)
                 reply = _classified(
                     Stage.DATA, await read(Stage.DATA, settings.data_timeout), (354,)
                 )
                 if reply.code != 354:
-                    reader.owed -= preowed
+                    reader.owed -= len(groups)
             else:
                 reply = await self._data_command(len(groups))
             if not accepted:

@@ -9,7 +9,17 @@ import asyncio
 from typing import Any
 
 import pytest
-from client_support import EHLO, HOST, Fake, data_then, deliver_through, run, serve
+from client_support import (
+    EHLO,
+    HOST,
+    Action,
+    Fake,
+    data_then,
+    deliver_through,
+    read_message,
+    run,
+    serve,
+)
 from e2e_support import RecordingPlugin
 
 from bonzo.client import ClientSettings, DeliveryResult, Recipient, Status, connect, deadline
@@ -46,6 +56,66 @@ def test_a_reply_sent_with_the_354_is_never_taken_for_the_message(ehlo):
     result = run(deliver_through(fake, ["b@example.net"], MESSAGE, settings()))
     assert outcome(result) == [("b@example.net", "deferred", 451)]
     assert result.recipients[0].enhanced_code == "4.5.0"
+
+
+def early_lmtp_replies(group: int, finals: bytes) -> dict[str, bytes | Action]:
+    """:class:`Fake` replies for an LMTP server that answers each recipient
+    before the message: ``finals`` in the same write as the ``354``. With
+    ``group`` (pipelining), MAIL's and the RCPTs' replies go in that write
+    too, so the client reads them all at once, never before the finals."""
+
+    async def data(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, line: bytes):
+        writer.write(b"250 2.0.0 Ok\r\n" * group + b"354 go ahead\r\n" + finals)
+        await writer.drain()
+        await read_message(reader)  # the client sends none: ends at its close
+
+    if not group:
+        return {"DATA": data}
+    return {"MAIL": b"", "RCPT": b"", "DATA": data}
+
+
+@pytest.mark.parametrize(
+    ("finals", "expected"),
+    [
+        (
+            b"550 5.1.1 <b1> unknown\r\n452 4.2.2 <b2> full\r\n",
+            [("b1@example.net", "refused", 550), ("b2@example.net", "deferred", 452)],
+        ),
+        # A 250 before the message claims a delivery that cannot be: deferred.
+        (
+            b"250 2.0.0 <b1> saved\r\n550 5.1.1 <b2> unknown\r\n",
+            [("b1@example.net", "deferred", 451), ("b2@example.net", "deferred", 451)],
+        ),
+    ],
+    ids=["refusals", "250"],
+)
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "one-at-a-time"])
+def test_lmtp_replies_sent_with_the_354_stand_unless_they_claim_delivery(
+    finals, expected, pipelining
+):
+    """Each recipient's reply sent early (with the ``354``) is heard as its
+    own, pipelined or not; the connection is not used again."""
+    rcpts = ["b1@example.net", "b2@example.net"]
+    ehlo = b"250-fake.test\r\n250 PIPELINING\r\n" if pipelining else b"250 fake.test\r\n"
+    group = 1 + len(rcpts) if pipelining else 0
+    fake = Fake(ehlo=ehlo, replies=early_lmtp_replies(group, finals))
+
+    async def main() -> tuple[DeliveryResult, bool]:
+        async with serve(fake) as port:
+            conn = await connect(HOST, port, protocol="lmtp", settings=settings())
+            try:
+                return await conn.send("a@example.org", rcpts, MESSAGE), conn.usable
+            finally:
+                conn.close()
+
+    result, usable = run(main())
+    assert outcome(result) == expected
+    if expected[0][2] == 451:
+        assert result.recipients[0].enhanced_code == "4.5.0"
+        assert "250 before the end of the message" in result.recipients[0].text
+    else:
+        assert [r.text for r in result.recipients] == ["<b1> unknown", "<b2> full"]
+    assert not usable
 
 
 @pytest.mark.parametrize(
