@@ -901,6 +901,10 @@ def _why(exc: BaseException) -> str:
         return str(exc.reason or exc)
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno)
+    if isinstance(exc, OSError) and str(exc):
+        # Raised by Python itself, with no errno: its message is the reason
+        # ("AF_UNIX path too long").
+        return str(exc)
     return type(exc).__name__
 
 

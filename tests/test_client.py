@@ -459,6 +459,24 @@ def test_refused_connection_defers_everyone_at_connect():
     assert not result.recipients[0].reply.remote
 
 
+def test_a_socket_path_too_long_says_so_at_connect(tmp_path):
+    """Python refuses it with an OSError that has no errno: its message is
+    the reason given, not "OSError"."""
+    path = str(tmp_path / ("a" * 120 + ".sock"))
+    result = run(
+        deliver(
+            path=path,
+            protocol="lmtp",
+            sender="a@x.test",
+            recipients=["b@y.test"],
+            message=MESSAGE,
+            settings=settings(),
+        )
+    )
+    assert statuses(result) == [("b@y.test", "deferred", "connect", 451, "4.4.1")]
+    assert result.recipients[0].text.endswith(" failed: AF_UNIX path too long")
+
+
 def test_a_server_that_greets_with_our_own_name_is_a_loop(start_server):
     server = start_server(hostname="mx.example.org")
 

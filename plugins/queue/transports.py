@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import IO, Any
 
 from bonzo import client
@@ -24,6 +26,7 @@ from bonzo.client import (
     ClientSettings,
     DeliveryResult,
 )
+from bonzo.config import SOCKET_PATH_MAX
 from bonzo.dns import DNSError
 from bonzo.schema import Key, Schema
 from bonzo.settings import host_port
@@ -153,6 +156,18 @@ SMARTHOST = Schema(
 )  # fmt: skip
 
 
+def _socket_path(path: Path) -> Path:
+    # A longer one fails at every delivery (connect(): "AF_UNIX path too
+    # long"): refused here, as a listener's path is.
+    size = len(os.fsencode(path))
+    if size > SOCKET_PATH_MAX:
+        raise ValueError(
+            f"{path}: {size} octets, longer than a Unix socket's path may be "
+            f"({SOCKET_PATH_MAX}): choose a shorter one"
+        )
+    return path
+
+
 def _host_or_path(values: dict[str, Any]) -> None:
     if values["host"] is None and values["path"] is None:
         raise ValueError("host: give host (and port) or path")
@@ -163,7 +178,9 @@ LMTP = Schema(
     type_key("lmtp"),
     Key("host", doc="The LMTP server's name or address."),
     _port(24, "Its port."),
-    Key("path", "path", doc="Or the path of its Unix socket."),
+    Key("path", "path", convert=_socket_path,
+        doc=f"Or the path of its Unix socket (at most {SOCKET_PATH_MAX} octets, "
+        "the system's limit)."),
     LHLO_NAME,
     CONNECT_TIMEOUT,
     DATA_END_TIMEOUT,

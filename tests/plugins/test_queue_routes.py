@@ -232,6 +232,22 @@ def test_bad_route_names_the_key(tmp_path, route, message):
         RouteTable({"*": route}, {}, App(tmp_path))
 
 
+def test_an_lmtp_socket_path_longer_than_the_system_allows_is_refused(tmp_path):
+    """Such a path fails every connect: refused as a listener's is, naming
+    the key and the limit."""
+    longest = "/" + "a" * 106  # 107 octets
+    assert (
+        RouteTable({"*": {"type": "lmtp", "path": longest}}, {}, App(tmp_path)).default.path
+        == longest
+    )
+    too_long = longest + "\u00e9"  # 109 octets: counted in octets, not characters
+    why = f"{too_long}: 109 octets, longer than a Unix socket's path may be (107)"
+    with pytest.raises(ValueError, match="^" + re.escape(f'routes."*".path: {why}')):
+        RouteTable({"*": {"type": "lmtp", "path": too_long}}, {}, App(tmp_path))
+    with pytest.raises(ValueError, match="^" + re.escape(f"transports.store.path: {why}")):
+        RouteTable({}, {"store": {"type": "lmtp", "path": too_long}}, App(tmp_path))
+
+
 def test_routes_and_transports_are_parsed_by_their_type(tmp_path):
     table = RouteTable(
         {
