@@ -609,7 +609,9 @@ class SMTPServer(TCPServer):
     def handle_stream(self, stream: IOStream, address: Any) -> None:
         """Start a session for a new connection (called by TCPServer)."""
         settings = self.settings
-        ip = str(address[0]) if isinstance(address, tuple) and address else "0.0.0.0"
+        # A Unix socket's peer has no address: every client counts as 0.0.0.0.
+        unix = not (isinstance(address, tuple) and address)
+        ip = "0.0.0.0" if unix else str(address[0])
         # Behind a proxy the client's address comes in the PROXY header: the
         # per-client limit is applied then (_client_named).
         proxied = self.listener.proxy_protocol
@@ -622,7 +624,13 @@ class SMTPServer(TCPServer):
         ):
             refusal, limit = "Too many connections, try again later", "max_connections"
         elif not proxied and self._over_ip_limit(ip):
-            refusal, limit = "Too many connections from your address", "max_connections_per_ip"
+            # On a Unix socket the "address" is every client's: not "yours".
+            refusal = (
+                "Too many connections on this socket, try again later"
+                if unix
+                else "Too many connections from your address"
+            )
+            limit = "max_connections_per_ip"
         if (
             limit is not None
             and (self.listener.implicit_tls or proxied)

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from protocol_helpers import HOST, IP, Client, split_replies
 from tornado.iostream import IOStream
+from tornado.netutil import bind_unix_socket
 from tornado.testing import bind_unused_port
 
 from bonzo import Accept, errors, hookimpl
@@ -821,3 +822,39 @@ def test_connection_limits_per_listener_and_server_wide():
     assert [g[:3] for g in greetings] == [b"220", b"421", b"220", b"220", b"421"]
     assert greetings[1] == b"421 4.7.0 Too many connections from your address\r\n"
     assert greetings[4] == b"421 4.7.0 Too many connections, try again later\r\n"
+
+
+def test_a_unix_socket_client_over_the_address_limit_is_not_told_it_is_its_address(
+    tmp_path, log_watch
+):
+    """Every client of a Unix socket counts as one address (0.0.0.0): past
+    max_connections_per_ip the refusal does not blame "your address"."""
+
+    async def main() -> list[bytes]:
+        plugins = PluginSet()
+        plugins.register(Store({}), "store")
+        settings = SMTPSettings(hostname="bonzo.test", max_connections_per_ip=1)
+        server = SMTPServer(plugins=plugins, settings=settings)
+        path = str(tmp_path / "lmtp.sock")
+        server.add_sockets([bind_unix_socket(path)])
+        greetings = []
+        streams = []
+        try:
+            for _ in range(2):
+                stream = IOStream(socket.socket(socket.AF_UNIX))
+                await stream.connect(path)
+                streams.append(stream)
+                greetings.append(await asyncio.wait_for(stream.read_until(b"\r\n"), 10))
+        finally:
+            for stream in streams:
+                stream.close()
+            server.stop()
+            await server.close_all_connections()
+        return greetings
+
+    greetings = asyncio.run(main())
+    assert greetings[0].startswith(b"220 ")
+    assert greetings[1] == b"421 4.7.0 Too many connections on this socket, try again later\r\n"
+    # The log still names the limit, for the operator to raise.
+    [line] = [r.getMessage() for r in log_watch.matching("connect refused by core: 421")]
+    assert line.endswith("(max_connections_per_ip)")
