@@ -138,6 +138,26 @@ def test_lmtp_on_the_unix_socket_answers_each_recipient(store):
     assert "451 4.3.0" in log and "bob@example.org" in log
 
 
+def test_more_clients_at_once_than_the_default_limit_per_address(store):
+    """Every client of the socket counts as one address, and the TCP
+    listener's MTA is one address too: the example's limits, not the
+    default 50, say how many of them are served at once."""
+    _, root, lmtp_port, _ = store
+    for connect in (
+        lambda: unix_connect(root / "lmtp.sock"),
+        lambda: socket.create_connection(("127.0.0.1", lmtp_port), timeout=DEADLINE),
+    ):
+        socks = []
+        try:
+            for _ in range(60):
+                socks.append(connect())
+            greetings = [read_reply(sock, bytearray()) for sock in socks]
+        finally:
+            for sock in socks:
+                sock.close()
+        assert [g for g in greetings if not g.startswith(b"220 ")] == []
+
+
 def test_lmtp_over_tcp_with_smtplib(store):
     daemon, root, lmtp_port, _ = store
     with smtplib.LMTP("127.0.0.1", lmtp_port, local_hostname="mta.test", timeout=DEADLINE) as c:
