@@ -177,10 +177,11 @@ def test_a_unix_peer_is_never_in_proxy_trusted(start_server, log_watch, tmp_path
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(TIMEOUT)
         s.connect(path)
-        s.sendall(v1("198.51.100.7"))
         try:
+            # The server may close before the header is sent (a loaded machine).
+            s.sendall(v1("198.51.100.7"))
             greeting = s.recv(512)
-        except ConnectionResetError:  # closed with the header unread
+        except (ConnectionResetError, BrokenPipeError):  # closed with the header unread
             greeting = b""
         assert greeting == b""
     log_watch.wait_for(r"closed without greeting: source not in proxy_trusted")
