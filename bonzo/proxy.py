@@ -329,7 +329,9 @@ class ProxyHeader:
     """``"STREAM"``, ``"DGRAM"`` or ``"UNSPEC"``."""
     source: str = ""
     """The client's IP address (canonical text), or a Unix socket path;
-    ``""`` when not given."""
+    ``""`` when not given. An IPv4-mapped IPv6 address (``::ffff:192.0.2.1``,
+    the IPv4 client of a proxy listening on both IPv4 and IPv6) is given as
+    the IPv4 address (``192.0.2.1``), the family staying ``"INET6"``."""
     source_port: int = 0
     destination: str = ""
     """The address the client connected to, like :attr:`source`."""
@@ -364,8 +366,8 @@ class ProxyHeader:
         name = {"INET": "TCP4", "INET6": "TCP6"}.get(self.family)
         if name is None or self.transport != "STREAM":
             raise ValueError(f"version 1 cannot carry {self.family}/{self.transport}")
-        source = _ip(self.family, self.source)
-        destination = _ip(self.family, self.destination)
+        source = _encoded_ip(self.family, self.source)
+        destination = _encoded_ip(self.family, self.destination)
         line = (
             f"PROXY {name} {source} {destination} "
             f"{_port_value(self.source_port)} {_port_value(self.destination_port)}\r\n"
@@ -382,8 +384,8 @@ class ProxyHeader:
             return V2_SIGNATURE + bytes([0x20, (family << 4) | transport, 0, 0])
         if self.family in ("INET", "INET6"):
             addresses = (
-                _ip(self.family, self.source).packed
-                + _ip(self.family, self.destination).packed
+                _encoded_ip(self.family, self.source).packed
+                + _encoded_ip(self.family, self.destination).packed
                 + _port_value(self.source_port).to_bytes(2, "big")
                 + _port_value(self.destination_port).to_bytes(2, "big")
             )
@@ -412,6 +414,24 @@ def _ip(family: str, text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address
     if family == "INET":
         return ipaddress.IPv4Address(text)
     return ipaddress.IPv6Address(text)
+
+
+def _encoded_ip(family: str, text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address to encode: an IPv4 address in an ``INET6`` header is
+    written IPv4-mapped, as the parser gives such an address back."""
+    if family == "INET6" and ":" not in text:
+        return ipaddress.IPv6Address("::ffff:" + text)
+    return _ip(family, text)
+
+
+def _text(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """``address`` as the session's text: an IPv4-mapped IPv6 address as its
+    IPv4 address (Python 3.11 writes ``::ffff:127.0.0.2`` as
+    ``::ffff:7f00:2``, which logs, the ``Received:`` header and plugins would
+    take for an IPv6 client)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 def _port_value(port: int) -> int:
@@ -501,7 +521,7 @@ def _v1_address(family: str, text: bytes) -> str:
     pattern = _IPV4_TEXT if family == "INET" else _IPV6_TEXT
     if pattern.fullmatch(text):
         try:
-            return str(_ip(family, text.decode("ascii")))
+            return _text(_ip(family, text.decode("ascii")))
         except ValueError:
             pass
     want = "IPv4" if family == "INET" else "IPv6"
@@ -549,8 +569,8 @@ def _parse_v2(data: bytes | bytearray, max_length: int) -> tuple[ProxyHeader, in
         destination = str(ipaddress.IPv4Address(block[4:8]))
         sport, dport = int.from_bytes(block[8:10], "big"), int.from_bytes(block[10:12], "big")
     elif fam == "INET6":
-        source = str(ipaddress.IPv6Address(block[0:16]))
-        destination = str(ipaddress.IPv6Address(block[16:32]))
+        source = _text(ipaddress.IPv6Address(block[0:16]))
+        destination = _text(ipaddress.IPv6Address(block[16:32]))
         sport, dport = int.from_bytes(block[32:34], "big"), int.from_bytes(block[34:36], "big")
     elif fam == "UNIX":
         source = _path_text(block[:_UNIX_PATH])
@@ -753,7 +773,7 @@ def _xclient_address(value: str) -> str:
         raise XClientError("bad address") from None
     if value[:5].upper() == "IPV6:" and address.version != 6:
         raise XClientError("bad address")
-    return str(address)
+    return _text(address)
 
 
 def _xclient_value(name: str, value: str) -> str:
@@ -784,7 +804,8 @@ def parse_xclient(arg: str) -> dict[str, str | None]:
 
     Returns the attributes given, by upper-case name, each checked and
     normalised (an ``ADDR`` of ``IPV6:2001:db8::1`` gives ``2001:db8::1``,
-    a ``PORT`` its decimal value, ``PROTO`` upper case); ``[UNAVAILABLE]``
+    an IPv4-mapped ``::ffff:192.0.2.1`` gives ``192.0.2.1``, a ``PORT`` its
+    decimal value, ``PROTO`` upper case); ``[UNAVAILABLE]``
     (the front-end does not know), or ``[TEMPUNAVAIL]`` for ``NAME``, gives
     ``None``. An
     attribute given twice keeps its last value.

@@ -8,6 +8,7 @@ ProxyError and never make the parser take octets past the header.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import warnings
 
@@ -168,6 +169,28 @@ def test_v2_inet6():
     assert (header.family, header.source, header.source_port) == ("INET6", "2001:db8::7", 256)
     assert (header.destination, header.destination_port) == ("::1", 25)
     assert header.carries_addresses
+
+
+def test_ipv4_mapped_addresses_are_given_as_ipv4():
+    # HAProxy bound to [::]:25 v4v6 names its IPv4 clients so; Python would
+    # write ::ffff:127.0.0.2 as ::ffff:7f00:2.
+    header = parsed(b"PROXY TCP6 ::ffff:127.0.0.2 ::ffff:127.0.0.1 40000 25\r\n")
+    assert (header.family, header.source, header.destination) == ("INET6", "127.0.0.2", "127.0.0.1")
+    block = (
+        ipaddress.IPv6Address("::ffff:192.0.2.1").packed
+        + ipaddress.IPv6Address("2001:db8::25").packed
+        + b"\x9c\x40\x00\x19"
+    )
+    header = parsed(v2(1, 0x21, block))
+    assert (header.source, header.destination) == ("192.0.2.1", "2001:db8::25")
+    # Encoded again, such an address is written IPv4-mapped.
+    assert header.to_bytes() == v2(1, 0x21, block)
+    v1 = ProxyHeader(1, "PROXY", "INET6", "STREAM", "127.0.0.2", 1, "::1", 25).to_bytes()
+    assert v1 == b"PROXY TCP6 ::ffff:7f00:2 ::1 1 25\r\n"
+    assert parsed(v1).source == "127.0.0.2"
+    # An IPv4 address under TCP6 is still refused.
+    with pytest.raises(ProxyError, match="bad IPv6 address"):
+        parse_header(b"PROXY TCP6 127.0.0.2 ::1 1 25\r\n")
 
 
 def test_v2_unix_and_unspec_carry_no_client_address():
@@ -401,6 +424,12 @@ def headers(draw: st.DrawFn) -> ProxyHeader:
     return ProxyHeader(2, "PROXY", family, transport, source, sport, destination, dport, tlvs)
 
 
+def unmapped_text(ip: str) -> str:
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped) if mapped is not None else ip
+
+
 @PROPS
 @given(headers(), st.binary(max_size=40))
 def test_encoding_then_parsing_gives_the_header_back(header, tail):
@@ -412,6 +441,13 @@ def test_encoding_then_parsing_gives_the_header_back(header, tail):
     # The checksum is computed when encoding: compare the encodings, and
     # everything else field by field.
     assert back.to_bytes() == data
+    if header.family in ("INET", "INET6"):
+        # An IPv4-mapped address comes back as IPv4.
+        header = dataclasses.replace(
+            header,
+            source=unmapped_text(header.source),
+            destination=unmapped_text(header.destination),
+        )
     if TLV_CRC32C not in header.tlvs:
         assert back == header
     else:
@@ -535,6 +571,14 @@ def test_parse_xclient():
         "ADDR": "192.0.2.2",
     }
     assert set(XCLIENT_ATTRIBUTES) >= set(attrs)
+
+
+def test_parse_xclient_gives_an_ipv4_mapped_address_as_ipv4():
+    assert parse_xclient("ADDR=::ffff:127.0.0.2 DESTADDR=IPV6:::FFFF:192.0.2.25") == {
+        "ADDR": "127.0.0.2",
+        "DESTADDR": "192.0.2.25",
+    }
+    assert parse_xclient("ADDR=::ffff:7f00:2")["ADDR"] == "127.0.0.2"
 
 
 @pytest.mark.parametrize(

@@ -508,3 +508,28 @@ def test_xclient_in_a_transaction(start_server):
         assert c.command("XCLIENT ADDR=192.0.2.1") == (
             b"503 5.5.1 Error: MAIL transaction in progress\r\n"
         )
+
+
+def test_an_ipv4_mapped_client_is_an_ipv4_client(start_server, log_watch):
+    plugin = Seen()
+    listener = proxied(xclient_trusted=["198.51.100.0/24"])
+    server = start_server(plugin=plugin, listener=listener)
+    with RawClient(server.port) as c:
+        c.send(v1("::ffff:127.0.0.2", dest="::ffff:127.0.0.1"))
+        assert b"Hello 127.0.0.2\r\n" in c.greet()
+        send_message(c)
+    with RawClient(server.port) as c:
+        c.send(v1("::ffff:198.51.100.9", dest="::ffff:127.0.0.1"))
+        c.greet()
+        assert c.command("XCLIENT ADDR=::ffff:192.0.2.44").startswith(b"220 ")
+        assert b"Hello 192.0.2.44\r\n" in c.command("EHLO client.test")
+        send_message(c)
+    wait_until(lambda: len(plugin.disconnected) == 2, message="two sessions")
+    first, second = plugin.at_deliver
+    assert (first["remote_ip"], first["local_ip"]) == ("127.0.0.2", "127.0.0.1")
+    assert first["proxy"].family == "INET6"
+    assert second["remote_ip"] == "192.0.2.44" and second["xclient"]["ADDR"] == "192.0.2.44"
+    received = [m.header_bytes for m in plugin.messages]
+    assert received[0].startswith(b"Received: from client.test ([127.0.0.2])")
+    assert received[1].startswith(b"Received: from client.test ([192.0.2.44])")
+    assert log_watch.matching(r"\[\w+ 127\.0\.0\.2\] PROXY v1 PROXY INET6 from 127\.0\.0\.1")

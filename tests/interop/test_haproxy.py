@@ -339,3 +339,20 @@ def test_the_documented_configuration(tmp_path):
             assert b"(authenticated as alice)" in second
         assert daemon.stop() == 0
     assert "WARNING" not in daemon.log, daemon.log
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest.mark.parametrize("options", ["send-proxy", "send-proxy-v2"])
+def test_an_ipv4_client_of_a_dual_stack_haproxy(start_server, haproxy, options):
+    # Bound to [::] with v4v6, HAProxy names an IPv4 client by its
+    # IPv4-mapped IPv6 address: it is the IPv4 client.
+    plugin = Seen()
+    server = bonzo(start_server, plugin)
+    backend, line = server_line(server, options)
+    proxy = haproxy(Frontend("dual", backend, line, bind_host="::", bind_options="v4v6"))
+    send(connect(proxy.ports["dual"], "127.0.0.2"))
+    wait_until(lambda: plugin.messages, message="the message")
+    seen = plugin.at_deliver[0]
+    assert seen["remote_ip"] == "127.0.0.2" and seen["local_ip"] == "127.0.0.1"
+    assert seen["proxy"].family == "INET6"
+    assert plugin.messages[0].header_bytes.startswith(b"Received: from client.test ([127.0.0.2])")
