@@ -737,6 +737,18 @@ class SMTPConnection:
             header.family,
             peer,
         )
+        if header.tlvs.problems:
+            # What the client chose (its TLS server name, its certificate)
+            # may be malformed: not the proxy's fault, and no reason to
+            # refuse the client. Named by the client, as the session is.
+            gen_log.info(
+                "[%s %s] PROXY v%d header from %s: TLV left out: %s",
+                session.id,
+                self.remote_ip,
+                header.version,
+                peer,
+                _printable("; ".join(header.tlvs.problems)),
+            )
         return parser.rest
 
     def _proxy_failed(self, peer: str, why: str) -> None:

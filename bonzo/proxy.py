@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -173,6 +173,18 @@ def _split_tlvs(block: bytes, what: str) -> list[tuple[int, bytes]]:
     return out
 
 
+def _informational(
+    decode: Callable[[bytes, str], str], value: bytes, what: str, problems: list[str]
+) -> str | None:
+    """``decode(value, what)``, or ``None`` with the reason added to
+    ``problems``: a TLV that only informs never makes the header invalid."""
+    try:
+        return decode(value, what)
+    except ProxyError as exc:
+        problems.append(str(exc))
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class ProxySSL:
     """The ``PP2_TYPE_SSL`` TLV: what the proxy knows of the TLS connection
@@ -196,6 +208,9 @@ class ProxySSL:
     """The algorithm of the client certificate's key."""
     tlvs: tuple[tuple[int, bytes], ...] = ()
     """Every sub-TLV as ``(type, value)``, known or not, in order."""
+    problems: tuple[str, ...] = ()
+    """Why a known sub-TLV was left out (its attribute ``None``, its octets
+    still in :attr:`tlvs`): ``"SSL client CN is not UTF-8"``..."""
 
     @property
     def tls(self) -> bool:
@@ -209,16 +224,23 @@ class ProxySSL:
 
     @classmethod
     def parse(cls, value: bytes) -> ProxySSL:
-        """Decode the value of a ``PP2_TYPE_SSL`` TLV; raise :class:`ProxyError`."""
+        """Decode the value of a ``PP2_TYPE_SSL`` TLV. A known sub-TLV whose
+        text is not printable (the client's certificate supplies some of
+        them) is left out and named in :attr:`problems`; a value too short
+        or whose sub-TLVs overrun it raises :class:`ProxyError`."""
         if len(value) < 5:
             raise ProxyError("SSL TLV shorter than 5 octets")
         subs = _split_tlvs(value[5:], "SSL TLV")
-        known: dict[int, str] = {}
+        known: dict[int, str | None] = {}
+        problems: list[str] = []
         for kind, sub in subs:
+            if kind in known:
+                continue
             if kind == _SSL_CN:
-                known.setdefault(kind, _utf8(sub, "SSL client CN"))
+                known[kind] = _informational(_utf8, sub, "SSL client CN", problems)
             elif kind in (_SSL_VERSION, _SSL_CIPHER, _SSL_SIG_ALG, _SSL_KEY_ALG):
-                known.setdefault(kind, _ascii(sub, f"SSL sub-TLV 0x{kind:02x}"))
+                what = f"SSL sub-TLV 0x{kind:02x}"
+                known[kind] = _informational(_ascii, sub, what, problems)
         return cls(
             client=value[0],
             verify=int.from_bytes(value[1:5], "big"),
@@ -228,6 +250,7 @@ class ProxySSL:
             sig_alg=known.get(_SSL_SIG_ALG),
             key_alg=known.get(_SSL_KEY_ALG),
             tlvs=tuple(subs),
+            problems=tuple(problems),
         )
 
 
@@ -240,10 +263,34 @@ class ProxyTLVs(Mapping[int, bytes]):
     >>> tlvs.authority, tlvs[0xE0], len(tlvs)
     ('mx.example.org', b'x', 2)
 
-    :raises ProxyError: for a known type whose value is malformed.
+    Only the checksum (``PP2_TYPE_CRC32C``) vouches for the header; the
+    other known types only inform, and some carry what the client chose (the
+    server name it asked for, its certificate's subject). A malformed one is
+    left out — its attribute ``None``, its octets still in the mapping and
+    :attr:`raw` — and the reason goes in :attr:`problems`, so that a client
+    cannot make its proxy's header invalid:
+
+    >>> tlvs = ProxyTLVs([(TLV_AUTHORITY, b"mx\\x01example.org")])
+    >>> tlvs.authority, tlvs[TLV_AUTHORITY], tlvs.problems
+    (None, b'mx\\x01example.org', ('authority TLV has control characters',))
+
+    :raises ProxyError: for a ``PP2_TYPE_CRC32C`` value that is not 4 octets.
+
+    .. versionchanged:: 0.2
+       A malformed informational TLV no longer raises :class:`ProxyError`.
     """
 
-    __slots__ = ("raw", "_first", "alpn", "authority", "crc32c", "unique_id", "ssl", "netns")
+    __slots__ = (
+        "raw",
+        "_first",
+        "alpn",
+        "authority",
+        "crc32c",
+        "unique_id",
+        "ssl",
+        "netns",
+        "problems",
+    )
 
     def __init__(self, raw: Iterable[tuple[int, bytes]] = ()) -> None:
         #: Every TLV as ``(type, value)``, in the order sent (``NOOP`` too).
@@ -254,14 +301,15 @@ class ProxyTLVs(Mapping[int, bytes]):
                 raise ValueError(f"TLV 0x{kind:x}: a type is 0..255, a value 65535 octets")
             first.setdefault(kind, value)
         self._first = first
+        problems: list[str] = []
         #: ``PP2_TYPE_ALPN``: the application protocol the client chose over
         #: TLS with the proxy (octets, e.g. ``b"smtp"``), or ``None``.
         self.alpn: bytes | None = first.get(TLV_ALPN)
         #: ``PP2_TYPE_AUTHORITY``: the host name the client asked for (TLS
-        #: SNI), or ``None``.
+        #: SNI), or ``None`` (also when it is not printable UTF-8).
         self.authority: str | None = None
         if TLV_AUTHORITY in first:
-            self.authority = _utf8(first[TLV_AUTHORITY], "authority TLV")
+            self.authority = _informational(_utf8, first[TLV_AUTHORITY], "authority TLV", problems)
         #: ``PP2_TYPE_CRC32C``: the checksum the header carried (already
         #: verified by the parser), or ``None``.
         self.crc32c: int | None = None
@@ -269,20 +317,31 @@ class ProxyTLVs(Mapping[int, bytes]):
             if len(first[TLV_CRC32C]) != 4:
                 raise ProxyError("CRC32C TLV is not 4 octets")
             self.crc32c = int.from_bytes(first[TLV_CRC32C], "big")
-        #: ``PP2_TYPE_UNIQUE_ID``: the proxy's id of the connection (at most
-        #: 128 octets), or ``None``.
+        #: ``PP2_TYPE_UNIQUE_ID``: the proxy's id of the connection, or
+        #: ``None`` (also when longer than the 128 octets allowed).
         self.unique_id: bytes | None = first.get(TLV_UNIQUE_ID)
         if self.unique_id is not None and len(self.unique_id) > 128:
-            raise ProxyError("unique-id TLV longer than 128 octets")
-        #: ``PP2_TYPE_SSL`` decoded (:class:`ProxySSL`), or ``None``.
+            self.unique_id = None
+            problems.append("unique-id TLV longer than 128 octets")
+        #: ``PP2_TYPE_SSL`` decoded (:class:`ProxySSL`), or ``None`` (also
+        #: when too short, or its sub-TLVs overrun it). A sub-TLV left out
+        #: is named in :attr:`ProxySSL.problems` and in :attr:`problems`.
         self.ssl: ProxySSL | None = None
         if TLV_SSL in first:
-            self.ssl = ProxySSL.parse(first[TLV_SSL])
+            try:
+                self.ssl = ProxySSL.parse(first[TLV_SSL])
+            except ProxyError as exc:
+                problems.append(str(exc))
+            else:
+                problems += self.ssl.problems
         #: ``PP2_TYPE_NETNS``: the network namespace the proxy accepted the
-        #: connection in, or ``None``.
+        #: connection in, or ``None`` (also when it is not printable ASCII).
         self.netns: str | None = None
         if TLV_NETNS in first:
-            self.netns = _ascii(first[TLV_NETNS], "netns TLV")
+            self.netns = _informational(_ascii, first[TLV_NETNS], "netns TLV", problems)
+        #: Why known TLVs were left out, one short reason each (octets it
+        #: quotes escaped); empty when none was.
+        self.problems: tuple[str, ...] = tuple(problems)
 
     def __getitem__(self, kind: int) -> bytes:
         return self._first[kind]

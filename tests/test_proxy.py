@@ -290,19 +290,57 @@ def test_v2_crc32c_is_checked():
         (v2(1, 0x21, INET_BLOCK), "INET6 header with 12 octets"),
         (v2(1, 0x11, INET_BLOCK + b"\x01\x00"), "truncated TLV"),
         (v2(1, 0x11, INET_BLOCK + b"\x01\x00\x05abc"), "TLV 0x01 of 5 octets overruns"),
-        (v2(1, 0x11, INET_BLOCK + tlv(TLV_AUTHORITY, b"\xff")), "authority TLV is not UTF-8"),
-        (v2(1, 0x11, INET_BLOCK + tlv(TLV_AUTHORITY, b"a\nb")), "control characters"),
-        (v2(1, 0x11, INET_BLOCK + tlv(TLV_UNIQUE_ID, b"x" * 129)), "longer than 128"),
-        (v2(1, 0x11, INET_BLOCK + tlv(TLV_SSL, b"\x01\x00")), "shorter than 5"),
-        (v2(1, 0x11, INET_BLOCK + tlv(TLV_SSL, b"\x01\0\0\0\0" + b"\x21\x00")), "SSL TLV"),
         (v2(1, 0x11, INET_BLOCK + tlv(TLV_CRC32C, b"\0\0\0")), "CRC32C TLV is not 4"),
-        (v2(1, 0x11, INET_BLOCK + tlv(TLV_NETNS, "é".encode())), "netns TLV is not ASCII"),
     ],
 )
 def test_v2_errors(data, fragment):
     with pytest.raises(ProxyError) as info:
         parse_header(data)
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "item, attribute, problem",
+    [
+        # What the client chose: the server name it asked for (TLS SNI)...
+        (tlv(TLV_AUTHORITY, b"mx\xfftest"), "authority", "authority TLV is not UTF-8"),
+        (tlv(TLV_AUTHORITY, b"mx\x01test"), "authority", "authority TLV has control characters"),
+        (tlv(TLV_AUTHORITY, b"a\nb"), "authority", "authority TLV has control characters"),
+        # ...and the proxy's own facts, malformed, are no reason either.
+        (tlv(TLV_UNIQUE_ID, b"x" * 129), "unique_id", "unique-id TLV longer than 128 octets"),
+        (tlv(TLV_SSL, b"\x01\x00"), "ssl", "SSL TLV shorter than 5 octets"),
+        (tlv(TLV_SSL, b"\x01\0\0\0\0" + b"\x21\x00"), "ssl", "SSL TLV: truncated TLV"),
+        (tlv(TLV_NETNS, "é".encode()), "netns", "netns TLV is not ASCII"),
+        (tlv(TLV_NETNS, b"blue\x1b"), "netns", "netns TLV has control characters"),
+    ],
+)
+def test_a_malformed_informational_tlv_is_left_out(item, attribute, problem):
+    header = parsed(v2(1, 0x11, INET_BLOCK + item + tlv(TLV_ALPN, b"smtp")))
+    assert (header.source, header.source_port) == ("192.0.2.1", 40000)
+    tlvs = header.tlvs
+    assert getattr(tlvs, attribute) is None and tlvs.alpn == b"smtp"
+    assert len(tlvs.problems) == 1 and tlvs.problems[0].startswith(problem)
+    assert tlvs[item[0]] == item[3:]  # the octets stay, for a plugin that wants them
+    assert all(p.isprintable() and p.isascii() for p in tlvs.problems)
+
+
+def test_a_malformed_ssl_sub_tlv_is_left_out():
+    # The client's certificate supplies the CN, and the algorithms: one that
+    # is not printable leaves the rest of the SSL facts in place.
+    ssl_value = (
+        b"\x07\x00\x00\x00\x00"
+        + tlv(0x21, b"TLSv1.3")
+        + tlv(0x22, b"bad\xffcn")
+        + tlv(0x22, b"second")
+        + tlv(0x24, "SHA256é".encode())
+    )
+    tlvs = parsed(v2(1, 0x11, INET_BLOCK + tlv(TLV_SSL, ssl_value))).tlvs
+    ssl = tlvs.ssl
+    assert ssl is not None and ssl.version == "TLSv1.3" and ssl.verified
+    assert (ssl.cn, ssl.sig_alg) == (None, None)  # the first CN counts, as for every type
+    assert ssl.problems == ("SSL client CN is not UTF-8", "SSL sub-TLV 0x24 is not ASCII")
+    assert tlvs.problems == ssl.problems
+    assert len(ssl.tlvs) == 4
 
 
 def test_v2_a_long_header_is_refused_before_it_arrives():

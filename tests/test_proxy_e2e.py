@@ -510,6 +510,30 @@ def test_xclient_in_a_transaction(start_server):
         )
 
 
+# ------------------------------------------------------- what the client sends
+def test_a_bad_server_name_from_the_client_does_not_refuse_it(start_server, log_watch):
+    # A TLS-terminating proxy passes the client's SNI on as it came: octets
+    # that are not printable UTF-8 are the client's doing, not a bad header.
+    plugin = Seen()
+    server = start_server(plugin=plugin, listener=proxied())
+    tlvs = ProxyTLVs([(TLV_AUTHORITY, b"mx\x01te\xffst"), (TLV_UNIQUE_ID, b"conn-7")])
+    header = ProxyHeader(2, "PROXY", "INET", "STREAM", "192.0.2.7", 1234, "198.51.100.25", 25, tlvs)
+    with RawClient(server.port) as c:
+        c.send(header.to_bytes())
+        assert b"Hello 192.0.2.7\r\n" in c.greet()
+        c.command("QUIT")
+    wait_until(lambda: plugin.disconnected, message="disconnect")
+    got = plugin.at_connect[0]["proxy"].tlvs
+    assert got.authority is None and got[TLV_AUTHORITY] == b"mx\x01te\xffst"
+    assert got.unique_id == b"conn-7"
+    record = log_watch.wait_for(
+        r"\[\w+ 192\.0\.2\.7\] PROXY v2 header from 127\.0\.0\.1:\d+: TLV left out: "
+        r"authority TLV is not UTF-8$"
+    )
+    assert record.levelname == "INFO"
+    assert not [r for r in log_watch.records if r.levelname == "WARNING"]
+
+
 def test_an_ipv4_mapped_client_is_an_ipv4_client(start_server, log_watch):
     plugin = Seen()
     listener = proxied(xclient_trusted=["198.51.100.0/24"])

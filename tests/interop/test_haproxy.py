@@ -341,6 +341,27 @@ def test_the_documented_configuration(tmp_path):
     assert "WARNING" not in daemon.log, daemon.log
 
 
+def test_a_client_sending_a_bad_server_name_is_still_served(start_server, haproxy, ca, certs):
+    # HAProxy terminates TLS and passes the server name the client asked
+    # for (SNI) on as it came, control characters included: the client is
+    # served, the name left out, and the log blames neither the proxy nor
+    # the header.
+    plugin = Seen()
+    server = bonzo(start_server, plugin)
+    backend, line = server_line(server, "send-proxy-v2 proxy-v2-options ssl,authority,crc32c")
+    proxy = haproxy(Frontend("tls", backend, line, bind_options=f"ssl crt {certs['both']}"))
+    context = client_context(ca)
+    context.check_hostname = False  # the name asked for is not the certificate's
+    send(tls_connect(proxy.ports["tls"], "127.0.0.4", context, server_hostname="mx\x01test"))
+    wait_until(lambda: plugin.messages, message="the message")
+    seen = plugin.at_deliver[0]
+    assert seen["remote_ip"] == "127.0.0.4"
+    tlvs = seen["proxy"].tlvs
+    assert tlvs.authority is None and tlvs[0x02] == b"mx\x01test"
+    assert tlvs.ssl is not None and tlvs.ssl.tls
+    assert tlvs.problems == ("authority TLV has control characters",)
+
+
 @pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
 @pytest.mark.parametrize("options", ["send-proxy", "send-proxy-v2"])
 def test_an_ipv4_client_of_a_dual_stack_haproxy(start_server, haproxy, options):
