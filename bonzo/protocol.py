@@ -258,7 +258,7 @@ class XClient(Event):
     attributes parsed (:func:`bonzo.proxy.parse_xclient`: by name, ``None``
     for "unavailable"). The caller puts the new client in place; accepting
     it starts the session over (no HELO, no AUTH but a ``LOGIN`` given, no
-    transaction) and answers with the ``220`` greeting."""
+    transaction) and answers with the listener's ``220`` greeting."""
 
     attributes: Mapping[str, str | None]
 
@@ -1188,7 +1188,11 @@ class SMTPProtocol:
             self.esmtp = False
             self.authenticated = event.attributes.get("LOGIN")  # type: ignore[attr-defined]
             self.auth_mechanism = None
-            self._queue(format_reply(220, text or self.settings.greeting, None, False))
+            if isinstance(text, list):
+                self._queue(format_reply(220, text, None, False))
+            else:
+                # The listener's greeting (an LMTP one says LMTP).
+                self.send_greeting(text or None)
         else:
             self.reply(250, text or "Ok", "2.0.0")
 

@@ -557,3 +557,13 @@ def test_an_ipv4_mapped_client_is_an_ipv4_client(start_server, log_watch):
     assert received[0].startswith(b"Received: from client.test ([127.0.0.2])")
     assert received[1].startswith(b"Received: from client.test ([192.0.2.44])")
     assert log_watch.matching(r"\[\w+ 127\.0\.0\.2\] PROXY v1 PROXY INET6 from 127\.0\.0\.1")
+
+
+def test_the_greeting_after_xclient_on_an_lmtp_listener_says_lmtp(start_server):
+    listener = ListenerSettings(protocol="lmtp", xclient_trusted=["127.0.0.0/8"])
+    server = start_server(listener=listener)
+    with RawClient(server.port) as c:
+        assert c.reply() == b"220 bonzo.test LMTP\r\n"
+        assert c.command("LHLO filter.test").startswith(b"250-")
+        assert c.command("XCLIENT ADDR=192.0.2.1") == b"220 bonzo.test LMTP\r\n"
+        assert c.command("LHLO client.test").startswith(b"250-bonzo.test Hello 192.0.2.1\r\n")
