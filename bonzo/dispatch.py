@@ -49,6 +49,7 @@ from .protocol import (
     SMTPProtocol,
     Unknown,
 )
+from .results import Results
 from .session import (
     Envelope,
     Session,
@@ -245,7 +246,17 @@ class Dispatcher:
     :arg send: writes what the core has queued (no waiting).
     """
 
-    __slots__ = ("core", "session", "plugins", "settings", "envelope", "send", "_sasl", "_stored")
+    __slots__ = (
+        "core",
+        "session",
+        "plugins",
+        "settings",
+        "envelope",
+        "send",
+        "_sasl",
+        "_stored",
+        "_unnamed_told",
+    )
 
     def __init__(
         self,
@@ -280,9 +291,13 @@ class Dispatcher:
 
     async def reconnect(self) -> None:
         """After ``XCLIENT`` (the pending event) named a new client: drop any
-        envelope, ask ``bonzo_connect`` again, and answer with the greeting,
-        or with the refusal, which closes the connection."""
+        envelope and what plugins found about the front-end
+        (``session.results``), ask ``bonzo_connect`` again, and answer with
+        the greeting, or with the refusal, which closes the connection."""
         self.end_transaction()
+        # A filter that skips the new client (skip_networks, an XCLIENT
+        # LOGIN) must not find the front-end's verdict as the client's.
+        self.session.results = Results()
         try:
             verdict = await self.plugins.decide("bonzo_connect", (self.session,))
         except Exception as exc:

@@ -268,7 +268,9 @@ def bonzo_connect(session: Session) -> Any:
     Behind a proxy that sends the PROXY protocol, this runs once the header
     has named the client (``session.remote_ip`` is the client's). After
     ``XCLIENT`` from a trusted front-end it runs again, for the client that
-    command named (see :doc:`/proxy`).
+    command named, with ``session.results`` emptied of what was found about
+    the front-end (``session.stash`` and TLS are the connection's and stay;
+    see :doc:`/proxy`).
 
     .. versionadded:: 0.2
     """

@@ -257,8 +257,9 @@ class XClient(Event):
     """``XCLIENT`` from a trusted front-end (Postfix's extension), its
     attributes parsed (:func:`bonzo.proxy.parse_xclient`: by name, ``None``
     for "unavailable"). The caller puts the new client in place; accepting
-    it starts the session over (no HELO, no AUTH but a ``LOGIN`` given, no
-    transaction) and answers with the listener's ``220`` greeting."""
+    it starts the session over (no HELO, no AUTH but a ``LOGIN`` given and
+    no failed attempt counted, no transaction) and answers with the
+    listener's ``220`` greeting."""
 
     attributes: Mapping[str, str | None]
 
@@ -1182,12 +1183,14 @@ class SMTPProtocol:
             self._pending = event
             raise RuntimeError("answer AUTH with auth_challenge(), auth_success() or reject()")
         elif kind is XClient:
-            # As after connecting (Postfix): the client says EHLO again.
+            # As after connecting (Postfix): the client says EHLO again, and
+            # has had no AUTH attempt of its own yet.
             self._reset_transaction()
             self.helo = None
             self.esmtp = False
             self.authenticated = event.attributes.get("LOGIN")  # type: ignore[attr-defined]
             self.auth_mechanism = None
+            self.auth_failures = 0
             if isinstance(text, list):
                 self._queue(format_reply(220, text, None, False))
             else:

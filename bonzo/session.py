@@ -315,12 +315,14 @@ class Session:
 
     .. attribute:: stash
 
-       A dict where plugins keep per-connection data, by their own key.
+       A dict where plugins keep per-connection data, by their own key
+       (kept when ``XCLIENT`` names a new client).
 
     .. attribute:: results
 
        What filters found about the connection (the client's address, its
-       HELO name): a :class:`~bonzo.results.Results`.
+       HELO name): a :class:`~bonzo.results.Results`; a new, empty one when
+       ``XCLIENT`` names a new client.
 
        .. versionadded:: 0.2
 

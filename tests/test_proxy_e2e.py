@@ -21,6 +21,7 @@ from bonzo_plugins.access import AccessPlugin
 from e2e_support import TIMEOUT, RawClient, RecordingPlugin, wait_until
 
 from bonzo.hooks import PluginSet
+from bonzo.hookspecs import Accept
 from bonzo.proxy import TLV_AUTHORITY, TLV_SSL, TLV_UNIQUE_ID, ProxyHeader, ProxyTLVs
 from bonzo.server import client_of
 from bonzo.session import Envelope, Session
@@ -508,6 +509,97 @@ def test_xclient_in_a_transaction(start_server):
         assert c.command("XCLIENT ADDR=192.0.2.1") == (
             b"503 5.5.1 Error: MAIL transaction in progress\r\n"
         )
+
+
+class FrontEndFindings(Seen):
+    """Keeps a connection-long mark in the stash, and records what the
+    session's results and stash held at MAIL."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at_mail: list[tuple[list[str], dict[str, Any]]] = []
+
+    def bonzo_connect(self, session: Session) -> Any:
+        session.stash.setdefault("first_seen", session.remote_ip)
+        return super().bonzo_connect(session)
+
+    def bonzo_mail(self, session: Session, envelope: Envelope) -> Any:
+        self.at_mail.append(([str(r) for r in session.results], dict(session.stash)))
+        return super().bonzo_mail(session, envelope)
+
+
+def test_xclient_forgets_what_plugins_found_about_the_front_end(start_server, dns_stub):
+    # The front-end (127.0.0.1) is listed; the client it names is in the
+    # list's skip_networks: dnsbl has no verdict on the client, and must not
+    # find the front-end's as if it were the client's.
+    from types import SimpleNamespace
+
+    from bonzo_plugins.dnsbl import DnsblPlugin
+
+    dns_stub.add("1.0.0.127.bl.example", "A", "127.0.0.2")
+    dnsbl = DnsblPlugin()
+    app = SimpleNamespace(
+        dns=dns_stub.resolver(), settings=SimpleNamespace(hostname="bonzo.test"), base_dir=None
+    )
+    dnsbl.bonzo_configure(
+        config={"zones": ["bl.example"], "stage": "mail", "skip_networks": ["192.0.2.0/24"]},
+        app=app,
+    )
+    plugin = FrontEndFindings()
+    plugins = PluginSet(timeout=TIMEOUT)
+    plugins.register(dnsbl, "dnsbl")
+    plugins.register(plugin, "seen")
+    listener = ListenerSettings(xclient_trusted=["127.0.0.0/8"])
+    server = start_server(plugins=plugins, listener=listener)
+    with RawClient(server.port) as c:
+        c.greet("filter.test")
+        # The front-end itself is judged, as any client.
+        assert c.command("MAIL FROM:<a@example.org>").startswith(b"554 5.7.1")
+        assert c.command("XCLIENT ADDR=192.0.2.5").startswith(b"220 ")
+        c.command("EHLO client.test")
+        send_message(c)
+        c.command("QUIT")
+    wait_until(lambda: plugin.disconnected, message="disconnect")
+    [client] = plugin.at_mail  # the front-end's MAIL was refused by dnsbl first
+    assert client[0] == []  # nothing found about 192.0.2.5
+    # The stash is the connection's: plugins keep their resources there, and
+    # start their per-client data over in bonzo_connect, which ran again.
+    assert client[1] == {"first_seen": "127.0.0.1"}
+    assert [s["remote_ip"] for s in plugin.at_connect] == ["127.0.0.1", "192.0.2.5"]
+
+
+def test_xclient_after_starttls_keeps_the_tls_and_forgets_auth_failures(start_server, certs):
+    ca, pair = certs
+
+    class Passwords(Seen):
+        def bonzo_auth(self, password: str) -> Any:
+            return Accept() if password == "right" else None
+
+    plugin = Passwords()
+    listener = ListenerSettings(
+        xclient_trusted=["127.0.0.0/8"], tls_context=make_server_context(pair)
+    )
+    server = start_server(
+        plugin=plugin, listener=listener, max_auth_failures=2, auth_failure_delay=0
+    )
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    context.check_hostname = False  # the certificate is for mx.test
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=TIMEOUT) as client:
+        client.starttls(context=context)
+        client.ehlo("filter.test")
+        # The front-end's own failed attempt is not the client's.
+        assert client.docmd("AUTH", "PLAIN AGEAd3Jvbmc=")[0] == 535  # a / wrong
+        assert client.docmd("XCLIENT", "ADDR=192.0.2.5")[0] == 220
+        client.ehlo("client.test")
+        assert client.docmd("AUTH", "PLAIN AGEAd3Jvbmc=")[0] == 535
+        assert client.docmd("AUTH", "PLAIN AGEAcmlnaHQ=")[0] == 235  # a / right
+        client.sendmail("a@example.org", ["b@example.net"], MESSAGE)
+    wait_until(lambda: plugin.disconnected, message="disconnect")
+    seen = plugin.at_deliver[0]
+    assert seen["remote_ip"] == "192.0.2.5" and seen["auth"] == "a"
+    assert seen["tls"]["version"].startswith("TLSv1.")
+    assert b"ESMTPSA" in plugin.messages[0].header_bytes
 
 
 # ------------------------------------------------------- what the client sends
