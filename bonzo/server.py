@@ -27,7 +27,7 @@ from .connection import SessionStream, SMTPConnection, connect_refusals
 from .hooks import CANCEL_GRACE, PluginSet, passes_through, stop_task
 from .hookspecs import Accept
 from .listen import accept_on
-from .proxy import client_network
+from .proxy import address_in, client_network
 from .session import Envelope, Session, one_line
 from .settings import ListenerSettings, SMTPSettings
 
@@ -615,6 +615,10 @@ class SMTPServer(TCPServer):
         # Behind a proxy the client's address comes in the PROXY header: the
         # per-client limit is applied then (_client_named).
         proxied = self.listener.proxy_protocol
+        # A trusted XCLIENT front-end (the operator's own filter) names its
+        # client in the session: that client is counted then, the front-end
+        # never, or it could hold only max_connections_per_ip clients.
+        front_end = not proxied and self._front_end(ip)
         refusal = limit = None
         count = self.count
         # The listener's limits hold for its own connections, the server-wide
@@ -623,7 +627,7 @@ class SMTPServer(TCPServer):
             count.max_connections is not None and count.total >= count.max_connections
         ):
             refusal, limit = "Too many connections, try again later", "max_connections"
-        elif not proxied and self._over_ip_limit(ip):
+        elif not proxied and not front_end and self._over_ip_limit(ip):
             # On a Unix socket the "address" is every client's: not "yours".
             refusal = (
                 "Too many connections on this socket, try again later"
@@ -671,7 +675,7 @@ class SMTPServer(TCPServer):
             counter.connection_opened(connection, limit)
         # A refused connection is not counted; its connection logs the refusal.
         if limit is None:
-            counted = None if proxied else ip
+            counted = None if proxied or front_end else ip
             count.add(counted)
             self._counted[connection] = counted
             self._open += 1
@@ -705,6 +709,14 @@ class SMTPServer(TCPServer):
         counted = self._counted[connection]
         if counted == ip:
             return None
+        if self._front_end(ip):
+            # A PROXY header named a trusted XCLIENT front-end (or XCLIENT a
+            # client trusted as one): in the total only, as at accept.
+            self.count.remove(counted)
+            self.count.add(None)
+            self._drop_own(counted)
+            self._counted[connection] = None
+            return None
         # Another address of the same client (its IPv6 network) changes no count.
         same = (
             counted is not None
@@ -722,6 +734,12 @@ class SMTPServer(TCPServer):
         self._per_ip[self._client(ip)] += 1
         self._counted[connection] = ip
         return None
+
+    def _front_end(self, ip: str) -> bool:
+        """Whether ``ip`` is a front-end trusted with ``XCLIENT`` here (not
+        counted for ``max_connections_per_ip``)."""
+        trusted = self.listener.xclient_trusted
+        return bool(trusted) and address_in(ip, trusted)
 
     def _client(self, ip: str) -> str:
         """The client ``ip`` counts under here (its IPv6 network)."""

@@ -478,7 +478,8 @@ class ListenerSettings:
     xclient_trusted: tuple[IPNetwork, ...] = ()
     """The networks of the front-ends (mail filters, proxies) allowed to
     use ``XCLIENT`` to say who their client is (see :doc:`/proxy`). Empty:
-    nobody (``XCLIENT`` gets ``550 5.7.0``).
+    nobody (``XCLIENT`` gets ``550 5.7.0``). A front-end's own connections
+    do not count for ``max_connections_per_ip``.
 
     .. versionadded:: 0.2"""
 

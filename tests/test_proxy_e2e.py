@@ -651,6 +651,54 @@ def test_an_ipv4_mapped_client_is_an_ipv4_client(start_server, log_watch):
     assert log_watch.matching(r"\[\w+ 127\.0\.0\.2\] PROXY v1 PROXY INET6 from 127\.0\.0\.1")
 
 
+# ------------------------------------------------------------ the front-end
+def test_a_trusted_front_end_is_not_held_to_the_per_client_limit(start_server, log_watch):
+    # A content filter relays many clients: each is counted once XCLIENT
+    # names it, the filter itself never.
+    listener = ListenerSettings(xclient_trusted=["127.0.0.1/32"])
+    server = start_server(listener=listener, max_connections_per_ip=2)
+    filters = [RawClient(server.port) for _ in range(4)]
+    try:
+        for n, c in enumerate(filters):
+            c.greet("filter.test")
+            assert c.command(f"XCLIENT ADDR=192.0.2.{n % 2 + 1}").startswith(b"220 ")
+        # Clients .1 and .2 have two connections each: a third is refused.
+        with RawClient(server.port) as c:
+            c.greet("filter.test")
+            assert c.command("XCLIENT ADDR=192.0.2.1") == (
+                b"421 4.7.0 Too many connections from your address\r\n"
+            )
+        counted = server.call(lambda: dict(server.server.count.per_ip))
+        assert counted == {"192.0.2.1": 2, "192.0.2.2": 2}
+        # A connection that has not named its client yet counts in the
+        # total only.
+        with RawClient(server.port) as c:
+            c.greet("filter.test")
+            assert server.call(lambda: server.server.count.total) == 5
+            assert server.call(lambda: dict(server.server.count.per_ip)) == counted
+    finally:
+        for c in filters:
+            c.close()
+    server.wait_connections(0)
+    assert server.call(lambda: (server.server.count.total, dict(server.server.count.per_ip))) == (
+        0,
+        {},
+    )
+
+
+def test_a_front_end_behind_a_proxy_is_not_counted_either(start_server):
+    listener = proxied(xclient_trusted=["10.0.0.0/8"])
+    server = start_server(listener=listener, max_connections_per_ip=1)
+    with RawClient(server.port) as first, RawClient(server.port) as second:
+        for c in (first, second):
+            c.send(v1("10.0.0.25"))
+            c.greet("filter.test")
+        assert server.call(lambda: dict(server.server.count.per_ip)) == {}
+        assert first.command("XCLIENT ADDR=192.0.2.1").startswith(b"220 ")
+        assert server.call(lambda: dict(server.server.count.per_ip)) == {"192.0.2.1": 1}
+        assert second.command("XCLIENT ADDR=192.0.2.1").startswith(b"421 4.7.0")
+
+
 def test_the_greeting_after_xclient_on_an_lmtp_listener_says_lmtp(start_server):
     listener = ListenerSettings(protocol="lmtp", xclient_trusted=["127.0.0.0/8"])
     server = start_server(listener=listener)
