@@ -44,7 +44,7 @@ from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.log import app_log, gen_log
 
-from . import errors
+from . import errors, metrics
 from .dispatch import Dispatcher
 from .hooks import PluginSet, passes_through
 from .lmtp import LMTPProtocol
@@ -755,6 +755,8 @@ class SMTPConnection:
         gen_log.warning(
             "[%s %s] closed without greeting: %s", self.session.id, peer, _printable(why)
         )
+        if metrics.active is not None:
+            metrics.active.connection_refused("proxy")
         self.stream.close()
 
     def _set_client(

@@ -351,8 +351,9 @@ class Metrics:
         self.watch(connection.protocol)
 
     def connection_refused(self, reason: str) -> None:
-        """A connection was refused after it was accepted (a PROXY header
-        named a client over its limit)."""
+        """A connection was refused after it was accepted: a PROXY header
+        named a client over its limit, or the header was not believed, bad
+        or missing (``"proxy"``)."""
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
     def connection_closed(self, connection: SMTPConnection) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import smtplib
+import socket
 import urllib.error
 import urllib.request
 import weakref
@@ -15,6 +16,7 @@ import pytest
 
 pytest.importorskip("prometheus_client")
 
+from e2e_support import TIMEOUT, wait_until  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
 from bonzo import errors, metrics  # noqa: E402
@@ -24,7 +26,7 @@ from bonzo.hookspecs import Accept  # noqa: E402
 from bonzo.metrics import Metrics, MetricsServer  # noqa: E402
 from bonzo.protocol import NEED_DATA, SMTPProtocol  # noqa: E402
 from bonzo.server import SMTPServer  # noqa: E402
-from bonzo.settings import SMTPSettings  # noqa: E402
+from bonzo.settings import ListenerSettings, SMTPSettings  # noqa: E402
 from bonzo.testing import SessionTester  # noqa: E402
 
 
@@ -251,6 +253,34 @@ def test_plugin_refusal_at_connect_counts_as_refused_connection():
         assert value(m, "bonzo_refusals_total", **labels) == 1
     finally:
         m.uninstall()
+
+
+def test_connections_closed_for_proxy_reasons_count_as_refused(counted, start_server, log_watch):
+    # A balancer that sends no header, or from an address not trusted, is
+    # seen on the dashboard, not only in the log.
+    m, plugins = counted
+    listener = ListenerSettings(proxy_protocol=True, proxy_trusted=["127.0.0.1/32"])
+    server = start_server(plugins=plugins, listener=listener, proxy_timeout=0.3)
+    for source, data in (
+        ("127.0.0.2", b"PROXY TCP4 192.0.2.1 192.0.2.2 1 25\r\n"),  # not trusted
+        ("127.0.0.1", b"EHLO client.example\r\n"),  # no header
+        ("127.0.0.1", b""),  # nothing in time
+        ("127.0.0.1", b"PROXY TCP4 192.0.2.1 192.0.2.2 1 25\r\nQUIT\r\n"),  # served
+    ):
+        with socket.create_connection(
+            server.address, timeout=TIMEOUT, source_address=(source, 0)
+        ) as s:
+            s.sendall(data)
+            try:
+                while s.recv(4096):
+                    pass
+            except ConnectionResetError:  # closed with the octets unread
+                pass
+    wait_until(lambda: len(log_watch.matching("closed without greeting")) == 3, message="3 lines")
+    server.wait_connections(0)
+    assert value(m, "bonzo_connections_refused_total", reason="proxy") == 3
+    assert value(m, "bonzo_connections_total") == 4
+    assert value(m, "bonzo_replies_total", stage="connect", code_class="2xx") == 1
 
 
 def test_queue_and_tls_counters():
