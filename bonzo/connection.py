@@ -681,7 +681,7 @@ class SMTPConnection:
         ``None`` when the connection is closed (untrusted source, malformed
         header, timeout: one warning, no greeting, no plugin asked)."""
         session = self.session
-        peer = host_port(session.peer_ip, session.peer_port)
+        peer = self._peer()
         self._silent = True
         trusted = self.listener.proxy_trusted
         # A Unix socket listener has none (its file's permissions decide who
@@ -750,6 +750,19 @@ class SMTPConnection:
                 _printable("; ".join(header.tlvs.problems)),
             )
         return parser.rest
+
+    def _peer(self) -> str:
+        """The other end of the connection, for a log line: ``host:port``,
+        or ``unix:<path>`` on a Unix socket listener, whose peers have no
+        address (the session's ``peer_ip`` is ``0.0.0.0`` there)."""
+        session = self.session
+        if isinstance(self.address, tuple):
+            return host_port(session.peer_ip, session.peer_port)
+        try:
+            path = self.stream.socket.getsockname()
+        except (OSError, AttributeError):
+            path = ""
+        return f"unix:{path}" if isinstance(path, str) and path else "unix socket"
 
     def _proxy_failed(self, peer: str, why: str) -> None:
         gen_log.warning(
@@ -1045,9 +1058,8 @@ class SMTPConnection:
             return
         self._why = why
         if why == "proxy_timeout":
-            session = self.session
             self._proxy_failed(
-                host_port(session.peer_ip, session.peer_port),
+                self._peer(),
                 f"no PROXY header within {self.settings.proxy_timeout:g}s (proxy_timeout)",
             )
         elif why == "linger":

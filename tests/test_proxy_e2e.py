@@ -651,6 +651,28 @@ def test_an_ipv4_mapped_client_is_an_ipv4_client(start_server, log_watch):
     assert log_watch.matching(r"\[\w+ 127\.0\.0\.2\] PROXY v1 PROXY INET6 from 127\.0\.0\.1")
 
 
+def test_unix_socket_peers_are_named_by_the_socket(start_server, log_watch, tmp_path):
+    path = str(tmp_path / "p.sock")
+    listener = proxied(proxy_trusted=[], unix_socket=True)
+    start_server(listener=listener, unix_path=path, proxy_timeout=0.3)
+    for data in (b"EHLO x\r\n", b""):  # not a header; nothing in time
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(TIMEOUT)
+            s.connect(path)
+            s.sendall(data)
+            try:
+                assert s.recv(512) == b""
+            except ConnectionResetError:  # closed with the octets unread
+                pass
+    lines = [
+        log_watch.wait_for(r"closed without greeting: bad PROXY header"),
+        log_watch.wait_for(r"closed without greeting: no PROXY header within 0\.3s"),
+    ]
+    for record in lines:
+        assert f" unix:{path}] closed without greeting" in record.getMessage()
+    assert not log_watch.matching(r"0\.0\.0\.0:0")
+
+
 # ------------------------------------------------------------ the front-end
 def test_a_trusted_front_end_is_not_held_to_the_per_client_limit(start_server, log_watch):
     # A content filter relays many clients: each is counted once XCLIENT

@@ -59,7 +59,8 @@ class Frontend:
     HAProxy connects to Bonzo at ``backend`` with ``server_options``."""
 
     name: str
-    backend: tuple[str, int]
+    backend: tuple[str, int] | str
+    """Bonzo's address and port, or the path of its Unix socket."""
     server_options: str = "send-proxy"
     bind_host: str = "127.0.0.1"
     bind_options: str = ""
@@ -68,7 +69,8 @@ class Frontend:
 
     def lines(self) -> list[str]:
         host = f"[{self.bind_host}]" if ":" in self.bind_host else self.bind_host
-        target = f"{self.backend[0]}:{self.backend[1]}"
+        backend = self.backend
+        target = backend if isinstance(backend, str) else f"{backend[0]}:{backend[1]}"
         return [
             f"frontend fe_{self.name}",
             f"    bind {host}:{self.port} {self.bind_options}".rstrip(),

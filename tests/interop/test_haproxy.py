@@ -13,6 +13,7 @@ that send a LOCAL header; IPv6 clients.
 
 from __future__ import annotations
 
+import re
 import smtplib
 import socket
 import ssl
@@ -377,3 +378,20 @@ def test_an_ipv4_client_of_a_dual_stack_haproxy(start_server, haproxy, options):
     assert seen["remote_ip"] == "127.0.0.2" and seen["local_ip"] == "127.0.0.1"
     assert seen["proxy"].family == "INET6"
     assert plugin.messages[0].header_bytes.startswith(b"Received: from client.test ([127.0.0.2])")
+
+
+def test_a_unix_socket_listener_names_the_socket_in_its_log(
+    start_server, haproxy, log_watch, socket_dir
+):
+    # HAProxy on the same machine, to a Unix socket listener, but without
+    # send-proxy: the warning names the socket, not "0.0.0.0:0".
+    path = str(socket_dir / "bonzo.sock")
+    listener = ListenerSettings(proxy_protocol=True, unix_socket=True)
+    start_server(plugin=Seen(), listener=listener, unix_path=path, proxy_timeout=0.5)
+    proxy = haproxy(Frontend("plain", path, ""))
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        connect(proxy.ports["plain"], "127.0.0.5")
+    record = log_watch.wait_for(
+        rf"\[\w+ unix:{re.escape(path)}\] closed without greeting: no PROXY header within 0\.5s"
+    )
+    assert record.levelname == "WARNING"
