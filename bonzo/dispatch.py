@@ -49,6 +49,7 @@ from .protocol import (
     SMTPProtocol,
     Unknown,
 )
+from .proxy import ProxyHeader
 from .results import Results
 from .session import (
     Envelope,
@@ -276,6 +277,8 @@ class Dispatcher:
         self._sasl: Mechanism | None = None
         # Why storing the content failed, if it did (answered after the dot).
         self._stored: OSError | None = None
+        # The log was told that this session's PROXY header named no client.
+        self._unnamed_told = False
 
     # ------------------------------------------------------------ entry points
     async def connect(self) -> None:
@@ -374,6 +377,9 @@ class Dispatcher:
                 raise errors.PermanentError("Recipient address rejected", 550, "5.7.1")
             return verdict
         if kind is Mail:
+            proxy = session.proxy
+            if proxy is not None and not self._unnamed_told and not proxy.carries_addresses:
+                self._tell_unnamed(proxy)
             envelope = Envelope(
                 event.address,  # type: ignore[attr-defined]
                 event.params,  # type: ignore[attr-defined]
@@ -412,6 +418,25 @@ class Dispatcher:
                 (session, event.verb, event.arg),  # type: ignore[attr-defined]
             )
         raise AssertionError(f"unexpected event {event!r}")  # pragma: no cover
+
+    def _tell_unnamed(self, proxy: ProxyHeader) -> None:
+        """A session whose PROXY header named no client sends mail: say so
+        once. HAProxy sends such a header (LOCAL, UNKNOWN) for its health
+        checks, which send no MAIL, but also for clients it relays from a
+        Unix socket: those are then judged as the proxy itself."""
+        self._unnamed_told = True
+        session = self.session
+        if session.xclient is not None:
+            return  # XCLIENT has named the client since
+        gen_log.info(
+            "[%s %s] mail from a client the PROXY header did not name (v%d %s %s): "
+            "it has the proxy's own address",
+            session.id,
+            session.remote_ip,
+            proxy.version,
+            proxy.command,
+            proxy.family,
+        )
 
     async def _message(self, event: MessageComplete) -> Any:
         if event.data:

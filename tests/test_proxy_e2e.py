@@ -651,6 +651,35 @@ def test_an_ipv4_mapped_client_is_an_ipv4_client(start_server, log_watch):
     assert log_watch.matching(r"\[\w+ 127\.0\.0\.2\] PROXY v1 PROXY INET6 from 127\.0\.0\.1")
 
 
+def test_mail_on_a_session_whose_header_named_no_client_is_logged(start_server, log_watch):
+    # HAProxy sends LOCAL (v2) or UNKNOWN (v1) for its health checks, and
+    # also for a client it took on a Unix socket: that one is judged as
+    # the proxy. A health check sends no MAIL; a relayed client does.
+    plugin = Seen()
+    server = start_server(plugin=plugin, listener=proxied())
+    local = ProxyHeader(2, "LOCAL", "UNSPEC", "UNSPEC").to_bytes()
+    with RawClient(server.port) as c:  # a health check (option smtpchk)
+        c.send(local)
+        c.greet()
+        c.command("QUIT")
+    for header in (local, b"PROXY UNKNOWN\r\n"):
+        with RawClient(server.port) as c:
+            c.send(header)
+            c.greet()
+            send_message(c)
+            send_message(c)
+            c.command("QUIT")
+    wait_until(lambda: len(plugin.disconnected) == 3, message="three sessions")
+    lines = log_watch.matching(r"mail from a client the PROXY header did not name")
+    assert [r.getMessage().split("] ", 1)[1] for r in lines] == [
+        "mail from a client the PROXY header did not name (v2 LOCAL UNSPEC): "
+        "it has the proxy's own address",
+        "mail from a client the PROXY header did not name (v1 PROXY UNSPEC): "
+        "it has the proxy's own address",
+    ]
+    assert all(r.levelname == "INFO" for r in lines)
+
+
 def test_unix_socket_peers_are_named_by_the_socket(start_server, log_watch, tmp_path):
     path = str(tmp_path / "p.sock")
     listener = proxied(proxy_trusted=[], unix_socket=True)

@@ -66,14 +66,17 @@ class Frontend:
     bind_options: str = ""
     frontend_lines: list[str] = field(default_factory=list)
     port: int = 0
+    bind_path: str = ""
+    """Clients connect to this Unix socket instead of a port."""
 
     def lines(self) -> list[str]:
         host = f"[{self.bind_host}]" if ":" in self.bind_host else self.bind_host
+        bind = f"{self.bind_path} mode 666" if self.bind_path else f"{host}:{self.port}"
         backend = self.backend
         target = backend if isinstance(backend, str) else f"{backend[0]}:{backend[1]}"
         return [
             f"frontend fe_{self.name}",
-            f"    bind {host}:{self.port} {self.bind_options}".rstrip(),
+            f"    bind {bind} {self.bind_options}".rstrip(),
             *(f"    {line}" for line in self.frontend_lines),
             f"    default_backend be_{self.name}",
             f"backend be_{self.name}",
@@ -142,7 +145,8 @@ def running_haproxy(
     assert binary is not None, "haproxy is not installed (.ci/run installs it)"
     frontends = frontends or []
     for frontend in frontends:
-        frontend.port = free_port(frontend.bind_host)
+        if not frontend.bind_path:
+            frontend.port = free_port(frontend.bind_host)
     ready = free_port()
     config = workdir / "haproxy.cfg"
     if text is None:

@@ -380,6 +380,37 @@ def test_an_ipv4_client_of_a_dual_stack_haproxy(start_server, haproxy, options):
     assert plugin.messages[0].header_bytes.startswith(b"Received: from client.test ([127.0.0.2])")
 
 
+@pytest.mark.parametrize("options", ["send-proxy", "send-proxy-v2"])
+def test_a_client_of_a_unix_socket_bind_is_the_proxy_itself(
+    start_server, haproxy, log_watch, socket_dir, options
+):
+    # HAProxy has no address to name for a client of its Unix socket: it
+    # sends UNKNOWN (v1) or LOCAL (v2), as for its health checks, and the
+    # client has HAProxy's own address (docs/proxy.rst, Security). Its mail
+    # is logged as such.
+    plugin = Seen()
+    server = bonzo(start_server, plugin)
+    backend, line = server_line(server, options)
+    path = str(socket_dir / "haproxy.sock")
+    haproxy(Frontend("unix", backend, line, bind_path=path))
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.settimeout(TIMEOUT)
+        raw.connect(path)
+        client = smtplib.SMTP(local_hostname="client.test", timeout=TIMEOUT)
+        client.sock = raw
+        assert client.getreply()[0] == 220
+        client.sendmail("a@example.org", ["b@example.net"], MESSAGE)
+        client.quit()
+    wait_until(lambda: plugin.messages, message="the message")
+    seen = plugin.at_deliver[0]
+    assert seen["remote_ip"] == seen["peer_ip"] == PROXY_SOURCE
+    assert not seen["proxy"].carries_addresses
+    record = log_watch.wait_for(
+        rf"\[\w+ {PROXY_SOURCE}\] mail from a client the PROXY header did not name"
+    )
+    assert record.levelname == "INFO"
+
+
 def test_a_unix_socket_listener_names_the_socket_in_its_log(
     start_server, haproxy, log_watch, socket_dir
 ):
