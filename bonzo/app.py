@@ -31,7 +31,7 @@ from .dns import Resolver
 from .hooks import PluginError, PluginSet, passes_through
 from .hookspecs import DECISION_HOOKS
 from .server import ACCEPT_BATCH, ConnectionCount, SMTPServer, WorkerShare
-from .settings import SettingError
+from .settings import ListenerSettings, SettingError
 from .store import Store, open_store
 
 __all__ = ["MailApp", "InstalledPlugin", "installed_plugins", "resolve_plugin", "ENTRY_POINT_GROUP"]
@@ -464,6 +464,7 @@ class MailApp:
             )
         for i, listener in enumerate(self.config.listeners):
             ls = listener.settings
+            out.extend(_open_trust(i, listener.where, ls))
             if ls.require_auth and not calls["bonzo_auth"]:
                 out.append(
                     f"listeners[{i}] requires AUTH but no enabled plugin checks credentials "
@@ -714,6 +715,23 @@ class MailApp:
                 name = sock.getsockname()
                 out.append((name, 0) if isinstance(name, str) else (name[0], name[1]))
         return out
+
+
+def _open_trust(index: int, where: str, listener: ListenerSettings) -> list[str]:
+    """Warnings for a trust list of listener ``index`` (at ``where``) that
+    holds every address (``0.0.0.0/0``, ``::/0``): anyone may then name any
+    client, and with ``XCLIENT LOGIN`` be anyone (``bonzo check``)."""
+    out = []
+    effects = {
+        "proxy_trusted": "lets any client send a PROXY header and name any client address",
+        "xclient_trusted": "lets any client use XCLIENT: name any client address and, with "
+        "LOGIN, relay as any authenticated user",
+    }
+    for key, effect in effects.items():
+        for net in getattr(listener, key):
+            if net.prefixlen == 0:
+                out.append(f"listeners[{index}].{key} ({where}): {net} {effect}")
+    return out
 
 
 def _bind_unix(path: str, mode: int) -> socket.socket:

@@ -479,7 +479,8 @@ class ListenerSettings:
     """The networks of the front-ends (mail filters, proxies) allowed to
     use ``XCLIENT`` to say who their client is (see :doc:`/proxy`). Empty:
     nobody (``XCLIENT`` gets ``550 5.7.0``). A front-end's own connections
-    do not count for ``max_connections_per_ip``.
+    do not count for ``max_connections_per_ip``. On a :attr:`unix_socket`
+    listener only with :attr:`proxy_protocol`.
 
     .. versionadded:: 0.2"""
 
@@ -513,6 +514,13 @@ class ListenerSettings:
             )
         if self.proxy_trusted and not self.proxy_protocol:
             raise SettingError("proxy_trusted", "is set but proxy_protocol is not on")
+        if self.unix_socket and self.xclient_trusted and not self.proxy_protocol:
+            raise SettingError(
+                "xclient_trusted",
+                "a Unix socket listener (path) has no peer address to check against it, so "
+                "no front-end could ever use XCLIENT; it applies there only with "
+                "proxy_protocol (to the client a PROXY header names)",
+            )
         if self.implicit_tls and self.tls_context is None:
             raise SettingError("implicit_tls", "needs a TLS certificate: set the listener's tls")
         if self.require_tls and self.tls_context is None:

@@ -5,8 +5,12 @@ ConfigError naming the file and the dotted key."""
 from __future__ import annotations
 
 import ipaddress
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from daemon_support import daemon_env
 from test_config import assert_error, parse, table, toml_value
 
 from bonzo.settings import ListenerSettings
@@ -126,3 +130,73 @@ def test_listener_settings_take_networks_or_strings():
     net = ipaddress.ip_network("10.0.0.0/8")
     ls = ListenerSettings(proxy_protocol=True, proxy_trusted=(net, "192.0.2.0/24"))
     assert ls.proxy_trusted == (net, ipaddress.ip_network("192.0.2.0/24"))
+
+
+def test_a_unix_socket_listener_refuses_xclient_trusted_without_proxy_protocol(tmp_path):
+    # Its peers have no address: no front-end could ever match the list.
+    text = listener(path="smtp.sock", xclient_trusted=["127.0.0.1"])
+    assert_error(
+        text,
+        "listeners[0].xclient_trusted",
+        "a Unix socket listener (path) has no peer address to check against it",
+        "only with proxy_protocol",
+        base_dir=tmp_path,
+    )
+    # Behind a PROXY header the list applies to the client it names.
+    text = listener(path="smtp.sock", proxy_protocol=True, xclient_trusted=["10.0.0.0/8"])
+    ls = parse(text, tmp_path).listeners[0].settings
+    assert ls.unix_socket and ls.xclient_trusted
+
+
+# -------------------------------------------------------------- bonzo check
+def bonzo_check(tmp_path: Path, listeners: str) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "bonzo.toml"
+    config.write_text(
+        '[server]\nhostname = "mx.test"\n\n'
+        + listeners
+        + '\n[plugins]\nenabled = ["recipients", "maildir"]\n\n'
+        + '[plugins.recipients]\ndomains = ["example.org"]\n\n'
+        + f'[plugins.maildir]\npath = "{tmp_path / "Maildir"}"\n'
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "bonzo", "check", "-c", str(config)],
+        env=daemon_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_check_warns_about_trust_lists_that_hold_every_address(tmp_path):
+    result = bonzo_check(
+        tmp_path,
+        listener(address="127.0.0.1", port=2525, xclient_trusted=["0.0.0.0/0", "::/0"])
+        + listener(
+            address="127.0.0.1",
+            port=2526,
+            proxy_protocol=True,
+            proxy_trusted=["::ffff:0.0.0.0/96"],  # all of IPv4, written mapped
+            xclient_trusted=["10.0.0.0/8"],
+        ),
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "    127.0.0.1:2526: SMTP, PROXY from 0.0.0.0/0, XCLIENT from 10.0.0.0/8" in lines
+    assert [line for line in lines if "_trusted" in line] == [
+        "  warning: listeners[0].xclient_trusted (127.0.0.1:2525): 0.0.0.0/0 lets any client "
+        "use XCLIENT: name any client address and, with LOGIN, relay as any authenticated user",
+        "  warning: listeners[0].xclient_trusted (127.0.0.1:2525): ::/0 lets any client use "
+        "XCLIENT: name any client address and, with LOGIN, relay as any authenticated user",
+        "  warning: listeners[1].proxy_trusted (127.0.0.1:2526): 0.0.0.0/0 lets any client "
+        "send a PROXY header and name any client address",
+    ]
+
+
+def test_check_refuses_xclient_trusted_on_a_unix_socket_listener(tmp_path):
+    result = bonzo_check(tmp_path, listener(path="smtp.sock", xclient_trusted=["127.0.0.1"]))
+    assert result.returncode == 2, result.stdout
+    [line] = result.stderr.strip().splitlines()
+    assert "listeners[0].xclient_trusted: a Unix socket listener (path)" in line
+    assert "Traceback" not in result.stderr
