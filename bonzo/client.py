@@ -1445,7 +1445,11 @@ class ClientConnection:
                     # RFC 6533's raw UTF-8 form, downgraded to its escapes
                     # for a transaction without SMTPUTF8.
                     orcpt = "".join(c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in orcpt)
-                line += f" ORCPT={orcpt}"
+                # Escapes can take it past RFC 3461's 500 characters: then
+                # left out (it is informational) rather than the recipient
+                # refused for it.
+                if len(orcpt) <= 500:
+                    line += f" ORCPT={orcpt}"
         return line.encode("utf-8")
 
     async def _mail(self, line: bytes) -> Reply:

@@ -486,6 +486,7 @@ class SMTPConnection:
         self._why = ""  # what ended the session, when the timer did
         self._stopping = False
         self._aborted = False  # the grace period is over: no new command
+        self._half_closed: float | None = None  # when the server's side ended
         self._forced = False
         self._ended = False
         #: The task running :meth:`run`, once the server started one.
@@ -538,8 +539,8 @@ class SMTPConnection:
         send again). No command after it is run."""
         self._stopping = True
         self._aborted = True
-        if self._phase == _HANDSHAKE or self._phase == _PROXY:
-            self.stream.close()
+        if self._phase == _HANDSHAKE or self._phase == _PROXY or self._half_closed is not None:
+            self.stream.close()  # a lingering one has had its last reply: no more wait
         elif self._phase != _BUSY:
             self._end(421, "Server shutting down", "4.3.2", "shutdown")
 
@@ -628,12 +629,12 @@ class SMTPConnection:
                     return
             elif kind is Closed:
                 return
-            elif kind is XClient:
-                await self._xclient(event)  # type: ignore[arg-type]
             elif self._aborted:
                 # Commands pipelined after the call that ended the grace
                 # period: none is run.
                 core.close(421, "Server shutting down", "4.3.2", limit="shutdown", unprompted=True)
+            elif kind is XClient:
+                await self._xclient(event)  # type: ignore[arg-type]
             else:
                 self._phase = _BUSY
                 await dispatch.handle(event)  # type: ignore[arg-type]
@@ -1085,7 +1086,7 @@ class SMTPConnection:
     def _end(self, code: int, text: str, enhanced: str, why: str) -> None:
         """Send a last reply and close, whatever the loop is doing (it sees
         the stream closed at its next read or write)."""
-        if self._phase == _CLOSING or self._phase == _LINGER or self.stream.closed():
+        if self._phase == _CLOSING or self._half_closed is not None or self.stream.closed():
             return
         self.protocol.close(code, text, enhanced, limit=why, unprompted=True)
         self._send()
@@ -1130,17 +1131,26 @@ class SMTPConnection:
         the last one, which says why, among them. :meth:`_finish` reads
         until the client closes, within the closing deadline."""
         stream = self.stream
+        if self._half_closed is not None:
+            return  # already: its wait runs from then (_finish keeps it)
         if not stream.closed() and self._lingers():
             try:
                 stream.socket.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
             else:
-                self._phase = _LINGER
-                self._since = self._loop.time()
-                self._arm(self._since + LINGER_WAIT)
+                self._half_closed = self._loop.time()
+                self._linger()
                 return
         stream.close()
+
+    def _linger(self) -> None:
+        """Wait for the client's close until :data:`LINGER_WAIT` after the
+        server's side ended (the loop's own phases may have come between)."""
+        assert self._half_closed is not None
+        self._phase = _LINGER
+        self._since = self._half_closed
+        self._arm(self._since + LINGER_WAIT)
 
     async def _finish(self) -> None:
         """The session is over: flush, close TLS and the socket (bounded),
@@ -1158,7 +1168,9 @@ class SMTPConnection:
                     # to wait for.
                     stream.close()
                     return
-                if self._phase != _LINGER:  # else the server's side has ended
+                if self._half_closed is not None:
+                    self._linger()  # the server's side has ended: the same wait
+                else:
                     if self._phase != _CLOSING:
                         self._phase = _CLOSING
                         self._since = self._loop.time()

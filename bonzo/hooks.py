@@ -267,6 +267,8 @@ class PluginSet:
         for call in self.calls[hook]:
             try:
                 result = call.function(*[args[i] for i in call.indexes])
+                if isinstance(result, _GENERATORS):
+                    raise TypeError(_GENERATOR_RESULT)
             except BaseException as exc:
                 if passes_through(exc):
                     raise
@@ -356,8 +358,11 @@ class PluginSet:
             token = current_plugin.set(call.plugin)
             try:
                 result = call.function(*[args[i] for i in call.indexes])
-                if result is not None and inspect.isawaitable(result):
-                    await _bounded(call, hook, result)
+                if result is not None:
+                    if inspect.isawaitable(result):
+                        await _bounded(call, hook, result)
+                    elif isinstance(result, _GENERATORS):
+                        raise TypeError(_GENERATOR_RESULT)
             except BaseException as exc:
                 if passes_through(exc):
                     raise
@@ -368,9 +373,20 @@ class PluginSet:
                 current_plugin.reset(token)
 
 
+# A generator returned by a hook its registration could not tell was one (a
+# decorator hid it): a fault, not a result silently dropped.
+_GENERATORS = (types.GeneratorType, types.AsyncGeneratorType)
+_GENERATOR_RESULT = "returned a generator (a yield in the hook?): its body never ran"
+
+
 def _generator_kind(function: Any) -> str | None:
     """``"a generator"`` or ``"an async generator"`` if ``function`` is one
-    (but a ``@types.coroutine`` one: its generator is an awaitable)."""
+    (but a ``@types.coroutine`` one: its generator is an awaitable), also
+    behind a decorator that kept it as ``__wrapped__`` (functools.wraps)."""
+    try:
+        function = inspect.unwrap(function)
+    except ValueError:  # a __wrapped__ cycle: judged as it is
+        pass
     if inspect.isasyncgenfunction(function):
         return "an async generator"
     if not inspect.isgeneratorfunction(function):

@@ -999,6 +999,28 @@ def test_a_raw_utf8_orcpt_is_escaped_without_smtputf8(offers_utf8):
         assert rcpt == "RCPT TO:<b@y.test> ORCPT=utf-8;j\\x{F6}rg\\x{20AC}@y.test"
 
 
+def test_an_orcpt_its_escapes_make_too_long_is_left_out():
+    """86 UTF-8 characters become 576 as ``\\x{...}`` escapes, past RFC 3461's
+    500: the ORCPT is left out, the recipient is not refused for it."""
+    fake = Fake(ehlo=EHLO.replace(b"250 SIZE", b"250-DSN\r\n250 SIZE"))
+    orcpt = "utf-8;" + "\u00f6" * 86 + "@y.test"
+
+    async def main() -> DeliveryResult:
+        async with serve(fake) as port:
+            return await deliver(
+                HOST,
+                port,
+                sender="a@x.test",
+                recipients=[Recipient("b@y.test", notify="FAILURE", orcpt=orcpt)],
+                message=MESSAGE,
+                settings=settings(),
+            )
+
+    assert len(run(main()).delivered) == 1
+    [rcpt] = [c for c in fake.commands if c.startswith("RCPT")]
+    assert rcpt == "RCPT TO:<b@y.test> NOTIFY=FAILURE"
+
+
 def test_dsn_parameters_are_dropped_when_not_offered():
     fake = Fake()
 

@@ -498,7 +498,8 @@ def failures_logged(log_watch, plugin: str, hook: str) -> list:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
-def test_grace_period_ends_while_a_plugin_delivers(start_server, tmp_path, log_watch):
+@pytest.mark.parametrize("pipelined", [b"MAIL FROM:<c@example.com>", b"XCLIENT ADDR=192.0.2.9"])
+def test_grace_period_ends_while_a_plugin_delivers(start_server, tmp_path, log_watch, pipelined):
     """The grace period is over while bonzo_deliver still runs: the delivery
     finishes, the client is told 250 for it and then 421 (not 421 for a
     message kept, which it would send again), its bonzo_accepted observers
@@ -522,14 +523,23 @@ def test_grace_period_ends_while_a_plugin_delivers(start_server, tmp_path, log_w
         def bonzo_disconnect(self, session):
             order.append("disconnect")
 
-    server = start_server(plugin=SlowDelivery(), spool_dir=str(tmp_path), spool_threshold=1024)
+    from bonzo.settings import ListenerSettings
+
+    server = start_server(
+        plugin=SlowDelivery(),
+        spool_dir=str(tmp_path),
+        spool_threshold=1024,
+        listener=ListenerSettings(xclient_trusted=["127.0.0.0/8"]),
+    )
     with RawClient(server.port) as client:
         client.greet()
         assert client.command("MAIL FROM:<a@example.com>").startswith(b"250")
         assert client.command("RCPT TO:<b@example.com>").startswith(b"250")
         assert client.command("DATA").startswith(b"354")
-        client.send(b"Subject: big\r\n\r\n" + b"spooled line\r\n" * 200 + b".\r\n")
-        client.send(b"MAIL FROM:<c@example.com>\r\n")  # pipelined after the dot
+        # A command pipelined after the dot, in the same write: not run.
+        client.send(
+            b"Subject: big\r\n\r\n" + b"spooled line\r\n" * 200 + b".\r\n" + pipelined + b"\r\n"
+        )
         assert entered.wait(5)
         assert fds_under(tmp_path)
 
@@ -576,3 +586,18 @@ def test_force_stop_cancels_a_plugin_call(start_server):
         assert time.monotonic() - started < 2
     wait_until(lambda: server.plugin.disconnected, message="bonzo_disconnect")
     server.wait_connections(0)
+
+
+def test_a_stop_does_not_wait_out_a_linger_past_the_grace_period(start_server):
+    """A session told 421 at the stop waits for its client's close within
+    the grace period, not LINGER_WAIT past it."""
+    grace = 0.3
+    server = start_server(plugin=RecordingPlugin())
+    with RawClient(server.port) as idle:
+        idle.greet()
+        started = time.monotonic()
+        done = server.submit(server.server.shutdown(grace))
+        # The server's side ends; this client keeps its own open.
+        assert idle.read_to_eof() == b"421 4.3.2 Server shutting down\r\n"
+        done.result(5)
+        assert time.monotonic() - started < grace + 1.0

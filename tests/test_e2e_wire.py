@@ -849,3 +849,19 @@ def test_a_client_that_keeps_the_connection_open_is_closed_after_the_linger(star
         assert data.endswith(b"421 4.7.0 Too many errors, closing connection\r\n")
         server.wait_connections(0, timeout=LINGER_WAIT + 3)
         assert time.monotonic() - started >= LINGER_WAIT * 0.8
+
+
+def test_the_wait_for_the_client_s_close_is_not_started_again(start_server):
+    """A session a timeout ended, whose client then sends more: its socket
+    is closed LINGER_WAIT after the server's side ended, not twice that."""
+    from bonzo.connection import LINGER_WAIT
+
+    server = start_server(plugin=RecordingPlugin(), idle_timeout=0.5)
+    with RawClient(server.port) as client:
+        client.greet()
+        assert client.reply(timeout=5).startswith(b"421 4.4.2 ")
+        ended = time.monotonic()
+        time.sleep(LINGER_WAIT / 2)
+        client.send(b"NOOP\r\n")  # read and dropped by the server
+        server.wait_connections(0, timeout=LINGER_WAIT * 3)
+        assert time.monotonic() - ended < LINGER_WAIT * 1.3

@@ -11,6 +11,7 @@ core and the dispatcher, no socket) where that is clearer.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import re
@@ -426,6 +427,60 @@ def test_registration_refuses_generators(plugin, hook, kind):
     module.bonzo_rcpt = bonzo_rcpt  # type: ignore[attr-defined]
     with pytest.raises(PluginError, match="'module': bonzo_rcpt is a generator"):
         ps.register(module, "module")
+
+
+def _logged(function):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+def _hidden_accepted(function):
+    def bonzo_accepted(self, envelope):  # no functools.wraps: nothing says a generator is inside
+        return function(self, envelope)
+
+    return bonzo_accepted
+
+
+def _hidden_configure(function):
+    def bonzo_configure(self, config):
+        return function(self, config)
+
+    return bonzo_configure
+
+
+def test_a_generator_behind_a_decorator_is_refused_or_a_fault(caplog, log_watch):
+    """Behind functools.wraps, registration sees the generator; behind a
+    decorator that hides it, the generator returned is a fault, logged,
+    never a result silently dropped."""
+
+    class Wrapped:
+        @_logged
+        def bonzo_accepted(self, envelope):
+            yield
+
+    with pytest.raises(PluginError, match="bonzo_accepted is a generator"):
+        PluginSet().register(Wrapped(), "wrapped")
+
+    class Hidden:
+        @_hidden_accepted
+        def bonzo_accepted(self, envelope):
+            yield
+
+        @_hidden_configure
+        def bonzo_configure(self, config):
+            yield
+
+    ps = PluginSet()
+    ps.register(Hidden(), "hidden")
+    log_watch.allow(r"in plugin 'hidden' \(bonzo_accepted\): returned a generator")
+    asyncio.run(ps.observe("bonzo_accepted", (None, None)))
+    assert "returned a generator (a yield in the hook?)" in caplog.text
+    assert "'hidden'" in caplog.text
+    with pytest.raises(PluginError, match="plugin 'hidden'.*returned a generator"):
+        ps.call_sync("bonzo_configure", {})
 
 
 def test_a_generator_based_coroutine_is_an_awaitable_not_a_generator(serve):
