@@ -186,7 +186,10 @@ def test_ipv4_mapped_addresses_are_given_as_ipv4():
     # Encoded again, such an address is written IPv4-mapped.
     assert header.to_bytes() == v2(1, 0x21, block)
     v1 = ProxyHeader(1, "PROXY", "INET6", "STREAM", "127.0.0.2", 1, "::1", 25).to_bytes()
-    assert v1 == b"PROXY TCP6 ::ffff:7f00:2 ::1 1 25\r\n"
+    # (Python 3.13 writes it ::ffff:127.0.0.2, older ones ::ffff:7f00:2.)
+    word, family, source, rest = v1.split(b" ", 3)
+    assert (word, family, rest) == (b"PROXY", b"TCP6", b"::1 1 25\r\n")
+    assert ipaddress.IPv6Address(source.decode()) == ipaddress.IPv6Address("::ffff:127.0.0.2")
     assert parsed(v1).source == "127.0.0.2"
     # An IPv4 address under TCP6 is still refused.
     with pytest.raises(ProxyError, match="bad IPv6 address"):
