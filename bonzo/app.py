@@ -15,6 +15,7 @@ import difflib
 import errno
 import importlib
 import inspect
+import ipaddress
 import logging
 import os
 import socket
@@ -719,8 +720,9 @@ class MailApp:
 
 def _open_trust(index: int, where: str, listener: ListenerSettings) -> list[str]:
     """Warnings for a trust list of listener ``index`` (at ``where``) that
-    holds every address (``0.0.0.0/0``, ``::/0``): anyone may then name any
-    client, and with ``XCLIENT LOGIN`` be anyone (``bonzo check``)."""
+    holds every address (``0.0.0.0/0``, ``::/0``, or networks that together
+    cover one of them): anyone may then name any client, and with ``XCLIENT
+    LOGIN`` be anyone (``bonzo check``)."""
     out = []
     effects = {
         "proxy_trusted": "lets any client send a PROXY header and name any client address",
@@ -728,9 +730,20 @@ def _open_trust(index: int, where: str, listener: ListenerSettings) -> list[str]
         "LOGIN, relay as any authenticated user",
     }
     for key, effect in effects.items():
-        for net in getattr(listener, key):
+        nets = getattr(listener, key)
+        for net in nets:
             if net.prefixlen == 0:
                 out.append(f"listeners[{index}].{key} ({where}): {net} {effect}")
+        for version, family in ((4, "IPv4"), (6, "IPv6")):
+            same = [n for n in nets if n.version == version]
+            if all(n.prefixlen for n in same) and any(
+                not c.prefixlen for c in ipaddress.collapse_addresses(same)
+            ):
+                listed = " ".join(str(n) for n in same)
+                out.append(
+                    f"listeners[{index}].{key} ({where}): {listed} hold every {family} "
+                    f"address together: that {effect}"
+                )
     return out
 
 

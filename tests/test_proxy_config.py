@@ -194,6 +194,23 @@ def test_check_warns_about_trust_lists_that_hold_every_address(tmp_path):
     ]
 
 
+def test_check_warns_about_trust_lists_that_hold_every_address_together(tmp_path):
+    result = bonzo_check(
+        tmp_path,
+        listener(
+            address="127.0.0.1",
+            port=2525,
+            xclient_trusted=["0.0.0.0/1", "128.0.0.0/1", "10.0.0.0/8", "2001:db8::/32"],
+        ),
+    )
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stdout.splitlines() if "_trusted" in line] == [
+        "  warning: listeners[0].xclient_trusted (127.0.0.1:2525): 0.0.0.0/1 128.0.0.0/1 "
+        "10.0.0.0/8 hold every IPv4 address together: that lets any client use XCLIENT: name "
+        "any client address and, with LOGIN, relay as any authenticated user",
+    ]
+
+
 def test_check_refuses_xclient_trusted_on_a_unix_socket_listener(tmp_path):
     result = bonzo_check(tmp_path, listener(path="smtp.sock", xclient_trusted=["127.0.0.1"]))
     assert result.returncode == 2, result.stdout
