@@ -422,10 +422,12 @@ class ConnectionCount:
         self.total -= 1
         self._drop(ip)
 
-    def move(self, old: str | None, new: str) -> None:
-        """Count a connection under ``new`` instead of ``old``."""
+    def move(self, old: str | None, new: str | None) -> None:
+        """Count a connection under ``new`` instead of ``old`` (``None``: in
+        the total only)."""
         self._drop(old)
-        self.per_ip[self.client(new)] += 1
+        if new is not None:
+            self.per_ip[self.client(new)] += 1
 
     def _drop(self, ip: str | None) -> None:
         if ip is not None:
@@ -712,8 +714,7 @@ class SMTPServer(TCPServer):
         if self._front_end(ip):
             # A PROXY header named a trusted XCLIENT front-end (or XCLIENT a
             # client trusted as one): in the total only, as at accept.
-            self.count.remove(counted)
-            self.count.add(None)
+            self.count.move(counted, None)
             self._drop_own(counted)
             self._counted[connection] = None
             return None

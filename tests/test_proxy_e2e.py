@@ -745,6 +745,7 @@ def test_a_front_end_behind_a_proxy_is_not_counted_either(start_server):
             c.send(v1("10.0.0.25"))
             c.greet("filter.test")
         assert server.call(lambda: dict(server.server.count.per_ip)) == {}
+        assert server.call(lambda: server.server.count.total) == 2
         assert first.command("XCLIENT ADDR=192.0.2.1").startswith(b"220 ")
         assert server.call(lambda: dict(server.server.count.per_ip)) == {"192.0.2.1": 1}
         assert second.command("XCLIENT ADDR=192.0.2.1").startswith(b"421 4.7.0")

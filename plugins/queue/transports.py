@@ -394,7 +394,7 @@ class _Pooled:
         rcpts = _recipients(recipients)
         refused: dict[int, Outcome] = {}
         for i, r in enumerate(rcpts):
-            if not client.sendable(r.address):
+            if not r.address or not client.sendable(r.address):
                 text = "The recipient address cannot be sent on"
                 refused[i] = Outcome("failed", 553, "5.1.3", text, "queue")
             elif (problem := client.recipient_problem(r)) is not None:

@@ -143,13 +143,15 @@ def test_an_address_no_command_can_carry_fails_alone(tmp_path, caplog):
     async def main() -> Spool:
         async with serve(fake) as port:
             route = {"type": "smarthost", "host": "127.0.0.1", "port": port, "tls": "none"}
-            env = envelope("bob@dest.test", "bad>addr@dest.test")
+            env = envelope("bob@dest.test", "bad>addr@dest.test", "")
             return await relay(tmp_path, route, env, b"Subject: t\r\n\r\nhi\r\n")
 
     spool = asyncio.run(main())
     assert [c for c in fake.commands if c.startswith("RCPT")] == ["RCPT TO:<bob@dest.test>"]
     assert len(fake.messages) == 1
     assert "queue: M1 to=<bad\\x3eaddr@dest.test> bounced: 553 5.1.3 " in caplog.text
+    # An empty address is an address problem too, not a DSN parameter's.
+    assert "queue: M1 to=<> bounced: 553 5.1.3 " in caplog.text
     [report] = [m for m in spool.iter_messages() if m.sender == ""]
     assert report.recipients[0].address == "alice@example.org"
 
