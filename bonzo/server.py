@@ -611,7 +611,9 @@ class SMTPServer(TCPServer):
     def handle_stream(self, stream: IOStream, address: Any) -> None:
         """Start a session for a new connection (called by TCPServer)."""
         settings = self.settings
-        # A Unix socket's peer has no address: every client counts as 0.0.0.0.
+        # A Unix socket's peer has no address (0.0.0.0 in the session): its
+        # clients are local processes, held by max_connections only, as
+        # Postfix exempts its own networks from its per-client count.
         unix = not (isinstance(address, tuple) and address)
         ip = "0.0.0.0" if unix else str(address[0])
         # Behind a proxy the client's address comes in the PROXY header: the
@@ -621,6 +623,7 @@ class SMTPServer(TCPServer):
         # client in the session: that client is counted then, the front-end
         # never, or it could hold only max_connections_per_ip clients.
         front_end = not proxied and self._front_end(ip)
+        uncounted = proxied or front_end or unix
         refusal = limit = None
         count = self.count
         # The listener's limits hold for its own connections, the server-wide
@@ -629,14 +632,8 @@ class SMTPServer(TCPServer):
             count.max_connections is not None and count.total >= count.max_connections
         ):
             refusal, limit = "Too many connections, try again later", "max_connections"
-        elif not proxied and not front_end and self._over_ip_limit(ip):
-            # On a Unix socket the "address" is every client's: not "yours".
-            refusal = (
-                "Too many connections on this socket, try again later"
-                if unix
-                else "Too many connections from your address"
-            )
-            limit = "max_connections_per_ip"
+        elif not uncounted and self._over_ip_limit(ip):
+            refusal, limit = "Too many connections from your address", "max_connections_per_ip"
         if (
             limit is not None
             and (self.listener.implicit_tls or proxied)
@@ -677,7 +674,7 @@ class SMTPServer(TCPServer):
             counter.connection_opened(connection, limit)
         # A refused connection is not counted; its connection logs the refusal.
         if limit is None:
-            counted = None if proxied or front_end else ip
+            counted = None if uncounted else ip
             count.add(counted)
             self._counted[connection] = counted
             self._open += 1
@@ -711,6 +708,8 @@ class SMTPServer(TCPServer):
         counted = self._counted[connection]
         if counted == ip:
             return None
+        if counted is None and ip == "0.0.0.0" and not isinstance(connection.address, tuple):
+            return None  # a Unix socket's own peer (PROXY LOCAL): uncounted, as at accept
         if self._front_end(ip):
             # A PROXY header named a trusted XCLIENT front-end (or XCLIENT a
             # client trusted as one): in the total only, as at accept.

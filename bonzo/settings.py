@@ -114,7 +114,12 @@ class SMTPSettings:
 
     max_connections_per_ip: int = 50
     """Concurrent connections from one client address; more get ``421 4.7.0``.
-    An IPv6 client counts by its network of :attr:`ipv6_prefix_length` bits."""
+    An IPv6 client counts by its network of :attr:`ipv6_prefix_length` bits.
+    The clients of a Unix socket (local processes, with no address) are not
+    counted: :attr:`max_connections` holds them.
+
+    .. versionchanged:: 0.2
+       Unix-socket clients no longer count as one address (``0.0.0.0``)."""
 
     ipv6_prefix_length: int = 64
     """How many leading bits of an IPv6 address make one client, for the

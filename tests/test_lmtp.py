@@ -824,37 +824,38 @@ def test_connection_limits_per_listener_and_server_wide():
     assert greetings[4] == b"421 4.7.0 Too many connections, try again later\r\n"
 
 
-def test_a_unix_socket_client_over_the_address_limit_is_not_told_it_is_its_address(
-    tmp_path, log_watch
-):
-    """Every client of a Unix socket counts as one address (0.0.0.0): past
-    max_connections_per_ip the refusal does not blame "your address"."""
+def test_unix_socket_clients_are_not_counted_per_address(tmp_path, log_watch):
+    """The clients of a Unix socket have no address (0.0.0.0): they are not
+    held to max_connections_per_ip (one address for all of them), only to
+    max_connections."""
 
-    async def main() -> list[bytes]:
+    async def main() -> tuple[list[bytes], dict[str, int]]:
         plugins = PluginSet()
         plugins.register(Store({}), "store")
-        settings = SMTPSettings(hostname="bonzo.test", max_connections_per_ip=1)
-        server = SMTPServer(plugins=plugins, settings=settings)
+        settings = SMTPSettings(hostname="bonzo.test", max_connections_per_ip=1, max_connections=3)
+        count = ConnectionCount(max_connections_per_ip=1)
+        server = SMTPServer(plugins=plugins, settings=settings, count=count)
         path = str(tmp_path / "lmtp.sock")
         server.add_sockets([bind_unix_socket(path)])
         greetings = []
         streams = []
         try:
-            for _ in range(2):
+            for _ in range(4):
                 stream = IOStream(socket.socket(socket.AF_UNIX))
                 await stream.connect(path)
                 streams.append(stream)
                 greetings.append(await asyncio.wait_for(stream.read_until(b"\r\n"), 10))
+            per_ip = dict(count.per_ip)
         finally:
             for stream in streams:
                 stream.close()
             server.stop()
             await server.close_all_connections()
-        return greetings
+        return greetings, per_ip
 
-    greetings = asyncio.run(main())
-    assert greetings[0].startswith(b"220 ")
-    assert greetings[1] == b"421 4.7.0 Too many connections on this socket, try again later\r\n"
-    # The log still names the limit, for the operator to raise.
+    greetings, per_ip = asyncio.run(main())
+    assert [g[:4] for g in greetings] == [b"220 "] * 3 + [b"421 "]
+    assert greetings[3] == b"421 4.7.0 Too many connections, try again later\r\n"
+    assert per_ip == {}
     [line] = [r.getMessage() for r in log_watch.matching("connect refused by core: 421")]
-    assert line.endswith("(max_connections_per_ip)")
+    assert line.endswith("(max_connections)")

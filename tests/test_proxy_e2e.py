@@ -702,6 +702,32 @@ def test_unix_socket_peers_are_named_by_the_socket(start_server, log_watch, tmp_
     assert not log_watch.matching(r"0\.0\.0\.0:0")
 
 
+def test_unix_socket_clients_are_counted_only_when_a_header_names_them(start_server, tmp_path):
+    """A Unix socket's own peers (PROXY UNKNOWN names nobody) are not held to
+    max_connections_per_ip; a client a header names is, as on TCP."""
+    path = str(tmp_path / "p.sock")
+    listener = proxied(proxy_trusted=[], unix_socket=True)
+    server = start_server(listener=listener, unix_path=path, max_connections_per_ip=1)
+    headers = [b"PROXY UNKNOWN\r\n"] * 2 + [v1("192.0.2.1")] * 2
+    socks = []
+    replies = []
+    try:
+        for header in headers:
+            s = socket.socket(socket.AF_UNIX)
+            socks.append(s)
+            s.settimeout(TIMEOUT)
+            s.connect(path)
+            s.sendall(header)
+            replies.append(s.recv(512))
+        per_ip = server.call(lambda: dict(server.server.count.per_ip))
+    finally:
+        for s in socks:
+            s.close()
+    assert [r[:4] for r in replies] == [b"220 "] * 3 + [b"421 "], replies
+    assert replies[3] == b"421 4.7.0 Too many connections from your address\r\n"
+    assert per_ip == {"192.0.2.1": 1}
+
+
 # ------------------------------------------------------------ the front-end
 def test_a_trusted_front_end_is_not_held_to_the_per_client_limit(start_server, log_watch):
     # A content filter relays many clients: each is counted once XCLIENT
