@@ -204,9 +204,10 @@ def recipient_dsn(params: Mapping[str, str | None], *, smtputf8: bool = False) -
 def _notify(value: str | None) -> frozenset[str]:
     if not value or not value.isascii():  # ASCII keywords only (RFC 3461 4.1)
         raise DSNError("Bad NOTIFY parameter")
-    items = value.upper().split(",")
-    keywords = frozenset(items)
-    if len(keywords) != len(items) or not keywords <= NOTIFY_KEYWORDS:
+    # A keyword given twice means it once: RFC 3461's grammar does not
+    # forbid it, and Postfix accepts it.
+    keywords = frozenset(value.upper().split(","))
+    if not keywords <= NOTIFY_KEYWORDS:
         raise DSNError("Bad NOTIFY parameter (NEVER, or SUCCESS, FAILURE, DELAY)")
     if "NEVER" in keywords and len(keywords) > 1:
         raise DSNError("Bad NOTIFY parameter: NEVER must appear alone")

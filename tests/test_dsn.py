@@ -201,8 +201,12 @@ def test_rcpt_dsn_parameters_are_decoded_onto_the_event(params, dsn):
             b"501 5.5.4 Bad NOTIFY parameter (NEVER, or SUCCESS, FAILURE, DELAY)\r\n",
         ),
         (
-            b"NOTIFY=SUCCESS,SUCCESS",
+            b"NOTIFY=SUCCESS,SUCCESS,BOGUS",
             b"501 5.5.4 Bad NOTIFY parameter (NEVER, or SUCCESS, FAILURE, DELAY)\r\n",
+        ),
+        (
+            b"NOTIFY=NEVER,NEVER,DELAY",
+            b"501 5.5.4 Bad NOTIFY parameter: NEVER must appear alone\r\n",
         ),
         (b"NOTIFY=NEVER,SUCCESS", b"501 5.5.4 Bad NOTIFY parameter: NEVER must appear alone\r\n"),
         (b"NOTIFY=DELAY,never", b"501 5.5.4 Bad NOTIFY parameter: NEVER must appear alone\r\n"),
@@ -656,3 +660,10 @@ def test_dsn_is_offered_only_when_a_plugin_honours_it(tmp_path):
     assert dsn_app(tmp_path, ["forward"]).dsn_honoured_by == ["forward"]
     off = dsn_app(tmp_path, ["recipients", "queue"], dsn="false")
     assert off.describe_dsn() == "off (protocol.dsn = false)"
+
+
+def test_a_notify_keyword_given_twice_counts_once():
+    """RFC 3461's grammar does not forbid it and Postfix accepts it."""
+    dsn = recipient_dsn({"NOTIFY": "success,SUCCESS,delay"})
+    assert dsn.notify == frozenset({"SUCCESS", "DELAY"})
+    assert recipient_dsn({"NOTIFY": "NEVER,never"}).notify == frozenset({"NEVER"})
