@@ -489,9 +489,11 @@ def test_the_milter_is_shown_the_header_section_every_reader_sees():
     without the blank line is shown as body, never dropped; ``From :`` is
     the From field; every field is shown, however many."""
     sink = Sink()
+    # 6,000 fields, one milter packet each: a loaded machine may take more
+    # than these tests' usual 2 s to exchange them.
     with (
         FakeMilter() as fake,
-        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+        serve(("milter", plugin(entry(fake, content_timeout=60))), ("sink", sink)) as server,
     ):
         no_blank = b"From: a@example.org\r\nSubject: x\r\nX5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR\r\n"
         assert send(server, message=no_blank) == {}
