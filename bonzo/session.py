@@ -455,6 +455,12 @@ def with_keyword(session: Session, envelope: Envelope) -> str:
 _STANDALONE = SMTPSettings(hostname="localhost")
 
 
+#: What one chunk of message content held in memory costs beyond its octets
+#: (a bytes object's header and its slot in the list, rounded up), counted
+#: against ``spool_threshold``.
+CHUNK_COST = 64
+
+
 class _Spool:
     """Message content: a list of chunks in memory, rolled over to an
     unlinked temporary file once it passes ``threshold`` octets.
@@ -463,21 +469,29 @@ class _Spool:
     messages (no buffer object, no copy per write); just as bounded.
     """
 
-    __slots__ = ("_chunks", "_file", "size", "_threshold", "_dir")
+    __slots__ = ("_chunks", "_file", "size", "_held", "_threshold", "_dir")
 
     def __init__(self, threshold: int, directory: str | None) -> None:
         self._chunks: list[bytes] = []
         self._file: IO[bytes] | None = None
         self.size = 0
+        #: The memory the chunks take, each counted with its object's cost.
+        self._held = 0
         self._threshold = threshold
         self._dir = directory
 
     def write(self, data: bytes) -> int:
+        if not data:
+            return 0
         if self._file is not None:
             self._file.write(data)
         else:
             self._chunks.append(data)
-            if self.size + len(data) > self._threshold:
+            # Each chunk costs its object too: a message sent as BDAT chunks
+            # of an octet or two would otherwise hold some 40 times its
+            # size in memory below the threshold.
+            self._held += len(data) + CHUNK_COST
+            if self._held > self._threshold:
                 self._roll()
         self.size += len(data)
         return len(data)
@@ -496,6 +510,7 @@ class _Spool:
             raise
         self._file = spool
         self._chunks = []
+        self._held = 0
 
     @property
     def rolled(self) -> bool:

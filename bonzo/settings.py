@@ -171,7 +171,9 @@ class SMTPSettings:
 
     spool_threshold: int = 262144
     """Message bodies larger than this are spooled to a temporary file rather
-    than kept in memory."""
+    than kept in memory. Each piece of content held counts 64 octets more
+    than its size (its object's cost), so a message sent in tiny ``BDAT``
+    chunks goes to the file as soon, in memory, as one sent whole."""
 
     spool_dir: str | None = None
     """Directory for spooled bodies (default: the system temporary directory).

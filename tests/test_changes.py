@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from bonzo import Accept, hookimpl
 from bonzo.hooks import PluginSet
 from bonzo.session import (
+    CHUNK_COST,
     MAX_HEADER_SECTION,
     Change,
     Envelope,
@@ -620,3 +621,31 @@ def test_any_edits_leave_a_well_formed_message_with_the_body_intact(ops):
     for line in head.split(b"\r\n"):
         assert line[:1] in (b" ", b"\t") or b":" in line
     assert len(env.headers()) == head.count(b"\r\n") + 1 - head.count(b"\r\n\t")
+
+
+def test_content_sent_in_tiny_pieces_goes_to_the_file_by_what_it_holds_in_memory():
+    """A message sent as BDAT chunks of two octets made one bytes object
+    each, some 40 times the content in memory below spool_threshold (5 MB per
+    connection for 240 KB of content): each piece counts its object's cost."""
+    threshold = 64 * 1024
+    spool = _Spool(threshold, None)
+    try:
+        pieces = 0
+        while not spool.rolled:
+            spool.write(b"ab")
+            pieces += 1
+            assert pieces <= threshold // 2
+        # Rolled once the pieces took the threshold in memory, not their octets.
+        assert pieces == threshold // (2 + CHUNK_COST) + 1
+        assert spool.size == 2 * pieces
+        spool.write(b"cd")
+        assert spool.read_all() == b"ab" * pieces + b"cd"
+    finally:
+        spool.close()
+    whole = _Spool(threshold, None)
+    try:
+        whole.write(b"x" * (threshold - CHUNK_COST))
+        assert not whole.rolled  # one piece of the same size stays in memory
+        assert whole.write(b"") == 0 and not whole.rolled
+    finally:
+        whole.close()
