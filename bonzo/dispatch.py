@@ -781,7 +781,7 @@ class Dispatcher:
             elif accept.authzid == step.authzid:
                 identity, problem = step.authzid, ""
             else:
-                problem = f"may not act as {step.authzid!r}"
+                problem = f"may not act as {_cut(step.authzid)!r}"
         if not problem:
             core.auth_success(identity, step.mechanism)
             gen_log.info(
@@ -801,11 +801,18 @@ class Dispatcher:
                 "Authentication credentials invalid",
                 "AUTH %s failed for %r: %s",
                 step.mechanism,
-                step.username,
+                _cut(step.username),
                 problem,
                 enhanced_code="5.7.8",
             )
         )
+
+
+def _cut(name: str, limit: int = 256) -> str:
+    """A client-supplied name for a log line, at most ``limit`` characters
+    (then ``...``): a user name may be as long as the AUTH line allows, and
+    each failure is logged."""
+    return name if len(name) <= limit else name[:limit] + "..."
 
 
 class _StorageFault(Exception):

@@ -1249,6 +1249,23 @@ def test_secrets_never_logged(start_server, certs, client_ctx, all_records, log_
             assert value not in text, (record.name, text)
 
 
+def test_a_long_user_name_is_cut_in_the_log(start_server, certs, client_ctx, all_records):
+    """Each failure logs the user name: one as long as the AUTH line allows
+    (some 9 KB, three times a session) is cut to 256 characters."""
+    server = start_server(
+        plugins=plugin_set_of(("auth", AsyncAuthPlugin()), ("relay", RelayPlugin())),
+        listener=tls_listener(certs),
+        auth_failure_delay=0,
+    )
+    name = "u" * 6000
+    with tls_client(server, client_ctx) as client:
+        assert client.command("AUTH PLAIN " + b64(f"\0{name}\0x")).startswith(b"535 5.7.8 ")
+        assert client.command("QUIT").startswith(b"221")
+    server.wait_connections(0)
+    [line] = [r.getMessage() for r in all_records if "AUTH PLAIN failed for" in r.getMessage()]
+    assert f"failed for '{'u' * 256}...'" in line and len(line) < 512
+
+
 class LeakyAuthPlugin:
     """Faults whose text holds the password, as careless plugin code makes."""
 
