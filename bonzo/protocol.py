@@ -396,6 +396,8 @@ def _data_error(rank: int) -> SMTPError:
     return SMTPError(552, "Message size exceeds fixed maximum message size", enhanced_code="5.3.4")
 
 
+#: The longest name HELO or EHLO takes (a domain's limit, RFC 5321 4.5.3.1.2).
+_MAX_HELO_NAME = 255
 _COMMANDS_HELP = "EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
 
 
@@ -1566,6 +1568,11 @@ class SMTPProtocol:
             # IDN in its A-label form).
             why = "hostname must be ASCII (an internationalized name in its xn-- form)"
             self._error(501, "5.5.4", f"The {verb} {why}")
+            return None
+        if len(arg) > _MAX_HELO_NAME:
+            # RFC 5321 4.5.3.1.2: no domain is longer; nothing would show it
+            # whole (the trace header cuts it), plugins would judge it whole.
+            self._error(501, "5.5.4", f"The {verb} hostname is too long")
             return None
         if not esmtp and self.helo and not self.esmtp and self.policy.legacy_replies:
             # The original Bonzo refused a repeated HELO; kept for its API.

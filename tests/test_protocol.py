@@ -192,6 +192,10 @@ ESMTP = [
     (b"", b"EHLO", b"501 5.5.4 Syntax: EHLO hostname\r\n"),
     (EHLO, b"EHLO", b"501 5.5.4 Syntax: EHLO hostname\r\n"),
     (EHLO, b"HELO", b"501 5.5.4 Syntax: HELO hostname\r\n"),
+    # RFC 5321 4.5.3.1.2: a domain is at most 255 octets.
+    (b"", b"EHLO " + b"a" * 255, EHLO_REPLY),
+    (b"", b"EHLO " + b"a" * 256, b"501 5.5.4 The EHLO hostname is too long\r\n"),
+    (EHLO, b"HELO " + b"a" * 300, b"501 5.5.4 The HELO hostname is too long\r\n"),
     (EHLO, b"EHLO again.example", EHLO_REPLY),
     (EHLO, b"HELO again.example", HELO_REPLY),
     (EHLO, b"NOOP", b"250 2.0.0 Ok\r\n"),
