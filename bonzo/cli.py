@@ -778,6 +778,15 @@ def _write_pid_file(path: str) -> str | None:
     return None
 
 
+def _release_pid_lock() -> None:
+    """Close this process's share of the pid file's lock, leaving the file:
+    a worker whose supervisor is gone, so that a new daemon may take it."""
+    global _pid_lock
+    if _pid_lock is not None:
+        os.close(_pid_lock)
+        _pid_lock = None
+
+
 def _remove_pid_file(path: str | None, pid: int) -> None:
     """Remove ``path`` if it still names ``pid`` (never another daemon's),
     then let go of its lock."""
@@ -928,6 +937,7 @@ def _run_worker(
         reloading = False
 
         counter: Any = None  # the process's Metrics, once metrics are on
+        http: Any = None  # its MetricsServer, in the worker that answers scrapes
 
         def report(accepted: bool) -> None:
             # Tells the supervisor which configuration a worker it starts
@@ -1024,6 +1034,16 @@ def _run_worker(
                 return False
             if requests == 0:
                 log.warning("the supervisor (pid %d) is gone: stopping", supervisor)
+                # What the supervisor held for the whole server a new
+                # `bonzo serve` needs at once, not when this worker's last
+                # message is done: the pid file's lock (each worker shares
+                # it) and the metrics port. The SMTP listeners close as the
+                # stop begins.
+                _release_pid_lock()
+                if http is not None:
+                    http.stop_listening()
+                for sock in metrics_sockets or ():
+                    sock.close()
                 request_stop("supervisor gone")
             return True
 
@@ -1057,7 +1077,6 @@ def _run_worker(
         watch = None
         if supervisor is not None:
             watch = asyncio.ensure_future(_watch_supervisor(supervisor, supervisor_gone))
-        counter = http = None
         if app.config.metrics.enabled:
             from .metrics import Metrics, MetricsServer
 
@@ -1073,7 +1092,7 @@ def _run_worker(
                 return _STARTUP_FAILED
             if counter is not None:
                 counter.start_flushing()
-                if metrics_sockets:
+                if metrics_sockets and not requests:
                     m = app.config.metrics
                     http = MetricsServer(counter, m.path, m.max_connections)
                     http.add_sockets(metrics_sockets)

@@ -606,15 +606,19 @@ class MetricsServer:
                 )
                 self._capped, self._capped_logged = 0, now
 
-    async def close(self) -> None:
-        """Stop accepting, close the listening sockets (as Tornado's
-        ``stop()`` does) and the connections."""
+    def stop_listening(self) -> None:
+        """Stop accepting and close the listening sockets (as Tornado's
+        ``stop()`` does); connections already open are served."""
         stops, self._stops = self._stops, []
         for stop in stops:
             stop()
         sockets, self._sockets = self._sockets, []
         for sock in sockets:
             sock.close()
+
+    async def close(self) -> None:
+        """:meth:`stop_listening`, then close the connections."""
+        self.stop_listening()
         self.http.stop()
         await self.http.close_all_connections()
 

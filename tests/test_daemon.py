@@ -1274,6 +1274,37 @@ def test_workers_die_with_their_supervisor(workdir, serve, pdeathsig):
     assert again.stop() == 0
 
 
+def test_a_new_daemon_starts_while_the_workers_of_a_killed_supervisor_finish(workdir, serve, env):
+    """kill -9 of the supervisor: its workers let go of what a new daemon
+    needs at once — the SMTP port, the pid file's lock and the metrics port —
+    while they finish their messages; `bonzo reload` no longer finds the
+    old daemon."""
+    port, metrics_port = free_port(), free_port()
+    extra = f'\n[metrics]\naddress = "127.0.0.1"\nport = {metrics_port}\n'
+    config = write_config(workdir, port, workers=2, store="delay = 3.0\n", extra=extra)
+    config.write_text(config.read_text().replace("workers = 2", 'workers = 2\npid_file = "b.pid"'))
+    daemon = serve(config, port)
+    daemon.wait_ready(workers=2)
+    workers = ready_pids(daemon)
+    result: dict[str, Any] = {}
+    thread = slow_client(port, result)
+    wait_until(lambda: list(daemon.out.glob("*.delivering")), what="delivery to start")
+
+    daemon.proc.kill()
+    daemon.proc.wait(timeout=DEADLINE)
+    wait_until(lambda: daemon.log.count("is gone: stopping") == 2, what="the workers to notice")
+    assert any(_alive(pid) for pid in workers)  # one still delivers
+    stale = bonzo("reload", "-c", str(config), env=env, cwd=workdir)
+    assert stale.returncode == 1 and "no bonzo daemon holds it" in stale.stderr, stale.stderr
+    again = serve(config, port)
+    again.wait_ready(workers=2)
+    assert any(_alive(pid) for pid in workers)  # started before the old worker was done
+    thread.join(DEADLINE)
+    assert result == {"sendmail": {}}  # the message in flight was finished, not lost
+    assert send(port) == {}
+    assert again.stop() == 0
+
+
 def test_a_worker_checks_that_its_supervisor_is_still_its_parent():
     from bonzo.cli import _watch_supervisor
 
