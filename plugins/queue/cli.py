@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import datetime
 import sys
+import time
 from collections import Counter
 from typing import Any
 
@@ -27,6 +28,9 @@ __all__ = ["register"]
 
 #: Seconds to wait for a runner to finish with a message before giving up.
 CLAIM_WAIT = 10.0
+#: Seconds a whole-queue flush waits, for all of them together, for the
+#: messages a daemon holds (see _flush).
+FLUSH_WAIT = 2.0
 
 
 def register(add: Any) -> None:
@@ -208,18 +212,32 @@ def _show(plugin: QueuePlugin, args: argparse.Namespace) -> int:
     return 0
 
 
+class Busy(Problem):
+    """The message's claim is held by another process (a daemon delivering
+    it) past the wait."""
+
+
 def _not_claimed(spool: Any, id: str) -> Problem:
     """Why message ``id`` could not be claimed: gone (its delivery ended
     meanwhile), or still being delivered."""
     if not spool.exists(id):
         return Problem(f"{id}: it left the queue meanwhile (delivered or bounced)")
-    return Problem(f"{id}: being delivered right now; try again in a moment")
+    return Busy(f"{id}: being delivered right now; try again in a moment")
 
 
-def _change(plugin: QueuePlugin, id: str, what: str, change: Any, *, poke: bool = True) -> None:
-    """Claim message ``id``, apply ``change`` and save its state, then print
-    ``what``. ``change`` returns ``False`` to save nothing, or a text to
-    print instead of ``what`` when it changed nothing (nothing saved)."""
+def _change(
+    plugin: QueuePlugin,
+    id: str,
+    what: str,
+    change: Any,
+    *,
+    poke: bool = True,
+    wait: float = CLAIM_WAIT,
+) -> None:
+    """Claim message ``id`` (waiting up to ``wait`` seconds), apply
+    ``change`` and save its state, then print ``what``. ``change`` returns
+    ``False`` to save nothing, or a text to print instead of ``what`` when
+    it changed nothing (nothing saved)."""
     spool = plugin.spool
     assert spool is not None
     if not spool.present(id):
@@ -227,14 +245,17 @@ def _change(plugin: QueuePlugin, id: str, what: str, change: Any, *, poke: bool 
     _load(spool, id)  # an unreadable one is named with what is wrong with it
     if poke:
         _poke(spool)
-    claim = spool.claim(id, wait=CLAIM_WAIT)
+    claim = spool.claim(id, wait=wait)
     if claim is None:
         raise _not_claimed(spool, id)
     with claim:
         message = _load(spool, id)
         done = change(message)
         if done is None or done is True:
-            spool.save_state(message)
+            try:
+                spool.save_state(message)
+            except OSError as exc:
+                raise Problem(f"{id}: cannot save its state: {exc.strerror or exc}") from None
     print(f"{id}: {done if isinstance(done, str) else what}")
 
 
@@ -257,17 +278,43 @@ def _flush(plugin: QueuePlugin, args: argparse.Namespace) -> int:
                 r.next_attempt = min(r.next_attempt, now)
         return None
 
-    ids = [args.id] if args.id else spool.ids()
+    if args.id:
+        _change(plugin, args.id, "due now", due_now)
+        _poke(spool)
+        return 0
+    # The whole queue. A message whose claim a daemon holds is in an attempt
+    # right now (or waits, just poked, for its first one): it needs no flush,
+    # and waiting CLAIM_WAIT for each in turn would add up to minutes with
+    # max_deliveries attempts in flight per worker. So the others are made
+    # due first, then those are tried again together for FLUSH_WAIT at most
+    # (enough for the claims the poke makes runners let go) and skipped.
     _poke(spool)
-    for id in ids:
+    failed = 0
+
+    def flushed(id: str) -> bool:
+        """Make ``id`` due now; False if a daemon holds it. A problem is
+        printed and counted, unless the message left the queue meanwhile
+        (delivered: nothing to flush)."""
+        nonlocal failed
         try:
-            _change(plugin, id, "due now", due_now, poke=False)
+            _change(plugin, id, "due now", due_now, poke=False, wait=0.0)
+        except Busy:
+            return False
         except Problem as exc:
-            if args.id:
-                raise
-            print(f"bonzo queue: {exc}", file=sys.stderr)
+            if spool.present(id):
+                failed += 1
+                print(f"bonzo queue: {exc}", file=sys.stderr)
+        return True
+
+    busy = [id for id in spool.ids() if not flushed(id)]
+    deadline = time.monotonic() + FLUSH_WAIT
+    while busy and time.monotonic() < deadline:
+        time.sleep(0.05)
+        busy = [id for id in busy if not flushed(id)]
+    for id in busy:
+        print(f"{id}: being delivered right now: skipped")
     _poke(spool)
-    return 0
+    return 1 if failed else 0
 
 
 def _hold(plugin: QueuePlugin, args: argparse.Namespace) -> int:
