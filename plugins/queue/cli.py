@@ -22,7 +22,7 @@ from bonzo.config import ConfigError, load_config
 
 from .plugin import QueuePlugin, parse_duration
 from .runner import Runner
-from .spool import GroupSync, QueuedMessage, Spool, SpoolError
+from .spool import Claim, GroupSync, QueuedMessage, Spool, SpoolError
 
 __all__ = ["register"]
 
@@ -46,7 +46,9 @@ def register(add: Any) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     ls = sub.add_parser("list", help="list queued messages, and counts by state")
     ls.add_argument(
-        "--state", choices=("pending", "deferred", "held", "unreadable"), help="only these"
+        "--state",
+        choices=("pending", "deferred", "held", "unsaved", "unreadable"),
+        help="only these",
     )
     ls.add_argument("--domain", help="only messages with a recipient at this domain")
     ls.add_argument(
@@ -124,7 +126,11 @@ def _when(epoch: float) -> str:
     return datetime.datetime.fromtimestamp(epoch).isoformat(sep=" ", timespec="seconds")
 
 
-def _state(message: QueuedMessage) -> str:
+def _state(message: QueuedMessage, spool: Spool) -> str:
+    if spool.unsaved(message.id):
+        # A daemon holds it with a newer state in memory than the one on
+        # disk (shown): see UNSAVED.
+        return "unsaved"
     if message.held:
         return "held"
     if any(r.status == "deferred" for r in message.recipients):
@@ -152,7 +158,7 @@ def _list(plugin: QueuePlugin, args: argparse.Namespace) -> int:
                 shown += 1
                 print(f"{id}  unreadable: {exc}")
             continue
-        state = _state(message)
+        state = _state(message, spool)
         counts[state] += 1
         if args.state and state != args.state:
             continue
@@ -163,6 +169,8 @@ def _list(plugin: QueuePlugin, args: argparse.Namespace) -> int:
         shown += 1
         sender = message.sender or "(null sender)"
         print(f"{message.id}  {_when(message.arrival)}  {message.size:>9}  {state:<8}  <{sender}>")
+        if state == "unsaved":
+            print("    (its delivery state cannot be saved: shown is the state last saved)")
         for r in message.recipients:
             if r.final:
                 continue
@@ -172,7 +180,9 @@ def _list(plugin: QueuePlugin, args: argparse.Namespace) -> int:
             print(line)
     total = sum(counts.values())
     summary = ", ".join(
-        f"{counts[s]} {s}" for s in ("pending", "deferred", "held", "unreadable") if counts[s]
+        f"{counts[s]} {s}"
+        for s in ("pending", "deferred", "held", "unsaved", "unreadable")
+        if counts[s]
     )
     print(f"-- {total} message(s) in {spool.path}" + (f": {summary}" if summary else ""))
     if shown != total:
@@ -199,7 +209,10 @@ def _show(plugin: QueuePlugin, args: argparse.Namespace) -> int:
     if message.mail_params:
         params = " ".join(k if v is None else f"{k}={v}" for k, v in message.mail_params.items())
         print(f"params:    {params}")
-    print(f"state:     {_state(message)}")
+    state = _state(message, plugin.spool)
+    print(f"state:     {state}")
+    if state == "unsaved":
+        print(f"           {UNSAVED}; shown is the state last saved")
     for key in ("session_id", "remote_ip", "helo", "protocol", "auth"):
         if message.session.get(key):
             print(f"{key + ':':<10} {message.session[key]}")
@@ -217,12 +230,31 @@ class Busy(Problem):
     it) past the wait."""
 
 
-def _not_claimed(spool: Any, id: str) -> Problem:
-    """Why message ``id`` could not be claimed: gone (its delivery ended
-    meanwhile), or still being delivered."""
-    if not spool.exists(id):
-        return Problem(f"{id}: it left the queue meanwhile (delivered or bounced)")
-    return Busy(f"{id}: being delivered right now; try again in a moment")
+#: Why a message held for its unsaved state cannot be changed.
+UNSAVED = (
+    "its delivery state cannot be saved (see the daemon's log: a full disk?), and the "
+    "daemon holds it with what its last attempt settled until it can; "
+    "only delete can take it now (free space, then flush to resume)"
+)
+
+
+def _claim(spool: Spool, id: str, wait: float) -> Claim:
+    """Message ``id``'s claim, waiting up to ``wait`` seconds for a delivery
+    in flight; otherwise the :exc:`Problem` that says why not: gone (its
+    delivery ended meanwhile), held for a state that cannot be saved, or
+    still being delivered (:exc:`Busy`)."""
+    deadline = time.monotonic() + wait
+    while True:
+        claim = spool.claim(id)
+        if claim is not None:
+            return claim
+        if not spool.exists(id):
+            raise Problem(f"{id}: it left the queue meanwhile (delivered or bounced)")
+        if spool.unsaved(id):
+            raise Problem(f"{id}: {UNSAVED}")
+        if time.monotonic() >= deadline:
+            raise Busy(f"{id}: being delivered right now; try again in a moment")
+        time.sleep(0.05)
 
 
 def _change(
@@ -245,10 +277,7 @@ def _change(
     _load(spool, id)  # an unreadable one is named with what is wrong with it
     if poke:
         _poke(spool)
-    claim = spool.claim(id, wait=wait)
-    if claim is None:
-        raise _not_claimed(spool, id)
-    with claim:
+    with _claim(spool, id, wait):
         message = _load(spool, id)
         done = change(message)
         if done is None or done is True:
@@ -349,9 +378,18 @@ def _delete(plugin: QueuePlugin, args: argparse.Namespace) -> int:
         print(f"{args.id}: deleted (it was no queue file)")
         return 0
     _poke(spool)
-    claim = spool.claim(args.id, wait=CLAIM_WAIT)
-    if claim is None:
-        raise _not_claimed(spool, args.id)
+    try:
+        claim = _claim(spool, args.id, CLAIM_WAIT)
+    except Busy:
+        raise
+    except Problem:
+        # Held by a daemon that cannot save its state (a full disk): this is
+        # when space must be freed, so it is removed under the daemon's
+        # claim, between two of its tries of the save (Spool.remove_unsaved).
+        if not spool.unsaved(args.id) or not spool.remove_unsaved(args.id, wait=CLAIM_WAIT):
+            raise
+        print(f"{args.id}: deleted (its delivery state could not be saved)")
+        return 0
     with claim:
         spool.remove(args.id)
     print(f"{args.id}: deleted")
@@ -368,18 +406,24 @@ def _bounce(plugin: QueuePlugin, args: argparse.Namespace) -> int:
             raise
         raise Problem(f"{exc}; cannot bounce an unreadable message: repair or delete it") from None
     _poke(spool)
+    claim = _claim(spool, args.id, CLAIM_WAIT)
 
     async def main() -> str | None:
         sync = GroupSync(spool.data)
         runner = Runner(spool, sync, routes, None, plugin.settings)
         try:
-            return await runner.give_up(args.id, "Returned to the sender by the postmaster")
+            return await runner.give_up(
+                args.id, "Returned to the sender by the postmaster", claim=claim
+            )
         finally:
             sync.close()
 
-    report = asyncio.run(main())
-    if report is None:
-        raise _not_claimed(spool, args.id)
+    try:
+        report = asyncio.run(main())
+    except OSError as exc:
+        raise Problem(f"{args.id}: cannot bounce it: {exc.strerror or exc}") from None
+    if report is None:  # pragma: no cover - give_up had the claim
+        raise Problem(f"{args.id}: it left the queue meanwhile (delivered or bounced)")
     print(f"{args.id}: bounced" + (f"; report queued as {report}" if report else ""))
     _poke(spool)
     return 0

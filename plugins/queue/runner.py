@@ -210,8 +210,10 @@ class Runner:
         self._parked: dict[str, float | None] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        #: Set by :meth:`stop` (ends the waits between saves of a state).
-        self._stopped = asyncio.Event()
+        #: Set by :meth:`stop`, and for a moment by a poke (``bonzo queue``):
+        #: ends the waits between the tries of a state's save, so that a
+        #: save is tried again at once when the operator freed space.
+        self._retry_saves = asyncio.Event()
         # The runner's file work (claim, read, remove) gets threads of its
         # own: in the loop's default executor it would wait behind every
         # accepting session's write and fsync, and delivery would starve
@@ -289,7 +291,7 @@ class Runner:
         transport or plugin ignoring it) is left behind, so that the stop
         always ends."""
         self._stopping = True
-        self._stopped.set()
+        self._retry_saves.set()
         self._wake.set()
         if self._monitor is not None:
             self._monitor.cancel()
@@ -395,6 +397,9 @@ class Runner:
             now = self.clock()
             if self._flushed():
                 next_scan = 0.0
+                # Wakes the waiters without staying set (stop() sets it for good).
+                self._retry_saves.set()
+                self._retry_saves.clear()
                 # ``bonzo queue`` pokes before it claims a message (hold,
                 # delete, bounce, flush): the claims kept for messages not yet
                 # tried are let go, or the command would wait for a free
@@ -581,16 +586,32 @@ class Runner:
         """Once every delivery of the attempt has ended: write what is left
         (:meth:`_write`). While that fails, the outcomes stay in memory and
         the message under its claim, in flight for the scheduler, so that
-        nothing settled is delivered again; the write is tried again after
-        a back-off (``min_backoff`` doubling up to ``max_backoff``), at once
-        when the runner stops. False if it stops with the state unsaved."""
+        nothing settled is delivered again; the claim is marked meanwhile
+        (:meth:`Claim.mark_unsaved`: ``bonzo queue`` tells why it cannot
+        have the message, and ``bonzo queue delete`` can remove it). The
+        write is tried again after a back-off (``min_backoff`` doubling up
+        to ``max_backoff``), at once when the runner stops or is poked
+        (``bonzo queue``). False if it stops with the state unsaved, or the
+        operator removed the message meanwhile."""
         id = progress.message.id
         failures = 0
         # The last group's write just failed: no second try at once.
         error, progress.error = progress.error, None
         while True:
             if error is None or (self._stopping and not failures):
+                claim = progress.claim
+                if failures and not claim.saving():
+                    # ``bonzo queue delete`` is removing it right now.
+                    await asyncio.sleep(0.05)
+                    continue
                 try:
+                    if claim.gone:
+                        log.warning(
+                            "queue: %s deleted by the operator while its delivery state could "
+                            "not be saved: what its last attempt settled is dropped",
+                            id,
+                        )
+                        return False
                     await asyncio.shield(self._writing(progress))
                 except asyncio.CancelledError:
                     await self._last_save(progress)
@@ -599,6 +620,7 @@ class Runner:
                     error = exc
                 else:
                     if failures:
+                        progress.claim.mark_unsaved(False)
                         log.warning(
                             "queue: %s: delivery state saved after %d failed tries; "
                             "deliveries resume",
@@ -606,7 +628,10 @@ class Runner:
                             failures,
                         )
                     return True
+                finally:
+                    claim.saved()
             failures += 1
+            progress.claim.mark_unsaved(True)
             if self._stopping:
                 log.error(
                     "queue: %s: stopping with the delivery state not saved (%s): "
@@ -628,7 +653,7 @@ class Runner:
             )
             error = None
             try:
-                await asyncio.wait_for(self._stopped.wait(), wait)
+                await asyncio.wait_for(self._retry_saves.wait(), wait)
             except asyncio.TimeoutError:
                 pass
             except asyncio.CancelledError:
@@ -726,17 +751,20 @@ class Runner:
             raise
         progress.removed = True
 
-    async def give_up(self, id: str, reason: str, wait: float = 10.0) -> str | None:
+    async def give_up(
+        self, id: str, reason: str, wait: float = 10.0, *, claim: Claim | None = None
+    ) -> str | None:
         """Bounce every undelivered recipient of message ``id`` now (``bonzo
         queue bounce``): the sender gets a failure report saying ``reason``
         and the message leaves the queue. Returns the report's queue id
         (``""`` if no report was due), or ``None`` if the message could not
-        be claimed within ``wait`` seconds."""
+        be claimed within ``wait`` seconds. ``claim``: the message's claim,
+        taken by the caller (released here)."""
         loop = asyncio.get_running_loop()
         handed = self._handed.pop(id, None)
         if handed is not None:
             claim, message = handed
-        else:
+        elif claim is None:
             claimed = await loop.run_in_executor(
                 self._executor, lambda: self.spool.claim(id, wait=wait)
             )

@@ -34,6 +34,17 @@ claim never outlives a crash and a message is never delivered by two
 workers at once. A message is written under its claim
 (:meth:`Spool.write_claimed`): the process that accepted it can hand it,
 claim and envelope, to its runner without reading it back.
+
+**Unsaved marks.** A runner that cannot save a message's state (a full
+disk) keeps its claim, the outcomes in memory, and marks the claim
+(:meth:`Claim.mark_unsaved`) with a lock on a byte far past the end of the
+data file (an open file description lock, Linux's ``F_OFD_SETLK``: it
+needs no space, goes with the claim's descriptor, and is independent of the
+``flock``). Other processes see the mark (:meth:`Spool.unsaved`): the
+holder is not delivering the message, it waits to save it; and
+``bonzo queue delete`` can remove it (:meth:`Spool.remove_unsaved`) under a
+second byte's lock that the runner takes before each try of the save
+(:meth:`Claim.saving`), so the two never overlap.
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ import json
 import os
 import re
 import stat
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -89,6 +101,17 @@ _OPEN = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, 
 STATUSES = ("pending", "deferred", "delivered", "bounced")
 FINAL = frozenset({"delivered", "bounced"})
 _ID = re.compile(r"[0-9A-Za-z]{1,64}")
+#: The bytes of a data file locked as marks (see the module description):
+#: far past any end, so that no lock on the content ever meets them.
+_UNSAVED_BYTE = 1 << 62
+_SAVING_BYTE = _UNSAVED_BYTE + 1
+#: Open file description locks (Linux, 64-bit: ``struct flock`` packed
+#: below); where missing, there are no marks (see :meth:`Spool.unsaved`).
+_OFD = (
+    getattr(fcntl, "F_OFD_SETLK", None) is not None
+    and struct.calcsize("q") == 8
+    and struct.calcsize("P") == 8
+)
 
 
 class SpoolError(Exception):
@@ -353,6 +376,29 @@ class Claim:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)  # closing the descriptor drops the lock
+
+    def mark_unsaved(self, unsaved: bool) -> None:
+        """Mark the claim as held for a state that cannot be saved (or not
+        any more): see :meth:`Spool.unsaved`."""
+        if self._fd is not None:
+            _lock(self._fd, fcntl.F_RDLCK if unsaved else fcntl.F_UNLCK, _UNSAVED_BYTE)
+
+    def saving(self) -> bool:
+        """Before a try of the save of a marked claim: take the lock that
+        keeps :meth:`Spool.remove_unsaved` out meanwhile (drop it with
+        :meth:`saved`). False while an operator's removal holds it."""
+        return self._fd is None or _lock(self._fd, fcntl.F_RDLCK, _SAVING_BYTE)
+
+    def saved(self) -> None:
+        """The try of the save is over (:meth:`saving`)."""
+        if self._fd is not None:
+            _lock(self._fd, fcntl.F_UNLCK, _SAVING_BYTE)
+
+    @property
+    def gone(self) -> bool:
+        """The message was removed under the claim (``bonzo queue delete``
+        of an unsaved one)."""
+        return self._fd is not None and os.fstat(self._fd).st_nlink == 0
 
     def detach(self) -> int | None:
         """Hand the descriptor (and with it the lock) to the caller, who
@@ -827,6 +873,50 @@ class Spool:
             return None
         return Claim(self, id, fd)
 
+    def unsaved(self, id: str) -> bool:
+        """Message ``id``'s claim is held by a runner that cannot save its
+        state (:meth:`Claim.mark_unsaved`): it is not being delivered, it
+        waits for the save. Always False where the marks are missing."""
+        if not _OFD or not _ID.fullmatch(id):
+            return False
+        try:
+            fd = os.open(self.data / id, _OPEN)
+        except OSError:
+            return False
+        try:
+            return _locked(fd, _UNSAVED_BYTE)
+        finally:
+            os.close(fd)
+
+    def remove_unsaved(self, id: str, *, wait: float = 0.0) -> bool:
+        """Blocking: remove message ``id`` (:meth:`remove`) while its runner
+        waits to save its state, under the lock that keeps the runner's
+        tries of the save out (:meth:`Claim.saving`; waiting up to ``wait``
+        seconds for one under way). False if the message is not so marked,
+        or the lock stays taken: then nothing is removed. The runner finds
+        its claim :attr:`~Claim.gone` at its next try and drops what it
+        kept in memory."""
+        if not _OFD or not _ID.fullmatch(id):
+            return False
+        try:
+            fd = os.open(self.data / id, (_OPEN & ~os.O_RDONLY) | os.O_RDWR)
+        except OSError:
+            return False
+        try:
+            deadline = time.monotonic() + wait
+            while not _lock(fd, fcntl.F_WRLCK, _SAVING_BYTE):
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)
+            # Marked still: its runner is between two tries, and cannot
+            # start one before this lock goes with the descriptor.
+            if not _locked(fd, _UNSAVED_BYTE) or os.fstat(fd).st_nlink == 0:
+                return False
+            self.remove(id)
+            return True
+        finally:
+            os.close(fd)
+
     def iter_messages(self) -> Iterator[QueuedMessage]:
         """Every message that can be read (unreadable ones are skipped)."""
         for id in self.ids():
@@ -853,6 +943,33 @@ def _open_regular(path: Path) -> IO[bytes]:
     except BaseException:
         os.close(fd)
         raise
+
+
+def _flock(kind: int, byte: int) -> bytes:
+    """A ``struct flock`` for one byte (Linux, 64-bit: 32 octets)."""
+    return struct.pack("hhqqi4x", kind, os.SEEK_SET, byte, 1, 0)
+
+
+def _lock(fd: int, kind: int, byte: int) -> bool:
+    """Take (``F_RDLCK``, ``F_WRLCK``) or drop (``F_UNLCK``) an open file
+    description lock on one byte of ``fd``'s file, without waiting; False if
+    another holds a conflicting one. True, doing nothing, where such locks
+    are missing."""
+    if not _OFD:
+        return True
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(kind, byte))
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def _locked(fd: int, byte: int) -> bool:
+    """Another open file description holds a lock on ``byte`` of ``fd``'s file."""
+    got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK, byte))
+    return bool(struct.unpack("hhqqi4x", got)[0] != fcntl.F_UNLCK)
 
 
 def _not_format(magic: bytes) -> str:

@@ -2112,13 +2112,17 @@ def test_a_success_report_for_a_local_delivery_names_no_remote_mta(tmp_path):
 def test_the_queue_command_says_when_a_message_it_waited_for_has_left(tmp_path):
     """bonzo queue bounce/delete/hold wait for a message being delivered;
     if the delivery ends it, the command says so, not "being delivered"."""
-    from bonzo_plugins.queue.cli import _not_claimed
+    from bonzo_plugins.queue.cli import Busy, Problem, _claim
 
     spool = Spool(tmp_path / "q")
     spool.setup()
     queued(spool, "L1", envelope())
-    assert "being delivered right now" in str(_not_claimed(spool, "L1"))
+    held = spool.claim("L1")
+    assert held is not None
+    with pytest.raises(Busy, match="L1: being delivered right now"):
+        _claim(spool, "L1", 0.1)
     spool.remove("L1")
-    assert str(_not_claimed(spool, "L1")) == (
-        "L1: it left the queue meanwhile (delivered or bounced)"
-    )
+    with pytest.raises(Problem) as raised:
+        _claim(spool, "L1", 0.1)
+    assert str(raised.value) == "L1: it left the queue meanwhile (delivered or bounced)"
+    held.release()

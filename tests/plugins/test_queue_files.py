@@ -520,3 +520,71 @@ def test_a_whole_queue_flush_skips_the_messages_being_delivered_at_once(tmp_path
         assert f"{id}: being delivered right now: skipped" in lines
         assert spool.load(id).due(time.time()) == []
     assert spool.load("W").due(time.time()) == [0]
+
+
+class Deferring(DiscardTransport):
+    """Every recipient deferred, as by a server that is down."""
+
+    async def deliver(self, message: Any, recipients: Sequence[Any]) -> list[Outcome]:
+        return [Outcome.deferred(451, "4.4.1", "Connection refused", "mx.test")] * len(recipients)
+
+
+@pytest.mark.expect_errors
+def test_a_message_whose_state_cannot_be_saved_is_named_so_and_can_be_deleted(tmp_path, caplog):
+    # Its state cannot be saved (a directory where the temporary copy goes:
+    # the same failed write as a full disk), so its runner holds its claim.
+    # The command line said "being delivered right now" after 10 s and
+    # could delete nothing: it names the state at once, and delete, what
+    # frees space, removes it; a poke retries the save of the others.
+    spool = make_spool(tmp_path)
+    for id in ("F", "G"):
+        write(spool, id)
+        (spool.state / f".{id}.{os.getpid()}.tmp").mkdir()
+    runner = make_runner(tmp_path, spool, Deferring(), min_backoff=600, max_backoff=600)
+
+    def text() -> str:
+        return "\n".join(r.getMessage() for r in caplog.records)
+
+    async def until(done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 20
+        while not done():
+            assert time.monotonic() < deadline, text()
+            await asyncio.sleep(0.05)
+
+    async def main() -> None:
+        runner.start()
+        await until(lambda: all(f"{id}: cannot save the delivery state" in text() for id in "FG"))
+        listed = await asyncio.to_thread(cli, spool, tmp_path, "list")
+        assert listed.returncode == 0, listed.stderr
+        assert [x.split()[4] for x in listed.stdout.splitlines() if x[:3] in ("F  ", "G  ")] == [
+            "unsaved",
+            "unsaved",
+        ]
+        assert listed.stdout.endswith(": 2 unsaved\n")
+        for action in ("hold", "bounce", "flush"):
+            started = time.monotonic()
+            done = await asyncio.to_thread(cli, spool, tmp_path, action, "F")
+            assert done.returncode == 1 and time.monotonic() - started < 8
+            assert done.stderr.startswith("bonzo queue: F: its delivery state cannot be saved")
+        flushed = await asyncio.to_thread(cli, spool, tmp_path, "flush")
+        assert flushed.returncode == 1 and flushed.stderr.count("cannot be saved") == 2
+        deleted = await asyncio.to_thread(cli, spool, tmp_path, "delete", "F")
+        assert deleted.returncode == 0, deleted.stderr
+        assert deleted.stdout == "F: deleted (its delivery state could not be saved)\n"
+        assert not spool.present("F") and spool.ids() == ["G"]
+        # The runner let it go at its next try (the command's poke).
+        await until(lambda: "F" not in runner._inflight)
+        assert "queue: F deleted by the operator while its delivery state" in text()
+        (spool.state / f".G.{os.getpid()}.tmp").rmdir()
+        (spool.path / "flush").touch()  # as bonzo queue does: not 600 s later
+        await until(lambda: "G: delivery state saved after" in text())
+        await runner.stop(grace=1)
+
+    asyncio.run(main())
+    assert spool.load("G").recipients[0].status == "deferred"
+    assert spool.claim("G") is not None  # let go
+    errors = {r.getMessage()[:40] for r in caplog.records if r.levelname == "ERROR"}
+    assert errors == {
+        "queue: F: cannot save the delivery state",
+        "queue: G: cannot save the delivery state",
+    }
