@@ -447,7 +447,11 @@ class JSONFormatter(logging.Formatter):
         return text
 
 
-def _setup_logging(config: Any) -> None:
+def setup_logging(config: Any) -> None:
+    """Send the process's log where the configuration's ``[logging]`` table
+    says, as ``bonzo serve`` writes it (also what ``bonzo queue`` logs its
+    changes through, into the daemon's log). Raises :exc:`ConfigError` if
+    :tomlkey:`logging.file` cannot be opened."""
     level = getattr(logging, config.logging.level.upper())
     handler: logging.Handler
     if config.logging.file:
@@ -504,7 +508,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.listen:
         config.listeners = _listen_override(args.listen)
         check_metrics_port(config.metrics, config.listeners, config.source, "--listen")
-    _setup_logging(config)
+    setup_logging(config)
     from .app import MailApp
 
     metrics_dir = None

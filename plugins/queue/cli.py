@@ -13,15 +13,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import logging
 import sys
 import time
 from collections import Counter
 from typing import Any
 
-from bonzo.config import ConfigError, load_config
+from bonzo.cli import setup_logging
+from bonzo.config import Config, ConfigError, load_config
 
 from .plugin import QueuePlugin, parse_duration
-from .runner import Runner
+from .runner import Runner, log
 from .spool import Claim, GroupSync, QueuedMessage, Spool, SpoolError
 
 __all__ = ["register"]
@@ -83,9 +85,16 @@ class Problem(Exception):
     """A one-line error for the operator (exit status 1)."""
 
 
+#: The actions that change the queue: each change is logged (see _log_to).
+CHANGES = ("flush", "hold", "release", "delete", "bounce")
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        plugin = _plugin(args.config)
+        config = load_config(args.config)
+        plugin = _plugin(config)
+        if args.action in CHANGES:
+            _log_to(config)
         assert plugin.spool is not None
         if not plugin.spool.data.is_dir():
             raise Problem(f"{plugin.spool.path}: no queue here (the daemon creates it at start)")
@@ -104,8 +113,22 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
-def _plugin(config_path: str | None) -> QueuePlugin:
-    config = load_config(config_path)
+def _log_to(config: Config) -> None:
+    """Log the changes where the daemon logs (the configuration's
+    ``[logging]``: its file, else this command's standard error), in its
+    format, so that whoever reads the daemon's log learns what became of a
+    message an operator deleted, bounced, held, released or flushed. A log
+    file this command cannot open (another user's) is no reason to refuse
+    the change: it is said, and the lines go to standard error."""
+    try:
+        setup_logging(config)
+    except ConfigError as exc:
+        print(f"bonzo queue: warning: {exc}; logging to standard error", file=sys.stderr)
+        config.logging.file = None
+        setup_logging(config)
+
+
+def _plugin(config: Config) -> QueuePlugin:
     if "queue" not in config.plugins.enabled:
         raise ConfigError(config.source, "plugins.enabled", "the queue plugin is not enabled")
 
@@ -265,11 +288,13 @@ def _change(
     *,
     poke: bool = True,
     wait: float = CLAIM_WAIT,
+    action: str,
 ) -> None:
     """Claim message ``id`` (waiting up to ``wait`` seconds), apply
-    ``change`` and save its state, then print ``what``. ``change`` returns
-    ``False`` to save nothing, or a text to print instead of ``what`` when
-    it changed nothing (nothing saved)."""
+    ``change`` and save its state, then print ``what`` and log it as done
+    by ``bonzo queue <action>``. ``change`` returns ``False`` to save
+    nothing, or a text to print instead of ``what`` when it changed
+    nothing (nothing saved, nothing logged)."""
     spool = plugin.spool
     assert spool is not None
     if not spool.present(id):
@@ -285,7 +310,14 @@ def _change(
                 spool.save_state(message)
             except OSError as exc:
                 raise Problem(f"{id}: cannot save its state: {exc.strerror or exc}") from None
+            _logged(id, "made due now" if action == "flush" else what, action)
     print(f"{id}: {done if isinstance(done, str) else what}")
+
+
+def _logged(id: str, what: str, action: str, level: int = logging.INFO, more: str = "") -> None:
+    """Log a change as the runner logs what becomes of a message: ``queue:
+    ID <what> by the operator (bonzo queue <action>)<more>``."""
+    log.log(level, "queue: %s %s by the operator (bonzo queue %s)%s", id, what, action, more)
 
 
 def _poke(spool: Spool) -> None:
@@ -308,7 +340,7 @@ def _flush(plugin: QueuePlugin, args: argparse.Namespace) -> int:
         return None
 
     if args.id:
-        _change(plugin, args.id, "due now", due_now)
+        _change(plugin, args.id, "due now", due_now, action="flush")
         _poke(spool)
         return 0
     # The whole queue. A message whose claim a daemon holds is in an attempt
@@ -326,7 +358,7 @@ def _flush(plugin: QueuePlugin, args: argparse.Namespace) -> int:
         (delivered: nothing to flush)."""
         nonlocal failed
         try:
-            _change(plugin, id, "due now", due_now, poke=False, wait=0.0)
+            _change(plugin, id, "due now", due_now, poke=False, wait=0.0, action="flush")
         except Busy:
             return False
         except Problem as exc:
@@ -350,7 +382,7 @@ def _hold(plugin: QueuePlugin, args: argparse.Namespace) -> int:
     def hold(message: QueuedMessage) -> None:
         message.held = True
 
-    _change(plugin, args.id, "held", hold)
+    _change(plugin, args.id, "held", hold, action="hold")
     return 0
 
 
@@ -360,7 +392,7 @@ def _release(plugin: QueuePlugin, args: argparse.Namespace) -> int:
     def release(message: QueuedMessage) -> None:
         message.held = False
 
-    _change(plugin, args.id, "released", release)
+    _change(plugin, args.id, "released", release, action="release")
     _poke(plugin.spool)
     return 0
 
@@ -375,6 +407,7 @@ def _delete(plugin: QueuePlugin, args: argparse.Namespace) -> int:
     if not spool.exists(args.id) or (spool.data / args.id).is_symlink():
         # Not a file a process can claim, nor one any will deliver.
         spool.remove(args.id)
+        _logged(args.id, "deleted", "delete", logging.WARNING, " (it was no queue file)")
         print(f"{args.id}: deleted (it was no queue file)")
         return 0
     _poke(spool)
@@ -388,10 +421,13 @@ def _delete(plugin: QueuePlugin, args: argparse.Namespace) -> int:
         # claim, between two of its tries of the save (Spool.remove_unsaved).
         if not spool.unsaved(args.id) or not spool.remove_unsaved(args.id, wait=CLAIM_WAIT):
             raise
-        print(f"{args.id}: deleted (its delivery state could not be saved)")
+        why = " (its delivery state could not be saved)"
+        _logged(args.id, "deleted", "delete", logging.WARNING, why)
+        print(f"{args.id}: deleted{why}")
         return 0
     with claim:
         spool.remove(args.id)
+    _logged(args.id, "deleted", "delete", logging.WARNING)
     print(f"{args.id}: deleted")
     return 0
 
@@ -424,6 +460,8 @@ def _bounce(plugin: QueuePlugin, args: argparse.Namespace) -> int:
         raise Problem(f"{args.id}: cannot bounce it: {exc.strerror or exc}") from None
     if report is None:  # pragma: no cover - give_up had the claim
         raise Problem(f"{args.id}: it left the queue meanwhile (delivered or bounced)")
-    print(f"{args.id}: bounced" + (f"; report queued as {report}" if report else ""))
+    queued = f"; report queued as {report}" if report else ""
+    _logged(args.id, "bounced", "bounce", logging.WARNING, queued)
+    print(f"{args.id}: bounced{queued}")
     _poke(spool)
     return 0

@@ -123,10 +123,11 @@ def run_for(runner: Runner, seconds: float, done: Callable[[], bool]) -> None:
     asyncio.run(main())
 
 
-def cli(spool: Spool, tmp_path: Path, *args: str, timeout: float = 60) -> Any:
+def cli(spool: Spool, tmp_path: Path, *args: str, timeout: float = 60, logging: str = "") -> Any:
     config = tmp_path / "bonzo.toml"
     config.write_text(
-        textwrap.dedent(
+        logging
+        + textwrap.dedent(
             f"""\
             [plugins]
             enabled = ["queue"]
@@ -471,7 +472,9 @@ def test_bonzo_queue_lists_and_deletes_an_unreadable_message(tmp_path, case):
     flushed = cli(spool, tmp_path, "flush", timeout=30)
     # Not made due: the whole-queue flush says so, in its exit status too.
     assert flushed.returncode == 1 and "Traceback" not in flushed.stderr
-    assert flushed.stderr.startswith(f"bonzo queue: {spool.path}/") and "/M" in flushed.stderr
+    # (With no [logging] file, the change of OK is logged to standard error too.)
+    [problem] = [x for x in flushed.stderr.splitlines() if x.startswith("bonzo queue: ")]
+    assert problem.startswith(f"bonzo queue: {spool.path}/") and "/M" in problem
     assert "OK: due now" in flushed.stdout
     bounced = cli(spool, tmp_path, "bounce", "M", timeout=30)
     assert bounced.returncode != 0 and "Traceback" not in bounced.stderr
@@ -588,3 +591,52 @@ def test_a_message_whose_state_cannot_be_saved_is_named_so_and_can_be_deleted(tm
         "queue: F: cannot save the delivery state",
         "queue: G: cannot save the delivery state",
     }
+
+
+def test_the_operators_changes_are_in_the_daemons_log(tmp_path):
+    # Logged through the configuration's [logging], as the daemon logs, with
+    # the message's id: the log told nothing of a message deleted.
+    log = tmp_path / "serve.log"
+    log.write_text("2026-12-06 21:00:00,000 INFO [1] bonzo.daemon: the daemon's line\n")
+    conf = f'[logging]\nfile = "{log}"\n'
+    spool = make_spool(tmp_path)
+    for id in ("D", "H", "B"):
+        write(spool, id)
+    for args in (("delete", "D"), ("hold", "H"), ("release", "H"), ("flush", "H"), ("bounce", "B")):
+        done = cli(spool, tmp_path, *args, logging=conf)
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+    lines = log.read_text().splitlines()
+    assert lines[0].endswith("the daemon's line")  # appended to, not replaced
+    said = [line.split(" bonzo.plugins.queue: ", 1)[1] for line in lines[1:]]
+    assert said[:4] == [
+        "queue: D deleted by the operator (bonzo queue delete)",
+        "queue: H held by the operator (bonzo queue hold)",
+        "queue: H released by the operator (bonzo queue release)",
+        "queue: H made due now by the operator (bonzo queue flush)",
+    ]
+    assert " WARNING " in lines[1] and " INFO " in lines[2]
+    # The bounce: the recipient's line as the runner logs it, the report's,
+    # and the operator's.
+    assert said[4] == (
+        "queue: B to=<bob@example.net> bounced: 550 5.0.0 Returned to the sender by the "
+        "postmaster (postmaster)"
+    )
+    [report] = [id for id in spool.ids() if id != "H"]
+    assert said[5:] == [
+        f"queue: B: failed report for 1 recipient(s) queued as {report}",
+        f"queue: B bounced by the operator (bonzo queue bounce); report queued as {report}",
+    ]
+
+
+def test_a_log_file_the_command_cannot_open_does_not_stop_a_change(tmp_path):
+    spool = make_spool(tmp_path)
+    write(spool, "D")
+    conf = f'[logging]\nfile = "{tmp_path}"\n'  # a directory
+    done = cli(spool, tmp_path, "delete", "D", logging=conf)
+    assert done.returncode == 0 and done.stdout == "D: deleted\n"
+    first, second = done.stderr.splitlines()
+    assert first.startswith("bonzo queue: warning: ") and "logging to standard error" in first
+    assert " WARNING " in second
+    assert second.endswith(
+        " bonzo.plugins.queue: queue: D deleted by the operator (bonzo queue delete)"
+    )
