@@ -468,7 +468,15 @@ class Runner:
                 pass
 
     def _scan(self) -> None:
-        """Refresh the due times of every message (in a thread)."""
+        """Refresh the due times of every message, and remove what refused
+        messages left in ``tmp/`` (in a thread)."""
+        left = self.spool.remove_left()
+        if left:
+            log.info(
+                "queue: removed %d partly written file(s) of refused messages from %s",
+                left,
+                self.spool.tmp,
+            )
         due: dict[str, float] = {}
         depth = dict.fromkeys(QUEUE_STATES, 0)
         for id in self.spool.ids():

@@ -3,7 +3,9 @@
 Layout under the queue directory (``[plugins.queue] path``)::
 
     tmp/     messages being written, and empty files made ready for the
-             next ones (a crash leaves them; removed at start)
+             next ones (a crash leaves them; removed at start; a refused
+             message's file that could not be removed then goes at a
+             later scan: Spool.remove_left)
     data/    one file per queued message, written once, never changed
     state/   one file per message whose delivery has begun: per-recipient state
 
@@ -101,6 +103,10 @@ _OPEN = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, 
 STATUSES = ("pending", "deferred", "delivered", "bounced")
 FINAL = frozenset({"delivered", "bounced"})
 _ID = re.compile(r"[0-9A-Za-z]{1,64}")
+#: Seconds since its last write after which a file with content in ``tmp/``
+#: that no writer holds is a refused message's, left there because it could
+#: not be removed then (``tmp/`` unwritable): :meth:`Spool.remove_left`.
+LEFT_AGE = 300.0
 #: The bytes of a data file locked as marks (see the module description):
 #: far past any end, so that no lock on the content ever meets them.
 _UNSAVED_BYTE = 1 << 62
@@ -516,6 +522,49 @@ class Spool:
                 removed += 1
             except FileNotFoundError:
                 pass
+        return removed
+
+    def remove_left(self, age: float = LEFT_AGE) -> int:
+        """Blocking: remove what refused messages left in ``tmp/``: a message
+        is written there under its claim and, refused (a full disk, a
+        directory that cannot be written), its file is removed at once, but
+        that removal fails while ``tmp/`` cannot be written, leaving the
+        whole message there until :meth:`setup` at the next start. Called at
+        each scan of a runner, so that it goes once the directory can be
+        written again. A file is removed only if it has content (an empty
+        one may be a spare made ready for the next message), its last write
+        is over ``age`` seconds old, and its claim can be taken (the writer
+        of a message holds it from before its first octet until the file
+        leaves ``tmp/``). Returns the number of files removed."""
+        removed = 0
+        now = time.time()
+        try:
+            entries = list(os.scandir(self.tmp))
+        except OSError:
+            return 0
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode) or st.st_size == 0 or now - st.st_mtime < age:
+                continue
+            try:
+                fd = os.open(entry.path, _OPEN)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # Still the file under that name (not renamed into data/
+                # meanwhile): nobody writes it, nobody will.
+                if os.lstat(entry.path).st_ino != os.fstat(fd).st_ino:
+                    continue
+                os.unlink(entry.path)
+                removed += 1
+            except OSError:
+                continue  # being written, or tmp/ still unwritable: the next scan
+            finally:
+                os.close(fd)
         return removed
 
     @staticmethod

@@ -6,6 +6,7 @@ never due, a duplicate delivery, a hang or a traceback."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import io
 import json
 import os
@@ -640,3 +641,33 @@ def test_a_log_file_the_command_cannot_open_does_not_stop_a_change(tmp_path):
     assert second.endswith(
         " bonzo.plugins.queue: queue: D deleted by the operator (bonzo queue delete)"
     )
+
+
+def test_a_refused_messages_file_left_in_tmp_goes_at_a_later_scan(tmp_path, caplog):
+    # A refused message's file that could not be removed then (tmp/ not
+    # writable) stayed until the next start: the runner's scan removes it,
+    # but never a file being written (its claim is held), an empty one (a
+    # spare made ready for the next message) or one written just now.
+    spool = make_spool(tmp_path)
+    old = time.time() - 3600
+
+    def left(name: str, content: bytes, when: float = old) -> Path:
+        path = spool.tmp / name
+        path.write_bytes(content)
+        os.utime(path, (when, when))
+        return path
+
+    refused = left("new4.123", b"BONZO-QUEUE 1\n{}\nSubject: refused\r\n\r\n")
+    written = left("new5.123", b"BONZO-QUEUE 1\n")
+    spare = left("new6.123", b"")
+    fresh = left("new7.123", b"BONZO-QUEUE 1\n", time.time())
+    fd = os.open(written, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        runner = make_runner(tmp_path, spool, Counting())
+        run_for(runner, 10, lambda: not refused.exists())
+    finally:
+        os.close(fd)
+    assert not refused.exists()
+    assert written.exists() and spare.exists() and fresh.exists()
+    assert "queue: removed 1 partly written file(s) of refused messages" in caplog.text
