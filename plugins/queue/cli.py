@@ -5,7 +5,12 @@ it delivers), waiting a few seconds for a delivery in flight to finish, so
 the command and the daemon never work on one message at once. Before it
 claims, the command pokes running daemons (the queue's ``flush`` file), which
 makes them look at the queue at once and let go of the claims they keep for
-messages accepted but not yet tried (they wait for a free delivery slot).
+messages accepted but not yet tried (they wait for a free delivery slot),
+and try again at once the saves of states that failed. A claim held for a
+state that cannot be saved is marked (:meth:`Claim.mark_unsaved`): the
+command says so instead of waiting, and ``delete`` removes such a message.
+Each change is logged through the configuration's ``[logging]``, into the
+daemon's log.
 """
 
 from __future__ import annotations
@@ -419,12 +424,15 @@ def _delete(plugin: QueuePlugin, args: argparse.Namespace) -> int:
         # Held by a daemon that cannot save its state (a full disk): this is
         # when space must be freed, so it is removed under the daemon's
         # claim, between two of its tries of the save (Spool.remove_unsaved).
-        if not spool.unsaved(args.id) or not spool.remove_unsaved(args.id, wait=CLAIM_WAIT):
+        if not spool.unsaved(args.id):
             raise
-        why = " (its delivery state could not be saved)"
-        _logged(args.id, "deleted", "delete", logging.WARNING, why)
-        print(f"{args.id}: deleted{why}")
-        return 0
+        if spool.remove_unsaved(args.id, wait=CLAIM_WAIT):
+            why = " (its delivery state could not be saved)"
+            _logged(args.id, "deleted", "delete", logging.WARNING, why)
+            print(f"{args.id}: deleted{why}")
+            return 0
+        # Saved meanwhile, its mark gone: claimed as any other (or why not).
+        claim = _claim(spool, args.id, CLAIM_WAIT)
     with claim:
         spool.remove(args.id)
     _logged(args.id, "deleted", "delete", logging.WARNING)
@@ -457,6 +465,13 @@ def _bounce(plugin: QueuePlugin, args: argparse.Namespace) -> int:
     try:
         report = asyncio.run(main())
     except OSError as exc:
+        # The recipients' "bounced" lines are logged already: this says
+        # that none of it was kept.
+        log.warning(
+            "queue: %s not bounced (bonzo queue bounce): %s; nothing changed",
+            args.id,
+            exc.strerror or exc,
+        )
         raise Problem(f"{args.id}: cannot bounce it: {exc.strerror or exc}") from None
     if report is None:  # pragma: no cover - give_up had the claim
         raise Problem(f"{args.id}: it left the queue meanwhile (delivered or bounced)")

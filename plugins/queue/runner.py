@@ -30,7 +30,9 @@ report), it never loses one. A stop cancels the deliveries still in flight
 after its grace and saves what the others settled, so that only the
 deliveries in flight can be repeated. A state that cannot be saved (a full
 disk) is kept in memory and saved again after a back-off, the message's
-claim held meanwhile: no recipient is delivered twice by this process.
+claim held meanwhile: no recipient is delivered twice by this process. The
+claim is marked so (:meth:`Claim.mark_unsaved`) for ``bonzo queue``, whose
+``delete`` may remove the message between two tries of the save.
 """
 
 from __future__ import annotations

@@ -671,3 +671,17 @@ def test_a_refused_messages_file_left_in_tmp_goes_at_a_later_scan(tmp_path, capl
     assert not refused.exists()
     assert written.exists() and spare.exists() and fresh.exists()
     assert "queue: removed 1 partly written file(s) of refused messages" in caplog.text
+
+
+def test_a_bounce_whose_report_cannot_be_queued_changes_nothing_and_says_so(tmp_path):
+    spool = make_spool(tmp_path)
+    write(spool, "B")
+    spool.tmp.rmdir()
+    spool.tmp.write_bytes(b"")  # where the report is written: it cannot be
+    done = cli(spool, tmp_path, "bounce", "B")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.endswith("bonzo queue: B: cannot bounce it: Not a directory\n")
+    assert "queue: B not bounced (bonzo queue bounce): Not a directory; nothing changed" in (
+        done.stderr
+    )
+    assert spool.ids() == ["B"] and spool.load("B").recipients[0].status == "pending"
