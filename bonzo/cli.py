@@ -826,11 +826,13 @@ def sd_notify(state: str) -> bool:
     return True
 
 
-def _reloaded_app(old: Any) -> Any:
+def _reloaded_app(old: Any, *, warn: bool = True) -> Any:
     """The application of the configuration file ``old`` was loaded from,
     read and checked again, its plugins configured, serving ``old``'s
     sockets — or ``None`` after logging why it cannot replace ``old`` (the
-    running configuration is kept)."""
+    running configuration is kept). What takes effect at a restart only
+    keeps its running value, with a warning unless ``warn`` is false (a
+    worker: its supervisor warns once for all)."""
     from .app import MailApp
     from .hooks import PluginError
 
@@ -853,15 +855,21 @@ def _reloaded_app(old: Any) -> Any:
     except Exception as exc:
         log.error("reload failed: %r; still running the previous configuration", exc)
         return None
+    # Compared with what runs (kept through every reload), never with the
+    # file loaded last: after workers = 3 and back, 2 still run, unwarned.
     if config.workers != old.config.workers or config.loop != old.config.loop:
-        log.warning("reload: server.workers and server.loop take effect at a restart")
+        if warn:
+            log.warning("reload: server.workers and server.loop take effect at a restart")
+        config.workers, config.loop = old.config.workers, old.config.loop
     if config.metrics != old.config.metrics:
-        log.warning("reload: [metrics] takes effect at a restart")
+        if warn:
+            log.warning("reload: [metrics] takes effect at a restart")
         # The listener, the multiprocess directory and the counting stay.
         config.metrics = old.config.metrics
     if config.logging != old.config.logging:
         # Logging is set up once per process, before the workers fork.
-        log.warning("reload: [logging] takes effect at a restart")
+        if warn:
+            log.warning("reload: [logging] takes effect at a restart")
         config.logging = old.config.logging
     return new
 
@@ -958,7 +966,7 @@ def _run_worker(
             reloading = True
             try:
                 old = current
-                new = _reloaded_app(old)
+                new = _reloaded_app(old, warn=supervisor is None)
                 if new is None or requests:
                     _configure_shared_again(old)
                     report(False)

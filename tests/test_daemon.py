@@ -1526,6 +1526,26 @@ def test_a_reload_says_that_logging_changes_wait_for_a_restart(workdir, serve):
     assert "INFO" in daemon.log.split("takes effect at a restart", 1)[1]  # still info
 
 
+def test_a_reload_warns_once_about_workers_compared_with_what_runs(workdir, serve):
+    """The supervisor warns (not each worker too), and against the workers
+    running: after workers = 3 and back to 2, the two running are no
+    change."""
+    port = free_port()
+    config = write_config(workdir, port, workers=2)
+    daemon = serve(config, port)
+    daemon.wait_ready(workers=2)
+    warning = "reload: server.workers and server.loop take effect at a restart"
+    for workers, warnings in ((3, 1), (2, 1)):
+        text = re.sub(r"workers = \d", f"workers = {workers}", config.read_text())
+        config.write_text(text)
+        reloads = daemon.log.count("reloaded ")
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda r=reloads: daemon.log.count("reloaded ") == r + 2, what="the reload")
+        assert daemon.log.count(warning) == warnings
+    assert send(port) == {}
+    assert daemon.stop() == 0
+
+
 @pytest.mark.parametrize("reports", [True, False], ids=["reported", "unreported"])
 def test_a_reload_the_workers_refused_never_stops_a_restarted_worker(workdir, serve, reports):
     """A reload whose plugins fail to start is refused by the workers (they
