@@ -545,8 +545,12 @@ def _serve_app(app: Any) -> int:
     main_pid = os.getpid()
     if config.pid_file is not None:
         problem = _write_pid_file(config.pid_file)
+        if problem is not None and problem.startswith("cannot "):
+            # A file the daemon cannot make or lock: the configuration's
+            # mistake (status 2, which the systemd unit does not restart).
+            raise config.error("server.pid_file", problem)
         if problem is not None:
-            log.error("server.pid_file: %s", problem)
+            log.error("server.pid_file: %s", problem)  # another daemon runs: try later
             return 1
     try:
         sockets = app.bind()

@@ -363,13 +363,21 @@ def _file_to_make(
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
-        return path
+        mode = None
     except OSError as exc:
         raise ConfigError(source, key, f"cannot use {path}: {exc.strerror}") from None
-    if socket and not stat.S_ISSOCK(mode):
+    if mode is not None and socket and not stat.S_ISSOCK(mode):
         raise ConfigError(source, key, f"{path} exists and is not a socket (remove it first)")
-    if not socket and not stat.S_ISREG(mode):
+    if mode is not None and not socket and not stat.S_ISREG(mode):
         raise ConfigError(source, key, f"{path} exists and is not a regular file")
+    # Checked as the user running the check, who is the one to run the
+    # daemon: a file the daemon cannot make is a mistake in the file, not a
+    # fault worth restarting for (exit status 2, not 1).
+    if mode is None or socket:
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(source, key, f"cannot create {path}: {parent} is not writable")
+    elif not os.access(path, os.W_OK):
+        raise ConfigError(source, key, f"cannot write {path}: permission denied")
     return path
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -270,6 +271,26 @@ def test_files_bonzo_makes_must_not_be_something_else(tmp_path):
     assert str(problem).endswith(
         f"listeners[0].path: {tmp_path}/file exists and is not a socket (remove it first)"
     )
+
+
+def test_files_bonzo_makes_need_a_directory_it_may_write(tmp_path, monkeypatch):
+    """Checked as the user running the check (root may write anywhere: the
+    check's answer is faked for one path)."""
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "old.pid").write_text("1\n")
+    real = os.access
+    denied = {str(tmp_path / "ro"), str(tmp_path / "ro" / "old.pid")}
+    monkeypatch.setattr(os, "access", lambda p, m: str(p) not in denied and real(p, m))
+    problem = error(table("server", pid_file="ro/bonzo.pid"), base_dir=tmp_path)
+    assert str(problem).endswith(
+        f"server.pid_file: cannot create {tmp_path}/ro/bonzo.pid: {tmp_path}/ro is not writable"
+    )
+    problem = error(table("server", pid_file="ro/old.pid"), base_dir=tmp_path)
+    assert str(problem).endswith(
+        f"server.pid_file: cannot write {tmp_path}/ro/old.pid: permission denied"
+    )
+    problem = error('[[listeners]]\npath = "ro/lmtp.sock"\n', base_dir=tmp_path)
+    assert str(problem).endswith(f"{tmp_path}/ro is not writable")
 
 
 # ------------------------------------------------------------ listeners

@@ -1965,6 +1965,22 @@ def test_a_json_log_record_is_one_line_whatever_its_text():
     assert json.loads(line)["message"] == text
 
 
+def test_a_pid_file_serve_cannot_make_is_a_configuration_error(workdir, env):
+    """Where the check cannot tell (root may write in /proc, the kernel says
+    no), bonzo serve exits 2 with one line naming the file and key: a
+    systemd unit does not restart it for ever."""
+    port = free_port()
+    config = write_config(workdir, port)
+    config.write_text(
+        config.read_text().replace("workers = 1", 'workers = 1\npid_file = "/proc/bonzo-t.pid"')
+    )
+    if bonzo("check", "-c", str(config), env=env, cwd=workdir).returncode != 0:
+        pytest.skip("the check already refuses it here (not root)")
+    result = bonzo("serve", "-c", str(config), env=env, cwd=workdir)
+    line = one_line_error(result, str(config), "server.pid_file: cannot write /proc/bonzo-t.pid")
+    assert line.startswith("bonzo: ")
+
+
 def test_pid_file_and_readiness_to_systemd(workdir, env):
     """``[server] pid_file`` holds the main process's id while it runs, and
     a second daemon on the same file is refused; with ``NOTIFY_SOCKET`` set,
