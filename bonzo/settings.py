@@ -76,7 +76,8 @@ class SMTPSettings:
     max_message_size: int = 33554432
     """Largest message accepted, advertised in ``SIZE``. A declared ``SIZE=``
     over it gets ``552 5.3.4`` at MAIL; a larger body is read to the end and
-    answered ``552 5.3.4`` after the final dot. ``0`` means no limit."""
+    answered ``552 5.3.4`` after the final dot. ``0`` means no limit; at
+    most 2**63 - 1."""
 
     max_data_line: int = 8192
     """Longest line inside a message, CRLF included; a message with a longer
@@ -278,6 +279,13 @@ class SMTPSettings:
                 "ipv6_prefix_length", f"must be at most 128 (bits), not {self.ipv6_prefix_length}"
             )
         _check_int("max_message_size", self.max_message_size, minimum=0)
+        if self.max_message_size > MAX_MESSAGE_SIZE:
+            # Advertised in SIZE, at most 20 digits (RFC 1870); TOML's own
+            # integers end here.
+            raise SettingError(
+                "max_message_size",
+                f"must be at most {MAX_MESSAGE_SIZE} (2**63 - 1), not {self.max_message_size}",
+            )
         _check_int("min_data_rate", self.min_data_rate, minimum=0)
         for name in (
             "idle_timeout",
@@ -414,6 +422,11 @@ def spelled(value: Any) -> str:
 def positive_seconds(value: Any) -> bool:
     """True for a positive, finite number of seconds."""
     return finite_number(value) and value > 0
+
+
+#: The largest ``max_message_size``: TOML's largest integer, 19 digits in
+#: ``SIZE`` (RFC 1870 allows 20).
+MAX_MESSAGE_SIZE = 2**63 - 1
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:

@@ -138,7 +138,7 @@ SETTING_CASES: dict[str, tuple[Any, list[Any]]] = {
     "advertise_limits": (False, ["true", 1]),
     "max_command_line": (1024, [511, 2049, 512.0, True, "512"]),
     "max_auth_line": (1000, [0, -5, "x"]),
-    "max_message_size": (0, [-1, "big", 1.5]),
+    "max_message_size": (0, [-1, "big", 1.5, 2**63, 99999999999999999999999]),
     "max_data_line": (1000, [999, "x"]),
     "max_recipients": (100, [99, 0, "x"]),
     "max_messages_per_connection": (5, [0, "5"]),
