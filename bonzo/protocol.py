@@ -388,6 +388,10 @@ _RANK_BARE = 2
 _RANK_LINE = 3
 
 
+#: The limit each of those replies reports, for the refusal's log line.
+_DATA_LIMITS = {552: "max_message_size", 500: "max_data_line", 550: "bare_newline"}
+
+
 def _data_error(rank: int) -> SMTPError:
     if rank == _RANK_LINE:
         return SMTPError(500, "Line too long", enhanced_code="5.5.2")
@@ -1229,6 +1233,8 @@ class SMTPProtocol:
         code = error.status_code
         note = error.log_text()
         if type(event) is MessageComplete:
+            if limit is None and error is event.error:
+                limit = _DATA_LIMITS.get(code)  # the limit the core found broken
             self._reset_transaction()
         elif type(event) is Auth or type(event) is AuthResponse:
             self._state = _COMMAND
@@ -1424,9 +1430,13 @@ class SMTPProtocol:
             if _is_bdat(head):
                 return self._bad_bdat_line()
             if self._discarding_auth:
-                self._error(500, "5.5.6", "Authentication exchange line is too long")
+                self._error(
+                    500, "5.5.6", "Authentication exchange line is too long", limit="max_auth_line"
+                )
             else:
-                self._error(500, "5.5.2", "Line too long", "Error: line too long")
+                self._error(
+                    500, "5.5.2", "Line too long", "Error: line too long", limit="max_command_line"
+                )
             return None
         if nl > pos and buf[nl - 1] == 13:  # CRLF
             return self._handle_line(bytes(buf[pos : nl - 1]))
@@ -1462,7 +1472,9 @@ class SMTPProtocol:
         end = nl - 1 if nl > pos and buf[nl - 1] == 13 else nl
         if self._discarding_line or end - pos + 2 > limit:
             self._discarding_line = False
-            self._error(500, "5.5.6", "Authentication exchange line is too long")
+            self._error(
+                500, "5.5.6", "Authentication exchange line is too long", limit="max_auth_line"
+            )
             return None
         line = bytes(buf[pos:end]).decode("ascii", "replace").strip(" ")
         if line == "*":
@@ -1477,10 +1489,17 @@ class SMTPProtocol:
             if head == b"AUTH " and self.auth_mechanisms:
                 if length > self.settings.max_auth_line:
                     self.stage, self._arg = "AUTH", ""
-                    self._error(500, "5.5.6", "Authentication exchange line is too long")
+                    self._error(
+                        500,
+                        "5.5.6",
+                        "Authentication exchange line is too long",
+                        limit="max_auth_line",
+                    )
                     return None
             elif length > self._max_mail_line or head not in (b"MAIL ", b"RCPT "):
-                return self._refuse_line(raw, 500, "Line too long", "Error: line too long")
+                return self._refuse_line(
+                    raw, 500, "Line too long", "Error: line too long", limit="max_command_line"
+                )
         # After the length check, so that an overlong line gets the same
         # reply whether it was discarded while arriving or seen whole.
         if bare_lf and self._bare_mode == "reject":
@@ -1520,14 +1539,21 @@ class SMTPProtocol:
             return Unknown(key, arg, verb)
         return handler(self, arg)
 
-    def _refuse_line(self, raw: bytes, code: int, text: str, legacy: str | None = None) -> Any:
+    def _refuse_line(
+        self,
+        raw: bytes,
+        code: int,
+        text: str,
+        legacy: str | None = None,
+        limit: str | None = None,
+    ) -> Any:
         """Refuse a command line that failed the checks every line goes
         through (``5.5.2``), its verb escaped for the log; a BDAT line closes
         the session instead (:meth:`_bad_bdat_line`)."""
         self.stage, self._arg = _safe_verb(raw), ""
         if _is_bdat(raw):
             return self._bad_bdat_line()
-        self._error(code, "5.5.2", text, legacy)
+        self._error(code, "5.5.2", text, legacy, limit)
         return None
 
     def _bad_bdat_line(self) -> Any:
@@ -1616,7 +1642,7 @@ class SMTPProtocol:
             return Mail(mailbox, params)
         problem = self._check_mail_params(params)
         if problem is not None:
-            self._reject_now(problem)
+            self._reject_now(problem, "max_message_size" if problem.status_code == 552 else None)
             return None
         dsn = NO_MAIL_DSN
         if "RET" in params or "ENVID" in params:  # only when DSN is offered
@@ -2019,8 +2045,8 @@ class SMTPProtocol:
             or self._bdat_line > limit
         )
 
-    def _reject_now(self, error: SMTPError) -> None:
-        self._error(error.status_code, error.enhanced_code or "", error.message)
+    def _reject_now(self, error: SMTPError, limit: str | None = None) -> None:
+        self._error(error.status_code, error.enhanced_code or "", error.message, limit=limit)
 
     # ----------------------------------------------------------------- DATA
     def _next_data(self) -> Any:

@@ -315,6 +315,30 @@ def test_every_refusal_is_reported_once_with_stage_and_decider():
     ]
 
 
+def test_a_refusal_by_a_size_or_length_limit_names_the_limit():
+    """The log line's "(limit)" lets the operator see which setting to
+    raise: the message size (declared, sent, or BDAT's count), a line of
+    the message, a command line, an AUTH line."""
+    policy = Policy(auth_mechanisms=("PLAIN",), auth_plaintext=True)
+    client = Client(policy=policy, max_message_size=100, max_data_line=1000, bare_newline="reject")
+    client.send(EHLO + b"MAIL FROM:<a@example.org> SIZE=101\r\n")
+    client.send(TXN + DATA + b"x" * 200 + b"\r\n.\r\n")
+    client.send(TXN + DATA + b"y" * 1001 + b"\r\n.\r\n")
+    client.send(TXN + DATA + b"a\nb\r\n.\r\n")
+    client.send(TXN + b"BDAT 101 LAST\r\n" + b"z" * 101)
+    client.send(b"NOOP " + b"n" * 600 + b"\r\n")
+    client.send(b"AUTH PLAIN " + b"A" * 13000 + b"\r\n")
+    assert [(r[1], r[4]) for r in client.refusals] == [
+        (552, "max_message_size"),
+        (552, "max_message_size"),
+        (500, "max_data_line"),
+        (550, "bare_newline"),
+        (552, "max_message_size"),
+        (500, "max_command_line"),
+        (500, "max_auth_line"),
+    ]
+
+
 def test_a_refusal_report_never_holds_an_auth_secret():
     seen = []
 
