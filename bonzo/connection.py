@@ -33,6 +33,7 @@ counting as soon as it ends instead of waiting for the cycle collector.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import socket
 import ssl
@@ -561,7 +562,7 @@ class SMTPConnection:
         try:
             await self._serve()
         except StreamClosedError:
-            pass
+            self._lost()
         except asyncio.CancelledError:
             self._forced = True  # a forced stop: close at once
             raise
@@ -569,6 +570,28 @@ class SMTPConnection:
             app_log.error("Unexpected error in session %s", self.session.id, exc_info=True)
         finally:
             await self._finish()
+
+    def _lost(self) -> None:
+        """The client closed (or reset) the connection while the session was
+        open. In a transaction the operator needs to know ("why was this
+        message never sent?"): INFO, as Postfix's "lost connection after
+        DATA"; before it (scanners, probes, clients that just leave) DEBUG."""
+        core = self.protocol
+        if core.closed or self._forced or self._why:
+            return  # ended by the server (QUIT, a limit, a timeout, a stop)
+        if core.receiving_content:
+            where, log = f"in the message of {core.stage}", gen_log.info
+        elif core.in_transaction:
+            where, log = f"after {core.stage}, in a transaction", gen_log.info
+        else:
+            where, log = f"after {core.stage}", gen_log.debug
+        log(
+            "[%s %s] lost connection %s (%d octets received)",
+            self.session.id,
+            self.remote_ip,
+            where,
+            self.bytes_received,
+        )
 
     async def _serve(self) -> None:
         core = self.protocol
@@ -960,7 +983,16 @@ class SMTPConnection:
             return False
         finally:
             self._phase = _BUSY
-        self.protocol.tls_info = tls.facts()
+        facts = self.protocol.tls_info = tls.facts()
+        if gen_log.isEnabledFor(logging.DEBUG):
+            gen_log.debug(
+                "[%s %s] TLS established: %s %s%s",
+                self.session.id,
+                self.remote_ip,
+                facts["version"],
+                facts["cipher"],
+                " (client certificate)" if facts["peer_cert"] else "",
+            )
         if early:
             # The client's first command came with the end of the handshake.
             self.bytes_received += len(early)

@@ -865,3 +865,33 @@ def test_the_wait_for_the_client_s_close_is_not_started_again(start_server):
         client.send(b"NOOP\r\n")  # read and dropped by the server
         server.wait_connections(0, timeout=LINGER_WAIT * 3)
         assert time.monotonic() - ended < LINGER_WAIT * 1.3
+
+
+# ------------------------------------------------------- lost connections
+def test_a_client_that_vanishes_is_logged_by_what_it_left_unfinished(server, log_watch):
+    """Mid-message or mid-transaction at INFO ("why was this mail never
+    sent?"), before any transaction at DEBUG (scanners, probes), and never
+    after QUIT."""
+    with RawClient(server.port) as c:
+        c.greet()
+        c.command("MAIL FROM:<a@example.org>")
+        c.command("RCPT TO:<b@example.org>")
+        assert c.command("DATA").startswith(b"354 ")
+        c.send(b"Subject: half\r\n\r\nhalf a bo")
+        time.sleep(0.05)
+    record = log_watch.wait_for(r"lost connection in the message of DATA \(\d+ octets received\)")
+    assert record.levelname == "INFO"
+    with RawClient(server.port) as c:
+        c.greet()
+        c.command("MAIL FROM:<a@example.org>")
+    record = log_watch.wait_for(r"lost connection after MAIL, in a transaction")
+    assert record.levelname == "INFO"
+    with RawClient(server.port) as c:
+        c.greet()
+    record = log_watch.wait_for(r"lost connection after EHLO \(")
+    assert record.levelname == "DEBUG"
+    with RawClient(server.port) as c:
+        c.greet()
+        assert c.command("QUIT").startswith(b"221 ")
+    server.wait_connections(0)
+    assert len(log_watch.matching("lost connection")) == 3

@@ -196,7 +196,7 @@ def test_starttls_is_not_offered_without_a_certificate(start_server):
         assert client.command("AUTH PLAIN " + PLAIN_OK).startswith(b"538 5.7.11 ")
 
 
-def test_starttls_offered_then_not_after_tls(start_server, certs, client_ctx):
+def test_starttls_offered_then_not_after_tls(start_server, certs, client_ctx, log_watch):
     server = start_auth_server(start_server, tls_listener(certs))
     with RawClient(server.port) as client:
         keywords = ehlo_keywords(client.greet())
@@ -204,6 +204,9 @@ def test_starttls_offered_then_not_after_tls(start_server, certs, client_ctx):
         assert not [k for k in keywords if k.startswith("AUTH")]
         tls = starttls(client, client_ctx)
         assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        # The operator can see it at debug level, with what was agreed.
+        record = log_watch.wait_for(rf"\] TLS established: {tls.version()} {tls.cipher()[0]}$")
+        assert record.levelname == "DEBUG"
         keywords = ehlo_keywords(client.command("EHLO client.test"))
         assert "STARTTLS" not in keywords
         assert "AUTH PLAIN LOGIN" in keywords
