@@ -447,6 +447,12 @@ class MailApp:
         the server's own findings, and each plugin's ``config_warnings``
         (a list of strings a plugin may set in ``bonzo_configure``)."""
         out = list(self._notes)
+        for i, path in enumerate(self.config.plugins.paths):
+            if not os.path.isdir(path):
+                # Harmless until a plugin is looked for there, which then
+                # fails to import: say where the mistake is first.
+                why = "is not a directory" if os.path.exists(path) else "does not exist"
+                out.append(f"plugins.paths[{i}]: {path} {why}: no plugin is found there")
         for name in self.plugins.names:
             found = getattr(self.plugins.get(name), "config_warnings", None)
             if isinstance(found, (list, tuple)):

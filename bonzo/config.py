@@ -132,6 +132,11 @@ LISTENER_KEYS = (
 #: The ``[protocol]`` and ``[limits]`` keys a ``[[listeners]]`` table may
 #: override for its own connections.
 LISTENER_OVERRIDES = tuple(k for k, s in SETTING_SECTIONS.items() if s in ("protocol", "limits"))
+#: A name an ``sni`` entry may have: a host name (ASCII, as clients send
+#: it), or ``*.`` and one.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_SNI_NAME = re.compile(rf"(?:\*\.)?{_LABEL}(?:\.{_LABEL})*\.?")
+
 #: Keys of a listener's ``tls`` table, and of each of its ``sni`` entries.
 TLS_KEYS = ("cert", "key", "sni")
 SNI_KEYS = ("cert", "key")
@@ -544,6 +549,15 @@ def _listener_settings(
         sni_table = tls.get("sni", {})
         if not isinstance(sni_table, dict):
             raise ConfigError(source, f"{key}.tls.sni", "must be a table of name = {cert, key}")
+        for name in sni_table:
+            if not _SNI_NAME.fullmatch(name):
+                raise ConfigError(
+                    source,
+                    f"{key}.tls.sni",
+                    f"{name!r} is not a host name a client can ask for (letters, digits, "
+                    "hyphens and dots, or *. then those; an internationalized name in its "
+                    "xn-- form)",
+                )
         sni = {
             name: _pair(pair, source, f"{key}.tls.sni.{name}", base_dir, SNI_KEYS)
             for name, pair in sni_table.items()

@@ -1043,3 +1043,22 @@ def test_an_empty_password_reads_back_empty(tmp_path):
 def test_setting_values_in_messages_are_spelled_as_in_toml(text, key, shown):
     assert_error(text, key, shown)
     assert "False" not in str(error(text)) and "True" not in str(error(text))
+
+
+@pytest.mark.parametrize("name", ["a b!", "b\u00fccher.example", "*.", "-x.example", "a..b"])
+def test_an_sni_name_no_client_can_ask_for_is_refused(tmp_path, name):
+    import trustme
+
+    cert = trustme.CA().issue_cert("mx.example.test")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    pair = '{ cert = "cert.pem", key = "key.pem" }'
+    text = (
+        '[[listeners]]\naddress = "127.0.0.1"\nport = 2465\n'
+        f'tls = {{ cert = "cert.pem", key = "key.pem", sni = {{ "{name}" = {pair}, '
+        f'"*.example.org" = {pair}, "xn--bcher-kva.example" = {pair} }} }}\n'
+    )
+    problem = error(text, base_dir=tmp_path)
+    assert f"listeners[0].tls.sni: {name!r} is not a host name a client can ask for" in str(problem)
+    good = text.replace(f'"{name}" = {pair}, ', "")
+    assert parse(good, base_dir=tmp_path).listeners[0].settings.tls_context is not None

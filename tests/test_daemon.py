@@ -388,6 +388,19 @@ def test_check_warns_about_a_server_that_takes_no_mail(workdir, env):
     assert "warning: no enabled plugin delivers messages" in result.stdout
 
 
+def test_check_warns_about_a_plugin_path_that_is_no_directory(workdir, env):
+    config = write_config(workdir, free_port())
+    config.write_text(
+        config.read_text().replace('paths = ["plugins"]', 'paths = ["plugins", "nope"]')
+    )
+    result = bonzo("check", "-c", str(config), env=env, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"warning: plugins.paths[1]: {workdir / 'nope'} does not exist: no plugin is found there"
+    ) in result.stdout
+    assert "plugins.paths[0]" not in result.stdout
+
+
 @pytest.mark.parametrize("command", ["check", "serve"])
 @pytest.mark.parametrize(
     "case, fragments",
