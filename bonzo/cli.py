@@ -1437,6 +1437,8 @@ def _supervise(
     # if one more SIGTERM arrives.
     for s in sockets:
         s.close()
+    # The last line of a stop: the workers' own end before it.
+    log.info("every worker has ended: the supervisor exits with status %d", status)
     return status
 
 

@@ -1261,6 +1261,8 @@ def test_a_stop_signal_reaching_every_process_stops_gracefully(workdir, serve, s
     assert daemon.proc.wait(timeout=DEADLINE) == 0
     assert "forcing" not in daemon.log
     assert daemon.log.count("stopped") == 2
+    last = daemon.log.strip().splitlines()[-1]
+    assert last.endswith("every worker has ended: the supervisor exits with status 0")
 
 
 @pytest.mark.parametrize("pdeathsig", [True, False], ids=["prctl", "polling"])
