@@ -258,6 +258,15 @@ class Busy(Problem):
     it) past the wait."""
 
 
+class Unsaved(Problem):
+    """A daemon holds the message for a state it cannot save (a full disk),
+    past the wait for its try of the save a poke starts."""
+
+
+#: How long a command waits for the try of a held save its poke starts
+#: (after space was freed, that try succeeds and the daemon lets go).
+UNSAVED_WAIT = 2.0
+
 #: Why a message held for its unsaved state cannot be changed.
 UNSAVED = (
     "its delivery state cannot be saved (see the daemon's log: a full disk?), and the "
@@ -266,21 +275,26 @@ UNSAVED = (
 )
 
 
-def _claim(spool: Spool, id: str, wait: float) -> Claim:
+def _claim(spool: Spool, id: str, wait: float, unsaved_wait: float = UNSAVED_WAIT) -> Claim:
     """Message ``id``'s claim, waiting up to ``wait`` seconds for a delivery
-    in flight; otherwise the :exc:`Problem` that says why not: gone (its
-    delivery ended meanwhile), held for a state that cannot be saved, or
-    still being delivered (:exc:`Busy`)."""
-    deadline = time.monotonic() + wait
+    in flight (``unsaved_wait`` for one held for a state that cannot be
+    saved, whose save the command's poke has tried again); otherwise the
+    :exc:`Problem` that says why not: gone (its delivery ended meanwhile),
+    held for a state that cannot be saved (:exc:`Unsaved`), or still being
+    delivered (:exc:`Busy`)."""
+    now = time.monotonic()
+    deadline, unsaved_deadline = now + wait, now + unsaved_wait
     while True:
         claim = spool.claim(id)
         if claim is not None:
             return claim
         if not spool.exists(id):
             raise Problem(f"{id}: it left the queue meanwhile (delivered or bounced)")
+        now = time.monotonic()
         if spool.unsaved(id):
-            raise Problem(f"{id}: {UNSAVED}")
-        if time.monotonic() >= deadline:
+            if now >= unsaved_deadline:
+                raise Unsaved(f"{id}: {UNSAVED}")
+        elif now >= deadline:
             raise Busy(f"{id}: being delivered right now; try again in a moment")
         time.sleep(0.05)
 
@@ -293,6 +307,7 @@ def _change(
     *,
     poke: bool = True,
     wait: float = CLAIM_WAIT,
+    unsaved_wait: float = UNSAVED_WAIT,
     action: str,
 ) -> None:
     """Claim message ``id`` (waiting up to ``wait`` seconds), apply
@@ -307,7 +322,7 @@ def _change(
     _load(spool, id)  # an unreadable one is named with what is wrong with it
     if poke:
         _poke(spool)
-    with _claim(spool, id, wait):
+    with _claim(spool, id, wait, unsaved_wait):
         message = _load(spool, id)
         done = change(message)
         if done is None or done is True:
@@ -363,8 +378,19 @@ def _flush(plugin: QueuePlugin, args: argparse.Namespace) -> int:
         (delivered: nothing to flush)."""
         nonlocal failed
         try:
-            _change(plugin, id, "due now", due_now, poke=False, wait=0.0, action="flush")
-        except Busy:
+            _change(
+                plugin,
+                id,
+                "due now",
+                due_now,
+                poke=False,
+                wait=0.0,
+                unsaved_wait=0.0,
+                action="flush",
+            )
+        except (Busy, Unsaved):
+            # Tried again below: an unsaved one may be saved by the try the
+            # poke started (space was freed), then it is the daemon's again.
             return False
         except Problem as exc:
             if spool.present(id):
@@ -373,12 +399,16 @@ def _flush(plugin: QueuePlugin, args: argparse.Namespace) -> int:
         return True
 
     busy = [id for id in spool.ids() if not flushed(id)]
-    deadline = time.monotonic() + FLUSH_WAIT
+    deadline = time.monotonic() + max(FLUSH_WAIT, UNSAVED_WAIT)
     while busy and time.monotonic() < deadline:
         time.sleep(0.05)
         busy = [id for id in busy if not flushed(id)]
     for id in busy:
-        print(f"{id}: being delivered right now: skipped")
+        if spool.unsaved(id):
+            failed += 1
+            print(f"bonzo queue: {id}: {UNSAVED}", file=sys.stderr)
+        else:
+            print(f"{id}: being delivered right now: skipped")
     _poke(spool)
     return 1 if failed else 0
 
@@ -427,6 +457,7 @@ def _delete(plugin: QueuePlugin, args: argparse.Namespace) -> int:
         if not spool.unsaved(args.id):
             raise
         if spool.remove_unsaved(args.id, wait=CLAIM_WAIT):
+            _poke(spool)  # its daemon drops what it kept now, not at its next try
             why = " (its delivery state could not be saved)"
             _logged(args.id, "deleted", "delete", logging.WARNING, why)
             print(f"{args.id}: deleted{why}")

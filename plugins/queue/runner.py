@@ -605,6 +605,11 @@ class Runner:
         operator removed the message meanwhile."""
         id = progress.message.id
         failures = 0
+        # The back-off doubles with the tries its own end started, not with
+        # those a poke started: each `bonzo queue` command while the disk is
+        # full would otherwise push the next try towards max_backoff.
+        steps = 0
+        poked = False
         # The last group's write just failed: no second try at once.
         error, progress.error = progress.error, None
         while True:
@@ -650,7 +655,9 @@ class Runner:
                     _reason(error),
                 )
                 return False
-            wait = backoff(failures, self.settings)
+            if not poked:
+                steps += 1
+            wait = backoff(steps, self.settings)
             log.error(
                 "queue: %s: cannot save the delivery state (%s); its outcomes are kept "
                 "in memory and its deliveries held until it is saved: next try in %s",
@@ -662,8 +669,10 @@ class Runner:
                 else None,
             )
             error = None
+            poked = False
             try:
                 await asyncio.wait_for(self._retry_saves.wait(), wait)
+                poked = True
             except asyncio.TimeoutError:
                 pass
             except asyncio.CancelledError:

@@ -56,6 +56,7 @@ import errno
 import fcntl
 import io
 import json
+import logging
 import os
 import re
 import stat
@@ -70,6 +71,8 @@ from bonzo import durable
 from bonzo.durable import Committer, fsync_dir
 
 from ..maildir.plugin import process_exists
+
+log = logging.getLogger("bonzo.plugins.queue")
 
 __all__ = [
     "Claim",
@@ -383,22 +386,49 @@ class Claim:
         if fd is not None:
             os.close(fd)  # closing the descriptor drops the lock
 
+    def _mark_kind(self, fd: int) -> int:
+        # A message handed over by the process that wrote it is held by the
+        # descriptor it was written with, which may be write-only: the
+        # kernel takes no read lock there (EBADF). A write lock is seen by
+        # the other processes' tests (_locked) and keeps an operator's
+        # removal out (its own write lock) just the same.
+        write_only = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY
+        return fcntl.F_WRLCK if write_only else fcntl.F_RDLCK
+
     def mark_unsaved(self, unsaved: bool) -> None:
         """Mark the claim as held for a state that cannot be saved (or not
-        any more): see :meth:`Spool.unsaved`."""
-        if self._fd is not None:
-            _lock(self._fd, fcntl.F_RDLCK if unsaved else fcntl.F_UNLCK, _UNSAVED_BYTE)
+        any more): see :meth:`Spool.unsaved`. The mark only informs
+        ``bonzo queue``: a fault taking it is logged, never raised (what
+        the runner keeps in memory must not be lost for it)."""
+        fd = self._fd
+        if fd is None:
+            return
+        try:
+            _lock(fd, self._mark_kind(fd) if unsaved else fcntl.F_UNLCK, _UNSAVED_BYTE)
+        except OSError as exc:
+            log.warning(
+                "queue: %s: cannot mark its state unsaved for bonzo queue: %s", self.id, exc
+            )
 
     def saving(self) -> bool:
         """Before a try of the save of a marked claim: take the lock that
         keeps :meth:`Spool.remove_unsaved` out meanwhile (drop it with
         :meth:`saved`). False while an operator's removal holds it."""
-        return self._fd is None or _lock(self._fd, fcntl.F_RDLCK, _SAVING_BYTE)
+        fd = self._fd
+        if fd is None:
+            return True
+        try:
+            return _lock(fd, self._mark_kind(fd), _SAVING_BYTE)
+        except OSError:
+            return True  # unmarked as well (mark_unsaved): no removal can come
 
     def saved(self) -> None:
         """The try of the save is over (:meth:`saving`)."""
         if self._fd is not None:
-            _lock(self._fd, fcntl.F_UNLCK, _SAVING_BYTE)
+            try:
+                _lock(self._fd, fcntl.F_UNLCK, _SAVING_BYTE)
+            except OSError:
+                pass
 
     @property
     def gone(self) -> bool:

@@ -579,9 +579,13 @@ def test_a_message_whose_state_cannot_be_saved_is_named_so_and_can_be_deleted(tm
         # The runner let it go at its next try (the command's poke).
         await until(lambda: "F" not in runner._inflight)
         assert "queue: F deleted by the operator while its delivery state" in text()
-        (spool.state / f".G.{os.getpid()}.tmp").rmdir()
-        (spool.path / "flush").touch()  # as bonzo queue does: not 600 s later
-        await until(lambda: "G: delivery state saved after" in text())
+        (spool.state / f".G.{os.getpid()}.tmp").rmdir()  # space freed
+        # The documented recovery: its flush has the daemon try the save
+        # again at once (not 600 s later) and waits for it, then flushes.
+        flushed = await asyncio.to_thread(cli, spool, tmp_path, "flush", "G")
+        assert flushed.returncode == 0, flushed.stderr
+        assert flushed.stdout == "G: due now\n"
+        assert "G: delivery state saved after" in text()
         await runner.stop(grace=1)
 
     asyncio.run(main())
@@ -592,6 +596,102 @@ def test_a_message_whose_state_cannot_be_saved_is_named_so_and_can_be_deleted(tm
         "queue: F: cannot save the delivery state",
         "queue: G: cannot save the delivery state",
     }
+
+
+class BobOnly(DiscardTransport):
+    """Delivers to bob, defers everyone else."""
+
+    def __init__(self) -> None:
+        self.delivered: list[str] = []
+
+    async def deliver(self, message: Any, recipients: Sequence[Any]) -> list[Outcome]:
+        out = []
+        for r in recipients:
+            if r.address == "bob@example.net":
+                self.delivered.append(r.address)
+                out.append(Outcome("delivered", 250, "2.0.0", "ok", "test"))
+            else:
+                out.append(Outcome.deferred(451, "4.4.1", "Connection refused", "mx.test"))
+        return out
+
+
+@pytest.mark.expect_errors
+def test_a_handed_message_whose_state_cannot_be_saved_keeps_its_outcomes(tmp_path, caplog):
+    # The process that accepted the message hands its claim over with the
+    # descriptor it wrote the file with (write-only): marking it unsaved
+    # took a read lock there, the kernel refused it (EBADF), the attempt
+    # failed with what it had settled, and the next delivered every
+    # recipient again. Marked, the operator sees it, nothing is redone.
+    spool = make_spool(tmp_path)
+    transport = BobOnly()
+    runner = make_runner(tmp_path, spool, transport, min_backoff=600, max_backoff=600)
+    two = env()
+    carol = dict(two["recipients"][0], address="carol@example.net", canonical="carol@example.net")
+    two["recipients"].append(carol)
+
+    def text() -> str:
+        return "\n".join(r.getMessage() for r in caplog.records)
+
+    async def main() -> None:
+        runner.start()
+        handed = spool.write_claimed("H", two, b"", io.BytesIO(BODY))
+        (spool.state / f".H.{os.getpid()}.tmp").mkdir()  # the save fails, as on a full disk
+        runner.kick("H", handed)
+        deadline = time.monotonic() + 20
+        while "H: cannot save the delivery state" not in text():
+            assert time.monotonic() < deadline, text()
+            await asyncio.sleep(0.05)
+        listed = await asyncio.to_thread(cli, spool, tmp_path, "list")
+        assert [x.split()[4] for x in listed.stdout.splitlines() if x.startswith("H  ")] == [
+            "unsaved"
+        ]
+        (spool.state / f".H.{os.getpid()}.tmp").rmdir()
+        (spool.path / "flush").touch()
+        while "H: delivery state saved after" not in text():
+            assert time.monotonic() < deadline, text()
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # scans that would deliver it again
+        await runner.stop(grace=1)
+
+    asyncio.run(main())
+    assert transport.delivered == ["bob@example.net"]  # once
+    assert "attempt at message H failed" not in text()
+    assert [r.status for r in spool.load("H").recipients] == ["delivered", "deferred"]
+
+
+@pytest.mark.expect_errors
+def test_pokes_do_not_push_the_save_back_off_towards_its_maximum(tmp_path, caplog):
+    # Each `bonzo queue` command pokes the runner, which tries the held
+    # save again at once; with the disk still full, each such failure
+    # doubled the wait (five commands: "next try in 40m"). The back-off
+    # grows with the tries its own end starts only.
+    spool = make_spool(tmp_path)
+    write(spool, "F")
+    (spool.state / f".F.{os.getpid()}.tmp").mkdir()
+    runner = make_runner(tmp_path, spool, Deferring(), min_backoff=30, max_backoff=3600)
+
+    def failures() -> list[str]:
+        return [
+            r.getMessage().rsplit("next try in ", 1)[1]
+            for r in caplog.records
+            if "F: cannot save the delivery state" in r.getMessage()
+        ]
+
+    async def main() -> None:
+        runner.start()
+        deadline = time.monotonic() + 20
+        for pokes in range(5):
+            while len(failures()) <= pokes:
+                assert time.monotonic() < deadline, failures()
+                await asyncio.sleep(0.05)
+            (spool.path / "flush").touch()  # what every bonzo queue command does
+        while len(failures()) < 6:
+            assert time.monotonic() < deadline, failures()
+            await asyncio.sleep(0.05)
+        await runner.stop(grace=1)
+
+    asyncio.run(main())
+    assert failures()[:6] == ["30s"] * 6
 
 
 def test_the_operators_changes_are_in_the_daemons_log(tmp_path):
