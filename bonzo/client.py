@@ -1438,7 +1438,11 @@ class ClientConnection:
         line = f"RCPT TO:<{r.address}>"
         if self.supports("DSN"):
             if r.notify is not None:
-                line += f" NOTIFY={r.notify.upper().replace(' ', '')}"
+                # Each keyword once, in the order given: a server that
+                # refuses a repeat (as RFC 3461's list implies) must not
+                # refuse a recipient Bonzo accepted with one.
+                words = r.notify.upper().replace(" ", "").split(",")
+                line += f" NOTIFY={','.join(dict.fromkeys(words))}"
             if r.orcpt is not None:
                 orcpt = r.orcpt
                 if not (orcpt.isascii() or self._utf8_mail):

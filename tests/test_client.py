@@ -947,6 +947,8 @@ def test_dsn_parameters_are_passed_when_offered():
     rcpts = [
         Recipient("b@y.test", notify="SUCCESS,FAILURE", orcpt="rfc822;B@y.test"),
         Recipient.from_params("c@y.test", {"NOTIFY": "NEVER"}),
+        # Accepted from a client with a keyword twice: passed on with it once.
+        Recipient.from_params("d@y.test", {"NOTIFY": "failure,FAILURE,Delay"}),
     ]
 
     async def main() -> DeliveryResult:
@@ -964,10 +966,11 @@ def test_dsn_parameters_are_passed_when_offered():
 
     result = run(main())
     assert result.dsn
-    assert fake.commands[1:4] == [
+    assert fake.commands[1:5] == [
         f"MAIL FROM:<a@x.test> SIZE={len(MESSAGE)} RET=HDRS ENVID=QQ314159",
         "RCPT TO:<b@y.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;B@y.test",
         "RCPT TO:<c@y.test> NOTIFY=NEVER",
+        "RCPT TO:<d@y.test> NOTIFY=FAILURE,DELAY",
     ]
 
 
