@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import errno
 import fcntl
 import json
 import logging
@@ -544,13 +545,15 @@ def _serve_app(app: Any) -> int:
     _raise_descriptor_limit(config.settings.max_connections, _metrics_connections(config))
     main_pid = os.getpid()
     if config.pid_file is not None:
-        problem = _write_pid_file(config.pid_file)
-        if problem is not None and problem.startswith("cannot "):
-            # A file the daemon cannot make or lock: the configuration's
-            # mistake (status 2, which the systemd unit does not restart).
-            raise config.error("server.pid_file", problem)
-        if problem is not None:
-            log.error("server.pid_file: %s", problem)  # another daemon runs: try later
+        try:
+            _write_pid_file(config.pid_file)
+        except _PidFileProblem as exc:
+            if exc.mistake:
+                # A file no daemon can make there: the configuration's
+                # mistake (status 2, which the systemd unit does not restart).
+                raise config.error("server.pid_file", str(exc)) from None
+            # Another daemon runs, or a fault that may pass (a full /run).
+            log.error("server.pid_file: %s", exc)
             return 1
     try:
         sockets = app.bind()
@@ -751,24 +754,45 @@ def _read_pid_file(path: str) -> tuple[int, bool]:
         os.close(fd)
 
 
-def _write_pid_file(path: str) -> str | None:
+#: What makes a pid file impossible to create whatever the moment: the
+#: configuration's mistake (exit status 2). Other faults (a full disk, an
+#: I/O error, no locks left) may pass: a runtime failure (1), restarted.
+_PID_FILE_MISTAKES = frozenset(
+    (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
+     errno.ELOOP, errno.ENAMETOOLONG)
+)  # fmt: skip
+
+
+class _PidFileProblem(Exception):
+    """Why the pid file cannot be taken; ``mistake``: the configuration's."""
+
+    def __init__(self, text: str, mistake: bool = False) -> None:
+        super().__init__(text)
+        self.mistake = mistake
+
+
+def _write_pid_file(path: str) -> None:
     """Write this process's id to ``path`` and hold the file locked until
-    :func:`_remove_pid_file`; the problem, if a running daemon holds it or it
-    cannot be written."""
+    :func:`_remove_pid_file`; :exc:`_PidFileProblem` if a running daemon
+    holds it or it cannot be written (nothing is left behind)."""
     global _pid_lock
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
-        return f"cannot write {path}: {exc.strerror or exc}"
+        raise _PidFileProblem(
+            f"cannot write {path}: {exc.strerror or exc}", exc.errno in _PID_FILE_MISTAKES
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = _pid_in(fd)
         os.close(fd)
-        return f"{path}: pid {holder} is running (is bonzo already running?)"
+        raise _PidFileProblem(
+            f"{path}: pid {holder} is running (is bonzo already running?)"
+        ) from None
     except OSError as exc:
         os.close(fd)
-        return f"cannot lock {path}: {exc.strerror or exc}"
+        raise _PidFileProblem(f"cannot lock {path}: {exc.strerror or exc}") from None
     try:
         old = _pid_in(fd)
         if old > 0 and old != os.getpid():
@@ -778,12 +802,19 @@ def _write_pid_file(path: str) -> str | None:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
     except OSError as exc:
+        # Held by nobody else (the lock is this process's): an empty or
+        # stale file is of no use to anyone.
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
         os.close(fd)
-        return f"cannot write {path}: {exc.strerror or exc}"
+        raise _PidFileProblem(
+            f"cannot write {path}: {exc.strerror or exc}", exc.errno in _PID_FILE_MISTAKES
+        ) from None
     if _pid_lock is not None:
         os.close(_pid_lock)
     _pid_lock = fd
-    return None
 
 
 def _release_pid_lock() -> None:

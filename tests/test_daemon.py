@@ -1996,6 +1996,30 @@ def test_a_pid_file_serve_cannot_make_is_a_configuration_error(workdir, env):
     assert line.startswith("bonzo: ")
 
 
+def test_a_pid_file_fault_that_may_pass_is_no_configuration_error(tmp_path, monkeypatch):
+    """A full /run (ENOSPC writing the pid) is a runtime failure, which the
+    systemd unit restarts (status 1), not the configuration's mistake
+    (status 2, never restarted); the empty file is not left behind."""
+    import errno
+
+    from bonzo import cli
+
+    path = str(tmp_path / "bonzo.pid")
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cli.os, "pwrite", full)
+    with pytest.raises(cli._PidFileProblem) as problem:
+        cli._write_pid_file(path)
+    assert not problem.value.mistake
+    assert str(problem.value) == f"cannot write {path}: No space left on device"
+    assert not os.path.exists(path)
+    with pytest.raises(cli._PidFileProblem) as problem:
+        cli._write_pid_file(str(tmp_path / "missing" / "bonzo.pid"))
+    assert problem.value.mistake
+
+
 def test_pid_file_and_readiness_to_systemd(workdir, env):
     """``[server] pid_file`` holds the main process's id while it runs, and
     a second daemon on the same file is refused; with ``NOTIFY_SOCKET`` set,
