@@ -134,8 +134,28 @@ LISTENER_KEYS = (
 LISTENER_OVERRIDES = tuple(k for k, s in SETTING_SECTIONS.items() if s in ("protocol", "limits"))
 #: A name an ``sni`` entry may have: a host name (ASCII, as clients send
 #: it), or ``*.`` and one.
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"  # "_": clients send it
 _SNI_NAME = re.compile(rf"(?:\*\.)?{_LABEL}(?:\.{_LABEL})*\.?")
+
+
+def _sni_problem(name: str) -> str | None:
+    """Why clients never ask for ``name`` in SNI, or None."""
+    if not _SNI_NAME.fullmatch(name):
+        return (
+            "letters, digits, hyphens, underscores and dots, or *. then those; an "
+            "internationalized name in its xn-- form"
+        )
+    bare = name.rstrip(".")
+    try:
+        ipaddress.ip_address(bare)
+    except ValueError:
+        pass
+    else:
+        return "an IP address, which clients never send as a name (RFC 6066 3)"
+    if len(bare.removeprefix("*.")) > 253:
+        return "longer than a name may be (253 octets)"
+    return None
+
 
 #: Keys of a listener's ``tls`` table, and of each of its ``sni`` entries.
 TLS_KEYS = ("cert", "key", "sni")
@@ -550,14 +570,12 @@ def _listener_settings(
         if not isinstance(sni_table, dict):
             raise ConfigError(source, f"{key}.tls.sni", "must be a table of name = {cert, key}")
         for name in sni_table:
-            if not _SNI_NAME.fullmatch(name):
+            problem = _sni_problem(name)
+            if problem is not None:
                 raise ConfigError(
-                    source,
-                    f"{key}.tls.sni",
-                    f"{name!r} is not a host name a client can ask for (letters, digits, "
-                    "hyphens and dots, or *. then those; an internationalized name in its "
-                    "xn-- form)",
-                )
+                    source, f"{key}.tls.sni", f"{name!r} is not a host name a client can ask for "
+                    f"({problem})",
+                )  # fmt: skip
         sni = {
             name: _pair(pair, source, f"{key}.tls.sni.{name}", base_dir, SNI_KEYS)
             for name, pair in sni_table.items()

@@ -1045,7 +1045,10 @@ def test_setting_values_in_messages_are_spelled_as_in_toml(text, key, shown):
     assert "False" not in str(error(text)) and "True" not in str(error(text))
 
 
-@pytest.mark.parametrize("name", ["a b!", "b\u00fccher.example", "*.", "-x.example", "a..b"])
+@pytest.mark.parametrize(
+    "name",
+    ["a b!", "b\u00fccher.example", "*.", "-x.example", "a..b", "192.0.2.1", ("a" * 60 + ".") * 5],
+)
 def test_an_sni_name_no_client_can_ask_for_is_refused(tmp_path, name):
     import trustme
 
@@ -1056,7 +1059,7 @@ def test_an_sni_name_no_client_can_ask_for_is_refused(tmp_path, name):
     text = (
         '[[listeners]]\naddress = "127.0.0.1"\nport = 2465\n'
         f'tls = {{ cert = "cert.pem", key = "key.pem", sni = {{ "{name}" = {pair}, '
-        f'"*.example.org" = {pair}, "xn--bcher-kva.example" = {pair} }} }}\n'
+        f'"*.example.org" = {pair}, "xn--bcher-kva.example" = {pair}, "mx_2.test" = {pair} }} }}\n'
     )
     problem = error(text, base_dir=tmp_path)
     assert f"listeners[0].tls.sni: {name!r} is not a host name a client can ask for" in str(problem)
