@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import datetime
 import logging
+import os
 import sys
 import time
 from collections import Counter
@@ -125,12 +126,25 @@ def _log_to(config: Config) -> None:
     message an operator deleted, bounced, held, released or flushed. A log
     file this command cannot open (another user's) is no reason to refuse
     the change: it is said, and the lines go to standard error."""
+    path = config.logging.file
+    if path and not os.path.exists(path):
+        # The daemon makes its log file, owned by its user: this command (run
+        # as root, say) must not make it first, as the daemon could not open
+        # it at its next start. The lines go to standard error meanwhile.
+        print(
+            f"bonzo queue: warning: {path} does not exist (the daemon makes it); "
+            "logging to standard error",
+            file=sys.stderr,
+        )
+        config.logging.file = None
     try:
         setup_logging(config)
     except ConfigError as exc:
         print(f"bonzo queue: warning: {exc}; logging to standard error", file=sys.stderr)
         config.logging.file = None
         setup_logging(config)
+    # Not the event loop's own chatter, at debug level, in the daemon's log.
+    logging.getLogger("asyncio").setLevel(max(logging.getLogger().level, logging.INFO))
 
 
 def _plugin(config: Config) -> QueuePlugin:
@@ -414,8 +428,11 @@ def _flush(plugin: QueuePlugin, args: argparse.Namespace) -> int:
 
 
 def _hold(plugin: QueuePlugin, args: argparse.Namespace) -> int:
-    def hold(message: QueuedMessage) -> None:
+    def hold(message: QueuedMessage) -> str | None:
+        if message.held:
+            return "held already"  # nothing changed: nothing saved or logged
         message.held = True
+        return None
 
     _change(plugin, args.id, "held", hold, action="hold")
     return 0
@@ -424,8 +441,11 @@ def _hold(plugin: QueuePlugin, args: argparse.Namespace) -> int:
 def _release(plugin: QueuePlugin, args: argparse.Namespace) -> int:
     assert plugin.spool is not None
 
-    def release(message: QueuedMessage) -> None:
+    def release(message: QueuedMessage) -> str | None:
+        if not message.held:
+            return "not held"  # nothing changed: nothing saved or logged
         message.held = False
+        return None
 
     _change(plugin, args.id, "released", release, action="release")
     _poke(plugin.spool)

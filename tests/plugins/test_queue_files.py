@@ -729,6 +729,30 @@ def test_the_operators_changes_are_in_the_daemons_log(tmp_path):
     ]
 
 
+def test_a_change_that_changes_nothing_is_said_and_not_logged(tmp_path):
+    log = tmp_path / "serve.log"
+    log.write_text("")
+    conf = f'[logging]\nfile = "{log}"\n'
+    spool = make_spool(tmp_path)
+    write(spool, "H")
+    assert cli(spool, tmp_path, "release", "H", logging=conf).stdout == "H: not held\n"
+    assert cli(spool, tmp_path, "hold", "H", logging=conf).stdout == "H: held\n"
+    assert cli(spool, tmp_path, "hold", "H", logging=conf).stdout == "H: held already\n"
+    assert log.read_text().count("by the operator") == 1
+
+
+def test_the_command_never_makes_the_daemons_log_file(tmp_path):
+    # Run as root, it would make it root's: the daemon could not open it.
+    spool = make_spool(tmp_path)
+    write(spool, "D")
+    log = tmp_path / "gone.log"
+    done = cli(spool, tmp_path, "delete", "D", logging=f'[logging]\nfile = "{log}"\n')
+    assert done.returncode == 0 and done.stdout == "D: deleted\n"
+    assert f"warning: {log} does not exist (the daemon makes it)" in done.stderr
+    assert "queue: D deleted by the operator" in done.stderr
+    assert not log.exists()
+
+
 def test_a_log_file_the_command_cannot_open_does_not_stop_a_change(tmp_path):
     spool = make_spool(tmp_path)
     write(spool, "D")
