@@ -1430,9 +1430,7 @@ class SMTPProtocol:
             if _is_bdat(head):
                 return self._bad_bdat_line()
             if self._discarding_auth:
-                self._error(
-                    500, "5.5.6", "Authentication exchange line is too long", limit="max_auth_line"
-                )
+                self._auth_line_too_long()
             else:
                 self._error(
                     500, "5.5.2", "Line too long", "Error: line too long", limit="max_command_line"
@@ -1472,9 +1470,7 @@ class SMTPProtocol:
         end = nl - 1 if nl > pos and buf[nl - 1] == 13 else nl
         if self._discarding_line or end - pos + 2 > limit:
             self._discarding_line = False
-            self._error(
-                500, "5.5.6", "Authentication exchange line is too long", limit="max_auth_line"
-            )
+            self._auth_line_too_long()
             return None
         line = bytes(buf[pos:end]).decode("ascii", "replace").strip(" ")
         if line == "*":
@@ -1489,12 +1485,7 @@ class SMTPProtocol:
             if head == b"AUTH " and self.auth_mechanisms:
                 if length > self.settings.max_auth_line:
                     self.stage, self._arg = "AUTH", ""
-                    self._error(
-                        500,
-                        "5.5.6",
-                        "Authentication exchange line is too long",
-                        limit="max_auth_line",
-                    )
+                    self._auth_line_too_long()
                     return None
             elif length > self._max_mail_line or head not in (b"MAIL ", b"RCPT "):
                 return self._refuse_line(
@@ -2044,6 +2035,9 @@ class SMTPProtocol:
             or (last > first and _has_long_line(block, first + 1, last + 1, limit))
             or self._bdat_line > limit
         )
+
+    def _auth_line_too_long(self) -> None:
+        self._error(500, "5.5.6", "Authentication exchange line is too long", limit="max_auth_line")
 
     def _reject_now(self, error: SMTPError, limit: str | None = None) -> None:
         self._error(error.status_code, error.enhanced_code or "", error.message, limit=limit)
