@@ -81,6 +81,7 @@ __all__ = [
     "parse_domain",
     "AddressError",
     "data_scan_in_c",
+    "SMALL_CHUNK",
 ]
 
 
@@ -402,6 +403,11 @@ def _data_error(rank: int) -> SMTPError:
 
 #: The longest name HELO or EHLO takes (a domain's limit, RFC 5321 4.5.3.1.2).
 _MAX_HELO_NAME = 255
+#: A chunk smaller than this that is not the LAST counts as a junk command:
+#: each BDAT costs the server far more than its few octets cost the client,
+#: so a message in thousands of tiny chunks would pin a core. Clients chunk
+#: by their buffer size (kilobytes); a few small chunks in a message are fine.
+SMALL_CHUNK = 512
 _COMMANDS_HELP = "EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
 
 
@@ -1904,8 +1910,8 @@ class SMTPProtocol:
             # none of it is kept; answered once it has been read.
             error = _data_error(_RANK_SIZE)
             return self._skip_chunk(_AFTER_MESSAGE, error)
-        if not count and not last and not self._junk():
-            return None  # closed: "BDAT 0" over and over does no mail work
+        if count < SMALL_CHUNK and not last and not self._junk():
+            return None  # closed: "BDAT 0" (or 1) over and over does no mail work
         self._bdat_last = last
         self._bdat_chunk = count
         self._bdat_total += count

@@ -100,9 +100,10 @@ class SMTPSettings:
 
     max_junk_commands: int = 100
     """Commands that do no mail work (NOOP, RSET, VRFY, HELP, HELO/EHLO
-    repeated without a new TLS session, and a verb a plugin answers through
-    ``bonzo_unknown_command`` with a ``2xx``/``3xx``) allowed between two
-    accepted messages;
+    repeated without a new TLS session, a BDAT chunk of fewer than
+    :data:`~bonzo.protocol.SMALL_CHUNK` octets that is not LAST, and a verb a
+    plugin answers through ``bonzo_unknown_command`` with a ``2xx``/``3xx``)
+    allowed between two accepted messages;
     one more gets ``421 4.7.0`` and close (Postfix's
     ``smtpd_junk_command_limit``). Without it a client could hold a
     connection slot forever with NOOPs."""

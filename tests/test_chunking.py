@@ -37,7 +37,7 @@ from protocol_helpers import (
 from bonzo.errors import SMTPError
 from bonzo.hooks import PluginSet
 from bonzo.hookspecs import Accept
-from bonzo.protocol import Data, DataChunk, Mail, MessageComplete, Rcpt, Unknown
+from bonzo.protocol import SMALL_CHUNK, Data, DataChunk, Mail, MessageComplete, Rcpt, Unknown
 from bonzo.session import Envelope
 from bonzo.settings import SMTPSettings
 from bonzo.testing import SessionTester
@@ -431,8 +431,32 @@ def test_bdat_0_over_and_over_is_junk():
     assert client.closed
 
 
+def test_tiny_chunks_count_as_junk_commands():
+    # Each BDAT costs the server far more than its few octets cost the
+    # client: a message in thousands of one-octet chunks must not pin a core.
+    client = opened(max_junk_commands=3)
+    replies = client.send(bdat(b"x") * 5)
+    assert split_replies(replies) == [b"250 2.0.0 1 octets received\r\n"] * 3 + [
+        b"421 4.7.0 Too many commands without mail, closing connection\r\n"
+    ]
+    assert client.closed and not client.messages
+
+
+def test_chunks_of_a_client_buffer_size_and_a_few_small_ones_are_fine():
+    # The count starts again with every accepted message, and a chunk of
+    # SMALL_CHUNK octets or more, or the LAST one, is never junk.
+    client = opened(max_junk_commands=3)
+    big = b"y" * SMALL_CHUNK
+    for _ in range(3):
+        message = bdat(b"a") * 3 + bdat(big) * 10 + bdat(b"z", last=True)
+        assert split_replies(client.send(message))[-1] == OK
+        client.send(TXN)
+    assert not client.closed
+    assert client.messages == [b"aaa" + big * 10 + b"z"] * 3
+
+
 def test_replies_to_many_pipelined_chunks_respect_the_backlog():
-    client = opened(max_write_backlog=4096)
+    client = opened(max_write_backlog=4096, max_junk_commands=10_000)
     replies = client.send(bdat(b"x") * 2000 + bdat(b"", last=True))
     assert client.paused > 0
     assert split_replies(replies) == [b"250 2.0.0 1 octets received\r\n"] * 2000 + [OK]
