@@ -327,7 +327,13 @@ class MailApp:
             try:
                 call.function(*[args[i] for i in call.indexes])
             except (ValueError, TypeError, KeyError, ConfigError) as exc:
-                message = exc.message if isinstance(exc, ConfigError) else str(exc)
+                if isinstance(exc, ConfigError):
+                    message = exc.message
+                elif type(exc) is KeyError and len(exc.args) == 1:
+                    # str(KeyError) is just the quoted key.
+                    message = f"missing key {exc.args[0]!r}"
+                else:
+                    message = str(exc)
                 raise config.error(f"plugins.{call.plugin}", message) from None
             except BaseException as exc:
                 # sys.exit() (or a library's BaseException) in a plugin must
@@ -515,15 +521,29 @@ class MailApp:
         """Decision hooks that can never run: an earlier plugin declares (with
         a ``decides_always`` attribute) that it gives a verdict every time."""
         out = []
+        listed = {name: i for i, name in enumerate(self.plugins.names)}
         for hook in DECISION_HOOKS:
             decider = None
+            marks = {
+                impl.plugin_name: "tryfirst" if impl.tryfirst else "trylast" if impl.trylast else ""
+                for impl in getattr(self.plugins.manager.hook, hook).get_hookimpls()
+            }
             for call in self.plugins.calls[hook]:
                 if decider is not None:
-                    out.append(
-                        f"plugins.enabled: {call.plugin!r}'s {hook} never runs: {decider!r} "
-                        f"before it decides every {hook}; list {call.plugin!r} before "
-                        f"{decider!r}"
+                    problem = (
+                        f"plugins.enabled: the {hook} of {call.plugin!r} never runs: "
+                        f"{decider!r} decides every {hook} and runs before it"
                     )
+                    if listed[call.plugin] > listed[decider]:
+                        out.append(f"{problem}; list {call.plugin!r} before {decider!r}")
+                    else:
+                        # Listed in the right order: a mark moved one of them.
+                        moved = ", ".join(
+                            f"{marks[name]} on {name!r}"
+                            for name in (call.plugin, decider)
+                            if marks.get(name)
+                        )
+                        out.append(f"{problem} ({moved}); remove the mark")
                     continue
                 always = getattr(self.plugins.get(call.plugin), "decides_always", ())
                 if isinstance(always, (tuple, list, set, frozenset)) and hook in always:

@@ -532,7 +532,7 @@ class Dispatcher:
             envelope = self.envelope
             assert envelope is not None
             _mark(envelope, answer)
-            envelope.prepend_raw(received_header(self.session, envelope, self.settings.hostname))
+            envelope.add_trace(received_header(self.session, envelope, self.settings.hostname))
             core.accept(_text(answer))
         elif kind is MessageComplete:
             return self._accepted(answer)

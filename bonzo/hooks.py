@@ -22,6 +22,7 @@ import inspect
 import signal
 import sys
 import threading
+import time
 import types
 import weakref
 from collections import deque
@@ -177,7 +178,10 @@ class PluginSet:
                 )
             if hook_name in _SYNC_ONLY and inspect.iscoroutinefunction(impl.function):
                 self.manager.unregister(name=name)
-                raise PluginError(f"plugin {name!r}: {hook_name} must not be async ({hook})")
+                # The function's own name, where it differs (a hookimpl
+                # with specname=...), helps to find it.
+                where = f" ({hook})" if hook != hook_name else ""
+                raise PluginError(f"plugin {name!r}: {hook_name} must not be async{where}")
             kind = _generator_kind(impl.function)
             if kind is not None:
                 # A leftover `yield` (pluggy's wrapper idiom is a generator):
@@ -317,6 +321,7 @@ class PluginSet:
             # Changes the plugin makes to the message are recorded as its own.
             token = current_plugin.set(call.plugin)
             try:
+                started = _clock()
                 result = call.function(*[args[i] for i in call.indexes])
                 if (
                     result is not None
@@ -324,6 +329,8 @@ class PluginSet:
                     and inspect.isawaitable(result)
                 ):
                     result = await _bounded(call, hook, result)
+                elif _clock() - started > call.timeout:
+                    _warn_blocked(call, hook, _clock() - started)
             except errors.SMTPError as exc:
                 raise _refusal(call, hook, exc) from None
             except BaseException as exc:
@@ -357,11 +364,14 @@ class PluginSet:
         for call in self.calls[hook] if calls is None else calls:
             token = current_plugin.set(call.plugin)
             try:
+                started = _clock()
                 result = call.function(*[args[i] for i in call.indexes])
-                if result is not None:
-                    if inspect.isawaitable(result):
-                        await _bounded(call, hook, result)
-                    elif isinstance(result, _GENERATORS):
+                if result is not None and inspect.isawaitable(result):
+                    await _bounded(call, hook, result)
+                else:
+                    if _clock() - started > call.timeout:
+                        _warn_blocked(call, hook, _clock() - started)
+                    if isinstance(result, _GENERATORS):
                         raise TypeError(_GENERATOR_RESULT)
             except BaseException as exc:
                 if passes_through(exc):
@@ -371,6 +381,16 @@ class PluginSet:
                 log_plugin_failure(session, hook, call.plugin, exc)
             finally:
                 current_plugin.reset(token)
+
+
+_clock = time.monotonic
+
+
+def _warn_blocked(call: HookCall, hook: str, seconds: float) -> None:
+    """A plain function ran past its plugin's time limit: it cannot be
+    stopped, and its result stands (plain functions are not bounded), but
+    it held up every session of its process: say so."""
+    app_log.warning("plugin %r (%s) %s", call.plugin, hook, _blocked(call, seconds))
 
 
 # A generator returned by a hook its registration could not tell was one (a
@@ -474,6 +494,15 @@ def _refusal(call: HookCall, hook: str, exc: errors.SMTPError) -> Exception:
 def _verdict(call: HookCall, hook: str, result: Any) -> Any:
     """Check a non-None return value of a decision hook."""
     kind = type(result)
+    if hook == "bonzo_route":
+        # A route's name, nothing else: an Accept would be taken for one.
+        if kind is str:
+            return result
+        raise PluginFailure(
+            call.plugin,
+            hook,
+            TypeError(f"returned {kind.__name__}; expected a route name (str) or None"),
+        )
     if kind is Accept:
         return result
     if hook == "bonzo_auth":
@@ -588,6 +617,15 @@ def _no_answer(call: HookCall, abandoned: bool = False) -> str:
     return text
 
 
+def _blocked(call: HookCall, seconds: float) -> str:
+    """The message of a hook call that ran past its time limit without
+    giving the event loop a turn."""
+    return (
+        f"blocked the event loop for {seconds:.1f}s, past its time limit of {call.timeout}s "
+        "(blocking work belongs in a thread: asyncio.to_thread)"
+    )
+
+
 #: How long a cancelled hook call (its time limit over, or its session
 #: stopped) may take to end before it is abandoned: time enough to close a
 #: connection, not to wait for an answer.
@@ -665,6 +703,11 @@ def _bounded(call: HookCall, hook: str, awaitable: Awaitable[Any]) -> Generator[
     try:
         signal = steps.send(None)
     except StopIteration as done:
+        if loop.time() - start > call.timeout:
+            # It never waited: it blocked the loop (and every session of the
+            # process) past its limit, which no timer could stop. Fail as a
+            # call that waited that long would have.
+            raise HookTimeout(_blocked(call, loop.time() - start)) from None
         return done.value
     task = asyncio.current_task(loop)
     if task is None:  # as asyncio.timeout(): the limit cancels a task

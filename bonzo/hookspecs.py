@@ -451,7 +451,9 @@ def bonzo_route(message: Any, recipient: Any) -> Any:
     by the ``queue`` plugin before each attempt). Return the name of a
     transport of ``[plugins.queue.transports]`` to use it, or ``None`` for
     the route table (``[plugins.queue.routes]``). A name that is not
-    configured is logged and the route table is used.
+    configured is logged and the route table is used; any other result
+    (an :class:`Accept` too) is a plugin fault, logged, and the route table
+    is used.
 
     :arg message: the :class:`bonzo_plugins.queue.spool.QueuedMessage`.
     :arg recipient: the :class:`bonzo_plugins.queue.spool.Recipient`

@@ -1063,9 +1063,22 @@ class Envelope:
         self._record("add_header", name)
 
     def prepend_raw(self, header: str | bytes) -> None:
-        """Add an already formatted header block (ending in CRLF)."""
+        """Add an already formatted header block (ending in CRLF), after the
+        trace header and the headers added before it."""
         raw = header.encode("utf-8") if isinstance(header, str) else header
         self._headers.append(raw)
+        self._message = None
+
+    def add_trace(self, header: str | bytes) -> None:
+        """Put an already formatted trace header block (``Received:``,
+        ending in CRLF) at the very top of the message, above the headers
+        plugins added before it (RFC 5321 4.4: a relay adds its trace in
+        front of what it received). Bonzo adds its own when DATA or the
+        first BDAT is accepted."""
+        raw = header.encode("utf-8") if isinstance(header, str) else header
+        # Pending edits count positions from the top: apply them first.
+        self._apply_changes()
+        self._headers.insert(0, raw)
         self._message = None
 
     # ---------------------------------------------------------- content out
@@ -1089,7 +1102,11 @@ class Envelope:
 
     @property
     def body(self) -> bytes:
-        """The content as the client sent it (unstuffed), without added headers."""
+        """The client's content (unstuffed), without the added headers, as
+        earlier plugins left it: their changes to its header fields
+        (:meth:`change_header`, :meth:`remove_header`, ...) and a body from
+        :meth:`replace_body` are in it. To keep the content as it arrived,
+        copy it in a plugin that runs first."""
         self._apply_changes()
         if self._spool is None:
             return b""
@@ -1104,7 +1121,8 @@ class Envelope:
         return self.header_bytes + self.body
 
     def open_body(self) -> IO[bytes]:
-        """Return the content file positioned at the start (do not close it)."""
+        """Return the content file (:attr:`body`, with earlier plugins'
+        changes) positioned at the start (do not close it)."""
         self._apply_changes()
         if self._spool is None:
             return io.BytesIO()

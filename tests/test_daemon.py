@@ -1815,8 +1815,8 @@ def test_check_warns_that_the_queue_after_maildir_never_delivers(workdir, env):
         f'\n[plugins.queue]\npath = "{workdir / "queue"}"\n'
     )
     warning = (
-        "  warning: plugins.enabled: 'queue''s bonzo_deliver never runs: 'maildir' before it "
-        "decides every bonzo_deliver; list 'queue' before 'maildir'"
+        "  warning: plugins.enabled: the bonzo_deliver of 'queue' never runs: 'maildir' "
+        "decides every bonzo_deliver and runs before it; list 'queue' before 'maildir'"
     )
     for i, enabled in enumerate(
         (["recipients", "maildir", "queue"], ["recipients", "queue", "maildir"])
@@ -1886,8 +1886,8 @@ action = "deny"
     result = bonzo("check", "-c", str(config), env=env, cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert (
-        "warning: plugins.enabled: 'access''s bonzo_rcpt never runs: 'recipients' before it "
-        "decides every bonzo_rcpt; list 'access' before 'recipients'"
+        "warning: plugins.enabled: the bonzo_rcpt of 'access' never runs: 'recipients' "
+        "decides every bonzo_rcpt and runs before it; list 'access' before 'recipients'"
     ) in result.stdout
     config.write_text(
         config.read_text().replace('["recipients", "access",', '["access", "recipients",')

@@ -1148,6 +1148,38 @@ def test_a_hook_out_of_time_names_the_plugin_s_backend(log_watch):
     )
 
 
+def test_an_async_hook_that_blocks_past_its_limit_fails_and_a_plain_one_is_named(log_watch):
+    # Neither can be stopped while it blocks the loop. The async one is
+    # bounded: it fails as if it had waited that long; a plain function is
+    # not bounded, its verdict stands, but the block is logged.
+    class BlockingAsync:
+        async def bonzo_mail(self, address):
+            time.sleep(0.3)
+            return Accept()
+
+    class BlockingPlain:
+        def bonzo_rcpt(self, address):
+            time.sleep(0.3)
+            return Accept()
+
+    ps = plugin_set(("blocking", BlockingAsync(), 0.1), timeout=5.0)
+    replies = converse(ps, EHLO, b"MAIL FROM:<a@example.org>\r\n")
+    assert replies[-1].endswith(b"451 4.3.0 Internal confusion\r\n")
+    log_watch.allow(re.escape("in plugin 'blocking' (bonzo_mail)"))
+    [record] = log_watch.matching(re.escape("in plugin 'blocking' (bonzo_mail)"))
+    assert re.search(
+        r": blocked the event loop for 0\.\ds, past its time limit of 0\.1s \(blocking work "
+        r"belongs in a thread: asyncio.to_thread\)$",
+        record.getMessage(),
+    ), record.getMessage()
+
+    ps = plugin_set(("plain", BlockingPlain(), 0.1), timeout=5.0)
+    replies = converse(ps, EHLO, b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n")
+    assert replies[-1].endswith(b"250 2.1.5 Ok\r\n")
+    [record] = log_watch.matching(re.escape("plugin 'plain' (bonzo_rcpt) blocked the event loop"))
+    assert record.levelno == logging.WARNING
+
+
 def test_a_timeout_error_the_plugin_raises_is_its_own(log_watch):
     # Only the plugin's time limit running out reads "no answer within";
     # the plugin's own TimeoutError (its LDAP server's, say) keeps its text.
@@ -1988,8 +2020,24 @@ def test_configure_must_be_sync_names_the_plugin(plugin_module):
             pass
 
     plugin_module.AsyncConfigure = AsyncConfigure
-    with pytest.raises(ConfigError, match="AsyncConfigure.*bonzo_configure must not be async"):
+    with pytest.raises(
+        ConfigError, match="AsyncConfigure.*bonzo_configure must not be async"
+    ) as info:
         MailApp(parse_config(app_config("AsyncConfigure")))
+    assert str(info.value).endswith("bonzo_configure must not be async")  # said once
+
+
+def test_a_missing_key_in_configure_is_named_so(plugin_module):
+    class NeedsThreshold:
+        def bonzo_configure(self, config):
+            self.threshold = config["threshold"]
+
+    plugin_module.NeedsThreshold = NeedsThreshold
+    with pytest.raises(ConfigError) as info:
+        MailApp(parse_config(app_config("NeedsThreshold"), source="t.toml"))
+    assert str(info.value).endswith(
+        "plugins.bonzo_hooktest_plugins:NeedsThreshold: missing key 'threshold'"
+    ), str(info.value)
 
 
 def test_startup_and_shutdown_run_in_order_around_serving(plugin_module, log_watch, serve):
@@ -2317,3 +2365,56 @@ def test_a_refusal_after_the_data_is_logged_with_the_message_id(serve):
     assert message[2] == seen["id"] and message[1] is not None
     [later] = [line for line in lines if "RCPT refused by core" in line[0]]
     assert later[2] != seen["id"]  # the next transaction's lines are its own
+
+
+LATE_PLUGIN = """
+from bonzo import errors, hookimpl
+
+
+class Late:
+    @hookimpl(trylast=True)
+    def bonzo_rcpt(self, mailbox):
+        raise errors.PermanentError(550, "blocked", "5.7.1")
+
+
+class Early:
+    decides_always = ("bonzo_rcpt",)
+
+    @hookimpl(tryfirst=True)
+    def bonzo_rcpt(self, mailbox):
+        return None
+"""
+
+
+@pytest.mark.parametrize(
+    "enabled, warning",
+    [
+        (
+            ["recipients", "late:Late"],
+            "the bonzo_rcpt of 'late:Late' never runs: 'recipients' decides every bonzo_rcpt "
+            "and runs before it; list 'late:Late' before 'recipients'",
+        ),
+        (
+            # Listed first, but its mark moves it after the plugin that decides.
+            ["late:Late", "recipients"],
+            "the bonzo_rcpt of 'late:Late' never runs: 'recipients' decides every bonzo_rcpt "
+            "and runs before it (trylast on 'late:Late'); remove the mark",
+        ),
+        (
+            ["access", "late:Early"],
+            "the bonzo_rcpt of 'access' never runs: 'late:Early' decides every bonzo_rcpt "
+            "and runs before it (tryfirst on 'late:Early'); remove the mark",
+        ),
+    ],
+)
+def test_the_warning_about_a_hook_that_never_runs_names_the_cause(tmp_path, enabled, warning):
+    (tmp_path / "late.py").write_text(LATE_PLUGIN)
+    names = ", ".join(f'"{name}"' for name in enabled)
+    config = parse_config(
+        f'[plugins]\nenabled = [{names}]\npaths = ["{tmp_path}"]\n'
+        '[plugins.recipients]\ndomains = ["example.org"]\n',
+        source="t.toml",
+        base_dir=tmp_path,
+    )
+    app = MailApp(config)
+    assert f"plugins.enabled: {warning}" in app.warnings()

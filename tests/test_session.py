@@ -102,6 +102,49 @@ def test_received_header_lines(rcpts, params, named):
         assert " for " not in value and "Jan 2001" not in value and "\u202e" not in value
 
 
+class _EarlyHeaders:
+    def bonzo_mail(self, envelope):
+        envelope.add_header("X-At-Mail", "1")
+
+    def bonzo_rcpt(self, envelope):
+        envelope.insert_header(0, "X-At-Rcpt", "1")
+
+    def bonzo_data(self, envelope):
+        envelope.add_header("X-At-Data", "1")
+
+    def bonzo_message(self, envelope):
+        envelope.add_header("X-At-Message", "1")
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_the_trace_header_goes_above_headers_added_before_the_content(chunked):
+    # RFC 5321 4.4: the trace header is the first line of what is passed on,
+    # whenever a plugin added its headers.
+    with PluginTestServer(("early", _EarlyHeaders())) as server:
+        with server.client() as client:
+            client.ehlo()
+            client.mail("a@example.org")
+            client.rcpt("b@example.com")
+            content = b"Subject: x\r\n\r\nhi\r\n"
+            if chunked:
+                client.send(b"BDAT %d LAST\r\n" % len(content) + content)
+                reply = client.getreply()
+            else:
+                reply = client.data(content)
+            assert reply[0] == 250
+    names = [
+        line.split(b":")[0] for line in server.messages[0].split(b"\r\n") if line[:1] not in b" \t"
+    ]
+    assert names[:6] == [
+        b"Received",
+        b"X-At-Rcpt",
+        b"X-At-Mail",
+        b"X-At-Data",
+        b"X-At-Message",
+        b"Subject",
+    ]
+
+
 # -------------------------------------------------- plugin exception objects
 SHARED = errors.PermanentError("Not here", 554, "5.7.1")
 

@@ -295,8 +295,8 @@ class QueuePlugin:
                 "auth": session.auth,
             },
             "records": {
-                "session": _jsonable(session.stash),
-                "envelope": _jsonable(envelope.stash),
+                "session": _jsonable(session.stash, "session"),
+                "envelope": _jsonable(envelope.stash, "envelope"),
             },
         }
         if transport is not None:
@@ -426,13 +426,29 @@ class _Delivered(QueuedMessage):
         return io.BytesIO(self.head)
 
 
-def _jsonable(stash: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries of a plugin ``stash`` that can be kept in the queue."""
+#: The stash keys already warned about (once each per process: a plugin
+#: that stores a set on every message would otherwise fill the log).
+_DROPPED: set[str] = set()
+
+
+def _jsonable(stash: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The entries of a plugin ``stash`` that can be kept in the queue (JSON
+    values); each other key is named in a warning, once."""
     out = {}
     for key, value in stash.items():
         try:
             json.dumps(value)
         except (TypeError, ValueError):
+            name = f"{where}.stash[{str(key)[:100]!r}]"
+            if name not in _DROPPED and len(_DROPPED) < 1000:
+                _DROPPED.add(name)
+                log.warning(
+                    "queue: %s (%s) is not a JSON value: left out of the queue file, "
+                    "so bonzo_route, bonzo_bounce and the observers will not see it "
+                    "(warned once)",
+                    name,
+                    type(value).__name__,
+                )
             continue
         out[str(key)] = value
     return out

@@ -555,7 +555,7 @@ def test_with_check_rcpt_a_plugin_after_forward_is_reported(tmp_path):
     )
     warnings = MailApp(parse_config(text, source="bonzo.toml", base_dir=tmp_path)).warnings()
     assert any(
-        "'recipients''s bonzo_rcpt never runs: 'forward' before it decides every bonzo_rcpt" in w
+        "the bonzo_rcpt of 'recipients' never runs: 'forward' decides every bonzo_rcpt" in w
         for w in warnings
     ), warnings
 

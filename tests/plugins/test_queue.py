@@ -905,6 +905,31 @@ def test_hooks_choose_routes_take_over_reports_and_observe(tmp_path):
     assert reports(spool) == []  # the plugin took the report over
 
 
+@pytest.mark.expect_errors
+@pytest.mark.parametrize("result", [Accept("special"), 42])
+def test_a_route_that_is_no_name_is_a_plugin_fault(tmp_path, caplog, result):
+    # An Accept was taken for a route name; the error said Accept was allowed.
+    class Policy:
+        @hookimpl
+        def bonzo_route(self, recipient):
+            return result
+
+    plugins = PluginSet()
+    plugins.register(Policy(), "policy")
+    default = Scripted({"vip@example.net": [OK]})
+    spool, runner, clock = make_runner(tmp_path, default, plugins)
+    runner.routes.named["special"] = Scripted({})
+    queued(spool, "R1", envelope("alice@example.org", "vip@example.net"))
+    asyncio.run(runner.attempt("R1"))
+    assert default.calls == [["vip@example.net"]]  # the route table
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(
+        f"returned {type(result).__name__}; expected a route name (str) or None" in m
+        for m in messages
+    ), messages
+    assert not any("not configured" in m for m in messages)
+
+
 def test_a_stalled_destination_does_not_hold_the_slots_others_need(tmp_path):
     # per_destination deliveries hang at slow.test; the rest of the slots
     # stay free for other destinations, and the messages waiting for
@@ -2126,3 +2151,16 @@ def test_the_queue_command_says_when_a_message_it_waited_for_has_left(tmp_path):
         _claim(spool, "L1", 0.1)
     assert str(raised.value) == "L1: it left the queue meanwhile (delivered or bounced)"
     held.release()
+
+
+def test_stash_entries_json_cannot_hold_are_left_out_and_named_once(caplog):
+    from bonzo_plugins.queue import plugin as queue_plugin
+
+    stash = {"score": 4.5, "tags": ["a"], "seen": {1, 2}, "when": object()}
+    with caplog.at_level(logging.WARNING, logger="bonzo.plugins.queue"):
+        assert queue_plugin._jsonable(stash, "envelope") == {"score": 4.5, "tags": ["a"]}
+        assert queue_plugin._jsonable(stash, "envelope") == {"score": 4.5, "tags": ["a"]}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings  # one per key, not one per message
+    assert "envelope.stash['seen'] (set) is not a JSON value" in warnings[0]
+    assert "envelope.stash['when'] (object)" in warnings[1]
