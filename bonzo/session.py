@@ -146,23 +146,6 @@ def _field_key(block: bytes) -> bytes:
     return (_field_name(block) or b"").lower()
 
 
-def _field_follows(src: IO[bytes]) -> bool:
-    """True if a line that reads as a header field (no white space first, a
-    colon in it) comes in ``src`` before the first blank line or the end.
-    Reads line by line: memory stays bounded for any message."""
-    line_start = True
-    wsp = False
-    while piece := src.readline(65536):
-        if line_start:
-            if piece in (b"\r\n", b"\n"):
-                return False
-            wsp = piece[:1] in _WSP
-        if not wsp and b":" in piece:
-            return True
-        line_start = piece[-1:] == b"\n"
-    return False
-
-
 def _octets(text: str) -> bytes:
     """``text`` as UTF-8, with octets :meth:`Envelope.headers` escaped (an
     undecodable octet read as a lone surrogate) written back as they were."""
@@ -562,7 +545,6 @@ class Envelope:
     # per message for the many that nobody parses). The content (spool and
     # size) found to need no blank line inserted, and whether the section
     # is over MAX_HEADER_SECTION.
-    _unambiguous: tuple[_Spool, int] | None = None
     _oversized = False
 
     def __init__(
@@ -873,12 +855,10 @@ class Envelope:
         may end inside its last header line.
 
         The section ends at the first line that is not a header field (a
-        folded line with no field before it is none either). If a line that
-        reads as a field follows it before the first blank line, a reader
-        that reads to the blank line (an IMAP server, Sieve) would take
-        that line for a header, though Bonzo's methods took it for body: a
-        blank line is inserted, as Postfix's cleanup does, so that every
-        reader splits the message here. Raises
+        folded line with no field before it is none either). If that line
+        is not the blank line, one is inserted before it, as Postfix's
+        cleanup does, so that every reader (an IMAP server, Sieve, a DKIM
+        verifier) splits the message where Bonzo's methods did. Raises
         :class:`HeaderSectionTooLarge` past :data:`MAX_HEADER_SECTION`."""
         assert self._spool is not None
         if self._oversized:
@@ -918,14 +898,14 @@ class Envelope:
             elif b":" in line:
                 blocks.append(line)
                 continue
-            # Not a header: the body starts here (no blank line was sent).
+            # Not a header: the body starts here, and no blank line was sent.
+            # Readers that read on to the blank line (an IMAP server, Sieve)
+            # or refuse a section without one (a DKIM verifier) would split
+            # the message elsewhere than Bonzo's methods and its signer did:
+            # the blank line goes in, as Postfix's cleanup puts it.
             start = total - len(line)
-            if self._unambiguous != (self._spool, self._size) and _field_follows(src):
-                self._insert_blank_line(start)
-                return blocks, b"\r\n", start + 2
-            # Checked once for this content, however often it is parsed.
-            self._unambiguous = (self._spool, self._size)
-            return blocks, b"", start
+            self._insert_blank_line(start)
+            return blocks, b"\r\n", start + 2
 
     def _insert_blank_line(self, at: int) -> None:
         """Make the content's octet ``at`` the start of the body, after a
@@ -935,8 +915,8 @@ class Envelope:
         src.seek(0)
         self._rewrite([src.read(at), b"\r\n"], at)  # (at is within the header section)
         gen_log.info(
-            "message %s: the header section ends at a line that is not a header field, "
-            "with fields after it: a blank line was inserted before that line",
+            "message %s: the header section ends at a line that is not a header field "
+            "and no blank line: a blank line was inserted before that line",
             self.id,
         )
 

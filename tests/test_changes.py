@@ -168,7 +168,10 @@ def test_a_message_without_a_header_section_or_blank_line():
     env = envelope(b"no header here\r\n")
     env.add_header("X-A", "1")
     env.insert_header(5, "X-B", "2")  # past the end: after the last header
-    assert env.content == b"Received: from c by s; now\r\nX-A: 1\r\nX-B: 2\r\nno header here\r\n"
+    # The blank line goes in: the content is all body.
+    assert (
+        env.content == b"Received: from c by s; now\r\nX-A: 1\r\nX-B: 2\r\n\r\nno header here\r\n"
+    )
     only = envelope(b"Subject: s\r\n")
     only.replace_body(b"b\r\n")
     assert only.body == b"Subject: s\r\n\r\nb\r\n"
@@ -256,15 +259,40 @@ def test_every_reader_ends_the_header_section_where_bonzo_does(sent, threshold):
 
 @pytest.mark.parametrize("threshold", [1 << 20, 0])
 @pytest.mark.parametrize(
-    "sent",
+    "sent, cut",
     [
-        b"Subject: s\r\nno field follows\r\nbefore the blank line\r\n\r\nX-Spam: body\r\n",
-        b"Subject: s\r\nno field follows\r\n\tfolded: not a field\r\n",
-        b"no header here\r\n",
-        b"Subject: s\r\n\r\nX-Spam: body\r\n",
+        (b"Subject: s\r\nno field follows\r\nbefore the blank line\r\n\r\nX-Spam: body\r\n", 12),
+        (b"Subject: s\r\nno field follows\r\n\tfolded: not a field\r\n", 12),
+        (b"Subject: s\nthe body, sent by a script\nsecond line\n", 11),
+        (b"no header here\r\n", 0),
     ],
 )
-def test_a_message_that_readers_split_alike_is_kept_as_sent(sent, threshold):
+def test_a_section_without_its_blank_line_gets_one(sent, cut, threshold):
+    # Even with no field after it: a DKIM verifier refuses a section that
+    # ends without a blank line, so a signature made on Bonzo's split would
+    # not verify elsewhere (and an IMAP server would show those lines as
+    # headers).
+    env = envelope(sent, threshold)
+    env.headers()
+    env.remove_header("X-Spam")
+    parsed = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(env.content)
+    assert parsed.defects == []
+    assert env.body == sent[:cut] + b"\r\n" + sent[cut:]
+    env.message  # noqa: B018
+    assert env.body == sent[:cut] + b"\r\n" + sent[cut:]  # once
+
+
+@pytest.mark.parametrize("threshold", [1 << 20, 0])
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"Subject: s\r\n\r\nX-Spam: body\r\n",
+        b"Subject: s\r\n\r\n",
+        b"Subject: s\r\n",
+        b"Subject: s",  # BDAT: may end inside its last header line
+    ],
+)
+def test_a_message_with_its_blank_line_is_kept_as_sent(sent, threshold):
     env = envelope(sent, threshold)
     env.headers()
     env.remove_header("X-Spam")

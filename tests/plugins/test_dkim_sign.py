@@ -366,6 +366,17 @@ def test_canonicalizations(keys, canonicalization):
     assert verify(content, dns_for(("s1", "example.org", keys["rsa"])))
 
 
+@pytest.mark.parametrize("canonicalization", ["relaxed/relaxed", "simple/simple"])
+def test_a_message_without_the_blank_line_after_its_header_verifies(keys, canonicalization):
+    # A script's "Subject: ...\nbody": signed on Bonzo's split, it must be
+    # delivered with that split, or no other verifier can check it.
+    plugin = configured(domains=one(keys), canonicalization=canonicalization)
+    sent = b"From: a@example.org\nTo: bob@example.com\nSubject: no blank line\nHello.\nSecond.\n"
+    content = sign(plugin, sent)
+    assert content.endswith(b"Subject: no blank line\n\r\nHello.\nSecond.\n")
+    assert verify(content, dns_for(("s1", "example.org", keys["rsa"])))
+
+
 def test_identity_and_expiry(keys):
     plugin = configured(domains=one(keys, identity="alice@mail.example.org"), expire=86400)
     content = sign(plugin)

@@ -300,14 +300,26 @@ def test_every_reader_sees_the_headers_that_were_removed_gone(tmp_path: Path, sp
         assert b"\r\n\r\n" in message and message.endswith(b"\r\n\r\nbody\r\n")
 
 
-def test_a_message_that_every_reader_splits_alike_is_stored_as_sent(tmp_path: Path):
+@pytest.mark.parametrize(
+    "sent, stored",
+    [
+        (
+            b"Subject: s\r\n\r\nnot a field\r\nX-Spam-Flag: in the body\r\n",
+            b"Subject: s\r\n\r\nnot a field\r\nX-Spam-Flag: in the body\r\n",
+        ),
+        (  # no blank line: it goes in where Bonzo's methods ended the section
+            b"Subject: s\r\nnot a field\r\nnor this\r\n\r\nX-Spam-Flag: in the body\r\n",
+            b"Subject: s\r\n\r\nnot a field\r\nnor this\r\n\r\nX-Spam-Flag: in the body\r\n",
+        ),
+    ],
+)
+def test_a_message_is_stored_as_sent_but_for_a_missing_blank_line(tmp_path: Path, sent, stored):
     recipients = RecipientsPlugin()
     recipients.bonzo_configure(config={"domains": ["example.com"]}, app=None)
     maildir = MaildirPlugin()
     maildir.bonzo_configure(config={"path": str(tmp_path / "Maildir")}, app=None)
     plugins = (("recipients", recipients), *remover_and_authres(), ("maildir", maildir))
-    sent = b"Subject: s\r\nnot a field\r\nnor this\r\n\r\nX-Spam-Flag: in the body\r\n"
     with serve(*plugins) as server, server.client() as client:
         assert client.sendmail("a@example.org", ["alice@example.com"], sent) == {}
     (path,) = (tmp_path / "Maildir" / "new").iterdir()
-    assert path.read_bytes().endswith(b"Authentication-Results: mx.test; none\r\n" + sent)
+    assert path.read_bytes().endswith(b"Authentication-Results: mx.test; none\r\n" + stored)
