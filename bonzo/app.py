@@ -521,7 +521,6 @@ class MailApp:
         """Decision hooks that can never run: an earlier plugin declares (with
         a ``decides_always`` attribute) that it gives a verdict every time."""
         out = []
-        listed = {name: i for i, name in enumerate(self.plugins.names)}
         for hook in DECISION_HOOKS:
             decider = None
             marks = {
@@ -534,16 +533,17 @@ class MailApp:
                         f"plugins.enabled: the {hook} of {call.plugin!r} never runs: "
                         f"{decider!r} decides every {hook} and runs before it"
                     )
-                    if listed[call.plugin] > listed[decider]:
-                        out.append(f"{problem}; list {call.plugin!r} before {decider!r}")
+                    # A trylast here or a tryfirst there keeps the order
+                    # whatever the list says: only removing it helps.
+                    moved = [
+                        f"{mark} on {name!r}"
+                        for name, mark in ((call.plugin, "trylast"), (decider, "tryfirst"))
+                        if marks.get(name) == mark
+                    ]
+                    if moved:
+                        out.append(f"{problem} ({', '.join(moved)}); remove the mark")
                     else:
-                        # Listed in the right order: a mark moved one of them.
-                        moved = ", ".join(
-                            f"{marks[name]} on {name!r}"
-                            for name in (call.plugin, decider)
-                            if marks.get(name)
-                        )
-                        out.append(f"{problem} ({moved}); remove the mark")
+                        out.append(f"{problem}; list {call.plugin!r} before {decider!r}")
                     continue
                 always = getattr(self.plugins.get(call.plugin), "decides_always", ())
                 if isinstance(always, (tuple, list, set, frozenset)) and hook in always:

@@ -387,9 +387,10 @@ _clock = time.monotonic
 
 
 def _warn_blocked(call: HookCall, hook: str, seconds: float) -> None:
-    """A plain function ran past its plugin's time limit: it cannot be
-    stopped, and its result stands (plain functions are not bounded), but
-    it held up every session of its process: say so."""
+    """A call ran past its plugin's time limit without giving the event
+    loop a turn (a plain function, or a coroutine that never waited): no
+    timer could stop it, and its result stands (what it did, a delivery
+    say, is done), but it held up every session of its process: say so."""
     app_log.warning("plugin %r (%s) %s", call.plugin, hook, _blocked(call, seconds))
 
 
@@ -705,9 +706,9 @@ def _bounded(call: HookCall, hook: str, awaitable: Awaitable[Any]) -> Generator[
     except StopIteration as done:
         if loop.time() - start > call.timeout:
             # It never waited: it blocked the loop (and every session of the
-            # process) past its limit, which no timer could stop. Fail as a
-            # call that waited that long would have.
-            raise HookTimeout(_blocked(call, loop.time() - start)) from None
+            # process) past its limit, which no timer could stop. Its result
+            # stands (a delivery may have been made), but say so.
+            _warn_blocked(call, hook, loop.time() - start)
         return done.value
     task = asyncio.current_task(loop)
     if task is None:  # as asyncio.timeout(): the limit cancels a task

@@ -541,10 +541,9 @@ class Envelope:
     :attr:`rcpt_tos` alone leaves :attr:`recipients` without them).
     """
 
-    # Set only once the header section is parsed (class defaults: nothing
-    # per message for the many that nobody parses). The content (spool and
-    # size) found to need no blank line inserted, and whether the section
-    # is over MAX_HEADER_SECTION.
+    # Set only once the header section is parsed (class default: nothing
+    # per message for the many that nobody parses): whether the section is
+    # over MAX_HEADER_SECTION.
     _oversized = False
 
     def __init__(
@@ -752,8 +751,9 @@ class Envelope:
 
     def insert_header(self, index: int, name: str, value: str) -> None:
         """Insert ``name: value`` at position ``index`` of the header section
-        (0: the very top, above the trace header; a position past the end:
-        after the last header)."""
+        (0: the very top, above the trace header once there is one -- before
+        ``DATA`` is accepted, the trace header Bonzo adds then goes above
+        it; a position past the end: after the last header)."""
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             raise ValueError(f"bad header position {index!r}")
         raw = _format_header(name, value, "SMTPUTF8" in self.mail_params)
@@ -817,9 +817,9 @@ class Envelope:
         order, the value without the leading space and final line break,
         folded lines kept (``"\\r\\n\\t..."``), decoded as UTF-8 (undecodable
         octets escaped). The client's section ends at its first line that
-        is not a header field; when a line that reads as a field follows it
-        before a blank line, a blank line is inserted before it, so that
-        every reader of the message ends the section there too. Raises
+        is not a header field; if that line is not the blank line, a blank
+        line is inserted before it, so that every reader of the message ends
+        the section there too. Raises
         :class:`HeaderSectionTooLarge` for a client header section over
         :data:`MAX_HEADER_SECTION`."""
         self._apply_changes()
@@ -1056,8 +1056,15 @@ class Envelope:
         front of what it received). Bonzo adds its own when DATA or the
         first BDAT is accepted."""
         raw = header.encode("utf-8") if isinstance(header, str) else header
-        # Pending edits count positions from the top: apply them first.
-        self._apply_changes()
+        # Pending edits stay pending (before the content they are meant for
+        # the client's header, which is not here yet); the positions of
+        # pending inserts count from the top, which moves down by one.
+        self._edits = [
+            (kind, key + 1, occurrence, block)
+            if kind == "insert"
+            else (kind, key, occurrence, block)
+            for kind, key, occurrence, block in self._edits
+        ]
         self._headers.insert(0, raw)
         self._message = None
 

@@ -145,6 +145,42 @@ def test_the_trace_header_goes_above_headers_added_before_the_content(chunked):
     ]
 
 
+class _EarlyEdits:
+    def bonzo_mail(self, envelope):
+        envelope.change_header("Subject", "[EXT] hello")
+
+    def bonzo_rcpt(self, envelope):
+        envelope.delete_header("X-Spam-Flag")  # a forged client header
+        envelope.insert_header(1, "X-Second", "1")
+
+    def bonzo_data(self, envelope):
+        envelope.replace_body(b"new body\r\n")
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_edits_made_before_the_content_apply_to_the_client_s_header(chunked):
+    # They wait for the content: the trace header Bonzo adds at DATA must
+    # not apply them early (to an empty message).
+    with PluginTestServer(("early", _EarlyEdits())) as server:
+        with server.client() as client:
+            client.ehlo()
+            client.mail("a@example.org")
+            client.rcpt("b@example.com")
+            content = b"X-Spam-Flag: NO\r\nSubject: hello\r\n\r\nold body\r\n"
+            if chunked:
+                client.send(b"BDAT %d LAST\r\n" % len(content) + content)
+                reply = client.getreply()
+            else:
+                reply = client.data(content)
+            assert reply[0] == 250
+    message = server.messages[0]
+    head, body = message.split(b"\r\n\r\n", 1)
+    names = [line.split(b":")[0] for line in head.split(b"\r\n") if line[:1] not in b" \t"]
+    assert names == [b"Received", b"Subject", b"X-Second"]  # one Subject, no X-Spam-Flag
+    assert b"Subject: [EXT] hello\r\n" in head
+    assert body == b"new body\r\n"
+
+
 # -------------------------------------------------- plugin exception objects
 SHARED = errors.PermanentError("Not here", 554, "5.7.1")
 
