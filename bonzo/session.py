@@ -1059,12 +1059,13 @@ class Envelope:
         # Pending edits stay pending (before the content they are meant for
         # the client's header, which is not here yet); the positions of
         # pending inserts count from the top, which moves down by one.
-        self._edits = [
-            (kind, key + 1, occurrence, block)
-            if kind == "insert"
-            else (kind, key, occurrence, block)
-            for kind, key, occurrence, block in self._edits
-        ]
+        if self._edits:
+            self._edits = [
+                (kind, key + 1, occurrence, block)
+                if kind == "insert"
+                else (kind, key, occurrence, block)
+                for kind, key, occurrence, block in self._edits
+            ]
         self._headers.insert(0, raw)
         self._message = None
 
