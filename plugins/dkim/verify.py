@@ -101,15 +101,53 @@ def _tags(header_value: bytes) -> tuple[str, str]:
     return _text(found.get(b"d", b"")).lower(), _text(found.get(b"s", b""))
 
 
+class _Name(bytes):
+    """A field name as written, with any white space before its colon (RFC
+    5322 4.5.8's obsolete ``field-name *WSP ":"``, e.g. ``X-Spam-Flag :``):
+    dkimpy hashes it as written under simple header canonicalization (RFC
+    6376 3.4.1: no change), and compares it (``h=``) and writes it under
+    relaxed canonicalization (3.4.2: WSP before the colon deleted) through
+    :meth:`lower`, which drops that white space, as OpenDKIM does."""
+
+    def lower(self) -> bytes:
+        return bytes(self).rstrip(b" \t").lower()
+
+
+def _fields(section: bytes) -> list[list[bytes]] | None:
+    """The ``[name, value]`` pairs of the header section ``section`` as
+    dkimpy keeps them (each value with its folded lines, every line ending
+    in CRLF), split as Bonzo's envelope splits it
+    (:meth:`bonzo.session.Envelope.client_header_section`): dkimpy's own
+    parser refuses a whole message for one field with white space before
+    its colon, and skips a ``From :`` line as an mbox separator. ``None``
+    for a line that is not part of a field (the envelope never gives one)."""
+    lines = re.split(rb"\r?\n", section)
+    if lines and not lines[-1]:
+        lines.pop()
+    headers: list[list[bytes]] = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            if not headers:
+                return None
+            headers[-1][1] += line + b"\r\n"
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon or not name.strip(b" \t"):
+            return None
+        headers.append([_Name(name), value + b"\r\n"])
+    return headers
+
+
 def prepare(section: bytes, body: IO[bytes], max_signatures: int) -> Prepared:
     """Parse the header section ``section`` (every field, without the blank
     line after them) and hash the body read from ``body``'s current position
     on (see :func:`bonzo_plugins.dkim_sign.signer.message_parts`); see the
     module docs. Blocking."""
-    try:
-        message = dkim.DKIM(section + b"\r\n", logger=_dkimpy_log)
-    except (dkim.MessageFormatError, IndexError):
+    headers = _fields(section)
+    if headers is None:
         return Prepared([], problem="a malformed header section")
+    message = dkim.DKIM(b"", logger=_dkimpy_log)
+    message.headers = headers
     fields = [(n, v) for n, v in message.headers if n.lower() == b"dkim-signature"]
     prepared = Prepared([], skipped=max(0, len(fields) - max_signatures), message=message)
     canons: set[str] = set()

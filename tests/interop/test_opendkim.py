@@ -237,3 +237,43 @@ def test_opendkim_verifies_what_a_real_server_stored(tmp_path, keys, start_serve
     assert succeeded(line, "ed", "example.org"), line
     line = verify(tmp_path, stored["two"], ("rsa", "example.net", keys["rsa"]))
     assert succeeded(line, "rsa", "example.net"), line
+
+
+@pytest.mark.parametrize("canonicalization", ["relaxed/relaxed", "simple/simple"])
+def test_white_space_before_a_colon_opendkim_and_the_dkim_plugin_agree(
+    tmp_path, keys, dns_stub, canonicalization
+):
+    """RFC 5322 4.5.8's obsolete ``name WSP* ":"``: in a field the signature
+    does not cover it changes nothing; in a signed field relaxed
+    canonicalization deletes it and simple keeps it. Bonzo's ``dkim``
+    plugin gives OpenDKIM's verdict in each case (dkimpy's parser refused
+    the message). Spaces: OpenDKIM 2.11 gives no verdict at all for a tab
+    before the colon (a syntax error at the end of the header)."""
+    from bonzo_plugins.dkim import DkimPlugin
+
+    plugin = configured(
+        domains={"example.org": {"selector": "s1", "key": str(keys["rsa"])}},
+        canonicalization=canonicalization,
+    )
+    content = signed(plugin)
+    key = ("s1", "example.org", keys["rsa"])
+    record = dns_record(load_key(keys["rsa"]))
+    chunks = " ".join(f'"{record[i : i + 255]}"' for i in range(0, len(record), 255))
+    dns_stub.add("s1._domainkey.example.org", "TXT", chunks)
+    verifier = DkimPlugin()
+    verifier.bonzo_configure(config={}, app=SimpleNamespace(dns=dns_stub.resolver()))
+    unsigned = content.replace(b"\r\nSubject:", b"\r\nX-Spam-Flag : NO\r\nSubject:")
+    spaced = content.replace(b"\r\nSubject:", b"\r\nSubject  :")
+    expected = "pass" if canonicalization.startswith("relaxed") else "fail"
+    for message, verdict in ((unsigned, "pass"), (spaced, expected)):
+        assert message != content
+        line = verify(tmp_path, message, key)
+        assert succeeded(line, "s1", "example.org") == (verdict == "pass"), line
+        envelope = Envelope("alice@example.org")
+        envelope.write(message)
+        try:
+            asyncio.run(verifier.bonzo_message(session=testing.make_session(), envelope=envelope))
+            ((result, reason),) = [(r.result, r.reason) for r in envelope.results.all("dkim")]
+        finally:
+            envelope.close()
+        assert result == verdict, reason

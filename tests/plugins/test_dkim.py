@@ -69,6 +69,47 @@ def test_changed_body_or_header_fails(dns_stub, rsa, canon):
     assert (result, reason) == ("fail", "signature did not verify")
 
 
+@pytest.mark.parametrize("canon", [b"simple", b"relaxed"])
+@pytest.mark.parametrize(
+    "where", ["append", "prepend", "received"], ids=["appended", "prepended", "received"]
+)
+def test_a_field_with_white_space_before_its_colon_keeps_the_signature(dns_stub, rsa, canon, where):
+    """RFC 5322 4.5.8's ``name WSP* ":"`` in a field the signature does not
+    cover leaves it valid (OpenDKIM agrees); dkimpy's own parser refused
+    the whole section (permerror for every signature)."""
+    rsa.publish(dns_stub, "s1", "example.org")
+    signed = rsa.sign(MESSAGE, "s1", "example.org", canonicalize=(canon, canon))
+    head, _, body = signed.partition(b"\r\n\r\n")
+    head = {
+        "append": head + b"\r\nX-Spam-Flag : NO",
+        "prepend": b"X-Spam-Flag\t: NO\r\n" + head,
+        "received": b"Received : from old.relay\r\n\tby mx; today\r\n" + head,
+    }[where]
+    message = head + b"\r\n\r\n" + body
+    plugin = configured(dns_stub.resolver())
+    ((result, reason, details),) = check(plugin, message)
+    assert (result, details["domain"]) == ("pass", "example.org"), reason
+
+
+def test_white_space_before_the_colon_of_a_signed_field(dns_stub, rsa):
+    """Relaxed header canonicalization deletes it (RFC 6376 3.4.2): the
+    signature holds; simple keeps every octet (3.4.1): it does not."""
+    rsa.publish(dns_stub, "s1", "example.org")
+    plugin = configured(dns_stub.resolver())
+    for canon, expected in ((b"relaxed", "pass"), (b"simple", "fail")):
+        signed = rsa.sign(MESSAGE, "s1", "example.org", canonicalize=(canon, b"simple"))
+        spaced = signed.replace(b"\r\nSubject: hello", b"\r\nSubject \t: hello")
+        assert spaced != signed
+        ((result, _, _),) = check(plugin, spaced)
+        assert result == expected, canon
+
+
+def test_no_signature_with_an_obsolete_field_name_is_none(dns_stub):
+    plugin = configured(dns_stub.resolver())
+    odd = b"Authentication-Results : mx.example.com; dkim=pass\r\nFrom : x@example.org\r\n"
+    assert check(plugin, odd + MESSAGE) == [("none", "no signature", {})]
+
+
 def test_key_problems(dns_stub, rsa):
     signed = rsa.sign(MESSAGE, "s1", "example.org")
     plugin = configured(dns_stub.resolver())
