@@ -48,15 +48,20 @@ _QUOTED_PAIR = re.compile(r"\\(.)")
 def canonical_domain(domain: str) -> str:
     """The canonical form of a domain or address literal.
 
-    Raises :class:`ValueError` when a non-ASCII domain has no IDNA form (a
-    code point UTS #46 forbids, an empty label, a label that maps to ``@``)
-    and for an address literal that is not one of RFC 5321 4.1.3
-    (``[192.0.2.1]``, ``[IPv6:2001:db8::1]`` without a zone index, or
-    ``[tag:content]``).
+    Raises :class:`ValueError` for an ASCII domain that is not a host name
+    (letters, digits and ``-`` in dot-separated labels, RFC 1034 3.5: a
+    control octet, a space, ``_`` or an empty label is refused, so that a
+    name read from a header field is never looked up as another one), when
+    a non-ASCII domain has no IDNA form (a code point UTS #46 forbids, an
+    empty label, a label that maps to ``@``) and for an address literal that
+    is not one of RFC 5321 4.1.3 (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``
+    without a zone index, or ``[tag:content]``).
     """
     if domain[:1] == "[":
         return _canonical_literal(domain)
     if domain.isascii():
+        if not _ASCII_DOMAIN.fullmatch(domain):
+            raise ValueError(f"not a domain name: {domain!r}")
         return domain.lower()
     try:
         encoded = idna.encode(domain, uts46=True, std3_rules=True, transitional=False)

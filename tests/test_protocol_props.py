@@ -433,6 +433,21 @@ def test_only_rfc5321_address_literals_are_domains(literal):
     assert canonical_domain("[x-tag:any:thing]") == "[x-tag:any:thing]"
 
 
+@pytest.mark.parametrize(
+    "domain",
+    ["example.org\x00", "\x00example.org", "exa\x01mple.org", "example.org\x7f",
+     "\x1bexample.org", "example.org\x00.other.test", "exa mple.org", "exa_mple.org",
+     "example..org", ".example.org", "-example.org", "example.org\n", ""],
+)  # fmt: skip
+def test_an_ascii_domain_must_be_a_host_name(domain):
+    """An ASCII domain gets the check IDNA output gets (RFC 1034 3.5 LDH
+    labels): a domain read from a header field with a control octet in it
+    is no domain, never the name it looks like once the octet is hidden."""
+    with pytest.raises(ValueError, match="not a domain name"):
+        canonical_domain(domain)
+    assert canonical_domain("Mail-1.Example.ORG") == "mail-1.example.org"
+
+
 # Domains as people (and attackers) spell them: any mix of case, full-width
 # forms, ideographic full stops and soft hyphens maps to one canonical domain.
 _FULLWIDTH = {c: chr(ord(c) + 0xFEE0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"}

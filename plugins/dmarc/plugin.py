@@ -188,7 +188,14 @@ class DmarcPlugin:
             notes.append(f"{authors.fields} From: fields")
         if 1 < len(domains) <= MAX_AUTHORS:
             notes.append(f"author domains {', '.join(domains)}")
-        if authors.problem:
+        if authors.problem and outcome.result in ("pass", "none") and dns_enabled(self.resolver):
+            # An author address with no usable domain (ceo@bank.example
+            # followed by a control octet, which a reader may not show) was
+            # not evaluated: no pass or none holds for the message; only a
+            # fail of another author domain is stricter.
+            outcome.reason = f"{authors.problem}; {outcome.result} otherwise: {outcome.reason}"
+            outcome.result = "permerror"
+        elif authors.problem:
             notes.append(authors.problem)
         if notes:
             outcome.reason += "; " + "; ".join(notes)

@@ -189,6 +189,24 @@ def test_forged_fields_with_our_id_are_removed_and_others_kept():
     assert b"header.d=bank.example" in env.content
 
 
+def test_a_forged_id_with_hidden_characters_is_ours():
+    """``mx.test`` with a NUL (or DEL, ESC, a zero-width space) in or
+    around it reads as ``mx.test`` where those are dropped or not shown: a
+    second field under our id, unless removed."""
+    ids = [b"mx.test\x00", b"\x00mx.test", b"mx.\x7ftest", b"\x1bmx.test",
+           b"mx.test\xe2\x80\x8b", b"mx.test\x01 1"]  # fmt: skip
+    for forged_id in ids:
+        assert authserv_id_of(b" " + forged_id + b"; dkim=pass") == "mx.test", forged_id
+    forged = b"".join(
+        b"Authentication-Results: %s; dkim=pass header.d=bank%d.example\r\n" % (forged_id, i)
+        for i, forged_id in enumerate(ids)
+    )
+    env = envelope(forged + MESSAGE)
+    run(configured().bonzo_message(session=fake_session(), envelope=env))
+    assert b"bank" not in env.content
+    assert env.content.count(b"Authentication-Results:") == 1  # ours
+
+
 def test_a_header_section_too_large_to_parse_is_refused_for_good(tmp_path, caplog):
     # Over MAX_HEADER_SECTION (RFC 5322 sets no limit; far under the size
     # limit): once a 451 with a traceback, at every retry; now one permanent

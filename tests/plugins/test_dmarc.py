@@ -242,6 +242,46 @@ def test_a_header_section_another_parser_refuses_is_still_evaluated(zone, author
     assert "DMARC policy of example.org" in info.value.message
 
 
+CONTROL_AUTHORS = [
+    "CEO <ceo@example.org\x00>",
+    "ceo@example.org\x00",
+    "CEO <ceo@\x00example.org>",
+    "CEO <ceo@example.org\x01>",
+    "CEO <ceo@example.org\x7f>",
+    "CEO <ceo@\x1bexample.org>",
+    "CEO <ceo@example.org\x00.none.example>",
+]
+
+
+@pytest.mark.parametrize("author", CONTROL_AUTHORS)
+def test_a_control_octet_in_the_author_domain_is_permerror(zone, author):
+    """``example.org`` + NUL (hidden by many readers) is no domain: it was
+    looked up as is (``_dmarc.example.org\\000``: no such name) and the
+    message got ``none`` past example.org's p=reject. Now: permerror, and
+    nothing looked up for it."""
+    env, verdict = evaluate(configured(zone.resolver()), author, spf=("pass", "evil.example"))
+    result = env.results.get("dmarc")
+    assert (result.result, verdict) == ("permerror", None)
+    assert "an invalid domain in the From: field" in result.reason
+    assert not [q for q in zone.queries if "\\" in q[0]], zone.queries
+
+
+@pytest.mark.parametrize(
+    "author",
+    ["a@nopolicy.example, ceo@example.org\x00", "ceo@\x00example.org, a@nopolicy.example"],
+)
+def test_an_unusable_author_beside_others_makes_no_pass_or_none(zone, author):
+    """The other author domains are evaluated; their pass or none does not
+    hold for a message whose other author could not be; a fail does."""
+    plugin = configured(zone.resolver())
+    env, verdict = evaluate(plugin, author, spf=("pass", "nopolicy.example"))
+    result = env.results.get("dmarc")
+    assert (result.result, verdict) == ("permerror", None)
+    assert result.reason.startswith("an invalid domain in the From: field; none otherwise")
+    with pytest.raises(PermanentError):
+        evaluate(plugin, author + ", b@example.org", spf=("pass", "nopolicy.example"))
+
+
 def test_an_obsolete_from_spelling_is_the_from_field(zone):
     """``From :`` (white space before the colon, RFC 5322 4.5.8) is read by
     mail readers as the From field: its domain's policy applies."""
