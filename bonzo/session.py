@@ -185,6 +185,14 @@ def _format_header(name: str, value: str, utf8: bool = True) -> bytes:
 _ESCAPED = re.compile("[\udc80-\udcff]")
 
 
+def _field_pair(block: bytes) -> tuple[str, str]:
+    """``(name, value)`` of a header block as :meth:`Envelope.headers`
+    gives it."""
+    name = _field_name(block) or b""
+    text = block.partition(b":")[2].decode("utf-8", "surrogateescape")
+    return name.decode("utf-8", "surrogateescape"), text.strip(" \t\r\n")
+
+
 def _fold(name: str, line: str) -> list[str]:
     """``line`` cut before spaces or tabs into lines of at most
     :data:`MAX_HEADER_LINE` octets (folding, RFC 5322 2.2.3: unfolding gives
@@ -622,6 +630,9 @@ class Envelope:
         self.changes: list[Change] = []
         # Header edits and a new body, applied together on the next read.
         self._edits: list[tuple[str, Any, Any, bytes | None]] = []
+        # The client's header blocks as received, kept when a change to
+        # them is first applied (see received_headers()).
+        self._received: list[bytes] | None = None
         self._new_body: _Spool | None = None
         for rcpt in rcpt_tos:
             self.add_recipient(parse_address(rcpt), {})
@@ -826,12 +837,23 @@ class Envelope:
         blocks = list(self._headers)
         if self._spool is not None:
             blocks += self._client_header_section()[0]
-        found = []
-        for block in blocks:
-            name = _field_name(block) or b""
-            text = block.partition(b":")[2].decode("utf-8", "surrogateescape")
-            found.append((name.decode("utf-8", "surrogateescape"), text.strip(" \t\r\n")))
-        return found
+        return [_field_pair(block) for block in blocks]
+
+    def received_headers(self) -> list[tuple[str, str]]:
+        """The client's header fields as they arrived, before any plugin's
+        change, read as :meth:`headers` reads them (without the fields
+        Bonzo or a plugin added). For a plugin that must tell the fields
+        that came with the message from those a plugin (a milter) of this
+        server added or changed: ``authres`` removes only forged
+        ``Authentication-Results:`` fields that came with the message.
+        Raises :class:`HeaderSectionTooLarge` as :meth:`headers` does."""
+        self._apply_changes()
+        if self._received is None:
+            # Nothing changed the client's part yet: it is as received.
+            if self._spool is None:
+                return []
+            return [_field_pair(block) for block in self._client_header_section()[0]]
+        return [_field_pair(block) for block in self._received]
 
     def client_header_section(self) -> tuple[bytes, int]:
         """The client's header section as :meth:`headers` reads it -- its
@@ -951,6 +973,8 @@ class Envelope:
         if self._spool is not None:
             client, blank, start = self._client_header_section()
             items += [(True, b) for b in client]
+            if self._received is None:
+                self._received = list(client)
         for kind, key, occurrence, raw in edits:
             if kind == "insert":
                 position = min(key, len(items))
@@ -1157,6 +1181,8 @@ class Envelope:
         if self._spool is not None:
             # The section as headers() reads it: what it lists is what goes.
             blocks, blank, start = self._client_header_section()
+            if self._received is None:
+                self._received = list(blocks)
         kept_added = [b for b in self._headers if _field_key(b) != wanted]
         removed = len(self._headers) - len(kept_added)
         self._headers = kept_added

@@ -72,6 +72,33 @@ def test_header_edits_apply_in_order_to_the_whole_section(threshold):
     assert env.size == len(env.body)
 
 
+RECEIVED = [
+    ("From", "a@example.org"),
+    ("Subject", "hi"),
+    ("X-Spam", "yes\r\n\tfolded"),
+    ("To", "b@example.net"),
+]
+
+
+@pytest.mark.parametrize("threshold", [1 << 20, 16])
+def test_received_headers_are_the_clients_before_any_change(threshold):
+    env = envelope(threshold=threshold)
+    assert env.received_headers() == RECEIVED  # nothing changed yet
+    env.add_header("X-Added", "1")
+    env.insert_header(4, "X-Among", "client")
+    env.change_header("subject", "changed")
+    env.delete_header("X-Spam")
+    assert env.received_headers() == RECEIVED
+    env.remove_header("To")
+    env.replace_body(b"New\r\n")
+    assert env.received_headers() == RECEIVED
+    assert ("X-Among", "client") in env.headers() and ("To", "b@example.net") not in env.headers()
+    other = envelope(threshold=threshold)
+    other.remove_header("X-Spam")
+    assert other.received_headers() == RECEIVED
+    assert Envelope("a@example.org").received_headers() == []
+
+
 def test_a_long_value_is_folded_and_an_unfoldable_one_refused():
     import email.parser
     import email.policy

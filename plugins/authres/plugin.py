@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -212,23 +213,37 @@ class AuthresPlugin:
         return f"{self.authserv_id};\r\n\t" + ";\r\n\t".join(str(r) for r in results)
 
     # ----------------------------------------------------------- forged
+    def _ours(self, name: str, value: str) -> bool:
+        return name.lower() == "authentication-results" and authserv_id_of(
+            value.encode("utf-8", "surrogateescape")
+        ) == same_id(self.authserv_id)
+
     async def remove(self, envelope: Envelope) -> int:
         """Delete the ``Authentication-Results:`` fields that carry our
-        authserv-id (RFC 8601 5: a sender may have forged them)."""
+        authserv-id and came with the message (RFC 8601 5: a sender may
+        have forged them); those a plugin of this server added (a milter
+        such as OpenDKIM, whose default id is the host name) stay."""
         loop = asyncio.get_running_loop()
         # headers() applies earlier plugins' changes (a spool rewrite): off
         # the loop.
-        fields = await loop.run_in_executor(None, envelope.headers)
-        occurrence = 0
+        fields, received = await loop.run_in_executor(
+            None, lambda: (envelope.headers(), envelope.received_headers())
+        )
+        # The client's fields are matched by content; they are the last
+        # fields (below the added ones): matched from the end.
+        left = Counter(pair for pair in received if self._ours(*pair))
+        count = sum(1 for name, _ in fields if name.lower() == "authentication-results")
+        occurrence = count + 1
         forged = []
-        for name, value in fields:
+        for name, value in reversed(fields):
             if name.lower() == "authentication-results":
-                occurrence += 1
-                raw = value.encode("utf-8", "surrogateescape")
-                if authserv_id_of(raw) == same_id(self.authserv_id):
+                occurrence -= 1
+                if left[(name, value)] > 0 and self._ours(name, value):
+                    left[(name, value)] -= 1
                     forged.append(occurrence)
-        # Last first, so that the occurrence numbers of the others hold.
-        for number in reversed(forged):
+        # Last first (forged is in that order), so that the occurrence
+        # numbers of the others hold.
+        for number in forged:
             envelope.delete_header(FIELD, number)
         return len(forged)
 

@@ -207,6 +207,31 @@ def test_a_forged_id_with_hidden_characters_is_ours():
     assert env.content.count(b"Authentication-Results:") == 1  # ours
 
 
+def test_fields_a_plugin_of_this_server_added_are_kept():
+    """Only the fields that came with the message are removed: a milter of
+    this server (OpenDKIM's AuthservID is the host name by default) adds
+    its own under our id, above or among the client's fields."""
+    forged = (
+        b"Authentication-Results: mx.test; dkim=pass header.d=forged1.example\r\n"
+        b"Received: from a by b; today\r\n"
+        b"Authentication-Results: mx.test; dkim=pass header.d=forged2.example\r\n"
+    )
+    env = envelope(forged + MESSAGE)
+    env.insert_header(0, "Authentication-Results", "mx.test; dkim=pass header.d=milter0.example")
+    # Below the client's first field: it joins the client's section.
+    env.insert_header(3, "Authentication-Results", "mx.test; dkim=pass header.d=milter3.example")
+    env.add_header("Authentication-Results", "mx.test; dkim=pass header.d=added.example")
+    # A field identical to a forged one: one of the two goes, one stays.
+    env.add_header("Authentication-Results", "mx.test; dkim=pass header.d=forged2.example")
+    env.change_header("Subject", "changed")
+    run(configured().bonzo_message(session=fake_session(), envelope=env))
+    content = env.content
+    assert b"forged1" not in content and content.count(b"forged2") == 1
+    for kept in (b"milter0", b"milter3", b"added.example"):
+        assert kept in content
+    assert b"Received: from a by b" in content
+
+
 def test_a_header_section_too_large_to_parse_is_refused_for_good(tmp_path, caplog):
     # Over MAX_HEADER_SECTION (RFC 5322 sets no limit; far under the size
     # limit): once a 451 with a traceback, at every retry; now one permanent
