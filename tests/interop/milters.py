@@ -77,11 +77,17 @@ class Keep:
 
 
 def through_bonzo(
-    start_server: Any, name: str, port: int, *messages: bytes, **options: Any
+    start_server: Any,
+    name: str,
+    port: int,
+    *messages: bytes,
+    after: Sequence[tuple[Any, str]] = (),
+    **options: Any,
 ) -> list[bytes | tuple[int, bytes]]:
     """Send each message through a Bonzo server whose ``milter`` plugin asks
-    the milter on ``port``; return, per message, what was delivered or the
-    ``(code, text)`` it was refused with."""
+    the milter on ``port`` (then the ``(plugin, name)`` pairs of ``after``);
+    return, per message, what was delivered or the ``(code, text)`` it was
+    refused with."""
     import smtplib
 
     from bonzo_plugins.milter import MilterPlugin
@@ -94,6 +100,8 @@ def through_bonzo(
     keep = Keep()
     plugins = PluginSet(timeout=60.0)
     plugins.register(plugin, "milter")
+    for other, other_name in after:
+        plugins.register(other, other_name)
     plugins.register(keep, "keep")
     server = start_server(plugins=plugins)
     outcomes: list[bytes | tuple[int, bytes]] = []

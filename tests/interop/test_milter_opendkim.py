@@ -118,8 +118,11 @@ def opendkim(tmp_path: Path, key: Path) -> Iterator[Callable[..., OpenDKIM]]:
             daemon.stop()
 
 
-def run(start_server: Callable[..., object], daemon: OpenDKIM, *messages: bytes) -> list[bytes]:
-    outcomes = through_bonzo(start_server, "opendkim", daemon.port, *messages)
+def run(
+    start_server: Callable[..., object], daemon: OpenDKIM, *messages: bytes, authres: object = None
+) -> list[bytes]:
+    after = [(authres, "authres")] if authres is not None else []
+    outcomes = through_bonzo(start_server, "opendkim", daemon.port, *messages, after=after)
     assert all(isinstance(o, bytes) for o in outcomes), outcomes
     return outcomes  # type: ignore[return-value]
 
@@ -170,3 +173,36 @@ def test_opendkim_verifies_through_the_milter(start_server, opendkim, key):
         (results,) = message.get_all("Authentication-Results")
         assert str(results).startswith("bonzo.test;"), results
         assert verdict in str(results) and "header.d=example.org" in str(results), results
+
+
+def test_authres_keeps_the_field_opendkim_adds_under_the_same_id(start_server, opendkim, key):
+    """OpenDKIM's ``AuthservID`` is the host name by default, which is
+    also ``authres``' default id: ``authres`` after the milter removes the
+    forged field that came with the message under that id, not the one
+    OpenDKIM (a milter of this server) just added."""
+    from types import SimpleNamespace
+
+    from bonzo_plugins.authres import AuthresPlugin
+
+    authres = AuthresPlugin()
+    authres.bonzo_configure(
+        config={}, app=SimpleNamespace(settings=SimpleNamespace(hostname="bonzo.test"))
+    )
+    daemon = opendkim("v")
+    signature = dkim.sign(
+        MESSAGE,
+        b"s1",
+        b"example.org",
+        key.read_bytes(),
+        canonicalize=(b"relaxed", b"relaxed"),
+        include_headers=[b"From", b"To", b"Subject", b"Date", b"Message-ID"],
+    )
+    forged = b"Authentication-Results: bonzo.test; dkim=pass header.d=forged.example\r\n"
+    (content,) = run(start_server, daemon, forged + signature + MESSAGE, authres=authres)
+    message = BytesParser(policy=email.policy.default).parsebytes(content)
+    fields = [str(f) for f in message.get_all("Authentication-Results")]
+    assert not [f for f in fields if "forged.example" in f], fields
+    # OpenDKIM's (it reports the key size) and authres' own (no result: none).
+    assert len(fields) == 2, fields
+    assert any("dkim=pass (2048-bit key)" in f for f in fields), fields
+    assert "bonzo.test; none" in fields, fields
