@@ -386,6 +386,9 @@ class MilterPlugin:
         if mi.client is not None:
             mi.client.close()
         action = c.default_action
+        # At connect the core sends a 4xx as 421 (the only 4xx a greeting
+        # may be, RFC 5321 3.1): the log says what the client got.
+        code = "421" if stage == "connect" else "451"
         log.warning(
             "[%s %s] milter %s failed at %s: %s; %s",
             session.id,
@@ -393,7 +396,7 @@ class MilterPlugin:
             c.name,
             stage,
             exc,
-            "answered 451 4.7.1 (default_action tempfail)"
+            f"answered {code} 4.7.1 (default_action tempfail)"
             if action == "tempfail"
             else "ignored for this session (default_action accept)",
         )

@@ -315,6 +315,9 @@ def test_milter_down_fails_closed_by_default(caplog):
     assert info.value.smtp_code == 421
     assert b"4.7.1" in info.value.smtp_error
     assert "milter down failed at connect" in caplog.text
+    # The log says the code the client got.
+    assert "answered 421 4.7.1 (default_action tempfail)" in caplog.text
+    assert "answered 451" not in caplog.text
 
 
 def test_milter_down_with_default_action_accept():
