@@ -28,7 +28,7 @@ from bonzo.session import Envelope, Session
 
 from .._auth import dns_enabled, resolver_of, sanitize
 from ..dkim_sign.signer import message_parts
-from .verify import Prepared, finish, prepare
+from .verify import Prepared, finish, prepare, split_message
 
 __all__ = ["DkimPlugin", "KEYS", "OFF_REASON"]
 
@@ -140,12 +140,23 @@ class DkimPlugin:
             future = asyncio.run_coroutine_threadsafe(self.resolver.dkim_txt(name, timeout), loop)
             return future.result(timeout + 1)  # type: ignore[no-any-return]
 
+        split = split_message(content)
         try:
-            cv, _results, reason = dkim.arc_verify(
-                content, logger=_dkimpy_log, dnsfunc=dnsfunc, minkey=self.min_key_bits
-            )
+            if split is None:
+                cv, _results, reason = dkim.arc_verify(
+                    content, logger=_dkimpy_log, dnsfunc=dnsfunc, minkey=self.min_key_bits
+                )
+            else:
+                # The fields as Bonzo splits them (dkimpy's parser refuses a
+                # message for one "X-Spam-Flag : NO"), then what
+                # dkim.arc_verify does.
+                arc = dkim.ARC(None, logger=_dkimpy_log, minkey=self.min_key_bits)
+                arc.headers, arc.body = split
+                cv, _results, reason = arc.verify(dnsfunc=dnsfunc)
         except DNSError as exc:
             return "fail", f"key lookup failed: {exc}"
+        except dkim.DKIMException as exc:  # as dkim.arc_verify reports it
+            return "fail", str(exc)
         except Exception as exc:  # dkimpy raises many kinds on a hostile chain
             return "fail", f"{type(exc).__name__}: {exc}"
         return _ARC.get(cv, "fail"), str(reason or "")

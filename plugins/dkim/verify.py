@@ -38,7 +38,7 @@ from dkim.canonicalization import CanonicalizationPolicy
 from .._auth import sanitize
 from ..dkim_sign.signer import CHUNK, MAX_HEADER_SECTION, BodyHash
 
-__all__ = ["Signature", "Prepared", "prepare", "finish", "MAX_HEADER_SECTION"]
+__all__ = ["Signature", "Prepared", "prepare", "finish", "split_message", "MAX_HEADER_SECTION"]
 
 #: dkimpy's logger for this plugin (its debug output shows header contents;
 #: its errors are turned into results here, not logged).
@@ -136,6 +136,18 @@ def _fields(section: bytes) -> list[list[bytes]] | None:
             return None
         headers.append([_Name(name), value + b"\r\n"])
     return headers
+
+
+def split_message(content: bytes) -> tuple[list[list[bytes]], bytes] | None:
+    """A whole message as dkimpy keeps it (``headers``, ``body``; see
+    :func:`_fields`), or ``None`` for a header section with a line that is
+    not part of a field (dkimpy's own parser is then left to judge it)."""
+    lines = re.split(rb"\r?\n", content)
+    end = lines.index(b"") if b"" in lines else len(lines)
+    headers = _fields(b"\r\n".join(lines[:end]))
+    if headers is None:
+        return None
+    return headers, b"\r\n".join(lines[end + 1 :])
 
 
 def prepare(section: bytes, body: IO[bytes], max_signatures: int) -> Prepared:

@@ -202,6 +202,11 @@ def test_arc_result(dns_stub, rsa):
     env = envelope(sealed.replace(b"see you", b"send money"))
     run(plugin.bonzo_message(session=fake_session(), envelope=env))
     assert env.results.get("arc").result == "fail"
+    # A field with white space before its colon (RFC 5322 4.5.8) the seal
+    # does not cover: dkimpy's parser refused the whole message.
+    env = envelope(b"X-Spam-Flag : NO\r\n" + sealed)
+    run(plugin.bonzo_message(session=fake_session(), envelope=env))
+    assert env.results.get("arc").result == "pass", env.results.get("arc").reason
     env = envelope(MESSAGE)
     run(plugin.bonzo_message(session=fake_session(), envelope=env))
     assert env.results.get("arc").result == "none"
