@@ -172,7 +172,19 @@ def test_dns_names():
 
 @pytest.mark.parametrize(
     "text",
-    ["", ".", "a..b", "a" * 64 + ".example", ".".join(["a" * 60] * 5), "\u00ff\u2488.example"],
+    [
+        "",
+        ".",
+        "a..b",
+        "a" * 64 + ".example",
+        ".".join(["a" * 60] * 5),
+        "\u00ff\u2488.example",
+        # Never asked for as another name: control characters and spaces.
+        "_dmarc.bank.example\x00",
+        "bank\x1b.example",
+        "bank.example\x7f",
+        "a b.example",
+    ],
 )
 def test_bad_dns_names(text):
     with pytest.raises(BadName):
