@@ -735,13 +735,25 @@ def parse_networks(value: Any) -> tuple[IPNetwork, ...]:
         if not isinstance(item, str):
             raise ValueError(f"item {i} must be a network string, not {item!r}")
         try:
-            out.append(unmapped(ipaddress.ip_network(item.strip(), strict=True)))
+            out.append(network(item))
         except ValueError as exc:
             raise ValueError(f"item {i}, {item!r}, is not a network: {exc}") from None
     return tuple(out)
 
 
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def network(text: str) -> IPNetwork:
+    """The network a configuration writes as ``text`` (CIDR, or a bare
+    address: that one host), strict (host bits after the prefix must be
+    zero), an IPv4-mapped one as IPv4 (:func:`unmapped`). A zone index
+    (``fe80::1%eth0``) is refused: networks are matched without one, so it
+    would silently trust the same address on every link. Raises
+    :class:`ValueError`."""
+    if "%" in text:
+        raise ValueError("a zone index (%...) is not supported")
+    return unmapped(ipaddress.ip_network(text.strip(), strict=True))
 
 
 def unmapped(network: IPNetwork) -> IPNetwork:

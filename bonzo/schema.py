@@ -30,7 +30,6 @@ commented example table.
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import os
 import re
 import textwrap
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .protocol import parse_address, parse_domain
-from .proxy import unmapped
+from .proxy import network
 from .settings import finite_number, path_too_long
 
 __all__ = ["Key", "Schema", "KINDS"]
@@ -239,9 +238,11 @@ class Key:
                     if not isinstance(item, str):  # ip_network() takes 0 and True too
                         raise TypeError
                     # Strict: host bits set after the prefix length are a typo.
-                    out.append(unmapped(ipaddress.ip_network(item, strict=True)))
+                    out.append(network(item))
                 except (TypeError, ValueError) as exc:
                     why = "; host bits set" if "host bits" in str(exc) else ""
+                    if "zone index" in str(exc):
+                        why = "; a zone index (%...) is not supported"
                     raise ValueError(
                         f"{name}: expected a network such as 192.0.2.0/24, "
                         f"got {_describe(item)}{why}"

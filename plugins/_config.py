@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bonzo.address import Address, canonical_domain
-from bonzo.proxy import client_address, client_network
+from bonzo.proxy import client_address, client_network, network
 
 __all__ = [
     "as_table",
@@ -159,10 +159,12 @@ def local_address(value: str) -> str:
 def parse_network(value: str, key: str) -> IPNetwork:
     """A CIDR string (or a bare address, meaning a single host) as a network.
 
-    Host bits must be zero (``10.0.0.1/8`` is refused as a probable typo).
+    Host bits must be zero (``10.0.0.1/8`` is refused as a probable typo); an
+    IPv4-mapped network is IPv4 (clients are matched so); a zone index is
+    refused (:func:`bonzo.proxy.network`).
     """
     try:
-        return ipaddress.ip_network(value.strip(), strict=True)
+        return network(value)
     except ValueError as exc:
         raise ValueError(f"{key}: {describe(value)} is not a valid network: {exc}") from None
 

@@ -947,6 +947,24 @@ def test_ipv4_mapped_networks_match_as_the_ipv4_clients_they_are():
     assert address_in("127.0.0.1", config.listeners[0].settings.xclient_trusted)
 
 
+@pytest.mark.parametrize("text", ["fe80::2%eth7", "fe80::/64%eth0", "fe80::1%1"])
+def test_a_network_with_a_zone_index_is_refused_everywhere(text):
+    # Matched without its zone, it would trust the same address on every link.
+    from bonzo_plugins._config import parse_network
+
+    from bonzo.proxy import parse_networks
+    from bonzo.schema import Key
+
+    with pytest.raises(ValueError, match=r"zone index"):
+        parse_networks([text])
+    with pytest.raises(ValueError, match=r"^n: .*a zone index \(%\.\.\.\) is not supported"):
+        Key("n", "networks").parse([text], None)
+    with pytest.raises(ValueError, match=r"zone index"):
+        parse_network(text, "access.rules[0].match")
+    with pytest.raises(ConfigError, match=r"xclient_trusted.*zone index"):
+        parse(f'[[listeners]]\nxclient_trusted = ["{text}"]\n')
+
+
 @pytest.mark.parametrize("mode", [0, 0o77, 0o7, 0o660])
 def test_bonzo_config_prints_a_socket_mode_that_loads_back(tmp_path, mode):
     import tomli_w

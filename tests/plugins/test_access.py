@@ -52,6 +52,23 @@ def test_connect_deny_by_network():
     assert outcome(plugin, "connect", "2001:db8::1") is None
 
 
+def test_a_rule_written_ipv4_mapped_matches_the_ipv4_client():
+    # Clients are matched as IPv4 (a dual-stack listener or proxy names
+    # them ::ffff:a.b.c.d); a rule written so matched nobody.
+    plugin = configured(
+        [
+            {
+                "stage": "connect",
+                "match": ["::ffff:10.0.0.0/104", "::ffff:192.0.2.66"],
+                "action": "deny",
+            }
+        ]
+    )
+    for client in ("10.1.2.3", "::ffff:10.1.2.3", "192.0.2.66", "::ffff:192.0.2.66"):
+        assert outcome(plugin, "connect", client) == DENIED, client
+    assert outcome(plugin, "connect", "192.0.2.67") is None
+
+
 def test_connect_ipv6_and_list_of_networks():
     plugin = configured(
         [{"stage": "connect", "match": ["2001:db8::/32", "192.0.2.1"], "action": "deny"}]
