@@ -483,22 +483,28 @@ def _listen_override(values: list[str]) -> list[Any]:
     naming the option for a bad one."""
     import ipaddress
 
-    from .config import ListenerConfig, check_listeners
+    from .config import ListenerConfig, bindable, check_listeners
 
     listeners = []
     for value in values:
         host, sep, port = value.rpartition(":")
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        bracketed = host.startswith("[") and host.endswith("]")
+        host = host[1:-1] if bracketed else host
         try:
             if not sep or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError("expected ADDR:PORT")
-            ipaddress.ip_address(host)
+            # An IPv6 address in brackets, as the docs write it: without
+            # them, which colon ends the address is a guess.
+            if ":" in host and not bracketed:
+                raise ValueError("IPv6 without brackets")
+            ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:
             raise ConfigError(
                 "--listen",
                 "",
                 f"{value!r}: expected an IP address and a port, e.g. 127.0.0.1:2525 or [::1]:2525",
             ) from None
+        bindable(host, "--listen", "")
         listeners.append(ListenerConfig(address=host, port=int(port)))
     check_listeners(listeners, "--listen", "--listen")
     return listeners

@@ -699,7 +699,7 @@ def _listeners(value: Any, source: str, base_dir: Path) -> list[ListenerConfig]:
         if not isinstance(address, str):
             raise ConfigError(source, f"{key}.address", f"must be a string, not {_type(address)}")
         if address not in ("", "localhost"):
-            _bindable(address, source, f"{key}.address")
+            bindable(address, source, f"{key}.address")
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ConfigError(
                 source, f"{key}.port", f"must be an integer 0..65535, not {spelled(port)}"
@@ -808,12 +808,16 @@ def _ip_address(value: Any, source: str, key: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(source, key, f"must be a string, not {_type(value)}")
     if value not in ("", "localhost"):
-        _bindable(value, source, key)
+        bindable(value, source, key)
     return value
 
 
-def _bindable(value: str, source: str, key: str) -> None:
+def bindable(value: str, source: str, key: str) -> None:
     """Refuse what is no IP address, or one no socket can listen on."""
+    if "%" in value:
+        # ipaddress takes it, but the listener binds by name lookup, which
+        # does not: refused here rather than at the start.
+        raise ConfigError(source, key, f"{spelled(value)}: a zone index (%...) is not supported")
     try:
         address = ipaddress.ip_address(value)
     except ValueError:

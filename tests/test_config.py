@@ -1083,3 +1083,30 @@ def test_an_sni_name_no_client_can_ask_for_is_refused(tmp_path, name):
     assert f"listeners[0].tls.sni: {name!r} is not a host name a client can ask for" in str(problem)
     good = text.replace(f'"{name}" = {pair}, ', "")
     assert parse(good, base_dir=tmp_path).listeners[0].settings.tls_context is not None
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("::1:2525", "expected an IP address and a port, e.g. 127.0.0.1:2525 or [::1]:2525"),
+        (
+            "[::ffff:127.0.0.1]:2525",
+            'IPv4-mapped address, which no socket can listen on: write "127.0.0.1"',
+        ),
+        ("[::1%lo]:2525", "a zone index (%...) is not supported"),
+    ],
+)
+def test_listen_takes_what_the_listeners_table_takes(value, message):
+    # --listen was checked less than [[listeners]]: these passed, then the
+    # bind failed (or guessed where an unbracketed IPv6 address ends).
+    from bonzo.cli import _listen_override
+
+    with pytest.raises(ConfigError) as info:
+        _listen_override([value])
+    assert message in str(info.value)
+    assert _listen_override(["[::1]:2525"])[0].address == "::1"
+
+
+def test_a_listener_address_with_a_zone_index_is_refused_when_read():
+    with pytest.raises(ConfigError, match=r"listeners\[0\]\.address.*zone index"):
+        parse('[[listeners]]\naddress = "::1%lo"\n')
