@@ -1012,6 +1012,7 @@ class Resolver:
         seen: set[str] = set()
         budget = s.max_mx_addresses
         for (preference, exchange), (found, failed) in zip(hosts, lookups, strict=True):
+            found = [d for d in map(_destination, found) if d is not None]
             # "No AAAA record" beside an A record is normal: only failures
             # that cost a host or may have cost it some addresses are kept.
             errors += failed if not found else [e for e in failed if e.temporary]
@@ -1144,10 +1145,31 @@ def _literal(domain: str) -> str | None:
     inner = canonical[1:-1]
     try:
         if inner.startswith("IPv6:"):
-            return ipaddress.IPv6Address(inner[5:]).compressed
-        return ipaddress.IPv4Address(inner).compressed
+            address = ipaddress.IPv6Address(inner[5:]).compressed
+        else:
+            address = ipaddress.IPv4Address(inner).compressed
     except ValueError:
         raise BadName(f"not a usable address literal: {domain!r}") from None
+    usable = _destination(address)
+    if usable is None:
+        raise BadName(f"not a usable address literal: {domain!r} (the unspecified address)")
+    return usable
+
+
+def _destination(address: str) -> str | None:
+    """``address`` as a place to connect to: ``None`` for the unspecified
+    address (``0.0.0.0``, ``::``: no destination, RFC 4291 2.5.2 -- a
+    connection to it reaches this host), an IPv4-mapped one as IPv4 (as an
+    address literal of it is)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.is_unspecified:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return address
 
 
 def _truncated(response: Any) -> bool:

@@ -571,6 +571,20 @@ def test_implicit_mx(dns_stub):
     assert dns_stub.asked("MX") == ["plain.example"]
 
 
+def test_unspecified_addresses_are_no_mail_host_and_mapped_ones_are_ipv4(dns_stub):
+    # RFC 4291 2.5.2: "::" is never a destination (nor 0.0.0.0): a connection
+    # to it reaches this host.
+    dns_stub.add("odd.example", "MX", "10 zero.odd.example.")
+    dns_stub.add("odd.example", "MX", "20 mapped.odd.example.")
+    dns_stub.add("zero.odd.example", "AAAA", "::")
+    dns_stub.add("zero.odd.example", "A", "0.0.0.0")
+    dns_stub.add("mapped.odd.example", "AAAA", "::ffff:192.0.2.9")
+    result = run(dns_stub.resolver().resolve_mx("odd.example"))
+    assert result.hosts == (MXHost("mapped.odd.example", 20, ("192.0.2.9",)),)
+    dns_stub.add("nothing.example", "AAAA", "::")
+    fail(dns_stub.resolver().resolve_mx("nothing.example"), NoAddress)
+
+
 def test_implicit_mx_without_any_address_is_permanent(dns_stub):
     dns_stub.add("txtonly.example", "TXT", '"v=spf1 -all"')
     error = fail(dns_stub.resolver().resolve_mx("txtonly.example"), NoAddress)
@@ -725,6 +739,9 @@ def test_address_literals_are_their_own_host(dns_stub):
         ("[IPv6:fe80::1%eth0]", "zone index"),
         ("[::1]", "RFC 5321"),
         ("[IPv6:1.2.3.4]", "not an IPv6 address literal"),
+        # No destination: a connection to it reaches this host.
+        ("[IPv6:::]", "the unspecified address"),
+        ("[0.0.0.0]", "the unspecified address"),
     ],
 )
 def test_only_rfc5321_literals_are_delivery_addresses(dns_stub, literal, why):
