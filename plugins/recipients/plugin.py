@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import unicodedata
 from collections.abc import Iterable, Mapping
@@ -85,8 +86,9 @@ SCHEMA = Schema(
         "(``\"192.0.2.0/24\"``, ``\"2001:db8::/32\"``); a bare address means "
         "that host only. Host bits must be zero. A client connecting over IPv6 "
         "with an IPv4-mapped address (``::ffff:192.0.2.1``) matches the IPv4 "
-        "network. A network of every address (``0.0.0.0/0``, ``::/0``) makes an "
-        "open relay; it is accepted with a warning in the log."),
+        "network. A network of every address (``0.0.0.0/0``, ``::/0``, or networks "
+        "that together hold them) makes an open relay; it is accepted with a "
+        "warning in the log."),
     Key("relay_authenticated", "bool", default=True,
         doc="Whether an authenticated session (AUTH) may relay."),
 )  # fmt: skip
@@ -140,6 +142,18 @@ class RecipientsPlugin:
         for net in networks:
             if net.prefixlen == 0:
                 log.warning("recipients: relay_networks %s lets every client relay", net)
+        for version, family in ((4, "IPv4"), (6, "IPv6")):
+            same = [n for n in networks if n.version == version]
+            # Split in parts (::/1 and 8000::/1) they are every address too.
+            if all(n.prefixlen for n in same) and any(
+                not c.prefixlen for c in ipaddress.collapse_addresses(same)
+            ):
+                log.warning(
+                    "recipients: relay_networks %s hold every %s address together: "
+                    "they let every client relay",
+                    " ".join(str(n) for n in same),
+                    family,
+                )
         # A domain with listed users accepts only them, even when it is also
         # listed in `domains`.
         self.domains = domains - set(users)

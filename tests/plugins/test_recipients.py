@@ -167,6 +167,25 @@ def test_routing_tricks_are_never_relayed(address):
 
 
 @pytest.mark.parametrize(
+    "networks, warned",
+    [
+        (["0.0.0.0/0"], "relay_networks 0.0.0.0/0 lets every client relay"),
+        (["::/1", "8000::/1"], "relay_networks ::/1 8000::/1 hold every IPv6 address together"),
+        (["0.0.0.0/1", "128.0.0.0/1", "::1"], "0.0.0.0/1 128.0.0.0/1 hold every IPv4 address"),
+        (["192.0.2.0/24", "::1"], None),
+    ],
+)
+def test_relay_networks_of_every_address_are_warned_about(caplog, networks, warned):
+    with caplog.at_level("WARNING", logger="bonzo.plugins.recipients"):
+        configured(domains=["example.com"], relay_networks=networks)
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if warned is None:
+        assert lines == []
+    else:
+        assert any(warned in line for line in lines), lines
+
+
+@pytest.mark.parametrize(
     "address",
     [
         "victim%elsewhere.net@example.com",
