@@ -186,7 +186,13 @@ class GreylistPlugin:
             value = await self.store.get(key)
             if value is None:
                 if await self.store.set(
-                    key, f"p:{now:.0f}", self.pending_expiry, only_new=True, group=group
+                    # Whole seconds, rounded down: rounded to the nearest,
+                    # a retry just past the delay could be told to wait more.
+                    key,
+                    f"p:{math.floor(now)}",
+                    self.pending_expiry,
+                    only_new=True,
+                    group=group,
                 ):
                     return self.delay
                 continue

@@ -70,6 +70,20 @@ def test_the_first_attempt_waits_the_delay_then_passes_and_is_remembered():
     assert attempt(plugin) is not None
 
 
+def test_a_retry_is_never_told_to_wait_longer_than_the_delay():
+    # The first attempt's time was kept rounded to the nearest second: at
+    # x.6 s a retry at once was told 3 seconds for a delay of 2, and one
+    # just past the delay was refused.
+    clock = Clock()
+    clock.now += 0.6
+    plugin = configure({"delay": 2}, clock)
+    assert attempt(plugin) == "4.7.1 Greylisted: please try again in 2 seconds"
+    clock.now += 0.1
+    assert attempt(plugin) == "4.7.1 Greylisted: please try again in 2 seconds"
+    clock.now += 1.95
+    assert attempt(plugin) is None
+
+
 def test_the_triplet_is_network_sender_recipient():
     clock = Clock()
     plugin = configure({"delay": 60}, clock)
