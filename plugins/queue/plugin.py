@@ -10,6 +10,7 @@ expiring and bouncing (:mod:`.bounce`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import io
 import json
@@ -19,6 +20,7 @@ from collections.abc import Awaitable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from bonzo.address import Address
 from bonzo.errors import PermanentError, TransientError
 from bonzo.hookspecs import Accept, hookimpl
 from bonzo.schema import Key, Schema
@@ -29,7 +31,7 @@ from .bounce import ReportLine
 from .keys import Value, mode, under_ten_years
 from .routes import DEFAULT_ROUTES, ROUTES, TRANSPORTS, RouteTable, check_routes
 from .runner import INLINE_SIZE, MAX_HANDED, Runner, RunnerSettings
-from .spool import Claim, GroupSync, QueuedMessage, Recipient, Spool
+from .spool import Claim, GroupSync, QueuedMessage, Recipient, Spool, queued_recipient
 
 __all__ = ["QueuePlugin", "parse_duration", "KEYS"]
 
@@ -61,6 +63,15 @@ def _check(values: dict[str, Any]) -> None:
             f"quarantine: no transport named {quarantine!r} in [plugins.queue.transports] "
             f"(known: {known})"
         )
+
+
+def _postmaster(address: Address) -> Address:
+    if not address.domain:
+        raise ValueError(
+            "needs a domain: the address mail to the bare <postmaster> is delivered to, "
+            'such as "postmaster@example.org"'
+        )
+    return address
 
 
 #: The ``[plugins.queue]`` table (:mod:`bonzo.schema`).
@@ -108,6 +119,17 @@ SCHEMA = Schema(
         "loop (``554 5.4.6``)."),
     ROUTES,
     TRANSPORTS,
+    Key("postmaster", "address", convert=_postmaster,
+        doc="Where mail to the bare ``<postmaster>`` goes (no domain: RFC 5321 "
+        "4.5.1 makes every server accept it, for its own postmaster): a full "
+        "address, which such a recipient is queued as — routed by its domain, "
+        "delivered and reported as that address, with ``ORCPT=rfc822;postmaster`` "
+        "(unless the client gave an ``ORCPT``) so a report names what the sender "
+        "wrote. Default: ``postmaster@`` the first local domain of the "
+        "``recipients`` plugin (the first of its ``domains``, else of its "
+        "``addresses``, else of its ``file``), or ``postmaster@`` the server's "
+        "``hostname`` without one (Postfix appends ``$myorigin`` likewise). "
+        "``bonzo check`` warns when no route matches it."),
     Key("quarantine",
         doc="The name of a transport of ``transports`` for messages a filter "
         "quarantined (:class:`bonzo.Quarantine`): with it, this plugin owns "
@@ -143,6 +165,9 @@ class QueuePlugin:
         self.settings = RunnerSettings()
         self.max_hops = 100
         self.quarantine: str | None = None
+        #: The ``postmaster`` key (``None``: the default, see :meth:`postmaster`).
+        self.postmaster_key: Address | None = None
+        self._warnings: list[str] = []
         self._app: Any = None
         self._final: frozenset[str | None] = frozenset()
         #: Messages this process queued and has not yet handed to the runner
@@ -178,19 +203,19 @@ class QueuePlugin:
         if routes is None:
             routes = ROUTES.parse(DEFAULT_ROUTES, None)
         self.routes = RouteTable.parsed(routes, values["transports"], app)
-        #: What ``bonzo check`` should warn about.
-        self.config_warnings: list[str] = []
+        self._warnings = []
         dns = getattr(app, "dns", None)
         if (
             dns is not None
             and not dns.enabled
             and any(t.kind == "mx" for t in self.routes.transports)
         ):
-            self.config_warnings.append(
+            self._warnings.append(
                 'a route of type "mx" needs DNS, which is off ([dns] is not configured): '
                 "every message on it will be deferred (and bounced once too old)"
             )
         self.quarantine = values["quarantine"]
+        self.postmaster_key = values["postmaster"]
         #: Whether bonzo_quarantine keeps anything (see App.warnings).
         self.quarantine_owner = bool(self.quarantine)
         self.spool = Spool(path, mode(values["mode"]))
@@ -205,11 +230,55 @@ class QueuePlugin:
             if getattr(plugins.get(name), "final_delivery", False) is True
         )
 
+    def postmaster(self) -> str:
+        """The address mail to the bare ``<postmaster>`` is queued as: the
+        ``postmaster`` key, else ``postmaster@`` the first of the
+        ``local_domains`` of an enabled plugin (``recipients``), else
+        ``postmaster@`` the server's hostname (``""``, kept bare, if that
+        makes no address). Asked once every plugin is configured:
+        ``recipients`` may come after this one."""
+        if self.postmaster_key is not None:
+            return self.postmaster_key.original
+        plugins: Any = getattr(self._app, "plugins", None)
+        for name in plugins.names if plugins is not None else ():
+            domains = getattr(plugins.get(name), "local_domains", None)
+            if isinstance(domains, (list, tuple)) and domains and isinstance(domains[0], str):
+                return f"postmaster@{domains[0]}"
+        address = f"postmaster@{self.settings.hostname}"
+        try:
+            Address.parse(address)
+        except ValueError:  # a hostname no domain can be made of: kept bare
+            return ""
+        return address
+
+    @property
+    def config_warnings(self) -> list[str]:
+        """What ``bonzo check`` should warn about (read once every plugin is
+        configured)."""
+        warnings = list(self._warnings)
+        if self.routes is not None:
+            address = self.postmaster()
+            domain = Address.parse(address).domain if address else ""
+            if not address:
+                warnings.append(
+                    "mail to <postmaster> has no address to go to (no local domain, and "
+                    "the hostname makes none): set [plugins.queue] postmaster"
+                )
+            elif self.routes.route_domain(domain) is None:
+                warnings.append(
+                    f"mail to <postmaster> goes to <{address}>, and no route matches "
+                    f"{domain!r}: it would wait in the queue for ever; add a route for it "
+                    "to [plugins.queue.routes], or set [plugins.queue] postmaster to an "
+                    "address that has one"
+                )
+        return warnings
+
     # ------------------------------------------------------------- lifecycle
     @hookimpl
     async def bonzo_startup(self, app: Any) -> None:
         """Create the queue directory, clean what a crash left, start the runner."""
         assert self.spool is not None and self.routes is not None
+        self.settings = dataclasses.replace(self.settings, postmaster=self.postmaster())
         spool = self.spool
         loop = asyncio.get_running_loop()
         removed = await loop.run_in_executor(None, spool.setup)
@@ -221,7 +290,12 @@ class QueuePlugin:
         self.runner = Runner(spool, self.sync, self.routes, plugins, self.settings)
         self.runner.start()
         count = len(await loop.run_in_executor(None, spool.ids))
-        log.info("queue: %s, %d message(s) queued", spool.path, count)
+        log.info(
+            "queue: %s, %d message(s) queued; mail to <postmaster> goes to <%s>",
+            spool.path,
+            count,
+            self.settings.postmaster,
+        )
 
     @hookimpl
     async def bonzo_shutdown(self) -> None:
@@ -270,12 +344,7 @@ class QueuePlugin:
             raise TransientError("Queue not started", 451, "4.3.0")
         keep = set(envelope.remaining_indexes)  # not refused, not removed
         recipients = [
-            {
-                "address": r.original,
-                "canonical": r.canonical,
-                "domain": r.domain,
-                "params": envelope.rcpt_params[i],
-            }
+            queued_recipient(r, envelope.rcpt_params[i], self.settings.postmaster)
             for i, r in enumerate(envelope.recipients)
             if i in keep
         ]

@@ -271,7 +271,10 @@ class RouteTable:
 
     def route(self, recipient: Recipient) -> Any:
         """The transport for ``recipient``, or ``None`` if no route matches."""
-        domain = recipient.domain
+        return self.route_domain(recipient.domain)
+
+    def route_domain(self, domain: str) -> Any:
+        """The transport for a canonical ``domain``, or ``None`` if no route matches."""
         transport = self.exact.get(domain)
         if transport is not None:
             return transport

@@ -55,7 +55,7 @@ from bonzo.session import log_escape, new_session_id
 
 from .bounce import ReportLine, build_report, wants_report
 from .routes import Outcome, RouteTable
-from .spool import Claim, GroupSync, QueuedMessage, Recipient, Spool, SpoolError
+from .spool import Claim, GroupSync, QueuedMessage, Recipient, Spool, SpoolError, queued_recipient
 
 __all__ = ["Runner", "RunnerSettings", "backoff"]
 
@@ -120,6 +120,10 @@ class RunnerSettings:
     busy_deliveries: int = 2
     bounce_size_limit: int = 50_000
     delivery_timeout: float = 600.0
+    postmaster: str = ""
+    """The address the bare ``<postmaster>`` is queued as (the plugin's
+    :meth:`~bonzo_plugins.queue.plugin.QueuePlugin.postmaster`); ``""``:
+    kept bare."""
 
 
 def backoff(attempts: int, settings: RunnerSettings) -> float:
@@ -866,17 +870,26 @@ class Runner:
         groups: dict[tuple[int, str], tuple[Any, list[int]]] = {}
         outcomes: dict[int, Outcome] = {}
         busy: dict[str, list[int]] = {}
+        postmaster = self.settings.postmaster
         for i in due:
             recipient = message.recipients[i]
+            if postmaster and not recipient.domain and recipient.address.lower() == "postmaster":
+                # Queued bare by an older version (it then waited for ever).
+                _to_postmaster(recipient, postmaster)
             transport = await self._route(message, recipient)
             if transport is None:
                 # A configuration mistake, not the sender's: keep the mail.
+                is_postmaster = bool(postmaster) and recipient.canonical == _canonical(postmaster)
                 log.error(
                     "queue: %s: no route for <%s> (domain %r): add one to "
-                    '[plugins.queue.routes], or a "*" route',
+                    '[plugins.queue.routes], or a "*" route%s',
                     message.id,
                     log_escape(recipient.address),
                     recipient.domain,
+                    " (this is where mail to the bare <postmaster> goes: "
+                    "[plugins.queue] postmaster)"
+                    if is_postmaster
+                    else "",
                 )
                 outcomes[i] = Outcome(
                     "deferred", 451, "4.3.5", "No route configured", "queue", never_expires=True
@@ -1197,6 +1210,23 @@ class Runner:
         )
         self.kick(id, handed)
         return id
+
+
+def _to_postmaster(recipient: Recipient, postmaster: str) -> None:
+    """Make a recipient queued as the bare ``<postmaster>`` the address it
+    is delivered as (:func:`~.spool.queued_recipient`), in memory."""
+    record = queued_recipient(Address.parse(recipient.address), recipient.params, postmaster)
+    recipient.address = record["address"]
+    recipient.canonical = record["canonical"]
+    recipient.domain = record["domain"]
+    recipient.params = record["params"]
+
+
+def _canonical(address: str) -> str:
+    try:
+        return Address.parse(address).canonical
+    except ValueError:
+        return address
 
 
 def _busy_time() -> float:

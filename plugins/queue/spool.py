@@ -62,12 +62,13 @@ import re
 import stat
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from bonzo import durable
+from bonzo.address import Address
 from bonzo.durable import Committer, fsync_dir
 
 from ..maildir.plugin import process_exists
@@ -83,6 +84,7 @@ __all__ = [
     "SpoolError",
     "STATUSES",
     "fsync_dir",
+    "queued_recipient",
 ]
 
 MAGIC = b"BONZO-QUEUE 1\n"
@@ -187,6 +189,33 @@ def _params(value: Any, what: str) -> dict[str, str | None]:
         if v is not None and not isinstance(v, str):
             raise TypeError(f"{what}.{k}: expected a string or null, got {type(v).__name__}")
     return dict(params)
+
+
+def queued_recipient(
+    address: Address, params: Mapping[str, str | None], postmaster: str
+) -> dict[str, Any]:
+    """A recipient as the queue file keeps it. The bare ``<postmaster>``
+    (RFC 5321 4.5.1: this server's postmaster) becomes ``postmaster``, the
+    address the ``postmaster`` key names, as Postfix appends ``$myorigin``:
+    routed by that domain and delivered as it; the address the client sent
+    stays in ``ORCPT`` (RFC 3461 4.2 lets a server add one), for reports."""
+    if address.domain or not postmaster:
+        return {
+            "address": address.original,
+            "canonical": address.canonical,
+            "domain": address.domain,
+            "params": params,
+        }
+    target = Address.parse(postmaster)
+    params = dict(params)
+    if not any(k.upper() == "ORCPT" for k in params):
+        params["ORCPT"] = f"rfc822;{address.original}"  # letters only: valid xtext
+    return {
+        "address": target.original,
+        "canonical": target.canonical,
+        "domain": target.domain,
+        "params": params,
+    }
 
 
 @dataclass

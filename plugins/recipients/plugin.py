@@ -111,6 +111,10 @@ class RecipientsPlugin:
         self.domains: set[str] = set()
         #: Local domains restricted to listed users: domain -> local parts.
         self.users: dict[str, set[str]] = {}
+        #: Every local domain, in the order of the configuration: ``domains``,
+        #: then those of ``addresses``, then the ``file``'s. The first is
+        #: where the ``queue`` plugin sends mail for the bare ``<postmaster>``.
+        self.local_domains: list[str] = []
         self.relay_networks: list[IPNetwork] = []
         self.relay_authenticated = True
         self.auth_available = True
@@ -123,9 +127,12 @@ class RecipientsPlugin:
         """Validate the ``[plugins.recipients]`` table and load the lists."""
         values = SCHEMA.parse(config, app)
         domains: set[str] = set(values["domains"])
+        # A dict as an ordered set: the order of the configuration.
+        ordered: dict[str, None] = dict.fromkeys(values["domains"])
         users: dict[str, set[str]] = {}
         for local, domain in values["addresses"]:
             users.setdefault(domain, set()).add(local)
+            ordered[domain] = None
         path = values["file"]
         if path is not None:
             for lineno, entry in _read_list(path):
@@ -133,8 +140,11 @@ class RecipientsPlugin:
                     if "@" in entry:
                         local, domain = _address(entry)
                         users.setdefault(domain, set()).add(local)
+                        ordered[domain] = None
                     elif entry.lower() != "postmaster":  # always accepted anyway
-                        domains.add(domain_name(entry))
+                        domain = domain_name(entry)
+                        domains.add(domain)
+                        ordered[domain] = None
                 except ValueError as exc:
                     raise ValueError(f"file: {path}: line {lineno}: {exc}") from None
         networks: list[IPNetwork] = values["relay_networks"]
@@ -158,6 +168,7 @@ class RecipientsPlugin:
         # listed in `domains`.
         self.domains = domains - set(users)
         self.users = users
+        self.local_domains = list(ordered)
         self.relay_networks = networks
         self.relay_authenticated = relay_authenticated
         # Whether a client can authenticate at all (some plugin checks

@@ -676,6 +676,33 @@ def test_delivered_messages_leave_the_queue(tmp_path):
     assert spool.ids() == []
 
 
+def test_a_bare_postmaster_queued_by_an_earlier_version_goes_to_the_postmaster(tmp_path):
+    """A message queued with the bare ``<postmaster>`` (domain ``""``, which
+    no route matched: it waited for ever) is delivered as the postmaster's
+    address, with ``ORCPT`` naming what the client wrote."""
+
+    class Recording(Scripted):
+        seen: list[Recipient] = []
+
+        async def deliver(self, message: Any, recipients: Sequence[Recipient]) -> list[Outcome]:
+            self.seen.extend(recipients)
+            return await super().deliver(message, recipients)
+
+    transport = Recording({"postmaster@example.org": [OK]})
+    spool, runner, clock = make_runner(tmp_path, transport, postmaster="postmaster@example.org")
+    env = envelope()
+    env["recipients"] = [
+        {"address": "PostMaster", "canonical": "postmaster", "domain": "", "params": {}}
+    ]
+    queued(spool, "P1", env)
+    asyncio.run(runner.attempt("P1"))
+    assert transport.calls == [["postmaster@example.org"]]
+    [seen] = transport.seen
+    assert (seen.canonical, seen.domain) == ("postmaster@example.org", "example.org")
+    assert seen.params == {"ORCPT": "rfc822;PostMaster"}
+    assert spool.ids() == []
+
+
 def test_deferred_recipients_back_off_then_are_delivered(tmp_path):
     transport = Scripted({"bob@example.net": [DEFER, DEFER, OK], "eve@example.net": [OK]})
     spool, runner, clock = make_runner(tmp_path, transport, min_backoff=300, max_backoff=500)

@@ -327,3 +327,99 @@ def test_queue_list_shows_a_message_it_cannot_read(tmp_path):
     assert only.stdout.splitlines()[-1] == "-- 1 shown"
     pending = bonzo("queue", "-c", str(config), "list", "--state", "pending", cwd=tmp_path)
     assert "BAD1" not in pending.stdout and "GOOD1" in pending.stdout
+
+
+def test_mail_to_the_bare_postmaster_goes_to_the_first_local_domains_postmaster(tmp_path):
+    """RFC 5321 4.5.1: ``RCPT TO:<Postmaster>`` is accepted, and it must
+    reach the postmaster: the queue delivers it as ``postmaster@`` the first
+    local domain, by that domain's route (here the only one: no ``"*"``),
+    where it used to be routed by the domain ``""`` and never delivered."""
+    config, port = write_config(tmp_path)
+    with daemons(tmp_path, daemon_env()) as start:
+        daemon = start(config, port)
+        daemon.wait_ready()
+        assert send(port, 7, rcpt="PostMaster")
+        wait_until(lambda: delivered(tmp_path, "postmaster") == [7], what="the postmaster's copy")
+        wait_until(lambda: not any((tmp_path / "queue" / "data").iterdir()), what="an empty queue")
+        assert "mail to <postmaster> goes to <postmaster@example.org>" in daemon.log
+        assert "no route" not in daemon.log
+        assert daemon.stop() == 0
+    [copy] = (tmp_path / "mail" / "example.org" / "postmaster" / "new").iterdir()
+    assert b"Delivered-To: postmaster@example.org\r\n" in copy.read_bytes()
+
+
+def test_the_postmaster_key_routes_the_bare_postmaster_and_reports_name_it(tmp_path, start_server):
+    """With ``postmaster`` set, the bare ``<postmaster>`` goes to that
+    address by its domain's route (to a real downstream here); a report
+    about it names the address it was delivered as and, as
+    ``Original-Recipient``, what the sender wrote."""
+    from e2e_support import RecordingPlugin
+
+    from bonzo import errors
+
+    class Downstream(RecordingPlugin):
+        def bonzo_rcpt(self, address):  # type: ignore[no-untyped-def]
+            if address.startswith("gone-"):
+                raise errors.PermanentError("No such user", 550, "5.1.1")
+            return super().bonzo_rcpt()
+
+    downstream = start_server(plugin=Downstream(), hostname="mail.example.net")
+    config, port = write_config(tmp_path)
+    text = config.read_text().replace(
+        "max_backoff = 2\n", 'max_backoff = 2\npostmaster = "hostmaster@example.net"\n'
+    )
+    route = f'{{ type = "smarthost", host = "127.0.0.1", port = {downstream.port}, tls = "none" }}'
+    config.write_text(text + f'"example.net" = {route}\n')
+    checked = bonzo("check", "-c", str(config), cwd=tmp_path)
+    assert checked.returncode == 0 and "warning" not in checked.stdout + checked.stderr
+    with daemons(tmp_path, daemon_env()) as start:
+        daemon = start(config, port)
+        daemon.wait_ready()
+        assert send(port, 8, rcpt="postmaster")
+        wait_until(lambda: downstream.plugin.messages, what="the downstream's copy")
+        assert [m.rcpt_tos for m in downstream.plugin.messages] == [["hostmaster@example.net"]]
+        assert daemon.stop() == 0
+    # The same address refused downstream: the report names both addresses.
+    config.write_text(
+        config.read_text().replace('"hostmaster@example.net"', '"gone-pm@example.net"')
+    )
+    with daemons(tmp_path, daemon_env()) as start:
+        daemon = start(config, port)
+        daemon.wait_ready()
+        assert send(port, 9, rcpt="Postmaster")
+        alice = tmp_path / "mail" / "example.org" / "alice" / "new"
+        wait_until(lambda: alice.is_dir() and any(alice.iterdir()), what="the report")
+        assert daemon.stop() == 0
+    [report] = alice.iterdir()
+    text = report.read_text()
+    assert "Original-Recipient: rfc822; Postmaster" in text
+    assert "Final-Recipient: rfc822; gone-pm@example.net" in text
+    assert "Diagnostic-Code: smtp; 550 5.1.1 No such user" in text
+
+
+def test_no_route_for_the_postmaster_is_named_with_its_key(tmp_path):
+    """Where the postmaster's address has no route, ``bonzo check`` says so
+    and names the key; the daemon keeps the message (deferred, never
+    bounced) and its error names the key too."""
+    config, port = write_config(tmp_path)
+    config.write_text(
+        config.read_text().replace(
+            'domains = ["example.org", "example.net"]', 'domains = ["example.net", "example.org"]'
+        )
+    )
+    checked = bonzo("check", "-c", str(config), cwd=tmp_path)
+    assert checked.returncode == 0
+    assert (
+        "warning: plugins.queue: mail to <postmaster> goes to <postmaster@example.net>, and "
+        "no route matches 'example.net'"
+    ) in checked.stdout + checked.stderr
+    assert "[plugins.queue] postmaster" in checked.stdout + checked.stderr
+    with daemons(tmp_path, daemon_env()) as start:
+        daemon = start(config, port)
+        daemon.wait_ready()
+        assert send(port, 10, rcpt="postmaster")
+        wait_until(lambda: "no route for <postmaster@example.net>" in daemon.log, what="the error")
+        assert "[plugins.queue] postmaster)" in daemon.log
+        listing = queue_list(config)
+        assert "postmaster@example.net" in listing and "451 4.3.5" in listing
+        assert daemon.stop() == 0

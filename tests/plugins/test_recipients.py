@@ -459,3 +459,19 @@ def test_relaying_for_authenticated_sessions_needs_a_plugin_that_authenticates(c
         plugin = server.plugins.get("recipients")
     assert "relaying for authenticated sessions" in server.log_text
     assert plugin.config_warnings == []  # type: ignore[attr-defined]
+
+
+def test_local_domains_keep_the_order_of_the_configuration(tmp_path):
+    """The first local domain is where the queue sends the bare
+    ``<postmaster>``: ``domains`` first, then ``addresses``, then the file."""
+    (tmp_path / "rcpt.txt").write_text("zeta@file.example\npostmaster\nfile2.example\n")
+    plugin = configured(
+        domains=["B.example", "a.example"],
+        addresses=["x@c.example", "y@a.example"],
+        file=str(tmp_path / "rcpt.txt"),
+    )
+    assert plugin.local_domains == [
+        "b.example", "a.example", "c.example", "file.example", "file2.example"
+    ]  # fmt: skip
+    assert configured(addresses=["x@c.example"]).local_domains == ["c.example"]
+    assert configured().local_domains == []
