@@ -6,8 +6,8 @@ starts ``dovecot -F`` on it with an LMTP listener on 127.0.0.1 and a Unix
 socket, waits until it answers, and stops it at the end. Nothing is
 installed or started system-wide; ``.ci/run`` installs the packages.
 
-Users (a passwd-file, mail owned by ``nobody``): ``alice`` and ``carol``
-with room to spare, and ``bob`` with a 1 KB quota and
+Users (a passwd-file, mail owned by ``nobody``): ``alice``, ``carol`` and
+``postmaster`` with room to spare, and ``bob`` with a 1 KB quota and
 ``quota_full_tempfail`` (a message that does not fit gets
 ``452 4.2.2`` after the data). Unknown users get ``550 5.1.1`` at RCPT.
 Messages are stored with CRLF line ends (``mail_save_crlf``), so a test
@@ -29,7 +29,7 @@ from pathlib import Path
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 HOST = "127.0.0.1"
-USERS = {"alice": "", "bob": "userdb_quota_rule=*:storage=1K", "carol": ""}
+USERS = {"alice": "", "bob": "userdb_quota_rule=*:storage=1K", "carol": "", "postmaster": ""}
 DEADLINE = 20.0
 
 

@@ -2,7 +2,9 @@
 real daemon in front of a private Dovecot LMTP server: a known user's
 message is stored byte-exact in Dovecot's Maildir, an unknown user is
 refused at RCPT (no backscatter later), a user over quota is deferred in
-the queue while the others are delivered."""
+the queue while the others are delivered, and mail to the postmaster —
+``postmaster@example.org``, which is always accepted, and the bare
+``<postmaster>`` — reaches the postmaster's mailbox, never a bounce."""
 
 from __future__ import annotations
 
@@ -38,7 +40,10 @@ def test_mx_in_front_of_dovecot(tmp_path: Path, dovecot: Dovecot) -> None:
         text = text.replace(old, new)
     # Dovecot's test users; a long back-off keeps the deferred one queued.
     text = text.replace('path = "queue"', 'path = "queue"\nscan_interval = 1\nmin_backoff = 3600')
-    (tmp_path / "users.txt").write_text("alice@example.org\nbob@example.org\ncarol@example.org\n")
+    # The shipped list (postmaster included), and Dovecot's third user.
+    users = (ROOT / "examples" / "users.txt").read_text()
+    assert "\npostmaster@example.org\n" in users
+    (tmp_path / "users.txt").write_text(users + "carol@example.org\n")
     config = tmp_path / "mx-dovecot.toml"
     config.write_text(text)
     big = body("over quota", 60)  # more than bob's 1 KB quota
@@ -57,6 +62,12 @@ def test_mx_in_front_of_dovecot(tmp_path: Path, dovecot: Dovecot) -> None:
             assert (code, reply[:5]) == (554, b"5.7.1")  # not an open relay
             assert c.data(big)[0] == 250
             assert c.sendmail("sender@elsewhere.test", ["carol@example.org"], small) == {}
+            to_postmaster = body("to the postmaster", 2)
+            assert (
+                c.sendmail("sender@elsewhere.test", ["postmaster@example.org"], to_postmaster) == {}
+            )
+            bare = body("to the bare postmaster", 2)
+            assert c.sendmail("sender@elsewhere.test", ["Postmaster"], bare) == {}
 
         def stored(user: str, subject: str) -> list[bytes]:
             wanted = f"Subject: {subject}\r\n".encode()
@@ -64,6 +75,8 @@ def test_mx_in_front_of_dovecot(tmp_path: Path, dovecot: Dovecot) -> None:
 
         wait_until(lambda: stored("alice", "over quota"), DEADLINE, "alice's message")
         wait_until(lambda: stored("carol", "fits"), DEADLINE, "carol's message")
+        wait_until(lambda: stored("postmaster", "to the postmaster"), DEADLINE, "postmaster@")
+        wait_until(lambda: stored("postmaster", "to the bare postmaster"), DEADLINE, "<postmaster>")
         [copy] = stored("alice", "over quota")
         assert copy.endswith(big)
         assert b"by mx.example.org (Bonzo)" in copy  # Bonzo's trace, kept under Dovecot's
@@ -71,11 +84,15 @@ def test_mx_in_front_of_dovecot(tmp_path: Path, dovecot: Dovecot) -> None:
 
         def bob_deferred() -> str | None:
             listing = _queue(tmp_path, config)
-            return listing if "bob@example.org" in listing else None
+            # Bob's message alone: the others delivered, and no report queued.
+            return (
+                listing if "bob@example.org" in listing and "-- 1 message(s)" in listing else None
+            )
 
         listing = wait_until(bob_deferred, DEADLINE, "bob's recipient in the queue listing")
         assert "452 4.2.2" in listing and "1 deferred" in listing
         assert "alice@example.org" not in listing and "carol@example.org" not in listing
+        assert "postmaster" not in listing
         assert daemon.stop() == 0
 
 
