@@ -4,7 +4,8 @@
 delivery-status`` message for one batch of recipients of one queued
 message: a human-readable part, the ``message/delivery-status`` part (the
 per-message fields, then one block per recipient) and the original message
-(``message/rfc822``) or, when the sender asked for headers only
+(``message/rfc822``, in a failure report) or, in a delay notice or a
+success report (RFC 3461 4.3), when the sender asked for headers only
 (``RET=HDRS``), the message is larger than the size limit or it is not text
 (binary content cannot go in a report, which is sent ``BODY=8BITMIME``), its
 header section (``text/rfc822-headers``), no larger than the size limit
@@ -272,8 +273,10 @@ def build_report(
     now = time.time() if now is None else now
     action = lines[0].action
     dsn = _mail_dsn(message)
-    # A success report carries the headers only; RET=HDRS asks for them.
-    full = dsn.ret != "HDRS" and action not in ("delivered", "relayed")
+    # RET applies to failures only (RFC 3461 4.3): a report with none (a
+    # delay notice, a success report) carries the headers; RET=HDRS asks
+    # for them.
+    full = dsn.ret != "HDRS" and action == "failed"
     returned = _returned(message, full, size_limit)
     subject, intro = _TEXT[action]
     # RFC 2046 5.1.1: at most 70 characters. The random part makes it

@@ -884,6 +884,9 @@ def test_one_delay_notice_when_delay_warning_is_set(tmp_path):
     assert "Subject: Delayed Mail (still being retried)" in text
     assert "Action: delayed" in text and "Will-Retry-Until:" in text
     assert spool.load("W1").warned
+    # Nothing failed: the headers come back, not the message (RFC 3461 4.3).
+    assert "Content-Type: text/rfc822-headers" in text and "message/rfc822" not in text
+    assert "Subject: queued" in text and "Hello through the queue." not in text
 
 
 def test_a_success_report_when_asked(tmp_path):
