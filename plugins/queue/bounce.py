@@ -94,6 +94,11 @@ class ReportLine:
     gives the diagnostic as ``X-Bonzo``, not ``smtp``, RFC 3464 2.3.6)."""
     will_retry_until: float = 0.0
     """For ``delayed``: when the message expires."""
+    note: str = ""
+    """Why this server gave up, when not for the reply itself (``message
+    expired after 5d``): said after the diagnostic in the human-readable
+    part only, never in ``Diagnostic-Code``, which holds no more than what
+    the server said (RFC 3464 2.3.6)."""
 
 
 _KINDS = {"failed": "failure", "delayed": "delay", "delivered": "success", "relayed": "success"}
@@ -312,6 +317,8 @@ def build_report(
         what = f"<{line.recipient.address}>"
         if line.diagnostic:
             what += f": {line.diagnostic}"
+        if line.note:
+            what += f" ({line.note})"
         out.append(_clean(what, MAX_LINE))
     if returned.note:
         out += ["", *textwrap.wrap(returned.note, 76)]

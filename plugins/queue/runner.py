@@ -1034,12 +1034,12 @@ class Runner:
                 status = "4.4.7" if expired and outcome.enhanced[:1] != "5" else outcome.enhanced
                 if status[:1] != "5":
                     status = "5" + status[1:]
-                diagnostic = outcome.reply
-                if expired:
-                    diagnostic = (
-                        f"{outcome.reply} (message expired after {_age(now - message.arrival)})"
-                    )
-                bounced.append(ReportLine(r, "failed", status, diagnostic, r.remote_mta))
+                # The reply stays as the server gave it (a report's
+                # Diagnostic-Code); the expiry is said beside it.
+                note = f"message expired after {_age(now - message.arrival)}" if expired else ""
+                bounced.append(
+                    ReportLine(r, "failed", status, outcome.reply, r.remote_mta, note=note)
+                )
             else:
                 r.status = "deferred"
                 r.next_attempt = now + backoff(r.attempts, settings)
@@ -1067,10 +1067,11 @@ class Runner:
             )
         for line in bounced:
             log.warning(
-                "queue: %s to=<%s> bounced: %s (%s)",
+                "queue: %s to=<%s> bounced: %s%s (%s)",
                 message.id,
                 log_escape(line.recipient.address),
                 _one_line(line.diagnostic),
+                f" ({line.note})" if line.note else "",
                 line.recipient.host,
             )
         for lines in ([b for b in bounced if wants_report(b.recipient, "failed")], success):
@@ -1265,12 +1266,20 @@ def _one_line(text: str) -> str:
     return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
 
 
+#: The units of :func:`_age`, largest first.
+_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+
+
 def _age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    if seconds < 172800:
-        return f"{seconds // 3600}h"
-    return f"{seconds // 86400}d"
+    """A duration in its two largest units (``2m30s``, ``1h6m``, ``5d``): a
+    lifetime of 150 s is not "2m"."""
+    left = max(0, int(seconds))
+    parts: list[str] = []
+    for name, size in _UNITS:
+        if parts or left >= size or size == 1:
+            count, left = divmod(left, size)
+            if count or not parts:
+                parts.append(f"{count}{name}")
+            if len(parts) == 2 or parts and not count:
+                break
+    return "".join(parts)

@@ -867,6 +867,42 @@ def test_a_message_that_outlives_its_lifetime_bounces(tmp_path):
     assert "Status: 5.4.7" in text and "message expired after" in text
 
 
+def test_an_expiry_bounce_quotes_the_servers_reply_as_it_was(tmp_path, caplog):
+    """RFC 3464 2.3.6: ``Diagnostic-Code: smtp;`` is what the server said;
+    that the message expired is said in the human-readable part and the
+    log, with its age as it is (150 s is "2m30s", not "2m")."""
+    transport = Scripted({"bob@example.net": [DEFER, DEFER]})
+    spool, runner, clock = make_runner(tmp_path, transport, min_backoff=60, lifetime=150)
+    queued(spool, "E2", envelope())
+
+    async def main() -> None:
+        await runner.attempt("E2")
+        clock.now += 150
+        await runner.attempt("E2")
+
+    asyncio.run(main())
+    [report] = reports(spool)
+    text = report.read().decode()
+    assert "\r\nDiagnostic-Code: smtp; 451 4.3.0 Try later\r\n" in text
+    assert "Status: 5.4.7" in text and "Remote-MTA: dns; mx.example.net" in text
+    assert "<bob@example.net>: 451 4.3.0 Try later (message expired after 2m30s)\r\n" in text
+    assert (
+        "E2 to=<bob@example.net> bounced: 451 4.3.0 Try later (message expired after 2m30s) "
+        "(mx.example.net)"
+    ) in caplog.text
+
+
+@pytest.mark.parametrize(
+    "seconds, shown",
+    [(0, "0s"), (59, "59s"), (119, "1m59s"), (120, "2m"), (150, "2m30s"), (4000, "1h6m"),
+     (7200, "2h"), (86399, "23h59m"), (5 * 86400, "5d"), (2 * 86400 + 5 * 3600, "2d5h")],
+)  # fmt: skip
+def test_ages_are_said_in_their_two_largest_units(seconds, shown):
+    from bonzo_plugins.queue.runner import _age
+
+    assert _age(seconds) == shown
+
+
 def test_one_delay_notice_when_delay_warning_is_set(tmp_path):
     transport = Scripted({"bob@example.net": [DEFER] * 5})
     spool, runner, clock = make_runner(tmp_path, transport, min_backoff=3600,
