@@ -192,6 +192,13 @@ def check_routes(values: Mapping[str, Any]) -> None:
     """Every route's pattern is a domain pattern, and every route given by
     name names a transport (a :class:`Schema` check)."""
     for pattern, route in (values["routes"] or {}).items():
+        if not pattern.strip():
+            # It once matched the bare <postmaster>, now queued with a domain.
+            raise ValueError(
+                f"routes.{label(pattern)}: an empty domain matches no recipient; mail to "
+                "the bare <postmaster> is routed by the domain of [plugins.queue] postmaster "
+                "(postmaster@ the first local domain by default)"
+            )
         if pattern != "*":
             _domain(pattern.removeprefix("*."), f"routes.{label(pattern)}")
         if isinstance(route, str) and route not in values["transports"]:

@@ -232,6 +232,16 @@ def test_bad_route_names_the_key(tmp_path, route, message):
         RouteTable({"*": route}, {}, App(tmp_path))
 
 
+def test_an_empty_route_pattern_is_refused_naming_the_postmaster_key(tmp_path):
+    """``""`` once matched the bare ``<postmaster>`` (undocumented); that
+    recipient is now queued with a domain, so the pattern would match
+    nothing: refused, saying where such mail goes."""
+    with pytest.raises(ValueError, match=re.escape('routes."": an empty domain matches no')):
+        RouteTable({"": {"type": "discard"}, "*": {"type": "discard"}}, {}, App(tmp_path))
+    with pytest.raises(ValueError, match=re.escape("[plugins.queue] postmaster")):
+        RouteTable({" ": {"type": "discard"}}, {}, App(tmp_path))
+
+
 def test_an_lmtp_socket_path_longer_than_the_system_allows_is_refused(tmp_path):
     """Such a path fails every connect: refused as a listener's is, naming
     the key and the limit."""
