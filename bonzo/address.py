@@ -42,16 +42,21 @@ _DOT_ATOM = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*")
 _ASCII_DOMAIN = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?"
 )
+# What no ASCII domain may hold: a control character or white space (a name
+# read from a header field must never be looked up as the one it shows once
+# the octet is hidden). Anything else printable is a DNS name (RFC 2181 11:
+# an underscore, a label starting with a hyphen), looked up as written.
+_NOT_IN_DOMAIN = re.compile(r"[^\x21-\x7e]")
 _QUOTED_PAIR = re.compile(r"\\(.)")
 
 
 def canonical_domain(domain: str) -> str:
     """The canonical form of a domain or address literal.
 
-    Raises :class:`ValueError` for an ASCII domain that is not a host name
-    (letters, digits and ``-`` in dot-separated labels, RFC 1034 3.5: a
-    control octet, a space, ``_`` or an empty label is refused, so that a
-    name read from a header field is never looked up as another one), when
+    Raises :class:`ValueError` for an ASCII domain with a control
+    character, white space or an empty label (so that a name read from a
+    header field is never looked up as the one it shows once the octet is
+    hidden; ``_`` and other printable characters are DNS names), when
     a non-ASCII domain has no IDNA form (a code point UTS #46 forbids, an
     empty label, a label that maps to ``@``) and for an address literal that
     is not one of RFC 5321 4.1.3 (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``
@@ -60,7 +65,8 @@ def canonical_domain(domain: str) -> str:
     if domain[:1] == "[":
         return _canonical_literal(domain)
     if domain.isascii():
-        if not _ASCII_DOMAIN.fullmatch(domain):
+        # (A final dot is the root: "example.org." is a name.)
+        if _NOT_IN_DOMAIN.search(domain) or "" in domain.split(".")[:-1] or not domain:
             raise ValueError(f"not a domain name: {domain!r}")
         return domain.lower()
     try:

@@ -187,6 +187,8 @@ def message_parts(envelope: Envelope) -> tuple[bytes, IO[bytes], int]:
 #: (``>``, ``,``, ``;``, a comment, the end): Python's address parser reads
 #: ``a@example.org.`` as an address without a domain.
 _FINAL_DOT = re.compile(r"(@[^\s<>,;:@()\[\]\"\\]+?)\.(?=\s*(?:[>,;(]|$))")
+# What a reader may not show in a domain: control characters and white space.
+_UNSHOWN = re.compile(r"[\x00-\x20\x7f-\x9f\s]")
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,14 @@ def _field_domains(raw: bytes) -> tuple[list[str], str]:
                 domains.append(canonical_domain(domain))
             except ValueError:
                 problem = problem or "an invalid domain in the From: field"
+                # A control octet or a space a reader may not show: the
+                # domain it shows is the one a policy must be applied for
+                # (the message still has a problem: never signed, never
+                # a DMARC pass).
+                try:
+                    domains.append(canonical_domain(_UNSHOWN.sub("", domain)))
+                except ValueError:
+                    pass
     return domains, problem
 
 
