@@ -387,6 +387,7 @@ class Dispatcher:
                 spool_dir=self.settings.spool_dir,
                 sender=event.mailbox,  # type: ignore[attr-defined]
                 dsn=event.dsn,  # type: ignore[attr-defined]
+                receiving=True,
             )
             verdict = await plugins.decide(
                 "bonzo_mail",
@@ -447,6 +448,7 @@ class Dispatcher:
             raise _StorageFault(self._stored)
         session, envelope = self.session, self.envelope
         assert envelope is not None
+        envelope.end_content()
         # A quarantine lets the later content filters run (and add their
         # headers); the first one's reason is kept.
         verdict = await self.plugins.decide(

@@ -564,7 +564,12 @@ class Envelope:
         sender: Address | None = None,
         dsn: MailDSN | None = None,
         rcpt_tos: Iterable[str] = (),
+        receiving: bool = False,
     ) -> None:
+        # A session's envelope (receiving): the content is still to come, and
+        # header edits and a new body asked for before it wait for it
+        # (end_content) rather than apply to an empty message.
+        self._content_pending = receiving
         #: The reverse-path (``""`` for the null sender), as the client sent it.
         self.mail_from = mail_from
         #: The sender as an :class:`~bonzo.address.Address` (canonical form
@@ -960,9 +965,19 @@ class Envelope:
         self._size = new.size
         self._message = None
 
+    def end_content(self) -> None:
+        """The content is complete (the session calls this at the end of the
+        message, before ``bonzo_message``): the header edits and new body
+        plugins asked for before it apply from now on. An envelope made
+        without ``receiving=True`` never waits."""
+        self._content_pending = False
+
     def _apply_changes(self) -> None:
         """Apply the pending header edits and the new body in one pass: the
-        spool is rewritten only if the client's part changed."""
+        spool is rewritten only if the client's part changed. Nothing while
+        the content is still to come (:meth:`end_content`)."""
+        if self._content_pending:
+            return
         edits, self._edits = self._edits, []
         if not edits:
             return

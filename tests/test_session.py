@@ -157,11 +157,26 @@ class _EarlyEdits:
         envelope.replace_body(b"new body\r\n")
 
 
+class _EarlyReader:
+    """Adds headers and reads the envelope before the content: neither may
+    apply the pending edits to the message not yet there."""
+
+    def bonzo_rcpt(self, envelope):
+        envelope.add_header("X-At-Rcpt", "1")
+        assert envelope.size == 0 and envelope.headers()
+
+    def bonzo_data(self, envelope):
+        envelope.add_header("X-At-Data", "1")
+
+
+@pytest.mark.parametrize("reader", [False, True])
 @pytest.mark.parametrize("chunked", [False, True])
-def test_edits_made_before_the_content_apply_to_the_client_s_header(chunked):
-    # They wait for the content: the trace header Bonzo adds at DATA must
-    # not apply them early (to an empty message).
-    with PluginTestServer(("early", _EarlyEdits())) as server:
+def test_edits_made_before_the_content_apply_to_the_client_s_header(chunked, reader):
+    # They wait for the content: the trace header Bonzo adds at DATA, or
+    # another plugin adding a header or reading the size, must not apply
+    # them early (to an empty message).
+    plugins = [("early", _EarlyEdits())] + ([("reader", _EarlyReader())] if reader else [])
+    with PluginTestServer(*plugins) as server:
         with server.client() as client:
             client.ehlo()
             client.mail("a@example.org")
@@ -176,8 +191,10 @@ def test_edits_made_before_the_content_apply_to_the_client_s_header(chunked):
     message = server.messages[0]
     head, body = message.split(b"\r\n\r\n", 1)
     names = [line.split(b":")[0] for line in head.split(b"\r\n") if line[:1] not in b" \t"]
-    assert names == [b"Received", b"Subject", b"X-Second"]  # one Subject, no X-Spam-Flag
-    assert b"Subject: [EXT] hello\r\n" in head
+    added = [b"X-At-Rcpt", b"X-At-Data"] if reader else []
+    assert sorted(names) == sorted([b"Received", b"Subject", b"X-Second", *added])
+    assert names[0] == b"Received" and names.count(b"Subject") == 1  # no X-Spam-Flag
+    assert b"Subject: [EXT] hello" in head.split(b"\r\n")
     assert body == b"new body\r\n"
 
 
