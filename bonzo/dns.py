@@ -1012,9 +1012,13 @@ class Resolver:
         out: list[MXHost] = []
         errors: list[DNSError] = []
         seen: set[str] = set()
+        unusable = False
         budget = s.max_mx_addresses
         for (preference, exchange), (found, failed) in zip(hosts, lookups, strict=True):
-            found = [d for d in map(_destination, found) if d is not None]
+            usable = [d for d in map(_destination, found) if d is not None]
+            unusable = unusable or len(usable) < len(found)
+            # (An A record and the same address mapped in AAAA are one.)
+            found = list(dict.fromkeys(usable))
             # "No AAAA record" beside an A record is normal: only failures
             # that cost a host or may have cost it some addresses are kept.
             errors += failed if not found else [e for e in failed if e.temporary]
@@ -1031,6 +1035,12 @@ class Resolver:
             if temporary:
                 raise DNSTemporaryError(
                     f"{name}: no mail host address found for now ({temporary[0]})", name, "MX"
+                )
+            if unusable:
+                raise NoAddress(
+                    f"{name}: no mail host has a usable address (only the unspecified one)",
+                    name,
+                    "MX",
                 )
             if implicit:
                 raise NoAddress(f"{name}: no MX, A or AAAA record", name, "MX")
@@ -1164,14 +1174,14 @@ def _destination(address: str) -> str | None:
     connection to it reaches this host), an IPv4-mapped one as IPv4 (as an
     address literal of it is)."""
     try:
-        ip = ipaddress.ip_address(address)
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address)
     except ValueError:
         return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # (then checked as the IPv4 address it is)
     if ip.is_unspecified:
         return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return address
+    return str(ip)
 
 
 def _truncated(response: Any) -> bool:

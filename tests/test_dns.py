@@ -582,7 +582,17 @@ def test_unspecified_addresses_are_no_mail_host_and_mapped_ones_are_ipv4(dns_stu
     result = run(dns_stub.resolver().resolve_mx("odd.example"))
     assert result.hosts == (MXHost("mapped.odd.example", 20, ("192.0.2.9",)),)
     dns_stub.add("nothing.example", "AAAA", "::")
-    fail(dns_stub.resolver().resolve_mx("nothing.example"), NoAddress)
+    dns_stub.add("nothing.example", "A", "0.0.0.0")
+    error = fail(dns_stub.resolver().resolve_mx("nothing.example"), NoAddress)
+    assert "no mail host has a usable address" in str(error)
+    # The mapped form of the unspecified address is unspecified too; an A
+    # record and the same address mapped are one address.
+    dns_stub.add("both.example", "AAAA", "::ffff:0.0.0.0")
+    dns_stub.add("both.example", "AAAA", "::ffff:192.0.2.10")
+    dns_stub.add("both.example", "A", "192.0.2.10")
+    result = run(dns_stub.resolver().resolve_mx("both.example"))
+    assert result.hosts == (MXHost("both.example", 0, ("192.0.2.10",)),)
+    fail(dns_stub.resolver().resolve_mx("[IPv6:::ffff:0.0.0.0]"), BadName)
 
 
 def test_implicit_mx_without_any_address_is_permanent(dns_stub):
