@@ -147,7 +147,11 @@ def check_creatable(key: str, path: Path) -> None:
 
 def local_address(value: str) -> str:
     """A ``source_address``: an IP address (of this machine) to connect
-    from, as ``192.0.2.10`` or ``2001:db8::10``. Raises :class:`ValueError`."""
+    from, as ``192.0.2.10`` or ``2001:db8::10`` (no zone index: the socket
+    is bound by name lookup, which does not take one). Raises
+    :class:`ValueError`."""
+    if "%" in value:
+        raise ValueError(f"{describe(value)}: a zone index (%...) is not supported")
     try:
         return str(ipaddress.ip_address(value.strip()))
     except ValueError:

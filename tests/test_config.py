@@ -1110,3 +1110,13 @@ def test_listen_takes_what_the_listeners_table_takes(value, message):
 def test_a_listener_address_with_a_zone_index_is_refused_when_read():
     with pytest.raises(ConfigError, match=r"listeners\[0\]\.address.*zone index"):
         parse('[[listeners]]\naddress = "::1%lo"\n')
+
+
+@pytest.mark.parametrize("value", ["::1%lo", "fe80::1%eth0"])
+def test_a_source_address_with_a_zone_index_is_refused_when_read(value):
+    # It passed bonzo check, then every connection failed ("Unknown error -2").
+    from bonzo_plugins._config import local_address
+
+    with pytest.raises(ValueError, match=r"zone index"):
+        local_address(value)
+    assert local_address(" ::1 ") == "::1"
