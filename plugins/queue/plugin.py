@@ -128,8 +128,9 @@ SCHEMA = Schema(
         "wrote. Default: ``postmaster@`` the first local domain of the "
         "``recipients`` plugin (the first of its ``domains``, else of its "
         "``addresses``, else of its ``file``), or ``postmaster@`` the server's "
-        "``hostname`` without one (Postfix appends ``$myorigin`` likewise). "
-        "``bonzo check`` warns when no route matches it."),
+        "``hostname`` without one (set the key then: that address is rarely "
+        "delivered here, and ``bonzo check`` says so). ``bonzo check`` warns "
+        "when no route matches it."),
     Key("quarantine",
         doc="The name of a transport of ``transports`` for messages a filter "
         "quarantined (:class:`bonzo.Quarantine`): with it, this plugin owns "
@@ -259,6 +260,19 @@ class QueuePlugin:
         if self.routes is not None:
             address = self.postmaster()
             domain = Address.parse(address).domain if address else ""
+            if (
+                address
+                and self.postmaster_key is None
+                and domain == (self.settings.hostname or "").lower().rstrip(".")
+            ):
+                # No local domain: a route for the hostname is most often an
+                # MX route back to this very server (mail loops back, and
+                # after lifetime a bounce to a sender anyone may forge).
+                warnings.append(
+                    f"mail to <postmaster> goes to <{address}> (no local domain: the "
+                    "hostname); unless a route delivers that domain here, it loops back "
+                    "and bounces: set [plugins.queue] postmaster to a mailbox someone reads"
+                )
             if not address:
                 warnings.append(
                     "mail to <postmaster> has no address to go to (no local domain, and "

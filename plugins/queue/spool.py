@@ -196,9 +196,10 @@ def queued_recipient(
 ) -> dict[str, Any]:
     """A recipient as the queue file keeps it. The bare ``<postmaster>``
     (RFC 5321 4.5.1: this server's postmaster) becomes ``postmaster``, the
-    address the ``postmaster`` key names, as Postfix appends ``$myorigin``:
-    routed by that domain and delivered as it; the address the client sent
-    stays in ``ORCPT`` (RFC 3461 4.2 lets a server add one), for reports."""
+    address the ``postmaster`` key names (a local address, as Postfix
+    delivers it to its own postmaster): routed by that domain and delivered
+    as it; the address the client sent stays in ``ORCPT`` (RFC 3461 4.2
+    lets a server add one), for reports."""
     if address.domain or not postmaster:
         return {
             "address": address.original,

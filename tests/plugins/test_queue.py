@@ -2230,3 +2230,29 @@ def test_stash_entries_json_cannot_hold_are_left_out_and_named_once(caplog):
     assert len(warnings) == 2, warnings  # one per key, not one per message
     assert "envelope.stash['seen'] (set) is not a JSON value" in warnings[0]
     assert "envelope.stash['when'] (object)" in warnings[1]
+
+
+@pytest.mark.parametrize(
+    "recipients, warned",
+    [
+        ('relay_networks = ["127.0.0.0/8"]', True),  # no local domain: the hostname
+        ('domains = ["example.org"]', False),
+    ],
+)
+def test_check_warns_when_the_postmaster_falls_back_to_the_hostname(tmp_path, recipients, warned):
+    # postmaster@<hostname> is most often routed by MX back to this server:
+    # it loops back, and after lifetime bounces to a sender anyone may forge.
+    from bonzo.app import MailApp
+
+    text = (
+        '[server]\nhostname = "mx.example.test"\n'
+        '[plugins]\nenabled = ["recipients", "queue"]\n'
+        f"[plugins.recipients]\n{recipients}\n"
+        f'[plugins.queue]\npath = "{tmp_path / "q"}"\n'
+        '[plugins.queue.routes]\n"*" = { type = "mx" }\n'
+    )
+    warnings = MailApp(parse_config(text, "bonzo.toml", tmp_path)).warnings()
+    found = [w for w in warnings if "goes to <postmaster@mx.example.test> (no local domain" in w]
+    assert bool(found) is warned, warnings
+    if warned:
+        assert "set [plugins.queue] postmaster" in found[0]
