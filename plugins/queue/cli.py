@@ -66,7 +66,7 @@ def register(add: Any) -> None:
         help="only messages older than AGE (5m, 4h)",
     )
     sub.add_parser(
-        "show", help="show a message's envelope and each recipient's state"
+        "show", help="show a message's envelope and each recipient's state and parameters"
     ).add_argument("id")
     sub.add_parser("flush", help="try a message (or every message) now").add_argument(
         "id", nargs="?"
@@ -260,6 +260,10 @@ def _show(plugin: QueuePlugin, args: argparse.Namespace) -> int:
             print(f"{key + ':':<10} {message.session[key]}")
     for r in message.recipients:
         print(f"recipient: <{r.address}>  {r.status}  attempts={r.attempts}")
+        if r.params:
+            # NOTIFY, and ORCPT: what the client wrote (a bare <postmaster>).
+            params = " ".join(k if v is None else f"{k}={v}" for k, v in r.params.items())
+            print(f"    params: {params}")
         if r.reply:
             print(f"    last:  {r.reply} ({r.host})")
         if not r.final and r.attempts:

@@ -422,4 +422,8 @@ def test_no_route_for_the_postmaster_is_named_with_its_key(tmp_path):
         assert "[plugins.queue] postmaster)" in daemon.log
         listing = queue_list(config)
         assert "postmaster@example.net" in listing and "451 4.3.5" in listing
+        # What the client wrote is shown: ORCPT, among the recipient's params.
+        queue_id = listing.split()[0]
+        show = bonzo("queue", "-c", str(config), "show", queue_id, cwd=tmp_path)
+        assert "    params: ORCPT=rfc822;postmaster" in show.stdout, show.stdout
         assert daemon.stop() == 0
