@@ -991,7 +991,9 @@ class Envelope:
             if self._received is None:
                 self._received = list(client)
         for kind, key, occurrence, raw in edits:
-            if kind == "insert":
+            if kind == "remove":  # every one (remove_header before the content)
+                items = [item for item in items if _field_key(item[1]) != key]
+            elif kind == "insert":
                 position = min(key, len(items))
                 # Below a client's header it joins the client's section; else
                 # it is one of the added headers.
@@ -1187,10 +1189,16 @@ class Envelope:
 
         The body after the header section is copied as is, in chunks, so this
         works for spooled messages of any size. Raises
-        :class:`HeaderSectionTooLarge` as :meth:`headers` does.
+        :class:`HeaderSectionTooLarge` as :meth:`headers` does. Before the
+        content of the session's message is complete, the removal waits for
+        it, after the changes asked for before it, and ``0`` is returned.
         """
-        self._apply_changes()
         wanted = name.lower().encode("ascii", "replace")
+        if self._content_pending:
+            self._edits.append(("remove", wanted, None, None))
+            self._record("remove_header", name)
+            return 0
+        self._apply_changes()
         blocks: list[bytes] = []
         blank, start = b"", 0
         if self._spool is not None:

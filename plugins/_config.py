@@ -82,9 +82,21 @@ def config_domain(domain: str) -> str:
     without surrounding spaces or a trailing dot, so that it compares equal to
     :attr:`bonzo.address.Address.domain` of every spelling of it.
 
-    Raises :class:`ValueError` when the domain has no IDNA form.
+    Raises :class:`ValueError` when the domain has no IDNA form, or is no
+    DNS name a configuration means: each label letters, digits, ``-`` and
+    ``_`` (a ``*``, a ``,`` or a space would match nothing, silently).
     """
-    return canonical_domain(domain.strip().rstrip(DOTS))
+    norm = canonical_domain(domain.strip().rstrip(DOTS))
+    if norm[:1] != "[" and not _CONFIG_DOMAIN.fullmatch(norm):
+        raise ValueError(f"not a domain name: {domain.strip()!r}")
+    return norm
+
+
+#: A configured domain: labels of letters, digits, ``-`` and ``_`` (service
+#: names such as ``_dmarc``; RFC 2181 11 allows more, no configuration needs it).
+_CONFIG_DOMAIN = re.compile(
+    r"[a-z0-9_](?:[a-z0-9_\-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_\-]*[a-z0-9_])?)*"
+)
 
 
 #: A canonical domain is lower-case ASCII (internationalised labels as A-labels).
@@ -152,6 +164,16 @@ def local_address(value: str) -> str:
     :class:`ValueError`."""
     if "%" in value:
         raise ValueError(f"{describe(value)}: a zone index (%...) is not supported")
+    try:
+        address = ipaddress.ip_address(value.strip())
+    except ValueError:
+        address = None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        # An IPv6 socket cannot be bound to it (every connection failed).
+        raise ValueError(
+            f"{describe(value)} is an IPv4-mapped address, which no socket can connect "
+            f'from: write "{address.ipv4_mapped}"'
+        )
     try:
         return str(ipaddress.ip_address(value.strip()))
     except ValueError:

@@ -1120,3 +1120,5 @@ def test_a_source_address_with_a_zone_index_is_refused_when_read(value):
     with pytest.raises(ValueError, match=r"zone index"):
         local_address(value)
     assert local_address(" ::1 ") == "::1"
+    with pytest.raises(ValueError, match=r'IPv4-mapped address.*write "127.0.0.1"'):
+        local_address("::ffff:127.0.0.1")

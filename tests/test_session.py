@@ -164,6 +164,7 @@ class _EarlyReader:
     def bonzo_rcpt(self, envelope):
         envelope.add_header("X-At-Rcpt", "1")
         assert envelope.size == 0 and envelope.headers()
+        assert envelope.remove_header("X-Remove-Me") == 0  # waits for the content
 
     def bonzo_data(self, envelope):
         envelope.add_header("X-At-Data", "1")
@@ -181,7 +182,7 @@ def test_edits_made_before_the_content_apply_to_the_client_s_header(chunked, rea
             client.ehlo()
             client.mail("a@example.org")
             client.rcpt("b@example.com")
-            content = b"X-Spam-Flag: NO\r\nSubject: hello\r\n\r\nold body\r\n"
+            content = b"X-Spam-Flag: NO\r\nX-Remove-Me: 1\r\nSubject: hello\r\n\r\nold body\r\n"
             if chunked:
                 client.send(b"BDAT %d LAST\r\n" % len(content) + content)
                 reply = client.getreply()
@@ -191,7 +192,7 @@ def test_edits_made_before_the_content_apply_to_the_client_s_header(chunked, rea
     message = server.messages[0]
     head, body = message.split(b"\r\n\r\n", 1)
     names = [line.split(b":")[0] for line in head.split(b"\r\n") if line[:1] not in b" \t"]
-    added = [b"X-At-Rcpt", b"X-At-Data"] if reader else []
+    added = [b"X-At-Rcpt", b"X-At-Data"] if reader else [b"X-Remove-Me"]
     assert sorted(names) == sorted([b"Received", b"Subject", b"X-Second", *added])
     assert names[0] == b"Received" and names.count(b"Subject") == 1  # no X-Spam-Flag
     assert b"Subject: [EXT] hello" in head.split(b"\r\n")

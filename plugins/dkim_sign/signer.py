@@ -23,6 +23,7 @@ import hashlib
 import logging
 import re
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -187,8 +188,31 @@ def message_parts(envelope: Envelope) -> tuple[bytes, IO[bytes], int]:
 #: (``>``, ``,``, ``;``, a comment, the end): Python's address parser reads
 #: ``a@example.org.`` as an address without a domain.
 _FINAL_DOT = re.compile(r"(@[^\s<>,;:@()\[\]\"\\]+?)\.(?=\s*(?:[>,;(]|$))")
-# What a reader may not show in a domain: control characters and white space.
-_UNSHOWN = re.compile(r"[\x00-\x20\x7f-\x9f\s]")
+# What a reader may not show in a domain: control and format characters
+# (U+200E, the direction isolates, tag characters), white space, unassigned
+# and private-use code points.
+_UNSHOWN_CATEGORIES = frozenset(("Cc", "Cf", "Cn", "Co", "Cs", "Zs", "Zl", "Zp"))
+
+
+def _unshown(char: str) -> bool:
+    return char.isspace() or unicodedata.category(char) in _UNSHOWN_CATEGORIES
+
+
+def _shown_domains(domain: str) -> list[str]:
+    """The domains a reader may show for ``domain``, which holds characters
+    it may not show: with those removed, and cut at the first of them (a
+    reader that stops at a NUL). Only the valid ones."""
+    cut = next((i for i, c in enumerate(domain) if _unshown(c)), len(domain))
+    out = []
+    for shown in ("".join(c for c in domain if not _unshown(c)), domain[:cut]):
+        shown = shown.rstrip(DOTS)
+        try:
+            canonical = canonical_domain(shown) if shown else ""
+        except ValueError:
+            continue
+        if canonical and canonical not in out:
+            out.append(canonical)
+    return out
 
 
 @dataclass(frozen=True)
@@ -232,14 +256,10 @@ def _field_domains(raw: bytes) -> tuple[list[str], str]:
                 domains.append(canonical_domain(domain))
             except ValueError:
                 problem = problem or "an invalid domain in the From: field"
-                # A control octet or a space a reader may not show: the
-                # domain it shows is the one a policy must be applied for
-                # (the message still has a problem: never signed, never
-                # a DMARC pass).
-                try:
-                    domains.append(canonical_domain(_UNSHOWN.sub("", domain)))
-                except ValueError:
-                    pass
+                # A character a reader may not show: the domains it may
+                # show are those a policy must be applied for (the message
+                # still has a problem: never signed, never a DMARC pass).
+                domains.extend(_shown_domains(domain))
     return domains, problem
 
 

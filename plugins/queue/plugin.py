@@ -238,19 +238,24 @@ class QueuePlugin:
         ``postmaster@`` the server's hostname (``""``, kept bare, if that
         makes no address). Asked once every plugin is configured:
         ``recipients`` may come after this one."""
+        return self._postmaster()[0]
+
+    def _postmaster(self) -> tuple[str, bool]:
+        """:meth:`postmaster`, and whether it is the hostname's (no key, no
+        local domain)."""
         if self.postmaster_key is not None:
-            return self.postmaster_key.original
+            return self.postmaster_key.original, False
         plugins: Any = getattr(self._app, "plugins", None)
         for name in plugins.names if plugins is not None else ():
             domains = getattr(plugins.get(name), "local_domains", None)
             if isinstance(domains, (list, tuple)) and domains and isinstance(domains[0], str):
-                return f"postmaster@{domains[0]}"
-        address = f"postmaster@{self.settings.hostname}"
+                return f"postmaster@{domains[0]}", False
+        address = f"postmaster@{self.settings.hostname.rstrip('.')}"
         try:
             Address.parse(address)
         except ValueError:  # a hostname no domain can be made of: kept bare
-            return ""
-        return address
+            return "", True
+        return address, True
 
     @property
     def config_warnings(self) -> list[str]:
@@ -258,13 +263,9 @@ class QueuePlugin:
         configured)."""
         warnings = list(self._warnings)
         if self.routes is not None:
-            address = self.postmaster()
+            address, hostname = self._postmaster()
             domain = Address.parse(address).domain if address else ""
-            if (
-                address
-                and self.postmaster_key is None
-                and domain == (self.settings.hostname or "").lower().rstrip(".")
-            ):
+            if address and hostname:
                 # No local domain: a route for the hostname is most often an
                 # MX route back to this very server (mail loops back, and
                 # after lifetime a bounce to a sender anyone may forge).

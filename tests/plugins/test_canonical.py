@@ -13,6 +13,7 @@ from __future__ import annotations
 import smtplib
 from pathlib import Path
 
+import pytest
 from bonzo_plugins.access import AccessPlugin
 from bonzo_plugins.log import LogPlugin
 from bonzo_plugins.maildir import MaildirPlugin
@@ -113,3 +114,25 @@ def test_a_rule_for_an_ipv4_literal_holds_for_its_ipv4_mapped_spelling(tmp_path)
             ):
                 assert client.docmd(f"RCPT TO:<{spelling}>") == DENIED, spelling
             assert client.rcpt("alice@example.com")[0] == 250
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["*.bank.example", "mx*.example.com", "a.example,b.example", "a b.example", "-x.example"],
+)
+def test_a_configured_domain_that_would_match_nothing_is_refused(value):
+    # Each passed bonzo check and silently matched nothing (a TLS policy for
+    # "*.bank.example" never applied).
+    from bonzo_plugins._config import config_domain
+
+    with pytest.raises(ValueError, match="not a domain name"):
+        config_domain(value)
+
+
+@pytest.mark.parametrize(
+    "value", ["_dmarc.example.org", "x_y.example.org", "Example.ORG.", "[192.0.2.1]"]
+)
+def test_a_configured_domain_may_have_underscores(value):
+    from bonzo_plugins._config import config_domain
+
+    assert config_domain(value) == value.lower().rstrip(".")

@@ -249,7 +249,11 @@ CONTROL_AUTHORS = [
     "CEO <ceo@example.org\x01>",
     "CEO <ceo@example.org\x7f>",
     "CEO <ceo@\x1bexample.org>",
-    "CEO <ceo@example.org\x00.none.example>",
+    "CEO <ceo@example.org\x00.none.example>",  # a reader that stops at the NUL
+    # Unicode format characters a reader does not show either.
+    "CEO <ceo@example.org\u200e>",
+    "CEO <ceo@\u2066example.org\u2069>",
+    "CEO <ceo@example.org\U000e0041>",
 ]
 
 
@@ -260,13 +264,9 @@ def test_a_control_octet_in_the_author_domain_gets_the_shown_domain_s_policy(zon
     ``none`` past example.org's p=reject. The domain a reader shows is the
     one whose policy applies; the name with the octet is never looked up."""
     plugin = configured(zone.resolver())
-    if author.endswith(".none.example>"):
-        env, verdict = evaluate(plugin, author, spf=("pass", "evil.example"))
-        assert env.results.get("dmarc").result in ("permerror", "fail")
-    else:
-        with pytest.raises(PermanentError) as info:
-            evaluate(plugin, author, spf=("pass", "evil.example"))
-        assert "DMARC policy of example.org" in info.value.message
+    with pytest.raises(PermanentError) as info:
+        evaluate(plugin, author, spf=("pass", "evil.example"))
+    assert "DMARC policy of example.org" in info.value.message
     assert not [q for q in zone.queries if "\\" in q[0]], zone.queries
 
 

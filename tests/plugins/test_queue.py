@@ -2237,6 +2237,8 @@ def test_stash_entries_json_cannot_hold_are_left_out_and_named_once(caplog):
     [
         ('relay_networks = ["127.0.0.0/8"]', True),  # no local domain: the hostname
         ('domains = ["example.org"]', False),
+        # The hostname is a local domain: no fallback, no warning.
+        ('domains = ["mx.example.test"]', False),
     ],
 )
 def test_check_warns_when_the_postmaster_falls_back_to_the_hostname(tmp_path, recipients, warned):
