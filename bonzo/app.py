@@ -15,7 +15,6 @@ import difflib
 import errno
 import importlib
 import inspect
-import ipaddress
 import logging
 import os
 import socket
@@ -31,6 +30,7 @@ from .config import Config, ConfigError, ListenerConfig, load_config
 from .dns import Resolver
 from .hooks import PluginError, PluginSet, passes_through
 from .hookspecs import DECISION_HOOKS
+from .proxy import whole_families
 from .server import ACCEPT_BATCH, ConnectionCount, SMTPServer, WorkerShare
 from .settings import ListenerSettings, SettingError
 from .store import Store, open_store
@@ -760,16 +760,12 @@ def _open_trust(index: int, where: str, listener: ListenerSettings) -> list[str]
         for net in nets:
             if net.prefixlen == 0:
                 out.append(f"listeners[{index}].{key} ({where}): {net} {effect}")
-        for version, family in ((4, "IPv4"), (6, "IPv6")):
-            same = [n for n in nets if n.version == version]
-            if all(n.prefixlen for n in same) and any(
-                not c.prefixlen for c in ipaddress.collapse_addresses(same)
-            ):
-                listed = " ".join(str(n) for n in same)
-                out.append(
-                    f"listeners[{index}].{key} ({where}): {listed} hold every {family} "
-                    f"address together: that {effect}"
-                )
+        for family, same in whole_families(nets):
+            listed = " ".join(str(n) for n in same)
+            out.append(
+                f"listeners[{index}].{key} ({where}): {listed} hold every {family} "
+                f"address together: that {effect}"
+            )
     return out
 
 

@@ -55,6 +55,8 @@ __all__ = [
     "client_address",
     "client_network",
     "unmapped",
+    "network",
+    "whole_families",
     "XClientError",
     "XCLIENT_ATTRIBUTES",
     "parse_xclient",
@@ -754,6 +756,23 @@ def network(text: str) -> IPNetwork:
     if "%" in text:
         raise ValueError("a zone index (%...) is not supported")
     return unmapped(ipaddress.ip_network(text.strip(), strict=True))
+
+
+def whole_families(networks: Iterable[IPNetwork]) -> list[tuple[str, list[IPNetwork]]]:
+    """The address families (``"IPv4"``, ``"IPv6"``) of which ``networks``
+    hold every address together though none holds them alone (``::/1`` and
+    ``8000::/1``), each with its networks of that family: a list that trusts
+    everyone, written so that a check for ``/0`` misses it."""
+    nets = list(networks)
+    out = []
+    for version, family in ((4, "IPv4"), (6, "IPv6")):
+        same = [n for n in nets if n.version == version]
+        if all(n.prefixlen for n in same) and any(
+            not c.prefixlen
+            for c in ipaddress.collapse_addresses(same)  # type: ignore[type-var]
+        ):
+            out.append((family, same))
+    return out
 
 
 def unmapped(network: IPNetwork) -> IPNetwork:

@@ -934,6 +934,14 @@ class Envelope:
             self._insert_blank_line(start)
             return blocks, b"\r\n", start + 2
 
+    def _section_to_change(self) -> tuple[list[bytes], bytes, int]:
+        """:meth:`_client_header_section`, about to be changed: the blocks
+        as received are kept first (:meth:`received_headers`)."""
+        section = self._client_header_section()
+        if self._received is None:
+            self._received = list(section[0])
+        return section
+
     def _insert_blank_line(self, at: int) -> None:
         """Make the content's octet ``at`` the start of the body, after a
         blank line (see :meth:`_client_header_section`)."""
@@ -986,10 +994,8 @@ class Envelope:
         client: list[bytes] = []
         blank, start = b"", 0
         if self._spool is not None:
-            client, blank, start = self._client_header_section()
+            client, blank, start = self._section_to_change()
             items += [(True, b) for b in client]
-            if self._received is None:
-                self._received = list(client)
         for kind, key, occurrence, raw in edits:
             if kind == "remove":  # every one (remove_header before the content)
                 items = [item for item in items if _field_key(item[1]) != key]
@@ -1203,9 +1209,7 @@ class Envelope:
         blank, start = b"", 0
         if self._spool is not None:
             # The section as headers() reads it: what it lists is what goes.
-            blocks, blank, start = self._client_header_section()
-            if self._received is None:
-                self._received = list(blocks)
+            blocks, blank, start = self._section_to_change()
         kept_added = [b for b in self._headers if _field_key(b) != wanted]
         removed = len(self._headers) - len(kept_added)
         self._headers = kept_added

@@ -7,6 +7,7 @@ Private to ``bonzo_plugins``; third-party plugins should not import it.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,7 +15,15 @@ from bonzo.settings import finite_number
 
 from ._config import describe
 
-__all__ = ["sanitize", "get_choice", "get_seconds", "get_int", "resolver_of", "dns_enabled"]
+__all__ = [
+    "sanitize",
+    "unshown",
+    "get_choice",
+    "get_seconds",
+    "get_int",
+    "resolver_of",
+    "dns_enabled",
+]
 
 
 def sanitize(text: str, limit: int = 200) -> str:
@@ -25,6 +34,19 @@ def sanitize(text: str, limit: int = 200) -> str:
     a CR, LF or control character could inject lines."""
     cleaned = "".join(c if " " <= c <= "~" else " " for c in text).strip()
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."
+
+
+#: Character categories a reader may not show: control and format characters
+#: (U+200E, the direction isolates, tag characters), separators, unassigned,
+#: private-use and surrogate code points.
+_UNSHOWN = frozenset(("Cc", "Cf", "Cn", "Co", "Cs", "Zs", "Zl", "Zp"))
+
+
+def unshown(char: str) -> bool:
+    """Whether a reader may not show ``char`` (white space included): text
+    from a message that holds one may look like other text (``bank.example``
+    followed by a NUL or a U+200E reads as ``bank.example``)."""
+    return char.isspace() or unicodedata.category(char) in _UNSHOWN
 
 
 def get_choice(config: Mapping[str, Any], key: str, default: str, choices: tuple[str, ...]) -> str:

@@ -92,16 +92,13 @@ def config_domain(domain: str) -> str:
     return norm
 
 
-#: A configured domain: labels of letters, digits, ``-`` and ``_`` (service
-#: names such as ``_dmarc``; RFC 2181 11 allows more, no configuration needs it).
-_CONFIG_DOMAIN = re.compile(
-    r"[a-z0-9_](?:[a-z0-9_\-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_\-]*[a-z0-9_])?)*"
-)
-
-
 #: A canonical domain is lower-case ASCII (internationalised labels as A-labels).
 _LABEL = r"[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?"
 _DOMAIN = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}")
+#: A configured domain: such labels, ``_`` allowed too (service names such as
+#: ``_dmarc``; RFC 2181 11 allows more, no configuration needs it).
+_CONFIG_LABEL = r"[a-z0-9_](?:[a-z0-9_\-]*[a-z0-9_])?"
+_CONFIG_DOMAIN = re.compile(rf"(?:{_CONFIG_LABEL}\.)*{_CONFIG_LABEL}")
 _LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]")
 
 
@@ -167,19 +164,16 @@ def local_address(value: str) -> str:
     try:
         address = ipaddress.ip_address(value.strip())
     except ValueError:
-        address = None
+        raise ValueError(
+            f"expected an IP address such as 192.0.2.10 or 2001:db8::10, got {describe(value)}"
+        ) from None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         # An IPv6 socket cannot be bound to it (every connection failed).
         raise ValueError(
             f"{describe(value)} is an IPv4-mapped address, which no socket can connect "
             f'from: write "{address.ipv4_mapped}"'
         )
-    try:
-        return str(ipaddress.ip_address(value.strip()))
-    except ValueError:
-        raise ValueError(
-            f"expected an IP address such as 192.0.2.10 or 2001:db8::10, got {describe(value)}"
-        ) from None
+    return str(address)
 
 
 def parse_network(value: str, key: str) -> IPNetwork:

@@ -102,6 +102,27 @@ def test_received_header_lines(rcpts, params, named):
         assert " for " not in value and "Jan 2001" not in value and "\u202e" not in value
 
 
+def _stored(plugins: list[tuple[str, object]], content: bytes, chunked: bool) -> bytes:
+    """``content`` sent through a test server with ``plugins`` (after DATA,
+    or in one ``BDAT ... LAST``), as the server stored it."""
+    with PluginTestServer(*plugins) as server:
+        with server.client() as client:
+            client.ehlo()
+            client.mail("a@example.org")
+            client.rcpt("b@example.com")
+            if chunked:
+                client.send(b"BDAT %d LAST\r\n" % len(content) + content)
+                reply = client.getreply()
+            else:
+                reply = client.data(content)
+            assert reply[0] == 250
+    return server.messages[0]
+
+
+def _field_names(head: bytes) -> list[bytes]:
+    return [line.split(b":")[0] for line in head.split(b"\r\n") if line[:1] not in b" \t"]
+
+
 class _EarlyHeaders:
     def bonzo_mail(self, envelope):
         envelope.add_header("X-At-Mail", "1")
@@ -120,21 +141,8 @@ class _EarlyHeaders:
 def test_the_trace_header_goes_above_headers_added_before_the_content(chunked):
     # RFC 5321 4.4: the trace header is the first line of what is passed on,
     # whenever a plugin added its headers.
-    with PluginTestServer(("early", _EarlyHeaders())) as server:
-        with server.client() as client:
-            client.ehlo()
-            client.mail("a@example.org")
-            client.rcpt("b@example.com")
-            content = b"Subject: x\r\n\r\nhi\r\n"
-            if chunked:
-                client.send(b"BDAT %d LAST\r\n" % len(content) + content)
-                reply = client.getreply()
-            else:
-                reply = client.data(content)
-            assert reply[0] == 250
-    names = [
-        line.split(b":")[0] for line in server.messages[0].split(b"\r\n") if line[:1] not in b" \t"
-    ]
+    message = _stored([("early", _EarlyHeaders())], b"Subject: x\r\n\r\nhi\r\n", chunked)
+    names = _field_names(message.split(b"\r\n\r\n", 1)[0])
     assert names[:6] == [
         b"Received",
         b"X-At-Rcpt",
@@ -177,21 +185,9 @@ def test_edits_made_before_the_content_apply_to_the_client_s_header(chunked, rea
     # another plugin adding a header or reading the size, must not apply
     # them early (to an empty message).
     plugins = [("early", _EarlyEdits())] + ([("reader", _EarlyReader())] if reader else [])
-    with PluginTestServer(*plugins) as server:
-        with server.client() as client:
-            client.ehlo()
-            client.mail("a@example.org")
-            client.rcpt("b@example.com")
-            content = b"X-Spam-Flag: NO\r\nX-Remove-Me: 1\r\nSubject: hello\r\n\r\nold body\r\n"
-            if chunked:
-                client.send(b"BDAT %d LAST\r\n" % len(content) + content)
-                reply = client.getreply()
-            else:
-                reply = client.data(content)
-            assert reply[0] == 250
-    message = server.messages[0]
-    head, body = message.split(b"\r\n\r\n", 1)
-    names = [line.split(b":")[0] for line in head.split(b"\r\n") if line[:1] not in b" \t"]
+    content = b"X-Spam-Flag: NO\r\nX-Remove-Me: 1\r\nSubject: hello\r\n\r\nold body\r\n"
+    head, body = _stored(plugins, content, chunked).split(b"\r\n\r\n", 1)
+    names = _field_names(head)
     added = [b"X-At-Rcpt", b"X-At-Data"] if reader else [b"X-Remove-Me"]
     assert sorted(names) == sorted([b"Received", b"Subject", b"X-Second", *added])
     assert names[0] == b"Received" and names.count(b"Subject") == 1  # no X-Spam-Flag

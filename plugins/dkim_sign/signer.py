@@ -23,7 +23,6 @@ import hashlib
 import logging
 import re
 import time
-import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from bonzo.address import canonical_domain
 from bonzo.session import MAX_HEADER_SECTION as _MAX_HEADER_SECTION
 from bonzo.session import Envelope
 
+from .._auth import unshown
 from .._config import DOTS
 from .keys import SigningKey
 
@@ -188,23 +188,15 @@ def message_parts(envelope: Envelope) -> tuple[bytes, IO[bytes], int]:
 #: (``>``, ``,``, ``;``, a comment, the end): Python's address parser reads
 #: ``a@example.org.`` as an address without a domain.
 _FINAL_DOT = re.compile(r"(@[^\s<>,;:@()\[\]\"\\]+?)\.(?=\s*(?:[>,;(]|$))")
-# What a reader may not show in a domain: control and format characters
-# (U+200E, the direction isolates, tag characters), white space, unassigned
-# and private-use code points.
-_UNSHOWN_CATEGORIES = frozenset(("Cc", "Cf", "Cn", "Co", "Cs", "Zs", "Zl", "Zp"))
-
-
-def _unshown(char: str) -> bool:
-    return char.isspace() or unicodedata.category(char) in _UNSHOWN_CATEGORIES
 
 
 def _shown_domains(domain: str) -> list[str]:
     """The domains a reader may show for ``domain``, which holds characters
     it may not show: with those removed, and cut at the first of them (a
     reader that stops at a NUL). Only the valid ones."""
-    cut = next((i for i, c in enumerate(domain) if _unshown(c)), len(domain))
+    cut = next((i for i, c in enumerate(domain) if unshown(c)), len(domain))
     out = []
-    for shown in ("".join(c for c in domain if not _unshown(c)), domain[:cut]):
+    for shown in ("".join(c for c in domain if not unshown(c)), domain[:cut]):
         shown = shown.rstrip(DOTS)
         try:
             canonical = canonical_domain(shown) if shown else ""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import unicodedata
 from collections.abc import Iterable, Mapping
@@ -11,6 +10,7 @@ from typing import Any
 from bonzo.address import Address, canonical_local
 from bonzo.errors import PermanentError
 from bonzo.hookspecs import Accept, hookimpl
+from bonzo.proxy import whole_families
 from bonzo.schema import Key, Schema
 from bonzo.session import Session
 
@@ -152,18 +152,13 @@ class RecipientsPlugin:
         for net in networks:
             if net.prefixlen == 0:
                 log.warning("recipients: relay_networks %s lets every client relay", net)
-        for version, family in ((4, "IPv4"), (6, "IPv6")):
-            same = [n for n in networks if n.version == version]
-            # Split in parts (::/1 and 8000::/1) they are every address too.
-            if all(n.prefixlen for n in same) and any(
-                not c.prefixlen for c in ipaddress.collapse_addresses(same)
-            ):
-                log.warning(
-                    "recipients: relay_networks %s hold every %s address together: "
-                    "they let every client relay",
-                    " ".join(str(n) for n in same),
-                    family,
-                )
+        for family, same in whole_families(networks):
+            log.warning(
+                "recipients: relay_networks %s hold every %s address together: "
+                "they let every client relay",
+                " ".join(str(n) for n in same),
+                family,
+            )
         # A domain with listed users accepts only them, even when it is also
         # listed in `domains`.
         self.domains = domains - set(users)

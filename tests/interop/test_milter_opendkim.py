@@ -156,8 +156,8 @@ def test_opendkim_signs_through_the_milter(start_server, opendkim, key, canonica
     assert len(delivered[1]) > 4 * 65535 / 2
 
 
-def test_opendkim_verifies_through_the_milter(start_server, opendkim, key):
-    daemon = opendkim("v")
+def _signed(key: Path) -> bytes:
+    """MESSAGE signed for example.org (relaxed/relaxed) with ``key``."""
     signature = dkim.sign(
         MESSAGE,
         b"s1",
@@ -166,7 +166,12 @@ def test_opendkim_verifies_through_the_milter(start_server, opendkim, key):
         canonicalize=(b"relaxed", b"relaxed"),
         include_headers=[b"From", b"To", b"Subject", b"Date", b"Message-ID"],
     )
-    signed = signature + MESSAGE
+    return signature + MESSAGE
+
+
+def test_opendkim_verifies_through_the_milter(start_server, opendkim, key):
+    daemon = opendkim("v")
+    signed = _signed(key)
     good, bad = run(start_server, daemon, signed, signed.replace(b"Tabs", b"Tabz"))
     for content, verdict in ((good, "dkim=pass"), (bad, "dkim=fail")):
         message = BytesParser(policy=email.policy.default).parsebytes(content)
@@ -189,16 +194,8 @@ def test_authres_keeps_the_field_opendkim_adds_under_the_same_id(start_server, o
         config={}, app=SimpleNamespace(settings=SimpleNamespace(hostname="bonzo.test"))
     )
     daemon = opendkim("v")
-    signature = dkim.sign(
-        MESSAGE,
-        b"s1",
-        b"example.org",
-        key.read_bytes(),
-        canonicalize=(b"relaxed", b"relaxed"),
-        include_headers=[b"From", b"To", b"Subject", b"Date", b"Message-ID"],
-    )
     forged = b"Authentication-Results: bonzo.test; dkim=pass header.d=forged.example\r\n"
-    (content,) = run(start_server, daemon, forged + signature + MESSAGE, authres=authres)
+    (content,) = run(start_server, daemon, forged + _signed(key), authres=authres)
     message = BytesParser(policy=email.policy.default).parsebytes(content)
     fields = [str(f) for f in message.get_all("Authentication-Results")]
     assert not [f for f in fields if "forged.example" in f], fields
