@@ -21,14 +21,14 @@ import socket
 import stat
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, ListenerConfig, load_config
 from .dns import Resolver
-from .hooks import PluginError, PluginSet, passes_through
+from .hooks import PluginError, PluginSet, offered_settings, passes_through
 from .hookspecs import DECISION_HOOKS
 from .proxy import whole_families
 from .server import ACCEPT_BATCH, ConnectionCount, SMTPServer, WorkerShare
@@ -367,8 +367,7 @@ class MailApp:
         offered only when there is one (:tomlkey:`protocol.dsn`): a server
         that never sends a report must not take ``NOTIFY=SUCCESS`` from an
         upstream that then leaves the success notice to it."""
-        plugins = self.plugins
-        return [n for n in plugins.names if getattr(plugins.get(n), "honours_dsn", False) is True]
+        return self.plugins.honouring_dsn()
 
     def describe_dsn(self) -> str:
         """Whether DSN is offered and why, for ``bonzo check``."""
@@ -619,15 +618,10 @@ class MailApp:
             self.settings.max_connections_per_ip,
             self.settings.ipv6_prefix_length,
         )
-        honoured = bool(self.dsn_honoured_by)
         for listener, socks in groups:
-            settings = listener.smtp_settings or self.settings
-            if settings.dsn and not honoured:
-                # No plugin would ever send the reports: DSN is not offered.
-                settings = replace(settings, dsn=False)
             server = SMTPServer(
                 plugins=self.plugins,
-                settings=settings,
+                settings=offered_settings(listener.smtp_settings or self.settings, self.plugins),
                 listener=listener.settings,
                 count=count,
                 # Workers share the sockets: one connection at a time each,

@@ -16,6 +16,7 @@ reply.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import difflib
 import functools
 import inspect
@@ -43,7 +44,7 @@ from .hookspecs import (
     Quarantine,
 )
 from .session import current_plugin
-from .settings import positive_seconds
+from .settings import SMTPSettings, positive_seconds
 
 __all__ = [
     "PluginSet",
@@ -56,6 +57,7 @@ __all__ = [
     "abandoned_calls",
     "stop_task",
     "hook_names",
+    "offered_settings",
     "HOOK_ARGS",
 ]
 
@@ -224,6 +226,12 @@ class PluginSet:
         """The registered plugin object called ``name``."""
         return self.manager.get_plugin(name)
 
+    def honouring_dsn(self) -> list[str]:
+        """The plugins that honour DSN requests (RFC 3461): those whose
+        ``honours_dsn`` attribute is true (``queue``, ``forward``). A server
+        offers DSN only when there is one (:func:`offered_settings`)."""
+        return [n for n in self.names if getattr(self.get(n), "honours_dsn", False) is True]
+
     def _resolve(self) -> dict[str, list[HookCall]]:
         order = {name: i for i, name in enumerate(self.names)}
         calls: dict[str, list[HookCall]] = {}
@@ -384,6 +392,17 @@ class PluginSet:
 
 
 _clock = time.monotonic
+
+
+def offered_settings(settings: SMTPSettings, plugins: PluginSet) -> SMTPSettings:
+    """``settings`` as a server of ``plugins`` applies them: DSN
+    (:tomlkey:`protocol.dsn`) is not offered when no plugin honours it
+    (:meth:`PluginSet.honouring_dsn`), since nobody would send the reports
+    an upstream then leaves to this server. The daemon and the test servers
+    of :mod:`bonzo.testing` both go through it."""
+    if settings.dsn and not plugins.honouring_dsn():
+        return dataclasses.replace(settings, dsn=False)
+    return settings
 
 
 def _warn_blocked(call: HookCall, hook: str, seconds: float) -> None:

@@ -21,7 +21,7 @@ from tornado.testing import AsyncTestCase, bind_unused_port, get_async_test_time
 
 from .dispatch import Dispatcher
 from .errors import SMTPError
-from .hooks import PluginSet
+from .hooks import PluginSet, offered_settings
 from .lmtp import LMTPProtocol
 from .protocol import (
     CLOSED,
@@ -203,6 +203,9 @@ class PluginTestServer:
         connect an :class:`smtplib.SMTP_SSL` to ``server.port``.
     :arg settings: :class:`~bonzo.settings.SMTPSettings` fields.
 
+    As in the daemon, ``DSN`` is offered only when one of the plugins
+    honours it (``honours_dsn = True``: :ref:`dsn-who-reports`).
+
     :meth:`client` connects with any client address and HELO name the
     plugins should see. Startup and shutdown hooks run as in the daemon, and
     everything Bonzo and the plugins log while the server runs is kept in
@@ -335,9 +338,9 @@ class PluginTestServer:
         async def start() -> None:
             await self.plugins.call_observers("bonzo_startup", self.app, strict=True)
             sock, self.port = bind_unused_port()
-            server = SMTPServer(
-                plugins=self.plugins, settings=self.settings, listener=self.listener
-            )
+            # As the daemon: DSN only when a plugin honours it.
+            settings = offered_settings(self.settings, self.plugins)
+            server = SMTPServer(plugins=self.plugins, settings=settings, listener=self.listener)
             server.add_sockets([sock])
             proxied, self.proxy_port = bind_unused_port()
             listener = dataclasses.replace(
@@ -345,7 +348,7 @@ class PluginTestServer:
                 proxy_protocol=True,
                 proxy_trusted=(ipaddress.ip_network("127.0.0.1/32"),),
             )
-            behind = SMTPServer(plugins=self.plugins, settings=self.settings, listener=listener)
+            behind = SMTPServer(plugins=self.plugins, settings=settings, listener=listener)
             behind.add_sockets([proxied])
             self._servers = [server, behind]
 
@@ -505,7 +508,9 @@ class SessionTester:
 
     :arg plugins: the :class:`~bonzo.hooks.PluginSet` to ask.
     :arg settings: :class:`~bonzo.settings.SMTPSettings` (default: the
-        defaults, with host name ``bonzo.test``).
+        defaults, with host name ``bonzo.test``); as in the daemon, ``DSN``
+        is offered only when one of ``plugins`` honours it
+        (``honours_dsn = True``).
     :arg policy: the listener's :class:`~bonzo.protocol.Policy`.
     :arg remote_ip: the client's address.
     :arg lmtp: speak LMTP (:class:`~bonzo.lmtp.LMTPProtocol`) instead of SMTP.
@@ -524,7 +529,7 @@ class SessionTester:
         remote_ip: str = "192.0.2.1",
         lmtp: bool = False,
     ) -> None:
-        self.settings = settings or SMTPSettings(hostname="bonzo.test")
+        self.settings = offered_settings(settings or SMTPSettings(hostname="bonzo.test"), plugins)
         self.plugins = plugins
         #: ``(stage, code, enhanced, by)`` of every 4xx/5xx reply.
         self.refusals: list[tuple[str, int, str, str]] = []

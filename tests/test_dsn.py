@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from protocol_helpers import EHLO, HELO, MAIL, Client, feed, split_replies
 
+from bonzo import hookimpl
 from bonzo.address import Address
 from bonzo.dsn import (
     NO_MAIL_DSN,
@@ -33,7 +34,7 @@ from bonzo.hooks import PluginSet
 from bonzo.hookspecs import Accept
 from bonzo.protocol import Mail, Rcpt
 from bonzo.session import Envelope
-from bonzo.testing import SessionTester
+from bonzo.testing import PluginTestServer, SessionTester
 
 PROPS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -351,7 +352,10 @@ def test_a_whole_dsn_transaction_byte_for_byte():
 # ------------------------------------------------------- what plugins read
 class Recorder:
     """Accepts recipients (but those named "refused"), records what the
-    rcpt hook was given and the envelope it delivers."""
+    rcpt hook was given and the envelope it delivers. It says it honours
+    DSN: without one that does, DSN is not offered."""
+
+    honours_dsn = True
 
     def __init__(self) -> None:
         self.rcpt_dsn: list[RecipientDSN] = []
@@ -660,6 +664,49 @@ def test_dsn_is_offered_only_when_a_plugin_honours_it(tmp_path):
     assert dsn_app(tmp_path, ["forward"]).dsn_honoured_by == ["forward"]
     off = dsn_app(tmp_path, ["recipients", "queue"], dsn="false")
     assert off.describe_dsn() == "off (protocol.dsn = false)"
+
+
+def test_the_test_servers_offer_dsn_as_the_daemon_does():
+    """A plugin author's tests see what the daemon does: without a plugin
+    that honours DSN, SessionTester and PluginTestServer do not offer it
+    (NOTIFY is refused), with one they do."""
+    from bonzo.settings import SMTPSettings
+
+    async def ehlo(plugin: object) -> list[bytes]:
+        plugins = PluginSet(timeout=5.0)
+        plugins.register(plugin, "p")
+        tester = SessionTester(plugins, settings=SMTPSettings(hostname="bonzo.test"))
+        await tester.connect()
+        replies = split_replies(
+            await tester.send(
+                EHLO + b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org> NOTIFY=NEVER\r\n"
+            )
+        )
+        await tester.close()
+        return replies
+
+    class Reads:
+        @hookimpl
+        def bonzo_rcpt(self) -> Any:
+            return Accept()
+
+    class Sends(Reads):
+        honours_dsn = True
+
+    not_offered = asyncio.run(ehlo(Reads()))
+    assert b"250-DSN\r\n" not in not_offered[0]
+    assert not_offered[-1] == b"555 5.5.4 Unsupported parameter NOTIFY\r\n"
+    offered = asyncio.run(ehlo(Sends()))
+    assert b"250-DSN\r\n" in offered[0] and offered[-1].startswith(b"250 ")
+
+    for plugin, expected in ((Reads(), False), (Sends(), True)):
+        with PluginTestServer(("p", plugin)) as server:
+            with server.client() as client:
+                client.ehlo()
+                assert client.has_extn("dsn") is expected
+                client.mail("a@example.org")
+                code = client.rcpt("b@example.org", ["NOTIFY=NEVER"])[0]
+                assert code == (250 if expected else 555)
 
 
 def test_a_notify_keyword_given_twice_counts_once():
