@@ -51,6 +51,11 @@ SCHEMA = Schema(
         "only tag."),
     Key("skip_authenticated", "bool", default=True,
         doc="Do not judge sessions that authenticated."),
+    Key("on_no_author", "choice", default="tag", choices=ENFORCE,
+        doc="What to do with a message whose ``From:`` field gives no usable author "
+        "domain (no ``From:`` at all, no domain in it, or an address a reader may "
+        "show otherwise), which no policy can be applied to: refuse it "
+        "(``550 5.7.1``), quarantine it, or only tag it (``dmarc=permerror``)."),
 )  # fmt: skip
 KEYS = tuple(SCHEMA.names)
 OFF_REASON = "DNS lookups are off ([dns] nameservers)"
@@ -79,6 +84,9 @@ class Evaluation:
         #: Every author domain of the message (``author`` is the one whose
         #: outcome counts).
         self.authors: tuple[str, ...] = (author,) if author else ()
+        #: Why the ``From:`` field gives no usable author domain (or one of
+        #: its addresses none), if it does not.
+        self.unusable_from = ""
 
     @property
     def severity(self) -> int:
@@ -129,6 +137,7 @@ class DmarcPlugin:
         self.on_quarantine = "quarantine"
         self.on_temperror = "tag"
         self.skip_authenticated = True
+        self.on_no_author = "tag"
         self.resolver: Any = None
         #: Draws a number in [0, 1) for ``pct`` sampling (tests replace it).
         self.random: Callable[[], float] = random.random
@@ -141,9 +150,14 @@ class DmarcPlugin:
         self.on_quarantine = values["on_quarantine"]
         #: Some messages will be quarantined: a plugin must keep them (see
         #: App.warnings).
-        self.may_quarantine = "quarantine" in (self.on_reject, self.on_quarantine)
+        self.may_quarantine = "quarantine" in (
+            self.on_reject,
+            self.on_quarantine,
+            values["on_no_author"],
+        )
         self.on_temperror = values["on_temperror"]
         self.skip_authenticated = values["skip_authenticated"]
+        self.on_no_author = values["on_no_author"]
         self.resolver = resolver_of(app)
 
     @hookimpl
@@ -163,7 +177,9 @@ class DmarcPlugin:
             why = authors.problem or (
                 "no From: field" if not authors.fields else "no domain in the From: field"
             )
-            return Evaluation("permerror", f"no author domain: {why}")
+            evaluation = Evaluation("permerror", f"no author domain: {why}")
+            evaluation.unusable_from = why
+            return evaluation
         if not dns_enabled(self.resolver):
             outcome = Evaluation("none", OFF_REASON, domains[0])
         elif len(domains) > MAX_AUTHORS:
@@ -183,6 +199,7 @@ class DmarcPlugin:
             # The first of the strictest: max() keeps the first among equals.
             outcome = max(outcomes, key=lambda o: o.severity)
         outcome.authors = domains
+        outcome.unusable_from = authors.problem or ""
         notes = []
         if authors.fields > 1:
             notes.append(f"{authors.fields} From: fields")
@@ -296,7 +313,7 @@ class DmarcPlugin:
                 "4.4.3",
             )
         if outcome.result not in ("fail", "permerror") or outcome.disposition == "none":
-            return None
+            return self._no_author(outcome)
         action = self.on_reject if outcome.disposition == "reject" else self.on_quarantine
         domain = sanitize(outcome.author, 100)
         if action == "reject":
@@ -314,4 +331,14 @@ class DmarcPlugin:
             )
         if action == "quarantine":
             return Quarantine(f"DMARC: {outcome.reason}; policy {outcome.disposition}")
-        return None
+        return self._no_author(outcome)
+
+    def _no_author(self, outcome: Evaluation) -> Any:
+        """Apply ``on_no_author`` when the ``From:`` field gave no usable
+        author domain (RFC 7489 6.6.1: such a message may be refused) and no
+        policy was enforced."""
+        if not outcome.unusable_from or self.on_no_author == "tag":
+            return None
+        if self.on_no_author == "reject":
+            raise PermanentError("DMARC: no usable author domain in the From: field", 550, "5.7.1")
+        return Quarantine(f"DMARC: no usable author domain: {outcome.unusable_from}")

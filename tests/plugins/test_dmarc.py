@@ -214,6 +214,53 @@ def test_no_author_domain_and_dns_off_and_authenticated(zone):
     assert "dmarc" not in env.results and verdict is None
 
 
+@pytest.mark.parametrize(
+    "author",
+    [
+        None,  # no From: field at all
+        "undisclosed-recipients:;",
+        "a@[192.0.2.1]",
+        "a@nopolicy.example, ceo@\x00",
+    ],
+)
+def test_on_no_author_refuses_or_quarantines_a_from_without_a_usable_domain(zone, author):
+    """RFC 7489 6.6.1: no policy can be applied to such a message; the
+    operator may refuse it. The default only tags it (above)."""
+    from bonzo import Quarantine
+
+    def judge(plugin):
+        text = message(author or "x").decode()
+        if author is None:
+            text = text.replace("From: x\r\n", "")
+        env = envelope(text.encode())
+        env.results.add("spf", "pass", "", domain="nopolicy.example", identity="mailfrom")
+        return run(plugin.bonzo_message(session=fake_session(), envelope=env)), env
+
+    verdict, env = judge(configured(zone.resolver()))
+    assert verdict is None and env.results.get("dmarc").result == "permerror"
+    with pytest.raises(PermanentError) as info:
+        judge(configured(zone.resolver(), on_no_author="reject"))
+    assert (info.value.status_code, info.value.enhanced_code) == (550, "5.7.1")
+    assert info.value.message == "DMARC: no usable author domain in the From: field"
+    # With DNS off too: the fault is in the message, not in a lookup.
+    with pytest.raises(PermanentError):
+        judge(configured(None, on_no_author="reject"))
+    plugin = configured(zone.resolver(), on_no_author="quarantine")
+    assert plugin.may_quarantine
+    verdict, _ = judge(plugin)
+    assert isinstance(verdict, Quarantine) and "no usable author domain" in verdict.reason
+
+
+def test_on_no_author_leaves_usable_authors_alone(zone):
+    plugin = configured(zone.resolver(), on_no_author="reject")
+    env, verdict = evaluate(plugin, "a@nopolicy.example")
+    assert (env.results.get("dmarc").result, verdict) == ("none", None)
+    # A policy enforced for another author domain comes first.
+    with pytest.raises(PermanentError) as info:
+        evaluate(plugin, "a@example.org, ceo@\x00", spf=("pass", "evil.example"))
+    assert "DMARC policy of example.org" in info.value.message
+
+
 def test_a_final_dot_names_the_same_domain(zone):
     plugin = configured(zone.resolver())
     for author in ("a@example.org.", "Bank <a@Example.ORG.>", "a@example.org. (x)"):
