@@ -613,6 +613,8 @@ class Envelope:
         #: Id of the message, for logs and replies.
         self.id = new_session_id()
         self._headers: list[bytes] = []
+        #: The block add_trace put on top (found again by identity).
+        self._trace: bytes | None = None
         self._spool: _Spool | None = None
         self._spool_threshold = spool_threshold
         self._spool_dir = spool_dir
@@ -1114,7 +1116,20 @@ class Envelope:
                 for kind, key, occurrence, block in self._edits
             ]
         self._headers.insert(0, raw)
+        self._trace = raw
         self._message = None
+
+    def trace_index(self) -> int | None:
+        """The position in :meth:`headers` of the trace header :meth:`add_trace`
+        put on top last (Bonzo's own ``Received:``), or ``None``: not added
+        yet, or a plugin changed or deleted it. A milter counts
+        ``Received:`` fields from the one after it, as for Sendmail and
+        Postfix."""
+        self._apply_changes()
+        for i, block in enumerate(self._headers):
+            if block is self._trace:
+                return i
+        return None
 
     # ---------------------------------------------------------- content out
     @property

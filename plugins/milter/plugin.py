@@ -268,6 +268,10 @@ def _blocks(head: bytes) -> Iterator[bytes]:
         yield head[start:]
 
 
+#: Bonzo's own ``Received:`` among the names a milter's changes follow.
+_OWN_TRACE = "\0own received"
+
+
 def _fields(head: bytes) -> Iterator[tuple[str, str]]:
     """Each field of ``head`` as ``(name, value)`` for the milter: the name
     as the envelope reads it (white space before the colon is not part of
@@ -526,7 +530,9 @@ class MilterPlugin:
             mi.client = client
             macros = {
                 "j": self.hostname,
-                "{daemon_name}": "bonzo",
+                # Postfix's default ($myhostname): milters (rspamd) take it
+                # as the authserv-id of the results they add.
+                "{daemon_name}": self.hostname,
                 "v": "Bonzo",
                 "_": f"[{ip}] [{ip}]",
                 "{client_addr}": ip,
@@ -682,6 +688,10 @@ class MilterPlugin:
                     session, mi, outcome, "end of message", envelope, message=True
                 )
                 if verdict is not None:
+                    if quarantine is not None and isinstance(verdict, Discard):
+                        # The first of Discard and Quarantine decides, as
+                        # between plugins: an earlier milter's stands.
+                        return Quarantine(quarantine)
                     return verdict
                 reason = self._apply(session, envelope, mi, outcome, sink)
             finally:
@@ -714,6 +724,9 @@ class MilterPlugin:
                 if isinstance(change, m.HeaderChange):
                     if names is None:
                         names = [n.lower() for n, _ in envelope.headers()]
+                        own = envelope.trace_index()
+                        if own is not None and names[own] == "received":
+                            names[own] = _OWN_TRACE
                     self._header(envelope, change, leadspc, names)
                 elif isinstance(change, m.QuarantineRequest):
                     quarantine = _clean(change.reason) or f"milter {c.name}"
@@ -756,13 +769,22 @@ class MilterPlugin:
         key = name.lower()
         if change.code == m.R_CHGHEADER:
             # An empty value deletes; index 0 means the first, as for Sendmail.
+            # Bonzo's own Received: is not counted (it is _OWN_TRACE here):
+            # Sendmail and Postfix count from the field after their own.
             occurrence = max(change.index or 0, 1)
-            envelope.change_header(name, value or None, occurrence)
             found = [i for i, n in enumerate(names) if n == key]
-            if len(found) >= occurrence and not value:
-                del names[found[occurrence - 1]]
-            elif len(found) < occurrence and value:
-                names.append(key)  # a missing field is added at the end
+            if len(found) >= occurrence:
+                target = found[occurrence - 1]
+                # The envelope counts every field of the name, ours too.
+                same = (key, _OWN_TRACE) if key == "received" else (key,)
+                nth = sum(1 for n in names[: target + 1] if n in same)
+                envelope.change_header(name, value or None, nth)
+                if not value:
+                    del names[target]
+            elif value:
+                # A missing field is added at the end.
+                envelope.insert_header(len(names), name, value)
+                names.append(key)
         elif change.code == m.R_INSHEADER:
             index = min(change.index or 0, len(names))
             envelope.insert_header(index, name, value)

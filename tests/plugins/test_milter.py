@@ -847,3 +847,71 @@ def test_auth_type_names_the_mechanism_the_client_used():
                 client.sendmail("alice@example.org", ["bob@example.com"], MESSAGE)
     assert [s.macros[m.C_MAIL].get("{auth_type}") for s in fake.sessions] == ["LOGIN", "PLAIN"]
     assert [s.macros[m.C_MAIL].get("{auth_authen}") for s in fake.sessions] == ["alice", "alice"]
+
+
+# ------------------------------------ as Sendmail and Postfix (a tester's findings)
+UPSTREAM = b"Received: from pc.internal (pc [10.1.2.3]) by submit.example.org\r\n" + MESSAGE
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        # Delete #1: the upstream field, not Bonzo's own trace.
+        (m.HeaderChange(m.R_CHGHEADER, "Received", "", 1), []),
+        (m.HeaderChange(m.R_CHGHEADER, "received", "from changed", 0), ["from changed"]),
+        # There is no #2 (ours is not counted): a new field at the end.
+        (
+            m.HeaderChange(m.R_CHGHEADER, "Received", "from added", 2),
+            ["from pc.internal (pc [10.1.2.3]) by submit.example.org", "from added"],
+        ),
+    ],
+)
+def test_chgheader_received_counts_from_the_field_after_bonzo_s_own(change, expected):
+    """Sendmail and Postfix (cleanup_milter.c) count Received: fields for a
+    change or a delete from the one after their own trace field: a milter
+    written for them that removes the first client trace field removed
+    Bonzo's own instead. INSHEADER still counts every field (0: above it)."""
+    sink = Sink()
+    eom = [change, m.HeaderChange(m.R_INSHEADER, "X-Top", "1", 0), m.Verdict(m.R_CONTINUE)]
+    with (
+        FakeMilter(end_of_message=eom) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        assert send(server, message=UPSTREAM) == {}
+    content = sink.delivered[0][2]
+    lines = content.split(b"\r\n")
+    assert lines[0] == b"X-Top: 1"
+    assert lines[1].startswith(b"Received: from ") and b"by mx.test (Bonzo" in content
+    received = [
+        line[len(b"Received: ") :].decode() for line in lines[2:] if line.startswith(b"Received:")
+    ]
+    assert received == expected
+
+
+def test_daemon_name_is_the_host_name_as_postfix_sends_it():
+    """rspamd takes {daemon_name} as its authserv-id: "bonzo" on every
+    server was no domain name (RFC 8601 2.5)."""
+    from types import SimpleNamespace
+
+    p = MilterPlugin()
+    app = SimpleNamespace(settings=SimpleNamespace(hostname="mx.test"))
+    with FakeMilter() as fake:
+        p.bonzo_configure(config={"milters": [entry(fake)]}, app=app)
+        with serve(("milter", p), ("sink", Sink())) as server:
+            assert send(server) == {}
+    assert fake.sessions[0].macros[m.C_CONNECT]["{daemon_name}"] == "mx.test"
+
+
+def test_a_later_milter_s_discard_keeps_an_earlier_quarantine():
+    """The first of Discard and Quarantine decides, as between plugins."""
+    sink = QuarantineSink()
+    eom = [m.QuarantineRequest("held by one"), m.Verdict(m.R_CONTINUE)]
+    with (
+        FakeMilter(end_of_message=[m.Verdict(m.R_DISCARD)]) as second,
+        FakeMilter(end_of_message=eom) as first,
+        serve(
+            ("milter", plugin(entry(first, name="one"), entry(second, name="two"))), ("sink", sink)
+        ) as server,
+    ):
+        assert send(server) == {}
+    assert sink.quarantined == ["held by one"] and sink.delivered == []
