@@ -267,6 +267,13 @@ class MailApp:
         # Probable mistakes found while loading, for warnings().
         self._notes: list[str] = []
         self._started = False
+        #: True once a reload replaced this configuration and it finishes
+        #: what it has (:meth:`retire`).
+        self.retiring = False
+        # Set when the server stops (not for a reload's retirement), made
+        # in the loop that runs the server.
+        self._stop_requested: asyncio.Event | None = None
+        self._stop_done: asyncio.Event | None = None
         self._load_plugins()
 
     # ---------------------------------------------------------------- plugins
@@ -594,6 +601,8 @@ class MailApp:
         first listener's server; :attr:`servers` has them all."""
         if self._started:
             raise RuntimeError("MailApp already started")
+        self._stop_done = self._stop_requested = None
+        self.retiring = False
         # Plugins start before anything listens: a plugin that cannot start
         # must not leave a bound socket (or a half-started server) behind.
         # One still running for another application (the configuration a
@@ -695,17 +704,46 @@ class MailApp:
         themselves for up to ``shutdown_grace`` seconds, then stop as
         :meth:`stop` does (``421`` to those still waiting, messages in
         flight finished) and run the plugins' shutdown hooks."""
+        self.retiring = True
         tasks = [c.task for s in self.servers for c in s.connections if c.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=self.settings.shutdown_grace)
-        await self.stop()
+        await self._stop_once(None)
+
+    @property
+    def stop_requested(self) -> asyncio.Event:
+        """Set when the server stops (``SIGTERM``, or the end of a test
+        server), as opposed to a reload retiring this configuration: a
+        plugin's ``bonzo_shutdown`` that lets work in flight finish after a
+        reload (the ``queue``'s deliveries) waits for it, and cuts that
+        work to ``shutdown_grace`` seconds once it is set."""
+        if self._stop_requested is None:
+            self._stop_requested = asyncio.Event()
+        return self._stop_requested
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop gracefully (see :meth:`SMTPServer.shutdown`), then run the
         plugins' shutdown hooks -- but not those of a plugin object another
         started application of this process still has (a module or an
         instance the configuration that replaced this one enables too): the
-        last to stop shuts it down."""
+        last to stop shuts it down.
+
+        Called while a reload retires this configuration, it sets
+        :attr:`stop_requested` and waits for that retirement to end."""
+        self.stop_requested.set()
+        await self._stop_once(grace)
+
+    async def _stop_once(self, grace: float | None) -> None:
+        if self._stop_done is not None:
+            await self._stop_done.wait()
+            return
+        self._stop_done = asyncio.Event()
+        try:
+            await self._stop(grace)
+        finally:
+            self._stop_done.set()
+
+    async def _stop(self, grace: float | None) -> None:
         if self.servers:
             await asyncio.gather(*(server.shutdown(grace) for server in self.servers))
             self.servers = []

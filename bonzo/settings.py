@@ -169,7 +169,8 @@ class SMTPSettings:
     .. versionadded:: 0.2"""
 
     shutdown_grace: float = 30.0
-    """On shutdown, time messages in flight get to finish before connections close."""
+    """On shutdown, time messages in flight get to finish before connections
+    close; then the ``queue`` plugin's deliveries in flight get as long."""
 
     spool_threshold: int = 262144
     """Message bodies larger than this are spooled to a temporary file rather

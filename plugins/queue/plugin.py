@@ -313,11 +313,17 @@ class QueuePlugin:
         )
 
     @hookimpl
-    async def bonzo_shutdown(self) -> None:
-        """Stop the runner; deliveries in flight get a few seconds to finish."""
+    async def bonzo_shutdown(self, app: Any = None) -> None:
+        """Stop the runner. After a reload the deliveries in flight finish
+        (their claims keep the new configuration's runner off them); when
+        the server stops they get ``shutdown_grace`` seconds."""
         self._release_queued()
         if self.runner is not None:
-            await self.runner.stop()
+            grace = getattr(getattr(app, "settings", None), "shutdown_grace", None)
+            await self.runner.stop(
+                grace if isinstance(grace, (int, float)) else 30.0,
+                getattr(app, "stop_requested", None),
+            )
             self.runner = None
         if self.sync is not None:
             self.sync.close()  # its spare new files

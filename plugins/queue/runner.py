@@ -289,13 +289,20 @@ class Runner:
             self._cpu = (self._accepted_at, _busy_time())
             self._monitor = asyncio.get_running_loop().call_later(BUSY_INTERVAL, self._measure)
 
-    async def stop(self, grace: float = 10.0) -> None:
+    async def stop(self, grace: float = 30.0, stop_requested: asyncio.Event | None = None) -> None:
         """Stop scanning; let deliveries in flight finish for ``grace``
         seconds, then cancel them (they are tried again later; what the
         attempt's other deliveries settled is saved first). An attempt that
         has not ended :data:`STOP_LIMIT` seconds after its cancellation (a
         transport or plugin ignoring it) is left behind, so that the stop
-        always ends."""
+        always ends.
+
+        With ``stop_requested`` not set (a reload retires this runner), the
+        deliveries in flight run to their end -- each is bounded by its own
+        time limits, and its claims keep the new configuration's runner off
+        its messages: cancelled, a delivery whose final dot the next server
+        had taken would be made again -- until ``stop_requested`` is set
+        (the server stops); ``grace`` counts from then."""
         self._stopping = True
         self._retry_saves.set()
         self._wake.set()
@@ -308,6 +315,22 @@ class Runner:
             except asyncio.CancelledError:
                 pass
         inflight = dict(self._inflight)
+        if inflight and stop_requested is not None and not stop_requested.is_set():
+            log.info(
+                "queue: the configuration was replaced: %d attempt(s) in flight finish first",
+                len(inflight),
+            )
+            requested = asyncio.ensure_future(stop_requested.wait())
+            waiting = set(inflight.values())
+            try:
+                # Each turn one at least ends: as many turns as attempts.
+                while waiting and not requested.done():
+                    done, _ = await asyncio.wait(
+                        [*waiting, requested], return_when=asyncio.FIRST_COMPLETED
+                    )
+                    waiting -= done
+            finally:
+                requested.cancel()
         if inflight:
             done, pending = await asyncio.wait(inflight.values(), timeout=grace)
             for id, task in inflight.items():

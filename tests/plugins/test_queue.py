@@ -1341,6 +1341,86 @@ def test_a_state_that_cannot_be_saved_is_kept_and_nothing_delivered_again(tmp_pa
     assert "F1: delivery state saved after" in text()
 
 
+def test_after_a_reload_deliveries_in_flight_finish_uncancelled(tmp_path, caplog):
+    """A reload retires the runner with its deliveries in flight: cancelled
+    after a fixed 10 s, a delivery whose final dot the next server had
+    taken (a slow content filter there) was made again by the new runner --
+    every message of a reload twice. They now run to their end; only a
+    stop of the server (stop_requested) cuts them, to the grace."""
+    transport = ByLocalPart()
+    spool, runner, clock = make_runner(tmp_path, transport, scan_interval=3600)
+    queued(spool, "R1", envelope("a@example.org", "slow@slow.test"))
+
+    async def main() -> None:
+        requested = asyncio.Event()
+        runner.start()
+        await asyncio.wait_for(transport.slow_started.wait(), 5)
+        stopping = asyncio.ensure_future(runner.stop(grace=0.05, stop_requested=requested))
+        await asyncio.sleep(0.3)  # six times the grace: not cancelled
+        assert not stopping.done()
+        transport.release.set()
+        await asyncio.wait_for(stopping, 5)
+
+    with caplog.at_level(logging.INFO, logger="bonzo.plugins.queue"):
+        asyncio.run(main())
+    assert spool.ids() == []  # delivered, once
+    assert transport.calls == [["slow@slow.test"]]
+    assert "1 attempt(s) in flight finish first" in caplog.text
+    assert "cancelled" not in caplog.text
+
+
+def test_a_stop_during_a_reload_s_retirement_cuts_to_the_grace(tmp_path, caplog):
+    transport = ByLocalPart()
+    spool, runner, clock = make_runner(tmp_path, transport, scan_interval=3600)
+    queued(spool, "R2", envelope("a@example.org", "slow@slow.test"))
+
+    async def main() -> None:
+        requested = asyncio.Event()
+        runner.start()
+        await asyncio.wait_for(transport.slow_started.wait(), 5)
+        stopping = asyncio.ensure_future(runner.stop(grace=0.1, stop_requested=requested))
+        await asyncio.sleep(0.2)
+        assert not stopping.done()
+        requested.set()
+        await asyncio.wait_for(stopping, 5)
+
+    with caplog.at_level(logging.INFO, logger="bonzo.plugins.queue"):
+        asyncio.run(main())
+    assert [r.status for r in spool.load("R2").recipients] == ["pending"]
+    assert "still running after 0.1 s, cancelled" in caplog.text
+
+
+def test_the_app_tells_a_stop_from_a_reload_s_retirement(tmp_path):
+    """MailApp.stop_requested: unset while a reload retires the
+    configuration, set by a stop (which then waits for the retirement)."""
+    from bonzo.app import MailApp
+    from bonzo.config import parse_config
+
+    text = '[[listeners]]\naddress = "127.0.0.1"\nport = 0\n[plugins]\nenabled = []\n'
+    seen = []
+
+    class Watch:
+        @hookimpl
+        async def bonzo_shutdown(self, app):
+            seen.append(app.stop_requested.is_set())
+            await asyncio.wait_for(app.stop_requested.wait(), 5)
+
+    async def main() -> None:
+        app = MailApp(parse_config(text, source="bonzo.toml", base_dir=tmp_path), [Watch()])
+        await app.start()
+        retiring = asyncio.ensure_future(app.retire())
+        await asyncio.sleep(0.1)
+        assert app.retiring and not retiring.done() and seen == [False]
+        await asyncio.wait_for(app.stop(), 5)  # sets it, waits for the retirement
+        assert retiring.done()
+        app2 = MailApp(parse_config(text, source="bonzo.toml", base_dir=tmp_path), [Watch()])
+        await app2.start()
+        await asyncio.wait_for(app2.stop(), 5)
+
+    asyncio.run(main())
+    assert seen == [False, True]
+
+
 def test_a_stop_keeps_what_the_finished_destinations_delivered(tmp_path, caplog):
     """One destination answers, another is slow: the first one's outcome is
     saved as soon as it is in (a crash from then on does not repeat it), and
