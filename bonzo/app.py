@@ -274,6 +274,7 @@ class MailApp:
         # in the loop that runs the server.
         self._stop_requested: asyncio.Event | None = None
         self._stop_done: asyncio.Event | None = None
+        self._stop_forced: asyncio.Event | None = None
         self._load_plugins()
 
     # ---------------------------------------------------------------- plugins
@@ -601,7 +602,7 @@ class MailApp:
         first listener's server; :attr:`servers` has them all."""
         if self._started:
             raise RuntimeError("MailApp already started")
-        self._stop_done = self._stop_requested = None
+        self._stop_done = self._stop_requested = self._stop_forced = None
         self.retiring = False
         # Plugins start before anything listens: a plugin that cannot start
         # must not leave a bound socket (or a half-started server) behind.
@@ -721,6 +722,14 @@ class MailApp:
             self._stop_requested = asyncio.Event()
         return self._stop_requested
 
+    @property
+    def stop_forced(self) -> asyncio.Event:
+        """Set by :meth:`force_stop` (a second ``SIGTERM``): work a plugin's
+        ``bonzo_shutdown`` still waits for is to be cut at once."""
+        if self._stop_forced is None:
+            self._stop_forced = asyncio.Event()
+        return self._stop_forced
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop gracefully (see :meth:`SMTPServer.shutdown`), then run the
         plugins' shutdown hooks -- but not those of a plugin object another
@@ -761,6 +770,8 @@ class MailApp:
         """Stop at once (a second SIGTERM while :meth:`stop` waits): every
         session is cancelled, plugin calls included; :meth:`stop` then
         returns promptly and still runs the plugins' shutdown hooks."""
+        self.stop_requested.set()
+        self.stop_forced.set()
         for server in self.servers:
             server.force_stop()
 

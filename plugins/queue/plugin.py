@@ -323,6 +323,7 @@ class QueuePlugin:
             await self.runner.stop(
                 grace if isinstance(grace, (int, float)) else 30.0,
                 getattr(app, "stop_requested", None),
+                getattr(app, "stop_forced", None),
             )
             self.runner = None
         if self.sync is not None:

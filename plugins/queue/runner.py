@@ -42,7 +42,7 @@ import heapq
 import io
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -167,6 +167,35 @@ class _Progress:
         )
 
 
+async def _all_or(
+    tasks: Iterable[asyncio.Future[Any]], event: asyncio.Event | None, timeout: float | None
+) -> None:
+    """Wait until every one of ``tasks`` is done, ``event`` is set or
+    ``timeout`` seconds have passed (``None``: no limit)."""
+    waiting = {task for task in tasks if not task.done()}
+    if not waiting or (event is not None and event.is_set()):
+        return
+    woken = asyncio.ensure_future(event.wait()) if event is not None else None
+    deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+    try:
+        # Each turn one at least ends (a task or the event): a bounded loop.
+        while waiting and not (woken is not None and woken.done()):
+            left = None if deadline is None else deadline - asyncio.get_running_loop().time()
+            if left is not None and left <= 0:
+                return
+            done, _ = await asyncio.wait(
+                [*waiting, *([woken] if woken is not None else [])],
+                timeout=left,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if not done:
+                return
+            waiting -= done
+    finally:
+        if woken is not None:
+            woken.cancel()
+
+
 class Runner:
     """Delivers the messages of a :class:`Spool` (see the module description).
 
@@ -289,7 +318,12 @@ class Runner:
             self._cpu = (self._accepted_at, _busy_time())
             self._monitor = asyncio.get_running_loop().call_later(BUSY_INTERVAL, self._measure)
 
-    async def stop(self, grace: float = 30.0, stop_requested: asyncio.Event | None = None) -> None:
+    async def stop(
+        self,
+        grace: float = 30.0,
+        stop_requested: asyncio.Event | None = None,
+        forced: asyncio.Event | None = None,
+    ) -> None:
         """Stop scanning; let deliveries in flight finish for ``grace``
         seconds, then cancel them (they are tried again later; what the
         attempt's other deliveries settled is saved first). An attempt that
@@ -302,7 +336,8 @@ class Runner:
         time limits, and its claims keep the new configuration's runner off
         its messages: cancelled, a delivery whose final dot the next server
         had taken would be made again -- until ``stop_requested`` is set
-        (the server stops); ``grace`` counts from then."""
+        (the server stops); ``grace`` counts from then. Once ``forced`` is
+        set (a second ``SIGTERM``), they are cancelled at once."""
         self._stopping = True
         self._retry_saves.set()
         self._wake.set()
@@ -320,26 +355,22 @@ class Runner:
                 "queue: the configuration was replaced: %d attempt(s) in flight finish first",
                 len(inflight),
             )
-            requested = asyncio.ensure_future(stop_requested.wait())
-            waiting = set(inflight.values())
-            try:
-                # Each turn one at least ends: as many turns as attempts.
-                while waiting and not requested.done():
-                    done, _ = await asyncio.wait(
-                        [*waiting, requested], return_when=asyncio.FIRST_COMPLETED
-                    )
-                    waiting -= done
-            finally:
-                requested.cancel()
+            await _all_or(inflight.values(), stop_requested, None)
         if inflight:
-            done, pending = await asyncio.wait(inflight.values(), timeout=grace)
+            await _all_or(inflight.values(), forced, grace)
+            pending = {task for task in inflight.values() if not task.done()}
+            why = (
+                "at a forced stop"
+                if forced is not None and forced.is_set()
+                else (f"after {grace:g} s")
+            )
             for id, task in inflight.items():
                 if task in pending:
                     log.warning(
-                        "queue: stopping: attempt at %s still running after %g s, cancelled; "
+                        "queue: stopping: attempt at %s still running %s, cancelled; "
                         "its deliveries in flight are tried again at the next start",
                         id,
-                        grace,
+                        why,
                     )
                     # Marked as a stop: a plugin's hook in it that ignores
                     # the cancellation is let go after CANCEL_GRACE.

@@ -1390,6 +1390,34 @@ def test_a_stop_during_a_reload_s_retirement_cuts_to_the_grace(tmp_path, caplog)
     assert "still running after 0.1 s, cancelled" in caplog.text
 
 
+def test_a_forced_stop_cancels_deliveries_in_flight_at_once(tmp_path, caplog):
+    """A second SIGTERM: the grace is not waited for (the process exits a
+    few seconds later whatever runs), what settled is saved."""
+    transport = ByLocalPart()
+    spool, runner, clock = make_runner(tmp_path, transport, scan_interval=3600)
+    queued(spool, "R3", envelope("a@example.org", "ok@fast.test", "slow@slow.test"))
+
+    async def main() -> float:
+        requested, forced = asyncio.Event(), asyncio.Event()
+        requested.set()
+        runner.start()
+        await asyncio.wait_for(transport.slow_started.wait(), 5)
+        stopping = asyncio.ensure_future(runner.stop(30, requested, forced))
+        await asyncio.sleep(0.1)
+        assert not stopping.done()
+        began = time.monotonic()
+        forced.set()
+        await asyncio.wait_for(stopping, 5)
+        return time.monotonic() - began
+
+    with caplog.at_level(logging.INFO, logger="bonzo.plugins.queue"):
+        took = asyncio.run(main())
+    assert took < 3  # not the 30 s grace
+    on_disk = {r.address: r.status for r in spool.load("R3").recipients}
+    assert on_disk == {"ok@fast.test": "delivered", "slow@slow.test": "pending"}
+    assert "still running at a forced stop, cancelled" in caplog.text
+
+
 def test_the_app_tells_a_stop_from_a_reload_s_retirement(tmp_path):
     """MailApp.stop_requested: unset while a reload retires the
     configuration, set by a stop (which then waits for the retirement)."""
@@ -1412,7 +1440,7 @@ def test_the_app_tells_a_stop_from_a_reload_s_retirement(tmp_path):
         await asyncio.sleep(0.1)
         assert app.retiring and not retiring.done() and seen == [False]
         await asyncio.wait_for(app.stop(), 5)  # sets it, waits for the retirement
-        assert retiring.done()
+        assert retiring.done() and not app.stop_forced.is_set()
         app2 = MailApp(parse_config(text, source="bonzo.toml", base_dir=tmp_path), [Watch()])
         await app2.start()
         await asyncio.wait_for(app2.stop(), 5)
