@@ -485,12 +485,16 @@ class MailApp:
         for i, listener in enumerate(self.config.listeners):
             ls = listener.settings
             out.extend(_open_trust(i, listener.where, ls))
-            if ls.require_auth and not calls["bonzo_auth"]:
+            if ls.require_auth and not self.plugins.checks_credentials():
                 out.append(
                     f"listeners[{i}] requires AUTH but no enabled plugin checks credentials "
                     "(bonzo_auth): every MAIL will be refused; enable e.g. 'passwd'"
                 )
-            if calls["bonzo_auth"] and ls.tls_context is None and not ls.auth_plaintext:
+            if (
+                self.plugins.checks_credentials()
+                and ls.tls_context is None
+                and not ls.auth_plaintext
+            ):
                 out.append(
                     f"listeners[{i}] has no TLS certificate and auth_plaintext is false: "
                     "AUTH is not offered there"

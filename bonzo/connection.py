@@ -442,7 +442,7 @@ class SMTPConnection:
             starttls=listener.tls_context is not None and not listener.implicit_tls,
             require_tls=listener.require_tls,
             require_auth=listener.require_auth,
-            auth_mechanisms=listener.auth_mechanisms if plugins.calls["bonzo_auth"] else (),
+            auth_mechanisms=listener.auth_mechanisms if plugins.checks_credentials() else (),
             auth_plaintext=listener.auth_plaintext,
             legacy_replies=legacy_replies,
         )

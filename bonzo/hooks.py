@@ -226,6 +226,24 @@ class PluginSet:
         """The registered plugin object called ``name``."""
         return self.manager.get_plugin(name)
 
+    def credential_checkers(self) -> list[str]:
+        """The plugins that implement :func:`~bonzo.hookspecs.bonzo_auth` and
+        may accept there, in call order. One whose ``accepts`` attribute (a
+        tuple of hooks) leaves ``bonzo_auth`` out only refuses there
+        (``ratelimit``)."""
+        out = []
+        for call in self.calls["bonzo_auth"]:
+            accepts = getattr(self.get(call.plugin), "accepts", None)
+            if not isinstance(accepts, (tuple, list, set, frozenset)) or "bonzo_auth" in accepts:
+                out.append(call.plugin)
+        return out
+
+    def checks_credentials(self) -> bool:
+        """Whether some plugin may accept AUTH credentials
+        (:meth:`credential_checkers`): AUTH is offered only then, so a plugin
+        that only refuses there does not make it offered."""
+        return bool(self.credential_checkers())
+
     def honouring_dsn(self) -> list[str]:
         """The plugins that honour DSN requests (RFC 3461): those whose
         ``honours_dsn`` attribute is true (``queue``, ``forward``). A server

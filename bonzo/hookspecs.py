@@ -404,7 +404,9 @@ def bonzo_auth(session: Session, mechanism: str, username: str, password: str, a
     Raise an ``SMTPError`` for another reply (``454 4.7.0`` for a temporary
     failure); an unexpected exception or timeout also gives ``454 4.7.0``.
     May be async (LDAP, SQL, HTTP). AUTH is offered only when some plugin
-    implements this hook. Never log ``password``.
+    that may accept implements this hook: one whose ``accepts`` attribute
+    leaves ``bonzo_auth`` out (``ratelimit``, which only refuses before
+    the check) does not count. Never log ``password``.
 
     When the client asks to act as someone else (PLAIN's ``authzid`` is
     neither ``""`` nor ``username``), ``Accept()`` is not enough: the

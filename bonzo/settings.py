@@ -471,7 +471,8 @@ class ListenerSettings:
     text: only for testing or a trusted network)."""
 
     auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
-    """SASL mechanisms offered when a plugin implements ``bonzo_auth``."""
+    """SASL mechanisms offered when a plugin checks credentials in
+    ``bonzo_auth``."""
 
     proxy_protocol: bool = False
     """Every connection starts with a PROXY protocol header (version 1 or

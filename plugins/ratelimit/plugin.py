@@ -22,14 +22,18 @@ log = logging.getLogger("bonzo.plugins.ratelimit")
 
 #: What each key is counted on, and the stages where it is known.
 STAGES_OF = {
-    "client": ("connect", "mail", "rcpt"),
+    "client": ("connect", "auth", "mail", "rcpt"),
     "sender": ("mail", "rcpt"),
     "user": ("mail", "rcpt"),
     "rcpt_domain": ("rcpt",),
 }
-STAGES = ("connect", "mail", "rcpt")
+STAGES = ("connect", "auth", "mail", "rcpt")
 ON_STORE_ERROR = ("accept", "tempfail")
 DEFAULT_REPLY = "451 4.7.1 Rate limit exceeded, try again later"
+#: The reply of an ``auth`` rule without its own: Postfix's for
+#: smtpd_client_auth_rate_limit is ``450 4.7.1`` too. Temporary, and the
+#: same whatever the password: it is sent before any plugin checks one.
+AUTH_REPLY = "450 4.7.1 Too many AUTH commands, try again later"
 #: The reply when the store fails and on_store_error is "tempfail".
 STORE_ERROR_REPLY = Reply(451, "4.3.0", "Temporary local problem, try again later")
 MAX_LIMIT = 10_000_000
@@ -79,6 +83,11 @@ def _stage_fits_key(rule: dict[str, Any]) -> None:
             f"stage: a {rule['key']} limit applies at {', '.join(stages)}, "
             f"not {describe(rule['stage'])}"
         )
+    if rule["stage"] == "auth" and rule["reply"] is not None:
+        if parse_reply(rule["reply"], "reply").code >= 500:
+            # A 5xx would count as a failed password (max_auth_failures) and
+            # tell a client with the right password to give up for good.
+            raise ValueError(f"reply: an auth limit's reply must be 4xx, not {rule['reply']!r}")
 
 
 #: The keys of each ``[[plugins.ratelimit.rules]]`` table.
@@ -96,7 +105,9 @@ RULE_SCHEMA = Schema(
         convert=_window,
         doc="The sliding window, at least one millisecond (0.001) and at most ten years."),
     Key("reply", "str", convert=_reply,
-        doc="The reply of this rule, as ``reply`` below; without it, that one."),
+        doc="The reply of this rule, as ``reply`` below; without it, that one "
+        f"(at ``auth``: ``\"{AUTH_REPLY}\"``; an ``auth`` rule's reply must be "
+        "``4xx``)."),
     Key("name", "str", convert=_name,
         doc="Names the rule in log lines and in the store's keys (printable, at "
         "most 100 characters); default ``\"<key>-<stage>-<limit>-<window>\"``. "
@@ -157,11 +168,15 @@ class RateLimitPlugin:
         """Validate the ``[plugins.ratelimit]`` table; use ``app.store``."""
         values = SCHEMA.parse(config, app)
         default = parse_reply(values["reply"], "reply")
+        auth_default = parse_reply(AUTH_REPLY, "reply")
         rules: dict[str, list[Rule]] = {stage: [] for stage in STAGES}
         names: set[str] = set()
         for index, entry in enumerate(values["rules"]):
             key, stage, limit, window = (entry[k] for k in ("key", "stage", "limit", "window"))
-            reply = default if entry["reply"] is None else parse_reply(entry["reply"], "reply")
+            if entry["reply"] is not None:
+                reply = parse_reply(entry["reply"], "reply")
+            else:
+                reply = auth_default if stage == "auth" else default
             name = entry["name"] or f"{key}-{stage}-{limit}-{window:g}"
             if name in names:
                 raise ValueError(f"rules[{index}].name: {name!r} is used by an earlier rule")
@@ -237,6 +252,16 @@ class RateLimitPlugin:
     async def bonzo_connect(self, session: Session) -> None:
         """Rules of stage ``connect``."""
         await self.check("connect", session)
+
+    # tryfirst: before any plugin checks the password, so that a client over
+    # the limit tests none (whatever the order of ``enabled``).
+    @hookimpl(tryfirst=True)
+    async def bonzo_auth(self, session: Session) -> None:
+        """Rules of stage ``auth``: each AUTH exchange that reaches the
+        credential check counts, right or wrong (as Postfix's
+        smtpd_client_auth_rate_limit); one over the limit is refused with a
+        ``4xx`` before any password is checked. Never accepts."""
+        await self.check("auth", session)
 
     @hookimpl
     async def bonzo_mail(self, session: Session, envelope: Envelope, mailbox: Address) -> None:

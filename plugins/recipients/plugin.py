@@ -170,7 +170,7 @@ class RecipientsPlugin:
         # credentials): relaying for authenticated sessions means nothing
         # otherwise.
         plugins = getattr(app, "plugins", None)
-        self.auth_available = bool(plugins is None or plugins.calls.get("bonzo_auth"))
+        self.auth_available = plugins is None or bool(plugins.checks_credentials())
         self.config_warnings: list[str] = []
         if not (domains or users or networks or (relay_authenticated and self.auth_available)):
             self.config_warnings.append(

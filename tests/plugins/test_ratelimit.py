@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import smtplib
 from types import SimpleNamespace
@@ -10,10 +11,12 @@ from typing import Any
 
 import pytest
 from bonzo_plugins.ratelimit import RateLimitPlugin
-from plugin_testing import make_envelope, make_session, serve
+from plugin_testing import make_envelope, make_plugin_set, make_session, serve
 
 from bonzo.address import Address
 from bonzo.errors import SMTPError
+from bonzo.hookspecs import Accept, hookimpl
+from bonzo.settings import ListenerSettings
 from bonzo.store import Hit, MemoryStore, Store, StoreError
 
 
@@ -205,6 +208,12 @@ def test_a_store_failure_can_tempfail_instead():
     ("table", "message"),
     [
         ({"rules": [rule("sender", "connect", 1)]}, "rules[0].stage: a sender limit applies"),
+        ({"rules": [rule("user", "auth", 1)]}, "rules[0].stage: a user limit applies at mail"),
+        ({"rules": [rule("sender", "auth", 1)]}, "rules[0].stage: a sender limit applies"),
+        (
+            {"rules": [rule("client", "auth", 1, reply="535 5.7.8 No")]},
+            "rules[0].reply: an auth limit's reply must be 4xx",
+        ),
         ({"rules": [rule("rcpt_domain", "mail", 1)]}, "rules[0].stage"),
         ({"rules": [rule("host", "mail", 1)]}, "rules[0].key: expected one of"),
         ({"rules": [rule("client", "mail", 0)]}, "rules[0].limit"),
@@ -255,3 +264,125 @@ def test_rule_names_and_replies():
         "Slow down",
     )
     assert (second.name, second.reply.code, second.reply.text) == ("senders", 550, "No more")
+
+
+class Passwords:
+    """A credential checker that notes every password it is asked about."""
+
+    def __init__(self) -> None:
+        self.checked: list[str] = []
+
+    @hookimpl
+    def bonzo_auth(self, username: str, password: str) -> Any:
+        self.checked.append(password)
+        return Accept() if (username, password) == ("alice", "right") else None
+
+
+def auth_line(client: smtplib.SMTP, password: str) -> tuple[int, bytes]:
+    blob = base64.b64encode(f"\0alice\0{password}".encode()).decode()
+    return client.docmd("AUTH", "PLAIN " + blob)
+
+
+def test_auth_attempts_over_the_limit_get_450_before_any_password_check(caplog):
+    """An ``auth`` rule counts AUTH attempts per client across sessions,
+    right or wrong; over it the client gets Postfix's 450 4.7.1 — before
+    any plugin checks the password (ratelimit runs first at AUTH, even
+    listed last), so the right one is refused the same as a wrong one."""
+    caplog.set_level(logging.INFO)
+    plugin = configure({"reply": "554 5.7.1 Other limits", "rules": [rule("client", "auth", 3)]})
+    passwords = Passwords()
+    with serve(
+        ("passwords", passwords),
+        recipients(),
+        ("ratelimit", plugin),
+        listener=ListenerSettings(auth_plaintext=True),
+        auth_failure_delay=0,
+        max_auth_failures=2,
+    ) as server:
+        # Each session may fail twice (max_auth_failures); reconnecting
+        # used to start the count over.
+        with server.client() as client:
+            client.ehlo()
+            assert auth_line(client, "guess1")[0] == 535
+            assert auth_line(client, "right")[0] == 235
+        with server.client() as client:
+            client.ehlo()
+            assert auth_line(client, "guess2")[0] == 535
+            code, text = auth_line(client, "right")
+            assert (code, text) == (450, b"4.7.1 Too many AUTH commands, try again later")
+            assert auth_line(client, "guess3")[0] == 450
+            # A 4xx is not a failed password: the session stays open.
+            assert client.noop()[0] == 250
+    assert passwords.checked == ["guess1", "right", "guess2"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "bonzo.plugins.ratelimit"]
+    assert len(lines) == 2
+    assert "client '127.0.0.1' over client-auth-3-60: more than 3 per 60s" in lines[0]
+
+
+def test_a_rate_limit_alone_does_not_offer_auth():
+    """ratelimit implements bonzo_auth only to refuse: without a plugin that
+    checks credentials, AUTH is still not offered."""
+    plugin = configure({"rules": [rule("client", "auth", 3)]})
+    with (
+        serve(
+            ("ratelimit", plugin), recipients(), listener=ListenerSettings(auth_plaintext=True)
+        ) as server,
+        server.client() as client,
+    ):
+        assert client.ehlo()[0] == 250
+        assert not client.has_extn("auth")
+    checker = make_plugin_set(("ratelimit", configure({})), ("passwords", Passwords()))
+    assert checker.credential_checkers() == ["passwords"]
+    assert checker.checks_credentials()
+    assert not make_plugin_set(("ratelimit", configure({}))).checks_credentials()
+
+
+def test_auth_rules_reply_and_exemptions():
+    plugin = configure(
+        {
+            "exempt_networks": ["192.0.2.0/24"],
+            "rules": [
+                rule("client", "auth", 1, "1h"),
+                rule("client", "auth", 5, "1d", name="daily", reply="421 4.7.0 Go away"),
+            ],
+        }
+    )
+    first, second = plugin.rules["auth"]
+    assert (first.name, first.reply.code, first.reply.enhanced) == (
+        "client-auth-1-3600",
+        450,
+        "4.7.1",
+    )
+    assert (second.reply.code, second.reply.text) == (421, "Go away")
+
+    async def go() -> list[int]:
+        codes = []
+        for ip in ("192.0.2.9", "192.0.2.9", "198.51.100.1", "198.51.100.1"):
+            try:
+                await plugin.bonzo_auth(make_session(remote_ip=ip))
+                codes.append(0)
+            except SMTPError as exc:
+                codes.append(exc.status_code)
+        return codes
+
+    assert asyncio.run(go()) == [0, 0, 0, 450]
+
+
+def test_bonzo_check_does_not_take_ratelimit_for_a_credential_checker(tmp_path):
+    """With ratelimit the only bonzo_auth plugin, a listener that requires
+    AUTH is still one where nobody can authenticate: the warning stays."""
+    from bonzo.app import MailApp
+    from bonzo.config import parse_config
+
+    text = (
+        '[[listeners]]\nport = 2525\nrequire_auth = true\n[plugins]\nenabled = ["ratelimit", '
+        '"recipients", "discard"]\n[plugins.recipients]\ndomains = ["example.com"]\n'
+        '[[plugins.ratelimit.rules]]\nkey = "client"\nstage = "auth"\nlimit = 5\nwindow = 60\n'
+    )
+    warnings = MailApp(parse_config(text, "t.toml", tmp_path)).warnings()
+    assert any("requires AUTH but no enabled plugin checks credentials" in w for w in warnings)
+    assert not any("AUTH is not offered there" in w for w in warnings)
+    # Nor does recipients count on authenticated clients to relay for.
+    bare = text.replace('domains = ["example.com"]', "relay_authenticated = true")
+    warnings = MailApp(parse_config(bare, "t.toml", tmp_path)).warnings()
+    assert any("and no plugin that authenticates clients" in w for w in warnings), warnings
