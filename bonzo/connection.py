@@ -1261,7 +1261,20 @@ class SMTPConnection:
         text = one_line(refusal.text.replace("\n", " / "))
         arg = refusal.arg if len(refusal.arg) <= 200 else refusal.arg[:200] + "..."
         by = one_line(refusal.by)
-        if refusal.log_message:
+        if refusal.auth_failure:
+            # One line per failed AUTH, the client's address always second, for
+            # fail2ban: "[<id> <address>] AUTH <mechanism> failed for <user>:
+            # <why>: <reply>" (the dispatcher's text: never the password).
+            gen_log.warning(
+                "[%s %s] %s: %d %s %s",
+                self.session.id,
+                self.remote_ip,
+                one_line(refusal.log_message or f"AUTH failed, refused by {by}"),
+                refusal.code,
+                refusal.enhanced,
+                text,
+            )
+        elif refusal.log_message:
             # As the original Bonzo logged an SMTPError's log_message: the
             # code and the message first, on tornado.general.
             gen_log.warning(

@@ -770,20 +770,37 @@ class Dispatcher:
                 # delayed the same (no faster answer to tell them apart, no
                 # faster guessing) and counted. A 4xx is a fault, not a guess.
                 await asyncio.sleep(self.settings.auth_failure_delay)
-                core.reject(reply, by=by, auth_failure=True)
+                why = f"refused by {by}"
+                if reply.log_text():
+                    why += f" ({reply.log_text()})"
+                failure = errors.SMTPError(
+                    reply.status_code,
+                    reply.message,
+                    "AUTH %s failed for %r: %s",
+                    step.mechanism,
+                    _cut(step.username),
+                    why,
+                    enhanced_code=reply.enhanced_code,
+                    close=reply.close,
+                )
+                core.reject(failure, by=by, auth_failure=True)
             else:
                 core.reject(reply, by=by)
             return
         identity = step.username
-        problem = "credentials refused"
-        if verdict is not None:
+        by = "core"
+        if verdict is None:
+            asked = ", ".join(self.plugins.credential_checkers()) or "none"
+            problem = f"no plugin accepted (asked: {asked})"
+        else:
             accept = verdict[1]
             if step.authzid in ("", step.username):
                 problem = ""
             elif accept.authzid == step.authzid:
                 identity, problem = step.authzid, ""
             else:
-                problem = f"may not act as {_cut(step.authzid)!r}"
+                by = verdict[0]
+                problem = f"{by} accepted, but it may not act as {_cut(step.authzid)!r}"
         if not problem:
             core.auth_success(identity, step.mechanism)
             gen_log.info(
@@ -806,7 +823,8 @@ class Dispatcher:
                 _cut(step.username),
                 problem,
                 enhanced_code="5.7.8",
-            )
+            ),
+            by=by,
         )
 
 

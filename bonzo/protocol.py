@@ -306,6 +306,9 @@ class Refusal:
     """The error's ``log_message``, with its arguments."""
     limit: str | None = None
     """The limit or timeout that was hit, if any."""
+    auth_failure: bool = False
+    """A failed AUTH (counted towards ``max_auth_failures``): its log line
+    is the one a fail2ban filter matches."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1070,6 +1073,7 @@ class SMTPProtocol:
         by: str,
         log_message: str | None,
         limit: str | None,
+        auth_failure: bool = False,
     ) -> None:
         if self.on_refusal is not None:
             self.on_refusal(
@@ -1082,6 +1086,7 @@ class SMTPProtocol:
                     by,
                     log_message,
                     limit,
+                    auth_failure,
                 )
             )
 
@@ -1238,6 +1243,7 @@ class SMTPProtocol:
         self._pending = None
         code = error.status_code
         note = error.log_text()
+        failed = False  # a failed AUTH, counted
         if type(event) is MessageComplete:
             if limit is None and error is event.error:
                 limit = _DATA_LIMITS.get(code)  # the limit the core found broken
@@ -1245,9 +1251,10 @@ class SMTPProtocol:
         elif type(event) is Auth or type(event) is AuthResponse:
             self._state = _COMMAND
             if code == 535 or (auth_failure and code >= 500):
+                failed = True
                 self.auth_failures += 1
                 if self.auth_failures >= self.settings.max_auth_failures:
-                    self._refused(code, error.enhanced_code, error.message, by, note, None)
+                    self._refused(code, error.enhanced_code, error.message, by, note, None, True)
                     self._write_error(error)
                     self.close(
                         421, "Too many authentication failures", "4.7.0",
@@ -1278,7 +1285,7 @@ class SMTPProtocol:
             if self.errors > self.settings.max_errors:
                 self.close(421, "Too many errors, closing connection", "4.7.0", limit="max_errors")
                 return
-            self._refused(code, error.enhanced_code, error.message, by, note, limit)
+            self._refused(code, error.enhanced_code, error.message, by, note, limit, failed)
         if type(event) is Data and event.chunked:
             # A refused first BDAT ends the transaction (so that no later
             # chunk can make a message without this one), and is answered

@@ -1269,6 +1269,63 @@ def test_a_long_user_name_is_cut_in_the_log(start_server, certs, client_ctx, all
     assert f"failed for '{'u' * 256}...'" in line and len(line) < 512
 
 
+def test_each_auth_failure_is_one_warning_line_naming_who_refused(
+    start_server, certs, client_ctx, all_records
+):
+    """One WARNING line per failure, the session id and the client's
+    address first (a fail2ban filter's anchor), then what failed and who
+    refused: the plugin that raised, the one that accepted but would not
+    let the user act as another, or no plugin at all (naming those
+    asked). Never the password."""
+
+    class Delegation(AuthHandler):
+        def bonzo_auth(self, username, password, authzid):
+            if username == "locked":
+                raise SMTPError(554, "Account locked", enhanced_code="5.7.1")
+            if (username, password) == (USER, PASSWORD):
+                return Accept()
+            return None
+
+    server = start_server(
+        plugins=plugin_set_of(("directory", Delegation()), ("relay", RelayPlugin())),
+        listener=tls_listener(certs),
+        auth_failure_delay=0,
+        max_auth_failures=5,
+    )
+    with tls_client(server, client_ctx) as client:
+        assert client.command("AUTH PLAIN " + b64(f"\0{USER}\0wrong-pw")).startswith(b"535 ")
+        assert client.command("AUTH PLAIN " + b64("\0locked\0wrong-pw")).startswith(b"554 ")
+        blob = b64(f"boss\0{USER}\0{PASSWORD}")
+        assert client.command("AUTH PLAIN " + blob).startswith(b"535 ")
+        assert client.command("QUIT").startswith(b"221")
+    server.wait_connections(0)
+    lines = [
+        r.getMessage()
+        for r in all_records
+        if r.levelno == logging.WARNING and " failed for " in r.getMessage()
+    ]
+    session = r"^\[\w+ 127\.0\.0\.1\] "
+    assert len(lines) == 3, lines
+    assert re.fullmatch(
+        session + r"AUTH PLAIN failed for 'alice': no plugin accepted \(asked: directory\): "
+        r"535 5\.7\.8 Authentication credentials invalid",
+        lines[0],
+    ), lines[0]
+    assert re.fullmatch(
+        session + r"AUTH PLAIN failed for 'locked': refused by directory: "
+        r"554 5\.7\.1 Account locked",
+        lines[1],
+    ), lines[1]
+    assert re.fullmatch(
+        session + r"AUTH PLAIN failed for 'alice': directory accepted, but it may not act as "
+        r"'boss': 535 5\.7\.8 Authentication credentials invalid",
+        lines[2],
+    ), lines[2]
+    text = "".join(r.getMessage() for r in all_records)
+    assert "wrong-pw" not in text and PASSWORD not in text
+    assert "refused by core: 535" not in text
+
+
 class LeakyAuthPlugin:
     """Faults whose text holds the password, as careless plugin code makes."""
 

@@ -7,6 +7,8 @@ documented."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import re
 import smtplib
 import socket
 import time
@@ -387,3 +389,96 @@ def test_no_free_connection_in_time_fails_that_call_only(redis_server: RedisServ
             await s.close()
 
     asyncio.run(go())
+
+
+# ------------------------------------ AUTH attempts, two daemons, one Redis
+AUTH_LIMIT = 4
+
+
+def auth_node_config(path: Path, port: int, redis_url: str, workers: int) -> Path:
+    path.write_text(
+        f"""
+[server]
+hostname = "auth{port}.test"
+workers = {workers}
+
+[limits]
+auth_failure_delay = 0.0
+
+[[listeners]]
+address = "127.0.0.1"
+port = {port}
+auth_plaintext = true
+
+[redis]
+url = "{redis_url}"
+
+[plugins]
+enabled = ["passwd", "recipients", "discard", "{RATELIMIT}"]
+
+[plugins.passwd]
+file = "{path.parent / "passwd"}"
+
+[plugins."{RATELIMIT}"]
+[[plugins."{RATELIMIT}".rules]]
+key = "client"
+stage = "auth"
+limit = {AUTH_LIMIT}
+window = "1h"
+
+[plugins.recipients]
+domains = ["example.com"]
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def auth_reply(port: int, password: str) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("client.test")
+        blob = base64.b64encode(f"\0alice\0{password}".encode()).decode()
+        return client.docmd("AUTH", "PLAIN " + blob)
+
+
+def test_auth_attempts_are_limited_per_client_across_daemons_and_workers(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The tester's brute force: a new session per guess starts
+    max_auth_failures over, but an ``auth`` rule counts the client's AUTH
+    attempts on Redis, across two daemons (one with two workers): past the
+    limit even the right password gets ``450 4.7.1`` and is not checked;
+    each wrong guess is one WARNING line a fail2ban filter matches."""
+    from bonzo_plugins.passwd import add_user
+
+    add_user(tmp_path / "passwd", "alice", "S3cretPassw0rd!")
+    ports = [free_port(), free_port()]
+    with daemons(tmp_path, daemon_env()) as start:
+        nodes = []
+        for i, port in enumerate(ports):
+            config = auth_node_config(tmp_path / f"auth{i}.toml", port, redis_server.url, 2 - i)
+            nodes.append(start(config, port))
+        nodes[0].wait_ready(workers=2)
+        nodes[1].wait_ready()
+        assert auth_reply(ports[0], "S3cretPassw0rd!")[0] == 235
+        codes = [auth_reply(ports[i % 2], f"guess{i}")[0] for i in range(AUTH_LIMIT - 1)]
+        assert codes == [535] * (AUTH_LIMIT - 1)
+        # The limit is reached: the right password, on either daemon, is refused
+        # unchecked, with a temporary reply that says nothing of it.
+        for port in ports:
+            assert auth_reply(port, "S3cretPassw0rd!") == (
+                450,
+                b"4.7.1 Too many AUTH commands, try again later",
+            )
+        wait_until(lambda: "ratelimit: client '127.0.0.1' over client-auth-4-3600" in nodes[1].log)
+        logs = nodes[0].log + nodes[1].log
+        failures = re.findall(
+            r"WARNING \[\d+\] tornado\.general: \[\w+ 127\.0\.0\.1\] AUTH PLAIN failed for "
+            r"'alice': no plugin accepted \(asked: passwd\): 535 5\.7\.8 "
+            r"Authentication credentials invalid\n",
+            logs,
+        )
+        assert len(failures) == AUTH_LIMIT - 1, logs
+        assert "S3cretPassw0rd!" not in logs and "guess" not in logs
+        for node in nodes:
+            assert node.stop() == 0
