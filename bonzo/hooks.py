@@ -150,6 +150,8 @@ class PluginSet:
         #: Every hook's implementations in call order, resolved at each
         #: registration (never per call).
         self.calls: dict[str, list[HookCall]] = self._resolve()
+        self._credentials_for: dict[str, list[HookCall]] | None = None
+        self._credentials = False
 
     def register(self, plugin: object, name: str, *, timeout: float | None = None) -> None:
         """Add ``plugin`` (a module or an object with hook methods) after those
@@ -242,7 +244,12 @@ class PluginSet:
         """Whether some plugin may accept AUTH credentials
         (:meth:`credential_checkers`): AUTH is offered only then, so a plugin
         that only refuses there does not make it offered."""
-        return bool(self.credential_checkers())
+        # Asked at every connection: worked out once per set of hook calls.
+        calls = self.calls
+        if self._credentials_for is not calls:
+            self._credentials = bool(self.credential_checkers())
+            self._credentials_for = calls
+        return self._credentials
 
     def honouring_dsn(self) -> list[str]:
         """The plugins that honour DSN requests (RFC 3461): those whose
