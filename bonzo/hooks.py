@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import signal
 import sys
 import threading
@@ -273,7 +274,9 @@ class PluginSet:
                     # An argument with a default is passed too (pluggy would
                     # leave it out); register() checked every name.
                     tuple(spec_args.index(a) for a in impl.argnames + impl.kwargnames),
-                    self.timeouts.get(impl.plugin_name, self.timeout),
+                    math.inf
+                    if hook == "bonzo_shutdown" and _bounds_own_shutdown(impl.plugin)
+                    else self.timeouts.get(impl.plugin_name, self.timeout),
                 )
                 for impl in impls
             ]
@@ -428,6 +431,14 @@ def offered_settings(settings: SMTPSettings, plugins: PluginSet) -> SMTPSettings
     if settings.dsn and not plugins.honouring_dsn():
         return dataclasses.replace(settings, dsn=False)
     return settings
+
+
+def _bounds_own_shutdown(plugin: object) -> bool:
+    """A plugin whose ``bounds_own_shutdown`` attribute is true: its
+    ``bonzo_shutdown`` bounds its own time (the ``queue``'s lets deliveries
+    in flight end after a reload, each within its own limits), and the hook
+    time limit does not cut it."""
+    return getattr(plugin, "bounds_own_shutdown", False) is True
 
 
 def _warn_blocked(call: HookCall, hook: str, seconds: float) -> None:
@@ -758,7 +769,8 @@ def _bounded(call: HookCall, hook: str, awaitable: Awaitable[Any]) -> Generator[
     if task is None:  # as asyncio.timeout(): the limit cancels a task
         raise RuntimeError("a hook's awaitable must be awaited in an asyncio task")
     limit = _Limit(task)
-    timer = loop.call_at(start + call.timeout, limit.expire)
+    # No limit (math.inf): no timer, which the loop could not schedule.
+    timer = loop.call_at(start + call.timeout, limit.expire) if call.timeout < math.inf else None
     try:
         while True:
             try:
@@ -768,7 +780,8 @@ def _bounded(call: HookCall, hook: str, awaitable: Awaitable[Any]) -> Generator[
                 raise
             except asyncio.CancelledError as exc:
                 if limit.over or task in _STOPPED:
-                    timer.cancel()
+                    if timer is not None:
+                        timer.cancel()
                     return (yield from _cancelled(call, hook, awaitable, steps, exc, limit))
                 try:  # a future of the plugin's own was cancelled: its business
                     signal = steps.throw(exc)
@@ -785,7 +798,8 @@ def _bounded(call: HookCall, hook: str, awaitable: Awaitable[Any]) -> Generator[
                 except StopIteration as done:
                     return done.value
     finally:
-        timer.cancel()
+        if timer is not None:
+            timer.cancel()
 
 
 def _cancelled(

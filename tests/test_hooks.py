@@ -14,6 +14,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import math
 import re
 import signal
 import smtplib
@@ -2316,6 +2317,31 @@ def test_reload_hook_runs_on_every_plugin_and_a_failure_is_only_logged(caplog):
     asyncio.run(plugins.call_observers("bonzo_reload", App()))
     assert seen == ["App"]
     assert "cannot reopen" in caplog.text and "broken" in caplog.text
+
+
+@pytest.mark.expect_errors
+def test_a_shutdown_that_bounds_its_own_time_is_not_cut_by_the_hook_limit(caplog):
+    """The queue's shutdown lets deliveries in flight end after a reload,
+    which may take longer than the hook time limit: cut there, its wait was
+    cancelled and the deliveries made again at the next start."""
+    ended: list[str] = []
+
+    class Slow:
+        async def bonzo_shutdown(self):
+            await asyncio.sleep(0.3)
+            ended.append(type(self).__name__)
+
+    class OwnBound(Slow):
+        bounds_own_shutdown = True
+
+    plugins = PluginSet(timeout=0.1)
+    plugins.register(Slow(), "slow")
+    plugins.register(OwnBound(), "own")
+    assert [c.timeout for c in plugins.calls["bonzo_shutdown"]] == [0.1, math.inf]
+    assert all(c.timeout == 0.1 for c in plugins.calls["bonzo_helo"])  # only shutdown
+    asyncio.run(plugins.call_observers("bonzo_shutdown", object()))
+    assert ended == ["OwnBound"]
+    assert "'slow' (bonzo_shutdown)" in caplog.text and "'own'" not in caplog.text
 
 
 # ------------------------------------------------------------- coverage

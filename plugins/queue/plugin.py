@@ -157,6 +157,10 @@ class QueuePlugin:
     #: plugins listed before it (``final_delivery``, as ``maildir``): with
     #: it, the server offers DSN (:attr:`bonzo.app.MailApp.dsn_honoured_by`).
     honours_dsn = True
+    #: Its bonzo_shutdown bounds its own time, past the hook time limit:
+    #: after a reload the deliveries in flight end within their own limits
+    #: (data_end_timeout: 10 minutes), at a stop within shutdown_grace.
+    bounds_own_shutdown = True
 
     def __init__(self) -> None:
         self.spool: Spool | None = None
