@@ -295,14 +295,16 @@ class QueuePlugin:
     # ------------------------------------------------------------- lifecycle
     @hookimpl
     async def bonzo_startup(self, app: Any) -> None:
-        """Create the queue directory, clean what a crash left, start the runner."""
+        """Create the queue directory, clean what a crash left (at a reload,
+        only what a dead process left: see :meth:`Spool.setup`), start the
+        runner."""
         assert self.spool is not None and self.routes is not None
         self.settings = dataclasses.replace(self.settings, postmaster=self.postmaster())
         spool = self.spool
         loop = asyncio.get_running_loop()
         removed = await loop.run_in_executor(None, spool.setup)
         if removed:
-            log.info("queue: removed %d partly written file(s) from %s", removed, spool.tmp)
+            log.info("queue: removed %d file(s) a crash left in %s", removed, spool.path)
         self.routes.start()
         self.sync = GroupSync(spool.data)
         plugins = getattr(app, "plugins", None)

@@ -61,6 +61,7 @@ import os
 import re
 import stat
 import struct
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -112,6 +113,15 @@ _ID = re.compile(r"[0-9A-Za-z]{1,64}")
 #: that no writer holds is a refused message's, left there because it could
 #: not be removed then (``tmp/`` unwritable): :meth:`Spool.remove_left`.
 LEFT_AGE = 300.0
+
+# The queue directories whose crash clean-up this process has done, by (pid,
+# real path): the pid, because a worker forked after its parent set one up
+# has its own files to clean. A later setup of the same directory in the same
+# process (the new configuration's, at a reload) finds this process's files
+# in use — the previous configuration's spare new files, a message being
+# written, a state file being saved — never left by a crash.
+_SET_UP: set[tuple[int, str]] = set()
+_SET_UP_LOCK = threading.Lock()
 #: The bytes of a data file locked as marks (see the module description):
 #: far past any end, so that no lock on the content ever meets them.
 _UNSAVED_BYTE = 1 << 62
@@ -557,22 +567,33 @@ class Spool:
         ``tmp/`` (never accepted: the ``250`` comes after the rename), a
         state file's temporary copy (``state/.ID.PID.tmp``, its rename never
         came) and the state file of a message whose data file is gone (its
-        removal was cut short). Returns the number of files removed."""
+        removal was cut short). Returns the number of files removed.
+
+        A file is left by a crash only if the process that wrote it (the
+        pid its name ends in) is dead; at this process's first setup of the
+        directory its own pid counts as dead too (this process is only
+        starting: a file with its number is from an earlier one). A later
+        setup of the same directory in this process (a reload) leaves this
+        process's files, and state files with no message, alone: they are
+        in use by the previous configuration, or being removed by it."""
         dir_mode = self.mode | ((self.mode & 0o444) >> 2)
         for d in (self.path, self.tmp, self.data, self.state):
             d.mkdir(mode=dir_mode | 0o700, parents=True, exist_ok=True)
+        key = (os.getpid(), os.path.realpath(self.path))
+        with _SET_UP_LOCK:
+            first = key not in _SET_UP
         left = []
         for entry in os.scandir(self.tmp):
-            if entry.is_file(follow_symlinks=False) and self._writer_gone(entry.name):
+            if entry.is_file(follow_symlinks=False) and self._writer_gone(entry.name, first):
                 left.append(entry.path)
         for entry in os.scandir(self.state):
             name = entry.name
             if not entry.is_file(follow_symlinks=False):
                 continue
             if name.startswith(".") and name.endswith(".tmp"):
-                if self._writer_gone(name[: -len(".tmp")]):
+                if self._writer_gone(name[: -len(".tmp")], first):
                     left.append(entry.path)
-            elif name.endswith(".json") and _ID.fullmatch(name[: -len(".json")]):
+            elif first and name.endswith(".json") and _ID.fullmatch(name[: -len(".json")]):
                 if not os.path.lexists(f"{self._data}/{name[: -len('.json')]}"):
                     left.append(entry.path)
         removed = 0
@@ -582,6 +603,8 @@ class Spool:
                 removed += 1
             except FileNotFoundError:
                 pass
+        with _SET_UP_LOCK:
+            _SET_UP.add(key)
         return removed
 
     def remove_left(self, age: float = LEFT_AGE) -> int:
@@ -628,14 +651,16 @@ class Spool:
         return removed
 
     @staticmethod
-    def _writer_gone(name: str) -> bool:
+    def _writer_gone(name: str, starting: bool) -> bool:
         # tmp names end in ".<pid>"; a file of a live writer (another worker
         # accepting right now) is kept.
         _, _, pid = name.rpartition(".")
         if not pid.isdigit():
             return True
         if int(pid) == os.getpid():
-            return True  # this process is only starting: not from it
+            # Starting, this process has written nothing yet: the file is
+            # from an earlier process that had its number. Later, it is ours.
+            return starting
         # A zombie (a killed worker not yet reaped) writes no more either.
         return not process_exists(int(pid))
 

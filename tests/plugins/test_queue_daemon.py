@@ -7,12 +7,15 @@ from __future__ import annotations
 import concurrent.futures
 import random
 import re
+import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 from daemon_support import DEADLINE, daemon_env, daemons, free_port, wait_until
 
 CONFIG = """
@@ -143,6 +146,66 @@ def test_kill_9_never_loses_a_message_that_got_250(tmp_path):
     assert len(accepted) > 20
     # Only messages answered 250 (or whose answer the kill cut off) arrive.
     assert set(got) <= set(range(number))
+    assert list((tmp_path / "queue" / "tmp").iterdir()) == []
+
+
+class MidData:
+    """A session stopped halfway through DATA (its message's first half sent)."""
+
+    def __init__(self, port: int, n: int) -> None:
+        self.n = n
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+        self.file = self.sock.makefile("rb")
+        self.reply()
+        for command in ("EHLO client.test", "MAIL FROM:<alice@example.org>",
+                        "RCPT TO:<bob@example.org>", "DATA"):  # fmt: skip
+            self.sock.sendall(command.encode() + b"\r\n")
+            self.reply()
+        self.body = message(n)
+        self.sock.sendall(self.body[:20])
+
+    def reply(self) -> bytes:
+        while True:
+            line = self.file.readline()
+            assert line, "the server closed the connection"
+            if line[3:4] != b"-":
+                return line
+
+    def finish(self) -> bytes:
+        """The rest of the message and the final dot: the reply to it."""
+        self.sock.sendall(self.body[20:] + b".\r\n")
+        answer = self.reply()
+        self.sock.sendall(b"QUIT\r\n")
+        self.file.close()
+        self.sock.close()
+        return answer
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reload_fails_no_session_finishing_on_the_previous_configuration(tmp_path, workers):
+    """A reload sets the queue up again in the running process: it used to
+    take the previous configuration's spare new files for a crash's
+    leftovers and remove them, so the next sessions to finish on it got
+    ``451 4.3.0``. Each gets 250, and each message is delivered once."""
+    config, port = write_config(tmp_path, workers=workers)
+    with daemons(tmp_path, daemon_env()) as start:
+        daemon = start(config, port)
+        daemon.wait_ready(workers=workers)
+        # The committers make files ready for the next messages (and drop
+        # them after 5 s idle): the sessions open now find them.
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            assert all(pool.map(lambda n: send(port, n), range(8)))
+        sessions = [MidData(port, n) for n in range(100, 106)]
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: daemon.log.count("reloaded ") == workers, what="every worker to reload")
+        answers = [session.finish() for session in sessions]
+        assert all(a.startswith(b"250 ") for a in answers), answers
+        assert send(port, 200)  # and on the new configuration
+        numbers = [*range(8), *range(100, 106), 200]
+        wait_until(lambda: len(delivered(tmp_path)) >= len(numbers), what="every delivery")
+        assert daemon.stop() == 0
+    assert delivered(tmp_path) == numbers
+    assert "a crash left" not in daemon.log and "ERROR" not in daemon.log
     assert list((tmp_path / "queue" / "tmp").iterdir()) == []
 
 

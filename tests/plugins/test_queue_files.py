@@ -67,6 +67,18 @@ def make_spool(tmp_path: Path) -> Spool:
     return spool
 
 
+def setup_at_start(spool: Spool) -> int:
+    """:meth:`Spool.setup` as at a start: in a new process (a later setup
+    in this one is a reload's, which leaves a message's state alone)."""
+    code = (
+        "from pathlib import Path; from bonzo_plugins.queue.spool import Spool; "
+        f"print(Spool(Path({str(spool.path)!r})).setup())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env=daemon_env(), check=True)  # fmt: skip
+    return int(done.stdout)
+
+
 def write(spool: Spool, id: str, envelope: dict[str, Any] | None = None) -> None:
     spool.write(id, envelope or env(), b"", io.BytesIO(BODY))
 
@@ -364,8 +376,57 @@ def test_setup_removes_a_state_copy_and_a_state_whose_message_is_gone(tmp_path):
     assert left.startswith(".M.") and left.endswith(".tmp")
     (spool.state / "GONE.json").write_text('{"recipients":[]}')  # its data was removed
     (spool.state / f".N.{os.getppid()}.tmp").write_text("")  # a live writer's
-    assert spool.setup() == 2
+    assert setup_at_start(spool) == 2
     assert [p.name for p in spool.state.iterdir()] == [f".N.{os.getppid()}.tmp"]
+
+
+def test_a_second_setup_in_this_process_leaves_what_it_holds(tmp_path):
+    """A reload sets the queue up again in the same process, while the
+    previous configuration still accepts: its committer's spare new files,
+    a message being written and a state file being saved carry this
+    process's number but are in use, not left by a crash (removing the spare
+    made the next message fail with 451). At the process's first setup a
+    file with its number is from an earlier process; a dead process's files
+    go at every setup."""
+    path = tmp_path / "q"
+    (path / "tmp").mkdir(parents=True)
+    (path / "tmp" / f"X.{os.getpid()}").write_bytes(b"an earlier process with this pid")
+    spool = Spool(path)
+    assert spool.setup() == 1 and list(spool.tmp.iterdir()) == []
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    sync = GroupSync(spool.data)
+
+    async def accept(id: str) -> None:
+        claim, _ = await spool.accept(id, env(), b"", io.BytesIO(BODY), sync, in_thread=False)
+        claim.release()
+
+    async def main() -> None:
+        await accept("A")  # the committer makes a spare ready for the next one
+        deadline = time.monotonic() + 10
+        while not [p for p in spool.tmp.iterdir() if p.name.startswith("new")]:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        writing = spool._create("B", env(), b"", io.BytesIO(BODY))  # not yet committed
+        saving = spool.state / f".A.{os.getpid()}.tmp"
+        saving.write_text("")
+        (spool.tmp / f"Y.{dead}").write_bytes(b"partial")
+        (spool.state / f".A.{dead}.tmp").write_text("")
+        (spool.state / "C.json").write_text("{}")  # being removed: its data file went first
+        kept = sorted(p.name for p in (*spool.tmp.iterdir(), *spool.state.iterdir()))
+        # The new configuration's spool: only the dead process's files go.
+        assert await asyncio.to_thread(Spool(path).setup) == 2
+        assert sorted(p.name for p in (*spool.tmp.iterdir(), *spool.state.iterdir())) == [
+            n for n in kept if dead not in n
+        ]
+        assert saving.exists()
+        await accept("D")  # into the spare
+        await sync.commit(writing.fd, writing.tmp, writing.final)  # the write ends
+        spool._handed(writing)[0].release()
+        await asyncio.to_thread(sync.close)
+
+    asyncio.run(main())
+    assert sorted(spool.ids()) == ["A", "B", "D"]
 
 
 def test_a_crash_while_removing_a_finished_message_delivers_nobody_again(tmp_path):
@@ -417,7 +478,7 @@ def test_a_crash_while_removing_a_finished_message_delivers_nobody_again(tmp_pat
     done = subprocess.run([sys.executable, "-c", code], timeout=60, env=daemon_env())
     assert done.returncode == 9
     assert spool.ids() == [] and [p.name for p in spool.state.iterdir()] == ["M.json"]
-    assert spool.setup() == 1 and list(spool.state.iterdir()) == []
+    assert setup_at_start(spool) == 1 and list(spool.state.iterdir()) == []
 
 
 # ------------------------------------------------------------------ the CLI
