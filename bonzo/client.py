@@ -251,6 +251,11 @@ class RecipientResult:
     status: Status
     stage: Stage
     reply: Reply
+    after_accepted: bool = False
+    """Refused at ``RCPT`` after the server had accepted another recipient
+    of the same transaction (see :attr:`too_many`).
+
+    .. versionadded:: 0.2"""
 
     @property
     def address(self) -> str:
@@ -275,10 +280,17 @@ class RecipientResult:
     @property
     def too_many(self) -> bool:
         """The server took no more recipients in this transaction (``452
-        4.5.3``, or a ``552`` to ``RCPT``): the rest go in another one."""
-        return self.stage is Stage.RCPT and (
-            self.reply.code == 552 or self.reply.enhanced_code[1:] == ".5.3"
-        )
+        4.5.3``, a ``552`` to ``RCPT``, or a ``452`` with no enhanced code
+        after it had accepted one: RFC 5321 4.5.3.1.10's reply, as Exim
+        gives it): the rest go in another one."""
+        if self.stage is not Stage.RCPT:
+            return False
+        code, enhanced = self.reply.code, self.reply.enhanced_code
+        if code == 552 or enhanced[1:] == ".5.3":
+            return True
+        # Before any recipient was taken, a bare 452 is as likely the
+        # server's storage ("insufficient system storage"): the back-off.
+        return code == 452 and not enhanced and self.after_accepted
 
     @property
     def deferred(self) -> bool:
@@ -357,6 +369,14 @@ class ClientError(Exception):
     def permanent(self) -> bool:
         """The server answered with a ``5xx``."""
         return self.reply.remote and 500 <= self.reply.code <= 599
+
+
+class _SettleReply(Protocol):
+    """How :meth:`Client._transact` records a server's reply for a recipient
+    (``after_accepted``: see :attr:`RecipientResult.after_accepted`)."""
+
+    def __call__(self, i: int, stage: Stage, reply: Reply, after_accepted: bool = False) -> None:
+        pass
 
 
 class _Broken(Exception):
@@ -1083,7 +1103,7 @@ class ClientConnection:
         mail: bytes,
         content: _Content,
         settle: Callable[[int, Status, Stage, Reply], None],
-        settle_reply: Callable[[int, Stage, Reply], None],
+        settle_reply: _SettleReply,
         pipelined: bool,
         binary: bool = False,
     ) -> None:
@@ -1150,7 +1170,7 @@ class ClientConnection:
                 if owes_each:
                     reader.owed -= 1  # no reply after the message for this one
                 if sender_ok:
-                    settle_reply(i, Stage.RCPT, reply)
+                    settle_reply(i, Stage.RCPT, reply, bool(accepted))
                 # else "no valid sender" or the like: MAIL's reply stands
             if not accepted and (not pipelined or binary):
                 return
@@ -1209,7 +1229,7 @@ class ClientConnection:
         groups: list[list[int]],
         early: bool,
         settle: Callable[[int, Status, Stage, Reply], None],
-        settle_reply: Callable[[int, Stage, Reply], None],
+        settle_reply: _SettleReply,
     ) -> None:
         """The replies after the message: one per group of recipients (SMTP:
         one for all; LMTP: one per accepted recipient, in order)."""
@@ -1500,16 +1520,18 @@ class ClientConnection:
         results: list[RecipientResult | None] = [None] * len(rcpts)
         outcome = DeliveryResult([], self.server, self.supports("DSN"))
 
-        def settle(i: int, status: Status, stage: Stage, reply: Reply) -> None:
-            results[i] = RecipientResult(rcpts[i], status, stage, reply)
+        def settle(
+            i: int, status: Status, stage: Stage, reply: Reply, after_accepted: bool = False
+        ) -> None:
+            results[i] = RecipientResult(rcpts[i], status, stage, reply, after_accepted)
 
-        def settle_reply(i: int, stage: Stage, reply: Reply) -> None:
+        def settle_reply(i: int, stage: Stage, reply: Reply, after_accepted: bool = False) -> None:
             status = Status.DEFERRED if reply.code < 500 else Status.REFUSED
             if stage is Stage.RCPT and reply.code == 552:
                 # "Too many recipients" as some servers say it: RFC 5321
                 # 4.5.3.1.10 asks clients to treat it as temporary.
                 status = Status.DEFERRED
-            settle(i, status, stage, reply)
+            settle(i, status, stage, reply, after_accepted)
 
         def finish() -> DeliveryResult:
             outcome.recipients = [r for r in results if r is not None]

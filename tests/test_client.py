@@ -20,7 +20,17 @@ from typing import Any
 
 import pytest
 import trustme
-from client_support import EHLO, HOST, Fake, RecordingFile, read_message, run, serve, unstuff
+from client_support import (
+    EHLO,
+    HOST,
+    Fake,
+    RecordingFile,
+    deliver_through,
+    read_message,
+    run,
+    serve,
+    unstuff,
+)
 from e2e_support import RecordingPlugin
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -201,6 +211,47 @@ def test_too_many_recipients_is_a_deferral_even_as_552(policy_server):
         ("unknown@example.net", "refused", "rcpt", 550, "5.1.1"),
     ]
     assert [r.too_many for r in result.recipients] == [False, True, True, False]
+
+
+def rcpt_limit(limit: int, reply: bytes) -> Any:
+    """A ``RCPT`` action for :class:`Fake`: ``250`` to the first ``limit``
+    recipients, ``reply`` to the others."""
+    count = 0
+
+    async def action(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, line: bytes):
+        nonlocal count
+        count += 1
+        writer.write(b"250 2.1.5 Ok\r\n" if count <= limit else reply)
+
+    return action
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+@pytest.mark.parametrize(
+    "limit, reply, too_many",
+    [
+        (2, b"452 too many recipients\r\n", True),  # Exim's recipients_max
+        (2, b"452 4.5.3 Too many recipients\r\n", True),
+        (2, b"452 4.2.2 Mailbox full\r\n", False),  # another fault, said so
+        (0, b"452 too many recipients\r\n", False),  # none taken: maybe its disk
+        (0, b"452 4.5.3 Too many recipients\r\n", True),
+    ],
+)
+def test_a_bare_452_after_an_accepted_recipient_is_too_many(limit, reply, too_many, pipelining):
+    """RFC 5321 4.5.3.1.10: ``452`` is the reply for too many recipients,
+    and its enhanced code optional (Exim sends none): after the server took
+    one, a bare 452 says the rest go in a new transaction. Before any, it
+    may as well be a full disk (``452 Insufficient system storage``)."""
+    ehlo = EHLO if pipelining else EHLO.replace(b"250-PIPELINING\r\n", b"")
+    fake = Fake(ehlo=ehlo, replies={"RCPT": rcpt_limit(limit, reply)})
+    rcpts = [f"k{i}@example.net" for i in range(4)]
+    result = run(deliver_through(fake, rcpts, MESSAGE, settings()))
+    code = int(reply[:3])
+    assert [(r.status, r.code) for r in result.recipients] == [
+        *[(Status.DELIVERED, 250)] * limit,
+        *[(Status.DEFERRED, code)] * (4 - limit),
+    ]
+    assert [r.too_many for r in result.recipients] == [False] * limit + [too_many] * (4 - limit)
 
 
 @pytest.mark.parametrize(

@@ -59,8 +59,9 @@ class Outcome:
     a timeout, a refused connection, a mailbox write)."""
     too_many: bool = False
     """A deferral because the server took no more recipients in that
-    transaction (``452 4.5.3``, a ``552`` to ``RCPT``): tried again at once,
-    in a new transaction, when others were delivered in this one."""
+    transaction (:attr:`bonzo.client.RecipientResult.too_many`): tried
+    again at once, in a new transaction, when others were delivered in this
+    one."""
     attempted: bool = True
     """A delivery was tried (false for the operator's ``bonzo queue
     bounce``): counted in the recipient's attempts and its last attempt time."""

@@ -100,6 +100,38 @@ def test_smarthost_to_postfix(tmp_path, postfix):
     )
 
 
+def test_smarthost_to_exim_past_its_recipients_max(tmp_path, exim):
+    """Exim answers the recipients over its ``recipients_max`` with a bare
+    ``452 too many recipients`` (no enhanced code): RFC 5321 4.5.3.1.10's
+    reply for it, so the rest go in a new transaction at once rather than
+    after a back-off each batch."""
+    downstream = exim(accept_domains=["down.test"], main=["recipients_max = 2"])
+    spool, runner = runner_for(
+        tmp_path, {"type": "smarthost", "host": "127.0.0.1", "port": downstream.port}
+    )
+    rcpts = [f"k{i}@down.test" for i in range(5)]
+    queue(spool, "E1", message("to exim"), *rcpts)
+
+    async def main() -> None:
+        await runner.attempt("E1")
+        recipients = spool.load("E1").recipients
+        assert [r.status for r in recipients] == ["delivered"] * 2 + ["deferred"] * 3
+        assert [r.reply for r in recipients[2:]] == ["452 too many recipients"] * 3
+        assert all(r.next_attempt <= time.time() for r in recipients[2:])  # no back-off
+        await runner.attempt("E1")  # k2, k3
+        await runner.attempt("E1")  # k4: done, removed
+        await runner.routes.close()
+
+    asyncio.run(main())
+    assert spool.ids() == []
+    wait_until(
+        lambda: len([d for d in downstream.deliveries() if d.status == "sent"]) == 5,
+        what="Exim's deliveries",
+    )
+    sent = sorted(d.recipient for d in downstream.deliveries() if d.status == "sent")
+    assert sent == rcpts  # each once
+
+
 def stored(dovecot: Dovecot, user: str, subject: str) -> list[bytes]:
     return [m for m in dovecot.messages(user) if f"Subject: {subject}\r\n".encode() in m]
 
