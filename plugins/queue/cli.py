@@ -34,6 +34,8 @@ from .spool import Claim, GroupSync, QueuedMessage, Spool, SpoolError
 
 __all__ = ["register"]
 
+#: The states ``list`` gives a message, in the order of its counts.
+STATES = ("pending", "deferred", "delivering", "held", "unsaved", "unreadable")
 #: Seconds to wait for a runner to finish with a message before giving up.
 CLAIM_WAIT = 10.0
 #: Seconds a whole-queue flush waits, for all of them together, for the
@@ -55,7 +57,7 @@ def register(add: Any) -> None:
     ls = sub.add_parser("list", help="list queued messages, and counts by state")
     ls.add_argument(
         "--state",
-        choices=("pending", "deferred", "held", "unsaved", "unreadable"),
+        choices=STATES,
         help="only these",
     )
     ls.add_argument("--domain", help="only messages with a recipient at this domain")
@@ -175,6 +177,10 @@ def _state(message: QueuedMessage, spool: Spool) -> str:
         return "unsaved"
     if message.held:
         return "held"
+    if spool.claimed(message.id):
+        # A daemon has it in hand (or a command changes it): the state on
+        # disk (shown) is the one from before this attempt.
+        return "delivering"
     if any(r.status == "deferred" for r in message.recipients):
         return "deferred"
     return "pending"
@@ -210,7 +216,7 @@ def _list(plugin: QueuePlugin, args: argparse.Namespace) -> int:
             continue
         shown += 1
         sender = message.sender or "(null sender)"
-        print(f"{message.id}  {_when(message.arrival)}  {message.size:>9}  {state:<8}  <{sender}>")
+        print(f"{message.id}  {_when(message.arrival)}  {message.size:>9}  {state:<10}  <{sender}>")
         if state == "unsaved":
             print("    (its delivery state cannot be saved: shown is the state last saved)")
         for r in message.recipients:
@@ -221,11 +227,7 @@ def _list(plugin: QueuePlugin, args: argparse.Namespace) -> int:
                 line += f", {r.attempts} attempt(s), next {_when(r.next_attempt)}: {r.reply}"
             print(line)
     total = sum(counts.values())
-    summary = ", ".join(
-        f"{counts[s]} {s}"
-        for s in ("pending", "deferred", "held", "unsaved", "unreadable")
-        if counts[s]
-    )
+    summary = ", ".join(f"{counts[s]} {s}" for s in STATES if counts[s])
     print(f"-- {total} message(s) in {spool.path}" + (f": {summary}" if summary else ""))
     if shown != total:
         print(f"-- {shown} shown")
@@ -255,6 +257,8 @@ def _show(plugin: QueuePlugin, args: argparse.Namespace) -> int:
     print(f"state:     {state}")
     if state == "unsaved":
         print(f"           {UNSAVED}; shown is the state last saved")
+    elif state == "delivering":
+        print(f"           {DELIVERING}")
     for key in ("session_id", "remote_ip", "helo", "protocol", "auth"):
         if message.session.get(key):
             print(f"{key + ':':<10} {message.session[key]}")
@@ -284,6 +288,12 @@ class Unsaved(Problem):
 #: How long a command waits for the try of a held save its poke starts
 #: (after space was freed, that try succeeds and the daemon lets go).
 UNSAVED_WAIT = 2.0
+
+#: What ``show`` says of a message whose claim a daemon holds.
+DELIVERING = (
+    "a daemon is delivering it right now (or, just accepted, about to); shown is the "
+    "state from before this attempt"
+)
 
 #: Why a message held for its unsaved state cannot be changed.
 UNSAVED = (

@@ -1007,6 +1007,28 @@ class Spool:
             return None
         return Claim(self, id, fd)
 
+    def claimed(self, id: str) -> bool:
+        """Message ``id``'s claim is held right now (a runner delivering it,
+        or keeping it, just accepted, for a free delivery slot): found by
+        taking the claim and letting it go at once, without waiting. A
+        runner that looks for it in that instant leaves it to its next
+        scan, as it would a message another worker has."""
+        if not _ID.fullmatch(id):
+            return False
+        try:
+            fd = os.open(self.data / id, _OPEN)
+        except OSError:
+            return False  # gone, or no message (load() says why)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)  # the claim, if taken, goes with it
+        return False
+
     def unsaved(self, id: str) -> bool:
         """Message ``id``'s claim is held by a runner that cannot save its
         state (:meth:`Claim.mark_unsaved`): it is not being delivered, it

@@ -501,6 +501,37 @@ CLI_CASES = {
 }
 
 
+def test_bonzo_queue_shows_a_message_being_delivered_as_delivering(tmp_path):
+    """A runner delivering a message holds its claim: ``list`` and ``show``
+    say ``delivering`` (they said ``pending``), and their probe of the claim
+    never keeps it."""
+    spool = make_spool(tmp_path)
+    write(spool, "M")
+    write(spool, "N")
+    claim = spool.claim("M")  # as a runner delivering it
+    assert claim is not None
+    try:
+        listed = cli(spool, tmp_path, "list")
+        assert listed.returncode == 0, listed.stderr
+        lines = [x.split() for x in listed.stdout.splitlines() if x[:3] in ("M  ", "N  ")]
+        assert {x[0]: x[4] for x in lines} == {"M": "delivering", "N": "pending"}
+        assert listed.stdout.endswith(": 1 pending, 1 delivering\n")
+        only = cli(spool, tmp_path, "list", "--state", "delivering")
+        assert [x[:3] for x in only.stdout.splitlines() if x[:3] in ("M  ", "N  ")] == ["M  "]
+        shown = cli(spool, tmp_path, "show", "M")
+        assert "state:     delivering\n           a daemon is delivering it right now" in (
+            shown.stdout
+        )
+    finally:
+        claim.release()
+    assert "state:     pending\n" in cli(spool, tmp_path, "show", "M").stdout
+    # The commands let every claim go: a runner takes them at once.
+    for id in ("M", "N"):
+        taken = spool.claim(id)
+        assert taken is not None
+        taken.release()
+
+
 @pytest.mark.parametrize("case", CLI_CASES.values(), ids=CLI_CASES.keys())
 def test_bonzo_queue_lists_and_deletes_an_unreadable_message(tmp_path, case):
     spool = make_spool(tmp_path)
