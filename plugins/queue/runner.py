@@ -104,6 +104,9 @@ LAST_SAVE_TIMEOUT = 10.0
 #: LAST_SAVE_TIMEOUT; one still running then is left behind.
 STOP_LIMIT = LAST_SAVE_TIMEOUT + CANCEL_GRACE + 2.0
 
+#: Seconds between a retiring runner's looks for a poke (``bonzo queue``).
+RETIRED_POKE_INTERVAL = 1.0
+
 
 @dataclass
 class RunnerSettings:
@@ -249,6 +252,11 @@ class Runner:
         #: ends the waits between the tries of a state's save, so that a
         #: save is tried again at once when the operator freed space.
         self._retry_saves = asyncio.Event()
+        # The server stops: a save that fails is given up (its attempt is
+        # repeated at the next start). Not while a reload retires the
+        # runner: the message stays held, or the new runner would repeat
+        # the attempt at once.
+        self._saves_end = False
         # The runner's file work (claim, read, remove) gets threads of its
         # own: in the loop's default executor it would wait behind every
         # accepting session's write and fsync, and delivery would starve
@@ -336,10 +344,15 @@ class Runner:
         time limits, and its claims keep the new configuration's runner off
         its messages: cancelled, a delivery whose final dot the next server
         had taken would be made again -- until ``stop_requested`` is set
-        (the server stops); ``grace`` counts from then. Once ``forced`` is
-        set (a second ``SIGTERM``), they are cancelled at once."""
+        (the server stops); ``grace`` counts from then. So do the saves of
+        states that failed (:meth:`_make_durable`, the message held), each
+        given up only after one more try once the server stops. Once
+        ``forced`` is set (a second ``SIGTERM``), the deliveries are
+        cancelled at once."""
         self._stopping = True
-        self._retry_saves.set()
+        retiring = stop_requested is not None and not stop_requested.is_set()
+        if not retiring:
+            self._end_saves()
         self._wake.set()
         if self._monitor is not None:
             self._monitor.cancel()
@@ -355,7 +368,24 @@ class Runner:
                 "queue: the configuration was replaced: %d attempt(s) in flight finish first",
                 len(inflight),
             )
-            await _all_or(inflight.values(), stop_requested, None)
+            assert stop_requested is not None
+            requested = asyncio.ensure_future(stop_requested.wait())
+            waiting = set(inflight.values())
+            try:
+                while waiting and not requested.done():
+                    done, _ = await asyncio.wait(
+                        [*waiting, requested],
+                        timeout=RETIRED_POKE_INTERVAL,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    waiting -= done
+                    if self._flushed():
+                        # bonzo queue (space freed?): a held save is tried now.
+                        self._retry_saves.set()
+                        self._retry_saves.clear()
+            finally:
+                requested.cancel()
+        self._end_saves()
         if inflight:
             await _all_or(inflight.values(), forced, grace)
             pending = {task for task in inflight.values() if not task.done()}
@@ -389,6 +419,11 @@ class Runner:
         await self.routes.close()
         self._release_handed()
         self._executor.shutdown(wait=False)
+
+    def _end_saves(self) -> None:
+        """The server stops: each held save is tried once more, then given up."""
+        self._saves_end = True
+        self._retry_saves.set()
 
     def kick(
         self, id: str | None = None, handed: tuple[Claim, QueuedMessage] | None = None
@@ -658,9 +693,11 @@ class Runner:
         (:meth:`Claim.mark_unsaved`: ``bonzo queue`` tells why it cannot
         have the message, and ``bonzo queue delete`` can remove it). The
         write is tried again after a back-off (``min_backoff`` doubling up
-        to ``max_backoff``), at once when the runner stops or is poked
-        (``bonzo queue``). False if it stops with the state unsaved, or the
-        operator removed the message meanwhile."""
+        to ``max_backoff``), at once when the server stops (then given up)
+        or the runner is poked (``bonzo queue``; a runner a reload retires
+        keeps trying, and holding the message, until the server stops).
+        False if it stops with the state unsaved, or the operator removed
+        the message meanwhile."""
         id = progress.message.id
         failures = 0
         # The back-off doubles with the tries its own end started, not with
@@ -705,7 +742,7 @@ class Runner:
                     claim.saved()
             failures += 1
             progress.claim.mark_unsaved(True)
-            if self._stopping:
+            if self._saves_end:
                 log.error(
                     "queue: %s: stopping with the delivery state not saved (%s): "
                     "the last attempt is repeated at the next start",

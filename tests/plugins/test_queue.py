@@ -1369,6 +1369,57 @@ def test_after_a_reload_deliveries_in_flight_finish_uncancelled(tmp_path, caplog
     assert "cancelled" not in caplog.text
 
 
+@pytest.mark.expect_errors
+@pytest.mark.parametrize("then", ["space freed", "server stopped"])
+def test_a_reload_keeps_a_message_whose_state_cannot_be_saved_held(tmp_path, caplog, then):
+    """A runner a reload retires gave up at once the save of a state it
+    could not write (a full disk), logging that the attempt would be
+    repeated "at the next start", and let the message go: the new
+    configuration's runner then made that attempt again at once, from the
+    state on disk. It now keeps trying, holding the message (a poke from
+    ``bonzo queue`` has it try at once), until the save succeeds; only a
+    stop of the server ends that, after one more try."""
+    transport = ByLocalPart()
+    spool, runner, clock = make_runner(
+        tmp_path, transport, min_backoff=3600, max_backoff=3600, scan_interval=3600,
+        lifetime=1e10,
+    )  # fmt: skip
+    runner.clock = time.time
+    queued(spool, "F2", envelope("alice@example.org", "ok@example.net", "temp@example.net"))
+    blocker = spool.state / f".F2.{os.getpid()}.tmp"
+    blocker.mkdir()
+
+    def text() -> str:
+        return "\n".join(r.getMessage() for r in caplog.records)
+
+    async def main() -> None:
+        requested = asyncio.Event()
+        runner.start()
+        assert await _until(lambda: "F2: cannot save the delivery state" in text())
+        stopping = asyncio.ensure_future(runner.stop(grace=0.1, stop_requested=requested))
+        await asyncio.sleep(0.5)
+        assert not stopping.done()
+        assert spool.claim("F2") is None and spool.unsaved("F2")  # held still
+        if then == "space freed":
+            blocker.rmdir()
+            (spool.path / "flush").touch()  # bonzo queue's poke: no back-off
+        else:
+            requested.set()
+        await asyncio.wait_for(stopping, 5)
+
+    with caplog.at_level(logging.INFO, logger="bonzo.plugins.queue"):
+        asyncio.run(main())
+    assert transport.calls == [["ok@example.net", "temp@example.net"]]
+    if then == "space freed":
+        assert "F2: delivery state saved after 1 failed tries" in text()
+        states = [r.status for r in spool.load("F2").recipients]
+        assert states == ["delivered", "deferred"]
+        assert "stopping with the delivery state not saved" not in text()
+    else:
+        assert "F2: stopping with the delivery state not saved" in text()
+        assert "the last attempt is repeated at the next start" in text()
+
+
 def test_a_stop_during_a_reload_s_retirement_cuts_to_the_grace(tmp_path, caplog):
     transport = ByLocalPart()
     spool, runner, clock = make_runner(tmp_path, transport, scan_interval=3600)
