@@ -243,6 +243,8 @@ class Runner:
         # a scan once the destination has room), holding neither a slot nor
         # its claim meanwhile.
         self._busy: dict[str, dict[str, None]] = {}
+        # Due while their attempt was still ending (see _run).
+        self._again: set[str] = set()
         # A parked message's other recipients' next due time (None: none), so
         # that a scan need not revive it while its destination stays busy.
         self._parked: dict[str, float | None] = {}
@@ -555,7 +557,13 @@ class Runner:
                 heapq.heappop(self._heap)
                 if id not in self._inflight:
                     self._start(id)
-                # else: in flight; its attempt sets its next due time
+                else:
+                    # In flight: its attempt sets its next due time -- unless
+                    # it already has (it parked itself, and a delivery that
+                    # ended there woke it before its task was done): looked
+                    # at again once it is done, or the wake-up is lost until
+                    # the next scan.
+                    self._again.add(id)
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, wait))
@@ -611,6 +619,11 @@ class Runner:
 
     def _finished(self, id: str) -> None:
         self._inflight.pop(id, None)
+        if id in self._again:
+            self._again.discard(id)
+            when = self._due.get(id)
+            if when is not None:
+                self._set_due(id, when)
         self._wake.set()
 
     async def _attempt_guarded(self, id: str) -> None:
