@@ -34,6 +34,7 @@ from .proxy import whole_families
 from .server import ACCEPT_BATCH, ConnectionCount, SMTPServer, WorkerShare
 from .settings import ListenerSettings, SettingError
 from .store import Store, open_store
+from .tls import certificate_warnings
 
 __all__ = ["MailApp", "InstalledPlugin", "installed_plugins", "resolve_plugin", "ENTRY_POINT_GROUP"]
 
@@ -455,6 +456,17 @@ class MailApp:
                 )
         return out
 
+    def certificate_warnings(self) -> list[str]:
+        """The listeners' server certificates that have expired, expire within
+        :data:`bonzo.tls.EXPIRY_WARNING_DAYS` days, or are not valid yet
+        (read now, not when the configuration was loaded)."""
+        return [
+            f"{key}: {warning}"
+            for listener in self.config.listeners
+            for key, pair in listener.tls_files.items()
+            for warning in certificate_warnings(pair)
+        ]
+
     def warnings(self) -> list[str]:
         """Problems that do not stop the server but probably are mistakes:
         the server's own findings, and each plugin's ``config_warnings``
@@ -482,6 +494,7 @@ class MailApp:
                 f"no enabled plugin can accept a recipient: {names} only refuse at RCPT, so "
                 "every recipient will be refused; enable e.g. 'recipients'"
             )
+        out.extend(self.certificate_warnings())
         for i, listener in enumerate(self.config.listeners):
             ls = listener.settings
             out.extend(_open_trust(i, listener.where, ls))

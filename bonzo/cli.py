@@ -912,6 +912,14 @@ def _reloaded_app(old: Any, *, warn: bool = True) -> Any:
         if warn:
             log.warning("reload: [logging] takes effect at a restart")
         config.logging = old.config.logging
+    if warn:
+        # Warned, not refused: an expired certificate is usually a renewal
+        # that has not happened yet (or is minutes away), and refusing the
+        # reload (or, at start-up, refusing to start) would take the other
+        # changes, or all mail, down with it while clients that do not check
+        # the certificate (most MTAs) still deliver.
+        for warning in new.certificate_warnings():
+            log.warning("reload: %s", warning)
     return new
 
 

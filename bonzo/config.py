@@ -216,6 +216,10 @@ class ListenerConfig:
     #: The settings of this listener's sessions, the server's with
     #: :attr:`overrides` applied; ``None`` when it overrides nothing.
     smtp_settings: SMTPSettings | None = None
+    #: The certificate files of its ``tls`` table, by configuration key
+    #: (``listeners[0].tls``, ``listeners[0].tls.sni.mx.example``): for the
+    #: expiry warnings, which are found when they are asked for.
+    tls_files: dict[str, CertificatePair] = field(default_factory=dict)
 
     @property
     def where(self) -> str:
@@ -560,8 +564,15 @@ def _pair(
 
 
 def _listener_settings(
-    item: dict[str, Any], source: str, key: str, base_dir: Path, *, unix: bool = False
+    item: dict[str, Any],
+    source: str,
+    key: str,
+    base_dir: Path,
+    files: dict[str, CertificatePair],
+    *,
+    unix: bool = False,
 ) -> ListenerSettings:
+    """The listener's settings; its certificate files go into ``files``."""
     context = None
     tls = item.get("tls")
     if tls is not None:
@@ -584,6 +595,8 @@ def _listener_settings(
             context = make_server_context(default, sni)
         except TLSError as exc:
             raise ConfigError(source, f"{key}.tls", str(exc)) from None
+        files[f"{key}.tls"] = default
+        files.update((f"{key}.tls.sni.{name}", pair) for name, pair in sni.items())
     mechanisms = item.get("auth_mechanisms", ["PLAIN", "LOGIN"])
     if (
         not isinstance(mechanisms, list)
@@ -682,11 +695,12 @@ def _listeners(value: Any, source: str, base_dir: Path) -> list[ListenerConfig]:
                     f"{key}.mode",
                     f'must be permission bits such as 0o660 or "0660", not {spelled(mode)}',
                 )
-            settings = _listener_settings(item, source, key, base_dir, unix=True)
+            files: dict[str, CertificatePair] = {}
+            settings = _listener_settings(item, source, key, base_dir, files, unix=True)
             out.append(
                 ListenerConfig(
                     address="", port=0, settings=settings, path=path, mode=mode,
-                    overrides=overrides,
+                    overrides=overrides, tls_files=files,
                 )
             )  # fmt: skip
             continue
@@ -707,10 +721,14 @@ def _listeners(value: Any, source: str, base_dir: Path) -> list[ListenerConfig]:
         if (address, port) in seen and port:
             raise ConfigError(source, key, f"duplicate listener {host_port(address, port)}")
         seen.add((address, port))
-        settings = _listener_settings(item, source, key, base_dir)
+        files = {}
+        settings = _listener_settings(item, source, key, base_dir, files)
         out.append(
-            ListenerConfig(address=address, port=port, settings=settings, overrides=overrides)
-        )
+            ListenerConfig(
+                address=address, port=port, settings=settings, overrides=overrides,
+                tls_files=files,
+            )
+        )  # fmt: skip
     check_listeners(out, source, "listeners")
     return out
 

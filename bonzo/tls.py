@@ -5,11 +5,31 @@ session that plugins and the ``Received:`` header see.
 
 from __future__ import annotations
 
+import os
+import re
 import ssl
+import tempfile
+import time
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["TLSError", "CertificatePair", "make_server_context", "tls_facts", "TLSLayer"]
+__all__ = [
+    "TLSError",
+    "CertificatePair",
+    "make_server_context",
+    "certificate_warnings",
+    "EXPIRY_WARNING_DAYS",
+    "tls_facts",
+    "TLSLayer",
+]
+
+#: A server certificate that expires within this many days is warned about
+#: (by ``bonzo check``, at start-up and at a reload): two weeks leave time to
+#: renew by hand when an automatic renewal (certbot renews 30 days ahead)
+#: has silently failed.
+EXPIRY_WARNING_DAYS = 14
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
 #: Where the SNI callback leaves the server name on the TLS socket.
@@ -63,6 +83,13 @@ def _context(pair: CertificatePair) -> ssl.SSLContext:
     except ssl.SSLError as exc:
         reason = getattr(exc, "reason", None) or str(exc)
         if "KEY_VALUES_MISMATCH" in str(reason).upper():
+            later = _matching_later_certificate(pair)
+            if later:
+                raise TLSError(
+                    f"certificate {pair.cert}: the first certificate is not the one for key "
+                    f"{pair.key} (certificate {later} of the file is); the server certificate "
+                    "must come first, then the intermediates"
+                ) from None
             raise TLSError(f"key {pair.key} does not match certificate {pair.cert}") from None
         if "PEM" in str(reason).upper():
             # OpenSSL's "PEM lib": a file that is not what its key says (the
@@ -82,6 +109,60 @@ def _context(pair: CertificatePair) -> ssl.SSLContext:
             f"{exc.strerror or exc.__class__.__name__}"
         ) from None
     return ctx
+
+
+def _matching_later_certificate(pair: CertificatePair) -> int:
+    """The position (2, 3, ...) of the first certificate after the first one in
+    ``pair.cert`` that ``pair.key`` belongs to, or 0: tells a chain in the
+    wrong order (``cat intermediate.pem cert.pem``) from a wrong key."""
+    try:
+        with open(pair.cert, "rb") as f:
+            blocks = _PEM_CERT.findall(f.read())
+    except OSError:
+        return 0
+    for n, block in enumerate(blocks[1:], start=2):
+        # load_cert_chain reads files only: each candidate in a file of its own.
+        fd, path = tempfile.mkstemp(suffix=".pem")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(block + b"\n")
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(path, pair.key)
+        except (ssl.SSLError, OSError, TypeError, ValueError):
+            continue
+        finally:
+            os.unlink(path)
+        return n
+    return 0
+
+
+def certificate_warnings(
+    pair: CertificatePair, *, now: float | None = None, days: int = EXPIRY_WARNING_DAYS
+) -> list[str]:
+    """What is wrong with the dates of the server certificate (the first one)
+    of ``pair.cert``: expired, expiring within ``days`` days, or not valid
+    yet. Empty when the dates are fine or cannot be read (an unusable file
+    is :func:`make_server_context`'s to report)."""
+    try:
+        # The stdlib's only parser of a certificate file (private, but in
+        # every CPython since 3.2); without it no warning rather than a crash.
+        decoded = ssl._ssl._test_decode_cert(pair.cert)  # type: ignore[attr-defined]
+        not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
+        not_before = ssl.cert_time_to_seconds(decoded["notBefore"])
+    except Exception:
+        return []
+    now = time.time() if now is None else now
+    names = [v for rdn in decoded.get("subject", ()) for k, v in rdn if k == "commonName"]
+    what = f"certificate {pair.cert}" + "".join(f" (CN={name})" for name in names[:1])
+    day = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(not_after))
+    if not_after <= now:
+        return [f"{what} expired on {day}: clients that check it will refuse it; renew it"]
+    if not_before > now:
+        start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(not_before))
+        return [f"{what} is not valid before {start}: clients that check it will refuse it"]
+    if not_after - now < days * 86400:
+        left = int((not_after - now) // 86400)
+        return [f"{what} expires on {day} (in {left} day(s)); renew it"]
+    return []
 
 
 def make_server_context(

@@ -1,0 +1,175 @@
+"""Listener certificate files that load but are wrong: a chain in the wrong
+order (a clear error) and dates that have passed or are near (warnings from
+``bonzo check``, at start-up and at a reload).
+
+Certificates are made by trustme; nothing goes over the network.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trustme
+
+from bonzo.app import MailApp
+from bonzo.config import ConfigError, load_config, parse_config
+from bonzo.tls import CertificatePair, TLSError, certificate_warnings, make_server_context
+
+ROOT = Path(__file__).resolve().parents[1]
+NOW = datetime.datetime.now(datetime.timezone.utc)
+
+
+@pytest.fixture(scope="module")
+def intermediate() -> trustme.CA:
+    return trustme.CA().create_child_ca()
+
+
+def write_leaf(
+    ca: trustme.CA, base: Path, name: str, *, reverse: bool = False, **dates: datetime.datetime
+) -> CertificatePair:
+    """Leaf and intermediate in ``name``.pem (the intermediate first when
+    ``reverse``), the key in ``name``.key."""
+    leaf = ca.issue_cert("mx.test", common_name="mx.test", **dates)  # type: ignore[arg-type]
+    pems = [p.bytes() for p in leaf.cert_chain_pems[:2]]
+    cert, key = base / f"{name}.pem", base / f"{name}.key"
+    cert.write_bytes(b"".join(reversed(pems) if reverse else pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    return CertificatePair(str(cert), str(key))
+
+
+def test_a_chain_in_the_wrong_order_is_named_as_such(tmp_path, intermediate):
+    pair = write_leaf(intermediate, tmp_path, "bad", reverse=True)
+    with pytest.raises(TLSError) as info:
+        make_server_context(pair)
+    assert str(info.value) == (
+        f"certificate {pair.cert}: the first certificate is not the one for key {pair.key} "
+        "(certificate 2 of the file is); the server certificate must come first, then the "
+        "intermediates"
+    )
+    # The configuration error names the key; a right order loads.
+    with pytest.raises(ConfigError) as config_error:
+        parse_config(
+            '[[listeners]]\nport = 2600\ntls = { cert = "bad.pem", key = "bad.key" }\n',
+            source="t.toml",
+            base_dir=tmp_path,
+        )
+    assert config_error.value.key == "listeners[0].tls"
+    assert "the server certificate must come first" in str(config_error.value)
+    make_server_context(write_leaf(intermediate, tmp_path, "good"))
+
+
+def test_a_key_of_no_certificate_in_the_file_is_still_a_mismatch(tmp_path, intermediate):
+    pair = write_leaf(intermediate, tmp_path, "one", reverse=True)
+    other = write_leaf(intermediate, tmp_path, "two")
+    with pytest.raises(TLSError, match=r"^key .*two\.key does not match certificate .*one\.pem$"):
+        make_server_context(CertificatePair(pair.cert, other.key))
+
+
+def test_certificate_date_warnings(tmp_path, intermediate):
+    day = datetime.timedelta(days=1)
+    expired = write_leaf(
+        intermediate, tmp_path, "old", not_before=NOW - 90 * day, not_after=NOW - day
+    )
+    soon = write_leaf(
+        intermediate, tmp_path, "soon", not_after=NOW + 5 * day + datetime.timedelta(hours=1)
+    )
+    later = write_leaf(intermediate, tmp_path, "later", not_before=NOW + 2 * day)
+    fine = write_leaf(intermediate, tmp_path, "fine", not_after=NOW + 60 * day)
+    for pair in (expired, soon, later, fine):
+        make_server_context(pair)  # all of them load
+    (warning,) = certificate_warnings(expired)
+    when = (NOW - day).strftime("%Y-%m-%d %H:%M:%S UTC")
+    assert warning == (
+        f"certificate {expired.cert} (CN=mx.test) expired on {when}: clients that check it "
+        "will refuse it; renew it"
+    )
+    (warning,) = certificate_warnings(soon)
+    assert warning.startswith(f"certificate {soon.cert} (CN=mx.test) expires on ")
+    assert "(in 5 day(s)); renew it" in warning
+    (warning,) = certificate_warnings(later)
+    assert "is not valid before" in warning
+    assert certificate_warnings(fine) == []
+    assert certificate_warnings(CertificatePair(str(tmp_path / "missing.pem"), fine.key)) == []
+
+
+CONFIG = """\
+[[listeners]]
+address = "127.0.0.1"
+port = {port}
+
+[listeners.tls]
+cert = "cert.pem"
+key = "key.pem"
+sni."mx2.test" = {{ cert = "mx2.pem", key = "mx2.key" }}
+
+[plugins]
+enabled = ["recipients", "maildir"]
+
+[plugins.recipients]
+domains = ["example.test"]
+
+[plugins.maildir]
+path = "mail"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_check_and_reload_warn_about_an_expired_certificate(tmp_path, intermediate, caplog):
+    day = datetime.timedelta(days=1)
+    good = write_leaf(intermediate, tmp_path, "good")
+    for cert, key in (("cert.pem", "key.pem"), ("mx2.pem", "mx2.key")):
+        (tmp_path / cert).write_bytes(Path(good.cert).read_bytes())
+        (tmp_path / key).write_bytes(Path(good.key).read_bytes())
+    config = tmp_path / "bonzo.toml"
+    config.write_text(CONFIG.format(port=free_port()))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+
+    def check() -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "bonzo", "check", "-c", str(config)],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert "certificate" not in check()
+    old = MailApp(load_config(str(config)))
+    old.bind()
+    try:
+        # The renewal puts last year's certificate in place.
+        expired = write_leaf(intermediate, tmp_path, "exp", not_after=NOW - day)
+        (tmp_path / "mx2.pem").write_bytes(Path(expired.cert).read_bytes())
+        (tmp_path / "mx2.key").write_bytes(Path(expired.key).read_bytes())
+        out = check()
+        assert f"  warning: listeners[0].tls.sni.mx2.test: certificate {tmp_path}/mx2.pem" in out
+        assert "expired on" in out
+
+        from bonzo.cli import _reloaded_app
+
+        with caplog.at_level(logging.WARNING, logger="bonzo"):
+            new = _reloaded_app(old)
+        assert new is not None  # warned, not refused
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warned) == 1
+        assert warned[0].startswith(
+            f"reload: listeners[0].tls.sni.mx2.test: certificate {tmp_path}/mx2.pem (CN=mx.test) "
+            "expired on "
+        )
+        new.release_sockets()
+    finally:
+        for _, socks in old._bound:
+            for sock in socks:
+                sock.close()
