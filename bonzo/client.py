@@ -140,6 +140,7 @@ __all__ = [
     "DeliveryResult",
     "ClientError",
     "ClientSettings",
+    "ca_file_context",
     "ClientConnection",
     "SMTPConnection",
     "LMTPConnection",
@@ -844,6 +845,28 @@ def _encrypt_only_context() -> ssl.SSLContext:
         ctx.verify_mode = ssl.CERT_NONE
         _ENCRYPT_ONLY = ctx
     return _ENCRYPT_ONLY
+
+
+def ca_file_context(path: str) -> ssl.SSLContext:
+    """A context for the ``verify`` policy (:attr:`ClientSettings.tls_context`)
+    that trusts the CA certificates in the PEM file ``path`` and nothing
+    else (not the system's store). Read now: build it again to see a changed
+    file. Raises :class:`ValueError` naming the file when it cannot be read
+    or holds no certificate."""
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        # With a cafile, the system's store is not loaded: only this file.
+        ctx = ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise ValueError(f"{path} holds no usable PEM certificate ({reason})") from None
+    if not ctx.cert_store_stats().get("x509"):
+        raise ValueError(f"{path} holds no PEM certificate")
+    return ctx
 
 
 def _verify_context(settings: ClientSettings) -> ssl.SSLContext:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from bonzo.client import ClientSettings
+from bonzo.client import ClientSettings, ca_file_context
 
 from ._config import describe
 
@@ -29,7 +29,8 @@ def client_settings(
     ``helo_name`` (default: the server's ``hostname``), ``source_address``,
     ``username``, ``password`` (already resolved from ``$env``/``$file`` by
     the configuration loader), ``tls_name``, ``tls`` (the policy),
-    ``implicit_tls``, ``auth_plaintext``, ``pipelining``, ``connect_timeout``
+    ``implicit_tls``, ``tls_ca_file`` (the ``verify`` policy's CA
+    certificates, read now), ``auth_plaintext``, ``pipelining``, ``connect_timeout``
     and ``data_end_timeout``; ``extra`` are further settings. With ``loops``, a
     server that greets with this server's names is refused as a loop
     (``own_names``). ``where`` prefixes the key in error messages."""
@@ -55,6 +56,12 @@ def client_settings(
         options["tls_policy"] = table["tls"]
     if "implicit_tls" in table:
         options["implicit_tls"] = table["implicit_tls"]
+    if table.get("tls_ca_file") is not None:
+        # Read at each configure, so that a reload sees a changed file.
+        try:
+            options["tls_context"] = ca_file_context(str(table["tls_ca_file"]))
+        except ValueError as exc:
+            raise ValueError(f"{_key(where, 'tls_ca_file')}: {exc}") from None
     if "auth_plaintext" in table:
         options["auth_plaintext"] = table["auth_plaintext"]
     if "pipelining" in table:

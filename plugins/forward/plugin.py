@@ -50,6 +50,11 @@ SCHEMA = Schema(
         "valid for ``tls_name``; ``\"none\"``: never."),
     Key("implicit_tls", "bool", default=False, doc="TLS from the first octet (port 465)."),
     Key("tls_name", doc="The name for SNI and the ``verify`` check; default ``host``."),
+    Key("tls_ca_file", "path",
+        doc="A PEM file of CA certificates that ``verify`` trusts instead of the "
+        "system's store (OpenSSL's default paths; ``SSL_CERT_FILE``/``SSL_CERT_DIR``). "
+        "Read at start-up and at each reload; a missing, unreadable or empty file is "
+        "a configuration error."),
     Key("username",
         doc="Authenticate as this user (``AUTH PLAIN``, else ``LOGIN``); only over "
         "TLS unless ``auth_plaintext``."),
@@ -76,6 +81,7 @@ KEYS = tuple(SCHEMA.names)
 #: The keys :func:`.._client.client_settings` reads.
 _CLIENT_KEYS = (
     "tls",
+    "tls_ca_file",
     "implicit_tls",
     "tls_name",
     "username",

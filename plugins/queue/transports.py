@@ -85,10 +85,17 @@ _TLS_TEXT = (
     'failed handshake is tried again once without TLS); ``"require"``: STARTTLS '
     'or defer, the certificate not checked; ``"verify"``: STARTTLS and a '
     'certificate valid for the server\'s name, or defer; ``"none"``: never '
-    "STARTTLS."
+    "STARTTLS. ``verify`` trusts the system's CA store (OpenSSL's default paths, "
+    "which ``SSL_CERT_FILE``/``SSL_CERT_DIR`` in the daemon's environment change; "
+    "read once per process), or only ``tls_ca_file``'s CAs when it is set."
 )
 TLS = Key("tls", "choice", default="opportunistic", choices=TLS_POLICIES,
           doc=f"The TLS policy: {_TLS_TEXT}")  # fmt: skip
+TLS_CA_FILE = Key("tls_ca_file", "path",
+                  doc="A PEM file of CA certificates that ``verify`` trusts instead "
+                  "of the system's store (a private CA, a company relay's). Read at "
+                  "start-up and at each reload; a missing, unreadable or empty file is "
+                  "a configuration error.")  # fmt: skip
 HELO_NAME = Key("helo_name", convert=_word,
                 doc="The name given in ``EHLO`` (default: ``[server] hostname``). A "
                 "server that greets with this name or the hostname is this server: "
@@ -117,6 +124,7 @@ MX = Schema(
     type_key("mx"),
     _port(25, "The port of the mail hosts."),
     TLS,
+    TLS_CA_FILE,
     Key("tls_policies", "table", default={}, convert=_policies,
         doc="The TLS policy for some recipient domains, replacing ``tls``: "
         'domain = policy, e.g. ``{ "bank.example" = "verify" }``.'),
@@ -134,6 +142,7 @@ SMARTHOST = Schema(
     Key("host", required=True, doc="The relay's name or address."),
     _port(None, "The relay's port (default ``25``, or ``465`` with ``implicit_tls``)."),
     TLS,
+    TLS_CA_FILE,
     Key("implicit_tls", "bool", default=False,
         doc="TLS from the first byte (port 465, RFC 8314) instead of STARTTLS."),
     Key("tls_name", convert=_word,

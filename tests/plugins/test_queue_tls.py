@@ -1,0 +1,120 @@
+"""The queue's outbound TLS against Bonzo's own TLS listener: ``verify``
+with a private CA (``tls_ca_file``), read again by each configuration (a
+reload), and the reason a certificate is refused kept in the state and the
+report. Certificates are made by trustme; everything talks to 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from bonzo_plugins.forward.plugin import ForwardPlugin
+from bonzo_plugins.queue.routes import RouteTable
+from test_queue_routes import App, attempt_all, make, queue, states
+
+from bonzo.settings import ListenerSettings
+from bonzo.tls import CertificatePair, make_server_context
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_downstream(start_server: Any, ca: trustme.CA, tmp_path: Path) -> Any:
+    """Bonzo with STARTTLS and a certificate for mx.test from ``ca``."""
+    leaf = ca.issue_cert("mx.test")
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    context = make_server_context(CertificatePair(str(cert), str(key)))
+    from test_queue_routes import Picky
+
+    return start_server(
+        plugin=Picky(), hostname="mx.dest.test", listener=ListenerSettings(tls_context=context)
+    )
+
+
+def route(port: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "smarthost",
+        "host": "127.0.0.1",
+        "port": port,
+        "tls": "verify",
+        "tls_name": "mx.test",
+        **extra,
+    }
+
+
+def test_verify_trusts_the_ca_file_and_rereads_it_with_each_configuration(
+    tmp_path, ca, tls_downstream
+):
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem.bytes())
+    spool, runner = make(tmp_path, {"*": route(tls_downstream.port, tls_ca_file="ca.pem")})
+    queue(spool, "C1", "bob@dest.test")
+    asyncio.run(attempt_all(runner, "C1"))
+    assert "C1" not in spool.ids()
+    assert [m.rcpt_tos for m in tls_downstream.plugin.messages] == [["bob@dest.test"]]
+
+    # The file now holds another CA only: a new configuration (a reload)
+    # reads it again, and the certificate is no longer trusted.
+    (tmp_path / "ca.pem").write_bytes(trustme.CA().cert_pem.bytes())
+    spool, runner = make(tmp_path, {"*": route(tls_downstream.port, tls_ca_file="ca.pem")})
+    queue(spool, "C2", "bob@dest.test")
+    asyncio.run(attempt_all(runner, "C2"))
+    [(status, reply)] = states(spool, "C2")
+    assert status == "deferred" and reply.startswith("451 4.7.5")
+    assert len(tls_downstream.plugin.messages) == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (None, "cannot read {path}: No such file or directory"),
+        (b"", "{path} holds no usable PEM certificate"),
+        (b"not a certificate\n", "{path} holds no usable PEM certificate"),
+        ("dir", "cannot read {path}: Is a directory"),
+    ],
+)
+def test_an_unusable_ca_file_is_a_configuration_error_naming_file_and_key(tmp_path, content, why):
+    path = tmp_path / "ca.pem"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    message = why.format(path=path)
+    with pytest.raises(ValueError, match="^" + re.escape(f'routes."*".tls_ca_file: {message}')):
+        RouteTable({"*": route(25, tls_ca_file="ca.pem")}, {}, App(tmp_path))
+    with pytest.raises(
+        ValueError, match="^" + re.escape(f"transports.bank.tls_ca_file: {message}")
+    ):
+        RouteTable({}, {"bank": {"type": "mx", "tls_ca_file": str(path)}}, App(tmp_path))
+    with pytest.raises(ValueError, match="^" + re.escape(f"tls_ca_file: {message}")):
+        ForwardPlugin().bonzo_configure(
+            {"host": "127.0.0.1", "tls": "verify", "tls_ca_file": str(path)}, _forward_app()
+        )
+
+
+def _forward_app() -> Any:
+    from test_forward import app
+
+    return app()
+
+
+def test_an_mx_transport_uses_the_ca_file_for_its_tls_policies(tmp_path, ca):
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem.bytes())
+    table = RouteTable(
+        {"*": {"type": "mx", "tls_ca_file": "ca.pem", "tls_policies": {"bank.test": "verify"}}},
+        {},
+        App(tmp_path),
+    )
+    mx = table.default
+    assert mx.settings.tls_context is not None
+    assert mx.policies["bank.test"].tls_context is mx.settings.tls_context
+    stats = mx.settings.tls_context.cert_store_stats()
+    assert stats["x509_ca"] == 1  # the file's CA only, not the system's store
