@@ -831,6 +831,10 @@ def _check_recipient(r: Recipient) -> None:
 
 
 # ------------------------------------------------------------- connections
+#: Seconds the reply to ``QUIT`` is awaited when the TLS policy refuses a
+#: server (no STARTTLS): the delivery attempt waits for it.
+QUIT_REFUSED_TIMEOUT = 5.0
+
 _ENCRYPT_ONLY: ssl.SSLContext | None = None
 _SYSTEM_TRUST: ssl.SSLContext | None = None
 
@@ -940,6 +944,12 @@ async def _open_socket(
 def _why(exc: BaseException) -> str:
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        # OpenSSL's reason ("certificate has expired", "Hostname mismatch,
+        # ...", "unable to get local issuer certificate") tells a lapsed
+        # certificate, a wrong tls_name and a missing CA apart; the bare
+        # reason (CERTIFICATE_VERIFY_FAILED) does not.
+        return f"certificate verification failed: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
         return str(exc.reason or exc)
     if isinstance(exc, OSError) and exc.errno:
@@ -2013,6 +2023,20 @@ class SMTPConnection(ClientConnection):
             transport.abort()  # type: ignore[attr-defined]
         self._shutdown(abort=False)
 
+    async def _quit_refused(self, exc: _Broken) -> None:
+        """End a healthy plaintext session the TLS policy refuses: ``QUIT``
+        (RFC 5321 4.1.1.10; the server logs a client that quit, not a lost
+        connection), its reply awaited at most :data:`QUIT_REFUSED_TIMEOUT`
+        seconds, then close."""
+        log.debug("%s %s: %s", self.protocol, self.server, exc.reply)
+        self._alive = False
+        timeout = min(self.settings.quit_timeout, QUIT_REFUSED_TIMEOUT)
+        try:
+            await self._execute(Stage.END, b"QUIT", self._within(timeout))
+        except _Broken:
+            pass
+        await self._close_gracefully(timeout)
+
     def _shutdown(self, abort: bool) -> None:
         smtp, self._smtp = self._smtp, None
         if smtp is not None:
@@ -2054,14 +2078,17 @@ class SMTPConnection(ClientConnection):
             ):
                 raise _Broken(
                     Stage.CONNECT,
-                    _local(451, "4.7.5", f"TLS handshake failed: {_why(cause or exc)}"),
+                    _local(
+                        451, "4.7.5", f"TLS handshake failed ({self.server}): {_why(cause or exc)}"
+                    ),
                 ) from None
             raise _Broken(Stage.GREETING, _lost(Stage.GREETING)) from None
         except aiosmtplib.SMTPResponseException as exc:
             raise _Broken(Stage.GREETING, _garbled(Stage.GREETING, exc.message)) from None
         except (ssl.SSLError, OSError) as exc:
             raise _Broken(
-                Stage.CONNECT, _local(451, "4.7.5", f"TLS handshake failed: {_why(exc)}")
+                Stage.CONNECT,
+                _local(451, "4.7.5", f"TLS handshake failed ({self.server}): {_why(exc)}"),
             ) from None
         assert smtp.protocol is not None
         self._flow = _FlowControl(smtp.protocol)
@@ -2118,7 +2145,7 @@ class SMTPConnection(ClientConnection):
         if not self.supports("STARTTLS"):
             if policy == "opportunistic":
                 return
-            raise _Broken(
+            raise _PolicyRefused(
                 Stage.STARTTLS,
                 _local(451, "4.7.4", "TLS is required, but the server does not offer STARTTLS"),
             )
@@ -2136,7 +2163,7 @@ class SMTPConnection(ClientConnection):
                 # Still in plaintext (RFC 3207 4): go on without TLS.
                 log.info("%s: STARTTLS refused (%s), going on without TLS", self.server, reply)
                 return
-            raise _Broken(Stage.STARTTLS, reply) from None
+            raise _PolicyRefused(Stage.STARTTLS, reply) from None
         # Anything else failed the attempt at TLS: the opportunistic policy
         # tries again in plaintext (see connect()).
         except aiosmtplib.SMTPTimeoutError:
@@ -2145,7 +2172,8 @@ class SMTPConnection(ClientConnection):
             raise _HandshakeFailed(Stage.STARTTLS, _lost(Stage.STARTTLS)) from None
         except (ssl.SSLError, OSError, aiosmtplib.SMTPException) as exc:
             raise _HandshakeFailed(
-                Stage.STARTTLS, _local(451, "4.7.5", f"TLS handshake failed: {_why(exc)}")
+                Stage.STARTTLS,
+                _local(451, "4.7.5", f"TLS handshake failed ({self.server}): {_why(exc)}"),
             ) from None
         self.tls = True
         self.tls_verified = verify
@@ -2159,7 +2187,7 @@ class SMTPConnection(ClientConnection):
         assert smtp is not None and settings.username is not None
         assert settings.password is not None
         if not self.tls and not settings.auth_plaintext:
-            raise _Broken(
+            raise _PolicyRefused(
                 Stage.AUTH,
                 _local(451, "4.7.0", "will not send credentials over a connection without TLS"),
             )
@@ -2216,6 +2244,12 @@ class SMTPConnection(ClientConnection):
         if len(lines) > self.settings.max_reply_lines:
             raise _Broken(stage, _garbled(stage, f"a reply of {len(lines)} lines"))
         return _reply(response.code, lines)
+
+
+class _PolicyRefused(_Broken):
+    """The TLS policy refuses to go on over a plaintext session that is
+    still healthy (no STARTTLS offered, STARTTLS refused, credentials not to
+    be sent in plaintext): ended with ``QUIT`` rather than dropped."""
 
 
 class _HandshakeFailed(_Broken):
@@ -2371,6 +2405,9 @@ async def connect(
             log.info("%s: %s; retrying without TLS", server, exc.reply)
             attempt = settings.replace(tls_policy="none")
             continue
+        except _PolicyRefused as exc:
+            await smtp._quit_refused(exc)
+            raise ClientError(exc.stage, exc.reply) from None
         except _Broken as exc:
             smtp._broken(exc)
             await asyncio.sleep(0)  # the aborted transport closes its socket in the next turn

@@ -254,3 +254,37 @@ def test_declared_8bitmime_and_smtputf8_a_message_does_not_need_are_dropped(tmp_
         assert "554 5.6.3 the message has 8-bit content" in text
     finally:
         sink.stop()
+
+
+@pytest.mark.parametrize("policy", ["require", "verify"])
+def test_a_postfix_without_starttls_is_left_with_quit(tmp_path, postfix, policy):
+    """TLS required, none offered: the message is deferred, and the session
+    (healthy in plaintext) ended with QUIT, not dropped after EHLO."""
+    downstream = postfix(accept_domains=["mx.test"])
+    spool, runner = runner_for(
+        tmp_path,
+        {
+            "type": "smarthost",
+            "host": "127.0.0.1",
+            "port": downstream.port,
+            "tls": policy,
+            "tls_name": "postfix.test",
+        },
+    )
+    queue(spool, "Q1", message("no tls"), "bob@mx.test")
+    asyncio.run(attempt(runner, "Q1"))
+    [r] = spool.load("Q1").recipients
+    assert (r.status, r.reply) == (
+        "deferred",
+        "451 4.7.4 TLS is required, but the server does not offer STARTTLS",
+    )
+
+    def disconnect() -> str | None:
+        for line in downstream.log_path.read_text(errors="replace").splitlines():
+            # Ours said EHLO (Postfix's own readiness probe did not).
+            if "postfix/smtpd" in line and ("ehlo=1" in line or "after EHLO" in line):
+                return line
+        return None
+
+    line = wait_until(disconnect, what="smtpd's disconnect line")
+    assert "disconnect from" in line and "ehlo=1 quit=1" in line, line

@@ -6,7 +6,10 @@ report. Certificates are made by trustme; everything talks to 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,7 @@ import pytest
 import trustme
 from bonzo_plugins.forward.plugin import ForwardPlugin
 from bonzo_plugins.queue.routes import RouteTable
-from test_queue_routes import App, attempt_all, make, queue, states
+from test_queue_routes import App, attempt_all, make, queue, reports, states
 
 from bonzo.settings import ListenerSettings
 from bonzo.tls import CertificatePair, make_server_context
@@ -69,7 +72,57 @@ def test_verify_trusts_the_ca_file_and_rereads_it_with_each_configuration(
     asyncio.run(attempt_all(runner, "C2"))
     [(status, reply)] = states(spool, "C2")
     assert status == "deferred" and reply.startswith("451 4.7.5")
+    assert "unable to get local issuer certificate" in reply
     assert len(tls_downstream.plugin.messages) == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"tls_name": "nomatch.test"}, "Hostname mismatch, certificate is not valid for "
+         "'nomatch.test'."),
+        ({}, "unable to get local issuer certificate"),
+    ],
+)  # fmt: skip
+def test_the_reason_a_certificate_is_refused_is_kept_in_state_log_and_report(
+    tmp_path, ca, tls_downstream, caplog, extra, reason
+):
+    if "tls_name" in extra:
+        (tmp_path / "ca.pem").write_bytes(ca.cert_pem.bytes())
+    else:
+        (tmp_path / "ca.pem").write_bytes(trustme.CA().cert_pem.bytes())
+    spool, runner = make(tmp_path, {"*": route(tls_downstream.port, tls_ca_file="ca.pem", **extra)})
+    name = extra.get("tls_name", "mx.test")
+    text = (
+        f"451 4.7.5 TLS handshake failed ({name}[127.0.0.1]:{tls_downstream.port}): "
+        f"certificate verification failed: {reason}"
+    )
+    queue(spool, "V1", "bob@dest.test")
+    with caplog.at_level(logging.INFO):
+        asyncio.run(attempt_all(runner, "V1"))
+    [(status, reply)] = states(spool, "V1")
+    assert (status, reply) == ("deferred", text)
+    assert any(text in r.getMessage() for r in caplog.records)
+    # Older than the queue's lifetime: bounced, the report saying why.
+    envelope = {
+        "arrival": time.time() - 6 * 86400,
+        "sender": "alice@example.org",
+        "recipients": [
+            {
+                "address": "b@dest.test",
+                "canonical": "b@dest.test",
+                "domain": "dest.test",
+                "params": {},
+            }
+        ],
+    }
+    spool.write("V2", envelope, b"", io.BytesIO(b"Subject: old\r\n\r\nold\r\n"))
+    asyncio.run(attempt_all(runner, "V2"))
+    assert "V2" not in spool.ids()
+    [report] = reports(spool)
+    unfolded = re.sub(rb"\r\n[ \t]+", b" ", report)
+    assert b"Diagnostic-Code: X-Bonzo; " + text.encode() in unfolded
+    assert tls_downstream.plugin.messages == []
 
 
 @pytest.mark.parametrize(
