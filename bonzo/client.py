@@ -1010,6 +1010,10 @@ class ClientConnection:
         self.tls = False
         #: ``True`` when the certificate was checked (``verify`` policy).
         self.tls_verified = False
+        #: The TLS version and cipher (``"TLSv1.3"``, ``"TLS_AES_256_GCM_SHA384"``)
+        #: once encrypted; empty otherwise.
+        self.tls_version = ""
+        self.tls_cipher = ""
         #: ``True`` after a successful ``AUTH``.
         self.authenticated = False
         #: Messages for which ``MAIL`` was sent on this connection.
@@ -1305,6 +1309,15 @@ class ClientConnection:
         is no number of octets: not ASCII digits, or more than 20 of them)."""
         value = self.extensions.get("SIZE", "")
         return int(value) if value.isascii() and value.isdigit() and len(value) <= 20 else 0
+
+    @property
+    def tls_summary(self) -> str:
+        """How the connection is protected, for a log line: ``TLSv1.3
+        TLS_AES_256_GCM_SHA384 verified`` (or ``not verified``), or ``none``."""
+        if not self.tls:
+            return "none"
+        head = " ".join(part for part in (self.tls_version, self.tls_cipher) if part) or "TLS"
+        return f"{head} {'verified' if self.tls_verified else 'not verified'}"
 
     def close(self) -> None:
         """Close at once: no ``QUIT``, nothing more sent."""
@@ -2023,6 +2036,15 @@ class SMTPConnection(ClientConnection):
             transport.abort()  # type: ignore[attr-defined]
         self._shutdown(abort=False)
 
+    def _note_tls(self) -> None:
+        smtp = self._smtp
+        transport = smtp.transport if smtp is not None else None
+        tls = transport.get_extra_info("ssl_object") if transport is not None else None
+        if tls is not None:
+            self.tls_version = tls.version() or ""
+            cipher = tls.cipher()
+            self.tls_cipher = cipher[0] if cipher else ""
+
     async def _quit_refused(self, exc: _Broken) -> None:
         """End a healthy plaintext session the TLS policy refuses: ``QUIT``
         (RFC 5321 4.1.1.10; the server logs a client that quit, not a lost
@@ -2097,6 +2119,7 @@ class SMTPConnection(ClientConnection):
         if settings.implicit_tls:
             self.tls = True
             self.tls_verified = settings.tls_policy == "verify"
+            self._note_tls()
         await self._hello()
         if not self.tls and settings.tls_policy != "none":
             await self._starttls(tls_name)
@@ -2177,6 +2200,7 @@ class SMTPConnection(ClientConnection):
             ) from None
         self.tls = True
         self.tls_verified = verify
+        self._note_tls()
         # RFC 3207 4.2: forget what the server said before TLS, ask again.
         self.extensions = {}
         await self._hello()

@@ -62,6 +62,10 @@ class Outcome:
     transaction (:attr:`bonzo.client.RecipientResult.too_many`): tried
     again at once, in a new transaction, when others were delivered in this
     one."""
+    tls: str = ""
+    """How the delivery's connection was protected, for the log
+    (:attr:`bonzo.client.ClientConnection.tls_summary`); empty where no SMTP
+    connection was used."""
     attempted: bool = True
     """A delivery was tried (false for the operator's ``bonzo queue
     bounce``): counted in the recipient's attempts and its last attempt time."""

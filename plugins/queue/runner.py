@@ -1112,6 +1112,7 @@ class Runner:
         bounced: list[ReportLine] = []
         success: list[ReportLine] = []
         some_delivered = any(o.status == "delivered" for o in outcomes.values())
+        tls_of: dict[int, str] = {}  # id(recipient) -> how its delivery was protected
         for i, outcome in outcomes.items():
             r = message.recipients[i]
             if outcome.attempted:
@@ -1124,6 +1125,7 @@ class Runner:
                 r.status = "delivered"
                 r.done_at = now
                 delivered.append(r)
+                tls_of[id(r)] = outcome.tls
                 action = "relayed" if outcome.relayed else "delivered"
                 if wants_report(r, action) and not outcome.dsn_downstream:
                     success.append(
@@ -1153,12 +1155,14 @@ class Runner:
                     r.next_attempt = now
                 deferred.append(r)
         for r in delivered:
+            tls = tls_of.get(id(r), "")
             log.info(
-                "queue: %s to=<%s> delivered: %s (%s)",
+                "queue: %s to=<%s> delivered: %s (%s)%s",
                 message.id,
                 log_escape(r.address),
                 _one_line(r.reply),
                 r.host,
+                f" tls={tls}" if tls else "",
             )
         for r in deferred:
             log.info(

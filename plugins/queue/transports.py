@@ -286,7 +286,7 @@ class ConnectionPool:
             await asyncio.gather(*late, return_exceptions=True)
 
 
-def _outcomes(result: DeliveryResult, relayed: bool) -> list[Outcome]:
+def _outcomes(result: DeliveryResult, relayed: bool, tls: str = "") -> list[Outcome]:
     server = result.server
     return [
         Outcome(
@@ -299,6 +299,7 @@ def _outcomes(result: DeliveryResult, relayed: bool) -> list[Outcome]:
             relayed=relayed,
             remote=r.reply.remote,
             too_many=r.too_many,
+            tls=tls,
         )
         for r in result.recipients
     ]
@@ -438,7 +439,8 @@ class _Pooled:
                 conn.close()
                 raise
             self.pool.give(destination, conn)
-            return _outcomes(result, not self.final)
+            tls = conn.tls_summary if conn.protocol == "SMTP" else ""
+            return _outcomes(result, not self.final, tls)
 
     def expire(self) -> int:
         """Close the pooled connections left idle for ``idle_timeout``."""

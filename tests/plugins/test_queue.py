@@ -2152,6 +2152,10 @@ def test_the_example_configuration_shows_every_key_and_configures(tmp_path, monk
     assert every - shown == set()
     text = "\n".join(line[2:] for line in block.splitlines() if line.startswith("# "))
     monkeypatch.setenv("RELAY_PASSWORD", "s3cret")
+    # The relay's tls_ca_file, read when the plugin is configured.
+    import trustme
+
+    (tmp_path / "ca.pem").write_bytes(trustme.CA().cert_pem.bytes())
     config = parse_config('[plugins]\nenabled = ["queue"]\n' + text, "example", tmp_path)
     table = config.plugins.tables["queue"]
     assert table["transports"]["relay"]["password"] == "s3cret"

@@ -171,3 +171,29 @@ def test_an_mx_transport_uses_the_ca_file_for_its_tls_policies(tmp_path, ca):
     assert mx.policies["bank.test"].tls_context is mx.settings.tls_context
     stats = mx.settings.tls_context.cert_store_stats()
     assert stats["x509_ca"] == 1  # the file's CA only, not the system's store
+
+
+def test_the_delivered_line_says_how_the_connection_was_protected(
+    tmp_path, ca, tls_downstream, start_server, caplog
+):
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem.bytes())
+    plain = start_server(hostname="plain.test")
+    routes = {
+        "verified.test": route(tls_downstream.port, tls_ca_file="ca.pem"),
+        "encrypted.test": route(tls_downstream.port, tls="require"),
+        "clear.test": {"type": "smarthost", "host": "127.0.0.1", "port": plain.port},
+    }
+    spool, runner = make(tmp_path, routes)
+    for n, domain in enumerate(routes):
+        queue(spool, f"L{n}", f"bob@{domain}")
+    with caplog.at_level(logging.INFO, logger="bonzo"):
+        asyncio.run(attempt_all(runner, "L0", "L1", "L2"))
+    assert spool.ids() == []
+    lines = {
+        m.group(1): m.group(2)
+        for r in caplog.records
+        if (m := re.search(r"to=<bob@([\w.]+)> delivered: .* tls=(.*)$", r.getMessage()))
+    }
+    assert re.fullmatch(r"TLSv1\.[23] \S+ verified", lines["verified.test"])
+    assert re.fullmatch(r"TLSv1\.[23] \S+ not verified", lines["encrypted.test"])
+    assert lines["clear.test"] == "none"
