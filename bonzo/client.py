@@ -2194,6 +2194,10 @@ class SMTPConnection(ClientConnection):
         except aiosmtplib.SMTPServerDisconnected:
             raise _HandshakeFailed(Stage.STARTTLS, _lost(Stage.STARTTLS)) from None
         except (ssl.SSLError, OSError, aiosmtplib.SMTPException) as exc:
+            # The alert OpenSSL prepared (unknown_ca, bad_certificate) does
+            # not reach the server: asyncio's SSL protocol force-closes the
+            # transport without sending it (CPython gh-98078, fixed in later
+            # Pythons); nothing here can still send it.
             raise _HandshakeFailed(
                 Stage.STARTTLS,
                 _local(451, "4.7.5", f"TLS handshake failed ({self.server}): {_why(exc)}"),

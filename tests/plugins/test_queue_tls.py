@@ -197,3 +197,48 @@ def test_the_delivered_line_says_how_the_connection_was_protected(
     assert re.fullmatch(r"TLSv1\.[23] \S+ verified", lines["verified.test"])
     assert re.fullmatch(r"TLSv1\.[23] \S+ not verified", lines["encrypted.test"])
     assert lines["clear.test"] == "none"
+
+
+def test_an_mx_route_verifies_its_hosts_against_the_ca_file(tmp_path, ca, dns_stub):
+    """``mx`` with ``tls_policies`` verify: the MX host's name (mx.test) is
+    checked against the certificate, under the file's CA."""
+    from bonzo.dns import Resolver
+
+    leaf = ca.issue_cert("mx.test")
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem.bytes())
+    from e2e_support import ServerThread
+    from test_queue_routes import Picky
+
+    context = make_server_context(CertificatePair(str(cert), str(key)))
+    server = ServerThread(
+        plugin=Picky(), hostname="mx.dest.test", listener=ListenerSettings(tls_context=context)
+    ).start()
+    try:
+        dns_stub.add("bank.test", "MX", "10 mx.test.")
+        dns_stub.add("mx.test", "A", "127.0.0.1")
+        dns_stub.add("wrong.test", "MX", "10 wrongmx.test.")
+        dns_stub.add("wrongmx.test", "A", "127.0.0.1")
+        mx = {
+            "type": "mx",
+            "port": server.port,
+            "tls_ca_file": "ca.pem",
+            "tls_policies": {"bank.test": "verify", "wrong.test": "verify"},
+        }
+        spool, runner = make(tmp_path, {"*": mx}, Resolver(dns_stub.settings()))
+        queue(spool, "X1", "bob@bank.test")
+        queue(spool, "X2", "bob@wrong.test")
+        asyncio.run(attempt_all(runner, "X1", "X2"))
+        assert "X1" not in spool.ids()
+        [(status, reply)] = states(spool, "X2")
+        assert status == "deferred"
+        assert reply == (
+            f"451 4.7.5 TLS handshake failed (wrongmx.test[127.0.0.1]:{server.port}): "
+            "certificate verification failed: Hostname mismatch, certificate is not valid "
+            "for 'wrongmx.test'."
+        )
+        assert [m.rcpt_tos for m in server.plugin.messages] == [["bob@bank.test"]]
+    finally:
+        server.stop()
