@@ -832,8 +832,9 @@ def _check_recipient(r: Recipient) -> None:
 
 # ------------------------------------------------------------- connections
 #: Seconds the reply to ``QUIT`` is awaited when the TLS policy refuses a
-#: server (no STARTTLS): the delivery attempt waits for it.
-QUIT_REFUSED_TIMEOUT = 5.0
+#: server (no STARTTLS): the delivery attempt (and its slot) waits for it,
+#: so briefly -- a server answers QUIT at once.
+QUIT_REFUSED_TIMEOUT = 2.0
 
 _ENCRYPT_ONLY: ssl.SSLContext | None = None
 _SYSTEM_TRUST: ssl.SSLContext | None = None
@@ -2054,10 +2055,15 @@ class SMTPConnection(ClientConnection):
         self._alive = False
         timeout = min(self.settings.quit_timeout, QUIT_REFUSED_TIMEOUT)
         try:
-            await self._execute(Stage.END, b"QUIT", self._within(timeout))
-        except _Broken:
-            pass
-        await self._close_gracefully(timeout)
+            try:
+                await self._execute(Stage.END, b"QUIT", self._within(timeout))
+            except _Broken:
+                pass
+            await self._close_gracefully(timeout)
+        except BaseException:
+            # Cancelled meanwhile (a stop): the socket must not stay open.
+            self._shutdown(abort=True)
+            raise
 
     def _shutdown(self, abort: bool) -> None:
         smtp, self._smtp = self._smtp, None

@@ -135,34 +135,75 @@ def _matching_later_certificate(pair: CertificatePair) -> int:
     return 0
 
 
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.+?-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+def _decoded_chain(path: str) -> list[dict[str, Any] | None]:
+    """Each certificate of the PEM file ``path`` as the stdlib decodes it
+    (``None`` for one it cannot), in file order; empty if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            blocks = _PEM_CERTIFICATE.findall(f.read(1 << 20))
+    except OSError:
+        return []
+    out: list[dict[str, Any] | None] = []
+    for block in blocks[:16]:
+        # The stdlib's only parser of a certificate reads a file (private,
+        # but in every CPython since 3.2); without it no warning, no crash.
+        with tempfile.NamedTemporaryFile(suffix=".pem") as one:
+            one.write(block + b"\n")
+            one.flush()
+            try:
+                out.append(ssl._ssl._test_decode_cert(one.name))  # type: ignore[attr-defined]
+            except Exception:
+                out.append(None)
+    return out
+
+
 def certificate_warnings(
     pair: CertificatePair, *, now: float | None = None, days: int = EXPIRY_WARNING_DAYS
 ) -> list[str]:
-    """What is wrong with the dates of the server certificate (the first one)
-    of ``pair.cert``: expired, expiring within ``days`` days, or not valid
-    yet. Empty when the dates are fine or cannot be read (an unusable file
-    is :func:`make_server_context`'s to report)."""
-    try:
-        # The stdlib's only parser of a certificate file (private, but in
-        # every CPython since 3.2); without it no warning rather than a crash.
-        decoded = ssl._ssl._test_decode_cert(pair.cert)  # type: ignore[attr-defined]
-        not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
-        not_before = ssl.cert_time_to_seconds(decoded["notBefore"])
-    except Exception:
-        return []
+    """What is wrong with the dates of the certificates of ``pair.cert`` --
+    the server certificate and the intermediates after it (an expired
+    intermediate fails every client that verifies, as its own would):
+    expired, expiring within ``days`` days, or not valid yet. Empty when the
+    dates are fine or cannot be read (an unusable file is
+    :func:`make_server_context`'s to report)."""
     now = time.time() if now is None else now
-    names = [v for rdn in decoded.get("subject", ()) for k, v in rdn if k == "commonName"]
-    what = f"certificate {pair.cert}" + "".join(f" (CN={name})" for name in names[:1])
-    day = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(not_after))
-    if not_after <= now:
-        return [f"{what} expired on {day}: clients that check it will refuse it; renew it"]
-    if not_before > now:
-        start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(not_before))
-        return [f"{what} is not valid before {start}: clients that check it will refuse it"]
-    if not_after - now < days * 86400:
-        left = int((not_after - now) // 86400)
-        return [f"{what} expires on {day} (in {left} day(s)); renew it"]
-    return []
+    out = []
+    for index, decoded in enumerate(_decoded_chain(pair.cert)):
+        if decoded is None:
+            continue
+        try:
+            not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
+            not_before = ssl.cert_time_to_seconds(decoded["notBefore"])
+        except Exception:
+            continue
+        names = [v for rdn in decoded.get("subject", ()) for k, v in rdn if k == "commonName"]
+        which = (
+            f"certificate {pair.cert}"
+            if index == 0
+            else (f"intermediate certificate {index + 1} of {pair.cert}")
+        )
+        what = which + "".join(f" (CN={name})" for name in names[:1])
+        day = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(not_after))
+        if not_after <= now:
+            out.append(f"{what} expired on {day}: clients that check it will refuse it; renew it")
+        elif not_before > now:
+            start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(not_before))
+            out.append(f"{what} is not valid before {start}: clients that check it will refuse it")
+        elif not_after - now < days * 86400:
+            left = not_after - now
+            if left >= 86400:
+                within = f"{int(left // 86400)} day(s)"
+            elif left >= 3600:
+                within = f"{int(left // 3600)} hour(s)"
+            else:
+                within = "less than an hour"
+            out.append(f"{what} expires on {day} (in {within}); renew it")
+    return out
 
 
 def make_server_context(

@@ -23,15 +23,23 @@ def _key(where: str, key: str) -> str:
 
 
 def client_settings(
-    table: Mapping[str, Any], app: Any, where: str = "", loops: bool = False, **extra: Any
+    table: Mapping[str, Any],
+    app: Any,
+    where: str = "",
+    loops: bool = False,
+    *,
+    verify_elsewhere: bool = False,
+    **extra: Any,
 ) -> ClientSettings:
     """The :class:`~bonzo.client.ClientSettings` of a table's keys:
     ``helo_name`` (default: the server's ``hostname``), ``source_address``,
     ``username``, ``password`` (already resolved from ``$env``/``$file`` by
     the configuration loader), ``tls_name``, ``tls`` (the policy),
     ``implicit_tls``, ``tls_ca_file`` (the ``verify`` policy's CA
-    certificates, read now), ``auth_plaintext``, ``pipelining``, ``connect_timeout``
-    and ``data_end_timeout``; ``extra`` are further settings. With ``loops``, a
+    certificates, read now; a configuration error with another policy,
+    unless ``verify_elsewhere``: a per-domain policy is ``verify``),
+    ``auth_plaintext``, ``pipelining``, ``connect_timeout`` and
+    ``data_end_timeout``; ``extra`` are further settings. With ``loops``, a
     server that greets with this server's names is refused as a loop
     (``own_names``). ``where`` prefixes the key in error messages."""
     hostname = getattr(getattr(app, "settings", None), "hostname", None)
@@ -70,6 +78,14 @@ def client_settings(
         if key in table:
             options[key] = table[key]
     options.update(extra)
+    policy = options.get("tls_policy", "opportunistic")
+    if "tls_context" in options and policy != "verify" and not verify_elsewhere:
+        # The CAs serve only to verify: set for another policy, they would
+        # give a false sense of it (mail to any certificate, unchecked).
+        raise ValueError(
+            f'{_key(where, "tls_ca_file")}: used only with tls = "verify", and tls is '
+            f'{policy!r} here: set tls = "verify" (or remove tls_ca_file)'
+        )
     try:
         return ClientSettings(**options)
     except (TypeError, ValueError) as exc:

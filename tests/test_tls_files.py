@@ -99,6 +99,64 @@ def test_certificate_date_warnings(tmp_path, intermediate):
     assert certificate_warnings(CertificatePair(str(tmp_path / "missing.pem"), fine.key)) == []
 
 
+def _chain_with_an_expired_intermediate(base: Path) -> CertificatePair:
+    """Leaf (valid) then intermediate (expired yesterday), made with
+    ``cryptography`` (trustme sets no intermediate's dates)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(text: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    def cert(subject, issuer, key, signer, start, end, ca):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(subject))
+            .issuer_name(name(issuer))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(subject)]), critical=False
+            )
+        return builder.sign(signer, hashes.SHA256())
+
+    day = datetime.timedelta(days=1)
+    root_key, mid_key, leaf_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    mid = cert("Mid CA", "Root CA", mid_key, root_key, NOW - 400 * day, NOW - day, True)
+    leaf = cert("mx.test", "Mid CA", leaf_key, mid_key, NOW - 30 * day, NOW + 60 * day, False)
+    pem = serialization.Encoding.PEM
+    path, key = base / "chain.pem", base / "chain.key"
+    path.write_bytes(leaf.public_bytes(pem) + mid.public_bytes(pem))
+    key.write_bytes(
+        leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return CertificatePair(str(path), str(key))
+
+
+def test_an_expired_intermediate_is_warned_about(tmp_path):
+    """Every client that verifies refuses the chain as it would an expired
+    server certificate: the first one alone was read."""
+    pair = _chain_with_an_expired_intermediate(tmp_path)
+    make_server_context(pair)  # it loads
+    (warning,) = certificate_warnings(pair)
+    assert warning.startswith(f"intermediate certificate 2 of {pair.cert} (CN=Mid CA) expired on ")
+
+
+def test_a_certificate_expiring_within_a_day_says_hours(tmp_path, intermediate):
+    soon = write_leaf(
+        intermediate, tmp_path, "hours", not_after=NOW + datetime.timedelta(hours=5, minutes=5)
+    )
+    (warning,) = certificate_warnings(soon)
+    assert "(in 5 hour(s)); renew it" in warning
+
+
 CONFIG = """\
 [[listeners]]
 address = "127.0.0.1"

@@ -54,7 +54,7 @@ SCHEMA = Schema(
         doc="A PEM file of CA certificates that ``verify`` trusts instead of the "
         "system's store (OpenSSL's default paths; ``SSL_CERT_FILE``/``SSL_CERT_DIR``). "
         "Read at start-up and at each reload; a missing, unreadable or empty file is "
-        "a configuration error."),
+        "a configuration error, as is the key with a ``tls`` other than ``verify``."),
     Key("username",
         doc="Authenticate as this user (``AUTH PLAIN``, else ``LOGIN``); only over "
         "TLS unless ``auth_plaintext``."),

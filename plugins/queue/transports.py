@@ -95,7 +95,9 @@ TLS_CA_FILE = Key("tls_ca_file", "path",
                   doc="A PEM file of CA certificates that ``verify`` trusts instead "
                   "of the system's store (a private CA, a company relay's). Read at "
                   "start-up and at each reload; a missing, unreadable or empty file is "
-                  "a configuration error.")  # fmt: skip
+                  "a configuration error, as is the key with a ``tls`` other than "
+                  "``verify`` (for ``mx``: unless a ``tls_policies`` entry is "
+                  "``verify``).")  # fmt: skip
 HELO_NAME = Key("helo_name", convert=_word,
                 doc="The name given in ``EHLO`` (default: ``[server] hostname``). A "
                 "server that greets with this name or the hostname is this server: "
@@ -528,7 +530,13 @@ class MXTransport(_Pooled):
     def __init__(self, values: Mapping[str, Any], app: Any, where: str) -> None:
         self.resolver = getattr(app, "dns", None)
         self.port: int = values["port"]
-        base = _settings(_client_keys(values), app, where, loops=True)
+        base = _settings(
+            _client_keys(values),
+            app,
+            where,
+            loops=True,
+            verify_elsewhere="verify" in values["tls_policies"].values(),
+        )
         self.policies: dict[str, ClientSettings] = {
             domain: base.replace(tls_policy=policy)
             for domain, policy in values["tls_policies"].items()

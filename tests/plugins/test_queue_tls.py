@@ -153,6 +153,26 @@ def test_an_unusable_ca_file_is_a_configuration_error_naming_file_and_key(tmp_pa
         )
 
 
+def test_a_ca_file_with_a_policy_that_never_verifies_is_a_configuration_error(tmp_path, ca):
+    """The CAs serve only ``verify``: with another policy they were read,
+    then unused, and mail went to any certificate with no word said."""
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem.bytes())
+    for policy in ("require", "opportunistic", "none"):
+        with pytest.raises(ValueError) as info:
+            RouteTable({"*": route(25, tls_ca_file="ca.pem", tls=policy)}, {}, App(tmp_path))
+        assert str(info.value) == (
+            f'routes."*".tls_ca_file: used only with tls = "verify", and tls is {policy!r} '
+            'here: set tls = "verify" (or remove tls_ca_file)'
+        )
+    with pytest.raises(ValueError, match=r"^transports\.bank\.tls_ca_file: used only with"):
+        RouteTable({}, {"bank": {"type": "mx", "tls_ca_file": "ca.pem"}}, App(tmp_path))
+    with pytest.raises(ValueError, match=r'^tls_ca_file: used only with tls = "verify"'):
+        ForwardPlugin().bonzo_configure(
+            {"host": "127.0.0.1", "tls": "require", "tls_ca_file": str(tmp_path / "ca.pem")},
+            _forward_app(),
+        )
+
+
 def _forward_app() -> Any:
     from test_forward import app
 
