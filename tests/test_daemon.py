@@ -1296,7 +1296,8 @@ def test_a_new_daemon_starts_while_the_workers_of_a_killed_supervisor_finish(wor
     old daemon."""
     port, metrics_port = free_port(), free_port()
     extra = f'\n[metrics]\naddress = "127.0.0.1"\nport = {metrics_port}\n'
-    config = write_config(workdir, port, workers=2, store="delay = 3.0\n", extra=extra)
+    # The delivery outlasts the new daemon's start, even on a loaded machine.
+    config = write_config(workdir, port, workers=2, store="delay = 8.0\n", extra=extra)
     config.write_text(config.read_text().replace("workers = 2", 'workers = 2\npid_file = "b.pid"'))
     daemon = serve(config, port)
     daemon.wait_ready(workers=2)
