@@ -488,7 +488,7 @@ class MailApp:
                 "no enabled plugin accepts recipients (bonzo_rcpt): every recipient will be "
                 "refused; enable e.g. 'recipients'"
             )
-        elif not any(self._can_accept(c.plugin, "bonzo_rcpt") for c in calls["bonzo_rcpt"]):
+        elif not any(self.plugins.can_accept(c.plugin, "bonzo_rcpt") for c in calls["bonzo_rcpt"]):
             names = ", ".join(repr(c.plugin) for c in calls["bonzo_rcpt"])
             out.append(
                 f"no enabled plugin can accept a recipient: {names} only refuse at RCPT, so "
@@ -531,15 +531,6 @@ class MailApp:
                         "set [redis] url, or server.workers = 1"
                     )
         return out
-
-    def _can_accept(self, name: str, hook: str) -> bool:
-        """Whether plugin ``name`` may give a positive verdict in ``hook``
-        (its ``accepts`` attribute, a tuple of hooks, says; without one, it
-        may)."""
-        accepts = getattr(self.plugins.get(name), "accepts", None)
-        if not isinstance(accepts, (tuple, list, set, frozenset)):
-            return True
-        return hook in accepts
 
     def _shadowed(self) -> list[str]:
         """Decision hooks that can never run: an earlier plugin declares (with

@@ -229,17 +229,22 @@ class PluginSet:
         """The registered plugin object called ``name``."""
         return self.manager.get_plugin(name)
 
+    def can_accept(self, name: str, hook: str) -> bool:
+        """Whether plugin ``name`` may give a positive verdict in ``hook``
+        (its ``accepts`` attribute, a tuple of hooks, says; without one, it
+        may)."""
+        accepts = getattr(self.get(name), "accepts", None)
+        if not isinstance(accepts, (tuple, list, set, frozenset)):
+            return True
+        return hook in accepts
+
     def credential_checkers(self) -> list[str]:
         """The plugins that implement :func:`~bonzo.hookspecs.bonzo_auth` and
-        may accept there, in call order. One whose ``accepts`` attribute (a
-        tuple of hooks) leaves ``bonzo_auth`` out only refuses there
-        (``ratelimit``)."""
-        out = []
-        for call in self.calls["bonzo_auth"]:
-            accepts = getattr(self.get(call.plugin), "accepts", None)
-            if not isinstance(accepts, (tuple, list, set, frozenset)) or "bonzo_auth" in accepts:
-                out.append(call.plugin)
-        return out
+        may accept there (:meth:`can_accept`), in call order: ``ratelimit``
+        only refuses there."""
+        return [
+            c.plugin for c in self.calls["bonzo_auth"] if self.can_accept(c.plugin, "bonzo_auth")
+        ]
 
     def checks_credentials(self) -> bool:
         """Whether some plugin may accept AUTH credentials
