@@ -16,14 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ports import free_port as free_port  # re-exported for the tests
+
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(

@@ -11,7 +11,6 @@ import re
 import shutil
 import signal
 import smtplib
-import socket
 import ssl
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import trustme
+from ports import free_port
 
 from bonzo.config import ConfigError, parse_config
 
@@ -121,10 +121,6 @@ def test_listener_errors_name_the_key(certs, body, key, fragment):
 
 
 # -------------------------------------------------------------- the daemon
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_bonzo(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import trustme
+from ports import free_port
 
 from bonzo.app import MailApp
 from bonzo.config import ConfigError, load_config, parse_config
@@ -178,12 +178,6 @@ domains = ["example.test"]
 [plugins.maildir]
 path = "mail"
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_check_and_reload_warn_about_an_expired_certificate(tmp_path, intermediate, caplog):

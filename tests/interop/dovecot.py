@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ports import free_port as _free_port
+
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 HOST = "127.0.0.1"
 USERS = {"alice": "", "bob": "userdb_quota_rule=*:storage=1K", "carol": "", "postmaster": ""}
@@ -36,12 +38,6 @@ DEADLINE = 20.0
 def available() -> bool:
     """True if Dovecot and its LMTP server are installed."""
     return os.path.exists(DOVECOT) and os.path.exists("/usr/lib/dovecot/lmtp")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ports import free_port
+
 DEADLINE = 15.0
 
 
@@ -31,13 +33,6 @@ def haproxy_binary() -> str | None:
     return shutil.which("haproxy") or (
         "/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None
     )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def ipv6_loopback() -> bool:

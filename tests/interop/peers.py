@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 import pytest
+from ports import free_port
 
 HOST = "127.0.0.1"
 #: Default bound, in seconds, for every wait of a peer (start, stop, delivery).
@@ -62,13 +63,6 @@ def unavailable(reason: str) -> NoReturn:
     if os.environ.get(REQUIRED_VARIABLE) == "1":
         pytest.fail(f"{reason} ({REQUIRED_VARIABLE}=1)", pytrace=False)
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(

@@ -10,6 +10,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from ports import free_port as free_port  # re-exported for the tests
+
 TIMEOUT = 10.0
 
 
@@ -89,12 +91,6 @@ def recv_until(conn: socket.socket, marker: bytes, limit: int = 1 << 24) -> byte
         data += piece
         assert len(data) <= limit
     return data
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def results_of(envelope: Any, plugin: str) -> list[tuple[str, str, dict[str, Any]]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import smtplib
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from bonzo_plugins.milter import MilterPlugin
 from bonzo_plugins.milter.plugin import MILTER_KEYS, reply_error
 from milter_fake import CLOSE, HANG, FakeMilter
 from plugin_testing import serve
+from ports import free_port
 
 from bonzo import Accept, hookimpl
 from bonzo import milter as m
@@ -299,10 +299,6 @@ def test_two_milters_in_order_first_refusal_wins():
 
 
 # ------------------------------------------------------------ fault paths
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_milter_down_fails_closed_by_default(caplog):
