@@ -171,29 +171,39 @@ class _Progress:
 
 
 async def _all_or(
-    tasks: Iterable[asyncio.Future[Any]], event: asyncio.Event | None, timeout: float | None
+    tasks: Iterable[asyncio.Future[Any]],
+    event: asyncio.Event | None,
+    timeout: float | None,
+    poke: tuple[float, Callable[[], None]] | None = None,
 ) -> None:
     """Wait until every one of ``tasks`` is done, ``event`` is set or
-    ``timeout`` seconds have passed (``None``: no limit)."""
+    ``timeout`` seconds have passed (``None``: no limit). ``poke``: an
+    interval and a function called at least that often while waiting."""
     waiting = {task for task in tasks if not task.done()}
     if not waiting or (event is not None and event.is_set()):
         return
     woken = asyncio.ensure_future(event.wait()) if event is not None else None
-    deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
     try:
-        # Each turn one at least ends (a task or the event): a bounded loop.
+        # Each turn one at least ends (a task, the event, the deadline) or a
+        # poke interval passes: a bounded loop (with neither a deadline nor
+        # an event, bounded by the tasks' own limits, as any wait for them).
         while waiting and not (woken is not None and woken.done()):
-            left = None if deadline is None else deadline - asyncio.get_running_loop().time()
+            left = None if deadline is None else deadline - loop.time()
             if left is not None and left <= 0:
                 return
+            wait = left if poke is None else poke[0] if left is None else min(left, poke[0])
             done, _ = await asyncio.wait(
                 [*waiting, *([woken] if woken is not None else [])],
-                timeout=left,
+                timeout=wait,
                 return_when=asyncio.FIRST_COMPLETED,
             )
-            if not done:
-                return
             waiting -= done
+            if poke is not None:
+                poke[1]()
+            elif not done:
+                return
     finally:
         if woken is not None:
             woken.cancel()
@@ -365,28 +375,14 @@ class Runner:
             except asyncio.CancelledError:
                 pass
         inflight = dict(self._inflight)
-        if inflight and stop_requested is not None and not stop_requested.is_set():
+        if inflight and retiring:
             log.info(
                 "queue: the configuration was replaced: %d attempt(s) in flight finish first",
                 len(inflight),
             )
-            assert stop_requested is not None
-            requested = asyncio.ensure_future(stop_requested.wait())
-            waiting = set(inflight.values())
-            try:
-                while waiting and not requested.done():
-                    done, _ = await asyncio.wait(
-                        [*waiting, requested],
-                        timeout=RETIRED_POKE_INTERVAL,
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                    waiting -= done
-                    if self._flushed():
-                        # bonzo queue (space freed?): a held save is tried now.
-                        self._retry_saves.set()
-                        self._retry_saves.clear()
-            finally:
-                requested.cancel()
+            await _all_or(
+                inflight.values(), stop_requested, None, (RETIRED_POKE_INTERVAL, self._poke_saves)
+            )
         self._end_saves()
         if inflight:
             await _all_or(inflight.values(), forced, grace)
@@ -421,6 +417,12 @@ class Runner:
         await self.routes.close()
         self._release_handed()
         self._executor.shutdown(wait=False)
+
+    def _poke_saves(self) -> None:
+        """``bonzo queue`` was run (space freed?): a held save is tried now."""
+        if self._flushed():
+            self._retry_saves.set()
+            self._retry_saves.clear()
 
     def _end_saves(self) -> None:
         """The server stops: each held save is tried once more, then given up."""
