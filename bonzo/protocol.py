@@ -1283,6 +1283,10 @@ class SMTPProtocol:
         if code >= 400:
             self.errors += 1
             if self.errors > self.settings.max_errors:
+                if failed:
+                    # Its own line all the same: a fail2ban filter counts
+                    # failed AUTHs from those, whatever ends the session.
+                    self._refused(code, error.enhanced_code, error.message, by, note, None, True)
                 self.close(421, "Too many errors, closing connection", "4.7.0", limit="max_errors")
                 return
             self._refused(code, error.enhanced_code, error.message, by, note, limit, failed)

@@ -1326,6 +1326,38 @@ def test_each_auth_failure_is_one_warning_line_naming_who_refused(
     assert "refused by core: 535" not in text
 
 
+def test_a_failed_auth_that_passes_max_errors_still_gets_its_line(
+    start_server, certs, client_ctx, all_records
+):
+    """The failure that takes a session past ``max_errors`` closes it (421)
+    instead of its own reply: its WARNING line is written all the same, or a
+    fail2ban filter would never see a guesser who makes one other error per
+    session."""
+    server = start_server(
+        plugins=plugin_set_of(("auth", AsyncAuthPlugin()), ("relay", RelayPlugin())),
+        listener=tls_listener(certs),
+        auth_failure_delay=0,
+        max_errors=1,
+        max_auth_failures=5,
+    )
+    with tls_client(server, client_ctx) as client:
+        assert client.command("RCPT TO:<a@example.com>").startswith(b"503 ")
+        assert client.command("AUTH PLAIN " + b64(f"\0{USER}\0wrong-pw")).startswith(b"421 4.7.0")
+    server.wait_connections(0)
+    lines = [
+        r.getMessage()
+        for r in all_records
+        if r.levelno == logging.WARNING and " failed for " in r.getMessage()
+    ]
+    assert len(lines) == 1, lines
+    assert re.fullmatch(
+        r"\[\w+ 127\.0\.0\.1\] AUTH PLAIN failed for 'alice': .*: "
+        r"535 5\.7\.8 Authentication credentials invalid",
+        lines[0],
+    ), lines[0]
+    assert "wrong-pw" not in "".join(r.getMessage() for r in all_records)
+
+
 class LeakyAuthPlugin:
     """Faults whose text holds the password, as careless plugin code makes."""
 
