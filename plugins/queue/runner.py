@@ -1115,9 +1115,18 @@ class Runner:
         success: list[ReportLine] = []
         some_delivered = any(o.status == "delivered" for o in outcomes.values())
         tls_of: dict[int, str] = {}  # id(recipient) -> how its delivery was protected
+        next_round: list[Recipient] = []  # past the server's limit per transaction
         for i, outcome in outcomes.items():
             r = message.recipients[i]
-            if outcome.attempted:
+            expired = now - message.arrival >= settings.lifetime and not outcome.never_expires
+            # The server's limit per transaction (RFC 3463 X.5.3) is no
+            # failure: the rest go in the next transaction now, and that
+            # round is no attempt (it would grow the back-off of a later
+            # real deferral, and read as one in `bonzo queue show`).
+            again = (
+                outcome.too_many and some_delivered and outcome.status == "deferred" and not expired
+            )
+            if outcome.attempted and not again:
                 r.attempts += 1
                 r.last_attempt = now
             r.reply = outcome.reply
@@ -1133,9 +1142,7 @@ class Runner:
                     success.append(
                         ReportLine(r, action, outcome.enhanced, outcome.reply, r.remote_mta)
                     )
-            elif outcome.status == "failed" or (
-                now - message.arrival >= settings.lifetime and not outcome.never_expires
-            ):
+            elif outcome.status == "failed" or expired:
                 r.status = "bounced"
                 r.done_at = now
                 expired = outcome.status != "failed"
@@ -1148,13 +1155,13 @@ class Runner:
                 bounced.append(
                     ReportLine(r, "failed", status, outcome.reply, r.remote_mta, note=note)
                 )
+            elif again:
+                r.status = "deferred"
+                r.next_attempt = now
+                next_round.append(r)
             else:
                 r.status = "deferred"
                 r.next_attempt = now + backoff(r.attempts, settings)
-                if outcome.too_many and some_delivered:
-                    # The server's limit per transaction, not a failure: the
-                    # rest go in the next transaction now (RFC 3463 X.5.3).
-                    r.next_attempt = now
                 deferred.append(r)
         for r in delivered:
             tls = tls_of.get(id(r), "")
@@ -1174,6 +1181,14 @@ class Runner:
                 _one_line(r.reply),
                 r.host,
                 _age(r.next_attempt - now),
+            )
+        for r in next_round:
+            log.info(
+                "queue: %s to=<%s> not taken in this transaction: %s (%s); next transaction now",
+                message.id,
+                log_escape(r.address),
+                _one_line(r.reply),
+                r.host,
             )
         for line in bounced:
             log.warning(

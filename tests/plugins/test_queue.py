@@ -749,13 +749,32 @@ def test_recipients_past_the_servers_limit_go_in_a_new_transaction_at_once(tmp_p
 
     async def main() -> None:
         await runner.attempt("T1")
-        assert spool.load("T1").recipients[2].next_attempt == clock.now
+        c = spool.load("T1").recipients[2]
+        assert c.next_attempt == clock.now
+        # No attempt: the round does not grow a later back-off.
+        assert c.attempts == 0 and c.reply == "452 4.5.3 Too many recipients"
         await runner.attempt("T1")  # due now: the clock has not moved
 
-    asyncio.run(main())
+    with caplog.at_level(logging.INFO, logger="bonzo.plugins.queue"):
+        asyncio.run(main())
     assert transport.calls == [["a@example.net", "b@example.net", "c@example.net"],
                                ["c@example.net"]]  # fmt: skip
     assert spool.ids() == [] and reports(spool) == []
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "T1 to=<c@example.net> not taken in this transaction: 452 4.5.3" in text
+    assert "deferred" not in text
+    # A real deferral after such a round backs off as after a first attempt.
+    transport = Scripted({"e@example.net": [OK], "f@example.net": [TOO_MANY, DEFER]})
+    spool, runner, clock = make_runner(tmp_path / "3", transport, min_backoff=300)
+    queued(spool, "T3", envelope("s@example.org", "e@example.net", "f@example.net"))
+
+    async def twice() -> None:
+        await runner.attempt("T3")
+        await runner.attempt("T3")
+
+    asyncio.run(twice())
+    f = spool.load("T3").recipients[1]
+    assert (f.attempts, f.next_attempt) == (1, clock.now + 300)
     # Refused at the first recipient, it is an ordinary deferral (no loop).
     transport = Scripted({"d@example.net": [TOO_MANY]})
     spool, runner, clock = make_runner(tmp_path / "2", transport, min_backoff=300)
