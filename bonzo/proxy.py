@@ -875,8 +875,10 @@ def _xclient_value(name: str, value: str) -> str:
         return str(int(value))
     if name == "PROTO":
         proto = value.upper() if value.isascii() else ""
-        if proto not in ("SMTP", "ESMTP"):
-            raise XClientError("must be SMTP or ESMTP")
+        # LMTP: what an LMTP proxy (Dovecot's) in front of an LMTP
+        # listener says.
+        if proto not in ("SMTP", "ESMTP", "LMTP"):
+            raise XClientError("must be SMTP, ESMTP or LMTP")
         return proto
     if name in ("NAME", "HELO"):
         if not _HOSTNAME.fullmatch(value):

@@ -637,7 +637,7 @@ def test_parse_xclient_gives_an_ipv4_mapped_address_as_ipv4():
         ("ADDR=", "Bad XCLIENT ADDR syntax"),
         ("PORT=65536", "Bad XCLIENT PORT syntax: bad port"),
         ("DESTPORT=-1", "Bad XCLIENT DESTPORT syntax"),
-        ("PROTO=UUCP", "Bad XCLIENT PROTO syntax: must be SMTP or ESMTP"),
+        ("PROTO=UUCP", "Bad XCLIENT PROTO syntax: must be SMTP, ESMTP or LMTP"),
         ("HELO=a+20b", "Bad XCLIENT HELO syntax: bad host name"),
         ("LOGIN=a+0Ab", "Bad XCLIENT LOGIN syntax: bad login name"),
         ("LOGIN=a+2", "Bad XCLIENT LOGIN syntax: bad xtext"),

@@ -67,6 +67,7 @@ class Target(RecordingPlugin):
                 envelope.refuse_recipient(mailbox, SMTPError(code, text, enhanced_code=enhanced))
         facts = {"helo": session.helo, "tls": session.tls, "auth": session.auth}
         facts["protocol"] = session.protocol
+        facts["remote_ip"] = session.remote_ip
         facts["delivered_to"] = [m.original for m in envelope.remaining_recipients]
         self.sessions.append(facts)
         return super().bonzo_deliver(session, envelope)

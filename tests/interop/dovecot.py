@@ -12,6 +12,10 @@ Users (a passwd-file, mail owned by ``nobody``): ``alice``, ``carol`` and
 ``452 4.2.2`` after the data). Unknown users get ``550 5.1.1`` at RCPT.
 Messages are stored with CRLF line ends (``mail_save_crlf``), so a test
 can compare the stored bytes with what it sent.
+
+``dovecot_lmtp(proxy_to=port)`` makes it an LMTP *proxy* instead
+(``lmtp_proxy``): every recipient is passed on by LMTP to 127.0.0.1:port,
+a Bonzo under test then being Dovecot's LMTP server.
 """
 
 from __future__ import annotations
@@ -63,7 +67,33 @@ class Dovecot:
         return [p.read_bytes() for p in files]
 
 
-def _config(root: Path, port: int) -> str:
+def _config(root: Path, port: int, proxy_to: int | None = None) -> str:
+    if proxy_to is not None:
+        # Every user is proxied (static passdb with proxy=y): Dovecot is
+        # then an LMTP client of 127.0.0.1:proxy_to.
+        users = f"""\
+lmtp_proxy = yes
+passdb {{
+  driver = static
+  args = proxy=y host={HOST} port={proxy_to} protocol=lmtp nopassword=y
+}}
+userdb {{
+  driver = static
+  args = uid=65534 gid=65534 home={root}/mail/%u
+}}
+"""
+    else:
+        users = f"""\
+auth_username_format = %Ln
+passdb {{
+  driver = passwd-file
+  args = {root}/users
+}}
+userdb {{
+  driver = passwd-file
+  args = {root}/users
+}}
+"""
     return f"""\
 base_dir = {root}/run
 state_dir = {root}/state
@@ -77,21 +107,12 @@ mail_location = maildir:{root}/mail/%u
 mail_save_crlf = yes
 mail_plugins = quota
 quota_full_tempfail = yes
-auth_username_format = %Ln
 lmtp_save_to_detail_mailbox = no
 plugin {{
   quota = maildir:User quota
   quota_rule = *:storage=100M
 }}
-passdb {{
-  driver = passwd-file
-  args = {root}/users
-}}
-userdb {{
-  driver = passwd-file
-  args = {root}/users
-}}
-service lmtp {{
+{users}service lmtp {{
   inet_listener lmtp {{
     address = {HOST}
     port = {port}
@@ -107,8 +128,9 @@ service anvil {{
 
 
 @contextmanager
-def dovecot_lmtp() -> Iterator[Dovecot]:
-    """Start a private Dovecot LMTP server; stop it and remove its files at the end."""
+def dovecot_lmtp(proxy_to: int | None = None) -> Iterator[Dovecot]:
+    """Start a private Dovecot LMTP server (an LMTP proxy to
+    127.0.0.1:``proxy_to`` if given); stop it and remove its files at the end."""
     # A short path: Dovecot's socket paths must stay under ~100 characters.
     root = Path(tempfile.mkdtemp(prefix="dv", dir="/tmp"))
     process = None
@@ -127,7 +149,7 @@ def dovecot_lmtp() -> Iterator[Dovecot]:
             )
         )
         port = _free_port()
-        (root / "dovecot.conf").write_text(_config(root, port))
+        (root / "dovecot.conf").write_text(_config(root, port, proxy_to))
         process = subprocess.Popen(
             [DOVECOT, "-F", "-c", str(root / "dovecot.conf")],
             stdin=subprocess.DEVNULL,
