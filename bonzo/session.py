@@ -1340,14 +1340,21 @@ def received_header(
     """Return the ``Received:`` trace header for a message (RFC 5321 4.4).
 
     Client-supplied text (the HELO name) is reduced to a safe alphabet so it
-    cannot inject header lines or comments. The recipient is named only when
-    there is exactly one, so a copy does not reveal the others.
+    cannot inject header lines or comments. The client's address follows the
+    name, unless there is none (``0.0.0.0``: a Unix socket). The recipient
+    is named only when there is exactly one, so a copy does not reveal the
+    others.
     """
     ip = session.remote_ip
-    literal = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
     helo = safe_text(session.helo or "unknown")
     keyword = with_keyword(session, envelope)
-    parts = [f"Received: from {helo} ({literal})"]
+    if ip == "0.0.0.0":
+        # No client address (a Unix socket, XCLIENT's [UNAVAILABLE]): the
+        # bare name (RFC 5321 4.4 Extended-Domain), claiming no address.
+        parts = [f"Received: from {helo}"]
+    else:
+        literal = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+        parts = [f"Received: from {helo} ({literal})"]
     with_ = f"\tby {hostname} (Bonzo) with {keyword} id {envelope.id}"
     tls = session.tls
     if tls:

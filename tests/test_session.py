@@ -102,6 +102,15 @@ def test_received_header_lines(rcpts, params, named):
         assert " for " not in value and "Jan 2001" not in value and "\u202e" not in value
 
 
+def test_received_header_claims_no_address_for_a_unix_socket():
+    """A session on a Unix socket has no client address (``0.0.0.0``):
+    the header gives the HELO name alone, not ``[0.0.0.0]``."""
+    session = make_session(esmtp=True, remote_ip="0.0.0.0", helo="postfix.test")
+    header = received_header(session, envelope(["b@example.org"]), "mx.test", when=0)
+    assert header.startswith("Received: from postfix.test\r\n\tby mx.test (Bonzo) with ESMTP")
+    assert "0.0.0.0" not in header
+
+
 def _stored(plugins: list[tuple[str, object]], content: bytes, chunked: bool) -> bytes:
     """``content`` sent through a test server with ``plugins`` (after DATA,
     or in one ``BDAT ... LAST``), as the server stored it."""
