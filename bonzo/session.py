@@ -69,6 +69,8 @@ def _refresh_pid() -> None:
 
 os.register_at_fork(after_in_child=_refresh_pid)
 #: RFC 5322 2.2: printable ASCII except the colon.
+#: MAIL parameters about the content, which a change of sender keeps.
+_CONTENT_PARAMS = frozenset(("BODY", "SMTPUTF8"))
 _HEADER_NAME = re.compile(r"[!-9;-~]+")
 #: The longest client header section the message-change methods will parse
 #: (memory stays bounded for any message; RFC 5322 sets no limit).
@@ -757,14 +759,25 @@ class Envelope:
 
     def change_sender(self, address: str, params: Mapping[str, str | None] | None = None) -> None:
         """Make ``address`` (``""``: the null sender) the reverse-path the
-        message is delivered with; ``params`` replace the ``MAIL``
-        parameters when given."""
+        message is delivered with; ``params``, when given, replace the
+        ``MAIL`` parameters that concern the sender (``RET``, ``ENVID``,
+        ``AUTH``, ...). ``BODY`` and ``SMTPUTF8`` describe the content, not
+        the sender: they stay as the client gave them, whatever ``params``
+        say (a message with UTF-8 headers must keep ``SMTPUTF8`` on its way
+        on).
+
+        :raises ValueError: a malformed address or ``RET``/``ENVID``; the
+            envelope is left as it was."""
         mailbox = _mailbox(address, sender=True)
+        if params is not None:
+            kept = {k: v for k, v in self.mail_params.items() if k in _CONTENT_PARAMS}
+            new = {k.upper(): v for k, v in params.items() if k.upper() not in _CONTENT_PARAMS}
+            new.update(kept)
+            dsn = mail_dsn(new)  # before any change: a refusal leaves all as it was
+            self.mail_params = new
+            self.dsn = dsn
         self.sender = mailbox
         self.mail_from = mailbox.original
-        if params is not None:
-            self.mail_params = dict(params)
-            self.dsn = mail_dsn(self.mail_params)
         self._record("change_sender", f"<{mailbox.original}>")
 
     def insert_header(self, index: int, name: str, value: str) -> None:

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bonzo import Accept, hookimpl
+from bonzo.dsn import mail_dsn
 from bonzo.hooks import PluginSet
 from bonzo.session import (
     CHUNK_COST,
@@ -460,6 +461,45 @@ def test_recipients_and_sender_changes():
     assert env.added == {2} and added.original == "archive@example.org"
     assert env.mail_from == "bounces@example.org"
     assert env.changes == []  # made outside any plugin's hook: not a plugin's change
+
+
+@pytest.mark.parametrize(
+    "params, error",
+    [
+        ({"RET": "BOGUS"}, "Bad RET parameter"),
+        ({"ENVID": "a+zz"}, "Bad ENVID parameter: not xtext"),
+        ({"ENVID": None}, "Bad ENVID parameter"),
+    ],
+)
+def test_a_refused_change_of_sender_changes_nothing(params, error):
+    """A milter's CHGFROM with a bad RET or ENVID was refused and logged as
+    such, but the new sender and parameters were set already: the queue then
+    bounced the message for its bad RET, to the new sender (or, for ``<>``,
+    to nobody). Refused, the change now leaves the envelope as it was."""
+    env = Envelope("alice@example.org", {"RET": "HDRS", "ENVID": "x1"})
+    env.dsn = mail_dsn(env.mail_params)
+    before = (env.mail_from, env.sender, dict(env.mail_params), env.dsn)
+    for new in ("", "bounces@example.org"):
+        with pytest.raises(ValueError, match=error):
+            env.change_sender(new, params)
+        assert (env.mail_from, env.sender, dict(env.mail_params), env.dsn) == before
+    with pytest.raises(ValueError):
+        env.change_sender("not an address", {"RET": "FULL"})
+    assert (env.mail_from, env.sender, dict(env.mail_params), env.dsn) == before
+
+
+def test_a_change_of_sender_keeps_the_content_parameters():
+    """``BODY`` and ``SMTPUTF8`` describe the content: a new sender with
+    parameters (a milter's CHGFROM) keeps them, or a message with UTF-8
+    headers would go on to a server without SMTPUTF8."""
+    env = Envelope("alice@example.org", {"SMTPUTF8": None, "BODY": "8BITMIME", "RET": "FULL"})
+    env.change_sender("bob@example.org", {"ret": "HDRS", "ENVID": "e1", "BODY": "7BIT"})
+    assert env.mail_params == {"RET": "HDRS", "ENVID": "e1", "SMTPUTF8": None, "BODY": "8BITMIME"}
+    assert (env.dsn.ret, env.dsn.envid) == ("HDRS", "e1")
+    env.change_sender("carol@example.org", {})
+    assert env.mail_params == {"SMTPUTF8": None, "BODY": "8BITMIME"} and env.dsn.ret is None
+    env.change_sender("dave@example.org")  # no parameters given: all kept
+    assert env.mail_params == {"SMTPUTF8": None, "BODY": "8BITMIME"}
 
 
 def test_changes_are_recorded_with_the_plugin_and_logged(caplog):

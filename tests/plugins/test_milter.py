@@ -689,6 +689,21 @@ def test_body_recipient_sender_and_header_changes_are_applied():
     assert content.endswith(b"\r\n\r\nNew body\r\n")
 
 
+def test_a_refused_chgfrom_leaves_the_sender(caplog):
+    """A CHGFROM whose parameters are bad (``RET=BOGUS``) is refused and
+    logged; the message goes with the client's sender, not the milter's."""
+    sink = Sink()
+    changes = [m.ChangeSender("<>", "RET=BOGUS"), m.Verdict(m.R_CONTINUE)]
+    with (
+        FakeMilter(end_of_message=changes) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        assert send(server) == {}
+    ((sender, rcpts, content),) = sink.delivered
+    assert sender == "alice@example.org" and rcpts == ["bob@example.com"]
+    assert "ChangeSender refused: Bad RET parameter" in caplog.text
+
+
 def test_refusal_at_connect_and_helo_and_session_accept():
     def refuse(code):
         def script(command, session):
