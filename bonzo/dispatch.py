@@ -608,7 +608,11 @@ class Dispatcher:
                 session.id,
                 session.remote_ip,
                 log_escape(envelope.mail_from),
-                len(envelope.rcpt_tos) - len(refused),
+                # Those it goes to: not the refused, not those a plugin
+                # removed (a milter's DELRCPT), with those added.
+                len(envelope.remaining_indexes)
+                if refused or envelope.removed
+                else len(envelope.recipients),
                 envelope.size,
                 envelope.id,
                 by,

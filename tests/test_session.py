@@ -327,6 +327,41 @@ class _Keeps:
         return Accept()
 
 
+class _Redirects:
+    """Removes every recipient the client gave and adds one of its own."""
+
+    def bonzo_rcpt(self):
+        return Accept()
+
+    def bonzo_message(self, envelope):
+        for rcpt in list(envelope.recipients):
+            envelope.remove_recipient(rcpt)
+        envelope.add_recipient_address("archive@example.org")
+
+    def bonzo_deliver(self, envelope):
+        return Accept()
+
+
+def test_the_access_line_counts_the_recipients_the_message_goes_to(caplog):
+    """``to=`` counted the client's recipients, those a plugin removed (a
+    milter's DELRCPT) too: 2 here, for a message that went to one."""
+    plugins = PluginSet()
+    plugins.register(_Redirects(), "redirects")
+    t = SessionTester(plugins)
+
+    async def run():
+        await t.connect()
+        await t.send(b"EHLO c\r\n")
+        await t.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n")
+        await t.send(b"RCPT TO:<c@example.com>\r\nDATA\r\n")
+        return await t.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
+
+    with caplog.at_level(logging.INFO):
+        assert asyncio.run(run()).startswith(b"250 ")
+    [access] = [r.getMessage() for r in caplog.records if r.name == "tornado.access"]
+    assert " from=<a@example.com> to=1 " in access, access
+
+
 @pytest.mark.parametrize(
     ("sender", "shown"),
     [
