@@ -1,7 +1,7 @@
 """The ``forward`` plugin: a filtering gateway's relay, in the session.
 
 Each client session gets at most one connection to the configured
-downstream server (:class:`Link`, in ``session.stash["forward"]``), opened
+downstream server (:class:`Link`, in ``session.stash["_forward"]``), opened
 at the client's ``MAIL``. The client's commands are repeated downstream
 with :mod:`bonzo.client`'s stepwise API (:meth:`~bonzo.client.ClientConnection.mail`,
 :meth:`~bonzo.client.ClientConnection.rcpt`,
@@ -450,7 +450,7 @@ class ForwardPlugin:
     async def bonzo_disconnect(self, session: Session) -> None:
         """Close the downstream connection with ``QUIT``."""
         link = self.links.pop(session.id, None)
-        session.stash.pop("forward", None)
+        session.stash.pop("_forward", None)
         if link is not None:
             await _quit(link)
 
@@ -459,7 +459,7 @@ class ForwardPlugin:
         link = self.links.get(session.id)
         if link is None:
             link = self.links[session.id] = Link(session.id)
-            session.stash["forward"] = link
+            session.stash["_forward"] = link
         return link
 
     async def _connect(self, link: Link, session: Session | None = None) -> ClientConnection:

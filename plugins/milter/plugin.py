@@ -32,7 +32,9 @@ __all__ = ["MilterPlugin", "MilterConfig", "KEYS", "MILTER_KEYS", "reply_error"]
 log = logging.getLogger("bonzo.plugins.milter")
 
 DEFAULT_ACTIONS = ("tempfail", "accept")
-STASH = "milter"
+#: The session's milter connections: live objects, so a transient stash
+#: key ("_"): the queue leaves it out of its files without a warning.
+STASH = "_milter"
 #: The longest header field (octets, name and value) a milter is shown: a
 #: milter frame holds at most 64 KiB. A message with a longer one is refused
 #: (a milter shown part of a field would judge or sign other content than

@@ -530,9 +530,12 @@ _DROPPED: set[str] = set()
 
 def _jsonable(stash: Mapping[str, Any], where: str) -> dict[str, Any]:
     """The entries of a plugin ``stash`` that can be kept in the queue (JSON
-    values); each other key is named in a warning, once."""
+    values); each other key is named in a warning, once. Keys starting with
+    ``_`` are transient (live connections, caches): left out silently."""
     out = {}
     for key, value in stash.items():
+        if isinstance(key, str) and key.startswith("_"):
+            continue
         try:
             json.dumps(value)
         except (TypeError, ValueError):

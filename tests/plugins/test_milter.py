@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import smtplib
 from pathlib import Path
@@ -702,6 +703,33 @@ def test_a_refused_chgfrom_leaves_the_sender(caplog):
     ((sender, rcpts, content),) = sink.delivered
     assert sender == "alice@example.org" and rcpts == ["bob@example.com"]
     assert "ChangeSender refused: Bad RET parameter" in caplog.text
+
+
+def test_the_milter_state_is_no_warning_for_the_queue(caplog):
+    """The plugin keeps its live connections in the session's stash; the
+    queue, which writes the stashes into its files, warned at every start
+    that they were no JSON value. They are under a transient key ("_"):
+    left out without a word."""
+    from bonzo_plugins.queue.plugin import _jsonable
+
+    stashes: list[dict[str, Any]] = []
+
+    class Stashes(Sink):
+        @hookimpl
+        def bonzo_deliver(self, session: Any, envelope: Any) -> Accept:
+            stashes.append(dict(session.stash))
+            return super().bonzo_deliver(envelope)
+
+    with (
+        FakeMilter() as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", Stashes())) as server,
+    ):
+        assert send(server) == {}
+    [stash] = stashes
+    assert stash  # the milter's state is there
+    with caplog.at_level(logging.WARNING, logger="bonzo.plugins.queue"):
+        _jsonable(stash, "session")
+    assert "not a JSON value" not in caplog.text
 
 
 def test_refusal_at_connect_and_helo_and_session_accept():
