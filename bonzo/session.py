@@ -454,6 +454,45 @@ _STANDALONE = SMTPSettings(hostname="localhost")
 CHUNK_COST = 64
 
 
+_LINE_ENDS = re.compile(rb"\r\n|\r|\n")
+
+
+class _CRLFLines:
+    """Turn content fed in chunks of any size into CRLF lines, streaming: bare
+    LF and bare CR become CRLF, and a last line without a line end gets one,
+    as :class:`bonzo.client.DotStuffer` sends it. At most one octet (a CR
+    that may start a CRLF split between chunks) is held back."""
+
+    __slots__ = ("_cr", "_line_start")
+
+    def __init__(self) -> None:
+        self._cr = False
+        self._line_start = True
+
+    def feed(self, data: bytes) -> bytes:
+        if self._cr:
+            data = b"\r" + data
+            self._cr = False
+        if data[-1:] == b"\r":
+            data = data[:-1]
+            self._cr = True
+        if not data:
+            return b""
+        crlf = data.count(b"\r\n")
+        if crlf != data.count(b"\n") or crlf != data.count(b"\r"):
+            data = _LINE_ENDS.sub(b"\r\n", data)
+        self._line_start = data[-1:] == b"\n"
+        return data
+
+    def finish(self) -> bytes:
+        """The rest: the CRLF of a CR held back, or of an unended last line."""
+        held, self._cr = self._cr, False
+        if held or not self._line_start:
+            self._line_start = True
+            return b"\r\n"
+        return b""
+
+
 class _Spool:
     """Message content: a list of chunks in memory, rolled over to an
     unlinked temporary file once it passes ``threshold`` octets.
@@ -812,18 +851,26 @@ class Envelope:
 
     def replace_body(self, data: bytes | IO[bytes]) -> None:
         """Make ``data`` (bytes, or a binary file read to its end in chunks)
-        the body: everything after the header section. Lines should end in
-        CRLF, as the client's did. Raises :class:`ValueError` for anything
-        else (a ``str``, a file opened in text mode)."""
+        the body: everything after the header section. The body is stored as
+        it will be delivered: bare LF and bare CR become CRLF, and a last
+        line without a line end gets CRLF (what :mod:`bonzo.client` sends, and
+        what a later filter, a DKIM signer, must see), except in a
+        ``BODY=BINARYMIME`` message, whose content is kept octet for octet.
+        Raises :class:`ValueError` for anything else (a ``str``, a file opened
+        in text mode)."""
         binary = isinstance(data, (bytes, bytearray, memoryview))
         if not binary and not callable(getattr(data, "read", None)):
             raise ValueError(
                 f"replace_body() takes bytes or a binary file, not {type(data).__name__}"
             )
+        lines = None
+        if (self.mail_params.get("BODY") or "").upper() != "BINARYMIME":
+            lines = _CRLFLines()
         new = _Spool(self._spool_threshold, self._spool_dir)
         try:
             if binary:
-                new.write(bytes(data))  # type: ignore[arg-type]
+                chunk = bytes(data)  # type: ignore[arg-type]
+                new.write(lines.feed(chunk) if lines is not None else chunk)
             else:
                 while chunk := data.read(1 << 20):  # type: ignore[union-attr]
                     if not isinstance(chunk, (bytes, bytearray)):
@@ -831,7 +878,10 @@ class Envelope:
                             "replace_body() takes a binary file; this one gave "
                             f"{type(chunk).__name__} (open it in 'rb' mode)"
                         )
-                    new.write(bytes(chunk))
+                    chunk = bytes(chunk)
+                    new.write(lines.feed(chunk) if lines is not None else chunk)
+            if lines is not None:
+                new.write(lines.finish())
         except BaseException:
             new.close()
             raise

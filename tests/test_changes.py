@@ -8,7 +8,9 @@ import asyncio
 import email.parser
 import email.policy
 import io
+import itertools
 import logging
+import re
 from typing import Any
 
 import pytest
@@ -24,6 +26,7 @@ from bonzo.session import (
     Change,
     Envelope,
     HeaderSectionTooLarge,
+    _CRLFLines,
     _Spool,
     current_plugin,
 )
@@ -190,6 +193,84 @@ def test_replace_body_keeps_the_headers_and_reads_files_in_chunks():
     assert content.endswith(b"\r\n\r\n" + b"line\r\n" * 100_000)
     env.replace_body(b"short\r\n")  # the last body wins
     assert env.body.endswith(b"To: b@example.net\r\n\r\nshort\r\n")
+
+
+def one_shot(data: bytes) -> bytes:
+    """CRLF lines, the whole body at once: what a relay sends."""
+    out = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+    return out if not out or out.endswith(b"\r\n") else out + b"\r\n"
+
+
+def no_bare_line_ends(data: bytes) -> bool:
+    crlf = data.count(b"\r\n")
+    return data.count(b"\r") == crlf == data.count(b"\n")
+
+
+class Reads(io.RawIOBase):
+    """A binary file whose reads return the given pieces, whatever size is asked."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = list(pieces)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        return self.pieces.pop(0) if self.pieces else b""
+
+
+@pytest.mark.parametrize("threshold", [1 << 20, 16])
+@pytest.mark.parametrize(
+    ("pieces", "stored"),
+    [
+        # A milter's LF lines (a REPLBODY from Python or Perl): CRLF, as relayed.
+        (
+            [b"Hello,\n\nnew body\n--\nDisclaimer.\n"],
+            b"Hello,\r\n\r\nnew body\r\n--\r\nDisclaimer.\r\n",
+        ),
+        ([b"one\ntwo\r\nthree\rnot an end\r\n"], b"one\r\ntwo\r\nthree\r\nnot an end\r\n"),
+        # A CRLF split between reads stays one line end.
+        ([b"a\r", b"\nb\r\n"], b"a\r\nb\r\n"),
+        # A CR last in a read, then a line: a bare CR.
+        ([b"a\r", b"b\r\n"], b"a\r\nb\r\n"),
+        ([b"a\r", b"\r", b"\n"], b"a\r\n\r\n"),
+        # A CR or no line end at all at the very end: the last line is ended.
+        ([b"a\r\nb\r"], b"a\r\nb\r\n"),
+        ([b"a\r\nb"], b"a\r\nb\r\n"),
+        ([b"\n"], b"\r\n"),
+        ([b""], b""),
+    ],
+)
+def test_a_replacement_body_is_stored_with_crlf_lines(pieces, stored, threshold):
+    whole = b"".join(pieces)
+    env = envelope(threshold=threshold)
+    env.replace_body(Reads(pieces))
+    assert env.content.endswith(b"To: b@example.net\r\n\r\n" + stored)
+    assert env.content.count(b"\r\n\r\n") == 1 + stored.count(b"\r\n\r\n")
+    env.replace_body(whole)  # bytes: the same
+    assert env.content.endswith(b"To: b@example.net\r\n\r\n" + stored)
+    assert env.size == len(env.body)
+
+
+def test_a_binarymime_replacement_body_is_kept_octet_for_octet():
+    env = Envelope("a@example.org", mail_params={"BODY": "BINARYMIME"})
+    OPEN.append(env)
+    env.write(b"Subject: s\r\n\r\nx\r\n")
+    env.replace_body(b"\x00bin\nary\r")
+    assert env.body == b"Subject: s\r\n\r\n\x00bin\nary\r"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.binary(max_size=40).map(lambda b: bytes(b"a\r\n"[x % 3] for x in b)),
+    st.lists(st.integers(0, 40), max_size=8),
+)
+def test_crlf_lines_do_not_depend_on_the_chunking(data, cuts):
+    stream = _CRLFLines()
+    bounds = [0, *sorted(c for c in cuts if c <= len(data)), len(data)]
+    out = b"".join(stream.feed(data[a:b]) for a, b in itertools.pairwise(bounds)) + stream.finish()
+    assert no_bare_line_ends(out)
+    assert out == one_shot(data)
 
 
 def test_a_message_without_a_header_section_or_blank_line():

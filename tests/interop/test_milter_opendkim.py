@@ -10,7 +10,9 @@ front of a plugin that keeps what would be delivered:
   in OpenDKIM's default ``InternalHosts``) comes out with the
   ``DKIM-Signature:`` field OpenDKIM inserted (``INSHEADER``), and dkimpy
   verifies it — with relaxed and with simple canonicalization, so the
-  header fields and body Bonzo sent are exactly those delivered;
+  header fields and body Bonzo sent are exactly those delivered; also
+  after a (fake) milter that replaces the body with bare LF or CR line
+  ends: the signature verifies on the content as it is relayed;
 * **verifying** (``Mode v``): OpenDKIM adds its ``Authentication-Results:``
   field: ``dkim=pass`` for a message signed with dkimpy, ``dkim=fail``
   when the body was changed after signing.
@@ -19,7 +21,9 @@ front of a plugin that keeps what would be delivered:
 from __future__ import annotations
 
 import email.policy
+import re
 import shutil
+import smtplib
 from collections.abc import Callable, Iterator
 from email.parser import BytesParser
 from pathlib import Path
@@ -27,10 +31,16 @@ from pathlib import Path
 import dkim
 import pytest
 from bonzo_plugins.dkim_sign import dns_record, load_key
+from bonzo_plugins.milter import MilterPlugin
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from milter_fake import FakeMilter
 
-from .milters import Daemon, through_bonzo
+from bonzo import milter as m
+from bonzo.client import DotStuffer
+from bonzo.hooks import PluginSet
+
+from .milters import Daemon, Keep, through_bonzo
 from .peers import HOST, free_port, unavailable
 
 MESSAGE = (
@@ -203,3 +213,66 @@ def test_authres_keeps_the_field_opendkim_adds_under_the_same_id(start_server, o
     assert len(fields) == 2, fields
     assert any("dkim=pass (2048-bit key)" in f for f in fields), fields
     assert "bonzo.test; none" in fields, fields
+
+
+# What a body-replacing milter (a disclaimer or footer milter in Python or
+# Perl) sends: LF lines, a bare CR, and a CRLF split between two REPLBODY
+# frames. Each list is one replacement, one REPLBODY per piece.
+REPLACEMENTS = [
+    [b"Hello Bob,\n\nBody rewritten by a disclaimer milter.\n--\nDisclaimer.\n"],
+    [b"line one\nline two\r\nline three\rnot a line end\r", b"\nlast\n"],
+    [b"no line end at the end"],
+]
+
+
+@pytest.mark.parametrize("canonicalization", ["relaxed/relaxed", "simple/simple"])
+def test_opendkim_after_a_body_replacing_milter_signs_what_is_relayed(
+    start_server, opendkim, key, canonicalization
+):
+    """OpenDKIM after a milter whose REPLBODY has bare LF or CR line ends
+    signs the body as it is relayed: Bonzo stores the replacement with CRLF
+    lines, which the next milter sees and :mod:`bonzo.client` sends."""
+    pending = list(REPLACEMENTS)
+
+    def replace(command: m.Command, session: object) -> object:
+        if command.code != m.C_EOB:
+            return None
+        pieces = pending.pop(0)
+        return [*(m.ReplaceBody(p) for p in pieces), m.Verdict(m.R_CONTINUE)]
+
+    daemon = opendkim("s", canonicalization)
+    with FakeMilter(replace) as replacer:
+        plugin = MilterPlugin()
+        plugin.bonzo_configure(
+            config={
+                "milters": [
+                    {"name": "replacer", "socket": replacer.spec},
+                    {"name": "opendkim", "socket": f"inet:{daemon.port}@{HOST}"},
+                ]
+            },
+            app=None,
+        )
+        keep = Keep()
+        plugins = PluginSet(timeout=60.0)
+        plugins.register(plugin, "milter")
+        plugins.register(keep, "keep")
+        server = start_server(plugins=plugins)
+
+        with smtplib.SMTP(HOST, server.port, local_hostname="client.test", timeout=60) as client:
+            for _ in REPLACEMENTS:
+                assert client.sendmail("alice@example.org", ["bob@example.net"], MESSAGE) == {}
+    assert len(keep.messages) == len(REPLACEMENTS)
+    for content, pieces in zip(keep.messages, REPLACEMENTS, strict=True):
+        head, _, body = content.partition(b"\r\n\r\n")
+        assert head.count(b"DKIM-Signature:") == 1, head
+        # What the far end gets: the content as bonzo.client sends it
+        # (CRLF lines, dot-stuffed), unstuffed.
+        stuffer = DotStuffer()
+        wire = stuffer.feed(content) + stuffer.finish()
+        relayed = wire.removesuffix(b".\r\n").replace(b"\r\n..", b"\r\n.")
+        assert dkim.verify(relayed, dnsfunc=dns_for(key)), relayed
+        # ... which is what was stored, and what OpenDKIM was shown.
+        assert relayed == content
+        expected = re.sub(rb"\r\n|\r|\n", b"\r\n", b"".join(pieces))
+        expected += b"" if expected.endswith(b"\r\n") else b"\r\n"
+        assert body == expected
