@@ -961,7 +961,10 @@ class MilterClient:
         ``headers`` are ``(name, value)`` with the value as it follows the
         colon (leading space included) and ``\n`` between folded lines;
         the leading white space is removed unless the milter negotiated
-        :data:`P_HDR_LEADSPC`. ``body_sink``, if given, receives each piece
+        :data:`P_HDR_LEADSPC`. ``macros`` (the end-of-headers macros, filtered
+        by the milter's :data:`M_EOH` symbol list) go with each header and
+        with the end of the headers, as Postfix sends them; ``eom_macros``
+        with the end of the message. ``body_sink``, if given, receives each piece
         of a body replacement instead of the outcome keeping it in memory
         (the outcome then holds one empty :class:`ReplaceBody` in its place).
 
@@ -987,15 +990,18 @@ class MilterClient:
         if self.wants(C_HEADER):
             for name, value in headers:
                 sent = value if leadspc else value.lstrip(" \t")
+                # The end-of-headers macros go with each header too, filtered
+                # by the same symbol list, as Postfix sends them (milter8.c):
+                # a milter that reads macros at HEADER finds them there.
                 outcome = await self._step(
-                    C_HEADER, encode_header(name, sent), macros, content=True
+                    C_HEADER, encode_header(name, sent), macros, content=True, stage=C_EOH
                 )
-                macros = {}
                 if outcome.action != "continue":
                     return outcome
         if self.wants(C_EOH):
+            # ... and with EOH, where libmilter takes them (it drops macros
+            # sent for a header).
             outcome = await self._step(C_EOH, encode_eoh(), macros, content=True)
-            macros = {}
             if outcome.action != "continue":
                 return outcome
         if self.wants(C_BODY):
@@ -1018,13 +1024,21 @@ class MilterClient:
             raise MilterUnavailable(f"{self.spec}: not connected")
 
     async def _step(
-        self, command: bytes, frame: bytes, macros: Mapping[str, str], *, content: bool = False
+        self,
+        command: bytes,
+        frame: bytes,
+        macros: Mapping[str, str],
+        *,
+        content: bool = False,
+        stage: bytes | None = None,
     ) -> Outcome:
+        """Send ``command`` (``frame``) after its ``macros``, filtered by the
+        symbol list of the stage of ``stage`` (default: ``command``)."""
         self._check_open()
         if not self.wants(command):
             return Outcome()
         timeout = self._within(self.content_timeout if content else self.command_timeout)
-        out = self._macros(command, macros) + frame
+        out = self._macros(command, macros, stage) + frame
         await self._write(out, timeout)
         assert self.options is not None
         flags = _STEP_FLAGS.get(command)
@@ -1108,11 +1122,17 @@ class MilterClient:
             )
         return MilterTimeout(f"{self.spec}: no reply within {timeout:.3g}s")
 
-    def _macros(self, command: bytes, macros: Mapping[str, str]) -> bytes:
+    def _macros(
+        self, command: bytes, macros: Mapping[str, str], stage: bytes | None = None
+    ) -> bytes:
+        """The MACRO frame for ``command``: ``macros``, only those the
+        milter's symbol list for the stage of ``stage`` (default:
+        ``command``) names if it sent one. The list can only narrow what
+        Bonzo sends at that stage, never add a macro."""
         if not macros:
             return b""
         assert self.options is not None
-        wanted = self.options.symbols.get(_MACRO_STAGE.get(command, -1))
+        wanted = self.options.symbols.get(_MACRO_STAGE.get(stage or command, -1))
         if wanted is not None:
             # The milter named the macros it wants at this stage (v6).
             names = set(wanted) | {m.strip("{}") for m in wanted}

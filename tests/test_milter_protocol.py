@@ -356,6 +356,78 @@ def test_symbol_lists_filter_the_macros():
     assert fake.sessions[0].macros[m.C_MAIL] == {"{auth_authen}": "alice"}
 
 
+def macros_by_command(session) -> list[tuple[bytes, dict[str, str]]]:
+    """Each command after the CONNECT, with the macros sent just before it."""
+    out: list[tuple[bytes, dict[str, str]]] = []
+    pending: dict[str, str] = {}
+    for command in session.commands:
+        if command.code == m.C_MACRO:
+            pending = dict(command.args[1])
+        elif command.code not in (m.C_OPTNEG, m.C_CONNECT, m.C_QUIT):
+            out.append((command.code, pending))
+            pending = {}
+    return out
+
+
+@pytest.mark.parametrize(
+    ("symbols", "protocol", "expected"),
+    [
+        # Postfix's way: the end-of-headers macros with each header and EOH.
+        (
+            None,
+            0,
+            [
+                (m.C_HEADER, {"i": "Q1", "{x}": "y"}),
+                (m.C_HEADER, {"i": "Q1", "{x}": "y"}),
+                (m.C_EOH, {"i": "Q1", "{x}": "y"}),
+                (m.C_BODY, {}),
+                (m.C_EOB, {"i": "Q1"}),
+            ],
+        ),
+        # The EOH symbol list filters them at HEADER too; EOM's at EOB.
+        (
+            {m.M_EOH: ("i",), m.M_EOM: ("{foo}",)},
+            0,
+            [
+                (m.C_HEADER, {"i": "Q1"}),
+                (m.C_HEADER, {"i": "Q1"}),
+                (m.C_EOH, {"i": "Q1"}),
+                (m.C_BODY, {}),
+                (m.C_EOB, {}),
+            ],
+        ),
+        (
+            {m.M_EOH: ("{foo}",)},
+            m.P_NOHDRS,
+            [(m.C_EOH, {}), (m.C_BODY, {}), (m.C_EOB, {"i": "Q1"})],
+        ),
+        (
+            None,
+            m.P_NOEOH,
+            [(m.C_HEADER, {"i": "Q1", "{x}": "y"})] * 2 + [(m.C_BODY, {}), (m.C_EOB, {"i": "Q1"})],
+        ),
+    ],
+)
+def test_the_end_of_headers_macros_go_with_eoh_and_each_header(symbols, protocol, expected):
+    """libmilter takes the EOH macros only with EOH (it drops macros sent
+    for a header); Postfix sends them with each header and with EOH."""
+    with FakeMilter(symbols=symbols, protocol=protocol) as fake:
+
+        async def go(client):
+            await client.open()
+            await client.connect("h", "4", 1, "127.0.0.1", {})
+            await client.message(
+                [("Subject", " hi"), ("To", " b@example.com")],
+                [b"Hello\r\n"],
+                {"i": "Q1", "{x}": "y"},
+                {"i": "Q1"},
+            )
+            await client.quit()
+
+        run(go(client_for(fake)))
+    assert macros_by_command(fake.sessions[0]) == expected
+
+
 @pytest.mark.parametrize(
     ("script", "error"),
     [

@@ -954,3 +954,48 @@ def test_a_later_milter_s_discard_keeps_an_earlier_quarantine():
     ):
         assert send(server) == {}
     assert sink.quarantined == ["held by one"] and sink.delivered == []
+
+
+def macros_by_command(session: Any) -> list[tuple[bytes, dict[str, str]]]:
+    """Each command, with the macros the MACRO frame just before it carried."""
+    out: list[tuple[bytes, dict[str, str]]] = []
+    pending: dict[str, str] = {}
+    for command in session.commands:
+        if command.code == m.C_MACRO:
+            pending = dict(command.args[1])
+        else:
+            out.append((command.code, pending))
+            pending = {}
+    return out
+
+
+@pytest.mark.parametrize("symbols", [False, True])
+def test_the_end_of_headers_macros_reach_eoh_and_a_symbol_list_only_narrows(symbols):
+    """The message id (``i``) goes with EOH, where libmilter takes it, and
+    with each header (as Postfix sends it), filtered by the EOH symbol list.
+    A symbol list cannot add a macro Bonzo does not send at that stage."""
+    lists = {
+        m.M_HELO: ("j", "{cipher}"),  # j is sent at connect only
+        m.M_ENVRCPT: ("i", "{rcpt_addr}"),  # i is not sent at RCPT
+        m.M_DATA: ("{mail_addr}",),  # nor {mail_addr} at DATA
+        m.M_EOH: ("{foo}",),
+        m.M_EOM: ("i",),
+    }
+    sink = Sink()
+    with (
+        FakeMilter(symbols=lists if symbols else None) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", sink)) as server,
+    ):
+        assert send(server) == {}
+    got = macros_by_command(fake.sessions[0])
+    qid = dict(got)[m.C_EOB]["i"]
+    assert len(sink.delivered) == 1 and qid
+    eoh = {} if symbols else {"i": qid}
+    assert [x for x in got if x[0] in (m.C_HEADER, m.C_EOH)] == [(m.C_HEADER, eoh)] * 4 + [
+        (m.C_EOH, eoh)
+    ]
+    assert dict(got)[m.C_EOB] == {"i": qid}
+    if symbols:
+        assert dict(got)[m.C_HELO] == {}  # no TLS: no {cipher}; and never j
+        assert dict(got)[m.C_RCPT] == {"{rcpt_addr}": "bob@example.com"}
+        assert dict(got)[m.C_DATA] == {}
