@@ -271,6 +271,13 @@ def test_crlf_lines_do_not_depend_on_the_chunking(data, cuts):
     out = b"".join(stream.feed(data[a:b]) for a, b in itertools.pairwise(bounds)) + stream.finish()
     assert no_bare_line_ends(out)
     assert out == one_shot(data)
+    # The same through replace_body, given a file that reads in those pieces.
+    env = envelope(threshold=16)
+    pieces = [data[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+    env.replace_body(Reads(pieces))
+    assert env.content.partition(b"\r\n\r\n")[2] == out
+    OPEN.remove(env)
+    env.close()  # at once: one test, many examples
 
 
 def test_a_message_without_a_header_section_or_blank_line():
