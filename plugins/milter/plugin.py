@@ -20,6 +20,7 @@ from typing import IO, Any
 
 from bonzo import Discard, Quarantine
 from bonzo import milter as m
+from bonzo.dsn import xtext_decode
 from bonzo.errors import PermanentError, SMTPError, TransientError
 from bonzo.hookspecs import hookimpl
 from bonzo.schema import Key, Schema
@@ -86,6 +87,21 @@ def _macros(macros: dict[str, Any]) -> dict[str, str]:
         if not isinstance(value, str) or "\0" in value:
             raise ValueError(f'."{key}": expected a string, got {describe(value)}')
     return macros
+
+
+def _auth_author(session: Session, params: Mapping[str, Any]) -> str | None:
+    """``{auth_author}``: the ``MAIL`` ``AUTH=`` submitter (RFC 4954 5),
+    xtext-decoded, as Postfix gives it -- only from an authenticated client
+    (from anyone else it is not to be trusted, nor passed on), never ``<>``."""
+    value = params.get("AUTH")
+    if not session.auth or not isinstance(value, str) or value == "<>":
+        return None
+    try:
+        author = xtext_decode(value)
+    except ValueError:
+        return None
+    # A macro is a C string: a NUL would cut it (or a control code confuse).
+    return author if author.isprintable() else None
 
 
 def _unique(milters: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -542,6 +558,8 @@ class MilterPlugin:
                 "{client_name}": f"[{ip}]",
                 "{if_addr}": session.local_ip or None,
                 "{if_port}": str(session.local_port) if session.local_port else None,
+                # Postfix's name for the same (its default connect macros).
+                "{daemon_addr}": session.local_ip or None,
             }
             macros.update(c.macros)
             family = _family(ip)
@@ -565,7 +583,11 @@ class MilterPlugin:
         if state is None:
             return None
         tls = session.tls or {}
-        macros = {"{tls_version}": tls.get("version"), "{cipher}": tls.get("cipher")}
+        macros = {
+            "{tls_version}": tls.get("version"),
+            "{cipher}": tls.get("cipher"),
+            "{cipher_bits}": tls.get("bits"),
+        }
         for mi in self._active(state, message=False):
             assert mi.client is not None
             try:
@@ -592,6 +614,7 @@ class MilterPlugin:
             "{mail_mailer}": "smtp",
             "{auth_type}": session.auth_mechanism if session.auth else None,
             "{auth_authen}": session.auth,
+            "{auth_author}": _auth_author(session, params),
             "{tls_version}": (session.tls or {}).get("version"),
         }
 

@@ -888,6 +888,62 @@ def test_auth_type_names_the_mechanism_the_client_used():
     assert [s.macros[m.C_MAIL].get("{auth_authen}") for s in fake.sessions] == ["alice", "alice"]
 
 
+def test_the_macros_postfix_sends_by_default_for_tls_auth_and_the_interface(tmp_path):
+    """``{cipher_bits}`` at HELO (a milter's "at least 128-bit TLS" policy),
+    ``{auth_author}`` (MAIL's ``AUTH=``, xtext-decoded, from an
+    authenticated client only) and ``{daemon_addr}`` at connect, as in
+    Postfix's default macro lists."""
+    import ssl
+
+    import trustme
+
+    from bonzo.tls import CertificatePair, make_server_context
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+
+    class Users:
+        @hookimpl
+        def bonzo_auth(self, username: str, password: str) -> Accept | None:
+            return Accept() if (username, password) == ("alice", "secret") else None
+
+    listener = ListenerSettings(
+        tls_context=make_server_context(CertificatePair(str(cert), str(key)))
+    )
+    with (
+        FakeMilter() as fake,
+        serve(
+            ("users", Users()), ("milter", plugin(entry(fake))), ("sink", Sink()),
+            listener=listener,
+        ) as server,
+    ):  # fmt: skip
+        with server.client() as client:
+            client.starttls(context=client_ctx)
+            client.ehlo()
+            client.login("alice", "secret")
+            client.sendmail(
+                "alice@example.org", ["bob@example.com"], MESSAGE,
+                mail_options=["AUTH=b+2Bc@example.org"],
+            )  # fmt: skip
+        with server.client() as client:  # not authenticated: no {auth_author}
+            client.starttls(context=client_ctx)
+            client.sendmail(
+                "alice@example.org", ["bob@example.com"], MESSAGE,
+                mail_options=["AUTH=b+2Bc@example.org"],
+            )  # fmt: skip
+    first, second = fake.sessions
+    assert first.macros[m.C_CONNECT]["{daemon_addr}"] == "127.0.0.1"
+    bits = first.macros[m.C_HELO]["{cipher_bits}"]
+    assert bits.isdigit() and int(bits) >= 128
+    assert first.macros[m.C_MAIL]["{auth_author}"] == "b+c@example.org"
+    assert "{auth_author}" not in second.macros[m.C_MAIL]
+
+
 # ------------------------------------ as Sendmail and Postfix (a tester's findings)
 UPSTREAM = b"Received: from pc.internal (pc [10.1.2.3]) by submit.example.org\r\n" + MESSAGE
 
