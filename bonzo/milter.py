@@ -1169,7 +1169,17 @@ class MilterClient:
             if remaining <= 0:
                 self.close()
                 raise MilterTimeout(f"{self.spec}: no reply to {command!r} in time")
-            reply = await self._read_one(remaining)
+            try:
+                reply = await self._read_one(remaining)
+            except MilterTimeout:
+                if time.monotonic() >= deadline - 0.01:
+                    # Cut by the PROGRESS bound, not by a silence of
+                    # ``timeout``: say which (the slice left is no limit).
+                    raise MilterTimeout(
+                        f"{self.spec}: no final reply to {command!r} within {4 * timeout:g}s "
+                        "(PROGRESS extends the wait to 4 times the command's timeout)"
+                    ) from None
+                raise
             if isinstance(reply, Verdict) and reply.code == R_PROGRESS:
                 continue
             if isinstance(reply, ReplyCode) or (

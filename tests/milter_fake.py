@@ -38,6 +38,16 @@ CLOSE = "close"
 
 
 @dataclass
+class Trickle:
+    """An answer sent ``count`` times, one every ``every`` seconds (a milter
+    that keeps sending ``PROGRESS``)."""
+
+    response: Any
+    every: float
+    count: int
+
+
+@dataclass
 class FakeSession:
     """One connection to the fake: the commands it received, in order."""
 
@@ -155,6 +165,12 @@ class FakeMilter:
                         continue
                     if answer == CLOSE:
                         return
+                    if isinstance(answer, Trickle):
+                        for _ in range(answer.count):
+                            await asyncio.sleep(answer.every)
+                            writer.write(m.encode_response(answer.response))
+                            await writer.drain()
+                        continue
                     if isinstance(answer, bytes):
                         writer.write(answer)
                     else:

@@ -9,7 +9,7 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from milter_fake import CLOSE, HANG, FakeMilter
+from milter_fake import CLOSE, HANG, FakeMilter, Trickle
 
 from bonzo import milter as m
 
@@ -498,6 +498,29 @@ def test_replycode_and_verdicts_end_stages():
         mail, rcpt = run(go(client_for(fake)))
     assert mail.action == "tempfail"
     assert rcpt.action == "replycode" and rcpt.verdict == m.ReplyCode(550, "5.1.1 no such user")
+
+
+def test_a_wait_cut_by_the_progress_bound_says_so():
+    """PROGRESS starts a command's timeout again, up to 4 times it: the
+    error named the slice of time left when the bound cut it ("no reply
+    within 0.0996s"), not the limit."""
+
+    def script(command, session):
+        if command.code == m.C_MAIL:
+            return Trickle(m.Verdict(m.R_PROGRESS), 0.1, 30)
+        return None
+
+    async def go(client):
+        await client.open()
+        await client.mail("<a@b>", [], {})
+
+    with FakeMilter(script) as fake:
+        with pytest.raises(m.MilterTimeout) as raised:
+            run(go(client_for(fake, command_timeout=0.25)))
+    assert str(raised.value).endswith(
+        "no final reply to b'M' within 1s (PROGRESS extends the wait to 4 times the "
+        "command's timeout)"
+    ), str(raised.value)
 
 
 def test_the_client_knows_when_a_transaction_is_open():
