@@ -109,6 +109,12 @@ class FakeMilter:
             for writer in list(self._writers):
                 writer.close()
             await asyncio.sleep(0)
+            # A session still being served (a client that has not closed
+            # yet) ends here, not as a task destroyed pending with the loop.
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -183,7 +189,9 @@ class FakeMilter:
                     await writer.drain()
                     if code == m.C_QUIT:
                         return
-        except (ConnectionError, m.MilterProtocolError):
+        except (ConnectionError, m.MilterProtocolError, asyncio.CancelledError):
+            # Cancelled: the fake stops (a session still open); a normal end,
+            # so that asyncio does not report the task (Python 3.11 streams).
             return
         finally:
             session.closed = True
