@@ -875,6 +875,7 @@ def _reloaded_app(old: Any, *, warn: bool = True) -> Any:
     keeps its running value, with a warning unless ``warn`` is false (a
     worker: its supervisor warns once for all)."""
     from .app import MailApp
+    from .client import reload_system_trust
     from .hooks import PluginError
 
     source = old.config.source
@@ -912,6 +913,9 @@ def _reloaded_app(old: Any, *, warn: bool = True) -> Any:
         if warn:
             log.warning("reload: [logging] takes effect at a restart")
         config.logging = old.config.logging
+    # The system's CA store, read once per process for the delivery's
+    # "verify" TLS policy, is read again (updated ca-certificates).
+    reload_system_trust()
     if warn:
         # Warned, not refused: an expired certificate is usually a renewal
         # that has not happened yet (or is minutes away), and refusing the

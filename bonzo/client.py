@@ -874,6 +874,13 @@ def ca_file_context(path: str) -> ssl.SSLContext:
     return ctx
 
 
+def reload_system_trust() -> None:
+    """Read the system's CA store again, at the next connection that
+    verifies a certificate with it (a reload: updated ``ca-certificates``)."""
+    global _SYSTEM_TRUST
+    _SYSTEM_TRUST = None
+
+
 def _verify_context(settings: ClientSettings) -> ssl.SSLContext:
     global _SYSTEM_TRUST
     if settings.tls_context is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -222,6 +223,47 @@ def test_check_and_reload_warn_about_an_expired_certificate(tmp_path, intermedia
             f"reload: listeners[0].tls.sni.mx2.test: certificate {tmp_path}/mx2.pem (CN=mx.test) "
             "expired on "
         )
+        new.release_sockets()
+    finally:
+        for _, socks in old._bound:
+            for sock in socks:
+                sock.close()
+
+
+def test_a_reload_reads_the_system_ca_store_again(tmp_path, monkeypatch, caplog):
+    """The delivery's ``verify`` policy trusts the system's CA store, read
+    once per process: an updated store (ca-certificates) went unseen until a
+    restart. A reload reads it again."""
+    from bonzo import client
+    from bonzo.app import MailApp
+    from bonzo.cli import _reloaded_app
+    from bonzo.client import ClientSettings
+    from bonzo.config import load_config
+
+    first, second = trustme.CA(), trustme.CA()
+    store = tmp_path / "store.pem"
+    store.write_bytes(first.cert_pem.bytes())
+    monkeypatch.setenv("SSL_CERT_FILE", str(store))
+    monkeypatch.setattr(client, "_SYSTEM_TRUST", None)
+
+    def trusted() -> bytes:
+        ctx = client._verify_context(ClientSettings())
+        return b"".join(ssl.DER_cert_to_PEM_cert(der).encode() for der in ctx.get_ca_certs(True))
+
+    assert trusted() == first.cert_pem.bytes()
+    store.write_bytes(second.cert_pem.bytes())  # the store updated
+    assert trusted() == first.cert_pem.bytes()  # read once
+    config = tmp_path / "bonzo.toml"
+    config.write_text(
+        f'[[listeners]]\naddress = "127.0.0.1"\nport = {free_port()}\n'
+        '[plugins]\nenabled = ["recipients"]\n[plugins.recipients]\ndomains = ["example.org"]\n'
+    )
+    old = MailApp(load_config(str(config)))
+    old.bind()
+    try:
+        new = _reloaded_app(old)
+        assert new is not None
+        assert trusted() == second.cert_pem.bytes()
         new.release_sockets()
     finally:
         for _, socks in old._bound:

@@ -87,7 +87,7 @@ _TLS_TEXT = (
     'certificate valid for the server\'s name, or defer; ``"none"``: never '
     "STARTTLS. ``verify`` trusts the system's CA store (OpenSSL's default paths, "
     "which ``SSL_CERT_FILE``/``SSL_CERT_DIR`` in the daemon's environment change; "
-    "read once per process), or only ``tls_ca_file``'s CAs when it is set."
+    "read at start-up and at each reload), or only ``tls_ca_file``'s CAs when it is set."
 )
 TLS = Key("tls", "choice", default="opportunistic", choices=TLS_POLICIES,
           doc=f"The TLS policy: {_TLS_TEXT}")  # fmt: skip
