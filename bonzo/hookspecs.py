@@ -44,7 +44,9 @@ Rules shared by every hook:
   :func:`bonzo_exception`), is logged with the plugin's name and traceback,
   and never reaches the client.
 - **State.** Keep per-connection data in ``session.stash`` and per-message
-  data in ``envelope.stash``, under your plugin's name; never in globals.
+  data in ``envelope.stash``, under your plugin's name (``_`` in front for
+  what is transient: a live connection, which the queue then does not try
+  to keep); never in globals.
   Bonzo updates the envelope itself after each accepted command.
 """
 

@@ -1174,16 +1174,14 @@ class SMTPProtocol:
             self._reset_transaction()
             self.helo = event.name  # type: ignore[attr-defined]
             self.esmtp = event.esmtp  # type: ignore[attr-defined]
+            # The client's address, or (a Unix socket: none) the name it gave.
+            who = self.remote_ip if self.remote_ip != "0.0.0.0" else self.helo
             if self.esmtp:
                 keywords = self.ehlo_keywords() if extensions is None else extensions
-                first = (
-                    text
-                    if isinstance(text, str)
-                    else f"{self.settings.hostname} Hello {self.remote_ip}"
-                )
+                first = text if isinstance(text, str) else f"{self.settings.hostname} Hello {who}"
                 self._queue(format_reply(250, [first, *keywords], None, False))
             else:
-                self._queue(format_reply(250, text or f"Hello {self.remote_ip}", None, False))
+                self._queue(format_reply(250, text or f"Hello {who}", None, False))
         elif kind is Reset:
             self._reset_transaction()
             self.reply(250, text or "Ok", "2.0.0")

@@ -30,6 +30,7 @@ from typing import IO, Any
 from tornado.log import gen_log
 
 from .address import Address
+from .client import crlf_lines
 from .dsn import MailDSN, RecipientDSN, mail_dsn, recipient_dsn
 from .errors import SMTPError
 from .protocol import AddressError, SMTPProtocol, parse_address, parse_path
@@ -309,7 +310,8 @@ class Session:
     .. attribute:: stash
 
        A dict where plugins keep per-connection data, by their own key
-       (kept when ``XCLIENT`` names a new client).
+       (kept when ``XCLIENT`` names a new client); a key starting with ``_``
+       is transient (see :ref:`plugin-state`).
 
     .. attribute:: results
 
@@ -454,9 +456,6 @@ _STANDALONE = SMTPSettings(hostname="localhost")
 CHUNK_COST = 64
 
 
-_LINE_ENDS = re.compile(rb"\r\n|\r|\n")
-
-
 class _CRLFLines:
     """Turn content fed in chunks of any size into CRLF lines, streaming: bare
     LF and bare CR become CRLF, and a last line without a line end gets one,
@@ -480,7 +479,7 @@ class _CRLFLines:
             return b""
         crlf = data.count(b"\r\n")
         if crlf != data.count(b"\n") or crlf != data.count(b"\r"):
-            data = _LINE_ENDS.sub(b"\r\n", data)
+            data = crlf_lines(data)
         self._line_start = data[-1:] == b"\n"
         return data
 
@@ -869,8 +868,12 @@ class Envelope:
         new = _Spool(self._spool_threshold, self._spool_dir)
         try:
             if binary:
-                chunk = bytes(data)  # type: ignore[arg-type]
-                new.write(lines.feed(chunk) if lines is not None else chunk)
+                # In pieces, as a file is read: what a piece becomes is
+                # bounded (at most twice its size), whatever the body's.
+                view = memoryview(data).cast("B")  # type: ignore[arg-type]
+                for start in range(0, len(view), 1 << 20):
+                    chunk = bytes(view[start : start + (1 << 20)])
+                    new.write(lines.feed(chunk) if lines is not None else chunk)
             else:
                 while chunk := data.read(1 << 20):  # type: ignore[union-attr]
                     if not isinstance(chunk, (bytes, bytearray)):

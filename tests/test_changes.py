@@ -280,6 +280,37 @@ def test_crlf_lines_do_not_depend_on_the_chunking(data, cuts):
     env.close()  # at once: one test, many examples
 
 
+def test_replace_body_with_bytes_keeps_memory_bounded():
+    """A body given as bytes was turned into CRLF lines in one piece, by a
+    regular expression that made an object per line: a 16 MiB body of
+    two-octet LF lines took some 1.4 GB. It goes in pieces now: the memory
+    used past the body itself is a few pieces' worth."""
+    import tracemalloc
+
+    body = b"x\n" * (8 << 20)  # 16 MiB, 8 Mi lines
+    env = envelope(threshold=1 << 16)
+    tracemalloc.start()
+    try:
+        env.replace_body(body)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak
+    assert 3 * (8 << 20) < env.size < 3 * (8 << 20) + 200  # the header section and CRLF lines
+    OPEN.remove(env)
+    env.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=60).map(lambda b: bytes(b"a\r\n"[x % 3] for x in b)))
+def test_crlf_lines_is_the_one_regular_expression(data):
+    import re
+
+    from bonzo.client import crlf_lines
+
+    assert crlf_lines(data) == re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+
+
 def test_a_message_without_a_header_section_or_blank_line():
     env = envelope(b"no header here\r\n")
     env.add_header("X-A", "1")

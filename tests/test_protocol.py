@@ -1659,3 +1659,22 @@ def test_the_mail_auth_parameter_only_where_ehlo_offered_auth():
     assert reply_to(EHLO, mail, policy=under_tls) == (b"555 5.5.4 Unsupported parameter AUTH\r\n")
     plaintext = Policy(starttls=True, auth_mechanisms=("PLAIN",), auth_plaintext=True)
     assert reply_to(EHLO, mail, policy=plaintext) == b"250 2.1.0 Ok\r\n"
+
+
+def test_a_client_without_an_address_is_greeted_by_its_name():
+    """A Unix socket's client has no address (``0.0.0.0``): the EHLO and
+    HELO replies named that non-address ("Hello 0.0.0.0"); they give the
+    name the client said."""
+    for command, first in (
+        (b"EHLO postfix.test\r\n", b"250-"),
+        (b"HELO postfix.test\r\n", b"250 "),
+    ):
+        proto = SMTPProtocol(SETTINGS, "0.0.0.0")
+        proto.send_greeting()
+        proto.data_to_send()
+        proto.receive_data(command)
+        event = proto.next_event()
+        proto.accept()
+        reply = proto.data_to_send()
+        assert reply.startswith(first) and b"Hello postfix.test\r\n" in reply, (event, reply)
+        assert b"0.0.0.0" not in reply
