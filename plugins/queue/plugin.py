@@ -57,12 +57,41 @@ def _check(values: dict[str, Any]) -> None:
         raise ValueError(f"max_backoff: {high:g}s is less than min_backoff ({low:g}s)")
     check_routes(values)
     quarantine = values["quarantine"]
-    if quarantine is not None and quarantine not in values["transports"]:
+    if quarantine is None:
+        if values["quarantine_recipient"] is not None:
+            raise ValueError(
+                "quarantine_recipient: set without quarantine (the transport quarantined "
+                "messages go to)"
+            )
+        return
+    transport = values["transports"].get(quarantine)
+    if transport is None:
         known = ", ".join(sorted(values["transports"])) or "none"
         raise ValueError(
             f"quarantine: no transport named {quarantine!r} in [plugins.queue.transports] "
             f"(known: {known})"
         )
+    kind = _by_recipient(transport)
+    if kind is not None and values["quarantine_recipient"] is None:
+        raise ValueError(
+            f"quarantine_recipient: required with quarantine = {quarantine!r}, {kind}: "
+            "it delivers to each recipient, so quarantined mail would reach the "
+            "mailboxes of its own recipients; set quarantine_recipient to the one "
+            "address it goes to instead (a mailbox the operator reviews)"
+        )
+
+
+def _by_recipient(transport: Mapping[str, Any]) -> str | None:
+    """How a transport (its parsed table) delivers to each recipient on its
+    own (so a quarantined message needs a recipient of its own), or ``None``
+    for one that keeps every message in one place (a maildir without
+    ``per_recipient``, ``discard``)."""
+    kind = transport["type"]
+    if kind in ("lmtp", "smarthost", "mx"):
+        return f'a transport of type "{kind}"'
+    if kind == "maildir" and transport.get("per_recipient"):
+        return 'a "maildir" transport with per_recipient'
+    return None
 
 
 def _postmaster(address: Address) -> Address:
@@ -70,6 +99,15 @@ def _postmaster(address: Address) -> Address:
         raise ValueError(
             "needs a domain: the address mail to the bare <postmaster> is delivered to, "
             'such as "postmaster@example.org"'
+        )
+    return address
+
+
+def _quarantine_address(address: Address) -> Address:
+    if not address.domain:
+        raise ValueError(
+            "needs a domain: the address quarantined mail is delivered to, "
+            'such as "quarantine@example.org"'
         )
     return address
 
@@ -135,10 +173,22 @@ SCHEMA = Schema(
         doc="The name of a transport of ``transports`` for messages a filter "
         "quarantined (:class:`bonzo.Quarantine`): with it, this plugin owns "
         ":func:`~bonzo.hookspecs.bonzo_quarantine` and queues each such message "
-        "for that transport alone (a ``maildir`` the operator reads, an ``lmtp`` "
-        "mailbox, a ``smarthost`` for review), with an ``X-Bonzo-Quarantine: "
+        "for that transport alone, with an ``X-Bonzo-Quarantine: "
         "<plugin>: <reason>`` header on top, instead of routing it to its "
-        "recipients."),
+        "recipients: a ``maildir`` without ``per_recipient`` (one folder the "
+        "operator reads), or a transport that delivers by recipient (``lmtp``, "
+        "``smarthost``, ``mx``, a ``maildir`` with ``per_recipient``) together "
+        "with ``quarantine_recipient``."),
+    Key("quarantine_recipient", "address", convert=_quarantine_address,
+        doc="The one address a quarantined message is delivered to on the "
+        "``quarantine`` transport (a review mailbox: ``quarantine@example.org``), "
+        "instead of its own recipients; required when that transport delivers by "
+        "recipient (``lmtp``, ``smarthost``, ``mx``, a ``maildir`` with "
+        "``per_recipient``): without it, quarantined mail would reach the very "
+        "mailboxes it is kept from. It is queued with ``NOTIFY=NEVER``: the "
+        "sender gets no report about the quarantine copy. Without it (a "
+        "``maildir`` quarantine in one folder), the message is queued for its "
+        "recipients, all in that one folder."),
     check=_check,
     notes="Durations are seconds, or a string with a unit, and under ten years; "
     "all but ``delay_warning`` more than 0.",
@@ -170,6 +220,7 @@ class QueuePlugin:
         self.settings = RunnerSettings()
         self.max_hops = 100
         self.quarantine: str | None = None
+        self.quarantine_recipient: Address | None = None
         #: The ``postmaster`` key (``None``: the default, see :meth:`postmaster`).
         self.postmaster_key: Address | None = None
         self._warnings: list[str] = []
@@ -220,6 +271,7 @@ class QueuePlugin:
                 "every message on it will be deferred (and bounced once too old)"
             )
         self.quarantine = values["quarantine"]
+        self.quarantine_recipient = values["quarantine_recipient"]
         self.postmaster_key = values["postmaster"]
         #: Whether bonzo_quarantine keeps anything (see App.warnings).
         self.quarantine_owner = bool(self.quarantine)
@@ -357,25 +409,40 @@ class QueuePlugin:
     async def bonzo_quarantine(
         self, session: Session, envelope: Envelope, reason: str
     ) -> Accept | None:
-        """With a ``quarantine`` transport: queue the message for it alone,
-        with an ``X-Bonzo-Quarantine:`` header giving the reason."""
+        """With a ``quarantine`` transport: queue the message for it alone
+        (to ``quarantine_recipient`` if set), with an ``X-Bonzo-Quarantine:``
+        header giving the reason."""
         if self.quarantine is None:
             return None
         envelope.add_header("X-Bonzo-Quarantine", f"{envelope.quarantined_by}: {reason}")
+        recipient = self.quarantine_recipient
+        if recipient is not None:
+            # Never the message's own recipients: a transport that delivers
+            # by recipient would put it in their mailboxes. NOTIFY=NEVER: the
+            # sender is told nothing about the operator's copy.
+            recipients = [
+                queued_recipient(recipient, {"NOTIFY": "NEVER"}, self.settings.postmaster)
+            ]
+            return await self._queue(session, envelope, self.quarantine, recipients)
         return await self._queue(session, envelope, self.quarantine)
 
     async def _queue(
-        self, session: Session, envelope: Envelope, transport: str | None
+        self,
+        session: Session,
+        envelope: Envelope,
+        transport: str | None,
+        recipients: list[dict[str, Any]] | None = None,
     ) -> Accept | None:
         spool, sync = self.spool, self.sync
         if spool is None or sync is None:
             raise TransientError("Queue not started", 451, "4.3.0")
-        keep = set(envelope.remaining_indexes)  # not refused, not removed
-        recipients = [
-            queued_recipient(r, envelope.rcpt_params[i], self.settings.postmaster)
-            for i, r in enumerate(envelope.recipients)
-            if i in keep
-        ]
+        if recipients is None:
+            keep = set(envelope.remaining_indexes)  # not refused, not removed
+            recipients = [
+                queued_recipient(r, envelope.rcpt_params[i], self.settings.postmaster)
+                for i, r in enumerate(envelope.recipients)
+                if i in keep
+            ]
         if not recipients:
             return None
         record = {

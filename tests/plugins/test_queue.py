@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -1973,6 +1974,102 @@ def test_a_quarantined_message_goes_to_the_quarantine_transport_only(tmp_path):
     assert not mail.exists() or not any(mail.iterdir())  # nothing to the recipients
     with pytest.raises(ValueError, match="quarantine: no transport named 'nope'"):
         QueuePlugin().bonzo_configure({**table, "quarantine": "nope"}, App(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("transport", "kind"),
+    [
+        ({"type": "lmtp", "host": "127.0.0.1", "port": 24}, 'of type "lmtp"'),
+        ({"type": "smarthost", "host": "relay.example.net"}, 'of type "smarthost"'),
+        ({"type": "mx"}, 'of type "mx"'),
+        ({"type": "maildir", "path": "review", "per_recipient": True}, "with per_recipient"),
+    ],
+)
+def test_a_quarantine_transport_that_delivers_by_recipient_needs_a_recipient(
+    tmp_path, transport, kind
+):
+    # Without one, the quarantined message would go to its own recipients'
+    # mailboxes on that transport (tester milter3 H1).
+    table = {
+        "path": "q",
+        "routes": {"*": {"type": "discard"}},
+        "transports": {"review": transport},
+        "quarantine": "review",
+    }
+    with pytest.raises(ValueError, match=r"^quarantine_recipient: required with quarantine = "):
+        QueuePlugin().bonzo_configure(table, App(tmp_path))
+    with pytest.raises(ValueError, match=re.escape(kind)):
+        QueuePlugin().bonzo_configure(table, App(tmp_path))
+    plugin = QueuePlugin()
+    plugin.bonzo_configure({**table, "quarantine_recipient": "review@example.org"}, App(tmp_path))
+    assert plugin.quarantine_recipient is not None
+    assert plugin.quarantine_recipient.original == "review@example.org"
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"quarantine": None, "quarantine_recipient": "r@example.org"}, "set without quarantine"),
+        ({"quarantine_recipient": "postmaster"}, "needs a domain"),
+    ],
+)
+def test_quarantine_recipient_errors(tmp_path, change, error):
+    table = {
+        "path": "q",
+        "transports": {"review": {"type": "maildir", "path": "review"}},
+        "quarantine": "review",
+        **change,
+    }
+    table = {k: v for k, v in table.items() if v is not None}
+    with pytest.raises(ValueError, match=rf"^quarantine_recipient: .*{error}"):
+        QueuePlugin().bonzo_configure(table, App(tmp_path))
+
+
+def test_a_quarantined_message_goes_to_the_quarantine_recipient_alone(tmp_path):
+    from bonzo import Quarantine
+
+    table = {
+        "path": "q",
+        "routes": {"*": {"type": "maildir", "path": "mail", "per_recipient": True}},
+        "transports": {"review": {"type": "maildir", "path": "mail", "per_recipient": True}},
+        "quarantine": "review",
+        "quarantine_recipient": "Quarantine@Example.org",
+    }
+    plugins, queue = queue_session(tmp_path, table)
+
+    class Suspect:
+        @hookimpl
+        def bonzo_message(self):
+            return Quarantine("score 9.5")
+
+    plugins.register(Suspect(), "suspect")
+    records = []
+
+    async def main() -> bytes:
+        await queue.bonzo_startup(App(tmp_path, plugins))
+        assert queue.spool is not None
+        spool = queue.spool
+        original = spool.accept
+
+        async def keep(*args: Any, **kwargs: Any) -> Any:
+            records.append(args[1])
+            return await original(*args, **kwargs)
+
+        spool.accept = keep  # type: ignore[method-assign]
+        reply = await send(SessionTester(plugins), rcpts=["b@example.net", "c@example.org"])
+        await drained(queue, 4)
+        await queue.bonzo_shutdown()
+        return reply
+
+    assert asyncio.run(main()).startswith(b"250 2.0.0")
+    [record] = records
+    assert [(r["address"], r["params"]) for r in record["recipients"]] == [
+        ("Quarantine@Example.org", {"NOTIFY": "NEVER"})
+    ]
+    [kept] = list((tmp_path / "mail" / "example.org" / "quarantine" / "new").iterdir())
+    assert b"X-Bonzo-Quarantine: suspect: score 9.5\r\n" in kept.read_bytes()
+    assert sorted(p.name for p in (tmp_path / "mail").iterdir()) == ["example.org"]
+    assert [p.name for p in (tmp_path / "mail" / "example.org").iterdir()] == ["quarantine"]
 
 
 def test_the_envelope_is_kept_with_the_message(tmp_path):
