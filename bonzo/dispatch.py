@@ -463,13 +463,12 @@ class Dispatcher:
             # The filters refused it for every recipient the client gave: it
             # is refused, so a copy a plugin added (an archive) goes nowhere.
             return None
-        if envelope.discarded is None and not envelope.remaining_recipients:
-            # Plugins removed every recipient: nothing to deliver, nothing
-            # refused (as Postfix's cleanup drops such a message).
-            envelope.discarded = envelope.changes[-1].plugin if envelope.changes else "core"
         if envelope.discarded is not None:
             return envelope.discarded, Discard()
         if envelope.quarantined is not None:
+            # Before the check below: a quarantine stands even when plugins
+            # removed every recipient (a milter's QUARANTINE and DELRCPT),
+            # as it does against a later Discard.
             verdict = await self.plugins.decide(
                 "bonzo_quarantine", (session, envelope, envelope.quarantined)
             )
@@ -485,6 +484,11 @@ class Dispatcher:
                 )
                 raise errors.TransientError("Message not accepted, try again later", 451, "4.3.0")
             return verdict
+        if not envelope.remaining_recipients:
+            # Plugins removed every recipient: nothing to deliver, nothing
+            # refused (as Postfix's cleanup drops such a message).
+            envelope.discarded = envelope.changes[-1].plugin if envelope.changes else "core"
+            return envelope.discarded, Discard()
         verdict = await self.plugins.decide("bonzo_deliver", (session, envelope))
         if verdict is None:
             app_log.error(

@@ -424,7 +424,19 @@ class QueuePlugin:
                 queued_recipient(recipient, {"NOTIFY": "NEVER"}, self.settings.postmaster)
             ]
             return await self._queue(session, envelope, self.quarantine, recipients)
-        return await self._queue(session, envelope, self.quarantine)
+        keep = envelope.remaining_indexes
+        if not keep:
+            # Plugins removed every recipient (the quarantine stands): the
+            # one folder keeps it for the recipients the client gave.
+            skip = envelope.refused.keys() | envelope.added
+            keep = [i for i in range(len(envelope.recipients)) if i not in skip]
+        recipients = [
+            queued_recipient(
+                envelope.recipients[i], envelope.rcpt_params[i], self.settings.postmaster
+            )
+            for i in keep
+        ]
+        return await self._queue(session, envelope, self.quarantine, recipients)
 
     async def _queue(
         self,

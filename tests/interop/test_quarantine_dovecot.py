@@ -93,3 +93,29 @@ def test_a_quarantined_message_goes_to_the_quarantine_recipient_only(
     assert not list((tmp_path / "queue" / "data").iterdir())
     assert stored(dovecot, "carol", "suspect") == []
     assert stored(dovecot, "alice", "suspect") == []
+
+
+def test_a_quarantine_stands_when_the_milter_removes_every_recipient(
+    tmp_path: Path, dovecot: Dovecot
+) -> None:
+    # QUARANTINE and DELRCPT of the only recipient: the message was
+    # discarded, its quarantine lost (tester milter3 M1).
+    port = free_port()
+    eom = [
+        m.QuarantineRequest("held and removed"),
+        m.RecipientChange(m.R_DELRCPT, "<carol@example.org>"),
+        m.Verdict(m.R_CONTINUE),
+    ]
+    with FakeMilter(end_of_message=eom) as milter, daemons(tmp_path, daemon_env()) as start:
+        daemon = start(config(tmp_path, port, milter, dovecot), port)
+        daemon.wait_ready()
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="mta.elsewhere.test") as client:
+            assert client.sendmail(SENDER, ["carol@example.org"], body("removed")) == {}
+        wait_until(
+            lambda: stored(dovecot, "postmaster", "removed"), DEADLINE, "the quarantine copy"
+        )
+        [copy] = stored(dovecot, "postmaster", "removed")
+        assert b"\r\nX-Bonzo-Quarantine: milter: held and removed\r\n" in copy
+        assert " discarded" not in daemon.log
+        assert daemon.stop() == 0
+    assert stored(dovecot, "carol", "removed") == []

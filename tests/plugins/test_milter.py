@@ -1012,6 +1012,33 @@ def test_a_later_milter_s_discard_keeps_an_earlier_quarantine():
     assert sink.quarantined == ["held by one"] and sink.delivered == []
 
 
+def test_a_quarantine_stands_when_the_milter_removes_every_recipient(tmp_path, caplog):
+    """QUARANTINE and DELRCPT of the only recipient: the maildir plugin's
+    quarantine keeps the message (it was silently discarded: tester
+    milter3 M1)."""
+    from bonzo_plugins.maildir import MaildirPlugin
+
+    maildir = MaildirPlugin()
+    maildir.bonzo_configure(
+        config={"path": str(tmp_path / "mail"), "quarantine": str(tmp_path / "quar")}, app=None
+    )
+    maildir.bonzo_startup()
+    eom = [
+        m.QuarantineRequest("qdel"),
+        m.RecipientChange(m.R_DELRCPT, "<bob@example.com>"),
+        m.Verdict(m.R_CONTINUE),
+    ]
+    with (
+        FakeMilter(end_of_message=eom) as fake,
+        serve(("milter", plugin(entry(fake))), ("sink", Sink()), ("maildir", maildir)) as server,
+    ):
+        assert send(server) == {}
+    [kept] = (tmp_path / "quar" / "new").iterdir()
+    assert b"X-Bonzo-Quarantine: milter: qdel\r\n" in kept.read_bytes()
+    assert not any((tmp_path / "mail" / "new").iterdir())
+    assert " discarded" not in caplog.text
+
+
 def macros_by_command(session: Any) -> list[tuple[bytes, dict[str, str]]]:
     """Each command, with the macros the MACRO frame just before it carried."""
     out: list[tuple[bytes, dict[str, str]]] = []

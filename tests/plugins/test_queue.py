@@ -2072,6 +2072,49 @@ def test_a_quarantined_message_goes_to_the_quarantine_recipient_alone(tmp_path):
     assert [p.name for p in (tmp_path / "mail" / "example.org").iterdir()] == ["quarantine"]
 
 
+@pytest.mark.parametrize("recipient", [None, "review@example.org"])
+def test_a_quarantine_stands_when_plugins_removed_every_recipient(tmp_path, recipient):
+    # A milter's QUARANTINE and DELRCPT of every recipient: kept, not
+    # discarded (tester milter3 M1); without a quarantine_recipient, in the
+    # one folder for the recipients the client gave.
+    from bonzo import Quarantine
+
+    table = {
+        "path": "q",
+        "routes": {"*": {"type": "maildir", "path": "mail"}},
+        "transports": {"review": {"type": "maildir", "path": "review"}},
+        "quarantine": "review",
+    }
+    if recipient is not None:
+        table["quarantine_recipient"] = recipient
+    plugins, queue = queue_session(tmp_path, table)
+
+    class Suspect:
+        @hookimpl
+        def bonzo_message(self, envelope):
+            for r in list(envelope.recipients):
+                envelope.remove_recipient(r)
+            return Quarantine("held")
+
+    plugins.register(Suspect(), "suspect")
+
+    async def main() -> bytes:
+        await queue.bonzo_startup(App(tmp_path, plugins))
+        reply = await send(SessionTester(plugins), rcpts=["b@example.net"])
+        await drained(queue, 4)
+        await queue.bonzo_shutdown()
+        return reply
+
+    assert asyncio.run(main()).startswith(b"250 2.0.0 Ok: queued as")
+    [kept] = list((tmp_path / "review" / "new").iterdir())
+    content = kept.read_bytes()
+    assert b"X-Bonzo-Quarantine: suspect: held\r\n" in content
+    to = recipient or "b@example.net"
+    assert content.startswith(
+        f"Return-Path: <alice@example.org>\r\nDelivered-To: {to}\r\n".encode()
+    )
+
+
 def test_the_envelope_is_kept_with_the_message(tmp_path):
     plugins, queue = queue_session(
         tmp_path, {"path": "q", "routes": {"x.test": {"type": "discard"}}}
