@@ -36,6 +36,7 @@ from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 
 from .._config import check_creatable, envelope_recipients
+from .._quarantine import add_quarantine_headers
 
 __all__ = ["MaildirPlugin", "DeliveryAborted", "maildir_component", "parse_tmp_name"]
 
@@ -577,10 +578,11 @@ class MaildirPlugin:
         self, session: Session, envelope: Envelope, reason: str
     ) -> Accept | None:
         """With a ``quarantine`` maildir: store the message there, durably,
-        with an ``X-Bonzo-Quarantine:`` header giving the reason."""
+        with an ``X-Bonzo-Quarantine:`` header giving the reason and
+        ``X-Bonzo-Quarantine-Recipients:`` its recipients."""
         if self.quarantine is None:
             return None
-        envelope.add_header("X-Bonzo-Quarantine", f"{envelope.quarantined_by}: {reason}")
+        add_quarantine_headers(envelope, reason)
         leads = self.leads(envelope.mail_from, {self.quarantine: []})
         return await self._deliver_to(session, envelope, [self.quarantine], leads)
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from bonzo.cli import setup_logging
 from bonzo.config import Config, ConfigError, load_config
+from bonzo.session import one_line
 
 from .plugin import QueuePlugin, parse_duration
 from .runner import Runner, log
@@ -186,6 +187,16 @@ def _state(message: QueuedMessage, spool: Spool) -> str:
     return "pending"
 
 
+def _quarantined(message: QueuedMessage) -> str:
+    """``quarantined (transport 'review'): milter: reason``: a quarantined
+    message goes to that transport alone, whatever the routes say."""
+    text = f"quarantined (transport {message.transport!r})"
+    facts = message.quarantine or {}
+    if facts.get("by") or facts.get("reason"):
+        text += f": {one_line(str(facts.get('by')))}: {one_line(str(facts.get('reason')))}"
+    return text
+
+
 def _list(plugin: QueuePlugin, args: argparse.Namespace) -> int:
     spool = plugin.spool
     assert spool is not None
@@ -219,6 +230,8 @@ def _list(plugin: QueuePlugin, args: argparse.Namespace) -> int:
         print(f"{message.id}  {_when(message.arrival)}  {message.size:>9}  {state:<10}  <{sender}>")
         if state == "unsaved":
             print("    (its delivery state cannot be saved: shown is the state last saved)")
+        if message.transport is not None:
+            print(f"    {_quarantined(message)}")
         for r in message.recipients:
             if r.final:
                 continue
@@ -259,6 +272,16 @@ def _show(plugin: QueuePlugin, args: argparse.Namespace) -> int:
         print(f"           {UNSAVED}; shown is the state last saved")
     elif state == "delivering":
         print(f"           {DELIVERING}")
+    if message.transport is not None:
+        print(f"quarantine: {_quarantined(message)}")
+        facts = message.quarantine or {}
+        for key, label in (("recipients", "for"), ("final", "after changes")):
+            if key == "final" and facts.get("final") == facts.get("recipients"):
+                continue
+            addresses = facts.get(key)
+            if isinstance(addresses, list):
+                listed = ", ".join(f"<{one_line(str(a))}>" for a in addresses) or "none"
+                print(f"    {label}: {listed}")
     for key in ("session_id", "remote_ip", "helo", "protocol", "auth"):
         if message.session.get(key):
             print(f"{key + ':':<10} {message.session[key]}")

@@ -27,6 +27,7 @@ from bonzo.schema import Key, Schema
 from bonzo.session import Envelope, Session
 
 from .._config import check_creatable, parse_duration
+from .._quarantine import add_quarantine_headers
 from .bounce import ReportLine
 from .keys import Value, mode, under_ten_years
 from .routes import DEFAULT_ROUTES, ROUTES, TRANSPORTS, RouteTable, check_routes
@@ -411,10 +412,11 @@ class QueuePlugin:
     ) -> Accept | None:
         """With a ``quarantine`` transport: queue the message for it alone
         (to ``quarantine_recipient`` if set), with an ``X-Bonzo-Quarantine:``
-        header giving the reason."""
+        header giving the reason and ``X-Bonzo-Quarantine-Recipients:`` its
+        recipients (kept in the queue file too, for ``bonzo queue``)."""
         if self.quarantine is None:
             return None
-        envelope.add_header("X-Bonzo-Quarantine", f"{envelope.quarantined_by}: {reason}")
+        facts = add_quarantine_headers(envelope, reason)
         recipient = self.quarantine_recipient
         if recipient is not None:
             # Never the message's own recipients: a transport that delivers
@@ -423,7 +425,7 @@ class QueuePlugin:
             recipients = [
                 queued_recipient(recipient, {"NOTIFY": "NEVER"}, self.settings.postmaster)
             ]
-            return await self._queue(session, envelope, self.quarantine, recipients)
+            return await self._queue(session, envelope, self.quarantine, recipients, facts)
         keep = envelope.remaining_indexes
         if not keep:
             # Plugins removed every recipient (the quarantine stands): the
@@ -436,7 +438,7 @@ class QueuePlugin:
             )
             for i in keep
         ]
-        return await self._queue(session, envelope, self.quarantine, recipients)
+        return await self._queue(session, envelope, self.quarantine, recipients, facts)
 
     async def _queue(
         self,
@@ -444,6 +446,7 @@ class QueuePlugin:
         envelope: Envelope,
         transport: str | None,
         recipients: list[dict[str, Any]] | None = None,
+        quarantine: dict[str, Any] | None = None,
     ) -> Accept | None:
         spool, sync = self.spool, self.sync
         if spool is None or sync is None:
@@ -477,6 +480,8 @@ class QueuePlugin:
         }
         if transport is not None:
             record["transport"] = transport
+        if quarantine is not None:
+            record["quarantine"] = quarantine
         try:
             handed = await spool.accept(
                 envelope.id,

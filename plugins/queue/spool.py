@@ -298,6 +298,11 @@ class QueuedMessage:
     transport: str | None = None
     """The named transport every recipient goes to, whatever the routes say
     (a quarantined message: the plugin's ``quarantine`` key)."""
+    quarantine: dict[str, Any] | None = None
+    """A quarantined message's facts: ``by`` (the plugin), ``reason``,
+    ``recipients`` (as the client gave them) and ``final`` (after the
+    plugins' changes); ``None`` otherwise (and for one queued before they
+    were kept)."""
     has_state: bool = False
     """A state file exists (it must be removed with the message)."""
 
@@ -328,6 +333,7 @@ class QueuedMessage:
                 )
             )
         transport = env.get("transport")
+        quarantine = env.get("quarantine")
         return cls(
             id=id,
             arrival=arrival,
@@ -337,6 +343,7 @@ class QueuedMessage:
             session=dict(_table(env.get("session", {}), "session")),
             records=dict(_table(env.get("records", {}), "records")),
             transport=None if transport is None else _text(transport, "transport"),
+            quarantine=None if quarantine is None else dict(_table(quarantine, "quarantine")),
             path=path,
             offset=offset,
             size=size,

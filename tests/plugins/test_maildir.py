@@ -834,6 +834,8 @@ def test_quarantined_messages_go_to_the_quarantine_maildir(tmp_path):
     [kept] = files(tmp_path / "Quarantine")
     content = kept.read_bytes()
     assert b"X-Bonzo-Quarantine: suspect: wire transfer\r\n" in content
+    # Where it was going, for the operator who releases it (milter3 M2).
+    assert b"X-Bonzo-Quarantine-Recipients: <alice@example.com>, <bob@example.com>\r\n" in content
     assert content.endswith(b"urgent wire transfer\r\n")
     delivered = files(tmp_path / "Maildir")
     assert [p.read_bytes().endswith(b"hi\r\n") for p in delivered] == [True]  # one copy, to alice

@@ -901,3 +901,39 @@ def test_a_bounce_whose_report_cannot_be_queued_changes_nothing_and_says_so(tmp_
         done.stderr
     )
     assert spool.ids() == ["B"] and spool.load("B").recipients[0].status == "pending"
+
+
+def test_list_and_show_say_a_message_is_quarantined(tmp_path):
+    # They showed an ordinary message: no sign of the quarantine, nor of the
+    # transport it is bound to, nor of its recipients (tester milter3 M2).
+    spool = make_spool(tmp_path)
+    quarantine = {
+        "by": "milter",
+        "reason": "held by m1\u2028forged",
+        "recipients": ["bob@example.org", "carol@example.org"],
+        "final": [],
+    }
+    review = {
+        "address": "review@example.org",
+        "canonical": "review@example.org",
+        "domain": "example.org",
+        "params": {"NOTIFY": "NEVER"},
+    }
+    write(spool, "Q", env(transport="review", quarantine=quarantine, recipients=[review]))
+    write(spool, "N")
+    listed = cli(spool, tmp_path, "list")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("Q  "))
+    assert lines[at + 1] == (
+        "    quarantined (transport 'review'): milter: held by m1\\u2028forged"
+    )
+    assert lines[at + 2].startswith("    <review@example.org>  pending")
+    assert "quarantined" not in "\n".join(line for line in lines if not line.startswith(("Q", " ")))
+    shown = cli(spool, tmp_path, "show", "Q").stdout
+    assert (
+        "quarantine: quarantined (transport 'review'): milter: held by m1\\u2028forged\n"
+        "    for: <bob@example.org>, <carol@example.org>\n"
+        "    after changes: none\n"
+    ) in shown
+    assert "quarantine" not in cli(spool, tmp_path, "show", "N").stdout
