@@ -983,6 +983,27 @@ class Runner:
                 # Queued bare by an older version (it then waited for ever).
                 _to_postmaster(recipient, postmaster)
             transport = await self._route(message, recipient)
+            if transport is None and message.transport is not None:
+                # Quarantined, bound to a transport a reload took away: the
+                # routes are not the problem. Kept, as for a missing route.
+                if not outcomes:
+                    log.error(
+                        "queue: %s: quarantined message: transport %r is not configured "
+                        "(a reload removed or renamed it?): add it back to "
+                        "[plugins.queue.transports], or set quarantine to a transport "
+                        "that is; the message waits",
+                        message.id,
+                        message.transport,
+                    )
+                outcomes[i] = Outcome(
+                    "deferred",
+                    451,
+                    "4.3.5",
+                    "Quarantine transport not configured",
+                    "queue",
+                    never_expires=True,
+                )
+                continue
             if transport is None:
                 # A configuration mistake, not the sender's: keep the mail.
                 is_postmaster = bool(postmaster) and recipient.canonical == _canonical(postmaster)

@@ -32,7 +32,7 @@ import pytest
 from bonzo_plugins.queue import QueuePlugin
 from bonzo_plugins.queue.bounce import ReportLine, build_report, wants_report
 from bonzo_plugins.queue.plugin import parse_duration
-from bonzo_plugins.queue.routes import Outcome, RouteTable
+from bonzo_plugins.queue.routes import DiscardTransport, Outcome, RouteTable
 from bonzo_plugins.queue.runner import Runner, RunnerSettings, backoff
 from bonzo_plugins.queue.spool import GroupSync, Recipient, Spool, SpoolError
 
@@ -1725,6 +1725,31 @@ def test_without_a_routes_table_everything_goes_by_mx(tmp_path):
     assert transport.kind == "mx"
     queue.bonzo_configure({"path": "q", "routes": {"x.test": {"type": "discard"}}}, App(tmp_path))
     assert [t.kind for t in queue.routes.transports] == ["discard"]  # no implicit "*"
+
+
+@pytest.mark.expect_errors
+def test_a_quarantine_transport_gone_is_named(tmp_path, caplog):
+    # A reload removed or renamed the transport a queued quarantined message
+    # is bound to: it was logged as "no route for <bob@example.net>", though
+    # example.net has one (tester milter3 L3).
+    spool, runner, clock = make_runner(tmp_path, DiscardTransport())
+    queued(spool, "Q1", {**envelope("alice@example.org", "b@example.net", "c@example.net"),
+                         "transport": "quar"})  # fmt: skip
+    asyncio.run(runner.attempt("Q1"))
+    message = spool.load("Q1")
+    assert [r.status for r in message.recipients] == ["deferred", "deferred"]
+    assert message.recipients[0].reply == "451 4.3.5 Quarantine transport not configured"
+    assert "no route" not in caplog.text
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [
+        "queue: Q1: quarantined message: transport 'quar' is not configured (a reload "
+        "removed or renamed it?): add it back to [plugins.queue.transports], or set "
+        "quarantine to a transport that is; the message waits"
+    ]
+    clock.now += runner.settings.lifetime + runner.settings.max_backoff
+    asyncio.run(runner.attempt("Q1"))
+    assert spool.load("Q1").recipients[0].status == "deferred"  # never bounced
+    assert reports(spool) == []
 
 
 @pytest.mark.expect_errors
