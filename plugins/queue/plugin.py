@@ -134,7 +134,10 @@ SCHEMA = Schema(
               "``0``: none.", zero=True),
     _duration("scan_interval", 30,
               "How often each runner looks through the whole queue (a message "
-              "accepted by a worker is tried at once regardless)."),
+              "accepted by a worker is tried at once regardless). No delivery "
+              "starts during a scan: one that outlasts this interval (a very long "
+              "queue) is followed by the next no sooner than four of its durations "
+              "later, with a warning."),
     Key("max_deliveries", "int", default=20, minimum=1,
         doc="Deliveries one runner makes at once."),
     Key("per_destination", "int", default=5, minimum=1,

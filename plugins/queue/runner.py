@@ -260,6 +260,7 @@ class Runner:
         self._parked: dict[str, float | None] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._slow_scan_warned = False  # once per runner: see _run
         #: Set by :meth:`stop`, and for a moment by a poke (``bonzo queue``):
         #: ends the waits between the tries of a state's save, so that a
         #: save is tried again at once when the operator freed space.
@@ -510,6 +511,7 @@ class Runner:
                     )
                     self._release_handed()
             if now >= next_scan:
+                started = time.monotonic()
                 try:
                     await loop.run_in_executor(self._executor, self._scan)
                 except OSError as exc:
@@ -531,7 +533,23 @@ class Runner:
                     for id in self._handed:
                         if id not in self._due and id not in self._inflight:
                             self._set_due(id, 0.0)
-                next_scan = now + self.settings.scan_interval
+                # From the scan's end, and at least four of its durations
+                # later: no delivery starts while a scan runs, and one over a
+                # queue so long that it outlasts scan_interval would
+                # otherwise follow another at once (a few deliveries a
+                # second with 68,000 messages and scan_interval = 5).
+                took = time.monotonic() - started
+                next_scan = self.clock() + max(self.settings.scan_interval, 4 * took)
+                if took > self.settings.scan_interval and not self._slow_scan_warned:
+                    self._slow_scan_warned = True
+                    log.warning(
+                        "queue: scanning %d message(s) took %.1f s, more than scan_interval "
+                        "(%g s): the next scans come %.0f s apart",
+                        sum(self.depth.values()),
+                        took,
+                        self.settings.scan_interval,
+                        4 * took,
+                    )
             for id in self._kicked:
                 self._set_due(id, 0.0)
             self._kicked.clear()

@@ -14,6 +14,7 @@ import email
 import email.policy
 import errno
 import io
+import itertools
 import json
 import logging
 import os
@@ -2643,3 +2644,37 @@ def test_check_warns_when_the_postmaster_falls_back_to_the_hostname(tmp_path, re
     assert bool(found) is warned, warnings
     if warned:
         assert "set [plugins.queue] postmaster" in found[0]
+
+
+def test_a_scan_longer_than_scan_interval_spaces_the_next_ones_out(tmp_path, caplog):
+    """No delivery starts while a scan runs, and the next scan was due
+    scan_interval after the last one *began*: a queue long enough that a
+    scan outlasts scan_interval was scanned back to back, deliveries
+    starting only in the gaps (a few a second with 68,000 messages). The
+    next scan now comes at least four scans' time after the end of one."""
+    transport = Scripted({})
+    spool, runner, clock = make_runner(tmp_path, transport, scan_interval=0.05)
+    runner.clock = time.time
+    scans = []
+    real_scan = runner._scan
+
+    def slow_scan() -> None:
+        scans.append(time.monotonic())
+        time.sleep(0.2)
+        real_scan()
+
+    runner._scan = slow_scan  # type: ignore[method-assign]
+
+    async def main() -> None:
+        runner.start()
+        await asyncio.sleep(1.5)
+        await runner.stop(grace=0.1)
+
+    with caplog.at_level(logging.WARNING, logger="bonzo.plugins.queue"):
+        asyncio.run(main())
+    assert 1 <= len(scans) <= 3, scans  # back to back: 6 or 7
+    gaps = [b - a for a, b in itertools.pairwise(scans)]
+    assert all(gap >= 0.2 + 0.8 - 0.05 for gap in gaps), gaps
+    [warning] = [r.getMessage() for r in caplog.records if "took" in r.getMessage()]
+    expected = r"more than scan_interval \(0\.05 s\): the next scans come \d+ s apart"
+    assert re.search(expected, warning), warning
