@@ -81,7 +81,17 @@ def add_quarantine_headers(envelope: Any, reason: str) -> dict[str, Any]:
     client gave) and, when plugins changed them,
     ``X-Bonzo-Quarantine-Final-Recipients:`` (what delivery would have
     used: ``none`` when every one was removed). Returns the same facts as a
-    record (``by``, ``reason``, ``recipients``, ``final``) for a queue file."""
+    record (``by``, ``reason``, ``recipients``, ``final``) for a queue file.
+
+    Any ``X-Bonzo-Quarantine*`` field already in the message (the client's)
+    is removed first: it would pass for Bonzo's."""
+    counts: dict[str, int] = {}
+    for name, _ in envelope.headers():
+        if name.lower().startswith("x-bonzo-quarantine"):
+            counts[name.lower()] = counts.get(name.lower(), 0) + 1
+    for name, count in counts.items():
+        for _ in range(count):
+            envelope.delete_header(name)  # the first left, each time
     envelope.add_header("X-Bonzo-Quarantine", f"{envelope.quarantined_by}: {reason}")
     given, final = quarantine_recipients(envelope)
     utf8 = "SMTPUTF8" in envelope.mail_params

@@ -428,6 +428,9 @@ class QueuePlugin:
             recipients = [
                 queued_recipient(recipient, {"NOTIFY": "NEVER"}, self.settings.postmaster)
             ]
+            # Recorded: the runner delivers a quarantined message on a
+            # transport that delivers by recipient to this one alone.
+            facts["to"] = recipients[0]["canonical"]
             return await self._queue(session, envelope, self.quarantine, recipients, facts)
         keep = envelope.remaining_indexes
         if not keep:
@@ -435,9 +438,13 @@ class QueuePlugin:
             # one folder keeps it for the recipients the client gave.
             skip = envelope.refused.keys() | envelope.added
             keep = [i for i in range(len(envelope.recipients)) if i not in skip]
+        # NOTIFY=NEVER here too: no report to the sender about the
+        # operator's copy (its ORCPT kept).
         recipients = [
             queued_recipient(
-                envelope.recipients[i], envelope.rcpt_params[i], self.settings.postmaster
+                envelope.recipients[i],
+                {**envelope.rcpt_params[i], "NOTIFY": "NEVER"},
+                self.settings.postmaster,
             )
             for i in keep
         ]

@@ -692,6 +692,9 @@ class Runner:
                 self._due.pop(id, None)
                 log.info("queue: %s done", id)
                 return
+            if message.held:
+                self._due.pop(id, None)  # a quarantine copy kept: until released
+                return
             nxt = message.next_due
             assert nxt is not None  # (not removed: some recipient is pending)
             if busy and all(self._at_limit(d) for d in busy):
@@ -1005,12 +1008,15 @@ class Runner:
                 # Quarantined, bound to a transport a reload took away: the
                 # routes are not the problem. Kept, as for a missing route.
                 if not outcomes:
+                    # It is bound to the name: setting quarantine to another
+                    # transport does not move it.
                     log.error(
                         "queue: %s: quarantined message: transport %r is not configured "
-                        "(a reload removed or renamed it?): add it back to "
-                        "[plugins.queue.transports], or set quarantine to a transport "
-                        "that is; the message waits",
+                        "(a reload removed or renamed it?): add a transport named %r back "
+                        "to [plugins.queue.transports] (a one-folder maildir will do), "
+                        "then run `bonzo queue flush`; the message waits",
                         message.id,
+                        message.transport,
                         message.transport,
                     )
                 outcomes[i] = Outcome(
@@ -1018,6 +1024,40 @@ class Runner:
                     451,
                     "4.3.5",
                     "Quarantine transport not configured",
+                    "queue",
+                    never_expires=True,
+                )
+                continue
+            if (
+                transport is not None
+                and message.transport is not None
+                and _by_recipient(transport)
+                and not _quarantine_copy(message, recipient)
+            ):
+                # Quarantined for its own recipients (a one-folder maildir
+                # quarantine, or queued by an older version), and the name
+                # now delivers by recipient (a reload): it would reach their
+                # mailboxes. Kept, never delivered there.
+                if not outcomes:
+                    log.error(
+                        "queue: %s: quarantined message not delivered: transport %r now "
+                        "delivers to each recipient (%s), and the message is queued for "
+                        "its own recipients, not for a quarantine_recipient: it would "
+                        "reach their mailboxes. Make %r a one-folder maildir again and "
+                        "run `bonzo queue flush`, or save it (`bonzo queue show %s`) and "
+                        "`bonzo queue delete %s`; the message waits",
+                        message.id,
+                        message.transport,
+                        transport.kind,
+                        message.transport,
+                        message.id,
+                        message.id,
+                    )
+                outcomes[i] = Outcome(
+                    "deferred",
+                    451,
+                    "4.3.5",
+                    "Quarantine transport delivers by recipient",
                     "queue",
                     never_expires=True,
                 )
@@ -1155,6 +1195,11 @@ class Runner:
         some_delivered = any(o.status == "delivered" for o in outcomes.values())
         tls_of: dict[int, str] = {}  # id(recipient) -> how its delivery was protected
         next_round: list[Recipient] = []  # past the server's limit per transaction
+        # A quarantine copy is never lost nor reported to the sender (NOTIFY=NEVER
+        # whatever its parameters): refused for good, or past its lifetime,
+        # it is held for the operator.
+        quarantined = message.transport is not None
+        kept: list[Recipient] = []
         for i, outcome in outcomes.items():
             r = message.recipients[i]
             expired = now - message.arrival >= settings.lifetime and not outcome.never_expires
@@ -1177,10 +1222,15 @@ class Runner:
                 delivered.append(r)
                 tls_of[id(r)] = outcome.tls
                 action = "relayed" if outcome.relayed else "delivered"
-                if wants_report(r, action) and not outcome.dsn_downstream:
+                if not quarantined and wants_report(r, action) and not outcome.dsn_downstream:
                     success.append(
                         ReportLine(r, action, outcome.enhanced, outcome.reply, r.remote_mta)
                     )
+            elif quarantined and (outcome.status == "failed" or expired):
+                r.status = "deferred"
+                r.next_attempt = now  # due again as soon as it is released
+                message.held = True
+                kept.append(r)
             elif outcome.status == "failed" or expired:
                 r.status = "bounced"
                 r.done_at = now
@@ -1238,6 +1288,19 @@ class Runner:
                 f" ({line.note})" if line.note else "",
                 line.recipient.host,
             )
+        for r in kept:
+            log.error(
+                "queue: %s: quarantine copy to=<%s> held, not bounced: %s (%s)%s. Fix what "
+                "refused it (the quarantine_recipient, the transport %r, the mailbox), then "
+                "`bonzo queue release %s`",
+                message.id,
+                log_escape(r.address),
+                _one_line(r.reply),
+                r.host,
+                " (past its lifetime)" if r.reply[:1] != "5" else "",
+                message.transport,
+                message.id,
+            )
         for lines in ([b for b in bounced if wants_report(b.recipient, "failed")], success):
             if lines:
                 progress.reports.append(lines)
@@ -1262,6 +1325,7 @@ class Runner:
         deferred = [r for r in progress.deferred if r.status == "deferred"]
         if (
             settings.delay_warning
+            and message.transport is None  # a quarantine copy: never a report
             and not message.warned
             and deferred
             and now - message.arrival >= settings.delay_warning
@@ -1375,6 +1439,23 @@ class Runner:
         )
         self.kick(id, handed)
         return id
+
+
+def _by_recipient(transport: Any) -> bool:
+    """Whether ``transport`` delivers to each recipient on its own (all but
+    ``discard`` and a one-folder maildir; a kind unknown here counts as one)."""
+    if transport.kind == "discard":
+        return False
+    if transport.kind == "maildir":
+        return bool(transport.writer.per_recipient)
+    return True
+
+
+def _quarantine_copy(message: QueuedMessage, recipient: Recipient) -> bool:
+    """Whether ``recipient`` is the quarantine copy's own recipient (the
+    ``quarantine_recipient`` it was queued for, recorded as ``to``)."""
+    to = (message.quarantine or {}).get("to")
+    return isinstance(to, str) and recipient.canonical == to
 
 
 def _to_postmaster(recipient: Recipient, postmaster: str) -> None:

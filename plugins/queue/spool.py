@@ -301,8 +301,9 @@ class QueuedMessage:
     quarantine: dict[str, Any] | None = None
     """A quarantined message's facts: ``by`` (the plugin), ``reason``,
     ``recipients`` (as the client gave them) and ``final`` (after the
-    plugins' changes); ``None`` otherwise (and for one queued before they
-    were kept)."""
+    plugins' changes), and ``to``: the canonical ``quarantine_recipient`` it
+    was queued for (absent for a copy kept for its own recipients); ``None``
+    otherwise (and for one queued before they were kept)."""
     has_state: bool = False
     """A state file exists (it must be removed with the message)."""
 

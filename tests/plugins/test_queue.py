@@ -1744,13 +1744,131 @@ def test_a_quarantine_transport_gone_is_named(tmp_path, caplog):
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors == [
         "queue: Q1: quarantined message: transport 'quar' is not configured (a reload "
-        "removed or renamed it?): add it back to [plugins.queue.transports], or set "
-        "quarantine to a transport that is; the message waits"
+        "removed or renamed it?): add a transport named 'quar' back to "
+        "[plugins.queue.transports] (a one-folder maildir will do), then run "
+        "`bonzo queue flush`; the message waits"
     ]
     clock.now += runner.settings.lifetime + runner.settings.max_backoff
     asyncio.run(runner.attempt("Q1"))
     assert spool.load("Q1").recipients[0].status == "deferred"  # never bounced
     assert reports(spool) == []
+
+
+@pytest.mark.expect_errors
+@pytest.mark.parametrize(
+    "quarantine",
+    [None, {"by": "milter", "reason": "held", "recipients": ["b@example.net"], "final": []}],
+)
+def test_a_quarantined_message_for_its_own_recipients_never_goes_by_recipient(
+    tmp_path, caplog, quarantine
+):
+    # Queued for its own recipients (a one-folder maildir quarantine, or by
+    # an older version: no facts), then a reload made its transport one that
+    # delivers by recipient: it went to their mailboxes (tester review9 H1).
+    spool, runner, clock = make_runner(tmp_path, DiscardTransport())
+    quar = Scripted({"b@example.net": [OK] * 3, "c@example.net": [OK] * 3})
+    runner.routes.named["quar"] = quar
+    env = {**envelope("alice@example.org", "b@example.net", "c@example.net"), "transport": "quar"}
+    if quarantine is not None:
+        env["quarantine"] = quarantine
+    queued(spool, "Q2", env)
+    asyncio.run(runner.attempt("Q2"))
+    assert quar.calls == []
+    message = spool.load("Q2")
+    assert [r.status for r in message.recipients] == ["deferred", "deferred"]
+    assert message.recipients[0].reply == "451 4.3.5 Quarantine transport delivers by recipient"
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [
+        "queue: Q2: quarantined message not delivered: transport 'quar' now delivers to "
+        "each recipient (scripted), and the message is queued for its own recipients, not "
+        "for a quarantine_recipient: it would reach their mailboxes. Make 'quar' a "
+        "one-folder maildir again and run `bonzo queue flush`, or save it (`bonzo queue "
+        "show Q2`) and `bonzo queue delete Q2`; the message waits"
+    ]
+    clock.now += runner.settings.lifetime + runner.settings.max_backoff
+    asyncio.run(runner.attempt("Q2"))
+    assert quar.calls == []
+    assert [r.status for r in spool.load("Q2").recipients] == ["deferred", "deferred"]
+    assert reports(spool) == []
+    assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 2  # once per attempt
+    # A one-folder maildir of that name again: delivered there.
+    folder = RouteTable({}, {"quar": {"type": "maildir", "path": "quar"}}, App(tmp_path))
+    folder.start()
+    runner.routes.named["quar"] = folder.named["quar"]
+    clock.now += runner.settings.max_backoff
+    asyncio.run(runner.attempt("Q2"))
+    assert spool.ids() == []
+    assert len(list((tmp_path / "quar" / "new").iterdir())) == 1
+
+
+def test_a_quarantine_copy_goes_to_its_own_recipient_by_recipient(tmp_path):
+    spool, runner, clock = make_runner(tmp_path, DiscardTransport())
+    quar = Scripted({"Review@example.org": [OK]})
+    runner.routes.named["quar"] = quar
+    facts = {"by": "m", "reason": "r", "recipients": ["b@example.net"], "final": []}
+    env = {**envelope("alice@example.org", "Review@example.org"), "transport": "quar",
+           "quarantine": {**facts, "to": "review@example.org"}}  # fmt: skip
+    queued(spool, "Q3", env)
+    asyncio.run(runner.attempt("Q3"))
+    assert quar.calls == [["Review@example.org"]]
+    assert spool.ids() == []
+
+
+@pytest.mark.expect_errors
+@pytest.mark.parametrize("failure", ["refused", "expired"])
+def test_a_quarantine_copy_refused_for_good_is_held_never_bounced(tmp_path, caplog, failure):
+    # A 550 for the quarantine_recipient, a review relay's 554: the copy was
+    # dropped with a WARNING (tester review9 H2). Held, for the operator.
+    refusal = Outcome("failed", 550, "5.1.1", "User unknown", "lmtp.test")
+    later = Outcome("deferred", 451, "4.2.0", "Try later", "lmtp.test")
+    quar = Scripted({"review@example.org": [refusal if failure == "refused" else later, OK]})
+    spool, runner, clock = make_runner(tmp_path, DiscardTransport())
+    runner.routes.named["quar"] = quar
+    env = {**envelope("alice@example.org", "review@example.org", NOTIFY="FAILURE,DELAY"),
+           "transport": "quar", "quarantine": {"to": "review@example.org"}}  # fmt: skip
+    queued(spool, "Q4", env)
+    if failure == "expired":
+        clock.now += runner.settings.lifetime
+    asyncio.run(runner.attempt("Q4"))
+    message = spool.load("Q4")
+    assert message.held
+    assert message.recipients[0].status == "deferred"
+    assert reports(spool) == []
+    [error] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert error.startswith(
+        "queue: Q4: quarantine copy to=<review@example.org> held, not bounced: "
+    )
+    assert error.endswith(
+        "Fix what refused it (the quarantine_recipient, the transport 'quar', the "
+        "mailbox), then `bonzo queue release Q4`"
+    )
+    assert "to=<review@example.org> bounced" not in caplog.text
+    asyncio.run(runner.attempt("Q4"))  # held: not tried
+    assert len(quar.calls) == 1
+    message.held = False  # what `bonzo queue release` does
+    claim = spool.claim("Q4")
+    spool.save_state(message)
+    claim.release()
+    asyncio.run(runner.attempt("Q4"))
+    assert len(quar.calls) == 2
+    assert spool.ids() == []
+    assert reports(spool) == []
+
+
+def test_a_quarantine_copy_is_never_reported(tmp_path):
+    # NOTIFY=SUCCESS on a quarantined message queued for its recipients (an
+    # older version, or parameters kept): no "delivered" report to the
+    # sender about the operator's copy (tester review9 M1).
+    spool, runner, clock = make_runner(tmp_path, DiscardTransport())
+    folder = RouteTable({}, {"quar": {"type": "maildir", "path": "quar"}}, App(tmp_path))
+    folder.start()
+    runner.routes.named["quar"] = folder.named["quar"]
+    env = {**envelope("alice@example.org", "b@example.net", NOTIFY="SUCCESS"),
+           "transport": "quar"}  # fmt: skip
+    queued(spool, "Q5", env)
+    asyncio.run(runner.attempt("Q5"))
+    assert spool.ids() == []
+    assert len(list((tmp_path / "quar" / "new").iterdir())) == 1
 
 
 @pytest.mark.expect_errors
@@ -2092,6 +2210,7 @@ def test_a_quarantined_message_goes_to_the_quarantine_recipient_alone(tmp_path):
     assert [(r["address"], r["params"]) for r in record["recipients"]] == [
         ("Quarantine@Example.org", {"NOTIFY": "NEVER"})
     ]
+    assert record["quarantine"]["to"] == "Quarantine@example.org"  # canonical
     [kept] = list((tmp_path / "mail" / "example.org" / "quarantine" / "new").iterdir())
     assert b"X-Bonzo-Quarantine: suspect: score 9.5\r\n" in kept.read_bytes()
     assert sorted(p.name for p in (tmp_path / "mail").iterdir()) == ["example.org"]
