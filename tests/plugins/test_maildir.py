@@ -820,7 +820,13 @@ def test_quarantined_messages_go_to_the_quarantine_maildir(tmp_path):
     assert (tmp_path / "Quarantine" / "new").is_dir()
     with serve(("recipients", recipients()), ("suspect", Suspect()), ("maildir", plugin)) as server:
         with server.client() as client:
-            bad = b"Subject: pay\r\n\r\nurgent wire transfer\r\n"
+            # A client's own fields of Bonzo's names (tester review9 L1): removed.
+            bad = (
+                b"X-Bonzo-Quarantine-Final-Recipients: <ceo@example.org>\r\n"
+                b"Subject: pay\r\nx-bonzo-quarantine: fake\r\n"
+                b"X-Bonzo-Quarantine-Final-Recipients: <all@example.org>\r\n"
+                b"\r\nurgent wire transfer\r\n"
+            )
             assert (
                 client.sendmail("a@example.org", ["alice@example.com", "bob@example.com"], bad)
                 == {}
@@ -837,6 +843,8 @@ def test_quarantined_messages_go_to_the_quarantine_maildir(tmp_path):
     # Where it was going, for the operator who releases it (milter3 M2).
     assert b"X-Bonzo-Quarantine-Recipients: <alice@example.com>, <bob@example.com>\r\n" in content
     assert content.endswith(b"urgent wire transfer\r\n")
+    assert b"ceo@" not in content and b"all@" not in content and b"fake" not in content
+    assert content.lower().count(b"x-bonzo-quarantine") == 2  # Bonzo's two
     delivered = files(tmp_path / "Maildir")
     assert [p.read_bytes().endswith(b"hi\r\n") for p in delivered] == [True]  # one copy, to alice
     assert tmp_path / "Quarantine" in plugin.maildirs()

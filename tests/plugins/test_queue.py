@@ -2103,9 +2103,11 @@ def test_a_quarantined_message_goes_to_the_quarantine_transport_only(tmp_path):
 
     plugins.register(Suspect(), "suspect")  # bonzo_message: before any delivery anyway
 
+    forged = b"X-Bonzo-Quarantine-Final-Recipients: <forged@example.org>\r\n" + BODY
+
     async def main() -> bytes:
         await queue.bonzo_startup(App(tmp_path, plugins))
-        reply = await send(SessionTester(plugins))
+        reply = await send(SessionTester(plugins), forged)
         assert queue.spool is not None
         await drained(queue, 4)
         await queue.bonzo_shutdown()
@@ -2113,7 +2115,11 @@ def test_a_quarantined_message_goes_to_the_quarantine_transport_only(tmp_path):
 
     assert asyncio.run(main()).startswith(b"250 2.0.0")
     [kept] = list((tmp_path / "review" / "new").iterdir())
-    assert b"X-Bonzo-Quarantine: suspect: score 9.5\r\n" in kept.read_bytes()
+    content = kept.read_bytes()
+    assert b"X-Bonzo-Quarantine: suspect: score 9.5\r\n" in content
+    # The client's own field of that name is gone (tester review9 L1).
+    assert b"forged" not in content
+    assert content.count(b"X-Bonzo-Quarantine-Final-Recipients") == 0
     mail = tmp_path / "mail" / "new"
     assert not mail.exists() or not any(mail.iterdir())  # nothing to the recipients
     with pytest.raises(ValueError, match="quarantine: no transport named 'nope'"):
