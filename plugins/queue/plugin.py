@@ -189,10 +189,12 @@ SCHEMA = Schema(
         "instead of its own recipients; required when that transport delivers by "
         "recipient (``lmtp``, ``smarthost``, ``mx``, a ``maildir`` with "
         "``per_recipient``): without it, quarantined mail would reach the very "
-        "mailboxes it is kept from. It is queued with ``NOTIFY=NEVER``: the "
-        "sender gets no report about the quarantine copy. Without it (a "
-        "``maildir`` quarantine in one folder), the message is queued for its "
-        "recipients, all in that one folder."),
+        "mailboxes it is kept from. The sender gets no report about a "
+        "quarantine copy (``NOTIFY=NEVER``). Without it (a ``maildir`` "
+        "quarantine in one folder), the message is queued for its recipients, "
+        "all in that one folder; such a message is never delivered by a "
+        "transport that delivers by recipient (it waits if a reload makes its "
+        "transport one)."),
     check=_check,
     notes="Durations are seconds, or a string with a unit, and under ten years; "
     "all but ``delay_warning`` more than 0.",
