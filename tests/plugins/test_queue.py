@@ -2266,6 +2266,56 @@ def test_a_quarantine_stands_when_plugins_removed_every_recipient(tmp_path, reci
     )
 
 
+def test_a_one_folder_quarantine_copy_is_queued_with_notify_never(tmp_path):
+    # The client's NOTIFY=SUCCESS got the sender "Action: delivered" for a
+    # quarantined message (tester review9 M1); its ORCPT is kept.
+    from bonzo import Quarantine
+
+    table = {
+        "path": "q",
+        "routes": {"*": {"type": "discard"}},
+        "transports": {"review": {"type": "maildir", "path": "review"}},
+        "quarantine": "review",
+    }
+    plugins, queue = queue_session(tmp_path, table)
+
+    class Suspect:
+        @hookimpl
+        def bonzo_message(self):
+            return Quarantine("held")
+
+    plugins.register(Suspect(), "suspect")
+    records = []
+
+    async def main() -> bytes:
+        await queue.bonzo_startup(App(tmp_path, plugins))
+        assert queue.spool is not None
+        spool = queue.spool
+        original = spool.accept
+
+        async def keep(*args: Any, **kwargs: Any) -> Any:
+            records.append(args[1])
+            return await original(*args, **kwargs)
+
+        spool.accept = keep  # type: ignore[method-assign]
+        tester = SessionTester(plugins)
+        await tester.connect()
+        await tester.send(b"EHLO c\r\nMAIL FROM:<alice@example.org>\r\n")
+        await tester.send(b"RCPT TO:<b@example.net> NOTIFY=SUCCESS ORCPT=rfc822;b@example.net\r\n")
+        await tester.send(b"DATA\r\n")
+        reply = await tester.send(BODY + b".\r\n")
+        await drained(queue, 4)
+        await queue.bonzo_shutdown()
+        return reply
+
+    assert asyncio.run(main()).startswith(b"250 2.0.0")
+    [record] = records
+    [params] = [r["params"] for r in record["recipients"]]
+    assert params["NOTIFY"] == "NEVER"
+    assert params["ORCPT"] == "rfc822;b@example.net"
+    assert "to" not in record["quarantine"]
+
+
 def test_the_envelope_is_kept_with_the_message(tmp_path):
     plugins, queue = queue_session(
         tmp_path, {"path": "q", "routes": {"x.test": {"type": "discard"}}}
