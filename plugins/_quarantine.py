@@ -7,6 +7,7 @@ Private to ``bonzo_plugins``.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from typing import Any
 
@@ -16,6 +17,9 @@ __all__ = ["add_quarantine_headers", "quarantine_recipients", "address_list"]
 #: (``,``), ends or comments an address (``<>;()``), quotes, white space and
 #: controls. Such an address is written xtext-encoded instead.
 _SPECIAL = frozenset(',<>;()"\\ \t')
+
+#: A header field name (RFC 5322 3.6.8), as the envelope's header edits take it.
+_NAME = re.compile(r"[!-9;-~]+")
 
 
 def _plain(address: str, utf8: bool) -> bool:
@@ -87,7 +91,9 @@ def add_quarantine_headers(envelope: Any, reason: str) -> dict[str, Any]:
     is removed first: it would pass for Bonzo's."""
     counts: dict[str, int] = {}
     for name, _ in envelope.headers():
-        if name.lower().startswith("x-bonzo-quarantine"):
+        # (A name that is no field name, "X-Bonzo-Quarantine x", is no such
+        # field to a reader either.)
+        if name.lower().startswith("x-bonzo-quarantine") and _NAME.fullmatch(name):
             counts[name.lower()] = counts.get(name.lower(), 0) + 1
     for name, count in counts.items():
         for _ in range(count):

@@ -825,6 +825,7 @@ def test_quarantined_messages_go_to_the_quarantine_maildir(tmp_path):
                 b"X-Bonzo-Quarantine-Final-Recipients: <ceo@example.org>\r\n"
                 b"Subject: pay\r\nx-bonzo-quarantine: fake\r\n"
                 b"X-Bonzo-Quarantine-Final-Recipients: <all@example.org>\r\n"
+                b"X-Bonzo-Quarantine odd: not a field name\r\n"
                 b"\r\nurgent wire transfer\r\n"
             )
             assert (
@@ -844,7 +845,7 @@ def test_quarantined_messages_go_to_the_quarantine_maildir(tmp_path):
     assert b"X-Bonzo-Quarantine-Recipients: <alice@example.com>, <bob@example.com>\r\n" in content
     assert content.endswith(b"urgent wire transfer\r\n")
     assert b"ceo@" not in content and b"all@" not in content and b"fake" not in content
-    assert content.lower().count(b"x-bonzo-quarantine") == 2  # Bonzo's two
+    assert content.lower().count(b"x-bonzo-quarantine") == 3  # Bonzo's two, the odd line
     delivered = files(tmp_path / "Maildir")
     assert [p.read_bytes().endswith(b"hi\r\n") for p in delivered] == [True]  # one copy, to alice
     assert tmp_path / "Quarantine" in plugin.maildirs()
