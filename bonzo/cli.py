@@ -245,8 +245,10 @@ def _check(args: argparse.Namespace) -> int:
         # What `bonzo serve` will have, after raising its soft limit.
         soft, hard = limits
         http = _metrics_connections(config)
-        soft = _raised_soft(soft, hard, _descriptors_needed(config.settings.max_connections, http))
-        warning = _descriptor_warning(config.settings.max_connections, soft, hard, http)
+        own = app.plugins.open_files()
+        need = _descriptors_needed(config.settings.max_connections, http, own)
+        soft = _raised_soft(soft, hard, need)
+        warning = _descriptor_warning(config.settings.max_connections, soft, hard, http, own)
         if warning is not None:
             print(f"  warning: {warning}")
     return 0
@@ -548,7 +550,9 @@ def _serve_app(app: Any) -> int:
         )
     for warning in app.warnings():
         log.warning("%s", warning)
-    _raise_descriptor_limit(config.settings.max_connections, _metrics_connections(config))
+    _raise_descriptor_limit(
+        config.settings.max_connections, _metrics_connections(config), app.plugins.open_files()
+    )
     main_pid = os.getpid()
     if config.pid_file is not None:
         try:
@@ -663,10 +667,12 @@ def _descriptor_limits() -> tuple[int, int] | None:
     return (-1 if soft == infinity else soft), (-1 if hard == infinity else hard)
 
 
-def _descriptors_needed(max_connections: int, metrics: int = 0) -> int:
+def _descriptors_needed(max_connections: int, metrics: int = 0, plugins: int = 0) -> int:
     """Descriptors a worker may need for ``max_connections`` sessions, and
-    worker 0 for ``metrics`` connections of the metrics listener besides."""
-    return max_connections * _DESCRIPTORS_PER_CONNECTION + _DESCRIPTORS_SPARE + metrics
+    worker 0 for ``metrics`` connections of the metrics listener besides,
+    with ``plugins`` more that plugins may hold (:meth:`PluginSet.open_files
+    <bonzo.hooks.PluginSet.open_files>`: the queue's message files)."""
+    return max_connections * _DESCRIPTORS_PER_CONNECTION + _DESCRIPTORS_SPARE + metrics + plugins
 
 
 def _metrics_connections(config: Any) -> int:
@@ -682,21 +688,26 @@ def _raised_soft(soft: int, hard: int, need: int) -> int:
     return soft
 
 
-def _descriptor_warning(max_connections: int, soft: int, hard: int, metrics: int = 0) -> str | None:
+def _descriptor_warning(
+    max_connections: int, soft: int, hard: int, metrics: int = 0, plugins: int = 0
+) -> str | None:
     """The warning when ``soft`` (``-1``: unlimited) is below what
-    ``max_connections`` sessions (and ``metrics`` connections) may need."""
-    need = _descriptors_needed(max_connections, metrics)
+    ``max_connections`` sessions (and ``metrics`` connections, and the
+    ``plugins``' own files) may need."""
+    need = _descriptors_needed(max_connections, metrics, plugins)
     if soft < 0 or soft >= need:
         return None
+    besides = f" (with {plugins} for the plugins' own files)" if plugins else ""
     return (
-        f"[limits] max_connections = {max_connections} may need {need} open files per process, "
+        f"[limits] max_connections = {max_connections} may need {need} open files per process"
+        f"{besides}, "
         f"but the limit is {soft} (hard limit {'unlimited' if hard < 0 else hard}): raise it "
         "(LimitNOFILE= in a systemd unit, ulimit -n) or lower max_connections; clients beyond "
         "it are answered 421 4.3.2"
     )
 
 
-def _raise_descriptor_limit(max_connections: int, metrics: int = 0) -> None:
+def _raise_descriptor_limit(max_connections: int, metrics: int = 0, plugins: int = 0) -> None:
     """Raise this process's soft limit on open descriptors (inherited by its
     workers) to what ``max_connections`` sessions may need, within the hard
     limit (as systemd advises a service that polls with epoll), and warn
@@ -708,7 +719,7 @@ def _raise_descriptor_limit(max_connections: int, metrics: int = 0) -> None:
     import resource
 
     soft, hard = limits
-    target = _raised_soft(soft, hard, _descriptors_needed(max_connections, metrics))
+    target = _raised_soft(soft, hard, _descriptors_needed(max_connections, metrics, plugins))
     if target != soft:
         try:
             resource.setrlimit(
@@ -718,13 +729,14 @@ def _raise_descriptor_limit(max_connections: int, metrics: int = 0) -> None:
             log.warning("cannot raise the limit on open files from %d: %s", soft, exc)
         else:
             log.info(
-                "limit on open files raised from %d to %d for [limits] max_connections = %d",
+                "limit on open files raised from %d to %d for [limits] max_connections = %d%s",
                 soft,
                 target,
                 max_connections,
+                f" and {plugins} of the plugins' own" if plugins else "",
             )
             soft = target
-    warning = _descriptor_warning(max_connections, soft, hard, metrics)
+    warning = _descriptor_warning(max_connections, soft, hard, metrics, plugins)
     if warning is not None:
         log.warning("%s", warning)
 

@@ -238,6 +238,19 @@ class PluginSet:
             return True
         return hook in accepts
 
+    def open_files(self) -> int:
+        """The descriptors the plugins may hold open at once in a process,
+        beside those of the sessions: the sum of their ``open_files``
+        attributes (a non-negative int; the ``queue`` plugin's counts the
+        message files it keeps and its deliveries). ``bonzo serve`` raises
+        its limit on open files by as much."""
+        total = 0
+        for name in self.names:
+            value = getattr(self.get(name), "open_files", 0)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                total += value
+        return total
+
     def credential_checkers(self) -> list[str]:
         """The plugins that implement :func:`~bonzo.hookspecs.bonzo_auth` and
         may accept there (:meth:`can_accept`), in call order: ``ratelimit``

@@ -2241,6 +2241,35 @@ def test_the_soft_descriptor_limit_is_raised_for_max_connections(workdir, serve)
     assert daemon.stop() == 0
 
 
+def test_the_descriptor_limit_counts_the_queue_s_own_files(workdir, serve):
+    """The queue keeps up to 512 message files open for their first attempt,
+    and a few per delivery: the limit raised for max_connections alone left
+    them no room (a soak test ran out with a handful of sessions: 451s,
+    unsaved delivery states, 421 at connect)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2656:
+        pytest.skip(f"the hard limit here ({hard}) is below what the test asks for")
+    port = free_port()
+    config = write_config(
+        workdir,
+        port,
+        enabled=["recipients", "queue"],
+        extra=f'\n[plugins.recipients]\ndomains = ["example.org"]\n'
+        f'\n[plugins.queue]\npath = "{workdir / "queue"}"\n',
+    )
+    prelude = f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (48, {hard}))"
+    daemon = serve(config, port, prelude=prelude)
+    daemon.wait_ready()
+    # 1000 sessions x 2 + 64, and 512 + 4 x max_deliveries (20) for the queue.
+    assert (
+        "limit on open files raised from 48 to 2656 for [limits] max_connections = 1000 "
+        "and 592 of the plugins' own"
+    ) in daemon.log
+    assert daemon.stop() == 0
+
+
 def test_check_warns_when_the_hard_descriptor_limit_is_too_low(workdir, env):
     import resource
 

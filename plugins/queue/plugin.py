@@ -218,6 +218,15 @@ class QueuePlugin:
     #: (data_end_timeout: 10 minutes), at a stop within shutdown_grace.
     bounds_own_shutdown = True
 
+    @property
+    def open_files(self) -> int:
+        """Descriptors it may hold at once in a process, beside the sessions'
+        (:meth:`bonzo.hooks.PluginSet.open_files`): the message files kept
+        for their first attempt (:data:`MAX_HANDED`), and per delivery slot
+        the message, its state and the outbound connection, with as many
+        idle connections."""
+        return MAX_HANDED + 4 * self.settings.max_deliveries
+
     def __init__(self) -> None:
         self.spool: Spool | None = None
         self.sync: GroupSync | None = None
