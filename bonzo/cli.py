@@ -707,7 +707,9 @@ def _descriptor_warning(
     )
 
 
-def _raise_descriptor_limit(max_connections: int, metrics: int = 0, plugins: int = 0) -> None:
+def _raise_descriptor_limit(
+    max_connections: int, metrics: int = 0, plugins: int = 0, *, quiet: bool = False
+) -> None:
     """Raise this process's soft limit on open descriptors (inherited by its
     workers) to what ``max_connections`` sessions may need, within the hard
     limit (as systemd advises a service that polls with epoll), and warn
@@ -726,18 +728,20 @@ def _raise_descriptor_limit(max_connections: int, metrics: int = 0, plugins: int
                 resource.RLIMIT_NOFILE, (target, resource.RLIM_INFINITY if hard < 0 else hard)
             )
         except (OSError, ValueError) as exc:
-            log.warning("cannot raise the limit on open files from %d: %s", soft, exc)
+            if not quiet:
+                log.warning("cannot raise the limit on open files from %d: %s", soft, exc)
         else:
-            log.info(
-                "limit on open files raised from %d to %d for [limits] max_connections = %d%s",
-                soft,
-                target,
-                max_connections,
-                f" and {plugins} of the plugins' own" if plugins else "",
-            )
+            if not quiet:
+                log.info(
+                    "limit on open files raised from %d to %d for [limits] max_connections = %d%s",
+                    soft,
+                    target,
+                    max_connections,
+                    f" and {plugins} of the plugins' own" if plugins else "",
+                )
             soft = target
     warning = _descriptor_warning(max_connections, soft, hard, metrics, plugins)
-    if warning is not None:
+    if warning is not None and not quiet:
         log.warning("%s", warning)
 
 
@@ -928,6 +932,15 @@ def _reloaded_app(old: Any, *, warn: bool = True) -> Any:
     # The system's CA store, read once per process for the delivery's
     # "verify" TLS policy, is read again (updated ca-certificates).
     reload_system_trust()
+    # More sessions or deliveries may need more open files: the limit is
+    # raised in this process (each worker its own; the supervisor's for
+    # the workers it starts later), said once.
+    _raise_descriptor_limit(
+        config.settings.max_connections,
+        _metrics_connections(config),
+        new.plugins.open_files(),
+        quiet=not warn,
+    )
     if warn:
         # Warned, not refused: an expired certificate is usually a renewal
         # that has not happened yet (or is minutes away), and refusing the

@@ -532,11 +532,19 @@ def _bounce(plugin: QueuePlugin, args: argparse.Namespace) -> int:
     spool, routes = plugin.spool, plugin.routes
     assert spool is not None and routes is not None
     try:
-        _load(spool, args.id)
+        message = _load(spool, args.id)
     except Problem as exc:
         if not spool.present(args.id):
             raise
         raise Problem(f"{exc}; cannot bounce an unreadable message: repair or delete it") from None
+    if message.transport is not None:
+        # A quarantine copy is never returned to its sender (it may carry
+        # what was quarantined): the runner would hold it instead.
+        raise Problem(
+            f"{args.id}: a quarantined message is never returned to its sender: "
+            f"`bonzo queue delete {args.id}` drops it, `bonzo queue release {args.id}` "
+            "tries its quarantine delivery again"
+        )
     _poke(spool)
     claim = _claim(spool, args.id, CLAIM_WAIT)
 

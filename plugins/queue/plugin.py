@@ -222,10 +222,13 @@ class QueuePlugin:
     def open_files(self) -> int:
         """Descriptors it may hold at once in a process, beside the sessions'
         (:meth:`bonzo.hooks.PluginSet.open_files`): the message files kept
-        for their first attempt (:data:`MAX_HANDED`), and per delivery slot
-        the message, its state and the outbound connection, with as many
-        idle connections."""
-        return MAX_HANDED + 4 * self.settings.max_deliveries
+        for their first attempt (:data:`MAX_HANDED`), per delivery slot the
+        message, its state and the outbound connection, and the idle
+        connections each SMTP/LMTP transport keeps for reuse (at most
+        :data:`~.transports.MAX_IDLE` each)."""
+        pools = [t for t in (self.routes.transports if self.routes else []) if hasattr(t, "pool")]
+        idle = sum(t.pool.max_idle for t in pools)
+        return MAX_HANDED + 3 * self.settings.max_deliveries + idle
 
     def __init__(self) -> None:
         self.spool: Spool | None = None

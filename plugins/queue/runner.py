@@ -1041,11 +1041,12 @@ class Runner:
                 if not outcomes:
                     log.error(
                         "queue: %s: quarantined message not delivered: transport %r now "
-                        "delivers to each recipient (%s), and the message is queued for "
-                        "its own recipients, not for a quarantine_recipient: it would "
-                        "reach their mailboxes. Make %r a one-folder maildir again and "
-                        "run `bonzo queue flush`, or save it (`bonzo queue show %s`) and "
-                        "`bonzo queue delete %s`; the message waits",
+                        "delivers to each recipient (%s), and the message is not recorded "
+                        "as queued for a quarantine_recipient (queued for its own "
+                        "recipients, or by an earlier version): it could reach their "
+                        "mailboxes. Make %r a one-folder maildir and run `bonzo queue "
+                        "flush`, or save it (`bonzo queue show %s`) and `bonzo queue "
+                        "delete %s`; the message waits",
                         message.id,
                         message.transport,
                         transport.kind,

@@ -214,12 +214,24 @@ def _client_keys(values: Mapping[str, Any]) -> dict[str, Any]:
 CLOSE_TIMEOUT = 5.0
 
 
-class ConnectionPool:
-    """Idle connections by destination, for reuse."""
+#: Idle connections one pool (one transport) keeps at most: past it, the
+#: one idle longest is closed. Each holds a descriptor, counted in the
+#: plugin's ``open_files``.
+MAX_IDLE = 20
 
-    def __init__(self, idle_timeout: float = 30.0, close_timeout: float = CLOSE_TIMEOUT) -> None:
+
+class ConnectionPool:
+    """Idle connections by destination, for reuse (at most ``max_idle``)."""
+
+    def __init__(
+        self,
+        idle_timeout: float = 30.0,
+        close_timeout: float = CLOSE_TIMEOUT,
+        max_idle: int = MAX_IDLE,
+    ) -> None:
         self.idle_timeout = idle_timeout
         self.close_timeout = close_timeout
+        self.max_idle = max_idle
         self._idle: dict[str, list[tuple[float, ClientConnection]]] = {}
         #: ``QUIT`` under way, and on which connection.
         self._quitting: dict[asyncio.Future[Any], ClientConnection] = {}
@@ -247,6 +259,14 @@ class ConnectionPool:
         if not conn.usable:
             conn.close()
             return
+        if sum(len(idle) for idle in self._idle.values()) >= self.max_idle:
+            # Full: the connection idle longest goes (a descriptor each; many
+            # destinations must not keep one open each for idle_timeout).
+            oldest = min(self._idle, key=lambda d: self._idle[d][0][0])
+            _, stale = self._idle[oldest].pop(0)
+            if not self._idle[oldest]:
+                del self._idle[oldest]
+            self._quit(stale)
         self._idle.setdefault(destination, []).append((time.monotonic(), conn))
 
     def expire(self) -> int:

@@ -1677,6 +1677,40 @@ def test_idle_pooled_connections_are_closed_after_idle_timeout(tmp_path, monkeyp
     assert expired
 
 
+def test_a_pool_keeps_at_most_max_idle_connections(monkeypatch):
+    """One idle connection per destination was kept for idle_timeout: many
+    destinations, many descriptors (30 with max_deliveries = 1). Past
+    max_idle the one idle longest is closed."""
+    from bonzo_plugins.queue import transports
+
+    quits: list[str] = []
+
+    class Conn:
+        usable = True
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def quit(self) -> None:
+            quits.append(self.name)
+
+    now = [100.0]
+    monkeypatch.setattr(transports.time, "monotonic", lambda: now[0])
+
+    async def main() -> None:
+        pool = transports.ConnectionPool(idle_timeout=30, max_idle=3)
+        for i in range(5):
+            pool.give(f"d{i}.test", Conn(f"c{i}"))
+            now[0] += 1
+        await asyncio.sleep(0)
+        assert pool.take("d0.test") is None and pool.take("d1.test") is None
+        assert pool.take("d4.test").name == "c4"
+        await pool.close()
+
+    asyncio.run(main())
+    assert quits[:2] == ["c0", "c1"]
+
+
 def test_two_runners_never_deliver_one_message_twice(tmp_path):
     delivered: list[str] = []
 
@@ -1780,10 +1814,11 @@ def test_a_quarantined_message_for_its_own_recipients_never_goes_by_recipient(
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors == [
         "queue: Q2: quarantined message not delivered: transport 'quar' now delivers to "
-        "each recipient (scripted), and the message is queued for its own recipients, not "
-        "for a quarantine_recipient: it would reach their mailboxes. Make 'quar' a "
-        "one-folder maildir again and run `bonzo queue flush`, or save it (`bonzo queue "
-        "show Q2`) and `bonzo queue delete Q2`; the message waits"
+        "each recipient (scripted), and the message is not recorded as queued for a "
+        "quarantine_recipient (queued for its own recipients, or by an earlier version): "
+        "it could reach their mailboxes. Make 'quar' a one-folder maildir and run `bonzo "
+        "queue flush`, or save it (`bonzo queue show Q2`) and `bonzo queue delete Q2`; the "
+        "message waits"
     ]
     clock.now += runner.settings.lifetime + runner.settings.max_backoff
     asyncio.run(runner.attempt("Q2"))

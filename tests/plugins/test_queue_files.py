@@ -937,3 +937,27 @@ def test_list_and_show_say_a_message_is_quarantined(tmp_path):
         "    after changes: none\n"
     ) in shown
     assert "quarantine" not in cli(spool, tmp_path, "show", "N").stdout
+
+
+def test_a_quarantine_copy_is_never_bounced_by_the_operator(tmp_path):
+    """`bonzo queue bounce` on a quarantine copy said "bounced" and exited 0,
+    but the runner held the copy instead (it is never returned to its
+    sender): the command now refuses and says what to do."""
+    spool = make_spool(tmp_path)
+    review = {
+        "address": "review@example.org",
+        "canonical": "review@example.org",
+        "domain": "example.org",
+        "params": {"NOTIFY": "NEVER"},
+    }
+    quarantine = {"by": "milter", "reason": "virus", "recipients": ["bob@example.org"],
+                  "final": ["bob@example.org"], "to": "review@example.org"}  # fmt: skip
+    write(spool, "Q", env(transport="review", quarantine=quarantine, recipients=[review]))
+    done = cli(spool, tmp_path, "bounce", "Q")
+    assert done.returncode == 1, done.stdout
+    assert done.stderr.endswith(
+        "bonzo queue: Q: a quarantined message is never returned to its sender: "
+        "`bonzo queue delete Q` drops it, `bonzo queue release Q` tries its quarantine "
+        "delivery again\n"
+    ), done.stderr
+    assert spool.ids() == ["Q"] and spool.load("Q").recipients[0].status == "pending"
