@@ -1141,10 +1141,12 @@ def test_a_lookup_keeps_the_documented_bound(dns_stub, timeout, attempts):
         took = time.monotonic() - start
         # (Slack for a loaded machine: uncapped, the pauses alone added seconds.)
         assert bound * 0.9 <= took <= bound + 0.75
-        # Every round but the last is sure to be asked; the bound, kept, may
-        # come before the last query on a loaded machine (seen in CI).
-        assert attempts - 1 <= len(dns_stub.queries) <= attempts
-        assert attempts - 1 <= len(other.queries) <= attempts
+        # Rounds go on after the first timeout, never past ``attempts``. How
+        # many fit before the bound depends on the machine: under CI's load
+        # a stalled event loop used whole 50 ms slots (3 of 10 asked, the
+        # bound kept): at least two rounds is what cannot fail by load alone.
+        assert 2 <= len(dns_stub.queries) <= attempts
+        assert 2 <= len(other.queries) <= attempts
 
 
 # ------------------------------------------------------ lookups in flight
