@@ -145,6 +145,7 @@ __all__ = [
     "SMTPConnection",
     "LMTPConnection",
     "MessageSource",
+    "CRLFLines",
     "DotStuffer",
     "TLS_POLICIES",
     "has_8bit",
@@ -661,23 +662,19 @@ def has_8bit(message: Message, chunk_size: int = 1 << 16) -> bool:
             content.body.seek(content.start)
 
 
-class DotStuffer:
-    """Encode message content for ``DATA``, streaming (RFC 5321 4.5.2).
+class CRLFLines:
+    """Turn content fed in chunks of any size into CRLF lines, streaming: bare
+    LF and bare CR become CRLF (:func:`crlf_lines`), and a last line without
+    a line end gets one. At most one octet (a CR that may start a CRLF split
+    between chunks) is held back. What :class:`DotStuffer` sends, and how
+    :meth:`bonzo.session.Envelope.replace_body` stores a new body."""
 
-    :meth:`feed` takes the content in chunks of any size and returns what to
-    send for each; :meth:`finish` returns the rest and the terminating
-    ``.``. Bare LF and bare CR become CRLF (relayed content never carries
-    them, and a bare LF before a dot must not hide a terminator); a line
-    starting with ``.`` gets a second one; the content is ended with CRLF
-    if it does not end with one. At most one octet (a CR that may start a
-    CRLF) is held back between chunks.
-    """
-
-    __slots__ = ("_line_start", "_cr")
+    __slots__ = ("_cr", "line_start")
 
     def __init__(self) -> None:
-        self._line_start = True
         self._cr = False
+        #: Whether the next octet fed starts a line.
+        self.line_start = True
 
     def feed(self, data: bytes) -> bytes:
         if self._cr:
@@ -688,27 +685,48 @@ class DotStuffer:
             self._cr = True
         if not data:
             return b""
-        lf = data.count(b"\n")
-        if lf or b"\r" in data:
-            crlf = data.count(b"\r\n")
-            if crlf != lf or crlf != data.count(b"\r"):
-                data = crlf_lines(data)
-            data = data.replace(b"\n.", b"\n..")
-        if self._line_start and data[:1] == b".":
-            data = b"." + data
-        self._line_start = data[-1:] == b"\n"
+        crlf = data.count(b"\r\n")
+        if crlf != data.count(b"\n") or crlf != data.count(b"\r"):
+            data = crlf_lines(data)
+        self.line_start = data[-1:] == b"\n"
         return data
 
     def finish(self) -> bytes:
-        tail = b""
-        if self._cr:
-            tail = b"\r\n"
-            self._cr = False
-            self._line_start = True
-        if not self._line_start:
-            tail += b"\r\n"
-        self._line_start = True
-        return tail + b".\r\n"
+        """The rest: the CRLF of a CR held back, or of an unended last line."""
+        held, self._cr = self._cr, False
+        if held or not self.line_start:
+            self.line_start = True
+            return b"\r\n"
+        return b""
+
+
+class DotStuffer:
+    """Encode message content for ``DATA``, streaming (RFC 5321 4.5.2).
+
+    :meth:`feed` takes the content in chunks of any size and returns what to
+    send for each; :meth:`finish` returns the rest and the terminating
+    ``.``. Bare LF and bare CR become CRLF (relayed content never carries
+    them, and a bare LF before a dot must not hide a terminator:
+    :class:`CRLFLines`); a line starting with ``.`` gets a second one; the
+    content is ended with CRLF if it does not end with one.
+    """
+
+    __slots__ = ("_lines",)
+
+    def __init__(self) -> None:
+        self._lines = CRLFLines()
+
+    def feed(self, data: bytes) -> bytes:
+        line_start = self._lines.line_start
+        data = self._lines.feed(data)
+        if b"\n." in data:
+            data = data.replace(b"\n.", b"\n..")
+        if line_start and data[:1] == b".":
+            data = b"." + data
+        return data
+
+    def finish(self) -> bytes:
+        return self._lines.finish() + b".\r\n"
 
 
 def crlf_lines(data: bytes) -> bytes:

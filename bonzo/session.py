@@ -30,7 +30,7 @@ from typing import IO, Any
 from tornado.log import gen_log
 
 from .address import Address
-from .client import crlf_lines
+from .client import CRLFLines
 from .dsn import MailDSN, RecipientDSN, mail_dsn, recipient_dsn
 from .errors import SMTPError
 from .protocol import AddressError, SMTPProtocol, parse_address, parse_path
@@ -456,42 +456,6 @@ _STANDALONE = SMTPSettings(hostname="localhost")
 CHUNK_COST = 64
 
 
-class _CRLFLines:
-    """Turn content fed in chunks of any size into CRLF lines, streaming: bare
-    LF and bare CR become CRLF, and a last line without a line end gets one,
-    as :class:`bonzo.client.DotStuffer` sends it. At most one octet (a CR
-    that may start a CRLF split between chunks) is held back."""
-
-    __slots__ = ("_cr", "_line_start")
-
-    def __init__(self) -> None:
-        self._cr = False
-        self._line_start = True
-
-    def feed(self, data: bytes) -> bytes:
-        if self._cr:
-            data = b"\r" + data
-            self._cr = False
-        if data[-1:] == b"\r":
-            data = data[:-1]
-            self._cr = True
-        if not data:
-            return b""
-        crlf = data.count(b"\r\n")
-        if crlf != data.count(b"\n") or crlf != data.count(b"\r"):
-            data = crlf_lines(data)
-        self._line_start = data[-1:] == b"\n"
-        return data
-
-    def finish(self) -> bytes:
-        """The rest: the CRLF of a CR held back, or of an unended last line."""
-        held, self._cr = self._cr, False
-        if held or not self._line_start:
-            self._line_start = True
-            return b"\r\n"
-        return b""
-
-
 class _Spool:
     """Message content: a list of chunks in memory, rolled over to an
     unlinked temporary file once it passes ``threshold`` octets.
@@ -864,7 +828,7 @@ class Envelope:
             )
         lines = None
         if (self.mail_params.get("BODY") or "").upper() != "BINARYMIME":
-            lines = _CRLFLines()
+            lines = CRLFLines()
         new = _Spool(self._spool_threshold, self._spool_dir)
         try:
             if binary:

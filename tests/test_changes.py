@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bonzo import Accept, hookimpl
+from bonzo.client import CRLFLines
 from bonzo.dsn import mail_dsn
 from bonzo.hooks import PluginSet
 from bonzo.session import (
@@ -26,7 +27,6 @@ from bonzo.session import (
     Change,
     Envelope,
     HeaderSectionTooLarge,
-    _CRLFLines,
     _Spool,
     current_plugin,
 )
@@ -266,7 +266,7 @@ def test_a_binarymime_replacement_body_is_kept_octet_for_octet():
     st.lists(st.integers(0, 40), max_size=8),
 )
 def test_crlf_lines_do_not_depend_on_the_chunking(data, cuts):
-    stream = _CRLFLines()
+    stream = CRLFLines()
     bounds = [0, *sorted(c for c in cuts if c <= len(data)), len(data)]
     out = b"".join(stream.feed(data[a:b]) for a, b in itertools.pairwise(bounds)) + stream.finish()
     assert no_bare_line_ends(out)
