@@ -69,9 +69,9 @@ def _refresh_pid() -> None:
 
 
 os.register_at_fork(after_in_child=_refresh_pid)
-#: RFC 5322 2.2: printable ASCII except the colon.
 #: MAIL parameters about the content, which a change of sender keeps.
 _CONTENT_PARAMS = frozenset(("BODY", "SMTPUTF8"))
+#: RFC 5322 2.2: printable ASCII except the colon.
 _HEADER_NAME = re.compile(r"[!-9;-~]+")
 #: The longest client header section the message-change methods will parse
 #: (memory stays bounded for any message; RFC 5322 sets no limit).
