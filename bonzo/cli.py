@@ -1004,9 +1004,10 @@ def _run_worker(
     supervisor forks with these signals blocked). Such a worker ignores
     SIGINT, which Ctrl-C sends to the whole process group, and takes the
     supervisor's requests as their own signals: SIGUSR2 "stop gracefully"
-    (which never counts as a second request: under systemd's default
-    ``KillMode=control-group`` a worker gets systemd's SIGTERM *and* the
-    supervisor's request for the same stop) and SIGUSR1 "force the stop".
+    (under systemd's default ``KillMode=control-group`` a worker gets
+    systemd's SIGTERM *and* the supervisor's request for the same stop, in
+    either order: only a second SIGTERM of its own forces the stop) and
+    SIGUSR1 "force the stop".
     It stops when its supervisor is gone.
 
     With ``[metrics]`` on, the worker counts (:mod:`bonzo.metrics`); the
@@ -1022,6 +1023,7 @@ def _run_worker(
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
         requests = 0
+        signalled = 0  # this process's own stop signals (not the supervisor's requests)
         forced = False
         stop_begun = False
         reloading = False
@@ -1138,10 +1140,19 @@ def _run_worker(
             return True
 
         def on_stop_signal(signum: int) -> None:
+            nonlocal signalled
             # The kernel's SIGTERM when the supervisor died (PR_SET_PDEATHSIG).
             if requests == 0 and supervisor_gone():
                 return
             name = signal.Signals(signum).name
+            signalled += 1
+            if signalled == 1 and requests:
+                # The supervisor's request (or its departure) came first:
+                # systemd signals the whole group, and the kernel hands a
+                # worker that has both pending the lower-numbered SIGUSR2
+                # first. The same stop.
+                log.info("%s: already stopping (the supervisor asked first)", name)
+                return
             request_stop(f"second {name}" if requests else name)
 
         def on_graceful_request() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -1263,6 +1264,30 @@ def test_a_stop_signal_reaching_every_process_stops_gracefully(workdir, serve, s
     assert daemon.log.count("stopped") == 2
     last = daemon.log.strip().splitlines()[-1]
     assert last.endswith("every worker has ended: the supervisor exits with status 0")
+
+
+def test_a_workers_own_sigterm_after_the_supervisors_request_is_the_same_stop(workdir, serve):
+    # The order a group's SIGTERM and the supervisor's request reach a worker
+    # in is the kernel's (a worker with both pending gets SIGUSR2 first).
+    port = free_port()
+    daemon = serve(write_config(workdir, port, workers=2, store="delay = 2.0\n"), port)
+    daemon.wait_ready(workers=2)
+    workers = ready_pids(daemon)
+    result: dict[str, Any] = {}
+    thread = slow_client(port, result)
+    wait_until(lambda: list(daemon.out.glob("*.delivering")), what="delivery to start")
+    daemon.proc.send_signal(signal.SIGTERM)  # the supervisor asks its workers
+    wait_until(
+        lambda: daemon.log.count("stopping: no new connections") == 2, what="both workers to stop"
+    )
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):  # the idle one may be gone
+            os.kill(pid, signal.SIGTERM)
+    thread.join(DEADLINE)
+    assert result == {"sendmail": {}}
+    assert daemon.proc.wait(timeout=DEADLINE) == 0
+    assert "forcing" not in daemon.log
+    assert "SIGTERM: already stopping (the supervisor asked first)" in daemon.log
 
 
 @pytest.mark.parametrize("pdeathsig", [True, False], ids=["prctl", "polling"])
