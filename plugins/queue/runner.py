@@ -151,6 +151,12 @@ class _Progress:
     observed: list[tuple[str, list[Recipient]]] = field(default_factory=list)
     #: Recipients deferred in this attempt (for the delay notice).
     deferred: list[Recipient] = field(default_factory=list)
+    #: While the attempt's groups are delivering: the outcomes that end a
+    #: recipient for good, applied together once every group has ended, so
+    #: that the sender gets one failure report per attempt, not one per
+    #: destination. Until then they are neither applied nor saved: a crash
+    #: tries those recipients again (nothing was delivered to them).
+    ending: dict[int, Outcome] | None = None
     #: The queue ids of the reports queued.
     queued: list[str] = field(default_factory=list)
     #: Changes applied to the message, and how many of them are saved.
@@ -1133,16 +1139,31 @@ class Runner:
                 self._free(destination)
             await self._settled(progress, dict(zip(idx, results, strict=True)))
 
-        await asyncio.gather(
-            *(one(transport, key[1], idx) for key, (transport, idx) in groups.items())
-        )
+        progress.ending = {}
+        try:
+            await asyncio.gather(
+                *(one(transport, key[1], idx) for key, (transport, idx) in groups.items())
+            )
+        finally:
+            ending, progress.ending = progress.ending, None
+        if ending:
+            self._apply(progress, ending)
         return busy
 
     async def _settled(self, progress: _Progress, outcomes: dict[int, Outcome]) -> None:
         """A group's delivery ended: apply its outcomes at once (in memory:
         nothing the destination answered is lost to a cancellation from
         here on) and write them. A write that fails is tried again by the
-        next group to end, and after the last by :meth:`_make_durable`."""
+        next group to end, and after the last by :meth:`_make_durable`.
+        Outcomes that end a recipient for good wait for the last group
+        (:attr:`_Progress.ending`)."""
+        ending = progress.ending
+        if ending is not None:
+            now = self.clock()
+            for i in [i for i, o in outcomes.items() if self._final(progress.message, o, now)]:
+                ending[i] = outcomes.pop(i)
+            if not outcomes:
+                return
         self._apply(progress, outcomes)
         try:
             # Shielded: a stop that cancels the other deliveries lets the
@@ -1182,6 +1203,15 @@ class Runner:
                     verdict[1],
                 )
         return self.routes.route(recipient)
+
+    def _final(self, message: QueuedMessage, outcome: Outcome, now: float) -> bool:
+        """``outcome`` ends its recipient without a delivery: refused for
+        good, or past the message's lifetime (see :meth:`_apply`)."""
+        return outcome.status == "failed" or (
+            outcome.status != "delivered"
+            and now - message.arrival >= self.settings.lifetime
+            and not outcome.never_expires
+        )
 
     def _apply(self, progress: _Progress, outcomes: dict[int, Outcome]) -> None:
         """Apply the outcomes to the recipients (in memory) and log them;

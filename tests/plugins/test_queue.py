@@ -830,6 +830,68 @@ def test_a_refusal_bounces_with_one_report_per_attempt(tmp_path):
     assert finals == ["rfc822; bob@example.net", "rfc822; carol@example.net"]
 
 
+def test_failures_at_several_destinations_make_one_report_per_attempt(tmp_path):
+    """A recipient whose domain does not exist fails at once, another's server
+    refuses later, a third is delivered in between: the sender gets one
+    failure report naming both, as from Postfix (one per destination before)."""
+
+    class Staggered(Scripted):
+        def destination(self, recipient: Recipient) -> str:
+            return recipient.domain
+
+        async def deliver(self, message: Any, recipients: Sequence[Recipient]) -> list[Outcome]:
+            delay = {"example.com": 0.0, "example.org": 0.05, "example.net": 0.1}
+            await asyncio.sleep(delay[recipients[0].domain])
+            return await super().deliver(message, recipients)
+
+    transport = Staggered(
+        {"a@example.com": [NO_DOMAIN], "b@example.org": [OK], "c@example.net": [GONE]}
+    )
+    spool, runner, clock = make_runner(tmp_path, transport)
+    queued(spool, "M1", envelope("s@example.org", "a@example.com", "b@example.org",
+                                 "c@example.net"))  # fmt: skip
+    asyncio.run(runner.attempt("M1"))
+    assert "M1" not in spool.ids()
+    [report] = reports(spool)
+    parsed = email.message_from_bytes(report.read(), policy=email.policy.default)
+    finals = [p["Final-Recipient"] for p in parsed.get_payload()[1].get_payload()[1:]]
+    assert finals == ["rfc822; a@example.com", "rfc822; c@example.net"]
+
+
+def test_a_failure_held_for_the_attempts_report_is_tried_again_after_a_stop(tmp_path):
+    """A stop while other destinations still deliver: the refused recipient
+    is neither saved as bounced nor reported (its report would have gone
+    with the attempt's), so the next attempt tries it again; the delivered
+    one is saved as delivered (never delivered twice)."""
+
+    class Stalls(Scripted):
+        started = asyncio.Event()
+
+        async def deliver(self, message: Any, recipients: Sequence[Recipient]) -> list[Outcome]:
+            if recipients[0].domain == "example.net":
+                self.started.set()
+                await asyncio.sleep(60)
+            return await super().deliver(message, recipients)
+
+    transport = Stalls({"a@example.com": [GONE], "b@example.org": [OK]})
+    spool, runner, clock = make_runner(tmp_path, transport)
+    queued(spool, "M2", envelope("s@example.org", "a@example.com", "b@example.org",
+                                 "c@example.net"))  # fmt: skip
+
+    async def main() -> None:
+        task = asyncio.ensure_future(runner.attempt("M2"))
+        await asyncio.wait_for(transport.started.wait(), 5)
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert reports(spool) == []
+    a, b, c = spool.load("M2").recipients
+    assert (a.status, b.status, c.status) == ("pending", "delivered", "pending")
+
+
 def test_a_report_to_a_utf8_sender_is_sent_with_smtputf8(tmp_path):
     """RFC 6531 3.2: the report's envelope and To: field hold the sender's
     UTF-8 address, so it is declared SMTPUTF8 (without, the client would
