@@ -2363,6 +2363,25 @@ def test_a_quarantine_stands_when_plugins_removed_every_recipient(tmp_path, reci
     )
 
 
+def test_a_quarantine_copy_in_one_folder_names_no_recipient_as_delivered_to(tmp_path):
+    # It is the reviewer's copy: a Delivered-To for its recipient would make
+    # the released copy a forwarding loop at that recipient's Postfix.
+    folder = RouteTable({}, {"quar": {"type": "maildir", "path": "quar"}}, App(tmp_path))
+    folder.start()
+    spool, runner, clock = make_runner(tmp_path, folder.named["quar"])
+    runner.routes.named["quar"] = folder.named["quar"]
+    queued(spool, "Q4", {**envelope("alice@example.org", "b@example.net"), "transport": "quar"})
+    queued(spool, "Q5", envelope("alice@example.org", "b@example.net"))  # not quarantined
+    asyncio.run(runner.attempt("Q4"))
+    [copy] = (tmp_path / "quar" / "new").iterdir()
+    assert copy.read_bytes().startswith(b"Return-Path: <alice@example.org>\r\n")
+    assert b"Delivered-To:" not in copy.read_bytes()
+    asyncio.run(runner.attempt("Q5"))
+    [other] = [p for p in (tmp_path / "quar" / "new").iterdir() if p != copy]
+    lead = b"Return-Path: <alice@example.org>\r\nDelivered-To: b@example.net\r\n"
+    assert other.read_bytes().startswith(lead)
+
+
 def test_a_one_folder_quarantine_copy_is_queued_with_notify_never(tmp_path):
     # The client's NOTIFY=SUCCESS got the sender "Action: delivered" for a
     # quarantined message (tester review9 M1); its ORCPT is kept.
