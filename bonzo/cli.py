@@ -595,10 +595,11 @@ def _serve_app(app: Any) -> int:
         )
     where = ", ".join(socket_name(s) for s in sockets)
     log.info(
-        "bonzo %s listening on %s with %d worker(s); plugins in order: %s",
+        "bonzo %s listening on %s with %d worker(s)%s; plugins in order: %s",
         version,
         where,
         config.workers,
+        " on uvloop" if config.loop == "uvloop" else "",
         ", ".join(config.plugins.enabled) or "none",
     )
     for hook, names in app.plugins.reordered().items():
@@ -1360,6 +1361,10 @@ def _supervise(
                     if mine is None:
                         s.close()
                 code = _run_worker(app, sockets, supervisor, mask, mine, slot)
+            except BaseException:
+                # os._exit() below drops any exception unseen: say why this
+                # worker ends (the supervisor only sees its status).
+                log.critical("worker %d (pid %d) failed", slot, os.getpid(), exc_info=True)
             finally:
                 os._exit(code)
         children[pid] = slot

@@ -532,11 +532,40 @@ def _event_loop(value: Any, source: str) -> str:
         raise ConfigError(
             source, "server.loop", f"must be one of {', '.join(EVENT_LOOPS)}, not {spelled(value)}"
         )
-    if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
+    if value == "uvloop":
+        _check_uvloop(source)
+    return str(value)
+
+
+#: The oldest uvloop Bonzo runs on (the ``uvloop`` extra's bound): the first
+#: with ``uvloop.run``.
+UVLOOP_MIN = (0, 19)
+
+
+def _check_uvloop(source: str) -> None:
+    """Import uvloop as the daemon will, so that a missing, broken or too old
+    one is a configuration error (``bonzo check``, status 2) rather than a
+    traceback in each worker once the ports are bound."""
+    if importlib.util.find_spec("uvloop") is None:
         raise ConfigError(
             source, "server.loop", "uvloop is not installed (pip install 'bonzo[uvloop]')"
         )
-    return str(value)
+    try:
+        import uvloop
+    except Exception as exc:  # e.g. built for another Python
+        raise ConfigError(
+            source, "server.loop", f"uvloop cannot be imported ({type(exc).__name__}: {exc})"
+        ) from None
+    version = str(getattr(uvloop, "__version__", "0"))
+    numbers = tuple(int(n) if n.isdigit() else 0 for n in version.split(".")[:2])
+    if numbers < UVLOOP_MIN or not callable(getattr(uvloop, "run", None)):
+        wanted = ".".join(map(str, UVLOOP_MIN))
+        raise ConfigError(
+            source,
+            "server.loop",
+            f"uvloop {version} is too old: Bonzo needs {wanted} or later "
+            "(pip install 'bonzo[uvloop]')",
+        )
 
 
 def _bool(item: dict[str, Any], name: str, source: str, key: str) -> bool:

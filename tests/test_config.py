@@ -241,6 +241,25 @@ def test_event_loop(monkeypatch):
     )
 
 
+def test_an_old_or_broken_uvloop_is_a_configuration_error(monkeypatch):
+    # Debian 12's uvloop 0.17 has no uvloop.run: each worker died with a
+    # traceback once the ports were bound, and `bonzo check` said OK.
+    import importlib.machinery
+    import types
+
+    old = types.ModuleType("uvloop")
+    old.__spec__ = importlib.machinery.ModuleSpec("uvloop", None)
+    old.__version__ = "0.17.0"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "uvloop", old)
+    assert_error(
+        table("server", loop="uvloop"), "server.loop", "uvloop 0.17.0 is too old", "0.19 or later"
+    )
+    old.__version__ = "0.21.0"  # type: ignore[attr-defined]  # but no run(): broken
+    assert_error(table("server", loop="uvloop"), "server.loop", "uvloop 0.21.0 is too old")
+    old.run = lambda main: None  # type: ignore[attr-defined]
+    assert parse(table("server", loop="uvloop")).loop == "uvloop"
+
+
 def test_spool_dir_is_resolved_against_the_file(tmp_path):
     (tmp_path / "spool").mkdir()
     config = parse(table("server", spool_dir="spool"), base_dir=tmp_path)

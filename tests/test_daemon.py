@@ -942,6 +942,7 @@ def test_serve_on_uvloop(workdir, serve, workers):
     assert record["to"] == ["b@example.org"]
     # The worker really runs on uvloop (the Store plugin records the loop's type).
     assert record["loop"].startswith("uvloop")
+    assert f"with {workers} worker(s) on uvloop; plugins in order" in daemon.log
     assert daemon.stop() == 0
 
 
@@ -1288,6 +1289,23 @@ def test_a_workers_own_sigterm_after_the_supervisors_request_is_the_same_stop(wo
     assert daemon.proc.wait(timeout=DEADLINE) == 0
     assert "forcing" not in daemon.log
     assert "SIGTERM: already stopping (the supervisor asked first)" in daemon.log
+
+
+@pytest.mark.expect_errors
+def test_a_worker_that_fails_says_why(workdir, serve):
+    # Its exception went with os._exit(): the log said only "exited with
+    # status 1; restarting", over and over.
+    port = free_port()
+    prelude = (
+        "def _fails(*args):\n    raise RuntimeError('the worker broke')\n"
+        "bonzo.cli._run_worker = _fails"
+    )
+    daemon = serve(write_config(workdir, port, workers=2), port, prelude)
+    assert daemon.proc.wait(timeout=DEADLINE) == 1
+    log = daemon.log
+    assert re.search(r"CRITICAL .* worker [01] \(pid \d+\) failed", log)
+    assert "RuntimeError: the worker broke" in log
+    assert "workers keep dying" in log
 
 
 @pytest.mark.parametrize("pdeathsig", [True, False], ids=["prctl", "polling"])
