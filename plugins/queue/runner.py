@@ -151,6 +151,9 @@ class _Progress:
     observed: list[tuple[str, list[Recipient]]] = field(default_factory=list)
     #: Recipients deferred in this attempt (for the delay notice).
     deferred: list[Recipient] = field(default_factory=list)
+    #: Of those, the ones whose deferral never expires (``id()``s): the
+    #: operator's to fix, so the delay notice promises no end.
+    endless: set[int] = field(default_factory=set)
     #: While the attempt's groups are delivering: the outcomes that end a
     #: recipient for good, applied together once every group has ended, so
     #: that the sender gets one failure report per attempt, not one per
@@ -1283,6 +1286,8 @@ class Runner:
                 r.status = "deferred"
                 r.next_attempt = now + backoff(r.attempts, settings)
                 deferred.append(r)
+                if outcome.never_expires:
+                    progress.endless.add(id(r))
         for r in delivered:
             tls = tls_of.get(id(r), "")
             log.info(
@@ -1361,10 +1366,11 @@ class Runner:
             and deferred
             and now - message.arrival >= settings.delay_warning
         ):
+            until = message.arrival + settings.lifetime
             lines = [
                 ReportLine(
                     r, "delayed", _transient(r.reply), r.reply, r.remote_mta,
-                    will_retry_until=message.arrival + settings.lifetime,
+                    will_retry_until=0.0 if id(r) in progress.endless else until,
                 )
                 for r in deferred
                 if wants_report(r, "delayed")

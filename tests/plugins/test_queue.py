@@ -1985,6 +1985,24 @@ def test_no_route_defers_never_bounces(tmp_path, caplog):
     assert reports(spool) == []
 
 
+@pytest.mark.expect_errors  # the "no route" error
+def test_a_delay_notice_promises_no_end_for_a_deferral_that_never_expires(tmp_path):
+    # No route (the operator's to fix) is kept past the lifetime: its delay
+    # notice gave a Will-Retry-Until that passed with the message still queued.
+    transport = Scripted({"c@example.org": [DEFER]})
+    spool, runner, clock = make_runner(tmp_path, None, delay_warning=60)
+    runner.routes.exact["example.org"] = transport
+    queued(spool, "X2", envelope("s@example.org", "b@example.net", "c@example.org"))
+    clock.now += 120
+    asyncio.run(runner.attempt("X2"))
+    [notice] = reports(spool)
+    parsed = email.message_from_bytes(notice.read(), policy=email.policy.default)
+    b, c = parsed.get_payload()[1].get_payload()[1:]
+    assert (b["Final-Recipient"], b["Status"]) == ("rfc822; b@example.net", "4.3.5")
+    assert b["Will-Retry-Until"] is None
+    assert c["Final-Recipient"] == "rfc822; c@example.org" and c["Will-Retry-Until"]
+
+
 # ---------------------------------------------------- acceptance (plugin)
 def queue_session(tmp_path: Path, table: dict[str, Any] | None = None):
     plugins = PluginSet()
