@@ -112,6 +112,7 @@ import contextvars
 import dataclasses
 import enum
 import io
+import ipaddress
 import logging
 import os
 import re
@@ -926,9 +927,24 @@ def server_label(
     if path is not None:
         return f"unix:{path}"
     where = f"[{host}]" if host is not None and ":" in host else str(host)
-    if name and name != host:
+    if name and name != host and not _literal_of(name, host):
         where = f"{name}{where}" if where.startswith("[") else f"{name}[{where}]"
     return f"{where}:{port}"
+
+
+def _literal_of(name: str, host: str | None) -> bool:
+    """Whether ``name`` is the address literal of ``host`` (``[192.0.2.1]``,
+    ``[IPv6:2001:db8::1]``: a recipient domain that is an address), which
+    would name the address twice."""
+    if host is None or not (name.startswith("[") and name.endswith("]")):
+        return False
+    inner = name[1:-1]
+    if inner[:5].lower() == "ipv6:":
+        inner = inner[5:]
+    try:
+        return ipaddress.ip_address(inner) == ipaddress.ip_address(host)
+    except ValueError:
+        return False
 
 
 async def _open_socket(

@@ -310,6 +310,10 @@ def test_a_connection_to_an_address_for_a_named_host_is_named_both_ways(policy_s
         (("2001:db8::1", 25, None, "mx.example.net"), "mx.example.net[2001:db8::1]:25"),
         (("relay.example", 587, None, "relay.example"), "relay.example:587"),
         ((None, None, "/run/lmtp"), "unix:/run/lmtp"),
+        # A recipient at an address literal: the address once, not twice.
+        (("127.0.0.1", 25, None, "[127.0.0.1]"), "127.0.0.1:25"),
+        (("2001:db8::1", 25, None, "[IPv6:2001:0DB8::1]"), "[2001:db8::1]:25"),
+        (("192.0.2.1", 25, None, "[192.0.2.2]"), "[192.0.2.2][192.0.2.1]:25"),
     ],
 )
 def test_server_labels(args, label):
