@@ -828,6 +828,17 @@ def options_problem(ret: str | None, envid: str | None) -> str | None:
     return None
 
 
+_HEXCHAR = re.compile(r"\+([0-9A-Fa-f]{2})")
+
+
+def _xtext_hex_upper(value: str) -> str:
+    """``value`` (xtext, as a client sent it) with its ``+xx`` escapes in the
+    upper case RFC 3461 4 requires: the same value, for a strict server."""
+    if "+" not in value:
+        return value
+    return _HEXCHAR.sub(lambda m: "+" + m.group(1).upper(), value)
+
+
 def _check_xtext(value: str, what: str) -> None:
     if not value or not value.isprintable() or " " in value or len(value) > 500:
         raise ValueError(f"bad {what} {value!r}")
@@ -1547,7 +1558,7 @@ class ClientConnection:
         if dsn and ret is not None:
             params.append(f"RET={ret.upper()}")
         if dsn and envid is not None:
-            params.append(f"ENVID={envid}")
+            params.append(f"ENVID={_xtext_hex_upper(envid)}")
         return " ".join([f"MAIL FROM:<{sender}>", *params]).encode("utf-8")
 
     def _rcpt_line(self, r: Recipient) -> bytes:
@@ -1560,7 +1571,7 @@ class ClientConnection:
                 words = r.notify.upper().replace(" ", "").split(",")
                 line += f" NOTIFY={','.join(dict.fromkeys(words))}"
             if r.orcpt is not None:
-                orcpt = r.orcpt
+                orcpt = _xtext_hex_upper(r.orcpt)
                 if not (orcpt.isascii() or self._utf8_mail):
                     # RFC 6533's raw UTF-8 form, downgraded to its escapes
                     # for a transaction without SMTPUTF8.

@@ -1004,6 +1004,8 @@ def test_dsn_parameters_are_passed_when_offered():
         Recipient.from_params("c@y.test", {"NOTIFY": "NEVER"}),
         # Accepted from a client with a keyword twice: passed on with it once.
         Recipient.from_params("d@y.test", {"NOTIFY": "failure,FAILURE,Delay"}),
+        # xtext's hex in the upper case RFC 3461 requires, the same value.
+        Recipient("e@y.test", orcpt="rfc822;e+2be@y.test"),
     ]
 
     async def main() -> DeliveryResult:
@@ -1016,16 +1018,17 @@ def test_dsn_parameters_are_passed_when_offered():
                 message=MESSAGE,
                 settings=settings(),
                 ret="hdrs",
-                envid="QQ314159",
+                envid="QQ+2b314159",
             )
 
     result = run(main())
     assert result.dsn
-    assert fake.commands[1:5] == [
-        f"MAIL FROM:<a@x.test> SIZE={len(MESSAGE)} RET=HDRS ENVID=QQ314159",
+    assert fake.commands[1:6] == [
+        f"MAIL FROM:<a@x.test> SIZE={len(MESSAGE)} RET=HDRS ENVID=QQ+2B314159",
         "RCPT TO:<b@y.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;B@y.test",
         "RCPT TO:<c@y.test> NOTIFY=NEVER",
         "RCPT TO:<d@y.test> NOTIFY=FAILURE,DELAY",
+        "RCPT TO:<e@y.test> ORCPT=rfc822;e+2Be@y.test",
     ]
 
 
