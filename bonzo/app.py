@@ -387,7 +387,12 @@ class MailApp:
             return "off (protocol.dsn = false)"
         honoured = self.dsn_honoured_by
         if honoured:
-            return "offered (reports sent by " + ", ".join(repr(n) for n in honoured) + ")"
+            # A plugin's dsn_caveat says how far its promise goes.
+            who = []
+            for name in honoured:
+                caveat = getattr(self.plugins.get(name), "dsn_caveat", None)
+                who.append(f"{name!r} ({caveat})" if isinstance(caveat, str) else repr(name))
+            return "offered (reports sent by " + ", ".join(who) + ")"
         return "not offered: no enabled plugin sends the reports (honours_dsn); 'queue' does"
 
     def _unkept_quarantine(self) -> list[str]:

@@ -239,6 +239,11 @@ class ForwardPlugin:
     #: and it sends the reports: the server offers DSN
     #: (:attr:`bonzo.app.MailApp.dsn_honoured_by`).
     honours_dsn = True
+    #: What ``bonzo check`` adds to "reports sent by 'forward'".
+    dsn_caveat = (
+        "by its downstream: one that does not offer DSN sends none, and a "
+        "NOTIFY=SUCCESS gets no notice"
+    )
 
     def __init__(self) -> None:
         self.host = ""
@@ -418,6 +423,8 @@ class ForwardPlugin:
             raise
         reply = replies[0]
         if reply.code == 250:
+            if not conn.supports("DSN"):
+                self._no_success_notice(session, conn, envelope)
             text = _safe_text(reply, "Ok")[0]
             return Accept(f"Ok: {envelope.id} forwarded: {text}"[:MAX_LINE])
         if not conn.usable:
@@ -455,6 +462,28 @@ class ForwardPlugin:
             await _quit(link)
 
     # -------------------------------------------------------------- helpers
+    def _no_success_notice(
+        self, session: Session, conn: ClientConnection, envelope: Envelope
+    ) -> None:
+        """The downstream took a message whose sender asked for a success
+        notice (``NOTIFY=SUCCESS``) without offering DSN: RFC 3461 5.2.2 wants
+        a "relayed" notice, which nobody sends here (no queue). Say so."""
+        asked = [
+            envelope.rcpt_tos[i]
+            for i in envelope.remaining_indexes
+            if "SUCCESS" in (envelope.rcpt_params[i].get("NOTIFY") or "").upper()
+        ]
+        if asked:
+            log.warning(
+                "[%s %s] forward: %s does not offer DSN: no success notice for %s, "
+                "though the sender asked for one (NOTIFY=SUCCESS); relay through the "
+                "queue plugin's smarthost route to have one sent",
+                session.id,
+                session.remote_ip,
+                conn.server,
+                ", ".join(f"<{log_escape(a)}>" for a in asked),
+            )
+
     def _link(self, session: Session) -> Link:
         link = self.links.get(session.id)
         if link is None:

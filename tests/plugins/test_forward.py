@@ -29,7 +29,7 @@ from bonzo import Accept
 from bonzo.errors import PermanentError, TransientError
 from bonzo.hooks import PluginSet
 from bonzo.session import Envelope
-from bonzo.settings import ListenerSettings
+from bonzo.settings import ListenerSettings, SMTPSettings
 from bonzo.tls import CertificatePair, make_server_context
 
 if sys.version_info >= (3, 11):
@@ -151,6 +151,31 @@ def test_an_accepted_message_arrives_byte_exact(gateway, downstream):
     assert head.count(b"Received: ") == 1
     assert got.helo == "gw.test"
     assert downstream.plugin.params[0]["SIZE"] == str(len(MESSAGE))
+
+
+@pytest.mark.parametrize("offers_dsn", [True, False])
+def test_a_success_notice_the_downstream_will_not_send_is_logged(start_server, caplog, offers_dsn):
+    # RFC 3461 5.2.2 wants a "relayed" notice from the relay when the next
+    # server lacks DSN; forward has no queue to send one: it says so.
+    settings = SMTPSettings(hostname="mx.dest.test", dsn=offers_dsn)
+    downstream = start_server(plugin=Downstream(), settings=settings)
+    plugins = PluginSet(timeout=20.0)
+    plugins.register(forward(downstream.port), "forward")
+    front = start_server(plugins=plugins, hostname="gw.test")
+    with connect(front) as client:
+        assert client.has_extn("dsn")
+        assert client.mail("alice@example.org")[0] == 250
+        assert client.rcpt("bob@dest.test", ["NOTIFY=SUCCESS,FAILURE"])[0] == 250
+        assert client.rcpt("carol@dest.test", ["NOTIFY=FAILURE"])[0] == 250
+        assert client.data(MESSAGE)[0] == 250
+    assert len(downstream.plugin.messages) == 1
+    lines = [r.getMessage() for r in caplog.records if "does not offer DSN" in r.getMessage()]
+    if offers_dsn:
+        assert lines == []
+        return
+    [line] = lines
+    assert "no success notice for <bob@dest.test>, though the sender asked" in line
+    assert "carol" not in line
 
 
 def test_rcpt_verdicts_are_passed_back_per_recipient(gateway, downstream):
