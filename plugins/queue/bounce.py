@@ -27,6 +27,7 @@ per-recipient block of fields.
 from __future__ import annotations
 
 import datetime
+import re
 import secrets
 import textwrap
 import time
@@ -47,7 +48,7 @@ from bonzo.errors import enhanced_code_problem
 
 from .spool import QueuedMessage, Recipient
 
-__all__ = ["ReportLine", "build_report", "wants_report", "ACTIONS"]
+__all__ = ["ReportLine", "build_report", "headers_only", "wants_report", "ACTIONS"]
 
 #: The ``Action`` values this module writes (RFC 3464 2.3.3).
 ACTIONS = ("failed", "delayed", "delivered", "relayed")
@@ -263,6 +264,54 @@ def _returned(message: QueuedMessage, full: bool, size_limit: int) -> _Returned:
         headers,
         " ".join(notes),
     )
+
+
+_BOUNDARY = re.compile(rb'boundary="([^"\r\n]{1,70})"')
+_NO_8BIT_NOTE = (
+    "The server your mail goes to does not take 8-bit content (8BITMIME), "
+    "so your message is not returned whole: only its header section is."
+)
+
+
+def headers_only(report: bytes) -> bytes | None:
+    """A report made by :func:`build_report` that returns a whole message,
+    with the message replaced by its header section (``text/rfc822-headers``)
+    and a note saying why: all ASCII, it goes to a server without
+    ``8BITMIME`` (RFC 6152), which refused the 8-bit original. ``None``
+    when ``report`` returns no whole message, or when the result would not
+    be ASCII either."""
+    head = report.partition(b"\r\n\r\n")[0]
+    found = _BOUNDARY.search(head)
+    if found is None:
+        return None
+    dash = b"--" + found.group(1)
+    marker = dash + b"\r\nContent-Description: Undelivered Message\r\n"
+    start = report.rfind(marker)
+    end = report.rfind(b"\r\n" + dash + b"--\r\n")
+    if start < 0 or end < start:
+        return None
+    original = report[start:end].partition(b"\r\n\r\n")[2]
+    headers = original.partition(b"\r\n\r\n")[0] + b"\r\n"
+    # The note goes at the end of the human-readable part.
+    text_end = report.rfind(b"\r\n" + dash + b"\r\nContent-Description: Delivery report\r\n")
+    if text_end < 0:
+        return None
+    note = "".join(f"\r\n{line}" for line in ["", *textwrap.wrap(_NO_8BIT_NOTE, 76)])
+    # Bonzo's own part headers (every line start): 7-bit now.
+    before = (report[:text_end] + note.encode("ascii") + report[text_end:start]).replace(
+        b"\r\nContent-Transfer-Encoding: 8bit\r\n", b"\r\nContent-Transfer-Encoding: 7bit\r\n"
+    )
+    out = (
+        before
+        + dash
+        + b"\r\nContent-Description: Message Headers\r\n"
+        + b"Content-Type: text/rfc822-headers\r\n"
+        + b"Content-Transfer-Encoding: 7bit\r\n\r\n"
+        + headers
+        + dash
+        + b"--\r\n"
+    )
+    return out if out.isascii() else None
 
 
 def build_report(

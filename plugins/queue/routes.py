@@ -98,11 +98,13 @@ class MaildirTransport:
         for i, r in enumerate(recipients):
             target = writer.maildir_for(r.canonical) if writer.per_recipient else writer.path
             groups.setdefault(target, []).append(i)
-        # A quarantine copy in a one-folder maildir is the reviewer's, not
-        # its recipients': a Delivered-To for one of them would make the
-        # released copy look like a forwarding loop to that recipient's
-        # server (Postfix's local delivery bounces it).
-        held_here = message.transport is not None and not writer.per_recipient
+        # A quarantine copy kept for its own recipients (one folder, no
+        # quarantine_recipient) is the reviewer's, not theirs: a
+        # Delivered-To for one of them would make the released copy look
+        # like a forwarding loop to that recipient's server (Postfix's
+        # local delivery bounces it).
+        to = (message.quarantine or {}).get("to")
+        held_here = message.transport is not None and any(r.canonical != to for r in recipients)
         leads = writer.leads(
             message.sender,
             {t: [] if held_here else [recipients[i].canonical for i in idx]
@@ -149,7 +151,7 @@ MAILDIR = Schema(
           "them; nobody else may write them)."),
     Key("envelope_headers", "bool", default=True,
         doc="Write ``Return-Path:`` (and ``Delivered-To:`` in a copy that is one "
-        "recipient's; not in a quarantine copy kept in one folder) at the top of "
+        "recipient's; not in a quarantine copy kept for its own recipients) at the top of "
         "each stored copy."),
 )  # fmt: skip
 #: The keys of a ``discard`` route or transport.

@@ -53,7 +53,7 @@ from bonzo.client import deadline as client_deadline
 from bonzo.hooks import CANCEL_GRACE, PluginFailure, PluginSet, Refused, stop_task
 from bonzo.session import log_escape, new_session_id
 
-from .bounce import ReportLine, build_report, wants_report
+from .bounce import ReportLine, build_report, headers_only, wants_report
 from .routes import Outcome, RouteTable
 from .spool import Claim, GroupSync, QueuedMessage, Recipient, Spool, SpoolError, queued_recipient
 
@@ -1386,6 +1386,9 @@ class Runner:
         if not lines:
             return ""
         if message.sender == "":
+            again = await self._report_in_7bit(message, lines)
+            if again:
+                return again
             log.warning(
                 "queue: %s: not reporting %s for %s to the null sender",
                 message.id,
@@ -1422,6 +1425,38 @@ class Runner:
             message.id,
             lines[0].action,
             len(lines),
+            id,
+        )
+        return id
+
+    async def _report_in_7bit(self, message: QueuedMessage, lines: Sequence[ReportLine]) -> str:
+        """A report of ours that returned an 8-bit message, refused here
+        because the sender's server does not take 8-bit content (``554
+        5.6.3``, RFC 6152): queue it again with the header section only (all
+        ASCII), to those recipients, rather than lose it (it is from the
+        null sender: nobody would hear of it). Its queue id, or ``""``."""
+        if message.session.get("protocol") != "report" or lines[0].action != "failed":
+            return ""
+        refused = [
+            line.recipient.address
+            for line in lines
+            if line.status == "5.6.3" and not line.recipient.remote_mta
+        ]
+        if not refused:
+            return ""
+        loop = asyncio.get_running_loop()
+        content = await loop.run_in_executor(self._executor, message.read)
+        seven = headers_only(content)
+        if seven is None:
+            return ""
+        about = message.session.get("about", message.id)
+        id = await self.inject(seven, sender="", recipients=refused,
+                               session={"protocol": "report", "about": about})  # fmt: skip
+        log.info(
+            "queue: %s: report refused for %s (the server does not take 8-bit content): "
+            "queued again as %s, returning the header section only",
+            message.id,
+            ", ".join(f"<{log_escape(a)}>" for a in refused),
             id,
         )
         return id

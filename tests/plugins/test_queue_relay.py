@@ -4,6 +4,8 @@ answer LMTP slowly, or say things a log must not carry as they are."""
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import io
 import logging
 import time
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bonzo_plugins.queue.bounce import headers_only
 from bonzo_plugins.queue.routes import RouteTable
 from bonzo_plugins.queue.runner import Runner, RunnerSettings
 from bonzo_plugins.queue.spool import GroupSync, QueuedMessage, Spool
@@ -93,6 +96,58 @@ def test_a_binarymime_message_bounces_where_it_cannot_go_as_it_is(tmp_path, capl
     assert "queue: M1 to=<bob@dest.test> bounced: 554 5.6.3 " in caplog.text
     [report] = [m for m in spool.iter_messages() if m.sender == ""]  # to alice
     assert report.recipients[0].address == "alice@example.org"
+
+
+def test_a_report_the_senders_server_refuses_as_8bit_goes_again_with_the_headers(tmp_path, caplog):
+    """A report returning an 8-bit message, for a sender whose server has no
+    8BITMIME (RFC 6152), was refused here and dropped (null sender): it goes
+    again with the header section only, all ASCII, and arrives."""
+    seven_bit = b"250-fake.test\r\n250-PIPELINING\r\n250 SIZE 100000000\r\n"
+    fake = Fake(ehlo=seven_bit)
+    body = "Subject: Umlaut\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nK\u00f6rper\r\n"
+
+    async def main() -> Spool:
+        async with serve(fake) as port:
+            route = {"type": "smarthost", "host": "127.0.0.1", "port": port, "tls": "none"}
+            spool = Spool(tmp_path / "q")
+            spool.setup()
+            routes = RouteTable({"*": route}, {}, App(tmp_path))
+            routes.start()
+            runner = Runner(spool, GroupSync(spool.data), routes, None,
+                            RunnerSettings(hostname="relay.test"))  # fmt: skip
+            env = envelope("bob@dest.test", BODY="8BITMIME")
+            spool.write("M1", env, b"", io.BytesIO(body.encode("utf-8")))
+            try:
+                await runner.attempt("M1")  # refused here: 8-bit
+                [report] = [m.id for m in spool.iter_messages() if m.sender == ""]
+                await runner.attempt(report)  # the same: re-queued 7-bit
+                [again] = [m.id for m in spool.iter_messages() if m.sender == ""]
+                assert again != report
+                await runner.attempt(again)
+            finally:
+                await routes.close()
+                runner.sync.close()
+            return spool
+
+    caplog.set_level(logging.INFO)
+    spool = asyncio.run(main())
+    assert spool.ids() == []
+    [sent] = fake.messages
+    assert sent.isascii()
+    assert b"Content-Type: text/rfc822-headers\r\nContent-Transfer-Encoding: 7bit" in sent
+    assert b"\r\nSubject: Umlaut\r\n" in sent and b"rper" not in sent
+    assert b"does not take 8-bit content (8BITMIME)" in sent
+    assert b"Content-Transfer-Encoding: 8bit" not in sent
+    assert fake.commands[-4].startswith("MAIL FROM:<> ")  # no BODY=8BITMIME
+    assert "BODY" not in fake.commands[-4]
+    assert "queued again as" in caplog.text
+    assert "not reporting failed" not in caplog.text
+    parsed = email.message_from_bytes(sent.removesuffix(b".\r\n"), policy=email.policy.default)
+    assert parsed.get_content_type() == "multipart/report" and not parsed.defects
+    kinds = [p.get_content_type() for p in parsed.get_payload()]
+    assert kinds == ["text/plain", "message/delivery-status", "text/rfc822-headers"]
+    # What it became is not made over again (no loop): it returns no message.
+    assert headers_only(sent) is None
 
 
 def test_an_lmtp_recipients_250_stands_when_the_delivery_times_out(tmp_path):
