@@ -388,11 +388,12 @@ class MailApp:
         honoured = self.dsn_honoured_by
         if honoured:
             # A plugin's dsn_caveat says how far its promise goes.
-            who = []
+            said = ", ".join(repr(n) for n in honoured)
             for name in honoured:
                 caveat = getattr(self.plugins.get(name), "dsn_caveat", None)
-                who.append(f"{name!r} ({caveat})" if isinstance(caveat, str) else repr(name))
-            return "offered (reports sent by " + ", ".join(who) + ")"
+                if isinstance(caveat, str):
+                    said += f"; {name}: {caveat}"
+            return f"offered (reports sent by {said})"
         return "not offered: no enabled plugin sends the reports (honours_dsn); 'queue' does"
 
     def _unkept_quarantine(self) -> list[str]:

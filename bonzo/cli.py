@@ -613,7 +613,12 @@ def _serve_app(app: Any) -> int:
         )
     try:
         if config.workers == 1:
-            code = 1 if _run_worker(app, sockets, metrics_sockets=metrics_sockets) else 0
+            try:
+                code = 1 if _run_worker(app, sockets, metrics_sockets=metrics_sockets) else 0
+            except Exception:
+                # Into the log (a [logging] file), not only onto stderr.
+                log.critical("bonzo serve failed", exc_info=True)
+                raise
         else:
             code = _supervise(app, sockets, config.workers, metrics_sockets)
     finally:
@@ -1095,10 +1100,13 @@ def _run_worker(
             log.info("SIGHUP: reloading the configuration")
             asyncio.ensure_future(reload())
 
+        first = ""  # why the stop began
+
         def request_stop(why: str) -> None:
-            nonlocal requests, forced
+            nonlocal requests, forced, first
             requests += 1
             if requests == 1:
+                first = why
                 stopping.set()
             elif requests == 2:
                 log.warning("%s: forcing the stop", why)
@@ -1152,7 +1160,12 @@ def _run_worker(
                 # systemd signals the whole group, and the kernel hands a
                 # worker that has both pending the lower-numbered SIGUSR2
                 # first. The same stop.
-                log.info("%s: already stopping (the supervisor asked first)", name)
+                gone = first == "supervisor gone"
+                log.info(
+                    "%s: already stopping (%s)",
+                    name,
+                    "the supervisor is gone" if gone else "the supervisor asked first",
+                )
                 return
             request_stop(f"second {name}" if requests else name)
 

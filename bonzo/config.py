@@ -537,8 +537,8 @@ def _event_loop(value: Any, source: str) -> str:
     return str(value)
 
 
-#: The oldest uvloop Bonzo runs on (the ``uvloop`` extra's bound): the first
-#: with ``uvloop.run``.
+#: The oldest uvloop Bonzo runs on (the ``uvloop`` extra's bound; 0.17,
+#: Debian 12's, has no ``uvloop.run``).
 UVLOOP_MIN = (0, 19)
 
 
@@ -557,7 +557,8 @@ def _check_uvloop(source: str) -> None:
             source, "server.loop", f"uvloop cannot be imported ({type(exc).__name__}: {exc})"
         ) from None
     version = str(getattr(uvloop, "__version__", "0"))
-    numbers = tuple(int(n) if n.isdigit() else 0 for n in version.split(".")[:2])
+    # "0.19.0", "0.19rc1": the leading digits of the first two parts.
+    numbers = tuple(int("0" + re.sub(r"\D.*", "", n)) for n in version.split(".")[:2])
     if numbers < UVLOOP_MIN or not callable(getattr(uvloop, "run", None)):
         wanted = ".".join(map(str, UVLOOP_MIN))
         raise ConfigError(

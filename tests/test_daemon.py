@@ -1292,20 +1292,29 @@ def test_a_workers_own_sigterm_after_the_supervisors_request_is_the_same_stop(wo
 
 
 @pytest.mark.expect_errors
-def test_a_worker_that_fails_says_why(workdir, serve):
-    # Its exception went with os._exit(): the log said only "exited with
-    # status 1; restarting", over and over.
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_worker_that_fails_says_why_in_the_log_file(workdir, serve, workers):
+    # With several workers its exception went with os._exit(): the log said
+    # only "exited with status 1; restarting", over and over; with one, it
+    # went to stderr alone, never to the [logging] file.
     port = free_port()
     prelude = (
-        "def _fails(*args):\n    raise RuntimeError('the worker broke')\n"
+        "def _fails(*args, **kwargs):\n    raise RuntimeError('the worker broke')\n"
         "bonzo.cli._run_worker = _fails"
     )
-    daemon = serve(write_config(workdir, port, workers=2), port, prelude)
+    config = write_config(workdir, port, workers=workers)
+    config.write_text(
+        config.read_text().replace('level = "info"', 'level = "info"\nfile = "b.log"')
+    )
+    daemon = serve(config, port, prelude)
     assert daemon.proc.wait(timeout=DEADLINE) == 1
-    log = daemon.log
-    assert re.search(r"CRITICAL .* worker [01] \(pid \d+\) failed", log)
+    log = (workdir / "b.log").read_text()
     assert "RuntimeError: the worker broke" in log
-    assert "workers keep dying" in log
+    if workers == 1:
+        assert re.search(r"CRITICAL .* bonzo serve failed", log)
+    else:
+        assert re.search(r"CRITICAL .* worker [01] \(pid \d+\) failed", log)
+        assert "workers keep dying" in log
 
 
 @pytest.mark.parametrize("pdeathsig", [True, False], ids=["prctl", "polling"])

@@ -665,8 +665,8 @@ def test_dsn_is_offered_only_when_a_plugin_honours_it(tmp_path):
     assert forward.dsn_honoured_by == ["forward"]
     # Its promise depends on the downstream: bonzo check says so.
     assert forward.describe_dsn() == (
-        "offered (reports sent by 'forward' (by its downstream: one that does not "
-        "offer DSN sends none, and a NOTIFY=SUCCESS gets no notice))"
+        "offered (reports sent by 'forward'; forward: its downstream's; one without "
+        "DSN ignores NOTIFY, RET and ENVID, and a NOTIFY=SUCCESS gets no notice)"
     )
     off = dsn_app(tmp_path, ["recipients", "queue"], dsn="false")
     assert off.describe_dsn() == "off (protocol.dsn = false)"

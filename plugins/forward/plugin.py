@@ -241,8 +241,8 @@ class ForwardPlugin:
     honours_dsn = True
     #: What ``bonzo check`` adds to "reports sent by 'forward'".
     dsn_caveat = (
-        "by its downstream: one that does not offer DSN sends none, and a "
-        "NOTIFY=SUCCESS gets no notice"
+        "its downstream's; one without DSN ignores NOTIFY, RET and ENVID, "
+        "and a NOTIFY=SUCCESS gets no notice"
     )
 
     def __init__(self) -> None:

@@ -48,7 +48,7 @@ from bonzo.errors import enhanced_code_problem
 
 from .spool import QueuedMessage, Recipient
 
-__all__ = ["ReportLine", "build_report", "headers_only", "wants_report", "ACTIONS"]
+__all__ = ["ReportLine", "build_report", "seven_bit", "wants_report", "ACTIONS"]
 
 #: The ``Action`` values this module writes (RFC 3464 2.3.3).
 ACTIONS = ("failed", "delayed", "delivered", "relayed")
@@ -268,50 +268,68 @@ def _returned(message: QueuedMessage, full: bool, size_limit: int) -> _Returned:
 
 _BOUNDARY = re.compile(rb'boundary="([^"\r\n]{1,70})"')
 _NO_8BIT_NOTE = (
-    "The server your mail goes to does not take 8-bit content (8BITMIME), "
-    "so your message is not returned whole: only its header section is."
+    "The server your mail goes to does not take 8-bit content (8BITMIME), so "
+    "this report is sent in a 7-bit form"
+)
+_GLOBAL_STATUS = (
+    b"\r\nContent-Type: message/global-delivery-status\r\nContent-Transfer-Encoding: 8bit\r\n"
 )
 
 
-def headers_only(report: bytes) -> bytes | None:
-    """A report made by :func:`build_report` that returns a whole message,
-    with the message replaced by its header section (``text/rfc822-headers``)
-    and a note saying why: all ASCII, it goes to a server without
-    ``8BITMIME`` (RFC 6152), which refused the 8-bit original. ``None``
-    when ``report`` returns no whole message, or when the result would not
-    be ASCII either."""
-    head = report.partition(b"\r\n\r\n")[0]
-    found = _BOUNDARY.search(head)
+def seven_bit(report: bytes) -> bytes | None:
+    """A report made by :func:`build_report` that holds 8-bit octets, made
+    so that it goes to a server without ``8BITMIME`` (RFC 6152), which
+    refused it: a whole returned message becomes its header section
+    (``text/rfc822-headers``), and UTF-8 in the report's own parts (a
+    server's reply, an address) becomes ``\\x{HEX}`` escapes, the form RFC
+    6533 3 gives for downgrading (a ``message/global-delivery-status`` part
+    becomes a ``message/delivery-status`` one); a note says why. ``None``
+    when ``report`` is 7-bit already, or when the header section it returns
+    is not ASCII (no 7-bit form would be faithful)."""
+    if report.isascii():
+        return None
+    found = _BOUNDARY.search(report.partition(b"\r\n\r\n")[0])
     if found is None:
         return None
     dash = b"--" + found.group(1)
-    marker = dash + b"\r\nContent-Description: Undelivered Message\r\n"
-    start = report.rfind(marker)
     end = report.rfind(b"\r\n" + dash + b"--\r\n")
-    if start < 0 or end < start:
+    start = report.rfind(b"\r\n" + dash + b"\r\n", 0, end) + 2  # the returned part
+    text_end = report.find(b"\r\n" + dash + b"\r\nContent-Description: Delivery report\r\n")
+    if end < 0 or start < 2 or not 0 <= text_end < start:
         return None
-    original = report[start:end].partition(b"\r\n\r\n")[2]
-    headers = original.partition(b"\r\n\r\n")[0] + b"\r\n"
-    # The note goes at the end of the human-readable part.
-    text_end = report.rfind(b"\r\n" + dash + b"\r\nContent-Description: Delivery report\r\n")
-    if text_end < 0:
+    part_head, _, content = report[start:end].partition(b"\r\n\r\n")
+    whole = b"\r\nContent-Description: Undelivered Message\r\n" in part_head + b"\r\n"
+    fields = content.partition(b"\r\n\r\n")[0] if whole else content
+    if not fields.endswith(b"\r\n"):
+        fields += b"\r\n"  # each field with its CRLF
+    if not fields.isascii():
         return None
-    note = "".join(f"\r\n{line}" for line in ["", *textwrap.wrap(_NO_8BIT_NOTE, 76)])
-    # Bonzo's own part headers (every line start): 7-bit now.
-    before = (report[:text_end] + note.encode("ascii") + report[text_end:start]).replace(
+    own = report[:start].decode("utf-8", "replace")
+    escaped = not own.isascii()
+    note = _NO_8BIT_NOTE
+    if whole:
+        note += ", without your message: only its header section is returned"
+    if escaped:
+        note += ", and the characters beyond ASCII in it are written as \\x{HEX}"
+    lines = "".join(f"\r\n{line}" for line in ["", *textwrap.wrap(note + ".", 76)])
+    own = own[:text_end] + lines + own[text_end:]
+    before = "".join(c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in own).encode("ascii")
+    before = before.replace(_GLOBAL_STATUS, b"\r\nContent-Type: message/delivery-status\r\n")
+    # Bonzo's own part headers (at line starts): 7-bit now.
+    before = before.replace(
         b"\r\nContent-Transfer-Encoding: 8bit\r\n", b"\r\nContent-Transfer-Encoding: 7bit\r\n"
     )
-    out = (
+    return (
         before
         + dash
         + b"\r\nContent-Description: Message Headers\r\n"
         + b"Content-Type: text/rfc822-headers\r\n"
         + b"Content-Transfer-Encoding: 7bit\r\n\r\n"
-        + headers
+        + fields
+        + b"\r\n"  # the delimiter's own CRLF (RFC 2046 5.1.1)
         + dash
         + b"--\r\n"
     )
-    return out if out.isascii() else None
 
 
 def build_report(

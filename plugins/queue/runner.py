@@ -53,7 +53,7 @@ from bonzo.client import deadline as client_deadline
 from bonzo.hooks import CANCEL_GRACE, PluginFailure, PluginSet, Refused, stop_task
 from bonzo.session import log_escape, new_session_id
 
-from .bounce import ReportLine, build_report, headers_only, wants_report
+from .bounce import ReportLine, build_report, seven_bit, wants_report
 from .routes import Outcome, RouteTable
 from .spool import Claim, GroupSync, QueuedMessage, Recipient, Spool, SpoolError, queued_recipient
 
@@ -1165,9 +1165,11 @@ class Runner:
             now = self.clock()
             for i in [i for i, o in outcomes.items() if self._final(progress.message, o, now)]:
                 ending[i] = outcomes.pop(i)
-            if not outcomes:
-                return
-        self._apply(progress, outcomes)
+        if outcomes:
+            self._apply(progress, outcomes)
+        elif progress.error is None:
+            return  # nothing to write
+        # (else an earlier group's write failed: this group's end tries again.)
         try:
             # Shielded: a stop that cancels the other deliveries lets the
             # write of this one's outcomes finish.
@@ -1430,11 +1432,12 @@ class Runner:
         return id
 
     async def _report_in_7bit(self, message: QueuedMessage, lines: Sequence[ReportLine]) -> str:
-        """A report of ours that returned an 8-bit message, refused here
-        because the sender's server does not take 8-bit content (``554
-        5.6.3``, RFC 6152): queue it again with the header section only (all
-        ASCII), to those recipients, rather than lose it (it is from the
-        null sender: nobody would hear of it). Its queue id, or ``""``."""
+        """A report of ours with 8-bit content (a returned message, a
+        server's UTF-8 reply), refused here because the sender's server does
+        not take it (``554 5.6.3``, RFC 6152): queue its 7-bit form
+        (:func:`~.bounce.seven_bit`) to those recipients, rather than lose it
+        (it is from the null sender: nobody would hear of it). Its queue id,
+        or ``""``."""
         if message.session.get("protocol") != "report" or lines[0].action != "failed":
             return ""
         refused = [
@@ -1446,7 +1449,7 @@ class Runner:
             return ""
         loop = asyncio.get_running_loop()
         content = await loop.run_in_executor(self._executor, message.read)
-        seven = headers_only(content)
+        seven = seven_bit(content)
         if seven is None:
             return ""
         about = message.session.get("about", message.id)
@@ -1454,7 +1457,7 @@ class Runner:
                                session={"protocol": "report", "about": about})  # fmt: skip
         log.info(
             "queue: %s: report refused for %s (the server does not take 8-bit content): "
-            "queued again as %s, returning the header section only",
+            "queued again in 7-bit form as %s",
             message.id,
             ", ".join(f"<{log_escape(a)}>" for a in refused),
             id,

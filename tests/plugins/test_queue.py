@@ -670,6 +670,12 @@ def reports(spool: Spool) -> list[Any]:
     return out
 
 
+def final_recipients(report: Any) -> list[str]:
+    """The ``Final-Recipient`` fields of a queued report, in order."""
+    parsed = email.message_from_bytes(report.read(), policy=email.policy.default)
+    return [p["Final-Recipient"] for p in parsed.get_payload()[1].get_payload()[1:]]
+
+
 def test_delivered_messages_leave_the_queue(tmp_path):
     transport = Scripted({"bob@example.net": [OK]})
     spool, runner, clock = make_runner(tmp_path, transport)
@@ -825,9 +831,7 @@ def test_a_refusal_bounces_with_one_report_per_attempt(tmp_path):
     assert "B1" not in spool.ids()
     [report] = reports(spool)
     assert [r.address for r in report.recipients] == ["alice@example.org"]
-    parsed = email.message_from_bytes(report.read(), policy=email.policy.default)
-    finals = [p["Final-Recipient"] for p in parsed.get_payload()[1].get_payload()[1:]]
-    assert finals == ["rfc822; bob@example.net", "rfc822; carol@example.net"]
+    assert final_recipients(report) == ["rfc822; bob@example.net", "rfc822; carol@example.net"]
 
 
 def test_failures_at_several_destinations_make_one_report_per_attempt(tmp_path):
@@ -853,9 +857,7 @@ def test_failures_at_several_destinations_make_one_report_per_attempt(tmp_path):
     asyncio.run(runner.attempt("M1"))
     assert "M1" not in spool.ids()
     [report] = reports(spool)
-    parsed = email.message_from_bytes(report.read(), policy=email.policy.default)
-    finals = [p["Final-Recipient"] for p in parsed.get_payload()[1].get_payload()[1:]]
-    assert finals == ["rfc822; a@example.com", "rfc822; c@example.net"]
+    assert final_recipients(report) == ["rfc822; a@example.com", "rfc822; c@example.net"]
 
 
 def test_a_failure_held_for_the_attempts_report_is_tried_again_after_a_stop(tmp_path):
@@ -890,6 +892,42 @@ def test_a_failure_held_for_the_attempts_report_is_tried_again_after_a_stop(tmp_
     assert reports(spool) == []
     a, b, c = spool.load("M2").recipients
     assert (a.status, b.status, c.status) == ("pending", "delivered", "pending")
+
+
+def test_a_failed_write_is_tried_again_by_the_next_group_even_if_its_failures_wait(
+    tmp_path, caplog
+):
+    """An early group's state write fails once (the disk full for a moment);
+    the next group's outcomes are all failures, held for the attempt's one
+    report: its end still tries the write again at once, rather than leave it
+    to min_backoff with the message held."""
+
+    class Staggered(Scripted):
+        async def deliver(self, message: Any, recipients: Sequence[Recipient]) -> list[Outcome]:
+            await asyncio.sleep({"example.com": 0.0, "example.net": 0.2}[recipients[0].domain])
+            return await super().deliver(message, recipients)
+
+    transport = Staggered({"a@example.com": [OK], "c@example.net": [GONE]})
+    spool, runner, clock = make_runner(tmp_path, transport, min_backoff=30)
+    queued(spool, "W1", envelope("s@example.org", "a@example.com", "c@example.net"))
+    real, fails = spool.write_state, [1]
+
+    def flaky(*args: Any) -> Any:
+        if fails:
+            fails.pop()
+            raise OSError(28, "No space left on device")
+        return real(*args)
+
+    spool.write_state = flaky  # type: ignore[method-assign]
+
+    async def main() -> None:
+        await asyncio.wait_for(runner.attempt("W1"), 10)
+
+    asyncio.run(main())
+    assert "W1" not in spool.ids()
+    assert len(reports(spool)) == 1
+    assert "delivery state saved after a failed try" in caplog.text
+    assert "cannot save the delivery state" not in caplog.text
 
 
 def test_a_report_to_a_utf8_sender_is_sent_with_smtputf8(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bonzo_plugins.queue.bounce import headers_only
+from bonzo_plugins.queue.bounce import seven_bit
 from bonzo_plugins.queue.routes import RouteTable
 from bonzo_plugins.queue.runner import Runner, RunnerSettings
 from bonzo_plugins.queue.spool import GroupSync, QueuedMessage, Spool
@@ -98,13 +98,24 @@ def test_a_binarymime_message_bounces_where_it_cannot_go_as_it_is(tmp_path, capl
     assert report.recipients[0].address == "alice@example.org"
 
 
-def test_a_report_the_senders_server_refuses_as_8bit_goes_again_with_the_headers(tmp_path, caplog):
-    """A report returning an 8-bit message, for a sender whose server has no
-    8BITMIME (RFC 6152), was refused here and dropped (null sender): it goes
-    again with the header section only, all ASCII, and arrives."""
-    seven_bit = b"250-fake.test\r\n250-PIPELINING\r\n250 SIZE 100000000\r\n"
-    fake = Fake(ehlo=seven_bit)
-    body = "Subject: Umlaut\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nK\u00f6rper\r\n"
+@pytest.mark.parametrize("case", ["8bit message", "utf8 reply"])
+def test_a_report_the_senders_server_refuses_as_8bit_goes_again_in_7bit(tmp_path, caplog, case):
+    """A report with 8-bit content — a returned 8-bit message, or an ASCII
+    message's refusal in UTF-8 — for a sender whose server has no 8BITMIME
+    (RFC 6152) was refused here and dropped (null sender): it goes again in
+    a 7-bit form (the header section only, UTF-8 as RFC 6533's escapes) and
+    arrives, a valid report."""
+    no_8bit = b"250-fake.test\r\n250-PIPELINING\r\n250 SIZE 100000000\r\n"
+
+    async def rcpt(reader: Any, writer: Any, line: bytes) -> None:
+        if b"<bob@dest.test>" in line and case == "utf8 reply":
+            writer.write("550 5.1.1 Empf\u00e4nger unbekannt\r\n".encode())
+        else:
+            writer.write(b"250 2.1.5 Ok\r\n")
+
+    fake = Fake(ehlo=no_8bit, replies={"RCPT": rcpt})
+    text = "K\u00f6rper" if case == "8bit message" else "Body"
+    body = f"Subject: Umlaut\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{text}\r\n"
 
     async def main() -> Spool:
         async with serve(fake) as port:
@@ -115,12 +126,13 @@ def test_a_report_the_senders_server_refuses_as_8bit_goes_again_with_the_headers
             routes.start()
             runner = Runner(spool, GroupSync(spool.data), routes, None,
                             RunnerSettings(hostname="relay.test"))  # fmt: skip
-            env = envelope("bob@dest.test", BODY="8BITMIME")
+            params = {"BODY": "8BITMIME"} if case == "8bit message" else {}
+            env = envelope("bob@dest.test", **params)
             spool.write("M1", env, b"", io.BytesIO(body.encode("utf-8")))
             try:
-                await runner.attempt("M1")  # refused here: 8-bit
+                await runner.attempt("M1")  # refused (8-bit here, or by the server)
                 [report] = [m.id for m in spool.iter_messages() if m.sender == ""]
-                await runner.attempt(report)  # the same: re-queued 7-bit
+                await runner.attempt(report)  # refused here: 8-bit; queued again
                 [again] = [m.id for m in spool.iter_messages() if m.sender == ""]
                 assert again != report
                 await runner.attempt(again)
@@ -132,22 +144,29 @@ def test_a_report_the_senders_server_refuses_as_8bit_goes_again_with_the_headers
     caplog.set_level(logging.INFO)
     spool = asyncio.run(main())
     assert spool.ids() == []
-    [sent] = fake.messages
+    sent = fake.messages[-1]  # (a pipelined DATA may have sent the first)
     assert sent.isascii()
     assert b"Content-Type: text/rfc822-headers\r\nContent-Transfer-Encoding: 7bit" in sent
-    assert b"\r\nSubject: Umlaut\r\n" in sent and b"rper" not in sent
+    # The header section, each field with its CRLF, then the delimiter's.
+    assert b"\r\nSubject: Umlaut\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n--" in sent
+    assert b"rper" not in sent and b"\r\nBody\r\n" not in sent
     assert b"does not take 8-bit content (8BITMIME)" in sent
     assert b"Content-Transfer-Encoding: 8bit" not in sent
+    if case == "utf8 reply":
+        assert b"Empf\\x{E4}nger unbekannt" in sent
+        assert b"global" not in sent
     assert fake.commands[-4].startswith("MAIL FROM:<> ")  # no BODY=8BITMIME
     assert "BODY" not in fake.commands[-4]
-    assert "queued again as" in caplog.text
+    assert "queued again in 7-bit form as" in caplog.text
     assert "not reporting failed" not in caplog.text
     parsed = email.message_from_bytes(sent.removesuffix(b".\r\n"), policy=email.policy.default)
     assert parsed.get_content_type() == "multipart/report" and not parsed.defects
     kinds = [p.get_content_type() for p in parsed.get_payload()]
     assert kinds == ["text/plain", "message/delivery-status", "text/rfc822-headers"]
-    # What it became is not made over again (no loop): it returns no message.
-    assert headers_only(sent) is None
+    status = parsed.get_payload()[1].get_payload()[1]
+    assert status["Final-Recipient"] == "rfc822; bob@dest.test"
+    # 7-bit already: not made over again (no loop).
+    assert seven_bit(sent) is None
 
 
 def test_an_lmtp_recipients_250_stands_when_the_delivery_times_out(tmp_path):
