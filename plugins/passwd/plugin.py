@@ -14,6 +14,7 @@ import logging
 import os
 import stat
 import tempfile
+import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -159,6 +160,46 @@ def _stamp(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+# The password threads of this process, by (pid, threads), each with the
+# number of plugin instances holding it. One pool serves every configuration
+# a reload makes: scrypt's 16 MiB buffer stays in the malloc arena of the
+# thread that ran it (glibc keeps it for reuse), so new threads at each
+# reload would each keep another 16 MiB. Keyed by pid: a pool inherited
+# through a fork has no threads in the child.
+_pools: dict[tuple[int, int], tuple[ThreadPoolExecutor, int]] = {}
+_pools_lock = threading.Lock()
+
+
+def _acquire_pool(threads: int) -> tuple[tuple[int, int], ThreadPoolExecutor]:
+    """This process's pool of ``threads`` (made if needed; its threads start
+    at the first check), and one more holder of it."""
+    pid = os.getpid()
+    key = (pid, threads)
+    with _pools_lock:
+        for stale in [k for k in _pools if k[0] != pid]:
+            del _pools[stale]  # the parent's, copied by a fork
+        pool, holders = _pools.get(key, (None, 0))
+        if pool is None:
+            pool = ThreadPoolExecutor(threads, thread_name_prefix="bonzo-passwd")
+        _pools[key] = (pool, holders + 1)
+    return key, pool
+
+
+def _release_pool(key: tuple[int, int]) -> None:
+    """One holder fewer; the last one shuts the pool down (the process stops,
+    or ``threads`` changed), without waiting for a check in progress."""
+    with _pools_lock:
+        entry = _pools.get(key)
+        if entry is None or key[0] != os.getpid():
+            return
+        pool, holders = entry
+        if holders > 1:
+            _pools[key] = (pool, holders - 1)
+            return
+        del _pools[key]
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
 class PasswdPlugin:
     """Accepts AUTH credentials that match the password file.
 
@@ -173,8 +214,11 @@ class PasswdPlugin:
         self.threads = 2
         self._stamp: tuple[int, ...] | None = None
         self._unreadable = False  # the file could not be read at the last AUTH
-        # Made in each worker process, on first use (not across a fork).
+        # The process's pool (see _acquire_pool), taken at startup (so that a
+        # reload's new configuration holds it before the old one lets go) or
+        # at the first AUTH; its key says for which process and size.
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_key: tuple[int, int] | None = None
 
     @hookimpl
     def bonzo_configure(self, config: Mapping[str, Any] | None, app: Any) -> None:
@@ -195,12 +239,25 @@ class PasswdPlugin:
     @hookimpl
     def bonzo_startup(self) -> None:
         log.info("passwd: %d user(s) in %s", len(self.users), self.path)
+        self._take_pool()
 
     @hookimpl
     def bonzo_shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        # The pool goes on for the configuration that replaced this one; it
+        # stops with the last holder (see _release_pool).
+        if self._pool_key is not None:
+            _release_pool(self._pool_key)
+        self._pool = None
+        self._pool_key = None
+
+    def _take_pool(self) -> ThreadPoolExecutor:
+        """The process's pool for ``threads``, held by this instance."""
+        key = (os.getpid(), self.threads)
+        if self._pool is None or self._pool_key != key:
+            if self._pool_key is not None:
+                _release_pool(self._pool_key)  # another size, or the parent's before a fork
+            self._pool_key, self._pool = _acquire_pool(self.threads)
+        return self._pool
 
     def _file_stamp(self) -> tuple[int, ...] | None:
         """The file's identity and times; ``None`` when it cannot be read."""
@@ -247,10 +304,9 @@ class PasswdPlugin:
         self._reload_if_changed()
         stored = self.users.get(username)
         loop = asyncio.get_running_loop()
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="bonzo-passwd")
+        pool = self._take_pool()
         try:
-            ok = await loop.run_in_executor(self._pool, _check, password, stored)
+            ok = await loop.run_in_executor(pool, _check, password, stored)
         except PasswordHashError as exc:
             log.error(
                 "passwd: the hash of user %r in %s is malformed: %s", username, self.path, exc

@@ -340,6 +340,154 @@ def test_passwords_are_checked_in_threads_of_the_plugin_s_own(tmp_path, monkeypa
         PasswdPlugin().bonzo_configure(config={"file": str(path), "threads": 0}, app=None)
 
 
+def _checker_thread(plugin: PasswdPlugin, user: str, password: str) -> tuple[bool, int]:
+    """Whether the check passed, and the thread that ran it."""
+    import threading
+
+    seen: list[int] = []
+    real = passwd_module._check
+
+    def spy(password: str, stored: str | None) -> bool:
+        seen.append(threading.get_ident())
+        return real(password, stored)
+
+    passwd_module._check = spy  # type: ignore[assignment]
+    try:
+        ok = check(plugin, user, password)
+    finally:
+        passwd_module._check = real  # type: ignore[assignment]
+    (ident,) = seen
+    return ok, ident
+
+
+def test_a_reload_keeps_the_password_threads(tmp_path):
+    """A reload makes a second plugin instance and then shuts the first one
+    down: the checks go on in the same threads (new threads each keep another
+    16 MiB scrypt buffer in a malloc arena of their own), and the retiring
+    instance's shutdown does not stop them."""
+    path = tmp_path / "passwd"
+    add_user(path, "alice", "pw")
+    config = {"file": str(path), "threads": 1}
+    old = PasswdPlugin()
+    old.bonzo_configure(config=config, app=None)
+    old.bonzo_startup()
+    ok, first = _checker_thread(old, "alice", "pw")
+    assert ok
+    new = PasswdPlugin()  # the reloaded configuration's, started before the old retires
+    new.bonzo_configure(config=config, app=None)
+    new.bonzo_startup()
+    old.bonzo_shutdown()
+    pool = new._pool
+    assert pool is not None and not pool._shutdown
+    assert _checker_thread(new, "alice", "pw") == (True, first)
+    assert _checker_thread(new, "alice", "wrong") == (False, first)
+    # A third generation, before its first AUTH: still the same threads.
+    third = PasswdPlugin()
+    third.bonzo_configure(config=config, app=None)
+    third.bonzo_startup()
+    new.bonzo_shutdown()
+    assert third._pool is pool and not pool._shutdown
+    assert _checker_thread(third, "alice", "pw") == (True, first)
+    # The last holder (the server stops) ends the pool.
+    third.bonzo_shutdown()
+    assert pool._shutdown and third._pool is None
+    assert (os.getpid(), 1) not in passwd_module._pools
+
+
+def test_a_new_thread_count_gets_its_own_pool_and_the_old_one_stops(tmp_path):
+    path = tmp_path / "passwd"
+    add_user(path, "alice", "pw")
+    old = PasswdPlugin()
+    old.bonzo_configure(config={"file": str(path), "threads": 3}, app=None)
+    old.bonzo_startup()
+    assert check(old, "alice", "pw")
+    new = PasswdPlugin()
+    new.bonzo_configure(config={"file": str(path), "threads": 4}, app=None)
+    new.bonzo_startup()
+    assert new._pool is not old._pool
+    before = old._pool
+    assert before is not None
+    assert check(old, "alice", "pw")  # a session of the retiring configuration
+    old.bonzo_shutdown()
+    assert before._shutdown
+    assert check(new, "alice", "pw")
+    new.bonzo_shutdown()
+
+
+def test_a_pool_of_another_process_is_not_used(tmp_path, monkeypatch):
+    """After a fork the parent's pool has no threads: the worker (a pid of
+    its own) makes its own, for a plugin instance it inherited too."""
+    path = tmp_path / "passwd"
+    add_user(path, "alice", "pw")
+    plugin = configured(path)
+    plugin.bonzo_startup()
+    assert check(plugin, "alice", "pw")
+    parent = plugin._pool
+    parent_pid = os.getpid()
+    monkeypatch.setattr(passwd_module.os, "getpid", lambda: parent_pid + 100_000)
+    assert check(plugin, "alice", "pw")
+    assert plugin._pool is not parent and plugin._pool_key == (parent_pid + 100_000, 2)
+    fresh = configured(path)
+    fresh.bonzo_startup()
+    assert fresh._pool is plugin._pool
+    # The parent's entry is not the child's to stop.
+    fresh.bonzo_shutdown()
+    plugin.bonzo_shutdown()
+    assert parent is not None and not parent._shutdown
+
+
+FORK_AND_AUTH = """
+import asyncio, os, sys
+from bonzo import Accept
+from bonzo_plugins.passwd import PasswdPlugin
+
+def make():
+    plugin = PasswdPlugin()
+    plugin.bonzo_configure(config={"file": sys.argv[1], "threads": 1}, app=None)
+    plugin.bonzo_startup()
+    return plugin
+
+async def auth(plugin):
+    # Bounded: a check queued on a pool with no threads would wait forever.
+    try:
+        result = await asyncio.wait_for(plugin.bonzo_auth("alice", "pw"), 10)
+    except asyncio.TimeoutError:
+        return "stuck"
+    return "ok" if isinstance(result, Accept) else "refused"
+
+inherited = make()
+print("parent", asyncio.run(auth(inherited)), flush=True)
+pid = os.fork()
+if pid == 0:
+    print("child-inherited", asyncio.run(auth(inherited)), flush=True)
+    print("child-new", asyncio.run(auth(make())), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+print("parent", asyncio.run(auth(inherited)), flush=True)
+"""
+
+
+def test_a_forked_worker_checks_passwords_in_threads_of_its_own(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "passwd"
+    add_user(path, "alice", "pw")
+    result = subprocess.run(
+        [sys.executable, "-c", FORK_AND_AUTH, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:-1] == [
+        "parent ok",
+        "child-inherited ok",
+        "child-new ok",
+        "parent ok",
+    ], result.stderr
+
+
 def test_the_password_is_never_logged(tmp_path, caplog):
     path = tmp_path / "passwd"
     add_user(path, "alice", "pw")
