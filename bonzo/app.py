@@ -613,7 +613,10 @@ class MailApp:
         """Run the plugins' startup hooks and start serving: the sockets of
         :meth:`bind` (bound now if it was not called), or ``sockets`` given
         here, which are served with the first listener's policy. Returns the
-        first listener's server; :attr:`servers` has them all."""
+        first listener's server; :attr:`servers` has them all. When serving
+        fails once the plugins started, they get ``bonzo_shutdown`` (those
+        another started application has excepted) before the error is
+        raised."""
         if self._started:
             raise RuntimeError("MailApp already started")
         self._stop_done = self._stop_requested = self._stop_forced = None
@@ -631,6 +634,29 @@ class MailApp:
                 name,
             )
         await self._start_plugins(running)
+        try:
+            self._serve(sockets)
+        except BaseException:
+            # Started plugins must not outlive a start that did not happen
+            # (a reload's queue runner would go on delivering on the routes
+            # it replaced); the sockets go back to whoever owns them.
+            for server in self.servers:
+                server.release_sockets()
+            self.servers = []
+            self.server = None
+            # As at a stop: every plugin but those another application runs.
+            log.info("startup failed after the plugins started: running their shutdown hooks")
+            await self.plugins.call_observers("bonzo_shutdown", self, skip=running)
+            raise
+        self._started = True
+        for name in self.plugins.names:
+            _hold(self.plugins.get(name))
+        _hold(self.store, _STORES)
+        return self.servers[0]
+
+    def _serve(self, sockets: Sequence[socket.socket] | None) -> None:
+        """Make the servers and have them accept on their sockets (see
+        :meth:`start`)."""
         if sockets is not None:
             groups = [(self.config.listeners[0], list(sockets))]
         else:
@@ -653,14 +679,9 @@ class MailApp:
                 accept_batch=1 if self.share is not None else ACCEPT_BATCH,
                 share=self.share,
             )
+            self.servers.append(server)  # released again if a later one fails
             server.add_sockets(socks)
-            self.servers.append(server)
         self.server = self.servers[0]
-        self._started = True
-        for name in self.plugins.names:
-            _hold(self.plugins.get(name))
-        _hold(self.store, _STORES)
-        return self.server
 
     async def _start_plugins(self, running: list[str]) -> None:
         """Run ``bonzo_startup`` of each plugin but those ``running``, in
@@ -710,9 +731,19 @@ class MailApp:
 
     def reattach_sockets(self) -> None:
         """Accept again on the sockets :meth:`release_sockets` let go (a
-        reload whose new configuration failed to start)."""
-        for server, (_, socks) in zip(self.servers, self._bound, strict=False):
-            server.add_sockets(socks)
+        reload whose new configuration failed to start). A socket that
+        cannot be taken back (another configuration of this process accepts
+        on it) is logged and left to that one."""
+        for server, (listener, socks) in zip(self.servers, self._bound, strict=False):
+            for sock in socks:
+                try:
+                    server.add_sockets([sock])
+                except (ValueError, OSError) as exc:
+                    log.error(
+                        "reload: listener %s: could not accept on it again: %s",
+                        listener.where,
+                        exc,
+                    )
 
     async def retire(self) -> None:
         """After a reload: let the sessions of this configuration end by

@@ -579,8 +579,12 @@ class SMTPServer(TCPServer):
                 else b"421 4.3.2 Service not available, out of resources; try again later\r\n"
             )
         for sock in sockets:
-            self._sockets[sock.fileno()] = sock
-            self._handlers[sock.fileno()] = accept_on(
+            if sock.fileno() in self._sockets:
+                continue  # accepting on it already
+            # Registered first, recorded after: a socket the loop refuses
+            # (``fd ... added twice``: another server accepts on it) is not
+            # left half added for release_sockets() or stop() to trip on.
+            handler = accept_on(
                 sock,
                 self._open_stream,
                 self.accept_batch,
@@ -588,6 +592,8 @@ class SMTPServer(TCPServer):
                 refusal=refusal,
                 on_refused=_count_refused,
             )
+            self._sockets[sock.fileno()] = sock
+            self._handlers[sock.fileno()] = handler
 
     def _open_stream(self, connection: socket.socket, address: Any) -> None:
         # Tornado's TCPServer makes a plain IOStream; sessions get the one

@@ -2207,6 +2207,68 @@ def test_a_failed_startup_shuts_down_the_plugins_it_started(plugin_module):
     assert log == ["open", "close"]
 
 
+def test_a_start_that_fails_once_the_plugins_started_shuts_them_down(plugin_module, log_watch):
+    """Serving can fail after the plugins' startup: here two reloads at once
+    hand the running configuration's sockets to two new ones, and the second
+    finds them taken (``fd ... added twice``). Its plugins get
+    bonzo_shutdown before the error is raised (a queue runner would go on
+    delivering on routes nobody runs), and the running configuration taking
+    back sockets another one serves is logged, not raised: every
+    configuration still stops cleanly."""
+    log: list[str] = []
+
+    class Opens:
+        def bonzo_startup(self, app):
+            log.append(f"open {app.settings.hostname}")
+
+        def bonzo_shutdown(self, app):
+            log.append(f"close {app.settings.hostname}")
+
+    plugin_module.Opens = Opens
+
+    def app(hostname: str) -> MailApp:
+        config = app_config("Opens", listen=True)
+        return MailApp(parse_config(f'[server]\nhostname = "{hostname}"\n' + config))
+
+    log_watch.allow("could not accept on it again")
+
+    async def race() -> None:
+        old = app("old.test")
+        await old.start()
+        [(host, port)] = old.addresses
+        first, second = app("first.test"), app("second.test")
+        first.adopt_sockets(old)
+        second.adopt_sockets(old)
+        old.release_sockets()
+        await first.start()
+        with pytest.raises(ValueError, match="added twice"):
+            await second.start()
+        assert second.server is None and second.servers == []
+        assert log[-1] == "close second.test"
+        old.reattach_sockets()  # first serves them: logged, not raised
+        assert first.addresses == [(host, port)]
+
+        def ehlo() -> tuple[int, bytes]:
+            with smtplib.SMTP(host, port, local_hostname="client.test", timeout=10) as client:
+                return client.ehlo()
+
+        code, banner = await asyncio.to_thread(ehlo)
+        assert code == 250 and banner.startswith(b"first.test")
+        await first.stop(grace=1)
+        await old.stop(grace=1)
+
+    run(race())
+    assert log == [
+        "open old.test",
+        "open first.test",
+        "open second.test",
+        "close second.test",
+        "close first.test",
+        "close old.test",
+    ]
+    assert any("could not accept on it again" in r.getMessage() for r in log_watch.records)
+
+
 # ------------------------------------------------------------- delivery
 @pytest.mark.expect_errors
 def test_delivery_hooks_follow_the_decision_and_observer_rules(caplog):
