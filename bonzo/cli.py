@@ -980,6 +980,11 @@ _RELOAD_REPORTS: tuple[int, int] | None = (
     (signal.SIGRTMIN, signal.SIGRTMIN + 1) if hasattr(signal, "SIGRTMIN") else None
 )
 
+#: How long the supervisor waits for every worker's report on a reload
+#: before it passes another SIGHUP on (a worker that never reports must not
+#: stop reloads for good).
+_RELOAD_REPORT_LIMIT = 60.0
+
 #: Logged when SIGHUP arrives before the server is ready to reload.
 _SIGHUP_IGNORED = "SIGHUP: not serving yet, nothing to reload; ignored"
 
@@ -1033,6 +1038,8 @@ def _run_worker(
         forced = False
         stop_begun = False
         reloading = False
+        serving = False  # app started: a SIGHUP before reloads once it is
+        pending = False  # a SIGHUP came while starting
 
         counter: Any = None  # the process's Metrics, once metrics are on
         http: Any = None  # its MetricsServer, in the worker that answers scrapes
@@ -1048,57 +1055,84 @@ def _run_worker(
                 pass
 
         async def reload() -> None:
-            nonlocal current, reloading
-            reloading = True
+            nonlocal reloading
+            old = current
             try:
-                old = current
-                new = _reloaded_app(old, warn=supervisor is None)
-                if new is None or requests:
-                    _configure_shared_again(old)
-                    report(False)
-                    return
-                old.release_sockets()
-                try:
-                    await new.start()
-                except Exception as exc:
-                    log.error("reload: the new configuration failed to start: %s; "
-                              "still running the previous one", exc)  # fmt: skip
-                    old.reattach_sockets()
-                    _configure_shared_again(old)
-                    report(False)
-                    return
-                current = new
-                report(True)
-                retiring.append(old)
-                if counter is not None:
-                    counter.install(new.plugins)  # time the new plugins' hooks
-                sessions = sum(len(s.connections) for s in old.servers)
-                log.info(
-                    "reloaded %s: new sessions on the new configuration; %d session(s) "
-                    "finish on the previous one",
-                    new.config.source,
-                    sessions,
-                )
-                await new.plugins.call_observers("bonzo_reload", new)
-
-                async def retire() -> None:
-                    await old.retire()
-                    if old in retiring:
-                        retiring.remove(old)
-                        log.info("the previous configuration has stopped: its sessions ended")
-
-                asyncio.ensure_future(retire())
+                await replace(old)
+            except Exception:  # a bug: logged here, not as an unretrieved task exception
+                log.exception("reload failed")
             finally:
                 reloading = False
+                # Reported once the flag is down: a SIGHUP the supervisor
+                # passes on after every report finds no reload under way.
+                report(current is not old)
+
+        async def replace(old: Any) -> None:
+            nonlocal current
+            new = _reloaded_app(old, warn=supervisor is None)
+            if new is None or requests:
+                _configure_shared_again(old)
+                return
+            old.release_sockets()
+            try:
+                await new.start()
+            except Exception as exc:
+                log.error("reload: the new configuration failed to start: %s; "
+                          "still running the previous one", exc)  # fmt: skip
+                old.reattach_sockets()
+                _configure_shared_again(old)
+                return
+            current = new
+            retiring.append(old)
+            if counter is not None:
+                counter.install(new.plugins)  # time the new plugins' hooks
+            sessions = sum(len(s.connections) for s in old.servers)
+            log.info(
+                "reloaded %s: new sessions on the new configuration; %d session(s) "
+                "finish on the previous one",
+                new.config.source,
+                sessions,
+            )
+            await new.plugins.call_observers("bonzo_reload", new)
+            background(retire(old))
+
+        async def retire(old: Any) -> None:
+            try:
+                await old.retire()
+            except Exception:
+                log.exception("the previous configuration failed to stop")
+                return
+            finally:
+                if old in retiring:
+                    retiring.remove(old)
+            log.info("the previous configuration has stopped: its sessions ended")
+
+        tasks: set[asyncio.Future[None]] = set()
+
+        def background(coro: Any) -> None:
+            # A reference until done: the loop keeps only a weak one.
+            task = asyncio.ensure_future(coro)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
         def on_reload() -> None:
+            nonlocal reloading, pending
             if requests or stop_begun:
+                return
+            if not serving:
+                # Still starting: reloading the configuration that is not
+                # serving yet would race its start for the sockets.
+                log.info("SIGHUP: still starting; reloading once serving")
+                pending = True
                 return
             if reloading:
                 log.warning("SIGHUP: a reload is already under way; ignored")
                 return
+            # Set here, not when the task first runs: a second SIGHUP
+            # handled in this same loop iteration must see it.
+            reloading = True
             log.info("SIGHUP: reloading the configuration")
-            asyncio.ensure_future(reload())
+            background(reload())
 
         first = ""  # why the stop began
 
@@ -1214,6 +1248,9 @@ def _run_worker(
             if app.share is not None and slot is not None:
                 app.share.start(slot)  # the other workers may leave connections to it now
             log.info("ready (pid %d)", os.getpid())
+            serving = True
+            if pending:
+                on_reload()
             sd_notify(f"READY=1\nMAINPID={supervisor or os.getpid()}")
             await stopping.wait()
             sd_notify("STOPPING=1")
@@ -1357,6 +1394,7 @@ def _supervise(
     # those that refused it.
     reporting: set[int] = set()
     refused: list[int] = []
+    reload_sent = 0.0  # when the last reload was passed on to the workers
 
     def spawn(slot: int) -> None:
         spawned_with[slot] = app
@@ -1518,6 +1556,17 @@ def _supervise(
         elif signum == signal.SIGHUP:
             if stops:
                 continue
+            if reporting and time.monotonic() - reload_sent < _RELOAD_REPORT_LIMIT:
+                # A worker still reloading ignores another SIGHUP: passed on
+                # now, its report on the last reload would count for this
+                # one, and workers started later would run a configuration
+                # the others never took.
+                log.warning(
+                    "SIGHUP: the workers are still reloading (worker(s) %s have not "
+                    "reported); ignored",
+                    ", ".join(str(n) for n in sorted(reporting)),
+                )
+                continue
             log.info("SIGHUP: checking the configuration before the workers reload it")
             new = _reloaded_app(app)
             if new is not None:
@@ -1528,6 +1577,7 @@ def _supervise(
                 reporting.clear()
                 if _RELOAD_REPORTS is not None:
                     reporting.update(children.values())
+                reload_sent = time.monotonic()
                 for pid in children:
                     try:
                         os.kill(pid, signal.SIGHUP)

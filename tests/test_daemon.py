@@ -202,6 +202,33 @@ class Marked(Store):
         (self.out / f"shutdown-{os.getpid()}").write_text("")
 
 
+class Lifecycle:
+    """Journals its startups and shutdowns in out/lifecycle.txt; its HELO
+    blocks the event loop for ``block`` seconds, after leaving out/blocking;
+    its startup takes ``start`` seconds, after leaving out/starting."""
+
+    def bonzo_configure(self, config):
+        self.out = Path(config["out"])
+        self.block = float(config.get("block", 3.0))
+        self.start = float(config.get("start", 0.1))
+
+    def event(self, what):
+        with open(self.out / "lifecycle.txt", "a") as f:
+            f.write(f"{what} {os.getpid()}\\n")
+
+    async def bonzo_startup(self):
+        (self.out / "starting").write_text("")
+        await asyncio.sleep(self.start)  # as a pool or a thread that opens
+        self.event("startup")
+
+    def bonzo_shutdown(self):
+        self.event("shutdown")
+
+    def bonzo_helo(self):
+        (self.out / "blocking").write_text("")
+        time.sleep(self.block)
+
+
 class SlowFork:
     """Holds the supervisor between its first fork() and recording the child
     (an os.register_at_fork callback), after leaving the file out/forked."""
@@ -1511,6 +1538,110 @@ def test_auth_works_after_reloads_and_worker_restarts(workdir, serve):
     assert pids and not pids & first
     assert daemon.stop() == 0
     assert "Traceback" not in daemon.log
+
+
+def _hold_the_loop(daemon: Daemon) -> threading.Thread:
+    """A client whose EHLO the Lifecycle plugin answers after blocking the
+    event loop of the process that took it: the signals sent meanwhile are
+    handled in one loop iteration once it is free."""
+    (daemon.out / "blocking").unlink(missing_ok=True)
+
+    def client() -> None:
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=DEADLINE) as c:
+            c.ehlo("client.test")
+
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    wait_until(lambda: (daemon.out / "blocking").exists(), what="the loop to be held")
+    return thread
+
+
+def _lifecycle(workdir: Path) -> list[str]:
+    events = (workdir / "out" / "lifecycle.txt").read_text().split()
+    return [e for e in events if not e.isdigit()]
+
+
+def test_two_sighups_in_one_loop_iteration_make_one_reload(workdir, serve):
+    """Two SIGHUPs the event loop takes together (here it is held by a
+    plugin; any stall, or two reload requests at once, does it): the first
+    reloads, the second is ignored as a reload already under way. Two
+    reloads at once would both take the running configuration's sockets:
+    one fails, and its started plugins (a queue runner) went on running."""
+    port = free_port()
+    table = f'\n[plugins."daemonplug:Lifecycle"]\nout = "{workdir / "out"}"\n'
+    config = write_config(workdir, port, enabled=["daemonplug:Lifecycle", STORE], extra=table)
+    daemon = serve(config, port)
+    daemon.wait_ready()
+    thread = _hold_the_loop(daemon)
+    daemon.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.3)  # two deliveries, not one pending signal
+    daemon.proc.send_signal(signal.SIGHUP)
+    thread.join(DEADLINE)
+    assert not thread.is_alive()
+    stopped = "the previous configuration has stopped"
+    wait_until(lambda: stopped in daemon.log, what="the previous configuration to stop")
+    assert "SIGHUP: a reload is already under way; ignored" in daemon.log
+    assert send(port) == {}
+    assert daemon.stop() == 0
+    log = daemon.log
+    assert log.count("SIGHUP: reloading the configuration") == 1
+    assert log.count("reloaded ") == 1
+    assert "added twice" not in log and "never retrieved" not in log
+    assert "Traceback" not in log and "ERROR" not in log
+    # Every configuration started was shut down: no plugin left running.
+    assert _lifecycle(workdir) == ["startup", "startup", "shutdown", "shutdown"]
+
+
+def test_a_sighup_while_the_server_starts_reloads_once_it_serves(workdir, serve):
+    """A SIGHUP while the plugins start (a worker the supervisor has just
+    started gets it too) waits for the server to serve, then reloads: a
+    reload then would race the start for the listening sockets."""
+    port = free_port()
+    out = workdir / "out"
+    table = f'\n[plugins."daemonplug:Lifecycle"]\nout = "{out}"\nstart = 1.0\n'
+    config = write_config(workdir, port, enabled=["daemonplug:Lifecycle", STORE], extra=table)
+    daemon = serve(config, port)
+    wait_until(lambda: (out / "starting").exists(), what="the plugins to start")
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_ready()
+    wait_until(lambda: "reloaded " in daemon.log, what="the reload")
+    assert "SIGHUP: still starting; reloading once serving" in daemon.log
+    assert send(port) == {}
+    assert daemon.stop() == 0
+    log = daemon.log
+    assert log.count("reloaded ") == 1
+    assert "Traceback" not in log and "ERROR" not in log
+    assert _lifecycle(workdir) == ["startup", "startup", "shutdown", "shutdown"]
+
+
+def test_a_sighup_while_the_workers_reload_is_ignored_by_the_supervisor(workdir, serve):
+    """A second SIGHUP that reaches the supervisor before every worker has
+    reported on the reload is not passed on: a worker still reloading would
+    ignore it, and workers started later would run a configuration the
+    others never took."""
+    port = free_port()
+    table = f'\n[plugins."daemonplug:Lifecycle"]\nout = "{workdir / "out"}"\n'
+    enabled = ["daemonplug:Lifecycle", STORE]
+    config = write_config(workdir, port, enabled=enabled, workers=2, extra=table)
+    daemon = serve(config, port)
+    daemon.wait_ready(workers=2)
+    thread = _hold_the_loop(daemon)  # one worker's loop: it cannot reload yet
+    daemon.proc.send_signal(signal.SIGHUP)
+    checking = "SIGHUP: checking the configuration before the workers reload it"
+    wait_until(lambda: checking in daemon.log, what="the supervisor to take the reload")
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "the workers are still reloading" in daemon.log, what="the second SIGHUP")
+    thread.join(DEADLINE)
+    assert not thread.is_alive()
+    wait_until(lambda: daemon.log.count("reloaded ") == 2, what="each worker to reload")
+    assert daemon.stop() == 0
+    log = daemon.log
+    assert log.count(checking) == 1
+    assert log.count("SIGHUP: reloading the configuration") == 2  # once in each worker
+    assert "already under way" not in log
+    assert "Traceback" not in log and "ERROR" not in log
+    assert _lifecycle(workdir).count("startup") == 4
+    assert _lifecycle(workdir).count("shutdown") == 4
 
 
 SHARED_SOURCE = """
