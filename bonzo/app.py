@@ -633,7 +633,11 @@ class MailApp:
                 "started: bonzo_startup not run again",
                 name,
             )
-        await self._start_plugins(running)
+        try:
+            await self._start_plugins(running)
+        except BaseException:
+            await self._close_unshared_store()
+            raise
         try:
             self._serve(sockets)
         except BaseException:
@@ -647,12 +651,24 @@ class MailApp:
             # As at a stop: every plugin but those another application runs.
             log.info("startup failed after the plugins started: running their shutdown hooks")
             await self.plugins.call_observers("bonzo_shutdown", self, skip=running)
+            await self._close_unshared_store()
             raise
         self._started = True
         for name in self.plugins.names:
             _hold(self.plugins.get(name))
         _hold(self.store, _STORES)
         return self.servers[0]
+
+    async def _close_unshared_store(self) -> None:
+        """A start failed: close the store (a Redis pool its plugins may have
+        opened) unless a running application shares it (a reload that kept
+        ``[redis]``), whose sessions still use it."""
+        if id(self.store) in _STORES:
+            return
+        try:
+            await self.store.close()
+        except Exception as exc:  # the start's own error is the one to raise
+            log.warning("startup failed: closing the store failed too: %s", exc)
 
     def _serve(self, sockets: Sequence[socket.socket] | None) -> None:
         """Make the servers and have them accept on their sockets (see

@@ -2198,13 +2198,18 @@ def test_a_failed_startup_shuts_down_the_plugins_it_started(plugin_module):
     plugin_module.Later = Later
     app = MailApp(parse_config(app_config("Opens", "Fails", "Later", listen=True)))
 
+    async def closed() -> None:  # its store too (a Redis pool a plugin opened)
+        log.append("store closed")
+
+    app.store.close = closed  # type: ignore[method-assign]
+
     async def start() -> None:
         with pytest.raises(PluginError, match=r"Fails.*bonzo_startup.*database unreachable"):
             await app.start()
 
     run(start())
     assert app.server is None
-    assert log == ["open", "close"]
+    assert log == ["open", "close", "store closed"]
 
 
 def test_a_start_that_fails_once_the_plugins_started_shuts_them_down(plugin_module, log_watch):
@@ -2237,6 +2242,11 @@ def test_a_start_that_fails_once_the_plugins_started_shuts_them_down(plugin_modu
         await old.start()
         [(host, port)] = old.addresses
         first, second = app("first.test"), app("second.test")
+
+        async def closed() -> None:
+            log.append("store of second.test closed")
+
+        second.store.close = closed  # type: ignore[method-assign]
         first.adopt_sockets(old)
         second.adopt_sockets(old)
         old.release_sockets()
@@ -2244,7 +2254,7 @@ def test_a_start_that_fails_once_the_plugins_started_shuts_them_down(plugin_modu
         with pytest.raises(ValueError, match="added twice"):
             await second.start()
         assert second.server is None and second.servers == []
-        assert log[-1] == "close second.test"
+        assert log[-2:] == ["close second.test", "store of second.test closed"]
         old.reattach_sockets()  # first serves them: logged, not raised
         assert first.addresses == [(host, port)]
 
@@ -2263,6 +2273,7 @@ def test_a_start_that_fails_once_the_plugins_started_shuts_them_down(plugin_modu
         "open first.test",
         "open second.test",
         "close second.test",
+        "store of second.test closed",
         "close first.test",
         "close old.test",
     ]
