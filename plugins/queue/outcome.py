@@ -96,6 +96,11 @@ class Transport(Protocol):
     #: True for a final delivery (a mailbox); false for a relay, whose
     #: success report says ``relayed``.
     final: bool
+    #: Whether each recipient gets the message where it reads its mail (an
+    #: LMTP or SMTP server, a maildir per recipient), as opposed to one place
+    #: for all (a one-folder maildir, ``discard``): a quarantined message
+    #: then needs a recipient of its own (``quarantine_recipient``).
+    by_recipient: bool
 
     def destination(self, recipient: Recipient) -> str:
         """Which recipients go together (one connection, one concurrency limit)."""

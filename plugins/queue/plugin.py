@@ -30,7 +30,7 @@ from .._config import check_creatable, parse_duration
 from .._quarantine import add_quarantine_headers
 from .bounce import ReportLine
 from .keys import Value, mode, under_ten_years
-from .routes import DEFAULT_ROUTES, ROUTES, TRANSPORTS, RouteTable, check_routes
+from .routes import DEFAULT_ROUTES, ROUTES, TRANSPORTS, RouteTable, check_routes, transport_class
 from .runner import INLINE_SIZE, MAX_HANDED, Runner, RunnerSettings
 from .spool import Claim, GroupSync, QueuedMessage, Recipient, Spool, queued_recipient
 
@@ -84,15 +84,15 @@ def _check(values: dict[str, Any]) -> None:
 
 def _by_recipient(transport: Mapping[str, Any]) -> str | None:
     """How a transport (its parsed table) delivers to each recipient on its
-    own (so a quarantined message needs a recipient of its own), or ``None``
-    for one that keeps every message in one place (a maildir without
-    ``per_recipient``, ``discard``)."""
+    own (its class's ``delivers_by_recipient``: a quarantined message then
+    needs a recipient of its own), or ``None`` for one that keeps every
+    message in one place (a maildir without ``per_recipient``, ``discard``)."""
     kind = transport["type"]
-    if kind in ("lmtp", "smarthost", "mx"):
-        return f'a transport of type "{kind}"'
-    if kind == "maildir" and transport.get("per_recipient"):
+    if not transport_class(kind).delivers_by_recipient(transport):
+        return None
+    if kind == "maildir":
         return 'a "maildir" transport with per_recipient'
-    return None
+    return f'a transport of type "{kind}"'
 
 
 def _postmaster(address: Address) -> Address:

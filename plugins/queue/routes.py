@@ -50,6 +50,12 @@ class DiscardTransport:
 
     kind = "discard"
     final = True
+    by_recipient = False
+
+    @staticmethod
+    def delivers_by_recipient(values: Mapping[str, Any]) -> bool:
+        """:attr:`by_recipient` of a transport made from ``values``."""
+        return False
 
     def destination(self, recipient: Recipient) -> str:
         return "discard"
@@ -71,6 +77,12 @@ class MaildirTransport:
     kind = "maildir"
     final = True
 
+    @staticmethod
+    def delivers_by_recipient(values: Mapping[str, Any]) -> bool:
+        """:attr:`by_recipient` of a transport made from ``values``: a folder
+        per recipient (``per_recipient``), or one for all."""
+        return bool(values.get("per_recipient"))
+
     def __init__(self, values: Mapping[str, Any], app: Any, where: str) -> None:
         from ..maildir import MaildirPlugin
 
@@ -83,6 +95,7 @@ class MaildirTransport:
         except ValueError as exc:
             raise ValueError(f"{where}.{exc}") from None
         self.writer = writer
+        self.by_recipient = self.delivers_by_recipient(values)
 
     def start(self) -> None:
         self.writer.bonzo_startup()
@@ -221,6 +234,16 @@ def check_routes(values: Mapping[str, Any]) -> None:
 
 #: The two tables, for :class:`RouteTable` built from raw tables.
 ROUTING = Schema(ROUTES, TRANSPORTS, check=check_routes)
+
+
+def transport_class(kind: str) -> Any:
+    """The class of a transport of type ``kind`` (``"maildir"``, ...)."""
+    return {
+        "maildir": MaildirTransport,
+        "discard": DiscardTransport,
+        "smarthost": SmarthostTransport,
+        "lmtp": LMTPTransport,
+    }.get(kind, MXTransport)
 
 
 def _transport(values: Mapping[str, Any], app: Any, where: str) -> Any:

@@ -1517,13 +1517,10 @@ class Runner:
 
 
 def _by_recipient(transport: Any) -> bool:
-    """Whether ``transport`` delivers to each recipient on its own (all but
-    ``discard`` and a one-folder maildir; a kind unknown here counts as one)."""
-    if transport.kind == "discard":
-        return False
-    if transport.kind == "maildir":
-        return bool(transport.writer.per_recipient)
-    return True
+    """Whether ``transport`` delivers to each recipient on its own
+    (:attr:`.outcome.Transport.by_recipient`; one that does not say counts
+    as one)."""
+    return bool(getattr(transport, "by_recipient", True))
 
 
 def _quarantine_copy(message: QueuedMessage, recipient: Recipient) -> bool:

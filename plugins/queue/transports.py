@@ -400,6 +400,15 @@ class _Pooled:
 
     kind = "?"
     final = False
+    #: Each recipient gets the message in its own mailbox (see
+    #: :attr:`.outcome.Transport.by_recipient`).
+    by_recipient = True
+
+    @staticmethod
+    def delivers_by_recipient(values: Mapping[str, Any]) -> bool:
+        """:attr:`by_recipient` of a transport made from ``values``."""
+        return True
+
     protocol = "smtp"
 
     def __init__(self, settings: ClientSettings, idle_timeout: float) -> None:
