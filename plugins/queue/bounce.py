@@ -283,9 +283,9 @@ def seven_bit(report: bytes) -> bytes | None:
     (``text/rfc822-headers``), and UTF-8 in the report's own parts (a
     server's reply, an address) becomes ``\\x{HEX}`` escapes, the form RFC
     6533 3 gives for downgrading (a ``message/global-delivery-status`` part
-    becomes a ``message/delivery-status`` one); a note says why. ``None``
-    when ``report`` is 7-bit already, or when the header section it returns
-    is not ASCII (no 7-bit form would be faithful)."""
+    becomes a ``message/delivery-status`` one); a returned header section
+    in UTF-8 is left out; a note says why. ``None`` when ``report`` is 7-bit
+    already."""
     if report.isascii():
         return None
     found = _BOUNDARY.search(report.partition(b"\r\n\r\n")[0])
@@ -302,12 +302,15 @@ def seven_bit(report: bytes) -> bytes | None:
     fields = content.partition(b"\r\n\r\n")[0] if whole else content
     if not fields.endswith(b"\r\n"):
         fields += b"\r\n"  # each field with its CRLF
-    if not fields.isascii():
-        return None
+    # A header section in UTF-8 has no faithful 7-bit form: the report goes
+    # without it (the returned part is optional, RFC 6522 3).
+    returned = fields.isascii()
     own = report[:start].decode("utf-8", "replace")
     escaped = not own.isascii()
     note = _NO_8BIT_NOTE
-    if whole:
+    if not returned:
+        note += ", without your message: its header section holds characters beyond ASCII"
+    elif whole:
         note += ", without your message: only its header section is returned"
     if escaped:
         note += ", and the characters beyond ASCII in it are written as \\x{HEX}"
@@ -319,6 +322,8 @@ def seven_bit(report: bytes) -> bytes | None:
     before = before.replace(
         b"\r\nContent-Transfer-Encoding: 8bit\r\n", b"\r\nContent-Transfer-Encoding: 7bit\r\n"
     )
+    if not returned:
+        return before + dash + b"--\r\n"
     return (
         before
         + dash

@@ -406,6 +406,32 @@ def test_a_report_about_a_utf8_address_uses_the_global_types(tmp_path):
     assert b"Content-Type: message/rfc822\r\n" in raw
 
 
+def test_the_7bit_form_of_a_report_whose_returned_headers_hold_utf8_leaves_them_out(tmp_path):
+    """A report to a server without 8BITMIME (seven_bit): a header section in
+    UTF-8 has no faithful 7-bit form, so the report goes without it (RFC 6522
+    3: the returned part is optional) rather than not at all."""
+    from bonzo_plugins.queue.bounce import seven_bit
+
+    spool = Spool(tmp_path / "q")
+    spool.setup()
+    body = "From: a@example.org\r\nSubject: h\u00e9\r\n\r\nBody.\r\n".encode()
+    queued(spool, "U2", envelope("a@example.org", "perm\u00fc@dest.test"), body)
+    message = spool.load("U2")
+    line = ReportLine(message.recipients[0], "failed", "5.1.1", "550 5.1.1 no such user", "h")
+    raw = build_report(message, [line], "mx.test", now=1_000_100.0)
+    seven = seven_bit(raw)
+    assert seven is not None and seven.isascii()
+    parsed = email.message_from_bytes(seven, policy=email.policy.default)
+    assert not parsed.defects
+    kinds = [p.get_content_type() for p in parsed.get_payload()]
+    assert kinds == ["text/plain", "message/delivery-status"]
+    text = parsed.get_payload()[0].get_content()
+    assert "its header section holds characters beyond ASCII" in " ".join(text.split())
+    assert b"Final-Recipient: utf-8; perm\\x{FC}@dest.test\r\n" in seven
+    assert b"Subject: h" not in seven
+    assert seven_bit(seven) is None  # 7-bit already
+
+
 @pytest.mark.parametrize(
     "orcpt, shown",
     [
