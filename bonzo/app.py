@@ -714,7 +714,7 @@ class MailApp:
                 others = [n for n in names if n != call.plugin]
                 await self.plugins.call_observers("bonzo_startup", self, strict=True, skip=others)
                 started.append(call.plugin)
-        except PluginError:
+        except BaseException:  # a plugin failed, or the start was cancelled
             if started:
                 log.info("startup failed: shutting down the plugins started: %s", started)
                 others = [n for n in names if n not in started]

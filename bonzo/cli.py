@@ -1038,8 +1038,9 @@ def _run_worker(
         forced = False
         stop_begun = False
         reloading = False
+        reload_task: asyncio.Future[None] | None = None  # the reload under way
         serving = False  # app started: a SIGHUP before reloads once it is
-        pending = False  # a SIGHUP came while starting
+        pending = False  # a SIGHUP came while starting, or while reloading
 
         counter: Any = None  # the process's Metrics, once metrics are on
         http: Any = None  # its MetricsServer, in the worker that answers scrapes
@@ -1055,7 +1056,7 @@ def _run_worker(
                 pass
 
         async def reload() -> None:
-            nonlocal reloading
+            nonlocal reloading, pending
             old = current
             try:
                 await replace(old)
@@ -1066,6 +1067,11 @@ def _run_worker(
                 # Reported once the flag is down: a SIGHUP the supervisor
                 # passes on after every report finds no reload under way.
                 report(current is not old)
+            if pending:
+                # A SIGHUP came meanwhile: the file may have changed since
+                # this reload read it.
+                pending = False
+                on_reload()
 
         async def replace(old: Any) -> None:
             nonlocal current
@@ -1109,14 +1115,15 @@ def _run_worker(
 
         tasks: set[asyncio.Future[None]] = set()
 
-        def background(coro: Any) -> None:
+        def background(coro: Any) -> asyncio.Future[None]:
             # A reference until done: the loop keeps only a weak one.
-            task = asyncio.ensure_future(coro)
+            task: asyncio.Future[None] = asyncio.ensure_future(coro)
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+            return task
 
         def on_reload() -> None:
-            nonlocal reloading, pending
+            nonlocal reloading, pending, reload_task
             if requests or stop_begun:
                 return
             if not serving:
@@ -1126,13 +1133,18 @@ def _run_worker(
                 pending = True
                 return
             if reloading:
-                log.warning("SIGHUP: a reload is already under way; ignored")
+                # One at a time (two at once raced for the sockets); the
+                # file may have changed since this one read it: once more
+                # after it, however many came.
+                if not pending:
+                    log.info("SIGHUP: a reload is under way; reloading again once it ends")
+                pending = True
                 return
             # Set here, not when the task first runs: a second SIGHUP
             # handled in this same loop iteration must see it.
             reloading = True
             log.info("SIGHUP: reloading the configuration")
-            background(reload())
+            reload_task = background(reload())
 
         first = ""  # why the stop began
 
@@ -1250,6 +1262,7 @@ def _run_worker(
             log.info("ready (pid %d)", os.getpid())
             serving = True
             if pending:
+                pending = False
                 on_reload()
             sd_notify(f"READY=1\nMAINPID={supervisor or os.getpid()}")
             await stopping.wait()
@@ -1260,6 +1273,12 @@ def _run_worker(
             stop_begun = True
             if app.share is not None:
                 app.share.stop()  # the other workers take every new connection
+            if reload_task is not None and not reload_task.done():
+                # Its new configuration may start serving yet: stopped with
+                # the others below, not left running (its plugins would
+                # never get bonzo_shutdown). Bounded by the plugins' limits.
+                log.info("stopping: the reload under way ends first")
+                await asyncio.wait([reload_task])
             apps = [current, *retiring]
             stopped = asyncio.ensure_future(asyncio.gather(*(a.stop() for a in apps)))
             if forced:  # forced before there was anything to force
@@ -1395,6 +1414,7 @@ def _supervise(
     reporting: set[int] = set()
     refused: list[int] = []
     reload_sent = 0.0  # when the last reload was passed on to the workers
+    hup_pending = False  # a SIGHUP came while the workers were reloading
 
     def spawn(slot: int) -> None:
         spawned_with[slot] = app
@@ -1520,6 +1540,26 @@ def _supervise(
                 ", ".join(str(n) for n in sorted(refused)),
             )
 
+    def reload_workers() -> None:
+        nonlocal app, reload_sent
+        log.info("SIGHUP: checking the configuration before the workers reload it")
+        new = _reloaded_app(app)
+        if new is None:
+            return
+        replaced.clear()
+        replaced[new] = app
+        app = new  # workers started from now on run it, unless one refuses it
+        refused.clear()
+        reporting.clear()
+        if _RELOAD_REPORTS is not None:
+            reporting.update(children.values())
+        reload_sent = time.monotonic()
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:  # pragma: no cover - exited, not yet reaped
+                pass
+
     for slot in range(workers):
         spawn(slot)
     while children:
@@ -1557,35 +1597,27 @@ def _supervise(
             if stops:
                 continue
             if reporting and time.monotonic() - reload_sent < _RELOAD_REPORT_LIMIT:
-                # A worker still reloading ignores another SIGHUP: passed on
-                # now, its report on the last reload would count for this
-                # one, and workers started later would run a configuration
-                # the others never took.
-                log.warning(
-                    "SIGHUP: the workers are still reloading (worker(s) %s have not "
-                    "reported); ignored",
-                    ", ".join(str(n) for n in sorted(reporting)),
-                )
+                # Not passed on while a worker still reloads: its report on
+                # the last reload would count for this one, and workers
+                # started later would run a configuration the others never
+                # took. Once they have reported, one more reload (the file
+                # may have changed since), however many came.
+                if not hup_pending:
+                    log.info(
+                        "SIGHUP: the workers are still reloading (worker(s) %s have not "
+                        "reported); reloading again once they have",
+                        ", ".join(str(n) for n in sorted(reporting)),
+                    )
+                hup_pending = True
                 continue
-            log.info("SIGHUP: checking the configuration before the workers reload it")
-            new = _reloaded_app(app)
-            if new is not None:
-                replaced.clear()
-                replaced[new] = app
-                app = new  # workers started from now on run it, unless one refuses it
-                refused.clear()
-                reporting.clear()
-                if _RELOAD_REPORTS is not None:
-                    reporting.update(children.values())
-                reload_sent = time.monotonic()
-                for pid in children:
-                    try:
-                        os.kill(pid, signal.SIGHUP)
-                    except ProcessLookupError:  # pragma: no cover - exited, not yet reaped
-                        pass
+            hup_pending = False
+            reload_workers()
         else:
             signals += 1
             stop(signum)
+        if hup_pending and not reporting and not stops:
+            hup_pending = False
+            reload_workers()
     # The signals stay blocked: the process exits now, with this status, even
     # if one more SIGTERM arrives.
     for s in sockets:

@@ -1561,12 +1561,13 @@ def _lifecycle(workdir: Path) -> list[str]:
     return [e for e in events if not e.isdigit()]
 
 
-def test_two_sighups_in_one_loop_iteration_make_one_reload(workdir, serve):
+def test_two_sighups_in_one_loop_iteration_make_two_reloads_in_turn(workdir, serve):
     """Two SIGHUPs the event loop takes together (here it is held by a
     plugin; any stall, or two reload requests at once, does it): the first
-    reloads, the second is ignored as a reload already under way. Two
-    reloads at once would both take the running configuration's sockets:
-    one fails, and its started plugins (a queue runner) went on running."""
+    reloads, the second reloads again once it has ended (the file may have
+    changed since the first read it). Two reloads at once would both take
+    the running configuration's sockets: one fails, and its started plugins
+    (a queue runner) went on running."""
     port = free_port()
     table = f'\n[plugins."daemonplug:Lifecycle"]\nout = "{workdir / "out"}"\n'
     config = write_config(workdir, port, enabled=["daemonplug:Lifecycle", STORE], extra=table)
@@ -1579,17 +1580,18 @@ def test_two_sighups_in_one_loop_iteration_make_one_reload(workdir, serve):
     thread.join(DEADLINE)
     assert not thread.is_alive()
     stopped = "the previous configuration has stopped"
-    wait_until(lambda: stopped in daemon.log, what="the previous configuration to stop")
-    assert "SIGHUP: a reload is already under way; ignored" in daemon.log
+    wait_until(lambda: daemon.log.count(stopped) == 2, what="both previous configurations to stop")
+    assert "SIGHUP: a reload is under way; reloading again once it ends" in daemon.log
     assert send(port) == {}
     assert daemon.stop() == 0
     log = daemon.log
-    assert log.count("SIGHUP: reloading the configuration") == 1
-    assert log.count("reloaded ") == 1
+    assert log.count("SIGHUP: reloading the configuration") == 2
+    assert log.count("reloaded ") == 2
     assert "added twice" not in log and "never retrieved" not in log
     assert "Traceback" not in log and "ERROR" not in log
     # Every configuration started was shut down: no plugin left running.
-    assert _lifecycle(workdir) == ["startup", "startup", "shutdown", "shutdown"]
+    events = _lifecycle(workdir)
+    assert events.count("startup") == events.count("shutdown") == 3
 
 
 def test_a_sighup_while_the_server_starts_reloads_once_it_serves(workdir, serve):
@@ -1614,11 +1616,11 @@ def test_a_sighup_while_the_server_starts_reloads_once_it_serves(workdir, serve)
     assert _lifecycle(workdir) == ["startup", "startup", "shutdown", "shutdown"]
 
 
-def test_a_sighup_while_the_workers_reload_is_ignored_by_the_supervisor(workdir, serve):
+def test_a_sighup_while_the_workers_reload_waits_for_their_reports(workdir, serve):
     """A second SIGHUP that reaches the supervisor before every worker has
-    reported on the reload is not passed on: a worker still reloading would
-    ignore it, and workers started later would run a configuration the
-    others never took."""
+    reported on the reload is not passed on then (its report on the first
+    would count for the second, and workers started later would run a
+    configuration the others never took), but once they have reported."""
     port = free_port()
     table = f'\n[plugins."daemonplug:Lifecycle"]\nout = "{workdir / "out"}"\n'
     enabled = ["daemonplug:Lifecycle", STORE]
@@ -1631,17 +1633,39 @@ def test_a_sighup_while_the_workers_reload_is_ignored_by_the_supervisor(workdir,
     wait_until(lambda: checking in daemon.log, what="the supervisor to take the reload")
     daemon.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: "the workers are still reloading" in daemon.log, what="the second SIGHUP")
+    assert "reloading again once they have" in daemon.log
     thread.join(DEADLINE)
     assert not thread.is_alive()
-    wait_until(lambda: daemon.log.count("reloaded ") == 2, what="each worker to reload")
+    wait_until(lambda: daemon.log.count("reloaded ") == 4, what="each worker to reload twice")
     assert daemon.stop() == 0
     log = daemon.log
-    assert log.count(checking) == 1
-    assert log.count("SIGHUP: reloading the configuration") == 2  # once in each worker
-    assert "already under way" not in log
+    assert log.count(checking) == 2
+    assert log.count("SIGHUP: reloading the configuration") == 4  # twice in each worker
+    assert "under way" not in log
     assert "Traceback" not in log and "ERROR" not in log
-    assert _lifecycle(workdir).count("startup") == 4
-    assert _lifecycle(workdir).count("shutdown") == 4
+    assert _lifecycle(workdir).count("startup") == 6
+    assert _lifecycle(workdir).count("shutdown") == 6
+
+
+def test_a_stop_during_a_reload_stops_the_new_configuration_too(workdir, serve):
+    """SIGTERM while a reload's plugins start: the stop waits for that
+    reload, then stops every configuration; the new one was left serving,
+    its plugins never shut down (a queue runner cut at exit)."""
+    port = free_port()
+    out = workdir / "out"
+    table = f'\n[plugins."daemonplug:Lifecycle"]\nout = "{out}"\nstart = 1.5\n'
+    config = write_config(workdir, port, enabled=["daemonplug:Lifecycle", STORE], extra=table)
+    daemon = serve(config, port)
+    daemon.wait_ready()
+    (out / "starting").unlink()
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: (out / "starting").exists(), what="the reload's plugins to start")
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(timeout=DEADLINE) == 0
+    log = daemon.log
+    assert "stopping: the reload under way ends first" in log
+    assert "Traceback" not in log and "ERROR" not in log
+    assert _lifecycle(workdir) == ["startup", "startup", "shutdown", "shutdown"]
 
 
 SHARED_SOURCE = """
