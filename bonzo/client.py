@@ -126,6 +126,7 @@ from typing import IO, Any, Protocol, Union, cast
 import aiosmtplib
 from tornado.iostream import IOStream, StreamClosedError
 
+from .dsn import xtext_canonical
 from .settings import finite_number
 
 __all__ = [
@@ -826,17 +827,6 @@ def options_problem(ret: str | None, envid: str | None) -> str | None:
     except ValueError as exc:
         return str(exc)
     return None
-
-
-_HEXCHAR = re.compile(r"\+([0-9A-Fa-f]{2})")
-
-
-def _xtext_hex_upper(value: str) -> str:
-    """``value`` (xtext, as a client sent it) with its ``+xx`` escapes in the
-    upper case RFC 3461 4 requires: the same value, for a strict server."""
-    if "+" not in value:
-        return value
-    return _HEXCHAR.sub(lambda m: "+" + m.group(1).upper(), value)
 
 
 def _check_xtext(value: str, what: str) -> None:
@@ -1558,7 +1548,7 @@ class ClientConnection:
         if dsn and ret is not None:
             params.append(f"RET={ret.upper()}")
         if dsn and envid is not None:
-            params.append(f"ENVID={_xtext_hex_upper(envid)}")
+            params.append(f"ENVID={xtext_canonical(envid)}")
         return " ".join([f"MAIL FROM:<{sender}>", *params]).encode("utf-8")
 
     def _rcpt_line(self, r: Recipient) -> bytes:
@@ -1571,7 +1561,7 @@ class ClientConnection:
                 words = r.notify.upper().replace(" ", "").split(",")
                 line += f" NOTIFY={','.join(dict.fromkeys(words))}"
             if r.orcpt is not None:
-                orcpt = _xtext_hex_upper(r.orcpt)
+                orcpt = xtext_canonical(r.orcpt)
                 if not (orcpt.isascii() or self._utf8_mail):
                     # RFC 6533's raw UTF-8 form, downgraded to its escapes
                     # for a transaction without SMTPUTF8.

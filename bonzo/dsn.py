@@ -28,6 +28,7 @@ __all__ = [
     "RecipientDSN",
     "OriginalRecipient",
     "DSNError",
+    "xtext_canonical",
     "xtext_decode",
     "xtext_encode",
     "mail_dsn",
@@ -79,6 +80,15 @@ def xtext_decode(text: str) -> str:
     if "+" not in text:
         return text
     return _HEXCHAR.sub(lambda m: chr(int(m.group(1), 16)), text)
+
+
+def xtext_canonical(text: str) -> str:
+    """``text`` (xtext, as a client sent it) with its ``+XX`` escapes in the
+    upper case RFC 3461 4 spells them (``"a+2bb"`` → ``"a+2Bb"``): the same
+    value, which a strict server takes. Anything else is left as it is."""
+    if "+" not in text:
+        return text
+    return _HEXCHAR.sub(lambda m: "+" + m.group(1).upper(), text)
 
 
 def xtext_encode(text: str) -> str:

@@ -7,7 +7,6 @@ Private to ``bonzo_plugins``.
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from typing import Any
 
@@ -17,9 +16,6 @@ __all__ = ["add_quarantine_headers", "quarantine_recipients", "address_list"]
 #: (``,``), ends or comments an address (``<>;()``), quotes, white space and
 #: controls. Such an address is written xtext-encoded instead.
 _SPECIAL = frozenset(',<>;()"\\ \t')
-
-#: A header field name (RFC 5322 3.6.8), as the envelope's header edits take it.
-_NAME = re.compile(r"[!-9;-~]+")
 
 
 def _plain(address: str, utf8: bool) -> bool:
@@ -91,13 +87,16 @@ def add_quarantine_headers(envelope: Any, reason: str) -> dict[str, Any]:
     is removed first: it would pass for Bonzo's."""
     counts: dict[str, int] = {}
     for name, _ in envelope.headers():
-        # (A name that is no field name, "X-Bonzo-Quarantine x", is no such
-        # field to a reader either.)
-        if name.lower().startswith("x-bonzo-quarantine") and _NAME.fullmatch(name):
+        if name.lower().startswith("x-bonzo-quarantine"):
             counts[name.lower()] = counts.get(name.lower(), 0) + 1
     for name, count in counts.items():
         for _ in range(count):
-            envelope.delete_header(name)  # the first left, each time
+            try:
+                envelope.delete_header(name)  # the first left, each time
+            except ValueError:
+                # No field name ("X-Bonzo-Quarantine x"): no such field to
+                # a reader either.
+                break
     envelope.add_header("X-Bonzo-Quarantine", f"{envelope.quarantined_by}: {reason}")
     given, final = quarantine_recipients(envelope)
     utf8 = "SMTPUTF8" in envelope.mail_params

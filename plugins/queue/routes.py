@@ -116,8 +116,9 @@ class MaildirTransport:
         # Delivered-To for one of them would make the released copy look
         # like a forwarding loop to that recipient's server (Postfix's
         # local delivery bounces it).
-        to = (message.quarantine or {}).get("to")
-        held_here = message.transport is not None and any(r.canonical != to for r in recipients)
+        held_here = message.transport is not None and not all(
+            message.quarantined_for(r) for r in recipients
+        )
         leads = writer.leads(
             message.sender,
             {t: [] if held_here else [recipients[i].canonical for i in idx]
@@ -247,16 +248,8 @@ def transport_class(kind: str) -> Any:
 
 
 def _transport(values: Mapping[str, Any], app: Any, where: str) -> Any:
-    kind = values["type"]
-    if kind == "maildir":
-        return MaildirTransport(values, app, where)
-    if kind == "discard":
-        return DiscardTransport()
-    if kind == "smarthost":
-        return SmarthostTransport(values, app, where)
-    if kind == "lmtp":
-        return LMTPTransport(values, app, where)
-    return MXTransport(values, app, where)
+    cls = transport_class(values["type"])
+    return cls() if cls is DiscardTransport else cls(values, app, where)
 
 
 class RouteTable:

@@ -1041,7 +1041,7 @@ class Runner:
                 transport is not None
                 and message.transport is not None
                 and _by_recipient(transport)
-                and not _quarantine_copy(message, recipient)
+                and not message.quarantined_for(recipient)
             ):
                 # Quarantined for its own recipients (a one-folder maildir
                 # quarantine, or queued by an older version), and the name
@@ -1209,13 +1209,16 @@ class Runner:
                 )
         return self.routes.route(recipient)
 
+    def _expired(self, message: QueuedMessage, outcome: Outcome, now: float) -> bool:
+        """``message`` has outlived its lifetime for ``outcome``'s recipient
+        (one the operator must fix never does)."""
+        return now - message.arrival >= self.settings.lifetime and not outcome.never_expires
+
     def _final(self, message: QueuedMessage, outcome: Outcome, now: float) -> bool:
         """``outcome`` ends its recipient without a delivery: refused for
         good, or past the message's lifetime (see :meth:`_apply`)."""
         return outcome.status == "failed" or (
-            outcome.status != "delivered"
-            and now - message.arrival >= self.settings.lifetime
-            and not outcome.never_expires
+            outcome.status != "delivered" and self._expired(message, outcome, now)
         )
 
     def _apply(self, progress: _Progress, outcomes: dict[int, Outcome]) -> None:
@@ -1238,7 +1241,7 @@ class Runner:
         kept: list[Recipient] = []
         for i, outcome in outcomes.items():
             r = message.recipients[i]
-            expired = now - message.arrival >= settings.lifetime and not outcome.never_expires
+            expired = self._expired(message, outcome, now)
             # The server's limit per transaction (RFC 3463 X.5.3) is no
             # failure: the rest go in the next transaction now, and that
             # round is no attempt (it would grow the back-off of a later
@@ -1521,13 +1524,6 @@ def _by_recipient(transport: Any) -> bool:
     (:attr:`.outcome.Transport.by_recipient`; one that does not say counts
     as one)."""
     return bool(getattr(transport, "by_recipient", True))
-
-
-def _quarantine_copy(message: QueuedMessage, recipient: Recipient) -> bool:
-    """Whether ``recipient`` is the quarantine copy's own recipient (the
-    ``quarantine_recipient`` it was queued for, recorded as ``to``)."""
-    to = (message.quarantine or {}).get("to")
-    return isinstance(to, str) and recipient.canonical == to
 
 
 def _to_postmaster(recipient: Recipient, postmaster: str) -> None:

@@ -403,6 +403,13 @@ class QueuedMessage:
             at = last
         return (data[: at + 2] if at >= 0 else b""), False
 
+    def quarantined_for(self, recipient: Recipient) -> bool:
+        """Whether ``recipient`` is the one this quarantine copy was queued for
+        (its ``quarantine_recipient``, recorded as ``to``); false for a copy
+        kept for its own recipients, and for a message not quarantined."""
+        to = (self.quarantine or {}).get("to")
+        return isinstance(to, str) and recipient.canonical == to
+
     @property
     def pending(self) -> list[int]:
         """Indexes of the recipients not yet delivered or bounced."""

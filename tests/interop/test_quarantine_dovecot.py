@@ -37,6 +37,20 @@ def body(subject: str) -> bytes:
 
 
 def config(tmp_path: Path, port: int, milter: FakeMilter, dovecot: Dovecot) -> Path:
+    return write_config(
+        tmp_path,
+        port,
+        milter,
+        dovecot,
+        'quarantine = "mailboxes"\nquarantine_recipient = "postmaster@example.org"',
+    )
+
+
+def write_config(
+    tmp_path: Path, port: int, milter: FakeMilter, dovecot: Dovecot, queue_keys: str
+) -> Path:
+    """The milter, then the queue: routes to Dovecot's LMTP, and the
+    quarantine as ``queue_keys`` say (TOML for the end of [plugins.queue])."""
     path = tmp_path / "bonzo.toml"
     path.write_text(f"""\
 [server]
@@ -59,8 +73,7 @@ socket = "{milter.spec}"
 [plugins.queue]
 path = "queue"
 scan_interval = 1
-quarantine = "mailboxes"
-quarantine_recipient = "postmaster@example.org"
+{queue_keys}
 
 [plugins.queue.routes]
 "example.org" = "mailboxes"
@@ -161,41 +174,8 @@ def reload_config(
 ) -> Path:
     """Routes to Dovecot; the quarantine transport ``quar`` as given (its
     TOML table body, and any ``quarantine_recipient`` line)."""
-    path = tmp_path / "bonzo.toml"
-    path.write_text(f"""\
-[server]
-hostname = "mx.example.org"
-
-[[listeners]]
-address = "127.0.0.1"
-port = {port}
-
-[plugins]
-enabled = ["milter", "recipients", "queue"]
-
-[plugins.recipients]
-domains = ["example.org"]
-
-[[plugins.milter.milters]]
-name = "scan"
-socket = "{milter.spec}"
-
-[plugins.queue]
-path = "queue"
-scan_interval = 1
-min_backoff = 1
-max_backoff = 1
-quarantine = "quar"
-{quar}
-
-[plugins.queue.routes]
-"example.org" = "mailboxes"
-
-[plugins.queue.transports.mailboxes]
-type = "lmtp"
-path = "{dovecot.socket_path}"
-""")
-    return path
+    keys = f'min_backoff = 1\nmax_backoff = 1\nquarantine = "quar"\n{quar}'
+    return write_config(tmp_path, port, milter, dovecot, keys)
 
 
 def queue_cli(config: Path, *args: str) -> str:

@@ -2084,6 +2084,35 @@ def queue_session(tmp_path: Path, table: dict[str, Any] | None = None):
     return plugins, queue
 
 
+def quarantining_session(tmp_path: Path, table: dict[str, Any], reason: str):
+    """:func:`queue_session` with a plugin that quarantines every message."""
+    from bonzo import Quarantine
+
+    plugins, queue = queue_session(tmp_path, table)
+
+    class Suspect:
+        @hookimpl
+        def bonzo_message(self):
+            return Quarantine(reason)
+
+    plugins.register(Suspect(), "suspect")  # bonzo_message: before any delivery anyway
+    return plugins, queue
+
+
+def record_accepts(queue: QueuePlugin, records: list[Any]) -> None:
+    """Put in ``records`` the envelopes (queue-file records) the started
+    queue's spool accepts from now on."""
+    assert queue.spool is not None
+    spool = queue.spool
+    original = spool.accept
+
+    async def keep(*args: Any, **kwargs: Any) -> Any:
+        records.append(args[1])
+        return await original(*args, **kwargs)
+
+    spool.accept = keep  # type: ignore[method-assign]
+
+
 async def send(
     tester: SessionTester, body: bytes = BODY, rcpts: Sequence[str] = ("b@example.net",)
 ) -> bytes:
@@ -2265,22 +2294,13 @@ def test_a_poke_lets_go_of_the_claims_of_untried_messages(tmp_path):
 
 
 def test_a_quarantined_message_goes_to_the_quarantine_transport_only(tmp_path):
-    from bonzo import Quarantine
-
     table = {
         "path": "q",
         "routes": {"*": {"type": "maildir", "path": "mail"}},
         "transports": {"review": {"type": "maildir", "path": "review"}},
         "quarantine": "review",
     }
-    plugins, queue = queue_session(tmp_path, table)
-
-    class Suspect:
-        @hookimpl
-        def bonzo_message(self):
-            return Quarantine("score 9.5")
-
-    plugins.register(Suspect(), "suspect")  # bonzo_message: before any delivery anyway
+    plugins, queue = quarantining_session(tmp_path, table, "score 9.5")
 
     forged = b"X-Bonzo-Quarantine-Final-Recipients: <forged@example.org>\r\n" + BODY
 
@@ -2355,8 +2375,6 @@ def test_quarantine_recipient_errors(tmp_path, change, error):
 
 
 def test_a_quarantined_message_goes_to_the_quarantine_recipient_alone(tmp_path):
-    from bonzo import Quarantine
-
     table = {
         "path": "q",
         "routes": {"*": {"type": "maildir", "path": "mail", "per_recipient": True}},
@@ -2364,27 +2382,12 @@ def test_a_quarantined_message_goes_to_the_quarantine_recipient_alone(tmp_path):
         "quarantine": "review",
         "quarantine_recipient": "Quarantine@Example.org",
     }
-    plugins, queue = queue_session(tmp_path, table)
-
-    class Suspect:
-        @hookimpl
-        def bonzo_message(self):
-            return Quarantine("score 9.5")
-
-    plugins.register(Suspect(), "suspect")
-    records = []
+    plugins, queue = quarantining_session(tmp_path, table, "score 9.5")
+    records: list[Any] = []
 
     async def main() -> bytes:
         await queue.bonzo_startup(App(tmp_path, plugins))
-        assert queue.spool is not None
-        spool = queue.spool
-        original = spool.accept
-
-        async def keep(*args: Any, **kwargs: Any) -> Any:
-            records.append(args[1])
-            return await original(*args, **kwargs)
-
-        spool.accept = keep  # type: ignore[method-assign]
+        record_accepts(queue, records)
         reply = await send(SessionTester(plugins), rcpts=["b@example.net", "c@example.org"])
         await drained(queue, 4)
         await queue.bonzo_shutdown()
@@ -2470,35 +2473,18 @@ def test_a_quarantine_copy_in_one_folder_names_no_recipient_as_delivered_to(tmp_
 def test_a_one_folder_quarantine_copy_is_queued_with_notify_never(tmp_path):
     # The client's NOTIFY=SUCCESS got the sender "Action: delivered" for a
     # quarantined message (tester review9 M1); its ORCPT is kept.
-    from bonzo import Quarantine
-
     table = {
         "path": "q",
         "routes": {"*": {"type": "discard"}},
         "transports": {"review": {"type": "maildir", "path": "review"}},
         "quarantine": "review",
     }
-    plugins, queue = queue_session(tmp_path, table)
-
-    class Suspect:
-        @hookimpl
-        def bonzo_message(self):
-            return Quarantine("held")
-
-    plugins.register(Suspect(), "suspect")
-    records = []
+    plugins, queue = quarantining_session(tmp_path, table, "held")
+    records: list[Any] = []
 
     async def main() -> bytes:
         await queue.bonzo_startup(App(tmp_path, plugins))
-        assert queue.spool is not None
-        spool = queue.spool
-        original = spool.accept
-
-        async def keep(*args: Any, **kwargs: Any) -> Any:
-            records.append(args[1])
-            return await original(*args, **kwargs)
-
-        spool.accept = keep  # type: ignore[method-assign]
+        record_accepts(queue, records)
         tester = SessionTester(plugins)
         await tester.connect()
         await tester.send(b"EHLO c\r\nMAIL FROM:<alice@example.org>\r\n")
