@@ -241,17 +241,29 @@ def test_declared_8bitmime_and_smtputf8_a_message_does_not_need_are_dropped(tmp_
         assert spool.load("A1").mail_params == {"BODY": "8BITMIME", "SMTPUTF8": None}
         queue(spool, "B1", eightbit, "bob@mx.test", BODY="8BITMIME")
 
+        reports: list[bytes] = []
+
         async def both() -> None:
             await runner.attempt("A1")
             await runner.attempt("B1")
+            assert "A1" not in spool.ids()  # delivered
+            [report] = [m for m in spool.iter_messages() if m.sender == ""]
+            reports.append(report.read())
+            # It returns the 8-bit message: to the sender's server (the same
+            # sink) it cannot go as it is, and goes again in 7-bit form.
+            await runner.attempt(report.id)
+            [again] = [m for m in spool.iter_messages() if m.sender == ""]
+            assert again.id != report.id
+            reports.append(again.read())
+            await runner.attempt(again.id)
             await runner.routes.close()
 
         asyncio.run(both())
-        assert "A1" not in spool.ids()  # delivered
-        [report] = [m for m in spool.iter_messages() if m.sender == ""]
-        text = report.read().decode("utf-8", "replace")
+        text = reports[0].decode("utf-8", "replace")
         assert "Status: 5.6.3" in text and "5.6.7" not in text
         assert "554 5.6.3 the message has 8-bit content" in text
+        assert reports[1].isascii() and b"Content-Type: text/rfc822-headers" in reports[1]
+        assert spool.ids() == []  # the 7-bit form delivered, nothing dropped
     finally:
         sink.stop()
 
