@@ -385,6 +385,8 @@ def build_report(
         intro,
         "",
     ]
+    # The top-level and the notification's Content-Transfer-Encoding.
+    own_labels = [i for i, text in enumerate(out) if text.startswith("Content-Transfer-Encoding:")]
     for line in lines:
         what = f"<{line.recipient.address}>"
         if line.diagnostic:
@@ -439,12 +441,18 @@ def build_report(
             "Content-Type: message/global-delivery-status",
             "Content-Transfer-Encoding: 8bit",
         ]
+    # A report all in ASCII says so (RFC 2045 6.2: 8bit claims octets
+    # above 127); a server without 8BITMIME then sees no 8-bit label.
+    encoding = "8bit"
+    if returned.content.isascii() and all(line.isascii() for line in out):
+        encoding = "7bit"
+        out[own_labels[0]] = out[own_labels[1]] = "Content-Transfer-Encoding: 7bit"
     head = "\r\n".join(out).encode("utf-8") + b"\r\n"
     part = (
         f"--{boundary}\r\n"
         f"Content-Description: {returned.description}\r\n"
         f"Content-Type: {returned.content_type}\r\n"
-        "Content-Transfer-Encoding: 8bit\r\n\r\n"
+        f"Content-Transfer-Encoding: {encoding}\r\n\r\n"
     ).encode("ascii") + returned.content
     if not part.endswith(b"\r\n"):
         part += b"\r\n"

@@ -372,6 +372,10 @@ def test_a_failure_report_is_rfc3464(tmp_path):
     # The original comes back byte for byte.
     assert raw.endswith(BODY + b"--" + raw.rsplit(b"--", 2)[1] + b"--\r\n")
     assert BODY in raw
+    # All ASCII: labelled 7bit, the message and each of its parts.
+    assert [parsed["Content-Transfer-Encoding"], human["Content-Transfer-Encoding"],
+            original["Content-Transfer-Encoding"]] == ["7bit"] * 3  # fmt: skip
+    assert b"8bit" not in raw
 
 
 def test_a_report_about_a_utf8_address_uses_the_global_types(tmp_path):
@@ -392,6 +396,7 @@ def test_a_report_about_a_utf8_address_uses_the_global_types(tmp_path):
     assert status.get_content_type() == "message/global-delivery-status"
     # Raw UTF-8, so labelled 8bit (7bit is the default, RFC 2045 6.1).
     assert status["Content-Transfer-Encoding"] == "8bit"
+    assert parsed["Content-Transfer-Encoding"] == original["Content-Transfer-Encoding"] == "8bit"
     assert b"Final-Recipient: utf-8; perm\xc3\xbc@dest.test\r\n" in raw
     assert original.get_content_type() == "message/global"
     assert raw.endswith(body + b"--" + raw.rsplit(b"--", 2)[1] + b"--\r\n")
@@ -566,7 +571,7 @@ def test_bounce_size_limit_bounds_a_returned_header_section(tmp_path):
     raw = build_report(message, [line], "mx.test", size_limit=10_000)
     assert len(raw) < 10_000 + 4_000
     human, _, returned = email.message_from_bytes(raw, policy=email.policy.default).get_payload()
-    section = raw.split(b"Content-Transfer-Encoding: 8bit\r\n\r\n")[-1].rsplit(b"--", 2)[0]
+    section = raw.split(b"Content-Transfer-Encoding: 7bit\r\n\r\n")[-1].rsplit(b"--", 2)[0]
     assert 9_000 < len(section) <= 10_000
     assert body.startswith(section)
     assert section.endswith(b"q" * 500 + b"\r\n")  # after a whole folded field
