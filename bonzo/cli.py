@@ -1586,6 +1586,21 @@ def _supervise(
             signum, sender = got.si_signo, got.si_pid
         elif _RELOAD_REPORTS is None:
             signum, sender = signal.sigwait(waited), 0
+        elif hup_pending and reporting:
+            # A SIGHUP waits for the workers' reports, but no longer than the
+            # limit: one that never reports must not hold the reload asked.
+            left = reload_sent + _RELOAD_REPORT_LIMIT - time.monotonic()
+            got = signal.sigtimedwait(waited, max(left, 0.0))
+            if got is None:
+                log.warning(
+                    "worker(s) %s have not reported on the reload in %gs; reloading again as asked",
+                    ", ".join(str(n) for n in sorted(reporting)),
+                    _RELOAD_REPORT_LIMIT,
+                )
+                hup_pending = False
+                reload_workers()
+                continue
+            signum, sender = got.si_signo, got.si_pid
         else:
             info = signal.sigwaitinfo(waited)
             signum, sender = info.si_signo, info.si_pid

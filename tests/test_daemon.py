@@ -1647,6 +1647,33 @@ def test_a_sighup_while_the_workers_reload_waits_for_their_reports(workdir, serv
     assert _lifecycle(workdir).count("shutdown") == 6
 
 
+def test_a_pending_sighup_goes_on_when_a_worker_never_reports(workdir, serve):
+    """A SIGHUP held for the workers' reports waits no longer than the
+    limit: past it, the supervisor reloads as asked, naming the worker that
+    did not report (it waited for the next signal, however long)."""
+    port = free_port()
+    table = f'\n[plugins."daemonplug:Lifecycle"]\nout = "{workdir / "out"}"\nblock = 6.0\n'
+    enabled = ["daemonplug:Lifecycle", STORE]
+    config = write_config(workdir, port, enabled=enabled, workers=2, extra=table)
+    daemon = serve(config, port, "bonzo.cli._RELOAD_REPORT_LIMIT = 1.0")
+    daemon.wait_ready(workers=2)
+    thread = _hold_the_loop(daemon)  # one worker cannot report for 6 s
+    daemon.proc.send_signal(signal.SIGHUP)
+    checking = "SIGHUP: checking the configuration before the workers reload it"
+    wait_until(lambda: checking in daemon.log, what="the supervisor to take the reload")
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "the workers are still reloading" in daemon.log, what="the second SIGHUP")
+    late = "have not reported on the reload in 1s; reloading again as asked"
+    wait_until(lambda: late in daemon.log, what="the limit to pass")
+    assert thread.is_alive()  # the worker is still held: the limit, not its report
+    assert daemon.log.count(checking) == 2
+    thread.join(DEADLINE)
+    assert not thread.is_alive()
+    wait_until(lambda: daemon.log.count("reloaded ") == 4, what="each worker to reload twice")
+    assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log and "ERROR" not in daemon.log
+
+
 def test_a_stop_during_a_reload_stops_the_new_configuration_too(workdir, serve):
     """SIGTERM while a reload's plugins start: the stop waits for that
     reload, then stops every configuration; the new one was left serving,
