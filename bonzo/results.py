@@ -43,7 +43,10 @@ class Result:
 
     def __str__(self) -> str:
         if self.reason:
-            return f'{self.plugin}={self.result}("{self.reason}")'
+            # Quoted as a log field: a reason holding a client's text (its
+            # HELO name) must not end the quotes and forge a result.
+            reason = self.reason.replace("\\", "\\\\").replace('"', '\\"')
+            return f'{self.plugin}={self.result}("{reason}")'
         return f"{self.plugin}={self.result}"
 
 

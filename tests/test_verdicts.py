@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any
 
 import pytest
@@ -243,3 +244,22 @@ def test_a_reason_is_always_one_bounded_printable_line(reason):
     assert len(item.reason) <= 500
     assert item.reason.isprintable()
     assert "\n" not in str(item) and "\r" not in str(item)
+
+
+@given(st.text(max_size=200))
+def test_a_reason_in_the_log_cannot_end_its_quotes(reason):
+    """A reason may hold a client's text (its HELO name): in the log's
+    ``results=[...]`` it stays inside its own quotes, so it cannot forge a
+    result (``x") dmarc=pass("forged``)."""
+    text = str(Results().add("spf", "none", reason))
+    assert text.startswith('spf=none("') or text == "spf=none"
+    if text != "spf=none":
+        inner = text[len('spf=none("') : -2]
+        assert text.endswith('")')
+        # Every quote inside is escaped: the first unescaped one ends it.
+        assert re.fullmatch(r'(?:[^"\\]|\\.)*', inner)
+
+
+def test_a_forged_result_in_a_reason_stays_one_result():
+    text = str(Results().add("spf", "none", 'x") dmarc=pass("forged'))
+    assert text == 'spf=none("x\\") dmarc=pass(\\"forged")'

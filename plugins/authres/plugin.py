@@ -62,8 +62,15 @@ def _pvalue(value: Any) -> str:
     """``value`` as a property value: its printable ASCII, which authres
     quotes when it is not a token — except a value with an ``@``, which it
     writes as is (an address): that one is quoted here unless it is made of
-    token characters."""
+    token characters. A ``;`` (a client's quoted local part, a HELO name)
+    goes, as in reasons, for the readers that split the field on ``;``
+    without minding quotes: an address keeps only its domain (``@domain``,
+    RFC 8601 2.3 allows leaving out the local part), other text gets
+    ``,``."""
     text = sanitize(str(value), 255)
+    if ";" in text:
+        local, at, domain = text.rpartition("@")
+        text = at + domain if at and ";" not in domain else text.replace(";", ",")
     if _TOKEN.fullmatch(text) or "@" not in text:
         return text
     return _quoted(text)
