@@ -146,18 +146,26 @@ class StoreSettings:
         return safe_url(self.url) if self.url else "memory"
 
 
+# redis-py takes a password from the query too (``?password=...``).
+_QUERY_SECRET = re.compile(r"((?:^|[?&;])[^=&;#]*pass[^=&;#]*=)[^&;#]*", re.IGNORECASE)
+
+
 def safe_url(url: str) -> str:
-    """``url`` without its password, for messages and ``bonzo config``."""
+    """``url`` without its password (in the authority or the query), for
+    messages and ``bonzo config``."""
+    head, mark, query = url.partition("?")
+    query = _QUERY_SECRET.sub(r"\1***", query)
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(head)
     except ValueError:
         # Unparsable: hide whatever comes before an "@" of the authority.
-        return re.sub(r"(//)[^/@]*@", r"\1***@", url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")[2]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return parts._replace(netloc=user + netloc).geturl()
+        head = re.sub(r"(//)[^/@]*@", r"\1***@", head)
+    else:
+        if parts.password is not None:
+            netloc = parts.netloc.rpartition("@")[2]
+            user = f"{parts.username}:***@" if parts.username else ":***@"
+            head = parts._replace(netloc=user + netloc).geturl()
+    return head + mark + query
 
 
 class StoreError(Exception):

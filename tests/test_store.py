@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from bonzo.app import MailApp
 from bonzo.config import REDIS_KEYS, ConfigError, parse_config
 from bonzo.settings import SettingError
-from bonzo.store import MemoryStore, RedisStore, StoreSettings, open_store
+from bonzo.store import MemoryStore, RedisStore, StoreSettings, open_store, safe_url
 
 
 class Clock:
@@ -153,6 +153,16 @@ def test_a_password_in_the_url_never_reaches_a_message():
         StoreSettings(url="redis://:hunter2@h:x/0")
     assert "hunter2" not in str(info.value.detail)
     assert StoreSettings(url="redis://u:hunter2@h:6379/0").where == "redis://u:***@h:6379/0"
+    # redis-py takes it from the query too.
+    for url, shown in [
+        ("redis://h:6379/0?password=hunter2", "redis://h:6379/0?password=***"),
+        ("redis://h/0?db=1&Password=hunter2&x=1", "redis://h/0?db=1&Password=***&x=1"),
+        ("unix:///run/r.sock?db=0&password=hunter2", "unix:///run/r.sock?db=0&password=***"),
+        ("redis://u:hunter2@h/0?password=hunter2", "redis://u:***@h/0?password=***"),
+        ("redis://h/0", "redis://h/0"),
+    ]:
+        assert StoreSettings(url=url).where == shown
+    assert "hunter2" not in safe_url("redis://[::1/0?password=hunter2")
 
 
 def test_secrets_come_from_env_and_file(tmp_path: Path, monkeypatch):
