@@ -7,7 +7,8 @@ In :func:`~bonzo.hookspecs.bonzo_message`, each ``DKIM-Signature:`` field
 plugin never refuses a message (``dmarc`` decides with these results). The
 reading and hashing run in a worker thread, in bounded memory
 (:mod:`.verify`); the keys are looked up on the event loop through Bonzo's
-resolver (``app.dns``).
+resolver (``app.dns``). ARC keys too: they are looked up before dkimpy
+verifies the chain in a thread, so that no thread waits for a sender's DNS.
 
 See ``README.rst`` in this directory for the configuration.
 """
@@ -16,10 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
-from typing import Any
-
-import dkim
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
 
 from bonzo.dns import DNSError
 from bonzo.hookspecs import hookimpl
@@ -28,7 +27,7 @@ from bonzo.session import Envelope, Session
 
 from .._auth import dns_enabled, resolver_of, sanitize
 from ..dkim_sign.signer import message_parts
-from .verify import Prepared, finish, prepare, split_message
+from .verify import Prepared, arc_finish, arc_prepare, finish, prepare
 
 __all__ = ["DkimPlugin", "KEYS", "OFF_REASON"]
 
@@ -66,8 +65,7 @@ SCHEMA = Schema(
 )  # fmt: skip
 KEYS = tuple(SCHEMA.names)
 OFF_REASON = "DNS lookups are off ([dns] nameservers)"
-#: ARC's results in dkimpy (``CV_Pass``...), as words.
-_ARC = {b"pass": "pass", b"fail": "fail", b"none": "none"}
+_Name = TypeVar("_Name", str, bytes)
 
 
 class DkimPlugin:
@@ -98,11 +96,18 @@ class DkimPlugin:
             log.warning("dkim: DNS lookups are off: no signature can be verified (set [dns])")
 
     # ---------------------------------------------------------------- DKIM
-    async def _key(self, name: str) -> bytes | None | DNSError:
+    async def _key(self, name: str | bytes) -> bytes | None | DNSError:
         try:
             return await self.resolver.dkim_txt(name, self.timeout)  # type: ignore[no-any-return]
         except DNSError as exc:
             return exc
+
+    async def _keys(self, names: Iterable[_Name]) -> dict[_Name, bytes | None | DNSError]:
+        """The key record (or the failure) of each of ``names``, looked up on
+        the event loop: one lookup per key, all at once."""
+        unique = sorted(set(names))
+        found = await asyncio.gather(*(self._key(n) for n in unique))
+        return dict(zip(unique, found, strict=True))
 
     async def verify(self, envelope: Envelope) -> Prepared:
         """Check the signatures of ``envelope`` (see the module docs)."""
@@ -117,9 +122,7 @@ class DkimPlugin:
         open_ = [s for s in prepared.signatures if not s.result]
         if not open_:
             return prepared
-        # One lookup per key, all at once.
-        names = sorted({s.key_name for s in open_})
-        keys = dict(zip(names, await asyncio.gather(*(self._key(n) for n in names)), strict=True))
+        keys = await self._keys(s.key_name for s in open_)
         for signature in open_:
             key = keys[signature.key_name]
             if isinstance(key, DNSError):
@@ -135,44 +138,20 @@ class DkimPlugin:
         return prepared
 
     # ----------------------------------------------------------------- ARC
-    def _arc(self, content: bytes, loop: asyncio.AbstractEventLoop) -> tuple[str, str]:
-        def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:
-            future = asyncio.run_coroutine_threadsafe(self.resolver.dkim_txt(name, timeout), loop)
-            return future.result(timeout + 1)  # type: ignore[no-any-return]
-
-        split = split_message(content)
-        try:
-            if split is None:
-                cv, _results, reason = dkim.arc_verify(
-                    content, logger=_dkimpy_log, dnsfunc=dnsfunc, minkey=self.min_key_bits
-                )
-            else:
-                # The fields as Bonzo splits them (dkimpy's parser refuses a
-                # message for one "X-Spam-Flag : NO"), then what
-                # dkim.arc_verify does.
-                arc = dkim.ARC(None, logger=_dkimpy_log, minkey=self.min_key_bits)
-                arc.headers, arc.body = split
-                cv, _results, reason = arc.verify(dnsfunc=dnsfunc)
-        except DNSError as exc:
-            return "fail", f"key lookup failed: {exc}"
-        except dkim.DKIMException as exc:  # as dkim.arc_verify reports it
-            return "fail", str(exc)
-        except Exception as exc:  # dkimpy raises many kinds on a hostile chain
-            return "fail", f"{type(exc).__name__}: {exc}"
-        return _ARC.get(cv, "fail"), str(reason or "")
-
     async def verify_arc(self, envelope: Envelope) -> tuple[str, str]:
         """The ARC chain's validation (RFC 8617 5.2): ``pass``, ``fail`` or
-        ``none``, and why."""
+        ``none``, and why. The chain is parsed and checked in a thread, its
+        keys looked up on the event loop in between (:mod:`.verify`)."""
         if envelope.size + len(envelope.header_bytes) > self.arc_max_size:
             return "none", f"not checked: message over arc_max_size ({self.arc_max_size} octets)"
         loop = asyncio.get_running_loop()
-        content = await loop.run_in_executor(None, lambda: envelope.content)
-        end = content.find(b"\r\n\r\n")
-        head = content if end < 0 else content[:end]
-        if b"\narc-seal:" not in b"\n" + head.lower():
-            return "none", "no ARC set"
-        return await loop.run_in_executor(None, self._arc, content, loop)
+        chain = await loop.run_in_executor(
+            None, lambda: arc_prepare(envelope.content, self.min_key_bits)
+        )
+        if chain.result:
+            return chain.result, chain.reason
+        keys = await self._keys(chain.key_names)
+        return await loop.run_in_executor(None, arc_finish, chain, keys)
 
     # --------------------------------------------------------------- hook
     @hookimpl

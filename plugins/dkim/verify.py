@@ -21,6 +21,14 @@ needed, and the event loop never hashes:
    already checked).
 
 A message of any size costs its header section and one read buffer.
+
+ARC (RFC 8617) is verified in the same three steps, with the whole message
+in memory (dkimpy's ARC verifier reads it so): :func:`arc_prepare`
+(blocking) parses the chain and names the keys it needs (each seal's and
+the newest message signature's, at most :data:`MAX_ARC_SETS` sets); the
+plugin looks them up on the event loop; :func:`arc_finish` (blocking) runs
+dkimpy's verification with a DNS function that only reads those answers.
+No thread ever waits for DNS.
 """
 
 from __future__ import annotations
@@ -29,16 +37,31 @@ import base64
 import binascii
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 import dkim
 from dkim.canonicalization import CanonicalizationPolicy
+from dkim.util import InvalidTagValueList, parse_tag_value
+
+from bonzo.dns import DNSError
 
 from .._auth import sanitize
 from ..dkim_sign.signer import CHUNK, MAX_HEADER_SECTION, BodyHash
 
-__all__ = ["Signature", "Prepared", "prepare", "finish", "split_message", "MAX_HEADER_SECTION"]
+__all__ = [
+    "Signature",
+    "Prepared",
+    "prepare",
+    "finish",
+    "split_message",
+    "MAX_HEADER_SECTION",
+    "ArcChain",
+    "arc_prepare",
+    "arc_finish",
+    "MAX_ARC_SETS",
+]
 
 #: dkimpy's logger for this plugin (its debug output shows header contents;
 #: its errors are turned into results here, not logged).
@@ -49,6 +72,11 @@ _dkimpy_log.propagate = False
 _TAG = re.compile(rb"(?:^|;)\s*([ds])\s*=\s*([^;]*)")
 #: Algorithms accepted (RFC 8301 forbids rsa-sha1; RFC 8463 adds Ed25519).
 ALGORITHMS = (b"rsa-sha256", b"ed25519-sha256")
+#: The most ARC sets a chain may have (RFC 8617 4.2.1.1: ``i=`` is 1 to 50);
+#: a longer chain fails without any lookup.
+MAX_ARC_SETS = 50
+#: ARC's results in dkimpy (``CV_Pass``...), as words.
+_ARC = {b"pass": "pass", b"fail": "fail", b"none": "none"}
 
 
 @dataclass
@@ -246,3 +274,96 @@ def finish(prepared: Prepared, min_key_bits: int) -> None:
             signature.decide("pass", f"{ktag.decode('ascii', 'replace')} {bits} bits")
         else:
             signature.decide("fail", "signature did not verify")
+
+
+# ------------------------------------------------------------------- ARC
+@dataclass
+class ArcChain:
+    """What :func:`arc_prepare` found: the result when already decided,
+    else dkimpy's ARC verifier holding the message and the key names
+    (``selector._domainkey.domain.``, as dkimpy asks for them) to look up."""
+
+    result: str = ""
+    reason: str = ""
+    arc: Any = None
+    key_names: list[bytes] = field(default_factory=list)
+
+
+def _key_name(value: bytes) -> bytes | None:
+    """The key name of an ARC field's (relaxed) value, as dkimpy builds it
+    (``DomainSigner.verify_sig``); ``None`` if it has no ``d=``/``s=``
+    (dkimpy then fails the chain itself)."""
+    try:
+        tags: dict[bytes, bytes] = parse_tag_value(value)
+    except InvalidTagValueList:
+        return None
+    if b"d" not in tags or b"s" not in tags:
+        return None
+    return tags[b"s"] + b"._domainkey." + tags[b"d"] + b"."
+
+
+def arc_prepare(content: bytes, min_key_bits: int) -> ArcChain:
+    """Parse the ARC chain of the whole message ``content`` and name the
+    keys its verification needs: each ``ARC-Seal:``'s (one per instance)
+    and the newest ``ARC-Message-Signature:``'s (older ones do not count,
+    RFC 8617 5.2), so at most :data:`MAX_ARC_SETS` + 1. Blocking."""
+    end = content.find(b"\r\n\r\n")
+    head = content if end < 0 else content[:end]
+    if b"\narc-seal:" not in b"\n" + head.lower():
+        return ArcChain("none", "no ARC set")
+    try:
+        split = split_message(content)
+        if split is None:
+            # dkimpy's own parser judges a section Bonzo cannot split.
+            arc = dkim.ARC(content, logger=_dkimpy_log, minkey=min_key_bits)
+        else:
+            # The fields as Bonzo splits them (dkimpy's parser refuses a
+            # message for one "X-Spam-Flag : NO").
+            arc = dkim.ARC(None, logger=_dkimpy_log, minkey=min_key_bits)
+            arc.headers, arc.body = split
+        newest, fields = arc.sorted_arc_headers()
+    except Exception as exc:  # dkimpy raises many kinds on a hostile message
+        return _arc_failure(exc)
+    if newest > MAX_ARC_SETS:
+        return ArcChain("fail", f"more than {MAX_ARC_SETS} ARC sets (RFC 8617)")
+    seals: dict[int, bytes] = {}
+    signature: bytes | None = None
+    for instance, (name, value) in fields:  # newest first
+        kind = name.lower()
+        if kind == b"arc-seal":
+            seals.setdefault(instance, value)
+        elif kind == b"arc-message-signature" and instance == newest and signature is None:
+            signature = value
+    values = [signature, *seals.values()] if signature is not None else list(seals.values())
+    names = [n for n in map(_key_name, values) if n is not None]
+    return ArcChain(arc=arc, key_names=list(dict.fromkeys(names)))
+
+
+def _arc_failure(exc: Exception) -> ArcChain:
+    if isinstance(exc, DNSError):
+        return ArcChain("fail", f"key lookup failed: {exc}")
+    if isinstance(exc, dkim.DKIMException):  # as dkim.arc_verify reports it
+        return ArcChain("fail", str(exc))
+    return ArcChain("fail", f"{type(exc).__name__}: {exc}")
+
+
+def arc_finish(chain: ArcChain, keys: Mapping[bytes, bytes | None | DNSError]) -> tuple[str, str]:
+    """The chain's validation (RFC 8617 5.2), ``pass``, ``fail`` or ``none``,
+    and why, with dkimpy's verifier given ``keys`` (the answers for
+    ``chain.key_names``) as its only DNS: a key not among them has no
+    record. Blocking, but never waits for DNS."""
+    if chain.result:
+        return chain.result, chain.reason
+
+    def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:
+        key = keys.get(name.encode("ascii", "replace") if isinstance(name, str) else name)
+        if isinstance(key, DNSError):
+            raise key
+        return key
+
+    try:
+        cv, _results, reason = chain.arc.verify(dnsfunc=dnsfunc)
+    except Exception as exc:  # dkimpy raises many kinds on a hostile chain
+        failed = _arc_failure(exc)
+        return failed.result, failed.reason
+    return _ARC.get(cv, "fail"), str(reason or "")

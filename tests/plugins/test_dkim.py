@@ -216,6 +216,104 @@ def test_arc_result(dns_stub, rsa):
     assert env.results.get("arc").result == "none"
 
 
+def arc_sealed(rsa: DkimKey, domain: str, message: bytes = MESSAGE, selector: str = "arc") -> bytes:
+    """``message`` with one more ARC set, sealed by ``domain``."""
+    import dkim
+
+    hop = f"Authentication-Results: {domain}; arc=pass; dkim=none\r\n".encode()
+    if b"ARC-Seal:" not in message:
+        hop = hop.replace(b"arc=pass; ", b"")
+    message = hop + message
+    return (
+        b"".join(
+            dkim.arc_sign(message, selector.encode(), domain.encode(), rsa.private, domain.encode())
+        )
+        + message
+    )
+
+
+def test_a_chain_of_two_arc_sets_passes_with_one_lookup_per_seal(dns_stub, rsa):
+    rsa.publish(dns_stub, "arc", "lists.example")
+    rsa.publish(dns_stub, "hop", "forward.example")
+    sealed = arc_sealed(rsa, "forward.example", arc_sealed(rsa, "lists.example"), "hop")
+    env = envelope(sealed)
+    run(
+        configured(dns_stub.resolver(), arc=True).bonzo_message(
+            session=fake_session(), envelope=env
+        )
+    )
+    assert env.results.get("arc").result == "pass", env.results.get("arc").reason
+    assert sorted(dns_stub.asked("TXT")) == [
+        "arc._domainkey.lists.example",
+        "hop._domainkey.forward.example",
+    ]
+
+
+def test_more_than_50_arc_sets_fail_without_a_lookup(dns_stub):
+    """RFC 8617 allows i= 1 to 50: a longer chain costs no DNS query."""
+    fake = (
+        b"ARC-Seal: i=51; a=rsa-sha256; cv=pass; d=slow.example; s=s1; b=AAAA\r\n"
+        b"ARC-Message-Signature: i=51; a=rsa-sha256; c=relaxed/relaxed; d=slow.example;"
+        b" s=s2; h=from:to:subject; bh=AAAA; b=AAAA\r\n"
+        b"ARC-Authentication-Results: i=51; slow.example; spf=pass\r\n"
+    )
+    env = envelope(fake + MESSAGE)
+    run(
+        configured(dns_stub.resolver(), arc=True).bonzo_message(
+            session=fake_session(), envelope=env
+        )
+    )
+    arc = env.results.get("arc")
+    assert (arc.result, arc.reason) == ("fail", "more than 50 ARC sets (RFC 8617)")
+    assert dns_stub.queries == []
+
+
+def test_arc_keys_whose_dns_never_answers_hold_no_thread(dns_stub, rsa, tmp_path):
+    """ARC keys are looked up on the event loop before dkimpy runs in a
+    thread of the loop's default executor (which also writes every maildir
+    and spool): a sender whose DNS never answers delays no one else's
+    delivery, even with that executor down to one thread."""
+    import asyncio
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bonzo_plugins.maildir import MaildirPlugin
+    from plugin_testing import make_envelope, make_session
+
+    dns_stub.fault("arc._domainkey.slow.example", "timeout")
+    hostile = envelope(arc_sealed(rsa, "slow.example"))
+    plain = make_envelope(b"Subject: plain\r\n\r\nHello\r\n")
+    plugin = configured(dns_stub.resolver(timeout=3.0), arc=True, timeout=3.0)
+    maildir = MaildirPlugin()
+    maildir.bonzo_configure(config={"path": str(tmp_path / "Maildir")}, app=None)
+    maildir.bonzo_startup()
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(1))
+        checking = asyncio.create_task(
+            plugin.bonzo_message(session=fake_session(), envelope=hostile)
+        )
+        deadline = time.monotonic() + 5
+        while "arc._domainkey.slow.example" not in dns_stub.asked("TXT"):
+            assert time.monotonic() < deadline and not checking.done()
+            await asyncio.sleep(0.01)
+        start = time.monotonic()
+        await maildir.bonzo_deliver(session=make_session(), envelope=plain)
+        took = time.monotonic() - start
+        await checking
+        return took
+
+    try:
+        took = run(main())
+    finally:
+        plain.close()
+    assert took < 1.0
+    assert len(list((tmp_path / "Maildir" / "new").iterdir())) == 1
+    arc = hostile.results.get("arc")
+    assert arc.result == "fail" and "key lookup failed" in arc.reason, arc.reason
+
+
 @pytest.mark.parametrize(
     ("table", "message"),
     [
