@@ -249,6 +249,40 @@ def test_a_chain_of_two_arc_sets_passes_with_one_lookup_per_seal(dns_stub, rsa):
     ]
 
 
+def test_an_older_message_signature_key_is_never_looked_up(dns_stub, rsa):
+    """Only the newest ARC-Message-Signature counts (RFC 8617 5.2): the key
+    of an older one is not looked up, so its DNS never answering does not
+    fail a valid chain (it made the whole chain ``fail`` before)."""
+    import dkim
+
+    class SealedWithAnotherKey(dkim.ARC):
+        """Seals with selector ``seal``, signs the message with ``old``."""
+
+        def gen_header(self, fields, include_headers, canon, name, pk, standardize=False):
+            if name == b"ARC-Seal":
+                fields = [(k, b"seal" if k == b"s" else v) for k, v in fields]
+            return super().gen_header(fields, include_headers, canon, name, pk, standardize)
+
+    rsa.publish(dns_stub, "seal", "lists.example")
+    rsa.publish(dns_stub, "hop", "forward.example")
+    dns_stub.fault("old._domainkey.lists.example", "timeout")
+    first = b"Authentication-Results: lists.example; dkim=none\r\n" + MESSAGE
+    arc = SealedWithAnotherKey(first, logger=None)
+    signed = arc.sign(b"old", b"lists.example", rsa.private, b"lists.example", [b"from", b"to"])
+    sealed = arc_sealed(rsa, "forward.example", b"".join(signed) + first, "hop")
+    env = envelope(sealed)
+    run(
+        configured(dns_stub.resolver(), arc=True).bonzo_message(
+            session=fake_session(), envelope=env
+        )
+    )
+    assert env.results.get("arc").result == "pass", env.results.get("arc").reason
+    assert sorted(dns_stub.asked("TXT")) == [
+        "hop._domainkey.forward.example",
+        "seal._domainkey.lists.example",
+    ]
+
+
 def test_more_than_50_arc_sets_fail_without_a_lookup(dns_stub):
     """RFC 8617 allows i= 1 to 50: a longer chain costs no DNS query."""
     fake = (
