@@ -18,14 +18,18 @@ in a thread.
 from __future__ import annotations
 
 import base64
+import binascii
 import email.policy
+import email.utils
 import hashlib
+import inspect
 import logging
 import re
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from email import errors
 from typing import IO, Any
 
 import dkim
@@ -55,8 +59,22 @@ __all__ = [
 #: The largest client header section read (the envelope's own limit): a
 #: message with a larger one is refused (``552 5.3.4``) by the first reader.
 MAX_HEADER_SECTION = _MAX_HEADER_SECTION
-#: The longest ``From:`` field value that is parsed for its domain.
-MAX_FROM = 16384
+#: The most octets of ``From:`` field values that are parsed as address
+#: lists, for a whole message (Python's parser takes time that grows with
+#: the square of the length on hostile input: some 0.1 s for 1 KiB, 15 s
+#: for 16 KiB). A field past it is only scanned (:data:`MAX_SCAN`), and
+#: has a problem: never a DMARC pass, never signed.
+MAX_FROM = 1024
+#: The most octets of ``From:`` field values scanned leniently for domains,
+#: for a whole message (the header section's own limit: in practice all).
+MAX_SCAN = _MAX_HEADER_SECTION
+#: The most distinct ``@`` tokens the lenient scan examines in a message,
+#: and the most it meets in all: past them the message has a problem (and
+#: more author domains than any DMARC evaluation looks up).
+MAX_CANDIDATES = 200
+MAX_TOKENS = 5000
+#: The longest domain name (RFC 1035 2.3.4, without the final dot).
+_MAX_NAME = 253
 #: Read size for the body (each piece is copied a few times while hashed).
 CHUNK = 1 << 18
 #: In relaxed mode, white space and CRs at the end of a piece of body without
@@ -190,46 +208,174 @@ def message_parts(envelope: Envelope) -> tuple[bytes, IO[bytes], int]:
 _FINAL_DOT = re.compile(r"(@[^\s<>,;:@()\[\]\"\\]+?)\.(?=\s*(?:[>,;(]|$))")
 
 
-def _shown_domains(domain: str) -> list[str]:
-    """The domains a reader may show for ``domain``, which holds characters
-    it may not show: with those removed, and cut at the first of them (a
-    reader that stops at a NUL). Only the valid ones."""
-    cut = next((i for i, c in enumerate(domain) if unshown(c)), len(domain))
-    out = []
-    for shown in ("".join(c for c in domain if not unshown(c)), domain[:cut]):
-        shown = shown.rstrip(DOTS)
-        try:
-            canonical = canonical_domain(shown) if shown else ""
-        except ValueError:
-            continue
-        if canonical and canonical not in out:
-            out.append(canonical)
-    return out
-
-
 @dataclass(frozen=True)
 class Authors:
     """The author domains of a message (:func:`author_domains`)."""
 
     #: How many ``From:`` fields it has.
     fields: int
-    #: The distinct domains of the addresses that could be read, canonical,
-    #: without a final dot, in the order written.
+    #: Every domain a reader may be shown as an author's, canonical, without
+    #: a final dot, in the order found: those of the addresses the fields
+    #: parse to first, then those only the lenient scan found (an address in
+    #: a display name or comment, text a malformed field leaves over).
     domains: tuple[str, ...]
     #: Why an address (or a field) could not be read, if one could not.
     problem: str = ""
+    #: The domains of the addresses the fields parse to (a part of
+    #: ``domains``): the one a signature may be made for.
+    addressed: tuple[str, ...] = ()
 
 
-def _field_domains(raw: bytes) -> tuple[list[str], str]:
-    """The domains of the addresses in one ``From:`` field's value, and why
-    some address could not be read ("" if all could)."""
-    if len(raw) > MAX_FROM:
-        return [], "a From: field too long to parse"
-    text = _EOL.sub(b"", raw).decode("utf-8", "replace").strip()
+#: Defects of Python's address parser that leave every address whole: a
+#: local part that is no dot-atom (``a..b@example.org``, which some carriers
+#: handed out), an encoded word not followed by a space. Any other
+#: :class:`~email.errors.InvalidHeaderDefect` may mean text was dropped
+#: (it stops at the first syntax error and keeps only that defect): the
+#: field then has a problem.
+_HARMLESS_DEFECTS = frozenset(
+    {
+        "local-part is not dot-atom, quoted-string, or obs-local-part",
+        "invalid repeated '.'",
+        "Invalid leading '.' in local part",
+        "Invalid trailing '.' in local part",
+        "missing trailing whitespace after encoded-word",
+        "whitespace inside encoded word",
+    }
+)
+#: What may follow an ``@`` in the lenient scan: anything up to white space
+#: or a character an address cannot hold there.
+_AT_TOKEN = re.compile(r"@[ \t]*([^\s<>,;:@()\[\]\"\\]{1,%d})" % (_MAX_NAME + 3))
+#: The longest host name at the start of a token (letters of any script).
+_HOST_LIKE = re.compile(r"[\w-]+(?:[.\u3002\uff0e\uff61][\w-]+)*")
+#: The same, ASCII only (a reader that cannot show the rest).
+_HOST_ASCII = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+_ENCODED_WORD = re.compile(r"=\?([^?\s]{1,64})\?([bBqQ])\?([^?\s]*)\?=")
+_CHARSET = re.compile(r"[A-Za-z0-9_.:+-]{1,40}")
+
+
+def _decoded_words(text: str) -> str:
+    """The text of the RFC 2047 encoded words in ``text``, as a reader shows
+    them: adjacent ones (only white space between) joined, others apart."""
+    runs: list[str] = []
+    end = -1
+    for match in _ENCODED_WORD.finditer(text):
+        charset, kind, data = match.groups()
+        octets = data.encode("ascii", "replace")
+        try:
+            if kind in "bB":
+                octets = binascii.a2b_base64(octets + b"=" * (-len(octets) % 4))
+            else:
+                octets = binascii.a2b_qp(octets, header=True)
+        except (binascii.Error, ValueError):
+            continue
+        charset = charset.split("*", 1)[0]
+        word = ""
+        if _CHARSET.fullmatch(charset):
+            try:
+                word = octets.decode(charset, "replace")
+            except (LookupError, UnicodeError, ValueError, TypeError):
+                word = ""
+        word = word or octets.decode("utf-8", "replace")
+        if runs and not text[end : match.start()].strip():
+            runs[-1] += word
+        else:
+            runs.append(word)
+        end = match.end()
+    return " ".join(runs)
+
+
+class _Scan:
+    """The lenient scan of a message's ``From:`` fields: every domain after
+    an ``@`` a reader may show, within :data:`MAX_SCAN` octets and
+    :data:`MAX_CANDIDATES` tokens (hostile input: linear work)."""
+
+    def __init__(self) -> None:
+        self.domains: list[str] = []
+        self.budget = MAX_SCAN
+        self.seen: set[str] = set()
+        self.tokens = 0
+        self.full = False
+
+    def add(self, token: str) -> None:
+        """Add the domains a reader may show for ``token`` (the text after
+        an ``@``): cut at or without a character it may not show, the host
+        name it starts with, in any script or in ASCII only."""
+        self.tokens += 1
+        if self.tokens > MAX_TOKENS:
+            self.full = True
+        if token in self.seen or self.full:
+            return
+        if len(self.seen) >= MAX_CANDIDATES:
+            self.full = True
+            return
+        self.seen.add(token)
+        cut = next((i for i, c in enumerate(token) if unshown(c)), len(token))
+        forms = {token[:cut]}
+        if cut < len(token):
+            forms.add("".join(c for c in token if not unshown(c)))
+        for form in forms:
+            for pattern in (_HOST_LIKE, _HOST_ASCII):
+                match = pattern.match(form)
+                if match is None:
+                    continue
+                try:
+                    domain = canonical_domain(match.group().rstrip(DOTS))
+                except ValueError:
+                    continue
+                # A longer name is no DNS name (and may be cut short here).
+                if len(domain) <= _MAX_NAME and domain not in self.domains:
+                    self.domains.append(domain)
+
+    def text(self, text: str) -> None:
+        """Scan ``text`` (a field's value, or what is left of the budget)."""
+        text = text[: self.budget]
+        self.budget -= len(text)
+        sources = [text]
+        if "\\" in text:
+            # alice@bank\.example is shown as alice@bank.example.
+            sources.append(_QUOTED_PAIR.sub(r"\1", text))
+        if "=?" in text:
+            # An encoded word's text is shown decoded (as a display name,
+            # or as the whole field when it is all there is): an address in
+            # it is one a reader is shown as the author's.
+            sources.append(_decoded_words(text))
+        for source in sources:
+            for match in _AT_TOKEN.finditer(source):
+                self.add(match.group(1))
+                if self.full:
+                    return
+
+
+_getaddresses: Any = email.utils.getaddresses
+#: Python 3.13 (and security releases before it) parse strictly by default,
+#: giving nothing for a malformed field: the lenient reading is the one
+#: wanted here (what older readers show).
+_LEGACY_KWARGS = (
+    {"strict": False} if "strict" in inspect.signature(_getaddresses).parameters else {}
+)
+
+
+def _legacy_domains(text: str) -> list[str]:
+    """The domains of the addresses ``email.utils.getaddresses`` (the
+    legacy parser, lenient in other ways) reads in ``text``."""
+    try:
+        pairs = _getaddresses([text], **_LEGACY_KWARGS)
+    except Exception:  # RecursionError on nested comments, among others
+        return []
+    return [address.rpartition("@")[2] for _, address in pairs if "@" in address]
+
+
+def _field_domains(text: str, scan: _Scan) -> tuple[list[str], str]:
+    """The domains of the addresses in one ``From:`` field's value (unfolded,
+    at most :data:`MAX_FROM` characters), and why some address could not be
+    read or the field does not parse cleanly ("" if all could). The field
+    is scanned leniently into ``scan`` too."""
     text = _FINAL_DOT.sub(r"\1", text)
     try:
         header: Any = email.policy.default.header_factory("From", text)
         found = [a.domain for a in header.addresses]
+        defects = list(header.defects)
     except Exception:  # the parser has raised on odd input before
         return [], "an unparsable From: field"
     domains: list[str] = []
@@ -251,21 +397,55 @@ def _field_domains(raw: bytes) -> tuple[list[str], str]:
                 # A character a reader may not show: the domains it may
                 # show are those a policy must be applied for (the message
                 # still has a problem: never signed, never a DMARC pass).
-                domains.extend(_shown_domains(domain))
+                scan.add(domain)
+    # The parser drops what follows a syntax error ("bob@evil.example
+    # <alice@bank.example>" is read as bob@evil.example alone), noting it
+    # only as a defect; the legacy parser reads such a field otherwise. A
+    # reader may show either: the field does not say who wrote it.
+    if not problem and any(
+        isinstance(d, errors.InvalidHeaderDefect) and str(d) not in _HARMLESS_DEFECTS
+        for d in defects
+    ):
+        problem = "a malformed From: field"
+    for domain in _legacy_domains(text):
+        scan.add(domain)
+        if not problem:
+            try:
+                canonical = canonical_domain(domain.rstrip(DOTS))
+            except ValueError:
+                continue
+            if canonical not in domains:
+                problem = "a malformed From: field"
     return domains, problem
 
 
 def author_domains(headers: Sequence[Sequence[bytes]]) -> Authors:
     """Every domain that the message's ``From:`` fields name (all of them:
-    RFC 5322 3.6 allows one, but a reader may show any)."""
+    RFC 5322 3.6 allows one, but a reader may show any), and every domain a
+    lenient scan of them finds (RFC 7489 6.6.1: the strictest policy of a
+    domain the reader may be shown applies)."""
     values = [value for name, value in headers if name.lower() == b"from"]
     domains: list[str] = []
     problem = ""
+    scan = _Scan()
+    parsed = 0
     for raw in values:
-        found, why = _field_domains(raw)
+        text = _EOL.sub(b"", raw).decode("utf-8", "replace").strip()
+        scan.text(text)
+        if parsed + len(text) > MAX_FROM:
+            # Parsing it would take too long (see MAX_FROM); its domains are
+            # those the scan finds.
+            problem = problem or "a From: field too long to parse"
+            continue
+        parsed += len(text)
+        found, why = _field_domains(text, scan)
         problem = problem or why
         domains.extend(d for d in found if d not in domains)
-    return Authors(len(values), tuple(domains), problem)
+    if scan.full:
+        problem = problem or "too many addresses in the From: field"
+    addressed = tuple(domains)
+    domains.extend(d for d in scan.domains if d not in domains)
+    return Authors(len(values), tuple(domains), problem, addressed)
 
 
 def from_domain(headers: Sequence[Sequence[bytes]]) -> tuple[str | None, str]:
@@ -275,16 +455,19 @@ def from_domain(headers: Sequence[Sequence[bytes]]) -> tuple[str | None, str]:
 
     Several addresses are allowed when they share one domain. A message with
     no ``From:``, or several (RFC 5322 3.6 allows one), has no author domain
-    a DKIM signature could stand for (DMARC, RFC 7489 6.6.1).
+    a DKIM signature could stand for (DMARC, RFC 7489 6.6.1); nor has a
+    field that does not parse cleanly. A domain found only in a display name
+    or comment does not stop signing: the signature vouches for the
+    address's domain alone.
     """
     authors = author_domains(headers)
     if authors.fields != 1:
         return None, f"{authors.fields} From: fields"
     if authors.problem:
         return None, authors.problem
-    if len(authors.domains) != 1:
+    if len(authors.addressed) != 1:
         return None, "no single domain in the From: field"
-    return authors.domains[0], ""
+    return authors.addressed[0], ""
 
 
 @dataclass(frozen=True)

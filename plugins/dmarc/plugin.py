@@ -6,7 +6,8 @@ recorded their results, the plugin finds the ``From:`` domain, its policy
 (:mod:`.policy`), and whether an SPF ``pass`` (its ``domain``) or a DKIM
 ``pass`` (its ``d=``) is aligned with it. A ``From:`` naming several domains
 (or a message with several ``From:`` fields) is evaluated for each, and the
-strictest outcome counts (RFC 7489 6.6.1). The outcome is recorded as
+strictest outcome counts (RFC 7489 6.6.1); so is every other domain a reader
+may be shown in the field (a lenient scan: see ``README.rst``). The outcome is recorded as
 ``dmarc`` on ``envelope.results``; when DMARC fails, the domain's policy
 (after ``pct`` and ``t``) is enforced as the operator chose: refused
 (``550 5.7.1``), quarantined (:class:`bonzo.Quarantine`) or only tagged.
@@ -53,9 +54,10 @@ SCHEMA = Schema(
         doc="Do not judge sessions that authenticated."),
     Key("on_no_author", "choice", default="tag", choices=ENFORCE,
         doc="What to do with a message whose ``From:`` field gives no usable author "
-        "domain (no ``From:`` at all, no domain in it, or an address a reader may "
-        "show otherwise), which no policy can be applied to: refuse it "
-        "(``550 5.7.1``), quarantine it, or only tag it (``dmarc=permerror``)."),
+        "domain (no ``From:`` at all, no domain in it, an address a reader may "
+        "show otherwise, or a field that does not parse cleanly), which no policy "
+        "can be applied to, or none a pass holds for: refuse it (``550 5.7.1``), "
+        "quarantine it, or only tag it (``dmarc=permerror``)."),
 )  # fmt: skip
 KEYS = tuple(SCHEMA.names)
 OFF_REASON = "DNS lookups are off ([dns] nameservers)"

@@ -453,6 +453,17 @@ def test_the_from_domain_decides_not_the_envelope_sender(keys):
         (b"From: Alice <alice@example.org\x7f>", False, "invalid domain"),
         # An underscore is a DNS name (not configured here: not signed).
         (b"From: Alice <alice@exa_mple.org>", False, "no key for exa_mple.org"),
+        # Python's parser reads example.org alone (it drops what follows a
+        # syntax error); readers show example.com: never signed.
+        (b"From: alice@example.org <bob@example.com>", False, "a malformed From: field"),
+        (b"From: <alice@example.org> <alice@example.org>", False, "a malformed From: field"),
+        # Too long to parse (quadratic time on hostile input): not signed.
+        (b"From: alice@example.org (" + b"x" * 1100 + b")", False, "too long to parse"),
+        # Harmless defects, and a display name naming another domain: the
+        # signature is for the address's domain.
+        (b"From: a..b@example.org", True, ""),
+        (b"From: =?utf-8?q?Alice?=<alice@example.org>", True, ""),
+        (b'From: "bob@example.com" <alice@example.org>', True, ""),
     ],
 )
 def test_the_author_domain(keys, caplog, from_field, signed, reason):

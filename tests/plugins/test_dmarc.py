@@ -386,6 +386,60 @@ def test_every_author_domain_is_evaluated(zone, author):
         assert "2 From: fields" in result.reason
 
 
+#: From: fields Python's parser misreads (it drops what follows a syntax
+#: error, or cuts a domain at a backslash), or in which a reader is shown
+#: ceo@example.org elsewhere than in an address: example.org's p=reject
+#: applies all the same.
+SHOWN_AUTHORS = [
+    "bob@nopolicy.example <ceo@example.org>",
+    "<bob@nopolicy.example> <ceo@example.org>",
+    "bob@nopolicy.example;<ceo@example.org>",
+    "Alice <bob@nopolicy.example> <ceo@example.org>",
+    "bob@nopolicy.example:ceo@example.org",
+    "bob@nopolicy.example <ceo@example.org",
+    "ceo@example\\.org",
+    "=?utf-8?b?Y2VvQGV4YW1wbGUub3Jn?=",  # only an encoded word: ceo@example.org
+    '"ceo@example.org" <bob@nopolicy.example>',
+    "=?utf-8?b?Y2VvQGV4YW1wbGUub3Jn?= <bob@nopolicy.example>",
+    "bob@nopolicy.example (ceo@example.org)",
+    # Too long to parse: scanned all the same.
+    "ceo@example.org" + "".join("\r\n (" + "x" * 70 + ")" for _ in range(30)),
+]
+
+
+@pytest.mark.parametrize("author", SHOWN_AUTHORS)
+def test_every_domain_a_reader_may_be_shown_is_evaluated(zone, author):
+    """A pass for the address Python's parser reads (SPF aligned with
+    nopolicy.example) let ceo@example.org, which readers show, past
+    example.org's p=reject."""
+    with pytest.raises(PermanentError) as info:
+        evaluate(configured(zone.resolver()), author, spf=("pass", "nopolicy.example"))
+    assert "DMARC policy of example.org" in info.value.message
+    env, _ = evaluate(configured(zone.resolver(), on_reject="tag"), author,
+                      spf=("pass", "nopolicy.example"))  # fmt: skip
+    result = env.results.get("dmarc")
+    assert (result.result, result.details["domain"]) == ("fail", "example.org")
+
+
+def test_a_malformed_from_is_never_a_pass(zone):
+    """Every domain aligned, but the field does not parse cleanly: a reader
+    may show it otherwise, so no pass holds (on_no_author decides)."""
+    author = "a@example.org <b@example.org>"
+    env, verdict = evaluate(configured(zone.resolver()), author, dkim=[("pass", "example.org")])
+    result = env.results.get("dmarc")
+    assert (result.result, verdict) == ("permerror", None)
+    assert "a malformed From: field" in result.reason
+    with pytest.raises(PermanentError) as info:
+        evaluate(configured(zone.resolver(), on_no_author="reject"), author,
+                 dkim=[("pass", "example.org")])  # fmt: skip
+    assert info.value.message == "DMARC: no usable author domain in the From: field"
+    # Defects that leave every address whole are no problem.
+    for author in ("a..b@example.org", "=?utf-8?q?A?=<a@example.org>"):
+        env, verdict = evaluate(configured(zone.resolver(), on_no_author="reject"), author,
+                                dkim=[("pass", "example.org")])  # fmt: skip
+        assert (env.results.get("dmarc").result, verdict) == ("pass", None), author
+
+
 def test_the_strictest_outcome_counts(zone):
     plugin = configured(zone.resolver())
     # quarantine (sp of example.org) is stricter than a failing p=none.
