@@ -391,12 +391,18 @@ def _field_domains(text: str, scan: _Scan) -> tuple[list[str], str]:
             problem = problem or "an address literal in the From: field"
         else:
             try:
-                domains.append(canonical_domain(domain))
+                canonical = canonical_domain(domain)
             except ValueError:
+                canonical = ""
+            if canonical and _HOST_LIKE.fullmatch(canonical):
+                domains.append(canonical)
+            else:
+                # Not a host name (a character a reader may not show, or
+                # one no DNS name holds: "good.example=?x?"): the domains
+                # a reader may show are those a policy must be applied for
+                # (the message still has a problem: never signed, never a
+                # DMARC pass).
                 problem = problem or "an invalid domain in the From: field"
-                # A character a reader may not show: the domains it may
-                # show are those a policy must be applied for (the message
-                # still has a problem: never signed, never a DMARC pass).
                 scan.add(domain)
     # The parser drops what follows a syntax error ("bob@evil.example
     # <alice@bank.example>" is read as bob@evil.example alone), noting it
@@ -444,7 +450,13 @@ def author_domains(headers: Sequence[Sequence[bytes]]) -> Authors:
     if scan.full:
         problem = problem or "too many addresses in the From: field"
     addressed = tuple(domains)
-    domains.extend(d for d in scan.domains if d not in domains)
+    if problem:
+        # A field that does not parse cleanly may be read otherwise: every
+        # domain a reader may show counts. A clean one names its authors; an
+        # address in its display name or comment is text (display-name
+        # spoofing is for content filters: applying that domain's policy
+        # would refuse "alice@yahoo.example" <tickets@service.example>).
+        domains.extend(d for d in scan.domains if d not in domains)
     return Authors(len(values), tuple(domains), problem, addressed)
 
 

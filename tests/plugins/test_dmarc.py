@@ -387,9 +387,8 @@ def test_every_author_domain_is_evaluated(zone, author):
 
 
 #: From: fields Python's parser misreads (it drops what follows a syntax
-#: error, or cuts a domain at a backslash), or in which a reader is shown
-#: ceo@example.org elsewhere than in an address: example.org's p=reject
-#: applies all the same.
+#: error, or cuts a domain at a backslash), or that hold no address but show
+#: ceo@example.org: example.org's p=reject applies all the same.
 SHOWN_AUTHORS = [
     "bob@nopolicy.example <ceo@example.org>",
     "<bob@nopolicy.example> <ceo@example.org>",
@@ -399,9 +398,6 @@ SHOWN_AUTHORS = [
     "bob@nopolicy.example <ceo@example.org",
     "ceo@example\\.org",
     "=?utf-8?b?Y2VvQGV4YW1wbGUub3Jn?=",  # only an encoded word: ceo@example.org
-    '"ceo@example.org" <bob@nopolicy.example>',
-    "=?utf-8?b?Y2VvQGV4YW1wbGUub3Jn?= <bob@nopolicy.example>",
-    "bob@nopolicy.example (ceo@example.org)",
     # Too long to parse: scanned all the same.
     "ceo@example.org" + "".join("\r\n (" + "x" * 70 + ")" for _ in range(30)),
 ]
@@ -419,6 +415,24 @@ def test_every_domain_a_reader_may_be_shown_is_evaluated(zone, author):
                       spf=("pass", "nopolicy.example"))  # fmt: skip
     result = env.results.get("dmarc")
     assert (result.result, result.details["domain"]) == ("fail", "example.org")
+
+
+@pytest.mark.parametrize(
+    "author",
+    [
+        '"ceo@example.org" <bob@nopolicy.example>',
+        "=?utf-8?b?Y2VvQGV4YW1wbGUub3Jn?= <bob@nopolicy.example>",
+        "bob@nopolicy.example (ceo@example.org)",
+    ],
+)
+def test_an_address_in_the_display_name_of_a_clean_field_is_text(zone, author):
+    """A well-formed field names its author by its address: one quoted in
+    its display name or comment is text (a ticket system's "alice@..."
+    <tickets@service.example>), left to content filters."""
+    env, verdict = evaluate(configured(zone.resolver()), author, spf=("pass", "nopolicy.example"))
+    result = env.results.get("dmarc")
+    assert result.details["authors"] == ["nopolicy.example"]
+    assert verdict is None
 
 
 def test_a_malformed_from_is_never_a_pass(zone):

@@ -7,6 +7,7 @@ field that does not parse cleanly; bounded work on hostile input."""
 from __future__ import annotations
 
 import base64
+import email.utils
 import re
 import time
 import tracemalloc
@@ -87,7 +88,9 @@ def test_a_domain_the_parser_misreads_is_found_and_a_problem(value, domain):
     ("value", "addressed", "extra"),
     [
         # A well-formed field: a display name or comment naming another
-        # domain adds it (a reader is shown it), without a problem.
+        # domain is text, not an author (display-name spoofing is for
+        # content filters; a ticket system's "alice@yahoo.example"
+        # <tickets@service.example> is no forgery).
         ('"ceo@good.example" <bob@evil.example>', "evil.example", "good.example"),
         ("bob@evil.example (for ceo@good.example)", "evil.example", "good.example"),
         (encoded("ceo@good.example") + " <bob@evil.example>", "evil.example", "good.example"),
@@ -95,11 +98,13 @@ def test_a_domain_the_parser_misreads_is_found_and_a_problem(value, domain):
         ("Bob <@good.example:bob@evil.example>", "evil.example", "good.example"),
     ],
 )
-def test_a_domain_in_a_display_name_or_comment_is_evaluated(value, addressed, extra):
+def test_a_domain_in_a_display_name_or_comment_of_a_clean_field_is_not_evaluated(
+    value, addressed, extra
+):
     found = authors(value)
     assert found.problem == ""
-    assert found.addressed == (addressed,)
-    assert found.domains == (addressed, extra)
+    assert found.addressed == found.domains == (addressed,)
+    assert extra not in found.domains
     # A signature is for the address's domain.
     assert from_domain([(b"From", value.encode())]) == (addressed, "")
 
@@ -238,6 +243,19 @@ def test_every_domain_a_plain_regex_finds_is_evaluated(values):
     assert set(found.addressed) <= set(found.domains)
     assert len(set(found.domains)) == len(found.domains)
     if "too many" in found.problem:
+        return
+    if not found.problem:
+        # A clean field names its authors by its addresses (an address in
+        # a display name or comment is text): the legacy parser agrees.
+        for value in values:
+            for _, address in email.utils.getaddresses([re.sub(r"\r?\n", "", value)]):
+                domain = address.rpartition("@")[2].rstrip(".")
+                try:
+                    canonical = canonical_domain(domain) if "@" in address and domain else ""
+                except ValueError:
+                    continue
+                if canonical:
+                    assert canonical in found.domains, (value, found)
         return
     for value in values:
         unfolded = re.sub(r"\r?\n", "", value)
