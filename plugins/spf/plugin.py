@@ -14,6 +14,14 @@ choice: refuse (``550 5.7.23``/``5.7.24``), defer (``451 4.7.24``), or
 only record it (``tag``). A ``temperror`` (DNS failed) is never refused for
 good: its "reject" is ``451 4.4.3`` (RFC 7208 8.6).
 
+A check that could not be made because the plugin's threads were busy (it
+got no thread in its ``timeout``, or too late to finish) is this server's
+fault, not the domain's ``temperror``: no result is recorded for it, and at
+``MAIL`` the answer is ``451 4.3.0`` whatever the policy keys say, so that
+no overload lets a message through unjudged. Each client (an IPv4 address,
+an IPv6 ``/64``) has at most ``threads_per_client`` checks in the pool at
+once.
+
 See ``README.rst`` in this directory for the configuration.
 """
 
@@ -34,15 +42,35 @@ from .._auth import dns_enabled, resolver_of, sanitize
 from .._config import (
     IPNetwork,
     client_address,
+    client_network,
     in_networks,
 )
-from .evaluate import SPFOutcome, check_host, make_pool
+from .evaluate import ClientShares, NotChecked, SPFOutcome, check_host, make_pool
 
 __all__ = ["SpfPlugin", "KEYS", "ACTIONS", "received_spf"]
 
 log = logging.getLogger("bonzo.plugins.spf")
 
 ACTIONS = ("reject", "tempfail", "tag")
+#: The prefix length of an IPv6 client for ``threads_per_client``: a host or
+#: home network gets a whole /64 and could take a fresh address per check.
+CLIENT_IPV6_PREFIX = 64
+
+
+def _check_share(values: dict[str, Any]) -> None:
+    share = values["threads_per_client"]
+    if share is not None and share > values["threads"]:
+        raise ValueError(
+            f"threads_per_client: must be at most threads ({values['threads']}), got {share}"
+        )
+
+
+def default_share(threads: int) -> int:
+    """``threads_per_client`` when not given: a quarter of ``threads``, at
+    least 1."""
+    return max(1, threads // 4)
+
+
 #: The ``[plugins.spf]`` table (:mod:`bonzo.schema`).
 SCHEMA = Schema(
     Key("on_fail", "choice", default="tag", choices=ACTIONS,
@@ -63,18 +91,27 @@ SCHEMA = Schema(
         "result. The ``authres`` plugin's ``Authentication-Results:`` field says "
         "the same in the newer form."),
     Key("timeout", "duration", default=20.0, minimum=0.001, maximum=300.0,
-        doc="How long one SPF check may take in all, the wait for a free thread "
-        "(``threads``) included (RFC 7208 4.6.4 asks for at least 20 seconds); "
-        "then ``temperror``."),
+        doc="How long one SPF check may take in all, the waits for the client's "
+        "turn (``threads_per_client``) and a free thread (``threads``) included "
+        "(RFC 7208 4.6.4 asks for at least 20 seconds); then ``temperror``, unless "
+        "the waits took more than half of it: then the check counts as not made "
+        "(this server's overload, ``451 4.3.0`` at ``MAIL``)."),
     Key("threads", "int", default=16, minimum=1, maximum=256,
         doc="SPF checks run at once, each in a thread of the plugin's own (pyspf "
         "waits for its DNS answers in it): checks beyond wait for a thread, within "
         "their ``timeout``. Senders whose DNS is slow hold these threads only, never "
         "those that other plugins hash and store mail in."),
+    Key("threads_per_client", "int", minimum=1, maximum=256,
+        doc="The most SPF checks one client (an IPv4 address, or an IPv6 ``/64``) "
+        "has in the plugin's pool at once, running or waiting for a thread; its "
+        "further checks wait for one of its own to end (within their ``timeout``), "
+        "so that no client can take every thread. Default: a quarter of "
+        "``threads`` (at least 1); at most ``threads``."),
     Key("skip_authenticated", "bool", default=True,
         doc="Do not check sessions that authenticated."),
     Key("skip_networks", "networks", default=[],
         doc="Client networks (CIDR) not checked, such as your own relays."),
+    check=_check_share,
 )  # fmt: skip
 KEYS = tuple(SCHEMA.names)
 #: The results a policy key acts on, and the status of a refusal: RFC 7372's
@@ -133,6 +170,8 @@ class SpfPlugin:
         self.add_header = False
         self.timeout = 20.0
         self.threads = 16
+        self.threads_per_client = default_share(self.threads)
+        self._shares = ClientShares(self.threads_per_client)
         # Made in each worker process, on first use (not across a fork).
         self._pool: ThreadPoolExecutor | None = None
         self.skip_authenticated = True
@@ -150,6 +189,9 @@ class SpfPlugin:
         self.add_header = values["received_spf"]
         self.timeout = float(values["timeout"])
         self.threads = values["threads"]
+        share = values["threads_per_client"]
+        self.threads_per_client = share if share is not None else default_share(self.threads)
+        self._shares = ClientShares(self.threads_per_client)
         self.skip_authenticated = values["skip_authenticated"]
         self.skip_networks = values["skip_networks"]
         self.resolver = resolver_of(app)
@@ -174,6 +216,8 @@ class SpfPlugin:
         return bool(self.skip_networks) and in_networks(session.remote_ip, self.skip_networks)
 
     async def _check(self, session: Session, sender: str, helo: str) -> SPFOutcome:
+        """The check of one identity; raises :class:`NotChecked` when the
+        plugin's threads left it no time (overload here)."""
         address = client_address(session.remote_ip)
         identity = "mailfrom" if sender else "helo"
         domain = sender.rpartition("@")[2] if sender else helo
@@ -191,6 +235,27 @@ class SpfPlugin:
             receiver=self.receiver,
             timeout=self.timeout,
             executor=self._pool,
+            shares=self._shares,
+            client=client_network(address.compressed, 32, CLIENT_IPV6_PREFIX),
+        )
+
+    def _overloaded(self, session: Session, what: str, error: NotChecked, then: str) -> None:
+        """Log a check not made for want of a thread: the operator's to
+        tune (``threads``, ``threads_per_client``), or an attack."""
+        if error.busy == "client":
+            busy = (
+                f"this client's other checks held its share (threads_per_client = "
+                f"{self.threads_per_client})"
+            )
+        else:
+            busy = f"every one of the plugin's threads (threads = {self.threads}) was busy"
+        log.warning(
+            "spf: session %s: %s: SPF check not made, local overload of the spf plugin: %s; %s; %s",
+            session.id,
+            what,
+            busy,
+            error.describe(),
+            then,
         )
 
     def _record(self, results: Any, outcome: SPFOutcome, session: Session, helo: str) -> None:
@@ -230,7 +295,12 @@ class SpfPlugin:
         """Check the HELO identity; the result goes on ``session.results``."""
         if not self.check_helo or self._skipped(session):
             return None
-        outcome = await self._check(session, "", name)
+        try:
+            outcome = await self._check(session, "", name)
+        except NotChecked as error:
+            # No result: a null sender's MAIL checks the HELO identity again.
+            self._overloaded(session, f"HELO {sanitize(name, 100)}", error, "no result recorded")
+            return None
         self._record(session.results, outcome, session, name)
         log.info("spf: session %s: HELO %s: %s", session.id, outcome.result, outcome.reason)
         return None
@@ -273,7 +343,16 @@ class SpfPlugin:
         if not sender and helo_outcome is not None:
             outcome = helo_outcome
         else:
-            outcome = await self._check(session, sender, helo)
+            try:
+                outcome = await self._check(session, sender, helo)
+            except NotChecked as error:
+                # Never the domain's temperror (which dmarc may let through
+                # and on_temperror may tag): this server could not judge.
+                what = f"MAIL FROM <{sanitize(address, 100)}>"
+                self._overloaded(session, what, error, "answered 451 4.3.0")
+                raise TransientError(
+                    "SPF check could not be made now, try again later", 451, "4.3.0"
+                ) from None
         self._record(envelope.results, outcome, session, helo)
         log.info(
             "spf: session %s: MAIL FROM <%s>: %s (%s)",
