@@ -455,6 +455,35 @@ def test_an_ipv6_client_is_its_slash_64(zone, caplog):
     assert "(threads_per_client = 1)" in warning and "answered 451 4.3.0" in warning
 
 
+def test_a_helo_check_not_made_records_nothing_and_a_null_sender_is_checked_at_mail(zone):
+    """At HELO, a check the busy pool left no time for records no result
+    (and refuses nothing); the null sender's MAIL then checks the HELO
+    identity itself."""
+    plugin = configured(zone.resolver(timeout=5.0), threads=1)
+    session = fake_session("192.0.2.10", helo="mail.example.org")
+
+    async def scenario() -> Any:
+        plugin.timeout = 1.0
+        blocker = asyncio.ensure_future(
+            plugin._check(fake_session("198.51.100.1"), "x@slow.example", "h.example")
+        )
+        await asyncio.sleep(0.05)
+        plugin.timeout = 0.3
+        await plugin.bonzo_helo(session=session, name="mail.example.org", esmtp=True)
+        assert "spf" not in session.results
+        await blocker
+        plugin.timeout = 5.0
+        env = envelope(mail_from="")
+        await plugin.bonzo_mail(session=session, envelope=env, address="", params={}, mailbox=None)
+        return env.results.get("spf")
+
+    try:
+        result = run(scenario())
+    finally:
+        plugin.bonzo_shutdown()
+    assert (result.result, result.details["identity"]) == ("pass", "helo")
+
+
 def test_threads_per_client_defaults_to_a_quarter_of_threads():
     assert configured(None).threads_per_client == 4
     assert configured(None, threads=3).threads_per_client == 1
