@@ -32,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from .settings import SettingError, positive_seconds, spelled
 
@@ -118,6 +118,14 @@ class StoreSettings:
                 raise SettingError("url", f"names no host: {safe_url(self.url)}")
             if parts.scheme == "unix" and not parts.path:
                 raise SettingError("url", f"names no socket path: {safe_url(self.url)}")
+            # redis-py reads the database number from the path (redis://h/2)
+            # or the query (db=2), and fails at the first use on any other.
+            dbs = [] if parts.scheme == "unix" else [parts.path.strip("/")]
+            dbs += [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if k == "db"]
+            if any(db and not (db.isascii() and db.isdigit()) for db in dbs):
+                raise SettingError(
+                    "url", f"has a bad database number (not 0, 1, 2...): {safe_url(self.url)}"
+                )
             if not redis_available():
                 raise SettingError("url", "redis-py is not installed (pip install 'bonzo[redis]')")
         if not isinstance(self.password, str):
@@ -455,6 +463,9 @@ class RedisStore(Store):
         # in the event loop that uses it.
         self._slots: asyncio.Semaphore | None = None
         self._down_until = 0.0
+        # Why the last call failed ("ConnectionError", "AuthenticationError"),
+        # for the calls that fail fast until retry_interval has passed.
+        self._down_why = ""
 
     def _redis(self) -> Any:
         if self._client is None:
@@ -479,7 +490,9 @@ class RedisStore(Store):
 
     def _check_up(self) -> None:
         if time.monotonic() < self._down_until:
-            raise StoreError(f"Redis at {self.settings.where} is unreachable (not retried yet)")
+            raise StoreError(
+                f"Redis at {self.settings.where} failed ({self._down_why}); not retried yet"
+            )
 
     async def _call(self, what: str, operation: Callable[[Any], Any]) -> Any:
         self._check_up()
@@ -511,6 +524,7 @@ class RedisStore(Store):
             # pool (which the permits should prevent) is a local limit.
             if not isinstance(exc, MaxConnectionsError):
                 self._down_until = time.monotonic() + s.retry_interval
+                self._down_why = type(exc).__name__
             raise StoreError(
                 f"Redis at {s.where}: {what} failed: {type(exc).__name__}: {exc}"
             ) from None

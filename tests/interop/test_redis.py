@@ -132,7 +132,19 @@ def test_a_password_from_the_settings(redis_dir: Path) -> None:
             with pytest.raises(StoreError) as info:
                 await without.get("k")
             assert "t0p-secret" not in str(info.value)
+            # The calls that fail fast meanwhile say why (not "unreachable").
+            with pytest.raises(StoreError, match=r"failed \(AuthenticationError\); not retried"):
+                await without.get("k")
             await without.close()
+            wrong = store(server, password="wrong")
+            with pytest.raises(StoreError, match="AuthenticationError"):
+                await wrong.get("k")
+            await wrong.close()
+            # In the query, as redis-py takes it: shown without it.
+            query = RedisStore(StoreSettings(url=f"{server.url}?password=t0p-secret"))
+            assert await query.set("k3", "v", 10)
+            assert "t0p-secret" not in query.settings.where
+            await query.close()
             good = store(server, password="t0p-secret")
             assert await good.set("k", "v", 10)
             assert await good.get("k") == "v"
