@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import email.policy
 import email.utils
 import hashlib
@@ -252,6 +253,27 @@ _HOST_ASCII = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 _ENCODED_WORD = re.compile(r"=\?([^?\s]{1,64})\?([bBqQ])\?([^?\s]*)\?=")
 _CHARSET = re.compile(r"[A-Za-z0-9_.:+-]{1,40}")
+#: The codecs an encoded word is decoded with: the character sets of mail
+#: (Python's names). Others (``punycode``, ``idna``, ``unicode_escape``...)
+#: are no character set a reader knows, and some take time growing with the
+#: square of the length: their text is read as UTF-8.
+_MAIL_CHARSETS = (
+    "utf-8", "utf-16", "utf-32", "ascii", "iso8859-", "cp", "koi8-", "mac-", "latin",
+    "gb2312", "gbk", "gb18030", "big5", "hz", "shift_jis", "euc_", "iso2022_", "johab",
+    "tis-620", "ptcp154", "utf-7",
+)  # fmt: skip
+
+
+def _mail_codec(charset: str) -> str | None:
+    """Python's codec for an encoded word's ``charset``, if it is one of
+    mail's."""
+    if not _CHARSET.fullmatch(charset):
+        return None
+    try:
+        name = codecs.lookup(charset).name
+    except LookupError:
+        return None
+    return name if name.startswith(_MAIL_CHARSETS) else None
 
 
 def _decoded_words(text: str) -> str:
@@ -269,11 +291,11 @@ def _decoded_words(text: str) -> str:
                 octets = binascii.a2b_qp(octets, header=True)
         except (binascii.Error, ValueError):
             continue
-        charset = charset.split("*", 1)[0]
+        codec = _mail_codec(charset.split("*", 1)[0])
         word = ""
-        if _CHARSET.fullmatch(charset):
+        if codec is not None:
             try:
-                word = octets.decode(charset, "replace")
+                word = octets.decode(codec, "replace")
             except (LookupError, UnicodeError, ValueError, TypeError):
                 word = ""
         word = word or octets.decode("utf-8", "replace")
@@ -291,25 +313,28 @@ class _Scan:
     :data:`MAX_CANDIDATES` tokens (hostile input: linear work)."""
 
     def __init__(self) -> None:
+        #: Every domain found, in the order found.
         self.domains: list[str] = []
         self.budget = MAX_SCAN
-        self.seen: set[str] = set()
+        self.seen: dict[str, list[str]] = {}
         self.tokens = 0
         self.full = False
 
-    def add(self, token: str) -> None:
-        """Add the domains a reader may show for ``token`` (the text after
-        an ``@``): cut at or without a character it may not show, the host
-        name it starts with, in any script or in ASCII only."""
+    def add(self, token: str) -> list[str]:
+        """The domains a reader may show for ``token`` (the text after an
+        ``@``): cut at or without a character it may not show, the host name
+        it starts with, in any script or in ASCII only."""
         self.tokens += 1
         if self.tokens > MAX_TOKENS:
             self.full = True
-        if token in self.seen or self.full:
-            return
+        known = self.seen.get(token)
+        if known is not None or self.full:
+            return known or []
         if len(self.seen) >= MAX_CANDIDATES:
             self.full = True
-            return
-        self.seen.add(token)
+            return []
+        found: list[str] = []
+        self.seen[token] = found
         cut = next((i for i, c in enumerate(token) if unshown(c)), len(token))
         forms = {token[:cut]}
         if cut < len(token):
@@ -324,11 +349,15 @@ class _Scan:
                 except ValueError:
                     continue
                 # A longer name is no DNS name (and may be cut short here).
-                if len(domain) <= _MAX_NAME and domain not in self.domains:
-                    self.domains.append(domain)
+                if len(domain) <= _MAX_NAME and domain not in found:
+                    found.append(domain)
+                    if domain not in self.domains:
+                        self.domains.append(domain)
+        return found
 
-    def text(self, text: str) -> None:
-        """Scan ``text`` (a field's value, or what is left of the budget)."""
+    def text(self, text: str) -> list[str]:
+        """The domains a reader may be shown in ``text`` (a field's value,
+        or what is left of the budget)."""
         text = text[: self.budget]
         self.budget -= len(text)
         sources = [text]
@@ -340,11 +369,13 @@ class _Scan:
             # or as the whole field when it is all there is): an address in
             # it is one a reader is shown as the author's.
             sources.append(_decoded_words(text))
+        shown: list[str] = []
         for source in sources:
             for match in _AT_TOKEN.finditer(source):
-                self.add(match.group(1))
+                shown.extend(d for d in self.add(match.group(1)) if d not in shown)
                 if self.full:
-                    return
+                    return shown
+        return shown
 
 
 _getaddresses: Any = email.utils.getaddresses
@@ -366,21 +397,24 @@ def _legacy_domains(text: str) -> list[str]:
     return [address.rpartition("@")[2] for _, address in pairs if "@" in address]
 
 
-def _field_domains(text: str, scan: _Scan) -> tuple[list[str], str]:
+def _field_domains(text: str, scan: _Scan) -> tuple[list[str], str, bool, list[str]]:
     """The domains of the addresses in one ``From:`` field's value (unfolded,
-    at most :data:`MAX_FROM` characters), and why some address could not be
-    read or the field does not parse cleanly ("" if all could). The field
-    is scanned leniently into ``scan`` too."""
+    at most :data:`MAX_FROM` characters); why some address could not be read
+    ("" if all could); whether the field does not parse cleanly (a reader
+    may read it otherwise); and the domains other readings of it give (the
+    legacy parser's, a domain that is no host name cut short)."""
     text = _FINAL_DOT.sub(r"\1", text)
     try:
         header: Any = email.policy.default.header_factory("From", text)
-        found = [a.domain for a in header.addresses]
+        addresses = list(header.addresses)
         defects = list(header.defects)
     except Exception:  # the parser has raised on odd input before
-        return [], "an unparsable From: field"
+        return [], "an unparsable From: field", True, []
     domains: list[str] = []
     problem = ""
-    for domain in found:
+    other: list[str] = []
+    for address in addresses:
+        domain = address.domain
         # "example.org." is the DNS name "example.org" (an IDN's final dot
         # may be any of UTS #46's).
         if domain and domain[-1] in DOTS:
@@ -398,65 +432,78 @@ def _field_domains(text: str, scan: _Scan) -> tuple[list[str], str]:
                 domains.append(canonical)
             else:
                 # Not a host name (a character a reader may not show, or
-                # one no DNS name holds: "good.example=?x?"): the domains
-                # a reader may show are those a policy must be applied for
+                # one no DNS name holds: "good.example=?x?"): the domains a
+                # reader may show are those a policy must be applied for
                 # (the message still has a problem: never signed, never a
                 # DMARC pass).
                 problem = problem or "an invalid domain in the From: field"
-                scan.add(domain)
-    # The parser drops what follows a syntax error ("bob@evil.example
-    # <alice@bank.example>" is read as bob@evil.example alone), noting it
-    # only as a defect; the legacy parser reads such a field otherwise. A
-    # reader may show either: the field does not say who wrote it.
-    if not problem and any(
-        isinstance(d, errors.InvalidHeaderDefect) and str(d) not in _HARMLESS_DEFECTS
+                other.extend(scan.add(domain))
+    # Does it parse cleanly? The parser drops what follows a syntax error
+    # ("bob@evil.example <alice@bank.example>" is read as bob@evil.example
+    # alone), noting it only as a defect; it decodes an encoded word in a
+    # local part, which RFC 2047 5 forbids ("=?utf-8?q?alice=40bank.example
+    # =00?=@evil.example", shown by some readers as alice@bank.example: the
+    # Mailsploit attack); the legacy parser reads some fields otherwise.
+    doubtful = any(
+        isinstance(d, errors.NonPrintableDefect)
+        or (isinstance(d, errors.InvalidHeaderDefect) and str(d) not in _HARMLESS_DEFECTS)
         for d in defects
-    ):
-        problem = "a malformed From: field"
+    ) or any(
+        "@" in (a.username or "") or any(unshown(c) for c in a.username or "") for a in addresses
+    )
     for domain in _legacy_domains(text):
-        scan.add(domain)
-        if not problem:
-            try:
-                canonical = canonical_domain(domain.rstrip(DOTS))
-            except ValueError:
-                continue
-            if canonical not in domains:
-                problem = "a malformed From: field"
-    return domains, problem
+        shown = scan.add(domain)
+        try:
+            canonical = canonical_domain(domain.rstrip(DOTS))
+        except ValueError:
+            canonical = ""
+        if canonical not in domains:
+            doubtful = True
+            other.extend(shown)
+    return domains, problem, doubtful, other
 
 
 def author_domains(headers: Sequence[Sequence[bytes]]) -> Authors:
     """Every domain that the message's ``From:`` fields name (all of them:
-    RFC 5322 3.6 allows one, but a reader may show any), and every domain a
-    lenient scan of them finds (RFC 7489 6.6.1: the strictest policy of a
-    domain the reader may be shown applies)."""
+    RFC 5322 3.6 allows one, but a reader may show any); and, for a field
+    that does not parse cleanly and that a reader may show with another
+    domain, every domain a lenient scan of it finds (RFC 7489 6.6.1: the
+    strictest policy of a domain the reader may be shown applies; such a
+    field has a problem: never a DMARC pass, never signed)."""
     values = [value for name, value in headers if name.lower() == b"from"]
     domains: list[str] = []
+    shown_too: list[str] = []
     problem = ""
     scan = _Scan()
     parsed = 0
     for raw in values:
         text = _EOL.sub(b"", raw).decode("utf-8", "replace").strip()
-        scan.text(text)
+        shown = scan.text(text)
         if parsed + len(text) > MAX_FROM:
             # Parsing it would take too long (see MAX_FROM); its domains are
             # those the scan finds.
             problem = problem or "a From: field too long to parse"
+            shown_too.extend(shown)
             continue
         parsed += len(text)
-        found, why = _field_domains(text, scan)
-        problem = problem or why
+        found, why, doubtful, other = _field_domains(text, scan)
         domains.extend(d for d in found if d not in domains)
+        if why:
+            problem = problem or why
+            shown_too.extend(shown + other)
+        elif doubtful and any(d not in found for d in shown + other):
+            # Read otherwise, it names another domain: no reading can be
+            # trusted. A field every reading gives the same domains
+            # ("noreply@example.org <noreply@example.org>", an encoded word
+            # in a quoted display name: common) is judged by them.
+            problem = problem or "a malformed From: field"
+            shown_too.extend(shown + other)
     if scan.full:
+        # The scan stopped: what it did not read may name others.
         problem = problem or "too many addresses in the From: field"
+        shown_too.extend(scan.domains)
     addressed = tuple(domains)
-    if problem:
-        # A field that does not parse cleanly may be read otherwise: every
-        # domain a reader may show counts. A clean one names its authors; an
-        # address in its display name or comment is text (display-name
-        # spoofing is for content filters: applying that domain's policy
-        # would refuse "alice@yahoo.example" <tickets@service.example>).
-        domains.extend(d for d in scan.domains if d not in domains)
+    domains.extend(d for d in shown_too if d not in domains)
     return Authors(len(values), tuple(domains), problem, addressed)
 
 

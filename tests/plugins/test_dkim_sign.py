@@ -456,7 +456,13 @@ def test_the_from_domain_decides_not_the_envelope_sender(keys):
         # Python's parser reads example.org alone (it drops what follows a
         # syntax error); readers show example.com: never signed.
         (b"From: alice@example.org <bob@example.com>", False, "a malformed From: field"),
-        (b"From: <alice@example.org> <alice@example.org>", False, "a malformed From: field"),
+        # An encoded word in a local part (RFC 2047 5 forbids it), shown by
+        # some readers as bob@example.com (Mailsploit): never signed.
+        (b"From: =?utf-8?q?bob=40example.com=00?=@example.org", False, "a malformed From: field"),
+        # Malformed, but every reading names example.org alone: signed.
+        (b"From: <alice@example.org> <alice@example.org>", True, ""),
+        (b"From: noreply@example.org <noreply@example.org>", True, ""),
+        (b'From: "=?utf-8?q?J=C3=B6rg?=" <alice@example.org>', True, ""),
         # Too long to parse (quadratic time on hostile input): not signed.
         (b"From: alice@example.org (" + b"x" * 1100 + b")", False, "too long to parse"),
         # Harmless defects, and a display name naming another domain: the

@@ -435,10 +435,11 @@ def test_an_address_in_the_display_name_of_a_clean_field_is_text(zone, author):
     assert verdict is None
 
 
-def test_a_malformed_from_is_never_a_pass(zone):
-    """Every domain aligned, but the field does not parse cleanly: a reader
-    may show it otherwise, so no pass holds (on_no_author decides)."""
-    author = "a@example.org <b@example.org>"
+def test_a_malformed_from_naming_another_domain_is_never_a_pass(zone):
+    """Aligned with the domain the parser reads, but the field does not
+    parse cleanly and another reading names another domain: a reader may
+    show either, so no pass holds (on_no_author decides)."""
+    author = "a@example.org <b@nopolicy.example>"
     env, verdict = evaluate(configured(zone.resolver()), author, dkim=[("pass", "example.org")])
     result = env.results.get("dmarc")
     assert (result.result, verdict) == ("permerror", None)
@@ -447,8 +448,11 @@ def test_a_malformed_from_is_never_a_pass(zone):
         evaluate(configured(zone.resolver(), on_no_author="reject"), author,
                  dkim=[("pass", "example.org")])  # fmt: skip
     assert info.value.message == "DMARC: no usable author domain in the From: field"
-    # Defects that leave every address whole are no problem.
-    for author in ("a..b@example.org", "=?utf-8?q?A?=<a@example.org>"):
+    # Defects that leave every address whole are no problem, nor a malformed
+    # field every reading of which names the same domain (common).
+    for author in ("a..b@example.org", "=?utf-8?q?A?=<a@example.org>",
+                   "a@example.org <b@example.org>", "noreply@example.org <noreply@example.org>",
+                   '"=?utf-8?q?J=C3=B6rg?=" <a@example.org>'):  # fmt: skip
         env, verdict = evaluate(configured(zone.resolver(), on_no_author="reject"), author,
                                 dkim=[("pass", "example.org")])  # fmt: skip
         assert (env.results.get("dmarc").result, verdict) == ("pass", None), author

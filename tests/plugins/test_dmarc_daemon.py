@@ -37,6 +37,11 @@ REFUSED = [
     "alice@good\\.example",
     # Only an encoded word, whose text is alice@good.example.
     "=?utf-8?b?YWxpY2VAZ29vZC5leGFtcGxl?=",
+    # Mailsploit: an encoded word in the local part (RFC 2047 5 forbids it),
+    # shown by some readers as alice@good.example (they stop at the NUL).
+    "=?utf-8?b?YWxpY2VAZ29vZC5leGFtcGxlAA==?=@evil.example",
+    "=?utf-8?q?alice=40good.example=00?=@evil.example",
+    "Alice <=?utf-8?b?YWxpY2VAZ29vZC5leGFtcGxlAA==?=@evil.example>",
     # Too long to parse (a long folded comment): scanned all the same.
     "alice@good.example" + "".join("\r\n (" + "x" * 70 + ")" for _ in range(240)),
 ]

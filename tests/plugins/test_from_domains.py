@@ -177,6 +177,8 @@ def test_too_many_tokens_are_a_problem():
         "=?utf-8?q?a=40b" * 60000,
         ",a@b" * 250000,
         "@\u00fc" * 300000,
+        # A codec that is no mail character set, quadratic in the length.
+        ("=?punycode?q?-" + "b" * 900 + "?= ") * 1000,
     ],
     ids=lambda v: repr(v[:12]),
 )
