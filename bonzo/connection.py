@@ -98,6 +98,12 @@ TLS_ALERT_WAIT = 2.0
 #: costs much less than the ``read_chunk_size`` used for message content.
 COMMAND_CHUNK = 4096
 
+#: Longest time, in seconds, a session works through reads that its socket
+#: answered at once (a client keeping it full) before it lets the other
+#: sessions of the process run: awaiting a read already done does not go
+#: back to the event loop.
+FAIR_SLICE = 0.01
+
 # What the session is doing, for the timer.
 _BUSY = 0  # the core or a plugin is working: plugins have their own timeouts
 _INPUT = 1  # waiting for the client to send
@@ -480,6 +486,9 @@ class SMTPConnection:
         self._idle_since = now
         self._command_started: float | None = None
         self._in_content = False
+        # When the session's reads began to be answered at once, without a
+        # turn of the event loop (None: the last one waited).
+        self._busy_since: float | None = None
         self._last_byte = now
         self._window_start = now
         self._window_bytes = 0
@@ -633,7 +642,13 @@ class SMTPConnection:
                     await self._wait_output(fut)
                 self._waiting()
                 if self._tls is None:
-                    data = await stream.read_bytes(chunk_size, partial=True)
+                    # Tornado's streams return a Future, typed Awaitable.
+                    read: Future[bytes] = stream.read_bytes(chunk_size, partial=True)  # type: ignore[assignment]
+                    if read.done():
+                        await self._fair_turn()
+                    else:
+                        self._busy_since = None
+                    data = await read
                 else:
                     data = await self._read_tls()
                 self._phase = _BUSY
@@ -848,6 +863,19 @@ class SMTPConnection:
         self._phase = _BUSY
         await self.dispatch.reconnect()
 
+    async def _fair_turn(self) -> None:
+        """A read was answered at once: past :data:`FAIR_SLICE` of such
+        reads in a row, let the event loop run the other sessions (and the
+        timers) before going on, so that a client keeping its socket full
+        cannot hold the whole process."""
+        now = self._loop.time()
+        since = self._busy_since
+        if since is None:
+            self._busy_since = now
+        elif now - since > FAIR_SLICE:
+            await asyncio.sleep(0)
+            self._busy_since = None
+
     async def _read_tls(self) -> bytes:
         """The next plaintext from the client through TLS."""
         tls = self._tls
@@ -855,7 +883,12 @@ class SMTPConnection:
         stream = self.stream
         chunk_size = self.settings.read_chunk_size
         while True:
-            received = await stream.read_bytes(chunk_size, partial=True)
+            read: Future[bytes] = stream.read_bytes(chunk_size, partial=True)  # type: ignore[assignment]
+            if read.done():
+                await self._fair_turn()
+            else:
+                self._busy_since = None
+            received = await read
             try:
                 data = tls.receive(received)
             except ssl.SSLError as exc:

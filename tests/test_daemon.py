@@ -2610,3 +2610,61 @@ def test_check_warns_when_the_hard_descriptor_limit_is_too_low(workdir, env):
     if hard == resource.RLIM_INFINITY or hard >= 2064:
         # A low soft limit alone is no problem: bonzo serve raises it.
         assert "open files" not in check((100, hard))
+
+
+def _reply(f: Any) -> bytes:
+    line = f.readline()
+    while line[3:4] == b"-":
+        line = f.readline()
+    return line
+
+
+def test_a_client_keeping_its_socket_full_does_not_hold_the_other_sessions(workdir, serve):
+    """A read the socket answers at once does not go back to the event loop:
+    a client streaming content faster than it is processed (bare LF line
+    ends, the costliest) held every other session of the process until its
+    last octet (a NOOP waited 4.5 s behind 150 MiB). The session now lets the
+    others run after each 10 ms of such reads."""
+    port = free_port()
+    daemon = serve(write_config(workdir, port), port)
+    daemon.wait_ready()
+    streamer = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    other = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    with streamer, other:
+        fs, fo = streamer.makefile("rb"), other.makefile("rb")
+        _reply(fs)
+        for command in (b"EHLO a.test", b"MAIL FROM:<a@example.org>", b"RCPT TO:<b@example.org>",
+                        b"DATA"):  # fmt: skip
+            streamer.sendall(command + b"\r\n")
+            assert _reply(fs)[:1] in (b"2", b"3")
+        _reply(fo)
+        other.sendall(b"EHLO b.test\r\n")
+        _reply(fo)
+        ended: list[float] = []
+
+        def stream() -> None:
+            chunk = b"\n" * 65536
+            for _ in range(200 * 16):  # 200 MiB, over the size limit: refused at the end
+                streamer.sendall(chunk)
+            streamer.sendall(b"\r\n.\r\n")
+            _reply(fs)
+            ended.append(time.monotonic())
+
+        thread = threading.Thread(target=stream, daemon=True)
+        started = time.monotonic()
+        thread.start()
+        time.sleep(0.3)
+        waits = []
+        while thread.is_alive() and len(waits) < 500:
+            sent = time.monotonic()
+            other.sendall(b"NOOP\r\n")
+            assert _reply(fo).startswith(b"250")
+            waits.append(time.monotonic() - sent)
+            time.sleep(0.01)
+        thread.join(DEADLINE)
+        assert ended, "the stream did not end"
+    # The other session was answered while the stream went on, promptly.
+    assert ended[0] - started > 2.0, "the stream was too short to tell"
+    assert len(waits) >= 5
+    assert max(waits) < 1.0, waits
+    assert daemon.stop() == 0

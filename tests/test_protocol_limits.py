@@ -7,8 +7,11 @@ addresses, the refusal reports the connection logs, and the verb table.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from protocol_helpers import (
     DATA,
     EHLO,
@@ -37,6 +40,7 @@ from bonzo.protocol import (
     SMTPProtocol,
     StartTLS,
     Unknown,
+    _crlf_lines,
 )
 
 pytestmark = pytest.mark.usefixtures("scan_implementation")
@@ -265,6 +269,23 @@ def test_bare_line_ends_split_in_small_reads(end):
 @pytest.mark.parametrize("end", [b"\r", b"\n", b"\r\n"])
 def test_a_long_line_is_still_refused_whatever_ends_it(end):
     replies, _ = message(b"z" * 2000 + end + b"\r\n.\r\n", max_data_line=1024)
+    assert replies == b"500 5.5.2 Line too long\r\n"
+
+
+@given(st.binary(max_size=200).map(lambda b: bytes(b"ab\r\n."[x % 5] for x in b)))
+def test_line_ends_are_made_crlf_as_each_of_crlf_cr_lf_is_one(block):
+    # Three bytes.replace passes, not a regex substitution (a Python-level
+    # step per line end): the same result.
+    assert _crlf_lines(block) == re.sub(rb"\r\n|\r|\n", b"\r\n", block)
+
+
+@pytest.mark.parametrize("end", [b"\r", b"\n", b"\r\n", b"\r\r\n", b"\n\r"])
+def test_the_longest_line_in_normalize_mode_is_the_limit(end):
+    # max_data_line counts the CRLF the line is stored with.
+    body = b"a\n" + b"x" * 998 + end + b"y\n"
+    replies, client = message(body + b"\r\n.\r\n", max_data_line=1000)
+    assert replies == b"250 2.0.0 Ok\r\n"
+    replies, _ = message(b"a\n" + b"x" * 999 + end + b"\r\n.\r\n", max_data_line=1000)
     assert replies == b"500 5.5.2 Line too long\r\n"
 
 
