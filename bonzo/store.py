@@ -32,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .settings import SettingError, positive_seconds, spelled
 
@@ -154,26 +154,32 @@ class StoreSettings:
         return safe_url(self.url) if self.url else "memory"
 
 
-# redis-py takes a password from the query too (``?password=...``).
-_QUERY_SECRET = re.compile(r"((?:^|[?&;])[^=&;#]*pass[^=&;#]*=)[^&;#]*", re.IGNORECASE)
+def _safe_query(query: str) -> str:
+    """``query`` with the value of every parameter whose name (decoded: redis-py
+    reads ``p%61ssword`` as ``password``) holds ``pass`` shown as ``***``."""
+    parts = re.split(r"([&;])", query)
+    for i in range(0, len(parts), 2):
+        name, equals, _ = parts[i].partition("=")
+        if equals and "pass" in unquote(name).lower():
+            parts[i] = f"{name}=***"
+    return "".join(parts)
 
 
 def safe_url(url: str) -> str:
     """``url`` without its password (in the authority or the query), for
     messages and ``bonzo config``."""
+    scheme, slashes, rest = url.partition("//")
+    if slashes and "@" in rest:
+        # The password is all between the first ":" and the last "@" (one
+        # may hold "/", "?" or "#", which a URL parser takes for the end of
+        # the authority: hide by the "@", not by the parse).
+        userinfo, _, rest = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        if not colon or any(c in user for c in "/?#"):
+            return f"{scheme}//***@{safe_url(scheme + '//' + rest)[len(scheme) + 2 :]}"
+        return f"{scheme}//{user}:***@{safe_url(scheme + '//' + rest)[len(scheme) + 2 :]}"
     head, mark, query = url.partition("?")
-    query = _QUERY_SECRET.sub(r"\1***", query)
-    try:
-        parts = urlsplit(head)
-    except ValueError:
-        # Unparsable: hide whatever comes before an "@" of the authority.
-        head = re.sub(r"(//)[^/@]*@", r"\1***@", head)
-    else:
-        if parts.password is not None:
-            netloc = parts.netloc.rpartition("@")[2]
-            user = f"{parts.username}:***@" if parts.username else ":***@"
-            head = parts._replace(netloc=user + netloc).geturl()
-    return head + mark + query
+    return head + mark + _safe_query(query)
 
 
 class StoreError(Exception):
