@@ -155,10 +155,11 @@ class NotChecked(Exception):
     def __init__(self, timeout: float, share_wait: float, pool_wait: float, ran: bool) -> None:
         #: The check's ``timeout``.
         self.timeout = timeout
+        # (Clocks read in two threads may differ by a hair: never below 0.)
         #: Seconds it waited for its client's turn.
-        self.share_wait = share_wait
+        self.share_wait = max(share_wait, 0.0)
         #: Seconds it then waited for a free thread.
-        self.pool_wait = pool_wait
+        self.pool_wait = max(pool_wait, 0.0)
         #: Whether it got a thread at all (and then ended in ``temperror``).
         self.ran = ran
         super().__init__(self.describe())

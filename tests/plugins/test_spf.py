@@ -492,3 +492,11 @@ def test_threads_per_client_defaults_to_a_quarter_of_threads():
     assert configured(None, threads=40, threads_per_client=40).threads_per_client == 40
     with pytest.raises(ValueError, match=r"^threads_per_client: must be at most threads \(16\)"):
         configured(None, threads_per_client=17)
+
+
+def test_a_wait_is_never_negative_in_the_log():
+    # time.monotonic() read in the check's thread and on the loop: a hair
+    # apart, a wait came out as "-0.0s".
+    error = NotChecked(20.0, -0.00001, -0.00002, ran=False)
+    assert error.share_wait == error.pool_wait == 0.0
+    assert "-" not in error.describe()
