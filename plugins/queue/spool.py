@@ -172,6 +172,19 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _address(value: Any, what: str) -> str:
+    """An address (or domain) of a queue file: a string with no control
+    character, which none can hold (a damaged file's CR LF would otherwise
+    reach a report's header fields)."""
+    text = _text(value, what)
+    if _CONTROL.search(text):
+        raise ValueError(f"{what}: a control character in an address")
+    return text
+
+
 def _flag(value: Any, what: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{what}: expected true or false, got {type(value).__name__}")
@@ -326,9 +339,9 @@ class QueuedMessage:
             r = _table(r, what)
             recipients.append(
                 Recipient(
-                    address=_text(r["address"], f"{what}.address"),
-                    canonical=_text(r["canonical"], f"{what}.canonical"),
-                    domain=_text(r["domain"], f"{what}.domain"),
+                    address=_address(r["address"], f"{what}.address"),
+                    canonical=_address(r["canonical"], f"{what}.canonical"),
+                    domain=_address(r["domain"], f"{what}.domain"),
                     params=_params(r.get("params", {}), f"{what}.params"),
                     next_attempt=arrival,
                 )
@@ -338,7 +351,7 @@ class QueuedMessage:
         return cls(
             id=id,
             arrival=arrival,
-            sender=_text(env["sender"], "sender"),
+            sender=_address(env["sender"], "sender"),
             mail_params=_params(env.get("mail_params", {}), "mail_params"),
             recipients=recipients,
             session=dict(_table(env.get("session", {}), "session")),

@@ -198,6 +198,9 @@ def test_one_bad_state_file_never_stops_the_runner(tmp_path, content, caplog):
         (b'"address":"bob@example.net"', b'"address":12345'),
         (b'"sender":"alice@example.org"', b'"sender":["alice@example.org"]'),
         (b'"params":{}', b'"params":{"NOTIFY":1}'),
+        # A damaged file's CR LF in an address would reach a report's fields.
+        (b'"address":"bob@example.net"', b'"address":"bob@example.net\\r\\nX-Injected: 1"'),
+        (b'"sender":"alice@example.org"', b'"sender":"alice@example.org\\u0000"'),
     ],
     ids=[
         "arrival-huge",
@@ -207,6 +210,8 @@ def test_one_bad_state_file_never_stops_the_runner(tmp_path, content, caplog):
         "address-number",
         "sender-array",
         "param-number",
+        "address-crlf",
+        "sender-nul",
     ],  # fmt: skip
 )
 def test_a_bad_envelope_is_unreadable_not_stuck_or_delivered_again(tmp_path, old, new, caplog):
