@@ -50,8 +50,10 @@ from .dispatch import Dispatcher
 from .hooks import PluginSet, passes_through
 from .lmtp import LMTPProtocol
 from .protocol import (
+    AuthResponse,
     Closed,
     DataChunk,
+    MessageComplete,
     NeedData,
     Paused,
     Policy,
@@ -667,9 +669,13 @@ class SMTPConnection:
                     return
             elif kind is Closed:
                 return
-            elif self._aborted:
+            elif self._aborted or (
+                self._stopping and kind is not MessageComplete and kind is not AuthResponse
+            ):
                 # Commands pipelined after the call that ended the grace
-                # period: none is run.
+                # period, or after the message (or AUTH exchange) in flight
+                # when the stop came: none is run, as a session waiting for
+                # a command is answered 421.
                 core.close(421, "Server shutting down", "4.3.2", limit="shutdown", unprompted=True)
             elif kind is XClient:
                 await self._xclient(event)  # type: ignore[arg-type]

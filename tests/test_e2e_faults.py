@@ -375,6 +375,36 @@ def test_graceful_shutdown(start_server):
     assert [m.rcpt_tos for m in handler.messages] == [["slow@example.com"]]
 
 
+def test_a_transaction_pipelined_behind_the_message_in_flight_gets_the_421(start_server):
+    """A stop lets the message in flight finish; the commands pipelined
+    behind it (the next transaction) are not run but answered 421, as a
+    session waiting for a command is (they were dispatched and the next
+    message accepted)."""
+    handler = Gate()
+    server = start_server(plugin=handler)
+    client = RawClient(server.port)
+    try:
+        client.greet()
+        assert client.command("MAIL FROM:<a@example.com>").startswith(b"250")
+        assert client.command("RCPT TO:<slow@example.com>").startswith(b"250")
+        assert client.command("DATA").startswith(b"354")
+        client.send(
+            b"Subject: in flight\r\n\r\nbody\r\n.\r\n"
+            b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+            b"Subject: behind it\r\n\r\nbody\r\n.\r\n"
+        )
+        assert handler.entered.wait(5)
+        done = server.submit(server.server.shutdown(5.0))
+        handler.release.set()
+        tail = client.read_to_eof()
+        assert tail.startswith(b"250 2.0.0 Ok: queued as "), tail
+        assert tail.count(b"\r\n") == 2 and tail.endswith(b"\r\n421 4.3.2 Server shutting down\r\n")
+        done.result(5)
+    finally:
+        client.close()
+    assert [m.rcpt_tos for m in handler.messages] == [["slow@example.com"]]
+
+
 def test_shutdown_with_no_connections_returns_at_once(server):
     started = time.monotonic()
     server.run(server.server.shutdown(5))
