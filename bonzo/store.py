@@ -168,17 +168,25 @@ def _safe_query(query: str) -> str:
 def safe_url(url: str) -> str:
     """``url`` without its password (in the authority or the query), for
     messages and ``bonzo config``."""
-    scheme, slashes, rest = url.partition("//")
-    if slashes and "@" in rest:
+    scheme, colon, rest = url.partition(":")
+    if not colon:
+        scheme, rest = "", url
+    slashes = rest[: len(rest) - len(rest.lstrip("/"))]
+    rest = rest[len(slashes) :]
+    if "@" in rest:
         # The password is all between the first ":" and the last "@" (one
         # may hold "/", "?" or "#", which a URL parser takes for the end of
-        # the authority: hide by the "@", not by the parse).
+        # the authority; a mistyped "redis:/" has no authority at all):
+        # hidden by the "@", not by a parse.
         userinfo, _, rest = rest.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        if not colon or any(c in user for c in "/?#"):
-            return f"{scheme}//***@{safe_url(scheme + '//' + rest)[len(scheme) + 2 :]}"
-        return f"{scheme}//{user}:***@{safe_url(scheme + '//' + rest)[len(scheme) + 2 :]}"
-    head, mark, query = url.partition("?")
+        user, has_password, _ = userinfo.partition(":")
+        shown = f"{user}:***@" if has_password and not any(c in user for c in "/?#") else "***@"
+        return f"{scheme}{colon}{slashes}{shown}{_safe_after_authority(rest)}"
+    return f"{scheme}{colon}{slashes}{_safe_after_authority(rest)}"
+
+
+def _safe_after_authority(rest: str) -> str:
+    head, mark, query = rest.partition("?")
     return head + mark + _safe_query(query)
 
 

@@ -184,6 +184,9 @@ def test_a_password_in_the_url_never_reaches_a_message():
         shown = safe_url(url)
         assert "hun" not in shown and "ter2" not in shown and "a/b" not in shown, shown
     assert safe_url("redis://:hun/ter2@h:6379/0") == "redis://:***@h:6379/0"
+    # No "//" (a mistyped "redis:/"): hidden all the same.
+    assert safe_url("redis:/:hunter2@127.0.0.1:6379/0") == "redis:/:***@127.0.0.1:6379/0"
+    assert "ter" not in safe_url("unix:/path?password=hun//ter2@c")
 
 
 def test_secrets_come_from_env_and_file(tmp_path: Path, monkeypatch):

@@ -27,6 +27,7 @@ import inspect
 import logging
 import re
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -253,6 +254,9 @@ _HOST_ASCII = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 _ENCODED_WORD = re.compile(r"=\?([^?\s]{1,64})\?([bBqQ])\?([^?\s]*)\?=")
 _CHARSET = re.compile(r"[A-Za-z0-9_.:+-]{1,40}")
+#: An encoded word in a local part (RFC 2047 5 forbids it): one followed,
+#: without white space or a delimiter, by the "@" of an address.
+_ENCODED_LOCAL = re.compile(r"=\?[^?\s]{1,64}\?[bBqQ]\?[^?\s]*\?=[^\s<>,;:\"()@]*@")
 #: The codecs an encoded word is decoded with: the character sets of mail
 #: (Python's names). Others (``punycode``, ``idna``, ``unicode_escape``...)
 #: are no character set a reader knows, and some take time growing with the
@@ -293,7 +297,13 @@ def _decoded_words(text: str) -> str:
             continue
         codec = _mail_codec(charset.split("*", 1)[0])
         word = ""
-        if codec is not None:
+        if codec in ("utf-16", "utf-32") and not octets.startswith(
+            (b"\xfe\xff", b"\xff\xfe", b"\x00\x00\xfe\xff", b"\xff\xfe\x00\x00")
+        ):
+            # No byte-order mark: big-endian says RFC 2781 4.3, Python reads
+            # little-endian; a reader may do either: both are scanned.
+            word = " ".join(octets.decode(f"{codec}-{order}", "replace") for order in ("be", "le"))
+        elif codec is not None:
             try:
                 word = octets.decode(codec, "replace")
             except (LookupError, UnicodeError, ValueError, TypeError):
@@ -369,6 +379,13 @@ class _Scan:
             # or as the whole field when it is all there is): an address in
             # it is one a reader is shown as the author's.
             sources.append(_decoded_words(text))
+        for source in list(sources):
+            if not source.isascii():
+                # A full-width or small commercial at (U+FF20, U+FE6B) is an
+                # "@" to the eye: NFKC makes it one.
+                folded = unicodedata.normalize("NFKC", source)
+                if folded != source:
+                    sources.append(folded)
         shown: list[str] = []
         for source in sources:
             for match in _AT_TOKEN.finditer(source):
@@ -397,24 +414,30 @@ def _legacy_domains(text: str) -> list[str]:
     return [address.rpartition("@")[2] for _, address in pairs if "@" in address]
 
 
-def _field_domains(text: str, scan: _Scan) -> tuple[list[str], str, bool, list[str]]:
+def _field_domains(text: str, scan: _Scan) -> tuple[list[str], str, bool, list[str], list[str]]:
     """The domains of the addresses in one ``From:`` field's value (unfolded,
     at most :data:`MAX_FROM` characters); why some address could not be read
     ("" if all could); whether the field does not parse cleanly (a reader
     may read it otherwise); and the domains other readings of it give (the
-    legacy parser's, a domain that is no host name cut short)."""
+    legacy parser's, a domain that is no host name cut short); and the
+    forms the lenient scan gives the parsed domains."""
     text = _FINAL_DOT.sub(r"\1", text)
     try:
         header: Any = email.policy.default.header_factory("From", text)
         addresses = list(header.addresses)
         defects = list(header.defects)
     except Exception:  # the parser has raised on odd input before
-        return [], "an unparsable From: field", True, []
+        return [], "an unparsable From: field", True, [], []
     domains: list[str] = []
     problem = ""
     other: list[str] = []
+    named: list[str] = []
     for address in addresses:
         domain = address.domain
+        if domain:
+            # The forms the scan gives this very domain (an IDN's ASCII-only
+            # start among them) name no other.
+            named.extend(scan.add(domain))
         # "example.org." is the DNS name "example.org" (an IDN's final dot
         # may be any of UTS #46's).
         if domain and domain[-1] in DOTS:
@@ -444,13 +467,15 @@ def _field_domains(text: str, scan: _Scan) -> tuple[list[str], str, bool, list[s
     # local part, which RFC 2047 5 forbids ("=?utf-8?q?alice=40bank.example
     # =00?=@evil.example", shown by some readers as alice@bank.example: the
     # Mailsploit attack); the legacy parser reads some fields otherwise.
+    if "=?" in text and _ENCODED_LOCAL.search(text):
+        # What it hides is the reader's to decode (in which byte order, up
+        # to which NUL): no reading of the field can be trusted.
+        problem = problem or "an encoded word in a local part of the From: field"
     doubtful = any(
         isinstance(d, errors.NonPrintableDefect)
         or (isinstance(d, errors.InvalidHeaderDefect) and str(d) not in _HARMLESS_DEFECTS)
         for d in defects
-    ) or any(
-        "@" in (a.username or "") or any(unshown(c) for c in a.username or "") for a in addresses
-    )
+    ) or any(any(unshown(c) for c in a.username or "") for a in addresses)
     for domain in _legacy_domains(text):
         shown = scan.add(domain)
         try:
@@ -460,7 +485,7 @@ def _field_domains(text: str, scan: _Scan) -> tuple[list[str], str, bool, list[s
         if canonical not in domains:
             doubtful = True
             other.extend(shown)
-    return domains, problem, doubtful, other
+    return domains, problem, doubtful, other, named
 
 
 def author_domains(headers: Sequence[Sequence[bytes]]) -> Authors:
@@ -486,12 +511,13 @@ def author_domains(headers: Sequence[Sequence[bytes]]) -> Authors:
             shown_too.extend(shown)
             continue
         parsed += len(text)
-        found, why, doubtful, other = _field_domains(text, scan)
+        found, why, doubtful, other, forms = _field_domains(text, scan)
         domains.extend(d for d in found if d not in domains)
+        named = set(found) | set(forms)
         if why:
             problem = problem or why
             shown_too.extend(shown + other)
-        elif doubtful and any(d not in found for d in shown + other):
+        elif doubtful and any(d not in named for d in shown + other):
             # Read otherwise, it names another domain: no reading can be
             # trusted. A field every reading gives the same domains
             # ("noreply@example.org <noreply@example.org>", an encoded word

@@ -458,11 +458,21 @@ def test_the_from_domain_decides_not_the_envelope_sender(keys):
         (b"From: alice@example.org <bob@example.com>", False, "a malformed From: field"),
         # An encoded word in a local part (RFC 2047 5 forbids it), shown by
         # some readers as bob@example.com (Mailsploit): never signed.
-        (b"From: =?utf-8?q?bob=40example.com=00?=@example.org", False, "a malformed From: field"),
+        (
+            b"From: =?utf-8?q?bob=40example.com=00?=@example.org",
+            False,
+            "an encoded word in a local",
+        ),
         # Malformed, but every reading names example.org alone: signed.
         (b"From: <alice@example.org> <alice@example.org>", True, ""),
         (b"From: noreply@example.org <noreply@example.org>", True, ""),
         (b'From: "=?utf-8?q?J=C3=B6rg?=" <alice@example.org>', True, ""),
+        (b'From: "john@home"@example.org', True, ""),  # a quoted "@": text
+        (
+            b"From: =?utf-16?b?AGEAQABiAC4AYwBvAG0AAA==?=@example.org",
+            False,
+            "an encoded word in a local part",
+        ),
         # Too long to parse (quadratic time on hostile input): not signed.
         (b"From: alice@example.org (" + b"x" * 1100 + b")", False, "too long to parse"),
         # Harmless defects, and a display name naming another domain: the

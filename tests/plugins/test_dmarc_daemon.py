@@ -42,6 +42,10 @@ REFUSED = [
     "=?utf-8?b?YWxpY2VAZ29vZC5leGFtcGxlAA==?=@evil.example",
     "=?utf-8?q?alice=40good.example=00?=@evil.example",
     "Alice <=?utf-8?b?YWxpY2VAZ29vZC5leGFtcGxlAA==?=@evil.example>",
+    # The same in UTF-16 without a byte-order mark (big-endian to RFC 2781,
+    # little-endian to Python), and with a full-width commercial at.
+    "=?utf-16?b?AGEAbABpAGMAZQBAAGcAbwBvAGQALgBlAHgAYQBtAHAAbABlAAA=?=@evil.example",
+    "=?utf-8?q?alice=EF=BC=A0good.example=00?=@evil.example",
     # Too long to parse (a long folded comment): scanned all the same.
     "alice@good.example" + "".join("\r\n (" + "x" * 70 + ")" for _ in range(240)),
 ]

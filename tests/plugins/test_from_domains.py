@@ -273,3 +273,46 @@ def test_every_domain_a_plain_regex_finds_is_evaluated(values):
                 continue
             if len(domain) <= 253:  # longer: no DNS name
                 assert domain in found.domains, (value, domain, found)
+
+
+@pytest.mark.parametrize(
+    ("value", "domains"),
+    [
+        # Malformed, but every reading names one domain (an IDN: its
+        # ASCII-only start "b" is no other domain).
+        ("noreply@B\u00fccher.example <noreply@b\u00fccher.example>", ("xn--bcher-kva.example",)),
+        ("noreply@example.org <noreply@example.org>", ("example.org",)),
+        # A quoted "@" in a local part is text (RFC 5322 quoted-string).
+        ('"john@home"@example.org', ("example.org",)),
+    ],
+)
+def test_fields_every_reading_of_which_names_the_same_domain(value, domains):
+    found = authors(value)
+    assert (found.problem, found.domains) == ("", domains)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "=?utf-8?b?YWxpY2VAZ29vZC5leGFtcGxlAA==?=@evil.example",
+        # UTF-16 without a byte-order mark: big-endian (RFC 2781), which
+        # Python does not read.
+        "=?utf-16?b?AGEAbABpAGMAZQBAAGcAbwBvAGQALgBlAHgAYQBtAHAAbABlAAA=?=@evil.example",
+        # A full-width commercial at, and a NUL.
+        "=?utf-8?q?alice=EF=BC=A0good.example=00?=@evil.example",
+        "Alice <=?utf-8?q?alice=40good.example?=@evil.example>",
+    ],
+)
+def test_an_encoded_word_in_a_local_part_is_a_problem_and_its_text_is_evaluated(value):
+    """RFC 2047 5 forbids it; readers that decode it show what it hides
+    (the "Mailsploit" forgery)."""
+    found = authors(value)
+    assert found.problem == "an encoded word in a local part of the From: field"
+    assert "good.example" in found.domains and "evil.example" in found.domains
+    assert from_domain([(b"From", value.encode())])[0] is None
+
+
+def test_an_encoded_display_name_is_no_local_part():
+    for value in ("=?utf-8?q?A?=<a@example.org>", "=?utf-8?q?A?= <a@example.org>",
+                  '"=?utf-8?q?J=C3=B6rg?=" <a@example.org>'):  # fmt: skip
+        assert authors(value).problem == "", value
