@@ -327,6 +327,9 @@ class _Scan:
         self.domains: list[str] = []
         self.budget = MAX_SCAN
         self.seen: dict[str, list[str]] = {}
+        # A token's forms in any script (not the ASCII-only start of an IDN,
+        # which names no other domain than the IDN's own).
+        self.main: dict[str, list[str]] = {}
         self.tokens = 0
         self.full = False
 
@@ -344,7 +347,9 @@ class _Scan:
             self.full = True
             return []
         found: list[str] = []
+        main: list[str] = []
         self.seen[token] = found
+        self.main[token] = main
         cut = next((i for i, c in enumerate(token) if unshown(c)), len(token))
         forms = {token[:cut]}
         if cut < len(token):
@@ -359,15 +364,26 @@ class _Scan:
                 except ValueError:
                     continue
                 # A longer name is no DNS name (and may be cut short here).
-                if len(domain) <= _MAX_NAME and domain not in found:
+                if len(domain) > _MAX_NAME:
+                    continue
+                if pattern is _HOST_LIKE and domain not in main:
+                    main.append(domain)
+                if domain not in found:
                     found.append(domain)
                     if domain not in self.domains:
                         self.domains.append(domain)
         return found
 
-    def text(self, text: str) -> list[str]:
+    def main_forms(self, token: str) -> list[str]:
+        """The forms of ``token`` (after :meth:`add`) in any script: the
+        domains it names, where :meth:`add` adds what a reader showing
+        ASCII only may make of them."""
+        return self.main.get(token, [])
+
+    def text(self, text: str) -> tuple[list[str], list[str]]:
         """The domains a reader may be shown in ``text`` (a field's value,
-        or what is left of the budget)."""
+        or what is left of the budget), and those of them it names
+        (:meth:`main_forms`)."""
         text = text[: self.budget]
         self.budget -= len(text)
         sources = [text]
@@ -387,12 +403,15 @@ class _Scan:
                 if folded != source:
                     sources.append(folded)
         shown: list[str] = []
+        named: list[str] = []
         for source in sources:
             for match in _AT_TOKEN.finditer(source):
-                shown.extend(d for d in self.add(match.group(1)) if d not in shown)
+                token = match.group(1)
+                shown.extend(d for d in self.add(token) if d not in shown)
+                named.extend(d for d in self.main_forms(token) if d not in named)
                 if self.full:
-                    return shown
-        return shown
+                    return shown, named
+        return shown, named
 
 
 _getaddresses: Any = email.utils.getaddresses
@@ -419,8 +438,8 @@ def _field_domains(text: str, scan: _Scan) -> tuple[list[str], str, bool, list[s
     at most :data:`MAX_FROM` characters); why some address could not be read
     ("" if all could); whether the field does not parse cleanly (a reader
     may read it otherwise); and the domains other readings of it give (the
-    legacy parser's, a domain that is no host name cut short); and the
-    forms the lenient scan gives the parsed domains."""
+    legacy parser's, a domain that is no host name cut short), all forms and
+    the names alone (:meth:`_Scan.main_forms`)."""
     text = _FINAL_DOT.sub(r"\1", text)
     try:
         header: Any = email.policy.default.header_factory("From", text)
@@ -431,13 +450,9 @@ def _field_domains(text: str, scan: _Scan) -> tuple[list[str], str, bool, list[s
     domains: list[str] = []
     problem = ""
     other: list[str] = []
-    named: list[str] = []
+    other_named: list[str] = []
     for address in addresses:
         domain = address.domain
-        if domain:
-            # The forms the scan gives this very domain (an IDN's ASCII-only
-            # start among them) name no other.
-            named.extend(scan.add(domain))
         # "example.org." is the DNS name "example.org" (an IDN's final dot
         # may be any of UTS #46's).
         if domain and domain[-1] in DOTS:
@@ -461,6 +476,7 @@ def _field_domains(text: str, scan: _Scan) -> tuple[list[str], str, bool, list[s
                 # DMARC pass).
                 problem = problem or "an invalid domain in the From: field"
                 other.extend(scan.add(domain))
+                other_named.extend(scan.main_forms(domain))
     # Does it parse cleanly? The parser drops what follows a syntax error
     # ("bob@evil.example <alice@bank.example>" is read as bob@evil.example
     # alone), noting it only as a defect; it decodes an encoded word in a
@@ -485,7 +501,8 @@ def _field_domains(text: str, scan: _Scan) -> tuple[list[str], str, bool, list[s
         if canonical not in domains:
             doubtful = True
             other.extend(shown)
-    return domains, problem, doubtful, other, named
+            other_named.extend(scan.main_forms(domain))
+    return domains, problem, doubtful, other, other_named
 
 
 def author_domains(headers: Sequence[Sequence[bytes]]) -> Authors:
@@ -503,7 +520,7 @@ def author_domains(headers: Sequence[Sequence[bytes]]) -> Authors:
     parsed = 0
     for raw in values:
         text = _EOL.sub(b"", raw).decode("utf-8", "replace").strip()
-        shown = scan.text(text)
+        shown, shown_named = scan.text(text)
         if parsed + len(text) > MAX_FROM:
             # Parsing it would take too long (see MAX_FROM); its domains are
             # those the scan finds.
@@ -511,13 +528,12 @@ def author_domains(headers: Sequence[Sequence[bytes]]) -> Authors:
             shown_too.extend(shown)
             continue
         parsed += len(text)
-        found, why, doubtful, other, forms = _field_domains(text, scan)
+        found, why, doubtful, other, other_named = _field_domains(text, scan)
         domains.extend(d for d in found if d not in domains)
-        named = set(found) | set(forms)
         if why:
             problem = problem or why
             shown_too.extend(shown + other)
-        elif doubtful and any(d not in named for d in shown + other):
+        elif doubtful and any(d not in found for d in shown_named + other_named):
             # Read otherwise, it names another domain: no reading can be
             # trusted. A field every reading gives the same domains
             # ("noreply@example.org <noreply@example.org>", an encoded word

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from daemon_support import DEADLINE, daemon_env, daemons, free_port, wait_until
@@ -218,7 +219,17 @@ def test_the_queue_command(tmp_path):
         assert send(port, 1, "carol@example.net")
         assert send(port, 2, "dave@example.net")
         wait_until(lambda: "No route configured" in queue_list(config), what="deferral")
-        listing = bonzo("queue", "-c", str(config), "list", cwd=tmp_path)
+        summary = "-- 2 message(s) in " + str(tmp_path / "queue") + ": 2 deferred"
+        listings: list[Any] = []
+
+        def both_deferred() -> bool:
+            # A retry every second: a listing taken during one shows the
+            # message "delivering" (its claim held); the next one does not.
+            listings.append(bonzo("queue", "-c", str(config), "list", cwd=tmp_path))
+            return listings[-1].stdout.rstrip().endswith(summary)
+
+        wait_until(both_deferred, what="a listing between retries")
+        listing = listings[-1]
         assert listing.returncode == 0, listing.stderr
         ids = [
             line.split()[0]
@@ -229,9 +240,6 @@ def test_the_queue_command(tmp_path):
         # A retry every second (min_backoff = 1): one attempt or more by now.
         assert re.search(r"<carol@example.net>  deferred, \d+ attempt\(s\)", listing.stdout)
         assert "451 4.3.5 No route configured" in listing.stdout
-        assert listing.stdout.rstrip().endswith(
-            "-- 2 message(s) in " + str(tmp_path / "queue") + ": 2 deferred"
-        )
 
         show = bonzo("queue", "-c", str(config), "show", ids[0], cwd=tmp_path)
         assert "sender:    <alice@example.org>" in show.stdout
