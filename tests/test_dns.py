@@ -1143,10 +1143,12 @@ def test_a_lookup_keeps_the_documented_bound(dns_stub, timeout, attempts):
         assert bound * 0.9 <= took <= bound + 0.75
         # Rounds go on after the first timeout, never past ``attempts``. How
         # many fit before the bound depends on the machine: under CI's load
-        # a stalled event loop used whole 50 ms slots (3 of 10 asked, the
-        # bound kept): at least two rounds is what cannot fail by load alone.
+        # a stalled event loop used whole slots (3 of 10 asked at 0.05 s; 3
+        # queries in all at 0.2 s x 3, the second server asked once, the
+        # bound kept). What load alone cannot undo: both servers asked and a
+        # second round begun.
         assert 2 <= len(dns_stub.queries) <= attempts
-        assert 2 <= len(other.queries) <= attempts
+        assert 1 <= len(other.queries) <= attempts
 
 
 # ------------------------------------------------------ lookups in flight
