@@ -2131,7 +2131,19 @@ class SMTPProtocol:
             self.notes.add("bare_lf_data")
             if self._bare_mode == "normalize":
                 return self._normalize(block, unstuff)
-        if flags & SCAN_LONG:
+        # (A line after a bare LF, in normalize mode, is unstuffed too: a
+        # leading dot the scan did not flag.)
+        stuffed = unstuff and block[:1] == b"."
+        if stuffed:
+            block = block[1:]
+        if flags & SCAN_DOTS:
+            stuffed = True
+            block = block.replace(b"\r\n.", b"\r\n")
+        if flags & SCAN_LONG and (
+            # The scan measured the wire form; RFC 5321 4.5.3.1.6 does not
+            # count the dot added for transparency (BDAT has none to count).
+            not stuffed or _has_long_line(block, 0, len(block), self.settings.max_data_line)
+        ):
             self._set_data_error(_RANK_LINE)
             return b""
         if bare:  # reject mode
@@ -2139,10 +2151,6 @@ class SMTPProtocol:
             return b""
         if rank:
             return b""  # a lower-ranked error only needs the checks above
-        if unstuff and block[:1] == b".":
-            block = block[1:]
-        if flags & SCAN_DOTS:
-            block = block.replace(b"\r\n.", b"\r\n")
         return self._count(block)
 
     def _normalize(self, block: bytes, unstuff: bool) -> bytes:
@@ -2152,6 +2160,11 @@ class SMTPProtocol:
         such as :mod:`smtplib` given bytes, stuffs dots after each LF), and
         the lines are stored with CRLF."""
         self._unstuff_start = block[-1:] == b"\n"
+        # Unstuffed first: the dot added for transparency is no part of the
+        # line's length (RFC 5321 4.5.3.1.6).
+        if unstuff and block[:1] == b".":
+            block = block[1:]
+        block = block.replace(b"\n.", b"\n")
         limit = self.settings.max_data_line - 2
         if len(block) > limit:
             # Each line, its end made one LF: at most limit + 1 octets.
@@ -2161,9 +2174,6 @@ class SMTPProtocol:
                 return b""
         if self._data_rank:
             return b""
-        if unstuff and block[:1] == b".":
-            block = block[1:]
-        block = block.replace(b"\n.", b"\n")
         return self._count(_crlf_lines(block))
 
     def _count(self, block: bytes) -> bytes:

@@ -80,8 +80,9 @@ class SMTPSettings:
     most 2**63 - 1."""
 
     max_data_line: int = 8192
-    """Longest line inside a message, CRLF included; a message with a longer
-    line is read to the end and refused with ``500 5.5.2``."""
+    """Longest line inside a message, CRLF included (a dot added for
+    transparency in DATA is not counted, RFC 5321 4.5.3.1.6); a message
+    with a longer line is read to the end and refused with ``500 5.5.2``."""
 
     max_recipients: int = 1000
     """Recipients per message (never below 100, RFC 5321 4.5.3.1.8); more get

@@ -289,6 +289,69 @@ def test_the_longest_line_in_normalize_mode_is_the_limit(end):
     assert replies == b"500 5.5.2 Line too long\r\n"
 
 
+@pytest.mark.parametrize("mode", ["normalize", "reject", "allow"])
+def test_the_transparency_dot_is_no_part_of_a_line_s_length(mode):
+    """RFC 5321 4.5.3.1.6: 1000 octets "not counting the leading dot
+    duplicated for transparency". A dot-led line of exactly max_data_line
+    is taken with DATA as with BDAT (which has no dot to count); one octet
+    more is refused both ways."""
+    for size, fits in ((998, True), (999, False)):
+        line = b"." + b"x" * (size - 1) + b"\r\n"
+        body = b"a\r\n" + line + b"b\r\n"
+        replies, client = message(
+            b"a\r\n." + line + b"b\r\n.\r\n", max_data_line=1000, bare_newline=mode
+        )
+        chunked = Client(max_data_line=1000, bare_newline=mode)
+        chunked.send(EHLO + TXN)
+        bdat = chunked.send(b"BDAT %d LAST\r\n" % len(body) + body)
+        if fits:
+            assert (replies, bdat) == (b"250 2.0.0 Ok\r\n", b"250 2.0.0 Ok\r\n")
+            assert client.messages == chunked.messages == [body]
+        else:
+            assert replies == bdat == b"500 5.5.2 Line too long\r\n"
+
+
+def test_a_dot_led_line_after_a_bare_lf_is_measured_unstuffed():
+    """normalize mode: a line after a bare LF is unstuffed, and measured so
+    (998 octets stored with CRLF: the limit)."""
+    line = b"." + b"x" * 997
+    replies, client = message(b"a\n." + line + b"\n\r\n.\r\n", max_data_line=1000)
+    assert replies == b"250 2.0.0 Ok\r\n"
+    assert client.messages == [b"a\r\n" + line + b"\r\n\r\n"]
+    replies, _ = message(b"a\n." + line + b"x\n\r\n.\r\n", max_data_line=1000)
+    assert replies == b"500 5.5.2 Line too long\r\n"
+
+
+@given(
+    lines=st.lists(
+        st.tuples(
+            st.booleans(),
+            # (around the limit: 997 + dot or "y" + CRLF is 1000 octets)
+            st.integers(min_value=995, max_value=999) | st.integers(min_value=0, max_value=1000),
+        ),
+        max_size=6,
+    ),
+    points=st.lists(st.integers(min_value=0), max_size=6),
+)
+def test_data_and_bdat_agree_on_line_lengths(lines, points):
+    """The same CRLF message sent dot-stuffed with DATA (cut into reads
+    anywhere) and with BDAT: the same verdict, the same content stored."""
+    body = b"".join((b"." if dot else b"y") + b"x" * n + b"\r\n" for dot, n in lines)
+    stuffed = b"".join(b"." + line if line[:1] == b"." else line for line in body.splitlines(True))
+    stream = EHLO + TXN + DATA + stuffed + b".\r\n"
+    cuts = sorted({p % (len(stream) + 1) for p in points})
+    client = Client(max_data_line=1000)
+    replies = b"".join(
+        client.send(stream[a:b]) for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)
+    )
+    chunked = Client(max_data_line=1000)
+    chunked.send(EHLO + TXN)
+    bdat = chunked.send(b"BDAT %d LAST\r\n" % len(body) + body)
+    assert split_replies(replies)[-1] == bdat
+    if bdat.startswith(b"250"):
+        assert client.messages == chunked.messages == [body]
+
+
 # ------------------------------------------------------- canonical addresses
 @pytest.mark.parametrize(
     "address",
