@@ -27,12 +27,14 @@ The metrics are listed in the operations guide (``docs/operations.rst``).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import inspect
 import json
 import logging
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import time
 import weakref
@@ -57,6 +59,7 @@ __all__ = [
     "HOOK_BUCKETS",
     "MULTIPROC_ENV",
     "make_multiprocess_dir",
+    "remove_abandoned_dirs",
     "remove_multiprocess_dir",
     "mark_process_dead",
 ]
@@ -117,17 +120,78 @@ _INF = float("inf")
 _BOUNDS = (*HOOK_BUCKETS, _INF)
 
 
+_DIR_PREFIX = "bonzo-metrics-"
+# Held (flock) by the daemon that made the directory, and by its workers,
+# which inherit the descriptor: the kernel lets go when the last of them is
+# gone, however it ended, so a lock anyone can take marks a directory left
+# behind (a supervisor killed with SIGKILL cannot remove its own).
+_LOCK_NAME = ".lock"
+_held_locks: dict[str, int] = {}
+
+
 def make_multiprocess_dir() -> str:
-    """Create a private directory for the multiprocess values and point
-    :data:`MULTIPROC_ENV` at it (before prometheus-client is imported)."""
-    path = tempfile.mkdtemp(prefix="bonzo-metrics-")
+    """Create a private directory for the multiprocess values in the
+    temporary directory and point :data:`MULTIPROC_ENV` at it (before
+    prometheus-client is imported). The directory holds a lock for as long
+    as this process or a process forked from it runs; directories of this
+    user whose lock no process holds any more (a daemon killed with
+    SIGKILL) are removed first, and logged."""
+    base = tempfile.gettempdir()
+    left = remove_abandoned_dirs(base)
+    if left:
+        log.info("metrics: removed %d directory(ies) a stopped daemon left in %s", len(left), base)
+    path = tempfile.mkdtemp(prefix=_DIR_PREFIX, dir=base)
+    # Locked under another name, then renamed: a daemon sweeping meanwhile
+    # never sees an unlocked ".lock" in a directory still in use.
+    fresh = os.path.join(path, _LOCK_NAME + ".new")
+    fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(fresh, os.path.join(path, _LOCK_NAME))
+    _held_locks[path] = fd
     os.environ[MULTIPROC_ENV] = path
     return path
+
+
+def remove_abandoned_dirs(base: str) -> list[str]:
+    """Remove the directories of :func:`make_multiprocess_dir` in ``base``
+    that belong to this user and whose lock no process holds; return them.
+    A directory without the lock (being made, or made by an older Bonzo)
+    is left alone."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    uid = os.getuid()
+    for name in names:
+        if not name.startswith(_DIR_PREFIX):
+            continue
+        path = os.path.join(base, name)
+        try:
+            info = os.lstat(path)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid:
+                continue
+            fd = os.open(os.path.join(path, _LOCK_NAME), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # in use
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def remove_multiprocess_dir(path: str) -> None:
     """Remove the directory of :func:`make_multiprocess_dir`."""
     shutil.rmtree(path, ignore_errors=True)
+    fd = _held_locks.pop(path, None)
+    if fd is not None:
+        os.close(fd)
     if os.environ.get(MULTIPROC_ENV) == path:
         del os.environ[MULTIPROC_ENV]
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import smtplib
 import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 import weakref
@@ -499,3 +502,58 @@ def test_metrics_max_connections_setting_and_descriptor_budget():
     # Worker 0's descriptors are budgeted for the metrics connections too.
     assert _descriptor_warning(100, 264, 264) is None
     assert _descriptor_warning(100, 264, 264, 16) is not None
+
+
+# ---------------------------------------------------- the multiprocess directory
+def test_only_directories_no_process_holds_are_removed(tmp_path, monkeypatch):
+    """The lock in a directory is held while its daemon (or a worker forked
+    from it) runs; one nobody holds is left over, whatever else is there."""
+    monkeypatch.setattr(metrics.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv(metrics.MULTIPROC_ENV, raising=False)
+    live = metrics.make_multiprocess_dir()
+    try:
+        assert live.startswith(str(tmp_path / "bonzo-metrics-"))
+        assert os.environ[metrics.MULTIPROC_ENV] == live
+        # Others' and older shapes are never touched: no lock file, a file, a
+        # symbolic link to a directory whose lock nobody holds.
+        (tmp_path / "bonzo-metrics-nolock").mkdir()
+        (tmp_path / "bonzo-metrics-file").write_text("x")
+        target = tmp_path / "elsewhere"
+        target.mkdir()
+        (target / ".lock").write_text("")
+        (tmp_path / "bonzo-metrics-link").symlink_to(target)
+        assert metrics.remove_abandoned_dirs(str(tmp_path)) == []
+
+        # What SIGKILL leaves: the directory, its lock no longer held.
+        dead = metrics.make_multiprocess_dir()
+        os.close(metrics._held_locks.pop(dead))
+        assert metrics.remove_abandoned_dirs(str(tmp_path)) == [dead]
+        assert not os.path.exists(dead)
+        assert os.path.isdir(live) and (tmp_path / "bonzo-metrics-nolock").is_dir()
+        assert (target / ".lock").exists()
+    finally:
+        metrics.remove_multiprocess_dir(live)
+    assert not os.path.exists(live)
+
+
+def test_a_worker_keeps_the_directory_in_use(tmp_path, monkeypatch):
+    """A worker holds the descriptor it inherited (here passed to a child
+    process): the directory stays while it runs, the daemon gone."""
+    monkeypatch.setattr(metrics.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv(metrics.MULTIPROC_ENV, raising=False)
+    path = metrics.make_multiprocess_dir()
+    fd = metrics._held_locks.pop(path)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        pass_fds=(fd,),
+    )
+    try:
+        os.close(fd)
+        assert metrics.remove_abandoned_dirs(str(tmp_path)) == []
+        assert os.path.isdir(path)
+    finally:
+        assert worker.stdin is not None
+        worker.stdin.close()
+        worker.wait(timeout=TIMEOUT)
+    assert metrics.remove_abandoned_dirs(str(tmp_path)) == [path]

@@ -177,6 +177,60 @@ def test_a_killed_worker_stops_counting_as_open(tmp_path: Path) -> None:
         assert daemon.stop() == 0
 
 
+def test_the_directory_a_killed_daemon_left_is_removed_by_the_next(tmp_path: Path) -> None:
+    """kill -9 of the supervisor leaves its multiprocess directory; the next
+    daemon removes it, says so, and leaves the directory of a daemon that
+    still runs alone."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**daemon_env(), "TMPDIR": str(temp)}
+
+    def directory_of(daemon) -> Path:
+        found = re.search(r"multiprocess directory (\S+)", daemon.log)
+        assert found, daemon.log
+        return Path(found.group(1))
+
+    with daemons(tmp_path, env) as start:
+        configs = []
+        for n in range(3):
+            workdir = tmp_path / f"d{n}"
+            workdir.mkdir()
+            port = free_port()
+            configs.append((write_config(workdir, port, free_port(), workers=2), port))
+        killed = start(*configs[0])
+        killed.wait_ready(workers=2)
+        left = directory_of(killed)
+        assert left.parent == temp
+        workers = [int(p) for p in re.findall(r"ready \(pid (\d+)\)", killed.log)]
+        killed.proc.kill()
+        killed.proc.wait(timeout=DEADLINE)
+        wait_until(
+            lambda: not any(_running(pid) for pid in workers),
+            what="the killed daemon's workers to exit",
+        )
+        assert left.is_dir()
+
+        second = start(*configs[1])
+        second.wait_ready(workers=2)
+        assert "metrics: removed 1 directory(ies) a stopped daemon left in" in second.log
+        assert not left.exists()
+        third = start(*configs[2])
+        third.wait_ready(workers=2)
+        assert "removed" not in third.log
+        assert directory_of(second).is_dir() and directory_of(third).is_dir()
+        send(configs[1][1])  # the second still counts
+        assert second.stop() == 0 and third.stop() == 0
+    assert list(temp.iterdir()) == []
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except OSError:
+        return False
+
+
 def test_metrics_port_in_use_stops_the_start(tmp_path: Path) -> None:
     port = free_port()
     with socket.socket() as busy:
