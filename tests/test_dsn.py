@@ -672,6 +672,54 @@ def test_dsn_is_offered_only_when_a_plugin_honours_it(tmp_path):
     assert off.describe_dsn() == "off (protocol.dsn = false)"
 
 
+def test_dsn_can_be_off_on_one_listener(tmp_path):
+    """docs/dsn.rst: a public MX offers DSN only on the ports where clients
+    authenticate (a success notice goes to a MAIL FROM anyone can make
+    up): protocol.dsn in a [[listeners]] table."""
+    pytest.importorskip("bonzo_plugins", reason="the bundled plugins are not installed")
+    from bonzo.app import MailApp
+    from bonzo.config import parse_config
+
+    text = """
+[[listeners]]
+address = "127.0.0.1"
+port = 0
+dsn = false
+
+[[listeners]]
+address = "127.0.0.1"
+port = 0
+
+[plugins]
+enabled = ["recipients", "maildir"]
+
+[plugins.recipients]
+domains = ["example.org"]
+
+[plugins.maildir]
+path = "mail"
+"""
+    app = MailApp(parse_config(text, source="bonzo.toml", base_dir=tmp_path), [Honours()])
+
+    async def both() -> list[bytes]:
+        await app.start()
+        try:
+            replies = []
+            for address in app.addresses:
+                reader, writer = await asyncio.open_connection(*address)
+                await reader.readline()
+                writer.write(b"EHLO client.test\r\nQUIT\r\n")
+                replies.append(await reader.readuntil(b"221 "))
+                writer.close()
+            return replies
+        finally:
+            await app.stop()
+
+    mx, submission = asyncio.run(both())
+    assert b"250-DSN\r\n" not in mx and b"250-8BITMIME\r\n" in mx
+    assert b"250-DSN\r\n" in submission
+
+
 def test_the_test_servers_offer_dsn_as_the_daemon_does():
     """A plugin author's tests see what the daemon does: without a plugin
     that honours DSN, SessionTester and PluginTestServer do not offer it
