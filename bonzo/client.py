@@ -47,7 +47,11 @@ How the two protocols are carried:
   ``AUTH``), every reply is read by a reader of Bonzo's own put on
   aiosmtplib's transport (below), pipelined or not: aiosmtplib keeps a
   reply that came unasked and gives it to the next command, and takes a
-  multiline reply's code from its last line.
+  multiline reply's code from its last line. (The replies while the session
+  is set up are still read by aiosmtplib, so a server whose greeting is
+  ``554-no`` then ``220 ok`` is taken at its last line, where a reply of
+  mixed codes later is a protocol error; aiosmtplib gives no hold on the
+  greeting before it reads it.)
 - **BINARYMIME** (RFC 3030): ``send(..., binary=True)`` sends the content
   as it is in one ``BDAT <size> LAST``, to a server that offers
   ``CHUNKING`` and ``BINARYMIME`` (any other refuses every recipient,
