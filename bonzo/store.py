@@ -26,6 +26,7 @@ import asyncio
 import importlib.util
 import logging
 import math
+import os
 import re
 import time
 from collections import OrderedDict
@@ -128,8 +129,19 @@ class StoreSettings:
                 )
             if not redis_available():
                 raise SettingError("url", "redis-py is not installed (pip install 'bonzo[redis]')")
+            if parts.scheme != "unix" and parts.port == 0:
+                raise SettingError("url", f"has a bad port (0): {safe_url(self.url)}")
+            for name, _ in parse_qsl(parts.query, keep_blank_values=True):
+                instead = _SET_BY_BONZO.get(name)
+                if instead is not None:
+                    raise SettingError("url", f"sets {name}: {instead}: {safe_url(self.url)}")
         if not isinstance(self.password, str):
             raise SettingError("password", "must be a string")
+        if self.password and self.url:
+            parts = urlsplit(self.url)
+            named = [k for k, _ in parse_qsl(parts.query) if k == "password"]
+            if parts.password or named:
+                raise SettingError("password", "the url holds a password too: give it in one place")
         for name in ("connect_timeout", "timeout", "retry_interval"):
             value = getattr(self, name)
             if not positive_seconds(value):
@@ -142,6 +154,64 @@ class StoreSettings:
                 raise SettingError(name, f"must be an integer {low}..{high}, not {spelled(value)}")
         if not isinstance(self.key_prefix, str) or len(self.key_prefix) > 100:
             raise SettingError("key_prefix", "must be a string of at most 100 characters")
+        if self.url:
+            self._check_client()
+
+    def client_options(self) -> dict[str, Any]:
+        """The arguments Bonzo gives redis-py's ``Redis.from_url`` besides
+        the URL (whose options redis-py adds)."""
+        options: dict[str, Any] = {
+            "socket_connect_timeout": self.connect_timeout,
+            "socket_timeout": self.timeout,
+            "max_connections": self.max_connections,
+            "decode_responses": True,
+            # A failed command is reported at once; the store's own
+            # retry_interval decides when to try again.
+            "retry_on_timeout": False,
+        }
+        if self.password:
+            options["password"] = self.password
+        return options
+
+    def _check_client(self) -> None:
+        """Make (without connecting) the connection redis-py would make, so
+        that a URL option it does not know, a bad value, or a TLS file that
+        cannot be read fails here and not at every use."""
+        import redis.asyncio
+        from redis.exceptions import RedisError
+
+        parts = urlsplit(self.url)
+        try:
+            pool = redis.asyncio.ConnectionPool.from_url(self.url, **self.client_options())
+            connection = pool.make_connection()  # type: ignore[no-untyped-call]
+        except (TypeError, ValueError, RedisError) as exc:
+            raise SettingError("url", f"{self._masked(exc)}: {safe_url(self.url)}") from None
+        if parts.scheme != "rediss":
+            return
+        options = dict(parse_qsl(parts.query, keep_blank_values=True))
+        for name in _TLS_FILES:
+            path = options.get(name)
+            if path and not os.access(path, os.R_OK):
+                why = "no such file" if not os.path.exists(path) else "not readable"
+                raise SettingError("url", f"{name}: {path}: {why}: {safe_url(self.url)}")
+        try:
+            connection.ssl_context.get()  # reads the CA and certificate files
+        except (OSError, ValueError, RedisError) as exc:
+            raise SettingError(
+                "url",
+                f"its TLS options make no TLS context ({self._masked(exc)}): {safe_url(self.url)}",
+            ) from None
+
+    def _masked(self, exc: BaseException) -> str:
+        """``exc`` for a message, never with a password in it."""
+        text = f"{type(exc).__name__}: {exc}"
+        parts = urlsplit(self.url)
+        secrets = [self.password, parts.password or ""]
+        secrets += [v for k, v in parse_qsl(parts.query) if "pass" in k.lower()]
+        for secret in secrets:
+            if secret:
+                text = text.replace(secret, "***")
+        return text
 
     @property
     def enabled(self) -> bool:
@@ -152,6 +222,21 @@ class StoreSettings:
     def where(self) -> str:
         """The server for log lines, without any password."""
         return safe_url(self.url) if self.url else "memory"
+
+
+# URL options that would override what the [redis] table says, or what
+# Bonzo relies on: refused, with what to do instead.
+_SET_BY_BONZO = {
+    "socket_timeout": "set [redis] timeout instead",
+    "socket_connect_timeout": "set [redis] connect_timeout instead",
+    "timeout": "set [redis] timeout instead",
+    "max_connections": "set [redis] max_connections instead",
+    "retry_on_timeout": "Bonzo sets it (a failure is retried after [redis] retry_interval)",
+    "decode_responses": "Bonzo sets it",
+    "protocol": "Bonzo speaks RESP2",
+}
+# URL options naming a file the TLS context reads (redis-py's names).
+_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
 
 
 def _safe_query(query: str) -> str:
@@ -486,18 +571,7 @@ class RedisStore(Store):
             import redis.asyncio
 
             s = self.settings
-            options: dict[str, Any] = {
-                "socket_connect_timeout": s.connect_timeout,
-                "socket_timeout": s.timeout,
-                "max_connections": s.max_connections,
-                "decode_responses": True,
-                # A failed command is reported at once; the store's own
-                # retry_interval decides when to try again.
-                "retry_on_timeout": False,
-            }
-            if s.password:
-                options["password"] = s.password
-            self._client = redis.asyncio.Redis.from_url(s.url, **options)
+            self._client = redis.asyncio.Redis.from_url(s.url, **s.client_options())
             self._script = self._client.register_script(_HIT_SCRIPT)
             self._slots = asyncio.Semaphore(s.max_connections)
         return self._client
@@ -510,7 +584,15 @@ class RedisStore(Store):
 
     async def _call(self, what: str, operation: Callable[[Any], Any]) -> Any:
         self._check_up()
-        client = self._redis()
+        try:
+            client = self._redis()
+        except Exception as exc:
+            # Checked when the configuration was read; never a traceback per
+            # command if redis-py still refuses (a fault of this host: 4xx).
+            raise StoreError(
+                f"Redis at {self.settings.where}: {what} failed: no client "
+                f"({self.settings._masked(exc)})"
+            ) from None
         slots = self._slots
         assert slots is not None
         s = self.settings
@@ -527,7 +609,14 @@ class RedisStore(Store):
             ) from None
         try:
             self._check_up()  # it failed while this call waited: fail fast too
-            return await operation(client)
+            result = await operation(client)
+            if self._down_why:
+                # One line per outage and process: the warnings about it are
+                # rate-limited, so the end would go unseen.
+                log.info("Redis at %s answers again", s.where)
+                self._down_why = ""
+                self._down_until = 0.0  # it answered: no reason to fail fast
+            return result
         except StoreError:
             raise
         except Exception as exc:

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -26,27 +27,44 @@ def redis_binary() -> str | None:
     )
 
 
-def ping(port: int, password: str = "") -> bool:
+def ping(port: int, password: str = "", tls: ssl.SSLContext | None = None) -> bool:
     """True if a Redis server answers ``PING`` on ``port`` (a raw RESP exchange,
-    so that the check does not depend on the client under test)."""
+    so that the check does not depend on the client under test; over TLS
+    with ``tls``)."""
     try:
-        with socket.create_connection((HOST, port), timeout=1.0) as s:
-            if password:
-                s.sendall(f"AUTH {password}\r\n".encode())
-                if not s.recv(64).startswith(b"+OK"):
-                    return False
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
+        with socket.create_connection((HOST, port), timeout=1.0) as raw:
+            if tls is None:
+                return _ping(raw, password)
+            with tls.wrap_socket(raw, server_hostname=HOST) as s:
+                return _ping(s, password)
     except OSError:
         return False
+
+
+def _ping(s: socket.socket, password: str) -> bool:
+    if password:
+        s.sendall(f"AUTH {password}\r\n".encode())
+        if not s.recv(64).startswith(b"+OK"):
+            return False
+    s.sendall(b"PING\r\n")
+    return s.recv(64).startswith(b"+PONG")
 
 
 class RedisServer:
     """One private ``redis-server``; ``url`` is where it answers."""
 
-    def __init__(self, workdir: Path, password: str = "", port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        password: str = "",
+        port: int | None = None,
+        tls: tuple[Path, Path, ssl.SSLContext] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.password = password
+        #: (certificate and key file, CA file, a client context trusting
+        #: it): then the port speaks TLS only.
+        self.tls = tls
         self.port = port or free_port()
         self.log_path = workdir / f"redis-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -63,6 +81,11 @@ class RedisServer:
                 str(self.log_path)]  # fmt: skip
         if self.password:
             argv += ["--requirepass", self.password]
+        if self.tls is not None:
+            chain, ca, _ = self.tls
+            argv[1:3] = ["--port", "0", "--tls-port", str(self.port)]
+            argv += ["--tls-cert-file", str(chain), "--tls-key-file", str(chain),
+                     "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]  # fmt: skip
         self.proc = subprocess.Popen(
             argv,
             cwd=self.workdir,
@@ -72,7 +95,7 @@ class RedisServer:
             start_new_session=True,
         )
         deadline = time.monotonic() + DEADLINE
-        while not ping(self.port, self.password):
+        while not ping(self.port, self.password, self.tls[2] if self.tls else None):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 raise AssertionError(f"redis-server did not start:\n{self.log()}")

@@ -155,7 +155,10 @@ def test_a_password_from_the_settings(redis_dir: Path) -> None:
         server.stop()
 
 
-def test_killed_redis_is_a_store_error_then_it_recovers(redis_dir: Path) -> None:
+def test_killed_redis_is_a_store_error_then_it_recovers(
+    redis_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="bonzo.store")
     first = RedisServer(redis_dir).start()
     again = RedisServer(redis_dir, port=first.port)
 
@@ -170,10 +173,13 @@ def test_killed_redis_is_a_store_error_then_it_recovers(redis_dir: Path) -> None
             with pytest.raises(StoreError, match="not retried yet"):
                 await s.get("k")
             assert time.monotonic() - started < 0.1  # fails fast, no timeout
+            assert "answers again" not in caplog.text
             again.start()
             await asyncio.sleep(0.6)
             assert await s.set("k2", "v", 10)
             assert await s.get("k2") == "v"
+            # The end of the outage is logged, once.
+            assert caplog.text.count(f"Redis at {first.url} answers again") == 1
         finally:
             await s.close()
 
@@ -182,6 +188,42 @@ def test_killed_redis_is_a_store_error_then_it_recovers(redis_dir: Path) -> None
     finally:
         first.stop()
         again.stop()
+
+
+def test_rediss_with_a_private_ca(redis_dir: Path) -> None:
+    """TLS to Redis (docs/configuration.rst, redis.url): the URL's
+    ssl_ca_certs trusts a private CA; without it the system's CAs do not,
+    and the call is a StoreError naming the certificate problem."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    chain = redis_dir / "redis.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(chain))
+    ca_file = redis_dir / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    server = RedisServer(redis_dir, tls=(chain, ca_file, client)).start()
+    url = f"rediss://127.0.0.1:{server.port}/0"
+
+    async def go() -> None:
+        trusted = RedisStore(StoreSettings(url=f"{url}?ssl_ca_certs={ca_file}"))
+        untrusted = RedisStore(StoreSettings(url=url))
+        try:
+            assert await trusted.set("k", "v", 10)
+            assert await trusted.get("k") == "v"
+            with pytest.raises(StoreError, match="CERTIFICATE_VERIFY_FAILED"):
+                await untrusted.get("k")
+        finally:
+            await trusted.close()
+            await untrusted.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        server.stop()
 
 
 def test_the_plugins_on_redis(redis_server: RedisServer) -> None:
