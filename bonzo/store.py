@@ -194,8 +194,11 @@ class StoreSettings:
             if path and not os.access(path, os.R_OK):
                 why = "no such file" if not os.path.exists(path) else "not readable"
                 raise SettingError("url", f"{name}: {path}: {why}: {safe_url(self.url)}")
+        context = getattr(connection, "ssl_context", None)  # (redis-py's, not public)
+        if context is None:
+            return
         try:
-            connection.ssl_context.get()  # reads the CA and certificate files
+            context.get()  # reads the CA and certificate files
         except (OSError, ValueError, RedisError) as exc:
             raise SettingError(
                 "url",
