@@ -168,6 +168,9 @@ class StoreSettings:
             # A failed command is reported at once; the store's own
             # retry_interval decides when to try again.
             "retry_on_timeout": False,
+            # RESP2 whatever redis-py's default (RESP3 from some version on):
+            # the answers' shapes, and servers or proxies without RESP3.
+            "protocol": 2,
         }
         if self.password:
             options["password"] = self.password

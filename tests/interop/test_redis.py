@@ -109,6 +109,22 @@ def test_values_expire_and_the_first_writer_wins(redis_server: RedisServer) -> N
     asyncio.run(go())
 
 
+def test_the_store_speaks_resp2(redis_server: RedisServer) -> None:
+    """Whatever redis-py's default: the answers' shapes the store reads, and
+    servers or proxies without RESP3 (docs: protocol is Bonzo's to set)."""
+
+    async def go() -> dict[str, str]:
+        s = store(redis_server)
+        try:
+            assert await s.set("k", "v", 10)
+            return await s._redis().client_info()  # type: ignore[no-any-return]
+        finally:
+            await s.close()
+
+    info = asyncio.run(go())
+    assert info["resp"] == "2", info
+
+
 def test_the_key_prefix_keeps_clusters_apart(redis_server: RedisServer) -> None:
     async def go() -> tuple[str | None, str | None]:
         one = store(redis_server, key_prefix="one:")
