@@ -598,16 +598,23 @@ class Honours(RecordingPlugin):
     honours_dsn = True
 
 
-def dsn_app(tmp_path: Any, enabled: list[str], *extra: Any, dsn: str = "true") -> Any:
+def dsn_app(
+    tmp_path: Any,
+    enabled: list[str],
+    *extra: Any,
+    dsn: str = "true",
+    listeners: tuple[str, ...] = ("",),
+) -> Any:
+    """A MailApp with ``enabled`` and ``extra`` plugins; one listener on
+    127.0.0.1 per entry of ``listeners`` (its extra lines)."""
     from bonzo.app import MailApp
     from bonzo.config import parse_config
 
+    tables = "".join(
+        f'[[listeners]]\naddress = "127.0.0.1"\nport = 0\n{lines}\n\n' for lines in listeners
+    )
     text = f"""
-[[listeners]]
-address = "127.0.0.1"
-port = 0
-
-[protocol]
+{tables}[protocol]
 dsn = {dsn}
 
 [plugins]
@@ -677,29 +684,7 @@ def test_dsn_can_be_off_on_one_listener(tmp_path):
     authenticate (a success notice goes to a MAIL FROM anyone can make
     up): protocol.dsn in a [[listeners]] table."""
     pytest.importorskip("bonzo_plugins", reason="the bundled plugins are not installed")
-    from bonzo.app import MailApp
-    from bonzo.config import parse_config
-
-    text = """
-[[listeners]]
-address = "127.0.0.1"
-port = 0
-dsn = false
-
-[[listeners]]
-address = "127.0.0.1"
-port = 0
-
-[plugins]
-enabled = ["recipients", "maildir"]
-
-[plugins.recipients]
-domains = ["example.org"]
-
-[plugins.maildir]
-path = "mail"
-"""
-    app = MailApp(parse_config(text, source="bonzo.toml", base_dir=tmp_path), [Honours()])
+    app = dsn_app(tmp_path, ["recipients", "maildir"], Honours(), listeners=("dsn = false", ""))
 
     async def both() -> list[bytes]:
         await app.start()
