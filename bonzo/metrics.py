@@ -291,6 +291,13 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.c_store_failures = Counter(
+            "bonzo_store_failures",
+            "Calls to the shared store ([redis]) that failed, by the plugin that "
+            "made them and what it did then (its on_store_error).",
+            ["plugin", "action"],
+            registry=r,
+        )
         # The process's counts since the last flush (see the module description).
         self.open = 0
         self._open_flushed: int | None = None
@@ -305,6 +312,7 @@ class Metrics:
         self.bytes = 0
         self.tls: dict[str, int] = {}
         self.deliveries: dict[str, int] = {}
+        self.store_failures: dict[tuple[str, str], int] = {}
         self._children: dict[Any, Any] = {}
         self._timer: asyncio.TimerHandle | None = None
 
@@ -447,6 +455,13 @@ class Metrics:
             if n:
                 d[outcome] = d.get(outcome, 0) + n
 
+    def store_failure(self, plugin: str, action: str) -> None:
+        """A call of ``plugin`` to the shared store failed; it then did
+        ``action``: ``accept`` (went on without the store) or ``tempfail``
+        (answered ``451``)."""
+        key = (plugin if plugin in self.plugin_names else "other", action)
+        self.store_failures[key] = self.store_failures.get(key, 0) + 1
+
     def queue_depth(self, counts: dict[str, int]) -> None:
         """The queue's messages by state (written at once: it is rare)."""
         for state, n in counts.items():
@@ -491,10 +506,14 @@ class Metrics:
             for (by, stage, cls), n in self.refusals.items():
                 child(self.c_refusals, by, stage, f"{cls}xx").inc(n)
             self.refusals.clear()
-        if self.failures:
-            for labels, n in self.failures.items():
-                child(self.c_failures, *labels).inc(n)
-            self.failures.clear()
+        for metric, pairs in (
+            (self.c_failures, self.failures),
+            (self.c_store_failures, self.store_failures),
+        ):
+            if pairs:
+                for labels, n in pairs.items():
+                    child(metric, *labels).inc(n)
+                pairs.clear()
         for (plugin, hook), entry in self.hooks.items():
             total = entry[-1]
             if not total and not any(entry[:-1]):

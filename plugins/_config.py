@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from bonzo import metrics
 from bonzo.address import Address, canonical_domain
 from bonzo.proxy import client_address, client_network, network
 
@@ -224,7 +225,9 @@ class StoreFailures:
     """Logs a plugin's failures to reach its store (``app.store``) at
     ``WARNING``: the first at once, then at most one line per ``interval``
     seconds saying how many were not logged, so that an outage of Redis
-    does not flood the log with one line per SMTP command."""
+    does not flood the log with one line per SMTP command. Every failure
+    is counted in the metrics, when they are on
+    (``bonzo_store_failures_total``), the unlogged ones included."""
 
     def __init__(self, log: logging.Logger, plugin: str, interval: float = 60.0) -> None:
         self.log = log
@@ -233,8 +236,13 @@ class StoreFailures:
         self._next = 0.0
         self._quiet = 0
 
-    def report(self, error: Exception, outcome: str) -> None:
-        """Log ``error`` and what the plugin did (``outcome``)."""
+    def report(self, error: Exception, outcome: str, action: str) -> None:
+        """Log ``error`` and what the plugin did (``outcome``, a phrase for
+        the log; ``action``, its ``on_store_error``: ``accept`` or
+        ``tempfail``)."""
+        counter = metrics.active
+        if counter is not None:
+            counter.store_failure(self.plugin, action)
         now = time.monotonic()
         if now < self._next:
             self._quiet += 1

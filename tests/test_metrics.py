@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import smtplib
 import socket
@@ -307,6 +308,30 @@ def test_queue_and_tls_counters():
     assert value(m, "bonzo_tls_sessions_total", version="TLSv1.3") == 1
     assert value(m, "bonzo_tls_sessions_total", version="other") == 1
     assert value(m, "bonzo_connections_open") == 0
+
+
+def test_store_failures_by_plugin_and_action(caplog):
+    """StoreFailures counts every failure (the log has one line a minute);
+    a plugin not named when the metrics were made counts as "other"."""
+    from bonzo_plugins._config import StoreFailures
+
+    m = Metrics(registry=CollectorRegistry(), plugins=["ratelimit"]).install()
+    try:
+        failures = StoreFailures(logging.getLogger("test.store"), "ratelimit")
+        for _ in range(3):
+            failures.report(OSError("Redis down"), "allowed", "accept")
+        failures.report(OSError("Redis down"), "refused", "tempfail")
+        StoreFailures(logging.getLogger("test.store"), "mine").report(
+            OSError("x"), "allowed", "accept"
+        )
+        assert value(m, "bonzo_store_failures_total", plugin="ratelimit", action="accept") == 3
+        assert value(m, "bonzo_store_failures_total", plugin="ratelimit", action="tempfail") == 1
+        assert value(m, "bonzo_store_failures_total", plugin="other", action="accept") == 1
+    finally:
+        m.uninstall()
+    assert [r.getMessage() for r in caplog.records].count(
+        "ratelimit: Redis down; allowed"
+    ) == 1  # the log line stays rate-limited
 
 
 def test_http_listener_metrics_and_health():

@@ -232,11 +232,11 @@ class GreylistPlugin:
             left = await self.wait(session, envelope.sender, mailbox)
         except StoreError as exc:
             if self.on_store_error == "tempfail":
-                self.failures.report(exc, "recipient refused with 451 (on_store_error)")
+                self.failures.report(exc, "recipient refused with 451 (on_store_error)", "tempfail")
                 raise SMTPError(
                     451, "Temporary local problem, try again later", enhanced_code="4.3.0"
                 ) from None
-            self.failures.report(exc, "recipient not greylisted (on_store_error)")
+            self.failures.report(exc, "recipient not greylisted (on_store_error)", "accept")
             return
         if left > 0:
             seconds = max(1, math.ceil(left))

@@ -231,9 +231,13 @@ class RateLimitPlugin:
                 )
             except StoreError as exc:
                 if self.on_store_error == "tempfail":
-                    self.failures.report(exc, f"{stage} refused with 451 (on_store_error)")
+                    self.failures.report(
+                        exc, f"{stage} refused with 451 (on_store_error)", "tempfail"
+                    )
                     raise STORE_ERROR_REPLY.error() from None
-                self.failures.report(exc, f"{stage} allowed without limits (on_store_error)")
+                self.failures.report(
+                    exc, f"{stage} allowed without limits (on_store_error)", "accept"
+                )
                 return
             if not hit.allowed:
                 log.info(

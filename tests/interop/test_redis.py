@@ -369,11 +369,24 @@ def test_two_daemons_share_a_rate_limit_and_fail_open_without_redis(
 
 
 def test_the_plugins_failure_modes_with_redis_killed(redis_dir: Path) -> None:
-    """Default: both let the command through; ``tempfail``: 451 4.3.0."""
+    """Default: both let the command through; ``tempfail``: 451 4.3.0. Each
+    failed call is counted in the metrics, by plugin and action, the ones
+    the log leaves out included."""
     from bonzo_plugins.greylist import GreylistPlugin
     from bonzo_plugins.ratelimit import RateLimitPlugin
+    from prometheus_client import CollectorRegistry
+
+    from bonzo.metrics import Metrics
 
     server = RedisServer(redis_dir).start()
+    counted = Metrics(CollectorRegistry(), plugins=["ratelimit", "greylist"]).install()
+
+    def failures(plugin: str, action: str) -> float:
+        counted.flush()
+        found = counted.registry.get_sample_value(
+            "bonzo_store_failures_total", {"plugin": plugin, "action": action}
+        )
+        return found or 0.0
 
     async def go() -> None:
         shared = RedisStore(StoreSettings(url=server.url, timeout=0.5, connect_timeout=0.5))
@@ -391,10 +404,13 @@ def test_the_plugins_failure_modes_with_redis_killed(redis_dir: Path) -> None:
             grey_open.bonzo_configure({}, app)
             grey_closed.bonzo_configure({"on_store_error": "tempfail"}, app)
             await fail_open.bonzo_connect(session)
+            assert failures("ratelimit", "accept") == 0
             server.kill()
             for _ in range(3):
                 await fail_open.bonzo_connect(session)  # over the limit, but let through
                 await grey_open.bonzo_rcpt(session, envelope, rcpt)  # not greylisted
+            assert failures("ratelimit", "accept") == 3
+            assert failures("greylist", "accept") == 3
             for call in (
                 closed.bonzo_connect(session),
                 grey_closed.bonzo_rcpt(session, envelope, rcpt),
@@ -403,12 +419,15 @@ def test_the_plugins_failure_modes_with_redis_killed(redis_dir: Path) -> None:
                     await call
                 assert (info.value.status_code, info.value.enhanced_code) == (451, "4.3.0")
                 assert "Redis" not in str(info.value.message)
+            assert failures("ratelimit", "tempfail") == 1
+            assert failures("greylist", "tempfail") == 1
         finally:
             await shared.close()
 
     try:
         asyncio.run(go())
     finally:
+        counted.uninstall()
         server.stop()
 
 
