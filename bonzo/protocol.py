@@ -352,6 +352,7 @@ def _ascii_upper(text: str) -> str:
 # C0 controls, DEL and the C1 controls (U+0080-U+009F, valid UTF-8 but still
 # control characters that must not reach a header or a log line).
 _CTL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 # RFC 5321 4.1.2 atext plus "." for dot-atoms; non-ASCII allowed for SMTPUTF8.
 _LOCAL_DOT_ATOM = re.compile(
     r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+"
@@ -509,13 +510,22 @@ def data_scan_in_c() -> bool:
     return _scan_data is not _scan_data_py
 
 
-def format_reply(code: int, text: str | list[str], enhanced: str | None, esmtp: bool) -> bytes:
+def format_reply(
+    code: int, text: str | list[str], enhanced: str | None, esmtp: bool, utf8: bool = False
+) -> bytes:
     """Return the wire form of a reply: ``code[-| ][enhanced ]text`` per line.
 
     The enhanced code is written only when ``esmtp`` is true and the code is a
-    2xx/4xx/5xx. Control characters in ``text`` are replaced, and each line is
-    cut so that it stays within 512 octets (RFC 5321 4.5.3.1.5).
+    2xx/4xx/5xx. Control characters in ``text`` are replaced, and so is every
+    non-ASCII character unless ``utf8`` is true (a reply is US-ASCII, RFC
+    5321 4.2; UTF-8 only in a transaction the client declared ``SMTPUTF8``,
+    RFC 6531 3.7.4.2). Each line is cut so that it stays within 512 octets
+    (RFC 5321 4.5.3.1.5).
     """
+    if utf8:
+        # Rare (SMTPUTF8 transactions only): never cached, so that the
+        # cache holds the US-ASCII form of each text.
+        return _format_reply(code, text, enhanced, esmtp, True)
     if type(text) is str:
         # Most replies are a few fixed texts: format each once. The cache is
         # bounded, so texts that vary (queue ids) just miss it.
@@ -539,7 +549,9 @@ def format_reply(code: int, text: str | list[str], enhanced: str | None, esmtp: 
     return _format_reply(code, text, enhanced, esmtp)
 
 
-def _format_reply(code: int, text: str | list[str], enhanced: str | None, esmtp: bool) -> bytes:
+def _format_reply(
+    code: int, text: str | list[str], enhanced: str | None, esmtp: bool, utf8: bool = False
+) -> bytes:
     lines = text.split("\n") if isinstance(text, str) else list(text)
     prefix_enh = ""
     if esmtp and code // 100 in (2, 4, 5):
@@ -553,6 +565,10 @@ def _format_reply(code: int, text: str | list[str], enhanced: str | None, esmtp:
     for n, line in enumerate(lines):
         if _CTL.search(line):
             line = _CTL.sub("?", line)
+        if not utf8 and not line.isascii():
+            # A plugin's text, a configured reply, a DNS answer (an SPF
+            # explanation): a client that did not ask for UTF-8 may fail on it.
+            line = _NON_ASCII.sub("?", line)
         sep = " " if n == last else "-"
         wire = f"{code}{sep}{prefix_enh}{line}"
         encoded = wire.encode("utf-8", "replace")
@@ -1014,9 +1030,11 @@ class SMTPProtocol:
         """Queue a reply; ``legacy`` is the text for a ``legacy_replies``
         session that has not said EHLO (default: ``text``)."""
         if self.esmtp or not self.policy.legacy_replies:
-            self._queue(format_reply(code, text, enhanced, True))
+            self._queue(format_reply(code, text, enhanced, True, "SMTPUTF8" in self.mail_params))
         else:
-            self._queue(format_reply(code, text if legacy is None else legacy, None, False))
+            # The original API's texts, as that version sent them: a verb it
+            # does not know is echoed as the client sent it, UTF-8 included.
+            self._queue(format_reply(code, text if legacy is None else legacy, None, False, True))
 
     def send_greeting(self, text: str | None = None) -> None:
         """Queue the ``220`` greeting (``text`` defaults to the settings' banner)."""
@@ -1071,7 +1089,13 @@ class SMTPProtocol:
 
     def _write_error(self, error: SMTPError) -> None:
         self._queue(
-            format_reply(error.status_code, error.message, error.enhanced_code, self.enhanced_codes)
+            format_reply(
+                error.status_code,
+                error.message,
+                error.enhanced_code,
+                self.enhanced_codes,
+                not self.enhanced_codes or "SMTPUTF8" in self.mail_params,
+            )
         )
 
     def _refused(

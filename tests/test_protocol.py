@@ -94,7 +94,15 @@ def test_greeting_text_and_banner_setting():
         ((550, "a\nb", "5.7.1", True), b"550-5.7.1 a\r\n550 5.7.1 b\r\n"),
         ((550, "bad\x00\r\x7fx", None, False), b"550 bad???x\r\n"),
         ((550, "c1\x85\x9f", None, False), b"550 c1??\r\n"),
-        ((550, "caf\u00e9", None, False), "550 caf\u00e9\r\n".encode()),
+        # A reply is US-ASCII (RFC 5321 4.2) unless the transaction is
+        # SMTPUTF8 (RFC 6531 3.7.4.2): one "?" per other character.
+        ((550, "caf\u00e9 \u4e2d\u6587", None, False), b"550 caf? ??\r\n"),
+        ((550, "caf\u00e9", None, False, True), "550 caf\u00e9\r\n".encode()),
+        (
+            (550, ["\u00e9", "x"], "5.1.1", True, True),
+            "550-5.1.1 \u00e9\r\n550 5.1.1 x\r\n".encode(),
+        ),
+        ((550, ["\u00e9", "x"], "5.1.1", True), b"550-5.1.1 ?\r\n550 5.1.1 x\r\n"),
     ],
 )
 def test_format_reply(args, wire):

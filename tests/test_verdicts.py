@@ -263,3 +263,31 @@ def test_a_reason_in_the_log_cannot_end_its_quotes(reason):
 def test_a_forged_result_in_a_reason_stays_one_result():
     text = str(Results().add("spf", "none", 'x") dmarc=pass("forged'))
     assert text == 'spf=none("x\\") dmarc=pass(\\"forged")'
+
+
+class UnicodeRefusal:
+    """Refuses every recipient with a reply text that is not US-ASCII."""
+
+    @hookimpl(tryfirst=True)
+    def bonzo_rcpt(self) -> Any:
+        from bonzo.errors import PermanentError
+
+        raise PermanentError("Adresse ung\u00fcltig \u2014 unbekannt", 550, "5.1.1")
+
+
+@pytest.mark.parametrize(
+    ("mail", "reply"),
+    [
+        # A reply is US-ASCII (RFC 5321 4.2): one "?" per other character.
+        (b"MAIL FROM:<a@example.org>", b"550 5.1.1 Adresse ung?ltig ? unbekannt\r\n"),
+        # The client declared SMTPUTF8 for the transaction (RFC 6531 3.7.4.2).
+        (
+            b"MAIL FROM:<a@example.org> SMTPUTF8",
+            "550 5.1.1 Adresse ung\u00fcltig \u2014 unbekannt\r\n".encode(),
+        ),
+    ],
+)
+def test_a_plugins_non_ascii_reply_text_is_utf8_only_for_smtputf8(mail, reply):
+    script = b"EHLO c.test\r\n" + mail + b"\r\nRCPT TO:<b@example.net>\r\n"
+    out, _ = run_session(("unicode", UnicodeRefusal()), script=script)
+    assert out.endswith(reply), out
