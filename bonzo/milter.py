@@ -1037,14 +1037,14 @@ class MilterClient:
         self._check_open()
         if not self.wants(command):
             return Outcome()
-        timeout = self._within(self.content_timeout if content else self.command_timeout)
+        limit = self.content_timeout if content else self.command_timeout
         out = self._macros(command, macros, stage) + frame
-        await self._write(out, timeout)
+        await self._write(out, self._within(limit))
         assert self.options is not None
         flags = _STEP_FLAGS.get(command)
         if flags is not None and self.options.protocol & flags[1]:
             return Outcome()
-        reply = await self._read_final(self._within(timeout), command)
+        reply = await self._read_final(limit, command)
         if isinstance(reply, Verdict) and reply.code == R_SKIP and command != C_BODY:
             self.close()
             raise MilterProtocolError(f"{self.spec}: SKIP in reply to {command!r}")
@@ -1172,7 +1172,12 @@ class MilterClient:
             try:
                 reply = await self._read_one(remaining)
             except MilterTimeout:
-                if time.monotonic() >= deadline - 0.01:
+                now = time.monotonic()
+                if self._deadline is not None and now >= self._deadline - 0.01:
+                    # The message's content_timeout ran out first (however
+                    # little of it this command had left): say that.
+                    raise self._timeout(timeout) from None
+                if now >= deadline - 0.01:
                     # Cut by the PROGRESS bound, not by a silence of
                     # ``timeout``: say which (the slice left is no limit).
                     raise MilterTimeout(

@@ -617,6 +617,37 @@ def test_content_timeout_bounds_the_whole_message():
         assert len(fake.sessions[0].of(m.C_BODY)) < 12
 
 
+def test_a_wait_cut_by_the_content_timeout_says_so_however_little_was_left():
+    """When a piece of the message is sent with only a sliver of the
+    message's content_timeout left, running out is that timeout's doing, not
+    the PROGRESS bound's (which was computed from the sliver: a load-dependent
+    wrong message seen in CI)."""
+    import time
+
+    class Tight(m.MilterClient):
+        squeezed = False
+
+        def _within(self, timeout: float) -> float:
+            if self._deadline is not None and not self.squeezed:
+                self.squeezed = True
+                self._deadline = time.monotonic() + 0.002
+            return super()._within(timeout)
+
+    def slow(command, session):
+        if command.code in (m.C_HEADER, m.C_EOH, m.C_BODY):
+            time.sleep(0.2)  # the fake's own thread
+        return None
+
+    with FakeMilter(slow) as fake:
+        client = Tight(
+            m.parse_socket(fake.spec), command_timeout=2.0, content_timeout=2.0,
+            connect_timeout=2.0,
+        )  # fmt: skip
+        with pytest.raises(m.MilterTimeout, match=r"within its content_timeout \(2s\)$"):
+            run(whole_session(client))
+        assert client.squeezed and client.closed
+
+
 @pytest.mark.parametrize(
     ("change", "action"),
     [
