@@ -86,6 +86,19 @@ def client_settings(
             f'{_key(where, "tls_ca_file")}: used only with tls = "verify", and tls is '
             f'{policy!r} here: set tls = "verify" (or remove tls_ca_file)'
         )
+    if (
+        policy == "none"
+        and not options.get("implicit_tls")
+        and "username" in options
+        and not options.get("auth_plaintext")
+    ):
+        # The client never sends credentials in the clear unless told to:
+        # every delivery would be deferred until it bounced.
+        raise ValueError(
+            f'{_key(where, "username")}: AUTH needs TLS, and tls is "none" here, so every '
+            'delivery would be deferred: set tls = "require" or "verify" (or '
+            "auth_plaintext = true to send the password unencrypted)"
+        )
     try:
         return ClientSettings(**options)
     except (TypeError, ValueError) as exc:

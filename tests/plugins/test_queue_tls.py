@@ -173,6 +173,29 @@ def test_a_ca_file_with_a_policy_that_never_verifies_is_a_configuration_error(tm
         )
 
 
+def test_credentials_with_tls_none_are_a_configuration_error(tmp_path):
+    """The client never sends a password in the clear unless told to: with
+    tls = "none" every delivery was deferred, then bounced, after a check
+    that said OK. Implicit TLS or auth_plaintext make it a working setup."""
+    creds = {"username": "relay", "password": "pw"}
+    message = (
+        'AUTH needs TLS, and tls is "none" here, so every delivery would be deferred: '
+        'set tls = "require" or "verify" (or auth_plaintext = true to send the password '
+        "unencrypted)"
+    )
+    smarthost = {"type": "smarthost", "host": "127.0.0.1", "tls": "none", **creds}
+    with pytest.raises(ValueError) as info:
+        RouteTable({}, {"relay": smarthost}, App(tmp_path))
+    assert str(info.value) == f"transports.relay.username: {message}"
+    with pytest.raises(ValueError) as info:
+        ForwardPlugin().bonzo_configure(
+            {"host": "127.0.0.1", "tls": "none", **creds}, _forward_app()
+        )
+    assert str(info.value) == f"username: {message}"
+    for fine in ({"auth_plaintext": True}, {"implicit_tls": True}, {"tls": "require"}):
+        RouteTable({}, {"relay": {**smarthost, **fine}}, App(tmp_path))
+
+
 def _forward_app() -> Any:
     from test_forward import app
 
