@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -144,15 +146,33 @@ def envelope_recipients(envelope: Any) -> list[Address]:
 
 
 def check_creatable(key: str, path: Path) -> None:
-    """Raise :exc:`ValueError` (naming ``key``) when ``path`` does not exist
-    and cannot be made because what is on the way to it is not a directory
-    (``bonzo check`` then says so, instead of the daemon failing at
-    startup)."""
-    for ancestor in path.parents:
-        if ancestor.exists():
-            if not ancestor.is_dir():
-                raise ValueError(f"{key}: {path} cannot be created: {ancestor} is not a directory")
-            return
+    """Raise :exc:`ValueError` (naming ``key``) when the directory ``path``
+    cannot be used: it does not exist and cannot be made (what is on the way
+    to it is not a directory, or nothing can be created there: a read-only
+    or virtual file system, no permission), or it exists and nothing can be
+    created in it. ``bonzo check`` then says so, instead of the daemon
+    failing at startup (exit status 1, which a process manager restarts).
+
+    The test creates an empty directory where the first one would go and
+    removes it at once: permissions alone do not tell (root may write
+    anywhere but in ``/proc`` or on a read-only mount)."""
+    where = path
+    if not path.exists():
+        for ancestor in path.parents:
+            if ancestor.exists():
+                if not ancestor.is_dir():
+                    raise ValueError(
+                        f"{key}: {path} cannot be created: {ancestor} is not a directory"
+                    )
+                where = ancestor
+                break
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".bonzo-check-", dir=where))
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if where == path:
+            raise ValueError(f"{key}: nothing can be created in {path}: {reason}") from None
+        raise ValueError(f"{key}: {path} cannot be created in {where}: {reason}") from None
 
 
 def local_address(value: str) -> str:

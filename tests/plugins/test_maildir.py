@@ -728,6 +728,11 @@ def test_configuration_errors_about_the_filesystem(tmp_path):
     for key in ("path", "quarantine"):
         with pytest.raises(ValueError, match=rf"^{key}: .*file/x/Maildir cannot be created: "):
             configured(tmp_path, **{key: "file/x/Maildir"})
+    if os.path.isdir("/proc/self"):
+        # Nothing can be created there, even by root.
+        for key in ("path", "quarantine"):
+            with pytest.raises(ValueError, match=rf"^{key}: /proc/Maildir cannot be created in "):
+                configured(tmp_path, **{key: "/proc/Maildir"})
 
 
 def test_configure_creates_nothing(tmp_path):

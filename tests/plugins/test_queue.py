@@ -2630,6 +2630,23 @@ def test_a_queue_path_that_cannot_be_created_is_a_configuration_error(tmp_path):
         QueuePlugin().bonzo_configure({"path": "file"}, App(tmp_path))
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_queue_path_where_nothing_can_be_created_is_a_configuration_error(tmp_path):
+    """A directory that exists but takes no new entry (/proc; a read-only
+    mount): bonzo check passed it, then the daemon exited with status 1 at
+    startup, naming neither the file nor the key."""
+    with pytest.raises(ValueError) as info:
+        QueuePlugin().bonzo_configure({"path": "/proc/queue"}, App(tmp_path))
+    assert str(info.value) == (
+        "path: /proc/queue cannot be created in /proc: No such file or directory"
+    )
+    with pytest.raises(ValueError, match=r"^path: nothing can be created in /proc/self: "):
+        QueuePlugin().bonzo_configure({"path": "/proc/self"}, App(tmp_path))
+    # A path that can be made is fine, and the test leaves nothing behind.
+    QueuePlugin().bonzo_configure({"path": "a/b/queue"}, App(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("value", "seconds"),
     [(30, 30.0), ("30s", 30.0), ("5m", 300.0), ("4h", 14400.0), ("5d", 432000.0), ("1.5h", 5400.0)],
