@@ -450,10 +450,30 @@ class JSONFormatter(logging.Formatter):
         return text
 
 
-def setup_logging(config: Any) -> None:
+class _StartupErrors(logging.StreamHandler):  # type: ignore[type-arg]
+    """While ``bonzo serve`` starts, its ``ERROR`` lines go to standard
+    error too when the log goes to a file: the reason it exits with status 1
+    (an address in use, a plugin's startup) reaches the terminal or the
+    process manager's journal, not only a file nobody is looking at."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.setLevel(logging.ERROR)
+        self.setFormatter(logging.Formatter("bonzo: %(message)s"))
+
+
+def startup_done() -> None:
+    """The daemon serves: its errors go to the log file alone from now on."""
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _StartupErrors)]
+
+
+def setup_logging(config: Any, startup: bool = False) -> None:
     """Send the process's log where the configuration's ``[logging]`` table
     says, as ``bonzo serve`` writes it (also what ``bonzo queue`` logs its
-    changes through, into the daemon's log). Raises :exc:`ConfigError` if
+    changes through, into the daemon's log). With ``startup`` and a log
+    file, ``ERROR`` lines go to standard error too until
+    :func:`startup_done`. Raises :exc:`ConfigError` if
     :tomlkey:`logging.file` cannot be opened."""
     level = getattr(logging, config.logging.level.upper())
     handler: logging.Handler
@@ -474,6 +494,8 @@ def setup_logging(config: Any) -> None:
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    if startup and config.logging.file:
+        root.addHandler(_StartupErrors())
     root.setLevel(level)
     logging.getLogger("tornado.access").setLevel(
         level if config.logging.access_log else logging.WARNING
@@ -517,7 +539,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.listen:
         config.listeners = _listen_override(args.listen)
         check_metrics_port(config.metrics, config.listeners, config.source, "--listen")
-    setup_logging(config)
+    setup_logging(config, startup=True)
     from .app import MailApp
 
     metrics_dir = None
@@ -1260,6 +1282,7 @@ def _run_worker(
             if app.share is not None and slot is not None:
                 app.share.start(slot)  # the other workers may leave connections to it now
             log.info("ready (pid %d)", os.getpid())
+            startup_done()
             serving = True
             if pending:
                 pending = False
@@ -1562,6 +1585,9 @@ def _supervise(
 
     for slot in range(workers):
         spawn(slot)
+    # Each worker says why it could not start (to standard error too, until
+    # it is ready); the supervisor's own start is over.
+    startup_done()
     while children:
         if forced_at is not None and hasattr(signal, "sigtimedwait"):
             # A worker ends a forced stop within FORCED_STOP_LIMIT by itself,

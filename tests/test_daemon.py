@@ -1045,6 +1045,52 @@ def test_startup_failure_exits_1_naming_the_plugin(workdir, serve, workers):
     assert "restarting" not in log
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_with_a_log_file_the_reason_startup_failed_reaches_stderr_too(workdir, env, workers):
+    """With [logging] file set, the ERROR line that ends startup went to the
+    file alone: the terminal, or the process manager's journal, saw a silent
+    exit status 1. Once the daemon is ready, errors go to the file only."""
+    port = free_port()
+    config = write_config(workdir, port, [STORE, "daemonplug:FailsAtStartup"], workers=workers)
+    logfile = workdir / "bonzo.log"
+    config.write_text(
+        config.read_text().replace('level = "info"', f'level = "info"\nfile = "{logfile}"')
+    )
+    done = bonzo("serve", "-c", str(config), env=env, cwd=workdir, timeout=DEADLINE)
+    assert done.returncode == 1
+    assert "bonzo: startup failed: plugin 'daemonplug:FailsAtStartup'" in done.stderr
+    assert "database unreachable" in done.stderr
+    assert "INFO" not in done.stderr and "Traceback" not in done.stderr
+    assert "database unreachable" in logfile.read_text()  # the log has it as before
+    # An address in use: the supervisor's own start.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        config.write_text(config.read_text().replace(f"port = {port}", f"port = {taken}"))
+        done = bonzo("serve", "-c", str(config), env=env, cwd=workdir, timeout=DEADLINE)
+    assert done.returncode == 1
+    assert f"bonzo: cannot listen on 127.0.0.1:{taken}: Address already in use" in done.stderr
+
+
+def test_with_a_log_file_errors_after_startup_stay_in_the_file(workdir, serve):
+    port = free_port()
+    config = write_config(workdir, port)
+    logfile = workdir / "bonzo.log"
+    config.write_text(
+        config.read_text().replace('level = "info"', f'level = "info"\nfile = "{logfile}"')
+    )
+    daemon = serve(config, port)
+    wait_until(lambda: logfile.exists() and "ready (pid" in logfile.read_text())
+    # A reload onto a configuration that cannot load: an ERROR, once serving.
+    config.write_text(config.read_text() + "\n[nonsense]\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "nonsense" in logfile.read_text(), what="the reload's error")
+    assert daemon.stop() == 0
+    assert "ERROR" in logfile.read_text()
+    assert daemon.log == ""  # nothing on stdout/stderr: the file has it all
+
+
 # A worker whose loop is closing gets a signal in the one window asyncio leaves
 # open: its wakeup pipe already closed, its handlers not yet removed (the
 # supervisor's stop request to a worker that is exiting anyway; CI saw it once).
