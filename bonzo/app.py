@@ -122,6 +122,11 @@ def _instantiate(obj: Any) -> Any:
 #: when the last has stopped -- never under the feet of the other.
 _RUNNING: dict[int, tuple[object, int]] = {}
 
+#: The text of the ``421 4.3.2`` that ends the sessions a reload's previous
+#: configuration still has ``shutdown_grace`` seconds later: the server
+#: goes on, so the client is told to connect again, not that it stops.
+RETIRED_TEXT = "Configuration reloaded, please connect again"
+
 #: The same for the stores (``app.store``) of the started applications: a
 #: reload that leaves ``[redis]`` as it was shares the running store, which
 #: is closed when the last application using it stops.
@@ -271,6 +276,9 @@ class MailApp:
         #: True once a reload replaced this configuration and it finishes
         #: what it has (:meth:`retire`).
         self.retiring = False
+        # The text of the 421 its sessions get when they are ended (None:
+        # the connection's default, "Server shutting down").
+        self._stop_text: str | None = None
         # Set when the server stops (not for a reload's retirement), made
         # in the loop that runs the server.
         self._stop_requested: asyncio.Event | None = None
@@ -509,14 +517,14 @@ class MailApp:
                     f"listeners[{i}] requires AUTH but no enabled plugin checks credentials "
                     "(bonzo_auth): every MAIL will be refused; enable e.g. 'passwd'"
                 )
-            if (
-                self.plugins.checks_credentials()
-                and ls.tls_context is None
-                and not ls.auth_plaintext
-            ):
+            elif ls.require_auth and ls.tls_context is None and not ls.auth_plaintext:
+                # AUTH needs TLS there, and there is none: a listener that
+                # refuses every sender (an MX bounces all its mail). Without
+                # require_auth it is the usual port-25 MX: nothing to say.
                 out.append(
-                    f"listeners[{i}] has no TLS certificate and auth_plaintext is false: "
-                    "AUTH is not offered there"
+                    f"listeners[{i}] requires AUTH but never offers it (no TLS certificate, "
+                    "and auth_plaintext is false): every MAIL will be refused with 530; "
+                    "give it a certificate, or remove require_auth"
                 )
         if not calls["bonzo_deliver"]:
             out.append(
@@ -767,6 +775,8 @@ class MailApp:
         :meth:`stop` does (``421`` to those still waiting, messages in
         flight finished) and run the plugins' shutdown hooks."""
         self.retiring = True
+        # The server goes on: the client should just connect again.
+        self._stop_text = RETIRED_TEXT
         tasks = [c.task for s in self.servers for c in s.connections if c.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=self.settings.shutdown_grace)
@@ -815,7 +825,8 @@ class MailApp:
 
     async def _stop(self, grace: float | None) -> None:
         if self.servers:
-            await asyncio.gather(*(server.shutdown(grace) for server in self.servers))
+            text = self._stop_text
+            await asyncio.gather(*(server.shutdown(grace, text) for server in self.servers))
             self.servers = []
             self.server = None
         if self._started:

@@ -411,6 +411,10 @@ class SMTPConnection:
        Octets read from the client so far (for logs, stats and tests).
     """
 
+    #: The text of the ``421 4.3.2`` that ends the session when the server
+    #: stops (:meth:`shutdown`, :meth:`abort` may set another).
+    stop_text = "Server shutting down"
+
     def __init__(
         self,
         stream: IOStream,
@@ -533,28 +537,33 @@ class SMTPConnection:
         """Close the connection now."""
         self.stream.close()
 
-    def shutdown(self) -> None:
+    def shutdown(self, text: str | None = None) -> None:
         """Ask the session to end: at once with ``421 4.3.2`` if it is waiting
-        for a command, else once the message in flight is answered."""
+        for a command, else once the message in flight is answered. ``text``:
+        the reply's text (default :attr:`stop_text`)."""
+        if text:
+            self.stop_text = text
         self._stopping = True
         if self._phase == _PROXY:
             self.stream.close()  # not greeted yet: nothing to say
         elif self._phase == _INPUT and not self.protocol.receiving_content:
-            self._end(421, "Server shutting down", "4.3.2", "shutdown")
+            self._end(421, self.stop_text, "4.3.2", "shutdown")
 
-    def abort(self) -> None:
+    def abort(self, text: str | None = None) -> None:
         """End the session (a shutdown's grace period is over): ``421
         4.3.2`` if the client can still be told, then close. A session in a
         plugin call finishes it first (each is bounded by its timeout) and
         sends its answer before the ``421``: a message that call delivers is
         answered ``250``, never ``421`` while kept (which its client would
         send again). No command after it is run."""
+        if text:
+            self.stop_text = text
         self._stopping = True
         self._aborted = True
         if self._phase == _HANDSHAKE or self._phase == _PROXY or self._half_closed is not None:
             self.stream.close()  # a lingering one has had its last reply: no more wait
         elif self._phase != _BUSY:
-            self._end(421, "Server shutting down", "4.3.2", "shutdown")
+            self._end(421, self.stop_text, "4.3.2", "shutdown")
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -633,9 +642,7 @@ class SMTPConnection:
             if kind is NeedData:
                 self._send()
                 if self._stopping and (self._aborted or not core.receiving_content):
-                    core.close(
-                        421, "Server shutting down", "4.3.2", limit="shutdown", unprompted=True
-                    )
+                    core.close(421, self.stop_text, "4.3.2", limit="shutdown", unprompted=True)
                     continue
                 fut = self._write_future
                 if fut is not None and not fut.done():
@@ -676,7 +683,7 @@ class SMTPConnection:
                 # period, or after the message (or AUTH exchange) in flight
                 # when the stop came: none is run, as a session waiting for
                 # a command is answered 421.
-                core.close(421, "Server shutting down", "4.3.2", limit="shutdown", unprompted=True)
+                core.close(421, self.stop_text, "4.3.2", limit="shutdown", unprompted=True)
             elif kind is XClient:
                 await self._xclient(event)  # type: ignore[arg-type]
             else:

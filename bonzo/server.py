@@ -790,30 +790,32 @@ class SMTPServer(TCPServer):
         self._sockets.clear()
         return released
 
-    async def shutdown(self, grace: float | None = None) -> None:
+    async def shutdown(self, grace: float | None = None, text: str | None = None) -> None:
         """Stop gracefully: stop accepting, answer ``421 4.3.2`` to sessions
         waiting for a command, let messages in flight finish for ``grace``
         seconds (default: the ``shutdown_grace`` setting), then end every
         session that is left with a last ``421 4.3.2`` where the client can
-        still take it. Returns once every session has ended and been cleaned
-        up (``bonzo_disconnect`` run): a plugin call in flight at the end of
-        the grace period is let finish (each is bounded by its timeout, and
-        abandoned :data:`~bonzo.hooks.CANCEL_GRACE` seconds later if it
-        ignores its cancellation), so nothing runs after this returns.
-        :meth:`force_stop` ends them at once."""
+        still take it (``text``: that reply's text, default
+        :attr:`~bonzo.connection.SMTPConnection.stop_text`). Returns once every
+        session has ended and been cleaned up (``bonzo_disconnect`` run): a
+        plugin call in flight at the end of the grace period is let finish
+        (each is bounded by its timeout, and abandoned
+        :data:`~bonzo.hooks.CANCEL_GRACE` seconds later if it ignores its
+        cancellation), so nothing runs after this returns. :meth:`force_stop`
+        ends them at once."""
         grace = self.settings.shutdown_grace if grace is None else grace
         self.stop()
         if not self.connections:
             return
         for connection in list(self.connections):
-            connection.shutdown()
+            connection.shutdown(text)
         if await self._wait(grace):
             return
         app_log.warning(
             "Shutdown grace period over; closing %d connection(s)", len(self.connections)
         )
         for connection in list(self.connections):
-            connection.abort()
+            connection.abort(text)
         while not await self._wait(5.0):
             if self._forced:
                 app_log.warning(

@@ -1559,6 +1559,33 @@ def test_reloads_keep_the_password_threads_of_a_worker(workdir, serve):
     assert "Traceback" not in daemon.log
 
 
+def test_a_session_the_reload_outlasts_is_told_to_connect_again(workdir, serve):
+    """Sessions still on the previous configuration shutdown_grace seconds
+    after a reload are ended: the server goes on, so their 421 says to
+    connect again (it said "Server shutting down"). A stop still says that."""
+    port = free_port()
+    config = write_config(workdir, port)
+    config.write_text(config.read_text().replace("shutdown_grace = 10.0", "shutdown_grace = 0.5"))
+    daemon = serve(config, port)
+    daemon.wait_ready()
+
+    def idle_session() -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+        assert s.recv(512).startswith(b"220 ")
+        s.sendall(b"EHLO client.test\r\n")
+        assert s.recv(4096).startswith(b"250")
+        return s
+
+    with idle_session() as s:
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "the previous configuration has stopped" in daemon.log)
+        assert s.recv(512) == b"421 4.3.2 Configuration reloaded, please connect again\r\n"
+    with idle_session() as s:
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert s.recv(512) == b"421 4.3.2 Server shutting down\r\n"
+    assert daemon.proc.wait(timeout=DEADLINE) == 0
+
+
 def test_auth_works_after_reloads_and_worker_restarts(workdir, serve):
     """The password threads outlive a configuration but not a process: a
     worker the supervisor starts again (a fork) checks passwords in threads

@@ -293,3 +293,39 @@ def test_swaks_submission_with_tls_and_auth(submission, ca, tmp_path):
         assert result.returncode == 0, result.stdout + result.stderr
         assert "235 2.7.0" in result.stdout
     assert len(list((workdir / "outbox" / "new").iterdir())) == 2
+
+
+def test_require_auth_where_auth_is_never_offered_is_warned_about(tmp_path):
+    """A listener with require_auth, no certificate and no auth_plaintext
+    refuses every MAIL with 530 (an MX bounces all its mail): a warning that
+    says so. A plain port-25 listener beside a submission port is the usual
+    setup: no warning for it."""
+    from bonzo.app import MailApp
+    from bonzo.config import parse_config
+
+    (tmp_path / "authplug.py").write_text(
+        "from bonzo import Accept, hookimpl\n"
+        "class Plugin:\n"
+        "    @hookimpl\n"
+        "    def bonzo_auth(self):\n"
+        "        return Accept()\n"
+    )
+
+    def warnings(listener: str) -> list[str]:
+        text = (
+            f"[[listeners]]\nport = 2525\n{listener}\n[plugins]\n"
+            f'paths = ["{tmp_path}"]\n'
+            'enabled = ["authplug:Plugin", "recipients", "discard"]\n'
+            '[plugins.recipients]\ndomains = ["example.com"]\n'
+        )
+        return MailApp(parse_config(text, "t.toml", tmp_path)).warnings()
+
+    assert [w for w in warnings("require_auth = true") if "listeners[0]" in w] == [
+        "listeners[0] requires AUTH but never offers it (no TLS certificate, and "
+        "auth_plaintext is false): every MAIL will be refused with 530; give it a "
+        "certificate, or remove require_auth"
+    ]
+    assert not [w for w in warnings("") if "listeners[0]" in w]
+    assert not [
+        w for w in warnings("require_auth = true\nauth_plaintext = true") if "listeners[0]" in w
+    ]
