@@ -34,7 +34,7 @@ from .proxy import whole_families
 from .server import ACCEPT_BATCH, ConnectionCount, SMTPServer, WorkerShare
 from .settings import ListenerSettings, SettingError
 from .store import Store, open_store
-from .tls import certificate_warnings
+from .tls import certificate_warnings, key_file_warnings
 
 __all__ = ["MailApp", "InstalledPlugin", "installed_plugins", "resolve_plugin", "ENTRY_POINT_GROUP"]
 
@@ -509,6 +509,12 @@ class MailApp:
                 "every recipient will be refused; enable e.g. 'recipients'"
             )
         out.extend(self.certificate_warnings())
+        out.extend(
+            f"{key}: {warning}"
+            for listener in self.config.listeners
+            for key, pair in listener.tls_files.items()
+            for warning in key_file_warnings(pair)
+        )
         for i, listener in enumerate(self.config.listeners):
             ls = listener.settings
             out.extend(_open_trust(i, listener.where, ls))

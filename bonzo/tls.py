@@ -18,6 +18,7 @@ __all__ = [
     "CertificatePair",
     "make_server_context",
     "certificate_warnings",
+    "key_file_warnings",
     "EXPIRY_WARNING_DAYS",
     "tls_facts",
     "TLSLayer",
@@ -82,7 +83,12 @@ def _context(pair: CertificatePair) -> ssl.SSLContext:
         ctx.load_cert_chain(pair.cert, pair.key, password=no_pass_phrase)
     except ssl.SSLError as exc:
         reason = getattr(exc, "reason", None) or str(exc)
-        if "KEY_VALUES_MISMATCH" in str(reason).upper():
+        # OpenSSL says NO_CERTIFICATE_ASSIGNED for a key of another kind
+        # than the certificate's (RSA for an ECDSA certificate), which sent
+        # operators looking at the certificate: a mismatch too.
+        if any(
+            r in str(reason).upper() for r in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED")
+        ):
             later = _matching_later_certificate(pair)
             if later:
                 raise TLSError(
@@ -160,6 +166,18 @@ def _decoded_chain(path: str) -> list[dict[str, Any] | None]:
             except Exception:
                 out.append(None)
     return out
+
+
+def key_file_warnings(pair: CertificatePair) -> list[str]:
+    """A private key file anyone on the machine can read (mode ``o+r``;
+    a group that may read it, as Debian's ``ssl-cert``, is a choice)."""
+    try:
+        mode = os.stat(pair.key).st_mode
+    except OSError:
+        return []  # make_server_context's to report
+    if mode & 0o004:
+        return [f"the key file {pair.key} can be read by every user (chmod o-r it)"]
+    return []
 
 
 def certificate_warnings(

@@ -1577,6 +1577,56 @@ def test_mismatched_pair_for_an_sni_name(certs):
         )
 
 
+def test_a_key_of_another_kind_than_the_certificate_is_a_mismatch(tmp_path, certs):
+    """An RSA key with an ECDSA certificate: OpenSSL says
+    NO_CERTIFICATE_ASSIGNED, which the error no longer passes on as is."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509 import load_pem_x509_certificate
+
+    cert = load_pem_x509_certificate(Path(certs["default"].cert).read_bytes())
+    other = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
+        else ec.generate_private_key(ec.SECP256R1())
+    )
+    key = tmp_path / "other.key"
+    key.write_bytes(
+        other.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    with pytest.raises(TLSError) as info:
+        make_server_context(CertificatePair(certs["default"].cert, str(key)))
+    assert str(info.value) == f"key {key} does not match certificate {certs['default'].cert}"
+
+
+def test_a_key_file_every_user_can_read_is_warned_about(tmp_path, certs):
+    from bonzo.app import MailApp
+    from bonzo.config import parse_config
+
+    key = tmp_path / "server.key"
+    key.write_bytes(Path(certs["default"].key).read_bytes())
+    key.chmod(0o640)  # a group such as ssl-cert may read it: a choice
+    text = (
+        f'[[listeners]]\nport = 2525\ntls = {{ cert = "{certs["default"].cert}", key = "{key}" }}\n'
+        '[plugins]\nenabled = ["recipients", "discard"]\n'
+        '[plugins.recipients]\ndomains = ["example.com"]\n'
+    )
+
+    def key_warnings() -> list[str]:
+        app = MailApp(parse_config(text, "t.toml", tmp_path))
+        return [w for w in app.warnings() if "key file" in w]
+
+    assert key_warnings() == []
+    key.chmod(0o644)
+    assert key_warnings() == [
+        f"listeners[0].tls: the key file {key} can be read by every user (chmod o-r it)"
+    ]
+
+
 def test_not_a_certificate(tmp_path, certs):
     junk = tmp_path / "junk.crt"
     junk.write_text("this is not PEM\n")

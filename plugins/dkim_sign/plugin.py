@@ -173,28 +173,26 @@ def _identity(value: Any, where: str, domain: str) -> str:
     return f"{local}@{host}"
 
 
-def _load(path: Path, where: str) -> Any:
+def _load(path: Path, where: str, warnings: list[str]) -> Any:
+    """The key at ``path``; what is worth a warning (a short RSA key, a file
+    others can read) is added to ``warnings``, which ``bonzo check``, the
+    start list with the configuration's other warnings."""
     try:
         key = load_key(path)
     except KeyFileError as exc:
         raise ValueError(f"{where}.key: {exc}") from None
     if key.algorithm.startswith("rsa") and key.bits < GOOD_RSA_BITS:
-        log.warning(
-            "dkim_sign: %s: %s is a %d-bit RSA key; %d bits is the usual size (RFC 8301)",
-            where,
-            path,
-            key.bits,
-            GOOD_RSA_BITS,
+        warnings.append(
+            f"{where}: {path} is a {key.bits}-bit RSA key; {GOOD_RSA_BITS} bits is the "
+            "usual size (RFC 8301)"
         )
     try:
         mode = os.stat(path).st_mode
     except OSError:  # pragma: no cover - it was just read
         mode = 0
     if mode & 0o077:
-        log.warning(
-            "dkim_sign: %s: the key file %s can be read by others than its owner (chmod 600 it)",
-            where,
-            path,
+        warnings.append(
+            f"{where}: the key file {path} can be read by others than its owner (chmod 600 it)"
         )
     return key
 
@@ -349,18 +347,24 @@ class DkimSignPlugin:
         """Validate ``[plugins.dkim_sign]`` and load every key."""
         values = SCHEMA.parse(config, app)
         domains: dict[str, tuple[bool, list[Signer]]] = {}
+        warnings: list[str] = []
         for domain, entry in values["domains"].items():
             signers = [
-                Signer(domain, sig["selector"], _load(sig["key"], sig["where"]), sig["identity"])
+                Signer(
+                    domain, sig["selector"], _load(sig["key"], sig["where"], warnings),
+                    sig["identity"],
+                )
                 for sig in entry["signatures"]
-            ]
+            ]  # fmt: skip
             domains[domain] = (entry["subdomains"], signers)
         headers, oversign = values["headers"], values["oversign"]
         canonicalization, expire = values["canonicalization"], values["expire"]
         sign, networks, on_error = values["sign"], values["networks"], values["on_error"]
         self.signer = MessageSigner(domains, headers, oversign, canonicalization, expire)
         #: What ``bonzo check`` should warn about.
-        self.config_warnings = [] if domains else ["no domains configured: nothing will be signed"]
+        self.config_warnings = (
+            warnings if domains else ["no domains configured: nothing will be signed"]
+        )
         self.sign_all = sign == "all"
         self.networks = networks
         self.defer = on_error == "defer"

@@ -235,6 +235,18 @@ class PasswdPlugin:
             raise ValueError(f"file: cannot read {path}: {exc.strerror or exc}") from None
         except UnicodeDecodeError:
             raise ValueError(f"file: {path} is not UTF-8 text") from None
+        #: What ``bonzo check`` should warn about: hashes anyone can read
+        #: (slow to crack, but a weak password falls).
+        self.config_warnings = []
+        try:
+            readable = os.stat(path).st_mode & 0o004
+        except OSError:  # pragma: no cover - it was just read
+            readable = 0
+        if readable:
+            self.config_warnings.append(
+                f"file: {path} can be read by every user (chmod o-r it; bonzo adduser "
+                "writes it 600)"
+            )
 
     @hookimpl
     def bonzo_startup(self) -> None:

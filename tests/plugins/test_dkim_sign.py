@@ -912,14 +912,19 @@ def test_a_damaged_rsa_key_is_refused(keys):
         parse_key(pem, Path("damaged.pem"))
 
 
-def test_warnings_for_a_short_or_readable_key(keys, caplog):
+def test_warnings_for_a_short_or_readable_key(keys):
+    """In the configuration's warnings (bonzo check lists them, prefixed
+    with the plugin's table), not bare log lines outside that list."""
     keys["rsa_1024"].chmod(0o644)
     try:
-        configured(domains=one(keys, "rsa_1024"))
+        plugin = configured(domains=one(keys, "rsa_1024"))
     finally:
         keys["rsa_1024"].chmod(0o600)
-    assert "1024-bit RSA key; 2048 bits is the usual size" in caplog.text
-    assert "can be read by others than its owner" in caplog.text
+    warnings = plugin.config_warnings
+    assert len(warnings) == 2, warnings
+    assert "1024-bit RSA key; 2048 bits is the usual size" in warnings[0]
+    assert "can be read by others than its owner (chmod 600 it)" in warnings[1]
+    assert configured(domains=one(keys, "rsa_1024")).config_warnings == warnings[:1]
 
 
 def test_secrets_are_never_logged(keys, caplog):

@@ -211,6 +211,18 @@ def test_configuration_errors(tmp_path):
         configured(latin)
 
 
+def test_a_file_every_user_can_read_is_warned_about(tmp_path):
+    users = tmp_path / "users"
+    add_user(users, "alice", "pw")
+    assert configured(users).config_warnings == []  # adduser writes it 600
+    users.chmod(0o640)  # a group that may read it (the daemon's): a choice
+    assert configured(users).config_warnings == []
+    users.chmod(0o644)
+    assert configured(users).config_warnings == [
+        f"file: {users} can be read by every user (chmod o-r it; bonzo adduser writes it 600)"
+    ]
+
+
 def test_relative_path_is_relative_to_the_configuration(tmp_path):
     add_user(tmp_path / "users", "alice", "pw")
     plugin = configured(Path("users"), app=SimpleNamespace(base_dir=tmp_path))
