@@ -65,7 +65,7 @@ from .protocol import (
 from .proxy import ProxyError, ProxyParser, address_in
 from .session import Session, current_session_id, one_line
 from .settings import ListenerSettings, SMTPSettings, host_port
-from .tls import TLSLayer
+from .tls import SNI_FAILED, TLSLayer
 
 if TYPE_CHECKING:  # pragma: no cover
     from asyncio import TimerHandle
@@ -1010,11 +1010,12 @@ class SMTPConnection:
                     stream.write(out)
         except ssl.SSLError as exc:
             self._tls = None
+            reason = getattr(exc, "reason", None) or exc
+            if reason == SNI_FAILED:
+                # Our only callback: Python could not read the name asked for.
+                reason = "the server name it asked for (SNI) is not ASCII"
             gen_log.info(
-                "[%s %s] TLS handshake failed: %s",
-                self.session.id,
-                self.remote_ip,
-                getattr(exc, "reason", None) or exc,
+                "[%s %s] TLS handshake failed: %s", self.session.id, self.remote_ip, reason
             )
             await self._alert_and_close(tls)
             return False

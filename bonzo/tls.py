@@ -5,9 +5,11 @@ session that plugins and the ``Received:`` header see.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import ssl
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -19,6 +21,7 @@ __all__ = [
     "make_server_context",
     "certificate_warnings",
     "key_file_warnings",
+    "SNI_FAILED",
     "EXPIRY_WARNING_DAYS",
     "tls_facts",
     "TLSLayer",
@@ -35,6 +38,52 @@ _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE----
 
 #: Where the SNI callback leaves the server name on the TLS socket.
 _SNI_ATTR = "_bonzo_sni"
+
+log = logging.getLogger("bonzo.tls")
+
+#: The reason OpenSSL gives for a handshake the server-name callback ended:
+#: Python could not read the name the client asked for (see
+#: :func:`_quiet_sni_errors`). The session's log line says that instead.
+SNI_FAILED = "CALLBACK_FAILED"
+
+
+def _quiet_sni_errors() -> None:
+    """Keep a client's unreadable server name out of standard error.
+
+    Python decodes the name a ClientHello asks for (SNI) as ASCII before it
+    calls the context's ``sni_callback``, which every listener has (to
+    record the name, and to choose an SNI certificate). Any client can send
+    a name that is not ASCII: Python then writes the ``UnicodeDecodeError``
+    with a traceback to standard error through :data:`sys.unraisablehook`
+    (outside the log, its file and its JSON format, once per connection)
+    and fails the handshake, which the session logs once anyway. This
+    wraps the hook, once per process, to turn that one case into a debug
+    line; anything else goes to the hook it replaced."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_bonzo_sni_filter", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        tb = unraisable.exc_traceback
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if (
+            isinstance(exc, UnicodeDecodeError)
+            and isinstance(unraisable.object, bytes)
+            and tb is not None
+            and tb.tb_frame.f_code.co_name == "do_handshake"
+            and tb.tb_frame.f_code.co_filename == ssl.__file__
+        ):
+            log.debug(
+                "TLS: a client asked for a server name that is not ASCII: %r",
+                unraisable.object[:80],
+            )
+            return
+        previous(unraisable)
+
+    hook._bonzo_sni_filter = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 class TLSError(ValueError):
@@ -251,6 +300,7 @@ def make_server_context(
             sock.context = chosen
 
     ctx.sni_callback = choose
+    _quiet_sni_errors()
     return ctx
 
 

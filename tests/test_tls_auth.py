@@ -20,11 +20,13 @@ import smtplib
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import warnings
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiosmtplib
@@ -255,6 +257,50 @@ def test_tls_1_1_is_refused_with_an_alert(start_server, certs, log_watch, implic
     assert len(failed) == 1
     assert re.match(r"\[\w+ 127\.0\.0\.1\] TLS handshake failed: ", failed[0].getMessage())
     assert not log_watch.matching("SSL Error")
+
+
+def _client_hello(name: bytes) -> bytes:
+    """A real ClientHello asking for the server name ``name`` (same length
+    as a name Python agrees to send, patched in place)."""
+    placeholder = b"q" * (len(name) - len(b".example")) + b".example"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=placeholder.decode())
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    hello = outgoing.read()
+    assert hello.count(placeholder) == 1
+    return hello.replace(placeholder, name)
+
+
+@pytest.mark.parametrize("implicit_tls", [False, True], ids=["starttls", "implicit"])
+def test_a_server_name_that_is_not_ascii_fails_quietly(
+    start_server, certs, log_watch, monkeypatch, implicit_tls
+):
+    """Python decodes the SNI name as ASCII before the context's callback
+    and writes the error with a traceback to stderr (sys.unraisablehook),
+    once per connection: outside the log, whatever its file or format. Now
+    only the session's one line says what happened."""
+    seen: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)  # what was there before
+    server = start_auth_server(start_server, tls_listener(certs, implicit_tls=implicit_tls))
+    with RawClient(server.port) as client:
+        if not implicit_tls:
+            client.greet()
+            assert client.command("STARTTLS").startswith(b"220 ")
+        client.sock.sendall(_client_hello(b"\xff" * 10 + b".example"))
+        alert = client.sock.recv(64)
+    assert alert[:1] == b"\x15"  # a TLS alert, then the end
+    failed = log_watch.wait_for("TLS handshake failed")
+    assert failed.getMessage().endswith(
+        "TLS handshake failed: the server name it asked for (SNI) is not ASCII"
+    )
+    assert seen == []
+    # Any other unraisable error still reaches the hook that was there.
+    sys.unraisablehook(SimpleNamespace(exc_value=ValueError("x"), exc_traceback=None, object=None))
+    assert len(seen) == 1
 
 
 def test_everything_before_starttls_is_forgotten(start_server, certs, client_ctx):
