@@ -1571,10 +1571,16 @@ class SMTPProtocol:
                 # A non-ASCII verb never reaches a plugin: no verb is spelled so.
                 self._unknown_verb(verb)
                 return None
-            if len(key) > 12 or not key.isalpha():
-                # No verb is spelled so: perhaps the base64 credentials of an
-                # AUTH that was refused. Never in a log line.
-                self.stage, self._arg = "?", ""
+            if len(key) > 12 or not key.isalpha() or not (verb.isupper() or verb.islower()):
+                # No verb is spelled so (digits, mixed case): perhaps the
+                # base64 credentials of an AUTH that was refused, or sent
+                # without waiting for its prompt. Never in a log line.
+                self.stage = "?"
+            # Nor the argument of a verb the core does not know: a client
+            # whose BDAT count was off sends the rest of a line as one, such
+            # as "H PLAIN <credentials>" (Postfix does not log them either).
+            # A plugin that implements the verb gets it in the event.
+            self._arg = ""
             return Unknown(key, arg, verb)
         return handler(self, arg)
 
