@@ -87,6 +87,10 @@ class LogPlugin:
             if which:
                 line += f" {name}=" + ",".join(f"<{escape(every[i])}>" for i in which)
         line += f" size={envelope.size} id={escape(envelope.id)}"
+        msgid = _message_id(envelope)
+        if msgid:
+            # What a user who complains quotes: the line is found by it.
+            line += f" msgid=<{escape(msgid, 255)}>"
         if envelope.quarantined is not None:
             # Kept in the quarantine, not delivered to the recipients.
             line += (
@@ -100,3 +104,19 @@ class LogPlugin:
         """Log the envelope and size of the message just accepted."""
         if self.logger.isEnabledFor(self.level):
             self.logger.log(self.level, "%s", self.format(session, envelope))
+
+
+def _message_id(envelope: Envelope) -> str | None:
+    """The message's ``Message-ID:`` field as it is delivered (the first
+    one), or ``None``: none, or a header section too large to read."""
+    try:
+        headers = envelope.headers()
+    except Exception:  # HeaderSectionTooLarge: the line goes without it
+        return None
+    for name, value in headers:
+        if name.lower() == "message-id":
+            text = " ".join(value.split())
+            if text.startswith("<") and text.endswith(">"):
+                text = text[1:-1]  # the line writes it in <>, as from= and to=
+            return text or None
+    return None

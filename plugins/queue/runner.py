@@ -51,7 +51,7 @@ from bonzo import metrics
 from bonzo.address import Address
 from bonzo.client import deadline as client_deadline
 from bonzo.hooks import CANCEL_GRACE, PluginFailure, PluginSet, Refused, stop_task
-from bonzo.session import log_escape, new_session_id
+from bonzo.session import current_message_id, current_session_id, log_escape, new_session_id
 
 from .bounce import ReportLine, build_report, seven_bit, wants_report
 from .routes import Outcome, RouteTable
@@ -656,6 +656,11 @@ class Runner:
         self._wake.set()
 
     async def _attempt_guarded(self, id: str) -> None:
+        # Its own task, its own copy of the context: every line the attempt
+        # logs carries the message's id in a JSON log (as the accepting
+        # session's lines do), and no session's id, whichever task kicked it.
+        current_session_id.set(None)
+        current_message_id.set(id)
         try:
             async with self._slots:
                 await self.attempt(id)

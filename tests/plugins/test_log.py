@@ -50,6 +50,36 @@ def test_one_line_with_the_envelope(caplog):
     assert "SECRET" not in record.getMessage()
 
 
+def test_the_message_id_is_logged_so_that_a_complaint_can_be_traced(caplog):
+    """Postfix logs message-id=<...>: the one thing a user who complains
+    can quote. The client writes it, so it cannot forge a field either."""
+    for header, logged in (
+        ("<20261207.abc@mail.example.net>", "<20261207.abc@mail.example.net>"),
+        ("\r\n <folded@example.net>", "<folded@example.net>"),
+        ("<x@y> id=FAKE size=0", "<\\x3cx@y\\x3e\\x20id\\x3dFAKE\\x20size\\x3d0>"),
+    ):
+        caplog.clear()
+        envelope = make_envelope(
+            f"Message-ID: {header}\r\nSubject: hi\r\n\r\nbody\r\n".encode(),
+            mail_from="a@example.net",
+            rcpt_tos=["b@example.com"],
+        )
+        try:
+            configured().bonzo_accepted(session=make_session(), envelope=envelope)
+        finally:
+            envelope.close()
+        message = records(caplog)[0].getMessage()
+        assert message.endswith(f" id={envelope.id} msgid={logged}"), message
+        assert message.count(" id=") == 1 and message.count(" size=") == 1
+    caplog.clear()
+    envelope = make_envelope(b"Subject: none\r\n\r\nbody\r\n", rcpt_tos=["b@example.com"])
+    try:
+        configured().bonzo_accepted(session=make_session(), envelope=envelope)
+    finally:
+        envelope.close()
+    assert " msgid=" not in records(caplog)[0].getMessage()
+
+
 def test_null_sender_and_missing_helo(caplog):
     envelope = make_envelope(mail_from="", rcpt_tos=["postmaster"])
     try:

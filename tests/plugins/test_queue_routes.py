@@ -290,3 +290,41 @@ def test_a_maildir_transport_names_its_key_on_a_file_system_problem(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match=r"^transports\.store\.path: .* is not a directory$"):
         RouteTable({}, {"store": {"type": "maildir", "path": "file"}}, App(tmp_path))
+
+
+def test_every_line_of_an_attempt_carries_the_message_id_not_a_session(tmp_path, caplog):
+    """A JSON log gives each line the session and message ids of the
+    context: an attempt's lines (delivered, deferred, bounced) carry the
+    queued message's id, and not the id of the session whose task kicked it."""
+    import logging
+
+    from bonzo.session import current_message_id, current_session_id
+
+    spool, runner = make(tmp_path, {"*": {"type": "discard"}})
+    queue(spool, "M1", "bob@dest.test")
+    seen: list[tuple[str, str | None, str | None]] = []
+
+    class Ids(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append((record.getMessage(), current_session_id.get(), current_message_id.get()))
+
+    caplog.set_level(logging.INFO, logger="bonzo.plugins.queue")
+    handler = Ids()
+    logging.getLogger("bonzo.plugins.queue").addHandler(handler)
+
+    async def go() -> None:
+        current_session_id.set("SESSION1")  # a session's task kicks the runner
+        current_message_id.set("OTHER")
+        runner._start("M1")
+        task = runner._inflight["M1"]
+        await asyncio.wait_for(task, 10)
+        await runner.routes.close()
+        assert (current_session_id.get(), current_message_id.get()) == ("SESSION1", "OTHER")
+
+    try:
+        asyncio.run(go())
+    finally:
+        logging.getLogger("bonzo.plugins.queue").removeHandler(handler)
+    lines = [line for line in seen if "M1" in line[0]]
+    assert any("delivered" in message for message, _, _ in lines), seen
+    assert all((session, message_id) == (None, "M1") for _, session, message_id in lines), lines
