@@ -365,6 +365,21 @@ class DkimSignPlugin:
         self.config_warnings = (
             warnings if domains else ["no domains configured: nothing will be signed"]
         )
+        if sign == "all" and domains:
+            open_ports = [
+                f"listeners[{i}]"
+                for i, listener in enumerate(getattr(getattr(app, "config", None), "listeners", ()))
+                if not getattr(getattr(listener, "settings", None), "require_auth", True)
+            ]
+            if open_ports:
+                # A stranger's mail "From:" one of these domains would pass
+                # DKIM and DMARC with this server's signature.
+                self.config_warnings.append(
+                    f'sign = "all" signs whatever {", ".join(open_ports)} receive without AUTH: '
+                    "a stranger's message claiming one of your domains gets your signature; "
+                    'use sign = "authenticated" (with networks for hosts you relay for) '
+                    "unless nothing but your own mail arrives there"
+                )
         self.sign_all = sign == "all"
         self.networks = networks
         self.defer = on_error == "defer"

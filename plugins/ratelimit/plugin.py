@@ -187,6 +187,10 @@ class RateLimitPlugin:
         self.ipv6_prefix = values["ipv6_prefix"]
         self.on_store_error = values["on_store_error"]
         self.rules = rules
+        #: What ``bonzo check`` should warn about.
+        self.config_warnings = (
+            [] if values["rules"] else ["no rules configured: nothing is limited"]
+        )
         store = getattr(app, "store", None)
         self.store = store if isinstance(store, Store) else MemoryStore()
 

@@ -1122,3 +1122,22 @@ def test_the_example_configuration_shows_every_key():
     shown = set(re.findall(r"^# (\w+) = ", block, re.M))
     assert shown == set(plugin_module.KEYS + plugin_module.DOMAIN_KEYS) - {"domains"}
     assert '# [plugins.dkim_sign.domains."example.org"]' in block
+
+
+def test_sign_all_beside_a_listener_open_to_anyone_is_warned_about(keys):
+    """sign = "all" on a server that also receives from the Internet signs
+    forgeries of your own domain (the README says so; check says it now)."""
+    from types import SimpleNamespace
+
+    def app(*require_auth: bool) -> Any:
+        listeners = [
+            SimpleNamespace(settings=SimpleNamespace(require_auth=r)) for r in require_auth
+        ]
+        return SimpleNamespace(config=SimpleNamespace(listeners=listeners))
+
+    warned = configured(app(False, True), domains=one(keys), sign="all").config_warnings
+    assert len(warned) == 1 and warned[0].startswith(
+        'sign = "all" signs whatever listeners[0] receive without AUTH: '
+    )
+    assert configured(app(True, True), domains=one(keys), sign="all").config_warnings == []
+    assert configured(app(False), domains=one(keys)).config_warnings == []  # "authenticated"

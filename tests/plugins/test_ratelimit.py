@@ -180,6 +180,11 @@ class BrokenStore(Store):
         raise StoreError("Redis at redis://127.0.0.1:1/0: counting failed: ConnectionError")
 
 
+def test_no_rules_is_warned_about():
+    assert configure({}).config_warnings == ["no rules configured: nothing is limited"]
+    assert configure({"rules": [rule("client", "connect", 1)]}).config_warnings == []
+
+
 def test_a_store_failure_fails_open_with_a_warning(caplog):
     plugin = configure({"rules": [rule("client", "connect", 1)]}, BrokenStore())
 
