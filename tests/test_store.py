@@ -336,6 +336,7 @@ def test_check_warns_when_workers_do_not_share_a_plugins_state(tmp_path: Path):
     text = (
         f'[server]\nworkers = 4\n[plugins]\nenabled = ["{plugin}", "recipients", "discard"]\n'
         '[plugins.recipients]\ndomains = ["example.com"]\n'
+        f'[[plugins."{plugin}".rules]]\nkey = "client"\nstage = "connect"\nlimit = 5\nwindow = 60\n'
     )
     warnings = MailApp(parse_config(text, "t.toml", tmp_path)).warnings()
     assert warnings == [

@@ -57,7 +57,9 @@ SCHEMA = Schema(
         "a configuration error, as is the key with a ``tls`` other than ``verify``."),
     Key("username",
         doc="Authenticate as this user (``AUTH PLAIN``, else ``LOGIN``); only over "
-        "TLS unless ``auth_plaintext``."),
+        "TLS unless ``auth_plaintext``. With ``tls = \"none\"`` (and no "
+        "``implicit_tls``) it is a configuration error unless ``auth_plaintext`` is "
+        "true: no message could ever be forwarded."),
     Key("password", "secret",
         doc="The password of ``username`` (:ref:`config-secrets`)."),
     Key("auth_plaintext", "bool", default=False,

@@ -150,7 +150,10 @@ SMARTHOST = Schema(
     Key("tls_name", convert=_word,
         doc="The name the relay's certificate must show, and sent in SNI "
         "(default: ``host``)."),
-    Key("username", doc="Authenticate (``AUTH PLAIN``, else ``LOGIN``) as this user."),
+    Key("username",
+        doc="Authenticate (``AUTH PLAIN``, else ``LOGIN``) as this user. With "
+        "``tls = \"none\"`` (and no ``implicit_tls``) it is a configuration error "
+        "unless ``auth_plaintext`` is true: no delivery could ever authenticate."),
     Key("password", "secret",
         doc='The password of ``username``: ``{ "$env" = "NAME" }`` or '
         '``{ "$file" = "/path" }`` keeps it out of the file.'),

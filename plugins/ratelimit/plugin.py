@@ -118,7 +118,8 @@ RULE_SCHEMA = Schema(
 #: The ``[plugins.ratelimit]`` table (:mod:`bonzo.schema`).
 SCHEMA = Schema(
     Key("rules", "tables", default=[], schema=RULE_SCHEMA,
-        doc="The limits, written as ``[[plugins.ratelimit.rules]]`` tables."),
+        doc="The limits, written as ``[[plugins.ratelimit.rules]]`` tables. With "
+        "none, nothing is limited, and ``bonzo check`` says so."),
     Key("reply", "str", default=DEFAULT_REPLY, convert=_reply,
         doc="The reply to an excess, written ``\"<code> [<enhanced code>] "
         "[<text>]\"`` (``4xx`` or ``5xx``; a temporary ``4xx`` is what rate "
