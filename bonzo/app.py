@@ -472,13 +472,15 @@ class MailApp:
 
     def certificate_warnings(self) -> list[str]:
         """The listeners' server certificates that have expired, expire within
-        :data:`bonzo.tls.EXPIRY_WARNING_DAYS` days, or are not valid yet
-        (read now, not when the configuration was loaded)."""
+        :data:`bonzo.tls.EXPIRY_WARNING_DAYS` days, or are not valid yet, and
+        their key files that every user can read (read now, not when the
+        configuration was loaded: a reload logs them, as a renewal is when
+        they change)."""
         return [
             f"{key}: {warning}"
             for listener in self.config.listeners
             for key, pair in listener.tls_files.items()
-            for warning in certificate_warnings(pair)
+            for warning in certificate_warnings(pair) + key_file_warnings(pair)
         ]
 
     def warnings(self) -> list[str]:
@@ -509,12 +511,6 @@ class MailApp:
                 "every recipient will be refused; enable e.g. 'recipients'"
             )
         out.extend(self.certificate_warnings())
-        out.extend(
-            f"{key}: {warning}"
-            for listener in self.config.listeners
-            for key, pair in listener.tls_files.items()
-            for warning in key_file_warnings(pair)
-        )
         for i, listener in enumerate(self.config.listeners):
             ls = listener.settings
             out.extend(_open_trust(i, listener.where, ls))

@@ -997,6 +997,7 @@ class SMTPConnection:
         self._since = self._loop.time()
         self._check_by(self._since + self.settings.tls_handshake_timeout)
         early = b""
+        heard = bool(initial)  # anything of a ClientHello
         try:
             if initial:
                 early = tls.receive(initial)
@@ -1004,7 +1005,9 @@ class SMTPConnection:
                 if out:
                     stream.write(out)
             while not tls.handshake_done:
-                early = tls.receive(await stream.read_bytes(chunk_size, partial=True))
+                received = await stream.read_bytes(chunk_size, partial=True)
+                heard = True
+                early = tls.receive(received)
                 out = tls.data_to_send()
                 if out:
                     stream.write(out)
@@ -1022,10 +1025,15 @@ class SMTPConnection:
         except StreamClosedError:
             self._tls = None
             if self._why != "tls_handshake_timeout":
-                gen_log.info(
-                    "[%s %s] client closed the connection during the TLS handshake",
+                # Closed before sending anything: a health check (a load
+                # balancer's, every few seconds) or a port probe, not a
+                # failed handshake: not worth an INFO line each time.
+                gen_log.log(
+                    logging.INFO if heard else logging.DEBUG,
+                    "[%s %s] client closed the connection %s the TLS handshake",
                     self.session.id,
                     self.remote_ip,
+                    "during" if heard else "before",
                 )
             return False
         finally:

@@ -119,6 +119,7 @@ def _context(pair: CertificatePair) -> ssl.SSLContext:
                 pass
         except OSError as exc:
             raise TLSError(f"cannot read {path}: {exc.strerror or exc}") from None
+    _check_complete(pair.cert)
 
     def no_pass_phrase() -> bytes:
         # Called only for an encrypted key. Without a callback OpenSSL would
@@ -164,6 +165,31 @@ def _context(pair: CertificatePair) -> ssl.SSLContext:
             f"{exc.strerror or exc.__class__.__name__}"
         ) from None
     return ctx
+
+
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.*?-----END \1-----", re.DOTALL)
+
+
+def _check_complete(path: str) -> None:
+    """Refuse a certificate file that ends inside a PEM block: a renewal
+    caught half written (or a file cut short). OpenSSL reads the complete
+    certificates before the cut and ignores the rest, so the server would
+    present its certificate without the intermediates after it, and every
+    client that verifies would refuse it."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)
+    except OSError:
+        return  # make_server_context says why
+    end = 0
+    for match in _PEM_BLOCK.finditer(data):
+        end = match.end()
+    rest = data[end:].strip()
+    if rest.startswith(b"-") or b"-----BEGIN" in rest:
+        raise TLSError(
+            f"certificate {path} ends inside a PEM block (a file being written, or cut "
+            "short): the certificates after the last complete one would not be sent"
+        )
 
 
 def _matching_later_certificate(pair: CertificatePair) -> int:
@@ -307,7 +333,8 @@ def make_server_context(
 def tls_facts(obj: ssl.SSLSocket | ssl.SSLObject | Any) -> dict[str, Any]:
     """What plugins see of an established TLS session: ``version``,
     ``cipher``, ``bits``, ``sni`` (the name the client asked for, if any) and
-    ``peer_cert`` (the client's certificate as a dict, if it sent one)."""
+    ``peer_cert`` (the client's certificate as a dict, if it sent one:
+    Bonzo's own server contexts never ask for one, so there it is ``None``)."""
     cipher = obj.cipher() or ("", "", 0)
     facts: dict[str, Any] = {
         "version": obj.version() or "",

@@ -303,6 +303,22 @@ def test_a_server_name_that_is_not_ascii_fails_quietly(
     assert len(seen) == 1
 
 
+def test_a_connection_closed_before_any_handshake_is_a_debug_line(start_server, certs, log_watch):
+    """A load balancer's health check (HAProxy's every 2 s) connects to an
+    implicit-TLS port and closes: one INFO line each time was 43,000 a day.
+    A client that began its ClientHello and left still gets its INFO line."""
+    server = start_auth_server(start_server, tls_listener(certs, implicit_tls=True))
+    with RawClient(server.port):
+        pass
+    before = log_watch.wait_for("closed the connection before the TLS handshake")
+    assert before.levelname == "DEBUG"
+    with RawClient(server.port) as client:
+        client.sock.sendall(_client_hello(b"q" * 10 + b".example")[:40])
+    during = log_watch.wait_for("closed the connection during the TLS handshake")
+    assert during.levelname == "INFO"
+    assert len(log_watch.matching("closed the connection")) == 2
+
+
 def test_everything_before_starttls_is_forgotten(start_server, certs, client_ctx):
     server = start_auth_server(start_server, tls_listener(certs, auth_plaintext=True))
     with RawClient(server.port) as client:
@@ -1668,9 +1684,39 @@ def test_a_key_file_every_user_can_read_is_warned_about(tmp_path, certs):
 
     assert key_warnings() == []
     key.chmod(0o644)
-    assert key_warnings() == [
-        f"listeners[0].tls: the key file {key} can be read by every user (chmod o-r it)"
-    ]
+    expected = f"listeners[0].tls: the key file {key} can be read by every user (chmod o-r it)"
+    assert key_warnings() == [expected]
+    # What a reload logs (a renewal often writes the key anew, 0644).
+    app = MailApp(parse_config(text, "t.toml", tmp_path))
+    assert app.certificate_warnings() == [expected]
+
+
+def test_a_certificate_file_cut_inside_its_chain_is_refused(tmp_path):
+    """A renewal caught half written: OpenSSL loaded the complete server
+    certificate, ignored a cut-off intermediate after it, and the server sent
+    its certificate alone (28 of 725 cut points in a test of every one)."""
+    root = trustme.CA()
+    leaf = root.create_child_ca().issue_cert("mx.example.test")
+    chain = b"".join(pem.bytes() for pem in leaf.cert_chain_pems)
+    key = tmp_path / "key.pem"
+    key.write_bytes(leaf.private_key_pem.bytes())
+    cert = tmp_path / "cert.pem"
+    cert.write_bytes(chain)
+    make_server_context(CertificatePair(str(cert), str(key)))  # whole: fine
+    second = chain.index(b"-----BEGIN CERTIFICATE-----", 1)
+    cuts = [second + n for n in (1, 5, 10, 15, 26, 27, 28, 40)]
+    cuts += list(range(second + 28, len(chain) - 1, 97)) + [len(chain) - 10, len(chain) - 2]
+    for cut in cuts:
+        cert.write_bytes(chain[:cut])
+        with pytest.raises(TLSError, match=re.escape(f"certificate {cert}")):
+            make_server_context(CertificatePair(str(cert), str(key)))
+    cert.write_bytes(chain[:second] + b"-----BEGIN CERT")
+    with pytest.raises(TLSError) as info:
+        make_server_context(CertificatePair(str(cert), str(key)))
+    assert str(info.value) == (
+        f"certificate {cert} ends inside a PEM block (a file being written, or cut short): "
+        "the certificates after the last complete one would not be sent"
+    )
 
 
 def test_not_a_certificate(tmp_path, certs):

@@ -187,6 +187,7 @@ def test_check_and_reload_warn_about_an_expired_certificate(tmp_path, intermedia
     for cert, key in (("cert.pem", "key.pem"), ("mx2.pem", "mx2.key")):
         (tmp_path / cert).write_bytes(Path(good.cert).read_bytes())
         (tmp_path / key).write_bytes(Path(good.key).read_bytes())
+        (tmp_path / key).chmod(0o600)  # as keys are kept: only the date is wrong here
     config = tmp_path / "bonzo.toml"
     config.write_text(CONFIG.format(port=free_port()))
     env = dict(os.environ)
