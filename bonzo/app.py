@@ -122,6 +122,18 @@ def _instantiate(obj: Any) -> Any:
 #: when the last has stopped -- never under the feet of the other.
 _RUNNING: dict[int, tuple[object, int]] = {}
 
+#: The least ``max_message_size`` not warned about: RFC 5321 4.5.3.1.7's
+#: minimum maximum size of a message's content, 64K octets.
+MIN_MESSAGE_SIZE = 65536
+
+
+def _small_size(key: str, size: int) -> str:
+    return (
+        f"{key} = {size}: smaller than the 64K octets every server must take "
+        "(RFC 5321 4.5.3.1.7); most mail will be refused with 552"
+    )
+
+
 #: The text of the ``421 4.3.2`` that ends the sessions a reload's previous
 #: configuration still has ``shutdown_grace`` seconds later: the server
 #: goes on, so the client is told to connect again, not that it stops.
@@ -511,9 +523,15 @@ class MailApp:
                 "every recipient will be refused; enable e.g. 'recipients'"
             )
         out.extend(self.certificate_warnings())
+        size = self.settings.max_message_size
+        if 0 < size < MIN_MESSAGE_SIZE:
+            out.append(_small_size("limits.max_message_size", size))
         for i, listener in enumerate(self.config.listeners):
             ls = listener.settings
             out.extend(_open_trust(i, listener.where, ls))
+            override = listener.overrides.get("max_message_size")
+            if isinstance(override, int) and 0 < override < MIN_MESSAGE_SIZE:
+                out.append(_small_size(f"listeners[{i}].max_message_size", override))
             if ls.require_auth and not self.plugins.checks_credentials():
                 out.append(
                     f"listeners[{i}] requires AUTH but no enabled plugin checks credentials "

@@ -1562,6 +1562,11 @@ def _supervise(
                 "others the new one: fix the new configuration's plugins and reload again",
                 ", ".join(str(n) for n in sorted(refused)),
             )
+        elif not reporting and refused:
+            # Each worker's own line says why; this one says what came of it.
+            log.error(
+                "reload: every worker refused the new configuration; all still run the previous one"
+            )
 
     def reload_workers() -> None:
         nonlocal app, reload_sent

@@ -77,7 +77,8 @@ class SMTPSettings:
     """Largest message accepted, advertised in ``SIZE``. A declared ``SIZE=``
     over it gets ``552 5.3.4`` at MAIL; a larger body is read to the end and
     answered ``552 5.3.4`` after the final dot. ``0`` means no limit; at
-    most 2**63 - 1."""
+    most 2**63 - 1. Under 64K octets (what RFC 5321 4.5.3.1.7 has every
+    server take) ``bonzo check`` warns."""
 
     max_data_line: int = 8192
     """Longest line inside a message, CRLF included (a dot added for

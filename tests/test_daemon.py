@@ -2014,6 +2014,14 @@ def test_a_worker_started_after_a_refused_reload_runs_what_the_others_run(workdi
         ),
         what="the supervisor to hear of it",
     )
+    # And what came of it, once every worker has reported.
+    wait_until(
+        lambda: (
+            "reload: every worker refused the new configuration; all still run the "
+            "previous one" in daemon.log
+        ),
+        what="the supervisor's summary",
+    )
     marker.unlink()  # the new configuration would start now
     for pid in ready_pids(daemon):
         os.kill(pid, signal.SIGKILL)

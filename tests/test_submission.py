@@ -329,3 +329,29 @@ def test_require_auth_where_auth_is_never_offered_is_warned_about(tmp_path):
     assert not [
         w for w in warnings("require_auth = true\nauth_plaintext = true") if "listeners[0]" in w
     ]
+
+
+def test_a_size_limit_below_what_rfc_5321_requires_is_warned_about(tmp_path):
+    """max_message_size = 10 refuses nearly every message with 552: a typo
+    (a unit forgotten), since RFC 5321 4.5.3.1.7 has every server take 64K."""
+    from bonzo.app import MailApp
+    from bonzo.config import parse_config
+
+    def warnings(limits: str, listener: str = "") -> list[str]:
+        text = (
+            f"[limits]\n{limits}\n[[listeners]]\nport = 2525\n{listener}\n[plugins]\n"
+            'enabled = ["recipients", "discard"]\n[plugins.recipients]\ndomains = ["example.com"]\n'
+        )
+        found = MailApp(parse_config(text, "t.toml", tmp_path)).warnings()
+        return [w for w in found if "max_message_size" in w]
+
+    assert warnings("max_message_size = 10") == [
+        "limits.max_message_size = 10: smaller than the 64K octets every server must take "
+        "(RFC 5321 4.5.3.1.7); most mail will be refused with 552"
+    ]
+    assert warnings("max_message_size = 65536") == []
+    assert warnings("max_message_size = 0") == []  # no limit
+    assert warnings("", "max_message_size = 1000") == [
+        "listeners[0].max_message_size = 1000: smaller than the 64K octets every server must "
+        "take (RFC 5321 4.5.3.1.7); most mail will be refused with 552"
+    ]
