@@ -1088,14 +1088,10 @@ class SMTPProtocol:
         self._pos = 0
 
     def _write_error(self, error: SMTPError) -> None:
+        enhanced = self.enhanced_codes  # a property: read once
+        utf8 = not enhanced or "SMTPUTF8" in self.mail_params
         self._queue(
-            format_reply(
-                error.status_code,
-                error.message,
-                error.enhanced_code,
-                self.enhanced_codes,
-                not self.enhanced_codes or "SMTPUTF8" in self.mail_params,
-            )
+            format_reply(error.status_code, error.message, error.enhanced_code, enhanced, utf8)
         )
 
     def _refused(
