@@ -44,6 +44,8 @@ DEADLINE = 20.0
 REQUIRED_VARIABLE = "BONZO_INTEROP_REQUIRED"
 #: Set to ``1`` to keep each peer's directory after the test (its path is logged).
 KEEP_VARIABLE = "BONZO_INTEROP_KEEP"
+#: Starts of a peer on a new port when another process took its port first.
+PORT_ATTEMPTS = 3
 #: The checkout's root (Exim's unpacked package lives under ``.ci/cache/``).
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,6 +57,10 @@ FINAL: frozenset[str] = frozenset({"sent", "bounced"})
 class PeerError(Exception):
     """A peer failed to start, to stop or to take a message (the message
     carries the end of its log)."""
+
+
+class PortTaken(PeerError):
+    """Another process listens on the port chosen for the peer."""
 
 
 def unavailable(reason: str) -> NoReturn:
@@ -286,26 +292,39 @@ class Peer(abc.ABC):
     def start(self, timeout: float = DEADLINE) -> Peer:
         """Configure and run the peer; return once its SMTP port greets.
 
-        :class:`PeerError` (with its log) if it exits or does not greet in time.
+        :class:`PeerError` (with its log) if it exits or does not greet in
+        time. When another process took the peer's port between choosing and
+        binding it (test servers of other runs start in parallel), the peer
+        is started again on a new port, at most :data:`PORT_ATTEMPTS` times.
         """
-        self.configure()
-        self._output = open(self.output_path, "wb")  # noqa: SIM115 - closed by stop()
-        self.proc = subprocess.Popen(
-            self.command(),
-            stdin=subprocess.DEVNULL,
-            stdout=self._output,
-            stderr=subprocess.STDOUT,
-            cwd=self.directory,
-            start_new_session=True,  # one process group to end at stop()
-        )
-        try:
-            wait_until(self._greets, timeout, f"{self.name} to greet on port {self.port}")
-        except (TimeoutError, PeerError) as exc:
-            diagnosis = self.diagnosis()
-            self.stop()
-            raise PeerError(f"{self.name} did not start: {exc}\n{diagnosis}") from None
-        self.started()
-        return self
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            self.configure()
+            self._output = open(self.output_path, "wb")  # noqa: SIM115 - closed by stop()
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=self._output,
+                stderr=subprocess.STDOUT,
+                cwd=self.directory,
+                start_new_session=True,  # one process group to end at stop()
+            )
+            try:
+                wait_until(self._greets, timeout, f"{self.name} to greet on port {self.port}")
+            except PortTaken as exc:
+                self._end_process(timeout)
+                if attempt < PORT_ATTEMPTS:
+                    self.port = free_port()
+                    continue
+                diagnosis = self.diagnosis()
+                self.stop()
+                raise PeerError(f"{self.name} did not start: {exc}\n{diagnosis}") from None
+            except (TimeoutError, PeerError) as exc:
+                diagnosis = self.diagnosis()
+                self.stop()
+                raise PeerError(f"{self.name} did not start: {exc}\n{diagnosis}") from None
+            self.started()
+            return self
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def started(self) -> None:  # noqa: B027 - an optional hook
         """Called once the peer greets (to note process ids, say)."""
@@ -318,6 +337,8 @@ class Peer(abc.ABC):
     def _greets(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
+            if self._port_answers():
+                raise PortTaken(f"port {self.port} was taken by another process")
             raise PeerError(f"exited with status {self.proc.returncode}")
         try:
             with socket.create_connection((HOST, self.port), timeout=2) as sock:
@@ -327,13 +348,30 @@ class Peer(abc.ABC):
         except OSError:
             return False
         if self.token.encode() not in greeting:
-            raise PeerError(f"another server answers on port {self.port}: {greeting!r}")
+            raise PortTaken(f"another server answers on port {self.port}: {greeting!r}")
         return True
+
+    def _port_answers(self) -> bool:
+        try:
+            with socket.create_connection((HOST, self.port), timeout=2):
+                return True
+        except OSError:
+            return False
 
     def stop(self, timeout: float = DEADLINE) -> None:
         """Stop the peer, wait for it, end whatever of it is left, and remove
         its directory (unless kept). Safe to call twice, and on a peer that
         never started (to remove its directory)."""
+        proc = self.proc
+        try:
+            self._end_process(timeout)
+        finally:
+            if self.keep and proc is not None:
+                print(f"{self.name}: kept {self.directory}")
+            elif not self.keep:
+                shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _end_process(self, timeout: float) -> None:
         proc = self.proc
         try:
             if proc is not None:
@@ -358,10 +396,6 @@ class Peer(abc.ABC):
             if self._output is not None:
                 self._output.close()
                 self._output = None
-            if self.keep and proc is not None:
-                print(f"{self.name}: kept {self.directory}")
-            elif not self.keep:
-                shutil.rmtree(self.directory, ignore_errors=True)
 
     @property
     def running(self) -> bool:

@@ -6,6 +6,8 @@ Postfix as a downstream server that refuses chosen recipients."""
 from __future__ import annotations
 
 import re
+import socket
+import threading
 from typing import Any
 
 import pytest
@@ -15,8 +17,8 @@ from bonzo.session import Envelope
 from bonzo.settings import ListenerSettings
 
 from .bonzo_side import CORPUS, PASSWORD, USER, Target, by_subject, split_trace
-from .peers import LMTPRoute, SMTPRoute, wait_until
-from .postfix import parse_status
+from .peers import HOST, LMTPRoute, SMTPRoute, unavailable, wait_until
+from .postfix import Postfix, parse_status, unavailable_reason
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -54,6 +56,43 @@ def test_relayed_messages_arrive_byte_for_byte(start_server, postfix):
         assert delivered.header_bytes.startswith(b"Received: from postfix.test ")
     assert stored["ascii"].rcpt_tos == recipients
     assert stored["eight bit"].mail_params.get("BODY") == "8BITMIME"
+
+
+@pytest.mark.parametrize("greets", [True, False], ids=["squatter greets", "squatter silent"])
+def test_peer_starts_on_a_new_port_when_another_process_took_its_port(greets):
+    # The flake this guards against: test servers of parallel runs bind
+    # ports between the harness choosing one for Postfix and Postfix binding it.
+    reason = unavailable_reason()
+    if reason is not None:
+        unavailable(reason)
+    peer = Postfix()
+    taken = peer.port
+    with socket.create_server((HOST, taken)) as squatter:
+        squatter.settimeout(0.2)
+        done = threading.Event()
+
+        def answer() -> None:
+            while not done.is_set():
+                try:
+                    conn, _ = squatter.accept()
+                except OSError:
+                    continue
+                with conn:
+                    conn.sendall(b"220 squatter ESMTP\r\n")
+
+        thread = threading.Thread(target=answer, daemon=True)
+        if greets:
+            thread.start()
+        try:
+            peer.start()
+            assert peer.port != taken
+            with socket.create_connection((HOST, peer.port), timeout=5) as sock:
+                assert peer.token.encode() in sock.recv(512)
+        finally:
+            done.set()
+            peer.stop()
+            if greets:
+                thread.join(5)
 
 
 def test_bonzo_550_bounces_and_451_defers(start_server, postfix):
