@@ -8,11 +8,13 @@ right if it came from the header. Checked: the session, the plugins, the
 Received header and the per-client limit see the client; version 2's TLVs
 (unique id, CRC32C, the TLS facts of a connection HAProxy decrypted, ALPN,
 the server name); implicit TLS that HAProxy passes through; health checks
-that send a LOCAL header; IPv6 clients.
+that send a LOCAL header (and, before a TLS handshake, are DEBUG lines); IPv6
+clients.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import smtplib
 import socket
@@ -296,6 +298,36 @@ def test_health_checks_with_the_header(start_server, haproxy, log_watch, options
             assert (header.version, header.command) == (2, "LOCAL")
     time.sleep(0.3)
     assert not [r for r in log_watch.records if r.levelname == "WARNING"]
+
+
+def test_health_checks_of_an_implicit_tls_port_are_debug_lines(
+    start_server, haproxy, log_watch, certs, ca
+):
+    # With check-send-proxy, HAProxy's TCP check sends the header and closes
+    # without a ClientHello, every few seconds on every port it watches: not
+    # a failed handshake, not worth an INFO line each time. (A plain check
+    # resets the connection before Bonzo accepts it: nothing to log.)
+    plugin = Seen()
+    pair = CertificatePair(certs["cert"], certs["key"])
+    listener = {"tls_context": make_server_context(pair), "implicit_tls": True}
+    server = bonzo(start_server, plugin, listener=listener)
+    backend, line = server_line(server, "send-proxy-v2 check check-send-proxy inter 200ms")
+    proxy = haproxy(Frontend("smtps", backend, line))
+
+    def closed_before() -> list[logging.LogRecord]:
+        return [r for r in log_watch.records if "closed the connection before" in r.getMessage()]
+
+    wait_until(lambda: len(closed_before()) >= 2, timeout=10, message="two health checks")
+    assert {r.levelno for r in closed_before()} == {logging.DEBUG}
+    # A real client of the same port is served.
+    send(tls_connect(proxy.ports["smtps"], "127.0.0.3", client_context(ca)))
+    wait_until(lambda: plugin.messages, message="the message")
+    noisy = [
+        r.getMessage()
+        for r in log_watch.records
+        if r.levelno >= logging.INFO and "TLS" in r.getMessage()
+    ]
+    assert noisy == []
 
 
 def stored(maildir: Path, count: int) -> list[bytes]:
