@@ -1002,6 +1002,12 @@ _RELOAD_REPORTS: tuple[int, int] | None = (
     (signal.SIGRTMIN, signal.SIGRTMIN + 1) if hasattr(signal, "SIGRTMIN") else None
 )
 
+#: The supervisor's "reload" request to its workers. Not SIGHUP, which a
+#: worker then takes as sent by someone else (``kill -HUP`` of one worker's
+#: pid) and passes to the supervisor, so that every worker reloads, not that
+#: one alone. SIGHUP where the platform has no real-time signals.
+_RELOAD_REQUEST: int = signal.SIGRTMIN + 2 if _RELOAD_REPORTS is not None else signal.SIGHUP
+
 #: How long the supervisor waits for every worker's report on a reload
 #: before it passes another SIGHUP on (a worker that never reports must not
 #: stop reloads for good).
@@ -1039,8 +1045,9 @@ def _run_worker(
     supervisor's requests as their own signals: SIGUSR2 "stop gracefully"
     (under systemd's default ``KillMode=control-group`` a worker gets
     systemd's SIGTERM *and* the supervisor's request for the same stop, in
-    either order: only a second SIGTERM of its own forces the stop) and
-    SIGUSR1 "force the stop".
+    either order: only a second SIGTERM of its own forces the stop),
+    SIGUSR1 "force the stop" and :data:`_RELOAD_REQUEST` "reload"; a SIGHUP
+    of its own it passes to the supervisor, which reloads every worker.
     It stops when its supervisor is gone.
 
     With ``[metrics]`` on, the worker counts (:mod:`bonzo.metrics`); the
@@ -1245,16 +1252,36 @@ def _run_worker(
             while not forced:
                 request_stop("the supervisor's second stop")
 
-        handled = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+        def pass_sighup(supervisor: int) -> None:
+            # Reloaded alone, this worker would serve another configuration
+            # (other certificates) than the others, and nothing would say so.
+            log.info(
+                "SIGHUP sent to this worker (pid %d): passed to the supervisor (pid %d), "
+                "which reloads every worker",
+                os.getpid(),
+                supervisor,
+            )
+            try:
+                os.kill(supervisor, signal.SIGHUP)
+            except ProcessLookupError:  # pragma: no cover - gone: this worker stops
+                pass
+
+        handled: list[int] = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
         loop.add_signal_handler(signal.SIGTERM, on_stop_signal, signal.SIGTERM)
         if supervisor is None:
             loop.add_signal_handler(signal.SIGINT, on_stop_signal, signal.SIGINT)
+            loop.add_signal_handler(signal.SIGHUP, on_reload)
         else:
             loop.add_signal_handler(signal.SIGINT, lambda: None)
             loop.add_signal_handler(signal.SIGUSR2, on_graceful_request)
             loop.add_signal_handler(signal.SIGUSR1, on_force_request)
             handled += [signal.SIGUSR2, signal.SIGUSR1]
-        loop.add_signal_handler(signal.SIGHUP, on_reload)
+            if _RELOAD_REQUEST == signal.SIGHUP:
+                loop.add_signal_handler(signal.SIGHUP, on_reload)
+            else:
+                loop.add_signal_handler(_RELOAD_REQUEST, on_reload)
+                loop.add_signal_handler(signal.SIGHUP, pass_sighup, supervisor)
+                handled.append(_RELOAD_REQUEST)
         if mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         watch = None
@@ -1329,8 +1356,8 @@ def _run_worker(
 
 def _release_signals(
     loop: asyncio.AbstractEventLoop,
-    signals: list[signal.Signals],
-    ending: tuple[signal.Signals, ...] | None = None,
+    signals: list[int],
+    ending: tuple[int, ...] | None = None,
 ) -> None:
     """Take ``signals`` back from ``loop`` while it is still open, for a
     process that has stopped serving and is about to exit.
@@ -1389,7 +1416,8 @@ def _supervise(
     """Fork ``workers`` processes that share the listening sockets; restart
     any that dies unexpectedly; pass SIGTERM/SIGINT on to them (the first as
     SIGUSR2, a graceful stop; the second as SIGUSR1, to force it); on SIGHUP
-    check the configuration and pass the signal on. The workers report
+    check the configuration and ask every worker to reload
+    (:data:`_RELOAD_REQUEST`). The workers report
     whether they took the reload (:data:`_RELOAD_REPORTS`), so that a worker
     started later runs what they run.
 
@@ -1424,7 +1452,9 @@ def _supervise(
     # The requests to workers too, so that a worker inherits them blocked
     # and takes none before its handlers are in place (their default action
     # would kill it).
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, waited | {signal.SIGUSR1, signal.SIGUSR2})
+    mask = signal.pthread_sigmask(
+        signal.SIG_BLOCK, waited | {signal.SIGUSR1, signal.SIGUSR2, _RELOAD_REQUEST}
+    )
 
     # What each reloaded configuration replaced: a worker that cannot start
     # on one (its plugins' startup failed, as it did in the workers at the
@@ -1584,7 +1614,7 @@ def _supervise(
         reload_sent = time.monotonic()
         for pid in children:
             try:
-                os.kill(pid, signal.SIGHUP)
+                os.kill(pid, _RELOAD_REQUEST)
             except ProcessLookupError:  # pragma: no cover - exited, not yet reaped
                 pass
 

@@ -1097,14 +1097,14 @@ def test_with_a_log_file_errors_after_startup_stay_in_the_file(workdir, serve):
 SIGNAL_WHILE_CLOSING = """
 import asyncio.selector_events, os, signal, sys
 from bonzo.app import MailApp
-from bonzo.cli import _run_worker
+from bonzo.cli import _RELOAD_REQUEST, _run_worker
 from bonzo.config import load_config
 
 close_pipe = asyncio.selector_events.BaseSelectorEventLoop._close_self_pipe
 
 def close_and_signal(loop):
     close_pipe(loop)
-    for sig in (signal.SIGUSR2, signal.SIGUSR1, signal.SIGHUP):
+    for sig in (signal.SIGUSR2, signal.SIGUSR1, signal.SIGHUP, _RELOAD_REQUEST):
         os.kill(os.getpid(), sig)
 
 asyncio.selector_events.BaseSelectorEventLoop._close_self_pipe = close_and_signal
@@ -1745,6 +1745,34 @@ def test_a_pending_sighup_goes_on_when_a_worker_never_reports(workdir, serve):
     wait_until(lambda: daemon.log.count("reloaded ") == 4, what="each worker to reload twice")
     assert daemon.stop() == 0
     assert "Traceback" not in daemon.log and "ERROR" not in daemon.log
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGRTMIN"), reason="no real-time signals here")
+def test_a_sighup_sent_to_one_worker_reloads_every_worker(workdir, serve):
+    """``kill -HUP`` of one worker's pid (found with ps): that worker alone
+    reloaded, and the two served different configurations, unlogged. It is
+    passed to the supervisor, which reloads them all."""
+    port = free_port()
+    table = f'\n[plugins."daemonplug:Lifecycle"]\nout = "{workdir / "out"}"\n'
+    enabled = ["daemonplug:Lifecycle", STORE]
+    config = write_config(workdir, port, enabled=enabled, workers=2, extra=table)
+    daemon = serve(config, port)
+    daemon.wait_ready(workers=2)
+    pids = [int(pid) for pid in re.findall(r"ready \(pid (\d+)\)", daemon.log)]
+    assert len(pids) == 2 and daemon.proc.pid not in pids
+    os.kill(pids[0], signal.SIGHUP)
+    wait_until(lambda: daemon.log.count("reloaded ") == 2, what="both workers to reload")
+    log = daemon.log
+    assert (
+        f"SIGHUP sent to this worker (pid {pids[0]}): passed to the supervisor "
+        f"(pid {daemon.proc.pid}), which reloads every worker"
+    ) in log
+    assert log.count("SIGHUP: checking the configuration before the workers reload it") == 1
+    assert log.count("SIGHUP: reloading the configuration") == 2
+    assert send(port) == {}
+    assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log and "ERROR" not in daemon.log
+    assert _lifecycle(workdir).count("startup") == 4
 
 
 def test_a_stop_during_a_reload_stops_the_new_configuration_too(workdir, serve):
