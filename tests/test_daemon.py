@@ -1748,7 +1748,8 @@ def test_a_pending_sighup_goes_on_when_a_worker_never_reports(workdir, serve):
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGRTMIN"), reason="no real-time signals here")
-def test_a_sighup_sent_to_one_worker_reloads_every_worker(workdir, serve):
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_sighup_sent_to_one_worker_reloads_every_worker(workdir, serve, loop):
     """``kill -HUP`` of one worker's pid (found with ps): that worker alone
     reloaded, and the two served different configurations, unlogged. It is
     passed to the supervisor, which reloads them all."""
@@ -1756,6 +1757,9 @@ def test_a_sighup_sent_to_one_worker_reloads_every_worker(workdir, serve):
     table = f'\n[plugins."daemonplug:Lifecycle"]\nout = "{workdir / "out"}"\n'
     enabled = ["daemonplug:Lifecycle", STORE]
     config = write_config(workdir, port, enabled=enabled, workers=2, extra=table)
+    if loop == "uvloop":
+        pytest.importorskip("uvloop", reason="pip install 'bonzo[uvloop]'")
+        config.write_text(config.read_text().replace("[server]\n", '[server]\nloop = "uvloop"\n'))
     daemon = serve(config, port)
     daemon.wait_ready(workers=2)
     pids = [int(pid) for pid in re.findall(r"ready \(pid (\d+)\)", daemon.log)]
