@@ -2083,9 +2083,13 @@ def test_bonzo_reload_signals_the_daemon_of_the_pid_file(workdir, serve, env):
     config.write_text(config.read_text().replace("workers = 1", 'workers = 1\npid_file = "b.pid"'))
     daemon = serve(config, port)
     daemon.wait_ready()
+    # What the reload will run with is checked here: its warnings shown now,
+    # not only in the daemon's log.
+    config.write_text(config.read_text() + "\n[limits]\nmax_message_size = 1000\n")
     result = bonzo("reload", "-c", str(config), env=env, cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert f"reload requested: pid {daemon.proc.pid}" in result.stdout
+    assert "warning: limits.max_message_size = 1000" in result.stdout
     wait_until(lambda: "reloaded " in daemon.log, what="the reload")
     # Listeners cannot change by a reload: the running ones are kept, and why is logged.
     config.write_text(config.read_text().replace(f"port = {port}", f"port = {free_port()}"))
