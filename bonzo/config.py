@@ -217,7 +217,7 @@ class ListenerConfig:
     #: :attr:`overrides` applied; ``None`` when it overrides nothing.
     smtp_settings: SMTPSettings | None = None
     #: The certificate files of its ``tls`` table, by configuration key
-    #: (``listeners[0].tls``, ``listeners[0].tls.sni.mx.example``): for the
+    #: (``listeners[0].tls``, ``listeners[0].tls.sni."mx.example"``): for the
     #: expiry warnings, which are found when they are asked for.
     tls_files: dict[str, CertificatePair] = field(default_factory=dict)
 
@@ -576,6 +576,14 @@ def _bool(item: dict[str, Any], name: str, source: str, key: str) -> bool:
     return value
 
 
+def _sni_key(listener: str, name: str) -> str:
+    """The key of a server name's pair as TOML spells it:
+    ``listeners[0].tls.sni."mx2.example.org"`` (a name with dots is quoted,
+    or it would read as nested tables)."""
+    bare = re.fullmatch(r"[A-Za-z0-9_-]+", name) is not None
+    return f"{listener}.tls.sni.{name}" if bare else f'{listener}.tls.sni."{name}"'
+
+
 def _pair(
     table: Any, source: str, key: str, base_dir: Path, allowed: tuple[str, ...]
 ) -> CertificatePair:
@@ -618,15 +626,16 @@ def _listener_settings(
                     f"({problem})",
                 )  # fmt: skip
         sni = {
-            name: _pair(pair, source, f"{key}.tls.sni.{name}", base_dir, SNI_KEYS)
+            name: _pair(pair, source, _sni_key(key, name), base_dir, SNI_KEYS)
             for name, pair in sni_table.items()
         }
         try:
             context = make_server_context(default, sni)
         except TLSError as exc:
-            raise ConfigError(source, f"{key}.tls", str(exc)) from None
+            where = f"{key}.tls" if exc.sni is None else _sni_key(key, exc.sni)
+            raise ConfigError(source, where, str(exc)) from None
         files[f"{key}.tls"] = default
-        files.update((f"{key}.tls.sni.{name}", pair) for name, pair in sni.items())
+        files.update((_sni_key(key, name), pair) for name, pair in sni.items())
     mechanisms = item.get("auth_mechanisms", ["PLAIN", "LOGIN"])
     if (
         not isinstance(mechanisms, list)

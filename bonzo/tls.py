@@ -87,7 +87,11 @@ def _quiet_sni_errors() -> None:
 
 
 class TLSError(ValueError):
-    """A certificate or key that cannot be used; the message says which file and why."""
+    """A certificate or key that cannot be used; the message says which file
+    and why, :attr:`sni` which server name's pair it is (``None``: the
+    default pair)."""
+
+    sni: str | None = None
 
 
 class CertificatePair:
@@ -308,7 +312,13 @@ def make_server_context(
     for that name. Raises :class:`TLSError` for an unreadable or mismatched
     certificate/key."""
     ctx = _context(default)
-    by_name = {name.lower().rstrip("."): _context(pair) for name, pair in (sni or {}).items()}
+    by_name = {}
+    for name, pair in (sni or {}).items():
+        try:
+            by_name[name.lower().rstrip(".")] = _context(pair)
+        except TLSError as exc:
+            exc.sni = name
+            raise
 
     def choose(sock: ssl.SSLObject | ssl.SSLSocket, name: str | None, _ctx: ssl.SSLContext) -> None:
         if not name:

@@ -107,8 +107,20 @@ def test_listener_defaults_have_no_tls(certs):
         (
             'tls = { cert = "cert.pem", key = "key.pem", '
             'sni = { "x.test" = { cert = "other.pem" } } }',
-            "listeners[0].tls.sni.x.test.key",
+            'listeners[0].tls.sni."x.test".key',
             "PEM file",
+        ),
+        (
+            'tls = { cert = "cert.pem", key = "key.pem", '
+            'sni = { "x.test" = { cert = "other.pem", key = "key.pem" } } }',
+            'listeners[0].tls.sni."x.test"',
+            "does not match",
+        ),
+        (
+            'tls = { cert = "cert.pem", key = "key.pem", '
+            'sni = { "x" = { cert = "other.pem", key = "nowhere.pem" } } }',
+            "listeners[0].tls.sni.x",
+            "nowhere.pem",
         ),
     ],
 )

@@ -210,7 +210,7 @@ def test_check_and_reload_warn_about_an_expired_certificate(tmp_path, intermedia
         (tmp_path / "mx2.pem").write_bytes(Path(expired.cert).read_bytes())
         (tmp_path / "mx2.key").write_bytes(Path(expired.key).read_bytes())
         out = check()
-        assert f"  warning: listeners[0].tls.sni.mx2.test: certificate {tmp_path}/mx2.pem" in out
+        assert f'  warning: listeners[0].tls.sni."mx2.test": certificate {tmp_path}/mx2.pem' in out
         assert "expired on" in out
 
         from bonzo.cli import _reloaded_app
@@ -221,7 +221,7 @@ def test_check_and_reload_warn_about_an_expired_certificate(tmp_path, intermedia
         warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warned) == 1
         assert warned[0].startswith(
-            f"reload: listeners[0].tls.sni.mx2.test: certificate {tmp_path}/mx2.pem (CN=mx.test) "
+            f'reload: listeners[0].tls.sni."mx2.test": certificate {tmp_path}/mx2.pem (CN=mx.test) '
             "expired on "
         )
         new.release_sockets()
