@@ -488,12 +488,14 @@ class MailApp:
         their key files that every user can read (read now, not when the
         configuration was loaded: a reload logs them, as a renewal is when
         they change)."""
-        return [
-            f"{key}: {warning}"
-            for listener in self.config.listeners
-            for key, pair in listener.tls_files.items()
-            for warning in certificate_warnings(pair) + key_file_warnings(pair)
-        ]
+        # One line per problem: the same files on several listeners (25,
+        # 465 and 587, say) give one warning naming every key.
+        keys: dict[str, list[str]] = {}
+        for listener in self.config.listeners:
+            for key, pair in listener.tls_files.items():
+                for warning in certificate_warnings(pair) + key_file_warnings(pair):
+                    keys.setdefault(warning, []).append(key)
+        return [f"{', '.join(where)}: {warning}" for warning, where in keys.items()]
 
     def warnings(self) -> list[str]:
         """Problems that do not stop the server but probably are mistakes:

@@ -270,3 +270,26 @@ def test_a_reload_reads_the_system_ca_store_again(tmp_path, monkeypatch, caplog)
         for _, socks in old._bound:
             for sock in socks:
                 sock.close()
+
+
+def test_files_shared_by_listeners_give_one_warning_naming_every_key(tmp_path, intermediate):
+    # Ports 25, 465 and 587 with the one certificate: one line per problem.
+    soon = write_leaf(intermediate, tmp_path, "soon", not_after=NOW + datetime.timedelta(days=3))
+    Path(soon.key).chmod(0o644)
+    listeners = "".join(
+        f'[[listeners]]\naddress = "127.0.0.1"\nport = {free_port()}\n'
+        f'tls = {{ cert = "soon.pem", key = "soon.key" }}\n\n'
+        for _ in range(3)
+    )
+    config = parse_config(
+        listeners + '[plugins]\nenabled = ["recipients"]\n[plugins.recipients]\n'
+        'domains = ["example.test"]\n',
+        source="t.toml",
+        base_dir=tmp_path,
+    )
+    warnings = MailApp(config).certificate_warnings()
+    assert len(warnings) == 2, warnings
+    expiring, readable = warnings
+    keys = "listeners[0].tls, listeners[1].tls, listeners[2].tls: "
+    assert expiring.startswith(keys + f"certificate {tmp_path}/soon.pem (CN=mx.test) expires on ")
+    assert readable.startswith(keys + f"the key file {tmp_path}/soon.key can be read by every user")
