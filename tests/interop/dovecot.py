@@ -37,6 +37,8 @@ DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 HOST = "127.0.0.1"
 USERS = {"alice": "", "bob": "userdb_quota_rule=*:storage=1K", "carol": "", "postmaster": ""}
 DEADLINE = 20.0
+#: Starts on a new port when another process took the chosen one first.
+PORT_ATTEMPTS = 3
 
 
 def available() -> bool:
@@ -148,17 +150,28 @@ def dovecot_lmtp(proxy_to: int | None = None) -> Iterator[Dovecot]:
                 for user, extra in USERS.items()
             )
         )
-        port = _free_port()
-        (root / "dovecot.conf").write_text(_config(root, port, proxy_to))
-        process = subprocess.Popen(
-            [DOVECOT, "-F", "-c", str(root / "dovecot.conf")],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        instance = Dovecot(root, port, str(root / "run" / "lmtp"), process)
-        _wait_ready(instance)
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            port = _free_port()
+            (root / "dovecot.conf").write_text(_config(root, port, proxy_to))
+            process = subprocess.Popen(
+                [DOVECOT, "-F", "-c", str(root / "dovecot.conf")],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            instance = Dovecot(root, port, str(root / "run" / "lmtp"), process)
+            try:
+                _wait_ready(instance)
+                break
+            except RuntimeError:
+                # Another process (a test server of a parallel run) took the
+                # port between choosing it and Dovecot binding it: a new one.
+                _stop(process)
+                process = None
+                if attempt < PORT_ATTEMPTS and "Address already in use" in instance.log:
+                    continue
+                raise
         yield instance
     finally:
         if process is not None:

@@ -17,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .peers import DEADLINE, HOST, free_port
+from .peers import DEADLINE, HOST, PORT_ATTEMPTS, free_port
 
 
 def redis_binary() -> str | None:
@@ -66,6 +66,9 @@ class RedisServer:
         #: it): then the port speaks TLS only.
         self.tls = tls
         self.port = port or free_port()
+        # A port the caller did not ask for may be replaced when another
+        # process (a test server of a parallel run) took it first.
+        self._own_port = port is None
         self.log_path = workdir / f"redis-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -74,6 +77,18 @@ class RedisServer:
         return f"redis://{HOST}:{self.port}/0"
 
     def start(self) -> RedisServer:
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                return self._start()
+            except AssertionError:
+                taken = "Address already in use" in self.log()
+                if not (taken and self._own_port and attempt < PORT_ATTEMPTS):
+                    raise
+                self.port = free_port()
+                self.log_path = self.workdir / f"redis-{self.port}.log"
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _start(self) -> RedisServer:
         binary = redis_binary()
         assert binary is not None, "redis-server is not installed"
         argv = [binary, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly",
