@@ -39,7 +39,7 @@ from . import version
 from .config import ConfigError, check_metrics_port, load_config
 from .listen import socket_name
 from .protocol import data_scan_in_c
-from .session import current_message_id, current_session_id
+from .session import current_message_id, current_session_id, one_line
 from .settings import host_port, spelled
 
 __all__ = ["main"]
@@ -450,6 +450,60 @@ class JSONFormatter(logging.Formatter):
         return text
 
 
+#: The text log's line (``[logging] format = "text"``).
+TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+
+
+class TextFormatter(logging.Formatter):
+    """The text log (``[logging] format = "text"``): :data:`TEXT_FORMAT`,
+    with every record's message kept to its line and every exception's text
+    to the traceback's last line. Line breaks and other controls in them are
+    escaped (:func:`bonzo.session.one_line`): a plugin's message or
+    exception may hold what a client sent (a decoded ``Subject``), which
+    must not begin a forged line of its own — one that a log watcher such as
+    fail2ban would act on."""
+
+    def __init__(self, fmt: str = TEXT_FORMAT) -> None:
+        super().__init__(fmt)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return one_line(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        text = super().formatException(ei)
+        for exc in _exception_chain(ei[1]):
+            try:
+                said = str(exc)
+            except Exception:
+                continue
+            if said.isprintable():
+                continue
+            # The traceback's last line for it, as the traceback module writes it.
+            kind = type(exc).__qualname__
+            module = type(exc).__module__
+            if module not in ("__main__", "builtins"):
+                kind = f"{module}.{kind}"
+            text = text.replace(f"{kind}: {said}", f"{kind}: {one_line(said)}")
+        return text
+
+
+def _exception_chain(exc: BaseException | None, limit: int = 100) -> list[BaseException]:
+    """``exc`` and the exceptions its traceback shows: causes, contexts and
+    a group's members (at most ``limit``)."""
+    found: list[BaseException] = []
+    todo = [exc]
+    while todo and len(found) < limit:
+        one = todo.pop()
+        if one is None or any(one is seen for seen in found):
+            continue
+        found.append(one)
+        todo += [one.__cause__, one.__context__]
+        members = getattr(one, "exceptions", ())  # an exception group's
+        if isinstance(members, (tuple, list)):
+            todo += [m for m in members if isinstance(m, BaseException)]
+    return found
+
+
 class _StartupErrors(logging.StreamHandler):  # type: ignore[type-arg]
     """While ``bonzo serve`` starts, its ``ERROR`` lines go to standard
     error too when the log goes to a file: the reason it exits with status 1
@@ -459,7 +513,7 @@ class _StartupErrors(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self) -> None:
         super().__init__(sys.stderr)
         self.setLevel(logging.ERROR)
-        self.setFormatter(logging.Formatter("bonzo: %(message)s"))
+        self.setFormatter(TextFormatter("bonzo: %(message)s"))
 
 
 def startup_done() -> None:
@@ -489,9 +543,7 @@ def setup_logging(config: Any, startup: bool = False) -> None:
     if config.logging.format == "json":
         handler.setFormatter(JSONFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
-        )
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     if startup and config.logging.file:

@@ -55,6 +55,7 @@ from .session import (
     Envelope,
     Session,
     current_message_id,
+    exception_text,
     log_escape,
     one_line,
     received_header,
@@ -135,7 +136,7 @@ def error_reply(
             "Uncaught exception%s (%s): %s",
             where,
             stage,
-            exc,
+            exception_text(exc),
             exc_info=(type(exc), exc, exc.__traceback__),
         )
     by = plugin or "core"

@@ -44,7 +44,7 @@ from .hookspecs import (
     Discard,
     Quarantine,
 )
-from .session import current_plugin
+from .session import current_plugin, exception_text
 from .settings import SMTPSettings, positive_seconds
 
 __all__ = [
@@ -980,7 +980,7 @@ def log_plugin_failure(session: Any, hook: str, plugin: str, exc: BaseException)
         where,
         plugin,
         hook,
-        exc,
+        exception_text(exc),  # may hold a client's text: one line
         # A time limit's traceback shows only the hook runner.
         exc_info=None if type(exc) is HookTimeout else (type(exc), exc, exc.__traceback__),
     )

@@ -1329,6 +1329,15 @@ def one_line(text: str) -> str:
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
+def exception_text(exc: BaseException) -> str:
+    """``str(exc)`` for one log line (:func:`one_line`); a placeholder when
+    the exception cannot be made a string."""
+    try:
+        return one_line(str(exc))
+    except Exception:
+        return f"<{type(exc).__name__} that cannot be shown>"
+
+
 def safe_text(text: str, limit: int = 255) -> str:
     """Client-supplied text made safe for a header or a log line: at most
     ``limit`` characters, each outside ``[A-Za-z0-9.-_:[]]`` replaced by ``?``."""

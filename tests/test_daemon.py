@@ -143,6 +143,9 @@ class SubjectPolicy:
             )
         if subject.startswith("prize"):
             raise errors.PermanentError(550, f"Subject not allowed: {subject}", "5.7.1")
+        if subject.startswith("fault"):
+            # A plugin's own fault, its text holding what the sender wrote.
+            raise ValueError(f"bad subject: {subject}")
 
 
 class LibraryTimeout(BaseException):
@@ -2392,6 +2395,48 @@ def test_a_sender_cannot_forge_log_lines_through_a_plugin_s_refusal(workdir, ser
         else:
             reply = "prize\\r / " if shown == r"\r\n" else f"prize{shown}"
             assert f": 550 5.7.1 Subject not allowed: {reply}{forged}; arg=''" in message
+
+
+@pytest.mark.parametrize("form", ["text", "json"])
+def test_a_sender_cannot_forge_log_lines_through_a_plugin_s_fault(workdir, serve, form):
+    """A plugin's exception is logged with its text and traceback, whose
+    last line repeats the text: a line break there is escaped too (the
+    forged line matched the fail2ban filter of docs/tls-auth.rst)."""
+    port = free_port()
+    config = write_config(workdir, port, ["daemonplug:SubjectPolicy", STORE])
+    if form == "json":
+        config.write_text(
+            config.read_text().replace('level = "info"', 'level = "info"\nformat = "json"')
+        )
+    daemon = serve(config, port)
+    daemon.wait_ready()
+    forged = "2026-12-06 00:00:00,000 WARNING [1] tornado.general: [6B17 203.0.113.99] FORGED"
+    for separator in ("\r\n", "\n", "\u2028", "\x1e"):
+        encoded = base64.b64encode(f"fault{separator}{forged}".encode()).decode()
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            send(port, message=f"Subject: =?utf-8?b?{encoded}?=\r\n\r\nHello.\r\n")
+        assert refused.value.smtp_code == 451
+        assert b"bad subject" not in refused.value.smtp_error
+    assert daemon.stop() == 0
+    lines = daemon.log.splitlines()
+    assert not [line for line in lines if line.startswith(forged[:10])], lines
+    if form == "json":
+        records = [json.loads(line) for line in lines]
+        faults = [r for r in records if "Uncaught exception" in r["message"]]
+        assert len(faults) == 4
+        assert all(r["exception"].endswith(forged) for r in faults)
+        assert all(forged in r["message"] for r in faults)
+        return
+    start = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ \[\d+\] \S+: ")
+    for line in lines:
+        # A log line, or a line of a traceback.
+        assert start.match(line) or line.startswith(("Traceback ", "  ", "ValueError: ")), line
+    faults = [line for line in lines if "Uncaught exception" in line]
+    last = [line for line in lines if line.startswith("ValueError: ")]
+    shown = [r"\r\n", r"\n", r"\u2028", r"\x1e"]
+    assert [line.endswith(f"(bonzo_message): bad subject: fault{s}{forged}") for line, s in
+            zip(faults, shown, strict=True)] == [True] * 4  # fmt: skip
+    assert last == [f"ValueError: bad subject: fault{s}{forged}" for s in shown]
 
 
 def test_a_json_log_record_is_one_line_whatever_its_text():
