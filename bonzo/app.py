@@ -20,6 +20,8 @@ import os
 import socket
 import stat
 import sys
+import sysconfig
+import traceback
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -42,6 +44,26 @@ __all__ = ["MailApp", "InstalledPlugin", "installed_plugins", "resolve_plugin", 
 ENTRY_POINT_GROUP = "bonzo.plugins"
 
 log = logging.getLogger("bonzo.app")
+
+
+def raised_at(exc: BaseException) -> str:
+    """`` (at FILE:LINE)``: where in a plugin's code ``exc`` was raised, the
+    innermost frame outside Python's own library ("" if none), so that
+    the author of a plugin whose import or configuration failed finds the
+    line without a traceback."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith(("<frozen ", _STDLIB))
+    ]
+    if not frames or frames[-1].filename.startswith(_OWN):
+        return ""  # Bonzo's own code (the call of the hook): nothing to point at
+    return f" (at {frames[-1].filename}:{frames[-1].lineno})"
+
+
+_OWN = os.path.dirname(os.path.abspath(__file__)) + os.sep
+#: Python's own library: a plugin's call into it failed at the plugin's line.
+_STDLIB = os.path.join(sysconfig.get_paths()["stdlib"], "")
 
 
 @dataclass
@@ -183,17 +205,25 @@ def _resolve(name: str, installed: dict[str, InstalledPlugin] | None) -> tuple[A
         except BaseException as exc:  # the plugin's code: its fault (see passes_through)
             if passes_through(exc):
                 raise
-            raise LookupError(f"plugin {name!r} ({ep.value}) failed to load: {exc!r}") from exc
+            log.debug("plugin %r (%s) failed to load", name, ep.value, exc_info=exc)
+            raise LookupError(
+                f"plugin {name!r} ({ep.value}) failed to load: {exc!r}{raised_at(exc)}"
+            ) from exc
     if "." in name or ":" in name:
         module_name, _, attr = name.partition(":")
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
-            raise LookupError(f"plugin {name!r}: cannot import {module_name}: {exc}") from exc
+            log.debug("plugin %r: importing %s failed", name, module_name, exc_info=exc)
+            at = "" if exc.name == module_name else raised_at(exc)  # found, but it failed
+            raise LookupError(f"plugin {name!r}: cannot import {module_name}: {exc}{at}") from exc
         except BaseException as exc:
             if passes_through(exc):
                 raise
-            raise LookupError(f"plugin {name!r}: importing {module_name} failed: {exc!r}") from exc
+            log.debug("plugin %r: importing %s failed", name, module_name, exc_info=exc)
+            raise LookupError(
+                f"plugin {name!r}: importing {module_name} failed: {exc!r}{raised_at(exc)}"
+            ) from exc
         if not attr:
             return module, True
         try:
@@ -207,7 +237,10 @@ def _resolve(name: str, installed: dict[str, InstalledPlugin] | None) -> tuple[A
         except BaseException as exc:
             if passes_through(exc):
                 raise
-            raise LookupError(f"plugin {name!r}: creating {attr} failed: {exc!r}") from exc
+            log.debug("plugin %r: creating %s failed", name, attr, exc_info=exc)
+            raise LookupError(
+                f"plugin {name!r}: creating {attr} failed: {exc!r}{raised_at(exc)}"
+            ) from exc
     known = ", ".join(sorted(installed)) or "none"
     close = difflib.get_close_matches(name, sorted(installed), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
@@ -353,25 +386,35 @@ class MailApp:
                 continue
             table = config.plugins.tables.get(call.plugin, {})
             args = (table, self)
+            where = f"plugins.{call.plugin}"
             try:
                 call.function(*[args[i] for i in call.indexes])
             except (ValueError, TypeError, KeyError, ConfigError) as exc:
+                # For the plugin's author: the traceback (the operator's
+                # line names the table; a TypeError or KeyError may be a bug).
+                log.debug("plugin %r: bonzo_configure failed", call.plugin, exc_info=exc)
                 if isinstance(exc, ConfigError):
                     message = exc.message
+                    if exc.key:
+                        prefix = f"{where}."
+                        where = exc.key if exc.key.startswith(prefix) else prefix + exc.key
                 elif type(exc) is KeyError and len(exc.args) == 1:
                     # str(KeyError) is just the quoted key.
-                    message = f"missing key {exc.args[0]!r}"
+                    message = f"missing key {exc.args[0]!r}{raised_at(exc)}"
+                elif isinstance(exc, ValueError):
+                    message = str(exc)  # the plugin's own words about its table
                 else:
-                    message = str(exc)
-                raise config.error(f"plugins.{call.plugin}", message) from None
+                    message = f"{exc}{raised_at(exc)}"
+                raise config.error(where, message) from None
             except BaseException as exc:
                 # sys.exit() (or a library's BaseException) in a plugin must
                 # not end `bonzo check` or `bonzo serve` with status 0, or a
                 # traceback: it is a fault (but for what passes_through).
                 if passes_through(exc):
                     raise
+                log.debug("plugin %r: bonzo_configure failed", call.plugin, exc_info=exc)
                 raise config.error(
-                    f"plugins.{call.plugin}", f"configuration failed: {exc!r}"
+                    where, f"configuration failed: {exc!r}{raised_at(exc)}"
                 ) from None
 
     def configure_shared_again(self) -> None:

@@ -188,13 +188,20 @@ class ConfigError(Exception):
 
     :arg source: the file name (or ``"<default>"``).
     :arg key: the dotted key, e.g. ``"limits.max_recipients"``.
+
+    A plugin's ``bonzo_configure`` raises it as
+    ``ConfigError(key="threshold", message="must be positive")`` (the key
+    within its own table; Bonzo adds the file and ``plugins.<name>.``) or
+    ``ConfigError("threshold: must be positive")`` (the message alone).
     """
 
-    def __init__(self, source: str, key: str, message: str) -> None:
+    def __init__(self, source: str = "", key: str = "", message: str = "") -> None:
+        if not key and not message:
+            source, message = "", source  # ConfigError("the message")
         self.source = source
         self.key = key
         self.message = message
-        where = f"{source}: {key}: " if key else f"{source}: "
+        where = "".join(f"{part}: " for part in (source, key) if part)
         # One line for the operator, whatever a key or value in the file holds.
         super().__init__("".join(c if c.isprintable() else ascii(c)[1:-1] for c in where + message))
 

@@ -208,10 +208,11 @@ DELIVERY_HOOKS = (
 def bonzo_configure(config: dict[str, Any], app: Any) -> None:
     """Receive this plugin's own ``[plugins.<name>]`` table, before anything listens.
 
-    Sync only. Validate it here: raise :class:`ValueError` (or
-    :class:`bonzo.config.ConfigError`) with a message naming the key, and
-    ``bonzo serve``/``bonzo check`` stop with that message, the file and the
-    table name. Secrets given as ``{"$env" = "NAME"}`` or
+    Sync only. Validate it here: raise :class:`ValueError` with a message
+    naming the key (``ValueError("threshold: must be positive")``), or
+    ``bonzo.config.ConfigError(key="threshold", message="must be
+    positive")``, and ``bonzo serve``/``bonzo check`` stop with that message,
+    the file and the table name. Secrets given as ``{"$env" = "NAME"}`` or
     ``{"$file" = "/path"}`` arrive already resolved.
 
     :arg config: the plugin's table (empty dict if there is none).

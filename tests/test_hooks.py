@@ -2033,9 +2033,51 @@ def test_a_missing_key_in_configure_is_named_so(plugin_module):
     plugin_module.NeedsThreshold = NeedsThreshold
     with pytest.raises(ConfigError) as info:
         MailApp(parse_config(app_config("NeedsThreshold"), source="t.toml"))
+    # Where: the KeyError may be a bug in the plugin rather than its table.
     assert str(info.value).endswith(
-        "plugins.bonzo_hooktest_plugins:NeedsThreshold: missing key 'threshold'"
+        "plugins.bonzo_hooktest_plugins:NeedsThreshold: missing key 'threshold' "
+        f"(at {__file__}:{NeedsThreshold.bonzo_configure.__code__.co_firstlineno + 1})"
     ), str(info.value)
+
+
+def test_a_plugin_s_config_error_names_its_key(plugin_module, caplog):
+    class ByKey:
+        def bonzo_configure(self, config):
+            raise ConfigError(key="threshold", message="must be positive")
+
+    class ByMessage:
+        def bonzo_configure(self, config):
+            raise ConfigError("threshold: must be positive")
+
+    class Buggy:
+        def bonzo_configure(self, config):
+            return len(config["limits"])
+
+    plugin_module.ByKey, plugin_module.ByMessage, plugin_module.Buggy = ByKey, ByMessage, Buggy
+    with pytest.raises(ConfigError) as info:
+        MailApp(parse_config(app_config("ByKey"), source="t.toml"))
+    assert (
+        str(info.value)
+        == "t.toml: plugins.bonzo_hooktest_plugins:ByKey.threshold: must be positive"
+    )
+    assert info.value.key == "plugins.bonzo_hooktest_plugins:ByKey.threshold"
+    with pytest.raises(ConfigError) as info:
+        MailApp(parse_config(app_config("ByMessage"), source="t.toml"))
+    assert str(info.value) == (
+        "t.toml: plugins.bonzo_hooktest_plugins:ByMessage: threshold: must be positive"
+    )
+    extra = '\n[plugins."bonzo_hooktest_plugins:Buggy"]\nlimits = 3\n'
+    with caplog.at_level(logging.DEBUG, logger="bonzo.app"):
+        with pytest.raises(ConfigError) as info:
+            MailApp(parse_config(app_config("Buggy", extra=extra), source="t.toml"))
+    line = Buggy.bonzo_configure.__code__.co_firstlineno + 1
+    assert str(info.value) == (
+        "t.toml: plugins.bonzo_hooktest_plugins:Buggy: object of type 'int' has no len() "
+        f"(at {__file__}:{line})"
+    )
+    # The traceback, for the plugin's author, at debug level.
+    [record] = [r for r in caplog.records if "Buggy': bonzo_configure failed" in r.getMessage()]
+    assert record.levelno == logging.DEBUG and record.exc_info is not None
 
 
 def test_startup_and_shutdown_run_in_order_around_serving(plugin_module, log_watch, serve):
@@ -2525,3 +2567,25 @@ def test_the_warning_about_a_hook_that_never_runs_names_the_cause(tmp_path, enab
     )
     app = MailApp(config)
     assert f"plugins.enabled: {warning}" in app.warnings(), app.warnings()
+
+
+def test_a_plugin_module_that_fails_to_import_says_where(tmp_path, monkeypatch):
+    # The plugin's file was found; what it imports is missing, or it raises.
+    (tmp_path / "hooktest_needs_dep.py").write_text("\n\nimport hooktest_not_installed\n")
+    (tmp_path / "hooktest_raises.py").write_text("X = 1\nraise RuntimeError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for module, line, what in (
+        ("hooktest_needs_dep", 3, "cannot import hooktest_needs_dep: No module named "
+         "'hooktest_not_installed'"),
+        ("hooktest_raises", 2, "importing hooktest_raises failed: RuntimeError('boom')"),
+    ):  # fmt: skip
+        config = f'[plugins]\nenabled = ["{module}:Plugin"]\n'
+        with pytest.raises(ConfigError) as info:
+            MailApp(parse_config(config, source="t.toml"))
+        assert str(info.value).endswith(f"{what} (at {tmp_path / module}.py:{line})")
+    # A module that is not there at all: nothing to point at.
+    with pytest.raises(ConfigError) as info:
+        MailApp(parse_config('[plugins]\nenabled = ["hooktest_nowhere:P"]\n', source="t.toml"))
+    assert str(info.value).endswith(
+        "cannot import hooktest_nowhere: No module named 'hooktest_nowhere'"
+    )
