@@ -1210,7 +1210,10 @@ class SMTPProtocol:
                 first = text if isinstance(text, str) else f"{self.settings.hostname} Hello {who}"
                 self._queue(format_reply(250, [first, *keywords], None, False))
             else:
-                self._queue(format_reply(250, text or f"Hello {who}", None, False))
+                # RFC 5321 4.1.1.1: "250 SP Domain"; the original API's texts
+                # greeted without its name.
+                name = "" if self.policy.legacy_replies else f"{self.settings.hostname} "
+                self._queue(format_reply(250, text or f"{name}Hello {who}", None, False))
         elif kind is Reset:
             self._reset_transaction()
             self.reply(250, text or "Ok", "2.0.0")

@@ -66,7 +66,10 @@ EHLO_REPLY = (
     b"250-LIMITS RCPTMAX=1000 MAILMAX=100\r\n"
     b"250 HELP\r\n"
 )
-HELO_REPLY = b"250 Hello 192.0.2.1\r\n"
+#: RFC 5321 4.1.1.1: "250 SP Domain".
+HELO_REPLY = b"250 " + HOST.encode() + b" Hello 192.0.2.1\r\n"
+#: The original API's (legacy_replies) text.
+LEGACY_HELO_REPLY = b"250 Hello 192.0.2.1\r\n"
 
 #: What the connection driver answers to an unknown verb.
 ESMTP_UNKNOWN = SMTPError(500, "Error: command not recognized", enhanced_code="5.5.2")

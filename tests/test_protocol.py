@@ -15,6 +15,7 @@ from protocol_helpers import (
     EHLO_REPLY,
     HELO,
     HELO_REPLY,
+    LEGACY_HELO_REPLY,
     MAIL,
     RCPT,
     SETTINGS,
@@ -130,8 +131,8 @@ LEGACY = [
     (b"", b"HELO", b"501 Syntax: HELO hostname\r\n"),
     (b"", b"HELO   ", b"501 Syntax: HELO hostname\r\n"),
     (b"", b"EHLO", b"501 Syntax: EHLO hostname\r\n"),
-    (b"", b"HELO client.example", HELO_REPLY),
-    (b"", b"HELO Client name", HELO_REPLY),
+    (b"", b"HELO client.example", LEGACY_HELO_REPLY),
+    (b"", b"HELO Client name", LEGACY_HELO_REPLY),
     (b"", b"MAIL FROM:<a@example.org>", b"503 Error: need HELO command\r\n"),
     (b"", b"RCPT TO:<a@example.org>", b"503 Error: need MAIL command\r\n"),
     (b"", b"DATA", b"503 Error: need RCPT command\r\n"),
@@ -1106,7 +1107,7 @@ def test_ehlo_mid_transaction_resets_it():
 def test_helo_after_ehlo_resets_and_switches_to_legacy_replies():
     client = Client(legacy=True)
     client.send(EHLO + TXN)
-    assert client.send(HELO) == HELO_REPLY
+    assert client.send(HELO) == LEGACY_HELO_REPLY
     assert not client.proto.in_transaction and not client.proto.esmtp
     assert client.send(RCPT) == b"503 Error: need MAIL command\r\n"
     assert client.send(b"HELO again\r\n") == b"503 Duplicate HELO/EHLO\r\n"

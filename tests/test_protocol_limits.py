@@ -178,7 +178,7 @@ def test_the_first_greeting_is_no_junk():
         (b"", b"QUIT", b"221 2.0.0 Bye\r\n"),
         (b"", b"FOO", b"500 5.5.2 Error: command not recognized\r\n"),
         (b"", b"STARTTLS", b"502 5.5.1 Error: STARTTLS not available\r\n"),
-        (HELO, b"HELO again.example", b"250 Hello 192.0.2.1\r\n"),
+        (HELO, b"HELO again.example", b"250 mx.example.org Hello 192.0.2.1\r\n"),
         (HELO + TXN, b"RSET", b"250 2.0.0 Ok\r\n"),
         (HELO + TXN + DATA, b"Hello\r\n.", b"250 2.0.0 Ok\r\n"),
     ],
