@@ -105,6 +105,14 @@ class Results:
                 return item
         return None
 
+    def __getitem__(self, plugin: str) -> Result:
+        """``results["dnsbl"]``: the last finding of ``plugin``;
+        :class:`KeyError` when it recorded none (:meth:`get` gives ``None``)."""
+        found = self.get(plugin)
+        if found is None:
+            raise KeyError(plugin)
+        return found
+
     def all(self, plugin: str | None = None) -> list[Result]:
         """Every finding (of ``plugin``, if given), oldest first."""
         if plugin is None:

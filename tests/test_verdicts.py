@@ -230,6 +230,9 @@ def test_results_api():
     assert first == Result("spf", "pass", "", {"domain": "example.org"})
     assert "spf" in results and "dkim" not in results and len(results) == 1
     assert results.get("dkim") is None
+    assert results["spf"] is first  # as docs/filters.rst reads a finding
+    with pytest.raises(KeyError):
+        results["dkim"]
     assert [r.plugin for r in results] == ["spf"]
     for bad in (("SPF", "pass"), ("spf", "Pass"), ("spf", ""), ("s p f", "pass")):
         with pytest.raises(ValueError):
