@@ -695,7 +695,10 @@ class Dispatcher:
         if isinstance(value, tuple):
             code, *rest = value
             enhanced = rest[0] if len(rest) == 2 else None
-            return errors.SMTPError(code, rest[-1], enhanced_code=enhanced), plugin
+            # 221 "closing transmission channel" (RFC 5321 4.2.2): a verb of
+            # the plugin's own that ends the session, as QUIT does.
+            reply = errors.SMTPError(code, rest[-1], enhanced_code=enhanced, close=code == 221)
+            return reply, plugin
         return errors.SMTPError(250, _text(verdict) or "Ok", enhanced_code="2.0.0"), plugin
 
     def _refuse(self, event: Event, exc: BaseException) -> None:

@@ -619,8 +619,12 @@ def _reply_tuple_problem(reply: tuple[Any, ...]) -> str | None:
     code, text = reply[0], reply[-1]
     if isinstance(code, bool) or not isinstance(code, int) or code // 100 not in (2, 4, 5):
         return f"returned reply code {code!r}; expected an int 200..599 (not 3xx)"
-    if not isinstance(text, str):
-        return f"returned reply text of type {type(text).__name__}; expected str"
+    lines = isinstance(text, list) and text and all(isinstance(t, str) for t in text)
+    if not isinstance(text, str) and not lines:
+        return (
+            f"returned reply text of type {type(text).__name__}; expected str "
+            "(or a list of str, one per line)"
+        )
     if len(reply) == 3:
         enhanced = reply[1]
         if enhanced is not None:

@@ -1292,7 +1292,8 @@ class SMTPProtocol:
                     )  # fmt: skip
                     return
         if close or error.close or code == 421:
-            self._refused(code, error.enhanced_code, error.message, by, note, limit)
+            if code >= 400:  # not a plugin's 221 (a verb of its own that quits)
+                self._refused(code, error.enhanced_code, error.message, by, note, limit)
             self._write_error(error)
             self._close()
             return

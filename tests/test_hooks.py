@@ -1378,12 +1378,14 @@ def test_base_exceptions_in_the_lifecycle_hooks_are_the_plugin_s_faults(plugin_m
         MailApp(parse_config(app_config("FailsToConfigure"), source="t.toml"))
     assert str(info.value) == (
         "t.toml: plugins.bonzo_hooktest_plugins:FailsToConfigure: configuration failed: "
-        "LibraryTimeout('directory did not answer')"
+        "LibraryTimeout('directory did not answer') "
+        f"(at {__file__}:{FailsToConfigure.bonzo_configure.__code__.co_firstlineno + 1})"
     )
     with pytest.raises(ConfigError) as info:
         MailApp(parse_config(app_config("FailsToLoad"), source="t.toml"))
     assert str(info.value).endswith(
-        "creating FailsToLoad failed: LibraryTimeout('license server did not answer')"
+        "creating FailsToLoad failed: LibraryTimeout('license server did not answer') "
+        f"(at {__file__}:{FailsToLoad.__init__.__code__.co_firstlineno + 1})"
     )
     ps = plugin_set(("fails", FailsToStart()))
     with pytest.raises(PluginError, match=r"'fails' failed in bonzo_startup: killed"):
@@ -1677,6 +1679,26 @@ def test_unknown_command_lets_a_plugin_implement_a_verb(serve):
         assert c.command("XOK") == b"250 2.0.0 fine\r\n"
         assert c.command("XNOPE") == b"500 5.5.2 Error: command not recognized\r\n"
     assert calls == [("XFOO", "some args"), ("XBAR", ""), ("XDENY", ""), ("XOK", ""), ("XNOPE", "")]
+
+
+def test_a_plugin_s_221_closes_and_its_reply_may_have_lines(serve, log_watch):
+    class Verbs:
+        def bonzo_unknown_command(self, verb):
+            if verb == "XLINES":
+                return (250, "2.0.0", ["first", "second"])
+            if verb == "LOGOUT":
+                return (221, "2.0.0", "Bye")
+
+    srv = serve(plugin_set(("verbs", Verbs())))
+    with raw(srv) as c:
+        c.reply()
+        c.command("EHLO client.test")
+        assert c.command("XLINES") == b"250-2.0.0 first\r\n250 2.0.0 second\r\n"
+        assert c.command("LOGOUT") == b"221 2.0.0 Bye\r\n"
+        # 221 is "closing transmission channel" (RFC 5321 4.2.2), as after QUIT.
+        assert c.read_to_eof() == b""
+    # Not a refusal: no "refused" line for it.
+    assert not [r for r in log_watch.records if "refused by verbs" in r.getMessage()]
 
 
 def test_unknown_command_nobody_handles_is_500_and_bad_tuples_451(log_watch, serve):
