@@ -330,7 +330,8 @@ class Dispatcher:
                 await self.plugins.observe("bonzo_accepted", (self.session, finished), self.session)
             finally:
                 finished.close()
-        elif kind is Reset:
+        elif kind is Reset and self.plugins.calls["bonzo_rset"]:
+            self.send()  # the 250 on its way first: a slow observer must not hold it
             await self.plugins.observe("bonzo_rset", (self.session,), self.session)
 
     def store(self, data: bytes) -> None:

@@ -19,6 +19,7 @@ import re
 import signal
 import smtplib
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -1937,6 +1938,30 @@ def test_rset_observers_all_run(log_watch, serve):
         assert c.command("MAIL FROM:<a@example.org>").startswith(b"250")
     assert log == ["broken", "watch 127.0.0.1"]
     assert failures(log_watch, "broken", "bonzo_rset")
+
+
+def test_the_rset_reply_goes_before_the_observers_run(serve):
+    # "Called: after Bonzo has answered RSET with 250": a slow observer
+    # (a database write) must not hold the reply.
+    release = threading.Event()
+    seen: list[str] = []
+
+    class Slow:
+        async def bonzo_rset(self):
+            seen.append("called")
+            while not release.is_set():
+                await asyncio.sleep(0.01)
+
+    srv = serve(plugin_set(("slow", Slow())))
+    with raw(srv) as c:
+        c.reply()
+        c.command("EHLO client.test")
+        try:
+            assert c.command("RSET", timeout=5) == b"250 2.0.0 Ok\r\n"
+            assert seen == ["called"]  # it is running, the reply already here
+        finally:
+            release.set()
+        assert c.command("NOOP").startswith(b"250")
 
 
 def test_disconnect_observers_all_run(log_watch, serve):

@@ -849,7 +849,7 @@ class Runner:
         return task
 
     async def _write(self, progress: _Progress) -> None:
-        """Tell the observers, queue the reports, then save the state (or
+        """Queue the reports, tell the observers, then save the state (or
         remove the message once every recipient is done), until nothing
         settled is left unwritten. Each report leaves the list once queued
         (never queued twice); the state is taken after the last report is
@@ -857,15 +857,20 @@ class Runner:
         bounced always has its report queued."""
         message = progress.message
         while progress.unsaved:
-            while progress.observed:
-                hook, who = progress.observed.pop(0)
-                if self.plugins is not None:
-                    await self.plugins.observe(hook, (message, who))
-            while progress.reports:
-                id = await self._report(message, progress.reports[0])
-                del progress.reports[0]
-                if id:
-                    progress.queued.append(id)
+            # The reports first: an observer of bonzo_bounced is told once
+            # the sender's report is queued (or a plugin took it over). What
+            # came in while an observer ran is reported before the state is
+            # taken.
+            while progress.reports or progress.observed:
+                while progress.reports:
+                    id = await self._report(message, progress.reports[0])
+                    del progress.reports[0]
+                    if id:
+                        progress.queued.append(id)
+                if progress.observed:
+                    hook, who = progress.observed.pop(0)
+                    if self.plugins is not None:
+                        await self.plugins.observe(hook, (message, who))
             if message.next_due is None:
                 await self._remove(progress)
                 return

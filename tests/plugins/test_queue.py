@@ -1121,7 +1121,30 @@ def test_hooks_choose_routes_take_over_reports_and_observe(tmp_path):
     assert ("bounce", ["bob@example.net"]) in events
     assert ("delivered", ["vip@example.net"]) in events
     assert ("bounced", ["bob@example.net"]) in events
+    # bonzo_bounced is told once the report is queued or taken over.
+    assert events.index(("bounce", ["bob@example.net"])) < events.index(
+        ("bounced", ["bob@example.net"])
+    )
     assert reports(spool) == []  # the plugin took the report over
+
+
+def test_bounced_observers_run_once_the_report_is_queued(tmp_path):
+    seen: list[int] = []
+    spool_box: list[Any] = []
+
+    class Watch:
+        @hookimpl
+        def bonzo_bounced(self, recipients):
+            seen.append(len(reports(spool_box[0])))
+
+    plugins = PluginSet()
+    plugins.register(Watch(), "watch")
+    default = Scripted({"bob@example.net": [GONE]})
+    spool, runner, clock = make_runner(tmp_path, default, plugins)
+    spool_box.append(spool)
+    queued(spool, "H2", envelope("alice@example.org", "bob@example.net"))
+    asyncio.run(runner.attempt("H2"))
+    assert seen == [1]  # "The sender's report is queued already"
 
 
 @pytest.mark.expect_errors
