@@ -185,7 +185,6 @@ class Committer:
         # thread, taken by callers; _wanted: how many to create next batch.
         self._spares: dict[tuple[str, str, int], list[tuple[int, str]]] = {}
         self._wanted: dict[tuple[str, str, int], int] = {}
-        self._seq = 0
         self._closed = False
         self._refilling = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -239,10 +238,15 @@ class Committer:
             spares = self._spares.get(key)
             if spares:
                 return spares.pop()
-            self._seq += 1
-            seq = self._seq
-        path = f"{directory}/new{seq}.{suffix}"
-        return os.open(path, _NEW_FLAGS, mode), path
+        for attempt in range(3):
+            path = f"{directory}/new{_take_numbers(1) + 1}.{suffix}"
+            try:
+                return os.open(path, _NEW_FLAGS, mode), path
+            except FileExistsError:
+                # Left by an earlier process that had this pid: the next name.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
         """Blocking: remove the spare files (see :meth:`new_file`) and make
@@ -358,8 +362,7 @@ class Committer:
     def _refill_locked(self) -> None:
         with self._cond:
             wanted, self._wanted = self._wanted, {}
-            start = self._seq
-            self._seq += sum(wanted.values())
+        start = _take_numbers(sum(wanted.values()))
         for (directory, suffix, mode), count in wanted.items():
             paths = [os.fsencode(f"{directory}/new{start + i + 1}.{suffix}") for i in range(count)]
             start += count
@@ -380,6 +383,23 @@ class Committer:
                     extra = spares[self.SPARES :]
                     del spares[self.SPARES :]
             _drop({(directory, suffix, mode): extra})
+
+
+#: The last number a spare file's name took in this process. One sequence
+#: for every :class:`Committer`: at a reload the new configuration's works
+#: beside the retiring one's, in the same directories, with the same pid, and
+#: two counters from 1 gave the same names ("File exists": a 451).
+_last_number = 0
+_numbers_lock = threading.Lock()
+
+
+def _take_numbers(count: int) -> int:
+    """Reserve ``count`` numbers; the one before the first of them."""
+    global _last_number
+    with _numbers_lock:
+        start = _last_number
+        _last_number += count
+    return start
 
 
 def _drop(spares: dict[tuple[str, str, int], list[tuple[int, str]]]) -> None:

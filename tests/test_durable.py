@@ -280,6 +280,38 @@ def test_new_files_come_ready_from_the_thread_and_are_removed_at_close(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_two_committers_never_name_two_files_alike(tmp_path):
+    # A reload's new configuration has a committer beside the retiring
+    # one's, in the same process and directory: with a counter each, the
+    # new one's first names were the old one's spares ("File exists": 451).
+    old, new = Committer(), Committer()
+    directory, suffix = str(tmp_path), "123"
+    try:
+        fd, path = old.new_file(directory, suffix, 0o600)
+        os.close(fd)
+        old.sync_blocking(directory)
+        wait_for_spares(old)  # the old one's spare waits in the directory
+        names = {path}
+        for _ in range(5):
+            fd, made = new.new_file(directory, suffix, 0o600)
+            os.close(fd)
+            assert made not in names
+            names.add(made)
+        # And a name left by an earlier process with this pid is passed over.
+        from bonzo import durable
+
+        taken = tmp_path / f"new{durable._last_number + 1}.{suffix}"
+        taken.touch()
+        other = Committer()
+        fd, made = other.new_file(directory, suffix, 0o600)
+        os.close(fd)
+        other.close()
+        assert made not in names and made != str(taken)
+    finally:
+        old.close()
+        new.close()
+
+
 def test_an_idle_thread_removes_its_spares(tmp_path):
     committer = Committer(idle=0.05)
     fd, path = committer.new_file(str(tmp_path), "1", 0o600)
