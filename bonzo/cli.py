@@ -587,6 +587,10 @@ def _listen_override(values: list[str]) -> list[Any]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # First of all: SIGHUP's default action ends the process, unlogged (a
+    # reload asked while the configuration and the plugins load), and a
+    # death by SIGHUP is a clean exit to systemd's Restart=on-failure.
+    signal.signal(signal.SIGHUP, _log_sighup)  # until the workers can reload
     config = load_config(args.config)
     if args.listen:
         config.listeners = _listen_override(args.listen)
@@ -605,7 +609,6 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         app = MailApp(config)
         app.listen_override = args.listen  # re-applied by a reload
-        signal.signal(signal.SIGHUP, _log_sighup)  # until the workers can reload
         return _serve_app(app)
     finally:
         if metrics_dir is not None and os.getpid() == main_pid:
@@ -1004,6 +1007,12 @@ def _reloaded_app(old: Any, *, warn: bool = True) -> Any:
             log.warning("reload: [metrics] takes effect at a restart")
         # The listener, the multiprocess directory and the counting stay.
         config.metrics = old.config.metrics
+    if config.pid_file != old.config.pid_file:
+        # The running daemon's file stays where it is (bonzo reload and
+        # bonzo stop find it there).
+        if warn:
+            log.warning("reload: server.pid_file takes effect at a restart")
+        config.pid_file = old.config.pid_file
     if config.logging != old.config.logging:
         # Logging is set up once per process, before the workers fork.
         if warn:
@@ -1027,7 +1036,10 @@ def _reloaded_app(old: Any, *, warn: bool = True) -> Any:
         # reload (or, at start-up, refusing to start) would take the other
         # changes, or all mail, down with it while clients that do not check
         # the certificate (most MTAs) still deliver.
-        for warning in new.certificate_warnings():
+        # Every warning a start gives (certificates, a configuration where
+        # every recipient is refused, ...): a reload is when a mistake in the
+        # file comes in.
+        for warning in new.warnings():
             log.warning("reload: %s", warning)
     return new
 
@@ -1175,9 +1187,10 @@ def _run_worker(
                 counter.install(new.plugins)  # time the new plugins' hooks
             sessions = sum(len(s.connections) for s in old.servers)
             log.info(
-                "reloaded %s: new sessions on the new configuration; %d session(s) "
-                "finish on the previous one",
+                "reloaded %s: new sessions on the new configuration (plugins in order: %s); "
+                "%d session(s) finish on the previous one",
                 new.config.source,
+                ", ".join(new.config.plugins.enabled) or "none",
                 sessions,
             )
             await new.plugins.call_observers("bonzo_reload", new)

@@ -232,6 +232,15 @@ class Lifecycle:
         time.sleep(self.block)
 
 
+class SlowConfigure:
+    """Its configuration takes ``sleep`` seconds (a directory read at
+    start), after leaving out/configuring."""
+
+    def bonzo_configure(self, config):
+        (Path(config["out"]) / "configuring").write_text("")
+        time.sleep(float(config.get("sleep", 1.0)))
+
+
 class SlowFork:
     """Holds the supervisor between its first fork() and recording the child
     (an os.register_at_fork callback), after leaving the file out/forked."""
@@ -1780,6 +1789,44 @@ def test_a_sighup_sent_to_one_worker_reloads_every_worker(workdir, serve, loop):
     assert daemon.stop() == 0
     assert "Traceback" not in daemon.log and "ERROR" not in daemon.log
     assert _lifecycle(workdir).count("startup") == 4
+
+
+def test_a_reload_logs_the_warnings_a_start_logs(workdir, serve):
+    """A file cut short before its [plugins] table: at a start "no enabled
+    plugin accepts recipients" is logged; a reload of it said nothing, and
+    every RCPT got 550 (a bounce for every sender)."""
+    port = free_port()
+    config = write_config(workdir, port)
+    daemon = serve(config, port)
+    daemon.wait_ready()
+    text = config.read_text()
+    cut = text[: text.index("[plugins]")]
+    config.write_text(cut.replace("workers = 1", 'workers = 1\npid_file = "other.pid"'))
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reloaded " in daemon.log, what="the reload")
+    log = daemon.log
+    assert "reload: no enabled plugin accepts recipients (bonzo_rcpt)" in log
+    assert "reload: server.pid_file takes effect at a restart" in log
+    assert "new sessions on the new configuration (plugins in order: none)" in log
+    assert daemon.stop() == 0
+
+
+def test_a_sighup_while_the_configuration_loads_is_logged_not_fatal(workdir, serve):
+    """SIGHUP's default action ended the daemon, unlogged, while its plugins
+    were configured (and systemd takes a death by SIGHUP for a clean exit)."""
+    port = free_port()
+    out = workdir / "out"
+    out.mkdir(exist_ok=True)
+    table = f'\n[plugins."daemonplug:SlowConfigure"]\nout = "{out}"\n'
+    config = write_config(workdir, port, enabled=["daemonplug:SlowConfigure", STORE], extra=table)
+    daemon = serve(config, port)
+    wait_until(lambda: (out / "configuring").exists(), what="the configuration to load")
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_ready()
+    assert daemon.proc.poll() is None
+    assert "SIGHUP: not serving yet, nothing to reload; ignored" in daemon.log
+    assert send(port) == {}
+    assert daemon.stop() == 0
 
 
 def test_a_stop_during_a_reload_stops_the_new_configuration_too(workdir, serve):
