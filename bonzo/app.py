@@ -310,6 +310,9 @@ class MailApp:
         #: then share the connections evenly); ``None`` in one process.
         self.share: WorkerShare | None = None
         self._bound: list[tuple[ListenerConfig, list[socket.socket]]] = []
+        # The configuration a reload replaced (adopt_sockets): its servers'
+        # connections count toward this one's limits.
+        self._replaced: MailApp | None = None
         self._unix_paths: list[str] = []
         self._extra = list(extra_plugins)
         # The enabled plugins that are modules or objects used as is (see
@@ -752,12 +755,16 @@ class MailApp:
             if not self._bound:
                 self.bind()
             groups = self._bound
-        count = ConnectionCount(
-            self.settings.max_connections,
-            self.settings.max_connections_per_ip,
-            self.settings.ipv6_prefix_length,
-        )
-        for listener, socks in groups:
+        # A reload's servers count on from those they replace (whose
+        # sessions finish meanwhile): the limits hold for both together.
+        before = self._replaced.servers if self._replaced is not None else []
+        self._replaced = None  # no chain of every configuration ever reloaded
+        count = before[0].count if before else None
+        if count is None or count.ipv6_prefix_length != self.settings.ipv6_prefix_length:
+            count = ConnectionCount(ipv6_prefix_length=self.settings.ipv6_prefix_length)
+        count.max_connections = self.settings.max_connections
+        count.max_connections_per_ip = self.settings.max_connections_per_ip
+        for i, (listener, socks) in enumerate(groups):
             server = SMTPServer(
                 plugins=self.plugins,
                 settings=offered_settings(listener.smtp_settings or self.settings, self.plugins),
@@ -768,6 +775,8 @@ class MailApp:
                 accept_batch=1 if self.share is not None else ACCEPT_BATCH,
                 share=self.share,
             )
+            if i < len(before):
+                server.continue_counts(before[i])
             self.servers.append(server)  # released again if a later one fails
             server.add_sockets(socks)
         self.server = self.servers[0]
@@ -810,6 +819,7 @@ class MailApp:
             for listener, (_, socks) in zip(self.config.listeners, old._bound, strict=True)
         ]
         self.share = old.share
+        self._replaced = old
 
     def release_sockets(self) -> None:
         """Stop accepting new connections, keeping the sockets open for the

@@ -378,6 +378,18 @@ class CallbackPlugin:
             raise
 
 
+class ListenerCount:
+    """One listener's open connections, in all (:attr:`open`) and per
+    client (:attr:`per_ip`), for its own limits: what a reload's new server
+    on the listener shares with the one it replaces."""
+
+    __slots__ = ("open", "per_ip")
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.per_ip: Counter[str] = Counter()
+
+
 class ConnectionCount:
     """Connections open across the servers (listeners) that share this
     object, in all and per client address, for the connection limits.
@@ -548,9 +560,9 @@ class SMTPServer(TCPServer):
         self.connections: set[SMTPConnection] = set()
         self.count = count or ConnectionCount(ipv6_prefix_length=self.settings.ipv6_prefix_length)
         # This listener's own connections (its limits may differ from the
-        # server-wide ones in the count).
-        self._open = 0
-        self._per_ip: Counter[str] = Counter()
+        # server-wide ones in the count); shared with the server it replaced
+        # at a reload (continue_counts).
+        self._own = ListenerCount()
         self._by_session: dict[str, SMTPConnection] = {}
         self._forced = False  # force_stop() was called
         # The address each counted connection is counted under (None: in
@@ -634,7 +646,7 @@ class SMTPServer(TCPServer):
         count = self.count
         # The listener's limits hold for its own connections, the server-wide
         # ones (if any) for all listeners together.
-        if self._open >= settings.max_connections or (
+        if self._own.open >= settings.max_connections or (
             count.max_connections is not None and count.total >= count.max_connections
         ):
             refusal, limit = "Too many connections, try again later", "max_connections"
@@ -683,9 +695,9 @@ class SMTPServer(TCPServer):
             counted = None if uncounted else ip
             count.add(counted)
             self._counted[connection] = counted
-            self._open += 1
+            self._own.open += 1
             if counted is not None:
-                self._per_ip[self._client(counted)] += 1
+                self._own.per_ip[self._client(counted)] += 1
         self.connections.add(connection)
         if self.share is not None:
             self.share.opened()
@@ -737,7 +749,7 @@ class SMTPServer(TCPServer):
             return errors.SMTPError(421, text, enhanced_code="4.7.0", close=True)
         self.count.move(counted, ip)
         self._drop_own(counted)
-        self._per_ip[self._client(ip)] += 1
+        self._own.per_ip[self._client(ip)] += 1
         self._counted[connection] = ip
         return None
 
@@ -756,14 +768,14 @@ class SMTPServer(TCPServer):
         ``max_connections_per_ip`` connections here, or the server-wide
         limit across listeners."""
         count = self.count
-        return self._per_ip[self._client(ip)] >= self.settings.max_connections_per_ip or (
+        return self._own.per_ip[self._client(ip)] >= self.settings.max_connections_per_ip or (
             count.max_connections_per_ip is not None
             and count.connections_of(ip) >= count.max_connections_per_ip
         )
 
     def _drop_own(self, ip: str | None) -> None:
         if ip is not None:
-            _uncount(self._per_ip, self._client(ip))
+            _uncount(self._own.per_ip, self._client(ip))
 
     def _connection_closed(self, connection: SMTPConnection) -> None:
         if connection in self.connections:
@@ -776,8 +788,17 @@ class SMTPServer(TCPServer):
             if connection in self._counted:
                 counted = self._counted.pop(connection)
                 self.count.remove(counted)
-                self._open -= 1
+                self._own.open -= 1
                 self._drop_own(counted)
+
+    def continue_counts(self, old: SMTPServer) -> None:
+        """Count on from ``old``'s connections (a reload: the server it
+        replaces on the same listener, whose sessions finish meanwhile), so
+        that they hold this server's connection limits too: a reload must
+        not give every client a fresh quota beside what it holds. Nothing
+        is shared when the two group IPv6 clients differently."""
+        if old.settings.ipv6_prefix_length == self.settings.ipv6_prefix_length:
+            self._own = old._own
 
     def release_sockets(self) -> list[socket.socket]:
         """Stop accepting on the listening sockets without closing them, and

@@ -1829,6 +1829,42 @@ def test_a_sighup_while_the_configuration_loads_is_logged_not_fatal(workdir, ser
     assert daemon.stop() == 0
 
 
+def test_the_connection_limits_count_the_sessions_a_reload_left_running(workdir, serve):
+    """The sessions still open on the previous configuration count toward
+    the new one's limits: each reload gave a client a fresh quota beside
+    what it held (48 sessions from one address with a limit of 5)."""
+    port = free_port()
+    config = write_config(workdir, port, extra="\n[limits]\nmax_connections_per_ip = 2\n")
+    daemon = serve(config, port)
+    daemon.wait_ready()
+
+    def connect() -> tuple[socket.socket, bytes]:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+        return sock, sock.recv(512)
+
+    held = [connect(), connect()]
+    try:
+        assert all(greeting.startswith(b"220 ") for _, greeting in held)
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reloaded " in daemon.log, what="the reload")
+        extra, greeting = connect()
+        extra.close()
+        assert greeting.startswith(b"421 4.7.0 Too many connections from your address")
+        # One of the old sessions ends: its place is free again.
+        held.pop()[0].close()
+
+        def third() -> bool:
+            sock, greeting = connect()
+            sock.close()
+            return greeting.startswith(b"220 ")
+
+        wait_until(third, what="the freed place")
+    finally:
+        for sock, _ in held:
+            sock.close()
+    assert daemon.stop() == 0
+
+
 def test_a_stop_during_a_reload_stops_the_new_configuration_too(workdir, serve):
     """SIGTERM while a reload's plugins start: the stop waits for that
     reload, then stops every configuration; the new one was left serving,
