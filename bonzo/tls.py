@@ -265,14 +265,26 @@ def certificate_warnings(
     """What is wrong with the dates of the certificates of ``pair.cert`` --
     the server certificate and the intermediates after it (an expired
     intermediate fails every client that verifies, as its own would):
-    expired, expiring within ``days`` days, or not valid yet. Empty when the
-    dates are fine or cannot be read (an unusable file is
+    expired, expiring within ``days`` days, or not valid yet; and a
+    certificate that did not issue the one before it. Empty when the
+    certificates are fine or cannot be read (an unusable file is
     :func:`make_server_context`'s to report)."""
     now = time.time() if now is None else now
     out = []
-    for index, decoded in enumerate(_decoded_chain(pair.cert)):
+    chain = _decoded_chain(pair.cert)
+    for index, decoded in enumerate(chain):
         if decoded is None:
             continue
+        issued = chain[index - 1] if index else None
+        if issued is not None and issued.get("issuer") != decoded.get("subject"):
+            # Not the next link: clients that verify cannot build the chain.
+            # (Two server certificates in one file, an RSA and an ECDSA one,
+            # serve the first with the second as a bogus intermediate.)
+            out.append(
+                f"certificate {index + 1} of {pair.cert} did not issue certificate {index} "
+                "before it: clients that check the chain will refuse it (one server "
+                "certificate per file, followed by its intermediates in order)"
+            )
         try:
             not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
             not_before = ssl.cert_time_to_seconds(decoded["notBefore"])

@@ -293,3 +293,22 @@ def test_files_shared_by_listeners_give_one_warning_naming_every_key(tmp_path, i
     keys = "listeners[0].tls, listeners[1].tls, listeners[2].tls: "
     assert expiring.startswith(keys + f"certificate {tmp_path}/soon.pem (CN=mx.test) expires on ")
     assert readable.startswith(keys + f"the key file {tmp_path}/soon.key can be read by every user")
+
+
+def test_a_certificate_that_did_not_issue_the_one_before_it_is_warned_about(tmp_path, intermediate):
+    # Both server certificates of a dual RSA + ECDSA setup in one file, both
+    # keys in the other: OpenSSL serves the first with the second as a bogus
+    # intermediate, which every verifying client refuses; it loaded silently.
+    first = write_leaf(intermediate, tmp_path, "first")
+    other = trustme.CA().issue_cert("mx.test")
+    both = tmp_path / "both.pem"
+    leaf_only = Path(first.cert).read_bytes().split(b"-----END CERTIFICATE-----")[0]
+    both.write_bytes(leaf_only + b"-----END CERTIFICATE-----\n" + other.cert_chain_pems[0].bytes())
+    pair = CertificatePair(str(both), first.key)
+    make_server_context(pair)  # it loads
+    assert certificate_warnings(pair) == [
+        f"certificate 2 of {both} did not issue certificate 1 before it: clients that check "
+        "the chain will refuse it (one server certificate per file, followed by its "
+        "intermediates in order)"
+    ]
+    assert certificate_warnings(first) == []  # leaf then its intermediate: fine
