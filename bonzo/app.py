@@ -886,6 +886,9 @@ class MailApp:
         Called while a reload retires this configuration, it sets
         :attr:`stop_requested` and waits for that retirement to end."""
         self.stop_requested.set()
+        # The server stops: its sessions are told so, not to connect again
+        # (unless the retirement has told them already).
+        self._stop_text = None
         await self._stop_once(grace)
 
     async def _stop_once(self, grace: float | None) -> None:

@@ -1865,6 +1865,29 @@ def test_the_connection_limits_count_the_sessions_a_reload_left_running(workdir,
     assert daemon.stop() == 0
 
 
+def test_a_stop_while_a_reload_retires_tells_its_sessions_the_server_stops(workdir, serve):
+    # Not "Configuration reloaded, please connect again": nobody will answer.
+    port = free_port()
+    daemon = serve(write_config(workdir, port), port)
+    daemon.wait_ready()
+    idle = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    try:
+        assert idle.recv(512).startswith(b"220 ")
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reloaded " in daemon.log, what="the reload")
+        daemon.proc.send_signal(signal.SIGTERM)
+        said = b""
+        while not said.endswith(b"\r\n"):
+            chunk = idle.recv(512)
+            if not chunk:
+                break
+            said += chunk
+        assert said == b"421 4.3.2 Server shutting down\r\n"
+    finally:
+        idle.close()
+    assert daemon.proc.wait(DEADLINE) == 0
+
+
 def test_a_stop_during_a_reload_stops_the_new_configuration_too(workdir, serve):
     """SIGTERM while a reload's plugins start: the stop waits for that
     reload, then stops every configuration; the new one was left serving,
