@@ -376,6 +376,10 @@ class MailApp:
                     )
         self._configure()
         for name in pc.enabled:
+            problem = self.plugins.declaration_problem(name)
+            if problem is not None:
+                raise config.error(f"plugins.{name}", problem)
+        for name in pc.enabled:
             plugin = self.plugins.get(name)
             if not self.plugins.hooks_of(name) and plugin is not None:
                 log.warning("plugin %r implements no hook", name)

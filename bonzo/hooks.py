@@ -162,6 +162,9 @@ class PluginSet:
             raise PluginError(f"plugin {name!r} is registered twice")
         if timeout is not None and not positive_seconds(timeout):
             raise PluginError(f"plugin {name!r}: timeout must be a positive number of seconds")
+        problem = _attribute_problem(plugin)
+        if problem is not None:
+            raise PluginError(f"plugin {name!r}: {problem}")
         try:
             self.manager.register(plugin, name=name)
         except (pluggy.PluginValidationError, ValueError) as exc:
@@ -228,6 +231,53 @@ class PluginSet:
     def get(self, name: str) -> object:
         """The registered plugin object called ``name``."""
         return self.manager.get_plugin(name)
+
+    def declaration_problem(self, name: str) -> str | None:
+        """What is wrong with the declarations of plugin ``name`` (read when
+        they are used, so checked once it is configured): ``accepts`` and
+        ``decides_always`` tuples of hook names, ``runs_after`` a dict of
+        plugin name to why, ``open_files`` a non-negative int,
+        ``backend_timeout`` a number of seconds, ``config_warnings`` a list
+        of strings. A wrong type was ignored without a word (``accepts =
+        ("bonzo_rcpt")``, a string for the missing comma). ``None`` if
+        none."""
+        plugin = self.get(name)
+        for attr in ("accepts", "decides_always"):
+            value = getattr(plugin, attr, None)
+            if value is None:
+                continue
+            if isinstance(value, str):
+                return (
+                    f"{attr} must be a tuple of hook names, not a string (a missing comma? "
+                    f"({value!r},))"
+                )
+            if not isinstance(value, (tuple, list, set, frozenset)):
+                return f"{attr} must be a tuple of hook names, not {type(value).__name__}"
+            unknown = [h for h in value if h not in HOOK_ARGS]
+            if unknown:
+                return f"{attr} names {unknown[0]!r}, which is not a hook"
+        value = getattr(plugin, "runs_after", None)
+        if value is not None and not (
+            isinstance(value, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+        ):
+            return f"runs_after must be a dict of plugin name to why, not {type(value).__name__}"
+        value = getattr(plugin, "open_files", None)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 0
+        ):
+            return f"open_files must be a non-negative int, not {value!r}"
+        value = getattr(plugin, "backend_timeout", None)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+        ):
+            return f"backend_timeout must be a positive number of seconds, not {value!r}"
+        value = getattr(plugin, "config_warnings", None)
+        if value is not None and not (
+            isinstance(value, (list, tuple)) and all(isinstance(w, str) for w in value)
+        ):
+            return "config_warnings must be a list of strings"
+        return None
 
     def can_accept(self, name: str, hook: str) -> bool:
         """Whether plugin ``name`` may give a positive verdict in ``hook``
@@ -492,6 +542,42 @@ def _generator_kind(function: Any) -> str | None:
         function = function.func
     flags = getattr(getattr(function, "__code__", None), "co_flags", 0)
     return None if flags & inspect.CO_ITERABLE_COROUTINE else "a generator"
+
+
+def _attribute_problem(plugin: object) -> str | None:
+    """A ``bonzo_``-like attribute of ``plugin`` that would never work as a
+    hook, said before pluggy sees it: a name with capitals (never called),
+    a callable that is not a function or method (pluggy stops on it with an
+    assertion), or a method whose first parameter is one of its hook's
+    arguments (``self`` forgotten: every call a fault). ``None`` if none."""
+    for attr in dir(plugin):
+        if not attr.lower().startswith("bonzo_"):
+            continue
+        try:
+            value = getattr(plugin, attr)
+        except Exception:
+            continue  # a property that fails: not a hook
+        if not callable(value) or inspect.isclass(value):
+            continue
+        if not attr.startswith("bonzo_"):
+            return f"{attr}: hook names are lower case ({attr.lower()}); this one is never called"
+        if not inspect.isroutine(value):
+            return (
+                f"{attr} is a {type(value).__name__} object, not a function or method: define "
+                "it with def (or async def)"
+            )
+        spec = HOOK_ARGS.get(attr)
+        if spec and inspect.ismethod(value) and value.__self__ is plugin:
+            try:
+                first = next(iter(inspect.signature(value.__func__).parameters), None)
+            except (TypeError, ValueError):
+                continue
+            if first in spec:
+                return (
+                    f"{attr}: its first parameter is {first!r}, one of the hook's arguments: "
+                    f"a method takes self first (def {attr}(self, {first}, ...))"
+                )
+    return None
 
 
 def _wrong_parameter(plugin: object) -> str | None:

@@ -261,6 +261,59 @@ def test_registration_refuses_an_unknown_hook_name():
     assert ps.names == []
 
 
+def _tagged(self, mailbox, tag="x"):
+    return None
+
+
+class _CallableObject:
+    def __call__(self, mailbox):
+        return None
+
+
+class _CaseTypo:
+    def Bonzo_mail(self, address):
+        pass
+
+    def bonzo_rcpt(self, mailbox):
+        pass
+
+
+class _Partial:
+    bonzo_rcpt = functools.partialmethod(_tagged, tag="y")
+
+
+class _Instance:
+    bonzo_rcpt = _CallableObject()
+
+
+class _NoSelf:
+    def bonzo_rcpt(mailbox):  # noqa: N805 - the mistake under test
+        pass
+
+
+@pytest.mark.parametrize(
+    "plugin, message",
+    [
+        (_CaseTypo(), "Bonzo_mail: hook names are lower case (bonzo_mail); this one is never "
+         "called"),
+        (_Partial(), "bonzo_rcpt is a partial object, not a function or method: define it "
+         "with def"),
+        (_Instance(), "bonzo_rcpt is a _CallableObject object, not a function or method"),
+        (_NoSelf(), "bonzo_rcpt: its first parameter is 'mailbox', one of the hook's arguments: "
+         "a method takes self first (def bonzo_rcpt(self, mailbox, ...))"),
+    ],
+    ids=["capitals", "partialmethod", "callable object", "no self"],
+)  # fmt: skip
+def test_registration_refuses_hooks_that_would_never_work(plugin, message):
+    # A callable that is not a function stopped `bonzo check` with pluggy's
+    # AssertionError; the others registered and never worked.
+    ps = PluginSet()
+    with pytest.raises(PluginError) as info:
+        ps.register(plugin, "p")
+    assert str(info.value).startswith(f"plugin 'p': {message}")
+    assert ps.names == []
+
+
 def test_registration_refuses_a_wrong_argument_name():
     class Wrong:
         def bonzo_mail(self, address):
@@ -2615,6 +2668,37 @@ def test_the_warning_about_a_hook_that_never_runs_names_the_cause(tmp_path, enab
     )
     app = MailApp(config)
     assert f"plugins.enabled: {warning}" in app.warnings(), app.warnings()
+
+
+@pytest.mark.parametrize(
+    "attribute, value, message",
+    [
+        ("accepts", "bonzo_rcpt", "accepts must be a tuple of hook names, not a string (a "
+         "missing comma? ('bonzo_rcpt',))"),
+        ("decides_always", ("bonzo_rcpt", "bonzo_recpt"), "decides_always names 'bonzo_recpt', "
+         "which is not a hook"),
+        ("runs_after", ["tagger"], "runs_after must be a dict of plugin name to why, not list"),
+        ("open_files", "many", "open_files must be a non-negative int, not 'many'"),
+        ("backend_timeout", -1, "backend_timeout must be a positive number of seconds, not -1"),
+        ("config_warnings", "one", "config_warnings must be a list of strings"),
+    ],
+)  # fmt: skip
+def test_a_declaration_of_the_wrong_type_is_a_configuration_error(
+    plugin_module, attribute, value, message
+):
+    # Each was ignored without a word: accepts = ("bonzo_rcpt") said the
+    # plugin may accept anywhere.
+    class Declares:
+        def bonzo_configure(self, config):
+            setattr(self, attribute, value)
+
+        def bonzo_rcpt(self):
+            return None
+
+    plugin_module.Declares = Declares
+    with pytest.raises(ConfigError) as info:
+        MailApp(parse_config(app_config("Declares"), source="t.toml"))
+    assert str(info.value) == f"t.toml: plugins.bonzo_hooktest_plugins:Declares: {message}"
 
 
 def test_a_plugin_module_that_fails_to_import_says_where(tmp_path, monkeypatch):
