@@ -14,6 +14,7 @@ import asyncio
 import difflib
 import errno
 import importlib
+import importlib.machinery
 import inspect
 import logging
 import os
@@ -122,12 +123,76 @@ def installed_plugins() -> dict[str, InstalledPlugin]:
     return found
 
 
+def _shadowed_file(module_name: str, imported: str | None) -> str:
+    """``; <file> is not the one imported ...`` when a file of that module
+    name in ``[plugins] paths`` lost to another module of the name (Python's
+    own ``queue``, ``email``: they come first); "" otherwise."""
+    top = module_name.split(".")[0]
+    for path in _plugin_paths:
+        for candidate in (os.path.join(path, f"{top}.py"), os.path.join(path, top)):
+            if os.path.exists(candidate) and not (
+                imported and os.path.abspath(imported).startswith(os.path.abspath(candidate))
+            ):
+                return (
+                    f"; {candidate} is not the one imported: another module named {top!r} "
+                    "comes first (rename the file)"
+                )
+    return ""
+
+
+#: The directories of ``[plugins] paths`` this process has put on sys.path.
+_plugin_paths: list[str] = []
+
+
+def shadowing_modules(paths: Sequence[str]) -> list[str]:
+    """Warnings for the modules in ``paths`` (``name.py`` or a package
+    directory) named like a module found elsewhere — Python's own or an
+    installed one: put first on the import path, a local ``dkim.py`` is
+    what the bundled ``dkim`` plugin imports as dkimpy, and a local
+    ``queue.py`` is never imported (the standard library's comes first)."""
+    out = []
+    others = [p for p in sys.path if p and p not in paths and os.path.abspath(p) not in paths]
+    for i, path in enumerate(paths):
+        try:
+            entries = sorted(os.listdir(path))
+        except OSError:
+            continue
+        for entry in entries:
+            full = os.path.join(path, entry)
+            if entry.endswith(".py"):
+                top = entry[:-3]
+            elif os.path.isfile(os.path.join(full, "__init__.py")):
+                top = entry
+            else:
+                continue
+            if not top.isidentifier():
+                continue
+            if top in sys.builtin_module_names:
+                where = "a module built into Python"
+            else:
+                try:
+                    spec = importlib.machinery.PathFinder.find_spec(top, others)
+                except (ImportError, ValueError):
+                    spec = None
+                if spec is None or not spec.origin:
+                    continue
+                where = spec.origin
+            out.append(
+                f"plugins.paths[{i}]: {full} is named like the module {top!r} ({where}): "
+                "whichever comes first on the import path is the one every import of "
+                f"{top!r} gets, Bonzo's plugins' too; rename the file"
+            )
+    return out
+
+
 def add_plugin_paths(config: Config) -> None:
     """Put the directories of ``[plugins] paths`` at the front of the import
     path (each once), where the plugins enabled by dotted path are found."""
     for path in config.plugins.paths:
         if path not in sys.path:
             sys.path.insert(0, path)
+        if path not in _plugin_paths:
+            _plugin_paths.append(path)
 
 
 def _instantiate(obj: Any) -> Any:
@@ -231,7 +296,10 @@ def _resolve(name: str, installed: dict[str, InstalledPlugin] | None) -> tuple[A
             for part in attr.split("."):
                 obj = getattr(obj, part)
         except AttributeError:
-            raise LookupError(f"plugin {name!r}: {module_name} has no {attr!r}") from None
+            where = getattr(module, "__file__", None)
+            said = f"{module_name} ({where})" if where else module_name
+            hint = _shadowed_file(module_name, where)
+            raise LookupError(f"plugin {name!r}: {said} has no {attr!r}{hint}") from None
         try:
             return _instantiate(obj), not inspect.isclass(obj)
         except BaseException as exc:
@@ -558,6 +626,7 @@ class MailApp:
                 # fails to import: say where the mistake is first.
                 why = "is not a directory" if os.path.exists(path) else "does not exist"
                 out.append(f"plugins.paths[{i}]: {path} {why}: no plugin is found there")
+        out.extend(shadowing_modules(self.config.plugins.paths))
         for name in self.plugins.names:
             found = getattr(self.plugins.get(name), "config_warnings", None)
             if isinstance(found, (list, tuple)):

@@ -15,6 +15,7 @@ import functools
 import inspect
 import logging
 import math
+import queue
 import re
 import signal
 import smtplib
@@ -2721,3 +2722,29 @@ def test_a_plugin_module_that_fails_to_import_says_where(tmp_path, monkeypatch):
     assert str(info.value).endswith(
         "cannot import hooktest_nowhere: No module named 'hooktest_nowhere'"
     )
+
+
+def test_a_local_module_named_like_another_is_warned_about(tmp_path, monkeypatch):
+    # A local dkim.py is what the bundled dkim plugin then imports as
+    # dkimpy; a local queue.py is never imported (the standard library's
+    # comes first), and the error said the class was missing from a file
+    # that has it.
+    for module in ("queue", "hooktest_mine"):
+        (tmp_path / f"{module}.py").write_text(
+            "class Policy:\n    def bonzo_rcpt(self):\n        pass\n"
+        )
+    paths = f'[plugins]\npaths = ["{tmp_path}"]\n'
+    monkeypatch.setattr(sys, "path", list(sys.path))  # no queue.py left first on it
+    with pytest.raises(ConfigError) as info:
+        MailApp(parse_config(paths + 'enabled = ["queue:Policy"]\n', source="t.toml"))
+    assert str(info.value).endswith(
+        f"queue ({queue.__file__}) has no 'Policy'; {tmp_path}/queue.py is not the one "
+        "imported: another module named 'queue' comes first (rename the file)"
+    )
+    app = MailApp(parse_config(paths + 'enabled = ["hooktest_mine:Policy"]\n', source="t.toml"))
+    found = [w for w in app.warnings() if w.startswith("plugins.paths[0]")]
+    assert found == [
+        f"plugins.paths[0]: {tmp_path}/queue.py is named like the module 'queue' "
+        f"({queue.__file__}): whichever comes first on the import path is the one every "
+        "import of 'queue' gets, Bonzo's plugins' too; rename the file"
+    ]
