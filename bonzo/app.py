@@ -92,11 +92,14 @@ class InstalledPlugin:
         if not self.clashes:
             return None
         each = [self, *self.clashes]
+        # The example is Bonzo's own plugin where one of them is: the other
+        # may be a package that took its name by mistake (or on purpose).
+        example = next((p for p in each if p.distribution.lower() == "bonzo"), self)
         return (
             f"plugin {self.name!r} is declared by more than one installed distribution: "
             f"{', '.join(p.origin for p in each[:-1])} and {each[-1].origin}; enable the one "
-            f'you mean by its dotted path (e.g. "{self.value}", with its table '
-            f'[plugins."{self.value}"]), or uninstall the other'
+            f'you mean by its dotted path (e.g. "{example.value}", with its table '
+            f'[plugins."{example.value}"]), or uninstall the other'
         )
 
 

@@ -662,6 +662,14 @@ def test_a_plugin_name_two_distributions_declare_is_refused_naming_both(workdir,
     config = write_config(workdir, free_port(), [ours, STORE], extra=table)
     result = bonzo("check", "-c", str(config), env=env, cwd=workdir)
     assert result.returncode == 0, result.stderr
+    # Found first, the impostor is named first, but the example is Bonzo's own.
+    env = {**env, "PYTHONPATH": f"{site}:{env['PYTHONPATH']}"}
+    config = write_config(workdir, free_port(), ["recipients", STORE], extra=table.replace(
+        f'"{ours}"', "recipients"))  # fmt: skip
+    result = bonzo("check", "-c", str(config), env=env, cwd=workdir)
+    assert result.returncode == 2
+    assert "bonzo-impostor 1.0 (impostor:Impostor) and bonzo " in result.stderr
+    assert f'(e.g. "{ours}", with its table [plugins."{ours}"])' in result.stderr
 
 
 def test_check_warns_about_a_table_for_a_plugin_that_takes_none(workdir, env):
