@@ -229,12 +229,18 @@ def _results(session: Session, envelope: Envelope | None) -> str:
     return f" results=[{found}]" if found else ""
 
 
+#: The longest EHLO keyword line: "250-" and CRLF around it make a reply
+#: line of 512 octets, RFC 5321 4.5.3.1.5's limit.
+_MAX_EHLO_LINE = 512 - 6
+
+
 def _ehlo_line(keyword: Any) -> bool:
     return (
         isinstance(keyword, str)
         and keyword[:1].isalnum()
         and keyword.isascii()
         and keyword.isprintable()
+        and len(keyword) <= _MAX_EHLO_LINE
     )
 
 
@@ -505,8 +511,9 @@ class Dispatcher:
 
     def _checked_keywords(self, keywords: list[str]) -> list[str]:
         # An EHLO line is "keyword [params]" in printable ASCII (RFC 5321
-        # 4.1.1.1); anything else (a non-string, a line break) would break the
-        # reply for every client, so it is dropped and logged.
+        # 4.1.1.1), a reply line at most 512 octets long (4.5.3.1.5); anything
+        # else (a non-string, a line break) would break the reply for every
+        # client, so it is dropped and logged.
         good = [k for k in keywords if _ehlo_line(k)]
         if len(good) != len(keywords):
             app_log.error(

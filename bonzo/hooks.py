@@ -212,8 +212,14 @@ class PluginSet:
         ]
         if pending:
             self.manager.unregister(name=name)
+            close = [
+                f"{hook}: did you mean {match[0]}?"
+                for hook in sorted(pending)
+                if (match := difflib.get_close_matches(hook, list(HOOK_ARGS), n=1))
+            ]
+            hint = f"; {'; '.join(close)}" if close else ""
             raise PluginError(
-                f"plugin {name!r}: unknown hook(s) {', '.join(sorted(pending))}"
+                f"plugin {name!r}: unknown hook(s) {', '.join(sorted(pending))}{hint}"
                 f" (known: {', '.join(sorted(HOOK_ARGS))})"
             )
         self.names.append(name)

@@ -1330,12 +1330,15 @@ def one_line(text: str) -> str:
 
 
 def exception_text(exc: BaseException) -> str:
-    """``str(exc)`` for one log line (:func:`one_line`); a placeholder when
-    the exception cannot be made a string."""
+    """``str(exc)`` for one log line (:func:`one_line`); the exception's
+    type when it has no text, a placeholder when it cannot be made a
+    string."""
     try:
-        return one_line(str(exc))
+        said = str(exc)
     except Exception:
         return f"<{type(exc).__name__} that cannot be shown>"
+    # An exception with no text (KeyboardInterrupt(), CancelledError()): its type.
+    return one_line(said) if said else type(exc).__name__
 
 
 def safe_text(text: str, limit: int = 255) -> str:

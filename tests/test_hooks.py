@@ -249,8 +249,11 @@ def test_registration_refuses_an_unknown_hook_name():
             pass
 
     ps = PluginSet()
-    with pytest.raises(PluginError, match=r"plugin 'typo'.*unknown hook.*bonzo_recpt"):
+    with pytest.raises(PluginError, match=r"plugin 'typo'.*unknown hook.*bonzo_recpt") as info:
         ps.register(Typo(), "typo")
+    assert "unknown hook(s) bonzo_recpt; bonzo_recpt: did you mean bonzo_rcpt? (known: " in str(
+        info.value
+    )
 
     class Decorated:
         @hookimpl
@@ -1925,19 +1928,33 @@ def test_ehlo_keywords_can_add_and_remove_keywords(log_watch, serve):
     assert failures(log_watch, "broken", "bonzo_ehlo_keywords")
 
 
+def test_a_fault_with_no_text_is_named_by_its_type(log_watch, serve):
+    class Silent:
+        def bonzo_helo(self):
+            raise KeyboardInterrupt()  # a library's, with no text
+
+    with raw(serve(plugin_set(("silent", Silent())))) as c:
+        c.reply()
+        assert c.command("EHLO client.test").startswith(b"451 4.3.0")
+    [record] = failures(log_watch, "silent", "bonzo_helo")
+    assert record.getMessage().endswith("in plugin 'silent' (bonzo_helo): KeyboardInterrupt")
+
+
 def test_invalid_ehlo_keywords_are_dropped_not_sent(log_watch, serve):
     class Junk:
         def bonzo_ehlo_keywords(self, keywords):
-            keywords += [5, "XOK", "BAD\r\n250 INJECTED", "", "-DASH"]
+            # The last: a reply line over RFC 5321's 512 octets.
+            keywords += [5, "XOK", "BAD\r\n250 INJECTED", "", "-DASH", "X" + "L" * 506]
+            keywords.append("X" * 506)  # 512 with "250-" and CRLF: fine
 
     with raw(serve(plugin_set(("junk", Junk())))) as c:
         c.reply()
         reply = c.command("EHLO client.test")
-    assert reply.endswith(b"250-HELP\r\n250 XOK\r\n")
-    assert b"INJECTED" not in reply
+    assert reply.endswith(b"250-HELP\r\n250-XOK\r\n250 " + b"X" * 506 + b"\r\n")
+    assert b"INJECTED" not in reply and b"L" * 506 not in reply
     log_watch.allow("bonzo_ehlo_keywords: dropped invalid keyword")
     [record] = log_watch.matching("dropped invalid keyword")
-    assert "[5, 'BAD\\r\\n250 INJECTED', '', '-DASH']" in record.getMessage()
+    assert "[5, 'BAD\\r\\n250 INJECTED', '', '-DASH', 'XLLL" in record.getMessage()
 
 
 def test_accepted_observers_all_run_after_the_250(log_watch, serve):
