@@ -24,6 +24,7 @@ import asyncio
 import datetime
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -1044,6 +1045,24 @@ def _reloaded_app(old: Any, *, warn: bool = True) -> Any:
     return new
 
 
+def _files_digest(config: Any) -> bytes:
+    """A digest of the configuration file and the listeners' certificate and
+    key files as they are now (an unreadable one counts as its error)."""
+    digest = hashlib.sha256()
+    paths = [] if config.source == "<default>" else [config.source]
+    for listener in config.listeners:
+        for pair in listener.tls_files.values():
+            paths += [pair.cert, pair.key]
+    for path in paths:
+        digest.update(os.fsencode(path) + b"\0")
+        try:
+            with open(path, "rb") as f:
+                digest.update(hashlib.sha256(f.read()).digest())
+        except OSError as exc:
+            digest.update(f"error {exc.errno}".encode())
+    return digest.digest()
+
+
 def _configure_shared_again(app: Any) -> None:
     """After a reload that did not replace ``app``: its shared plugins (see
     :meth:`~bonzo.app.MailApp.configure_shared_again`) may hold the new
@@ -1532,6 +1551,7 @@ def _supervise(
     reporting: set[int] = set()
     refused: list[int] = []
     reload_sent = 0.0  # when the last reload was passed on to the workers
+    checked_files: bytes | None = None  # _files_digest of the last reload's check
     hup_pending = False  # a SIGHUP came while the workers were reloading
 
     def spawn(slot: int) -> None:
@@ -1662,13 +1682,26 @@ def _supervise(
             log.error(
                 "reload: every worker refused the new configuration; all still run the previous one"
             )
+        if not reporting and checked_files is not None:
+            # Each worker read the files again after the check here: changed
+            # meanwhile (a renewal copying them), workers may run different
+            # versions, each having said "reloaded".
+            if _files_digest(app.config) != checked_files:
+                log.warning(
+                    "reload: %s or its certificate files changed while the workers read them "
+                    "again: workers may run different versions; reload again once the files "
+                    "are complete",
+                    app.config.source,
+                )
 
     def reload_workers() -> None:
-        nonlocal app, reload_sent
+        nonlocal app, reload_sent, checked_files
         log.info("SIGHUP: checking the configuration before the workers reload it")
         new = _reloaded_app(app)
         if new is None:
             return
+        # What was checked: compared once every worker has read it again.
+        checked_files = _files_digest(new.config)
         replaced.clear()
         replaced[new] = app
         app = new  # workers started from now on run it, unless one refuses it

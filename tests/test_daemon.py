@@ -1740,6 +1740,31 @@ def test_a_sighup_while_the_workers_reload_waits_for_their_reports(workdir, serv
     assert _lifecycle(workdir).count("shutdown") == 6
 
 
+def test_files_changed_while_the_workers_reload_are_warned_about(workdir, serve):
+    """Each worker reads the files again after the supervisor's check: a
+    change in between (a renewal copying them) left workers on different
+    versions, each saying "reloaded", unwarned."""
+    port = free_port()
+    table = f'\n[plugins."daemonplug:Lifecycle"]\nout = "{workdir / "out"}"\nblock = 2.0\n'
+    enabled = ["daemonplug:Lifecycle", STORE]
+    config = write_config(workdir, port, enabled=enabled, workers=2, extra=table)
+    daemon = serve(config, port)
+    daemon.wait_ready(workers=2)
+    thread = _hold_the_loop(daemon)  # one worker reads the file late
+    daemon.proc.send_signal(signal.SIGHUP)
+    # The other worker has reloaded: the supervisor's check is over.
+    wait_until(lambda: daemon.log.count("reloaded /") == 1, what="one worker to reload")
+    config.write_text(config.read_text().replace("block = 2.0", "block = 2.5"))
+    thread.join(DEADLINE)
+    wait_until(lambda: daemon.log.count("reloaded /") == 2, what="both workers to reload")
+    wait_until(lambda: "changed while the workers read" in daemon.log, what="the warning")
+    assert (
+        f"reload: {config} or its certificate files changed while the workers read them again: "
+        "workers may run different versions; reload again once the files are complete"
+    ) in daemon.log
+    assert daemon.stop() == 0
+
+
 def test_a_pending_sighup_goes_on_when_a_worker_never_reports(workdir, serve):
     """A SIGHUP held for the workers' reports waits no longer than the
     limit: past it, the supervisor reloads as asked, naming the worker that
@@ -1795,6 +1820,7 @@ def test_a_sighup_sent_to_one_worker_reloads_every_worker(workdir, serve, loop):
     assert log.count("SIGHUP: reloading the configuration") == 2
     assert send(port) == {}
     assert daemon.stop() == 0
+    assert "changed while the workers read" not in daemon.log  # the files did not
     assert "Traceback" not in daemon.log and "ERROR" not in daemon.log
     assert _lifecycle(workdir).count("startup") == 4
 
