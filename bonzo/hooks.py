@@ -696,6 +696,13 @@ def _verdict(call: HookCall, hook: str, result: Any) -> Any:
         if problem is None:
             return result
         raise PluginFailure(call.plugin, hook, ValueError(problem))
+    if isinstance(result, BaseException):
+        # A refusal returned instead of raised: say so (it is a fault, 451).
+        raise PluginFailure(
+            call.plugin,
+            hook,
+            TypeError(f"returned {kind.__name__} instead of raising it (raise it to refuse)"),
+        )
     raise PluginFailure(
         call.plugin,
         hook,

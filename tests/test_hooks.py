@@ -1940,6 +1940,21 @@ def test_a_fault_with_no_text_is_named_by_its_type(log_watch, serve):
     assert record.getMessage().endswith("in plugin 'silent' (bonzo_helo): KeyboardInterrupt")
 
 
+def test_a_refusal_returned_instead_of_raised_says_so(log_watch, serve):
+    class Returns:
+        def bonzo_mail(self):
+            return errors.PermanentError("No", 550, "5.7.1")  # meant: raise
+
+    with raw(serve(plugin_set(("returns", Returns())))) as c:
+        c.reply()
+        c.command("EHLO client.test")
+        assert c.command("MAIL FROM:<a@example.org>").startswith(b"451 4.3.0")
+    [record] = failures(log_watch, "returns", "bonzo_mail")
+    assert record.getMessage().endswith(
+        "(bonzo_mail): returned PermanentError instead of raising it (raise it to refuse)"
+    )
+
+
 def test_invalid_ehlo_keywords_are_dropped_not_sent(log_watch, serve):
     class Junk:
         def bonzo_ehlo_keywords(self, keywords):
