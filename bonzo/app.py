@@ -179,6 +179,9 @@ def shadowing_modules(paths: Sequence[str]) -> list[str]:
                     spec = None
                 if spec is None or not spec.origin:
                     continue
+                mine = full if entry.endswith(".py") else os.path.join(full, "__init__.py")
+                if os.path.realpath(spec.origin) == os.path.realpath(mine):
+                    continue  # the same file, found another way (an editable install)
                 where = spec.origin
             out.append(
                 f"plugins.paths[{i}]: {full} is named like the module {top!r} ({where}): "
