@@ -704,6 +704,9 @@ class MailApp:
                 for impl in getattr(self.plugins.manager.hook, hook).get_hookimpls()
             }
             for call in self.plugins.calls[hook]:
+                idle = getattr(self.plugins.get(call.plugin), "idle_hooks", ())
+                if isinstance(idle, (tuple, list, set, frozenset)) and hook in idle:
+                    continue  # configured to do nothing there: nothing is lost
                 if decider is not None:
                     problem = (
                         f"plugins.enabled: the {hook} of {call.plugin!r} never runs: "

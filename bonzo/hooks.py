@@ -240,15 +240,15 @@ class PluginSet:
 
     def declaration_problem(self, name: str) -> str | None:
         """What is wrong with the declarations of plugin ``name`` (read when
-        they are used, so checked once it is configured): ``accepts`` and
-        ``decides_always`` tuples of hook names, ``runs_after`` a dict of
+        they are used, so checked once it is configured): ``accepts``,
+        ``decides_always`` and ``idle_hooks`` tuples of hook names, ``runs_after`` a dict of
         plugin name to why, ``open_files`` a non-negative int,
         ``backend_timeout`` a number of seconds, ``config_warnings`` a list
         of strings. A wrong type was ignored without a word (``accepts =
         ("bonzo_rcpt")``, a string for the missing comma). ``None`` if
         none."""
         plugin = self.get(name)
-        for attr in ("accepts", "decides_always"):
+        for attr in ("accepts", "decides_always", "idle_hooks"):
             value = getattr(plugin, attr, None)
             if value is None:
                 continue

@@ -76,7 +76,8 @@ def quarantine_recipients(envelope: Any) -> tuple[list[str], list[str]]:
 
 
 def add_quarantine_headers(envelope: Any, reason: str) -> dict[str, Any]:
-    """Put on top of a quarantined message ``X-Bonzo-Quarantine: <plugin>:
+    """Add to a quarantined message (after the fields the filters added)
+    ``X-Bonzo-Quarantine: <plugin>:
     <reason>``, ``X-Bonzo-Quarantine-Recipients:`` (the recipients the
     client gave) and, when plugins changed them,
     ``X-Bonzo-Quarantine-Final-Recipients:`` (what delivery would have

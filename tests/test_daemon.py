@@ -2395,6 +2395,25 @@ def test_check_warns_that_the_queue_after_maildir_never_delivers(workdir, env):
         assert (warning in result.stdout.splitlines()) is (i == 0), result.stdout
 
 
+@pytest.mark.parametrize("stage", ["connect", "rcpt"])
+def test_a_hook_a_plugin_leaves_idle_is_not_warned_about(workdir, env, stage):
+    """dnsbl after recipients: its bonzo_rcpt "never runs", but with stage =
+    "connect" it does nothing there, and the warning was false."""
+    extra = (
+        '\n[plugins.recipients]\ndomains = ["example.org"]\n'
+        f'\n[plugins.dnsbl]\nstage = "{stage}"\n'
+        '[[plugins.dnsbl.zones]]\nzone = "zen.example"\n'
+        f'\n[plugins.maildir]\npath = "{workdir / "mail"}"\n'
+    )
+    config = write_config(
+        workdir, free_port(), enabled=["recipients", "dnsbl", "maildir"], extra=extra
+    )
+    result = bonzo("check", "-c", str(config), env=env, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    warned = "the bonzo_rcpt of 'dnsbl' never runs" in result.stdout
+    assert warned is (stage == "rcpt"), result.stdout
+
+
 def test_check_warns_about_plugins_out_of_order_at_the_message(workdir, env):
     """dkim_sign before headers (which may change what was signed), authres
     before dmarc (whose result it writes): one warning each; the documented
@@ -2417,6 +2436,9 @@ def test_check_warns_about_plugins_out_of_order_at_the_message(workdir, env):
             ],
         ),
         (["recipients", "dkim", "dmarc", "authres", "headers", "dkim_sign", "maildir"], []),
+        # spf records its results at HELO and MAIL: where it is listed does
+        # not matter to dmarc and authres at the message.
+        (["recipients", "dkim", "dmarc", "authres", "spf", "maildir"], []),
     ]
     for i, (enabled, expected) in enumerate(cases):
         config = write_config(

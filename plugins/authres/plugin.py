@@ -83,7 +83,13 @@ def _reason(result: Any) -> str | None:
     a reason is not an address: such a reason is quoted here, or a reason
     from the sender's DNS (``include:x@y;dkim=pass``) would end the result
     and start forged ones. A reason is prose: its ``;`` become ``,`` too, for
-    the readers that split the field on ``;`` without minding quotes."""
+    the readers that split the field on ``;`` without minding quotes.
+
+    A ``temperror`` says only that: its reason names this server's own
+    resolvers and their answers (``127.0.0.1:53: answered SERVFAIL``), which
+    belong in the log, not in a header the recipient reads and forwards."""
+    if result.result == "temperror":
+        return "temporary error, details in the server log"
     text = sanitize(result.reason, 120).replace(";", ",")
     if not text:
         return None
@@ -123,9 +129,10 @@ class AuthresPlugin:
 
     #: Plugins to run before this one at the message (``bonzo check`` warns
     #: otherwise), and why.
+    # Not spf: its results are recorded at HELO and MAIL, before any message
+    # hook runs.
     runs_after = {
-        name: f"it writes {name}'s result into Authentication-Results"
-        for name in ("spf", "dkim", "dmarc")
+        name: f"it writes {name}'s result into Authentication-Results" for name in ("dkim", "dmarc")
     }
 
     def __init__(self) -> None:

@@ -252,6 +252,10 @@ def finish(prepared: Prepared, min_key_bits: int) -> None:
             signature.decide("fail", "body hash mismatch")
             continue
         name = signature.key_name.encode("ascii", "replace") + b"."
+        if _revoked(signature.key):
+            # RFC 6376 3.6.1: an empty p= is a revoked key; 6.1.2 says so.
+            signature.decide("permerror", f"key {signature.key_name}: revoked (empty p=)")
+            continue
         try:
             pk, bits, ktag, seqtlsrpt = dkim.evaluate_pk(name, signature.key)
         except (dkim.DKIMException, binascii.Error, ValueError) as exc:
@@ -274,6 +278,15 @@ def finish(prepared: Prepared, min_key_bits: int) -> None:
             signature.decide("pass", f"{ktag.decode('ascii', 'replace')} {bits} bits")
         else:
             signature.decide("fail", "signature did not verify")
+
+
+def _revoked(record: bytes) -> bool:
+    """Whether the key record has an empty ``p=`` tag (a revoked key)."""
+    try:
+        tags = parse_tag_value(record)
+    except Exception:
+        return False  # malformed: evaluate_pk says how
+    return tags.get(b"p", None) == b""
 
 
 # ------------------------------------------------------------------- ARC

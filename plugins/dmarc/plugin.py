@@ -48,7 +48,8 @@ SCHEMA = Schema(
     Key("on_quarantine", "choice", default="quarantine", choices=ENFORCE,
         doc="The same for the disposition ``quarantine``."),
     Key("on_temperror", "choice", default="tag", choices=("tempfail", "tag"),
-        doc="When the policy could not be looked up: defer (``451 4.4.3``) or "
+        doc="When the policy could not be looked up, or an aligned SPF or DKIM check "
+        "could not be made (a DNS failure): defer (``451 4.4.3``, saying which) or "
         "only tag."),
     Key("skip_authenticated", "bool", default=True,
         doc="Do not judge sessions that authenticated."),
@@ -89,6 +90,9 @@ class Evaluation:
         #: Why the ``From:`` field gives no usable author domain (or one of
         #: its addresses none), if it does not.
         self.unusable_from = ""
+        #: The checks (``"SPF"``, ``"DKIM"``) a temperror came from, when the
+        #: policy was found but an aligned check could not be made.
+        self.unsure_checks: tuple[str, ...] = ()
 
     @property
     def severity(self) -> int:
@@ -132,7 +136,8 @@ class DmarcPlugin:
 
     #: Plugins to run before this one at the message (``bonzo check`` warns
     #: otherwise), and why.
-    runs_after = {"spf": "it reads spf's result", "dkim": "it reads dkim's result"}
+    # Not spf: its result is recorded at MAIL, before any message hook runs.
+    runs_after = {"dkim": "it reads dkim's result"}
 
     def __init__(self) -> None:
         self.on_reject = "reject"
@@ -281,6 +286,7 @@ class DmarcPlugin:
             # the policy when a check failed for a temporary reason.
             outcome.result = "temperror"
             outcome.reason = f"no aligned pass; temporary error in {' and '.join(unsure)}"
+            outcome.unsure_checks = tuple(dict.fromkeys(u.split()[0] for u in unsure))
             return outcome
         outcome.result = "fail"
         outcome.reason = f"neither SPF nor DKIM aligned with {author} (p={policy})"
@@ -309,11 +315,13 @@ class DmarcPlugin:
             outcome.disposition,
         )
         if outcome.result == "temperror" and self.on_temperror == "tempfail":
-            raise TransientError(
-                "DMARC policy of the author's domain could not be looked up, try again later",
-                451,
-                "4.4.3",
-            )
+            # Say which lookup failed: the sender's operator checks that record.
+            if outcome.unsure_checks:
+                what = " and ".join(outcome.unsure_checks)
+                text = f"{what} of the author's domain could not be checked, try again later"
+            else:
+                text = "DMARC policy of the author's domain could not be looked up, try again later"
+            raise TransientError(text, 451, "4.4.3")
         if outcome.result not in ("fail", "permerror") or outcome.disposition == "none":
             return self._no_author(outcome)
         action = self.on_reject if outcome.disposition == "reject" else self.on_quarantine

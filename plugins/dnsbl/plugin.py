@@ -186,6 +186,15 @@ class DnsblPlugin:
     #: Never accepts (it refuses or has no opinion): see ``bonzo check``.
     accepts = ()
 
+    @property
+    def idle_hooks(self) -> tuple[str, ...]:
+        """The refusal hooks of the stages other than ``stage``: they do
+        nothing (``bonzo check`` does not warn that they never run)."""
+        return {
+            "connect": ("bonzo_mail", "bonzo_rcpt"),
+            "mail": ("bonzo_rcpt",),
+        }.get(self.stage, ())
+
     def __init__(self) -> None:
         self.zones: list[Zone] = []
         self.threshold = 1.0

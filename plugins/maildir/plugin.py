@@ -145,7 +145,8 @@ SCHEMA = Schema(
         "(:class:`bonzo.Quarantine`): with it, this plugin owns "
         ":func:`~bonzo.hookspecs.bonzo_quarantine` and stores each such message "
         "there — one copy, whatever its recipients, durably, with an "
-        "``X-Bonzo-Quarantine: <plugin>: <reason>`` header on top — instead of "
+        "``X-Bonzo-Quarantine: <plugin>: <reason>`` header added (after those the "
+        "filters added) — instead of "
         "delivering it. Created at startup; it must differ from ``path``. "
         "Without it, a quarantined message gets ``451 4.3.0`` unless another "
         "plugin keeps it."),

@@ -178,7 +178,7 @@ SCHEMA = Schema(
         "quarantined (:class:`bonzo.Quarantine`): with it, this plugin owns "
         ":func:`~bonzo.hookspecs.bonzo_quarantine` and queues each such message "
         "for that transport alone, with an ``X-Bonzo-Quarantine: "
-        "<plugin>: <reason>`` header on top, instead of routing it to its "
+        "<plugin>: <reason>`` header added, instead of routing it to its "
         "recipients: a ``maildir`` without ``per_recipient`` (one folder the "
         "operator reads), or a transport that delivers by recipient (``lmtp``, "
         "``smarthost``, ``mx``, a ``maildir`` with ``per_recipient``) together "

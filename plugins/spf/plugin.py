@@ -276,14 +276,20 @@ class SpfPlugin:
         if action == "tag":
             return None
         domain = sanitize(outcome.domain, 100)
+        # The HELO identity decides alone (or for <>): say it is the HELO
+        # name, which the sender may not think of as an address it used.
+        which = "HELO name " if outcome.identity == "helo" else ""
         if outcome.result in ("fail", "softfail"):
             text = (
-                f"SPF {outcome.result}: {domain} does not allow {session.remote_ip} to send for it"
+                f"SPF {outcome.result}: {which}{domain} does not allow {session.remote_ip} "
+                "to send for it"
             )
             if outcome.explanation and outcome.result == "fail":
                 text += f" ({sanitize(outcome.explanation, 150)})"
         else:
-            text = f"SPF {outcome.result} for {domain}: the domain's SPF policy cannot be used"
+            text = (
+                f"SPF {outcome.result} for {which}{domain}: the domain's SPF policy cannot be used"
+            )
         if action == "tempfail":
             return TransientError(text, 451, "4.7.24")
         if outcome.result == "temperror":

@@ -77,6 +77,22 @@ def test_no_results_is_none_and_reasons_can_be_left_out():
     assert "reason" not in field_of(env)
 
 
+def test_a_temperror_s_reason_stays_in_the_log():
+    # Its reason names this server's resolvers and their answers.
+    env = envelope(MESSAGE)
+    env.results.add(
+        "spf", "temperror", "no nameserver answered (10.0.0.53:53: answered SERVFAIL)",
+        identity="mailfrom", sender="a@example.org",
+    )  # fmt: skip
+    run(configured().bonzo_message(session=fake_session(), envelope=env))
+    value = field_of(env)
+    assert "10.0.0.53" not in value and "SERVFAIL" not in value
+    parsed = authres.AuthenticationResultsHeader.parse_value(value.replace("\r\n", ""))
+    [result] = parsed.results
+    assert (result.method, result.result) == ("spf", "temperror")
+    assert result.reason == "temporary error, details in the server log"
+
+
 def test_values_from_the_client_are_made_safe():
     env = envelope(MESSAGE)
     session = fake_session()

@@ -122,6 +122,11 @@ def test_key_problems(dns_stub, rsa):
     dns_stub.add("s1._domainkey.example.org", "TXT", '"v=DKIM1; k=rsa; p=notbase64!"')
     ((result, _, _),) = check(plugin, signed)
     assert result == "permerror"
+    # An empty p= is a revoked key (RFC 6376 3.6.1), not an unparsable one.
+    dns_stub.clear_faults()
+    dns_stub.add("s2._domainkey.example.org", "TXT", '"v=DKIM1; k=rsa; p="')
+    ((result, reason, _),) = check(plugin, rsa.sign(MESSAGE, "s2", "example.org"))
+    assert (result, reason) == ("permerror", "key s2._domainkey.example.org: revoked (empty p=)")
 
 
 def test_weak_and_unsafe_signatures_are_policy(dns_stub, rsa):

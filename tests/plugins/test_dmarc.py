@@ -173,6 +173,9 @@ def test_temperror(zone):
     with pytest.raises(TransientError) as info:
         evaluate(configured(zone.resolver(), on_temperror="tempfail"))
     assert info.value.status_code == 451
+    assert info.value.message == (
+        "DMARC policy of the author's domain could not be looked up, try again later"
+    )
 
 
 def test_a_temporary_spf_or_dkim_error_on_an_aligned_domain_is_no_fail(zone):
@@ -189,9 +192,13 @@ def test_a_temporary_spf_or_dkim_error_on_an_aligned_domain_is_no_fail(zone):
         result = env.results.get("dmarc")
         assert (result.result, verdict) == ("temperror", None), result.reason
         assert "temporary error in" in result.reason
-    with pytest.raises(TransientError):
+    with pytest.raises(TransientError) as info:
         evaluate(configured(zone.resolver(), on_temperror="tempfail"),
                  dkim=[("temperror", "example.org")])  # fmt: skip
+    # The policy was found: the reply names the check that could not be made.
+    assert info.value.message == (
+        "DKIM of the author's domain could not be checked, try again later"
+    )
     # A temporary error for a domain that could never align changes nothing.
     with pytest.raises(PermanentError):
         evaluate(plugin, spf=("temperror", "evil.example"), dkim=[("temperror", "other.example")])
