@@ -282,6 +282,13 @@ def _resolve(name: str, installed: dict[str, InstalledPlugin] | None) -> tuple[A
             ) from exc
     if "." in name or ":" in name:
         module_name, _, attr = name.partition(":")
+        if module_name.endswith(".py") or "/" in module_name:
+            # "./rules.py:Policy": a file name where a module's is wanted.
+            stem = os.path.splitext(os.path.basename(module_name))[0]
+            raise LookupError(
+                f"plugin {name!r}: {module_name} is a file name; name the module "
+                f'("{stem}:{attr or "Plugin"}") and put its directory in plugins.paths'
+            )
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
@@ -418,7 +425,12 @@ class MailApp:
             try:
                 obj, shared = _resolve(name, installed)
             except LookupError as exc:
-                raise config.error("plugins.enabled", str(exc)) from None
+                message = str(exc)
+                missing = [p for p in pc.paths if not os.path.isdir(p)]
+                if missing and "cannot import" in message:
+                    # Where the module was to be found: say so first.
+                    message += f" (plugins.paths has {missing[0]}, which is not a directory)"
+                raise config.error("plugins.enabled", message) from None
             if shared:
                 self._shared.append(name)
             try:
@@ -446,7 +458,8 @@ class MailApp:
                 else:
                     raise config.error(
                         f"plugins.{name}",
-                        "table for a plugin that is neither enabled nor installed",
+                        "table for a plugin that is neither enabled nor installed: enable "
+                        "it, or remove the table",
                     )
         self._configure()
         for name in pc.enabled:

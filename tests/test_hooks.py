@@ -2780,3 +2780,27 @@ def test_a_local_module_named_like_another_is_warned_about(tmp_path, monkeypatch
         f"({queue.__file__}): whichever comes first on the import path is the one every "
         "import of 'queue' gets, Bonzo's plugins' too; rename the file"
     ]
+
+
+def test_plugin_name_mistakes_say_what_to_do(tmp_path):
+    # A file name where a module name goes; a module looked for in a
+    # directory that is not there; a table left for a plugin removed.
+    with pytest.raises(ConfigError) as info:
+        MailApp(parse_config('[plugins]\nenabled = ["./rules.py:Policy"]\n', source="t.toml"))
+    assert str(info.value).endswith(
+        "plugin './rules.py:Policy': ./rules.py is a file name; name the module "
+        '("rules:Policy") and put its directory in plugins.paths'
+    )
+    gone = tmp_path / "nowhere"
+    config = f'[plugins]\npaths = ["{gone}"]\nenabled = ["hooktest_gone:Policy"]\n'
+    with pytest.raises(ConfigError) as info:
+        MailApp(parse_config(config, source="t.toml"))
+    assert str(info.value).endswith(
+        f"No module named 'hooktest_gone' (plugins.paths has {gone}, which is not a directory)"
+    )
+    with pytest.raises(ConfigError) as info:
+        MailApp(parse_config('[plugins."hooktest_old:P"]\nx = 1\n', source="t.toml"))
+    assert str(info.value) == (
+        "t.toml: plugins.hooktest_old:P: table for a plugin that is neither enabled nor "
+        "installed: enable it, or remove the table"
+    )
