@@ -126,12 +126,12 @@ def installed_plugins() -> dict[str, InstalledPlugin]:
     return found
 
 
-def _shadowed_file(module_name: str, imported: str | None) -> str:
+def _shadowed_file(module_name: str, imported: str | None, paths: Sequence[str]) -> str:
     """``; <file> is not the one imported ...`` when a file of that module
-    name in ``[plugins] paths`` lost to another module of the name (Python's
-    own ``queue``, ``email``: they come first); "" otherwise."""
+    name in ``paths`` (``[plugins] paths``) lost to another module of the
+    name (Python's own ``queue``, ``email``: they come first); "" otherwise."""
     top = module_name.split(".")[0]
-    for path in _plugin_paths:
+    for path in paths:
         for candidate in (os.path.join(path, f"{top}.py"), os.path.join(path, top)):
             if os.path.exists(candidate) and not (
                 imported and os.path.abspath(imported).startswith(os.path.abspath(candidate))
@@ -141,10 +141,6 @@ def _shadowed_file(module_name: str, imported: str | None) -> str:
                     "comes first (rename the file)"
                 )
     return ""
-
-
-#: The directories of ``[plugins] paths`` this process has put on sys.path.
-_plugin_paths: list[str] = []
 
 
 def shadowing_modules(paths: Sequence[str]) -> list[str]:
@@ -197,8 +193,6 @@ def add_plugin_paths(config: Config) -> None:
     for path in config.plugins.paths:
         if path not in sys.path:
             sys.path.insert(0, path)
-        if path not in _plugin_paths:
-            _plugin_paths.append(path)
 
 
 def _instantiate(obj: Any) -> Any:
@@ -260,10 +254,13 @@ def resolve_plugin(name: str, installed: dict[str, InstalledPlugin] | None = Non
     return _resolve(name, installed)[0]
 
 
-def _resolve(name: str, installed: dict[str, InstalledPlugin] | None) -> tuple[Any, bool]:
+def _resolve(
+    name: str, installed: dict[str, InstalledPlugin] | None, paths: Sequence[str] = ()
+) -> tuple[Any, bool]:
     """:func:`resolve_plugin`'s object, and whether it is shared: a module
     or an object used as is (the same in every configuration), not an
-    instance made for this one."""
+    instance made for this one. ``paths``, the configuration's ``[plugins]
+    paths``, are named in errors that concern them."""
     installed = installed_plugins() if installed is None else installed
     if name in installed:
         ambiguity = installed[name].ambiguity()
@@ -293,7 +290,16 @@ def _resolve(name: str, installed: dict[str, InstalledPlugin] | None) -> tuple[A
             module = importlib.import_module(module_name)
         except ImportError as exc:
             log.debug("plugin %r: importing %s failed", name, module_name, exc_info=exc)
-            at = "" if exc.name == module_name else raised_at(exc)  # found, but it failed
+            if exc.name != module_name:
+                at = raised_at(exc)  # found, but it failed
+            else:
+                # Where it was to be found: a directory that is not there.
+                missing = [p for p in paths if not os.path.isdir(p)]
+                at = (
+                    f" (plugins.paths has {missing[0]}, which is not a directory)"
+                    if missing
+                    else ""
+                )
             raise LookupError(f"plugin {name!r}: cannot import {module_name}: {exc}{at}") from exc
         except BaseException as exc:
             if passes_through(exc):
@@ -311,7 +317,7 @@ def _resolve(name: str, installed: dict[str, InstalledPlugin] | None) -> tuple[A
         except AttributeError:
             where = getattr(module, "__file__", None)
             said = f"{module_name} ({where})" if where else module_name
-            hint = _shadowed_file(module_name, where)
+            hint = _shadowed_file(module_name, where, paths)
             raise LookupError(f"plugin {name!r}: {said} has no {attr!r}{hint}") from None
         try:
             return _instantiate(obj), not inspect.isclass(obj)
@@ -423,14 +429,9 @@ class MailApp:
         installed = installed_plugins()
         for name in pc.enabled:
             try:
-                obj, shared = _resolve(name, installed)
+                obj, shared = _resolve(name, installed, pc.paths)
             except LookupError as exc:
-                message = str(exc)
-                missing = [p for p in pc.paths if not os.path.isdir(p)]
-                if missing and "cannot import" in message:
-                    # Where the module was to be found: say so first.
-                    message += f" (plugins.paths has {missing[0]}, which is not a directory)"
-                raise config.error("plugins.enabled", message) from None
+                raise config.error("plugins.enabled", str(exc)) from None
             if shared:
                 self._shared.append(name)
             try:

@@ -1551,7 +1551,8 @@ def _supervise(
     reporting: set[int] = set()
     refused: list[int] = []
     reload_sent = 0.0  # when the last reload was passed on to the workers
-    checked_files: bytes | None = None  # _files_digest of the last reload's check
+    # The configuration the last reload checked, and _files_digest of it then.
+    checked: tuple[Any, bytes] | None = None
     hup_pending = False  # a SIGHUP came while the workers were reloading
 
     def spawn(slot: int) -> None:
@@ -1654,7 +1655,7 @@ def _supervise(
             spawn(slot)
 
     def reported(pid: int, accepted: bool) -> None:
-        nonlocal app
+        nonlocal app, checked
         slot = children.get(pid)
         if stops or slot not in reporting:
             return  # not a worker, or not a report on the last reload
@@ -1682,26 +1683,28 @@ def _supervise(
             log.error(
                 "reload: every worker refused the new configuration; all still run the previous one"
             )
-        if not reporting and checked_files is not None:
+        if not reporting and checked is not None and not refused:
             # Each worker read the files again after the check here: changed
             # meanwhile (a renewal copying them), workers may run different
             # versions, each having said "reloaded".
-            if _files_digest(app.config) != checked_files:
+            config, digest = checked
+            checked = None
+            if _files_digest(config) != digest:
                 log.warning(
                     "reload: %s or its certificate files changed while the workers read them "
                     "again: workers may run different versions; reload again once the files "
                     "are complete",
-                    app.config.source,
+                    config.source,
                 )
 
     def reload_workers() -> None:
-        nonlocal app, reload_sent, checked_files
+        nonlocal app, reload_sent, checked
         log.info("SIGHUP: checking the configuration before the workers reload it")
         new = _reloaded_app(app)
         if new is None:
             return
         # What was checked: compared once every worker has read it again.
-        checked_files = _files_digest(new.config)
+        checked = (new.config, _files_digest(new.config))
         replaced.clear()
         replaced[new] = app
         app = new  # workers started from now on run it, unless one refuses it

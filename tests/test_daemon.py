@@ -1807,7 +1807,7 @@ def test_a_sighup_sent_to_one_worker_reloads_every_worker(workdir, serve, loop):
         config.write_text(config.read_text().replace("[server]\n", '[server]\nloop = "uvloop"\n'))
     daemon = serve(config, port)
     daemon.wait_ready(workers=2)
-    pids = [int(pid) for pid in re.findall(r"ready \(pid (\d+)\)", daemon.log)]
+    pids = ready_pids(daemon)
     assert len(pids) == 2 and daemon.proc.pid not in pids
     os.kill(pids[0], signal.SIGHUP)
     wait_until(lambda: daemon.log.count("reloaded ") == 2, what="both workers to reload")
@@ -2518,12 +2518,12 @@ def test_json_logs_carry_the_session_and_message_ids(workdir, serve):
     assert stop["session"] == stop["message"][1:].split()[0]  # "[ID 127.0.0.1] ..."
 
 
-@pytest.mark.parametrize("form", ["text", "json"])
-def test_a_sender_cannot_forge_log_lines_through_a_plugin_s_refusal(workdir, serve, form):
-    """A refusal's log line carries the plugin's log message and reply text,
-    filled with what the sender wrote (a decoded Subject): a line break or
-    another control character there is escaped, and every record stays one
-    line (as str.splitlines() sees lines: U+2028, NEL and the rest)."""
+#: The start of a line of the text log.
+TEXT_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ \[\d+\] \S+: ")
+
+
+def _subject_policy_daemon(workdir: Path, serve: Any, form: str) -> tuple[int, Daemon]:
+    """A ready daemon with the SubjectPolicy plugin, logging in ``form``."""
     port = free_port()
     config = write_config(workdir, port, ["daemonplug:SubjectPolicy", STORE])
     if form == "json":
@@ -2532,20 +2532,35 @@ def test_a_sender_cannot_forge_log_lines_through_a_plugin_s_refusal(workdir, ser
         )
     daemon = serve(config, port)
     daemon.wait_ready()
+    return port, daemon
+
+
+def _send_subject(port: int, subject: str) -> smtplib.SMTPDataError:
+    """Send a message with ``subject`` (RFC 2047-encoded); the refusal."""
+    encoded = base64.b64encode(subject.encode()).decode()
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        send(port, message=f"Subject: =?utf-8?b?{encoded}?=\r\n\r\nHello.\r\n")
+    return refused.value
+
+
+@pytest.mark.parametrize("form", ["text", "json"])
+def test_a_sender_cannot_forge_log_lines_through_a_plugin_s_refusal(workdir, serve, form):
+    """A refusal's log line carries the plugin's log message and reply text,
+    filled with what the sender wrote (a decoded Subject): a line break or
+    another control character there is escaped, and every record stays one
+    line (as str.splitlines() sees lines: U+2028, NEL and the rest)."""
+    port, daemon = _subject_policy_daemon(workdir, serve, form)
     forged = "2026-12-06 00:00:00,000 INFO [1] tornado.access: FORGED"
     separators = {"\r\n": r"\r\n", "\u2028": r"\u2028", "\x85": r"\x85", "\x1e": r"\x1e"}
     for subject in ("lottery", "prize"):
         for separator in separators:
-            encoded = base64.b64encode(f"{subject}{separator}{forged}".encode()).decode()
-            with pytest.raises(smtplib.SMTPDataError) as refused:
-                send(port, message=f"Subject: =?utf-8?b?{encoded}?=\r\n\r\nHello.\r\n")
-            assert refused.value.smtp_code == 550
+            assert _send_subject(port, f"{subject}{separator}{forged}").smtp_code == 550
     assert daemon.stop() == 0
     lines = daemon.log.splitlines()
     if form == "json":
         messages = [json.loads(line)["message"] for line in lines]
     else:
-        start = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ \[\d+\] \S+: ")
+        start = TEXT_LINE
         assert all(start.match(line) and not line.startswith(forged[:23]) for line in lines), lines
         messages = [start.sub("", line, count=1) for line in lines]
     refusals = [m for m in messages if "refused by daemonplug:SubjectPolicy" in m]
@@ -2564,21 +2579,12 @@ def test_a_sender_cannot_forge_log_lines_through_a_plugin_s_fault(workdir, serve
     """A plugin's exception is logged with its text and traceback, whose
     last line repeats the text: a line break there is escaped too (the
     forged line matched the fail2ban filter of docs/tls-auth.rst)."""
-    port = free_port()
-    config = write_config(workdir, port, ["daemonplug:SubjectPolicy", STORE])
-    if form == "json":
-        config.write_text(
-            config.read_text().replace('level = "info"', 'level = "info"\nformat = "json"')
-        )
-    daemon = serve(config, port)
-    daemon.wait_ready()
+    port, daemon = _subject_policy_daemon(workdir, serve, form)
     forged = "2026-12-06 00:00:00,000 WARNING [1] tornado.general: [6B17 203.0.113.99] FORGED"
     for separator in ("\r\n", "\n", "\u2028", "\x1e"):
-        encoded = base64.b64encode(f"fault{separator}{forged}".encode()).decode()
-        with pytest.raises(smtplib.SMTPDataError) as refused:
-            send(port, message=f"Subject: =?utf-8?b?{encoded}?=\r\n\r\nHello.\r\n")
-        assert refused.value.smtp_code == 451
-        assert b"bad subject" not in refused.value.smtp_error
+        refused = _send_subject(port, f"fault{separator}{forged}")
+        assert refused.smtp_code == 451
+        assert b"bad subject" not in refused.smtp_error
     assert daemon.stop() == 0
     lines = daemon.log.splitlines()
     assert not [line for line in lines if line.startswith(forged[:10])], lines
@@ -2589,7 +2595,7 @@ def test_a_sender_cannot_forge_log_lines_through_a_plugin_s_fault(workdir, serve
         assert all(r["exception"].endswith(forged) for r in faults)
         assert all(forged in r["message"] for r in faults)
         return
-    start = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ \[\d+\] \S+: ")
+    start = TEXT_LINE
     for line in lines:
         # A log line, or a line of a traceback.
         assert start.match(line) or line.startswith(("Traceback ", "  ", "ValueError: ")), line

@@ -257,7 +257,7 @@ class DmarcPlugin:
                     break
             # A check that could not be made here (DNS timed out) for an
             # aligned domain might have passed: no verdict on it.
-            unsure = []
+            unsure: list[tuple[str, str]] = []  # (check, domain)
             if not (outcome.spf_aligned or outcome.dkim_aligned):
                 for kind, mode in (("spf", record.aspf), ("dkim", record.adkim)):
                     for r in envelope.results.all(kind):
@@ -267,7 +267,7 @@ class DmarcPlugin:
                             and domain
                             and await discovery.aligned(domain, author, mode)
                         ):
-                            unsure.append(f"{kind.upper()} for {domain}")
+                            unsure.append((kind.upper(), domain))
                             break
         except DNSError as exc:
             outcome.result, outcome.reason = "temperror", f"DNS: {exc}"
@@ -285,8 +285,9 @@ class DmarcPlugin:
             # RFC 7489 6.6.2: the Mail Receiver may defer rather than apply
             # the policy when a check failed for a temporary reason.
             outcome.result = "temperror"
-            outcome.reason = f"no aligned pass; temporary error in {' and '.join(unsure)}"
-            outcome.unsure_checks = tuple(dict.fromkeys(u.split()[0] for u in unsure))
+            said = " and ".join(f"{check} for {domain}" for check, domain in unsure)
+            outcome.reason = f"no aligned pass; temporary error in {said}"
+            outcome.unsure_checks = tuple(check for check, _ in unsure)
             return outcome
         outcome.result = "fail"
         outcome.reason = f"neither SPF nor DKIM aligned with {author} (p={policy})"

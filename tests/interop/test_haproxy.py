@@ -224,11 +224,15 @@ def test_tls_terminated_by_haproxy_shows_in_the_tlvs(start_server, haproxy, ca, 
     assert (tlvs.ssl.version, tlvs.ssl.cipher) == (version, cipher)
 
 
+def implicit_tls(certs: dict[str, str]) -> dict[str, Any]:
+    """A listener's TLS-from-the-first-byte settings with the test certificate."""
+    pair = CertificatePair(certs["cert"], certs["key"])
+    return {"tls_context": make_server_context(pair), "implicit_tls": True}
+
+
 def test_implicit_tls_passed_through_haproxy(start_server, haproxy, ca, certs):
     plugin = Seen()
-    pair = CertificatePair(certs["cert"], certs["key"])
-    listener = {"tls_context": make_server_context(pair), "implicit_tls": True}
-    server = bonzo(start_server, plugin, listener=listener)
+    server = bonzo(start_server, plugin, listener=implicit_tls(certs))
     backend, line = server_line(server, "send-proxy-v2")
     proxy = haproxy(Frontend("smtps", backend, line))
     client = tls_connect(proxy.ports["smtps"], "127.0.0.3", client_context(ca))
@@ -308,9 +312,7 @@ def test_health_checks_of_an_implicit_tls_port_are_debug_lines(
     # a failed handshake, not worth an INFO line each time. (A plain check
     # resets the connection before Bonzo accepts it: nothing to log.)
     plugin = Seen()
-    pair = CertificatePair(certs["cert"], certs["key"])
-    listener = {"tls_context": make_server_context(pair), "implicit_tls": True}
-    server = bonzo(start_server, plugin, listener=listener)
+    server = bonzo(start_server, plugin, listener=implicit_tls(certs))
     backend, line = server_line(server, "send-proxy-v2 check check-send-proxy inter 200ms")
     proxy = haproxy(Frontend("smtps", backend, line))
 
